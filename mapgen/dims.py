@@ -1,0 +1,121 @@
+"""The Megatron model dims a family spec translates an HF config into."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+# megatron-core's llama-3 rope scaling takes only the factor from its caller; the other three
+# parameters are fixed in `RotaryEmbedding._apply_scaling`.
+MEGATRON_LLAMA3_ROPE = {
+    "rope_scaling_low_freq_factor": 1.0,
+    "rope_scaling_high_freq_factor": 4.0,
+    "rope_scaling_original_max_position_embeddings": 8192,
+}
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """Everything needed to build the megatron-core model and to shape every parameter."""
+
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    kv_channels: int
+    vocab_size: int
+    max_position_embeddings: int
+    layernorm_epsilon: float = 1e-5
+    normalization: str = "RMSNorm"
+    activation: str = "silu"
+    gated_linear_unit: bool = True
+    add_bias_linear: bool = False
+    add_qkv_bias: bool = False
+    qk_layernorm: bool = False
+    attention_output_gate: bool = False
+    layernorm_zero_centered_gamma: bool = False
+    share_embeddings_and_output_weights: bool = False
+    rotary_base: float = 10000.0
+    rotary_percent: float = 1.0
+    rope_type: str = "default"
+    rope_scaling_factor: float | None = None
+    rope_scaling_low_freq_factor: float | None = None
+    rope_scaling_high_freq_factor: float | None = None
+    rope_scaling_original_max_position_embeddings: int | None = None
+    params_dtype: str = "float32"
+
+    def problems(self) -> list[tuple[str, str]]:
+        """(field, message) for every value megatron-core cannot build or would build wrongly."""
+        found: list[tuple[str, str]] = []
+        for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads"):
+            if getattr(self, name) <= 0:
+                found.append((name, f"must be positive, got {getattr(self, name)}"))
+        if self.num_query_groups <= 0 or self.num_attention_heads % self.num_query_groups:
+            found.append(
+                (
+                    "num_query_groups",
+                    f"{self.num_query_groups} does not divide num_attention_heads "
+                    f"{self.num_attention_heads}",
+                )
+            )
+        if self.normalization not in ("RMSNorm", "LayerNorm"):
+            found.append(("normalization", f"must be RMSNorm or LayerNorm, got {self.normalization!r}"))
+        if self.activation not in ("silu", "gelu"):
+            found.append(("activation", f"must be silu or gelu, got {self.activation!r}"))
+        if self.params_dtype not in DTYPES:
+            found.append(("params_dtype", f"must be one of {', '.join(DTYPES)}, got {self.params_dtype!r}"))
+        if self.rope_type not in ("default", "llama3"):
+            found.append(("rope_type", f"{self.rope_type!r} is not supported (default, llama3)"))
+        if self.rope_type == "llama3" and self.rope_scaling_factor is None:
+            found.append(("rope_scaling_factor", "is needed for llama3 rope scaling"))
+        if self.rope_type == "llama3":
+            for name, fixed in MEGATRON_LLAMA3_ROPE.items():
+                value = getattr(self, name)
+                if value is not None and value != fixed:
+                    found.append(
+                        (
+                            name,
+                            f"is {value}, but megatron-core's llama3 rope scaling is fixed at {fixed}",
+                        )
+                    )
+        return found
+
+    def as_literal_items(self) -> list[tuple[str, Any]]:
+        return [(f.name, getattr(self, f.name)) for f in dataclasses.fields(self)]
+
+
+DIM_FIELDS: dict[str, dataclasses.Field[Any]] = {f.name: f for f in dataclasses.fields(ModelDims)}
+REQUIRED_DIMS = tuple(
+    name
+    for name, f in DIM_FIELDS.items()
+    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+)
+
+
+def coerce(name: str, value: Any) -> Any:
+    """Convert an evaluated expression to the dim's declared type, or raise TypeError."""
+    kind = DIM_FIELDS[name].type
+    kind = kind if isinstance(kind, str) else kind.__name__
+    if value is None:
+        if "None" in kind:
+            return None
+        raise TypeError("is null")
+    if kind.startswith("bool"):
+        if isinstance(value, bool):
+            return value
+        raise TypeError(f"must be true or false, got {value!r}")
+    if kind.startswith("int"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+            raise TypeError(f"must be an integer, got {value!r}")
+        return int(value)
+    if kind.startswith("float"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"must be a number, got {value!r}")
+        return float(value)
+    if not isinstance(value, str):
+        raise TypeError(f"must be a string, got {value!r}")
+    return value

@@ -1,0 +1,300 @@
+"""Match every Megatron parameter to exactly one spec rule and decide everything about it.
+
+This is the cross-entity pass: coverage both ways, `auto` resolution, and shape checks of every
+transform against the two inventories. All problems are collected and reported together.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+from mapgen.config import HFConfig, evaluate_in_context
+from mapgen.dims import ModelDims
+from mapgen.errors import ErrorSink, Location
+from mapgen.expr import MissingField
+from mapgen.inventory import HFTensor, MegatronParam
+from mapgen.ir import Mapping, QKVGeometry
+from mapgen.spec import Rule, Spec
+
+# Megatron module classes whose TP treatment `auto` knows without looking further
+# (Megatron-Bridge's AutoMapping registry). A spec's `module_types` adds to and overrides these.
+MODULE_TYPES: dict[str, str] = {
+    **{
+        name: "column"
+        for name in (
+            "ColumnParallelLinear",
+            "TEColumnParallelLinear",
+            "TELayerNormColumnParallelLinear",
+            "TEColumnParallelGroupedLinear",
+            "VocabParallelEmbedding",
+            "DotProductAttention",
+            "TEDotProductAttention",
+        )
+    },
+    **{
+        name: "row"
+        for name in ("RowParallelLinear", "TERowParallelLinear", "TERowParallelGroupedLinear")
+    },
+    **{
+        name: "replicated"
+        for name in (
+            "TENorm",
+            "FusedLayerNorm",
+            "WrappedTorchNorm",
+            "LayerNorm",
+            "RMSNorm",
+            "L2Norm",
+            "IdentityOp",
+            "TopKRouter",
+        )
+    },
+}
+
+_COLUMN_KINDS = ("qkv", "kv", "concat_qkv", "vision_qkv", "gated_mlp")
+_AUTO_KINDS = ("auto", "reshape", "zero_centered_rmsnorm")
+
+
+def resolve_auto(param: MegatronParam, module_types: dict[str, str]) -> str | None:
+    """column / row / replicated for `param`, by the owning module; None when undecidable.
+
+    Order: a layer-norm-fused column linear (its norm weight/bias replicated, the rest column);
+    the module-type registry; megatron-core's own partition of the parameter; any `*Norm*`
+    module replicated; TELinear by its parallel_mode.
+    """
+    kind = param.module_kind
+    if "LayerNormColumnParallelLinear" in kind:
+        leaf = param.name.rsplit(".", 1)[-1]
+        return "replicated" if leaf in ("layer_norm_weight", "layer_norm_bias") else "column"
+    if kind in module_types:
+        return module_types[kind]
+    if param.partition_dim == 0:
+        return "column"
+    if param.partition_dim == 1:
+        return "row"
+    if "Norm" in kind:
+        return "replicated"
+    if kind == "TELinear":
+        return {"column": "column", "row": "row"}.get(param.parallel_mode or "", "replicated")
+    return None
+
+
+def expand(
+    spec: Spec,
+    config: HFConfig,
+    dims: ModelDims,
+    layout: str,
+    megatron: tuple[MegatronParam, ...],
+    hf: tuple[HFTensor, ...],
+) -> tuple[Mapping, ...]:
+    errors = ErrorSink()
+    module_types = {**MODULE_TYPES, **dict(spec.module_types)}
+    active = [rule for rule in spec.rules if _is_active(rule, dims, config, errors)]
+    hf_by_name = {t.name: t for t in hf}
+    matched_by_rule: dict[Rule, int] = defaultdict(int)
+    consumers: dict[str, list[str]] = defaultdict(list)
+    unmapped: list[str] = []
+    mappings: list[Mapping] = []
+    for param in megatron:
+        hits = [
+            (rule, caps)
+            for rule in active
+            if (caps := rule.megatron.match(param.te_name)) is not None
+        ]
+        for rule, _ in hits:
+            matched_by_rule[rule] += 1
+        if not hits:
+            unmapped.append(param.name)
+            continue
+        if len(hits) > 1:
+            first = hits[0][0]
+            for rule, _ in hits[1:]:
+                errors.add(
+                    rule.loc,
+                    f"rule '{rule}' and rule '{first}' (line {first.loc.line}) both match "
+                    f"Megatron parameter '{param.name}'",
+                )
+            continue
+        rule, captures = hits[0]
+        sources: list[tuple[str, HFTensor]] = []
+        for role, pattern in rule.hf:
+            hf_name = pattern.fill(captures)
+            consumers[hf_name].append(param.name)
+            tensor = hf_by_name.get(hf_name)
+            if tensor is None:
+                errors.add(
+                    rule.loc,
+                    f"'{param.name}' needs HF tensor '{hf_name}', which {spec.hf_architecture} "
+                    f"does not have for this config",
+                )
+            else:
+                sources.append((role, tensor))
+        if len(sources) != len(rule.hf):
+            continue
+        mapping = _decide(rule, param, tuple(sources), dims, config, module_types, errors)
+        if mapping is not None:
+            mappings.append(mapping)
+
+    for rule in active:
+        if matched_by_rule[rule] == 0:
+            errors.add(
+                rule.loc,
+                f"rule '{rule}' matches no Megatron parameter of this model ({layout} layout)",
+            )
+    where = Location(spec.path, 1, 1)
+    if unmapped:
+        errors.add(
+            where,
+            f"{len(unmapped)} Megatron parameter(s) ({layout} layout) match no rule: "
+            + ", ".join(unmapped),
+        )
+    for name, users in consumers.items():
+        if len(users) > 1 and name in hf_by_name:
+            errors.add(where, f"HF tensor '{name}' is consumed {len(users)} times: by " + ", ".join(users))
+    unused = [t.name for t in hf if t.name not in consumers]
+    if unused:
+        errors.add(
+            where,
+            f"{len(unused)} HF tensor(s) of {spec.hf_architecture} are consumed by no rule: "
+            + ", ".join(unused),
+        )
+    errors.raise_if_any()
+    return tuple(mappings)
+
+
+def _is_active(rule: Rule, dims: ModelDims, config: HFConfig, errors: ErrorSink) -> bool:
+    if rule.when is None:
+        return True
+    try:
+        return bool(evaluate_in_context(rule.when, dims, config))
+    except MissingField as missing:
+        errors.add(rule.loc, f"when: config {config.path} lacks field '{missing.field}'")
+    except (TypeError, ValueError) as exc:
+        errors.add(rule.loc, f"when: cannot evaluate '{rule.when}': {exc}")
+    return False
+
+
+def _decide(
+    rule: Rule,
+    param: MegatronParam,
+    sources: tuple[tuple[str, HFTensor], ...],
+    dims: ModelDims,
+    config: HFConfig,
+    module_types: dict[str, str],
+    errors: ErrorSink,
+) -> Mapping | None:
+    if rule.kind in _AUTO_KINDS:
+        split = resolve_auto(param, module_types)
+        if split is None:
+            errors.add(
+                rule.loc,
+                f"cannot decide how '{param.name}' is split over TP: its module "
+                f"{param.module_kind} is not a known type; register it under module_types "
+                "as column, row or replicated, or give the rule an explicit kind",
+            )
+            return None
+    elif rule.kind in _COLUMN_KINDS:
+        split = "column"
+    elif rule.kind == "direct":
+        split = "replicated"
+    else:
+        split = rule.kind
+    qkv = _qkv_geometry(rule, dims, config, errors)
+    mapping = Mapping(
+        megatron_name=param.name,
+        shape=param.shape,
+        dtype=param.dtype,
+        module_kind=param.module_kind,
+        layer=param.layer,
+        expert=param.expert,
+        kind=rule.kind,
+        split=split,
+        hf=sources,
+        rule_pattern=str(rule.megatron),
+        rule_loc=rule.loc,
+        permute_dims=rule.permute_dims,
+        qkv=qkv,
+    )
+    problem = _split_problem(mapping, param) or _shape_problem(mapping)
+    if problem:
+        errors.add(rule.loc, f"'{param.name}' ({rule.kind}): {problem}")
+        return None
+    return mapping
+
+
+def _qkv_geometry(
+    rule: Rule, dims: ModelDims, config: HFConfig, errors: ErrorSink
+) -> QKVGeometry | None:
+    if rule.kind in ("qkv", "kv", "concat_qkv"):
+        return QKVGeometry(
+            dims.num_attention_heads,
+            dims.num_query_groups,
+            dims.kv_channels,
+            gate=dims.attention_output_gate and rule.kind == "qkv",
+        )
+    if rule.kind != "vision_qkv":
+        return None
+    assert rule.heads is not None and rule.head_dim is not None
+    try:
+        heads = int(evaluate_in_context(rule.heads, dims, config))
+        head_dim = int(evaluate_in_context(rule.head_dim, dims, config))
+    except MissingField as missing:
+        errors.add(rule.loc, f"vision_qkv: config {config.path} lacks field '{missing.field}'")
+        return None
+    return QKVGeometry(heads, heads, head_dim)
+
+
+def _split_problem(mapping: Mapping, param: MegatronParam) -> str | None:
+    """The rule's TP split must be the one megatron-core gives the parameter."""
+    if mapping.split_dim != param.partition_dim:
+        theirs = "no TP partition" if param.partition_dim is None else f"partition dim {param.partition_dim}"
+        ours = "none" if mapping.split_dim is None else f"dim {mapping.split_dim}"
+        return (
+            f"resolves to {mapping.split} (splits {ours}), but megatron-core gives "
+            f"{param.module_kind}'s parameter {theirs}"
+        )
+    return None
+
+
+def _shape_problem(m: Mapping) -> str | None:
+    shapes = {role: t.shape for role, t in m.hf}
+    described = ", ".join(f"{t.name} {list(t.shape)}" for _, t in m.hf)
+    target = list(m.shape)
+    if m.kind in ("qkv", "kv", "concat_qkv", "vision_qkv"):
+        assert m.qkv is not None
+        g = m.qkv
+        if g.heads % g.groups:
+            return f"{g.groups} query groups do not divide {g.heads} heads"
+        q_rows = g.heads * g.head_dim * (2 if g.gate else 1)
+        kv_rows = g.groups * g.head_dim
+        tail = list(m.shape[1:])
+        if m.kind in ("qkv", "kv"):
+            want = {"q": [q_rows, *tail], "k": [kv_rows, *tail], "v": [kv_rows, *tail]}
+            for role, shape in shapes.items():
+                if list(shape) != want[role]:
+                    return f"HF {role} {list(shape)} is not {want[role]} ({g.heads} heads, {g.groups} groups, head_dim {g.head_dim})"
+            rows = sum(want[role][0] for role in shapes)
+        else:
+            rows = q_rows + 2 * kv_rows
+            if list(shapes["hf"]) != [rows, *tail]:
+                return f"HF {described} is not [{rows}, {', '.join(map(str, tail))}] ({g.heads} heads, {g.groups} groups, head_dim {g.head_dim})"
+        if [rows, *tail] != target:
+            return f"merged rows {[rows, *tail]} do not match the Megatron shape {target}"
+        return None
+    if m.kind == "gated_mlp":
+        if shapes["gate"] != shapes["up"]:
+            return f"gate and up differ: {described}"
+        merged = [2 * shapes["gate"][0], *shapes["gate"][1:]]
+        return None if merged == target else f"[gate; up] {merged} is not the Megatron shape {target}"
+    (source,) = shapes.values()
+    if m.kind == "reshape":
+        if math.prod(source) != math.prod(m.shape):
+            return f"cannot reshape {described} to {target}"
+        return None
+    if m.permute_dims is not None:
+        if len(m.permute_dims) != len(source):
+            return f"permute_dims {list(m.permute_dims)} does not fit {described}"
+        source = tuple(source[d] for d in m.permute_dims)
+    if list(source) != target:
+        return f"HF {described} does not match the Megatron shape {target}"
+    return None

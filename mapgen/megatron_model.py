@@ -1,0 +1,93 @@
+"""Build the megatron-core GPTModel that a set of model dims describes (local layer spec)."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from mapgen.dims import ModelDims
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def ensure_single_process_parallel_state() -> None:
+    """A world of one process, so megatron-core can build a model outside any launcher."""
+    from megatron.core import parallel_state
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel()
+
+
+def transformer_config(dims: ModelDims, params_dtype: torch.dtype | None = None) -> Any:
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    dtype = params_dtype or DTYPES[dims.params_dtype]
+    activation = {"silu": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu}
+    return TransformerConfig(
+        num_layers=dims.num_layers,
+        hidden_size=dims.hidden_size,
+        ffn_hidden_size=dims.ffn_hidden_size,
+        num_attention_heads=dims.num_attention_heads,
+        num_query_groups=dims.num_query_groups,
+        kv_channels=dims.kv_channels,
+        layernorm_epsilon=dims.layernorm_epsilon,
+        normalization=dims.normalization,
+        activation_func=activation[dims.activation],
+        gated_linear_unit=dims.gated_linear_unit,
+        add_bias_linear=dims.add_bias_linear,
+        add_qkv_bias=dims.add_qkv_bias,
+        qk_layernorm=dims.qk_layernorm,
+        attention_output_gate=dims.attention_output_gate,
+        layernorm_zero_centered_gamma=dims.layernorm_zero_centered_gamma,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        use_cpu_initialization=True,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        sequence_parallel=False,
+        masked_softmax_fusion=False,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+    )
+
+
+def build_gpt_model(
+    dims: ModelDims,
+    *,
+    params_dtype: torch.dtype | None = None,
+    pre_process: bool = True,
+    post_process: bool = True,
+    vp_stage: int | None = None,
+) -> Any:
+    """The model on the current default device (use `torch.device("meta")` for a skeleton)."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.models.gpt.gpt_model import GPTModel
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        layer_spec = get_gpt_layer_local_spec(
+            qk_layernorm=dims.qk_layernorm, normalization=dims.normalization
+        )
+        return GPTModel(
+            transformer_config(dims, params_dtype),
+            layer_spec,
+            vocab_size=dims.vocab_size,
+            max_sequence_length=dims.max_position_embeddings,
+            pre_process=pre_process,
+            post_process=post_process,
+            share_embeddings_and_output_weights=dims.share_embeddings_and_output_weights,
+            position_embedding_type="rope",
+            rotary_percent=dims.rotary_percent,
+            rotary_base=dims.rotary_base,  # type: ignore[arg-type]
+            rope_scaling=dims.rope_type == "llama3",
+            rope_scaling_factor=dims.rope_scaling_factor or 8.0,
+            vp_stage=vp_stage,
+        )

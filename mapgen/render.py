@@ -1,0 +1,167 @@
+"""IR -> Python source, through the Jinja2 template. Names and expressions are computed here;
+the template only loops."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import jinja2
+
+from mapgen.ir import Mapping, Target
+from mapgen.runtime.transforms import inverse_permutation
+
+TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+
+
+@dataclass(frozen=True)
+class FunctionPair:
+    megatron_name: str  # as a Python literal
+    import_name: str
+    export_name: str
+    doc: str
+    import_expr: str
+    export_lines: tuple[str, ...]
+
+
+def function_suffix(megatron_name: str) -> str:
+    return megatron_name.replace(".", "_")
+
+
+def _load(name: str) -> str:
+    return f"load({name!r})"
+
+
+def _qkv_args(m: Mapping, with_heads: bool = True) -> str:
+    assert m.qkv is not None
+    g = m.qkv
+    args = [f"groups={g.groups}", f"head_dim={g.head_dim}"]
+    if with_heads:
+        args.insert(0, f"heads={g.heads}")
+    if g.gate:
+        args.append("gate=True")
+    return ", ".join(args)
+
+
+def _simple_import(m: Mapping, group: str) -> str:
+    ((_, source),) = m.hf
+    value = _load(source.name)
+    if m.kind == "reshape":
+        value = f"{value}.reshape({m.shape!r})"
+    elif m.kind == "zero_centered_rmsnorm":
+        value = f"rt.zero_centered_from_hf({value})"
+    elif m.permute_dims is not None:
+        value = f"rt.permute({value}, {m.permute_dims!r})"
+    if m.split == "column":
+        return f"rt.column_import({group}, {value})"
+    if m.split == "row":
+        return f"rt.row_import({group}, {value})"
+    return value
+
+
+def _simple_export(m: Mapping, group: str) -> tuple[str, ...]:
+    ((_, source),) = m.hf
+    value = {
+        "column": f"rt.column_export({group}, local)",
+        "row": f"rt.row_export({group}, local)",
+    }.get(m.split, "local")
+    if m.kind == "reshape":
+        value = f"{value}.reshape({source.shape!r})"
+    elif m.kind == "zero_centered_rmsnorm":
+        value = f"rt.zero_centered_to_hf({value})"
+    elif m.permute_dims is not None:
+        value = f"rt.permute({value}, {inverse_permutation(m.permute_dims)!r})"
+    return (f"return {{{source.name!r}: {value}}}",)
+
+
+def _bodies(m: Mapping) -> tuple[str, tuple[str, ...]]:
+    group = "ctx.etp" if m.expert is not None else "ctx.tp"
+    names = {role: t.name for role, t in m.hf}
+    if m.kind == "qkv":
+        loads = ", ".join(_load(names[r]) for r in ("q", "k", "v"))
+        return (
+            f"rt.qkv_import({group}, {loads}, {_qkv_args(m)})",
+            (
+                f"q, k, v = rt.qkv_export({group}, local, {_qkv_args(m)})",
+                f"return {{{names['q']!r}: q, {names['k']!r}: k, {names['v']!r}: v}}",
+            ),
+        )
+    if m.kind == "kv":
+        loads = ", ".join(_load(names[r]) for r in ("k", "v"))
+        return (
+            f"rt.kv_import({group}, {loads}, {_qkv_args(m, with_heads=False)})",
+            (
+                f"k, v = rt.kv_export({group}, local, {_qkv_args(m, with_heads=False)})",
+                f"return {{{names['k']!r}: k, {names['v']!r}: v}}",
+            ),
+        )
+    if m.kind in ("concat_qkv", "vision_qkv"):
+        return (
+            f"rt.concat_qkv_import({group}, {_load(names['hf'])}, {_qkv_args(m)})",
+            (f"return {{{names['hf']!r}: rt.concat_qkv_export({group}, local, {_qkv_args(m)})}}",),
+        )
+    if m.kind == "gated_mlp":
+        return (
+            f"rt.gated_mlp_import({group}, {_load(names['gate'])}, {_load(names['up'])})",
+            (
+                f"gate, up = rt.gated_mlp_export({group}, local)",
+                f"return {{{names['gate']!r}: gate, {names['up']!r}: up}}",
+            ),
+        )
+    return _simple_import(m, group), _simple_export(m, group)
+
+
+def _doc(m: Mapping) -> str:
+    sources = ", ".join(t.name for _, t in m.hf)
+    decided = f"{m.kind} -> {m.split}" if m.kind == "auto" else m.kind
+    return f"{m.megatron_name} <- {sources}: {decided}, {m.rule_loc.path}:{m.rule_loc.line}."
+
+
+def _plan_literal(m: Mapping) -> str:
+    hf_names = tuple(t.name for _, t in m.hf)
+    return (
+        f"ParamPlan({m.megatron_name!r}, {m.shape!r}, {m.dtype!r}, split_dim={m.split_dim!r}, "
+        f"expert_parallel={m.expert is not None!r}, layer={m.layer!r}, expert={m.expert!r}, "
+        f"hf_names={hf_names!r})"
+    )
+
+
+def render(target: Target, header: list[str]) -> str:
+    functions = []
+    for m in target.mappings:
+        import_expr, export_lines = _bodies(m)
+        suffix = function_suffix(m.megatron_name)
+        functions.append(
+            FunctionPair(
+                megatron_name=repr(m.megatron_name),
+                import_name=f"import_{suffix}",
+                export_name=f"export_{suffix}",
+                doc=_doc(m),
+                import_expr=import_expr,
+                export_lines=export_lines,
+            )
+        )
+    environment = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATES),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
+    template = environment.get_template("module.py.j2")
+    return template.render(
+        header=header,
+        docstring=(
+            f"Weight mapping between HF {target.hf_architecture} and Megatron-Core "
+            f"({target.layout} layout) for {target.name}: {len(target.mappings)} Megatron "
+            f"parameters, {len(target.hf_tensors)} HF tensors."
+        ),
+        target_name=repr(target.name),
+        layout=repr(target.layout),
+        hf_architecture=repr(target.hf_architecture),
+        dims=[(name, repr(value)) for name, value in target.dims.as_literal_items()],
+        functions=functions,
+        plans=[_plan_literal(m) for m in target.mappings],
+        hf_tensors=[f"HFTensorPlan({t.name!r}, {t.shape!r})" for t in target.hf_tensors],
+    )

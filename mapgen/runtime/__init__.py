@@ -1,0 +1,50 @@
+"""mapgen.runtime: the one library every generated mapping module calls."""
+
+from mapgen.runtime.context import Group, ParallelContext
+from mapgen.runtime.ops import (
+    column_export,
+    column_import,
+    concat_qkv_export,
+    concat_qkv_import,
+    gated_mlp_export,
+    gated_mlp_import,
+    kv_export,
+    kv_import,
+    qkv_export,
+    qkv_import,
+    row_export,
+    row_import,
+)
+from mapgen.runtime.plan import ExportFn, HFTensorPlan, ImportFn, Loader, ParamPlan
+from mapgen.runtime.transforms import (
+    inverse_permutation,
+    permute,
+    zero_centered_from_hf,
+    zero_centered_to_hf,
+)
+
+__all__ = [
+    "ExportFn",
+    "Group",
+    "HFTensorPlan",
+    "ImportFn",
+    "Loader",
+    "ParallelContext",
+    "ParamPlan",
+    "column_export",
+    "column_import",
+    "concat_qkv_export",
+    "concat_qkv_import",
+    "gated_mlp_export",
+    "gated_mlp_import",
+    "inverse_permutation",
+    "kv_export",
+    "kv_import",
+    "permute",
+    "qkv_export",
+    "qkv_import",
+    "row_export",
+    "row_import",
+    "zero_centered_from_hf",
+    "zero_centered_to_hf",
+]

@@ -1,0 +1,153 @@
+"""The operations generated import/export functions call: one per mapping kind and direction.
+
+Import functions (`*_import`) take full HF tensors and return this rank's shard; they never
+communicate: every rank computes its own shard from the HF tensors it loaded, so import costs no
+collective at all. Export functions (`*_export`) take this rank's shard and return full HF
+tensors, gathering over the group they are given (TP, or expert-TP for expert parameters).
+Inputs to collectives are made contiguous: gloo sends wrong bytes for non-contiguous tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from mapgen.runtime import transforms
+from mapgen.runtime.context import Group
+
+
+def shard(group: Group, tensor: torch.Tensor, dim: int) -> torch.Tensor:
+    """This rank's contiguous block of `tensor` along `dim` (TP-split column or row)."""
+    if group.size == 1:
+        return tensor
+    size = tensor.shape[dim]
+    if size % group.size:
+        raise ValueError(f"dim {dim} of size {size} does not split over {group.size} ranks")
+    block = size // group.size
+    return tensor.narrow(dim, group.rank * block, block).contiguous()
+
+
+def gather(group: Group, tensor: torch.Tensor, dim: int) -> torch.Tensor:
+    """All ranks' blocks of `dim`, concatenated in rank order."""
+    if group.size == 1:
+        return tensor
+    local = tensor.contiguous()
+    parts = [torch.empty_like(local) for _ in range(group.size)]
+    dist.all_gather(parts, local, group=group.handle)
+    return torch.cat(parts, dim=dim)
+
+
+def gather_parts(group: Group, tensor: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's shard, in rank order."""
+    if group.size == 1:
+        return [tensor]
+    local = tensor.contiguous()
+    parts = [torch.empty_like(local) for _ in range(group.size)]
+    dist.all_gather(parts, local, group=group.handle)
+    return parts
+
+
+def column_import(group: Group, hf: torch.Tensor) -> torch.Tensor:
+    return shard(group, hf, 0)
+
+
+def column_export(group: Group, local: torch.Tensor) -> torch.Tensor:
+    return gather(group, local, 0)
+
+
+def row_import(group: Group, hf: torch.Tensor) -> torch.Tensor:
+    return hf if hf.dim() == 1 else shard(group, hf, 1)
+
+
+def row_export(group: Group, local: torch.Tensor) -> torch.Tensor:
+    return local if local.dim() == 1 else gather(group, local, 1)
+
+
+def _group_rows(group: Group, groups: int) -> tuple[int, int]:
+    if groups % group.size:
+        raise ValueError(f"{groups} query groups do not split over {group.size} TP ranks")
+    per_rank = groups // group.size
+    return group.rank * per_rank, per_rank
+
+
+def qkv_import(
+    group: Group,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    heads: int,
+    groups: int,
+    head_dim: int,
+    gate: bool = False,
+) -> torch.Tensor:
+    """This rank's query groups of the merged QKV (equal to merging all, then a column split)."""
+    first, count = _group_rows(group, groups)
+    q_rows = heads // groups * head_dim * (2 if gate else 1)
+    return transforms.qkv_merge(
+        q.narrow(0, first * q_rows, count * q_rows),
+        k.narrow(0, first * head_dim, count * head_dim),
+        v.narrow(0, first * head_dim, count * head_dim),
+        groups=count,
+        head_dim=head_dim,
+        gate=gate,
+    )
+
+
+def qkv_export(
+    group: Group,
+    local: torch.Tensor,
+    *,
+    heads: int,
+    groups: int,
+    head_dim: int,
+    gate: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return transforms.qkv_split(
+        gather(group, local, 0), heads=heads, groups=groups, head_dim=head_dim, gate=gate
+    )
+
+
+def kv_import(
+    group: Group, k: torch.Tensor, v: torch.Tensor, *, groups: int, head_dim: int
+) -> torch.Tensor:
+    first, count = _group_rows(group, groups)
+    return transforms.kv_merge(
+        k.narrow(0, first * head_dim, count * head_dim),
+        v.narrow(0, first * head_dim, count * head_dim),
+        groups=count,
+        head_dim=head_dim,
+    )
+
+
+def kv_export(
+    group: Group, local: torch.Tensor, *, groups: int, head_dim: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return transforms.kv_split(gather(group, local, 0), groups=groups, head_dim=head_dim)
+
+
+def concat_qkv_import(
+    group: Group, qkv: torch.Tensor, *, heads: int, groups: int, head_dim: int
+) -> torch.Tensor:
+    q, k, v = transforms.concat_qkv_parts(qkv, heads=heads, groups=groups, head_dim=head_dim)
+    return qkv_import(group, q, k, v, heads=heads, groups=groups, head_dim=head_dim)
+
+
+def concat_qkv_export(
+    group: Group, local: torch.Tensor, *, heads: int, groups: int, head_dim: int
+) -> torch.Tensor:
+    q, k, v = qkv_export(group, local, heads=heads, groups=groups, head_dim=head_dim)
+    return torch.cat([q, k, v], dim=0)
+
+
+def gated_mlp_import(group: Group, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """Rank r holds [gate_r; up_r]: the r-th TP block of each, stacked."""
+    return torch.cat([shard(group, gate, 0), shard(group, up, 0)], dim=0)
+
+
+def gated_mlp_export(group: Group, local: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    halves = [part.chunk(2, dim=0) for part in gather_parts(group, local)]
+    return (
+        torch.cat([gate for gate, _ in halves], dim=0),
+        torch.cat([up for _, up in halves], dim=0),
+    )

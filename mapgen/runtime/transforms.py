@@ -1,0 +1,93 @@
+"""Pure tensor transforms between HF and Megatron layouts. None of them modifies its inputs.
+
+Notation: nh query heads, ng query groups (KV heads), d head dim, hpg = nh // ng heads per
+group. Megatron's fused `linear_qkv` holds, per query group g, the rows
+`[q heads of g (hpg*d), k_g (d), v_g (d)]`; with an attention output gate, HF's q_proj holds
+`[q_h; gate_h]` per head and Megatron's group is `[q heads, gate heads, k_g, v_g]`.
+Every function works on weights `[rows, in]` and 1-D biases `[rows]` alike.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def qkv_merge(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, groups: int, head_dim: int, gate: bool
+) -> torch.Tensor:
+    """Separate HF q, k, v (rows for `groups` whole query groups) -> Megatron group-major rows."""
+    tail = q.shape[1:]
+    if gate:
+        per_head = q.reshape(-1, 2, head_dim, *tail)
+        query = per_head[:, 0].reshape(groups, -1, *tail)
+        gates = per_head[:, 1].reshape(groups, -1, *tail)
+        parts = [query, gates]
+    else:
+        parts = [q.reshape(groups, -1, *tail)]
+    parts += [k.reshape(groups, head_dim, *tail), v.reshape(groups, head_dim, *tail)]
+    return torch.cat(parts, dim=1).reshape(-1, *tail)
+
+
+def qkv_split(
+    qkv: torch.Tensor, *, heads: int, groups: int, head_dim: int, gate: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The inverse of `qkv_merge`: Megatron rows -> HF (q, k, v)."""
+    tail = qkv.shape[1:]
+    q_rows = heads // groups * head_dim
+    per_group = qkv.reshape(groups, -1, *tail)
+    q_width = 2 * q_rows if gate else q_rows
+    query = per_group[:, :q_rows]
+    k = per_group[:, q_width : q_width + head_dim].reshape(-1, *tail)
+    v = per_group[:, q_width + head_dim :].reshape(-1, *tail)
+    if gate:
+        gates = per_group[:, q_rows:q_width]
+        query = torch.stack(
+            [query.reshape(heads, head_dim, *tail), gates.reshape(heads, head_dim, *tail)], dim=1
+        )
+    return query.reshape(-1, *tail).contiguous(), k.contiguous(), v.contiguous()
+
+
+def kv_merge(k: torch.Tensor, v: torch.Tensor, *, groups: int, head_dim: int) -> torch.Tensor:
+    """HF k, v -> Megatron `linear_kv` rows `[k_g, v_g]` per query group."""
+    tail = k.shape[1:]
+    return torch.cat(
+        [k.reshape(groups, head_dim, *tail), v.reshape(groups, head_dim, *tail)], dim=1
+    ).reshape(-1, *tail)
+
+
+def kv_split(kv: torch.Tensor, *, groups: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    tail = kv.shape[1:]
+    per_group = kv.reshape(groups, 2, head_dim, *tail)
+    return (
+        per_group[:, 0].reshape(-1, *tail).contiguous(),
+        per_group[:, 1].reshape(-1, *tail).contiguous(),
+    )
+
+
+def concat_qkv_parts(
+    qkv: torch.Tensor, *, heads: int, groups: int, head_dim: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One HF `[Q; K; V]` tensor -> its q, k, v blocks (views)."""
+    q_rows, kv_rows = heads * head_dim, groups * head_dim
+    q, k, v = torch.split(qkv, [q_rows, kv_rows, kv_rows], dim=0)
+    return q, k, v
+
+
+def permute(tensor: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    return tensor.permute(dims).contiguous()
+
+
+def inverse_permutation(dims: tuple[int, ...]) -> tuple[int, ...]:
+    inverse = [0] * len(dims)
+    for position, dim in enumerate(dims):
+        inverse[dim] = position
+    return tuple(inverse)
+
+
+def zero_centered_from_hf(weight: torch.Tensor) -> torch.Tensor:
+    """HF RMSNorm scale w (y = x*w) -> Megatron zero-centred gamma (y = x*(1+gamma))."""
+    return weight - 1
+
+
+def zero_centered_to_hf(gamma: torch.Tensor) -> torch.Tensor:
+    return gamma + 1

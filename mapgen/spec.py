@@ -1,0 +1,365 @@
+"""The family spec: a typed model of `specs/<family>.yaml`, parsed with every error located.
+
+A spec names the HF architecture, translates HF config fields into Megatron model dims
+(`mapgen.expr` expressions), may register extra Megatron module types for `auto`, and lists
+rules. A rule pairs one Megatron parameter pattern with the HF pattern(s) it is made from:
+
+    - megatron: decoder.layers.*.self_attention.linear_qkv.weight
+      hf: model.layers.*.self_attn.{q,k,v}_proj.weight
+      kind: qkv
+
+See `KINDS` for what each kind does in both directions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from mapgen import yamlsource
+from mapgen.dims import DIM_FIELDS, REQUIRED_DIMS
+from mapgen.errors import ErrorSink, Location
+from mapgen.expr import Expr, ExprSyntaxError
+from mapgen.pattern import Pattern, expand_braces
+from mapgen.yamlsource import Node
+
+
+@dataclass(frozen=True)
+class KindInfo:
+    roles: tuple[str, ...]
+    doc: str
+
+
+# Semantics follow Megatron-Bridge's mapping classes (param_mapping.py); "import" is
+# HF -> Megatron shard, "export" is Megatron shard -> full HF tensors. TP is the tensor-parallel
+# group, or the expert-tensor-parallel group for expert parameters.
+KINDS: dict[str, KindInfo] = {
+    "direct": KindInfo(
+        ("hf",),
+        "Import: the HF tensor as is, on every rank. Export: the rank's tensor as is.",
+    ),
+    "column": KindInfo(
+        ("hf",),
+        "Import: rank r takes the r-th of TP contiguous blocks along dim 0 (biases too). "
+        "Export: all-gather over TP and concatenate along dim 0.",
+    ),
+    "row": KindInfo(
+        ("hf",),
+        "Import: rank r takes the r-th of TP contiguous blocks along dim 1; a 1-D bias is "
+        "replicated. Export: all-gather over TP and concatenate along dim 1 (a bias is taken as is).",
+    ),
+    "replicated": KindInfo(
+        ("hf",),
+        "Import: every TP rank holds the whole tensor. Export: the rank's tensor as is.",
+    ),
+    "auto": KindInfo(
+        ("hf",),
+        "column, row or replicated, decided at build time from the owning Megatron module "
+        "(see mapgen.expand.resolve_auto). With permute_dims, import permutes the HF tensor "
+        "first and export applies the inverse permutation.",
+    ),
+    "qkv": KindInfo(
+        ("q", "k", "v"),
+        "Import: per query group g, rows [q heads of g, k_g, v_g] (with an attention output "
+        "gate, HF q holds [q_h; gate_h] per head and the group is [q heads, gate heads, k_g, "
+        "v_g]); weights and 1-D biases alike; then column-split. Export: gather, then the inverse.",
+    ),
+    "kv": KindInfo(
+        ("k", "v"),
+        "Import: per query group g, rows [k_g, v_g], then column-split. Export: gather, then the "
+        "inverse.",
+    ),
+    "concat_qkv": KindInfo(
+        ("hf",),
+        "HF holds one [Q; K; V] tensor (rows nh*d, ng*d, ng*d): import splits it and merges "
+        "as qkv; export gathers, splits and concatenates back.",
+    ),
+    "vision_qkv": KindInfo(
+        ("hf",),
+        "concat_qkv for a vision encoder (multi-head: one group per head); the rule's heads "
+        "and head_dim give the encoder's sizes, which differ from the language model's.",
+    ),
+    "gated_mlp": KindInfo(
+        ("gate", "up"),
+        "Import: rank r holds [gate_r; up_r], the r-th TP blocks of each. Export: gather, "
+        "split every rank's block in halves, concatenate the gate halves and the up halves.",
+    ),
+    "reshape": KindInfo(
+        ("hf",),
+        "Import: reshape the HF tensor (row-major) to the Megatron shape, then shard as the "
+        "owning module says. Export: gather, reshape to the HF shape.",
+    ),
+    "zero_centered_rmsnorm": KindInfo(
+        ("hf",),
+        "Import: megatron = hf - 1 (Megatron's zero-centred gamma computes x*(1+w)); "
+        "export: hf = megatron + 1; replicated. Exact only where w - 1 is representable.",
+    ),
+}
+
+PARALLELISM_TYPES = ("column", "row", "replicated")
+TOP_KEYS = ("family", "hf_architecture", "dims", "module_types", "rules")
+RULE_KEYS = ("megatron", "hf", "kind", "permute_dims", "when", "heads", "head_dim")
+
+
+@dataclass(frozen=True)
+class Rule:
+    megatron: Pattern
+    hf: tuple[tuple[str, Pattern], ...]  # (role, pattern), in the kind's role order
+    kind: str
+    loc: Location
+    permute_dims: tuple[int, ...] | None = None
+    when: Expr | None = None
+    heads: Expr | None = None
+    head_dim: Expr | None = None
+
+    def __str__(self) -> str:
+        return str(self.megatron)
+
+
+@dataclass(frozen=True)
+class DimExpr:
+    name: str
+    expr: Expr | None  # None: a literal given directly in YAML
+    literal: Any
+    loc: Location
+
+
+@dataclass(frozen=True)
+class Spec:
+    path: str
+    family: str
+    hf_architecture: str
+    dims: tuple[DimExpr, ...]
+    module_types: tuple[tuple[str, str], ...]
+    rules: tuple[Rule, ...]
+
+
+def parse_spec(path: str, text: str) -> Spec:
+    root = yamlsource.load(path, text)
+    errors = ErrorSink()
+    if not isinstance(root.value, dict):
+        errors.add(root.loc, "a spec must be a mapping with keys " + ", ".join(TOP_KEYS))
+        errors.raise_if_any()
+    assert isinstance(root.value, dict)
+    top = root.value
+    _unknown_keys(root, TOP_KEYS, "spec", errors)
+    for key in ("family", "hf_architecture", "dims", "rules"):
+        if key not in top:
+            errors.add(root.loc, f"missing required key '{key}'")
+    family = _string(top.get("family"), "family", errors)
+    hf_architecture = _string(top.get("hf_architecture"), "hf_architecture", errors)
+    dims = _parse_dims(top.get("dims"), errors)
+    module_types = _parse_module_types(top.get("module_types"), errors)
+    rules: list[Rule] = []
+    rules_node = top.get("rules")
+    if rules_node is not None:
+        if not isinstance(rules_node.value, list):
+            errors.add(rules_node.loc, "'rules' must be a list of rules")
+        else:
+            for rule_node in rules_node.value:
+                rule = _parse_rule(rule_node, errors)
+                if rule is not None:
+                    rules.append(rule)
+    errors.raise_if_any()
+    return Spec(path, family, hf_architecture, dims, module_types, tuple(rules))
+
+
+def _unknown_keys(node: Node, allowed: tuple[str, ...], what: str, errors: ErrorSink) -> None:
+    assert isinstance(node.value, dict)
+    for key in node.value:
+        if key not in allowed:
+            errors.add(
+                node.key_loc(key),
+                f"unknown key '{key}' in {what}; expected one of {', '.join(allowed)}",
+            )
+
+
+def _string(node: Node | None, what: str, errors: ErrorSink) -> str:
+    if node is None:
+        return ""
+    if not isinstance(node.value, str) or not node.value:
+        errors.add(node.loc, f"'{what}' must be a non-empty string")
+        return ""
+    return node.value
+
+
+def _parse_dims(node: Node | None, errors: ErrorSink) -> tuple[DimExpr, ...]:
+    if node is None:
+        return ()
+    if not isinstance(node.value, dict):
+        errors.add(node.loc, "'dims' must map Megatron dim names to expressions over HF config fields")
+        return ()
+    dims: list[DimExpr] = []
+    for name, value in node.value.items():
+        where = node.key_loc(name)
+        if name not in DIM_FIELDS:
+            errors.add(where, f"unknown dim '{name}'; expected one of {', '.join(DIM_FIELDS)}")
+            continue
+        if isinstance(value.value, str):
+            try:
+                dims.append(DimExpr(name, Expr.parse(value.value), None, value.loc))
+            except ExprSyntaxError as exc:
+                errors.add(value.loc, f"dims.{name}: {exc}")
+        elif isinstance(value.value, (bool, int, float)) or value.value is None:
+            dims.append(DimExpr(name, None, value.value, value.loc))
+        else:
+            errors.add(value.loc, f"dims.{name}: must be an expression or a literal")
+    given = {d.name for d in dims} | set(node.value)
+    for name in REQUIRED_DIMS:
+        if name not in given:
+            errors.add(node.loc, f"dims: missing required dim '{name}'")
+    return tuple(dims)
+
+
+def _parse_module_types(node: Node | None, errors: ErrorSink) -> tuple[tuple[str, str], ...]:
+    if node is None:
+        return ()
+    if not isinstance(node.value, dict):
+        errors.add(node.loc, "'module_types' must map module class names to column, row or replicated")
+        return ()
+    found: list[tuple[str, str]] = []
+    for name, value in node.value.items():
+        if value.value not in PARALLELISM_TYPES:
+            errors.add(
+                value.loc,
+                f"module type '{name}': parallelism must be one of {', '.join(PARALLELISM_TYPES)}, "
+                f"got {value.value!r}",
+            )
+        else:
+            found.append((name, str(value.value)))
+    return tuple(sorted(found))
+
+
+def _parse_rule(node: Node, errors: ErrorSink) -> Rule | None:
+    if not isinstance(node.value, dict):
+        errors.add(node.loc, "a rule must be a mapping with keys megatron, hf, kind")
+        return None
+    _unknown_keys(node, RULE_KEYS, "rule", errors)
+    fields = node.value
+    ok = True
+    for key in ("megatron", "hf", "kind"):
+        if key not in fields:
+            errors.add(node.loc, f"rule is missing required key '{key}'")
+            ok = False
+    if not ok:
+        return None
+    kind_node = fields["kind"]
+    kind = kind_node.value
+    if kind not in KINDS:
+        errors.add(kind_node.loc, f"unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
+        return None
+    assert isinstance(kind, str)
+    megatron_node = fields["megatron"]
+    if not isinstance(megatron_node.value, str) or not megatron_node.value:
+        errors.add(megatron_node.loc, "'megatron' must be a parameter name pattern")
+        return None
+    megatron = Pattern(megatron_node.value)
+    hf = _parse_hf(fields["hf"], kind, megatron, errors)
+    permute_dims = _parse_permute_dims(fields.get("permute_dims"), kind, errors)
+    when = _parse_expr(fields.get("when"), "when", errors)
+    heads = _parse_expr(fields.get("heads"), "heads", errors)
+    head_dim = _parse_expr(fields.get("head_dim"), "head_dim", errors)
+    if kind == "vision_qkv":
+        for key, value in (("heads", heads), ("head_dim", head_dim)):
+            if value is None and key not in fields:
+                errors.add(node.loc, f"kind 'vision_qkv' needs '{key}' (the encoder's)")
+    else:
+        for key in ("heads", "head_dim"):
+            if key in fields:
+                errors.add(node.key_loc(key), f"'{key}' applies only to kind 'vision_qkv'")
+    if hf is None:
+        return None
+    return Rule(megatron, hf, kind, megatron_node.loc, permute_dims, when, heads, head_dim)
+
+
+def _parse_hf(
+    node: Node, kind: str, megatron: Pattern, errors: ErrorSink
+) -> tuple[tuple[str, Pattern], ...] | None:
+    roles = KINDS[kind].roles
+    texts: list[tuple[str, str]] = []
+    if isinstance(node.value, dict):
+        if set(node.value) != set(roles) or len(roles) == 1:
+            errors.add(
+                node.loc,
+                f"kind '{kind}' takes hf as " + (
+                    "one pattern" if len(roles) == 1 else f"a mapping with keys {', '.join(roles)}"
+                ),
+            )
+            return None
+        for role in roles:
+            value = node.value[role].value
+            if not isinstance(value, str):
+                errors.add(node.value[role].loc, f"hf.{role} must be a name pattern")
+                return None
+            texts.append((role, value))
+    elif isinstance(node.value, str):
+        try:
+            expanded = expand_braces(node.value)
+        except ValueError as exc:
+            errors.add(node.loc, str(exc))
+            return None
+        if expanded is None:
+            expanded = [node.value]
+        if len(expanded) != len(roles):
+            errors.add(
+                node.loc,
+                f"kind '{kind}' takes {len(roles)} HF tensor(s) ({', '.join(roles)}), "
+                f"the pattern names {len(expanded)}",
+            )
+            return None
+        texts = list(zip(roles, expanded))
+    else:
+        errors.add(node.loc, "'hf' must be a name pattern or a mapping of role to pattern")
+        return None
+    patterns = tuple((role, Pattern(text)) for role, text in texts)
+    for role, pattern in patterns:
+        if pattern.wildcards != megatron.wildcards:
+            errors.add(
+                node.loc,
+                f"wildcard mismatch: megatron '{megatron}' has {_describe(megatron.wildcards)}, "
+                f"hf {role} '{pattern}' has {_describe(pattern.wildcards)}",
+            )
+            return None
+    return patterns
+
+
+def _describe(wildcards: tuple[str, ...]) -> str:
+    return "no wildcard" if not wildcards else " ".join(wildcards)
+
+
+def _parse_permute_dims(node: Node | None, kind: str, errors: ErrorSink) -> tuple[int, ...] | None:
+    if node is None:
+        return None
+    if kind != "auto":
+        errors.add(node.loc, f"'permute_dims' applies only to kind 'auto', not '{kind}'")
+        return None
+    values = node.value
+    dims = (
+        [item.value for item in values]
+        if isinstance(values, list)
+        else None
+    )
+    if (
+        dims is None
+        or not all(isinstance(d, int) and not isinstance(d, bool) for d in dims)
+        or sorted(dims) != list(range(len(dims)))  # type: ignore[type-var]
+    ):
+        errors.add(node.loc, "'permute_dims' must be a permutation of 0..n-1, e.g. [1, 0]")
+        return None
+    return tuple(int(d) for d in dims)  # type: ignore[arg-type]
+
+
+def _parse_expr(node: Node | None, what: str, errors: ErrorSink) -> Expr | None:
+    if node is None:
+        return None
+    source = node.value
+    if isinstance(source, bool) or isinstance(source, int):
+        source = str(source).lower() if isinstance(source, bool) else str(source)
+    if not isinstance(source, str):
+        errors.add(node.loc, f"'{what}' must be an expression")
+        return None
+    try:
+        return Expr.parse(source)
+    except ExprSyntaxError as exc:
+        errors.add(node.loc, f"{what}: {exc}")
+        return None
