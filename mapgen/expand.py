@@ -107,12 +107,14 @@ def expand(
             unmapped.append(param.name)
             continue
         if len(hits) > 1:
-            first = hits[0][0]
+            first, first_captures = hits[0]
+            for _, pattern in first.hf:
+                consumers[pattern.fill(first_captures)].append(param.name)
             for rule, _ in hits[1:]:
                 errors.add(
                     rule.loc,
-                    f"rule '{rule}' and rule '{first}' (line {first.loc.line}) both match "
-                    f"Megatron parameter '{param.name}'",
+                    f"rule '{rule}' matches Megatron parameter '{param.name}', which rule "
+                    f"'{first}' (line {first.loc.line}) already matches",
                 )
             continue
         rule, captures = hits[0]

@@ -317,7 +317,8 @@ def _parse_hf(
             errors.add(
                 node.loc,
                 f"wildcard mismatch: megatron '{megatron}' has {_describe(megatron.wildcards)}, "
-                f"hf {role} '{pattern}' has {_describe(pattern.wildcards)}",
+                f"{'hf' if role == 'hf' else 'hf.' + role} '{pattern}' has "
+                f"{_describe(pattern.wildcards)}",
             )
             return None
     return patterns

@@ -1,0 +1,114 @@
+"""Tiny stand-ins of each family and the two forward passes compared against each other.
+
+Used by the test suite and by `mapgen verify`: transformers builds a random model of the family
+from a config object (no download), and megatron-core runs the same weights on CPU.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+FAMILY_SPECS = {
+    "llama": "specs/llama.yaml",
+    "qwen2": "specs/qwen2.yaml",
+    "qwen3": "specs/qwen3.yaml",
+}
+
+
+def tiny_hf_config(family: str, **overrides: Any) -> Any:
+    """A few-layer config of `family` whose shapes exercise what the real models do."""
+    import transformers
+
+    common: dict[str, Any] = dict(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+    )
+    if family == "llama":
+        common.update(
+            rope_theta=500000.0,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192,
+            },
+        )
+        config_class = transformers.LlamaConfig
+    elif family == "qwen2":
+        common.update(rope_theta=1000000.0)
+        config_class = transformers.Qwen2Config
+    elif family == "qwen3":
+        common.update(rope_theta=1000000.0, head_dim=32)  # head_dim != hidden / heads
+        config_class = transformers.Qwen3Config
+    else:
+        raise ValueError(f"no tiny config for family {family!r}")
+    common.update(overrides)
+    return config_class(**common)
+
+
+def save_tiny_model(family: str, folder: Path, seed: int = 0, **overrides: Any) -> Any:
+    """A random fp32 model of `family`, saved as safetensors + config.json in `folder`."""
+    import transformers
+
+    config = tiny_hf_config(family, **overrides)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():  # norms start at exactly 1: make them distinguishable
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.add_(torch.randn_like(param) * 0.1)
+    model.eval()
+    model.save_pretrained(folder)
+    return model
+
+
+def import_module_from_path(path: Path, name: str | None = None) -> ModuleType:
+    module_name = name or f"mapgen_generated_{path.stem}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def prepare_cpu_megatron() -> None:
+    """What megatron-core needs to run forward passes on a machine without CUDA."""
+    import megatron.core.tensor_parallel.random as mrandom
+
+    torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment,return-value]
+    mrandom.model_parallel_cuda_manual_seed(
+        1234, inference_rng_tracker=True, force_reset_rng=True
+    )
+
+
+def megatron_logits(model: Any, input_ids: torch.Tensor) -> torch.Tensor:
+    """Forward of a single-stage GPTModel; [batch, seq, vocab] (gathered over TP by megatron)."""
+    seq = input_ids.shape[1]
+    positions = torch.arange(seq).unsqueeze(0).expand_as(input_ids)
+    # megatron-core's default causal mask is made on CUDA; True marks a masked position
+    mask = torch.triu(torch.ones(seq, seq, dtype=torch.bool), diagonal=1)[None, None]
+    with torch.no_grad():
+        output: torch.Tensor = model(input_ids, positions, attention_mask=mask)
+    return output
+
+
+def hf_logits(model: Any, input_ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        logits: torch.Tensor = model(input_ids).logits
+    return logits

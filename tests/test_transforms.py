@@ -1,0 +1,111 @@
+"""The tensor transforms, against row-index formulas written independently of the code."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mapgen.runtime import Group, ops, transforms
+
+HIDDEN = 8
+
+
+def _rows(n: int, hidden: int | None = HIDDEN) -> torch.Tensor:
+    """Row i holds the value i everywhere: a row's content says where it came from."""
+    base = torch.arange(n, dtype=torch.float64)
+    return base if hidden is None else base[:, None].repeat(1, hidden)
+
+
+@pytest.mark.parametrize("hidden", [HIDDEN, None], ids=["weight", "bias"])
+@pytest.mark.parametrize(("heads", "groups", "head_dim"), [(4, 2, 3), (4, 4, 2), (8, 1, 2)])
+def test_qkv_merge_matches_megatron_row_formula(heads: int, groups: int, head_dim: int, hidden: int | None) -> None:
+    q, k, v = _rows(heads * head_dim, hidden), _rows(groups * head_dim, hidden) + 1000, _rows(groups * head_dim, hidden) + 2000
+    merged = transforms.qkv_merge(q, k, v, groups=groups, head_dim=head_dim, gate=False)
+    hpg, slots = heads // groups, heads // groups + 2
+    expected = torch.empty_like(merged)
+    for h in range(heads):
+        g, j = divmod(h, hpg)
+        for t in range(head_dim):
+            expected[(g * slots + j) * head_dim + t] = q[h * head_dim + t]
+    for g in range(groups):
+        for t in range(head_dim):
+            expected[(g * slots + hpg) * head_dim + t] = k[g * head_dim + t]
+            expected[(g * slots + hpg + 1) * head_dim + t] = v[g * head_dim + t]
+    assert torch.equal(merged, expected)
+    back = transforms.qkv_split(merged, heads=heads, groups=groups, head_dim=head_dim, gate=False)
+    for ours, theirs in zip(back, (q, k, v)):
+        assert torch.equal(ours, theirs)
+
+
+def test_qkv_gate_layout() -> None:
+    """HF q_proj holds [q_h; gate_h] per head; Megatron's group is [q heads, gate heads, k, v]."""
+    heads, groups, d = 4, 2, 2
+    q = _rows(heads * 2 * d)
+    k, v = _rows(groups * d) + 1000, _rows(groups * d) + 2000
+    merged = transforms.qkv_merge(q, k, v, groups=groups, head_dim=d, gate=True)
+    hpg = heads // groups
+    per_group = merged.reshape(groups, -1, HIDDEN)
+    for g in range(groups):
+        for j in range(hpg):
+            h = g * hpg + j
+            assert torch.equal(per_group[g, j * d : (j + 1) * d], q[h * 2 * d : h * 2 * d + d])
+            gate_at = hpg * d + j * d
+            assert torch.equal(per_group[g, gate_at : gate_at + d], q[h * 2 * d + d : (h + 1) * 2 * d])
+        assert torch.equal(per_group[g, 2 * hpg * d : 2 * hpg * d + d], k[g * d : (g + 1) * d])
+    back = transforms.qkv_split(merged, heads=heads, groups=groups, head_dim=d, gate=True)
+    for ours, theirs in zip(back, (q, k, v)):
+        assert torch.equal(ours, theirs)
+
+
+def test_kv_merge_interleaves_per_group() -> None:
+    k, v = _rows(6) , _rows(6) + 100
+    merged = transforms.kv_merge(k, v, groups=3, head_dim=2)
+    assert merged[:, 0].tolist() == [0, 1, 100, 101, 2, 3, 102, 103, 4, 5, 104, 105]
+    back = transforms.kv_split(merged, groups=3, head_dim=2)
+    assert torch.equal(back[0], k) and torch.equal(back[1], v)
+
+
+@pytest.mark.parametrize("size", [1, 2, 4])
+def test_tp_imports_equal_split_of_the_full_merge(size: int) -> None:
+    heads, groups, d = 8, 4, 2
+    q, k, v = torch.randn(heads * d, HIDDEN), torch.randn(groups * d, HIDDEN), torch.randn(groups * d, HIDDEN)
+    full = transforms.qkv_merge(q, k, v, groups=groups, head_dim=d, gate=False)
+    gate, up = torch.randn(8, HIDDEN), torch.randn(8, HIDDEN)
+    concat = torch.cat([q, k, v])
+    for rank in range(size):
+        group = Group(rank, size)
+        assert torch.equal(ops.qkv_import(group, q, k, v, heads=heads, groups=groups, head_dim=d), full.chunk(size)[rank])
+        assert torch.equal(ops.concat_qkv_import(group, concat, heads=heads, groups=groups, head_dim=d), full.chunk(size)[rank])
+        assert torch.equal(ops.row_import(group, gate), gate.chunk(size, dim=1)[rank])
+        expected_fc1 = torch.cat([gate.chunk(size)[rank], up.chunk(size)[rank]])
+        assert torch.equal(ops.gated_mlp_import(group, gate, up), expected_fc1)
+
+
+def test_transforms_do_not_modify_inputs() -> None:
+    q, k, v = torch.randn(8, 4), torch.randn(4, 4), torch.randn(4, 4)
+    copies = [t.clone() for t in (q, k, v)]
+    merged = transforms.qkv_merge(q, k, v, groups=2, head_dim=2, gate=False)
+    transforms.qkv_split(merged, heads=4, groups=2, head_dim=2, gate=False)
+    transforms.zero_centered_from_hf(q)
+    transforms.permute(q, (1, 0))
+    ops.gated_mlp_import(Group(1, 2), q, q)
+    for original, copy in zip((q, k, v), copies):
+        assert torch.equal(original, copy)
+
+
+def test_zero_centered_and_permute_round_trip() -> None:
+    weight = torch.tensor([1.0, 1.5, 0.25, 2.0])
+    assert torch.equal(transforms.zero_centered_from_hf(weight), torch.tensor([0.0, 0.5, -0.75, 1.0]))
+    assert torch.equal(transforms.zero_centered_to_hf(transforms.zero_centered_from_hf(weight)), weight)
+    x = torch.randn(2, 3, 4)
+    dims = (2, 0, 1)
+    assert torch.equal(transforms.permute(transforms.permute(x, dims), transforms.inverse_permutation(dims)), x)
+
+
+def test_single_rank_export_is_identity_and_gated_split() -> None:
+    group = Group()
+    gate, up = torch.randn(4, 3), torch.randn(4, 3)
+    ours = ops.gated_mlp_export(group, torch.cat([gate, up]))
+    assert torch.equal(ours[0], gate) and torch.equal(ours[1], up)
+    with pytest.raises(ValueError, match="query groups do not split over 4"):
+        ops.qkv_import(Group(0, 4), torch.randn(8, 2), torch.randn(4, 2), torch.randn(4, 2), heads=4, groups=2, head_dim=2)
