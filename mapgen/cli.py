@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import click
@@ -15,7 +16,7 @@ from mapgen.errors import MapgenError
 from mapgen.inventory import LAYOUTS
 from mapgen.write import stale_diff, write_if_changed
 
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def find_root(start: Path) -> Path:
@@ -39,6 +40,8 @@ def _progress() -> Progress:
 @click.group()
 def main() -> None:
     """mapgen: compile static HF <-> Megatron-Core weight-mapping modules."""
+    # megatron-core warns at import about optional CUDA packages (Apex, TE) a CPU build lacks
+    warnings.filterwarnings("ignore", module=r"(megatron|transformers|torch)(\.|$)")
 
 
 @main.command()
@@ -108,7 +111,7 @@ def check_command() -> None:
             task = progress.add_task("mapgen check", total=len(entries))
             for entry in entries:
                 progress.update(task, description=f"checking {entry.name}")
-                diff = stale_diff(root / entry.output, compile_entry(root, entry))
+                diff = stale_diff(root / entry.output, compile_entry(root, entry), entry.output)
                 if diff:
                     stale.append(entry.output)
                     sys.stdout.write(diff)

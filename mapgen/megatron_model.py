@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed import HashStore  # type: ignore[attr-defined]
 
 from mapgen.dims import ModelDims
 
@@ -18,7 +19,7 @@ def ensure_single_process_parallel_state() -> None:
     from megatron.core import parallel_state
 
     if not dist.is_initialized():
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group("gloo", store=HashStore(), rank=0, world_size=1)
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel()
 
@@ -86,7 +87,7 @@ def build_gpt_model(
             share_embeddings_and_output_weights=dims.share_embeddings_and_output_weights,
             position_embedding_type="rope",
             rotary_percent=dims.rotary_percent,
-            rotary_base=dims.rotary_base,  # type: ignore[arg-type]
+            rotary_base=dims.rotary_base,
             rope_scaling=dims.rope_type == "llama3",
             rope_scaling_factor=dims.rope_scaling_factor or 8.0,
             vp_stage=vp_stage,

@@ -26,6 +26,8 @@ def tiny_hf_config(family: str, **overrides: Any) -> Any:
     """A few-layer config of `family` whose shapes exercise what the real models do."""
     import transformers
 
+    config_class: Any
+
     common: dict[str, Any] = dict(
         hidden_size=64,
         intermediate_size=96,
@@ -63,11 +65,12 @@ def tiny_hf_config(family: str, **overrides: Any) -> Any:
 
 def save_tiny_model(family: str, folder: Path, seed: int = 0, **overrides: Any) -> Any:
     """A random fp32 model of `family`, saved as safetensors + config.json in `folder`."""
-    import transformers
+    from transformers import AutoModelForCausalLM
 
     config = tiny_hf_config(family, **overrides)
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    auto: Any = AutoModelForCausalLM
+    model = auto.from_config(config, dtype=torch.float32)
     with torch.no_grad():  # norms start at exactly 1: make them distinguishable
         for name, param in model.named_parameters():
             if "norm" in name:

@@ -25,8 +25,8 @@ def write_if_changed(path: Path, content: str) -> bool:
     return True
 
 
-def stale_diff(path: Path, content: str) -> str:
-    """A unified diff from what `path` holds to `content`; empty when they are equal."""
+def stale_diff(path: Path, content: str, shown: str) -> str:
+    """A unified diff from what `path` (named `shown`) holds to `content`; empty if equal."""
     current = path.read_text() if path.exists() else ""
     if current == content:
         return ""
@@ -34,7 +34,7 @@ def stale_diff(path: Path, content: str) -> str:
         difflib.unified_diff(
             current.splitlines(keepends=True),
             content.splitlines(keepends=True),
-            fromfile=f"{path} (checked in)",
-            tofile=f"{path} (regenerated)",
+            fromfile=f"{shown} (checked in)",
+            tofile=f"{shown} (regenerated)",
         )
     )

@@ -1,0 +1,106 @@
+"""The command line as users run it: build, write-if-changed, check, errors, determinism."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mapgen import testing
+from mapgen.build import compile_target
+
+from spec_cases import BASE_CONFIG, BASE_SPEC
+
+MAPGEN = [sys.executable, "-m", "mapgen.cli"]
+
+
+def run(args: list[str], cwd: Path, seed: str = "0") -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONHASHSEED": seed}
+    return subprocess.run([*MAPGEN, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture()
+def project(tmp_path: Path) -> Path:
+    """A project folder with one tiny target, laid out like the real one."""
+    (tmp_path / "specs" / "configs").mkdir(parents=True)
+    (tmp_path / "generated").mkdir()
+    (tmp_path / "generated" / "__init__.py").write_text("")
+    shutil.copy(testing.ROOT / "specs" / "llama.yaml", tmp_path / "specs" / "llama.yaml")
+    (tmp_path / "specs" / "configs" / "tiny.json").write_text(json.dumps(BASE_CONFIG, indent=2))
+    (tmp_path / "specs" / "targets.yaml").write_text(
+        "targets:\n  tiny: {spec: specs/llama.yaml, config: specs/configs/tiny.json, layout: te}\n"
+    )
+    return tmp_path
+
+
+def test_build_then_check_then_stale(project: Path) -> None:
+    built = run(["build"], project)
+    assert built.returncode == 0, built.stderr
+    assert "wrote generated/tiny.py" in built.stderr
+    output = project / "generated" / "tiny.py"
+    first = output.read_bytes()
+    assert output.stat().st_mtime_ns
+
+    again = run(["build"], project)
+    assert again.returncode == 0 and "unchanged generated/tiny.py" in again.stderr
+    assert output.read_bytes() == first
+
+    assert run(["check"], project).returncode == 0
+
+    output.write_text(first.decode().replace("heads=4", "heads=8", 1))
+    stale = run(["check"], project)
+    assert stale.returncode == 1
+    assert "--- generated/tiny.py (checked in)" in stale.stdout
+    assert "-" in stale.stdout and "+" in stale.stdout and "heads=4" in stale.stdout
+    assert "fix with: mapgen build" in stale.stderr
+
+
+def test_check_flags_modules_no_target_builds(project: Path) -> None:
+    assert run(["build"], project).returncode == 0
+    (project / "generated" / "orphan.py").write_text("")
+    stale = run(["check"], project)
+    assert stale.returncode == 1
+    assert "generated/orphan.py: not built from any target" in stale.stdout
+    assert "git rm generated/orphan.py" in stale.stderr
+
+
+def test_single_target_is_byte_identical_under_any_hash_seed(project: Path) -> None:
+    args = ["build", "specs/llama.yaml", "specs/configs/tiny.json", "--layout", "local", "--name", "tiny"]
+    first = run([*args, "-o", "a.py"], project, seed="0")
+    second = run([*args, "-o", "b.py"], project, seed="1")
+    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
+    a = (project / "a.py").read_text()
+    b = (project / "b.py").read_text()
+    assert a.replace("-o a.py", "-o b.py") == b
+    assert (
+        "# Regenerate: mapgen build specs/llama.yaml specs/configs/tiny.json -o a.py --layout local"
+        " --name tiny" in a
+    )
+    assert str(project) not in a and "/tmp" not in a
+    assert "@generated" in a.splitlines()[0] and "DO NOT EDIT" in a.splitlines()[0]
+
+
+def test_same_process_builds_twice_identically(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(project)
+    args = ("tiny", Path("specs/llama.yaml"), Path("specs/configs/tiny.json"), "te", "mapgen build")
+    assert compile_target(*args) == compile_target(*args)
+
+
+def test_bad_spec_exits_2_and_writes_nothing(project: Path) -> None:
+    (project / "bad.yaml").write_text(BASE_SPEC.replace("kind: qkv", "kind: qvk"))
+    result = run(["build", "bad.yaml", "specs/configs/tiny.json", "-o", "out.py"], project)
+    assert result.returncode == 2
+    assert result.stderr.startswith("bad.yaml:23:11: unknown kind 'qvk'")
+    assert "Traceback" not in result.stderr
+    assert not (project / "out.py").exists()
+
+
+def test_usage_error_needs_all_three(project: Path) -> None:
+    result = run(["build", "specs/llama.yaml"], project)
+    assert result.returncode == 2
+    assert "give SPEC, CONFIG and -o OUTPUT together" in result.stderr
