@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Final
 
 import torch
@@ -18,6 +19,7 @@ from mapgen.runtime import ExportFn, HFTensorPlan, ImportFn, Loader, ParallelCon
 TARGET: Final = "llama3_1_70b"
 LAYOUT: Final = "te"
 HF_ARCHITECTURE: Final = "LlamaForCausalLM"
+SOURCES: Final = ("specs/llama.yaml", "specs/configs/llama3_1_70b.json")
 DIMS: Final = ModelDims(
     num_layers=80,
     hidden_size=8192,
@@ -54,10 +56,10 @@ def import_embedding_word_embeddings_weight(ctx: ParallelContext, load: Loader) 
 
 
 def export_embedding_word_embeddings_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """embedding.word_embeddings.weight <- model.embed_tokens.weight: auto -> column, specs/llama.yaml:29."""
-    return {"model.embed_tokens.weight": rt.column_export(ctx.tp, local)}
+    return {"model.embed_tokens.weight": rt.column_export(parts)}
 
 
 def import_decoder_layers_0_self_attention_linear_qkv_layer_norm_weight(
@@ -68,10 +70,10 @@ def import_decoder_layers_0_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_0_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.0.self_attention.linear_qkv.layer_norm_weight <- model.layers.0.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.0.input_layernorm.weight": local}
+    return {"model.layers.0.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_0_self_attention_linear_proj_weight(
@@ -82,10 +84,10 @@ def import_decoder_layers_0_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_0_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.0.self_attention.linear_proj.weight <- model.layers.0.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.0.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.0.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_0_self_attention_linear_qkv_weight(
@@ -104,10 +106,10 @@ def import_decoder_layers_0_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_0_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.0.self_attention.linear_qkv.weight <- model.layers.0.self_attn.q_proj.weight, model.layers.0.self_attn.k_proj.weight, model.layers.0.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=64, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
     return {
         "model.layers.0.self_attn.q_proj.weight": q,
         "model.layers.0.self_attn.k_proj.weight": k,
@@ -123,10 +125,10 @@ def import_decoder_layers_0_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_0_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.0.mlp.linear_fc1.layer_norm_weight <- model.layers.0.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.0.post_attention_layernorm.weight": local}
+    return {"model.layers.0.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_0_mlp_linear_fc1_weight(
@@ -141,10 +143,10 @@ def import_decoder_layers_0_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_0_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.0.mlp.linear_fc1.weight <- model.layers.0.mlp.gate_proj.weight, model.layers.0.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.0.mlp.gate_proj.weight": gate, "model.layers.0.mlp.up_proj.weight": up}
 
 
@@ -156,10 +158,10 @@ def import_decoder_layers_0_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_0_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.0.mlp.linear_fc2.weight <- model.layers.0.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.0.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.0.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_1_self_attention_linear_qkv_layer_norm_weight(
@@ -170,10 +172,10 @@ def import_decoder_layers_1_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_1_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.1.self_attention.linear_qkv.layer_norm_weight <- model.layers.1.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.1.input_layernorm.weight": local}
+    return {"model.layers.1.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_1_self_attention_linear_proj_weight(
@@ -184,10 +186,10 @@ def import_decoder_layers_1_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_1_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.1.self_attention.linear_proj.weight <- model.layers.1.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.1.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.1.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_1_self_attention_linear_qkv_weight(
@@ -206,10 +208,10 @@ def import_decoder_layers_1_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_1_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.1.self_attention.linear_qkv.weight <- model.layers.1.self_attn.q_proj.weight, model.layers.1.self_attn.k_proj.weight, model.layers.1.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=64, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
     return {
         "model.layers.1.self_attn.q_proj.weight": q,
         "model.layers.1.self_attn.k_proj.weight": k,
@@ -225,10 +227,10 @@ def import_decoder_layers_1_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_1_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.1.mlp.linear_fc1.layer_norm_weight <- model.layers.1.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.1.post_attention_layernorm.weight": local}
+    return {"model.layers.1.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_1_mlp_linear_fc1_weight(
@@ -243,10 +245,10 @@ def import_decoder_layers_1_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_1_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.1.mlp.linear_fc1.weight <- model.layers.1.mlp.gate_proj.weight, model.layers.1.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.1.mlp.gate_proj.weight": gate, "model.layers.1.mlp.up_proj.weight": up}
 
 
@@ -258,10 +260,10 @@ def import_decoder_layers_1_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_1_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.1.mlp.linear_fc2.weight <- model.layers.1.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.1.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.1.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_2_self_attention_linear_qkv_layer_norm_weight(
@@ -272,10 +274,10 @@ def import_decoder_layers_2_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_2_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.2.self_attention.linear_qkv.layer_norm_weight <- model.layers.2.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.2.input_layernorm.weight": local}
+    return {"model.layers.2.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_2_self_attention_linear_proj_weight(
@@ -286,10 +288,10 @@ def import_decoder_layers_2_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_2_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.2.self_attention.linear_proj.weight <- model.layers.2.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.2.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.2.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_2_self_attention_linear_qkv_weight(
@@ -308,10 +310,10 @@ def import_decoder_layers_2_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_2_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.2.self_attention.linear_qkv.weight <- model.layers.2.self_attn.q_proj.weight, model.layers.2.self_attn.k_proj.weight, model.layers.2.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=64, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
     return {
         "model.layers.2.self_attn.q_proj.weight": q,
         "model.layers.2.self_attn.k_proj.weight": k,
@@ -327,10 +329,10 @@ def import_decoder_layers_2_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_2_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.2.mlp.linear_fc1.layer_norm_weight <- model.layers.2.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.2.post_attention_layernorm.weight": local}
+    return {"model.layers.2.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_2_mlp_linear_fc1_weight(
@@ -345,10 +347,10 @@ def import_decoder_layers_2_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_2_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.2.mlp.linear_fc1.weight <- model.layers.2.mlp.gate_proj.weight, model.layers.2.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.2.mlp.gate_proj.weight": gate, "model.layers.2.mlp.up_proj.weight": up}
 
 
@@ -360,10 +362,10 @@ def import_decoder_layers_2_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_2_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.2.mlp.linear_fc2.weight <- model.layers.2.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.2.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.2.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_3_self_attention_linear_qkv_layer_norm_weight(
@@ -374,10 +376,10 @@ def import_decoder_layers_3_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_3_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.3.self_attention.linear_qkv.layer_norm_weight <- model.layers.3.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.3.input_layernorm.weight": local}
+    return {"model.layers.3.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_3_self_attention_linear_proj_weight(
@@ -388,10 +390,10 @@ def import_decoder_layers_3_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_3_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.3.self_attention.linear_proj.weight <- model.layers.3.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.3.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.3.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_3_self_attention_linear_qkv_weight(
@@ -410,10 +412,10 @@ def import_decoder_layers_3_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_3_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.3.self_attention.linear_qkv.weight <- model.layers.3.self_attn.q_proj.weight, model.layers.3.self_attn.k_proj.weight, model.layers.3.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=64, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
     return {
         "model.layers.3.self_attn.q_proj.weight": q,
         "model.layers.3.self_attn.k_proj.weight": k,
@@ -429,10 +431,10 @@ def import_decoder_layers_3_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_3_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.3.mlp.linear_fc1.layer_norm_weight <- model.layers.3.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.3.post_attention_layernorm.weight": local}
+    return {"model.layers.3.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_3_mlp_linear_fc1_weight(
@@ -447,10 +449,10 @@ def import_decoder_layers_3_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_3_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.3.mlp.linear_fc1.weight <- model.layers.3.mlp.gate_proj.weight, model.layers.3.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.3.mlp.gate_proj.weight": gate, "model.layers.3.mlp.up_proj.weight": up}
 
 
@@ -462,10 +464,10 @@ def import_decoder_layers_3_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_3_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.3.mlp.linear_fc2.weight <- model.layers.3.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.3.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.3.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_4_self_attention_linear_qkv_layer_norm_weight(
@@ -476,10 +478,10 @@ def import_decoder_layers_4_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_4_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.4.self_attention.linear_qkv.layer_norm_weight <- model.layers.4.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.4.input_layernorm.weight": local}
+    return {"model.layers.4.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_4_self_attention_linear_proj_weight(
@@ -490,10 +492,10 @@ def import_decoder_layers_4_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_4_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.4.self_attention.linear_proj.weight <- model.layers.4.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.4.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.4.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_4_self_attention_linear_qkv_weight(
@@ -512,10 +514,10 @@ def import_decoder_layers_4_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_4_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.4.self_attention.linear_qkv.weight <- model.layers.4.self_attn.q_proj.weight, model.layers.4.self_attn.k_proj.weight, model.layers.4.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=64, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
     return {
         "model.layers.4.self_attn.q_proj.weight": q,
         "model.layers.4.self_attn.k_proj.weight": k,
@@ -531,10 +533,10 @@ def import_decoder_layers_4_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_4_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.4.mlp.linear_fc1.layer_norm_weight <- model.layers.4.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.4.post_attention_layernorm.weight": local}
+    return {"model.layers.4.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_4_mlp_linear_fc1_weight(
@@ -549,10 +551,10 @@ def import_decoder_layers_4_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_4_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.4.mlp.linear_fc1.weight <- model.layers.4.mlp.gate_proj.weight, model.layers.4.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.4.mlp.gate_proj.weight": gate, "model.layers.4.mlp.up_proj.weight": up}
 
 
@@ -564,10 +566,10 @@ def import_decoder_layers_4_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_4_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.4.mlp.linear_fc2.weight <- model.layers.4.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.4.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.4.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_5_self_attention_linear_qkv_layer_norm_weight(
@@ -578,10 +580,10 @@ def import_decoder_layers_5_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_5_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.5.self_attention.linear_qkv.layer_norm_weight <- model.layers.5.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.5.input_layernorm.weight": local}
+    return {"model.layers.5.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_5_self_attention_linear_proj_weight(
@@ -592,10 +594,10 @@ def import_decoder_layers_5_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_5_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.5.self_attention.linear_proj.weight <- model.layers.5.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.5.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.5.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_5_self_attention_linear_qkv_weight(
@@ -614,10 +616,10 @@ def import_decoder_layers_5_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_5_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.5.self_attention.linear_qkv.weight <- model.layers.5.self_attn.q_proj.weight, model.layers.5.self_attn.k_proj.weight, model.layers.5.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=64, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
     return {
         "model.layers.5.self_attn.q_proj.weight": q,
         "model.layers.5.self_attn.k_proj.weight": k,
@@ -633,10 +635,10 @@ def import_decoder_layers_5_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_5_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.5.mlp.linear_fc1.layer_norm_weight <- model.layers.5.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.5.post_attention_layernorm.weight": local}
+    return {"model.layers.5.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_5_mlp_linear_fc1_weight(
@@ -651,10 +653,10 @@ def import_decoder_layers_5_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_5_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.5.mlp.linear_fc1.weight <- model.layers.5.mlp.gate_proj.weight, model.layers.5.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.5.mlp.gate_proj.weight": gate, "model.layers.5.mlp.up_proj.weight": up}
 
 
@@ -666,10 +668,10 @@ def import_decoder_layers_5_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_5_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.5.mlp.linear_fc2.weight <- model.layers.5.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.5.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.5.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_6_self_attention_linear_qkv_layer_norm_weight(
@@ -680,10 +682,10 @@ def import_decoder_layers_6_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_6_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.6.self_attention.linear_qkv.layer_norm_weight <- model.layers.6.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.6.input_layernorm.weight": local}
+    return {"model.layers.6.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_6_self_attention_linear_proj_weight(
@@ -694,10 +696,10 @@ def import_decoder_layers_6_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_6_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.6.self_attention.linear_proj.weight <- model.layers.6.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.6.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.6.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_6_self_attention_linear_qkv_weight(
@@ -716,10 +718,10 @@ def import_decoder_layers_6_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_6_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.6.self_attention.linear_qkv.weight <- model.layers.6.self_attn.q_proj.weight, model.layers.6.self_attn.k_proj.weight, model.layers.6.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=64, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
     return {
         "model.layers.6.self_attn.q_proj.weight": q,
         "model.layers.6.self_attn.k_proj.weight": k,
@@ -735,10 +737,10 @@ def import_decoder_layers_6_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_6_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.6.mlp.linear_fc1.layer_norm_weight <- model.layers.6.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.6.post_attention_layernorm.weight": local}
+    return {"model.layers.6.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_6_mlp_linear_fc1_weight(
@@ -753,10 +755,10 @@ def import_decoder_layers_6_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_6_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.6.mlp.linear_fc1.weight <- model.layers.6.mlp.gate_proj.weight, model.layers.6.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.6.mlp.gate_proj.weight": gate, "model.layers.6.mlp.up_proj.weight": up}
 
 
@@ -768,10 +770,10 @@ def import_decoder_layers_6_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_6_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.6.mlp.linear_fc2.weight <- model.layers.6.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.6.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.6.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_7_self_attention_linear_qkv_layer_norm_weight(
@@ -782,10 +784,10 @@ def import_decoder_layers_7_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_7_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.7.self_attention.linear_qkv.layer_norm_weight <- model.layers.7.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.7.input_layernorm.weight": local}
+    return {"model.layers.7.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_7_self_attention_linear_proj_weight(
@@ -796,10 +798,10 @@ def import_decoder_layers_7_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_7_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.7.self_attention.linear_proj.weight <- model.layers.7.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.7.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.7.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_7_self_attention_linear_qkv_weight(
@@ -818,10 +820,10 @@ def import_decoder_layers_7_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_7_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.7.self_attention.linear_qkv.weight <- model.layers.7.self_attn.q_proj.weight, model.layers.7.self_attn.k_proj.weight, model.layers.7.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=64, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
     return {
         "model.layers.7.self_attn.q_proj.weight": q,
         "model.layers.7.self_attn.k_proj.weight": k,
@@ -837,10 +839,10 @@ def import_decoder_layers_7_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_7_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.7.mlp.linear_fc1.layer_norm_weight <- model.layers.7.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.7.post_attention_layernorm.weight": local}
+    return {"model.layers.7.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_7_mlp_linear_fc1_weight(
@@ -855,10 +857,10 @@ def import_decoder_layers_7_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_7_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.7.mlp.linear_fc1.weight <- model.layers.7.mlp.gate_proj.weight, model.layers.7.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.7.mlp.gate_proj.weight": gate, "model.layers.7.mlp.up_proj.weight": up}
 
 
@@ -870,10 +872,10 @@ def import_decoder_layers_7_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_7_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.7.mlp.linear_fc2.weight <- model.layers.7.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.7.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.7.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_8_self_attention_linear_qkv_layer_norm_weight(
@@ -884,10 +886,10 @@ def import_decoder_layers_8_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_8_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.8.self_attention.linear_qkv.layer_norm_weight <- model.layers.8.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.8.input_layernorm.weight": local}
+    return {"model.layers.8.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_8_self_attention_linear_proj_weight(
@@ -898,10 +900,10 @@ def import_decoder_layers_8_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_8_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.8.self_attention.linear_proj.weight <- model.layers.8.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.8.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.8.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_8_self_attention_linear_qkv_weight(
@@ -920,10 +922,10 @@ def import_decoder_layers_8_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_8_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.8.self_attention.linear_qkv.weight <- model.layers.8.self_attn.q_proj.weight, model.layers.8.self_attn.k_proj.weight, model.layers.8.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=64, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
     return {
         "model.layers.8.self_attn.q_proj.weight": q,
         "model.layers.8.self_attn.k_proj.weight": k,
@@ -939,10 +941,10 @@ def import_decoder_layers_8_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_8_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.8.mlp.linear_fc1.layer_norm_weight <- model.layers.8.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.8.post_attention_layernorm.weight": local}
+    return {"model.layers.8.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_8_mlp_linear_fc1_weight(
@@ -957,10 +959,10 @@ def import_decoder_layers_8_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_8_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.8.mlp.linear_fc1.weight <- model.layers.8.mlp.gate_proj.weight, model.layers.8.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.8.mlp.gate_proj.weight": gate, "model.layers.8.mlp.up_proj.weight": up}
 
 
@@ -972,10 +974,10 @@ def import_decoder_layers_8_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_8_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.8.mlp.linear_fc2.weight <- model.layers.8.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.8.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.8.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_9_self_attention_linear_qkv_layer_norm_weight(
@@ -986,10 +988,10 @@ def import_decoder_layers_9_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_9_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.9.self_attention.linear_qkv.layer_norm_weight <- model.layers.9.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.9.input_layernorm.weight": local}
+    return {"model.layers.9.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_9_self_attention_linear_proj_weight(
@@ -1000,10 +1002,10 @@ def import_decoder_layers_9_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_9_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.9.self_attention.linear_proj.weight <- model.layers.9.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.9.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.9.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_9_self_attention_linear_qkv_weight(
@@ -1022,10 +1024,10 @@ def import_decoder_layers_9_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_9_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.9.self_attention.linear_qkv.weight <- model.layers.9.self_attn.q_proj.weight, model.layers.9.self_attn.k_proj.weight, model.layers.9.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=64, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
     return {
         "model.layers.9.self_attn.q_proj.weight": q,
         "model.layers.9.self_attn.k_proj.weight": k,
@@ -1041,10 +1043,10 @@ def import_decoder_layers_9_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_9_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.9.mlp.linear_fc1.layer_norm_weight <- model.layers.9.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.9.post_attention_layernorm.weight": local}
+    return {"model.layers.9.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_9_mlp_linear_fc1_weight(
@@ -1059,10 +1061,10 @@ def import_decoder_layers_9_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_9_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.9.mlp.linear_fc1.weight <- model.layers.9.mlp.gate_proj.weight, model.layers.9.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.9.mlp.gate_proj.weight": gate, "model.layers.9.mlp.up_proj.weight": up}
 
 
@@ -1074,10 +1076,10 @@ def import_decoder_layers_9_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_9_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.9.mlp.linear_fc2.weight <- model.layers.9.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.9.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.9.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_10_self_attention_linear_qkv_layer_norm_weight(
@@ -1088,10 +1090,10 @@ def import_decoder_layers_10_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_10_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.10.self_attention.linear_qkv.layer_norm_weight <- model.layers.10.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.10.input_layernorm.weight": local}
+    return {"model.layers.10.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_10_self_attention_linear_proj_weight(
@@ -1102,10 +1104,10 @@ def import_decoder_layers_10_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_10_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.10.self_attention.linear_proj.weight <- model.layers.10.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.10.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.10.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_10_self_attention_linear_qkv_weight(
@@ -1124,10 +1126,10 @@ def import_decoder_layers_10_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_10_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.10.self_attention.linear_qkv.weight <- model.layers.10.self_attn.q_proj.weight, model.layers.10.self_attn.k_proj.weight, model.layers.10.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=64, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
     return {
         "model.layers.10.self_attn.q_proj.weight": q,
         "model.layers.10.self_attn.k_proj.weight": k,
@@ -1143,10 +1145,10 @@ def import_decoder_layers_10_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_10_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.10.mlp.linear_fc1.layer_norm_weight <- model.layers.10.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.10.post_attention_layernorm.weight": local}
+    return {"model.layers.10.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_10_mlp_linear_fc1_weight(
@@ -1161,10 +1163,10 @@ def import_decoder_layers_10_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_10_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.10.mlp.linear_fc1.weight <- model.layers.10.mlp.gate_proj.weight, model.layers.10.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.10.mlp.gate_proj.weight": gate, "model.layers.10.mlp.up_proj.weight": up}
 
 
@@ -1176,10 +1178,10 @@ def import_decoder_layers_10_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_10_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.10.mlp.linear_fc2.weight <- model.layers.10.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.10.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.10.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_11_self_attention_linear_qkv_layer_norm_weight(
@@ -1190,10 +1192,10 @@ def import_decoder_layers_11_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_11_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.11.self_attention.linear_qkv.layer_norm_weight <- model.layers.11.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.11.input_layernorm.weight": local}
+    return {"model.layers.11.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_11_self_attention_linear_proj_weight(
@@ -1204,10 +1206,10 @@ def import_decoder_layers_11_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_11_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.11.self_attention.linear_proj.weight <- model.layers.11.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.11.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.11.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_11_self_attention_linear_qkv_weight(
@@ -1226,10 +1228,10 @@ def import_decoder_layers_11_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_11_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.11.self_attention.linear_qkv.weight <- model.layers.11.self_attn.q_proj.weight, model.layers.11.self_attn.k_proj.weight, model.layers.11.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=64, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
     return {
         "model.layers.11.self_attn.q_proj.weight": q,
         "model.layers.11.self_attn.k_proj.weight": k,
@@ -1245,10 +1247,10 @@ def import_decoder_layers_11_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_11_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.11.mlp.linear_fc1.layer_norm_weight <- model.layers.11.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.11.post_attention_layernorm.weight": local}
+    return {"model.layers.11.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_11_mlp_linear_fc1_weight(
@@ -1263,10 +1265,10 @@ def import_decoder_layers_11_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_11_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.11.mlp.linear_fc1.weight <- model.layers.11.mlp.gate_proj.weight, model.layers.11.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.11.mlp.gate_proj.weight": gate, "model.layers.11.mlp.up_proj.weight": up}
 
 
@@ -1278,10 +1280,10 @@ def import_decoder_layers_11_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_11_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.11.mlp.linear_fc2.weight <- model.layers.11.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.11.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.11.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_12_self_attention_linear_qkv_layer_norm_weight(
@@ -1292,10 +1294,10 @@ def import_decoder_layers_12_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_12_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.12.self_attention.linear_qkv.layer_norm_weight <- model.layers.12.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.12.input_layernorm.weight": local}
+    return {"model.layers.12.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_12_self_attention_linear_proj_weight(
@@ -1306,10 +1308,10 @@ def import_decoder_layers_12_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_12_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.12.self_attention.linear_proj.weight <- model.layers.12.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.12.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.12.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_12_self_attention_linear_qkv_weight(
@@ -1328,10 +1330,10 @@ def import_decoder_layers_12_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_12_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.12.self_attention.linear_qkv.weight <- model.layers.12.self_attn.q_proj.weight, model.layers.12.self_attn.k_proj.weight, model.layers.12.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=64, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
     return {
         "model.layers.12.self_attn.q_proj.weight": q,
         "model.layers.12.self_attn.k_proj.weight": k,
@@ -1347,10 +1349,10 @@ def import_decoder_layers_12_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_12_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.12.mlp.linear_fc1.layer_norm_weight <- model.layers.12.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.12.post_attention_layernorm.weight": local}
+    return {"model.layers.12.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_12_mlp_linear_fc1_weight(
@@ -1365,10 +1367,10 @@ def import_decoder_layers_12_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_12_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.12.mlp.linear_fc1.weight <- model.layers.12.mlp.gate_proj.weight, model.layers.12.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.12.mlp.gate_proj.weight": gate, "model.layers.12.mlp.up_proj.weight": up}
 
 
@@ -1380,10 +1382,10 @@ def import_decoder_layers_12_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_12_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.12.mlp.linear_fc2.weight <- model.layers.12.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.12.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.12.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_13_self_attention_linear_qkv_layer_norm_weight(
@@ -1394,10 +1396,10 @@ def import_decoder_layers_13_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_13_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.13.self_attention.linear_qkv.layer_norm_weight <- model.layers.13.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.13.input_layernorm.weight": local}
+    return {"model.layers.13.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_13_self_attention_linear_proj_weight(
@@ -1408,10 +1410,10 @@ def import_decoder_layers_13_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_13_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.13.self_attention.linear_proj.weight <- model.layers.13.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.13.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.13.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_13_self_attention_linear_qkv_weight(
@@ -1430,10 +1432,10 @@ def import_decoder_layers_13_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_13_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.13.self_attention.linear_qkv.weight <- model.layers.13.self_attn.q_proj.weight, model.layers.13.self_attn.k_proj.weight, model.layers.13.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=64, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
     return {
         "model.layers.13.self_attn.q_proj.weight": q,
         "model.layers.13.self_attn.k_proj.weight": k,
@@ -1449,10 +1451,10 @@ def import_decoder_layers_13_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_13_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.13.mlp.linear_fc1.layer_norm_weight <- model.layers.13.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.13.post_attention_layernorm.weight": local}
+    return {"model.layers.13.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_13_mlp_linear_fc1_weight(
@@ -1467,10 +1469,10 @@ def import_decoder_layers_13_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_13_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.13.mlp.linear_fc1.weight <- model.layers.13.mlp.gate_proj.weight, model.layers.13.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.13.mlp.gate_proj.weight": gate, "model.layers.13.mlp.up_proj.weight": up}
 
 
@@ -1482,10 +1484,10 @@ def import_decoder_layers_13_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_13_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.13.mlp.linear_fc2.weight <- model.layers.13.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.13.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.13.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_14_self_attention_linear_qkv_layer_norm_weight(
@@ -1496,10 +1498,10 @@ def import_decoder_layers_14_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_14_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.14.self_attention.linear_qkv.layer_norm_weight <- model.layers.14.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.14.input_layernorm.weight": local}
+    return {"model.layers.14.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_14_self_attention_linear_proj_weight(
@@ -1510,10 +1512,10 @@ def import_decoder_layers_14_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_14_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.14.self_attention.linear_proj.weight <- model.layers.14.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.14.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.14.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_14_self_attention_linear_qkv_weight(
@@ -1532,10 +1534,10 @@ def import_decoder_layers_14_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_14_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.14.self_attention.linear_qkv.weight <- model.layers.14.self_attn.q_proj.weight, model.layers.14.self_attn.k_proj.weight, model.layers.14.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=64, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
     return {
         "model.layers.14.self_attn.q_proj.weight": q,
         "model.layers.14.self_attn.k_proj.weight": k,
@@ -1551,10 +1553,10 @@ def import_decoder_layers_14_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_14_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.14.mlp.linear_fc1.layer_norm_weight <- model.layers.14.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.14.post_attention_layernorm.weight": local}
+    return {"model.layers.14.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_14_mlp_linear_fc1_weight(
@@ -1569,10 +1571,10 @@ def import_decoder_layers_14_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_14_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.14.mlp.linear_fc1.weight <- model.layers.14.mlp.gate_proj.weight, model.layers.14.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.14.mlp.gate_proj.weight": gate, "model.layers.14.mlp.up_proj.weight": up}
 
 
@@ -1584,10 +1586,10 @@ def import_decoder_layers_14_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_14_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.14.mlp.linear_fc2.weight <- model.layers.14.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.14.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.14.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_15_self_attention_linear_qkv_layer_norm_weight(
@@ -1598,10 +1600,10 @@ def import_decoder_layers_15_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_15_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.15.self_attention.linear_qkv.layer_norm_weight <- model.layers.15.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.15.input_layernorm.weight": local}
+    return {"model.layers.15.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_15_self_attention_linear_proj_weight(
@@ -1612,10 +1614,10 @@ def import_decoder_layers_15_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_15_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.15.self_attention.linear_proj.weight <- model.layers.15.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.15.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.15.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_15_self_attention_linear_qkv_weight(
@@ -1634,10 +1636,10 @@ def import_decoder_layers_15_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_15_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.15.self_attention.linear_qkv.weight <- model.layers.15.self_attn.q_proj.weight, model.layers.15.self_attn.k_proj.weight, model.layers.15.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=64, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
     return {
         "model.layers.15.self_attn.q_proj.weight": q,
         "model.layers.15.self_attn.k_proj.weight": k,
@@ -1653,10 +1655,10 @@ def import_decoder_layers_15_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_15_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.15.mlp.linear_fc1.layer_norm_weight <- model.layers.15.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.15.post_attention_layernorm.weight": local}
+    return {"model.layers.15.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_15_mlp_linear_fc1_weight(
@@ -1671,10 +1673,10 @@ def import_decoder_layers_15_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_15_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.15.mlp.linear_fc1.weight <- model.layers.15.mlp.gate_proj.weight, model.layers.15.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.15.mlp.gate_proj.weight": gate, "model.layers.15.mlp.up_proj.weight": up}
 
 
@@ -1686,10 +1688,10 @@ def import_decoder_layers_15_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_15_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.15.mlp.linear_fc2.weight <- model.layers.15.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.15.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.15.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_16_self_attention_linear_qkv_layer_norm_weight(
@@ -1700,10 +1702,10 @@ def import_decoder_layers_16_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_16_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.16.self_attention.linear_qkv.layer_norm_weight <- model.layers.16.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.16.input_layernorm.weight": local}
+    return {"model.layers.16.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_16_self_attention_linear_proj_weight(
@@ -1714,10 +1716,10 @@ def import_decoder_layers_16_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_16_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.16.self_attention.linear_proj.weight <- model.layers.16.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.16.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.16.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_16_self_attention_linear_qkv_weight(
@@ -1736,10 +1738,10 @@ def import_decoder_layers_16_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_16_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.16.self_attention.linear_qkv.weight <- model.layers.16.self_attn.q_proj.weight, model.layers.16.self_attn.k_proj.weight, model.layers.16.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=64, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
     return {
         "model.layers.16.self_attn.q_proj.weight": q,
         "model.layers.16.self_attn.k_proj.weight": k,
@@ -1755,10 +1757,10 @@ def import_decoder_layers_16_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_16_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.16.mlp.linear_fc1.layer_norm_weight <- model.layers.16.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.16.post_attention_layernorm.weight": local}
+    return {"model.layers.16.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_16_mlp_linear_fc1_weight(
@@ -1773,10 +1775,10 @@ def import_decoder_layers_16_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_16_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.16.mlp.linear_fc1.weight <- model.layers.16.mlp.gate_proj.weight, model.layers.16.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.16.mlp.gate_proj.weight": gate, "model.layers.16.mlp.up_proj.weight": up}
 
 
@@ -1788,10 +1790,10 @@ def import_decoder_layers_16_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_16_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.16.mlp.linear_fc2.weight <- model.layers.16.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.16.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.16.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_17_self_attention_linear_qkv_layer_norm_weight(
@@ -1802,10 +1804,10 @@ def import_decoder_layers_17_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_17_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.17.self_attention.linear_qkv.layer_norm_weight <- model.layers.17.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.17.input_layernorm.weight": local}
+    return {"model.layers.17.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_17_self_attention_linear_proj_weight(
@@ -1816,10 +1818,10 @@ def import_decoder_layers_17_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_17_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.17.self_attention.linear_proj.weight <- model.layers.17.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.17.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.17.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_17_self_attention_linear_qkv_weight(
@@ -1838,10 +1840,10 @@ def import_decoder_layers_17_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_17_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.17.self_attention.linear_qkv.weight <- model.layers.17.self_attn.q_proj.weight, model.layers.17.self_attn.k_proj.weight, model.layers.17.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=64, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
     return {
         "model.layers.17.self_attn.q_proj.weight": q,
         "model.layers.17.self_attn.k_proj.weight": k,
@@ -1857,10 +1859,10 @@ def import_decoder_layers_17_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_17_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.17.mlp.linear_fc1.layer_norm_weight <- model.layers.17.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.17.post_attention_layernorm.weight": local}
+    return {"model.layers.17.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_17_mlp_linear_fc1_weight(
@@ -1875,10 +1877,10 @@ def import_decoder_layers_17_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_17_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.17.mlp.linear_fc1.weight <- model.layers.17.mlp.gate_proj.weight, model.layers.17.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.17.mlp.gate_proj.weight": gate, "model.layers.17.mlp.up_proj.weight": up}
 
 
@@ -1890,10 +1892,10 @@ def import_decoder_layers_17_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_17_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.17.mlp.linear_fc2.weight <- model.layers.17.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.17.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.17.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_18_self_attention_linear_qkv_layer_norm_weight(
@@ -1904,10 +1906,10 @@ def import_decoder_layers_18_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_18_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.18.self_attention.linear_qkv.layer_norm_weight <- model.layers.18.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.18.input_layernorm.weight": local}
+    return {"model.layers.18.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_18_self_attention_linear_proj_weight(
@@ -1918,10 +1920,10 @@ def import_decoder_layers_18_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_18_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.18.self_attention.linear_proj.weight <- model.layers.18.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.18.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.18.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_18_self_attention_linear_qkv_weight(
@@ -1940,10 +1942,10 @@ def import_decoder_layers_18_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_18_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.18.self_attention.linear_qkv.weight <- model.layers.18.self_attn.q_proj.weight, model.layers.18.self_attn.k_proj.weight, model.layers.18.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=64, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
     return {
         "model.layers.18.self_attn.q_proj.weight": q,
         "model.layers.18.self_attn.k_proj.weight": k,
@@ -1959,10 +1961,10 @@ def import_decoder_layers_18_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_18_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.18.mlp.linear_fc1.layer_norm_weight <- model.layers.18.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.18.post_attention_layernorm.weight": local}
+    return {"model.layers.18.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_18_mlp_linear_fc1_weight(
@@ -1977,10 +1979,10 @@ def import_decoder_layers_18_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_18_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.18.mlp.linear_fc1.weight <- model.layers.18.mlp.gate_proj.weight, model.layers.18.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.18.mlp.gate_proj.weight": gate, "model.layers.18.mlp.up_proj.weight": up}
 
 
@@ -1992,10 +1994,10 @@ def import_decoder_layers_18_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_18_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.18.mlp.linear_fc2.weight <- model.layers.18.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.18.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.18.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_19_self_attention_linear_qkv_layer_norm_weight(
@@ -2006,10 +2008,10 @@ def import_decoder_layers_19_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_19_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.19.self_attention.linear_qkv.layer_norm_weight <- model.layers.19.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.19.input_layernorm.weight": local}
+    return {"model.layers.19.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_19_self_attention_linear_proj_weight(
@@ -2020,10 +2022,10 @@ def import_decoder_layers_19_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_19_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.19.self_attention.linear_proj.weight <- model.layers.19.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.19.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.19.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_19_self_attention_linear_qkv_weight(
@@ -2042,10 +2044,10 @@ def import_decoder_layers_19_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_19_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.19.self_attention.linear_qkv.weight <- model.layers.19.self_attn.q_proj.weight, model.layers.19.self_attn.k_proj.weight, model.layers.19.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=64, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
     return {
         "model.layers.19.self_attn.q_proj.weight": q,
         "model.layers.19.self_attn.k_proj.weight": k,
@@ -2061,10 +2063,10 @@ def import_decoder_layers_19_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_19_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.19.mlp.linear_fc1.layer_norm_weight <- model.layers.19.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.19.post_attention_layernorm.weight": local}
+    return {"model.layers.19.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_19_mlp_linear_fc1_weight(
@@ -2079,10 +2081,10 @@ def import_decoder_layers_19_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_19_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.19.mlp.linear_fc1.weight <- model.layers.19.mlp.gate_proj.weight, model.layers.19.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.19.mlp.gate_proj.weight": gate, "model.layers.19.mlp.up_proj.weight": up}
 
 
@@ -2094,10 +2096,10 @@ def import_decoder_layers_19_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_19_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.19.mlp.linear_fc2.weight <- model.layers.19.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.19.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.19.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_20_self_attention_linear_qkv_layer_norm_weight(
@@ -2108,10 +2110,10 @@ def import_decoder_layers_20_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_20_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.20.self_attention.linear_qkv.layer_norm_weight <- model.layers.20.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.20.input_layernorm.weight": local}
+    return {"model.layers.20.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_20_self_attention_linear_proj_weight(
@@ -2122,10 +2124,10 @@ def import_decoder_layers_20_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_20_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.20.self_attention.linear_proj.weight <- model.layers.20.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.20.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.20.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_20_self_attention_linear_qkv_weight(
@@ -2144,10 +2146,10 @@ def import_decoder_layers_20_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_20_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.20.self_attention.linear_qkv.weight <- model.layers.20.self_attn.q_proj.weight, model.layers.20.self_attn.k_proj.weight, model.layers.20.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=64, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
     return {
         "model.layers.20.self_attn.q_proj.weight": q,
         "model.layers.20.self_attn.k_proj.weight": k,
@@ -2163,10 +2165,10 @@ def import_decoder_layers_20_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_20_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.20.mlp.linear_fc1.layer_norm_weight <- model.layers.20.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.20.post_attention_layernorm.weight": local}
+    return {"model.layers.20.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_20_mlp_linear_fc1_weight(
@@ -2181,10 +2183,10 @@ def import_decoder_layers_20_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_20_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.20.mlp.linear_fc1.weight <- model.layers.20.mlp.gate_proj.weight, model.layers.20.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.20.mlp.gate_proj.weight": gate, "model.layers.20.mlp.up_proj.weight": up}
 
 
@@ -2196,10 +2198,10 @@ def import_decoder_layers_20_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_20_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.20.mlp.linear_fc2.weight <- model.layers.20.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.20.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.20.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_21_self_attention_linear_qkv_layer_norm_weight(
@@ -2210,10 +2212,10 @@ def import_decoder_layers_21_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_21_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.21.self_attention.linear_qkv.layer_norm_weight <- model.layers.21.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.21.input_layernorm.weight": local}
+    return {"model.layers.21.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_21_self_attention_linear_proj_weight(
@@ -2224,10 +2226,10 @@ def import_decoder_layers_21_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_21_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.21.self_attention.linear_proj.weight <- model.layers.21.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.21.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.21.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_21_self_attention_linear_qkv_weight(
@@ -2246,10 +2248,10 @@ def import_decoder_layers_21_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_21_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.21.self_attention.linear_qkv.weight <- model.layers.21.self_attn.q_proj.weight, model.layers.21.self_attn.k_proj.weight, model.layers.21.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=64, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
     return {
         "model.layers.21.self_attn.q_proj.weight": q,
         "model.layers.21.self_attn.k_proj.weight": k,
@@ -2265,10 +2267,10 @@ def import_decoder_layers_21_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_21_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.21.mlp.linear_fc1.layer_norm_weight <- model.layers.21.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.21.post_attention_layernorm.weight": local}
+    return {"model.layers.21.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_21_mlp_linear_fc1_weight(
@@ -2283,10 +2285,10 @@ def import_decoder_layers_21_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_21_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.21.mlp.linear_fc1.weight <- model.layers.21.mlp.gate_proj.weight, model.layers.21.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.21.mlp.gate_proj.weight": gate, "model.layers.21.mlp.up_proj.weight": up}
 
 
@@ -2298,10 +2300,10 @@ def import_decoder_layers_21_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_21_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.21.mlp.linear_fc2.weight <- model.layers.21.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.21.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.21.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_22_self_attention_linear_qkv_layer_norm_weight(
@@ -2312,10 +2314,10 @@ def import_decoder_layers_22_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_22_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.22.self_attention.linear_qkv.layer_norm_weight <- model.layers.22.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.22.input_layernorm.weight": local}
+    return {"model.layers.22.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_22_self_attention_linear_proj_weight(
@@ -2326,10 +2328,10 @@ def import_decoder_layers_22_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_22_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.22.self_attention.linear_proj.weight <- model.layers.22.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.22.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.22.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_22_self_attention_linear_qkv_weight(
@@ -2348,10 +2350,10 @@ def import_decoder_layers_22_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_22_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.22.self_attention.linear_qkv.weight <- model.layers.22.self_attn.q_proj.weight, model.layers.22.self_attn.k_proj.weight, model.layers.22.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=64, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
     return {
         "model.layers.22.self_attn.q_proj.weight": q,
         "model.layers.22.self_attn.k_proj.weight": k,
@@ -2367,10 +2369,10 @@ def import_decoder_layers_22_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_22_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.22.mlp.linear_fc1.layer_norm_weight <- model.layers.22.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.22.post_attention_layernorm.weight": local}
+    return {"model.layers.22.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_22_mlp_linear_fc1_weight(
@@ -2385,10 +2387,10 @@ def import_decoder_layers_22_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_22_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.22.mlp.linear_fc1.weight <- model.layers.22.mlp.gate_proj.weight, model.layers.22.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.22.mlp.gate_proj.weight": gate, "model.layers.22.mlp.up_proj.weight": up}
 
 
@@ -2400,10 +2402,10 @@ def import_decoder_layers_22_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_22_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.22.mlp.linear_fc2.weight <- model.layers.22.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.22.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.22.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_23_self_attention_linear_qkv_layer_norm_weight(
@@ -2414,10 +2416,10 @@ def import_decoder_layers_23_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_23_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.23.self_attention.linear_qkv.layer_norm_weight <- model.layers.23.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.23.input_layernorm.weight": local}
+    return {"model.layers.23.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_23_self_attention_linear_proj_weight(
@@ -2428,10 +2430,10 @@ def import_decoder_layers_23_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_23_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.23.self_attention.linear_proj.weight <- model.layers.23.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.23.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.23.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_23_self_attention_linear_qkv_weight(
@@ -2450,10 +2452,10 @@ def import_decoder_layers_23_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_23_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.23.self_attention.linear_qkv.weight <- model.layers.23.self_attn.q_proj.weight, model.layers.23.self_attn.k_proj.weight, model.layers.23.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=64, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
     return {
         "model.layers.23.self_attn.q_proj.weight": q,
         "model.layers.23.self_attn.k_proj.weight": k,
@@ -2469,10 +2471,10 @@ def import_decoder_layers_23_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_23_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.23.mlp.linear_fc1.layer_norm_weight <- model.layers.23.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.23.post_attention_layernorm.weight": local}
+    return {"model.layers.23.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_23_mlp_linear_fc1_weight(
@@ -2487,10 +2489,10 @@ def import_decoder_layers_23_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_23_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.23.mlp.linear_fc1.weight <- model.layers.23.mlp.gate_proj.weight, model.layers.23.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.23.mlp.gate_proj.weight": gate, "model.layers.23.mlp.up_proj.weight": up}
 
 
@@ -2502,10 +2504,10 @@ def import_decoder_layers_23_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_23_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.23.mlp.linear_fc2.weight <- model.layers.23.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.23.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.23.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_24_self_attention_linear_qkv_layer_norm_weight(
@@ -2516,10 +2518,10 @@ def import_decoder_layers_24_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_24_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.24.self_attention.linear_qkv.layer_norm_weight <- model.layers.24.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.24.input_layernorm.weight": local}
+    return {"model.layers.24.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_24_self_attention_linear_proj_weight(
@@ -2530,10 +2532,10 @@ def import_decoder_layers_24_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_24_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.24.self_attention.linear_proj.weight <- model.layers.24.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.24.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.24.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_24_self_attention_linear_qkv_weight(
@@ -2552,10 +2554,10 @@ def import_decoder_layers_24_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_24_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.24.self_attention.linear_qkv.weight <- model.layers.24.self_attn.q_proj.weight, model.layers.24.self_attn.k_proj.weight, model.layers.24.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=64, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
     return {
         "model.layers.24.self_attn.q_proj.weight": q,
         "model.layers.24.self_attn.k_proj.weight": k,
@@ -2571,10 +2573,10 @@ def import_decoder_layers_24_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_24_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.24.mlp.linear_fc1.layer_norm_weight <- model.layers.24.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.24.post_attention_layernorm.weight": local}
+    return {"model.layers.24.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_24_mlp_linear_fc1_weight(
@@ -2589,10 +2591,10 @@ def import_decoder_layers_24_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_24_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.24.mlp.linear_fc1.weight <- model.layers.24.mlp.gate_proj.weight, model.layers.24.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.24.mlp.gate_proj.weight": gate, "model.layers.24.mlp.up_proj.weight": up}
 
 
@@ -2604,10 +2606,10 @@ def import_decoder_layers_24_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_24_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.24.mlp.linear_fc2.weight <- model.layers.24.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.24.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.24.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_25_self_attention_linear_qkv_layer_norm_weight(
@@ -2618,10 +2620,10 @@ def import_decoder_layers_25_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_25_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.25.self_attention.linear_qkv.layer_norm_weight <- model.layers.25.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.25.input_layernorm.weight": local}
+    return {"model.layers.25.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_25_self_attention_linear_proj_weight(
@@ -2632,10 +2634,10 @@ def import_decoder_layers_25_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_25_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.25.self_attention.linear_proj.weight <- model.layers.25.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.25.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.25.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_25_self_attention_linear_qkv_weight(
@@ -2654,10 +2656,10 @@ def import_decoder_layers_25_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_25_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.25.self_attention.linear_qkv.weight <- model.layers.25.self_attn.q_proj.weight, model.layers.25.self_attn.k_proj.weight, model.layers.25.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=64, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
     return {
         "model.layers.25.self_attn.q_proj.weight": q,
         "model.layers.25.self_attn.k_proj.weight": k,
@@ -2673,10 +2675,10 @@ def import_decoder_layers_25_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_25_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.25.mlp.linear_fc1.layer_norm_weight <- model.layers.25.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.25.post_attention_layernorm.weight": local}
+    return {"model.layers.25.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_25_mlp_linear_fc1_weight(
@@ -2691,10 +2693,10 @@ def import_decoder_layers_25_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_25_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.25.mlp.linear_fc1.weight <- model.layers.25.mlp.gate_proj.weight, model.layers.25.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.25.mlp.gate_proj.weight": gate, "model.layers.25.mlp.up_proj.weight": up}
 
 
@@ -2706,10 +2708,10 @@ def import_decoder_layers_25_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_25_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.25.mlp.linear_fc2.weight <- model.layers.25.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.25.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.25.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_26_self_attention_linear_qkv_layer_norm_weight(
@@ -2720,10 +2722,10 @@ def import_decoder_layers_26_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_26_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.26.self_attention.linear_qkv.layer_norm_weight <- model.layers.26.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.26.input_layernorm.weight": local}
+    return {"model.layers.26.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_26_self_attention_linear_proj_weight(
@@ -2734,10 +2736,10 @@ def import_decoder_layers_26_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_26_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.26.self_attention.linear_proj.weight <- model.layers.26.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.26.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.26.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_26_self_attention_linear_qkv_weight(
@@ -2756,10 +2758,10 @@ def import_decoder_layers_26_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_26_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.26.self_attention.linear_qkv.weight <- model.layers.26.self_attn.q_proj.weight, model.layers.26.self_attn.k_proj.weight, model.layers.26.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=64, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
     return {
         "model.layers.26.self_attn.q_proj.weight": q,
         "model.layers.26.self_attn.k_proj.weight": k,
@@ -2775,10 +2777,10 @@ def import_decoder_layers_26_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_26_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.26.mlp.linear_fc1.layer_norm_weight <- model.layers.26.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.26.post_attention_layernorm.weight": local}
+    return {"model.layers.26.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_26_mlp_linear_fc1_weight(
@@ -2793,10 +2795,10 @@ def import_decoder_layers_26_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_26_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.26.mlp.linear_fc1.weight <- model.layers.26.mlp.gate_proj.weight, model.layers.26.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.26.mlp.gate_proj.weight": gate, "model.layers.26.mlp.up_proj.weight": up}
 
 
@@ -2808,10 +2810,10 @@ def import_decoder_layers_26_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_26_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.26.mlp.linear_fc2.weight <- model.layers.26.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.26.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.26.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_27_self_attention_linear_qkv_layer_norm_weight(
@@ -2822,10 +2824,10 @@ def import_decoder_layers_27_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_27_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.27.self_attention.linear_qkv.layer_norm_weight <- model.layers.27.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.27.input_layernorm.weight": local}
+    return {"model.layers.27.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_27_self_attention_linear_proj_weight(
@@ -2836,10 +2838,10 @@ def import_decoder_layers_27_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_27_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.27.self_attention.linear_proj.weight <- model.layers.27.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.27.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.27.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_27_self_attention_linear_qkv_weight(
@@ -2858,10 +2860,10 @@ def import_decoder_layers_27_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_27_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.27.self_attention.linear_qkv.weight <- model.layers.27.self_attn.q_proj.weight, model.layers.27.self_attn.k_proj.weight, model.layers.27.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=64, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
     return {
         "model.layers.27.self_attn.q_proj.weight": q,
         "model.layers.27.self_attn.k_proj.weight": k,
@@ -2877,10 +2879,10 @@ def import_decoder_layers_27_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_27_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.27.mlp.linear_fc1.layer_norm_weight <- model.layers.27.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.27.post_attention_layernorm.weight": local}
+    return {"model.layers.27.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_27_mlp_linear_fc1_weight(
@@ -2895,10 +2897,10 @@ def import_decoder_layers_27_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_27_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.27.mlp.linear_fc1.weight <- model.layers.27.mlp.gate_proj.weight, model.layers.27.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.27.mlp.gate_proj.weight": gate, "model.layers.27.mlp.up_proj.weight": up}
 
 
@@ -2910,10 +2912,10 @@ def import_decoder_layers_27_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_27_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.27.mlp.linear_fc2.weight <- model.layers.27.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.27.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.27.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_28_self_attention_linear_qkv_layer_norm_weight(
@@ -2924,10 +2926,10 @@ def import_decoder_layers_28_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_28_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.28.self_attention.linear_qkv.layer_norm_weight <- model.layers.28.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.28.input_layernorm.weight": local}
+    return {"model.layers.28.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_28_self_attention_linear_proj_weight(
@@ -2938,10 +2940,10 @@ def import_decoder_layers_28_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_28_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.28.self_attention.linear_proj.weight <- model.layers.28.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.28.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.28.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_28_self_attention_linear_qkv_weight(
@@ -2960,10 +2962,10 @@ def import_decoder_layers_28_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_28_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.28.self_attention.linear_qkv.weight <- model.layers.28.self_attn.q_proj.weight, model.layers.28.self_attn.k_proj.weight, model.layers.28.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=64, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
     return {
         "model.layers.28.self_attn.q_proj.weight": q,
         "model.layers.28.self_attn.k_proj.weight": k,
@@ -2979,10 +2981,10 @@ def import_decoder_layers_28_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_28_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.28.mlp.linear_fc1.layer_norm_weight <- model.layers.28.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.28.post_attention_layernorm.weight": local}
+    return {"model.layers.28.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_28_mlp_linear_fc1_weight(
@@ -2997,10 +2999,10 @@ def import_decoder_layers_28_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_28_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.28.mlp.linear_fc1.weight <- model.layers.28.mlp.gate_proj.weight, model.layers.28.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.28.mlp.gate_proj.weight": gate, "model.layers.28.mlp.up_proj.weight": up}
 
 
@@ -3012,10 +3014,10 @@ def import_decoder_layers_28_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_28_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.28.mlp.linear_fc2.weight <- model.layers.28.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.28.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.28.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_29_self_attention_linear_qkv_layer_norm_weight(
@@ -3026,10 +3028,10 @@ def import_decoder_layers_29_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_29_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.29.self_attention.linear_qkv.layer_norm_weight <- model.layers.29.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.29.input_layernorm.weight": local}
+    return {"model.layers.29.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_29_self_attention_linear_proj_weight(
@@ -3040,10 +3042,10 @@ def import_decoder_layers_29_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_29_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.29.self_attention.linear_proj.weight <- model.layers.29.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.29.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.29.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_29_self_attention_linear_qkv_weight(
@@ -3062,10 +3064,10 @@ def import_decoder_layers_29_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_29_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.29.self_attention.linear_qkv.weight <- model.layers.29.self_attn.q_proj.weight, model.layers.29.self_attn.k_proj.weight, model.layers.29.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=64, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
     return {
         "model.layers.29.self_attn.q_proj.weight": q,
         "model.layers.29.self_attn.k_proj.weight": k,
@@ -3081,10 +3083,10 @@ def import_decoder_layers_29_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_29_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.29.mlp.linear_fc1.layer_norm_weight <- model.layers.29.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.29.post_attention_layernorm.weight": local}
+    return {"model.layers.29.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_29_mlp_linear_fc1_weight(
@@ -3099,10 +3101,10 @@ def import_decoder_layers_29_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_29_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.29.mlp.linear_fc1.weight <- model.layers.29.mlp.gate_proj.weight, model.layers.29.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.29.mlp.gate_proj.weight": gate, "model.layers.29.mlp.up_proj.weight": up}
 
 
@@ -3114,10 +3116,10 @@ def import_decoder_layers_29_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_29_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.29.mlp.linear_fc2.weight <- model.layers.29.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.29.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.29.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_30_self_attention_linear_qkv_layer_norm_weight(
@@ -3128,10 +3130,10 @@ def import_decoder_layers_30_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_30_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.30.self_attention.linear_qkv.layer_norm_weight <- model.layers.30.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.30.input_layernorm.weight": local}
+    return {"model.layers.30.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_30_self_attention_linear_proj_weight(
@@ -3142,10 +3144,10 @@ def import_decoder_layers_30_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_30_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.30.self_attention.linear_proj.weight <- model.layers.30.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.30.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.30.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_30_self_attention_linear_qkv_weight(
@@ -3164,10 +3166,10 @@ def import_decoder_layers_30_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_30_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.30.self_attention.linear_qkv.weight <- model.layers.30.self_attn.q_proj.weight, model.layers.30.self_attn.k_proj.weight, model.layers.30.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=64, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
     return {
         "model.layers.30.self_attn.q_proj.weight": q,
         "model.layers.30.self_attn.k_proj.weight": k,
@@ -3183,10 +3185,10 @@ def import_decoder_layers_30_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_30_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.30.mlp.linear_fc1.layer_norm_weight <- model.layers.30.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.30.post_attention_layernorm.weight": local}
+    return {"model.layers.30.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_30_mlp_linear_fc1_weight(
@@ -3201,10 +3203,10 @@ def import_decoder_layers_30_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_30_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.30.mlp.linear_fc1.weight <- model.layers.30.mlp.gate_proj.weight, model.layers.30.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.30.mlp.gate_proj.weight": gate, "model.layers.30.mlp.up_proj.weight": up}
 
 
@@ -3216,10 +3218,10 @@ def import_decoder_layers_30_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_30_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.30.mlp.linear_fc2.weight <- model.layers.30.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.30.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.30.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_31_self_attention_linear_qkv_layer_norm_weight(
@@ -3230,10 +3232,10 @@ def import_decoder_layers_31_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_31_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.31.self_attention.linear_qkv.layer_norm_weight <- model.layers.31.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.31.input_layernorm.weight": local}
+    return {"model.layers.31.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_31_self_attention_linear_proj_weight(
@@ -3244,10 +3246,10 @@ def import_decoder_layers_31_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_31_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.31.self_attention.linear_proj.weight <- model.layers.31.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.31.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.31.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_31_self_attention_linear_qkv_weight(
@@ -3266,10 +3268,10 @@ def import_decoder_layers_31_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_31_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.31.self_attention.linear_qkv.weight <- model.layers.31.self_attn.q_proj.weight, model.layers.31.self_attn.k_proj.weight, model.layers.31.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=64, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
     return {
         "model.layers.31.self_attn.q_proj.weight": q,
         "model.layers.31.self_attn.k_proj.weight": k,
@@ -3285,10 +3287,10 @@ def import_decoder_layers_31_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_31_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.31.mlp.linear_fc1.layer_norm_weight <- model.layers.31.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.31.post_attention_layernorm.weight": local}
+    return {"model.layers.31.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_31_mlp_linear_fc1_weight(
@@ -3303,10 +3305,10 @@ def import_decoder_layers_31_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_31_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.31.mlp.linear_fc1.weight <- model.layers.31.mlp.gate_proj.weight, model.layers.31.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.31.mlp.gate_proj.weight": gate, "model.layers.31.mlp.up_proj.weight": up}
 
 
@@ -3318,10 +3320,10 @@ def import_decoder_layers_31_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_31_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.31.mlp.linear_fc2.weight <- model.layers.31.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.31.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.31.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_32_self_attention_linear_qkv_layer_norm_weight(
@@ -3332,10 +3334,10 @@ def import_decoder_layers_32_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_32_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.32.self_attention.linear_qkv.layer_norm_weight <- model.layers.32.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.32.input_layernorm.weight": local}
+    return {"model.layers.32.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_32_self_attention_linear_proj_weight(
@@ -3346,10 +3348,10 @@ def import_decoder_layers_32_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_32_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.32.self_attention.linear_proj.weight <- model.layers.32.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.32.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.32.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_32_self_attention_linear_qkv_weight(
@@ -3368,10 +3370,10 @@ def import_decoder_layers_32_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_32_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.32.self_attention.linear_qkv.weight <- model.layers.32.self_attn.q_proj.weight, model.layers.32.self_attn.k_proj.weight, model.layers.32.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=64, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
     return {
         "model.layers.32.self_attn.q_proj.weight": q,
         "model.layers.32.self_attn.k_proj.weight": k,
@@ -3387,10 +3389,10 @@ def import_decoder_layers_32_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_32_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.32.mlp.linear_fc1.layer_norm_weight <- model.layers.32.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.32.post_attention_layernorm.weight": local}
+    return {"model.layers.32.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_32_mlp_linear_fc1_weight(
@@ -3405,10 +3407,10 @@ def import_decoder_layers_32_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_32_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.32.mlp.linear_fc1.weight <- model.layers.32.mlp.gate_proj.weight, model.layers.32.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.32.mlp.gate_proj.weight": gate, "model.layers.32.mlp.up_proj.weight": up}
 
 
@@ -3420,10 +3422,10 @@ def import_decoder_layers_32_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_32_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.32.mlp.linear_fc2.weight <- model.layers.32.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.32.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.32.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_33_self_attention_linear_qkv_layer_norm_weight(
@@ -3434,10 +3436,10 @@ def import_decoder_layers_33_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_33_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.33.self_attention.linear_qkv.layer_norm_weight <- model.layers.33.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.33.input_layernorm.weight": local}
+    return {"model.layers.33.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_33_self_attention_linear_proj_weight(
@@ -3448,10 +3450,10 @@ def import_decoder_layers_33_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_33_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.33.self_attention.linear_proj.weight <- model.layers.33.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.33.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.33.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_33_self_attention_linear_qkv_weight(
@@ -3470,10 +3472,10 @@ def import_decoder_layers_33_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_33_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.33.self_attention.linear_qkv.weight <- model.layers.33.self_attn.q_proj.weight, model.layers.33.self_attn.k_proj.weight, model.layers.33.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=64, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
     return {
         "model.layers.33.self_attn.q_proj.weight": q,
         "model.layers.33.self_attn.k_proj.weight": k,
@@ -3489,10 +3491,10 @@ def import_decoder_layers_33_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_33_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.33.mlp.linear_fc1.layer_norm_weight <- model.layers.33.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.33.post_attention_layernorm.weight": local}
+    return {"model.layers.33.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_33_mlp_linear_fc1_weight(
@@ -3507,10 +3509,10 @@ def import_decoder_layers_33_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_33_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.33.mlp.linear_fc1.weight <- model.layers.33.mlp.gate_proj.weight, model.layers.33.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.33.mlp.gate_proj.weight": gate, "model.layers.33.mlp.up_proj.weight": up}
 
 
@@ -3522,10 +3524,10 @@ def import_decoder_layers_33_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_33_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.33.mlp.linear_fc2.weight <- model.layers.33.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.33.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.33.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_34_self_attention_linear_qkv_layer_norm_weight(
@@ -3536,10 +3538,10 @@ def import_decoder_layers_34_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_34_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.34.self_attention.linear_qkv.layer_norm_weight <- model.layers.34.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.34.input_layernorm.weight": local}
+    return {"model.layers.34.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_34_self_attention_linear_proj_weight(
@@ -3550,10 +3552,10 @@ def import_decoder_layers_34_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_34_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.34.self_attention.linear_proj.weight <- model.layers.34.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.34.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.34.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_34_self_attention_linear_qkv_weight(
@@ -3572,10 +3574,10 @@ def import_decoder_layers_34_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_34_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.34.self_attention.linear_qkv.weight <- model.layers.34.self_attn.q_proj.weight, model.layers.34.self_attn.k_proj.weight, model.layers.34.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=64, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
     return {
         "model.layers.34.self_attn.q_proj.weight": q,
         "model.layers.34.self_attn.k_proj.weight": k,
@@ -3591,10 +3593,10 @@ def import_decoder_layers_34_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_34_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.34.mlp.linear_fc1.layer_norm_weight <- model.layers.34.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.34.post_attention_layernorm.weight": local}
+    return {"model.layers.34.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_34_mlp_linear_fc1_weight(
@@ -3609,10 +3611,10 @@ def import_decoder_layers_34_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_34_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.34.mlp.linear_fc1.weight <- model.layers.34.mlp.gate_proj.weight, model.layers.34.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.34.mlp.gate_proj.weight": gate, "model.layers.34.mlp.up_proj.weight": up}
 
 
@@ -3624,10 +3626,10 @@ def import_decoder_layers_34_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_34_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.34.mlp.linear_fc2.weight <- model.layers.34.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.34.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.34.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_35_self_attention_linear_qkv_layer_norm_weight(
@@ -3638,10 +3640,10 @@ def import_decoder_layers_35_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_35_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.35.self_attention.linear_qkv.layer_norm_weight <- model.layers.35.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.35.input_layernorm.weight": local}
+    return {"model.layers.35.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_35_self_attention_linear_proj_weight(
@@ -3652,10 +3654,10 @@ def import_decoder_layers_35_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_35_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.35.self_attention.linear_proj.weight <- model.layers.35.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.35.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.35.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_35_self_attention_linear_qkv_weight(
@@ -3674,10 +3676,10 @@ def import_decoder_layers_35_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_35_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.35.self_attention.linear_qkv.weight <- model.layers.35.self_attn.q_proj.weight, model.layers.35.self_attn.k_proj.weight, model.layers.35.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=64, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
     return {
         "model.layers.35.self_attn.q_proj.weight": q,
         "model.layers.35.self_attn.k_proj.weight": k,
@@ -3693,10 +3695,10 @@ def import_decoder_layers_35_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_35_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.35.mlp.linear_fc1.layer_norm_weight <- model.layers.35.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.35.post_attention_layernorm.weight": local}
+    return {"model.layers.35.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_35_mlp_linear_fc1_weight(
@@ -3711,10 +3713,10 @@ def import_decoder_layers_35_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_35_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.35.mlp.linear_fc1.weight <- model.layers.35.mlp.gate_proj.weight, model.layers.35.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.35.mlp.gate_proj.weight": gate, "model.layers.35.mlp.up_proj.weight": up}
 
 
@@ -3726,10 +3728,10 @@ def import_decoder_layers_35_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_35_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.35.mlp.linear_fc2.weight <- model.layers.35.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.35.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.35.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_36_self_attention_linear_qkv_layer_norm_weight(
@@ -3740,10 +3742,10 @@ def import_decoder_layers_36_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_36_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.36.self_attention.linear_qkv.layer_norm_weight <- model.layers.36.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.36.input_layernorm.weight": local}
+    return {"model.layers.36.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_36_self_attention_linear_proj_weight(
@@ -3754,10 +3756,10 @@ def import_decoder_layers_36_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_36_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.36.self_attention.linear_proj.weight <- model.layers.36.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.36.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.36.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_36_self_attention_linear_qkv_weight(
@@ -3776,10 +3778,10 @@ def import_decoder_layers_36_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_36_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.36.self_attention.linear_qkv.weight <- model.layers.36.self_attn.q_proj.weight, model.layers.36.self_attn.k_proj.weight, model.layers.36.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=64, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
     return {
         "model.layers.36.self_attn.q_proj.weight": q,
         "model.layers.36.self_attn.k_proj.weight": k,
@@ -3795,10 +3797,10 @@ def import_decoder_layers_36_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_36_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.36.mlp.linear_fc1.layer_norm_weight <- model.layers.36.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.36.post_attention_layernorm.weight": local}
+    return {"model.layers.36.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_36_mlp_linear_fc1_weight(
@@ -3813,10 +3815,10 @@ def import_decoder_layers_36_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_36_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.36.mlp.linear_fc1.weight <- model.layers.36.mlp.gate_proj.weight, model.layers.36.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.36.mlp.gate_proj.weight": gate, "model.layers.36.mlp.up_proj.weight": up}
 
 
@@ -3828,10 +3830,10 @@ def import_decoder_layers_36_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_36_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.36.mlp.linear_fc2.weight <- model.layers.36.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.36.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.36.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_37_self_attention_linear_qkv_layer_norm_weight(
@@ -3842,10 +3844,10 @@ def import_decoder_layers_37_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_37_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.37.self_attention.linear_qkv.layer_norm_weight <- model.layers.37.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.37.input_layernorm.weight": local}
+    return {"model.layers.37.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_37_self_attention_linear_proj_weight(
@@ -3856,10 +3858,10 @@ def import_decoder_layers_37_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_37_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.37.self_attention.linear_proj.weight <- model.layers.37.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.37.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.37.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_37_self_attention_linear_qkv_weight(
@@ -3878,10 +3880,10 @@ def import_decoder_layers_37_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_37_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.37.self_attention.linear_qkv.weight <- model.layers.37.self_attn.q_proj.weight, model.layers.37.self_attn.k_proj.weight, model.layers.37.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=64, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
     return {
         "model.layers.37.self_attn.q_proj.weight": q,
         "model.layers.37.self_attn.k_proj.weight": k,
@@ -3897,10 +3899,10 @@ def import_decoder_layers_37_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_37_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.37.mlp.linear_fc1.layer_norm_weight <- model.layers.37.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.37.post_attention_layernorm.weight": local}
+    return {"model.layers.37.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_37_mlp_linear_fc1_weight(
@@ -3915,10 +3917,10 @@ def import_decoder_layers_37_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_37_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.37.mlp.linear_fc1.weight <- model.layers.37.mlp.gate_proj.weight, model.layers.37.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.37.mlp.gate_proj.weight": gate, "model.layers.37.mlp.up_proj.weight": up}
 
 
@@ -3930,10 +3932,10 @@ def import_decoder_layers_37_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_37_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.37.mlp.linear_fc2.weight <- model.layers.37.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.37.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.37.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_38_self_attention_linear_qkv_layer_norm_weight(
@@ -3944,10 +3946,10 @@ def import_decoder_layers_38_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_38_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.38.self_attention.linear_qkv.layer_norm_weight <- model.layers.38.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.38.input_layernorm.weight": local}
+    return {"model.layers.38.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_38_self_attention_linear_proj_weight(
@@ -3958,10 +3960,10 @@ def import_decoder_layers_38_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_38_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.38.self_attention.linear_proj.weight <- model.layers.38.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.38.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.38.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_38_self_attention_linear_qkv_weight(
@@ -3980,10 +3982,10 @@ def import_decoder_layers_38_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_38_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.38.self_attention.linear_qkv.weight <- model.layers.38.self_attn.q_proj.weight, model.layers.38.self_attn.k_proj.weight, model.layers.38.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=64, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
     return {
         "model.layers.38.self_attn.q_proj.weight": q,
         "model.layers.38.self_attn.k_proj.weight": k,
@@ -3999,10 +4001,10 @@ def import_decoder_layers_38_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_38_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.38.mlp.linear_fc1.layer_norm_weight <- model.layers.38.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.38.post_attention_layernorm.weight": local}
+    return {"model.layers.38.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_38_mlp_linear_fc1_weight(
@@ -4017,10 +4019,10 @@ def import_decoder_layers_38_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_38_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.38.mlp.linear_fc1.weight <- model.layers.38.mlp.gate_proj.weight, model.layers.38.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.38.mlp.gate_proj.weight": gate, "model.layers.38.mlp.up_proj.weight": up}
 
 
@@ -4032,10 +4034,10 @@ def import_decoder_layers_38_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_38_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.38.mlp.linear_fc2.weight <- model.layers.38.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.38.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.38.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_39_self_attention_linear_qkv_layer_norm_weight(
@@ -4046,10 +4048,10 @@ def import_decoder_layers_39_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_39_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.39.self_attention.linear_qkv.layer_norm_weight <- model.layers.39.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.39.input_layernorm.weight": local}
+    return {"model.layers.39.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_39_self_attention_linear_proj_weight(
@@ -4060,10 +4062,10 @@ def import_decoder_layers_39_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_39_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.39.self_attention.linear_proj.weight <- model.layers.39.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.39.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.39.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_39_self_attention_linear_qkv_weight(
@@ -4082,10 +4084,10 @@ def import_decoder_layers_39_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_39_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.39.self_attention.linear_qkv.weight <- model.layers.39.self_attn.q_proj.weight, model.layers.39.self_attn.k_proj.weight, model.layers.39.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=64, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
     return {
         "model.layers.39.self_attn.q_proj.weight": q,
         "model.layers.39.self_attn.k_proj.weight": k,
@@ -4101,10 +4103,10 @@ def import_decoder_layers_39_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_39_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.39.mlp.linear_fc1.layer_norm_weight <- model.layers.39.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.39.post_attention_layernorm.weight": local}
+    return {"model.layers.39.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_39_mlp_linear_fc1_weight(
@@ -4119,10 +4121,10 @@ def import_decoder_layers_39_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_39_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.39.mlp.linear_fc1.weight <- model.layers.39.mlp.gate_proj.weight, model.layers.39.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.39.mlp.gate_proj.weight": gate, "model.layers.39.mlp.up_proj.weight": up}
 
 
@@ -4134,10 +4136,10 @@ def import_decoder_layers_39_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_39_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.39.mlp.linear_fc2.weight <- model.layers.39.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.39.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.39.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_40_self_attention_linear_qkv_layer_norm_weight(
@@ -4148,10 +4150,10 @@ def import_decoder_layers_40_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_40_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.40.self_attention.linear_qkv.layer_norm_weight <- model.layers.40.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.40.input_layernorm.weight": local}
+    return {"model.layers.40.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_40_self_attention_linear_proj_weight(
@@ -4162,10 +4164,10 @@ def import_decoder_layers_40_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_40_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.40.self_attention.linear_proj.weight <- model.layers.40.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.40.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.40.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_40_self_attention_linear_qkv_weight(
@@ -4184,10 +4186,10 @@ def import_decoder_layers_40_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_40_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.40.self_attention.linear_qkv.weight <- model.layers.40.self_attn.q_proj.weight, model.layers.40.self_attn.k_proj.weight, model.layers.40.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=64, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
     return {
         "model.layers.40.self_attn.q_proj.weight": q,
         "model.layers.40.self_attn.k_proj.weight": k,
@@ -4203,10 +4205,10 @@ def import_decoder_layers_40_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_40_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.40.mlp.linear_fc1.layer_norm_weight <- model.layers.40.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.40.post_attention_layernorm.weight": local}
+    return {"model.layers.40.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_40_mlp_linear_fc1_weight(
@@ -4221,10 +4223,10 @@ def import_decoder_layers_40_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_40_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.40.mlp.linear_fc1.weight <- model.layers.40.mlp.gate_proj.weight, model.layers.40.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.40.mlp.gate_proj.weight": gate, "model.layers.40.mlp.up_proj.weight": up}
 
 
@@ -4236,10 +4238,10 @@ def import_decoder_layers_40_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_40_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.40.mlp.linear_fc2.weight <- model.layers.40.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.40.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.40.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_41_self_attention_linear_qkv_layer_norm_weight(
@@ -4250,10 +4252,10 @@ def import_decoder_layers_41_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_41_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.41.self_attention.linear_qkv.layer_norm_weight <- model.layers.41.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.41.input_layernorm.weight": local}
+    return {"model.layers.41.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_41_self_attention_linear_proj_weight(
@@ -4264,10 +4266,10 @@ def import_decoder_layers_41_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_41_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.41.self_attention.linear_proj.weight <- model.layers.41.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.41.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.41.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_41_self_attention_linear_qkv_weight(
@@ -4286,10 +4288,10 @@ def import_decoder_layers_41_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_41_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.41.self_attention.linear_qkv.weight <- model.layers.41.self_attn.q_proj.weight, model.layers.41.self_attn.k_proj.weight, model.layers.41.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=64, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
     return {
         "model.layers.41.self_attn.q_proj.weight": q,
         "model.layers.41.self_attn.k_proj.weight": k,
@@ -4305,10 +4307,10 @@ def import_decoder_layers_41_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_41_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.41.mlp.linear_fc1.layer_norm_weight <- model.layers.41.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.41.post_attention_layernorm.weight": local}
+    return {"model.layers.41.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_41_mlp_linear_fc1_weight(
@@ -4323,10 +4325,10 @@ def import_decoder_layers_41_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_41_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.41.mlp.linear_fc1.weight <- model.layers.41.mlp.gate_proj.weight, model.layers.41.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.41.mlp.gate_proj.weight": gate, "model.layers.41.mlp.up_proj.weight": up}
 
 
@@ -4338,10 +4340,10 @@ def import_decoder_layers_41_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_41_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.41.mlp.linear_fc2.weight <- model.layers.41.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.41.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.41.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_42_self_attention_linear_qkv_layer_norm_weight(
@@ -4352,10 +4354,10 @@ def import_decoder_layers_42_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_42_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.42.self_attention.linear_qkv.layer_norm_weight <- model.layers.42.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.42.input_layernorm.weight": local}
+    return {"model.layers.42.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_42_self_attention_linear_proj_weight(
@@ -4366,10 +4368,10 @@ def import_decoder_layers_42_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_42_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.42.self_attention.linear_proj.weight <- model.layers.42.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.42.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.42.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_42_self_attention_linear_qkv_weight(
@@ -4388,10 +4390,10 @@ def import_decoder_layers_42_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_42_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.42.self_attention.linear_qkv.weight <- model.layers.42.self_attn.q_proj.weight, model.layers.42.self_attn.k_proj.weight, model.layers.42.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=64, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
     return {
         "model.layers.42.self_attn.q_proj.weight": q,
         "model.layers.42.self_attn.k_proj.weight": k,
@@ -4407,10 +4409,10 @@ def import_decoder_layers_42_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_42_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.42.mlp.linear_fc1.layer_norm_weight <- model.layers.42.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.42.post_attention_layernorm.weight": local}
+    return {"model.layers.42.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_42_mlp_linear_fc1_weight(
@@ -4425,10 +4427,10 @@ def import_decoder_layers_42_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_42_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.42.mlp.linear_fc1.weight <- model.layers.42.mlp.gate_proj.weight, model.layers.42.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.42.mlp.gate_proj.weight": gate, "model.layers.42.mlp.up_proj.weight": up}
 
 
@@ -4440,10 +4442,10 @@ def import_decoder_layers_42_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_42_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.42.mlp.linear_fc2.weight <- model.layers.42.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.42.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.42.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_43_self_attention_linear_qkv_layer_norm_weight(
@@ -4454,10 +4456,10 @@ def import_decoder_layers_43_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_43_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.43.self_attention.linear_qkv.layer_norm_weight <- model.layers.43.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.43.input_layernorm.weight": local}
+    return {"model.layers.43.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_43_self_attention_linear_proj_weight(
@@ -4468,10 +4470,10 @@ def import_decoder_layers_43_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_43_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.43.self_attention.linear_proj.weight <- model.layers.43.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.43.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.43.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_43_self_attention_linear_qkv_weight(
@@ -4490,10 +4492,10 @@ def import_decoder_layers_43_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_43_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.43.self_attention.linear_qkv.weight <- model.layers.43.self_attn.q_proj.weight, model.layers.43.self_attn.k_proj.weight, model.layers.43.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=64, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
     return {
         "model.layers.43.self_attn.q_proj.weight": q,
         "model.layers.43.self_attn.k_proj.weight": k,
@@ -4509,10 +4511,10 @@ def import_decoder_layers_43_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_43_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.43.mlp.linear_fc1.layer_norm_weight <- model.layers.43.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.43.post_attention_layernorm.weight": local}
+    return {"model.layers.43.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_43_mlp_linear_fc1_weight(
@@ -4527,10 +4529,10 @@ def import_decoder_layers_43_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_43_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.43.mlp.linear_fc1.weight <- model.layers.43.mlp.gate_proj.weight, model.layers.43.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.43.mlp.gate_proj.weight": gate, "model.layers.43.mlp.up_proj.weight": up}
 
 
@@ -4542,10 +4544,10 @@ def import_decoder_layers_43_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_43_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.43.mlp.linear_fc2.weight <- model.layers.43.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.43.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.43.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_44_self_attention_linear_qkv_layer_norm_weight(
@@ -4556,10 +4558,10 @@ def import_decoder_layers_44_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_44_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.44.self_attention.linear_qkv.layer_norm_weight <- model.layers.44.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.44.input_layernorm.weight": local}
+    return {"model.layers.44.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_44_self_attention_linear_proj_weight(
@@ -4570,10 +4572,10 @@ def import_decoder_layers_44_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_44_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.44.self_attention.linear_proj.weight <- model.layers.44.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.44.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.44.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_44_self_attention_linear_qkv_weight(
@@ -4592,10 +4594,10 @@ def import_decoder_layers_44_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_44_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.44.self_attention.linear_qkv.weight <- model.layers.44.self_attn.q_proj.weight, model.layers.44.self_attn.k_proj.weight, model.layers.44.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=64, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
     return {
         "model.layers.44.self_attn.q_proj.weight": q,
         "model.layers.44.self_attn.k_proj.weight": k,
@@ -4611,10 +4613,10 @@ def import_decoder_layers_44_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_44_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.44.mlp.linear_fc1.layer_norm_weight <- model.layers.44.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.44.post_attention_layernorm.weight": local}
+    return {"model.layers.44.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_44_mlp_linear_fc1_weight(
@@ -4629,10 +4631,10 @@ def import_decoder_layers_44_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_44_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.44.mlp.linear_fc1.weight <- model.layers.44.mlp.gate_proj.weight, model.layers.44.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.44.mlp.gate_proj.weight": gate, "model.layers.44.mlp.up_proj.weight": up}
 
 
@@ -4644,10 +4646,10 @@ def import_decoder_layers_44_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_44_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.44.mlp.linear_fc2.weight <- model.layers.44.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.44.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.44.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_45_self_attention_linear_qkv_layer_norm_weight(
@@ -4658,10 +4660,10 @@ def import_decoder_layers_45_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_45_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.45.self_attention.linear_qkv.layer_norm_weight <- model.layers.45.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.45.input_layernorm.weight": local}
+    return {"model.layers.45.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_45_self_attention_linear_proj_weight(
@@ -4672,10 +4674,10 @@ def import_decoder_layers_45_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_45_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.45.self_attention.linear_proj.weight <- model.layers.45.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.45.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.45.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_45_self_attention_linear_qkv_weight(
@@ -4694,10 +4696,10 @@ def import_decoder_layers_45_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_45_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.45.self_attention.linear_qkv.weight <- model.layers.45.self_attn.q_proj.weight, model.layers.45.self_attn.k_proj.weight, model.layers.45.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=64, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
     return {
         "model.layers.45.self_attn.q_proj.weight": q,
         "model.layers.45.self_attn.k_proj.weight": k,
@@ -4713,10 +4715,10 @@ def import_decoder_layers_45_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_45_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.45.mlp.linear_fc1.layer_norm_weight <- model.layers.45.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.45.post_attention_layernorm.weight": local}
+    return {"model.layers.45.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_45_mlp_linear_fc1_weight(
@@ -4731,10 +4733,10 @@ def import_decoder_layers_45_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_45_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.45.mlp.linear_fc1.weight <- model.layers.45.mlp.gate_proj.weight, model.layers.45.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.45.mlp.gate_proj.weight": gate, "model.layers.45.mlp.up_proj.weight": up}
 
 
@@ -4746,10 +4748,10 @@ def import_decoder_layers_45_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_45_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.45.mlp.linear_fc2.weight <- model.layers.45.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.45.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.45.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_46_self_attention_linear_qkv_layer_norm_weight(
@@ -4760,10 +4762,10 @@ def import_decoder_layers_46_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_46_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.46.self_attention.linear_qkv.layer_norm_weight <- model.layers.46.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.46.input_layernorm.weight": local}
+    return {"model.layers.46.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_46_self_attention_linear_proj_weight(
@@ -4774,10 +4776,10 @@ def import_decoder_layers_46_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_46_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.46.self_attention.linear_proj.weight <- model.layers.46.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.46.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.46.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_46_self_attention_linear_qkv_weight(
@@ -4796,10 +4798,10 @@ def import_decoder_layers_46_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_46_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.46.self_attention.linear_qkv.weight <- model.layers.46.self_attn.q_proj.weight, model.layers.46.self_attn.k_proj.weight, model.layers.46.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=64, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
     return {
         "model.layers.46.self_attn.q_proj.weight": q,
         "model.layers.46.self_attn.k_proj.weight": k,
@@ -4815,10 +4817,10 @@ def import_decoder_layers_46_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_46_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.46.mlp.linear_fc1.layer_norm_weight <- model.layers.46.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.46.post_attention_layernorm.weight": local}
+    return {"model.layers.46.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_46_mlp_linear_fc1_weight(
@@ -4833,10 +4835,10 @@ def import_decoder_layers_46_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_46_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.46.mlp.linear_fc1.weight <- model.layers.46.mlp.gate_proj.weight, model.layers.46.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.46.mlp.gate_proj.weight": gate, "model.layers.46.mlp.up_proj.weight": up}
 
 
@@ -4848,10 +4850,10 @@ def import_decoder_layers_46_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_46_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.46.mlp.linear_fc2.weight <- model.layers.46.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.46.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.46.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_47_self_attention_linear_qkv_layer_norm_weight(
@@ -4862,10 +4864,10 @@ def import_decoder_layers_47_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_47_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.47.self_attention.linear_qkv.layer_norm_weight <- model.layers.47.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.47.input_layernorm.weight": local}
+    return {"model.layers.47.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_47_self_attention_linear_proj_weight(
@@ -4876,10 +4878,10 @@ def import_decoder_layers_47_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_47_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.47.self_attention.linear_proj.weight <- model.layers.47.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.47.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.47.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_47_self_attention_linear_qkv_weight(
@@ -4898,10 +4900,10 @@ def import_decoder_layers_47_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_47_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.47.self_attention.linear_qkv.weight <- model.layers.47.self_attn.q_proj.weight, model.layers.47.self_attn.k_proj.weight, model.layers.47.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=64, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
     return {
         "model.layers.47.self_attn.q_proj.weight": q,
         "model.layers.47.self_attn.k_proj.weight": k,
@@ -4917,10 +4919,10 @@ def import_decoder_layers_47_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_47_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.47.mlp.linear_fc1.layer_norm_weight <- model.layers.47.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.47.post_attention_layernorm.weight": local}
+    return {"model.layers.47.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_47_mlp_linear_fc1_weight(
@@ -4935,10 +4937,10 @@ def import_decoder_layers_47_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_47_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.47.mlp.linear_fc1.weight <- model.layers.47.mlp.gate_proj.weight, model.layers.47.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.47.mlp.gate_proj.weight": gate, "model.layers.47.mlp.up_proj.weight": up}
 
 
@@ -4950,10 +4952,10 @@ def import_decoder_layers_47_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_47_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.47.mlp.linear_fc2.weight <- model.layers.47.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.47.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.47.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_48_self_attention_linear_qkv_layer_norm_weight(
@@ -4964,10 +4966,10 @@ def import_decoder_layers_48_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_48_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.48.self_attention.linear_qkv.layer_norm_weight <- model.layers.48.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.48.input_layernorm.weight": local}
+    return {"model.layers.48.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_48_self_attention_linear_proj_weight(
@@ -4978,10 +4980,10 @@ def import_decoder_layers_48_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_48_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.48.self_attention.linear_proj.weight <- model.layers.48.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.48.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.48.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_48_self_attention_linear_qkv_weight(
@@ -5000,10 +5002,10 @@ def import_decoder_layers_48_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_48_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.48.self_attention.linear_qkv.weight <- model.layers.48.self_attn.q_proj.weight, model.layers.48.self_attn.k_proj.weight, model.layers.48.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=64, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
     return {
         "model.layers.48.self_attn.q_proj.weight": q,
         "model.layers.48.self_attn.k_proj.weight": k,
@@ -5019,10 +5021,10 @@ def import_decoder_layers_48_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_48_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.48.mlp.linear_fc1.layer_norm_weight <- model.layers.48.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.48.post_attention_layernorm.weight": local}
+    return {"model.layers.48.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_48_mlp_linear_fc1_weight(
@@ -5037,10 +5039,10 @@ def import_decoder_layers_48_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_48_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.48.mlp.linear_fc1.weight <- model.layers.48.mlp.gate_proj.weight, model.layers.48.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.48.mlp.gate_proj.weight": gate, "model.layers.48.mlp.up_proj.weight": up}
 
 
@@ -5052,10 +5054,10 @@ def import_decoder_layers_48_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_48_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.48.mlp.linear_fc2.weight <- model.layers.48.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.48.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.48.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_49_self_attention_linear_qkv_layer_norm_weight(
@@ -5066,10 +5068,10 @@ def import_decoder_layers_49_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_49_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.49.self_attention.linear_qkv.layer_norm_weight <- model.layers.49.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.49.input_layernorm.weight": local}
+    return {"model.layers.49.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_49_self_attention_linear_proj_weight(
@@ -5080,10 +5082,10 @@ def import_decoder_layers_49_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_49_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.49.self_attention.linear_proj.weight <- model.layers.49.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.49.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.49.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_49_self_attention_linear_qkv_weight(
@@ -5102,10 +5104,10 @@ def import_decoder_layers_49_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_49_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.49.self_attention.linear_qkv.weight <- model.layers.49.self_attn.q_proj.weight, model.layers.49.self_attn.k_proj.weight, model.layers.49.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=64, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
     return {
         "model.layers.49.self_attn.q_proj.weight": q,
         "model.layers.49.self_attn.k_proj.weight": k,
@@ -5121,10 +5123,10 @@ def import_decoder_layers_49_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_49_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.49.mlp.linear_fc1.layer_norm_weight <- model.layers.49.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.49.post_attention_layernorm.weight": local}
+    return {"model.layers.49.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_49_mlp_linear_fc1_weight(
@@ -5139,10 +5141,10 @@ def import_decoder_layers_49_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_49_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.49.mlp.linear_fc1.weight <- model.layers.49.mlp.gate_proj.weight, model.layers.49.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.49.mlp.gate_proj.weight": gate, "model.layers.49.mlp.up_proj.weight": up}
 
 
@@ -5154,10 +5156,10 @@ def import_decoder_layers_49_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_49_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.49.mlp.linear_fc2.weight <- model.layers.49.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.49.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.49.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_50_self_attention_linear_qkv_layer_norm_weight(
@@ -5168,10 +5170,10 @@ def import_decoder_layers_50_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_50_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.50.self_attention.linear_qkv.layer_norm_weight <- model.layers.50.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.50.input_layernorm.weight": local}
+    return {"model.layers.50.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_50_self_attention_linear_proj_weight(
@@ -5182,10 +5184,10 @@ def import_decoder_layers_50_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_50_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.50.self_attention.linear_proj.weight <- model.layers.50.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.50.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.50.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_50_self_attention_linear_qkv_weight(
@@ -5204,10 +5206,10 @@ def import_decoder_layers_50_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_50_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.50.self_attention.linear_qkv.weight <- model.layers.50.self_attn.q_proj.weight, model.layers.50.self_attn.k_proj.weight, model.layers.50.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=64, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
     return {
         "model.layers.50.self_attn.q_proj.weight": q,
         "model.layers.50.self_attn.k_proj.weight": k,
@@ -5223,10 +5225,10 @@ def import_decoder_layers_50_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_50_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.50.mlp.linear_fc1.layer_norm_weight <- model.layers.50.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.50.post_attention_layernorm.weight": local}
+    return {"model.layers.50.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_50_mlp_linear_fc1_weight(
@@ -5241,10 +5243,10 @@ def import_decoder_layers_50_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_50_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.50.mlp.linear_fc1.weight <- model.layers.50.mlp.gate_proj.weight, model.layers.50.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.50.mlp.gate_proj.weight": gate, "model.layers.50.mlp.up_proj.weight": up}
 
 
@@ -5256,10 +5258,10 @@ def import_decoder_layers_50_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_50_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.50.mlp.linear_fc2.weight <- model.layers.50.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.50.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.50.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_51_self_attention_linear_qkv_layer_norm_weight(
@@ -5270,10 +5272,10 @@ def import_decoder_layers_51_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_51_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.51.self_attention.linear_qkv.layer_norm_weight <- model.layers.51.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.51.input_layernorm.weight": local}
+    return {"model.layers.51.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_51_self_attention_linear_proj_weight(
@@ -5284,10 +5286,10 @@ def import_decoder_layers_51_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_51_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.51.self_attention.linear_proj.weight <- model.layers.51.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.51.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.51.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_51_self_attention_linear_qkv_weight(
@@ -5306,10 +5308,10 @@ def import_decoder_layers_51_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_51_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.51.self_attention.linear_qkv.weight <- model.layers.51.self_attn.q_proj.weight, model.layers.51.self_attn.k_proj.weight, model.layers.51.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=64, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
     return {
         "model.layers.51.self_attn.q_proj.weight": q,
         "model.layers.51.self_attn.k_proj.weight": k,
@@ -5325,10 +5327,10 @@ def import_decoder_layers_51_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_51_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.51.mlp.linear_fc1.layer_norm_weight <- model.layers.51.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.51.post_attention_layernorm.weight": local}
+    return {"model.layers.51.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_51_mlp_linear_fc1_weight(
@@ -5343,10 +5345,10 @@ def import_decoder_layers_51_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_51_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.51.mlp.linear_fc1.weight <- model.layers.51.mlp.gate_proj.weight, model.layers.51.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.51.mlp.gate_proj.weight": gate, "model.layers.51.mlp.up_proj.weight": up}
 
 
@@ -5358,10 +5360,10 @@ def import_decoder_layers_51_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_51_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.51.mlp.linear_fc2.weight <- model.layers.51.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.51.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.51.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_52_self_attention_linear_qkv_layer_norm_weight(
@@ -5372,10 +5374,10 @@ def import_decoder_layers_52_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_52_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.52.self_attention.linear_qkv.layer_norm_weight <- model.layers.52.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.52.input_layernorm.weight": local}
+    return {"model.layers.52.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_52_self_attention_linear_proj_weight(
@@ -5386,10 +5388,10 @@ def import_decoder_layers_52_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_52_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.52.self_attention.linear_proj.weight <- model.layers.52.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.52.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.52.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_52_self_attention_linear_qkv_weight(
@@ -5408,10 +5410,10 @@ def import_decoder_layers_52_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_52_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.52.self_attention.linear_qkv.weight <- model.layers.52.self_attn.q_proj.weight, model.layers.52.self_attn.k_proj.weight, model.layers.52.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=64, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
     return {
         "model.layers.52.self_attn.q_proj.weight": q,
         "model.layers.52.self_attn.k_proj.weight": k,
@@ -5427,10 +5429,10 @@ def import_decoder_layers_52_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_52_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.52.mlp.linear_fc1.layer_norm_weight <- model.layers.52.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.52.post_attention_layernorm.weight": local}
+    return {"model.layers.52.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_52_mlp_linear_fc1_weight(
@@ -5445,10 +5447,10 @@ def import_decoder_layers_52_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_52_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.52.mlp.linear_fc1.weight <- model.layers.52.mlp.gate_proj.weight, model.layers.52.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.52.mlp.gate_proj.weight": gate, "model.layers.52.mlp.up_proj.weight": up}
 
 
@@ -5460,10 +5462,10 @@ def import_decoder_layers_52_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_52_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.52.mlp.linear_fc2.weight <- model.layers.52.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.52.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.52.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_53_self_attention_linear_qkv_layer_norm_weight(
@@ -5474,10 +5476,10 @@ def import_decoder_layers_53_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_53_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.53.self_attention.linear_qkv.layer_norm_weight <- model.layers.53.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.53.input_layernorm.weight": local}
+    return {"model.layers.53.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_53_self_attention_linear_proj_weight(
@@ -5488,10 +5490,10 @@ def import_decoder_layers_53_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_53_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.53.self_attention.linear_proj.weight <- model.layers.53.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.53.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.53.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_53_self_attention_linear_qkv_weight(
@@ -5510,10 +5512,10 @@ def import_decoder_layers_53_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_53_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.53.self_attention.linear_qkv.weight <- model.layers.53.self_attn.q_proj.weight, model.layers.53.self_attn.k_proj.weight, model.layers.53.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=64, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
     return {
         "model.layers.53.self_attn.q_proj.weight": q,
         "model.layers.53.self_attn.k_proj.weight": k,
@@ -5529,10 +5531,10 @@ def import_decoder_layers_53_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_53_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.53.mlp.linear_fc1.layer_norm_weight <- model.layers.53.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.53.post_attention_layernorm.weight": local}
+    return {"model.layers.53.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_53_mlp_linear_fc1_weight(
@@ -5547,10 +5549,10 @@ def import_decoder_layers_53_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_53_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.53.mlp.linear_fc1.weight <- model.layers.53.mlp.gate_proj.weight, model.layers.53.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.53.mlp.gate_proj.weight": gate, "model.layers.53.mlp.up_proj.weight": up}
 
 
@@ -5562,10 +5564,10 @@ def import_decoder_layers_53_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_53_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.53.mlp.linear_fc2.weight <- model.layers.53.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.53.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.53.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_54_self_attention_linear_qkv_layer_norm_weight(
@@ -5576,10 +5578,10 @@ def import_decoder_layers_54_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_54_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.54.self_attention.linear_qkv.layer_norm_weight <- model.layers.54.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.54.input_layernorm.weight": local}
+    return {"model.layers.54.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_54_self_attention_linear_proj_weight(
@@ -5590,10 +5592,10 @@ def import_decoder_layers_54_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_54_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.54.self_attention.linear_proj.weight <- model.layers.54.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.54.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.54.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_54_self_attention_linear_qkv_weight(
@@ -5612,10 +5614,10 @@ def import_decoder_layers_54_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_54_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.54.self_attention.linear_qkv.weight <- model.layers.54.self_attn.q_proj.weight, model.layers.54.self_attn.k_proj.weight, model.layers.54.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=64, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
     return {
         "model.layers.54.self_attn.q_proj.weight": q,
         "model.layers.54.self_attn.k_proj.weight": k,
@@ -5631,10 +5633,10 @@ def import_decoder_layers_54_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_54_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.54.mlp.linear_fc1.layer_norm_weight <- model.layers.54.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.54.post_attention_layernorm.weight": local}
+    return {"model.layers.54.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_54_mlp_linear_fc1_weight(
@@ -5649,10 +5651,10 @@ def import_decoder_layers_54_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_54_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.54.mlp.linear_fc1.weight <- model.layers.54.mlp.gate_proj.weight, model.layers.54.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.54.mlp.gate_proj.weight": gate, "model.layers.54.mlp.up_proj.weight": up}
 
 
@@ -5664,10 +5666,10 @@ def import_decoder_layers_54_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_54_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.54.mlp.linear_fc2.weight <- model.layers.54.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.54.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.54.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_55_self_attention_linear_qkv_layer_norm_weight(
@@ -5678,10 +5680,10 @@ def import_decoder_layers_55_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_55_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.55.self_attention.linear_qkv.layer_norm_weight <- model.layers.55.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.55.input_layernorm.weight": local}
+    return {"model.layers.55.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_55_self_attention_linear_proj_weight(
@@ -5692,10 +5694,10 @@ def import_decoder_layers_55_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_55_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.55.self_attention.linear_proj.weight <- model.layers.55.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.55.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.55.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_55_self_attention_linear_qkv_weight(
@@ -5714,10 +5716,10 @@ def import_decoder_layers_55_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_55_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.55.self_attention.linear_qkv.weight <- model.layers.55.self_attn.q_proj.weight, model.layers.55.self_attn.k_proj.weight, model.layers.55.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=64, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
     return {
         "model.layers.55.self_attn.q_proj.weight": q,
         "model.layers.55.self_attn.k_proj.weight": k,
@@ -5733,10 +5735,10 @@ def import_decoder_layers_55_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_55_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.55.mlp.linear_fc1.layer_norm_weight <- model.layers.55.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.55.post_attention_layernorm.weight": local}
+    return {"model.layers.55.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_55_mlp_linear_fc1_weight(
@@ -5751,10 +5753,10 @@ def import_decoder_layers_55_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_55_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.55.mlp.linear_fc1.weight <- model.layers.55.mlp.gate_proj.weight, model.layers.55.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.55.mlp.gate_proj.weight": gate, "model.layers.55.mlp.up_proj.weight": up}
 
 
@@ -5766,10 +5768,10 @@ def import_decoder_layers_55_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_55_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.55.mlp.linear_fc2.weight <- model.layers.55.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.55.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.55.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_56_self_attention_linear_qkv_layer_norm_weight(
@@ -5780,10 +5782,10 @@ def import_decoder_layers_56_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_56_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.56.self_attention.linear_qkv.layer_norm_weight <- model.layers.56.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.56.input_layernorm.weight": local}
+    return {"model.layers.56.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_56_self_attention_linear_proj_weight(
@@ -5794,10 +5796,10 @@ def import_decoder_layers_56_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_56_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.56.self_attention.linear_proj.weight <- model.layers.56.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.56.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.56.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_56_self_attention_linear_qkv_weight(
@@ -5816,10 +5818,10 @@ def import_decoder_layers_56_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_56_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.56.self_attention.linear_qkv.weight <- model.layers.56.self_attn.q_proj.weight, model.layers.56.self_attn.k_proj.weight, model.layers.56.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=64, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
     return {
         "model.layers.56.self_attn.q_proj.weight": q,
         "model.layers.56.self_attn.k_proj.weight": k,
@@ -5835,10 +5837,10 @@ def import_decoder_layers_56_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_56_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.56.mlp.linear_fc1.layer_norm_weight <- model.layers.56.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.56.post_attention_layernorm.weight": local}
+    return {"model.layers.56.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_56_mlp_linear_fc1_weight(
@@ -5853,10 +5855,10 @@ def import_decoder_layers_56_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_56_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.56.mlp.linear_fc1.weight <- model.layers.56.mlp.gate_proj.weight, model.layers.56.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.56.mlp.gate_proj.weight": gate, "model.layers.56.mlp.up_proj.weight": up}
 
 
@@ -5868,10 +5870,10 @@ def import_decoder_layers_56_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_56_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.56.mlp.linear_fc2.weight <- model.layers.56.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.56.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.56.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_57_self_attention_linear_qkv_layer_norm_weight(
@@ -5882,10 +5884,10 @@ def import_decoder_layers_57_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_57_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.57.self_attention.linear_qkv.layer_norm_weight <- model.layers.57.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.57.input_layernorm.weight": local}
+    return {"model.layers.57.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_57_self_attention_linear_proj_weight(
@@ -5896,10 +5898,10 @@ def import_decoder_layers_57_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_57_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.57.self_attention.linear_proj.weight <- model.layers.57.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.57.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.57.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_57_self_attention_linear_qkv_weight(
@@ -5918,10 +5920,10 @@ def import_decoder_layers_57_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_57_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.57.self_attention.linear_qkv.weight <- model.layers.57.self_attn.q_proj.weight, model.layers.57.self_attn.k_proj.weight, model.layers.57.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=64, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
     return {
         "model.layers.57.self_attn.q_proj.weight": q,
         "model.layers.57.self_attn.k_proj.weight": k,
@@ -5937,10 +5939,10 @@ def import_decoder_layers_57_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_57_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.57.mlp.linear_fc1.layer_norm_weight <- model.layers.57.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.57.post_attention_layernorm.weight": local}
+    return {"model.layers.57.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_57_mlp_linear_fc1_weight(
@@ -5955,10 +5957,10 @@ def import_decoder_layers_57_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_57_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.57.mlp.linear_fc1.weight <- model.layers.57.mlp.gate_proj.weight, model.layers.57.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.57.mlp.gate_proj.weight": gate, "model.layers.57.mlp.up_proj.weight": up}
 
 
@@ -5970,10 +5972,10 @@ def import_decoder_layers_57_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_57_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.57.mlp.linear_fc2.weight <- model.layers.57.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.57.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.57.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_58_self_attention_linear_qkv_layer_norm_weight(
@@ -5984,10 +5986,10 @@ def import_decoder_layers_58_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_58_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.58.self_attention.linear_qkv.layer_norm_weight <- model.layers.58.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.58.input_layernorm.weight": local}
+    return {"model.layers.58.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_58_self_attention_linear_proj_weight(
@@ -5998,10 +6000,10 @@ def import_decoder_layers_58_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_58_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.58.self_attention.linear_proj.weight <- model.layers.58.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.58.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.58.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_58_self_attention_linear_qkv_weight(
@@ -6020,10 +6022,10 @@ def import_decoder_layers_58_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_58_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.58.self_attention.linear_qkv.weight <- model.layers.58.self_attn.q_proj.weight, model.layers.58.self_attn.k_proj.weight, model.layers.58.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=64, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
     return {
         "model.layers.58.self_attn.q_proj.weight": q,
         "model.layers.58.self_attn.k_proj.weight": k,
@@ -6039,10 +6041,10 @@ def import_decoder_layers_58_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_58_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.58.mlp.linear_fc1.layer_norm_weight <- model.layers.58.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.58.post_attention_layernorm.weight": local}
+    return {"model.layers.58.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_58_mlp_linear_fc1_weight(
@@ -6057,10 +6059,10 @@ def import_decoder_layers_58_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_58_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.58.mlp.linear_fc1.weight <- model.layers.58.mlp.gate_proj.weight, model.layers.58.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.58.mlp.gate_proj.weight": gate, "model.layers.58.mlp.up_proj.weight": up}
 
 
@@ -6072,10 +6074,10 @@ def import_decoder_layers_58_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_58_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.58.mlp.linear_fc2.weight <- model.layers.58.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.58.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.58.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_59_self_attention_linear_qkv_layer_norm_weight(
@@ -6086,10 +6088,10 @@ def import_decoder_layers_59_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_59_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.59.self_attention.linear_qkv.layer_norm_weight <- model.layers.59.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.59.input_layernorm.weight": local}
+    return {"model.layers.59.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_59_self_attention_linear_proj_weight(
@@ -6100,10 +6102,10 @@ def import_decoder_layers_59_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_59_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.59.self_attention.linear_proj.weight <- model.layers.59.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.59.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.59.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_59_self_attention_linear_qkv_weight(
@@ -6122,10 +6124,10 @@ def import_decoder_layers_59_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_59_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.59.self_attention.linear_qkv.weight <- model.layers.59.self_attn.q_proj.weight, model.layers.59.self_attn.k_proj.weight, model.layers.59.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=64, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
     return {
         "model.layers.59.self_attn.q_proj.weight": q,
         "model.layers.59.self_attn.k_proj.weight": k,
@@ -6141,10 +6143,10 @@ def import_decoder_layers_59_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_59_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.59.mlp.linear_fc1.layer_norm_weight <- model.layers.59.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.59.post_attention_layernorm.weight": local}
+    return {"model.layers.59.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_59_mlp_linear_fc1_weight(
@@ -6159,10 +6161,10 @@ def import_decoder_layers_59_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_59_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.59.mlp.linear_fc1.weight <- model.layers.59.mlp.gate_proj.weight, model.layers.59.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.59.mlp.gate_proj.weight": gate, "model.layers.59.mlp.up_proj.weight": up}
 
 
@@ -6174,10 +6176,10 @@ def import_decoder_layers_59_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_59_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.59.mlp.linear_fc2.weight <- model.layers.59.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.59.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.59.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_60_self_attention_linear_qkv_layer_norm_weight(
@@ -6188,10 +6190,10 @@ def import_decoder_layers_60_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_60_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.60.self_attention.linear_qkv.layer_norm_weight <- model.layers.60.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.60.input_layernorm.weight": local}
+    return {"model.layers.60.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_60_self_attention_linear_proj_weight(
@@ -6202,10 +6204,10 @@ def import_decoder_layers_60_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_60_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.60.self_attention.linear_proj.weight <- model.layers.60.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.60.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.60.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_60_self_attention_linear_qkv_weight(
@@ -6224,10 +6226,10 @@ def import_decoder_layers_60_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_60_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.60.self_attention.linear_qkv.weight <- model.layers.60.self_attn.q_proj.weight, model.layers.60.self_attn.k_proj.weight, model.layers.60.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=64, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
     return {
         "model.layers.60.self_attn.q_proj.weight": q,
         "model.layers.60.self_attn.k_proj.weight": k,
@@ -6243,10 +6245,10 @@ def import_decoder_layers_60_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_60_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.60.mlp.linear_fc1.layer_norm_weight <- model.layers.60.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.60.post_attention_layernorm.weight": local}
+    return {"model.layers.60.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_60_mlp_linear_fc1_weight(
@@ -6261,10 +6263,10 @@ def import_decoder_layers_60_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_60_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.60.mlp.linear_fc1.weight <- model.layers.60.mlp.gate_proj.weight, model.layers.60.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.60.mlp.gate_proj.weight": gate, "model.layers.60.mlp.up_proj.weight": up}
 
 
@@ -6276,10 +6278,10 @@ def import_decoder_layers_60_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_60_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.60.mlp.linear_fc2.weight <- model.layers.60.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.60.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.60.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_61_self_attention_linear_qkv_layer_norm_weight(
@@ -6290,10 +6292,10 @@ def import_decoder_layers_61_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_61_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.61.self_attention.linear_qkv.layer_norm_weight <- model.layers.61.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.61.input_layernorm.weight": local}
+    return {"model.layers.61.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_61_self_attention_linear_proj_weight(
@@ -6304,10 +6306,10 @@ def import_decoder_layers_61_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_61_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.61.self_attention.linear_proj.weight <- model.layers.61.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.61.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.61.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_61_self_attention_linear_qkv_weight(
@@ -6326,10 +6328,10 @@ def import_decoder_layers_61_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_61_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.61.self_attention.linear_qkv.weight <- model.layers.61.self_attn.q_proj.weight, model.layers.61.self_attn.k_proj.weight, model.layers.61.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=64, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
     return {
         "model.layers.61.self_attn.q_proj.weight": q,
         "model.layers.61.self_attn.k_proj.weight": k,
@@ -6345,10 +6347,10 @@ def import_decoder_layers_61_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_61_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.61.mlp.linear_fc1.layer_norm_weight <- model.layers.61.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.61.post_attention_layernorm.weight": local}
+    return {"model.layers.61.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_61_mlp_linear_fc1_weight(
@@ -6363,10 +6365,10 @@ def import_decoder_layers_61_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_61_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.61.mlp.linear_fc1.weight <- model.layers.61.mlp.gate_proj.weight, model.layers.61.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.61.mlp.gate_proj.weight": gate, "model.layers.61.mlp.up_proj.weight": up}
 
 
@@ -6378,10 +6380,10 @@ def import_decoder_layers_61_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_61_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.61.mlp.linear_fc2.weight <- model.layers.61.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.61.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.61.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_62_self_attention_linear_qkv_layer_norm_weight(
@@ -6392,10 +6394,10 @@ def import_decoder_layers_62_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_62_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.62.self_attention.linear_qkv.layer_norm_weight <- model.layers.62.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.62.input_layernorm.weight": local}
+    return {"model.layers.62.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_62_self_attention_linear_proj_weight(
@@ -6406,10 +6408,10 @@ def import_decoder_layers_62_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_62_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.62.self_attention.linear_proj.weight <- model.layers.62.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.62.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.62.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_62_self_attention_linear_qkv_weight(
@@ -6428,10 +6430,10 @@ def import_decoder_layers_62_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_62_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.62.self_attention.linear_qkv.weight <- model.layers.62.self_attn.q_proj.weight, model.layers.62.self_attn.k_proj.weight, model.layers.62.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=64, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
     return {
         "model.layers.62.self_attn.q_proj.weight": q,
         "model.layers.62.self_attn.k_proj.weight": k,
@@ -6447,10 +6449,10 @@ def import_decoder_layers_62_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_62_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.62.mlp.linear_fc1.layer_norm_weight <- model.layers.62.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.62.post_attention_layernorm.weight": local}
+    return {"model.layers.62.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_62_mlp_linear_fc1_weight(
@@ -6465,10 +6467,10 @@ def import_decoder_layers_62_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_62_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.62.mlp.linear_fc1.weight <- model.layers.62.mlp.gate_proj.weight, model.layers.62.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.62.mlp.gate_proj.weight": gate, "model.layers.62.mlp.up_proj.weight": up}
 
 
@@ -6480,10 +6482,10 @@ def import_decoder_layers_62_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_62_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.62.mlp.linear_fc2.weight <- model.layers.62.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.62.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.62.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_63_self_attention_linear_qkv_layer_norm_weight(
@@ -6494,10 +6496,10 @@ def import_decoder_layers_63_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_63_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.63.self_attention.linear_qkv.layer_norm_weight <- model.layers.63.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.63.input_layernorm.weight": local}
+    return {"model.layers.63.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_63_self_attention_linear_proj_weight(
@@ -6508,10 +6510,10 @@ def import_decoder_layers_63_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_63_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.63.self_attention.linear_proj.weight <- model.layers.63.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.63.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.63.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_63_self_attention_linear_qkv_weight(
@@ -6530,10 +6532,10 @@ def import_decoder_layers_63_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_63_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.63.self_attention.linear_qkv.weight <- model.layers.63.self_attn.q_proj.weight, model.layers.63.self_attn.k_proj.weight, model.layers.63.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=64, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
     return {
         "model.layers.63.self_attn.q_proj.weight": q,
         "model.layers.63.self_attn.k_proj.weight": k,
@@ -6549,10 +6551,10 @@ def import_decoder_layers_63_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_63_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.63.mlp.linear_fc1.layer_norm_weight <- model.layers.63.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.63.post_attention_layernorm.weight": local}
+    return {"model.layers.63.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_63_mlp_linear_fc1_weight(
@@ -6567,10 +6569,10 @@ def import_decoder_layers_63_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_63_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.63.mlp.linear_fc1.weight <- model.layers.63.mlp.gate_proj.weight, model.layers.63.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.63.mlp.gate_proj.weight": gate, "model.layers.63.mlp.up_proj.weight": up}
 
 
@@ -6582,10 +6584,10 @@ def import_decoder_layers_63_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_63_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.63.mlp.linear_fc2.weight <- model.layers.63.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.63.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.63.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_64_self_attention_linear_qkv_layer_norm_weight(
@@ -6596,10 +6598,10 @@ def import_decoder_layers_64_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_64_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.64.self_attention.linear_qkv.layer_norm_weight <- model.layers.64.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.64.input_layernorm.weight": local}
+    return {"model.layers.64.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_64_self_attention_linear_proj_weight(
@@ -6610,10 +6612,10 @@ def import_decoder_layers_64_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_64_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.64.self_attention.linear_proj.weight <- model.layers.64.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.64.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.64.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_64_self_attention_linear_qkv_weight(
@@ -6632,10 +6634,10 @@ def import_decoder_layers_64_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_64_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.64.self_attention.linear_qkv.weight <- model.layers.64.self_attn.q_proj.weight, model.layers.64.self_attn.k_proj.weight, model.layers.64.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=64, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
     return {
         "model.layers.64.self_attn.q_proj.weight": q,
         "model.layers.64.self_attn.k_proj.weight": k,
@@ -6651,10 +6653,10 @@ def import_decoder_layers_64_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_64_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.64.mlp.linear_fc1.layer_norm_weight <- model.layers.64.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.64.post_attention_layernorm.weight": local}
+    return {"model.layers.64.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_64_mlp_linear_fc1_weight(
@@ -6669,10 +6671,10 @@ def import_decoder_layers_64_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_64_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.64.mlp.linear_fc1.weight <- model.layers.64.mlp.gate_proj.weight, model.layers.64.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.64.mlp.gate_proj.weight": gate, "model.layers.64.mlp.up_proj.weight": up}
 
 
@@ -6684,10 +6686,10 @@ def import_decoder_layers_64_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_64_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.64.mlp.linear_fc2.weight <- model.layers.64.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.64.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.64.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_65_self_attention_linear_qkv_layer_norm_weight(
@@ -6698,10 +6700,10 @@ def import_decoder_layers_65_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_65_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.65.self_attention.linear_qkv.layer_norm_weight <- model.layers.65.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.65.input_layernorm.weight": local}
+    return {"model.layers.65.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_65_self_attention_linear_proj_weight(
@@ -6712,10 +6714,10 @@ def import_decoder_layers_65_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_65_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.65.self_attention.linear_proj.weight <- model.layers.65.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.65.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.65.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_65_self_attention_linear_qkv_weight(
@@ -6734,10 +6736,10 @@ def import_decoder_layers_65_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_65_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.65.self_attention.linear_qkv.weight <- model.layers.65.self_attn.q_proj.weight, model.layers.65.self_attn.k_proj.weight, model.layers.65.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=64, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
     return {
         "model.layers.65.self_attn.q_proj.weight": q,
         "model.layers.65.self_attn.k_proj.weight": k,
@@ -6753,10 +6755,10 @@ def import_decoder_layers_65_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_65_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.65.mlp.linear_fc1.layer_norm_weight <- model.layers.65.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.65.post_attention_layernorm.weight": local}
+    return {"model.layers.65.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_65_mlp_linear_fc1_weight(
@@ -6771,10 +6773,10 @@ def import_decoder_layers_65_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_65_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.65.mlp.linear_fc1.weight <- model.layers.65.mlp.gate_proj.weight, model.layers.65.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.65.mlp.gate_proj.weight": gate, "model.layers.65.mlp.up_proj.weight": up}
 
 
@@ -6786,10 +6788,10 @@ def import_decoder_layers_65_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_65_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.65.mlp.linear_fc2.weight <- model.layers.65.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.65.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.65.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_66_self_attention_linear_qkv_layer_norm_weight(
@@ -6800,10 +6802,10 @@ def import_decoder_layers_66_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_66_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.66.self_attention.linear_qkv.layer_norm_weight <- model.layers.66.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.66.input_layernorm.weight": local}
+    return {"model.layers.66.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_66_self_attention_linear_proj_weight(
@@ -6814,10 +6816,10 @@ def import_decoder_layers_66_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_66_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.66.self_attention.linear_proj.weight <- model.layers.66.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.66.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.66.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_66_self_attention_linear_qkv_weight(
@@ -6836,10 +6838,10 @@ def import_decoder_layers_66_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_66_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.66.self_attention.linear_qkv.weight <- model.layers.66.self_attn.q_proj.weight, model.layers.66.self_attn.k_proj.weight, model.layers.66.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=64, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
     return {
         "model.layers.66.self_attn.q_proj.weight": q,
         "model.layers.66.self_attn.k_proj.weight": k,
@@ -6855,10 +6857,10 @@ def import_decoder_layers_66_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_66_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.66.mlp.linear_fc1.layer_norm_weight <- model.layers.66.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.66.post_attention_layernorm.weight": local}
+    return {"model.layers.66.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_66_mlp_linear_fc1_weight(
@@ -6873,10 +6875,10 @@ def import_decoder_layers_66_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_66_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.66.mlp.linear_fc1.weight <- model.layers.66.mlp.gate_proj.weight, model.layers.66.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.66.mlp.gate_proj.weight": gate, "model.layers.66.mlp.up_proj.weight": up}
 
 
@@ -6888,10 +6890,10 @@ def import_decoder_layers_66_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_66_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.66.mlp.linear_fc2.weight <- model.layers.66.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.66.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.66.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_67_self_attention_linear_qkv_layer_norm_weight(
@@ -6902,10 +6904,10 @@ def import_decoder_layers_67_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_67_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.67.self_attention.linear_qkv.layer_norm_weight <- model.layers.67.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.67.input_layernorm.weight": local}
+    return {"model.layers.67.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_67_self_attention_linear_proj_weight(
@@ -6916,10 +6918,10 @@ def import_decoder_layers_67_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_67_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.67.self_attention.linear_proj.weight <- model.layers.67.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.67.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.67.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_67_self_attention_linear_qkv_weight(
@@ -6938,10 +6940,10 @@ def import_decoder_layers_67_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_67_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.67.self_attention.linear_qkv.weight <- model.layers.67.self_attn.q_proj.weight, model.layers.67.self_attn.k_proj.weight, model.layers.67.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=64, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
     return {
         "model.layers.67.self_attn.q_proj.weight": q,
         "model.layers.67.self_attn.k_proj.weight": k,
@@ -6957,10 +6959,10 @@ def import_decoder_layers_67_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_67_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.67.mlp.linear_fc1.layer_norm_weight <- model.layers.67.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.67.post_attention_layernorm.weight": local}
+    return {"model.layers.67.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_67_mlp_linear_fc1_weight(
@@ -6975,10 +6977,10 @@ def import_decoder_layers_67_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_67_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.67.mlp.linear_fc1.weight <- model.layers.67.mlp.gate_proj.weight, model.layers.67.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.67.mlp.gate_proj.weight": gate, "model.layers.67.mlp.up_proj.weight": up}
 
 
@@ -6990,10 +6992,10 @@ def import_decoder_layers_67_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_67_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.67.mlp.linear_fc2.weight <- model.layers.67.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.67.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.67.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_68_self_attention_linear_qkv_layer_norm_weight(
@@ -7004,10 +7006,10 @@ def import_decoder_layers_68_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_68_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.68.self_attention.linear_qkv.layer_norm_weight <- model.layers.68.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.68.input_layernorm.weight": local}
+    return {"model.layers.68.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_68_self_attention_linear_proj_weight(
@@ -7018,10 +7020,10 @@ def import_decoder_layers_68_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_68_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.68.self_attention.linear_proj.weight <- model.layers.68.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.68.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.68.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_68_self_attention_linear_qkv_weight(
@@ -7040,10 +7042,10 @@ def import_decoder_layers_68_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_68_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.68.self_attention.linear_qkv.weight <- model.layers.68.self_attn.q_proj.weight, model.layers.68.self_attn.k_proj.weight, model.layers.68.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=64, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
     return {
         "model.layers.68.self_attn.q_proj.weight": q,
         "model.layers.68.self_attn.k_proj.weight": k,
@@ -7059,10 +7061,10 @@ def import_decoder_layers_68_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_68_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.68.mlp.linear_fc1.layer_norm_weight <- model.layers.68.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.68.post_attention_layernorm.weight": local}
+    return {"model.layers.68.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_68_mlp_linear_fc1_weight(
@@ -7077,10 +7079,10 @@ def import_decoder_layers_68_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_68_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.68.mlp.linear_fc1.weight <- model.layers.68.mlp.gate_proj.weight, model.layers.68.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.68.mlp.gate_proj.weight": gate, "model.layers.68.mlp.up_proj.weight": up}
 
 
@@ -7092,10 +7094,10 @@ def import_decoder_layers_68_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_68_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.68.mlp.linear_fc2.weight <- model.layers.68.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.68.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.68.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_69_self_attention_linear_qkv_layer_norm_weight(
@@ -7106,10 +7108,10 @@ def import_decoder_layers_69_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_69_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.69.self_attention.linear_qkv.layer_norm_weight <- model.layers.69.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.69.input_layernorm.weight": local}
+    return {"model.layers.69.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_69_self_attention_linear_proj_weight(
@@ -7120,10 +7122,10 @@ def import_decoder_layers_69_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_69_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.69.self_attention.linear_proj.weight <- model.layers.69.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.69.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.69.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_69_self_attention_linear_qkv_weight(
@@ -7142,10 +7144,10 @@ def import_decoder_layers_69_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_69_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.69.self_attention.linear_qkv.weight <- model.layers.69.self_attn.q_proj.weight, model.layers.69.self_attn.k_proj.weight, model.layers.69.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=64, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
     return {
         "model.layers.69.self_attn.q_proj.weight": q,
         "model.layers.69.self_attn.k_proj.weight": k,
@@ -7161,10 +7163,10 @@ def import_decoder_layers_69_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_69_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.69.mlp.linear_fc1.layer_norm_weight <- model.layers.69.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.69.post_attention_layernorm.weight": local}
+    return {"model.layers.69.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_69_mlp_linear_fc1_weight(
@@ -7179,10 +7181,10 @@ def import_decoder_layers_69_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_69_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.69.mlp.linear_fc1.weight <- model.layers.69.mlp.gate_proj.weight, model.layers.69.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.69.mlp.gate_proj.weight": gate, "model.layers.69.mlp.up_proj.weight": up}
 
 
@@ -7194,10 +7196,10 @@ def import_decoder_layers_69_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_69_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.69.mlp.linear_fc2.weight <- model.layers.69.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.69.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.69.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_70_self_attention_linear_qkv_layer_norm_weight(
@@ -7208,10 +7210,10 @@ def import_decoder_layers_70_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_70_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.70.self_attention.linear_qkv.layer_norm_weight <- model.layers.70.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.70.input_layernorm.weight": local}
+    return {"model.layers.70.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_70_self_attention_linear_proj_weight(
@@ -7222,10 +7224,10 @@ def import_decoder_layers_70_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_70_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.70.self_attention.linear_proj.weight <- model.layers.70.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.70.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.70.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_70_self_attention_linear_qkv_weight(
@@ -7244,10 +7246,10 @@ def import_decoder_layers_70_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_70_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.70.self_attention.linear_qkv.weight <- model.layers.70.self_attn.q_proj.weight, model.layers.70.self_attn.k_proj.weight, model.layers.70.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=64, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
     return {
         "model.layers.70.self_attn.q_proj.weight": q,
         "model.layers.70.self_attn.k_proj.weight": k,
@@ -7263,10 +7265,10 @@ def import_decoder_layers_70_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_70_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.70.mlp.linear_fc1.layer_norm_weight <- model.layers.70.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.70.post_attention_layernorm.weight": local}
+    return {"model.layers.70.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_70_mlp_linear_fc1_weight(
@@ -7281,10 +7283,10 @@ def import_decoder_layers_70_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_70_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.70.mlp.linear_fc1.weight <- model.layers.70.mlp.gate_proj.weight, model.layers.70.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.70.mlp.gate_proj.weight": gate, "model.layers.70.mlp.up_proj.weight": up}
 
 
@@ -7296,10 +7298,10 @@ def import_decoder_layers_70_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_70_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.70.mlp.linear_fc2.weight <- model.layers.70.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.70.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.70.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_71_self_attention_linear_qkv_layer_norm_weight(
@@ -7310,10 +7312,10 @@ def import_decoder_layers_71_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_71_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.71.self_attention.linear_qkv.layer_norm_weight <- model.layers.71.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.71.input_layernorm.weight": local}
+    return {"model.layers.71.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_71_self_attention_linear_proj_weight(
@@ -7324,10 +7326,10 @@ def import_decoder_layers_71_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_71_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.71.self_attention.linear_proj.weight <- model.layers.71.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.71.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.71.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_71_self_attention_linear_qkv_weight(
@@ -7346,10 +7348,10 @@ def import_decoder_layers_71_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_71_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.71.self_attention.linear_qkv.weight <- model.layers.71.self_attn.q_proj.weight, model.layers.71.self_attn.k_proj.weight, model.layers.71.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=64, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
     return {
         "model.layers.71.self_attn.q_proj.weight": q,
         "model.layers.71.self_attn.k_proj.weight": k,
@@ -7365,10 +7367,10 @@ def import_decoder_layers_71_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_71_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.71.mlp.linear_fc1.layer_norm_weight <- model.layers.71.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.71.post_attention_layernorm.weight": local}
+    return {"model.layers.71.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_71_mlp_linear_fc1_weight(
@@ -7383,10 +7385,10 @@ def import_decoder_layers_71_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_71_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.71.mlp.linear_fc1.weight <- model.layers.71.mlp.gate_proj.weight, model.layers.71.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.71.mlp.gate_proj.weight": gate, "model.layers.71.mlp.up_proj.weight": up}
 
 
@@ -7398,10 +7400,10 @@ def import_decoder_layers_71_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_71_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.71.mlp.linear_fc2.weight <- model.layers.71.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.71.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.71.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_72_self_attention_linear_qkv_layer_norm_weight(
@@ -7412,10 +7414,10 @@ def import_decoder_layers_72_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_72_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.72.self_attention.linear_qkv.layer_norm_weight <- model.layers.72.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.72.input_layernorm.weight": local}
+    return {"model.layers.72.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_72_self_attention_linear_proj_weight(
@@ -7426,10 +7428,10 @@ def import_decoder_layers_72_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_72_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.72.self_attention.linear_proj.weight <- model.layers.72.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.72.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.72.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_72_self_attention_linear_qkv_weight(
@@ -7448,10 +7450,10 @@ def import_decoder_layers_72_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_72_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.72.self_attention.linear_qkv.weight <- model.layers.72.self_attn.q_proj.weight, model.layers.72.self_attn.k_proj.weight, model.layers.72.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=64, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
     return {
         "model.layers.72.self_attn.q_proj.weight": q,
         "model.layers.72.self_attn.k_proj.weight": k,
@@ -7467,10 +7469,10 @@ def import_decoder_layers_72_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_72_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.72.mlp.linear_fc1.layer_norm_weight <- model.layers.72.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.72.post_attention_layernorm.weight": local}
+    return {"model.layers.72.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_72_mlp_linear_fc1_weight(
@@ -7485,10 +7487,10 @@ def import_decoder_layers_72_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_72_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.72.mlp.linear_fc1.weight <- model.layers.72.mlp.gate_proj.weight, model.layers.72.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.72.mlp.gate_proj.weight": gate, "model.layers.72.mlp.up_proj.weight": up}
 
 
@@ -7500,10 +7502,10 @@ def import_decoder_layers_72_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_72_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.72.mlp.linear_fc2.weight <- model.layers.72.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.72.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.72.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_73_self_attention_linear_qkv_layer_norm_weight(
@@ -7514,10 +7516,10 @@ def import_decoder_layers_73_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_73_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.73.self_attention.linear_qkv.layer_norm_weight <- model.layers.73.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.73.input_layernorm.weight": local}
+    return {"model.layers.73.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_73_self_attention_linear_proj_weight(
@@ -7528,10 +7530,10 @@ def import_decoder_layers_73_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_73_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.73.self_attention.linear_proj.weight <- model.layers.73.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.73.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.73.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_73_self_attention_linear_qkv_weight(
@@ -7550,10 +7552,10 @@ def import_decoder_layers_73_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_73_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.73.self_attention.linear_qkv.weight <- model.layers.73.self_attn.q_proj.weight, model.layers.73.self_attn.k_proj.weight, model.layers.73.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=64, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
     return {
         "model.layers.73.self_attn.q_proj.weight": q,
         "model.layers.73.self_attn.k_proj.weight": k,
@@ -7569,10 +7571,10 @@ def import_decoder_layers_73_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_73_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.73.mlp.linear_fc1.layer_norm_weight <- model.layers.73.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.73.post_attention_layernorm.weight": local}
+    return {"model.layers.73.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_73_mlp_linear_fc1_weight(
@@ -7587,10 +7589,10 @@ def import_decoder_layers_73_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_73_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.73.mlp.linear_fc1.weight <- model.layers.73.mlp.gate_proj.weight, model.layers.73.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.73.mlp.gate_proj.weight": gate, "model.layers.73.mlp.up_proj.weight": up}
 
 
@@ -7602,10 +7604,10 @@ def import_decoder_layers_73_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_73_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.73.mlp.linear_fc2.weight <- model.layers.73.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.73.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.73.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_74_self_attention_linear_qkv_layer_norm_weight(
@@ -7616,10 +7618,10 @@ def import_decoder_layers_74_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_74_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.74.self_attention.linear_qkv.layer_norm_weight <- model.layers.74.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.74.input_layernorm.weight": local}
+    return {"model.layers.74.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_74_self_attention_linear_proj_weight(
@@ -7630,10 +7632,10 @@ def import_decoder_layers_74_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_74_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.74.self_attention.linear_proj.weight <- model.layers.74.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.74.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.74.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_74_self_attention_linear_qkv_weight(
@@ -7652,10 +7654,10 @@ def import_decoder_layers_74_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_74_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.74.self_attention.linear_qkv.weight <- model.layers.74.self_attn.q_proj.weight, model.layers.74.self_attn.k_proj.weight, model.layers.74.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=64, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
     return {
         "model.layers.74.self_attn.q_proj.weight": q,
         "model.layers.74.self_attn.k_proj.weight": k,
@@ -7671,10 +7673,10 @@ def import_decoder_layers_74_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_74_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.74.mlp.linear_fc1.layer_norm_weight <- model.layers.74.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.74.post_attention_layernorm.weight": local}
+    return {"model.layers.74.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_74_mlp_linear_fc1_weight(
@@ -7689,10 +7691,10 @@ def import_decoder_layers_74_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_74_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.74.mlp.linear_fc1.weight <- model.layers.74.mlp.gate_proj.weight, model.layers.74.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.74.mlp.gate_proj.weight": gate, "model.layers.74.mlp.up_proj.weight": up}
 
 
@@ -7704,10 +7706,10 @@ def import_decoder_layers_74_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_74_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.74.mlp.linear_fc2.weight <- model.layers.74.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.74.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.74.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_75_self_attention_linear_qkv_layer_norm_weight(
@@ -7718,10 +7720,10 @@ def import_decoder_layers_75_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_75_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.75.self_attention.linear_qkv.layer_norm_weight <- model.layers.75.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.75.input_layernorm.weight": local}
+    return {"model.layers.75.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_75_self_attention_linear_proj_weight(
@@ -7732,10 +7734,10 @@ def import_decoder_layers_75_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_75_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.75.self_attention.linear_proj.weight <- model.layers.75.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.75.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.75.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_75_self_attention_linear_qkv_weight(
@@ -7754,10 +7756,10 @@ def import_decoder_layers_75_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_75_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.75.self_attention.linear_qkv.weight <- model.layers.75.self_attn.q_proj.weight, model.layers.75.self_attn.k_proj.weight, model.layers.75.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=64, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
     return {
         "model.layers.75.self_attn.q_proj.weight": q,
         "model.layers.75.self_attn.k_proj.weight": k,
@@ -7773,10 +7775,10 @@ def import_decoder_layers_75_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_75_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.75.mlp.linear_fc1.layer_norm_weight <- model.layers.75.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.75.post_attention_layernorm.weight": local}
+    return {"model.layers.75.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_75_mlp_linear_fc1_weight(
@@ -7791,10 +7793,10 @@ def import_decoder_layers_75_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_75_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.75.mlp.linear_fc1.weight <- model.layers.75.mlp.gate_proj.weight, model.layers.75.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.75.mlp.gate_proj.weight": gate, "model.layers.75.mlp.up_proj.weight": up}
 
 
@@ -7806,10 +7808,10 @@ def import_decoder_layers_75_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_75_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.75.mlp.linear_fc2.weight <- model.layers.75.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.75.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.75.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_76_self_attention_linear_qkv_layer_norm_weight(
@@ -7820,10 +7822,10 @@ def import_decoder_layers_76_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_76_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.76.self_attention.linear_qkv.layer_norm_weight <- model.layers.76.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.76.input_layernorm.weight": local}
+    return {"model.layers.76.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_76_self_attention_linear_proj_weight(
@@ -7834,10 +7836,10 @@ def import_decoder_layers_76_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_76_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.76.self_attention.linear_proj.weight <- model.layers.76.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.76.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.76.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_76_self_attention_linear_qkv_weight(
@@ -7856,10 +7858,10 @@ def import_decoder_layers_76_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_76_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.76.self_attention.linear_qkv.weight <- model.layers.76.self_attn.q_proj.weight, model.layers.76.self_attn.k_proj.weight, model.layers.76.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=64, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
     return {
         "model.layers.76.self_attn.q_proj.weight": q,
         "model.layers.76.self_attn.k_proj.weight": k,
@@ -7875,10 +7877,10 @@ def import_decoder_layers_76_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_76_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.76.mlp.linear_fc1.layer_norm_weight <- model.layers.76.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.76.post_attention_layernorm.weight": local}
+    return {"model.layers.76.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_76_mlp_linear_fc1_weight(
@@ -7893,10 +7895,10 @@ def import_decoder_layers_76_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_76_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.76.mlp.linear_fc1.weight <- model.layers.76.mlp.gate_proj.weight, model.layers.76.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.76.mlp.gate_proj.weight": gate, "model.layers.76.mlp.up_proj.weight": up}
 
 
@@ -7908,10 +7910,10 @@ def import_decoder_layers_76_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_76_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.76.mlp.linear_fc2.weight <- model.layers.76.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.76.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.76.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_77_self_attention_linear_qkv_layer_norm_weight(
@@ -7922,10 +7924,10 @@ def import_decoder_layers_77_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_77_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.77.self_attention.linear_qkv.layer_norm_weight <- model.layers.77.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.77.input_layernorm.weight": local}
+    return {"model.layers.77.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_77_self_attention_linear_proj_weight(
@@ -7936,10 +7938,10 @@ def import_decoder_layers_77_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_77_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.77.self_attention.linear_proj.weight <- model.layers.77.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.77.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.77.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_77_self_attention_linear_qkv_weight(
@@ -7958,10 +7960,10 @@ def import_decoder_layers_77_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_77_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.77.self_attention.linear_qkv.weight <- model.layers.77.self_attn.q_proj.weight, model.layers.77.self_attn.k_proj.weight, model.layers.77.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=64, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
     return {
         "model.layers.77.self_attn.q_proj.weight": q,
         "model.layers.77.self_attn.k_proj.weight": k,
@@ -7977,10 +7979,10 @@ def import_decoder_layers_77_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_77_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.77.mlp.linear_fc1.layer_norm_weight <- model.layers.77.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.77.post_attention_layernorm.weight": local}
+    return {"model.layers.77.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_77_mlp_linear_fc1_weight(
@@ -7995,10 +7997,10 @@ def import_decoder_layers_77_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_77_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.77.mlp.linear_fc1.weight <- model.layers.77.mlp.gate_proj.weight, model.layers.77.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.77.mlp.gate_proj.weight": gate, "model.layers.77.mlp.up_proj.weight": up}
 
 
@@ -8010,10 +8012,10 @@ def import_decoder_layers_77_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_77_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.77.mlp.linear_fc2.weight <- model.layers.77.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.77.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.77.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_78_self_attention_linear_qkv_layer_norm_weight(
@@ -8024,10 +8026,10 @@ def import_decoder_layers_78_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_78_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.78.self_attention.linear_qkv.layer_norm_weight <- model.layers.78.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.78.input_layernorm.weight": local}
+    return {"model.layers.78.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_78_self_attention_linear_proj_weight(
@@ -8038,10 +8040,10 @@ def import_decoder_layers_78_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_78_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.78.self_attention.linear_proj.weight <- model.layers.78.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.78.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.78.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_78_self_attention_linear_qkv_weight(
@@ -8060,10 +8062,10 @@ def import_decoder_layers_78_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_78_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.78.self_attention.linear_qkv.weight <- model.layers.78.self_attn.q_proj.weight, model.layers.78.self_attn.k_proj.weight, model.layers.78.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=64, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
     return {
         "model.layers.78.self_attn.q_proj.weight": q,
         "model.layers.78.self_attn.k_proj.weight": k,
@@ -8079,10 +8081,10 @@ def import_decoder_layers_78_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_78_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.78.mlp.linear_fc1.layer_norm_weight <- model.layers.78.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.78.post_attention_layernorm.weight": local}
+    return {"model.layers.78.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_78_mlp_linear_fc1_weight(
@@ -8097,10 +8099,10 @@ def import_decoder_layers_78_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_78_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.78.mlp.linear_fc1.weight <- model.layers.78.mlp.gate_proj.weight, model.layers.78.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.78.mlp.gate_proj.weight": gate, "model.layers.78.mlp.up_proj.weight": up}
 
 
@@ -8112,10 +8114,10 @@ def import_decoder_layers_78_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_78_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.78.mlp.linear_fc2.weight <- model.layers.78.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.78.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.78.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_79_self_attention_linear_qkv_layer_norm_weight(
@@ -8126,10 +8128,10 @@ def import_decoder_layers_79_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_79_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.79.self_attention.linear_qkv.layer_norm_weight <- model.layers.79.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.79.input_layernorm.weight": local}
+    return {"model.layers.79.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_79_self_attention_linear_proj_weight(
@@ -8140,10 +8142,10 @@ def import_decoder_layers_79_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_79_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.79.self_attention.linear_proj.weight <- model.layers.79.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.79.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.79.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_79_self_attention_linear_qkv_weight(
@@ -8162,10 +8164,10 @@ def import_decoder_layers_79_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_79_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.79.self_attention.linear_qkv.weight <- model.layers.79.self_attn.q_proj.weight, model.layers.79.self_attn.k_proj.weight, model.layers.79.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=64, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
     return {
         "model.layers.79.self_attn.q_proj.weight": q,
         "model.layers.79.self_attn.k_proj.weight": k,
@@ -8181,10 +8183,10 @@ def import_decoder_layers_79_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_79_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.79.mlp.linear_fc1.layer_norm_weight <- model.layers.79.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.79.post_attention_layernorm.weight": local}
+    return {"model.layers.79.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_79_mlp_linear_fc1_weight(
@@ -8199,10 +8201,10 @@ def import_decoder_layers_79_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_79_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.79.mlp.linear_fc1.weight <- model.layers.79.mlp.gate_proj.weight, model.layers.79.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.79.mlp.gate_proj.weight": gate, "model.layers.79.mlp.up_proj.weight": up}
 
 
@@ -8214,10 +8216,10 @@ def import_decoder_layers_79_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_79_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.79.mlp.linear_fc2.weight <- model.layers.79.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.79.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.79.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_final_layernorm_weight(ctx: ParallelContext, load: Loader) -> torch.Tensor:
@@ -8225,11 +8227,9 @@ def import_decoder_final_layernorm_weight(ctx: ParallelContext, load: Loader) ->
     return load("model.norm.weight")
 
 
-def export_decoder_final_layernorm_weight(
-    ctx: ParallelContext, local: torch.Tensor
-) -> dict[str, torch.Tensor]:
+def export_decoder_final_layernorm_weight(parts: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
     """decoder.final_layernorm.weight <- model.norm.weight: auto -> replicated, specs/llama.yaml:54."""
-    return {"model.norm.weight": local}
+    return {"model.norm.weight": parts[0]}
 
 
 def import_output_layer_weight(ctx: ParallelContext, load: Loader) -> torch.Tensor:
@@ -8237,11 +8237,9 @@ def import_output_layer_weight(ctx: ParallelContext, load: Loader) -> torch.Tens
     return rt.column_import(ctx.tp, load("lm_head.weight"))
 
 
-def export_output_layer_weight(
-    ctx: ParallelContext, local: torch.Tensor
-) -> dict[str, torch.Tensor]:
+def export_output_layer_weight(parts: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
     """output_layer.weight <- lm_head.weight: auto -> column, specs/llama.yaml:57."""
-    return {"lm_head.weight": rt.column_export(ctx.tp, local)}
+    return {"lm_head.weight": rt.column_export(parts)}
 
 
 PARAMS: Final[tuple[ParamPlan, ...]] = (
@@ -14608,6 +14606,9 @@ IMPORTS: Final[dict[str, ImportFn]] = {
     "decoder.final_layernorm.weight": import_decoder_final_layernorm_weight,
     "output_layer.weight": import_output_layer_weight,
 }
+
+# Megatron parameters that hold a copy of another (tied embeddings on the last pipeline stage)
+TIED: Final[dict[str, str]] = {}
 
 EXPORTS: Final[dict[str, ExportFn]] = {
     "embedding.word_embeddings.weight": export_embedding_word_embeddings_weight,

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Final
 
 import torch
@@ -18,6 +19,7 @@ from mapgen.runtime import ExportFn, HFTensorPlan, ImportFn, Loader, ParallelCon
 TARGET: Final = "llama3_1_8b"
 LAYOUT: Final = "te"
 HF_ARCHITECTURE: Final = "LlamaForCausalLM"
+SOURCES: Final = ("specs/llama.yaml", "specs/configs/llama3_1_8b.json")
 DIMS: Final = ModelDims(
     num_layers=32,
     hidden_size=4096,
@@ -54,10 +56,10 @@ def import_embedding_word_embeddings_weight(ctx: ParallelContext, load: Loader) 
 
 
 def export_embedding_word_embeddings_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """embedding.word_embeddings.weight <- model.embed_tokens.weight: auto -> column, specs/llama.yaml:29."""
-    return {"model.embed_tokens.weight": rt.column_export(ctx.tp, local)}
+    return {"model.embed_tokens.weight": rt.column_export(parts)}
 
 
 def import_decoder_layers_0_self_attention_linear_qkv_layer_norm_weight(
@@ -68,10 +70,10 @@ def import_decoder_layers_0_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_0_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.0.self_attention.linear_qkv.layer_norm_weight <- model.layers.0.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.0.input_layernorm.weight": local}
+    return {"model.layers.0.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_0_self_attention_linear_proj_weight(
@@ -82,10 +84,10 @@ def import_decoder_layers_0_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_0_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.0.self_attention.linear_proj.weight <- model.layers.0.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.0.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.0.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_0_self_attention_linear_qkv_weight(
@@ -104,10 +106,10 @@ def import_decoder_layers_0_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_0_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.0.self_attention.linear_qkv.weight <- model.layers.0.self_attn.q_proj.weight, model.layers.0.self_attn.k_proj.weight, model.layers.0.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=32, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
     return {
         "model.layers.0.self_attn.q_proj.weight": q,
         "model.layers.0.self_attn.k_proj.weight": k,
@@ -123,10 +125,10 @@ def import_decoder_layers_0_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_0_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.0.mlp.linear_fc1.layer_norm_weight <- model.layers.0.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.0.post_attention_layernorm.weight": local}
+    return {"model.layers.0.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_0_mlp_linear_fc1_weight(
@@ -141,10 +143,10 @@ def import_decoder_layers_0_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_0_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.0.mlp.linear_fc1.weight <- model.layers.0.mlp.gate_proj.weight, model.layers.0.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.0.mlp.gate_proj.weight": gate, "model.layers.0.mlp.up_proj.weight": up}
 
 
@@ -156,10 +158,10 @@ def import_decoder_layers_0_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_0_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.0.mlp.linear_fc2.weight <- model.layers.0.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.0.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.0.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_1_self_attention_linear_qkv_layer_norm_weight(
@@ -170,10 +172,10 @@ def import_decoder_layers_1_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_1_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.1.self_attention.linear_qkv.layer_norm_weight <- model.layers.1.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.1.input_layernorm.weight": local}
+    return {"model.layers.1.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_1_self_attention_linear_proj_weight(
@@ -184,10 +186,10 @@ def import_decoder_layers_1_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_1_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.1.self_attention.linear_proj.weight <- model.layers.1.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.1.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.1.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_1_self_attention_linear_qkv_weight(
@@ -206,10 +208,10 @@ def import_decoder_layers_1_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_1_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.1.self_attention.linear_qkv.weight <- model.layers.1.self_attn.q_proj.weight, model.layers.1.self_attn.k_proj.weight, model.layers.1.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=32, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
     return {
         "model.layers.1.self_attn.q_proj.weight": q,
         "model.layers.1.self_attn.k_proj.weight": k,
@@ -225,10 +227,10 @@ def import_decoder_layers_1_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_1_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.1.mlp.linear_fc1.layer_norm_weight <- model.layers.1.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.1.post_attention_layernorm.weight": local}
+    return {"model.layers.1.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_1_mlp_linear_fc1_weight(
@@ -243,10 +245,10 @@ def import_decoder_layers_1_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_1_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.1.mlp.linear_fc1.weight <- model.layers.1.mlp.gate_proj.weight, model.layers.1.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.1.mlp.gate_proj.weight": gate, "model.layers.1.mlp.up_proj.weight": up}
 
 
@@ -258,10 +260,10 @@ def import_decoder_layers_1_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_1_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.1.mlp.linear_fc2.weight <- model.layers.1.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.1.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.1.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_2_self_attention_linear_qkv_layer_norm_weight(
@@ -272,10 +274,10 @@ def import_decoder_layers_2_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_2_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.2.self_attention.linear_qkv.layer_norm_weight <- model.layers.2.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.2.input_layernorm.weight": local}
+    return {"model.layers.2.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_2_self_attention_linear_proj_weight(
@@ -286,10 +288,10 @@ def import_decoder_layers_2_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_2_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.2.self_attention.linear_proj.weight <- model.layers.2.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.2.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.2.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_2_self_attention_linear_qkv_weight(
@@ -308,10 +310,10 @@ def import_decoder_layers_2_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_2_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.2.self_attention.linear_qkv.weight <- model.layers.2.self_attn.q_proj.weight, model.layers.2.self_attn.k_proj.weight, model.layers.2.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=32, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
     return {
         "model.layers.2.self_attn.q_proj.weight": q,
         "model.layers.2.self_attn.k_proj.weight": k,
@@ -327,10 +329,10 @@ def import_decoder_layers_2_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_2_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.2.mlp.linear_fc1.layer_norm_weight <- model.layers.2.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.2.post_attention_layernorm.weight": local}
+    return {"model.layers.2.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_2_mlp_linear_fc1_weight(
@@ -345,10 +347,10 @@ def import_decoder_layers_2_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_2_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.2.mlp.linear_fc1.weight <- model.layers.2.mlp.gate_proj.weight, model.layers.2.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.2.mlp.gate_proj.weight": gate, "model.layers.2.mlp.up_proj.weight": up}
 
 
@@ -360,10 +362,10 @@ def import_decoder_layers_2_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_2_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.2.mlp.linear_fc2.weight <- model.layers.2.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.2.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.2.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_3_self_attention_linear_qkv_layer_norm_weight(
@@ -374,10 +376,10 @@ def import_decoder_layers_3_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_3_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.3.self_attention.linear_qkv.layer_norm_weight <- model.layers.3.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.3.input_layernorm.weight": local}
+    return {"model.layers.3.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_3_self_attention_linear_proj_weight(
@@ -388,10 +390,10 @@ def import_decoder_layers_3_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_3_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.3.self_attention.linear_proj.weight <- model.layers.3.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.3.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.3.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_3_self_attention_linear_qkv_weight(
@@ -410,10 +412,10 @@ def import_decoder_layers_3_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_3_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.3.self_attention.linear_qkv.weight <- model.layers.3.self_attn.q_proj.weight, model.layers.3.self_attn.k_proj.weight, model.layers.3.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=32, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
     return {
         "model.layers.3.self_attn.q_proj.weight": q,
         "model.layers.3.self_attn.k_proj.weight": k,
@@ -429,10 +431,10 @@ def import_decoder_layers_3_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_3_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.3.mlp.linear_fc1.layer_norm_weight <- model.layers.3.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.3.post_attention_layernorm.weight": local}
+    return {"model.layers.3.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_3_mlp_linear_fc1_weight(
@@ -447,10 +449,10 @@ def import_decoder_layers_3_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_3_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.3.mlp.linear_fc1.weight <- model.layers.3.mlp.gate_proj.weight, model.layers.3.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.3.mlp.gate_proj.weight": gate, "model.layers.3.mlp.up_proj.weight": up}
 
 
@@ -462,10 +464,10 @@ def import_decoder_layers_3_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_3_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.3.mlp.linear_fc2.weight <- model.layers.3.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.3.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.3.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_4_self_attention_linear_qkv_layer_norm_weight(
@@ -476,10 +478,10 @@ def import_decoder_layers_4_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_4_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.4.self_attention.linear_qkv.layer_norm_weight <- model.layers.4.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.4.input_layernorm.weight": local}
+    return {"model.layers.4.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_4_self_attention_linear_proj_weight(
@@ -490,10 +492,10 @@ def import_decoder_layers_4_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_4_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.4.self_attention.linear_proj.weight <- model.layers.4.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.4.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.4.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_4_self_attention_linear_qkv_weight(
@@ -512,10 +514,10 @@ def import_decoder_layers_4_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_4_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.4.self_attention.linear_qkv.weight <- model.layers.4.self_attn.q_proj.weight, model.layers.4.self_attn.k_proj.weight, model.layers.4.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=32, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
     return {
         "model.layers.4.self_attn.q_proj.weight": q,
         "model.layers.4.self_attn.k_proj.weight": k,
@@ -531,10 +533,10 @@ def import_decoder_layers_4_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_4_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.4.mlp.linear_fc1.layer_norm_weight <- model.layers.4.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.4.post_attention_layernorm.weight": local}
+    return {"model.layers.4.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_4_mlp_linear_fc1_weight(
@@ -549,10 +551,10 @@ def import_decoder_layers_4_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_4_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.4.mlp.linear_fc1.weight <- model.layers.4.mlp.gate_proj.weight, model.layers.4.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.4.mlp.gate_proj.weight": gate, "model.layers.4.mlp.up_proj.weight": up}
 
 
@@ -564,10 +566,10 @@ def import_decoder_layers_4_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_4_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.4.mlp.linear_fc2.weight <- model.layers.4.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.4.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.4.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_5_self_attention_linear_qkv_layer_norm_weight(
@@ -578,10 +580,10 @@ def import_decoder_layers_5_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_5_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.5.self_attention.linear_qkv.layer_norm_weight <- model.layers.5.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.5.input_layernorm.weight": local}
+    return {"model.layers.5.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_5_self_attention_linear_proj_weight(
@@ -592,10 +594,10 @@ def import_decoder_layers_5_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_5_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.5.self_attention.linear_proj.weight <- model.layers.5.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.5.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.5.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_5_self_attention_linear_qkv_weight(
@@ -614,10 +616,10 @@ def import_decoder_layers_5_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_5_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.5.self_attention.linear_qkv.weight <- model.layers.5.self_attn.q_proj.weight, model.layers.5.self_attn.k_proj.weight, model.layers.5.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=32, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
     return {
         "model.layers.5.self_attn.q_proj.weight": q,
         "model.layers.5.self_attn.k_proj.weight": k,
@@ -633,10 +635,10 @@ def import_decoder_layers_5_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_5_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.5.mlp.linear_fc1.layer_norm_weight <- model.layers.5.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.5.post_attention_layernorm.weight": local}
+    return {"model.layers.5.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_5_mlp_linear_fc1_weight(
@@ -651,10 +653,10 @@ def import_decoder_layers_5_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_5_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.5.mlp.linear_fc1.weight <- model.layers.5.mlp.gate_proj.weight, model.layers.5.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.5.mlp.gate_proj.weight": gate, "model.layers.5.mlp.up_proj.weight": up}
 
 
@@ -666,10 +668,10 @@ def import_decoder_layers_5_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_5_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.5.mlp.linear_fc2.weight <- model.layers.5.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.5.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.5.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_6_self_attention_linear_qkv_layer_norm_weight(
@@ -680,10 +682,10 @@ def import_decoder_layers_6_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_6_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.6.self_attention.linear_qkv.layer_norm_weight <- model.layers.6.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.6.input_layernorm.weight": local}
+    return {"model.layers.6.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_6_self_attention_linear_proj_weight(
@@ -694,10 +696,10 @@ def import_decoder_layers_6_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_6_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.6.self_attention.linear_proj.weight <- model.layers.6.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.6.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.6.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_6_self_attention_linear_qkv_weight(
@@ -716,10 +718,10 @@ def import_decoder_layers_6_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_6_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.6.self_attention.linear_qkv.weight <- model.layers.6.self_attn.q_proj.weight, model.layers.6.self_attn.k_proj.weight, model.layers.6.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=32, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
     return {
         "model.layers.6.self_attn.q_proj.weight": q,
         "model.layers.6.self_attn.k_proj.weight": k,
@@ -735,10 +737,10 @@ def import_decoder_layers_6_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_6_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.6.mlp.linear_fc1.layer_norm_weight <- model.layers.6.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.6.post_attention_layernorm.weight": local}
+    return {"model.layers.6.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_6_mlp_linear_fc1_weight(
@@ -753,10 +755,10 @@ def import_decoder_layers_6_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_6_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.6.mlp.linear_fc1.weight <- model.layers.6.mlp.gate_proj.weight, model.layers.6.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.6.mlp.gate_proj.weight": gate, "model.layers.6.mlp.up_proj.weight": up}
 
 
@@ -768,10 +770,10 @@ def import_decoder_layers_6_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_6_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.6.mlp.linear_fc2.weight <- model.layers.6.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.6.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.6.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_7_self_attention_linear_qkv_layer_norm_weight(
@@ -782,10 +784,10 @@ def import_decoder_layers_7_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_7_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.7.self_attention.linear_qkv.layer_norm_weight <- model.layers.7.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.7.input_layernorm.weight": local}
+    return {"model.layers.7.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_7_self_attention_linear_proj_weight(
@@ -796,10 +798,10 @@ def import_decoder_layers_7_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_7_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.7.self_attention.linear_proj.weight <- model.layers.7.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.7.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.7.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_7_self_attention_linear_qkv_weight(
@@ -818,10 +820,10 @@ def import_decoder_layers_7_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_7_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.7.self_attention.linear_qkv.weight <- model.layers.7.self_attn.q_proj.weight, model.layers.7.self_attn.k_proj.weight, model.layers.7.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=32, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
     return {
         "model.layers.7.self_attn.q_proj.weight": q,
         "model.layers.7.self_attn.k_proj.weight": k,
@@ -837,10 +839,10 @@ def import_decoder_layers_7_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_7_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.7.mlp.linear_fc1.layer_norm_weight <- model.layers.7.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.7.post_attention_layernorm.weight": local}
+    return {"model.layers.7.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_7_mlp_linear_fc1_weight(
@@ -855,10 +857,10 @@ def import_decoder_layers_7_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_7_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.7.mlp.linear_fc1.weight <- model.layers.7.mlp.gate_proj.weight, model.layers.7.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.7.mlp.gate_proj.weight": gate, "model.layers.7.mlp.up_proj.weight": up}
 
 
@@ -870,10 +872,10 @@ def import_decoder_layers_7_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_7_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.7.mlp.linear_fc2.weight <- model.layers.7.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.7.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.7.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_8_self_attention_linear_qkv_layer_norm_weight(
@@ -884,10 +886,10 @@ def import_decoder_layers_8_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_8_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.8.self_attention.linear_qkv.layer_norm_weight <- model.layers.8.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.8.input_layernorm.weight": local}
+    return {"model.layers.8.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_8_self_attention_linear_proj_weight(
@@ -898,10 +900,10 @@ def import_decoder_layers_8_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_8_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.8.self_attention.linear_proj.weight <- model.layers.8.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.8.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.8.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_8_self_attention_linear_qkv_weight(
@@ -920,10 +922,10 @@ def import_decoder_layers_8_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_8_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.8.self_attention.linear_qkv.weight <- model.layers.8.self_attn.q_proj.weight, model.layers.8.self_attn.k_proj.weight, model.layers.8.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=32, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
     return {
         "model.layers.8.self_attn.q_proj.weight": q,
         "model.layers.8.self_attn.k_proj.weight": k,
@@ -939,10 +941,10 @@ def import_decoder_layers_8_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_8_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.8.mlp.linear_fc1.layer_norm_weight <- model.layers.8.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.8.post_attention_layernorm.weight": local}
+    return {"model.layers.8.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_8_mlp_linear_fc1_weight(
@@ -957,10 +959,10 @@ def import_decoder_layers_8_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_8_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.8.mlp.linear_fc1.weight <- model.layers.8.mlp.gate_proj.weight, model.layers.8.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.8.mlp.gate_proj.weight": gate, "model.layers.8.mlp.up_proj.weight": up}
 
 
@@ -972,10 +974,10 @@ def import_decoder_layers_8_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_8_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.8.mlp.linear_fc2.weight <- model.layers.8.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.8.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.8.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_9_self_attention_linear_qkv_layer_norm_weight(
@@ -986,10 +988,10 @@ def import_decoder_layers_9_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_9_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.9.self_attention.linear_qkv.layer_norm_weight <- model.layers.9.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.9.input_layernorm.weight": local}
+    return {"model.layers.9.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_9_self_attention_linear_proj_weight(
@@ -1000,10 +1002,10 @@ def import_decoder_layers_9_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_9_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.9.self_attention.linear_proj.weight <- model.layers.9.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.9.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.9.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_9_self_attention_linear_qkv_weight(
@@ -1022,10 +1024,10 @@ def import_decoder_layers_9_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_9_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.9.self_attention.linear_qkv.weight <- model.layers.9.self_attn.q_proj.weight, model.layers.9.self_attn.k_proj.weight, model.layers.9.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=32, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
     return {
         "model.layers.9.self_attn.q_proj.weight": q,
         "model.layers.9.self_attn.k_proj.weight": k,
@@ -1041,10 +1043,10 @@ def import_decoder_layers_9_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_9_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.9.mlp.linear_fc1.layer_norm_weight <- model.layers.9.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.9.post_attention_layernorm.weight": local}
+    return {"model.layers.9.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_9_mlp_linear_fc1_weight(
@@ -1059,10 +1061,10 @@ def import_decoder_layers_9_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_9_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.9.mlp.linear_fc1.weight <- model.layers.9.mlp.gate_proj.weight, model.layers.9.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.9.mlp.gate_proj.weight": gate, "model.layers.9.mlp.up_proj.weight": up}
 
 
@@ -1074,10 +1076,10 @@ def import_decoder_layers_9_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_9_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.9.mlp.linear_fc2.weight <- model.layers.9.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.9.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.9.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_10_self_attention_linear_qkv_layer_norm_weight(
@@ -1088,10 +1090,10 @@ def import_decoder_layers_10_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_10_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.10.self_attention.linear_qkv.layer_norm_weight <- model.layers.10.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.10.input_layernorm.weight": local}
+    return {"model.layers.10.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_10_self_attention_linear_proj_weight(
@@ -1102,10 +1104,10 @@ def import_decoder_layers_10_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_10_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.10.self_attention.linear_proj.weight <- model.layers.10.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.10.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.10.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_10_self_attention_linear_qkv_weight(
@@ -1124,10 +1126,10 @@ def import_decoder_layers_10_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_10_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.10.self_attention.linear_qkv.weight <- model.layers.10.self_attn.q_proj.weight, model.layers.10.self_attn.k_proj.weight, model.layers.10.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=32, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
     return {
         "model.layers.10.self_attn.q_proj.weight": q,
         "model.layers.10.self_attn.k_proj.weight": k,
@@ -1143,10 +1145,10 @@ def import_decoder_layers_10_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_10_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.10.mlp.linear_fc1.layer_norm_weight <- model.layers.10.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.10.post_attention_layernorm.weight": local}
+    return {"model.layers.10.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_10_mlp_linear_fc1_weight(
@@ -1161,10 +1163,10 @@ def import_decoder_layers_10_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_10_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.10.mlp.linear_fc1.weight <- model.layers.10.mlp.gate_proj.weight, model.layers.10.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.10.mlp.gate_proj.weight": gate, "model.layers.10.mlp.up_proj.weight": up}
 
 
@@ -1176,10 +1178,10 @@ def import_decoder_layers_10_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_10_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.10.mlp.linear_fc2.weight <- model.layers.10.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.10.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.10.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_11_self_attention_linear_qkv_layer_norm_weight(
@@ -1190,10 +1192,10 @@ def import_decoder_layers_11_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_11_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.11.self_attention.linear_qkv.layer_norm_weight <- model.layers.11.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.11.input_layernorm.weight": local}
+    return {"model.layers.11.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_11_self_attention_linear_proj_weight(
@@ -1204,10 +1206,10 @@ def import_decoder_layers_11_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_11_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.11.self_attention.linear_proj.weight <- model.layers.11.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.11.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.11.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_11_self_attention_linear_qkv_weight(
@@ -1226,10 +1228,10 @@ def import_decoder_layers_11_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_11_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.11.self_attention.linear_qkv.weight <- model.layers.11.self_attn.q_proj.weight, model.layers.11.self_attn.k_proj.weight, model.layers.11.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=32, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
     return {
         "model.layers.11.self_attn.q_proj.weight": q,
         "model.layers.11.self_attn.k_proj.weight": k,
@@ -1245,10 +1247,10 @@ def import_decoder_layers_11_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_11_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.11.mlp.linear_fc1.layer_norm_weight <- model.layers.11.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.11.post_attention_layernorm.weight": local}
+    return {"model.layers.11.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_11_mlp_linear_fc1_weight(
@@ -1263,10 +1265,10 @@ def import_decoder_layers_11_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_11_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.11.mlp.linear_fc1.weight <- model.layers.11.mlp.gate_proj.weight, model.layers.11.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.11.mlp.gate_proj.weight": gate, "model.layers.11.mlp.up_proj.weight": up}
 
 
@@ -1278,10 +1280,10 @@ def import_decoder_layers_11_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_11_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.11.mlp.linear_fc2.weight <- model.layers.11.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.11.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.11.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_12_self_attention_linear_qkv_layer_norm_weight(
@@ -1292,10 +1294,10 @@ def import_decoder_layers_12_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_12_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.12.self_attention.linear_qkv.layer_norm_weight <- model.layers.12.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.12.input_layernorm.weight": local}
+    return {"model.layers.12.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_12_self_attention_linear_proj_weight(
@@ -1306,10 +1308,10 @@ def import_decoder_layers_12_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_12_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.12.self_attention.linear_proj.weight <- model.layers.12.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.12.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.12.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_12_self_attention_linear_qkv_weight(
@@ -1328,10 +1330,10 @@ def import_decoder_layers_12_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_12_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.12.self_attention.linear_qkv.weight <- model.layers.12.self_attn.q_proj.weight, model.layers.12.self_attn.k_proj.weight, model.layers.12.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=32, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
     return {
         "model.layers.12.self_attn.q_proj.weight": q,
         "model.layers.12.self_attn.k_proj.weight": k,
@@ -1347,10 +1349,10 @@ def import_decoder_layers_12_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_12_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.12.mlp.linear_fc1.layer_norm_weight <- model.layers.12.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.12.post_attention_layernorm.weight": local}
+    return {"model.layers.12.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_12_mlp_linear_fc1_weight(
@@ -1365,10 +1367,10 @@ def import_decoder_layers_12_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_12_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.12.mlp.linear_fc1.weight <- model.layers.12.mlp.gate_proj.weight, model.layers.12.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.12.mlp.gate_proj.weight": gate, "model.layers.12.mlp.up_proj.weight": up}
 
 
@@ -1380,10 +1382,10 @@ def import_decoder_layers_12_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_12_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.12.mlp.linear_fc2.weight <- model.layers.12.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.12.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.12.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_13_self_attention_linear_qkv_layer_norm_weight(
@@ -1394,10 +1396,10 @@ def import_decoder_layers_13_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_13_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.13.self_attention.linear_qkv.layer_norm_weight <- model.layers.13.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.13.input_layernorm.weight": local}
+    return {"model.layers.13.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_13_self_attention_linear_proj_weight(
@@ -1408,10 +1410,10 @@ def import_decoder_layers_13_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_13_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.13.self_attention.linear_proj.weight <- model.layers.13.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.13.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.13.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_13_self_attention_linear_qkv_weight(
@@ -1430,10 +1432,10 @@ def import_decoder_layers_13_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_13_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.13.self_attention.linear_qkv.weight <- model.layers.13.self_attn.q_proj.weight, model.layers.13.self_attn.k_proj.weight, model.layers.13.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=32, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
     return {
         "model.layers.13.self_attn.q_proj.weight": q,
         "model.layers.13.self_attn.k_proj.weight": k,
@@ -1449,10 +1451,10 @@ def import_decoder_layers_13_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_13_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.13.mlp.linear_fc1.layer_norm_weight <- model.layers.13.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.13.post_attention_layernorm.weight": local}
+    return {"model.layers.13.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_13_mlp_linear_fc1_weight(
@@ -1467,10 +1469,10 @@ def import_decoder_layers_13_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_13_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.13.mlp.linear_fc1.weight <- model.layers.13.mlp.gate_proj.weight, model.layers.13.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.13.mlp.gate_proj.weight": gate, "model.layers.13.mlp.up_proj.weight": up}
 
 
@@ -1482,10 +1484,10 @@ def import_decoder_layers_13_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_13_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.13.mlp.linear_fc2.weight <- model.layers.13.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.13.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.13.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_14_self_attention_linear_qkv_layer_norm_weight(
@@ -1496,10 +1498,10 @@ def import_decoder_layers_14_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_14_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.14.self_attention.linear_qkv.layer_norm_weight <- model.layers.14.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.14.input_layernorm.weight": local}
+    return {"model.layers.14.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_14_self_attention_linear_proj_weight(
@@ -1510,10 +1512,10 @@ def import_decoder_layers_14_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_14_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.14.self_attention.linear_proj.weight <- model.layers.14.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.14.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.14.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_14_self_attention_linear_qkv_weight(
@@ -1532,10 +1534,10 @@ def import_decoder_layers_14_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_14_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.14.self_attention.linear_qkv.weight <- model.layers.14.self_attn.q_proj.weight, model.layers.14.self_attn.k_proj.weight, model.layers.14.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=32, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
     return {
         "model.layers.14.self_attn.q_proj.weight": q,
         "model.layers.14.self_attn.k_proj.weight": k,
@@ -1551,10 +1553,10 @@ def import_decoder_layers_14_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_14_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.14.mlp.linear_fc1.layer_norm_weight <- model.layers.14.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.14.post_attention_layernorm.weight": local}
+    return {"model.layers.14.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_14_mlp_linear_fc1_weight(
@@ -1569,10 +1571,10 @@ def import_decoder_layers_14_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_14_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.14.mlp.linear_fc1.weight <- model.layers.14.mlp.gate_proj.weight, model.layers.14.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.14.mlp.gate_proj.weight": gate, "model.layers.14.mlp.up_proj.weight": up}
 
 
@@ -1584,10 +1586,10 @@ def import_decoder_layers_14_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_14_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.14.mlp.linear_fc2.weight <- model.layers.14.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.14.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.14.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_15_self_attention_linear_qkv_layer_norm_weight(
@@ -1598,10 +1600,10 @@ def import_decoder_layers_15_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_15_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.15.self_attention.linear_qkv.layer_norm_weight <- model.layers.15.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.15.input_layernorm.weight": local}
+    return {"model.layers.15.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_15_self_attention_linear_proj_weight(
@@ -1612,10 +1614,10 @@ def import_decoder_layers_15_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_15_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.15.self_attention.linear_proj.weight <- model.layers.15.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.15.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.15.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_15_self_attention_linear_qkv_weight(
@@ -1634,10 +1636,10 @@ def import_decoder_layers_15_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_15_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.15.self_attention.linear_qkv.weight <- model.layers.15.self_attn.q_proj.weight, model.layers.15.self_attn.k_proj.weight, model.layers.15.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=32, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
     return {
         "model.layers.15.self_attn.q_proj.weight": q,
         "model.layers.15.self_attn.k_proj.weight": k,
@@ -1653,10 +1655,10 @@ def import_decoder_layers_15_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_15_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.15.mlp.linear_fc1.layer_norm_weight <- model.layers.15.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.15.post_attention_layernorm.weight": local}
+    return {"model.layers.15.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_15_mlp_linear_fc1_weight(
@@ -1671,10 +1673,10 @@ def import_decoder_layers_15_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_15_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.15.mlp.linear_fc1.weight <- model.layers.15.mlp.gate_proj.weight, model.layers.15.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.15.mlp.gate_proj.weight": gate, "model.layers.15.mlp.up_proj.weight": up}
 
 
@@ -1686,10 +1688,10 @@ def import_decoder_layers_15_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_15_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.15.mlp.linear_fc2.weight <- model.layers.15.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.15.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.15.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_16_self_attention_linear_qkv_layer_norm_weight(
@@ -1700,10 +1702,10 @@ def import_decoder_layers_16_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_16_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.16.self_attention.linear_qkv.layer_norm_weight <- model.layers.16.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.16.input_layernorm.weight": local}
+    return {"model.layers.16.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_16_self_attention_linear_proj_weight(
@@ -1714,10 +1716,10 @@ def import_decoder_layers_16_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_16_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.16.self_attention.linear_proj.weight <- model.layers.16.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.16.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.16.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_16_self_attention_linear_qkv_weight(
@@ -1736,10 +1738,10 @@ def import_decoder_layers_16_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_16_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.16.self_attention.linear_qkv.weight <- model.layers.16.self_attn.q_proj.weight, model.layers.16.self_attn.k_proj.weight, model.layers.16.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=32, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
     return {
         "model.layers.16.self_attn.q_proj.weight": q,
         "model.layers.16.self_attn.k_proj.weight": k,
@@ -1755,10 +1757,10 @@ def import_decoder_layers_16_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_16_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.16.mlp.linear_fc1.layer_norm_weight <- model.layers.16.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.16.post_attention_layernorm.weight": local}
+    return {"model.layers.16.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_16_mlp_linear_fc1_weight(
@@ -1773,10 +1775,10 @@ def import_decoder_layers_16_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_16_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.16.mlp.linear_fc1.weight <- model.layers.16.mlp.gate_proj.weight, model.layers.16.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.16.mlp.gate_proj.weight": gate, "model.layers.16.mlp.up_proj.weight": up}
 
 
@@ -1788,10 +1790,10 @@ def import_decoder_layers_16_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_16_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.16.mlp.linear_fc2.weight <- model.layers.16.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.16.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.16.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_17_self_attention_linear_qkv_layer_norm_weight(
@@ -1802,10 +1804,10 @@ def import_decoder_layers_17_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_17_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.17.self_attention.linear_qkv.layer_norm_weight <- model.layers.17.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.17.input_layernorm.weight": local}
+    return {"model.layers.17.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_17_self_attention_linear_proj_weight(
@@ -1816,10 +1818,10 @@ def import_decoder_layers_17_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_17_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.17.self_attention.linear_proj.weight <- model.layers.17.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.17.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.17.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_17_self_attention_linear_qkv_weight(
@@ -1838,10 +1840,10 @@ def import_decoder_layers_17_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_17_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.17.self_attention.linear_qkv.weight <- model.layers.17.self_attn.q_proj.weight, model.layers.17.self_attn.k_proj.weight, model.layers.17.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=32, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
     return {
         "model.layers.17.self_attn.q_proj.weight": q,
         "model.layers.17.self_attn.k_proj.weight": k,
@@ -1857,10 +1859,10 @@ def import_decoder_layers_17_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_17_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.17.mlp.linear_fc1.layer_norm_weight <- model.layers.17.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.17.post_attention_layernorm.weight": local}
+    return {"model.layers.17.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_17_mlp_linear_fc1_weight(
@@ -1875,10 +1877,10 @@ def import_decoder_layers_17_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_17_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.17.mlp.linear_fc1.weight <- model.layers.17.mlp.gate_proj.weight, model.layers.17.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.17.mlp.gate_proj.weight": gate, "model.layers.17.mlp.up_proj.weight": up}
 
 
@@ -1890,10 +1892,10 @@ def import_decoder_layers_17_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_17_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.17.mlp.linear_fc2.weight <- model.layers.17.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.17.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.17.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_18_self_attention_linear_qkv_layer_norm_weight(
@@ -1904,10 +1906,10 @@ def import_decoder_layers_18_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_18_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.18.self_attention.linear_qkv.layer_norm_weight <- model.layers.18.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.18.input_layernorm.weight": local}
+    return {"model.layers.18.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_18_self_attention_linear_proj_weight(
@@ -1918,10 +1920,10 @@ def import_decoder_layers_18_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_18_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.18.self_attention.linear_proj.weight <- model.layers.18.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.18.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.18.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_18_self_attention_linear_qkv_weight(
@@ -1940,10 +1942,10 @@ def import_decoder_layers_18_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_18_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.18.self_attention.linear_qkv.weight <- model.layers.18.self_attn.q_proj.weight, model.layers.18.self_attn.k_proj.weight, model.layers.18.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=32, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
     return {
         "model.layers.18.self_attn.q_proj.weight": q,
         "model.layers.18.self_attn.k_proj.weight": k,
@@ -1959,10 +1961,10 @@ def import_decoder_layers_18_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_18_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.18.mlp.linear_fc1.layer_norm_weight <- model.layers.18.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.18.post_attention_layernorm.weight": local}
+    return {"model.layers.18.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_18_mlp_linear_fc1_weight(
@@ -1977,10 +1979,10 @@ def import_decoder_layers_18_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_18_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.18.mlp.linear_fc1.weight <- model.layers.18.mlp.gate_proj.weight, model.layers.18.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.18.mlp.gate_proj.weight": gate, "model.layers.18.mlp.up_proj.weight": up}
 
 
@@ -1992,10 +1994,10 @@ def import_decoder_layers_18_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_18_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.18.mlp.linear_fc2.weight <- model.layers.18.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.18.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.18.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_19_self_attention_linear_qkv_layer_norm_weight(
@@ -2006,10 +2008,10 @@ def import_decoder_layers_19_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_19_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.19.self_attention.linear_qkv.layer_norm_weight <- model.layers.19.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.19.input_layernorm.weight": local}
+    return {"model.layers.19.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_19_self_attention_linear_proj_weight(
@@ -2020,10 +2022,10 @@ def import_decoder_layers_19_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_19_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.19.self_attention.linear_proj.weight <- model.layers.19.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.19.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.19.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_19_self_attention_linear_qkv_weight(
@@ -2042,10 +2044,10 @@ def import_decoder_layers_19_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_19_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.19.self_attention.linear_qkv.weight <- model.layers.19.self_attn.q_proj.weight, model.layers.19.self_attn.k_proj.weight, model.layers.19.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=32, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
     return {
         "model.layers.19.self_attn.q_proj.weight": q,
         "model.layers.19.self_attn.k_proj.weight": k,
@@ -2061,10 +2063,10 @@ def import_decoder_layers_19_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_19_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.19.mlp.linear_fc1.layer_norm_weight <- model.layers.19.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.19.post_attention_layernorm.weight": local}
+    return {"model.layers.19.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_19_mlp_linear_fc1_weight(
@@ -2079,10 +2081,10 @@ def import_decoder_layers_19_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_19_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.19.mlp.linear_fc1.weight <- model.layers.19.mlp.gate_proj.weight, model.layers.19.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.19.mlp.gate_proj.weight": gate, "model.layers.19.mlp.up_proj.weight": up}
 
 
@@ -2094,10 +2096,10 @@ def import_decoder_layers_19_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_19_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.19.mlp.linear_fc2.weight <- model.layers.19.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.19.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.19.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_20_self_attention_linear_qkv_layer_norm_weight(
@@ -2108,10 +2110,10 @@ def import_decoder_layers_20_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_20_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.20.self_attention.linear_qkv.layer_norm_weight <- model.layers.20.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.20.input_layernorm.weight": local}
+    return {"model.layers.20.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_20_self_attention_linear_proj_weight(
@@ -2122,10 +2124,10 @@ def import_decoder_layers_20_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_20_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.20.self_attention.linear_proj.weight <- model.layers.20.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.20.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.20.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_20_self_attention_linear_qkv_weight(
@@ -2144,10 +2146,10 @@ def import_decoder_layers_20_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_20_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.20.self_attention.linear_qkv.weight <- model.layers.20.self_attn.q_proj.weight, model.layers.20.self_attn.k_proj.weight, model.layers.20.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=32, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
     return {
         "model.layers.20.self_attn.q_proj.weight": q,
         "model.layers.20.self_attn.k_proj.weight": k,
@@ -2163,10 +2165,10 @@ def import_decoder_layers_20_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_20_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.20.mlp.linear_fc1.layer_norm_weight <- model.layers.20.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.20.post_attention_layernorm.weight": local}
+    return {"model.layers.20.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_20_mlp_linear_fc1_weight(
@@ -2181,10 +2183,10 @@ def import_decoder_layers_20_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_20_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.20.mlp.linear_fc1.weight <- model.layers.20.mlp.gate_proj.weight, model.layers.20.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.20.mlp.gate_proj.weight": gate, "model.layers.20.mlp.up_proj.weight": up}
 
 
@@ -2196,10 +2198,10 @@ def import_decoder_layers_20_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_20_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.20.mlp.linear_fc2.weight <- model.layers.20.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.20.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.20.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_21_self_attention_linear_qkv_layer_norm_weight(
@@ -2210,10 +2212,10 @@ def import_decoder_layers_21_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_21_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.21.self_attention.linear_qkv.layer_norm_weight <- model.layers.21.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.21.input_layernorm.weight": local}
+    return {"model.layers.21.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_21_self_attention_linear_proj_weight(
@@ -2224,10 +2226,10 @@ def import_decoder_layers_21_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_21_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.21.self_attention.linear_proj.weight <- model.layers.21.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.21.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.21.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_21_self_attention_linear_qkv_weight(
@@ -2246,10 +2248,10 @@ def import_decoder_layers_21_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_21_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.21.self_attention.linear_qkv.weight <- model.layers.21.self_attn.q_proj.weight, model.layers.21.self_attn.k_proj.weight, model.layers.21.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=32, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
     return {
         "model.layers.21.self_attn.q_proj.weight": q,
         "model.layers.21.self_attn.k_proj.weight": k,
@@ -2265,10 +2267,10 @@ def import_decoder_layers_21_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_21_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.21.mlp.linear_fc1.layer_norm_weight <- model.layers.21.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.21.post_attention_layernorm.weight": local}
+    return {"model.layers.21.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_21_mlp_linear_fc1_weight(
@@ -2283,10 +2285,10 @@ def import_decoder_layers_21_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_21_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.21.mlp.linear_fc1.weight <- model.layers.21.mlp.gate_proj.weight, model.layers.21.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.21.mlp.gate_proj.weight": gate, "model.layers.21.mlp.up_proj.weight": up}
 
 
@@ -2298,10 +2300,10 @@ def import_decoder_layers_21_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_21_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.21.mlp.linear_fc2.weight <- model.layers.21.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.21.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.21.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_22_self_attention_linear_qkv_layer_norm_weight(
@@ -2312,10 +2314,10 @@ def import_decoder_layers_22_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_22_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.22.self_attention.linear_qkv.layer_norm_weight <- model.layers.22.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.22.input_layernorm.weight": local}
+    return {"model.layers.22.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_22_self_attention_linear_proj_weight(
@@ -2326,10 +2328,10 @@ def import_decoder_layers_22_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_22_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.22.self_attention.linear_proj.weight <- model.layers.22.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.22.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.22.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_22_self_attention_linear_qkv_weight(
@@ -2348,10 +2350,10 @@ def import_decoder_layers_22_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_22_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.22.self_attention.linear_qkv.weight <- model.layers.22.self_attn.q_proj.weight, model.layers.22.self_attn.k_proj.weight, model.layers.22.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=32, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
     return {
         "model.layers.22.self_attn.q_proj.weight": q,
         "model.layers.22.self_attn.k_proj.weight": k,
@@ -2367,10 +2369,10 @@ def import_decoder_layers_22_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_22_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.22.mlp.linear_fc1.layer_norm_weight <- model.layers.22.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.22.post_attention_layernorm.weight": local}
+    return {"model.layers.22.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_22_mlp_linear_fc1_weight(
@@ -2385,10 +2387,10 @@ def import_decoder_layers_22_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_22_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.22.mlp.linear_fc1.weight <- model.layers.22.mlp.gate_proj.weight, model.layers.22.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.22.mlp.gate_proj.weight": gate, "model.layers.22.mlp.up_proj.weight": up}
 
 
@@ -2400,10 +2402,10 @@ def import_decoder_layers_22_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_22_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.22.mlp.linear_fc2.weight <- model.layers.22.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.22.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.22.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_23_self_attention_linear_qkv_layer_norm_weight(
@@ -2414,10 +2416,10 @@ def import_decoder_layers_23_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_23_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.23.self_attention.linear_qkv.layer_norm_weight <- model.layers.23.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.23.input_layernorm.weight": local}
+    return {"model.layers.23.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_23_self_attention_linear_proj_weight(
@@ -2428,10 +2430,10 @@ def import_decoder_layers_23_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_23_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.23.self_attention.linear_proj.weight <- model.layers.23.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.23.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.23.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_23_self_attention_linear_qkv_weight(
@@ -2450,10 +2452,10 @@ def import_decoder_layers_23_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_23_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.23.self_attention.linear_qkv.weight <- model.layers.23.self_attn.q_proj.weight, model.layers.23.self_attn.k_proj.weight, model.layers.23.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=32, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
     return {
         "model.layers.23.self_attn.q_proj.weight": q,
         "model.layers.23.self_attn.k_proj.weight": k,
@@ -2469,10 +2471,10 @@ def import_decoder_layers_23_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_23_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.23.mlp.linear_fc1.layer_norm_weight <- model.layers.23.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.23.post_attention_layernorm.weight": local}
+    return {"model.layers.23.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_23_mlp_linear_fc1_weight(
@@ -2487,10 +2489,10 @@ def import_decoder_layers_23_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_23_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.23.mlp.linear_fc1.weight <- model.layers.23.mlp.gate_proj.weight, model.layers.23.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.23.mlp.gate_proj.weight": gate, "model.layers.23.mlp.up_proj.weight": up}
 
 
@@ -2502,10 +2504,10 @@ def import_decoder_layers_23_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_23_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.23.mlp.linear_fc2.weight <- model.layers.23.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.23.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.23.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_24_self_attention_linear_qkv_layer_norm_weight(
@@ -2516,10 +2518,10 @@ def import_decoder_layers_24_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_24_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.24.self_attention.linear_qkv.layer_norm_weight <- model.layers.24.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.24.input_layernorm.weight": local}
+    return {"model.layers.24.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_24_self_attention_linear_proj_weight(
@@ -2530,10 +2532,10 @@ def import_decoder_layers_24_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_24_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.24.self_attention.linear_proj.weight <- model.layers.24.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.24.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.24.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_24_self_attention_linear_qkv_weight(
@@ -2552,10 +2554,10 @@ def import_decoder_layers_24_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_24_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.24.self_attention.linear_qkv.weight <- model.layers.24.self_attn.q_proj.weight, model.layers.24.self_attn.k_proj.weight, model.layers.24.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=32, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
     return {
         "model.layers.24.self_attn.q_proj.weight": q,
         "model.layers.24.self_attn.k_proj.weight": k,
@@ -2571,10 +2573,10 @@ def import_decoder_layers_24_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_24_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.24.mlp.linear_fc1.layer_norm_weight <- model.layers.24.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.24.post_attention_layernorm.weight": local}
+    return {"model.layers.24.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_24_mlp_linear_fc1_weight(
@@ -2589,10 +2591,10 @@ def import_decoder_layers_24_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_24_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.24.mlp.linear_fc1.weight <- model.layers.24.mlp.gate_proj.weight, model.layers.24.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.24.mlp.gate_proj.weight": gate, "model.layers.24.mlp.up_proj.weight": up}
 
 
@@ -2604,10 +2606,10 @@ def import_decoder_layers_24_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_24_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.24.mlp.linear_fc2.weight <- model.layers.24.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.24.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.24.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_25_self_attention_linear_qkv_layer_norm_weight(
@@ -2618,10 +2620,10 @@ def import_decoder_layers_25_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_25_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.25.self_attention.linear_qkv.layer_norm_weight <- model.layers.25.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.25.input_layernorm.weight": local}
+    return {"model.layers.25.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_25_self_attention_linear_proj_weight(
@@ -2632,10 +2634,10 @@ def import_decoder_layers_25_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_25_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.25.self_attention.linear_proj.weight <- model.layers.25.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.25.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.25.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_25_self_attention_linear_qkv_weight(
@@ -2654,10 +2656,10 @@ def import_decoder_layers_25_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_25_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.25.self_attention.linear_qkv.weight <- model.layers.25.self_attn.q_proj.weight, model.layers.25.self_attn.k_proj.weight, model.layers.25.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=32, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
     return {
         "model.layers.25.self_attn.q_proj.weight": q,
         "model.layers.25.self_attn.k_proj.weight": k,
@@ -2673,10 +2675,10 @@ def import_decoder_layers_25_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_25_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.25.mlp.linear_fc1.layer_norm_weight <- model.layers.25.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.25.post_attention_layernorm.weight": local}
+    return {"model.layers.25.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_25_mlp_linear_fc1_weight(
@@ -2691,10 +2693,10 @@ def import_decoder_layers_25_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_25_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.25.mlp.linear_fc1.weight <- model.layers.25.mlp.gate_proj.weight, model.layers.25.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.25.mlp.gate_proj.weight": gate, "model.layers.25.mlp.up_proj.weight": up}
 
 
@@ -2706,10 +2708,10 @@ def import_decoder_layers_25_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_25_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.25.mlp.linear_fc2.weight <- model.layers.25.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.25.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.25.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_26_self_attention_linear_qkv_layer_norm_weight(
@@ -2720,10 +2722,10 @@ def import_decoder_layers_26_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_26_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.26.self_attention.linear_qkv.layer_norm_weight <- model.layers.26.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.26.input_layernorm.weight": local}
+    return {"model.layers.26.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_26_self_attention_linear_proj_weight(
@@ -2734,10 +2736,10 @@ def import_decoder_layers_26_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_26_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.26.self_attention.linear_proj.weight <- model.layers.26.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.26.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.26.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_26_self_attention_linear_qkv_weight(
@@ -2756,10 +2758,10 @@ def import_decoder_layers_26_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_26_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.26.self_attention.linear_qkv.weight <- model.layers.26.self_attn.q_proj.weight, model.layers.26.self_attn.k_proj.weight, model.layers.26.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=32, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
     return {
         "model.layers.26.self_attn.q_proj.weight": q,
         "model.layers.26.self_attn.k_proj.weight": k,
@@ -2775,10 +2777,10 @@ def import_decoder_layers_26_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_26_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.26.mlp.linear_fc1.layer_norm_weight <- model.layers.26.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.26.post_attention_layernorm.weight": local}
+    return {"model.layers.26.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_26_mlp_linear_fc1_weight(
@@ -2793,10 +2795,10 @@ def import_decoder_layers_26_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_26_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.26.mlp.linear_fc1.weight <- model.layers.26.mlp.gate_proj.weight, model.layers.26.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.26.mlp.gate_proj.weight": gate, "model.layers.26.mlp.up_proj.weight": up}
 
 
@@ -2808,10 +2810,10 @@ def import_decoder_layers_26_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_26_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.26.mlp.linear_fc2.weight <- model.layers.26.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.26.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.26.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_27_self_attention_linear_qkv_layer_norm_weight(
@@ -2822,10 +2824,10 @@ def import_decoder_layers_27_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_27_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.27.self_attention.linear_qkv.layer_norm_weight <- model.layers.27.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.27.input_layernorm.weight": local}
+    return {"model.layers.27.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_27_self_attention_linear_proj_weight(
@@ -2836,10 +2838,10 @@ def import_decoder_layers_27_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_27_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.27.self_attention.linear_proj.weight <- model.layers.27.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.27.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.27.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_27_self_attention_linear_qkv_weight(
@@ -2858,10 +2860,10 @@ def import_decoder_layers_27_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_27_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.27.self_attention.linear_qkv.weight <- model.layers.27.self_attn.q_proj.weight, model.layers.27.self_attn.k_proj.weight, model.layers.27.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=32, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
     return {
         "model.layers.27.self_attn.q_proj.weight": q,
         "model.layers.27.self_attn.k_proj.weight": k,
@@ -2877,10 +2879,10 @@ def import_decoder_layers_27_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_27_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.27.mlp.linear_fc1.layer_norm_weight <- model.layers.27.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.27.post_attention_layernorm.weight": local}
+    return {"model.layers.27.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_27_mlp_linear_fc1_weight(
@@ -2895,10 +2897,10 @@ def import_decoder_layers_27_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_27_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.27.mlp.linear_fc1.weight <- model.layers.27.mlp.gate_proj.weight, model.layers.27.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.27.mlp.gate_proj.weight": gate, "model.layers.27.mlp.up_proj.weight": up}
 
 
@@ -2910,10 +2912,10 @@ def import_decoder_layers_27_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_27_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.27.mlp.linear_fc2.weight <- model.layers.27.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.27.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.27.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_28_self_attention_linear_qkv_layer_norm_weight(
@@ -2924,10 +2926,10 @@ def import_decoder_layers_28_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_28_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.28.self_attention.linear_qkv.layer_norm_weight <- model.layers.28.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.28.input_layernorm.weight": local}
+    return {"model.layers.28.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_28_self_attention_linear_proj_weight(
@@ -2938,10 +2940,10 @@ def import_decoder_layers_28_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_28_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.28.self_attention.linear_proj.weight <- model.layers.28.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.28.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.28.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_28_self_attention_linear_qkv_weight(
@@ -2960,10 +2962,10 @@ def import_decoder_layers_28_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_28_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.28.self_attention.linear_qkv.weight <- model.layers.28.self_attn.q_proj.weight, model.layers.28.self_attn.k_proj.weight, model.layers.28.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=32, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
     return {
         "model.layers.28.self_attn.q_proj.weight": q,
         "model.layers.28.self_attn.k_proj.weight": k,
@@ -2979,10 +2981,10 @@ def import_decoder_layers_28_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_28_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.28.mlp.linear_fc1.layer_norm_weight <- model.layers.28.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.28.post_attention_layernorm.weight": local}
+    return {"model.layers.28.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_28_mlp_linear_fc1_weight(
@@ -2997,10 +2999,10 @@ def import_decoder_layers_28_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_28_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.28.mlp.linear_fc1.weight <- model.layers.28.mlp.gate_proj.weight, model.layers.28.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.28.mlp.gate_proj.weight": gate, "model.layers.28.mlp.up_proj.weight": up}
 
 
@@ -3012,10 +3014,10 @@ def import_decoder_layers_28_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_28_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.28.mlp.linear_fc2.weight <- model.layers.28.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.28.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.28.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_29_self_attention_linear_qkv_layer_norm_weight(
@@ -3026,10 +3028,10 @@ def import_decoder_layers_29_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_29_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.29.self_attention.linear_qkv.layer_norm_weight <- model.layers.29.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.29.input_layernorm.weight": local}
+    return {"model.layers.29.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_29_self_attention_linear_proj_weight(
@@ -3040,10 +3042,10 @@ def import_decoder_layers_29_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_29_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.29.self_attention.linear_proj.weight <- model.layers.29.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.29.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.29.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_29_self_attention_linear_qkv_weight(
@@ -3062,10 +3064,10 @@ def import_decoder_layers_29_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_29_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.29.self_attention.linear_qkv.weight <- model.layers.29.self_attn.q_proj.weight, model.layers.29.self_attn.k_proj.weight, model.layers.29.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=32, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
     return {
         "model.layers.29.self_attn.q_proj.weight": q,
         "model.layers.29.self_attn.k_proj.weight": k,
@@ -3081,10 +3083,10 @@ def import_decoder_layers_29_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_29_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.29.mlp.linear_fc1.layer_norm_weight <- model.layers.29.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.29.post_attention_layernorm.weight": local}
+    return {"model.layers.29.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_29_mlp_linear_fc1_weight(
@@ -3099,10 +3101,10 @@ def import_decoder_layers_29_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_29_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.29.mlp.linear_fc1.weight <- model.layers.29.mlp.gate_proj.weight, model.layers.29.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.29.mlp.gate_proj.weight": gate, "model.layers.29.mlp.up_proj.weight": up}
 
 
@@ -3114,10 +3116,10 @@ def import_decoder_layers_29_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_29_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.29.mlp.linear_fc2.weight <- model.layers.29.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.29.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.29.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_30_self_attention_linear_qkv_layer_norm_weight(
@@ -3128,10 +3130,10 @@ def import_decoder_layers_30_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_30_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.30.self_attention.linear_qkv.layer_norm_weight <- model.layers.30.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.30.input_layernorm.weight": local}
+    return {"model.layers.30.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_30_self_attention_linear_proj_weight(
@@ -3142,10 +3144,10 @@ def import_decoder_layers_30_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_30_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.30.self_attention.linear_proj.weight <- model.layers.30.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.30.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.30.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_30_self_attention_linear_qkv_weight(
@@ -3164,10 +3166,10 @@ def import_decoder_layers_30_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_30_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.30.self_attention.linear_qkv.weight <- model.layers.30.self_attn.q_proj.weight, model.layers.30.self_attn.k_proj.weight, model.layers.30.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=32, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
     return {
         "model.layers.30.self_attn.q_proj.weight": q,
         "model.layers.30.self_attn.k_proj.weight": k,
@@ -3183,10 +3185,10 @@ def import_decoder_layers_30_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_30_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.30.mlp.linear_fc1.layer_norm_weight <- model.layers.30.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.30.post_attention_layernorm.weight": local}
+    return {"model.layers.30.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_30_mlp_linear_fc1_weight(
@@ -3201,10 +3203,10 @@ def import_decoder_layers_30_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_30_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.30.mlp.linear_fc1.weight <- model.layers.30.mlp.gate_proj.weight, model.layers.30.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.30.mlp.gate_proj.weight": gate, "model.layers.30.mlp.up_proj.weight": up}
 
 
@@ -3216,10 +3218,10 @@ def import_decoder_layers_30_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_30_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.30.mlp.linear_fc2.weight <- model.layers.30.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.30.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.30.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_31_self_attention_linear_qkv_layer_norm_weight(
@@ -3230,10 +3232,10 @@ def import_decoder_layers_31_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_31_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.31.self_attention.linear_qkv.layer_norm_weight <- model.layers.31.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.31.input_layernorm.weight": local}
+    return {"model.layers.31.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_31_self_attention_linear_proj_weight(
@@ -3244,10 +3246,10 @@ def import_decoder_layers_31_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_31_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.31.self_attention.linear_proj.weight <- model.layers.31.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.31.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.31.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_31_self_attention_linear_qkv_weight(
@@ -3266,10 +3268,10 @@ def import_decoder_layers_31_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_31_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.31.self_attention.linear_qkv.weight <- model.layers.31.self_attn.q_proj.weight, model.layers.31.self_attn.k_proj.weight, model.layers.31.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=32, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
     return {
         "model.layers.31.self_attn.q_proj.weight": q,
         "model.layers.31.self_attn.k_proj.weight": k,
@@ -3285,10 +3287,10 @@ def import_decoder_layers_31_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_31_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.31.mlp.linear_fc1.layer_norm_weight <- model.layers.31.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.31.post_attention_layernorm.weight": local}
+    return {"model.layers.31.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_31_mlp_linear_fc1_weight(
@@ -3303,10 +3305,10 @@ def import_decoder_layers_31_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_31_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.31.mlp.linear_fc1.weight <- model.layers.31.mlp.gate_proj.weight, model.layers.31.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.31.mlp.gate_proj.weight": gate, "model.layers.31.mlp.up_proj.weight": up}
 
 
@@ -3318,10 +3320,10 @@ def import_decoder_layers_31_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_31_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.31.mlp.linear_fc2.weight <- model.layers.31.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.31.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.31.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_final_layernorm_weight(ctx: ParallelContext, load: Loader) -> torch.Tensor:
@@ -3329,11 +3331,9 @@ def import_decoder_final_layernorm_weight(ctx: ParallelContext, load: Loader) ->
     return load("model.norm.weight")
 
 
-def export_decoder_final_layernorm_weight(
-    ctx: ParallelContext, local: torch.Tensor
-) -> dict[str, torch.Tensor]:
+def export_decoder_final_layernorm_weight(parts: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
     """decoder.final_layernorm.weight <- model.norm.weight: auto -> replicated, specs/llama.yaml:54."""
-    return {"model.norm.weight": local}
+    return {"model.norm.weight": parts[0]}
 
 
 def import_output_layer_weight(ctx: ParallelContext, load: Loader) -> torch.Tensor:
@@ -3341,11 +3341,9 @@ def import_output_layer_weight(ctx: ParallelContext, load: Loader) -> torch.Tens
     return rt.column_import(ctx.tp, load("lm_head.weight"))
 
 
-def export_output_layer_weight(
-    ctx: ParallelContext, local: torch.Tensor
-) -> dict[str, torch.Tensor]:
+def export_output_layer_weight(parts: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
     """output_layer.weight <- lm_head.weight: auto -> column, specs/llama.yaml:57."""
-    return {"lm_head.weight": rt.column_export(ctx.tp, local)}
+    return {"lm_head.weight": rt.column_export(parts)}
 
 
 PARAMS: Final[tuple[ParamPlan, ...]] = (
@@ -5920,6 +5918,9 @@ IMPORTS: Final[dict[str, ImportFn]] = {
     "decoder.final_layernorm.weight": import_decoder_final_layernorm_weight,
     "output_layer.weight": import_output_layer_weight,
 }
+
+# Megatron parameters that hold a copy of another (tied embeddings on the last pipeline stage)
+TIED: Final[dict[str, str]] = {}
 
 EXPORTS: Final[dict[str, ExportFn]] = {
     "embedding.word_embeddings.weight": export_embedding_word_embeddings_weight,

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Final
 
 import torch
@@ -18,6 +19,7 @@ from mapgen.runtime import ExportFn, HFTensorPlan, ImportFn, Loader, ParallelCon
 TARGET: Final = "llama3_2_1b"
 LAYOUT: Final = "te"
 HF_ARCHITECTURE: Final = "LlamaForCausalLM"
+SOURCES: Final = ("specs/llama.yaml", "specs/configs/llama3_2_1b.json")
 DIMS: Final = ModelDims(
     num_layers=16,
     hidden_size=2048,
@@ -54,10 +56,10 @@ def import_embedding_word_embeddings_weight(ctx: ParallelContext, load: Loader) 
 
 
 def export_embedding_word_embeddings_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """embedding.word_embeddings.weight <- model.embed_tokens.weight: auto -> column, specs/llama.yaml:29."""
-    return {"model.embed_tokens.weight": rt.column_export(ctx.tp, local)}
+    return {"model.embed_tokens.weight": rt.column_export(parts)}
 
 
 def import_decoder_layers_0_self_attention_linear_qkv_layer_norm_weight(
@@ -68,10 +70,10 @@ def import_decoder_layers_0_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_0_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.0.self_attention.linear_qkv.layer_norm_weight <- model.layers.0.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.0.input_layernorm.weight": local}
+    return {"model.layers.0.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_0_self_attention_linear_proj_weight(
@@ -82,10 +84,10 @@ def import_decoder_layers_0_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_0_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.0.self_attention.linear_proj.weight <- model.layers.0.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.0.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.0.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_0_self_attention_linear_qkv_weight(
@@ -104,10 +106,10 @@ def import_decoder_layers_0_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_0_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.0.self_attention.linear_qkv.weight <- model.layers.0.self_attn.q_proj.weight, model.layers.0.self_attn.k_proj.weight, model.layers.0.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=32, groups=8, head_dim=64)
+    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=64)
     return {
         "model.layers.0.self_attn.q_proj.weight": q,
         "model.layers.0.self_attn.k_proj.weight": k,
@@ -123,10 +125,10 @@ def import_decoder_layers_0_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_0_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.0.mlp.linear_fc1.layer_norm_weight <- model.layers.0.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.0.post_attention_layernorm.weight": local}
+    return {"model.layers.0.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_0_mlp_linear_fc1_weight(
@@ -141,10 +143,10 @@ def import_decoder_layers_0_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_0_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.0.mlp.linear_fc1.weight <- model.layers.0.mlp.gate_proj.weight, model.layers.0.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.0.mlp.gate_proj.weight": gate, "model.layers.0.mlp.up_proj.weight": up}
 
 
@@ -156,10 +158,10 @@ def import_decoder_layers_0_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_0_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.0.mlp.linear_fc2.weight <- model.layers.0.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.0.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.0.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_1_self_attention_linear_qkv_layer_norm_weight(
@@ -170,10 +172,10 @@ def import_decoder_layers_1_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_1_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.1.self_attention.linear_qkv.layer_norm_weight <- model.layers.1.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.1.input_layernorm.weight": local}
+    return {"model.layers.1.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_1_self_attention_linear_proj_weight(
@@ -184,10 +186,10 @@ def import_decoder_layers_1_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_1_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.1.self_attention.linear_proj.weight <- model.layers.1.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.1.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.1.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_1_self_attention_linear_qkv_weight(
@@ -206,10 +208,10 @@ def import_decoder_layers_1_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_1_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.1.self_attention.linear_qkv.weight <- model.layers.1.self_attn.q_proj.weight, model.layers.1.self_attn.k_proj.weight, model.layers.1.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=32, groups=8, head_dim=64)
+    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=64)
     return {
         "model.layers.1.self_attn.q_proj.weight": q,
         "model.layers.1.self_attn.k_proj.weight": k,
@@ -225,10 +227,10 @@ def import_decoder_layers_1_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_1_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.1.mlp.linear_fc1.layer_norm_weight <- model.layers.1.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.1.post_attention_layernorm.weight": local}
+    return {"model.layers.1.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_1_mlp_linear_fc1_weight(
@@ -243,10 +245,10 @@ def import_decoder_layers_1_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_1_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.1.mlp.linear_fc1.weight <- model.layers.1.mlp.gate_proj.weight, model.layers.1.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.1.mlp.gate_proj.weight": gate, "model.layers.1.mlp.up_proj.weight": up}
 
 
@@ -258,10 +260,10 @@ def import_decoder_layers_1_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_1_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.1.mlp.linear_fc2.weight <- model.layers.1.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.1.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.1.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_2_self_attention_linear_qkv_layer_norm_weight(
@@ -272,10 +274,10 @@ def import_decoder_layers_2_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_2_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.2.self_attention.linear_qkv.layer_norm_weight <- model.layers.2.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.2.input_layernorm.weight": local}
+    return {"model.layers.2.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_2_self_attention_linear_proj_weight(
@@ -286,10 +288,10 @@ def import_decoder_layers_2_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_2_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.2.self_attention.linear_proj.weight <- model.layers.2.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.2.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.2.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_2_self_attention_linear_qkv_weight(
@@ -308,10 +310,10 @@ def import_decoder_layers_2_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_2_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.2.self_attention.linear_qkv.weight <- model.layers.2.self_attn.q_proj.weight, model.layers.2.self_attn.k_proj.weight, model.layers.2.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=32, groups=8, head_dim=64)
+    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=64)
     return {
         "model.layers.2.self_attn.q_proj.weight": q,
         "model.layers.2.self_attn.k_proj.weight": k,
@@ -327,10 +329,10 @@ def import_decoder_layers_2_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_2_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.2.mlp.linear_fc1.layer_norm_weight <- model.layers.2.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.2.post_attention_layernorm.weight": local}
+    return {"model.layers.2.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_2_mlp_linear_fc1_weight(
@@ -345,10 +347,10 @@ def import_decoder_layers_2_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_2_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.2.mlp.linear_fc1.weight <- model.layers.2.mlp.gate_proj.weight, model.layers.2.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.2.mlp.gate_proj.weight": gate, "model.layers.2.mlp.up_proj.weight": up}
 
 
@@ -360,10 +362,10 @@ def import_decoder_layers_2_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_2_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.2.mlp.linear_fc2.weight <- model.layers.2.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.2.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.2.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_3_self_attention_linear_qkv_layer_norm_weight(
@@ -374,10 +376,10 @@ def import_decoder_layers_3_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_3_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.3.self_attention.linear_qkv.layer_norm_weight <- model.layers.3.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.3.input_layernorm.weight": local}
+    return {"model.layers.3.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_3_self_attention_linear_proj_weight(
@@ -388,10 +390,10 @@ def import_decoder_layers_3_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_3_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.3.self_attention.linear_proj.weight <- model.layers.3.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.3.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.3.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_3_self_attention_linear_qkv_weight(
@@ -410,10 +412,10 @@ def import_decoder_layers_3_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_3_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.3.self_attention.linear_qkv.weight <- model.layers.3.self_attn.q_proj.weight, model.layers.3.self_attn.k_proj.weight, model.layers.3.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=32, groups=8, head_dim=64)
+    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=64)
     return {
         "model.layers.3.self_attn.q_proj.weight": q,
         "model.layers.3.self_attn.k_proj.weight": k,
@@ -429,10 +431,10 @@ def import_decoder_layers_3_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_3_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.3.mlp.linear_fc1.layer_norm_weight <- model.layers.3.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.3.post_attention_layernorm.weight": local}
+    return {"model.layers.3.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_3_mlp_linear_fc1_weight(
@@ -447,10 +449,10 @@ def import_decoder_layers_3_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_3_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.3.mlp.linear_fc1.weight <- model.layers.3.mlp.gate_proj.weight, model.layers.3.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.3.mlp.gate_proj.weight": gate, "model.layers.3.mlp.up_proj.weight": up}
 
 
@@ -462,10 +464,10 @@ def import_decoder_layers_3_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_3_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.3.mlp.linear_fc2.weight <- model.layers.3.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.3.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.3.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_4_self_attention_linear_qkv_layer_norm_weight(
@@ -476,10 +478,10 @@ def import_decoder_layers_4_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_4_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.4.self_attention.linear_qkv.layer_norm_weight <- model.layers.4.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.4.input_layernorm.weight": local}
+    return {"model.layers.4.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_4_self_attention_linear_proj_weight(
@@ -490,10 +492,10 @@ def import_decoder_layers_4_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_4_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.4.self_attention.linear_proj.weight <- model.layers.4.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.4.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.4.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_4_self_attention_linear_qkv_weight(
@@ -512,10 +514,10 @@ def import_decoder_layers_4_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_4_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.4.self_attention.linear_qkv.weight <- model.layers.4.self_attn.q_proj.weight, model.layers.4.self_attn.k_proj.weight, model.layers.4.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=32, groups=8, head_dim=64)
+    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=64)
     return {
         "model.layers.4.self_attn.q_proj.weight": q,
         "model.layers.4.self_attn.k_proj.weight": k,
@@ -531,10 +533,10 @@ def import_decoder_layers_4_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_4_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.4.mlp.linear_fc1.layer_norm_weight <- model.layers.4.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.4.post_attention_layernorm.weight": local}
+    return {"model.layers.4.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_4_mlp_linear_fc1_weight(
@@ -549,10 +551,10 @@ def import_decoder_layers_4_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_4_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.4.mlp.linear_fc1.weight <- model.layers.4.mlp.gate_proj.weight, model.layers.4.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.4.mlp.gate_proj.weight": gate, "model.layers.4.mlp.up_proj.weight": up}
 
 
@@ -564,10 +566,10 @@ def import_decoder_layers_4_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_4_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.4.mlp.linear_fc2.weight <- model.layers.4.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.4.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.4.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_5_self_attention_linear_qkv_layer_norm_weight(
@@ -578,10 +580,10 @@ def import_decoder_layers_5_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_5_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.5.self_attention.linear_qkv.layer_norm_weight <- model.layers.5.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.5.input_layernorm.weight": local}
+    return {"model.layers.5.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_5_self_attention_linear_proj_weight(
@@ -592,10 +594,10 @@ def import_decoder_layers_5_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_5_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.5.self_attention.linear_proj.weight <- model.layers.5.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.5.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.5.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_5_self_attention_linear_qkv_weight(
@@ -614,10 +616,10 @@ def import_decoder_layers_5_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_5_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.5.self_attention.linear_qkv.weight <- model.layers.5.self_attn.q_proj.weight, model.layers.5.self_attn.k_proj.weight, model.layers.5.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=32, groups=8, head_dim=64)
+    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=64)
     return {
         "model.layers.5.self_attn.q_proj.weight": q,
         "model.layers.5.self_attn.k_proj.weight": k,
@@ -633,10 +635,10 @@ def import_decoder_layers_5_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_5_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.5.mlp.linear_fc1.layer_norm_weight <- model.layers.5.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.5.post_attention_layernorm.weight": local}
+    return {"model.layers.5.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_5_mlp_linear_fc1_weight(
@@ -651,10 +653,10 @@ def import_decoder_layers_5_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_5_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.5.mlp.linear_fc1.weight <- model.layers.5.mlp.gate_proj.weight, model.layers.5.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.5.mlp.gate_proj.weight": gate, "model.layers.5.mlp.up_proj.weight": up}
 
 
@@ -666,10 +668,10 @@ def import_decoder_layers_5_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_5_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.5.mlp.linear_fc2.weight <- model.layers.5.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.5.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.5.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_6_self_attention_linear_qkv_layer_norm_weight(
@@ -680,10 +682,10 @@ def import_decoder_layers_6_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_6_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.6.self_attention.linear_qkv.layer_norm_weight <- model.layers.6.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.6.input_layernorm.weight": local}
+    return {"model.layers.6.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_6_self_attention_linear_proj_weight(
@@ -694,10 +696,10 @@ def import_decoder_layers_6_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_6_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.6.self_attention.linear_proj.weight <- model.layers.6.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.6.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.6.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_6_self_attention_linear_qkv_weight(
@@ -716,10 +718,10 @@ def import_decoder_layers_6_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_6_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.6.self_attention.linear_qkv.weight <- model.layers.6.self_attn.q_proj.weight, model.layers.6.self_attn.k_proj.weight, model.layers.6.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=32, groups=8, head_dim=64)
+    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=64)
     return {
         "model.layers.6.self_attn.q_proj.weight": q,
         "model.layers.6.self_attn.k_proj.weight": k,
@@ -735,10 +737,10 @@ def import_decoder_layers_6_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_6_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.6.mlp.linear_fc1.layer_norm_weight <- model.layers.6.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.6.post_attention_layernorm.weight": local}
+    return {"model.layers.6.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_6_mlp_linear_fc1_weight(
@@ -753,10 +755,10 @@ def import_decoder_layers_6_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_6_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.6.mlp.linear_fc1.weight <- model.layers.6.mlp.gate_proj.weight, model.layers.6.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.6.mlp.gate_proj.weight": gate, "model.layers.6.mlp.up_proj.weight": up}
 
 
@@ -768,10 +770,10 @@ def import_decoder_layers_6_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_6_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.6.mlp.linear_fc2.weight <- model.layers.6.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.6.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.6.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_7_self_attention_linear_qkv_layer_norm_weight(
@@ -782,10 +784,10 @@ def import_decoder_layers_7_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_7_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.7.self_attention.linear_qkv.layer_norm_weight <- model.layers.7.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.7.input_layernorm.weight": local}
+    return {"model.layers.7.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_7_self_attention_linear_proj_weight(
@@ -796,10 +798,10 @@ def import_decoder_layers_7_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_7_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.7.self_attention.linear_proj.weight <- model.layers.7.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.7.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.7.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_7_self_attention_linear_qkv_weight(
@@ -818,10 +820,10 @@ def import_decoder_layers_7_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_7_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.7.self_attention.linear_qkv.weight <- model.layers.7.self_attn.q_proj.weight, model.layers.7.self_attn.k_proj.weight, model.layers.7.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=32, groups=8, head_dim=64)
+    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=64)
     return {
         "model.layers.7.self_attn.q_proj.weight": q,
         "model.layers.7.self_attn.k_proj.weight": k,
@@ -837,10 +839,10 @@ def import_decoder_layers_7_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_7_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.7.mlp.linear_fc1.layer_norm_weight <- model.layers.7.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.7.post_attention_layernorm.weight": local}
+    return {"model.layers.7.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_7_mlp_linear_fc1_weight(
@@ -855,10 +857,10 @@ def import_decoder_layers_7_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_7_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.7.mlp.linear_fc1.weight <- model.layers.7.mlp.gate_proj.weight, model.layers.7.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.7.mlp.gate_proj.weight": gate, "model.layers.7.mlp.up_proj.weight": up}
 
 
@@ -870,10 +872,10 @@ def import_decoder_layers_7_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_7_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.7.mlp.linear_fc2.weight <- model.layers.7.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.7.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.7.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_8_self_attention_linear_qkv_layer_norm_weight(
@@ -884,10 +886,10 @@ def import_decoder_layers_8_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_8_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.8.self_attention.linear_qkv.layer_norm_weight <- model.layers.8.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.8.input_layernorm.weight": local}
+    return {"model.layers.8.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_8_self_attention_linear_proj_weight(
@@ -898,10 +900,10 @@ def import_decoder_layers_8_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_8_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.8.self_attention.linear_proj.weight <- model.layers.8.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.8.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.8.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_8_self_attention_linear_qkv_weight(
@@ -920,10 +922,10 @@ def import_decoder_layers_8_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_8_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.8.self_attention.linear_qkv.weight <- model.layers.8.self_attn.q_proj.weight, model.layers.8.self_attn.k_proj.weight, model.layers.8.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=32, groups=8, head_dim=64)
+    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=64)
     return {
         "model.layers.8.self_attn.q_proj.weight": q,
         "model.layers.8.self_attn.k_proj.weight": k,
@@ -939,10 +941,10 @@ def import_decoder_layers_8_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_8_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.8.mlp.linear_fc1.layer_norm_weight <- model.layers.8.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.8.post_attention_layernorm.weight": local}
+    return {"model.layers.8.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_8_mlp_linear_fc1_weight(
@@ -957,10 +959,10 @@ def import_decoder_layers_8_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_8_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.8.mlp.linear_fc1.weight <- model.layers.8.mlp.gate_proj.weight, model.layers.8.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.8.mlp.gate_proj.weight": gate, "model.layers.8.mlp.up_proj.weight": up}
 
 
@@ -972,10 +974,10 @@ def import_decoder_layers_8_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_8_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.8.mlp.linear_fc2.weight <- model.layers.8.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.8.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.8.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_9_self_attention_linear_qkv_layer_norm_weight(
@@ -986,10 +988,10 @@ def import_decoder_layers_9_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_9_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.9.self_attention.linear_qkv.layer_norm_weight <- model.layers.9.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.9.input_layernorm.weight": local}
+    return {"model.layers.9.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_9_self_attention_linear_proj_weight(
@@ -1000,10 +1002,10 @@ def import_decoder_layers_9_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_9_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.9.self_attention.linear_proj.weight <- model.layers.9.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.9.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.9.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_9_self_attention_linear_qkv_weight(
@@ -1022,10 +1024,10 @@ def import_decoder_layers_9_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_9_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.9.self_attention.linear_qkv.weight <- model.layers.9.self_attn.q_proj.weight, model.layers.9.self_attn.k_proj.weight, model.layers.9.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=32, groups=8, head_dim=64)
+    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=64)
     return {
         "model.layers.9.self_attn.q_proj.weight": q,
         "model.layers.9.self_attn.k_proj.weight": k,
@@ -1041,10 +1043,10 @@ def import_decoder_layers_9_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_9_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.9.mlp.linear_fc1.layer_norm_weight <- model.layers.9.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.9.post_attention_layernorm.weight": local}
+    return {"model.layers.9.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_9_mlp_linear_fc1_weight(
@@ -1059,10 +1061,10 @@ def import_decoder_layers_9_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_9_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.9.mlp.linear_fc1.weight <- model.layers.9.mlp.gate_proj.weight, model.layers.9.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.9.mlp.gate_proj.weight": gate, "model.layers.9.mlp.up_proj.weight": up}
 
 
@@ -1074,10 +1076,10 @@ def import_decoder_layers_9_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_9_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.9.mlp.linear_fc2.weight <- model.layers.9.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.9.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.9.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_10_self_attention_linear_qkv_layer_norm_weight(
@@ -1088,10 +1090,10 @@ def import_decoder_layers_10_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_10_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.10.self_attention.linear_qkv.layer_norm_weight <- model.layers.10.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.10.input_layernorm.weight": local}
+    return {"model.layers.10.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_10_self_attention_linear_proj_weight(
@@ -1102,10 +1104,10 @@ def import_decoder_layers_10_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_10_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.10.self_attention.linear_proj.weight <- model.layers.10.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.10.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.10.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_10_self_attention_linear_qkv_weight(
@@ -1124,10 +1126,10 @@ def import_decoder_layers_10_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_10_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.10.self_attention.linear_qkv.weight <- model.layers.10.self_attn.q_proj.weight, model.layers.10.self_attn.k_proj.weight, model.layers.10.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=32, groups=8, head_dim=64)
+    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=64)
     return {
         "model.layers.10.self_attn.q_proj.weight": q,
         "model.layers.10.self_attn.k_proj.weight": k,
@@ -1143,10 +1145,10 @@ def import_decoder_layers_10_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_10_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.10.mlp.linear_fc1.layer_norm_weight <- model.layers.10.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.10.post_attention_layernorm.weight": local}
+    return {"model.layers.10.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_10_mlp_linear_fc1_weight(
@@ -1161,10 +1163,10 @@ def import_decoder_layers_10_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_10_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.10.mlp.linear_fc1.weight <- model.layers.10.mlp.gate_proj.weight, model.layers.10.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.10.mlp.gate_proj.weight": gate, "model.layers.10.mlp.up_proj.weight": up}
 
 
@@ -1176,10 +1178,10 @@ def import_decoder_layers_10_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_10_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.10.mlp.linear_fc2.weight <- model.layers.10.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.10.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.10.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_11_self_attention_linear_qkv_layer_norm_weight(
@@ -1190,10 +1192,10 @@ def import_decoder_layers_11_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_11_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.11.self_attention.linear_qkv.layer_norm_weight <- model.layers.11.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.11.input_layernorm.weight": local}
+    return {"model.layers.11.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_11_self_attention_linear_proj_weight(
@@ -1204,10 +1206,10 @@ def import_decoder_layers_11_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_11_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.11.self_attention.linear_proj.weight <- model.layers.11.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.11.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.11.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_11_self_attention_linear_qkv_weight(
@@ -1226,10 +1228,10 @@ def import_decoder_layers_11_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_11_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.11.self_attention.linear_qkv.weight <- model.layers.11.self_attn.q_proj.weight, model.layers.11.self_attn.k_proj.weight, model.layers.11.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=32, groups=8, head_dim=64)
+    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=64)
     return {
         "model.layers.11.self_attn.q_proj.weight": q,
         "model.layers.11.self_attn.k_proj.weight": k,
@@ -1245,10 +1247,10 @@ def import_decoder_layers_11_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_11_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.11.mlp.linear_fc1.layer_norm_weight <- model.layers.11.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.11.post_attention_layernorm.weight": local}
+    return {"model.layers.11.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_11_mlp_linear_fc1_weight(
@@ -1263,10 +1265,10 @@ def import_decoder_layers_11_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_11_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.11.mlp.linear_fc1.weight <- model.layers.11.mlp.gate_proj.weight, model.layers.11.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.11.mlp.gate_proj.weight": gate, "model.layers.11.mlp.up_proj.weight": up}
 
 
@@ -1278,10 +1280,10 @@ def import_decoder_layers_11_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_11_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.11.mlp.linear_fc2.weight <- model.layers.11.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.11.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.11.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_12_self_attention_linear_qkv_layer_norm_weight(
@@ -1292,10 +1294,10 @@ def import_decoder_layers_12_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_12_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.12.self_attention.linear_qkv.layer_norm_weight <- model.layers.12.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.12.input_layernorm.weight": local}
+    return {"model.layers.12.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_12_self_attention_linear_proj_weight(
@@ -1306,10 +1308,10 @@ def import_decoder_layers_12_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_12_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.12.self_attention.linear_proj.weight <- model.layers.12.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.12.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.12.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_12_self_attention_linear_qkv_weight(
@@ -1328,10 +1330,10 @@ def import_decoder_layers_12_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_12_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.12.self_attention.linear_qkv.weight <- model.layers.12.self_attn.q_proj.weight, model.layers.12.self_attn.k_proj.weight, model.layers.12.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=32, groups=8, head_dim=64)
+    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=64)
     return {
         "model.layers.12.self_attn.q_proj.weight": q,
         "model.layers.12.self_attn.k_proj.weight": k,
@@ -1347,10 +1349,10 @@ def import_decoder_layers_12_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_12_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.12.mlp.linear_fc1.layer_norm_weight <- model.layers.12.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.12.post_attention_layernorm.weight": local}
+    return {"model.layers.12.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_12_mlp_linear_fc1_weight(
@@ -1365,10 +1367,10 @@ def import_decoder_layers_12_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_12_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.12.mlp.linear_fc1.weight <- model.layers.12.mlp.gate_proj.weight, model.layers.12.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.12.mlp.gate_proj.weight": gate, "model.layers.12.mlp.up_proj.weight": up}
 
 
@@ -1380,10 +1382,10 @@ def import_decoder_layers_12_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_12_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.12.mlp.linear_fc2.weight <- model.layers.12.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.12.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.12.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_13_self_attention_linear_qkv_layer_norm_weight(
@@ -1394,10 +1396,10 @@ def import_decoder_layers_13_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_13_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.13.self_attention.linear_qkv.layer_norm_weight <- model.layers.13.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.13.input_layernorm.weight": local}
+    return {"model.layers.13.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_13_self_attention_linear_proj_weight(
@@ -1408,10 +1410,10 @@ def import_decoder_layers_13_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_13_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.13.self_attention.linear_proj.weight <- model.layers.13.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.13.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.13.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_13_self_attention_linear_qkv_weight(
@@ -1430,10 +1432,10 @@ def import_decoder_layers_13_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_13_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.13.self_attention.linear_qkv.weight <- model.layers.13.self_attn.q_proj.weight, model.layers.13.self_attn.k_proj.weight, model.layers.13.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=32, groups=8, head_dim=64)
+    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=64)
     return {
         "model.layers.13.self_attn.q_proj.weight": q,
         "model.layers.13.self_attn.k_proj.weight": k,
@@ -1449,10 +1451,10 @@ def import_decoder_layers_13_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_13_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.13.mlp.linear_fc1.layer_norm_weight <- model.layers.13.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.13.post_attention_layernorm.weight": local}
+    return {"model.layers.13.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_13_mlp_linear_fc1_weight(
@@ -1467,10 +1469,10 @@ def import_decoder_layers_13_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_13_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.13.mlp.linear_fc1.weight <- model.layers.13.mlp.gate_proj.weight, model.layers.13.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.13.mlp.gate_proj.weight": gate, "model.layers.13.mlp.up_proj.weight": up}
 
 
@@ -1482,10 +1484,10 @@ def import_decoder_layers_13_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_13_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.13.mlp.linear_fc2.weight <- model.layers.13.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.13.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.13.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_14_self_attention_linear_qkv_layer_norm_weight(
@@ -1496,10 +1498,10 @@ def import_decoder_layers_14_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_14_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.14.self_attention.linear_qkv.layer_norm_weight <- model.layers.14.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.14.input_layernorm.weight": local}
+    return {"model.layers.14.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_14_self_attention_linear_proj_weight(
@@ -1510,10 +1512,10 @@ def import_decoder_layers_14_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_14_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.14.self_attention.linear_proj.weight <- model.layers.14.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.14.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.14.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_14_self_attention_linear_qkv_weight(
@@ -1532,10 +1534,10 @@ def import_decoder_layers_14_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_14_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.14.self_attention.linear_qkv.weight <- model.layers.14.self_attn.q_proj.weight, model.layers.14.self_attn.k_proj.weight, model.layers.14.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=32, groups=8, head_dim=64)
+    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=64)
     return {
         "model.layers.14.self_attn.q_proj.weight": q,
         "model.layers.14.self_attn.k_proj.weight": k,
@@ -1551,10 +1553,10 @@ def import_decoder_layers_14_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_14_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.14.mlp.linear_fc1.layer_norm_weight <- model.layers.14.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.14.post_attention_layernorm.weight": local}
+    return {"model.layers.14.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_14_mlp_linear_fc1_weight(
@@ -1569,10 +1571,10 @@ def import_decoder_layers_14_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_14_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.14.mlp.linear_fc1.weight <- model.layers.14.mlp.gate_proj.weight, model.layers.14.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.14.mlp.gate_proj.weight": gate, "model.layers.14.mlp.up_proj.weight": up}
 
 
@@ -1584,10 +1586,10 @@ def import_decoder_layers_14_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_14_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.14.mlp.linear_fc2.weight <- model.layers.14.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.14.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.14.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_15_self_attention_linear_qkv_layer_norm_weight(
@@ -1598,10 +1600,10 @@ def import_decoder_layers_15_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_15_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.15.self_attention.linear_qkv.layer_norm_weight <- model.layers.15.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return {"model.layers.15.input_layernorm.weight": local}
+    return {"model.layers.15.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_15_self_attention_linear_proj_weight(
@@ -1612,10 +1614,10 @@ def import_decoder_layers_15_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_15_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.15.self_attention.linear_proj.weight <- model.layers.15.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return {"model.layers.15.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.15.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_15_self_attention_linear_qkv_weight(
@@ -1634,10 +1636,10 @@ def import_decoder_layers_15_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_15_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.15.self_attention.linear_qkv.weight <- model.layers.15.self_attn.q_proj.weight, model.layers.15.self_attn.k_proj.weight, model.layers.15.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=32, groups=8, head_dim=64)
+    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=64)
     return {
         "model.layers.15.self_attn.q_proj.weight": q,
         "model.layers.15.self_attn.k_proj.weight": k,
@@ -1653,10 +1655,10 @@ def import_decoder_layers_15_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_15_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.15.mlp.linear_fc1.layer_norm_weight <- model.layers.15.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return {"model.layers.15.post_attention_layernorm.weight": local}
+    return {"model.layers.15.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_15_mlp_linear_fc1_weight(
@@ -1671,10 +1673,10 @@ def import_decoder_layers_15_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_15_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.15.mlp.linear_fc1.weight <- model.layers.15.mlp.gate_proj.weight, model.layers.15.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.15.mlp.gate_proj.weight": gate, "model.layers.15.mlp.up_proj.weight": up}
 
 
@@ -1686,10 +1688,10 @@ def import_decoder_layers_15_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_15_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.15.mlp.linear_fc2.weight <- model.layers.15.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return {"model.layers.15.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.15.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_final_layernorm_weight(ctx: ParallelContext, load: Loader) -> torch.Tensor:
@@ -1697,11 +1699,9 @@ def import_decoder_final_layernorm_weight(ctx: ParallelContext, load: Loader) ->
     return load("model.norm.weight")
 
 
-def export_decoder_final_layernorm_weight(
-    ctx: ParallelContext, local: torch.Tensor
-) -> dict[str, torch.Tensor]:
+def export_decoder_final_layernorm_weight(parts: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
     """decoder.final_layernorm.weight <- model.norm.weight: auto -> replicated, specs/llama.yaml:54."""
-    return {"model.norm.weight": local}
+    return {"model.norm.weight": parts[0]}
 
 
 PARAMS: Final[tuple[ParamPlan, ...]] = (
@@ -2999,6 +2999,11 @@ IMPORTS: Final[dict[str, ImportFn]] = {
     "decoder.layers.15.mlp.linear_fc1.weight": import_decoder_layers_15_mlp_linear_fc1_weight,
     "decoder.layers.15.mlp.linear_fc2.weight": import_decoder_layers_15_mlp_linear_fc2_weight,
     "decoder.final_layernorm.weight": import_decoder_final_layernorm_weight,
+}
+
+# Megatron parameters that hold a copy of another (tied embeddings on the last pipeline stage)
+TIED: Final[dict[str, str]] = {
+    "output_layer.weight": "embedding.word_embeddings.weight",
 }
 
 EXPORTS: Final[dict[str, ExportFn]] = {

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Final
 
 import torch
@@ -18,6 +19,7 @@ from mapgen.runtime import ExportFn, HFTensorPlan, ImportFn, Loader, ParallelCon
 TARGET: Final = "qwen2_5_7b"
 LAYOUT: Final = "te"
 HF_ARCHITECTURE: Final = "Qwen2ForCausalLM"
+SOURCES: Final = ("specs/qwen2.yaml", "specs/configs/qwen2_5_7b.json")
 DIMS: Final = ModelDims(
     num_layers=28,
     hidden_size=3584,
@@ -54,10 +56,10 @@ def import_embedding_word_embeddings_weight(ctx: ParallelContext, load: Loader) 
 
 
 def export_embedding_word_embeddings_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """embedding.word_embeddings.weight <- model.embed_tokens.weight: auto -> column, specs/qwen2.yaml:25."""
-    return {"model.embed_tokens.weight": rt.column_export(ctx.tp, local)}
+    return {"model.embed_tokens.weight": rt.column_export(parts)}
 
 
 def import_decoder_layers_0_self_attention_linear_qkv_layer_norm_weight(
@@ -68,10 +70,10 @@ def import_decoder_layers_0_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_0_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.0.self_attention.linear_qkv.layer_norm_weight <- model.layers.0.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
-    return {"model.layers.0.input_layernorm.weight": local}
+    return {"model.layers.0.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_0_self_attention_linear_proj_weight(
@@ -82,10 +84,10 @@ def import_decoder_layers_0_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_0_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.0.self_attention.linear_proj.weight <- model.layers.0.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
-    return {"model.layers.0.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.0.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_0_self_attention_linear_qkv_weight(
@@ -104,10 +106,10 @@ def import_decoder_layers_0_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_0_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.0.self_attention.linear_qkv.weight <- model.layers.0.self_attn.q_proj.weight, model.layers.0.self_attn.k_proj.weight, model.layers.0.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=28, groups=4, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
     return {
         "model.layers.0.self_attn.q_proj.weight": q,
         "model.layers.0.self_attn.k_proj.weight": k,
@@ -131,10 +133,10 @@ def import_decoder_layers_0_self_attention_linear_qkv_bias(
 
 
 def export_decoder_layers_0_self_attention_linear_qkv_bias(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.0.self_attention.linear_qkv.bias <- model.layers.0.self_attn.q_proj.bias, model.layers.0.self_attn.k_proj.bias, model.layers.0.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=28, groups=4, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
     return {
         "model.layers.0.self_attn.q_proj.bias": q,
         "model.layers.0.self_attn.k_proj.bias": k,
@@ -150,10 +152,10 @@ def import_decoder_layers_0_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_0_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.0.mlp.linear_fc1.layer_norm_weight <- model.layers.0.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
-    return {"model.layers.0.post_attention_layernorm.weight": local}
+    return {"model.layers.0.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_0_mlp_linear_fc1_weight(
@@ -168,10 +170,10 @@ def import_decoder_layers_0_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_0_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.0.mlp.linear_fc1.weight <- model.layers.0.mlp.gate_proj.weight, model.layers.0.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.0.mlp.gate_proj.weight": gate, "model.layers.0.mlp.up_proj.weight": up}
 
 
@@ -183,10 +185,10 @@ def import_decoder_layers_0_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_0_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.0.mlp.linear_fc2.weight <- model.layers.0.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
-    return {"model.layers.0.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.0.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_1_self_attention_linear_qkv_layer_norm_weight(
@@ -197,10 +199,10 @@ def import_decoder_layers_1_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_1_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.1.self_attention.linear_qkv.layer_norm_weight <- model.layers.1.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
-    return {"model.layers.1.input_layernorm.weight": local}
+    return {"model.layers.1.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_1_self_attention_linear_proj_weight(
@@ -211,10 +213,10 @@ def import_decoder_layers_1_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_1_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.1.self_attention.linear_proj.weight <- model.layers.1.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
-    return {"model.layers.1.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.1.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_1_self_attention_linear_qkv_weight(
@@ -233,10 +235,10 @@ def import_decoder_layers_1_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_1_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.1.self_attention.linear_qkv.weight <- model.layers.1.self_attn.q_proj.weight, model.layers.1.self_attn.k_proj.weight, model.layers.1.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=28, groups=4, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
     return {
         "model.layers.1.self_attn.q_proj.weight": q,
         "model.layers.1.self_attn.k_proj.weight": k,
@@ -260,10 +262,10 @@ def import_decoder_layers_1_self_attention_linear_qkv_bias(
 
 
 def export_decoder_layers_1_self_attention_linear_qkv_bias(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.1.self_attention.linear_qkv.bias <- model.layers.1.self_attn.q_proj.bias, model.layers.1.self_attn.k_proj.bias, model.layers.1.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=28, groups=4, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
     return {
         "model.layers.1.self_attn.q_proj.bias": q,
         "model.layers.1.self_attn.k_proj.bias": k,
@@ -279,10 +281,10 @@ def import_decoder_layers_1_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_1_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.1.mlp.linear_fc1.layer_norm_weight <- model.layers.1.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
-    return {"model.layers.1.post_attention_layernorm.weight": local}
+    return {"model.layers.1.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_1_mlp_linear_fc1_weight(
@@ -297,10 +299,10 @@ def import_decoder_layers_1_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_1_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.1.mlp.linear_fc1.weight <- model.layers.1.mlp.gate_proj.weight, model.layers.1.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.1.mlp.gate_proj.weight": gate, "model.layers.1.mlp.up_proj.weight": up}
 
 
@@ -312,10 +314,10 @@ def import_decoder_layers_1_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_1_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.1.mlp.linear_fc2.weight <- model.layers.1.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
-    return {"model.layers.1.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.1.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_2_self_attention_linear_qkv_layer_norm_weight(
@@ -326,10 +328,10 @@ def import_decoder_layers_2_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_2_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.2.self_attention.linear_qkv.layer_norm_weight <- model.layers.2.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
-    return {"model.layers.2.input_layernorm.weight": local}
+    return {"model.layers.2.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_2_self_attention_linear_proj_weight(
@@ -340,10 +342,10 @@ def import_decoder_layers_2_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_2_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.2.self_attention.linear_proj.weight <- model.layers.2.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
-    return {"model.layers.2.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.2.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_2_self_attention_linear_qkv_weight(
@@ -362,10 +364,10 @@ def import_decoder_layers_2_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_2_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.2.self_attention.linear_qkv.weight <- model.layers.2.self_attn.q_proj.weight, model.layers.2.self_attn.k_proj.weight, model.layers.2.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=28, groups=4, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
     return {
         "model.layers.2.self_attn.q_proj.weight": q,
         "model.layers.2.self_attn.k_proj.weight": k,
@@ -389,10 +391,10 @@ def import_decoder_layers_2_self_attention_linear_qkv_bias(
 
 
 def export_decoder_layers_2_self_attention_linear_qkv_bias(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.2.self_attention.linear_qkv.bias <- model.layers.2.self_attn.q_proj.bias, model.layers.2.self_attn.k_proj.bias, model.layers.2.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=28, groups=4, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
     return {
         "model.layers.2.self_attn.q_proj.bias": q,
         "model.layers.2.self_attn.k_proj.bias": k,
@@ -408,10 +410,10 @@ def import_decoder_layers_2_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_2_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.2.mlp.linear_fc1.layer_norm_weight <- model.layers.2.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
-    return {"model.layers.2.post_attention_layernorm.weight": local}
+    return {"model.layers.2.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_2_mlp_linear_fc1_weight(
@@ -426,10 +428,10 @@ def import_decoder_layers_2_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_2_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.2.mlp.linear_fc1.weight <- model.layers.2.mlp.gate_proj.weight, model.layers.2.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.2.mlp.gate_proj.weight": gate, "model.layers.2.mlp.up_proj.weight": up}
 
 
@@ -441,10 +443,10 @@ def import_decoder_layers_2_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_2_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.2.mlp.linear_fc2.weight <- model.layers.2.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
-    return {"model.layers.2.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.2.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_3_self_attention_linear_qkv_layer_norm_weight(
@@ -455,10 +457,10 @@ def import_decoder_layers_3_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_3_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.3.self_attention.linear_qkv.layer_norm_weight <- model.layers.3.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
-    return {"model.layers.3.input_layernorm.weight": local}
+    return {"model.layers.3.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_3_self_attention_linear_proj_weight(
@@ -469,10 +471,10 @@ def import_decoder_layers_3_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_3_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.3.self_attention.linear_proj.weight <- model.layers.3.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
-    return {"model.layers.3.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.3.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_3_self_attention_linear_qkv_weight(
@@ -491,10 +493,10 @@ def import_decoder_layers_3_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_3_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.3.self_attention.linear_qkv.weight <- model.layers.3.self_attn.q_proj.weight, model.layers.3.self_attn.k_proj.weight, model.layers.3.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=28, groups=4, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
     return {
         "model.layers.3.self_attn.q_proj.weight": q,
         "model.layers.3.self_attn.k_proj.weight": k,
@@ -518,10 +520,10 @@ def import_decoder_layers_3_self_attention_linear_qkv_bias(
 
 
 def export_decoder_layers_3_self_attention_linear_qkv_bias(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.3.self_attention.linear_qkv.bias <- model.layers.3.self_attn.q_proj.bias, model.layers.3.self_attn.k_proj.bias, model.layers.3.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=28, groups=4, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
     return {
         "model.layers.3.self_attn.q_proj.bias": q,
         "model.layers.3.self_attn.k_proj.bias": k,
@@ -537,10 +539,10 @@ def import_decoder_layers_3_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_3_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.3.mlp.linear_fc1.layer_norm_weight <- model.layers.3.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
-    return {"model.layers.3.post_attention_layernorm.weight": local}
+    return {"model.layers.3.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_3_mlp_linear_fc1_weight(
@@ -555,10 +557,10 @@ def import_decoder_layers_3_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_3_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.3.mlp.linear_fc1.weight <- model.layers.3.mlp.gate_proj.weight, model.layers.3.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.3.mlp.gate_proj.weight": gate, "model.layers.3.mlp.up_proj.weight": up}
 
 
@@ -570,10 +572,10 @@ def import_decoder_layers_3_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_3_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.3.mlp.linear_fc2.weight <- model.layers.3.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
-    return {"model.layers.3.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.3.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_4_self_attention_linear_qkv_layer_norm_weight(
@@ -584,10 +586,10 @@ def import_decoder_layers_4_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_4_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.4.self_attention.linear_qkv.layer_norm_weight <- model.layers.4.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
-    return {"model.layers.4.input_layernorm.weight": local}
+    return {"model.layers.4.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_4_self_attention_linear_proj_weight(
@@ -598,10 +600,10 @@ def import_decoder_layers_4_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_4_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.4.self_attention.linear_proj.weight <- model.layers.4.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
-    return {"model.layers.4.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.4.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_4_self_attention_linear_qkv_weight(
@@ -620,10 +622,10 @@ def import_decoder_layers_4_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_4_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.4.self_attention.linear_qkv.weight <- model.layers.4.self_attn.q_proj.weight, model.layers.4.self_attn.k_proj.weight, model.layers.4.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=28, groups=4, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
     return {
         "model.layers.4.self_attn.q_proj.weight": q,
         "model.layers.4.self_attn.k_proj.weight": k,
@@ -647,10 +649,10 @@ def import_decoder_layers_4_self_attention_linear_qkv_bias(
 
 
 def export_decoder_layers_4_self_attention_linear_qkv_bias(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.4.self_attention.linear_qkv.bias <- model.layers.4.self_attn.q_proj.bias, model.layers.4.self_attn.k_proj.bias, model.layers.4.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=28, groups=4, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
     return {
         "model.layers.4.self_attn.q_proj.bias": q,
         "model.layers.4.self_attn.k_proj.bias": k,
@@ -666,10 +668,10 @@ def import_decoder_layers_4_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_4_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.4.mlp.linear_fc1.layer_norm_weight <- model.layers.4.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
-    return {"model.layers.4.post_attention_layernorm.weight": local}
+    return {"model.layers.4.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_4_mlp_linear_fc1_weight(
@@ -684,10 +686,10 @@ def import_decoder_layers_4_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_4_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.4.mlp.linear_fc1.weight <- model.layers.4.mlp.gate_proj.weight, model.layers.4.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.4.mlp.gate_proj.weight": gate, "model.layers.4.mlp.up_proj.weight": up}
 
 
@@ -699,10 +701,10 @@ def import_decoder_layers_4_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_4_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.4.mlp.linear_fc2.weight <- model.layers.4.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
-    return {"model.layers.4.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.4.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_5_self_attention_linear_qkv_layer_norm_weight(
@@ -713,10 +715,10 @@ def import_decoder_layers_5_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_5_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.5.self_attention.linear_qkv.layer_norm_weight <- model.layers.5.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
-    return {"model.layers.5.input_layernorm.weight": local}
+    return {"model.layers.5.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_5_self_attention_linear_proj_weight(
@@ -727,10 +729,10 @@ def import_decoder_layers_5_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_5_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.5.self_attention.linear_proj.weight <- model.layers.5.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
-    return {"model.layers.5.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.5.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_5_self_attention_linear_qkv_weight(
@@ -749,10 +751,10 @@ def import_decoder_layers_5_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_5_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.5.self_attention.linear_qkv.weight <- model.layers.5.self_attn.q_proj.weight, model.layers.5.self_attn.k_proj.weight, model.layers.5.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=28, groups=4, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
     return {
         "model.layers.5.self_attn.q_proj.weight": q,
         "model.layers.5.self_attn.k_proj.weight": k,
@@ -776,10 +778,10 @@ def import_decoder_layers_5_self_attention_linear_qkv_bias(
 
 
 def export_decoder_layers_5_self_attention_linear_qkv_bias(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.5.self_attention.linear_qkv.bias <- model.layers.5.self_attn.q_proj.bias, model.layers.5.self_attn.k_proj.bias, model.layers.5.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=28, groups=4, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
     return {
         "model.layers.5.self_attn.q_proj.bias": q,
         "model.layers.5.self_attn.k_proj.bias": k,
@@ -795,10 +797,10 @@ def import_decoder_layers_5_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_5_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.5.mlp.linear_fc1.layer_norm_weight <- model.layers.5.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
-    return {"model.layers.5.post_attention_layernorm.weight": local}
+    return {"model.layers.5.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_5_mlp_linear_fc1_weight(
@@ -813,10 +815,10 @@ def import_decoder_layers_5_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_5_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.5.mlp.linear_fc1.weight <- model.layers.5.mlp.gate_proj.weight, model.layers.5.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.5.mlp.gate_proj.weight": gate, "model.layers.5.mlp.up_proj.weight": up}
 
 
@@ -828,10 +830,10 @@ def import_decoder_layers_5_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_5_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.5.mlp.linear_fc2.weight <- model.layers.5.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
-    return {"model.layers.5.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.5.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_6_self_attention_linear_qkv_layer_norm_weight(
@@ -842,10 +844,10 @@ def import_decoder_layers_6_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_6_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.6.self_attention.linear_qkv.layer_norm_weight <- model.layers.6.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
-    return {"model.layers.6.input_layernorm.weight": local}
+    return {"model.layers.6.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_6_self_attention_linear_proj_weight(
@@ -856,10 +858,10 @@ def import_decoder_layers_6_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_6_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.6.self_attention.linear_proj.weight <- model.layers.6.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
-    return {"model.layers.6.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.6.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_6_self_attention_linear_qkv_weight(
@@ -878,10 +880,10 @@ def import_decoder_layers_6_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_6_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.6.self_attention.linear_qkv.weight <- model.layers.6.self_attn.q_proj.weight, model.layers.6.self_attn.k_proj.weight, model.layers.6.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=28, groups=4, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
     return {
         "model.layers.6.self_attn.q_proj.weight": q,
         "model.layers.6.self_attn.k_proj.weight": k,
@@ -905,10 +907,10 @@ def import_decoder_layers_6_self_attention_linear_qkv_bias(
 
 
 def export_decoder_layers_6_self_attention_linear_qkv_bias(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.6.self_attention.linear_qkv.bias <- model.layers.6.self_attn.q_proj.bias, model.layers.6.self_attn.k_proj.bias, model.layers.6.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=28, groups=4, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
     return {
         "model.layers.6.self_attn.q_proj.bias": q,
         "model.layers.6.self_attn.k_proj.bias": k,
@@ -924,10 +926,10 @@ def import_decoder_layers_6_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_6_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.6.mlp.linear_fc1.layer_norm_weight <- model.layers.6.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
-    return {"model.layers.6.post_attention_layernorm.weight": local}
+    return {"model.layers.6.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_6_mlp_linear_fc1_weight(
@@ -942,10 +944,10 @@ def import_decoder_layers_6_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_6_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.6.mlp.linear_fc1.weight <- model.layers.6.mlp.gate_proj.weight, model.layers.6.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.6.mlp.gate_proj.weight": gate, "model.layers.6.mlp.up_proj.weight": up}
 
 
@@ -957,10 +959,10 @@ def import_decoder_layers_6_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_6_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.6.mlp.linear_fc2.weight <- model.layers.6.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
-    return {"model.layers.6.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.6.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_7_self_attention_linear_qkv_layer_norm_weight(
@@ -971,10 +973,10 @@ def import_decoder_layers_7_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_7_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.7.self_attention.linear_qkv.layer_norm_weight <- model.layers.7.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
-    return {"model.layers.7.input_layernorm.weight": local}
+    return {"model.layers.7.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_7_self_attention_linear_proj_weight(
@@ -985,10 +987,10 @@ def import_decoder_layers_7_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_7_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.7.self_attention.linear_proj.weight <- model.layers.7.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
-    return {"model.layers.7.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.7.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_7_self_attention_linear_qkv_weight(
@@ -1007,10 +1009,10 @@ def import_decoder_layers_7_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_7_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.7.self_attention.linear_qkv.weight <- model.layers.7.self_attn.q_proj.weight, model.layers.7.self_attn.k_proj.weight, model.layers.7.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=28, groups=4, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
     return {
         "model.layers.7.self_attn.q_proj.weight": q,
         "model.layers.7.self_attn.k_proj.weight": k,
@@ -1034,10 +1036,10 @@ def import_decoder_layers_7_self_attention_linear_qkv_bias(
 
 
 def export_decoder_layers_7_self_attention_linear_qkv_bias(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.7.self_attention.linear_qkv.bias <- model.layers.7.self_attn.q_proj.bias, model.layers.7.self_attn.k_proj.bias, model.layers.7.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=28, groups=4, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
     return {
         "model.layers.7.self_attn.q_proj.bias": q,
         "model.layers.7.self_attn.k_proj.bias": k,
@@ -1053,10 +1055,10 @@ def import_decoder_layers_7_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_7_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.7.mlp.linear_fc1.layer_norm_weight <- model.layers.7.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
-    return {"model.layers.7.post_attention_layernorm.weight": local}
+    return {"model.layers.7.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_7_mlp_linear_fc1_weight(
@@ -1071,10 +1073,10 @@ def import_decoder_layers_7_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_7_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.7.mlp.linear_fc1.weight <- model.layers.7.mlp.gate_proj.weight, model.layers.7.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.7.mlp.gate_proj.weight": gate, "model.layers.7.mlp.up_proj.weight": up}
 
 
@@ -1086,10 +1088,10 @@ def import_decoder_layers_7_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_7_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.7.mlp.linear_fc2.weight <- model.layers.7.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
-    return {"model.layers.7.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.7.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_8_self_attention_linear_qkv_layer_norm_weight(
@@ -1100,10 +1102,10 @@ def import_decoder_layers_8_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_8_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.8.self_attention.linear_qkv.layer_norm_weight <- model.layers.8.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
-    return {"model.layers.8.input_layernorm.weight": local}
+    return {"model.layers.8.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_8_self_attention_linear_proj_weight(
@@ -1114,10 +1116,10 @@ def import_decoder_layers_8_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_8_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.8.self_attention.linear_proj.weight <- model.layers.8.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
-    return {"model.layers.8.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.8.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_8_self_attention_linear_qkv_weight(
@@ -1136,10 +1138,10 @@ def import_decoder_layers_8_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_8_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.8.self_attention.linear_qkv.weight <- model.layers.8.self_attn.q_proj.weight, model.layers.8.self_attn.k_proj.weight, model.layers.8.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=28, groups=4, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
     return {
         "model.layers.8.self_attn.q_proj.weight": q,
         "model.layers.8.self_attn.k_proj.weight": k,
@@ -1163,10 +1165,10 @@ def import_decoder_layers_8_self_attention_linear_qkv_bias(
 
 
 def export_decoder_layers_8_self_attention_linear_qkv_bias(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.8.self_attention.linear_qkv.bias <- model.layers.8.self_attn.q_proj.bias, model.layers.8.self_attn.k_proj.bias, model.layers.8.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=28, groups=4, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
     return {
         "model.layers.8.self_attn.q_proj.bias": q,
         "model.layers.8.self_attn.k_proj.bias": k,
@@ -1182,10 +1184,10 @@ def import_decoder_layers_8_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_8_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.8.mlp.linear_fc1.layer_norm_weight <- model.layers.8.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
-    return {"model.layers.8.post_attention_layernorm.weight": local}
+    return {"model.layers.8.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_8_mlp_linear_fc1_weight(
@@ -1200,10 +1202,10 @@ def import_decoder_layers_8_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_8_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.8.mlp.linear_fc1.weight <- model.layers.8.mlp.gate_proj.weight, model.layers.8.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.8.mlp.gate_proj.weight": gate, "model.layers.8.mlp.up_proj.weight": up}
 
 
@@ -1215,10 +1217,10 @@ def import_decoder_layers_8_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_8_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.8.mlp.linear_fc2.weight <- model.layers.8.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
-    return {"model.layers.8.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.8.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_9_self_attention_linear_qkv_layer_norm_weight(
@@ -1229,10 +1231,10 @@ def import_decoder_layers_9_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_9_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.9.self_attention.linear_qkv.layer_norm_weight <- model.layers.9.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
-    return {"model.layers.9.input_layernorm.weight": local}
+    return {"model.layers.9.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_9_self_attention_linear_proj_weight(
@@ -1243,10 +1245,10 @@ def import_decoder_layers_9_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_9_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.9.self_attention.linear_proj.weight <- model.layers.9.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
-    return {"model.layers.9.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.9.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_9_self_attention_linear_qkv_weight(
@@ -1265,10 +1267,10 @@ def import_decoder_layers_9_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_9_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.9.self_attention.linear_qkv.weight <- model.layers.9.self_attn.q_proj.weight, model.layers.9.self_attn.k_proj.weight, model.layers.9.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=28, groups=4, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
     return {
         "model.layers.9.self_attn.q_proj.weight": q,
         "model.layers.9.self_attn.k_proj.weight": k,
@@ -1292,10 +1294,10 @@ def import_decoder_layers_9_self_attention_linear_qkv_bias(
 
 
 def export_decoder_layers_9_self_attention_linear_qkv_bias(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.9.self_attention.linear_qkv.bias <- model.layers.9.self_attn.q_proj.bias, model.layers.9.self_attn.k_proj.bias, model.layers.9.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=28, groups=4, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
     return {
         "model.layers.9.self_attn.q_proj.bias": q,
         "model.layers.9.self_attn.k_proj.bias": k,
@@ -1311,10 +1313,10 @@ def import_decoder_layers_9_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_9_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.9.mlp.linear_fc1.layer_norm_weight <- model.layers.9.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
-    return {"model.layers.9.post_attention_layernorm.weight": local}
+    return {"model.layers.9.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_9_mlp_linear_fc1_weight(
@@ -1329,10 +1331,10 @@ def import_decoder_layers_9_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_9_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.9.mlp.linear_fc1.weight <- model.layers.9.mlp.gate_proj.weight, model.layers.9.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.9.mlp.gate_proj.weight": gate, "model.layers.9.mlp.up_proj.weight": up}
 
 
@@ -1344,10 +1346,10 @@ def import_decoder_layers_9_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_9_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.9.mlp.linear_fc2.weight <- model.layers.9.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
-    return {"model.layers.9.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.9.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_10_self_attention_linear_qkv_layer_norm_weight(
@@ -1358,10 +1360,10 @@ def import_decoder_layers_10_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_10_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.10.self_attention.linear_qkv.layer_norm_weight <- model.layers.10.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
-    return {"model.layers.10.input_layernorm.weight": local}
+    return {"model.layers.10.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_10_self_attention_linear_proj_weight(
@@ -1372,10 +1374,10 @@ def import_decoder_layers_10_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_10_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.10.self_attention.linear_proj.weight <- model.layers.10.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
-    return {"model.layers.10.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.10.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_10_self_attention_linear_qkv_weight(
@@ -1394,10 +1396,10 @@ def import_decoder_layers_10_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_10_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.10.self_attention.linear_qkv.weight <- model.layers.10.self_attn.q_proj.weight, model.layers.10.self_attn.k_proj.weight, model.layers.10.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=28, groups=4, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
     return {
         "model.layers.10.self_attn.q_proj.weight": q,
         "model.layers.10.self_attn.k_proj.weight": k,
@@ -1421,10 +1423,10 @@ def import_decoder_layers_10_self_attention_linear_qkv_bias(
 
 
 def export_decoder_layers_10_self_attention_linear_qkv_bias(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.10.self_attention.linear_qkv.bias <- model.layers.10.self_attn.q_proj.bias, model.layers.10.self_attn.k_proj.bias, model.layers.10.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=28, groups=4, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
     return {
         "model.layers.10.self_attn.q_proj.bias": q,
         "model.layers.10.self_attn.k_proj.bias": k,
@@ -1440,10 +1442,10 @@ def import_decoder_layers_10_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_10_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.10.mlp.linear_fc1.layer_norm_weight <- model.layers.10.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
-    return {"model.layers.10.post_attention_layernorm.weight": local}
+    return {"model.layers.10.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_10_mlp_linear_fc1_weight(
@@ -1458,10 +1460,10 @@ def import_decoder_layers_10_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_10_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.10.mlp.linear_fc1.weight <- model.layers.10.mlp.gate_proj.weight, model.layers.10.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.10.mlp.gate_proj.weight": gate, "model.layers.10.mlp.up_proj.weight": up}
 
 
@@ -1473,10 +1475,10 @@ def import_decoder_layers_10_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_10_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.10.mlp.linear_fc2.weight <- model.layers.10.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
-    return {"model.layers.10.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.10.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_11_self_attention_linear_qkv_layer_norm_weight(
@@ -1487,10 +1489,10 @@ def import_decoder_layers_11_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_11_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.11.self_attention.linear_qkv.layer_norm_weight <- model.layers.11.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
-    return {"model.layers.11.input_layernorm.weight": local}
+    return {"model.layers.11.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_11_self_attention_linear_proj_weight(
@@ -1501,10 +1503,10 @@ def import_decoder_layers_11_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_11_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.11.self_attention.linear_proj.weight <- model.layers.11.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
-    return {"model.layers.11.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.11.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_11_self_attention_linear_qkv_weight(
@@ -1523,10 +1525,10 @@ def import_decoder_layers_11_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_11_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.11.self_attention.linear_qkv.weight <- model.layers.11.self_attn.q_proj.weight, model.layers.11.self_attn.k_proj.weight, model.layers.11.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=28, groups=4, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
     return {
         "model.layers.11.self_attn.q_proj.weight": q,
         "model.layers.11.self_attn.k_proj.weight": k,
@@ -1550,10 +1552,10 @@ def import_decoder_layers_11_self_attention_linear_qkv_bias(
 
 
 def export_decoder_layers_11_self_attention_linear_qkv_bias(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.11.self_attention.linear_qkv.bias <- model.layers.11.self_attn.q_proj.bias, model.layers.11.self_attn.k_proj.bias, model.layers.11.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=28, groups=4, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
     return {
         "model.layers.11.self_attn.q_proj.bias": q,
         "model.layers.11.self_attn.k_proj.bias": k,
@@ -1569,10 +1571,10 @@ def import_decoder_layers_11_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_11_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.11.mlp.linear_fc1.layer_norm_weight <- model.layers.11.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
-    return {"model.layers.11.post_attention_layernorm.weight": local}
+    return {"model.layers.11.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_11_mlp_linear_fc1_weight(
@@ -1587,10 +1589,10 @@ def import_decoder_layers_11_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_11_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.11.mlp.linear_fc1.weight <- model.layers.11.mlp.gate_proj.weight, model.layers.11.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.11.mlp.gate_proj.weight": gate, "model.layers.11.mlp.up_proj.weight": up}
 
 
@@ -1602,10 +1604,10 @@ def import_decoder_layers_11_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_11_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.11.mlp.linear_fc2.weight <- model.layers.11.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
-    return {"model.layers.11.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.11.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_12_self_attention_linear_qkv_layer_norm_weight(
@@ -1616,10 +1618,10 @@ def import_decoder_layers_12_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_12_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.12.self_attention.linear_qkv.layer_norm_weight <- model.layers.12.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
-    return {"model.layers.12.input_layernorm.weight": local}
+    return {"model.layers.12.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_12_self_attention_linear_proj_weight(
@@ -1630,10 +1632,10 @@ def import_decoder_layers_12_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_12_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.12.self_attention.linear_proj.weight <- model.layers.12.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
-    return {"model.layers.12.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.12.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_12_self_attention_linear_qkv_weight(
@@ -1652,10 +1654,10 @@ def import_decoder_layers_12_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_12_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.12.self_attention.linear_qkv.weight <- model.layers.12.self_attn.q_proj.weight, model.layers.12.self_attn.k_proj.weight, model.layers.12.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=28, groups=4, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
     return {
         "model.layers.12.self_attn.q_proj.weight": q,
         "model.layers.12.self_attn.k_proj.weight": k,
@@ -1679,10 +1681,10 @@ def import_decoder_layers_12_self_attention_linear_qkv_bias(
 
 
 def export_decoder_layers_12_self_attention_linear_qkv_bias(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.12.self_attention.linear_qkv.bias <- model.layers.12.self_attn.q_proj.bias, model.layers.12.self_attn.k_proj.bias, model.layers.12.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=28, groups=4, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
     return {
         "model.layers.12.self_attn.q_proj.bias": q,
         "model.layers.12.self_attn.k_proj.bias": k,
@@ -1698,10 +1700,10 @@ def import_decoder_layers_12_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_12_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.12.mlp.linear_fc1.layer_norm_weight <- model.layers.12.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
-    return {"model.layers.12.post_attention_layernorm.weight": local}
+    return {"model.layers.12.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_12_mlp_linear_fc1_weight(
@@ -1716,10 +1718,10 @@ def import_decoder_layers_12_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_12_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.12.mlp.linear_fc1.weight <- model.layers.12.mlp.gate_proj.weight, model.layers.12.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.12.mlp.gate_proj.weight": gate, "model.layers.12.mlp.up_proj.weight": up}
 
 
@@ -1731,10 +1733,10 @@ def import_decoder_layers_12_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_12_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.12.mlp.linear_fc2.weight <- model.layers.12.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
-    return {"model.layers.12.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.12.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_13_self_attention_linear_qkv_layer_norm_weight(
@@ -1745,10 +1747,10 @@ def import_decoder_layers_13_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_13_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.13.self_attention.linear_qkv.layer_norm_weight <- model.layers.13.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
-    return {"model.layers.13.input_layernorm.weight": local}
+    return {"model.layers.13.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_13_self_attention_linear_proj_weight(
@@ -1759,10 +1761,10 @@ def import_decoder_layers_13_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_13_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.13.self_attention.linear_proj.weight <- model.layers.13.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
-    return {"model.layers.13.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.13.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_13_self_attention_linear_qkv_weight(
@@ -1781,10 +1783,10 @@ def import_decoder_layers_13_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_13_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.13.self_attention.linear_qkv.weight <- model.layers.13.self_attn.q_proj.weight, model.layers.13.self_attn.k_proj.weight, model.layers.13.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=28, groups=4, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
     return {
         "model.layers.13.self_attn.q_proj.weight": q,
         "model.layers.13.self_attn.k_proj.weight": k,
@@ -1808,10 +1810,10 @@ def import_decoder_layers_13_self_attention_linear_qkv_bias(
 
 
 def export_decoder_layers_13_self_attention_linear_qkv_bias(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.13.self_attention.linear_qkv.bias <- model.layers.13.self_attn.q_proj.bias, model.layers.13.self_attn.k_proj.bias, model.layers.13.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=28, groups=4, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
     return {
         "model.layers.13.self_attn.q_proj.bias": q,
         "model.layers.13.self_attn.k_proj.bias": k,
@@ -1827,10 +1829,10 @@ def import_decoder_layers_13_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_13_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.13.mlp.linear_fc1.layer_norm_weight <- model.layers.13.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
-    return {"model.layers.13.post_attention_layernorm.weight": local}
+    return {"model.layers.13.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_13_mlp_linear_fc1_weight(
@@ -1845,10 +1847,10 @@ def import_decoder_layers_13_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_13_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.13.mlp.linear_fc1.weight <- model.layers.13.mlp.gate_proj.weight, model.layers.13.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.13.mlp.gate_proj.weight": gate, "model.layers.13.mlp.up_proj.weight": up}
 
 
@@ -1860,10 +1862,10 @@ def import_decoder_layers_13_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_13_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.13.mlp.linear_fc2.weight <- model.layers.13.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
-    return {"model.layers.13.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.13.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_14_self_attention_linear_qkv_layer_norm_weight(
@@ -1874,10 +1876,10 @@ def import_decoder_layers_14_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_14_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.14.self_attention.linear_qkv.layer_norm_weight <- model.layers.14.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
-    return {"model.layers.14.input_layernorm.weight": local}
+    return {"model.layers.14.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_14_self_attention_linear_proj_weight(
@@ -1888,10 +1890,10 @@ def import_decoder_layers_14_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_14_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.14.self_attention.linear_proj.weight <- model.layers.14.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
-    return {"model.layers.14.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.14.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_14_self_attention_linear_qkv_weight(
@@ -1910,10 +1912,10 @@ def import_decoder_layers_14_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_14_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.14.self_attention.linear_qkv.weight <- model.layers.14.self_attn.q_proj.weight, model.layers.14.self_attn.k_proj.weight, model.layers.14.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=28, groups=4, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
     return {
         "model.layers.14.self_attn.q_proj.weight": q,
         "model.layers.14.self_attn.k_proj.weight": k,
@@ -1937,10 +1939,10 @@ def import_decoder_layers_14_self_attention_linear_qkv_bias(
 
 
 def export_decoder_layers_14_self_attention_linear_qkv_bias(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.14.self_attention.linear_qkv.bias <- model.layers.14.self_attn.q_proj.bias, model.layers.14.self_attn.k_proj.bias, model.layers.14.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=28, groups=4, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
     return {
         "model.layers.14.self_attn.q_proj.bias": q,
         "model.layers.14.self_attn.k_proj.bias": k,
@@ -1956,10 +1958,10 @@ def import_decoder_layers_14_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_14_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.14.mlp.linear_fc1.layer_norm_weight <- model.layers.14.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
-    return {"model.layers.14.post_attention_layernorm.weight": local}
+    return {"model.layers.14.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_14_mlp_linear_fc1_weight(
@@ -1974,10 +1976,10 @@ def import_decoder_layers_14_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_14_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.14.mlp.linear_fc1.weight <- model.layers.14.mlp.gate_proj.weight, model.layers.14.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.14.mlp.gate_proj.weight": gate, "model.layers.14.mlp.up_proj.weight": up}
 
 
@@ -1989,10 +1991,10 @@ def import_decoder_layers_14_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_14_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.14.mlp.linear_fc2.weight <- model.layers.14.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
-    return {"model.layers.14.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.14.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_15_self_attention_linear_qkv_layer_norm_weight(
@@ -2003,10 +2005,10 @@ def import_decoder_layers_15_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_15_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.15.self_attention.linear_qkv.layer_norm_weight <- model.layers.15.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
-    return {"model.layers.15.input_layernorm.weight": local}
+    return {"model.layers.15.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_15_self_attention_linear_proj_weight(
@@ -2017,10 +2019,10 @@ def import_decoder_layers_15_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_15_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.15.self_attention.linear_proj.weight <- model.layers.15.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
-    return {"model.layers.15.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.15.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_15_self_attention_linear_qkv_weight(
@@ -2039,10 +2041,10 @@ def import_decoder_layers_15_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_15_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.15.self_attention.linear_qkv.weight <- model.layers.15.self_attn.q_proj.weight, model.layers.15.self_attn.k_proj.weight, model.layers.15.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=28, groups=4, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
     return {
         "model.layers.15.self_attn.q_proj.weight": q,
         "model.layers.15.self_attn.k_proj.weight": k,
@@ -2066,10 +2068,10 @@ def import_decoder_layers_15_self_attention_linear_qkv_bias(
 
 
 def export_decoder_layers_15_self_attention_linear_qkv_bias(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.15.self_attention.linear_qkv.bias <- model.layers.15.self_attn.q_proj.bias, model.layers.15.self_attn.k_proj.bias, model.layers.15.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=28, groups=4, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
     return {
         "model.layers.15.self_attn.q_proj.bias": q,
         "model.layers.15.self_attn.k_proj.bias": k,
@@ -2085,10 +2087,10 @@ def import_decoder_layers_15_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_15_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.15.mlp.linear_fc1.layer_norm_weight <- model.layers.15.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
-    return {"model.layers.15.post_attention_layernorm.weight": local}
+    return {"model.layers.15.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_15_mlp_linear_fc1_weight(
@@ -2103,10 +2105,10 @@ def import_decoder_layers_15_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_15_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.15.mlp.linear_fc1.weight <- model.layers.15.mlp.gate_proj.weight, model.layers.15.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.15.mlp.gate_proj.weight": gate, "model.layers.15.mlp.up_proj.weight": up}
 
 
@@ -2118,10 +2120,10 @@ def import_decoder_layers_15_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_15_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.15.mlp.linear_fc2.weight <- model.layers.15.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
-    return {"model.layers.15.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.15.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_16_self_attention_linear_qkv_layer_norm_weight(
@@ -2132,10 +2134,10 @@ def import_decoder_layers_16_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_16_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.16.self_attention.linear_qkv.layer_norm_weight <- model.layers.16.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
-    return {"model.layers.16.input_layernorm.weight": local}
+    return {"model.layers.16.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_16_self_attention_linear_proj_weight(
@@ -2146,10 +2148,10 @@ def import_decoder_layers_16_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_16_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.16.self_attention.linear_proj.weight <- model.layers.16.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
-    return {"model.layers.16.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.16.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_16_self_attention_linear_qkv_weight(
@@ -2168,10 +2170,10 @@ def import_decoder_layers_16_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_16_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.16.self_attention.linear_qkv.weight <- model.layers.16.self_attn.q_proj.weight, model.layers.16.self_attn.k_proj.weight, model.layers.16.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=28, groups=4, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
     return {
         "model.layers.16.self_attn.q_proj.weight": q,
         "model.layers.16.self_attn.k_proj.weight": k,
@@ -2195,10 +2197,10 @@ def import_decoder_layers_16_self_attention_linear_qkv_bias(
 
 
 def export_decoder_layers_16_self_attention_linear_qkv_bias(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.16.self_attention.linear_qkv.bias <- model.layers.16.self_attn.q_proj.bias, model.layers.16.self_attn.k_proj.bias, model.layers.16.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=28, groups=4, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
     return {
         "model.layers.16.self_attn.q_proj.bias": q,
         "model.layers.16.self_attn.k_proj.bias": k,
@@ -2214,10 +2216,10 @@ def import_decoder_layers_16_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_16_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.16.mlp.linear_fc1.layer_norm_weight <- model.layers.16.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
-    return {"model.layers.16.post_attention_layernorm.weight": local}
+    return {"model.layers.16.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_16_mlp_linear_fc1_weight(
@@ -2232,10 +2234,10 @@ def import_decoder_layers_16_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_16_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.16.mlp.linear_fc1.weight <- model.layers.16.mlp.gate_proj.weight, model.layers.16.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.16.mlp.gate_proj.weight": gate, "model.layers.16.mlp.up_proj.weight": up}
 
 
@@ -2247,10 +2249,10 @@ def import_decoder_layers_16_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_16_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.16.mlp.linear_fc2.weight <- model.layers.16.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
-    return {"model.layers.16.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.16.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_17_self_attention_linear_qkv_layer_norm_weight(
@@ -2261,10 +2263,10 @@ def import_decoder_layers_17_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_17_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.17.self_attention.linear_qkv.layer_norm_weight <- model.layers.17.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
-    return {"model.layers.17.input_layernorm.weight": local}
+    return {"model.layers.17.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_17_self_attention_linear_proj_weight(
@@ -2275,10 +2277,10 @@ def import_decoder_layers_17_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_17_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.17.self_attention.linear_proj.weight <- model.layers.17.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
-    return {"model.layers.17.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.17.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_17_self_attention_linear_qkv_weight(
@@ -2297,10 +2299,10 @@ def import_decoder_layers_17_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_17_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.17.self_attention.linear_qkv.weight <- model.layers.17.self_attn.q_proj.weight, model.layers.17.self_attn.k_proj.weight, model.layers.17.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=28, groups=4, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
     return {
         "model.layers.17.self_attn.q_proj.weight": q,
         "model.layers.17.self_attn.k_proj.weight": k,
@@ -2324,10 +2326,10 @@ def import_decoder_layers_17_self_attention_linear_qkv_bias(
 
 
 def export_decoder_layers_17_self_attention_linear_qkv_bias(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.17.self_attention.linear_qkv.bias <- model.layers.17.self_attn.q_proj.bias, model.layers.17.self_attn.k_proj.bias, model.layers.17.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=28, groups=4, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
     return {
         "model.layers.17.self_attn.q_proj.bias": q,
         "model.layers.17.self_attn.k_proj.bias": k,
@@ -2343,10 +2345,10 @@ def import_decoder_layers_17_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_17_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.17.mlp.linear_fc1.layer_norm_weight <- model.layers.17.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
-    return {"model.layers.17.post_attention_layernorm.weight": local}
+    return {"model.layers.17.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_17_mlp_linear_fc1_weight(
@@ -2361,10 +2363,10 @@ def import_decoder_layers_17_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_17_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.17.mlp.linear_fc1.weight <- model.layers.17.mlp.gate_proj.weight, model.layers.17.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.17.mlp.gate_proj.weight": gate, "model.layers.17.mlp.up_proj.weight": up}
 
 
@@ -2376,10 +2378,10 @@ def import_decoder_layers_17_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_17_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.17.mlp.linear_fc2.weight <- model.layers.17.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
-    return {"model.layers.17.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.17.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_18_self_attention_linear_qkv_layer_norm_weight(
@@ -2390,10 +2392,10 @@ def import_decoder_layers_18_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_18_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.18.self_attention.linear_qkv.layer_norm_weight <- model.layers.18.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
-    return {"model.layers.18.input_layernorm.weight": local}
+    return {"model.layers.18.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_18_self_attention_linear_proj_weight(
@@ -2404,10 +2406,10 @@ def import_decoder_layers_18_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_18_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.18.self_attention.linear_proj.weight <- model.layers.18.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
-    return {"model.layers.18.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.18.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_18_self_attention_linear_qkv_weight(
@@ -2426,10 +2428,10 @@ def import_decoder_layers_18_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_18_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.18.self_attention.linear_qkv.weight <- model.layers.18.self_attn.q_proj.weight, model.layers.18.self_attn.k_proj.weight, model.layers.18.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=28, groups=4, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
     return {
         "model.layers.18.self_attn.q_proj.weight": q,
         "model.layers.18.self_attn.k_proj.weight": k,
@@ -2453,10 +2455,10 @@ def import_decoder_layers_18_self_attention_linear_qkv_bias(
 
 
 def export_decoder_layers_18_self_attention_linear_qkv_bias(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.18.self_attention.linear_qkv.bias <- model.layers.18.self_attn.q_proj.bias, model.layers.18.self_attn.k_proj.bias, model.layers.18.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=28, groups=4, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
     return {
         "model.layers.18.self_attn.q_proj.bias": q,
         "model.layers.18.self_attn.k_proj.bias": k,
@@ -2472,10 +2474,10 @@ def import_decoder_layers_18_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_18_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.18.mlp.linear_fc1.layer_norm_weight <- model.layers.18.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
-    return {"model.layers.18.post_attention_layernorm.weight": local}
+    return {"model.layers.18.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_18_mlp_linear_fc1_weight(
@@ -2490,10 +2492,10 @@ def import_decoder_layers_18_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_18_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.18.mlp.linear_fc1.weight <- model.layers.18.mlp.gate_proj.weight, model.layers.18.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.18.mlp.gate_proj.weight": gate, "model.layers.18.mlp.up_proj.weight": up}
 
 
@@ -2505,10 +2507,10 @@ def import_decoder_layers_18_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_18_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.18.mlp.linear_fc2.weight <- model.layers.18.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
-    return {"model.layers.18.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.18.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_19_self_attention_linear_qkv_layer_norm_weight(
@@ -2519,10 +2521,10 @@ def import_decoder_layers_19_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_19_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.19.self_attention.linear_qkv.layer_norm_weight <- model.layers.19.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
-    return {"model.layers.19.input_layernorm.weight": local}
+    return {"model.layers.19.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_19_self_attention_linear_proj_weight(
@@ -2533,10 +2535,10 @@ def import_decoder_layers_19_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_19_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.19.self_attention.linear_proj.weight <- model.layers.19.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
-    return {"model.layers.19.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.19.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_19_self_attention_linear_qkv_weight(
@@ -2555,10 +2557,10 @@ def import_decoder_layers_19_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_19_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.19.self_attention.linear_qkv.weight <- model.layers.19.self_attn.q_proj.weight, model.layers.19.self_attn.k_proj.weight, model.layers.19.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=28, groups=4, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
     return {
         "model.layers.19.self_attn.q_proj.weight": q,
         "model.layers.19.self_attn.k_proj.weight": k,
@@ -2582,10 +2584,10 @@ def import_decoder_layers_19_self_attention_linear_qkv_bias(
 
 
 def export_decoder_layers_19_self_attention_linear_qkv_bias(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.19.self_attention.linear_qkv.bias <- model.layers.19.self_attn.q_proj.bias, model.layers.19.self_attn.k_proj.bias, model.layers.19.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=28, groups=4, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
     return {
         "model.layers.19.self_attn.q_proj.bias": q,
         "model.layers.19.self_attn.k_proj.bias": k,
@@ -2601,10 +2603,10 @@ def import_decoder_layers_19_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_19_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.19.mlp.linear_fc1.layer_norm_weight <- model.layers.19.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
-    return {"model.layers.19.post_attention_layernorm.weight": local}
+    return {"model.layers.19.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_19_mlp_linear_fc1_weight(
@@ -2619,10 +2621,10 @@ def import_decoder_layers_19_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_19_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.19.mlp.linear_fc1.weight <- model.layers.19.mlp.gate_proj.weight, model.layers.19.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.19.mlp.gate_proj.weight": gate, "model.layers.19.mlp.up_proj.weight": up}
 
 
@@ -2634,10 +2636,10 @@ def import_decoder_layers_19_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_19_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.19.mlp.linear_fc2.weight <- model.layers.19.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
-    return {"model.layers.19.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.19.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_20_self_attention_linear_qkv_layer_norm_weight(
@@ -2648,10 +2650,10 @@ def import_decoder_layers_20_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_20_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.20.self_attention.linear_qkv.layer_norm_weight <- model.layers.20.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
-    return {"model.layers.20.input_layernorm.weight": local}
+    return {"model.layers.20.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_20_self_attention_linear_proj_weight(
@@ -2662,10 +2664,10 @@ def import_decoder_layers_20_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_20_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.20.self_attention.linear_proj.weight <- model.layers.20.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
-    return {"model.layers.20.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.20.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_20_self_attention_linear_qkv_weight(
@@ -2684,10 +2686,10 @@ def import_decoder_layers_20_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_20_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.20.self_attention.linear_qkv.weight <- model.layers.20.self_attn.q_proj.weight, model.layers.20.self_attn.k_proj.weight, model.layers.20.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=28, groups=4, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
     return {
         "model.layers.20.self_attn.q_proj.weight": q,
         "model.layers.20.self_attn.k_proj.weight": k,
@@ -2711,10 +2713,10 @@ def import_decoder_layers_20_self_attention_linear_qkv_bias(
 
 
 def export_decoder_layers_20_self_attention_linear_qkv_bias(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.20.self_attention.linear_qkv.bias <- model.layers.20.self_attn.q_proj.bias, model.layers.20.self_attn.k_proj.bias, model.layers.20.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=28, groups=4, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
     return {
         "model.layers.20.self_attn.q_proj.bias": q,
         "model.layers.20.self_attn.k_proj.bias": k,
@@ -2730,10 +2732,10 @@ def import_decoder_layers_20_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_20_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.20.mlp.linear_fc1.layer_norm_weight <- model.layers.20.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
-    return {"model.layers.20.post_attention_layernorm.weight": local}
+    return {"model.layers.20.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_20_mlp_linear_fc1_weight(
@@ -2748,10 +2750,10 @@ def import_decoder_layers_20_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_20_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.20.mlp.linear_fc1.weight <- model.layers.20.mlp.gate_proj.weight, model.layers.20.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.20.mlp.gate_proj.weight": gate, "model.layers.20.mlp.up_proj.weight": up}
 
 
@@ -2763,10 +2765,10 @@ def import_decoder_layers_20_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_20_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.20.mlp.linear_fc2.weight <- model.layers.20.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
-    return {"model.layers.20.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.20.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_21_self_attention_linear_qkv_layer_norm_weight(
@@ -2777,10 +2779,10 @@ def import_decoder_layers_21_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_21_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.21.self_attention.linear_qkv.layer_norm_weight <- model.layers.21.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
-    return {"model.layers.21.input_layernorm.weight": local}
+    return {"model.layers.21.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_21_self_attention_linear_proj_weight(
@@ -2791,10 +2793,10 @@ def import_decoder_layers_21_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_21_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.21.self_attention.linear_proj.weight <- model.layers.21.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
-    return {"model.layers.21.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.21.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_21_self_attention_linear_qkv_weight(
@@ -2813,10 +2815,10 @@ def import_decoder_layers_21_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_21_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.21.self_attention.linear_qkv.weight <- model.layers.21.self_attn.q_proj.weight, model.layers.21.self_attn.k_proj.weight, model.layers.21.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=28, groups=4, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
     return {
         "model.layers.21.self_attn.q_proj.weight": q,
         "model.layers.21.self_attn.k_proj.weight": k,
@@ -2840,10 +2842,10 @@ def import_decoder_layers_21_self_attention_linear_qkv_bias(
 
 
 def export_decoder_layers_21_self_attention_linear_qkv_bias(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.21.self_attention.linear_qkv.bias <- model.layers.21.self_attn.q_proj.bias, model.layers.21.self_attn.k_proj.bias, model.layers.21.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=28, groups=4, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
     return {
         "model.layers.21.self_attn.q_proj.bias": q,
         "model.layers.21.self_attn.k_proj.bias": k,
@@ -2859,10 +2861,10 @@ def import_decoder_layers_21_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_21_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.21.mlp.linear_fc1.layer_norm_weight <- model.layers.21.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
-    return {"model.layers.21.post_attention_layernorm.weight": local}
+    return {"model.layers.21.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_21_mlp_linear_fc1_weight(
@@ -2877,10 +2879,10 @@ def import_decoder_layers_21_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_21_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.21.mlp.linear_fc1.weight <- model.layers.21.mlp.gate_proj.weight, model.layers.21.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.21.mlp.gate_proj.weight": gate, "model.layers.21.mlp.up_proj.weight": up}
 
 
@@ -2892,10 +2894,10 @@ def import_decoder_layers_21_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_21_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.21.mlp.linear_fc2.weight <- model.layers.21.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
-    return {"model.layers.21.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.21.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_22_self_attention_linear_qkv_layer_norm_weight(
@@ -2906,10 +2908,10 @@ def import_decoder_layers_22_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_22_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.22.self_attention.linear_qkv.layer_norm_weight <- model.layers.22.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
-    return {"model.layers.22.input_layernorm.weight": local}
+    return {"model.layers.22.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_22_self_attention_linear_proj_weight(
@@ -2920,10 +2922,10 @@ def import_decoder_layers_22_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_22_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.22.self_attention.linear_proj.weight <- model.layers.22.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
-    return {"model.layers.22.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.22.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_22_self_attention_linear_qkv_weight(
@@ -2942,10 +2944,10 @@ def import_decoder_layers_22_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_22_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.22.self_attention.linear_qkv.weight <- model.layers.22.self_attn.q_proj.weight, model.layers.22.self_attn.k_proj.weight, model.layers.22.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=28, groups=4, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
     return {
         "model.layers.22.self_attn.q_proj.weight": q,
         "model.layers.22.self_attn.k_proj.weight": k,
@@ -2969,10 +2971,10 @@ def import_decoder_layers_22_self_attention_linear_qkv_bias(
 
 
 def export_decoder_layers_22_self_attention_linear_qkv_bias(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.22.self_attention.linear_qkv.bias <- model.layers.22.self_attn.q_proj.bias, model.layers.22.self_attn.k_proj.bias, model.layers.22.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=28, groups=4, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
     return {
         "model.layers.22.self_attn.q_proj.bias": q,
         "model.layers.22.self_attn.k_proj.bias": k,
@@ -2988,10 +2990,10 @@ def import_decoder_layers_22_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_22_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.22.mlp.linear_fc1.layer_norm_weight <- model.layers.22.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
-    return {"model.layers.22.post_attention_layernorm.weight": local}
+    return {"model.layers.22.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_22_mlp_linear_fc1_weight(
@@ -3006,10 +3008,10 @@ def import_decoder_layers_22_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_22_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.22.mlp.linear_fc1.weight <- model.layers.22.mlp.gate_proj.weight, model.layers.22.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.22.mlp.gate_proj.weight": gate, "model.layers.22.mlp.up_proj.weight": up}
 
 
@@ -3021,10 +3023,10 @@ def import_decoder_layers_22_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_22_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.22.mlp.linear_fc2.weight <- model.layers.22.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
-    return {"model.layers.22.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.22.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_23_self_attention_linear_qkv_layer_norm_weight(
@@ -3035,10 +3037,10 @@ def import_decoder_layers_23_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_23_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.23.self_attention.linear_qkv.layer_norm_weight <- model.layers.23.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
-    return {"model.layers.23.input_layernorm.weight": local}
+    return {"model.layers.23.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_23_self_attention_linear_proj_weight(
@@ -3049,10 +3051,10 @@ def import_decoder_layers_23_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_23_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.23.self_attention.linear_proj.weight <- model.layers.23.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
-    return {"model.layers.23.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.23.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_23_self_attention_linear_qkv_weight(
@@ -3071,10 +3073,10 @@ def import_decoder_layers_23_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_23_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.23.self_attention.linear_qkv.weight <- model.layers.23.self_attn.q_proj.weight, model.layers.23.self_attn.k_proj.weight, model.layers.23.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=28, groups=4, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
     return {
         "model.layers.23.self_attn.q_proj.weight": q,
         "model.layers.23.self_attn.k_proj.weight": k,
@@ -3098,10 +3100,10 @@ def import_decoder_layers_23_self_attention_linear_qkv_bias(
 
 
 def export_decoder_layers_23_self_attention_linear_qkv_bias(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.23.self_attention.linear_qkv.bias <- model.layers.23.self_attn.q_proj.bias, model.layers.23.self_attn.k_proj.bias, model.layers.23.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=28, groups=4, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
     return {
         "model.layers.23.self_attn.q_proj.bias": q,
         "model.layers.23.self_attn.k_proj.bias": k,
@@ -3117,10 +3119,10 @@ def import_decoder_layers_23_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_23_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.23.mlp.linear_fc1.layer_norm_weight <- model.layers.23.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
-    return {"model.layers.23.post_attention_layernorm.weight": local}
+    return {"model.layers.23.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_23_mlp_linear_fc1_weight(
@@ -3135,10 +3137,10 @@ def import_decoder_layers_23_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_23_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.23.mlp.linear_fc1.weight <- model.layers.23.mlp.gate_proj.weight, model.layers.23.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.23.mlp.gate_proj.weight": gate, "model.layers.23.mlp.up_proj.weight": up}
 
 
@@ -3150,10 +3152,10 @@ def import_decoder_layers_23_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_23_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.23.mlp.linear_fc2.weight <- model.layers.23.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
-    return {"model.layers.23.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.23.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_24_self_attention_linear_qkv_layer_norm_weight(
@@ -3164,10 +3166,10 @@ def import_decoder_layers_24_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_24_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.24.self_attention.linear_qkv.layer_norm_weight <- model.layers.24.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
-    return {"model.layers.24.input_layernorm.weight": local}
+    return {"model.layers.24.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_24_self_attention_linear_proj_weight(
@@ -3178,10 +3180,10 @@ def import_decoder_layers_24_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_24_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.24.self_attention.linear_proj.weight <- model.layers.24.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
-    return {"model.layers.24.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.24.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_24_self_attention_linear_qkv_weight(
@@ -3200,10 +3202,10 @@ def import_decoder_layers_24_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_24_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.24.self_attention.linear_qkv.weight <- model.layers.24.self_attn.q_proj.weight, model.layers.24.self_attn.k_proj.weight, model.layers.24.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=28, groups=4, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
     return {
         "model.layers.24.self_attn.q_proj.weight": q,
         "model.layers.24.self_attn.k_proj.weight": k,
@@ -3227,10 +3229,10 @@ def import_decoder_layers_24_self_attention_linear_qkv_bias(
 
 
 def export_decoder_layers_24_self_attention_linear_qkv_bias(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.24.self_attention.linear_qkv.bias <- model.layers.24.self_attn.q_proj.bias, model.layers.24.self_attn.k_proj.bias, model.layers.24.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=28, groups=4, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
     return {
         "model.layers.24.self_attn.q_proj.bias": q,
         "model.layers.24.self_attn.k_proj.bias": k,
@@ -3246,10 +3248,10 @@ def import_decoder_layers_24_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_24_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.24.mlp.linear_fc1.layer_norm_weight <- model.layers.24.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
-    return {"model.layers.24.post_attention_layernorm.weight": local}
+    return {"model.layers.24.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_24_mlp_linear_fc1_weight(
@@ -3264,10 +3266,10 @@ def import_decoder_layers_24_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_24_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.24.mlp.linear_fc1.weight <- model.layers.24.mlp.gate_proj.weight, model.layers.24.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.24.mlp.gate_proj.weight": gate, "model.layers.24.mlp.up_proj.weight": up}
 
 
@@ -3279,10 +3281,10 @@ def import_decoder_layers_24_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_24_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.24.mlp.linear_fc2.weight <- model.layers.24.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
-    return {"model.layers.24.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.24.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_25_self_attention_linear_qkv_layer_norm_weight(
@@ -3293,10 +3295,10 @@ def import_decoder_layers_25_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_25_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.25.self_attention.linear_qkv.layer_norm_weight <- model.layers.25.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
-    return {"model.layers.25.input_layernorm.weight": local}
+    return {"model.layers.25.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_25_self_attention_linear_proj_weight(
@@ -3307,10 +3309,10 @@ def import_decoder_layers_25_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_25_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.25.self_attention.linear_proj.weight <- model.layers.25.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
-    return {"model.layers.25.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.25.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_25_self_attention_linear_qkv_weight(
@@ -3329,10 +3331,10 @@ def import_decoder_layers_25_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_25_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.25.self_attention.linear_qkv.weight <- model.layers.25.self_attn.q_proj.weight, model.layers.25.self_attn.k_proj.weight, model.layers.25.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=28, groups=4, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
     return {
         "model.layers.25.self_attn.q_proj.weight": q,
         "model.layers.25.self_attn.k_proj.weight": k,
@@ -3356,10 +3358,10 @@ def import_decoder_layers_25_self_attention_linear_qkv_bias(
 
 
 def export_decoder_layers_25_self_attention_linear_qkv_bias(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.25.self_attention.linear_qkv.bias <- model.layers.25.self_attn.q_proj.bias, model.layers.25.self_attn.k_proj.bias, model.layers.25.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=28, groups=4, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
     return {
         "model.layers.25.self_attn.q_proj.bias": q,
         "model.layers.25.self_attn.k_proj.bias": k,
@@ -3375,10 +3377,10 @@ def import_decoder_layers_25_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_25_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.25.mlp.linear_fc1.layer_norm_weight <- model.layers.25.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
-    return {"model.layers.25.post_attention_layernorm.weight": local}
+    return {"model.layers.25.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_25_mlp_linear_fc1_weight(
@@ -3393,10 +3395,10 @@ def import_decoder_layers_25_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_25_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.25.mlp.linear_fc1.weight <- model.layers.25.mlp.gate_proj.weight, model.layers.25.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.25.mlp.gate_proj.weight": gate, "model.layers.25.mlp.up_proj.weight": up}
 
 
@@ -3408,10 +3410,10 @@ def import_decoder_layers_25_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_25_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.25.mlp.linear_fc2.weight <- model.layers.25.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
-    return {"model.layers.25.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.25.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_26_self_attention_linear_qkv_layer_norm_weight(
@@ -3422,10 +3424,10 @@ def import_decoder_layers_26_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_26_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.26.self_attention.linear_qkv.layer_norm_weight <- model.layers.26.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
-    return {"model.layers.26.input_layernorm.weight": local}
+    return {"model.layers.26.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_26_self_attention_linear_proj_weight(
@@ -3436,10 +3438,10 @@ def import_decoder_layers_26_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_26_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.26.self_attention.linear_proj.weight <- model.layers.26.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
-    return {"model.layers.26.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.26.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_26_self_attention_linear_qkv_weight(
@@ -3458,10 +3460,10 @@ def import_decoder_layers_26_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_26_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.26.self_attention.linear_qkv.weight <- model.layers.26.self_attn.q_proj.weight, model.layers.26.self_attn.k_proj.weight, model.layers.26.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=28, groups=4, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
     return {
         "model.layers.26.self_attn.q_proj.weight": q,
         "model.layers.26.self_attn.k_proj.weight": k,
@@ -3485,10 +3487,10 @@ def import_decoder_layers_26_self_attention_linear_qkv_bias(
 
 
 def export_decoder_layers_26_self_attention_linear_qkv_bias(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.26.self_attention.linear_qkv.bias <- model.layers.26.self_attn.q_proj.bias, model.layers.26.self_attn.k_proj.bias, model.layers.26.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=28, groups=4, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
     return {
         "model.layers.26.self_attn.q_proj.bias": q,
         "model.layers.26.self_attn.k_proj.bias": k,
@@ -3504,10 +3506,10 @@ def import_decoder_layers_26_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_26_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.26.mlp.linear_fc1.layer_norm_weight <- model.layers.26.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
-    return {"model.layers.26.post_attention_layernorm.weight": local}
+    return {"model.layers.26.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_26_mlp_linear_fc1_weight(
@@ -3522,10 +3524,10 @@ def import_decoder_layers_26_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_26_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.26.mlp.linear_fc1.weight <- model.layers.26.mlp.gate_proj.weight, model.layers.26.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.26.mlp.gate_proj.weight": gate, "model.layers.26.mlp.up_proj.weight": up}
 
 
@@ -3537,10 +3539,10 @@ def import_decoder_layers_26_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_26_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.26.mlp.linear_fc2.weight <- model.layers.26.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
-    return {"model.layers.26.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.26.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_27_self_attention_linear_qkv_layer_norm_weight(
@@ -3551,10 +3553,10 @@ def import_decoder_layers_27_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_27_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.27.self_attention.linear_qkv.layer_norm_weight <- model.layers.27.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
-    return {"model.layers.27.input_layernorm.weight": local}
+    return {"model.layers.27.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_27_self_attention_linear_proj_weight(
@@ -3565,10 +3567,10 @@ def import_decoder_layers_27_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_27_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.27.self_attention.linear_proj.weight <- model.layers.27.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
-    return {"model.layers.27.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.27.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_27_self_attention_linear_qkv_weight(
@@ -3587,10 +3589,10 @@ def import_decoder_layers_27_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_27_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.27.self_attention.linear_qkv.weight <- model.layers.27.self_attn.q_proj.weight, model.layers.27.self_attn.k_proj.weight, model.layers.27.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=28, groups=4, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
     return {
         "model.layers.27.self_attn.q_proj.weight": q,
         "model.layers.27.self_attn.k_proj.weight": k,
@@ -3614,10 +3616,10 @@ def import_decoder_layers_27_self_attention_linear_qkv_bias(
 
 
 def export_decoder_layers_27_self_attention_linear_qkv_bias(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.27.self_attention.linear_qkv.bias <- model.layers.27.self_attn.q_proj.bias, model.layers.27.self_attn.k_proj.bias, model.layers.27.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=28, groups=4, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
     return {
         "model.layers.27.self_attn.q_proj.bias": q,
         "model.layers.27.self_attn.k_proj.bias": k,
@@ -3633,10 +3635,10 @@ def import_decoder_layers_27_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_27_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.27.mlp.linear_fc1.layer_norm_weight <- model.layers.27.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
-    return {"model.layers.27.post_attention_layernorm.weight": local}
+    return {"model.layers.27.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_27_mlp_linear_fc1_weight(
@@ -3651,10 +3653,10 @@ def import_decoder_layers_27_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_27_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.27.mlp.linear_fc1.weight <- model.layers.27.mlp.gate_proj.weight, model.layers.27.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.27.mlp.gate_proj.weight": gate, "model.layers.27.mlp.up_proj.weight": up}
 
 
@@ -3666,10 +3668,10 @@ def import_decoder_layers_27_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_27_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.27.mlp.linear_fc2.weight <- model.layers.27.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
-    return {"model.layers.27.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.27.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_final_layernorm_weight(ctx: ParallelContext, load: Loader) -> torch.Tensor:
@@ -3677,11 +3679,9 @@ def import_decoder_final_layernorm_weight(ctx: ParallelContext, load: Loader) ->
     return load("model.norm.weight")
 
 
-def export_decoder_final_layernorm_weight(
-    ctx: ParallelContext, local: torch.Tensor
-) -> dict[str, torch.Tensor]:
+def export_decoder_final_layernorm_weight(parts: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
     """decoder.final_layernorm.weight <- model.norm.weight: auto -> replicated, specs/qwen2.yaml:49."""
-    return {"model.norm.weight": local}
+    return {"model.norm.weight": parts[0]}
 
 
 def import_output_layer_weight(ctx: ParallelContext, load: Loader) -> torch.Tensor:
@@ -3689,11 +3689,9 @@ def import_output_layer_weight(ctx: ParallelContext, load: Loader) -> torch.Tens
     return rt.column_import(ctx.tp, load("lm_head.weight"))
 
 
-def export_output_layer_weight(
-    ctx: ParallelContext, local: torch.Tensor
-) -> dict[str, torch.Tensor]:
+def export_output_layer_weight(parts: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
     """output_layer.weight <- lm_head.weight: auto -> column, specs/qwen2.yaml:52."""
-    return {"lm_head.weight": rt.column_export(ctx.tp, local)}
+    return {"lm_head.weight": rt.column_export(parts)}
 
 
 PARAMS: Final[tuple[ParamPlan, ...]] = (
@@ -6456,6 +6454,9 @@ IMPORTS: Final[dict[str, ImportFn]] = {
     "decoder.final_layernorm.weight": import_decoder_final_layernorm_weight,
     "output_layer.weight": import_output_layer_weight,
 }
+
+# Megatron parameters that hold a copy of another (tied embeddings on the last pipeline stage)
+TIED: Final[dict[str, str]] = {}
 
 EXPORTS: Final[dict[str, ExportFn]] = {
     "embedding.word_embeddings.weight": export_embedding_word_embeddings_weight,

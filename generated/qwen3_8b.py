@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Final
 
 import torch
@@ -18,6 +19,7 @@ from mapgen.runtime import ExportFn, HFTensorPlan, ImportFn, Loader, ParallelCon
 TARGET: Final = "qwen3_8b"
 LAYOUT: Final = "te"
 HF_ARCHITECTURE: Final = "Qwen3ForCausalLM"
+SOURCES: Final = ("specs/qwen3.yaml", "specs/configs/qwen3_8b.json")
 DIMS: Final = ModelDims(
     num_layers=36,
     hidden_size=4096,
@@ -54,10 +56,10 @@ def import_embedding_word_embeddings_weight(ctx: ParallelContext, load: Loader) 
 
 
 def export_embedding_word_embeddings_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """embedding.word_embeddings.weight <- model.embed_tokens.weight: auto -> column, specs/qwen3.yaml:26."""
-    return {"model.embed_tokens.weight": rt.column_export(ctx.tp, local)}
+    return {"model.embed_tokens.weight": rt.column_export(parts)}
 
 
 def import_decoder_layers_0_self_attention_linear_qkv_layer_norm_weight(
@@ -68,10 +70,10 @@ def import_decoder_layers_0_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_0_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.0.self_attention.linear_qkv.layer_norm_weight <- model.layers.0.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
-    return {"model.layers.0.input_layernorm.weight": local}
+    return {"model.layers.0.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_0_self_attention_linear_proj_weight(
@@ -82,10 +84,10 @@ def import_decoder_layers_0_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_0_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.0.self_attention.linear_proj.weight <- model.layers.0.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
-    return {"model.layers.0.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.0.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_0_self_attention_linear_qkv_weight(
@@ -104,10 +106,10 @@ def import_decoder_layers_0_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_0_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.0.self_attention.linear_qkv.weight <- model.layers.0.self_attn.q_proj.weight, model.layers.0.self_attn.k_proj.weight, model.layers.0.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=32, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
     return {
         "model.layers.0.self_attn.q_proj.weight": q,
         "model.layers.0.self_attn.k_proj.weight": k,
@@ -123,10 +125,10 @@ def import_decoder_layers_0_self_attention_q_layernorm_weight(
 
 
 def export_decoder_layers_0_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.0.self_attention.q_layernorm.weight <- model.layers.0.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
-    return {"model.layers.0.self_attn.q_norm.weight": local}
+    return {"model.layers.0.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_0_self_attention_k_layernorm_weight(
@@ -137,10 +139,10 @@ def import_decoder_layers_0_self_attention_k_layernorm_weight(
 
 
 def export_decoder_layers_0_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.0.self_attention.k_layernorm.weight <- model.layers.0.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
-    return {"model.layers.0.self_attn.k_norm.weight": local}
+    return {"model.layers.0.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_0_mlp_linear_fc1_layer_norm_weight(
@@ -151,10 +153,10 @@ def import_decoder_layers_0_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_0_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.0.mlp.linear_fc1.layer_norm_weight <- model.layers.0.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
-    return {"model.layers.0.post_attention_layernorm.weight": local}
+    return {"model.layers.0.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_0_mlp_linear_fc1_weight(
@@ -169,10 +171,10 @@ def import_decoder_layers_0_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_0_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.0.mlp.linear_fc1.weight <- model.layers.0.mlp.gate_proj.weight, model.layers.0.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.0.mlp.gate_proj.weight": gate, "model.layers.0.mlp.up_proj.weight": up}
 
 
@@ -184,10 +186,10 @@ def import_decoder_layers_0_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_0_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.0.mlp.linear_fc2.weight <- model.layers.0.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
-    return {"model.layers.0.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.0.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_1_self_attention_linear_qkv_layer_norm_weight(
@@ -198,10 +200,10 @@ def import_decoder_layers_1_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_1_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.1.self_attention.linear_qkv.layer_norm_weight <- model.layers.1.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
-    return {"model.layers.1.input_layernorm.weight": local}
+    return {"model.layers.1.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_1_self_attention_linear_proj_weight(
@@ -212,10 +214,10 @@ def import_decoder_layers_1_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_1_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.1.self_attention.linear_proj.weight <- model.layers.1.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
-    return {"model.layers.1.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.1.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_1_self_attention_linear_qkv_weight(
@@ -234,10 +236,10 @@ def import_decoder_layers_1_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_1_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.1.self_attention.linear_qkv.weight <- model.layers.1.self_attn.q_proj.weight, model.layers.1.self_attn.k_proj.weight, model.layers.1.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=32, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
     return {
         "model.layers.1.self_attn.q_proj.weight": q,
         "model.layers.1.self_attn.k_proj.weight": k,
@@ -253,10 +255,10 @@ def import_decoder_layers_1_self_attention_q_layernorm_weight(
 
 
 def export_decoder_layers_1_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.1.self_attention.q_layernorm.weight <- model.layers.1.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
-    return {"model.layers.1.self_attn.q_norm.weight": local}
+    return {"model.layers.1.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_1_self_attention_k_layernorm_weight(
@@ -267,10 +269,10 @@ def import_decoder_layers_1_self_attention_k_layernorm_weight(
 
 
 def export_decoder_layers_1_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.1.self_attention.k_layernorm.weight <- model.layers.1.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
-    return {"model.layers.1.self_attn.k_norm.weight": local}
+    return {"model.layers.1.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_1_mlp_linear_fc1_layer_norm_weight(
@@ -281,10 +283,10 @@ def import_decoder_layers_1_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_1_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.1.mlp.linear_fc1.layer_norm_weight <- model.layers.1.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
-    return {"model.layers.1.post_attention_layernorm.weight": local}
+    return {"model.layers.1.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_1_mlp_linear_fc1_weight(
@@ -299,10 +301,10 @@ def import_decoder_layers_1_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_1_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.1.mlp.linear_fc1.weight <- model.layers.1.mlp.gate_proj.weight, model.layers.1.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.1.mlp.gate_proj.weight": gate, "model.layers.1.mlp.up_proj.weight": up}
 
 
@@ -314,10 +316,10 @@ def import_decoder_layers_1_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_1_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.1.mlp.linear_fc2.weight <- model.layers.1.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
-    return {"model.layers.1.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.1.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_2_self_attention_linear_qkv_layer_norm_weight(
@@ -328,10 +330,10 @@ def import_decoder_layers_2_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_2_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.2.self_attention.linear_qkv.layer_norm_weight <- model.layers.2.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
-    return {"model.layers.2.input_layernorm.weight": local}
+    return {"model.layers.2.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_2_self_attention_linear_proj_weight(
@@ -342,10 +344,10 @@ def import_decoder_layers_2_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_2_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.2.self_attention.linear_proj.weight <- model.layers.2.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
-    return {"model.layers.2.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.2.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_2_self_attention_linear_qkv_weight(
@@ -364,10 +366,10 @@ def import_decoder_layers_2_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_2_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.2.self_attention.linear_qkv.weight <- model.layers.2.self_attn.q_proj.weight, model.layers.2.self_attn.k_proj.weight, model.layers.2.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=32, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
     return {
         "model.layers.2.self_attn.q_proj.weight": q,
         "model.layers.2.self_attn.k_proj.weight": k,
@@ -383,10 +385,10 @@ def import_decoder_layers_2_self_attention_q_layernorm_weight(
 
 
 def export_decoder_layers_2_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.2.self_attention.q_layernorm.weight <- model.layers.2.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
-    return {"model.layers.2.self_attn.q_norm.weight": local}
+    return {"model.layers.2.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_2_self_attention_k_layernorm_weight(
@@ -397,10 +399,10 @@ def import_decoder_layers_2_self_attention_k_layernorm_weight(
 
 
 def export_decoder_layers_2_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.2.self_attention.k_layernorm.weight <- model.layers.2.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
-    return {"model.layers.2.self_attn.k_norm.weight": local}
+    return {"model.layers.2.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_2_mlp_linear_fc1_layer_norm_weight(
@@ -411,10 +413,10 @@ def import_decoder_layers_2_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_2_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.2.mlp.linear_fc1.layer_norm_weight <- model.layers.2.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
-    return {"model.layers.2.post_attention_layernorm.weight": local}
+    return {"model.layers.2.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_2_mlp_linear_fc1_weight(
@@ -429,10 +431,10 @@ def import_decoder_layers_2_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_2_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.2.mlp.linear_fc1.weight <- model.layers.2.mlp.gate_proj.weight, model.layers.2.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.2.mlp.gate_proj.weight": gate, "model.layers.2.mlp.up_proj.weight": up}
 
 
@@ -444,10 +446,10 @@ def import_decoder_layers_2_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_2_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.2.mlp.linear_fc2.weight <- model.layers.2.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
-    return {"model.layers.2.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.2.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_3_self_attention_linear_qkv_layer_norm_weight(
@@ -458,10 +460,10 @@ def import_decoder_layers_3_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_3_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.3.self_attention.linear_qkv.layer_norm_weight <- model.layers.3.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
-    return {"model.layers.3.input_layernorm.weight": local}
+    return {"model.layers.3.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_3_self_attention_linear_proj_weight(
@@ -472,10 +474,10 @@ def import_decoder_layers_3_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_3_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.3.self_attention.linear_proj.weight <- model.layers.3.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
-    return {"model.layers.3.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.3.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_3_self_attention_linear_qkv_weight(
@@ -494,10 +496,10 @@ def import_decoder_layers_3_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_3_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.3.self_attention.linear_qkv.weight <- model.layers.3.self_attn.q_proj.weight, model.layers.3.self_attn.k_proj.weight, model.layers.3.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=32, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
     return {
         "model.layers.3.self_attn.q_proj.weight": q,
         "model.layers.3.self_attn.k_proj.weight": k,
@@ -513,10 +515,10 @@ def import_decoder_layers_3_self_attention_q_layernorm_weight(
 
 
 def export_decoder_layers_3_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.3.self_attention.q_layernorm.weight <- model.layers.3.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
-    return {"model.layers.3.self_attn.q_norm.weight": local}
+    return {"model.layers.3.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_3_self_attention_k_layernorm_weight(
@@ -527,10 +529,10 @@ def import_decoder_layers_3_self_attention_k_layernorm_weight(
 
 
 def export_decoder_layers_3_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.3.self_attention.k_layernorm.weight <- model.layers.3.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
-    return {"model.layers.3.self_attn.k_norm.weight": local}
+    return {"model.layers.3.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_3_mlp_linear_fc1_layer_norm_weight(
@@ -541,10 +543,10 @@ def import_decoder_layers_3_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_3_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.3.mlp.linear_fc1.layer_norm_weight <- model.layers.3.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
-    return {"model.layers.3.post_attention_layernorm.weight": local}
+    return {"model.layers.3.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_3_mlp_linear_fc1_weight(
@@ -559,10 +561,10 @@ def import_decoder_layers_3_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_3_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.3.mlp.linear_fc1.weight <- model.layers.3.mlp.gate_proj.weight, model.layers.3.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.3.mlp.gate_proj.weight": gate, "model.layers.3.mlp.up_proj.weight": up}
 
 
@@ -574,10 +576,10 @@ def import_decoder_layers_3_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_3_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.3.mlp.linear_fc2.weight <- model.layers.3.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
-    return {"model.layers.3.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.3.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_4_self_attention_linear_qkv_layer_norm_weight(
@@ -588,10 +590,10 @@ def import_decoder_layers_4_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_4_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.4.self_attention.linear_qkv.layer_norm_weight <- model.layers.4.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
-    return {"model.layers.4.input_layernorm.weight": local}
+    return {"model.layers.4.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_4_self_attention_linear_proj_weight(
@@ -602,10 +604,10 @@ def import_decoder_layers_4_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_4_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.4.self_attention.linear_proj.weight <- model.layers.4.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
-    return {"model.layers.4.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.4.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_4_self_attention_linear_qkv_weight(
@@ -624,10 +626,10 @@ def import_decoder_layers_4_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_4_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.4.self_attention.linear_qkv.weight <- model.layers.4.self_attn.q_proj.weight, model.layers.4.self_attn.k_proj.weight, model.layers.4.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=32, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
     return {
         "model.layers.4.self_attn.q_proj.weight": q,
         "model.layers.4.self_attn.k_proj.weight": k,
@@ -643,10 +645,10 @@ def import_decoder_layers_4_self_attention_q_layernorm_weight(
 
 
 def export_decoder_layers_4_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.4.self_attention.q_layernorm.weight <- model.layers.4.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
-    return {"model.layers.4.self_attn.q_norm.weight": local}
+    return {"model.layers.4.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_4_self_attention_k_layernorm_weight(
@@ -657,10 +659,10 @@ def import_decoder_layers_4_self_attention_k_layernorm_weight(
 
 
 def export_decoder_layers_4_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.4.self_attention.k_layernorm.weight <- model.layers.4.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
-    return {"model.layers.4.self_attn.k_norm.weight": local}
+    return {"model.layers.4.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_4_mlp_linear_fc1_layer_norm_weight(
@@ -671,10 +673,10 @@ def import_decoder_layers_4_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_4_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.4.mlp.linear_fc1.layer_norm_weight <- model.layers.4.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
-    return {"model.layers.4.post_attention_layernorm.weight": local}
+    return {"model.layers.4.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_4_mlp_linear_fc1_weight(
@@ -689,10 +691,10 @@ def import_decoder_layers_4_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_4_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.4.mlp.linear_fc1.weight <- model.layers.4.mlp.gate_proj.weight, model.layers.4.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.4.mlp.gate_proj.weight": gate, "model.layers.4.mlp.up_proj.weight": up}
 
 
@@ -704,10 +706,10 @@ def import_decoder_layers_4_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_4_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.4.mlp.linear_fc2.weight <- model.layers.4.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
-    return {"model.layers.4.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.4.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_5_self_attention_linear_qkv_layer_norm_weight(
@@ -718,10 +720,10 @@ def import_decoder_layers_5_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_5_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.5.self_attention.linear_qkv.layer_norm_weight <- model.layers.5.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
-    return {"model.layers.5.input_layernorm.weight": local}
+    return {"model.layers.5.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_5_self_attention_linear_proj_weight(
@@ -732,10 +734,10 @@ def import_decoder_layers_5_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_5_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.5.self_attention.linear_proj.weight <- model.layers.5.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
-    return {"model.layers.5.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.5.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_5_self_attention_linear_qkv_weight(
@@ -754,10 +756,10 @@ def import_decoder_layers_5_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_5_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.5.self_attention.linear_qkv.weight <- model.layers.5.self_attn.q_proj.weight, model.layers.5.self_attn.k_proj.weight, model.layers.5.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=32, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
     return {
         "model.layers.5.self_attn.q_proj.weight": q,
         "model.layers.5.self_attn.k_proj.weight": k,
@@ -773,10 +775,10 @@ def import_decoder_layers_5_self_attention_q_layernorm_weight(
 
 
 def export_decoder_layers_5_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.5.self_attention.q_layernorm.weight <- model.layers.5.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
-    return {"model.layers.5.self_attn.q_norm.weight": local}
+    return {"model.layers.5.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_5_self_attention_k_layernorm_weight(
@@ -787,10 +789,10 @@ def import_decoder_layers_5_self_attention_k_layernorm_weight(
 
 
 def export_decoder_layers_5_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.5.self_attention.k_layernorm.weight <- model.layers.5.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
-    return {"model.layers.5.self_attn.k_norm.weight": local}
+    return {"model.layers.5.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_5_mlp_linear_fc1_layer_norm_weight(
@@ -801,10 +803,10 @@ def import_decoder_layers_5_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_5_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.5.mlp.linear_fc1.layer_norm_weight <- model.layers.5.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
-    return {"model.layers.5.post_attention_layernorm.weight": local}
+    return {"model.layers.5.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_5_mlp_linear_fc1_weight(
@@ -819,10 +821,10 @@ def import_decoder_layers_5_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_5_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.5.mlp.linear_fc1.weight <- model.layers.5.mlp.gate_proj.weight, model.layers.5.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.5.mlp.gate_proj.weight": gate, "model.layers.5.mlp.up_proj.weight": up}
 
 
@@ -834,10 +836,10 @@ def import_decoder_layers_5_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_5_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.5.mlp.linear_fc2.weight <- model.layers.5.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
-    return {"model.layers.5.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.5.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_6_self_attention_linear_qkv_layer_norm_weight(
@@ -848,10 +850,10 @@ def import_decoder_layers_6_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_6_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.6.self_attention.linear_qkv.layer_norm_weight <- model.layers.6.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
-    return {"model.layers.6.input_layernorm.weight": local}
+    return {"model.layers.6.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_6_self_attention_linear_proj_weight(
@@ -862,10 +864,10 @@ def import_decoder_layers_6_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_6_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.6.self_attention.linear_proj.weight <- model.layers.6.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
-    return {"model.layers.6.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.6.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_6_self_attention_linear_qkv_weight(
@@ -884,10 +886,10 @@ def import_decoder_layers_6_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_6_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.6.self_attention.linear_qkv.weight <- model.layers.6.self_attn.q_proj.weight, model.layers.6.self_attn.k_proj.weight, model.layers.6.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=32, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
     return {
         "model.layers.6.self_attn.q_proj.weight": q,
         "model.layers.6.self_attn.k_proj.weight": k,
@@ -903,10 +905,10 @@ def import_decoder_layers_6_self_attention_q_layernorm_weight(
 
 
 def export_decoder_layers_6_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.6.self_attention.q_layernorm.weight <- model.layers.6.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
-    return {"model.layers.6.self_attn.q_norm.weight": local}
+    return {"model.layers.6.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_6_self_attention_k_layernorm_weight(
@@ -917,10 +919,10 @@ def import_decoder_layers_6_self_attention_k_layernorm_weight(
 
 
 def export_decoder_layers_6_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.6.self_attention.k_layernorm.weight <- model.layers.6.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
-    return {"model.layers.6.self_attn.k_norm.weight": local}
+    return {"model.layers.6.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_6_mlp_linear_fc1_layer_norm_weight(
@@ -931,10 +933,10 @@ def import_decoder_layers_6_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_6_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.6.mlp.linear_fc1.layer_norm_weight <- model.layers.6.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
-    return {"model.layers.6.post_attention_layernorm.weight": local}
+    return {"model.layers.6.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_6_mlp_linear_fc1_weight(
@@ -949,10 +951,10 @@ def import_decoder_layers_6_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_6_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.6.mlp.linear_fc1.weight <- model.layers.6.mlp.gate_proj.weight, model.layers.6.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.6.mlp.gate_proj.weight": gate, "model.layers.6.mlp.up_proj.weight": up}
 
 
@@ -964,10 +966,10 @@ def import_decoder_layers_6_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_6_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.6.mlp.linear_fc2.weight <- model.layers.6.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
-    return {"model.layers.6.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.6.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_7_self_attention_linear_qkv_layer_norm_weight(
@@ -978,10 +980,10 @@ def import_decoder_layers_7_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_7_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.7.self_attention.linear_qkv.layer_norm_weight <- model.layers.7.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
-    return {"model.layers.7.input_layernorm.weight": local}
+    return {"model.layers.7.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_7_self_attention_linear_proj_weight(
@@ -992,10 +994,10 @@ def import_decoder_layers_7_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_7_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.7.self_attention.linear_proj.weight <- model.layers.7.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
-    return {"model.layers.7.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.7.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_7_self_attention_linear_qkv_weight(
@@ -1014,10 +1016,10 @@ def import_decoder_layers_7_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_7_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.7.self_attention.linear_qkv.weight <- model.layers.7.self_attn.q_proj.weight, model.layers.7.self_attn.k_proj.weight, model.layers.7.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=32, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
     return {
         "model.layers.7.self_attn.q_proj.weight": q,
         "model.layers.7.self_attn.k_proj.weight": k,
@@ -1033,10 +1035,10 @@ def import_decoder_layers_7_self_attention_q_layernorm_weight(
 
 
 def export_decoder_layers_7_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.7.self_attention.q_layernorm.weight <- model.layers.7.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
-    return {"model.layers.7.self_attn.q_norm.weight": local}
+    return {"model.layers.7.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_7_self_attention_k_layernorm_weight(
@@ -1047,10 +1049,10 @@ def import_decoder_layers_7_self_attention_k_layernorm_weight(
 
 
 def export_decoder_layers_7_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.7.self_attention.k_layernorm.weight <- model.layers.7.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
-    return {"model.layers.7.self_attn.k_norm.weight": local}
+    return {"model.layers.7.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_7_mlp_linear_fc1_layer_norm_weight(
@@ -1061,10 +1063,10 @@ def import_decoder_layers_7_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_7_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.7.mlp.linear_fc1.layer_norm_weight <- model.layers.7.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
-    return {"model.layers.7.post_attention_layernorm.weight": local}
+    return {"model.layers.7.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_7_mlp_linear_fc1_weight(
@@ -1079,10 +1081,10 @@ def import_decoder_layers_7_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_7_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.7.mlp.linear_fc1.weight <- model.layers.7.mlp.gate_proj.weight, model.layers.7.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.7.mlp.gate_proj.weight": gate, "model.layers.7.mlp.up_proj.weight": up}
 
 
@@ -1094,10 +1096,10 @@ def import_decoder_layers_7_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_7_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.7.mlp.linear_fc2.weight <- model.layers.7.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
-    return {"model.layers.7.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.7.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_8_self_attention_linear_qkv_layer_norm_weight(
@@ -1108,10 +1110,10 @@ def import_decoder_layers_8_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_8_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.8.self_attention.linear_qkv.layer_norm_weight <- model.layers.8.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
-    return {"model.layers.8.input_layernorm.weight": local}
+    return {"model.layers.8.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_8_self_attention_linear_proj_weight(
@@ -1122,10 +1124,10 @@ def import_decoder_layers_8_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_8_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.8.self_attention.linear_proj.weight <- model.layers.8.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
-    return {"model.layers.8.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.8.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_8_self_attention_linear_qkv_weight(
@@ -1144,10 +1146,10 @@ def import_decoder_layers_8_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_8_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.8.self_attention.linear_qkv.weight <- model.layers.8.self_attn.q_proj.weight, model.layers.8.self_attn.k_proj.weight, model.layers.8.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=32, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
     return {
         "model.layers.8.self_attn.q_proj.weight": q,
         "model.layers.8.self_attn.k_proj.weight": k,
@@ -1163,10 +1165,10 @@ def import_decoder_layers_8_self_attention_q_layernorm_weight(
 
 
 def export_decoder_layers_8_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.8.self_attention.q_layernorm.weight <- model.layers.8.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
-    return {"model.layers.8.self_attn.q_norm.weight": local}
+    return {"model.layers.8.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_8_self_attention_k_layernorm_weight(
@@ -1177,10 +1179,10 @@ def import_decoder_layers_8_self_attention_k_layernorm_weight(
 
 
 def export_decoder_layers_8_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.8.self_attention.k_layernorm.weight <- model.layers.8.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
-    return {"model.layers.8.self_attn.k_norm.weight": local}
+    return {"model.layers.8.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_8_mlp_linear_fc1_layer_norm_weight(
@@ -1191,10 +1193,10 @@ def import_decoder_layers_8_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_8_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.8.mlp.linear_fc1.layer_norm_weight <- model.layers.8.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
-    return {"model.layers.8.post_attention_layernorm.weight": local}
+    return {"model.layers.8.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_8_mlp_linear_fc1_weight(
@@ -1209,10 +1211,10 @@ def import_decoder_layers_8_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_8_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.8.mlp.linear_fc1.weight <- model.layers.8.mlp.gate_proj.weight, model.layers.8.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.8.mlp.gate_proj.weight": gate, "model.layers.8.mlp.up_proj.weight": up}
 
 
@@ -1224,10 +1226,10 @@ def import_decoder_layers_8_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_8_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.8.mlp.linear_fc2.weight <- model.layers.8.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
-    return {"model.layers.8.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.8.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_9_self_attention_linear_qkv_layer_norm_weight(
@@ -1238,10 +1240,10 @@ def import_decoder_layers_9_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_9_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.9.self_attention.linear_qkv.layer_norm_weight <- model.layers.9.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
-    return {"model.layers.9.input_layernorm.weight": local}
+    return {"model.layers.9.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_9_self_attention_linear_proj_weight(
@@ -1252,10 +1254,10 @@ def import_decoder_layers_9_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_9_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.9.self_attention.linear_proj.weight <- model.layers.9.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
-    return {"model.layers.9.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.9.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_9_self_attention_linear_qkv_weight(
@@ -1274,10 +1276,10 @@ def import_decoder_layers_9_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_9_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.9.self_attention.linear_qkv.weight <- model.layers.9.self_attn.q_proj.weight, model.layers.9.self_attn.k_proj.weight, model.layers.9.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=32, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
     return {
         "model.layers.9.self_attn.q_proj.weight": q,
         "model.layers.9.self_attn.k_proj.weight": k,
@@ -1293,10 +1295,10 @@ def import_decoder_layers_9_self_attention_q_layernorm_weight(
 
 
 def export_decoder_layers_9_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.9.self_attention.q_layernorm.weight <- model.layers.9.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
-    return {"model.layers.9.self_attn.q_norm.weight": local}
+    return {"model.layers.9.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_9_self_attention_k_layernorm_weight(
@@ -1307,10 +1309,10 @@ def import_decoder_layers_9_self_attention_k_layernorm_weight(
 
 
 def export_decoder_layers_9_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.9.self_attention.k_layernorm.weight <- model.layers.9.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
-    return {"model.layers.9.self_attn.k_norm.weight": local}
+    return {"model.layers.9.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_9_mlp_linear_fc1_layer_norm_weight(
@@ -1321,10 +1323,10 @@ def import_decoder_layers_9_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_9_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.9.mlp.linear_fc1.layer_norm_weight <- model.layers.9.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
-    return {"model.layers.9.post_attention_layernorm.weight": local}
+    return {"model.layers.9.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_9_mlp_linear_fc1_weight(
@@ -1339,10 +1341,10 @@ def import_decoder_layers_9_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_9_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.9.mlp.linear_fc1.weight <- model.layers.9.mlp.gate_proj.weight, model.layers.9.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.9.mlp.gate_proj.weight": gate, "model.layers.9.mlp.up_proj.weight": up}
 
 
@@ -1354,10 +1356,10 @@ def import_decoder_layers_9_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_9_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.9.mlp.linear_fc2.weight <- model.layers.9.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
-    return {"model.layers.9.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.9.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_10_self_attention_linear_qkv_layer_norm_weight(
@@ -1368,10 +1370,10 @@ def import_decoder_layers_10_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_10_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.10.self_attention.linear_qkv.layer_norm_weight <- model.layers.10.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
-    return {"model.layers.10.input_layernorm.weight": local}
+    return {"model.layers.10.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_10_self_attention_linear_proj_weight(
@@ -1382,10 +1384,10 @@ def import_decoder_layers_10_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_10_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.10.self_attention.linear_proj.weight <- model.layers.10.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
-    return {"model.layers.10.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.10.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_10_self_attention_linear_qkv_weight(
@@ -1404,10 +1406,10 @@ def import_decoder_layers_10_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_10_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.10.self_attention.linear_qkv.weight <- model.layers.10.self_attn.q_proj.weight, model.layers.10.self_attn.k_proj.weight, model.layers.10.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=32, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
     return {
         "model.layers.10.self_attn.q_proj.weight": q,
         "model.layers.10.self_attn.k_proj.weight": k,
@@ -1423,10 +1425,10 @@ def import_decoder_layers_10_self_attention_q_layernorm_weight(
 
 
 def export_decoder_layers_10_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.10.self_attention.q_layernorm.weight <- model.layers.10.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
-    return {"model.layers.10.self_attn.q_norm.weight": local}
+    return {"model.layers.10.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_10_self_attention_k_layernorm_weight(
@@ -1437,10 +1439,10 @@ def import_decoder_layers_10_self_attention_k_layernorm_weight(
 
 
 def export_decoder_layers_10_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.10.self_attention.k_layernorm.weight <- model.layers.10.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
-    return {"model.layers.10.self_attn.k_norm.weight": local}
+    return {"model.layers.10.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_10_mlp_linear_fc1_layer_norm_weight(
@@ -1451,10 +1453,10 @@ def import_decoder_layers_10_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_10_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.10.mlp.linear_fc1.layer_norm_weight <- model.layers.10.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
-    return {"model.layers.10.post_attention_layernorm.weight": local}
+    return {"model.layers.10.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_10_mlp_linear_fc1_weight(
@@ -1469,10 +1471,10 @@ def import_decoder_layers_10_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_10_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.10.mlp.linear_fc1.weight <- model.layers.10.mlp.gate_proj.weight, model.layers.10.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.10.mlp.gate_proj.weight": gate, "model.layers.10.mlp.up_proj.weight": up}
 
 
@@ -1484,10 +1486,10 @@ def import_decoder_layers_10_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_10_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.10.mlp.linear_fc2.weight <- model.layers.10.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
-    return {"model.layers.10.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.10.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_11_self_attention_linear_qkv_layer_norm_weight(
@@ -1498,10 +1500,10 @@ def import_decoder_layers_11_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_11_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.11.self_attention.linear_qkv.layer_norm_weight <- model.layers.11.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
-    return {"model.layers.11.input_layernorm.weight": local}
+    return {"model.layers.11.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_11_self_attention_linear_proj_weight(
@@ -1512,10 +1514,10 @@ def import_decoder_layers_11_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_11_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.11.self_attention.linear_proj.weight <- model.layers.11.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
-    return {"model.layers.11.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.11.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_11_self_attention_linear_qkv_weight(
@@ -1534,10 +1536,10 @@ def import_decoder_layers_11_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_11_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.11.self_attention.linear_qkv.weight <- model.layers.11.self_attn.q_proj.weight, model.layers.11.self_attn.k_proj.weight, model.layers.11.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=32, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
     return {
         "model.layers.11.self_attn.q_proj.weight": q,
         "model.layers.11.self_attn.k_proj.weight": k,
@@ -1553,10 +1555,10 @@ def import_decoder_layers_11_self_attention_q_layernorm_weight(
 
 
 def export_decoder_layers_11_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.11.self_attention.q_layernorm.weight <- model.layers.11.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
-    return {"model.layers.11.self_attn.q_norm.weight": local}
+    return {"model.layers.11.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_11_self_attention_k_layernorm_weight(
@@ -1567,10 +1569,10 @@ def import_decoder_layers_11_self_attention_k_layernorm_weight(
 
 
 def export_decoder_layers_11_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.11.self_attention.k_layernorm.weight <- model.layers.11.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
-    return {"model.layers.11.self_attn.k_norm.weight": local}
+    return {"model.layers.11.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_11_mlp_linear_fc1_layer_norm_weight(
@@ -1581,10 +1583,10 @@ def import_decoder_layers_11_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_11_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.11.mlp.linear_fc1.layer_norm_weight <- model.layers.11.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
-    return {"model.layers.11.post_attention_layernorm.weight": local}
+    return {"model.layers.11.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_11_mlp_linear_fc1_weight(
@@ -1599,10 +1601,10 @@ def import_decoder_layers_11_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_11_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.11.mlp.linear_fc1.weight <- model.layers.11.mlp.gate_proj.weight, model.layers.11.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.11.mlp.gate_proj.weight": gate, "model.layers.11.mlp.up_proj.weight": up}
 
 
@@ -1614,10 +1616,10 @@ def import_decoder_layers_11_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_11_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.11.mlp.linear_fc2.weight <- model.layers.11.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
-    return {"model.layers.11.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.11.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_12_self_attention_linear_qkv_layer_norm_weight(
@@ -1628,10 +1630,10 @@ def import_decoder_layers_12_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_12_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.12.self_attention.linear_qkv.layer_norm_weight <- model.layers.12.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
-    return {"model.layers.12.input_layernorm.weight": local}
+    return {"model.layers.12.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_12_self_attention_linear_proj_weight(
@@ -1642,10 +1644,10 @@ def import_decoder_layers_12_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_12_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.12.self_attention.linear_proj.weight <- model.layers.12.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
-    return {"model.layers.12.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.12.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_12_self_attention_linear_qkv_weight(
@@ -1664,10 +1666,10 @@ def import_decoder_layers_12_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_12_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.12.self_attention.linear_qkv.weight <- model.layers.12.self_attn.q_proj.weight, model.layers.12.self_attn.k_proj.weight, model.layers.12.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=32, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
     return {
         "model.layers.12.self_attn.q_proj.weight": q,
         "model.layers.12.self_attn.k_proj.weight": k,
@@ -1683,10 +1685,10 @@ def import_decoder_layers_12_self_attention_q_layernorm_weight(
 
 
 def export_decoder_layers_12_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.12.self_attention.q_layernorm.weight <- model.layers.12.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
-    return {"model.layers.12.self_attn.q_norm.weight": local}
+    return {"model.layers.12.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_12_self_attention_k_layernorm_weight(
@@ -1697,10 +1699,10 @@ def import_decoder_layers_12_self_attention_k_layernorm_weight(
 
 
 def export_decoder_layers_12_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.12.self_attention.k_layernorm.weight <- model.layers.12.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
-    return {"model.layers.12.self_attn.k_norm.weight": local}
+    return {"model.layers.12.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_12_mlp_linear_fc1_layer_norm_weight(
@@ -1711,10 +1713,10 @@ def import_decoder_layers_12_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_12_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.12.mlp.linear_fc1.layer_norm_weight <- model.layers.12.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
-    return {"model.layers.12.post_attention_layernorm.weight": local}
+    return {"model.layers.12.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_12_mlp_linear_fc1_weight(
@@ -1729,10 +1731,10 @@ def import_decoder_layers_12_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_12_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.12.mlp.linear_fc1.weight <- model.layers.12.mlp.gate_proj.weight, model.layers.12.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.12.mlp.gate_proj.weight": gate, "model.layers.12.mlp.up_proj.weight": up}
 
 
@@ -1744,10 +1746,10 @@ def import_decoder_layers_12_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_12_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.12.mlp.linear_fc2.weight <- model.layers.12.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
-    return {"model.layers.12.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.12.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_13_self_attention_linear_qkv_layer_norm_weight(
@@ -1758,10 +1760,10 @@ def import_decoder_layers_13_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_13_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.13.self_attention.linear_qkv.layer_norm_weight <- model.layers.13.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
-    return {"model.layers.13.input_layernorm.weight": local}
+    return {"model.layers.13.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_13_self_attention_linear_proj_weight(
@@ -1772,10 +1774,10 @@ def import_decoder_layers_13_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_13_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.13.self_attention.linear_proj.weight <- model.layers.13.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
-    return {"model.layers.13.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.13.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_13_self_attention_linear_qkv_weight(
@@ -1794,10 +1796,10 @@ def import_decoder_layers_13_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_13_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.13.self_attention.linear_qkv.weight <- model.layers.13.self_attn.q_proj.weight, model.layers.13.self_attn.k_proj.weight, model.layers.13.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=32, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
     return {
         "model.layers.13.self_attn.q_proj.weight": q,
         "model.layers.13.self_attn.k_proj.weight": k,
@@ -1813,10 +1815,10 @@ def import_decoder_layers_13_self_attention_q_layernorm_weight(
 
 
 def export_decoder_layers_13_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.13.self_attention.q_layernorm.weight <- model.layers.13.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
-    return {"model.layers.13.self_attn.q_norm.weight": local}
+    return {"model.layers.13.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_13_self_attention_k_layernorm_weight(
@@ -1827,10 +1829,10 @@ def import_decoder_layers_13_self_attention_k_layernorm_weight(
 
 
 def export_decoder_layers_13_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.13.self_attention.k_layernorm.weight <- model.layers.13.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
-    return {"model.layers.13.self_attn.k_norm.weight": local}
+    return {"model.layers.13.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_13_mlp_linear_fc1_layer_norm_weight(
@@ -1841,10 +1843,10 @@ def import_decoder_layers_13_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_13_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.13.mlp.linear_fc1.layer_norm_weight <- model.layers.13.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
-    return {"model.layers.13.post_attention_layernorm.weight": local}
+    return {"model.layers.13.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_13_mlp_linear_fc1_weight(
@@ -1859,10 +1861,10 @@ def import_decoder_layers_13_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_13_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.13.mlp.linear_fc1.weight <- model.layers.13.mlp.gate_proj.weight, model.layers.13.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.13.mlp.gate_proj.weight": gate, "model.layers.13.mlp.up_proj.weight": up}
 
 
@@ -1874,10 +1876,10 @@ def import_decoder_layers_13_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_13_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.13.mlp.linear_fc2.weight <- model.layers.13.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
-    return {"model.layers.13.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.13.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_14_self_attention_linear_qkv_layer_norm_weight(
@@ -1888,10 +1890,10 @@ def import_decoder_layers_14_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_14_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.14.self_attention.linear_qkv.layer_norm_weight <- model.layers.14.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
-    return {"model.layers.14.input_layernorm.weight": local}
+    return {"model.layers.14.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_14_self_attention_linear_proj_weight(
@@ -1902,10 +1904,10 @@ def import_decoder_layers_14_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_14_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.14.self_attention.linear_proj.weight <- model.layers.14.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
-    return {"model.layers.14.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.14.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_14_self_attention_linear_qkv_weight(
@@ -1924,10 +1926,10 @@ def import_decoder_layers_14_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_14_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.14.self_attention.linear_qkv.weight <- model.layers.14.self_attn.q_proj.weight, model.layers.14.self_attn.k_proj.weight, model.layers.14.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=32, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
     return {
         "model.layers.14.self_attn.q_proj.weight": q,
         "model.layers.14.self_attn.k_proj.weight": k,
@@ -1943,10 +1945,10 @@ def import_decoder_layers_14_self_attention_q_layernorm_weight(
 
 
 def export_decoder_layers_14_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.14.self_attention.q_layernorm.weight <- model.layers.14.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
-    return {"model.layers.14.self_attn.q_norm.weight": local}
+    return {"model.layers.14.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_14_self_attention_k_layernorm_weight(
@@ -1957,10 +1959,10 @@ def import_decoder_layers_14_self_attention_k_layernorm_weight(
 
 
 def export_decoder_layers_14_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.14.self_attention.k_layernorm.weight <- model.layers.14.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
-    return {"model.layers.14.self_attn.k_norm.weight": local}
+    return {"model.layers.14.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_14_mlp_linear_fc1_layer_norm_weight(
@@ -1971,10 +1973,10 @@ def import_decoder_layers_14_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_14_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.14.mlp.linear_fc1.layer_norm_weight <- model.layers.14.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
-    return {"model.layers.14.post_attention_layernorm.weight": local}
+    return {"model.layers.14.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_14_mlp_linear_fc1_weight(
@@ -1989,10 +1991,10 @@ def import_decoder_layers_14_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_14_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.14.mlp.linear_fc1.weight <- model.layers.14.mlp.gate_proj.weight, model.layers.14.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.14.mlp.gate_proj.weight": gate, "model.layers.14.mlp.up_proj.weight": up}
 
 
@@ -2004,10 +2006,10 @@ def import_decoder_layers_14_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_14_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.14.mlp.linear_fc2.weight <- model.layers.14.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
-    return {"model.layers.14.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.14.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_15_self_attention_linear_qkv_layer_norm_weight(
@@ -2018,10 +2020,10 @@ def import_decoder_layers_15_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_15_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.15.self_attention.linear_qkv.layer_norm_weight <- model.layers.15.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
-    return {"model.layers.15.input_layernorm.weight": local}
+    return {"model.layers.15.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_15_self_attention_linear_proj_weight(
@@ -2032,10 +2034,10 @@ def import_decoder_layers_15_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_15_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.15.self_attention.linear_proj.weight <- model.layers.15.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
-    return {"model.layers.15.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.15.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_15_self_attention_linear_qkv_weight(
@@ -2054,10 +2056,10 @@ def import_decoder_layers_15_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_15_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.15.self_attention.linear_qkv.weight <- model.layers.15.self_attn.q_proj.weight, model.layers.15.self_attn.k_proj.weight, model.layers.15.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=32, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
     return {
         "model.layers.15.self_attn.q_proj.weight": q,
         "model.layers.15.self_attn.k_proj.weight": k,
@@ -2073,10 +2075,10 @@ def import_decoder_layers_15_self_attention_q_layernorm_weight(
 
 
 def export_decoder_layers_15_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.15.self_attention.q_layernorm.weight <- model.layers.15.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
-    return {"model.layers.15.self_attn.q_norm.weight": local}
+    return {"model.layers.15.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_15_self_attention_k_layernorm_weight(
@@ -2087,10 +2089,10 @@ def import_decoder_layers_15_self_attention_k_layernorm_weight(
 
 
 def export_decoder_layers_15_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.15.self_attention.k_layernorm.weight <- model.layers.15.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
-    return {"model.layers.15.self_attn.k_norm.weight": local}
+    return {"model.layers.15.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_15_mlp_linear_fc1_layer_norm_weight(
@@ -2101,10 +2103,10 @@ def import_decoder_layers_15_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_15_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.15.mlp.linear_fc1.layer_norm_weight <- model.layers.15.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
-    return {"model.layers.15.post_attention_layernorm.weight": local}
+    return {"model.layers.15.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_15_mlp_linear_fc1_weight(
@@ -2119,10 +2121,10 @@ def import_decoder_layers_15_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_15_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.15.mlp.linear_fc1.weight <- model.layers.15.mlp.gate_proj.weight, model.layers.15.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.15.mlp.gate_proj.weight": gate, "model.layers.15.mlp.up_proj.weight": up}
 
 
@@ -2134,10 +2136,10 @@ def import_decoder_layers_15_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_15_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.15.mlp.linear_fc2.weight <- model.layers.15.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
-    return {"model.layers.15.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.15.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_16_self_attention_linear_qkv_layer_norm_weight(
@@ -2148,10 +2150,10 @@ def import_decoder_layers_16_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_16_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.16.self_attention.linear_qkv.layer_norm_weight <- model.layers.16.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
-    return {"model.layers.16.input_layernorm.weight": local}
+    return {"model.layers.16.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_16_self_attention_linear_proj_weight(
@@ -2162,10 +2164,10 @@ def import_decoder_layers_16_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_16_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.16.self_attention.linear_proj.weight <- model.layers.16.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
-    return {"model.layers.16.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.16.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_16_self_attention_linear_qkv_weight(
@@ -2184,10 +2186,10 @@ def import_decoder_layers_16_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_16_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.16.self_attention.linear_qkv.weight <- model.layers.16.self_attn.q_proj.weight, model.layers.16.self_attn.k_proj.weight, model.layers.16.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=32, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
     return {
         "model.layers.16.self_attn.q_proj.weight": q,
         "model.layers.16.self_attn.k_proj.weight": k,
@@ -2203,10 +2205,10 @@ def import_decoder_layers_16_self_attention_q_layernorm_weight(
 
 
 def export_decoder_layers_16_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.16.self_attention.q_layernorm.weight <- model.layers.16.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
-    return {"model.layers.16.self_attn.q_norm.weight": local}
+    return {"model.layers.16.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_16_self_attention_k_layernorm_weight(
@@ -2217,10 +2219,10 @@ def import_decoder_layers_16_self_attention_k_layernorm_weight(
 
 
 def export_decoder_layers_16_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.16.self_attention.k_layernorm.weight <- model.layers.16.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
-    return {"model.layers.16.self_attn.k_norm.weight": local}
+    return {"model.layers.16.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_16_mlp_linear_fc1_layer_norm_weight(
@@ -2231,10 +2233,10 @@ def import_decoder_layers_16_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_16_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.16.mlp.linear_fc1.layer_norm_weight <- model.layers.16.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
-    return {"model.layers.16.post_attention_layernorm.weight": local}
+    return {"model.layers.16.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_16_mlp_linear_fc1_weight(
@@ -2249,10 +2251,10 @@ def import_decoder_layers_16_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_16_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.16.mlp.linear_fc1.weight <- model.layers.16.mlp.gate_proj.weight, model.layers.16.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.16.mlp.gate_proj.weight": gate, "model.layers.16.mlp.up_proj.weight": up}
 
 
@@ -2264,10 +2266,10 @@ def import_decoder_layers_16_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_16_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.16.mlp.linear_fc2.weight <- model.layers.16.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
-    return {"model.layers.16.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.16.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_17_self_attention_linear_qkv_layer_norm_weight(
@@ -2278,10 +2280,10 @@ def import_decoder_layers_17_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_17_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.17.self_attention.linear_qkv.layer_norm_weight <- model.layers.17.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
-    return {"model.layers.17.input_layernorm.weight": local}
+    return {"model.layers.17.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_17_self_attention_linear_proj_weight(
@@ -2292,10 +2294,10 @@ def import_decoder_layers_17_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_17_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.17.self_attention.linear_proj.weight <- model.layers.17.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
-    return {"model.layers.17.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.17.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_17_self_attention_linear_qkv_weight(
@@ -2314,10 +2316,10 @@ def import_decoder_layers_17_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_17_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.17.self_attention.linear_qkv.weight <- model.layers.17.self_attn.q_proj.weight, model.layers.17.self_attn.k_proj.weight, model.layers.17.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=32, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
     return {
         "model.layers.17.self_attn.q_proj.weight": q,
         "model.layers.17.self_attn.k_proj.weight": k,
@@ -2333,10 +2335,10 @@ def import_decoder_layers_17_self_attention_q_layernorm_weight(
 
 
 def export_decoder_layers_17_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.17.self_attention.q_layernorm.weight <- model.layers.17.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
-    return {"model.layers.17.self_attn.q_norm.weight": local}
+    return {"model.layers.17.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_17_self_attention_k_layernorm_weight(
@@ -2347,10 +2349,10 @@ def import_decoder_layers_17_self_attention_k_layernorm_weight(
 
 
 def export_decoder_layers_17_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.17.self_attention.k_layernorm.weight <- model.layers.17.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
-    return {"model.layers.17.self_attn.k_norm.weight": local}
+    return {"model.layers.17.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_17_mlp_linear_fc1_layer_norm_weight(
@@ -2361,10 +2363,10 @@ def import_decoder_layers_17_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_17_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.17.mlp.linear_fc1.layer_norm_weight <- model.layers.17.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
-    return {"model.layers.17.post_attention_layernorm.weight": local}
+    return {"model.layers.17.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_17_mlp_linear_fc1_weight(
@@ -2379,10 +2381,10 @@ def import_decoder_layers_17_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_17_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.17.mlp.linear_fc1.weight <- model.layers.17.mlp.gate_proj.weight, model.layers.17.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.17.mlp.gate_proj.weight": gate, "model.layers.17.mlp.up_proj.weight": up}
 
 
@@ -2394,10 +2396,10 @@ def import_decoder_layers_17_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_17_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.17.mlp.linear_fc2.weight <- model.layers.17.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
-    return {"model.layers.17.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.17.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_18_self_attention_linear_qkv_layer_norm_weight(
@@ -2408,10 +2410,10 @@ def import_decoder_layers_18_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_18_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.18.self_attention.linear_qkv.layer_norm_weight <- model.layers.18.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
-    return {"model.layers.18.input_layernorm.weight": local}
+    return {"model.layers.18.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_18_self_attention_linear_proj_weight(
@@ -2422,10 +2424,10 @@ def import_decoder_layers_18_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_18_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.18.self_attention.linear_proj.weight <- model.layers.18.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
-    return {"model.layers.18.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.18.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_18_self_attention_linear_qkv_weight(
@@ -2444,10 +2446,10 @@ def import_decoder_layers_18_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_18_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.18.self_attention.linear_qkv.weight <- model.layers.18.self_attn.q_proj.weight, model.layers.18.self_attn.k_proj.weight, model.layers.18.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=32, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
     return {
         "model.layers.18.self_attn.q_proj.weight": q,
         "model.layers.18.self_attn.k_proj.weight": k,
@@ -2463,10 +2465,10 @@ def import_decoder_layers_18_self_attention_q_layernorm_weight(
 
 
 def export_decoder_layers_18_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.18.self_attention.q_layernorm.weight <- model.layers.18.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
-    return {"model.layers.18.self_attn.q_norm.weight": local}
+    return {"model.layers.18.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_18_self_attention_k_layernorm_weight(
@@ -2477,10 +2479,10 @@ def import_decoder_layers_18_self_attention_k_layernorm_weight(
 
 
 def export_decoder_layers_18_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.18.self_attention.k_layernorm.weight <- model.layers.18.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
-    return {"model.layers.18.self_attn.k_norm.weight": local}
+    return {"model.layers.18.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_18_mlp_linear_fc1_layer_norm_weight(
@@ -2491,10 +2493,10 @@ def import_decoder_layers_18_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_18_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.18.mlp.linear_fc1.layer_norm_weight <- model.layers.18.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
-    return {"model.layers.18.post_attention_layernorm.weight": local}
+    return {"model.layers.18.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_18_mlp_linear_fc1_weight(
@@ -2509,10 +2511,10 @@ def import_decoder_layers_18_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_18_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.18.mlp.linear_fc1.weight <- model.layers.18.mlp.gate_proj.weight, model.layers.18.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.18.mlp.gate_proj.weight": gate, "model.layers.18.mlp.up_proj.weight": up}
 
 
@@ -2524,10 +2526,10 @@ def import_decoder_layers_18_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_18_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.18.mlp.linear_fc2.weight <- model.layers.18.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
-    return {"model.layers.18.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.18.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_19_self_attention_linear_qkv_layer_norm_weight(
@@ -2538,10 +2540,10 @@ def import_decoder_layers_19_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_19_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.19.self_attention.linear_qkv.layer_norm_weight <- model.layers.19.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
-    return {"model.layers.19.input_layernorm.weight": local}
+    return {"model.layers.19.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_19_self_attention_linear_proj_weight(
@@ -2552,10 +2554,10 @@ def import_decoder_layers_19_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_19_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.19.self_attention.linear_proj.weight <- model.layers.19.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
-    return {"model.layers.19.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.19.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_19_self_attention_linear_qkv_weight(
@@ -2574,10 +2576,10 @@ def import_decoder_layers_19_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_19_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.19.self_attention.linear_qkv.weight <- model.layers.19.self_attn.q_proj.weight, model.layers.19.self_attn.k_proj.weight, model.layers.19.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=32, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
     return {
         "model.layers.19.self_attn.q_proj.weight": q,
         "model.layers.19.self_attn.k_proj.weight": k,
@@ -2593,10 +2595,10 @@ def import_decoder_layers_19_self_attention_q_layernorm_weight(
 
 
 def export_decoder_layers_19_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.19.self_attention.q_layernorm.weight <- model.layers.19.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
-    return {"model.layers.19.self_attn.q_norm.weight": local}
+    return {"model.layers.19.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_19_self_attention_k_layernorm_weight(
@@ -2607,10 +2609,10 @@ def import_decoder_layers_19_self_attention_k_layernorm_weight(
 
 
 def export_decoder_layers_19_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.19.self_attention.k_layernorm.weight <- model.layers.19.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
-    return {"model.layers.19.self_attn.k_norm.weight": local}
+    return {"model.layers.19.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_19_mlp_linear_fc1_layer_norm_weight(
@@ -2621,10 +2623,10 @@ def import_decoder_layers_19_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_19_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.19.mlp.linear_fc1.layer_norm_weight <- model.layers.19.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
-    return {"model.layers.19.post_attention_layernorm.weight": local}
+    return {"model.layers.19.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_19_mlp_linear_fc1_weight(
@@ -2639,10 +2641,10 @@ def import_decoder_layers_19_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_19_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.19.mlp.linear_fc1.weight <- model.layers.19.mlp.gate_proj.weight, model.layers.19.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.19.mlp.gate_proj.weight": gate, "model.layers.19.mlp.up_proj.weight": up}
 
 
@@ -2654,10 +2656,10 @@ def import_decoder_layers_19_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_19_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.19.mlp.linear_fc2.weight <- model.layers.19.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
-    return {"model.layers.19.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.19.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_20_self_attention_linear_qkv_layer_norm_weight(
@@ -2668,10 +2670,10 @@ def import_decoder_layers_20_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_20_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.20.self_attention.linear_qkv.layer_norm_weight <- model.layers.20.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
-    return {"model.layers.20.input_layernorm.weight": local}
+    return {"model.layers.20.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_20_self_attention_linear_proj_weight(
@@ -2682,10 +2684,10 @@ def import_decoder_layers_20_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_20_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.20.self_attention.linear_proj.weight <- model.layers.20.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
-    return {"model.layers.20.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.20.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_20_self_attention_linear_qkv_weight(
@@ -2704,10 +2706,10 @@ def import_decoder_layers_20_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_20_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.20.self_attention.linear_qkv.weight <- model.layers.20.self_attn.q_proj.weight, model.layers.20.self_attn.k_proj.weight, model.layers.20.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=32, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
     return {
         "model.layers.20.self_attn.q_proj.weight": q,
         "model.layers.20.self_attn.k_proj.weight": k,
@@ -2723,10 +2725,10 @@ def import_decoder_layers_20_self_attention_q_layernorm_weight(
 
 
 def export_decoder_layers_20_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.20.self_attention.q_layernorm.weight <- model.layers.20.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
-    return {"model.layers.20.self_attn.q_norm.weight": local}
+    return {"model.layers.20.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_20_self_attention_k_layernorm_weight(
@@ -2737,10 +2739,10 @@ def import_decoder_layers_20_self_attention_k_layernorm_weight(
 
 
 def export_decoder_layers_20_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.20.self_attention.k_layernorm.weight <- model.layers.20.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
-    return {"model.layers.20.self_attn.k_norm.weight": local}
+    return {"model.layers.20.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_20_mlp_linear_fc1_layer_norm_weight(
@@ -2751,10 +2753,10 @@ def import_decoder_layers_20_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_20_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.20.mlp.linear_fc1.layer_norm_weight <- model.layers.20.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
-    return {"model.layers.20.post_attention_layernorm.weight": local}
+    return {"model.layers.20.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_20_mlp_linear_fc1_weight(
@@ -2769,10 +2771,10 @@ def import_decoder_layers_20_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_20_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.20.mlp.linear_fc1.weight <- model.layers.20.mlp.gate_proj.weight, model.layers.20.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.20.mlp.gate_proj.weight": gate, "model.layers.20.mlp.up_proj.weight": up}
 
 
@@ -2784,10 +2786,10 @@ def import_decoder_layers_20_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_20_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.20.mlp.linear_fc2.weight <- model.layers.20.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
-    return {"model.layers.20.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.20.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_21_self_attention_linear_qkv_layer_norm_weight(
@@ -2798,10 +2800,10 @@ def import_decoder_layers_21_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_21_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.21.self_attention.linear_qkv.layer_norm_weight <- model.layers.21.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
-    return {"model.layers.21.input_layernorm.weight": local}
+    return {"model.layers.21.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_21_self_attention_linear_proj_weight(
@@ -2812,10 +2814,10 @@ def import_decoder_layers_21_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_21_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.21.self_attention.linear_proj.weight <- model.layers.21.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
-    return {"model.layers.21.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.21.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_21_self_attention_linear_qkv_weight(
@@ -2834,10 +2836,10 @@ def import_decoder_layers_21_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_21_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.21.self_attention.linear_qkv.weight <- model.layers.21.self_attn.q_proj.weight, model.layers.21.self_attn.k_proj.weight, model.layers.21.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=32, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
     return {
         "model.layers.21.self_attn.q_proj.weight": q,
         "model.layers.21.self_attn.k_proj.weight": k,
@@ -2853,10 +2855,10 @@ def import_decoder_layers_21_self_attention_q_layernorm_weight(
 
 
 def export_decoder_layers_21_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.21.self_attention.q_layernorm.weight <- model.layers.21.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
-    return {"model.layers.21.self_attn.q_norm.weight": local}
+    return {"model.layers.21.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_21_self_attention_k_layernorm_weight(
@@ -2867,10 +2869,10 @@ def import_decoder_layers_21_self_attention_k_layernorm_weight(
 
 
 def export_decoder_layers_21_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.21.self_attention.k_layernorm.weight <- model.layers.21.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
-    return {"model.layers.21.self_attn.k_norm.weight": local}
+    return {"model.layers.21.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_21_mlp_linear_fc1_layer_norm_weight(
@@ -2881,10 +2883,10 @@ def import_decoder_layers_21_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_21_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.21.mlp.linear_fc1.layer_norm_weight <- model.layers.21.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
-    return {"model.layers.21.post_attention_layernorm.weight": local}
+    return {"model.layers.21.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_21_mlp_linear_fc1_weight(
@@ -2899,10 +2901,10 @@ def import_decoder_layers_21_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_21_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.21.mlp.linear_fc1.weight <- model.layers.21.mlp.gate_proj.weight, model.layers.21.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.21.mlp.gate_proj.weight": gate, "model.layers.21.mlp.up_proj.weight": up}
 
 
@@ -2914,10 +2916,10 @@ def import_decoder_layers_21_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_21_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.21.mlp.linear_fc2.weight <- model.layers.21.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
-    return {"model.layers.21.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.21.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_22_self_attention_linear_qkv_layer_norm_weight(
@@ -2928,10 +2930,10 @@ def import_decoder_layers_22_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_22_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.22.self_attention.linear_qkv.layer_norm_weight <- model.layers.22.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
-    return {"model.layers.22.input_layernorm.weight": local}
+    return {"model.layers.22.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_22_self_attention_linear_proj_weight(
@@ -2942,10 +2944,10 @@ def import_decoder_layers_22_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_22_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.22.self_attention.linear_proj.weight <- model.layers.22.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
-    return {"model.layers.22.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.22.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_22_self_attention_linear_qkv_weight(
@@ -2964,10 +2966,10 @@ def import_decoder_layers_22_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_22_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.22.self_attention.linear_qkv.weight <- model.layers.22.self_attn.q_proj.weight, model.layers.22.self_attn.k_proj.weight, model.layers.22.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=32, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
     return {
         "model.layers.22.self_attn.q_proj.weight": q,
         "model.layers.22.self_attn.k_proj.weight": k,
@@ -2983,10 +2985,10 @@ def import_decoder_layers_22_self_attention_q_layernorm_weight(
 
 
 def export_decoder_layers_22_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.22.self_attention.q_layernorm.weight <- model.layers.22.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
-    return {"model.layers.22.self_attn.q_norm.weight": local}
+    return {"model.layers.22.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_22_self_attention_k_layernorm_weight(
@@ -2997,10 +2999,10 @@ def import_decoder_layers_22_self_attention_k_layernorm_weight(
 
 
 def export_decoder_layers_22_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.22.self_attention.k_layernorm.weight <- model.layers.22.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
-    return {"model.layers.22.self_attn.k_norm.weight": local}
+    return {"model.layers.22.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_22_mlp_linear_fc1_layer_norm_weight(
@@ -3011,10 +3013,10 @@ def import_decoder_layers_22_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_22_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.22.mlp.linear_fc1.layer_norm_weight <- model.layers.22.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
-    return {"model.layers.22.post_attention_layernorm.weight": local}
+    return {"model.layers.22.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_22_mlp_linear_fc1_weight(
@@ -3029,10 +3031,10 @@ def import_decoder_layers_22_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_22_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.22.mlp.linear_fc1.weight <- model.layers.22.mlp.gate_proj.weight, model.layers.22.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.22.mlp.gate_proj.weight": gate, "model.layers.22.mlp.up_proj.weight": up}
 
 
@@ -3044,10 +3046,10 @@ def import_decoder_layers_22_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_22_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.22.mlp.linear_fc2.weight <- model.layers.22.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
-    return {"model.layers.22.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.22.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_23_self_attention_linear_qkv_layer_norm_weight(
@@ -3058,10 +3060,10 @@ def import_decoder_layers_23_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_23_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.23.self_attention.linear_qkv.layer_norm_weight <- model.layers.23.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
-    return {"model.layers.23.input_layernorm.weight": local}
+    return {"model.layers.23.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_23_self_attention_linear_proj_weight(
@@ -3072,10 +3074,10 @@ def import_decoder_layers_23_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_23_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.23.self_attention.linear_proj.weight <- model.layers.23.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
-    return {"model.layers.23.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.23.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_23_self_attention_linear_qkv_weight(
@@ -3094,10 +3096,10 @@ def import_decoder_layers_23_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_23_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.23.self_attention.linear_qkv.weight <- model.layers.23.self_attn.q_proj.weight, model.layers.23.self_attn.k_proj.weight, model.layers.23.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=32, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
     return {
         "model.layers.23.self_attn.q_proj.weight": q,
         "model.layers.23.self_attn.k_proj.weight": k,
@@ -3113,10 +3115,10 @@ def import_decoder_layers_23_self_attention_q_layernorm_weight(
 
 
 def export_decoder_layers_23_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.23.self_attention.q_layernorm.weight <- model.layers.23.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
-    return {"model.layers.23.self_attn.q_norm.weight": local}
+    return {"model.layers.23.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_23_self_attention_k_layernorm_weight(
@@ -3127,10 +3129,10 @@ def import_decoder_layers_23_self_attention_k_layernorm_weight(
 
 
 def export_decoder_layers_23_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.23.self_attention.k_layernorm.weight <- model.layers.23.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
-    return {"model.layers.23.self_attn.k_norm.weight": local}
+    return {"model.layers.23.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_23_mlp_linear_fc1_layer_norm_weight(
@@ -3141,10 +3143,10 @@ def import_decoder_layers_23_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_23_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.23.mlp.linear_fc1.layer_norm_weight <- model.layers.23.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
-    return {"model.layers.23.post_attention_layernorm.weight": local}
+    return {"model.layers.23.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_23_mlp_linear_fc1_weight(
@@ -3159,10 +3161,10 @@ def import_decoder_layers_23_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_23_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.23.mlp.linear_fc1.weight <- model.layers.23.mlp.gate_proj.weight, model.layers.23.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.23.mlp.gate_proj.weight": gate, "model.layers.23.mlp.up_proj.weight": up}
 
 
@@ -3174,10 +3176,10 @@ def import_decoder_layers_23_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_23_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.23.mlp.linear_fc2.weight <- model.layers.23.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
-    return {"model.layers.23.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.23.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_24_self_attention_linear_qkv_layer_norm_weight(
@@ -3188,10 +3190,10 @@ def import_decoder_layers_24_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_24_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.24.self_attention.linear_qkv.layer_norm_weight <- model.layers.24.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
-    return {"model.layers.24.input_layernorm.weight": local}
+    return {"model.layers.24.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_24_self_attention_linear_proj_weight(
@@ -3202,10 +3204,10 @@ def import_decoder_layers_24_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_24_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.24.self_attention.linear_proj.weight <- model.layers.24.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
-    return {"model.layers.24.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.24.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_24_self_attention_linear_qkv_weight(
@@ -3224,10 +3226,10 @@ def import_decoder_layers_24_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_24_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.24.self_attention.linear_qkv.weight <- model.layers.24.self_attn.q_proj.weight, model.layers.24.self_attn.k_proj.weight, model.layers.24.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=32, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
     return {
         "model.layers.24.self_attn.q_proj.weight": q,
         "model.layers.24.self_attn.k_proj.weight": k,
@@ -3243,10 +3245,10 @@ def import_decoder_layers_24_self_attention_q_layernorm_weight(
 
 
 def export_decoder_layers_24_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.24.self_attention.q_layernorm.weight <- model.layers.24.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
-    return {"model.layers.24.self_attn.q_norm.weight": local}
+    return {"model.layers.24.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_24_self_attention_k_layernorm_weight(
@@ -3257,10 +3259,10 @@ def import_decoder_layers_24_self_attention_k_layernorm_weight(
 
 
 def export_decoder_layers_24_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.24.self_attention.k_layernorm.weight <- model.layers.24.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
-    return {"model.layers.24.self_attn.k_norm.weight": local}
+    return {"model.layers.24.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_24_mlp_linear_fc1_layer_norm_weight(
@@ -3271,10 +3273,10 @@ def import_decoder_layers_24_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_24_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.24.mlp.linear_fc1.layer_norm_weight <- model.layers.24.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
-    return {"model.layers.24.post_attention_layernorm.weight": local}
+    return {"model.layers.24.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_24_mlp_linear_fc1_weight(
@@ -3289,10 +3291,10 @@ def import_decoder_layers_24_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_24_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.24.mlp.linear_fc1.weight <- model.layers.24.mlp.gate_proj.weight, model.layers.24.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.24.mlp.gate_proj.weight": gate, "model.layers.24.mlp.up_proj.weight": up}
 
 
@@ -3304,10 +3306,10 @@ def import_decoder_layers_24_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_24_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.24.mlp.linear_fc2.weight <- model.layers.24.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
-    return {"model.layers.24.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.24.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_25_self_attention_linear_qkv_layer_norm_weight(
@@ -3318,10 +3320,10 @@ def import_decoder_layers_25_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_25_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.25.self_attention.linear_qkv.layer_norm_weight <- model.layers.25.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
-    return {"model.layers.25.input_layernorm.weight": local}
+    return {"model.layers.25.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_25_self_attention_linear_proj_weight(
@@ -3332,10 +3334,10 @@ def import_decoder_layers_25_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_25_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.25.self_attention.linear_proj.weight <- model.layers.25.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
-    return {"model.layers.25.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.25.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_25_self_attention_linear_qkv_weight(
@@ -3354,10 +3356,10 @@ def import_decoder_layers_25_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_25_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.25.self_attention.linear_qkv.weight <- model.layers.25.self_attn.q_proj.weight, model.layers.25.self_attn.k_proj.weight, model.layers.25.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=32, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
     return {
         "model.layers.25.self_attn.q_proj.weight": q,
         "model.layers.25.self_attn.k_proj.weight": k,
@@ -3373,10 +3375,10 @@ def import_decoder_layers_25_self_attention_q_layernorm_weight(
 
 
 def export_decoder_layers_25_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.25.self_attention.q_layernorm.weight <- model.layers.25.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
-    return {"model.layers.25.self_attn.q_norm.weight": local}
+    return {"model.layers.25.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_25_self_attention_k_layernorm_weight(
@@ -3387,10 +3389,10 @@ def import_decoder_layers_25_self_attention_k_layernorm_weight(
 
 
 def export_decoder_layers_25_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.25.self_attention.k_layernorm.weight <- model.layers.25.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
-    return {"model.layers.25.self_attn.k_norm.weight": local}
+    return {"model.layers.25.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_25_mlp_linear_fc1_layer_norm_weight(
@@ -3401,10 +3403,10 @@ def import_decoder_layers_25_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_25_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.25.mlp.linear_fc1.layer_norm_weight <- model.layers.25.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
-    return {"model.layers.25.post_attention_layernorm.weight": local}
+    return {"model.layers.25.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_25_mlp_linear_fc1_weight(
@@ -3419,10 +3421,10 @@ def import_decoder_layers_25_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_25_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.25.mlp.linear_fc1.weight <- model.layers.25.mlp.gate_proj.weight, model.layers.25.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.25.mlp.gate_proj.weight": gate, "model.layers.25.mlp.up_proj.weight": up}
 
 
@@ -3434,10 +3436,10 @@ def import_decoder_layers_25_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_25_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.25.mlp.linear_fc2.weight <- model.layers.25.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
-    return {"model.layers.25.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.25.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_26_self_attention_linear_qkv_layer_norm_weight(
@@ -3448,10 +3450,10 @@ def import_decoder_layers_26_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_26_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.26.self_attention.linear_qkv.layer_norm_weight <- model.layers.26.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
-    return {"model.layers.26.input_layernorm.weight": local}
+    return {"model.layers.26.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_26_self_attention_linear_proj_weight(
@@ -3462,10 +3464,10 @@ def import_decoder_layers_26_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_26_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.26.self_attention.linear_proj.weight <- model.layers.26.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
-    return {"model.layers.26.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.26.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_26_self_attention_linear_qkv_weight(
@@ -3484,10 +3486,10 @@ def import_decoder_layers_26_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_26_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.26.self_attention.linear_qkv.weight <- model.layers.26.self_attn.q_proj.weight, model.layers.26.self_attn.k_proj.weight, model.layers.26.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=32, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
     return {
         "model.layers.26.self_attn.q_proj.weight": q,
         "model.layers.26.self_attn.k_proj.weight": k,
@@ -3503,10 +3505,10 @@ def import_decoder_layers_26_self_attention_q_layernorm_weight(
 
 
 def export_decoder_layers_26_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.26.self_attention.q_layernorm.weight <- model.layers.26.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
-    return {"model.layers.26.self_attn.q_norm.weight": local}
+    return {"model.layers.26.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_26_self_attention_k_layernorm_weight(
@@ -3517,10 +3519,10 @@ def import_decoder_layers_26_self_attention_k_layernorm_weight(
 
 
 def export_decoder_layers_26_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.26.self_attention.k_layernorm.weight <- model.layers.26.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
-    return {"model.layers.26.self_attn.k_norm.weight": local}
+    return {"model.layers.26.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_26_mlp_linear_fc1_layer_norm_weight(
@@ -3531,10 +3533,10 @@ def import_decoder_layers_26_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_26_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.26.mlp.linear_fc1.layer_norm_weight <- model.layers.26.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
-    return {"model.layers.26.post_attention_layernorm.weight": local}
+    return {"model.layers.26.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_26_mlp_linear_fc1_weight(
@@ -3549,10 +3551,10 @@ def import_decoder_layers_26_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_26_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.26.mlp.linear_fc1.weight <- model.layers.26.mlp.gate_proj.weight, model.layers.26.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.26.mlp.gate_proj.weight": gate, "model.layers.26.mlp.up_proj.weight": up}
 
 
@@ -3564,10 +3566,10 @@ def import_decoder_layers_26_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_26_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.26.mlp.linear_fc2.weight <- model.layers.26.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
-    return {"model.layers.26.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.26.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_27_self_attention_linear_qkv_layer_norm_weight(
@@ -3578,10 +3580,10 @@ def import_decoder_layers_27_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_27_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.27.self_attention.linear_qkv.layer_norm_weight <- model.layers.27.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
-    return {"model.layers.27.input_layernorm.weight": local}
+    return {"model.layers.27.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_27_self_attention_linear_proj_weight(
@@ -3592,10 +3594,10 @@ def import_decoder_layers_27_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_27_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.27.self_attention.linear_proj.weight <- model.layers.27.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
-    return {"model.layers.27.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.27.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_27_self_attention_linear_qkv_weight(
@@ -3614,10 +3616,10 @@ def import_decoder_layers_27_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_27_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.27.self_attention.linear_qkv.weight <- model.layers.27.self_attn.q_proj.weight, model.layers.27.self_attn.k_proj.weight, model.layers.27.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=32, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
     return {
         "model.layers.27.self_attn.q_proj.weight": q,
         "model.layers.27.self_attn.k_proj.weight": k,
@@ -3633,10 +3635,10 @@ def import_decoder_layers_27_self_attention_q_layernorm_weight(
 
 
 def export_decoder_layers_27_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.27.self_attention.q_layernorm.weight <- model.layers.27.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
-    return {"model.layers.27.self_attn.q_norm.weight": local}
+    return {"model.layers.27.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_27_self_attention_k_layernorm_weight(
@@ -3647,10 +3649,10 @@ def import_decoder_layers_27_self_attention_k_layernorm_weight(
 
 
 def export_decoder_layers_27_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.27.self_attention.k_layernorm.weight <- model.layers.27.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
-    return {"model.layers.27.self_attn.k_norm.weight": local}
+    return {"model.layers.27.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_27_mlp_linear_fc1_layer_norm_weight(
@@ -3661,10 +3663,10 @@ def import_decoder_layers_27_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_27_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.27.mlp.linear_fc1.layer_norm_weight <- model.layers.27.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
-    return {"model.layers.27.post_attention_layernorm.weight": local}
+    return {"model.layers.27.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_27_mlp_linear_fc1_weight(
@@ -3679,10 +3681,10 @@ def import_decoder_layers_27_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_27_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.27.mlp.linear_fc1.weight <- model.layers.27.mlp.gate_proj.weight, model.layers.27.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.27.mlp.gate_proj.weight": gate, "model.layers.27.mlp.up_proj.weight": up}
 
 
@@ -3694,10 +3696,10 @@ def import_decoder_layers_27_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_27_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.27.mlp.linear_fc2.weight <- model.layers.27.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
-    return {"model.layers.27.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.27.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_28_self_attention_linear_qkv_layer_norm_weight(
@@ -3708,10 +3710,10 @@ def import_decoder_layers_28_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_28_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.28.self_attention.linear_qkv.layer_norm_weight <- model.layers.28.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
-    return {"model.layers.28.input_layernorm.weight": local}
+    return {"model.layers.28.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_28_self_attention_linear_proj_weight(
@@ -3722,10 +3724,10 @@ def import_decoder_layers_28_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_28_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.28.self_attention.linear_proj.weight <- model.layers.28.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
-    return {"model.layers.28.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.28.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_28_self_attention_linear_qkv_weight(
@@ -3744,10 +3746,10 @@ def import_decoder_layers_28_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_28_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.28.self_attention.linear_qkv.weight <- model.layers.28.self_attn.q_proj.weight, model.layers.28.self_attn.k_proj.weight, model.layers.28.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=32, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
     return {
         "model.layers.28.self_attn.q_proj.weight": q,
         "model.layers.28.self_attn.k_proj.weight": k,
@@ -3763,10 +3765,10 @@ def import_decoder_layers_28_self_attention_q_layernorm_weight(
 
 
 def export_decoder_layers_28_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.28.self_attention.q_layernorm.weight <- model.layers.28.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
-    return {"model.layers.28.self_attn.q_norm.weight": local}
+    return {"model.layers.28.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_28_self_attention_k_layernorm_weight(
@@ -3777,10 +3779,10 @@ def import_decoder_layers_28_self_attention_k_layernorm_weight(
 
 
 def export_decoder_layers_28_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.28.self_attention.k_layernorm.weight <- model.layers.28.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
-    return {"model.layers.28.self_attn.k_norm.weight": local}
+    return {"model.layers.28.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_28_mlp_linear_fc1_layer_norm_weight(
@@ -3791,10 +3793,10 @@ def import_decoder_layers_28_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_28_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.28.mlp.linear_fc1.layer_norm_weight <- model.layers.28.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
-    return {"model.layers.28.post_attention_layernorm.weight": local}
+    return {"model.layers.28.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_28_mlp_linear_fc1_weight(
@@ -3809,10 +3811,10 @@ def import_decoder_layers_28_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_28_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.28.mlp.linear_fc1.weight <- model.layers.28.mlp.gate_proj.weight, model.layers.28.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.28.mlp.gate_proj.weight": gate, "model.layers.28.mlp.up_proj.weight": up}
 
 
@@ -3824,10 +3826,10 @@ def import_decoder_layers_28_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_28_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.28.mlp.linear_fc2.weight <- model.layers.28.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
-    return {"model.layers.28.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.28.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_29_self_attention_linear_qkv_layer_norm_weight(
@@ -3838,10 +3840,10 @@ def import_decoder_layers_29_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_29_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.29.self_attention.linear_qkv.layer_norm_weight <- model.layers.29.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
-    return {"model.layers.29.input_layernorm.weight": local}
+    return {"model.layers.29.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_29_self_attention_linear_proj_weight(
@@ -3852,10 +3854,10 @@ def import_decoder_layers_29_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_29_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.29.self_attention.linear_proj.weight <- model.layers.29.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
-    return {"model.layers.29.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.29.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_29_self_attention_linear_qkv_weight(
@@ -3874,10 +3876,10 @@ def import_decoder_layers_29_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_29_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.29.self_attention.linear_qkv.weight <- model.layers.29.self_attn.q_proj.weight, model.layers.29.self_attn.k_proj.weight, model.layers.29.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=32, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
     return {
         "model.layers.29.self_attn.q_proj.weight": q,
         "model.layers.29.self_attn.k_proj.weight": k,
@@ -3893,10 +3895,10 @@ def import_decoder_layers_29_self_attention_q_layernorm_weight(
 
 
 def export_decoder_layers_29_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.29.self_attention.q_layernorm.weight <- model.layers.29.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
-    return {"model.layers.29.self_attn.q_norm.weight": local}
+    return {"model.layers.29.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_29_self_attention_k_layernorm_weight(
@@ -3907,10 +3909,10 @@ def import_decoder_layers_29_self_attention_k_layernorm_weight(
 
 
 def export_decoder_layers_29_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.29.self_attention.k_layernorm.weight <- model.layers.29.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
-    return {"model.layers.29.self_attn.k_norm.weight": local}
+    return {"model.layers.29.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_29_mlp_linear_fc1_layer_norm_weight(
@@ -3921,10 +3923,10 @@ def import_decoder_layers_29_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_29_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.29.mlp.linear_fc1.layer_norm_weight <- model.layers.29.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
-    return {"model.layers.29.post_attention_layernorm.weight": local}
+    return {"model.layers.29.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_29_mlp_linear_fc1_weight(
@@ -3939,10 +3941,10 @@ def import_decoder_layers_29_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_29_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.29.mlp.linear_fc1.weight <- model.layers.29.mlp.gate_proj.weight, model.layers.29.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.29.mlp.gate_proj.weight": gate, "model.layers.29.mlp.up_proj.weight": up}
 
 
@@ -3954,10 +3956,10 @@ def import_decoder_layers_29_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_29_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.29.mlp.linear_fc2.weight <- model.layers.29.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
-    return {"model.layers.29.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.29.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_30_self_attention_linear_qkv_layer_norm_weight(
@@ -3968,10 +3970,10 @@ def import_decoder_layers_30_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_30_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.30.self_attention.linear_qkv.layer_norm_weight <- model.layers.30.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
-    return {"model.layers.30.input_layernorm.weight": local}
+    return {"model.layers.30.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_30_self_attention_linear_proj_weight(
@@ -3982,10 +3984,10 @@ def import_decoder_layers_30_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_30_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.30.self_attention.linear_proj.weight <- model.layers.30.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
-    return {"model.layers.30.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.30.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_30_self_attention_linear_qkv_weight(
@@ -4004,10 +4006,10 @@ def import_decoder_layers_30_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_30_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.30.self_attention.linear_qkv.weight <- model.layers.30.self_attn.q_proj.weight, model.layers.30.self_attn.k_proj.weight, model.layers.30.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=32, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
     return {
         "model.layers.30.self_attn.q_proj.weight": q,
         "model.layers.30.self_attn.k_proj.weight": k,
@@ -4023,10 +4025,10 @@ def import_decoder_layers_30_self_attention_q_layernorm_weight(
 
 
 def export_decoder_layers_30_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.30.self_attention.q_layernorm.weight <- model.layers.30.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
-    return {"model.layers.30.self_attn.q_norm.weight": local}
+    return {"model.layers.30.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_30_self_attention_k_layernorm_weight(
@@ -4037,10 +4039,10 @@ def import_decoder_layers_30_self_attention_k_layernorm_weight(
 
 
 def export_decoder_layers_30_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.30.self_attention.k_layernorm.weight <- model.layers.30.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
-    return {"model.layers.30.self_attn.k_norm.weight": local}
+    return {"model.layers.30.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_30_mlp_linear_fc1_layer_norm_weight(
@@ -4051,10 +4053,10 @@ def import_decoder_layers_30_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_30_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.30.mlp.linear_fc1.layer_norm_weight <- model.layers.30.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
-    return {"model.layers.30.post_attention_layernorm.weight": local}
+    return {"model.layers.30.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_30_mlp_linear_fc1_weight(
@@ -4069,10 +4071,10 @@ def import_decoder_layers_30_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_30_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.30.mlp.linear_fc1.weight <- model.layers.30.mlp.gate_proj.weight, model.layers.30.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.30.mlp.gate_proj.weight": gate, "model.layers.30.mlp.up_proj.weight": up}
 
 
@@ -4084,10 +4086,10 @@ def import_decoder_layers_30_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_30_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.30.mlp.linear_fc2.weight <- model.layers.30.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
-    return {"model.layers.30.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.30.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_31_self_attention_linear_qkv_layer_norm_weight(
@@ -4098,10 +4100,10 @@ def import_decoder_layers_31_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_31_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.31.self_attention.linear_qkv.layer_norm_weight <- model.layers.31.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
-    return {"model.layers.31.input_layernorm.weight": local}
+    return {"model.layers.31.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_31_self_attention_linear_proj_weight(
@@ -4112,10 +4114,10 @@ def import_decoder_layers_31_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_31_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.31.self_attention.linear_proj.weight <- model.layers.31.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
-    return {"model.layers.31.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.31.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_31_self_attention_linear_qkv_weight(
@@ -4134,10 +4136,10 @@ def import_decoder_layers_31_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_31_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.31.self_attention.linear_qkv.weight <- model.layers.31.self_attn.q_proj.weight, model.layers.31.self_attn.k_proj.weight, model.layers.31.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=32, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
     return {
         "model.layers.31.self_attn.q_proj.weight": q,
         "model.layers.31.self_attn.k_proj.weight": k,
@@ -4153,10 +4155,10 @@ def import_decoder_layers_31_self_attention_q_layernorm_weight(
 
 
 def export_decoder_layers_31_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.31.self_attention.q_layernorm.weight <- model.layers.31.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
-    return {"model.layers.31.self_attn.q_norm.weight": local}
+    return {"model.layers.31.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_31_self_attention_k_layernorm_weight(
@@ -4167,10 +4169,10 @@ def import_decoder_layers_31_self_attention_k_layernorm_weight(
 
 
 def export_decoder_layers_31_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.31.self_attention.k_layernorm.weight <- model.layers.31.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
-    return {"model.layers.31.self_attn.k_norm.weight": local}
+    return {"model.layers.31.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_31_mlp_linear_fc1_layer_norm_weight(
@@ -4181,10 +4183,10 @@ def import_decoder_layers_31_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_31_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.31.mlp.linear_fc1.layer_norm_weight <- model.layers.31.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
-    return {"model.layers.31.post_attention_layernorm.weight": local}
+    return {"model.layers.31.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_31_mlp_linear_fc1_weight(
@@ -4199,10 +4201,10 @@ def import_decoder_layers_31_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_31_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.31.mlp.linear_fc1.weight <- model.layers.31.mlp.gate_proj.weight, model.layers.31.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.31.mlp.gate_proj.weight": gate, "model.layers.31.mlp.up_proj.weight": up}
 
 
@@ -4214,10 +4216,10 @@ def import_decoder_layers_31_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_31_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.31.mlp.linear_fc2.weight <- model.layers.31.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
-    return {"model.layers.31.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.31.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_32_self_attention_linear_qkv_layer_norm_weight(
@@ -4228,10 +4230,10 @@ def import_decoder_layers_32_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_32_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.32.self_attention.linear_qkv.layer_norm_weight <- model.layers.32.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
-    return {"model.layers.32.input_layernorm.weight": local}
+    return {"model.layers.32.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_32_self_attention_linear_proj_weight(
@@ -4242,10 +4244,10 @@ def import_decoder_layers_32_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_32_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.32.self_attention.linear_proj.weight <- model.layers.32.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
-    return {"model.layers.32.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.32.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_32_self_attention_linear_qkv_weight(
@@ -4264,10 +4266,10 @@ def import_decoder_layers_32_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_32_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.32.self_attention.linear_qkv.weight <- model.layers.32.self_attn.q_proj.weight, model.layers.32.self_attn.k_proj.weight, model.layers.32.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=32, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
     return {
         "model.layers.32.self_attn.q_proj.weight": q,
         "model.layers.32.self_attn.k_proj.weight": k,
@@ -4283,10 +4285,10 @@ def import_decoder_layers_32_self_attention_q_layernorm_weight(
 
 
 def export_decoder_layers_32_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.32.self_attention.q_layernorm.weight <- model.layers.32.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
-    return {"model.layers.32.self_attn.q_norm.weight": local}
+    return {"model.layers.32.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_32_self_attention_k_layernorm_weight(
@@ -4297,10 +4299,10 @@ def import_decoder_layers_32_self_attention_k_layernorm_weight(
 
 
 def export_decoder_layers_32_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.32.self_attention.k_layernorm.weight <- model.layers.32.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
-    return {"model.layers.32.self_attn.k_norm.weight": local}
+    return {"model.layers.32.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_32_mlp_linear_fc1_layer_norm_weight(
@@ -4311,10 +4313,10 @@ def import_decoder_layers_32_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_32_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.32.mlp.linear_fc1.layer_norm_weight <- model.layers.32.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
-    return {"model.layers.32.post_attention_layernorm.weight": local}
+    return {"model.layers.32.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_32_mlp_linear_fc1_weight(
@@ -4329,10 +4331,10 @@ def import_decoder_layers_32_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_32_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.32.mlp.linear_fc1.weight <- model.layers.32.mlp.gate_proj.weight, model.layers.32.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.32.mlp.gate_proj.weight": gate, "model.layers.32.mlp.up_proj.weight": up}
 
 
@@ -4344,10 +4346,10 @@ def import_decoder_layers_32_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_32_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.32.mlp.linear_fc2.weight <- model.layers.32.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
-    return {"model.layers.32.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.32.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_33_self_attention_linear_qkv_layer_norm_weight(
@@ -4358,10 +4360,10 @@ def import_decoder_layers_33_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_33_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.33.self_attention.linear_qkv.layer_norm_weight <- model.layers.33.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
-    return {"model.layers.33.input_layernorm.weight": local}
+    return {"model.layers.33.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_33_self_attention_linear_proj_weight(
@@ -4372,10 +4374,10 @@ def import_decoder_layers_33_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_33_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.33.self_attention.linear_proj.weight <- model.layers.33.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
-    return {"model.layers.33.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.33.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_33_self_attention_linear_qkv_weight(
@@ -4394,10 +4396,10 @@ def import_decoder_layers_33_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_33_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.33.self_attention.linear_qkv.weight <- model.layers.33.self_attn.q_proj.weight, model.layers.33.self_attn.k_proj.weight, model.layers.33.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=32, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
     return {
         "model.layers.33.self_attn.q_proj.weight": q,
         "model.layers.33.self_attn.k_proj.weight": k,
@@ -4413,10 +4415,10 @@ def import_decoder_layers_33_self_attention_q_layernorm_weight(
 
 
 def export_decoder_layers_33_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.33.self_attention.q_layernorm.weight <- model.layers.33.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
-    return {"model.layers.33.self_attn.q_norm.weight": local}
+    return {"model.layers.33.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_33_self_attention_k_layernorm_weight(
@@ -4427,10 +4429,10 @@ def import_decoder_layers_33_self_attention_k_layernorm_weight(
 
 
 def export_decoder_layers_33_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.33.self_attention.k_layernorm.weight <- model.layers.33.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
-    return {"model.layers.33.self_attn.k_norm.weight": local}
+    return {"model.layers.33.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_33_mlp_linear_fc1_layer_norm_weight(
@@ -4441,10 +4443,10 @@ def import_decoder_layers_33_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_33_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.33.mlp.linear_fc1.layer_norm_weight <- model.layers.33.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
-    return {"model.layers.33.post_attention_layernorm.weight": local}
+    return {"model.layers.33.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_33_mlp_linear_fc1_weight(
@@ -4459,10 +4461,10 @@ def import_decoder_layers_33_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_33_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.33.mlp.linear_fc1.weight <- model.layers.33.mlp.gate_proj.weight, model.layers.33.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.33.mlp.gate_proj.weight": gate, "model.layers.33.mlp.up_proj.weight": up}
 
 
@@ -4474,10 +4476,10 @@ def import_decoder_layers_33_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_33_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.33.mlp.linear_fc2.weight <- model.layers.33.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
-    return {"model.layers.33.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.33.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_34_self_attention_linear_qkv_layer_norm_weight(
@@ -4488,10 +4490,10 @@ def import_decoder_layers_34_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_34_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.34.self_attention.linear_qkv.layer_norm_weight <- model.layers.34.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
-    return {"model.layers.34.input_layernorm.weight": local}
+    return {"model.layers.34.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_34_self_attention_linear_proj_weight(
@@ -4502,10 +4504,10 @@ def import_decoder_layers_34_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_34_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.34.self_attention.linear_proj.weight <- model.layers.34.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
-    return {"model.layers.34.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.34.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_34_self_attention_linear_qkv_weight(
@@ -4524,10 +4526,10 @@ def import_decoder_layers_34_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_34_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.34.self_attention.linear_qkv.weight <- model.layers.34.self_attn.q_proj.weight, model.layers.34.self_attn.k_proj.weight, model.layers.34.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=32, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
     return {
         "model.layers.34.self_attn.q_proj.weight": q,
         "model.layers.34.self_attn.k_proj.weight": k,
@@ -4543,10 +4545,10 @@ def import_decoder_layers_34_self_attention_q_layernorm_weight(
 
 
 def export_decoder_layers_34_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.34.self_attention.q_layernorm.weight <- model.layers.34.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
-    return {"model.layers.34.self_attn.q_norm.weight": local}
+    return {"model.layers.34.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_34_self_attention_k_layernorm_weight(
@@ -4557,10 +4559,10 @@ def import_decoder_layers_34_self_attention_k_layernorm_weight(
 
 
 def export_decoder_layers_34_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.34.self_attention.k_layernorm.weight <- model.layers.34.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
-    return {"model.layers.34.self_attn.k_norm.weight": local}
+    return {"model.layers.34.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_34_mlp_linear_fc1_layer_norm_weight(
@@ -4571,10 +4573,10 @@ def import_decoder_layers_34_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_34_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.34.mlp.linear_fc1.layer_norm_weight <- model.layers.34.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
-    return {"model.layers.34.post_attention_layernorm.weight": local}
+    return {"model.layers.34.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_34_mlp_linear_fc1_weight(
@@ -4589,10 +4591,10 @@ def import_decoder_layers_34_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_34_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.34.mlp.linear_fc1.weight <- model.layers.34.mlp.gate_proj.weight, model.layers.34.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.34.mlp.gate_proj.weight": gate, "model.layers.34.mlp.up_proj.weight": up}
 
 
@@ -4604,10 +4606,10 @@ def import_decoder_layers_34_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_34_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.34.mlp.linear_fc2.weight <- model.layers.34.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
-    return {"model.layers.34.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.34.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_35_self_attention_linear_qkv_layer_norm_weight(
@@ -4618,10 +4620,10 @@ def import_decoder_layers_35_self_attention_linear_qkv_layer_norm_weight(
 
 
 def export_decoder_layers_35_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.35.self_attention.linear_qkv.layer_norm_weight <- model.layers.35.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
-    return {"model.layers.35.input_layernorm.weight": local}
+    return {"model.layers.35.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_35_self_attention_linear_proj_weight(
@@ -4632,10 +4634,10 @@ def import_decoder_layers_35_self_attention_linear_proj_weight(
 
 
 def export_decoder_layers_35_self_attention_linear_proj_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.35.self_attention.linear_proj.weight <- model.layers.35.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
-    return {"model.layers.35.self_attn.o_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.35.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_35_self_attention_linear_qkv_weight(
@@ -4654,10 +4656,10 @@ def import_decoder_layers_35_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_35_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.35.self_attention.linear_qkv.weight <- model.layers.35.self_attn.q_proj.weight, model.layers.35.self_attn.k_proj.weight, model.layers.35.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
-    q, k, v = rt.qkv_export(ctx.tp, local, heads=32, groups=8, head_dim=128)
+    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
     return {
         "model.layers.35.self_attn.q_proj.weight": q,
         "model.layers.35.self_attn.k_proj.weight": k,
@@ -4673,10 +4675,10 @@ def import_decoder_layers_35_self_attention_q_layernorm_weight(
 
 
 def export_decoder_layers_35_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.35.self_attention.q_layernorm.weight <- model.layers.35.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
-    return {"model.layers.35.self_attn.q_norm.weight": local}
+    return {"model.layers.35.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_35_self_attention_k_layernorm_weight(
@@ -4687,10 +4689,10 @@ def import_decoder_layers_35_self_attention_k_layernorm_weight(
 
 
 def export_decoder_layers_35_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.35.self_attention.k_layernorm.weight <- model.layers.35.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
-    return {"model.layers.35.self_attn.k_norm.weight": local}
+    return {"model.layers.35.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_35_mlp_linear_fc1_layer_norm_weight(
@@ -4701,10 +4703,10 @@ def import_decoder_layers_35_mlp_linear_fc1_layer_norm_weight(
 
 
 def export_decoder_layers_35_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.35.mlp.linear_fc1.layer_norm_weight <- model.layers.35.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
-    return {"model.layers.35.post_attention_layernorm.weight": local}
+    return {"model.layers.35.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_35_mlp_linear_fc1_weight(
@@ -4719,10 +4721,10 @@ def import_decoder_layers_35_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_35_mlp_linear_fc1_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.35.mlp.linear_fc1.weight <- model.layers.35.mlp.gate_proj.weight, model.layers.35.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
-    gate, up = rt.gated_mlp_export(ctx.tp, local)
+    gate, up = rt.gated_mlp_export(parts)
     return {"model.layers.35.mlp.gate_proj.weight": gate, "model.layers.35.mlp.up_proj.weight": up}
 
 
@@ -4734,10 +4736,10 @@ def import_decoder_layers_35_mlp_linear_fc2_weight(
 
 
 def export_decoder_layers_35_mlp_linear_fc2_weight(
-    ctx: ParallelContext, local: torch.Tensor
+    parts: Sequence[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """decoder.layers.35.mlp.linear_fc2.weight <- model.layers.35.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
-    return {"model.layers.35.mlp.down_proj.weight": rt.row_export(ctx.tp, local)}
+    return {"model.layers.35.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_final_layernorm_weight(ctx: ParallelContext, load: Loader) -> torch.Tensor:
@@ -4745,11 +4747,9 @@ def import_decoder_final_layernorm_weight(ctx: ParallelContext, load: Loader) ->
     return load("model.norm.weight")
 
 
-def export_decoder_final_layernorm_weight(
-    ctx: ParallelContext, local: torch.Tensor
-) -> dict[str, torch.Tensor]:
+def export_decoder_final_layernorm_weight(parts: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
     """decoder.final_layernorm.weight <- model.norm.weight: auto -> replicated, specs/qwen3.yaml:57."""
-    return {"model.norm.weight": local}
+    return {"model.norm.weight": parts[0]}
 
 
 def import_output_layer_weight(ctx: ParallelContext, load: Loader) -> torch.Tensor:
@@ -4757,11 +4757,9 @@ def import_output_layer_weight(ctx: ParallelContext, load: Loader) -> torch.Tens
     return rt.column_import(ctx.tp, load("lm_head.weight"))
 
 
-def export_output_layer_weight(
-    ctx: ParallelContext, local: torch.Tensor
-) -> dict[str, torch.Tensor]:
+def export_output_layer_weight(parts: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
     """output_layer.weight <- lm_head.weight: auto -> column, specs/qwen3.yaml:60."""
-    return {"lm_head.weight": rt.column_export(ctx.tp, local)}
+    return {"lm_head.weight": rt.column_export(parts)}
 
 
 PARAMS: Final[tuple[ParamPlan, ...]] = (
@@ -8516,6 +8514,9 @@ IMPORTS: Final[dict[str, ImportFn]] = {
     "decoder.final_layernorm.weight": import_decoder_final_layernorm_weight,
     "output_layer.weight": import_output_layer_weight,
 }
+
+# Megatron parameters that hold a copy of another (tied embeddings on the last pipeline stage)
+TIED: Final[dict[str, str]] = {}
 
 EXPORTS: Final[dict[str, ExportFn]] = {
     "embedding.word_embeddings.weight": export_embedding_word_embeddings_weight,

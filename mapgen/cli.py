@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 import warnings
@@ -132,6 +133,87 @@ def check_command() -> None:
         err.print(f"generated/ is stale ({len(stale) + len(extra)} file(s)); fix with: {fix}", markup=False)
         sys.exit(1)
     err.print(f"generated/ is up to date ({len(entries)} targets)", markup=False)
+
+
+def _module_file(generated: str) -> Path:
+    path = Path(generated)
+    if path.is_file():
+        return path
+    import importlib.util
+
+    found = importlib.util.find_spec(generated if "." in generated else f"generated.{generated}")
+    if found is None or found.origin is None:
+        raise MapgenError(f"{generated}: neither a file nor an importable generated module")
+    return Path(found.origin)
+
+
+def _local_twin(module_file: Path, hf_dir: Path, folder: Path) -> Path:
+    """A te-layout module is checked through the local-layout module of the same spec for the
+    checkpoint's config: TransformerEngine does not run on CPU."""
+    from mapgen.testing import import_module_from_path
+
+    module = import_module_from_path(module_file, f"mapgen_cli_{module_file.stem}")
+    if module.LAYOUT == "local":
+        return module_file
+    spec = Path(module.SOURCES[0])
+    if not spec.is_absolute():
+        spec = find_root(module_file.resolve().parent) / spec
+    twin = folder / f"{module_file.stem}_local.py"
+    twin.write_text(
+        compile_target(twin.stem, spec, hf_dir / "config.json", "local", "mapgen verify (local twin)")
+    )
+    err.print(f"checking {module.LAYOUT}-layout {module_file.name} through its local twin for {hf_dir / 'config.json'}", markup=False)
+    return twin
+
+
+@main.command()
+@click.argument("generated")
+@click.argument("hf_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--tp", default=1, show_default=True)
+@click.option("--pp", default=1, show_default=True)
+@click.option("--vpp", default=1, show_default=True, help="Virtual pipeline stages per rank.")
+@click.option("--ep", default=1, show_default=True)
+@click.option("--etp", type=int, default=None, help="Expert-TP size (default: TP).")
+@click.option("--dp", default=1, show_default=True, help="Data-parallel replicas.")
+@click.option("--first-stage-layers", type=int, help="Layers of the first pipeline stage (uneven PP).")
+@click.option("--last-stage-layers", type=int, help="Layers of the last pipeline stage (uneven PP).")
+def verify(generated: str, hf_dir: str, tp: int, pp: int, vpp: int, ep: int, etp: int | None,
+           dp: int, first_stage_layers: int | None, last_stage_layers: int | None) -> None:
+    """Import HF_DIR through GENERATED on CPU processes, compare logits with transformers and
+    the exported tensors with the checkpoint's bytes. GENERATED: a file or a module name."""
+    import tempfile
+
+    from mapgen.megatron_model import ParallelLayout
+    from mapgen.verify import Job
+    from mapgen.verify import verify as run_verify
+
+    layout = ParallelLayout(tp=tp, pp=pp, vpp=vpp, ep=ep, etp=etp, dp=max(dp, ep),
+                            first_stage_layers=first_stage_layers, last_stage_layers=last_stage_layers)
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            module_file = _local_twin(_module_file(generated), Path(hf_dir), Path(folder))
+            (result,) = run_verify([Job(str(module_file), hf_dir, layout)], layout.world_size)
+    except MapgenError as exc:
+        err.print(str(exc), markup=False)
+        sys.exit(2)
+    if int(os.environ.get("RANK", "0")) == 0:
+        click.echo(result.summary())
+    sys.exit(0 if result.ok else 1)
+
+
+@main.command()
+@click.argument("config", type=click.Path(exists=True, dir_okay=False))
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--seed", default=0, show_default=True)
+def standin(config: str, out_dir: str, seed: int) -> None:
+    """Save a tiny random stand-in (4 layers, hidden 64) of CONFIG's model to OUT_DIR, keeping
+    what shapes the mapping: GQA, head_dim, tied embeddings, biases, rope scaling."""
+    import json
+
+    from mapgen.testing import save_standin
+
+    save_standin(json.loads(Path(config).read_text()), Path(out_dir), seed)
+    err.print(f"wrote a tiny stand-in of {config} to {out_dir}", markup=False)
 
 
 if __name__ == "__main__":

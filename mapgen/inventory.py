@@ -86,11 +86,10 @@ def _skeleton_params(model: Any, dtype: str) -> list[MegatronParam]:
 
 
 def _local_inventory(dims: ModelDims) -> tuple[MegatronParam, ...]:
-    from mapgen.megatron_model import build_gpt_model, ensure_single_process_parallel_state
+    from mapgen.megatron_model import build_gpt_model, single_process_parallel_state
 
-    ensure_single_process_parallel_state()
     one_layer = replace(dims, num_layers=1)
-    with torch.device("meta"):
+    with single_process_parallel_state(), torch.device("meta"):
         skeleton = build_gpt_model(one_layer)
     params = _skeleton_params(skeleton, dims.params_dtype)
     before = [p for p in params if p.name.startswith("embedding.")]

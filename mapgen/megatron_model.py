@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,10 +27,77 @@ def ensure_single_process_parallel_state() -> None:
         parallel_state.initialize_model_parallel()
 
 
-def transformer_config(dims: ModelDims, params_dtype: torch.dtype | None = None) -> Any:
+@contextmanager
+def single_process_parallel_state() -> Iterator[None]:
+    """`ensure_single_process_parallel_state` for a while: what it set up, it tears down."""
+    from megatron.core import parallel_state
+
+    created_group = not dist.is_initialized()
+    created_state = not parallel_state.model_parallel_is_initialized()
+    ensure_single_process_parallel_state()
+    try:
+        yield
+    finally:
+        if created_state:
+            parallel_state.destroy_model_parallel()
+        if created_group:
+            dist.destroy_process_group()
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    """Parallel sizes of a megatron-core model; uneven pipelines name first/last stage layers."""
+
+    tp: int = 1
+    pp: int = 1
+    vpp: int = 1
+    ep: int = 1
+    etp: int | None = None
+    dp: int = 1
+    first_stage_layers: int | None = None
+    last_stage_layers: int | None = None
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    def __str__(self) -> str:
+        parts = [f"tp{self.tp}", f"pp{self.pp}"]
+        if self.vpp > 1:
+            parts.append(f"vpp{self.vpp}")
+        if self.first_stage_layers is not None or self.last_stage_layers is not None:
+            parts.append(f"layers{self.first_stage_layers or '-'}/{self.last_stage_layers or '-'}")
+        if self.ep > 1:
+            parts.append(f"ep{self.ep}")
+        if self.etp is not None:
+            parts.append(f"etp{self.etp}")
+        if self.dp > 1:
+            parts.append(f"dp{self.dp}")
+        return "x".join(parts)
+
+
+def initialize_parallel_state(layout: ParallelLayout) -> None:
+    """(Re)initialise megatron-core's groups for `layout` in an initialised process group."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        virtual_pipeline_model_parallel_size=layout.vpp if layout.vpp > 1 else None,
+        expert_model_parallel_size=layout.ep,
+        expert_tensor_parallel_size=layout.etp,
+    )
+
+
+def transformer_config(
+    dims: ModelDims, params_dtype: torch.dtype | None = None, layout: ParallelLayout | None = None
+) -> Any:
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     dtype = params_dtype or DTYPES[dims.params_dtype]
+    layout = layout or ParallelLayout()
     activation = {"silu": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu}
     return TransformerConfig(
         num_layers=dims.num_layers,
@@ -57,6 +127,14 @@ def transformer_config(dims: ModelDims, params_dtype: torch.dtype | None = None)
         bias_dropout_fusion=False,
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        virtual_pipeline_model_parallel_size=layout.vpp if layout.vpp > 1 else None,
+        expert_model_parallel_size=layout.ep,
+        expert_tensor_parallel_size=layout.etp,
+        num_layers_in_first_pipeline_stage=layout.first_stage_layers,
+        num_layers_in_last_pipeline_stage=layout.last_stage_layers,
+        pipeline_dtype=dtype,
     )
 
 
@@ -64,6 +142,7 @@ def build_gpt_model(
     dims: ModelDims,
     *,
     params_dtype: torch.dtype | None = None,
+    layout: ParallelLayout | None = None,
     pre_process: bool = True,
     post_process: bool = True,
     vp_stage: int | None = None,
@@ -78,7 +157,7 @@ def build_gpt_model(
             qk_layernorm=dims.qk_layernorm, normalization=dims.normalization
         )
         return GPTModel(
-            transformer_config(dims, params_dtype),
+            transformer_config(dims, params_dtype, layout),
             layer_spec,
             vocab_size=dims.vocab_size,
             max_sequence_length=dims.max_position_embeddings,
@@ -91,4 +170,27 @@ def build_gpt_model(
             rope_scaling=dims.rope_type == "llama3",
             rope_scaling_factor=dims.rope_scaling_factor or 8.0,
             vp_stage=vp_stage,
+            parallel_output=False,
         )
+
+
+def build_model_chunks(
+    dims: ModelDims, layout: ParallelLayout, params_dtype: torch.dtype | None = None
+) -> list[Any]:
+    """This rank's model chunks (one per virtual pipeline stage) under initialised groups."""
+    from megatron.core import parallel_state
+
+    chunks = []
+    for vp_stage in range(layout.vpp):
+        stage = vp_stage if layout.vpp > 1 else None
+        chunk = build_gpt_model(
+            dims,
+            params_dtype=params_dtype,
+            layout=layout,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
+            vp_stage=stage,
+        )
+        chunk.eval()
+        chunks.append(chunk)
+    return chunks

@@ -59,12 +59,12 @@ def _simple_import(m: Mapping, group: str) -> str:
     return value
 
 
-def _simple_export(m: Mapping, group: str) -> tuple[str, ...]:
+def _simple_export(m: Mapping) -> tuple[str, ...]:
     ((_, source),) = m.hf
     value = {
-        "column": f"rt.column_export({group}, local)",
-        "row": f"rt.row_export({group}, local)",
-    }.get(m.split, "local")
+        "column": "rt.column_export(parts)",
+        "row": "rt.row_export(parts)",
+    }.get(m.split, "parts[0]")
     if m.kind == "reshape":
         value = f"{value}.reshape({source.shape!r})"
     elif m.kind == "zero_centered_rmsnorm":
@@ -82,7 +82,7 @@ def _bodies(m: Mapping) -> tuple[str, tuple[str, ...]]:
         return (
             f"rt.qkv_import({group}, {loads}, {_qkv_args(m)})",
             (
-                f"q, k, v = rt.qkv_export({group}, local, {_qkv_args(m)})",
+                f"q, k, v = rt.qkv_export(parts, {_qkv_args(m)})",
                 f"return {{{names['q']!r}: q, {names['k']!r}: k, {names['v']!r}: v}}",
             ),
         )
@@ -91,24 +91,24 @@ def _bodies(m: Mapping) -> tuple[str, tuple[str, ...]]:
         return (
             f"rt.kv_import({group}, {loads}, {_qkv_args(m, with_heads=False)})",
             (
-                f"k, v = rt.kv_export({group}, local, {_qkv_args(m, with_heads=False)})",
+                f"k, v = rt.kv_export(parts, {_qkv_args(m, with_heads=False)})",
                 f"return {{{names['k']!r}: k, {names['v']!r}: v}}",
             ),
         )
     if m.kind in ("concat_qkv", "vision_qkv"):
         return (
             f"rt.concat_qkv_import({group}, {_load(names['hf'])}, {_qkv_args(m)})",
-            (f"return {{{names['hf']!r}: rt.concat_qkv_export({group}, local, {_qkv_args(m)})}}",),
+            (f"return {{{names['hf']!r}: rt.concat_qkv_export(parts, {_qkv_args(m)})}}",),
         )
     if m.kind == "gated_mlp":
         return (
             f"rt.gated_mlp_import({group}, {_load(names['gate'])}, {_load(names['up'])})",
             (
-                f"gate, up = rt.gated_mlp_export({group}, local)",
+                "gate, up = rt.gated_mlp_export(parts)",
                 f"return {{{names['gate']!r}: gate, {names['up']!r}: up}}",
             ),
         )
-    return _simple_import(m, group), _simple_export(m, group)
+    return _simple_import(m, group), _simple_export(m)
 
 
 def _doc(m: Mapping) -> str:
@@ -160,8 +160,15 @@ def render(target: Target, header: list[str]) -> str:
         target_name=repr(target.name),
         layout=repr(target.layout),
         hf_architecture=repr(target.hf_architecture),
+        spec_path=repr(target.spec.path),
+        config_path=repr(target.config.path),
         dims=[(name, repr(value)) for name, value in target.dims.as_literal_items()],
         functions=functions,
         plans=[_plan_literal(m) for m in target.mappings],
         hf_tensors=[f"HFTensorPlan({t.name!r}, {t.shape!r})" for t in target.hf_tensors],
+        tied=[
+            (repr("output_layer.weight"), repr("embedding.word_embeddings.weight"))
+        ]
+        if target.dims.share_embeddings_and_output_weights
+        else [],
     )

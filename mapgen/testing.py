@@ -65,19 +65,59 @@ def tiny_hf_config(family: str, **overrides: Any) -> Any:
 
 def save_tiny_model(family: str, folder: Path, seed: int = 0, **overrides: Any) -> Any:
     """A random fp32 model of `family`, saved as safetensors + config.json in `folder`."""
+    return save_random_model(tiny_hf_config(family, **overrides), folder, seed)
+
+
+def save_random_model(config: Any, folder: Path, seed: int = 0) -> Any:
+    """Random fp32 weights for `config` (norms too, so no weight is trivially 1), saved."""
     from transformers import AutoModelForCausalLM
 
-    config = tiny_hf_config(family, **overrides)
     torch.manual_seed(seed)
     auto: Any = AutoModelForCausalLM
     model = auto.from_config(config, dtype=torch.float32)
-    with torch.no_grad():  # norms start at exactly 1: make them distinguishable
+    with torch.no_grad():
         for name, param in model.named_parameters():
             if "norm" in name:
                 param.add_(torch.randn_like(param) * 0.1)
     model.eval()
     model.save_pretrained(folder)
     return model
+
+
+def standin_config(fields: dict[str, Any], num_layers: int = 4) -> dict[str, Any]:
+    """A tiny config of the same architecture that keeps what shapes the mapping: GQA or not,
+    head_dim apart from hidden/heads or not, tied embeddings, biases, rope scaling."""
+    dropped = ("quantization_config", "auto_map", "bos_token_id", "eos_token_id", "pad_token_id")
+    tiny = {k: v for k, v in fields.items() if k not in dropped}
+    heads = int(fields["num_attention_heads"])
+    kv_heads = int(fields.get("num_key_value_heads") or heads)
+    explicit_head_dim = fields.get("head_dim")
+    tiny.update(
+        hidden_size=64,
+        intermediate_size=96,
+        num_attention_heads=4,
+        num_key_value_heads=4 if kv_heads == heads else 2,
+        num_hidden_layers=num_layers,
+        vocab_size=128,
+        max_position_embeddings=min(int(fields.get("max_position_embeddings", 256)), 256),
+        torch_dtype="float32",
+    )
+    tiny.pop("dtype", None)
+    if explicit_head_dim is not None:
+        tiny["head_dim"] = 32 if explicit_head_dim != fields["hidden_size"] // heads else 16
+    for key in ("max_window_layers",):
+        if key in tiny:
+            tiny[key] = num_layers
+    return tiny
+
+
+def save_standin(config_fields: dict[str, Any], folder: Path, seed: int = 0) -> Any:
+    """Save a random tiny stand-in of the model `config_fields` describes (see standin_config)."""
+    import transformers
+
+    tiny = standin_config(config_fields)
+    config = transformers.AutoConfig.for_model(tiny.pop("model_type"), **tiny)
+    return save_random_model(config, folder, seed)
 
 
 def import_module_from_path(path: Path, name: str | None = None) -> ModuleType:

@@ -102,10 +102,29 @@ def test_zero_centered_and_permute_round_trip() -> None:
     assert torch.equal(transforms.permute(transforms.permute(x, dims), transforms.inverse_permutation(dims)), x)
 
 
-def test_single_rank_export_is_identity_and_gated_split() -> None:
-    group = Group()
-    gate, up = torch.randn(4, 3), torch.randn(4, 3)
-    ours = ops.gated_mlp_export(group, torch.cat([gate, up]))
-    assert torch.equal(ours[0], gate) and torch.equal(ours[1], up)
+@pytest.mark.parametrize("size", [1, 2, 4])
+def test_every_kind_round_trips_through_tp_shards(size: int) -> None:
+    heads, groups, d = 8, 4, 2
+    q, k, v = torch.randn(heads * d, HIDDEN), torch.randn(groups * d, HIDDEN), torch.randn(groups * d, HIDDEN)
+    qg = torch.randn(heads * 2 * d, HIDDEN)
+    gate, up, w, bias = torch.randn(8, HIDDEN), torch.randn(8, HIDDEN), torch.randn(4, HIDDEN), torch.randn(4)
+    groups_of = [Group(rank, size) for rank in range(size)]
+    geometry = dict(heads=heads, groups=groups, head_dim=d)
+    back = ops.qkv_export([ops.qkv_import(g, q, k, v, **geometry) for g in groups_of], **geometry)
+    assert all(torch.equal(a, b) for a, b in zip(back, (q, k, v)))
+    back = ops.qkv_export([ops.qkv_import(g, qg, k, v, **geometry, gate=True) for g in groups_of], **geometry, gate=True)
+    assert all(torch.equal(a, b) for a, b in zip(back, (qg, k, v)))
+    back = ops.kv_export([ops.kv_import(g, k, v, groups=groups, head_dim=d) for g in groups_of], groups=groups, head_dim=d)
+    assert torch.equal(back[0], k) and torch.equal(back[1], v)
+    concat = torch.cat([q, k, v])
+    assert torch.equal(ops.concat_qkv_export([ops.concat_qkv_import(g, concat, **geometry) for g in groups_of], **geometry), concat)
+    back = ops.gated_mlp_export([ops.gated_mlp_import(g, gate, up) for g in groups_of])
+    assert torch.equal(back[0], gate) and torch.equal(back[1], up)
+    assert torch.equal(ops.column_export([ops.column_import(g, w) for g in groups_of]), w)
+    assert torch.equal(ops.row_export([ops.row_import(g, w) for g in groups_of]), w)
+    assert torch.equal(ops.row_export([ops.row_import(g, bias) for g in groups_of][:1]), bias)
+
+
+def test_bad_splits_raise() -> None:
     with pytest.raises(ValueError, match="query groups do not split over 4"):
         ops.qkv_import(Group(0, 4), torch.randn(8, 2), torch.randn(4, 2), torch.randn(4, 2), heads=4, groups=2, head_dim=2)

@@ -62,6 +62,28 @@ class HFCheckpoint:
     def dtype(self, name: str) -> str:
         return str(self._open(self.file_of[name]).get_slice(name).get_dtype())
 
+    def integrity_problems(self) -> list[str]:
+        """Files that are missing or shorter than their own headers say (a truncated copy)."""
+        problems: list[str] = []
+        for file in sorted(set(self.file_of.values())):
+            path = self.folder / file
+            try:
+                with path.open("rb") as handle:
+                    header_size = int.from_bytes(handle.read(8), "little")
+                    header = json.loads(handle.read(header_size))
+                actual = path.stat().st_size
+            except (OSError, ValueError) as exc:
+                problems.append(f"{path}: cannot read safetensors header: {exc}")
+                continue
+            end = max(
+                (v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0
+            )
+            if actual < 8 + header_size + end:
+                problems.append(
+                    f"{path}: truncated: {actual} bytes, its header needs {8 + header_size + end}"
+                )
+        return problems
+
     def get(self, name: str) -> torch.Tensor:
         if name not in self.file_of:
             raise CheckpointError(f"{self.folder}: no tensor '{name}'")

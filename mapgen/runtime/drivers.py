@@ -1,28 +1,34 @@
-"""Drivers: an HF checkpoint into Megatron model chunks, and Megatron chunks out as HF tensors.
+"""Drivers: an HF checkpoint into Megatron model chunks, Megatron chunks out as HF tensors, and
+an HF checkpoint directory written atomically.
 
-A generated module is the plan; these only walk it. Local Megatron names become global ones
-by the layer numbers megatron-core gave the chunk's layers (its own offset rules for PP/VPP).
+A generated module is the plan; these only walk it. `chunks` is the list of model chunks this
+rank holds (one per virtual pipeline stage, in stage order). Which chunk holds which global
+parameter follows from megatron-core's layer-offset rules (`ownership.py`), identically on
+every rank, so the only collectives are the tensor gathers and broadcasts themselves.
 """
 
 from __future__ import annotations
 
-import re
+import json
+import os
+import shutil
+import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
 from typing import Any, Protocol
 
 import torch
+from safetensors.torch import save_file
 
-from mapgen.errors import MapgenError
 from mapgen.runtime.checkpoint import HFCheckpoint
+from mapgen.runtime.collectives import agree_or_raise, all_gather_coalesced, broadcast_coalesced
 from mapgen.runtime.context import ParallelContext
+from mapgen.runtime.ownership import Owner, layer_owners, local_name, param_owner
 from mapgen.runtime.plan import ExportFn, HFTensorPlan, ImportFn, ParamPlan
 
-_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
-
-
-class ConversionError(MapgenError):
-    pass
+DEFAULT_BUCKET_BYTES = 256 * 2**20
 
 
 class MappingModule(Protocol):
@@ -31,6 +37,10 @@ class MappingModule(Protocol):
     HF_TENSORS: tuple[HFTensorPlan, ...]
     IMPORTS: dict[str, ImportFn]
     EXPORTS: dict[str, ExportFn]
+    TIED: dict[str, str]
+
+
+Module = MappingModule | ModuleType
 
 
 def _unwrap(chunk: Any) -> Any:
@@ -39,20 +49,61 @@ def _unwrap(chunk: Any) -> Any:
     return chunk
 
 
-def global_names(chunk: Any) -> dict[str, str]:
-    """Local parameter name -> global name, for one model chunk."""
-    model = _unwrap(chunk)
-    layers = model.decoder.layers if hasattr(model, "decoder") else []
-    global_index = {str(i): str(layer.layer_number - 1) for i, layer in enumerate(layers)}
-    names: dict[str, str] = {}
-    for name, _ in model.named_parameters():
-        found = _LAYER.match(name)
-        if found:
-            name_global = f"decoder.layers.{global_index[found.group(1)]}." + name[found.end():]
-        else:
-            name_global = name
-        names[name] = name_global
-    return names
+@dataclass(frozen=True)
+class Placement:
+    """Where every parameter of the module lives under this layout, and what this rank holds."""
+
+    owners: dict[str, Owner]  # global megatron name -> owning (pp rank, vp stage)
+    local: dict[str, torch.nn.Parameter]  # global name -> this rank's parameter
+    tied: dict[str, torch.nn.Parameter]  # tied copies this rank holds (global name -> param)
+    dtype: torch.dtype
+
+
+def place(module: Module, chunks: list[Any], ctx: ParallelContext) -> tuple[Placement, list[str]]:
+    """Match this rank's chunks against the module; problems instead of raising."""
+    problems: list[str] = []
+    if len(chunks) != ctx.vpp_size:
+        problems.append(f"{len(chunks)} model chunks given for virtual pipeline size {ctx.vpp_size}")
+        return Placement({}, {}, {}, torch.float32), problems
+    models = [_unwrap(c) for c in chunks]
+    layers = layer_owners(models[0].config, ctx)
+    plans = {p.megatron_name: p for p in module.PARAMS}
+    num_layers = 1 + max((p.layer for p in module.PARAMS if p.layer is not None), default=-1)
+    if len(layers) != num_layers:
+        problems.append(
+            f"the model has {len(layers)} decoder layers, {module.TARGET} has {num_layers}"
+        )
+        return Placement({}, {}, {}, torch.float32), problems
+    owners = {name: param_owner(plan, layers, ctx) for name, plan in plans.items()}
+    expected: dict[tuple[int, str], str] = {}
+    for name, plan in plans.items():
+        owner = owners[name]
+        if owner.pp_rank == ctx.pp.rank:
+            expected[(owner.vp_stage, local_name(plan, layers))] = name
+    local: dict[str, torch.nn.Parameter] = {}
+    tied: dict[str, torch.nn.Parameter] = {}
+    dtypes: set[torch.dtype] = set()
+    for vp_stage, model in enumerate(models):
+        for name, param in model.named_parameters():
+            dtypes.add(param.dtype)
+            global_name = expected.pop((vp_stage, name), None)
+            if global_name is None and name in module.TIED:
+                tied[name] = param
+                continue
+            if global_name is None:
+                problems.append(f"model parameter '{name}' (chunk {vp_stage}) has no mapping in {module.TARGET}")
+                continue
+            plan = plans[global_name]
+            problem = _shape_problem(plan, tuple(param.shape), ctx, module.TARGET)
+            if problem:
+                problems.append(problem)
+            local[global_name] = param
+    for (vp_stage, name), global_name in sorted(expected.items()):
+        problems.append(f"the model lacks '{name}' (chunk {vp_stage}), {global_name} in {module.TARGET}")
+    if len(dtypes) > 1:
+        problems.append(f"model parameters mix dtypes {sorted(map(str, dtypes))}")
+    dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+    return Placement(owners, local, tied, dtype), problems
 
 
 def local_shape(plan: ParamPlan, ctx: ParallelContext) -> tuple[int, ...]:
@@ -64,7 +115,7 @@ def local_shape(plan: ParamPlan, ctx: ParallelContext) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def _check_split(plan: ParamPlan, ctx: ParallelContext) -> str | None:
+def _shape_problem(plan: ParamPlan, actual: tuple[int, ...], ctx: ParallelContext, target: str) -> str | None:
     group = ctx.etp if plan.expert_parallel else ctx.tp
     if plan.split_dim is not None and plan.shape[plan.split_dim] % group.size:
         which = "expert-TP" if plan.expert_parallel else "TP"
@@ -72,89 +123,211 @@ def _check_split(plan: ParamPlan, ctx: ParallelContext) -> str | None:
             f"{plan.megatron_name}: dim {plan.split_dim} of {list(plan.shape)} does not split "
             f"over {which} size {group.size}"
         )
+    if actual != local_shape(plan, ctx):
+        return (
+            f"'{plan.megatron_name}': the model's shard is {list(actual)}, {target} expects "
+            f"{list(local_shape(plan, ctx))} on this rank"
+        )
     return None
 
 
-def _raise(problems: list[str], what: str) -> None:
-    if problems:
-        shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
-        raise ConversionError(f"{what}:\n  " + "\n  ".join(shown))
-
-
-def _owned_params(
-    module: MappingModule | ModuleType, chunks: list[Any], ctx: ParallelContext
-) -> list[tuple[ParamPlan, torch.nn.Parameter]]:
-    """(plan, parameter) for every parameter of the chunks; raises if they don't fit the module."""
-    plans = {plan.megatron_name: plan for plan in module.PARAMS}
-    owned: list[tuple[ParamPlan, torch.nn.Parameter]] = []
-    problems: list[str] = []
-    for chunk in chunks:
-        params = dict(_unwrap(chunk).named_parameters())
-        for local, name in global_names(chunk).items():
-            plan = plans.get(name)
-            if plan is None:
-                problems.append(f"model parameter '{name}' has no mapping in {module.TARGET}")
-                continue
-            split_problem = _check_split(plan, ctx)
-            if split_problem:
-                problems.append(split_problem)
-                continue
-            expected = local_shape(plan, ctx)
-            actual = tuple(params[local].shape)
-            if actual != expected:
-                problems.append(
-                    f"'{name}': the model's shard is {list(actual)}, {module.TARGET} expects "
-                    f"{list(expected)} on this rank"
-                )
-                continue
-            owned.append((plan, params[local]))
-    _raise(problems, f"the model does not match the mapping module {module.TARGET}")
-    return owned
+def _layout_problems(module: Module, ctx: ParallelContext) -> list[str]:
+    """Divisibility the generated functions rely on (query groups over TP)."""
+    dims = getattr(module, "DIMS", None)
+    if dims is None or dims.num_query_groups % ctx.tp.size == 0:
+        return []
+    return [
+        f"TP size {ctx.tp.size} does not divide the {dims.num_query_groups} query groups "
+        f"(KV heads) of {module.TARGET}"
+    ]
 
 
 def load_hf_checkpoint(
-    module: MappingModule | ModuleType,
-    chunks: list[Any],
-    hf_dir: str,
-    ctx: ParallelContext | None = None,
+    module: Module, chunks: list[Any], hf_dir: str | Path, ctx: ParallelContext | None = None
 ) -> int:
     """Fill every parameter of `chunks` from the HF checkpoint in `hf_dir`; returns the count.
 
-    Everything is checked before any weight is written: the model against the module, the
-    checkpoint's tensor names and shapes against the module's HF tensor table."""
+    Each rank reads only the tensors its own parameters need. Everything is checked first, on
+    every rank, and agreed on before any weight is written: the model against the module, the
+    checkpoint's names, shapes and dtypes against the module's HF tensor table."""
     ctx = ctx or ParallelContext.single()
-    owned = _owned_params(module, chunks, ctx)
-    checkpoint = HFCheckpoint(hf_dir)
-    hf_shapes = {t.name: t.shape for t in module.HF_TENSORS}
-    problems: list[str] = []
-    for plan, _ in owned:
-        for name in plan.hf_names:
-            if name not in checkpoint:
-                problems.append(f"missing tensor '{name}' (needed by {plan.megatron_name})")
-            elif checkpoint.shape(name) != hf_shapes[name]:
-                problems.append(
-                    f"tensor '{name}' has shape {list(checkpoint.shape(name))}, "
-                    f"{module.TARGET} expects {list(hf_shapes[name])}"
-                )
-    _raise(problems, f"HF checkpoint {hf_dir} does not fit {module.TARGET}")
+    problems = _layout_problems(module, ctx)
+    placement, found = place(module, chunks, ctx)
+    problems += found
+    checkpoint: HFCheckpoint | None = None
+    try:
+        checkpoint = HFCheckpoint(hf_dir)
+        problems += _checkpoint_problems(module, checkpoint, placement.dtype)
+    except Exception as exc:  # noqa: BLE001 - reported on every rank below
+        problems.append(str(exc))
+    agree_or_raise(problems, f"cannot load {hf_dir} into {module.TARGET}")
+    assert checkpoint is not None
     with torch.no_grad():
-        for plan, param in owned:
-            shard = module.IMPORTS[plan.megatron_name](ctx, checkpoint.get)
-            param.copy_(shard)
-    return len(owned)
+        for name, param in placement.local.items():
+            param.copy_(module.IMPORTS[name](ctx, checkpoint.get))
+        for name, param in placement.tied.items():
+            param.copy_(module.IMPORTS[module.TIED[name]](ctx, checkpoint.get))
+    return len(placement.local) + len(placement.tied)
+
+
+def _checkpoint_problems(module: Module, checkpoint: HFCheckpoint, dtype: torch.dtype) -> list[str]:
+    problems: list[str] = []
+    expected_dtype = str(dtype).removeprefix("torch.")
+    safetensors_names = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+    for tensor in module.HF_TENSORS:
+        if tensor.name not in checkpoint:
+            problems.append(f"missing tensor '{tensor.name}'")
+            continue
+        shape = checkpoint.shape(tensor.name)
+        if shape != tensor.shape:
+            problems.append(
+                f"tensor '{tensor.name}' has shape {list(shape)}, {module.TARGET} expects {list(tensor.shape)}"
+            )
+        stored = checkpoint.dtype(tensor.name)
+        if stored != safetensors_names.get(expected_dtype, stored):
+            problems.append(f"tensor '{tensor.name}' is {stored}, the model is {expected_dtype}")
+    problems += checkpoint.integrity_problems()
+    return problems
+
+
+@dataclass(frozen=True)
+class Bucket:
+    owner: int  # pp rank
+    plans: tuple[ParamPlan, ...]
+
+
+def _buckets(module: Module, placement: Placement, bucket_bytes: int, element_size: int) -> list[Bucket]:
+    position = {t.name: i for i, t in enumerate(module.HF_TENSORS)}
+    ordered = sorted(module.PARAMS, key=lambda p: min(position[n] for n in p.hf_names))
+    buckets: list[Bucket] = []
+    current: list[ParamPlan] = []
+    size = 0
+    for plan in ordered:
+        owner = placement.owners[plan.megatron_name].pp_rank
+        nbytes = int(torch.Size(plan.shape).numel()) * element_size
+        if current and (placement.owners[current[0].megatron_name].pp_rank != owner or size + nbytes > bucket_bytes):
+            buckets.append(Bucket(placement.owners[current[0].megatron_name].pp_rank, tuple(current)))
+            current, size = [], 0
+        current.append(plan)
+        size += nbytes
+    if current:
+        buckets.append(Bucket(placement.owners[current[0].megatron_name].pp_rank, tuple(current)))
+    return buckets
 
 
 def export_hf_tensors(
-    module: MappingModule | ModuleType,
+    module: Module,
     chunks: list[Any],
     ctx: ParallelContext | None = None,
+    *,
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+    all_stages: bool = True,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (HF name, full tensor) for every HF tensor the chunks hold, in HF order."""
+    """Yield (HF name, full tensor) for the whole model in HF order.
+
+    Parameters are gathered over TP (expert-TP) in coalesced buckets of up to `bucket_bytes`;
+    with `all_stages`, each bucket is broadcast from the pipeline stage that owns it, so every
+    rank sees the whole model; without, each stage yields only what it owns."""
     ctx = ctx or ParallelContext.single()
-    owned = _owned_params(module, chunks, ctx)
+    placement, problems = place(module, chunks, ctx)
+    agree_or_raise(problems, f"cannot export with {module.TARGET}")
+    hf_shapes = {t.name: t.shape for t in module.HF_TENSORS}
+    element_size = torch.empty((), dtype=placement.dtype).element_size()
     position = {t.name: i for i, t in enumerate(module.HF_TENSORS)}
-    owned.sort(key=lambda item: min(position[name] for name in item[0].hf_names))
     with torch.no_grad():
-        for plan, param in owned:
-            tensors = module.EXPORTS[plan.megatron_name](ctx, param.detach())
-            yield from sorted(tensors.items(), key=lambda item: position[item[0]])
+        for bucket in _buckets(module, placement, bucket_bytes, element_size):
+            names = sorted((n for p in bucket.plans for n in p.hf_names), key=position.__getitem__)
+            tensors: list[torch.Tensor] | None = None
+            if bucket.owner == ctx.pp.rank:
+                produced = _export_bucket(module, bucket.plans, placement, ctx)
+                tensors = [produced[n] for n in names]
+            elif not all_stages:
+                continue
+            if all_stages:
+                tensors = broadcast_coalesced(
+                    ctx.pp, bucket.owner, tensors, [hf_shapes[n] for n in names], placement.dtype
+                )
+            assert tensors is not None
+            yield from zip(names, tensors)
+
+
+def _export_bucket(
+    module: Module, plans: tuple[ParamPlan, ...], placement: Placement, ctx: ParallelContext
+) -> dict[str, torch.Tensor]:
+    parts: dict[str, list[torch.Tensor]] = {}
+    for expert_parallel in (False, True):
+        group = ctx.etp if expert_parallel else ctx.tp
+        split = [p for p in plans if p.expert_parallel == expert_parallel and p.split_dim is not None]
+        gathered = all_gather_coalesced(group, [placement.local[p.megatron_name].detach() for p in split])
+        parts.update({p.megatron_name: g for p, g in zip(split, gathered)})
+    produced: dict[str, torch.Tensor] = {}
+    for plan in plans:
+        shards = parts.get(plan.megatron_name) or [placement.local[plan.megatron_name].detach()]
+        produced.update(module.EXPORTS[plan.megatron_name](shards))
+    return produced
+
+
+def save_hf_checkpoint(
+    module: Module,
+    chunks: list[Any],
+    out_dir: str | Path,
+    hf_config: dict[str, Any],
+    ctx: ParallelContext | None = None,
+    *,
+    max_shard_bytes: int = 2 * 2**30,
+    writer_rank: int = 0,
+) -> None:
+    """Write an HF checkpoint directory (sharded safetensors, index, config.json) atomically.
+
+    All ranks take part in the export; global rank `writer_rank` writes into a temporary folder
+    beside `out_dir` and renames it into place only once every file is complete, so an
+    interrupted save leaves no partial checkpoint behind."""
+    ctx = ctx or ParallelContext.single()
+    out = Path(out_dir)
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    writing = rank == writer_rank
+    problems = [f"{out} already exists"] if writing and out.exists() else []
+    agree_or_raise(problems, f"cannot save {module.TARGET}")
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent)) if writing else None
+    try:
+        element_size = next(_unwrap(chunks[0]).parameters()).element_size()
+        shards = _shard_plan(module, max_shard_bytes, element_size)
+        files = sorted(set(shards.values()))
+        pending: dict[str, dict[str, torch.Tensor]] = {f: {} for f in files}
+        expected = {f: sum(1 for v in shards.values() if v == f) for f in files}
+        for name, tensor in export_hf_tensors(module, chunks, ctx):
+            if staging is None:
+                continue
+            file = shards[name]
+            pending[file][name] = tensor.contiguous()
+            if len(pending[file]) == expected[file]:
+                save_file(pending.pop(file), str(staging / file), metadata={"format": "pt"})
+        if staging is not None:
+            total = sum(int(torch.Size(t.shape).numel()) for t in module.HF_TENSORS) * element_size
+            index = {"metadata": {"total_size": total}, "weight_map": shards}
+            (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+            (staging / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+            os.rename(staging, out)
+            staging = None
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _shard_plan(module: Module, max_shard_bytes: int, element_size: int) -> dict[str, str]:
+    """HF name -> file, filling files in HF order up to max_shard_bytes."""
+    groups: list[list[str]] = [[]]
+    size = 0
+    for tensor in module.HF_TENSORS:
+        nbytes = int(torch.Size(tensor.shape).numel()) * element_size
+        if groups[-1] and size + nbytes > max_shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(tensor.name)
+        size += nbytes
+    total = len(groups)
+    return {
+        name: f"model-{i + 1:05d}-of-{total:05d}.safetensors"
+        for i, names in enumerate(groups)
+        for name in names
+    }

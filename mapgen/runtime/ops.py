@@ -2,15 +2,15 @@
 
 Import functions (`*_import`) take full HF tensors and return this rank's shard; they never
 communicate: every rank computes its own shard from the HF tensors it loaded, so import costs no
-collective at all. Export functions (`*_export`) take this rank's shard and return full HF
-tensors, gathering over the group they are given (TP, or expert-TP for expert parameters).
-Inputs to collectives are made contiguous: gloo sends wrong bytes for non-contiguous tensors.
+collective at all. Export functions (`*_export`) take the shards of every rank of the group (TP,
+or expert-TP for expert parameters), in rank order, and return full HF tensors; the drivers do
+the gathering, bucketed, so these are pure too.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
+from collections.abc import Sequence
 
 from mapgen.runtime import transforms
 from mapgen.runtime.context import Group
@@ -27,40 +27,22 @@ def shard(group: Group, tensor: torch.Tensor, dim: int) -> torch.Tensor:
     return tensor.narrow(dim, group.rank * block, block).contiguous()
 
 
-def gather(group: Group, tensor: torch.Tensor, dim: int) -> torch.Tensor:
-    """All ranks' blocks of `dim`, concatenated in rank order."""
-    if group.size == 1:
-        return tensor
-    local = tensor.contiguous()
-    parts = [torch.empty_like(local) for _ in range(group.size)]
-    dist.all_gather(parts, local, group=group.handle)
-    return torch.cat(parts, dim=dim)
-
-
-def gather_parts(group: Group, tensor: torch.Tensor) -> list[torch.Tensor]:
-    """Every rank's shard, in rank order."""
-    if group.size == 1:
-        return [tensor]
-    local = tensor.contiguous()
-    parts = [torch.empty_like(local) for _ in range(group.size)]
-    dist.all_gather(parts, local, group=group.handle)
-    return parts
-
-
 def column_import(group: Group, hf: torch.Tensor) -> torch.Tensor:
     return shard(group, hf, 0)
 
 
-def column_export(group: Group, local: torch.Tensor) -> torch.Tensor:
-    return gather(group, local, 0)
+def column_export(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(list(parts), dim=0)
 
 
 def row_import(group: Group, hf: torch.Tensor) -> torch.Tensor:
     return hf if hf.dim() == 1 else shard(group, hf, 1)
 
 
-def row_export(group: Group, local: torch.Tensor) -> torch.Tensor:
-    return local if local.dim() == 1 else gather(group, local, 1)
+def row_export(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    if len(parts) == 1 or parts[0].dim() == 1:
+        return parts[0]
+    return torch.cat(list(parts), dim=1)
 
 
 def _group_rows(group: Group, groups: int) -> tuple[int, int]:
@@ -95,8 +77,7 @@ def qkv_import(
 
 
 def qkv_export(
-    group: Group,
-    local: torch.Tensor,
+    parts: Sequence[torch.Tensor],
     *,
     heads: int,
     groups: int,
@@ -104,7 +85,7 @@ def qkv_export(
     gate: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return transforms.qkv_split(
-        gather(group, local, 0), heads=heads, groups=groups, head_dim=head_dim, gate=gate
+        column_export(parts), heads=heads, groups=groups, head_dim=head_dim, gate=gate
     )
 
 
@@ -121,9 +102,9 @@ def kv_import(
 
 
 def kv_export(
-    group: Group, local: torch.Tensor, *, groups: int, head_dim: int
+    parts: Sequence[torch.Tensor], *, groups: int, head_dim: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return transforms.kv_split(gather(group, local, 0), groups=groups, head_dim=head_dim)
+    return transforms.kv_split(column_export(parts), groups=groups, head_dim=head_dim)
 
 
 def concat_qkv_import(
@@ -134,9 +115,9 @@ def concat_qkv_import(
 
 
 def concat_qkv_export(
-    group: Group, local: torch.Tensor, *, heads: int, groups: int, head_dim: int
+    parts: Sequence[torch.Tensor], *, heads: int, groups: int, head_dim: int
 ) -> torch.Tensor:
-    q, k, v = qkv_export(group, local, heads=heads, groups=groups, head_dim=head_dim)
+    q, k, v = qkv_export(parts, heads=heads, groups=groups, head_dim=head_dim)
     return torch.cat([q, k, v], dim=0)
 
 
@@ -145,8 +126,9 @@ def gated_mlp_import(group: Group, gate: torch.Tensor, up: torch.Tensor) -> torc
     return torch.cat([shard(group, gate, 0), shard(group, up, 0)], dim=0)
 
 
-def gated_mlp_export(group: Group, local: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    halves = [part.chunk(2, dim=0) for part in gather_parts(group, local)]
+def gated_mlp_export(parts: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each rank's [gate_r; up_r] split in halves; the gates and the ups concatenated."""
+    halves = [part.chunk(2, dim=0) for part in parts]
     return (
         torch.cat([gate for gate, _ in halves], dim=0),
         torch.cat([up for _, up in halves], dim=0),

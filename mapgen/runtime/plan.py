@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Callable
 
 import torch
@@ -11,7 +12,7 @@ from mapgen.runtime.context import ParallelContext
 
 Loader = Callable[[str], torch.Tensor]
 ImportFn = Callable[[ParallelContext, Loader], torch.Tensor]
-ExportFn = Callable[[ParallelContext, torch.Tensor], dict[str, torch.Tensor]]
+ExportFn = Callable[[Sequence[torch.Tensor]], dict[str, torch.Tensor]]
 
 
 @dataclass(frozen=True)

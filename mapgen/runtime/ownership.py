@@ -1,0 +1,53 @@
+"""Static ownership: which pipeline stage (and virtual stage) holds each global parameter, and
+which EP rank holds each expert, by megatron-core's own layer-offset rules. Every rank computes
+the same answer without asking any other."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from mapgen.runtime.context import ParallelContext
+from mapgen.runtime.plan import ParamPlan
+
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class Owner:
+    pp_rank: int
+    vp_stage: int
+
+
+def layer_owners(config: Any, ctx: ParallelContext) -> dict[int, tuple[Owner, int]]:
+    """Global layer -> (owner, index of the layer inside that chunk), for the model config."""
+    from megatron.core.transformer.transformer_block import get_num_layers_to_build
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    owners: dict[int, tuple[Owner, int]] = {}
+    vpp = ctx.vpp_size
+    for pp_rank in range(ctx.pp.size):
+        for vp_stage in range(vpp):
+            stage = vp_stage if vpp > 1 else None
+            offset = get_transformer_layer_offset(config, vp_stage=stage, pp_rank=pp_rank)
+            count = get_num_layers_to_build(config, vp_stage=stage, pp_rank=pp_rank)
+            for local in range(count):
+                owners[offset + local] = (Owner(pp_rank, vp_stage), local)
+    return owners
+
+
+def param_owner(plan: ParamPlan, layers: dict[int, tuple[Owner, int]], ctx: ParallelContext) -> Owner:
+    if plan.layer is not None:
+        return layers[plan.layer][0]
+    if plan.megatron_name.startswith("embedding."):
+        return Owner(0, 0)
+    return Owner(ctx.pp.size - 1, ctx.vpp_size - 1)
+
+
+def local_name(plan: ParamPlan, layers: dict[int, tuple[Owner, int]]) -> str:
+    """The parameter's name inside the model chunk that owns it."""
+    if plan.layer is None:
+        return plan.megatron_name
+    index = layers[plan.layer][1]
+    return _LAYER.sub(f"decoder.layers.{index}.", plan.megatron_name, count=1)
