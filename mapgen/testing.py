@@ -135,6 +135,10 @@ def prepare_cpu_megatron() -> None:
     import megatron.core.tensor_parallel.random as mrandom
 
     torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment,return-value]
+    if not torch.cuda.is_available():
+        # tied embeddings under PP: megatron-core moves the shared weight with .cuda() before
+        # its all-reduce over the embedding group; on CPU it stays where it is
+        torch.Tensor.cuda = lambda self, *args, **kwargs: self  # type: ignore[method-assign]
     mrandom.model_parallel_cuda_manual_seed(
         1234, inference_rng_tracker=True, force_reset_rng=True
     )

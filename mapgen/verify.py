@@ -161,12 +161,24 @@ def _worker(rank: int, world_size: int, port: int, tasks: list[Task], queue: Any
     warnings.filterwarnings("ignore", module=r"(megatron|transformers|torch)(\.|$)")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    results = [function(*args) for function, args in tasks]
+    results = []
+    for function, args in tasks:
+        try:
+            results.append(function(*args))
+        except Exception:  # noqa: BLE001 - reported to the parent, which fails loudly
+            results.append(TaskFailed(traceback.format_exc()))
     buffer = io.BytesIO()
     torch.save(results, buffer)
     queue.put((rank, buffer.getvalue()))
     dist.barrier()
     dist.destroy_process_group()
+
+
+@dataclass(frozen=True)
+class TaskFailed:
+    """A task that raised in a spawned process: its traceback."""
+
+    traceback: str
 
 
 def _free_port() -> int:
@@ -175,23 +187,41 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def spawn(tasks: list[Task], world_size: int) -> dict[int, list[Any]]:
+def spawn(tasks: list[Task], world_size: int, timeout_s: float = 1800) -> dict[int, list[Any]]:
     """Run `tasks` (module-level function, args) in order in `world_size` fresh gloo processes,
-    so that many checks share one start-up; every rank's return values, by rank."""
-    queue = mp.get_context("spawn").SimpleQueue()
+    so that many checks share one start-up; every rank's return values, by rank. A process
+    that dies, or a run past `timeout_s`, raises here instead of waiting forever."""
+    import queue as queue_module
+    import time
+
+    context = mp.get_context("spawn")
+    results_queue = context.Queue()
     processes = start_processes(  # type: ignore[no-untyped-call]
         _worker,
-        args=(world_size, _free_port(), tasks, queue),
+        args=(world_size, _free_port(), tasks, results_queue),
         nprocs=world_size,
         join=False,
         start_method="spawn",
     )
     collected: dict[int, list[Any]] = {}
-    for _ in range(world_size):
-        rank, data = queue.get()
-        collected[rank] = torch.load(io.BytesIO(data), weights_only=False)
-    while not processes.join():
-        pass
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(collected) < world_size:
+            try:
+                rank, data = results_queue.get(timeout=1.0)
+            except queue_module.Empty:
+                dead = [p.exitcode for p in processes.processes if p.exitcode not in (None, 0)]
+                if dead or time.monotonic() > deadline:
+                    reason = f"exit codes {dead}" if dead else f"no result after {timeout_s:.0f} s"
+                    raise MapgenError(f"spawned verification processes failed: {reason}") from None
+                continue
+            collected[rank] = torch.load(io.BytesIO(data), weights_only=False)
+        while not processes.join():
+            pass
+    finally:
+        for process in processes.processes:
+            if process.is_alive():
+                process.kill()
     return collected
 
 

@@ -46,7 +46,8 @@ class HFCheckpoint:
             try:
                 handle = safe_open(str(path), framework="pt")
             except (SafetensorError, OSError) as exc:
-                raise CheckpointError(f"{path}: cannot read safetensors file: {exc}") from None
+                problem = _truncation(path) or f"cannot read safetensors file: {exc}"
+                raise CheckpointError(f"{path}: {problem}") from None
             self._handles[file] = handle
         return handle
 
@@ -66,22 +67,9 @@ class HFCheckpoint:
         """Files that are missing or shorter than their own headers say (a truncated copy)."""
         problems: list[str] = []
         for file in sorted(set(self.file_of.values())):
-            path = self.folder / file
-            try:
-                with path.open("rb") as handle:
-                    header_size = int.from_bytes(handle.read(8), "little")
-                    header = json.loads(handle.read(header_size))
-                actual = path.stat().st_size
-            except (OSError, ValueError) as exc:
-                problems.append(f"{path}: cannot read safetensors header: {exc}")
-                continue
-            end = max(
-                (v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0
-            )
-            if actual < 8 + header_size + end:
-                problems.append(
-                    f"{path}: truncated: {actual} bytes, its header needs {8 + header_size + end}"
-                )
+            problem = _truncation(self.folder / file)
+            if problem:
+                problems.append(f"{self.folder / file}: {problem}")
         return problems
 
     def get(self, name: str) -> torch.Tensor:
@@ -94,3 +82,17 @@ class HFCheckpoint:
                 f"{self.folder / self.file_of[name]}: cannot read '{name}': {exc}"
             ) from None
         return tensor
+
+
+def _truncation(path: Path) -> str | None:
+    """Why `path` is not a complete safetensors file, or None if its size fits its header."""
+    try:
+        with path.open("rb") as handle:
+            header_size = int.from_bytes(handle.read(8), "little")
+            header = json.loads(handle.read(header_size))
+        actual = path.stat().st_size
+    except (OSError, ValueError) as exc:
+        return f"cannot read safetensors header: {exc}"
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    needed = 8 + header_size + end
+    return None if actual >= needed else f"truncated: {actual} bytes, its header needs {needed}"

@@ -186,6 +186,12 @@ def _checkpoint_problems(module: Module, checkpoint: HFCheckpoint, dtype: torch.
         stored = checkpoint.dtype(tensor.name)
         if stored != safetensors_names.get(expected_dtype, stored):
             problems.append(f"tensor '{tensor.name}' is {stored}, the model is {expected_dtype}")
+    unknown = sorted(set(checkpoint.names()) - {t.name for t in module.HF_TENSORS})
+    if unknown:
+        problems.append(
+            f"{len(unknown)} tensor(s) in the checkpoint that {module.TARGET} does not map "
+            f"(a checkpoint of another model?): {', '.join(unknown[:10])}"
+        )
     problems += checkpoint.integrity_problems()
     return problems
 
@@ -295,13 +301,20 @@ def save_hf_checkpoint(
         files = sorted(set(shards.values()))
         pending: dict[str, dict[str, torch.Tensor]] = {f: {} for f in files}
         expected = {f: sum(1 for v in shards.values() if v == f) for f in files}
+        failure: str | None = None
+        # every rank runs the whole export even after a write failed, so that no rank is left
+        # waiting in a collective; the failure is then agreed on and raised everywhere
         for name, tensor in export_hf_tensors(module, chunks, ctx):
-            if staging is None:
+            if staging is None or failure is not None:
                 continue
             file = shards[name]
             pending[file][name] = tensor.contiguous()
             if len(pending[file]) == expected[file]:
-                save_file(pending.pop(file), str(staging / file), metadata={"format": "pt"})
+                try:
+                    save_file(pending.pop(file), str(staging / file), metadata={"format": "pt"})
+                except OSError as exc:
+                    failure = f"writing {out / file}: {exc}"
+        agree_or_raise([failure] if failure else [], f"cannot save {module.TARGET} to {out}")
         if staging is not None:
             total = sum(int(torch.Size(t.shape).numel()) for t in module.HF_TENSORS) * element_size
             index = {"metadata": {"total_size": total}, "weight_map": shards}

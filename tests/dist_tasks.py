@@ -1,0 +1,97 @@
+"""Functions the distributed tests run inside spawned gloo processes (see mapgen.verify.spawn)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from mapgen.megatron_model import ParallelLayout, build_model_chunks, initialize_parallel_state
+from mapgen.runtime import ParallelContext
+from mapgen.runtime import drivers
+from mapgen.testing import import_module_from_path, prepare_cpu_megatron
+
+OBJECT_COLLECTIVES = ("all_gather_object", "broadcast_object_list", "gather_object", "scatter_object_list")
+TENSOR_COLLECTIVES = ("all_gather", "broadcast", "all_reduce", "scatter", "gather", "send", "recv", "all_to_all")
+
+
+def _setup(module_path: str, layout: ParallelLayout, model_module_path: str | None = None) -> tuple[Any, list[Any], ParallelContext]:
+    module = import_module_from_path(Path(module_path), f"dist_{Path(module_path).stem}")
+    model_module = module if model_module_path is None else import_module_from_path(
+        Path(model_module_path), f"dist_model_{Path(model_module_path).stem}"
+    )
+    initialize_parallel_state(layout)
+    prepare_cpu_megatron()
+    chunks = build_model_chunks(model_module.DIMS, layout, params_dtype=torch.float32)
+    return module, chunks, ParallelContext.from_parallel_state()
+
+
+def count_collectives(module_path: str, hf_dir: str, layout: ParallelLayout, bucket_bytes: int) -> dict[str, Any]:
+    """Calls and bytes of every torch.distributed collective during import and export."""
+    module, chunks, ctx = _setup(module_path, layout)
+    counts: dict[str, dict[str, int]] = {}
+    originals = {name: getattr(dist, name) for name in OBJECT_COLLECTIVES + TENSOR_COLLECTIVES}
+
+    def wrap(name: str, phase: str) -> Any:
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            entry = counts.setdefault(phase, {}).setdefault(name, 0)
+            counts[phase][name] = entry + 1
+            tensor = args[1] if name == "all_gather" else (args[0] if args and isinstance(args[0], torch.Tensor) else None)
+            if tensor is not None:
+                key = f"{name}_bytes"
+                counts[phase][key] = counts[phase].get(key, 0) + tensor.numel() * tensor.element_size()
+            return originals[name](*args, **kwargs)
+        return counted
+
+    try:
+        for phase in ("import", "export"):
+            for name in originals:
+                setattr(dist, name, wrap(name, phase))
+            if phase == "import":
+                drivers.load_hf_checkpoint(module, chunks, hf_dir, ctx)
+            else:
+                exported = sum(1 for _ in drivers.export_hf_tensors(module, chunks, ctx, bucket_bytes=bucket_bytes))
+    finally:
+        for name, function in originals.items():
+            setattr(dist, name, function)
+    return {"counts": counts, "exported": exported, "tensors": len(module.HF_TENSORS), "params": len(module.PARAMS)}
+
+
+def expect_error(module_path: str, hf_dir: str, layout: ParallelLayout, model_module_path: str | None = None) -> tuple[str | None, float]:
+    """(the error this rank raised, seconds until it did) for a load that should fail."""
+    started = time.perf_counter()
+    try:
+        module, chunks, ctx = _setup(module_path, layout, model_module_path)
+        drivers.load_hf_checkpoint(module, chunks, hf_dir, ctx)
+    except Exception as exc:  # noqa: BLE001 - the test inspects it
+        return f"{type(exc).__name__}: {exc}", time.perf_counter() - started
+    return None, time.perf_counter() - started
+
+
+def save(module_path: str, hf_dir: str, layout: ParallelLayout, out_dir: str, fail_on_file: int | None) -> str | None:
+    """Load, then save to out_dir; with fail_on_file, the writer fails writing that file."""
+    import json
+
+    module, chunks, ctx = _setup(module_path, layout)
+    drivers.load_hf_checkpoint(module, chunks, hf_dir, ctx)
+    config = json.loads((Path(hf_dir) / "config.json").read_text())
+    original_save_file = drivers.save_file
+    written = []
+
+    def failing_save_file(tensors: Any, path: str, metadata: Any = None) -> None:
+        written.append(path)
+        if fail_on_file is not None and len(written) == fail_on_file:
+            raise OSError("disk full (simulated)")
+        original_save_file(tensors, path, metadata=metadata)
+
+    drivers.save_file = failing_save_file
+    try:
+        drivers.save_hf_checkpoint(module, chunks, out_dir, config, ctx, max_shard_bytes=20_000)
+    except Exception as exc:  # noqa: BLE001 - the test inspects it
+        return f"{type(exc).__name__}: {exc}"
+    finally:
+        drivers.save_file = original_save_file
+    return None

@@ -1,0 +1,179 @@
+"""TP/PP/VPP/DP conversion on CPU over gloo, in one spawn of 4 processes: logits against
+transformers, export bit-exact, collective counts, bad input on every rank, save and reload."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from mapgen import testing
+from mapgen.build import compile_target
+from mapgen.megatron_model import ParallelLayout
+from mapgen.verify import Job, run_job, spawn
+
+import dist_tasks
+
+WORLD = 4
+LAYOUTS = [
+    ParallelLayout(tp=2, dp=2),
+    ParallelLayout(pp=2, dp=2),
+    ParallelLayout(tp=2, pp=2),
+    ParallelLayout(pp=2, dp=2, first_stage_layers=1),  # uneven: 1 + 3 layers
+    ParallelLayout(pp=2, dp=2, last_stage_layers=1),  # uneven: 3 + 1 layers
+    ParallelLayout(pp=2, vpp=2, dp=2),
+]
+FAMILIES = {
+    "llama": ("llama", {}),
+    "llama-tied": ("llama", {"tie_word_embeddings": True}),
+    "qwen2": ("qwen2", {}),
+    "qwen3": ("qwen3", {}),
+}
+
+
+def _module(folder: Path, family: str, name: str) -> Path:
+    path = folder / f"{name}.py"
+    source = compile_target(name, testing.ROOT / testing.FAMILY_SPECS[family], folder / "config.json", "local", "test")
+    path.write_text(source)
+    return path
+
+
+@pytest.fixture(scope="module")
+def outcome(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Everything the tests below check, run in a single spawn."""
+    root = tmp_path_factory.mktemp("distributed")
+    tasks: list[tuple[Any, tuple[Any, ...]]] = []
+    labels: list[str] = []
+    cases: dict[str, tuple[Path, Path]] = {}
+    for label, (family, overrides) in FAMILIES.items():
+        folder = root / label
+        testing.save_tiny_model(family, folder, num_hidden_layers=4, **overrides)
+        module = _module(folder, family, label.replace("-", "_"))
+        cases[label] = (folder, module)
+        for layout in LAYOUTS:
+            tasks.append((run_job, (Job(str(module), str(folder), layout),)))
+            labels.append(f"verify {label} {layout}")
+
+    llama_dir, llama_module = cases["llama"]
+    for bucket_bytes in (1, 2**30):
+        tasks.append((dist_tasks.count_collectives, (str(llama_module), str(llama_dir), ParallelLayout(tp=2, pp=2), bucket_bytes)))
+        labels.append(f"count {bucket_bytes}")
+
+    bad = _bad_inputs(root, llama_dir, llama_module)
+    for name, (hf_dir, layout, model_module) in bad.items():
+        tasks.append((dist_tasks.expect_error, (str(llama_module), str(hf_dir), layout, model_module)))
+        labels.append(f"bad {name}")
+
+    tied_dir, tied_module = cases["llama-tied"]
+    for name, fail_on in (("saved", None), ("interrupted", 2)):
+        tasks.append((dist_tasks.save, (str(tied_module), str(tied_dir), ParallelLayout(tp=2, pp=2), str(root / name), fail_on)))
+        labels.append(f"save {name}")
+
+    results = spawn(tasks, WORLD)
+    return {"root": root, "cases": cases, "by_label": {label: [results[r][i] for r in range(WORLD)] for i, label in enumerate(labels)}}
+
+
+def _bad_inputs(root: Path, good: Path, module: Path) -> dict[str, tuple[Path, ParallelLayout, str | None]]:
+    def copy(name: str) -> Path:
+        target = root / f"bad_{name}"
+        shutil.copytree(good, target)
+        return target
+
+    tensors = load_file(good / "model.safetensors")
+    missing = copy("missing")
+    save_file({k: v for k, v in tensors.items() if k != "model.layers.2.mlp.up_proj.weight"}, missing / "model.safetensors")
+    wrong = copy("shape")
+    save_file({**tensors, "model.layers.1.self_attn.o_proj.weight": torch.zeros(64, 32)}, wrong / "model.safetensors")
+    truncated = copy("truncated")
+    data = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(data[: len(data) - 1000])
+
+    other = root / "other_config"
+    testing.save_tiny_model("llama", other, num_hidden_layers=2, intermediate_size=128)
+    other_module = _module(other, "llama", "other")
+    tp2 = ParallelLayout(tp=2, pp=2)
+    return {
+        "missing-tensor": (missing, tp2, None),
+        "wrong-shape": (wrong, tp2, None),
+        "truncated-shard": (truncated, tp2, None),
+        "module-for-another-config": (good, tp2, str(other_module)),
+        "tp-does-not-divide-heads": (good, ParallelLayout(tp=4), None),
+    }
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("layout", LAYOUTS, ids=str)
+def test_logits_match_transformers_and_export_is_bit_exact(outcome: dict[str, Any], family: str, layout: ParallelLayout) -> None:
+    results = outcome["by_label"][f"verify {family} {layout}"]
+    for result in results:
+        assert result.error is None, result.error
+    rank0 = results[0]
+    assert rank0.tensors == len(load_file(outcome["cases"][family][0] / "model.safetensors"))
+    assert rank0.bit_exact == rank0.tensors, rank0.mismatched
+    assert rank0.max_logit_diff <= 1e-5
+    assert rank0.ok
+
+
+def test_no_object_collectives_and_bucketed_counts(outcome: dict[str, Any]) -> None:
+    per_tensor = outcome["by_label"]["count 1"]
+    bucketed = outcome["by_label"]["count 1073741824"]
+    for result in per_tensor + bucketed:
+        for phase in ("import", "export"):
+            for name in dist_tasks.OBJECT_COLLECTIVES:
+                assert result["counts"].get(phase, {}).get(name, 0) == 0, (phase, name)
+        # import: only the one agreement all_gather before any weight is written
+        assert result["counts"]["import"] == {"all_gather": 1, "all_gather_bytes": result["counts"]["import"]["all_gather_bytes"]}
+        assert result["exported"] == result["tensors"]
+    one_bucket = bucketed[0]["counts"]["export"]
+    many = per_tensor[0]["counts"]["export"]
+    # with one bucket per pipeline stage: 2 broadcasts (one per stage) and far fewer gathers
+    assert one_bucket["broadcast"] == 2
+    assert many["broadcast"] > one_bucket["broadcast"]
+    assert many["all_gather"] > one_bucket["all_gather"]
+
+
+BAD_EXPECTED = {
+    "missing-tensor": "missing tensor 'model.layers.2.mlp.up_proj.weight'",
+    "wrong-shape": "tensor 'model.layers.1.self_attn.o_proj.weight' has shape [64, 32], llama expects [64, 64]",
+    "truncated-shard": "truncated:",
+    "module-for-another-config": "the model has 2 decoder layers, llama has 4",
+    "tp-does-not-divide-heads": "TP size 4 does not divide the 2 query groups (KV heads) of llama",
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_EXPECTED))
+def test_bad_input_is_the_same_clear_error_on_every_rank(outcome: dict[str, Any], case: str) -> None:
+    results = outcome["by_label"][f"bad {case}"]
+    messages = [message for message, _ in results]
+    assert all(message is not None for message in messages), messages
+    assert len(set(messages)) == 1, messages  # the same report on every rank
+    assert BAD_EXPECTED[case] in messages[0]
+    assert "ranks 0,1,2,3" in messages[0] or "rank 0" in messages[0]
+    assert "Traceback" not in messages[0]
+
+
+def test_saved_checkpoint_reloads_in_transformers_with_identical_logits(outcome: dict[str, Any]) -> None:
+    import transformers
+
+    assert outcome["by_label"]["save saved"] == [None] * WORLD
+    saved = outcome["root"] / "saved"
+    original_dir = outcome["cases"]["llama-tied"][0]
+    files = sorted(p.name for p in saved.iterdir())
+    assert "model.safetensors.index.json" in files and "config.json" in files
+    assert sum(name.endswith(".safetensors") for name in files) > 1  # sharded
+    original = transformers.AutoModelForCausalLM.from_pretrained(original_dir, dtype=torch.float32).eval()
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(saved, dtype=torch.float32).eval()
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(testing.hf_logits(original, ids), testing.hf_logits(reloaded, ids))
+
+
+def test_interrupted_save_leaves_nothing_behind(outcome: dict[str, Any]) -> None:
+    errors = outcome["by_label"]["save interrupted"]
+    assert all(e is not None and "disk full (simulated)" in e for e in errors), errors
+    root: Path = outcome["root"]
+    assert not (root / "interrupted").exists()
+    assert not list(root.glob(".interrupted.partial-*"))
