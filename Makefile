@@ -2,7 +2,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: build check test typecheck clean
+.PHONY: build check test typecheck verify-standins bench clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -18,8 +18,22 @@ check: $(VENV)/.installed  ## fail with a diff if generated/ is stale
 test: $(VENV)/.installed  ## the whole test suite
 	$(PY) -m pytest -q
 
+TARGETS := llama3_2_1b llama3_1_8b llama3_1_70b qwen2_5_7b qwen3_8b
+LAYOUTS := "--tp 2 --dp 2" "--pp 2 --dp 2" "--tp 2 --pp 2" "--pp 2 --dp 2 --first-stage-layers 1" "--pp 2 --vpp 2 --dp 2"
+STANDINS := .standins
+
+verify-standins: $(VENV)/.installed  ## every target's tiny stand-in through `mapgen verify` at each layout
+	set -e; for t in $(TARGETS); do \
+	  rm -rf $(STANDINS)/$$t; $(VENV)/bin/mapgen standin specs/configs/$$t.json $(STANDINS)/$$t; \
+	  for l in $(LAYOUTS); do $(VENV)/bin/mapgen verify generated/$$t.py $(STANDINS)/$$t $$l; done; \
+	done
+
+bench: $(VENV)/.installed  ## conversion speed and build figures
+	$(PY) benchmarks/conversion.py --json benchmarks/conversion.json
+	$(PY) benchmarks/build_figures.py --json benchmarks/build_figures.json
+
 typecheck: $(VENV)/.installed
 	$(PY) -m mypy --strict mapgen generated
 
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache
+	rm -rf $(VENV) .mypy_cache .pytest_cache $(STANDINS)

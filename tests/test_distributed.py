@@ -1,8 +1,10 @@
-"""TP/PP/VPP/DP conversion on CPU over gloo, in one spawn of 4 processes: logits against
-transformers, export bit-exact, collective counts, bad input on every rank, save and reload."""
+"""TP/PP/VPP/DP conversion on CPU over gloo, in one spawn of 4 processes: tiny stand-ins of
+every checked-in target, logits against transformers, export bit-exact, collective counts, bad
+input on every rank, save and reload."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -12,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mapgen import testing
-from mapgen.build import compile_target
+from mapgen.build import compile_target, read_targets
 from mapgen.megatron_model import ParallelLayout
 from mapgen.verify import Job, run_job, spawn
 
@@ -27,17 +29,13 @@ LAYOUTS = [
     ParallelLayout(pp=2, dp=2, last_stage_layers=1),  # uneven: 3 + 1 layers
     ParallelLayout(pp=2, vpp=2, dp=2),
 ]
-FAMILIES = {
-    "llama": ("llama", {}),
-    "llama-tied": ("llama", {"tie_word_embeddings": True}),
-    "qwen2": ("qwen2", {}),
-    "qwen3": ("qwen3", {}),
-}
+# every checked-in target, through a tiny stand-in of its own config (mapgen standin)
+TARGETS = {entry.name: entry for entry in read_targets(testing.ROOT)}
 
 
-def _module(folder: Path, family: str, name: str) -> Path:
+def _module(folder: Path, spec: str, name: str) -> Path:
     path = folder / f"{name}.py"
-    source = compile_target(name, testing.ROOT / testing.FAMILY_SPECS[family], folder / "config.json", "local", "test")
+    source = compile_target(name, testing.ROOT / spec, folder / "config.json", "local", "test")
     path.write_text(source)
     return path
 
@@ -49,16 +47,16 @@ def outcome(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     tasks: list[tuple[Any, tuple[Any, ...]]] = []
     labels: list[str] = []
     cases: dict[str, tuple[Path, Path]] = {}
-    for label, (family, overrides) in FAMILIES.items():
+    for label, entry in TARGETS.items():
         folder = root / label
-        testing.save_tiny_model(family, folder, num_hidden_layers=4, **overrides)
-        module = _module(folder, family, label.replace("-", "_"))
+        testing.save_standin(json.loads((testing.ROOT / entry.config).read_text()), folder)
+        module = _module(folder, entry.spec, label)
         cases[label] = (folder, module)
         for layout in LAYOUTS:
             tasks.append((run_job, (Job(str(module), str(folder), layout),)))
             labels.append(f"verify {label} {layout}")
 
-    llama_dir, llama_module = cases["llama"]
+    llama_dir, llama_module = cases["llama3_1_8b"]
     for bucket_bytes in (1, 2**30):
         tasks.append((dist_tasks.count_collectives, (str(llama_module), str(llama_dir), ParallelLayout(tp=2, pp=2), bucket_bytes)))
         labels.append(f"count {bucket_bytes}")
@@ -68,7 +66,7 @@ def outcome(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         tasks.append((dist_tasks.expect_error, (str(llama_module), str(hf_dir), layout, model_module)))
         labels.append(f"bad {name}")
 
-    tied_dir, tied_module = cases["llama-tied"]
+    tied_dir, tied_module = cases["llama3_2_1b"]
     for name, fail_on in (("saved", None), ("interrupted", 2)):
         tasks.append((dist_tasks.save, (str(tied_module), str(tied_dir), ParallelLayout(tp=2, pp=2), str(root / name), fail_on)))
         labels.append(f"save {name}")
@@ -94,7 +92,7 @@ def _bad_inputs(root: Path, good: Path, module: Path) -> dict[str, tuple[Path, P
 
     other = root / "other_config"
     testing.save_tiny_model("llama", other, num_hidden_layers=2, intermediate_size=128)
-    other_module = _module(other, "llama", "other")
+    other_module = _module(other, "specs/llama.yaml", "other")
     tp2 = ParallelLayout(tp=2, pp=2)
     return {
         "missing-tensor": (missing, tp2, None),
@@ -105,7 +103,7 @@ def _bad_inputs(root: Path, good: Path, module: Path) -> dict[str, tuple[Path, P
     }
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", list(TARGETS))
 @pytest.mark.parametrize("layout", LAYOUTS, ids=str)
 def test_logits_match_transformers_and_export_is_bit_exact(outcome: dict[str, Any], family: str, layout: ParallelLayout) -> None:
     results = outcome["by_label"][f"verify {family} {layout}"]
@@ -138,10 +136,10 @@ def test_no_object_collectives_and_bucketed_counts(outcome: dict[str, Any]) -> N
 
 BAD_EXPECTED = {
     "missing-tensor": "missing tensor 'model.layers.2.mlp.up_proj.weight'",
-    "wrong-shape": "tensor 'model.layers.1.self_attn.o_proj.weight' has shape [64, 32], llama expects [64, 64]",
+    "wrong-shape": "tensor 'model.layers.1.self_attn.o_proj.weight' has shape [64, 32], llama3_1_8b expects [64, 64]",
     "truncated-shard": "truncated:",
-    "module-for-another-config": "the model has 2 decoder layers, llama has 4",
-    "tp-does-not-divide-heads": "TP size 4 does not divide the 2 query groups (KV heads) of llama",
+    "module-for-another-config": "the model has 2 decoder layers, llama3_1_8b has 4",
+    "tp-does-not-divide-heads": "TP size 4 does not divide the 2 query groups (KV heads) of llama3_1_8b",
 }
 
 
@@ -161,7 +159,7 @@ def test_saved_checkpoint_reloads_in_transformers_with_identical_logits(outcome:
 
     assert outcome["by_label"]["save saved"] == [None] * WORLD
     saved = outcome["root"] / "saved"
-    original_dir = outcome["cases"]["llama-tied"][0]
+    original_dir = outcome["cases"]["llama3_2_1b"][0]
     files = sorted(p.name for p in saved.iterdir())
     assert "model.safetensors.index.json" in files and "config.json" in files
     assert sum(name.endswith(".safetensors") for name in files) > 1  # sharded

@@ -1,0 +1,116 @@
+"""Import and export seconds, and collective counts per export, of a many-layer Llama with tiny
+tensors (so that per-parameter overhead dominates), at TP1, TP2 and PP2 on CPU/gloo.
+
+Run: .venv/bin/python benchmarks/conversion.py [--layers 64 256] [--json out.json]
+Each layout runs in 2 spawned processes (TP1 is then two data-parallel replicas); a time is the
+slowest rank's, best of --repeat runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from mapgen import testing  # noqa: E402
+from mapgen.build import compile_target  # noqa: E402
+from mapgen.megatron_model import ParallelLayout, build_model_chunks, initialize_parallel_state  # noqa: E402
+from mapgen.runtime import ParallelContext  # noqa: E402
+from mapgen.runtime.drivers import DEFAULT_BUCKET_BYTES, export_hf_tensors, load_hf_checkpoint  # noqa: E402
+from mapgen.verify import spawn  # noqa: E402
+
+COUNTED = ("all_gather", "broadcast", "all_reduce", "all_gather_object", "broadcast_object_list")
+
+
+def measure(module_path: str, hf_dir: str, layout: ParallelLayout, repeat: int, bucket_bytes: int) -> dict[str, Any]:
+    module = testing.import_module_from_path(Path(module_path), f"bench_{Path(module_path).stem}")
+    initialize_parallel_state(layout)
+    testing.prepare_cpu_megatron()
+    chunks = build_model_chunks(module.DIMS, layout, params_dtype=torch.float32)
+    ctx = ParallelContext.from_parallel_state()
+    timings: dict[str, float] = {"import_s": float("inf"), "export_s": float("inf")}
+    for _ in range(repeat):
+        dist.barrier()
+        started = time.perf_counter()
+        load_hf_checkpoint(module, chunks, hf_dir, ctx)
+        timings["import_s"] = min(timings["import_s"], time.perf_counter() - started)
+        dist.barrier()
+        started = time.perf_counter()
+        for _name, _tensor in export_hf_tensors(module, chunks, ctx, bucket_bytes=bucket_bytes):
+            pass
+        timings["export_s"] = min(timings["export_s"], time.perf_counter() - started)
+    counts: dict[str, int] = {}
+    originals = {name: getattr(dist, name) for name in COUNTED}
+
+    def counter(name: str) -> Any:
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            counts[name] = counts.get(name, 0) + 1
+            tensor = args[1] if name == "all_gather" else args[0]
+            if isinstance(tensor, torch.Tensor):
+                counts["bytes"] = counts.get("bytes", 0) + tensor.numel() * tensor.element_size()
+            return originals[name](*args, **kwargs)
+        return counted
+
+    for name in COUNTED:
+        setattr(dist, name, counter(name))
+    try:
+        exported = sum(1 for _ in export_hf_tensors(module, chunks, ctx, bucket_bytes=bucket_bytes))
+    finally:
+        for name, function in originals.items():
+            setattr(dist, name, function)
+    return timings | {"counts": counts, "tensors": exported, "params": len(module.PARAMS)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--layers", type=int, nargs="+", default=[64, 256])
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    layouts = {"TP1": ParallelLayout(dp=2), "TP2": ParallelLayout(tp=2), "PP2": ParallelLayout(pp=2)}
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        tasks = []
+        labels = []
+        for layers in args.layers:
+            hf_dir = Path(folder) / f"llama{layers}"
+            testing.save_tiny_model("llama", hf_dir, num_hidden_layers=layers, hidden_size=32,
+                                    intermediate_size=64, num_attention_heads=4, num_key_value_heads=2)
+            module = hf_dir / "mapping.py"
+            module.write_text(compile_target("mapping", ROOT / "specs/llama.yaml", hf_dir / "config.json", "local", "bench"))
+            for name, layout in layouts.items():
+                for bucket_bytes, bucket_name in ((DEFAULT_BUCKET_BYTES, "256MiB"), (1, "per-tensor")):
+                    tasks.append((measure, (str(module), str(hf_dir), layout, args.repeat, bucket_bytes)))
+                    labels.append((layers, name, bucket_name))
+        results = spawn(tasks, 2)
+    for index, (layers, name, bucket_name) in enumerate(labels):
+        per_rank = [results[rank][index] for rank in sorted(results)]
+        rows.append({
+            "layers": layers,
+            "layout": name,
+            "buckets": bucket_name,
+            "params": per_rank[0]["params"],
+            "import_s": round(max(r["import_s"] for r in per_rank), 4),
+            "export_s": round(max(r["export_s"] for r in per_rank), 4),
+            "export_collectives_rank0": per_rank[0]["counts"],
+        })
+    print(f"{'layers':>6} {'params':>6} {'layout':<6} {'buckets':<10} {'import s':>9} {'export s':>9}  export collectives (rank 0)")
+    for r in rows:
+        counts = ", ".join(f"{k} {v}" for k, v in sorted(r["export_collectives_rank0"].items()))
+        print(f"{r['layers']:>6} {r['params']:>6} {r['layout']:<6} {r['buckets']:<10} {r['import_s']:>9.4f} {r['export_s']:>9.4f}  {counts}")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
