@@ -50,9 +50,11 @@ DIMS: Final = ModelDims(
 )
 
 
-def import_embedding_word_embeddings_weight(ctx: ParallelContext, load: Loader) -> torch.Tensor:
+def import_embedding_word_embeddings_weight(
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """embedding.word_embeddings.weight <- model.embed_tokens.weight: auto -> column, specs/llama.yaml:29."""
-    return rt.column_import(ctx.tp, load("model.embed_tokens.weight"))
+    return rt.column_import(ctx.tp, load("model.embed_tokens.weight"), out=out)
 
 
 def export_embedding_word_embeddings_weight(
@@ -63,10 +65,10 @@ def export_embedding_word_embeddings_weight(
 
 
 def import_decoder_layers_0_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.0.self_attention.linear_qkv.layer_norm_weight <- model.layers.0.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.0.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.0.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_0_self_attention_linear_qkv_layer_norm_weight(
@@ -77,10 +79,10 @@ def export_decoder_layers_0_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_0_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.0.self_attention.linear_proj.weight <- model.layers.0.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.0.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.0.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_0_self_attention_linear_proj_weight(
@@ -91,7 +93,7 @@ def export_decoder_layers_0_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_0_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.0.self_attention.linear_qkv.weight <- model.layers.0.self_attn.q_proj.weight, model.layers.0.self_attn.k_proj.weight, model.layers.0.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -102,6 +104,7 @@ def import_decoder_layers_0_self_attention_linear_qkv_weight(
         heads=64,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -118,10 +121,10 @@ def export_decoder_layers_0_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_0_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.0.mlp.linear_fc1.layer_norm_weight <- model.layers.0.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.0.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.0.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_0_mlp_linear_fc1_layer_norm_weight(
@@ -132,13 +135,14 @@ def export_decoder_layers_0_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_0_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.0.mlp.linear_fc1.weight <- model.layers.0.mlp.gate_proj.weight, model.layers.0.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.0.mlp.gate_proj.weight"),
         load("model.layers.0.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -151,10 +155,10 @@ def export_decoder_layers_0_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_0_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.0.mlp.linear_fc2.weight <- model.layers.0.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.0.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.0.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_0_mlp_linear_fc2_weight(
@@ -165,10 +169,10 @@ def export_decoder_layers_0_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_1_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.1.self_attention.linear_qkv.layer_norm_weight <- model.layers.1.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.1.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.1.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_1_self_attention_linear_qkv_layer_norm_weight(
@@ -179,10 +183,10 @@ def export_decoder_layers_1_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_1_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.1.self_attention.linear_proj.weight <- model.layers.1.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.1.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.1.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_1_self_attention_linear_proj_weight(
@@ -193,7 +197,7 @@ def export_decoder_layers_1_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_1_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.1.self_attention.linear_qkv.weight <- model.layers.1.self_attn.q_proj.weight, model.layers.1.self_attn.k_proj.weight, model.layers.1.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -204,6 +208,7 @@ def import_decoder_layers_1_self_attention_linear_qkv_weight(
         heads=64,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -220,10 +225,10 @@ def export_decoder_layers_1_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_1_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.1.mlp.linear_fc1.layer_norm_weight <- model.layers.1.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.1.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.1.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_1_mlp_linear_fc1_layer_norm_weight(
@@ -234,13 +239,14 @@ def export_decoder_layers_1_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_1_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.1.mlp.linear_fc1.weight <- model.layers.1.mlp.gate_proj.weight, model.layers.1.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.1.mlp.gate_proj.weight"),
         load("model.layers.1.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -253,10 +259,10 @@ def export_decoder_layers_1_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_1_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.1.mlp.linear_fc2.weight <- model.layers.1.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.1.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.1.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_1_mlp_linear_fc2_weight(
@@ -267,10 +273,10 @@ def export_decoder_layers_1_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_2_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.2.self_attention.linear_qkv.layer_norm_weight <- model.layers.2.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.2.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.2.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_2_self_attention_linear_qkv_layer_norm_weight(
@@ -281,10 +287,10 @@ def export_decoder_layers_2_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_2_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.2.self_attention.linear_proj.weight <- model.layers.2.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.2.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.2.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_2_self_attention_linear_proj_weight(
@@ -295,7 +301,7 @@ def export_decoder_layers_2_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_2_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.2.self_attention.linear_qkv.weight <- model.layers.2.self_attn.q_proj.weight, model.layers.2.self_attn.k_proj.weight, model.layers.2.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -306,6 +312,7 @@ def import_decoder_layers_2_self_attention_linear_qkv_weight(
         heads=64,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -322,10 +329,10 @@ def export_decoder_layers_2_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_2_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.2.mlp.linear_fc1.layer_norm_weight <- model.layers.2.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.2.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.2.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_2_mlp_linear_fc1_layer_norm_weight(
@@ -336,13 +343,14 @@ def export_decoder_layers_2_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_2_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.2.mlp.linear_fc1.weight <- model.layers.2.mlp.gate_proj.weight, model.layers.2.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.2.mlp.gate_proj.weight"),
         load("model.layers.2.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -355,10 +363,10 @@ def export_decoder_layers_2_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_2_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.2.mlp.linear_fc2.weight <- model.layers.2.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.2.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.2.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_2_mlp_linear_fc2_weight(
@@ -369,10 +377,10 @@ def export_decoder_layers_2_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_3_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.3.self_attention.linear_qkv.layer_norm_weight <- model.layers.3.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.3.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.3.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_3_self_attention_linear_qkv_layer_norm_weight(
@@ -383,10 +391,10 @@ def export_decoder_layers_3_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_3_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.3.self_attention.linear_proj.weight <- model.layers.3.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.3.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.3.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_3_self_attention_linear_proj_weight(
@@ -397,7 +405,7 @@ def export_decoder_layers_3_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_3_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.3.self_attention.linear_qkv.weight <- model.layers.3.self_attn.q_proj.weight, model.layers.3.self_attn.k_proj.weight, model.layers.3.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -408,6 +416,7 @@ def import_decoder_layers_3_self_attention_linear_qkv_weight(
         heads=64,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -424,10 +433,10 @@ def export_decoder_layers_3_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_3_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.3.mlp.linear_fc1.layer_norm_weight <- model.layers.3.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.3.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.3.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_3_mlp_linear_fc1_layer_norm_weight(
@@ -438,13 +447,14 @@ def export_decoder_layers_3_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_3_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.3.mlp.linear_fc1.weight <- model.layers.3.mlp.gate_proj.weight, model.layers.3.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.3.mlp.gate_proj.weight"),
         load("model.layers.3.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -457,10 +467,10 @@ def export_decoder_layers_3_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_3_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.3.mlp.linear_fc2.weight <- model.layers.3.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.3.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.3.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_3_mlp_linear_fc2_weight(
@@ -471,10 +481,10 @@ def export_decoder_layers_3_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_4_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.4.self_attention.linear_qkv.layer_norm_weight <- model.layers.4.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.4.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.4.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_4_self_attention_linear_qkv_layer_norm_weight(
@@ -485,10 +495,10 @@ def export_decoder_layers_4_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_4_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.4.self_attention.linear_proj.weight <- model.layers.4.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.4.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.4.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_4_self_attention_linear_proj_weight(
@@ -499,7 +509,7 @@ def export_decoder_layers_4_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_4_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.4.self_attention.linear_qkv.weight <- model.layers.4.self_attn.q_proj.weight, model.layers.4.self_attn.k_proj.weight, model.layers.4.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -510,6 +520,7 @@ def import_decoder_layers_4_self_attention_linear_qkv_weight(
         heads=64,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -526,10 +537,10 @@ def export_decoder_layers_4_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_4_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.4.mlp.linear_fc1.layer_norm_weight <- model.layers.4.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.4.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.4.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_4_mlp_linear_fc1_layer_norm_weight(
@@ -540,13 +551,14 @@ def export_decoder_layers_4_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_4_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.4.mlp.linear_fc1.weight <- model.layers.4.mlp.gate_proj.weight, model.layers.4.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.4.mlp.gate_proj.weight"),
         load("model.layers.4.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -559,10 +571,10 @@ def export_decoder_layers_4_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_4_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.4.mlp.linear_fc2.weight <- model.layers.4.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.4.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.4.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_4_mlp_linear_fc2_weight(
@@ -573,10 +585,10 @@ def export_decoder_layers_4_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_5_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.5.self_attention.linear_qkv.layer_norm_weight <- model.layers.5.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.5.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.5.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_5_self_attention_linear_qkv_layer_norm_weight(
@@ -587,10 +599,10 @@ def export_decoder_layers_5_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_5_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.5.self_attention.linear_proj.weight <- model.layers.5.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.5.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.5.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_5_self_attention_linear_proj_weight(
@@ -601,7 +613,7 @@ def export_decoder_layers_5_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_5_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.5.self_attention.linear_qkv.weight <- model.layers.5.self_attn.q_proj.weight, model.layers.5.self_attn.k_proj.weight, model.layers.5.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -612,6 +624,7 @@ def import_decoder_layers_5_self_attention_linear_qkv_weight(
         heads=64,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -628,10 +641,10 @@ def export_decoder_layers_5_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_5_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.5.mlp.linear_fc1.layer_norm_weight <- model.layers.5.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.5.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.5.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_5_mlp_linear_fc1_layer_norm_weight(
@@ -642,13 +655,14 @@ def export_decoder_layers_5_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_5_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.5.mlp.linear_fc1.weight <- model.layers.5.mlp.gate_proj.weight, model.layers.5.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.5.mlp.gate_proj.weight"),
         load("model.layers.5.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -661,10 +675,10 @@ def export_decoder_layers_5_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_5_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.5.mlp.linear_fc2.weight <- model.layers.5.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.5.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.5.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_5_mlp_linear_fc2_weight(
@@ -675,10 +689,10 @@ def export_decoder_layers_5_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_6_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.6.self_attention.linear_qkv.layer_norm_weight <- model.layers.6.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.6.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.6.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_6_self_attention_linear_qkv_layer_norm_weight(
@@ -689,10 +703,10 @@ def export_decoder_layers_6_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_6_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.6.self_attention.linear_proj.weight <- model.layers.6.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.6.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.6.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_6_self_attention_linear_proj_weight(
@@ -703,7 +717,7 @@ def export_decoder_layers_6_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_6_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.6.self_attention.linear_qkv.weight <- model.layers.6.self_attn.q_proj.weight, model.layers.6.self_attn.k_proj.weight, model.layers.6.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -714,6 +728,7 @@ def import_decoder_layers_6_self_attention_linear_qkv_weight(
         heads=64,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -730,10 +745,10 @@ def export_decoder_layers_6_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_6_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.6.mlp.linear_fc1.layer_norm_weight <- model.layers.6.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.6.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.6.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_6_mlp_linear_fc1_layer_norm_weight(
@@ -744,13 +759,14 @@ def export_decoder_layers_6_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_6_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.6.mlp.linear_fc1.weight <- model.layers.6.mlp.gate_proj.weight, model.layers.6.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.6.mlp.gate_proj.weight"),
         load("model.layers.6.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -763,10 +779,10 @@ def export_decoder_layers_6_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_6_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.6.mlp.linear_fc2.weight <- model.layers.6.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.6.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.6.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_6_mlp_linear_fc2_weight(
@@ -777,10 +793,10 @@ def export_decoder_layers_6_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_7_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.7.self_attention.linear_qkv.layer_norm_weight <- model.layers.7.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.7.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.7.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_7_self_attention_linear_qkv_layer_norm_weight(
@@ -791,10 +807,10 @@ def export_decoder_layers_7_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_7_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.7.self_attention.linear_proj.weight <- model.layers.7.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.7.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.7.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_7_self_attention_linear_proj_weight(
@@ -805,7 +821,7 @@ def export_decoder_layers_7_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_7_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.7.self_attention.linear_qkv.weight <- model.layers.7.self_attn.q_proj.weight, model.layers.7.self_attn.k_proj.weight, model.layers.7.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -816,6 +832,7 @@ def import_decoder_layers_7_self_attention_linear_qkv_weight(
         heads=64,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -832,10 +849,10 @@ def export_decoder_layers_7_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_7_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.7.mlp.linear_fc1.layer_norm_weight <- model.layers.7.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.7.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.7.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_7_mlp_linear_fc1_layer_norm_weight(
@@ -846,13 +863,14 @@ def export_decoder_layers_7_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_7_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.7.mlp.linear_fc1.weight <- model.layers.7.mlp.gate_proj.weight, model.layers.7.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.7.mlp.gate_proj.weight"),
         load("model.layers.7.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -865,10 +883,10 @@ def export_decoder_layers_7_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_7_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.7.mlp.linear_fc2.weight <- model.layers.7.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.7.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.7.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_7_mlp_linear_fc2_weight(
@@ -879,10 +897,10 @@ def export_decoder_layers_7_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_8_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.8.self_attention.linear_qkv.layer_norm_weight <- model.layers.8.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.8.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.8.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_8_self_attention_linear_qkv_layer_norm_weight(
@@ -893,10 +911,10 @@ def export_decoder_layers_8_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_8_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.8.self_attention.linear_proj.weight <- model.layers.8.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.8.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.8.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_8_self_attention_linear_proj_weight(
@@ -907,7 +925,7 @@ def export_decoder_layers_8_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_8_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.8.self_attention.linear_qkv.weight <- model.layers.8.self_attn.q_proj.weight, model.layers.8.self_attn.k_proj.weight, model.layers.8.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -918,6 +936,7 @@ def import_decoder_layers_8_self_attention_linear_qkv_weight(
         heads=64,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -934,10 +953,10 @@ def export_decoder_layers_8_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_8_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.8.mlp.linear_fc1.layer_norm_weight <- model.layers.8.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.8.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.8.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_8_mlp_linear_fc1_layer_norm_weight(
@@ -948,13 +967,14 @@ def export_decoder_layers_8_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_8_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.8.mlp.linear_fc1.weight <- model.layers.8.mlp.gate_proj.weight, model.layers.8.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.8.mlp.gate_proj.weight"),
         load("model.layers.8.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -967,10 +987,10 @@ def export_decoder_layers_8_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_8_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.8.mlp.linear_fc2.weight <- model.layers.8.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.8.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.8.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_8_mlp_linear_fc2_weight(
@@ -981,10 +1001,10 @@ def export_decoder_layers_8_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_9_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.9.self_attention.linear_qkv.layer_norm_weight <- model.layers.9.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.9.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.9.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_9_self_attention_linear_qkv_layer_norm_weight(
@@ -995,10 +1015,10 @@ def export_decoder_layers_9_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_9_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.9.self_attention.linear_proj.weight <- model.layers.9.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.9.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.9.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_9_self_attention_linear_proj_weight(
@@ -1009,7 +1029,7 @@ def export_decoder_layers_9_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_9_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.9.self_attention.linear_qkv.weight <- model.layers.9.self_attn.q_proj.weight, model.layers.9.self_attn.k_proj.weight, model.layers.9.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -1020,6 +1040,7 @@ def import_decoder_layers_9_self_attention_linear_qkv_weight(
         heads=64,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -1036,10 +1057,10 @@ def export_decoder_layers_9_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_9_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.9.mlp.linear_fc1.layer_norm_weight <- model.layers.9.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.9.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.9.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_9_mlp_linear_fc1_layer_norm_weight(
@@ -1050,13 +1071,14 @@ def export_decoder_layers_9_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_9_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.9.mlp.linear_fc1.weight <- model.layers.9.mlp.gate_proj.weight, model.layers.9.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.9.mlp.gate_proj.weight"),
         load("model.layers.9.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -1069,10 +1091,10 @@ def export_decoder_layers_9_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_9_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.9.mlp.linear_fc2.weight <- model.layers.9.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.9.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.9.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_9_mlp_linear_fc2_weight(
@@ -1083,10 +1105,10 @@ def export_decoder_layers_9_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_10_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.10.self_attention.linear_qkv.layer_norm_weight <- model.layers.10.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.10.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.10.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_10_self_attention_linear_qkv_layer_norm_weight(
@@ -1097,10 +1119,10 @@ def export_decoder_layers_10_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_10_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.10.self_attention.linear_proj.weight <- model.layers.10.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.10.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.10.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_10_self_attention_linear_proj_weight(
@@ -1111,7 +1133,7 @@ def export_decoder_layers_10_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_10_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.10.self_attention.linear_qkv.weight <- model.layers.10.self_attn.q_proj.weight, model.layers.10.self_attn.k_proj.weight, model.layers.10.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -1122,6 +1144,7 @@ def import_decoder_layers_10_self_attention_linear_qkv_weight(
         heads=64,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -1138,10 +1161,10 @@ def export_decoder_layers_10_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_10_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.10.mlp.linear_fc1.layer_norm_weight <- model.layers.10.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.10.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.10.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_10_mlp_linear_fc1_layer_norm_weight(
@@ -1152,13 +1175,14 @@ def export_decoder_layers_10_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_10_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.10.mlp.linear_fc1.weight <- model.layers.10.mlp.gate_proj.weight, model.layers.10.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.10.mlp.gate_proj.weight"),
         load("model.layers.10.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -1171,10 +1195,10 @@ def export_decoder_layers_10_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_10_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.10.mlp.linear_fc2.weight <- model.layers.10.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.10.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.10.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_10_mlp_linear_fc2_weight(
@@ -1185,10 +1209,10 @@ def export_decoder_layers_10_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_11_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.11.self_attention.linear_qkv.layer_norm_weight <- model.layers.11.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.11.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.11.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_11_self_attention_linear_qkv_layer_norm_weight(
@@ -1199,10 +1223,10 @@ def export_decoder_layers_11_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_11_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.11.self_attention.linear_proj.weight <- model.layers.11.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.11.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.11.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_11_self_attention_linear_proj_weight(
@@ -1213,7 +1237,7 @@ def export_decoder_layers_11_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_11_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.11.self_attention.linear_qkv.weight <- model.layers.11.self_attn.q_proj.weight, model.layers.11.self_attn.k_proj.weight, model.layers.11.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -1224,6 +1248,7 @@ def import_decoder_layers_11_self_attention_linear_qkv_weight(
         heads=64,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -1240,10 +1265,10 @@ def export_decoder_layers_11_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_11_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.11.mlp.linear_fc1.layer_norm_weight <- model.layers.11.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.11.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.11.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_11_mlp_linear_fc1_layer_norm_weight(
@@ -1254,13 +1279,14 @@ def export_decoder_layers_11_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_11_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.11.mlp.linear_fc1.weight <- model.layers.11.mlp.gate_proj.weight, model.layers.11.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.11.mlp.gate_proj.weight"),
         load("model.layers.11.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -1273,10 +1299,10 @@ def export_decoder_layers_11_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_11_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.11.mlp.linear_fc2.weight <- model.layers.11.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.11.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.11.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_11_mlp_linear_fc2_weight(
@@ -1287,10 +1313,10 @@ def export_decoder_layers_11_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_12_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.12.self_attention.linear_qkv.layer_norm_weight <- model.layers.12.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.12.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.12.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_12_self_attention_linear_qkv_layer_norm_weight(
@@ -1301,10 +1327,10 @@ def export_decoder_layers_12_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_12_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.12.self_attention.linear_proj.weight <- model.layers.12.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.12.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.12.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_12_self_attention_linear_proj_weight(
@@ -1315,7 +1341,7 @@ def export_decoder_layers_12_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_12_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.12.self_attention.linear_qkv.weight <- model.layers.12.self_attn.q_proj.weight, model.layers.12.self_attn.k_proj.weight, model.layers.12.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -1326,6 +1352,7 @@ def import_decoder_layers_12_self_attention_linear_qkv_weight(
         heads=64,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -1342,10 +1369,10 @@ def export_decoder_layers_12_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_12_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.12.mlp.linear_fc1.layer_norm_weight <- model.layers.12.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.12.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.12.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_12_mlp_linear_fc1_layer_norm_weight(
@@ -1356,13 +1383,14 @@ def export_decoder_layers_12_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_12_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.12.mlp.linear_fc1.weight <- model.layers.12.mlp.gate_proj.weight, model.layers.12.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.12.mlp.gate_proj.weight"),
         load("model.layers.12.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -1375,10 +1403,10 @@ def export_decoder_layers_12_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_12_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.12.mlp.linear_fc2.weight <- model.layers.12.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.12.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.12.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_12_mlp_linear_fc2_weight(
@@ -1389,10 +1417,10 @@ def export_decoder_layers_12_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_13_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.13.self_attention.linear_qkv.layer_norm_weight <- model.layers.13.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.13.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.13.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_13_self_attention_linear_qkv_layer_norm_weight(
@@ -1403,10 +1431,10 @@ def export_decoder_layers_13_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_13_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.13.self_attention.linear_proj.weight <- model.layers.13.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.13.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.13.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_13_self_attention_linear_proj_weight(
@@ -1417,7 +1445,7 @@ def export_decoder_layers_13_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_13_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.13.self_attention.linear_qkv.weight <- model.layers.13.self_attn.q_proj.weight, model.layers.13.self_attn.k_proj.weight, model.layers.13.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -1428,6 +1456,7 @@ def import_decoder_layers_13_self_attention_linear_qkv_weight(
         heads=64,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -1444,10 +1473,10 @@ def export_decoder_layers_13_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_13_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.13.mlp.linear_fc1.layer_norm_weight <- model.layers.13.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.13.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.13.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_13_mlp_linear_fc1_layer_norm_weight(
@@ -1458,13 +1487,14 @@ def export_decoder_layers_13_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_13_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.13.mlp.linear_fc1.weight <- model.layers.13.mlp.gate_proj.weight, model.layers.13.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.13.mlp.gate_proj.weight"),
         load("model.layers.13.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -1477,10 +1507,10 @@ def export_decoder_layers_13_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_13_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.13.mlp.linear_fc2.weight <- model.layers.13.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.13.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.13.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_13_mlp_linear_fc2_weight(
@@ -1491,10 +1521,10 @@ def export_decoder_layers_13_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_14_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.14.self_attention.linear_qkv.layer_norm_weight <- model.layers.14.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.14.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.14.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_14_self_attention_linear_qkv_layer_norm_weight(
@@ -1505,10 +1535,10 @@ def export_decoder_layers_14_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_14_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.14.self_attention.linear_proj.weight <- model.layers.14.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.14.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.14.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_14_self_attention_linear_proj_weight(
@@ -1519,7 +1549,7 @@ def export_decoder_layers_14_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_14_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.14.self_attention.linear_qkv.weight <- model.layers.14.self_attn.q_proj.weight, model.layers.14.self_attn.k_proj.weight, model.layers.14.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -1530,6 +1560,7 @@ def import_decoder_layers_14_self_attention_linear_qkv_weight(
         heads=64,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -1546,10 +1577,10 @@ def export_decoder_layers_14_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_14_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.14.mlp.linear_fc1.layer_norm_weight <- model.layers.14.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.14.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.14.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_14_mlp_linear_fc1_layer_norm_weight(
@@ -1560,13 +1591,14 @@ def export_decoder_layers_14_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_14_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.14.mlp.linear_fc1.weight <- model.layers.14.mlp.gate_proj.weight, model.layers.14.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.14.mlp.gate_proj.weight"),
         load("model.layers.14.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -1579,10 +1611,10 @@ def export_decoder_layers_14_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_14_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.14.mlp.linear_fc2.weight <- model.layers.14.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.14.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.14.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_14_mlp_linear_fc2_weight(
@@ -1593,10 +1625,10 @@ def export_decoder_layers_14_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_15_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.15.self_attention.linear_qkv.layer_norm_weight <- model.layers.15.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.15.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.15.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_15_self_attention_linear_qkv_layer_norm_weight(
@@ -1607,10 +1639,10 @@ def export_decoder_layers_15_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_15_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.15.self_attention.linear_proj.weight <- model.layers.15.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.15.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.15.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_15_self_attention_linear_proj_weight(
@@ -1621,7 +1653,7 @@ def export_decoder_layers_15_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_15_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.15.self_attention.linear_qkv.weight <- model.layers.15.self_attn.q_proj.weight, model.layers.15.self_attn.k_proj.weight, model.layers.15.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -1632,6 +1664,7 @@ def import_decoder_layers_15_self_attention_linear_qkv_weight(
         heads=64,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -1648,10 +1681,10 @@ def export_decoder_layers_15_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_15_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.15.mlp.linear_fc1.layer_norm_weight <- model.layers.15.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.15.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.15.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_15_mlp_linear_fc1_layer_norm_weight(
@@ -1662,13 +1695,14 @@ def export_decoder_layers_15_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_15_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.15.mlp.linear_fc1.weight <- model.layers.15.mlp.gate_proj.weight, model.layers.15.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.15.mlp.gate_proj.weight"),
         load("model.layers.15.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -1681,10 +1715,10 @@ def export_decoder_layers_15_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_15_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.15.mlp.linear_fc2.weight <- model.layers.15.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.15.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.15.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_15_mlp_linear_fc2_weight(
@@ -1695,10 +1729,10 @@ def export_decoder_layers_15_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_16_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.16.self_attention.linear_qkv.layer_norm_weight <- model.layers.16.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.16.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.16.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_16_self_attention_linear_qkv_layer_norm_weight(
@@ -1709,10 +1743,10 @@ def export_decoder_layers_16_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_16_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.16.self_attention.linear_proj.weight <- model.layers.16.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.16.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.16.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_16_self_attention_linear_proj_weight(
@@ -1723,7 +1757,7 @@ def export_decoder_layers_16_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_16_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.16.self_attention.linear_qkv.weight <- model.layers.16.self_attn.q_proj.weight, model.layers.16.self_attn.k_proj.weight, model.layers.16.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -1734,6 +1768,7 @@ def import_decoder_layers_16_self_attention_linear_qkv_weight(
         heads=64,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -1750,10 +1785,10 @@ def export_decoder_layers_16_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_16_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.16.mlp.linear_fc1.layer_norm_weight <- model.layers.16.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.16.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.16.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_16_mlp_linear_fc1_layer_norm_weight(
@@ -1764,13 +1799,14 @@ def export_decoder_layers_16_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_16_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.16.mlp.linear_fc1.weight <- model.layers.16.mlp.gate_proj.weight, model.layers.16.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.16.mlp.gate_proj.weight"),
         load("model.layers.16.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -1783,10 +1819,10 @@ def export_decoder_layers_16_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_16_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.16.mlp.linear_fc2.weight <- model.layers.16.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.16.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.16.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_16_mlp_linear_fc2_weight(
@@ -1797,10 +1833,10 @@ def export_decoder_layers_16_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_17_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.17.self_attention.linear_qkv.layer_norm_weight <- model.layers.17.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.17.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.17.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_17_self_attention_linear_qkv_layer_norm_weight(
@@ -1811,10 +1847,10 @@ def export_decoder_layers_17_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_17_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.17.self_attention.linear_proj.weight <- model.layers.17.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.17.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.17.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_17_self_attention_linear_proj_weight(
@@ -1825,7 +1861,7 @@ def export_decoder_layers_17_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_17_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.17.self_attention.linear_qkv.weight <- model.layers.17.self_attn.q_proj.weight, model.layers.17.self_attn.k_proj.weight, model.layers.17.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -1836,6 +1872,7 @@ def import_decoder_layers_17_self_attention_linear_qkv_weight(
         heads=64,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -1852,10 +1889,10 @@ def export_decoder_layers_17_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_17_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.17.mlp.linear_fc1.layer_norm_weight <- model.layers.17.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.17.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.17.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_17_mlp_linear_fc1_layer_norm_weight(
@@ -1866,13 +1903,14 @@ def export_decoder_layers_17_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_17_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.17.mlp.linear_fc1.weight <- model.layers.17.mlp.gate_proj.weight, model.layers.17.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.17.mlp.gate_proj.weight"),
         load("model.layers.17.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -1885,10 +1923,10 @@ def export_decoder_layers_17_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_17_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.17.mlp.linear_fc2.weight <- model.layers.17.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.17.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.17.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_17_mlp_linear_fc2_weight(
@@ -1899,10 +1937,10 @@ def export_decoder_layers_17_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_18_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.18.self_attention.linear_qkv.layer_norm_weight <- model.layers.18.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.18.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.18.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_18_self_attention_linear_qkv_layer_norm_weight(
@@ -1913,10 +1951,10 @@ def export_decoder_layers_18_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_18_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.18.self_attention.linear_proj.weight <- model.layers.18.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.18.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.18.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_18_self_attention_linear_proj_weight(
@@ -1927,7 +1965,7 @@ def export_decoder_layers_18_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_18_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.18.self_attention.linear_qkv.weight <- model.layers.18.self_attn.q_proj.weight, model.layers.18.self_attn.k_proj.weight, model.layers.18.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -1938,6 +1976,7 @@ def import_decoder_layers_18_self_attention_linear_qkv_weight(
         heads=64,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -1954,10 +1993,10 @@ def export_decoder_layers_18_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_18_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.18.mlp.linear_fc1.layer_norm_weight <- model.layers.18.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.18.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.18.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_18_mlp_linear_fc1_layer_norm_weight(
@@ -1968,13 +2007,14 @@ def export_decoder_layers_18_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_18_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.18.mlp.linear_fc1.weight <- model.layers.18.mlp.gate_proj.weight, model.layers.18.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.18.mlp.gate_proj.weight"),
         load("model.layers.18.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -1987,10 +2027,10 @@ def export_decoder_layers_18_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_18_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.18.mlp.linear_fc2.weight <- model.layers.18.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.18.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.18.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_18_mlp_linear_fc2_weight(
@@ -2001,10 +2041,10 @@ def export_decoder_layers_18_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_19_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.19.self_attention.linear_qkv.layer_norm_weight <- model.layers.19.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.19.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.19.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_19_self_attention_linear_qkv_layer_norm_weight(
@@ -2015,10 +2055,10 @@ def export_decoder_layers_19_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_19_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.19.self_attention.linear_proj.weight <- model.layers.19.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.19.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.19.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_19_self_attention_linear_proj_weight(
@@ -2029,7 +2069,7 @@ def export_decoder_layers_19_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_19_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.19.self_attention.linear_qkv.weight <- model.layers.19.self_attn.q_proj.weight, model.layers.19.self_attn.k_proj.weight, model.layers.19.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -2040,6 +2080,7 @@ def import_decoder_layers_19_self_attention_linear_qkv_weight(
         heads=64,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -2056,10 +2097,10 @@ def export_decoder_layers_19_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_19_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.19.mlp.linear_fc1.layer_norm_weight <- model.layers.19.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.19.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.19.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_19_mlp_linear_fc1_layer_norm_weight(
@@ -2070,13 +2111,14 @@ def export_decoder_layers_19_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_19_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.19.mlp.linear_fc1.weight <- model.layers.19.mlp.gate_proj.weight, model.layers.19.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.19.mlp.gate_proj.weight"),
         load("model.layers.19.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -2089,10 +2131,10 @@ def export_decoder_layers_19_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_19_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.19.mlp.linear_fc2.weight <- model.layers.19.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.19.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.19.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_19_mlp_linear_fc2_weight(
@@ -2103,10 +2145,10 @@ def export_decoder_layers_19_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_20_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.20.self_attention.linear_qkv.layer_norm_weight <- model.layers.20.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.20.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.20.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_20_self_attention_linear_qkv_layer_norm_weight(
@@ -2117,10 +2159,10 @@ def export_decoder_layers_20_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_20_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.20.self_attention.linear_proj.weight <- model.layers.20.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.20.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.20.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_20_self_attention_linear_proj_weight(
@@ -2131,7 +2173,7 @@ def export_decoder_layers_20_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_20_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.20.self_attention.linear_qkv.weight <- model.layers.20.self_attn.q_proj.weight, model.layers.20.self_attn.k_proj.weight, model.layers.20.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -2142,6 +2184,7 @@ def import_decoder_layers_20_self_attention_linear_qkv_weight(
         heads=64,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -2158,10 +2201,10 @@ def export_decoder_layers_20_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_20_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.20.mlp.linear_fc1.layer_norm_weight <- model.layers.20.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.20.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.20.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_20_mlp_linear_fc1_layer_norm_weight(
@@ -2172,13 +2215,14 @@ def export_decoder_layers_20_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_20_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.20.mlp.linear_fc1.weight <- model.layers.20.mlp.gate_proj.weight, model.layers.20.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.20.mlp.gate_proj.weight"),
         load("model.layers.20.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -2191,10 +2235,10 @@ def export_decoder_layers_20_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_20_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.20.mlp.linear_fc2.weight <- model.layers.20.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.20.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.20.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_20_mlp_linear_fc2_weight(
@@ -2205,10 +2249,10 @@ def export_decoder_layers_20_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_21_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.21.self_attention.linear_qkv.layer_norm_weight <- model.layers.21.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.21.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.21.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_21_self_attention_linear_qkv_layer_norm_weight(
@@ -2219,10 +2263,10 @@ def export_decoder_layers_21_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_21_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.21.self_attention.linear_proj.weight <- model.layers.21.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.21.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.21.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_21_self_attention_linear_proj_weight(
@@ -2233,7 +2277,7 @@ def export_decoder_layers_21_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_21_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.21.self_attention.linear_qkv.weight <- model.layers.21.self_attn.q_proj.weight, model.layers.21.self_attn.k_proj.weight, model.layers.21.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -2244,6 +2288,7 @@ def import_decoder_layers_21_self_attention_linear_qkv_weight(
         heads=64,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -2260,10 +2305,10 @@ def export_decoder_layers_21_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_21_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.21.mlp.linear_fc1.layer_norm_weight <- model.layers.21.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.21.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.21.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_21_mlp_linear_fc1_layer_norm_weight(
@@ -2274,13 +2319,14 @@ def export_decoder_layers_21_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_21_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.21.mlp.linear_fc1.weight <- model.layers.21.mlp.gate_proj.weight, model.layers.21.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.21.mlp.gate_proj.weight"),
         load("model.layers.21.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -2293,10 +2339,10 @@ def export_decoder_layers_21_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_21_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.21.mlp.linear_fc2.weight <- model.layers.21.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.21.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.21.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_21_mlp_linear_fc2_weight(
@@ -2307,10 +2353,10 @@ def export_decoder_layers_21_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_22_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.22.self_attention.linear_qkv.layer_norm_weight <- model.layers.22.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.22.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.22.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_22_self_attention_linear_qkv_layer_norm_weight(
@@ -2321,10 +2367,10 @@ def export_decoder_layers_22_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_22_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.22.self_attention.linear_proj.weight <- model.layers.22.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.22.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.22.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_22_self_attention_linear_proj_weight(
@@ -2335,7 +2381,7 @@ def export_decoder_layers_22_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_22_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.22.self_attention.linear_qkv.weight <- model.layers.22.self_attn.q_proj.weight, model.layers.22.self_attn.k_proj.weight, model.layers.22.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -2346,6 +2392,7 @@ def import_decoder_layers_22_self_attention_linear_qkv_weight(
         heads=64,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -2362,10 +2409,10 @@ def export_decoder_layers_22_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_22_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.22.mlp.linear_fc1.layer_norm_weight <- model.layers.22.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.22.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.22.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_22_mlp_linear_fc1_layer_norm_weight(
@@ -2376,13 +2423,14 @@ def export_decoder_layers_22_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_22_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.22.mlp.linear_fc1.weight <- model.layers.22.mlp.gate_proj.weight, model.layers.22.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.22.mlp.gate_proj.weight"),
         load("model.layers.22.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -2395,10 +2443,10 @@ def export_decoder_layers_22_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_22_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.22.mlp.linear_fc2.weight <- model.layers.22.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.22.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.22.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_22_mlp_linear_fc2_weight(
@@ -2409,10 +2457,10 @@ def export_decoder_layers_22_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_23_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.23.self_attention.linear_qkv.layer_norm_weight <- model.layers.23.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.23.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.23.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_23_self_attention_linear_qkv_layer_norm_weight(
@@ -2423,10 +2471,10 @@ def export_decoder_layers_23_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_23_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.23.self_attention.linear_proj.weight <- model.layers.23.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.23.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.23.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_23_self_attention_linear_proj_weight(
@@ -2437,7 +2485,7 @@ def export_decoder_layers_23_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_23_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.23.self_attention.linear_qkv.weight <- model.layers.23.self_attn.q_proj.weight, model.layers.23.self_attn.k_proj.weight, model.layers.23.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -2448,6 +2496,7 @@ def import_decoder_layers_23_self_attention_linear_qkv_weight(
         heads=64,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -2464,10 +2513,10 @@ def export_decoder_layers_23_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_23_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.23.mlp.linear_fc1.layer_norm_weight <- model.layers.23.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.23.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.23.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_23_mlp_linear_fc1_layer_norm_weight(
@@ -2478,13 +2527,14 @@ def export_decoder_layers_23_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_23_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.23.mlp.linear_fc1.weight <- model.layers.23.mlp.gate_proj.weight, model.layers.23.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.23.mlp.gate_proj.weight"),
         load("model.layers.23.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -2497,10 +2547,10 @@ def export_decoder_layers_23_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_23_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.23.mlp.linear_fc2.weight <- model.layers.23.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.23.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.23.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_23_mlp_linear_fc2_weight(
@@ -2511,10 +2561,10 @@ def export_decoder_layers_23_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_24_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.24.self_attention.linear_qkv.layer_norm_weight <- model.layers.24.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.24.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.24.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_24_self_attention_linear_qkv_layer_norm_weight(
@@ -2525,10 +2575,10 @@ def export_decoder_layers_24_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_24_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.24.self_attention.linear_proj.weight <- model.layers.24.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.24.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.24.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_24_self_attention_linear_proj_weight(
@@ -2539,7 +2589,7 @@ def export_decoder_layers_24_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_24_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.24.self_attention.linear_qkv.weight <- model.layers.24.self_attn.q_proj.weight, model.layers.24.self_attn.k_proj.weight, model.layers.24.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -2550,6 +2600,7 @@ def import_decoder_layers_24_self_attention_linear_qkv_weight(
         heads=64,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -2566,10 +2617,10 @@ def export_decoder_layers_24_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_24_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.24.mlp.linear_fc1.layer_norm_weight <- model.layers.24.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.24.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.24.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_24_mlp_linear_fc1_layer_norm_weight(
@@ -2580,13 +2631,14 @@ def export_decoder_layers_24_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_24_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.24.mlp.linear_fc1.weight <- model.layers.24.mlp.gate_proj.weight, model.layers.24.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.24.mlp.gate_proj.weight"),
         load("model.layers.24.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -2599,10 +2651,10 @@ def export_decoder_layers_24_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_24_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.24.mlp.linear_fc2.weight <- model.layers.24.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.24.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.24.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_24_mlp_linear_fc2_weight(
@@ -2613,10 +2665,10 @@ def export_decoder_layers_24_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_25_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.25.self_attention.linear_qkv.layer_norm_weight <- model.layers.25.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.25.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.25.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_25_self_attention_linear_qkv_layer_norm_weight(
@@ -2627,10 +2679,10 @@ def export_decoder_layers_25_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_25_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.25.self_attention.linear_proj.weight <- model.layers.25.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.25.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.25.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_25_self_attention_linear_proj_weight(
@@ -2641,7 +2693,7 @@ def export_decoder_layers_25_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_25_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.25.self_attention.linear_qkv.weight <- model.layers.25.self_attn.q_proj.weight, model.layers.25.self_attn.k_proj.weight, model.layers.25.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -2652,6 +2704,7 @@ def import_decoder_layers_25_self_attention_linear_qkv_weight(
         heads=64,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -2668,10 +2721,10 @@ def export_decoder_layers_25_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_25_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.25.mlp.linear_fc1.layer_norm_weight <- model.layers.25.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.25.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.25.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_25_mlp_linear_fc1_layer_norm_weight(
@@ -2682,13 +2735,14 @@ def export_decoder_layers_25_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_25_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.25.mlp.linear_fc1.weight <- model.layers.25.mlp.gate_proj.weight, model.layers.25.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.25.mlp.gate_proj.weight"),
         load("model.layers.25.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -2701,10 +2755,10 @@ def export_decoder_layers_25_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_25_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.25.mlp.linear_fc2.weight <- model.layers.25.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.25.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.25.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_25_mlp_linear_fc2_weight(
@@ -2715,10 +2769,10 @@ def export_decoder_layers_25_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_26_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.26.self_attention.linear_qkv.layer_norm_weight <- model.layers.26.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.26.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.26.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_26_self_attention_linear_qkv_layer_norm_weight(
@@ -2729,10 +2783,10 @@ def export_decoder_layers_26_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_26_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.26.self_attention.linear_proj.weight <- model.layers.26.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.26.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.26.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_26_self_attention_linear_proj_weight(
@@ -2743,7 +2797,7 @@ def export_decoder_layers_26_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_26_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.26.self_attention.linear_qkv.weight <- model.layers.26.self_attn.q_proj.weight, model.layers.26.self_attn.k_proj.weight, model.layers.26.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -2754,6 +2808,7 @@ def import_decoder_layers_26_self_attention_linear_qkv_weight(
         heads=64,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -2770,10 +2825,10 @@ def export_decoder_layers_26_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_26_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.26.mlp.linear_fc1.layer_norm_weight <- model.layers.26.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.26.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.26.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_26_mlp_linear_fc1_layer_norm_weight(
@@ -2784,13 +2839,14 @@ def export_decoder_layers_26_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_26_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.26.mlp.linear_fc1.weight <- model.layers.26.mlp.gate_proj.weight, model.layers.26.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.26.mlp.gate_proj.weight"),
         load("model.layers.26.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -2803,10 +2859,10 @@ def export_decoder_layers_26_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_26_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.26.mlp.linear_fc2.weight <- model.layers.26.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.26.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.26.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_26_mlp_linear_fc2_weight(
@@ -2817,10 +2873,10 @@ def export_decoder_layers_26_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_27_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.27.self_attention.linear_qkv.layer_norm_weight <- model.layers.27.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.27.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.27.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_27_self_attention_linear_qkv_layer_norm_weight(
@@ -2831,10 +2887,10 @@ def export_decoder_layers_27_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_27_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.27.self_attention.linear_proj.weight <- model.layers.27.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.27.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.27.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_27_self_attention_linear_proj_weight(
@@ -2845,7 +2901,7 @@ def export_decoder_layers_27_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_27_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.27.self_attention.linear_qkv.weight <- model.layers.27.self_attn.q_proj.weight, model.layers.27.self_attn.k_proj.weight, model.layers.27.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -2856,6 +2912,7 @@ def import_decoder_layers_27_self_attention_linear_qkv_weight(
         heads=64,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -2872,10 +2929,10 @@ def export_decoder_layers_27_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_27_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.27.mlp.linear_fc1.layer_norm_weight <- model.layers.27.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.27.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.27.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_27_mlp_linear_fc1_layer_norm_weight(
@@ -2886,13 +2943,14 @@ def export_decoder_layers_27_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_27_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.27.mlp.linear_fc1.weight <- model.layers.27.mlp.gate_proj.weight, model.layers.27.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.27.mlp.gate_proj.weight"),
         load("model.layers.27.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -2905,10 +2963,10 @@ def export_decoder_layers_27_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_27_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.27.mlp.linear_fc2.weight <- model.layers.27.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.27.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.27.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_27_mlp_linear_fc2_weight(
@@ -2919,10 +2977,10 @@ def export_decoder_layers_27_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_28_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.28.self_attention.linear_qkv.layer_norm_weight <- model.layers.28.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.28.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.28.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_28_self_attention_linear_qkv_layer_norm_weight(
@@ -2933,10 +2991,10 @@ def export_decoder_layers_28_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_28_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.28.self_attention.linear_proj.weight <- model.layers.28.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.28.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.28.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_28_self_attention_linear_proj_weight(
@@ -2947,7 +3005,7 @@ def export_decoder_layers_28_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_28_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.28.self_attention.linear_qkv.weight <- model.layers.28.self_attn.q_proj.weight, model.layers.28.self_attn.k_proj.weight, model.layers.28.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -2958,6 +3016,7 @@ def import_decoder_layers_28_self_attention_linear_qkv_weight(
         heads=64,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -2974,10 +3033,10 @@ def export_decoder_layers_28_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_28_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.28.mlp.linear_fc1.layer_norm_weight <- model.layers.28.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.28.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.28.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_28_mlp_linear_fc1_layer_norm_weight(
@@ -2988,13 +3047,14 @@ def export_decoder_layers_28_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_28_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.28.mlp.linear_fc1.weight <- model.layers.28.mlp.gate_proj.weight, model.layers.28.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.28.mlp.gate_proj.weight"),
         load("model.layers.28.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -3007,10 +3067,10 @@ def export_decoder_layers_28_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_28_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.28.mlp.linear_fc2.weight <- model.layers.28.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.28.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.28.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_28_mlp_linear_fc2_weight(
@@ -3021,10 +3081,10 @@ def export_decoder_layers_28_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_29_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.29.self_attention.linear_qkv.layer_norm_weight <- model.layers.29.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.29.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.29.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_29_self_attention_linear_qkv_layer_norm_weight(
@@ -3035,10 +3095,10 @@ def export_decoder_layers_29_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_29_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.29.self_attention.linear_proj.weight <- model.layers.29.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.29.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.29.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_29_self_attention_linear_proj_weight(
@@ -3049,7 +3109,7 @@ def export_decoder_layers_29_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_29_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.29.self_attention.linear_qkv.weight <- model.layers.29.self_attn.q_proj.weight, model.layers.29.self_attn.k_proj.weight, model.layers.29.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -3060,6 +3120,7 @@ def import_decoder_layers_29_self_attention_linear_qkv_weight(
         heads=64,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -3076,10 +3137,10 @@ def export_decoder_layers_29_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_29_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.29.mlp.linear_fc1.layer_norm_weight <- model.layers.29.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.29.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.29.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_29_mlp_linear_fc1_layer_norm_weight(
@@ -3090,13 +3151,14 @@ def export_decoder_layers_29_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_29_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.29.mlp.linear_fc1.weight <- model.layers.29.mlp.gate_proj.weight, model.layers.29.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.29.mlp.gate_proj.weight"),
         load("model.layers.29.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -3109,10 +3171,10 @@ def export_decoder_layers_29_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_29_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.29.mlp.linear_fc2.weight <- model.layers.29.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.29.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.29.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_29_mlp_linear_fc2_weight(
@@ -3123,10 +3185,10 @@ def export_decoder_layers_29_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_30_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.30.self_attention.linear_qkv.layer_norm_weight <- model.layers.30.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.30.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.30.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_30_self_attention_linear_qkv_layer_norm_weight(
@@ -3137,10 +3199,10 @@ def export_decoder_layers_30_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_30_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.30.self_attention.linear_proj.weight <- model.layers.30.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.30.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.30.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_30_self_attention_linear_proj_weight(
@@ -3151,7 +3213,7 @@ def export_decoder_layers_30_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_30_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.30.self_attention.linear_qkv.weight <- model.layers.30.self_attn.q_proj.weight, model.layers.30.self_attn.k_proj.weight, model.layers.30.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -3162,6 +3224,7 @@ def import_decoder_layers_30_self_attention_linear_qkv_weight(
         heads=64,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -3178,10 +3241,10 @@ def export_decoder_layers_30_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_30_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.30.mlp.linear_fc1.layer_norm_weight <- model.layers.30.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.30.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.30.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_30_mlp_linear_fc1_layer_norm_weight(
@@ -3192,13 +3255,14 @@ def export_decoder_layers_30_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_30_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.30.mlp.linear_fc1.weight <- model.layers.30.mlp.gate_proj.weight, model.layers.30.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.30.mlp.gate_proj.weight"),
         load("model.layers.30.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -3211,10 +3275,10 @@ def export_decoder_layers_30_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_30_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.30.mlp.linear_fc2.weight <- model.layers.30.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.30.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.30.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_30_mlp_linear_fc2_weight(
@@ -3225,10 +3289,10 @@ def export_decoder_layers_30_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_31_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.31.self_attention.linear_qkv.layer_norm_weight <- model.layers.31.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.31.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.31.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_31_self_attention_linear_qkv_layer_norm_weight(
@@ -3239,10 +3303,10 @@ def export_decoder_layers_31_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_31_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.31.self_attention.linear_proj.weight <- model.layers.31.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.31.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.31.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_31_self_attention_linear_proj_weight(
@@ -3253,7 +3317,7 @@ def export_decoder_layers_31_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_31_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.31.self_attention.linear_qkv.weight <- model.layers.31.self_attn.q_proj.weight, model.layers.31.self_attn.k_proj.weight, model.layers.31.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -3264,6 +3328,7 @@ def import_decoder_layers_31_self_attention_linear_qkv_weight(
         heads=64,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -3280,10 +3345,10 @@ def export_decoder_layers_31_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_31_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.31.mlp.linear_fc1.layer_norm_weight <- model.layers.31.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.31.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.31.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_31_mlp_linear_fc1_layer_norm_weight(
@@ -3294,13 +3359,14 @@ def export_decoder_layers_31_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_31_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.31.mlp.linear_fc1.weight <- model.layers.31.mlp.gate_proj.weight, model.layers.31.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.31.mlp.gate_proj.weight"),
         load("model.layers.31.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -3313,10 +3379,10 @@ def export_decoder_layers_31_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_31_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.31.mlp.linear_fc2.weight <- model.layers.31.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.31.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.31.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_31_mlp_linear_fc2_weight(
@@ -3327,10 +3393,10 @@ def export_decoder_layers_31_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_32_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.32.self_attention.linear_qkv.layer_norm_weight <- model.layers.32.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.32.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.32.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_32_self_attention_linear_qkv_layer_norm_weight(
@@ -3341,10 +3407,10 @@ def export_decoder_layers_32_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_32_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.32.self_attention.linear_proj.weight <- model.layers.32.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.32.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.32.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_32_self_attention_linear_proj_weight(
@@ -3355,7 +3421,7 @@ def export_decoder_layers_32_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_32_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.32.self_attention.linear_qkv.weight <- model.layers.32.self_attn.q_proj.weight, model.layers.32.self_attn.k_proj.weight, model.layers.32.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -3366,6 +3432,7 @@ def import_decoder_layers_32_self_attention_linear_qkv_weight(
         heads=64,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -3382,10 +3449,10 @@ def export_decoder_layers_32_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_32_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.32.mlp.linear_fc1.layer_norm_weight <- model.layers.32.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.32.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.32.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_32_mlp_linear_fc1_layer_norm_weight(
@@ -3396,13 +3463,14 @@ def export_decoder_layers_32_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_32_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.32.mlp.linear_fc1.weight <- model.layers.32.mlp.gate_proj.weight, model.layers.32.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.32.mlp.gate_proj.weight"),
         load("model.layers.32.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -3415,10 +3483,10 @@ def export_decoder_layers_32_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_32_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.32.mlp.linear_fc2.weight <- model.layers.32.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.32.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.32.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_32_mlp_linear_fc2_weight(
@@ -3429,10 +3497,10 @@ def export_decoder_layers_32_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_33_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.33.self_attention.linear_qkv.layer_norm_weight <- model.layers.33.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.33.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.33.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_33_self_attention_linear_qkv_layer_norm_weight(
@@ -3443,10 +3511,10 @@ def export_decoder_layers_33_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_33_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.33.self_attention.linear_proj.weight <- model.layers.33.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.33.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.33.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_33_self_attention_linear_proj_weight(
@@ -3457,7 +3525,7 @@ def export_decoder_layers_33_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_33_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.33.self_attention.linear_qkv.weight <- model.layers.33.self_attn.q_proj.weight, model.layers.33.self_attn.k_proj.weight, model.layers.33.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -3468,6 +3536,7 @@ def import_decoder_layers_33_self_attention_linear_qkv_weight(
         heads=64,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -3484,10 +3553,10 @@ def export_decoder_layers_33_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_33_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.33.mlp.linear_fc1.layer_norm_weight <- model.layers.33.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.33.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.33.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_33_mlp_linear_fc1_layer_norm_weight(
@@ -3498,13 +3567,14 @@ def export_decoder_layers_33_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_33_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.33.mlp.linear_fc1.weight <- model.layers.33.mlp.gate_proj.weight, model.layers.33.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.33.mlp.gate_proj.weight"),
         load("model.layers.33.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -3517,10 +3587,10 @@ def export_decoder_layers_33_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_33_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.33.mlp.linear_fc2.weight <- model.layers.33.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.33.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.33.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_33_mlp_linear_fc2_weight(
@@ -3531,10 +3601,10 @@ def export_decoder_layers_33_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_34_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.34.self_attention.linear_qkv.layer_norm_weight <- model.layers.34.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.34.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.34.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_34_self_attention_linear_qkv_layer_norm_weight(
@@ -3545,10 +3615,10 @@ def export_decoder_layers_34_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_34_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.34.self_attention.linear_proj.weight <- model.layers.34.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.34.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.34.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_34_self_attention_linear_proj_weight(
@@ -3559,7 +3629,7 @@ def export_decoder_layers_34_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_34_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.34.self_attention.linear_qkv.weight <- model.layers.34.self_attn.q_proj.weight, model.layers.34.self_attn.k_proj.weight, model.layers.34.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -3570,6 +3640,7 @@ def import_decoder_layers_34_self_attention_linear_qkv_weight(
         heads=64,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -3586,10 +3657,10 @@ def export_decoder_layers_34_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_34_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.34.mlp.linear_fc1.layer_norm_weight <- model.layers.34.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.34.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.34.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_34_mlp_linear_fc1_layer_norm_weight(
@@ -3600,13 +3671,14 @@ def export_decoder_layers_34_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_34_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.34.mlp.linear_fc1.weight <- model.layers.34.mlp.gate_proj.weight, model.layers.34.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.34.mlp.gate_proj.weight"),
         load("model.layers.34.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -3619,10 +3691,10 @@ def export_decoder_layers_34_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_34_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.34.mlp.linear_fc2.weight <- model.layers.34.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.34.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.34.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_34_mlp_linear_fc2_weight(
@@ -3633,10 +3705,10 @@ def export_decoder_layers_34_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_35_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.35.self_attention.linear_qkv.layer_norm_weight <- model.layers.35.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.35.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.35.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_35_self_attention_linear_qkv_layer_norm_weight(
@@ -3647,10 +3719,10 @@ def export_decoder_layers_35_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_35_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.35.self_attention.linear_proj.weight <- model.layers.35.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.35.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.35.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_35_self_attention_linear_proj_weight(
@@ -3661,7 +3733,7 @@ def export_decoder_layers_35_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_35_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.35.self_attention.linear_qkv.weight <- model.layers.35.self_attn.q_proj.weight, model.layers.35.self_attn.k_proj.weight, model.layers.35.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -3672,6 +3744,7 @@ def import_decoder_layers_35_self_attention_linear_qkv_weight(
         heads=64,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -3688,10 +3761,10 @@ def export_decoder_layers_35_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_35_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.35.mlp.linear_fc1.layer_norm_weight <- model.layers.35.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.35.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.35.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_35_mlp_linear_fc1_layer_norm_weight(
@@ -3702,13 +3775,14 @@ def export_decoder_layers_35_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_35_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.35.mlp.linear_fc1.weight <- model.layers.35.mlp.gate_proj.weight, model.layers.35.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.35.mlp.gate_proj.weight"),
         load("model.layers.35.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -3721,10 +3795,10 @@ def export_decoder_layers_35_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_35_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.35.mlp.linear_fc2.weight <- model.layers.35.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.35.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.35.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_35_mlp_linear_fc2_weight(
@@ -3735,10 +3809,10 @@ def export_decoder_layers_35_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_36_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.36.self_attention.linear_qkv.layer_norm_weight <- model.layers.36.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.36.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.36.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_36_self_attention_linear_qkv_layer_norm_weight(
@@ -3749,10 +3823,10 @@ def export_decoder_layers_36_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_36_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.36.self_attention.linear_proj.weight <- model.layers.36.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.36.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.36.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_36_self_attention_linear_proj_weight(
@@ -3763,7 +3837,7 @@ def export_decoder_layers_36_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_36_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.36.self_attention.linear_qkv.weight <- model.layers.36.self_attn.q_proj.weight, model.layers.36.self_attn.k_proj.weight, model.layers.36.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -3774,6 +3848,7 @@ def import_decoder_layers_36_self_attention_linear_qkv_weight(
         heads=64,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -3790,10 +3865,10 @@ def export_decoder_layers_36_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_36_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.36.mlp.linear_fc1.layer_norm_weight <- model.layers.36.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.36.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.36.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_36_mlp_linear_fc1_layer_norm_weight(
@@ -3804,13 +3879,14 @@ def export_decoder_layers_36_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_36_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.36.mlp.linear_fc1.weight <- model.layers.36.mlp.gate_proj.weight, model.layers.36.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.36.mlp.gate_proj.weight"),
         load("model.layers.36.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -3823,10 +3899,10 @@ def export_decoder_layers_36_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_36_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.36.mlp.linear_fc2.weight <- model.layers.36.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.36.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.36.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_36_mlp_linear_fc2_weight(
@@ -3837,10 +3913,10 @@ def export_decoder_layers_36_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_37_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.37.self_attention.linear_qkv.layer_norm_weight <- model.layers.37.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.37.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.37.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_37_self_attention_linear_qkv_layer_norm_weight(
@@ -3851,10 +3927,10 @@ def export_decoder_layers_37_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_37_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.37.self_attention.linear_proj.weight <- model.layers.37.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.37.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.37.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_37_self_attention_linear_proj_weight(
@@ -3865,7 +3941,7 @@ def export_decoder_layers_37_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_37_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.37.self_attention.linear_qkv.weight <- model.layers.37.self_attn.q_proj.weight, model.layers.37.self_attn.k_proj.weight, model.layers.37.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -3876,6 +3952,7 @@ def import_decoder_layers_37_self_attention_linear_qkv_weight(
         heads=64,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -3892,10 +3969,10 @@ def export_decoder_layers_37_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_37_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.37.mlp.linear_fc1.layer_norm_weight <- model.layers.37.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.37.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.37.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_37_mlp_linear_fc1_layer_norm_weight(
@@ -3906,13 +3983,14 @@ def export_decoder_layers_37_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_37_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.37.mlp.linear_fc1.weight <- model.layers.37.mlp.gate_proj.weight, model.layers.37.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.37.mlp.gate_proj.weight"),
         load("model.layers.37.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -3925,10 +4003,10 @@ def export_decoder_layers_37_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_37_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.37.mlp.linear_fc2.weight <- model.layers.37.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.37.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.37.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_37_mlp_linear_fc2_weight(
@@ -3939,10 +4017,10 @@ def export_decoder_layers_37_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_38_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.38.self_attention.linear_qkv.layer_norm_weight <- model.layers.38.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.38.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.38.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_38_self_attention_linear_qkv_layer_norm_weight(
@@ -3953,10 +4031,10 @@ def export_decoder_layers_38_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_38_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.38.self_attention.linear_proj.weight <- model.layers.38.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.38.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.38.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_38_self_attention_linear_proj_weight(
@@ -3967,7 +4045,7 @@ def export_decoder_layers_38_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_38_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.38.self_attention.linear_qkv.weight <- model.layers.38.self_attn.q_proj.weight, model.layers.38.self_attn.k_proj.weight, model.layers.38.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -3978,6 +4056,7 @@ def import_decoder_layers_38_self_attention_linear_qkv_weight(
         heads=64,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -3994,10 +4073,10 @@ def export_decoder_layers_38_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_38_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.38.mlp.linear_fc1.layer_norm_weight <- model.layers.38.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.38.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.38.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_38_mlp_linear_fc1_layer_norm_weight(
@@ -4008,13 +4087,14 @@ def export_decoder_layers_38_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_38_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.38.mlp.linear_fc1.weight <- model.layers.38.mlp.gate_proj.weight, model.layers.38.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.38.mlp.gate_proj.weight"),
         load("model.layers.38.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -4027,10 +4107,10 @@ def export_decoder_layers_38_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_38_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.38.mlp.linear_fc2.weight <- model.layers.38.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.38.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.38.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_38_mlp_linear_fc2_weight(
@@ -4041,10 +4121,10 @@ def export_decoder_layers_38_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_39_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.39.self_attention.linear_qkv.layer_norm_weight <- model.layers.39.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.39.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.39.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_39_self_attention_linear_qkv_layer_norm_weight(
@@ -4055,10 +4135,10 @@ def export_decoder_layers_39_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_39_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.39.self_attention.linear_proj.weight <- model.layers.39.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.39.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.39.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_39_self_attention_linear_proj_weight(
@@ -4069,7 +4149,7 @@ def export_decoder_layers_39_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_39_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.39.self_attention.linear_qkv.weight <- model.layers.39.self_attn.q_proj.weight, model.layers.39.self_attn.k_proj.weight, model.layers.39.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -4080,6 +4160,7 @@ def import_decoder_layers_39_self_attention_linear_qkv_weight(
         heads=64,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -4096,10 +4177,10 @@ def export_decoder_layers_39_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_39_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.39.mlp.linear_fc1.layer_norm_weight <- model.layers.39.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.39.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.39.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_39_mlp_linear_fc1_layer_norm_weight(
@@ -4110,13 +4191,14 @@ def export_decoder_layers_39_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_39_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.39.mlp.linear_fc1.weight <- model.layers.39.mlp.gate_proj.weight, model.layers.39.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.39.mlp.gate_proj.weight"),
         load("model.layers.39.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -4129,10 +4211,10 @@ def export_decoder_layers_39_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_39_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.39.mlp.linear_fc2.weight <- model.layers.39.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.39.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.39.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_39_mlp_linear_fc2_weight(
@@ -4143,10 +4225,10 @@ def export_decoder_layers_39_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_40_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.40.self_attention.linear_qkv.layer_norm_weight <- model.layers.40.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.40.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.40.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_40_self_attention_linear_qkv_layer_norm_weight(
@@ -4157,10 +4239,10 @@ def export_decoder_layers_40_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_40_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.40.self_attention.linear_proj.weight <- model.layers.40.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.40.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.40.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_40_self_attention_linear_proj_weight(
@@ -4171,7 +4253,7 @@ def export_decoder_layers_40_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_40_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.40.self_attention.linear_qkv.weight <- model.layers.40.self_attn.q_proj.weight, model.layers.40.self_attn.k_proj.weight, model.layers.40.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -4182,6 +4264,7 @@ def import_decoder_layers_40_self_attention_linear_qkv_weight(
         heads=64,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -4198,10 +4281,10 @@ def export_decoder_layers_40_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_40_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.40.mlp.linear_fc1.layer_norm_weight <- model.layers.40.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.40.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.40.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_40_mlp_linear_fc1_layer_norm_weight(
@@ -4212,13 +4295,14 @@ def export_decoder_layers_40_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_40_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.40.mlp.linear_fc1.weight <- model.layers.40.mlp.gate_proj.weight, model.layers.40.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.40.mlp.gate_proj.weight"),
         load("model.layers.40.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -4231,10 +4315,10 @@ def export_decoder_layers_40_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_40_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.40.mlp.linear_fc2.weight <- model.layers.40.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.40.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.40.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_40_mlp_linear_fc2_weight(
@@ -4245,10 +4329,10 @@ def export_decoder_layers_40_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_41_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.41.self_attention.linear_qkv.layer_norm_weight <- model.layers.41.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.41.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.41.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_41_self_attention_linear_qkv_layer_norm_weight(
@@ -4259,10 +4343,10 @@ def export_decoder_layers_41_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_41_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.41.self_attention.linear_proj.weight <- model.layers.41.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.41.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.41.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_41_self_attention_linear_proj_weight(
@@ -4273,7 +4357,7 @@ def export_decoder_layers_41_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_41_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.41.self_attention.linear_qkv.weight <- model.layers.41.self_attn.q_proj.weight, model.layers.41.self_attn.k_proj.weight, model.layers.41.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -4284,6 +4368,7 @@ def import_decoder_layers_41_self_attention_linear_qkv_weight(
         heads=64,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -4300,10 +4385,10 @@ def export_decoder_layers_41_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_41_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.41.mlp.linear_fc1.layer_norm_weight <- model.layers.41.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.41.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.41.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_41_mlp_linear_fc1_layer_norm_weight(
@@ -4314,13 +4399,14 @@ def export_decoder_layers_41_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_41_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.41.mlp.linear_fc1.weight <- model.layers.41.mlp.gate_proj.weight, model.layers.41.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.41.mlp.gate_proj.weight"),
         load("model.layers.41.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -4333,10 +4419,10 @@ def export_decoder_layers_41_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_41_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.41.mlp.linear_fc2.weight <- model.layers.41.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.41.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.41.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_41_mlp_linear_fc2_weight(
@@ -4347,10 +4433,10 @@ def export_decoder_layers_41_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_42_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.42.self_attention.linear_qkv.layer_norm_weight <- model.layers.42.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.42.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.42.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_42_self_attention_linear_qkv_layer_norm_weight(
@@ -4361,10 +4447,10 @@ def export_decoder_layers_42_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_42_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.42.self_attention.linear_proj.weight <- model.layers.42.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.42.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.42.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_42_self_attention_linear_proj_weight(
@@ -4375,7 +4461,7 @@ def export_decoder_layers_42_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_42_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.42.self_attention.linear_qkv.weight <- model.layers.42.self_attn.q_proj.weight, model.layers.42.self_attn.k_proj.weight, model.layers.42.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -4386,6 +4472,7 @@ def import_decoder_layers_42_self_attention_linear_qkv_weight(
         heads=64,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -4402,10 +4489,10 @@ def export_decoder_layers_42_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_42_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.42.mlp.linear_fc1.layer_norm_weight <- model.layers.42.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.42.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.42.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_42_mlp_linear_fc1_layer_norm_weight(
@@ -4416,13 +4503,14 @@ def export_decoder_layers_42_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_42_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.42.mlp.linear_fc1.weight <- model.layers.42.mlp.gate_proj.weight, model.layers.42.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.42.mlp.gate_proj.weight"),
         load("model.layers.42.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -4435,10 +4523,10 @@ def export_decoder_layers_42_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_42_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.42.mlp.linear_fc2.weight <- model.layers.42.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.42.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.42.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_42_mlp_linear_fc2_weight(
@@ -4449,10 +4537,10 @@ def export_decoder_layers_42_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_43_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.43.self_attention.linear_qkv.layer_norm_weight <- model.layers.43.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.43.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.43.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_43_self_attention_linear_qkv_layer_norm_weight(
@@ -4463,10 +4551,10 @@ def export_decoder_layers_43_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_43_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.43.self_attention.linear_proj.weight <- model.layers.43.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.43.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.43.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_43_self_attention_linear_proj_weight(
@@ -4477,7 +4565,7 @@ def export_decoder_layers_43_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_43_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.43.self_attention.linear_qkv.weight <- model.layers.43.self_attn.q_proj.weight, model.layers.43.self_attn.k_proj.weight, model.layers.43.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -4488,6 +4576,7 @@ def import_decoder_layers_43_self_attention_linear_qkv_weight(
         heads=64,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -4504,10 +4593,10 @@ def export_decoder_layers_43_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_43_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.43.mlp.linear_fc1.layer_norm_weight <- model.layers.43.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.43.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.43.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_43_mlp_linear_fc1_layer_norm_weight(
@@ -4518,13 +4607,14 @@ def export_decoder_layers_43_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_43_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.43.mlp.linear_fc1.weight <- model.layers.43.mlp.gate_proj.weight, model.layers.43.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.43.mlp.gate_proj.weight"),
         load("model.layers.43.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -4537,10 +4627,10 @@ def export_decoder_layers_43_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_43_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.43.mlp.linear_fc2.weight <- model.layers.43.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.43.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.43.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_43_mlp_linear_fc2_weight(
@@ -4551,10 +4641,10 @@ def export_decoder_layers_43_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_44_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.44.self_attention.linear_qkv.layer_norm_weight <- model.layers.44.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.44.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.44.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_44_self_attention_linear_qkv_layer_norm_weight(
@@ -4565,10 +4655,10 @@ def export_decoder_layers_44_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_44_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.44.self_attention.linear_proj.weight <- model.layers.44.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.44.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.44.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_44_self_attention_linear_proj_weight(
@@ -4579,7 +4669,7 @@ def export_decoder_layers_44_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_44_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.44.self_attention.linear_qkv.weight <- model.layers.44.self_attn.q_proj.weight, model.layers.44.self_attn.k_proj.weight, model.layers.44.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -4590,6 +4680,7 @@ def import_decoder_layers_44_self_attention_linear_qkv_weight(
         heads=64,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -4606,10 +4697,10 @@ def export_decoder_layers_44_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_44_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.44.mlp.linear_fc1.layer_norm_weight <- model.layers.44.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.44.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.44.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_44_mlp_linear_fc1_layer_norm_weight(
@@ -4620,13 +4711,14 @@ def export_decoder_layers_44_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_44_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.44.mlp.linear_fc1.weight <- model.layers.44.mlp.gate_proj.weight, model.layers.44.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.44.mlp.gate_proj.weight"),
         load("model.layers.44.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -4639,10 +4731,10 @@ def export_decoder_layers_44_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_44_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.44.mlp.linear_fc2.weight <- model.layers.44.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.44.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.44.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_44_mlp_linear_fc2_weight(
@@ -4653,10 +4745,10 @@ def export_decoder_layers_44_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_45_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.45.self_attention.linear_qkv.layer_norm_weight <- model.layers.45.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.45.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.45.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_45_self_attention_linear_qkv_layer_norm_weight(
@@ -4667,10 +4759,10 @@ def export_decoder_layers_45_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_45_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.45.self_attention.linear_proj.weight <- model.layers.45.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.45.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.45.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_45_self_attention_linear_proj_weight(
@@ -4681,7 +4773,7 @@ def export_decoder_layers_45_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_45_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.45.self_attention.linear_qkv.weight <- model.layers.45.self_attn.q_proj.weight, model.layers.45.self_attn.k_proj.weight, model.layers.45.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -4692,6 +4784,7 @@ def import_decoder_layers_45_self_attention_linear_qkv_weight(
         heads=64,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -4708,10 +4801,10 @@ def export_decoder_layers_45_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_45_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.45.mlp.linear_fc1.layer_norm_weight <- model.layers.45.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.45.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.45.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_45_mlp_linear_fc1_layer_norm_weight(
@@ -4722,13 +4815,14 @@ def export_decoder_layers_45_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_45_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.45.mlp.linear_fc1.weight <- model.layers.45.mlp.gate_proj.weight, model.layers.45.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.45.mlp.gate_proj.weight"),
         load("model.layers.45.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -4741,10 +4835,10 @@ def export_decoder_layers_45_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_45_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.45.mlp.linear_fc2.weight <- model.layers.45.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.45.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.45.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_45_mlp_linear_fc2_weight(
@@ -4755,10 +4849,10 @@ def export_decoder_layers_45_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_46_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.46.self_attention.linear_qkv.layer_norm_weight <- model.layers.46.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.46.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.46.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_46_self_attention_linear_qkv_layer_norm_weight(
@@ -4769,10 +4863,10 @@ def export_decoder_layers_46_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_46_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.46.self_attention.linear_proj.weight <- model.layers.46.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.46.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.46.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_46_self_attention_linear_proj_weight(
@@ -4783,7 +4877,7 @@ def export_decoder_layers_46_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_46_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.46.self_attention.linear_qkv.weight <- model.layers.46.self_attn.q_proj.weight, model.layers.46.self_attn.k_proj.weight, model.layers.46.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -4794,6 +4888,7 @@ def import_decoder_layers_46_self_attention_linear_qkv_weight(
         heads=64,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -4810,10 +4905,10 @@ def export_decoder_layers_46_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_46_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.46.mlp.linear_fc1.layer_norm_weight <- model.layers.46.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.46.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.46.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_46_mlp_linear_fc1_layer_norm_weight(
@@ -4824,13 +4919,14 @@ def export_decoder_layers_46_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_46_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.46.mlp.linear_fc1.weight <- model.layers.46.mlp.gate_proj.weight, model.layers.46.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.46.mlp.gate_proj.weight"),
         load("model.layers.46.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -4843,10 +4939,10 @@ def export_decoder_layers_46_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_46_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.46.mlp.linear_fc2.weight <- model.layers.46.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.46.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.46.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_46_mlp_linear_fc2_weight(
@@ -4857,10 +4953,10 @@ def export_decoder_layers_46_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_47_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.47.self_attention.linear_qkv.layer_norm_weight <- model.layers.47.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.47.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.47.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_47_self_attention_linear_qkv_layer_norm_weight(
@@ -4871,10 +4967,10 @@ def export_decoder_layers_47_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_47_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.47.self_attention.linear_proj.weight <- model.layers.47.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.47.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.47.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_47_self_attention_linear_proj_weight(
@@ -4885,7 +4981,7 @@ def export_decoder_layers_47_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_47_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.47.self_attention.linear_qkv.weight <- model.layers.47.self_attn.q_proj.weight, model.layers.47.self_attn.k_proj.weight, model.layers.47.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -4896,6 +4992,7 @@ def import_decoder_layers_47_self_attention_linear_qkv_weight(
         heads=64,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -4912,10 +5009,10 @@ def export_decoder_layers_47_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_47_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.47.mlp.linear_fc1.layer_norm_weight <- model.layers.47.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.47.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.47.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_47_mlp_linear_fc1_layer_norm_weight(
@@ -4926,13 +5023,14 @@ def export_decoder_layers_47_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_47_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.47.mlp.linear_fc1.weight <- model.layers.47.mlp.gate_proj.weight, model.layers.47.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.47.mlp.gate_proj.weight"),
         load("model.layers.47.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -4945,10 +5043,10 @@ def export_decoder_layers_47_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_47_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.47.mlp.linear_fc2.weight <- model.layers.47.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.47.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.47.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_47_mlp_linear_fc2_weight(
@@ -4959,10 +5057,10 @@ def export_decoder_layers_47_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_48_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.48.self_attention.linear_qkv.layer_norm_weight <- model.layers.48.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.48.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.48.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_48_self_attention_linear_qkv_layer_norm_weight(
@@ -4973,10 +5071,10 @@ def export_decoder_layers_48_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_48_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.48.self_attention.linear_proj.weight <- model.layers.48.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.48.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.48.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_48_self_attention_linear_proj_weight(
@@ -4987,7 +5085,7 @@ def export_decoder_layers_48_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_48_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.48.self_attention.linear_qkv.weight <- model.layers.48.self_attn.q_proj.weight, model.layers.48.self_attn.k_proj.weight, model.layers.48.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -4998,6 +5096,7 @@ def import_decoder_layers_48_self_attention_linear_qkv_weight(
         heads=64,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -5014,10 +5113,10 @@ def export_decoder_layers_48_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_48_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.48.mlp.linear_fc1.layer_norm_weight <- model.layers.48.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.48.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.48.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_48_mlp_linear_fc1_layer_norm_weight(
@@ -5028,13 +5127,14 @@ def export_decoder_layers_48_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_48_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.48.mlp.linear_fc1.weight <- model.layers.48.mlp.gate_proj.weight, model.layers.48.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.48.mlp.gate_proj.weight"),
         load("model.layers.48.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -5047,10 +5147,10 @@ def export_decoder_layers_48_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_48_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.48.mlp.linear_fc2.weight <- model.layers.48.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.48.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.48.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_48_mlp_linear_fc2_weight(
@@ -5061,10 +5161,10 @@ def export_decoder_layers_48_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_49_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.49.self_attention.linear_qkv.layer_norm_weight <- model.layers.49.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.49.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.49.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_49_self_attention_linear_qkv_layer_norm_weight(
@@ -5075,10 +5175,10 @@ def export_decoder_layers_49_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_49_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.49.self_attention.linear_proj.weight <- model.layers.49.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.49.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.49.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_49_self_attention_linear_proj_weight(
@@ -5089,7 +5189,7 @@ def export_decoder_layers_49_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_49_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.49.self_attention.linear_qkv.weight <- model.layers.49.self_attn.q_proj.weight, model.layers.49.self_attn.k_proj.weight, model.layers.49.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -5100,6 +5200,7 @@ def import_decoder_layers_49_self_attention_linear_qkv_weight(
         heads=64,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -5116,10 +5217,10 @@ def export_decoder_layers_49_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_49_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.49.mlp.linear_fc1.layer_norm_weight <- model.layers.49.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.49.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.49.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_49_mlp_linear_fc1_layer_norm_weight(
@@ -5130,13 +5231,14 @@ def export_decoder_layers_49_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_49_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.49.mlp.linear_fc1.weight <- model.layers.49.mlp.gate_proj.weight, model.layers.49.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.49.mlp.gate_proj.weight"),
         load("model.layers.49.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -5149,10 +5251,10 @@ def export_decoder_layers_49_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_49_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.49.mlp.linear_fc2.weight <- model.layers.49.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.49.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.49.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_49_mlp_linear_fc2_weight(
@@ -5163,10 +5265,10 @@ def export_decoder_layers_49_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_50_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.50.self_attention.linear_qkv.layer_norm_weight <- model.layers.50.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.50.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.50.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_50_self_attention_linear_qkv_layer_norm_weight(
@@ -5177,10 +5279,10 @@ def export_decoder_layers_50_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_50_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.50.self_attention.linear_proj.weight <- model.layers.50.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.50.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.50.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_50_self_attention_linear_proj_weight(
@@ -5191,7 +5293,7 @@ def export_decoder_layers_50_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_50_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.50.self_attention.linear_qkv.weight <- model.layers.50.self_attn.q_proj.weight, model.layers.50.self_attn.k_proj.weight, model.layers.50.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -5202,6 +5304,7 @@ def import_decoder_layers_50_self_attention_linear_qkv_weight(
         heads=64,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -5218,10 +5321,10 @@ def export_decoder_layers_50_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_50_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.50.mlp.linear_fc1.layer_norm_weight <- model.layers.50.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.50.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.50.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_50_mlp_linear_fc1_layer_norm_weight(
@@ -5232,13 +5335,14 @@ def export_decoder_layers_50_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_50_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.50.mlp.linear_fc1.weight <- model.layers.50.mlp.gate_proj.weight, model.layers.50.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.50.mlp.gate_proj.weight"),
         load("model.layers.50.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -5251,10 +5355,10 @@ def export_decoder_layers_50_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_50_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.50.mlp.linear_fc2.weight <- model.layers.50.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.50.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.50.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_50_mlp_linear_fc2_weight(
@@ -5265,10 +5369,10 @@ def export_decoder_layers_50_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_51_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.51.self_attention.linear_qkv.layer_norm_weight <- model.layers.51.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.51.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.51.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_51_self_attention_linear_qkv_layer_norm_weight(
@@ -5279,10 +5383,10 @@ def export_decoder_layers_51_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_51_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.51.self_attention.linear_proj.weight <- model.layers.51.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.51.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.51.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_51_self_attention_linear_proj_weight(
@@ -5293,7 +5397,7 @@ def export_decoder_layers_51_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_51_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.51.self_attention.linear_qkv.weight <- model.layers.51.self_attn.q_proj.weight, model.layers.51.self_attn.k_proj.weight, model.layers.51.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -5304,6 +5408,7 @@ def import_decoder_layers_51_self_attention_linear_qkv_weight(
         heads=64,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -5320,10 +5425,10 @@ def export_decoder_layers_51_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_51_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.51.mlp.linear_fc1.layer_norm_weight <- model.layers.51.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.51.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.51.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_51_mlp_linear_fc1_layer_norm_weight(
@@ -5334,13 +5439,14 @@ def export_decoder_layers_51_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_51_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.51.mlp.linear_fc1.weight <- model.layers.51.mlp.gate_proj.weight, model.layers.51.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.51.mlp.gate_proj.weight"),
         load("model.layers.51.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -5353,10 +5459,10 @@ def export_decoder_layers_51_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_51_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.51.mlp.linear_fc2.weight <- model.layers.51.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.51.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.51.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_51_mlp_linear_fc2_weight(
@@ -5367,10 +5473,10 @@ def export_decoder_layers_51_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_52_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.52.self_attention.linear_qkv.layer_norm_weight <- model.layers.52.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.52.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.52.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_52_self_attention_linear_qkv_layer_norm_weight(
@@ -5381,10 +5487,10 @@ def export_decoder_layers_52_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_52_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.52.self_attention.linear_proj.weight <- model.layers.52.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.52.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.52.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_52_self_attention_linear_proj_weight(
@@ -5395,7 +5501,7 @@ def export_decoder_layers_52_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_52_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.52.self_attention.linear_qkv.weight <- model.layers.52.self_attn.q_proj.weight, model.layers.52.self_attn.k_proj.weight, model.layers.52.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -5406,6 +5512,7 @@ def import_decoder_layers_52_self_attention_linear_qkv_weight(
         heads=64,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -5422,10 +5529,10 @@ def export_decoder_layers_52_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_52_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.52.mlp.linear_fc1.layer_norm_weight <- model.layers.52.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.52.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.52.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_52_mlp_linear_fc1_layer_norm_weight(
@@ -5436,13 +5543,14 @@ def export_decoder_layers_52_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_52_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.52.mlp.linear_fc1.weight <- model.layers.52.mlp.gate_proj.weight, model.layers.52.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.52.mlp.gate_proj.weight"),
         load("model.layers.52.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -5455,10 +5563,10 @@ def export_decoder_layers_52_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_52_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.52.mlp.linear_fc2.weight <- model.layers.52.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.52.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.52.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_52_mlp_linear_fc2_weight(
@@ -5469,10 +5577,10 @@ def export_decoder_layers_52_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_53_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.53.self_attention.linear_qkv.layer_norm_weight <- model.layers.53.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.53.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.53.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_53_self_attention_linear_qkv_layer_norm_weight(
@@ -5483,10 +5591,10 @@ def export_decoder_layers_53_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_53_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.53.self_attention.linear_proj.weight <- model.layers.53.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.53.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.53.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_53_self_attention_linear_proj_weight(
@@ -5497,7 +5605,7 @@ def export_decoder_layers_53_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_53_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.53.self_attention.linear_qkv.weight <- model.layers.53.self_attn.q_proj.weight, model.layers.53.self_attn.k_proj.weight, model.layers.53.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -5508,6 +5616,7 @@ def import_decoder_layers_53_self_attention_linear_qkv_weight(
         heads=64,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -5524,10 +5633,10 @@ def export_decoder_layers_53_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_53_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.53.mlp.linear_fc1.layer_norm_weight <- model.layers.53.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.53.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.53.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_53_mlp_linear_fc1_layer_norm_weight(
@@ -5538,13 +5647,14 @@ def export_decoder_layers_53_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_53_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.53.mlp.linear_fc1.weight <- model.layers.53.mlp.gate_proj.weight, model.layers.53.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.53.mlp.gate_proj.weight"),
         load("model.layers.53.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -5557,10 +5667,10 @@ def export_decoder_layers_53_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_53_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.53.mlp.linear_fc2.weight <- model.layers.53.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.53.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.53.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_53_mlp_linear_fc2_weight(
@@ -5571,10 +5681,10 @@ def export_decoder_layers_53_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_54_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.54.self_attention.linear_qkv.layer_norm_weight <- model.layers.54.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.54.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.54.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_54_self_attention_linear_qkv_layer_norm_weight(
@@ -5585,10 +5695,10 @@ def export_decoder_layers_54_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_54_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.54.self_attention.linear_proj.weight <- model.layers.54.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.54.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.54.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_54_self_attention_linear_proj_weight(
@@ -5599,7 +5709,7 @@ def export_decoder_layers_54_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_54_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.54.self_attention.linear_qkv.weight <- model.layers.54.self_attn.q_proj.weight, model.layers.54.self_attn.k_proj.weight, model.layers.54.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -5610,6 +5720,7 @@ def import_decoder_layers_54_self_attention_linear_qkv_weight(
         heads=64,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -5626,10 +5737,10 @@ def export_decoder_layers_54_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_54_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.54.mlp.linear_fc1.layer_norm_weight <- model.layers.54.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.54.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.54.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_54_mlp_linear_fc1_layer_norm_weight(
@@ -5640,13 +5751,14 @@ def export_decoder_layers_54_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_54_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.54.mlp.linear_fc1.weight <- model.layers.54.mlp.gate_proj.weight, model.layers.54.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.54.mlp.gate_proj.weight"),
         load("model.layers.54.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -5659,10 +5771,10 @@ def export_decoder_layers_54_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_54_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.54.mlp.linear_fc2.weight <- model.layers.54.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.54.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.54.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_54_mlp_linear_fc2_weight(
@@ -5673,10 +5785,10 @@ def export_decoder_layers_54_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_55_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.55.self_attention.linear_qkv.layer_norm_weight <- model.layers.55.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.55.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.55.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_55_self_attention_linear_qkv_layer_norm_weight(
@@ -5687,10 +5799,10 @@ def export_decoder_layers_55_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_55_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.55.self_attention.linear_proj.weight <- model.layers.55.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.55.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.55.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_55_self_attention_linear_proj_weight(
@@ -5701,7 +5813,7 @@ def export_decoder_layers_55_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_55_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.55.self_attention.linear_qkv.weight <- model.layers.55.self_attn.q_proj.weight, model.layers.55.self_attn.k_proj.weight, model.layers.55.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -5712,6 +5824,7 @@ def import_decoder_layers_55_self_attention_linear_qkv_weight(
         heads=64,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -5728,10 +5841,10 @@ def export_decoder_layers_55_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_55_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.55.mlp.linear_fc1.layer_norm_weight <- model.layers.55.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.55.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.55.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_55_mlp_linear_fc1_layer_norm_weight(
@@ -5742,13 +5855,14 @@ def export_decoder_layers_55_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_55_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.55.mlp.linear_fc1.weight <- model.layers.55.mlp.gate_proj.weight, model.layers.55.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.55.mlp.gate_proj.weight"),
         load("model.layers.55.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -5761,10 +5875,10 @@ def export_decoder_layers_55_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_55_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.55.mlp.linear_fc2.weight <- model.layers.55.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.55.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.55.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_55_mlp_linear_fc2_weight(
@@ -5775,10 +5889,10 @@ def export_decoder_layers_55_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_56_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.56.self_attention.linear_qkv.layer_norm_weight <- model.layers.56.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.56.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.56.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_56_self_attention_linear_qkv_layer_norm_weight(
@@ -5789,10 +5903,10 @@ def export_decoder_layers_56_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_56_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.56.self_attention.linear_proj.weight <- model.layers.56.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.56.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.56.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_56_self_attention_linear_proj_weight(
@@ -5803,7 +5917,7 @@ def export_decoder_layers_56_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_56_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.56.self_attention.linear_qkv.weight <- model.layers.56.self_attn.q_proj.weight, model.layers.56.self_attn.k_proj.weight, model.layers.56.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -5814,6 +5928,7 @@ def import_decoder_layers_56_self_attention_linear_qkv_weight(
         heads=64,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -5830,10 +5945,10 @@ def export_decoder_layers_56_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_56_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.56.mlp.linear_fc1.layer_norm_weight <- model.layers.56.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.56.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.56.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_56_mlp_linear_fc1_layer_norm_weight(
@@ -5844,13 +5959,14 @@ def export_decoder_layers_56_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_56_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.56.mlp.linear_fc1.weight <- model.layers.56.mlp.gate_proj.weight, model.layers.56.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.56.mlp.gate_proj.weight"),
         load("model.layers.56.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -5863,10 +5979,10 @@ def export_decoder_layers_56_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_56_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.56.mlp.linear_fc2.weight <- model.layers.56.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.56.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.56.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_56_mlp_linear_fc2_weight(
@@ -5877,10 +5993,10 @@ def export_decoder_layers_56_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_57_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.57.self_attention.linear_qkv.layer_norm_weight <- model.layers.57.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.57.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.57.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_57_self_attention_linear_qkv_layer_norm_weight(
@@ -5891,10 +6007,10 @@ def export_decoder_layers_57_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_57_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.57.self_attention.linear_proj.weight <- model.layers.57.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.57.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.57.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_57_self_attention_linear_proj_weight(
@@ -5905,7 +6021,7 @@ def export_decoder_layers_57_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_57_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.57.self_attention.linear_qkv.weight <- model.layers.57.self_attn.q_proj.weight, model.layers.57.self_attn.k_proj.weight, model.layers.57.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -5916,6 +6032,7 @@ def import_decoder_layers_57_self_attention_linear_qkv_weight(
         heads=64,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -5932,10 +6049,10 @@ def export_decoder_layers_57_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_57_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.57.mlp.linear_fc1.layer_norm_weight <- model.layers.57.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.57.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.57.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_57_mlp_linear_fc1_layer_norm_weight(
@@ -5946,13 +6063,14 @@ def export_decoder_layers_57_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_57_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.57.mlp.linear_fc1.weight <- model.layers.57.mlp.gate_proj.weight, model.layers.57.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.57.mlp.gate_proj.weight"),
         load("model.layers.57.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -5965,10 +6083,10 @@ def export_decoder_layers_57_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_57_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.57.mlp.linear_fc2.weight <- model.layers.57.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.57.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.57.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_57_mlp_linear_fc2_weight(
@@ -5979,10 +6097,10 @@ def export_decoder_layers_57_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_58_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.58.self_attention.linear_qkv.layer_norm_weight <- model.layers.58.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.58.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.58.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_58_self_attention_linear_qkv_layer_norm_weight(
@@ -5993,10 +6111,10 @@ def export_decoder_layers_58_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_58_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.58.self_attention.linear_proj.weight <- model.layers.58.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.58.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.58.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_58_self_attention_linear_proj_weight(
@@ -6007,7 +6125,7 @@ def export_decoder_layers_58_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_58_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.58.self_attention.linear_qkv.weight <- model.layers.58.self_attn.q_proj.weight, model.layers.58.self_attn.k_proj.weight, model.layers.58.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -6018,6 +6136,7 @@ def import_decoder_layers_58_self_attention_linear_qkv_weight(
         heads=64,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -6034,10 +6153,10 @@ def export_decoder_layers_58_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_58_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.58.mlp.linear_fc1.layer_norm_weight <- model.layers.58.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.58.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.58.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_58_mlp_linear_fc1_layer_norm_weight(
@@ -6048,13 +6167,14 @@ def export_decoder_layers_58_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_58_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.58.mlp.linear_fc1.weight <- model.layers.58.mlp.gate_proj.weight, model.layers.58.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.58.mlp.gate_proj.weight"),
         load("model.layers.58.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -6067,10 +6187,10 @@ def export_decoder_layers_58_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_58_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.58.mlp.linear_fc2.weight <- model.layers.58.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.58.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.58.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_58_mlp_linear_fc2_weight(
@@ -6081,10 +6201,10 @@ def export_decoder_layers_58_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_59_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.59.self_attention.linear_qkv.layer_norm_weight <- model.layers.59.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.59.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.59.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_59_self_attention_linear_qkv_layer_norm_weight(
@@ -6095,10 +6215,10 @@ def export_decoder_layers_59_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_59_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.59.self_attention.linear_proj.weight <- model.layers.59.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.59.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.59.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_59_self_attention_linear_proj_weight(
@@ -6109,7 +6229,7 @@ def export_decoder_layers_59_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_59_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.59.self_attention.linear_qkv.weight <- model.layers.59.self_attn.q_proj.weight, model.layers.59.self_attn.k_proj.weight, model.layers.59.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -6120,6 +6240,7 @@ def import_decoder_layers_59_self_attention_linear_qkv_weight(
         heads=64,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -6136,10 +6257,10 @@ def export_decoder_layers_59_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_59_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.59.mlp.linear_fc1.layer_norm_weight <- model.layers.59.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.59.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.59.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_59_mlp_linear_fc1_layer_norm_weight(
@@ -6150,13 +6271,14 @@ def export_decoder_layers_59_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_59_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.59.mlp.linear_fc1.weight <- model.layers.59.mlp.gate_proj.weight, model.layers.59.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.59.mlp.gate_proj.weight"),
         load("model.layers.59.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -6169,10 +6291,10 @@ def export_decoder_layers_59_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_59_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.59.mlp.linear_fc2.weight <- model.layers.59.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.59.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.59.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_59_mlp_linear_fc2_weight(
@@ -6183,10 +6305,10 @@ def export_decoder_layers_59_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_60_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.60.self_attention.linear_qkv.layer_norm_weight <- model.layers.60.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.60.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.60.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_60_self_attention_linear_qkv_layer_norm_weight(
@@ -6197,10 +6319,10 @@ def export_decoder_layers_60_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_60_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.60.self_attention.linear_proj.weight <- model.layers.60.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.60.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.60.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_60_self_attention_linear_proj_weight(
@@ -6211,7 +6333,7 @@ def export_decoder_layers_60_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_60_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.60.self_attention.linear_qkv.weight <- model.layers.60.self_attn.q_proj.weight, model.layers.60.self_attn.k_proj.weight, model.layers.60.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -6222,6 +6344,7 @@ def import_decoder_layers_60_self_attention_linear_qkv_weight(
         heads=64,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -6238,10 +6361,10 @@ def export_decoder_layers_60_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_60_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.60.mlp.linear_fc1.layer_norm_weight <- model.layers.60.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.60.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.60.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_60_mlp_linear_fc1_layer_norm_weight(
@@ -6252,13 +6375,14 @@ def export_decoder_layers_60_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_60_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.60.mlp.linear_fc1.weight <- model.layers.60.mlp.gate_proj.weight, model.layers.60.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.60.mlp.gate_proj.weight"),
         load("model.layers.60.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -6271,10 +6395,10 @@ def export_decoder_layers_60_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_60_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.60.mlp.linear_fc2.weight <- model.layers.60.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.60.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.60.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_60_mlp_linear_fc2_weight(
@@ -6285,10 +6409,10 @@ def export_decoder_layers_60_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_61_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.61.self_attention.linear_qkv.layer_norm_weight <- model.layers.61.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.61.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.61.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_61_self_attention_linear_qkv_layer_norm_weight(
@@ -6299,10 +6423,10 @@ def export_decoder_layers_61_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_61_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.61.self_attention.linear_proj.weight <- model.layers.61.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.61.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.61.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_61_self_attention_linear_proj_weight(
@@ -6313,7 +6437,7 @@ def export_decoder_layers_61_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_61_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.61.self_attention.linear_qkv.weight <- model.layers.61.self_attn.q_proj.weight, model.layers.61.self_attn.k_proj.weight, model.layers.61.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -6324,6 +6448,7 @@ def import_decoder_layers_61_self_attention_linear_qkv_weight(
         heads=64,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -6340,10 +6465,10 @@ def export_decoder_layers_61_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_61_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.61.mlp.linear_fc1.layer_norm_weight <- model.layers.61.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.61.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.61.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_61_mlp_linear_fc1_layer_norm_weight(
@@ -6354,13 +6479,14 @@ def export_decoder_layers_61_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_61_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.61.mlp.linear_fc1.weight <- model.layers.61.mlp.gate_proj.weight, model.layers.61.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.61.mlp.gate_proj.weight"),
         load("model.layers.61.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -6373,10 +6499,10 @@ def export_decoder_layers_61_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_61_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.61.mlp.linear_fc2.weight <- model.layers.61.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.61.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.61.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_61_mlp_linear_fc2_weight(
@@ -6387,10 +6513,10 @@ def export_decoder_layers_61_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_62_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.62.self_attention.linear_qkv.layer_norm_weight <- model.layers.62.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.62.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.62.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_62_self_attention_linear_qkv_layer_norm_weight(
@@ -6401,10 +6527,10 @@ def export_decoder_layers_62_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_62_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.62.self_attention.linear_proj.weight <- model.layers.62.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.62.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.62.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_62_self_attention_linear_proj_weight(
@@ -6415,7 +6541,7 @@ def export_decoder_layers_62_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_62_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.62.self_attention.linear_qkv.weight <- model.layers.62.self_attn.q_proj.weight, model.layers.62.self_attn.k_proj.weight, model.layers.62.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -6426,6 +6552,7 @@ def import_decoder_layers_62_self_attention_linear_qkv_weight(
         heads=64,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -6442,10 +6569,10 @@ def export_decoder_layers_62_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_62_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.62.mlp.linear_fc1.layer_norm_weight <- model.layers.62.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.62.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.62.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_62_mlp_linear_fc1_layer_norm_weight(
@@ -6456,13 +6583,14 @@ def export_decoder_layers_62_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_62_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.62.mlp.linear_fc1.weight <- model.layers.62.mlp.gate_proj.weight, model.layers.62.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.62.mlp.gate_proj.weight"),
         load("model.layers.62.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -6475,10 +6603,10 @@ def export_decoder_layers_62_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_62_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.62.mlp.linear_fc2.weight <- model.layers.62.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.62.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.62.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_62_mlp_linear_fc2_weight(
@@ -6489,10 +6617,10 @@ def export_decoder_layers_62_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_63_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.63.self_attention.linear_qkv.layer_norm_weight <- model.layers.63.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.63.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.63.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_63_self_attention_linear_qkv_layer_norm_weight(
@@ -6503,10 +6631,10 @@ def export_decoder_layers_63_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_63_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.63.self_attention.linear_proj.weight <- model.layers.63.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.63.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.63.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_63_self_attention_linear_proj_weight(
@@ -6517,7 +6645,7 @@ def export_decoder_layers_63_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_63_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.63.self_attention.linear_qkv.weight <- model.layers.63.self_attn.q_proj.weight, model.layers.63.self_attn.k_proj.weight, model.layers.63.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -6528,6 +6656,7 @@ def import_decoder_layers_63_self_attention_linear_qkv_weight(
         heads=64,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -6544,10 +6673,10 @@ def export_decoder_layers_63_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_63_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.63.mlp.linear_fc1.layer_norm_weight <- model.layers.63.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.63.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.63.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_63_mlp_linear_fc1_layer_norm_weight(
@@ -6558,13 +6687,14 @@ def export_decoder_layers_63_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_63_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.63.mlp.linear_fc1.weight <- model.layers.63.mlp.gate_proj.weight, model.layers.63.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.63.mlp.gate_proj.weight"),
         load("model.layers.63.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -6577,10 +6707,10 @@ def export_decoder_layers_63_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_63_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.63.mlp.linear_fc2.weight <- model.layers.63.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.63.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.63.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_63_mlp_linear_fc2_weight(
@@ -6591,10 +6721,10 @@ def export_decoder_layers_63_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_64_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.64.self_attention.linear_qkv.layer_norm_weight <- model.layers.64.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.64.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.64.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_64_self_attention_linear_qkv_layer_norm_weight(
@@ -6605,10 +6735,10 @@ def export_decoder_layers_64_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_64_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.64.self_attention.linear_proj.weight <- model.layers.64.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.64.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.64.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_64_self_attention_linear_proj_weight(
@@ -6619,7 +6749,7 @@ def export_decoder_layers_64_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_64_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.64.self_attention.linear_qkv.weight <- model.layers.64.self_attn.q_proj.weight, model.layers.64.self_attn.k_proj.weight, model.layers.64.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -6630,6 +6760,7 @@ def import_decoder_layers_64_self_attention_linear_qkv_weight(
         heads=64,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -6646,10 +6777,10 @@ def export_decoder_layers_64_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_64_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.64.mlp.linear_fc1.layer_norm_weight <- model.layers.64.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.64.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.64.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_64_mlp_linear_fc1_layer_norm_weight(
@@ -6660,13 +6791,14 @@ def export_decoder_layers_64_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_64_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.64.mlp.linear_fc1.weight <- model.layers.64.mlp.gate_proj.weight, model.layers.64.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.64.mlp.gate_proj.weight"),
         load("model.layers.64.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -6679,10 +6811,10 @@ def export_decoder_layers_64_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_64_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.64.mlp.linear_fc2.weight <- model.layers.64.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.64.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.64.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_64_mlp_linear_fc2_weight(
@@ -6693,10 +6825,10 @@ def export_decoder_layers_64_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_65_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.65.self_attention.linear_qkv.layer_norm_weight <- model.layers.65.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.65.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.65.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_65_self_attention_linear_qkv_layer_norm_weight(
@@ -6707,10 +6839,10 @@ def export_decoder_layers_65_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_65_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.65.self_attention.linear_proj.weight <- model.layers.65.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.65.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.65.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_65_self_attention_linear_proj_weight(
@@ -6721,7 +6853,7 @@ def export_decoder_layers_65_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_65_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.65.self_attention.linear_qkv.weight <- model.layers.65.self_attn.q_proj.weight, model.layers.65.self_attn.k_proj.weight, model.layers.65.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -6732,6 +6864,7 @@ def import_decoder_layers_65_self_attention_linear_qkv_weight(
         heads=64,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -6748,10 +6881,10 @@ def export_decoder_layers_65_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_65_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.65.mlp.linear_fc1.layer_norm_weight <- model.layers.65.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.65.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.65.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_65_mlp_linear_fc1_layer_norm_weight(
@@ -6762,13 +6895,14 @@ def export_decoder_layers_65_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_65_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.65.mlp.linear_fc1.weight <- model.layers.65.mlp.gate_proj.weight, model.layers.65.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.65.mlp.gate_proj.weight"),
         load("model.layers.65.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -6781,10 +6915,10 @@ def export_decoder_layers_65_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_65_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.65.mlp.linear_fc2.weight <- model.layers.65.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.65.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.65.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_65_mlp_linear_fc2_weight(
@@ -6795,10 +6929,10 @@ def export_decoder_layers_65_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_66_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.66.self_attention.linear_qkv.layer_norm_weight <- model.layers.66.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.66.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.66.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_66_self_attention_linear_qkv_layer_norm_weight(
@@ -6809,10 +6943,10 @@ def export_decoder_layers_66_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_66_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.66.self_attention.linear_proj.weight <- model.layers.66.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.66.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.66.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_66_self_attention_linear_proj_weight(
@@ -6823,7 +6957,7 @@ def export_decoder_layers_66_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_66_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.66.self_attention.linear_qkv.weight <- model.layers.66.self_attn.q_proj.weight, model.layers.66.self_attn.k_proj.weight, model.layers.66.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -6834,6 +6968,7 @@ def import_decoder_layers_66_self_attention_linear_qkv_weight(
         heads=64,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -6850,10 +6985,10 @@ def export_decoder_layers_66_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_66_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.66.mlp.linear_fc1.layer_norm_weight <- model.layers.66.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.66.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.66.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_66_mlp_linear_fc1_layer_norm_weight(
@@ -6864,13 +6999,14 @@ def export_decoder_layers_66_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_66_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.66.mlp.linear_fc1.weight <- model.layers.66.mlp.gate_proj.weight, model.layers.66.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.66.mlp.gate_proj.weight"),
         load("model.layers.66.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -6883,10 +7019,10 @@ def export_decoder_layers_66_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_66_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.66.mlp.linear_fc2.weight <- model.layers.66.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.66.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.66.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_66_mlp_linear_fc2_weight(
@@ -6897,10 +7033,10 @@ def export_decoder_layers_66_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_67_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.67.self_attention.linear_qkv.layer_norm_weight <- model.layers.67.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.67.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.67.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_67_self_attention_linear_qkv_layer_norm_weight(
@@ -6911,10 +7047,10 @@ def export_decoder_layers_67_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_67_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.67.self_attention.linear_proj.weight <- model.layers.67.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.67.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.67.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_67_self_attention_linear_proj_weight(
@@ -6925,7 +7061,7 @@ def export_decoder_layers_67_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_67_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.67.self_attention.linear_qkv.weight <- model.layers.67.self_attn.q_proj.weight, model.layers.67.self_attn.k_proj.weight, model.layers.67.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -6936,6 +7072,7 @@ def import_decoder_layers_67_self_attention_linear_qkv_weight(
         heads=64,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -6952,10 +7089,10 @@ def export_decoder_layers_67_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_67_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.67.mlp.linear_fc1.layer_norm_weight <- model.layers.67.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.67.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.67.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_67_mlp_linear_fc1_layer_norm_weight(
@@ -6966,13 +7103,14 @@ def export_decoder_layers_67_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_67_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.67.mlp.linear_fc1.weight <- model.layers.67.mlp.gate_proj.weight, model.layers.67.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.67.mlp.gate_proj.weight"),
         load("model.layers.67.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -6985,10 +7123,10 @@ def export_decoder_layers_67_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_67_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.67.mlp.linear_fc2.weight <- model.layers.67.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.67.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.67.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_67_mlp_linear_fc2_weight(
@@ -6999,10 +7137,10 @@ def export_decoder_layers_67_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_68_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.68.self_attention.linear_qkv.layer_norm_weight <- model.layers.68.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.68.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.68.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_68_self_attention_linear_qkv_layer_norm_weight(
@@ -7013,10 +7151,10 @@ def export_decoder_layers_68_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_68_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.68.self_attention.linear_proj.weight <- model.layers.68.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.68.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.68.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_68_self_attention_linear_proj_weight(
@@ -7027,7 +7165,7 @@ def export_decoder_layers_68_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_68_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.68.self_attention.linear_qkv.weight <- model.layers.68.self_attn.q_proj.weight, model.layers.68.self_attn.k_proj.weight, model.layers.68.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -7038,6 +7176,7 @@ def import_decoder_layers_68_self_attention_linear_qkv_weight(
         heads=64,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -7054,10 +7193,10 @@ def export_decoder_layers_68_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_68_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.68.mlp.linear_fc1.layer_norm_weight <- model.layers.68.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.68.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.68.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_68_mlp_linear_fc1_layer_norm_weight(
@@ -7068,13 +7207,14 @@ def export_decoder_layers_68_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_68_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.68.mlp.linear_fc1.weight <- model.layers.68.mlp.gate_proj.weight, model.layers.68.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.68.mlp.gate_proj.weight"),
         load("model.layers.68.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -7087,10 +7227,10 @@ def export_decoder_layers_68_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_68_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.68.mlp.linear_fc2.weight <- model.layers.68.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.68.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.68.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_68_mlp_linear_fc2_weight(
@@ -7101,10 +7241,10 @@ def export_decoder_layers_68_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_69_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.69.self_attention.linear_qkv.layer_norm_weight <- model.layers.69.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.69.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.69.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_69_self_attention_linear_qkv_layer_norm_weight(
@@ -7115,10 +7255,10 @@ def export_decoder_layers_69_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_69_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.69.self_attention.linear_proj.weight <- model.layers.69.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.69.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.69.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_69_self_attention_linear_proj_weight(
@@ -7129,7 +7269,7 @@ def export_decoder_layers_69_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_69_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.69.self_attention.linear_qkv.weight <- model.layers.69.self_attn.q_proj.weight, model.layers.69.self_attn.k_proj.weight, model.layers.69.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -7140,6 +7280,7 @@ def import_decoder_layers_69_self_attention_linear_qkv_weight(
         heads=64,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -7156,10 +7297,10 @@ def export_decoder_layers_69_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_69_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.69.mlp.linear_fc1.layer_norm_weight <- model.layers.69.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.69.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.69.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_69_mlp_linear_fc1_layer_norm_weight(
@@ -7170,13 +7311,14 @@ def export_decoder_layers_69_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_69_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.69.mlp.linear_fc1.weight <- model.layers.69.mlp.gate_proj.weight, model.layers.69.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.69.mlp.gate_proj.weight"),
         load("model.layers.69.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -7189,10 +7331,10 @@ def export_decoder_layers_69_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_69_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.69.mlp.linear_fc2.weight <- model.layers.69.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.69.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.69.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_69_mlp_linear_fc2_weight(
@@ -7203,10 +7345,10 @@ def export_decoder_layers_69_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_70_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.70.self_attention.linear_qkv.layer_norm_weight <- model.layers.70.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.70.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.70.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_70_self_attention_linear_qkv_layer_norm_weight(
@@ -7217,10 +7359,10 @@ def export_decoder_layers_70_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_70_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.70.self_attention.linear_proj.weight <- model.layers.70.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.70.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.70.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_70_self_attention_linear_proj_weight(
@@ -7231,7 +7373,7 @@ def export_decoder_layers_70_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_70_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.70.self_attention.linear_qkv.weight <- model.layers.70.self_attn.q_proj.weight, model.layers.70.self_attn.k_proj.weight, model.layers.70.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -7242,6 +7384,7 @@ def import_decoder_layers_70_self_attention_linear_qkv_weight(
         heads=64,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -7258,10 +7401,10 @@ def export_decoder_layers_70_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_70_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.70.mlp.linear_fc1.layer_norm_weight <- model.layers.70.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.70.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.70.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_70_mlp_linear_fc1_layer_norm_weight(
@@ -7272,13 +7415,14 @@ def export_decoder_layers_70_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_70_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.70.mlp.linear_fc1.weight <- model.layers.70.mlp.gate_proj.weight, model.layers.70.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.70.mlp.gate_proj.weight"),
         load("model.layers.70.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -7291,10 +7435,10 @@ def export_decoder_layers_70_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_70_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.70.mlp.linear_fc2.weight <- model.layers.70.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.70.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.70.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_70_mlp_linear_fc2_weight(
@@ -7305,10 +7449,10 @@ def export_decoder_layers_70_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_71_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.71.self_attention.linear_qkv.layer_norm_weight <- model.layers.71.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.71.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.71.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_71_self_attention_linear_qkv_layer_norm_weight(
@@ -7319,10 +7463,10 @@ def export_decoder_layers_71_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_71_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.71.self_attention.linear_proj.weight <- model.layers.71.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.71.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.71.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_71_self_attention_linear_proj_weight(
@@ -7333,7 +7477,7 @@ def export_decoder_layers_71_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_71_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.71.self_attention.linear_qkv.weight <- model.layers.71.self_attn.q_proj.weight, model.layers.71.self_attn.k_proj.weight, model.layers.71.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -7344,6 +7488,7 @@ def import_decoder_layers_71_self_attention_linear_qkv_weight(
         heads=64,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -7360,10 +7505,10 @@ def export_decoder_layers_71_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_71_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.71.mlp.linear_fc1.layer_norm_weight <- model.layers.71.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.71.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.71.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_71_mlp_linear_fc1_layer_norm_weight(
@@ -7374,13 +7519,14 @@ def export_decoder_layers_71_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_71_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.71.mlp.linear_fc1.weight <- model.layers.71.mlp.gate_proj.weight, model.layers.71.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.71.mlp.gate_proj.weight"),
         load("model.layers.71.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -7393,10 +7539,10 @@ def export_decoder_layers_71_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_71_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.71.mlp.linear_fc2.weight <- model.layers.71.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.71.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.71.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_71_mlp_linear_fc2_weight(
@@ -7407,10 +7553,10 @@ def export_decoder_layers_71_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_72_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.72.self_attention.linear_qkv.layer_norm_weight <- model.layers.72.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.72.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.72.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_72_self_attention_linear_qkv_layer_norm_weight(
@@ -7421,10 +7567,10 @@ def export_decoder_layers_72_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_72_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.72.self_attention.linear_proj.weight <- model.layers.72.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.72.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.72.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_72_self_attention_linear_proj_weight(
@@ -7435,7 +7581,7 @@ def export_decoder_layers_72_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_72_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.72.self_attention.linear_qkv.weight <- model.layers.72.self_attn.q_proj.weight, model.layers.72.self_attn.k_proj.weight, model.layers.72.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -7446,6 +7592,7 @@ def import_decoder_layers_72_self_attention_linear_qkv_weight(
         heads=64,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -7462,10 +7609,10 @@ def export_decoder_layers_72_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_72_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.72.mlp.linear_fc1.layer_norm_weight <- model.layers.72.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.72.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.72.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_72_mlp_linear_fc1_layer_norm_weight(
@@ -7476,13 +7623,14 @@ def export_decoder_layers_72_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_72_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.72.mlp.linear_fc1.weight <- model.layers.72.mlp.gate_proj.weight, model.layers.72.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.72.mlp.gate_proj.weight"),
         load("model.layers.72.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -7495,10 +7643,10 @@ def export_decoder_layers_72_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_72_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.72.mlp.linear_fc2.weight <- model.layers.72.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.72.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.72.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_72_mlp_linear_fc2_weight(
@@ -7509,10 +7657,10 @@ def export_decoder_layers_72_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_73_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.73.self_attention.linear_qkv.layer_norm_weight <- model.layers.73.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.73.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.73.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_73_self_attention_linear_qkv_layer_norm_weight(
@@ -7523,10 +7671,10 @@ def export_decoder_layers_73_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_73_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.73.self_attention.linear_proj.weight <- model.layers.73.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.73.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.73.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_73_self_attention_linear_proj_weight(
@@ -7537,7 +7685,7 @@ def export_decoder_layers_73_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_73_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.73.self_attention.linear_qkv.weight <- model.layers.73.self_attn.q_proj.weight, model.layers.73.self_attn.k_proj.weight, model.layers.73.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -7548,6 +7696,7 @@ def import_decoder_layers_73_self_attention_linear_qkv_weight(
         heads=64,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -7564,10 +7713,10 @@ def export_decoder_layers_73_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_73_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.73.mlp.linear_fc1.layer_norm_weight <- model.layers.73.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.73.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.73.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_73_mlp_linear_fc1_layer_norm_weight(
@@ -7578,13 +7727,14 @@ def export_decoder_layers_73_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_73_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.73.mlp.linear_fc1.weight <- model.layers.73.mlp.gate_proj.weight, model.layers.73.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.73.mlp.gate_proj.weight"),
         load("model.layers.73.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -7597,10 +7747,10 @@ def export_decoder_layers_73_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_73_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.73.mlp.linear_fc2.weight <- model.layers.73.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.73.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.73.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_73_mlp_linear_fc2_weight(
@@ -7611,10 +7761,10 @@ def export_decoder_layers_73_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_74_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.74.self_attention.linear_qkv.layer_norm_weight <- model.layers.74.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.74.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.74.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_74_self_attention_linear_qkv_layer_norm_weight(
@@ -7625,10 +7775,10 @@ def export_decoder_layers_74_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_74_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.74.self_attention.linear_proj.weight <- model.layers.74.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.74.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.74.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_74_self_attention_linear_proj_weight(
@@ -7639,7 +7789,7 @@ def export_decoder_layers_74_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_74_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.74.self_attention.linear_qkv.weight <- model.layers.74.self_attn.q_proj.weight, model.layers.74.self_attn.k_proj.weight, model.layers.74.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -7650,6 +7800,7 @@ def import_decoder_layers_74_self_attention_linear_qkv_weight(
         heads=64,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -7666,10 +7817,10 @@ def export_decoder_layers_74_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_74_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.74.mlp.linear_fc1.layer_norm_weight <- model.layers.74.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.74.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.74.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_74_mlp_linear_fc1_layer_norm_weight(
@@ -7680,13 +7831,14 @@ def export_decoder_layers_74_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_74_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.74.mlp.linear_fc1.weight <- model.layers.74.mlp.gate_proj.weight, model.layers.74.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.74.mlp.gate_proj.weight"),
         load("model.layers.74.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -7699,10 +7851,10 @@ def export_decoder_layers_74_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_74_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.74.mlp.linear_fc2.weight <- model.layers.74.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.74.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.74.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_74_mlp_linear_fc2_weight(
@@ -7713,10 +7865,10 @@ def export_decoder_layers_74_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_75_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.75.self_attention.linear_qkv.layer_norm_weight <- model.layers.75.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.75.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.75.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_75_self_attention_linear_qkv_layer_norm_weight(
@@ -7727,10 +7879,10 @@ def export_decoder_layers_75_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_75_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.75.self_attention.linear_proj.weight <- model.layers.75.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.75.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.75.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_75_self_attention_linear_proj_weight(
@@ -7741,7 +7893,7 @@ def export_decoder_layers_75_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_75_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.75.self_attention.linear_qkv.weight <- model.layers.75.self_attn.q_proj.weight, model.layers.75.self_attn.k_proj.weight, model.layers.75.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -7752,6 +7904,7 @@ def import_decoder_layers_75_self_attention_linear_qkv_weight(
         heads=64,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -7768,10 +7921,10 @@ def export_decoder_layers_75_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_75_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.75.mlp.linear_fc1.layer_norm_weight <- model.layers.75.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.75.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.75.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_75_mlp_linear_fc1_layer_norm_weight(
@@ -7782,13 +7935,14 @@ def export_decoder_layers_75_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_75_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.75.mlp.linear_fc1.weight <- model.layers.75.mlp.gate_proj.weight, model.layers.75.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.75.mlp.gate_proj.weight"),
         load("model.layers.75.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -7801,10 +7955,10 @@ def export_decoder_layers_75_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_75_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.75.mlp.linear_fc2.weight <- model.layers.75.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.75.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.75.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_75_mlp_linear_fc2_weight(
@@ -7815,10 +7969,10 @@ def export_decoder_layers_75_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_76_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.76.self_attention.linear_qkv.layer_norm_weight <- model.layers.76.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.76.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.76.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_76_self_attention_linear_qkv_layer_norm_weight(
@@ -7829,10 +7983,10 @@ def export_decoder_layers_76_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_76_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.76.self_attention.linear_proj.weight <- model.layers.76.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.76.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.76.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_76_self_attention_linear_proj_weight(
@@ -7843,7 +7997,7 @@ def export_decoder_layers_76_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_76_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.76.self_attention.linear_qkv.weight <- model.layers.76.self_attn.q_proj.weight, model.layers.76.self_attn.k_proj.weight, model.layers.76.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -7854,6 +8008,7 @@ def import_decoder_layers_76_self_attention_linear_qkv_weight(
         heads=64,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -7870,10 +8025,10 @@ def export_decoder_layers_76_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_76_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.76.mlp.linear_fc1.layer_norm_weight <- model.layers.76.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.76.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.76.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_76_mlp_linear_fc1_layer_norm_weight(
@@ -7884,13 +8039,14 @@ def export_decoder_layers_76_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_76_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.76.mlp.linear_fc1.weight <- model.layers.76.mlp.gate_proj.weight, model.layers.76.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.76.mlp.gate_proj.weight"),
         load("model.layers.76.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -7903,10 +8059,10 @@ def export_decoder_layers_76_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_76_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.76.mlp.linear_fc2.weight <- model.layers.76.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.76.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.76.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_76_mlp_linear_fc2_weight(
@@ -7917,10 +8073,10 @@ def export_decoder_layers_76_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_77_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.77.self_attention.linear_qkv.layer_norm_weight <- model.layers.77.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.77.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.77.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_77_self_attention_linear_qkv_layer_norm_weight(
@@ -7931,10 +8087,10 @@ def export_decoder_layers_77_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_77_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.77.self_attention.linear_proj.weight <- model.layers.77.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.77.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.77.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_77_self_attention_linear_proj_weight(
@@ -7945,7 +8101,7 @@ def export_decoder_layers_77_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_77_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.77.self_attention.linear_qkv.weight <- model.layers.77.self_attn.q_proj.weight, model.layers.77.self_attn.k_proj.weight, model.layers.77.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -7956,6 +8112,7 @@ def import_decoder_layers_77_self_attention_linear_qkv_weight(
         heads=64,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -7972,10 +8129,10 @@ def export_decoder_layers_77_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_77_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.77.mlp.linear_fc1.layer_norm_weight <- model.layers.77.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.77.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.77.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_77_mlp_linear_fc1_layer_norm_weight(
@@ -7986,13 +8143,14 @@ def export_decoder_layers_77_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_77_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.77.mlp.linear_fc1.weight <- model.layers.77.mlp.gate_proj.weight, model.layers.77.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.77.mlp.gate_proj.weight"),
         load("model.layers.77.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -8005,10 +8163,10 @@ def export_decoder_layers_77_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_77_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.77.mlp.linear_fc2.weight <- model.layers.77.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.77.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.77.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_77_mlp_linear_fc2_weight(
@@ -8019,10 +8177,10 @@ def export_decoder_layers_77_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_78_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.78.self_attention.linear_qkv.layer_norm_weight <- model.layers.78.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.78.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.78.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_78_self_attention_linear_qkv_layer_norm_weight(
@@ -8033,10 +8191,10 @@ def export_decoder_layers_78_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_78_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.78.self_attention.linear_proj.weight <- model.layers.78.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.78.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.78.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_78_self_attention_linear_proj_weight(
@@ -8047,7 +8205,7 @@ def export_decoder_layers_78_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_78_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.78.self_attention.linear_qkv.weight <- model.layers.78.self_attn.q_proj.weight, model.layers.78.self_attn.k_proj.weight, model.layers.78.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -8058,6 +8216,7 @@ def import_decoder_layers_78_self_attention_linear_qkv_weight(
         heads=64,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -8074,10 +8233,10 @@ def export_decoder_layers_78_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_78_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.78.mlp.linear_fc1.layer_norm_weight <- model.layers.78.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.78.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.78.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_78_mlp_linear_fc1_layer_norm_weight(
@@ -8088,13 +8247,14 @@ def export_decoder_layers_78_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_78_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.78.mlp.linear_fc1.weight <- model.layers.78.mlp.gate_proj.weight, model.layers.78.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.78.mlp.gate_proj.weight"),
         load("model.layers.78.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -8107,10 +8267,10 @@ def export_decoder_layers_78_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_78_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.78.mlp.linear_fc2.weight <- model.layers.78.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.78.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.78.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_78_mlp_linear_fc2_weight(
@@ -8121,10 +8281,10 @@ def export_decoder_layers_78_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_79_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.79.self_attention.linear_qkv.layer_norm_weight <- model.layers.79.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.79.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.79.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_79_self_attention_linear_qkv_layer_norm_weight(
@@ -8135,10 +8295,10 @@ def export_decoder_layers_79_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_79_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.79.self_attention.linear_proj.weight <- model.layers.79.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.79.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.79.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_79_self_attention_linear_proj_weight(
@@ -8149,7 +8309,7 @@ def export_decoder_layers_79_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_79_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.79.self_attention.linear_qkv.weight <- model.layers.79.self_attn.q_proj.weight, model.layers.79.self_attn.k_proj.weight, model.layers.79.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -8160,6 +8320,7 @@ def import_decoder_layers_79_self_attention_linear_qkv_weight(
         heads=64,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -8176,10 +8337,10 @@ def export_decoder_layers_79_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_79_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.79.mlp.linear_fc1.layer_norm_weight <- model.layers.79.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.79.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.79.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_79_mlp_linear_fc1_layer_norm_weight(
@@ -8190,13 +8351,14 @@ def export_decoder_layers_79_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_79_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.79.mlp.linear_fc1.weight <- model.layers.79.mlp.gate_proj.weight, model.layers.79.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.79.mlp.gate_proj.weight"),
         load("model.layers.79.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -8209,10 +8371,10 @@ def export_decoder_layers_79_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_79_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.79.mlp.linear_fc2.weight <- model.layers.79.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.79.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.79.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_79_mlp_linear_fc2_weight(
@@ -8222,9 +8384,11 @@ def export_decoder_layers_79_mlp_linear_fc2_weight(
     return {"model.layers.79.mlp.down_proj.weight": rt.row_export(parts)}
 
 
-def import_decoder_final_layernorm_weight(ctx: ParallelContext, load: Loader) -> torch.Tensor:
+def import_decoder_final_layernorm_weight(
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """decoder.final_layernorm.weight <- model.norm.weight: auto -> replicated, specs/llama.yaml:54."""
-    return load("model.norm.weight")
+    return rt.whole_import(load("model.norm.weight"), out=out)
 
 
 def export_decoder_final_layernorm_weight(parts: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -8232,9 +8396,11 @@ def export_decoder_final_layernorm_weight(parts: Sequence[torch.Tensor]) -> dict
     return {"model.norm.weight": parts[0]}
 
 
-def import_output_layer_weight(ctx: ParallelContext, load: Loader) -> torch.Tensor:
+def import_output_layer_weight(
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """output_layer.weight <- lm_head.weight: auto -> column, specs/llama.yaml:57."""
-    return rt.column_import(ctx.tp, load("lm_head.weight"))
+    return rt.column_import(ctx.tp, load("lm_head.weight"), out=out)
 
 
 def export_output_layer_weight(parts: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:

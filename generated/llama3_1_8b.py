@@ -50,9 +50,11 @@ DIMS: Final = ModelDims(
 )
 
 
-def import_embedding_word_embeddings_weight(ctx: ParallelContext, load: Loader) -> torch.Tensor:
+def import_embedding_word_embeddings_weight(
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """embedding.word_embeddings.weight <- model.embed_tokens.weight: auto -> column, specs/llama.yaml:29."""
-    return rt.column_import(ctx.tp, load("model.embed_tokens.weight"))
+    return rt.column_import(ctx.tp, load("model.embed_tokens.weight"), out=out)
 
 
 def export_embedding_word_embeddings_weight(
@@ -63,10 +65,10 @@ def export_embedding_word_embeddings_weight(
 
 
 def import_decoder_layers_0_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.0.self_attention.linear_qkv.layer_norm_weight <- model.layers.0.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.0.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.0.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_0_self_attention_linear_qkv_layer_norm_weight(
@@ -77,10 +79,10 @@ def export_decoder_layers_0_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_0_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.0.self_attention.linear_proj.weight <- model.layers.0.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.0.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.0.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_0_self_attention_linear_proj_weight(
@@ -91,7 +93,7 @@ def export_decoder_layers_0_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_0_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.0.self_attention.linear_qkv.weight <- model.layers.0.self_attn.q_proj.weight, model.layers.0.self_attn.k_proj.weight, model.layers.0.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -102,6 +104,7 @@ def import_decoder_layers_0_self_attention_linear_qkv_weight(
         heads=32,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -118,10 +121,10 @@ def export_decoder_layers_0_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_0_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.0.mlp.linear_fc1.layer_norm_weight <- model.layers.0.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.0.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.0.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_0_mlp_linear_fc1_layer_norm_weight(
@@ -132,13 +135,14 @@ def export_decoder_layers_0_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_0_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.0.mlp.linear_fc1.weight <- model.layers.0.mlp.gate_proj.weight, model.layers.0.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.0.mlp.gate_proj.weight"),
         load("model.layers.0.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -151,10 +155,10 @@ def export_decoder_layers_0_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_0_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.0.mlp.linear_fc2.weight <- model.layers.0.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.0.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.0.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_0_mlp_linear_fc2_weight(
@@ -165,10 +169,10 @@ def export_decoder_layers_0_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_1_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.1.self_attention.linear_qkv.layer_norm_weight <- model.layers.1.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.1.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.1.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_1_self_attention_linear_qkv_layer_norm_weight(
@@ -179,10 +183,10 @@ def export_decoder_layers_1_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_1_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.1.self_attention.linear_proj.weight <- model.layers.1.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.1.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.1.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_1_self_attention_linear_proj_weight(
@@ -193,7 +197,7 @@ def export_decoder_layers_1_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_1_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.1.self_attention.linear_qkv.weight <- model.layers.1.self_attn.q_proj.weight, model.layers.1.self_attn.k_proj.weight, model.layers.1.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -204,6 +208,7 @@ def import_decoder_layers_1_self_attention_linear_qkv_weight(
         heads=32,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -220,10 +225,10 @@ def export_decoder_layers_1_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_1_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.1.mlp.linear_fc1.layer_norm_weight <- model.layers.1.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.1.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.1.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_1_mlp_linear_fc1_layer_norm_weight(
@@ -234,13 +239,14 @@ def export_decoder_layers_1_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_1_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.1.mlp.linear_fc1.weight <- model.layers.1.mlp.gate_proj.weight, model.layers.1.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.1.mlp.gate_proj.weight"),
         load("model.layers.1.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -253,10 +259,10 @@ def export_decoder_layers_1_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_1_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.1.mlp.linear_fc2.weight <- model.layers.1.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.1.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.1.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_1_mlp_linear_fc2_weight(
@@ -267,10 +273,10 @@ def export_decoder_layers_1_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_2_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.2.self_attention.linear_qkv.layer_norm_weight <- model.layers.2.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.2.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.2.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_2_self_attention_linear_qkv_layer_norm_weight(
@@ -281,10 +287,10 @@ def export_decoder_layers_2_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_2_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.2.self_attention.linear_proj.weight <- model.layers.2.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.2.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.2.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_2_self_attention_linear_proj_weight(
@@ -295,7 +301,7 @@ def export_decoder_layers_2_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_2_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.2.self_attention.linear_qkv.weight <- model.layers.2.self_attn.q_proj.weight, model.layers.2.self_attn.k_proj.weight, model.layers.2.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -306,6 +312,7 @@ def import_decoder_layers_2_self_attention_linear_qkv_weight(
         heads=32,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -322,10 +329,10 @@ def export_decoder_layers_2_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_2_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.2.mlp.linear_fc1.layer_norm_weight <- model.layers.2.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.2.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.2.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_2_mlp_linear_fc1_layer_norm_weight(
@@ -336,13 +343,14 @@ def export_decoder_layers_2_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_2_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.2.mlp.linear_fc1.weight <- model.layers.2.mlp.gate_proj.weight, model.layers.2.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.2.mlp.gate_proj.weight"),
         load("model.layers.2.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -355,10 +363,10 @@ def export_decoder_layers_2_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_2_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.2.mlp.linear_fc2.weight <- model.layers.2.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.2.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.2.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_2_mlp_linear_fc2_weight(
@@ -369,10 +377,10 @@ def export_decoder_layers_2_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_3_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.3.self_attention.linear_qkv.layer_norm_weight <- model.layers.3.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.3.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.3.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_3_self_attention_linear_qkv_layer_norm_weight(
@@ -383,10 +391,10 @@ def export_decoder_layers_3_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_3_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.3.self_attention.linear_proj.weight <- model.layers.3.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.3.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.3.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_3_self_attention_linear_proj_weight(
@@ -397,7 +405,7 @@ def export_decoder_layers_3_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_3_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.3.self_attention.linear_qkv.weight <- model.layers.3.self_attn.q_proj.weight, model.layers.3.self_attn.k_proj.weight, model.layers.3.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -408,6 +416,7 @@ def import_decoder_layers_3_self_attention_linear_qkv_weight(
         heads=32,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -424,10 +433,10 @@ def export_decoder_layers_3_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_3_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.3.mlp.linear_fc1.layer_norm_weight <- model.layers.3.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.3.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.3.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_3_mlp_linear_fc1_layer_norm_weight(
@@ -438,13 +447,14 @@ def export_decoder_layers_3_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_3_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.3.mlp.linear_fc1.weight <- model.layers.3.mlp.gate_proj.weight, model.layers.3.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.3.mlp.gate_proj.weight"),
         load("model.layers.3.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -457,10 +467,10 @@ def export_decoder_layers_3_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_3_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.3.mlp.linear_fc2.weight <- model.layers.3.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.3.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.3.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_3_mlp_linear_fc2_weight(
@@ -471,10 +481,10 @@ def export_decoder_layers_3_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_4_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.4.self_attention.linear_qkv.layer_norm_weight <- model.layers.4.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.4.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.4.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_4_self_attention_linear_qkv_layer_norm_weight(
@@ -485,10 +495,10 @@ def export_decoder_layers_4_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_4_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.4.self_attention.linear_proj.weight <- model.layers.4.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.4.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.4.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_4_self_attention_linear_proj_weight(
@@ -499,7 +509,7 @@ def export_decoder_layers_4_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_4_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.4.self_attention.linear_qkv.weight <- model.layers.4.self_attn.q_proj.weight, model.layers.4.self_attn.k_proj.weight, model.layers.4.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -510,6 +520,7 @@ def import_decoder_layers_4_self_attention_linear_qkv_weight(
         heads=32,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -526,10 +537,10 @@ def export_decoder_layers_4_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_4_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.4.mlp.linear_fc1.layer_norm_weight <- model.layers.4.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.4.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.4.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_4_mlp_linear_fc1_layer_norm_weight(
@@ -540,13 +551,14 @@ def export_decoder_layers_4_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_4_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.4.mlp.linear_fc1.weight <- model.layers.4.mlp.gate_proj.weight, model.layers.4.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.4.mlp.gate_proj.weight"),
         load("model.layers.4.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -559,10 +571,10 @@ def export_decoder_layers_4_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_4_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.4.mlp.linear_fc2.weight <- model.layers.4.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.4.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.4.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_4_mlp_linear_fc2_weight(
@@ -573,10 +585,10 @@ def export_decoder_layers_4_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_5_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.5.self_attention.linear_qkv.layer_norm_weight <- model.layers.5.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.5.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.5.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_5_self_attention_linear_qkv_layer_norm_weight(
@@ -587,10 +599,10 @@ def export_decoder_layers_5_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_5_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.5.self_attention.linear_proj.weight <- model.layers.5.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.5.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.5.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_5_self_attention_linear_proj_weight(
@@ -601,7 +613,7 @@ def export_decoder_layers_5_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_5_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.5.self_attention.linear_qkv.weight <- model.layers.5.self_attn.q_proj.weight, model.layers.5.self_attn.k_proj.weight, model.layers.5.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -612,6 +624,7 @@ def import_decoder_layers_5_self_attention_linear_qkv_weight(
         heads=32,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -628,10 +641,10 @@ def export_decoder_layers_5_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_5_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.5.mlp.linear_fc1.layer_norm_weight <- model.layers.5.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.5.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.5.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_5_mlp_linear_fc1_layer_norm_weight(
@@ -642,13 +655,14 @@ def export_decoder_layers_5_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_5_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.5.mlp.linear_fc1.weight <- model.layers.5.mlp.gate_proj.weight, model.layers.5.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.5.mlp.gate_proj.weight"),
         load("model.layers.5.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -661,10 +675,10 @@ def export_decoder_layers_5_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_5_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.5.mlp.linear_fc2.weight <- model.layers.5.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.5.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.5.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_5_mlp_linear_fc2_weight(
@@ -675,10 +689,10 @@ def export_decoder_layers_5_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_6_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.6.self_attention.linear_qkv.layer_norm_weight <- model.layers.6.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.6.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.6.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_6_self_attention_linear_qkv_layer_norm_weight(
@@ -689,10 +703,10 @@ def export_decoder_layers_6_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_6_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.6.self_attention.linear_proj.weight <- model.layers.6.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.6.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.6.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_6_self_attention_linear_proj_weight(
@@ -703,7 +717,7 @@ def export_decoder_layers_6_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_6_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.6.self_attention.linear_qkv.weight <- model.layers.6.self_attn.q_proj.weight, model.layers.6.self_attn.k_proj.weight, model.layers.6.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -714,6 +728,7 @@ def import_decoder_layers_6_self_attention_linear_qkv_weight(
         heads=32,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -730,10 +745,10 @@ def export_decoder_layers_6_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_6_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.6.mlp.linear_fc1.layer_norm_weight <- model.layers.6.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.6.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.6.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_6_mlp_linear_fc1_layer_norm_weight(
@@ -744,13 +759,14 @@ def export_decoder_layers_6_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_6_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.6.mlp.linear_fc1.weight <- model.layers.6.mlp.gate_proj.weight, model.layers.6.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.6.mlp.gate_proj.weight"),
         load("model.layers.6.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -763,10 +779,10 @@ def export_decoder_layers_6_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_6_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.6.mlp.linear_fc2.weight <- model.layers.6.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.6.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.6.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_6_mlp_linear_fc2_weight(
@@ -777,10 +793,10 @@ def export_decoder_layers_6_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_7_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.7.self_attention.linear_qkv.layer_norm_weight <- model.layers.7.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.7.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.7.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_7_self_attention_linear_qkv_layer_norm_weight(
@@ -791,10 +807,10 @@ def export_decoder_layers_7_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_7_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.7.self_attention.linear_proj.weight <- model.layers.7.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.7.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.7.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_7_self_attention_linear_proj_weight(
@@ -805,7 +821,7 @@ def export_decoder_layers_7_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_7_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.7.self_attention.linear_qkv.weight <- model.layers.7.self_attn.q_proj.weight, model.layers.7.self_attn.k_proj.weight, model.layers.7.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -816,6 +832,7 @@ def import_decoder_layers_7_self_attention_linear_qkv_weight(
         heads=32,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -832,10 +849,10 @@ def export_decoder_layers_7_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_7_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.7.mlp.linear_fc1.layer_norm_weight <- model.layers.7.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.7.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.7.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_7_mlp_linear_fc1_layer_norm_weight(
@@ -846,13 +863,14 @@ def export_decoder_layers_7_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_7_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.7.mlp.linear_fc1.weight <- model.layers.7.mlp.gate_proj.weight, model.layers.7.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.7.mlp.gate_proj.weight"),
         load("model.layers.7.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -865,10 +883,10 @@ def export_decoder_layers_7_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_7_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.7.mlp.linear_fc2.weight <- model.layers.7.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.7.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.7.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_7_mlp_linear_fc2_weight(
@@ -879,10 +897,10 @@ def export_decoder_layers_7_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_8_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.8.self_attention.linear_qkv.layer_norm_weight <- model.layers.8.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.8.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.8.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_8_self_attention_linear_qkv_layer_norm_weight(
@@ -893,10 +911,10 @@ def export_decoder_layers_8_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_8_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.8.self_attention.linear_proj.weight <- model.layers.8.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.8.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.8.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_8_self_attention_linear_proj_weight(
@@ -907,7 +925,7 @@ def export_decoder_layers_8_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_8_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.8.self_attention.linear_qkv.weight <- model.layers.8.self_attn.q_proj.weight, model.layers.8.self_attn.k_proj.weight, model.layers.8.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -918,6 +936,7 @@ def import_decoder_layers_8_self_attention_linear_qkv_weight(
         heads=32,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -934,10 +953,10 @@ def export_decoder_layers_8_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_8_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.8.mlp.linear_fc1.layer_norm_weight <- model.layers.8.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.8.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.8.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_8_mlp_linear_fc1_layer_norm_weight(
@@ -948,13 +967,14 @@ def export_decoder_layers_8_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_8_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.8.mlp.linear_fc1.weight <- model.layers.8.mlp.gate_proj.weight, model.layers.8.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.8.mlp.gate_proj.weight"),
         load("model.layers.8.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -967,10 +987,10 @@ def export_decoder_layers_8_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_8_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.8.mlp.linear_fc2.weight <- model.layers.8.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.8.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.8.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_8_mlp_linear_fc2_weight(
@@ -981,10 +1001,10 @@ def export_decoder_layers_8_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_9_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.9.self_attention.linear_qkv.layer_norm_weight <- model.layers.9.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.9.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.9.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_9_self_attention_linear_qkv_layer_norm_weight(
@@ -995,10 +1015,10 @@ def export_decoder_layers_9_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_9_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.9.self_attention.linear_proj.weight <- model.layers.9.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.9.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.9.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_9_self_attention_linear_proj_weight(
@@ -1009,7 +1029,7 @@ def export_decoder_layers_9_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_9_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.9.self_attention.linear_qkv.weight <- model.layers.9.self_attn.q_proj.weight, model.layers.9.self_attn.k_proj.weight, model.layers.9.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -1020,6 +1040,7 @@ def import_decoder_layers_9_self_attention_linear_qkv_weight(
         heads=32,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -1036,10 +1057,10 @@ def export_decoder_layers_9_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_9_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.9.mlp.linear_fc1.layer_norm_weight <- model.layers.9.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.9.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.9.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_9_mlp_linear_fc1_layer_norm_weight(
@@ -1050,13 +1071,14 @@ def export_decoder_layers_9_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_9_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.9.mlp.linear_fc1.weight <- model.layers.9.mlp.gate_proj.weight, model.layers.9.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.9.mlp.gate_proj.weight"),
         load("model.layers.9.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -1069,10 +1091,10 @@ def export_decoder_layers_9_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_9_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.9.mlp.linear_fc2.weight <- model.layers.9.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.9.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.9.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_9_mlp_linear_fc2_weight(
@@ -1083,10 +1105,10 @@ def export_decoder_layers_9_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_10_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.10.self_attention.linear_qkv.layer_norm_weight <- model.layers.10.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.10.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.10.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_10_self_attention_linear_qkv_layer_norm_weight(
@@ -1097,10 +1119,10 @@ def export_decoder_layers_10_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_10_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.10.self_attention.linear_proj.weight <- model.layers.10.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.10.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.10.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_10_self_attention_linear_proj_weight(
@@ -1111,7 +1133,7 @@ def export_decoder_layers_10_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_10_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.10.self_attention.linear_qkv.weight <- model.layers.10.self_attn.q_proj.weight, model.layers.10.self_attn.k_proj.weight, model.layers.10.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -1122,6 +1144,7 @@ def import_decoder_layers_10_self_attention_linear_qkv_weight(
         heads=32,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -1138,10 +1161,10 @@ def export_decoder_layers_10_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_10_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.10.mlp.linear_fc1.layer_norm_weight <- model.layers.10.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.10.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.10.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_10_mlp_linear_fc1_layer_norm_weight(
@@ -1152,13 +1175,14 @@ def export_decoder_layers_10_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_10_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.10.mlp.linear_fc1.weight <- model.layers.10.mlp.gate_proj.weight, model.layers.10.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.10.mlp.gate_proj.weight"),
         load("model.layers.10.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -1171,10 +1195,10 @@ def export_decoder_layers_10_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_10_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.10.mlp.linear_fc2.weight <- model.layers.10.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.10.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.10.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_10_mlp_linear_fc2_weight(
@@ -1185,10 +1209,10 @@ def export_decoder_layers_10_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_11_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.11.self_attention.linear_qkv.layer_norm_weight <- model.layers.11.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.11.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.11.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_11_self_attention_linear_qkv_layer_norm_weight(
@@ -1199,10 +1223,10 @@ def export_decoder_layers_11_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_11_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.11.self_attention.linear_proj.weight <- model.layers.11.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.11.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.11.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_11_self_attention_linear_proj_weight(
@@ -1213,7 +1237,7 @@ def export_decoder_layers_11_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_11_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.11.self_attention.linear_qkv.weight <- model.layers.11.self_attn.q_proj.weight, model.layers.11.self_attn.k_proj.weight, model.layers.11.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -1224,6 +1248,7 @@ def import_decoder_layers_11_self_attention_linear_qkv_weight(
         heads=32,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -1240,10 +1265,10 @@ def export_decoder_layers_11_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_11_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.11.mlp.linear_fc1.layer_norm_weight <- model.layers.11.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.11.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.11.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_11_mlp_linear_fc1_layer_norm_weight(
@@ -1254,13 +1279,14 @@ def export_decoder_layers_11_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_11_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.11.mlp.linear_fc1.weight <- model.layers.11.mlp.gate_proj.weight, model.layers.11.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.11.mlp.gate_proj.weight"),
         load("model.layers.11.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -1273,10 +1299,10 @@ def export_decoder_layers_11_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_11_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.11.mlp.linear_fc2.weight <- model.layers.11.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.11.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.11.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_11_mlp_linear_fc2_weight(
@@ -1287,10 +1313,10 @@ def export_decoder_layers_11_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_12_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.12.self_attention.linear_qkv.layer_norm_weight <- model.layers.12.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.12.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.12.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_12_self_attention_linear_qkv_layer_norm_weight(
@@ -1301,10 +1327,10 @@ def export_decoder_layers_12_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_12_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.12.self_attention.linear_proj.weight <- model.layers.12.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.12.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.12.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_12_self_attention_linear_proj_weight(
@@ -1315,7 +1341,7 @@ def export_decoder_layers_12_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_12_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.12.self_attention.linear_qkv.weight <- model.layers.12.self_attn.q_proj.weight, model.layers.12.self_attn.k_proj.weight, model.layers.12.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -1326,6 +1352,7 @@ def import_decoder_layers_12_self_attention_linear_qkv_weight(
         heads=32,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -1342,10 +1369,10 @@ def export_decoder_layers_12_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_12_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.12.mlp.linear_fc1.layer_norm_weight <- model.layers.12.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.12.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.12.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_12_mlp_linear_fc1_layer_norm_weight(
@@ -1356,13 +1383,14 @@ def export_decoder_layers_12_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_12_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.12.mlp.linear_fc1.weight <- model.layers.12.mlp.gate_proj.weight, model.layers.12.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.12.mlp.gate_proj.weight"),
         load("model.layers.12.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -1375,10 +1403,10 @@ def export_decoder_layers_12_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_12_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.12.mlp.linear_fc2.weight <- model.layers.12.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.12.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.12.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_12_mlp_linear_fc2_weight(
@@ -1389,10 +1417,10 @@ def export_decoder_layers_12_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_13_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.13.self_attention.linear_qkv.layer_norm_weight <- model.layers.13.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.13.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.13.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_13_self_attention_linear_qkv_layer_norm_weight(
@@ -1403,10 +1431,10 @@ def export_decoder_layers_13_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_13_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.13.self_attention.linear_proj.weight <- model.layers.13.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.13.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.13.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_13_self_attention_linear_proj_weight(
@@ -1417,7 +1445,7 @@ def export_decoder_layers_13_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_13_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.13.self_attention.linear_qkv.weight <- model.layers.13.self_attn.q_proj.weight, model.layers.13.self_attn.k_proj.weight, model.layers.13.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -1428,6 +1456,7 @@ def import_decoder_layers_13_self_attention_linear_qkv_weight(
         heads=32,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -1444,10 +1473,10 @@ def export_decoder_layers_13_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_13_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.13.mlp.linear_fc1.layer_norm_weight <- model.layers.13.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.13.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.13.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_13_mlp_linear_fc1_layer_norm_weight(
@@ -1458,13 +1487,14 @@ def export_decoder_layers_13_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_13_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.13.mlp.linear_fc1.weight <- model.layers.13.mlp.gate_proj.weight, model.layers.13.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.13.mlp.gate_proj.weight"),
         load("model.layers.13.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -1477,10 +1507,10 @@ def export_decoder_layers_13_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_13_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.13.mlp.linear_fc2.weight <- model.layers.13.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.13.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.13.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_13_mlp_linear_fc2_weight(
@@ -1491,10 +1521,10 @@ def export_decoder_layers_13_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_14_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.14.self_attention.linear_qkv.layer_norm_weight <- model.layers.14.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.14.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.14.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_14_self_attention_linear_qkv_layer_norm_weight(
@@ -1505,10 +1535,10 @@ def export_decoder_layers_14_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_14_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.14.self_attention.linear_proj.weight <- model.layers.14.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.14.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.14.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_14_self_attention_linear_proj_weight(
@@ -1519,7 +1549,7 @@ def export_decoder_layers_14_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_14_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.14.self_attention.linear_qkv.weight <- model.layers.14.self_attn.q_proj.weight, model.layers.14.self_attn.k_proj.weight, model.layers.14.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -1530,6 +1560,7 @@ def import_decoder_layers_14_self_attention_linear_qkv_weight(
         heads=32,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -1546,10 +1577,10 @@ def export_decoder_layers_14_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_14_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.14.mlp.linear_fc1.layer_norm_weight <- model.layers.14.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.14.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.14.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_14_mlp_linear_fc1_layer_norm_weight(
@@ -1560,13 +1591,14 @@ def export_decoder_layers_14_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_14_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.14.mlp.linear_fc1.weight <- model.layers.14.mlp.gate_proj.weight, model.layers.14.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.14.mlp.gate_proj.weight"),
         load("model.layers.14.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -1579,10 +1611,10 @@ def export_decoder_layers_14_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_14_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.14.mlp.linear_fc2.weight <- model.layers.14.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.14.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.14.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_14_mlp_linear_fc2_weight(
@@ -1593,10 +1625,10 @@ def export_decoder_layers_14_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_15_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.15.self_attention.linear_qkv.layer_norm_weight <- model.layers.15.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.15.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.15.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_15_self_attention_linear_qkv_layer_norm_weight(
@@ -1607,10 +1639,10 @@ def export_decoder_layers_15_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_15_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.15.self_attention.linear_proj.weight <- model.layers.15.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.15.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.15.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_15_self_attention_linear_proj_weight(
@@ -1621,7 +1653,7 @@ def export_decoder_layers_15_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_15_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.15.self_attention.linear_qkv.weight <- model.layers.15.self_attn.q_proj.weight, model.layers.15.self_attn.k_proj.weight, model.layers.15.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -1632,6 +1664,7 @@ def import_decoder_layers_15_self_attention_linear_qkv_weight(
         heads=32,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -1648,10 +1681,10 @@ def export_decoder_layers_15_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_15_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.15.mlp.linear_fc1.layer_norm_weight <- model.layers.15.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.15.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.15.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_15_mlp_linear_fc1_layer_norm_weight(
@@ -1662,13 +1695,14 @@ def export_decoder_layers_15_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_15_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.15.mlp.linear_fc1.weight <- model.layers.15.mlp.gate_proj.weight, model.layers.15.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.15.mlp.gate_proj.weight"),
         load("model.layers.15.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -1681,10 +1715,10 @@ def export_decoder_layers_15_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_15_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.15.mlp.linear_fc2.weight <- model.layers.15.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.15.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.15.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_15_mlp_linear_fc2_weight(
@@ -1695,10 +1729,10 @@ def export_decoder_layers_15_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_16_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.16.self_attention.linear_qkv.layer_norm_weight <- model.layers.16.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.16.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.16.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_16_self_attention_linear_qkv_layer_norm_weight(
@@ -1709,10 +1743,10 @@ def export_decoder_layers_16_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_16_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.16.self_attention.linear_proj.weight <- model.layers.16.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.16.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.16.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_16_self_attention_linear_proj_weight(
@@ -1723,7 +1757,7 @@ def export_decoder_layers_16_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_16_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.16.self_attention.linear_qkv.weight <- model.layers.16.self_attn.q_proj.weight, model.layers.16.self_attn.k_proj.weight, model.layers.16.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -1734,6 +1768,7 @@ def import_decoder_layers_16_self_attention_linear_qkv_weight(
         heads=32,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -1750,10 +1785,10 @@ def export_decoder_layers_16_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_16_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.16.mlp.linear_fc1.layer_norm_weight <- model.layers.16.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.16.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.16.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_16_mlp_linear_fc1_layer_norm_weight(
@@ -1764,13 +1799,14 @@ def export_decoder_layers_16_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_16_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.16.mlp.linear_fc1.weight <- model.layers.16.mlp.gate_proj.weight, model.layers.16.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.16.mlp.gate_proj.weight"),
         load("model.layers.16.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -1783,10 +1819,10 @@ def export_decoder_layers_16_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_16_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.16.mlp.linear_fc2.weight <- model.layers.16.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.16.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.16.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_16_mlp_linear_fc2_weight(
@@ -1797,10 +1833,10 @@ def export_decoder_layers_16_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_17_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.17.self_attention.linear_qkv.layer_norm_weight <- model.layers.17.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.17.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.17.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_17_self_attention_linear_qkv_layer_norm_weight(
@@ -1811,10 +1847,10 @@ def export_decoder_layers_17_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_17_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.17.self_attention.linear_proj.weight <- model.layers.17.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.17.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.17.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_17_self_attention_linear_proj_weight(
@@ -1825,7 +1861,7 @@ def export_decoder_layers_17_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_17_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.17.self_attention.linear_qkv.weight <- model.layers.17.self_attn.q_proj.weight, model.layers.17.self_attn.k_proj.weight, model.layers.17.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -1836,6 +1872,7 @@ def import_decoder_layers_17_self_attention_linear_qkv_weight(
         heads=32,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -1852,10 +1889,10 @@ def export_decoder_layers_17_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_17_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.17.mlp.linear_fc1.layer_norm_weight <- model.layers.17.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.17.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.17.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_17_mlp_linear_fc1_layer_norm_weight(
@@ -1866,13 +1903,14 @@ def export_decoder_layers_17_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_17_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.17.mlp.linear_fc1.weight <- model.layers.17.mlp.gate_proj.weight, model.layers.17.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.17.mlp.gate_proj.weight"),
         load("model.layers.17.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -1885,10 +1923,10 @@ def export_decoder_layers_17_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_17_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.17.mlp.linear_fc2.weight <- model.layers.17.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.17.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.17.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_17_mlp_linear_fc2_weight(
@@ -1899,10 +1937,10 @@ def export_decoder_layers_17_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_18_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.18.self_attention.linear_qkv.layer_norm_weight <- model.layers.18.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.18.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.18.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_18_self_attention_linear_qkv_layer_norm_weight(
@@ -1913,10 +1951,10 @@ def export_decoder_layers_18_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_18_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.18.self_attention.linear_proj.weight <- model.layers.18.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.18.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.18.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_18_self_attention_linear_proj_weight(
@@ -1927,7 +1965,7 @@ def export_decoder_layers_18_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_18_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.18.self_attention.linear_qkv.weight <- model.layers.18.self_attn.q_proj.weight, model.layers.18.self_attn.k_proj.weight, model.layers.18.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -1938,6 +1976,7 @@ def import_decoder_layers_18_self_attention_linear_qkv_weight(
         heads=32,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -1954,10 +1993,10 @@ def export_decoder_layers_18_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_18_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.18.mlp.linear_fc1.layer_norm_weight <- model.layers.18.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.18.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.18.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_18_mlp_linear_fc1_layer_norm_weight(
@@ -1968,13 +2007,14 @@ def export_decoder_layers_18_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_18_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.18.mlp.linear_fc1.weight <- model.layers.18.mlp.gate_proj.weight, model.layers.18.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.18.mlp.gate_proj.weight"),
         load("model.layers.18.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -1987,10 +2027,10 @@ def export_decoder_layers_18_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_18_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.18.mlp.linear_fc2.weight <- model.layers.18.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.18.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.18.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_18_mlp_linear_fc2_weight(
@@ -2001,10 +2041,10 @@ def export_decoder_layers_18_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_19_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.19.self_attention.linear_qkv.layer_norm_weight <- model.layers.19.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.19.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.19.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_19_self_attention_linear_qkv_layer_norm_weight(
@@ -2015,10 +2055,10 @@ def export_decoder_layers_19_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_19_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.19.self_attention.linear_proj.weight <- model.layers.19.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.19.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.19.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_19_self_attention_linear_proj_weight(
@@ -2029,7 +2069,7 @@ def export_decoder_layers_19_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_19_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.19.self_attention.linear_qkv.weight <- model.layers.19.self_attn.q_proj.weight, model.layers.19.self_attn.k_proj.weight, model.layers.19.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -2040,6 +2080,7 @@ def import_decoder_layers_19_self_attention_linear_qkv_weight(
         heads=32,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -2056,10 +2097,10 @@ def export_decoder_layers_19_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_19_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.19.mlp.linear_fc1.layer_norm_weight <- model.layers.19.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.19.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.19.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_19_mlp_linear_fc1_layer_norm_weight(
@@ -2070,13 +2111,14 @@ def export_decoder_layers_19_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_19_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.19.mlp.linear_fc1.weight <- model.layers.19.mlp.gate_proj.weight, model.layers.19.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.19.mlp.gate_proj.weight"),
         load("model.layers.19.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -2089,10 +2131,10 @@ def export_decoder_layers_19_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_19_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.19.mlp.linear_fc2.weight <- model.layers.19.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.19.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.19.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_19_mlp_linear_fc2_weight(
@@ -2103,10 +2145,10 @@ def export_decoder_layers_19_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_20_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.20.self_attention.linear_qkv.layer_norm_weight <- model.layers.20.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.20.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.20.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_20_self_attention_linear_qkv_layer_norm_weight(
@@ -2117,10 +2159,10 @@ def export_decoder_layers_20_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_20_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.20.self_attention.linear_proj.weight <- model.layers.20.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.20.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.20.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_20_self_attention_linear_proj_weight(
@@ -2131,7 +2173,7 @@ def export_decoder_layers_20_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_20_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.20.self_attention.linear_qkv.weight <- model.layers.20.self_attn.q_proj.weight, model.layers.20.self_attn.k_proj.weight, model.layers.20.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -2142,6 +2184,7 @@ def import_decoder_layers_20_self_attention_linear_qkv_weight(
         heads=32,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -2158,10 +2201,10 @@ def export_decoder_layers_20_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_20_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.20.mlp.linear_fc1.layer_norm_weight <- model.layers.20.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.20.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.20.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_20_mlp_linear_fc1_layer_norm_weight(
@@ -2172,13 +2215,14 @@ def export_decoder_layers_20_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_20_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.20.mlp.linear_fc1.weight <- model.layers.20.mlp.gate_proj.weight, model.layers.20.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.20.mlp.gate_proj.weight"),
         load("model.layers.20.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -2191,10 +2235,10 @@ def export_decoder_layers_20_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_20_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.20.mlp.linear_fc2.weight <- model.layers.20.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.20.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.20.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_20_mlp_linear_fc2_weight(
@@ -2205,10 +2249,10 @@ def export_decoder_layers_20_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_21_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.21.self_attention.linear_qkv.layer_norm_weight <- model.layers.21.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.21.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.21.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_21_self_attention_linear_qkv_layer_norm_weight(
@@ -2219,10 +2263,10 @@ def export_decoder_layers_21_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_21_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.21.self_attention.linear_proj.weight <- model.layers.21.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.21.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.21.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_21_self_attention_linear_proj_weight(
@@ -2233,7 +2277,7 @@ def export_decoder_layers_21_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_21_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.21.self_attention.linear_qkv.weight <- model.layers.21.self_attn.q_proj.weight, model.layers.21.self_attn.k_proj.weight, model.layers.21.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -2244,6 +2288,7 @@ def import_decoder_layers_21_self_attention_linear_qkv_weight(
         heads=32,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -2260,10 +2305,10 @@ def export_decoder_layers_21_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_21_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.21.mlp.linear_fc1.layer_norm_weight <- model.layers.21.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.21.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.21.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_21_mlp_linear_fc1_layer_norm_weight(
@@ -2274,13 +2319,14 @@ def export_decoder_layers_21_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_21_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.21.mlp.linear_fc1.weight <- model.layers.21.mlp.gate_proj.weight, model.layers.21.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.21.mlp.gate_proj.weight"),
         load("model.layers.21.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -2293,10 +2339,10 @@ def export_decoder_layers_21_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_21_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.21.mlp.linear_fc2.weight <- model.layers.21.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.21.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.21.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_21_mlp_linear_fc2_weight(
@@ -2307,10 +2353,10 @@ def export_decoder_layers_21_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_22_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.22.self_attention.linear_qkv.layer_norm_weight <- model.layers.22.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.22.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.22.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_22_self_attention_linear_qkv_layer_norm_weight(
@@ -2321,10 +2367,10 @@ def export_decoder_layers_22_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_22_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.22.self_attention.linear_proj.weight <- model.layers.22.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.22.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.22.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_22_self_attention_linear_proj_weight(
@@ -2335,7 +2381,7 @@ def export_decoder_layers_22_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_22_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.22.self_attention.linear_qkv.weight <- model.layers.22.self_attn.q_proj.weight, model.layers.22.self_attn.k_proj.weight, model.layers.22.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -2346,6 +2392,7 @@ def import_decoder_layers_22_self_attention_linear_qkv_weight(
         heads=32,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -2362,10 +2409,10 @@ def export_decoder_layers_22_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_22_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.22.mlp.linear_fc1.layer_norm_weight <- model.layers.22.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.22.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.22.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_22_mlp_linear_fc1_layer_norm_weight(
@@ -2376,13 +2423,14 @@ def export_decoder_layers_22_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_22_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.22.mlp.linear_fc1.weight <- model.layers.22.mlp.gate_proj.weight, model.layers.22.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.22.mlp.gate_proj.weight"),
         load("model.layers.22.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -2395,10 +2443,10 @@ def export_decoder_layers_22_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_22_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.22.mlp.linear_fc2.weight <- model.layers.22.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.22.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.22.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_22_mlp_linear_fc2_weight(
@@ -2409,10 +2457,10 @@ def export_decoder_layers_22_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_23_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.23.self_attention.linear_qkv.layer_norm_weight <- model.layers.23.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.23.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.23.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_23_self_attention_linear_qkv_layer_norm_weight(
@@ -2423,10 +2471,10 @@ def export_decoder_layers_23_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_23_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.23.self_attention.linear_proj.weight <- model.layers.23.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.23.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.23.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_23_self_attention_linear_proj_weight(
@@ -2437,7 +2485,7 @@ def export_decoder_layers_23_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_23_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.23.self_attention.linear_qkv.weight <- model.layers.23.self_attn.q_proj.weight, model.layers.23.self_attn.k_proj.weight, model.layers.23.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -2448,6 +2496,7 @@ def import_decoder_layers_23_self_attention_linear_qkv_weight(
         heads=32,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -2464,10 +2513,10 @@ def export_decoder_layers_23_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_23_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.23.mlp.linear_fc1.layer_norm_weight <- model.layers.23.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.23.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.23.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_23_mlp_linear_fc1_layer_norm_weight(
@@ -2478,13 +2527,14 @@ def export_decoder_layers_23_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_23_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.23.mlp.linear_fc1.weight <- model.layers.23.mlp.gate_proj.weight, model.layers.23.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.23.mlp.gate_proj.weight"),
         load("model.layers.23.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -2497,10 +2547,10 @@ def export_decoder_layers_23_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_23_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.23.mlp.linear_fc2.weight <- model.layers.23.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.23.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.23.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_23_mlp_linear_fc2_weight(
@@ -2511,10 +2561,10 @@ def export_decoder_layers_23_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_24_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.24.self_attention.linear_qkv.layer_norm_weight <- model.layers.24.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.24.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.24.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_24_self_attention_linear_qkv_layer_norm_weight(
@@ -2525,10 +2575,10 @@ def export_decoder_layers_24_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_24_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.24.self_attention.linear_proj.weight <- model.layers.24.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.24.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.24.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_24_self_attention_linear_proj_weight(
@@ -2539,7 +2589,7 @@ def export_decoder_layers_24_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_24_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.24.self_attention.linear_qkv.weight <- model.layers.24.self_attn.q_proj.weight, model.layers.24.self_attn.k_proj.weight, model.layers.24.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -2550,6 +2600,7 @@ def import_decoder_layers_24_self_attention_linear_qkv_weight(
         heads=32,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -2566,10 +2617,10 @@ def export_decoder_layers_24_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_24_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.24.mlp.linear_fc1.layer_norm_weight <- model.layers.24.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.24.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.24.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_24_mlp_linear_fc1_layer_norm_weight(
@@ -2580,13 +2631,14 @@ def export_decoder_layers_24_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_24_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.24.mlp.linear_fc1.weight <- model.layers.24.mlp.gate_proj.weight, model.layers.24.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.24.mlp.gate_proj.weight"),
         load("model.layers.24.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -2599,10 +2651,10 @@ def export_decoder_layers_24_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_24_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.24.mlp.linear_fc2.weight <- model.layers.24.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.24.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.24.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_24_mlp_linear_fc2_weight(
@@ -2613,10 +2665,10 @@ def export_decoder_layers_24_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_25_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.25.self_attention.linear_qkv.layer_norm_weight <- model.layers.25.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.25.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.25.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_25_self_attention_linear_qkv_layer_norm_weight(
@@ -2627,10 +2679,10 @@ def export_decoder_layers_25_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_25_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.25.self_attention.linear_proj.weight <- model.layers.25.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.25.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.25.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_25_self_attention_linear_proj_weight(
@@ -2641,7 +2693,7 @@ def export_decoder_layers_25_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_25_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.25.self_attention.linear_qkv.weight <- model.layers.25.self_attn.q_proj.weight, model.layers.25.self_attn.k_proj.weight, model.layers.25.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -2652,6 +2704,7 @@ def import_decoder_layers_25_self_attention_linear_qkv_weight(
         heads=32,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -2668,10 +2721,10 @@ def export_decoder_layers_25_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_25_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.25.mlp.linear_fc1.layer_norm_weight <- model.layers.25.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.25.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.25.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_25_mlp_linear_fc1_layer_norm_weight(
@@ -2682,13 +2735,14 @@ def export_decoder_layers_25_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_25_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.25.mlp.linear_fc1.weight <- model.layers.25.mlp.gate_proj.weight, model.layers.25.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.25.mlp.gate_proj.weight"),
         load("model.layers.25.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -2701,10 +2755,10 @@ def export_decoder_layers_25_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_25_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.25.mlp.linear_fc2.weight <- model.layers.25.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.25.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.25.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_25_mlp_linear_fc2_weight(
@@ -2715,10 +2769,10 @@ def export_decoder_layers_25_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_26_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.26.self_attention.linear_qkv.layer_norm_weight <- model.layers.26.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.26.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.26.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_26_self_attention_linear_qkv_layer_norm_weight(
@@ -2729,10 +2783,10 @@ def export_decoder_layers_26_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_26_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.26.self_attention.linear_proj.weight <- model.layers.26.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.26.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.26.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_26_self_attention_linear_proj_weight(
@@ -2743,7 +2797,7 @@ def export_decoder_layers_26_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_26_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.26.self_attention.linear_qkv.weight <- model.layers.26.self_attn.q_proj.weight, model.layers.26.self_attn.k_proj.weight, model.layers.26.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -2754,6 +2808,7 @@ def import_decoder_layers_26_self_attention_linear_qkv_weight(
         heads=32,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -2770,10 +2825,10 @@ def export_decoder_layers_26_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_26_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.26.mlp.linear_fc1.layer_norm_weight <- model.layers.26.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.26.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.26.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_26_mlp_linear_fc1_layer_norm_weight(
@@ -2784,13 +2839,14 @@ def export_decoder_layers_26_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_26_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.26.mlp.linear_fc1.weight <- model.layers.26.mlp.gate_proj.weight, model.layers.26.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.26.mlp.gate_proj.weight"),
         load("model.layers.26.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -2803,10 +2859,10 @@ def export_decoder_layers_26_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_26_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.26.mlp.linear_fc2.weight <- model.layers.26.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.26.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.26.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_26_mlp_linear_fc2_weight(
@@ -2817,10 +2873,10 @@ def export_decoder_layers_26_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_27_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.27.self_attention.linear_qkv.layer_norm_weight <- model.layers.27.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.27.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.27.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_27_self_attention_linear_qkv_layer_norm_weight(
@@ -2831,10 +2887,10 @@ def export_decoder_layers_27_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_27_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.27.self_attention.linear_proj.weight <- model.layers.27.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.27.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.27.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_27_self_attention_linear_proj_weight(
@@ -2845,7 +2901,7 @@ def export_decoder_layers_27_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_27_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.27.self_attention.linear_qkv.weight <- model.layers.27.self_attn.q_proj.weight, model.layers.27.self_attn.k_proj.weight, model.layers.27.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -2856,6 +2912,7 @@ def import_decoder_layers_27_self_attention_linear_qkv_weight(
         heads=32,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -2872,10 +2929,10 @@ def export_decoder_layers_27_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_27_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.27.mlp.linear_fc1.layer_norm_weight <- model.layers.27.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.27.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.27.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_27_mlp_linear_fc1_layer_norm_weight(
@@ -2886,13 +2943,14 @@ def export_decoder_layers_27_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_27_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.27.mlp.linear_fc1.weight <- model.layers.27.mlp.gate_proj.weight, model.layers.27.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.27.mlp.gate_proj.weight"),
         load("model.layers.27.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -2905,10 +2963,10 @@ def export_decoder_layers_27_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_27_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.27.mlp.linear_fc2.weight <- model.layers.27.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.27.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.27.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_27_mlp_linear_fc2_weight(
@@ -2919,10 +2977,10 @@ def export_decoder_layers_27_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_28_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.28.self_attention.linear_qkv.layer_norm_weight <- model.layers.28.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.28.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.28.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_28_self_attention_linear_qkv_layer_norm_weight(
@@ -2933,10 +2991,10 @@ def export_decoder_layers_28_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_28_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.28.self_attention.linear_proj.weight <- model.layers.28.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.28.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.28.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_28_self_attention_linear_proj_weight(
@@ -2947,7 +3005,7 @@ def export_decoder_layers_28_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_28_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.28.self_attention.linear_qkv.weight <- model.layers.28.self_attn.q_proj.weight, model.layers.28.self_attn.k_proj.weight, model.layers.28.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -2958,6 +3016,7 @@ def import_decoder_layers_28_self_attention_linear_qkv_weight(
         heads=32,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -2974,10 +3033,10 @@ def export_decoder_layers_28_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_28_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.28.mlp.linear_fc1.layer_norm_weight <- model.layers.28.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.28.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.28.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_28_mlp_linear_fc1_layer_norm_weight(
@@ -2988,13 +3047,14 @@ def export_decoder_layers_28_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_28_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.28.mlp.linear_fc1.weight <- model.layers.28.mlp.gate_proj.weight, model.layers.28.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.28.mlp.gate_proj.weight"),
         load("model.layers.28.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -3007,10 +3067,10 @@ def export_decoder_layers_28_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_28_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.28.mlp.linear_fc2.weight <- model.layers.28.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.28.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.28.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_28_mlp_linear_fc2_weight(
@@ -3021,10 +3081,10 @@ def export_decoder_layers_28_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_29_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.29.self_attention.linear_qkv.layer_norm_weight <- model.layers.29.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.29.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.29.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_29_self_attention_linear_qkv_layer_norm_weight(
@@ -3035,10 +3095,10 @@ def export_decoder_layers_29_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_29_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.29.self_attention.linear_proj.weight <- model.layers.29.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.29.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.29.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_29_self_attention_linear_proj_weight(
@@ -3049,7 +3109,7 @@ def export_decoder_layers_29_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_29_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.29.self_attention.linear_qkv.weight <- model.layers.29.self_attn.q_proj.weight, model.layers.29.self_attn.k_proj.weight, model.layers.29.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -3060,6 +3120,7 @@ def import_decoder_layers_29_self_attention_linear_qkv_weight(
         heads=32,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -3076,10 +3137,10 @@ def export_decoder_layers_29_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_29_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.29.mlp.linear_fc1.layer_norm_weight <- model.layers.29.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.29.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.29.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_29_mlp_linear_fc1_layer_norm_weight(
@@ -3090,13 +3151,14 @@ def export_decoder_layers_29_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_29_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.29.mlp.linear_fc1.weight <- model.layers.29.mlp.gate_proj.weight, model.layers.29.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.29.mlp.gate_proj.weight"),
         load("model.layers.29.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -3109,10 +3171,10 @@ def export_decoder_layers_29_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_29_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.29.mlp.linear_fc2.weight <- model.layers.29.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.29.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.29.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_29_mlp_linear_fc2_weight(
@@ -3123,10 +3185,10 @@ def export_decoder_layers_29_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_30_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.30.self_attention.linear_qkv.layer_norm_weight <- model.layers.30.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.30.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.30.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_30_self_attention_linear_qkv_layer_norm_weight(
@@ -3137,10 +3199,10 @@ def export_decoder_layers_30_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_30_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.30.self_attention.linear_proj.weight <- model.layers.30.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.30.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.30.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_30_self_attention_linear_proj_weight(
@@ -3151,7 +3213,7 @@ def export_decoder_layers_30_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_30_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.30.self_attention.linear_qkv.weight <- model.layers.30.self_attn.q_proj.weight, model.layers.30.self_attn.k_proj.weight, model.layers.30.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -3162,6 +3224,7 @@ def import_decoder_layers_30_self_attention_linear_qkv_weight(
         heads=32,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -3178,10 +3241,10 @@ def export_decoder_layers_30_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_30_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.30.mlp.linear_fc1.layer_norm_weight <- model.layers.30.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.30.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.30.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_30_mlp_linear_fc1_layer_norm_weight(
@@ -3192,13 +3255,14 @@ def export_decoder_layers_30_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_30_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.30.mlp.linear_fc1.weight <- model.layers.30.mlp.gate_proj.weight, model.layers.30.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.30.mlp.gate_proj.weight"),
         load("model.layers.30.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -3211,10 +3275,10 @@ def export_decoder_layers_30_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_30_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.30.mlp.linear_fc2.weight <- model.layers.30.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.30.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.30.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_30_mlp_linear_fc2_weight(
@@ -3225,10 +3289,10 @@ def export_decoder_layers_30_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_31_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.31.self_attention.linear_qkv.layer_norm_weight <- model.layers.31.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.31.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.31.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_31_self_attention_linear_qkv_layer_norm_weight(
@@ -3239,10 +3303,10 @@ def export_decoder_layers_31_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_31_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.31.self_attention.linear_proj.weight <- model.layers.31.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.31.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.31.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_31_self_attention_linear_proj_weight(
@@ -3253,7 +3317,7 @@ def export_decoder_layers_31_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_31_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.31.self_attention.linear_qkv.weight <- model.layers.31.self_attn.q_proj.weight, model.layers.31.self_attn.k_proj.weight, model.layers.31.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -3264,6 +3328,7 @@ def import_decoder_layers_31_self_attention_linear_qkv_weight(
         heads=32,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -3280,10 +3345,10 @@ def export_decoder_layers_31_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_31_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.31.mlp.linear_fc1.layer_norm_weight <- model.layers.31.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.31.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.31.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_31_mlp_linear_fc1_layer_norm_weight(
@@ -3294,13 +3359,14 @@ def export_decoder_layers_31_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_31_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.31.mlp.linear_fc1.weight <- model.layers.31.mlp.gate_proj.weight, model.layers.31.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.31.mlp.gate_proj.weight"),
         load("model.layers.31.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -3313,10 +3379,10 @@ def export_decoder_layers_31_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_31_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.31.mlp.linear_fc2.weight <- model.layers.31.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.31.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.31.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_31_mlp_linear_fc2_weight(
@@ -3326,9 +3392,11 @@ def export_decoder_layers_31_mlp_linear_fc2_weight(
     return {"model.layers.31.mlp.down_proj.weight": rt.row_export(parts)}
 
 
-def import_decoder_final_layernorm_weight(ctx: ParallelContext, load: Loader) -> torch.Tensor:
+def import_decoder_final_layernorm_weight(
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """decoder.final_layernorm.weight <- model.norm.weight: auto -> replicated, specs/llama.yaml:54."""
-    return load("model.norm.weight")
+    return rt.whole_import(load("model.norm.weight"), out=out)
 
 
 def export_decoder_final_layernorm_weight(parts: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -3336,9 +3404,11 @@ def export_decoder_final_layernorm_weight(parts: Sequence[torch.Tensor]) -> dict
     return {"model.norm.weight": parts[0]}
 
 
-def import_output_layer_weight(ctx: ParallelContext, load: Loader) -> torch.Tensor:
+def import_output_layer_weight(
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """output_layer.weight <- lm_head.weight: auto -> column, specs/llama.yaml:57."""
-    return rt.column_import(ctx.tp, load("lm_head.weight"))
+    return rt.column_import(ctx.tp, load("lm_head.weight"), out=out)
 
 
 def export_output_layer_weight(parts: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -50,9 +50,11 @@ DIMS: Final = ModelDims(
 )
 
 
-def import_embedding_word_embeddings_weight(ctx: ParallelContext, load: Loader) -> torch.Tensor:
+def import_embedding_word_embeddings_weight(
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """embedding.word_embeddings.weight <- model.embed_tokens.weight: auto -> column, specs/llama.yaml:29."""
-    return rt.column_import(ctx.tp, load("model.embed_tokens.weight"))
+    return rt.column_import(ctx.tp, load("model.embed_tokens.weight"), out=out)
 
 
 def export_embedding_word_embeddings_weight(
@@ -63,10 +65,10 @@ def export_embedding_word_embeddings_weight(
 
 
 def import_decoder_layers_0_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.0.self_attention.linear_qkv.layer_norm_weight <- model.layers.0.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.0.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.0.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_0_self_attention_linear_qkv_layer_norm_weight(
@@ -77,10 +79,10 @@ def export_decoder_layers_0_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_0_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.0.self_attention.linear_proj.weight <- model.layers.0.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.0.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.0.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_0_self_attention_linear_proj_weight(
@@ -91,7 +93,7 @@ def export_decoder_layers_0_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_0_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.0.self_attention.linear_qkv.weight <- model.layers.0.self_attn.q_proj.weight, model.layers.0.self_attn.k_proj.weight, model.layers.0.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -102,6 +104,7 @@ def import_decoder_layers_0_self_attention_linear_qkv_weight(
         heads=32,
         groups=8,
         head_dim=64,
+        out=out,
     )
 
 
@@ -118,10 +121,10 @@ def export_decoder_layers_0_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_0_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.0.mlp.linear_fc1.layer_norm_weight <- model.layers.0.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.0.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.0.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_0_mlp_linear_fc1_layer_norm_weight(
@@ -132,13 +135,14 @@ def export_decoder_layers_0_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_0_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.0.mlp.linear_fc1.weight <- model.layers.0.mlp.gate_proj.weight, model.layers.0.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.0.mlp.gate_proj.weight"),
         load("model.layers.0.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -151,10 +155,10 @@ def export_decoder_layers_0_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_0_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.0.mlp.linear_fc2.weight <- model.layers.0.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.0.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.0.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_0_mlp_linear_fc2_weight(
@@ -165,10 +169,10 @@ def export_decoder_layers_0_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_1_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.1.self_attention.linear_qkv.layer_norm_weight <- model.layers.1.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.1.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.1.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_1_self_attention_linear_qkv_layer_norm_weight(
@@ -179,10 +183,10 @@ def export_decoder_layers_1_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_1_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.1.self_attention.linear_proj.weight <- model.layers.1.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.1.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.1.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_1_self_attention_linear_proj_weight(
@@ -193,7 +197,7 @@ def export_decoder_layers_1_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_1_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.1.self_attention.linear_qkv.weight <- model.layers.1.self_attn.q_proj.weight, model.layers.1.self_attn.k_proj.weight, model.layers.1.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -204,6 +208,7 @@ def import_decoder_layers_1_self_attention_linear_qkv_weight(
         heads=32,
         groups=8,
         head_dim=64,
+        out=out,
     )
 
 
@@ -220,10 +225,10 @@ def export_decoder_layers_1_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_1_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.1.mlp.linear_fc1.layer_norm_weight <- model.layers.1.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.1.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.1.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_1_mlp_linear_fc1_layer_norm_weight(
@@ -234,13 +239,14 @@ def export_decoder_layers_1_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_1_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.1.mlp.linear_fc1.weight <- model.layers.1.mlp.gate_proj.weight, model.layers.1.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.1.mlp.gate_proj.weight"),
         load("model.layers.1.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -253,10 +259,10 @@ def export_decoder_layers_1_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_1_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.1.mlp.linear_fc2.weight <- model.layers.1.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.1.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.1.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_1_mlp_linear_fc2_weight(
@@ -267,10 +273,10 @@ def export_decoder_layers_1_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_2_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.2.self_attention.linear_qkv.layer_norm_weight <- model.layers.2.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.2.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.2.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_2_self_attention_linear_qkv_layer_norm_weight(
@@ -281,10 +287,10 @@ def export_decoder_layers_2_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_2_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.2.self_attention.linear_proj.weight <- model.layers.2.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.2.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.2.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_2_self_attention_linear_proj_weight(
@@ -295,7 +301,7 @@ def export_decoder_layers_2_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_2_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.2.self_attention.linear_qkv.weight <- model.layers.2.self_attn.q_proj.weight, model.layers.2.self_attn.k_proj.weight, model.layers.2.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -306,6 +312,7 @@ def import_decoder_layers_2_self_attention_linear_qkv_weight(
         heads=32,
         groups=8,
         head_dim=64,
+        out=out,
     )
 
 
@@ -322,10 +329,10 @@ def export_decoder_layers_2_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_2_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.2.mlp.linear_fc1.layer_norm_weight <- model.layers.2.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.2.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.2.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_2_mlp_linear_fc1_layer_norm_weight(
@@ -336,13 +343,14 @@ def export_decoder_layers_2_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_2_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.2.mlp.linear_fc1.weight <- model.layers.2.mlp.gate_proj.weight, model.layers.2.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.2.mlp.gate_proj.weight"),
         load("model.layers.2.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -355,10 +363,10 @@ def export_decoder_layers_2_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_2_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.2.mlp.linear_fc2.weight <- model.layers.2.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.2.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.2.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_2_mlp_linear_fc2_weight(
@@ -369,10 +377,10 @@ def export_decoder_layers_2_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_3_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.3.self_attention.linear_qkv.layer_norm_weight <- model.layers.3.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.3.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.3.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_3_self_attention_linear_qkv_layer_norm_weight(
@@ -383,10 +391,10 @@ def export_decoder_layers_3_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_3_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.3.self_attention.linear_proj.weight <- model.layers.3.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.3.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.3.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_3_self_attention_linear_proj_weight(
@@ -397,7 +405,7 @@ def export_decoder_layers_3_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_3_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.3.self_attention.linear_qkv.weight <- model.layers.3.self_attn.q_proj.weight, model.layers.3.self_attn.k_proj.weight, model.layers.3.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -408,6 +416,7 @@ def import_decoder_layers_3_self_attention_linear_qkv_weight(
         heads=32,
         groups=8,
         head_dim=64,
+        out=out,
     )
 
 
@@ -424,10 +433,10 @@ def export_decoder_layers_3_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_3_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.3.mlp.linear_fc1.layer_norm_weight <- model.layers.3.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.3.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.3.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_3_mlp_linear_fc1_layer_norm_weight(
@@ -438,13 +447,14 @@ def export_decoder_layers_3_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_3_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.3.mlp.linear_fc1.weight <- model.layers.3.mlp.gate_proj.weight, model.layers.3.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.3.mlp.gate_proj.weight"),
         load("model.layers.3.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -457,10 +467,10 @@ def export_decoder_layers_3_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_3_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.3.mlp.linear_fc2.weight <- model.layers.3.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.3.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.3.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_3_mlp_linear_fc2_weight(
@@ -471,10 +481,10 @@ def export_decoder_layers_3_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_4_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.4.self_attention.linear_qkv.layer_norm_weight <- model.layers.4.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.4.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.4.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_4_self_attention_linear_qkv_layer_norm_weight(
@@ -485,10 +495,10 @@ def export_decoder_layers_4_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_4_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.4.self_attention.linear_proj.weight <- model.layers.4.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.4.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.4.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_4_self_attention_linear_proj_weight(
@@ -499,7 +509,7 @@ def export_decoder_layers_4_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_4_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.4.self_attention.linear_qkv.weight <- model.layers.4.self_attn.q_proj.weight, model.layers.4.self_attn.k_proj.weight, model.layers.4.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -510,6 +520,7 @@ def import_decoder_layers_4_self_attention_linear_qkv_weight(
         heads=32,
         groups=8,
         head_dim=64,
+        out=out,
     )
 
 
@@ -526,10 +537,10 @@ def export_decoder_layers_4_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_4_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.4.mlp.linear_fc1.layer_norm_weight <- model.layers.4.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.4.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.4.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_4_mlp_linear_fc1_layer_norm_weight(
@@ -540,13 +551,14 @@ def export_decoder_layers_4_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_4_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.4.mlp.linear_fc1.weight <- model.layers.4.mlp.gate_proj.weight, model.layers.4.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.4.mlp.gate_proj.weight"),
         load("model.layers.4.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -559,10 +571,10 @@ def export_decoder_layers_4_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_4_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.4.mlp.linear_fc2.weight <- model.layers.4.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.4.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.4.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_4_mlp_linear_fc2_weight(
@@ -573,10 +585,10 @@ def export_decoder_layers_4_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_5_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.5.self_attention.linear_qkv.layer_norm_weight <- model.layers.5.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.5.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.5.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_5_self_attention_linear_qkv_layer_norm_weight(
@@ -587,10 +599,10 @@ def export_decoder_layers_5_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_5_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.5.self_attention.linear_proj.weight <- model.layers.5.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.5.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.5.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_5_self_attention_linear_proj_weight(
@@ -601,7 +613,7 @@ def export_decoder_layers_5_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_5_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.5.self_attention.linear_qkv.weight <- model.layers.5.self_attn.q_proj.weight, model.layers.5.self_attn.k_proj.weight, model.layers.5.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -612,6 +624,7 @@ def import_decoder_layers_5_self_attention_linear_qkv_weight(
         heads=32,
         groups=8,
         head_dim=64,
+        out=out,
     )
 
 
@@ -628,10 +641,10 @@ def export_decoder_layers_5_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_5_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.5.mlp.linear_fc1.layer_norm_weight <- model.layers.5.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.5.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.5.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_5_mlp_linear_fc1_layer_norm_weight(
@@ -642,13 +655,14 @@ def export_decoder_layers_5_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_5_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.5.mlp.linear_fc1.weight <- model.layers.5.mlp.gate_proj.weight, model.layers.5.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.5.mlp.gate_proj.weight"),
         load("model.layers.5.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -661,10 +675,10 @@ def export_decoder_layers_5_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_5_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.5.mlp.linear_fc2.weight <- model.layers.5.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.5.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.5.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_5_mlp_linear_fc2_weight(
@@ -675,10 +689,10 @@ def export_decoder_layers_5_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_6_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.6.self_attention.linear_qkv.layer_norm_weight <- model.layers.6.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.6.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.6.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_6_self_attention_linear_qkv_layer_norm_weight(
@@ -689,10 +703,10 @@ def export_decoder_layers_6_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_6_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.6.self_attention.linear_proj.weight <- model.layers.6.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.6.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.6.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_6_self_attention_linear_proj_weight(
@@ -703,7 +717,7 @@ def export_decoder_layers_6_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_6_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.6.self_attention.linear_qkv.weight <- model.layers.6.self_attn.q_proj.weight, model.layers.6.self_attn.k_proj.weight, model.layers.6.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -714,6 +728,7 @@ def import_decoder_layers_6_self_attention_linear_qkv_weight(
         heads=32,
         groups=8,
         head_dim=64,
+        out=out,
     )
 
 
@@ -730,10 +745,10 @@ def export_decoder_layers_6_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_6_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.6.mlp.linear_fc1.layer_norm_weight <- model.layers.6.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.6.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.6.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_6_mlp_linear_fc1_layer_norm_weight(
@@ -744,13 +759,14 @@ def export_decoder_layers_6_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_6_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.6.mlp.linear_fc1.weight <- model.layers.6.mlp.gate_proj.weight, model.layers.6.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.6.mlp.gate_proj.weight"),
         load("model.layers.6.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -763,10 +779,10 @@ def export_decoder_layers_6_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_6_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.6.mlp.linear_fc2.weight <- model.layers.6.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.6.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.6.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_6_mlp_linear_fc2_weight(
@@ -777,10 +793,10 @@ def export_decoder_layers_6_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_7_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.7.self_attention.linear_qkv.layer_norm_weight <- model.layers.7.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.7.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.7.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_7_self_attention_linear_qkv_layer_norm_weight(
@@ -791,10 +807,10 @@ def export_decoder_layers_7_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_7_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.7.self_attention.linear_proj.weight <- model.layers.7.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.7.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.7.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_7_self_attention_linear_proj_weight(
@@ -805,7 +821,7 @@ def export_decoder_layers_7_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_7_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.7.self_attention.linear_qkv.weight <- model.layers.7.self_attn.q_proj.weight, model.layers.7.self_attn.k_proj.weight, model.layers.7.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -816,6 +832,7 @@ def import_decoder_layers_7_self_attention_linear_qkv_weight(
         heads=32,
         groups=8,
         head_dim=64,
+        out=out,
     )
 
 
@@ -832,10 +849,10 @@ def export_decoder_layers_7_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_7_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.7.mlp.linear_fc1.layer_norm_weight <- model.layers.7.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.7.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.7.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_7_mlp_linear_fc1_layer_norm_weight(
@@ -846,13 +863,14 @@ def export_decoder_layers_7_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_7_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.7.mlp.linear_fc1.weight <- model.layers.7.mlp.gate_proj.weight, model.layers.7.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.7.mlp.gate_proj.weight"),
         load("model.layers.7.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -865,10 +883,10 @@ def export_decoder_layers_7_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_7_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.7.mlp.linear_fc2.weight <- model.layers.7.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.7.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.7.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_7_mlp_linear_fc2_weight(
@@ -879,10 +897,10 @@ def export_decoder_layers_7_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_8_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.8.self_attention.linear_qkv.layer_norm_weight <- model.layers.8.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.8.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.8.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_8_self_attention_linear_qkv_layer_norm_weight(
@@ -893,10 +911,10 @@ def export_decoder_layers_8_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_8_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.8.self_attention.linear_proj.weight <- model.layers.8.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.8.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.8.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_8_self_attention_linear_proj_weight(
@@ -907,7 +925,7 @@ def export_decoder_layers_8_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_8_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.8.self_attention.linear_qkv.weight <- model.layers.8.self_attn.q_proj.weight, model.layers.8.self_attn.k_proj.weight, model.layers.8.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -918,6 +936,7 @@ def import_decoder_layers_8_self_attention_linear_qkv_weight(
         heads=32,
         groups=8,
         head_dim=64,
+        out=out,
     )
 
 
@@ -934,10 +953,10 @@ def export_decoder_layers_8_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_8_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.8.mlp.linear_fc1.layer_norm_weight <- model.layers.8.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.8.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.8.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_8_mlp_linear_fc1_layer_norm_weight(
@@ -948,13 +967,14 @@ def export_decoder_layers_8_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_8_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.8.mlp.linear_fc1.weight <- model.layers.8.mlp.gate_proj.weight, model.layers.8.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.8.mlp.gate_proj.weight"),
         load("model.layers.8.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -967,10 +987,10 @@ def export_decoder_layers_8_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_8_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.8.mlp.linear_fc2.weight <- model.layers.8.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.8.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.8.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_8_mlp_linear_fc2_weight(
@@ -981,10 +1001,10 @@ def export_decoder_layers_8_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_9_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.9.self_attention.linear_qkv.layer_norm_weight <- model.layers.9.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.9.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.9.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_9_self_attention_linear_qkv_layer_norm_weight(
@@ -995,10 +1015,10 @@ def export_decoder_layers_9_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_9_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.9.self_attention.linear_proj.weight <- model.layers.9.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.9.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.9.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_9_self_attention_linear_proj_weight(
@@ -1009,7 +1029,7 @@ def export_decoder_layers_9_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_9_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.9.self_attention.linear_qkv.weight <- model.layers.9.self_attn.q_proj.weight, model.layers.9.self_attn.k_proj.weight, model.layers.9.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -1020,6 +1040,7 @@ def import_decoder_layers_9_self_attention_linear_qkv_weight(
         heads=32,
         groups=8,
         head_dim=64,
+        out=out,
     )
 
 
@@ -1036,10 +1057,10 @@ def export_decoder_layers_9_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_9_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.9.mlp.linear_fc1.layer_norm_weight <- model.layers.9.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.9.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.9.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_9_mlp_linear_fc1_layer_norm_weight(
@@ -1050,13 +1071,14 @@ def export_decoder_layers_9_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_9_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.9.mlp.linear_fc1.weight <- model.layers.9.mlp.gate_proj.weight, model.layers.9.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.9.mlp.gate_proj.weight"),
         load("model.layers.9.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -1069,10 +1091,10 @@ def export_decoder_layers_9_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_9_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.9.mlp.linear_fc2.weight <- model.layers.9.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.9.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.9.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_9_mlp_linear_fc2_weight(
@@ -1083,10 +1105,10 @@ def export_decoder_layers_9_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_10_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.10.self_attention.linear_qkv.layer_norm_weight <- model.layers.10.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.10.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.10.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_10_self_attention_linear_qkv_layer_norm_weight(
@@ -1097,10 +1119,10 @@ def export_decoder_layers_10_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_10_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.10.self_attention.linear_proj.weight <- model.layers.10.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.10.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.10.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_10_self_attention_linear_proj_weight(
@@ -1111,7 +1133,7 @@ def export_decoder_layers_10_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_10_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.10.self_attention.linear_qkv.weight <- model.layers.10.self_attn.q_proj.weight, model.layers.10.self_attn.k_proj.weight, model.layers.10.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -1122,6 +1144,7 @@ def import_decoder_layers_10_self_attention_linear_qkv_weight(
         heads=32,
         groups=8,
         head_dim=64,
+        out=out,
     )
 
 
@@ -1138,10 +1161,10 @@ def export_decoder_layers_10_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_10_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.10.mlp.linear_fc1.layer_norm_weight <- model.layers.10.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.10.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.10.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_10_mlp_linear_fc1_layer_norm_weight(
@@ -1152,13 +1175,14 @@ def export_decoder_layers_10_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_10_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.10.mlp.linear_fc1.weight <- model.layers.10.mlp.gate_proj.weight, model.layers.10.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.10.mlp.gate_proj.weight"),
         load("model.layers.10.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -1171,10 +1195,10 @@ def export_decoder_layers_10_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_10_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.10.mlp.linear_fc2.weight <- model.layers.10.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.10.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.10.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_10_mlp_linear_fc2_weight(
@@ -1185,10 +1209,10 @@ def export_decoder_layers_10_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_11_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.11.self_attention.linear_qkv.layer_norm_weight <- model.layers.11.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.11.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.11.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_11_self_attention_linear_qkv_layer_norm_weight(
@@ -1199,10 +1223,10 @@ def export_decoder_layers_11_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_11_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.11.self_attention.linear_proj.weight <- model.layers.11.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.11.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.11.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_11_self_attention_linear_proj_weight(
@@ -1213,7 +1237,7 @@ def export_decoder_layers_11_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_11_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.11.self_attention.linear_qkv.weight <- model.layers.11.self_attn.q_proj.weight, model.layers.11.self_attn.k_proj.weight, model.layers.11.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -1224,6 +1248,7 @@ def import_decoder_layers_11_self_attention_linear_qkv_weight(
         heads=32,
         groups=8,
         head_dim=64,
+        out=out,
     )
 
 
@@ -1240,10 +1265,10 @@ def export_decoder_layers_11_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_11_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.11.mlp.linear_fc1.layer_norm_weight <- model.layers.11.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.11.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.11.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_11_mlp_linear_fc1_layer_norm_weight(
@@ -1254,13 +1279,14 @@ def export_decoder_layers_11_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_11_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.11.mlp.linear_fc1.weight <- model.layers.11.mlp.gate_proj.weight, model.layers.11.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.11.mlp.gate_proj.weight"),
         load("model.layers.11.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -1273,10 +1299,10 @@ def export_decoder_layers_11_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_11_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.11.mlp.linear_fc2.weight <- model.layers.11.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.11.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.11.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_11_mlp_linear_fc2_weight(
@@ -1287,10 +1313,10 @@ def export_decoder_layers_11_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_12_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.12.self_attention.linear_qkv.layer_norm_weight <- model.layers.12.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.12.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.12.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_12_self_attention_linear_qkv_layer_norm_weight(
@@ -1301,10 +1327,10 @@ def export_decoder_layers_12_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_12_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.12.self_attention.linear_proj.weight <- model.layers.12.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.12.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.12.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_12_self_attention_linear_proj_weight(
@@ -1315,7 +1341,7 @@ def export_decoder_layers_12_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_12_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.12.self_attention.linear_qkv.weight <- model.layers.12.self_attn.q_proj.weight, model.layers.12.self_attn.k_proj.weight, model.layers.12.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -1326,6 +1352,7 @@ def import_decoder_layers_12_self_attention_linear_qkv_weight(
         heads=32,
         groups=8,
         head_dim=64,
+        out=out,
     )
 
 
@@ -1342,10 +1369,10 @@ def export_decoder_layers_12_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_12_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.12.mlp.linear_fc1.layer_norm_weight <- model.layers.12.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.12.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.12.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_12_mlp_linear_fc1_layer_norm_weight(
@@ -1356,13 +1383,14 @@ def export_decoder_layers_12_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_12_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.12.mlp.linear_fc1.weight <- model.layers.12.mlp.gate_proj.weight, model.layers.12.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.12.mlp.gate_proj.weight"),
         load("model.layers.12.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -1375,10 +1403,10 @@ def export_decoder_layers_12_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_12_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.12.mlp.linear_fc2.weight <- model.layers.12.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.12.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.12.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_12_mlp_linear_fc2_weight(
@@ -1389,10 +1417,10 @@ def export_decoder_layers_12_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_13_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.13.self_attention.linear_qkv.layer_norm_weight <- model.layers.13.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.13.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.13.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_13_self_attention_linear_qkv_layer_norm_weight(
@@ -1403,10 +1431,10 @@ def export_decoder_layers_13_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_13_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.13.self_attention.linear_proj.weight <- model.layers.13.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.13.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.13.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_13_self_attention_linear_proj_weight(
@@ -1417,7 +1445,7 @@ def export_decoder_layers_13_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_13_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.13.self_attention.linear_qkv.weight <- model.layers.13.self_attn.q_proj.weight, model.layers.13.self_attn.k_proj.weight, model.layers.13.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -1428,6 +1456,7 @@ def import_decoder_layers_13_self_attention_linear_qkv_weight(
         heads=32,
         groups=8,
         head_dim=64,
+        out=out,
     )
 
 
@@ -1444,10 +1473,10 @@ def export_decoder_layers_13_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_13_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.13.mlp.linear_fc1.layer_norm_weight <- model.layers.13.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.13.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.13.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_13_mlp_linear_fc1_layer_norm_weight(
@@ -1458,13 +1487,14 @@ def export_decoder_layers_13_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_13_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.13.mlp.linear_fc1.weight <- model.layers.13.mlp.gate_proj.weight, model.layers.13.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.13.mlp.gate_proj.weight"),
         load("model.layers.13.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -1477,10 +1507,10 @@ def export_decoder_layers_13_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_13_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.13.mlp.linear_fc2.weight <- model.layers.13.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.13.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.13.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_13_mlp_linear_fc2_weight(
@@ -1491,10 +1521,10 @@ def export_decoder_layers_13_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_14_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.14.self_attention.linear_qkv.layer_norm_weight <- model.layers.14.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.14.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.14.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_14_self_attention_linear_qkv_layer_norm_weight(
@@ -1505,10 +1535,10 @@ def export_decoder_layers_14_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_14_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.14.self_attention.linear_proj.weight <- model.layers.14.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.14.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.14.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_14_self_attention_linear_proj_weight(
@@ -1519,7 +1549,7 @@ def export_decoder_layers_14_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_14_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.14.self_attention.linear_qkv.weight <- model.layers.14.self_attn.q_proj.weight, model.layers.14.self_attn.k_proj.weight, model.layers.14.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -1530,6 +1560,7 @@ def import_decoder_layers_14_self_attention_linear_qkv_weight(
         heads=32,
         groups=8,
         head_dim=64,
+        out=out,
     )
 
 
@@ -1546,10 +1577,10 @@ def export_decoder_layers_14_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_14_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.14.mlp.linear_fc1.layer_norm_weight <- model.layers.14.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.14.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.14.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_14_mlp_linear_fc1_layer_norm_weight(
@@ -1560,13 +1591,14 @@ def export_decoder_layers_14_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_14_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.14.mlp.linear_fc1.weight <- model.layers.14.mlp.gate_proj.weight, model.layers.14.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.14.mlp.gate_proj.weight"),
         load("model.layers.14.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -1579,10 +1611,10 @@ def export_decoder_layers_14_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_14_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.14.mlp.linear_fc2.weight <- model.layers.14.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.14.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.14.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_14_mlp_linear_fc2_weight(
@@ -1593,10 +1625,10 @@ def export_decoder_layers_14_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_15_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.15.self_attention.linear_qkv.layer_norm_weight <- model.layers.15.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
-    return load("model.layers.15.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.15.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_15_self_attention_linear_qkv_layer_norm_weight(
@@ -1607,10 +1639,10 @@ def export_decoder_layers_15_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_15_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.15.self_attention.linear_proj.weight <- model.layers.15.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
-    return rt.row_import(ctx.tp, load("model.layers.15.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.15.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_15_self_attention_linear_proj_weight(
@@ -1621,7 +1653,7 @@ def export_decoder_layers_15_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_15_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.15.self_attention.linear_qkv.weight <- model.layers.15.self_attn.q_proj.weight, model.layers.15.self_attn.k_proj.weight, model.layers.15.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
     return rt.qkv_import(
@@ -1632,6 +1664,7 @@ def import_decoder_layers_15_self_attention_linear_qkv_weight(
         heads=32,
         groups=8,
         head_dim=64,
+        out=out,
     )
 
 
@@ -1648,10 +1681,10 @@ def export_decoder_layers_15_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_15_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.15.mlp.linear_fc1.layer_norm_weight <- model.layers.15.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
-    return load("model.layers.15.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.15.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_15_mlp_linear_fc1_layer_norm_weight(
@@ -1662,13 +1695,14 @@ def export_decoder_layers_15_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_15_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.15.mlp.linear_fc1.weight <- model.layers.15.mlp.gate_proj.weight, model.layers.15.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.15.mlp.gate_proj.weight"),
         load("model.layers.15.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -1681,10 +1715,10 @@ def export_decoder_layers_15_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_15_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.15.mlp.linear_fc2.weight <- model.layers.15.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
-    return rt.row_import(ctx.tp, load("model.layers.15.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.15.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_15_mlp_linear_fc2_weight(
@@ -1694,9 +1728,11 @@ def export_decoder_layers_15_mlp_linear_fc2_weight(
     return {"model.layers.15.mlp.down_proj.weight": rt.row_export(parts)}
 
 
-def import_decoder_final_layernorm_weight(ctx: ParallelContext, load: Loader) -> torch.Tensor:
+def import_decoder_final_layernorm_weight(
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """decoder.final_layernorm.weight <- model.norm.weight: auto -> replicated, specs/llama.yaml:54."""
-    return load("model.norm.weight")
+    return rt.whole_import(load("model.norm.weight"), out=out)
 
 
 def export_decoder_final_layernorm_weight(parts: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -50,9 +50,11 @@ DIMS: Final = ModelDims(
 )
 
 
-def import_embedding_word_embeddings_weight(ctx: ParallelContext, load: Loader) -> torch.Tensor:
+def import_embedding_word_embeddings_weight(
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """embedding.word_embeddings.weight <- model.embed_tokens.weight: auto -> column, specs/qwen2.yaml:25."""
-    return rt.column_import(ctx.tp, load("model.embed_tokens.weight"))
+    return rt.column_import(ctx.tp, load("model.embed_tokens.weight"), out=out)
 
 
 def export_embedding_word_embeddings_weight(
@@ -63,10 +65,10 @@ def export_embedding_word_embeddings_weight(
 
 
 def import_decoder_layers_0_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.0.self_attention.linear_qkv.layer_norm_weight <- model.layers.0.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
-    return load("model.layers.0.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.0.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_0_self_attention_linear_qkv_layer_norm_weight(
@@ -77,10 +79,10 @@ def export_decoder_layers_0_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_0_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.0.self_attention.linear_proj.weight <- model.layers.0.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
-    return rt.row_import(ctx.tp, load("model.layers.0.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.0.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_0_self_attention_linear_proj_weight(
@@ -91,7 +93,7 @@ def export_decoder_layers_0_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_0_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.0.self_attention.linear_qkv.weight <- model.layers.0.self_attn.q_proj.weight, model.layers.0.self_attn.k_proj.weight, model.layers.0.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
     return rt.qkv_import(
@@ -102,6 +104,7 @@ def import_decoder_layers_0_self_attention_linear_qkv_weight(
         heads=28,
         groups=4,
         head_dim=128,
+        out=out,
     )
 
 
@@ -118,7 +121,7 @@ def export_decoder_layers_0_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_0_self_attention_linear_qkv_bias(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.0.self_attention.linear_qkv.bias <- model.layers.0.self_attn.q_proj.bias, model.layers.0.self_attn.k_proj.bias, model.layers.0.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
     return rt.qkv_import(
@@ -129,6 +132,7 @@ def import_decoder_layers_0_self_attention_linear_qkv_bias(
         heads=28,
         groups=4,
         head_dim=128,
+        out=out,
     )
 
 
@@ -145,10 +149,10 @@ def export_decoder_layers_0_self_attention_linear_qkv_bias(
 
 
 def import_decoder_layers_0_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.0.mlp.linear_fc1.layer_norm_weight <- model.layers.0.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
-    return load("model.layers.0.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.0.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_0_mlp_linear_fc1_layer_norm_weight(
@@ -159,13 +163,14 @@ def export_decoder_layers_0_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_0_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.0.mlp.linear_fc1.weight <- model.layers.0.mlp.gate_proj.weight, model.layers.0.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.0.mlp.gate_proj.weight"),
         load("model.layers.0.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -178,10 +183,10 @@ def export_decoder_layers_0_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_0_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.0.mlp.linear_fc2.weight <- model.layers.0.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
-    return rt.row_import(ctx.tp, load("model.layers.0.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.0.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_0_mlp_linear_fc2_weight(
@@ -192,10 +197,10 @@ def export_decoder_layers_0_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_1_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.1.self_attention.linear_qkv.layer_norm_weight <- model.layers.1.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
-    return load("model.layers.1.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.1.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_1_self_attention_linear_qkv_layer_norm_weight(
@@ -206,10 +211,10 @@ def export_decoder_layers_1_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_1_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.1.self_attention.linear_proj.weight <- model.layers.1.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
-    return rt.row_import(ctx.tp, load("model.layers.1.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.1.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_1_self_attention_linear_proj_weight(
@@ -220,7 +225,7 @@ def export_decoder_layers_1_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_1_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.1.self_attention.linear_qkv.weight <- model.layers.1.self_attn.q_proj.weight, model.layers.1.self_attn.k_proj.weight, model.layers.1.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
     return rt.qkv_import(
@@ -231,6 +236,7 @@ def import_decoder_layers_1_self_attention_linear_qkv_weight(
         heads=28,
         groups=4,
         head_dim=128,
+        out=out,
     )
 
 
@@ -247,7 +253,7 @@ def export_decoder_layers_1_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_1_self_attention_linear_qkv_bias(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.1.self_attention.linear_qkv.bias <- model.layers.1.self_attn.q_proj.bias, model.layers.1.self_attn.k_proj.bias, model.layers.1.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
     return rt.qkv_import(
@@ -258,6 +264,7 @@ def import_decoder_layers_1_self_attention_linear_qkv_bias(
         heads=28,
         groups=4,
         head_dim=128,
+        out=out,
     )
 
 
@@ -274,10 +281,10 @@ def export_decoder_layers_1_self_attention_linear_qkv_bias(
 
 
 def import_decoder_layers_1_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.1.mlp.linear_fc1.layer_norm_weight <- model.layers.1.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
-    return load("model.layers.1.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.1.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_1_mlp_linear_fc1_layer_norm_weight(
@@ -288,13 +295,14 @@ def export_decoder_layers_1_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_1_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.1.mlp.linear_fc1.weight <- model.layers.1.mlp.gate_proj.weight, model.layers.1.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.1.mlp.gate_proj.weight"),
         load("model.layers.1.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -307,10 +315,10 @@ def export_decoder_layers_1_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_1_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.1.mlp.linear_fc2.weight <- model.layers.1.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
-    return rt.row_import(ctx.tp, load("model.layers.1.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.1.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_1_mlp_linear_fc2_weight(
@@ -321,10 +329,10 @@ def export_decoder_layers_1_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_2_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.2.self_attention.linear_qkv.layer_norm_weight <- model.layers.2.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
-    return load("model.layers.2.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.2.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_2_self_attention_linear_qkv_layer_norm_weight(
@@ -335,10 +343,10 @@ def export_decoder_layers_2_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_2_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.2.self_attention.linear_proj.weight <- model.layers.2.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
-    return rt.row_import(ctx.tp, load("model.layers.2.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.2.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_2_self_attention_linear_proj_weight(
@@ -349,7 +357,7 @@ def export_decoder_layers_2_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_2_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.2.self_attention.linear_qkv.weight <- model.layers.2.self_attn.q_proj.weight, model.layers.2.self_attn.k_proj.weight, model.layers.2.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
     return rt.qkv_import(
@@ -360,6 +368,7 @@ def import_decoder_layers_2_self_attention_linear_qkv_weight(
         heads=28,
         groups=4,
         head_dim=128,
+        out=out,
     )
 
 
@@ -376,7 +385,7 @@ def export_decoder_layers_2_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_2_self_attention_linear_qkv_bias(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.2.self_attention.linear_qkv.bias <- model.layers.2.self_attn.q_proj.bias, model.layers.2.self_attn.k_proj.bias, model.layers.2.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
     return rt.qkv_import(
@@ -387,6 +396,7 @@ def import_decoder_layers_2_self_attention_linear_qkv_bias(
         heads=28,
         groups=4,
         head_dim=128,
+        out=out,
     )
 
 
@@ -403,10 +413,10 @@ def export_decoder_layers_2_self_attention_linear_qkv_bias(
 
 
 def import_decoder_layers_2_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.2.mlp.linear_fc1.layer_norm_weight <- model.layers.2.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
-    return load("model.layers.2.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.2.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_2_mlp_linear_fc1_layer_norm_weight(
@@ -417,13 +427,14 @@ def export_decoder_layers_2_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_2_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.2.mlp.linear_fc1.weight <- model.layers.2.mlp.gate_proj.weight, model.layers.2.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.2.mlp.gate_proj.weight"),
         load("model.layers.2.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -436,10 +447,10 @@ def export_decoder_layers_2_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_2_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.2.mlp.linear_fc2.weight <- model.layers.2.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
-    return rt.row_import(ctx.tp, load("model.layers.2.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.2.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_2_mlp_linear_fc2_weight(
@@ -450,10 +461,10 @@ def export_decoder_layers_2_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_3_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.3.self_attention.linear_qkv.layer_norm_weight <- model.layers.3.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
-    return load("model.layers.3.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.3.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_3_self_attention_linear_qkv_layer_norm_weight(
@@ -464,10 +475,10 @@ def export_decoder_layers_3_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_3_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.3.self_attention.linear_proj.weight <- model.layers.3.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
-    return rt.row_import(ctx.tp, load("model.layers.3.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.3.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_3_self_attention_linear_proj_weight(
@@ -478,7 +489,7 @@ def export_decoder_layers_3_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_3_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.3.self_attention.linear_qkv.weight <- model.layers.3.self_attn.q_proj.weight, model.layers.3.self_attn.k_proj.weight, model.layers.3.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
     return rt.qkv_import(
@@ -489,6 +500,7 @@ def import_decoder_layers_3_self_attention_linear_qkv_weight(
         heads=28,
         groups=4,
         head_dim=128,
+        out=out,
     )
 
 
@@ -505,7 +517,7 @@ def export_decoder_layers_3_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_3_self_attention_linear_qkv_bias(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.3.self_attention.linear_qkv.bias <- model.layers.3.self_attn.q_proj.bias, model.layers.3.self_attn.k_proj.bias, model.layers.3.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
     return rt.qkv_import(
@@ -516,6 +528,7 @@ def import_decoder_layers_3_self_attention_linear_qkv_bias(
         heads=28,
         groups=4,
         head_dim=128,
+        out=out,
     )
 
 
@@ -532,10 +545,10 @@ def export_decoder_layers_3_self_attention_linear_qkv_bias(
 
 
 def import_decoder_layers_3_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.3.mlp.linear_fc1.layer_norm_weight <- model.layers.3.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
-    return load("model.layers.3.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.3.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_3_mlp_linear_fc1_layer_norm_weight(
@@ -546,13 +559,14 @@ def export_decoder_layers_3_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_3_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.3.mlp.linear_fc1.weight <- model.layers.3.mlp.gate_proj.weight, model.layers.3.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.3.mlp.gate_proj.weight"),
         load("model.layers.3.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -565,10 +579,10 @@ def export_decoder_layers_3_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_3_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.3.mlp.linear_fc2.weight <- model.layers.3.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
-    return rt.row_import(ctx.tp, load("model.layers.3.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.3.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_3_mlp_linear_fc2_weight(
@@ -579,10 +593,10 @@ def export_decoder_layers_3_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_4_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.4.self_attention.linear_qkv.layer_norm_weight <- model.layers.4.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
-    return load("model.layers.4.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.4.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_4_self_attention_linear_qkv_layer_norm_weight(
@@ -593,10 +607,10 @@ def export_decoder_layers_4_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_4_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.4.self_attention.linear_proj.weight <- model.layers.4.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
-    return rt.row_import(ctx.tp, load("model.layers.4.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.4.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_4_self_attention_linear_proj_weight(
@@ -607,7 +621,7 @@ def export_decoder_layers_4_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_4_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.4.self_attention.linear_qkv.weight <- model.layers.4.self_attn.q_proj.weight, model.layers.4.self_attn.k_proj.weight, model.layers.4.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
     return rt.qkv_import(
@@ -618,6 +632,7 @@ def import_decoder_layers_4_self_attention_linear_qkv_weight(
         heads=28,
         groups=4,
         head_dim=128,
+        out=out,
     )
 
 
@@ -634,7 +649,7 @@ def export_decoder_layers_4_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_4_self_attention_linear_qkv_bias(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.4.self_attention.linear_qkv.bias <- model.layers.4.self_attn.q_proj.bias, model.layers.4.self_attn.k_proj.bias, model.layers.4.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
     return rt.qkv_import(
@@ -645,6 +660,7 @@ def import_decoder_layers_4_self_attention_linear_qkv_bias(
         heads=28,
         groups=4,
         head_dim=128,
+        out=out,
     )
 
 
@@ -661,10 +677,10 @@ def export_decoder_layers_4_self_attention_linear_qkv_bias(
 
 
 def import_decoder_layers_4_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.4.mlp.linear_fc1.layer_norm_weight <- model.layers.4.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
-    return load("model.layers.4.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.4.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_4_mlp_linear_fc1_layer_norm_weight(
@@ -675,13 +691,14 @@ def export_decoder_layers_4_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_4_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.4.mlp.linear_fc1.weight <- model.layers.4.mlp.gate_proj.weight, model.layers.4.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.4.mlp.gate_proj.weight"),
         load("model.layers.4.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -694,10 +711,10 @@ def export_decoder_layers_4_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_4_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.4.mlp.linear_fc2.weight <- model.layers.4.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
-    return rt.row_import(ctx.tp, load("model.layers.4.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.4.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_4_mlp_linear_fc2_weight(
@@ -708,10 +725,10 @@ def export_decoder_layers_4_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_5_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.5.self_attention.linear_qkv.layer_norm_weight <- model.layers.5.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
-    return load("model.layers.5.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.5.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_5_self_attention_linear_qkv_layer_norm_weight(
@@ -722,10 +739,10 @@ def export_decoder_layers_5_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_5_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.5.self_attention.linear_proj.weight <- model.layers.5.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
-    return rt.row_import(ctx.tp, load("model.layers.5.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.5.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_5_self_attention_linear_proj_weight(
@@ -736,7 +753,7 @@ def export_decoder_layers_5_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_5_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.5.self_attention.linear_qkv.weight <- model.layers.5.self_attn.q_proj.weight, model.layers.5.self_attn.k_proj.weight, model.layers.5.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
     return rt.qkv_import(
@@ -747,6 +764,7 @@ def import_decoder_layers_5_self_attention_linear_qkv_weight(
         heads=28,
         groups=4,
         head_dim=128,
+        out=out,
     )
 
 
@@ -763,7 +781,7 @@ def export_decoder_layers_5_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_5_self_attention_linear_qkv_bias(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.5.self_attention.linear_qkv.bias <- model.layers.5.self_attn.q_proj.bias, model.layers.5.self_attn.k_proj.bias, model.layers.5.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
     return rt.qkv_import(
@@ -774,6 +792,7 @@ def import_decoder_layers_5_self_attention_linear_qkv_bias(
         heads=28,
         groups=4,
         head_dim=128,
+        out=out,
     )
 
 
@@ -790,10 +809,10 @@ def export_decoder_layers_5_self_attention_linear_qkv_bias(
 
 
 def import_decoder_layers_5_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.5.mlp.linear_fc1.layer_norm_weight <- model.layers.5.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
-    return load("model.layers.5.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.5.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_5_mlp_linear_fc1_layer_norm_weight(
@@ -804,13 +823,14 @@ def export_decoder_layers_5_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_5_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.5.mlp.linear_fc1.weight <- model.layers.5.mlp.gate_proj.weight, model.layers.5.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.5.mlp.gate_proj.weight"),
         load("model.layers.5.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -823,10 +843,10 @@ def export_decoder_layers_5_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_5_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.5.mlp.linear_fc2.weight <- model.layers.5.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
-    return rt.row_import(ctx.tp, load("model.layers.5.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.5.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_5_mlp_linear_fc2_weight(
@@ -837,10 +857,10 @@ def export_decoder_layers_5_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_6_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.6.self_attention.linear_qkv.layer_norm_weight <- model.layers.6.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
-    return load("model.layers.6.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.6.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_6_self_attention_linear_qkv_layer_norm_weight(
@@ -851,10 +871,10 @@ def export_decoder_layers_6_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_6_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.6.self_attention.linear_proj.weight <- model.layers.6.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
-    return rt.row_import(ctx.tp, load("model.layers.6.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.6.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_6_self_attention_linear_proj_weight(
@@ -865,7 +885,7 @@ def export_decoder_layers_6_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_6_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.6.self_attention.linear_qkv.weight <- model.layers.6.self_attn.q_proj.weight, model.layers.6.self_attn.k_proj.weight, model.layers.6.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
     return rt.qkv_import(
@@ -876,6 +896,7 @@ def import_decoder_layers_6_self_attention_linear_qkv_weight(
         heads=28,
         groups=4,
         head_dim=128,
+        out=out,
     )
 
 
@@ -892,7 +913,7 @@ def export_decoder_layers_6_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_6_self_attention_linear_qkv_bias(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.6.self_attention.linear_qkv.bias <- model.layers.6.self_attn.q_proj.bias, model.layers.6.self_attn.k_proj.bias, model.layers.6.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
     return rt.qkv_import(
@@ -903,6 +924,7 @@ def import_decoder_layers_6_self_attention_linear_qkv_bias(
         heads=28,
         groups=4,
         head_dim=128,
+        out=out,
     )
 
 
@@ -919,10 +941,10 @@ def export_decoder_layers_6_self_attention_linear_qkv_bias(
 
 
 def import_decoder_layers_6_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.6.mlp.linear_fc1.layer_norm_weight <- model.layers.6.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
-    return load("model.layers.6.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.6.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_6_mlp_linear_fc1_layer_norm_weight(
@@ -933,13 +955,14 @@ def export_decoder_layers_6_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_6_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.6.mlp.linear_fc1.weight <- model.layers.6.mlp.gate_proj.weight, model.layers.6.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.6.mlp.gate_proj.weight"),
         load("model.layers.6.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -952,10 +975,10 @@ def export_decoder_layers_6_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_6_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.6.mlp.linear_fc2.weight <- model.layers.6.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
-    return rt.row_import(ctx.tp, load("model.layers.6.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.6.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_6_mlp_linear_fc2_weight(
@@ -966,10 +989,10 @@ def export_decoder_layers_6_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_7_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.7.self_attention.linear_qkv.layer_norm_weight <- model.layers.7.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
-    return load("model.layers.7.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.7.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_7_self_attention_linear_qkv_layer_norm_weight(
@@ -980,10 +1003,10 @@ def export_decoder_layers_7_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_7_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.7.self_attention.linear_proj.weight <- model.layers.7.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
-    return rt.row_import(ctx.tp, load("model.layers.7.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.7.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_7_self_attention_linear_proj_weight(
@@ -994,7 +1017,7 @@ def export_decoder_layers_7_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_7_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.7.self_attention.linear_qkv.weight <- model.layers.7.self_attn.q_proj.weight, model.layers.7.self_attn.k_proj.weight, model.layers.7.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
     return rt.qkv_import(
@@ -1005,6 +1028,7 @@ def import_decoder_layers_7_self_attention_linear_qkv_weight(
         heads=28,
         groups=4,
         head_dim=128,
+        out=out,
     )
 
 
@@ -1021,7 +1045,7 @@ def export_decoder_layers_7_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_7_self_attention_linear_qkv_bias(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.7.self_attention.linear_qkv.bias <- model.layers.7.self_attn.q_proj.bias, model.layers.7.self_attn.k_proj.bias, model.layers.7.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
     return rt.qkv_import(
@@ -1032,6 +1056,7 @@ def import_decoder_layers_7_self_attention_linear_qkv_bias(
         heads=28,
         groups=4,
         head_dim=128,
+        out=out,
     )
 
 
@@ -1048,10 +1073,10 @@ def export_decoder_layers_7_self_attention_linear_qkv_bias(
 
 
 def import_decoder_layers_7_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.7.mlp.linear_fc1.layer_norm_weight <- model.layers.7.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
-    return load("model.layers.7.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.7.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_7_mlp_linear_fc1_layer_norm_weight(
@@ -1062,13 +1087,14 @@ def export_decoder_layers_7_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_7_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.7.mlp.linear_fc1.weight <- model.layers.7.mlp.gate_proj.weight, model.layers.7.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.7.mlp.gate_proj.weight"),
         load("model.layers.7.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -1081,10 +1107,10 @@ def export_decoder_layers_7_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_7_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.7.mlp.linear_fc2.weight <- model.layers.7.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
-    return rt.row_import(ctx.tp, load("model.layers.7.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.7.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_7_mlp_linear_fc2_weight(
@@ -1095,10 +1121,10 @@ def export_decoder_layers_7_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_8_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.8.self_attention.linear_qkv.layer_norm_weight <- model.layers.8.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
-    return load("model.layers.8.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.8.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_8_self_attention_linear_qkv_layer_norm_weight(
@@ -1109,10 +1135,10 @@ def export_decoder_layers_8_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_8_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.8.self_attention.linear_proj.weight <- model.layers.8.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
-    return rt.row_import(ctx.tp, load("model.layers.8.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.8.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_8_self_attention_linear_proj_weight(
@@ -1123,7 +1149,7 @@ def export_decoder_layers_8_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_8_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.8.self_attention.linear_qkv.weight <- model.layers.8.self_attn.q_proj.weight, model.layers.8.self_attn.k_proj.weight, model.layers.8.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
     return rt.qkv_import(
@@ -1134,6 +1160,7 @@ def import_decoder_layers_8_self_attention_linear_qkv_weight(
         heads=28,
         groups=4,
         head_dim=128,
+        out=out,
     )
 
 
@@ -1150,7 +1177,7 @@ def export_decoder_layers_8_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_8_self_attention_linear_qkv_bias(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.8.self_attention.linear_qkv.bias <- model.layers.8.self_attn.q_proj.bias, model.layers.8.self_attn.k_proj.bias, model.layers.8.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
     return rt.qkv_import(
@@ -1161,6 +1188,7 @@ def import_decoder_layers_8_self_attention_linear_qkv_bias(
         heads=28,
         groups=4,
         head_dim=128,
+        out=out,
     )
 
 
@@ -1177,10 +1205,10 @@ def export_decoder_layers_8_self_attention_linear_qkv_bias(
 
 
 def import_decoder_layers_8_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.8.mlp.linear_fc1.layer_norm_weight <- model.layers.8.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
-    return load("model.layers.8.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.8.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_8_mlp_linear_fc1_layer_norm_weight(
@@ -1191,13 +1219,14 @@ def export_decoder_layers_8_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_8_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.8.mlp.linear_fc1.weight <- model.layers.8.mlp.gate_proj.weight, model.layers.8.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.8.mlp.gate_proj.weight"),
         load("model.layers.8.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -1210,10 +1239,10 @@ def export_decoder_layers_8_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_8_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.8.mlp.linear_fc2.weight <- model.layers.8.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
-    return rt.row_import(ctx.tp, load("model.layers.8.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.8.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_8_mlp_linear_fc2_weight(
@@ -1224,10 +1253,10 @@ def export_decoder_layers_8_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_9_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.9.self_attention.linear_qkv.layer_norm_weight <- model.layers.9.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
-    return load("model.layers.9.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.9.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_9_self_attention_linear_qkv_layer_norm_weight(
@@ -1238,10 +1267,10 @@ def export_decoder_layers_9_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_9_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.9.self_attention.linear_proj.weight <- model.layers.9.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
-    return rt.row_import(ctx.tp, load("model.layers.9.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.9.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_9_self_attention_linear_proj_weight(
@@ -1252,7 +1281,7 @@ def export_decoder_layers_9_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_9_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.9.self_attention.linear_qkv.weight <- model.layers.9.self_attn.q_proj.weight, model.layers.9.self_attn.k_proj.weight, model.layers.9.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
     return rt.qkv_import(
@@ -1263,6 +1292,7 @@ def import_decoder_layers_9_self_attention_linear_qkv_weight(
         heads=28,
         groups=4,
         head_dim=128,
+        out=out,
     )
 
 
@@ -1279,7 +1309,7 @@ def export_decoder_layers_9_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_9_self_attention_linear_qkv_bias(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.9.self_attention.linear_qkv.bias <- model.layers.9.self_attn.q_proj.bias, model.layers.9.self_attn.k_proj.bias, model.layers.9.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
     return rt.qkv_import(
@@ -1290,6 +1320,7 @@ def import_decoder_layers_9_self_attention_linear_qkv_bias(
         heads=28,
         groups=4,
         head_dim=128,
+        out=out,
     )
 
 
@@ -1306,10 +1337,10 @@ def export_decoder_layers_9_self_attention_linear_qkv_bias(
 
 
 def import_decoder_layers_9_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.9.mlp.linear_fc1.layer_norm_weight <- model.layers.9.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
-    return load("model.layers.9.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.9.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_9_mlp_linear_fc1_layer_norm_weight(
@@ -1320,13 +1351,14 @@ def export_decoder_layers_9_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_9_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.9.mlp.linear_fc1.weight <- model.layers.9.mlp.gate_proj.weight, model.layers.9.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.9.mlp.gate_proj.weight"),
         load("model.layers.9.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -1339,10 +1371,10 @@ def export_decoder_layers_9_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_9_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.9.mlp.linear_fc2.weight <- model.layers.9.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
-    return rt.row_import(ctx.tp, load("model.layers.9.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.9.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_9_mlp_linear_fc2_weight(
@@ -1353,10 +1385,10 @@ def export_decoder_layers_9_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_10_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.10.self_attention.linear_qkv.layer_norm_weight <- model.layers.10.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
-    return load("model.layers.10.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.10.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_10_self_attention_linear_qkv_layer_norm_weight(
@@ -1367,10 +1399,10 @@ def export_decoder_layers_10_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_10_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.10.self_attention.linear_proj.weight <- model.layers.10.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
-    return rt.row_import(ctx.tp, load("model.layers.10.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.10.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_10_self_attention_linear_proj_weight(
@@ -1381,7 +1413,7 @@ def export_decoder_layers_10_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_10_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.10.self_attention.linear_qkv.weight <- model.layers.10.self_attn.q_proj.weight, model.layers.10.self_attn.k_proj.weight, model.layers.10.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
     return rt.qkv_import(
@@ -1392,6 +1424,7 @@ def import_decoder_layers_10_self_attention_linear_qkv_weight(
         heads=28,
         groups=4,
         head_dim=128,
+        out=out,
     )
 
 
@@ -1408,7 +1441,7 @@ def export_decoder_layers_10_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_10_self_attention_linear_qkv_bias(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.10.self_attention.linear_qkv.bias <- model.layers.10.self_attn.q_proj.bias, model.layers.10.self_attn.k_proj.bias, model.layers.10.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
     return rt.qkv_import(
@@ -1419,6 +1452,7 @@ def import_decoder_layers_10_self_attention_linear_qkv_bias(
         heads=28,
         groups=4,
         head_dim=128,
+        out=out,
     )
 
 
@@ -1435,10 +1469,10 @@ def export_decoder_layers_10_self_attention_linear_qkv_bias(
 
 
 def import_decoder_layers_10_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.10.mlp.linear_fc1.layer_norm_weight <- model.layers.10.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
-    return load("model.layers.10.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.10.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_10_mlp_linear_fc1_layer_norm_weight(
@@ -1449,13 +1483,14 @@ def export_decoder_layers_10_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_10_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.10.mlp.linear_fc1.weight <- model.layers.10.mlp.gate_proj.weight, model.layers.10.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.10.mlp.gate_proj.weight"),
         load("model.layers.10.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -1468,10 +1503,10 @@ def export_decoder_layers_10_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_10_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.10.mlp.linear_fc2.weight <- model.layers.10.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
-    return rt.row_import(ctx.tp, load("model.layers.10.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.10.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_10_mlp_linear_fc2_weight(
@@ -1482,10 +1517,10 @@ def export_decoder_layers_10_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_11_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.11.self_attention.linear_qkv.layer_norm_weight <- model.layers.11.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
-    return load("model.layers.11.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.11.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_11_self_attention_linear_qkv_layer_norm_weight(
@@ -1496,10 +1531,10 @@ def export_decoder_layers_11_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_11_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.11.self_attention.linear_proj.weight <- model.layers.11.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
-    return rt.row_import(ctx.tp, load("model.layers.11.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.11.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_11_self_attention_linear_proj_weight(
@@ -1510,7 +1545,7 @@ def export_decoder_layers_11_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_11_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.11.self_attention.linear_qkv.weight <- model.layers.11.self_attn.q_proj.weight, model.layers.11.self_attn.k_proj.weight, model.layers.11.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
     return rt.qkv_import(
@@ -1521,6 +1556,7 @@ def import_decoder_layers_11_self_attention_linear_qkv_weight(
         heads=28,
         groups=4,
         head_dim=128,
+        out=out,
     )
 
 
@@ -1537,7 +1573,7 @@ def export_decoder_layers_11_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_11_self_attention_linear_qkv_bias(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.11.self_attention.linear_qkv.bias <- model.layers.11.self_attn.q_proj.bias, model.layers.11.self_attn.k_proj.bias, model.layers.11.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
     return rt.qkv_import(
@@ -1548,6 +1584,7 @@ def import_decoder_layers_11_self_attention_linear_qkv_bias(
         heads=28,
         groups=4,
         head_dim=128,
+        out=out,
     )
 
 
@@ -1564,10 +1601,10 @@ def export_decoder_layers_11_self_attention_linear_qkv_bias(
 
 
 def import_decoder_layers_11_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.11.mlp.linear_fc1.layer_norm_weight <- model.layers.11.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
-    return load("model.layers.11.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.11.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_11_mlp_linear_fc1_layer_norm_weight(
@@ -1578,13 +1615,14 @@ def export_decoder_layers_11_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_11_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.11.mlp.linear_fc1.weight <- model.layers.11.mlp.gate_proj.weight, model.layers.11.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.11.mlp.gate_proj.weight"),
         load("model.layers.11.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -1597,10 +1635,10 @@ def export_decoder_layers_11_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_11_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.11.mlp.linear_fc2.weight <- model.layers.11.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
-    return rt.row_import(ctx.tp, load("model.layers.11.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.11.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_11_mlp_linear_fc2_weight(
@@ -1611,10 +1649,10 @@ def export_decoder_layers_11_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_12_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.12.self_attention.linear_qkv.layer_norm_weight <- model.layers.12.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
-    return load("model.layers.12.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.12.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_12_self_attention_linear_qkv_layer_norm_weight(
@@ -1625,10 +1663,10 @@ def export_decoder_layers_12_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_12_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.12.self_attention.linear_proj.weight <- model.layers.12.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
-    return rt.row_import(ctx.tp, load("model.layers.12.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.12.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_12_self_attention_linear_proj_weight(
@@ -1639,7 +1677,7 @@ def export_decoder_layers_12_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_12_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.12.self_attention.linear_qkv.weight <- model.layers.12.self_attn.q_proj.weight, model.layers.12.self_attn.k_proj.weight, model.layers.12.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
     return rt.qkv_import(
@@ -1650,6 +1688,7 @@ def import_decoder_layers_12_self_attention_linear_qkv_weight(
         heads=28,
         groups=4,
         head_dim=128,
+        out=out,
     )
 
 
@@ -1666,7 +1705,7 @@ def export_decoder_layers_12_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_12_self_attention_linear_qkv_bias(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.12.self_attention.linear_qkv.bias <- model.layers.12.self_attn.q_proj.bias, model.layers.12.self_attn.k_proj.bias, model.layers.12.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
     return rt.qkv_import(
@@ -1677,6 +1716,7 @@ def import_decoder_layers_12_self_attention_linear_qkv_bias(
         heads=28,
         groups=4,
         head_dim=128,
+        out=out,
     )
 
 
@@ -1693,10 +1733,10 @@ def export_decoder_layers_12_self_attention_linear_qkv_bias(
 
 
 def import_decoder_layers_12_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.12.mlp.linear_fc1.layer_norm_weight <- model.layers.12.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
-    return load("model.layers.12.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.12.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_12_mlp_linear_fc1_layer_norm_weight(
@@ -1707,13 +1747,14 @@ def export_decoder_layers_12_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_12_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.12.mlp.linear_fc1.weight <- model.layers.12.mlp.gate_proj.weight, model.layers.12.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.12.mlp.gate_proj.weight"),
         load("model.layers.12.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -1726,10 +1767,10 @@ def export_decoder_layers_12_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_12_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.12.mlp.linear_fc2.weight <- model.layers.12.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
-    return rt.row_import(ctx.tp, load("model.layers.12.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.12.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_12_mlp_linear_fc2_weight(
@@ -1740,10 +1781,10 @@ def export_decoder_layers_12_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_13_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.13.self_attention.linear_qkv.layer_norm_weight <- model.layers.13.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
-    return load("model.layers.13.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.13.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_13_self_attention_linear_qkv_layer_norm_weight(
@@ -1754,10 +1795,10 @@ def export_decoder_layers_13_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_13_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.13.self_attention.linear_proj.weight <- model.layers.13.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
-    return rt.row_import(ctx.tp, load("model.layers.13.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.13.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_13_self_attention_linear_proj_weight(
@@ -1768,7 +1809,7 @@ def export_decoder_layers_13_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_13_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.13.self_attention.linear_qkv.weight <- model.layers.13.self_attn.q_proj.weight, model.layers.13.self_attn.k_proj.weight, model.layers.13.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
     return rt.qkv_import(
@@ -1779,6 +1820,7 @@ def import_decoder_layers_13_self_attention_linear_qkv_weight(
         heads=28,
         groups=4,
         head_dim=128,
+        out=out,
     )
 
 
@@ -1795,7 +1837,7 @@ def export_decoder_layers_13_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_13_self_attention_linear_qkv_bias(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.13.self_attention.linear_qkv.bias <- model.layers.13.self_attn.q_proj.bias, model.layers.13.self_attn.k_proj.bias, model.layers.13.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
     return rt.qkv_import(
@@ -1806,6 +1848,7 @@ def import_decoder_layers_13_self_attention_linear_qkv_bias(
         heads=28,
         groups=4,
         head_dim=128,
+        out=out,
     )
 
 
@@ -1822,10 +1865,10 @@ def export_decoder_layers_13_self_attention_linear_qkv_bias(
 
 
 def import_decoder_layers_13_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.13.mlp.linear_fc1.layer_norm_weight <- model.layers.13.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
-    return load("model.layers.13.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.13.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_13_mlp_linear_fc1_layer_norm_weight(
@@ -1836,13 +1879,14 @@ def export_decoder_layers_13_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_13_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.13.mlp.linear_fc1.weight <- model.layers.13.mlp.gate_proj.weight, model.layers.13.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.13.mlp.gate_proj.weight"),
         load("model.layers.13.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -1855,10 +1899,10 @@ def export_decoder_layers_13_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_13_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.13.mlp.linear_fc2.weight <- model.layers.13.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
-    return rt.row_import(ctx.tp, load("model.layers.13.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.13.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_13_mlp_linear_fc2_weight(
@@ -1869,10 +1913,10 @@ def export_decoder_layers_13_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_14_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.14.self_attention.linear_qkv.layer_norm_weight <- model.layers.14.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
-    return load("model.layers.14.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.14.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_14_self_attention_linear_qkv_layer_norm_weight(
@@ -1883,10 +1927,10 @@ def export_decoder_layers_14_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_14_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.14.self_attention.linear_proj.weight <- model.layers.14.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
-    return rt.row_import(ctx.tp, load("model.layers.14.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.14.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_14_self_attention_linear_proj_weight(
@@ -1897,7 +1941,7 @@ def export_decoder_layers_14_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_14_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.14.self_attention.linear_qkv.weight <- model.layers.14.self_attn.q_proj.weight, model.layers.14.self_attn.k_proj.weight, model.layers.14.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
     return rt.qkv_import(
@@ -1908,6 +1952,7 @@ def import_decoder_layers_14_self_attention_linear_qkv_weight(
         heads=28,
         groups=4,
         head_dim=128,
+        out=out,
     )
 
 
@@ -1924,7 +1969,7 @@ def export_decoder_layers_14_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_14_self_attention_linear_qkv_bias(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.14.self_attention.linear_qkv.bias <- model.layers.14.self_attn.q_proj.bias, model.layers.14.self_attn.k_proj.bias, model.layers.14.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
     return rt.qkv_import(
@@ -1935,6 +1980,7 @@ def import_decoder_layers_14_self_attention_linear_qkv_bias(
         heads=28,
         groups=4,
         head_dim=128,
+        out=out,
     )
 
 
@@ -1951,10 +1997,10 @@ def export_decoder_layers_14_self_attention_linear_qkv_bias(
 
 
 def import_decoder_layers_14_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.14.mlp.linear_fc1.layer_norm_weight <- model.layers.14.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
-    return load("model.layers.14.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.14.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_14_mlp_linear_fc1_layer_norm_weight(
@@ -1965,13 +2011,14 @@ def export_decoder_layers_14_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_14_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.14.mlp.linear_fc1.weight <- model.layers.14.mlp.gate_proj.weight, model.layers.14.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.14.mlp.gate_proj.weight"),
         load("model.layers.14.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -1984,10 +2031,10 @@ def export_decoder_layers_14_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_14_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.14.mlp.linear_fc2.weight <- model.layers.14.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
-    return rt.row_import(ctx.tp, load("model.layers.14.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.14.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_14_mlp_linear_fc2_weight(
@@ -1998,10 +2045,10 @@ def export_decoder_layers_14_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_15_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.15.self_attention.linear_qkv.layer_norm_weight <- model.layers.15.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
-    return load("model.layers.15.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.15.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_15_self_attention_linear_qkv_layer_norm_weight(
@@ -2012,10 +2059,10 @@ def export_decoder_layers_15_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_15_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.15.self_attention.linear_proj.weight <- model.layers.15.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
-    return rt.row_import(ctx.tp, load("model.layers.15.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.15.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_15_self_attention_linear_proj_weight(
@@ -2026,7 +2073,7 @@ def export_decoder_layers_15_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_15_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.15.self_attention.linear_qkv.weight <- model.layers.15.self_attn.q_proj.weight, model.layers.15.self_attn.k_proj.weight, model.layers.15.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
     return rt.qkv_import(
@@ -2037,6 +2084,7 @@ def import_decoder_layers_15_self_attention_linear_qkv_weight(
         heads=28,
         groups=4,
         head_dim=128,
+        out=out,
     )
 
 
@@ -2053,7 +2101,7 @@ def export_decoder_layers_15_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_15_self_attention_linear_qkv_bias(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.15.self_attention.linear_qkv.bias <- model.layers.15.self_attn.q_proj.bias, model.layers.15.self_attn.k_proj.bias, model.layers.15.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
     return rt.qkv_import(
@@ -2064,6 +2112,7 @@ def import_decoder_layers_15_self_attention_linear_qkv_bias(
         heads=28,
         groups=4,
         head_dim=128,
+        out=out,
     )
 
 
@@ -2080,10 +2129,10 @@ def export_decoder_layers_15_self_attention_linear_qkv_bias(
 
 
 def import_decoder_layers_15_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.15.mlp.linear_fc1.layer_norm_weight <- model.layers.15.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
-    return load("model.layers.15.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.15.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_15_mlp_linear_fc1_layer_norm_weight(
@@ -2094,13 +2143,14 @@ def export_decoder_layers_15_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_15_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.15.mlp.linear_fc1.weight <- model.layers.15.mlp.gate_proj.weight, model.layers.15.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.15.mlp.gate_proj.weight"),
         load("model.layers.15.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -2113,10 +2163,10 @@ def export_decoder_layers_15_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_15_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.15.mlp.linear_fc2.weight <- model.layers.15.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
-    return rt.row_import(ctx.tp, load("model.layers.15.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.15.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_15_mlp_linear_fc2_weight(
@@ -2127,10 +2177,10 @@ def export_decoder_layers_15_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_16_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.16.self_attention.linear_qkv.layer_norm_weight <- model.layers.16.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
-    return load("model.layers.16.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.16.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_16_self_attention_linear_qkv_layer_norm_weight(
@@ -2141,10 +2191,10 @@ def export_decoder_layers_16_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_16_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.16.self_attention.linear_proj.weight <- model.layers.16.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
-    return rt.row_import(ctx.tp, load("model.layers.16.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.16.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_16_self_attention_linear_proj_weight(
@@ -2155,7 +2205,7 @@ def export_decoder_layers_16_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_16_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.16.self_attention.linear_qkv.weight <- model.layers.16.self_attn.q_proj.weight, model.layers.16.self_attn.k_proj.weight, model.layers.16.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
     return rt.qkv_import(
@@ -2166,6 +2216,7 @@ def import_decoder_layers_16_self_attention_linear_qkv_weight(
         heads=28,
         groups=4,
         head_dim=128,
+        out=out,
     )
 
 
@@ -2182,7 +2233,7 @@ def export_decoder_layers_16_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_16_self_attention_linear_qkv_bias(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.16.self_attention.linear_qkv.bias <- model.layers.16.self_attn.q_proj.bias, model.layers.16.self_attn.k_proj.bias, model.layers.16.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
     return rt.qkv_import(
@@ -2193,6 +2244,7 @@ def import_decoder_layers_16_self_attention_linear_qkv_bias(
         heads=28,
         groups=4,
         head_dim=128,
+        out=out,
     )
 
 
@@ -2209,10 +2261,10 @@ def export_decoder_layers_16_self_attention_linear_qkv_bias(
 
 
 def import_decoder_layers_16_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.16.mlp.linear_fc1.layer_norm_weight <- model.layers.16.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
-    return load("model.layers.16.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.16.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_16_mlp_linear_fc1_layer_norm_weight(
@@ -2223,13 +2275,14 @@ def export_decoder_layers_16_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_16_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.16.mlp.linear_fc1.weight <- model.layers.16.mlp.gate_proj.weight, model.layers.16.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.16.mlp.gate_proj.weight"),
         load("model.layers.16.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -2242,10 +2295,10 @@ def export_decoder_layers_16_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_16_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.16.mlp.linear_fc2.weight <- model.layers.16.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
-    return rt.row_import(ctx.tp, load("model.layers.16.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.16.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_16_mlp_linear_fc2_weight(
@@ -2256,10 +2309,10 @@ def export_decoder_layers_16_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_17_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.17.self_attention.linear_qkv.layer_norm_weight <- model.layers.17.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
-    return load("model.layers.17.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.17.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_17_self_attention_linear_qkv_layer_norm_weight(
@@ -2270,10 +2323,10 @@ def export_decoder_layers_17_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_17_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.17.self_attention.linear_proj.weight <- model.layers.17.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
-    return rt.row_import(ctx.tp, load("model.layers.17.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.17.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_17_self_attention_linear_proj_weight(
@@ -2284,7 +2337,7 @@ def export_decoder_layers_17_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_17_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.17.self_attention.linear_qkv.weight <- model.layers.17.self_attn.q_proj.weight, model.layers.17.self_attn.k_proj.weight, model.layers.17.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
     return rt.qkv_import(
@@ -2295,6 +2348,7 @@ def import_decoder_layers_17_self_attention_linear_qkv_weight(
         heads=28,
         groups=4,
         head_dim=128,
+        out=out,
     )
 
 
@@ -2311,7 +2365,7 @@ def export_decoder_layers_17_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_17_self_attention_linear_qkv_bias(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.17.self_attention.linear_qkv.bias <- model.layers.17.self_attn.q_proj.bias, model.layers.17.self_attn.k_proj.bias, model.layers.17.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
     return rt.qkv_import(
@@ -2322,6 +2376,7 @@ def import_decoder_layers_17_self_attention_linear_qkv_bias(
         heads=28,
         groups=4,
         head_dim=128,
+        out=out,
     )
 
 
@@ -2338,10 +2393,10 @@ def export_decoder_layers_17_self_attention_linear_qkv_bias(
 
 
 def import_decoder_layers_17_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.17.mlp.linear_fc1.layer_norm_weight <- model.layers.17.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
-    return load("model.layers.17.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.17.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_17_mlp_linear_fc1_layer_norm_weight(
@@ -2352,13 +2407,14 @@ def export_decoder_layers_17_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_17_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.17.mlp.linear_fc1.weight <- model.layers.17.mlp.gate_proj.weight, model.layers.17.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.17.mlp.gate_proj.weight"),
         load("model.layers.17.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -2371,10 +2427,10 @@ def export_decoder_layers_17_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_17_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.17.mlp.linear_fc2.weight <- model.layers.17.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
-    return rt.row_import(ctx.tp, load("model.layers.17.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.17.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_17_mlp_linear_fc2_weight(
@@ -2385,10 +2441,10 @@ def export_decoder_layers_17_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_18_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.18.self_attention.linear_qkv.layer_norm_weight <- model.layers.18.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
-    return load("model.layers.18.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.18.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_18_self_attention_linear_qkv_layer_norm_weight(
@@ -2399,10 +2455,10 @@ def export_decoder_layers_18_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_18_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.18.self_attention.linear_proj.weight <- model.layers.18.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
-    return rt.row_import(ctx.tp, load("model.layers.18.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.18.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_18_self_attention_linear_proj_weight(
@@ -2413,7 +2469,7 @@ def export_decoder_layers_18_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_18_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.18.self_attention.linear_qkv.weight <- model.layers.18.self_attn.q_proj.weight, model.layers.18.self_attn.k_proj.weight, model.layers.18.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
     return rt.qkv_import(
@@ -2424,6 +2480,7 @@ def import_decoder_layers_18_self_attention_linear_qkv_weight(
         heads=28,
         groups=4,
         head_dim=128,
+        out=out,
     )
 
 
@@ -2440,7 +2497,7 @@ def export_decoder_layers_18_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_18_self_attention_linear_qkv_bias(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.18.self_attention.linear_qkv.bias <- model.layers.18.self_attn.q_proj.bias, model.layers.18.self_attn.k_proj.bias, model.layers.18.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
     return rt.qkv_import(
@@ -2451,6 +2508,7 @@ def import_decoder_layers_18_self_attention_linear_qkv_bias(
         heads=28,
         groups=4,
         head_dim=128,
+        out=out,
     )
 
 
@@ -2467,10 +2525,10 @@ def export_decoder_layers_18_self_attention_linear_qkv_bias(
 
 
 def import_decoder_layers_18_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.18.mlp.linear_fc1.layer_norm_weight <- model.layers.18.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
-    return load("model.layers.18.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.18.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_18_mlp_linear_fc1_layer_norm_weight(
@@ -2481,13 +2539,14 @@ def export_decoder_layers_18_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_18_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.18.mlp.linear_fc1.weight <- model.layers.18.mlp.gate_proj.weight, model.layers.18.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.18.mlp.gate_proj.weight"),
         load("model.layers.18.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -2500,10 +2559,10 @@ def export_decoder_layers_18_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_18_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.18.mlp.linear_fc2.weight <- model.layers.18.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
-    return rt.row_import(ctx.tp, load("model.layers.18.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.18.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_18_mlp_linear_fc2_weight(
@@ -2514,10 +2573,10 @@ def export_decoder_layers_18_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_19_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.19.self_attention.linear_qkv.layer_norm_weight <- model.layers.19.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
-    return load("model.layers.19.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.19.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_19_self_attention_linear_qkv_layer_norm_weight(
@@ -2528,10 +2587,10 @@ def export_decoder_layers_19_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_19_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.19.self_attention.linear_proj.weight <- model.layers.19.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
-    return rt.row_import(ctx.tp, load("model.layers.19.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.19.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_19_self_attention_linear_proj_weight(
@@ -2542,7 +2601,7 @@ def export_decoder_layers_19_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_19_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.19.self_attention.linear_qkv.weight <- model.layers.19.self_attn.q_proj.weight, model.layers.19.self_attn.k_proj.weight, model.layers.19.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
     return rt.qkv_import(
@@ -2553,6 +2612,7 @@ def import_decoder_layers_19_self_attention_linear_qkv_weight(
         heads=28,
         groups=4,
         head_dim=128,
+        out=out,
     )
 
 
@@ -2569,7 +2629,7 @@ def export_decoder_layers_19_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_19_self_attention_linear_qkv_bias(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.19.self_attention.linear_qkv.bias <- model.layers.19.self_attn.q_proj.bias, model.layers.19.self_attn.k_proj.bias, model.layers.19.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
     return rt.qkv_import(
@@ -2580,6 +2640,7 @@ def import_decoder_layers_19_self_attention_linear_qkv_bias(
         heads=28,
         groups=4,
         head_dim=128,
+        out=out,
     )
 
 
@@ -2596,10 +2657,10 @@ def export_decoder_layers_19_self_attention_linear_qkv_bias(
 
 
 def import_decoder_layers_19_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.19.mlp.linear_fc1.layer_norm_weight <- model.layers.19.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
-    return load("model.layers.19.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.19.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_19_mlp_linear_fc1_layer_norm_weight(
@@ -2610,13 +2671,14 @@ def export_decoder_layers_19_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_19_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.19.mlp.linear_fc1.weight <- model.layers.19.mlp.gate_proj.weight, model.layers.19.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.19.mlp.gate_proj.weight"),
         load("model.layers.19.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -2629,10 +2691,10 @@ def export_decoder_layers_19_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_19_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.19.mlp.linear_fc2.weight <- model.layers.19.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
-    return rt.row_import(ctx.tp, load("model.layers.19.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.19.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_19_mlp_linear_fc2_weight(
@@ -2643,10 +2705,10 @@ def export_decoder_layers_19_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_20_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.20.self_attention.linear_qkv.layer_norm_weight <- model.layers.20.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
-    return load("model.layers.20.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.20.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_20_self_attention_linear_qkv_layer_norm_weight(
@@ -2657,10 +2719,10 @@ def export_decoder_layers_20_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_20_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.20.self_attention.linear_proj.weight <- model.layers.20.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
-    return rt.row_import(ctx.tp, load("model.layers.20.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.20.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_20_self_attention_linear_proj_weight(
@@ -2671,7 +2733,7 @@ def export_decoder_layers_20_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_20_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.20.self_attention.linear_qkv.weight <- model.layers.20.self_attn.q_proj.weight, model.layers.20.self_attn.k_proj.weight, model.layers.20.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
     return rt.qkv_import(
@@ -2682,6 +2744,7 @@ def import_decoder_layers_20_self_attention_linear_qkv_weight(
         heads=28,
         groups=4,
         head_dim=128,
+        out=out,
     )
 
 
@@ -2698,7 +2761,7 @@ def export_decoder_layers_20_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_20_self_attention_linear_qkv_bias(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.20.self_attention.linear_qkv.bias <- model.layers.20.self_attn.q_proj.bias, model.layers.20.self_attn.k_proj.bias, model.layers.20.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
     return rt.qkv_import(
@@ -2709,6 +2772,7 @@ def import_decoder_layers_20_self_attention_linear_qkv_bias(
         heads=28,
         groups=4,
         head_dim=128,
+        out=out,
     )
 
 
@@ -2725,10 +2789,10 @@ def export_decoder_layers_20_self_attention_linear_qkv_bias(
 
 
 def import_decoder_layers_20_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.20.mlp.linear_fc1.layer_norm_weight <- model.layers.20.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
-    return load("model.layers.20.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.20.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_20_mlp_linear_fc1_layer_norm_weight(
@@ -2739,13 +2803,14 @@ def export_decoder_layers_20_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_20_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.20.mlp.linear_fc1.weight <- model.layers.20.mlp.gate_proj.weight, model.layers.20.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.20.mlp.gate_proj.weight"),
         load("model.layers.20.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -2758,10 +2823,10 @@ def export_decoder_layers_20_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_20_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.20.mlp.linear_fc2.weight <- model.layers.20.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
-    return rt.row_import(ctx.tp, load("model.layers.20.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.20.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_20_mlp_linear_fc2_weight(
@@ -2772,10 +2837,10 @@ def export_decoder_layers_20_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_21_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.21.self_attention.linear_qkv.layer_norm_weight <- model.layers.21.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
-    return load("model.layers.21.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.21.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_21_self_attention_linear_qkv_layer_norm_weight(
@@ -2786,10 +2851,10 @@ def export_decoder_layers_21_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_21_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.21.self_attention.linear_proj.weight <- model.layers.21.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
-    return rt.row_import(ctx.tp, load("model.layers.21.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.21.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_21_self_attention_linear_proj_weight(
@@ -2800,7 +2865,7 @@ def export_decoder_layers_21_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_21_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.21.self_attention.linear_qkv.weight <- model.layers.21.self_attn.q_proj.weight, model.layers.21.self_attn.k_proj.weight, model.layers.21.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
     return rt.qkv_import(
@@ -2811,6 +2876,7 @@ def import_decoder_layers_21_self_attention_linear_qkv_weight(
         heads=28,
         groups=4,
         head_dim=128,
+        out=out,
     )
 
 
@@ -2827,7 +2893,7 @@ def export_decoder_layers_21_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_21_self_attention_linear_qkv_bias(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.21.self_attention.linear_qkv.bias <- model.layers.21.self_attn.q_proj.bias, model.layers.21.self_attn.k_proj.bias, model.layers.21.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
     return rt.qkv_import(
@@ -2838,6 +2904,7 @@ def import_decoder_layers_21_self_attention_linear_qkv_bias(
         heads=28,
         groups=4,
         head_dim=128,
+        out=out,
     )
 
 
@@ -2854,10 +2921,10 @@ def export_decoder_layers_21_self_attention_linear_qkv_bias(
 
 
 def import_decoder_layers_21_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.21.mlp.linear_fc1.layer_norm_weight <- model.layers.21.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
-    return load("model.layers.21.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.21.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_21_mlp_linear_fc1_layer_norm_weight(
@@ -2868,13 +2935,14 @@ def export_decoder_layers_21_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_21_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.21.mlp.linear_fc1.weight <- model.layers.21.mlp.gate_proj.weight, model.layers.21.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.21.mlp.gate_proj.weight"),
         load("model.layers.21.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -2887,10 +2955,10 @@ def export_decoder_layers_21_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_21_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.21.mlp.linear_fc2.weight <- model.layers.21.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
-    return rt.row_import(ctx.tp, load("model.layers.21.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.21.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_21_mlp_linear_fc2_weight(
@@ -2901,10 +2969,10 @@ def export_decoder_layers_21_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_22_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.22.self_attention.linear_qkv.layer_norm_weight <- model.layers.22.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
-    return load("model.layers.22.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.22.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_22_self_attention_linear_qkv_layer_norm_weight(
@@ -2915,10 +2983,10 @@ def export_decoder_layers_22_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_22_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.22.self_attention.linear_proj.weight <- model.layers.22.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
-    return rt.row_import(ctx.tp, load("model.layers.22.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.22.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_22_self_attention_linear_proj_weight(
@@ -2929,7 +2997,7 @@ def export_decoder_layers_22_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_22_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.22.self_attention.linear_qkv.weight <- model.layers.22.self_attn.q_proj.weight, model.layers.22.self_attn.k_proj.weight, model.layers.22.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
     return rt.qkv_import(
@@ -2940,6 +3008,7 @@ def import_decoder_layers_22_self_attention_linear_qkv_weight(
         heads=28,
         groups=4,
         head_dim=128,
+        out=out,
     )
 
 
@@ -2956,7 +3025,7 @@ def export_decoder_layers_22_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_22_self_attention_linear_qkv_bias(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.22.self_attention.linear_qkv.bias <- model.layers.22.self_attn.q_proj.bias, model.layers.22.self_attn.k_proj.bias, model.layers.22.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
     return rt.qkv_import(
@@ -2967,6 +3036,7 @@ def import_decoder_layers_22_self_attention_linear_qkv_bias(
         heads=28,
         groups=4,
         head_dim=128,
+        out=out,
     )
 
 
@@ -2983,10 +3053,10 @@ def export_decoder_layers_22_self_attention_linear_qkv_bias(
 
 
 def import_decoder_layers_22_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.22.mlp.linear_fc1.layer_norm_weight <- model.layers.22.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
-    return load("model.layers.22.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.22.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_22_mlp_linear_fc1_layer_norm_weight(
@@ -2997,13 +3067,14 @@ def export_decoder_layers_22_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_22_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.22.mlp.linear_fc1.weight <- model.layers.22.mlp.gate_proj.weight, model.layers.22.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.22.mlp.gate_proj.weight"),
         load("model.layers.22.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -3016,10 +3087,10 @@ def export_decoder_layers_22_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_22_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.22.mlp.linear_fc2.weight <- model.layers.22.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
-    return rt.row_import(ctx.tp, load("model.layers.22.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.22.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_22_mlp_linear_fc2_weight(
@@ -3030,10 +3101,10 @@ def export_decoder_layers_22_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_23_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.23.self_attention.linear_qkv.layer_norm_weight <- model.layers.23.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
-    return load("model.layers.23.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.23.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_23_self_attention_linear_qkv_layer_norm_weight(
@@ -3044,10 +3115,10 @@ def export_decoder_layers_23_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_23_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.23.self_attention.linear_proj.weight <- model.layers.23.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
-    return rt.row_import(ctx.tp, load("model.layers.23.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.23.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_23_self_attention_linear_proj_weight(
@@ -3058,7 +3129,7 @@ def export_decoder_layers_23_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_23_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.23.self_attention.linear_qkv.weight <- model.layers.23.self_attn.q_proj.weight, model.layers.23.self_attn.k_proj.weight, model.layers.23.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
     return rt.qkv_import(
@@ -3069,6 +3140,7 @@ def import_decoder_layers_23_self_attention_linear_qkv_weight(
         heads=28,
         groups=4,
         head_dim=128,
+        out=out,
     )
 
 
@@ -3085,7 +3157,7 @@ def export_decoder_layers_23_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_23_self_attention_linear_qkv_bias(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.23.self_attention.linear_qkv.bias <- model.layers.23.self_attn.q_proj.bias, model.layers.23.self_attn.k_proj.bias, model.layers.23.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
     return rt.qkv_import(
@@ -3096,6 +3168,7 @@ def import_decoder_layers_23_self_attention_linear_qkv_bias(
         heads=28,
         groups=4,
         head_dim=128,
+        out=out,
     )
 
 
@@ -3112,10 +3185,10 @@ def export_decoder_layers_23_self_attention_linear_qkv_bias(
 
 
 def import_decoder_layers_23_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.23.mlp.linear_fc1.layer_norm_weight <- model.layers.23.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
-    return load("model.layers.23.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.23.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_23_mlp_linear_fc1_layer_norm_weight(
@@ -3126,13 +3199,14 @@ def export_decoder_layers_23_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_23_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.23.mlp.linear_fc1.weight <- model.layers.23.mlp.gate_proj.weight, model.layers.23.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.23.mlp.gate_proj.weight"),
         load("model.layers.23.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -3145,10 +3219,10 @@ def export_decoder_layers_23_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_23_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.23.mlp.linear_fc2.weight <- model.layers.23.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
-    return rt.row_import(ctx.tp, load("model.layers.23.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.23.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_23_mlp_linear_fc2_weight(
@@ -3159,10 +3233,10 @@ def export_decoder_layers_23_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_24_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.24.self_attention.linear_qkv.layer_norm_weight <- model.layers.24.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
-    return load("model.layers.24.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.24.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_24_self_attention_linear_qkv_layer_norm_weight(
@@ -3173,10 +3247,10 @@ def export_decoder_layers_24_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_24_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.24.self_attention.linear_proj.weight <- model.layers.24.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
-    return rt.row_import(ctx.tp, load("model.layers.24.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.24.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_24_self_attention_linear_proj_weight(
@@ -3187,7 +3261,7 @@ def export_decoder_layers_24_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_24_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.24.self_attention.linear_qkv.weight <- model.layers.24.self_attn.q_proj.weight, model.layers.24.self_attn.k_proj.weight, model.layers.24.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
     return rt.qkv_import(
@@ -3198,6 +3272,7 @@ def import_decoder_layers_24_self_attention_linear_qkv_weight(
         heads=28,
         groups=4,
         head_dim=128,
+        out=out,
     )
 
 
@@ -3214,7 +3289,7 @@ def export_decoder_layers_24_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_24_self_attention_linear_qkv_bias(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.24.self_attention.linear_qkv.bias <- model.layers.24.self_attn.q_proj.bias, model.layers.24.self_attn.k_proj.bias, model.layers.24.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
     return rt.qkv_import(
@@ -3225,6 +3300,7 @@ def import_decoder_layers_24_self_attention_linear_qkv_bias(
         heads=28,
         groups=4,
         head_dim=128,
+        out=out,
     )
 
 
@@ -3241,10 +3317,10 @@ def export_decoder_layers_24_self_attention_linear_qkv_bias(
 
 
 def import_decoder_layers_24_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.24.mlp.linear_fc1.layer_norm_weight <- model.layers.24.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
-    return load("model.layers.24.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.24.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_24_mlp_linear_fc1_layer_norm_weight(
@@ -3255,13 +3331,14 @@ def export_decoder_layers_24_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_24_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.24.mlp.linear_fc1.weight <- model.layers.24.mlp.gate_proj.weight, model.layers.24.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.24.mlp.gate_proj.weight"),
         load("model.layers.24.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -3274,10 +3351,10 @@ def export_decoder_layers_24_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_24_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.24.mlp.linear_fc2.weight <- model.layers.24.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
-    return rt.row_import(ctx.tp, load("model.layers.24.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.24.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_24_mlp_linear_fc2_weight(
@@ -3288,10 +3365,10 @@ def export_decoder_layers_24_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_25_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.25.self_attention.linear_qkv.layer_norm_weight <- model.layers.25.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
-    return load("model.layers.25.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.25.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_25_self_attention_linear_qkv_layer_norm_weight(
@@ -3302,10 +3379,10 @@ def export_decoder_layers_25_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_25_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.25.self_attention.linear_proj.weight <- model.layers.25.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
-    return rt.row_import(ctx.tp, load("model.layers.25.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.25.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_25_self_attention_linear_proj_weight(
@@ -3316,7 +3393,7 @@ def export_decoder_layers_25_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_25_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.25.self_attention.linear_qkv.weight <- model.layers.25.self_attn.q_proj.weight, model.layers.25.self_attn.k_proj.weight, model.layers.25.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
     return rt.qkv_import(
@@ -3327,6 +3404,7 @@ def import_decoder_layers_25_self_attention_linear_qkv_weight(
         heads=28,
         groups=4,
         head_dim=128,
+        out=out,
     )
 
 
@@ -3343,7 +3421,7 @@ def export_decoder_layers_25_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_25_self_attention_linear_qkv_bias(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.25.self_attention.linear_qkv.bias <- model.layers.25.self_attn.q_proj.bias, model.layers.25.self_attn.k_proj.bias, model.layers.25.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
     return rt.qkv_import(
@@ -3354,6 +3432,7 @@ def import_decoder_layers_25_self_attention_linear_qkv_bias(
         heads=28,
         groups=4,
         head_dim=128,
+        out=out,
     )
 
 
@@ -3370,10 +3449,10 @@ def export_decoder_layers_25_self_attention_linear_qkv_bias(
 
 
 def import_decoder_layers_25_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.25.mlp.linear_fc1.layer_norm_weight <- model.layers.25.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
-    return load("model.layers.25.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.25.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_25_mlp_linear_fc1_layer_norm_weight(
@@ -3384,13 +3463,14 @@ def export_decoder_layers_25_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_25_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.25.mlp.linear_fc1.weight <- model.layers.25.mlp.gate_proj.weight, model.layers.25.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.25.mlp.gate_proj.weight"),
         load("model.layers.25.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -3403,10 +3483,10 @@ def export_decoder_layers_25_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_25_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.25.mlp.linear_fc2.weight <- model.layers.25.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
-    return rt.row_import(ctx.tp, load("model.layers.25.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.25.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_25_mlp_linear_fc2_weight(
@@ -3417,10 +3497,10 @@ def export_decoder_layers_25_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_26_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.26.self_attention.linear_qkv.layer_norm_weight <- model.layers.26.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
-    return load("model.layers.26.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.26.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_26_self_attention_linear_qkv_layer_norm_weight(
@@ -3431,10 +3511,10 @@ def export_decoder_layers_26_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_26_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.26.self_attention.linear_proj.weight <- model.layers.26.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
-    return rt.row_import(ctx.tp, load("model.layers.26.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.26.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_26_self_attention_linear_proj_weight(
@@ -3445,7 +3525,7 @@ def export_decoder_layers_26_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_26_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.26.self_attention.linear_qkv.weight <- model.layers.26.self_attn.q_proj.weight, model.layers.26.self_attn.k_proj.weight, model.layers.26.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
     return rt.qkv_import(
@@ -3456,6 +3536,7 @@ def import_decoder_layers_26_self_attention_linear_qkv_weight(
         heads=28,
         groups=4,
         head_dim=128,
+        out=out,
     )
 
 
@@ -3472,7 +3553,7 @@ def export_decoder_layers_26_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_26_self_attention_linear_qkv_bias(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.26.self_attention.linear_qkv.bias <- model.layers.26.self_attn.q_proj.bias, model.layers.26.self_attn.k_proj.bias, model.layers.26.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
     return rt.qkv_import(
@@ -3483,6 +3564,7 @@ def import_decoder_layers_26_self_attention_linear_qkv_bias(
         heads=28,
         groups=4,
         head_dim=128,
+        out=out,
     )
 
 
@@ -3499,10 +3581,10 @@ def export_decoder_layers_26_self_attention_linear_qkv_bias(
 
 
 def import_decoder_layers_26_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.26.mlp.linear_fc1.layer_norm_weight <- model.layers.26.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
-    return load("model.layers.26.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.26.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_26_mlp_linear_fc1_layer_norm_weight(
@@ -3513,13 +3595,14 @@ def export_decoder_layers_26_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_26_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.26.mlp.linear_fc1.weight <- model.layers.26.mlp.gate_proj.weight, model.layers.26.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.26.mlp.gate_proj.weight"),
         load("model.layers.26.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -3532,10 +3615,10 @@ def export_decoder_layers_26_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_26_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.26.mlp.linear_fc2.weight <- model.layers.26.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
-    return rt.row_import(ctx.tp, load("model.layers.26.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.26.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_26_mlp_linear_fc2_weight(
@@ -3546,10 +3629,10 @@ def export_decoder_layers_26_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_27_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.27.self_attention.linear_qkv.layer_norm_weight <- model.layers.27.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
-    return load("model.layers.27.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.27.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_27_self_attention_linear_qkv_layer_norm_weight(
@@ -3560,10 +3643,10 @@ def export_decoder_layers_27_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_27_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.27.self_attention.linear_proj.weight <- model.layers.27.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
-    return rt.row_import(ctx.tp, load("model.layers.27.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.27.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_27_self_attention_linear_proj_weight(
@@ -3574,7 +3657,7 @@ def export_decoder_layers_27_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_27_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.27.self_attention.linear_qkv.weight <- model.layers.27.self_attn.q_proj.weight, model.layers.27.self_attn.k_proj.weight, model.layers.27.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
     return rt.qkv_import(
@@ -3585,6 +3668,7 @@ def import_decoder_layers_27_self_attention_linear_qkv_weight(
         heads=28,
         groups=4,
         head_dim=128,
+        out=out,
     )
 
 
@@ -3601,7 +3685,7 @@ def export_decoder_layers_27_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_27_self_attention_linear_qkv_bias(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.27.self_attention.linear_qkv.bias <- model.layers.27.self_attn.q_proj.bias, model.layers.27.self_attn.k_proj.bias, model.layers.27.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
     return rt.qkv_import(
@@ -3612,6 +3696,7 @@ def import_decoder_layers_27_self_attention_linear_qkv_bias(
         heads=28,
         groups=4,
         head_dim=128,
+        out=out,
     )
 
 
@@ -3628,10 +3713,10 @@ def export_decoder_layers_27_self_attention_linear_qkv_bias(
 
 
 def import_decoder_layers_27_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.27.mlp.linear_fc1.layer_norm_weight <- model.layers.27.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
-    return load("model.layers.27.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.27.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_27_mlp_linear_fc1_layer_norm_weight(
@@ -3642,13 +3727,14 @@ def export_decoder_layers_27_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_27_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.27.mlp.linear_fc1.weight <- model.layers.27.mlp.gate_proj.weight, model.layers.27.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.27.mlp.gate_proj.weight"),
         load("model.layers.27.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -3661,10 +3747,10 @@ def export_decoder_layers_27_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_27_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.27.mlp.linear_fc2.weight <- model.layers.27.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
-    return rt.row_import(ctx.tp, load("model.layers.27.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.27.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_27_mlp_linear_fc2_weight(
@@ -3674,9 +3760,11 @@ def export_decoder_layers_27_mlp_linear_fc2_weight(
     return {"model.layers.27.mlp.down_proj.weight": rt.row_export(parts)}
 
 
-def import_decoder_final_layernorm_weight(ctx: ParallelContext, load: Loader) -> torch.Tensor:
+def import_decoder_final_layernorm_weight(
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """decoder.final_layernorm.weight <- model.norm.weight: auto -> replicated, specs/qwen2.yaml:49."""
-    return load("model.norm.weight")
+    return rt.whole_import(load("model.norm.weight"), out=out)
 
 
 def export_decoder_final_layernorm_weight(parts: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -3684,9 +3772,11 @@ def export_decoder_final_layernorm_weight(parts: Sequence[torch.Tensor]) -> dict
     return {"model.norm.weight": parts[0]}
 
 
-def import_output_layer_weight(ctx: ParallelContext, load: Loader) -> torch.Tensor:
+def import_output_layer_weight(
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """output_layer.weight <- lm_head.weight: auto -> column, specs/qwen2.yaml:52."""
-    return rt.column_import(ctx.tp, load("lm_head.weight"))
+    return rt.column_import(ctx.tp, load("lm_head.weight"), out=out)
 
 
 def export_output_layer_weight(parts: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:

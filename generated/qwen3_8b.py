@@ -50,9 +50,11 @@ DIMS: Final = ModelDims(
 )
 
 
-def import_embedding_word_embeddings_weight(ctx: ParallelContext, load: Loader) -> torch.Tensor:
+def import_embedding_word_embeddings_weight(
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """embedding.word_embeddings.weight <- model.embed_tokens.weight: auto -> column, specs/qwen3.yaml:26."""
-    return rt.column_import(ctx.tp, load("model.embed_tokens.weight"))
+    return rt.column_import(ctx.tp, load("model.embed_tokens.weight"), out=out)
 
 
 def export_embedding_word_embeddings_weight(
@@ -63,10 +65,10 @@ def export_embedding_word_embeddings_weight(
 
 
 def import_decoder_layers_0_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.0.self_attention.linear_qkv.layer_norm_weight <- model.layers.0.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
-    return load("model.layers.0.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.0.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_0_self_attention_linear_qkv_layer_norm_weight(
@@ -77,10 +79,10 @@ def export_decoder_layers_0_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_0_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.0.self_attention.linear_proj.weight <- model.layers.0.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
-    return rt.row_import(ctx.tp, load("model.layers.0.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.0.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_0_self_attention_linear_proj_weight(
@@ -91,7 +93,7 @@ def export_decoder_layers_0_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_0_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.0.self_attention.linear_qkv.weight <- model.layers.0.self_attn.q_proj.weight, model.layers.0.self_attn.k_proj.weight, model.layers.0.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
     return rt.qkv_import(
@@ -102,6 +104,7 @@ def import_decoder_layers_0_self_attention_linear_qkv_weight(
         heads=32,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -118,10 +121,10 @@ def export_decoder_layers_0_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_0_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.0.self_attention.q_layernorm.weight <- model.layers.0.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
-    return load("model.layers.0.self_attn.q_norm.weight")
+    return rt.whole_import(load("model.layers.0.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_0_self_attention_q_layernorm_weight(
@@ -132,10 +135,10 @@ def export_decoder_layers_0_self_attention_q_layernorm_weight(
 
 
 def import_decoder_layers_0_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.0.self_attention.k_layernorm.weight <- model.layers.0.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
-    return load("model.layers.0.self_attn.k_norm.weight")
+    return rt.whole_import(load("model.layers.0.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_0_self_attention_k_layernorm_weight(
@@ -146,10 +149,10 @@ def export_decoder_layers_0_self_attention_k_layernorm_weight(
 
 
 def import_decoder_layers_0_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.0.mlp.linear_fc1.layer_norm_weight <- model.layers.0.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
-    return load("model.layers.0.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.0.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_0_mlp_linear_fc1_layer_norm_weight(
@@ -160,13 +163,14 @@ def export_decoder_layers_0_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_0_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.0.mlp.linear_fc1.weight <- model.layers.0.mlp.gate_proj.weight, model.layers.0.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.0.mlp.gate_proj.weight"),
         load("model.layers.0.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -179,10 +183,10 @@ def export_decoder_layers_0_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_0_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.0.mlp.linear_fc2.weight <- model.layers.0.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
-    return rt.row_import(ctx.tp, load("model.layers.0.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.0.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_0_mlp_linear_fc2_weight(
@@ -193,10 +197,10 @@ def export_decoder_layers_0_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_1_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.1.self_attention.linear_qkv.layer_norm_weight <- model.layers.1.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
-    return load("model.layers.1.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.1.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_1_self_attention_linear_qkv_layer_norm_weight(
@@ -207,10 +211,10 @@ def export_decoder_layers_1_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_1_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.1.self_attention.linear_proj.weight <- model.layers.1.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
-    return rt.row_import(ctx.tp, load("model.layers.1.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.1.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_1_self_attention_linear_proj_weight(
@@ -221,7 +225,7 @@ def export_decoder_layers_1_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_1_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.1.self_attention.linear_qkv.weight <- model.layers.1.self_attn.q_proj.weight, model.layers.1.self_attn.k_proj.weight, model.layers.1.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
     return rt.qkv_import(
@@ -232,6 +236,7 @@ def import_decoder_layers_1_self_attention_linear_qkv_weight(
         heads=32,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -248,10 +253,10 @@ def export_decoder_layers_1_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_1_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.1.self_attention.q_layernorm.weight <- model.layers.1.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
-    return load("model.layers.1.self_attn.q_norm.weight")
+    return rt.whole_import(load("model.layers.1.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_1_self_attention_q_layernorm_weight(
@@ -262,10 +267,10 @@ def export_decoder_layers_1_self_attention_q_layernorm_weight(
 
 
 def import_decoder_layers_1_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.1.self_attention.k_layernorm.weight <- model.layers.1.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
-    return load("model.layers.1.self_attn.k_norm.weight")
+    return rt.whole_import(load("model.layers.1.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_1_self_attention_k_layernorm_weight(
@@ -276,10 +281,10 @@ def export_decoder_layers_1_self_attention_k_layernorm_weight(
 
 
 def import_decoder_layers_1_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.1.mlp.linear_fc1.layer_norm_weight <- model.layers.1.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
-    return load("model.layers.1.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.1.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_1_mlp_linear_fc1_layer_norm_weight(
@@ -290,13 +295,14 @@ def export_decoder_layers_1_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_1_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.1.mlp.linear_fc1.weight <- model.layers.1.mlp.gate_proj.weight, model.layers.1.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.1.mlp.gate_proj.weight"),
         load("model.layers.1.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -309,10 +315,10 @@ def export_decoder_layers_1_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_1_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.1.mlp.linear_fc2.weight <- model.layers.1.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
-    return rt.row_import(ctx.tp, load("model.layers.1.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.1.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_1_mlp_linear_fc2_weight(
@@ -323,10 +329,10 @@ def export_decoder_layers_1_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_2_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.2.self_attention.linear_qkv.layer_norm_weight <- model.layers.2.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
-    return load("model.layers.2.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.2.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_2_self_attention_linear_qkv_layer_norm_weight(
@@ -337,10 +343,10 @@ def export_decoder_layers_2_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_2_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.2.self_attention.linear_proj.weight <- model.layers.2.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
-    return rt.row_import(ctx.tp, load("model.layers.2.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.2.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_2_self_attention_linear_proj_weight(
@@ -351,7 +357,7 @@ def export_decoder_layers_2_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_2_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.2.self_attention.linear_qkv.weight <- model.layers.2.self_attn.q_proj.weight, model.layers.2.self_attn.k_proj.weight, model.layers.2.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
     return rt.qkv_import(
@@ -362,6 +368,7 @@ def import_decoder_layers_2_self_attention_linear_qkv_weight(
         heads=32,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -378,10 +385,10 @@ def export_decoder_layers_2_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_2_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.2.self_attention.q_layernorm.weight <- model.layers.2.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
-    return load("model.layers.2.self_attn.q_norm.weight")
+    return rt.whole_import(load("model.layers.2.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_2_self_attention_q_layernorm_weight(
@@ -392,10 +399,10 @@ def export_decoder_layers_2_self_attention_q_layernorm_weight(
 
 
 def import_decoder_layers_2_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.2.self_attention.k_layernorm.weight <- model.layers.2.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
-    return load("model.layers.2.self_attn.k_norm.weight")
+    return rt.whole_import(load("model.layers.2.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_2_self_attention_k_layernorm_weight(
@@ -406,10 +413,10 @@ def export_decoder_layers_2_self_attention_k_layernorm_weight(
 
 
 def import_decoder_layers_2_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.2.mlp.linear_fc1.layer_norm_weight <- model.layers.2.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
-    return load("model.layers.2.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.2.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_2_mlp_linear_fc1_layer_norm_weight(
@@ -420,13 +427,14 @@ def export_decoder_layers_2_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_2_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.2.mlp.linear_fc1.weight <- model.layers.2.mlp.gate_proj.weight, model.layers.2.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.2.mlp.gate_proj.weight"),
         load("model.layers.2.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -439,10 +447,10 @@ def export_decoder_layers_2_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_2_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.2.mlp.linear_fc2.weight <- model.layers.2.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
-    return rt.row_import(ctx.tp, load("model.layers.2.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.2.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_2_mlp_linear_fc2_weight(
@@ -453,10 +461,10 @@ def export_decoder_layers_2_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_3_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.3.self_attention.linear_qkv.layer_norm_weight <- model.layers.3.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
-    return load("model.layers.3.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.3.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_3_self_attention_linear_qkv_layer_norm_weight(
@@ -467,10 +475,10 @@ def export_decoder_layers_3_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_3_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.3.self_attention.linear_proj.weight <- model.layers.3.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
-    return rt.row_import(ctx.tp, load("model.layers.3.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.3.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_3_self_attention_linear_proj_weight(
@@ -481,7 +489,7 @@ def export_decoder_layers_3_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_3_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.3.self_attention.linear_qkv.weight <- model.layers.3.self_attn.q_proj.weight, model.layers.3.self_attn.k_proj.weight, model.layers.3.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
     return rt.qkv_import(
@@ -492,6 +500,7 @@ def import_decoder_layers_3_self_attention_linear_qkv_weight(
         heads=32,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -508,10 +517,10 @@ def export_decoder_layers_3_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_3_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.3.self_attention.q_layernorm.weight <- model.layers.3.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
-    return load("model.layers.3.self_attn.q_norm.weight")
+    return rt.whole_import(load("model.layers.3.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_3_self_attention_q_layernorm_weight(
@@ -522,10 +531,10 @@ def export_decoder_layers_3_self_attention_q_layernorm_weight(
 
 
 def import_decoder_layers_3_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.3.self_attention.k_layernorm.weight <- model.layers.3.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
-    return load("model.layers.3.self_attn.k_norm.weight")
+    return rt.whole_import(load("model.layers.3.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_3_self_attention_k_layernorm_weight(
@@ -536,10 +545,10 @@ def export_decoder_layers_3_self_attention_k_layernorm_weight(
 
 
 def import_decoder_layers_3_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.3.mlp.linear_fc1.layer_norm_weight <- model.layers.3.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
-    return load("model.layers.3.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.3.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_3_mlp_linear_fc1_layer_norm_weight(
@@ -550,13 +559,14 @@ def export_decoder_layers_3_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_3_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.3.mlp.linear_fc1.weight <- model.layers.3.mlp.gate_proj.weight, model.layers.3.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.3.mlp.gate_proj.weight"),
         load("model.layers.3.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -569,10 +579,10 @@ def export_decoder_layers_3_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_3_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.3.mlp.linear_fc2.weight <- model.layers.3.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
-    return rt.row_import(ctx.tp, load("model.layers.3.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.3.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_3_mlp_linear_fc2_weight(
@@ -583,10 +593,10 @@ def export_decoder_layers_3_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_4_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.4.self_attention.linear_qkv.layer_norm_weight <- model.layers.4.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
-    return load("model.layers.4.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.4.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_4_self_attention_linear_qkv_layer_norm_weight(
@@ -597,10 +607,10 @@ def export_decoder_layers_4_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_4_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.4.self_attention.linear_proj.weight <- model.layers.4.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
-    return rt.row_import(ctx.tp, load("model.layers.4.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.4.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_4_self_attention_linear_proj_weight(
@@ -611,7 +621,7 @@ def export_decoder_layers_4_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_4_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.4.self_attention.linear_qkv.weight <- model.layers.4.self_attn.q_proj.weight, model.layers.4.self_attn.k_proj.weight, model.layers.4.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
     return rt.qkv_import(
@@ -622,6 +632,7 @@ def import_decoder_layers_4_self_attention_linear_qkv_weight(
         heads=32,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -638,10 +649,10 @@ def export_decoder_layers_4_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_4_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.4.self_attention.q_layernorm.weight <- model.layers.4.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
-    return load("model.layers.4.self_attn.q_norm.weight")
+    return rt.whole_import(load("model.layers.4.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_4_self_attention_q_layernorm_weight(
@@ -652,10 +663,10 @@ def export_decoder_layers_4_self_attention_q_layernorm_weight(
 
 
 def import_decoder_layers_4_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.4.self_attention.k_layernorm.weight <- model.layers.4.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
-    return load("model.layers.4.self_attn.k_norm.weight")
+    return rt.whole_import(load("model.layers.4.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_4_self_attention_k_layernorm_weight(
@@ -666,10 +677,10 @@ def export_decoder_layers_4_self_attention_k_layernorm_weight(
 
 
 def import_decoder_layers_4_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.4.mlp.linear_fc1.layer_norm_weight <- model.layers.4.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
-    return load("model.layers.4.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.4.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_4_mlp_linear_fc1_layer_norm_weight(
@@ -680,13 +691,14 @@ def export_decoder_layers_4_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_4_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.4.mlp.linear_fc1.weight <- model.layers.4.mlp.gate_proj.weight, model.layers.4.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.4.mlp.gate_proj.weight"),
         load("model.layers.4.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -699,10 +711,10 @@ def export_decoder_layers_4_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_4_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.4.mlp.linear_fc2.weight <- model.layers.4.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
-    return rt.row_import(ctx.tp, load("model.layers.4.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.4.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_4_mlp_linear_fc2_weight(
@@ -713,10 +725,10 @@ def export_decoder_layers_4_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_5_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.5.self_attention.linear_qkv.layer_norm_weight <- model.layers.5.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
-    return load("model.layers.5.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.5.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_5_self_attention_linear_qkv_layer_norm_weight(
@@ -727,10 +739,10 @@ def export_decoder_layers_5_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_5_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.5.self_attention.linear_proj.weight <- model.layers.5.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
-    return rt.row_import(ctx.tp, load("model.layers.5.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.5.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_5_self_attention_linear_proj_weight(
@@ -741,7 +753,7 @@ def export_decoder_layers_5_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_5_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.5.self_attention.linear_qkv.weight <- model.layers.5.self_attn.q_proj.weight, model.layers.5.self_attn.k_proj.weight, model.layers.5.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
     return rt.qkv_import(
@@ -752,6 +764,7 @@ def import_decoder_layers_5_self_attention_linear_qkv_weight(
         heads=32,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -768,10 +781,10 @@ def export_decoder_layers_5_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_5_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.5.self_attention.q_layernorm.weight <- model.layers.5.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
-    return load("model.layers.5.self_attn.q_norm.weight")
+    return rt.whole_import(load("model.layers.5.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_5_self_attention_q_layernorm_weight(
@@ -782,10 +795,10 @@ def export_decoder_layers_5_self_attention_q_layernorm_weight(
 
 
 def import_decoder_layers_5_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.5.self_attention.k_layernorm.weight <- model.layers.5.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
-    return load("model.layers.5.self_attn.k_norm.weight")
+    return rt.whole_import(load("model.layers.5.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_5_self_attention_k_layernorm_weight(
@@ -796,10 +809,10 @@ def export_decoder_layers_5_self_attention_k_layernorm_weight(
 
 
 def import_decoder_layers_5_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.5.mlp.linear_fc1.layer_norm_weight <- model.layers.5.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
-    return load("model.layers.5.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.5.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_5_mlp_linear_fc1_layer_norm_weight(
@@ -810,13 +823,14 @@ def export_decoder_layers_5_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_5_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.5.mlp.linear_fc1.weight <- model.layers.5.mlp.gate_proj.weight, model.layers.5.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.5.mlp.gate_proj.weight"),
         load("model.layers.5.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -829,10 +843,10 @@ def export_decoder_layers_5_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_5_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.5.mlp.linear_fc2.weight <- model.layers.5.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
-    return rt.row_import(ctx.tp, load("model.layers.5.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.5.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_5_mlp_linear_fc2_weight(
@@ -843,10 +857,10 @@ def export_decoder_layers_5_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_6_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.6.self_attention.linear_qkv.layer_norm_weight <- model.layers.6.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
-    return load("model.layers.6.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.6.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_6_self_attention_linear_qkv_layer_norm_weight(
@@ -857,10 +871,10 @@ def export_decoder_layers_6_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_6_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.6.self_attention.linear_proj.weight <- model.layers.6.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
-    return rt.row_import(ctx.tp, load("model.layers.6.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.6.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_6_self_attention_linear_proj_weight(
@@ -871,7 +885,7 @@ def export_decoder_layers_6_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_6_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.6.self_attention.linear_qkv.weight <- model.layers.6.self_attn.q_proj.weight, model.layers.6.self_attn.k_proj.weight, model.layers.6.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
     return rt.qkv_import(
@@ -882,6 +896,7 @@ def import_decoder_layers_6_self_attention_linear_qkv_weight(
         heads=32,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -898,10 +913,10 @@ def export_decoder_layers_6_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_6_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.6.self_attention.q_layernorm.weight <- model.layers.6.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
-    return load("model.layers.6.self_attn.q_norm.weight")
+    return rt.whole_import(load("model.layers.6.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_6_self_attention_q_layernorm_weight(
@@ -912,10 +927,10 @@ def export_decoder_layers_6_self_attention_q_layernorm_weight(
 
 
 def import_decoder_layers_6_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.6.self_attention.k_layernorm.weight <- model.layers.6.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
-    return load("model.layers.6.self_attn.k_norm.weight")
+    return rt.whole_import(load("model.layers.6.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_6_self_attention_k_layernorm_weight(
@@ -926,10 +941,10 @@ def export_decoder_layers_6_self_attention_k_layernorm_weight(
 
 
 def import_decoder_layers_6_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.6.mlp.linear_fc1.layer_norm_weight <- model.layers.6.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
-    return load("model.layers.6.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.6.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_6_mlp_linear_fc1_layer_norm_weight(
@@ -940,13 +955,14 @@ def export_decoder_layers_6_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_6_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.6.mlp.linear_fc1.weight <- model.layers.6.mlp.gate_proj.weight, model.layers.6.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.6.mlp.gate_proj.weight"),
         load("model.layers.6.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -959,10 +975,10 @@ def export_decoder_layers_6_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_6_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.6.mlp.linear_fc2.weight <- model.layers.6.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
-    return rt.row_import(ctx.tp, load("model.layers.6.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.6.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_6_mlp_linear_fc2_weight(
@@ -973,10 +989,10 @@ def export_decoder_layers_6_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_7_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.7.self_attention.linear_qkv.layer_norm_weight <- model.layers.7.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
-    return load("model.layers.7.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.7.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_7_self_attention_linear_qkv_layer_norm_weight(
@@ -987,10 +1003,10 @@ def export_decoder_layers_7_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_7_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.7.self_attention.linear_proj.weight <- model.layers.7.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
-    return rt.row_import(ctx.tp, load("model.layers.7.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.7.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_7_self_attention_linear_proj_weight(
@@ -1001,7 +1017,7 @@ def export_decoder_layers_7_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_7_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.7.self_attention.linear_qkv.weight <- model.layers.7.self_attn.q_proj.weight, model.layers.7.self_attn.k_proj.weight, model.layers.7.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
     return rt.qkv_import(
@@ -1012,6 +1028,7 @@ def import_decoder_layers_7_self_attention_linear_qkv_weight(
         heads=32,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -1028,10 +1045,10 @@ def export_decoder_layers_7_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_7_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.7.self_attention.q_layernorm.weight <- model.layers.7.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
-    return load("model.layers.7.self_attn.q_norm.weight")
+    return rt.whole_import(load("model.layers.7.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_7_self_attention_q_layernorm_weight(
@@ -1042,10 +1059,10 @@ def export_decoder_layers_7_self_attention_q_layernorm_weight(
 
 
 def import_decoder_layers_7_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.7.self_attention.k_layernorm.weight <- model.layers.7.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
-    return load("model.layers.7.self_attn.k_norm.weight")
+    return rt.whole_import(load("model.layers.7.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_7_self_attention_k_layernorm_weight(
@@ -1056,10 +1073,10 @@ def export_decoder_layers_7_self_attention_k_layernorm_weight(
 
 
 def import_decoder_layers_7_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.7.mlp.linear_fc1.layer_norm_weight <- model.layers.7.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
-    return load("model.layers.7.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.7.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_7_mlp_linear_fc1_layer_norm_weight(
@@ -1070,13 +1087,14 @@ def export_decoder_layers_7_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_7_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.7.mlp.linear_fc1.weight <- model.layers.7.mlp.gate_proj.weight, model.layers.7.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.7.mlp.gate_proj.weight"),
         load("model.layers.7.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -1089,10 +1107,10 @@ def export_decoder_layers_7_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_7_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.7.mlp.linear_fc2.weight <- model.layers.7.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
-    return rt.row_import(ctx.tp, load("model.layers.7.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.7.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_7_mlp_linear_fc2_weight(
@@ -1103,10 +1121,10 @@ def export_decoder_layers_7_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_8_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.8.self_attention.linear_qkv.layer_norm_weight <- model.layers.8.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
-    return load("model.layers.8.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.8.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_8_self_attention_linear_qkv_layer_norm_weight(
@@ -1117,10 +1135,10 @@ def export_decoder_layers_8_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_8_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.8.self_attention.linear_proj.weight <- model.layers.8.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
-    return rt.row_import(ctx.tp, load("model.layers.8.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.8.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_8_self_attention_linear_proj_weight(
@@ -1131,7 +1149,7 @@ def export_decoder_layers_8_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_8_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.8.self_attention.linear_qkv.weight <- model.layers.8.self_attn.q_proj.weight, model.layers.8.self_attn.k_proj.weight, model.layers.8.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
     return rt.qkv_import(
@@ -1142,6 +1160,7 @@ def import_decoder_layers_8_self_attention_linear_qkv_weight(
         heads=32,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -1158,10 +1177,10 @@ def export_decoder_layers_8_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_8_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.8.self_attention.q_layernorm.weight <- model.layers.8.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
-    return load("model.layers.8.self_attn.q_norm.weight")
+    return rt.whole_import(load("model.layers.8.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_8_self_attention_q_layernorm_weight(
@@ -1172,10 +1191,10 @@ def export_decoder_layers_8_self_attention_q_layernorm_weight(
 
 
 def import_decoder_layers_8_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.8.self_attention.k_layernorm.weight <- model.layers.8.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
-    return load("model.layers.8.self_attn.k_norm.weight")
+    return rt.whole_import(load("model.layers.8.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_8_self_attention_k_layernorm_weight(
@@ -1186,10 +1205,10 @@ def export_decoder_layers_8_self_attention_k_layernorm_weight(
 
 
 def import_decoder_layers_8_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.8.mlp.linear_fc1.layer_norm_weight <- model.layers.8.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
-    return load("model.layers.8.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.8.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_8_mlp_linear_fc1_layer_norm_weight(
@@ -1200,13 +1219,14 @@ def export_decoder_layers_8_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_8_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.8.mlp.linear_fc1.weight <- model.layers.8.mlp.gate_proj.weight, model.layers.8.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.8.mlp.gate_proj.weight"),
         load("model.layers.8.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -1219,10 +1239,10 @@ def export_decoder_layers_8_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_8_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.8.mlp.linear_fc2.weight <- model.layers.8.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
-    return rt.row_import(ctx.tp, load("model.layers.8.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.8.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_8_mlp_linear_fc2_weight(
@@ -1233,10 +1253,10 @@ def export_decoder_layers_8_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_9_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.9.self_attention.linear_qkv.layer_norm_weight <- model.layers.9.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
-    return load("model.layers.9.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.9.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_9_self_attention_linear_qkv_layer_norm_weight(
@@ -1247,10 +1267,10 @@ def export_decoder_layers_9_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_9_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.9.self_attention.linear_proj.weight <- model.layers.9.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
-    return rt.row_import(ctx.tp, load("model.layers.9.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.9.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_9_self_attention_linear_proj_weight(
@@ -1261,7 +1281,7 @@ def export_decoder_layers_9_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_9_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.9.self_attention.linear_qkv.weight <- model.layers.9.self_attn.q_proj.weight, model.layers.9.self_attn.k_proj.weight, model.layers.9.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
     return rt.qkv_import(
@@ -1272,6 +1292,7 @@ def import_decoder_layers_9_self_attention_linear_qkv_weight(
         heads=32,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -1288,10 +1309,10 @@ def export_decoder_layers_9_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_9_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.9.self_attention.q_layernorm.weight <- model.layers.9.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
-    return load("model.layers.9.self_attn.q_norm.weight")
+    return rt.whole_import(load("model.layers.9.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_9_self_attention_q_layernorm_weight(
@@ -1302,10 +1323,10 @@ def export_decoder_layers_9_self_attention_q_layernorm_weight(
 
 
 def import_decoder_layers_9_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.9.self_attention.k_layernorm.weight <- model.layers.9.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
-    return load("model.layers.9.self_attn.k_norm.weight")
+    return rt.whole_import(load("model.layers.9.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_9_self_attention_k_layernorm_weight(
@@ -1316,10 +1337,10 @@ def export_decoder_layers_9_self_attention_k_layernorm_weight(
 
 
 def import_decoder_layers_9_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.9.mlp.linear_fc1.layer_norm_weight <- model.layers.9.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
-    return load("model.layers.9.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.9.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_9_mlp_linear_fc1_layer_norm_weight(
@@ -1330,13 +1351,14 @@ def export_decoder_layers_9_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_9_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.9.mlp.linear_fc1.weight <- model.layers.9.mlp.gate_proj.weight, model.layers.9.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.9.mlp.gate_proj.weight"),
         load("model.layers.9.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -1349,10 +1371,10 @@ def export_decoder_layers_9_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_9_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.9.mlp.linear_fc2.weight <- model.layers.9.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
-    return rt.row_import(ctx.tp, load("model.layers.9.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.9.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_9_mlp_linear_fc2_weight(
@@ -1363,10 +1385,10 @@ def export_decoder_layers_9_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_10_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.10.self_attention.linear_qkv.layer_norm_weight <- model.layers.10.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
-    return load("model.layers.10.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.10.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_10_self_attention_linear_qkv_layer_norm_weight(
@@ -1377,10 +1399,10 @@ def export_decoder_layers_10_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_10_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.10.self_attention.linear_proj.weight <- model.layers.10.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
-    return rt.row_import(ctx.tp, load("model.layers.10.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.10.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_10_self_attention_linear_proj_weight(
@@ -1391,7 +1413,7 @@ def export_decoder_layers_10_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_10_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.10.self_attention.linear_qkv.weight <- model.layers.10.self_attn.q_proj.weight, model.layers.10.self_attn.k_proj.weight, model.layers.10.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
     return rt.qkv_import(
@@ -1402,6 +1424,7 @@ def import_decoder_layers_10_self_attention_linear_qkv_weight(
         heads=32,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -1418,10 +1441,10 @@ def export_decoder_layers_10_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_10_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.10.self_attention.q_layernorm.weight <- model.layers.10.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
-    return load("model.layers.10.self_attn.q_norm.weight")
+    return rt.whole_import(load("model.layers.10.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_10_self_attention_q_layernorm_weight(
@@ -1432,10 +1455,10 @@ def export_decoder_layers_10_self_attention_q_layernorm_weight(
 
 
 def import_decoder_layers_10_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.10.self_attention.k_layernorm.weight <- model.layers.10.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
-    return load("model.layers.10.self_attn.k_norm.weight")
+    return rt.whole_import(load("model.layers.10.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_10_self_attention_k_layernorm_weight(
@@ -1446,10 +1469,10 @@ def export_decoder_layers_10_self_attention_k_layernorm_weight(
 
 
 def import_decoder_layers_10_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.10.mlp.linear_fc1.layer_norm_weight <- model.layers.10.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
-    return load("model.layers.10.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.10.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_10_mlp_linear_fc1_layer_norm_weight(
@@ -1460,13 +1483,14 @@ def export_decoder_layers_10_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_10_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.10.mlp.linear_fc1.weight <- model.layers.10.mlp.gate_proj.weight, model.layers.10.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.10.mlp.gate_proj.weight"),
         load("model.layers.10.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -1479,10 +1503,10 @@ def export_decoder_layers_10_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_10_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.10.mlp.linear_fc2.weight <- model.layers.10.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
-    return rt.row_import(ctx.tp, load("model.layers.10.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.10.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_10_mlp_linear_fc2_weight(
@@ -1493,10 +1517,10 @@ def export_decoder_layers_10_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_11_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.11.self_attention.linear_qkv.layer_norm_weight <- model.layers.11.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
-    return load("model.layers.11.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.11.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_11_self_attention_linear_qkv_layer_norm_weight(
@@ -1507,10 +1531,10 @@ def export_decoder_layers_11_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_11_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.11.self_attention.linear_proj.weight <- model.layers.11.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
-    return rt.row_import(ctx.tp, load("model.layers.11.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.11.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_11_self_attention_linear_proj_weight(
@@ -1521,7 +1545,7 @@ def export_decoder_layers_11_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_11_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.11.self_attention.linear_qkv.weight <- model.layers.11.self_attn.q_proj.weight, model.layers.11.self_attn.k_proj.weight, model.layers.11.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
     return rt.qkv_import(
@@ -1532,6 +1556,7 @@ def import_decoder_layers_11_self_attention_linear_qkv_weight(
         heads=32,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -1548,10 +1573,10 @@ def export_decoder_layers_11_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_11_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.11.self_attention.q_layernorm.weight <- model.layers.11.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
-    return load("model.layers.11.self_attn.q_norm.weight")
+    return rt.whole_import(load("model.layers.11.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_11_self_attention_q_layernorm_weight(
@@ -1562,10 +1587,10 @@ def export_decoder_layers_11_self_attention_q_layernorm_weight(
 
 
 def import_decoder_layers_11_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.11.self_attention.k_layernorm.weight <- model.layers.11.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
-    return load("model.layers.11.self_attn.k_norm.weight")
+    return rt.whole_import(load("model.layers.11.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_11_self_attention_k_layernorm_weight(
@@ -1576,10 +1601,10 @@ def export_decoder_layers_11_self_attention_k_layernorm_weight(
 
 
 def import_decoder_layers_11_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.11.mlp.linear_fc1.layer_norm_weight <- model.layers.11.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
-    return load("model.layers.11.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.11.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_11_mlp_linear_fc1_layer_norm_weight(
@@ -1590,13 +1615,14 @@ def export_decoder_layers_11_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_11_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.11.mlp.linear_fc1.weight <- model.layers.11.mlp.gate_proj.weight, model.layers.11.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.11.mlp.gate_proj.weight"),
         load("model.layers.11.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -1609,10 +1635,10 @@ def export_decoder_layers_11_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_11_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.11.mlp.linear_fc2.weight <- model.layers.11.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
-    return rt.row_import(ctx.tp, load("model.layers.11.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.11.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_11_mlp_linear_fc2_weight(
@@ -1623,10 +1649,10 @@ def export_decoder_layers_11_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_12_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.12.self_attention.linear_qkv.layer_norm_weight <- model.layers.12.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
-    return load("model.layers.12.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.12.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_12_self_attention_linear_qkv_layer_norm_weight(
@@ -1637,10 +1663,10 @@ def export_decoder_layers_12_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_12_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.12.self_attention.linear_proj.weight <- model.layers.12.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
-    return rt.row_import(ctx.tp, load("model.layers.12.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.12.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_12_self_attention_linear_proj_weight(
@@ -1651,7 +1677,7 @@ def export_decoder_layers_12_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_12_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.12.self_attention.linear_qkv.weight <- model.layers.12.self_attn.q_proj.weight, model.layers.12.self_attn.k_proj.weight, model.layers.12.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
     return rt.qkv_import(
@@ -1662,6 +1688,7 @@ def import_decoder_layers_12_self_attention_linear_qkv_weight(
         heads=32,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -1678,10 +1705,10 @@ def export_decoder_layers_12_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_12_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.12.self_attention.q_layernorm.weight <- model.layers.12.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
-    return load("model.layers.12.self_attn.q_norm.weight")
+    return rt.whole_import(load("model.layers.12.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_12_self_attention_q_layernorm_weight(
@@ -1692,10 +1719,10 @@ def export_decoder_layers_12_self_attention_q_layernorm_weight(
 
 
 def import_decoder_layers_12_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.12.self_attention.k_layernorm.weight <- model.layers.12.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
-    return load("model.layers.12.self_attn.k_norm.weight")
+    return rt.whole_import(load("model.layers.12.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_12_self_attention_k_layernorm_weight(
@@ -1706,10 +1733,10 @@ def export_decoder_layers_12_self_attention_k_layernorm_weight(
 
 
 def import_decoder_layers_12_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.12.mlp.linear_fc1.layer_norm_weight <- model.layers.12.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
-    return load("model.layers.12.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.12.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_12_mlp_linear_fc1_layer_norm_weight(
@@ -1720,13 +1747,14 @@ def export_decoder_layers_12_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_12_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.12.mlp.linear_fc1.weight <- model.layers.12.mlp.gate_proj.weight, model.layers.12.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.12.mlp.gate_proj.weight"),
         load("model.layers.12.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -1739,10 +1767,10 @@ def export_decoder_layers_12_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_12_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.12.mlp.linear_fc2.weight <- model.layers.12.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
-    return rt.row_import(ctx.tp, load("model.layers.12.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.12.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_12_mlp_linear_fc2_weight(
@@ -1753,10 +1781,10 @@ def export_decoder_layers_12_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_13_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.13.self_attention.linear_qkv.layer_norm_weight <- model.layers.13.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
-    return load("model.layers.13.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.13.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_13_self_attention_linear_qkv_layer_norm_weight(
@@ -1767,10 +1795,10 @@ def export_decoder_layers_13_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_13_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.13.self_attention.linear_proj.weight <- model.layers.13.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
-    return rt.row_import(ctx.tp, load("model.layers.13.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.13.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_13_self_attention_linear_proj_weight(
@@ -1781,7 +1809,7 @@ def export_decoder_layers_13_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_13_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.13.self_attention.linear_qkv.weight <- model.layers.13.self_attn.q_proj.weight, model.layers.13.self_attn.k_proj.weight, model.layers.13.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
     return rt.qkv_import(
@@ -1792,6 +1820,7 @@ def import_decoder_layers_13_self_attention_linear_qkv_weight(
         heads=32,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -1808,10 +1837,10 @@ def export_decoder_layers_13_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_13_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.13.self_attention.q_layernorm.weight <- model.layers.13.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
-    return load("model.layers.13.self_attn.q_norm.weight")
+    return rt.whole_import(load("model.layers.13.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_13_self_attention_q_layernorm_weight(
@@ -1822,10 +1851,10 @@ def export_decoder_layers_13_self_attention_q_layernorm_weight(
 
 
 def import_decoder_layers_13_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.13.self_attention.k_layernorm.weight <- model.layers.13.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
-    return load("model.layers.13.self_attn.k_norm.weight")
+    return rt.whole_import(load("model.layers.13.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_13_self_attention_k_layernorm_weight(
@@ -1836,10 +1865,10 @@ def export_decoder_layers_13_self_attention_k_layernorm_weight(
 
 
 def import_decoder_layers_13_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.13.mlp.linear_fc1.layer_norm_weight <- model.layers.13.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
-    return load("model.layers.13.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.13.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_13_mlp_linear_fc1_layer_norm_weight(
@@ -1850,13 +1879,14 @@ def export_decoder_layers_13_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_13_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.13.mlp.linear_fc1.weight <- model.layers.13.mlp.gate_proj.weight, model.layers.13.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.13.mlp.gate_proj.weight"),
         load("model.layers.13.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -1869,10 +1899,10 @@ def export_decoder_layers_13_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_13_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.13.mlp.linear_fc2.weight <- model.layers.13.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
-    return rt.row_import(ctx.tp, load("model.layers.13.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.13.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_13_mlp_linear_fc2_weight(
@@ -1883,10 +1913,10 @@ def export_decoder_layers_13_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_14_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.14.self_attention.linear_qkv.layer_norm_weight <- model.layers.14.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
-    return load("model.layers.14.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.14.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_14_self_attention_linear_qkv_layer_norm_weight(
@@ -1897,10 +1927,10 @@ def export_decoder_layers_14_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_14_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.14.self_attention.linear_proj.weight <- model.layers.14.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
-    return rt.row_import(ctx.tp, load("model.layers.14.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.14.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_14_self_attention_linear_proj_weight(
@@ -1911,7 +1941,7 @@ def export_decoder_layers_14_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_14_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.14.self_attention.linear_qkv.weight <- model.layers.14.self_attn.q_proj.weight, model.layers.14.self_attn.k_proj.weight, model.layers.14.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
     return rt.qkv_import(
@@ -1922,6 +1952,7 @@ def import_decoder_layers_14_self_attention_linear_qkv_weight(
         heads=32,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -1938,10 +1969,10 @@ def export_decoder_layers_14_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_14_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.14.self_attention.q_layernorm.weight <- model.layers.14.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
-    return load("model.layers.14.self_attn.q_norm.weight")
+    return rt.whole_import(load("model.layers.14.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_14_self_attention_q_layernorm_weight(
@@ -1952,10 +1983,10 @@ def export_decoder_layers_14_self_attention_q_layernorm_weight(
 
 
 def import_decoder_layers_14_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.14.self_attention.k_layernorm.weight <- model.layers.14.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
-    return load("model.layers.14.self_attn.k_norm.weight")
+    return rt.whole_import(load("model.layers.14.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_14_self_attention_k_layernorm_weight(
@@ -1966,10 +1997,10 @@ def export_decoder_layers_14_self_attention_k_layernorm_weight(
 
 
 def import_decoder_layers_14_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.14.mlp.linear_fc1.layer_norm_weight <- model.layers.14.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
-    return load("model.layers.14.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.14.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_14_mlp_linear_fc1_layer_norm_weight(
@@ -1980,13 +2011,14 @@ def export_decoder_layers_14_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_14_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.14.mlp.linear_fc1.weight <- model.layers.14.mlp.gate_proj.weight, model.layers.14.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.14.mlp.gate_proj.weight"),
         load("model.layers.14.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -1999,10 +2031,10 @@ def export_decoder_layers_14_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_14_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.14.mlp.linear_fc2.weight <- model.layers.14.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
-    return rt.row_import(ctx.tp, load("model.layers.14.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.14.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_14_mlp_linear_fc2_weight(
@@ -2013,10 +2045,10 @@ def export_decoder_layers_14_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_15_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.15.self_attention.linear_qkv.layer_norm_weight <- model.layers.15.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
-    return load("model.layers.15.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.15.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_15_self_attention_linear_qkv_layer_norm_weight(
@@ -2027,10 +2059,10 @@ def export_decoder_layers_15_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_15_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.15.self_attention.linear_proj.weight <- model.layers.15.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
-    return rt.row_import(ctx.tp, load("model.layers.15.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.15.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_15_self_attention_linear_proj_weight(
@@ -2041,7 +2073,7 @@ def export_decoder_layers_15_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_15_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.15.self_attention.linear_qkv.weight <- model.layers.15.self_attn.q_proj.weight, model.layers.15.self_attn.k_proj.weight, model.layers.15.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
     return rt.qkv_import(
@@ -2052,6 +2084,7 @@ def import_decoder_layers_15_self_attention_linear_qkv_weight(
         heads=32,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -2068,10 +2101,10 @@ def export_decoder_layers_15_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_15_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.15.self_attention.q_layernorm.weight <- model.layers.15.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
-    return load("model.layers.15.self_attn.q_norm.weight")
+    return rt.whole_import(load("model.layers.15.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_15_self_attention_q_layernorm_weight(
@@ -2082,10 +2115,10 @@ def export_decoder_layers_15_self_attention_q_layernorm_weight(
 
 
 def import_decoder_layers_15_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.15.self_attention.k_layernorm.weight <- model.layers.15.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
-    return load("model.layers.15.self_attn.k_norm.weight")
+    return rt.whole_import(load("model.layers.15.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_15_self_attention_k_layernorm_weight(
@@ -2096,10 +2129,10 @@ def export_decoder_layers_15_self_attention_k_layernorm_weight(
 
 
 def import_decoder_layers_15_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.15.mlp.linear_fc1.layer_norm_weight <- model.layers.15.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
-    return load("model.layers.15.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.15.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_15_mlp_linear_fc1_layer_norm_weight(
@@ -2110,13 +2143,14 @@ def export_decoder_layers_15_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_15_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.15.mlp.linear_fc1.weight <- model.layers.15.mlp.gate_proj.weight, model.layers.15.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.15.mlp.gate_proj.weight"),
         load("model.layers.15.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -2129,10 +2163,10 @@ def export_decoder_layers_15_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_15_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.15.mlp.linear_fc2.weight <- model.layers.15.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
-    return rt.row_import(ctx.tp, load("model.layers.15.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.15.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_15_mlp_linear_fc2_weight(
@@ -2143,10 +2177,10 @@ def export_decoder_layers_15_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_16_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.16.self_attention.linear_qkv.layer_norm_weight <- model.layers.16.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
-    return load("model.layers.16.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.16.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_16_self_attention_linear_qkv_layer_norm_weight(
@@ -2157,10 +2191,10 @@ def export_decoder_layers_16_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_16_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.16.self_attention.linear_proj.weight <- model.layers.16.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
-    return rt.row_import(ctx.tp, load("model.layers.16.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.16.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_16_self_attention_linear_proj_weight(
@@ -2171,7 +2205,7 @@ def export_decoder_layers_16_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_16_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.16.self_attention.linear_qkv.weight <- model.layers.16.self_attn.q_proj.weight, model.layers.16.self_attn.k_proj.weight, model.layers.16.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
     return rt.qkv_import(
@@ -2182,6 +2216,7 @@ def import_decoder_layers_16_self_attention_linear_qkv_weight(
         heads=32,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -2198,10 +2233,10 @@ def export_decoder_layers_16_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_16_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.16.self_attention.q_layernorm.weight <- model.layers.16.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
-    return load("model.layers.16.self_attn.q_norm.weight")
+    return rt.whole_import(load("model.layers.16.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_16_self_attention_q_layernorm_weight(
@@ -2212,10 +2247,10 @@ def export_decoder_layers_16_self_attention_q_layernorm_weight(
 
 
 def import_decoder_layers_16_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.16.self_attention.k_layernorm.weight <- model.layers.16.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
-    return load("model.layers.16.self_attn.k_norm.weight")
+    return rt.whole_import(load("model.layers.16.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_16_self_attention_k_layernorm_weight(
@@ -2226,10 +2261,10 @@ def export_decoder_layers_16_self_attention_k_layernorm_weight(
 
 
 def import_decoder_layers_16_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.16.mlp.linear_fc1.layer_norm_weight <- model.layers.16.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
-    return load("model.layers.16.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.16.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_16_mlp_linear_fc1_layer_norm_weight(
@@ -2240,13 +2275,14 @@ def export_decoder_layers_16_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_16_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.16.mlp.linear_fc1.weight <- model.layers.16.mlp.gate_proj.weight, model.layers.16.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.16.mlp.gate_proj.weight"),
         load("model.layers.16.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -2259,10 +2295,10 @@ def export_decoder_layers_16_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_16_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.16.mlp.linear_fc2.weight <- model.layers.16.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
-    return rt.row_import(ctx.tp, load("model.layers.16.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.16.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_16_mlp_linear_fc2_weight(
@@ -2273,10 +2309,10 @@ def export_decoder_layers_16_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_17_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.17.self_attention.linear_qkv.layer_norm_weight <- model.layers.17.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
-    return load("model.layers.17.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.17.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_17_self_attention_linear_qkv_layer_norm_weight(
@@ -2287,10 +2323,10 @@ def export_decoder_layers_17_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_17_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.17.self_attention.linear_proj.weight <- model.layers.17.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
-    return rt.row_import(ctx.tp, load("model.layers.17.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.17.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_17_self_attention_linear_proj_weight(
@@ -2301,7 +2337,7 @@ def export_decoder_layers_17_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_17_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.17.self_attention.linear_qkv.weight <- model.layers.17.self_attn.q_proj.weight, model.layers.17.self_attn.k_proj.weight, model.layers.17.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
     return rt.qkv_import(
@@ -2312,6 +2348,7 @@ def import_decoder_layers_17_self_attention_linear_qkv_weight(
         heads=32,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -2328,10 +2365,10 @@ def export_decoder_layers_17_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_17_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.17.self_attention.q_layernorm.weight <- model.layers.17.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
-    return load("model.layers.17.self_attn.q_norm.weight")
+    return rt.whole_import(load("model.layers.17.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_17_self_attention_q_layernorm_weight(
@@ -2342,10 +2379,10 @@ def export_decoder_layers_17_self_attention_q_layernorm_weight(
 
 
 def import_decoder_layers_17_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.17.self_attention.k_layernorm.weight <- model.layers.17.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
-    return load("model.layers.17.self_attn.k_norm.weight")
+    return rt.whole_import(load("model.layers.17.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_17_self_attention_k_layernorm_weight(
@@ -2356,10 +2393,10 @@ def export_decoder_layers_17_self_attention_k_layernorm_weight(
 
 
 def import_decoder_layers_17_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.17.mlp.linear_fc1.layer_norm_weight <- model.layers.17.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
-    return load("model.layers.17.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.17.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_17_mlp_linear_fc1_layer_norm_weight(
@@ -2370,13 +2407,14 @@ def export_decoder_layers_17_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_17_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.17.mlp.linear_fc1.weight <- model.layers.17.mlp.gate_proj.weight, model.layers.17.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.17.mlp.gate_proj.weight"),
         load("model.layers.17.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -2389,10 +2427,10 @@ def export_decoder_layers_17_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_17_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.17.mlp.linear_fc2.weight <- model.layers.17.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
-    return rt.row_import(ctx.tp, load("model.layers.17.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.17.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_17_mlp_linear_fc2_weight(
@@ -2403,10 +2441,10 @@ def export_decoder_layers_17_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_18_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.18.self_attention.linear_qkv.layer_norm_weight <- model.layers.18.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
-    return load("model.layers.18.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.18.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_18_self_attention_linear_qkv_layer_norm_weight(
@@ -2417,10 +2455,10 @@ def export_decoder_layers_18_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_18_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.18.self_attention.linear_proj.weight <- model.layers.18.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
-    return rt.row_import(ctx.tp, load("model.layers.18.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.18.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_18_self_attention_linear_proj_weight(
@@ -2431,7 +2469,7 @@ def export_decoder_layers_18_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_18_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.18.self_attention.linear_qkv.weight <- model.layers.18.self_attn.q_proj.weight, model.layers.18.self_attn.k_proj.weight, model.layers.18.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
     return rt.qkv_import(
@@ -2442,6 +2480,7 @@ def import_decoder_layers_18_self_attention_linear_qkv_weight(
         heads=32,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -2458,10 +2497,10 @@ def export_decoder_layers_18_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_18_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.18.self_attention.q_layernorm.weight <- model.layers.18.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
-    return load("model.layers.18.self_attn.q_norm.weight")
+    return rt.whole_import(load("model.layers.18.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_18_self_attention_q_layernorm_weight(
@@ -2472,10 +2511,10 @@ def export_decoder_layers_18_self_attention_q_layernorm_weight(
 
 
 def import_decoder_layers_18_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.18.self_attention.k_layernorm.weight <- model.layers.18.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
-    return load("model.layers.18.self_attn.k_norm.weight")
+    return rt.whole_import(load("model.layers.18.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_18_self_attention_k_layernorm_weight(
@@ -2486,10 +2525,10 @@ def export_decoder_layers_18_self_attention_k_layernorm_weight(
 
 
 def import_decoder_layers_18_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.18.mlp.linear_fc1.layer_norm_weight <- model.layers.18.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
-    return load("model.layers.18.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.18.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_18_mlp_linear_fc1_layer_norm_weight(
@@ -2500,13 +2539,14 @@ def export_decoder_layers_18_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_18_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.18.mlp.linear_fc1.weight <- model.layers.18.mlp.gate_proj.weight, model.layers.18.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.18.mlp.gate_proj.weight"),
         load("model.layers.18.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -2519,10 +2559,10 @@ def export_decoder_layers_18_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_18_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.18.mlp.linear_fc2.weight <- model.layers.18.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
-    return rt.row_import(ctx.tp, load("model.layers.18.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.18.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_18_mlp_linear_fc2_weight(
@@ -2533,10 +2573,10 @@ def export_decoder_layers_18_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_19_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.19.self_attention.linear_qkv.layer_norm_weight <- model.layers.19.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
-    return load("model.layers.19.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.19.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_19_self_attention_linear_qkv_layer_norm_weight(
@@ -2547,10 +2587,10 @@ def export_decoder_layers_19_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_19_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.19.self_attention.linear_proj.weight <- model.layers.19.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
-    return rt.row_import(ctx.tp, load("model.layers.19.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.19.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_19_self_attention_linear_proj_weight(
@@ -2561,7 +2601,7 @@ def export_decoder_layers_19_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_19_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.19.self_attention.linear_qkv.weight <- model.layers.19.self_attn.q_proj.weight, model.layers.19.self_attn.k_proj.weight, model.layers.19.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
     return rt.qkv_import(
@@ -2572,6 +2612,7 @@ def import_decoder_layers_19_self_attention_linear_qkv_weight(
         heads=32,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -2588,10 +2629,10 @@ def export_decoder_layers_19_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_19_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.19.self_attention.q_layernorm.weight <- model.layers.19.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
-    return load("model.layers.19.self_attn.q_norm.weight")
+    return rt.whole_import(load("model.layers.19.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_19_self_attention_q_layernorm_weight(
@@ -2602,10 +2643,10 @@ def export_decoder_layers_19_self_attention_q_layernorm_weight(
 
 
 def import_decoder_layers_19_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.19.self_attention.k_layernorm.weight <- model.layers.19.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
-    return load("model.layers.19.self_attn.k_norm.weight")
+    return rt.whole_import(load("model.layers.19.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_19_self_attention_k_layernorm_weight(
@@ -2616,10 +2657,10 @@ def export_decoder_layers_19_self_attention_k_layernorm_weight(
 
 
 def import_decoder_layers_19_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.19.mlp.linear_fc1.layer_norm_weight <- model.layers.19.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
-    return load("model.layers.19.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.19.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_19_mlp_linear_fc1_layer_norm_weight(
@@ -2630,13 +2671,14 @@ def export_decoder_layers_19_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_19_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.19.mlp.linear_fc1.weight <- model.layers.19.mlp.gate_proj.weight, model.layers.19.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.19.mlp.gate_proj.weight"),
         load("model.layers.19.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -2649,10 +2691,10 @@ def export_decoder_layers_19_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_19_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.19.mlp.linear_fc2.weight <- model.layers.19.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
-    return rt.row_import(ctx.tp, load("model.layers.19.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.19.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_19_mlp_linear_fc2_weight(
@@ -2663,10 +2705,10 @@ def export_decoder_layers_19_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_20_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.20.self_attention.linear_qkv.layer_norm_weight <- model.layers.20.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
-    return load("model.layers.20.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.20.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_20_self_attention_linear_qkv_layer_norm_weight(
@@ -2677,10 +2719,10 @@ def export_decoder_layers_20_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_20_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.20.self_attention.linear_proj.weight <- model.layers.20.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
-    return rt.row_import(ctx.tp, load("model.layers.20.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.20.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_20_self_attention_linear_proj_weight(
@@ -2691,7 +2733,7 @@ def export_decoder_layers_20_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_20_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.20.self_attention.linear_qkv.weight <- model.layers.20.self_attn.q_proj.weight, model.layers.20.self_attn.k_proj.weight, model.layers.20.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
     return rt.qkv_import(
@@ -2702,6 +2744,7 @@ def import_decoder_layers_20_self_attention_linear_qkv_weight(
         heads=32,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -2718,10 +2761,10 @@ def export_decoder_layers_20_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_20_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.20.self_attention.q_layernorm.weight <- model.layers.20.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
-    return load("model.layers.20.self_attn.q_norm.weight")
+    return rt.whole_import(load("model.layers.20.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_20_self_attention_q_layernorm_weight(
@@ -2732,10 +2775,10 @@ def export_decoder_layers_20_self_attention_q_layernorm_weight(
 
 
 def import_decoder_layers_20_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.20.self_attention.k_layernorm.weight <- model.layers.20.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
-    return load("model.layers.20.self_attn.k_norm.weight")
+    return rt.whole_import(load("model.layers.20.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_20_self_attention_k_layernorm_weight(
@@ -2746,10 +2789,10 @@ def export_decoder_layers_20_self_attention_k_layernorm_weight(
 
 
 def import_decoder_layers_20_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.20.mlp.linear_fc1.layer_norm_weight <- model.layers.20.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
-    return load("model.layers.20.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.20.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_20_mlp_linear_fc1_layer_norm_weight(
@@ -2760,13 +2803,14 @@ def export_decoder_layers_20_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_20_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.20.mlp.linear_fc1.weight <- model.layers.20.mlp.gate_proj.weight, model.layers.20.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.20.mlp.gate_proj.weight"),
         load("model.layers.20.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -2779,10 +2823,10 @@ def export_decoder_layers_20_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_20_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.20.mlp.linear_fc2.weight <- model.layers.20.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
-    return rt.row_import(ctx.tp, load("model.layers.20.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.20.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_20_mlp_linear_fc2_weight(
@@ -2793,10 +2837,10 @@ def export_decoder_layers_20_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_21_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.21.self_attention.linear_qkv.layer_norm_weight <- model.layers.21.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
-    return load("model.layers.21.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.21.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_21_self_attention_linear_qkv_layer_norm_weight(
@@ -2807,10 +2851,10 @@ def export_decoder_layers_21_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_21_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.21.self_attention.linear_proj.weight <- model.layers.21.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
-    return rt.row_import(ctx.tp, load("model.layers.21.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.21.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_21_self_attention_linear_proj_weight(
@@ -2821,7 +2865,7 @@ def export_decoder_layers_21_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_21_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.21.self_attention.linear_qkv.weight <- model.layers.21.self_attn.q_proj.weight, model.layers.21.self_attn.k_proj.weight, model.layers.21.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
     return rt.qkv_import(
@@ -2832,6 +2876,7 @@ def import_decoder_layers_21_self_attention_linear_qkv_weight(
         heads=32,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -2848,10 +2893,10 @@ def export_decoder_layers_21_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_21_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.21.self_attention.q_layernorm.weight <- model.layers.21.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
-    return load("model.layers.21.self_attn.q_norm.weight")
+    return rt.whole_import(load("model.layers.21.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_21_self_attention_q_layernorm_weight(
@@ -2862,10 +2907,10 @@ def export_decoder_layers_21_self_attention_q_layernorm_weight(
 
 
 def import_decoder_layers_21_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.21.self_attention.k_layernorm.weight <- model.layers.21.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
-    return load("model.layers.21.self_attn.k_norm.weight")
+    return rt.whole_import(load("model.layers.21.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_21_self_attention_k_layernorm_weight(
@@ -2876,10 +2921,10 @@ def export_decoder_layers_21_self_attention_k_layernorm_weight(
 
 
 def import_decoder_layers_21_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.21.mlp.linear_fc1.layer_norm_weight <- model.layers.21.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
-    return load("model.layers.21.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.21.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_21_mlp_linear_fc1_layer_norm_weight(
@@ -2890,13 +2935,14 @@ def export_decoder_layers_21_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_21_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.21.mlp.linear_fc1.weight <- model.layers.21.mlp.gate_proj.weight, model.layers.21.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.21.mlp.gate_proj.weight"),
         load("model.layers.21.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -2909,10 +2955,10 @@ def export_decoder_layers_21_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_21_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.21.mlp.linear_fc2.weight <- model.layers.21.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
-    return rt.row_import(ctx.tp, load("model.layers.21.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.21.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_21_mlp_linear_fc2_weight(
@@ -2923,10 +2969,10 @@ def export_decoder_layers_21_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_22_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.22.self_attention.linear_qkv.layer_norm_weight <- model.layers.22.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
-    return load("model.layers.22.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.22.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_22_self_attention_linear_qkv_layer_norm_weight(
@@ -2937,10 +2983,10 @@ def export_decoder_layers_22_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_22_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.22.self_attention.linear_proj.weight <- model.layers.22.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
-    return rt.row_import(ctx.tp, load("model.layers.22.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.22.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_22_self_attention_linear_proj_weight(
@@ -2951,7 +2997,7 @@ def export_decoder_layers_22_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_22_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.22.self_attention.linear_qkv.weight <- model.layers.22.self_attn.q_proj.weight, model.layers.22.self_attn.k_proj.weight, model.layers.22.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
     return rt.qkv_import(
@@ -2962,6 +3008,7 @@ def import_decoder_layers_22_self_attention_linear_qkv_weight(
         heads=32,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -2978,10 +3025,10 @@ def export_decoder_layers_22_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_22_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.22.self_attention.q_layernorm.weight <- model.layers.22.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
-    return load("model.layers.22.self_attn.q_norm.weight")
+    return rt.whole_import(load("model.layers.22.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_22_self_attention_q_layernorm_weight(
@@ -2992,10 +3039,10 @@ def export_decoder_layers_22_self_attention_q_layernorm_weight(
 
 
 def import_decoder_layers_22_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.22.self_attention.k_layernorm.weight <- model.layers.22.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
-    return load("model.layers.22.self_attn.k_norm.weight")
+    return rt.whole_import(load("model.layers.22.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_22_self_attention_k_layernorm_weight(
@@ -3006,10 +3053,10 @@ def export_decoder_layers_22_self_attention_k_layernorm_weight(
 
 
 def import_decoder_layers_22_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.22.mlp.linear_fc1.layer_norm_weight <- model.layers.22.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
-    return load("model.layers.22.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.22.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_22_mlp_linear_fc1_layer_norm_weight(
@@ -3020,13 +3067,14 @@ def export_decoder_layers_22_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_22_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.22.mlp.linear_fc1.weight <- model.layers.22.mlp.gate_proj.weight, model.layers.22.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.22.mlp.gate_proj.weight"),
         load("model.layers.22.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -3039,10 +3087,10 @@ def export_decoder_layers_22_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_22_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.22.mlp.linear_fc2.weight <- model.layers.22.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
-    return rt.row_import(ctx.tp, load("model.layers.22.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.22.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_22_mlp_linear_fc2_weight(
@@ -3053,10 +3101,10 @@ def export_decoder_layers_22_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_23_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.23.self_attention.linear_qkv.layer_norm_weight <- model.layers.23.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
-    return load("model.layers.23.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.23.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_23_self_attention_linear_qkv_layer_norm_weight(
@@ -3067,10 +3115,10 @@ def export_decoder_layers_23_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_23_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.23.self_attention.linear_proj.weight <- model.layers.23.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
-    return rt.row_import(ctx.tp, load("model.layers.23.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.23.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_23_self_attention_linear_proj_weight(
@@ -3081,7 +3129,7 @@ def export_decoder_layers_23_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_23_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.23.self_attention.linear_qkv.weight <- model.layers.23.self_attn.q_proj.weight, model.layers.23.self_attn.k_proj.weight, model.layers.23.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
     return rt.qkv_import(
@@ -3092,6 +3140,7 @@ def import_decoder_layers_23_self_attention_linear_qkv_weight(
         heads=32,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -3108,10 +3157,10 @@ def export_decoder_layers_23_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_23_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.23.self_attention.q_layernorm.weight <- model.layers.23.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
-    return load("model.layers.23.self_attn.q_norm.weight")
+    return rt.whole_import(load("model.layers.23.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_23_self_attention_q_layernorm_weight(
@@ -3122,10 +3171,10 @@ def export_decoder_layers_23_self_attention_q_layernorm_weight(
 
 
 def import_decoder_layers_23_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.23.self_attention.k_layernorm.weight <- model.layers.23.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
-    return load("model.layers.23.self_attn.k_norm.weight")
+    return rt.whole_import(load("model.layers.23.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_23_self_attention_k_layernorm_weight(
@@ -3136,10 +3185,10 @@ def export_decoder_layers_23_self_attention_k_layernorm_weight(
 
 
 def import_decoder_layers_23_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.23.mlp.linear_fc1.layer_norm_weight <- model.layers.23.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
-    return load("model.layers.23.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.23.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_23_mlp_linear_fc1_layer_norm_weight(
@@ -3150,13 +3199,14 @@ def export_decoder_layers_23_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_23_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.23.mlp.linear_fc1.weight <- model.layers.23.mlp.gate_proj.weight, model.layers.23.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.23.mlp.gate_proj.weight"),
         load("model.layers.23.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -3169,10 +3219,10 @@ def export_decoder_layers_23_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_23_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.23.mlp.linear_fc2.weight <- model.layers.23.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
-    return rt.row_import(ctx.tp, load("model.layers.23.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.23.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_23_mlp_linear_fc2_weight(
@@ -3183,10 +3233,10 @@ def export_decoder_layers_23_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_24_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.24.self_attention.linear_qkv.layer_norm_weight <- model.layers.24.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
-    return load("model.layers.24.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.24.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_24_self_attention_linear_qkv_layer_norm_weight(
@@ -3197,10 +3247,10 @@ def export_decoder_layers_24_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_24_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.24.self_attention.linear_proj.weight <- model.layers.24.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
-    return rt.row_import(ctx.tp, load("model.layers.24.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.24.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_24_self_attention_linear_proj_weight(
@@ -3211,7 +3261,7 @@ def export_decoder_layers_24_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_24_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.24.self_attention.linear_qkv.weight <- model.layers.24.self_attn.q_proj.weight, model.layers.24.self_attn.k_proj.weight, model.layers.24.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
     return rt.qkv_import(
@@ -3222,6 +3272,7 @@ def import_decoder_layers_24_self_attention_linear_qkv_weight(
         heads=32,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -3238,10 +3289,10 @@ def export_decoder_layers_24_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_24_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.24.self_attention.q_layernorm.weight <- model.layers.24.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
-    return load("model.layers.24.self_attn.q_norm.weight")
+    return rt.whole_import(load("model.layers.24.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_24_self_attention_q_layernorm_weight(
@@ -3252,10 +3303,10 @@ def export_decoder_layers_24_self_attention_q_layernorm_weight(
 
 
 def import_decoder_layers_24_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.24.self_attention.k_layernorm.weight <- model.layers.24.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
-    return load("model.layers.24.self_attn.k_norm.weight")
+    return rt.whole_import(load("model.layers.24.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_24_self_attention_k_layernorm_weight(
@@ -3266,10 +3317,10 @@ def export_decoder_layers_24_self_attention_k_layernorm_weight(
 
 
 def import_decoder_layers_24_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.24.mlp.linear_fc1.layer_norm_weight <- model.layers.24.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
-    return load("model.layers.24.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.24.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_24_mlp_linear_fc1_layer_norm_weight(
@@ -3280,13 +3331,14 @@ def export_decoder_layers_24_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_24_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.24.mlp.linear_fc1.weight <- model.layers.24.mlp.gate_proj.weight, model.layers.24.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.24.mlp.gate_proj.weight"),
         load("model.layers.24.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -3299,10 +3351,10 @@ def export_decoder_layers_24_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_24_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.24.mlp.linear_fc2.weight <- model.layers.24.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
-    return rt.row_import(ctx.tp, load("model.layers.24.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.24.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_24_mlp_linear_fc2_weight(
@@ -3313,10 +3365,10 @@ def export_decoder_layers_24_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_25_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.25.self_attention.linear_qkv.layer_norm_weight <- model.layers.25.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
-    return load("model.layers.25.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.25.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_25_self_attention_linear_qkv_layer_norm_weight(
@@ -3327,10 +3379,10 @@ def export_decoder_layers_25_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_25_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.25.self_attention.linear_proj.weight <- model.layers.25.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
-    return rt.row_import(ctx.tp, load("model.layers.25.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.25.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_25_self_attention_linear_proj_weight(
@@ -3341,7 +3393,7 @@ def export_decoder_layers_25_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_25_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.25.self_attention.linear_qkv.weight <- model.layers.25.self_attn.q_proj.weight, model.layers.25.self_attn.k_proj.weight, model.layers.25.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
     return rt.qkv_import(
@@ -3352,6 +3404,7 @@ def import_decoder_layers_25_self_attention_linear_qkv_weight(
         heads=32,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -3368,10 +3421,10 @@ def export_decoder_layers_25_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_25_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.25.self_attention.q_layernorm.weight <- model.layers.25.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
-    return load("model.layers.25.self_attn.q_norm.weight")
+    return rt.whole_import(load("model.layers.25.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_25_self_attention_q_layernorm_weight(
@@ -3382,10 +3435,10 @@ def export_decoder_layers_25_self_attention_q_layernorm_weight(
 
 
 def import_decoder_layers_25_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.25.self_attention.k_layernorm.weight <- model.layers.25.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
-    return load("model.layers.25.self_attn.k_norm.weight")
+    return rt.whole_import(load("model.layers.25.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_25_self_attention_k_layernorm_weight(
@@ -3396,10 +3449,10 @@ def export_decoder_layers_25_self_attention_k_layernorm_weight(
 
 
 def import_decoder_layers_25_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.25.mlp.linear_fc1.layer_norm_weight <- model.layers.25.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
-    return load("model.layers.25.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.25.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_25_mlp_linear_fc1_layer_norm_weight(
@@ -3410,13 +3463,14 @@ def export_decoder_layers_25_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_25_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.25.mlp.linear_fc1.weight <- model.layers.25.mlp.gate_proj.weight, model.layers.25.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.25.mlp.gate_proj.weight"),
         load("model.layers.25.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -3429,10 +3483,10 @@ def export_decoder_layers_25_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_25_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.25.mlp.linear_fc2.weight <- model.layers.25.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
-    return rt.row_import(ctx.tp, load("model.layers.25.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.25.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_25_mlp_linear_fc2_weight(
@@ -3443,10 +3497,10 @@ def export_decoder_layers_25_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_26_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.26.self_attention.linear_qkv.layer_norm_weight <- model.layers.26.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
-    return load("model.layers.26.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.26.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_26_self_attention_linear_qkv_layer_norm_weight(
@@ -3457,10 +3511,10 @@ def export_decoder_layers_26_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_26_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.26.self_attention.linear_proj.weight <- model.layers.26.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
-    return rt.row_import(ctx.tp, load("model.layers.26.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.26.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_26_self_attention_linear_proj_weight(
@@ -3471,7 +3525,7 @@ def export_decoder_layers_26_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_26_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.26.self_attention.linear_qkv.weight <- model.layers.26.self_attn.q_proj.weight, model.layers.26.self_attn.k_proj.weight, model.layers.26.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
     return rt.qkv_import(
@@ -3482,6 +3536,7 @@ def import_decoder_layers_26_self_attention_linear_qkv_weight(
         heads=32,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -3498,10 +3553,10 @@ def export_decoder_layers_26_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_26_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.26.self_attention.q_layernorm.weight <- model.layers.26.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
-    return load("model.layers.26.self_attn.q_norm.weight")
+    return rt.whole_import(load("model.layers.26.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_26_self_attention_q_layernorm_weight(
@@ -3512,10 +3567,10 @@ def export_decoder_layers_26_self_attention_q_layernorm_weight(
 
 
 def import_decoder_layers_26_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.26.self_attention.k_layernorm.weight <- model.layers.26.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
-    return load("model.layers.26.self_attn.k_norm.weight")
+    return rt.whole_import(load("model.layers.26.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_26_self_attention_k_layernorm_weight(
@@ -3526,10 +3581,10 @@ def export_decoder_layers_26_self_attention_k_layernorm_weight(
 
 
 def import_decoder_layers_26_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.26.mlp.linear_fc1.layer_norm_weight <- model.layers.26.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
-    return load("model.layers.26.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.26.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_26_mlp_linear_fc1_layer_norm_weight(
@@ -3540,13 +3595,14 @@ def export_decoder_layers_26_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_26_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.26.mlp.linear_fc1.weight <- model.layers.26.mlp.gate_proj.weight, model.layers.26.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.26.mlp.gate_proj.weight"),
         load("model.layers.26.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -3559,10 +3615,10 @@ def export_decoder_layers_26_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_26_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.26.mlp.linear_fc2.weight <- model.layers.26.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
-    return rt.row_import(ctx.tp, load("model.layers.26.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.26.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_26_mlp_linear_fc2_weight(
@@ -3573,10 +3629,10 @@ def export_decoder_layers_26_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_27_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.27.self_attention.linear_qkv.layer_norm_weight <- model.layers.27.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
-    return load("model.layers.27.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.27.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_27_self_attention_linear_qkv_layer_norm_weight(
@@ -3587,10 +3643,10 @@ def export_decoder_layers_27_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_27_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.27.self_attention.linear_proj.weight <- model.layers.27.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
-    return rt.row_import(ctx.tp, load("model.layers.27.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.27.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_27_self_attention_linear_proj_weight(
@@ -3601,7 +3657,7 @@ def export_decoder_layers_27_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_27_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.27.self_attention.linear_qkv.weight <- model.layers.27.self_attn.q_proj.weight, model.layers.27.self_attn.k_proj.weight, model.layers.27.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
     return rt.qkv_import(
@@ -3612,6 +3668,7 @@ def import_decoder_layers_27_self_attention_linear_qkv_weight(
         heads=32,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -3628,10 +3685,10 @@ def export_decoder_layers_27_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_27_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.27.self_attention.q_layernorm.weight <- model.layers.27.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
-    return load("model.layers.27.self_attn.q_norm.weight")
+    return rt.whole_import(load("model.layers.27.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_27_self_attention_q_layernorm_weight(
@@ -3642,10 +3699,10 @@ def export_decoder_layers_27_self_attention_q_layernorm_weight(
 
 
 def import_decoder_layers_27_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.27.self_attention.k_layernorm.weight <- model.layers.27.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
-    return load("model.layers.27.self_attn.k_norm.weight")
+    return rt.whole_import(load("model.layers.27.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_27_self_attention_k_layernorm_weight(
@@ -3656,10 +3713,10 @@ def export_decoder_layers_27_self_attention_k_layernorm_weight(
 
 
 def import_decoder_layers_27_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.27.mlp.linear_fc1.layer_norm_weight <- model.layers.27.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
-    return load("model.layers.27.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.27.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_27_mlp_linear_fc1_layer_norm_weight(
@@ -3670,13 +3727,14 @@ def export_decoder_layers_27_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_27_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.27.mlp.linear_fc1.weight <- model.layers.27.mlp.gate_proj.weight, model.layers.27.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.27.mlp.gate_proj.weight"),
         load("model.layers.27.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -3689,10 +3747,10 @@ def export_decoder_layers_27_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_27_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.27.mlp.linear_fc2.weight <- model.layers.27.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
-    return rt.row_import(ctx.tp, load("model.layers.27.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.27.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_27_mlp_linear_fc2_weight(
@@ -3703,10 +3761,10 @@ def export_decoder_layers_27_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_28_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.28.self_attention.linear_qkv.layer_norm_weight <- model.layers.28.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
-    return load("model.layers.28.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.28.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_28_self_attention_linear_qkv_layer_norm_weight(
@@ -3717,10 +3775,10 @@ def export_decoder_layers_28_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_28_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.28.self_attention.linear_proj.weight <- model.layers.28.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
-    return rt.row_import(ctx.tp, load("model.layers.28.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.28.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_28_self_attention_linear_proj_weight(
@@ -3731,7 +3789,7 @@ def export_decoder_layers_28_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_28_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.28.self_attention.linear_qkv.weight <- model.layers.28.self_attn.q_proj.weight, model.layers.28.self_attn.k_proj.weight, model.layers.28.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
     return rt.qkv_import(
@@ -3742,6 +3800,7 @@ def import_decoder_layers_28_self_attention_linear_qkv_weight(
         heads=32,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -3758,10 +3817,10 @@ def export_decoder_layers_28_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_28_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.28.self_attention.q_layernorm.weight <- model.layers.28.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
-    return load("model.layers.28.self_attn.q_norm.weight")
+    return rt.whole_import(load("model.layers.28.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_28_self_attention_q_layernorm_weight(
@@ -3772,10 +3831,10 @@ def export_decoder_layers_28_self_attention_q_layernorm_weight(
 
 
 def import_decoder_layers_28_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.28.self_attention.k_layernorm.weight <- model.layers.28.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
-    return load("model.layers.28.self_attn.k_norm.weight")
+    return rt.whole_import(load("model.layers.28.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_28_self_attention_k_layernorm_weight(
@@ -3786,10 +3845,10 @@ def export_decoder_layers_28_self_attention_k_layernorm_weight(
 
 
 def import_decoder_layers_28_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.28.mlp.linear_fc1.layer_norm_weight <- model.layers.28.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
-    return load("model.layers.28.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.28.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_28_mlp_linear_fc1_layer_norm_weight(
@@ -3800,13 +3859,14 @@ def export_decoder_layers_28_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_28_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.28.mlp.linear_fc1.weight <- model.layers.28.mlp.gate_proj.weight, model.layers.28.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.28.mlp.gate_proj.weight"),
         load("model.layers.28.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -3819,10 +3879,10 @@ def export_decoder_layers_28_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_28_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.28.mlp.linear_fc2.weight <- model.layers.28.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
-    return rt.row_import(ctx.tp, load("model.layers.28.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.28.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_28_mlp_linear_fc2_weight(
@@ -3833,10 +3893,10 @@ def export_decoder_layers_28_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_29_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.29.self_attention.linear_qkv.layer_norm_weight <- model.layers.29.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
-    return load("model.layers.29.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.29.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_29_self_attention_linear_qkv_layer_norm_weight(
@@ -3847,10 +3907,10 @@ def export_decoder_layers_29_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_29_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.29.self_attention.linear_proj.weight <- model.layers.29.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
-    return rt.row_import(ctx.tp, load("model.layers.29.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.29.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_29_self_attention_linear_proj_weight(
@@ -3861,7 +3921,7 @@ def export_decoder_layers_29_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_29_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.29.self_attention.linear_qkv.weight <- model.layers.29.self_attn.q_proj.weight, model.layers.29.self_attn.k_proj.weight, model.layers.29.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
     return rt.qkv_import(
@@ -3872,6 +3932,7 @@ def import_decoder_layers_29_self_attention_linear_qkv_weight(
         heads=32,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -3888,10 +3949,10 @@ def export_decoder_layers_29_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_29_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.29.self_attention.q_layernorm.weight <- model.layers.29.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
-    return load("model.layers.29.self_attn.q_norm.weight")
+    return rt.whole_import(load("model.layers.29.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_29_self_attention_q_layernorm_weight(
@@ -3902,10 +3963,10 @@ def export_decoder_layers_29_self_attention_q_layernorm_weight(
 
 
 def import_decoder_layers_29_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.29.self_attention.k_layernorm.weight <- model.layers.29.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
-    return load("model.layers.29.self_attn.k_norm.weight")
+    return rt.whole_import(load("model.layers.29.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_29_self_attention_k_layernorm_weight(
@@ -3916,10 +3977,10 @@ def export_decoder_layers_29_self_attention_k_layernorm_weight(
 
 
 def import_decoder_layers_29_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.29.mlp.linear_fc1.layer_norm_weight <- model.layers.29.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
-    return load("model.layers.29.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.29.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_29_mlp_linear_fc1_layer_norm_weight(
@@ -3930,13 +3991,14 @@ def export_decoder_layers_29_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_29_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.29.mlp.linear_fc1.weight <- model.layers.29.mlp.gate_proj.weight, model.layers.29.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.29.mlp.gate_proj.weight"),
         load("model.layers.29.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -3949,10 +4011,10 @@ def export_decoder_layers_29_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_29_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.29.mlp.linear_fc2.weight <- model.layers.29.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
-    return rt.row_import(ctx.tp, load("model.layers.29.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.29.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_29_mlp_linear_fc2_weight(
@@ -3963,10 +4025,10 @@ def export_decoder_layers_29_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_30_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.30.self_attention.linear_qkv.layer_norm_weight <- model.layers.30.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
-    return load("model.layers.30.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.30.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_30_self_attention_linear_qkv_layer_norm_weight(
@@ -3977,10 +4039,10 @@ def export_decoder_layers_30_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_30_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.30.self_attention.linear_proj.weight <- model.layers.30.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
-    return rt.row_import(ctx.tp, load("model.layers.30.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.30.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_30_self_attention_linear_proj_weight(
@@ -3991,7 +4053,7 @@ def export_decoder_layers_30_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_30_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.30.self_attention.linear_qkv.weight <- model.layers.30.self_attn.q_proj.weight, model.layers.30.self_attn.k_proj.weight, model.layers.30.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
     return rt.qkv_import(
@@ -4002,6 +4064,7 @@ def import_decoder_layers_30_self_attention_linear_qkv_weight(
         heads=32,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -4018,10 +4081,10 @@ def export_decoder_layers_30_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_30_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.30.self_attention.q_layernorm.weight <- model.layers.30.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
-    return load("model.layers.30.self_attn.q_norm.weight")
+    return rt.whole_import(load("model.layers.30.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_30_self_attention_q_layernorm_weight(
@@ -4032,10 +4095,10 @@ def export_decoder_layers_30_self_attention_q_layernorm_weight(
 
 
 def import_decoder_layers_30_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.30.self_attention.k_layernorm.weight <- model.layers.30.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
-    return load("model.layers.30.self_attn.k_norm.weight")
+    return rt.whole_import(load("model.layers.30.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_30_self_attention_k_layernorm_weight(
@@ -4046,10 +4109,10 @@ def export_decoder_layers_30_self_attention_k_layernorm_weight(
 
 
 def import_decoder_layers_30_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.30.mlp.linear_fc1.layer_norm_weight <- model.layers.30.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
-    return load("model.layers.30.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.30.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_30_mlp_linear_fc1_layer_norm_weight(
@@ -4060,13 +4123,14 @@ def export_decoder_layers_30_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_30_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.30.mlp.linear_fc1.weight <- model.layers.30.mlp.gate_proj.weight, model.layers.30.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.30.mlp.gate_proj.weight"),
         load("model.layers.30.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -4079,10 +4143,10 @@ def export_decoder_layers_30_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_30_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.30.mlp.linear_fc2.weight <- model.layers.30.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
-    return rt.row_import(ctx.tp, load("model.layers.30.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.30.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_30_mlp_linear_fc2_weight(
@@ -4093,10 +4157,10 @@ def export_decoder_layers_30_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_31_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.31.self_attention.linear_qkv.layer_norm_weight <- model.layers.31.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
-    return load("model.layers.31.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.31.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_31_self_attention_linear_qkv_layer_norm_weight(
@@ -4107,10 +4171,10 @@ def export_decoder_layers_31_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_31_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.31.self_attention.linear_proj.weight <- model.layers.31.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
-    return rt.row_import(ctx.tp, load("model.layers.31.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.31.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_31_self_attention_linear_proj_weight(
@@ -4121,7 +4185,7 @@ def export_decoder_layers_31_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_31_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.31.self_attention.linear_qkv.weight <- model.layers.31.self_attn.q_proj.weight, model.layers.31.self_attn.k_proj.weight, model.layers.31.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
     return rt.qkv_import(
@@ -4132,6 +4196,7 @@ def import_decoder_layers_31_self_attention_linear_qkv_weight(
         heads=32,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -4148,10 +4213,10 @@ def export_decoder_layers_31_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_31_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.31.self_attention.q_layernorm.weight <- model.layers.31.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
-    return load("model.layers.31.self_attn.q_norm.weight")
+    return rt.whole_import(load("model.layers.31.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_31_self_attention_q_layernorm_weight(
@@ -4162,10 +4227,10 @@ def export_decoder_layers_31_self_attention_q_layernorm_weight(
 
 
 def import_decoder_layers_31_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.31.self_attention.k_layernorm.weight <- model.layers.31.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
-    return load("model.layers.31.self_attn.k_norm.weight")
+    return rt.whole_import(load("model.layers.31.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_31_self_attention_k_layernorm_weight(
@@ -4176,10 +4241,10 @@ def export_decoder_layers_31_self_attention_k_layernorm_weight(
 
 
 def import_decoder_layers_31_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.31.mlp.linear_fc1.layer_norm_weight <- model.layers.31.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
-    return load("model.layers.31.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.31.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_31_mlp_linear_fc1_layer_norm_weight(
@@ -4190,13 +4255,14 @@ def export_decoder_layers_31_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_31_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.31.mlp.linear_fc1.weight <- model.layers.31.mlp.gate_proj.weight, model.layers.31.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.31.mlp.gate_proj.weight"),
         load("model.layers.31.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -4209,10 +4275,10 @@ def export_decoder_layers_31_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_31_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.31.mlp.linear_fc2.weight <- model.layers.31.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
-    return rt.row_import(ctx.tp, load("model.layers.31.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.31.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_31_mlp_linear_fc2_weight(
@@ -4223,10 +4289,10 @@ def export_decoder_layers_31_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_32_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.32.self_attention.linear_qkv.layer_norm_weight <- model.layers.32.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
-    return load("model.layers.32.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.32.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_32_self_attention_linear_qkv_layer_norm_weight(
@@ -4237,10 +4303,10 @@ def export_decoder_layers_32_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_32_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.32.self_attention.linear_proj.weight <- model.layers.32.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
-    return rt.row_import(ctx.tp, load("model.layers.32.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.32.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_32_self_attention_linear_proj_weight(
@@ -4251,7 +4317,7 @@ def export_decoder_layers_32_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_32_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.32.self_attention.linear_qkv.weight <- model.layers.32.self_attn.q_proj.weight, model.layers.32.self_attn.k_proj.weight, model.layers.32.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
     return rt.qkv_import(
@@ -4262,6 +4328,7 @@ def import_decoder_layers_32_self_attention_linear_qkv_weight(
         heads=32,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -4278,10 +4345,10 @@ def export_decoder_layers_32_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_32_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.32.self_attention.q_layernorm.weight <- model.layers.32.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
-    return load("model.layers.32.self_attn.q_norm.weight")
+    return rt.whole_import(load("model.layers.32.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_32_self_attention_q_layernorm_weight(
@@ -4292,10 +4359,10 @@ def export_decoder_layers_32_self_attention_q_layernorm_weight(
 
 
 def import_decoder_layers_32_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.32.self_attention.k_layernorm.weight <- model.layers.32.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
-    return load("model.layers.32.self_attn.k_norm.weight")
+    return rt.whole_import(load("model.layers.32.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_32_self_attention_k_layernorm_weight(
@@ -4306,10 +4373,10 @@ def export_decoder_layers_32_self_attention_k_layernorm_weight(
 
 
 def import_decoder_layers_32_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.32.mlp.linear_fc1.layer_norm_weight <- model.layers.32.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
-    return load("model.layers.32.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.32.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_32_mlp_linear_fc1_layer_norm_weight(
@@ -4320,13 +4387,14 @@ def export_decoder_layers_32_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_32_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.32.mlp.linear_fc1.weight <- model.layers.32.mlp.gate_proj.weight, model.layers.32.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.32.mlp.gate_proj.weight"),
         load("model.layers.32.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -4339,10 +4407,10 @@ def export_decoder_layers_32_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_32_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.32.mlp.linear_fc2.weight <- model.layers.32.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
-    return rt.row_import(ctx.tp, load("model.layers.32.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.32.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_32_mlp_linear_fc2_weight(
@@ -4353,10 +4421,10 @@ def export_decoder_layers_32_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_33_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.33.self_attention.linear_qkv.layer_norm_weight <- model.layers.33.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
-    return load("model.layers.33.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.33.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_33_self_attention_linear_qkv_layer_norm_weight(
@@ -4367,10 +4435,10 @@ def export_decoder_layers_33_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_33_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.33.self_attention.linear_proj.weight <- model.layers.33.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
-    return rt.row_import(ctx.tp, load("model.layers.33.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.33.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_33_self_attention_linear_proj_weight(
@@ -4381,7 +4449,7 @@ def export_decoder_layers_33_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_33_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.33.self_attention.linear_qkv.weight <- model.layers.33.self_attn.q_proj.weight, model.layers.33.self_attn.k_proj.weight, model.layers.33.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
     return rt.qkv_import(
@@ -4392,6 +4460,7 @@ def import_decoder_layers_33_self_attention_linear_qkv_weight(
         heads=32,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -4408,10 +4477,10 @@ def export_decoder_layers_33_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_33_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.33.self_attention.q_layernorm.weight <- model.layers.33.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
-    return load("model.layers.33.self_attn.q_norm.weight")
+    return rt.whole_import(load("model.layers.33.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_33_self_attention_q_layernorm_weight(
@@ -4422,10 +4491,10 @@ def export_decoder_layers_33_self_attention_q_layernorm_weight(
 
 
 def import_decoder_layers_33_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.33.self_attention.k_layernorm.weight <- model.layers.33.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
-    return load("model.layers.33.self_attn.k_norm.weight")
+    return rt.whole_import(load("model.layers.33.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_33_self_attention_k_layernorm_weight(
@@ -4436,10 +4505,10 @@ def export_decoder_layers_33_self_attention_k_layernorm_weight(
 
 
 def import_decoder_layers_33_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.33.mlp.linear_fc1.layer_norm_weight <- model.layers.33.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
-    return load("model.layers.33.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.33.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_33_mlp_linear_fc1_layer_norm_weight(
@@ -4450,13 +4519,14 @@ def export_decoder_layers_33_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_33_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.33.mlp.linear_fc1.weight <- model.layers.33.mlp.gate_proj.weight, model.layers.33.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.33.mlp.gate_proj.weight"),
         load("model.layers.33.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -4469,10 +4539,10 @@ def export_decoder_layers_33_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_33_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.33.mlp.linear_fc2.weight <- model.layers.33.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
-    return rt.row_import(ctx.tp, load("model.layers.33.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.33.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_33_mlp_linear_fc2_weight(
@@ -4483,10 +4553,10 @@ def export_decoder_layers_33_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_34_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.34.self_attention.linear_qkv.layer_norm_weight <- model.layers.34.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
-    return load("model.layers.34.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.34.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_34_self_attention_linear_qkv_layer_norm_weight(
@@ -4497,10 +4567,10 @@ def export_decoder_layers_34_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_34_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.34.self_attention.linear_proj.weight <- model.layers.34.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
-    return rt.row_import(ctx.tp, load("model.layers.34.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.34.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_34_self_attention_linear_proj_weight(
@@ -4511,7 +4581,7 @@ def export_decoder_layers_34_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_34_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.34.self_attention.linear_qkv.weight <- model.layers.34.self_attn.q_proj.weight, model.layers.34.self_attn.k_proj.weight, model.layers.34.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
     return rt.qkv_import(
@@ -4522,6 +4592,7 @@ def import_decoder_layers_34_self_attention_linear_qkv_weight(
         heads=32,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -4538,10 +4609,10 @@ def export_decoder_layers_34_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_34_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.34.self_attention.q_layernorm.weight <- model.layers.34.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
-    return load("model.layers.34.self_attn.q_norm.weight")
+    return rt.whole_import(load("model.layers.34.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_34_self_attention_q_layernorm_weight(
@@ -4552,10 +4623,10 @@ def export_decoder_layers_34_self_attention_q_layernorm_weight(
 
 
 def import_decoder_layers_34_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.34.self_attention.k_layernorm.weight <- model.layers.34.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
-    return load("model.layers.34.self_attn.k_norm.weight")
+    return rt.whole_import(load("model.layers.34.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_34_self_attention_k_layernorm_weight(
@@ -4566,10 +4637,10 @@ def export_decoder_layers_34_self_attention_k_layernorm_weight(
 
 
 def import_decoder_layers_34_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.34.mlp.linear_fc1.layer_norm_weight <- model.layers.34.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
-    return load("model.layers.34.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.34.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_34_mlp_linear_fc1_layer_norm_weight(
@@ -4580,13 +4651,14 @@ def export_decoder_layers_34_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_34_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.34.mlp.linear_fc1.weight <- model.layers.34.mlp.gate_proj.weight, model.layers.34.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.34.mlp.gate_proj.weight"),
         load("model.layers.34.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -4599,10 +4671,10 @@ def export_decoder_layers_34_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_34_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.34.mlp.linear_fc2.weight <- model.layers.34.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
-    return rt.row_import(ctx.tp, load("model.layers.34.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.34.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_34_mlp_linear_fc2_weight(
@@ -4613,10 +4685,10 @@ def export_decoder_layers_34_mlp_linear_fc2_weight(
 
 
 def import_decoder_layers_35_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.35.self_attention.linear_qkv.layer_norm_weight <- model.layers.35.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
-    return load("model.layers.35.input_layernorm.weight")
+    return rt.whole_import(load("model.layers.35.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_35_self_attention_linear_qkv_layer_norm_weight(
@@ -4627,10 +4699,10 @@ def export_decoder_layers_35_self_attention_linear_qkv_layer_norm_weight(
 
 
 def import_decoder_layers_35_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.35.self_attention.linear_proj.weight <- model.layers.35.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
-    return rt.row_import(ctx.tp, load("model.layers.35.self_attn.o_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.35.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_35_self_attention_linear_proj_weight(
@@ -4641,7 +4713,7 @@ def export_decoder_layers_35_self_attention_linear_proj_weight(
 
 
 def import_decoder_layers_35_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.35.self_attention.linear_qkv.weight <- model.layers.35.self_attn.q_proj.weight, model.layers.35.self_attn.k_proj.weight, model.layers.35.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
     return rt.qkv_import(
@@ -4652,6 +4724,7 @@ def import_decoder_layers_35_self_attention_linear_qkv_weight(
         heads=32,
         groups=8,
         head_dim=128,
+        out=out,
     )
 
 
@@ -4668,10 +4741,10 @@ def export_decoder_layers_35_self_attention_linear_qkv_weight(
 
 
 def import_decoder_layers_35_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.35.self_attention.q_layernorm.weight <- model.layers.35.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
-    return load("model.layers.35.self_attn.q_norm.weight")
+    return rt.whole_import(load("model.layers.35.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_35_self_attention_q_layernorm_weight(
@@ -4682,10 +4755,10 @@ def export_decoder_layers_35_self_attention_q_layernorm_weight(
 
 
 def import_decoder_layers_35_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.35.self_attention.k_layernorm.weight <- model.layers.35.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
-    return load("model.layers.35.self_attn.k_norm.weight")
+    return rt.whole_import(load("model.layers.35.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_35_self_attention_k_layernorm_weight(
@@ -4696,10 +4769,10 @@ def export_decoder_layers_35_self_attention_k_layernorm_weight(
 
 
 def import_decoder_layers_35_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.35.mlp.linear_fc1.layer_norm_weight <- model.layers.35.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
-    return load("model.layers.35.post_attention_layernorm.weight")
+    return rt.whole_import(load("model.layers.35.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_35_mlp_linear_fc1_layer_norm_weight(
@@ -4710,13 +4783,14 @@ def export_decoder_layers_35_mlp_linear_fc1_layer_norm_weight(
 
 
 def import_decoder_layers_35_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.35.mlp.linear_fc1.weight <- model.layers.35.mlp.gate_proj.weight, model.layers.35.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.35.mlp.gate_proj.weight"),
         load("model.layers.35.mlp.up_proj.weight"),
+        out=out,
     )
 
 
@@ -4729,10 +4803,10 @@ def export_decoder_layers_35_mlp_linear_fc1_weight(
 
 
 def import_decoder_layers_35_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """decoder.layers.35.mlp.linear_fc2.weight <- model.layers.35.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
-    return rt.row_import(ctx.tp, load("model.layers.35.mlp.down_proj.weight"))
+    return rt.row_import(ctx.tp, load("model.layers.35.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_35_mlp_linear_fc2_weight(
@@ -4742,9 +4816,11 @@ def export_decoder_layers_35_mlp_linear_fc2_weight(
     return {"model.layers.35.mlp.down_proj.weight": rt.row_export(parts)}
 
 
-def import_decoder_final_layernorm_weight(ctx: ParallelContext, load: Loader) -> torch.Tensor:
+def import_decoder_final_layernorm_weight(
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """decoder.final_layernorm.weight <- model.norm.weight: auto -> replicated, specs/qwen3.yaml:57."""
-    return load("model.norm.weight")
+    return rt.whole_import(load("model.norm.weight"), out=out)
 
 
 def export_decoder_final_layernorm_weight(parts: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -4752,9 +4828,11 @@ def export_decoder_final_layernorm_weight(parts: Sequence[torch.Tensor]) -> dict
     return {"model.norm.weight": parts[0]}
 
 
-def import_output_layer_weight(ctx: ParallelContext, load: Loader) -> torch.Tensor:
+def import_output_layer_weight(
+    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """output_layer.weight <- lm_head.weight: auto -> column, specs/qwen3.yaml:60."""
-    return rt.column_import(ctx.tp, load("lm_head.weight"))
+    return rt.column_import(ctx.tp, load("lm_head.weight"), out=out)
 
 
 def export_output_layer_weight(parts: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -47,16 +47,16 @@ def _simple_import(m: Mapping, group: str) -> str:
     ((_, source),) = m.hf
     value = _load(source.name)
     if m.kind == "reshape":
-        value = f"{value}.reshape({m.shape!r})"
-    elif m.kind == "zero_centered_rmsnorm":
-        value = f"rt.zero_centered_from_hf({value})"
-    elif m.permute_dims is not None:
-        value = f"rt.permute({value}, {m.permute_dims!r})"
+        return f"rt.reshape_import({group}, {value}, {m.shape!r}, {m.split_dim!r}, out=out)"
+    if m.kind == "zero_centered_rmsnorm":
+        return f"rt.zero_centered_from_hf({value}, out=out)"
+    if m.permute_dims is not None:
+        value = f"{value}.permute({m.permute_dims!r})"
     if m.split == "column":
-        return f"rt.column_import({group}, {value})"
+        return f"rt.column_import({group}, {value}, out=out)"
     if m.split == "row":
-        return f"rt.row_import({group}, {value})"
-    return value
+        return f"rt.row_import({group}, {value}, out=out)"
+    return f"rt.whole_import({value}, out=out)"
 
 
 def _simple_export(m: Mapping) -> tuple[str, ...]:
@@ -80,7 +80,7 @@ def _bodies(m: Mapping) -> tuple[str, tuple[str, ...]]:
     if m.kind == "qkv":
         loads = ", ".join(_load(names[r]) for r in ("q", "k", "v"))
         return (
-            f"rt.qkv_import({group}, {loads}, {_qkv_args(m)})",
+            f"rt.qkv_import({group}, {loads}, {_qkv_args(m)}, out=out)",
             (
                 f"q, k, v = rt.qkv_export(parts, {_qkv_args(m)})",
                 f"return {{{names['q']!r}: q, {names['k']!r}: k, {names['v']!r}: v}}",
@@ -89,7 +89,7 @@ def _bodies(m: Mapping) -> tuple[str, tuple[str, ...]]:
     if m.kind == "kv":
         loads = ", ".join(_load(names[r]) for r in ("k", "v"))
         return (
-            f"rt.kv_import({group}, {loads}, {_qkv_args(m, with_heads=False)})",
+            f"rt.kv_import({group}, {loads}, {_qkv_args(m, with_heads=False)}, out=out)",
             (
                 f"k, v = rt.kv_export(parts, {_qkv_args(m, with_heads=False)})",
                 f"return {{{names['k']!r}: k, {names['v']!r}: v}}",
@@ -97,12 +97,12 @@ def _bodies(m: Mapping) -> tuple[str, tuple[str, ...]]:
         )
     if m.kind in ("concat_qkv", "vision_qkv"):
         return (
-            f"rt.concat_qkv_import({group}, {_load(names['hf'])}, {_qkv_args(m)})",
+            f"rt.concat_qkv_import({group}, {_load(names['hf'])}, {_qkv_args(m)}, out=out)",
             (f"return {{{names['hf']!r}: rt.concat_qkv_export(parts, {_qkv_args(m)})}}",),
         )
     if m.kind == "gated_mlp":
         return (
-            f"rt.gated_mlp_import({group}, {_load(names['gate'])}, {_load(names['up'])})",
+            f"rt.gated_mlp_import({group}, {_load(names['gate'])}, {_load(names['up'])}, out=out)",
             (
                 "gate, up = rt.gated_mlp_export(parts)",
                 f"return {{{names['gate']!r}: gate, {names['up']!r}: up}}",

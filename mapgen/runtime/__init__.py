@@ -12,8 +12,10 @@ from mapgen.runtime.ops import (
     kv_import,
     qkv_export,
     qkv_import,
+    reshape_import,
     row_export,
     row_import,
+    whole_import,
 )
 from mapgen.runtime.plan import ExportFn, HFTensorPlan, ImportFn, Loader, ParamPlan
 from mapgen.runtime.transforms import (
@@ -43,8 +45,10 @@ __all__ = [
     "permute",
     "qkv_export",
     "qkv_import",
+    "reshape_import",
     "row_export",
     "row_import",
+    "whole_import",
     "zero_centered_from_hf",
     "zero_centered_to_hf",
 ]

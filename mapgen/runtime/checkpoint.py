@@ -1,98 +1,151 @@
-"""Lazy reading of HF safetensors checkpoints (single file or sharded with an index)."""
+"""Lazy, zero-copy reading of HF safetensors checkpoints (single file, or sharded with an index).
+
+Each file is memory-mapped once and its header parsed once; `get` returns a tensor that views
+the mapped bytes, so the only copy a tensor's bytes ever see on import is the one into the
+Megatron parameter (safetensors' own `get_tensor` makes one more). The mapping is copy-on-write:
+the file is never modified. Writing checkpoints uses the safetensors library.
+"""
 
 from __future__ import annotations
 
 import json
+import mmap
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from mapgen.errors import MapgenError
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 
+# safetensors dtype names (the format's header spelling) -> torch dtypes
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
 
 class CheckpointError(MapgenError):
     pass
 
 
+@dataclass(frozen=True)
+class _Entry:
+    file: str
+    dtype: str
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset in the file
+    end: int
+
+
+class _File:
+    """One safetensors file: its header, and its bytes mapped on first use."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            with path.open("rb") as handle:
+                header_size = int.from_bytes(handle.read(8), "little")
+                header = json.loads(handle.read(header_size))
+            self.size = path.stat().st_size
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{path}: cannot read safetensors header: {exc}") from None
+        self.data_start = 8 + header_size
+        self.header = {k: v for k, v in header.items() if k != "__metadata__"}
+        self._mapped: mmap.mmap | None = None
+
+    def truncation(self) -> str | None:
+        end = max((v["data_offsets"][1] for v in self.header.values()), default=0)
+        needed = self.data_start + end
+        return None if self.size >= needed else f"truncated: {self.size} bytes, its header needs {needed}"
+
+    def view(self, entry: _Entry) -> torch.Tensor:
+        if self._mapped is None:
+            with self.path.open("rb") as handle:
+                self._mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+        dtype = DTYPES[entry.dtype]
+        count = (entry.end - entry.start) // torch.empty((), dtype=dtype).element_size()
+        if count == 0:
+            return torch.empty(entry.shape, dtype=dtype)
+        flat = torch.frombuffer(self._mapped, dtype=dtype, count=count, offset=entry.start)
+        return flat.view(entry.shape)
+
+
 class HFCheckpoint:
-    """Tensor names, shapes and dtypes from the files' headers; a tensor's bytes only when asked."""
+    """Tensor names, shapes and dtypes from the files' headers; bytes only when asked for."""
 
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
-        self._handles: dict[str, Any] = {}
         index = self.folder / INDEX
         if index.is_file():
             try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as exc:
+                weight_map: dict[str, str] = dict(json.loads(index.read_text())["weight_map"])
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
                 raise CheckpointError(f"{index}: not a safetensors index ({exc})") from None
-            self.file_of: dict[str, str] = dict(weight_map)
         elif (self.folder / SINGLE).is_file():
-            self.file_of = {}
-            for name in self._open(SINGLE).keys():
-                self.file_of[name] = SINGLE
+            weight_map = {}
         else:
             raise CheckpointError(f"{self.folder}: neither {INDEX} nor {SINGLE} is there")
-
-    def _open(self, file: str) -> Any:
-        handle = self._handles.get(file)
-        if handle is None:
+        files = sorted(set(weight_map.values())) or [SINGLE]
+        self._files: dict[str, _File] = {}
+        self._entries: dict[str, _Entry] = {}
+        for file in files:
             path = self.folder / file
-            try:
-                handle = safe_open(str(path), framework="pt")
-            except (SafetensorError, OSError) as exc:
-                problem = _truncation(path) or f"cannot read safetensors file: {exc}"
-                raise CheckpointError(f"{path}: {problem}") from None
-            self._handles[file] = handle
-        return handle
+            if not path.is_file():
+                raise CheckpointError(f"{path}: listed in {INDEX} but missing")
+            parsed = _File(path)
+            self._files[file] = parsed
+            for name, info in parsed.header.items():
+                if weight_map and weight_map.get(name) != file:
+                    continue
+                start, end = info["data_offsets"]
+                self._entries[name] = _Entry(
+                    file, info["dtype"], tuple(info["shape"]), parsed.data_start + start, parsed.data_start + end
+                )
+        for name, file in weight_map.items():
+            if name not in self._entries:
+                raise CheckpointError(f"{self.folder / file}: has no tensor '{name}' that {INDEX} places there")
 
     def names(self) -> list[str]:
-        return list(self.file_of)
+        return list(self._entries)
 
     def __contains__(self, name: str) -> bool:
-        return name in self.file_of
+        return name in self._entries
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._open(self.file_of[name]).get_slice(name).get_shape())
+        return self._entries[name].shape
 
     def dtype(self, name: str) -> str:
-        return str(self._open(self.file_of[name]).get_slice(name).get_dtype())
+        """The safetensors spelling: F32, BF16, ..."""
+        return self._entries[name].dtype
 
     def integrity_problems(self) -> list[str]:
-        """Files that are missing or shorter than their own headers say (a truncated copy)."""
-        problems: list[str] = []
-        for file in sorted(set(self.file_of.values())):
-            problem = _truncation(self.folder / file)
-            if problem:
-                problems.append(f"{self.folder / file}: {problem}")
+        """Files shorter than their own headers say (a truncated copy), or of unknown dtypes."""
+        problems = [
+            f"{f.path}: {problem}" for f in self._files.values() if (problem := f.truncation())
+        ]
+        problems += [
+            f"{self.folder / e.file}: tensor '{name}' has dtype {e.dtype}, which mapgen cannot read"
+            for name, e in self._entries.items()
+            if e.dtype not in DTYPES
+        ]
         return problems
 
     def get(self, name: str) -> torch.Tensor:
-        if name not in self.file_of:
+        """The tensor, viewing the mapped file (read-only use: copy before modifying)."""
+        entry = self._entries.get(name)
+        if entry is None:
             raise CheckpointError(f"{self.folder}: no tensor '{name}'")
-        try:
-            tensor: torch.Tensor = self._open(self.file_of[name]).get_tensor(name)
-        except (SafetensorError, OSError, RuntimeError) as exc:
-            raise CheckpointError(
-                f"{self.folder / self.file_of[name]}: cannot read '{name}': {exc}"
-            ) from None
-        return tensor
-
-
-def _truncation(path: Path) -> str | None:
-    """Why `path` is not a complete safetensors file, or None if its size fits its header."""
-    try:
-        with path.open("rb") as handle:
-            header_size = int.from_bytes(handle.read(8), "little")
-            header = json.loads(handle.read(header_size))
-        actual = path.stat().st_size
-    except (OSError, ValueError) as exc:
-        return f"cannot read safetensors header: {exc}"
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    needed = 8 + header_size + end
-    return None if actual >= needed else f"truncated: {actual} bytes, its header needs {needed}"
+        return self._files[entry.file].view(entry)

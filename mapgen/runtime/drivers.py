@@ -164,9 +164,9 @@ def load_hf_checkpoint(
     assert checkpoint is not None
     with torch.no_grad():
         for name, param in placement.local.items():
-            param.copy_(module.IMPORTS[name](ctx, checkpoint.get))
+            module.IMPORTS[name](ctx, checkpoint.get, out=param.data)
         for name, param in placement.tied.items():
-            param.copy_(module.IMPORTS[module.TIED[name]](ctx, checkpoint.get))
+            module.IMPORTS[module.TIED[name]](ctx, checkpoint.get, out=param.data)
     return len(placement.local) + len(placement.tied)
 
 

@@ -17,26 +17,34 @@ from mapgen.runtime.context import Group
 
 
 def shard(group: Group, tensor: torch.Tensor, dim: int) -> torch.Tensor:
-    """This rank's contiguous block of `tensor` along `dim` (TP-split column or row)."""
+    """This rank's block of `tensor` along `dim` (TP-split column or row), as a view."""
     if group.size == 1:
         return tensor
     size = tensor.shape[dim]
     if size % group.size:
         raise ValueError(f"dim {dim} of size {size} does not split over {group.size} ranks")
     block = size // group.size
-    return tensor.narrow(dim, group.rank * block, block).contiguous()
+    return tensor.narrow(dim, group.rank * block, block)
 
 
-def column_import(group: Group, hf: torch.Tensor) -> torch.Tensor:
-    return shard(group, hf, 0)
+def into(value: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """`value` written into `out` (the parameter itself, so each byte is copied once), or, with
+    no `out`, a tensor of its own (never a view of the input)."""
+    if out is None:
+        return value.clone(memory_format=torch.contiguous_format)
+    return out.copy_(value)
+
+
+def column_import(group: Group, hf: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    return into(shard(group, hf, 0), out)
 
 
 def column_export(parts: Sequence[torch.Tensor]) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(list(parts), dim=0)
 
 
-def row_import(group: Group, hf: torch.Tensor) -> torch.Tensor:
-    return hf if hf.dim() == 1 else shard(group, hf, 1)
+def row_import(group: Group, hf: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    return into(hf if hf.dim() == 1 else shard(group, hf, 1), out)
 
 
 def row_export(parts: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -62,6 +70,7 @@ def qkv_import(
     groups: int,
     head_dim: int,
     gate: bool = False,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """This rank's query groups of the merged QKV (equal to merging all, then a column split)."""
     first, count = _group_rows(group, groups)
@@ -73,6 +82,7 @@ def qkv_import(
         groups=count,
         head_dim=head_dim,
         gate=gate,
+        out=out,
     )
 
 
@@ -90,7 +100,13 @@ def qkv_export(
 
 
 def kv_import(
-    group: Group, k: torch.Tensor, v: torch.Tensor, *, groups: int, head_dim: int
+    group: Group,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    groups: int,
+    head_dim: int,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     first, count = _group_rows(group, groups)
     return transforms.kv_merge(
@@ -98,6 +114,7 @@ def kv_import(
         v.narrow(0, first * head_dim, count * head_dim),
         groups=count,
         head_dim=head_dim,
+        out=out,
     )
 
 
@@ -108,10 +125,16 @@ def kv_export(
 
 
 def concat_qkv_import(
-    group: Group, qkv: torch.Tensor, *, heads: int, groups: int, head_dim: int
+    group: Group,
+    qkv: torch.Tensor,
+    *,
+    heads: int,
+    groups: int,
+    head_dim: int,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     q, k, v = transforms.concat_qkv_parts(qkv, heads=heads, groups=groups, head_dim=head_dim)
-    return qkv_import(group, q, k, v, heads=heads, groups=groups, head_dim=head_dim)
+    return qkv_import(group, q, k, v, heads=heads, groups=groups, head_dim=head_dim, out=out)
 
 
 def concat_qkv_export(
@@ -121,9 +144,23 @@ def concat_qkv_export(
     return torch.cat([q, k, v], dim=0)
 
 
-def gated_mlp_import(group: Group, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+def gated_mlp_import(
+    group: Group, gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Rank r holds [gate_r; up_r]: the r-th TP block of each, stacked."""
-    return torch.cat([shard(group, gate, 0), shard(group, up, 0)], dim=0)
+    return transforms.concat_into([shard(group, gate, 0), shard(group, up, 0)], 0, out)
+
+
+def whole_import(hf: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Replicated and direct parameters: every rank holds the whole tensor."""
+    return into(hf, out)
+
+
+def reshape_import(
+    group: Group, hf: torch.Tensor, shape: tuple[int, ...], split_dim: int | None, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    reshaped = hf.reshape(shape)
+    return into(reshaped if split_dim is None else shard(group, reshaped, split_dim), out)
 
 
 def gated_mlp_export(parts: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,14 +4,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from collections.abc import Sequence
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 
 from mapgen.runtime.context import ParallelContext
 
 Loader = Callable[[str], torch.Tensor]
-ImportFn = Callable[[ParallelContext, Loader], torch.Tensor]
+
+
+class ImportFn(Protocol):
+    """HF tensors (through `load`) -> this rank's shard, written into `out` when given."""
+
+    def __call__(
+        self, ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
+    ) -> torch.Tensor: ...
+
+
 ExportFn = Callable[[Sequence[torch.Tensor]], dict[str, torch.Tensor]]
 
 

@@ -12,8 +12,27 @@ from __future__ import annotations
 import torch
 
 
+def concat_into(parts: list[torch.Tensor], dim: int, out: torch.Tensor | None) -> torch.Tensor:
+    """torch.cat, written straight into `out` (of the same dtype) when given."""
+    if out is None:
+        return torch.cat(parts, dim=dim)
+    if out.dtype == parts[0].dtype and out.is_contiguous():
+        shape = list(parts[0].shape)
+        shape[dim] = sum(p.shape[dim] for p in parts)
+        torch.cat(parts, dim=dim, out=out.view(shape))
+        return out
+    return out.copy_(torch.cat(parts, dim=dim).view(out.shape))
+
+
 def qkv_merge(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, groups: int, head_dim: int, gate: bool
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    groups: int,
+    head_dim: int,
+    gate: bool,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Separate HF q, k, v (rows for `groups` whole query groups) -> Megatron group-major rows."""
     tail = q.shape[1:]
@@ -25,7 +44,7 @@ def qkv_merge(
     else:
         parts = [q.reshape(groups, -1, *tail)]
     parts += [k.reshape(groups, head_dim, *tail), v.reshape(groups, head_dim, *tail)]
-    return torch.cat(parts, dim=1).reshape(-1, *tail)
+    return concat_into(parts, 1, out).reshape(-1, *tail)
 
 
 def qkv_split(
@@ -47,12 +66,13 @@ def qkv_split(
     return query.reshape(-1, *tail).contiguous(), k.contiguous(), v.contiguous()
 
 
-def kv_merge(k: torch.Tensor, v: torch.Tensor, *, groups: int, head_dim: int) -> torch.Tensor:
+def kv_merge(
+    k: torch.Tensor, v: torch.Tensor, *, groups: int, head_dim: int, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """HF k, v -> Megatron `linear_kv` rows `[k_g, v_g]` per query group."""
     tail = k.shape[1:]
-    return torch.cat(
-        [k.reshape(groups, head_dim, *tail), v.reshape(groups, head_dim, *tail)], dim=1
-    ).reshape(-1, *tail)
+    parts = [k.reshape(groups, head_dim, *tail), v.reshape(groups, head_dim, *tail)]
+    return concat_into(parts, 1, out).reshape(-1, *tail)
 
 
 def kv_split(kv: torch.Tensor, *, groups: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,9 +104,11 @@ def inverse_permutation(dims: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(inverse)
 
 
-def zero_centered_from_hf(weight: torch.Tensor) -> torch.Tensor:
+def zero_centered_from_hf(weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """HF RMSNorm scale w (y = x*w) -> Megatron zero-centred gamma (y = x*(1+gamma))."""
-    return weight - 1
+    if out is None:
+        return weight - 1
+    return out.copy_(weight).sub_(1)
 
 
 def zero_centered_to_hf(gamma: torch.Tensor) -> torch.Tensor:

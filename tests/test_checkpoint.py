@@ -1,0 +1,58 @@
+"""The zero-copy safetensors reader against the safetensors library's own reading."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from mapgen.runtime.checkpoint import CheckpointError, HFCheckpoint
+
+
+def test_sharded_checkpoint_reads_bit_exact(tmp_path: Path, tiny_checkpoint: Any) -> None:
+    _, model = tiny_checkpoint("qwen2")
+    model.save_pretrained(tmp_path, max_shard_size="20KB")
+    shards = sorted(tmp_path.glob("model-*.safetensors"))
+    assert len(shards) > 1 and (tmp_path / "model.safetensors.index.json").is_file()
+    expected: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        expected.update(load_file(shard))
+    checkpoint = HFCheckpoint(tmp_path)
+    assert sorted(checkpoint.names()) == sorted(expected)
+    for name, tensor in expected.items():
+        ours = checkpoint.get(name)
+        assert checkpoint.shape(name) == tuple(tensor.shape)
+        assert ours.dtype == tensor.dtype and torch.equal(ours, tensor), name
+    assert checkpoint.integrity_problems() == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn])
+def test_dtypes_and_empty_tensors(tmp_path: Path, dtype: torch.dtype) -> None:
+    tensors = {"a": torch.randn(3, 5).to(dtype), "empty": torch.zeros(0, 4).to(dtype), "b": torch.randn(7).to(dtype)}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    checkpoint = HFCheckpoint(tmp_path)
+    for name, tensor in tensors.items():
+        ours = checkpoint.get(name)
+        assert ours.dtype == dtype and ours.shape == tensor.shape
+        assert torch.equal(ours.view(torch.uint8), tensor.view(torch.uint8)), name
+
+
+def test_reading_never_modifies_the_file(tmp_path: Path) -> None:
+    save_file({"a": torch.ones(4)}, str(tmp_path / "model.safetensors"))
+    before = (tmp_path / "model.safetensors").read_bytes()
+    view = HFCheckpoint(tmp_path).get("a")
+    view.add_(1)  # a caller that ignores the read-only contract touches its private copy only
+    assert (tmp_path / "model.safetensors").read_bytes() == before
+
+
+def test_missing_files_and_truncation_are_reported(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="neither model.safetensors.index.json nor model.safetensors"):
+        HFCheckpoint(tmp_path)
+    save_file({"a": torch.ones(100)}, str(tmp_path / "model.safetensors"))
+    data = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[:-10])
+    (problem,) = HFCheckpoint(tmp_path).integrity_problems()
+    assert problem.endswith(f"truncated: {len(data) - 10} bytes, its header needs {len(data)}")
