@@ -89,3 +89,26 @@ def test_te_layout_is_the_local_layout_renamed(tiny_checkpoint: Any, compile_mod
         ours = local.IMPORTS[plan.megatron_name](ctx, checkpoint.get)
         theirs = te.IMPORTS[twin.megatron_name](ctx, checkpoint.get)
         assert torch.equal(ours, theirs)
+
+
+def test_other_kinds_through_generated_code(tiny_checkpoint: Any, compile_module: Any, cpu_megatron: None) -> None:
+    """column/row/direct/replicated/reshape rules and a zero-centred final norm. megatron-core's
+    CPU norms cannot run a zero-centred gamma, so that one is checked by value (w - 1, exact for
+    weights in [0.5, 2]) and undone for the forward pass."""
+    folder, hf_model = tiny_checkpoint("llama")
+    module = compile_module(str(testing.ROOT / "tests/specs/llama_kinds.yaml"), folder / "config.json")
+    kinds = {p.megatron_name: p for p in module.PARAMS}
+    assert kinds["decoder.layers.0.mlp.linear_fc2.weight"].split_dim == 1
+    model = build_gpt_model(module.DIMS, params_dtype=torch.float32)
+    model.eval()
+    load_hf_checkpoint(module, [model], str(folder))
+    original = load_file(folder / "model.safetensors")
+    norm = dict(model.named_parameters())["decoder.final_layernorm.weight"]
+    assert torch.equal(norm, original["model.norm.weight"] - 1)
+    input_ids = torch.randint(0, 128, (2, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        norm.add_(1)
+        assert (testing.megatron_logits(model, input_ids) - testing.hf_logits(hf_model, input_ids)).abs().max() <= 1e-5
+        norm.sub_(1)
+    for name, tensor in export_hf_tensors(module, [model]):
+        assert torch.equal(tensor, original[name]), name

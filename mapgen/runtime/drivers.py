@@ -231,6 +231,9 @@ def export_hf_tensors(
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (HF name, full tensor) for the whole model in HF order.
 
+    Where no layout change is needed (TP 1, a replicated parameter), a yielded tensor is a view
+    of the model's own parameter: copy it if you keep it past the next optimizer step.
+
     Parameters are gathered over TP (expert-TP) in coalesced buckets of up to `bucket_bytes`;
     with `all_stages`, each bucket is broadcast from the pipeline stage that owns it, so every
     rank sees the whole model; without, each stage yields only what it owns."""

@@ -166,6 +166,8 @@ def reshape_import(
 def gated_mlp_export(parts: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Each rank's [gate_r; up_r] split in halves; the gates and the ups concatenated."""
     halves = [part.chunk(2, dim=0) for part in parts]
+    if len(halves) == 1:  # views: halves along dim 0 of a contiguous tensor are contiguous
+        return halves[0][0], halves[0][1]
     return (
         torch.cat([gate for gate, _ in halves], dim=0),
         torch.cat([up for _, up in halves], dim=0),
