@@ -2,8 +2,8 @@
 copy bandwidth on the same bytes.
 
 Run: .venv/bin/python benchmarks/bandwidth.py [--layers 8] [--json out.json]
-The model is a Llama with hidden 2048, FFN 8192, 16 heads / 4 KV heads, vocab 32000, fp32
-(8 layers: 619M parameters, 2.5 GB). Baseline: `dst.copy_(src)` for tensors of every parameter's
+The model is a Llama with hidden 2048, FFN 8192, 16 heads / 4 KV heads, vocab 32768, fp32
+(8 layers: 626M parameters, 2.5 GB). Baseline: `dst.copy_(src)` for tensors of every parameter's
 shape, RAM to RAM. Import reads the safetensors file from the page cache (warmed by a first run).
 Times are the best of --repeat runs.
 """
@@ -41,14 +41,15 @@ def best(repeat: int, work: object) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         hf_dir = Path(folder)
         config = testing.tiny_hf_config(
-            "llama", hidden_size=2048, intermediate_size=8192, num_attention_heads=16,
-            num_key_value_heads=4, num_hidden_layers=args.layers, vocab_size=32000,
+            "llama", hidden_size=args.hidden, intermediate_size=4 * args.hidden, num_attention_heads=16,
+            num_key_value_heads=4, num_hidden_layers=args.layers, vocab_size=16 * args.hidden,
         )
         model = testing.save_random_model(config, hf_dir)
         del model
@@ -85,9 +86,9 @@ def main() -> None:
         "layers": args.layers,
         "params": sum(p.numel() for p in params),
         "gb": round(gb, 3),
-        "copy_s": round(copy_s, 3),
-        "import_s": round(import_s, 3),
-        "export_s": round(export_s, 3),
+        "copy_s": round(copy_s, 6),
+        "import_s": round(import_s, 6),
+        "export_s": round(export_s, 6),
         "copy_gb_s": round(gb / copy_s, 2),
         "import_gb_s": round(gb / import_s, 2),
         "export_gb_s": round(gb / export_s, 2),

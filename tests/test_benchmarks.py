@@ -1,0 +1,35 @@
+"""The benchmarks run at toy size (they are measured with `make bench`, never timed here)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from mapgen import testing
+
+
+def _run(script: str, *args: str, out: Path) -> dict | list:  # type: ignore[type-arg]
+    result = subprocess.run(
+        [sys.executable, str(testing.ROOT / "benchmarks" / script), *args, "--json", str(out)],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    data: dict | list = json.loads(out.read_text())  # type: ignore[type-arg]
+    return data
+
+
+def test_conversion_benchmark_runs(tmp_path: Path) -> None:
+    rows = _run("conversion.py", "--layers", "2", "--repeat", "1", out=tmp_path / "c.json")
+    assert isinstance(rows, list)
+    assert {r["layout"] for r in rows} == {"TP1", "TP2", "PP2"}
+    for row in rows:
+        assert row["import_s"] > 0 and row["export_s"] > 0
+        assert row["export_collectives_rank0"].get("all_gather_object", 0) == 0
+
+
+def test_bandwidth_benchmark_runs(tmp_path: Path) -> None:
+    row = _run("bandwidth.py", "--layers", "1", "--hidden", "64", "--repeat", "1", out=tmp_path / "b.json")
+    assert isinstance(row, dict)
+    assert row["copy_s"] > 0 and row["import_s"] > 0 and row["export_s"] > 0
