@@ -28,8 +28,9 @@ verify-standins: $(VENV)/.installed  ## every target's tiny stand-in through `ma
 	  for l in $(LAYOUTS); do $(VENV)/bin/mapgen verify generated/$$t.py $(STANDINS)/$$t $$l; done; \
 	done
 
-bench: $(VENV)/.installed  ## conversion speed and build figures
-	$(PY) benchmarks/conversion.py --json benchmarks/conversion.json
+bench: $(VENV)/.installed  ## mapgen vs Megatron-Bridge vs the hardware -> benchmarks/results.json
+	bash benchmarks/bridge_setup.sh
+	$(PY) benchmarks/run.py --json benchmarks/results.json
 	$(PY) benchmarks/build_figures.py --json benchmarks/build_figures.json
 
 typecheck: $(VENV)/.installed
