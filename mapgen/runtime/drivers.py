@@ -142,32 +142,96 @@ def _layout_problems(module: Module, ctx: ParallelContext) -> list[str]:
     ]
 
 
+class Converter:
+    """One module's conversion plan for this rank's model chunks, decided once: which chunk
+    holds each parameter, and the export buckets. Hold one for repeated exports (RL weight
+    sync): after its first call nothing is looked up again."""
+
+    def __init__(self, module: Module, chunks: list[Any], ctx: ParallelContext | None = None) -> None:
+        self.module = module
+        self.chunks = chunks
+        self.ctx = ctx or ParallelContext.single()
+        self.placement, found = place(module, chunks, self.ctx)
+        self._problems = _layout_problems(module, self.ctx) + found
+        self._agreed = False
+        self._buckets: dict[int, list[tuple[Bucket, list[str]]]] = {}
+        self._hf_shapes = {t.name: t.shape for t in module.HF_TENSORS}
+        self._position = {t.name: i for i, t in enumerate(module.HF_TENSORS)}
+
+    def _agree(self, extra: list[str], what: str) -> None:
+        """Every rank calls this at the same point; after one agreement the placement is known
+        good everywhere, so later calls need no collective unless they bring new checks."""
+        if self._agreed and not extra:
+            return
+        agree_or_raise(self._problems + extra, what)
+        self._agreed = True
+
+    def load(self, hf_dir: str | Path) -> int:
+        """Fill every parameter from the HF checkpoint in `hf_dir`; returns the count.
+
+        Each rank reads only the tensors its own parameters need. Everything is checked first,
+        on every rank, and agreed on before any weight is written: the model against the module,
+        the checkpoint's names, shapes, dtypes and file sizes against the module's HF table."""
+        module, placement = self.module, self.placement
+        problems: list[str] = []
+        checkpoint: HFCheckpoint | None = None
+        try:
+            checkpoint = HFCheckpoint(hf_dir)
+            problems += _checkpoint_problems(module, checkpoint, placement.dtype)
+        except Exception as exc:  # noqa: BLE001 - reported on every rank below
+            problems.append(str(exc))
+        agree_or_raise(self._problems + problems, f"cannot load {hf_dir} into {module.TARGET}")
+        self._agreed = True
+        assert checkpoint is not None
+        with torch.no_grad():
+            for name, param in placement.local.items():
+                module.IMPORTS[name](self.ctx, checkpoint.get, out=param.data)
+            for name, param in placement.tied.items():
+                module.IMPORTS[module.TIED[name]](self.ctx, checkpoint.get, out=param.data)
+        return len(placement.local) + len(placement.tied)
+
+    def export(
+        self, *, bucket_bytes: int = DEFAULT_BUCKET_BYTES, all_stages: bool = True
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield (HF name, full tensor) for the whole model in HF order.
+
+        Where no layout change is needed (TP 1, a replicated parameter), a yielded tensor is a
+        view of the model's own parameter: copy it if you keep it past the next optimizer step.
+
+        Parameters are gathered over TP (expert-TP) in coalesced buckets of up to
+        `bucket_bytes`; with `all_stages`, each bucket is broadcast from the pipeline stage that
+        owns it, so every rank sees the whole model; without, each stage yields what it owns."""
+        self._agree([], f"cannot export with {self.module.TARGET}")
+        ctx, placement = self.ctx, self.placement
+        with torch.no_grad():
+            for bucket, names in self._bucket_plan(bucket_bytes):
+                tensors: list[torch.Tensor] | None = None
+                if bucket.owner == ctx.pp.rank:
+                    produced = _export_bucket(self.module, bucket.plans, placement, ctx)
+                    tensors = [produced[n] for n in names]
+                elif not all_stages:
+                    continue
+                if all_stages:
+                    shapes = [self._hf_shapes[n] for n in names]
+                    tensors = broadcast_coalesced(ctx.pp, bucket.owner, tensors, shapes, placement.dtype)
+                assert tensors is not None
+                yield from zip(names, tensors)
+
+    def _bucket_plan(self, bucket_bytes: int) -> list[tuple[Bucket, list[str]]]:
+        if bucket_bytes not in self._buckets:
+            element_size = torch.empty((), dtype=self.placement.dtype).element_size()
+            self._buckets[bucket_bytes] = [
+                (bucket, sorted((n for p in bucket.plans for n in p.hf_names), key=self._position.__getitem__))
+                for bucket in _buckets(self.module, self.placement, bucket_bytes, element_size)
+            ]
+        return self._buckets[bucket_bytes]
+
+
 def load_hf_checkpoint(
     module: Module, chunks: list[Any], hf_dir: str | Path, ctx: ParallelContext | None = None
 ) -> int:
-    """Fill every parameter of `chunks` from the HF checkpoint in `hf_dir`; returns the count.
-
-    Each rank reads only the tensors its own parameters need. Everything is checked first, on
-    every rank, and agreed on before any weight is written: the model against the module, the
-    checkpoint's names, shapes and dtypes against the module's HF tensor table."""
-    ctx = ctx or ParallelContext.single()
-    problems = _layout_problems(module, ctx)
-    placement, found = place(module, chunks, ctx)
-    problems += found
-    checkpoint: HFCheckpoint | None = None
-    try:
-        checkpoint = HFCheckpoint(hf_dir)
-        problems += _checkpoint_problems(module, checkpoint, placement.dtype)
-    except Exception as exc:  # noqa: BLE001 - reported on every rank below
-        problems.append(str(exc))
-    agree_or_raise(problems, f"cannot load {hf_dir} into {module.TARGET}")
-    assert checkpoint is not None
-    with torch.no_grad():
-        for name, param in placement.local.items():
-            module.IMPORTS[name](ctx, checkpoint.get, out=param.data)
-        for name, param in placement.tied.items():
-            module.IMPORTS[module.TIED[name]](ctx, checkpoint.get, out=param.data)
-    return len(placement.local) + len(placement.tied)
+    """`Converter(module, chunks, ctx).load(hf_dir)`."""
+    return Converter(module, chunks, ctx).load(hf_dir)
 
 
 def _checkpoint_problems(module: Module, checkpoint: HFCheckpoint, dtype: torch.dtype) -> list[str]:
@@ -229,35 +293,8 @@ def export_hf_tensors(
     bucket_bytes: int = DEFAULT_BUCKET_BYTES,
     all_stages: bool = True,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (HF name, full tensor) for the whole model in HF order.
-
-    Where no layout change is needed (TP 1, a replicated parameter), a yielded tensor is a view
-    of the model's own parameter: copy it if you keep it past the next optimizer step.
-
-    Parameters are gathered over TP (expert-TP) in coalesced buckets of up to `bucket_bytes`;
-    with `all_stages`, each bucket is broadcast from the pipeline stage that owns it, so every
-    rank sees the whole model; without, each stage yields only what it owns."""
-    ctx = ctx or ParallelContext.single()
-    placement, problems = place(module, chunks, ctx)
-    agree_or_raise(problems, f"cannot export with {module.TARGET}")
-    hf_shapes = {t.name: t.shape for t in module.HF_TENSORS}
-    element_size = torch.empty((), dtype=placement.dtype).element_size()
-    position = {t.name: i for i, t in enumerate(module.HF_TENSORS)}
-    with torch.no_grad():
-        for bucket in _buckets(module, placement, bucket_bytes, element_size):
-            names = sorted((n for p in bucket.plans for n in p.hf_names), key=position.__getitem__)
-            tensors: list[torch.Tensor] | None = None
-            if bucket.owner == ctx.pp.rank:
-                produced = _export_bucket(module, bucket.plans, placement, ctx)
-                tensors = [produced[n] for n in names]
-            elif not all_stages:
-                continue
-            if all_stages:
-                tensors = broadcast_coalesced(
-                    ctx.pp, bucket.owner, tensors, [hf_shapes[n] for n in names], placement.dtype
-                )
-            assert tensors is not None
-            yield from zip(names, tensors)
+    """`Converter(module, chunks, ctx).export(...)`: see `Converter.export`."""
+    return Converter(module, chunks, ctx).export(bucket_bytes=bucket_bytes, all_stages=all_stages)
 
 
 def _export_bucket(
@@ -307,7 +344,7 @@ def save_hf_checkpoint(
         failure: str | None = None
         # every rank runs the whole export even after a write failed, so that no rank is left
         # waiting in a collective; the failure is then agreed on and raised everywhere
-        for name, tensor in export_hf_tensors(module, chunks, ctx):
+        for name, tensor in Converter(module, chunks, ctx).export():
             if staging is None or failure is not None:
                 continue
             file = shards[name]
