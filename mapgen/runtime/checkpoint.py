@@ -76,7 +76,7 @@ class _File:
             with self.path.open("rb") as handle:
                 self._mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
         dtype = DTYPES[entry.dtype]
-        count = (entry.end - entry.start) // torch.empty((), dtype=dtype).element_size()
+        count = (entry.end - entry.start) // dtype.itemsize
         if count == 0:
             return torch.empty(entry.shape, dtype=dtype)
         flat = torch.frombuffer(self._mapped, dtype=dtype, count=count, offset=entry.start)
