@@ -61,7 +61,6 @@ def test_export_follows_hf_order(tiny_checkpoint: Any, compile_module: Any, cpu_
 def test_te_layout_is_the_local_layout_renamed(tiny_checkpoint: Any, compile_module: Any) -> None:
     """Both layouts load the same shard from the same HF tensors; only names and module kinds
     differ, by the documented rename."""
-    from mapgen.inventory import to_te_layout  # noqa: F401  (the rename under test)
     from mapgen.runtime import ParallelContext
     from mapgen.runtime.checkpoint import HFCheckpoint
 
