@@ -3,6 +3,8 @@ tables must name only functions it defines. A failure here is a bug in mapgen, n
 
 from __future__ import annotations
 
+from collections import Counter
+
 import libcst as cst
 
 from mapgen.errors import MapgenError
@@ -53,8 +55,8 @@ def check(source: str, what: str) -> cst.Module:
     except cst.ParserSyntaxError as exc:
         raise GeneratedCodeError(f"{what}: generated code does not parse: {exc}") from None
     names = _defined_names(module)
-    seen: set[str] = set()
-    duplicates = sorted({n for n in names if n in seen or seen.add(n)})  # type: ignore[func-returns-value]
+    seen = set(names)
+    duplicates = sorted(name for name, count in Counter(names).items() if count > 1)
     if duplicates:
         raise GeneratedCodeError(f"{what}: generated code defines twice: {', '.join(duplicates)}")
     for table in ("IMPORTS", "EXPORTS"):

@@ -38,9 +38,8 @@ def test_generated_modules_import_and_describe_their_models() -> None:
     assert llama3_2_1b.DIMS.share_embeddings_and_output_weights
     assert "output_layer.weight" not in llama3_2_1b.IMPORTS
     assert "lm_head.weight" not in {t.name for t in llama3_2_1b.HF_TENSORS}
-    assert qwen2_5_7b.PARAMS[3].megatron_name.endswith("linear_qkv.bias") or any(
-        p.megatron_name.endswith("linear_qkv.bias") for p in qwen2_5_7b.PARAMS
-    )
+    bias = {p.megatron_name: p for p in qwen2_5_7b.PARAMS}["decoder.layers.0.self_attention.linear_qkv.bias"]
+    assert bias.shape == ((28 + 2 * 4) * 128,) and bias.split_dim == 0
     assert qwen3_8b.DIMS.kv_channels == 128 and qwen3_8b.DIMS.hidden_size == 4096
     plans = {p.megatron_name: p for p in qwen3_8b.PARAMS}
     qkv = plans["decoder.layers.35.self_attention.linear_qkv.weight"]

@@ -1,0 +1,29 @@
+"""The libcst gate on generated source: a generator bug is caught before anything is written."""
+
+from __future__ import annotations
+
+import pytest
+
+from mapgen.postprocess import GeneratedCodeError, check
+
+GOOD = "def import_a():\n    pass\n\n\nIMPORTS = {}\nIMPORTS2: dict = {'a': import_a}\n"
+
+
+def test_good_source_passes() -> None:
+    check(GOOD, "t")
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        ("def f(:\n", "t: generated code does not parse"),
+        ("def f():\n    pass\n\n\ndef f():\n    pass\n", "t: generated code defines twice: f"),
+        ("X: int = 1\nX: int = 2\n", "t: generated code defines twice: X"),
+        ("IMPORTS: dict = {'a': import_a}\n", "t: IMPORTS names undefined functions: import_a"),
+        ("def e():\n    pass\n\n\nEXPORTS: dict = {'a': e, 'b': nope}\n", "t: EXPORTS names undefined functions: nope"),
+    ],
+)
+def test_bad_source_is_refused(source: str, message: str) -> None:
+    with pytest.raises(GeneratedCodeError) as raised:
+        check(source, "t")
+    assert str(raised.value).startswith(message)
