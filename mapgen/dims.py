@@ -47,6 +47,38 @@ class ModelDims:
     rope_scaling_high_freq_factor: float | None = None
     rope_scaling_original_max_position_embeddings: int | None = None
     params_dtype: str = "float32"
+    # yarn rope scaling (DeepSeek-V3); factor and original length are the fields above
+    rope_beta_fast: float = 32.0
+    rope_beta_slow: float = 1.0
+    rope_mscale: float = 1.0
+    rope_mscale_all_dim: float = 0.0
+    # mixture of experts: None experts is a dense model
+    num_moe_experts: int | None = None
+    moe_ffn_hidden_size: int | None = None
+    moe_router_topk: int = 2
+    moe_dense_layers: int = 0  # the first N decoder layers have a dense MLP (first_k_dense_replace)
+    moe_shared_expert_intermediate_size: int | None = None
+    moe_shared_expert_gate: bool = False
+    moe_router_score_function: str = "softmax"
+    moe_router_pre_softmax: bool = False
+    moe_router_enable_expert_bias: bool = False
+    moe_router_topk_scaling_factor: float | None = None
+    moe_router_num_groups: int | None = None
+    moe_router_group_topk: int | None = None
+    # multi-latent attention (DeepSeek-V2/V3)
+    multi_latent_attention: bool = False
+    q_lora_rank: int | None = None
+    kv_lora_rank: int = 0
+    qk_head_dim: int = 0  # the part of each query/key head without rope
+    qk_pos_emb_head_dim: int = 0
+    v_head_dim: int = 0
+
+    @property
+    def moe_layers(self) -> tuple[int, ...]:
+        """Global indices of the decoder layers with an expert MLP."""
+        if self.num_moe_experts is None:
+            return ()
+        return tuple(range(self.moe_dense_layers, self.num_layers))
 
     def problems(self) -> list[tuple[str, str]]:
         """(field, message) for every value megatron-core cannot build or would build wrongly."""
@@ -68,8 +100,18 @@ class ModelDims:
             found.append(("activation", f"must be silu or gelu, got {self.activation!r}"))
         if self.params_dtype not in DTYPES:
             found.append(("params_dtype", f"must be one of {', '.join(DTYPES)}, got {self.params_dtype!r}"))
-        if self.rope_type not in ("default", "llama3"):
-            found.append(("rope_type", f"{self.rope_type!r} is not supported (default, llama3)"))
+        if self.rope_type not in ("default", "llama3", "yarn"):
+            found.append(("rope_type", f"{self.rope_type!r} is not supported (default, llama3, yarn)"))
+        if self.rope_type == "yarn" and not self.multi_latent_attention:
+            found.append(("rope_type", "yarn is supported with multi_latent_attention only (megatron-core)"))
+        if self.rope_type == "yarn" and self.rope_scaling_factor is None:
+            found.append(("rope_scaling_factor", "is needed for yarn rope scaling"))
+        if self.num_moe_experts is not None:
+            found += self._moe_problems()
+        if self.multi_latent_attention:
+            for name in ("kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim"):
+                if getattr(self, name) <= 0:
+                    found.append((name, f"must be positive with multi_latent_attention, got {getattr(self, name)}"))
         if self.rope_type == "llama3" and self.rope_scaling_factor is None:
             found.append(("rope_scaling_factor", "is needed for llama3 rope scaling"))
         if self.rope_type == "llama3":
@@ -82,6 +124,24 @@ class ModelDims:
                             f"is {value}, but megatron-core's llama3 rope scaling is fixed at {fixed}",
                         )
                     )
+        return found
+
+    def _moe_problems(self) -> list[tuple[str, str]]:
+        found: list[tuple[str, str]] = []
+        experts = self.num_moe_experts or 0
+        if experts <= 0:
+            found.append(("num_moe_experts", f"must be positive, got {experts}"))
+        if not 0 < self.moe_router_topk <= max(experts, 1):
+            found.append(("moe_router_topk", f"must be in 1..{experts}, got {self.moe_router_topk}"))
+        if self.moe_ffn_hidden_size is None or self.moe_ffn_hidden_size <= 0:
+            found.append(("moe_ffn_hidden_size", f"must be positive, got {self.moe_ffn_hidden_size}"))
+        if not 0 <= self.moe_dense_layers <= self.num_layers:
+            found.append(("moe_dense_layers", f"must be in 0..{self.num_layers}, got {self.moe_dense_layers}"))
+        if self.moe_router_score_function not in ("softmax", "sigmoid"):
+            found.append(("moe_router_score_function", f"must be softmax or sigmoid, got {self.moe_router_score_function!r}"))
+        groups = self.moe_router_num_groups
+        if groups is not None and (groups <= 0 or experts % groups):
+            found.append(("moe_router_num_groups", f"{groups} does not divide {experts} experts"))
         return found
 
     def as_literal_items(self) -> list[tuple[str, Any]]:

@@ -1,22 +1,29 @@
 """Every Megatron parameter and every HF tensor of a model, read from the libraries themselves.
 
 The Megatron side comes from a megatron-core GPTModel skeleton on the `meta` device (local
-layer spec). All decoder layers of a dense model are alike, so one layer is built and the rest
-are index arithmetic; `tests/test_inventory.py` checks that this equals a full build.
+layer spec, SequentialMLP experts). Decoder layers of one kind (dense, or with experts) are
+alike, so one layer of each kind is built and the rest are index arithmetic;
+`tests/test_inventory.py` checks that this equals a full build. Persistent buffers that hold
+weights (the MoE router's `expert_bias`) are part of the inventory.
 
 The `te` layout is derived from the local one by `to_te_layout` (TransformerEngine does not
 install on CPU machines). What changes, per decoder layer:
 
 | local name (module)                                 | te name (module)                                   |
 |-----------------------------------------------------|----------------------------------------------------|
-| input_layernorm.{weight,bias} (RMSNorm/LayerNorm)   | self_attention.linear_qkv.layer_norm_{weight,bias} (TELayerNormColumnParallelLinear) |
-| pre_mlp_layernorm.{weight,bias} (RMSNorm/LayerNorm) | mlp.linear_fc1.layer_norm_{weight,bias} (TELayerNormColumnParallelLinear) |
-| self_attention.linear_qkv.* (ColumnParallelLinear)  | same name (TELayerNormColumnParallelLinear)        |
-| mlp.linear_fc1.* (ColumnParallelLinear)             | same name (TELayerNormColumnParallelLinear)        |
-| *.linear_proj.*, mlp.linear_fc2.* (RowParallelLinear) | same name (TERowParallelLinear)                  |
-| q_layernorm/k_layernorm, final_layernorm (torch norms) | same name (TENorm)                              |
+| input_layernorm.{weight,bias}, where the layer has linear_qkv | self_attention.linear_qkv.layer_norm_{weight,bias} (TELayerNormColumnParallelLinear) |
+| pre_mlp_layernorm.{weight,bias}, where the layer has a dense mlp.linear_fc1 | mlp.linear_fc1.layer_norm_{weight,bias} (TELayerNormColumnParallelLinear) |
+| self_attention.linear_qkv.*, mlp.linear_fc1.* (ColumnParallelLinear) | same name (TELayerNormColumnParallelLinear) |
+| self_attention.q_layernorm.* (MLA)                  | self_attention.linear_q_up_proj.layer_norm_* (TELayerNormColumnParallelLinear) |
+| self_attention.kv_layernorm.* (MLA)                 | self_attention.linear_kv_up_proj.layer_norm_* (TELayerNormColumnParallelLinear) |
+| linear_q_up_proj.*, linear_kv_up_proj.* (ColumnParallelLinear, MLA) | same name (TELayerNormColumnParallelLinear) |
+| linear_q_down_proj.*, linear_kv_down_proj.* (ColumnParallelLinear, MLA) | same name (TELinear, duplicated: no TP split) |
+| mlp.experts.local_experts.E.linear_fc1.weight (SequentialMLP) | mlp.experts.linear_fc1.weightE (TEColumnParallelGroupedLinear) |
+| mlp.experts.local_experts.E.linear_fc2.weight (SequentialMLP) | mlp.experts.linear_fc2.weightE (TERowParallelGroupedLinear) |
+| other ColumnParallelLinear / RowParallelLinear (shared experts, ...) | same name (TEColumnParallelLinear / TERowParallelLinear) |
+| input_layernorm, pre_mlp_layernorm that stay (MLA, MoE layers), q/k_layernorm, final_layernorm | same name (TENorm) |
 
-Embedding and output layer are megatron-core's own modules in both layouts.
+Embedding, output layer and router are megatron-core's own modules in both layouts.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from mapgen.dims import ModelDims
 
 LAYOUTS = ("te", "local")
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+_EXPERT = re.compile(r"\.mlp\.experts\.local_experts\.(\d+)\.")
 
 
 @dataclass(frozen=True)
@@ -62,23 +70,38 @@ def megatron_inventory(dims: ModelDims, layout: str) -> tuple[MegatronParam, ...
     return tuple(replace(p, te_name=t.name) for p, t in zip(local, te))
 
 
+def weight_buffers(model: Any) -> list[tuple[str, torch.Tensor]]:
+    """Persistent buffers that hold weights a checkpoint carries (the router's expert_bias)."""
+    saved = model.state_dict(keep_vars=True)
+    return [
+        (name, buffer)
+        for name, buffer in model.named_buffers()
+        if name in saved and not name.endswith("_extra_state") and buffer.is_floating_point()
+    ]
+
+
 def _skeleton_params(model: Any, dtype: str) -> list[MegatronParam]:
     """Parameters of a skeleton; all carry the model's dtype (torch norms are built in fp32,
-    but megatron-core's mixed-precision wrapper and TE hold them in the params dtype)."""
+    but megatron-core's mixed-precision wrapper and TE hold them in the params dtype). Weight
+    buffers keep their own dtype, as megatron-core keeps them."""
     modules = dict(model.named_modules())
     found: list[MegatronParam] = []
-    for name, param in model.named_parameters():
+    tensors = [(n, p, dtype) for n, p in model.named_parameters()]
+    tensors += [(n, b, str(b.dtype).removeprefix("torch.")) for n, b in weight_buffers(model)]
+    for name, param, param_dtype in tensors:
         owner = modules[name.rsplit(".", 1)[0]]
         partitioned = bool(getattr(param, "tensor_model_parallel", False))
         layer = _LAYER.match(name)
+        expert = _EXPERT.search(name)
         found.append(
             MegatronParam(
                 name=name,
                 shape=tuple(param.shape),
-                dtype=dtype,
+                dtype=param_dtype,
                 module_kind=type(owner).__name__,
                 partition_dim=int(param.partition_dim) if partitioned else None,
                 layer=int(layer.group(1)) if layer else None,
+                expert=int(expert.group(1)) if expert else None,
                 parallel_mode=getattr(owner, "parallel_mode", None),
             )
         )
@@ -86,57 +109,82 @@ def _skeleton_params(model: Any, dtype: str) -> list[MegatronParam]:
 
 
 def _local_inventory(dims: ModelDims) -> tuple[MegatronParam, ...]:
+    """One skeleton layer of each kind (dense first, then with experts), copied to every layer
+    of that kind."""
     from mapgen.megatron_model import build_gpt_model, single_process_parallel_state
 
-    one_layer = replace(dims, num_layers=1)
+    moe = set(dims.moe_layers)
+    kinds = sorted({index in moe for index in range(dims.num_layers)})  # False (dense) first
+    skeleton_dims = replace(dims, num_layers=len(kinds), moe_dense_layers=kinds.count(False))
     with single_process_parallel_state(), torch.device("meta"):
-        skeleton = build_gpt_model(one_layer)
+        skeleton = build_gpt_model(skeleton_dims)
     params = _skeleton_params(skeleton, dims.params_dtype)
     before = [p for p in params if p.name.startswith("embedding.")]
-    layer0 = [p for p in params if p.layer == 0]
-    after = [p for p in params if p not in before and p not in layer0]
+    templates = {kind: [p for p in params if p.layer == i] for i, kind in enumerate(kinds)}
+    after = [p for p in params if p not in before and p.layer is None]
     expanded = list(before)
     for index in range(dims.num_layers):
+        template = templates[index in moe]
         prefix = f"decoder.layers.{index}."
         expanded.extend(
-            replace(p, name=prefix + p.name.removeprefix("decoder.layers.0."), layer=index)
-            for p in layer0
+            replace(p, name=prefix + _LAYER.sub("", p.name, count=1), layer=index)
+            for p in template
         )
     expanded.extend(after)
     return tuple(expanded)
 
 
-_TE_NORM_RENAMES = (
-    (".input_layernorm.", ".self_attention.linear_qkv.layer_norm_"),
-    (".pre_mlp_layernorm.", ".mlp.linear_fc1.layer_norm_"),
+# (local norm, the linear TE fuses it into): the norm moves only where its layer has that linear
+_TE_NORM_FUSIONS = (
+    (".input_layernorm.", ".self_attention.linear_qkv."),
+    (".pre_mlp_layernorm.", ".mlp.linear_fc1."),
+    (".self_attention.q_layernorm.", ".self_attention.linear_q_up_proj."),
+    (".self_attention.kv_layernorm.", ".self_attention.linear_kv_up_proj."),
 )
-_TE_FUSED = (".self_attention.linear_qkv.", ".mlp.linear_fc1.")
+_TE_FUSED = tuple(linear for _, linear in _TE_NORM_FUSIONS)
+_TE_DUPLICATED = (".self_attention.linear_q_down_proj.", ".self_attention.linear_kv_down_proj.")
+_TE_GROUPED = re.compile(r"\.mlp\.experts\.local_experts\.(\d+)\.(linear_fc[12])\.(\w+)$")
+_NORMS = ("RMSNorm", "LayerNorm", "WrappedTorchNorm", "FusedLayerNorm")
 
 
 def to_te_layout(params: tuple[MegatronParam, ...]) -> tuple[MegatronParam, ...]:
     """Names and module kinds of megatron-core's TransformerEngine layer spec (see module doc)."""
+    names = {p.name for p in params}
     renamed: list[MegatronParam] = []
     for p in params:
-        name, kind = p.name, p.module_kind
-        for old, new in _TE_NORM_RENAMES:
-            if old in name:
-                head, tail = name.split(old)
-                name, kind = head + new + tail, "TELayerNormColumnParallelLinear"
-        if kind == "ColumnParallelLinear" and any(f in name for f in _TE_FUSED):
+        name, kind, partition, mode = p.name, p.module_kind, p.partition_dim, p.parallel_mode
+        for norm, linear in _TE_NORM_FUSIONS:
+            head, found, tail = name.partition(norm)
+            if found and f"{head}{linear}weight" in names:
+                name, kind = f"{head}{linear}layer_norm_{tail}", "TELayerNormColumnParallelLinear"
+        grouped = _TE_GROUPED.search(name)
+        if grouped:
+            expert, linear, leaf = grouped.groups()
+            name = name[: grouped.start()] + f".mlp.experts.{linear}.{leaf}{expert}"
+            kind = "TEColumnParallelGroupedLinear" if linear == "linear_fc1" else "TERowParallelGroupedLinear"
+        elif any(d in name for d in _TE_DUPLICATED):
+            kind, partition, mode = "TELinear", None, "duplicated"
+        elif kind == "ColumnParallelLinear" and any(f in name for f in _TE_FUSED):
             kind = "TELayerNormColumnParallelLinear"
         elif kind == "ColumnParallelLinear" and not name.startswith("output_layer."):
             kind = "TEColumnParallelLinear"
         elif kind == "RowParallelLinear":
             kind = "TERowParallelLinear"
-        elif kind in ("RMSNorm", "LayerNorm", "WrappedTorchNorm", "FusedLayerNorm"):
+        elif kind in _NORMS:
             kind = "TENorm"
-        renamed.append(replace(p, name=name, module_kind=kind))
+        renamed.append(replace(p, name=name, module_kind=kind, partition_dim=partition, parallel_mode=mode))
     return tuple(renamed)
 
 
 def hf_inventory(architecture: str, config_fields: dict[str, Any]) -> tuple[HFTensor, ...]:
-    """The tensors `save_pretrained` writes for this architecture and config, in model order."""
+    """The tensors `save_pretrained` writes for this architecture and config, in model order.
+
+    transformers 5 holds some weights differently in memory than on disk (MoE experts fused as
+    `experts.gate_up_proj` [E, 2I, H] in memory, one tensor per expert on disk); its own
+    `revert_weight_conversion`, which `save_pretrained` calls, gives the names on disk. Each
+    in-memory tensor is replaced where it stands by what it becomes on disk, in expert order."""
     import transformers
+    from transformers.core_model_loading import revert_weight_conversion
 
     model_type = config_fields.get("model_type")
     if not isinstance(model_type, str):
@@ -149,8 +197,15 @@ def hf_inventory(architecture: str, config_fields: dict[str, Any]) -> tuple[HFTe
     tied = set(getattr(model, "all_tied_weights_keys", None) or {})
     if not getattr(hf_config, "tie_word_embeddings", False):
         tied = set()
-    return tuple(
-        HFTensor(name, tuple(tensor.shape))
-        for name, tensor in model.state_dict().items()
-        if name not in tied
-    )
+    found: list[HFTensor] = []
+    for name, tensor in model.state_dict().items():
+        if name in tied:
+            continue
+        on_disk = revert_weight_conversion(model, {name: tensor})
+        found.extend(HFTensor(n, tuple(t.shape)) for n, t in sorted(on_disk.items(), key=lambda kv: _natural(kv[0])))
+    return tuple(found)
+
+
+def _natural(name: str) -> tuple[tuple[int, int | str], ...]:
+    """Sort key that orders `experts.2` before `experts.10`."""
+    return tuple((0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", name) if part)

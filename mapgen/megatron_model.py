@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -91,15 +92,64 @@ def initialize_parallel_state(layout: ParallelLayout) -> None:
     )
 
 
+def _moe_config(dims: ModelDims) -> dict[str, Any]:
+    if dims.num_moe_experts is None:
+        return {}
+    return dict(
+        num_moe_experts=dims.num_moe_experts,
+        moe_ffn_hidden_size=dims.moe_ffn_hidden_size,
+        moe_router_topk=dims.moe_router_topk,
+        moe_layer_freq=[0] * dims.moe_dense_layers + [1] * (dims.num_layers - dims.moe_dense_layers),
+        moe_shared_expert_intermediate_size=dims.moe_shared_expert_intermediate_size,
+        moe_shared_expert_gate=dims.moe_shared_expert_gate,
+        moe_router_score_function=dims.moe_router_score_function,
+        moe_router_pre_softmax=dims.moe_router_pre_softmax,
+        moe_router_enable_expert_bias=dims.moe_router_enable_expert_bias,
+        moe_router_topk_scaling_factor=dims.moe_router_topk_scaling_factor,
+        moe_router_num_groups=dims.moe_router_num_groups,
+        moe_router_group_topk=dims.moe_router_group_topk,
+        moe_router_load_balancing_type="none",
+        moe_aux_loss_coeff=0.0,
+        moe_token_dispatcher_type="allgather",  # the dispatcher that runs on CPU over gloo
+        moe_grouped_gemm=False,  # SequentialMLP: the local layout's experts
+        moe_router_dtype="fp32",
+    )
+
+
+def _mla_config(dims: ModelDims) -> dict[str, Any]:
+    if not dims.multi_latent_attention:
+        return {}
+    yarn = dims.rope_type == "yarn"
+    return dict(
+        multi_latent_attention=True,
+        q_lora_rank=dims.q_lora_rank,
+        kv_lora_rank=dims.kv_lora_rank,
+        qk_head_dim=dims.qk_head_dim,
+        qk_pos_emb_head_dim=dims.qk_pos_emb_head_dim,
+        v_head_dim=dims.v_head_dim,
+        rope_type="yarn" if yarn else "rope",
+        rotary_base=dims.rotary_base,
+        rotary_scaling_factor=dims.rope_scaling_factor if yarn else 1.0,
+        original_max_position_embeddings=dims.rope_scaling_original_max_position_embeddings or dims.max_position_embeddings,
+        beta_fast=dims.rope_beta_fast,
+        beta_slow=dims.rope_beta_slow,
+        mscale=dims.rope_mscale,
+        mscale_all_dim=dims.rope_mscale_all_dim,
+    )
+
+
 def transformer_config(
     dims: ModelDims, params_dtype: torch.dtype | None = None, layout: ParallelLayout | None = None
 ) -> Any:
-    from megatron.core.transformer.transformer_config import TransformerConfig
+    from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
     dtype = params_dtype or DTYPES[dims.params_dtype]
     layout = layout or ParallelLayout()
     activation = {"silu": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu}
-    return TransformerConfig(
+    config_class = MLATransformerConfig if dims.multi_latent_attention else TransformerConfig
+    return config_class(
+        **_moe_config(dims),
+        **_mla_config(dims),
         num_layers=dims.num_layers,
         hidden_size=dims.hidden_size,
         ffn_hidden_size=dims.ffn_hidden_size,
@@ -148,17 +198,22 @@ def build_gpt_model(
     vp_stage: int | None = None,
 ) -> Any:
     """The model on the current default device (use `torch.device("meta")` for a skeleton)."""
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
     from megatron.core.models.gpt.gpt_model import GPTModel
 
-    with warnings.catch_warnings():
+    config = transformer_config(dims, params_dtype, layout)
+    with warnings.catch_warnings(), _cuda_device_on_cpu():
         warnings.simplefilter("ignore")
-        layer_spec = get_gpt_layer_local_spec(
-            qk_layernorm=dims.qk_layernorm, normalization=dims.normalization
+        block_spec = get_gpt_decoder_block_spec(
+            config, use_transformer_engine=False, normalization=dims.normalization, vp_stage=vp_stage
         )
+        if dims.multi_latent_attention:
+            _mla_without_transformer_engine()
+            for layer_spec in block_spec.layer_specs:
+                layer_spec.submodules.self_attention.submodules.core_attention = _mla_core_attention()
         return GPTModel(
-            transformer_config(dims, params_dtype, layout),
-            layer_spec,
+            config,
+            block_spec,
             vocab_size=dims.vocab_size,
             max_sequence_length=dims.max_position_embeddings,
             pre_process=pre_process,
@@ -172,6 +227,52 @@ def build_gpt_model(
             vp_stage=vp_stage,
             parallel_output=False,
         )
+
+
+@contextmanager
+def _cuda_device_on_cpu() -> Iterator[None]:
+    """Some megatron-core modules ask for the CUDA device even when told to build on the CPU."""
+    if torch.cuda.is_available():
+        yield
+        return
+    original = torch.cuda.current_device
+    torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment,return-value]
+    try:
+        yield
+    finally:
+        torch.cuda.current_device = original
+
+
+def _mla_without_transformer_engine() -> None:
+    """megatron-core's MLA module believes TransformerEngine is there whenever megatron-core's TE
+    extension imports, which it does without TE (its classes are then None)."""
+    import importlib.util
+
+    import megatron.core.transformer.multi_latent_attention as mla
+
+    if importlib.util.find_spec("transformer_engine") is None:
+        mla.HAVE_TE = False  # type: ignore[attr-defined]
+
+
+@functools.cache
+def _mla_core_attention() -> type:
+    """megatron-core's local DotProductAttention for MLA. Its arithmetic already handles query/key
+    heads wider than value heads; only its constructor refuses MLA's channel arguments, and its
+    output width must be the value heads'."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    class MLADotProductAttention(DotProductAttention):
+        def __init__(
+            self, *args: Any, k_channels: int | None = None, v_channels: int | None = None, **kwargs: Any
+        ) -> None:
+            super().__init__(*args, **kwargs)
+            if v_channels is not None:
+                self.hidden_size_per_partition = v_channels * self.num_attention_heads_per_partition
+
+        def forward(self, query: Any, key: Any, value: Any, *args: Any, **kwargs: Any) -> Any:
+            return super().forward(query, key.contiguous(), value.contiguous(), *args, **kwargs)
+
+    return MLADotProductAttention
 
 
 def build_model_chunks(

@@ -108,6 +108,24 @@ def standin_config(fields: dict[str, Any], num_layers: int = 4) -> dict[str, Any
     for key in ("max_window_layers",):
         if key in tiny:
             tiny[key] = num_layers
+    shrink = {
+        # mixture of experts: 8 experts, so EP 2 and 4 split them; 2 (DeepSeek: 4) per token
+        "num_local_experts": 8,
+        "num_experts": 8,
+        "n_routed_experts": 8,
+        "moe_intermediate_size": 32,
+        "num_experts_per_tok": 4 if "n_group" in fields else 2,
+        "first_k_dense_replace": 1,  # one dense layer, then experts
+        "n_group": 4,  # group-limited routing: top-2 experts per group, as DeepSeek-V3
+        "topk_group": 2,
+        # multi-latent attention
+        "q_lora_rank": 32,
+        "kv_lora_rank": 16,
+        "qk_rope_head_dim": 8,
+        "qk_nope_head_dim": 16,
+        "v_head_dim": 16,
+    }
+    tiny.update({k: v for k, v in shrink.items() if k in fields and fields[k] is not None})
     return tiny
 
 
@@ -133,7 +151,12 @@ def import_module_from_path(path: Path, name: str | None = None) -> ModuleType:
 def prepare_cpu_megatron() -> None:
     """What megatron-core needs to run forward passes on a machine without CUDA."""
     import megatron.core.tensor_parallel.random as mrandom
+    import megatron.core.transformer.moe.moe_utils as moe_utils
 
+    # the MoE router's gating GEMM names TransformerEngine's kernel without importing it when
+    # TE is absent; None selects its torch path
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None  # type: ignore[attr-defined]
     torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment,return-value]
     if not torch.cuda.is_available():
         # tied embeddings under PP: megatron-core moves the shared weight with .cuda() before

@@ -25,7 +25,14 @@ from safetensors.torch import save_file
 from mapgen.runtime.checkpoint import HFCheckpoint
 from mapgen.runtime.collectives import agree_or_raise, all_gather_coalesced, broadcast_coalesced
 from mapgen.runtime.context import ParallelContext
-from mapgen.runtime.ownership import Owner, layer_owners, local_name, param_owner
+from mapgen.runtime.ownership import (
+    Owner,
+    expert_owner,
+    experts_per_rank,
+    layer_owners,
+    local_name,
+    param_owner,
+)
 from mapgen.runtime.plan import ExportFn, HFTensorPlan, ImportFn, ParamPlan
 
 DEFAULT_BUCKET_BYTES = 256 * 2**20
@@ -49,14 +56,28 @@ def _unwrap(chunk: Any) -> Any:
     return chunk
 
 
+def num_experts(module: Module) -> int:
+    return 1 + max((p.expert for p in module.PARAMS if p.expert is not None), default=-1)
+
+
+def _weights(model: Any) -> Iterator[tuple[str, torch.Tensor]]:
+    """A chunk's parameters, then its weight buffers (the router's expert_bias)."""
+    from mapgen.inventory import weight_buffers
+
+    yield from model.named_parameters()
+    yield from weight_buffers(model)
+
+
 @dataclass(frozen=True)
 class Placement:
     """Where every parameter of the module lives under this layout, and what this rank holds."""
 
     owners: dict[str, Owner]  # global megatron name -> owning (pp rank, vp stage)
-    local: dict[str, torch.nn.Parameter]  # global name -> this rank's parameter
-    tied: dict[str, torch.nn.Parameter]  # tied copies this rank holds (global name -> param)
+    local: dict[str, torch.Tensor]  # global name -> this rank's parameter (or weight buffer)
+    tied: dict[str, torch.Tensor]  # tied copies this rank holds (global name -> param)
     dtype: torch.dtype
+    experts_per_rank: int = 0  # experts each EP rank holds per MoE layer
+    expert_ranks: dict[str, tuple[int, int]] | None = None  # expert param -> (EP rank, local index)
 
 
 def place(module: Module, chunks: list[Any], ctx: ParallelContext) -> tuple[Placement, list[str]]:
@@ -74,18 +95,27 @@ def place(module: Module, chunks: list[Any], ctx: ParallelContext) -> tuple[Plac
             f"the model has {len(layers)} decoder layers, {module.TARGET} has {num_layers}"
         )
         return Placement({}, {}, {}, torch.float32), problems
+    try:
+        per_rank = experts_per_rank(num_experts(module), ctx)
+    except ValueError as exc:
+        problems.append(f"{module.TARGET}: {exc}")
+        return Placement({}, {}, {}, torch.float32), problems
     owners = {name: param_owner(plan, layers, ctx) for name, plan in plans.items()}
+    expert_ranks = {n: expert_owner(p, per_rank) for n, p in plans.items() if p.expert is not None}
     expected: dict[tuple[int, str], str] = {}
     for name, plan in plans.items():
         owner = owners[name]
-        if owner.pp_rank == ctx.pp.rank:
-            expected[(owner.vp_stage, local_name(plan, layers))] = name
-    local: dict[str, torch.nn.Parameter] = {}
-    tied: dict[str, torch.nn.Parameter] = {}
+        mine = name not in expert_ranks or expert_ranks[name][0] == ctx.ep.rank
+        if owner.pp_rank == ctx.pp.rank and mine:
+            expected[(owner.vp_stage, local_name(plan, layers, per_rank))] = name
+    local: dict[str, torch.Tensor] = {}
+    tied: dict[str, torch.Tensor] = {}
     dtypes: set[torch.dtype] = set()
     for vp_stage, model in enumerate(models):
-        for name, param in model.named_parameters():
-            dtypes.add(param.dtype)
+        parameters = {id(p) for p in model.parameters()}
+        for name, param in _weights(model):
+            if id(param) in parameters:
+                dtypes.add(param.dtype)
             global_name = expected.pop((vp_stage, name), None)
             if global_name is None and name in module.TIED:
                 tied[name] = param
@@ -103,7 +133,7 @@ def place(module: Module, chunks: list[Any], ctx: ParallelContext) -> tuple[Plac
     if len(dtypes) > 1:
         problems.append(f"model parameters mix dtypes {sorted(map(str, dtypes))}")
     dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
-    return Placement(owners, local, tied, dtype), problems
+    return Placement(owners, local, tied, dtype, per_rank, expert_ranks), problems
 
 
 def local_shape(plan: ParamPlan, ctx: ParallelContext) -> tuple[int, ...]:
@@ -266,22 +296,38 @@ class Bucket:
     plans: tuple[ParamPlan, ...]
 
 
-def _buckets(module: Module, placement: Placement, bucket_bytes: int, element_size: int) -> list[Bucket]:
+def _units(module: Module, placement: Placement) -> list[tuple[ParamPlan, ...]]:
+    """What export moves together, in HF order: each parameter alone, except expert
+    parameters: those of one MoE layer at the same local index on every EP rank form one unit,
+    so that every EP rank contributes alike to the unit's gather."""
+    assert placement.expert_ranks is not None
     position = {t.name: i for i, t in enumerate(module.HF_TENSORS)}
-    ordered = sorted(module.PARAMS, key=lambda p: min(position[n] for n in p.hf_names))
+    units: dict[tuple[object, ...], list[ParamPlan]] = {}
+    for plan in module.PARAMS:
+        if plan.expert is None:
+            key: tuple[object, ...] = (plan.megatron_name,)
+        else:
+            key = (plan.layer, placement.expert_ranks[plan.megatron_name][1])
+        units.setdefault(key, []).append(plan)
+    return sorted((tuple(u) for u in units.values()), key=lambda u: min(position[n] for p in u for n in p.hf_names))
+
+
+def _buckets(module: Module, placement: Placement, bucket_bytes: int, element_size: int) -> list[Bucket]:
     buckets: list[Bucket] = []
     current: list[ParamPlan] = []
     size = 0
-    for plan in ordered:
-        owner = placement.owners[plan.megatron_name].pp_rank
-        nbytes = int(torch.Size(plan.shape).numel()) * element_size
-        if current and (placement.owners[current[0].megatron_name].pp_rank != owner or size + nbytes > bucket_bytes):
-            buckets.append(Bucket(placement.owners[current[0].megatron_name].pp_rank, tuple(current)))
+    owner = -1
+    for unit in _units(module, placement):
+        unit_owner = placement.owners[unit[0].megatron_name].pp_rank
+        nbytes = sum(int(torch.Size(p.shape).numel()) for p in unit) * element_size
+        if current and (unit_owner != owner or size + nbytes > bucket_bytes):
+            buckets.append(Bucket(owner, tuple(current)))
             current, size = [], 0
-        current.append(plan)
+        current.extend(unit)
         size += nbytes
+        owner = unit_owner
     if current:
-        buckets.append(Bucket(placement.owners[current[0].megatron_name].pp_rank, tuple(current)))
+        buckets.append(Bucket(owner, tuple(current)))
     return buckets
 
 
@@ -300,16 +346,29 @@ def export_hf_tensors(
 def _export_bucket(
     module: Module, plans: tuple[ParamPlan, ...], placement: Placement, ctx: ParallelContext
 ) -> dict[str, torch.Tensor]:
+    """Every HF tensor of the bucket: shards gathered over TP (expert-TP), the export functions
+    applied, then expert tensors gathered over EP."""
+    mine = [p for p in plans if p.megatron_name in placement.local]
     parts: dict[str, list[torch.Tensor]] = {}
     for expert_parallel in (False, True):
         group = ctx.etp if expert_parallel else ctx.tp
-        split = [p for p in plans if p.expert_parallel == expert_parallel and p.split_dim is not None]
+        split = [p for p in mine if p.expert_parallel == expert_parallel and p.split_dim is not None]
         gathered = all_gather_coalesced(group, [placement.local[p.megatron_name].detach() for p in split])
         parts.update({p.megatron_name: g for p, g in zip(split, gathered)})
     produced: dict[str, torch.Tensor] = {}
-    for plan in plans:
+    for plan in mine:
         shards = parts.get(plan.megatron_name) or [placement.local[plan.megatron_name].detach()]
         produced.update(module.EXPORTS[plan.megatron_name](shards))
+    experts = [p for p in plans if p.expert is not None]
+    if ctx.ep.size > 1 and experts:
+        assert placement.expert_ranks is not None
+        by_rank: list[list[str]] = [[] for _ in range(ctx.ep.size)]
+        for plan in experts:
+            by_rank[placement.expert_ranks[plan.megatron_name][0]].extend(plan.hf_names)
+        gathered = all_gather_coalesced(ctx.ep, [produced[n] for n in by_rank[ctx.ep.rank]])
+        for index, copies in enumerate(gathered):
+            for rank, tensor in enumerate(copies):
+                produced[by_rank[rank][index]] = tensor
     return produced
 
 

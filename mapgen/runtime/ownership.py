@@ -12,6 +12,11 @@ from mapgen.runtime.context import ParallelContext
 from mapgen.runtime.plan import ParamPlan
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+# the expert index in a SequentialMLP (local) or grouped (te) expert parameter name
+_EXPERT = (
+    re.compile(r"(\.mlp\.experts\.local_experts\.)(\d+)(\.)"),
+    re.compile(r"(\.mlp\.experts\.linear_fc[12]\.[a-z_]+?)(\d+)()$"),
+)
 
 
 @dataclass(frozen=True)
@@ -45,9 +50,30 @@ def param_owner(plan: ParamPlan, layers: dict[int, tuple[Owner, int]], ctx: Para
     return Owner(ctx.pp.size - 1, ctx.vpp_size - 1)
 
 
-def local_name(plan: ParamPlan, layers: dict[int, tuple[Owner, int]]) -> str:
-    """The parameter's name inside the model chunk that owns it."""
+def experts_per_rank(num_experts: int, ctx: ParallelContext) -> int:
+    if num_experts % ctx.ep.size:
+        raise ValueError(f"{num_experts} experts do not split over expert-parallel size {ctx.ep.size}")
+    return num_experts // ctx.ep.size
+
+
+def expert_owner(plan: ParamPlan, per_rank: int) -> tuple[int, int]:
+    """(EP rank that holds the plan's expert, the expert's index on that rank); EP ranks hold
+    consecutive blocks of experts, as megatron-core's MoE layer assigns them."""
+    assert plan.expert is not None
+    return plan.expert // per_rank, plan.expert % per_rank
+
+
+def local_name(plan: ParamPlan, layers: dict[int, tuple[Owner, int]], per_rank: int = 0) -> str:
+    """The parameter's name inside the model chunk that owns it (local layer and expert index)."""
     if plan.layer is None:
         return plan.megatron_name
     index = layers[plan.layer][1]
-    return _LAYER.sub(f"decoder.layers.{index}.", plan.megatron_name, count=1)
+    name = _LAYER.sub(f"decoder.layers.{index}.", plan.megatron_name, count=1)
+    if plan.expert is None:
+        return name
+    local = expert_owner(plan, per_rank)[1]
+    for pattern in _EXPERT:
+        name, found = pattern.subn(rf"\g<1>{local}\g<3>", name, count=1)
+        if found:
+            return name
+    raise ValueError(f"{plan.megatron_name}: expert {plan.expert} is not in its name")
