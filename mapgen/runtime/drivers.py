@@ -207,7 +207,7 @@ class Converter:
         checkpoint: HFCheckpoint | None = None
         try:
             checkpoint = HFCheckpoint(hf_dir)
-            problems += _checkpoint_problems(module, checkpoint, placement.dtype)
+            problems += _checkpoint_problems(module, checkpoint, placement)
         except Exception as exc:  # noqa: BLE001 - reported on every rank below
             problems.append(str(exc))
         agree_or_raise(self._problems + problems, f"cannot load {hf_dir} into {module.TARGET}")
@@ -264,10 +264,15 @@ def load_hf_checkpoint(
     return Converter(module, chunks, ctx).load(hf_dir)
 
 
-def _checkpoint_problems(module: Module, checkpoint: HFCheckpoint, dtype: torch.dtype) -> list[str]:
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+
+
+def _checkpoint_problems(module: Module, checkpoint: HFCheckpoint, placement: Placement) -> list[str]:
+    """Names, shapes, file integrity, and the dtype of each tensor this rank loads against the
+    tensor it loads into (an FP8 block-quantized weight is dequantized, so any model dtype)."""
     problems: list[str] = []
-    expected_dtype = str(dtype).removeprefix("torch.")
-    safetensors_names = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+    plans = {p.megatron_name: p for p in module.PARAMS}
+    into = {n: t.dtype for name, t in placement.local.items() for n in plans[name].hf_names}
     for tensor in module.HF_TENSORS:
         if tensor.name not in checkpoint:
             problems.append(f"missing tensor '{tensor.name}'")
@@ -277,9 +282,12 @@ def _checkpoint_problems(module: Module, checkpoint: HFCheckpoint, dtype: torch.
             problems.append(
                 f"tensor '{tensor.name}' has shape {list(shape)}, {module.TARGET} expects {list(tensor.shape)}"
             )
-        stored = checkpoint.dtype(tensor.name)
-        if stored != safetensors_names.get(expected_dtype, stored):
-            problems.append(f"tensor '{tensor.name}' is {stored}, the model is {expected_dtype}")
+        stored, expected = checkpoint.dtype(tensor.name), into.get(tensor.name)
+        if expected is None or checkpoint.quantized(tensor.name):
+            continue
+        if stored != _SAFETENSORS_DTYPES.get(expected, stored):
+            model_dtype = str(expected).removeprefix("torch.")
+            problems.append(f"tensor '{tensor.name}' is {stored}, the model is {model_dtype}")
     unknown = sorted(set(checkpoint.names()) - {t.name for t in module.HF_TENSORS})
     if unknown:
         problems.append(
