@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Final
 
-import torch
+from torch import Tensor
 
 from mapgen import runtime as rt
 from mapgen.dims import ModelDims
@@ -47,55 +47,75 @@ DIMS: Final = ModelDims(
     rope_scaling_high_freq_factor=4.0,
     rope_scaling_original_max_position_embeddings=8192,
     params_dtype="bfloat16",
+    rope_beta_fast=32.0,
+    rope_beta_slow=1.0,
+    rope_mscale=1.0,
+    rope_mscale_all_dim=0.0,
+    num_moe_experts=None,
+    moe_ffn_hidden_size=None,
+    moe_router_topk=2,
+    moe_dense_layers=0,
+    moe_shared_expert_intermediate_size=None,
+    moe_shared_expert_gate=False,
+    moe_router_score_function="softmax",
+    moe_router_pre_softmax=False,
+    moe_router_enable_expert_bias=False,
+    moe_router_topk_scaling_factor=None,
+    moe_router_num_groups=None,
+    moe_router_group_topk=None,
+    multi_latent_attention=False,
+    q_lora_rank=None,
+    kv_lora_rank=0,
+    qk_head_dim=0,
+    qk_pos_emb_head_dim=0,
+    v_head_dim=0,
 )
 
 
 def import_embedding_word_embeddings_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """embedding.word_embeddings.weight <- model.embed_tokens.weight: auto -> column, specs/llama.yaml:29."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> column: specs/llama.yaml:29."""
     return rt.column_import(ctx.tp, load("model.embed_tokens.weight"), out=out)
 
 
-def export_embedding_word_embeddings_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """embedding.word_embeddings.weight <- model.embed_tokens.weight: auto -> column, specs/llama.yaml:29."""
+def export_embedding_word_embeddings_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> column: specs/llama.yaml:29."""
     return {"model.embed_tokens.weight": rt.column_export(parts)}
 
 
 def import_decoder_layers_0_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.0.self_attention.linear_qkv.layer_norm_weight <- model.layers.0.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:32."""
     return rt.whole_import(load("model.layers.0.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_0_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.0.self_attention.linear_qkv.layer_norm_weight <- model.layers.0.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:32."""
     return {"model.layers.0.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_0_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.0.self_attention.linear_proj.weight <- model.layers.0.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:42."""
     return rt.row_import(ctx.tp, load("model.layers.0.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_0_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.0.self_attention.linear_proj.weight <- model.layers.0.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:42."""
     return {"model.layers.0.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_0_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.0.self_attention.linear_qkv.weight <- model.layers.0.self_attn.q_proj.weight, model.layers.0.self_attn.k_proj.weight, model.layers.0.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/llama.yaml:35."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.0.self_attn.q_proj.weight"),
@@ -109,35 +129,39 @@ def import_decoder_layers_0_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_0_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.0.self_attention.linear_qkv.weight <- model.layers.0.self_attn.q_proj.weight, model.layers.0.self_attn.k_proj.weight, model.layers.0.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
-    return {
-        "model.layers.0.self_attn.q_proj.weight": q,
-        "model.layers.0.self_attn.k_proj.weight": k,
-        "model.layers.0.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/llama.yaml:35."""
+    return dict(
+        zip(
+            (
+                "model.layers.0.self_attn.q_proj.weight",
+                "model.layers.0.self_attn.k_proj.weight",
+                "model.layers.0.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=64, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_0_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.0.mlp.linear_fc1.layer_norm_weight <- model.layers.0.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:45."""
     return rt.whole_import(load("model.layers.0.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_0_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.0.mlp.linear_fc1.layer_norm_weight <- model.layers.0.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:45."""
     return {"model.layers.0.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_0_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.0.mlp.linear_fc1.weight <- model.layers.0.mlp.gate_proj.weight, model.layers.0.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.0.mlp.gate_proj.weight"),
@@ -146,60 +170,60 @@ def import_decoder_layers_0_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_0_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.0.mlp.linear_fc1.weight <- model.layers.0.mlp.gate_proj.weight, model.layers.0.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.0.mlp.gate_proj.weight": gate, "model.layers.0.mlp.up_proj.weight": up}
+def export_decoder_layers_0_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/llama.yaml:48."""
+    return dict(
+        zip(
+            ("model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_0_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.0.mlp.linear_fc2.weight <- model.layers.0.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:51."""
     return rt.row_import(ctx.tp, load("model.layers.0.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_0_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.0.mlp.linear_fc2.weight <- model.layers.0.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+def export_decoder_layers_0_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:51."""
     return {"model.layers.0.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_1_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.1.self_attention.linear_qkv.layer_norm_weight <- model.layers.1.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:32."""
     return rt.whole_import(load("model.layers.1.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_1_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.1.self_attention.linear_qkv.layer_norm_weight <- model.layers.1.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:32."""
     return {"model.layers.1.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_1_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.1.self_attention.linear_proj.weight <- model.layers.1.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:42."""
     return rt.row_import(ctx.tp, load("model.layers.1.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_1_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.1.self_attention.linear_proj.weight <- model.layers.1.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:42."""
     return {"model.layers.1.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_1_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.1.self_attention.linear_qkv.weight <- model.layers.1.self_attn.q_proj.weight, model.layers.1.self_attn.k_proj.weight, model.layers.1.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/llama.yaml:35."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.1.self_attn.q_proj.weight"),
@@ -213,35 +237,39 @@ def import_decoder_layers_1_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_1_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.1.self_attention.linear_qkv.weight <- model.layers.1.self_attn.q_proj.weight, model.layers.1.self_attn.k_proj.weight, model.layers.1.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
-    return {
-        "model.layers.1.self_attn.q_proj.weight": q,
-        "model.layers.1.self_attn.k_proj.weight": k,
-        "model.layers.1.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/llama.yaml:35."""
+    return dict(
+        zip(
+            (
+                "model.layers.1.self_attn.q_proj.weight",
+                "model.layers.1.self_attn.k_proj.weight",
+                "model.layers.1.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=64, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_1_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.1.mlp.linear_fc1.layer_norm_weight <- model.layers.1.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:45."""
     return rt.whole_import(load("model.layers.1.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_1_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.1.mlp.linear_fc1.layer_norm_weight <- model.layers.1.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:45."""
     return {"model.layers.1.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_1_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.1.mlp.linear_fc1.weight <- model.layers.1.mlp.gate_proj.weight, model.layers.1.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.1.mlp.gate_proj.weight"),
@@ -250,60 +278,60 @@ def import_decoder_layers_1_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_1_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.1.mlp.linear_fc1.weight <- model.layers.1.mlp.gate_proj.weight, model.layers.1.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.1.mlp.gate_proj.weight": gate, "model.layers.1.mlp.up_proj.weight": up}
+def export_decoder_layers_1_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/llama.yaml:48."""
+    return dict(
+        zip(
+            ("model.layers.1.mlp.gate_proj.weight", "model.layers.1.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_1_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.1.mlp.linear_fc2.weight <- model.layers.1.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:51."""
     return rt.row_import(ctx.tp, load("model.layers.1.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_1_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.1.mlp.linear_fc2.weight <- model.layers.1.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+def export_decoder_layers_1_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:51."""
     return {"model.layers.1.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_2_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.2.self_attention.linear_qkv.layer_norm_weight <- model.layers.2.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:32."""
     return rt.whole_import(load("model.layers.2.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_2_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.2.self_attention.linear_qkv.layer_norm_weight <- model.layers.2.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:32."""
     return {"model.layers.2.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_2_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.2.self_attention.linear_proj.weight <- model.layers.2.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:42."""
     return rt.row_import(ctx.tp, load("model.layers.2.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_2_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.2.self_attention.linear_proj.weight <- model.layers.2.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:42."""
     return {"model.layers.2.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_2_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.2.self_attention.linear_qkv.weight <- model.layers.2.self_attn.q_proj.weight, model.layers.2.self_attn.k_proj.weight, model.layers.2.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/llama.yaml:35."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.2.self_attn.q_proj.weight"),
@@ -317,35 +345,39 @@ def import_decoder_layers_2_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_2_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.2.self_attention.linear_qkv.weight <- model.layers.2.self_attn.q_proj.weight, model.layers.2.self_attn.k_proj.weight, model.layers.2.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
-    return {
-        "model.layers.2.self_attn.q_proj.weight": q,
-        "model.layers.2.self_attn.k_proj.weight": k,
-        "model.layers.2.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/llama.yaml:35."""
+    return dict(
+        zip(
+            (
+                "model.layers.2.self_attn.q_proj.weight",
+                "model.layers.2.self_attn.k_proj.weight",
+                "model.layers.2.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=64, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_2_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.2.mlp.linear_fc1.layer_norm_weight <- model.layers.2.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:45."""
     return rt.whole_import(load("model.layers.2.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_2_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.2.mlp.linear_fc1.layer_norm_weight <- model.layers.2.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:45."""
     return {"model.layers.2.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_2_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.2.mlp.linear_fc1.weight <- model.layers.2.mlp.gate_proj.weight, model.layers.2.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.2.mlp.gate_proj.weight"),
@@ -354,60 +386,60 @@ def import_decoder_layers_2_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_2_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.2.mlp.linear_fc1.weight <- model.layers.2.mlp.gate_proj.weight, model.layers.2.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.2.mlp.gate_proj.weight": gate, "model.layers.2.mlp.up_proj.weight": up}
+def export_decoder_layers_2_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/llama.yaml:48."""
+    return dict(
+        zip(
+            ("model.layers.2.mlp.gate_proj.weight", "model.layers.2.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_2_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.2.mlp.linear_fc2.weight <- model.layers.2.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:51."""
     return rt.row_import(ctx.tp, load("model.layers.2.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_2_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.2.mlp.linear_fc2.weight <- model.layers.2.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+def export_decoder_layers_2_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:51."""
     return {"model.layers.2.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_3_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.3.self_attention.linear_qkv.layer_norm_weight <- model.layers.3.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:32."""
     return rt.whole_import(load("model.layers.3.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_3_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.3.self_attention.linear_qkv.layer_norm_weight <- model.layers.3.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:32."""
     return {"model.layers.3.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_3_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.3.self_attention.linear_proj.weight <- model.layers.3.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:42."""
     return rt.row_import(ctx.tp, load("model.layers.3.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_3_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.3.self_attention.linear_proj.weight <- model.layers.3.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:42."""
     return {"model.layers.3.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_3_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.3.self_attention.linear_qkv.weight <- model.layers.3.self_attn.q_proj.weight, model.layers.3.self_attn.k_proj.weight, model.layers.3.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/llama.yaml:35."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.3.self_attn.q_proj.weight"),
@@ -421,35 +453,39 @@ def import_decoder_layers_3_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_3_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.3.self_attention.linear_qkv.weight <- model.layers.3.self_attn.q_proj.weight, model.layers.3.self_attn.k_proj.weight, model.layers.3.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
-    return {
-        "model.layers.3.self_attn.q_proj.weight": q,
-        "model.layers.3.self_attn.k_proj.weight": k,
-        "model.layers.3.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/llama.yaml:35."""
+    return dict(
+        zip(
+            (
+                "model.layers.3.self_attn.q_proj.weight",
+                "model.layers.3.self_attn.k_proj.weight",
+                "model.layers.3.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=64, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_3_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.3.mlp.linear_fc1.layer_norm_weight <- model.layers.3.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:45."""
     return rt.whole_import(load("model.layers.3.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_3_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.3.mlp.linear_fc1.layer_norm_weight <- model.layers.3.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:45."""
     return {"model.layers.3.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_3_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.3.mlp.linear_fc1.weight <- model.layers.3.mlp.gate_proj.weight, model.layers.3.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.3.mlp.gate_proj.weight"),
@@ -458,60 +494,60 @@ def import_decoder_layers_3_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_3_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.3.mlp.linear_fc1.weight <- model.layers.3.mlp.gate_proj.weight, model.layers.3.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.3.mlp.gate_proj.weight": gate, "model.layers.3.mlp.up_proj.weight": up}
+def export_decoder_layers_3_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/llama.yaml:48."""
+    return dict(
+        zip(
+            ("model.layers.3.mlp.gate_proj.weight", "model.layers.3.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_3_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.3.mlp.linear_fc2.weight <- model.layers.3.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:51."""
     return rt.row_import(ctx.tp, load("model.layers.3.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_3_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.3.mlp.linear_fc2.weight <- model.layers.3.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+def export_decoder_layers_3_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:51."""
     return {"model.layers.3.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_4_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.4.self_attention.linear_qkv.layer_norm_weight <- model.layers.4.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:32."""
     return rt.whole_import(load("model.layers.4.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_4_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.4.self_attention.linear_qkv.layer_norm_weight <- model.layers.4.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:32."""
     return {"model.layers.4.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_4_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.4.self_attention.linear_proj.weight <- model.layers.4.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:42."""
     return rt.row_import(ctx.tp, load("model.layers.4.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_4_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.4.self_attention.linear_proj.weight <- model.layers.4.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:42."""
     return {"model.layers.4.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_4_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.4.self_attention.linear_qkv.weight <- model.layers.4.self_attn.q_proj.weight, model.layers.4.self_attn.k_proj.weight, model.layers.4.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/llama.yaml:35."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.4.self_attn.q_proj.weight"),
@@ -525,35 +561,39 @@ def import_decoder_layers_4_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_4_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.4.self_attention.linear_qkv.weight <- model.layers.4.self_attn.q_proj.weight, model.layers.4.self_attn.k_proj.weight, model.layers.4.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
-    return {
-        "model.layers.4.self_attn.q_proj.weight": q,
-        "model.layers.4.self_attn.k_proj.weight": k,
-        "model.layers.4.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/llama.yaml:35."""
+    return dict(
+        zip(
+            (
+                "model.layers.4.self_attn.q_proj.weight",
+                "model.layers.4.self_attn.k_proj.weight",
+                "model.layers.4.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=64, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_4_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.4.mlp.linear_fc1.layer_norm_weight <- model.layers.4.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:45."""
     return rt.whole_import(load("model.layers.4.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_4_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.4.mlp.linear_fc1.layer_norm_weight <- model.layers.4.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:45."""
     return {"model.layers.4.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_4_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.4.mlp.linear_fc1.weight <- model.layers.4.mlp.gate_proj.weight, model.layers.4.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.4.mlp.gate_proj.weight"),
@@ -562,60 +602,60 @@ def import_decoder_layers_4_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_4_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.4.mlp.linear_fc1.weight <- model.layers.4.mlp.gate_proj.weight, model.layers.4.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.4.mlp.gate_proj.weight": gate, "model.layers.4.mlp.up_proj.weight": up}
+def export_decoder_layers_4_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/llama.yaml:48."""
+    return dict(
+        zip(
+            ("model.layers.4.mlp.gate_proj.weight", "model.layers.4.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_4_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.4.mlp.linear_fc2.weight <- model.layers.4.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:51."""
     return rt.row_import(ctx.tp, load("model.layers.4.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_4_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.4.mlp.linear_fc2.weight <- model.layers.4.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+def export_decoder_layers_4_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:51."""
     return {"model.layers.4.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_5_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.5.self_attention.linear_qkv.layer_norm_weight <- model.layers.5.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:32."""
     return rt.whole_import(load("model.layers.5.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_5_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.5.self_attention.linear_qkv.layer_norm_weight <- model.layers.5.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:32."""
     return {"model.layers.5.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_5_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.5.self_attention.linear_proj.weight <- model.layers.5.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:42."""
     return rt.row_import(ctx.tp, load("model.layers.5.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_5_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.5.self_attention.linear_proj.weight <- model.layers.5.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:42."""
     return {"model.layers.5.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_5_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.5.self_attention.linear_qkv.weight <- model.layers.5.self_attn.q_proj.weight, model.layers.5.self_attn.k_proj.weight, model.layers.5.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/llama.yaml:35."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.5.self_attn.q_proj.weight"),
@@ -629,35 +669,39 @@ def import_decoder_layers_5_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_5_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.5.self_attention.linear_qkv.weight <- model.layers.5.self_attn.q_proj.weight, model.layers.5.self_attn.k_proj.weight, model.layers.5.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
-    return {
-        "model.layers.5.self_attn.q_proj.weight": q,
-        "model.layers.5.self_attn.k_proj.weight": k,
-        "model.layers.5.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/llama.yaml:35."""
+    return dict(
+        zip(
+            (
+                "model.layers.5.self_attn.q_proj.weight",
+                "model.layers.5.self_attn.k_proj.weight",
+                "model.layers.5.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=64, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_5_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.5.mlp.linear_fc1.layer_norm_weight <- model.layers.5.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:45."""
     return rt.whole_import(load("model.layers.5.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_5_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.5.mlp.linear_fc1.layer_norm_weight <- model.layers.5.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:45."""
     return {"model.layers.5.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_5_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.5.mlp.linear_fc1.weight <- model.layers.5.mlp.gate_proj.weight, model.layers.5.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.5.mlp.gate_proj.weight"),
@@ -666,60 +710,60 @@ def import_decoder_layers_5_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_5_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.5.mlp.linear_fc1.weight <- model.layers.5.mlp.gate_proj.weight, model.layers.5.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.5.mlp.gate_proj.weight": gate, "model.layers.5.mlp.up_proj.weight": up}
+def export_decoder_layers_5_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/llama.yaml:48."""
+    return dict(
+        zip(
+            ("model.layers.5.mlp.gate_proj.weight", "model.layers.5.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_5_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.5.mlp.linear_fc2.weight <- model.layers.5.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:51."""
     return rt.row_import(ctx.tp, load("model.layers.5.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_5_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.5.mlp.linear_fc2.weight <- model.layers.5.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+def export_decoder_layers_5_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:51."""
     return {"model.layers.5.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_6_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.6.self_attention.linear_qkv.layer_norm_weight <- model.layers.6.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:32."""
     return rt.whole_import(load("model.layers.6.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_6_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.6.self_attention.linear_qkv.layer_norm_weight <- model.layers.6.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:32."""
     return {"model.layers.6.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_6_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.6.self_attention.linear_proj.weight <- model.layers.6.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:42."""
     return rt.row_import(ctx.tp, load("model.layers.6.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_6_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.6.self_attention.linear_proj.weight <- model.layers.6.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:42."""
     return {"model.layers.6.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_6_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.6.self_attention.linear_qkv.weight <- model.layers.6.self_attn.q_proj.weight, model.layers.6.self_attn.k_proj.weight, model.layers.6.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/llama.yaml:35."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.6.self_attn.q_proj.weight"),
@@ -733,35 +777,39 @@ def import_decoder_layers_6_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_6_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.6.self_attention.linear_qkv.weight <- model.layers.6.self_attn.q_proj.weight, model.layers.6.self_attn.k_proj.weight, model.layers.6.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
-    return {
-        "model.layers.6.self_attn.q_proj.weight": q,
-        "model.layers.6.self_attn.k_proj.weight": k,
-        "model.layers.6.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/llama.yaml:35."""
+    return dict(
+        zip(
+            (
+                "model.layers.6.self_attn.q_proj.weight",
+                "model.layers.6.self_attn.k_proj.weight",
+                "model.layers.6.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=64, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_6_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.6.mlp.linear_fc1.layer_norm_weight <- model.layers.6.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:45."""
     return rt.whole_import(load("model.layers.6.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_6_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.6.mlp.linear_fc1.layer_norm_weight <- model.layers.6.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:45."""
     return {"model.layers.6.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_6_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.6.mlp.linear_fc1.weight <- model.layers.6.mlp.gate_proj.weight, model.layers.6.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.6.mlp.gate_proj.weight"),
@@ -770,60 +818,60 @@ def import_decoder_layers_6_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_6_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.6.mlp.linear_fc1.weight <- model.layers.6.mlp.gate_proj.weight, model.layers.6.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.6.mlp.gate_proj.weight": gate, "model.layers.6.mlp.up_proj.weight": up}
+def export_decoder_layers_6_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/llama.yaml:48."""
+    return dict(
+        zip(
+            ("model.layers.6.mlp.gate_proj.weight", "model.layers.6.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_6_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.6.mlp.linear_fc2.weight <- model.layers.6.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:51."""
     return rt.row_import(ctx.tp, load("model.layers.6.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_6_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.6.mlp.linear_fc2.weight <- model.layers.6.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+def export_decoder_layers_6_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:51."""
     return {"model.layers.6.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_7_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.7.self_attention.linear_qkv.layer_norm_weight <- model.layers.7.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:32."""
     return rt.whole_import(load("model.layers.7.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_7_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.7.self_attention.linear_qkv.layer_norm_weight <- model.layers.7.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:32."""
     return {"model.layers.7.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_7_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.7.self_attention.linear_proj.weight <- model.layers.7.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:42."""
     return rt.row_import(ctx.tp, load("model.layers.7.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_7_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.7.self_attention.linear_proj.weight <- model.layers.7.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:42."""
     return {"model.layers.7.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_7_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.7.self_attention.linear_qkv.weight <- model.layers.7.self_attn.q_proj.weight, model.layers.7.self_attn.k_proj.weight, model.layers.7.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/llama.yaml:35."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.7.self_attn.q_proj.weight"),
@@ -837,35 +885,39 @@ def import_decoder_layers_7_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_7_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.7.self_attention.linear_qkv.weight <- model.layers.7.self_attn.q_proj.weight, model.layers.7.self_attn.k_proj.weight, model.layers.7.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
-    return {
-        "model.layers.7.self_attn.q_proj.weight": q,
-        "model.layers.7.self_attn.k_proj.weight": k,
-        "model.layers.7.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/llama.yaml:35."""
+    return dict(
+        zip(
+            (
+                "model.layers.7.self_attn.q_proj.weight",
+                "model.layers.7.self_attn.k_proj.weight",
+                "model.layers.7.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=64, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_7_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.7.mlp.linear_fc1.layer_norm_weight <- model.layers.7.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:45."""
     return rt.whole_import(load("model.layers.7.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_7_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.7.mlp.linear_fc1.layer_norm_weight <- model.layers.7.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:45."""
     return {"model.layers.7.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_7_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.7.mlp.linear_fc1.weight <- model.layers.7.mlp.gate_proj.weight, model.layers.7.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.7.mlp.gate_proj.weight"),
@@ -874,60 +926,60 @@ def import_decoder_layers_7_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_7_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.7.mlp.linear_fc1.weight <- model.layers.7.mlp.gate_proj.weight, model.layers.7.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.7.mlp.gate_proj.weight": gate, "model.layers.7.mlp.up_proj.weight": up}
+def export_decoder_layers_7_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/llama.yaml:48."""
+    return dict(
+        zip(
+            ("model.layers.7.mlp.gate_proj.weight", "model.layers.7.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_7_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.7.mlp.linear_fc2.weight <- model.layers.7.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:51."""
     return rt.row_import(ctx.tp, load("model.layers.7.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_7_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.7.mlp.linear_fc2.weight <- model.layers.7.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+def export_decoder_layers_7_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:51."""
     return {"model.layers.7.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_8_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.8.self_attention.linear_qkv.layer_norm_weight <- model.layers.8.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:32."""
     return rt.whole_import(load("model.layers.8.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_8_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.8.self_attention.linear_qkv.layer_norm_weight <- model.layers.8.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:32."""
     return {"model.layers.8.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_8_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.8.self_attention.linear_proj.weight <- model.layers.8.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:42."""
     return rt.row_import(ctx.tp, load("model.layers.8.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_8_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.8.self_attention.linear_proj.weight <- model.layers.8.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:42."""
     return {"model.layers.8.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_8_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.8.self_attention.linear_qkv.weight <- model.layers.8.self_attn.q_proj.weight, model.layers.8.self_attn.k_proj.weight, model.layers.8.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/llama.yaml:35."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.8.self_attn.q_proj.weight"),
@@ -941,35 +993,39 @@ def import_decoder_layers_8_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_8_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.8.self_attention.linear_qkv.weight <- model.layers.8.self_attn.q_proj.weight, model.layers.8.self_attn.k_proj.weight, model.layers.8.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
-    return {
-        "model.layers.8.self_attn.q_proj.weight": q,
-        "model.layers.8.self_attn.k_proj.weight": k,
-        "model.layers.8.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/llama.yaml:35."""
+    return dict(
+        zip(
+            (
+                "model.layers.8.self_attn.q_proj.weight",
+                "model.layers.8.self_attn.k_proj.weight",
+                "model.layers.8.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=64, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_8_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.8.mlp.linear_fc1.layer_norm_weight <- model.layers.8.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:45."""
     return rt.whole_import(load("model.layers.8.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_8_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.8.mlp.linear_fc1.layer_norm_weight <- model.layers.8.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:45."""
     return {"model.layers.8.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_8_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.8.mlp.linear_fc1.weight <- model.layers.8.mlp.gate_proj.weight, model.layers.8.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.8.mlp.gate_proj.weight"),
@@ -978,60 +1034,60 @@ def import_decoder_layers_8_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_8_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.8.mlp.linear_fc1.weight <- model.layers.8.mlp.gate_proj.weight, model.layers.8.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.8.mlp.gate_proj.weight": gate, "model.layers.8.mlp.up_proj.weight": up}
+def export_decoder_layers_8_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/llama.yaml:48."""
+    return dict(
+        zip(
+            ("model.layers.8.mlp.gate_proj.weight", "model.layers.8.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_8_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.8.mlp.linear_fc2.weight <- model.layers.8.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:51."""
     return rt.row_import(ctx.tp, load("model.layers.8.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_8_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.8.mlp.linear_fc2.weight <- model.layers.8.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+def export_decoder_layers_8_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:51."""
     return {"model.layers.8.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_9_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.9.self_attention.linear_qkv.layer_norm_weight <- model.layers.9.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:32."""
     return rt.whole_import(load("model.layers.9.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_9_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.9.self_attention.linear_qkv.layer_norm_weight <- model.layers.9.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:32."""
     return {"model.layers.9.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_9_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.9.self_attention.linear_proj.weight <- model.layers.9.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:42."""
     return rt.row_import(ctx.tp, load("model.layers.9.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_9_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.9.self_attention.linear_proj.weight <- model.layers.9.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:42."""
     return {"model.layers.9.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_9_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.9.self_attention.linear_qkv.weight <- model.layers.9.self_attn.q_proj.weight, model.layers.9.self_attn.k_proj.weight, model.layers.9.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/llama.yaml:35."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.9.self_attn.q_proj.weight"),
@@ -1045,35 +1101,39 @@ def import_decoder_layers_9_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_9_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.9.self_attention.linear_qkv.weight <- model.layers.9.self_attn.q_proj.weight, model.layers.9.self_attn.k_proj.weight, model.layers.9.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
-    return {
-        "model.layers.9.self_attn.q_proj.weight": q,
-        "model.layers.9.self_attn.k_proj.weight": k,
-        "model.layers.9.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/llama.yaml:35."""
+    return dict(
+        zip(
+            (
+                "model.layers.9.self_attn.q_proj.weight",
+                "model.layers.9.self_attn.k_proj.weight",
+                "model.layers.9.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=64, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_9_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.9.mlp.linear_fc1.layer_norm_weight <- model.layers.9.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:45."""
     return rt.whole_import(load("model.layers.9.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_9_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.9.mlp.linear_fc1.layer_norm_weight <- model.layers.9.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:45."""
     return {"model.layers.9.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_9_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.9.mlp.linear_fc1.weight <- model.layers.9.mlp.gate_proj.weight, model.layers.9.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.9.mlp.gate_proj.weight"),
@@ -1082,60 +1142,60 @@ def import_decoder_layers_9_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_9_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.9.mlp.linear_fc1.weight <- model.layers.9.mlp.gate_proj.weight, model.layers.9.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.9.mlp.gate_proj.weight": gate, "model.layers.9.mlp.up_proj.weight": up}
+def export_decoder_layers_9_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/llama.yaml:48."""
+    return dict(
+        zip(
+            ("model.layers.9.mlp.gate_proj.weight", "model.layers.9.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_9_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.9.mlp.linear_fc2.weight <- model.layers.9.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:51."""
     return rt.row_import(ctx.tp, load("model.layers.9.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_9_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.9.mlp.linear_fc2.weight <- model.layers.9.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+def export_decoder_layers_9_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:51."""
     return {"model.layers.9.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_10_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.10.self_attention.linear_qkv.layer_norm_weight <- model.layers.10.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:32."""
     return rt.whole_import(load("model.layers.10.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_10_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.10.self_attention.linear_qkv.layer_norm_weight <- model.layers.10.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:32."""
     return {"model.layers.10.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_10_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.10.self_attention.linear_proj.weight <- model.layers.10.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:42."""
     return rt.row_import(ctx.tp, load("model.layers.10.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_10_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.10.self_attention.linear_proj.weight <- model.layers.10.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:42."""
     return {"model.layers.10.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_10_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.10.self_attention.linear_qkv.weight <- model.layers.10.self_attn.q_proj.weight, model.layers.10.self_attn.k_proj.weight, model.layers.10.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/llama.yaml:35."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.10.self_attn.q_proj.weight"),
@@ -1149,35 +1209,39 @@ def import_decoder_layers_10_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_10_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.10.self_attention.linear_qkv.weight <- model.layers.10.self_attn.q_proj.weight, model.layers.10.self_attn.k_proj.weight, model.layers.10.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
-    return {
-        "model.layers.10.self_attn.q_proj.weight": q,
-        "model.layers.10.self_attn.k_proj.weight": k,
-        "model.layers.10.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/llama.yaml:35."""
+    return dict(
+        zip(
+            (
+                "model.layers.10.self_attn.q_proj.weight",
+                "model.layers.10.self_attn.k_proj.weight",
+                "model.layers.10.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=64, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_10_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.10.mlp.linear_fc1.layer_norm_weight <- model.layers.10.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:45."""
     return rt.whole_import(load("model.layers.10.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_10_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.10.mlp.linear_fc1.layer_norm_weight <- model.layers.10.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:45."""
     return {"model.layers.10.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_10_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.10.mlp.linear_fc1.weight <- model.layers.10.mlp.gate_proj.weight, model.layers.10.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.10.mlp.gate_proj.weight"),
@@ -1186,60 +1250,60 @@ def import_decoder_layers_10_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_10_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.10.mlp.linear_fc1.weight <- model.layers.10.mlp.gate_proj.weight, model.layers.10.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.10.mlp.gate_proj.weight": gate, "model.layers.10.mlp.up_proj.weight": up}
+def export_decoder_layers_10_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/llama.yaml:48."""
+    return dict(
+        zip(
+            ("model.layers.10.mlp.gate_proj.weight", "model.layers.10.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_10_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.10.mlp.linear_fc2.weight <- model.layers.10.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:51."""
     return rt.row_import(ctx.tp, load("model.layers.10.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_10_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.10.mlp.linear_fc2.weight <- model.layers.10.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+def export_decoder_layers_10_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:51."""
     return {"model.layers.10.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_11_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.11.self_attention.linear_qkv.layer_norm_weight <- model.layers.11.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:32."""
     return rt.whole_import(load("model.layers.11.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_11_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.11.self_attention.linear_qkv.layer_norm_weight <- model.layers.11.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:32."""
     return {"model.layers.11.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_11_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.11.self_attention.linear_proj.weight <- model.layers.11.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:42."""
     return rt.row_import(ctx.tp, load("model.layers.11.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_11_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.11.self_attention.linear_proj.weight <- model.layers.11.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:42."""
     return {"model.layers.11.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_11_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.11.self_attention.linear_qkv.weight <- model.layers.11.self_attn.q_proj.weight, model.layers.11.self_attn.k_proj.weight, model.layers.11.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/llama.yaml:35."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.11.self_attn.q_proj.weight"),
@@ -1253,35 +1317,39 @@ def import_decoder_layers_11_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_11_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.11.self_attention.linear_qkv.weight <- model.layers.11.self_attn.q_proj.weight, model.layers.11.self_attn.k_proj.weight, model.layers.11.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
-    return {
-        "model.layers.11.self_attn.q_proj.weight": q,
-        "model.layers.11.self_attn.k_proj.weight": k,
-        "model.layers.11.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/llama.yaml:35."""
+    return dict(
+        zip(
+            (
+                "model.layers.11.self_attn.q_proj.weight",
+                "model.layers.11.self_attn.k_proj.weight",
+                "model.layers.11.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=64, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_11_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.11.mlp.linear_fc1.layer_norm_weight <- model.layers.11.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:45."""
     return rt.whole_import(load("model.layers.11.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_11_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.11.mlp.linear_fc1.layer_norm_weight <- model.layers.11.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:45."""
     return {"model.layers.11.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_11_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.11.mlp.linear_fc1.weight <- model.layers.11.mlp.gate_proj.weight, model.layers.11.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.11.mlp.gate_proj.weight"),
@@ -1290,60 +1358,60 @@ def import_decoder_layers_11_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_11_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.11.mlp.linear_fc1.weight <- model.layers.11.mlp.gate_proj.weight, model.layers.11.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.11.mlp.gate_proj.weight": gate, "model.layers.11.mlp.up_proj.weight": up}
+def export_decoder_layers_11_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/llama.yaml:48."""
+    return dict(
+        zip(
+            ("model.layers.11.mlp.gate_proj.weight", "model.layers.11.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_11_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.11.mlp.linear_fc2.weight <- model.layers.11.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:51."""
     return rt.row_import(ctx.tp, load("model.layers.11.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_11_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.11.mlp.linear_fc2.weight <- model.layers.11.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+def export_decoder_layers_11_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:51."""
     return {"model.layers.11.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_12_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.12.self_attention.linear_qkv.layer_norm_weight <- model.layers.12.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:32."""
     return rt.whole_import(load("model.layers.12.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_12_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.12.self_attention.linear_qkv.layer_norm_weight <- model.layers.12.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:32."""
     return {"model.layers.12.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_12_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.12.self_attention.linear_proj.weight <- model.layers.12.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:42."""
     return rt.row_import(ctx.tp, load("model.layers.12.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_12_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.12.self_attention.linear_proj.weight <- model.layers.12.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:42."""
     return {"model.layers.12.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_12_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.12.self_attention.linear_qkv.weight <- model.layers.12.self_attn.q_proj.weight, model.layers.12.self_attn.k_proj.weight, model.layers.12.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/llama.yaml:35."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.12.self_attn.q_proj.weight"),
@@ -1357,35 +1425,39 @@ def import_decoder_layers_12_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_12_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.12.self_attention.linear_qkv.weight <- model.layers.12.self_attn.q_proj.weight, model.layers.12.self_attn.k_proj.weight, model.layers.12.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
-    return {
-        "model.layers.12.self_attn.q_proj.weight": q,
-        "model.layers.12.self_attn.k_proj.weight": k,
-        "model.layers.12.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/llama.yaml:35."""
+    return dict(
+        zip(
+            (
+                "model.layers.12.self_attn.q_proj.weight",
+                "model.layers.12.self_attn.k_proj.weight",
+                "model.layers.12.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=64, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_12_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.12.mlp.linear_fc1.layer_norm_weight <- model.layers.12.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:45."""
     return rt.whole_import(load("model.layers.12.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_12_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.12.mlp.linear_fc1.layer_norm_weight <- model.layers.12.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:45."""
     return {"model.layers.12.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_12_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.12.mlp.linear_fc1.weight <- model.layers.12.mlp.gate_proj.weight, model.layers.12.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.12.mlp.gate_proj.weight"),
@@ -1394,60 +1466,60 @@ def import_decoder_layers_12_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_12_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.12.mlp.linear_fc1.weight <- model.layers.12.mlp.gate_proj.weight, model.layers.12.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.12.mlp.gate_proj.weight": gate, "model.layers.12.mlp.up_proj.weight": up}
+def export_decoder_layers_12_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/llama.yaml:48."""
+    return dict(
+        zip(
+            ("model.layers.12.mlp.gate_proj.weight", "model.layers.12.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_12_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.12.mlp.linear_fc2.weight <- model.layers.12.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:51."""
     return rt.row_import(ctx.tp, load("model.layers.12.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_12_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.12.mlp.linear_fc2.weight <- model.layers.12.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+def export_decoder_layers_12_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:51."""
     return {"model.layers.12.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_13_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.13.self_attention.linear_qkv.layer_norm_weight <- model.layers.13.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:32."""
     return rt.whole_import(load("model.layers.13.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_13_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.13.self_attention.linear_qkv.layer_norm_weight <- model.layers.13.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:32."""
     return {"model.layers.13.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_13_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.13.self_attention.linear_proj.weight <- model.layers.13.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:42."""
     return rt.row_import(ctx.tp, load("model.layers.13.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_13_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.13.self_attention.linear_proj.weight <- model.layers.13.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:42."""
     return {"model.layers.13.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_13_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.13.self_attention.linear_qkv.weight <- model.layers.13.self_attn.q_proj.weight, model.layers.13.self_attn.k_proj.weight, model.layers.13.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/llama.yaml:35."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.13.self_attn.q_proj.weight"),
@@ -1461,35 +1533,39 @@ def import_decoder_layers_13_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_13_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.13.self_attention.linear_qkv.weight <- model.layers.13.self_attn.q_proj.weight, model.layers.13.self_attn.k_proj.weight, model.layers.13.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
-    return {
-        "model.layers.13.self_attn.q_proj.weight": q,
-        "model.layers.13.self_attn.k_proj.weight": k,
-        "model.layers.13.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/llama.yaml:35."""
+    return dict(
+        zip(
+            (
+                "model.layers.13.self_attn.q_proj.weight",
+                "model.layers.13.self_attn.k_proj.weight",
+                "model.layers.13.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=64, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_13_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.13.mlp.linear_fc1.layer_norm_weight <- model.layers.13.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:45."""
     return rt.whole_import(load("model.layers.13.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_13_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.13.mlp.linear_fc1.layer_norm_weight <- model.layers.13.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:45."""
     return {"model.layers.13.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_13_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.13.mlp.linear_fc1.weight <- model.layers.13.mlp.gate_proj.weight, model.layers.13.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.13.mlp.gate_proj.weight"),
@@ -1498,60 +1574,60 @@ def import_decoder_layers_13_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_13_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.13.mlp.linear_fc1.weight <- model.layers.13.mlp.gate_proj.weight, model.layers.13.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.13.mlp.gate_proj.weight": gate, "model.layers.13.mlp.up_proj.weight": up}
+def export_decoder_layers_13_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/llama.yaml:48."""
+    return dict(
+        zip(
+            ("model.layers.13.mlp.gate_proj.weight", "model.layers.13.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_13_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.13.mlp.linear_fc2.weight <- model.layers.13.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:51."""
     return rt.row_import(ctx.tp, load("model.layers.13.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_13_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.13.mlp.linear_fc2.weight <- model.layers.13.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+def export_decoder_layers_13_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:51."""
     return {"model.layers.13.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_14_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.14.self_attention.linear_qkv.layer_norm_weight <- model.layers.14.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:32."""
     return rt.whole_import(load("model.layers.14.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_14_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.14.self_attention.linear_qkv.layer_norm_weight <- model.layers.14.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:32."""
     return {"model.layers.14.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_14_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.14.self_attention.linear_proj.weight <- model.layers.14.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:42."""
     return rt.row_import(ctx.tp, load("model.layers.14.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_14_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.14.self_attention.linear_proj.weight <- model.layers.14.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:42."""
     return {"model.layers.14.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_14_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.14.self_attention.linear_qkv.weight <- model.layers.14.self_attn.q_proj.weight, model.layers.14.self_attn.k_proj.weight, model.layers.14.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/llama.yaml:35."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.14.self_attn.q_proj.weight"),
@@ -1565,35 +1641,39 @@ def import_decoder_layers_14_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_14_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.14.self_attention.linear_qkv.weight <- model.layers.14.self_attn.q_proj.weight, model.layers.14.self_attn.k_proj.weight, model.layers.14.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
-    return {
-        "model.layers.14.self_attn.q_proj.weight": q,
-        "model.layers.14.self_attn.k_proj.weight": k,
-        "model.layers.14.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/llama.yaml:35."""
+    return dict(
+        zip(
+            (
+                "model.layers.14.self_attn.q_proj.weight",
+                "model.layers.14.self_attn.k_proj.weight",
+                "model.layers.14.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=64, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_14_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.14.mlp.linear_fc1.layer_norm_weight <- model.layers.14.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:45."""
     return rt.whole_import(load("model.layers.14.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_14_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.14.mlp.linear_fc1.layer_norm_weight <- model.layers.14.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:45."""
     return {"model.layers.14.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_14_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.14.mlp.linear_fc1.weight <- model.layers.14.mlp.gate_proj.weight, model.layers.14.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.14.mlp.gate_proj.weight"),
@@ -1602,60 +1682,60 @@ def import_decoder_layers_14_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_14_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.14.mlp.linear_fc1.weight <- model.layers.14.mlp.gate_proj.weight, model.layers.14.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.14.mlp.gate_proj.weight": gate, "model.layers.14.mlp.up_proj.weight": up}
+def export_decoder_layers_14_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/llama.yaml:48."""
+    return dict(
+        zip(
+            ("model.layers.14.mlp.gate_proj.weight", "model.layers.14.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_14_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.14.mlp.linear_fc2.weight <- model.layers.14.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:51."""
     return rt.row_import(ctx.tp, load("model.layers.14.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_14_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.14.mlp.linear_fc2.weight <- model.layers.14.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+def export_decoder_layers_14_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:51."""
     return {"model.layers.14.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_15_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.15.self_attention.linear_qkv.layer_norm_weight <- model.layers.15.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:32."""
     return rt.whole_import(load("model.layers.15.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_15_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.15.self_attention.linear_qkv.layer_norm_weight <- model.layers.15.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:32."""
     return {"model.layers.15.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_15_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.15.self_attention.linear_proj.weight <- model.layers.15.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:42."""
     return rt.row_import(ctx.tp, load("model.layers.15.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_15_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.15.self_attention.linear_proj.weight <- model.layers.15.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:42."""
     return {"model.layers.15.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_15_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.15.self_attention.linear_qkv.weight <- model.layers.15.self_attn.q_proj.weight, model.layers.15.self_attn.k_proj.weight, model.layers.15.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/llama.yaml:35."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.15.self_attn.q_proj.weight"),
@@ -1669,35 +1749,39 @@ def import_decoder_layers_15_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_15_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.15.self_attention.linear_qkv.weight <- model.layers.15.self_attn.q_proj.weight, model.layers.15.self_attn.k_proj.weight, model.layers.15.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
-    return {
-        "model.layers.15.self_attn.q_proj.weight": q,
-        "model.layers.15.self_attn.k_proj.weight": k,
-        "model.layers.15.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/llama.yaml:35."""
+    return dict(
+        zip(
+            (
+                "model.layers.15.self_attn.q_proj.weight",
+                "model.layers.15.self_attn.k_proj.weight",
+                "model.layers.15.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=64, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_15_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.15.mlp.linear_fc1.layer_norm_weight <- model.layers.15.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:45."""
     return rt.whole_import(load("model.layers.15.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_15_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.15.mlp.linear_fc1.layer_norm_weight <- model.layers.15.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:45."""
     return {"model.layers.15.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_15_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.15.mlp.linear_fc1.weight <- model.layers.15.mlp.gate_proj.weight, model.layers.15.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.15.mlp.gate_proj.weight"),
@@ -1706,60 +1790,60 @@ def import_decoder_layers_15_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_15_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.15.mlp.linear_fc1.weight <- model.layers.15.mlp.gate_proj.weight, model.layers.15.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.15.mlp.gate_proj.weight": gate, "model.layers.15.mlp.up_proj.weight": up}
+def export_decoder_layers_15_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/llama.yaml:48."""
+    return dict(
+        zip(
+            ("model.layers.15.mlp.gate_proj.weight", "model.layers.15.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_15_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.15.mlp.linear_fc2.weight <- model.layers.15.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:51."""
     return rt.row_import(ctx.tp, load("model.layers.15.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_15_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.15.mlp.linear_fc2.weight <- model.layers.15.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+def export_decoder_layers_15_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:51."""
     return {"model.layers.15.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_16_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.16.self_attention.linear_qkv.layer_norm_weight <- model.layers.16.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:32."""
     return rt.whole_import(load("model.layers.16.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_16_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.16.self_attention.linear_qkv.layer_norm_weight <- model.layers.16.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:32."""
     return {"model.layers.16.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_16_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.16.self_attention.linear_proj.weight <- model.layers.16.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:42."""
     return rt.row_import(ctx.tp, load("model.layers.16.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_16_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.16.self_attention.linear_proj.weight <- model.layers.16.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:42."""
     return {"model.layers.16.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_16_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.16.self_attention.linear_qkv.weight <- model.layers.16.self_attn.q_proj.weight, model.layers.16.self_attn.k_proj.weight, model.layers.16.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/llama.yaml:35."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.16.self_attn.q_proj.weight"),
@@ -1773,35 +1857,39 @@ def import_decoder_layers_16_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_16_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.16.self_attention.linear_qkv.weight <- model.layers.16.self_attn.q_proj.weight, model.layers.16.self_attn.k_proj.weight, model.layers.16.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
-    return {
-        "model.layers.16.self_attn.q_proj.weight": q,
-        "model.layers.16.self_attn.k_proj.weight": k,
-        "model.layers.16.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/llama.yaml:35."""
+    return dict(
+        zip(
+            (
+                "model.layers.16.self_attn.q_proj.weight",
+                "model.layers.16.self_attn.k_proj.weight",
+                "model.layers.16.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=64, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_16_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.16.mlp.linear_fc1.layer_norm_weight <- model.layers.16.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:45."""
     return rt.whole_import(load("model.layers.16.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_16_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.16.mlp.linear_fc1.layer_norm_weight <- model.layers.16.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:45."""
     return {"model.layers.16.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_16_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.16.mlp.linear_fc1.weight <- model.layers.16.mlp.gate_proj.weight, model.layers.16.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.16.mlp.gate_proj.weight"),
@@ -1810,60 +1898,60 @@ def import_decoder_layers_16_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_16_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.16.mlp.linear_fc1.weight <- model.layers.16.mlp.gate_proj.weight, model.layers.16.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.16.mlp.gate_proj.weight": gate, "model.layers.16.mlp.up_proj.weight": up}
+def export_decoder_layers_16_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/llama.yaml:48."""
+    return dict(
+        zip(
+            ("model.layers.16.mlp.gate_proj.weight", "model.layers.16.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_16_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.16.mlp.linear_fc2.weight <- model.layers.16.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:51."""
     return rt.row_import(ctx.tp, load("model.layers.16.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_16_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.16.mlp.linear_fc2.weight <- model.layers.16.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+def export_decoder_layers_16_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:51."""
     return {"model.layers.16.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_17_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.17.self_attention.linear_qkv.layer_norm_weight <- model.layers.17.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:32."""
     return rt.whole_import(load("model.layers.17.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_17_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.17.self_attention.linear_qkv.layer_norm_weight <- model.layers.17.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:32."""
     return {"model.layers.17.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_17_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.17.self_attention.linear_proj.weight <- model.layers.17.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:42."""
     return rt.row_import(ctx.tp, load("model.layers.17.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_17_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.17.self_attention.linear_proj.weight <- model.layers.17.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:42."""
     return {"model.layers.17.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_17_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.17.self_attention.linear_qkv.weight <- model.layers.17.self_attn.q_proj.weight, model.layers.17.self_attn.k_proj.weight, model.layers.17.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/llama.yaml:35."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.17.self_attn.q_proj.weight"),
@@ -1877,35 +1965,39 @@ def import_decoder_layers_17_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_17_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.17.self_attention.linear_qkv.weight <- model.layers.17.self_attn.q_proj.weight, model.layers.17.self_attn.k_proj.weight, model.layers.17.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
-    return {
-        "model.layers.17.self_attn.q_proj.weight": q,
-        "model.layers.17.self_attn.k_proj.weight": k,
-        "model.layers.17.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/llama.yaml:35."""
+    return dict(
+        zip(
+            (
+                "model.layers.17.self_attn.q_proj.weight",
+                "model.layers.17.self_attn.k_proj.weight",
+                "model.layers.17.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=64, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_17_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.17.mlp.linear_fc1.layer_norm_weight <- model.layers.17.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:45."""
     return rt.whole_import(load("model.layers.17.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_17_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.17.mlp.linear_fc1.layer_norm_weight <- model.layers.17.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:45."""
     return {"model.layers.17.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_17_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.17.mlp.linear_fc1.weight <- model.layers.17.mlp.gate_proj.weight, model.layers.17.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.17.mlp.gate_proj.weight"),
@@ -1914,60 +2006,60 @@ def import_decoder_layers_17_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_17_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.17.mlp.linear_fc1.weight <- model.layers.17.mlp.gate_proj.weight, model.layers.17.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.17.mlp.gate_proj.weight": gate, "model.layers.17.mlp.up_proj.weight": up}
+def export_decoder_layers_17_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/llama.yaml:48."""
+    return dict(
+        zip(
+            ("model.layers.17.mlp.gate_proj.weight", "model.layers.17.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_17_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.17.mlp.linear_fc2.weight <- model.layers.17.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:51."""
     return rt.row_import(ctx.tp, load("model.layers.17.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_17_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.17.mlp.linear_fc2.weight <- model.layers.17.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+def export_decoder_layers_17_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:51."""
     return {"model.layers.17.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_18_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.18.self_attention.linear_qkv.layer_norm_weight <- model.layers.18.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:32."""
     return rt.whole_import(load("model.layers.18.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_18_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.18.self_attention.linear_qkv.layer_norm_weight <- model.layers.18.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:32."""
     return {"model.layers.18.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_18_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.18.self_attention.linear_proj.weight <- model.layers.18.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:42."""
     return rt.row_import(ctx.tp, load("model.layers.18.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_18_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.18.self_attention.linear_proj.weight <- model.layers.18.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:42."""
     return {"model.layers.18.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_18_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.18.self_attention.linear_qkv.weight <- model.layers.18.self_attn.q_proj.weight, model.layers.18.self_attn.k_proj.weight, model.layers.18.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/llama.yaml:35."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.18.self_attn.q_proj.weight"),
@@ -1981,35 +2073,39 @@ def import_decoder_layers_18_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_18_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.18.self_attention.linear_qkv.weight <- model.layers.18.self_attn.q_proj.weight, model.layers.18.self_attn.k_proj.weight, model.layers.18.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
-    return {
-        "model.layers.18.self_attn.q_proj.weight": q,
-        "model.layers.18.self_attn.k_proj.weight": k,
-        "model.layers.18.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/llama.yaml:35."""
+    return dict(
+        zip(
+            (
+                "model.layers.18.self_attn.q_proj.weight",
+                "model.layers.18.self_attn.k_proj.weight",
+                "model.layers.18.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=64, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_18_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.18.mlp.linear_fc1.layer_norm_weight <- model.layers.18.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:45."""
     return rt.whole_import(load("model.layers.18.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_18_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.18.mlp.linear_fc1.layer_norm_weight <- model.layers.18.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:45."""
     return {"model.layers.18.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_18_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.18.mlp.linear_fc1.weight <- model.layers.18.mlp.gate_proj.weight, model.layers.18.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.18.mlp.gate_proj.weight"),
@@ -2018,60 +2114,60 @@ def import_decoder_layers_18_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_18_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.18.mlp.linear_fc1.weight <- model.layers.18.mlp.gate_proj.weight, model.layers.18.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.18.mlp.gate_proj.weight": gate, "model.layers.18.mlp.up_proj.weight": up}
+def export_decoder_layers_18_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/llama.yaml:48."""
+    return dict(
+        zip(
+            ("model.layers.18.mlp.gate_proj.weight", "model.layers.18.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_18_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.18.mlp.linear_fc2.weight <- model.layers.18.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:51."""
     return rt.row_import(ctx.tp, load("model.layers.18.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_18_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.18.mlp.linear_fc2.weight <- model.layers.18.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+def export_decoder_layers_18_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:51."""
     return {"model.layers.18.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_19_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.19.self_attention.linear_qkv.layer_norm_weight <- model.layers.19.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:32."""
     return rt.whole_import(load("model.layers.19.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_19_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.19.self_attention.linear_qkv.layer_norm_weight <- model.layers.19.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:32."""
     return {"model.layers.19.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_19_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.19.self_attention.linear_proj.weight <- model.layers.19.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:42."""
     return rt.row_import(ctx.tp, load("model.layers.19.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_19_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.19.self_attention.linear_proj.weight <- model.layers.19.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:42."""
     return {"model.layers.19.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_19_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.19.self_attention.linear_qkv.weight <- model.layers.19.self_attn.q_proj.weight, model.layers.19.self_attn.k_proj.weight, model.layers.19.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/llama.yaml:35."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.19.self_attn.q_proj.weight"),
@@ -2085,35 +2181,39 @@ def import_decoder_layers_19_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_19_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.19.self_attention.linear_qkv.weight <- model.layers.19.self_attn.q_proj.weight, model.layers.19.self_attn.k_proj.weight, model.layers.19.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
-    return {
-        "model.layers.19.self_attn.q_proj.weight": q,
-        "model.layers.19.self_attn.k_proj.weight": k,
-        "model.layers.19.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/llama.yaml:35."""
+    return dict(
+        zip(
+            (
+                "model.layers.19.self_attn.q_proj.weight",
+                "model.layers.19.self_attn.k_proj.weight",
+                "model.layers.19.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=64, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_19_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.19.mlp.linear_fc1.layer_norm_weight <- model.layers.19.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:45."""
     return rt.whole_import(load("model.layers.19.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_19_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.19.mlp.linear_fc1.layer_norm_weight <- model.layers.19.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:45."""
     return {"model.layers.19.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_19_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.19.mlp.linear_fc1.weight <- model.layers.19.mlp.gate_proj.weight, model.layers.19.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.19.mlp.gate_proj.weight"),
@@ -2122,60 +2222,60 @@ def import_decoder_layers_19_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_19_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.19.mlp.linear_fc1.weight <- model.layers.19.mlp.gate_proj.weight, model.layers.19.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.19.mlp.gate_proj.weight": gate, "model.layers.19.mlp.up_proj.weight": up}
+def export_decoder_layers_19_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/llama.yaml:48."""
+    return dict(
+        zip(
+            ("model.layers.19.mlp.gate_proj.weight", "model.layers.19.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_19_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.19.mlp.linear_fc2.weight <- model.layers.19.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:51."""
     return rt.row_import(ctx.tp, load("model.layers.19.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_19_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.19.mlp.linear_fc2.weight <- model.layers.19.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+def export_decoder_layers_19_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:51."""
     return {"model.layers.19.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_20_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.20.self_attention.linear_qkv.layer_norm_weight <- model.layers.20.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:32."""
     return rt.whole_import(load("model.layers.20.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_20_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.20.self_attention.linear_qkv.layer_norm_weight <- model.layers.20.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:32."""
     return {"model.layers.20.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_20_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.20.self_attention.linear_proj.weight <- model.layers.20.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:42."""
     return rt.row_import(ctx.tp, load("model.layers.20.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_20_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.20.self_attention.linear_proj.weight <- model.layers.20.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:42."""
     return {"model.layers.20.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_20_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.20.self_attention.linear_qkv.weight <- model.layers.20.self_attn.q_proj.weight, model.layers.20.self_attn.k_proj.weight, model.layers.20.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/llama.yaml:35."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.20.self_attn.q_proj.weight"),
@@ -2189,35 +2289,39 @@ def import_decoder_layers_20_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_20_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.20.self_attention.linear_qkv.weight <- model.layers.20.self_attn.q_proj.weight, model.layers.20.self_attn.k_proj.weight, model.layers.20.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
-    return {
-        "model.layers.20.self_attn.q_proj.weight": q,
-        "model.layers.20.self_attn.k_proj.weight": k,
-        "model.layers.20.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/llama.yaml:35."""
+    return dict(
+        zip(
+            (
+                "model.layers.20.self_attn.q_proj.weight",
+                "model.layers.20.self_attn.k_proj.weight",
+                "model.layers.20.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=64, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_20_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.20.mlp.linear_fc1.layer_norm_weight <- model.layers.20.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:45."""
     return rt.whole_import(load("model.layers.20.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_20_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.20.mlp.linear_fc1.layer_norm_weight <- model.layers.20.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:45."""
     return {"model.layers.20.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_20_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.20.mlp.linear_fc1.weight <- model.layers.20.mlp.gate_proj.weight, model.layers.20.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.20.mlp.gate_proj.weight"),
@@ -2226,60 +2330,60 @@ def import_decoder_layers_20_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_20_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.20.mlp.linear_fc1.weight <- model.layers.20.mlp.gate_proj.weight, model.layers.20.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.20.mlp.gate_proj.weight": gate, "model.layers.20.mlp.up_proj.weight": up}
+def export_decoder_layers_20_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/llama.yaml:48."""
+    return dict(
+        zip(
+            ("model.layers.20.mlp.gate_proj.weight", "model.layers.20.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_20_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.20.mlp.linear_fc2.weight <- model.layers.20.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:51."""
     return rt.row_import(ctx.tp, load("model.layers.20.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_20_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.20.mlp.linear_fc2.weight <- model.layers.20.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+def export_decoder_layers_20_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:51."""
     return {"model.layers.20.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_21_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.21.self_attention.linear_qkv.layer_norm_weight <- model.layers.21.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:32."""
     return rt.whole_import(load("model.layers.21.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_21_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.21.self_attention.linear_qkv.layer_norm_weight <- model.layers.21.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:32."""
     return {"model.layers.21.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_21_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.21.self_attention.linear_proj.weight <- model.layers.21.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:42."""
     return rt.row_import(ctx.tp, load("model.layers.21.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_21_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.21.self_attention.linear_proj.weight <- model.layers.21.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:42."""
     return {"model.layers.21.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_21_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.21.self_attention.linear_qkv.weight <- model.layers.21.self_attn.q_proj.weight, model.layers.21.self_attn.k_proj.weight, model.layers.21.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/llama.yaml:35."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.21.self_attn.q_proj.weight"),
@@ -2293,35 +2397,39 @@ def import_decoder_layers_21_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_21_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.21.self_attention.linear_qkv.weight <- model.layers.21.self_attn.q_proj.weight, model.layers.21.self_attn.k_proj.weight, model.layers.21.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
-    return {
-        "model.layers.21.self_attn.q_proj.weight": q,
-        "model.layers.21.self_attn.k_proj.weight": k,
-        "model.layers.21.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/llama.yaml:35."""
+    return dict(
+        zip(
+            (
+                "model.layers.21.self_attn.q_proj.weight",
+                "model.layers.21.self_attn.k_proj.weight",
+                "model.layers.21.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=64, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_21_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.21.mlp.linear_fc1.layer_norm_weight <- model.layers.21.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:45."""
     return rt.whole_import(load("model.layers.21.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_21_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.21.mlp.linear_fc1.layer_norm_weight <- model.layers.21.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:45."""
     return {"model.layers.21.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_21_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.21.mlp.linear_fc1.weight <- model.layers.21.mlp.gate_proj.weight, model.layers.21.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.21.mlp.gate_proj.weight"),
@@ -2330,60 +2438,60 @@ def import_decoder_layers_21_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_21_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.21.mlp.linear_fc1.weight <- model.layers.21.mlp.gate_proj.weight, model.layers.21.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.21.mlp.gate_proj.weight": gate, "model.layers.21.mlp.up_proj.weight": up}
+def export_decoder_layers_21_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/llama.yaml:48."""
+    return dict(
+        zip(
+            ("model.layers.21.mlp.gate_proj.weight", "model.layers.21.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_21_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.21.mlp.linear_fc2.weight <- model.layers.21.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:51."""
     return rt.row_import(ctx.tp, load("model.layers.21.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_21_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.21.mlp.linear_fc2.weight <- model.layers.21.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+def export_decoder_layers_21_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:51."""
     return {"model.layers.21.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_22_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.22.self_attention.linear_qkv.layer_norm_weight <- model.layers.22.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:32."""
     return rt.whole_import(load("model.layers.22.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_22_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.22.self_attention.linear_qkv.layer_norm_weight <- model.layers.22.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:32."""
     return {"model.layers.22.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_22_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.22.self_attention.linear_proj.weight <- model.layers.22.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:42."""
     return rt.row_import(ctx.tp, load("model.layers.22.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_22_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.22.self_attention.linear_proj.weight <- model.layers.22.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:42."""
     return {"model.layers.22.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_22_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.22.self_attention.linear_qkv.weight <- model.layers.22.self_attn.q_proj.weight, model.layers.22.self_attn.k_proj.weight, model.layers.22.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/llama.yaml:35."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.22.self_attn.q_proj.weight"),
@@ -2397,35 +2505,39 @@ def import_decoder_layers_22_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_22_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.22.self_attention.linear_qkv.weight <- model.layers.22.self_attn.q_proj.weight, model.layers.22.self_attn.k_proj.weight, model.layers.22.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
-    return {
-        "model.layers.22.self_attn.q_proj.weight": q,
-        "model.layers.22.self_attn.k_proj.weight": k,
-        "model.layers.22.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/llama.yaml:35."""
+    return dict(
+        zip(
+            (
+                "model.layers.22.self_attn.q_proj.weight",
+                "model.layers.22.self_attn.k_proj.weight",
+                "model.layers.22.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=64, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_22_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.22.mlp.linear_fc1.layer_norm_weight <- model.layers.22.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:45."""
     return rt.whole_import(load("model.layers.22.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_22_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.22.mlp.linear_fc1.layer_norm_weight <- model.layers.22.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:45."""
     return {"model.layers.22.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_22_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.22.mlp.linear_fc1.weight <- model.layers.22.mlp.gate_proj.weight, model.layers.22.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.22.mlp.gate_proj.weight"),
@@ -2434,60 +2546,60 @@ def import_decoder_layers_22_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_22_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.22.mlp.linear_fc1.weight <- model.layers.22.mlp.gate_proj.weight, model.layers.22.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.22.mlp.gate_proj.weight": gate, "model.layers.22.mlp.up_proj.weight": up}
+def export_decoder_layers_22_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/llama.yaml:48."""
+    return dict(
+        zip(
+            ("model.layers.22.mlp.gate_proj.weight", "model.layers.22.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_22_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.22.mlp.linear_fc2.weight <- model.layers.22.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:51."""
     return rt.row_import(ctx.tp, load("model.layers.22.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_22_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.22.mlp.linear_fc2.weight <- model.layers.22.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+def export_decoder_layers_22_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:51."""
     return {"model.layers.22.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_23_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.23.self_attention.linear_qkv.layer_norm_weight <- model.layers.23.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:32."""
     return rt.whole_import(load("model.layers.23.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_23_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.23.self_attention.linear_qkv.layer_norm_weight <- model.layers.23.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:32."""
     return {"model.layers.23.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_23_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.23.self_attention.linear_proj.weight <- model.layers.23.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:42."""
     return rt.row_import(ctx.tp, load("model.layers.23.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_23_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.23.self_attention.linear_proj.weight <- model.layers.23.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:42."""
     return {"model.layers.23.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_23_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.23.self_attention.linear_qkv.weight <- model.layers.23.self_attn.q_proj.weight, model.layers.23.self_attn.k_proj.weight, model.layers.23.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/llama.yaml:35."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.23.self_attn.q_proj.weight"),
@@ -2501,35 +2613,39 @@ def import_decoder_layers_23_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_23_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.23.self_attention.linear_qkv.weight <- model.layers.23.self_attn.q_proj.weight, model.layers.23.self_attn.k_proj.weight, model.layers.23.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
-    return {
-        "model.layers.23.self_attn.q_proj.weight": q,
-        "model.layers.23.self_attn.k_proj.weight": k,
-        "model.layers.23.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/llama.yaml:35."""
+    return dict(
+        zip(
+            (
+                "model.layers.23.self_attn.q_proj.weight",
+                "model.layers.23.self_attn.k_proj.weight",
+                "model.layers.23.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=64, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_23_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.23.mlp.linear_fc1.layer_norm_weight <- model.layers.23.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:45."""
     return rt.whole_import(load("model.layers.23.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_23_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.23.mlp.linear_fc1.layer_norm_weight <- model.layers.23.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:45."""
     return {"model.layers.23.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_23_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.23.mlp.linear_fc1.weight <- model.layers.23.mlp.gate_proj.weight, model.layers.23.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.23.mlp.gate_proj.weight"),
@@ -2538,60 +2654,60 @@ def import_decoder_layers_23_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_23_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.23.mlp.linear_fc1.weight <- model.layers.23.mlp.gate_proj.weight, model.layers.23.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.23.mlp.gate_proj.weight": gate, "model.layers.23.mlp.up_proj.weight": up}
+def export_decoder_layers_23_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/llama.yaml:48."""
+    return dict(
+        zip(
+            ("model.layers.23.mlp.gate_proj.weight", "model.layers.23.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_23_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.23.mlp.linear_fc2.weight <- model.layers.23.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:51."""
     return rt.row_import(ctx.tp, load("model.layers.23.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_23_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.23.mlp.linear_fc2.weight <- model.layers.23.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+def export_decoder_layers_23_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:51."""
     return {"model.layers.23.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_24_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.24.self_attention.linear_qkv.layer_norm_weight <- model.layers.24.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:32."""
     return rt.whole_import(load("model.layers.24.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_24_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.24.self_attention.linear_qkv.layer_norm_weight <- model.layers.24.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:32."""
     return {"model.layers.24.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_24_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.24.self_attention.linear_proj.weight <- model.layers.24.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:42."""
     return rt.row_import(ctx.tp, load("model.layers.24.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_24_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.24.self_attention.linear_proj.weight <- model.layers.24.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:42."""
     return {"model.layers.24.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_24_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.24.self_attention.linear_qkv.weight <- model.layers.24.self_attn.q_proj.weight, model.layers.24.self_attn.k_proj.weight, model.layers.24.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/llama.yaml:35."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.24.self_attn.q_proj.weight"),
@@ -2605,35 +2721,39 @@ def import_decoder_layers_24_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_24_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.24.self_attention.linear_qkv.weight <- model.layers.24.self_attn.q_proj.weight, model.layers.24.self_attn.k_proj.weight, model.layers.24.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
-    return {
-        "model.layers.24.self_attn.q_proj.weight": q,
-        "model.layers.24.self_attn.k_proj.weight": k,
-        "model.layers.24.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/llama.yaml:35."""
+    return dict(
+        zip(
+            (
+                "model.layers.24.self_attn.q_proj.weight",
+                "model.layers.24.self_attn.k_proj.weight",
+                "model.layers.24.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=64, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_24_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.24.mlp.linear_fc1.layer_norm_weight <- model.layers.24.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:45."""
     return rt.whole_import(load("model.layers.24.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_24_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.24.mlp.linear_fc1.layer_norm_weight <- model.layers.24.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:45."""
     return {"model.layers.24.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_24_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.24.mlp.linear_fc1.weight <- model.layers.24.mlp.gate_proj.weight, model.layers.24.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.24.mlp.gate_proj.weight"),
@@ -2642,60 +2762,60 @@ def import_decoder_layers_24_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_24_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.24.mlp.linear_fc1.weight <- model.layers.24.mlp.gate_proj.weight, model.layers.24.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.24.mlp.gate_proj.weight": gate, "model.layers.24.mlp.up_proj.weight": up}
+def export_decoder_layers_24_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/llama.yaml:48."""
+    return dict(
+        zip(
+            ("model.layers.24.mlp.gate_proj.weight", "model.layers.24.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_24_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.24.mlp.linear_fc2.weight <- model.layers.24.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:51."""
     return rt.row_import(ctx.tp, load("model.layers.24.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_24_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.24.mlp.linear_fc2.weight <- model.layers.24.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+def export_decoder_layers_24_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:51."""
     return {"model.layers.24.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_25_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.25.self_attention.linear_qkv.layer_norm_weight <- model.layers.25.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:32."""
     return rt.whole_import(load("model.layers.25.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_25_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.25.self_attention.linear_qkv.layer_norm_weight <- model.layers.25.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:32."""
     return {"model.layers.25.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_25_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.25.self_attention.linear_proj.weight <- model.layers.25.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:42."""
     return rt.row_import(ctx.tp, load("model.layers.25.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_25_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.25.self_attention.linear_proj.weight <- model.layers.25.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:42."""
     return {"model.layers.25.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_25_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.25.self_attention.linear_qkv.weight <- model.layers.25.self_attn.q_proj.weight, model.layers.25.self_attn.k_proj.weight, model.layers.25.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/llama.yaml:35."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.25.self_attn.q_proj.weight"),
@@ -2709,35 +2829,39 @@ def import_decoder_layers_25_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_25_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.25.self_attention.linear_qkv.weight <- model.layers.25.self_attn.q_proj.weight, model.layers.25.self_attn.k_proj.weight, model.layers.25.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
-    return {
-        "model.layers.25.self_attn.q_proj.weight": q,
-        "model.layers.25.self_attn.k_proj.weight": k,
-        "model.layers.25.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/llama.yaml:35."""
+    return dict(
+        zip(
+            (
+                "model.layers.25.self_attn.q_proj.weight",
+                "model.layers.25.self_attn.k_proj.weight",
+                "model.layers.25.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=64, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_25_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.25.mlp.linear_fc1.layer_norm_weight <- model.layers.25.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:45."""
     return rt.whole_import(load("model.layers.25.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_25_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.25.mlp.linear_fc1.layer_norm_weight <- model.layers.25.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:45."""
     return {"model.layers.25.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_25_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.25.mlp.linear_fc1.weight <- model.layers.25.mlp.gate_proj.weight, model.layers.25.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.25.mlp.gate_proj.weight"),
@@ -2746,60 +2870,60 @@ def import_decoder_layers_25_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_25_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.25.mlp.linear_fc1.weight <- model.layers.25.mlp.gate_proj.weight, model.layers.25.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.25.mlp.gate_proj.weight": gate, "model.layers.25.mlp.up_proj.weight": up}
+def export_decoder_layers_25_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/llama.yaml:48."""
+    return dict(
+        zip(
+            ("model.layers.25.mlp.gate_proj.weight", "model.layers.25.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_25_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.25.mlp.linear_fc2.weight <- model.layers.25.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:51."""
     return rt.row_import(ctx.tp, load("model.layers.25.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_25_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.25.mlp.linear_fc2.weight <- model.layers.25.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+def export_decoder_layers_25_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:51."""
     return {"model.layers.25.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_26_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.26.self_attention.linear_qkv.layer_norm_weight <- model.layers.26.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:32."""
     return rt.whole_import(load("model.layers.26.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_26_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.26.self_attention.linear_qkv.layer_norm_weight <- model.layers.26.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:32."""
     return {"model.layers.26.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_26_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.26.self_attention.linear_proj.weight <- model.layers.26.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:42."""
     return rt.row_import(ctx.tp, load("model.layers.26.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_26_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.26.self_attention.linear_proj.weight <- model.layers.26.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:42."""
     return {"model.layers.26.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_26_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.26.self_attention.linear_qkv.weight <- model.layers.26.self_attn.q_proj.weight, model.layers.26.self_attn.k_proj.weight, model.layers.26.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/llama.yaml:35."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.26.self_attn.q_proj.weight"),
@@ -2813,35 +2937,39 @@ def import_decoder_layers_26_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_26_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.26.self_attention.linear_qkv.weight <- model.layers.26.self_attn.q_proj.weight, model.layers.26.self_attn.k_proj.weight, model.layers.26.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
-    return {
-        "model.layers.26.self_attn.q_proj.weight": q,
-        "model.layers.26.self_attn.k_proj.weight": k,
-        "model.layers.26.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/llama.yaml:35."""
+    return dict(
+        zip(
+            (
+                "model.layers.26.self_attn.q_proj.weight",
+                "model.layers.26.self_attn.k_proj.weight",
+                "model.layers.26.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=64, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_26_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.26.mlp.linear_fc1.layer_norm_weight <- model.layers.26.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:45."""
     return rt.whole_import(load("model.layers.26.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_26_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.26.mlp.linear_fc1.layer_norm_weight <- model.layers.26.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:45."""
     return {"model.layers.26.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_26_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.26.mlp.linear_fc1.weight <- model.layers.26.mlp.gate_proj.weight, model.layers.26.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.26.mlp.gate_proj.weight"),
@@ -2850,60 +2978,60 @@ def import_decoder_layers_26_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_26_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.26.mlp.linear_fc1.weight <- model.layers.26.mlp.gate_proj.weight, model.layers.26.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.26.mlp.gate_proj.weight": gate, "model.layers.26.mlp.up_proj.weight": up}
+def export_decoder_layers_26_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/llama.yaml:48."""
+    return dict(
+        zip(
+            ("model.layers.26.mlp.gate_proj.weight", "model.layers.26.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_26_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.26.mlp.linear_fc2.weight <- model.layers.26.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:51."""
     return rt.row_import(ctx.tp, load("model.layers.26.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_26_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.26.mlp.linear_fc2.weight <- model.layers.26.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+def export_decoder_layers_26_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:51."""
     return {"model.layers.26.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_27_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.27.self_attention.linear_qkv.layer_norm_weight <- model.layers.27.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:32."""
     return rt.whole_import(load("model.layers.27.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_27_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.27.self_attention.linear_qkv.layer_norm_weight <- model.layers.27.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:32."""
     return {"model.layers.27.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_27_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.27.self_attention.linear_proj.weight <- model.layers.27.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:42."""
     return rt.row_import(ctx.tp, load("model.layers.27.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_27_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.27.self_attention.linear_proj.weight <- model.layers.27.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:42."""
     return {"model.layers.27.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_27_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.27.self_attention.linear_qkv.weight <- model.layers.27.self_attn.q_proj.weight, model.layers.27.self_attn.k_proj.weight, model.layers.27.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/llama.yaml:35."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.27.self_attn.q_proj.weight"),
@@ -2917,35 +3045,39 @@ def import_decoder_layers_27_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_27_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.27.self_attention.linear_qkv.weight <- model.layers.27.self_attn.q_proj.weight, model.layers.27.self_attn.k_proj.weight, model.layers.27.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
-    return {
-        "model.layers.27.self_attn.q_proj.weight": q,
-        "model.layers.27.self_attn.k_proj.weight": k,
-        "model.layers.27.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/llama.yaml:35."""
+    return dict(
+        zip(
+            (
+                "model.layers.27.self_attn.q_proj.weight",
+                "model.layers.27.self_attn.k_proj.weight",
+                "model.layers.27.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=64, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_27_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.27.mlp.linear_fc1.layer_norm_weight <- model.layers.27.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:45."""
     return rt.whole_import(load("model.layers.27.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_27_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.27.mlp.linear_fc1.layer_norm_weight <- model.layers.27.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:45."""
     return {"model.layers.27.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_27_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.27.mlp.linear_fc1.weight <- model.layers.27.mlp.gate_proj.weight, model.layers.27.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.27.mlp.gate_proj.weight"),
@@ -2954,60 +3086,60 @@ def import_decoder_layers_27_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_27_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.27.mlp.linear_fc1.weight <- model.layers.27.mlp.gate_proj.weight, model.layers.27.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.27.mlp.gate_proj.weight": gate, "model.layers.27.mlp.up_proj.weight": up}
+def export_decoder_layers_27_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/llama.yaml:48."""
+    return dict(
+        zip(
+            ("model.layers.27.mlp.gate_proj.weight", "model.layers.27.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_27_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.27.mlp.linear_fc2.weight <- model.layers.27.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:51."""
     return rt.row_import(ctx.tp, load("model.layers.27.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_27_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.27.mlp.linear_fc2.weight <- model.layers.27.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+def export_decoder_layers_27_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:51."""
     return {"model.layers.27.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_28_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.28.self_attention.linear_qkv.layer_norm_weight <- model.layers.28.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:32."""
     return rt.whole_import(load("model.layers.28.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_28_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.28.self_attention.linear_qkv.layer_norm_weight <- model.layers.28.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:32."""
     return {"model.layers.28.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_28_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.28.self_attention.linear_proj.weight <- model.layers.28.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:42."""
     return rt.row_import(ctx.tp, load("model.layers.28.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_28_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.28.self_attention.linear_proj.weight <- model.layers.28.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:42."""
     return {"model.layers.28.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_28_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.28.self_attention.linear_qkv.weight <- model.layers.28.self_attn.q_proj.weight, model.layers.28.self_attn.k_proj.weight, model.layers.28.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/llama.yaml:35."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.28.self_attn.q_proj.weight"),
@@ -3021,35 +3153,39 @@ def import_decoder_layers_28_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_28_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.28.self_attention.linear_qkv.weight <- model.layers.28.self_attn.q_proj.weight, model.layers.28.self_attn.k_proj.weight, model.layers.28.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
-    return {
-        "model.layers.28.self_attn.q_proj.weight": q,
-        "model.layers.28.self_attn.k_proj.weight": k,
-        "model.layers.28.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/llama.yaml:35."""
+    return dict(
+        zip(
+            (
+                "model.layers.28.self_attn.q_proj.weight",
+                "model.layers.28.self_attn.k_proj.weight",
+                "model.layers.28.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=64, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_28_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.28.mlp.linear_fc1.layer_norm_weight <- model.layers.28.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:45."""
     return rt.whole_import(load("model.layers.28.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_28_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.28.mlp.linear_fc1.layer_norm_weight <- model.layers.28.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:45."""
     return {"model.layers.28.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_28_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.28.mlp.linear_fc1.weight <- model.layers.28.mlp.gate_proj.weight, model.layers.28.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.28.mlp.gate_proj.weight"),
@@ -3058,60 +3194,60 @@ def import_decoder_layers_28_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_28_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.28.mlp.linear_fc1.weight <- model.layers.28.mlp.gate_proj.weight, model.layers.28.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.28.mlp.gate_proj.weight": gate, "model.layers.28.mlp.up_proj.weight": up}
+def export_decoder_layers_28_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/llama.yaml:48."""
+    return dict(
+        zip(
+            ("model.layers.28.mlp.gate_proj.weight", "model.layers.28.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_28_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.28.mlp.linear_fc2.weight <- model.layers.28.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:51."""
     return rt.row_import(ctx.tp, load("model.layers.28.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_28_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.28.mlp.linear_fc2.weight <- model.layers.28.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+def export_decoder_layers_28_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:51."""
     return {"model.layers.28.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_29_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.29.self_attention.linear_qkv.layer_norm_weight <- model.layers.29.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:32."""
     return rt.whole_import(load("model.layers.29.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_29_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.29.self_attention.linear_qkv.layer_norm_weight <- model.layers.29.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:32."""
     return {"model.layers.29.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_29_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.29.self_attention.linear_proj.weight <- model.layers.29.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:42."""
     return rt.row_import(ctx.tp, load("model.layers.29.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_29_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.29.self_attention.linear_proj.weight <- model.layers.29.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:42."""
     return {"model.layers.29.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_29_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.29.self_attention.linear_qkv.weight <- model.layers.29.self_attn.q_proj.weight, model.layers.29.self_attn.k_proj.weight, model.layers.29.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/llama.yaml:35."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.29.self_attn.q_proj.weight"),
@@ -3125,35 +3261,39 @@ def import_decoder_layers_29_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_29_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.29.self_attention.linear_qkv.weight <- model.layers.29.self_attn.q_proj.weight, model.layers.29.self_attn.k_proj.weight, model.layers.29.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
-    return {
-        "model.layers.29.self_attn.q_proj.weight": q,
-        "model.layers.29.self_attn.k_proj.weight": k,
-        "model.layers.29.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/llama.yaml:35."""
+    return dict(
+        zip(
+            (
+                "model.layers.29.self_attn.q_proj.weight",
+                "model.layers.29.self_attn.k_proj.weight",
+                "model.layers.29.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=64, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_29_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.29.mlp.linear_fc1.layer_norm_weight <- model.layers.29.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:45."""
     return rt.whole_import(load("model.layers.29.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_29_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.29.mlp.linear_fc1.layer_norm_weight <- model.layers.29.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:45."""
     return {"model.layers.29.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_29_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.29.mlp.linear_fc1.weight <- model.layers.29.mlp.gate_proj.weight, model.layers.29.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.29.mlp.gate_proj.weight"),
@@ -3162,60 +3302,60 @@ def import_decoder_layers_29_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_29_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.29.mlp.linear_fc1.weight <- model.layers.29.mlp.gate_proj.weight, model.layers.29.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.29.mlp.gate_proj.weight": gate, "model.layers.29.mlp.up_proj.weight": up}
+def export_decoder_layers_29_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/llama.yaml:48."""
+    return dict(
+        zip(
+            ("model.layers.29.mlp.gate_proj.weight", "model.layers.29.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_29_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.29.mlp.linear_fc2.weight <- model.layers.29.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:51."""
     return rt.row_import(ctx.tp, load("model.layers.29.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_29_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.29.mlp.linear_fc2.weight <- model.layers.29.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+def export_decoder_layers_29_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:51."""
     return {"model.layers.29.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_30_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.30.self_attention.linear_qkv.layer_norm_weight <- model.layers.30.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:32."""
     return rt.whole_import(load("model.layers.30.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_30_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.30.self_attention.linear_qkv.layer_norm_weight <- model.layers.30.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:32."""
     return {"model.layers.30.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_30_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.30.self_attention.linear_proj.weight <- model.layers.30.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:42."""
     return rt.row_import(ctx.tp, load("model.layers.30.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_30_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.30.self_attention.linear_proj.weight <- model.layers.30.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:42."""
     return {"model.layers.30.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_30_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.30.self_attention.linear_qkv.weight <- model.layers.30.self_attn.q_proj.weight, model.layers.30.self_attn.k_proj.weight, model.layers.30.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/llama.yaml:35."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.30.self_attn.q_proj.weight"),
@@ -3229,35 +3369,39 @@ def import_decoder_layers_30_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_30_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.30.self_attention.linear_qkv.weight <- model.layers.30.self_attn.q_proj.weight, model.layers.30.self_attn.k_proj.weight, model.layers.30.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
-    return {
-        "model.layers.30.self_attn.q_proj.weight": q,
-        "model.layers.30.self_attn.k_proj.weight": k,
-        "model.layers.30.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/llama.yaml:35."""
+    return dict(
+        zip(
+            (
+                "model.layers.30.self_attn.q_proj.weight",
+                "model.layers.30.self_attn.k_proj.weight",
+                "model.layers.30.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=64, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_30_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.30.mlp.linear_fc1.layer_norm_weight <- model.layers.30.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:45."""
     return rt.whole_import(load("model.layers.30.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_30_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.30.mlp.linear_fc1.layer_norm_weight <- model.layers.30.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:45."""
     return {"model.layers.30.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_30_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.30.mlp.linear_fc1.weight <- model.layers.30.mlp.gate_proj.weight, model.layers.30.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.30.mlp.gate_proj.weight"),
@@ -3266,60 +3410,60 @@ def import_decoder_layers_30_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_30_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.30.mlp.linear_fc1.weight <- model.layers.30.mlp.gate_proj.weight, model.layers.30.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.30.mlp.gate_proj.weight": gate, "model.layers.30.mlp.up_proj.weight": up}
+def export_decoder_layers_30_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/llama.yaml:48."""
+    return dict(
+        zip(
+            ("model.layers.30.mlp.gate_proj.weight", "model.layers.30.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_30_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.30.mlp.linear_fc2.weight <- model.layers.30.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:51."""
     return rt.row_import(ctx.tp, load("model.layers.30.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_30_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.30.mlp.linear_fc2.weight <- model.layers.30.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+def export_decoder_layers_30_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:51."""
     return {"model.layers.30.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_31_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.31.self_attention.linear_qkv.layer_norm_weight <- model.layers.31.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:32."""
     return rt.whole_import(load("model.layers.31.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_31_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.31.self_attention.linear_qkv.layer_norm_weight <- model.layers.31.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:32."""
     return {"model.layers.31.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_31_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.31.self_attention.linear_proj.weight <- model.layers.31.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:42."""
     return rt.row_import(ctx.tp, load("model.layers.31.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_31_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.31.self_attention.linear_proj.weight <- model.layers.31.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:42."""
     return {"model.layers.31.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_31_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.31.self_attention.linear_qkv.weight <- model.layers.31.self_attn.q_proj.weight, model.layers.31.self_attn.k_proj.weight, model.layers.31.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/llama.yaml:35."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.31.self_attn.q_proj.weight"),
@@ -3333,35 +3477,39 @@ def import_decoder_layers_31_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_31_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.31.self_attention.linear_qkv.weight <- model.layers.31.self_attn.q_proj.weight, model.layers.31.self_attn.k_proj.weight, model.layers.31.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
-    return {
-        "model.layers.31.self_attn.q_proj.weight": q,
-        "model.layers.31.self_attn.k_proj.weight": k,
-        "model.layers.31.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/llama.yaml:35."""
+    return dict(
+        zip(
+            (
+                "model.layers.31.self_attn.q_proj.weight",
+                "model.layers.31.self_attn.k_proj.weight",
+                "model.layers.31.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=64, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_31_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.31.mlp.linear_fc1.layer_norm_weight <- model.layers.31.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:45."""
     return rt.whole_import(load("model.layers.31.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_31_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.31.mlp.linear_fc1.layer_norm_weight <- model.layers.31.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:45."""
     return {"model.layers.31.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_31_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.31.mlp.linear_fc1.weight <- model.layers.31.mlp.gate_proj.weight, model.layers.31.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.31.mlp.gate_proj.weight"),
@@ -3370,60 +3518,60 @@ def import_decoder_layers_31_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_31_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.31.mlp.linear_fc1.weight <- model.layers.31.mlp.gate_proj.weight, model.layers.31.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.31.mlp.gate_proj.weight": gate, "model.layers.31.mlp.up_proj.weight": up}
+def export_decoder_layers_31_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/llama.yaml:48."""
+    return dict(
+        zip(
+            ("model.layers.31.mlp.gate_proj.weight", "model.layers.31.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_31_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.31.mlp.linear_fc2.weight <- model.layers.31.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:51."""
     return rt.row_import(ctx.tp, load("model.layers.31.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_31_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.31.mlp.linear_fc2.weight <- model.layers.31.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+def export_decoder_layers_31_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:51."""
     return {"model.layers.31.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_32_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.32.self_attention.linear_qkv.layer_norm_weight <- model.layers.32.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:32."""
     return rt.whole_import(load("model.layers.32.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_32_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.32.self_attention.linear_qkv.layer_norm_weight <- model.layers.32.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:32."""
     return {"model.layers.32.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_32_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.32.self_attention.linear_proj.weight <- model.layers.32.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:42."""
     return rt.row_import(ctx.tp, load("model.layers.32.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_32_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.32.self_attention.linear_proj.weight <- model.layers.32.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:42."""
     return {"model.layers.32.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_32_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.32.self_attention.linear_qkv.weight <- model.layers.32.self_attn.q_proj.weight, model.layers.32.self_attn.k_proj.weight, model.layers.32.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/llama.yaml:35."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.32.self_attn.q_proj.weight"),
@@ -3437,35 +3585,39 @@ def import_decoder_layers_32_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_32_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.32.self_attention.linear_qkv.weight <- model.layers.32.self_attn.q_proj.weight, model.layers.32.self_attn.k_proj.weight, model.layers.32.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
-    return {
-        "model.layers.32.self_attn.q_proj.weight": q,
-        "model.layers.32.self_attn.k_proj.weight": k,
-        "model.layers.32.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/llama.yaml:35."""
+    return dict(
+        zip(
+            (
+                "model.layers.32.self_attn.q_proj.weight",
+                "model.layers.32.self_attn.k_proj.weight",
+                "model.layers.32.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=64, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_32_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.32.mlp.linear_fc1.layer_norm_weight <- model.layers.32.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:45."""
     return rt.whole_import(load("model.layers.32.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_32_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.32.mlp.linear_fc1.layer_norm_weight <- model.layers.32.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:45."""
     return {"model.layers.32.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_32_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.32.mlp.linear_fc1.weight <- model.layers.32.mlp.gate_proj.weight, model.layers.32.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.32.mlp.gate_proj.weight"),
@@ -3474,60 +3626,60 @@ def import_decoder_layers_32_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_32_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.32.mlp.linear_fc1.weight <- model.layers.32.mlp.gate_proj.weight, model.layers.32.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.32.mlp.gate_proj.weight": gate, "model.layers.32.mlp.up_proj.weight": up}
+def export_decoder_layers_32_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/llama.yaml:48."""
+    return dict(
+        zip(
+            ("model.layers.32.mlp.gate_proj.weight", "model.layers.32.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_32_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.32.mlp.linear_fc2.weight <- model.layers.32.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:51."""
     return rt.row_import(ctx.tp, load("model.layers.32.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_32_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.32.mlp.linear_fc2.weight <- model.layers.32.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+def export_decoder_layers_32_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:51."""
     return {"model.layers.32.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_33_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.33.self_attention.linear_qkv.layer_norm_weight <- model.layers.33.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:32."""
     return rt.whole_import(load("model.layers.33.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_33_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.33.self_attention.linear_qkv.layer_norm_weight <- model.layers.33.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:32."""
     return {"model.layers.33.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_33_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.33.self_attention.linear_proj.weight <- model.layers.33.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:42."""
     return rt.row_import(ctx.tp, load("model.layers.33.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_33_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.33.self_attention.linear_proj.weight <- model.layers.33.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:42."""
     return {"model.layers.33.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_33_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.33.self_attention.linear_qkv.weight <- model.layers.33.self_attn.q_proj.weight, model.layers.33.self_attn.k_proj.weight, model.layers.33.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/llama.yaml:35."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.33.self_attn.q_proj.weight"),
@@ -3541,35 +3693,39 @@ def import_decoder_layers_33_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_33_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.33.self_attention.linear_qkv.weight <- model.layers.33.self_attn.q_proj.weight, model.layers.33.self_attn.k_proj.weight, model.layers.33.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
-    return {
-        "model.layers.33.self_attn.q_proj.weight": q,
-        "model.layers.33.self_attn.k_proj.weight": k,
-        "model.layers.33.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/llama.yaml:35."""
+    return dict(
+        zip(
+            (
+                "model.layers.33.self_attn.q_proj.weight",
+                "model.layers.33.self_attn.k_proj.weight",
+                "model.layers.33.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=64, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_33_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.33.mlp.linear_fc1.layer_norm_weight <- model.layers.33.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:45."""
     return rt.whole_import(load("model.layers.33.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_33_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.33.mlp.linear_fc1.layer_norm_weight <- model.layers.33.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:45."""
     return {"model.layers.33.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_33_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.33.mlp.linear_fc1.weight <- model.layers.33.mlp.gate_proj.weight, model.layers.33.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.33.mlp.gate_proj.weight"),
@@ -3578,60 +3734,60 @@ def import_decoder_layers_33_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_33_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.33.mlp.linear_fc1.weight <- model.layers.33.mlp.gate_proj.weight, model.layers.33.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.33.mlp.gate_proj.weight": gate, "model.layers.33.mlp.up_proj.weight": up}
+def export_decoder_layers_33_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/llama.yaml:48."""
+    return dict(
+        zip(
+            ("model.layers.33.mlp.gate_proj.weight", "model.layers.33.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_33_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.33.mlp.linear_fc2.weight <- model.layers.33.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:51."""
     return rt.row_import(ctx.tp, load("model.layers.33.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_33_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.33.mlp.linear_fc2.weight <- model.layers.33.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+def export_decoder_layers_33_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:51."""
     return {"model.layers.33.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_34_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.34.self_attention.linear_qkv.layer_norm_weight <- model.layers.34.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:32."""
     return rt.whole_import(load("model.layers.34.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_34_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.34.self_attention.linear_qkv.layer_norm_weight <- model.layers.34.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:32."""
     return {"model.layers.34.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_34_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.34.self_attention.linear_proj.weight <- model.layers.34.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:42."""
     return rt.row_import(ctx.tp, load("model.layers.34.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_34_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.34.self_attention.linear_proj.weight <- model.layers.34.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:42."""
     return {"model.layers.34.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_34_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.34.self_attention.linear_qkv.weight <- model.layers.34.self_attn.q_proj.weight, model.layers.34.self_attn.k_proj.weight, model.layers.34.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/llama.yaml:35."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.34.self_attn.q_proj.weight"),
@@ -3645,35 +3801,39 @@ def import_decoder_layers_34_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_34_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.34.self_attention.linear_qkv.weight <- model.layers.34.self_attn.q_proj.weight, model.layers.34.self_attn.k_proj.weight, model.layers.34.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
-    return {
-        "model.layers.34.self_attn.q_proj.weight": q,
-        "model.layers.34.self_attn.k_proj.weight": k,
-        "model.layers.34.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/llama.yaml:35."""
+    return dict(
+        zip(
+            (
+                "model.layers.34.self_attn.q_proj.weight",
+                "model.layers.34.self_attn.k_proj.weight",
+                "model.layers.34.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=64, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_34_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.34.mlp.linear_fc1.layer_norm_weight <- model.layers.34.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:45."""
     return rt.whole_import(load("model.layers.34.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_34_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.34.mlp.linear_fc1.layer_norm_weight <- model.layers.34.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:45."""
     return {"model.layers.34.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_34_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.34.mlp.linear_fc1.weight <- model.layers.34.mlp.gate_proj.weight, model.layers.34.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.34.mlp.gate_proj.weight"),
@@ -3682,60 +3842,60 @@ def import_decoder_layers_34_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_34_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.34.mlp.linear_fc1.weight <- model.layers.34.mlp.gate_proj.weight, model.layers.34.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.34.mlp.gate_proj.weight": gate, "model.layers.34.mlp.up_proj.weight": up}
+def export_decoder_layers_34_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/llama.yaml:48."""
+    return dict(
+        zip(
+            ("model.layers.34.mlp.gate_proj.weight", "model.layers.34.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_34_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.34.mlp.linear_fc2.weight <- model.layers.34.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:51."""
     return rt.row_import(ctx.tp, load("model.layers.34.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_34_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.34.mlp.linear_fc2.weight <- model.layers.34.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+def export_decoder_layers_34_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:51."""
     return {"model.layers.34.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_35_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.35.self_attention.linear_qkv.layer_norm_weight <- model.layers.35.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:32."""
     return rt.whole_import(load("model.layers.35.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_35_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.35.self_attention.linear_qkv.layer_norm_weight <- model.layers.35.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:32."""
     return {"model.layers.35.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_35_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.35.self_attention.linear_proj.weight <- model.layers.35.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:42."""
     return rt.row_import(ctx.tp, load("model.layers.35.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_35_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.35.self_attention.linear_proj.weight <- model.layers.35.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:42."""
     return {"model.layers.35.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_35_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.35.self_attention.linear_qkv.weight <- model.layers.35.self_attn.q_proj.weight, model.layers.35.self_attn.k_proj.weight, model.layers.35.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/llama.yaml:35."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.35.self_attn.q_proj.weight"),
@@ -3749,35 +3909,39 @@ def import_decoder_layers_35_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_35_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.35.self_attention.linear_qkv.weight <- model.layers.35.self_attn.q_proj.weight, model.layers.35.self_attn.k_proj.weight, model.layers.35.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
-    return {
-        "model.layers.35.self_attn.q_proj.weight": q,
-        "model.layers.35.self_attn.k_proj.weight": k,
-        "model.layers.35.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/llama.yaml:35."""
+    return dict(
+        zip(
+            (
+                "model.layers.35.self_attn.q_proj.weight",
+                "model.layers.35.self_attn.k_proj.weight",
+                "model.layers.35.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=64, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_35_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.35.mlp.linear_fc1.layer_norm_weight <- model.layers.35.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:45."""
     return rt.whole_import(load("model.layers.35.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_35_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.35.mlp.linear_fc1.layer_norm_weight <- model.layers.35.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:45."""
     return {"model.layers.35.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_35_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.35.mlp.linear_fc1.weight <- model.layers.35.mlp.gate_proj.weight, model.layers.35.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.35.mlp.gate_proj.weight"),
@@ -3786,60 +3950,60 @@ def import_decoder_layers_35_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_35_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.35.mlp.linear_fc1.weight <- model.layers.35.mlp.gate_proj.weight, model.layers.35.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.35.mlp.gate_proj.weight": gate, "model.layers.35.mlp.up_proj.weight": up}
+def export_decoder_layers_35_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/llama.yaml:48."""
+    return dict(
+        zip(
+            ("model.layers.35.mlp.gate_proj.weight", "model.layers.35.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_35_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.35.mlp.linear_fc2.weight <- model.layers.35.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:51."""
     return rt.row_import(ctx.tp, load("model.layers.35.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_35_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.35.mlp.linear_fc2.weight <- model.layers.35.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+def export_decoder_layers_35_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:51."""
     return {"model.layers.35.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_36_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.36.self_attention.linear_qkv.layer_norm_weight <- model.layers.36.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:32."""
     return rt.whole_import(load("model.layers.36.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_36_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.36.self_attention.linear_qkv.layer_norm_weight <- model.layers.36.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:32."""
     return {"model.layers.36.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_36_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.36.self_attention.linear_proj.weight <- model.layers.36.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:42."""
     return rt.row_import(ctx.tp, load("model.layers.36.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_36_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.36.self_attention.linear_proj.weight <- model.layers.36.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:42."""
     return {"model.layers.36.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_36_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.36.self_attention.linear_qkv.weight <- model.layers.36.self_attn.q_proj.weight, model.layers.36.self_attn.k_proj.weight, model.layers.36.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/llama.yaml:35."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.36.self_attn.q_proj.weight"),
@@ -3853,35 +4017,39 @@ def import_decoder_layers_36_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_36_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.36.self_attention.linear_qkv.weight <- model.layers.36.self_attn.q_proj.weight, model.layers.36.self_attn.k_proj.weight, model.layers.36.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
-    return {
-        "model.layers.36.self_attn.q_proj.weight": q,
-        "model.layers.36.self_attn.k_proj.weight": k,
-        "model.layers.36.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/llama.yaml:35."""
+    return dict(
+        zip(
+            (
+                "model.layers.36.self_attn.q_proj.weight",
+                "model.layers.36.self_attn.k_proj.weight",
+                "model.layers.36.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=64, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_36_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.36.mlp.linear_fc1.layer_norm_weight <- model.layers.36.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:45."""
     return rt.whole_import(load("model.layers.36.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_36_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.36.mlp.linear_fc1.layer_norm_weight <- model.layers.36.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:45."""
     return {"model.layers.36.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_36_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.36.mlp.linear_fc1.weight <- model.layers.36.mlp.gate_proj.weight, model.layers.36.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.36.mlp.gate_proj.weight"),
@@ -3890,60 +4058,60 @@ def import_decoder_layers_36_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_36_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.36.mlp.linear_fc1.weight <- model.layers.36.mlp.gate_proj.weight, model.layers.36.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.36.mlp.gate_proj.weight": gate, "model.layers.36.mlp.up_proj.weight": up}
+def export_decoder_layers_36_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/llama.yaml:48."""
+    return dict(
+        zip(
+            ("model.layers.36.mlp.gate_proj.weight", "model.layers.36.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_36_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.36.mlp.linear_fc2.weight <- model.layers.36.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:51."""
     return rt.row_import(ctx.tp, load("model.layers.36.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_36_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.36.mlp.linear_fc2.weight <- model.layers.36.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+def export_decoder_layers_36_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:51."""
     return {"model.layers.36.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_37_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.37.self_attention.linear_qkv.layer_norm_weight <- model.layers.37.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:32."""
     return rt.whole_import(load("model.layers.37.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_37_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.37.self_attention.linear_qkv.layer_norm_weight <- model.layers.37.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:32."""
     return {"model.layers.37.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_37_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.37.self_attention.linear_proj.weight <- model.layers.37.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:42."""
     return rt.row_import(ctx.tp, load("model.layers.37.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_37_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.37.self_attention.linear_proj.weight <- model.layers.37.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:42."""
     return {"model.layers.37.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_37_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.37.self_attention.linear_qkv.weight <- model.layers.37.self_attn.q_proj.weight, model.layers.37.self_attn.k_proj.weight, model.layers.37.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/llama.yaml:35."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.37.self_attn.q_proj.weight"),
@@ -3957,35 +4125,39 @@ def import_decoder_layers_37_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_37_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.37.self_attention.linear_qkv.weight <- model.layers.37.self_attn.q_proj.weight, model.layers.37.self_attn.k_proj.weight, model.layers.37.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
-    return {
-        "model.layers.37.self_attn.q_proj.weight": q,
-        "model.layers.37.self_attn.k_proj.weight": k,
-        "model.layers.37.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/llama.yaml:35."""
+    return dict(
+        zip(
+            (
+                "model.layers.37.self_attn.q_proj.weight",
+                "model.layers.37.self_attn.k_proj.weight",
+                "model.layers.37.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=64, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_37_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.37.mlp.linear_fc1.layer_norm_weight <- model.layers.37.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:45."""
     return rt.whole_import(load("model.layers.37.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_37_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.37.mlp.linear_fc1.layer_norm_weight <- model.layers.37.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:45."""
     return {"model.layers.37.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_37_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.37.mlp.linear_fc1.weight <- model.layers.37.mlp.gate_proj.weight, model.layers.37.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.37.mlp.gate_proj.weight"),
@@ -3994,60 +4166,60 @@ def import_decoder_layers_37_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_37_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.37.mlp.linear_fc1.weight <- model.layers.37.mlp.gate_proj.weight, model.layers.37.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.37.mlp.gate_proj.weight": gate, "model.layers.37.mlp.up_proj.weight": up}
+def export_decoder_layers_37_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/llama.yaml:48."""
+    return dict(
+        zip(
+            ("model.layers.37.mlp.gate_proj.weight", "model.layers.37.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_37_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.37.mlp.linear_fc2.weight <- model.layers.37.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:51."""
     return rt.row_import(ctx.tp, load("model.layers.37.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_37_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.37.mlp.linear_fc2.weight <- model.layers.37.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+def export_decoder_layers_37_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:51."""
     return {"model.layers.37.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_38_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.38.self_attention.linear_qkv.layer_norm_weight <- model.layers.38.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:32."""
     return rt.whole_import(load("model.layers.38.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_38_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.38.self_attention.linear_qkv.layer_norm_weight <- model.layers.38.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:32."""
     return {"model.layers.38.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_38_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.38.self_attention.linear_proj.weight <- model.layers.38.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:42."""
     return rt.row_import(ctx.tp, load("model.layers.38.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_38_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.38.self_attention.linear_proj.weight <- model.layers.38.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:42."""
     return {"model.layers.38.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_38_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.38.self_attention.linear_qkv.weight <- model.layers.38.self_attn.q_proj.weight, model.layers.38.self_attn.k_proj.weight, model.layers.38.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/llama.yaml:35."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.38.self_attn.q_proj.weight"),
@@ -4061,35 +4233,39 @@ def import_decoder_layers_38_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_38_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.38.self_attention.linear_qkv.weight <- model.layers.38.self_attn.q_proj.weight, model.layers.38.self_attn.k_proj.weight, model.layers.38.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
-    return {
-        "model.layers.38.self_attn.q_proj.weight": q,
-        "model.layers.38.self_attn.k_proj.weight": k,
-        "model.layers.38.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/llama.yaml:35."""
+    return dict(
+        zip(
+            (
+                "model.layers.38.self_attn.q_proj.weight",
+                "model.layers.38.self_attn.k_proj.weight",
+                "model.layers.38.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=64, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_38_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.38.mlp.linear_fc1.layer_norm_weight <- model.layers.38.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:45."""
     return rt.whole_import(load("model.layers.38.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_38_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.38.mlp.linear_fc1.layer_norm_weight <- model.layers.38.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:45."""
     return {"model.layers.38.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_38_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.38.mlp.linear_fc1.weight <- model.layers.38.mlp.gate_proj.weight, model.layers.38.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.38.mlp.gate_proj.weight"),
@@ -4098,60 +4274,60 @@ def import_decoder_layers_38_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_38_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.38.mlp.linear_fc1.weight <- model.layers.38.mlp.gate_proj.weight, model.layers.38.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.38.mlp.gate_proj.weight": gate, "model.layers.38.mlp.up_proj.weight": up}
+def export_decoder_layers_38_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/llama.yaml:48."""
+    return dict(
+        zip(
+            ("model.layers.38.mlp.gate_proj.weight", "model.layers.38.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_38_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.38.mlp.linear_fc2.weight <- model.layers.38.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:51."""
     return rt.row_import(ctx.tp, load("model.layers.38.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_38_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.38.mlp.linear_fc2.weight <- model.layers.38.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+def export_decoder_layers_38_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:51."""
     return {"model.layers.38.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_39_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.39.self_attention.linear_qkv.layer_norm_weight <- model.layers.39.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:32."""
     return rt.whole_import(load("model.layers.39.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_39_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.39.self_attention.linear_qkv.layer_norm_weight <- model.layers.39.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:32."""
     return {"model.layers.39.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_39_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.39.self_attention.linear_proj.weight <- model.layers.39.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:42."""
     return rt.row_import(ctx.tp, load("model.layers.39.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_39_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.39.self_attention.linear_proj.weight <- model.layers.39.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:42."""
     return {"model.layers.39.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_39_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.39.self_attention.linear_qkv.weight <- model.layers.39.self_attn.q_proj.weight, model.layers.39.self_attn.k_proj.weight, model.layers.39.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/llama.yaml:35."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.39.self_attn.q_proj.weight"),
@@ -4165,35 +4341,39 @@ def import_decoder_layers_39_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_39_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.39.self_attention.linear_qkv.weight <- model.layers.39.self_attn.q_proj.weight, model.layers.39.self_attn.k_proj.weight, model.layers.39.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
-    return {
-        "model.layers.39.self_attn.q_proj.weight": q,
-        "model.layers.39.self_attn.k_proj.weight": k,
-        "model.layers.39.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/llama.yaml:35."""
+    return dict(
+        zip(
+            (
+                "model.layers.39.self_attn.q_proj.weight",
+                "model.layers.39.self_attn.k_proj.weight",
+                "model.layers.39.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=64, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_39_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.39.mlp.linear_fc1.layer_norm_weight <- model.layers.39.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:45."""
     return rt.whole_import(load("model.layers.39.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_39_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.39.mlp.linear_fc1.layer_norm_weight <- model.layers.39.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:45."""
     return {"model.layers.39.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_39_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.39.mlp.linear_fc1.weight <- model.layers.39.mlp.gate_proj.weight, model.layers.39.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.39.mlp.gate_proj.weight"),
@@ -4202,60 +4382,60 @@ def import_decoder_layers_39_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_39_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.39.mlp.linear_fc1.weight <- model.layers.39.mlp.gate_proj.weight, model.layers.39.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.39.mlp.gate_proj.weight": gate, "model.layers.39.mlp.up_proj.weight": up}
+def export_decoder_layers_39_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/llama.yaml:48."""
+    return dict(
+        zip(
+            ("model.layers.39.mlp.gate_proj.weight", "model.layers.39.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_39_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.39.mlp.linear_fc2.weight <- model.layers.39.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:51."""
     return rt.row_import(ctx.tp, load("model.layers.39.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_39_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.39.mlp.linear_fc2.weight <- model.layers.39.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+def export_decoder_layers_39_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:51."""
     return {"model.layers.39.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_40_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.40.self_attention.linear_qkv.layer_norm_weight <- model.layers.40.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:32."""
     return rt.whole_import(load("model.layers.40.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_40_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.40.self_attention.linear_qkv.layer_norm_weight <- model.layers.40.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:32."""
     return {"model.layers.40.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_40_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.40.self_attention.linear_proj.weight <- model.layers.40.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:42."""
     return rt.row_import(ctx.tp, load("model.layers.40.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_40_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.40.self_attention.linear_proj.weight <- model.layers.40.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:42."""
     return {"model.layers.40.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_40_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.40.self_attention.linear_qkv.weight <- model.layers.40.self_attn.q_proj.weight, model.layers.40.self_attn.k_proj.weight, model.layers.40.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/llama.yaml:35."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.40.self_attn.q_proj.weight"),
@@ -4269,35 +4449,39 @@ def import_decoder_layers_40_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_40_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.40.self_attention.linear_qkv.weight <- model.layers.40.self_attn.q_proj.weight, model.layers.40.self_attn.k_proj.weight, model.layers.40.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
-    return {
-        "model.layers.40.self_attn.q_proj.weight": q,
-        "model.layers.40.self_attn.k_proj.weight": k,
-        "model.layers.40.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/llama.yaml:35."""
+    return dict(
+        zip(
+            (
+                "model.layers.40.self_attn.q_proj.weight",
+                "model.layers.40.self_attn.k_proj.weight",
+                "model.layers.40.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=64, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_40_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.40.mlp.linear_fc1.layer_norm_weight <- model.layers.40.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:45."""
     return rt.whole_import(load("model.layers.40.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_40_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.40.mlp.linear_fc1.layer_norm_weight <- model.layers.40.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:45."""
     return {"model.layers.40.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_40_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.40.mlp.linear_fc1.weight <- model.layers.40.mlp.gate_proj.weight, model.layers.40.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.40.mlp.gate_proj.weight"),
@@ -4306,60 +4490,60 @@ def import_decoder_layers_40_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_40_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.40.mlp.linear_fc1.weight <- model.layers.40.mlp.gate_proj.weight, model.layers.40.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.40.mlp.gate_proj.weight": gate, "model.layers.40.mlp.up_proj.weight": up}
+def export_decoder_layers_40_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/llama.yaml:48."""
+    return dict(
+        zip(
+            ("model.layers.40.mlp.gate_proj.weight", "model.layers.40.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_40_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.40.mlp.linear_fc2.weight <- model.layers.40.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:51."""
     return rt.row_import(ctx.tp, load("model.layers.40.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_40_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.40.mlp.linear_fc2.weight <- model.layers.40.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+def export_decoder_layers_40_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:51."""
     return {"model.layers.40.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_41_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.41.self_attention.linear_qkv.layer_norm_weight <- model.layers.41.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:32."""
     return rt.whole_import(load("model.layers.41.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_41_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.41.self_attention.linear_qkv.layer_norm_weight <- model.layers.41.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:32."""
     return {"model.layers.41.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_41_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.41.self_attention.linear_proj.weight <- model.layers.41.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:42."""
     return rt.row_import(ctx.tp, load("model.layers.41.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_41_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.41.self_attention.linear_proj.weight <- model.layers.41.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:42."""
     return {"model.layers.41.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_41_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.41.self_attention.linear_qkv.weight <- model.layers.41.self_attn.q_proj.weight, model.layers.41.self_attn.k_proj.weight, model.layers.41.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/llama.yaml:35."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.41.self_attn.q_proj.weight"),
@@ -4373,35 +4557,39 @@ def import_decoder_layers_41_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_41_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.41.self_attention.linear_qkv.weight <- model.layers.41.self_attn.q_proj.weight, model.layers.41.self_attn.k_proj.weight, model.layers.41.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
-    return {
-        "model.layers.41.self_attn.q_proj.weight": q,
-        "model.layers.41.self_attn.k_proj.weight": k,
-        "model.layers.41.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/llama.yaml:35."""
+    return dict(
+        zip(
+            (
+                "model.layers.41.self_attn.q_proj.weight",
+                "model.layers.41.self_attn.k_proj.weight",
+                "model.layers.41.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=64, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_41_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.41.mlp.linear_fc1.layer_norm_weight <- model.layers.41.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:45."""
     return rt.whole_import(load("model.layers.41.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_41_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.41.mlp.linear_fc1.layer_norm_weight <- model.layers.41.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:45."""
     return {"model.layers.41.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_41_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.41.mlp.linear_fc1.weight <- model.layers.41.mlp.gate_proj.weight, model.layers.41.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.41.mlp.gate_proj.weight"),
@@ -4410,60 +4598,60 @@ def import_decoder_layers_41_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_41_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.41.mlp.linear_fc1.weight <- model.layers.41.mlp.gate_proj.weight, model.layers.41.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.41.mlp.gate_proj.weight": gate, "model.layers.41.mlp.up_proj.weight": up}
+def export_decoder_layers_41_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/llama.yaml:48."""
+    return dict(
+        zip(
+            ("model.layers.41.mlp.gate_proj.weight", "model.layers.41.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_41_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.41.mlp.linear_fc2.weight <- model.layers.41.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:51."""
     return rt.row_import(ctx.tp, load("model.layers.41.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_41_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.41.mlp.linear_fc2.weight <- model.layers.41.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+def export_decoder_layers_41_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:51."""
     return {"model.layers.41.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_42_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.42.self_attention.linear_qkv.layer_norm_weight <- model.layers.42.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:32."""
     return rt.whole_import(load("model.layers.42.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_42_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.42.self_attention.linear_qkv.layer_norm_weight <- model.layers.42.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:32."""
     return {"model.layers.42.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_42_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.42.self_attention.linear_proj.weight <- model.layers.42.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:42."""
     return rt.row_import(ctx.tp, load("model.layers.42.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_42_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.42.self_attention.linear_proj.weight <- model.layers.42.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:42."""
     return {"model.layers.42.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_42_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.42.self_attention.linear_qkv.weight <- model.layers.42.self_attn.q_proj.weight, model.layers.42.self_attn.k_proj.weight, model.layers.42.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/llama.yaml:35."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.42.self_attn.q_proj.weight"),
@@ -4477,35 +4665,39 @@ def import_decoder_layers_42_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_42_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.42.self_attention.linear_qkv.weight <- model.layers.42.self_attn.q_proj.weight, model.layers.42.self_attn.k_proj.weight, model.layers.42.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
-    return {
-        "model.layers.42.self_attn.q_proj.weight": q,
-        "model.layers.42.self_attn.k_proj.weight": k,
-        "model.layers.42.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/llama.yaml:35."""
+    return dict(
+        zip(
+            (
+                "model.layers.42.self_attn.q_proj.weight",
+                "model.layers.42.self_attn.k_proj.weight",
+                "model.layers.42.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=64, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_42_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.42.mlp.linear_fc1.layer_norm_weight <- model.layers.42.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:45."""
     return rt.whole_import(load("model.layers.42.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_42_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.42.mlp.linear_fc1.layer_norm_weight <- model.layers.42.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:45."""
     return {"model.layers.42.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_42_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.42.mlp.linear_fc1.weight <- model.layers.42.mlp.gate_proj.weight, model.layers.42.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.42.mlp.gate_proj.weight"),
@@ -4514,60 +4706,60 @@ def import_decoder_layers_42_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_42_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.42.mlp.linear_fc1.weight <- model.layers.42.mlp.gate_proj.weight, model.layers.42.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.42.mlp.gate_proj.weight": gate, "model.layers.42.mlp.up_proj.weight": up}
+def export_decoder_layers_42_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/llama.yaml:48."""
+    return dict(
+        zip(
+            ("model.layers.42.mlp.gate_proj.weight", "model.layers.42.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_42_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.42.mlp.linear_fc2.weight <- model.layers.42.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:51."""
     return rt.row_import(ctx.tp, load("model.layers.42.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_42_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.42.mlp.linear_fc2.weight <- model.layers.42.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+def export_decoder_layers_42_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:51."""
     return {"model.layers.42.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_43_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.43.self_attention.linear_qkv.layer_norm_weight <- model.layers.43.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:32."""
     return rt.whole_import(load("model.layers.43.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_43_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.43.self_attention.linear_qkv.layer_norm_weight <- model.layers.43.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:32."""
     return {"model.layers.43.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_43_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.43.self_attention.linear_proj.weight <- model.layers.43.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:42."""
     return rt.row_import(ctx.tp, load("model.layers.43.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_43_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.43.self_attention.linear_proj.weight <- model.layers.43.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:42."""
     return {"model.layers.43.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_43_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.43.self_attention.linear_qkv.weight <- model.layers.43.self_attn.q_proj.weight, model.layers.43.self_attn.k_proj.weight, model.layers.43.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/llama.yaml:35."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.43.self_attn.q_proj.weight"),
@@ -4581,35 +4773,39 @@ def import_decoder_layers_43_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_43_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.43.self_attention.linear_qkv.weight <- model.layers.43.self_attn.q_proj.weight, model.layers.43.self_attn.k_proj.weight, model.layers.43.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
-    return {
-        "model.layers.43.self_attn.q_proj.weight": q,
-        "model.layers.43.self_attn.k_proj.weight": k,
-        "model.layers.43.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/llama.yaml:35."""
+    return dict(
+        zip(
+            (
+                "model.layers.43.self_attn.q_proj.weight",
+                "model.layers.43.self_attn.k_proj.weight",
+                "model.layers.43.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=64, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_43_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.43.mlp.linear_fc1.layer_norm_weight <- model.layers.43.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:45."""
     return rt.whole_import(load("model.layers.43.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_43_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.43.mlp.linear_fc1.layer_norm_weight <- model.layers.43.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:45."""
     return {"model.layers.43.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_43_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.43.mlp.linear_fc1.weight <- model.layers.43.mlp.gate_proj.weight, model.layers.43.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.43.mlp.gate_proj.weight"),
@@ -4618,60 +4814,60 @@ def import_decoder_layers_43_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_43_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.43.mlp.linear_fc1.weight <- model.layers.43.mlp.gate_proj.weight, model.layers.43.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.43.mlp.gate_proj.weight": gate, "model.layers.43.mlp.up_proj.weight": up}
+def export_decoder_layers_43_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/llama.yaml:48."""
+    return dict(
+        zip(
+            ("model.layers.43.mlp.gate_proj.weight", "model.layers.43.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_43_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.43.mlp.linear_fc2.weight <- model.layers.43.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:51."""
     return rt.row_import(ctx.tp, load("model.layers.43.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_43_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.43.mlp.linear_fc2.weight <- model.layers.43.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+def export_decoder_layers_43_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:51."""
     return {"model.layers.43.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_44_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.44.self_attention.linear_qkv.layer_norm_weight <- model.layers.44.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:32."""
     return rt.whole_import(load("model.layers.44.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_44_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.44.self_attention.linear_qkv.layer_norm_weight <- model.layers.44.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:32."""
     return {"model.layers.44.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_44_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.44.self_attention.linear_proj.weight <- model.layers.44.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:42."""
     return rt.row_import(ctx.tp, load("model.layers.44.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_44_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.44.self_attention.linear_proj.weight <- model.layers.44.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:42."""
     return {"model.layers.44.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_44_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.44.self_attention.linear_qkv.weight <- model.layers.44.self_attn.q_proj.weight, model.layers.44.self_attn.k_proj.weight, model.layers.44.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/llama.yaml:35."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.44.self_attn.q_proj.weight"),
@@ -4685,35 +4881,39 @@ def import_decoder_layers_44_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_44_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.44.self_attention.linear_qkv.weight <- model.layers.44.self_attn.q_proj.weight, model.layers.44.self_attn.k_proj.weight, model.layers.44.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
-    return {
-        "model.layers.44.self_attn.q_proj.weight": q,
-        "model.layers.44.self_attn.k_proj.weight": k,
-        "model.layers.44.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/llama.yaml:35."""
+    return dict(
+        zip(
+            (
+                "model.layers.44.self_attn.q_proj.weight",
+                "model.layers.44.self_attn.k_proj.weight",
+                "model.layers.44.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=64, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_44_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.44.mlp.linear_fc1.layer_norm_weight <- model.layers.44.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:45."""
     return rt.whole_import(load("model.layers.44.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_44_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.44.mlp.linear_fc1.layer_norm_weight <- model.layers.44.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:45."""
     return {"model.layers.44.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_44_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.44.mlp.linear_fc1.weight <- model.layers.44.mlp.gate_proj.weight, model.layers.44.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.44.mlp.gate_proj.weight"),
@@ -4722,60 +4922,60 @@ def import_decoder_layers_44_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_44_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.44.mlp.linear_fc1.weight <- model.layers.44.mlp.gate_proj.weight, model.layers.44.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.44.mlp.gate_proj.weight": gate, "model.layers.44.mlp.up_proj.weight": up}
+def export_decoder_layers_44_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/llama.yaml:48."""
+    return dict(
+        zip(
+            ("model.layers.44.mlp.gate_proj.weight", "model.layers.44.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_44_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.44.mlp.linear_fc2.weight <- model.layers.44.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:51."""
     return rt.row_import(ctx.tp, load("model.layers.44.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_44_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.44.mlp.linear_fc2.weight <- model.layers.44.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+def export_decoder_layers_44_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:51."""
     return {"model.layers.44.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_45_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.45.self_attention.linear_qkv.layer_norm_weight <- model.layers.45.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:32."""
     return rt.whole_import(load("model.layers.45.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_45_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.45.self_attention.linear_qkv.layer_norm_weight <- model.layers.45.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:32."""
     return {"model.layers.45.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_45_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.45.self_attention.linear_proj.weight <- model.layers.45.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:42."""
     return rt.row_import(ctx.tp, load("model.layers.45.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_45_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.45.self_attention.linear_proj.weight <- model.layers.45.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:42."""
     return {"model.layers.45.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_45_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.45.self_attention.linear_qkv.weight <- model.layers.45.self_attn.q_proj.weight, model.layers.45.self_attn.k_proj.weight, model.layers.45.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/llama.yaml:35."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.45.self_attn.q_proj.weight"),
@@ -4789,35 +4989,39 @@ def import_decoder_layers_45_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_45_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.45.self_attention.linear_qkv.weight <- model.layers.45.self_attn.q_proj.weight, model.layers.45.self_attn.k_proj.weight, model.layers.45.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
-    return {
-        "model.layers.45.self_attn.q_proj.weight": q,
-        "model.layers.45.self_attn.k_proj.weight": k,
-        "model.layers.45.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/llama.yaml:35."""
+    return dict(
+        zip(
+            (
+                "model.layers.45.self_attn.q_proj.weight",
+                "model.layers.45.self_attn.k_proj.weight",
+                "model.layers.45.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=64, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_45_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.45.mlp.linear_fc1.layer_norm_weight <- model.layers.45.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:45."""
     return rt.whole_import(load("model.layers.45.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_45_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.45.mlp.linear_fc1.layer_norm_weight <- model.layers.45.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:45."""
     return {"model.layers.45.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_45_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.45.mlp.linear_fc1.weight <- model.layers.45.mlp.gate_proj.weight, model.layers.45.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.45.mlp.gate_proj.weight"),
@@ -4826,60 +5030,60 @@ def import_decoder_layers_45_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_45_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.45.mlp.linear_fc1.weight <- model.layers.45.mlp.gate_proj.weight, model.layers.45.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.45.mlp.gate_proj.weight": gate, "model.layers.45.mlp.up_proj.weight": up}
+def export_decoder_layers_45_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/llama.yaml:48."""
+    return dict(
+        zip(
+            ("model.layers.45.mlp.gate_proj.weight", "model.layers.45.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_45_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.45.mlp.linear_fc2.weight <- model.layers.45.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:51."""
     return rt.row_import(ctx.tp, load("model.layers.45.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_45_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.45.mlp.linear_fc2.weight <- model.layers.45.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+def export_decoder_layers_45_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:51."""
     return {"model.layers.45.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_46_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.46.self_attention.linear_qkv.layer_norm_weight <- model.layers.46.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:32."""
     return rt.whole_import(load("model.layers.46.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_46_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.46.self_attention.linear_qkv.layer_norm_weight <- model.layers.46.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:32."""
     return {"model.layers.46.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_46_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.46.self_attention.linear_proj.weight <- model.layers.46.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:42."""
     return rt.row_import(ctx.tp, load("model.layers.46.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_46_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.46.self_attention.linear_proj.weight <- model.layers.46.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:42."""
     return {"model.layers.46.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_46_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.46.self_attention.linear_qkv.weight <- model.layers.46.self_attn.q_proj.weight, model.layers.46.self_attn.k_proj.weight, model.layers.46.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/llama.yaml:35."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.46.self_attn.q_proj.weight"),
@@ -4893,35 +5097,39 @@ def import_decoder_layers_46_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_46_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.46.self_attention.linear_qkv.weight <- model.layers.46.self_attn.q_proj.weight, model.layers.46.self_attn.k_proj.weight, model.layers.46.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
-    return {
-        "model.layers.46.self_attn.q_proj.weight": q,
-        "model.layers.46.self_attn.k_proj.weight": k,
-        "model.layers.46.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/llama.yaml:35."""
+    return dict(
+        zip(
+            (
+                "model.layers.46.self_attn.q_proj.weight",
+                "model.layers.46.self_attn.k_proj.weight",
+                "model.layers.46.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=64, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_46_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.46.mlp.linear_fc1.layer_norm_weight <- model.layers.46.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:45."""
     return rt.whole_import(load("model.layers.46.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_46_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.46.mlp.linear_fc1.layer_norm_weight <- model.layers.46.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:45."""
     return {"model.layers.46.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_46_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.46.mlp.linear_fc1.weight <- model.layers.46.mlp.gate_proj.weight, model.layers.46.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.46.mlp.gate_proj.weight"),
@@ -4930,60 +5138,60 @@ def import_decoder_layers_46_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_46_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.46.mlp.linear_fc1.weight <- model.layers.46.mlp.gate_proj.weight, model.layers.46.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.46.mlp.gate_proj.weight": gate, "model.layers.46.mlp.up_proj.weight": up}
+def export_decoder_layers_46_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/llama.yaml:48."""
+    return dict(
+        zip(
+            ("model.layers.46.mlp.gate_proj.weight", "model.layers.46.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_46_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.46.mlp.linear_fc2.weight <- model.layers.46.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:51."""
     return rt.row_import(ctx.tp, load("model.layers.46.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_46_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.46.mlp.linear_fc2.weight <- model.layers.46.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+def export_decoder_layers_46_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:51."""
     return {"model.layers.46.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_47_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.47.self_attention.linear_qkv.layer_norm_weight <- model.layers.47.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:32."""
     return rt.whole_import(load("model.layers.47.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_47_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.47.self_attention.linear_qkv.layer_norm_weight <- model.layers.47.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:32."""
     return {"model.layers.47.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_47_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.47.self_attention.linear_proj.weight <- model.layers.47.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:42."""
     return rt.row_import(ctx.tp, load("model.layers.47.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_47_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.47.self_attention.linear_proj.weight <- model.layers.47.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:42."""
     return {"model.layers.47.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_47_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.47.self_attention.linear_qkv.weight <- model.layers.47.self_attn.q_proj.weight, model.layers.47.self_attn.k_proj.weight, model.layers.47.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/llama.yaml:35."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.47.self_attn.q_proj.weight"),
@@ -4997,35 +5205,39 @@ def import_decoder_layers_47_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_47_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.47.self_attention.linear_qkv.weight <- model.layers.47.self_attn.q_proj.weight, model.layers.47.self_attn.k_proj.weight, model.layers.47.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
-    return {
-        "model.layers.47.self_attn.q_proj.weight": q,
-        "model.layers.47.self_attn.k_proj.weight": k,
-        "model.layers.47.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/llama.yaml:35."""
+    return dict(
+        zip(
+            (
+                "model.layers.47.self_attn.q_proj.weight",
+                "model.layers.47.self_attn.k_proj.weight",
+                "model.layers.47.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=64, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_47_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.47.mlp.linear_fc1.layer_norm_weight <- model.layers.47.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:45."""
     return rt.whole_import(load("model.layers.47.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_47_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.47.mlp.linear_fc1.layer_norm_weight <- model.layers.47.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:45."""
     return {"model.layers.47.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_47_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.47.mlp.linear_fc1.weight <- model.layers.47.mlp.gate_proj.weight, model.layers.47.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.47.mlp.gate_proj.weight"),
@@ -5034,60 +5246,60 @@ def import_decoder_layers_47_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_47_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.47.mlp.linear_fc1.weight <- model.layers.47.mlp.gate_proj.weight, model.layers.47.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.47.mlp.gate_proj.weight": gate, "model.layers.47.mlp.up_proj.weight": up}
+def export_decoder_layers_47_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/llama.yaml:48."""
+    return dict(
+        zip(
+            ("model.layers.47.mlp.gate_proj.weight", "model.layers.47.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_47_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.47.mlp.linear_fc2.weight <- model.layers.47.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:51."""
     return rt.row_import(ctx.tp, load("model.layers.47.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_47_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.47.mlp.linear_fc2.weight <- model.layers.47.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+def export_decoder_layers_47_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:51."""
     return {"model.layers.47.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_48_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.48.self_attention.linear_qkv.layer_norm_weight <- model.layers.48.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:32."""
     return rt.whole_import(load("model.layers.48.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_48_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.48.self_attention.linear_qkv.layer_norm_weight <- model.layers.48.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:32."""
     return {"model.layers.48.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_48_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.48.self_attention.linear_proj.weight <- model.layers.48.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:42."""
     return rt.row_import(ctx.tp, load("model.layers.48.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_48_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.48.self_attention.linear_proj.weight <- model.layers.48.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:42."""
     return {"model.layers.48.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_48_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.48.self_attention.linear_qkv.weight <- model.layers.48.self_attn.q_proj.weight, model.layers.48.self_attn.k_proj.weight, model.layers.48.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/llama.yaml:35."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.48.self_attn.q_proj.weight"),
@@ -5101,35 +5313,39 @@ def import_decoder_layers_48_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_48_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.48.self_attention.linear_qkv.weight <- model.layers.48.self_attn.q_proj.weight, model.layers.48.self_attn.k_proj.weight, model.layers.48.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
-    return {
-        "model.layers.48.self_attn.q_proj.weight": q,
-        "model.layers.48.self_attn.k_proj.weight": k,
-        "model.layers.48.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/llama.yaml:35."""
+    return dict(
+        zip(
+            (
+                "model.layers.48.self_attn.q_proj.weight",
+                "model.layers.48.self_attn.k_proj.weight",
+                "model.layers.48.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=64, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_48_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.48.mlp.linear_fc1.layer_norm_weight <- model.layers.48.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:45."""
     return rt.whole_import(load("model.layers.48.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_48_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.48.mlp.linear_fc1.layer_norm_weight <- model.layers.48.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:45."""
     return {"model.layers.48.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_48_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.48.mlp.linear_fc1.weight <- model.layers.48.mlp.gate_proj.weight, model.layers.48.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.48.mlp.gate_proj.weight"),
@@ -5138,60 +5354,60 @@ def import_decoder_layers_48_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_48_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.48.mlp.linear_fc1.weight <- model.layers.48.mlp.gate_proj.weight, model.layers.48.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.48.mlp.gate_proj.weight": gate, "model.layers.48.mlp.up_proj.weight": up}
+def export_decoder_layers_48_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/llama.yaml:48."""
+    return dict(
+        zip(
+            ("model.layers.48.mlp.gate_proj.weight", "model.layers.48.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_48_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.48.mlp.linear_fc2.weight <- model.layers.48.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:51."""
     return rt.row_import(ctx.tp, load("model.layers.48.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_48_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.48.mlp.linear_fc2.weight <- model.layers.48.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+def export_decoder_layers_48_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:51."""
     return {"model.layers.48.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_49_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.49.self_attention.linear_qkv.layer_norm_weight <- model.layers.49.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:32."""
     return rt.whole_import(load("model.layers.49.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_49_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.49.self_attention.linear_qkv.layer_norm_weight <- model.layers.49.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:32."""
     return {"model.layers.49.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_49_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.49.self_attention.linear_proj.weight <- model.layers.49.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:42."""
     return rt.row_import(ctx.tp, load("model.layers.49.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_49_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.49.self_attention.linear_proj.weight <- model.layers.49.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:42."""
     return {"model.layers.49.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_49_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.49.self_attention.linear_qkv.weight <- model.layers.49.self_attn.q_proj.weight, model.layers.49.self_attn.k_proj.weight, model.layers.49.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/llama.yaml:35."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.49.self_attn.q_proj.weight"),
@@ -5205,35 +5421,39 @@ def import_decoder_layers_49_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_49_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.49.self_attention.linear_qkv.weight <- model.layers.49.self_attn.q_proj.weight, model.layers.49.self_attn.k_proj.weight, model.layers.49.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
-    return {
-        "model.layers.49.self_attn.q_proj.weight": q,
-        "model.layers.49.self_attn.k_proj.weight": k,
-        "model.layers.49.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/llama.yaml:35."""
+    return dict(
+        zip(
+            (
+                "model.layers.49.self_attn.q_proj.weight",
+                "model.layers.49.self_attn.k_proj.weight",
+                "model.layers.49.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=64, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_49_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.49.mlp.linear_fc1.layer_norm_weight <- model.layers.49.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:45."""
     return rt.whole_import(load("model.layers.49.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_49_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.49.mlp.linear_fc1.layer_norm_weight <- model.layers.49.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:45."""
     return {"model.layers.49.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_49_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.49.mlp.linear_fc1.weight <- model.layers.49.mlp.gate_proj.weight, model.layers.49.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.49.mlp.gate_proj.weight"),
@@ -5242,60 +5462,60 @@ def import_decoder_layers_49_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_49_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.49.mlp.linear_fc1.weight <- model.layers.49.mlp.gate_proj.weight, model.layers.49.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.49.mlp.gate_proj.weight": gate, "model.layers.49.mlp.up_proj.weight": up}
+def export_decoder_layers_49_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/llama.yaml:48."""
+    return dict(
+        zip(
+            ("model.layers.49.mlp.gate_proj.weight", "model.layers.49.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_49_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.49.mlp.linear_fc2.weight <- model.layers.49.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:51."""
     return rt.row_import(ctx.tp, load("model.layers.49.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_49_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.49.mlp.linear_fc2.weight <- model.layers.49.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+def export_decoder_layers_49_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:51."""
     return {"model.layers.49.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_50_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.50.self_attention.linear_qkv.layer_norm_weight <- model.layers.50.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:32."""
     return rt.whole_import(load("model.layers.50.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_50_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.50.self_attention.linear_qkv.layer_norm_weight <- model.layers.50.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:32."""
     return {"model.layers.50.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_50_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.50.self_attention.linear_proj.weight <- model.layers.50.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:42."""
     return rt.row_import(ctx.tp, load("model.layers.50.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_50_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.50.self_attention.linear_proj.weight <- model.layers.50.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:42."""
     return {"model.layers.50.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_50_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.50.self_attention.linear_qkv.weight <- model.layers.50.self_attn.q_proj.weight, model.layers.50.self_attn.k_proj.weight, model.layers.50.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/llama.yaml:35."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.50.self_attn.q_proj.weight"),
@@ -5309,35 +5529,39 @@ def import_decoder_layers_50_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_50_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.50.self_attention.linear_qkv.weight <- model.layers.50.self_attn.q_proj.weight, model.layers.50.self_attn.k_proj.weight, model.layers.50.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
-    return {
-        "model.layers.50.self_attn.q_proj.weight": q,
-        "model.layers.50.self_attn.k_proj.weight": k,
-        "model.layers.50.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/llama.yaml:35."""
+    return dict(
+        zip(
+            (
+                "model.layers.50.self_attn.q_proj.weight",
+                "model.layers.50.self_attn.k_proj.weight",
+                "model.layers.50.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=64, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_50_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.50.mlp.linear_fc1.layer_norm_weight <- model.layers.50.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:45."""
     return rt.whole_import(load("model.layers.50.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_50_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.50.mlp.linear_fc1.layer_norm_weight <- model.layers.50.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:45."""
     return {"model.layers.50.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_50_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.50.mlp.linear_fc1.weight <- model.layers.50.mlp.gate_proj.weight, model.layers.50.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.50.mlp.gate_proj.weight"),
@@ -5346,60 +5570,60 @@ def import_decoder_layers_50_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_50_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.50.mlp.linear_fc1.weight <- model.layers.50.mlp.gate_proj.weight, model.layers.50.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.50.mlp.gate_proj.weight": gate, "model.layers.50.mlp.up_proj.weight": up}
+def export_decoder_layers_50_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/llama.yaml:48."""
+    return dict(
+        zip(
+            ("model.layers.50.mlp.gate_proj.weight", "model.layers.50.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_50_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.50.mlp.linear_fc2.weight <- model.layers.50.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:51."""
     return rt.row_import(ctx.tp, load("model.layers.50.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_50_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.50.mlp.linear_fc2.weight <- model.layers.50.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+def export_decoder_layers_50_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:51."""
     return {"model.layers.50.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_51_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.51.self_attention.linear_qkv.layer_norm_weight <- model.layers.51.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:32."""
     return rt.whole_import(load("model.layers.51.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_51_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.51.self_attention.linear_qkv.layer_norm_weight <- model.layers.51.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:32."""
     return {"model.layers.51.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_51_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.51.self_attention.linear_proj.weight <- model.layers.51.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:42."""
     return rt.row_import(ctx.tp, load("model.layers.51.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_51_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.51.self_attention.linear_proj.weight <- model.layers.51.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:42."""
     return {"model.layers.51.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_51_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.51.self_attention.linear_qkv.weight <- model.layers.51.self_attn.q_proj.weight, model.layers.51.self_attn.k_proj.weight, model.layers.51.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/llama.yaml:35."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.51.self_attn.q_proj.weight"),
@@ -5413,35 +5637,39 @@ def import_decoder_layers_51_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_51_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.51.self_attention.linear_qkv.weight <- model.layers.51.self_attn.q_proj.weight, model.layers.51.self_attn.k_proj.weight, model.layers.51.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
-    return {
-        "model.layers.51.self_attn.q_proj.weight": q,
-        "model.layers.51.self_attn.k_proj.weight": k,
-        "model.layers.51.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/llama.yaml:35."""
+    return dict(
+        zip(
+            (
+                "model.layers.51.self_attn.q_proj.weight",
+                "model.layers.51.self_attn.k_proj.weight",
+                "model.layers.51.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=64, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_51_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.51.mlp.linear_fc1.layer_norm_weight <- model.layers.51.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:45."""
     return rt.whole_import(load("model.layers.51.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_51_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.51.mlp.linear_fc1.layer_norm_weight <- model.layers.51.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:45."""
     return {"model.layers.51.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_51_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.51.mlp.linear_fc1.weight <- model.layers.51.mlp.gate_proj.weight, model.layers.51.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.51.mlp.gate_proj.weight"),
@@ -5450,60 +5678,60 @@ def import_decoder_layers_51_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_51_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.51.mlp.linear_fc1.weight <- model.layers.51.mlp.gate_proj.weight, model.layers.51.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.51.mlp.gate_proj.weight": gate, "model.layers.51.mlp.up_proj.weight": up}
+def export_decoder_layers_51_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/llama.yaml:48."""
+    return dict(
+        zip(
+            ("model.layers.51.mlp.gate_proj.weight", "model.layers.51.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_51_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.51.mlp.linear_fc2.weight <- model.layers.51.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:51."""
     return rt.row_import(ctx.tp, load("model.layers.51.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_51_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.51.mlp.linear_fc2.weight <- model.layers.51.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+def export_decoder_layers_51_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:51."""
     return {"model.layers.51.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_52_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.52.self_attention.linear_qkv.layer_norm_weight <- model.layers.52.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:32."""
     return rt.whole_import(load("model.layers.52.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_52_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.52.self_attention.linear_qkv.layer_norm_weight <- model.layers.52.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:32."""
     return {"model.layers.52.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_52_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.52.self_attention.linear_proj.weight <- model.layers.52.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:42."""
     return rt.row_import(ctx.tp, load("model.layers.52.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_52_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.52.self_attention.linear_proj.weight <- model.layers.52.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:42."""
     return {"model.layers.52.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_52_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.52.self_attention.linear_qkv.weight <- model.layers.52.self_attn.q_proj.weight, model.layers.52.self_attn.k_proj.weight, model.layers.52.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/llama.yaml:35."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.52.self_attn.q_proj.weight"),
@@ -5517,35 +5745,39 @@ def import_decoder_layers_52_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_52_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.52.self_attention.linear_qkv.weight <- model.layers.52.self_attn.q_proj.weight, model.layers.52.self_attn.k_proj.weight, model.layers.52.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
-    return {
-        "model.layers.52.self_attn.q_proj.weight": q,
-        "model.layers.52.self_attn.k_proj.weight": k,
-        "model.layers.52.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/llama.yaml:35."""
+    return dict(
+        zip(
+            (
+                "model.layers.52.self_attn.q_proj.weight",
+                "model.layers.52.self_attn.k_proj.weight",
+                "model.layers.52.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=64, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_52_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.52.mlp.linear_fc1.layer_norm_weight <- model.layers.52.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:45."""
     return rt.whole_import(load("model.layers.52.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_52_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.52.mlp.linear_fc1.layer_norm_weight <- model.layers.52.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:45."""
     return {"model.layers.52.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_52_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.52.mlp.linear_fc1.weight <- model.layers.52.mlp.gate_proj.weight, model.layers.52.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.52.mlp.gate_proj.weight"),
@@ -5554,60 +5786,60 @@ def import_decoder_layers_52_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_52_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.52.mlp.linear_fc1.weight <- model.layers.52.mlp.gate_proj.weight, model.layers.52.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.52.mlp.gate_proj.weight": gate, "model.layers.52.mlp.up_proj.weight": up}
+def export_decoder_layers_52_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/llama.yaml:48."""
+    return dict(
+        zip(
+            ("model.layers.52.mlp.gate_proj.weight", "model.layers.52.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_52_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.52.mlp.linear_fc2.weight <- model.layers.52.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:51."""
     return rt.row_import(ctx.tp, load("model.layers.52.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_52_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.52.mlp.linear_fc2.weight <- model.layers.52.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+def export_decoder_layers_52_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:51."""
     return {"model.layers.52.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_53_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.53.self_attention.linear_qkv.layer_norm_weight <- model.layers.53.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:32."""
     return rt.whole_import(load("model.layers.53.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_53_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.53.self_attention.linear_qkv.layer_norm_weight <- model.layers.53.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:32."""
     return {"model.layers.53.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_53_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.53.self_attention.linear_proj.weight <- model.layers.53.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:42."""
     return rt.row_import(ctx.tp, load("model.layers.53.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_53_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.53.self_attention.linear_proj.weight <- model.layers.53.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:42."""
     return {"model.layers.53.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_53_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.53.self_attention.linear_qkv.weight <- model.layers.53.self_attn.q_proj.weight, model.layers.53.self_attn.k_proj.weight, model.layers.53.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/llama.yaml:35."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.53.self_attn.q_proj.weight"),
@@ -5621,35 +5853,39 @@ def import_decoder_layers_53_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_53_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.53.self_attention.linear_qkv.weight <- model.layers.53.self_attn.q_proj.weight, model.layers.53.self_attn.k_proj.weight, model.layers.53.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
-    return {
-        "model.layers.53.self_attn.q_proj.weight": q,
-        "model.layers.53.self_attn.k_proj.weight": k,
-        "model.layers.53.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/llama.yaml:35."""
+    return dict(
+        zip(
+            (
+                "model.layers.53.self_attn.q_proj.weight",
+                "model.layers.53.self_attn.k_proj.weight",
+                "model.layers.53.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=64, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_53_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.53.mlp.linear_fc1.layer_norm_weight <- model.layers.53.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:45."""
     return rt.whole_import(load("model.layers.53.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_53_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.53.mlp.linear_fc1.layer_norm_weight <- model.layers.53.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:45."""
     return {"model.layers.53.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_53_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.53.mlp.linear_fc1.weight <- model.layers.53.mlp.gate_proj.weight, model.layers.53.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.53.mlp.gate_proj.weight"),
@@ -5658,60 +5894,60 @@ def import_decoder_layers_53_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_53_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.53.mlp.linear_fc1.weight <- model.layers.53.mlp.gate_proj.weight, model.layers.53.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.53.mlp.gate_proj.weight": gate, "model.layers.53.mlp.up_proj.weight": up}
+def export_decoder_layers_53_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/llama.yaml:48."""
+    return dict(
+        zip(
+            ("model.layers.53.mlp.gate_proj.weight", "model.layers.53.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_53_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.53.mlp.linear_fc2.weight <- model.layers.53.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:51."""
     return rt.row_import(ctx.tp, load("model.layers.53.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_53_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.53.mlp.linear_fc2.weight <- model.layers.53.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+def export_decoder_layers_53_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:51."""
     return {"model.layers.53.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_54_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.54.self_attention.linear_qkv.layer_norm_weight <- model.layers.54.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:32."""
     return rt.whole_import(load("model.layers.54.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_54_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.54.self_attention.linear_qkv.layer_norm_weight <- model.layers.54.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:32."""
     return {"model.layers.54.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_54_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.54.self_attention.linear_proj.weight <- model.layers.54.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:42."""
     return rt.row_import(ctx.tp, load("model.layers.54.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_54_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.54.self_attention.linear_proj.weight <- model.layers.54.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:42."""
     return {"model.layers.54.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_54_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.54.self_attention.linear_qkv.weight <- model.layers.54.self_attn.q_proj.weight, model.layers.54.self_attn.k_proj.weight, model.layers.54.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/llama.yaml:35."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.54.self_attn.q_proj.weight"),
@@ -5725,35 +5961,39 @@ def import_decoder_layers_54_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_54_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.54.self_attention.linear_qkv.weight <- model.layers.54.self_attn.q_proj.weight, model.layers.54.self_attn.k_proj.weight, model.layers.54.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
-    return {
-        "model.layers.54.self_attn.q_proj.weight": q,
-        "model.layers.54.self_attn.k_proj.weight": k,
-        "model.layers.54.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/llama.yaml:35."""
+    return dict(
+        zip(
+            (
+                "model.layers.54.self_attn.q_proj.weight",
+                "model.layers.54.self_attn.k_proj.weight",
+                "model.layers.54.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=64, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_54_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.54.mlp.linear_fc1.layer_norm_weight <- model.layers.54.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:45."""
     return rt.whole_import(load("model.layers.54.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_54_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.54.mlp.linear_fc1.layer_norm_weight <- model.layers.54.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:45."""
     return {"model.layers.54.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_54_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.54.mlp.linear_fc1.weight <- model.layers.54.mlp.gate_proj.weight, model.layers.54.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.54.mlp.gate_proj.weight"),
@@ -5762,60 +6002,60 @@ def import_decoder_layers_54_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_54_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.54.mlp.linear_fc1.weight <- model.layers.54.mlp.gate_proj.weight, model.layers.54.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.54.mlp.gate_proj.weight": gate, "model.layers.54.mlp.up_proj.weight": up}
+def export_decoder_layers_54_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/llama.yaml:48."""
+    return dict(
+        zip(
+            ("model.layers.54.mlp.gate_proj.weight", "model.layers.54.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_54_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.54.mlp.linear_fc2.weight <- model.layers.54.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:51."""
     return rt.row_import(ctx.tp, load("model.layers.54.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_54_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.54.mlp.linear_fc2.weight <- model.layers.54.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+def export_decoder_layers_54_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:51."""
     return {"model.layers.54.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_55_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.55.self_attention.linear_qkv.layer_norm_weight <- model.layers.55.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:32."""
     return rt.whole_import(load("model.layers.55.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_55_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.55.self_attention.linear_qkv.layer_norm_weight <- model.layers.55.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:32."""
     return {"model.layers.55.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_55_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.55.self_attention.linear_proj.weight <- model.layers.55.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:42."""
     return rt.row_import(ctx.tp, load("model.layers.55.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_55_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.55.self_attention.linear_proj.weight <- model.layers.55.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:42."""
     return {"model.layers.55.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_55_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.55.self_attention.linear_qkv.weight <- model.layers.55.self_attn.q_proj.weight, model.layers.55.self_attn.k_proj.weight, model.layers.55.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/llama.yaml:35."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.55.self_attn.q_proj.weight"),
@@ -5829,35 +6069,39 @@ def import_decoder_layers_55_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_55_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.55.self_attention.linear_qkv.weight <- model.layers.55.self_attn.q_proj.weight, model.layers.55.self_attn.k_proj.weight, model.layers.55.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
-    return {
-        "model.layers.55.self_attn.q_proj.weight": q,
-        "model.layers.55.self_attn.k_proj.weight": k,
-        "model.layers.55.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/llama.yaml:35."""
+    return dict(
+        zip(
+            (
+                "model.layers.55.self_attn.q_proj.weight",
+                "model.layers.55.self_attn.k_proj.weight",
+                "model.layers.55.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=64, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_55_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.55.mlp.linear_fc1.layer_norm_weight <- model.layers.55.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:45."""
     return rt.whole_import(load("model.layers.55.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_55_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.55.mlp.linear_fc1.layer_norm_weight <- model.layers.55.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:45."""
     return {"model.layers.55.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_55_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.55.mlp.linear_fc1.weight <- model.layers.55.mlp.gate_proj.weight, model.layers.55.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.55.mlp.gate_proj.weight"),
@@ -5866,60 +6110,60 @@ def import_decoder_layers_55_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_55_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.55.mlp.linear_fc1.weight <- model.layers.55.mlp.gate_proj.weight, model.layers.55.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.55.mlp.gate_proj.weight": gate, "model.layers.55.mlp.up_proj.weight": up}
+def export_decoder_layers_55_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/llama.yaml:48."""
+    return dict(
+        zip(
+            ("model.layers.55.mlp.gate_proj.weight", "model.layers.55.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_55_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.55.mlp.linear_fc2.weight <- model.layers.55.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:51."""
     return rt.row_import(ctx.tp, load("model.layers.55.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_55_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.55.mlp.linear_fc2.weight <- model.layers.55.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+def export_decoder_layers_55_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:51."""
     return {"model.layers.55.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_56_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.56.self_attention.linear_qkv.layer_norm_weight <- model.layers.56.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:32."""
     return rt.whole_import(load("model.layers.56.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_56_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.56.self_attention.linear_qkv.layer_norm_weight <- model.layers.56.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:32."""
     return {"model.layers.56.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_56_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.56.self_attention.linear_proj.weight <- model.layers.56.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:42."""
     return rt.row_import(ctx.tp, load("model.layers.56.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_56_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.56.self_attention.linear_proj.weight <- model.layers.56.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:42."""
     return {"model.layers.56.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_56_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.56.self_attention.linear_qkv.weight <- model.layers.56.self_attn.q_proj.weight, model.layers.56.self_attn.k_proj.weight, model.layers.56.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/llama.yaml:35."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.56.self_attn.q_proj.weight"),
@@ -5933,35 +6177,39 @@ def import_decoder_layers_56_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_56_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.56.self_attention.linear_qkv.weight <- model.layers.56.self_attn.q_proj.weight, model.layers.56.self_attn.k_proj.weight, model.layers.56.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
-    return {
-        "model.layers.56.self_attn.q_proj.weight": q,
-        "model.layers.56.self_attn.k_proj.weight": k,
-        "model.layers.56.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/llama.yaml:35."""
+    return dict(
+        zip(
+            (
+                "model.layers.56.self_attn.q_proj.weight",
+                "model.layers.56.self_attn.k_proj.weight",
+                "model.layers.56.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=64, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_56_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.56.mlp.linear_fc1.layer_norm_weight <- model.layers.56.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:45."""
     return rt.whole_import(load("model.layers.56.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_56_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.56.mlp.linear_fc1.layer_norm_weight <- model.layers.56.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:45."""
     return {"model.layers.56.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_56_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.56.mlp.linear_fc1.weight <- model.layers.56.mlp.gate_proj.weight, model.layers.56.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.56.mlp.gate_proj.weight"),
@@ -5970,60 +6218,60 @@ def import_decoder_layers_56_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_56_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.56.mlp.linear_fc1.weight <- model.layers.56.mlp.gate_proj.weight, model.layers.56.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.56.mlp.gate_proj.weight": gate, "model.layers.56.mlp.up_proj.weight": up}
+def export_decoder_layers_56_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/llama.yaml:48."""
+    return dict(
+        zip(
+            ("model.layers.56.mlp.gate_proj.weight", "model.layers.56.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_56_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.56.mlp.linear_fc2.weight <- model.layers.56.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:51."""
     return rt.row_import(ctx.tp, load("model.layers.56.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_56_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.56.mlp.linear_fc2.weight <- model.layers.56.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+def export_decoder_layers_56_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:51."""
     return {"model.layers.56.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_57_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.57.self_attention.linear_qkv.layer_norm_weight <- model.layers.57.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:32."""
     return rt.whole_import(load("model.layers.57.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_57_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.57.self_attention.linear_qkv.layer_norm_weight <- model.layers.57.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:32."""
     return {"model.layers.57.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_57_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.57.self_attention.linear_proj.weight <- model.layers.57.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:42."""
     return rt.row_import(ctx.tp, load("model.layers.57.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_57_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.57.self_attention.linear_proj.weight <- model.layers.57.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:42."""
     return {"model.layers.57.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_57_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.57.self_attention.linear_qkv.weight <- model.layers.57.self_attn.q_proj.weight, model.layers.57.self_attn.k_proj.weight, model.layers.57.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/llama.yaml:35."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.57.self_attn.q_proj.weight"),
@@ -6037,35 +6285,39 @@ def import_decoder_layers_57_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_57_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.57.self_attention.linear_qkv.weight <- model.layers.57.self_attn.q_proj.weight, model.layers.57.self_attn.k_proj.weight, model.layers.57.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
-    return {
-        "model.layers.57.self_attn.q_proj.weight": q,
-        "model.layers.57.self_attn.k_proj.weight": k,
-        "model.layers.57.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/llama.yaml:35."""
+    return dict(
+        zip(
+            (
+                "model.layers.57.self_attn.q_proj.weight",
+                "model.layers.57.self_attn.k_proj.weight",
+                "model.layers.57.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=64, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_57_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.57.mlp.linear_fc1.layer_norm_weight <- model.layers.57.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:45."""
     return rt.whole_import(load("model.layers.57.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_57_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.57.mlp.linear_fc1.layer_norm_weight <- model.layers.57.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:45."""
     return {"model.layers.57.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_57_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.57.mlp.linear_fc1.weight <- model.layers.57.mlp.gate_proj.weight, model.layers.57.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.57.mlp.gate_proj.weight"),
@@ -6074,60 +6326,60 @@ def import_decoder_layers_57_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_57_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.57.mlp.linear_fc1.weight <- model.layers.57.mlp.gate_proj.weight, model.layers.57.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.57.mlp.gate_proj.weight": gate, "model.layers.57.mlp.up_proj.weight": up}
+def export_decoder_layers_57_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/llama.yaml:48."""
+    return dict(
+        zip(
+            ("model.layers.57.mlp.gate_proj.weight", "model.layers.57.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_57_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.57.mlp.linear_fc2.weight <- model.layers.57.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:51."""
     return rt.row_import(ctx.tp, load("model.layers.57.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_57_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.57.mlp.linear_fc2.weight <- model.layers.57.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+def export_decoder_layers_57_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:51."""
     return {"model.layers.57.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_58_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.58.self_attention.linear_qkv.layer_norm_weight <- model.layers.58.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:32."""
     return rt.whole_import(load("model.layers.58.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_58_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.58.self_attention.linear_qkv.layer_norm_weight <- model.layers.58.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:32."""
     return {"model.layers.58.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_58_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.58.self_attention.linear_proj.weight <- model.layers.58.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:42."""
     return rt.row_import(ctx.tp, load("model.layers.58.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_58_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.58.self_attention.linear_proj.weight <- model.layers.58.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:42."""
     return {"model.layers.58.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_58_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.58.self_attention.linear_qkv.weight <- model.layers.58.self_attn.q_proj.weight, model.layers.58.self_attn.k_proj.weight, model.layers.58.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/llama.yaml:35."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.58.self_attn.q_proj.weight"),
@@ -6141,35 +6393,39 @@ def import_decoder_layers_58_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_58_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.58.self_attention.linear_qkv.weight <- model.layers.58.self_attn.q_proj.weight, model.layers.58.self_attn.k_proj.weight, model.layers.58.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
-    return {
-        "model.layers.58.self_attn.q_proj.weight": q,
-        "model.layers.58.self_attn.k_proj.weight": k,
-        "model.layers.58.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/llama.yaml:35."""
+    return dict(
+        zip(
+            (
+                "model.layers.58.self_attn.q_proj.weight",
+                "model.layers.58.self_attn.k_proj.weight",
+                "model.layers.58.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=64, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_58_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.58.mlp.linear_fc1.layer_norm_weight <- model.layers.58.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:45."""
     return rt.whole_import(load("model.layers.58.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_58_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.58.mlp.linear_fc1.layer_norm_weight <- model.layers.58.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:45."""
     return {"model.layers.58.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_58_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.58.mlp.linear_fc1.weight <- model.layers.58.mlp.gate_proj.weight, model.layers.58.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.58.mlp.gate_proj.weight"),
@@ -6178,60 +6434,60 @@ def import_decoder_layers_58_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_58_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.58.mlp.linear_fc1.weight <- model.layers.58.mlp.gate_proj.weight, model.layers.58.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.58.mlp.gate_proj.weight": gate, "model.layers.58.mlp.up_proj.weight": up}
+def export_decoder_layers_58_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/llama.yaml:48."""
+    return dict(
+        zip(
+            ("model.layers.58.mlp.gate_proj.weight", "model.layers.58.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_58_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.58.mlp.linear_fc2.weight <- model.layers.58.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:51."""
     return rt.row_import(ctx.tp, load("model.layers.58.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_58_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.58.mlp.linear_fc2.weight <- model.layers.58.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+def export_decoder_layers_58_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:51."""
     return {"model.layers.58.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_59_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.59.self_attention.linear_qkv.layer_norm_weight <- model.layers.59.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:32."""
     return rt.whole_import(load("model.layers.59.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_59_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.59.self_attention.linear_qkv.layer_norm_weight <- model.layers.59.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:32."""
     return {"model.layers.59.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_59_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.59.self_attention.linear_proj.weight <- model.layers.59.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:42."""
     return rt.row_import(ctx.tp, load("model.layers.59.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_59_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.59.self_attention.linear_proj.weight <- model.layers.59.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:42."""
     return {"model.layers.59.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_59_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.59.self_attention.linear_qkv.weight <- model.layers.59.self_attn.q_proj.weight, model.layers.59.self_attn.k_proj.weight, model.layers.59.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/llama.yaml:35."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.59.self_attn.q_proj.weight"),
@@ -6245,35 +6501,39 @@ def import_decoder_layers_59_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_59_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.59.self_attention.linear_qkv.weight <- model.layers.59.self_attn.q_proj.weight, model.layers.59.self_attn.k_proj.weight, model.layers.59.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
-    return {
-        "model.layers.59.self_attn.q_proj.weight": q,
-        "model.layers.59.self_attn.k_proj.weight": k,
-        "model.layers.59.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/llama.yaml:35."""
+    return dict(
+        zip(
+            (
+                "model.layers.59.self_attn.q_proj.weight",
+                "model.layers.59.self_attn.k_proj.weight",
+                "model.layers.59.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=64, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_59_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.59.mlp.linear_fc1.layer_norm_weight <- model.layers.59.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:45."""
     return rt.whole_import(load("model.layers.59.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_59_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.59.mlp.linear_fc1.layer_norm_weight <- model.layers.59.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:45."""
     return {"model.layers.59.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_59_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.59.mlp.linear_fc1.weight <- model.layers.59.mlp.gate_proj.weight, model.layers.59.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.59.mlp.gate_proj.weight"),
@@ -6282,60 +6542,60 @@ def import_decoder_layers_59_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_59_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.59.mlp.linear_fc1.weight <- model.layers.59.mlp.gate_proj.weight, model.layers.59.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.59.mlp.gate_proj.weight": gate, "model.layers.59.mlp.up_proj.weight": up}
+def export_decoder_layers_59_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/llama.yaml:48."""
+    return dict(
+        zip(
+            ("model.layers.59.mlp.gate_proj.weight", "model.layers.59.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_59_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.59.mlp.linear_fc2.weight <- model.layers.59.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:51."""
     return rt.row_import(ctx.tp, load("model.layers.59.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_59_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.59.mlp.linear_fc2.weight <- model.layers.59.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+def export_decoder_layers_59_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:51."""
     return {"model.layers.59.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_60_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.60.self_attention.linear_qkv.layer_norm_weight <- model.layers.60.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:32."""
     return rt.whole_import(load("model.layers.60.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_60_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.60.self_attention.linear_qkv.layer_norm_weight <- model.layers.60.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:32."""
     return {"model.layers.60.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_60_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.60.self_attention.linear_proj.weight <- model.layers.60.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:42."""
     return rt.row_import(ctx.tp, load("model.layers.60.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_60_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.60.self_attention.linear_proj.weight <- model.layers.60.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:42."""
     return {"model.layers.60.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_60_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.60.self_attention.linear_qkv.weight <- model.layers.60.self_attn.q_proj.weight, model.layers.60.self_attn.k_proj.weight, model.layers.60.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/llama.yaml:35."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.60.self_attn.q_proj.weight"),
@@ -6349,35 +6609,39 @@ def import_decoder_layers_60_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_60_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.60.self_attention.linear_qkv.weight <- model.layers.60.self_attn.q_proj.weight, model.layers.60.self_attn.k_proj.weight, model.layers.60.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
-    return {
-        "model.layers.60.self_attn.q_proj.weight": q,
-        "model.layers.60.self_attn.k_proj.weight": k,
-        "model.layers.60.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/llama.yaml:35."""
+    return dict(
+        zip(
+            (
+                "model.layers.60.self_attn.q_proj.weight",
+                "model.layers.60.self_attn.k_proj.weight",
+                "model.layers.60.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=64, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_60_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.60.mlp.linear_fc1.layer_norm_weight <- model.layers.60.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:45."""
     return rt.whole_import(load("model.layers.60.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_60_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.60.mlp.linear_fc1.layer_norm_weight <- model.layers.60.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:45."""
     return {"model.layers.60.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_60_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.60.mlp.linear_fc1.weight <- model.layers.60.mlp.gate_proj.weight, model.layers.60.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.60.mlp.gate_proj.weight"),
@@ -6386,60 +6650,60 @@ def import_decoder_layers_60_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_60_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.60.mlp.linear_fc1.weight <- model.layers.60.mlp.gate_proj.weight, model.layers.60.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.60.mlp.gate_proj.weight": gate, "model.layers.60.mlp.up_proj.weight": up}
+def export_decoder_layers_60_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/llama.yaml:48."""
+    return dict(
+        zip(
+            ("model.layers.60.mlp.gate_proj.weight", "model.layers.60.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_60_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.60.mlp.linear_fc2.weight <- model.layers.60.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:51."""
     return rt.row_import(ctx.tp, load("model.layers.60.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_60_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.60.mlp.linear_fc2.weight <- model.layers.60.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+def export_decoder_layers_60_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:51."""
     return {"model.layers.60.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_61_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.61.self_attention.linear_qkv.layer_norm_weight <- model.layers.61.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:32."""
     return rt.whole_import(load("model.layers.61.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_61_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.61.self_attention.linear_qkv.layer_norm_weight <- model.layers.61.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:32."""
     return {"model.layers.61.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_61_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.61.self_attention.linear_proj.weight <- model.layers.61.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:42."""
     return rt.row_import(ctx.tp, load("model.layers.61.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_61_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.61.self_attention.linear_proj.weight <- model.layers.61.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:42."""
     return {"model.layers.61.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_61_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.61.self_attention.linear_qkv.weight <- model.layers.61.self_attn.q_proj.weight, model.layers.61.self_attn.k_proj.weight, model.layers.61.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/llama.yaml:35."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.61.self_attn.q_proj.weight"),
@@ -6453,35 +6717,39 @@ def import_decoder_layers_61_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_61_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.61.self_attention.linear_qkv.weight <- model.layers.61.self_attn.q_proj.weight, model.layers.61.self_attn.k_proj.weight, model.layers.61.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
-    return {
-        "model.layers.61.self_attn.q_proj.weight": q,
-        "model.layers.61.self_attn.k_proj.weight": k,
-        "model.layers.61.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/llama.yaml:35."""
+    return dict(
+        zip(
+            (
+                "model.layers.61.self_attn.q_proj.weight",
+                "model.layers.61.self_attn.k_proj.weight",
+                "model.layers.61.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=64, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_61_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.61.mlp.linear_fc1.layer_norm_weight <- model.layers.61.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:45."""
     return rt.whole_import(load("model.layers.61.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_61_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.61.mlp.linear_fc1.layer_norm_weight <- model.layers.61.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:45."""
     return {"model.layers.61.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_61_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.61.mlp.linear_fc1.weight <- model.layers.61.mlp.gate_proj.weight, model.layers.61.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.61.mlp.gate_proj.weight"),
@@ -6490,60 +6758,60 @@ def import_decoder_layers_61_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_61_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.61.mlp.linear_fc1.weight <- model.layers.61.mlp.gate_proj.weight, model.layers.61.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.61.mlp.gate_proj.weight": gate, "model.layers.61.mlp.up_proj.weight": up}
+def export_decoder_layers_61_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/llama.yaml:48."""
+    return dict(
+        zip(
+            ("model.layers.61.mlp.gate_proj.weight", "model.layers.61.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_61_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.61.mlp.linear_fc2.weight <- model.layers.61.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:51."""
     return rt.row_import(ctx.tp, load("model.layers.61.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_61_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.61.mlp.linear_fc2.weight <- model.layers.61.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+def export_decoder_layers_61_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:51."""
     return {"model.layers.61.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_62_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.62.self_attention.linear_qkv.layer_norm_weight <- model.layers.62.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:32."""
     return rt.whole_import(load("model.layers.62.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_62_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.62.self_attention.linear_qkv.layer_norm_weight <- model.layers.62.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:32."""
     return {"model.layers.62.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_62_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.62.self_attention.linear_proj.weight <- model.layers.62.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:42."""
     return rt.row_import(ctx.tp, load("model.layers.62.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_62_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.62.self_attention.linear_proj.weight <- model.layers.62.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:42."""
     return {"model.layers.62.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_62_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.62.self_attention.linear_qkv.weight <- model.layers.62.self_attn.q_proj.weight, model.layers.62.self_attn.k_proj.weight, model.layers.62.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/llama.yaml:35."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.62.self_attn.q_proj.weight"),
@@ -6557,35 +6825,39 @@ def import_decoder_layers_62_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_62_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.62.self_attention.linear_qkv.weight <- model.layers.62.self_attn.q_proj.weight, model.layers.62.self_attn.k_proj.weight, model.layers.62.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
-    return {
-        "model.layers.62.self_attn.q_proj.weight": q,
-        "model.layers.62.self_attn.k_proj.weight": k,
-        "model.layers.62.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/llama.yaml:35."""
+    return dict(
+        zip(
+            (
+                "model.layers.62.self_attn.q_proj.weight",
+                "model.layers.62.self_attn.k_proj.weight",
+                "model.layers.62.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=64, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_62_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.62.mlp.linear_fc1.layer_norm_weight <- model.layers.62.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:45."""
     return rt.whole_import(load("model.layers.62.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_62_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.62.mlp.linear_fc1.layer_norm_weight <- model.layers.62.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:45."""
     return {"model.layers.62.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_62_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.62.mlp.linear_fc1.weight <- model.layers.62.mlp.gate_proj.weight, model.layers.62.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.62.mlp.gate_proj.weight"),
@@ -6594,60 +6866,60 @@ def import_decoder_layers_62_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_62_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.62.mlp.linear_fc1.weight <- model.layers.62.mlp.gate_proj.weight, model.layers.62.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.62.mlp.gate_proj.weight": gate, "model.layers.62.mlp.up_proj.weight": up}
+def export_decoder_layers_62_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/llama.yaml:48."""
+    return dict(
+        zip(
+            ("model.layers.62.mlp.gate_proj.weight", "model.layers.62.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_62_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.62.mlp.linear_fc2.weight <- model.layers.62.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:51."""
     return rt.row_import(ctx.tp, load("model.layers.62.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_62_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.62.mlp.linear_fc2.weight <- model.layers.62.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+def export_decoder_layers_62_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:51."""
     return {"model.layers.62.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_63_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.63.self_attention.linear_qkv.layer_norm_weight <- model.layers.63.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:32."""
     return rt.whole_import(load("model.layers.63.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_63_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.63.self_attention.linear_qkv.layer_norm_weight <- model.layers.63.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:32."""
     return {"model.layers.63.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_63_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.63.self_attention.linear_proj.weight <- model.layers.63.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:42."""
     return rt.row_import(ctx.tp, load("model.layers.63.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_63_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.63.self_attention.linear_proj.weight <- model.layers.63.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:42."""
     return {"model.layers.63.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_63_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.63.self_attention.linear_qkv.weight <- model.layers.63.self_attn.q_proj.weight, model.layers.63.self_attn.k_proj.weight, model.layers.63.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/llama.yaml:35."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.63.self_attn.q_proj.weight"),
@@ -6661,35 +6933,39 @@ def import_decoder_layers_63_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_63_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.63.self_attention.linear_qkv.weight <- model.layers.63.self_attn.q_proj.weight, model.layers.63.self_attn.k_proj.weight, model.layers.63.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
-    return {
-        "model.layers.63.self_attn.q_proj.weight": q,
-        "model.layers.63.self_attn.k_proj.weight": k,
-        "model.layers.63.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/llama.yaml:35."""
+    return dict(
+        zip(
+            (
+                "model.layers.63.self_attn.q_proj.weight",
+                "model.layers.63.self_attn.k_proj.weight",
+                "model.layers.63.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=64, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_63_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.63.mlp.linear_fc1.layer_norm_weight <- model.layers.63.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:45."""
     return rt.whole_import(load("model.layers.63.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_63_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.63.mlp.linear_fc1.layer_norm_weight <- model.layers.63.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:45."""
     return {"model.layers.63.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_63_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.63.mlp.linear_fc1.weight <- model.layers.63.mlp.gate_proj.weight, model.layers.63.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.63.mlp.gate_proj.weight"),
@@ -6698,60 +6974,60 @@ def import_decoder_layers_63_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_63_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.63.mlp.linear_fc1.weight <- model.layers.63.mlp.gate_proj.weight, model.layers.63.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.63.mlp.gate_proj.weight": gate, "model.layers.63.mlp.up_proj.weight": up}
+def export_decoder_layers_63_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/llama.yaml:48."""
+    return dict(
+        zip(
+            ("model.layers.63.mlp.gate_proj.weight", "model.layers.63.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_63_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.63.mlp.linear_fc2.weight <- model.layers.63.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:51."""
     return rt.row_import(ctx.tp, load("model.layers.63.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_63_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.63.mlp.linear_fc2.weight <- model.layers.63.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+def export_decoder_layers_63_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:51."""
     return {"model.layers.63.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_64_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.64.self_attention.linear_qkv.layer_norm_weight <- model.layers.64.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:32."""
     return rt.whole_import(load("model.layers.64.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_64_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.64.self_attention.linear_qkv.layer_norm_weight <- model.layers.64.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:32."""
     return {"model.layers.64.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_64_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.64.self_attention.linear_proj.weight <- model.layers.64.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:42."""
     return rt.row_import(ctx.tp, load("model.layers.64.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_64_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.64.self_attention.linear_proj.weight <- model.layers.64.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:42."""
     return {"model.layers.64.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_64_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.64.self_attention.linear_qkv.weight <- model.layers.64.self_attn.q_proj.weight, model.layers.64.self_attn.k_proj.weight, model.layers.64.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/llama.yaml:35."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.64.self_attn.q_proj.weight"),
@@ -6765,35 +7041,39 @@ def import_decoder_layers_64_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_64_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.64.self_attention.linear_qkv.weight <- model.layers.64.self_attn.q_proj.weight, model.layers.64.self_attn.k_proj.weight, model.layers.64.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
-    return {
-        "model.layers.64.self_attn.q_proj.weight": q,
-        "model.layers.64.self_attn.k_proj.weight": k,
-        "model.layers.64.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/llama.yaml:35."""
+    return dict(
+        zip(
+            (
+                "model.layers.64.self_attn.q_proj.weight",
+                "model.layers.64.self_attn.k_proj.weight",
+                "model.layers.64.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=64, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_64_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.64.mlp.linear_fc1.layer_norm_weight <- model.layers.64.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:45."""
     return rt.whole_import(load("model.layers.64.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_64_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.64.mlp.linear_fc1.layer_norm_weight <- model.layers.64.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:45."""
     return {"model.layers.64.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_64_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.64.mlp.linear_fc1.weight <- model.layers.64.mlp.gate_proj.weight, model.layers.64.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.64.mlp.gate_proj.weight"),
@@ -6802,60 +7082,60 @@ def import_decoder_layers_64_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_64_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.64.mlp.linear_fc1.weight <- model.layers.64.mlp.gate_proj.weight, model.layers.64.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.64.mlp.gate_proj.weight": gate, "model.layers.64.mlp.up_proj.weight": up}
+def export_decoder_layers_64_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/llama.yaml:48."""
+    return dict(
+        zip(
+            ("model.layers.64.mlp.gate_proj.weight", "model.layers.64.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_64_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.64.mlp.linear_fc2.weight <- model.layers.64.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:51."""
     return rt.row_import(ctx.tp, load("model.layers.64.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_64_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.64.mlp.linear_fc2.weight <- model.layers.64.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+def export_decoder_layers_64_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:51."""
     return {"model.layers.64.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_65_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.65.self_attention.linear_qkv.layer_norm_weight <- model.layers.65.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:32."""
     return rt.whole_import(load("model.layers.65.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_65_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.65.self_attention.linear_qkv.layer_norm_weight <- model.layers.65.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:32."""
     return {"model.layers.65.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_65_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.65.self_attention.linear_proj.weight <- model.layers.65.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:42."""
     return rt.row_import(ctx.tp, load("model.layers.65.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_65_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.65.self_attention.linear_proj.weight <- model.layers.65.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:42."""
     return {"model.layers.65.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_65_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.65.self_attention.linear_qkv.weight <- model.layers.65.self_attn.q_proj.weight, model.layers.65.self_attn.k_proj.weight, model.layers.65.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/llama.yaml:35."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.65.self_attn.q_proj.weight"),
@@ -6869,35 +7149,39 @@ def import_decoder_layers_65_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_65_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.65.self_attention.linear_qkv.weight <- model.layers.65.self_attn.q_proj.weight, model.layers.65.self_attn.k_proj.weight, model.layers.65.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
-    return {
-        "model.layers.65.self_attn.q_proj.weight": q,
-        "model.layers.65.self_attn.k_proj.weight": k,
-        "model.layers.65.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/llama.yaml:35."""
+    return dict(
+        zip(
+            (
+                "model.layers.65.self_attn.q_proj.weight",
+                "model.layers.65.self_attn.k_proj.weight",
+                "model.layers.65.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=64, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_65_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.65.mlp.linear_fc1.layer_norm_weight <- model.layers.65.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:45."""
     return rt.whole_import(load("model.layers.65.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_65_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.65.mlp.linear_fc1.layer_norm_weight <- model.layers.65.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:45."""
     return {"model.layers.65.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_65_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.65.mlp.linear_fc1.weight <- model.layers.65.mlp.gate_proj.weight, model.layers.65.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.65.mlp.gate_proj.weight"),
@@ -6906,60 +7190,60 @@ def import_decoder_layers_65_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_65_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.65.mlp.linear_fc1.weight <- model.layers.65.mlp.gate_proj.weight, model.layers.65.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.65.mlp.gate_proj.weight": gate, "model.layers.65.mlp.up_proj.weight": up}
+def export_decoder_layers_65_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/llama.yaml:48."""
+    return dict(
+        zip(
+            ("model.layers.65.mlp.gate_proj.weight", "model.layers.65.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_65_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.65.mlp.linear_fc2.weight <- model.layers.65.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:51."""
     return rt.row_import(ctx.tp, load("model.layers.65.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_65_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.65.mlp.linear_fc2.weight <- model.layers.65.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+def export_decoder_layers_65_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:51."""
     return {"model.layers.65.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_66_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.66.self_attention.linear_qkv.layer_norm_weight <- model.layers.66.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:32."""
     return rt.whole_import(load("model.layers.66.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_66_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.66.self_attention.linear_qkv.layer_norm_weight <- model.layers.66.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:32."""
     return {"model.layers.66.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_66_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.66.self_attention.linear_proj.weight <- model.layers.66.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:42."""
     return rt.row_import(ctx.tp, load("model.layers.66.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_66_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.66.self_attention.linear_proj.weight <- model.layers.66.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:42."""
     return {"model.layers.66.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_66_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.66.self_attention.linear_qkv.weight <- model.layers.66.self_attn.q_proj.weight, model.layers.66.self_attn.k_proj.weight, model.layers.66.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/llama.yaml:35."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.66.self_attn.q_proj.weight"),
@@ -6973,35 +7257,39 @@ def import_decoder_layers_66_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_66_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.66.self_attention.linear_qkv.weight <- model.layers.66.self_attn.q_proj.weight, model.layers.66.self_attn.k_proj.weight, model.layers.66.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
-    return {
-        "model.layers.66.self_attn.q_proj.weight": q,
-        "model.layers.66.self_attn.k_proj.weight": k,
-        "model.layers.66.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/llama.yaml:35."""
+    return dict(
+        zip(
+            (
+                "model.layers.66.self_attn.q_proj.weight",
+                "model.layers.66.self_attn.k_proj.weight",
+                "model.layers.66.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=64, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_66_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.66.mlp.linear_fc1.layer_norm_weight <- model.layers.66.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:45."""
     return rt.whole_import(load("model.layers.66.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_66_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.66.mlp.linear_fc1.layer_norm_weight <- model.layers.66.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:45."""
     return {"model.layers.66.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_66_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.66.mlp.linear_fc1.weight <- model.layers.66.mlp.gate_proj.weight, model.layers.66.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.66.mlp.gate_proj.weight"),
@@ -7010,60 +7298,60 @@ def import_decoder_layers_66_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_66_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.66.mlp.linear_fc1.weight <- model.layers.66.mlp.gate_proj.weight, model.layers.66.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.66.mlp.gate_proj.weight": gate, "model.layers.66.mlp.up_proj.weight": up}
+def export_decoder_layers_66_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/llama.yaml:48."""
+    return dict(
+        zip(
+            ("model.layers.66.mlp.gate_proj.weight", "model.layers.66.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_66_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.66.mlp.linear_fc2.weight <- model.layers.66.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:51."""
     return rt.row_import(ctx.tp, load("model.layers.66.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_66_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.66.mlp.linear_fc2.weight <- model.layers.66.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+def export_decoder_layers_66_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:51."""
     return {"model.layers.66.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_67_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.67.self_attention.linear_qkv.layer_norm_weight <- model.layers.67.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:32."""
     return rt.whole_import(load("model.layers.67.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_67_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.67.self_attention.linear_qkv.layer_norm_weight <- model.layers.67.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:32."""
     return {"model.layers.67.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_67_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.67.self_attention.linear_proj.weight <- model.layers.67.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:42."""
     return rt.row_import(ctx.tp, load("model.layers.67.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_67_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.67.self_attention.linear_proj.weight <- model.layers.67.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:42."""
     return {"model.layers.67.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_67_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.67.self_attention.linear_qkv.weight <- model.layers.67.self_attn.q_proj.weight, model.layers.67.self_attn.k_proj.weight, model.layers.67.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/llama.yaml:35."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.67.self_attn.q_proj.weight"),
@@ -7077,35 +7365,39 @@ def import_decoder_layers_67_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_67_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.67.self_attention.linear_qkv.weight <- model.layers.67.self_attn.q_proj.weight, model.layers.67.self_attn.k_proj.weight, model.layers.67.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
-    return {
-        "model.layers.67.self_attn.q_proj.weight": q,
-        "model.layers.67.self_attn.k_proj.weight": k,
-        "model.layers.67.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/llama.yaml:35."""
+    return dict(
+        zip(
+            (
+                "model.layers.67.self_attn.q_proj.weight",
+                "model.layers.67.self_attn.k_proj.weight",
+                "model.layers.67.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=64, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_67_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.67.mlp.linear_fc1.layer_norm_weight <- model.layers.67.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:45."""
     return rt.whole_import(load("model.layers.67.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_67_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.67.mlp.linear_fc1.layer_norm_weight <- model.layers.67.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:45."""
     return {"model.layers.67.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_67_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.67.mlp.linear_fc1.weight <- model.layers.67.mlp.gate_proj.weight, model.layers.67.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.67.mlp.gate_proj.weight"),
@@ -7114,60 +7406,60 @@ def import_decoder_layers_67_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_67_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.67.mlp.linear_fc1.weight <- model.layers.67.mlp.gate_proj.weight, model.layers.67.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.67.mlp.gate_proj.weight": gate, "model.layers.67.mlp.up_proj.weight": up}
+def export_decoder_layers_67_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/llama.yaml:48."""
+    return dict(
+        zip(
+            ("model.layers.67.mlp.gate_proj.weight", "model.layers.67.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_67_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.67.mlp.linear_fc2.weight <- model.layers.67.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:51."""
     return rt.row_import(ctx.tp, load("model.layers.67.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_67_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.67.mlp.linear_fc2.weight <- model.layers.67.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+def export_decoder_layers_67_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:51."""
     return {"model.layers.67.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_68_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.68.self_attention.linear_qkv.layer_norm_weight <- model.layers.68.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:32."""
     return rt.whole_import(load("model.layers.68.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_68_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.68.self_attention.linear_qkv.layer_norm_weight <- model.layers.68.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:32."""
     return {"model.layers.68.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_68_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.68.self_attention.linear_proj.weight <- model.layers.68.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:42."""
     return rt.row_import(ctx.tp, load("model.layers.68.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_68_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.68.self_attention.linear_proj.weight <- model.layers.68.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:42."""
     return {"model.layers.68.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_68_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.68.self_attention.linear_qkv.weight <- model.layers.68.self_attn.q_proj.weight, model.layers.68.self_attn.k_proj.weight, model.layers.68.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/llama.yaml:35."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.68.self_attn.q_proj.weight"),
@@ -7181,35 +7473,39 @@ def import_decoder_layers_68_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_68_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.68.self_attention.linear_qkv.weight <- model.layers.68.self_attn.q_proj.weight, model.layers.68.self_attn.k_proj.weight, model.layers.68.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
-    return {
-        "model.layers.68.self_attn.q_proj.weight": q,
-        "model.layers.68.self_attn.k_proj.weight": k,
-        "model.layers.68.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/llama.yaml:35."""
+    return dict(
+        zip(
+            (
+                "model.layers.68.self_attn.q_proj.weight",
+                "model.layers.68.self_attn.k_proj.weight",
+                "model.layers.68.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=64, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_68_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.68.mlp.linear_fc1.layer_norm_weight <- model.layers.68.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:45."""
     return rt.whole_import(load("model.layers.68.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_68_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.68.mlp.linear_fc1.layer_norm_weight <- model.layers.68.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:45."""
     return {"model.layers.68.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_68_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.68.mlp.linear_fc1.weight <- model.layers.68.mlp.gate_proj.weight, model.layers.68.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.68.mlp.gate_proj.weight"),
@@ -7218,60 +7514,60 @@ def import_decoder_layers_68_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_68_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.68.mlp.linear_fc1.weight <- model.layers.68.mlp.gate_proj.weight, model.layers.68.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.68.mlp.gate_proj.weight": gate, "model.layers.68.mlp.up_proj.weight": up}
+def export_decoder_layers_68_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/llama.yaml:48."""
+    return dict(
+        zip(
+            ("model.layers.68.mlp.gate_proj.weight", "model.layers.68.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_68_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.68.mlp.linear_fc2.weight <- model.layers.68.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:51."""
     return rt.row_import(ctx.tp, load("model.layers.68.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_68_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.68.mlp.linear_fc2.weight <- model.layers.68.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+def export_decoder_layers_68_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:51."""
     return {"model.layers.68.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_69_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.69.self_attention.linear_qkv.layer_norm_weight <- model.layers.69.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:32."""
     return rt.whole_import(load("model.layers.69.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_69_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.69.self_attention.linear_qkv.layer_norm_weight <- model.layers.69.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:32."""
     return {"model.layers.69.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_69_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.69.self_attention.linear_proj.weight <- model.layers.69.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:42."""
     return rt.row_import(ctx.tp, load("model.layers.69.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_69_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.69.self_attention.linear_proj.weight <- model.layers.69.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:42."""
     return {"model.layers.69.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_69_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.69.self_attention.linear_qkv.weight <- model.layers.69.self_attn.q_proj.weight, model.layers.69.self_attn.k_proj.weight, model.layers.69.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/llama.yaml:35."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.69.self_attn.q_proj.weight"),
@@ -7285,35 +7581,39 @@ def import_decoder_layers_69_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_69_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.69.self_attention.linear_qkv.weight <- model.layers.69.self_attn.q_proj.weight, model.layers.69.self_attn.k_proj.weight, model.layers.69.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
-    return {
-        "model.layers.69.self_attn.q_proj.weight": q,
-        "model.layers.69.self_attn.k_proj.weight": k,
-        "model.layers.69.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/llama.yaml:35."""
+    return dict(
+        zip(
+            (
+                "model.layers.69.self_attn.q_proj.weight",
+                "model.layers.69.self_attn.k_proj.weight",
+                "model.layers.69.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=64, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_69_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.69.mlp.linear_fc1.layer_norm_weight <- model.layers.69.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:45."""
     return rt.whole_import(load("model.layers.69.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_69_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.69.mlp.linear_fc1.layer_norm_weight <- model.layers.69.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:45."""
     return {"model.layers.69.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_69_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.69.mlp.linear_fc1.weight <- model.layers.69.mlp.gate_proj.weight, model.layers.69.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.69.mlp.gate_proj.weight"),
@@ -7322,60 +7622,60 @@ def import_decoder_layers_69_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_69_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.69.mlp.linear_fc1.weight <- model.layers.69.mlp.gate_proj.weight, model.layers.69.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.69.mlp.gate_proj.weight": gate, "model.layers.69.mlp.up_proj.weight": up}
+def export_decoder_layers_69_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/llama.yaml:48."""
+    return dict(
+        zip(
+            ("model.layers.69.mlp.gate_proj.weight", "model.layers.69.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_69_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.69.mlp.linear_fc2.weight <- model.layers.69.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:51."""
     return rt.row_import(ctx.tp, load("model.layers.69.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_69_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.69.mlp.linear_fc2.weight <- model.layers.69.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+def export_decoder_layers_69_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:51."""
     return {"model.layers.69.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_70_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.70.self_attention.linear_qkv.layer_norm_weight <- model.layers.70.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:32."""
     return rt.whole_import(load("model.layers.70.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_70_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.70.self_attention.linear_qkv.layer_norm_weight <- model.layers.70.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:32."""
     return {"model.layers.70.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_70_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.70.self_attention.linear_proj.weight <- model.layers.70.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:42."""
     return rt.row_import(ctx.tp, load("model.layers.70.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_70_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.70.self_attention.linear_proj.weight <- model.layers.70.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:42."""
     return {"model.layers.70.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_70_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.70.self_attention.linear_qkv.weight <- model.layers.70.self_attn.q_proj.weight, model.layers.70.self_attn.k_proj.weight, model.layers.70.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/llama.yaml:35."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.70.self_attn.q_proj.weight"),
@@ -7389,35 +7689,39 @@ def import_decoder_layers_70_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_70_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.70.self_attention.linear_qkv.weight <- model.layers.70.self_attn.q_proj.weight, model.layers.70.self_attn.k_proj.weight, model.layers.70.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
-    return {
-        "model.layers.70.self_attn.q_proj.weight": q,
-        "model.layers.70.self_attn.k_proj.weight": k,
-        "model.layers.70.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/llama.yaml:35."""
+    return dict(
+        zip(
+            (
+                "model.layers.70.self_attn.q_proj.weight",
+                "model.layers.70.self_attn.k_proj.weight",
+                "model.layers.70.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=64, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_70_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.70.mlp.linear_fc1.layer_norm_weight <- model.layers.70.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:45."""
     return rt.whole_import(load("model.layers.70.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_70_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.70.mlp.linear_fc1.layer_norm_weight <- model.layers.70.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:45."""
     return {"model.layers.70.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_70_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.70.mlp.linear_fc1.weight <- model.layers.70.mlp.gate_proj.weight, model.layers.70.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.70.mlp.gate_proj.weight"),
@@ -7426,60 +7730,60 @@ def import_decoder_layers_70_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_70_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.70.mlp.linear_fc1.weight <- model.layers.70.mlp.gate_proj.weight, model.layers.70.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.70.mlp.gate_proj.weight": gate, "model.layers.70.mlp.up_proj.weight": up}
+def export_decoder_layers_70_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/llama.yaml:48."""
+    return dict(
+        zip(
+            ("model.layers.70.mlp.gate_proj.weight", "model.layers.70.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_70_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.70.mlp.linear_fc2.weight <- model.layers.70.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:51."""
     return rt.row_import(ctx.tp, load("model.layers.70.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_70_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.70.mlp.linear_fc2.weight <- model.layers.70.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+def export_decoder_layers_70_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:51."""
     return {"model.layers.70.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_71_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.71.self_attention.linear_qkv.layer_norm_weight <- model.layers.71.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:32."""
     return rt.whole_import(load("model.layers.71.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_71_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.71.self_attention.linear_qkv.layer_norm_weight <- model.layers.71.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:32."""
     return {"model.layers.71.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_71_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.71.self_attention.linear_proj.weight <- model.layers.71.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:42."""
     return rt.row_import(ctx.tp, load("model.layers.71.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_71_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.71.self_attention.linear_proj.weight <- model.layers.71.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:42."""
     return {"model.layers.71.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_71_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.71.self_attention.linear_qkv.weight <- model.layers.71.self_attn.q_proj.weight, model.layers.71.self_attn.k_proj.weight, model.layers.71.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/llama.yaml:35."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.71.self_attn.q_proj.weight"),
@@ -7493,35 +7797,39 @@ def import_decoder_layers_71_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_71_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.71.self_attention.linear_qkv.weight <- model.layers.71.self_attn.q_proj.weight, model.layers.71.self_attn.k_proj.weight, model.layers.71.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
-    return {
-        "model.layers.71.self_attn.q_proj.weight": q,
-        "model.layers.71.self_attn.k_proj.weight": k,
-        "model.layers.71.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/llama.yaml:35."""
+    return dict(
+        zip(
+            (
+                "model.layers.71.self_attn.q_proj.weight",
+                "model.layers.71.self_attn.k_proj.weight",
+                "model.layers.71.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=64, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_71_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.71.mlp.linear_fc1.layer_norm_weight <- model.layers.71.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:45."""
     return rt.whole_import(load("model.layers.71.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_71_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.71.mlp.linear_fc1.layer_norm_weight <- model.layers.71.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:45."""
     return {"model.layers.71.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_71_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.71.mlp.linear_fc1.weight <- model.layers.71.mlp.gate_proj.weight, model.layers.71.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.71.mlp.gate_proj.weight"),
@@ -7530,60 +7838,60 @@ def import_decoder_layers_71_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_71_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.71.mlp.linear_fc1.weight <- model.layers.71.mlp.gate_proj.weight, model.layers.71.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.71.mlp.gate_proj.weight": gate, "model.layers.71.mlp.up_proj.weight": up}
+def export_decoder_layers_71_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/llama.yaml:48."""
+    return dict(
+        zip(
+            ("model.layers.71.mlp.gate_proj.weight", "model.layers.71.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_71_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.71.mlp.linear_fc2.weight <- model.layers.71.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:51."""
     return rt.row_import(ctx.tp, load("model.layers.71.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_71_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.71.mlp.linear_fc2.weight <- model.layers.71.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+def export_decoder_layers_71_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:51."""
     return {"model.layers.71.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_72_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.72.self_attention.linear_qkv.layer_norm_weight <- model.layers.72.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:32."""
     return rt.whole_import(load("model.layers.72.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_72_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.72.self_attention.linear_qkv.layer_norm_weight <- model.layers.72.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:32."""
     return {"model.layers.72.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_72_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.72.self_attention.linear_proj.weight <- model.layers.72.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:42."""
     return rt.row_import(ctx.tp, load("model.layers.72.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_72_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.72.self_attention.linear_proj.weight <- model.layers.72.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:42."""
     return {"model.layers.72.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_72_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.72.self_attention.linear_qkv.weight <- model.layers.72.self_attn.q_proj.weight, model.layers.72.self_attn.k_proj.weight, model.layers.72.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/llama.yaml:35."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.72.self_attn.q_proj.weight"),
@@ -7597,35 +7905,39 @@ def import_decoder_layers_72_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_72_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.72.self_attention.linear_qkv.weight <- model.layers.72.self_attn.q_proj.weight, model.layers.72.self_attn.k_proj.weight, model.layers.72.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
-    return {
-        "model.layers.72.self_attn.q_proj.weight": q,
-        "model.layers.72.self_attn.k_proj.weight": k,
-        "model.layers.72.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/llama.yaml:35."""
+    return dict(
+        zip(
+            (
+                "model.layers.72.self_attn.q_proj.weight",
+                "model.layers.72.self_attn.k_proj.weight",
+                "model.layers.72.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=64, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_72_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.72.mlp.linear_fc1.layer_norm_weight <- model.layers.72.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:45."""
     return rt.whole_import(load("model.layers.72.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_72_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.72.mlp.linear_fc1.layer_norm_weight <- model.layers.72.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:45."""
     return {"model.layers.72.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_72_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.72.mlp.linear_fc1.weight <- model.layers.72.mlp.gate_proj.weight, model.layers.72.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.72.mlp.gate_proj.weight"),
@@ -7634,60 +7946,60 @@ def import_decoder_layers_72_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_72_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.72.mlp.linear_fc1.weight <- model.layers.72.mlp.gate_proj.weight, model.layers.72.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.72.mlp.gate_proj.weight": gate, "model.layers.72.mlp.up_proj.weight": up}
+def export_decoder_layers_72_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/llama.yaml:48."""
+    return dict(
+        zip(
+            ("model.layers.72.mlp.gate_proj.weight", "model.layers.72.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_72_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.72.mlp.linear_fc2.weight <- model.layers.72.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:51."""
     return rt.row_import(ctx.tp, load("model.layers.72.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_72_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.72.mlp.linear_fc2.weight <- model.layers.72.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+def export_decoder_layers_72_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:51."""
     return {"model.layers.72.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_73_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.73.self_attention.linear_qkv.layer_norm_weight <- model.layers.73.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:32."""
     return rt.whole_import(load("model.layers.73.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_73_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.73.self_attention.linear_qkv.layer_norm_weight <- model.layers.73.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:32."""
     return {"model.layers.73.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_73_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.73.self_attention.linear_proj.weight <- model.layers.73.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:42."""
     return rt.row_import(ctx.tp, load("model.layers.73.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_73_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.73.self_attention.linear_proj.weight <- model.layers.73.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:42."""
     return {"model.layers.73.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_73_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.73.self_attention.linear_qkv.weight <- model.layers.73.self_attn.q_proj.weight, model.layers.73.self_attn.k_proj.weight, model.layers.73.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/llama.yaml:35."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.73.self_attn.q_proj.weight"),
@@ -7701,35 +8013,39 @@ def import_decoder_layers_73_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_73_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.73.self_attention.linear_qkv.weight <- model.layers.73.self_attn.q_proj.weight, model.layers.73.self_attn.k_proj.weight, model.layers.73.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
-    return {
-        "model.layers.73.self_attn.q_proj.weight": q,
-        "model.layers.73.self_attn.k_proj.weight": k,
-        "model.layers.73.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/llama.yaml:35."""
+    return dict(
+        zip(
+            (
+                "model.layers.73.self_attn.q_proj.weight",
+                "model.layers.73.self_attn.k_proj.weight",
+                "model.layers.73.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=64, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_73_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.73.mlp.linear_fc1.layer_norm_weight <- model.layers.73.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:45."""
     return rt.whole_import(load("model.layers.73.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_73_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.73.mlp.linear_fc1.layer_norm_weight <- model.layers.73.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:45."""
     return {"model.layers.73.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_73_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.73.mlp.linear_fc1.weight <- model.layers.73.mlp.gate_proj.weight, model.layers.73.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.73.mlp.gate_proj.weight"),
@@ -7738,60 +8054,60 @@ def import_decoder_layers_73_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_73_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.73.mlp.linear_fc1.weight <- model.layers.73.mlp.gate_proj.weight, model.layers.73.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.73.mlp.gate_proj.weight": gate, "model.layers.73.mlp.up_proj.weight": up}
+def export_decoder_layers_73_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/llama.yaml:48."""
+    return dict(
+        zip(
+            ("model.layers.73.mlp.gate_proj.weight", "model.layers.73.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_73_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.73.mlp.linear_fc2.weight <- model.layers.73.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:51."""
     return rt.row_import(ctx.tp, load("model.layers.73.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_73_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.73.mlp.linear_fc2.weight <- model.layers.73.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+def export_decoder_layers_73_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:51."""
     return {"model.layers.73.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_74_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.74.self_attention.linear_qkv.layer_norm_weight <- model.layers.74.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:32."""
     return rt.whole_import(load("model.layers.74.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_74_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.74.self_attention.linear_qkv.layer_norm_weight <- model.layers.74.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:32."""
     return {"model.layers.74.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_74_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.74.self_attention.linear_proj.weight <- model.layers.74.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:42."""
     return rt.row_import(ctx.tp, load("model.layers.74.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_74_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.74.self_attention.linear_proj.weight <- model.layers.74.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:42."""
     return {"model.layers.74.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_74_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.74.self_attention.linear_qkv.weight <- model.layers.74.self_attn.q_proj.weight, model.layers.74.self_attn.k_proj.weight, model.layers.74.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/llama.yaml:35."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.74.self_attn.q_proj.weight"),
@@ -7805,35 +8121,39 @@ def import_decoder_layers_74_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_74_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.74.self_attention.linear_qkv.weight <- model.layers.74.self_attn.q_proj.weight, model.layers.74.self_attn.k_proj.weight, model.layers.74.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
-    return {
-        "model.layers.74.self_attn.q_proj.weight": q,
-        "model.layers.74.self_attn.k_proj.weight": k,
-        "model.layers.74.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/llama.yaml:35."""
+    return dict(
+        zip(
+            (
+                "model.layers.74.self_attn.q_proj.weight",
+                "model.layers.74.self_attn.k_proj.weight",
+                "model.layers.74.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=64, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_74_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.74.mlp.linear_fc1.layer_norm_weight <- model.layers.74.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:45."""
     return rt.whole_import(load("model.layers.74.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_74_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.74.mlp.linear_fc1.layer_norm_weight <- model.layers.74.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:45."""
     return {"model.layers.74.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_74_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.74.mlp.linear_fc1.weight <- model.layers.74.mlp.gate_proj.weight, model.layers.74.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.74.mlp.gate_proj.weight"),
@@ -7842,60 +8162,60 @@ def import_decoder_layers_74_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_74_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.74.mlp.linear_fc1.weight <- model.layers.74.mlp.gate_proj.weight, model.layers.74.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.74.mlp.gate_proj.weight": gate, "model.layers.74.mlp.up_proj.weight": up}
+def export_decoder_layers_74_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/llama.yaml:48."""
+    return dict(
+        zip(
+            ("model.layers.74.mlp.gate_proj.weight", "model.layers.74.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_74_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.74.mlp.linear_fc2.weight <- model.layers.74.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:51."""
     return rt.row_import(ctx.tp, load("model.layers.74.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_74_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.74.mlp.linear_fc2.weight <- model.layers.74.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+def export_decoder_layers_74_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:51."""
     return {"model.layers.74.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_75_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.75.self_attention.linear_qkv.layer_norm_weight <- model.layers.75.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:32."""
     return rt.whole_import(load("model.layers.75.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_75_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.75.self_attention.linear_qkv.layer_norm_weight <- model.layers.75.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:32."""
     return {"model.layers.75.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_75_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.75.self_attention.linear_proj.weight <- model.layers.75.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:42."""
     return rt.row_import(ctx.tp, load("model.layers.75.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_75_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.75.self_attention.linear_proj.weight <- model.layers.75.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:42."""
     return {"model.layers.75.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_75_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.75.self_attention.linear_qkv.weight <- model.layers.75.self_attn.q_proj.weight, model.layers.75.self_attn.k_proj.weight, model.layers.75.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/llama.yaml:35."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.75.self_attn.q_proj.weight"),
@@ -7909,35 +8229,39 @@ def import_decoder_layers_75_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_75_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.75.self_attention.linear_qkv.weight <- model.layers.75.self_attn.q_proj.weight, model.layers.75.self_attn.k_proj.weight, model.layers.75.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
-    return {
-        "model.layers.75.self_attn.q_proj.weight": q,
-        "model.layers.75.self_attn.k_proj.weight": k,
-        "model.layers.75.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/llama.yaml:35."""
+    return dict(
+        zip(
+            (
+                "model.layers.75.self_attn.q_proj.weight",
+                "model.layers.75.self_attn.k_proj.weight",
+                "model.layers.75.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=64, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_75_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.75.mlp.linear_fc1.layer_norm_weight <- model.layers.75.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:45."""
     return rt.whole_import(load("model.layers.75.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_75_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.75.mlp.linear_fc1.layer_norm_weight <- model.layers.75.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:45."""
     return {"model.layers.75.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_75_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.75.mlp.linear_fc1.weight <- model.layers.75.mlp.gate_proj.weight, model.layers.75.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.75.mlp.gate_proj.weight"),
@@ -7946,60 +8270,60 @@ def import_decoder_layers_75_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_75_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.75.mlp.linear_fc1.weight <- model.layers.75.mlp.gate_proj.weight, model.layers.75.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.75.mlp.gate_proj.weight": gate, "model.layers.75.mlp.up_proj.weight": up}
+def export_decoder_layers_75_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/llama.yaml:48."""
+    return dict(
+        zip(
+            ("model.layers.75.mlp.gate_proj.weight", "model.layers.75.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_75_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.75.mlp.linear_fc2.weight <- model.layers.75.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:51."""
     return rt.row_import(ctx.tp, load("model.layers.75.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_75_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.75.mlp.linear_fc2.weight <- model.layers.75.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+def export_decoder_layers_75_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:51."""
     return {"model.layers.75.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_76_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.76.self_attention.linear_qkv.layer_norm_weight <- model.layers.76.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:32."""
     return rt.whole_import(load("model.layers.76.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_76_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.76.self_attention.linear_qkv.layer_norm_weight <- model.layers.76.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:32."""
     return {"model.layers.76.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_76_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.76.self_attention.linear_proj.weight <- model.layers.76.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:42."""
     return rt.row_import(ctx.tp, load("model.layers.76.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_76_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.76.self_attention.linear_proj.weight <- model.layers.76.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:42."""
     return {"model.layers.76.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_76_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.76.self_attention.linear_qkv.weight <- model.layers.76.self_attn.q_proj.weight, model.layers.76.self_attn.k_proj.weight, model.layers.76.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/llama.yaml:35."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.76.self_attn.q_proj.weight"),
@@ -8013,35 +8337,39 @@ def import_decoder_layers_76_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_76_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.76.self_attention.linear_qkv.weight <- model.layers.76.self_attn.q_proj.weight, model.layers.76.self_attn.k_proj.weight, model.layers.76.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
-    return {
-        "model.layers.76.self_attn.q_proj.weight": q,
-        "model.layers.76.self_attn.k_proj.weight": k,
-        "model.layers.76.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/llama.yaml:35."""
+    return dict(
+        zip(
+            (
+                "model.layers.76.self_attn.q_proj.weight",
+                "model.layers.76.self_attn.k_proj.weight",
+                "model.layers.76.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=64, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_76_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.76.mlp.linear_fc1.layer_norm_weight <- model.layers.76.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:45."""
     return rt.whole_import(load("model.layers.76.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_76_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.76.mlp.linear_fc1.layer_norm_weight <- model.layers.76.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:45."""
     return {"model.layers.76.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_76_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.76.mlp.linear_fc1.weight <- model.layers.76.mlp.gate_proj.weight, model.layers.76.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.76.mlp.gate_proj.weight"),
@@ -8050,60 +8378,60 @@ def import_decoder_layers_76_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_76_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.76.mlp.linear_fc1.weight <- model.layers.76.mlp.gate_proj.weight, model.layers.76.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.76.mlp.gate_proj.weight": gate, "model.layers.76.mlp.up_proj.weight": up}
+def export_decoder_layers_76_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/llama.yaml:48."""
+    return dict(
+        zip(
+            ("model.layers.76.mlp.gate_proj.weight", "model.layers.76.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_76_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.76.mlp.linear_fc2.weight <- model.layers.76.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:51."""
     return rt.row_import(ctx.tp, load("model.layers.76.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_76_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.76.mlp.linear_fc2.weight <- model.layers.76.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+def export_decoder_layers_76_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:51."""
     return {"model.layers.76.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_77_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.77.self_attention.linear_qkv.layer_norm_weight <- model.layers.77.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:32."""
     return rt.whole_import(load("model.layers.77.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_77_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.77.self_attention.linear_qkv.layer_norm_weight <- model.layers.77.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:32."""
     return {"model.layers.77.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_77_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.77.self_attention.linear_proj.weight <- model.layers.77.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:42."""
     return rt.row_import(ctx.tp, load("model.layers.77.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_77_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.77.self_attention.linear_proj.weight <- model.layers.77.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:42."""
     return {"model.layers.77.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_77_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.77.self_attention.linear_qkv.weight <- model.layers.77.self_attn.q_proj.weight, model.layers.77.self_attn.k_proj.weight, model.layers.77.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/llama.yaml:35."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.77.self_attn.q_proj.weight"),
@@ -8117,35 +8445,39 @@ def import_decoder_layers_77_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_77_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.77.self_attention.linear_qkv.weight <- model.layers.77.self_attn.q_proj.weight, model.layers.77.self_attn.k_proj.weight, model.layers.77.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
-    return {
-        "model.layers.77.self_attn.q_proj.weight": q,
-        "model.layers.77.self_attn.k_proj.weight": k,
-        "model.layers.77.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/llama.yaml:35."""
+    return dict(
+        zip(
+            (
+                "model.layers.77.self_attn.q_proj.weight",
+                "model.layers.77.self_attn.k_proj.weight",
+                "model.layers.77.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=64, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_77_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.77.mlp.linear_fc1.layer_norm_weight <- model.layers.77.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:45."""
     return rt.whole_import(load("model.layers.77.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_77_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.77.mlp.linear_fc1.layer_norm_weight <- model.layers.77.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:45."""
     return {"model.layers.77.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_77_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.77.mlp.linear_fc1.weight <- model.layers.77.mlp.gate_proj.weight, model.layers.77.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.77.mlp.gate_proj.weight"),
@@ -8154,60 +8486,60 @@ def import_decoder_layers_77_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_77_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.77.mlp.linear_fc1.weight <- model.layers.77.mlp.gate_proj.weight, model.layers.77.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.77.mlp.gate_proj.weight": gate, "model.layers.77.mlp.up_proj.weight": up}
+def export_decoder_layers_77_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/llama.yaml:48."""
+    return dict(
+        zip(
+            ("model.layers.77.mlp.gate_proj.weight", "model.layers.77.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_77_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.77.mlp.linear_fc2.weight <- model.layers.77.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:51."""
     return rt.row_import(ctx.tp, load("model.layers.77.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_77_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.77.mlp.linear_fc2.weight <- model.layers.77.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+def export_decoder_layers_77_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:51."""
     return {"model.layers.77.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_78_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.78.self_attention.linear_qkv.layer_norm_weight <- model.layers.78.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:32."""
     return rt.whole_import(load("model.layers.78.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_78_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.78.self_attention.linear_qkv.layer_norm_weight <- model.layers.78.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:32."""
     return {"model.layers.78.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_78_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.78.self_attention.linear_proj.weight <- model.layers.78.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:42."""
     return rt.row_import(ctx.tp, load("model.layers.78.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_78_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.78.self_attention.linear_proj.weight <- model.layers.78.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:42."""
     return {"model.layers.78.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_78_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.78.self_attention.linear_qkv.weight <- model.layers.78.self_attn.q_proj.weight, model.layers.78.self_attn.k_proj.weight, model.layers.78.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/llama.yaml:35."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.78.self_attn.q_proj.weight"),
@@ -8221,35 +8553,39 @@ def import_decoder_layers_78_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_78_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.78.self_attention.linear_qkv.weight <- model.layers.78.self_attn.q_proj.weight, model.layers.78.self_attn.k_proj.weight, model.layers.78.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
-    return {
-        "model.layers.78.self_attn.q_proj.weight": q,
-        "model.layers.78.self_attn.k_proj.weight": k,
-        "model.layers.78.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/llama.yaml:35."""
+    return dict(
+        zip(
+            (
+                "model.layers.78.self_attn.q_proj.weight",
+                "model.layers.78.self_attn.k_proj.weight",
+                "model.layers.78.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=64, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_78_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.78.mlp.linear_fc1.layer_norm_weight <- model.layers.78.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:45."""
     return rt.whole_import(load("model.layers.78.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_78_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.78.mlp.linear_fc1.layer_norm_weight <- model.layers.78.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:45."""
     return {"model.layers.78.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_78_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.78.mlp.linear_fc1.weight <- model.layers.78.mlp.gate_proj.weight, model.layers.78.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.78.mlp.gate_proj.weight"),
@@ -8258,60 +8594,60 @@ def import_decoder_layers_78_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_78_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.78.mlp.linear_fc1.weight <- model.layers.78.mlp.gate_proj.weight, model.layers.78.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.78.mlp.gate_proj.weight": gate, "model.layers.78.mlp.up_proj.weight": up}
+def export_decoder_layers_78_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/llama.yaml:48."""
+    return dict(
+        zip(
+            ("model.layers.78.mlp.gate_proj.weight", "model.layers.78.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_78_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.78.mlp.linear_fc2.weight <- model.layers.78.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:51."""
     return rt.row_import(ctx.tp, load("model.layers.78.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_78_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.78.mlp.linear_fc2.weight <- model.layers.78.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+def export_decoder_layers_78_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:51."""
     return {"model.layers.78.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_79_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.79.self_attention.linear_qkv.layer_norm_weight <- model.layers.79.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:32."""
     return rt.whole_import(load("model.layers.79.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_79_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.79.self_attention.linear_qkv.layer_norm_weight <- model.layers.79.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:32."""
     return {"model.layers.79.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_79_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.79.self_attention.linear_proj.weight <- model.layers.79.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:42."""
     return rt.row_import(ctx.tp, load("model.layers.79.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_79_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.79.self_attention.linear_proj.weight <- model.layers.79.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:42."""
     return {"model.layers.79.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_79_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.79.self_attention.linear_qkv.weight <- model.layers.79.self_attn.q_proj.weight, model.layers.79.self_attn.k_proj.weight, model.layers.79.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/llama.yaml:35."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.79.self_attn.q_proj.weight"),
@@ -8325,35 +8661,39 @@ def import_decoder_layers_79_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_79_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.79.self_attention.linear_qkv.weight <- model.layers.79.self_attn.q_proj.weight, model.layers.79.self_attn.k_proj.weight, model.layers.79.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(parts, heads=64, groups=8, head_dim=128)
-    return {
-        "model.layers.79.self_attn.q_proj.weight": q,
-        "model.layers.79.self_attn.k_proj.weight": k,
-        "model.layers.79.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/llama.yaml:35."""
+    return dict(
+        zip(
+            (
+                "model.layers.79.self_attn.q_proj.weight",
+                "model.layers.79.self_attn.k_proj.weight",
+                "model.layers.79.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=64, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_79_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.79.mlp.linear_fc1.layer_norm_weight <- model.layers.79.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:45."""
     return rt.whole_import(load("model.layers.79.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_79_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.79.mlp.linear_fc1.layer_norm_weight <- model.layers.79.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:45."""
     return {"model.layers.79.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_79_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.79.mlp.linear_fc1.weight <- model.layers.79.mlp.gate_proj.weight, model.layers.79.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.79.mlp.gate_proj.weight"),
@@ -8362,5202 +8702,6170 @@ def import_decoder_layers_79_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_79_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.79.mlp.linear_fc1.weight <- model.layers.79.mlp.gate_proj.weight, model.layers.79.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.79.mlp.gate_proj.weight": gate, "model.layers.79.mlp.up_proj.weight": up}
+def export_decoder_layers_79_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/llama.yaml:48."""
+    return dict(
+        zip(
+            ("model.layers.79.mlp.gate_proj.weight", "model.layers.79.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_79_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.79.mlp.linear_fc2.weight <- model.layers.79.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:51."""
     return rt.row_import(ctx.tp, load("model.layers.79.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_79_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.79.mlp.linear_fc2.weight <- model.layers.79.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+def export_decoder_layers_79_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:51."""
     return {"model.layers.79.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_final_layernorm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.final_layernorm.weight <- model.norm.weight: auto -> replicated, specs/llama.yaml:54."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:54."""
     return rt.whole_import(load("model.norm.weight"), out=out)
 
 
-def export_decoder_final_layernorm_weight(parts: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """decoder.final_layernorm.weight <- model.norm.weight: auto -> replicated, specs/llama.yaml:54."""
+def export_decoder_final_layernorm_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:54."""
     return {"model.norm.weight": parts[0]}
 
 
 def import_output_layer_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """output_layer.weight <- lm_head.weight: auto -> column, specs/llama.yaml:57."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> column: specs/llama.yaml:57."""
     return rt.column_import(ctx.tp, load("lm_head.weight"), out=out)
 
 
-def export_output_layer_weight(parts: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """output_layer.weight <- lm_head.weight: auto -> column, specs/llama.yaml:57."""
+def export_output_layer_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> column: specs/llama.yaml:57."""
     return {"lm_head.weight": rt.column_export(parts)}
 
 
+# megatron_name, global shape, dtype, TP split dim, expert-parallel, layer, expert, HF tensors,
+# import function, export function
 PARAMS: Final[tuple[ParamPlan, ...]] = (
     ParamPlan(
         "embedding.word_embeddings.weight",
         (128256, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=None,
-        expert=None,
-        hf_names=("model.embed_tokens.weight",),
+        0,
+        False,
+        None,
+        None,
+        ("model.embed_tokens.weight",),
+        import_embedding_word_embeddings_weight,
+        export_embedding_word_embeddings_weight,
     ),
     ParamPlan(
         "decoder.layers.0.self_attention.linear_qkv.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=0,
-        expert=None,
-        hf_names=("model.layers.0.input_layernorm.weight",),
+        None,
+        False,
+        0,
+        None,
+        ("model.layers.0.input_layernorm.weight",),
+        import_decoder_layers_0_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_0_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.0.self_attention.linear_proj.weight",
         (8192, 8192),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=0,
-        expert=None,
-        hf_names=("model.layers.0.self_attn.o_proj.weight",),
+        1,
+        False,
+        0,
+        None,
+        ("model.layers.0.self_attn.o_proj.weight",),
+        import_decoder_layers_0_self_attention_linear_proj_weight,
+        export_decoder_layers_0_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.0.self_attention.linear_qkv.weight",
         (10240, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=0,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        0,
+        None,
+        (
             "model.layers.0.self_attn.q_proj.weight",
             "model.layers.0.self_attn.k_proj.weight",
             "model.layers.0.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_0_self_attention_linear_qkv_weight,
+        export_decoder_layers_0_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.0.mlp.linear_fc1.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=0,
-        expert=None,
-        hf_names=("model.layers.0.post_attention_layernorm.weight",),
+        None,
+        False,
+        0,
+        None,
+        ("model.layers.0.post_attention_layernorm.weight",),
+        import_decoder_layers_0_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_0_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.0.mlp.linear_fc1.weight",
         (57344, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=0,
-        expert=None,
-        hf_names=("model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weight"),
+        0,
+        False,
+        0,
+        None,
+        ("model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weight"),
+        import_decoder_layers_0_mlp_linear_fc1_weight,
+        export_decoder_layers_0_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.0.mlp.linear_fc2.weight",
         (8192, 28672),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=0,
-        expert=None,
-        hf_names=("model.layers.0.mlp.down_proj.weight",),
+        1,
+        False,
+        0,
+        None,
+        ("model.layers.0.mlp.down_proj.weight",),
+        import_decoder_layers_0_mlp_linear_fc2_weight,
+        export_decoder_layers_0_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.1.self_attention.linear_qkv.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=1,
-        expert=None,
-        hf_names=("model.layers.1.input_layernorm.weight",),
+        None,
+        False,
+        1,
+        None,
+        ("model.layers.1.input_layernorm.weight",),
+        import_decoder_layers_1_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_1_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.1.self_attention.linear_proj.weight",
         (8192, 8192),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=1,
-        expert=None,
-        hf_names=("model.layers.1.self_attn.o_proj.weight",),
+        1,
+        False,
+        1,
+        None,
+        ("model.layers.1.self_attn.o_proj.weight",),
+        import_decoder_layers_1_self_attention_linear_proj_weight,
+        export_decoder_layers_1_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.1.self_attention.linear_qkv.weight",
         (10240, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=1,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        1,
+        None,
+        (
             "model.layers.1.self_attn.q_proj.weight",
             "model.layers.1.self_attn.k_proj.weight",
             "model.layers.1.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_1_self_attention_linear_qkv_weight,
+        export_decoder_layers_1_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.1.mlp.linear_fc1.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=1,
-        expert=None,
-        hf_names=("model.layers.1.post_attention_layernorm.weight",),
+        None,
+        False,
+        1,
+        None,
+        ("model.layers.1.post_attention_layernorm.weight",),
+        import_decoder_layers_1_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_1_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.1.mlp.linear_fc1.weight",
         (57344, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=1,
-        expert=None,
-        hf_names=("model.layers.1.mlp.gate_proj.weight", "model.layers.1.mlp.up_proj.weight"),
+        0,
+        False,
+        1,
+        None,
+        ("model.layers.1.mlp.gate_proj.weight", "model.layers.1.mlp.up_proj.weight"),
+        import_decoder_layers_1_mlp_linear_fc1_weight,
+        export_decoder_layers_1_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.1.mlp.linear_fc2.weight",
         (8192, 28672),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=1,
-        expert=None,
-        hf_names=("model.layers.1.mlp.down_proj.weight",),
+        1,
+        False,
+        1,
+        None,
+        ("model.layers.1.mlp.down_proj.weight",),
+        import_decoder_layers_1_mlp_linear_fc2_weight,
+        export_decoder_layers_1_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.2.self_attention.linear_qkv.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=2,
-        expert=None,
-        hf_names=("model.layers.2.input_layernorm.weight",),
+        None,
+        False,
+        2,
+        None,
+        ("model.layers.2.input_layernorm.weight",),
+        import_decoder_layers_2_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_2_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.2.self_attention.linear_proj.weight",
         (8192, 8192),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=2,
-        expert=None,
-        hf_names=("model.layers.2.self_attn.o_proj.weight",),
+        1,
+        False,
+        2,
+        None,
+        ("model.layers.2.self_attn.o_proj.weight",),
+        import_decoder_layers_2_self_attention_linear_proj_weight,
+        export_decoder_layers_2_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.2.self_attention.linear_qkv.weight",
         (10240, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=2,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        2,
+        None,
+        (
             "model.layers.2.self_attn.q_proj.weight",
             "model.layers.2.self_attn.k_proj.weight",
             "model.layers.2.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_2_self_attention_linear_qkv_weight,
+        export_decoder_layers_2_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.2.mlp.linear_fc1.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=2,
-        expert=None,
-        hf_names=("model.layers.2.post_attention_layernorm.weight",),
+        None,
+        False,
+        2,
+        None,
+        ("model.layers.2.post_attention_layernorm.weight",),
+        import_decoder_layers_2_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_2_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.2.mlp.linear_fc1.weight",
         (57344, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=2,
-        expert=None,
-        hf_names=("model.layers.2.mlp.gate_proj.weight", "model.layers.2.mlp.up_proj.weight"),
+        0,
+        False,
+        2,
+        None,
+        ("model.layers.2.mlp.gate_proj.weight", "model.layers.2.mlp.up_proj.weight"),
+        import_decoder_layers_2_mlp_linear_fc1_weight,
+        export_decoder_layers_2_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.2.mlp.linear_fc2.weight",
         (8192, 28672),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=2,
-        expert=None,
-        hf_names=("model.layers.2.mlp.down_proj.weight",),
+        1,
+        False,
+        2,
+        None,
+        ("model.layers.2.mlp.down_proj.weight",),
+        import_decoder_layers_2_mlp_linear_fc2_weight,
+        export_decoder_layers_2_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.3.self_attention.linear_qkv.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=3,
-        expert=None,
-        hf_names=("model.layers.3.input_layernorm.weight",),
+        None,
+        False,
+        3,
+        None,
+        ("model.layers.3.input_layernorm.weight",),
+        import_decoder_layers_3_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_3_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.3.self_attention.linear_proj.weight",
         (8192, 8192),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=3,
-        expert=None,
-        hf_names=("model.layers.3.self_attn.o_proj.weight",),
+        1,
+        False,
+        3,
+        None,
+        ("model.layers.3.self_attn.o_proj.weight",),
+        import_decoder_layers_3_self_attention_linear_proj_weight,
+        export_decoder_layers_3_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.3.self_attention.linear_qkv.weight",
         (10240, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=3,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        3,
+        None,
+        (
             "model.layers.3.self_attn.q_proj.weight",
             "model.layers.3.self_attn.k_proj.weight",
             "model.layers.3.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_3_self_attention_linear_qkv_weight,
+        export_decoder_layers_3_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.3.mlp.linear_fc1.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=3,
-        expert=None,
-        hf_names=("model.layers.3.post_attention_layernorm.weight",),
+        None,
+        False,
+        3,
+        None,
+        ("model.layers.3.post_attention_layernorm.weight",),
+        import_decoder_layers_3_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_3_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.3.mlp.linear_fc1.weight",
         (57344, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=3,
-        expert=None,
-        hf_names=("model.layers.3.mlp.gate_proj.weight", "model.layers.3.mlp.up_proj.weight"),
+        0,
+        False,
+        3,
+        None,
+        ("model.layers.3.mlp.gate_proj.weight", "model.layers.3.mlp.up_proj.weight"),
+        import_decoder_layers_3_mlp_linear_fc1_weight,
+        export_decoder_layers_3_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.3.mlp.linear_fc2.weight",
         (8192, 28672),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=3,
-        expert=None,
-        hf_names=("model.layers.3.mlp.down_proj.weight",),
+        1,
+        False,
+        3,
+        None,
+        ("model.layers.3.mlp.down_proj.weight",),
+        import_decoder_layers_3_mlp_linear_fc2_weight,
+        export_decoder_layers_3_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.4.self_attention.linear_qkv.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=4,
-        expert=None,
-        hf_names=("model.layers.4.input_layernorm.weight",),
+        None,
+        False,
+        4,
+        None,
+        ("model.layers.4.input_layernorm.weight",),
+        import_decoder_layers_4_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_4_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.4.self_attention.linear_proj.weight",
         (8192, 8192),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=4,
-        expert=None,
-        hf_names=("model.layers.4.self_attn.o_proj.weight",),
+        1,
+        False,
+        4,
+        None,
+        ("model.layers.4.self_attn.o_proj.weight",),
+        import_decoder_layers_4_self_attention_linear_proj_weight,
+        export_decoder_layers_4_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.4.self_attention.linear_qkv.weight",
         (10240, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=4,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        4,
+        None,
+        (
             "model.layers.4.self_attn.q_proj.weight",
             "model.layers.4.self_attn.k_proj.weight",
             "model.layers.4.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_4_self_attention_linear_qkv_weight,
+        export_decoder_layers_4_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.4.mlp.linear_fc1.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=4,
-        expert=None,
-        hf_names=("model.layers.4.post_attention_layernorm.weight",),
+        None,
+        False,
+        4,
+        None,
+        ("model.layers.4.post_attention_layernorm.weight",),
+        import_decoder_layers_4_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_4_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.4.mlp.linear_fc1.weight",
         (57344, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=4,
-        expert=None,
-        hf_names=("model.layers.4.mlp.gate_proj.weight", "model.layers.4.mlp.up_proj.weight"),
+        0,
+        False,
+        4,
+        None,
+        ("model.layers.4.mlp.gate_proj.weight", "model.layers.4.mlp.up_proj.weight"),
+        import_decoder_layers_4_mlp_linear_fc1_weight,
+        export_decoder_layers_4_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.4.mlp.linear_fc2.weight",
         (8192, 28672),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=4,
-        expert=None,
-        hf_names=("model.layers.4.mlp.down_proj.weight",),
+        1,
+        False,
+        4,
+        None,
+        ("model.layers.4.mlp.down_proj.weight",),
+        import_decoder_layers_4_mlp_linear_fc2_weight,
+        export_decoder_layers_4_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.5.self_attention.linear_qkv.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=5,
-        expert=None,
-        hf_names=("model.layers.5.input_layernorm.weight",),
+        None,
+        False,
+        5,
+        None,
+        ("model.layers.5.input_layernorm.weight",),
+        import_decoder_layers_5_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_5_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.5.self_attention.linear_proj.weight",
         (8192, 8192),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=5,
-        expert=None,
-        hf_names=("model.layers.5.self_attn.o_proj.weight",),
+        1,
+        False,
+        5,
+        None,
+        ("model.layers.5.self_attn.o_proj.weight",),
+        import_decoder_layers_5_self_attention_linear_proj_weight,
+        export_decoder_layers_5_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.5.self_attention.linear_qkv.weight",
         (10240, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=5,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        5,
+        None,
+        (
             "model.layers.5.self_attn.q_proj.weight",
             "model.layers.5.self_attn.k_proj.weight",
             "model.layers.5.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_5_self_attention_linear_qkv_weight,
+        export_decoder_layers_5_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.5.mlp.linear_fc1.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=5,
-        expert=None,
-        hf_names=("model.layers.5.post_attention_layernorm.weight",),
+        None,
+        False,
+        5,
+        None,
+        ("model.layers.5.post_attention_layernorm.weight",),
+        import_decoder_layers_5_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_5_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.5.mlp.linear_fc1.weight",
         (57344, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=5,
-        expert=None,
-        hf_names=("model.layers.5.mlp.gate_proj.weight", "model.layers.5.mlp.up_proj.weight"),
+        0,
+        False,
+        5,
+        None,
+        ("model.layers.5.mlp.gate_proj.weight", "model.layers.5.mlp.up_proj.weight"),
+        import_decoder_layers_5_mlp_linear_fc1_weight,
+        export_decoder_layers_5_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.5.mlp.linear_fc2.weight",
         (8192, 28672),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=5,
-        expert=None,
-        hf_names=("model.layers.5.mlp.down_proj.weight",),
+        1,
+        False,
+        5,
+        None,
+        ("model.layers.5.mlp.down_proj.weight",),
+        import_decoder_layers_5_mlp_linear_fc2_weight,
+        export_decoder_layers_5_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.6.self_attention.linear_qkv.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=6,
-        expert=None,
-        hf_names=("model.layers.6.input_layernorm.weight",),
+        None,
+        False,
+        6,
+        None,
+        ("model.layers.6.input_layernorm.weight",),
+        import_decoder_layers_6_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_6_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.6.self_attention.linear_proj.weight",
         (8192, 8192),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=6,
-        expert=None,
-        hf_names=("model.layers.6.self_attn.o_proj.weight",),
+        1,
+        False,
+        6,
+        None,
+        ("model.layers.6.self_attn.o_proj.weight",),
+        import_decoder_layers_6_self_attention_linear_proj_weight,
+        export_decoder_layers_6_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.6.self_attention.linear_qkv.weight",
         (10240, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=6,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        6,
+        None,
+        (
             "model.layers.6.self_attn.q_proj.weight",
             "model.layers.6.self_attn.k_proj.weight",
             "model.layers.6.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_6_self_attention_linear_qkv_weight,
+        export_decoder_layers_6_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.6.mlp.linear_fc1.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=6,
-        expert=None,
-        hf_names=("model.layers.6.post_attention_layernorm.weight",),
+        None,
+        False,
+        6,
+        None,
+        ("model.layers.6.post_attention_layernorm.weight",),
+        import_decoder_layers_6_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_6_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.6.mlp.linear_fc1.weight",
         (57344, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=6,
-        expert=None,
-        hf_names=("model.layers.6.mlp.gate_proj.weight", "model.layers.6.mlp.up_proj.weight"),
+        0,
+        False,
+        6,
+        None,
+        ("model.layers.6.mlp.gate_proj.weight", "model.layers.6.mlp.up_proj.weight"),
+        import_decoder_layers_6_mlp_linear_fc1_weight,
+        export_decoder_layers_6_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.6.mlp.linear_fc2.weight",
         (8192, 28672),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=6,
-        expert=None,
-        hf_names=("model.layers.6.mlp.down_proj.weight",),
+        1,
+        False,
+        6,
+        None,
+        ("model.layers.6.mlp.down_proj.weight",),
+        import_decoder_layers_6_mlp_linear_fc2_weight,
+        export_decoder_layers_6_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.7.self_attention.linear_qkv.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=7,
-        expert=None,
-        hf_names=("model.layers.7.input_layernorm.weight",),
+        None,
+        False,
+        7,
+        None,
+        ("model.layers.7.input_layernorm.weight",),
+        import_decoder_layers_7_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_7_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.7.self_attention.linear_proj.weight",
         (8192, 8192),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=7,
-        expert=None,
-        hf_names=("model.layers.7.self_attn.o_proj.weight",),
+        1,
+        False,
+        7,
+        None,
+        ("model.layers.7.self_attn.o_proj.weight",),
+        import_decoder_layers_7_self_attention_linear_proj_weight,
+        export_decoder_layers_7_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.7.self_attention.linear_qkv.weight",
         (10240, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=7,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        7,
+        None,
+        (
             "model.layers.7.self_attn.q_proj.weight",
             "model.layers.7.self_attn.k_proj.weight",
             "model.layers.7.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_7_self_attention_linear_qkv_weight,
+        export_decoder_layers_7_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.7.mlp.linear_fc1.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=7,
-        expert=None,
-        hf_names=("model.layers.7.post_attention_layernorm.weight",),
+        None,
+        False,
+        7,
+        None,
+        ("model.layers.7.post_attention_layernorm.weight",),
+        import_decoder_layers_7_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_7_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.7.mlp.linear_fc1.weight",
         (57344, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=7,
-        expert=None,
-        hf_names=("model.layers.7.mlp.gate_proj.weight", "model.layers.7.mlp.up_proj.weight"),
+        0,
+        False,
+        7,
+        None,
+        ("model.layers.7.mlp.gate_proj.weight", "model.layers.7.mlp.up_proj.weight"),
+        import_decoder_layers_7_mlp_linear_fc1_weight,
+        export_decoder_layers_7_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.7.mlp.linear_fc2.weight",
         (8192, 28672),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=7,
-        expert=None,
-        hf_names=("model.layers.7.mlp.down_proj.weight",),
+        1,
+        False,
+        7,
+        None,
+        ("model.layers.7.mlp.down_proj.weight",),
+        import_decoder_layers_7_mlp_linear_fc2_weight,
+        export_decoder_layers_7_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.8.self_attention.linear_qkv.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=8,
-        expert=None,
-        hf_names=("model.layers.8.input_layernorm.weight",),
+        None,
+        False,
+        8,
+        None,
+        ("model.layers.8.input_layernorm.weight",),
+        import_decoder_layers_8_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_8_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.8.self_attention.linear_proj.weight",
         (8192, 8192),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=8,
-        expert=None,
-        hf_names=("model.layers.8.self_attn.o_proj.weight",),
+        1,
+        False,
+        8,
+        None,
+        ("model.layers.8.self_attn.o_proj.weight",),
+        import_decoder_layers_8_self_attention_linear_proj_weight,
+        export_decoder_layers_8_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.8.self_attention.linear_qkv.weight",
         (10240, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=8,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        8,
+        None,
+        (
             "model.layers.8.self_attn.q_proj.weight",
             "model.layers.8.self_attn.k_proj.weight",
             "model.layers.8.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_8_self_attention_linear_qkv_weight,
+        export_decoder_layers_8_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.8.mlp.linear_fc1.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=8,
-        expert=None,
-        hf_names=("model.layers.8.post_attention_layernorm.weight",),
+        None,
+        False,
+        8,
+        None,
+        ("model.layers.8.post_attention_layernorm.weight",),
+        import_decoder_layers_8_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_8_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.8.mlp.linear_fc1.weight",
         (57344, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=8,
-        expert=None,
-        hf_names=("model.layers.8.mlp.gate_proj.weight", "model.layers.8.mlp.up_proj.weight"),
+        0,
+        False,
+        8,
+        None,
+        ("model.layers.8.mlp.gate_proj.weight", "model.layers.8.mlp.up_proj.weight"),
+        import_decoder_layers_8_mlp_linear_fc1_weight,
+        export_decoder_layers_8_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.8.mlp.linear_fc2.weight",
         (8192, 28672),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=8,
-        expert=None,
-        hf_names=("model.layers.8.mlp.down_proj.weight",),
+        1,
+        False,
+        8,
+        None,
+        ("model.layers.8.mlp.down_proj.weight",),
+        import_decoder_layers_8_mlp_linear_fc2_weight,
+        export_decoder_layers_8_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.9.self_attention.linear_qkv.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=9,
-        expert=None,
-        hf_names=("model.layers.9.input_layernorm.weight",),
+        None,
+        False,
+        9,
+        None,
+        ("model.layers.9.input_layernorm.weight",),
+        import_decoder_layers_9_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_9_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.9.self_attention.linear_proj.weight",
         (8192, 8192),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=9,
-        expert=None,
-        hf_names=("model.layers.9.self_attn.o_proj.weight",),
+        1,
+        False,
+        9,
+        None,
+        ("model.layers.9.self_attn.o_proj.weight",),
+        import_decoder_layers_9_self_attention_linear_proj_weight,
+        export_decoder_layers_9_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.9.self_attention.linear_qkv.weight",
         (10240, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=9,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        9,
+        None,
+        (
             "model.layers.9.self_attn.q_proj.weight",
             "model.layers.9.self_attn.k_proj.weight",
             "model.layers.9.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_9_self_attention_linear_qkv_weight,
+        export_decoder_layers_9_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.9.mlp.linear_fc1.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=9,
-        expert=None,
-        hf_names=("model.layers.9.post_attention_layernorm.weight",),
+        None,
+        False,
+        9,
+        None,
+        ("model.layers.9.post_attention_layernorm.weight",),
+        import_decoder_layers_9_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_9_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.9.mlp.linear_fc1.weight",
         (57344, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=9,
-        expert=None,
-        hf_names=("model.layers.9.mlp.gate_proj.weight", "model.layers.9.mlp.up_proj.weight"),
+        0,
+        False,
+        9,
+        None,
+        ("model.layers.9.mlp.gate_proj.weight", "model.layers.9.mlp.up_proj.weight"),
+        import_decoder_layers_9_mlp_linear_fc1_weight,
+        export_decoder_layers_9_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.9.mlp.linear_fc2.weight",
         (8192, 28672),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=9,
-        expert=None,
-        hf_names=("model.layers.9.mlp.down_proj.weight",),
+        1,
+        False,
+        9,
+        None,
+        ("model.layers.9.mlp.down_proj.weight",),
+        import_decoder_layers_9_mlp_linear_fc2_weight,
+        export_decoder_layers_9_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.10.self_attention.linear_qkv.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=10,
-        expert=None,
-        hf_names=("model.layers.10.input_layernorm.weight",),
+        None,
+        False,
+        10,
+        None,
+        ("model.layers.10.input_layernorm.weight",),
+        import_decoder_layers_10_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_10_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.10.self_attention.linear_proj.weight",
         (8192, 8192),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=10,
-        expert=None,
-        hf_names=("model.layers.10.self_attn.o_proj.weight",),
+        1,
+        False,
+        10,
+        None,
+        ("model.layers.10.self_attn.o_proj.weight",),
+        import_decoder_layers_10_self_attention_linear_proj_weight,
+        export_decoder_layers_10_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.10.self_attention.linear_qkv.weight",
         (10240, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=10,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        10,
+        None,
+        (
             "model.layers.10.self_attn.q_proj.weight",
             "model.layers.10.self_attn.k_proj.weight",
             "model.layers.10.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_10_self_attention_linear_qkv_weight,
+        export_decoder_layers_10_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.10.mlp.linear_fc1.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=10,
-        expert=None,
-        hf_names=("model.layers.10.post_attention_layernorm.weight",),
+        None,
+        False,
+        10,
+        None,
+        ("model.layers.10.post_attention_layernorm.weight",),
+        import_decoder_layers_10_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_10_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.10.mlp.linear_fc1.weight",
         (57344, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=10,
-        expert=None,
-        hf_names=("model.layers.10.mlp.gate_proj.weight", "model.layers.10.mlp.up_proj.weight"),
+        0,
+        False,
+        10,
+        None,
+        ("model.layers.10.mlp.gate_proj.weight", "model.layers.10.mlp.up_proj.weight"),
+        import_decoder_layers_10_mlp_linear_fc1_weight,
+        export_decoder_layers_10_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.10.mlp.linear_fc2.weight",
         (8192, 28672),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=10,
-        expert=None,
-        hf_names=("model.layers.10.mlp.down_proj.weight",),
+        1,
+        False,
+        10,
+        None,
+        ("model.layers.10.mlp.down_proj.weight",),
+        import_decoder_layers_10_mlp_linear_fc2_weight,
+        export_decoder_layers_10_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.11.self_attention.linear_qkv.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=11,
-        expert=None,
-        hf_names=("model.layers.11.input_layernorm.weight",),
+        None,
+        False,
+        11,
+        None,
+        ("model.layers.11.input_layernorm.weight",),
+        import_decoder_layers_11_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_11_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.11.self_attention.linear_proj.weight",
         (8192, 8192),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=11,
-        expert=None,
-        hf_names=("model.layers.11.self_attn.o_proj.weight",),
+        1,
+        False,
+        11,
+        None,
+        ("model.layers.11.self_attn.o_proj.weight",),
+        import_decoder_layers_11_self_attention_linear_proj_weight,
+        export_decoder_layers_11_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.11.self_attention.linear_qkv.weight",
         (10240, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=11,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        11,
+        None,
+        (
             "model.layers.11.self_attn.q_proj.weight",
             "model.layers.11.self_attn.k_proj.weight",
             "model.layers.11.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_11_self_attention_linear_qkv_weight,
+        export_decoder_layers_11_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.11.mlp.linear_fc1.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=11,
-        expert=None,
-        hf_names=("model.layers.11.post_attention_layernorm.weight",),
+        None,
+        False,
+        11,
+        None,
+        ("model.layers.11.post_attention_layernorm.weight",),
+        import_decoder_layers_11_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_11_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.11.mlp.linear_fc1.weight",
         (57344, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=11,
-        expert=None,
-        hf_names=("model.layers.11.mlp.gate_proj.weight", "model.layers.11.mlp.up_proj.weight"),
+        0,
+        False,
+        11,
+        None,
+        ("model.layers.11.mlp.gate_proj.weight", "model.layers.11.mlp.up_proj.weight"),
+        import_decoder_layers_11_mlp_linear_fc1_weight,
+        export_decoder_layers_11_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.11.mlp.linear_fc2.weight",
         (8192, 28672),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=11,
-        expert=None,
-        hf_names=("model.layers.11.mlp.down_proj.weight",),
+        1,
+        False,
+        11,
+        None,
+        ("model.layers.11.mlp.down_proj.weight",),
+        import_decoder_layers_11_mlp_linear_fc2_weight,
+        export_decoder_layers_11_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.12.self_attention.linear_qkv.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=12,
-        expert=None,
-        hf_names=("model.layers.12.input_layernorm.weight",),
+        None,
+        False,
+        12,
+        None,
+        ("model.layers.12.input_layernorm.weight",),
+        import_decoder_layers_12_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_12_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.12.self_attention.linear_proj.weight",
         (8192, 8192),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=12,
-        expert=None,
-        hf_names=("model.layers.12.self_attn.o_proj.weight",),
+        1,
+        False,
+        12,
+        None,
+        ("model.layers.12.self_attn.o_proj.weight",),
+        import_decoder_layers_12_self_attention_linear_proj_weight,
+        export_decoder_layers_12_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.12.self_attention.linear_qkv.weight",
         (10240, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=12,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        12,
+        None,
+        (
             "model.layers.12.self_attn.q_proj.weight",
             "model.layers.12.self_attn.k_proj.weight",
             "model.layers.12.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_12_self_attention_linear_qkv_weight,
+        export_decoder_layers_12_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.12.mlp.linear_fc1.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=12,
-        expert=None,
-        hf_names=("model.layers.12.post_attention_layernorm.weight",),
+        None,
+        False,
+        12,
+        None,
+        ("model.layers.12.post_attention_layernorm.weight",),
+        import_decoder_layers_12_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_12_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.12.mlp.linear_fc1.weight",
         (57344, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=12,
-        expert=None,
-        hf_names=("model.layers.12.mlp.gate_proj.weight", "model.layers.12.mlp.up_proj.weight"),
+        0,
+        False,
+        12,
+        None,
+        ("model.layers.12.mlp.gate_proj.weight", "model.layers.12.mlp.up_proj.weight"),
+        import_decoder_layers_12_mlp_linear_fc1_weight,
+        export_decoder_layers_12_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.12.mlp.linear_fc2.weight",
         (8192, 28672),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=12,
-        expert=None,
-        hf_names=("model.layers.12.mlp.down_proj.weight",),
+        1,
+        False,
+        12,
+        None,
+        ("model.layers.12.mlp.down_proj.weight",),
+        import_decoder_layers_12_mlp_linear_fc2_weight,
+        export_decoder_layers_12_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.13.self_attention.linear_qkv.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=13,
-        expert=None,
-        hf_names=("model.layers.13.input_layernorm.weight",),
+        None,
+        False,
+        13,
+        None,
+        ("model.layers.13.input_layernorm.weight",),
+        import_decoder_layers_13_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_13_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.13.self_attention.linear_proj.weight",
         (8192, 8192),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=13,
-        expert=None,
-        hf_names=("model.layers.13.self_attn.o_proj.weight",),
+        1,
+        False,
+        13,
+        None,
+        ("model.layers.13.self_attn.o_proj.weight",),
+        import_decoder_layers_13_self_attention_linear_proj_weight,
+        export_decoder_layers_13_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.13.self_attention.linear_qkv.weight",
         (10240, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=13,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        13,
+        None,
+        (
             "model.layers.13.self_attn.q_proj.weight",
             "model.layers.13.self_attn.k_proj.weight",
             "model.layers.13.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_13_self_attention_linear_qkv_weight,
+        export_decoder_layers_13_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.13.mlp.linear_fc1.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=13,
-        expert=None,
-        hf_names=("model.layers.13.post_attention_layernorm.weight",),
+        None,
+        False,
+        13,
+        None,
+        ("model.layers.13.post_attention_layernorm.weight",),
+        import_decoder_layers_13_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_13_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.13.mlp.linear_fc1.weight",
         (57344, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=13,
-        expert=None,
-        hf_names=("model.layers.13.mlp.gate_proj.weight", "model.layers.13.mlp.up_proj.weight"),
+        0,
+        False,
+        13,
+        None,
+        ("model.layers.13.mlp.gate_proj.weight", "model.layers.13.mlp.up_proj.weight"),
+        import_decoder_layers_13_mlp_linear_fc1_weight,
+        export_decoder_layers_13_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.13.mlp.linear_fc2.weight",
         (8192, 28672),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=13,
-        expert=None,
-        hf_names=("model.layers.13.mlp.down_proj.weight",),
+        1,
+        False,
+        13,
+        None,
+        ("model.layers.13.mlp.down_proj.weight",),
+        import_decoder_layers_13_mlp_linear_fc2_weight,
+        export_decoder_layers_13_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.14.self_attention.linear_qkv.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=14,
-        expert=None,
-        hf_names=("model.layers.14.input_layernorm.weight",),
+        None,
+        False,
+        14,
+        None,
+        ("model.layers.14.input_layernorm.weight",),
+        import_decoder_layers_14_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_14_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.14.self_attention.linear_proj.weight",
         (8192, 8192),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=14,
-        expert=None,
-        hf_names=("model.layers.14.self_attn.o_proj.weight",),
+        1,
+        False,
+        14,
+        None,
+        ("model.layers.14.self_attn.o_proj.weight",),
+        import_decoder_layers_14_self_attention_linear_proj_weight,
+        export_decoder_layers_14_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.14.self_attention.linear_qkv.weight",
         (10240, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=14,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        14,
+        None,
+        (
             "model.layers.14.self_attn.q_proj.weight",
             "model.layers.14.self_attn.k_proj.weight",
             "model.layers.14.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_14_self_attention_linear_qkv_weight,
+        export_decoder_layers_14_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.14.mlp.linear_fc1.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=14,
-        expert=None,
-        hf_names=("model.layers.14.post_attention_layernorm.weight",),
+        None,
+        False,
+        14,
+        None,
+        ("model.layers.14.post_attention_layernorm.weight",),
+        import_decoder_layers_14_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_14_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.14.mlp.linear_fc1.weight",
         (57344, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=14,
-        expert=None,
-        hf_names=("model.layers.14.mlp.gate_proj.weight", "model.layers.14.mlp.up_proj.weight"),
+        0,
+        False,
+        14,
+        None,
+        ("model.layers.14.mlp.gate_proj.weight", "model.layers.14.mlp.up_proj.weight"),
+        import_decoder_layers_14_mlp_linear_fc1_weight,
+        export_decoder_layers_14_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.14.mlp.linear_fc2.weight",
         (8192, 28672),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=14,
-        expert=None,
-        hf_names=("model.layers.14.mlp.down_proj.weight",),
+        1,
+        False,
+        14,
+        None,
+        ("model.layers.14.mlp.down_proj.weight",),
+        import_decoder_layers_14_mlp_linear_fc2_weight,
+        export_decoder_layers_14_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.15.self_attention.linear_qkv.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=15,
-        expert=None,
-        hf_names=("model.layers.15.input_layernorm.weight",),
+        None,
+        False,
+        15,
+        None,
+        ("model.layers.15.input_layernorm.weight",),
+        import_decoder_layers_15_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_15_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.15.self_attention.linear_proj.weight",
         (8192, 8192),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=15,
-        expert=None,
-        hf_names=("model.layers.15.self_attn.o_proj.weight",),
+        1,
+        False,
+        15,
+        None,
+        ("model.layers.15.self_attn.o_proj.weight",),
+        import_decoder_layers_15_self_attention_linear_proj_weight,
+        export_decoder_layers_15_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.15.self_attention.linear_qkv.weight",
         (10240, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=15,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        15,
+        None,
+        (
             "model.layers.15.self_attn.q_proj.weight",
             "model.layers.15.self_attn.k_proj.weight",
             "model.layers.15.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_15_self_attention_linear_qkv_weight,
+        export_decoder_layers_15_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.15.mlp.linear_fc1.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=15,
-        expert=None,
-        hf_names=("model.layers.15.post_attention_layernorm.weight",),
+        None,
+        False,
+        15,
+        None,
+        ("model.layers.15.post_attention_layernorm.weight",),
+        import_decoder_layers_15_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_15_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.15.mlp.linear_fc1.weight",
         (57344, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=15,
-        expert=None,
-        hf_names=("model.layers.15.mlp.gate_proj.weight", "model.layers.15.mlp.up_proj.weight"),
+        0,
+        False,
+        15,
+        None,
+        ("model.layers.15.mlp.gate_proj.weight", "model.layers.15.mlp.up_proj.weight"),
+        import_decoder_layers_15_mlp_linear_fc1_weight,
+        export_decoder_layers_15_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.15.mlp.linear_fc2.weight",
         (8192, 28672),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=15,
-        expert=None,
-        hf_names=("model.layers.15.mlp.down_proj.weight",),
+        1,
+        False,
+        15,
+        None,
+        ("model.layers.15.mlp.down_proj.weight",),
+        import_decoder_layers_15_mlp_linear_fc2_weight,
+        export_decoder_layers_15_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.16.self_attention.linear_qkv.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=16,
-        expert=None,
-        hf_names=("model.layers.16.input_layernorm.weight",),
+        None,
+        False,
+        16,
+        None,
+        ("model.layers.16.input_layernorm.weight",),
+        import_decoder_layers_16_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_16_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.16.self_attention.linear_proj.weight",
         (8192, 8192),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=16,
-        expert=None,
-        hf_names=("model.layers.16.self_attn.o_proj.weight",),
+        1,
+        False,
+        16,
+        None,
+        ("model.layers.16.self_attn.o_proj.weight",),
+        import_decoder_layers_16_self_attention_linear_proj_weight,
+        export_decoder_layers_16_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.16.self_attention.linear_qkv.weight",
         (10240, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=16,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        16,
+        None,
+        (
             "model.layers.16.self_attn.q_proj.weight",
             "model.layers.16.self_attn.k_proj.weight",
             "model.layers.16.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_16_self_attention_linear_qkv_weight,
+        export_decoder_layers_16_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.16.mlp.linear_fc1.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=16,
-        expert=None,
-        hf_names=("model.layers.16.post_attention_layernorm.weight",),
+        None,
+        False,
+        16,
+        None,
+        ("model.layers.16.post_attention_layernorm.weight",),
+        import_decoder_layers_16_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_16_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.16.mlp.linear_fc1.weight",
         (57344, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=16,
-        expert=None,
-        hf_names=("model.layers.16.mlp.gate_proj.weight", "model.layers.16.mlp.up_proj.weight"),
+        0,
+        False,
+        16,
+        None,
+        ("model.layers.16.mlp.gate_proj.weight", "model.layers.16.mlp.up_proj.weight"),
+        import_decoder_layers_16_mlp_linear_fc1_weight,
+        export_decoder_layers_16_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.16.mlp.linear_fc2.weight",
         (8192, 28672),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=16,
-        expert=None,
-        hf_names=("model.layers.16.mlp.down_proj.weight",),
+        1,
+        False,
+        16,
+        None,
+        ("model.layers.16.mlp.down_proj.weight",),
+        import_decoder_layers_16_mlp_linear_fc2_weight,
+        export_decoder_layers_16_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.17.self_attention.linear_qkv.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=17,
-        expert=None,
-        hf_names=("model.layers.17.input_layernorm.weight",),
+        None,
+        False,
+        17,
+        None,
+        ("model.layers.17.input_layernorm.weight",),
+        import_decoder_layers_17_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_17_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.17.self_attention.linear_proj.weight",
         (8192, 8192),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=17,
-        expert=None,
-        hf_names=("model.layers.17.self_attn.o_proj.weight",),
+        1,
+        False,
+        17,
+        None,
+        ("model.layers.17.self_attn.o_proj.weight",),
+        import_decoder_layers_17_self_attention_linear_proj_weight,
+        export_decoder_layers_17_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.17.self_attention.linear_qkv.weight",
         (10240, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=17,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        17,
+        None,
+        (
             "model.layers.17.self_attn.q_proj.weight",
             "model.layers.17.self_attn.k_proj.weight",
             "model.layers.17.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_17_self_attention_linear_qkv_weight,
+        export_decoder_layers_17_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.17.mlp.linear_fc1.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=17,
-        expert=None,
-        hf_names=("model.layers.17.post_attention_layernorm.weight",),
+        None,
+        False,
+        17,
+        None,
+        ("model.layers.17.post_attention_layernorm.weight",),
+        import_decoder_layers_17_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_17_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.17.mlp.linear_fc1.weight",
         (57344, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=17,
-        expert=None,
-        hf_names=("model.layers.17.mlp.gate_proj.weight", "model.layers.17.mlp.up_proj.weight"),
+        0,
+        False,
+        17,
+        None,
+        ("model.layers.17.mlp.gate_proj.weight", "model.layers.17.mlp.up_proj.weight"),
+        import_decoder_layers_17_mlp_linear_fc1_weight,
+        export_decoder_layers_17_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.17.mlp.linear_fc2.weight",
         (8192, 28672),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=17,
-        expert=None,
-        hf_names=("model.layers.17.mlp.down_proj.weight",),
+        1,
+        False,
+        17,
+        None,
+        ("model.layers.17.mlp.down_proj.weight",),
+        import_decoder_layers_17_mlp_linear_fc2_weight,
+        export_decoder_layers_17_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.18.self_attention.linear_qkv.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=18,
-        expert=None,
-        hf_names=("model.layers.18.input_layernorm.weight",),
+        None,
+        False,
+        18,
+        None,
+        ("model.layers.18.input_layernorm.weight",),
+        import_decoder_layers_18_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_18_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.18.self_attention.linear_proj.weight",
         (8192, 8192),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=18,
-        expert=None,
-        hf_names=("model.layers.18.self_attn.o_proj.weight",),
+        1,
+        False,
+        18,
+        None,
+        ("model.layers.18.self_attn.o_proj.weight",),
+        import_decoder_layers_18_self_attention_linear_proj_weight,
+        export_decoder_layers_18_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.18.self_attention.linear_qkv.weight",
         (10240, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=18,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        18,
+        None,
+        (
             "model.layers.18.self_attn.q_proj.weight",
             "model.layers.18.self_attn.k_proj.weight",
             "model.layers.18.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_18_self_attention_linear_qkv_weight,
+        export_decoder_layers_18_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.18.mlp.linear_fc1.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=18,
-        expert=None,
-        hf_names=("model.layers.18.post_attention_layernorm.weight",),
+        None,
+        False,
+        18,
+        None,
+        ("model.layers.18.post_attention_layernorm.weight",),
+        import_decoder_layers_18_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_18_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.18.mlp.linear_fc1.weight",
         (57344, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=18,
-        expert=None,
-        hf_names=("model.layers.18.mlp.gate_proj.weight", "model.layers.18.mlp.up_proj.weight"),
+        0,
+        False,
+        18,
+        None,
+        ("model.layers.18.mlp.gate_proj.weight", "model.layers.18.mlp.up_proj.weight"),
+        import_decoder_layers_18_mlp_linear_fc1_weight,
+        export_decoder_layers_18_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.18.mlp.linear_fc2.weight",
         (8192, 28672),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=18,
-        expert=None,
-        hf_names=("model.layers.18.mlp.down_proj.weight",),
+        1,
+        False,
+        18,
+        None,
+        ("model.layers.18.mlp.down_proj.weight",),
+        import_decoder_layers_18_mlp_linear_fc2_weight,
+        export_decoder_layers_18_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.19.self_attention.linear_qkv.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=19,
-        expert=None,
-        hf_names=("model.layers.19.input_layernorm.weight",),
+        None,
+        False,
+        19,
+        None,
+        ("model.layers.19.input_layernorm.weight",),
+        import_decoder_layers_19_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_19_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.19.self_attention.linear_proj.weight",
         (8192, 8192),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=19,
-        expert=None,
-        hf_names=("model.layers.19.self_attn.o_proj.weight",),
+        1,
+        False,
+        19,
+        None,
+        ("model.layers.19.self_attn.o_proj.weight",),
+        import_decoder_layers_19_self_attention_linear_proj_weight,
+        export_decoder_layers_19_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.19.self_attention.linear_qkv.weight",
         (10240, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=19,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        19,
+        None,
+        (
             "model.layers.19.self_attn.q_proj.weight",
             "model.layers.19.self_attn.k_proj.weight",
             "model.layers.19.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_19_self_attention_linear_qkv_weight,
+        export_decoder_layers_19_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.19.mlp.linear_fc1.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=19,
-        expert=None,
-        hf_names=("model.layers.19.post_attention_layernorm.weight",),
+        None,
+        False,
+        19,
+        None,
+        ("model.layers.19.post_attention_layernorm.weight",),
+        import_decoder_layers_19_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_19_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.19.mlp.linear_fc1.weight",
         (57344, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=19,
-        expert=None,
-        hf_names=("model.layers.19.mlp.gate_proj.weight", "model.layers.19.mlp.up_proj.weight"),
+        0,
+        False,
+        19,
+        None,
+        ("model.layers.19.mlp.gate_proj.weight", "model.layers.19.mlp.up_proj.weight"),
+        import_decoder_layers_19_mlp_linear_fc1_weight,
+        export_decoder_layers_19_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.19.mlp.linear_fc2.weight",
         (8192, 28672),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=19,
-        expert=None,
-        hf_names=("model.layers.19.mlp.down_proj.weight",),
+        1,
+        False,
+        19,
+        None,
+        ("model.layers.19.mlp.down_proj.weight",),
+        import_decoder_layers_19_mlp_linear_fc2_weight,
+        export_decoder_layers_19_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.20.self_attention.linear_qkv.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=20,
-        expert=None,
-        hf_names=("model.layers.20.input_layernorm.weight",),
+        None,
+        False,
+        20,
+        None,
+        ("model.layers.20.input_layernorm.weight",),
+        import_decoder_layers_20_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_20_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.20.self_attention.linear_proj.weight",
         (8192, 8192),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=20,
-        expert=None,
-        hf_names=("model.layers.20.self_attn.o_proj.weight",),
+        1,
+        False,
+        20,
+        None,
+        ("model.layers.20.self_attn.o_proj.weight",),
+        import_decoder_layers_20_self_attention_linear_proj_weight,
+        export_decoder_layers_20_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.20.self_attention.linear_qkv.weight",
         (10240, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=20,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        20,
+        None,
+        (
             "model.layers.20.self_attn.q_proj.weight",
             "model.layers.20.self_attn.k_proj.weight",
             "model.layers.20.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_20_self_attention_linear_qkv_weight,
+        export_decoder_layers_20_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.20.mlp.linear_fc1.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=20,
-        expert=None,
-        hf_names=("model.layers.20.post_attention_layernorm.weight",),
+        None,
+        False,
+        20,
+        None,
+        ("model.layers.20.post_attention_layernorm.weight",),
+        import_decoder_layers_20_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_20_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.20.mlp.linear_fc1.weight",
         (57344, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=20,
-        expert=None,
-        hf_names=("model.layers.20.mlp.gate_proj.weight", "model.layers.20.mlp.up_proj.weight"),
+        0,
+        False,
+        20,
+        None,
+        ("model.layers.20.mlp.gate_proj.weight", "model.layers.20.mlp.up_proj.weight"),
+        import_decoder_layers_20_mlp_linear_fc1_weight,
+        export_decoder_layers_20_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.20.mlp.linear_fc2.weight",
         (8192, 28672),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=20,
-        expert=None,
-        hf_names=("model.layers.20.mlp.down_proj.weight",),
+        1,
+        False,
+        20,
+        None,
+        ("model.layers.20.mlp.down_proj.weight",),
+        import_decoder_layers_20_mlp_linear_fc2_weight,
+        export_decoder_layers_20_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.21.self_attention.linear_qkv.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=21,
-        expert=None,
-        hf_names=("model.layers.21.input_layernorm.weight",),
+        None,
+        False,
+        21,
+        None,
+        ("model.layers.21.input_layernorm.weight",),
+        import_decoder_layers_21_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_21_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.21.self_attention.linear_proj.weight",
         (8192, 8192),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=21,
-        expert=None,
-        hf_names=("model.layers.21.self_attn.o_proj.weight",),
+        1,
+        False,
+        21,
+        None,
+        ("model.layers.21.self_attn.o_proj.weight",),
+        import_decoder_layers_21_self_attention_linear_proj_weight,
+        export_decoder_layers_21_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.21.self_attention.linear_qkv.weight",
         (10240, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=21,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        21,
+        None,
+        (
             "model.layers.21.self_attn.q_proj.weight",
             "model.layers.21.self_attn.k_proj.weight",
             "model.layers.21.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_21_self_attention_linear_qkv_weight,
+        export_decoder_layers_21_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.21.mlp.linear_fc1.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=21,
-        expert=None,
-        hf_names=("model.layers.21.post_attention_layernorm.weight",),
+        None,
+        False,
+        21,
+        None,
+        ("model.layers.21.post_attention_layernorm.weight",),
+        import_decoder_layers_21_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_21_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.21.mlp.linear_fc1.weight",
         (57344, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=21,
-        expert=None,
-        hf_names=("model.layers.21.mlp.gate_proj.weight", "model.layers.21.mlp.up_proj.weight"),
+        0,
+        False,
+        21,
+        None,
+        ("model.layers.21.mlp.gate_proj.weight", "model.layers.21.mlp.up_proj.weight"),
+        import_decoder_layers_21_mlp_linear_fc1_weight,
+        export_decoder_layers_21_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.21.mlp.linear_fc2.weight",
         (8192, 28672),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=21,
-        expert=None,
-        hf_names=("model.layers.21.mlp.down_proj.weight",),
+        1,
+        False,
+        21,
+        None,
+        ("model.layers.21.mlp.down_proj.weight",),
+        import_decoder_layers_21_mlp_linear_fc2_weight,
+        export_decoder_layers_21_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.22.self_attention.linear_qkv.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=22,
-        expert=None,
-        hf_names=("model.layers.22.input_layernorm.weight",),
+        None,
+        False,
+        22,
+        None,
+        ("model.layers.22.input_layernorm.weight",),
+        import_decoder_layers_22_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_22_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.22.self_attention.linear_proj.weight",
         (8192, 8192),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=22,
-        expert=None,
-        hf_names=("model.layers.22.self_attn.o_proj.weight",),
+        1,
+        False,
+        22,
+        None,
+        ("model.layers.22.self_attn.o_proj.weight",),
+        import_decoder_layers_22_self_attention_linear_proj_weight,
+        export_decoder_layers_22_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.22.self_attention.linear_qkv.weight",
         (10240, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=22,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        22,
+        None,
+        (
             "model.layers.22.self_attn.q_proj.weight",
             "model.layers.22.self_attn.k_proj.weight",
             "model.layers.22.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_22_self_attention_linear_qkv_weight,
+        export_decoder_layers_22_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.22.mlp.linear_fc1.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=22,
-        expert=None,
-        hf_names=("model.layers.22.post_attention_layernorm.weight",),
+        None,
+        False,
+        22,
+        None,
+        ("model.layers.22.post_attention_layernorm.weight",),
+        import_decoder_layers_22_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_22_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.22.mlp.linear_fc1.weight",
         (57344, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=22,
-        expert=None,
-        hf_names=("model.layers.22.mlp.gate_proj.weight", "model.layers.22.mlp.up_proj.weight"),
+        0,
+        False,
+        22,
+        None,
+        ("model.layers.22.mlp.gate_proj.weight", "model.layers.22.mlp.up_proj.weight"),
+        import_decoder_layers_22_mlp_linear_fc1_weight,
+        export_decoder_layers_22_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.22.mlp.linear_fc2.weight",
         (8192, 28672),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=22,
-        expert=None,
-        hf_names=("model.layers.22.mlp.down_proj.weight",),
+        1,
+        False,
+        22,
+        None,
+        ("model.layers.22.mlp.down_proj.weight",),
+        import_decoder_layers_22_mlp_linear_fc2_weight,
+        export_decoder_layers_22_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.23.self_attention.linear_qkv.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=23,
-        expert=None,
-        hf_names=("model.layers.23.input_layernorm.weight",),
+        None,
+        False,
+        23,
+        None,
+        ("model.layers.23.input_layernorm.weight",),
+        import_decoder_layers_23_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_23_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.23.self_attention.linear_proj.weight",
         (8192, 8192),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=23,
-        expert=None,
-        hf_names=("model.layers.23.self_attn.o_proj.weight",),
+        1,
+        False,
+        23,
+        None,
+        ("model.layers.23.self_attn.o_proj.weight",),
+        import_decoder_layers_23_self_attention_linear_proj_weight,
+        export_decoder_layers_23_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.23.self_attention.linear_qkv.weight",
         (10240, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=23,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        23,
+        None,
+        (
             "model.layers.23.self_attn.q_proj.weight",
             "model.layers.23.self_attn.k_proj.weight",
             "model.layers.23.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_23_self_attention_linear_qkv_weight,
+        export_decoder_layers_23_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.23.mlp.linear_fc1.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=23,
-        expert=None,
-        hf_names=("model.layers.23.post_attention_layernorm.weight",),
+        None,
+        False,
+        23,
+        None,
+        ("model.layers.23.post_attention_layernorm.weight",),
+        import_decoder_layers_23_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_23_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.23.mlp.linear_fc1.weight",
         (57344, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=23,
-        expert=None,
-        hf_names=("model.layers.23.mlp.gate_proj.weight", "model.layers.23.mlp.up_proj.weight"),
+        0,
+        False,
+        23,
+        None,
+        ("model.layers.23.mlp.gate_proj.weight", "model.layers.23.mlp.up_proj.weight"),
+        import_decoder_layers_23_mlp_linear_fc1_weight,
+        export_decoder_layers_23_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.23.mlp.linear_fc2.weight",
         (8192, 28672),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=23,
-        expert=None,
-        hf_names=("model.layers.23.mlp.down_proj.weight",),
+        1,
+        False,
+        23,
+        None,
+        ("model.layers.23.mlp.down_proj.weight",),
+        import_decoder_layers_23_mlp_linear_fc2_weight,
+        export_decoder_layers_23_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.24.self_attention.linear_qkv.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=24,
-        expert=None,
-        hf_names=("model.layers.24.input_layernorm.weight",),
+        None,
+        False,
+        24,
+        None,
+        ("model.layers.24.input_layernorm.weight",),
+        import_decoder_layers_24_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_24_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.24.self_attention.linear_proj.weight",
         (8192, 8192),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=24,
-        expert=None,
-        hf_names=("model.layers.24.self_attn.o_proj.weight",),
+        1,
+        False,
+        24,
+        None,
+        ("model.layers.24.self_attn.o_proj.weight",),
+        import_decoder_layers_24_self_attention_linear_proj_weight,
+        export_decoder_layers_24_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.24.self_attention.linear_qkv.weight",
         (10240, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=24,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        24,
+        None,
+        (
             "model.layers.24.self_attn.q_proj.weight",
             "model.layers.24.self_attn.k_proj.weight",
             "model.layers.24.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_24_self_attention_linear_qkv_weight,
+        export_decoder_layers_24_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.24.mlp.linear_fc1.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=24,
-        expert=None,
-        hf_names=("model.layers.24.post_attention_layernorm.weight",),
+        None,
+        False,
+        24,
+        None,
+        ("model.layers.24.post_attention_layernorm.weight",),
+        import_decoder_layers_24_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_24_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.24.mlp.linear_fc1.weight",
         (57344, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=24,
-        expert=None,
-        hf_names=("model.layers.24.mlp.gate_proj.weight", "model.layers.24.mlp.up_proj.weight"),
+        0,
+        False,
+        24,
+        None,
+        ("model.layers.24.mlp.gate_proj.weight", "model.layers.24.mlp.up_proj.weight"),
+        import_decoder_layers_24_mlp_linear_fc1_weight,
+        export_decoder_layers_24_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.24.mlp.linear_fc2.weight",
         (8192, 28672),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=24,
-        expert=None,
-        hf_names=("model.layers.24.mlp.down_proj.weight",),
+        1,
+        False,
+        24,
+        None,
+        ("model.layers.24.mlp.down_proj.weight",),
+        import_decoder_layers_24_mlp_linear_fc2_weight,
+        export_decoder_layers_24_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.25.self_attention.linear_qkv.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=25,
-        expert=None,
-        hf_names=("model.layers.25.input_layernorm.weight",),
+        None,
+        False,
+        25,
+        None,
+        ("model.layers.25.input_layernorm.weight",),
+        import_decoder_layers_25_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_25_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.25.self_attention.linear_proj.weight",
         (8192, 8192),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=25,
-        expert=None,
-        hf_names=("model.layers.25.self_attn.o_proj.weight",),
+        1,
+        False,
+        25,
+        None,
+        ("model.layers.25.self_attn.o_proj.weight",),
+        import_decoder_layers_25_self_attention_linear_proj_weight,
+        export_decoder_layers_25_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.25.self_attention.linear_qkv.weight",
         (10240, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=25,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        25,
+        None,
+        (
             "model.layers.25.self_attn.q_proj.weight",
             "model.layers.25.self_attn.k_proj.weight",
             "model.layers.25.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_25_self_attention_linear_qkv_weight,
+        export_decoder_layers_25_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.25.mlp.linear_fc1.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=25,
-        expert=None,
-        hf_names=("model.layers.25.post_attention_layernorm.weight",),
+        None,
+        False,
+        25,
+        None,
+        ("model.layers.25.post_attention_layernorm.weight",),
+        import_decoder_layers_25_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_25_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.25.mlp.linear_fc1.weight",
         (57344, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=25,
-        expert=None,
-        hf_names=("model.layers.25.mlp.gate_proj.weight", "model.layers.25.mlp.up_proj.weight"),
+        0,
+        False,
+        25,
+        None,
+        ("model.layers.25.mlp.gate_proj.weight", "model.layers.25.mlp.up_proj.weight"),
+        import_decoder_layers_25_mlp_linear_fc1_weight,
+        export_decoder_layers_25_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.25.mlp.linear_fc2.weight",
         (8192, 28672),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=25,
-        expert=None,
-        hf_names=("model.layers.25.mlp.down_proj.weight",),
+        1,
+        False,
+        25,
+        None,
+        ("model.layers.25.mlp.down_proj.weight",),
+        import_decoder_layers_25_mlp_linear_fc2_weight,
+        export_decoder_layers_25_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.26.self_attention.linear_qkv.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=26,
-        expert=None,
-        hf_names=("model.layers.26.input_layernorm.weight",),
+        None,
+        False,
+        26,
+        None,
+        ("model.layers.26.input_layernorm.weight",),
+        import_decoder_layers_26_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_26_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.26.self_attention.linear_proj.weight",
         (8192, 8192),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=26,
-        expert=None,
-        hf_names=("model.layers.26.self_attn.o_proj.weight",),
+        1,
+        False,
+        26,
+        None,
+        ("model.layers.26.self_attn.o_proj.weight",),
+        import_decoder_layers_26_self_attention_linear_proj_weight,
+        export_decoder_layers_26_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.26.self_attention.linear_qkv.weight",
         (10240, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=26,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        26,
+        None,
+        (
             "model.layers.26.self_attn.q_proj.weight",
             "model.layers.26.self_attn.k_proj.weight",
             "model.layers.26.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_26_self_attention_linear_qkv_weight,
+        export_decoder_layers_26_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.26.mlp.linear_fc1.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=26,
-        expert=None,
-        hf_names=("model.layers.26.post_attention_layernorm.weight",),
+        None,
+        False,
+        26,
+        None,
+        ("model.layers.26.post_attention_layernorm.weight",),
+        import_decoder_layers_26_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_26_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.26.mlp.linear_fc1.weight",
         (57344, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=26,
-        expert=None,
-        hf_names=("model.layers.26.mlp.gate_proj.weight", "model.layers.26.mlp.up_proj.weight"),
+        0,
+        False,
+        26,
+        None,
+        ("model.layers.26.mlp.gate_proj.weight", "model.layers.26.mlp.up_proj.weight"),
+        import_decoder_layers_26_mlp_linear_fc1_weight,
+        export_decoder_layers_26_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.26.mlp.linear_fc2.weight",
         (8192, 28672),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=26,
-        expert=None,
-        hf_names=("model.layers.26.mlp.down_proj.weight",),
+        1,
+        False,
+        26,
+        None,
+        ("model.layers.26.mlp.down_proj.weight",),
+        import_decoder_layers_26_mlp_linear_fc2_weight,
+        export_decoder_layers_26_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.27.self_attention.linear_qkv.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=27,
-        expert=None,
-        hf_names=("model.layers.27.input_layernorm.weight",),
+        None,
+        False,
+        27,
+        None,
+        ("model.layers.27.input_layernorm.weight",),
+        import_decoder_layers_27_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_27_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.27.self_attention.linear_proj.weight",
         (8192, 8192),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=27,
-        expert=None,
-        hf_names=("model.layers.27.self_attn.o_proj.weight",),
+        1,
+        False,
+        27,
+        None,
+        ("model.layers.27.self_attn.o_proj.weight",),
+        import_decoder_layers_27_self_attention_linear_proj_weight,
+        export_decoder_layers_27_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.27.self_attention.linear_qkv.weight",
         (10240, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=27,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        27,
+        None,
+        (
             "model.layers.27.self_attn.q_proj.weight",
             "model.layers.27.self_attn.k_proj.weight",
             "model.layers.27.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_27_self_attention_linear_qkv_weight,
+        export_decoder_layers_27_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.27.mlp.linear_fc1.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=27,
-        expert=None,
-        hf_names=("model.layers.27.post_attention_layernorm.weight",),
+        None,
+        False,
+        27,
+        None,
+        ("model.layers.27.post_attention_layernorm.weight",),
+        import_decoder_layers_27_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_27_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.27.mlp.linear_fc1.weight",
         (57344, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=27,
-        expert=None,
-        hf_names=("model.layers.27.mlp.gate_proj.weight", "model.layers.27.mlp.up_proj.weight"),
+        0,
+        False,
+        27,
+        None,
+        ("model.layers.27.mlp.gate_proj.weight", "model.layers.27.mlp.up_proj.weight"),
+        import_decoder_layers_27_mlp_linear_fc1_weight,
+        export_decoder_layers_27_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.27.mlp.linear_fc2.weight",
         (8192, 28672),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=27,
-        expert=None,
-        hf_names=("model.layers.27.mlp.down_proj.weight",),
+        1,
+        False,
+        27,
+        None,
+        ("model.layers.27.mlp.down_proj.weight",),
+        import_decoder_layers_27_mlp_linear_fc2_weight,
+        export_decoder_layers_27_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.28.self_attention.linear_qkv.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=28,
-        expert=None,
-        hf_names=("model.layers.28.input_layernorm.weight",),
+        None,
+        False,
+        28,
+        None,
+        ("model.layers.28.input_layernorm.weight",),
+        import_decoder_layers_28_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_28_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.28.self_attention.linear_proj.weight",
         (8192, 8192),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=28,
-        expert=None,
-        hf_names=("model.layers.28.self_attn.o_proj.weight",),
+        1,
+        False,
+        28,
+        None,
+        ("model.layers.28.self_attn.o_proj.weight",),
+        import_decoder_layers_28_self_attention_linear_proj_weight,
+        export_decoder_layers_28_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.28.self_attention.linear_qkv.weight",
         (10240, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=28,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        28,
+        None,
+        (
             "model.layers.28.self_attn.q_proj.weight",
             "model.layers.28.self_attn.k_proj.weight",
             "model.layers.28.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_28_self_attention_linear_qkv_weight,
+        export_decoder_layers_28_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.28.mlp.linear_fc1.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=28,
-        expert=None,
-        hf_names=("model.layers.28.post_attention_layernorm.weight",),
+        None,
+        False,
+        28,
+        None,
+        ("model.layers.28.post_attention_layernorm.weight",),
+        import_decoder_layers_28_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_28_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.28.mlp.linear_fc1.weight",
         (57344, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=28,
-        expert=None,
-        hf_names=("model.layers.28.mlp.gate_proj.weight", "model.layers.28.mlp.up_proj.weight"),
+        0,
+        False,
+        28,
+        None,
+        ("model.layers.28.mlp.gate_proj.weight", "model.layers.28.mlp.up_proj.weight"),
+        import_decoder_layers_28_mlp_linear_fc1_weight,
+        export_decoder_layers_28_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.28.mlp.linear_fc2.weight",
         (8192, 28672),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=28,
-        expert=None,
-        hf_names=("model.layers.28.mlp.down_proj.weight",),
+        1,
+        False,
+        28,
+        None,
+        ("model.layers.28.mlp.down_proj.weight",),
+        import_decoder_layers_28_mlp_linear_fc2_weight,
+        export_decoder_layers_28_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.29.self_attention.linear_qkv.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=29,
-        expert=None,
-        hf_names=("model.layers.29.input_layernorm.weight",),
+        None,
+        False,
+        29,
+        None,
+        ("model.layers.29.input_layernorm.weight",),
+        import_decoder_layers_29_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_29_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.29.self_attention.linear_proj.weight",
         (8192, 8192),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=29,
-        expert=None,
-        hf_names=("model.layers.29.self_attn.o_proj.weight",),
+        1,
+        False,
+        29,
+        None,
+        ("model.layers.29.self_attn.o_proj.weight",),
+        import_decoder_layers_29_self_attention_linear_proj_weight,
+        export_decoder_layers_29_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.29.self_attention.linear_qkv.weight",
         (10240, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=29,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        29,
+        None,
+        (
             "model.layers.29.self_attn.q_proj.weight",
             "model.layers.29.self_attn.k_proj.weight",
             "model.layers.29.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_29_self_attention_linear_qkv_weight,
+        export_decoder_layers_29_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.29.mlp.linear_fc1.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=29,
-        expert=None,
-        hf_names=("model.layers.29.post_attention_layernorm.weight",),
+        None,
+        False,
+        29,
+        None,
+        ("model.layers.29.post_attention_layernorm.weight",),
+        import_decoder_layers_29_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_29_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.29.mlp.linear_fc1.weight",
         (57344, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=29,
-        expert=None,
-        hf_names=("model.layers.29.mlp.gate_proj.weight", "model.layers.29.mlp.up_proj.weight"),
+        0,
+        False,
+        29,
+        None,
+        ("model.layers.29.mlp.gate_proj.weight", "model.layers.29.mlp.up_proj.weight"),
+        import_decoder_layers_29_mlp_linear_fc1_weight,
+        export_decoder_layers_29_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.29.mlp.linear_fc2.weight",
         (8192, 28672),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=29,
-        expert=None,
-        hf_names=("model.layers.29.mlp.down_proj.weight",),
+        1,
+        False,
+        29,
+        None,
+        ("model.layers.29.mlp.down_proj.weight",),
+        import_decoder_layers_29_mlp_linear_fc2_weight,
+        export_decoder_layers_29_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.30.self_attention.linear_qkv.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=30,
-        expert=None,
-        hf_names=("model.layers.30.input_layernorm.weight",),
+        None,
+        False,
+        30,
+        None,
+        ("model.layers.30.input_layernorm.weight",),
+        import_decoder_layers_30_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_30_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.30.self_attention.linear_proj.weight",
         (8192, 8192),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=30,
-        expert=None,
-        hf_names=("model.layers.30.self_attn.o_proj.weight",),
+        1,
+        False,
+        30,
+        None,
+        ("model.layers.30.self_attn.o_proj.weight",),
+        import_decoder_layers_30_self_attention_linear_proj_weight,
+        export_decoder_layers_30_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.30.self_attention.linear_qkv.weight",
         (10240, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=30,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        30,
+        None,
+        (
             "model.layers.30.self_attn.q_proj.weight",
             "model.layers.30.self_attn.k_proj.weight",
             "model.layers.30.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_30_self_attention_linear_qkv_weight,
+        export_decoder_layers_30_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.30.mlp.linear_fc1.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=30,
-        expert=None,
-        hf_names=("model.layers.30.post_attention_layernorm.weight",),
+        None,
+        False,
+        30,
+        None,
+        ("model.layers.30.post_attention_layernorm.weight",),
+        import_decoder_layers_30_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_30_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.30.mlp.linear_fc1.weight",
         (57344, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=30,
-        expert=None,
-        hf_names=("model.layers.30.mlp.gate_proj.weight", "model.layers.30.mlp.up_proj.weight"),
+        0,
+        False,
+        30,
+        None,
+        ("model.layers.30.mlp.gate_proj.weight", "model.layers.30.mlp.up_proj.weight"),
+        import_decoder_layers_30_mlp_linear_fc1_weight,
+        export_decoder_layers_30_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.30.mlp.linear_fc2.weight",
         (8192, 28672),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=30,
-        expert=None,
-        hf_names=("model.layers.30.mlp.down_proj.weight",),
+        1,
+        False,
+        30,
+        None,
+        ("model.layers.30.mlp.down_proj.weight",),
+        import_decoder_layers_30_mlp_linear_fc2_weight,
+        export_decoder_layers_30_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.31.self_attention.linear_qkv.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=31,
-        expert=None,
-        hf_names=("model.layers.31.input_layernorm.weight",),
+        None,
+        False,
+        31,
+        None,
+        ("model.layers.31.input_layernorm.weight",),
+        import_decoder_layers_31_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_31_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.31.self_attention.linear_proj.weight",
         (8192, 8192),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=31,
-        expert=None,
-        hf_names=("model.layers.31.self_attn.o_proj.weight",),
+        1,
+        False,
+        31,
+        None,
+        ("model.layers.31.self_attn.o_proj.weight",),
+        import_decoder_layers_31_self_attention_linear_proj_weight,
+        export_decoder_layers_31_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.31.self_attention.linear_qkv.weight",
         (10240, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=31,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        31,
+        None,
+        (
             "model.layers.31.self_attn.q_proj.weight",
             "model.layers.31.self_attn.k_proj.weight",
             "model.layers.31.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_31_self_attention_linear_qkv_weight,
+        export_decoder_layers_31_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.31.mlp.linear_fc1.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=31,
-        expert=None,
-        hf_names=("model.layers.31.post_attention_layernorm.weight",),
+        None,
+        False,
+        31,
+        None,
+        ("model.layers.31.post_attention_layernorm.weight",),
+        import_decoder_layers_31_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_31_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.31.mlp.linear_fc1.weight",
         (57344, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=31,
-        expert=None,
-        hf_names=("model.layers.31.mlp.gate_proj.weight", "model.layers.31.mlp.up_proj.weight"),
+        0,
+        False,
+        31,
+        None,
+        ("model.layers.31.mlp.gate_proj.weight", "model.layers.31.mlp.up_proj.weight"),
+        import_decoder_layers_31_mlp_linear_fc1_weight,
+        export_decoder_layers_31_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.31.mlp.linear_fc2.weight",
         (8192, 28672),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=31,
-        expert=None,
-        hf_names=("model.layers.31.mlp.down_proj.weight",),
+        1,
+        False,
+        31,
+        None,
+        ("model.layers.31.mlp.down_proj.weight",),
+        import_decoder_layers_31_mlp_linear_fc2_weight,
+        export_decoder_layers_31_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.32.self_attention.linear_qkv.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=32,
-        expert=None,
-        hf_names=("model.layers.32.input_layernorm.weight",),
+        None,
+        False,
+        32,
+        None,
+        ("model.layers.32.input_layernorm.weight",),
+        import_decoder_layers_32_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_32_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.32.self_attention.linear_proj.weight",
         (8192, 8192),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=32,
-        expert=None,
-        hf_names=("model.layers.32.self_attn.o_proj.weight",),
+        1,
+        False,
+        32,
+        None,
+        ("model.layers.32.self_attn.o_proj.weight",),
+        import_decoder_layers_32_self_attention_linear_proj_weight,
+        export_decoder_layers_32_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.32.self_attention.linear_qkv.weight",
         (10240, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=32,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        32,
+        None,
+        (
             "model.layers.32.self_attn.q_proj.weight",
             "model.layers.32.self_attn.k_proj.weight",
             "model.layers.32.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_32_self_attention_linear_qkv_weight,
+        export_decoder_layers_32_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.32.mlp.linear_fc1.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=32,
-        expert=None,
-        hf_names=("model.layers.32.post_attention_layernorm.weight",),
+        None,
+        False,
+        32,
+        None,
+        ("model.layers.32.post_attention_layernorm.weight",),
+        import_decoder_layers_32_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_32_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.32.mlp.linear_fc1.weight",
         (57344, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=32,
-        expert=None,
-        hf_names=("model.layers.32.mlp.gate_proj.weight", "model.layers.32.mlp.up_proj.weight"),
+        0,
+        False,
+        32,
+        None,
+        ("model.layers.32.mlp.gate_proj.weight", "model.layers.32.mlp.up_proj.weight"),
+        import_decoder_layers_32_mlp_linear_fc1_weight,
+        export_decoder_layers_32_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.32.mlp.linear_fc2.weight",
         (8192, 28672),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=32,
-        expert=None,
-        hf_names=("model.layers.32.mlp.down_proj.weight",),
+        1,
+        False,
+        32,
+        None,
+        ("model.layers.32.mlp.down_proj.weight",),
+        import_decoder_layers_32_mlp_linear_fc2_weight,
+        export_decoder_layers_32_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.33.self_attention.linear_qkv.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=33,
-        expert=None,
-        hf_names=("model.layers.33.input_layernorm.weight",),
+        None,
+        False,
+        33,
+        None,
+        ("model.layers.33.input_layernorm.weight",),
+        import_decoder_layers_33_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_33_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.33.self_attention.linear_proj.weight",
         (8192, 8192),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=33,
-        expert=None,
-        hf_names=("model.layers.33.self_attn.o_proj.weight",),
+        1,
+        False,
+        33,
+        None,
+        ("model.layers.33.self_attn.o_proj.weight",),
+        import_decoder_layers_33_self_attention_linear_proj_weight,
+        export_decoder_layers_33_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.33.self_attention.linear_qkv.weight",
         (10240, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=33,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        33,
+        None,
+        (
             "model.layers.33.self_attn.q_proj.weight",
             "model.layers.33.self_attn.k_proj.weight",
             "model.layers.33.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_33_self_attention_linear_qkv_weight,
+        export_decoder_layers_33_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.33.mlp.linear_fc1.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=33,
-        expert=None,
-        hf_names=("model.layers.33.post_attention_layernorm.weight",),
+        None,
+        False,
+        33,
+        None,
+        ("model.layers.33.post_attention_layernorm.weight",),
+        import_decoder_layers_33_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_33_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.33.mlp.linear_fc1.weight",
         (57344, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=33,
-        expert=None,
-        hf_names=("model.layers.33.mlp.gate_proj.weight", "model.layers.33.mlp.up_proj.weight"),
+        0,
+        False,
+        33,
+        None,
+        ("model.layers.33.mlp.gate_proj.weight", "model.layers.33.mlp.up_proj.weight"),
+        import_decoder_layers_33_mlp_linear_fc1_weight,
+        export_decoder_layers_33_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.33.mlp.linear_fc2.weight",
         (8192, 28672),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=33,
-        expert=None,
-        hf_names=("model.layers.33.mlp.down_proj.weight",),
+        1,
+        False,
+        33,
+        None,
+        ("model.layers.33.mlp.down_proj.weight",),
+        import_decoder_layers_33_mlp_linear_fc2_weight,
+        export_decoder_layers_33_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.34.self_attention.linear_qkv.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=34,
-        expert=None,
-        hf_names=("model.layers.34.input_layernorm.weight",),
+        None,
+        False,
+        34,
+        None,
+        ("model.layers.34.input_layernorm.weight",),
+        import_decoder_layers_34_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_34_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.34.self_attention.linear_proj.weight",
         (8192, 8192),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=34,
-        expert=None,
-        hf_names=("model.layers.34.self_attn.o_proj.weight",),
+        1,
+        False,
+        34,
+        None,
+        ("model.layers.34.self_attn.o_proj.weight",),
+        import_decoder_layers_34_self_attention_linear_proj_weight,
+        export_decoder_layers_34_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.34.self_attention.linear_qkv.weight",
         (10240, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=34,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        34,
+        None,
+        (
             "model.layers.34.self_attn.q_proj.weight",
             "model.layers.34.self_attn.k_proj.weight",
             "model.layers.34.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_34_self_attention_linear_qkv_weight,
+        export_decoder_layers_34_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.34.mlp.linear_fc1.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=34,
-        expert=None,
-        hf_names=("model.layers.34.post_attention_layernorm.weight",),
+        None,
+        False,
+        34,
+        None,
+        ("model.layers.34.post_attention_layernorm.weight",),
+        import_decoder_layers_34_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_34_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.34.mlp.linear_fc1.weight",
         (57344, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=34,
-        expert=None,
-        hf_names=("model.layers.34.mlp.gate_proj.weight", "model.layers.34.mlp.up_proj.weight"),
+        0,
+        False,
+        34,
+        None,
+        ("model.layers.34.mlp.gate_proj.weight", "model.layers.34.mlp.up_proj.weight"),
+        import_decoder_layers_34_mlp_linear_fc1_weight,
+        export_decoder_layers_34_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.34.mlp.linear_fc2.weight",
         (8192, 28672),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=34,
-        expert=None,
-        hf_names=("model.layers.34.mlp.down_proj.weight",),
+        1,
+        False,
+        34,
+        None,
+        ("model.layers.34.mlp.down_proj.weight",),
+        import_decoder_layers_34_mlp_linear_fc2_weight,
+        export_decoder_layers_34_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.35.self_attention.linear_qkv.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=35,
-        expert=None,
-        hf_names=("model.layers.35.input_layernorm.weight",),
+        None,
+        False,
+        35,
+        None,
+        ("model.layers.35.input_layernorm.weight",),
+        import_decoder_layers_35_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_35_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.35.self_attention.linear_proj.weight",
         (8192, 8192),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=35,
-        expert=None,
-        hf_names=("model.layers.35.self_attn.o_proj.weight",),
+        1,
+        False,
+        35,
+        None,
+        ("model.layers.35.self_attn.o_proj.weight",),
+        import_decoder_layers_35_self_attention_linear_proj_weight,
+        export_decoder_layers_35_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.35.self_attention.linear_qkv.weight",
         (10240, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=35,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        35,
+        None,
+        (
             "model.layers.35.self_attn.q_proj.weight",
             "model.layers.35.self_attn.k_proj.weight",
             "model.layers.35.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_35_self_attention_linear_qkv_weight,
+        export_decoder_layers_35_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.35.mlp.linear_fc1.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=35,
-        expert=None,
-        hf_names=("model.layers.35.post_attention_layernorm.weight",),
+        None,
+        False,
+        35,
+        None,
+        ("model.layers.35.post_attention_layernorm.weight",),
+        import_decoder_layers_35_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_35_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.35.mlp.linear_fc1.weight",
         (57344, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=35,
-        expert=None,
-        hf_names=("model.layers.35.mlp.gate_proj.weight", "model.layers.35.mlp.up_proj.weight"),
+        0,
+        False,
+        35,
+        None,
+        ("model.layers.35.mlp.gate_proj.weight", "model.layers.35.mlp.up_proj.weight"),
+        import_decoder_layers_35_mlp_linear_fc1_weight,
+        export_decoder_layers_35_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.35.mlp.linear_fc2.weight",
         (8192, 28672),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=35,
-        expert=None,
-        hf_names=("model.layers.35.mlp.down_proj.weight",),
+        1,
+        False,
+        35,
+        None,
+        ("model.layers.35.mlp.down_proj.weight",),
+        import_decoder_layers_35_mlp_linear_fc2_weight,
+        export_decoder_layers_35_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.36.self_attention.linear_qkv.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=36,
-        expert=None,
-        hf_names=("model.layers.36.input_layernorm.weight",),
+        None,
+        False,
+        36,
+        None,
+        ("model.layers.36.input_layernorm.weight",),
+        import_decoder_layers_36_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_36_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.36.self_attention.linear_proj.weight",
         (8192, 8192),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=36,
-        expert=None,
-        hf_names=("model.layers.36.self_attn.o_proj.weight",),
+        1,
+        False,
+        36,
+        None,
+        ("model.layers.36.self_attn.o_proj.weight",),
+        import_decoder_layers_36_self_attention_linear_proj_weight,
+        export_decoder_layers_36_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.36.self_attention.linear_qkv.weight",
         (10240, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=36,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        36,
+        None,
+        (
             "model.layers.36.self_attn.q_proj.weight",
             "model.layers.36.self_attn.k_proj.weight",
             "model.layers.36.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_36_self_attention_linear_qkv_weight,
+        export_decoder_layers_36_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.36.mlp.linear_fc1.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=36,
-        expert=None,
-        hf_names=("model.layers.36.post_attention_layernorm.weight",),
+        None,
+        False,
+        36,
+        None,
+        ("model.layers.36.post_attention_layernorm.weight",),
+        import_decoder_layers_36_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_36_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.36.mlp.linear_fc1.weight",
         (57344, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=36,
-        expert=None,
-        hf_names=("model.layers.36.mlp.gate_proj.weight", "model.layers.36.mlp.up_proj.weight"),
+        0,
+        False,
+        36,
+        None,
+        ("model.layers.36.mlp.gate_proj.weight", "model.layers.36.mlp.up_proj.weight"),
+        import_decoder_layers_36_mlp_linear_fc1_weight,
+        export_decoder_layers_36_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.36.mlp.linear_fc2.weight",
         (8192, 28672),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=36,
-        expert=None,
-        hf_names=("model.layers.36.mlp.down_proj.weight",),
+        1,
+        False,
+        36,
+        None,
+        ("model.layers.36.mlp.down_proj.weight",),
+        import_decoder_layers_36_mlp_linear_fc2_weight,
+        export_decoder_layers_36_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.37.self_attention.linear_qkv.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=37,
-        expert=None,
-        hf_names=("model.layers.37.input_layernorm.weight",),
+        None,
+        False,
+        37,
+        None,
+        ("model.layers.37.input_layernorm.weight",),
+        import_decoder_layers_37_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_37_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.37.self_attention.linear_proj.weight",
         (8192, 8192),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=37,
-        expert=None,
-        hf_names=("model.layers.37.self_attn.o_proj.weight",),
+        1,
+        False,
+        37,
+        None,
+        ("model.layers.37.self_attn.o_proj.weight",),
+        import_decoder_layers_37_self_attention_linear_proj_weight,
+        export_decoder_layers_37_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.37.self_attention.linear_qkv.weight",
         (10240, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=37,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        37,
+        None,
+        (
             "model.layers.37.self_attn.q_proj.weight",
             "model.layers.37.self_attn.k_proj.weight",
             "model.layers.37.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_37_self_attention_linear_qkv_weight,
+        export_decoder_layers_37_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.37.mlp.linear_fc1.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=37,
-        expert=None,
-        hf_names=("model.layers.37.post_attention_layernorm.weight",),
+        None,
+        False,
+        37,
+        None,
+        ("model.layers.37.post_attention_layernorm.weight",),
+        import_decoder_layers_37_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_37_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.37.mlp.linear_fc1.weight",
         (57344, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=37,
-        expert=None,
-        hf_names=("model.layers.37.mlp.gate_proj.weight", "model.layers.37.mlp.up_proj.weight"),
+        0,
+        False,
+        37,
+        None,
+        ("model.layers.37.mlp.gate_proj.weight", "model.layers.37.mlp.up_proj.weight"),
+        import_decoder_layers_37_mlp_linear_fc1_weight,
+        export_decoder_layers_37_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.37.mlp.linear_fc2.weight",
         (8192, 28672),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=37,
-        expert=None,
-        hf_names=("model.layers.37.mlp.down_proj.weight",),
+        1,
+        False,
+        37,
+        None,
+        ("model.layers.37.mlp.down_proj.weight",),
+        import_decoder_layers_37_mlp_linear_fc2_weight,
+        export_decoder_layers_37_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.38.self_attention.linear_qkv.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=38,
-        expert=None,
-        hf_names=("model.layers.38.input_layernorm.weight",),
+        None,
+        False,
+        38,
+        None,
+        ("model.layers.38.input_layernorm.weight",),
+        import_decoder_layers_38_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_38_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.38.self_attention.linear_proj.weight",
         (8192, 8192),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=38,
-        expert=None,
-        hf_names=("model.layers.38.self_attn.o_proj.weight",),
+        1,
+        False,
+        38,
+        None,
+        ("model.layers.38.self_attn.o_proj.weight",),
+        import_decoder_layers_38_self_attention_linear_proj_weight,
+        export_decoder_layers_38_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.38.self_attention.linear_qkv.weight",
         (10240, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=38,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        38,
+        None,
+        (
             "model.layers.38.self_attn.q_proj.weight",
             "model.layers.38.self_attn.k_proj.weight",
             "model.layers.38.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_38_self_attention_linear_qkv_weight,
+        export_decoder_layers_38_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.38.mlp.linear_fc1.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=38,
-        expert=None,
-        hf_names=("model.layers.38.post_attention_layernorm.weight",),
+        None,
+        False,
+        38,
+        None,
+        ("model.layers.38.post_attention_layernorm.weight",),
+        import_decoder_layers_38_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_38_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.38.mlp.linear_fc1.weight",
         (57344, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=38,
-        expert=None,
-        hf_names=("model.layers.38.mlp.gate_proj.weight", "model.layers.38.mlp.up_proj.weight"),
+        0,
+        False,
+        38,
+        None,
+        ("model.layers.38.mlp.gate_proj.weight", "model.layers.38.mlp.up_proj.weight"),
+        import_decoder_layers_38_mlp_linear_fc1_weight,
+        export_decoder_layers_38_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.38.mlp.linear_fc2.weight",
         (8192, 28672),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=38,
-        expert=None,
-        hf_names=("model.layers.38.mlp.down_proj.weight",),
+        1,
+        False,
+        38,
+        None,
+        ("model.layers.38.mlp.down_proj.weight",),
+        import_decoder_layers_38_mlp_linear_fc2_weight,
+        export_decoder_layers_38_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.39.self_attention.linear_qkv.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=39,
-        expert=None,
-        hf_names=("model.layers.39.input_layernorm.weight",),
+        None,
+        False,
+        39,
+        None,
+        ("model.layers.39.input_layernorm.weight",),
+        import_decoder_layers_39_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_39_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.39.self_attention.linear_proj.weight",
         (8192, 8192),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=39,
-        expert=None,
-        hf_names=("model.layers.39.self_attn.o_proj.weight",),
+        1,
+        False,
+        39,
+        None,
+        ("model.layers.39.self_attn.o_proj.weight",),
+        import_decoder_layers_39_self_attention_linear_proj_weight,
+        export_decoder_layers_39_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.39.self_attention.linear_qkv.weight",
         (10240, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=39,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        39,
+        None,
+        (
             "model.layers.39.self_attn.q_proj.weight",
             "model.layers.39.self_attn.k_proj.weight",
             "model.layers.39.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_39_self_attention_linear_qkv_weight,
+        export_decoder_layers_39_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.39.mlp.linear_fc1.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=39,
-        expert=None,
-        hf_names=("model.layers.39.post_attention_layernorm.weight",),
+        None,
+        False,
+        39,
+        None,
+        ("model.layers.39.post_attention_layernorm.weight",),
+        import_decoder_layers_39_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_39_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.39.mlp.linear_fc1.weight",
         (57344, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=39,
-        expert=None,
-        hf_names=("model.layers.39.mlp.gate_proj.weight", "model.layers.39.mlp.up_proj.weight"),
+        0,
+        False,
+        39,
+        None,
+        ("model.layers.39.mlp.gate_proj.weight", "model.layers.39.mlp.up_proj.weight"),
+        import_decoder_layers_39_mlp_linear_fc1_weight,
+        export_decoder_layers_39_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.39.mlp.linear_fc2.weight",
         (8192, 28672),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=39,
-        expert=None,
-        hf_names=("model.layers.39.mlp.down_proj.weight",),
+        1,
+        False,
+        39,
+        None,
+        ("model.layers.39.mlp.down_proj.weight",),
+        import_decoder_layers_39_mlp_linear_fc2_weight,
+        export_decoder_layers_39_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.40.self_attention.linear_qkv.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=40,
-        expert=None,
-        hf_names=("model.layers.40.input_layernorm.weight",),
+        None,
+        False,
+        40,
+        None,
+        ("model.layers.40.input_layernorm.weight",),
+        import_decoder_layers_40_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_40_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.40.self_attention.linear_proj.weight",
         (8192, 8192),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=40,
-        expert=None,
-        hf_names=("model.layers.40.self_attn.o_proj.weight",),
+        1,
+        False,
+        40,
+        None,
+        ("model.layers.40.self_attn.o_proj.weight",),
+        import_decoder_layers_40_self_attention_linear_proj_weight,
+        export_decoder_layers_40_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.40.self_attention.linear_qkv.weight",
         (10240, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=40,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        40,
+        None,
+        (
             "model.layers.40.self_attn.q_proj.weight",
             "model.layers.40.self_attn.k_proj.weight",
             "model.layers.40.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_40_self_attention_linear_qkv_weight,
+        export_decoder_layers_40_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.40.mlp.linear_fc1.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=40,
-        expert=None,
-        hf_names=("model.layers.40.post_attention_layernorm.weight",),
+        None,
+        False,
+        40,
+        None,
+        ("model.layers.40.post_attention_layernorm.weight",),
+        import_decoder_layers_40_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_40_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.40.mlp.linear_fc1.weight",
         (57344, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=40,
-        expert=None,
-        hf_names=("model.layers.40.mlp.gate_proj.weight", "model.layers.40.mlp.up_proj.weight"),
+        0,
+        False,
+        40,
+        None,
+        ("model.layers.40.mlp.gate_proj.weight", "model.layers.40.mlp.up_proj.weight"),
+        import_decoder_layers_40_mlp_linear_fc1_weight,
+        export_decoder_layers_40_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.40.mlp.linear_fc2.weight",
         (8192, 28672),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=40,
-        expert=None,
-        hf_names=("model.layers.40.mlp.down_proj.weight",),
+        1,
+        False,
+        40,
+        None,
+        ("model.layers.40.mlp.down_proj.weight",),
+        import_decoder_layers_40_mlp_linear_fc2_weight,
+        export_decoder_layers_40_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.41.self_attention.linear_qkv.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=41,
-        expert=None,
-        hf_names=("model.layers.41.input_layernorm.weight",),
+        None,
+        False,
+        41,
+        None,
+        ("model.layers.41.input_layernorm.weight",),
+        import_decoder_layers_41_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_41_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.41.self_attention.linear_proj.weight",
         (8192, 8192),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=41,
-        expert=None,
-        hf_names=("model.layers.41.self_attn.o_proj.weight",),
+        1,
+        False,
+        41,
+        None,
+        ("model.layers.41.self_attn.o_proj.weight",),
+        import_decoder_layers_41_self_attention_linear_proj_weight,
+        export_decoder_layers_41_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.41.self_attention.linear_qkv.weight",
         (10240, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=41,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        41,
+        None,
+        (
             "model.layers.41.self_attn.q_proj.weight",
             "model.layers.41.self_attn.k_proj.weight",
             "model.layers.41.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_41_self_attention_linear_qkv_weight,
+        export_decoder_layers_41_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.41.mlp.linear_fc1.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=41,
-        expert=None,
-        hf_names=("model.layers.41.post_attention_layernorm.weight",),
+        None,
+        False,
+        41,
+        None,
+        ("model.layers.41.post_attention_layernorm.weight",),
+        import_decoder_layers_41_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_41_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.41.mlp.linear_fc1.weight",
         (57344, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=41,
-        expert=None,
-        hf_names=("model.layers.41.mlp.gate_proj.weight", "model.layers.41.mlp.up_proj.weight"),
+        0,
+        False,
+        41,
+        None,
+        ("model.layers.41.mlp.gate_proj.weight", "model.layers.41.mlp.up_proj.weight"),
+        import_decoder_layers_41_mlp_linear_fc1_weight,
+        export_decoder_layers_41_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.41.mlp.linear_fc2.weight",
         (8192, 28672),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=41,
-        expert=None,
-        hf_names=("model.layers.41.mlp.down_proj.weight",),
+        1,
+        False,
+        41,
+        None,
+        ("model.layers.41.mlp.down_proj.weight",),
+        import_decoder_layers_41_mlp_linear_fc2_weight,
+        export_decoder_layers_41_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.42.self_attention.linear_qkv.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=42,
-        expert=None,
-        hf_names=("model.layers.42.input_layernorm.weight",),
+        None,
+        False,
+        42,
+        None,
+        ("model.layers.42.input_layernorm.weight",),
+        import_decoder_layers_42_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_42_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.42.self_attention.linear_proj.weight",
         (8192, 8192),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=42,
-        expert=None,
-        hf_names=("model.layers.42.self_attn.o_proj.weight",),
+        1,
+        False,
+        42,
+        None,
+        ("model.layers.42.self_attn.o_proj.weight",),
+        import_decoder_layers_42_self_attention_linear_proj_weight,
+        export_decoder_layers_42_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.42.self_attention.linear_qkv.weight",
         (10240, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=42,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        42,
+        None,
+        (
             "model.layers.42.self_attn.q_proj.weight",
             "model.layers.42.self_attn.k_proj.weight",
             "model.layers.42.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_42_self_attention_linear_qkv_weight,
+        export_decoder_layers_42_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.42.mlp.linear_fc1.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=42,
-        expert=None,
-        hf_names=("model.layers.42.post_attention_layernorm.weight",),
+        None,
+        False,
+        42,
+        None,
+        ("model.layers.42.post_attention_layernorm.weight",),
+        import_decoder_layers_42_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_42_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.42.mlp.linear_fc1.weight",
         (57344, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=42,
-        expert=None,
-        hf_names=("model.layers.42.mlp.gate_proj.weight", "model.layers.42.mlp.up_proj.weight"),
+        0,
+        False,
+        42,
+        None,
+        ("model.layers.42.mlp.gate_proj.weight", "model.layers.42.mlp.up_proj.weight"),
+        import_decoder_layers_42_mlp_linear_fc1_weight,
+        export_decoder_layers_42_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.42.mlp.linear_fc2.weight",
         (8192, 28672),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=42,
-        expert=None,
-        hf_names=("model.layers.42.mlp.down_proj.weight",),
+        1,
+        False,
+        42,
+        None,
+        ("model.layers.42.mlp.down_proj.weight",),
+        import_decoder_layers_42_mlp_linear_fc2_weight,
+        export_decoder_layers_42_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.43.self_attention.linear_qkv.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=43,
-        expert=None,
-        hf_names=("model.layers.43.input_layernorm.weight",),
+        None,
+        False,
+        43,
+        None,
+        ("model.layers.43.input_layernorm.weight",),
+        import_decoder_layers_43_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_43_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.43.self_attention.linear_proj.weight",
         (8192, 8192),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=43,
-        expert=None,
-        hf_names=("model.layers.43.self_attn.o_proj.weight",),
+        1,
+        False,
+        43,
+        None,
+        ("model.layers.43.self_attn.o_proj.weight",),
+        import_decoder_layers_43_self_attention_linear_proj_weight,
+        export_decoder_layers_43_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.43.self_attention.linear_qkv.weight",
         (10240, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=43,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        43,
+        None,
+        (
             "model.layers.43.self_attn.q_proj.weight",
             "model.layers.43.self_attn.k_proj.weight",
             "model.layers.43.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_43_self_attention_linear_qkv_weight,
+        export_decoder_layers_43_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.43.mlp.linear_fc1.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=43,
-        expert=None,
-        hf_names=("model.layers.43.post_attention_layernorm.weight",),
+        None,
+        False,
+        43,
+        None,
+        ("model.layers.43.post_attention_layernorm.weight",),
+        import_decoder_layers_43_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_43_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.43.mlp.linear_fc1.weight",
         (57344, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=43,
-        expert=None,
-        hf_names=("model.layers.43.mlp.gate_proj.weight", "model.layers.43.mlp.up_proj.weight"),
+        0,
+        False,
+        43,
+        None,
+        ("model.layers.43.mlp.gate_proj.weight", "model.layers.43.mlp.up_proj.weight"),
+        import_decoder_layers_43_mlp_linear_fc1_weight,
+        export_decoder_layers_43_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.43.mlp.linear_fc2.weight",
         (8192, 28672),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=43,
-        expert=None,
-        hf_names=("model.layers.43.mlp.down_proj.weight",),
+        1,
+        False,
+        43,
+        None,
+        ("model.layers.43.mlp.down_proj.weight",),
+        import_decoder_layers_43_mlp_linear_fc2_weight,
+        export_decoder_layers_43_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.44.self_attention.linear_qkv.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=44,
-        expert=None,
-        hf_names=("model.layers.44.input_layernorm.weight",),
+        None,
+        False,
+        44,
+        None,
+        ("model.layers.44.input_layernorm.weight",),
+        import_decoder_layers_44_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_44_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.44.self_attention.linear_proj.weight",
         (8192, 8192),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=44,
-        expert=None,
-        hf_names=("model.layers.44.self_attn.o_proj.weight",),
+        1,
+        False,
+        44,
+        None,
+        ("model.layers.44.self_attn.o_proj.weight",),
+        import_decoder_layers_44_self_attention_linear_proj_weight,
+        export_decoder_layers_44_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.44.self_attention.linear_qkv.weight",
         (10240, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=44,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        44,
+        None,
+        (
             "model.layers.44.self_attn.q_proj.weight",
             "model.layers.44.self_attn.k_proj.weight",
             "model.layers.44.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_44_self_attention_linear_qkv_weight,
+        export_decoder_layers_44_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.44.mlp.linear_fc1.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=44,
-        expert=None,
-        hf_names=("model.layers.44.post_attention_layernorm.weight",),
+        None,
+        False,
+        44,
+        None,
+        ("model.layers.44.post_attention_layernorm.weight",),
+        import_decoder_layers_44_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_44_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.44.mlp.linear_fc1.weight",
         (57344, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=44,
-        expert=None,
-        hf_names=("model.layers.44.mlp.gate_proj.weight", "model.layers.44.mlp.up_proj.weight"),
+        0,
+        False,
+        44,
+        None,
+        ("model.layers.44.mlp.gate_proj.weight", "model.layers.44.mlp.up_proj.weight"),
+        import_decoder_layers_44_mlp_linear_fc1_weight,
+        export_decoder_layers_44_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.44.mlp.linear_fc2.weight",
         (8192, 28672),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=44,
-        expert=None,
-        hf_names=("model.layers.44.mlp.down_proj.weight",),
+        1,
+        False,
+        44,
+        None,
+        ("model.layers.44.mlp.down_proj.weight",),
+        import_decoder_layers_44_mlp_linear_fc2_weight,
+        export_decoder_layers_44_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.45.self_attention.linear_qkv.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=45,
-        expert=None,
-        hf_names=("model.layers.45.input_layernorm.weight",),
+        None,
+        False,
+        45,
+        None,
+        ("model.layers.45.input_layernorm.weight",),
+        import_decoder_layers_45_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_45_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.45.self_attention.linear_proj.weight",
         (8192, 8192),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=45,
-        expert=None,
-        hf_names=("model.layers.45.self_attn.o_proj.weight",),
+        1,
+        False,
+        45,
+        None,
+        ("model.layers.45.self_attn.o_proj.weight",),
+        import_decoder_layers_45_self_attention_linear_proj_weight,
+        export_decoder_layers_45_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.45.self_attention.linear_qkv.weight",
         (10240, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=45,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        45,
+        None,
+        (
             "model.layers.45.self_attn.q_proj.weight",
             "model.layers.45.self_attn.k_proj.weight",
             "model.layers.45.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_45_self_attention_linear_qkv_weight,
+        export_decoder_layers_45_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.45.mlp.linear_fc1.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=45,
-        expert=None,
-        hf_names=("model.layers.45.post_attention_layernorm.weight",),
+        None,
+        False,
+        45,
+        None,
+        ("model.layers.45.post_attention_layernorm.weight",),
+        import_decoder_layers_45_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_45_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.45.mlp.linear_fc1.weight",
         (57344, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=45,
-        expert=None,
-        hf_names=("model.layers.45.mlp.gate_proj.weight", "model.layers.45.mlp.up_proj.weight"),
+        0,
+        False,
+        45,
+        None,
+        ("model.layers.45.mlp.gate_proj.weight", "model.layers.45.mlp.up_proj.weight"),
+        import_decoder_layers_45_mlp_linear_fc1_weight,
+        export_decoder_layers_45_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.45.mlp.linear_fc2.weight",
         (8192, 28672),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=45,
-        expert=None,
-        hf_names=("model.layers.45.mlp.down_proj.weight",),
+        1,
+        False,
+        45,
+        None,
+        ("model.layers.45.mlp.down_proj.weight",),
+        import_decoder_layers_45_mlp_linear_fc2_weight,
+        export_decoder_layers_45_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.46.self_attention.linear_qkv.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=46,
-        expert=None,
-        hf_names=("model.layers.46.input_layernorm.weight",),
+        None,
+        False,
+        46,
+        None,
+        ("model.layers.46.input_layernorm.weight",),
+        import_decoder_layers_46_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_46_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.46.self_attention.linear_proj.weight",
         (8192, 8192),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=46,
-        expert=None,
-        hf_names=("model.layers.46.self_attn.o_proj.weight",),
+        1,
+        False,
+        46,
+        None,
+        ("model.layers.46.self_attn.o_proj.weight",),
+        import_decoder_layers_46_self_attention_linear_proj_weight,
+        export_decoder_layers_46_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.46.self_attention.linear_qkv.weight",
         (10240, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=46,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        46,
+        None,
+        (
             "model.layers.46.self_attn.q_proj.weight",
             "model.layers.46.self_attn.k_proj.weight",
             "model.layers.46.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_46_self_attention_linear_qkv_weight,
+        export_decoder_layers_46_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.46.mlp.linear_fc1.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=46,
-        expert=None,
-        hf_names=("model.layers.46.post_attention_layernorm.weight",),
+        None,
+        False,
+        46,
+        None,
+        ("model.layers.46.post_attention_layernorm.weight",),
+        import_decoder_layers_46_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_46_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.46.mlp.linear_fc1.weight",
         (57344, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=46,
-        expert=None,
-        hf_names=("model.layers.46.mlp.gate_proj.weight", "model.layers.46.mlp.up_proj.weight"),
+        0,
+        False,
+        46,
+        None,
+        ("model.layers.46.mlp.gate_proj.weight", "model.layers.46.mlp.up_proj.weight"),
+        import_decoder_layers_46_mlp_linear_fc1_weight,
+        export_decoder_layers_46_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.46.mlp.linear_fc2.weight",
         (8192, 28672),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=46,
-        expert=None,
-        hf_names=("model.layers.46.mlp.down_proj.weight",),
+        1,
+        False,
+        46,
+        None,
+        ("model.layers.46.mlp.down_proj.weight",),
+        import_decoder_layers_46_mlp_linear_fc2_weight,
+        export_decoder_layers_46_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.47.self_attention.linear_qkv.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=47,
-        expert=None,
-        hf_names=("model.layers.47.input_layernorm.weight",),
+        None,
+        False,
+        47,
+        None,
+        ("model.layers.47.input_layernorm.weight",),
+        import_decoder_layers_47_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_47_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.47.self_attention.linear_proj.weight",
         (8192, 8192),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=47,
-        expert=None,
-        hf_names=("model.layers.47.self_attn.o_proj.weight",),
+        1,
+        False,
+        47,
+        None,
+        ("model.layers.47.self_attn.o_proj.weight",),
+        import_decoder_layers_47_self_attention_linear_proj_weight,
+        export_decoder_layers_47_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.47.self_attention.linear_qkv.weight",
         (10240, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=47,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        47,
+        None,
+        (
             "model.layers.47.self_attn.q_proj.weight",
             "model.layers.47.self_attn.k_proj.weight",
             "model.layers.47.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_47_self_attention_linear_qkv_weight,
+        export_decoder_layers_47_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.47.mlp.linear_fc1.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=47,
-        expert=None,
-        hf_names=("model.layers.47.post_attention_layernorm.weight",),
+        None,
+        False,
+        47,
+        None,
+        ("model.layers.47.post_attention_layernorm.weight",),
+        import_decoder_layers_47_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_47_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.47.mlp.linear_fc1.weight",
         (57344, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=47,
-        expert=None,
-        hf_names=("model.layers.47.mlp.gate_proj.weight", "model.layers.47.mlp.up_proj.weight"),
+        0,
+        False,
+        47,
+        None,
+        ("model.layers.47.mlp.gate_proj.weight", "model.layers.47.mlp.up_proj.weight"),
+        import_decoder_layers_47_mlp_linear_fc1_weight,
+        export_decoder_layers_47_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.47.mlp.linear_fc2.weight",
         (8192, 28672),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=47,
-        expert=None,
-        hf_names=("model.layers.47.mlp.down_proj.weight",),
+        1,
+        False,
+        47,
+        None,
+        ("model.layers.47.mlp.down_proj.weight",),
+        import_decoder_layers_47_mlp_linear_fc2_weight,
+        export_decoder_layers_47_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.48.self_attention.linear_qkv.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=48,
-        expert=None,
-        hf_names=("model.layers.48.input_layernorm.weight",),
+        None,
+        False,
+        48,
+        None,
+        ("model.layers.48.input_layernorm.weight",),
+        import_decoder_layers_48_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_48_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.48.self_attention.linear_proj.weight",
         (8192, 8192),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=48,
-        expert=None,
-        hf_names=("model.layers.48.self_attn.o_proj.weight",),
+        1,
+        False,
+        48,
+        None,
+        ("model.layers.48.self_attn.o_proj.weight",),
+        import_decoder_layers_48_self_attention_linear_proj_weight,
+        export_decoder_layers_48_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.48.self_attention.linear_qkv.weight",
         (10240, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=48,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        48,
+        None,
+        (
             "model.layers.48.self_attn.q_proj.weight",
             "model.layers.48.self_attn.k_proj.weight",
             "model.layers.48.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_48_self_attention_linear_qkv_weight,
+        export_decoder_layers_48_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.48.mlp.linear_fc1.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=48,
-        expert=None,
-        hf_names=("model.layers.48.post_attention_layernorm.weight",),
+        None,
+        False,
+        48,
+        None,
+        ("model.layers.48.post_attention_layernorm.weight",),
+        import_decoder_layers_48_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_48_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.48.mlp.linear_fc1.weight",
         (57344, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=48,
-        expert=None,
-        hf_names=("model.layers.48.mlp.gate_proj.weight", "model.layers.48.mlp.up_proj.weight"),
+        0,
+        False,
+        48,
+        None,
+        ("model.layers.48.mlp.gate_proj.weight", "model.layers.48.mlp.up_proj.weight"),
+        import_decoder_layers_48_mlp_linear_fc1_weight,
+        export_decoder_layers_48_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.48.mlp.linear_fc2.weight",
         (8192, 28672),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=48,
-        expert=None,
-        hf_names=("model.layers.48.mlp.down_proj.weight",),
+        1,
+        False,
+        48,
+        None,
+        ("model.layers.48.mlp.down_proj.weight",),
+        import_decoder_layers_48_mlp_linear_fc2_weight,
+        export_decoder_layers_48_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.49.self_attention.linear_qkv.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=49,
-        expert=None,
-        hf_names=("model.layers.49.input_layernorm.weight",),
+        None,
+        False,
+        49,
+        None,
+        ("model.layers.49.input_layernorm.weight",),
+        import_decoder_layers_49_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_49_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.49.self_attention.linear_proj.weight",
         (8192, 8192),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=49,
-        expert=None,
-        hf_names=("model.layers.49.self_attn.o_proj.weight",),
+        1,
+        False,
+        49,
+        None,
+        ("model.layers.49.self_attn.o_proj.weight",),
+        import_decoder_layers_49_self_attention_linear_proj_weight,
+        export_decoder_layers_49_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.49.self_attention.linear_qkv.weight",
         (10240, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=49,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        49,
+        None,
+        (
             "model.layers.49.self_attn.q_proj.weight",
             "model.layers.49.self_attn.k_proj.weight",
             "model.layers.49.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_49_self_attention_linear_qkv_weight,
+        export_decoder_layers_49_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.49.mlp.linear_fc1.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=49,
-        expert=None,
-        hf_names=("model.layers.49.post_attention_layernorm.weight",),
+        None,
+        False,
+        49,
+        None,
+        ("model.layers.49.post_attention_layernorm.weight",),
+        import_decoder_layers_49_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_49_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.49.mlp.linear_fc1.weight",
         (57344, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=49,
-        expert=None,
-        hf_names=("model.layers.49.mlp.gate_proj.weight", "model.layers.49.mlp.up_proj.weight"),
+        0,
+        False,
+        49,
+        None,
+        ("model.layers.49.mlp.gate_proj.weight", "model.layers.49.mlp.up_proj.weight"),
+        import_decoder_layers_49_mlp_linear_fc1_weight,
+        export_decoder_layers_49_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.49.mlp.linear_fc2.weight",
         (8192, 28672),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=49,
-        expert=None,
-        hf_names=("model.layers.49.mlp.down_proj.weight",),
+        1,
+        False,
+        49,
+        None,
+        ("model.layers.49.mlp.down_proj.weight",),
+        import_decoder_layers_49_mlp_linear_fc2_weight,
+        export_decoder_layers_49_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.50.self_attention.linear_qkv.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=50,
-        expert=None,
-        hf_names=("model.layers.50.input_layernorm.weight",),
+        None,
+        False,
+        50,
+        None,
+        ("model.layers.50.input_layernorm.weight",),
+        import_decoder_layers_50_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_50_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.50.self_attention.linear_proj.weight",
         (8192, 8192),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=50,
-        expert=None,
-        hf_names=("model.layers.50.self_attn.o_proj.weight",),
+        1,
+        False,
+        50,
+        None,
+        ("model.layers.50.self_attn.o_proj.weight",),
+        import_decoder_layers_50_self_attention_linear_proj_weight,
+        export_decoder_layers_50_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.50.self_attention.linear_qkv.weight",
         (10240, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=50,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        50,
+        None,
+        (
             "model.layers.50.self_attn.q_proj.weight",
             "model.layers.50.self_attn.k_proj.weight",
             "model.layers.50.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_50_self_attention_linear_qkv_weight,
+        export_decoder_layers_50_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.50.mlp.linear_fc1.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=50,
-        expert=None,
-        hf_names=("model.layers.50.post_attention_layernorm.weight",),
+        None,
+        False,
+        50,
+        None,
+        ("model.layers.50.post_attention_layernorm.weight",),
+        import_decoder_layers_50_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_50_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.50.mlp.linear_fc1.weight",
         (57344, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=50,
-        expert=None,
-        hf_names=("model.layers.50.mlp.gate_proj.weight", "model.layers.50.mlp.up_proj.weight"),
+        0,
+        False,
+        50,
+        None,
+        ("model.layers.50.mlp.gate_proj.weight", "model.layers.50.mlp.up_proj.weight"),
+        import_decoder_layers_50_mlp_linear_fc1_weight,
+        export_decoder_layers_50_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.50.mlp.linear_fc2.weight",
         (8192, 28672),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=50,
-        expert=None,
-        hf_names=("model.layers.50.mlp.down_proj.weight",),
+        1,
+        False,
+        50,
+        None,
+        ("model.layers.50.mlp.down_proj.weight",),
+        import_decoder_layers_50_mlp_linear_fc2_weight,
+        export_decoder_layers_50_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.51.self_attention.linear_qkv.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=51,
-        expert=None,
-        hf_names=("model.layers.51.input_layernorm.weight",),
+        None,
+        False,
+        51,
+        None,
+        ("model.layers.51.input_layernorm.weight",),
+        import_decoder_layers_51_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_51_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.51.self_attention.linear_proj.weight",
         (8192, 8192),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=51,
-        expert=None,
-        hf_names=("model.layers.51.self_attn.o_proj.weight",),
+        1,
+        False,
+        51,
+        None,
+        ("model.layers.51.self_attn.o_proj.weight",),
+        import_decoder_layers_51_self_attention_linear_proj_weight,
+        export_decoder_layers_51_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.51.self_attention.linear_qkv.weight",
         (10240, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=51,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        51,
+        None,
+        (
             "model.layers.51.self_attn.q_proj.weight",
             "model.layers.51.self_attn.k_proj.weight",
             "model.layers.51.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_51_self_attention_linear_qkv_weight,
+        export_decoder_layers_51_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.51.mlp.linear_fc1.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=51,
-        expert=None,
-        hf_names=("model.layers.51.post_attention_layernorm.weight",),
+        None,
+        False,
+        51,
+        None,
+        ("model.layers.51.post_attention_layernorm.weight",),
+        import_decoder_layers_51_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_51_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.51.mlp.linear_fc1.weight",
         (57344, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=51,
-        expert=None,
-        hf_names=("model.layers.51.mlp.gate_proj.weight", "model.layers.51.mlp.up_proj.weight"),
+        0,
+        False,
+        51,
+        None,
+        ("model.layers.51.mlp.gate_proj.weight", "model.layers.51.mlp.up_proj.weight"),
+        import_decoder_layers_51_mlp_linear_fc1_weight,
+        export_decoder_layers_51_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.51.mlp.linear_fc2.weight",
         (8192, 28672),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=51,
-        expert=None,
-        hf_names=("model.layers.51.mlp.down_proj.weight",),
+        1,
+        False,
+        51,
+        None,
+        ("model.layers.51.mlp.down_proj.weight",),
+        import_decoder_layers_51_mlp_linear_fc2_weight,
+        export_decoder_layers_51_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.52.self_attention.linear_qkv.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=52,
-        expert=None,
-        hf_names=("model.layers.52.input_layernorm.weight",),
+        None,
+        False,
+        52,
+        None,
+        ("model.layers.52.input_layernorm.weight",),
+        import_decoder_layers_52_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_52_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.52.self_attention.linear_proj.weight",
         (8192, 8192),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=52,
-        expert=None,
-        hf_names=("model.layers.52.self_attn.o_proj.weight",),
+        1,
+        False,
+        52,
+        None,
+        ("model.layers.52.self_attn.o_proj.weight",),
+        import_decoder_layers_52_self_attention_linear_proj_weight,
+        export_decoder_layers_52_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.52.self_attention.linear_qkv.weight",
         (10240, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=52,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        52,
+        None,
+        (
             "model.layers.52.self_attn.q_proj.weight",
             "model.layers.52.self_attn.k_proj.weight",
             "model.layers.52.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_52_self_attention_linear_qkv_weight,
+        export_decoder_layers_52_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.52.mlp.linear_fc1.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=52,
-        expert=None,
-        hf_names=("model.layers.52.post_attention_layernorm.weight",),
+        None,
+        False,
+        52,
+        None,
+        ("model.layers.52.post_attention_layernorm.weight",),
+        import_decoder_layers_52_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_52_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.52.mlp.linear_fc1.weight",
         (57344, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=52,
-        expert=None,
-        hf_names=("model.layers.52.mlp.gate_proj.weight", "model.layers.52.mlp.up_proj.weight"),
+        0,
+        False,
+        52,
+        None,
+        ("model.layers.52.mlp.gate_proj.weight", "model.layers.52.mlp.up_proj.weight"),
+        import_decoder_layers_52_mlp_linear_fc1_weight,
+        export_decoder_layers_52_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.52.mlp.linear_fc2.weight",
         (8192, 28672),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=52,
-        expert=None,
-        hf_names=("model.layers.52.mlp.down_proj.weight",),
+        1,
+        False,
+        52,
+        None,
+        ("model.layers.52.mlp.down_proj.weight",),
+        import_decoder_layers_52_mlp_linear_fc2_weight,
+        export_decoder_layers_52_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.53.self_attention.linear_qkv.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=53,
-        expert=None,
-        hf_names=("model.layers.53.input_layernorm.weight",),
+        None,
+        False,
+        53,
+        None,
+        ("model.layers.53.input_layernorm.weight",),
+        import_decoder_layers_53_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_53_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.53.self_attention.linear_proj.weight",
         (8192, 8192),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=53,
-        expert=None,
-        hf_names=("model.layers.53.self_attn.o_proj.weight",),
+        1,
+        False,
+        53,
+        None,
+        ("model.layers.53.self_attn.o_proj.weight",),
+        import_decoder_layers_53_self_attention_linear_proj_weight,
+        export_decoder_layers_53_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.53.self_attention.linear_qkv.weight",
         (10240, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=53,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        53,
+        None,
+        (
             "model.layers.53.self_attn.q_proj.weight",
             "model.layers.53.self_attn.k_proj.weight",
             "model.layers.53.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_53_self_attention_linear_qkv_weight,
+        export_decoder_layers_53_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.53.mlp.linear_fc1.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=53,
-        expert=None,
-        hf_names=("model.layers.53.post_attention_layernorm.weight",),
+        None,
+        False,
+        53,
+        None,
+        ("model.layers.53.post_attention_layernorm.weight",),
+        import_decoder_layers_53_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_53_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.53.mlp.linear_fc1.weight",
         (57344, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=53,
-        expert=None,
-        hf_names=("model.layers.53.mlp.gate_proj.weight", "model.layers.53.mlp.up_proj.weight"),
+        0,
+        False,
+        53,
+        None,
+        ("model.layers.53.mlp.gate_proj.weight", "model.layers.53.mlp.up_proj.weight"),
+        import_decoder_layers_53_mlp_linear_fc1_weight,
+        export_decoder_layers_53_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.53.mlp.linear_fc2.weight",
         (8192, 28672),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=53,
-        expert=None,
-        hf_names=("model.layers.53.mlp.down_proj.weight",),
+        1,
+        False,
+        53,
+        None,
+        ("model.layers.53.mlp.down_proj.weight",),
+        import_decoder_layers_53_mlp_linear_fc2_weight,
+        export_decoder_layers_53_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.54.self_attention.linear_qkv.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=54,
-        expert=None,
-        hf_names=("model.layers.54.input_layernorm.weight",),
+        None,
+        False,
+        54,
+        None,
+        ("model.layers.54.input_layernorm.weight",),
+        import_decoder_layers_54_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_54_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.54.self_attention.linear_proj.weight",
         (8192, 8192),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=54,
-        expert=None,
-        hf_names=("model.layers.54.self_attn.o_proj.weight",),
+        1,
+        False,
+        54,
+        None,
+        ("model.layers.54.self_attn.o_proj.weight",),
+        import_decoder_layers_54_self_attention_linear_proj_weight,
+        export_decoder_layers_54_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.54.self_attention.linear_qkv.weight",
         (10240, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=54,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        54,
+        None,
+        (
             "model.layers.54.self_attn.q_proj.weight",
             "model.layers.54.self_attn.k_proj.weight",
             "model.layers.54.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_54_self_attention_linear_qkv_weight,
+        export_decoder_layers_54_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.54.mlp.linear_fc1.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=54,
-        expert=None,
-        hf_names=("model.layers.54.post_attention_layernorm.weight",),
+        None,
+        False,
+        54,
+        None,
+        ("model.layers.54.post_attention_layernorm.weight",),
+        import_decoder_layers_54_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_54_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.54.mlp.linear_fc1.weight",
         (57344, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=54,
-        expert=None,
-        hf_names=("model.layers.54.mlp.gate_proj.weight", "model.layers.54.mlp.up_proj.weight"),
+        0,
+        False,
+        54,
+        None,
+        ("model.layers.54.mlp.gate_proj.weight", "model.layers.54.mlp.up_proj.weight"),
+        import_decoder_layers_54_mlp_linear_fc1_weight,
+        export_decoder_layers_54_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.54.mlp.linear_fc2.weight",
         (8192, 28672),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=54,
-        expert=None,
-        hf_names=("model.layers.54.mlp.down_proj.weight",),
+        1,
+        False,
+        54,
+        None,
+        ("model.layers.54.mlp.down_proj.weight",),
+        import_decoder_layers_54_mlp_linear_fc2_weight,
+        export_decoder_layers_54_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.55.self_attention.linear_qkv.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=55,
-        expert=None,
-        hf_names=("model.layers.55.input_layernorm.weight",),
+        None,
+        False,
+        55,
+        None,
+        ("model.layers.55.input_layernorm.weight",),
+        import_decoder_layers_55_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_55_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.55.self_attention.linear_proj.weight",
         (8192, 8192),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=55,
-        expert=None,
-        hf_names=("model.layers.55.self_attn.o_proj.weight",),
+        1,
+        False,
+        55,
+        None,
+        ("model.layers.55.self_attn.o_proj.weight",),
+        import_decoder_layers_55_self_attention_linear_proj_weight,
+        export_decoder_layers_55_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.55.self_attention.linear_qkv.weight",
         (10240, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=55,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        55,
+        None,
+        (
             "model.layers.55.self_attn.q_proj.weight",
             "model.layers.55.self_attn.k_proj.weight",
             "model.layers.55.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_55_self_attention_linear_qkv_weight,
+        export_decoder_layers_55_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.55.mlp.linear_fc1.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=55,
-        expert=None,
-        hf_names=("model.layers.55.post_attention_layernorm.weight",),
+        None,
+        False,
+        55,
+        None,
+        ("model.layers.55.post_attention_layernorm.weight",),
+        import_decoder_layers_55_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_55_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.55.mlp.linear_fc1.weight",
         (57344, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=55,
-        expert=None,
-        hf_names=("model.layers.55.mlp.gate_proj.weight", "model.layers.55.mlp.up_proj.weight"),
+        0,
+        False,
+        55,
+        None,
+        ("model.layers.55.mlp.gate_proj.weight", "model.layers.55.mlp.up_proj.weight"),
+        import_decoder_layers_55_mlp_linear_fc1_weight,
+        export_decoder_layers_55_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.55.mlp.linear_fc2.weight",
         (8192, 28672),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=55,
-        expert=None,
-        hf_names=("model.layers.55.mlp.down_proj.weight",),
+        1,
+        False,
+        55,
+        None,
+        ("model.layers.55.mlp.down_proj.weight",),
+        import_decoder_layers_55_mlp_linear_fc2_weight,
+        export_decoder_layers_55_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.56.self_attention.linear_qkv.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=56,
-        expert=None,
-        hf_names=("model.layers.56.input_layernorm.weight",),
+        None,
+        False,
+        56,
+        None,
+        ("model.layers.56.input_layernorm.weight",),
+        import_decoder_layers_56_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_56_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.56.self_attention.linear_proj.weight",
         (8192, 8192),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=56,
-        expert=None,
-        hf_names=("model.layers.56.self_attn.o_proj.weight",),
+        1,
+        False,
+        56,
+        None,
+        ("model.layers.56.self_attn.o_proj.weight",),
+        import_decoder_layers_56_self_attention_linear_proj_weight,
+        export_decoder_layers_56_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.56.self_attention.linear_qkv.weight",
         (10240, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=56,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        56,
+        None,
+        (
             "model.layers.56.self_attn.q_proj.weight",
             "model.layers.56.self_attn.k_proj.weight",
             "model.layers.56.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_56_self_attention_linear_qkv_weight,
+        export_decoder_layers_56_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.56.mlp.linear_fc1.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=56,
-        expert=None,
-        hf_names=("model.layers.56.post_attention_layernorm.weight",),
+        None,
+        False,
+        56,
+        None,
+        ("model.layers.56.post_attention_layernorm.weight",),
+        import_decoder_layers_56_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_56_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.56.mlp.linear_fc1.weight",
         (57344, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=56,
-        expert=None,
-        hf_names=("model.layers.56.mlp.gate_proj.weight", "model.layers.56.mlp.up_proj.weight"),
+        0,
+        False,
+        56,
+        None,
+        ("model.layers.56.mlp.gate_proj.weight", "model.layers.56.mlp.up_proj.weight"),
+        import_decoder_layers_56_mlp_linear_fc1_weight,
+        export_decoder_layers_56_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.56.mlp.linear_fc2.weight",
         (8192, 28672),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=56,
-        expert=None,
-        hf_names=("model.layers.56.mlp.down_proj.weight",),
+        1,
+        False,
+        56,
+        None,
+        ("model.layers.56.mlp.down_proj.weight",),
+        import_decoder_layers_56_mlp_linear_fc2_weight,
+        export_decoder_layers_56_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.57.self_attention.linear_qkv.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=57,
-        expert=None,
-        hf_names=("model.layers.57.input_layernorm.weight",),
+        None,
+        False,
+        57,
+        None,
+        ("model.layers.57.input_layernorm.weight",),
+        import_decoder_layers_57_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_57_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.57.self_attention.linear_proj.weight",
         (8192, 8192),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=57,
-        expert=None,
-        hf_names=("model.layers.57.self_attn.o_proj.weight",),
+        1,
+        False,
+        57,
+        None,
+        ("model.layers.57.self_attn.o_proj.weight",),
+        import_decoder_layers_57_self_attention_linear_proj_weight,
+        export_decoder_layers_57_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.57.self_attention.linear_qkv.weight",
         (10240, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=57,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        57,
+        None,
+        (
             "model.layers.57.self_attn.q_proj.weight",
             "model.layers.57.self_attn.k_proj.weight",
             "model.layers.57.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_57_self_attention_linear_qkv_weight,
+        export_decoder_layers_57_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.57.mlp.linear_fc1.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=57,
-        expert=None,
-        hf_names=("model.layers.57.post_attention_layernorm.weight",),
+        None,
+        False,
+        57,
+        None,
+        ("model.layers.57.post_attention_layernorm.weight",),
+        import_decoder_layers_57_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_57_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.57.mlp.linear_fc1.weight",
         (57344, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=57,
-        expert=None,
-        hf_names=("model.layers.57.mlp.gate_proj.weight", "model.layers.57.mlp.up_proj.weight"),
+        0,
+        False,
+        57,
+        None,
+        ("model.layers.57.mlp.gate_proj.weight", "model.layers.57.mlp.up_proj.weight"),
+        import_decoder_layers_57_mlp_linear_fc1_weight,
+        export_decoder_layers_57_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.57.mlp.linear_fc2.weight",
         (8192, 28672),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=57,
-        expert=None,
-        hf_names=("model.layers.57.mlp.down_proj.weight",),
+        1,
+        False,
+        57,
+        None,
+        ("model.layers.57.mlp.down_proj.weight",),
+        import_decoder_layers_57_mlp_linear_fc2_weight,
+        export_decoder_layers_57_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.58.self_attention.linear_qkv.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=58,
-        expert=None,
-        hf_names=("model.layers.58.input_layernorm.weight",),
+        None,
+        False,
+        58,
+        None,
+        ("model.layers.58.input_layernorm.weight",),
+        import_decoder_layers_58_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_58_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.58.self_attention.linear_proj.weight",
         (8192, 8192),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=58,
-        expert=None,
-        hf_names=("model.layers.58.self_attn.o_proj.weight",),
+        1,
+        False,
+        58,
+        None,
+        ("model.layers.58.self_attn.o_proj.weight",),
+        import_decoder_layers_58_self_attention_linear_proj_weight,
+        export_decoder_layers_58_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.58.self_attention.linear_qkv.weight",
         (10240, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=58,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        58,
+        None,
+        (
             "model.layers.58.self_attn.q_proj.weight",
             "model.layers.58.self_attn.k_proj.weight",
             "model.layers.58.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_58_self_attention_linear_qkv_weight,
+        export_decoder_layers_58_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.58.mlp.linear_fc1.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=58,
-        expert=None,
-        hf_names=("model.layers.58.post_attention_layernorm.weight",),
+        None,
+        False,
+        58,
+        None,
+        ("model.layers.58.post_attention_layernorm.weight",),
+        import_decoder_layers_58_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_58_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.58.mlp.linear_fc1.weight",
         (57344, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=58,
-        expert=None,
-        hf_names=("model.layers.58.mlp.gate_proj.weight", "model.layers.58.mlp.up_proj.weight"),
+        0,
+        False,
+        58,
+        None,
+        ("model.layers.58.mlp.gate_proj.weight", "model.layers.58.mlp.up_proj.weight"),
+        import_decoder_layers_58_mlp_linear_fc1_weight,
+        export_decoder_layers_58_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.58.mlp.linear_fc2.weight",
         (8192, 28672),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=58,
-        expert=None,
-        hf_names=("model.layers.58.mlp.down_proj.weight",),
+        1,
+        False,
+        58,
+        None,
+        ("model.layers.58.mlp.down_proj.weight",),
+        import_decoder_layers_58_mlp_linear_fc2_weight,
+        export_decoder_layers_58_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.59.self_attention.linear_qkv.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=59,
-        expert=None,
-        hf_names=("model.layers.59.input_layernorm.weight",),
+        None,
+        False,
+        59,
+        None,
+        ("model.layers.59.input_layernorm.weight",),
+        import_decoder_layers_59_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_59_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.59.self_attention.linear_proj.weight",
         (8192, 8192),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=59,
-        expert=None,
-        hf_names=("model.layers.59.self_attn.o_proj.weight",),
+        1,
+        False,
+        59,
+        None,
+        ("model.layers.59.self_attn.o_proj.weight",),
+        import_decoder_layers_59_self_attention_linear_proj_weight,
+        export_decoder_layers_59_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.59.self_attention.linear_qkv.weight",
         (10240, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=59,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        59,
+        None,
+        (
             "model.layers.59.self_attn.q_proj.weight",
             "model.layers.59.self_attn.k_proj.weight",
             "model.layers.59.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_59_self_attention_linear_qkv_weight,
+        export_decoder_layers_59_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.59.mlp.linear_fc1.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=59,
-        expert=None,
-        hf_names=("model.layers.59.post_attention_layernorm.weight",),
+        None,
+        False,
+        59,
+        None,
+        ("model.layers.59.post_attention_layernorm.weight",),
+        import_decoder_layers_59_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_59_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.59.mlp.linear_fc1.weight",
         (57344, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=59,
-        expert=None,
-        hf_names=("model.layers.59.mlp.gate_proj.weight", "model.layers.59.mlp.up_proj.weight"),
+        0,
+        False,
+        59,
+        None,
+        ("model.layers.59.mlp.gate_proj.weight", "model.layers.59.mlp.up_proj.weight"),
+        import_decoder_layers_59_mlp_linear_fc1_weight,
+        export_decoder_layers_59_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.59.mlp.linear_fc2.weight",
         (8192, 28672),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=59,
-        expert=None,
-        hf_names=("model.layers.59.mlp.down_proj.weight",),
+        1,
+        False,
+        59,
+        None,
+        ("model.layers.59.mlp.down_proj.weight",),
+        import_decoder_layers_59_mlp_linear_fc2_weight,
+        export_decoder_layers_59_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.60.self_attention.linear_qkv.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=60,
-        expert=None,
-        hf_names=("model.layers.60.input_layernorm.weight",),
+        None,
+        False,
+        60,
+        None,
+        ("model.layers.60.input_layernorm.weight",),
+        import_decoder_layers_60_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_60_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.60.self_attention.linear_proj.weight",
         (8192, 8192),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=60,
-        expert=None,
-        hf_names=("model.layers.60.self_attn.o_proj.weight",),
+        1,
+        False,
+        60,
+        None,
+        ("model.layers.60.self_attn.o_proj.weight",),
+        import_decoder_layers_60_self_attention_linear_proj_weight,
+        export_decoder_layers_60_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.60.self_attention.linear_qkv.weight",
         (10240, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=60,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        60,
+        None,
+        (
             "model.layers.60.self_attn.q_proj.weight",
             "model.layers.60.self_attn.k_proj.weight",
             "model.layers.60.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_60_self_attention_linear_qkv_weight,
+        export_decoder_layers_60_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.60.mlp.linear_fc1.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=60,
-        expert=None,
-        hf_names=("model.layers.60.post_attention_layernorm.weight",),
+        None,
+        False,
+        60,
+        None,
+        ("model.layers.60.post_attention_layernorm.weight",),
+        import_decoder_layers_60_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_60_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.60.mlp.linear_fc1.weight",
         (57344, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=60,
-        expert=None,
-        hf_names=("model.layers.60.mlp.gate_proj.weight", "model.layers.60.mlp.up_proj.weight"),
+        0,
+        False,
+        60,
+        None,
+        ("model.layers.60.mlp.gate_proj.weight", "model.layers.60.mlp.up_proj.weight"),
+        import_decoder_layers_60_mlp_linear_fc1_weight,
+        export_decoder_layers_60_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.60.mlp.linear_fc2.weight",
         (8192, 28672),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=60,
-        expert=None,
-        hf_names=("model.layers.60.mlp.down_proj.weight",),
+        1,
+        False,
+        60,
+        None,
+        ("model.layers.60.mlp.down_proj.weight",),
+        import_decoder_layers_60_mlp_linear_fc2_weight,
+        export_decoder_layers_60_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.61.self_attention.linear_qkv.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=61,
-        expert=None,
-        hf_names=("model.layers.61.input_layernorm.weight",),
+        None,
+        False,
+        61,
+        None,
+        ("model.layers.61.input_layernorm.weight",),
+        import_decoder_layers_61_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_61_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.61.self_attention.linear_proj.weight",
         (8192, 8192),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=61,
-        expert=None,
-        hf_names=("model.layers.61.self_attn.o_proj.weight",),
+        1,
+        False,
+        61,
+        None,
+        ("model.layers.61.self_attn.o_proj.weight",),
+        import_decoder_layers_61_self_attention_linear_proj_weight,
+        export_decoder_layers_61_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.61.self_attention.linear_qkv.weight",
         (10240, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=61,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        61,
+        None,
+        (
             "model.layers.61.self_attn.q_proj.weight",
             "model.layers.61.self_attn.k_proj.weight",
             "model.layers.61.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_61_self_attention_linear_qkv_weight,
+        export_decoder_layers_61_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.61.mlp.linear_fc1.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=61,
-        expert=None,
-        hf_names=("model.layers.61.post_attention_layernorm.weight",),
+        None,
+        False,
+        61,
+        None,
+        ("model.layers.61.post_attention_layernorm.weight",),
+        import_decoder_layers_61_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_61_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.61.mlp.linear_fc1.weight",
         (57344, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=61,
-        expert=None,
-        hf_names=("model.layers.61.mlp.gate_proj.weight", "model.layers.61.mlp.up_proj.weight"),
+        0,
+        False,
+        61,
+        None,
+        ("model.layers.61.mlp.gate_proj.weight", "model.layers.61.mlp.up_proj.weight"),
+        import_decoder_layers_61_mlp_linear_fc1_weight,
+        export_decoder_layers_61_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.61.mlp.linear_fc2.weight",
         (8192, 28672),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=61,
-        expert=None,
-        hf_names=("model.layers.61.mlp.down_proj.weight",),
+        1,
+        False,
+        61,
+        None,
+        ("model.layers.61.mlp.down_proj.weight",),
+        import_decoder_layers_61_mlp_linear_fc2_weight,
+        export_decoder_layers_61_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.62.self_attention.linear_qkv.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=62,
-        expert=None,
-        hf_names=("model.layers.62.input_layernorm.weight",),
+        None,
+        False,
+        62,
+        None,
+        ("model.layers.62.input_layernorm.weight",),
+        import_decoder_layers_62_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_62_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.62.self_attention.linear_proj.weight",
         (8192, 8192),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=62,
-        expert=None,
-        hf_names=("model.layers.62.self_attn.o_proj.weight",),
+        1,
+        False,
+        62,
+        None,
+        ("model.layers.62.self_attn.o_proj.weight",),
+        import_decoder_layers_62_self_attention_linear_proj_weight,
+        export_decoder_layers_62_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.62.self_attention.linear_qkv.weight",
         (10240, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=62,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        62,
+        None,
+        (
             "model.layers.62.self_attn.q_proj.weight",
             "model.layers.62.self_attn.k_proj.weight",
             "model.layers.62.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_62_self_attention_linear_qkv_weight,
+        export_decoder_layers_62_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.62.mlp.linear_fc1.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=62,
-        expert=None,
-        hf_names=("model.layers.62.post_attention_layernorm.weight",),
+        None,
+        False,
+        62,
+        None,
+        ("model.layers.62.post_attention_layernorm.weight",),
+        import_decoder_layers_62_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_62_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.62.mlp.linear_fc1.weight",
         (57344, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=62,
-        expert=None,
-        hf_names=("model.layers.62.mlp.gate_proj.weight", "model.layers.62.mlp.up_proj.weight"),
+        0,
+        False,
+        62,
+        None,
+        ("model.layers.62.mlp.gate_proj.weight", "model.layers.62.mlp.up_proj.weight"),
+        import_decoder_layers_62_mlp_linear_fc1_weight,
+        export_decoder_layers_62_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.62.mlp.linear_fc2.weight",
         (8192, 28672),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=62,
-        expert=None,
-        hf_names=("model.layers.62.mlp.down_proj.weight",),
+        1,
+        False,
+        62,
+        None,
+        ("model.layers.62.mlp.down_proj.weight",),
+        import_decoder_layers_62_mlp_linear_fc2_weight,
+        export_decoder_layers_62_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.63.self_attention.linear_qkv.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=63,
-        expert=None,
-        hf_names=("model.layers.63.input_layernorm.weight",),
+        None,
+        False,
+        63,
+        None,
+        ("model.layers.63.input_layernorm.weight",),
+        import_decoder_layers_63_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_63_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.63.self_attention.linear_proj.weight",
         (8192, 8192),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=63,
-        expert=None,
-        hf_names=("model.layers.63.self_attn.o_proj.weight",),
+        1,
+        False,
+        63,
+        None,
+        ("model.layers.63.self_attn.o_proj.weight",),
+        import_decoder_layers_63_self_attention_linear_proj_weight,
+        export_decoder_layers_63_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.63.self_attention.linear_qkv.weight",
         (10240, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=63,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        63,
+        None,
+        (
             "model.layers.63.self_attn.q_proj.weight",
             "model.layers.63.self_attn.k_proj.weight",
             "model.layers.63.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_63_self_attention_linear_qkv_weight,
+        export_decoder_layers_63_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.63.mlp.linear_fc1.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=63,
-        expert=None,
-        hf_names=("model.layers.63.post_attention_layernorm.weight",),
+        None,
+        False,
+        63,
+        None,
+        ("model.layers.63.post_attention_layernorm.weight",),
+        import_decoder_layers_63_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_63_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.63.mlp.linear_fc1.weight",
         (57344, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=63,
-        expert=None,
-        hf_names=("model.layers.63.mlp.gate_proj.weight", "model.layers.63.mlp.up_proj.weight"),
+        0,
+        False,
+        63,
+        None,
+        ("model.layers.63.mlp.gate_proj.weight", "model.layers.63.mlp.up_proj.weight"),
+        import_decoder_layers_63_mlp_linear_fc1_weight,
+        export_decoder_layers_63_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.63.mlp.linear_fc2.weight",
         (8192, 28672),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=63,
-        expert=None,
-        hf_names=("model.layers.63.mlp.down_proj.weight",),
+        1,
+        False,
+        63,
+        None,
+        ("model.layers.63.mlp.down_proj.weight",),
+        import_decoder_layers_63_mlp_linear_fc2_weight,
+        export_decoder_layers_63_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.64.self_attention.linear_qkv.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=64,
-        expert=None,
-        hf_names=("model.layers.64.input_layernorm.weight",),
+        None,
+        False,
+        64,
+        None,
+        ("model.layers.64.input_layernorm.weight",),
+        import_decoder_layers_64_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_64_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.64.self_attention.linear_proj.weight",
         (8192, 8192),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=64,
-        expert=None,
-        hf_names=("model.layers.64.self_attn.o_proj.weight",),
+        1,
+        False,
+        64,
+        None,
+        ("model.layers.64.self_attn.o_proj.weight",),
+        import_decoder_layers_64_self_attention_linear_proj_weight,
+        export_decoder_layers_64_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.64.self_attention.linear_qkv.weight",
         (10240, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=64,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        64,
+        None,
+        (
             "model.layers.64.self_attn.q_proj.weight",
             "model.layers.64.self_attn.k_proj.weight",
             "model.layers.64.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_64_self_attention_linear_qkv_weight,
+        export_decoder_layers_64_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.64.mlp.linear_fc1.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=64,
-        expert=None,
-        hf_names=("model.layers.64.post_attention_layernorm.weight",),
+        None,
+        False,
+        64,
+        None,
+        ("model.layers.64.post_attention_layernorm.weight",),
+        import_decoder_layers_64_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_64_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.64.mlp.linear_fc1.weight",
         (57344, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=64,
-        expert=None,
-        hf_names=("model.layers.64.mlp.gate_proj.weight", "model.layers.64.mlp.up_proj.weight"),
+        0,
+        False,
+        64,
+        None,
+        ("model.layers.64.mlp.gate_proj.weight", "model.layers.64.mlp.up_proj.weight"),
+        import_decoder_layers_64_mlp_linear_fc1_weight,
+        export_decoder_layers_64_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.64.mlp.linear_fc2.weight",
         (8192, 28672),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=64,
-        expert=None,
-        hf_names=("model.layers.64.mlp.down_proj.weight",),
+        1,
+        False,
+        64,
+        None,
+        ("model.layers.64.mlp.down_proj.weight",),
+        import_decoder_layers_64_mlp_linear_fc2_weight,
+        export_decoder_layers_64_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.65.self_attention.linear_qkv.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=65,
-        expert=None,
-        hf_names=("model.layers.65.input_layernorm.weight",),
+        None,
+        False,
+        65,
+        None,
+        ("model.layers.65.input_layernorm.weight",),
+        import_decoder_layers_65_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_65_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.65.self_attention.linear_proj.weight",
         (8192, 8192),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=65,
-        expert=None,
-        hf_names=("model.layers.65.self_attn.o_proj.weight",),
+        1,
+        False,
+        65,
+        None,
+        ("model.layers.65.self_attn.o_proj.weight",),
+        import_decoder_layers_65_self_attention_linear_proj_weight,
+        export_decoder_layers_65_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.65.self_attention.linear_qkv.weight",
         (10240, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=65,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        65,
+        None,
+        (
             "model.layers.65.self_attn.q_proj.weight",
             "model.layers.65.self_attn.k_proj.weight",
             "model.layers.65.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_65_self_attention_linear_qkv_weight,
+        export_decoder_layers_65_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.65.mlp.linear_fc1.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=65,
-        expert=None,
-        hf_names=("model.layers.65.post_attention_layernorm.weight",),
+        None,
+        False,
+        65,
+        None,
+        ("model.layers.65.post_attention_layernorm.weight",),
+        import_decoder_layers_65_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_65_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.65.mlp.linear_fc1.weight",
         (57344, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=65,
-        expert=None,
-        hf_names=("model.layers.65.mlp.gate_proj.weight", "model.layers.65.mlp.up_proj.weight"),
+        0,
+        False,
+        65,
+        None,
+        ("model.layers.65.mlp.gate_proj.weight", "model.layers.65.mlp.up_proj.weight"),
+        import_decoder_layers_65_mlp_linear_fc1_weight,
+        export_decoder_layers_65_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.65.mlp.linear_fc2.weight",
         (8192, 28672),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=65,
-        expert=None,
-        hf_names=("model.layers.65.mlp.down_proj.weight",),
+        1,
+        False,
+        65,
+        None,
+        ("model.layers.65.mlp.down_proj.weight",),
+        import_decoder_layers_65_mlp_linear_fc2_weight,
+        export_decoder_layers_65_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.66.self_attention.linear_qkv.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=66,
-        expert=None,
-        hf_names=("model.layers.66.input_layernorm.weight",),
+        None,
+        False,
+        66,
+        None,
+        ("model.layers.66.input_layernorm.weight",),
+        import_decoder_layers_66_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_66_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.66.self_attention.linear_proj.weight",
         (8192, 8192),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=66,
-        expert=None,
-        hf_names=("model.layers.66.self_attn.o_proj.weight",),
+        1,
+        False,
+        66,
+        None,
+        ("model.layers.66.self_attn.o_proj.weight",),
+        import_decoder_layers_66_self_attention_linear_proj_weight,
+        export_decoder_layers_66_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.66.self_attention.linear_qkv.weight",
         (10240, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=66,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        66,
+        None,
+        (
             "model.layers.66.self_attn.q_proj.weight",
             "model.layers.66.self_attn.k_proj.weight",
             "model.layers.66.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_66_self_attention_linear_qkv_weight,
+        export_decoder_layers_66_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.66.mlp.linear_fc1.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=66,
-        expert=None,
-        hf_names=("model.layers.66.post_attention_layernorm.weight",),
+        None,
+        False,
+        66,
+        None,
+        ("model.layers.66.post_attention_layernorm.weight",),
+        import_decoder_layers_66_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_66_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.66.mlp.linear_fc1.weight",
         (57344, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=66,
-        expert=None,
-        hf_names=("model.layers.66.mlp.gate_proj.weight", "model.layers.66.mlp.up_proj.weight"),
+        0,
+        False,
+        66,
+        None,
+        ("model.layers.66.mlp.gate_proj.weight", "model.layers.66.mlp.up_proj.weight"),
+        import_decoder_layers_66_mlp_linear_fc1_weight,
+        export_decoder_layers_66_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.66.mlp.linear_fc2.weight",
         (8192, 28672),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=66,
-        expert=None,
-        hf_names=("model.layers.66.mlp.down_proj.weight",),
+        1,
+        False,
+        66,
+        None,
+        ("model.layers.66.mlp.down_proj.weight",),
+        import_decoder_layers_66_mlp_linear_fc2_weight,
+        export_decoder_layers_66_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.67.self_attention.linear_qkv.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=67,
-        expert=None,
-        hf_names=("model.layers.67.input_layernorm.weight",),
+        None,
+        False,
+        67,
+        None,
+        ("model.layers.67.input_layernorm.weight",),
+        import_decoder_layers_67_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_67_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.67.self_attention.linear_proj.weight",
         (8192, 8192),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=67,
-        expert=None,
-        hf_names=("model.layers.67.self_attn.o_proj.weight",),
+        1,
+        False,
+        67,
+        None,
+        ("model.layers.67.self_attn.o_proj.weight",),
+        import_decoder_layers_67_self_attention_linear_proj_weight,
+        export_decoder_layers_67_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.67.self_attention.linear_qkv.weight",
         (10240, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=67,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        67,
+        None,
+        (
             "model.layers.67.self_attn.q_proj.weight",
             "model.layers.67.self_attn.k_proj.weight",
             "model.layers.67.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_67_self_attention_linear_qkv_weight,
+        export_decoder_layers_67_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.67.mlp.linear_fc1.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=67,
-        expert=None,
-        hf_names=("model.layers.67.post_attention_layernorm.weight",),
+        None,
+        False,
+        67,
+        None,
+        ("model.layers.67.post_attention_layernorm.weight",),
+        import_decoder_layers_67_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_67_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.67.mlp.linear_fc1.weight",
         (57344, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=67,
-        expert=None,
-        hf_names=("model.layers.67.mlp.gate_proj.weight", "model.layers.67.mlp.up_proj.weight"),
+        0,
+        False,
+        67,
+        None,
+        ("model.layers.67.mlp.gate_proj.weight", "model.layers.67.mlp.up_proj.weight"),
+        import_decoder_layers_67_mlp_linear_fc1_weight,
+        export_decoder_layers_67_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.67.mlp.linear_fc2.weight",
         (8192, 28672),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=67,
-        expert=None,
-        hf_names=("model.layers.67.mlp.down_proj.weight",),
+        1,
+        False,
+        67,
+        None,
+        ("model.layers.67.mlp.down_proj.weight",),
+        import_decoder_layers_67_mlp_linear_fc2_weight,
+        export_decoder_layers_67_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.68.self_attention.linear_qkv.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=68,
-        expert=None,
-        hf_names=("model.layers.68.input_layernorm.weight",),
+        None,
+        False,
+        68,
+        None,
+        ("model.layers.68.input_layernorm.weight",),
+        import_decoder_layers_68_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_68_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.68.self_attention.linear_proj.weight",
         (8192, 8192),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=68,
-        expert=None,
-        hf_names=("model.layers.68.self_attn.o_proj.weight",),
+        1,
+        False,
+        68,
+        None,
+        ("model.layers.68.self_attn.o_proj.weight",),
+        import_decoder_layers_68_self_attention_linear_proj_weight,
+        export_decoder_layers_68_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.68.self_attention.linear_qkv.weight",
         (10240, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=68,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        68,
+        None,
+        (
             "model.layers.68.self_attn.q_proj.weight",
             "model.layers.68.self_attn.k_proj.weight",
             "model.layers.68.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_68_self_attention_linear_qkv_weight,
+        export_decoder_layers_68_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.68.mlp.linear_fc1.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=68,
-        expert=None,
-        hf_names=("model.layers.68.post_attention_layernorm.weight",),
+        None,
+        False,
+        68,
+        None,
+        ("model.layers.68.post_attention_layernorm.weight",),
+        import_decoder_layers_68_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_68_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.68.mlp.linear_fc1.weight",
         (57344, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=68,
-        expert=None,
-        hf_names=("model.layers.68.mlp.gate_proj.weight", "model.layers.68.mlp.up_proj.weight"),
+        0,
+        False,
+        68,
+        None,
+        ("model.layers.68.mlp.gate_proj.weight", "model.layers.68.mlp.up_proj.weight"),
+        import_decoder_layers_68_mlp_linear_fc1_weight,
+        export_decoder_layers_68_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.68.mlp.linear_fc2.weight",
         (8192, 28672),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=68,
-        expert=None,
-        hf_names=("model.layers.68.mlp.down_proj.weight",),
+        1,
+        False,
+        68,
+        None,
+        ("model.layers.68.mlp.down_proj.weight",),
+        import_decoder_layers_68_mlp_linear_fc2_weight,
+        export_decoder_layers_68_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.69.self_attention.linear_qkv.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=69,
-        expert=None,
-        hf_names=("model.layers.69.input_layernorm.weight",),
+        None,
+        False,
+        69,
+        None,
+        ("model.layers.69.input_layernorm.weight",),
+        import_decoder_layers_69_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_69_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.69.self_attention.linear_proj.weight",
         (8192, 8192),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=69,
-        expert=None,
-        hf_names=("model.layers.69.self_attn.o_proj.weight",),
+        1,
+        False,
+        69,
+        None,
+        ("model.layers.69.self_attn.o_proj.weight",),
+        import_decoder_layers_69_self_attention_linear_proj_weight,
+        export_decoder_layers_69_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.69.self_attention.linear_qkv.weight",
         (10240, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=69,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        69,
+        None,
+        (
             "model.layers.69.self_attn.q_proj.weight",
             "model.layers.69.self_attn.k_proj.weight",
             "model.layers.69.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_69_self_attention_linear_qkv_weight,
+        export_decoder_layers_69_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.69.mlp.linear_fc1.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=69,
-        expert=None,
-        hf_names=("model.layers.69.post_attention_layernorm.weight",),
+        None,
+        False,
+        69,
+        None,
+        ("model.layers.69.post_attention_layernorm.weight",),
+        import_decoder_layers_69_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_69_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.69.mlp.linear_fc1.weight",
         (57344, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=69,
-        expert=None,
-        hf_names=("model.layers.69.mlp.gate_proj.weight", "model.layers.69.mlp.up_proj.weight"),
+        0,
+        False,
+        69,
+        None,
+        ("model.layers.69.mlp.gate_proj.weight", "model.layers.69.mlp.up_proj.weight"),
+        import_decoder_layers_69_mlp_linear_fc1_weight,
+        export_decoder_layers_69_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.69.mlp.linear_fc2.weight",
         (8192, 28672),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=69,
-        expert=None,
-        hf_names=("model.layers.69.mlp.down_proj.weight",),
+        1,
+        False,
+        69,
+        None,
+        ("model.layers.69.mlp.down_proj.weight",),
+        import_decoder_layers_69_mlp_linear_fc2_weight,
+        export_decoder_layers_69_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.70.self_attention.linear_qkv.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=70,
-        expert=None,
-        hf_names=("model.layers.70.input_layernorm.weight",),
+        None,
+        False,
+        70,
+        None,
+        ("model.layers.70.input_layernorm.weight",),
+        import_decoder_layers_70_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_70_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.70.self_attention.linear_proj.weight",
         (8192, 8192),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=70,
-        expert=None,
-        hf_names=("model.layers.70.self_attn.o_proj.weight",),
+        1,
+        False,
+        70,
+        None,
+        ("model.layers.70.self_attn.o_proj.weight",),
+        import_decoder_layers_70_self_attention_linear_proj_weight,
+        export_decoder_layers_70_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.70.self_attention.linear_qkv.weight",
         (10240, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=70,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        70,
+        None,
+        (
             "model.layers.70.self_attn.q_proj.weight",
             "model.layers.70.self_attn.k_proj.weight",
             "model.layers.70.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_70_self_attention_linear_qkv_weight,
+        export_decoder_layers_70_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.70.mlp.linear_fc1.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=70,
-        expert=None,
-        hf_names=("model.layers.70.post_attention_layernorm.weight",),
+        None,
+        False,
+        70,
+        None,
+        ("model.layers.70.post_attention_layernorm.weight",),
+        import_decoder_layers_70_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_70_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.70.mlp.linear_fc1.weight",
         (57344, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=70,
-        expert=None,
-        hf_names=("model.layers.70.mlp.gate_proj.weight", "model.layers.70.mlp.up_proj.weight"),
+        0,
+        False,
+        70,
+        None,
+        ("model.layers.70.mlp.gate_proj.weight", "model.layers.70.mlp.up_proj.weight"),
+        import_decoder_layers_70_mlp_linear_fc1_weight,
+        export_decoder_layers_70_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.70.mlp.linear_fc2.weight",
         (8192, 28672),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=70,
-        expert=None,
-        hf_names=("model.layers.70.mlp.down_proj.weight",),
+        1,
+        False,
+        70,
+        None,
+        ("model.layers.70.mlp.down_proj.weight",),
+        import_decoder_layers_70_mlp_linear_fc2_weight,
+        export_decoder_layers_70_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.71.self_attention.linear_qkv.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=71,
-        expert=None,
-        hf_names=("model.layers.71.input_layernorm.weight",),
+        None,
+        False,
+        71,
+        None,
+        ("model.layers.71.input_layernorm.weight",),
+        import_decoder_layers_71_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_71_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.71.self_attention.linear_proj.weight",
         (8192, 8192),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=71,
-        expert=None,
-        hf_names=("model.layers.71.self_attn.o_proj.weight",),
+        1,
+        False,
+        71,
+        None,
+        ("model.layers.71.self_attn.o_proj.weight",),
+        import_decoder_layers_71_self_attention_linear_proj_weight,
+        export_decoder_layers_71_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.71.self_attention.linear_qkv.weight",
         (10240, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=71,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        71,
+        None,
+        (
             "model.layers.71.self_attn.q_proj.weight",
             "model.layers.71.self_attn.k_proj.weight",
             "model.layers.71.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_71_self_attention_linear_qkv_weight,
+        export_decoder_layers_71_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.71.mlp.linear_fc1.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=71,
-        expert=None,
-        hf_names=("model.layers.71.post_attention_layernorm.weight",),
+        None,
+        False,
+        71,
+        None,
+        ("model.layers.71.post_attention_layernorm.weight",),
+        import_decoder_layers_71_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_71_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.71.mlp.linear_fc1.weight",
         (57344, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=71,
-        expert=None,
-        hf_names=("model.layers.71.mlp.gate_proj.weight", "model.layers.71.mlp.up_proj.weight"),
+        0,
+        False,
+        71,
+        None,
+        ("model.layers.71.mlp.gate_proj.weight", "model.layers.71.mlp.up_proj.weight"),
+        import_decoder_layers_71_mlp_linear_fc1_weight,
+        export_decoder_layers_71_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.71.mlp.linear_fc2.weight",
         (8192, 28672),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=71,
-        expert=None,
-        hf_names=("model.layers.71.mlp.down_proj.weight",),
+        1,
+        False,
+        71,
+        None,
+        ("model.layers.71.mlp.down_proj.weight",),
+        import_decoder_layers_71_mlp_linear_fc2_weight,
+        export_decoder_layers_71_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.72.self_attention.linear_qkv.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=72,
-        expert=None,
-        hf_names=("model.layers.72.input_layernorm.weight",),
+        None,
+        False,
+        72,
+        None,
+        ("model.layers.72.input_layernorm.weight",),
+        import_decoder_layers_72_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_72_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.72.self_attention.linear_proj.weight",
         (8192, 8192),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=72,
-        expert=None,
-        hf_names=("model.layers.72.self_attn.o_proj.weight",),
+        1,
+        False,
+        72,
+        None,
+        ("model.layers.72.self_attn.o_proj.weight",),
+        import_decoder_layers_72_self_attention_linear_proj_weight,
+        export_decoder_layers_72_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.72.self_attention.linear_qkv.weight",
         (10240, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=72,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        72,
+        None,
+        (
             "model.layers.72.self_attn.q_proj.weight",
             "model.layers.72.self_attn.k_proj.weight",
             "model.layers.72.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_72_self_attention_linear_qkv_weight,
+        export_decoder_layers_72_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.72.mlp.linear_fc1.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=72,
-        expert=None,
-        hf_names=("model.layers.72.post_attention_layernorm.weight",),
+        None,
+        False,
+        72,
+        None,
+        ("model.layers.72.post_attention_layernorm.weight",),
+        import_decoder_layers_72_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_72_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.72.mlp.linear_fc1.weight",
         (57344, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=72,
-        expert=None,
-        hf_names=("model.layers.72.mlp.gate_proj.weight", "model.layers.72.mlp.up_proj.weight"),
+        0,
+        False,
+        72,
+        None,
+        ("model.layers.72.mlp.gate_proj.weight", "model.layers.72.mlp.up_proj.weight"),
+        import_decoder_layers_72_mlp_linear_fc1_weight,
+        export_decoder_layers_72_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.72.mlp.linear_fc2.weight",
         (8192, 28672),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=72,
-        expert=None,
-        hf_names=("model.layers.72.mlp.down_proj.weight",),
+        1,
+        False,
+        72,
+        None,
+        ("model.layers.72.mlp.down_proj.weight",),
+        import_decoder_layers_72_mlp_linear_fc2_weight,
+        export_decoder_layers_72_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.73.self_attention.linear_qkv.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=73,
-        expert=None,
-        hf_names=("model.layers.73.input_layernorm.weight",),
+        None,
+        False,
+        73,
+        None,
+        ("model.layers.73.input_layernorm.weight",),
+        import_decoder_layers_73_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_73_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.73.self_attention.linear_proj.weight",
         (8192, 8192),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=73,
-        expert=None,
-        hf_names=("model.layers.73.self_attn.o_proj.weight",),
+        1,
+        False,
+        73,
+        None,
+        ("model.layers.73.self_attn.o_proj.weight",),
+        import_decoder_layers_73_self_attention_linear_proj_weight,
+        export_decoder_layers_73_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.73.self_attention.linear_qkv.weight",
         (10240, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=73,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        73,
+        None,
+        (
             "model.layers.73.self_attn.q_proj.weight",
             "model.layers.73.self_attn.k_proj.weight",
             "model.layers.73.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_73_self_attention_linear_qkv_weight,
+        export_decoder_layers_73_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.73.mlp.linear_fc1.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=73,
-        expert=None,
-        hf_names=("model.layers.73.post_attention_layernorm.weight",),
+        None,
+        False,
+        73,
+        None,
+        ("model.layers.73.post_attention_layernorm.weight",),
+        import_decoder_layers_73_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_73_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.73.mlp.linear_fc1.weight",
         (57344, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=73,
-        expert=None,
-        hf_names=("model.layers.73.mlp.gate_proj.weight", "model.layers.73.mlp.up_proj.weight"),
+        0,
+        False,
+        73,
+        None,
+        ("model.layers.73.mlp.gate_proj.weight", "model.layers.73.mlp.up_proj.weight"),
+        import_decoder_layers_73_mlp_linear_fc1_weight,
+        export_decoder_layers_73_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.73.mlp.linear_fc2.weight",
         (8192, 28672),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=73,
-        expert=None,
-        hf_names=("model.layers.73.mlp.down_proj.weight",),
+        1,
+        False,
+        73,
+        None,
+        ("model.layers.73.mlp.down_proj.weight",),
+        import_decoder_layers_73_mlp_linear_fc2_weight,
+        export_decoder_layers_73_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.74.self_attention.linear_qkv.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=74,
-        expert=None,
-        hf_names=("model.layers.74.input_layernorm.weight",),
+        None,
+        False,
+        74,
+        None,
+        ("model.layers.74.input_layernorm.weight",),
+        import_decoder_layers_74_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_74_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.74.self_attention.linear_proj.weight",
         (8192, 8192),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=74,
-        expert=None,
-        hf_names=("model.layers.74.self_attn.o_proj.weight",),
+        1,
+        False,
+        74,
+        None,
+        ("model.layers.74.self_attn.o_proj.weight",),
+        import_decoder_layers_74_self_attention_linear_proj_weight,
+        export_decoder_layers_74_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.74.self_attention.linear_qkv.weight",
         (10240, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=74,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        74,
+        None,
+        (
             "model.layers.74.self_attn.q_proj.weight",
             "model.layers.74.self_attn.k_proj.weight",
             "model.layers.74.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_74_self_attention_linear_qkv_weight,
+        export_decoder_layers_74_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.74.mlp.linear_fc1.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=74,
-        expert=None,
-        hf_names=("model.layers.74.post_attention_layernorm.weight",),
+        None,
+        False,
+        74,
+        None,
+        ("model.layers.74.post_attention_layernorm.weight",),
+        import_decoder_layers_74_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_74_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.74.mlp.linear_fc1.weight",
         (57344, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=74,
-        expert=None,
-        hf_names=("model.layers.74.mlp.gate_proj.weight", "model.layers.74.mlp.up_proj.weight"),
+        0,
+        False,
+        74,
+        None,
+        ("model.layers.74.mlp.gate_proj.weight", "model.layers.74.mlp.up_proj.weight"),
+        import_decoder_layers_74_mlp_linear_fc1_weight,
+        export_decoder_layers_74_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.74.mlp.linear_fc2.weight",
         (8192, 28672),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=74,
-        expert=None,
-        hf_names=("model.layers.74.mlp.down_proj.weight",),
+        1,
+        False,
+        74,
+        None,
+        ("model.layers.74.mlp.down_proj.weight",),
+        import_decoder_layers_74_mlp_linear_fc2_weight,
+        export_decoder_layers_74_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.75.self_attention.linear_qkv.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=75,
-        expert=None,
-        hf_names=("model.layers.75.input_layernorm.weight",),
+        None,
+        False,
+        75,
+        None,
+        ("model.layers.75.input_layernorm.weight",),
+        import_decoder_layers_75_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_75_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.75.self_attention.linear_proj.weight",
         (8192, 8192),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=75,
-        expert=None,
-        hf_names=("model.layers.75.self_attn.o_proj.weight",),
+        1,
+        False,
+        75,
+        None,
+        ("model.layers.75.self_attn.o_proj.weight",),
+        import_decoder_layers_75_self_attention_linear_proj_weight,
+        export_decoder_layers_75_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.75.self_attention.linear_qkv.weight",
         (10240, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=75,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        75,
+        None,
+        (
             "model.layers.75.self_attn.q_proj.weight",
             "model.layers.75.self_attn.k_proj.weight",
             "model.layers.75.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_75_self_attention_linear_qkv_weight,
+        export_decoder_layers_75_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.75.mlp.linear_fc1.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=75,
-        expert=None,
-        hf_names=("model.layers.75.post_attention_layernorm.weight",),
+        None,
+        False,
+        75,
+        None,
+        ("model.layers.75.post_attention_layernorm.weight",),
+        import_decoder_layers_75_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_75_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.75.mlp.linear_fc1.weight",
         (57344, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=75,
-        expert=None,
-        hf_names=("model.layers.75.mlp.gate_proj.weight", "model.layers.75.mlp.up_proj.weight"),
+        0,
+        False,
+        75,
+        None,
+        ("model.layers.75.mlp.gate_proj.weight", "model.layers.75.mlp.up_proj.weight"),
+        import_decoder_layers_75_mlp_linear_fc1_weight,
+        export_decoder_layers_75_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.75.mlp.linear_fc2.weight",
         (8192, 28672),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=75,
-        expert=None,
-        hf_names=("model.layers.75.mlp.down_proj.weight",),
+        1,
+        False,
+        75,
+        None,
+        ("model.layers.75.mlp.down_proj.weight",),
+        import_decoder_layers_75_mlp_linear_fc2_weight,
+        export_decoder_layers_75_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.76.self_attention.linear_qkv.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=76,
-        expert=None,
-        hf_names=("model.layers.76.input_layernorm.weight",),
+        None,
+        False,
+        76,
+        None,
+        ("model.layers.76.input_layernorm.weight",),
+        import_decoder_layers_76_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_76_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.76.self_attention.linear_proj.weight",
         (8192, 8192),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=76,
-        expert=None,
-        hf_names=("model.layers.76.self_attn.o_proj.weight",),
+        1,
+        False,
+        76,
+        None,
+        ("model.layers.76.self_attn.o_proj.weight",),
+        import_decoder_layers_76_self_attention_linear_proj_weight,
+        export_decoder_layers_76_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.76.self_attention.linear_qkv.weight",
         (10240, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=76,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        76,
+        None,
+        (
             "model.layers.76.self_attn.q_proj.weight",
             "model.layers.76.self_attn.k_proj.weight",
             "model.layers.76.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_76_self_attention_linear_qkv_weight,
+        export_decoder_layers_76_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.76.mlp.linear_fc1.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=76,
-        expert=None,
-        hf_names=("model.layers.76.post_attention_layernorm.weight",),
+        None,
+        False,
+        76,
+        None,
+        ("model.layers.76.post_attention_layernorm.weight",),
+        import_decoder_layers_76_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_76_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.76.mlp.linear_fc1.weight",
         (57344, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=76,
-        expert=None,
-        hf_names=("model.layers.76.mlp.gate_proj.weight", "model.layers.76.mlp.up_proj.weight"),
+        0,
+        False,
+        76,
+        None,
+        ("model.layers.76.mlp.gate_proj.weight", "model.layers.76.mlp.up_proj.weight"),
+        import_decoder_layers_76_mlp_linear_fc1_weight,
+        export_decoder_layers_76_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.76.mlp.linear_fc2.weight",
         (8192, 28672),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=76,
-        expert=None,
-        hf_names=("model.layers.76.mlp.down_proj.weight",),
+        1,
+        False,
+        76,
+        None,
+        ("model.layers.76.mlp.down_proj.weight",),
+        import_decoder_layers_76_mlp_linear_fc2_weight,
+        export_decoder_layers_76_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.77.self_attention.linear_qkv.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=77,
-        expert=None,
-        hf_names=("model.layers.77.input_layernorm.weight",),
+        None,
+        False,
+        77,
+        None,
+        ("model.layers.77.input_layernorm.weight",),
+        import_decoder_layers_77_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_77_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.77.self_attention.linear_proj.weight",
         (8192, 8192),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=77,
-        expert=None,
-        hf_names=("model.layers.77.self_attn.o_proj.weight",),
+        1,
+        False,
+        77,
+        None,
+        ("model.layers.77.self_attn.o_proj.weight",),
+        import_decoder_layers_77_self_attention_linear_proj_weight,
+        export_decoder_layers_77_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.77.self_attention.linear_qkv.weight",
         (10240, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=77,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        77,
+        None,
+        (
             "model.layers.77.self_attn.q_proj.weight",
             "model.layers.77.self_attn.k_proj.weight",
             "model.layers.77.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_77_self_attention_linear_qkv_weight,
+        export_decoder_layers_77_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.77.mlp.linear_fc1.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=77,
-        expert=None,
-        hf_names=("model.layers.77.post_attention_layernorm.weight",),
+        None,
+        False,
+        77,
+        None,
+        ("model.layers.77.post_attention_layernorm.weight",),
+        import_decoder_layers_77_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_77_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.77.mlp.linear_fc1.weight",
         (57344, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=77,
-        expert=None,
-        hf_names=("model.layers.77.mlp.gate_proj.weight", "model.layers.77.mlp.up_proj.weight"),
+        0,
+        False,
+        77,
+        None,
+        ("model.layers.77.mlp.gate_proj.weight", "model.layers.77.mlp.up_proj.weight"),
+        import_decoder_layers_77_mlp_linear_fc1_weight,
+        export_decoder_layers_77_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.77.mlp.linear_fc2.weight",
         (8192, 28672),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=77,
-        expert=None,
-        hf_names=("model.layers.77.mlp.down_proj.weight",),
+        1,
+        False,
+        77,
+        None,
+        ("model.layers.77.mlp.down_proj.weight",),
+        import_decoder_layers_77_mlp_linear_fc2_weight,
+        export_decoder_layers_77_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.78.self_attention.linear_qkv.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=78,
-        expert=None,
-        hf_names=("model.layers.78.input_layernorm.weight",),
+        None,
+        False,
+        78,
+        None,
+        ("model.layers.78.input_layernorm.weight",),
+        import_decoder_layers_78_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_78_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.78.self_attention.linear_proj.weight",
         (8192, 8192),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=78,
-        expert=None,
-        hf_names=("model.layers.78.self_attn.o_proj.weight",),
+        1,
+        False,
+        78,
+        None,
+        ("model.layers.78.self_attn.o_proj.weight",),
+        import_decoder_layers_78_self_attention_linear_proj_weight,
+        export_decoder_layers_78_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.78.self_attention.linear_qkv.weight",
         (10240, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=78,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        78,
+        None,
+        (
             "model.layers.78.self_attn.q_proj.weight",
             "model.layers.78.self_attn.k_proj.weight",
             "model.layers.78.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_78_self_attention_linear_qkv_weight,
+        export_decoder_layers_78_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.78.mlp.linear_fc1.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=78,
-        expert=None,
-        hf_names=("model.layers.78.post_attention_layernorm.weight",),
+        None,
+        False,
+        78,
+        None,
+        ("model.layers.78.post_attention_layernorm.weight",),
+        import_decoder_layers_78_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_78_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.78.mlp.linear_fc1.weight",
         (57344, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=78,
-        expert=None,
-        hf_names=("model.layers.78.mlp.gate_proj.weight", "model.layers.78.mlp.up_proj.weight"),
+        0,
+        False,
+        78,
+        None,
+        ("model.layers.78.mlp.gate_proj.weight", "model.layers.78.mlp.up_proj.weight"),
+        import_decoder_layers_78_mlp_linear_fc1_weight,
+        export_decoder_layers_78_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.78.mlp.linear_fc2.weight",
         (8192, 28672),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=78,
-        expert=None,
-        hf_names=("model.layers.78.mlp.down_proj.weight",),
+        1,
+        False,
+        78,
+        None,
+        ("model.layers.78.mlp.down_proj.weight",),
+        import_decoder_layers_78_mlp_linear_fc2_weight,
+        export_decoder_layers_78_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.79.self_attention.linear_qkv.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=79,
-        expert=None,
-        hf_names=("model.layers.79.input_layernorm.weight",),
+        None,
+        False,
+        79,
+        None,
+        ("model.layers.79.input_layernorm.weight",),
+        import_decoder_layers_79_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_79_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.79.self_attention.linear_proj.weight",
         (8192, 8192),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=79,
-        expert=None,
-        hf_names=("model.layers.79.self_attn.o_proj.weight",),
+        1,
+        False,
+        79,
+        None,
+        ("model.layers.79.self_attn.o_proj.weight",),
+        import_decoder_layers_79_self_attention_linear_proj_weight,
+        export_decoder_layers_79_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.79.self_attention.linear_qkv.weight",
         (10240, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=79,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        79,
+        None,
+        (
             "model.layers.79.self_attn.q_proj.weight",
             "model.layers.79.self_attn.k_proj.weight",
             "model.layers.79.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_79_self_attention_linear_qkv_weight,
+        export_decoder_layers_79_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.79.mlp.linear_fc1.layer_norm_weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=79,
-        expert=None,
-        hf_names=("model.layers.79.post_attention_layernorm.weight",),
+        None,
+        False,
+        79,
+        None,
+        ("model.layers.79.post_attention_layernorm.weight",),
+        import_decoder_layers_79_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_79_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.79.mlp.linear_fc1.weight",
         (57344, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=79,
-        expert=None,
-        hf_names=("model.layers.79.mlp.gate_proj.weight", "model.layers.79.mlp.up_proj.weight"),
+        0,
+        False,
+        79,
+        None,
+        ("model.layers.79.mlp.gate_proj.weight", "model.layers.79.mlp.up_proj.weight"),
+        import_decoder_layers_79_mlp_linear_fc1_weight,
+        export_decoder_layers_79_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.79.mlp.linear_fc2.weight",
         (8192, 28672),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=79,
-        expert=None,
-        hf_names=("model.layers.79.mlp.down_proj.weight",),
+        1,
+        False,
+        79,
+        None,
+        ("model.layers.79.mlp.down_proj.weight",),
+        import_decoder_layers_79_mlp_linear_fc2_weight,
+        export_decoder_layers_79_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.final_layernorm.weight",
         (8192,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=None,
-        expert=None,
-        hf_names=("model.norm.weight",),
+        None,
+        False,
+        None,
+        None,
+        ("model.norm.weight",),
+        import_decoder_final_layernorm_weight,
+        export_decoder_final_layernorm_weight,
     ),
     ParamPlan(
         "output_layer.weight",
         (128256, 8192),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=None,
-        expert=None,
-        hf_names=("lm_head.weight",),
+        0,
+        False,
+        None,
+        None,
+        ("lm_head.weight",),
+        import_output_layer_weight,
+        export_output_layer_weight,
     ),
 )
 
@@ -14287,977 +15595,9 @@ HF_TENSORS: Final[tuple[HFTensorPlan, ...]] = (
     HFTensorPlan("lm_head.weight", (128256, 8192)),
 )
 
-IMPORTS: Final[dict[str, ImportFn]] = {
-    "embedding.word_embeddings.weight": import_embedding_word_embeddings_weight,
-    "decoder.layers.0.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_0_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.0.self_attention.linear_proj.weight": import_decoder_layers_0_self_attention_linear_proj_weight,
-    "decoder.layers.0.self_attention.linear_qkv.weight": import_decoder_layers_0_self_attention_linear_qkv_weight,
-    "decoder.layers.0.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_0_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.0.mlp.linear_fc1.weight": import_decoder_layers_0_mlp_linear_fc1_weight,
-    "decoder.layers.0.mlp.linear_fc2.weight": import_decoder_layers_0_mlp_linear_fc2_weight,
-    "decoder.layers.1.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_1_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.1.self_attention.linear_proj.weight": import_decoder_layers_1_self_attention_linear_proj_weight,
-    "decoder.layers.1.self_attention.linear_qkv.weight": import_decoder_layers_1_self_attention_linear_qkv_weight,
-    "decoder.layers.1.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_1_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.1.mlp.linear_fc1.weight": import_decoder_layers_1_mlp_linear_fc1_weight,
-    "decoder.layers.1.mlp.linear_fc2.weight": import_decoder_layers_1_mlp_linear_fc2_weight,
-    "decoder.layers.2.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_2_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.2.self_attention.linear_proj.weight": import_decoder_layers_2_self_attention_linear_proj_weight,
-    "decoder.layers.2.self_attention.linear_qkv.weight": import_decoder_layers_2_self_attention_linear_qkv_weight,
-    "decoder.layers.2.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_2_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.2.mlp.linear_fc1.weight": import_decoder_layers_2_mlp_linear_fc1_weight,
-    "decoder.layers.2.mlp.linear_fc2.weight": import_decoder_layers_2_mlp_linear_fc2_weight,
-    "decoder.layers.3.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_3_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.3.self_attention.linear_proj.weight": import_decoder_layers_3_self_attention_linear_proj_weight,
-    "decoder.layers.3.self_attention.linear_qkv.weight": import_decoder_layers_3_self_attention_linear_qkv_weight,
-    "decoder.layers.3.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_3_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.3.mlp.linear_fc1.weight": import_decoder_layers_3_mlp_linear_fc1_weight,
-    "decoder.layers.3.mlp.linear_fc2.weight": import_decoder_layers_3_mlp_linear_fc2_weight,
-    "decoder.layers.4.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_4_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.4.self_attention.linear_proj.weight": import_decoder_layers_4_self_attention_linear_proj_weight,
-    "decoder.layers.4.self_attention.linear_qkv.weight": import_decoder_layers_4_self_attention_linear_qkv_weight,
-    "decoder.layers.4.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_4_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.4.mlp.linear_fc1.weight": import_decoder_layers_4_mlp_linear_fc1_weight,
-    "decoder.layers.4.mlp.linear_fc2.weight": import_decoder_layers_4_mlp_linear_fc2_weight,
-    "decoder.layers.5.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_5_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.5.self_attention.linear_proj.weight": import_decoder_layers_5_self_attention_linear_proj_weight,
-    "decoder.layers.5.self_attention.linear_qkv.weight": import_decoder_layers_5_self_attention_linear_qkv_weight,
-    "decoder.layers.5.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_5_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.5.mlp.linear_fc1.weight": import_decoder_layers_5_mlp_linear_fc1_weight,
-    "decoder.layers.5.mlp.linear_fc2.weight": import_decoder_layers_5_mlp_linear_fc2_weight,
-    "decoder.layers.6.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_6_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.6.self_attention.linear_proj.weight": import_decoder_layers_6_self_attention_linear_proj_weight,
-    "decoder.layers.6.self_attention.linear_qkv.weight": import_decoder_layers_6_self_attention_linear_qkv_weight,
-    "decoder.layers.6.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_6_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.6.mlp.linear_fc1.weight": import_decoder_layers_6_mlp_linear_fc1_weight,
-    "decoder.layers.6.mlp.linear_fc2.weight": import_decoder_layers_6_mlp_linear_fc2_weight,
-    "decoder.layers.7.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_7_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.7.self_attention.linear_proj.weight": import_decoder_layers_7_self_attention_linear_proj_weight,
-    "decoder.layers.7.self_attention.linear_qkv.weight": import_decoder_layers_7_self_attention_linear_qkv_weight,
-    "decoder.layers.7.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_7_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.7.mlp.linear_fc1.weight": import_decoder_layers_7_mlp_linear_fc1_weight,
-    "decoder.layers.7.mlp.linear_fc2.weight": import_decoder_layers_7_mlp_linear_fc2_weight,
-    "decoder.layers.8.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_8_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.8.self_attention.linear_proj.weight": import_decoder_layers_8_self_attention_linear_proj_weight,
-    "decoder.layers.8.self_attention.linear_qkv.weight": import_decoder_layers_8_self_attention_linear_qkv_weight,
-    "decoder.layers.8.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_8_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.8.mlp.linear_fc1.weight": import_decoder_layers_8_mlp_linear_fc1_weight,
-    "decoder.layers.8.mlp.linear_fc2.weight": import_decoder_layers_8_mlp_linear_fc2_weight,
-    "decoder.layers.9.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_9_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.9.self_attention.linear_proj.weight": import_decoder_layers_9_self_attention_linear_proj_weight,
-    "decoder.layers.9.self_attention.linear_qkv.weight": import_decoder_layers_9_self_attention_linear_qkv_weight,
-    "decoder.layers.9.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_9_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.9.mlp.linear_fc1.weight": import_decoder_layers_9_mlp_linear_fc1_weight,
-    "decoder.layers.9.mlp.linear_fc2.weight": import_decoder_layers_9_mlp_linear_fc2_weight,
-    "decoder.layers.10.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_10_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.10.self_attention.linear_proj.weight": import_decoder_layers_10_self_attention_linear_proj_weight,
-    "decoder.layers.10.self_attention.linear_qkv.weight": import_decoder_layers_10_self_attention_linear_qkv_weight,
-    "decoder.layers.10.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_10_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.10.mlp.linear_fc1.weight": import_decoder_layers_10_mlp_linear_fc1_weight,
-    "decoder.layers.10.mlp.linear_fc2.weight": import_decoder_layers_10_mlp_linear_fc2_weight,
-    "decoder.layers.11.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_11_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.11.self_attention.linear_proj.weight": import_decoder_layers_11_self_attention_linear_proj_weight,
-    "decoder.layers.11.self_attention.linear_qkv.weight": import_decoder_layers_11_self_attention_linear_qkv_weight,
-    "decoder.layers.11.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_11_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.11.mlp.linear_fc1.weight": import_decoder_layers_11_mlp_linear_fc1_weight,
-    "decoder.layers.11.mlp.linear_fc2.weight": import_decoder_layers_11_mlp_linear_fc2_weight,
-    "decoder.layers.12.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_12_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.12.self_attention.linear_proj.weight": import_decoder_layers_12_self_attention_linear_proj_weight,
-    "decoder.layers.12.self_attention.linear_qkv.weight": import_decoder_layers_12_self_attention_linear_qkv_weight,
-    "decoder.layers.12.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_12_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.12.mlp.linear_fc1.weight": import_decoder_layers_12_mlp_linear_fc1_weight,
-    "decoder.layers.12.mlp.linear_fc2.weight": import_decoder_layers_12_mlp_linear_fc2_weight,
-    "decoder.layers.13.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_13_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.13.self_attention.linear_proj.weight": import_decoder_layers_13_self_attention_linear_proj_weight,
-    "decoder.layers.13.self_attention.linear_qkv.weight": import_decoder_layers_13_self_attention_linear_qkv_weight,
-    "decoder.layers.13.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_13_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.13.mlp.linear_fc1.weight": import_decoder_layers_13_mlp_linear_fc1_weight,
-    "decoder.layers.13.mlp.linear_fc2.weight": import_decoder_layers_13_mlp_linear_fc2_weight,
-    "decoder.layers.14.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_14_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.14.self_attention.linear_proj.weight": import_decoder_layers_14_self_attention_linear_proj_weight,
-    "decoder.layers.14.self_attention.linear_qkv.weight": import_decoder_layers_14_self_attention_linear_qkv_weight,
-    "decoder.layers.14.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_14_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.14.mlp.linear_fc1.weight": import_decoder_layers_14_mlp_linear_fc1_weight,
-    "decoder.layers.14.mlp.linear_fc2.weight": import_decoder_layers_14_mlp_linear_fc2_weight,
-    "decoder.layers.15.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_15_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.15.self_attention.linear_proj.weight": import_decoder_layers_15_self_attention_linear_proj_weight,
-    "decoder.layers.15.self_attention.linear_qkv.weight": import_decoder_layers_15_self_attention_linear_qkv_weight,
-    "decoder.layers.15.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_15_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.15.mlp.linear_fc1.weight": import_decoder_layers_15_mlp_linear_fc1_weight,
-    "decoder.layers.15.mlp.linear_fc2.weight": import_decoder_layers_15_mlp_linear_fc2_weight,
-    "decoder.layers.16.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_16_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.16.self_attention.linear_proj.weight": import_decoder_layers_16_self_attention_linear_proj_weight,
-    "decoder.layers.16.self_attention.linear_qkv.weight": import_decoder_layers_16_self_attention_linear_qkv_weight,
-    "decoder.layers.16.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_16_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.16.mlp.linear_fc1.weight": import_decoder_layers_16_mlp_linear_fc1_weight,
-    "decoder.layers.16.mlp.linear_fc2.weight": import_decoder_layers_16_mlp_linear_fc2_weight,
-    "decoder.layers.17.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_17_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.17.self_attention.linear_proj.weight": import_decoder_layers_17_self_attention_linear_proj_weight,
-    "decoder.layers.17.self_attention.linear_qkv.weight": import_decoder_layers_17_self_attention_linear_qkv_weight,
-    "decoder.layers.17.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_17_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.17.mlp.linear_fc1.weight": import_decoder_layers_17_mlp_linear_fc1_weight,
-    "decoder.layers.17.mlp.linear_fc2.weight": import_decoder_layers_17_mlp_linear_fc2_weight,
-    "decoder.layers.18.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_18_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.18.self_attention.linear_proj.weight": import_decoder_layers_18_self_attention_linear_proj_weight,
-    "decoder.layers.18.self_attention.linear_qkv.weight": import_decoder_layers_18_self_attention_linear_qkv_weight,
-    "decoder.layers.18.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_18_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.18.mlp.linear_fc1.weight": import_decoder_layers_18_mlp_linear_fc1_weight,
-    "decoder.layers.18.mlp.linear_fc2.weight": import_decoder_layers_18_mlp_linear_fc2_weight,
-    "decoder.layers.19.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_19_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.19.self_attention.linear_proj.weight": import_decoder_layers_19_self_attention_linear_proj_weight,
-    "decoder.layers.19.self_attention.linear_qkv.weight": import_decoder_layers_19_self_attention_linear_qkv_weight,
-    "decoder.layers.19.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_19_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.19.mlp.linear_fc1.weight": import_decoder_layers_19_mlp_linear_fc1_weight,
-    "decoder.layers.19.mlp.linear_fc2.weight": import_decoder_layers_19_mlp_linear_fc2_weight,
-    "decoder.layers.20.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_20_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.20.self_attention.linear_proj.weight": import_decoder_layers_20_self_attention_linear_proj_weight,
-    "decoder.layers.20.self_attention.linear_qkv.weight": import_decoder_layers_20_self_attention_linear_qkv_weight,
-    "decoder.layers.20.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_20_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.20.mlp.linear_fc1.weight": import_decoder_layers_20_mlp_linear_fc1_weight,
-    "decoder.layers.20.mlp.linear_fc2.weight": import_decoder_layers_20_mlp_linear_fc2_weight,
-    "decoder.layers.21.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_21_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.21.self_attention.linear_proj.weight": import_decoder_layers_21_self_attention_linear_proj_weight,
-    "decoder.layers.21.self_attention.linear_qkv.weight": import_decoder_layers_21_self_attention_linear_qkv_weight,
-    "decoder.layers.21.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_21_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.21.mlp.linear_fc1.weight": import_decoder_layers_21_mlp_linear_fc1_weight,
-    "decoder.layers.21.mlp.linear_fc2.weight": import_decoder_layers_21_mlp_linear_fc2_weight,
-    "decoder.layers.22.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_22_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.22.self_attention.linear_proj.weight": import_decoder_layers_22_self_attention_linear_proj_weight,
-    "decoder.layers.22.self_attention.linear_qkv.weight": import_decoder_layers_22_self_attention_linear_qkv_weight,
-    "decoder.layers.22.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_22_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.22.mlp.linear_fc1.weight": import_decoder_layers_22_mlp_linear_fc1_weight,
-    "decoder.layers.22.mlp.linear_fc2.weight": import_decoder_layers_22_mlp_linear_fc2_weight,
-    "decoder.layers.23.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_23_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.23.self_attention.linear_proj.weight": import_decoder_layers_23_self_attention_linear_proj_weight,
-    "decoder.layers.23.self_attention.linear_qkv.weight": import_decoder_layers_23_self_attention_linear_qkv_weight,
-    "decoder.layers.23.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_23_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.23.mlp.linear_fc1.weight": import_decoder_layers_23_mlp_linear_fc1_weight,
-    "decoder.layers.23.mlp.linear_fc2.weight": import_decoder_layers_23_mlp_linear_fc2_weight,
-    "decoder.layers.24.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_24_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.24.self_attention.linear_proj.weight": import_decoder_layers_24_self_attention_linear_proj_weight,
-    "decoder.layers.24.self_attention.linear_qkv.weight": import_decoder_layers_24_self_attention_linear_qkv_weight,
-    "decoder.layers.24.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_24_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.24.mlp.linear_fc1.weight": import_decoder_layers_24_mlp_linear_fc1_weight,
-    "decoder.layers.24.mlp.linear_fc2.weight": import_decoder_layers_24_mlp_linear_fc2_weight,
-    "decoder.layers.25.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_25_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.25.self_attention.linear_proj.weight": import_decoder_layers_25_self_attention_linear_proj_weight,
-    "decoder.layers.25.self_attention.linear_qkv.weight": import_decoder_layers_25_self_attention_linear_qkv_weight,
-    "decoder.layers.25.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_25_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.25.mlp.linear_fc1.weight": import_decoder_layers_25_mlp_linear_fc1_weight,
-    "decoder.layers.25.mlp.linear_fc2.weight": import_decoder_layers_25_mlp_linear_fc2_weight,
-    "decoder.layers.26.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_26_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.26.self_attention.linear_proj.weight": import_decoder_layers_26_self_attention_linear_proj_weight,
-    "decoder.layers.26.self_attention.linear_qkv.weight": import_decoder_layers_26_self_attention_linear_qkv_weight,
-    "decoder.layers.26.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_26_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.26.mlp.linear_fc1.weight": import_decoder_layers_26_mlp_linear_fc1_weight,
-    "decoder.layers.26.mlp.linear_fc2.weight": import_decoder_layers_26_mlp_linear_fc2_weight,
-    "decoder.layers.27.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_27_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.27.self_attention.linear_proj.weight": import_decoder_layers_27_self_attention_linear_proj_weight,
-    "decoder.layers.27.self_attention.linear_qkv.weight": import_decoder_layers_27_self_attention_linear_qkv_weight,
-    "decoder.layers.27.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_27_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.27.mlp.linear_fc1.weight": import_decoder_layers_27_mlp_linear_fc1_weight,
-    "decoder.layers.27.mlp.linear_fc2.weight": import_decoder_layers_27_mlp_linear_fc2_weight,
-    "decoder.layers.28.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_28_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.28.self_attention.linear_proj.weight": import_decoder_layers_28_self_attention_linear_proj_weight,
-    "decoder.layers.28.self_attention.linear_qkv.weight": import_decoder_layers_28_self_attention_linear_qkv_weight,
-    "decoder.layers.28.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_28_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.28.mlp.linear_fc1.weight": import_decoder_layers_28_mlp_linear_fc1_weight,
-    "decoder.layers.28.mlp.linear_fc2.weight": import_decoder_layers_28_mlp_linear_fc2_weight,
-    "decoder.layers.29.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_29_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.29.self_attention.linear_proj.weight": import_decoder_layers_29_self_attention_linear_proj_weight,
-    "decoder.layers.29.self_attention.linear_qkv.weight": import_decoder_layers_29_self_attention_linear_qkv_weight,
-    "decoder.layers.29.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_29_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.29.mlp.linear_fc1.weight": import_decoder_layers_29_mlp_linear_fc1_weight,
-    "decoder.layers.29.mlp.linear_fc2.weight": import_decoder_layers_29_mlp_linear_fc2_weight,
-    "decoder.layers.30.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_30_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.30.self_attention.linear_proj.weight": import_decoder_layers_30_self_attention_linear_proj_weight,
-    "decoder.layers.30.self_attention.linear_qkv.weight": import_decoder_layers_30_self_attention_linear_qkv_weight,
-    "decoder.layers.30.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_30_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.30.mlp.linear_fc1.weight": import_decoder_layers_30_mlp_linear_fc1_weight,
-    "decoder.layers.30.mlp.linear_fc2.weight": import_decoder_layers_30_mlp_linear_fc2_weight,
-    "decoder.layers.31.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_31_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.31.self_attention.linear_proj.weight": import_decoder_layers_31_self_attention_linear_proj_weight,
-    "decoder.layers.31.self_attention.linear_qkv.weight": import_decoder_layers_31_self_attention_linear_qkv_weight,
-    "decoder.layers.31.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_31_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.31.mlp.linear_fc1.weight": import_decoder_layers_31_mlp_linear_fc1_weight,
-    "decoder.layers.31.mlp.linear_fc2.weight": import_decoder_layers_31_mlp_linear_fc2_weight,
-    "decoder.layers.32.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_32_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.32.self_attention.linear_proj.weight": import_decoder_layers_32_self_attention_linear_proj_weight,
-    "decoder.layers.32.self_attention.linear_qkv.weight": import_decoder_layers_32_self_attention_linear_qkv_weight,
-    "decoder.layers.32.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_32_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.32.mlp.linear_fc1.weight": import_decoder_layers_32_mlp_linear_fc1_weight,
-    "decoder.layers.32.mlp.linear_fc2.weight": import_decoder_layers_32_mlp_linear_fc2_weight,
-    "decoder.layers.33.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_33_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.33.self_attention.linear_proj.weight": import_decoder_layers_33_self_attention_linear_proj_weight,
-    "decoder.layers.33.self_attention.linear_qkv.weight": import_decoder_layers_33_self_attention_linear_qkv_weight,
-    "decoder.layers.33.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_33_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.33.mlp.linear_fc1.weight": import_decoder_layers_33_mlp_linear_fc1_weight,
-    "decoder.layers.33.mlp.linear_fc2.weight": import_decoder_layers_33_mlp_linear_fc2_weight,
-    "decoder.layers.34.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_34_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.34.self_attention.linear_proj.weight": import_decoder_layers_34_self_attention_linear_proj_weight,
-    "decoder.layers.34.self_attention.linear_qkv.weight": import_decoder_layers_34_self_attention_linear_qkv_weight,
-    "decoder.layers.34.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_34_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.34.mlp.linear_fc1.weight": import_decoder_layers_34_mlp_linear_fc1_weight,
-    "decoder.layers.34.mlp.linear_fc2.weight": import_decoder_layers_34_mlp_linear_fc2_weight,
-    "decoder.layers.35.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_35_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.35.self_attention.linear_proj.weight": import_decoder_layers_35_self_attention_linear_proj_weight,
-    "decoder.layers.35.self_attention.linear_qkv.weight": import_decoder_layers_35_self_attention_linear_qkv_weight,
-    "decoder.layers.35.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_35_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.35.mlp.linear_fc1.weight": import_decoder_layers_35_mlp_linear_fc1_weight,
-    "decoder.layers.35.mlp.linear_fc2.weight": import_decoder_layers_35_mlp_linear_fc2_weight,
-    "decoder.layers.36.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_36_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.36.self_attention.linear_proj.weight": import_decoder_layers_36_self_attention_linear_proj_weight,
-    "decoder.layers.36.self_attention.linear_qkv.weight": import_decoder_layers_36_self_attention_linear_qkv_weight,
-    "decoder.layers.36.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_36_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.36.mlp.linear_fc1.weight": import_decoder_layers_36_mlp_linear_fc1_weight,
-    "decoder.layers.36.mlp.linear_fc2.weight": import_decoder_layers_36_mlp_linear_fc2_weight,
-    "decoder.layers.37.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_37_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.37.self_attention.linear_proj.weight": import_decoder_layers_37_self_attention_linear_proj_weight,
-    "decoder.layers.37.self_attention.linear_qkv.weight": import_decoder_layers_37_self_attention_linear_qkv_weight,
-    "decoder.layers.37.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_37_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.37.mlp.linear_fc1.weight": import_decoder_layers_37_mlp_linear_fc1_weight,
-    "decoder.layers.37.mlp.linear_fc2.weight": import_decoder_layers_37_mlp_linear_fc2_weight,
-    "decoder.layers.38.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_38_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.38.self_attention.linear_proj.weight": import_decoder_layers_38_self_attention_linear_proj_weight,
-    "decoder.layers.38.self_attention.linear_qkv.weight": import_decoder_layers_38_self_attention_linear_qkv_weight,
-    "decoder.layers.38.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_38_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.38.mlp.linear_fc1.weight": import_decoder_layers_38_mlp_linear_fc1_weight,
-    "decoder.layers.38.mlp.linear_fc2.weight": import_decoder_layers_38_mlp_linear_fc2_weight,
-    "decoder.layers.39.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_39_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.39.self_attention.linear_proj.weight": import_decoder_layers_39_self_attention_linear_proj_weight,
-    "decoder.layers.39.self_attention.linear_qkv.weight": import_decoder_layers_39_self_attention_linear_qkv_weight,
-    "decoder.layers.39.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_39_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.39.mlp.linear_fc1.weight": import_decoder_layers_39_mlp_linear_fc1_weight,
-    "decoder.layers.39.mlp.linear_fc2.weight": import_decoder_layers_39_mlp_linear_fc2_weight,
-    "decoder.layers.40.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_40_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.40.self_attention.linear_proj.weight": import_decoder_layers_40_self_attention_linear_proj_weight,
-    "decoder.layers.40.self_attention.linear_qkv.weight": import_decoder_layers_40_self_attention_linear_qkv_weight,
-    "decoder.layers.40.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_40_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.40.mlp.linear_fc1.weight": import_decoder_layers_40_mlp_linear_fc1_weight,
-    "decoder.layers.40.mlp.linear_fc2.weight": import_decoder_layers_40_mlp_linear_fc2_weight,
-    "decoder.layers.41.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_41_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.41.self_attention.linear_proj.weight": import_decoder_layers_41_self_attention_linear_proj_weight,
-    "decoder.layers.41.self_attention.linear_qkv.weight": import_decoder_layers_41_self_attention_linear_qkv_weight,
-    "decoder.layers.41.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_41_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.41.mlp.linear_fc1.weight": import_decoder_layers_41_mlp_linear_fc1_weight,
-    "decoder.layers.41.mlp.linear_fc2.weight": import_decoder_layers_41_mlp_linear_fc2_weight,
-    "decoder.layers.42.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_42_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.42.self_attention.linear_proj.weight": import_decoder_layers_42_self_attention_linear_proj_weight,
-    "decoder.layers.42.self_attention.linear_qkv.weight": import_decoder_layers_42_self_attention_linear_qkv_weight,
-    "decoder.layers.42.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_42_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.42.mlp.linear_fc1.weight": import_decoder_layers_42_mlp_linear_fc1_weight,
-    "decoder.layers.42.mlp.linear_fc2.weight": import_decoder_layers_42_mlp_linear_fc2_weight,
-    "decoder.layers.43.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_43_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.43.self_attention.linear_proj.weight": import_decoder_layers_43_self_attention_linear_proj_weight,
-    "decoder.layers.43.self_attention.linear_qkv.weight": import_decoder_layers_43_self_attention_linear_qkv_weight,
-    "decoder.layers.43.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_43_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.43.mlp.linear_fc1.weight": import_decoder_layers_43_mlp_linear_fc1_weight,
-    "decoder.layers.43.mlp.linear_fc2.weight": import_decoder_layers_43_mlp_linear_fc2_weight,
-    "decoder.layers.44.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_44_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.44.self_attention.linear_proj.weight": import_decoder_layers_44_self_attention_linear_proj_weight,
-    "decoder.layers.44.self_attention.linear_qkv.weight": import_decoder_layers_44_self_attention_linear_qkv_weight,
-    "decoder.layers.44.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_44_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.44.mlp.linear_fc1.weight": import_decoder_layers_44_mlp_linear_fc1_weight,
-    "decoder.layers.44.mlp.linear_fc2.weight": import_decoder_layers_44_mlp_linear_fc2_weight,
-    "decoder.layers.45.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_45_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.45.self_attention.linear_proj.weight": import_decoder_layers_45_self_attention_linear_proj_weight,
-    "decoder.layers.45.self_attention.linear_qkv.weight": import_decoder_layers_45_self_attention_linear_qkv_weight,
-    "decoder.layers.45.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_45_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.45.mlp.linear_fc1.weight": import_decoder_layers_45_mlp_linear_fc1_weight,
-    "decoder.layers.45.mlp.linear_fc2.weight": import_decoder_layers_45_mlp_linear_fc2_weight,
-    "decoder.layers.46.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_46_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.46.self_attention.linear_proj.weight": import_decoder_layers_46_self_attention_linear_proj_weight,
-    "decoder.layers.46.self_attention.linear_qkv.weight": import_decoder_layers_46_self_attention_linear_qkv_weight,
-    "decoder.layers.46.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_46_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.46.mlp.linear_fc1.weight": import_decoder_layers_46_mlp_linear_fc1_weight,
-    "decoder.layers.46.mlp.linear_fc2.weight": import_decoder_layers_46_mlp_linear_fc2_weight,
-    "decoder.layers.47.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_47_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.47.self_attention.linear_proj.weight": import_decoder_layers_47_self_attention_linear_proj_weight,
-    "decoder.layers.47.self_attention.linear_qkv.weight": import_decoder_layers_47_self_attention_linear_qkv_weight,
-    "decoder.layers.47.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_47_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.47.mlp.linear_fc1.weight": import_decoder_layers_47_mlp_linear_fc1_weight,
-    "decoder.layers.47.mlp.linear_fc2.weight": import_decoder_layers_47_mlp_linear_fc2_weight,
-    "decoder.layers.48.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_48_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.48.self_attention.linear_proj.weight": import_decoder_layers_48_self_attention_linear_proj_weight,
-    "decoder.layers.48.self_attention.linear_qkv.weight": import_decoder_layers_48_self_attention_linear_qkv_weight,
-    "decoder.layers.48.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_48_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.48.mlp.linear_fc1.weight": import_decoder_layers_48_mlp_linear_fc1_weight,
-    "decoder.layers.48.mlp.linear_fc2.weight": import_decoder_layers_48_mlp_linear_fc2_weight,
-    "decoder.layers.49.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_49_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.49.self_attention.linear_proj.weight": import_decoder_layers_49_self_attention_linear_proj_weight,
-    "decoder.layers.49.self_attention.linear_qkv.weight": import_decoder_layers_49_self_attention_linear_qkv_weight,
-    "decoder.layers.49.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_49_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.49.mlp.linear_fc1.weight": import_decoder_layers_49_mlp_linear_fc1_weight,
-    "decoder.layers.49.mlp.linear_fc2.weight": import_decoder_layers_49_mlp_linear_fc2_weight,
-    "decoder.layers.50.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_50_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.50.self_attention.linear_proj.weight": import_decoder_layers_50_self_attention_linear_proj_weight,
-    "decoder.layers.50.self_attention.linear_qkv.weight": import_decoder_layers_50_self_attention_linear_qkv_weight,
-    "decoder.layers.50.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_50_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.50.mlp.linear_fc1.weight": import_decoder_layers_50_mlp_linear_fc1_weight,
-    "decoder.layers.50.mlp.linear_fc2.weight": import_decoder_layers_50_mlp_linear_fc2_weight,
-    "decoder.layers.51.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_51_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.51.self_attention.linear_proj.weight": import_decoder_layers_51_self_attention_linear_proj_weight,
-    "decoder.layers.51.self_attention.linear_qkv.weight": import_decoder_layers_51_self_attention_linear_qkv_weight,
-    "decoder.layers.51.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_51_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.51.mlp.linear_fc1.weight": import_decoder_layers_51_mlp_linear_fc1_weight,
-    "decoder.layers.51.mlp.linear_fc2.weight": import_decoder_layers_51_mlp_linear_fc2_weight,
-    "decoder.layers.52.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_52_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.52.self_attention.linear_proj.weight": import_decoder_layers_52_self_attention_linear_proj_weight,
-    "decoder.layers.52.self_attention.linear_qkv.weight": import_decoder_layers_52_self_attention_linear_qkv_weight,
-    "decoder.layers.52.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_52_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.52.mlp.linear_fc1.weight": import_decoder_layers_52_mlp_linear_fc1_weight,
-    "decoder.layers.52.mlp.linear_fc2.weight": import_decoder_layers_52_mlp_linear_fc2_weight,
-    "decoder.layers.53.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_53_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.53.self_attention.linear_proj.weight": import_decoder_layers_53_self_attention_linear_proj_weight,
-    "decoder.layers.53.self_attention.linear_qkv.weight": import_decoder_layers_53_self_attention_linear_qkv_weight,
-    "decoder.layers.53.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_53_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.53.mlp.linear_fc1.weight": import_decoder_layers_53_mlp_linear_fc1_weight,
-    "decoder.layers.53.mlp.linear_fc2.weight": import_decoder_layers_53_mlp_linear_fc2_weight,
-    "decoder.layers.54.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_54_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.54.self_attention.linear_proj.weight": import_decoder_layers_54_self_attention_linear_proj_weight,
-    "decoder.layers.54.self_attention.linear_qkv.weight": import_decoder_layers_54_self_attention_linear_qkv_weight,
-    "decoder.layers.54.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_54_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.54.mlp.linear_fc1.weight": import_decoder_layers_54_mlp_linear_fc1_weight,
-    "decoder.layers.54.mlp.linear_fc2.weight": import_decoder_layers_54_mlp_linear_fc2_weight,
-    "decoder.layers.55.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_55_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.55.self_attention.linear_proj.weight": import_decoder_layers_55_self_attention_linear_proj_weight,
-    "decoder.layers.55.self_attention.linear_qkv.weight": import_decoder_layers_55_self_attention_linear_qkv_weight,
-    "decoder.layers.55.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_55_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.55.mlp.linear_fc1.weight": import_decoder_layers_55_mlp_linear_fc1_weight,
-    "decoder.layers.55.mlp.linear_fc2.weight": import_decoder_layers_55_mlp_linear_fc2_weight,
-    "decoder.layers.56.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_56_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.56.self_attention.linear_proj.weight": import_decoder_layers_56_self_attention_linear_proj_weight,
-    "decoder.layers.56.self_attention.linear_qkv.weight": import_decoder_layers_56_self_attention_linear_qkv_weight,
-    "decoder.layers.56.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_56_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.56.mlp.linear_fc1.weight": import_decoder_layers_56_mlp_linear_fc1_weight,
-    "decoder.layers.56.mlp.linear_fc2.weight": import_decoder_layers_56_mlp_linear_fc2_weight,
-    "decoder.layers.57.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_57_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.57.self_attention.linear_proj.weight": import_decoder_layers_57_self_attention_linear_proj_weight,
-    "decoder.layers.57.self_attention.linear_qkv.weight": import_decoder_layers_57_self_attention_linear_qkv_weight,
-    "decoder.layers.57.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_57_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.57.mlp.linear_fc1.weight": import_decoder_layers_57_mlp_linear_fc1_weight,
-    "decoder.layers.57.mlp.linear_fc2.weight": import_decoder_layers_57_mlp_linear_fc2_weight,
-    "decoder.layers.58.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_58_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.58.self_attention.linear_proj.weight": import_decoder_layers_58_self_attention_linear_proj_weight,
-    "decoder.layers.58.self_attention.linear_qkv.weight": import_decoder_layers_58_self_attention_linear_qkv_weight,
-    "decoder.layers.58.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_58_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.58.mlp.linear_fc1.weight": import_decoder_layers_58_mlp_linear_fc1_weight,
-    "decoder.layers.58.mlp.linear_fc2.weight": import_decoder_layers_58_mlp_linear_fc2_weight,
-    "decoder.layers.59.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_59_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.59.self_attention.linear_proj.weight": import_decoder_layers_59_self_attention_linear_proj_weight,
-    "decoder.layers.59.self_attention.linear_qkv.weight": import_decoder_layers_59_self_attention_linear_qkv_weight,
-    "decoder.layers.59.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_59_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.59.mlp.linear_fc1.weight": import_decoder_layers_59_mlp_linear_fc1_weight,
-    "decoder.layers.59.mlp.linear_fc2.weight": import_decoder_layers_59_mlp_linear_fc2_weight,
-    "decoder.layers.60.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_60_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.60.self_attention.linear_proj.weight": import_decoder_layers_60_self_attention_linear_proj_weight,
-    "decoder.layers.60.self_attention.linear_qkv.weight": import_decoder_layers_60_self_attention_linear_qkv_weight,
-    "decoder.layers.60.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_60_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.60.mlp.linear_fc1.weight": import_decoder_layers_60_mlp_linear_fc1_weight,
-    "decoder.layers.60.mlp.linear_fc2.weight": import_decoder_layers_60_mlp_linear_fc2_weight,
-    "decoder.layers.61.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_61_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.61.self_attention.linear_proj.weight": import_decoder_layers_61_self_attention_linear_proj_weight,
-    "decoder.layers.61.self_attention.linear_qkv.weight": import_decoder_layers_61_self_attention_linear_qkv_weight,
-    "decoder.layers.61.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_61_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.61.mlp.linear_fc1.weight": import_decoder_layers_61_mlp_linear_fc1_weight,
-    "decoder.layers.61.mlp.linear_fc2.weight": import_decoder_layers_61_mlp_linear_fc2_weight,
-    "decoder.layers.62.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_62_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.62.self_attention.linear_proj.weight": import_decoder_layers_62_self_attention_linear_proj_weight,
-    "decoder.layers.62.self_attention.linear_qkv.weight": import_decoder_layers_62_self_attention_linear_qkv_weight,
-    "decoder.layers.62.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_62_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.62.mlp.linear_fc1.weight": import_decoder_layers_62_mlp_linear_fc1_weight,
-    "decoder.layers.62.mlp.linear_fc2.weight": import_decoder_layers_62_mlp_linear_fc2_weight,
-    "decoder.layers.63.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_63_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.63.self_attention.linear_proj.weight": import_decoder_layers_63_self_attention_linear_proj_weight,
-    "decoder.layers.63.self_attention.linear_qkv.weight": import_decoder_layers_63_self_attention_linear_qkv_weight,
-    "decoder.layers.63.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_63_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.63.mlp.linear_fc1.weight": import_decoder_layers_63_mlp_linear_fc1_weight,
-    "decoder.layers.63.mlp.linear_fc2.weight": import_decoder_layers_63_mlp_linear_fc2_weight,
-    "decoder.layers.64.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_64_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.64.self_attention.linear_proj.weight": import_decoder_layers_64_self_attention_linear_proj_weight,
-    "decoder.layers.64.self_attention.linear_qkv.weight": import_decoder_layers_64_self_attention_linear_qkv_weight,
-    "decoder.layers.64.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_64_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.64.mlp.linear_fc1.weight": import_decoder_layers_64_mlp_linear_fc1_weight,
-    "decoder.layers.64.mlp.linear_fc2.weight": import_decoder_layers_64_mlp_linear_fc2_weight,
-    "decoder.layers.65.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_65_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.65.self_attention.linear_proj.weight": import_decoder_layers_65_self_attention_linear_proj_weight,
-    "decoder.layers.65.self_attention.linear_qkv.weight": import_decoder_layers_65_self_attention_linear_qkv_weight,
-    "decoder.layers.65.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_65_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.65.mlp.linear_fc1.weight": import_decoder_layers_65_mlp_linear_fc1_weight,
-    "decoder.layers.65.mlp.linear_fc2.weight": import_decoder_layers_65_mlp_linear_fc2_weight,
-    "decoder.layers.66.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_66_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.66.self_attention.linear_proj.weight": import_decoder_layers_66_self_attention_linear_proj_weight,
-    "decoder.layers.66.self_attention.linear_qkv.weight": import_decoder_layers_66_self_attention_linear_qkv_weight,
-    "decoder.layers.66.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_66_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.66.mlp.linear_fc1.weight": import_decoder_layers_66_mlp_linear_fc1_weight,
-    "decoder.layers.66.mlp.linear_fc2.weight": import_decoder_layers_66_mlp_linear_fc2_weight,
-    "decoder.layers.67.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_67_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.67.self_attention.linear_proj.weight": import_decoder_layers_67_self_attention_linear_proj_weight,
-    "decoder.layers.67.self_attention.linear_qkv.weight": import_decoder_layers_67_self_attention_linear_qkv_weight,
-    "decoder.layers.67.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_67_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.67.mlp.linear_fc1.weight": import_decoder_layers_67_mlp_linear_fc1_weight,
-    "decoder.layers.67.mlp.linear_fc2.weight": import_decoder_layers_67_mlp_linear_fc2_weight,
-    "decoder.layers.68.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_68_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.68.self_attention.linear_proj.weight": import_decoder_layers_68_self_attention_linear_proj_weight,
-    "decoder.layers.68.self_attention.linear_qkv.weight": import_decoder_layers_68_self_attention_linear_qkv_weight,
-    "decoder.layers.68.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_68_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.68.mlp.linear_fc1.weight": import_decoder_layers_68_mlp_linear_fc1_weight,
-    "decoder.layers.68.mlp.linear_fc2.weight": import_decoder_layers_68_mlp_linear_fc2_weight,
-    "decoder.layers.69.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_69_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.69.self_attention.linear_proj.weight": import_decoder_layers_69_self_attention_linear_proj_weight,
-    "decoder.layers.69.self_attention.linear_qkv.weight": import_decoder_layers_69_self_attention_linear_qkv_weight,
-    "decoder.layers.69.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_69_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.69.mlp.linear_fc1.weight": import_decoder_layers_69_mlp_linear_fc1_weight,
-    "decoder.layers.69.mlp.linear_fc2.weight": import_decoder_layers_69_mlp_linear_fc2_weight,
-    "decoder.layers.70.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_70_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.70.self_attention.linear_proj.weight": import_decoder_layers_70_self_attention_linear_proj_weight,
-    "decoder.layers.70.self_attention.linear_qkv.weight": import_decoder_layers_70_self_attention_linear_qkv_weight,
-    "decoder.layers.70.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_70_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.70.mlp.linear_fc1.weight": import_decoder_layers_70_mlp_linear_fc1_weight,
-    "decoder.layers.70.mlp.linear_fc2.weight": import_decoder_layers_70_mlp_linear_fc2_weight,
-    "decoder.layers.71.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_71_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.71.self_attention.linear_proj.weight": import_decoder_layers_71_self_attention_linear_proj_weight,
-    "decoder.layers.71.self_attention.linear_qkv.weight": import_decoder_layers_71_self_attention_linear_qkv_weight,
-    "decoder.layers.71.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_71_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.71.mlp.linear_fc1.weight": import_decoder_layers_71_mlp_linear_fc1_weight,
-    "decoder.layers.71.mlp.linear_fc2.weight": import_decoder_layers_71_mlp_linear_fc2_weight,
-    "decoder.layers.72.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_72_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.72.self_attention.linear_proj.weight": import_decoder_layers_72_self_attention_linear_proj_weight,
-    "decoder.layers.72.self_attention.linear_qkv.weight": import_decoder_layers_72_self_attention_linear_qkv_weight,
-    "decoder.layers.72.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_72_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.72.mlp.linear_fc1.weight": import_decoder_layers_72_mlp_linear_fc1_weight,
-    "decoder.layers.72.mlp.linear_fc2.weight": import_decoder_layers_72_mlp_linear_fc2_weight,
-    "decoder.layers.73.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_73_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.73.self_attention.linear_proj.weight": import_decoder_layers_73_self_attention_linear_proj_weight,
-    "decoder.layers.73.self_attention.linear_qkv.weight": import_decoder_layers_73_self_attention_linear_qkv_weight,
-    "decoder.layers.73.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_73_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.73.mlp.linear_fc1.weight": import_decoder_layers_73_mlp_linear_fc1_weight,
-    "decoder.layers.73.mlp.linear_fc2.weight": import_decoder_layers_73_mlp_linear_fc2_weight,
-    "decoder.layers.74.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_74_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.74.self_attention.linear_proj.weight": import_decoder_layers_74_self_attention_linear_proj_weight,
-    "decoder.layers.74.self_attention.linear_qkv.weight": import_decoder_layers_74_self_attention_linear_qkv_weight,
-    "decoder.layers.74.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_74_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.74.mlp.linear_fc1.weight": import_decoder_layers_74_mlp_linear_fc1_weight,
-    "decoder.layers.74.mlp.linear_fc2.weight": import_decoder_layers_74_mlp_linear_fc2_weight,
-    "decoder.layers.75.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_75_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.75.self_attention.linear_proj.weight": import_decoder_layers_75_self_attention_linear_proj_weight,
-    "decoder.layers.75.self_attention.linear_qkv.weight": import_decoder_layers_75_self_attention_linear_qkv_weight,
-    "decoder.layers.75.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_75_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.75.mlp.linear_fc1.weight": import_decoder_layers_75_mlp_linear_fc1_weight,
-    "decoder.layers.75.mlp.linear_fc2.weight": import_decoder_layers_75_mlp_linear_fc2_weight,
-    "decoder.layers.76.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_76_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.76.self_attention.linear_proj.weight": import_decoder_layers_76_self_attention_linear_proj_weight,
-    "decoder.layers.76.self_attention.linear_qkv.weight": import_decoder_layers_76_self_attention_linear_qkv_weight,
-    "decoder.layers.76.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_76_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.76.mlp.linear_fc1.weight": import_decoder_layers_76_mlp_linear_fc1_weight,
-    "decoder.layers.76.mlp.linear_fc2.weight": import_decoder_layers_76_mlp_linear_fc2_weight,
-    "decoder.layers.77.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_77_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.77.self_attention.linear_proj.weight": import_decoder_layers_77_self_attention_linear_proj_weight,
-    "decoder.layers.77.self_attention.linear_qkv.weight": import_decoder_layers_77_self_attention_linear_qkv_weight,
-    "decoder.layers.77.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_77_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.77.mlp.linear_fc1.weight": import_decoder_layers_77_mlp_linear_fc1_weight,
-    "decoder.layers.77.mlp.linear_fc2.weight": import_decoder_layers_77_mlp_linear_fc2_weight,
-    "decoder.layers.78.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_78_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.78.self_attention.linear_proj.weight": import_decoder_layers_78_self_attention_linear_proj_weight,
-    "decoder.layers.78.self_attention.linear_qkv.weight": import_decoder_layers_78_self_attention_linear_qkv_weight,
-    "decoder.layers.78.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_78_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.78.mlp.linear_fc1.weight": import_decoder_layers_78_mlp_linear_fc1_weight,
-    "decoder.layers.78.mlp.linear_fc2.weight": import_decoder_layers_78_mlp_linear_fc2_weight,
-    "decoder.layers.79.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_79_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.79.self_attention.linear_proj.weight": import_decoder_layers_79_self_attention_linear_proj_weight,
-    "decoder.layers.79.self_attention.linear_qkv.weight": import_decoder_layers_79_self_attention_linear_qkv_weight,
-    "decoder.layers.79.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_79_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.79.mlp.linear_fc1.weight": import_decoder_layers_79_mlp_linear_fc1_weight,
-    "decoder.layers.79.mlp.linear_fc2.weight": import_decoder_layers_79_mlp_linear_fc2_weight,
-    "decoder.final_layernorm.weight": import_decoder_final_layernorm_weight,
-    "output_layer.weight": import_output_layer_weight,
-}
+IMPORTS: Final[dict[str, ImportFn]] = {p.megatron_name: p.importer for p in PARAMS}
 
 # Megatron parameters that hold a copy of another (tied embeddings on the last pipeline stage)
 TIED: Final[dict[str, str]] = {}
 
-EXPORTS: Final[dict[str, ExportFn]] = {
-    "embedding.word_embeddings.weight": export_embedding_word_embeddings_weight,
-    "decoder.layers.0.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_0_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.0.self_attention.linear_proj.weight": export_decoder_layers_0_self_attention_linear_proj_weight,
-    "decoder.layers.0.self_attention.linear_qkv.weight": export_decoder_layers_0_self_attention_linear_qkv_weight,
-    "decoder.layers.0.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_0_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.0.mlp.linear_fc1.weight": export_decoder_layers_0_mlp_linear_fc1_weight,
-    "decoder.layers.0.mlp.linear_fc2.weight": export_decoder_layers_0_mlp_linear_fc2_weight,
-    "decoder.layers.1.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_1_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.1.self_attention.linear_proj.weight": export_decoder_layers_1_self_attention_linear_proj_weight,
-    "decoder.layers.1.self_attention.linear_qkv.weight": export_decoder_layers_1_self_attention_linear_qkv_weight,
-    "decoder.layers.1.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_1_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.1.mlp.linear_fc1.weight": export_decoder_layers_1_mlp_linear_fc1_weight,
-    "decoder.layers.1.mlp.linear_fc2.weight": export_decoder_layers_1_mlp_linear_fc2_weight,
-    "decoder.layers.2.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_2_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.2.self_attention.linear_proj.weight": export_decoder_layers_2_self_attention_linear_proj_weight,
-    "decoder.layers.2.self_attention.linear_qkv.weight": export_decoder_layers_2_self_attention_linear_qkv_weight,
-    "decoder.layers.2.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_2_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.2.mlp.linear_fc1.weight": export_decoder_layers_2_mlp_linear_fc1_weight,
-    "decoder.layers.2.mlp.linear_fc2.weight": export_decoder_layers_2_mlp_linear_fc2_weight,
-    "decoder.layers.3.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_3_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.3.self_attention.linear_proj.weight": export_decoder_layers_3_self_attention_linear_proj_weight,
-    "decoder.layers.3.self_attention.linear_qkv.weight": export_decoder_layers_3_self_attention_linear_qkv_weight,
-    "decoder.layers.3.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_3_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.3.mlp.linear_fc1.weight": export_decoder_layers_3_mlp_linear_fc1_weight,
-    "decoder.layers.3.mlp.linear_fc2.weight": export_decoder_layers_3_mlp_linear_fc2_weight,
-    "decoder.layers.4.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_4_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.4.self_attention.linear_proj.weight": export_decoder_layers_4_self_attention_linear_proj_weight,
-    "decoder.layers.4.self_attention.linear_qkv.weight": export_decoder_layers_4_self_attention_linear_qkv_weight,
-    "decoder.layers.4.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_4_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.4.mlp.linear_fc1.weight": export_decoder_layers_4_mlp_linear_fc1_weight,
-    "decoder.layers.4.mlp.linear_fc2.weight": export_decoder_layers_4_mlp_linear_fc2_weight,
-    "decoder.layers.5.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_5_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.5.self_attention.linear_proj.weight": export_decoder_layers_5_self_attention_linear_proj_weight,
-    "decoder.layers.5.self_attention.linear_qkv.weight": export_decoder_layers_5_self_attention_linear_qkv_weight,
-    "decoder.layers.5.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_5_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.5.mlp.linear_fc1.weight": export_decoder_layers_5_mlp_linear_fc1_weight,
-    "decoder.layers.5.mlp.linear_fc2.weight": export_decoder_layers_5_mlp_linear_fc2_weight,
-    "decoder.layers.6.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_6_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.6.self_attention.linear_proj.weight": export_decoder_layers_6_self_attention_linear_proj_weight,
-    "decoder.layers.6.self_attention.linear_qkv.weight": export_decoder_layers_6_self_attention_linear_qkv_weight,
-    "decoder.layers.6.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_6_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.6.mlp.linear_fc1.weight": export_decoder_layers_6_mlp_linear_fc1_weight,
-    "decoder.layers.6.mlp.linear_fc2.weight": export_decoder_layers_6_mlp_linear_fc2_weight,
-    "decoder.layers.7.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_7_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.7.self_attention.linear_proj.weight": export_decoder_layers_7_self_attention_linear_proj_weight,
-    "decoder.layers.7.self_attention.linear_qkv.weight": export_decoder_layers_7_self_attention_linear_qkv_weight,
-    "decoder.layers.7.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_7_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.7.mlp.linear_fc1.weight": export_decoder_layers_7_mlp_linear_fc1_weight,
-    "decoder.layers.7.mlp.linear_fc2.weight": export_decoder_layers_7_mlp_linear_fc2_weight,
-    "decoder.layers.8.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_8_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.8.self_attention.linear_proj.weight": export_decoder_layers_8_self_attention_linear_proj_weight,
-    "decoder.layers.8.self_attention.linear_qkv.weight": export_decoder_layers_8_self_attention_linear_qkv_weight,
-    "decoder.layers.8.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_8_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.8.mlp.linear_fc1.weight": export_decoder_layers_8_mlp_linear_fc1_weight,
-    "decoder.layers.8.mlp.linear_fc2.weight": export_decoder_layers_8_mlp_linear_fc2_weight,
-    "decoder.layers.9.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_9_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.9.self_attention.linear_proj.weight": export_decoder_layers_9_self_attention_linear_proj_weight,
-    "decoder.layers.9.self_attention.linear_qkv.weight": export_decoder_layers_9_self_attention_linear_qkv_weight,
-    "decoder.layers.9.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_9_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.9.mlp.linear_fc1.weight": export_decoder_layers_9_mlp_linear_fc1_weight,
-    "decoder.layers.9.mlp.linear_fc2.weight": export_decoder_layers_9_mlp_linear_fc2_weight,
-    "decoder.layers.10.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_10_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.10.self_attention.linear_proj.weight": export_decoder_layers_10_self_attention_linear_proj_weight,
-    "decoder.layers.10.self_attention.linear_qkv.weight": export_decoder_layers_10_self_attention_linear_qkv_weight,
-    "decoder.layers.10.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_10_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.10.mlp.linear_fc1.weight": export_decoder_layers_10_mlp_linear_fc1_weight,
-    "decoder.layers.10.mlp.linear_fc2.weight": export_decoder_layers_10_mlp_linear_fc2_weight,
-    "decoder.layers.11.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_11_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.11.self_attention.linear_proj.weight": export_decoder_layers_11_self_attention_linear_proj_weight,
-    "decoder.layers.11.self_attention.linear_qkv.weight": export_decoder_layers_11_self_attention_linear_qkv_weight,
-    "decoder.layers.11.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_11_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.11.mlp.linear_fc1.weight": export_decoder_layers_11_mlp_linear_fc1_weight,
-    "decoder.layers.11.mlp.linear_fc2.weight": export_decoder_layers_11_mlp_linear_fc2_weight,
-    "decoder.layers.12.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_12_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.12.self_attention.linear_proj.weight": export_decoder_layers_12_self_attention_linear_proj_weight,
-    "decoder.layers.12.self_attention.linear_qkv.weight": export_decoder_layers_12_self_attention_linear_qkv_weight,
-    "decoder.layers.12.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_12_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.12.mlp.linear_fc1.weight": export_decoder_layers_12_mlp_linear_fc1_weight,
-    "decoder.layers.12.mlp.linear_fc2.weight": export_decoder_layers_12_mlp_linear_fc2_weight,
-    "decoder.layers.13.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_13_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.13.self_attention.linear_proj.weight": export_decoder_layers_13_self_attention_linear_proj_weight,
-    "decoder.layers.13.self_attention.linear_qkv.weight": export_decoder_layers_13_self_attention_linear_qkv_weight,
-    "decoder.layers.13.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_13_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.13.mlp.linear_fc1.weight": export_decoder_layers_13_mlp_linear_fc1_weight,
-    "decoder.layers.13.mlp.linear_fc2.weight": export_decoder_layers_13_mlp_linear_fc2_weight,
-    "decoder.layers.14.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_14_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.14.self_attention.linear_proj.weight": export_decoder_layers_14_self_attention_linear_proj_weight,
-    "decoder.layers.14.self_attention.linear_qkv.weight": export_decoder_layers_14_self_attention_linear_qkv_weight,
-    "decoder.layers.14.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_14_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.14.mlp.linear_fc1.weight": export_decoder_layers_14_mlp_linear_fc1_weight,
-    "decoder.layers.14.mlp.linear_fc2.weight": export_decoder_layers_14_mlp_linear_fc2_weight,
-    "decoder.layers.15.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_15_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.15.self_attention.linear_proj.weight": export_decoder_layers_15_self_attention_linear_proj_weight,
-    "decoder.layers.15.self_attention.linear_qkv.weight": export_decoder_layers_15_self_attention_linear_qkv_weight,
-    "decoder.layers.15.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_15_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.15.mlp.linear_fc1.weight": export_decoder_layers_15_mlp_linear_fc1_weight,
-    "decoder.layers.15.mlp.linear_fc2.weight": export_decoder_layers_15_mlp_linear_fc2_weight,
-    "decoder.layers.16.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_16_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.16.self_attention.linear_proj.weight": export_decoder_layers_16_self_attention_linear_proj_weight,
-    "decoder.layers.16.self_attention.linear_qkv.weight": export_decoder_layers_16_self_attention_linear_qkv_weight,
-    "decoder.layers.16.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_16_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.16.mlp.linear_fc1.weight": export_decoder_layers_16_mlp_linear_fc1_weight,
-    "decoder.layers.16.mlp.linear_fc2.weight": export_decoder_layers_16_mlp_linear_fc2_weight,
-    "decoder.layers.17.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_17_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.17.self_attention.linear_proj.weight": export_decoder_layers_17_self_attention_linear_proj_weight,
-    "decoder.layers.17.self_attention.linear_qkv.weight": export_decoder_layers_17_self_attention_linear_qkv_weight,
-    "decoder.layers.17.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_17_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.17.mlp.linear_fc1.weight": export_decoder_layers_17_mlp_linear_fc1_weight,
-    "decoder.layers.17.mlp.linear_fc2.weight": export_decoder_layers_17_mlp_linear_fc2_weight,
-    "decoder.layers.18.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_18_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.18.self_attention.linear_proj.weight": export_decoder_layers_18_self_attention_linear_proj_weight,
-    "decoder.layers.18.self_attention.linear_qkv.weight": export_decoder_layers_18_self_attention_linear_qkv_weight,
-    "decoder.layers.18.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_18_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.18.mlp.linear_fc1.weight": export_decoder_layers_18_mlp_linear_fc1_weight,
-    "decoder.layers.18.mlp.linear_fc2.weight": export_decoder_layers_18_mlp_linear_fc2_weight,
-    "decoder.layers.19.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_19_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.19.self_attention.linear_proj.weight": export_decoder_layers_19_self_attention_linear_proj_weight,
-    "decoder.layers.19.self_attention.linear_qkv.weight": export_decoder_layers_19_self_attention_linear_qkv_weight,
-    "decoder.layers.19.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_19_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.19.mlp.linear_fc1.weight": export_decoder_layers_19_mlp_linear_fc1_weight,
-    "decoder.layers.19.mlp.linear_fc2.weight": export_decoder_layers_19_mlp_linear_fc2_weight,
-    "decoder.layers.20.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_20_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.20.self_attention.linear_proj.weight": export_decoder_layers_20_self_attention_linear_proj_weight,
-    "decoder.layers.20.self_attention.linear_qkv.weight": export_decoder_layers_20_self_attention_linear_qkv_weight,
-    "decoder.layers.20.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_20_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.20.mlp.linear_fc1.weight": export_decoder_layers_20_mlp_linear_fc1_weight,
-    "decoder.layers.20.mlp.linear_fc2.weight": export_decoder_layers_20_mlp_linear_fc2_weight,
-    "decoder.layers.21.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_21_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.21.self_attention.linear_proj.weight": export_decoder_layers_21_self_attention_linear_proj_weight,
-    "decoder.layers.21.self_attention.linear_qkv.weight": export_decoder_layers_21_self_attention_linear_qkv_weight,
-    "decoder.layers.21.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_21_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.21.mlp.linear_fc1.weight": export_decoder_layers_21_mlp_linear_fc1_weight,
-    "decoder.layers.21.mlp.linear_fc2.weight": export_decoder_layers_21_mlp_linear_fc2_weight,
-    "decoder.layers.22.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_22_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.22.self_attention.linear_proj.weight": export_decoder_layers_22_self_attention_linear_proj_weight,
-    "decoder.layers.22.self_attention.linear_qkv.weight": export_decoder_layers_22_self_attention_linear_qkv_weight,
-    "decoder.layers.22.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_22_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.22.mlp.linear_fc1.weight": export_decoder_layers_22_mlp_linear_fc1_weight,
-    "decoder.layers.22.mlp.linear_fc2.weight": export_decoder_layers_22_mlp_linear_fc2_weight,
-    "decoder.layers.23.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_23_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.23.self_attention.linear_proj.weight": export_decoder_layers_23_self_attention_linear_proj_weight,
-    "decoder.layers.23.self_attention.linear_qkv.weight": export_decoder_layers_23_self_attention_linear_qkv_weight,
-    "decoder.layers.23.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_23_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.23.mlp.linear_fc1.weight": export_decoder_layers_23_mlp_linear_fc1_weight,
-    "decoder.layers.23.mlp.linear_fc2.weight": export_decoder_layers_23_mlp_linear_fc2_weight,
-    "decoder.layers.24.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_24_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.24.self_attention.linear_proj.weight": export_decoder_layers_24_self_attention_linear_proj_weight,
-    "decoder.layers.24.self_attention.linear_qkv.weight": export_decoder_layers_24_self_attention_linear_qkv_weight,
-    "decoder.layers.24.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_24_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.24.mlp.linear_fc1.weight": export_decoder_layers_24_mlp_linear_fc1_weight,
-    "decoder.layers.24.mlp.linear_fc2.weight": export_decoder_layers_24_mlp_linear_fc2_weight,
-    "decoder.layers.25.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_25_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.25.self_attention.linear_proj.weight": export_decoder_layers_25_self_attention_linear_proj_weight,
-    "decoder.layers.25.self_attention.linear_qkv.weight": export_decoder_layers_25_self_attention_linear_qkv_weight,
-    "decoder.layers.25.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_25_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.25.mlp.linear_fc1.weight": export_decoder_layers_25_mlp_linear_fc1_weight,
-    "decoder.layers.25.mlp.linear_fc2.weight": export_decoder_layers_25_mlp_linear_fc2_weight,
-    "decoder.layers.26.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_26_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.26.self_attention.linear_proj.weight": export_decoder_layers_26_self_attention_linear_proj_weight,
-    "decoder.layers.26.self_attention.linear_qkv.weight": export_decoder_layers_26_self_attention_linear_qkv_weight,
-    "decoder.layers.26.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_26_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.26.mlp.linear_fc1.weight": export_decoder_layers_26_mlp_linear_fc1_weight,
-    "decoder.layers.26.mlp.linear_fc2.weight": export_decoder_layers_26_mlp_linear_fc2_weight,
-    "decoder.layers.27.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_27_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.27.self_attention.linear_proj.weight": export_decoder_layers_27_self_attention_linear_proj_weight,
-    "decoder.layers.27.self_attention.linear_qkv.weight": export_decoder_layers_27_self_attention_linear_qkv_weight,
-    "decoder.layers.27.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_27_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.27.mlp.linear_fc1.weight": export_decoder_layers_27_mlp_linear_fc1_weight,
-    "decoder.layers.27.mlp.linear_fc2.weight": export_decoder_layers_27_mlp_linear_fc2_weight,
-    "decoder.layers.28.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_28_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.28.self_attention.linear_proj.weight": export_decoder_layers_28_self_attention_linear_proj_weight,
-    "decoder.layers.28.self_attention.linear_qkv.weight": export_decoder_layers_28_self_attention_linear_qkv_weight,
-    "decoder.layers.28.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_28_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.28.mlp.linear_fc1.weight": export_decoder_layers_28_mlp_linear_fc1_weight,
-    "decoder.layers.28.mlp.linear_fc2.weight": export_decoder_layers_28_mlp_linear_fc2_weight,
-    "decoder.layers.29.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_29_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.29.self_attention.linear_proj.weight": export_decoder_layers_29_self_attention_linear_proj_weight,
-    "decoder.layers.29.self_attention.linear_qkv.weight": export_decoder_layers_29_self_attention_linear_qkv_weight,
-    "decoder.layers.29.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_29_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.29.mlp.linear_fc1.weight": export_decoder_layers_29_mlp_linear_fc1_weight,
-    "decoder.layers.29.mlp.linear_fc2.weight": export_decoder_layers_29_mlp_linear_fc2_weight,
-    "decoder.layers.30.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_30_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.30.self_attention.linear_proj.weight": export_decoder_layers_30_self_attention_linear_proj_weight,
-    "decoder.layers.30.self_attention.linear_qkv.weight": export_decoder_layers_30_self_attention_linear_qkv_weight,
-    "decoder.layers.30.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_30_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.30.mlp.linear_fc1.weight": export_decoder_layers_30_mlp_linear_fc1_weight,
-    "decoder.layers.30.mlp.linear_fc2.weight": export_decoder_layers_30_mlp_linear_fc2_weight,
-    "decoder.layers.31.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_31_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.31.self_attention.linear_proj.weight": export_decoder_layers_31_self_attention_linear_proj_weight,
-    "decoder.layers.31.self_attention.linear_qkv.weight": export_decoder_layers_31_self_attention_linear_qkv_weight,
-    "decoder.layers.31.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_31_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.31.mlp.linear_fc1.weight": export_decoder_layers_31_mlp_linear_fc1_weight,
-    "decoder.layers.31.mlp.linear_fc2.weight": export_decoder_layers_31_mlp_linear_fc2_weight,
-    "decoder.layers.32.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_32_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.32.self_attention.linear_proj.weight": export_decoder_layers_32_self_attention_linear_proj_weight,
-    "decoder.layers.32.self_attention.linear_qkv.weight": export_decoder_layers_32_self_attention_linear_qkv_weight,
-    "decoder.layers.32.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_32_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.32.mlp.linear_fc1.weight": export_decoder_layers_32_mlp_linear_fc1_weight,
-    "decoder.layers.32.mlp.linear_fc2.weight": export_decoder_layers_32_mlp_linear_fc2_weight,
-    "decoder.layers.33.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_33_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.33.self_attention.linear_proj.weight": export_decoder_layers_33_self_attention_linear_proj_weight,
-    "decoder.layers.33.self_attention.linear_qkv.weight": export_decoder_layers_33_self_attention_linear_qkv_weight,
-    "decoder.layers.33.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_33_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.33.mlp.linear_fc1.weight": export_decoder_layers_33_mlp_linear_fc1_weight,
-    "decoder.layers.33.mlp.linear_fc2.weight": export_decoder_layers_33_mlp_linear_fc2_weight,
-    "decoder.layers.34.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_34_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.34.self_attention.linear_proj.weight": export_decoder_layers_34_self_attention_linear_proj_weight,
-    "decoder.layers.34.self_attention.linear_qkv.weight": export_decoder_layers_34_self_attention_linear_qkv_weight,
-    "decoder.layers.34.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_34_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.34.mlp.linear_fc1.weight": export_decoder_layers_34_mlp_linear_fc1_weight,
-    "decoder.layers.34.mlp.linear_fc2.weight": export_decoder_layers_34_mlp_linear_fc2_weight,
-    "decoder.layers.35.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_35_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.35.self_attention.linear_proj.weight": export_decoder_layers_35_self_attention_linear_proj_weight,
-    "decoder.layers.35.self_attention.linear_qkv.weight": export_decoder_layers_35_self_attention_linear_qkv_weight,
-    "decoder.layers.35.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_35_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.35.mlp.linear_fc1.weight": export_decoder_layers_35_mlp_linear_fc1_weight,
-    "decoder.layers.35.mlp.linear_fc2.weight": export_decoder_layers_35_mlp_linear_fc2_weight,
-    "decoder.layers.36.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_36_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.36.self_attention.linear_proj.weight": export_decoder_layers_36_self_attention_linear_proj_weight,
-    "decoder.layers.36.self_attention.linear_qkv.weight": export_decoder_layers_36_self_attention_linear_qkv_weight,
-    "decoder.layers.36.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_36_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.36.mlp.linear_fc1.weight": export_decoder_layers_36_mlp_linear_fc1_weight,
-    "decoder.layers.36.mlp.linear_fc2.weight": export_decoder_layers_36_mlp_linear_fc2_weight,
-    "decoder.layers.37.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_37_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.37.self_attention.linear_proj.weight": export_decoder_layers_37_self_attention_linear_proj_weight,
-    "decoder.layers.37.self_attention.linear_qkv.weight": export_decoder_layers_37_self_attention_linear_qkv_weight,
-    "decoder.layers.37.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_37_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.37.mlp.linear_fc1.weight": export_decoder_layers_37_mlp_linear_fc1_weight,
-    "decoder.layers.37.mlp.linear_fc2.weight": export_decoder_layers_37_mlp_linear_fc2_weight,
-    "decoder.layers.38.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_38_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.38.self_attention.linear_proj.weight": export_decoder_layers_38_self_attention_linear_proj_weight,
-    "decoder.layers.38.self_attention.linear_qkv.weight": export_decoder_layers_38_self_attention_linear_qkv_weight,
-    "decoder.layers.38.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_38_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.38.mlp.linear_fc1.weight": export_decoder_layers_38_mlp_linear_fc1_weight,
-    "decoder.layers.38.mlp.linear_fc2.weight": export_decoder_layers_38_mlp_linear_fc2_weight,
-    "decoder.layers.39.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_39_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.39.self_attention.linear_proj.weight": export_decoder_layers_39_self_attention_linear_proj_weight,
-    "decoder.layers.39.self_attention.linear_qkv.weight": export_decoder_layers_39_self_attention_linear_qkv_weight,
-    "decoder.layers.39.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_39_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.39.mlp.linear_fc1.weight": export_decoder_layers_39_mlp_linear_fc1_weight,
-    "decoder.layers.39.mlp.linear_fc2.weight": export_decoder_layers_39_mlp_linear_fc2_weight,
-    "decoder.layers.40.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_40_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.40.self_attention.linear_proj.weight": export_decoder_layers_40_self_attention_linear_proj_weight,
-    "decoder.layers.40.self_attention.linear_qkv.weight": export_decoder_layers_40_self_attention_linear_qkv_weight,
-    "decoder.layers.40.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_40_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.40.mlp.linear_fc1.weight": export_decoder_layers_40_mlp_linear_fc1_weight,
-    "decoder.layers.40.mlp.linear_fc2.weight": export_decoder_layers_40_mlp_linear_fc2_weight,
-    "decoder.layers.41.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_41_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.41.self_attention.linear_proj.weight": export_decoder_layers_41_self_attention_linear_proj_weight,
-    "decoder.layers.41.self_attention.linear_qkv.weight": export_decoder_layers_41_self_attention_linear_qkv_weight,
-    "decoder.layers.41.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_41_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.41.mlp.linear_fc1.weight": export_decoder_layers_41_mlp_linear_fc1_weight,
-    "decoder.layers.41.mlp.linear_fc2.weight": export_decoder_layers_41_mlp_linear_fc2_weight,
-    "decoder.layers.42.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_42_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.42.self_attention.linear_proj.weight": export_decoder_layers_42_self_attention_linear_proj_weight,
-    "decoder.layers.42.self_attention.linear_qkv.weight": export_decoder_layers_42_self_attention_linear_qkv_weight,
-    "decoder.layers.42.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_42_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.42.mlp.linear_fc1.weight": export_decoder_layers_42_mlp_linear_fc1_weight,
-    "decoder.layers.42.mlp.linear_fc2.weight": export_decoder_layers_42_mlp_linear_fc2_weight,
-    "decoder.layers.43.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_43_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.43.self_attention.linear_proj.weight": export_decoder_layers_43_self_attention_linear_proj_weight,
-    "decoder.layers.43.self_attention.linear_qkv.weight": export_decoder_layers_43_self_attention_linear_qkv_weight,
-    "decoder.layers.43.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_43_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.43.mlp.linear_fc1.weight": export_decoder_layers_43_mlp_linear_fc1_weight,
-    "decoder.layers.43.mlp.linear_fc2.weight": export_decoder_layers_43_mlp_linear_fc2_weight,
-    "decoder.layers.44.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_44_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.44.self_attention.linear_proj.weight": export_decoder_layers_44_self_attention_linear_proj_weight,
-    "decoder.layers.44.self_attention.linear_qkv.weight": export_decoder_layers_44_self_attention_linear_qkv_weight,
-    "decoder.layers.44.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_44_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.44.mlp.linear_fc1.weight": export_decoder_layers_44_mlp_linear_fc1_weight,
-    "decoder.layers.44.mlp.linear_fc2.weight": export_decoder_layers_44_mlp_linear_fc2_weight,
-    "decoder.layers.45.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_45_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.45.self_attention.linear_proj.weight": export_decoder_layers_45_self_attention_linear_proj_weight,
-    "decoder.layers.45.self_attention.linear_qkv.weight": export_decoder_layers_45_self_attention_linear_qkv_weight,
-    "decoder.layers.45.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_45_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.45.mlp.linear_fc1.weight": export_decoder_layers_45_mlp_linear_fc1_weight,
-    "decoder.layers.45.mlp.linear_fc2.weight": export_decoder_layers_45_mlp_linear_fc2_weight,
-    "decoder.layers.46.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_46_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.46.self_attention.linear_proj.weight": export_decoder_layers_46_self_attention_linear_proj_weight,
-    "decoder.layers.46.self_attention.linear_qkv.weight": export_decoder_layers_46_self_attention_linear_qkv_weight,
-    "decoder.layers.46.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_46_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.46.mlp.linear_fc1.weight": export_decoder_layers_46_mlp_linear_fc1_weight,
-    "decoder.layers.46.mlp.linear_fc2.weight": export_decoder_layers_46_mlp_linear_fc2_weight,
-    "decoder.layers.47.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_47_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.47.self_attention.linear_proj.weight": export_decoder_layers_47_self_attention_linear_proj_weight,
-    "decoder.layers.47.self_attention.linear_qkv.weight": export_decoder_layers_47_self_attention_linear_qkv_weight,
-    "decoder.layers.47.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_47_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.47.mlp.linear_fc1.weight": export_decoder_layers_47_mlp_linear_fc1_weight,
-    "decoder.layers.47.mlp.linear_fc2.weight": export_decoder_layers_47_mlp_linear_fc2_weight,
-    "decoder.layers.48.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_48_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.48.self_attention.linear_proj.weight": export_decoder_layers_48_self_attention_linear_proj_weight,
-    "decoder.layers.48.self_attention.linear_qkv.weight": export_decoder_layers_48_self_attention_linear_qkv_weight,
-    "decoder.layers.48.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_48_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.48.mlp.linear_fc1.weight": export_decoder_layers_48_mlp_linear_fc1_weight,
-    "decoder.layers.48.mlp.linear_fc2.weight": export_decoder_layers_48_mlp_linear_fc2_weight,
-    "decoder.layers.49.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_49_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.49.self_attention.linear_proj.weight": export_decoder_layers_49_self_attention_linear_proj_weight,
-    "decoder.layers.49.self_attention.linear_qkv.weight": export_decoder_layers_49_self_attention_linear_qkv_weight,
-    "decoder.layers.49.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_49_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.49.mlp.linear_fc1.weight": export_decoder_layers_49_mlp_linear_fc1_weight,
-    "decoder.layers.49.mlp.linear_fc2.weight": export_decoder_layers_49_mlp_linear_fc2_weight,
-    "decoder.layers.50.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_50_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.50.self_attention.linear_proj.weight": export_decoder_layers_50_self_attention_linear_proj_weight,
-    "decoder.layers.50.self_attention.linear_qkv.weight": export_decoder_layers_50_self_attention_linear_qkv_weight,
-    "decoder.layers.50.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_50_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.50.mlp.linear_fc1.weight": export_decoder_layers_50_mlp_linear_fc1_weight,
-    "decoder.layers.50.mlp.linear_fc2.weight": export_decoder_layers_50_mlp_linear_fc2_weight,
-    "decoder.layers.51.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_51_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.51.self_attention.linear_proj.weight": export_decoder_layers_51_self_attention_linear_proj_weight,
-    "decoder.layers.51.self_attention.linear_qkv.weight": export_decoder_layers_51_self_attention_linear_qkv_weight,
-    "decoder.layers.51.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_51_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.51.mlp.linear_fc1.weight": export_decoder_layers_51_mlp_linear_fc1_weight,
-    "decoder.layers.51.mlp.linear_fc2.weight": export_decoder_layers_51_mlp_linear_fc2_weight,
-    "decoder.layers.52.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_52_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.52.self_attention.linear_proj.weight": export_decoder_layers_52_self_attention_linear_proj_weight,
-    "decoder.layers.52.self_attention.linear_qkv.weight": export_decoder_layers_52_self_attention_linear_qkv_weight,
-    "decoder.layers.52.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_52_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.52.mlp.linear_fc1.weight": export_decoder_layers_52_mlp_linear_fc1_weight,
-    "decoder.layers.52.mlp.linear_fc2.weight": export_decoder_layers_52_mlp_linear_fc2_weight,
-    "decoder.layers.53.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_53_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.53.self_attention.linear_proj.weight": export_decoder_layers_53_self_attention_linear_proj_weight,
-    "decoder.layers.53.self_attention.linear_qkv.weight": export_decoder_layers_53_self_attention_linear_qkv_weight,
-    "decoder.layers.53.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_53_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.53.mlp.linear_fc1.weight": export_decoder_layers_53_mlp_linear_fc1_weight,
-    "decoder.layers.53.mlp.linear_fc2.weight": export_decoder_layers_53_mlp_linear_fc2_weight,
-    "decoder.layers.54.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_54_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.54.self_attention.linear_proj.weight": export_decoder_layers_54_self_attention_linear_proj_weight,
-    "decoder.layers.54.self_attention.linear_qkv.weight": export_decoder_layers_54_self_attention_linear_qkv_weight,
-    "decoder.layers.54.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_54_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.54.mlp.linear_fc1.weight": export_decoder_layers_54_mlp_linear_fc1_weight,
-    "decoder.layers.54.mlp.linear_fc2.weight": export_decoder_layers_54_mlp_linear_fc2_weight,
-    "decoder.layers.55.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_55_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.55.self_attention.linear_proj.weight": export_decoder_layers_55_self_attention_linear_proj_weight,
-    "decoder.layers.55.self_attention.linear_qkv.weight": export_decoder_layers_55_self_attention_linear_qkv_weight,
-    "decoder.layers.55.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_55_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.55.mlp.linear_fc1.weight": export_decoder_layers_55_mlp_linear_fc1_weight,
-    "decoder.layers.55.mlp.linear_fc2.weight": export_decoder_layers_55_mlp_linear_fc2_weight,
-    "decoder.layers.56.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_56_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.56.self_attention.linear_proj.weight": export_decoder_layers_56_self_attention_linear_proj_weight,
-    "decoder.layers.56.self_attention.linear_qkv.weight": export_decoder_layers_56_self_attention_linear_qkv_weight,
-    "decoder.layers.56.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_56_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.56.mlp.linear_fc1.weight": export_decoder_layers_56_mlp_linear_fc1_weight,
-    "decoder.layers.56.mlp.linear_fc2.weight": export_decoder_layers_56_mlp_linear_fc2_weight,
-    "decoder.layers.57.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_57_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.57.self_attention.linear_proj.weight": export_decoder_layers_57_self_attention_linear_proj_weight,
-    "decoder.layers.57.self_attention.linear_qkv.weight": export_decoder_layers_57_self_attention_linear_qkv_weight,
-    "decoder.layers.57.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_57_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.57.mlp.linear_fc1.weight": export_decoder_layers_57_mlp_linear_fc1_weight,
-    "decoder.layers.57.mlp.linear_fc2.weight": export_decoder_layers_57_mlp_linear_fc2_weight,
-    "decoder.layers.58.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_58_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.58.self_attention.linear_proj.weight": export_decoder_layers_58_self_attention_linear_proj_weight,
-    "decoder.layers.58.self_attention.linear_qkv.weight": export_decoder_layers_58_self_attention_linear_qkv_weight,
-    "decoder.layers.58.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_58_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.58.mlp.linear_fc1.weight": export_decoder_layers_58_mlp_linear_fc1_weight,
-    "decoder.layers.58.mlp.linear_fc2.weight": export_decoder_layers_58_mlp_linear_fc2_weight,
-    "decoder.layers.59.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_59_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.59.self_attention.linear_proj.weight": export_decoder_layers_59_self_attention_linear_proj_weight,
-    "decoder.layers.59.self_attention.linear_qkv.weight": export_decoder_layers_59_self_attention_linear_qkv_weight,
-    "decoder.layers.59.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_59_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.59.mlp.linear_fc1.weight": export_decoder_layers_59_mlp_linear_fc1_weight,
-    "decoder.layers.59.mlp.linear_fc2.weight": export_decoder_layers_59_mlp_linear_fc2_weight,
-    "decoder.layers.60.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_60_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.60.self_attention.linear_proj.weight": export_decoder_layers_60_self_attention_linear_proj_weight,
-    "decoder.layers.60.self_attention.linear_qkv.weight": export_decoder_layers_60_self_attention_linear_qkv_weight,
-    "decoder.layers.60.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_60_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.60.mlp.linear_fc1.weight": export_decoder_layers_60_mlp_linear_fc1_weight,
-    "decoder.layers.60.mlp.linear_fc2.weight": export_decoder_layers_60_mlp_linear_fc2_weight,
-    "decoder.layers.61.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_61_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.61.self_attention.linear_proj.weight": export_decoder_layers_61_self_attention_linear_proj_weight,
-    "decoder.layers.61.self_attention.linear_qkv.weight": export_decoder_layers_61_self_attention_linear_qkv_weight,
-    "decoder.layers.61.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_61_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.61.mlp.linear_fc1.weight": export_decoder_layers_61_mlp_linear_fc1_weight,
-    "decoder.layers.61.mlp.linear_fc2.weight": export_decoder_layers_61_mlp_linear_fc2_weight,
-    "decoder.layers.62.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_62_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.62.self_attention.linear_proj.weight": export_decoder_layers_62_self_attention_linear_proj_weight,
-    "decoder.layers.62.self_attention.linear_qkv.weight": export_decoder_layers_62_self_attention_linear_qkv_weight,
-    "decoder.layers.62.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_62_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.62.mlp.linear_fc1.weight": export_decoder_layers_62_mlp_linear_fc1_weight,
-    "decoder.layers.62.mlp.linear_fc2.weight": export_decoder_layers_62_mlp_linear_fc2_weight,
-    "decoder.layers.63.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_63_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.63.self_attention.linear_proj.weight": export_decoder_layers_63_self_attention_linear_proj_weight,
-    "decoder.layers.63.self_attention.linear_qkv.weight": export_decoder_layers_63_self_attention_linear_qkv_weight,
-    "decoder.layers.63.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_63_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.63.mlp.linear_fc1.weight": export_decoder_layers_63_mlp_linear_fc1_weight,
-    "decoder.layers.63.mlp.linear_fc2.weight": export_decoder_layers_63_mlp_linear_fc2_weight,
-    "decoder.layers.64.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_64_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.64.self_attention.linear_proj.weight": export_decoder_layers_64_self_attention_linear_proj_weight,
-    "decoder.layers.64.self_attention.linear_qkv.weight": export_decoder_layers_64_self_attention_linear_qkv_weight,
-    "decoder.layers.64.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_64_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.64.mlp.linear_fc1.weight": export_decoder_layers_64_mlp_linear_fc1_weight,
-    "decoder.layers.64.mlp.linear_fc2.weight": export_decoder_layers_64_mlp_linear_fc2_weight,
-    "decoder.layers.65.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_65_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.65.self_attention.linear_proj.weight": export_decoder_layers_65_self_attention_linear_proj_weight,
-    "decoder.layers.65.self_attention.linear_qkv.weight": export_decoder_layers_65_self_attention_linear_qkv_weight,
-    "decoder.layers.65.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_65_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.65.mlp.linear_fc1.weight": export_decoder_layers_65_mlp_linear_fc1_weight,
-    "decoder.layers.65.mlp.linear_fc2.weight": export_decoder_layers_65_mlp_linear_fc2_weight,
-    "decoder.layers.66.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_66_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.66.self_attention.linear_proj.weight": export_decoder_layers_66_self_attention_linear_proj_weight,
-    "decoder.layers.66.self_attention.linear_qkv.weight": export_decoder_layers_66_self_attention_linear_qkv_weight,
-    "decoder.layers.66.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_66_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.66.mlp.linear_fc1.weight": export_decoder_layers_66_mlp_linear_fc1_weight,
-    "decoder.layers.66.mlp.linear_fc2.weight": export_decoder_layers_66_mlp_linear_fc2_weight,
-    "decoder.layers.67.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_67_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.67.self_attention.linear_proj.weight": export_decoder_layers_67_self_attention_linear_proj_weight,
-    "decoder.layers.67.self_attention.linear_qkv.weight": export_decoder_layers_67_self_attention_linear_qkv_weight,
-    "decoder.layers.67.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_67_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.67.mlp.linear_fc1.weight": export_decoder_layers_67_mlp_linear_fc1_weight,
-    "decoder.layers.67.mlp.linear_fc2.weight": export_decoder_layers_67_mlp_linear_fc2_weight,
-    "decoder.layers.68.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_68_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.68.self_attention.linear_proj.weight": export_decoder_layers_68_self_attention_linear_proj_weight,
-    "decoder.layers.68.self_attention.linear_qkv.weight": export_decoder_layers_68_self_attention_linear_qkv_weight,
-    "decoder.layers.68.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_68_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.68.mlp.linear_fc1.weight": export_decoder_layers_68_mlp_linear_fc1_weight,
-    "decoder.layers.68.mlp.linear_fc2.weight": export_decoder_layers_68_mlp_linear_fc2_weight,
-    "decoder.layers.69.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_69_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.69.self_attention.linear_proj.weight": export_decoder_layers_69_self_attention_linear_proj_weight,
-    "decoder.layers.69.self_attention.linear_qkv.weight": export_decoder_layers_69_self_attention_linear_qkv_weight,
-    "decoder.layers.69.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_69_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.69.mlp.linear_fc1.weight": export_decoder_layers_69_mlp_linear_fc1_weight,
-    "decoder.layers.69.mlp.linear_fc2.weight": export_decoder_layers_69_mlp_linear_fc2_weight,
-    "decoder.layers.70.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_70_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.70.self_attention.linear_proj.weight": export_decoder_layers_70_self_attention_linear_proj_weight,
-    "decoder.layers.70.self_attention.linear_qkv.weight": export_decoder_layers_70_self_attention_linear_qkv_weight,
-    "decoder.layers.70.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_70_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.70.mlp.linear_fc1.weight": export_decoder_layers_70_mlp_linear_fc1_weight,
-    "decoder.layers.70.mlp.linear_fc2.weight": export_decoder_layers_70_mlp_linear_fc2_weight,
-    "decoder.layers.71.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_71_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.71.self_attention.linear_proj.weight": export_decoder_layers_71_self_attention_linear_proj_weight,
-    "decoder.layers.71.self_attention.linear_qkv.weight": export_decoder_layers_71_self_attention_linear_qkv_weight,
-    "decoder.layers.71.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_71_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.71.mlp.linear_fc1.weight": export_decoder_layers_71_mlp_linear_fc1_weight,
-    "decoder.layers.71.mlp.linear_fc2.weight": export_decoder_layers_71_mlp_linear_fc2_weight,
-    "decoder.layers.72.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_72_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.72.self_attention.linear_proj.weight": export_decoder_layers_72_self_attention_linear_proj_weight,
-    "decoder.layers.72.self_attention.linear_qkv.weight": export_decoder_layers_72_self_attention_linear_qkv_weight,
-    "decoder.layers.72.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_72_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.72.mlp.linear_fc1.weight": export_decoder_layers_72_mlp_linear_fc1_weight,
-    "decoder.layers.72.mlp.linear_fc2.weight": export_decoder_layers_72_mlp_linear_fc2_weight,
-    "decoder.layers.73.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_73_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.73.self_attention.linear_proj.weight": export_decoder_layers_73_self_attention_linear_proj_weight,
-    "decoder.layers.73.self_attention.linear_qkv.weight": export_decoder_layers_73_self_attention_linear_qkv_weight,
-    "decoder.layers.73.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_73_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.73.mlp.linear_fc1.weight": export_decoder_layers_73_mlp_linear_fc1_weight,
-    "decoder.layers.73.mlp.linear_fc2.weight": export_decoder_layers_73_mlp_linear_fc2_weight,
-    "decoder.layers.74.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_74_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.74.self_attention.linear_proj.weight": export_decoder_layers_74_self_attention_linear_proj_weight,
-    "decoder.layers.74.self_attention.linear_qkv.weight": export_decoder_layers_74_self_attention_linear_qkv_weight,
-    "decoder.layers.74.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_74_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.74.mlp.linear_fc1.weight": export_decoder_layers_74_mlp_linear_fc1_weight,
-    "decoder.layers.74.mlp.linear_fc2.weight": export_decoder_layers_74_mlp_linear_fc2_weight,
-    "decoder.layers.75.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_75_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.75.self_attention.linear_proj.weight": export_decoder_layers_75_self_attention_linear_proj_weight,
-    "decoder.layers.75.self_attention.linear_qkv.weight": export_decoder_layers_75_self_attention_linear_qkv_weight,
-    "decoder.layers.75.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_75_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.75.mlp.linear_fc1.weight": export_decoder_layers_75_mlp_linear_fc1_weight,
-    "decoder.layers.75.mlp.linear_fc2.weight": export_decoder_layers_75_mlp_linear_fc2_weight,
-    "decoder.layers.76.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_76_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.76.self_attention.linear_proj.weight": export_decoder_layers_76_self_attention_linear_proj_weight,
-    "decoder.layers.76.self_attention.linear_qkv.weight": export_decoder_layers_76_self_attention_linear_qkv_weight,
-    "decoder.layers.76.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_76_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.76.mlp.linear_fc1.weight": export_decoder_layers_76_mlp_linear_fc1_weight,
-    "decoder.layers.76.mlp.linear_fc2.weight": export_decoder_layers_76_mlp_linear_fc2_weight,
-    "decoder.layers.77.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_77_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.77.self_attention.linear_proj.weight": export_decoder_layers_77_self_attention_linear_proj_weight,
-    "decoder.layers.77.self_attention.linear_qkv.weight": export_decoder_layers_77_self_attention_linear_qkv_weight,
-    "decoder.layers.77.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_77_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.77.mlp.linear_fc1.weight": export_decoder_layers_77_mlp_linear_fc1_weight,
-    "decoder.layers.77.mlp.linear_fc2.weight": export_decoder_layers_77_mlp_linear_fc2_weight,
-    "decoder.layers.78.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_78_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.78.self_attention.linear_proj.weight": export_decoder_layers_78_self_attention_linear_proj_weight,
-    "decoder.layers.78.self_attention.linear_qkv.weight": export_decoder_layers_78_self_attention_linear_qkv_weight,
-    "decoder.layers.78.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_78_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.78.mlp.linear_fc1.weight": export_decoder_layers_78_mlp_linear_fc1_weight,
-    "decoder.layers.78.mlp.linear_fc2.weight": export_decoder_layers_78_mlp_linear_fc2_weight,
-    "decoder.layers.79.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_79_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.79.self_attention.linear_proj.weight": export_decoder_layers_79_self_attention_linear_proj_weight,
-    "decoder.layers.79.self_attention.linear_qkv.weight": export_decoder_layers_79_self_attention_linear_qkv_weight,
-    "decoder.layers.79.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_79_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.79.mlp.linear_fc1.weight": export_decoder_layers_79_mlp_linear_fc1_weight,
-    "decoder.layers.79.mlp.linear_fc2.weight": export_decoder_layers_79_mlp_linear_fc2_weight,
-    "decoder.final_layernorm.weight": export_decoder_final_layernorm_weight,
-    "output_layer.weight": export_output_layer_weight,
-}
+EXPORTS: Final[dict[str, ExportFn]] = {p.megatron_name: p.exporter for p in PARAMS}

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Final
 
-import torch
+from torch import Tensor
 
 from mapgen import runtime as rt
 from mapgen.dims import ModelDims
@@ -47,55 +47,75 @@ DIMS: Final = ModelDims(
     rope_scaling_high_freq_factor=4.0,
     rope_scaling_original_max_position_embeddings=8192,
     params_dtype="bfloat16",
+    rope_beta_fast=32.0,
+    rope_beta_slow=1.0,
+    rope_mscale=1.0,
+    rope_mscale_all_dim=0.0,
+    num_moe_experts=None,
+    moe_ffn_hidden_size=None,
+    moe_router_topk=2,
+    moe_dense_layers=0,
+    moe_shared_expert_intermediate_size=None,
+    moe_shared_expert_gate=False,
+    moe_router_score_function="softmax",
+    moe_router_pre_softmax=False,
+    moe_router_enable_expert_bias=False,
+    moe_router_topk_scaling_factor=None,
+    moe_router_num_groups=None,
+    moe_router_group_topk=None,
+    multi_latent_attention=False,
+    q_lora_rank=None,
+    kv_lora_rank=0,
+    qk_head_dim=0,
+    qk_pos_emb_head_dim=0,
+    v_head_dim=0,
 )
 
 
 def import_embedding_word_embeddings_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """embedding.word_embeddings.weight <- model.embed_tokens.weight: auto -> column, specs/llama.yaml:29."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> column: specs/llama.yaml:29."""
     return rt.column_import(ctx.tp, load("model.embed_tokens.weight"), out=out)
 
 
-def export_embedding_word_embeddings_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """embedding.word_embeddings.weight <- model.embed_tokens.weight: auto -> column, specs/llama.yaml:29."""
+def export_embedding_word_embeddings_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> column: specs/llama.yaml:29."""
     return {"model.embed_tokens.weight": rt.column_export(parts)}
 
 
 def import_decoder_layers_0_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.0.self_attention.linear_qkv.layer_norm_weight <- model.layers.0.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:32."""
     return rt.whole_import(load("model.layers.0.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_0_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.0.self_attention.linear_qkv.layer_norm_weight <- model.layers.0.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:32."""
     return {"model.layers.0.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_0_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.0.self_attention.linear_proj.weight <- model.layers.0.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:42."""
     return rt.row_import(ctx.tp, load("model.layers.0.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_0_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.0.self_attention.linear_proj.weight <- model.layers.0.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:42."""
     return {"model.layers.0.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_0_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.0.self_attention.linear_qkv.weight <- model.layers.0.self_attn.q_proj.weight, model.layers.0.self_attn.k_proj.weight, model.layers.0.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/llama.yaml:35."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.0.self_attn.q_proj.weight"),
@@ -109,35 +129,39 @@ def import_decoder_layers_0_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_0_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.0.self_attention.linear_qkv.weight <- model.layers.0.self_attn.q_proj.weight, model.layers.0.self_attn.k_proj.weight, model.layers.0.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=64)
-    return {
-        "model.layers.0.self_attn.q_proj.weight": q,
-        "model.layers.0.self_attn.k_proj.weight": k,
-        "model.layers.0.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/llama.yaml:35."""
+    return dict(
+        zip(
+            (
+                "model.layers.0.self_attn.q_proj.weight",
+                "model.layers.0.self_attn.k_proj.weight",
+                "model.layers.0.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=32, groups=8, head_dim=64),
+        )
+    )
 
 
 def import_decoder_layers_0_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.0.mlp.linear_fc1.layer_norm_weight <- model.layers.0.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:45."""
     return rt.whole_import(load("model.layers.0.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_0_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.0.mlp.linear_fc1.layer_norm_weight <- model.layers.0.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:45."""
     return {"model.layers.0.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_0_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.0.mlp.linear_fc1.weight <- model.layers.0.mlp.gate_proj.weight, model.layers.0.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.0.mlp.gate_proj.weight"),
@@ -146,60 +170,60 @@ def import_decoder_layers_0_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_0_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.0.mlp.linear_fc1.weight <- model.layers.0.mlp.gate_proj.weight, model.layers.0.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.0.mlp.gate_proj.weight": gate, "model.layers.0.mlp.up_proj.weight": up}
+def export_decoder_layers_0_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/llama.yaml:48."""
+    return dict(
+        zip(
+            ("model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_0_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.0.mlp.linear_fc2.weight <- model.layers.0.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:51."""
     return rt.row_import(ctx.tp, load("model.layers.0.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_0_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.0.mlp.linear_fc2.weight <- model.layers.0.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+def export_decoder_layers_0_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:51."""
     return {"model.layers.0.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_1_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.1.self_attention.linear_qkv.layer_norm_weight <- model.layers.1.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:32."""
     return rt.whole_import(load("model.layers.1.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_1_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.1.self_attention.linear_qkv.layer_norm_weight <- model.layers.1.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:32."""
     return {"model.layers.1.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_1_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.1.self_attention.linear_proj.weight <- model.layers.1.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:42."""
     return rt.row_import(ctx.tp, load("model.layers.1.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_1_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.1.self_attention.linear_proj.weight <- model.layers.1.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:42."""
     return {"model.layers.1.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_1_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.1.self_attention.linear_qkv.weight <- model.layers.1.self_attn.q_proj.weight, model.layers.1.self_attn.k_proj.weight, model.layers.1.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/llama.yaml:35."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.1.self_attn.q_proj.weight"),
@@ -213,35 +237,39 @@ def import_decoder_layers_1_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_1_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.1.self_attention.linear_qkv.weight <- model.layers.1.self_attn.q_proj.weight, model.layers.1.self_attn.k_proj.weight, model.layers.1.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=64)
-    return {
-        "model.layers.1.self_attn.q_proj.weight": q,
-        "model.layers.1.self_attn.k_proj.weight": k,
-        "model.layers.1.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/llama.yaml:35."""
+    return dict(
+        zip(
+            (
+                "model.layers.1.self_attn.q_proj.weight",
+                "model.layers.1.self_attn.k_proj.weight",
+                "model.layers.1.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=32, groups=8, head_dim=64),
+        )
+    )
 
 
 def import_decoder_layers_1_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.1.mlp.linear_fc1.layer_norm_weight <- model.layers.1.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:45."""
     return rt.whole_import(load("model.layers.1.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_1_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.1.mlp.linear_fc1.layer_norm_weight <- model.layers.1.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:45."""
     return {"model.layers.1.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_1_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.1.mlp.linear_fc1.weight <- model.layers.1.mlp.gate_proj.weight, model.layers.1.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.1.mlp.gate_proj.weight"),
@@ -250,60 +278,60 @@ def import_decoder_layers_1_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_1_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.1.mlp.linear_fc1.weight <- model.layers.1.mlp.gate_proj.weight, model.layers.1.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.1.mlp.gate_proj.weight": gate, "model.layers.1.mlp.up_proj.weight": up}
+def export_decoder_layers_1_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/llama.yaml:48."""
+    return dict(
+        zip(
+            ("model.layers.1.mlp.gate_proj.weight", "model.layers.1.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_1_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.1.mlp.linear_fc2.weight <- model.layers.1.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:51."""
     return rt.row_import(ctx.tp, load("model.layers.1.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_1_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.1.mlp.linear_fc2.weight <- model.layers.1.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+def export_decoder_layers_1_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:51."""
     return {"model.layers.1.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_2_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.2.self_attention.linear_qkv.layer_norm_weight <- model.layers.2.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:32."""
     return rt.whole_import(load("model.layers.2.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_2_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.2.self_attention.linear_qkv.layer_norm_weight <- model.layers.2.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:32."""
     return {"model.layers.2.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_2_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.2.self_attention.linear_proj.weight <- model.layers.2.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:42."""
     return rt.row_import(ctx.tp, load("model.layers.2.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_2_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.2.self_attention.linear_proj.weight <- model.layers.2.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:42."""
     return {"model.layers.2.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_2_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.2.self_attention.linear_qkv.weight <- model.layers.2.self_attn.q_proj.weight, model.layers.2.self_attn.k_proj.weight, model.layers.2.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/llama.yaml:35."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.2.self_attn.q_proj.weight"),
@@ -317,35 +345,39 @@ def import_decoder_layers_2_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_2_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.2.self_attention.linear_qkv.weight <- model.layers.2.self_attn.q_proj.weight, model.layers.2.self_attn.k_proj.weight, model.layers.2.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=64)
-    return {
-        "model.layers.2.self_attn.q_proj.weight": q,
-        "model.layers.2.self_attn.k_proj.weight": k,
-        "model.layers.2.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/llama.yaml:35."""
+    return dict(
+        zip(
+            (
+                "model.layers.2.self_attn.q_proj.weight",
+                "model.layers.2.self_attn.k_proj.weight",
+                "model.layers.2.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=32, groups=8, head_dim=64),
+        )
+    )
 
 
 def import_decoder_layers_2_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.2.mlp.linear_fc1.layer_norm_weight <- model.layers.2.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:45."""
     return rt.whole_import(load("model.layers.2.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_2_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.2.mlp.linear_fc1.layer_norm_weight <- model.layers.2.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:45."""
     return {"model.layers.2.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_2_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.2.mlp.linear_fc1.weight <- model.layers.2.mlp.gate_proj.weight, model.layers.2.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.2.mlp.gate_proj.weight"),
@@ -354,60 +386,60 @@ def import_decoder_layers_2_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_2_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.2.mlp.linear_fc1.weight <- model.layers.2.mlp.gate_proj.weight, model.layers.2.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.2.mlp.gate_proj.weight": gate, "model.layers.2.mlp.up_proj.weight": up}
+def export_decoder_layers_2_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/llama.yaml:48."""
+    return dict(
+        zip(
+            ("model.layers.2.mlp.gate_proj.weight", "model.layers.2.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_2_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.2.mlp.linear_fc2.weight <- model.layers.2.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:51."""
     return rt.row_import(ctx.tp, load("model.layers.2.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_2_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.2.mlp.linear_fc2.weight <- model.layers.2.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+def export_decoder_layers_2_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:51."""
     return {"model.layers.2.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_3_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.3.self_attention.linear_qkv.layer_norm_weight <- model.layers.3.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:32."""
     return rt.whole_import(load("model.layers.3.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_3_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.3.self_attention.linear_qkv.layer_norm_weight <- model.layers.3.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:32."""
     return {"model.layers.3.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_3_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.3.self_attention.linear_proj.weight <- model.layers.3.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:42."""
     return rt.row_import(ctx.tp, load("model.layers.3.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_3_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.3.self_attention.linear_proj.weight <- model.layers.3.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:42."""
     return {"model.layers.3.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_3_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.3.self_attention.linear_qkv.weight <- model.layers.3.self_attn.q_proj.weight, model.layers.3.self_attn.k_proj.weight, model.layers.3.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/llama.yaml:35."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.3.self_attn.q_proj.weight"),
@@ -421,35 +453,39 @@ def import_decoder_layers_3_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_3_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.3.self_attention.linear_qkv.weight <- model.layers.3.self_attn.q_proj.weight, model.layers.3.self_attn.k_proj.weight, model.layers.3.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=64)
-    return {
-        "model.layers.3.self_attn.q_proj.weight": q,
-        "model.layers.3.self_attn.k_proj.weight": k,
-        "model.layers.3.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/llama.yaml:35."""
+    return dict(
+        zip(
+            (
+                "model.layers.3.self_attn.q_proj.weight",
+                "model.layers.3.self_attn.k_proj.weight",
+                "model.layers.3.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=32, groups=8, head_dim=64),
+        )
+    )
 
 
 def import_decoder_layers_3_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.3.mlp.linear_fc1.layer_norm_weight <- model.layers.3.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:45."""
     return rt.whole_import(load("model.layers.3.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_3_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.3.mlp.linear_fc1.layer_norm_weight <- model.layers.3.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:45."""
     return {"model.layers.3.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_3_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.3.mlp.linear_fc1.weight <- model.layers.3.mlp.gate_proj.weight, model.layers.3.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.3.mlp.gate_proj.weight"),
@@ -458,60 +494,60 @@ def import_decoder_layers_3_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_3_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.3.mlp.linear_fc1.weight <- model.layers.3.mlp.gate_proj.weight, model.layers.3.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.3.mlp.gate_proj.weight": gate, "model.layers.3.mlp.up_proj.weight": up}
+def export_decoder_layers_3_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/llama.yaml:48."""
+    return dict(
+        zip(
+            ("model.layers.3.mlp.gate_proj.weight", "model.layers.3.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_3_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.3.mlp.linear_fc2.weight <- model.layers.3.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:51."""
     return rt.row_import(ctx.tp, load("model.layers.3.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_3_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.3.mlp.linear_fc2.weight <- model.layers.3.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+def export_decoder_layers_3_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:51."""
     return {"model.layers.3.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_4_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.4.self_attention.linear_qkv.layer_norm_weight <- model.layers.4.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:32."""
     return rt.whole_import(load("model.layers.4.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_4_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.4.self_attention.linear_qkv.layer_norm_weight <- model.layers.4.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:32."""
     return {"model.layers.4.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_4_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.4.self_attention.linear_proj.weight <- model.layers.4.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:42."""
     return rt.row_import(ctx.tp, load("model.layers.4.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_4_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.4.self_attention.linear_proj.weight <- model.layers.4.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:42."""
     return {"model.layers.4.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_4_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.4.self_attention.linear_qkv.weight <- model.layers.4.self_attn.q_proj.weight, model.layers.4.self_attn.k_proj.weight, model.layers.4.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/llama.yaml:35."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.4.self_attn.q_proj.weight"),
@@ -525,35 +561,39 @@ def import_decoder_layers_4_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_4_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.4.self_attention.linear_qkv.weight <- model.layers.4.self_attn.q_proj.weight, model.layers.4.self_attn.k_proj.weight, model.layers.4.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=64)
-    return {
-        "model.layers.4.self_attn.q_proj.weight": q,
-        "model.layers.4.self_attn.k_proj.weight": k,
-        "model.layers.4.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/llama.yaml:35."""
+    return dict(
+        zip(
+            (
+                "model.layers.4.self_attn.q_proj.weight",
+                "model.layers.4.self_attn.k_proj.weight",
+                "model.layers.4.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=32, groups=8, head_dim=64),
+        )
+    )
 
 
 def import_decoder_layers_4_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.4.mlp.linear_fc1.layer_norm_weight <- model.layers.4.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:45."""
     return rt.whole_import(load("model.layers.4.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_4_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.4.mlp.linear_fc1.layer_norm_weight <- model.layers.4.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:45."""
     return {"model.layers.4.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_4_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.4.mlp.linear_fc1.weight <- model.layers.4.mlp.gate_proj.weight, model.layers.4.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.4.mlp.gate_proj.weight"),
@@ -562,60 +602,60 @@ def import_decoder_layers_4_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_4_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.4.mlp.linear_fc1.weight <- model.layers.4.mlp.gate_proj.weight, model.layers.4.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.4.mlp.gate_proj.weight": gate, "model.layers.4.mlp.up_proj.weight": up}
+def export_decoder_layers_4_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/llama.yaml:48."""
+    return dict(
+        zip(
+            ("model.layers.4.mlp.gate_proj.weight", "model.layers.4.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_4_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.4.mlp.linear_fc2.weight <- model.layers.4.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:51."""
     return rt.row_import(ctx.tp, load("model.layers.4.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_4_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.4.mlp.linear_fc2.weight <- model.layers.4.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+def export_decoder_layers_4_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:51."""
     return {"model.layers.4.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_5_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.5.self_attention.linear_qkv.layer_norm_weight <- model.layers.5.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:32."""
     return rt.whole_import(load("model.layers.5.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_5_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.5.self_attention.linear_qkv.layer_norm_weight <- model.layers.5.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:32."""
     return {"model.layers.5.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_5_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.5.self_attention.linear_proj.weight <- model.layers.5.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:42."""
     return rt.row_import(ctx.tp, load("model.layers.5.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_5_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.5.self_attention.linear_proj.weight <- model.layers.5.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:42."""
     return {"model.layers.5.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_5_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.5.self_attention.linear_qkv.weight <- model.layers.5.self_attn.q_proj.weight, model.layers.5.self_attn.k_proj.weight, model.layers.5.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/llama.yaml:35."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.5.self_attn.q_proj.weight"),
@@ -629,35 +669,39 @@ def import_decoder_layers_5_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_5_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.5.self_attention.linear_qkv.weight <- model.layers.5.self_attn.q_proj.weight, model.layers.5.self_attn.k_proj.weight, model.layers.5.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=64)
-    return {
-        "model.layers.5.self_attn.q_proj.weight": q,
-        "model.layers.5.self_attn.k_proj.weight": k,
-        "model.layers.5.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/llama.yaml:35."""
+    return dict(
+        zip(
+            (
+                "model.layers.5.self_attn.q_proj.weight",
+                "model.layers.5.self_attn.k_proj.weight",
+                "model.layers.5.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=32, groups=8, head_dim=64),
+        )
+    )
 
 
 def import_decoder_layers_5_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.5.mlp.linear_fc1.layer_norm_weight <- model.layers.5.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:45."""
     return rt.whole_import(load("model.layers.5.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_5_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.5.mlp.linear_fc1.layer_norm_weight <- model.layers.5.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:45."""
     return {"model.layers.5.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_5_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.5.mlp.linear_fc1.weight <- model.layers.5.mlp.gate_proj.weight, model.layers.5.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.5.mlp.gate_proj.weight"),
@@ -666,60 +710,60 @@ def import_decoder_layers_5_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_5_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.5.mlp.linear_fc1.weight <- model.layers.5.mlp.gate_proj.weight, model.layers.5.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.5.mlp.gate_proj.weight": gate, "model.layers.5.mlp.up_proj.weight": up}
+def export_decoder_layers_5_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/llama.yaml:48."""
+    return dict(
+        zip(
+            ("model.layers.5.mlp.gate_proj.weight", "model.layers.5.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_5_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.5.mlp.linear_fc2.weight <- model.layers.5.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:51."""
     return rt.row_import(ctx.tp, load("model.layers.5.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_5_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.5.mlp.linear_fc2.weight <- model.layers.5.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+def export_decoder_layers_5_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:51."""
     return {"model.layers.5.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_6_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.6.self_attention.linear_qkv.layer_norm_weight <- model.layers.6.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:32."""
     return rt.whole_import(load("model.layers.6.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_6_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.6.self_attention.linear_qkv.layer_norm_weight <- model.layers.6.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:32."""
     return {"model.layers.6.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_6_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.6.self_attention.linear_proj.weight <- model.layers.6.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:42."""
     return rt.row_import(ctx.tp, load("model.layers.6.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_6_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.6.self_attention.linear_proj.weight <- model.layers.6.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:42."""
     return {"model.layers.6.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_6_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.6.self_attention.linear_qkv.weight <- model.layers.6.self_attn.q_proj.weight, model.layers.6.self_attn.k_proj.weight, model.layers.6.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/llama.yaml:35."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.6.self_attn.q_proj.weight"),
@@ -733,35 +777,39 @@ def import_decoder_layers_6_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_6_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.6.self_attention.linear_qkv.weight <- model.layers.6.self_attn.q_proj.weight, model.layers.6.self_attn.k_proj.weight, model.layers.6.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=64)
-    return {
-        "model.layers.6.self_attn.q_proj.weight": q,
-        "model.layers.6.self_attn.k_proj.weight": k,
-        "model.layers.6.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/llama.yaml:35."""
+    return dict(
+        zip(
+            (
+                "model.layers.6.self_attn.q_proj.weight",
+                "model.layers.6.self_attn.k_proj.weight",
+                "model.layers.6.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=32, groups=8, head_dim=64),
+        )
+    )
 
 
 def import_decoder_layers_6_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.6.mlp.linear_fc1.layer_norm_weight <- model.layers.6.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:45."""
     return rt.whole_import(load("model.layers.6.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_6_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.6.mlp.linear_fc1.layer_norm_weight <- model.layers.6.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:45."""
     return {"model.layers.6.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_6_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.6.mlp.linear_fc1.weight <- model.layers.6.mlp.gate_proj.weight, model.layers.6.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.6.mlp.gate_proj.weight"),
@@ -770,60 +818,60 @@ def import_decoder_layers_6_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_6_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.6.mlp.linear_fc1.weight <- model.layers.6.mlp.gate_proj.weight, model.layers.6.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.6.mlp.gate_proj.weight": gate, "model.layers.6.mlp.up_proj.weight": up}
+def export_decoder_layers_6_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/llama.yaml:48."""
+    return dict(
+        zip(
+            ("model.layers.6.mlp.gate_proj.weight", "model.layers.6.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_6_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.6.mlp.linear_fc2.weight <- model.layers.6.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:51."""
     return rt.row_import(ctx.tp, load("model.layers.6.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_6_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.6.mlp.linear_fc2.weight <- model.layers.6.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+def export_decoder_layers_6_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:51."""
     return {"model.layers.6.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_7_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.7.self_attention.linear_qkv.layer_norm_weight <- model.layers.7.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:32."""
     return rt.whole_import(load("model.layers.7.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_7_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.7.self_attention.linear_qkv.layer_norm_weight <- model.layers.7.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:32."""
     return {"model.layers.7.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_7_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.7.self_attention.linear_proj.weight <- model.layers.7.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:42."""
     return rt.row_import(ctx.tp, load("model.layers.7.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_7_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.7.self_attention.linear_proj.weight <- model.layers.7.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:42."""
     return {"model.layers.7.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_7_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.7.self_attention.linear_qkv.weight <- model.layers.7.self_attn.q_proj.weight, model.layers.7.self_attn.k_proj.weight, model.layers.7.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/llama.yaml:35."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.7.self_attn.q_proj.weight"),
@@ -837,35 +885,39 @@ def import_decoder_layers_7_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_7_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.7.self_attention.linear_qkv.weight <- model.layers.7.self_attn.q_proj.weight, model.layers.7.self_attn.k_proj.weight, model.layers.7.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=64)
-    return {
-        "model.layers.7.self_attn.q_proj.weight": q,
-        "model.layers.7.self_attn.k_proj.weight": k,
-        "model.layers.7.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/llama.yaml:35."""
+    return dict(
+        zip(
+            (
+                "model.layers.7.self_attn.q_proj.weight",
+                "model.layers.7.self_attn.k_proj.weight",
+                "model.layers.7.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=32, groups=8, head_dim=64),
+        )
+    )
 
 
 def import_decoder_layers_7_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.7.mlp.linear_fc1.layer_norm_weight <- model.layers.7.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:45."""
     return rt.whole_import(load("model.layers.7.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_7_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.7.mlp.linear_fc1.layer_norm_weight <- model.layers.7.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:45."""
     return {"model.layers.7.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_7_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.7.mlp.linear_fc1.weight <- model.layers.7.mlp.gate_proj.weight, model.layers.7.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.7.mlp.gate_proj.weight"),
@@ -874,60 +926,60 @@ def import_decoder_layers_7_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_7_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.7.mlp.linear_fc1.weight <- model.layers.7.mlp.gate_proj.weight, model.layers.7.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.7.mlp.gate_proj.weight": gate, "model.layers.7.mlp.up_proj.weight": up}
+def export_decoder_layers_7_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/llama.yaml:48."""
+    return dict(
+        zip(
+            ("model.layers.7.mlp.gate_proj.weight", "model.layers.7.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_7_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.7.mlp.linear_fc2.weight <- model.layers.7.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:51."""
     return rt.row_import(ctx.tp, load("model.layers.7.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_7_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.7.mlp.linear_fc2.weight <- model.layers.7.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+def export_decoder_layers_7_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:51."""
     return {"model.layers.7.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_8_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.8.self_attention.linear_qkv.layer_norm_weight <- model.layers.8.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:32."""
     return rt.whole_import(load("model.layers.8.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_8_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.8.self_attention.linear_qkv.layer_norm_weight <- model.layers.8.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:32."""
     return {"model.layers.8.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_8_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.8.self_attention.linear_proj.weight <- model.layers.8.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:42."""
     return rt.row_import(ctx.tp, load("model.layers.8.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_8_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.8.self_attention.linear_proj.weight <- model.layers.8.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:42."""
     return {"model.layers.8.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_8_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.8.self_attention.linear_qkv.weight <- model.layers.8.self_attn.q_proj.weight, model.layers.8.self_attn.k_proj.weight, model.layers.8.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/llama.yaml:35."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.8.self_attn.q_proj.weight"),
@@ -941,35 +993,39 @@ def import_decoder_layers_8_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_8_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.8.self_attention.linear_qkv.weight <- model.layers.8.self_attn.q_proj.weight, model.layers.8.self_attn.k_proj.weight, model.layers.8.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=64)
-    return {
-        "model.layers.8.self_attn.q_proj.weight": q,
-        "model.layers.8.self_attn.k_proj.weight": k,
-        "model.layers.8.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/llama.yaml:35."""
+    return dict(
+        zip(
+            (
+                "model.layers.8.self_attn.q_proj.weight",
+                "model.layers.8.self_attn.k_proj.weight",
+                "model.layers.8.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=32, groups=8, head_dim=64),
+        )
+    )
 
 
 def import_decoder_layers_8_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.8.mlp.linear_fc1.layer_norm_weight <- model.layers.8.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:45."""
     return rt.whole_import(load("model.layers.8.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_8_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.8.mlp.linear_fc1.layer_norm_weight <- model.layers.8.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:45."""
     return {"model.layers.8.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_8_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.8.mlp.linear_fc1.weight <- model.layers.8.mlp.gate_proj.weight, model.layers.8.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.8.mlp.gate_proj.weight"),
@@ -978,60 +1034,60 @@ def import_decoder_layers_8_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_8_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.8.mlp.linear_fc1.weight <- model.layers.8.mlp.gate_proj.weight, model.layers.8.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.8.mlp.gate_proj.weight": gate, "model.layers.8.mlp.up_proj.weight": up}
+def export_decoder_layers_8_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/llama.yaml:48."""
+    return dict(
+        zip(
+            ("model.layers.8.mlp.gate_proj.weight", "model.layers.8.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_8_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.8.mlp.linear_fc2.weight <- model.layers.8.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:51."""
     return rt.row_import(ctx.tp, load("model.layers.8.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_8_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.8.mlp.linear_fc2.weight <- model.layers.8.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+def export_decoder_layers_8_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:51."""
     return {"model.layers.8.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_9_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.9.self_attention.linear_qkv.layer_norm_weight <- model.layers.9.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:32."""
     return rt.whole_import(load("model.layers.9.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_9_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.9.self_attention.linear_qkv.layer_norm_weight <- model.layers.9.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:32."""
     return {"model.layers.9.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_9_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.9.self_attention.linear_proj.weight <- model.layers.9.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:42."""
     return rt.row_import(ctx.tp, load("model.layers.9.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_9_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.9.self_attention.linear_proj.weight <- model.layers.9.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:42."""
     return {"model.layers.9.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_9_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.9.self_attention.linear_qkv.weight <- model.layers.9.self_attn.q_proj.weight, model.layers.9.self_attn.k_proj.weight, model.layers.9.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/llama.yaml:35."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.9.self_attn.q_proj.weight"),
@@ -1045,35 +1101,39 @@ def import_decoder_layers_9_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_9_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.9.self_attention.linear_qkv.weight <- model.layers.9.self_attn.q_proj.weight, model.layers.9.self_attn.k_proj.weight, model.layers.9.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=64)
-    return {
-        "model.layers.9.self_attn.q_proj.weight": q,
-        "model.layers.9.self_attn.k_proj.weight": k,
-        "model.layers.9.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/llama.yaml:35."""
+    return dict(
+        zip(
+            (
+                "model.layers.9.self_attn.q_proj.weight",
+                "model.layers.9.self_attn.k_proj.weight",
+                "model.layers.9.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=32, groups=8, head_dim=64),
+        )
+    )
 
 
 def import_decoder_layers_9_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.9.mlp.linear_fc1.layer_norm_weight <- model.layers.9.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:45."""
     return rt.whole_import(load("model.layers.9.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_9_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.9.mlp.linear_fc1.layer_norm_weight <- model.layers.9.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:45."""
     return {"model.layers.9.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_9_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.9.mlp.linear_fc1.weight <- model.layers.9.mlp.gate_proj.weight, model.layers.9.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.9.mlp.gate_proj.weight"),
@@ -1082,60 +1142,60 @@ def import_decoder_layers_9_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_9_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.9.mlp.linear_fc1.weight <- model.layers.9.mlp.gate_proj.weight, model.layers.9.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.9.mlp.gate_proj.weight": gate, "model.layers.9.mlp.up_proj.weight": up}
+def export_decoder_layers_9_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/llama.yaml:48."""
+    return dict(
+        zip(
+            ("model.layers.9.mlp.gate_proj.weight", "model.layers.9.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_9_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.9.mlp.linear_fc2.weight <- model.layers.9.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:51."""
     return rt.row_import(ctx.tp, load("model.layers.9.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_9_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.9.mlp.linear_fc2.weight <- model.layers.9.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+def export_decoder_layers_9_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:51."""
     return {"model.layers.9.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_10_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.10.self_attention.linear_qkv.layer_norm_weight <- model.layers.10.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:32."""
     return rt.whole_import(load("model.layers.10.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_10_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.10.self_attention.linear_qkv.layer_norm_weight <- model.layers.10.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:32."""
     return {"model.layers.10.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_10_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.10.self_attention.linear_proj.weight <- model.layers.10.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:42."""
     return rt.row_import(ctx.tp, load("model.layers.10.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_10_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.10.self_attention.linear_proj.weight <- model.layers.10.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:42."""
     return {"model.layers.10.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_10_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.10.self_attention.linear_qkv.weight <- model.layers.10.self_attn.q_proj.weight, model.layers.10.self_attn.k_proj.weight, model.layers.10.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/llama.yaml:35."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.10.self_attn.q_proj.weight"),
@@ -1149,35 +1209,39 @@ def import_decoder_layers_10_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_10_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.10.self_attention.linear_qkv.weight <- model.layers.10.self_attn.q_proj.weight, model.layers.10.self_attn.k_proj.weight, model.layers.10.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=64)
-    return {
-        "model.layers.10.self_attn.q_proj.weight": q,
-        "model.layers.10.self_attn.k_proj.weight": k,
-        "model.layers.10.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/llama.yaml:35."""
+    return dict(
+        zip(
+            (
+                "model.layers.10.self_attn.q_proj.weight",
+                "model.layers.10.self_attn.k_proj.weight",
+                "model.layers.10.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=32, groups=8, head_dim=64),
+        )
+    )
 
 
 def import_decoder_layers_10_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.10.mlp.linear_fc1.layer_norm_weight <- model.layers.10.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:45."""
     return rt.whole_import(load("model.layers.10.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_10_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.10.mlp.linear_fc1.layer_norm_weight <- model.layers.10.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:45."""
     return {"model.layers.10.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_10_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.10.mlp.linear_fc1.weight <- model.layers.10.mlp.gate_proj.weight, model.layers.10.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.10.mlp.gate_proj.weight"),
@@ -1186,60 +1250,60 @@ def import_decoder_layers_10_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_10_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.10.mlp.linear_fc1.weight <- model.layers.10.mlp.gate_proj.weight, model.layers.10.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.10.mlp.gate_proj.weight": gate, "model.layers.10.mlp.up_proj.weight": up}
+def export_decoder_layers_10_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/llama.yaml:48."""
+    return dict(
+        zip(
+            ("model.layers.10.mlp.gate_proj.weight", "model.layers.10.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_10_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.10.mlp.linear_fc2.weight <- model.layers.10.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:51."""
     return rt.row_import(ctx.tp, load("model.layers.10.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_10_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.10.mlp.linear_fc2.weight <- model.layers.10.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+def export_decoder_layers_10_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:51."""
     return {"model.layers.10.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_11_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.11.self_attention.linear_qkv.layer_norm_weight <- model.layers.11.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:32."""
     return rt.whole_import(load("model.layers.11.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_11_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.11.self_attention.linear_qkv.layer_norm_weight <- model.layers.11.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:32."""
     return {"model.layers.11.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_11_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.11.self_attention.linear_proj.weight <- model.layers.11.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:42."""
     return rt.row_import(ctx.tp, load("model.layers.11.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_11_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.11.self_attention.linear_proj.weight <- model.layers.11.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:42."""
     return {"model.layers.11.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_11_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.11.self_attention.linear_qkv.weight <- model.layers.11.self_attn.q_proj.weight, model.layers.11.self_attn.k_proj.weight, model.layers.11.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/llama.yaml:35."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.11.self_attn.q_proj.weight"),
@@ -1253,35 +1317,39 @@ def import_decoder_layers_11_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_11_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.11.self_attention.linear_qkv.weight <- model.layers.11.self_attn.q_proj.weight, model.layers.11.self_attn.k_proj.weight, model.layers.11.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=64)
-    return {
-        "model.layers.11.self_attn.q_proj.weight": q,
-        "model.layers.11.self_attn.k_proj.weight": k,
-        "model.layers.11.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/llama.yaml:35."""
+    return dict(
+        zip(
+            (
+                "model.layers.11.self_attn.q_proj.weight",
+                "model.layers.11.self_attn.k_proj.weight",
+                "model.layers.11.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=32, groups=8, head_dim=64),
+        )
+    )
 
 
 def import_decoder_layers_11_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.11.mlp.linear_fc1.layer_norm_weight <- model.layers.11.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:45."""
     return rt.whole_import(load("model.layers.11.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_11_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.11.mlp.linear_fc1.layer_norm_weight <- model.layers.11.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:45."""
     return {"model.layers.11.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_11_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.11.mlp.linear_fc1.weight <- model.layers.11.mlp.gate_proj.weight, model.layers.11.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.11.mlp.gate_proj.weight"),
@@ -1290,60 +1358,60 @@ def import_decoder_layers_11_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_11_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.11.mlp.linear_fc1.weight <- model.layers.11.mlp.gate_proj.weight, model.layers.11.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.11.mlp.gate_proj.weight": gate, "model.layers.11.mlp.up_proj.weight": up}
+def export_decoder_layers_11_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/llama.yaml:48."""
+    return dict(
+        zip(
+            ("model.layers.11.mlp.gate_proj.weight", "model.layers.11.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_11_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.11.mlp.linear_fc2.weight <- model.layers.11.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:51."""
     return rt.row_import(ctx.tp, load("model.layers.11.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_11_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.11.mlp.linear_fc2.weight <- model.layers.11.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+def export_decoder_layers_11_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:51."""
     return {"model.layers.11.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_12_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.12.self_attention.linear_qkv.layer_norm_weight <- model.layers.12.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:32."""
     return rt.whole_import(load("model.layers.12.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_12_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.12.self_attention.linear_qkv.layer_norm_weight <- model.layers.12.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:32."""
     return {"model.layers.12.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_12_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.12.self_attention.linear_proj.weight <- model.layers.12.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:42."""
     return rt.row_import(ctx.tp, load("model.layers.12.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_12_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.12.self_attention.linear_proj.weight <- model.layers.12.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:42."""
     return {"model.layers.12.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_12_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.12.self_attention.linear_qkv.weight <- model.layers.12.self_attn.q_proj.weight, model.layers.12.self_attn.k_proj.weight, model.layers.12.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/llama.yaml:35."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.12.self_attn.q_proj.weight"),
@@ -1357,35 +1425,39 @@ def import_decoder_layers_12_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_12_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.12.self_attention.linear_qkv.weight <- model.layers.12.self_attn.q_proj.weight, model.layers.12.self_attn.k_proj.weight, model.layers.12.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=64)
-    return {
-        "model.layers.12.self_attn.q_proj.weight": q,
-        "model.layers.12.self_attn.k_proj.weight": k,
-        "model.layers.12.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/llama.yaml:35."""
+    return dict(
+        zip(
+            (
+                "model.layers.12.self_attn.q_proj.weight",
+                "model.layers.12.self_attn.k_proj.weight",
+                "model.layers.12.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=32, groups=8, head_dim=64),
+        )
+    )
 
 
 def import_decoder_layers_12_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.12.mlp.linear_fc1.layer_norm_weight <- model.layers.12.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:45."""
     return rt.whole_import(load("model.layers.12.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_12_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.12.mlp.linear_fc1.layer_norm_weight <- model.layers.12.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:45."""
     return {"model.layers.12.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_12_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.12.mlp.linear_fc1.weight <- model.layers.12.mlp.gate_proj.weight, model.layers.12.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.12.mlp.gate_proj.weight"),
@@ -1394,60 +1466,60 @@ def import_decoder_layers_12_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_12_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.12.mlp.linear_fc1.weight <- model.layers.12.mlp.gate_proj.weight, model.layers.12.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.12.mlp.gate_proj.weight": gate, "model.layers.12.mlp.up_proj.weight": up}
+def export_decoder_layers_12_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/llama.yaml:48."""
+    return dict(
+        zip(
+            ("model.layers.12.mlp.gate_proj.weight", "model.layers.12.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_12_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.12.mlp.linear_fc2.weight <- model.layers.12.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:51."""
     return rt.row_import(ctx.tp, load("model.layers.12.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_12_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.12.mlp.linear_fc2.weight <- model.layers.12.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+def export_decoder_layers_12_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:51."""
     return {"model.layers.12.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_13_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.13.self_attention.linear_qkv.layer_norm_weight <- model.layers.13.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:32."""
     return rt.whole_import(load("model.layers.13.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_13_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.13.self_attention.linear_qkv.layer_norm_weight <- model.layers.13.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:32."""
     return {"model.layers.13.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_13_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.13.self_attention.linear_proj.weight <- model.layers.13.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:42."""
     return rt.row_import(ctx.tp, load("model.layers.13.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_13_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.13.self_attention.linear_proj.weight <- model.layers.13.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:42."""
     return {"model.layers.13.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_13_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.13.self_attention.linear_qkv.weight <- model.layers.13.self_attn.q_proj.weight, model.layers.13.self_attn.k_proj.weight, model.layers.13.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/llama.yaml:35."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.13.self_attn.q_proj.weight"),
@@ -1461,35 +1533,39 @@ def import_decoder_layers_13_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_13_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.13.self_attention.linear_qkv.weight <- model.layers.13.self_attn.q_proj.weight, model.layers.13.self_attn.k_proj.weight, model.layers.13.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=64)
-    return {
-        "model.layers.13.self_attn.q_proj.weight": q,
-        "model.layers.13.self_attn.k_proj.weight": k,
-        "model.layers.13.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/llama.yaml:35."""
+    return dict(
+        zip(
+            (
+                "model.layers.13.self_attn.q_proj.weight",
+                "model.layers.13.self_attn.k_proj.weight",
+                "model.layers.13.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=32, groups=8, head_dim=64),
+        )
+    )
 
 
 def import_decoder_layers_13_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.13.mlp.linear_fc1.layer_norm_weight <- model.layers.13.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:45."""
     return rt.whole_import(load("model.layers.13.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_13_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.13.mlp.linear_fc1.layer_norm_weight <- model.layers.13.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:45."""
     return {"model.layers.13.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_13_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.13.mlp.linear_fc1.weight <- model.layers.13.mlp.gate_proj.weight, model.layers.13.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.13.mlp.gate_proj.weight"),
@@ -1498,60 +1574,60 @@ def import_decoder_layers_13_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_13_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.13.mlp.linear_fc1.weight <- model.layers.13.mlp.gate_proj.weight, model.layers.13.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.13.mlp.gate_proj.weight": gate, "model.layers.13.mlp.up_proj.weight": up}
+def export_decoder_layers_13_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/llama.yaml:48."""
+    return dict(
+        zip(
+            ("model.layers.13.mlp.gate_proj.weight", "model.layers.13.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_13_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.13.mlp.linear_fc2.weight <- model.layers.13.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:51."""
     return rt.row_import(ctx.tp, load("model.layers.13.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_13_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.13.mlp.linear_fc2.weight <- model.layers.13.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+def export_decoder_layers_13_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:51."""
     return {"model.layers.13.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_14_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.14.self_attention.linear_qkv.layer_norm_weight <- model.layers.14.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:32."""
     return rt.whole_import(load("model.layers.14.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_14_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.14.self_attention.linear_qkv.layer_norm_weight <- model.layers.14.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:32."""
     return {"model.layers.14.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_14_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.14.self_attention.linear_proj.weight <- model.layers.14.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:42."""
     return rt.row_import(ctx.tp, load("model.layers.14.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_14_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.14.self_attention.linear_proj.weight <- model.layers.14.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:42."""
     return {"model.layers.14.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_14_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.14.self_attention.linear_qkv.weight <- model.layers.14.self_attn.q_proj.weight, model.layers.14.self_attn.k_proj.weight, model.layers.14.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/llama.yaml:35."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.14.self_attn.q_proj.weight"),
@@ -1565,35 +1641,39 @@ def import_decoder_layers_14_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_14_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.14.self_attention.linear_qkv.weight <- model.layers.14.self_attn.q_proj.weight, model.layers.14.self_attn.k_proj.weight, model.layers.14.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=64)
-    return {
-        "model.layers.14.self_attn.q_proj.weight": q,
-        "model.layers.14.self_attn.k_proj.weight": k,
-        "model.layers.14.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/llama.yaml:35."""
+    return dict(
+        zip(
+            (
+                "model.layers.14.self_attn.q_proj.weight",
+                "model.layers.14.self_attn.k_proj.weight",
+                "model.layers.14.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=32, groups=8, head_dim=64),
+        )
+    )
 
 
 def import_decoder_layers_14_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.14.mlp.linear_fc1.layer_norm_weight <- model.layers.14.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:45."""
     return rt.whole_import(load("model.layers.14.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_14_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.14.mlp.linear_fc1.layer_norm_weight <- model.layers.14.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:45."""
     return {"model.layers.14.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_14_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.14.mlp.linear_fc1.weight <- model.layers.14.mlp.gate_proj.weight, model.layers.14.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.14.mlp.gate_proj.weight"),
@@ -1602,60 +1682,60 @@ def import_decoder_layers_14_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_14_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.14.mlp.linear_fc1.weight <- model.layers.14.mlp.gate_proj.weight, model.layers.14.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.14.mlp.gate_proj.weight": gate, "model.layers.14.mlp.up_proj.weight": up}
+def export_decoder_layers_14_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/llama.yaml:48."""
+    return dict(
+        zip(
+            ("model.layers.14.mlp.gate_proj.weight", "model.layers.14.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_14_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.14.mlp.linear_fc2.weight <- model.layers.14.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:51."""
     return rt.row_import(ctx.tp, load("model.layers.14.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_14_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.14.mlp.linear_fc2.weight <- model.layers.14.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+def export_decoder_layers_14_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:51."""
     return {"model.layers.14.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_15_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.15.self_attention.linear_qkv.layer_norm_weight <- model.layers.15.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:32."""
     return rt.whole_import(load("model.layers.15.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_15_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.15.self_attention.linear_qkv.layer_norm_weight <- model.layers.15.input_layernorm.weight: auto -> replicated, specs/llama.yaml:32."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:32."""
     return {"model.layers.15.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_15_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.15.self_attention.linear_proj.weight <- model.layers.15.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:42."""
     return rt.row_import(ctx.tp, load("model.layers.15.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_15_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.15.self_attention.linear_proj.weight <- model.layers.15.self_attn.o_proj.weight: auto -> row, specs/llama.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:42."""
     return {"model.layers.15.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_15_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.15.self_attention.linear_qkv.weight <- model.layers.15.self_attn.q_proj.weight, model.layers.15.self_attn.k_proj.weight, model.layers.15.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/llama.yaml:35."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.15.self_attn.q_proj.weight"),
@@ -1669,35 +1749,39 @@ def import_decoder_layers_15_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_15_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.15.self_attention.linear_qkv.weight <- model.layers.15.self_attn.q_proj.weight, model.layers.15.self_attn.k_proj.weight, model.layers.15.self_attn.v_proj.weight: qkv, specs/llama.yaml:35."""
-    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=64)
-    return {
-        "model.layers.15.self_attn.q_proj.weight": q,
-        "model.layers.15.self_attn.k_proj.weight": k,
-        "model.layers.15.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/llama.yaml:35."""
+    return dict(
+        zip(
+            (
+                "model.layers.15.self_attn.q_proj.weight",
+                "model.layers.15.self_attn.k_proj.weight",
+                "model.layers.15.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=32, groups=8, head_dim=64),
+        )
+    )
 
 
 def import_decoder_layers_15_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.15.mlp.linear_fc1.layer_norm_weight <- model.layers.15.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:45."""
     return rt.whole_import(load("model.layers.15.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_15_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.15.mlp.linear_fc1.layer_norm_weight <- model.layers.15.post_attention_layernorm.weight: auto -> replicated, specs/llama.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:45."""
     return {"model.layers.15.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_15_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.15.mlp.linear_fc1.weight <- model.layers.15.mlp.gate_proj.weight, model.layers.15.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/llama.yaml:48."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.15.mlp.gate_proj.weight"),
@@ -1706,1084 +1790,1282 @@ def import_decoder_layers_15_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_15_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.15.mlp.linear_fc1.weight <- model.layers.15.mlp.gate_proj.weight, model.layers.15.mlp.up_proj.weight: gated_mlp, specs/llama.yaml:48."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.15.mlp.gate_proj.weight": gate, "model.layers.15.mlp.up_proj.weight": up}
+def export_decoder_layers_15_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/llama.yaml:48."""
+    return dict(
+        zip(
+            ("model.layers.15.mlp.gate_proj.weight", "model.layers.15.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_15_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.15.mlp.linear_fc2.weight <- model.layers.15.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/llama.yaml:51."""
     return rt.row_import(ctx.tp, load("model.layers.15.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_15_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.15.mlp.linear_fc2.weight <- model.layers.15.mlp.down_proj.weight: auto -> row, specs/llama.yaml:51."""
+def export_decoder_layers_15_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/llama.yaml:51."""
     return {"model.layers.15.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_final_layernorm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.final_layernorm.weight <- model.norm.weight: auto -> replicated, specs/llama.yaml:54."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/llama.yaml:54."""
     return rt.whole_import(load("model.norm.weight"), out=out)
 
 
-def export_decoder_final_layernorm_weight(parts: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """decoder.final_layernorm.weight <- model.norm.weight: auto -> replicated, specs/llama.yaml:54."""
+def export_decoder_final_layernorm_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> replicated: specs/llama.yaml:54."""
     return {"model.norm.weight": parts[0]}
 
 
+# megatron_name, global shape, dtype, TP split dim, expert-parallel, layer, expert, HF tensors,
+# import function, export function
 PARAMS: Final[tuple[ParamPlan, ...]] = (
     ParamPlan(
         "embedding.word_embeddings.weight",
         (128256, 2048),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=None,
-        expert=None,
-        hf_names=("model.embed_tokens.weight",),
+        0,
+        False,
+        None,
+        None,
+        ("model.embed_tokens.weight",),
+        import_embedding_word_embeddings_weight,
+        export_embedding_word_embeddings_weight,
     ),
     ParamPlan(
         "decoder.layers.0.self_attention.linear_qkv.layer_norm_weight",
         (2048,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=0,
-        expert=None,
-        hf_names=("model.layers.0.input_layernorm.weight",),
+        None,
+        False,
+        0,
+        None,
+        ("model.layers.0.input_layernorm.weight",),
+        import_decoder_layers_0_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_0_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.0.self_attention.linear_proj.weight",
         (2048, 2048),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=0,
-        expert=None,
-        hf_names=("model.layers.0.self_attn.o_proj.weight",),
+        1,
+        False,
+        0,
+        None,
+        ("model.layers.0.self_attn.o_proj.weight",),
+        import_decoder_layers_0_self_attention_linear_proj_weight,
+        export_decoder_layers_0_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.0.self_attention.linear_qkv.weight",
         (3072, 2048),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=0,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        0,
+        None,
+        (
             "model.layers.0.self_attn.q_proj.weight",
             "model.layers.0.self_attn.k_proj.weight",
             "model.layers.0.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_0_self_attention_linear_qkv_weight,
+        export_decoder_layers_0_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.0.mlp.linear_fc1.layer_norm_weight",
         (2048,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=0,
-        expert=None,
-        hf_names=("model.layers.0.post_attention_layernorm.weight",),
+        None,
+        False,
+        0,
+        None,
+        ("model.layers.0.post_attention_layernorm.weight",),
+        import_decoder_layers_0_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_0_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.0.mlp.linear_fc1.weight",
         (16384, 2048),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=0,
-        expert=None,
-        hf_names=("model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weight"),
+        0,
+        False,
+        0,
+        None,
+        ("model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weight"),
+        import_decoder_layers_0_mlp_linear_fc1_weight,
+        export_decoder_layers_0_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.0.mlp.linear_fc2.weight",
         (2048, 8192),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=0,
-        expert=None,
-        hf_names=("model.layers.0.mlp.down_proj.weight",),
+        1,
+        False,
+        0,
+        None,
+        ("model.layers.0.mlp.down_proj.weight",),
+        import_decoder_layers_0_mlp_linear_fc2_weight,
+        export_decoder_layers_0_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.1.self_attention.linear_qkv.layer_norm_weight",
         (2048,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=1,
-        expert=None,
-        hf_names=("model.layers.1.input_layernorm.weight",),
+        None,
+        False,
+        1,
+        None,
+        ("model.layers.1.input_layernorm.weight",),
+        import_decoder_layers_1_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_1_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.1.self_attention.linear_proj.weight",
         (2048, 2048),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=1,
-        expert=None,
-        hf_names=("model.layers.1.self_attn.o_proj.weight",),
+        1,
+        False,
+        1,
+        None,
+        ("model.layers.1.self_attn.o_proj.weight",),
+        import_decoder_layers_1_self_attention_linear_proj_weight,
+        export_decoder_layers_1_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.1.self_attention.linear_qkv.weight",
         (3072, 2048),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=1,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        1,
+        None,
+        (
             "model.layers.1.self_attn.q_proj.weight",
             "model.layers.1.self_attn.k_proj.weight",
             "model.layers.1.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_1_self_attention_linear_qkv_weight,
+        export_decoder_layers_1_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.1.mlp.linear_fc1.layer_norm_weight",
         (2048,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=1,
-        expert=None,
-        hf_names=("model.layers.1.post_attention_layernorm.weight",),
+        None,
+        False,
+        1,
+        None,
+        ("model.layers.1.post_attention_layernorm.weight",),
+        import_decoder_layers_1_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_1_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.1.mlp.linear_fc1.weight",
         (16384, 2048),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=1,
-        expert=None,
-        hf_names=("model.layers.1.mlp.gate_proj.weight", "model.layers.1.mlp.up_proj.weight"),
+        0,
+        False,
+        1,
+        None,
+        ("model.layers.1.mlp.gate_proj.weight", "model.layers.1.mlp.up_proj.weight"),
+        import_decoder_layers_1_mlp_linear_fc1_weight,
+        export_decoder_layers_1_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.1.mlp.linear_fc2.weight",
         (2048, 8192),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=1,
-        expert=None,
-        hf_names=("model.layers.1.mlp.down_proj.weight",),
+        1,
+        False,
+        1,
+        None,
+        ("model.layers.1.mlp.down_proj.weight",),
+        import_decoder_layers_1_mlp_linear_fc2_weight,
+        export_decoder_layers_1_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.2.self_attention.linear_qkv.layer_norm_weight",
         (2048,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=2,
-        expert=None,
-        hf_names=("model.layers.2.input_layernorm.weight",),
+        None,
+        False,
+        2,
+        None,
+        ("model.layers.2.input_layernorm.weight",),
+        import_decoder_layers_2_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_2_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.2.self_attention.linear_proj.weight",
         (2048, 2048),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=2,
-        expert=None,
-        hf_names=("model.layers.2.self_attn.o_proj.weight",),
+        1,
+        False,
+        2,
+        None,
+        ("model.layers.2.self_attn.o_proj.weight",),
+        import_decoder_layers_2_self_attention_linear_proj_weight,
+        export_decoder_layers_2_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.2.self_attention.linear_qkv.weight",
         (3072, 2048),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=2,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        2,
+        None,
+        (
             "model.layers.2.self_attn.q_proj.weight",
             "model.layers.2.self_attn.k_proj.weight",
             "model.layers.2.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_2_self_attention_linear_qkv_weight,
+        export_decoder_layers_2_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.2.mlp.linear_fc1.layer_norm_weight",
         (2048,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=2,
-        expert=None,
-        hf_names=("model.layers.2.post_attention_layernorm.weight",),
+        None,
+        False,
+        2,
+        None,
+        ("model.layers.2.post_attention_layernorm.weight",),
+        import_decoder_layers_2_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_2_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.2.mlp.linear_fc1.weight",
         (16384, 2048),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=2,
-        expert=None,
-        hf_names=("model.layers.2.mlp.gate_proj.weight", "model.layers.2.mlp.up_proj.weight"),
+        0,
+        False,
+        2,
+        None,
+        ("model.layers.2.mlp.gate_proj.weight", "model.layers.2.mlp.up_proj.weight"),
+        import_decoder_layers_2_mlp_linear_fc1_weight,
+        export_decoder_layers_2_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.2.mlp.linear_fc2.weight",
         (2048, 8192),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=2,
-        expert=None,
-        hf_names=("model.layers.2.mlp.down_proj.weight",),
+        1,
+        False,
+        2,
+        None,
+        ("model.layers.2.mlp.down_proj.weight",),
+        import_decoder_layers_2_mlp_linear_fc2_weight,
+        export_decoder_layers_2_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.3.self_attention.linear_qkv.layer_norm_weight",
         (2048,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=3,
-        expert=None,
-        hf_names=("model.layers.3.input_layernorm.weight",),
+        None,
+        False,
+        3,
+        None,
+        ("model.layers.3.input_layernorm.weight",),
+        import_decoder_layers_3_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_3_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.3.self_attention.linear_proj.weight",
         (2048, 2048),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=3,
-        expert=None,
-        hf_names=("model.layers.3.self_attn.o_proj.weight",),
+        1,
+        False,
+        3,
+        None,
+        ("model.layers.3.self_attn.o_proj.weight",),
+        import_decoder_layers_3_self_attention_linear_proj_weight,
+        export_decoder_layers_3_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.3.self_attention.linear_qkv.weight",
         (3072, 2048),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=3,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        3,
+        None,
+        (
             "model.layers.3.self_attn.q_proj.weight",
             "model.layers.3.self_attn.k_proj.weight",
             "model.layers.3.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_3_self_attention_linear_qkv_weight,
+        export_decoder_layers_3_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.3.mlp.linear_fc1.layer_norm_weight",
         (2048,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=3,
-        expert=None,
-        hf_names=("model.layers.3.post_attention_layernorm.weight",),
+        None,
+        False,
+        3,
+        None,
+        ("model.layers.3.post_attention_layernorm.weight",),
+        import_decoder_layers_3_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_3_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.3.mlp.linear_fc1.weight",
         (16384, 2048),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=3,
-        expert=None,
-        hf_names=("model.layers.3.mlp.gate_proj.weight", "model.layers.3.mlp.up_proj.weight"),
+        0,
+        False,
+        3,
+        None,
+        ("model.layers.3.mlp.gate_proj.weight", "model.layers.3.mlp.up_proj.weight"),
+        import_decoder_layers_3_mlp_linear_fc1_weight,
+        export_decoder_layers_3_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.3.mlp.linear_fc2.weight",
         (2048, 8192),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=3,
-        expert=None,
-        hf_names=("model.layers.3.mlp.down_proj.weight",),
+        1,
+        False,
+        3,
+        None,
+        ("model.layers.3.mlp.down_proj.weight",),
+        import_decoder_layers_3_mlp_linear_fc2_weight,
+        export_decoder_layers_3_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.4.self_attention.linear_qkv.layer_norm_weight",
         (2048,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=4,
-        expert=None,
-        hf_names=("model.layers.4.input_layernorm.weight",),
+        None,
+        False,
+        4,
+        None,
+        ("model.layers.4.input_layernorm.weight",),
+        import_decoder_layers_4_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_4_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.4.self_attention.linear_proj.weight",
         (2048, 2048),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=4,
-        expert=None,
-        hf_names=("model.layers.4.self_attn.o_proj.weight",),
+        1,
+        False,
+        4,
+        None,
+        ("model.layers.4.self_attn.o_proj.weight",),
+        import_decoder_layers_4_self_attention_linear_proj_weight,
+        export_decoder_layers_4_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.4.self_attention.linear_qkv.weight",
         (3072, 2048),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=4,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        4,
+        None,
+        (
             "model.layers.4.self_attn.q_proj.weight",
             "model.layers.4.self_attn.k_proj.weight",
             "model.layers.4.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_4_self_attention_linear_qkv_weight,
+        export_decoder_layers_4_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.4.mlp.linear_fc1.layer_norm_weight",
         (2048,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=4,
-        expert=None,
-        hf_names=("model.layers.4.post_attention_layernorm.weight",),
+        None,
+        False,
+        4,
+        None,
+        ("model.layers.4.post_attention_layernorm.weight",),
+        import_decoder_layers_4_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_4_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.4.mlp.linear_fc1.weight",
         (16384, 2048),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=4,
-        expert=None,
-        hf_names=("model.layers.4.mlp.gate_proj.weight", "model.layers.4.mlp.up_proj.weight"),
+        0,
+        False,
+        4,
+        None,
+        ("model.layers.4.mlp.gate_proj.weight", "model.layers.4.mlp.up_proj.weight"),
+        import_decoder_layers_4_mlp_linear_fc1_weight,
+        export_decoder_layers_4_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.4.mlp.linear_fc2.weight",
         (2048, 8192),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=4,
-        expert=None,
-        hf_names=("model.layers.4.mlp.down_proj.weight",),
+        1,
+        False,
+        4,
+        None,
+        ("model.layers.4.mlp.down_proj.weight",),
+        import_decoder_layers_4_mlp_linear_fc2_weight,
+        export_decoder_layers_4_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.5.self_attention.linear_qkv.layer_norm_weight",
         (2048,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=5,
-        expert=None,
-        hf_names=("model.layers.5.input_layernorm.weight",),
+        None,
+        False,
+        5,
+        None,
+        ("model.layers.5.input_layernorm.weight",),
+        import_decoder_layers_5_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_5_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.5.self_attention.linear_proj.weight",
         (2048, 2048),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=5,
-        expert=None,
-        hf_names=("model.layers.5.self_attn.o_proj.weight",),
+        1,
+        False,
+        5,
+        None,
+        ("model.layers.5.self_attn.o_proj.weight",),
+        import_decoder_layers_5_self_attention_linear_proj_weight,
+        export_decoder_layers_5_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.5.self_attention.linear_qkv.weight",
         (3072, 2048),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=5,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        5,
+        None,
+        (
             "model.layers.5.self_attn.q_proj.weight",
             "model.layers.5.self_attn.k_proj.weight",
             "model.layers.5.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_5_self_attention_linear_qkv_weight,
+        export_decoder_layers_5_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.5.mlp.linear_fc1.layer_norm_weight",
         (2048,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=5,
-        expert=None,
-        hf_names=("model.layers.5.post_attention_layernorm.weight",),
+        None,
+        False,
+        5,
+        None,
+        ("model.layers.5.post_attention_layernorm.weight",),
+        import_decoder_layers_5_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_5_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.5.mlp.linear_fc1.weight",
         (16384, 2048),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=5,
-        expert=None,
-        hf_names=("model.layers.5.mlp.gate_proj.weight", "model.layers.5.mlp.up_proj.weight"),
+        0,
+        False,
+        5,
+        None,
+        ("model.layers.5.mlp.gate_proj.weight", "model.layers.5.mlp.up_proj.weight"),
+        import_decoder_layers_5_mlp_linear_fc1_weight,
+        export_decoder_layers_5_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.5.mlp.linear_fc2.weight",
         (2048, 8192),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=5,
-        expert=None,
-        hf_names=("model.layers.5.mlp.down_proj.weight",),
+        1,
+        False,
+        5,
+        None,
+        ("model.layers.5.mlp.down_proj.weight",),
+        import_decoder_layers_5_mlp_linear_fc2_weight,
+        export_decoder_layers_5_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.6.self_attention.linear_qkv.layer_norm_weight",
         (2048,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=6,
-        expert=None,
-        hf_names=("model.layers.6.input_layernorm.weight",),
+        None,
+        False,
+        6,
+        None,
+        ("model.layers.6.input_layernorm.weight",),
+        import_decoder_layers_6_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_6_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.6.self_attention.linear_proj.weight",
         (2048, 2048),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=6,
-        expert=None,
-        hf_names=("model.layers.6.self_attn.o_proj.weight",),
+        1,
+        False,
+        6,
+        None,
+        ("model.layers.6.self_attn.o_proj.weight",),
+        import_decoder_layers_6_self_attention_linear_proj_weight,
+        export_decoder_layers_6_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.6.self_attention.linear_qkv.weight",
         (3072, 2048),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=6,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        6,
+        None,
+        (
             "model.layers.6.self_attn.q_proj.weight",
             "model.layers.6.self_attn.k_proj.weight",
             "model.layers.6.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_6_self_attention_linear_qkv_weight,
+        export_decoder_layers_6_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.6.mlp.linear_fc1.layer_norm_weight",
         (2048,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=6,
-        expert=None,
-        hf_names=("model.layers.6.post_attention_layernorm.weight",),
+        None,
+        False,
+        6,
+        None,
+        ("model.layers.6.post_attention_layernorm.weight",),
+        import_decoder_layers_6_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_6_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.6.mlp.linear_fc1.weight",
         (16384, 2048),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=6,
-        expert=None,
-        hf_names=("model.layers.6.mlp.gate_proj.weight", "model.layers.6.mlp.up_proj.weight"),
+        0,
+        False,
+        6,
+        None,
+        ("model.layers.6.mlp.gate_proj.weight", "model.layers.6.mlp.up_proj.weight"),
+        import_decoder_layers_6_mlp_linear_fc1_weight,
+        export_decoder_layers_6_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.6.mlp.linear_fc2.weight",
         (2048, 8192),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=6,
-        expert=None,
-        hf_names=("model.layers.6.mlp.down_proj.weight",),
+        1,
+        False,
+        6,
+        None,
+        ("model.layers.6.mlp.down_proj.weight",),
+        import_decoder_layers_6_mlp_linear_fc2_weight,
+        export_decoder_layers_6_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.7.self_attention.linear_qkv.layer_norm_weight",
         (2048,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=7,
-        expert=None,
-        hf_names=("model.layers.7.input_layernorm.weight",),
+        None,
+        False,
+        7,
+        None,
+        ("model.layers.7.input_layernorm.weight",),
+        import_decoder_layers_7_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_7_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.7.self_attention.linear_proj.weight",
         (2048, 2048),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=7,
-        expert=None,
-        hf_names=("model.layers.7.self_attn.o_proj.weight",),
+        1,
+        False,
+        7,
+        None,
+        ("model.layers.7.self_attn.o_proj.weight",),
+        import_decoder_layers_7_self_attention_linear_proj_weight,
+        export_decoder_layers_7_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.7.self_attention.linear_qkv.weight",
         (3072, 2048),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=7,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        7,
+        None,
+        (
             "model.layers.7.self_attn.q_proj.weight",
             "model.layers.7.self_attn.k_proj.weight",
             "model.layers.7.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_7_self_attention_linear_qkv_weight,
+        export_decoder_layers_7_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.7.mlp.linear_fc1.layer_norm_weight",
         (2048,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=7,
-        expert=None,
-        hf_names=("model.layers.7.post_attention_layernorm.weight",),
+        None,
+        False,
+        7,
+        None,
+        ("model.layers.7.post_attention_layernorm.weight",),
+        import_decoder_layers_7_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_7_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.7.mlp.linear_fc1.weight",
         (16384, 2048),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=7,
-        expert=None,
-        hf_names=("model.layers.7.mlp.gate_proj.weight", "model.layers.7.mlp.up_proj.weight"),
+        0,
+        False,
+        7,
+        None,
+        ("model.layers.7.mlp.gate_proj.weight", "model.layers.7.mlp.up_proj.weight"),
+        import_decoder_layers_7_mlp_linear_fc1_weight,
+        export_decoder_layers_7_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.7.mlp.linear_fc2.weight",
         (2048, 8192),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=7,
-        expert=None,
-        hf_names=("model.layers.7.mlp.down_proj.weight",),
+        1,
+        False,
+        7,
+        None,
+        ("model.layers.7.mlp.down_proj.weight",),
+        import_decoder_layers_7_mlp_linear_fc2_weight,
+        export_decoder_layers_7_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.8.self_attention.linear_qkv.layer_norm_weight",
         (2048,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=8,
-        expert=None,
-        hf_names=("model.layers.8.input_layernorm.weight",),
+        None,
+        False,
+        8,
+        None,
+        ("model.layers.8.input_layernorm.weight",),
+        import_decoder_layers_8_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_8_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.8.self_attention.linear_proj.weight",
         (2048, 2048),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=8,
-        expert=None,
-        hf_names=("model.layers.8.self_attn.o_proj.weight",),
+        1,
+        False,
+        8,
+        None,
+        ("model.layers.8.self_attn.o_proj.weight",),
+        import_decoder_layers_8_self_attention_linear_proj_weight,
+        export_decoder_layers_8_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.8.self_attention.linear_qkv.weight",
         (3072, 2048),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=8,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        8,
+        None,
+        (
             "model.layers.8.self_attn.q_proj.weight",
             "model.layers.8.self_attn.k_proj.weight",
             "model.layers.8.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_8_self_attention_linear_qkv_weight,
+        export_decoder_layers_8_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.8.mlp.linear_fc1.layer_norm_weight",
         (2048,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=8,
-        expert=None,
-        hf_names=("model.layers.8.post_attention_layernorm.weight",),
+        None,
+        False,
+        8,
+        None,
+        ("model.layers.8.post_attention_layernorm.weight",),
+        import_decoder_layers_8_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_8_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.8.mlp.linear_fc1.weight",
         (16384, 2048),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=8,
-        expert=None,
-        hf_names=("model.layers.8.mlp.gate_proj.weight", "model.layers.8.mlp.up_proj.weight"),
+        0,
+        False,
+        8,
+        None,
+        ("model.layers.8.mlp.gate_proj.weight", "model.layers.8.mlp.up_proj.weight"),
+        import_decoder_layers_8_mlp_linear_fc1_weight,
+        export_decoder_layers_8_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.8.mlp.linear_fc2.weight",
         (2048, 8192),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=8,
-        expert=None,
-        hf_names=("model.layers.8.mlp.down_proj.weight",),
+        1,
+        False,
+        8,
+        None,
+        ("model.layers.8.mlp.down_proj.weight",),
+        import_decoder_layers_8_mlp_linear_fc2_weight,
+        export_decoder_layers_8_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.9.self_attention.linear_qkv.layer_norm_weight",
         (2048,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=9,
-        expert=None,
-        hf_names=("model.layers.9.input_layernorm.weight",),
+        None,
+        False,
+        9,
+        None,
+        ("model.layers.9.input_layernorm.weight",),
+        import_decoder_layers_9_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_9_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.9.self_attention.linear_proj.weight",
         (2048, 2048),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=9,
-        expert=None,
-        hf_names=("model.layers.9.self_attn.o_proj.weight",),
+        1,
+        False,
+        9,
+        None,
+        ("model.layers.9.self_attn.o_proj.weight",),
+        import_decoder_layers_9_self_attention_linear_proj_weight,
+        export_decoder_layers_9_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.9.self_attention.linear_qkv.weight",
         (3072, 2048),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=9,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        9,
+        None,
+        (
             "model.layers.9.self_attn.q_proj.weight",
             "model.layers.9.self_attn.k_proj.weight",
             "model.layers.9.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_9_self_attention_linear_qkv_weight,
+        export_decoder_layers_9_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.9.mlp.linear_fc1.layer_norm_weight",
         (2048,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=9,
-        expert=None,
-        hf_names=("model.layers.9.post_attention_layernorm.weight",),
+        None,
+        False,
+        9,
+        None,
+        ("model.layers.9.post_attention_layernorm.weight",),
+        import_decoder_layers_9_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_9_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.9.mlp.linear_fc1.weight",
         (16384, 2048),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=9,
-        expert=None,
-        hf_names=("model.layers.9.mlp.gate_proj.weight", "model.layers.9.mlp.up_proj.weight"),
+        0,
+        False,
+        9,
+        None,
+        ("model.layers.9.mlp.gate_proj.weight", "model.layers.9.mlp.up_proj.weight"),
+        import_decoder_layers_9_mlp_linear_fc1_weight,
+        export_decoder_layers_9_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.9.mlp.linear_fc2.weight",
         (2048, 8192),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=9,
-        expert=None,
-        hf_names=("model.layers.9.mlp.down_proj.weight",),
+        1,
+        False,
+        9,
+        None,
+        ("model.layers.9.mlp.down_proj.weight",),
+        import_decoder_layers_9_mlp_linear_fc2_weight,
+        export_decoder_layers_9_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.10.self_attention.linear_qkv.layer_norm_weight",
         (2048,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=10,
-        expert=None,
-        hf_names=("model.layers.10.input_layernorm.weight",),
+        None,
+        False,
+        10,
+        None,
+        ("model.layers.10.input_layernorm.weight",),
+        import_decoder_layers_10_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_10_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.10.self_attention.linear_proj.weight",
         (2048, 2048),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=10,
-        expert=None,
-        hf_names=("model.layers.10.self_attn.o_proj.weight",),
+        1,
+        False,
+        10,
+        None,
+        ("model.layers.10.self_attn.o_proj.weight",),
+        import_decoder_layers_10_self_attention_linear_proj_weight,
+        export_decoder_layers_10_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.10.self_attention.linear_qkv.weight",
         (3072, 2048),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=10,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        10,
+        None,
+        (
             "model.layers.10.self_attn.q_proj.weight",
             "model.layers.10.self_attn.k_proj.weight",
             "model.layers.10.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_10_self_attention_linear_qkv_weight,
+        export_decoder_layers_10_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.10.mlp.linear_fc1.layer_norm_weight",
         (2048,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=10,
-        expert=None,
-        hf_names=("model.layers.10.post_attention_layernorm.weight",),
+        None,
+        False,
+        10,
+        None,
+        ("model.layers.10.post_attention_layernorm.weight",),
+        import_decoder_layers_10_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_10_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.10.mlp.linear_fc1.weight",
         (16384, 2048),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=10,
-        expert=None,
-        hf_names=("model.layers.10.mlp.gate_proj.weight", "model.layers.10.mlp.up_proj.weight"),
+        0,
+        False,
+        10,
+        None,
+        ("model.layers.10.mlp.gate_proj.weight", "model.layers.10.mlp.up_proj.weight"),
+        import_decoder_layers_10_mlp_linear_fc1_weight,
+        export_decoder_layers_10_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.10.mlp.linear_fc2.weight",
         (2048, 8192),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=10,
-        expert=None,
-        hf_names=("model.layers.10.mlp.down_proj.weight",),
+        1,
+        False,
+        10,
+        None,
+        ("model.layers.10.mlp.down_proj.weight",),
+        import_decoder_layers_10_mlp_linear_fc2_weight,
+        export_decoder_layers_10_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.11.self_attention.linear_qkv.layer_norm_weight",
         (2048,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=11,
-        expert=None,
-        hf_names=("model.layers.11.input_layernorm.weight",),
+        None,
+        False,
+        11,
+        None,
+        ("model.layers.11.input_layernorm.weight",),
+        import_decoder_layers_11_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_11_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.11.self_attention.linear_proj.weight",
         (2048, 2048),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=11,
-        expert=None,
-        hf_names=("model.layers.11.self_attn.o_proj.weight",),
+        1,
+        False,
+        11,
+        None,
+        ("model.layers.11.self_attn.o_proj.weight",),
+        import_decoder_layers_11_self_attention_linear_proj_weight,
+        export_decoder_layers_11_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.11.self_attention.linear_qkv.weight",
         (3072, 2048),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=11,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        11,
+        None,
+        (
             "model.layers.11.self_attn.q_proj.weight",
             "model.layers.11.self_attn.k_proj.weight",
             "model.layers.11.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_11_self_attention_linear_qkv_weight,
+        export_decoder_layers_11_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.11.mlp.linear_fc1.layer_norm_weight",
         (2048,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=11,
-        expert=None,
-        hf_names=("model.layers.11.post_attention_layernorm.weight",),
+        None,
+        False,
+        11,
+        None,
+        ("model.layers.11.post_attention_layernorm.weight",),
+        import_decoder_layers_11_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_11_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.11.mlp.linear_fc1.weight",
         (16384, 2048),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=11,
-        expert=None,
-        hf_names=("model.layers.11.mlp.gate_proj.weight", "model.layers.11.mlp.up_proj.weight"),
+        0,
+        False,
+        11,
+        None,
+        ("model.layers.11.mlp.gate_proj.weight", "model.layers.11.mlp.up_proj.weight"),
+        import_decoder_layers_11_mlp_linear_fc1_weight,
+        export_decoder_layers_11_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.11.mlp.linear_fc2.weight",
         (2048, 8192),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=11,
-        expert=None,
-        hf_names=("model.layers.11.mlp.down_proj.weight",),
+        1,
+        False,
+        11,
+        None,
+        ("model.layers.11.mlp.down_proj.weight",),
+        import_decoder_layers_11_mlp_linear_fc2_weight,
+        export_decoder_layers_11_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.12.self_attention.linear_qkv.layer_norm_weight",
         (2048,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=12,
-        expert=None,
-        hf_names=("model.layers.12.input_layernorm.weight",),
+        None,
+        False,
+        12,
+        None,
+        ("model.layers.12.input_layernorm.weight",),
+        import_decoder_layers_12_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_12_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.12.self_attention.linear_proj.weight",
         (2048, 2048),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=12,
-        expert=None,
-        hf_names=("model.layers.12.self_attn.o_proj.weight",),
+        1,
+        False,
+        12,
+        None,
+        ("model.layers.12.self_attn.o_proj.weight",),
+        import_decoder_layers_12_self_attention_linear_proj_weight,
+        export_decoder_layers_12_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.12.self_attention.linear_qkv.weight",
         (3072, 2048),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=12,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        12,
+        None,
+        (
             "model.layers.12.self_attn.q_proj.weight",
             "model.layers.12.self_attn.k_proj.weight",
             "model.layers.12.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_12_self_attention_linear_qkv_weight,
+        export_decoder_layers_12_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.12.mlp.linear_fc1.layer_norm_weight",
         (2048,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=12,
-        expert=None,
-        hf_names=("model.layers.12.post_attention_layernorm.weight",),
+        None,
+        False,
+        12,
+        None,
+        ("model.layers.12.post_attention_layernorm.weight",),
+        import_decoder_layers_12_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_12_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.12.mlp.linear_fc1.weight",
         (16384, 2048),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=12,
-        expert=None,
-        hf_names=("model.layers.12.mlp.gate_proj.weight", "model.layers.12.mlp.up_proj.weight"),
+        0,
+        False,
+        12,
+        None,
+        ("model.layers.12.mlp.gate_proj.weight", "model.layers.12.mlp.up_proj.weight"),
+        import_decoder_layers_12_mlp_linear_fc1_weight,
+        export_decoder_layers_12_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.12.mlp.linear_fc2.weight",
         (2048, 8192),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=12,
-        expert=None,
-        hf_names=("model.layers.12.mlp.down_proj.weight",),
+        1,
+        False,
+        12,
+        None,
+        ("model.layers.12.mlp.down_proj.weight",),
+        import_decoder_layers_12_mlp_linear_fc2_weight,
+        export_decoder_layers_12_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.13.self_attention.linear_qkv.layer_norm_weight",
         (2048,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=13,
-        expert=None,
-        hf_names=("model.layers.13.input_layernorm.weight",),
+        None,
+        False,
+        13,
+        None,
+        ("model.layers.13.input_layernorm.weight",),
+        import_decoder_layers_13_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_13_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.13.self_attention.linear_proj.weight",
         (2048, 2048),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=13,
-        expert=None,
-        hf_names=("model.layers.13.self_attn.o_proj.weight",),
+        1,
+        False,
+        13,
+        None,
+        ("model.layers.13.self_attn.o_proj.weight",),
+        import_decoder_layers_13_self_attention_linear_proj_weight,
+        export_decoder_layers_13_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.13.self_attention.linear_qkv.weight",
         (3072, 2048),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=13,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        13,
+        None,
+        (
             "model.layers.13.self_attn.q_proj.weight",
             "model.layers.13.self_attn.k_proj.weight",
             "model.layers.13.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_13_self_attention_linear_qkv_weight,
+        export_decoder_layers_13_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.13.mlp.linear_fc1.layer_norm_weight",
         (2048,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=13,
-        expert=None,
-        hf_names=("model.layers.13.post_attention_layernorm.weight",),
+        None,
+        False,
+        13,
+        None,
+        ("model.layers.13.post_attention_layernorm.weight",),
+        import_decoder_layers_13_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_13_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.13.mlp.linear_fc1.weight",
         (16384, 2048),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=13,
-        expert=None,
-        hf_names=("model.layers.13.mlp.gate_proj.weight", "model.layers.13.mlp.up_proj.weight"),
+        0,
+        False,
+        13,
+        None,
+        ("model.layers.13.mlp.gate_proj.weight", "model.layers.13.mlp.up_proj.weight"),
+        import_decoder_layers_13_mlp_linear_fc1_weight,
+        export_decoder_layers_13_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.13.mlp.linear_fc2.weight",
         (2048, 8192),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=13,
-        expert=None,
-        hf_names=("model.layers.13.mlp.down_proj.weight",),
+        1,
+        False,
+        13,
+        None,
+        ("model.layers.13.mlp.down_proj.weight",),
+        import_decoder_layers_13_mlp_linear_fc2_weight,
+        export_decoder_layers_13_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.14.self_attention.linear_qkv.layer_norm_weight",
         (2048,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=14,
-        expert=None,
-        hf_names=("model.layers.14.input_layernorm.weight",),
+        None,
+        False,
+        14,
+        None,
+        ("model.layers.14.input_layernorm.weight",),
+        import_decoder_layers_14_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_14_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.14.self_attention.linear_proj.weight",
         (2048, 2048),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=14,
-        expert=None,
-        hf_names=("model.layers.14.self_attn.o_proj.weight",),
+        1,
+        False,
+        14,
+        None,
+        ("model.layers.14.self_attn.o_proj.weight",),
+        import_decoder_layers_14_self_attention_linear_proj_weight,
+        export_decoder_layers_14_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.14.self_attention.linear_qkv.weight",
         (3072, 2048),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=14,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        14,
+        None,
+        (
             "model.layers.14.self_attn.q_proj.weight",
             "model.layers.14.self_attn.k_proj.weight",
             "model.layers.14.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_14_self_attention_linear_qkv_weight,
+        export_decoder_layers_14_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.14.mlp.linear_fc1.layer_norm_weight",
         (2048,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=14,
-        expert=None,
-        hf_names=("model.layers.14.post_attention_layernorm.weight",),
+        None,
+        False,
+        14,
+        None,
+        ("model.layers.14.post_attention_layernorm.weight",),
+        import_decoder_layers_14_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_14_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.14.mlp.linear_fc1.weight",
         (16384, 2048),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=14,
-        expert=None,
-        hf_names=("model.layers.14.mlp.gate_proj.weight", "model.layers.14.mlp.up_proj.weight"),
+        0,
+        False,
+        14,
+        None,
+        ("model.layers.14.mlp.gate_proj.weight", "model.layers.14.mlp.up_proj.weight"),
+        import_decoder_layers_14_mlp_linear_fc1_weight,
+        export_decoder_layers_14_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.14.mlp.linear_fc2.weight",
         (2048, 8192),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=14,
-        expert=None,
-        hf_names=("model.layers.14.mlp.down_proj.weight",),
+        1,
+        False,
+        14,
+        None,
+        ("model.layers.14.mlp.down_proj.weight",),
+        import_decoder_layers_14_mlp_linear_fc2_weight,
+        export_decoder_layers_14_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.15.self_attention.linear_qkv.layer_norm_weight",
         (2048,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=15,
-        expert=None,
-        hf_names=("model.layers.15.input_layernorm.weight",),
+        None,
+        False,
+        15,
+        None,
+        ("model.layers.15.input_layernorm.weight",),
+        import_decoder_layers_15_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_15_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.15.self_attention.linear_proj.weight",
         (2048, 2048),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=15,
-        expert=None,
-        hf_names=("model.layers.15.self_attn.o_proj.weight",),
+        1,
+        False,
+        15,
+        None,
+        ("model.layers.15.self_attn.o_proj.weight",),
+        import_decoder_layers_15_self_attention_linear_proj_weight,
+        export_decoder_layers_15_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.15.self_attention.linear_qkv.weight",
         (3072, 2048),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=15,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        15,
+        None,
+        (
             "model.layers.15.self_attn.q_proj.weight",
             "model.layers.15.self_attn.k_proj.weight",
             "model.layers.15.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_15_self_attention_linear_qkv_weight,
+        export_decoder_layers_15_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.15.mlp.linear_fc1.layer_norm_weight",
         (2048,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=15,
-        expert=None,
-        hf_names=("model.layers.15.post_attention_layernorm.weight",),
+        None,
+        False,
+        15,
+        None,
+        ("model.layers.15.post_attention_layernorm.weight",),
+        import_decoder_layers_15_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_15_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.15.mlp.linear_fc1.weight",
         (16384, 2048),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=15,
-        expert=None,
-        hf_names=("model.layers.15.mlp.gate_proj.weight", "model.layers.15.mlp.up_proj.weight"),
+        0,
+        False,
+        15,
+        None,
+        ("model.layers.15.mlp.gate_proj.weight", "model.layers.15.mlp.up_proj.weight"),
+        import_decoder_layers_15_mlp_linear_fc1_weight,
+        export_decoder_layers_15_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.15.mlp.linear_fc2.weight",
         (2048, 8192),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=15,
-        expert=None,
-        hf_names=("model.layers.15.mlp.down_proj.weight",),
+        1,
+        False,
+        15,
+        None,
+        ("model.layers.15.mlp.down_proj.weight",),
+        import_decoder_layers_15_mlp_linear_fc2_weight,
+        export_decoder_layers_15_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.final_layernorm.weight",
         (2048,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=None,
-        expert=None,
-        hf_names=("model.norm.weight",),
+        None,
+        False,
+        None,
+        None,
+        ("model.norm.weight",),
+        import_decoder_final_layernorm_weight,
+        export_decoder_final_layernorm_weight,
     ),
 )
 
@@ -2936,209 +3218,11 @@ HF_TENSORS: Final[tuple[HFTensorPlan, ...]] = (
     HFTensorPlan("model.norm.weight", (2048,)),
 )
 
-IMPORTS: Final[dict[str, ImportFn]] = {
-    "embedding.word_embeddings.weight": import_embedding_word_embeddings_weight,
-    "decoder.layers.0.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_0_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.0.self_attention.linear_proj.weight": import_decoder_layers_0_self_attention_linear_proj_weight,
-    "decoder.layers.0.self_attention.linear_qkv.weight": import_decoder_layers_0_self_attention_linear_qkv_weight,
-    "decoder.layers.0.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_0_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.0.mlp.linear_fc1.weight": import_decoder_layers_0_mlp_linear_fc1_weight,
-    "decoder.layers.0.mlp.linear_fc2.weight": import_decoder_layers_0_mlp_linear_fc2_weight,
-    "decoder.layers.1.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_1_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.1.self_attention.linear_proj.weight": import_decoder_layers_1_self_attention_linear_proj_weight,
-    "decoder.layers.1.self_attention.linear_qkv.weight": import_decoder_layers_1_self_attention_linear_qkv_weight,
-    "decoder.layers.1.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_1_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.1.mlp.linear_fc1.weight": import_decoder_layers_1_mlp_linear_fc1_weight,
-    "decoder.layers.1.mlp.linear_fc2.weight": import_decoder_layers_1_mlp_linear_fc2_weight,
-    "decoder.layers.2.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_2_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.2.self_attention.linear_proj.weight": import_decoder_layers_2_self_attention_linear_proj_weight,
-    "decoder.layers.2.self_attention.linear_qkv.weight": import_decoder_layers_2_self_attention_linear_qkv_weight,
-    "decoder.layers.2.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_2_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.2.mlp.linear_fc1.weight": import_decoder_layers_2_mlp_linear_fc1_weight,
-    "decoder.layers.2.mlp.linear_fc2.weight": import_decoder_layers_2_mlp_linear_fc2_weight,
-    "decoder.layers.3.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_3_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.3.self_attention.linear_proj.weight": import_decoder_layers_3_self_attention_linear_proj_weight,
-    "decoder.layers.3.self_attention.linear_qkv.weight": import_decoder_layers_3_self_attention_linear_qkv_weight,
-    "decoder.layers.3.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_3_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.3.mlp.linear_fc1.weight": import_decoder_layers_3_mlp_linear_fc1_weight,
-    "decoder.layers.3.mlp.linear_fc2.weight": import_decoder_layers_3_mlp_linear_fc2_weight,
-    "decoder.layers.4.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_4_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.4.self_attention.linear_proj.weight": import_decoder_layers_4_self_attention_linear_proj_weight,
-    "decoder.layers.4.self_attention.linear_qkv.weight": import_decoder_layers_4_self_attention_linear_qkv_weight,
-    "decoder.layers.4.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_4_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.4.mlp.linear_fc1.weight": import_decoder_layers_4_mlp_linear_fc1_weight,
-    "decoder.layers.4.mlp.linear_fc2.weight": import_decoder_layers_4_mlp_linear_fc2_weight,
-    "decoder.layers.5.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_5_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.5.self_attention.linear_proj.weight": import_decoder_layers_5_self_attention_linear_proj_weight,
-    "decoder.layers.5.self_attention.linear_qkv.weight": import_decoder_layers_5_self_attention_linear_qkv_weight,
-    "decoder.layers.5.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_5_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.5.mlp.linear_fc1.weight": import_decoder_layers_5_mlp_linear_fc1_weight,
-    "decoder.layers.5.mlp.linear_fc2.weight": import_decoder_layers_5_mlp_linear_fc2_weight,
-    "decoder.layers.6.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_6_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.6.self_attention.linear_proj.weight": import_decoder_layers_6_self_attention_linear_proj_weight,
-    "decoder.layers.6.self_attention.linear_qkv.weight": import_decoder_layers_6_self_attention_linear_qkv_weight,
-    "decoder.layers.6.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_6_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.6.mlp.linear_fc1.weight": import_decoder_layers_6_mlp_linear_fc1_weight,
-    "decoder.layers.6.mlp.linear_fc2.weight": import_decoder_layers_6_mlp_linear_fc2_weight,
-    "decoder.layers.7.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_7_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.7.self_attention.linear_proj.weight": import_decoder_layers_7_self_attention_linear_proj_weight,
-    "decoder.layers.7.self_attention.linear_qkv.weight": import_decoder_layers_7_self_attention_linear_qkv_weight,
-    "decoder.layers.7.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_7_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.7.mlp.linear_fc1.weight": import_decoder_layers_7_mlp_linear_fc1_weight,
-    "decoder.layers.7.mlp.linear_fc2.weight": import_decoder_layers_7_mlp_linear_fc2_weight,
-    "decoder.layers.8.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_8_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.8.self_attention.linear_proj.weight": import_decoder_layers_8_self_attention_linear_proj_weight,
-    "decoder.layers.8.self_attention.linear_qkv.weight": import_decoder_layers_8_self_attention_linear_qkv_weight,
-    "decoder.layers.8.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_8_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.8.mlp.linear_fc1.weight": import_decoder_layers_8_mlp_linear_fc1_weight,
-    "decoder.layers.8.mlp.linear_fc2.weight": import_decoder_layers_8_mlp_linear_fc2_weight,
-    "decoder.layers.9.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_9_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.9.self_attention.linear_proj.weight": import_decoder_layers_9_self_attention_linear_proj_weight,
-    "decoder.layers.9.self_attention.linear_qkv.weight": import_decoder_layers_9_self_attention_linear_qkv_weight,
-    "decoder.layers.9.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_9_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.9.mlp.linear_fc1.weight": import_decoder_layers_9_mlp_linear_fc1_weight,
-    "decoder.layers.9.mlp.linear_fc2.weight": import_decoder_layers_9_mlp_linear_fc2_weight,
-    "decoder.layers.10.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_10_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.10.self_attention.linear_proj.weight": import_decoder_layers_10_self_attention_linear_proj_weight,
-    "decoder.layers.10.self_attention.linear_qkv.weight": import_decoder_layers_10_self_attention_linear_qkv_weight,
-    "decoder.layers.10.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_10_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.10.mlp.linear_fc1.weight": import_decoder_layers_10_mlp_linear_fc1_weight,
-    "decoder.layers.10.mlp.linear_fc2.weight": import_decoder_layers_10_mlp_linear_fc2_weight,
-    "decoder.layers.11.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_11_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.11.self_attention.linear_proj.weight": import_decoder_layers_11_self_attention_linear_proj_weight,
-    "decoder.layers.11.self_attention.linear_qkv.weight": import_decoder_layers_11_self_attention_linear_qkv_weight,
-    "decoder.layers.11.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_11_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.11.mlp.linear_fc1.weight": import_decoder_layers_11_mlp_linear_fc1_weight,
-    "decoder.layers.11.mlp.linear_fc2.weight": import_decoder_layers_11_mlp_linear_fc2_weight,
-    "decoder.layers.12.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_12_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.12.self_attention.linear_proj.weight": import_decoder_layers_12_self_attention_linear_proj_weight,
-    "decoder.layers.12.self_attention.linear_qkv.weight": import_decoder_layers_12_self_attention_linear_qkv_weight,
-    "decoder.layers.12.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_12_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.12.mlp.linear_fc1.weight": import_decoder_layers_12_mlp_linear_fc1_weight,
-    "decoder.layers.12.mlp.linear_fc2.weight": import_decoder_layers_12_mlp_linear_fc2_weight,
-    "decoder.layers.13.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_13_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.13.self_attention.linear_proj.weight": import_decoder_layers_13_self_attention_linear_proj_weight,
-    "decoder.layers.13.self_attention.linear_qkv.weight": import_decoder_layers_13_self_attention_linear_qkv_weight,
-    "decoder.layers.13.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_13_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.13.mlp.linear_fc1.weight": import_decoder_layers_13_mlp_linear_fc1_weight,
-    "decoder.layers.13.mlp.linear_fc2.weight": import_decoder_layers_13_mlp_linear_fc2_weight,
-    "decoder.layers.14.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_14_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.14.self_attention.linear_proj.weight": import_decoder_layers_14_self_attention_linear_proj_weight,
-    "decoder.layers.14.self_attention.linear_qkv.weight": import_decoder_layers_14_self_attention_linear_qkv_weight,
-    "decoder.layers.14.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_14_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.14.mlp.linear_fc1.weight": import_decoder_layers_14_mlp_linear_fc1_weight,
-    "decoder.layers.14.mlp.linear_fc2.weight": import_decoder_layers_14_mlp_linear_fc2_weight,
-    "decoder.layers.15.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_15_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.15.self_attention.linear_proj.weight": import_decoder_layers_15_self_attention_linear_proj_weight,
-    "decoder.layers.15.self_attention.linear_qkv.weight": import_decoder_layers_15_self_attention_linear_qkv_weight,
-    "decoder.layers.15.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_15_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.15.mlp.linear_fc1.weight": import_decoder_layers_15_mlp_linear_fc1_weight,
-    "decoder.layers.15.mlp.linear_fc2.weight": import_decoder_layers_15_mlp_linear_fc2_weight,
-    "decoder.final_layernorm.weight": import_decoder_final_layernorm_weight,
-}
+IMPORTS: Final[dict[str, ImportFn]] = {p.megatron_name: p.importer for p in PARAMS}
 
 # Megatron parameters that hold a copy of another (tied embeddings on the last pipeline stage)
 TIED: Final[dict[str, str]] = {
     "output_layer.weight": "embedding.word_embeddings.weight",
 }
 
-EXPORTS: Final[dict[str, ExportFn]] = {
-    "embedding.word_embeddings.weight": export_embedding_word_embeddings_weight,
-    "decoder.layers.0.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_0_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.0.self_attention.linear_proj.weight": export_decoder_layers_0_self_attention_linear_proj_weight,
-    "decoder.layers.0.self_attention.linear_qkv.weight": export_decoder_layers_0_self_attention_linear_qkv_weight,
-    "decoder.layers.0.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_0_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.0.mlp.linear_fc1.weight": export_decoder_layers_0_mlp_linear_fc1_weight,
-    "decoder.layers.0.mlp.linear_fc2.weight": export_decoder_layers_0_mlp_linear_fc2_weight,
-    "decoder.layers.1.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_1_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.1.self_attention.linear_proj.weight": export_decoder_layers_1_self_attention_linear_proj_weight,
-    "decoder.layers.1.self_attention.linear_qkv.weight": export_decoder_layers_1_self_attention_linear_qkv_weight,
-    "decoder.layers.1.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_1_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.1.mlp.linear_fc1.weight": export_decoder_layers_1_mlp_linear_fc1_weight,
-    "decoder.layers.1.mlp.linear_fc2.weight": export_decoder_layers_1_mlp_linear_fc2_weight,
-    "decoder.layers.2.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_2_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.2.self_attention.linear_proj.weight": export_decoder_layers_2_self_attention_linear_proj_weight,
-    "decoder.layers.2.self_attention.linear_qkv.weight": export_decoder_layers_2_self_attention_linear_qkv_weight,
-    "decoder.layers.2.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_2_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.2.mlp.linear_fc1.weight": export_decoder_layers_2_mlp_linear_fc1_weight,
-    "decoder.layers.2.mlp.linear_fc2.weight": export_decoder_layers_2_mlp_linear_fc2_weight,
-    "decoder.layers.3.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_3_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.3.self_attention.linear_proj.weight": export_decoder_layers_3_self_attention_linear_proj_weight,
-    "decoder.layers.3.self_attention.linear_qkv.weight": export_decoder_layers_3_self_attention_linear_qkv_weight,
-    "decoder.layers.3.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_3_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.3.mlp.linear_fc1.weight": export_decoder_layers_3_mlp_linear_fc1_weight,
-    "decoder.layers.3.mlp.linear_fc2.weight": export_decoder_layers_3_mlp_linear_fc2_weight,
-    "decoder.layers.4.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_4_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.4.self_attention.linear_proj.weight": export_decoder_layers_4_self_attention_linear_proj_weight,
-    "decoder.layers.4.self_attention.linear_qkv.weight": export_decoder_layers_4_self_attention_linear_qkv_weight,
-    "decoder.layers.4.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_4_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.4.mlp.linear_fc1.weight": export_decoder_layers_4_mlp_linear_fc1_weight,
-    "decoder.layers.4.mlp.linear_fc2.weight": export_decoder_layers_4_mlp_linear_fc2_weight,
-    "decoder.layers.5.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_5_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.5.self_attention.linear_proj.weight": export_decoder_layers_5_self_attention_linear_proj_weight,
-    "decoder.layers.5.self_attention.linear_qkv.weight": export_decoder_layers_5_self_attention_linear_qkv_weight,
-    "decoder.layers.5.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_5_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.5.mlp.linear_fc1.weight": export_decoder_layers_5_mlp_linear_fc1_weight,
-    "decoder.layers.5.mlp.linear_fc2.weight": export_decoder_layers_5_mlp_linear_fc2_weight,
-    "decoder.layers.6.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_6_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.6.self_attention.linear_proj.weight": export_decoder_layers_6_self_attention_linear_proj_weight,
-    "decoder.layers.6.self_attention.linear_qkv.weight": export_decoder_layers_6_self_attention_linear_qkv_weight,
-    "decoder.layers.6.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_6_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.6.mlp.linear_fc1.weight": export_decoder_layers_6_mlp_linear_fc1_weight,
-    "decoder.layers.6.mlp.linear_fc2.weight": export_decoder_layers_6_mlp_linear_fc2_weight,
-    "decoder.layers.7.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_7_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.7.self_attention.linear_proj.weight": export_decoder_layers_7_self_attention_linear_proj_weight,
-    "decoder.layers.7.self_attention.linear_qkv.weight": export_decoder_layers_7_self_attention_linear_qkv_weight,
-    "decoder.layers.7.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_7_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.7.mlp.linear_fc1.weight": export_decoder_layers_7_mlp_linear_fc1_weight,
-    "decoder.layers.7.mlp.linear_fc2.weight": export_decoder_layers_7_mlp_linear_fc2_weight,
-    "decoder.layers.8.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_8_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.8.self_attention.linear_proj.weight": export_decoder_layers_8_self_attention_linear_proj_weight,
-    "decoder.layers.8.self_attention.linear_qkv.weight": export_decoder_layers_8_self_attention_linear_qkv_weight,
-    "decoder.layers.8.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_8_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.8.mlp.linear_fc1.weight": export_decoder_layers_8_mlp_linear_fc1_weight,
-    "decoder.layers.8.mlp.linear_fc2.weight": export_decoder_layers_8_mlp_linear_fc2_weight,
-    "decoder.layers.9.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_9_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.9.self_attention.linear_proj.weight": export_decoder_layers_9_self_attention_linear_proj_weight,
-    "decoder.layers.9.self_attention.linear_qkv.weight": export_decoder_layers_9_self_attention_linear_qkv_weight,
-    "decoder.layers.9.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_9_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.9.mlp.linear_fc1.weight": export_decoder_layers_9_mlp_linear_fc1_weight,
-    "decoder.layers.9.mlp.linear_fc2.weight": export_decoder_layers_9_mlp_linear_fc2_weight,
-    "decoder.layers.10.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_10_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.10.self_attention.linear_proj.weight": export_decoder_layers_10_self_attention_linear_proj_weight,
-    "decoder.layers.10.self_attention.linear_qkv.weight": export_decoder_layers_10_self_attention_linear_qkv_weight,
-    "decoder.layers.10.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_10_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.10.mlp.linear_fc1.weight": export_decoder_layers_10_mlp_linear_fc1_weight,
-    "decoder.layers.10.mlp.linear_fc2.weight": export_decoder_layers_10_mlp_linear_fc2_weight,
-    "decoder.layers.11.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_11_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.11.self_attention.linear_proj.weight": export_decoder_layers_11_self_attention_linear_proj_weight,
-    "decoder.layers.11.self_attention.linear_qkv.weight": export_decoder_layers_11_self_attention_linear_qkv_weight,
-    "decoder.layers.11.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_11_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.11.mlp.linear_fc1.weight": export_decoder_layers_11_mlp_linear_fc1_weight,
-    "decoder.layers.11.mlp.linear_fc2.weight": export_decoder_layers_11_mlp_linear_fc2_weight,
-    "decoder.layers.12.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_12_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.12.self_attention.linear_proj.weight": export_decoder_layers_12_self_attention_linear_proj_weight,
-    "decoder.layers.12.self_attention.linear_qkv.weight": export_decoder_layers_12_self_attention_linear_qkv_weight,
-    "decoder.layers.12.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_12_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.12.mlp.linear_fc1.weight": export_decoder_layers_12_mlp_linear_fc1_weight,
-    "decoder.layers.12.mlp.linear_fc2.weight": export_decoder_layers_12_mlp_linear_fc2_weight,
-    "decoder.layers.13.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_13_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.13.self_attention.linear_proj.weight": export_decoder_layers_13_self_attention_linear_proj_weight,
-    "decoder.layers.13.self_attention.linear_qkv.weight": export_decoder_layers_13_self_attention_linear_qkv_weight,
-    "decoder.layers.13.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_13_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.13.mlp.linear_fc1.weight": export_decoder_layers_13_mlp_linear_fc1_weight,
-    "decoder.layers.13.mlp.linear_fc2.weight": export_decoder_layers_13_mlp_linear_fc2_weight,
-    "decoder.layers.14.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_14_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.14.self_attention.linear_proj.weight": export_decoder_layers_14_self_attention_linear_proj_weight,
-    "decoder.layers.14.self_attention.linear_qkv.weight": export_decoder_layers_14_self_attention_linear_qkv_weight,
-    "decoder.layers.14.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_14_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.14.mlp.linear_fc1.weight": export_decoder_layers_14_mlp_linear_fc1_weight,
-    "decoder.layers.14.mlp.linear_fc2.weight": export_decoder_layers_14_mlp_linear_fc2_weight,
-    "decoder.layers.15.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_15_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.15.self_attention.linear_proj.weight": export_decoder_layers_15_self_attention_linear_proj_weight,
-    "decoder.layers.15.self_attention.linear_qkv.weight": export_decoder_layers_15_self_attention_linear_qkv_weight,
-    "decoder.layers.15.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_15_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.15.mlp.linear_fc1.weight": export_decoder_layers_15_mlp_linear_fc1_weight,
-    "decoder.layers.15.mlp.linear_fc2.weight": export_decoder_layers_15_mlp_linear_fc2_weight,
-    "decoder.final_layernorm.weight": export_decoder_final_layernorm_weight,
-}
+EXPORTS: Final[dict[str, ExportFn]] = {p.megatron_name: p.exporter for p in PARAMS}

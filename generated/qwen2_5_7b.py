@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Final
 
-import torch
+from torch import Tensor
 
 from mapgen import runtime as rt
 from mapgen.dims import ModelDims
@@ -47,55 +47,75 @@ DIMS: Final = ModelDims(
     rope_scaling_high_freq_factor=None,
     rope_scaling_original_max_position_embeddings=None,
     params_dtype="bfloat16",
+    rope_beta_fast=32.0,
+    rope_beta_slow=1.0,
+    rope_mscale=1.0,
+    rope_mscale_all_dim=0.0,
+    num_moe_experts=None,
+    moe_ffn_hidden_size=None,
+    moe_router_topk=2,
+    moe_dense_layers=0,
+    moe_shared_expert_intermediate_size=None,
+    moe_shared_expert_gate=False,
+    moe_router_score_function="softmax",
+    moe_router_pre_softmax=False,
+    moe_router_enable_expert_bias=False,
+    moe_router_topk_scaling_factor=None,
+    moe_router_num_groups=None,
+    moe_router_group_topk=None,
+    multi_latent_attention=False,
+    q_lora_rank=None,
+    kv_lora_rank=0,
+    qk_head_dim=0,
+    qk_pos_emb_head_dim=0,
+    v_head_dim=0,
 )
 
 
 def import_embedding_word_embeddings_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """embedding.word_embeddings.weight <- model.embed_tokens.weight: auto -> column, specs/qwen2.yaml:25."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> column: specs/qwen2.yaml:25."""
     return rt.column_import(ctx.tp, load("model.embed_tokens.weight"), out=out)
 
 
-def export_embedding_word_embeddings_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """embedding.word_embeddings.weight <- model.embed_tokens.weight: auto -> column, specs/qwen2.yaml:25."""
+def export_embedding_word_embeddings_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> column: specs/qwen2.yaml:25."""
     return {"model.embed_tokens.weight": rt.column_export(parts)}
 
 
 def import_decoder_layers_0_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.0.self_attention.linear_qkv.layer_norm_weight <- model.layers.0.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen2.yaml:28."""
     return rt.whole_import(load("model.layers.0.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_0_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.0.self_attention.linear_qkv.layer_norm_weight <- model.layers.0.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen2.yaml:28."""
     return {"model.layers.0.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_0_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.0.self_attention.linear_proj.weight <- model.layers.0.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen2.yaml:37."""
     return rt.row_import(ctx.tp, load("model.layers.0.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_0_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.0.self_attention.linear_proj.weight <- model.layers.0.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen2.yaml:37."""
     return {"model.layers.0.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_0_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.0.self_attention.linear_qkv.weight <- model.layers.0.self_attn.q_proj.weight, model.layers.0.self_attn.k_proj.weight, model.layers.0.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/qwen2.yaml:31."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.0.self_attn.q_proj.weight"),
@@ -109,21 +129,25 @@ def import_decoder_layers_0_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_0_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.0.self_attention.linear_qkv.weight <- model.layers.0.self_attn.q_proj.weight, model.layers.0.self_attn.k_proj.weight, model.layers.0.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
-    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
-    return {
-        "model.layers.0.self_attn.q_proj.weight": q,
-        "model.layers.0.self_attn.k_proj.weight": k,
-        "model.layers.0.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/qwen2.yaml:31."""
+    return dict(
+        zip(
+            (
+                "model.layers.0.self_attn.q_proj.weight",
+                "model.layers.0.self_attn.k_proj.weight",
+                "model.layers.0.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=28, groups=4, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_0_self_attention_linear_qkv_bias(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.0.self_attention.linear_qkv.bias <- model.layers.0.self_attn.q_proj.bias, model.layers.0.self_attn.k_proj.bias, model.layers.0.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/qwen2.yaml:34."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.0.self_attn.q_proj.bias"),
@@ -137,35 +161,39 @@ def import_decoder_layers_0_self_attention_linear_qkv_bias(
 
 
 def export_decoder_layers_0_self_attention_linear_qkv_bias(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.0.self_attention.linear_qkv.bias <- model.layers.0.self_attn.q_proj.bias, model.layers.0.self_attn.k_proj.bias, model.layers.0.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
-    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
-    return {
-        "model.layers.0.self_attn.q_proj.bias": q,
-        "model.layers.0.self_attn.k_proj.bias": k,
-        "model.layers.0.self_attn.v_proj.bias": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/qwen2.yaml:34."""
+    return dict(
+        zip(
+            (
+                "model.layers.0.self_attn.q_proj.bias",
+                "model.layers.0.self_attn.k_proj.bias",
+                "model.layers.0.self_attn.v_proj.bias",
+            ),
+            rt.qkv_export(parts, heads=28, groups=4, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_0_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.0.mlp.linear_fc1.layer_norm_weight <- model.layers.0.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen2.yaml:40."""
     return rt.whole_import(load("model.layers.0.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_0_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.0.mlp.linear_fc1.layer_norm_weight <- model.layers.0.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen2.yaml:40."""
     return {"model.layers.0.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_0_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.0.mlp.linear_fc1.weight <- model.layers.0.mlp.gate_proj.weight, model.layers.0.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/qwen2.yaml:43."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.0.mlp.gate_proj.weight"),
@@ -174,60 +202,60 @@ def import_decoder_layers_0_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_0_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.0.mlp.linear_fc1.weight <- model.layers.0.mlp.gate_proj.weight, model.layers.0.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.0.mlp.gate_proj.weight": gate, "model.layers.0.mlp.up_proj.weight": up}
+def export_decoder_layers_0_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/qwen2.yaml:43."""
+    return dict(
+        zip(
+            ("model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_0_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.0.mlp.linear_fc2.weight <- model.layers.0.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen2.yaml:46."""
     return rt.row_import(ctx.tp, load("model.layers.0.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_0_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.0.mlp.linear_fc2.weight <- model.layers.0.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
+def export_decoder_layers_0_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen2.yaml:46."""
     return {"model.layers.0.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_1_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.1.self_attention.linear_qkv.layer_norm_weight <- model.layers.1.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen2.yaml:28."""
     return rt.whole_import(load("model.layers.1.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_1_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.1.self_attention.linear_qkv.layer_norm_weight <- model.layers.1.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen2.yaml:28."""
     return {"model.layers.1.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_1_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.1.self_attention.linear_proj.weight <- model.layers.1.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen2.yaml:37."""
     return rt.row_import(ctx.tp, load("model.layers.1.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_1_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.1.self_attention.linear_proj.weight <- model.layers.1.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen2.yaml:37."""
     return {"model.layers.1.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_1_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.1.self_attention.linear_qkv.weight <- model.layers.1.self_attn.q_proj.weight, model.layers.1.self_attn.k_proj.weight, model.layers.1.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/qwen2.yaml:31."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.1.self_attn.q_proj.weight"),
@@ -241,21 +269,25 @@ def import_decoder_layers_1_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_1_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.1.self_attention.linear_qkv.weight <- model.layers.1.self_attn.q_proj.weight, model.layers.1.self_attn.k_proj.weight, model.layers.1.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
-    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
-    return {
-        "model.layers.1.self_attn.q_proj.weight": q,
-        "model.layers.1.self_attn.k_proj.weight": k,
-        "model.layers.1.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/qwen2.yaml:31."""
+    return dict(
+        zip(
+            (
+                "model.layers.1.self_attn.q_proj.weight",
+                "model.layers.1.self_attn.k_proj.weight",
+                "model.layers.1.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=28, groups=4, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_1_self_attention_linear_qkv_bias(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.1.self_attention.linear_qkv.bias <- model.layers.1.self_attn.q_proj.bias, model.layers.1.self_attn.k_proj.bias, model.layers.1.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/qwen2.yaml:34."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.1.self_attn.q_proj.bias"),
@@ -269,35 +301,39 @@ def import_decoder_layers_1_self_attention_linear_qkv_bias(
 
 
 def export_decoder_layers_1_self_attention_linear_qkv_bias(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.1.self_attention.linear_qkv.bias <- model.layers.1.self_attn.q_proj.bias, model.layers.1.self_attn.k_proj.bias, model.layers.1.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
-    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
-    return {
-        "model.layers.1.self_attn.q_proj.bias": q,
-        "model.layers.1.self_attn.k_proj.bias": k,
-        "model.layers.1.self_attn.v_proj.bias": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/qwen2.yaml:34."""
+    return dict(
+        zip(
+            (
+                "model.layers.1.self_attn.q_proj.bias",
+                "model.layers.1.self_attn.k_proj.bias",
+                "model.layers.1.self_attn.v_proj.bias",
+            ),
+            rt.qkv_export(parts, heads=28, groups=4, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_1_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.1.mlp.linear_fc1.layer_norm_weight <- model.layers.1.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen2.yaml:40."""
     return rt.whole_import(load("model.layers.1.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_1_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.1.mlp.linear_fc1.layer_norm_weight <- model.layers.1.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen2.yaml:40."""
     return {"model.layers.1.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_1_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.1.mlp.linear_fc1.weight <- model.layers.1.mlp.gate_proj.weight, model.layers.1.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/qwen2.yaml:43."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.1.mlp.gate_proj.weight"),
@@ -306,60 +342,60 @@ def import_decoder_layers_1_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_1_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.1.mlp.linear_fc1.weight <- model.layers.1.mlp.gate_proj.weight, model.layers.1.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.1.mlp.gate_proj.weight": gate, "model.layers.1.mlp.up_proj.weight": up}
+def export_decoder_layers_1_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/qwen2.yaml:43."""
+    return dict(
+        zip(
+            ("model.layers.1.mlp.gate_proj.weight", "model.layers.1.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_1_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.1.mlp.linear_fc2.weight <- model.layers.1.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen2.yaml:46."""
     return rt.row_import(ctx.tp, load("model.layers.1.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_1_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.1.mlp.linear_fc2.weight <- model.layers.1.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
+def export_decoder_layers_1_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen2.yaml:46."""
     return {"model.layers.1.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_2_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.2.self_attention.linear_qkv.layer_norm_weight <- model.layers.2.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen2.yaml:28."""
     return rt.whole_import(load("model.layers.2.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_2_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.2.self_attention.linear_qkv.layer_norm_weight <- model.layers.2.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen2.yaml:28."""
     return {"model.layers.2.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_2_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.2.self_attention.linear_proj.weight <- model.layers.2.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen2.yaml:37."""
     return rt.row_import(ctx.tp, load("model.layers.2.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_2_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.2.self_attention.linear_proj.weight <- model.layers.2.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen2.yaml:37."""
     return {"model.layers.2.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_2_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.2.self_attention.linear_qkv.weight <- model.layers.2.self_attn.q_proj.weight, model.layers.2.self_attn.k_proj.weight, model.layers.2.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/qwen2.yaml:31."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.2.self_attn.q_proj.weight"),
@@ -373,21 +409,25 @@ def import_decoder_layers_2_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_2_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.2.self_attention.linear_qkv.weight <- model.layers.2.self_attn.q_proj.weight, model.layers.2.self_attn.k_proj.weight, model.layers.2.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
-    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
-    return {
-        "model.layers.2.self_attn.q_proj.weight": q,
-        "model.layers.2.self_attn.k_proj.weight": k,
-        "model.layers.2.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/qwen2.yaml:31."""
+    return dict(
+        zip(
+            (
+                "model.layers.2.self_attn.q_proj.weight",
+                "model.layers.2.self_attn.k_proj.weight",
+                "model.layers.2.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=28, groups=4, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_2_self_attention_linear_qkv_bias(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.2.self_attention.linear_qkv.bias <- model.layers.2.self_attn.q_proj.bias, model.layers.2.self_attn.k_proj.bias, model.layers.2.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/qwen2.yaml:34."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.2.self_attn.q_proj.bias"),
@@ -401,35 +441,39 @@ def import_decoder_layers_2_self_attention_linear_qkv_bias(
 
 
 def export_decoder_layers_2_self_attention_linear_qkv_bias(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.2.self_attention.linear_qkv.bias <- model.layers.2.self_attn.q_proj.bias, model.layers.2.self_attn.k_proj.bias, model.layers.2.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
-    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
-    return {
-        "model.layers.2.self_attn.q_proj.bias": q,
-        "model.layers.2.self_attn.k_proj.bias": k,
-        "model.layers.2.self_attn.v_proj.bias": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/qwen2.yaml:34."""
+    return dict(
+        zip(
+            (
+                "model.layers.2.self_attn.q_proj.bias",
+                "model.layers.2.self_attn.k_proj.bias",
+                "model.layers.2.self_attn.v_proj.bias",
+            ),
+            rt.qkv_export(parts, heads=28, groups=4, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_2_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.2.mlp.linear_fc1.layer_norm_weight <- model.layers.2.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen2.yaml:40."""
     return rt.whole_import(load("model.layers.2.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_2_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.2.mlp.linear_fc1.layer_norm_weight <- model.layers.2.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen2.yaml:40."""
     return {"model.layers.2.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_2_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.2.mlp.linear_fc1.weight <- model.layers.2.mlp.gate_proj.weight, model.layers.2.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/qwen2.yaml:43."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.2.mlp.gate_proj.weight"),
@@ -438,60 +482,60 @@ def import_decoder_layers_2_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_2_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.2.mlp.linear_fc1.weight <- model.layers.2.mlp.gate_proj.weight, model.layers.2.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.2.mlp.gate_proj.weight": gate, "model.layers.2.mlp.up_proj.weight": up}
+def export_decoder_layers_2_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/qwen2.yaml:43."""
+    return dict(
+        zip(
+            ("model.layers.2.mlp.gate_proj.weight", "model.layers.2.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_2_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.2.mlp.linear_fc2.weight <- model.layers.2.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen2.yaml:46."""
     return rt.row_import(ctx.tp, load("model.layers.2.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_2_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.2.mlp.linear_fc2.weight <- model.layers.2.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
+def export_decoder_layers_2_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen2.yaml:46."""
     return {"model.layers.2.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_3_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.3.self_attention.linear_qkv.layer_norm_weight <- model.layers.3.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen2.yaml:28."""
     return rt.whole_import(load("model.layers.3.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_3_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.3.self_attention.linear_qkv.layer_norm_weight <- model.layers.3.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen2.yaml:28."""
     return {"model.layers.3.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_3_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.3.self_attention.linear_proj.weight <- model.layers.3.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen2.yaml:37."""
     return rt.row_import(ctx.tp, load("model.layers.3.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_3_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.3.self_attention.linear_proj.weight <- model.layers.3.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen2.yaml:37."""
     return {"model.layers.3.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_3_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.3.self_attention.linear_qkv.weight <- model.layers.3.self_attn.q_proj.weight, model.layers.3.self_attn.k_proj.weight, model.layers.3.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/qwen2.yaml:31."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.3.self_attn.q_proj.weight"),
@@ -505,21 +549,25 @@ def import_decoder_layers_3_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_3_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.3.self_attention.linear_qkv.weight <- model.layers.3.self_attn.q_proj.weight, model.layers.3.self_attn.k_proj.weight, model.layers.3.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
-    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
-    return {
-        "model.layers.3.self_attn.q_proj.weight": q,
-        "model.layers.3.self_attn.k_proj.weight": k,
-        "model.layers.3.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/qwen2.yaml:31."""
+    return dict(
+        zip(
+            (
+                "model.layers.3.self_attn.q_proj.weight",
+                "model.layers.3.self_attn.k_proj.weight",
+                "model.layers.3.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=28, groups=4, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_3_self_attention_linear_qkv_bias(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.3.self_attention.linear_qkv.bias <- model.layers.3.self_attn.q_proj.bias, model.layers.3.self_attn.k_proj.bias, model.layers.3.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/qwen2.yaml:34."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.3.self_attn.q_proj.bias"),
@@ -533,35 +581,39 @@ def import_decoder_layers_3_self_attention_linear_qkv_bias(
 
 
 def export_decoder_layers_3_self_attention_linear_qkv_bias(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.3.self_attention.linear_qkv.bias <- model.layers.3.self_attn.q_proj.bias, model.layers.3.self_attn.k_proj.bias, model.layers.3.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
-    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
-    return {
-        "model.layers.3.self_attn.q_proj.bias": q,
-        "model.layers.3.self_attn.k_proj.bias": k,
-        "model.layers.3.self_attn.v_proj.bias": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/qwen2.yaml:34."""
+    return dict(
+        zip(
+            (
+                "model.layers.3.self_attn.q_proj.bias",
+                "model.layers.3.self_attn.k_proj.bias",
+                "model.layers.3.self_attn.v_proj.bias",
+            ),
+            rt.qkv_export(parts, heads=28, groups=4, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_3_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.3.mlp.linear_fc1.layer_norm_weight <- model.layers.3.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen2.yaml:40."""
     return rt.whole_import(load("model.layers.3.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_3_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.3.mlp.linear_fc1.layer_norm_weight <- model.layers.3.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen2.yaml:40."""
     return {"model.layers.3.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_3_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.3.mlp.linear_fc1.weight <- model.layers.3.mlp.gate_proj.weight, model.layers.3.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/qwen2.yaml:43."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.3.mlp.gate_proj.weight"),
@@ -570,60 +622,60 @@ def import_decoder_layers_3_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_3_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.3.mlp.linear_fc1.weight <- model.layers.3.mlp.gate_proj.weight, model.layers.3.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.3.mlp.gate_proj.weight": gate, "model.layers.3.mlp.up_proj.weight": up}
+def export_decoder_layers_3_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/qwen2.yaml:43."""
+    return dict(
+        zip(
+            ("model.layers.3.mlp.gate_proj.weight", "model.layers.3.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_3_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.3.mlp.linear_fc2.weight <- model.layers.3.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen2.yaml:46."""
     return rt.row_import(ctx.tp, load("model.layers.3.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_3_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.3.mlp.linear_fc2.weight <- model.layers.3.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
+def export_decoder_layers_3_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen2.yaml:46."""
     return {"model.layers.3.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_4_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.4.self_attention.linear_qkv.layer_norm_weight <- model.layers.4.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen2.yaml:28."""
     return rt.whole_import(load("model.layers.4.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_4_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.4.self_attention.linear_qkv.layer_norm_weight <- model.layers.4.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen2.yaml:28."""
     return {"model.layers.4.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_4_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.4.self_attention.linear_proj.weight <- model.layers.4.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen2.yaml:37."""
     return rt.row_import(ctx.tp, load("model.layers.4.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_4_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.4.self_attention.linear_proj.weight <- model.layers.4.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen2.yaml:37."""
     return {"model.layers.4.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_4_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.4.self_attention.linear_qkv.weight <- model.layers.4.self_attn.q_proj.weight, model.layers.4.self_attn.k_proj.weight, model.layers.4.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/qwen2.yaml:31."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.4.self_attn.q_proj.weight"),
@@ -637,21 +689,25 @@ def import_decoder_layers_4_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_4_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.4.self_attention.linear_qkv.weight <- model.layers.4.self_attn.q_proj.weight, model.layers.4.self_attn.k_proj.weight, model.layers.4.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
-    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
-    return {
-        "model.layers.4.self_attn.q_proj.weight": q,
-        "model.layers.4.self_attn.k_proj.weight": k,
-        "model.layers.4.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/qwen2.yaml:31."""
+    return dict(
+        zip(
+            (
+                "model.layers.4.self_attn.q_proj.weight",
+                "model.layers.4.self_attn.k_proj.weight",
+                "model.layers.4.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=28, groups=4, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_4_self_attention_linear_qkv_bias(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.4.self_attention.linear_qkv.bias <- model.layers.4.self_attn.q_proj.bias, model.layers.4.self_attn.k_proj.bias, model.layers.4.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/qwen2.yaml:34."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.4.self_attn.q_proj.bias"),
@@ -665,35 +721,39 @@ def import_decoder_layers_4_self_attention_linear_qkv_bias(
 
 
 def export_decoder_layers_4_self_attention_linear_qkv_bias(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.4.self_attention.linear_qkv.bias <- model.layers.4.self_attn.q_proj.bias, model.layers.4.self_attn.k_proj.bias, model.layers.4.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
-    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
-    return {
-        "model.layers.4.self_attn.q_proj.bias": q,
-        "model.layers.4.self_attn.k_proj.bias": k,
-        "model.layers.4.self_attn.v_proj.bias": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/qwen2.yaml:34."""
+    return dict(
+        zip(
+            (
+                "model.layers.4.self_attn.q_proj.bias",
+                "model.layers.4.self_attn.k_proj.bias",
+                "model.layers.4.self_attn.v_proj.bias",
+            ),
+            rt.qkv_export(parts, heads=28, groups=4, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_4_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.4.mlp.linear_fc1.layer_norm_weight <- model.layers.4.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen2.yaml:40."""
     return rt.whole_import(load("model.layers.4.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_4_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.4.mlp.linear_fc1.layer_norm_weight <- model.layers.4.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen2.yaml:40."""
     return {"model.layers.4.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_4_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.4.mlp.linear_fc1.weight <- model.layers.4.mlp.gate_proj.weight, model.layers.4.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/qwen2.yaml:43."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.4.mlp.gate_proj.weight"),
@@ -702,60 +762,60 @@ def import_decoder_layers_4_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_4_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.4.mlp.linear_fc1.weight <- model.layers.4.mlp.gate_proj.weight, model.layers.4.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.4.mlp.gate_proj.weight": gate, "model.layers.4.mlp.up_proj.weight": up}
+def export_decoder_layers_4_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/qwen2.yaml:43."""
+    return dict(
+        zip(
+            ("model.layers.4.mlp.gate_proj.weight", "model.layers.4.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_4_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.4.mlp.linear_fc2.weight <- model.layers.4.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen2.yaml:46."""
     return rt.row_import(ctx.tp, load("model.layers.4.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_4_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.4.mlp.linear_fc2.weight <- model.layers.4.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
+def export_decoder_layers_4_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen2.yaml:46."""
     return {"model.layers.4.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_5_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.5.self_attention.linear_qkv.layer_norm_weight <- model.layers.5.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen2.yaml:28."""
     return rt.whole_import(load("model.layers.5.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_5_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.5.self_attention.linear_qkv.layer_norm_weight <- model.layers.5.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen2.yaml:28."""
     return {"model.layers.5.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_5_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.5.self_attention.linear_proj.weight <- model.layers.5.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen2.yaml:37."""
     return rt.row_import(ctx.tp, load("model.layers.5.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_5_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.5.self_attention.linear_proj.weight <- model.layers.5.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen2.yaml:37."""
     return {"model.layers.5.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_5_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.5.self_attention.linear_qkv.weight <- model.layers.5.self_attn.q_proj.weight, model.layers.5.self_attn.k_proj.weight, model.layers.5.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/qwen2.yaml:31."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.5.self_attn.q_proj.weight"),
@@ -769,21 +829,25 @@ def import_decoder_layers_5_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_5_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.5.self_attention.linear_qkv.weight <- model.layers.5.self_attn.q_proj.weight, model.layers.5.self_attn.k_proj.weight, model.layers.5.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
-    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
-    return {
-        "model.layers.5.self_attn.q_proj.weight": q,
-        "model.layers.5.self_attn.k_proj.weight": k,
-        "model.layers.5.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/qwen2.yaml:31."""
+    return dict(
+        zip(
+            (
+                "model.layers.5.self_attn.q_proj.weight",
+                "model.layers.5.self_attn.k_proj.weight",
+                "model.layers.5.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=28, groups=4, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_5_self_attention_linear_qkv_bias(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.5.self_attention.linear_qkv.bias <- model.layers.5.self_attn.q_proj.bias, model.layers.5.self_attn.k_proj.bias, model.layers.5.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/qwen2.yaml:34."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.5.self_attn.q_proj.bias"),
@@ -797,35 +861,39 @@ def import_decoder_layers_5_self_attention_linear_qkv_bias(
 
 
 def export_decoder_layers_5_self_attention_linear_qkv_bias(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.5.self_attention.linear_qkv.bias <- model.layers.5.self_attn.q_proj.bias, model.layers.5.self_attn.k_proj.bias, model.layers.5.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
-    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
-    return {
-        "model.layers.5.self_attn.q_proj.bias": q,
-        "model.layers.5.self_attn.k_proj.bias": k,
-        "model.layers.5.self_attn.v_proj.bias": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/qwen2.yaml:34."""
+    return dict(
+        zip(
+            (
+                "model.layers.5.self_attn.q_proj.bias",
+                "model.layers.5.self_attn.k_proj.bias",
+                "model.layers.5.self_attn.v_proj.bias",
+            ),
+            rt.qkv_export(parts, heads=28, groups=4, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_5_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.5.mlp.linear_fc1.layer_norm_weight <- model.layers.5.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen2.yaml:40."""
     return rt.whole_import(load("model.layers.5.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_5_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.5.mlp.linear_fc1.layer_norm_weight <- model.layers.5.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen2.yaml:40."""
     return {"model.layers.5.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_5_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.5.mlp.linear_fc1.weight <- model.layers.5.mlp.gate_proj.weight, model.layers.5.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/qwen2.yaml:43."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.5.mlp.gate_proj.weight"),
@@ -834,60 +902,60 @@ def import_decoder_layers_5_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_5_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.5.mlp.linear_fc1.weight <- model.layers.5.mlp.gate_proj.weight, model.layers.5.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.5.mlp.gate_proj.weight": gate, "model.layers.5.mlp.up_proj.weight": up}
+def export_decoder_layers_5_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/qwen2.yaml:43."""
+    return dict(
+        zip(
+            ("model.layers.5.mlp.gate_proj.weight", "model.layers.5.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_5_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.5.mlp.linear_fc2.weight <- model.layers.5.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen2.yaml:46."""
     return rt.row_import(ctx.tp, load("model.layers.5.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_5_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.5.mlp.linear_fc2.weight <- model.layers.5.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
+def export_decoder_layers_5_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen2.yaml:46."""
     return {"model.layers.5.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_6_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.6.self_attention.linear_qkv.layer_norm_weight <- model.layers.6.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen2.yaml:28."""
     return rt.whole_import(load("model.layers.6.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_6_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.6.self_attention.linear_qkv.layer_norm_weight <- model.layers.6.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen2.yaml:28."""
     return {"model.layers.6.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_6_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.6.self_attention.linear_proj.weight <- model.layers.6.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen2.yaml:37."""
     return rt.row_import(ctx.tp, load("model.layers.6.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_6_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.6.self_attention.linear_proj.weight <- model.layers.6.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen2.yaml:37."""
     return {"model.layers.6.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_6_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.6.self_attention.linear_qkv.weight <- model.layers.6.self_attn.q_proj.weight, model.layers.6.self_attn.k_proj.weight, model.layers.6.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/qwen2.yaml:31."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.6.self_attn.q_proj.weight"),
@@ -901,21 +969,25 @@ def import_decoder_layers_6_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_6_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.6.self_attention.linear_qkv.weight <- model.layers.6.self_attn.q_proj.weight, model.layers.6.self_attn.k_proj.weight, model.layers.6.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
-    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
-    return {
-        "model.layers.6.self_attn.q_proj.weight": q,
-        "model.layers.6.self_attn.k_proj.weight": k,
-        "model.layers.6.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/qwen2.yaml:31."""
+    return dict(
+        zip(
+            (
+                "model.layers.6.self_attn.q_proj.weight",
+                "model.layers.6.self_attn.k_proj.weight",
+                "model.layers.6.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=28, groups=4, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_6_self_attention_linear_qkv_bias(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.6.self_attention.linear_qkv.bias <- model.layers.6.self_attn.q_proj.bias, model.layers.6.self_attn.k_proj.bias, model.layers.6.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/qwen2.yaml:34."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.6.self_attn.q_proj.bias"),
@@ -929,35 +1001,39 @@ def import_decoder_layers_6_self_attention_linear_qkv_bias(
 
 
 def export_decoder_layers_6_self_attention_linear_qkv_bias(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.6.self_attention.linear_qkv.bias <- model.layers.6.self_attn.q_proj.bias, model.layers.6.self_attn.k_proj.bias, model.layers.6.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
-    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
-    return {
-        "model.layers.6.self_attn.q_proj.bias": q,
-        "model.layers.6.self_attn.k_proj.bias": k,
-        "model.layers.6.self_attn.v_proj.bias": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/qwen2.yaml:34."""
+    return dict(
+        zip(
+            (
+                "model.layers.6.self_attn.q_proj.bias",
+                "model.layers.6.self_attn.k_proj.bias",
+                "model.layers.6.self_attn.v_proj.bias",
+            ),
+            rt.qkv_export(parts, heads=28, groups=4, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_6_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.6.mlp.linear_fc1.layer_norm_weight <- model.layers.6.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen2.yaml:40."""
     return rt.whole_import(load("model.layers.6.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_6_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.6.mlp.linear_fc1.layer_norm_weight <- model.layers.6.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen2.yaml:40."""
     return {"model.layers.6.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_6_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.6.mlp.linear_fc1.weight <- model.layers.6.mlp.gate_proj.weight, model.layers.6.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/qwen2.yaml:43."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.6.mlp.gate_proj.weight"),
@@ -966,60 +1042,60 @@ def import_decoder_layers_6_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_6_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.6.mlp.linear_fc1.weight <- model.layers.6.mlp.gate_proj.weight, model.layers.6.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.6.mlp.gate_proj.weight": gate, "model.layers.6.mlp.up_proj.weight": up}
+def export_decoder_layers_6_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/qwen2.yaml:43."""
+    return dict(
+        zip(
+            ("model.layers.6.mlp.gate_proj.weight", "model.layers.6.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_6_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.6.mlp.linear_fc2.weight <- model.layers.6.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen2.yaml:46."""
     return rt.row_import(ctx.tp, load("model.layers.6.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_6_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.6.mlp.linear_fc2.weight <- model.layers.6.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
+def export_decoder_layers_6_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen2.yaml:46."""
     return {"model.layers.6.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_7_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.7.self_attention.linear_qkv.layer_norm_weight <- model.layers.7.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen2.yaml:28."""
     return rt.whole_import(load("model.layers.7.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_7_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.7.self_attention.linear_qkv.layer_norm_weight <- model.layers.7.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen2.yaml:28."""
     return {"model.layers.7.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_7_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.7.self_attention.linear_proj.weight <- model.layers.7.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen2.yaml:37."""
     return rt.row_import(ctx.tp, load("model.layers.7.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_7_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.7.self_attention.linear_proj.weight <- model.layers.7.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen2.yaml:37."""
     return {"model.layers.7.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_7_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.7.self_attention.linear_qkv.weight <- model.layers.7.self_attn.q_proj.weight, model.layers.7.self_attn.k_proj.weight, model.layers.7.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/qwen2.yaml:31."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.7.self_attn.q_proj.weight"),
@@ -1033,21 +1109,25 @@ def import_decoder_layers_7_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_7_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.7.self_attention.linear_qkv.weight <- model.layers.7.self_attn.q_proj.weight, model.layers.7.self_attn.k_proj.weight, model.layers.7.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
-    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
-    return {
-        "model.layers.7.self_attn.q_proj.weight": q,
-        "model.layers.7.self_attn.k_proj.weight": k,
-        "model.layers.7.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/qwen2.yaml:31."""
+    return dict(
+        zip(
+            (
+                "model.layers.7.self_attn.q_proj.weight",
+                "model.layers.7.self_attn.k_proj.weight",
+                "model.layers.7.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=28, groups=4, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_7_self_attention_linear_qkv_bias(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.7.self_attention.linear_qkv.bias <- model.layers.7.self_attn.q_proj.bias, model.layers.7.self_attn.k_proj.bias, model.layers.7.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/qwen2.yaml:34."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.7.self_attn.q_proj.bias"),
@@ -1061,35 +1141,39 @@ def import_decoder_layers_7_self_attention_linear_qkv_bias(
 
 
 def export_decoder_layers_7_self_attention_linear_qkv_bias(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.7.self_attention.linear_qkv.bias <- model.layers.7.self_attn.q_proj.bias, model.layers.7.self_attn.k_proj.bias, model.layers.7.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
-    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
-    return {
-        "model.layers.7.self_attn.q_proj.bias": q,
-        "model.layers.7.self_attn.k_proj.bias": k,
-        "model.layers.7.self_attn.v_proj.bias": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/qwen2.yaml:34."""
+    return dict(
+        zip(
+            (
+                "model.layers.7.self_attn.q_proj.bias",
+                "model.layers.7.self_attn.k_proj.bias",
+                "model.layers.7.self_attn.v_proj.bias",
+            ),
+            rt.qkv_export(parts, heads=28, groups=4, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_7_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.7.mlp.linear_fc1.layer_norm_weight <- model.layers.7.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen2.yaml:40."""
     return rt.whole_import(load("model.layers.7.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_7_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.7.mlp.linear_fc1.layer_norm_weight <- model.layers.7.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen2.yaml:40."""
     return {"model.layers.7.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_7_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.7.mlp.linear_fc1.weight <- model.layers.7.mlp.gate_proj.weight, model.layers.7.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/qwen2.yaml:43."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.7.mlp.gate_proj.weight"),
@@ -1098,60 +1182,60 @@ def import_decoder_layers_7_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_7_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.7.mlp.linear_fc1.weight <- model.layers.7.mlp.gate_proj.weight, model.layers.7.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.7.mlp.gate_proj.weight": gate, "model.layers.7.mlp.up_proj.weight": up}
+def export_decoder_layers_7_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/qwen2.yaml:43."""
+    return dict(
+        zip(
+            ("model.layers.7.mlp.gate_proj.weight", "model.layers.7.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_7_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.7.mlp.linear_fc2.weight <- model.layers.7.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen2.yaml:46."""
     return rt.row_import(ctx.tp, load("model.layers.7.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_7_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.7.mlp.linear_fc2.weight <- model.layers.7.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
+def export_decoder_layers_7_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen2.yaml:46."""
     return {"model.layers.7.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_8_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.8.self_attention.linear_qkv.layer_norm_weight <- model.layers.8.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen2.yaml:28."""
     return rt.whole_import(load("model.layers.8.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_8_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.8.self_attention.linear_qkv.layer_norm_weight <- model.layers.8.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen2.yaml:28."""
     return {"model.layers.8.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_8_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.8.self_attention.linear_proj.weight <- model.layers.8.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen2.yaml:37."""
     return rt.row_import(ctx.tp, load("model.layers.8.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_8_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.8.self_attention.linear_proj.weight <- model.layers.8.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen2.yaml:37."""
     return {"model.layers.8.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_8_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.8.self_attention.linear_qkv.weight <- model.layers.8.self_attn.q_proj.weight, model.layers.8.self_attn.k_proj.weight, model.layers.8.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/qwen2.yaml:31."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.8.self_attn.q_proj.weight"),
@@ -1165,21 +1249,25 @@ def import_decoder_layers_8_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_8_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.8.self_attention.linear_qkv.weight <- model.layers.8.self_attn.q_proj.weight, model.layers.8.self_attn.k_proj.weight, model.layers.8.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
-    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
-    return {
-        "model.layers.8.self_attn.q_proj.weight": q,
-        "model.layers.8.self_attn.k_proj.weight": k,
-        "model.layers.8.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/qwen2.yaml:31."""
+    return dict(
+        zip(
+            (
+                "model.layers.8.self_attn.q_proj.weight",
+                "model.layers.8.self_attn.k_proj.weight",
+                "model.layers.8.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=28, groups=4, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_8_self_attention_linear_qkv_bias(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.8.self_attention.linear_qkv.bias <- model.layers.8.self_attn.q_proj.bias, model.layers.8.self_attn.k_proj.bias, model.layers.8.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/qwen2.yaml:34."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.8.self_attn.q_proj.bias"),
@@ -1193,35 +1281,39 @@ def import_decoder_layers_8_self_attention_linear_qkv_bias(
 
 
 def export_decoder_layers_8_self_attention_linear_qkv_bias(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.8.self_attention.linear_qkv.bias <- model.layers.8.self_attn.q_proj.bias, model.layers.8.self_attn.k_proj.bias, model.layers.8.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
-    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
-    return {
-        "model.layers.8.self_attn.q_proj.bias": q,
-        "model.layers.8.self_attn.k_proj.bias": k,
-        "model.layers.8.self_attn.v_proj.bias": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/qwen2.yaml:34."""
+    return dict(
+        zip(
+            (
+                "model.layers.8.self_attn.q_proj.bias",
+                "model.layers.8.self_attn.k_proj.bias",
+                "model.layers.8.self_attn.v_proj.bias",
+            ),
+            rt.qkv_export(parts, heads=28, groups=4, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_8_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.8.mlp.linear_fc1.layer_norm_weight <- model.layers.8.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen2.yaml:40."""
     return rt.whole_import(load("model.layers.8.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_8_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.8.mlp.linear_fc1.layer_norm_weight <- model.layers.8.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen2.yaml:40."""
     return {"model.layers.8.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_8_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.8.mlp.linear_fc1.weight <- model.layers.8.mlp.gate_proj.weight, model.layers.8.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/qwen2.yaml:43."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.8.mlp.gate_proj.weight"),
@@ -1230,60 +1322,60 @@ def import_decoder_layers_8_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_8_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.8.mlp.linear_fc1.weight <- model.layers.8.mlp.gate_proj.weight, model.layers.8.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.8.mlp.gate_proj.weight": gate, "model.layers.8.mlp.up_proj.weight": up}
+def export_decoder_layers_8_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/qwen2.yaml:43."""
+    return dict(
+        zip(
+            ("model.layers.8.mlp.gate_proj.weight", "model.layers.8.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_8_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.8.mlp.linear_fc2.weight <- model.layers.8.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen2.yaml:46."""
     return rt.row_import(ctx.tp, load("model.layers.8.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_8_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.8.mlp.linear_fc2.weight <- model.layers.8.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
+def export_decoder_layers_8_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen2.yaml:46."""
     return {"model.layers.8.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_9_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.9.self_attention.linear_qkv.layer_norm_weight <- model.layers.9.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen2.yaml:28."""
     return rt.whole_import(load("model.layers.9.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_9_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.9.self_attention.linear_qkv.layer_norm_weight <- model.layers.9.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen2.yaml:28."""
     return {"model.layers.9.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_9_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.9.self_attention.linear_proj.weight <- model.layers.9.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen2.yaml:37."""
     return rt.row_import(ctx.tp, load("model.layers.9.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_9_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.9.self_attention.linear_proj.weight <- model.layers.9.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen2.yaml:37."""
     return {"model.layers.9.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_9_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.9.self_attention.linear_qkv.weight <- model.layers.9.self_attn.q_proj.weight, model.layers.9.self_attn.k_proj.weight, model.layers.9.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/qwen2.yaml:31."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.9.self_attn.q_proj.weight"),
@@ -1297,21 +1389,25 @@ def import_decoder_layers_9_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_9_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.9.self_attention.linear_qkv.weight <- model.layers.9.self_attn.q_proj.weight, model.layers.9.self_attn.k_proj.weight, model.layers.9.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
-    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
-    return {
-        "model.layers.9.self_attn.q_proj.weight": q,
-        "model.layers.9.self_attn.k_proj.weight": k,
-        "model.layers.9.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/qwen2.yaml:31."""
+    return dict(
+        zip(
+            (
+                "model.layers.9.self_attn.q_proj.weight",
+                "model.layers.9.self_attn.k_proj.weight",
+                "model.layers.9.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=28, groups=4, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_9_self_attention_linear_qkv_bias(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.9.self_attention.linear_qkv.bias <- model.layers.9.self_attn.q_proj.bias, model.layers.9.self_attn.k_proj.bias, model.layers.9.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/qwen2.yaml:34."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.9.self_attn.q_proj.bias"),
@@ -1325,35 +1421,39 @@ def import_decoder_layers_9_self_attention_linear_qkv_bias(
 
 
 def export_decoder_layers_9_self_attention_linear_qkv_bias(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.9.self_attention.linear_qkv.bias <- model.layers.9.self_attn.q_proj.bias, model.layers.9.self_attn.k_proj.bias, model.layers.9.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
-    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
-    return {
-        "model.layers.9.self_attn.q_proj.bias": q,
-        "model.layers.9.self_attn.k_proj.bias": k,
-        "model.layers.9.self_attn.v_proj.bias": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/qwen2.yaml:34."""
+    return dict(
+        zip(
+            (
+                "model.layers.9.self_attn.q_proj.bias",
+                "model.layers.9.self_attn.k_proj.bias",
+                "model.layers.9.self_attn.v_proj.bias",
+            ),
+            rt.qkv_export(parts, heads=28, groups=4, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_9_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.9.mlp.linear_fc1.layer_norm_weight <- model.layers.9.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen2.yaml:40."""
     return rt.whole_import(load("model.layers.9.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_9_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.9.mlp.linear_fc1.layer_norm_weight <- model.layers.9.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen2.yaml:40."""
     return {"model.layers.9.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_9_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.9.mlp.linear_fc1.weight <- model.layers.9.mlp.gate_proj.weight, model.layers.9.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/qwen2.yaml:43."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.9.mlp.gate_proj.weight"),
@@ -1362,60 +1462,60 @@ def import_decoder_layers_9_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_9_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.9.mlp.linear_fc1.weight <- model.layers.9.mlp.gate_proj.weight, model.layers.9.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.9.mlp.gate_proj.weight": gate, "model.layers.9.mlp.up_proj.weight": up}
+def export_decoder_layers_9_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/qwen2.yaml:43."""
+    return dict(
+        zip(
+            ("model.layers.9.mlp.gate_proj.weight", "model.layers.9.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_9_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.9.mlp.linear_fc2.weight <- model.layers.9.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen2.yaml:46."""
     return rt.row_import(ctx.tp, load("model.layers.9.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_9_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.9.mlp.linear_fc2.weight <- model.layers.9.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
+def export_decoder_layers_9_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen2.yaml:46."""
     return {"model.layers.9.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_10_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.10.self_attention.linear_qkv.layer_norm_weight <- model.layers.10.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen2.yaml:28."""
     return rt.whole_import(load("model.layers.10.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_10_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.10.self_attention.linear_qkv.layer_norm_weight <- model.layers.10.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen2.yaml:28."""
     return {"model.layers.10.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_10_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.10.self_attention.linear_proj.weight <- model.layers.10.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen2.yaml:37."""
     return rt.row_import(ctx.tp, load("model.layers.10.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_10_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.10.self_attention.linear_proj.weight <- model.layers.10.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen2.yaml:37."""
     return {"model.layers.10.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_10_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.10.self_attention.linear_qkv.weight <- model.layers.10.self_attn.q_proj.weight, model.layers.10.self_attn.k_proj.weight, model.layers.10.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/qwen2.yaml:31."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.10.self_attn.q_proj.weight"),
@@ -1429,21 +1529,25 @@ def import_decoder_layers_10_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_10_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.10.self_attention.linear_qkv.weight <- model.layers.10.self_attn.q_proj.weight, model.layers.10.self_attn.k_proj.weight, model.layers.10.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
-    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
-    return {
-        "model.layers.10.self_attn.q_proj.weight": q,
-        "model.layers.10.self_attn.k_proj.weight": k,
-        "model.layers.10.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/qwen2.yaml:31."""
+    return dict(
+        zip(
+            (
+                "model.layers.10.self_attn.q_proj.weight",
+                "model.layers.10.self_attn.k_proj.weight",
+                "model.layers.10.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=28, groups=4, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_10_self_attention_linear_qkv_bias(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.10.self_attention.linear_qkv.bias <- model.layers.10.self_attn.q_proj.bias, model.layers.10.self_attn.k_proj.bias, model.layers.10.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/qwen2.yaml:34."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.10.self_attn.q_proj.bias"),
@@ -1457,35 +1561,39 @@ def import_decoder_layers_10_self_attention_linear_qkv_bias(
 
 
 def export_decoder_layers_10_self_attention_linear_qkv_bias(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.10.self_attention.linear_qkv.bias <- model.layers.10.self_attn.q_proj.bias, model.layers.10.self_attn.k_proj.bias, model.layers.10.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
-    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
-    return {
-        "model.layers.10.self_attn.q_proj.bias": q,
-        "model.layers.10.self_attn.k_proj.bias": k,
-        "model.layers.10.self_attn.v_proj.bias": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/qwen2.yaml:34."""
+    return dict(
+        zip(
+            (
+                "model.layers.10.self_attn.q_proj.bias",
+                "model.layers.10.self_attn.k_proj.bias",
+                "model.layers.10.self_attn.v_proj.bias",
+            ),
+            rt.qkv_export(parts, heads=28, groups=4, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_10_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.10.mlp.linear_fc1.layer_norm_weight <- model.layers.10.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen2.yaml:40."""
     return rt.whole_import(load("model.layers.10.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_10_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.10.mlp.linear_fc1.layer_norm_weight <- model.layers.10.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen2.yaml:40."""
     return {"model.layers.10.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_10_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.10.mlp.linear_fc1.weight <- model.layers.10.mlp.gate_proj.weight, model.layers.10.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/qwen2.yaml:43."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.10.mlp.gate_proj.weight"),
@@ -1494,60 +1602,60 @@ def import_decoder_layers_10_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_10_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.10.mlp.linear_fc1.weight <- model.layers.10.mlp.gate_proj.weight, model.layers.10.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.10.mlp.gate_proj.weight": gate, "model.layers.10.mlp.up_proj.weight": up}
+def export_decoder_layers_10_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/qwen2.yaml:43."""
+    return dict(
+        zip(
+            ("model.layers.10.mlp.gate_proj.weight", "model.layers.10.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_10_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.10.mlp.linear_fc2.weight <- model.layers.10.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen2.yaml:46."""
     return rt.row_import(ctx.tp, load("model.layers.10.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_10_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.10.mlp.linear_fc2.weight <- model.layers.10.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
+def export_decoder_layers_10_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen2.yaml:46."""
     return {"model.layers.10.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_11_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.11.self_attention.linear_qkv.layer_norm_weight <- model.layers.11.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen2.yaml:28."""
     return rt.whole_import(load("model.layers.11.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_11_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.11.self_attention.linear_qkv.layer_norm_weight <- model.layers.11.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen2.yaml:28."""
     return {"model.layers.11.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_11_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.11.self_attention.linear_proj.weight <- model.layers.11.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen2.yaml:37."""
     return rt.row_import(ctx.tp, load("model.layers.11.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_11_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.11.self_attention.linear_proj.weight <- model.layers.11.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen2.yaml:37."""
     return {"model.layers.11.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_11_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.11.self_attention.linear_qkv.weight <- model.layers.11.self_attn.q_proj.weight, model.layers.11.self_attn.k_proj.weight, model.layers.11.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/qwen2.yaml:31."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.11.self_attn.q_proj.weight"),
@@ -1561,21 +1669,25 @@ def import_decoder_layers_11_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_11_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.11.self_attention.linear_qkv.weight <- model.layers.11.self_attn.q_proj.weight, model.layers.11.self_attn.k_proj.weight, model.layers.11.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
-    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
-    return {
-        "model.layers.11.self_attn.q_proj.weight": q,
-        "model.layers.11.self_attn.k_proj.weight": k,
-        "model.layers.11.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/qwen2.yaml:31."""
+    return dict(
+        zip(
+            (
+                "model.layers.11.self_attn.q_proj.weight",
+                "model.layers.11.self_attn.k_proj.weight",
+                "model.layers.11.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=28, groups=4, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_11_self_attention_linear_qkv_bias(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.11.self_attention.linear_qkv.bias <- model.layers.11.self_attn.q_proj.bias, model.layers.11.self_attn.k_proj.bias, model.layers.11.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/qwen2.yaml:34."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.11.self_attn.q_proj.bias"),
@@ -1589,35 +1701,39 @@ def import_decoder_layers_11_self_attention_linear_qkv_bias(
 
 
 def export_decoder_layers_11_self_attention_linear_qkv_bias(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.11.self_attention.linear_qkv.bias <- model.layers.11.self_attn.q_proj.bias, model.layers.11.self_attn.k_proj.bias, model.layers.11.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
-    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
-    return {
-        "model.layers.11.self_attn.q_proj.bias": q,
-        "model.layers.11.self_attn.k_proj.bias": k,
-        "model.layers.11.self_attn.v_proj.bias": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/qwen2.yaml:34."""
+    return dict(
+        zip(
+            (
+                "model.layers.11.self_attn.q_proj.bias",
+                "model.layers.11.self_attn.k_proj.bias",
+                "model.layers.11.self_attn.v_proj.bias",
+            ),
+            rt.qkv_export(parts, heads=28, groups=4, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_11_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.11.mlp.linear_fc1.layer_norm_weight <- model.layers.11.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen2.yaml:40."""
     return rt.whole_import(load("model.layers.11.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_11_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.11.mlp.linear_fc1.layer_norm_weight <- model.layers.11.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen2.yaml:40."""
     return {"model.layers.11.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_11_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.11.mlp.linear_fc1.weight <- model.layers.11.mlp.gate_proj.weight, model.layers.11.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/qwen2.yaml:43."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.11.mlp.gate_proj.weight"),
@@ -1626,60 +1742,60 @@ def import_decoder_layers_11_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_11_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.11.mlp.linear_fc1.weight <- model.layers.11.mlp.gate_proj.weight, model.layers.11.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.11.mlp.gate_proj.weight": gate, "model.layers.11.mlp.up_proj.weight": up}
+def export_decoder_layers_11_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/qwen2.yaml:43."""
+    return dict(
+        zip(
+            ("model.layers.11.mlp.gate_proj.weight", "model.layers.11.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_11_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.11.mlp.linear_fc2.weight <- model.layers.11.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen2.yaml:46."""
     return rt.row_import(ctx.tp, load("model.layers.11.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_11_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.11.mlp.linear_fc2.weight <- model.layers.11.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
+def export_decoder_layers_11_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen2.yaml:46."""
     return {"model.layers.11.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_12_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.12.self_attention.linear_qkv.layer_norm_weight <- model.layers.12.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen2.yaml:28."""
     return rt.whole_import(load("model.layers.12.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_12_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.12.self_attention.linear_qkv.layer_norm_weight <- model.layers.12.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen2.yaml:28."""
     return {"model.layers.12.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_12_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.12.self_attention.linear_proj.weight <- model.layers.12.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen2.yaml:37."""
     return rt.row_import(ctx.tp, load("model.layers.12.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_12_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.12.self_attention.linear_proj.weight <- model.layers.12.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen2.yaml:37."""
     return {"model.layers.12.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_12_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.12.self_attention.linear_qkv.weight <- model.layers.12.self_attn.q_proj.weight, model.layers.12.self_attn.k_proj.weight, model.layers.12.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/qwen2.yaml:31."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.12.self_attn.q_proj.weight"),
@@ -1693,21 +1809,25 @@ def import_decoder_layers_12_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_12_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.12.self_attention.linear_qkv.weight <- model.layers.12.self_attn.q_proj.weight, model.layers.12.self_attn.k_proj.weight, model.layers.12.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
-    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
-    return {
-        "model.layers.12.self_attn.q_proj.weight": q,
-        "model.layers.12.self_attn.k_proj.weight": k,
-        "model.layers.12.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/qwen2.yaml:31."""
+    return dict(
+        zip(
+            (
+                "model.layers.12.self_attn.q_proj.weight",
+                "model.layers.12.self_attn.k_proj.weight",
+                "model.layers.12.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=28, groups=4, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_12_self_attention_linear_qkv_bias(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.12.self_attention.linear_qkv.bias <- model.layers.12.self_attn.q_proj.bias, model.layers.12.self_attn.k_proj.bias, model.layers.12.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/qwen2.yaml:34."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.12.self_attn.q_proj.bias"),
@@ -1721,35 +1841,39 @@ def import_decoder_layers_12_self_attention_linear_qkv_bias(
 
 
 def export_decoder_layers_12_self_attention_linear_qkv_bias(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.12.self_attention.linear_qkv.bias <- model.layers.12.self_attn.q_proj.bias, model.layers.12.self_attn.k_proj.bias, model.layers.12.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
-    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
-    return {
-        "model.layers.12.self_attn.q_proj.bias": q,
-        "model.layers.12.self_attn.k_proj.bias": k,
-        "model.layers.12.self_attn.v_proj.bias": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/qwen2.yaml:34."""
+    return dict(
+        zip(
+            (
+                "model.layers.12.self_attn.q_proj.bias",
+                "model.layers.12.self_attn.k_proj.bias",
+                "model.layers.12.self_attn.v_proj.bias",
+            ),
+            rt.qkv_export(parts, heads=28, groups=4, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_12_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.12.mlp.linear_fc1.layer_norm_weight <- model.layers.12.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen2.yaml:40."""
     return rt.whole_import(load("model.layers.12.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_12_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.12.mlp.linear_fc1.layer_norm_weight <- model.layers.12.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen2.yaml:40."""
     return {"model.layers.12.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_12_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.12.mlp.linear_fc1.weight <- model.layers.12.mlp.gate_proj.weight, model.layers.12.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/qwen2.yaml:43."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.12.mlp.gate_proj.weight"),
@@ -1758,60 +1882,60 @@ def import_decoder_layers_12_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_12_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.12.mlp.linear_fc1.weight <- model.layers.12.mlp.gate_proj.weight, model.layers.12.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.12.mlp.gate_proj.weight": gate, "model.layers.12.mlp.up_proj.weight": up}
+def export_decoder_layers_12_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/qwen2.yaml:43."""
+    return dict(
+        zip(
+            ("model.layers.12.mlp.gate_proj.weight", "model.layers.12.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_12_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.12.mlp.linear_fc2.weight <- model.layers.12.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen2.yaml:46."""
     return rt.row_import(ctx.tp, load("model.layers.12.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_12_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.12.mlp.linear_fc2.weight <- model.layers.12.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
+def export_decoder_layers_12_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen2.yaml:46."""
     return {"model.layers.12.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_13_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.13.self_attention.linear_qkv.layer_norm_weight <- model.layers.13.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen2.yaml:28."""
     return rt.whole_import(load("model.layers.13.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_13_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.13.self_attention.linear_qkv.layer_norm_weight <- model.layers.13.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen2.yaml:28."""
     return {"model.layers.13.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_13_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.13.self_attention.linear_proj.weight <- model.layers.13.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen2.yaml:37."""
     return rt.row_import(ctx.tp, load("model.layers.13.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_13_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.13.self_attention.linear_proj.weight <- model.layers.13.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen2.yaml:37."""
     return {"model.layers.13.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_13_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.13.self_attention.linear_qkv.weight <- model.layers.13.self_attn.q_proj.weight, model.layers.13.self_attn.k_proj.weight, model.layers.13.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/qwen2.yaml:31."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.13.self_attn.q_proj.weight"),
@@ -1825,21 +1949,25 @@ def import_decoder_layers_13_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_13_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.13.self_attention.linear_qkv.weight <- model.layers.13.self_attn.q_proj.weight, model.layers.13.self_attn.k_proj.weight, model.layers.13.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
-    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
-    return {
-        "model.layers.13.self_attn.q_proj.weight": q,
-        "model.layers.13.self_attn.k_proj.weight": k,
-        "model.layers.13.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/qwen2.yaml:31."""
+    return dict(
+        zip(
+            (
+                "model.layers.13.self_attn.q_proj.weight",
+                "model.layers.13.self_attn.k_proj.weight",
+                "model.layers.13.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=28, groups=4, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_13_self_attention_linear_qkv_bias(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.13.self_attention.linear_qkv.bias <- model.layers.13.self_attn.q_proj.bias, model.layers.13.self_attn.k_proj.bias, model.layers.13.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/qwen2.yaml:34."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.13.self_attn.q_proj.bias"),
@@ -1853,35 +1981,39 @@ def import_decoder_layers_13_self_attention_linear_qkv_bias(
 
 
 def export_decoder_layers_13_self_attention_linear_qkv_bias(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.13.self_attention.linear_qkv.bias <- model.layers.13.self_attn.q_proj.bias, model.layers.13.self_attn.k_proj.bias, model.layers.13.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
-    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
-    return {
-        "model.layers.13.self_attn.q_proj.bias": q,
-        "model.layers.13.self_attn.k_proj.bias": k,
-        "model.layers.13.self_attn.v_proj.bias": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/qwen2.yaml:34."""
+    return dict(
+        zip(
+            (
+                "model.layers.13.self_attn.q_proj.bias",
+                "model.layers.13.self_attn.k_proj.bias",
+                "model.layers.13.self_attn.v_proj.bias",
+            ),
+            rt.qkv_export(parts, heads=28, groups=4, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_13_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.13.mlp.linear_fc1.layer_norm_weight <- model.layers.13.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen2.yaml:40."""
     return rt.whole_import(load("model.layers.13.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_13_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.13.mlp.linear_fc1.layer_norm_weight <- model.layers.13.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen2.yaml:40."""
     return {"model.layers.13.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_13_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.13.mlp.linear_fc1.weight <- model.layers.13.mlp.gate_proj.weight, model.layers.13.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/qwen2.yaml:43."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.13.mlp.gate_proj.weight"),
@@ -1890,60 +2022,60 @@ def import_decoder_layers_13_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_13_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.13.mlp.linear_fc1.weight <- model.layers.13.mlp.gate_proj.weight, model.layers.13.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.13.mlp.gate_proj.weight": gate, "model.layers.13.mlp.up_proj.weight": up}
+def export_decoder_layers_13_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/qwen2.yaml:43."""
+    return dict(
+        zip(
+            ("model.layers.13.mlp.gate_proj.weight", "model.layers.13.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_13_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.13.mlp.linear_fc2.weight <- model.layers.13.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen2.yaml:46."""
     return rt.row_import(ctx.tp, load("model.layers.13.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_13_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.13.mlp.linear_fc2.weight <- model.layers.13.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
+def export_decoder_layers_13_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen2.yaml:46."""
     return {"model.layers.13.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_14_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.14.self_attention.linear_qkv.layer_norm_weight <- model.layers.14.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen2.yaml:28."""
     return rt.whole_import(load("model.layers.14.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_14_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.14.self_attention.linear_qkv.layer_norm_weight <- model.layers.14.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen2.yaml:28."""
     return {"model.layers.14.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_14_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.14.self_attention.linear_proj.weight <- model.layers.14.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen2.yaml:37."""
     return rt.row_import(ctx.tp, load("model.layers.14.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_14_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.14.self_attention.linear_proj.weight <- model.layers.14.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen2.yaml:37."""
     return {"model.layers.14.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_14_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.14.self_attention.linear_qkv.weight <- model.layers.14.self_attn.q_proj.weight, model.layers.14.self_attn.k_proj.weight, model.layers.14.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/qwen2.yaml:31."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.14.self_attn.q_proj.weight"),
@@ -1957,21 +2089,25 @@ def import_decoder_layers_14_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_14_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.14.self_attention.linear_qkv.weight <- model.layers.14.self_attn.q_proj.weight, model.layers.14.self_attn.k_proj.weight, model.layers.14.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
-    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
-    return {
-        "model.layers.14.self_attn.q_proj.weight": q,
-        "model.layers.14.self_attn.k_proj.weight": k,
-        "model.layers.14.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/qwen2.yaml:31."""
+    return dict(
+        zip(
+            (
+                "model.layers.14.self_attn.q_proj.weight",
+                "model.layers.14.self_attn.k_proj.weight",
+                "model.layers.14.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=28, groups=4, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_14_self_attention_linear_qkv_bias(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.14.self_attention.linear_qkv.bias <- model.layers.14.self_attn.q_proj.bias, model.layers.14.self_attn.k_proj.bias, model.layers.14.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/qwen2.yaml:34."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.14.self_attn.q_proj.bias"),
@@ -1985,35 +2121,39 @@ def import_decoder_layers_14_self_attention_linear_qkv_bias(
 
 
 def export_decoder_layers_14_self_attention_linear_qkv_bias(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.14.self_attention.linear_qkv.bias <- model.layers.14.self_attn.q_proj.bias, model.layers.14.self_attn.k_proj.bias, model.layers.14.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
-    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
-    return {
-        "model.layers.14.self_attn.q_proj.bias": q,
-        "model.layers.14.self_attn.k_proj.bias": k,
-        "model.layers.14.self_attn.v_proj.bias": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/qwen2.yaml:34."""
+    return dict(
+        zip(
+            (
+                "model.layers.14.self_attn.q_proj.bias",
+                "model.layers.14.self_attn.k_proj.bias",
+                "model.layers.14.self_attn.v_proj.bias",
+            ),
+            rt.qkv_export(parts, heads=28, groups=4, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_14_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.14.mlp.linear_fc1.layer_norm_weight <- model.layers.14.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen2.yaml:40."""
     return rt.whole_import(load("model.layers.14.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_14_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.14.mlp.linear_fc1.layer_norm_weight <- model.layers.14.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen2.yaml:40."""
     return {"model.layers.14.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_14_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.14.mlp.linear_fc1.weight <- model.layers.14.mlp.gate_proj.weight, model.layers.14.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/qwen2.yaml:43."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.14.mlp.gate_proj.weight"),
@@ -2022,60 +2162,60 @@ def import_decoder_layers_14_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_14_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.14.mlp.linear_fc1.weight <- model.layers.14.mlp.gate_proj.weight, model.layers.14.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.14.mlp.gate_proj.weight": gate, "model.layers.14.mlp.up_proj.weight": up}
+def export_decoder_layers_14_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/qwen2.yaml:43."""
+    return dict(
+        zip(
+            ("model.layers.14.mlp.gate_proj.weight", "model.layers.14.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_14_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.14.mlp.linear_fc2.weight <- model.layers.14.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen2.yaml:46."""
     return rt.row_import(ctx.tp, load("model.layers.14.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_14_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.14.mlp.linear_fc2.weight <- model.layers.14.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
+def export_decoder_layers_14_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen2.yaml:46."""
     return {"model.layers.14.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_15_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.15.self_attention.linear_qkv.layer_norm_weight <- model.layers.15.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen2.yaml:28."""
     return rt.whole_import(load("model.layers.15.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_15_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.15.self_attention.linear_qkv.layer_norm_weight <- model.layers.15.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen2.yaml:28."""
     return {"model.layers.15.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_15_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.15.self_attention.linear_proj.weight <- model.layers.15.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen2.yaml:37."""
     return rt.row_import(ctx.tp, load("model.layers.15.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_15_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.15.self_attention.linear_proj.weight <- model.layers.15.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen2.yaml:37."""
     return {"model.layers.15.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_15_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.15.self_attention.linear_qkv.weight <- model.layers.15.self_attn.q_proj.weight, model.layers.15.self_attn.k_proj.weight, model.layers.15.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/qwen2.yaml:31."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.15.self_attn.q_proj.weight"),
@@ -2089,21 +2229,25 @@ def import_decoder_layers_15_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_15_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.15.self_attention.linear_qkv.weight <- model.layers.15.self_attn.q_proj.weight, model.layers.15.self_attn.k_proj.weight, model.layers.15.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
-    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
-    return {
-        "model.layers.15.self_attn.q_proj.weight": q,
-        "model.layers.15.self_attn.k_proj.weight": k,
-        "model.layers.15.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/qwen2.yaml:31."""
+    return dict(
+        zip(
+            (
+                "model.layers.15.self_attn.q_proj.weight",
+                "model.layers.15.self_attn.k_proj.weight",
+                "model.layers.15.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=28, groups=4, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_15_self_attention_linear_qkv_bias(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.15.self_attention.linear_qkv.bias <- model.layers.15.self_attn.q_proj.bias, model.layers.15.self_attn.k_proj.bias, model.layers.15.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/qwen2.yaml:34."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.15.self_attn.q_proj.bias"),
@@ -2117,35 +2261,39 @@ def import_decoder_layers_15_self_attention_linear_qkv_bias(
 
 
 def export_decoder_layers_15_self_attention_linear_qkv_bias(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.15.self_attention.linear_qkv.bias <- model.layers.15.self_attn.q_proj.bias, model.layers.15.self_attn.k_proj.bias, model.layers.15.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
-    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
-    return {
-        "model.layers.15.self_attn.q_proj.bias": q,
-        "model.layers.15.self_attn.k_proj.bias": k,
-        "model.layers.15.self_attn.v_proj.bias": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/qwen2.yaml:34."""
+    return dict(
+        zip(
+            (
+                "model.layers.15.self_attn.q_proj.bias",
+                "model.layers.15.self_attn.k_proj.bias",
+                "model.layers.15.self_attn.v_proj.bias",
+            ),
+            rt.qkv_export(parts, heads=28, groups=4, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_15_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.15.mlp.linear_fc1.layer_norm_weight <- model.layers.15.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen2.yaml:40."""
     return rt.whole_import(load("model.layers.15.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_15_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.15.mlp.linear_fc1.layer_norm_weight <- model.layers.15.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen2.yaml:40."""
     return {"model.layers.15.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_15_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.15.mlp.linear_fc1.weight <- model.layers.15.mlp.gate_proj.weight, model.layers.15.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/qwen2.yaml:43."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.15.mlp.gate_proj.weight"),
@@ -2154,60 +2302,60 @@ def import_decoder_layers_15_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_15_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.15.mlp.linear_fc1.weight <- model.layers.15.mlp.gate_proj.weight, model.layers.15.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.15.mlp.gate_proj.weight": gate, "model.layers.15.mlp.up_proj.weight": up}
+def export_decoder_layers_15_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/qwen2.yaml:43."""
+    return dict(
+        zip(
+            ("model.layers.15.mlp.gate_proj.weight", "model.layers.15.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_15_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.15.mlp.linear_fc2.weight <- model.layers.15.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen2.yaml:46."""
     return rt.row_import(ctx.tp, load("model.layers.15.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_15_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.15.mlp.linear_fc2.weight <- model.layers.15.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
+def export_decoder_layers_15_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen2.yaml:46."""
     return {"model.layers.15.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_16_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.16.self_attention.linear_qkv.layer_norm_weight <- model.layers.16.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen2.yaml:28."""
     return rt.whole_import(load("model.layers.16.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_16_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.16.self_attention.linear_qkv.layer_norm_weight <- model.layers.16.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen2.yaml:28."""
     return {"model.layers.16.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_16_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.16.self_attention.linear_proj.weight <- model.layers.16.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen2.yaml:37."""
     return rt.row_import(ctx.tp, load("model.layers.16.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_16_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.16.self_attention.linear_proj.weight <- model.layers.16.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen2.yaml:37."""
     return {"model.layers.16.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_16_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.16.self_attention.linear_qkv.weight <- model.layers.16.self_attn.q_proj.weight, model.layers.16.self_attn.k_proj.weight, model.layers.16.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/qwen2.yaml:31."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.16.self_attn.q_proj.weight"),
@@ -2221,21 +2369,25 @@ def import_decoder_layers_16_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_16_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.16.self_attention.linear_qkv.weight <- model.layers.16.self_attn.q_proj.weight, model.layers.16.self_attn.k_proj.weight, model.layers.16.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
-    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
-    return {
-        "model.layers.16.self_attn.q_proj.weight": q,
-        "model.layers.16.self_attn.k_proj.weight": k,
-        "model.layers.16.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/qwen2.yaml:31."""
+    return dict(
+        zip(
+            (
+                "model.layers.16.self_attn.q_proj.weight",
+                "model.layers.16.self_attn.k_proj.weight",
+                "model.layers.16.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=28, groups=4, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_16_self_attention_linear_qkv_bias(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.16.self_attention.linear_qkv.bias <- model.layers.16.self_attn.q_proj.bias, model.layers.16.self_attn.k_proj.bias, model.layers.16.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/qwen2.yaml:34."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.16.self_attn.q_proj.bias"),
@@ -2249,35 +2401,39 @@ def import_decoder_layers_16_self_attention_linear_qkv_bias(
 
 
 def export_decoder_layers_16_self_attention_linear_qkv_bias(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.16.self_attention.linear_qkv.bias <- model.layers.16.self_attn.q_proj.bias, model.layers.16.self_attn.k_proj.bias, model.layers.16.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
-    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
-    return {
-        "model.layers.16.self_attn.q_proj.bias": q,
-        "model.layers.16.self_attn.k_proj.bias": k,
-        "model.layers.16.self_attn.v_proj.bias": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/qwen2.yaml:34."""
+    return dict(
+        zip(
+            (
+                "model.layers.16.self_attn.q_proj.bias",
+                "model.layers.16.self_attn.k_proj.bias",
+                "model.layers.16.self_attn.v_proj.bias",
+            ),
+            rt.qkv_export(parts, heads=28, groups=4, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_16_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.16.mlp.linear_fc1.layer_norm_weight <- model.layers.16.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen2.yaml:40."""
     return rt.whole_import(load("model.layers.16.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_16_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.16.mlp.linear_fc1.layer_norm_weight <- model.layers.16.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen2.yaml:40."""
     return {"model.layers.16.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_16_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.16.mlp.linear_fc1.weight <- model.layers.16.mlp.gate_proj.weight, model.layers.16.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/qwen2.yaml:43."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.16.mlp.gate_proj.weight"),
@@ -2286,60 +2442,60 @@ def import_decoder_layers_16_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_16_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.16.mlp.linear_fc1.weight <- model.layers.16.mlp.gate_proj.weight, model.layers.16.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.16.mlp.gate_proj.weight": gate, "model.layers.16.mlp.up_proj.weight": up}
+def export_decoder_layers_16_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/qwen2.yaml:43."""
+    return dict(
+        zip(
+            ("model.layers.16.mlp.gate_proj.weight", "model.layers.16.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_16_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.16.mlp.linear_fc2.weight <- model.layers.16.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen2.yaml:46."""
     return rt.row_import(ctx.tp, load("model.layers.16.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_16_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.16.mlp.linear_fc2.weight <- model.layers.16.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
+def export_decoder_layers_16_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen2.yaml:46."""
     return {"model.layers.16.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_17_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.17.self_attention.linear_qkv.layer_norm_weight <- model.layers.17.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen2.yaml:28."""
     return rt.whole_import(load("model.layers.17.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_17_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.17.self_attention.linear_qkv.layer_norm_weight <- model.layers.17.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen2.yaml:28."""
     return {"model.layers.17.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_17_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.17.self_attention.linear_proj.weight <- model.layers.17.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen2.yaml:37."""
     return rt.row_import(ctx.tp, load("model.layers.17.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_17_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.17.self_attention.linear_proj.weight <- model.layers.17.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen2.yaml:37."""
     return {"model.layers.17.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_17_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.17.self_attention.linear_qkv.weight <- model.layers.17.self_attn.q_proj.weight, model.layers.17.self_attn.k_proj.weight, model.layers.17.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/qwen2.yaml:31."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.17.self_attn.q_proj.weight"),
@@ -2353,21 +2509,25 @@ def import_decoder_layers_17_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_17_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.17.self_attention.linear_qkv.weight <- model.layers.17.self_attn.q_proj.weight, model.layers.17.self_attn.k_proj.weight, model.layers.17.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
-    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
-    return {
-        "model.layers.17.self_attn.q_proj.weight": q,
-        "model.layers.17.self_attn.k_proj.weight": k,
-        "model.layers.17.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/qwen2.yaml:31."""
+    return dict(
+        zip(
+            (
+                "model.layers.17.self_attn.q_proj.weight",
+                "model.layers.17.self_attn.k_proj.weight",
+                "model.layers.17.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=28, groups=4, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_17_self_attention_linear_qkv_bias(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.17.self_attention.linear_qkv.bias <- model.layers.17.self_attn.q_proj.bias, model.layers.17.self_attn.k_proj.bias, model.layers.17.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/qwen2.yaml:34."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.17.self_attn.q_proj.bias"),
@@ -2381,35 +2541,39 @@ def import_decoder_layers_17_self_attention_linear_qkv_bias(
 
 
 def export_decoder_layers_17_self_attention_linear_qkv_bias(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.17.self_attention.linear_qkv.bias <- model.layers.17.self_attn.q_proj.bias, model.layers.17.self_attn.k_proj.bias, model.layers.17.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
-    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
-    return {
-        "model.layers.17.self_attn.q_proj.bias": q,
-        "model.layers.17.self_attn.k_proj.bias": k,
-        "model.layers.17.self_attn.v_proj.bias": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/qwen2.yaml:34."""
+    return dict(
+        zip(
+            (
+                "model.layers.17.self_attn.q_proj.bias",
+                "model.layers.17.self_attn.k_proj.bias",
+                "model.layers.17.self_attn.v_proj.bias",
+            ),
+            rt.qkv_export(parts, heads=28, groups=4, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_17_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.17.mlp.linear_fc1.layer_norm_weight <- model.layers.17.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen2.yaml:40."""
     return rt.whole_import(load("model.layers.17.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_17_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.17.mlp.linear_fc1.layer_norm_weight <- model.layers.17.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen2.yaml:40."""
     return {"model.layers.17.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_17_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.17.mlp.linear_fc1.weight <- model.layers.17.mlp.gate_proj.weight, model.layers.17.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/qwen2.yaml:43."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.17.mlp.gate_proj.weight"),
@@ -2418,60 +2582,60 @@ def import_decoder_layers_17_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_17_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.17.mlp.linear_fc1.weight <- model.layers.17.mlp.gate_proj.weight, model.layers.17.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.17.mlp.gate_proj.weight": gate, "model.layers.17.mlp.up_proj.weight": up}
+def export_decoder_layers_17_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/qwen2.yaml:43."""
+    return dict(
+        zip(
+            ("model.layers.17.mlp.gate_proj.weight", "model.layers.17.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_17_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.17.mlp.linear_fc2.weight <- model.layers.17.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen2.yaml:46."""
     return rt.row_import(ctx.tp, load("model.layers.17.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_17_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.17.mlp.linear_fc2.weight <- model.layers.17.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
+def export_decoder_layers_17_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen2.yaml:46."""
     return {"model.layers.17.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_18_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.18.self_attention.linear_qkv.layer_norm_weight <- model.layers.18.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen2.yaml:28."""
     return rt.whole_import(load("model.layers.18.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_18_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.18.self_attention.linear_qkv.layer_norm_weight <- model.layers.18.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen2.yaml:28."""
     return {"model.layers.18.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_18_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.18.self_attention.linear_proj.weight <- model.layers.18.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen2.yaml:37."""
     return rt.row_import(ctx.tp, load("model.layers.18.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_18_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.18.self_attention.linear_proj.weight <- model.layers.18.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen2.yaml:37."""
     return {"model.layers.18.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_18_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.18.self_attention.linear_qkv.weight <- model.layers.18.self_attn.q_proj.weight, model.layers.18.self_attn.k_proj.weight, model.layers.18.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/qwen2.yaml:31."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.18.self_attn.q_proj.weight"),
@@ -2485,21 +2649,25 @@ def import_decoder_layers_18_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_18_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.18.self_attention.linear_qkv.weight <- model.layers.18.self_attn.q_proj.weight, model.layers.18.self_attn.k_proj.weight, model.layers.18.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
-    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
-    return {
-        "model.layers.18.self_attn.q_proj.weight": q,
-        "model.layers.18.self_attn.k_proj.weight": k,
-        "model.layers.18.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/qwen2.yaml:31."""
+    return dict(
+        zip(
+            (
+                "model.layers.18.self_attn.q_proj.weight",
+                "model.layers.18.self_attn.k_proj.weight",
+                "model.layers.18.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=28, groups=4, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_18_self_attention_linear_qkv_bias(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.18.self_attention.linear_qkv.bias <- model.layers.18.self_attn.q_proj.bias, model.layers.18.self_attn.k_proj.bias, model.layers.18.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/qwen2.yaml:34."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.18.self_attn.q_proj.bias"),
@@ -2513,35 +2681,39 @@ def import_decoder_layers_18_self_attention_linear_qkv_bias(
 
 
 def export_decoder_layers_18_self_attention_linear_qkv_bias(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.18.self_attention.linear_qkv.bias <- model.layers.18.self_attn.q_proj.bias, model.layers.18.self_attn.k_proj.bias, model.layers.18.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
-    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
-    return {
-        "model.layers.18.self_attn.q_proj.bias": q,
-        "model.layers.18.self_attn.k_proj.bias": k,
-        "model.layers.18.self_attn.v_proj.bias": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/qwen2.yaml:34."""
+    return dict(
+        zip(
+            (
+                "model.layers.18.self_attn.q_proj.bias",
+                "model.layers.18.self_attn.k_proj.bias",
+                "model.layers.18.self_attn.v_proj.bias",
+            ),
+            rt.qkv_export(parts, heads=28, groups=4, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_18_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.18.mlp.linear_fc1.layer_norm_weight <- model.layers.18.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen2.yaml:40."""
     return rt.whole_import(load("model.layers.18.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_18_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.18.mlp.linear_fc1.layer_norm_weight <- model.layers.18.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen2.yaml:40."""
     return {"model.layers.18.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_18_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.18.mlp.linear_fc1.weight <- model.layers.18.mlp.gate_proj.weight, model.layers.18.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/qwen2.yaml:43."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.18.mlp.gate_proj.weight"),
@@ -2550,60 +2722,60 @@ def import_decoder_layers_18_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_18_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.18.mlp.linear_fc1.weight <- model.layers.18.mlp.gate_proj.weight, model.layers.18.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.18.mlp.gate_proj.weight": gate, "model.layers.18.mlp.up_proj.weight": up}
+def export_decoder_layers_18_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/qwen2.yaml:43."""
+    return dict(
+        zip(
+            ("model.layers.18.mlp.gate_proj.weight", "model.layers.18.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_18_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.18.mlp.linear_fc2.weight <- model.layers.18.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen2.yaml:46."""
     return rt.row_import(ctx.tp, load("model.layers.18.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_18_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.18.mlp.linear_fc2.weight <- model.layers.18.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
+def export_decoder_layers_18_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen2.yaml:46."""
     return {"model.layers.18.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_19_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.19.self_attention.linear_qkv.layer_norm_weight <- model.layers.19.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen2.yaml:28."""
     return rt.whole_import(load("model.layers.19.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_19_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.19.self_attention.linear_qkv.layer_norm_weight <- model.layers.19.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen2.yaml:28."""
     return {"model.layers.19.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_19_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.19.self_attention.linear_proj.weight <- model.layers.19.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen2.yaml:37."""
     return rt.row_import(ctx.tp, load("model.layers.19.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_19_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.19.self_attention.linear_proj.weight <- model.layers.19.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen2.yaml:37."""
     return {"model.layers.19.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_19_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.19.self_attention.linear_qkv.weight <- model.layers.19.self_attn.q_proj.weight, model.layers.19.self_attn.k_proj.weight, model.layers.19.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/qwen2.yaml:31."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.19.self_attn.q_proj.weight"),
@@ -2617,21 +2789,25 @@ def import_decoder_layers_19_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_19_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.19.self_attention.linear_qkv.weight <- model.layers.19.self_attn.q_proj.weight, model.layers.19.self_attn.k_proj.weight, model.layers.19.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
-    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
-    return {
-        "model.layers.19.self_attn.q_proj.weight": q,
-        "model.layers.19.self_attn.k_proj.weight": k,
-        "model.layers.19.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/qwen2.yaml:31."""
+    return dict(
+        zip(
+            (
+                "model.layers.19.self_attn.q_proj.weight",
+                "model.layers.19.self_attn.k_proj.weight",
+                "model.layers.19.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=28, groups=4, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_19_self_attention_linear_qkv_bias(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.19.self_attention.linear_qkv.bias <- model.layers.19.self_attn.q_proj.bias, model.layers.19.self_attn.k_proj.bias, model.layers.19.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/qwen2.yaml:34."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.19.self_attn.q_proj.bias"),
@@ -2645,35 +2821,39 @@ def import_decoder_layers_19_self_attention_linear_qkv_bias(
 
 
 def export_decoder_layers_19_self_attention_linear_qkv_bias(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.19.self_attention.linear_qkv.bias <- model.layers.19.self_attn.q_proj.bias, model.layers.19.self_attn.k_proj.bias, model.layers.19.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
-    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
-    return {
-        "model.layers.19.self_attn.q_proj.bias": q,
-        "model.layers.19.self_attn.k_proj.bias": k,
-        "model.layers.19.self_attn.v_proj.bias": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/qwen2.yaml:34."""
+    return dict(
+        zip(
+            (
+                "model.layers.19.self_attn.q_proj.bias",
+                "model.layers.19.self_attn.k_proj.bias",
+                "model.layers.19.self_attn.v_proj.bias",
+            ),
+            rt.qkv_export(parts, heads=28, groups=4, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_19_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.19.mlp.linear_fc1.layer_norm_weight <- model.layers.19.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen2.yaml:40."""
     return rt.whole_import(load("model.layers.19.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_19_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.19.mlp.linear_fc1.layer_norm_weight <- model.layers.19.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen2.yaml:40."""
     return {"model.layers.19.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_19_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.19.mlp.linear_fc1.weight <- model.layers.19.mlp.gate_proj.weight, model.layers.19.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/qwen2.yaml:43."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.19.mlp.gate_proj.weight"),
@@ -2682,60 +2862,60 @@ def import_decoder_layers_19_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_19_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.19.mlp.linear_fc1.weight <- model.layers.19.mlp.gate_proj.weight, model.layers.19.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.19.mlp.gate_proj.weight": gate, "model.layers.19.mlp.up_proj.weight": up}
+def export_decoder_layers_19_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/qwen2.yaml:43."""
+    return dict(
+        zip(
+            ("model.layers.19.mlp.gate_proj.weight", "model.layers.19.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_19_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.19.mlp.linear_fc2.weight <- model.layers.19.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen2.yaml:46."""
     return rt.row_import(ctx.tp, load("model.layers.19.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_19_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.19.mlp.linear_fc2.weight <- model.layers.19.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
+def export_decoder_layers_19_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen2.yaml:46."""
     return {"model.layers.19.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_20_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.20.self_attention.linear_qkv.layer_norm_weight <- model.layers.20.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen2.yaml:28."""
     return rt.whole_import(load("model.layers.20.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_20_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.20.self_attention.linear_qkv.layer_norm_weight <- model.layers.20.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen2.yaml:28."""
     return {"model.layers.20.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_20_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.20.self_attention.linear_proj.weight <- model.layers.20.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen2.yaml:37."""
     return rt.row_import(ctx.tp, load("model.layers.20.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_20_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.20.self_attention.linear_proj.weight <- model.layers.20.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen2.yaml:37."""
     return {"model.layers.20.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_20_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.20.self_attention.linear_qkv.weight <- model.layers.20.self_attn.q_proj.weight, model.layers.20.self_attn.k_proj.weight, model.layers.20.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/qwen2.yaml:31."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.20.self_attn.q_proj.weight"),
@@ -2749,21 +2929,25 @@ def import_decoder_layers_20_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_20_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.20.self_attention.linear_qkv.weight <- model.layers.20.self_attn.q_proj.weight, model.layers.20.self_attn.k_proj.weight, model.layers.20.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
-    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
-    return {
-        "model.layers.20.self_attn.q_proj.weight": q,
-        "model.layers.20.self_attn.k_proj.weight": k,
-        "model.layers.20.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/qwen2.yaml:31."""
+    return dict(
+        zip(
+            (
+                "model.layers.20.self_attn.q_proj.weight",
+                "model.layers.20.self_attn.k_proj.weight",
+                "model.layers.20.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=28, groups=4, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_20_self_attention_linear_qkv_bias(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.20.self_attention.linear_qkv.bias <- model.layers.20.self_attn.q_proj.bias, model.layers.20.self_attn.k_proj.bias, model.layers.20.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/qwen2.yaml:34."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.20.self_attn.q_proj.bias"),
@@ -2777,35 +2961,39 @@ def import_decoder_layers_20_self_attention_linear_qkv_bias(
 
 
 def export_decoder_layers_20_self_attention_linear_qkv_bias(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.20.self_attention.linear_qkv.bias <- model.layers.20.self_attn.q_proj.bias, model.layers.20.self_attn.k_proj.bias, model.layers.20.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
-    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
-    return {
-        "model.layers.20.self_attn.q_proj.bias": q,
-        "model.layers.20.self_attn.k_proj.bias": k,
-        "model.layers.20.self_attn.v_proj.bias": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/qwen2.yaml:34."""
+    return dict(
+        zip(
+            (
+                "model.layers.20.self_attn.q_proj.bias",
+                "model.layers.20.self_attn.k_proj.bias",
+                "model.layers.20.self_attn.v_proj.bias",
+            ),
+            rt.qkv_export(parts, heads=28, groups=4, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_20_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.20.mlp.linear_fc1.layer_norm_weight <- model.layers.20.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen2.yaml:40."""
     return rt.whole_import(load("model.layers.20.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_20_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.20.mlp.linear_fc1.layer_norm_weight <- model.layers.20.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen2.yaml:40."""
     return {"model.layers.20.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_20_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.20.mlp.linear_fc1.weight <- model.layers.20.mlp.gate_proj.weight, model.layers.20.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/qwen2.yaml:43."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.20.mlp.gate_proj.weight"),
@@ -2814,60 +3002,60 @@ def import_decoder_layers_20_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_20_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.20.mlp.linear_fc1.weight <- model.layers.20.mlp.gate_proj.weight, model.layers.20.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.20.mlp.gate_proj.weight": gate, "model.layers.20.mlp.up_proj.weight": up}
+def export_decoder_layers_20_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/qwen2.yaml:43."""
+    return dict(
+        zip(
+            ("model.layers.20.mlp.gate_proj.weight", "model.layers.20.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_20_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.20.mlp.linear_fc2.weight <- model.layers.20.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen2.yaml:46."""
     return rt.row_import(ctx.tp, load("model.layers.20.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_20_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.20.mlp.linear_fc2.weight <- model.layers.20.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
+def export_decoder_layers_20_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen2.yaml:46."""
     return {"model.layers.20.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_21_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.21.self_attention.linear_qkv.layer_norm_weight <- model.layers.21.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen2.yaml:28."""
     return rt.whole_import(load("model.layers.21.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_21_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.21.self_attention.linear_qkv.layer_norm_weight <- model.layers.21.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen2.yaml:28."""
     return {"model.layers.21.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_21_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.21.self_attention.linear_proj.weight <- model.layers.21.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen2.yaml:37."""
     return rt.row_import(ctx.tp, load("model.layers.21.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_21_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.21.self_attention.linear_proj.weight <- model.layers.21.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen2.yaml:37."""
     return {"model.layers.21.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_21_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.21.self_attention.linear_qkv.weight <- model.layers.21.self_attn.q_proj.weight, model.layers.21.self_attn.k_proj.weight, model.layers.21.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/qwen2.yaml:31."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.21.self_attn.q_proj.weight"),
@@ -2881,21 +3069,25 @@ def import_decoder_layers_21_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_21_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.21.self_attention.linear_qkv.weight <- model.layers.21.self_attn.q_proj.weight, model.layers.21.self_attn.k_proj.weight, model.layers.21.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
-    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
-    return {
-        "model.layers.21.self_attn.q_proj.weight": q,
-        "model.layers.21.self_attn.k_proj.weight": k,
-        "model.layers.21.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/qwen2.yaml:31."""
+    return dict(
+        zip(
+            (
+                "model.layers.21.self_attn.q_proj.weight",
+                "model.layers.21.self_attn.k_proj.weight",
+                "model.layers.21.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=28, groups=4, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_21_self_attention_linear_qkv_bias(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.21.self_attention.linear_qkv.bias <- model.layers.21.self_attn.q_proj.bias, model.layers.21.self_attn.k_proj.bias, model.layers.21.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/qwen2.yaml:34."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.21.self_attn.q_proj.bias"),
@@ -2909,35 +3101,39 @@ def import_decoder_layers_21_self_attention_linear_qkv_bias(
 
 
 def export_decoder_layers_21_self_attention_linear_qkv_bias(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.21.self_attention.linear_qkv.bias <- model.layers.21.self_attn.q_proj.bias, model.layers.21.self_attn.k_proj.bias, model.layers.21.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
-    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
-    return {
-        "model.layers.21.self_attn.q_proj.bias": q,
-        "model.layers.21.self_attn.k_proj.bias": k,
-        "model.layers.21.self_attn.v_proj.bias": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/qwen2.yaml:34."""
+    return dict(
+        zip(
+            (
+                "model.layers.21.self_attn.q_proj.bias",
+                "model.layers.21.self_attn.k_proj.bias",
+                "model.layers.21.self_attn.v_proj.bias",
+            ),
+            rt.qkv_export(parts, heads=28, groups=4, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_21_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.21.mlp.linear_fc1.layer_norm_weight <- model.layers.21.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen2.yaml:40."""
     return rt.whole_import(load("model.layers.21.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_21_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.21.mlp.linear_fc1.layer_norm_weight <- model.layers.21.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen2.yaml:40."""
     return {"model.layers.21.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_21_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.21.mlp.linear_fc1.weight <- model.layers.21.mlp.gate_proj.weight, model.layers.21.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/qwen2.yaml:43."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.21.mlp.gate_proj.weight"),
@@ -2946,60 +3142,60 @@ def import_decoder_layers_21_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_21_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.21.mlp.linear_fc1.weight <- model.layers.21.mlp.gate_proj.weight, model.layers.21.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.21.mlp.gate_proj.weight": gate, "model.layers.21.mlp.up_proj.weight": up}
+def export_decoder_layers_21_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/qwen2.yaml:43."""
+    return dict(
+        zip(
+            ("model.layers.21.mlp.gate_proj.weight", "model.layers.21.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_21_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.21.mlp.linear_fc2.weight <- model.layers.21.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen2.yaml:46."""
     return rt.row_import(ctx.tp, load("model.layers.21.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_21_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.21.mlp.linear_fc2.weight <- model.layers.21.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
+def export_decoder_layers_21_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen2.yaml:46."""
     return {"model.layers.21.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_22_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.22.self_attention.linear_qkv.layer_norm_weight <- model.layers.22.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen2.yaml:28."""
     return rt.whole_import(load("model.layers.22.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_22_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.22.self_attention.linear_qkv.layer_norm_weight <- model.layers.22.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen2.yaml:28."""
     return {"model.layers.22.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_22_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.22.self_attention.linear_proj.weight <- model.layers.22.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen2.yaml:37."""
     return rt.row_import(ctx.tp, load("model.layers.22.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_22_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.22.self_attention.linear_proj.weight <- model.layers.22.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen2.yaml:37."""
     return {"model.layers.22.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_22_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.22.self_attention.linear_qkv.weight <- model.layers.22.self_attn.q_proj.weight, model.layers.22.self_attn.k_proj.weight, model.layers.22.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/qwen2.yaml:31."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.22.self_attn.q_proj.weight"),
@@ -3013,21 +3209,25 @@ def import_decoder_layers_22_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_22_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.22.self_attention.linear_qkv.weight <- model.layers.22.self_attn.q_proj.weight, model.layers.22.self_attn.k_proj.weight, model.layers.22.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
-    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
-    return {
-        "model.layers.22.self_attn.q_proj.weight": q,
-        "model.layers.22.self_attn.k_proj.weight": k,
-        "model.layers.22.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/qwen2.yaml:31."""
+    return dict(
+        zip(
+            (
+                "model.layers.22.self_attn.q_proj.weight",
+                "model.layers.22.self_attn.k_proj.weight",
+                "model.layers.22.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=28, groups=4, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_22_self_attention_linear_qkv_bias(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.22.self_attention.linear_qkv.bias <- model.layers.22.self_attn.q_proj.bias, model.layers.22.self_attn.k_proj.bias, model.layers.22.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/qwen2.yaml:34."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.22.self_attn.q_proj.bias"),
@@ -3041,35 +3241,39 @@ def import_decoder_layers_22_self_attention_linear_qkv_bias(
 
 
 def export_decoder_layers_22_self_attention_linear_qkv_bias(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.22.self_attention.linear_qkv.bias <- model.layers.22.self_attn.q_proj.bias, model.layers.22.self_attn.k_proj.bias, model.layers.22.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
-    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
-    return {
-        "model.layers.22.self_attn.q_proj.bias": q,
-        "model.layers.22.self_attn.k_proj.bias": k,
-        "model.layers.22.self_attn.v_proj.bias": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/qwen2.yaml:34."""
+    return dict(
+        zip(
+            (
+                "model.layers.22.self_attn.q_proj.bias",
+                "model.layers.22.self_attn.k_proj.bias",
+                "model.layers.22.self_attn.v_proj.bias",
+            ),
+            rt.qkv_export(parts, heads=28, groups=4, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_22_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.22.mlp.linear_fc1.layer_norm_weight <- model.layers.22.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen2.yaml:40."""
     return rt.whole_import(load("model.layers.22.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_22_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.22.mlp.linear_fc1.layer_norm_weight <- model.layers.22.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen2.yaml:40."""
     return {"model.layers.22.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_22_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.22.mlp.linear_fc1.weight <- model.layers.22.mlp.gate_proj.weight, model.layers.22.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/qwen2.yaml:43."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.22.mlp.gate_proj.weight"),
@@ -3078,60 +3282,60 @@ def import_decoder_layers_22_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_22_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.22.mlp.linear_fc1.weight <- model.layers.22.mlp.gate_proj.weight, model.layers.22.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.22.mlp.gate_proj.weight": gate, "model.layers.22.mlp.up_proj.weight": up}
+def export_decoder_layers_22_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/qwen2.yaml:43."""
+    return dict(
+        zip(
+            ("model.layers.22.mlp.gate_proj.weight", "model.layers.22.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_22_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.22.mlp.linear_fc2.weight <- model.layers.22.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen2.yaml:46."""
     return rt.row_import(ctx.tp, load("model.layers.22.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_22_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.22.mlp.linear_fc2.weight <- model.layers.22.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
+def export_decoder_layers_22_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen2.yaml:46."""
     return {"model.layers.22.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_23_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.23.self_attention.linear_qkv.layer_norm_weight <- model.layers.23.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen2.yaml:28."""
     return rt.whole_import(load("model.layers.23.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_23_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.23.self_attention.linear_qkv.layer_norm_weight <- model.layers.23.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen2.yaml:28."""
     return {"model.layers.23.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_23_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.23.self_attention.linear_proj.weight <- model.layers.23.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen2.yaml:37."""
     return rt.row_import(ctx.tp, load("model.layers.23.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_23_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.23.self_attention.linear_proj.weight <- model.layers.23.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen2.yaml:37."""
     return {"model.layers.23.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_23_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.23.self_attention.linear_qkv.weight <- model.layers.23.self_attn.q_proj.weight, model.layers.23.self_attn.k_proj.weight, model.layers.23.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/qwen2.yaml:31."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.23.self_attn.q_proj.weight"),
@@ -3145,21 +3349,25 @@ def import_decoder_layers_23_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_23_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.23.self_attention.linear_qkv.weight <- model.layers.23.self_attn.q_proj.weight, model.layers.23.self_attn.k_proj.weight, model.layers.23.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
-    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
-    return {
-        "model.layers.23.self_attn.q_proj.weight": q,
-        "model.layers.23.self_attn.k_proj.weight": k,
-        "model.layers.23.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/qwen2.yaml:31."""
+    return dict(
+        zip(
+            (
+                "model.layers.23.self_attn.q_proj.weight",
+                "model.layers.23.self_attn.k_proj.weight",
+                "model.layers.23.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=28, groups=4, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_23_self_attention_linear_qkv_bias(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.23.self_attention.linear_qkv.bias <- model.layers.23.self_attn.q_proj.bias, model.layers.23.self_attn.k_proj.bias, model.layers.23.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/qwen2.yaml:34."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.23.self_attn.q_proj.bias"),
@@ -3173,35 +3381,39 @@ def import_decoder_layers_23_self_attention_linear_qkv_bias(
 
 
 def export_decoder_layers_23_self_attention_linear_qkv_bias(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.23.self_attention.linear_qkv.bias <- model.layers.23.self_attn.q_proj.bias, model.layers.23.self_attn.k_proj.bias, model.layers.23.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
-    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
-    return {
-        "model.layers.23.self_attn.q_proj.bias": q,
-        "model.layers.23.self_attn.k_proj.bias": k,
-        "model.layers.23.self_attn.v_proj.bias": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/qwen2.yaml:34."""
+    return dict(
+        zip(
+            (
+                "model.layers.23.self_attn.q_proj.bias",
+                "model.layers.23.self_attn.k_proj.bias",
+                "model.layers.23.self_attn.v_proj.bias",
+            ),
+            rt.qkv_export(parts, heads=28, groups=4, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_23_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.23.mlp.linear_fc1.layer_norm_weight <- model.layers.23.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen2.yaml:40."""
     return rt.whole_import(load("model.layers.23.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_23_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.23.mlp.linear_fc1.layer_norm_weight <- model.layers.23.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen2.yaml:40."""
     return {"model.layers.23.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_23_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.23.mlp.linear_fc1.weight <- model.layers.23.mlp.gate_proj.weight, model.layers.23.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/qwen2.yaml:43."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.23.mlp.gate_proj.weight"),
@@ -3210,60 +3422,60 @@ def import_decoder_layers_23_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_23_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.23.mlp.linear_fc1.weight <- model.layers.23.mlp.gate_proj.weight, model.layers.23.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.23.mlp.gate_proj.weight": gate, "model.layers.23.mlp.up_proj.weight": up}
+def export_decoder_layers_23_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/qwen2.yaml:43."""
+    return dict(
+        zip(
+            ("model.layers.23.mlp.gate_proj.weight", "model.layers.23.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_23_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.23.mlp.linear_fc2.weight <- model.layers.23.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen2.yaml:46."""
     return rt.row_import(ctx.tp, load("model.layers.23.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_23_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.23.mlp.linear_fc2.weight <- model.layers.23.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
+def export_decoder_layers_23_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen2.yaml:46."""
     return {"model.layers.23.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_24_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.24.self_attention.linear_qkv.layer_norm_weight <- model.layers.24.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen2.yaml:28."""
     return rt.whole_import(load("model.layers.24.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_24_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.24.self_attention.linear_qkv.layer_norm_weight <- model.layers.24.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen2.yaml:28."""
     return {"model.layers.24.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_24_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.24.self_attention.linear_proj.weight <- model.layers.24.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen2.yaml:37."""
     return rt.row_import(ctx.tp, load("model.layers.24.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_24_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.24.self_attention.linear_proj.weight <- model.layers.24.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen2.yaml:37."""
     return {"model.layers.24.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_24_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.24.self_attention.linear_qkv.weight <- model.layers.24.self_attn.q_proj.weight, model.layers.24.self_attn.k_proj.weight, model.layers.24.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/qwen2.yaml:31."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.24.self_attn.q_proj.weight"),
@@ -3277,21 +3489,25 @@ def import_decoder_layers_24_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_24_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.24.self_attention.linear_qkv.weight <- model.layers.24.self_attn.q_proj.weight, model.layers.24.self_attn.k_proj.weight, model.layers.24.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
-    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
-    return {
-        "model.layers.24.self_attn.q_proj.weight": q,
-        "model.layers.24.self_attn.k_proj.weight": k,
-        "model.layers.24.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/qwen2.yaml:31."""
+    return dict(
+        zip(
+            (
+                "model.layers.24.self_attn.q_proj.weight",
+                "model.layers.24.self_attn.k_proj.weight",
+                "model.layers.24.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=28, groups=4, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_24_self_attention_linear_qkv_bias(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.24.self_attention.linear_qkv.bias <- model.layers.24.self_attn.q_proj.bias, model.layers.24.self_attn.k_proj.bias, model.layers.24.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/qwen2.yaml:34."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.24.self_attn.q_proj.bias"),
@@ -3305,35 +3521,39 @@ def import_decoder_layers_24_self_attention_linear_qkv_bias(
 
 
 def export_decoder_layers_24_self_attention_linear_qkv_bias(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.24.self_attention.linear_qkv.bias <- model.layers.24.self_attn.q_proj.bias, model.layers.24.self_attn.k_proj.bias, model.layers.24.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
-    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
-    return {
-        "model.layers.24.self_attn.q_proj.bias": q,
-        "model.layers.24.self_attn.k_proj.bias": k,
-        "model.layers.24.self_attn.v_proj.bias": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/qwen2.yaml:34."""
+    return dict(
+        zip(
+            (
+                "model.layers.24.self_attn.q_proj.bias",
+                "model.layers.24.self_attn.k_proj.bias",
+                "model.layers.24.self_attn.v_proj.bias",
+            ),
+            rt.qkv_export(parts, heads=28, groups=4, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_24_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.24.mlp.linear_fc1.layer_norm_weight <- model.layers.24.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen2.yaml:40."""
     return rt.whole_import(load("model.layers.24.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_24_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.24.mlp.linear_fc1.layer_norm_weight <- model.layers.24.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen2.yaml:40."""
     return {"model.layers.24.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_24_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.24.mlp.linear_fc1.weight <- model.layers.24.mlp.gate_proj.weight, model.layers.24.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/qwen2.yaml:43."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.24.mlp.gate_proj.weight"),
@@ -3342,60 +3562,60 @@ def import_decoder_layers_24_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_24_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.24.mlp.linear_fc1.weight <- model.layers.24.mlp.gate_proj.weight, model.layers.24.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.24.mlp.gate_proj.weight": gate, "model.layers.24.mlp.up_proj.weight": up}
+def export_decoder_layers_24_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/qwen2.yaml:43."""
+    return dict(
+        zip(
+            ("model.layers.24.mlp.gate_proj.weight", "model.layers.24.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_24_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.24.mlp.linear_fc2.weight <- model.layers.24.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen2.yaml:46."""
     return rt.row_import(ctx.tp, load("model.layers.24.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_24_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.24.mlp.linear_fc2.weight <- model.layers.24.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
+def export_decoder_layers_24_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen2.yaml:46."""
     return {"model.layers.24.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_25_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.25.self_attention.linear_qkv.layer_norm_weight <- model.layers.25.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen2.yaml:28."""
     return rt.whole_import(load("model.layers.25.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_25_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.25.self_attention.linear_qkv.layer_norm_weight <- model.layers.25.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen2.yaml:28."""
     return {"model.layers.25.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_25_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.25.self_attention.linear_proj.weight <- model.layers.25.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen2.yaml:37."""
     return rt.row_import(ctx.tp, load("model.layers.25.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_25_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.25.self_attention.linear_proj.weight <- model.layers.25.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen2.yaml:37."""
     return {"model.layers.25.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_25_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.25.self_attention.linear_qkv.weight <- model.layers.25.self_attn.q_proj.weight, model.layers.25.self_attn.k_proj.weight, model.layers.25.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/qwen2.yaml:31."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.25.self_attn.q_proj.weight"),
@@ -3409,21 +3629,25 @@ def import_decoder_layers_25_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_25_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.25.self_attention.linear_qkv.weight <- model.layers.25.self_attn.q_proj.weight, model.layers.25.self_attn.k_proj.weight, model.layers.25.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
-    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
-    return {
-        "model.layers.25.self_attn.q_proj.weight": q,
-        "model.layers.25.self_attn.k_proj.weight": k,
-        "model.layers.25.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/qwen2.yaml:31."""
+    return dict(
+        zip(
+            (
+                "model.layers.25.self_attn.q_proj.weight",
+                "model.layers.25.self_attn.k_proj.weight",
+                "model.layers.25.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=28, groups=4, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_25_self_attention_linear_qkv_bias(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.25.self_attention.linear_qkv.bias <- model.layers.25.self_attn.q_proj.bias, model.layers.25.self_attn.k_proj.bias, model.layers.25.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/qwen2.yaml:34."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.25.self_attn.q_proj.bias"),
@@ -3437,35 +3661,39 @@ def import_decoder_layers_25_self_attention_linear_qkv_bias(
 
 
 def export_decoder_layers_25_self_attention_linear_qkv_bias(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.25.self_attention.linear_qkv.bias <- model.layers.25.self_attn.q_proj.bias, model.layers.25.self_attn.k_proj.bias, model.layers.25.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
-    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
-    return {
-        "model.layers.25.self_attn.q_proj.bias": q,
-        "model.layers.25.self_attn.k_proj.bias": k,
-        "model.layers.25.self_attn.v_proj.bias": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/qwen2.yaml:34."""
+    return dict(
+        zip(
+            (
+                "model.layers.25.self_attn.q_proj.bias",
+                "model.layers.25.self_attn.k_proj.bias",
+                "model.layers.25.self_attn.v_proj.bias",
+            ),
+            rt.qkv_export(parts, heads=28, groups=4, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_25_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.25.mlp.linear_fc1.layer_norm_weight <- model.layers.25.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen2.yaml:40."""
     return rt.whole_import(load("model.layers.25.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_25_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.25.mlp.linear_fc1.layer_norm_weight <- model.layers.25.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen2.yaml:40."""
     return {"model.layers.25.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_25_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.25.mlp.linear_fc1.weight <- model.layers.25.mlp.gate_proj.weight, model.layers.25.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/qwen2.yaml:43."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.25.mlp.gate_proj.weight"),
@@ -3474,60 +3702,60 @@ def import_decoder_layers_25_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_25_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.25.mlp.linear_fc1.weight <- model.layers.25.mlp.gate_proj.weight, model.layers.25.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.25.mlp.gate_proj.weight": gate, "model.layers.25.mlp.up_proj.weight": up}
+def export_decoder_layers_25_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/qwen2.yaml:43."""
+    return dict(
+        zip(
+            ("model.layers.25.mlp.gate_proj.weight", "model.layers.25.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_25_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.25.mlp.linear_fc2.weight <- model.layers.25.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen2.yaml:46."""
     return rt.row_import(ctx.tp, load("model.layers.25.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_25_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.25.mlp.linear_fc2.weight <- model.layers.25.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
+def export_decoder_layers_25_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen2.yaml:46."""
     return {"model.layers.25.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_26_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.26.self_attention.linear_qkv.layer_norm_weight <- model.layers.26.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen2.yaml:28."""
     return rt.whole_import(load("model.layers.26.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_26_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.26.self_attention.linear_qkv.layer_norm_weight <- model.layers.26.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen2.yaml:28."""
     return {"model.layers.26.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_26_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.26.self_attention.linear_proj.weight <- model.layers.26.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen2.yaml:37."""
     return rt.row_import(ctx.tp, load("model.layers.26.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_26_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.26.self_attention.linear_proj.weight <- model.layers.26.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen2.yaml:37."""
     return {"model.layers.26.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_26_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.26.self_attention.linear_qkv.weight <- model.layers.26.self_attn.q_proj.weight, model.layers.26.self_attn.k_proj.weight, model.layers.26.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/qwen2.yaml:31."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.26.self_attn.q_proj.weight"),
@@ -3541,21 +3769,25 @@ def import_decoder_layers_26_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_26_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.26.self_attention.linear_qkv.weight <- model.layers.26.self_attn.q_proj.weight, model.layers.26.self_attn.k_proj.weight, model.layers.26.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
-    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
-    return {
-        "model.layers.26.self_attn.q_proj.weight": q,
-        "model.layers.26.self_attn.k_proj.weight": k,
-        "model.layers.26.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/qwen2.yaml:31."""
+    return dict(
+        zip(
+            (
+                "model.layers.26.self_attn.q_proj.weight",
+                "model.layers.26.self_attn.k_proj.weight",
+                "model.layers.26.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=28, groups=4, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_26_self_attention_linear_qkv_bias(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.26.self_attention.linear_qkv.bias <- model.layers.26.self_attn.q_proj.bias, model.layers.26.self_attn.k_proj.bias, model.layers.26.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/qwen2.yaml:34."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.26.self_attn.q_proj.bias"),
@@ -3569,35 +3801,39 @@ def import_decoder_layers_26_self_attention_linear_qkv_bias(
 
 
 def export_decoder_layers_26_self_attention_linear_qkv_bias(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.26.self_attention.linear_qkv.bias <- model.layers.26.self_attn.q_proj.bias, model.layers.26.self_attn.k_proj.bias, model.layers.26.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
-    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
-    return {
-        "model.layers.26.self_attn.q_proj.bias": q,
-        "model.layers.26.self_attn.k_proj.bias": k,
-        "model.layers.26.self_attn.v_proj.bias": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/qwen2.yaml:34."""
+    return dict(
+        zip(
+            (
+                "model.layers.26.self_attn.q_proj.bias",
+                "model.layers.26.self_attn.k_proj.bias",
+                "model.layers.26.self_attn.v_proj.bias",
+            ),
+            rt.qkv_export(parts, heads=28, groups=4, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_26_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.26.mlp.linear_fc1.layer_norm_weight <- model.layers.26.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen2.yaml:40."""
     return rt.whole_import(load("model.layers.26.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_26_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.26.mlp.linear_fc1.layer_norm_weight <- model.layers.26.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen2.yaml:40."""
     return {"model.layers.26.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_26_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.26.mlp.linear_fc1.weight <- model.layers.26.mlp.gate_proj.weight, model.layers.26.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/qwen2.yaml:43."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.26.mlp.gate_proj.weight"),
@@ -3606,60 +3842,60 @@ def import_decoder_layers_26_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_26_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.26.mlp.linear_fc1.weight <- model.layers.26.mlp.gate_proj.weight, model.layers.26.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.26.mlp.gate_proj.weight": gate, "model.layers.26.mlp.up_proj.weight": up}
+def export_decoder_layers_26_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/qwen2.yaml:43."""
+    return dict(
+        zip(
+            ("model.layers.26.mlp.gate_proj.weight", "model.layers.26.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_26_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.26.mlp.linear_fc2.weight <- model.layers.26.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen2.yaml:46."""
     return rt.row_import(ctx.tp, load("model.layers.26.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_26_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.26.mlp.linear_fc2.weight <- model.layers.26.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
+def export_decoder_layers_26_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen2.yaml:46."""
     return {"model.layers.26.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_27_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.27.self_attention.linear_qkv.layer_norm_weight <- model.layers.27.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen2.yaml:28."""
     return rt.whole_import(load("model.layers.27.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_27_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.27.self_attention.linear_qkv.layer_norm_weight <- model.layers.27.input_layernorm.weight: auto -> replicated, specs/qwen2.yaml:28."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen2.yaml:28."""
     return {"model.layers.27.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_27_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.27.self_attention.linear_proj.weight <- model.layers.27.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen2.yaml:37."""
     return rt.row_import(ctx.tp, load("model.layers.27.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_27_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.27.self_attention.linear_proj.weight <- model.layers.27.self_attn.o_proj.weight: auto -> row, specs/qwen2.yaml:37."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen2.yaml:37."""
     return {"model.layers.27.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_27_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.27.self_attention.linear_qkv.weight <- model.layers.27.self_attn.q_proj.weight, model.layers.27.self_attn.k_proj.weight, model.layers.27.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/qwen2.yaml:31."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.27.self_attn.q_proj.weight"),
@@ -3673,21 +3909,25 @@ def import_decoder_layers_27_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_27_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.27.self_attention.linear_qkv.weight <- model.layers.27.self_attn.q_proj.weight, model.layers.27.self_attn.k_proj.weight, model.layers.27.self_attn.v_proj.weight: qkv, specs/qwen2.yaml:31."""
-    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
-    return {
-        "model.layers.27.self_attn.q_proj.weight": q,
-        "model.layers.27.self_attn.k_proj.weight": k,
-        "model.layers.27.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/qwen2.yaml:31."""
+    return dict(
+        zip(
+            (
+                "model.layers.27.self_attn.q_proj.weight",
+                "model.layers.27.self_attn.k_proj.weight",
+                "model.layers.27.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=28, groups=4, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_27_self_attention_linear_qkv_bias(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.27.self_attention.linear_qkv.bias <- model.layers.27.self_attn.q_proj.bias, model.layers.27.self_attn.k_proj.bias, model.layers.27.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/qwen2.yaml:34."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.27.self_attn.q_proj.bias"),
@@ -3701,35 +3941,39 @@ def import_decoder_layers_27_self_attention_linear_qkv_bias(
 
 
 def export_decoder_layers_27_self_attention_linear_qkv_bias(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.27.self_attention.linear_qkv.bias <- model.layers.27.self_attn.q_proj.bias, model.layers.27.self_attn.k_proj.bias, model.layers.27.self_attn.v_proj.bias: qkv, specs/qwen2.yaml:34."""
-    q, k, v = rt.qkv_export(parts, heads=28, groups=4, head_dim=128)
-    return {
-        "model.layers.27.self_attn.q_proj.bias": q,
-        "model.layers.27.self_attn.k_proj.bias": k,
-        "model.layers.27.self_attn.v_proj.bias": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/qwen2.yaml:34."""
+    return dict(
+        zip(
+            (
+                "model.layers.27.self_attn.q_proj.bias",
+                "model.layers.27.self_attn.k_proj.bias",
+                "model.layers.27.self_attn.v_proj.bias",
+            ),
+            rt.qkv_export(parts, heads=28, groups=4, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_27_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.27.mlp.linear_fc1.layer_norm_weight <- model.layers.27.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen2.yaml:40."""
     return rt.whole_import(load("model.layers.27.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_27_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.27.mlp.linear_fc1.layer_norm_weight <- model.layers.27.post_attention_layernorm.weight: auto -> replicated, specs/qwen2.yaml:40."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen2.yaml:40."""
     return {"model.layers.27.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_27_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.27.mlp.linear_fc1.weight <- model.layers.27.mlp.gate_proj.weight, model.layers.27.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/qwen2.yaml:43."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.27.mlp.gate_proj.weight"),
@@ -3738,2266 +3982,2666 @@ def import_decoder_layers_27_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_27_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.27.mlp.linear_fc1.weight <- model.layers.27.mlp.gate_proj.weight, model.layers.27.mlp.up_proj.weight: gated_mlp, specs/qwen2.yaml:43."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.27.mlp.gate_proj.weight": gate, "model.layers.27.mlp.up_proj.weight": up}
+def export_decoder_layers_27_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/qwen2.yaml:43."""
+    return dict(
+        zip(
+            ("model.layers.27.mlp.gate_proj.weight", "model.layers.27.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_27_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.27.mlp.linear_fc2.weight <- model.layers.27.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen2.yaml:46."""
     return rt.row_import(ctx.tp, load("model.layers.27.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_27_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.27.mlp.linear_fc2.weight <- model.layers.27.mlp.down_proj.weight: auto -> row, specs/qwen2.yaml:46."""
+def export_decoder_layers_27_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen2.yaml:46."""
     return {"model.layers.27.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_final_layernorm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.final_layernorm.weight <- model.norm.weight: auto -> replicated, specs/qwen2.yaml:49."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen2.yaml:49."""
     return rt.whole_import(load("model.norm.weight"), out=out)
 
 
-def export_decoder_final_layernorm_weight(parts: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """decoder.final_layernorm.weight <- model.norm.weight: auto -> replicated, specs/qwen2.yaml:49."""
+def export_decoder_final_layernorm_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen2.yaml:49."""
     return {"model.norm.weight": parts[0]}
 
 
 def import_output_layer_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """output_layer.weight <- lm_head.weight: auto -> column, specs/qwen2.yaml:52."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> column: specs/qwen2.yaml:52."""
     return rt.column_import(ctx.tp, load("lm_head.weight"), out=out)
 
 
-def export_output_layer_weight(parts: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """output_layer.weight <- lm_head.weight: auto -> column, specs/qwen2.yaml:52."""
+def export_output_layer_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> column: specs/qwen2.yaml:52."""
     return {"lm_head.weight": rt.column_export(parts)}
 
 
+# megatron_name, global shape, dtype, TP split dim, expert-parallel, layer, expert, HF tensors,
+# import function, export function
 PARAMS: Final[tuple[ParamPlan, ...]] = (
     ParamPlan(
         "embedding.word_embeddings.weight",
         (152064, 3584),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=None,
-        expert=None,
-        hf_names=("model.embed_tokens.weight",),
+        0,
+        False,
+        None,
+        None,
+        ("model.embed_tokens.weight",),
+        import_embedding_word_embeddings_weight,
+        export_embedding_word_embeddings_weight,
     ),
     ParamPlan(
         "decoder.layers.0.self_attention.linear_qkv.layer_norm_weight",
         (3584,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=0,
-        expert=None,
-        hf_names=("model.layers.0.input_layernorm.weight",),
+        None,
+        False,
+        0,
+        None,
+        ("model.layers.0.input_layernorm.weight",),
+        import_decoder_layers_0_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_0_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.0.self_attention.linear_proj.weight",
         (3584, 3584),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=0,
-        expert=None,
-        hf_names=("model.layers.0.self_attn.o_proj.weight",),
+        1,
+        False,
+        0,
+        None,
+        ("model.layers.0.self_attn.o_proj.weight",),
+        import_decoder_layers_0_self_attention_linear_proj_weight,
+        export_decoder_layers_0_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.0.self_attention.linear_qkv.weight",
         (4608, 3584),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=0,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        0,
+        None,
+        (
             "model.layers.0.self_attn.q_proj.weight",
             "model.layers.0.self_attn.k_proj.weight",
             "model.layers.0.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_0_self_attention_linear_qkv_weight,
+        export_decoder_layers_0_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.0.self_attention.linear_qkv.bias",
         (4608,),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=0,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        0,
+        None,
+        (
             "model.layers.0.self_attn.q_proj.bias",
             "model.layers.0.self_attn.k_proj.bias",
             "model.layers.0.self_attn.v_proj.bias",
         ),
+        import_decoder_layers_0_self_attention_linear_qkv_bias,
+        export_decoder_layers_0_self_attention_linear_qkv_bias,
     ),
     ParamPlan(
         "decoder.layers.0.mlp.linear_fc1.layer_norm_weight",
         (3584,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=0,
-        expert=None,
-        hf_names=("model.layers.0.post_attention_layernorm.weight",),
+        None,
+        False,
+        0,
+        None,
+        ("model.layers.0.post_attention_layernorm.weight",),
+        import_decoder_layers_0_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_0_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.0.mlp.linear_fc1.weight",
         (37888, 3584),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=0,
-        expert=None,
-        hf_names=("model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weight"),
+        0,
+        False,
+        0,
+        None,
+        ("model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weight"),
+        import_decoder_layers_0_mlp_linear_fc1_weight,
+        export_decoder_layers_0_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.0.mlp.linear_fc2.weight",
         (3584, 18944),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=0,
-        expert=None,
-        hf_names=("model.layers.0.mlp.down_proj.weight",),
+        1,
+        False,
+        0,
+        None,
+        ("model.layers.0.mlp.down_proj.weight",),
+        import_decoder_layers_0_mlp_linear_fc2_weight,
+        export_decoder_layers_0_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.1.self_attention.linear_qkv.layer_norm_weight",
         (3584,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=1,
-        expert=None,
-        hf_names=("model.layers.1.input_layernorm.weight",),
+        None,
+        False,
+        1,
+        None,
+        ("model.layers.1.input_layernorm.weight",),
+        import_decoder_layers_1_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_1_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.1.self_attention.linear_proj.weight",
         (3584, 3584),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=1,
-        expert=None,
-        hf_names=("model.layers.1.self_attn.o_proj.weight",),
+        1,
+        False,
+        1,
+        None,
+        ("model.layers.1.self_attn.o_proj.weight",),
+        import_decoder_layers_1_self_attention_linear_proj_weight,
+        export_decoder_layers_1_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.1.self_attention.linear_qkv.weight",
         (4608, 3584),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=1,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        1,
+        None,
+        (
             "model.layers.1.self_attn.q_proj.weight",
             "model.layers.1.self_attn.k_proj.weight",
             "model.layers.1.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_1_self_attention_linear_qkv_weight,
+        export_decoder_layers_1_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.1.self_attention.linear_qkv.bias",
         (4608,),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=1,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        1,
+        None,
+        (
             "model.layers.1.self_attn.q_proj.bias",
             "model.layers.1.self_attn.k_proj.bias",
             "model.layers.1.self_attn.v_proj.bias",
         ),
+        import_decoder_layers_1_self_attention_linear_qkv_bias,
+        export_decoder_layers_1_self_attention_linear_qkv_bias,
     ),
     ParamPlan(
         "decoder.layers.1.mlp.linear_fc1.layer_norm_weight",
         (3584,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=1,
-        expert=None,
-        hf_names=("model.layers.1.post_attention_layernorm.weight",),
+        None,
+        False,
+        1,
+        None,
+        ("model.layers.1.post_attention_layernorm.weight",),
+        import_decoder_layers_1_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_1_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.1.mlp.linear_fc1.weight",
         (37888, 3584),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=1,
-        expert=None,
-        hf_names=("model.layers.1.mlp.gate_proj.weight", "model.layers.1.mlp.up_proj.weight"),
+        0,
+        False,
+        1,
+        None,
+        ("model.layers.1.mlp.gate_proj.weight", "model.layers.1.mlp.up_proj.weight"),
+        import_decoder_layers_1_mlp_linear_fc1_weight,
+        export_decoder_layers_1_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.1.mlp.linear_fc2.weight",
         (3584, 18944),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=1,
-        expert=None,
-        hf_names=("model.layers.1.mlp.down_proj.weight",),
+        1,
+        False,
+        1,
+        None,
+        ("model.layers.1.mlp.down_proj.weight",),
+        import_decoder_layers_1_mlp_linear_fc2_weight,
+        export_decoder_layers_1_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.2.self_attention.linear_qkv.layer_norm_weight",
         (3584,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=2,
-        expert=None,
-        hf_names=("model.layers.2.input_layernorm.weight",),
+        None,
+        False,
+        2,
+        None,
+        ("model.layers.2.input_layernorm.weight",),
+        import_decoder_layers_2_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_2_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.2.self_attention.linear_proj.weight",
         (3584, 3584),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=2,
-        expert=None,
-        hf_names=("model.layers.2.self_attn.o_proj.weight",),
+        1,
+        False,
+        2,
+        None,
+        ("model.layers.2.self_attn.o_proj.weight",),
+        import_decoder_layers_2_self_attention_linear_proj_weight,
+        export_decoder_layers_2_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.2.self_attention.linear_qkv.weight",
         (4608, 3584),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=2,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        2,
+        None,
+        (
             "model.layers.2.self_attn.q_proj.weight",
             "model.layers.2.self_attn.k_proj.weight",
             "model.layers.2.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_2_self_attention_linear_qkv_weight,
+        export_decoder_layers_2_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.2.self_attention.linear_qkv.bias",
         (4608,),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=2,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        2,
+        None,
+        (
             "model.layers.2.self_attn.q_proj.bias",
             "model.layers.2.self_attn.k_proj.bias",
             "model.layers.2.self_attn.v_proj.bias",
         ),
+        import_decoder_layers_2_self_attention_linear_qkv_bias,
+        export_decoder_layers_2_self_attention_linear_qkv_bias,
     ),
     ParamPlan(
         "decoder.layers.2.mlp.linear_fc1.layer_norm_weight",
         (3584,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=2,
-        expert=None,
-        hf_names=("model.layers.2.post_attention_layernorm.weight",),
+        None,
+        False,
+        2,
+        None,
+        ("model.layers.2.post_attention_layernorm.weight",),
+        import_decoder_layers_2_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_2_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.2.mlp.linear_fc1.weight",
         (37888, 3584),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=2,
-        expert=None,
-        hf_names=("model.layers.2.mlp.gate_proj.weight", "model.layers.2.mlp.up_proj.weight"),
+        0,
+        False,
+        2,
+        None,
+        ("model.layers.2.mlp.gate_proj.weight", "model.layers.2.mlp.up_proj.weight"),
+        import_decoder_layers_2_mlp_linear_fc1_weight,
+        export_decoder_layers_2_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.2.mlp.linear_fc2.weight",
         (3584, 18944),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=2,
-        expert=None,
-        hf_names=("model.layers.2.mlp.down_proj.weight",),
+        1,
+        False,
+        2,
+        None,
+        ("model.layers.2.mlp.down_proj.weight",),
+        import_decoder_layers_2_mlp_linear_fc2_weight,
+        export_decoder_layers_2_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.3.self_attention.linear_qkv.layer_norm_weight",
         (3584,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=3,
-        expert=None,
-        hf_names=("model.layers.3.input_layernorm.weight",),
+        None,
+        False,
+        3,
+        None,
+        ("model.layers.3.input_layernorm.weight",),
+        import_decoder_layers_3_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_3_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.3.self_attention.linear_proj.weight",
         (3584, 3584),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=3,
-        expert=None,
-        hf_names=("model.layers.3.self_attn.o_proj.weight",),
+        1,
+        False,
+        3,
+        None,
+        ("model.layers.3.self_attn.o_proj.weight",),
+        import_decoder_layers_3_self_attention_linear_proj_weight,
+        export_decoder_layers_3_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.3.self_attention.linear_qkv.weight",
         (4608, 3584),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=3,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        3,
+        None,
+        (
             "model.layers.3.self_attn.q_proj.weight",
             "model.layers.3.self_attn.k_proj.weight",
             "model.layers.3.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_3_self_attention_linear_qkv_weight,
+        export_decoder_layers_3_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.3.self_attention.linear_qkv.bias",
         (4608,),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=3,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        3,
+        None,
+        (
             "model.layers.3.self_attn.q_proj.bias",
             "model.layers.3.self_attn.k_proj.bias",
             "model.layers.3.self_attn.v_proj.bias",
         ),
+        import_decoder_layers_3_self_attention_linear_qkv_bias,
+        export_decoder_layers_3_self_attention_linear_qkv_bias,
     ),
     ParamPlan(
         "decoder.layers.3.mlp.linear_fc1.layer_norm_weight",
         (3584,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=3,
-        expert=None,
-        hf_names=("model.layers.3.post_attention_layernorm.weight",),
+        None,
+        False,
+        3,
+        None,
+        ("model.layers.3.post_attention_layernorm.weight",),
+        import_decoder_layers_3_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_3_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.3.mlp.linear_fc1.weight",
         (37888, 3584),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=3,
-        expert=None,
-        hf_names=("model.layers.3.mlp.gate_proj.weight", "model.layers.3.mlp.up_proj.weight"),
+        0,
+        False,
+        3,
+        None,
+        ("model.layers.3.mlp.gate_proj.weight", "model.layers.3.mlp.up_proj.weight"),
+        import_decoder_layers_3_mlp_linear_fc1_weight,
+        export_decoder_layers_3_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.3.mlp.linear_fc2.weight",
         (3584, 18944),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=3,
-        expert=None,
-        hf_names=("model.layers.3.mlp.down_proj.weight",),
+        1,
+        False,
+        3,
+        None,
+        ("model.layers.3.mlp.down_proj.weight",),
+        import_decoder_layers_3_mlp_linear_fc2_weight,
+        export_decoder_layers_3_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.4.self_attention.linear_qkv.layer_norm_weight",
         (3584,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=4,
-        expert=None,
-        hf_names=("model.layers.4.input_layernorm.weight",),
+        None,
+        False,
+        4,
+        None,
+        ("model.layers.4.input_layernorm.weight",),
+        import_decoder_layers_4_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_4_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.4.self_attention.linear_proj.weight",
         (3584, 3584),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=4,
-        expert=None,
-        hf_names=("model.layers.4.self_attn.o_proj.weight",),
+        1,
+        False,
+        4,
+        None,
+        ("model.layers.4.self_attn.o_proj.weight",),
+        import_decoder_layers_4_self_attention_linear_proj_weight,
+        export_decoder_layers_4_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.4.self_attention.linear_qkv.weight",
         (4608, 3584),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=4,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        4,
+        None,
+        (
             "model.layers.4.self_attn.q_proj.weight",
             "model.layers.4.self_attn.k_proj.weight",
             "model.layers.4.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_4_self_attention_linear_qkv_weight,
+        export_decoder_layers_4_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.4.self_attention.linear_qkv.bias",
         (4608,),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=4,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        4,
+        None,
+        (
             "model.layers.4.self_attn.q_proj.bias",
             "model.layers.4.self_attn.k_proj.bias",
             "model.layers.4.self_attn.v_proj.bias",
         ),
+        import_decoder_layers_4_self_attention_linear_qkv_bias,
+        export_decoder_layers_4_self_attention_linear_qkv_bias,
     ),
     ParamPlan(
         "decoder.layers.4.mlp.linear_fc1.layer_norm_weight",
         (3584,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=4,
-        expert=None,
-        hf_names=("model.layers.4.post_attention_layernorm.weight",),
+        None,
+        False,
+        4,
+        None,
+        ("model.layers.4.post_attention_layernorm.weight",),
+        import_decoder_layers_4_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_4_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.4.mlp.linear_fc1.weight",
         (37888, 3584),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=4,
-        expert=None,
-        hf_names=("model.layers.4.mlp.gate_proj.weight", "model.layers.4.mlp.up_proj.weight"),
+        0,
+        False,
+        4,
+        None,
+        ("model.layers.4.mlp.gate_proj.weight", "model.layers.4.mlp.up_proj.weight"),
+        import_decoder_layers_4_mlp_linear_fc1_weight,
+        export_decoder_layers_4_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.4.mlp.linear_fc2.weight",
         (3584, 18944),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=4,
-        expert=None,
-        hf_names=("model.layers.4.mlp.down_proj.weight",),
+        1,
+        False,
+        4,
+        None,
+        ("model.layers.4.mlp.down_proj.weight",),
+        import_decoder_layers_4_mlp_linear_fc2_weight,
+        export_decoder_layers_4_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.5.self_attention.linear_qkv.layer_norm_weight",
         (3584,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=5,
-        expert=None,
-        hf_names=("model.layers.5.input_layernorm.weight",),
+        None,
+        False,
+        5,
+        None,
+        ("model.layers.5.input_layernorm.weight",),
+        import_decoder_layers_5_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_5_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.5.self_attention.linear_proj.weight",
         (3584, 3584),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=5,
-        expert=None,
-        hf_names=("model.layers.5.self_attn.o_proj.weight",),
+        1,
+        False,
+        5,
+        None,
+        ("model.layers.5.self_attn.o_proj.weight",),
+        import_decoder_layers_5_self_attention_linear_proj_weight,
+        export_decoder_layers_5_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.5.self_attention.linear_qkv.weight",
         (4608, 3584),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=5,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        5,
+        None,
+        (
             "model.layers.5.self_attn.q_proj.weight",
             "model.layers.5.self_attn.k_proj.weight",
             "model.layers.5.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_5_self_attention_linear_qkv_weight,
+        export_decoder_layers_5_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.5.self_attention.linear_qkv.bias",
         (4608,),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=5,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        5,
+        None,
+        (
             "model.layers.5.self_attn.q_proj.bias",
             "model.layers.5.self_attn.k_proj.bias",
             "model.layers.5.self_attn.v_proj.bias",
         ),
+        import_decoder_layers_5_self_attention_linear_qkv_bias,
+        export_decoder_layers_5_self_attention_linear_qkv_bias,
     ),
     ParamPlan(
         "decoder.layers.5.mlp.linear_fc1.layer_norm_weight",
         (3584,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=5,
-        expert=None,
-        hf_names=("model.layers.5.post_attention_layernorm.weight",),
+        None,
+        False,
+        5,
+        None,
+        ("model.layers.5.post_attention_layernorm.weight",),
+        import_decoder_layers_5_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_5_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.5.mlp.linear_fc1.weight",
         (37888, 3584),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=5,
-        expert=None,
-        hf_names=("model.layers.5.mlp.gate_proj.weight", "model.layers.5.mlp.up_proj.weight"),
+        0,
+        False,
+        5,
+        None,
+        ("model.layers.5.mlp.gate_proj.weight", "model.layers.5.mlp.up_proj.weight"),
+        import_decoder_layers_5_mlp_linear_fc1_weight,
+        export_decoder_layers_5_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.5.mlp.linear_fc2.weight",
         (3584, 18944),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=5,
-        expert=None,
-        hf_names=("model.layers.5.mlp.down_proj.weight",),
+        1,
+        False,
+        5,
+        None,
+        ("model.layers.5.mlp.down_proj.weight",),
+        import_decoder_layers_5_mlp_linear_fc2_weight,
+        export_decoder_layers_5_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.6.self_attention.linear_qkv.layer_norm_weight",
         (3584,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=6,
-        expert=None,
-        hf_names=("model.layers.6.input_layernorm.weight",),
+        None,
+        False,
+        6,
+        None,
+        ("model.layers.6.input_layernorm.weight",),
+        import_decoder_layers_6_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_6_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.6.self_attention.linear_proj.weight",
         (3584, 3584),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=6,
-        expert=None,
-        hf_names=("model.layers.6.self_attn.o_proj.weight",),
+        1,
+        False,
+        6,
+        None,
+        ("model.layers.6.self_attn.o_proj.weight",),
+        import_decoder_layers_6_self_attention_linear_proj_weight,
+        export_decoder_layers_6_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.6.self_attention.linear_qkv.weight",
         (4608, 3584),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=6,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        6,
+        None,
+        (
             "model.layers.6.self_attn.q_proj.weight",
             "model.layers.6.self_attn.k_proj.weight",
             "model.layers.6.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_6_self_attention_linear_qkv_weight,
+        export_decoder_layers_6_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.6.self_attention.linear_qkv.bias",
         (4608,),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=6,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        6,
+        None,
+        (
             "model.layers.6.self_attn.q_proj.bias",
             "model.layers.6.self_attn.k_proj.bias",
             "model.layers.6.self_attn.v_proj.bias",
         ),
+        import_decoder_layers_6_self_attention_linear_qkv_bias,
+        export_decoder_layers_6_self_attention_linear_qkv_bias,
     ),
     ParamPlan(
         "decoder.layers.6.mlp.linear_fc1.layer_norm_weight",
         (3584,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=6,
-        expert=None,
-        hf_names=("model.layers.6.post_attention_layernorm.weight",),
+        None,
+        False,
+        6,
+        None,
+        ("model.layers.6.post_attention_layernorm.weight",),
+        import_decoder_layers_6_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_6_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.6.mlp.linear_fc1.weight",
         (37888, 3584),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=6,
-        expert=None,
-        hf_names=("model.layers.6.mlp.gate_proj.weight", "model.layers.6.mlp.up_proj.weight"),
+        0,
+        False,
+        6,
+        None,
+        ("model.layers.6.mlp.gate_proj.weight", "model.layers.6.mlp.up_proj.weight"),
+        import_decoder_layers_6_mlp_linear_fc1_weight,
+        export_decoder_layers_6_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.6.mlp.linear_fc2.weight",
         (3584, 18944),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=6,
-        expert=None,
-        hf_names=("model.layers.6.mlp.down_proj.weight",),
+        1,
+        False,
+        6,
+        None,
+        ("model.layers.6.mlp.down_proj.weight",),
+        import_decoder_layers_6_mlp_linear_fc2_weight,
+        export_decoder_layers_6_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.7.self_attention.linear_qkv.layer_norm_weight",
         (3584,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=7,
-        expert=None,
-        hf_names=("model.layers.7.input_layernorm.weight",),
+        None,
+        False,
+        7,
+        None,
+        ("model.layers.7.input_layernorm.weight",),
+        import_decoder_layers_7_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_7_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.7.self_attention.linear_proj.weight",
         (3584, 3584),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=7,
-        expert=None,
-        hf_names=("model.layers.7.self_attn.o_proj.weight",),
+        1,
+        False,
+        7,
+        None,
+        ("model.layers.7.self_attn.o_proj.weight",),
+        import_decoder_layers_7_self_attention_linear_proj_weight,
+        export_decoder_layers_7_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.7.self_attention.linear_qkv.weight",
         (4608, 3584),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=7,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        7,
+        None,
+        (
             "model.layers.7.self_attn.q_proj.weight",
             "model.layers.7.self_attn.k_proj.weight",
             "model.layers.7.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_7_self_attention_linear_qkv_weight,
+        export_decoder_layers_7_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.7.self_attention.linear_qkv.bias",
         (4608,),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=7,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        7,
+        None,
+        (
             "model.layers.7.self_attn.q_proj.bias",
             "model.layers.7.self_attn.k_proj.bias",
             "model.layers.7.self_attn.v_proj.bias",
         ),
+        import_decoder_layers_7_self_attention_linear_qkv_bias,
+        export_decoder_layers_7_self_attention_linear_qkv_bias,
     ),
     ParamPlan(
         "decoder.layers.7.mlp.linear_fc1.layer_norm_weight",
         (3584,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=7,
-        expert=None,
-        hf_names=("model.layers.7.post_attention_layernorm.weight",),
+        None,
+        False,
+        7,
+        None,
+        ("model.layers.7.post_attention_layernorm.weight",),
+        import_decoder_layers_7_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_7_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.7.mlp.linear_fc1.weight",
         (37888, 3584),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=7,
-        expert=None,
-        hf_names=("model.layers.7.mlp.gate_proj.weight", "model.layers.7.mlp.up_proj.weight"),
+        0,
+        False,
+        7,
+        None,
+        ("model.layers.7.mlp.gate_proj.weight", "model.layers.7.mlp.up_proj.weight"),
+        import_decoder_layers_7_mlp_linear_fc1_weight,
+        export_decoder_layers_7_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.7.mlp.linear_fc2.weight",
         (3584, 18944),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=7,
-        expert=None,
-        hf_names=("model.layers.7.mlp.down_proj.weight",),
+        1,
+        False,
+        7,
+        None,
+        ("model.layers.7.mlp.down_proj.weight",),
+        import_decoder_layers_7_mlp_linear_fc2_weight,
+        export_decoder_layers_7_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.8.self_attention.linear_qkv.layer_norm_weight",
         (3584,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=8,
-        expert=None,
-        hf_names=("model.layers.8.input_layernorm.weight",),
+        None,
+        False,
+        8,
+        None,
+        ("model.layers.8.input_layernorm.weight",),
+        import_decoder_layers_8_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_8_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.8.self_attention.linear_proj.weight",
         (3584, 3584),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=8,
-        expert=None,
-        hf_names=("model.layers.8.self_attn.o_proj.weight",),
+        1,
+        False,
+        8,
+        None,
+        ("model.layers.8.self_attn.o_proj.weight",),
+        import_decoder_layers_8_self_attention_linear_proj_weight,
+        export_decoder_layers_8_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.8.self_attention.linear_qkv.weight",
         (4608, 3584),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=8,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        8,
+        None,
+        (
             "model.layers.8.self_attn.q_proj.weight",
             "model.layers.8.self_attn.k_proj.weight",
             "model.layers.8.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_8_self_attention_linear_qkv_weight,
+        export_decoder_layers_8_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.8.self_attention.linear_qkv.bias",
         (4608,),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=8,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        8,
+        None,
+        (
             "model.layers.8.self_attn.q_proj.bias",
             "model.layers.8.self_attn.k_proj.bias",
             "model.layers.8.self_attn.v_proj.bias",
         ),
+        import_decoder_layers_8_self_attention_linear_qkv_bias,
+        export_decoder_layers_8_self_attention_linear_qkv_bias,
     ),
     ParamPlan(
         "decoder.layers.8.mlp.linear_fc1.layer_norm_weight",
         (3584,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=8,
-        expert=None,
-        hf_names=("model.layers.8.post_attention_layernorm.weight",),
+        None,
+        False,
+        8,
+        None,
+        ("model.layers.8.post_attention_layernorm.weight",),
+        import_decoder_layers_8_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_8_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.8.mlp.linear_fc1.weight",
         (37888, 3584),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=8,
-        expert=None,
-        hf_names=("model.layers.8.mlp.gate_proj.weight", "model.layers.8.mlp.up_proj.weight"),
+        0,
+        False,
+        8,
+        None,
+        ("model.layers.8.mlp.gate_proj.weight", "model.layers.8.mlp.up_proj.weight"),
+        import_decoder_layers_8_mlp_linear_fc1_weight,
+        export_decoder_layers_8_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.8.mlp.linear_fc2.weight",
         (3584, 18944),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=8,
-        expert=None,
-        hf_names=("model.layers.8.mlp.down_proj.weight",),
+        1,
+        False,
+        8,
+        None,
+        ("model.layers.8.mlp.down_proj.weight",),
+        import_decoder_layers_8_mlp_linear_fc2_weight,
+        export_decoder_layers_8_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.9.self_attention.linear_qkv.layer_norm_weight",
         (3584,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=9,
-        expert=None,
-        hf_names=("model.layers.9.input_layernorm.weight",),
+        None,
+        False,
+        9,
+        None,
+        ("model.layers.9.input_layernorm.weight",),
+        import_decoder_layers_9_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_9_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.9.self_attention.linear_proj.weight",
         (3584, 3584),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=9,
-        expert=None,
-        hf_names=("model.layers.9.self_attn.o_proj.weight",),
+        1,
+        False,
+        9,
+        None,
+        ("model.layers.9.self_attn.o_proj.weight",),
+        import_decoder_layers_9_self_attention_linear_proj_weight,
+        export_decoder_layers_9_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.9.self_attention.linear_qkv.weight",
         (4608, 3584),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=9,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        9,
+        None,
+        (
             "model.layers.9.self_attn.q_proj.weight",
             "model.layers.9.self_attn.k_proj.weight",
             "model.layers.9.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_9_self_attention_linear_qkv_weight,
+        export_decoder_layers_9_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.9.self_attention.linear_qkv.bias",
         (4608,),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=9,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        9,
+        None,
+        (
             "model.layers.9.self_attn.q_proj.bias",
             "model.layers.9.self_attn.k_proj.bias",
             "model.layers.9.self_attn.v_proj.bias",
         ),
+        import_decoder_layers_9_self_attention_linear_qkv_bias,
+        export_decoder_layers_9_self_attention_linear_qkv_bias,
     ),
     ParamPlan(
         "decoder.layers.9.mlp.linear_fc1.layer_norm_weight",
         (3584,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=9,
-        expert=None,
-        hf_names=("model.layers.9.post_attention_layernorm.weight",),
+        None,
+        False,
+        9,
+        None,
+        ("model.layers.9.post_attention_layernorm.weight",),
+        import_decoder_layers_9_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_9_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.9.mlp.linear_fc1.weight",
         (37888, 3584),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=9,
-        expert=None,
-        hf_names=("model.layers.9.mlp.gate_proj.weight", "model.layers.9.mlp.up_proj.weight"),
+        0,
+        False,
+        9,
+        None,
+        ("model.layers.9.mlp.gate_proj.weight", "model.layers.9.mlp.up_proj.weight"),
+        import_decoder_layers_9_mlp_linear_fc1_weight,
+        export_decoder_layers_9_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.9.mlp.linear_fc2.weight",
         (3584, 18944),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=9,
-        expert=None,
-        hf_names=("model.layers.9.mlp.down_proj.weight",),
+        1,
+        False,
+        9,
+        None,
+        ("model.layers.9.mlp.down_proj.weight",),
+        import_decoder_layers_9_mlp_linear_fc2_weight,
+        export_decoder_layers_9_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.10.self_attention.linear_qkv.layer_norm_weight",
         (3584,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=10,
-        expert=None,
-        hf_names=("model.layers.10.input_layernorm.weight",),
+        None,
+        False,
+        10,
+        None,
+        ("model.layers.10.input_layernorm.weight",),
+        import_decoder_layers_10_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_10_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.10.self_attention.linear_proj.weight",
         (3584, 3584),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=10,
-        expert=None,
-        hf_names=("model.layers.10.self_attn.o_proj.weight",),
+        1,
+        False,
+        10,
+        None,
+        ("model.layers.10.self_attn.o_proj.weight",),
+        import_decoder_layers_10_self_attention_linear_proj_weight,
+        export_decoder_layers_10_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.10.self_attention.linear_qkv.weight",
         (4608, 3584),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=10,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        10,
+        None,
+        (
             "model.layers.10.self_attn.q_proj.weight",
             "model.layers.10.self_attn.k_proj.weight",
             "model.layers.10.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_10_self_attention_linear_qkv_weight,
+        export_decoder_layers_10_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.10.self_attention.linear_qkv.bias",
         (4608,),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=10,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        10,
+        None,
+        (
             "model.layers.10.self_attn.q_proj.bias",
             "model.layers.10.self_attn.k_proj.bias",
             "model.layers.10.self_attn.v_proj.bias",
         ),
+        import_decoder_layers_10_self_attention_linear_qkv_bias,
+        export_decoder_layers_10_self_attention_linear_qkv_bias,
     ),
     ParamPlan(
         "decoder.layers.10.mlp.linear_fc1.layer_norm_weight",
         (3584,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=10,
-        expert=None,
-        hf_names=("model.layers.10.post_attention_layernorm.weight",),
+        None,
+        False,
+        10,
+        None,
+        ("model.layers.10.post_attention_layernorm.weight",),
+        import_decoder_layers_10_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_10_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.10.mlp.linear_fc1.weight",
         (37888, 3584),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=10,
-        expert=None,
-        hf_names=("model.layers.10.mlp.gate_proj.weight", "model.layers.10.mlp.up_proj.weight"),
+        0,
+        False,
+        10,
+        None,
+        ("model.layers.10.mlp.gate_proj.weight", "model.layers.10.mlp.up_proj.weight"),
+        import_decoder_layers_10_mlp_linear_fc1_weight,
+        export_decoder_layers_10_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.10.mlp.linear_fc2.weight",
         (3584, 18944),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=10,
-        expert=None,
-        hf_names=("model.layers.10.mlp.down_proj.weight",),
+        1,
+        False,
+        10,
+        None,
+        ("model.layers.10.mlp.down_proj.weight",),
+        import_decoder_layers_10_mlp_linear_fc2_weight,
+        export_decoder_layers_10_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.11.self_attention.linear_qkv.layer_norm_weight",
         (3584,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=11,
-        expert=None,
-        hf_names=("model.layers.11.input_layernorm.weight",),
+        None,
+        False,
+        11,
+        None,
+        ("model.layers.11.input_layernorm.weight",),
+        import_decoder_layers_11_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_11_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.11.self_attention.linear_proj.weight",
         (3584, 3584),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=11,
-        expert=None,
-        hf_names=("model.layers.11.self_attn.o_proj.weight",),
+        1,
+        False,
+        11,
+        None,
+        ("model.layers.11.self_attn.o_proj.weight",),
+        import_decoder_layers_11_self_attention_linear_proj_weight,
+        export_decoder_layers_11_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.11.self_attention.linear_qkv.weight",
         (4608, 3584),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=11,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        11,
+        None,
+        (
             "model.layers.11.self_attn.q_proj.weight",
             "model.layers.11.self_attn.k_proj.weight",
             "model.layers.11.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_11_self_attention_linear_qkv_weight,
+        export_decoder_layers_11_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.11.self_attention.linear_qkv.bias",
         (4608,),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=11,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        11,
+        None,
+        (
             "model.layers.11.self_attn.q_proj.bias",
             "model.layers.11.self_attn.k_proj.bias",
             "model.layers.11.self_attn.v_proj.bias",
         ),
+        import_decoder_layers_11_self_attention_linear_qkv_bias,
+        export_decoder_layers_11_self_attention_linear_qkv_bias,
     ),
     ParamPlan(
         "decoder.layers.11.mlp.linear_fc1.layer_norm_weight",
         (3584,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=11,
-        expert=None,
-        hf_names=("model.layers.11.post_attention_layernorm.weight",),
+        None,
+        False,
+        11,
+        None,
+        ("model.layers.11.post_attention_layernorm.weight",),
+        import_decoder_layers_11_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_11_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.11.mlp.linear_fc1.weight",
         (37888, 3584),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=11,
-        expert=None,
-        hf_names=("model.layers.11.mlp.gate_proj.weight", "model.layers.11.mlp.up_proj.weight"),
+        0,
+        False,
+        11,
+        None,
+        ("model.layers.11.mlp.gate_proj.weight", "model.layers.11.mlp.up_proj.weight"),
+        import_decoder_layers_11_mlp_linear_fc1_weight,
+        export_decoder_layers_11_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.11.mlp.linear_fc2.weight",
         (3584, 18944),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=11,
-        expert=None,
-        hf_names=("model.layers.11.mlp.down_proj.weight",),
+        1,
+        False,
+        11,
+        None,
+        ("model.layers.11.mlp.down_proj.weight",),
+        import_decoder_layers_11_mlp_linear_fc2_weight,
+        export_decoder_layers_11_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.12.self_attention.linear_qkv.layer_norm_weight",
         (3584,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=12,
-        expert=None,
-        hf_names=("model.layers.12.input_layernorm.weight",),
+        None,
+        False,
+        12,
+        None,
+        ("model.layers.12.input_layernorm.weight",),
+        import_decoder_layers_12_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_12_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.12.self_attention.linear_proj.weight",
         (3584, 3584),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=12,
-        expert=None,
-        hf_names=("model.layers.12.self_attn.o_proj.weight",),
+        1,
+        False,
+        12,
+        None,
+        ("model.layers.12.self_attn.o_proj.weight",),
+        import_decoder_layers_12_self_attention_linear_proj_weight,
+        export_decoder_layers_12_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.12.self_attention.linear_qkv.weight",
         (4608, 3584),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=12,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        12,
+        None,
+        (
             "model.layers.12.self_attn.q_proj.weight",
             "model.layers.12.self_attn.k_proj.weight",
             "model.layers.12.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_12_self_attention_linear_qkv_weight,
+        export_decoder_layers_12_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.12.self_attention.linear_qkv.bias",
         (4608,),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=12,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        12,
+        None,
+        (
             "model.layers.12.self_attn.q_proj.bias",
             "model.layers.12.self_attn.k_proj.bias",
             "model.layers.12.self_attn.v_proj.bias",
         ),
+        import_decoder_layers_12_self_attention_linear_qkv_bias,
+        export_decoder_layers_12_self_attention_linear_qkv_bias,
     ),
     ParamPlan(
         "decoder.layers.12.mlp.linear_fc1.layer_norm_weight",
         (3584,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=12,
-        expert=None,
-        hf_names=("model.layers.12.post_attention_layernorm.weight",),
+        None,
+        False,
+        12,
+        None,
+        ("model.layers.12.post_attention_layernorm.weight",),
+        import_decoder_layers_12_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_12_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.12.mlp.linear_fc1.weight",
         (37888, 3584),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=12,
-        expert=None,
-        hf_names=("model.layers.12.mlp.gate_proj.weight", "model.layers.12.mlp.up_proj.weight"),
+        0,
+        False,
+        12,
+        None,
+        ("model.layers.12.mlp.gate_proj.weight", "model.layers.12.mlp.up_proj.weight"),
+        import_decoder_layers_12_mlp_linear_fc1_weight,
+        export_decoder_layers_12_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.12.mlp.linear_fc2.weight",
         (3584, 18944),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=12,
-        expert=None,
-        hf_names=("model.layers.12.mlp.down_proj.weight",),
+        1,
+        False,
+        12,
+        None,
+        ("model.layers.12.mlp.down_proj.weight",),
+        import_decoder_layers_12_mlp_linear_fc2_weight,
+        export_decoder_layers_12_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.13.self_attention.linear_qkv.layer_norm_weight",
         (3584,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=13,
-        expert=None,
-        hf_names=("model.layers.13.input_layernorm.weight",),
+        None,
+        False,
+        13,
+        None,
+        ("model.layers.13.input_layernorm.weight",),
+        import_decoder_layers_13_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_13_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.13.self_attention.linear_proj.weight",
         (3584, 3584),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=13,
-        expert=None,
-        hf_names=("model.layers.13.self_attn.o_proj.weight",),
+        1,
+        False,
+        13,
+        None,
+        ("model.layers.13.self_attn.o_proj.weight",),
+        import_decoder_layers_13_self_attention_linear_proj_weight,
+        export_decoder_layers_13_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.13.self_attention.linear_qkv.weight",
         (4608, 3584),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=13,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        13,
+        None,
+        (
             "model.layers.13.self_attn.q_proj.weight",
             "model.layers.13.self_attn.k_proj.weight",
             "model.layers.13.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_13_self_attention_linear_qkv_weight,
+        export_decoder_layers_13_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.13.self_attention.linear_qkv.bias",
         (4608,),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=13,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        13,
+        None,
+        (
             "model.layers.13.self_attn.q_proj.bias",
             "model.layers.13.self_attn.k_proj.bias",
             "model.layers.13.self_attn.v_proj.bias",
         ),
+        import_decoder_layers_13_self_attention_linear_qkv_bias,
+        export_decoder_layers_13_self_attention_linear_qkv_bias,
     ),
     ParamPlan(
         "decoder.layers.13.mlp.linear_fc1.layer_norm_weight",
         (3584,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=13,
-        expert=None,
-        hf_names=("model.layers.13.post_attention_layernorm.weight",),
+        None,
+        False,
+        13,
+        None,
+        ("model.layers.13.post_attention_layernorm.weight",),
+        import_decoder_layers_13_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_13_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.13.mlp.linear_fc1.weight",
         (37888, 3584),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=13,
-        expert=None,
-        hf_names=("model.layers.13.mlp.gate_proj.weight", "model.layers.13.mlp.up_proj.weight"),
+        0,
+        False,
+        13,
+        None,
+        ("model.layers.13.mlp.gate_proj.weight", "model.layers.13.mlp.up_proj.weight"),
+        import_decoder_layers_13_mlp_linear_fc1_weight,
+        export_decoder_layers_13_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.13.mlp.linear_fc2.weight",
         (3584, 18944),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=13,
-        expert=None,
-        hf_names=("model.layers.13.mlp.down_proj.weight",),
+        1,
+        False,
+        13,
+        None,
+        ("model.layers.13.mlp.down_proj.weight",),
+        import_decoder_layers_13_mlp_linear_fc2_weight,
+        export_decoder_layers_13_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.14.self_attention.linear_qkv.layer_norm_weight",
         (3584,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=14,
-        expert=None,
-        hf_names=("model.layers.14.input_layernorm.weight",),
+        None,
+        False,
+        14,
+        None,
+        ("model.layers.14.input_layernorm.weight",),
+        import_decoder_layers_14_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_14_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.14.self_attention.linear_proj.weight",
         (3584, 3584),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=14,
-        expert=None,
-        hf_names=("model.layers.14.self_attn.o_proj.weight",),
+        1,
+        False,
+        14,
+        None,
+        ("model.layers.14.self_attn.o_proj.weight",),
+        import_decoder_layers_14_self_attention_linear_proj_weight,
+        export_decoder_layers_14_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.14.self_attention.linear_qkv.weight",
         (4608, 3584),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=14,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        14,
+        None,
+        (
             "model.layers.14.self_attn.q_proj.weight",
             "model.layers.14.self_attn.k_proj.weight",
             "model.layers.14.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_14_self_attention_linear_qkv_weight,
+        export_decoder_layers_14_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.14.self_attention.linear_qkv.bias",
         (4608,),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=14,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        14,
+        None,
+        (
             "model.layers.14.self_attn.q_proj.bias",
             "model.layers.14.self_attn.k_proj.bias",
             "model.layers.14.self_attn.v_proj.bias",
         ),
+        import_decoder_layers_14_self_attention_linear_qkv_bias,
+        export_decoder_layers_14_self_attention_linear_qkv_bias,
     ),
     ParamPlan(
         "decoder.layers.14.mlp.linear_fc1.layer_norm_weight",
         (3584,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=14,
-        expert=None,
-        hf_names=("model.layers.14.post_attention_layernorm.weight",),
+        None,
+        False,
+        14,
+        None,
+        ("model.layers.14.post_attention_layernorm.weight",),
+        import_decoder_layers_14_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_14_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.14.mlp.linear_fc1.weight",
         (37888, 3584),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=14,
-        expert=None,
-        hf_names=("model.layers.14.mlp.gate_proj.weight", "model.layers.14.mlp.up_proj.weight"),
+        0,
+        False,
+        14,
+        None,
+        ("model.layers.14.mlp.gate_proj.weight", "model.layers.14.mlp.up_proj.weight"),
+        import_decoder_layers_14_mlp_linear_fc1_weight,
+        export_decoder_layers_14_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.14.mlp.linear_fc2.weight",
         (3584, 18944),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=14,
-        expert=None,
-        hf_names=("model.layers.14.mlp.down_proj.weight",),
+        1,
+        False,
+        14,
+        None,
+        ("model.layers.14.mlp.down_proj.weight",),
+        import_decoder_layers_14_mlp_linear_fc2_weight,
+        export_decoder_layers_14_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.15.self_attention.linear_qkv.layer_norm_weight",
         (3584,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=15,
-        expert=None,
-        hf_names=("model.layers.15.input_layernorm.weight",),
+        None,
+        False,
+        15,
+        None,
+        ("model.layers.15.input_layernorm.weight",),
+        import_decoder_layers_15_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_15_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.15.self_attention.linear_proj.weight",
         (3584, 3584),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=15,
-        expert=None,
-        hf_names=("model.layers.15.self_attn.o_proj.weight",),
+        1,
+        False,
+        15,
+        None,
+        ("model.layers.15.self_attn.o_proj.weight",),
+        import_decoder_layers_15_self_attention_linear_proj_weight,
+        export_decoder_layers_15_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.15.self_attention.linear_qkv.weight",
         (4608, 3584),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=15,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        15,
+        None,
+        (
             "model.layers.15.self_attn.q_proj.weight",
             "model.layers.15.self_attn.k_proj.weight",
             "model.layers.15.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_15_self_attention_linear_qkv_weight,
+        export_decoder_layers_15_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.15.self_attention.linear_qkv.bias",
         (4608,),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=15,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        15,
+        None,
+        (
             "model.layers.15.self_attn.q_proj.bias",
             "model.layers.15.self_attn.k_proj.bias",
             "model.layers.15.self_attn.v_proj.bias",
         ),
+        import_decoder_layers_15_self_attention_linear_qkv_bias,
+        export_decoder_layers_15_self_attention_linear_qkv_bias,
     ),
     ParamPlan(
         "decoder.layers.15.mlp.linear_fc1.layer_norm_weight",
         (3584,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=15,
-        expert=None,
-        hf_names=("model.layers.15.post_attention_layernorm.weight",),
+        None,
+        False,
+        15,
+        None,
+        ("model.layers.15.post_attention_layernorm.weight",),
+        import_decoder_layers_15_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_15_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.15.mlp.linear_fc1.weight",
         (37888, 3584),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=15,
-        expert=None,
-        hf_names=("model.layers.15.mlp.gate_proj.weight", "model.layers.15.mlp.up_proj.weight"),
+        0,
+        False,
+        15,
+        None,
+        ("model.layers.15.mlp.gate_proj.weight", "model.layers.15.mlp.up_proj.weight"),
+        import_decoder_layers_15_mlp_linear_fc1_weight,
+        export_decoder_layers_15_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.15.mlp.linear_fc2.weight",
         (3584, 18944),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=15,
-        expert=None,
-        hf_names=("model.layers.15.mlp.down_proj.weight",),
+        1,
+        False,
+        15,
+        None,
+        ("model.layers.15.mlp.down_proj.weight",),
+        import_decoder_layers_15_mlp_linear_fc2_weight,
+        export_decoder_layers_15_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.16.self_attention.linear_qkv.layer_norm_weight",
         (3584,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=16,
-        expert=None,
-        hf_names=("model.layers.16.input_layernorm.weight",),
+        None,
+        False,
+        16,
+        None,
+        ("model.layers.16.input_layernorm.weight",),
+        import_decoder_layers_16_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_16_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.16.self_attention.linear_proj.weight",
         (3584, 3584),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=16,
-        expert=None,
-        hf_names=("model.layers.16.self_attn.o_proj.weight",),
+        1,
+        False,
+        16,
+        None,
+        ("model.layers.16.self_attn.o_proj.weight",),
+        import_decoder_layers_16_self_attention_linear_proj_weight,
+        export_decoder_layers_16_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.16.self_attention.linear_qkv.weight",
         (4608, 3584),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=16,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        16,
+        None,
+        (
             "model.layers.16.self_attn.q_proj.weight",
             "model.layers.16.self_attn.k_proj.weight",
             "model.layers.16.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_16_self_attention_linear_qkv_weight,
+        export_decoder_layers_16_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.16.self_attention.linear_qkv.bias",
         (4608,),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=16,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        16,
+        None,
+        (
             "model.layers.16.self_attn.q_proj.bias",
             "model.layers.16.self_attn.k_proj.bias",
             "model.layers.16.self_attn.v_proj.bias",
         ),
+        import_decoder_layers_16_self_attention_linear_qkv_bias,
+        export_decoder_layers_16_self_attention_linear_qkv_bias,
     ),
     ParamPlan(
         "decoder.layers.16.mlp.linear_fc1.layer_norm_weight",
         (3584,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=16,
-        expert=None,
-        hf_names=("model.layers.16.post_attention_layernorm.weight",),
+        None,
+        False,
+        16,
+        None,
+        ("model.layers.16.post_attention_layernorm.weight",),
+        import_decoder_layers_16_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_16_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.16.mlp.linear_fc1.weight",
         (37888, 3584),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=16,
-        expert=None,
-        hf_names=("model.layers.16.mlp.gate_proj.weight", "model.layers.16.mlp.up_proj.weight"),
+        0,
+        False,
+        16,
+        None,
+        ("model.layers.16.mlp.gate_proj.weight", "model.layers.16.mlp.up_proj.weight"),
+        import_decoder_layers_16_mlp_linear_fc1_weight,
+        export_decoder_layers_16_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.16.mlp.linear_fc2.weight",
         (3584, 18944),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=16,
-        expert=None,
-        hf_names=("model.layers.16.mlp.down_proj.weight",),
+        1,
+        False,
+        16,
+        None,
+        ("model.layers.16.mlp.down_proj.weight",),
+        import_decoder_layers_16_mlp_linear_fc2_weight,
+        export_decoder_layers_16_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.17.self_attention.linear_qkv.layer_norm_weight",
         (3584,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=17,
-        expert=None,
-        hf_names=("model.layers.17.input_layernorm.weight",),
+        None,
+        False,
+        17,
+        None,
+        ("model.layers.17.input_layernorm.weight",),
+        import_decoder_layers_17_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_17_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.17.self_attention.linear_proj.weight",
         (3584, 3584),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=17,
-        expert=None,
-        hf_names=("model.layers.17.self_attn.o_proj.weight",),
+        1,
+        False,
+        17,
+        None,
+        ("model.layers.17.self_attn.o_proj.weight",),
+        import_decoder_layers_17_self_attention_linear_proj_weight,
+        export_decoder_layers_17_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.17.self_attention.linear_qkv.weight",
         (4608, 3584),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=17,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        17,
+        None,
+        (
             "model.layers.17.self_attn.q_proj.weight",
             "model.layers.17.self_attn.k_proj.weight",
             "model.layers.17.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_17_self_attention_linear_qkv_weight,
+        export_decoder_layers_17_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.17.self_attention.linear_qkv.bias",
         (4608,),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=17,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        17,
+        None,
+        (
             "model.layers.17.self_attn.q_proj.bias",
             "model.layers.17.self_attn.k_proj.bias",
             "model.layers.17.self_attn.v_proj.bias",
         ),
+        import_decoder_layers_17_self_attention_linear_qkv_bias,
+        export_decoder_layers_17_self_attention_linear_qkv_bias,
     ),
     ParamPlan(
         "decoder.layers.17.mlp.linear_fc1.layer_norm_weight",
         (3584,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=17,
-        expert=None,
-        hf_names=("model.layers.17.post_attention_layernorm.weight",),
+        None,
+        False,
+        17,
+        None,
+        ("model.layers.17.post_attention_layernorm.weight",),
+        import_decoder_layers_17_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_17_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.17.mlp.linear_fc1.weight",
         (37888, 3584),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=17,
-        expert=None,
-        hf_names=("model.layers.17.mlp.gate_proj.weight", "model.layers.17.mlp.up_proj.weight"),
+        0,
+        False,
+        17,
+        None,
+        ("model.layers.17.mlp.gate_proj.weight", "model.layers.17.mlp.up_proj.weight"),
+        import_decoder_layers_17_mlp_linear_fc1_weight,
+        export_decoder_layers_17_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.17.mlp.linear_fc2.weight",
         (3584, 18944),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=17,
-        expert=None,
-        hf_names=("model.layers.17.mlp.down_proj.weight",),
+        1,
+        False,
+        17,
+        None,
+        ("model.layers.17.mlp.down_proj.weight",),
+        import_decoder_layers_17_mlp_linear_fc2_weight,
+        export_decoder_layers_17_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.18.self_attention.linear_qkv.layer_norm_weight",
         (3584,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=18,
-        expert=None,
-        hf_names=("model.layers.18.input_layernorm.weight",),
+        None,
+        False,
+        18,
+        None,
+        ("model.layers.18.input_layernorm.weight",),
+        import_decoder_layers_18_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_18_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.18.self_attention.linear_proj.weight",
         (3584, 3584),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=18,
-        expert=None,
-        hf_names=("model.layers.18.self_attn.o_proj.weight",),
+        1,
+        False,
+        18,
+        None,
+        ("model.layers.18.self_attn.o_proj.weight",),
+        import_decoder_layers_18_self_attention_linear_proj_weight,
+        export_decoder_layers_18_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.18.self_attention.linear_qkv.weight",
         (4608, 3584),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=18,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        18,
+        None,
+        (
             "model.layers.18.self_attn.q_proj.weight",
             "model.layers.18.self_attn.k_proj.weight",
             "model.layers.18.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_18_self_attention_linear_qkv_weight,
+        export_decoder_layers_18_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.18.self_attention.linear_qkv.bias",
         (4608,),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=18,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        18,
+        None,
+        (
             "model.layers.18.self_attn.q_proj.bias",
             "model.layers.18.self_attn.k_proj.bias",
             "model.layers.18.self_attn.v_proj.bias",
         ),
+        import_decoder_layers_18_self_attention_linear_qkv_bias,
+        export_decoder_layers_18_self_attention_linear_qkv_bias,
     ),
     ParamPlan(
         "decoder.layers.18.mlp.linear_fc1.layer_norm_weight",
         (3584,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=18,
-        expert=None,
-        hf_names=("model.layers.18.post_attention_layernorm.weight",),
+        None,
+        False,
+        18,
+        None,
+        ("model.layers.18.post_attention_layernorm.weight",),
+        import_decoder_layers_18_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_18_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.18.mlp.linear_fc1.weight",
         (37888, 3584),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=18,
-        expert=None,
-        hf_names=("model.layers.18.mlp.gate_proj.weight", "model.layers.18.mlp.up_proj.weight"),
+        0,
+        False,
+        18,
+        None,
+        ("model.layers.18.mlp.gate_proj.weight", "model.layers.18.mlp.up_proj.weight"),
+        import_decoder_layers_18_mlp_linear_fc1_weight,
+        export_decoder_layers_18_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.18.mlp.linear_fc2.weight",
         (3584, 18944),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=18,
-        expert=None,
-        hf_names=("model.layers.18.mlp.down_proj.weight",),
+        1,
+        False,
+        18,
+        None,
+        ("model.layers.18.mlp.down_proj.weight",),
+        import_decoder_layers_18_mlp_linear_fc2_weight,
+        export_decoder_layers_18_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.19.self_attention.linear_qkv.layer_norm_weight",
         (3584,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=19,
-        expert=None,
-        hf_names=("model.layers.19.input_layernorm.weight",),
+        None,
+        False,
+        19,
+        None,
+        ("model.layers.19.input_layernorm.weight",),
+        import_decoder_layers_19_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_19_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.19.self_attention.linear_proj.weight",
         (3584, 3584),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=19,
-        expert=None,
-        hf_names=("model.layers.19.self_attn.o_proj.weight",),
+        1,
+        False,
+        19,
+        None,
+        ("model.layers.19.self_attn.o_proj.weight",),
+        import_decoder_layers_19_self_attention_linear_proj_weight,
+        export_decoder_layers_19_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.19.self_attention.linear_qkv.weight",
         (4608, 3584),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=19,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        19,
+        None,
+        (
             "model.layers.19.self_attn.q_proj.weight",
             "model.layers.19.self_attn.k_proj.weight",
             "model.layers.19.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_19_self_attention_linear_qkv_weight,
+        export_decoder_layers_19_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.19.self_attention.linear_qkv.bias",
         (4608,),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=19,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        19,
+        None,
+        (
             "model.layers.19.self_attn.q_proj.bias",
             "model.layers.19.self_attn.k_proj.bias",
             "model.layers.19.self_attn.v_proj.bias",
         ),
+        import_decoder_layers_19_self_attention_linear_qkv_bias,
+        export_decoder_layers_19_self_attention_linear_qkv_bias,
     ),
     ParamPlan(
         "decoder.layers.19.mlp.linear_fc1.layer_norm_weight",
         (3584,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=19,
-        expert=None,
-        hf_names=("model.layers.19.post_attention_layernorm.weight",),
+        None,
+        False,
+        19,
+        None,
+        ("model.layers.19.post_attention_layernorm.weight",),
+        import_decoder_layers_19_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_19_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.19.mlp.linear_fc1.weight",
         (37888, 3584),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=19,
-        expert=None,
-        hf_names=("model.layers.19.mlp.gate_proj.weight", "model.layers.19.mlp.up_proj.weight"),
+        0,
+        False,
+        19,
+        None,
+        ("model.layers.19.mlp.gate_proj.weight", "model.layers.19.mlp.up_proj.weight"),
+        import_decoder_layers_19_mlp_linear_fc1_weight,
+        export_decoder_layers_19_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.19.mlp.linear_fc2.weight",
         (3584, 18944),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=19,
-        expert=None,
-        hf_names=("model.layers.19.mlp.down_proj.weight",),
+        1,
+        False,
+        19,
+        None,
+        ("model.layers.19.mlp.down_proj.weight",),
+        import_decoder_layers_19_mlp_linear_fc2_weight,
+        export_decoder_layers_19_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.20.self_attention.linear_qkv.layer_norm_weight",
         (3584,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=20,
-        expert=None,
-        hf_names=("model.layers.20.input_layernorm.weight",),
+        None,
+        False,
+        20,
+        None,
+        ("model.layers.20.input_layernorm.weight",),
+        import_decoder_layers_20_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_20_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.20.self_attention.linear_proj.weight",
         (3584, 3584),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=20,
-        expert=None,
-        hf_names=("model.layers.20.self_attn.o_proj.weight",),
+        1,
+        False,
+        20,
+        None,
+        ("model.layers.20.self_attn.o_proj.weight",),
+        import_decoder_layers_20_self_attention_linear_proj_weight,
+        export_decoder_layers_20_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.20.self_attention.linear_qkv.weight",
         (4608, 3584),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=20,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        20,
+        None,
+        (
             "model.layers.20.self_attn.q_proj.weight",
             "model.layers.20.self_attn.k_proj.weight",
             "model.layers.20.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_20_self_attention_linear_qkv_weight,
+        export_decoder_layers_20_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.20.self_attention.linear_qkv.bias",
         (4608,),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=20,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        20,
+        None,
+        (
             "model.layers.20.self_attn.q_proj.bias",
             "model.layers.20.self_attn.k_proj.bias",
             "model.layers.20.self_attn.v_proj.bias",
         ),
+        import_decoder_layers_20_self_attention_linear_qkv_bias,
+        export_decoder_layers_20_self_attention_linear_qkv_bias,
     ),
     ParamPlan(
         "decoder.layers.20.mlp.linear_fc1.layer_norm_weight",
         (3584,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=20,
-        expert=None,
-        hf_names=("model.layers.20.post_attention_layernorm.weight",),
+        None,
+        False,
+        20,
+        None,
+        ("model.layers.20.post_attention_layernorm.weight",),
+        import_decoder_layers_20_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_20_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.20.mlp.linear_fc1.weight",
         (37888, 3584),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=20,
-        expert=None,
-        hf_names=("model.layers.20.mlp.gate_proj.weight", "model.layers.20.mlp.up_proj.weight"),
+        0,
+        False,
+        20,
+        None,
+        ("model.layers.20.mlp.gate_proj.weight", "model.layers.20.mlp.up_proj.weight"),
+        import_decoder_layers_20_mlp_linear_fc1_weight,
+        export_decoder_layers_20_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.20.mlp.linear_fc2.weight",
         (3584, 18944),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=20,
-        expert=None,
-        hf_names=("model.layers.20.mlp.down_proj.weight",),
+        1,
+        False,
+        20,
+        None,
+        ("model.layers.20.mlp.down_proj.weight",),
+        import_decoder_layers_20_mlp_linear_fc2_weight,
+        export_decoder_layers_20_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.21.self_attention.linear_qkv.layer_norm_weight",
         (3584,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=21,
-        expert=None,
-        hf_names=("model.layers.21.input_layernorm.weight",),
+        None,
+        False,
+        21,
+        None,
+        ("model.layers.21.input_layernorm.weight",),
+        import_decoder_layers_21_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_21_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.21.self_attention.linear_proj.weight",
         (3584, 3584),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=21,
-        expert=None,
-        hf_names=("model.layers.21.self_attn.o_proj.weight",),
+        1,
+        False,
+        21,
+        None,
+        ("model.layers.21.self_attn.o_proj.weight",),
+        import_decoder_layers_21_self_attention_linear_proj_weight,
+        export_decoder_layers_21_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.21.self_attention.linear_qkv.weight",
         (4608, 3584),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=21,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        21,
+        None,
+        (
             "model.layers.21.self_attn.q_proj.weight",
             "model.layers.21.self_attn.k_proj.weight",
             "model.layers.21.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_21_self_attention_linear_qkv_weight,
+        export_decoder_layers_21_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.21.self_attention.linear_qkv.bias",
         (4608,),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=21,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        21,
+        None,
+        (
             "model.layers.21.self_attn.q_proj.bias",
             "model.layers.21.self_attn.k_proj.bias",
             "model.layers.21.self_attn.v_proj.bias",
         ),
+        import_decoder_layers_21_self_attention_linear_qkv_bias,
+        export_decoder_layers_21_self_attention_linear_qkv_bias,
     ),
     ParamPlan(
         "decoder.layers.21.mlp.linear_fc1.layer_norm_weight",
         (3584,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=21,
-        expert=None,
-        hf_names=("model.layers.21.post_attention_layernorm.weight",),
+        None,
+        False,
+        21,
+        None,
+        ("model.layers.21.post_attention_layernorm.weight",),
+        import_decoder_layers_21_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_21_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.21.mlp.linear_fc1.weight",
         (37888, 3584),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=21,
-        expert=None,
-        hf_names=("model.layers.21.mlp.gate_proj.weight", "model.layers.21.mlp.up_proj.weight"),
+        0,
+        False,
+        21,
+        None,
+        ("model.layers.21.mlp.gate_proj.weight", "model.layers.21.mlp.up_proj.weight"),
+        import_decoder_layers_21_mlp_linear_fc1_weight,
+        export_decoder_layers_21_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.21.mlp.linear_fc2.weight",
         (3584, 18944),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=21,
-        expert=None,
-        hf_names=("model.layers.21.mlp.down_proj.weight",),
+        1,
+        False,
+        21,
+        None,
+        ("model.layers.21.mlp.down_proj.weight",),
+        import_decoder_layers_21_mlp_linear_fc2_weight,
+        export_decoder_layers_21_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.22.self_attention.linear_qkv.layer_norm_weight",
         (3584,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=22,
-        expert=None,
-        hf_names=("model.layers.22.input_layernorm.weight",),
+        None,
+        False,
+        22,
+        None,
+        ("model.layers.22.input_layernorm.weight",),
+        import_decoder_layers_22_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_22_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.22.self_attention.linear_proj.weight",
         (3584, 3584),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=22,
-        expert=None,
-        hf_names=("model.layers.22.self_attn.o_proj.weight",),
+        1,
+        False,
+        22,
+        None,
+        ("model.layers.22.self_attn.o_proj.weight",),
+        import_decoder_layers_22_self_attention_linear_proj_weight,
+        export_decoder_layers_22_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.22.self_attention.linear_qkv.weight",
         (4608, 3584),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=22,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        22,
+        None,
+        (
             "model.layers.22.self_attn.q_proj.weight",
             "model.layers.22.self_attn.k_proj.weight",
             "model.layers.22.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_22_self_attention_linear_qkv_weight,
+        export_decoder_layers_22_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.22.self_attention.linear_qkv.bias",
         (4608,),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=22,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        22,
+        None,
+        (
             "model.layers.22.self_attn.q_proj.bias",
             "model.layers.22.self_attn.k_proj.bias",
             "model.layers.22.self_attn.v_proj.bias",
         ),
+        import_decoder_layers_22_self_attention_linear_qkv_bias,
+        export_decoder_layers_22_self_attention_linear_qkv_bias,
     ),
     ParamPlan(
         "decoder.layers.22.mlp.linear_fc1.layer_norm_weight",
         (3584,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=22,
-        expert=None,
-        hf_names=("model.layers.22.post_attention_layernorm.weight",),
+        None,
+        False,
+        22,
+        None,
+        ("model.layers.22.post_attention_layernorm.weight",),
+        import_decoder_layers_22_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_22_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.22.mlp.linear_fc1.weight",
         (37888, 3584),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=22,
-        expert=None,
-        hf_names=("model.layers.22.mlp.gate_proj.weight", "model.layers.22.mlp.up_proj.weight"),
+        0,
+        False,
+        22,
+        None,
+        ("model.layers.22.mlp.gate_proj.weight", "model.layers.22.mlp.up_proj.weight"),
+        import_decoder_layers_22_mlp_linear_fc1_weight,
+        export_decoder_layers_22_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.22.mlp.linear_fc2.weight",
         (3584, 18944),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=22,
-        expert=None,
-        hf_names=("model.layers.22.mlp.down_proj.weight",),
+        1,
+        False,
+        22,
+        None,
+        ("model.layers.22.mlp.down_proj.weight",),
+        import_decoder_layers_22_mlp_linear_fc2_weight,
+        export_decoder_layers_22_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.23.self_attention.linear_qkv.layer_norm_weight",
         (3584,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=23,
-        expert=None,
-        hf_names=("model.layers.23.input_layernorm.weight",),
+        None,
+        False,
+        23,
+        None,
+        ("model.layers.23.input_layernorm.weight",),
+        import_decoder_layers_23_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_23_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.23.self_attention.linear_proj.weight",
         (3584, 3584),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=23,
-        expert=None,
-        hf_names=("model.layers.23.self_attn.o_proj.weight",),
+        1,
+        False,
+        23,
+        None,
+        ("model.layers.23.self_attn.o_proj.weight",),
+        import_decoder_layers_23_self_attention_linear_proj_weight,
+        export_decoder_layers_23_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.23.self_attention.linear_qkv.weight",
         (4608, 3584),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=23,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        23,
+        None,
+        (
             "model.layers.23.self_attn.q_proj.weight",
             "model.layers.23.self_attn.k_proj.weight",
             "model.layers.23.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_23_self_attention_linear_qkv_weight,
+        export_decoder_layers_23_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.23.self_attention.linear_qkv.bias",
         (4608,),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=23,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        23,
+        None,
+        (
             "model.layers.23.self_attn.q_proj.bias",
             "model.layers.23.self_attn.k_proj.bias",
             "model.layers.23.self_attn.v_proj.bias",
         ),
+        import_decoder_layers_23_self_attention_linear_qkv_bias,
+        export_decoder_layers_23_self_attention_linear_qkv_bias,
     ),
     ParamPlan(
         "decoder.layers.23.mlp.linear_fc1.layer_norm_weight",
         (3584,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=23,
-        expert=None,
-        hf_names=("model.layers.23.post_attention_layernorm.weight",),
+        None,
+        False,
+        23,
+        None,
+        ("model.layers.23.post_attention_layernorm.weight",),
+        import_decoder_layers_23_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_23_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.23.mlp.linear_fc1.weight",
         (37888, 3584),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=23,
-        expert=None,
-        hf_names=("model.layers.23.mlp.gate_proj.weight", "model.layers.23.mlp.up_proj.weight"),
+        0,
+        False,
+        23,
+        None,
+        ("model.layers.23.mlp.gate_proj.weight", "model.layers.23.mlp.up_proj.weight"),
+        import_decoder_layers_23_mlp_linear_fc1_weight,
+        export_decoder_layers_23_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.23.mlp.linear_fc2.weight",
         (3584, 18944),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=23,
-        expert=None,
-        hf_names=("model.layers.23.mlp.down_proj.weight",),
+        1,
+        False,
+        23,
+        None,
+        ("model.layers.23.mlp.down_proj.weight",),
+        import_decoder_layers_23_mlp_linear_fc2_weight,
+        export_decoder_layers_23_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.24.self_attention.linear_qkv.layer_norm_weight",
         (3584,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=24,
-        expert=None,
-        hf_names=("model.layers.24.input_layernorm.weight",),
+        None,
+        False,
+        24,
+        None,
+        ("model.layers.24.input_layernorm.weight",),
+        import_decoder_layers_24_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_24_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.24.self_attention.linear_proj.weight",
         (3584, 3584),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=24,
-        expert=None,
-        hf_names=("model.layers.24.self_attn.o_proj.weight",),
+        1,
+        False,
+        24,
+        None,
+        ("model.layers.24.self_attn.o_proj.weight",),
+        import_decoder_layers_24_self_attention_linear_proj_weight,
+        export_decoder_layers_24_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.24.self_attention.linear_qkv.weight",
         (4608, 3584),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=24,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        24,
+        None,
+        (
             "model.layers.24.self_attn.q_proj.weight",
             "model.layers.24.self_attn.k_proj.weight",
             "model.layers.24.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_24_self_attention_linear_qkv_weight,
+        export_decoder_layers_24_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.24.self_attention.linear_qkv.bias",
         (4608,),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=24,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        24,
+        None,
+        (
             "model.layers.24.self_attn.q_proj.bias",
             "model.layers.24.self_attn.k_proj.bias",
             "model.layers.24.self_attn.v_proj.bias",
         ),
+        import_decoder_layers_24_self_attention_linear_qkv_bias,
+        export_decoder_layers_24_self_attention_linear_qkv_bias,
     ),
     ParamPlan(
         "decoder.layers.24.mlp.linear_fc1.layer_norm_weight",
         (3584,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=24,
-        expert=None,
-        hf_names=("model.layers.24.post_attention_layernorm.weight",),
+        None,
+        False,
+        24,
+        None,
+        ("model.layers.24.post_attention_layernorm.weight",),
+        import_decoder_layers_24_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_24_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.24.mlp.linear_fc1.weight",
         (37888, 3584),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=24,
-        expert=None,
-        hf_names=("model.layers.24.mlp.gate_proj.weight", "model.layers.24.mlp.up_proj.weight"),
+        0,
+        False,
+        24,
+        None,
+        ("model.layers.24.mlp.gate_proj.weight", "model.layers.24.mlp.up_proj.weight"),
+        import_decoder_layers_24_mlp_linear_fc1_weight,
+        export_decoder_layers_24_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.24.mlp.linear_fc2.weight",
         (3584, 18944),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=24,
-        expert=None,
-        hf_names=("model.layers.24.mlp.down_proj.weight",),
+        1,
+        False,
+        24,
+        None,
+        ("model.layers.24.mlp.down_proj.weight",),
+        import_decoder_layers_24_mlp_linear_fc2_weight,
+        export_decoder_layers_24_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.25.self_attention.linear_qkv.layer_norm_weight",
         (3584,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=25,
-        expert=None,
-        hf_names=("model.layers.25.input_layernorm.weight",),
+        None,
+        False,
+        25,
+        None,
+        ("model.layers.25.input_layernorm.weight",),
+        import_decoder_layers_25_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_25_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.25.self_attention.linear_proj.weight",
         (3584, 3584),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=25,
-        expert=None,
-        hf_names=("model.layers.25.self_attn.o_proj.weight",),
+        1,
+        False,
+        25,
+        None,
+        ("model.layers.25.self_attn.o_proj.weight",),
+        import_decoder_layers_25_self_attention_linear_proj_weight,
+        export_decoder_layers_25_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.25.self_attention.linear_qkv.weight",
         (4608, 3584),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=25,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        25,
+        None,
+        (
             "model.layers.25.self_attn.q_proj.weight",
             "model.layers.25.self_attn.k_proj.weight",
             "model.layers.25.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_25_self_attention_linear_qkv_weight,
+        export_decoder_layers_25_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.25.self_attention.linear_qkv.bias",
         (4608,),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=25,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        25,
+        None,
+        (
             "model.layers.25.self_attn.q_proj.bias",
             "model.layers.25.self_attn.k_proj.bias",
             "model.layers.25.self_attn.v_proj.bias",
         ),
+        import_decoder_layers_25_self_attention_linear_qkv_bias,
+        export_decoder_layers_25_self_attention_linear_qkv_bias,
     ),
     ParamPlan(
         "decoder.layers.25.mlp.linear_fc1.layer_norm_weight",
         (3584,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=25,
-        expert=None,
-        hf_names=("model.layers.25.post_attention_layernorm.weight",),
+        None,
+        False,
+        25,
+        None,
+        ("model.layers.25.post_attention_layernorm.weight",),
+        import_decoder_layers_25_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_25_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.25.mlp.linear_fc1.weight",
         (37888, 3584),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=25,
-        expert=None,
-        hf_names=("model.layers.25.mlp.gate_proj.weight", "model.layers.25.mlp.up_proj.weight"),
+        0,
+        False,
+        25,
+        None,
+        ("model.layers.25.mlp.gate_proj.weight", "model.layers.25.mlp.up_proj.weight"),
+        import_decoder_layers_25_mlp_linear_fc1_weight,
+        export_decoder_layers_25_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.25.mlp.linear_fc2.weight",
         (3584, 18944),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=25,
-        expert=None,
-        hf_names=("model.layers.25.mlp.down_proj.weight",),
+        1,
+        False,
+        25,
+        None,
+        ("model.layers.25.mlp.down_proj.weight",),
+        import_decoder_layers_25_mlp_linear_fc2_weight,
+        export_decoder_layers_25_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.26.self_attention.linear_qkv.layer_norm_weight",
         (3584,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=26,
-        expert=None,
-        hf_names=("model.layers.26.input_layernorm.weight",),
+        None,
+        False,
+        26,
+        None,
+        ("model.layers.26.input_layernorm.weight",),
+        import_decoder_layers_26_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_26_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.26.self_attention.linear_proj.weight",
         (3584, 3584),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=26,
-        expert=None,
-        hf_names=("model.layers.26.self_attn.o_proj.weight",),
+        1,
+        False,
+        26,
+        None,
+        ("model.layers.26.self_attn.o_proj.weight",),
+        import_decoder_layers_26_self_attention_linear_proj_weight,
+        export_decoder_layers_26_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.26.self_attention.linear_qkv.weight",
         (4608, 3584),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=26,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        26,
+        None,
+        (
             "model.layers.26.self_attn.q_proj.weight",
             "model.layers.26.self_attn.k_proj.weight",
             "model.layers.26.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_26_self_attention_linear_qkv_weight,
+        export_decoder_layers_26_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.26.self_attention.linear_qkv.bias",
         (4608,),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=26,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        26,
+        None,
+        (
             "model.layers.26.self_attn.q_proj.bias",
             "model.layers.26.self_attn.k_proj.bias",
             "model.layers.26.self_attn.v_proj.bias",
         ),
+        import_decoder_layers_26_self_attention_linear_qkv_bias,
+        export_decoder_layers_26_self_attention_linear_qkv_bias,
     ),
     ParamPlan(
         "decoder.layers.26.mlp.linear_fc1.layer_norm_weight",
         (3584,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=26,
-        expert=None,
-        hf_names=("model.layers.26.post_attention_layernorm.weight",),
+        None,
+        False,
+        26,
+        None,
+        ("model.layers.26.post_attention_layernorm.weight",),
+        import_decoder_layers_26_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_26_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.26.mlp.linear_fc1.weight",
         (37888, 3584),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=26,
-        expert=None,
-        hf_names=("model.layers.26.mlp.gate_proj.weight", "model.layers.26.mlp.up_proj.weight"),
+        0,
+        False,
+        26,
+        None,
+        ("model.layers.26.mlp.gate_proj.weight", "model.layers.26.mlp.up_proj.weight"),
+        import_decoder_layers_26_mlp_linear_fc1_weight,
+        export_decoder_layers_26_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.26.mlp.linear_fc2.weight",
         (3584, 18944),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=26,
-        expert=None,
-        hf_names=("model.layers.26.mlp.down_proj.weight",),
+        1,
+        False,
+        26,
+        None,
+        ("model.layers.26.mlp.down_proj.weight",),
+        import_decoder_layers_26_mlp_linear_fc2_weight,
+        export_decoder_layers_26_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.27.self_attention.linear_qkv.layer_norm_weight",
         (3584,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=27,
-        expert=None,
-        hf_names=("model.layers.27.input_layernorm.weight",),
+        None,
+        False,
+        27,
+        None,
+        ("model.layers.27.input_layernorm.weight",),
+        import_decoder_layers_27_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_27_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.27.self_attention.linear_proj.weight",
         (3584, 3584),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=27,
-        expert=None,
-        hf_names=("model.layers.27.self_attn.o_proj.weight",),
+        1,
+        False,
+        27,
+        None,
+        ("model.layers.27.self_attn.o_proj.weight",),
+        import_decoder_layers_27_self_attention_linear_proj_weight,
+        export_decoder_layers_27_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.27.self_attention.linear_qkv.weight",
         (4608, 3584),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=27,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        27,
+        None,
+        (
             "model.layers.27.self_attn.q_proj.weight",
             "model.layers.27.self_attn.k_proj.weight",
             "model.layers.27.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_27_self_attention_linear_qkv_weight,
+        export_decoder_layers_27_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.27.self_attention.linear_qkv.bias",
         (4608,),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=27,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        27,
+        None,
+        (
             "model.layers.27.self_attn.q_proj.bias",
             "model.layers.27.self_attn.k_proj.bias",
             "model.layers.27.self_attn.v_proj.bias",
         ),
+        import_decoder_layers_27_self_attention_linear_qkv_bias,
+        export_decoder_layers_27_self_attention_linear_qkv_bias,
     ),
     ParamPlan(
         "decoder.layers.27.mlp.linear_fc1.layer_norm_weight",
         (3584,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=27,
-        expert=None,
-        hf_names=("model.layers.27.post_attention_layernorm.weight",),
+        None,
+        False,
+        27,
+        None,
+        ("model.layers.27.post_attention_layernorm.weight",),
+        import_decoder_layers_27_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_27_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.27.mlp.linear_fc1.weight",
         (37888, 3584),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=27,
-        expert=None,
-        hf_names=("model.layers.27.mlp.gate_proj.weight", "model.layers.27.mlp.up_proj.weight"),
+        0,
+        False,
+        27,
+        None,
+        ("model.layers.27.mlp.gate_proj.weight", "model.layers.27.mlp.up_proj.weight"),
+        import_decoder_layers_27_mlp_linear_fc1_weight,
+        export_decoder_layers_27_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.27.mlp.linear_fc2.weight",
         (3584, 18944),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=27,
-        expert=None,
-        hf_names=("model.layers.27.mlp.down_proj.weight",),
+        1,
+        False,
+        27,
+        None,
+        ("model.layers.27.mlp.down_proj.weight",),
+        import_decoder_layers_27_mlp_linear_fc2_weight,
+        export_decoder_layers_27_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.final_layernorm.weight",
         (3584,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=None,
-        expert=None,
-        hf_names=("model.norm.weight",),
+        None,
+        False,
+        None,
+        None,
+        ("model.norm.weight",),
+        import_decoder_final_layernorm_weight,
+        export_decoder_final_layernorm_weight,
     ),
     ParamPlan(
         "output_layer.weight",
         (152064, 3584),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=None,
-        expert=None,
-        hf_names=("lm_head.weight",),
+        0,
+        False,
+        None,
+        None,
+        ("lm_head.weight",),
+        import_output_layer_weight,
+        export_output_layer_weight,
     ),
 )
 
@@ -6343,409 +6987,9 @@ HF_TENSORS: Final[tuple[HFTensorPlan, ...]] = (
     HFTensorPlan("lm_head.weight", (152064, 3584)),
 )
 
-IMPORTS: Final[dict[str, ImportFn]] = {
-    "embedding.word_embeddings.weight": import_embedding_word_embeddings_weight,
-    "decoder.layers.0.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_0_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.0.self_attention.linear_proj.weight": import_decoder_layers_0_self_attention_linear_proj_weight,
-    "decoder.layers.0.self_attention.linear_qkv.weight": import_decoder_layers_0_self_attention_linear_qkv_weight,
-    "decoder.layers.0.self_attention.linear_qkv.bias": import_decoder_layers_0_self_attention_linear_qkv_bias,
-    "decoder.layers.0.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_0_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.0.mlp.linear_fc1.weight": import_decoder_layers_0_mlp_linear_fc1_weight,
-    "decoder.layers.0.mlp.linear_fc2.weight": import_decoder_layers_0_mlp_linear_fc2_weight,
-    "decoder.layers.1.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_1_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.1.self_attention.linear_proj.weight": import_decoder_layers_1_self_attention_linear_proj_weight,
-    "decoder.layers.1.self_attention.linear_qkv.weight": import_decoder_layers_1_self_attention_linear_qkv_weight,
-    "decoder.layers.1.self_attention.linear_qkv.bias": import_decoder_layers_1_self_attention_linear_qkv_bias,
-    "decoder.layers.1.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_1_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.1.mlp.linear_fc1.weight": import_decoder_layers_1_mlp_linear_fc1_weight,
-    "decoder.layers.1.mlp.linear_fc2.weight": import_decoder_layers_1_mlp_linear_fc2_weight,
-    "decoder.layers.2.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_2_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.2.self_attention.linear_proj.weight": import_decoder_layers_2_self_attention_linear_proj_weight,
-    "decoder.layers.2.self_attention.linear_qkv.weight": import_decoder_layers_2_self_attention_linear_qkv_weight,
-    "decoder.layers.2.self_attention.linear_qkv.bias": import_decoder_layers_2_self_attention_linear_qkv_bias,
-    "decoder.layers.2.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_2_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.2.mlp.linear_fc1.weight": import_decoder_layers_2_mlp_linear_fc1_weight,
-    "decoder.layers.2.mlp.linear_fc2.weight": import_decoder_layers_2_mlp_linear_fc2_weight,
-    "decoder.layers.3.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_3_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.3.self_attention.linear_proj.weight": import_decoder_layers_3_self_attention_linear_proj_weight,
-    "decoder.layers.3.self_attention.linear_qkv.weight": import_decoder_layers_3_self_attention_linear_qkv_weight,
-    "decoder.layers.3.self_attention.linear_qkv.bias": import_decoder_layers_3_self_attention_linear_qkv_bias,
-    "decoder.layers.3.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_3_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.3.mlp.linear_fc1.weight": import_decoder_layers_3_mlp_linear_fc1_weight,
-    "decoder.layers.3.mlp.linear_fc2.weight": import_decoder_layers_3_mlp_linear_fc2_weight,
-    "decoder.layers.4.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_4_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.4.self_attention.linear_proj.weight": import_decoder_layers_4_self_attention_linear_proj_weight,
-    "decoder.layers.4.self_attention.linear_qkv.weight": import_decoder_layers_4_self_attention_linear_qkv_weight,
-    "decoder.layers.4.self_attention.linear_qkv.bias": import_decoder_layers_4_self_attention_linear_qkv_bias,
-    "decoder.layers.4.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_4_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.4.mlp.linear_fc1.weight": import_decoder_layers_4_mlp_linear_fc1_weight,
-    "decoder.layers.4.mlp.linear_fc2.weight": import_decoder_layers_4_mlp_linear_fc2_weight,
-    "decoder.layers.5.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_5_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.5.self_attention.linear_proj.weight": import_decoder_layers_5_self_attention_linear_proj_weight,
-    "decoder.layers.5.self_attention.linear_qkv.weight": import_decoder_layers_5_self_attention_linear_qkv_weight,
-    "decoder.layers.5.self_attention.linear_qkv.bias": import_decoder_layers_5_self_attention_linear_qkv_bias,
-    "decoder.layers.5.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_5_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.5.mlp.linear_fc1.weight": import_decoder_layers_5_mlp_linear_fc1_weight,
-    "decoder.layers.5.mlp.linear_fc2.weight": import_decoder_layers_5_mlp_linear_fc2_weight,
-    "decoder.layers.6.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_6_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.6.self_attention.linear_proj.weight": import_decoder_layers_6_self_attention_linear_proj_weight,
-    "decoder.layers.6.self_attention.linear_qkv.weight": import_decoder_layers_6_self_attention_linear_qkv_weight,
-    "decoder.layers.6.self_attention.linear_qkv.bias": import_decoder_layers_6_self_attention_linear_qkv_bias,
-    "decoder.layers.6.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_6_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.6.mlp.linear_fc1.weight": import_decoder_layers_6_mlp_linear_fc1_weight,
-    "decoder.layers.6.mlp.linear_fc2.weight": import_decoder_layers_6_mlp_linear_fc2_weight,
-    "decoder.layers.7.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_7_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.7.self_attention.linear_proj.weight": import_decoder_layers_7_self_attention_linear_proj_weight,
-    "decoder.layers.7.self_attention.linear_qkv.weight": import_decoder_layers_7_self_attention_linear_qkv_weight,
-    "decoder.layers.7.self_attention.linear_qkv.bias": import_decoder_layers_7_self_attention_linear_qkv_bias,
-    "decoder.layers.7.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_7_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.7.mlp.linear_fc1.weight": import_decoder_layers_7_mlp_linear_fc1_weight,
-    "decoder.layers.7.mlp.linear_fc2.weight": import_decoder_layers_7_mlp_linear_fc2_weight,
-    "decoder.layers.8.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_8_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.8.self_attention.linear_proj.weight": import_decoder_layers_8_self_attention_linear_proj_weight,
-    "decoder.layers.8.self_attention.linear_qkv.weight": import_decoder_layers_8_self_attention_linear_qkv_weight,
-    "decoder.layers.8.self_attention.linear_qkv.bias": import_decoder_layers_8_self_attention_linear_qkv_bias,
-    "decoder.layers.8.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_8_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.8.mlp.linear_fc1.weight": import_decoder_layers_8_mlp_linear_fc1_weight,
-    "decoder.layers.8.mlp.linear_fc2.weight": import_decoder_layers_8_mlp_linear_fc2_weight,
-    "decoder.layers.9.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_9_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.9.self_attention.linear_proj.weight": import_decoder_layers_9_self_attention_linear_proj_weight,
-    "decoder.layers.9.self_attention.linear_qkv.weight": import_decoder_layers_9_self_attention_linear_qkv_weight,
-    "decoder.layers.9.self_attention.linear_qkv.bias": import_decoder_layers_9_self_attention_linear_qkv_bias,
-    "decoder.layers.9.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_9_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.9.mlp.linear_fc1.weight": import_decoder_layers_9_mlp_linear_fc1_weight,
-    "decoder.layers.9.mlp.linear_fc2.weight": import_decoder_layers_9_mlp_linear_fc2_weight,
-    "decoder.layers.10.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_10_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.10.self_attention.linear_proj.weight": import_decoder_layers_10_self_attention_linear_proj_weight,
-    "decoder.layers.10.self_attention.linear_qkv.weight": import_decoder_layers_10_self_attention_linear_qkv_weight,
-    "decoder.layers.10.self_attention.linear_qkv.bias": import_decoder_layers_10_self_attention_linear_qkv_bias,
-    "decoder.layers.10.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_10_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.10.mlp.linear_fc1.weight": import_decoder_layers_10_mlp_linear_fc1_weight,
-    "decoder.layers.10.mlp.linear_fc2.weight": import_decoder_layers_10_mlp_linear_fc2_weight,
-    "decoder.layers.11.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_11_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.11.self_attention.linear_proj.weight": import_decoder_layers_11_self_attention_linear_proj_weight,
-    "decoder.layers.11.self_attention.linear_qkv.weight": import_decoder_layers_11_self_attention_linear_qkv_weight,
-    "decoder.layers.11.self_attention.linear_qkv.bias": import_decoder_layers_11_self_attention_linear_qkv_bias,
-    "decoder.layers.11.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_11_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.11.mlp.linear_fc1.weight": import_decoder_layers_11_mlp_linear_fc1_weight,
-    "decoder.layers.11.mlp.linear_fc2.weight": import_decoder_layers_11_mlp_linear_fc2_weight,
-    "decoder.layers.12.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_12_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.12.self_attention.linear_proj.weight": import_decoder_layers_12_self_attention_linear_proj_weight,
-    "decoder.layers.12.self_attention.linear_qkv.weight": import_decoder_layers_12_self_attention_linear_qkv_weight,
-    "decoder.layers.12.self_attention.linear_qkv.bias": import_decoder_layers_12_self_attention_linear_qkv_bias,
-    "decoder.layers.12.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_12_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.12.mlp.linear_fc1.weight": import_decoder_layers_12_mlp_linear_fc1_weight,
-    "decoder.layers.12.mlp.linear_fc2.weight": import_decoder_layers_12_mlp_linear_fc2_weight,
-    "decoder.layers.13.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_13_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.13.self_attention.linear_proj.weight": import_decoder_layers_13_self_attention_linear_proj_weight,
-    "decoder.layers.13.self_attention.linear_qkv.weight": import_decoder_layers_13_self_attention_linear_qkv_weight,
-    "decoder.layers.13.self_attention.linear_qkv.bias": import_decoder_layers_13_self_attention_linear_qkv_bias,
-    "decoder.layers.13.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_13_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.13.mlp.linear_fc1.weight": import_decoder_layers_13_mlp_linear_fc1_weight,
-    "decoder.layers.13.mlp.linear_fc2.weight": import_decoder_layers_13_mlp_linear_fc2_weight,
-    "decoder.layers.14.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_14_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.14.self_attention.linear_proj.weight": import_decoder_layers_14_self_attention_linear_proj_weight,
-    "decoder.layers.14.self_attention.linear_qkv.weight": import_decoder_layers_14_self_attention_linear_qkv_weight,
-    "decoder.layers.14.self_attention.linear_qkv.bias": import_decoder_layers_14_self_attention_linear_qkv_bias,
-    "decoder.layers.14.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_14_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.14.mlp.linear_fc1.weight": import_decoder_layers_14_mlp_linear_fc1_weight,
-    "decoder.layers.14.mlp.linear_fc2.weight": import_decoder_layers_14_mlp_linear_fc2_weight,
-    "decoder.layers.15.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_15_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.15.self_attention.linear_proj.weight": import_decoder_layers_15_self_attention_linear_proj_weight,
-    "decoder.layers.15.self_attention.linear_qkv.weight": import_decoder_layers_15_self_attention_linear_qkv_weight,
-    "decoder.layers.15.self_attention.linear_qkv.bias": import_decoder_layers_15_self_attention_linear_qkv_bias,
-    "decoder.layers.15.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_15_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.15.mlp.linear_fc1.weight": import_decoder_layers_15_mlp_linear_fc1_weight,
-    "decoder.layers.15.mlp.linear_fc2.weight": import_decoder_layers_15_mlp_linear_fc2_weight,
-    "decoder.layers.16.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_16_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.16.self_attention.linear_proj.weight": import_decoder_layers_16_self_attention_linear_proj_weight,
-    "decoder.layers.16.self_attention.linear_qkv.weight": import_decoder_layers_16_self_attention_linear_qkv_weight,
-    "decoder.layers.16.self_attention.linear_qkv.bias": import_decoder_layers_16_self_attention_linear_qkv_bias,
-    "decoder.layers.16.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_16_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.16.mlp.linear_fc1.weight": import_decoder_layers_16_mlp_linear_fc1_weight,
-    "decoder.layers.16.mlp.linear_fc2.weight": import_decoder_layers_16_mlp_linear_fc2_weight,
-    "decoder.layers.17.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_17_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.17.self_attention.linear_proj.weight": import_decoder_layers_17_self_attention_linear_proj_weight,
-    "decoder.layers.17.self_attention.linear_qkv.weight": import_decoder_layers_17_self_attention_linear_qkv_weight,
-    "decoder.layers.17.self_attention.linear_qkv.bias": import_decoder_layers_17_self_attention_linear_qkv_bias,
-    "decoder.layers.17.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_17_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.17.mlp.linear_fc1.weight": import_decoder_layers_17_mlp_linear_fc1_weight,
-    "decoder.layers.17.mlp.linear_fc2.weight": import_decoder_layers_17_mlp_linear_fc2_weight,
-    "decoder.layers.18.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_18_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.18.self_attention.linear_proj.weight": import_decoder_layers_18_self_attention_linear_proj_weight,
-    "decoder.layers.18.self_attention.linear_qkv.weight": import_decoder_layers_18_self_attention_linear_qkv_weight,
-    "decoder.layers.18.self_attention.linear_qkv.bias": import_decoder_layers_18_self_attention_linear_qkv_bias,
-    "decoder.layers.18.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_18_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.18.mlp.linear_fc1.weight": import_decoder_layers_18_mlp_linear_fc1_weight,
-    "decoder.layers.18.mlp.linear_fc2.weight": import_decoder_layers_18_mlp_linear_fc2_weight,
-    "decoder.layers.19.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_19_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.19.self_attention.linear_proj.weight": import_decoder_layers_19_self_attention_linear_proj_weight,
-    "decoder.layers.19.self_attention.linear_qkv.weight": import_decoder_layers_19_self_attention_linear_qkv_weight,
-    "decoder.layers.19.self_attention.linear_qkv.bias": import_decoder_layers_19_self_attention_linear_qkv_bias,
-    "decoder.layers.19.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_19_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.19.mlp.linear_fc1.weight": import_decoder_layers_19_mlp_linear_fc1_weight,
-    "decoder.layers.19.mlp.linear_fc2.weight": import_decoder_layers_19_mlp_linear_fc2_weight,
-    "decoder.layers.20.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_20_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.20.self_attention.linear_proj.weight": import_decoder_layers_20_self_attention_linear_proj_weight,
-    "decoder.layers.20.self_attention.linear_qkv.weight": import_decoder_layers_20_self_attention_linear_qkv_weight,
-    "decoder.layers.20.self_attention.linear_qkv.bias": import_decoder_layers_20_self_attention_linear_qkv_bias,
-    "decoder.layers.20.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_20_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.20.mlp.linear_fc1.weight": import_decoder_layers_20_mlp_linear_fc1_weight,
-    "decoder.layers.20.mlp.linear_fc2.weight": import_decoder_layers_20_mlp_linear_fc2_weight,
-    "decoder.layers.21.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_21_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.21.self_attention.linear_proj.weight": import_decoder_layers_21_self_attention_linear_proj_weight,
-    "decoder.layers.21.self_attention.linear_qkv.weight": import_decoder_layers_21_self_attention_linear_qkv_weight,
-    "decoder.layers.21.self_attention.linear_qkv.bias": import_decoder_layers_21_self_attention_linear_qkv_bias,
-    "decoder.layers.21.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_21_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.21.mlp.linear_fc1.weight": import_decoder_layers_21_mlp_linear_fc1_weight,
-    "decoder.layers.21.mlp.linear_fc2.weight": import_decoder_layers_21_mlp_linear_fc2_weight,
-    "decoder.layers.22.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_22_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.22.self_attention.linear_proj.weight": import_decoder_layers_22_self_attention_linear_proj_weight,
-    "decoder.layers.22.self_attention.linear_qkv.weight": import_decoder_layers_22_self_attention_linear_qkv_weight,
-    "decoder.layers.22.self_attention.linear_qkv.bias": import_decoder_layers_22_self_attention_linear_qkv_bias,
-    "decoder.layers.22.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_22_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.22.mlp.linear_fc1.weight": import_decoder_layers_22_mlp_linear_fc1_weight,
-    "decoder.layers.22.mlp.linear_fc2.weight": import_decoder_layers_22_mlp_linear_fc2_weight,
-    "decoder.layers.23.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_23_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.23.self_attention.linear_proj.weight": import_decoder_layers_23_self_attention_linear_proj_weight,
-    "decoder.layers.23.self_attention.linear_qkv.weight": import_decoder_layers_23_self_attention_linear_qkv_weight,
-    "decoder.layers.23.self_attention.linear_qkv.bias": import_decoder_layers_23_self_attention_linear_qkv_bias,
-    "decoder.layers.23.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_23_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.23.mlp.linear_fc1.weight": import_decoder_layers_23_mlp_linear_fc1_weight,
-    "decoder.layers.23.mlp.linear_fc2.weight": import_decoder_layers_23_mlp_linear_fc2_weight,
-    "decoder.layers.24.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_24_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.24.self_attention.linear_proj.weight": import_decoder_layers_24_self_attention_linear_proj_weight,
-    "decoder.layers.24.self_attention.linear_qkv.weight": import_decoder_layers_24_self_attention_linear_qkv_weight,
-    "decoder.layers.24.self_attention.linear_qkv.bias": import_decoder_layers_24_self_attention_linear_qkv_bias,
-    "decoder.layers.24.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_24_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.24.mlp.linear_fc1.weight": import_decoder_layers_24_mlp_linear_fc1_weight,
-    "decoder.layers.24.mlp.linear_fc2.weight": import_decoder_layers_24_mlp_linear_fc2_weight,
-    "decoder.layers.25.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_25_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.25.self_attention.linear_proj.weight": import_decoder_layers_25_self_attention_linear_proj_weight,
-    "decoder.layers.25.self_attention.linear_qkv.weight": import_decoder_layers_25_self_attention_linear_qkv_weight,
-    "decoder.layers.25.self_attention.linear_qkv.bias": import_decoder_layers_25_self_attention_linear_qkv_bias,
-    "decoder.layers.25.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_25_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.25.mlp.linear_fc1.weight": import_decoder_layers_25_mlp_linear_fc1_weight,
-    "decoder.layers.25.mlp.linear_fc2.weight": import_decoder_layers_25_mlp_linear_fc2_weight,
-    "decoder.layers.26.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_26_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.26.self_attention.linear_proj.weight": import_decoder_layers_26_self_attention_linear_proj_weight,
-    "decoder.layers.26.self_attention.linear_qkv.weight": import_decoder_layers_26_self_attention_linear_qkv_weight,
-    "decoder.layers.26.self_attention.linear_qkv.bias": import_decoder_layers_26_self_attention_linear_qkv_bias,
-    "decoder.layers.26.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_26_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.26.mlp.linear_fc1.weight": import_decoder_layers_26_mlp_linear_fc1_weight,
-    "decoder.layers.26.mlp.linear_fc2.weight": import_decoder_layers_26_mlp_linear_fc2_weight,
-    "decoder.layers.27.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_27_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.27.self_attention.linear_proj.weight": import_decoder_layers_27_self_attention_linear_proj_weight,
-    "decoder.layers.27.self_attention.linear_qkv.weight": import_decoder_layers_27_self_attention_linear_qkv_weight,
-    "decoder.layers.27.self_attention.linear_qkv.bias": import_decoder_layers_27_self_attention_linear_qkv_bias,
-    "decoder.layers.27.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_27_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.27.mlp.linear_fc1.weight": import_decoder_layers_27_mlp_linear_fc1_weight,
-    "decoder.layers.27.mlp.linear_fc2.weight": import_decoder_layers_27_mlp_linear_fc2_weight,
-    "decoder.final_layernorm.weight": import_decoder_final_layernorm_weight,
-    "output_layer.weight": import_output_layer_weight,
-}
+IMPORTS: Final[dict[str, ImportFn]] = {p.megatron_name: p.importer for p in PARAMS}
 
 # Megatron parameters that hold a copy of another (tied embeddings on the last pipeline stage)
 TIED: Final[dict[str, str]] = {}
 
-EXPORTS: Final[dict[str, ExportFn]] = {
-    "embedding.word_embeddings.weight": export_embedding_word_embeddings_weight,
-    "decoder.layers.0.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_0_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.0.self_attention.linear_proj.weight": export_decoder_layers_0_self_attention_linear_proj_weight,
-    "decoder.layers.0.self_attention.linear_qkv.weight": export_decoder_layers_0_self_attention_linear_qkv_weight,
-    "decoder.layers.0.self_attention.linear_qkv.bias": export_decoder_layers_0_self_attention_linear_qkv_bias,
-    "decoder.layers.0.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_0_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.0.mlp.linear_fc1.weight": export_decoder_layers_0_mlp_linear_fc1_weight,
-    "decoder.layers.0.mlp.linear_fc2.weight": export_decoder_layers_0_mlp_linear_fc2_weight,
-    "decoder.layers.1.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_1_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.1.self_attention.linear_proj.weight": export_decoder_layers_1_self_attention_linear_proj_weight,
-    "decoder.layers.1.self_attention.linear_qkv.weight": export_decoder_layers_1_self_attention_linear_qkv_weight,
-    "decoder.layers.1.self_attention.linear_qkv.bias": export_decoder_layers_1_self_attention_linear_qkv_bias,
-    "decoder.layers.1.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_1_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.1.mlp.linear_fc1.weight": export_decoder_layers_1_mlp_linear_fc1_weight,
-    "decoder.layers.1.mlp.linear_fc2.weight": export_decoder_layers_1_mlp_linear_fc2_weight,
-    "decoder.layers.2.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_2_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.2.self_attention.linear_proj.weight": export_decoder_layers_2_self_attention_linear_proj_weight,
-    "decoder.layers.2.self_attention.linear_qkv.weight": export_decoder_layers_2_self_attention_linear_qkv_weight,
-    "decoder.layers.2.self_attention.linear_qkv.bias": export_decoder_layers_2_self_attention_linear_qkv_bias,
-    "decoder.layers.2.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_2_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.2.mlp.linear_fc1.weight": export_decoder_layers_2_mlp_linear_fc1_weight,
-    "decoder.layers.2.mlp.linear_fc2.weight": export_decoder_layers_2_mlp_linear_fc2_weight,
-    "decoder.layers.3.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_3_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.3.self_attention.linear_proj.weight": export_decoder_layers_3_self_attention_linear_proj_weight,
-    "decoder.layers.3.self_attention.linear_qkv.weight": export_decoder_layers_3_self_attention_linear_qkv_weight,
-    "decoder.layers.3.self_attention.linear_qkv.bias": export_decoder_layers_3_self_attention_linear_qkv_bias,
-    "decoder.layers.3.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_3_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.3.mlp.linear_fc1.weight": export_decoder_layers_3_mlp_linear_fc1_weight,
-    "decoder.layers.3.mlp.linear_fc2.weight": export_decoder_layers_3_mlp_linear_fc2_weight,
-    "decoder.layers.4.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_4_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.4.self_attention.linear_proj.weight": export_decoder_layers_4_self_attention_linear_proj_weight,
-    "decoder.layers.4.self_attention.linear_qkv.weight": export_decoder_layers_4_self_attention_linear_qkv_weight,
-    "decoder.layers.4.self_attention.linear_qkv.bias": export_decoder_layers_4_self_attention_linear_qkv_bias,
-    "decoder.layers.4.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_4_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.4.mlp.linear_fc1.weight": export_decoder_layers_4_mlp_linear_fc1_weight,
-    "decoder.layers.4.mlp.linear_fc2.weight": export_decoder_layers_4_mlp_linear_fc2_weight,
-    "decoder.layers.5.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_5_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.5.self_attention.linear_proj.weight": export_decoder_layers_5_self_attention_linear_proj_weight,
-    "decoder.layers.5.self_attention.linear_qkv.weight": export_decoder_layers_5_self_attention_linear_qkv_weight,
-    "decoder.layers.5.self_attention.linear_qkv.bias": export_decoder_layers_5_self_attention_linear_qkv_bias,
-    "decoder.layers.5.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_5_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.5.mlp.linear_fc1.weight": export_decoder_layers_5_mlp_linear_fc1_weight,
-    "decoder.layers.5.mlp.linear_fc2.weight": export_decoder_layers_5_mlp_linear_fc2_weight,
-    "decoder.layers.6.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_6_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.6.self_attention.linear_proj.weight": export_decoder_layers_6_self_attention_linear_proj_weight,
-    "decoder.layers.6.self_attention.linear_qkv.weight": export_decoder_layers_6_self_attention_linear_qkv_weight,
-    "decoder.layers.6.self_attention.linear_qkv.bias": export_decoder_layers_6_self_attention_linear_qkv_bias,
-    "decoder.layers.6.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_6_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.6.mlp.linear_fc1.weight": export_decoder_layers_6_mlp_linear_fc1_weight,
-    "decoder.layers.6.mlp.linear_fc2.weight": export_decoder_layers_6_mlp_linear_fc2_weight,
-    "decoder.layers.7.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_7_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.7.self_attention.linear_proj.weight": export_decoder_layers_7_self_attention_linear_proj_weight,
-    "decoder.layers.7.self_attention.linear_qkv.weight": export_decoder_layers_7_self_attention_linear_qkv_weight,
-    "decoder.layers.7.self_attention.linear_qkv.bias": export_decoder_layers_7_self_attention_linear_qkv_bias,
-    "decoder.layers.7.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_7_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.7.mlp.linear_fc1.weight": export_decoder_layers_7_mlp_linear_fc1_weight,
-    "decoder.layers.7.mlp.linear_fc2.weight": export_decoder_layers_7_mlp_linear_fc2_weight,
-    "decoder.layers.8.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_8_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.8.self_attention.linear_proj.weight": export_decoder_layers_8_self_attention_linear_proj_weight,
-    "decoder.layers.8.self_attention.linear_qkv.weight": export_decoder_layers_8_self_attention_linear_qkv_weight,
-    "decoder.layers.8.self_attention.linear_qkv.bias": export_decoder_layers_8_self_attention_linear_qkv_bias,
-    "decoder.layers.8.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_8_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.8.mlp.linear_fc1.weight": export_decoder_layers_8_mlp_linear_fc1_weight,
-    "decoder.layers.8.mlp.linear_fc2.weight": export_decoder_layers_8_mlp_linear_fc2_weight,
-    "decoder.layers.9.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_9_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.9.self_attention.linear_proj.weight": export_decoder_layers_9_self_attention_linear_proj_weight,
-    "decoder.layers.9.self_attention.linear_qkv.weight": export_decoder_layers_9_self_attention_linear_qkv_weight,
-    "decoder.layers.9.self_attention.linear_qkv.bias": export_decoder_layers_9_self_attention_linear_qkv_bias,
-    "decoder.layers.9.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_9_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.9.mlp.linear_fc1.weight": export_decoder_layers_9_mlp_linear_fc1_weight,
-    "decoder.layers.9.mlp.linear_fc2.weight": export_decoder_layers_9_mlp_linear_fc2_weight,
-    "decoder.layers.10.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_10_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.10.self_attention.linear_proj.weight": export_decoder_layers_10_self_attention_linear_proj_weight,
-    "decoder.layers.10.self_attention.linear_qkv.weight": export_decoder_layers_10_self_attention_linear_qkv_weight,
-    "decoder.layers.10.self_attention.linear_qkv.bias": export_decoder_layers_10_self_attention_linear_qkv_bias,
-    "decoder.layers.10.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_10_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.10.mlp.linear_fc1.weight": export_decoder_layers_10_mlp_linear_fc1_weight,
-    "decoder.layers.10.mlp.linear_fc2.weight": export_decoder_layers_10_mlp_linear_fc2_weight,
-    "decoder.layers.11.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_11_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.11.self_attention.linear_proj.weight": export_decoder_layers_11_self_attention_linear_proj_weight,
-    "decoder.layers.11.self_attention.linear_qkv.weight": export_decoder_layers_11_self_attention_linear_qkv_weight,
-    "decoder.layers.11.self_attention.linear_qkv.bias": export_decoder_layers_11_self_attention_linear_qkv_bias,
-    "decoder.layers.11.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_11_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.11.mlp.linear_fc1.weight": export_decoder_layers_11_mlp_linear_fc1_weight,
-    "decoder.layers.11.mlp.linear_fc2.weight": export_decoder_layers_11_mlp_linear_fc2_weight,
-    "decoder.layers.12.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_12_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.12.self_attention.linear_proj.weight": export_decoder_layers_12_self_attention_linear_proj_weight,
-    "decoder.layers.12.self_attention.linear_qkv.weight": export_decoder_layers_12_self_attention_linear_qkv_weight,
-    "decoder.layers.12.self_attention.linear_qkv.bias": export_decoder_layers_12_self_attention_linear_qkv_bias,
-    "decoder.layers.12.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_12_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.12.mlp.linear_fc1.weight": export_decoder_layers_12_mlp_linear_fc1_weight,
-    "decoder.layers.12.mlp.linear_fc2.weight": export_decoder_layers_12_mlp_linear_fc2_weight,
-    "decoder.layers.13.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_13_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.13.self_attention.linear_proj.weight": export_decoder_layers_13_self_attention_linear_proj_weight,
-    "decoder.layers.13.self_attention.linear_qkv.weight": export_decoder_layers_13_self_attention_linear_qkv_weight,
-    "decoder.layers.13.self_attention.linear_qkv.bias": export_decoder_layers_13_self_attention_linear_qkv_bias,
-    "decoder.layers.13.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_13_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.13.mlp.linear_fc1.weight": export_decoder_layers_13_mlp_linear_fc1_weight,
-    "decoder.layers.13.mlp.linear_fc2.weight": export_decoder_layers_13_mlp_linear_fc2_weight,
-    "decoder.layers.14.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_14_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.14.self_attention.linear_proj.weight": export_decoder_layers_14_self_attention_linear_proj_weight,
-    "decoder.layers.14.self_attention.linear_qkv.weight": export_decoder_layers_14_self_attention_linear_qkv_weight,
-    "decoder.layers.14.self_attention.linear_qkv.bias": export_decoder_layers_14_self_attention_linear_qkv_bias,
-    "decoder.layers.14.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_14_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.14.mlp.linear_fc1.weight": export_decoder_layers_14_mlp_linear_fc1_weight,
-    "decoder.layers.14.mlp.linear_fc2.weight": export_decoder_layers_14_mlp_linear_fc2_weight,
-    "decoder.layers.15.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_15_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.15.self_attention.linear_proj.weight": export_decoder_layers_15_self_attention_linear_proj_weight,
-    "decoder.layers.15.self_attention.linear_qkv.weight": export_decoder_layers_15_self_attention_linear_qkv_weight,
-    "decoder.layers.15.self_attention.linear_qkv.bias": export_decoder_layers_15_self_attention_linear_qkv_bias,
-    "decoder.layers.15.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_15_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.15.mlp.linear_fc1.weight": export_decoder_layers_15_mlp_linear_fc1_weight,
-    "decoder.layers.15.mlp.linear_fc2.weight": export_decoder_layers_15_mlp_linear_fc2_weight,
-    "decoder.layers.16.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_16_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.16.self_attention.linear_proj.weight": export_decoder_layers_16_self_attention_linear_proj_weight,
-    "decoder.layers.16.self_attention.linear_qkv.weight": export_decoder_layers_16_self_attention_linear_qkv_weight,
-    "decoder.layers.16.self_attention.linear_qkv.bias": export_decoder_layers_16_self_attention_linear_qkv_bias,
-    "decoder.layers.16.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_16_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.16.mlp.linear_fc1.weight": export_decoder_layers_16_mlp_linear_fc1_weight,
-    "decoder.layers.16.mlp.linear_fc2.weight": export_decoder_layers_16_mlp_linear_fc2_weight,
-    "decoder.layers.17.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_17_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.17.self_attention.linear_proj.weight": export_decoder_layers_17_self_attention_linear_proj_weight,
-    "decoder.layers.17.self_attention.linear_qkv.weight": export_decoder_layers_17_self_attention_linear_qkv_weight,
-    "decoder.layers.17.self_attention.linear_qkv.bias": export_decoder_layers_17_self_attention_linear_qkv_bias,
-    "decoder.layers.17.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_17_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.17.mlp.linear_fc1.weight": export_decoder_layers_17_mlp_linear_fc1_weight,
-    "decoder.layers.17.mlp.linear_fc2.weight": export_decoder_layers_17_mlp_linear_fc2_weight,
-    "decoder.layers.18.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_18_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.18.self_attention.linear_proj.weight": export_decoder_layers_18_self_attention_linear_proj_weight,
-    "decoder.layers.18.self_attention.linear_qkv.weight": export_decoder_layers_18_self_attention_linear_qkv_weight,
-    "decoder.layers.18.self_attention.linear_qkv.bias": export_decoder_layers_18_self_attention_linear_qkv_bias,
-    "decoder.layers.18.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_18_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.18.mlp.linear_fc1.weight": export_decoder_layers_18_mlp_linear_fc1_weight,
-    "decoder.layers.18.mlp.linear_fc2.weight": export_decoder_layers_18_mlp_linear_fc2_weight,
-    "decoder.layers.19.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_19_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.19.self_attention.linear_proj.weight": export_decoder_layers_19_self_attention_linear_proj_weight,
-    "decoder.layers.19.self_attention.linear_qkv.weight": export_decoder_layers_19_self_attention_linear_qkv_weight,
-    "decoder.layers.19.self_attention.linear_qkv.bias": export_decoder_layers_19_self_attention_linear_qkv_bias,
-    "decoder.layers.19.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_19_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.19.mlp.linear_fc1.weight": export_decoder_layers_19_mlp_linear_fc1_weight,
-    "decoder.layers.19.mlp.linear_fc2.weight": export_decoder_layers_19_mlp_linear_fc2_weight,
-    "decoder.layers.20.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_20_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.20.self_attention.linear_proj.weight": export_decoder_layers_20_self_attention_linear_proj_weight,
-    "decoder.layers.20.self_attention.linear_qkv.weight": export_decoder_layers_20_self_attention_linear_qkv_weight,
-    "decoder.layers.20.self_attention.linear_qkv.bias": export_decoder_layers_20_self_attention_linear_qkv_bias,
-    "decoder.layers.20.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_20_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.20.mlp.linear_fc1.weight": export_decoder_layers_20_mlp_linear_fc1_weight,
-    "decoder.layers.20.mlp.linear_fc2.weight": export_decoder_layers_20_mlp_linear_fc2_weight,
-    "decoder.layers.21.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_21_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.21.self_attention.linear_proj.weight": export_decoder_layers_21_self_attention_linear_proj_weight,
-    "decoder.layers.21.self_attention.linear_qkv.weight": export_decoder_layers_21_self_attention_linear_qkv_weight,
-    "decoder.layers.21.self_attention.linear_qkv.bias": export_decoder_layers_21_self_attention_linear_qkv_bias,
-    "decoder.layers.21.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_21_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.21.mlp.linear_fc1.weight": export_decoder_layers_21_mlp_linear_fc1_weight,
-    "decoder.layers.21.mlp.linear_fc2.weight": export_decoder_layers_21_mlp_linear_fc2_weight,
-    "decoder.layers.22.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_22_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.22.self_attention.linear_proj.weight": export_decoder_layers_22_self_attention_linear_proj_weight,
-    "decoder.layers.22.self_attention.linear_qkv.weight": export_decoder_layers_22_self_attention_linear_qkv_weight,
-    "decoder.layers.22.self_attention.linear_qkv.bias": export_decoder_layers_22_self_attention_linear_qkv_bias,
-    "decoder.layers.22.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_22_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.22.mlp.linear_fc1.weight": export_decoder_layers_22_mlp_linear_fc1_weight,
-    "decoder.layers.22.mlp.linear_fc2.weight": export_decoder_layers_22_mlp_linear_fc2_weight,
-    "decoder.layers.23.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_23_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.23.self_attention.linear_proj.weight": export_decoder_layers_23_self_attention_linear_proj_weight,
-    "decoder.layers.23.self_attention.linear_qkv.weight": export_decoder_layers_23_self_attention_linear_qkv_weight,
-    "decoder.layers.23.self_attention.linear_qkv.bias": export_decoder_layers_23_self_attention_linear_qkv_bias,
-    "decoder.layers.23.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_23_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.23.mlp.linear_fc1.weight": export_decoder_layers_23_mlp_linear_fc1_weight,
-    "decoder.layers.23.mlp.linear_fc2.weight": export_decoder_layers_23_mlp_linear_fc2_weight,
-    "decoder.layers.24.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_24_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.24.self_attention.linear_proj.weight": export_decoder_layers_24_self_attention_linear_proj_weight,
-    "decoder.layers.24.self_attention.linear_qkv.weight": export_decoder_layers_24_self_attention_linear_qkv_weight,
-    "decoder.layers.24.self_attention.linear_qkv.bias": export_decoder_layers_24_self_attention_linear_qkv_bias,
-    "decoder.layers.24.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_24_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.24.mlp.linear_fc1.weight": export_decoder_layers_24_mlp_linear_fc1_weight,
-    "decoder.layers.24.mlp.linear_fc2.weight": export_decoder_layers_24_mlp_linear_fc2_weight,
-    "decoder.layers.25.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_25_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.25.self_attention.linear_proj.weight": export_decoder_layers_25_self_attention_linear_proj_weight,
-    "decoder.layers.25.self_attention.linear_qkv.weight": export_decoder_layers_25_self_attention_linear_qkv_weight,
-    "decoder.layers.25.self_attention.linear_qkv.bias": export_decoder_layers_25_self_attention_linear_qkv_bias,
-    "decoder.layers.25.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_25_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.25.mlp.linear_fc1.weight": export_decoder_layers_25_mlp_linear_fc1_weight,
-    "decoder.layers.25.mlp.linear_fc2.weight": export_decoder_layers_25_mlp_linear_fc2_weight,
-    "decoder.layers.26.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_26_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.26.self_attention.linear_proj.weight": export_decoder_layers_26_self_attention_linear_proj_weight,
-    "decoder.layers.26.self_attention.linear_qkv.weight": export_decoder_layers_26_self_attention_linear_qkv_weight,
-    "decoder.layers.26.self_attention.linear_qkv.bias": export_decoder_layers_26_self_attention_linear_qkv_bias,
-    "decoder.layers.26.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_26_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.26.mlp.linear_fc1.weight": export_decoder_layers_26_mlp_linear_fc1_weight,
-    "decoder.layers.26.mlp.linear_fc2.weight": export_decoder_layers_26_mlp_linear_fc2_weight,
-    "decoder.layers.27.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_27_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.27.self_attention.linear_proj.weight": export_decoder_layers_27_self_attention_linear_proj_weight,
-    "decoder.layers.27.self_attention.linear_qkv.weight": export_decoder_layers_27_self_attention_linear_qkv_weight,
-    "decoder.layers.27.self_attention.linear_qkv.bias": export_decoder_layers_27_self_attention_linear_qkv_bias,
-    "decoder.layers.27.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_27_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.27.mlp.linear_fc1.weight": export_decoder_layers_27_mlp_linear_fc1_weight,
-    "decoder.layers.27.mlp.linear_fc2.weight": export_decoder_layers_27_mlp_linear_fc2_weight,
-    "decoder.final_layernorm.weight": export_decoder_final_layernorm_weight,
-    "output_layer.weight": export_output_layer_weight,
-}
+EXPORTS: Final[dict[str, ExportFn]] = {p.megatron_name: p.exporter for p in PARAMS}

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Final
 
-import torch
+from torch import Tensor
 
 from mapgen import runtime as rt
 from mapgen.dims import ModelDims
@@ -47,55 +47,75 @@ DIMS: Final = ModelDims(
     rope_scaling_high_freq_factor=None,
     rope_scaling_original_max_position_embeddings=None,
     params_dtype="bfloat16",
+    rope_beta_fast=32.0,
+    rope_beta_slow=1.0,
+    rope_mscale=1.0,
+    rope_mscale_all_dim=0.0,
+    num_moe_experts=None,
+    moe_ffn_hidden_size=None,
+    moe_router_topk=2,
+    moe_dense_layers=0,
+    moe_shared_expert_intermediate_size=None,
+    moe_shared_expert_gate=False,
+    moe_router_score_function="softmax",
+    moe_router_pre_softmax=False,
+    moe_router_enable_expert_bias=False,
+    moe_router_topk_scaling_factor=None,
+    moe_router_num_groups=None,
+    moe_router_group_topk=None,
+    multi_latent_attention=False,
+    q_lora_rank=None,
+    kv_lora_rank=0,
+    qk_head_dim=0,
+    qk_pos_emb_head_dim=0,
+    v_head_dim=0,
 )
 
 
 def import_embedding_word_embeddings_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """embedding.word_embeddings.weight <- model.embed_tokens.weight: auto -> column, specs/qwen3.yaml:26."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> column: specs/qwen3.yaml:26."""
     return rt.column_import(ctx.tp, load("model.embed_tokens.weight"), out=out)
 
 
-def export_embedding_word_embeddings_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """embedding.word_embeddings.weight <- model.embed_tokens.weight: auto -> column, specs/qwen3.yaml:26."""
+def export_embedding_word_embeddings_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> column: specs/qwen3.yaml:26."""
     return {"model.embed_tokens.weight": rt.column_export(parts)}
 
 
 def import_decoder_layers_0_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.0.self_attention.linear_qkv.layer_norm_weight <- model.layers.0.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:29."""
     return rt.whole_import(load("model.layers.0.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_0_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.0.self_attention.linear_qkv.layer_norm_weight <- model.layers.0.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:29."""
     return {"model.layers.0.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_0_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.0.self_attention.linear_proj.weight <- model.layers.0.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen3.yaml:45."""
     return rt.row_import(ctx.tp, load("model.layers.0.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_0_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.0.self_attention.linear_proj.weight <- model.layers.0.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen3.yaml:45."""
     return {"model.layers.0.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_0_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.0.self_attention.linear_qkv.weight <- model.layers.0.self_attn.q_proj.weight, model.layers.0.self_attn.k_proj.weight, model.layers.0.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/qwen3.yaml:32."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.0.self_attn.q_proj.weight"),
@@ -109,63 +129,67 @@ def import_decoder_layers_0_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_0_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.0.self_attention.linear_qkv.weight <- model.layers.0.self_attn.q_proj.weight, model.layers.0.self_attn.k_proj.weight, model.layers.0.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
-    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
-    return {
-        "model.layers.0.self_attn.q_proj.weight": q,
-        "model.layers.0.self_attn.k_proj.weight": k,
-        "model.layers.0.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/qwen3.yaml:32."""
+    return dict(
+        zip(
+            (
+                "model.layers.0.self_attn.q_proj.weight",
+                "model.layers.0.self_attn.k_proj.weight",
+                "model.layers.0.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=32, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_0_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.0.self_attention.q_layernorm.weight <- model.layers.0.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:39."""
     return rt.whole_import(load("model.layers.0.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_0_self_attention_q_layernorm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.0.self_attention.q_layernorm.weight <- model.layers.0.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:39."""
     return {"model.layers.0.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_0_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.0.self_attention.k_layernorm.weight <- model.layers.0.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:42."""
     return rt.whole_import(load("model.layers.0.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_0_self_attention_k_layernorm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.0.self_attention.k_layernorm.weight <- model.layers.0.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:42."""
     return {"model.layers.0.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_0_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.0.mlp.linear_fc1.layer_norm_weight <- model.layers.0.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:48."""
     return rt.whole_import(load("model.layers.0.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_0_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.0.mlp.linear_fc1.layer_norm_weight <- model.layers.0.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:48."""
     return {"model.layers.0.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_0_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.0.mlp.linear_fc1.weight <- model.layers.0.mlp.gate_proj.weight, model.layers.0.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/qwen3.yaml:51."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.0.mlp.gate_proj.weight"),
@@ -174,60 +198,60 @@ def import_decoder_layers_0_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_0_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.0.mlp.linear_fc1.weight <- model.layers.0.mlp.gate_proj.weight, model.layers.0.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.0.mlp.gate_proj.weight": gate, "model.layers.0.mlp.up_proj.weight": up}
+def export_decoder_layers_0_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/qwen3.yaml:51."""
+    return dict(
+        zip(
+            ("model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_0_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.0.mlp.linear_fc2.weight <- model.layers.0.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen3.yaml:54."""
     return rt.row_import(ctx.tp, load("model.layers.0.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_0_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.0.mlp.linear_fc2.weight <- model.layers.0.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
+def export_decoder_layers_0_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen3.yaml:54."""
     return {"model.layers.0.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_1_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.1.self_attention.linear_qkv.layer_norm_weight <- model.layers.1.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:29."""
     return rt.whole_import(load("model.layers.1.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_1_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.1.self_attention.linear_qkv.layer_norm_weight <- model.layers.1.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:29."""
     return {"model.layers.1.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_1_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.1.self_attention.linear_proj.weight <- model.layers.1.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen3.yaml:45."""
     return rt.row_import(ctx.tp, load("model.layers.1.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_1_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.1.self_attention.linear_proj.weight <- model.layers.1.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen3.yaml:45."""
     return {"model.layers.1.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_1_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.1.self_attention.linear_qkv.weight <- model.layers.1.self_attn.q_proj.weight, model.layers.1.self_attn.k_proj.weight, model.layers.1.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/qwen3.yaml:32."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.1.self_attn.q_proj.weight"),
@@ -241,63 +265,67 @@ def import_decoder_layers_1_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_1_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.1.self_attention.linear_qkv.weight <- model.layers.1.self_attn.q_proj.weight, model.layers.1.self_attn.k_proj.weight, model.layers.1.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
-    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
-    return {
-        "model.layers.1.self_attn.q_proj.weight": q,
-        "model.layers.1.self_attn.k_proj.weight": k,
-        "model.layers.1.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/qwen3.yaml:32."""
+    return dict(
+        zip(
+            (
+                "model.layers.1.self_attn.q_proj.weight",
+                "model.layers.1.self_attn.k_proj.weight",
+                "model.layers.1.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=32, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_1_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.1.self_attention.q_layernorm.weight <- model.layers.1.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:39."""
     return rt.whole_import(load("model.layers.1.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_1_self_attention_q_layernorm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.1.self_attention.q_layernorm.weight <- model.layers.1.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:39."""
     return {"model.layers.1.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_1_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.1.self_attention.k_layernorm.weight <- model.layers.1.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:42."""
     return rt.whole_import(load("model.layers.1.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_1_self_attention_k_layernorm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.1.self_attention.k_layernorm.weight <- model.layers.1.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:42."""
     return {"model.layers.1.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_1_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.1.mlp.linear_fc1.layer_norm_weight <- model.layers.1.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:48."""
     return rt.whole_import(load("model.layers.1.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_1_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.1.mlp.linear_fc1.layer_norm_weight <- model.layers.1.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:48."""
     return {"model.layers.1.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_1_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.1.mlp.linear_fc1.weight <- model.layers.1.mlp.gate_proj.weight, model.layers.1.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/qwen3.yaml:51."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.1.mlp.gate_proj.weight"),
@@ -306,60 +334,60 @@ def import_decoder_layers_1_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_1_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.1.mlp.linear_fc1.weight <- model.layers.1.mlp.gate_proj.weight, model.layers.1.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.1.mlp.gate_proj.weight": gate, "model.layers.1.mlp.up_proj.weight": up}
+def export_decoder_layers_1_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/qwen3.yaml:51."""
+    return dict(
+        zip(
+            ("model.layers.1.mlp.gate_proj.weight", "model.layers.1.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_1_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.1.mlp.linear_fc2.weight <- model.layers.1.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen3.yaml:54."""
     return rt.row_import(ctx.tp, load("model.layers.1.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_1_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.1.mlp.linear_fc2.weight <- model.layers.1.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
+def export_decoder_layers_1_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen3.yaml:54."""
     return {"model.layers.1.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_2_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.2.self_attention.linear_qkv.layer_norm_weight <- model.layers.2.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:29."""
     return rt.whole_import(load("model.layers.2.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_2_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.2.self_attention.linear_qkv.layer_norm_weight <- model.layers.2.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:29."""
     return {"model.layers.2.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_2_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.2.self_attention.linear_proj.weight <- model.layers.2.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen3.yaml:45."""
     return rt.row_import(ctx.tp, load("model.layers.2.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_2_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.2.self_attention.linear_proj.weight <- model.layers.2.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen3.yaml:45."""
     return {"model.layers.2.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_2_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.2.self_attention.linear_qkv.weight <- model.layers.2.self_attn.q_proj.weight, model.layers.2.self_attn.k_proj.weight, model.layers.2.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/qwen3.yaml:32."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.2.self_attn.q_proj.weight"),
@@ -373,63 +401,67 @@ def import_decoder_layers_2_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_2_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.2.self_attention.linear_qkv.weight <- model.layers.2.self_attn.q_proj.weight, model.layers.2.self_attn.k_proj.weight, model.layers.2.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
-    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
-    return {
-        "model.layers.2.self_attn.q_proj.weight": q,
-        "model.layers.2.self_attn.k_proj.weight": k,
-        "model.layers.2.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/qwen3.yaml:32."""
+    return dict(
+        zip(
+            (
+                "model.layers.2.self_attn.q_proj.weight",
+                "model.layers.2.self_attn.k_proj.weight",
+                "model.layers.2.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=32, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_2_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.2.self_attention.q_layernorm.weight <- model.layers.2.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:39."""
     return rt.whole_import(load("model.layers.2.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_2_self_attention_q_layernorm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.2.self_attention.q_layernorm.weight <- model.layers.2.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:39."""
     return {"model.layers.2.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_2_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.2.self_attention.k_layernorm.weight <- model.layers.2.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:42."""
     return rt.whole_import(load("model.layers.2.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_2_self_attention_k_layernorm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.2.self_attention.k_layernorm.weight <- model.layers.2.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:42."""
     return {"model.layers.2.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_2_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.2.mlp.linear_fc1.layer_norm_weight <- model.layers.2.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:48."""
     return rt.whole_import(load("model.layers.2.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_2_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.2.mlp.linear_fc1.layer_norm_weight <- model.layers.2.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:48."""
     return {"model.layers.2.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_2_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.2.mlp.linear_fc1.weight <- model.layers.2.mlp.gate_proj.weight, model.layers.2.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/qwen3.yaml:51."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.2.mlp.gate_proj.weight"),
@@ -438,60 +470,60 @@ def import_decoder_layers_2_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_2_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.2.mlp.linear_fc1.weight <- model.layers.2.mlp.gate_proj.weight, model.layers.2.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.2.mlp.gate_proj.weight": gate, "model.layers.2.mlp.up_proj.weight": up}
+def export_decoder_layers_2_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/qwen3.yaml:51."""
+    return dict(
+        zip(
+            ("model.layers.2.mlp.gate_proj.weight", "model.layers.2.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_2_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.2.mlp.linear_fc2.weight <- model.layers.2.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen3.yaml:54."""
     return rt.row_import(ctx.tp, load("model.layers.2.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_2_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.2.mlp.linear_fc2.weight <- model.layers.2.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
+def export_decoder_layers_2_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen3.yaml:54."""
     return {"model.layers.2.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_3_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.3.self_attention.linear_qkv.layer_norm_weight <- model.layers.3.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:29."""
     return rt.whole_import(load("model.layers.3.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_3_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.3.self_attention.linear_qkv.layer_norm_weight <- model.layers.3.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:29."""
     return {"model.layers.3.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_3_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.3.self_attention.linear_proj.weight <- model.layers.3.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen3.yaml:45."""
     return rt.row_import(ctx.tp, load("model.layers.3.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_3_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.3.self_attention.linear_proj.weight <- model.layers.3.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen3.yaml:45."""
     return {"model.layers.3.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_3_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.3.self_attention.linear_qkv.weight <- model.layers.3.self_attn.q_proj.weight, model.layers.3.self_attn.k_proj.weight, model.layers.3.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/qwen3.yaml:32."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.3.self_attn.q_proj.weight"),
@@ -505,63 +537,67 @@ def import_decoder_layers_3_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_3_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.3.self_attention.linear_qkv.weight <- model.layers.3.self_attn.q_proj.weight, model.layers.3.self_attn.k_proj.weight, model.layers.3.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
-    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
-    return {
-        "model.layers.3.self_attn.q_proj.weight": q,
-        "model.layers.3.self_attn.k_proj.weight": k,
-        "model.layers.3.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/qwen3.yaml:32."""
+    return dict(
+        zip(
+            (
+                "model.layers.3.self_attn.q_proj.weight",
+                "model.layers.3.self_attn.k_proj.weight",
+                "model.layers.3.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=32, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_3_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.3.self_attention.q_layernorm.weight <- model.layers.3.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:39."""
     return rt.whole_import(load("model.layers.3.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_3_self_attention_q_layernorm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.3.self_attention.q_layernorm.weight <- model.layers.3.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:39."""
     return {"model.layers.3.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_3_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.3.self_attention.k_layernorm.weight <- model.layers.3.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:42."""
     return rt.whole_import(load("model.layers.3.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_3_self_attention_k_layernorm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.3.self_attention.k_layernorm.weight <- model.layers.3.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:42."""
     return {"model.layers.3.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_3_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.3.mlp.linear_fc1.layer_norm_weight <- model.layers.3.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:48."""
     return rt.whole_import(load("model.layers.3.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_3_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.3.mlp.linear_fc1.layer_norm_weight <- model.layers.3.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:48."""
     return {"model.layers.3.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_3_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.3.mlp.linear_fc1.weight <- model.layers.3.mlp.gate_proj.weight, model.layers.3.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/qwen3.yaml:51."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.3.mlp.gate_proj.weight"),
@@ -570,60 +606,60 @@ def import_decoder_layers_3_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_3_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.3.mlp.linear_fc1.weight <- model.layers.3.mlp.gate_proj.weight, model.layers.3.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.3.mlp.gate_proj.weight": gate, "model.layers.3.mlp.up_proj.weight": up}
+def export_decoder_layers_3_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/qwen3.yaml:51."""
+    return dict(
+        zip(
+            ("model.layers.3.mlp.gate_proj.weight", "model.layers.3.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_3_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.3.mlp.linear_fc2.weight <- model.layers.3.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen3.yaml:54."""
     return rt.row_import(ctx.tp, load("model.layers.3.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_3_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.3.mlp.linear_fc2.weight <- model.layers.3.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
+def export_decoder_layers_3_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen3.yaml:54."""
     return {"model.layers.3.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_4_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.4.self_attention.linear_qkv.layer_norm_weight <- model.layers.4.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:29."""
     return rt.whole_import(load("model.layers.4.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_4_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.4.self_attention.linear_qkv.layer_norm_weight <- model.layers.4.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:29."""
     return {"model.layers.4.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_4_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.4.self_attention.linear_proj.weight <- model.layers.4.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen3.yaml:45."""
     return rt.row_import(ctx.tp, load("model.layers.4.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_4_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.4.self_attention.linear_proj.weight <- model.layers.4.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen3.yaml:45."""
     return {"model.layers.4.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_4_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.4.self_attention.linear_qkv.weight <- model.layers.4.self_attn.q_proj.weight, model.layers.4.self_attn.k_proj.weight, model.layers.4.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/qwen3.yaml:32."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.4.self_attn.q_proj.weight"),
@@ -637,63 +673,67 @@ def import_decoder_layers_4_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_4_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.4.self_attention.linear_qkv.weight <- model.layers.4.self_attn.q_proj.weight, model.layers.4.self_attn.k_proj.weight, model.layers.4.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
-    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
-    return {
-        "model.layers.4.self_attn.q_proj.weight": q,
-        "model.layers.4.self_attn.k_proj.weight": k,
-        "model.layers.4.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/qwen3.yaml:32."""
+    return dict(
+        zip(
+            (
+                "model.layers.4.self_attn.q_proj.weight",
+                "model.layers.4.self_attn.k_proj.weight",
+                "model.layers.4.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=32, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_4_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.4.self_attention.q_layernorm.weight <- model.layers.4.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:39."""
     return rt.whole_import(load("model.layers.4.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_4_self_attention_q_layernorm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.4.self_attention.q_layernorm.weight <- model.layers.4.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:39."""
     return {"model.layers.4.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_4_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.4.self_attention.k_layernorm.weight <- model.layers.4.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:42."""
     return rt.whole_import(load("model.layers.4.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_4_self_attention_k_layernorm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.4.self_attention.k_layernorm.weight <- model.layers.4.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:42."""
     return {"model.layers.4.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_4_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.4.mlp.linear_fc1.layer_norm_weight <- model.layers.4.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:48."""
     return rt.whole_import(load("model.layers.4.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_4_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.4.mlp.linear_fc1.layer_norm_weight <- model.layers.4.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:48."""
     return {"model.layers.4.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_4_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.4.mlp.linear_fc1.weight <- model.layers.4.mlp.gate_proj.weight, model.layers.4.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/qwen3.yaml:51."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.4.mlp.gate_proj.weight"),
@@ -702,60 +742,60 @@ def import_decoder_layers_4_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_4_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.4.mlp.linear_fc1.weight <- model.layers.4.mlp.gate_proj.weight, model.layers.4.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.4.mlp.gate_proj.weight": gate, "model.layers.4.mlp.up_proj.weight": up}
+def export_decoder_layers_4_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/qwen3.yaml:51."""
+    return dict(
+        zip(
+            ("model.layers.4.mlp.gate_proj.weight", "model.layers.4.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_4_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.4.mlp.linear_fc2.weight <- model.layers.4.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen3.yaml:54."""
     return rt.row_import(ctx.tp, load("model.layers.4.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_4_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.4.mlp.linear_fc2.weight <- model.layers.4.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
+def export_decoder_layers_4_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen3.yaml:54."""
     return {"model.layers.4.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_5_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.5.self_attention.linear_qkv.layer_norm_weight <- model.layers.5.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:29."""
     return rt.whole_import(load("model.layers.5.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_5_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.5.self_attention.linear_qkv.layer_norm_weight <- model.layers.5.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:29."""
     return {"model.layers.5.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_5_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.5.self_attention.linear_proj.weight <- model.layers.5.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen3.yaml:45."""
     return rt.row_import(ctx.tp, load("model.layers.5.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_5_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.5.self_attention.linear_proj.weight <- model.layers.5.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen3.yaml:45."""
     return {"model.layers.5.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_5_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.5.self_attention.linear_qkv.weight <- model.layers.5.self_attn.q_proj.weight, model.layers.5.self_attn.k_proj.weight, model.layers.5.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/qwen3.yaml:32."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.5.self_attn.q_proj.weight"),
@@ -769,63 +809,67 @@ def import_decoder_layers_5_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_5_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.5.self_attention.linear_qkv.weight <- model.layers.5.self_attn.q_proj.weight, model.layers.5.self_attn.k_proj.weight, model.layers.5.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
-    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
-    return {
-        "model.layers.5.self_attn.q_proj.weight": q,
-        "model.layers.5.self_attn.k_proj.weight": k,
-        "model.layers.5.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/qwen3.yaml:32."""
+    return dict(
+        zip(
+            (
+                "model.layers.5.self_attn.q_proj.weight",
+                "model.layers.5.self_attn.k_proj.weight",
+                "model.layers.5.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=32, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_5_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.5.self_attention.q_layernorm.weight <- model.layers.5.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:39."""
     return rt.whole_import(load("model.layers.5.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_5_self_attention_q_layernorm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.5.self_attention.q_layernorm.weight <- model.layers.5.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:39."""
     return {"model.layers.5.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_5_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.5.self_attention.k_layernorm.weight <- model.layers.5.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:42."""
     return rt.whole_import(load("model.layers.5.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_5_self_attention_k_layernorm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.5.self_attention.k_layernorm.weight <- model.layers.5.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:42."""
     return {"model.layers.5.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_5_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.5.mlp.linear_fc1.layer_norm_weight <- model.layers.5.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:48."""
     return rt.whole_import(load("model.layers.5.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_5_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.5.mlp.linear_fc1.layer_norm_weight <- model.layers.5.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:48."""
     return {"model.layers.5.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_5_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.5.mlp.linear_fc1.weight <- model.layers.5.mlp.gate_proj.weight, model.layers.5.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/qwen3.yaml:51."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.5.mlp.gate_proj.weight"),
@@ -834,60 +878,60 @@ def import_decoder_layers_5_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_5_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.5.mlp.linear_fc1.weight <- model.layers.5.mlp.gate_proj.weight, model.layers.5.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.5.mlp.gate_proj.weight": gate, "model.layers.5.mlp.up_proj.weight": up}
+def export_decoder_layers_5_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/qwen3.yaml:51."""
+    return dict(
+        zip(
+            ("model.layers.5.mlp.gate_proj.weight", "model.layers.5.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_5_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.5.mlp.linear_fc2.weight <- model.layers.5.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen3.yaml:54."""
     return rt.row_import(ctx.tp, load("model.layers.5.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_5_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.5.mlp.linear_fc2.weight <- model.layers.5.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
+def export_decoder_layers_5_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen3.yaml:54."""
     return {"model.layers.5.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_6_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.6.self_attention.linear_qkv.layer_norm_weight <- model.layers.6.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:29."""
     return rt.whole_import(load("model.layers.6.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_6_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.6.self_attention.linear_qkv.layer_norm_weight <- model.layers.6.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:29."""
     return {"model.layers.6.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_6_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.6.self_attention.linear_proj.weight <- model.layers.6.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen3.yaml:45."""
     return rt.row_import(ctx.tp, load("model.layers.6.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_6_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.6.self_attention.linear_proj.weight <- model.layers.6.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen3.yaml:45."""
     return {"model.layers.6.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_6_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.6.self_attention.linear_qkv.weight <- model.layers.6.self_attn.q_proj.weight, model.layers.6.self_attn.k_proj.weight, model.layers.6.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/qwen3.yaml:32."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.6.self_attn.q_proj.weight"),
@@ -901,63 +945,67 @@ def import_decoder_layers_6_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_6_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.6.self_attention.linear_qkv.weight <- model.layers.6.self_attn.q_proj.weight, model.layers.6.self_attn.k_proj.weight, model.layers.6.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
-    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
-    return {
-        "model.layers.6.self_attn.q_proj.weight": q,
-        "model.layers.6.self_attn.k_proj.weight": k,
-        "model.layers.6.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/qwen3.yaml:32."""
+    return dict(
+        zip(
+            (
+                "model.layers.6.self_attn.q_proj.weight",
+                "model.layers.6.self_attn.k_proj.weight",
+                "model.layers.6.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=32, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_6_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.6.self_attention.q_layernorm.weight <- model.layers.6.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:39."""
     return rt.whole_import(load("model.layers.6.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_6_self_attention_q_layernorm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.6.self_attention.q_layernorm.weight <- model.layers.6.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:39."""
     return {"model.layers.6.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_6_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.6.self_attention.k_layernorm.weight <- model.layers.6.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:42."""
     return rt.whole_import(load("model.layers.6.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_6_self_attention_k_layernorm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.6.self_attention.k_layernorm.weight <- model.layers.6.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:42."""
     return {"model.layers.6.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_6_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.6.mlp.linear_fc1.layer_norm_weight <- model.layers.6.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:48."""
     return rt.whole_import(load("model.layers.6.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_6_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.6.mlp.linear_fc1.layer_norm_weight <- model.layers.6.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:48."""
     return {"model.layers.6.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_6_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.6.mlp.linear_fc1.weight <- model.layers.6.mlp.gate_proj.weight, model.layers.6.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/qwen3.yaml:51."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.6.mlp.gate_proj.weight"),
@@ -966,60 +1014,60 @@ def import_decoder_layers_6_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_6_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.6.mlp.linear_fc1.weight <- model.layers.6.mlp.gate_proj.weight, model.layers.6.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.6.mlp.gate_proj.weight": gate, "model.layers.6.mlp.up_proj.weight": up}
+def export_decoder_layers_6_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/qwen3.yaml:51."""
+    return dict(
+        zip(
+            ("model.layers.6.mlp.gate_proj.weight", "model.layers.6.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_6_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.6.mlp.linear_fc2.weight <- model.layers.6.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen3.yaml:54."""
     return rt.row_import(ctx.tp, load("model.layers.6.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_6_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.6.mlp.linear_fc2.weight <- model.layers.6.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
+def export_decoder_layers_6_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen3.yaml:54."""
     return {"model.layers.6.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_7_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.7.self_attention.linear_qkv.layer_norm_weight <- model.layers.7.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:29."""
     return rt.whole_import(load("model.layers.7.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_7_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.7.self_attention.linear_qkv.layer_norm_weight <- model.layers.7.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:29."""
     return {"model.layers.7.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_7_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.7.self_attention.linear_proj.weight <- model.layers.7.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen3.yaml:45."""
     return rt.row_import(ctx.tp, load("model.layers.7.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_7_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.7.self_attention.linear_proj.weight <- model.layers.7.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen3.yaml:45."""
     return {"model.layers.7.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_7_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.7.self_attention.linear_qkv.weight <- model.layers.7.self_attn.q_proj.weight, model.layers.7.self_attn.k_proj.weight, model.layers.7.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/qwen3.yaml:32."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.7.self_attn.q_proj.weight"),
@@ -1033,63 +1081,67 @@ def import_decoder_layers_7_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_7_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.7.self_attention.linear_qkv.weight <- model.layers.7.self_attn.q_proj.weight, model.layers.7.self_attn.k_proj.weight, model.layers.7.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
-    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
-    return {
-        "model.layers.7.self_attn.q_proj.weight": q,
-        "model.layers.7.self_attn.k_proj.weight": k,
-        "model.layers.7.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/qwen3.yaml:32."""
+    return dict(
+        zip(
+            (
+                "model.layers.7.self_attn.q_proj.weight",
+                "model.layers.7.self_attn.k_proj.weight",
+                "model.layers.7.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=32, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_7_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.7.self_attention.q_layernorm.weight <- model.layers.7.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:39."""
     return rt.whole_import(load("model.layers.7.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_7_self_attention_q_layernorm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.7.self_attention.q_layernorm.weight <- model.layers.7.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:39."""
     return {"model.layers.7.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_7_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.7.self_attention.k_layernorm.weight <- model.layers.7.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:42."""
     return rt.whole_import(load("model.layers.7.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_7_self_attention_k_layernorm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.7.self_attention.k_layernorm.weight <- model.layers.7.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:42."""
     return {"model.layers.7.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_7_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.7.mlp.linear_fc1.layer_norm_weight <- model.layers.7.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:48."""
     return rt.whole_import(load("model.layers.7.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_7_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.7.mlp.linear_fc1.layer_norm_weight <- model.layers.7.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:48."""
     return {"model.layers.7.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_7_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.7.mlp.linear_fc1.weight <- model.layers.7.mlp.gate_proj.weight, model.layers.7.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/qwen3.yaml:51."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.7.mlp.gate_proj.weight"),
@@ -1098,60 +1150,60 @@ def import_decoder_layers_7_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_7_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.7.mlp.linear_fc1.weight <- model.layers.7.mlp.gate_proj.weight, model.layers.7.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.7.mlp.gate_proj.weight": gate, "model.layers.7.mlp.up_proj.weight": up}
+def export_decoder_layers_7_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/qwen3.yaml:51."""
+    return dict(
+        zip(
+            ("model.layers.7.mlp.gate_proj.weight", "model.layers.7.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_7_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.7.mlp.linear_fc2.weight <- model.layers.7.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen3.yaml:54."""
     return rt.row_import(ctx.tp, load("model.layers.7.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_7_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.7.mlp.linear_fc2.weight <- model.layers.7.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
+def export_decoder_layers_7_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen3.yaml:54."""
     return {"model.layers.7.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_8_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.8.self_attention.linear_qkv.layer_norm_weight <- model.layers.8.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:29."""
     return rt.whole_import(load("model.layers.8.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_8_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.8.self_attention.linear_qkv.layer_norm_weight <- model.layers.8.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:29."""
     return {"model.layers.8.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_8_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.8.self_attention.linear_proj.weight <- model.layers.8.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen3.yaml:45."""
     return rt.row_import(ctx.tp, load("model.layers.8.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_8_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.8.self_attention.linear_proj.weight <- model.layers.8.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen3.yaml:45."""
     return {"model.layers.8.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_8_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.8.self_attention.linear_qkv.weight <- model.layers.8.self_attn.q_proj.weight, model.layers.8.self_attn.k_proj.weight, model.layers.8.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/qwen3.yaml:32."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.8.self_attn.q_proj.weight"),
@@ -1165,63 +1217,67 @@ def import_decoder_layers_8_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_8_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.8.self_attention.linear_qkv.weight <- model.layers.8.self_attn.q_proj.weight, model.layers.8.self_attn.k_proj.weight, model.layers.8.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
-    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
-    return {
-        "model.layers.8.self_attn.q_proj.weight": q,
-        "model.layers.8.self_attn.k_proj.weight": k,
-        "model.layers.8.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/qwen3.yaml:32."""
+    return dict(
+        zip(
+            (
+                "model.layers.8.self_attn.q_proj.weight",
+                "model.layers.8.self_attn.k_proj.weight",
+                "model.layers.8.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=32, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_8_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.8.self_attention.q_layernorm.weight <- model.layers.8.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:39."""
     return rt.whole_import(load("model.layers.8.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_8_self_attention_q_layernorm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.8.self_attention.q_layernorm.weight <- model.layers.8.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:39."""
     return {"model.layers.8.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_8_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.8.self_attention.k_layernorm.weight <- model.layers.8.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:42."""
     return rt.whole_import(load("model.layers.8.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_8_self_attention_k_layernorm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.8.self_attention.k_layernorm.weight <- model.layers.8.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:42."""
     return {"model.layers.8.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_8_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.8.mlp.linear_fc1.layer_norm_weight <- model.layers.8.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:48."""
     return rt.whole_import(load("model.layers.8.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_8_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.8.mlp.linear_fc1.layer_norm_weight <- model.layers.8.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:48."""
     return {"model.layers.8.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_8_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.8.mlp.linear_fc1.weight <- model.layers.8.mlp.gate_proj.weight, model.layers.8.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/qwen3.yaml:51."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.8.mlp.gate_proj.weight"),
@@ -1230,60 +1286,60 @@ def import_decoder_layers_8_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_8_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.8.mlp.linear_fc1.weight <- model.layers.8.mlp.gate_proj.weight, model.layers.8.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.8.mlp.gate_proj.weight": gate, "model.layers.8.mlp.up_proj.weight": up}
+def export_decoder_layers_8_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/qwen3.yaml:51."""
+    return dict(
+        zip(
+            ("model.layers.8.mlp.gate_proj.weight", "model.layers.8.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_8_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.8.mlp.linear_fc2.weight <- model.layers.8.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen3.yaml:54."""
     return rt.row_import(ctx.tp, load("model.layers.8.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_8_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.8.mlp.linear_fc2.weight <- model.layers.8.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
+def export_decoder_layers_8_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen3.yaml:54."""
     return {"model.layers.8.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_9_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.9.self_attention.linear_qkv.layer_norm_weight <- model.layers.9.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:29."""
     return rt.whole_import(load("model.layers.9.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_9_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.9.self_attention.linear_qkv.layer_norm_weight <- model.layers.9.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:29."""
     return {"model.layers.9.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_9_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.9.self_attention.linear_proj.weight <- model.layers.9.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen3.yaml:45."""
     return rt.row_import(ctx.tp, load("model.layers.9.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_9_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.9.self_attention.linear_proj.weight <- model.layers.9.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen3.yaml:45."""
     return {"model.layers.9.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_9_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.9.self_attention.linear_qkv.weight <- model.layers.9.self_attn.q_proj.weight, model.layers.9.self_attn.k_proj.weight, model.layers.9.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/qwen3.yaml:32."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.9.self_attn.q_proj.weight"),
@@ -1297,63 +1353,67 @@ def import_decoder_layers_9_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_9_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.9.self_attention.linear_qkv.weight <- model.layers.9.self_attn.q_proj.weight, model.layers.9.self_attn.k_proj.weight, model.layers.9.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
-    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
-    return {
-        "model.layers.9.self_attn.q_proj.weight": q,
-        "model.layers.9.self_attn.k_proj.weight": k,
-        "model.layers.9.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/qwen3.yaml:32."""
+    return dict(
+        zip(
+            (
+                "model.layers.9.self_attn.q_proj.weight",
+                "model.layers.9.self_attn.k_proj.weight",
+                "model.layers.9.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=32, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_9_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.9.self_attention.q_layernorm.weight <- model.layers.9.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:39."""
     return rt.whole_import(load("model.layers.9.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_9_self_attention_q_layernorm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.9.self_attention.q_layernorm.weight <- model.layers.9.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:39."""
     return {"model.layers.9.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_9_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.9.self_attention.k_layernorm.weight <- model.layers.9.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:42."""
     return rt.whole_import(load("model.layers.9.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_9_self_attention_k_layernorm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.9.self_attention.k_layernorm.weight <- model.layers.9.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:42."""
     return {"model.layers.9.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_9_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.9.mlp.linear_fc1.layer_norm_weight <- model.layers.9.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:48."""
     return rt.whole_import(load("model.layers.9.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_9_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.9.mlp.linear_fc1.layer_norm_weight <- model.layers.9.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:48."""
     return {"model.layers.9.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_9_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.9.mlp.linear_fc1.weight <- model.layers.9.mlp.gate_proj.weight, model.layers.9.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/qwen3.yaml:51."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.9.mlp.gate_proj.weight"),
@@ -1362,60 +1422,60 @@ def import_decoder_layers_9_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_9_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.9.mlp.linear_fc1.weight <- model.layers.9.mlp.gate_proj.weight, model.layers.9.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.9.mlp.gate_proj.weight": gate, "model.layers.9.mlp.up_proj.weight": up}
+def export_decoder_layers_9_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/qwen3.yaml:51."""
+    return dict(
+        zip(
+            ("model.layers.9.mlp.gate_proj.weight", "model.layers.9.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_9_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.9.mlp.linear_fc2.weight <- model.layers.9.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen3.yaml:54."""
     return rt.row_import(ctx.tp, load("model.layers.9.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_9_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.9.mlp.linear_fc2.weight <- model.layers.9.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
+def export_decoder_layers_9_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen3.yaml:54."""
     return {"model.layers.9.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_10_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.10.self_attention.linear_qkv.layer_norm_weight <- model.layers.10.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:29."""
     return rt.whole_import(load("model.layers.10.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_10_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.10.self_attention.linear_qkv.layer_norm_weight <- model.layers.10.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:29."""
     return {"model.layers.10.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_10_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.10.self_attention.linear_proj.weight <- model.layers.10.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen3.yaml:45."""
     return rt.row_import(ctx.tp, load("model.layers.10.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_10_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.10.self_attention.linear_proj.weight <- model.layers.10.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen3.yaml:45."""
     return {"model.layers.10.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_10_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.10.self_attention.linear_qkv.weight <- model.layers.10.self_attn.q_proj.weight, model.layers.10.self_attn.k_proj.weight, model.layers.10.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/qwen3.yaml:32."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.10.self_attn.q_proj.weight"),
@@ -1429,63 +1489,67 @@ def import_decoder_layers_10_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_10_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.10.self_attention.linear_qkv.weight <- model.layers.10.self_attn.q_proj.weight, model.layers.10.self_attn.k_proj.weight, model.layers.10.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
-    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
-    return {
-        "model.layers.10.self_attn.q_proj.weight": q,
-        "model.layers.10.self_attn.k_proj.weight": k,
-        "model.layers.10.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/qwen3.yaml:32."""
+    return dict(
+        zip(
+            (
+                "model.layers.10.self_attn.q_proj.weight",
+                "model.layers.10.self_attn.k_proj.weight",
+                "model.layers.10.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=32, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_10_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.10.self_attention.q_layernorm.weight <- model.layers.10.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:39."""
     return rt.whole_import(load("model.layers.10.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_10_self_attention_q_layernorm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.10.self_attention.q_layernorm.weight <- model.layers.10.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:39."""
     return {"model.layers.10.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_10_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.10.self_attention.k_layernorm.weight <- model.layers.10.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:42."""
     return rt.whole_import(load("model.layers.10.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_10_self_attention_k_layernorm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.10.self_attention.k_layernorm.weight <- model.layers.10.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:42."""
     return {"model.layers.10.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_10_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.10.mlp.linear_fc1.layer_norm_weight <- model.layers.10.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:48."""
     return rt.whole_import(load("model.layers.10.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_10_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.10.mlp.linear_fc1.layer_norm_weight <- model.layers.10.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:48."""
     return {"model.layers.10.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_10_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.10.mlp.linear_fc1.weight <- model.layers.10.mlp.gate_proj.weight, model.layers.10.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/qwen3.yaml:51."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.10.mlp.gate_proj.weight"),
@@ -1494,60 +1558,60 @@ def import_decoder_layers_10_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_10_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.10.mlp.linear_fc1.weight <- model.layers.10.mlp.gate_proj.weight, model.layers.10.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.10.mlp.gate_proj.weight": gate, "model.layers.10.mlp.up_proj.weight": up}
+def export_decoder_layers_10_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/qwen3.yaml:51."""
+    return dict(
+        zip(
+            ("model.layers.10.mlp.gate_proj.weight", "model.layers.10.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_10_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.10.mlp.linear_fc2.weight <- model.layers.10.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen3.yaml:54."""
     return rt.row_import(ctx.tp, load("model.layers.10.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_10_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.10.mlp.linear_fc2.weight <- model.layers.10.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
+def export_decoder_layers_10_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen3.yaml:54."""
     return {"model.layers.10.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_11_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.11.self_attention.linear_qkv.layer_norm_weight <- model.layers.11.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:29."""
     return rt.whole_import(load("model.layers.11.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_11_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.11.self_attention.linear_qkv.layer_norm_weight <- model.layers.11.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:29."""
     return {"model.layers.11.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_11_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.11.self_attention.linear_proj.weight <- model.layers.11.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen3.yaml:45."""
     return rt.row_import(ctx.tp, load("model.layers.11.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_11_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.11.self_attention.linear_proj.weight <- model.layers.11.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen3.yaml:45."""
     return {"model.layers.11.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_11_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.11.self_attention.linear_qkv.weight <- model.layers.11.self_attn.q_proj.weight, model.layers.11.self_attn.k_proj.weight, model.layers.11.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/qwen3.yaml:32."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.11.self_attn.q_proj.weight"),
@@ -1561,63 +1625,67 @@ def import_decoder_layers_11_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_11_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.11.self_attention.linear_qkv.weight <- model.layers.11.self_attn.q_proj.weight, model.layers.11.self_attn.k_proj.weight, model.layers.11.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
-    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
-    return {
-        "model.layers.11.self_attn.q_proj.weight": q,
-        "model.layers.11.self_attn.k_proj.weight": k,
-        "model.layers.11.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/qwen3.yaml:32."""
+    return dict(
+        zip(
+            (
+                "model.layers.11.self_attn.q_proj.weight",
+                "model.layers.11.self_attn.k_proj.weight",
+                "model.layers.11.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=32, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_11_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.11.self_attention.q_layernorm.weight <- model.layers.11.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:39."""
     return rt.whole_import(load("model.layers.11.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_11_self_attention_q_layernorm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.11.self_attention.q_layernorm.weight <- model.layers.11.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:39."""
     return {"model.layers.11.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_11_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.11.self_attention.k_layernorm.weight <- model.layers.11.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:42."""
     return rt.whole_import(load("model.layers.11.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_11_self_attention_k_layernorm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.11.self_attention.k_layernorm.weight <- model.layers.11.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:42."""
     return {"model.layers.11.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_11_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.11.mlp.linear_fc1.layer_norm_weight <- model.layers.11.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:48."""
     return rt.whole_import(load("model.layers.11.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_11_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.11.mlp.linear_fc1.layer_norm_weight <- model.layers.11.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:48."""
     return {"model.layers.11.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_11_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.11.mlp.linear_fc1.weight <- model.layers.11.mlp.gate_proj.weight, model.layers.11.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/qwen3.yaml:51."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.11.mlp.gate_proj.weight"),
@@ -1626,60 +1694,60 @@ def import_decoder_layers_11_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_11_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.11.mlp.linear_fc1.weight <- model.layers.11.mlp.gate_proj.weight, model.layers.11.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.11.mlp.gate_proj.weight": gate, "model.layers.11.mlp.up_proj.weight": up}
+def export_decoder_layers_11_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/qwen3.yaml:51."""
+    return dict(
+        zip(
+            ("model.layers.11.mlp.gate_proj.weight", "model.layers.11.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_11_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.11.mlp.linear_fc2.weight <- model.layers.11.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen3.yaml:54."""
     return rt.row_import(ctx.tp, load("model.layers.11.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_11_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.11.mlp.linear_fc2.weight <- model.layers.11.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
+def export_decoder_layers_11_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen3.yaml:54."""
     return {"model.layers.11.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_12_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.12.self_attention.linear_qkv.layer_norm_weight <- model.layers.12.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:29."""
     return rt.whole_import(load("model.layers.12.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_12_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.12.self_attention.linear_qkv.layer_norm_weight <- model.layers.12.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:29."""
     return {"model.layers.12.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_12_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.12.self_attention.linear_proj.weight <- model.layers.12.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen3.yaml:45."""
     return rt.row_import(ctx.tp, load("model.layers.12.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_12_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.12.self_attention.linear_proj.weight <- model.layers.12.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen3.yaml:45."""
     return {"model.layers.12.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_12_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.12.self_attention.linear_qkv.weight <- model.layers.12.self_attn.q_proj.weight, model.layers.12.self_attn.k_proj.weight, model.layers.12.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/qwen3.yaml:32."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.12.self_attn.q_proj.weight"),
@@ -1693,63 +1761,67 @@ def import_decoder_layers_12_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_12_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.12.self_attention.linear_qkv.weight <- model.layers.12.self_attn.q_proj.weight, model.layers.12.self_attn.k_proj.weight, model.layers.12.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
-    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
-    return {
-        "model.layers.12.self_attn.q_proj.weight": q,
-        "model.layers.12.self_attn.k_proj.weight": k,
-        "model.layers.12.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/qwen3.yaml:32."""
+    return dict(
+        zip(
+            (
+                "model.layers.12.self_attn.q_proj.weight",
+                "model.layers.12.self_attn.k_proj.weight",
+                "model.layers.12.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=32, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_12_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.12.self_attention.q_layernorm.weight <- model.layers.12.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:39."""
     return rt.whole_import(load("model.layers.12.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_12_self_attention_q_layernorm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.12.self_attention.q_layernorm.weight <- model.layers.12.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:39."""
     return {"model.layers.12.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_12_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.12.self_attention.k_layernorm.weight <- model.layers.12.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:42."""
     return rt.whole_import(load("model.layers.12.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_12_self_attention_k_layernorm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.12.self_attention.k_layernorm.weight <- model.layers.12.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:42."""
     return {"model.layers.12.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_12_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.12.mlp.linear_fc1.layer_norm_weight <- model.layers.12.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:48."""
     return rt.whole_import(load("model.layers.12.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_12_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.12.mlp.linear_fc1.layer_norm_weight <- model.layers.12.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:48."""
     return {"model.layers.12.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_12_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.12.mlp.linear_fc1.weight <- model.layers.12.mlp.gate_proj.weight, model.layers.12.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/qwen3.yaml:51."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.12.mlp.gate_proj.weight"),
@@ -1758,60 +1830,60 @@ def import_decoder_layers_12_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_12_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.12.mlp.linear_fc1.weight <- model.layers.12.mlp.gate_proj.weight, model.layers.12.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.12.mlp.gate_proj.weight": gate, "model.layers.12.mlp.up_proj.weight": up}
+def export_decoder_layers_12_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/qwen3.yaml:51."""
+    return dict(
+        zip(
+            ("model.layers.12.mlp.gate_proj.weight", "model.layers.12.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_12_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.12.mlp.linear_fc2.weight <- model.layers.12.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen3.yaml:54."""
     return rt.row_import(ctx.tp, load("model.layers.12.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_12_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.12.mlp.linear_fc2.weight <- model.layers.12.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
+def export_decoder_layers_12_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen3.yaml:54."""
     return {"model.layers.12.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_13_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.13.self_attention.linear_qkv.layer_norm_weight <- model.layers.13.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:29."""
     return rt.whole_import(load("model.layers.13.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_13_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.13.self_attention.linear_qkv.layer_norm_weight <- model.layers.13.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:29."""
     return {"model.layers.13.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_13_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.13.self_attention.linear_proj.weight <- model.layers.13.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen3.yaml:45."""
     return rt.row_import(ctx.tp, load("model.layers.13.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_13_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.13.self_attention.linear_proj.weight <- model.layers.13.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen3.yaml:45."""
     return {"model.layers.13.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_13_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.13.self_attention.linear_qkv.weight <- model.layers.13.self_attn.q_proj.weight, model.layers.13.self_attn.k_proj.weight, model.layers.13.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/qwen3.yaml:32."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.13.self_attn.q_proj.weight"),
@@ -1825,63 +1897,67 @@ def import_decoder_layers_13_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_13_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.13.self_attention.linear_qkv.weight <- model.layers.13.self_attn.q_proj.weight, model.layers.13.self_attn.k_proj.weight, model.layers.13.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
-    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
-    return {
-        "model.layers.13.self_attn.q_proj.weight": q,
-        "model.layers.13.self_attn.k_proj.weight": k,
-        "model.layers.13.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/qwen3.yaml:32."""
+    return dict(
+        zip(
+            (
+                "model.layers.13.self_attn.q_proj.weight",
+                "model.layers.13.self_attn.k_proj.weight",
+                "model.layers.13.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=32, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_13_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.13.self_attention.q_layernorm.weight <- model.layers.13.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:39."""
     return rt.whole_import(load("model.layers.13.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_13_self_attention_q_layernorm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.13.self_attention.q_layernorm.weight <- model.layers.13.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:39."""
     return {"model.layers.13.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_13_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.13.self_attention.k_layernorm.weight <- model.layers.13.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:42."""
     return rt.whole_import(load("model.layers.13.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_13_self_attention_k_layernorm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.13.self_attention.k_layernorm.weight <- model.layers.13.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:42."""
     return {"model.layers.13.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_13_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.13.mlp.linear_fc1.layer_norm_weight <- model.layers.13.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:48."""
     return rt.whole_import(load("model.layers.13.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_13_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.13.mlp.linear_fc1.layer_norm_weight <- model.layers.13.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:48."""
     return {"model.layers.13.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_13_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.13.mlp.linear_fc1.weight <- model.layers.13.mlp.gate_proj.weight, model.layers.13.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/qwen3.yaml:51."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.13.mlp.gate_proj.weight"),
@@ -1890,60 +1966,60 @@ def import_decoder_layers_13_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_13_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.13.mlp.linear_fc1.weight <- model.layers.13.mlp.gate_proj.weight, model.layers.13.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.13.mlp.gate_proj.weight": gate, "model.layers.13.mlp.up_proj.weight": up}
+def export_decoder_layers_13_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/qwen3.yaml:51."""
+    return dict(
+        zip(
+            ("model.layers.13.mlp.gate_proj.weight", "model.layers.13.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_13_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.13.mlp.linear_fc2.weight <- model.layers.13.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen3.yaml:54."""
     return rt.row_import(ctx.tp, load("model.layers.13.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_13_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.13.mlp.linear_fc2.weight <- model.layers.13.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
+def export_decoder_layers_13_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen3.yaml:54."""
     return {"model.layers.13.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_14_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.14.self_attention.linear_qkv.layer_norm_weight <- model.layers.14.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:29."""
     return rt.whole_import(load("model.layers.14.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_14_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.14.self_attention.linear_qkv.layer_norm_weight <- model.layers.14.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:29."""
     return {"model.layers.14.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_14_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.14.self_attention.linear_proj.weight <- model.layers.14.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen3.yaml:45."""
     return rt.row_import(ctx.tp, load("model.layers.14.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_14_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.14.self_attention.linear_proj.weight <- model.layers.14.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen3.yaml:45."""
     return {"model.layers.14.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_14_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.14.self_attention.linear_qkv.weight <- model.layers.14.self_attn.q_proj.weight, model.layers.14.self_attn.k_proj.weight, model.layers.14.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/qwen3.yaml:32."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.14.self_attn.q_proj.weight"),
@@ -1957,63 +2033,67 @@ def import_decoder_layers_14_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_14_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.14.self_attention.linear_qkv.weight <- model.layers.14.self_attn.q_proj.weight, model.layers.14.self_attn.k_proj.weight, model.layers.14.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
-    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
-    return {
-        "model.layers.14.self_attn.q_proj.weight": q,
-        "model.layers.14.self_attn.k_proj.weight": k,
-        "model.layers.14.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/qwen3.yaml:32."""
+    return dict(
+        zip(
+            (
+                "model.layers.14.self_attn.q_proj.weight",
+                "model.layers.14.self_attn.k_proj.weight",
+                "model.layers.14.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=32, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_14_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.14.self_attention.q_layernorm.weight <- model.layers.14.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:39."""
     return rt.whole_import(load("model.layers.14.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_14_self_attention_q_layernorm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.14.self_attention.q_layernorm.weight <- model.layers.14.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:39."""
     return {"model.layers.14.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_14_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.14.self_attention.k_layernorm.weight <- model.layers.14.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:42."""
     return rt.whole_import(load("model.layers.14.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_14_self_attention_k_layernorm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.14.self_attention.k_layernorm.weight <- model.layers.14.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:42."""
     return {"model.layers.14.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_14_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.14.mlp.linear_fc1.layer_norm_weight <- model.layers.14.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:48."""
     return rt.whole_import(load("model.layers.14.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_14_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.14.mlp.linear_fc1.layer_norm_weight <- model.layers.14.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:48."""
     return {"model.layers.14.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_14_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.14.mlp.linear_fc1.weight <- model.layers.14.mlp.gate_proj.weight, model.layers.14.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/qwen3.yaml:51."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.14.mlp.gate_proj.weight"),
@@ -2022,60 +2102,60 @@ def import_decoder_layers_14_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_14_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.14.mlp.linear_fc1.weight <- model.layers.14.mlp.gate_proj.weight, model.layers.14.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.14.mlp.gate_proj.weight": gate, "model.layers.14.mlp.up_proj.weight": up}
+def export_decoder_layers_14_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/qwen3.yaml:51."""
+    return dict(
+        zip(
+            ("model.layers.14.mlp.gate_proj.weight", "model.layers.14.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_14_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.14.mlp.linear_fc2.weight <- model.layers.14.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen3.yaml:54."""
     return rt.row_import(ctx.tp, load("model.layers.14.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_14_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.14.mlp.linear_fc2.weight <- model.layers.14.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
+def export_decoder_layers_14_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen3.yaml:54."""
     return {"model.layers.14.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_15_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.15.self_attention.linear_qkv.layer_norm_weight <- model.layers.15.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:29."""
     return rt.whole_import(load("model.layers.15.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_15_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.15.self_attention.linear_qkv.layer_norm_weight <- model.layers.15.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:29."""
     return {"model.layers.15.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_15_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.15.self_attention.linear_proj.weight <- model.layers.15.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen3.yaml:45."""
     return rt.row_import(ctx.tp, load("model.layers.15.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_15_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.15.self_attention.linear_proj.weight <- model.layers.15.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen3.yaml:45."""
     return {"model.layers.15.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_15_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.15.self_attention.linear_qkv.weight <- model.layers.15.self_attn.q_proj.weight, model.layers.15.self_attn.k_proj.weight, model.layers.15.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/qwen3.yaml:32."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.15.self_attn.q_proj.weight"),
@@ -2089,63 +2169,67 @@ def import_decoder_layers_15_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_15_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.15.self_attention.linear_qkv.weight <- model.layers.15.self_attn.q_proj.weight, model.layers.15.self_attn.k_proj.weight, model.layers.15.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
-    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
-    return {
-        "model.layers.15.self_attn.q_proj.weight": q,
-        "model.layers.15.self_attn.k_proj.weight": k,
-        "model.layers.15.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/qwen3.yaml:32."""
+    return dict(
+        zip(
+            (
+                "model.layers.15.self_attn.q_proj.weight",
+                "model.layers.15.self_attn.k_proj.weight",
+                "model.layers.15.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=32, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_15_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.15.self_attention.q_layernorm.weight <- model.layers.15.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:39."""
     return rt.whole_import(load("model.layers.15.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_15_self_attention_q_layernorm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.15.self_attention.q_layernorm.weight <- model.layers.15.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:39."""
     return {"model.layers.15.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_15_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.15.self_attention.k_layernorm.weight <- model.layers.15.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:42."""
     return rt.whole_import(load("model.layers.15.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_15_self_attention_k_layernorm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.15.self_attention.k_layernorm.weight <- model.layers.15.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:42."""
     return {"model.layers.15.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_15_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.15.mlp.linear_fc1.layer_norm_weight <- model.layers.15.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:48."""
     return rt.whole_import(load("model.layers.15.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_15_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.15.mlp.linear_fc1.layer_norm_weight <- model.layers.15.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:48."""
     return {"model.layers.15.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_15_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.15.mlp.linear_fc1.weight <- model.layers.15.mlp.gate_proj.weight, model.layers.15.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/qwen3.yaml:51."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.15.mlp.gate_proj.weight"),
@@ -2154,60 +2238,60 @@ def import_decoder_layers_15_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_15_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.15.mlp.linear_fc1.weight <- model.layers.15.mlp.gate_proj.weight, model.layers.15.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.15.mlp.gate_proj.weight": gate, "model.layers.15.mlp.up_proj.weight": up}
+def export_decoder_layers_15_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/qwen3.yaml:51."""
+    return dict(
+        zip(
+            ("model.layers.15.mlp.gate_proj.weight", "model.layers.15.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_15_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.15.mlp.linear_fc2.weight <- model.layers.15.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen3.yaml:54."""
     return rt.row_import(ctx.tp, load("model.layers.15.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_15_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.15.mlp.linear_fc2.weight <- model.layers.15.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
+def export_decoder_layers_15_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen3.yaml:54."""
     return {"model.layers.15.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_16_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.16.self_attention.linear_qkv.layer_norm_weight <- model.layers.16.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:29."""
     return rt.whole_import(load("model.layers.16.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_16_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.16.self_attention.linear_qkv.layer_norm_weight <- model.layers.16.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:29."""
     return {"model.layers.16.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_16_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.16.self_attention.linear_proj.weight <- model.layers.16.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen3.yaml:45."""
     return rt.row_import(ctx.tp, load("model.layers.16.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_16_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.16.self_attention.linear_proj.weight <- model.layers.16.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen3.yaml:45."""
     return {"model.layers.16.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_16_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.16.self_attention.linear_qkv.weight <- model.layers.16.self_attn.q_proj.weight, model.layers.16.self_attn.k_proj.weight, model.layers.16.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/qwen3.yaml:32."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.16.self_attn.q_proj.weight"),
@@ -2221,63 +2305,67 @@ def import_decoder_layers_16_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_16_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.16.self_attention.linear_qkv.weight <- model.layers.16.self_attn.q_proj.weight, model.layers.16.self_attn.k_proj.weight, model.layers.16.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
-    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
-    return {
-        "model.layers.16.self_attn.q_proj.weight": q,
-        "model.layers.16.self_attn.k_proj.weight": k,
-        "model.layers.16.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/qwen3.yaml:32."""
+    return dict(
+        zip(
+            (
+                "model.layers.16.self_attn.q_proj.weight",
+                "model.layers.16.self_attn.k_proj.weight",
+                "model.layers.16.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=32, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_16_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.16.self_attention.q_layernorm.weight <- model.layers.16.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:39."""
     return rt.whole_import(load("model.layers.16.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_16_self_attention_q_layernorm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.16.self_attention.q_layernorm.weight <- model.layers.16.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:39."""
     return {"model.layers.16.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_16_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.16.self_attention.k_layernorm.weight <- model.layers.16.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:42."""
     return rt.whole_import(load("model.layers.16.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_16_self_attention_k_layernorm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.16.self_attention.k_layernorm.weight <- model.layers.16.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:42."""
     return {"model.layers.16.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_16_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.16.mlp.linear_fc1.layer_norm_weight <- model.layers.16.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:48."""
     return rt.whole_import(load("model.layers.16.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_16_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.16.mlp.linear_fc1.layer_norm_weight <- model.layers.16.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:48."""
     return {"model.layers.16.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_16_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.16.mlp.linear_fc1.weight <- model.layers.16.mlp.gate_proj.weight, model.layers.16.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/qwen3.yaml:51."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.16.mlp.gate_proj.weight"),
@@ -2286,60 +2374,60 @@ def import_decoder_layers_16_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_16_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.16.mlp.linear_fc1.weight <- model.layers.16.mlp.gate_proj.weight, model.layers.16.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.16.mlp.gate_proj.weight": gate, "model.layers.16.mlp.up_proj.weight": up}
+def export_decoder_layers_16_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/qwen3.yaml:51."""
+    return dict(
+        zip(
+            ("model.layers.16.mlp.gate_proj.weight", "model.layers.16.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_16_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.16.mlp.linear_fc2.weight <- model.layers.16.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen3.yaml:54."""
     return rt.row_import(ctx.tp, load("model.layers.16.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_16_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.16.mlp.linear_fc2.weight <- model.layers.16.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
+def export_decoder_layers_16_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen3.yaml:54."""
     return {"model.layers.16.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_17_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.17.self_attention.linear_qkv.layer_norm_weight <- model.layers.17.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:29."""
     return rt.whole_import(load("model.layers.17.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_17_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.17.self_attention.linear_qkv.layer_norm_weight <- model.layers.17.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:29."""
     return {"model.layers.17.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_17_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.17.self_attention.linear_proj.weight <- model.layers.17.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen3.yaml:45."""
     return rt.row_import(ctx.tp, load("model.layers.17.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_17_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.17.self_attention.linear_proj.weight <- model.layers.17.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen3.yaml:45."""
     return {"model.layers.17.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_17_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.17.self_attention.linear_qkv.weight <- model.layers.17.self_attn.q_proj.weight, model.layers.17.self_attn.k_proj.weight, model.layers.17.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/qwen3.yaml:32."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.17.self_attn.q_proj.weight"),
@@ -2353,63 +2441,67 @@ def import_decoder_layers_17_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_17_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.17.self_attention.linear_qkv.weight <- model.layers.17.self_attn.q_proj.weight, model.layers.17.self_attn.k_proj.weight, model.layers.17.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
-    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
-    return {
-        "model.layers.17.self_attn.q_proj.weight": q,
-        "model.layers.17.self_attn.k_proj.weight": k,
-        "model.layers.17.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/qwen3.yaml:32."""
+    return dict(
+        zip(
+            (
+                "model.layers.17.self_attn.q_proj.weight",
+                "model.layers.17.self_attn.k_proj.weight",
+                "model.layers.17.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=32, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_17_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.17.self_attention.q_layernorm.weight <- model.layers.17.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:39."""
     return rt.whole_import(load("model.layers.17.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_17_self_attention_q_layernorm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.17.self_attention.q_layernorm.weight <- model.layers.17.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:39."""
     return {"model.layers.17.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_17_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.17.self_attention.k_layernorm.weight <- model.layers.17.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:42."""
     return rt.whole_import(load("model.layers.17.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_17_self_attention_k_layernorm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.17.self_attention.k_layernorm.weight <- model.layers.17.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:42."""
     return {"model.layers.17.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_17_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.17.mlp.linear_fc1.layer_norm_weight <- model.layers.17.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:48."""
     return rt.whole_import(load("model.layers.17.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_17_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.17.mlp.linear_fc1.layer_norm_weight <- model.layers.17.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:48."""
     return {"model.layers.17.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_17_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.17.mlp.linear_fc1.weight <- model.layers.17.mlp.gate_proj.weight, model.layers.17.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/qwen3.yaml:51."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.17.mlp.gate_proj.weight"),
@@ -2418,60 +2510,60 @@ def import_decoder_layers_17_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_17_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.17.mlp.linear_fc1.weight <- model.layers.17.mlp.gate_proj.weight, model.layers.17.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.17.mlp.gate_proj.weight": gate, "model.layers.17.mlp.up_proj.weight": up}
+def export_decoder_layers_17_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/qwen3.yaml:51."""
+    return dict(
+        zip(
+            ("model.layers.17.mlp.gate_proj.weight", "model.layers.17.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_17_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.17.mlp.linear_fc2.weight <- model.layers.17.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen3.yaml:54."""
     return rt.row_import(ctx.tp, load("model.layers.17.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_17_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.17.mlp.linear_fc2.weight <- model.layers.17.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
+def export_decoder_layers_17_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen3.yaml:54."""
     return {"model.layers.17.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_18_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.18.self_attention.linear_qkv.layer_norm_weight <- model.layers.18.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:29."""
     return rt.whole_import(load("model.layers.18.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_18_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.18.self_attention.linear_qkv.layer_norm_weight <- model.layers.18.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:29."""
     return {"model.layers.18.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_18_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.18.self_attention.linear_proj.weight <- model.layers.18.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen3.yaml:45."""
     return rt.row_import(ctx.tp, load("model.layers.18.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_18_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.18.self_attention.linear_proj.weight <- model.layers.18.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen3.yaml:45."""
     return {"model.layers.18.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_18_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.18.self_attention.linear_qkv.weight <- model.layers.18.self_attn.q_proj.weight, model.layers.18.self_attn.k_proj.weight, model.layers.18.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/qwen3.yaml:32."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.18.self_attn.q_proj.weight"),
@@ -2485,63 +2577,67 @@ def import_decoder_layers_18_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_18_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.18.self_attention.linear_qkv.weight <- model.layers.18.self_attn.q_proj.weight, model.layers.18.self_attn.k_proj.weight, model.layers.18.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
-    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
-    return {
-        "model.layers.18.self_attn.q_proj.weight": q,
-        "model.layers.18.self_attn.k_proj.weight": k,
-        "model.layers.18.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/qwen3.yaml:32."""
+    return dict(
+        zip(
+            (
+                "model.layers.18.self_attn.q_proj.weight",
+                "model.layers.18.self_attn.k_proj.weight",
+                "model.layers.18.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=32, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_18_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.18.self_attention.q_layernorm.weight <- model.layers.18.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:39."""
     return rt.whole_import(load("model.layers.18.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_18_self_attention_q_layernorm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.18.self_attention.q_layernorm.weight <- model.layers.18.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:39."""
     return {"model.layers.18.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_18_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.18.self_attention.k_layernorm.weight <- model.layers.18.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:42."""
     return rt.whole_import(load("model.layers.18.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_18_self_attention_k_layernorm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.18.self_attention.k_layernorm.weight <- model.layers.18.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:42."""
     return {"model.layers.18.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_18_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.18.mlp.linear_fc1.layer_norm_weight <- model.layers.18.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:48."""
     return rt.whole_import(load("model.layers.18.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_18_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.18.mlp.linear_fc1.layer_norm_weight <- model.layers.18.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:48."""
     return {"model.layers.18.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_18_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.18.mlp.linear_fc1.weight <- model.layers.18.mlp.gate_proj.weight, model.layers.18.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/qwen3.yaml:51."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.18.mlp.gate_proj.weight"),
@@ -2550,60 +2646,60 @@ def import_decoder_layers_18_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_18_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.18.mlp.linear_fc1.weight <- model.layers.18.mlp.gate_proj.weight, model.layers.18.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.18.mlp.gate_proj.weight": gate, "model.layers.18.mlp.up_proj.weight": up}
+def export_decoder_layers_18_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/qwen3.yaml:51."""
+    return dict(
+        zip(
+            ("model.layers.18.mlp.gate_proj.weight", "model.layers.18.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_18_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.18.mlp.linear_fc2.weight <- model.layers.18.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen3.yaml:54."""
     return rt.row_import(ctx.tp, load("model.layers.18.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_18_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.18.mlp.linear_fc2.weight <- model.layers.18.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
+def export_decoder_layers_18_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen3.yaml:54."""
     return {"model.layers.18.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_19_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.19.self_attention.linear_qkv.layer_norm_weight <- model.layers.19.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:29."""
     return rt.whole_import(load("model.layers.19.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_19_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.19.self_attention.linear_qkv.layer_norm_weight <- model.layers.19.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:29."""
     return {"model.layers.19.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_19_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.19.self_attention.linear_proj.weight <- model.layers.19.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen3.yaml:45."""
     return rt.row_import(ctx.tp, load("model.layers.19.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_19_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.19.self_attention.linear_proj.weight <- model.layers.19.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen3.yaml:45."""
     return {"model.layers.19.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_19_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.19.self_attention.linear_qkv.weight <- model.layers.19.self_attn.q_proj.weight, model.layers.19.self_attn.k_proj.weight, model.layers.19.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/qwen3.yaml:32."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.19.self_attn.q_proj.weight"),
@@ -2617,63 +2713,67 @@ def import_decoder_layers_19_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_19_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.19.self_attention.linear_qkv.weight <- model.layers.19.self_attn.q_proj.weight, model.layers.19.self_attn.k_proj.weight, model.layers.19.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
-    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
-    return {
-        "model.layers.19.self_attn.q_proj.weight": q,
-        "model.layers.19.self_attn.k_proj.weight": k,
-        "model.layers.19.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/qwen3.yaml:32."""
+    return dict(
+        zip(
+            (
+                "model.layers.19.self_attn.q_proj.weight",
+                "model.layers.19.self_attn.k_proj.weight",
+                "model.layers.19.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=32, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_19_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.19.self_attention.q_layernorm.weight <- model.layers.19.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:39."""
     return rt.whole_import(load("model.layers.19.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_19_self_attention_q_layernorm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.19.self_attention.q_layernorm.weight <- model.layers.19.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:39."""
     return {"model.layers.19.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_19_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.19.self_attention.k_layernorm.weight <- model.layers.19.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:42."""
     return rt.whole_import(load("model.layers.19.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_19_self_attention_k_layernorm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.19.self_attention.k_layernorm.weight <- model.layers.19.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:42."""
     return {"model.layers.19.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_19_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.19.mlp.linear_fc1.layer_norm_weight <- model.layers.19.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:48."""
     return rt.whole_import(load("model.layers.19.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_19_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.19.mlp.linear_fc1.layer_norm_weight <- model.layers.19.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:48."""
     return {"model.layers.19.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_19_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.19.mlp.linear_fc1.weight <- model.layers.19.mlp.gate_proj.weight, model.layers.19.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/qwen3.yaml:51."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.19.mlp.gate_proj.weight"),
@@ -2682,60 +2782,60 @@ def import_decoder_layers_19_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_19_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.19.mlp.linear_fc1.weight <- model.layers.19.mlp.gate_proj.weight, model.layers.19.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.19.mlp.gate_proj.weight": gate, "model.layers.19.mlp.up_proj.weight": up}
+def export_decoder_layers_19_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/qwen3.yaml:51."""
+    return dict(
+        zip(
+            ("model.layers.19.mlp.gate_proj.weight", "model.layers.19.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_19_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.19.mlp.linear_fc2.weight <- model.layers.19.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen3.yaml:54."""
     return rt.row_import(ctx.tp, load("model.layers.19.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_19_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.19.mlp.linear_fc2.weight <- model.layers.19.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
+def export_decoder_layers_19_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen3.yaml:54."""
     return {"model.layers.19.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_20_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.20.self_attention.linear_qkv.layer_norm_weight <- model.layers.20.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:29."""
     return rt.whole_import(load("model.layers.20.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_20_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.20.self_attention.linear_qkv.layer_norm_weight <- model.layers.20.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:29."""
     return {"model.layers.20.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_20_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.20.self_attention.linear_proj.weight <- model.layers.20.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen3.yaml:45."""
     return rt.row_import(ctx.tp, load("model.layers.20.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_20_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.20.self_attention.linear_proj.weight <- model.layers.20.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen3.yaml:45."""
     return {"model.layers.20.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_20_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.20.self_attention.linear_qkv.weight <- model.layers.20.self_attn.q_proj.weight, model.layers.20.self_attn.k_proj.weight, model.layers.20.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/qwen3.yaml:32."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.20.self_attn.q_proj.weight"),
@@ -2749,63 +2849,67 @@ def import_decoder_layers_20_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_20_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.20.self_attention.linear_qkv.weight <- model.layers.20.self_attn.q_proj.weight, model.layers.20.self_attn.k_proj.weight, model.layers.20.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
-    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
-    return {
-        "model.layers.20.self_attn.q_proj.weight": q,
-        "model.layers.20.self_attn.k_proj.weight": k,
-        "model.layers.20.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/qwen3.yaml:32."""
+    return dict(
+        zip(
+            (
+                "model.layers.20.self_attn.q_proj.weight",
+                "model.layers.20.self_attn.k_proj.weight",
+                "model.layers.20.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=32, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_20_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.20.self_attention.q_layernorm.weight <- model.layers.20.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:39."""
     return rt.whole_import(load("model.layers.20.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_20_self_attention_q_layernorm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.20.self_attention.q_layernorm.weight <- model.layers.20.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:39."""
     return {"model.layers.20.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_20_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.20.self_attention.k_layernorm.weight <- model.layers.20.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:42."""
     return rt.whole_import(load("model.layers.20.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_20_self_attention_k_layernorm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.20.self_attention.k_layernorm.weight <- model.layers.20.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:42."""
     return {"model.layers.20.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_20_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.20.mlp.linear_fc1.layer_norm_weight <- model.layers.20.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:48."""
     return rt.whole_import(load("model.layers.20.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_20_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.20.mlp.linear_fc1.layer_norm_weight <- model.layers.20.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:48."""
     return {"model.layers.20.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_20_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.20.mlp.linear_fc1.weight <- model.layers.20.mlp.gate_proj.weight, model.layers.20.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/qwen3.yaml:51."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.20.mlp.gate_proj.weight"),
@@ -2814,60 +2918,60 @@ def import_decoder_layers_20_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_20_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.20.mlp.linear_fc1.weight <- model.layers.20.mlp.gate_proj.weight, model.layers.20.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.20.mlp.gate_proj.weight": gate, "model.layers.20.mlp.up_proj.weight": up}
+def export_decoder_layers_20_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/qwen3.yaml:51."""
+    return dict(
+        zip(
+            ("model.layers.20.mlp.gate_proj.weight", "model.layers.20.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_20_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.20.mlp.linear_fc2.weight <- model.layers.20.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen3.yaml:54."""
     return rt.row_import(ctx.tp, load("model.layers.20.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_20_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.20.mlp.linear_fc2.weight <- model.layers.20.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
+def export_decoder_layers_20_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen3.yaml:54."""
     return {"model.layers.20.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_21_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.21.self_attention.linear_qkv.layer_norm_weight <- model.layers.21.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:29."""
     return rt.whole_import(load("model.layers.21.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_21_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.21.self_attention.linear_qkv.layer_norm_weight <- model.layers.21.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:29."""
     return {"model.layers.21.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_21_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.21.self_attention.linear_proj.weight <- model.layers.21.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen3.yaml:45."""
     return rt.row_import(ctx.tp, load("model.layers.21.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_21_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.21.self_attention.linear_proj.weight <- model.layers.21.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen3.yaml:45."""
     return {"model.layers.21.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_21_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.21.self_attention.linear_qkv.weight <- model.layers.21.self_attn.q_proj.weight, model.layers.21.self_attn.k_proj.weight, model.layers.21.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/qwen3.yaml:32."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.21.self_attn.q_proj.weight"),
@@ -2881,63 +2985,67 @@ def import_decoder_layers_21_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_21_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.21.self_attention.linear_qkv.weight <- model.layers.21.self_attn.q_proj.weight, model.layers.21.self_attn.k_proj.weight, model.layers.21.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
-    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
-    return {
-        "model.layers.21.self_attn.q_proj.weight": q,
-        "model.layers.21.self_attn.k_proj.weight": k,
-        "model.layers.21.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/qwen3.yaml:32."""
+    return dict(
+        zip(
+            (
+                "model.layers.21.self_attn.q_proj.weight",
+                "model.layers.21.self_attn.k_proj.weight",
+                "model.layers.21.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=32, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_21_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.21.self_attention.q_layernorm.weight <- model.layers.21.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:39."""
     return rt.whole_import(load("model.layers.21.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_21_self_attention_q_layernorm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.21.self_attention.q_layernorm.weight <- model.layers.21.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:39."""
     return {"model.layers.21.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_21_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.21.self_attention.k_layernorm.weight <- model.layers.21.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:42."""
     return rt.whole_import(load("model.layers.21.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_21_self_attention_k_layernorm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.21.self_attention.k_layernorm.weight <- model.layers.21.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:42."""
     return {"model.layers.21.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_21_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.21.mlp.linear_fc1.layer_norm_weight <- model.layers.21.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:48."""
     return rt.whole_import(load("model.layers.21.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_21_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.21.mlp.linear_fc1.layer_norm_weight <- model.layers.21.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:48."""
     return {"model.layers.21.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_21_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.21.mlp.linear_fc1.weight <- model.layers.21.mlp.gate_proj.weight, model.layers.21.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/qwen3.yaml:51."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.21.mlp.gate_proj.weight"),
@@ -2946,60 +3054,60 @@ def import_decoder_layers_21_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_21_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.21.mlp.linear_fc1.weight <- model.layers.21.mlp.gate_proj.weight, model.layers.21.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.21.mlp.gate_proj.weight": gate, "model.layers.21.mlp.up_proj.weight": up}
+def export_decoder_layers_21_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/qwen3.yaml:51."""
+    return dict(
+        zip(
+            ("model.layers.21.mlp.gate_proj.weight", "model.layers.21.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_21_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.21.mlp.linear_fc2.weight <- model.layers.21.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen3.yaml:54."""
     return rt.row_import(ctx.tp, load("model.layers.21.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_21_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.21.mlp.linear_fc2.weight <- model.layers.21.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
+def export_decoder_layers_21_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen3.yaml:54."""
     return {"model.layers.21.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_22_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.22.self_attention.linear_qkv.layer_norm_weight <- model.layers.22.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:29."""
     return rt.whole_import(load("model.layers.22.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_22_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.22.self_attention.linear_qkv.layer_norm_weight <- model.layers.22.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:29."""
     return {"model.layers.22.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_22_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.22.self_attention.linear_proj.weight <- model.layers.22.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen3.yaml:45."""
     return rt.row_import(ctx.tp, load("model.layers.22.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_22_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.22.self_attention.linear_proj.weight <- model.layers.22.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen3.yaml:45."""
     return {"model.layers.22.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_22_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.22.self_attention.linear_qkv.weight <- model.layers.22.self_attn.q_proj.weight, model.layers.22.self_attn.k_proj.weight, model.layers.22.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/qwen3.yaml:32."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.22.self_attn.q_proj.weight"),
@@ -3013,63 +3121,67 @@ def import_decoder_layers_22_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_22_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.22.self_attention.linear_qkv.weight <- model.layers.22.self_attn.q_proj.weight, model.layers.22.self_attn.k_proj.weight, model.layers.22.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
-    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
-    return {
-        "model.layers.22.self_attn.q_proj.weight": q,
-        "model.layers.22.self_attn.k_proj.weight": k,
-        "model.layers.22.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/qwen3.yaml:32."""
+    return dict(
+        zip(
+            (
+                "model.layers.22.self_attn.q_proj.weight",
+                "model.layers.22.self_attn.k_proj.weight",
+                "model.layers.22.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=32, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_22_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.22.self_attention.q_layernorm.weight <- model.layers.22.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:39."""
     return rt.whole_import(load("model.layers.22.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_22_self_attention_q_layernorm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.22.self_attention.q_layernorm.weight <- model.layers.22.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:39."""
     return {"model.layers.22.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_22_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.22.self_attention.k_layernorm.weight <- model.layers.22.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:42."""
     return rt.whole_import(load("model.layers.22.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_22_self_attention_k_layernorm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.22.self_attention.k_layernorm.weight <- model.layers.22.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:42."""
     return {"model.layers.22.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_22_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.22.mlp.linear_fc1.layer_norm_weight <- model.layers.22.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:48."""
     return rt.whole_import(load("model.layers.22.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_22_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.22.mlp.linear_fc1.layer_norm_weight <- model.layers.22.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:48."""
     return {"model.layers.22.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_22_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.22.mlp.linear_fc1.weight <- model.layers.22.mlp.gate_proj.weight, model.layers.22.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/qwen3.yaml:51."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.22.mlp.gate_proj.weight"),
@@ -3078,60 +3190,60 @@ def import_decoder_layers_22_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_22_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.22.mlp.linear_fc1.weight <- model.layers.22.mlp.gate_proj.weight, model.layers.22.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.22.mlp.gate_proj.weight": gate, "model.layers.22.mlp.up_proj.weight": up}
+def export_decoder_layers_22_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/qwen3.yaml:51."""
+    return dict(
+        zip(
+            ("model.layers.22.mlp.gate_proj.weight", "model.layers.22.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_22_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.22.mlp.linear_fc2.weight <- model.layers.22.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen3.yaml:54."""
     return rt.row_import(ctx.tp, load("model.layers.22.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_22_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.22.mlp.linear_fc2.weight <- model.layers.22.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
+def export_decoder_layers_22_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen3.yaml:54."""
     return {"model.layers.22.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_23_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.23.self_attention.linear_qkv.layer_norm_weight <- model.layers.23.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:29."""
     return rt.whole_import(load("model.layers.23.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_23_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.23.self_attention.linear_qkv.layer_norm_weight <- model.layers.23.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:29."""
     return {"model.layers.23.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_23_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.23.self_attention.linear_proj.weight <- model.layers.23.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen3.yaml:45."""
     return rt.row_import(ctx.tp, load("model.layers.23.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_23_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.23.self_attention.linear_proj.weight <- model.layers.23.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen3.yaml:45."""
     return {"model.layers.23.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_23_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.23.self_attention.linear_qkv.weight <- model.layers.23.self_attn.q_proj.weight, model.layers.23.self_attn.k_proj.weight, model.layers.23.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/qwen3.yaml:32."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.23.self_attn.q_proj.weight"),
@@ -3145,63 +3257,67 @@ def import_decoder_layers_23_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_23_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.23.self_attention.linear_qkv.weight <- model.layers.23.self_attn.q_proj.weight, model.layers.23.self_attn.k_proj.weight, model.layers.23.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
-    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
-    return {
-        "model.layers.23.self_attn.q_proj.weight": q,
-        "model.layers.23.self_attn.k_proj.weight": k,
-        "model.layers.23.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/qwen3.yaml:32."""
+    return dict(
+        zip(
+            (
+                "model.layers.23.self_attn.q_proj.weight",
+                "model.layers.23.self_attn.k_proj.weight",
+                "model.layers.23.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=32, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_23_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.23.self_attention.q_layernorm.weight <- model.layers.23.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:39."""
     return rt.whole_import(load("model.layers.23.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_23_self_attention_q_layernorm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.23.self_attention.q_layernorm.weight <- model.layers.23.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:39."""
     return {"model.layers.23.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_23_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.23.self_attention.k_layernorm.weight <- model.layers.23.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:42."""
     return rt.whole_import(load("model.layers.23.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_23_self_attention_k_layernorm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.23.self_attention.k_layernorm.weight <- model.layers.23.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:42."""
     return {"model.layers.23.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_23_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.23.mlp.linear_fc1.layer_norm_weight <- model.layers.23.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:48."""
     return rt.whole_import(load("model.layers.23.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_23_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.23.mlp.linear_fc1.layer_norm_weight <- model.layers.23.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:48."""
     return {"model.layers.23.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_23_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.23.mlp.linear_fc1.weight <- model.layers.23.mlp.gate_proj.weight, model.layers.23.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/qwen3.yaml:51."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.23.mlp.gate_proj.weight"),
@@ -3210,60 +3326,60 @@ def import_decoder_layers_23_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_23_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.23.mlp.linear_fc1.weight <- model.layers.23.mlp.gate_proj.weight, model.layers.23.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.23.mlp.gate_proj.weight": gate, "model.layers.23.mlp.up_proj.weight": up}
+def export_decoder_layers_23_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/qwen3.yaml:51."""
+    return dict(
+        zip(
+            ("model.layers.23.mlp.gate_proj.weight", "model.layers.23.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_23_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.23.mlp.linear_fc2.weight <- model.layers.23.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen3.yaml:54."""
     return rt.row_import(ctx.tp, load("model.layers.23.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_23_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.23.mlp.linear_fc2.weight <- model.layers.23.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
+def export_decoder_layers_23_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen3.yaml:54."""
     return {"model.layers.23.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_24_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.24.self_attention.linear_qkv.layer_norm_weight <- model.layers.24.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:29."""
     return rt.whole_import(load("model.layers.24.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_24_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.24.self_attention.linear_qkv.layer_norm_weight <- model.layers.24.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:29."""
     return {"model.layers.24.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_24_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.24.self_attention.linear_proj.weight <- model.layers.24.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen3.yaml:45."""
     return rt.row_import(ctx.tp, load("model.layers.24.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_24_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.24.self_attention.linear_proj.weight <- model.layers.24.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen3.yaml:45."""
     return {"model.layers.24.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_24_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.24.self_attention.linear_qkv.weight <- model.layers.24.self_attn.q_proj.weight, model.layers.24.self_attn.k_proj.weight, model.layers.24.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/qwen3.yaml:32."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.24.self_attn.q_proj.weight"),
@@ -3277,63 +3393,67 @@ def import_decoder_layers_24_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_24_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.24.self_attention.linear_qkv.weight <- model.layers.24.self_attn.q_proj.weight, model.layers.24.self_attn.k_proj.weight, model.layers.24.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
-    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
-    return {
-        "model.layers.24.self_attn.q_proj.weight": q,
-        "model.layers.24.self_attn.k_proj.weight": k,
-        "model.layers.24.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/qwen3.yaml:32."""
+    return dict(
+        zip(
+            (
+                "model.layers.24.self_attn.q_proj.weight",
+                "model.layers.24.self_attn.k_proj.weight",
+                "model.layers.24.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=32, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_24_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.24.self_attention.q_layernorm.weight <- model.layers.24.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:39."""
     return rt.whole_import(load("model.layers.24.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_24_self_attention_q_layernorm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.24.self_attention.q_layernorm.weight <- model.layers.24.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:39."""
     return {"model.layers.24.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_24_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.24.self_attention.k_layernorm.weight <- model.layers.24.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:42."""
     return rt.whole_import(load("model.layers.24.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_24_self_attention_k_layernorm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.24.self_attention.k_layernorm.weight <- model.layers.24.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:42."""
     return {"model.layers.24.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_24_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.24.mlp.linear_fc1.layer_norm_weight <- model.layers.24.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:48."""
     return rt.whole_import(load("model.layers.24.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_24_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.24.mlp.linear_fc1.layer_norm_weight <- model.layers.24.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:48."""
     return {"model.layers.24.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_24_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.24.mlp.linear_fc1.weight <- model.layers.24.mlp.gate_proj.weight, model.layers.24.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/qwen3.yaml:51."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.24.mlp.gate_proj.weight"),
@@ -3342,60 +3462,60 @@ def import_decoder_layers_24_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_24_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.24.mlp.linear_fc1.weight <- model.layers.24.mlp.gate_proj.weight, model.layers.24.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.24.mlp.gate_proj.weight": gate, "model.layers.24.mlp.up_proj.weight": up}
+def export_decoder_layers_24_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/qwen3.yaml:51."""
+    return dict(
+        zip(
+            ("model.layers.24.mlp.gate_proj.weight", "model.layers.24.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_24_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.24.mlp.linear_fc2.weight <- model.layers.24.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen3.yaml:54."""
     return rt.row_import(ctx.tp, load("model.layers.24.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_24_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.24.mlp.linear_fc2.weight <- model.layers.24.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
+def export_decoder_layers_24_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen3.yaml:54."""
     return {"model.layers.24.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_25_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.25.self_attention.linear_qkv.layer_norm_weight <- model.layers.25.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:29."""
     return rt.whole_import(load("model.layers.25.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_25_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.25.self_attention.linear_qkv.layer_norm_weight <- model.layers.25.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:29."""
     return {"model.layers.25.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_25_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.25.self_attention.linear_proj.weight <- model.layers.25.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen3.yaml:45."""
     return rt.row_import(ctx.tp, load("model.layers.25.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_25_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.25.self_attention.linear_proj.weight <- model.layers.25.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen3.yaml:45."""
     return {"model.layers.25.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_25_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.25.self_attention.linear_qkv.weight <- model.layers.25.self_attn.q_proj.weight, model.layers.25.self_attn.k_proj.weight, model.layers.25.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/qwen3.yaml:32."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.25.self_attn.q_proj.weight"),
@@ -3409,63 +3529,67 @@ def import_decoder_layers_25_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_25_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.25.self_attention.linear_qkv.weight <- model.layers.25.self_attn.q_proj.weight, model.layers.25.self_attn.k_proj.weight, model.layers.25.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
-    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
-    return {
-        "model.layers.25.self_attn.q_proj.weight": q,
-        "model.layers.25.self_attn.k_proj.weight": k,
-        "model.layers.25.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/qwen3.yaml:32."""
+    return dict(
+        zip(
+            (
+                "model.layers.25.self_attn.q_proj.weight",
+                "model.layers.25.self_attn.k_proj.weight",
+                "model.layers.25.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=32, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_25_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.25.self_attention.q_layernorm.weight <- model.layers.25.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:39."""
     return rt.whole_import(load("model.layers.25.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_25_self_attention_q_layernorm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.25.self_attention.q_layernorm.weight <- model.layers.25.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:39."""
     return {"model.layers.25.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_25_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.25.self_attention.k_layernorm.weight <- model.layers.25.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:42."""
     return rt.whole_import(load("model.layers.25.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_25_self_attention_k_layernorm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.25.self_attention.k_layernorm.weight <- model.layers.25.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:42."""
     return {"model.layers.25.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_25_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.25.mlp.linear_fc1.layer_norm_weight <- model.layers.25.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:48."""
     return rt.whole_import(load("model.layers.25.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_25_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.25.mlp.linear_fc1.layer_norm_weight <- model.layers.25.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:48."""
     return {"model.layers.25.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_25_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.25.mlp.linear_fc1.weight <- model.layers.25.mlp.gate_proj.weight, model.layers.25.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/qwen3.yaml:51."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.25.mlp.gate_proj.weight"),
@@ -3474,60 +3598,60 @@ def import_decoder_layers_25_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_25_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.25.mlp.linear_fc1.weight <- model.layers.25.mlp.gate_proj.weight, model.layers.25.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.25.mlp.gate_proj.weight": gate, "model.layers.25.mlp.up_proj.weight": up}
+def export_decoder_layers_25_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/qwen3.yaml:51."""
+    return dict(
+        zip(
+            ("model.layers.25.mlp.gate_proj.weight", "model.layers.25.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_25_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.25.mlp.linear_fc2.weight <- model.layers.25.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen3.yaml:54."""
     return rt.row_import(ctx.tp, load("model.layers.25.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_25_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.25.mlp.linear_fc2.weight <- model.layers.25.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
+def export_decoder_layers_25_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen3.yaml:54."""
     return {"model.layers.25.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_26_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.26.self_attention.linear_qkv.layer_norm_weight <- model.layers.26.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:29."""
     return rt.whole_import(load("model.layers.26.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_26_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.26.self_attention.linear_qkv.layer_norm_weight <- model.layers.26.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:29."""
     return {"model.layers.26.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_26_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.26.self_attention.linear_proj.weight <- model.layers.26.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen3.yaml:45."""
     return rt.row_import(ctx.tp, load("model.layers.26.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_26_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.26.self_attention.linear_proj.weight <- model.layers.26.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen3.yaml:45."""
     return {"model.layers.26.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_26_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.26.self_attention.linear_qkv.weight <- model.layers.26.self_attn.q_proj.weight, model.layers.26.self_attn.k_proj.weight, model.layers.26.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/qwen3.yaml:32."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.26.self_attn.q_proj.weight"),
@@ -3541,63 +3665,67 @@ def import_decoder_layers_26_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_26_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.26.self_attention.linear_qkv.weight <- model.layers.26.self_attn.q_proj.weight, model.layers.26.self_attn.k_proj.weight, model.layers.26.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
-    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
-    return {
-        "model.layers.26.self_attn.q_proj.weight": q,
-        "model.layers.26.self_attn.k_proj.weight": k,
-        "model.layers.26.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/qwen3.yaml:32."""
+    return dict(
+        zip(
+            (
+                "model.layers.26.self_attn.q_proj.weight",
+                "model.layers.26.self_attn.k_proj.weight",
+                "model.layers.26.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=32, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_26_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.26.self_attention.q_layernorm.weight <- model.layers.26.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:39."""
     return rt.whole_import(load("model.layers.26.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_26_self_attention_q_layernorm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.26.self_attention.q_layernorm.weight <- model.layers.26.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:39."""
     return {"model.layers.26.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_26_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.26.self_attention.k_layernorm.weight <- model.layers.26.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:42."""
     return rt.whole_import(load("model.layers.26.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_26_self_attention_k_layernorm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.26.self_attention.k_layernorm.weight <- model.layers.26.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:42."""
     return {"model.layers.26.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_26_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.26.mlp.linear_fc1.layer_norm_weight <- model.layers.26.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:48."""
     return rt.whole_import(load("model.layers.26.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_26_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.26.mlp.linear_fc1.layer_norm_weight <- model.layers.26.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:48."""
     return {"model.layers.26.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_26_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.26.mlp.linear_fc1.weight <- model.layers.26.mlp.gate_proj.weight, model.layers.26.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/qwen3.yaml:51."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.26.mlp.gate_proj.weight"),
@@ -3606,60 +3734,60 @@ def import_decoder_layers_26_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_26_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.26.mlp.linear_fc1.weight <- model.layers.26.mlp.gate_proj.weight, model.layers.26.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.26.mlp.gate_proj.weight": gate, "model.layers.26.mlp.up_proj.weight": up}
+def export_decoder_layers_26_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/qwen3.yaml:51."""
+    return dict(
+        zip(
+            ("model.layers.26.mlp.gate_proj.weight", "model.layers.26.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_26_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.26.mlp.linear_fc2.weight <- model.layers.26.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen3.yaml:54."""
     return rt.row_import(ctx.tp, load("model.layers.26.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_26_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.26.mlp.linear_fc2.weight <- model.layers.26.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
+def export_decoder_layers_26_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen3.yaml:54."""
     return {"model.layers.26.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_27_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.27.self_attention.linear_qkv.layer_norm_weight <- model.layers.27.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:29."""
     return rt.whole_import(load("model.layers.27.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_27_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.27.self_attention.linear_qkv.layer_norm_weight <- model.layers.27.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:29."""
     return {"model.layers.27.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_27_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.27.self_attention.linear_proj.weight <- model.layers.27.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen3.yaml:45."""
     return rt.row_import(ctx.tp, load("model.layers.27.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_27_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.27.self_attention.linear_proj.weight <- model.layers.27.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen3.yaml:45."""
     return {"model.layers.27.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_27_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.27.self_attention.linear_qkv.weight <- model.layers.27.self_attn.q_proj.weight, model.layers.27.self_attn.k_proj.weight, model.layers.27.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/qwen3.yaml:32."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.27.self_attn.q_proj.weight"),
@@ -3673,63 +3801,67 @@ def import_decoder_layers_27_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_27_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.27.self_attention.linear_qkv.weight <- model.layers.27.self_attn.q_proj.weight, model.layers.27.self_attn.k_proj.weight, model.layers.27.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
-    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
-    return {
-        "model.layers.27.self_attn.q_proj.weight": q,
-        "model.layers.27.self_attn.k_proj.weight": k,
-        "model.layers.27.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/qwen3.yaml:32."""
+    return dict(
+        zip(
+            (
+                "model.layers.27.self_attn.q_proj.weight",
+                "model.layers.27.self_attn.k_proj.weight",
+                "model.layers.27.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=32, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_27_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.27.self_attention.q_layernorm.weight <- model.layers.27.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:39."""
     return rt.whole_import(load("model.layers.27.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_27_self_attention_q_layernorm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.27.self_attention.q_layernorm.weight <- model.layers.27.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:39."""
     return {"model.layers.27.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_27_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.27.self_attention.k_layernorm.weight <- model.layers.27.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:42."""
     return rt.whole_import(load("model.layers.27.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_27_self_attention_k_layernorm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.27.self_attention.k_layernorm.weight <- model.layers.27.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:42."""
     return {"model.layers.27.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_27_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.27.mlp.linear_fc1.layer_norm_weight <- model.layers.27.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:48."""
     return rt.whole_import(load("model.layers.27.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_27_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.27.mlp.linear_fc1.layer_norm_weight <- model.layers.27.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:48."""
     return {"model.layers.27.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_27_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.27.mlp.linear_fc1.weight <- model.layers.27.mlp.gate_proj.weight, model.layers.27.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/qwen3.yaml:51."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.27.mlp.gate_proj.weight"),
@@ -3738,60 +3870,60 @@ def import_decoder_layers_27_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_27_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.27.mlp.linear_fc1.weight <- model.layers.27.mlp.gate_proj.weight, model.layers.27.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.27.mlp.gate_proj.weight": gate, "model.layers.27.mlp.up_proj.weight": up}
+def export_decoder_layers_27_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/qwen3.yaml:51."""
+    return dict(
+        zip(
+            ("model.layers.27.mlp.gate_proj.weight", "model.layers.27.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_27_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.27.mlp.linear_fc2.weight <- model.layers.27.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen3.yaml:54."""
     return rt.row_import(ctx.tp, load("model.layers.27.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_27_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.27.mlp.linear_fc2.weight <- model.layers.27.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
+def export_decoder_layers_27_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen3.yaml:54."""
     return {"model.layers.27.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_28_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.28.self_attention.linear_qkv.layer_norm_weight <- model.layers.28.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:29."""
     return rt.whole_import(load("model.layers.28.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_28_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.28.self_attention.linear_qkv.layer_norm_weight <- model.layers.28.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:29."""
     return {"model.layers.28.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_28_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.28.self_attention.linear_proj.weight <- model.layers.28.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen3.yaml:45."""
     return rt.row_import(ctx.tp, load("model.layers.28.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_28_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.28.self_attention.linear_proj.weight <- model.layers.28.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen3.yaml:45."""
     return {"model.layers.28.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_28_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.28.self_attention.linear_qkv.weight <- model.layers.28.self_attn.q_proj.weight, model.layers.28.self_attn.k_proj.weight, model.layers.28.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/qwen3.yaml:32."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.28.self_attn.q_proj.weight"),
@@ -3805,63 +3937,67 @@ def import_decoder_layers_28_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_28_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.28.self_attention.linear_qkv.weight <- model.layers.28.self_attn.q_proj.weight, model.layers.28.self_attn.k_proj.weight, model.layers.28.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
-    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
-    return {
-        "model.layers.28.self_attn.q_proj.weight": q,
-        "model.layers.28.self_attn.k_proj.weight": k,
-        "model.layers.28.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/qwen3.yaml:32."""
+    return dict(
+        zip(
+            (
+                "model.layers.28.self_attn.q_proj.weight",
+                "model.layers.28.self_attn.k_proj.weight",
+                "model.layers.28.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=32, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_28_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.28.self_attention.q_layernorm.weight <- model.layers.28.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:39."""
     return rt.whole_import(load("model.layers.28.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_28_self_attention_q_layernorm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.28.self_attention.q_layernorm.weight <- model.layers.28.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:39."""
     return {"model.layers.28.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_28_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.28.self_attention.k_layernorm.weight <- model.layers.28.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:42."""
     return rt.whole_import(load("model.layers.28.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_28_self_attention_k_layernorm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.28.self_attention.k_layernorm.weight <- model.layers.28.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:42."""
     return {"model.layers.28.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_28_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.28.mlp.linear_fc1.layer_norm_weight <- model.layers.28.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:48."""
     return rt.whole_import(load("model.layers.28.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_28_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.28.mlp.linear_fc1.layer_norm_weight <- model.layers.28.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:48."""
     return {"model.layers.28.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_28_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.28.mlp.linear_fc1.weight <- model.layers.28.mlp.gate_proj.weight, model.layers.28.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/qwen3.yaml:51."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.28.mlp.gate_proj.weight"),
@@ -3870,60 +4006,60 @@ def import_decoder_layers_28_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_28_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.28.mlp.linear_fc1.weight <- model.layers.28.mlp.gate_proj.weight, model.layers.28.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.28.mlp.gate_proj.weight": gate, "model.layers.28.mlp.up_proj.weight": up}
+def export_decoder_layers_28_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/qwen3.yaml:51."""
+    return dict(
+        zip(
+            ("model.layers.28.mlp.gate_proj.weight", "model.layers.28.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_28_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.28.mlp.linear_fc2.weight <- model.layers.28.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen3.yaml:54."""
     return rt.row_import(ctx.tp, load("model.layers.28.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_28_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.28.mlp.linear_fc2.weight <- model.layers.28.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
+def export_decoder_layers_28_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen3.yaml:54."""
     return {"model.layers.28.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_29_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.29.self_attention.linear_qkv.layer_norm_weight <- model.layers.29.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:29."""
     return rt.whole_import(load("model.layers.29.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_29_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.29.self_attention.linear_qkv.layer_norm_weight <- model.layers.29.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:29."""
     return {"model.layers.29.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_29_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.29.self_attention.linear_proj.weight <- model.layers.29.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen3.yaml:45."""
     return rt.row_import(ctx.tp, load("model.layers.29.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_29_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.29.self_attention.linear_proj.weight <- model.layers.29.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen3.yaml:45."""
     return {"model.layers.29.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_29_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.29.self_attention.linear_qkv.weight <- model.layers.29.self_attn.q_proj.weight, model.layers.29.self_attn.k_proj.weight, model.layers.29.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/qwen3.yaml:32."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.29.self_attn.q_proj.weight"),
@@ -3937,63 +4073,67 @@ def import_decoder_layers_29_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_29_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.29.self_attention.linear_qkv.weight <- model.layers.29.self_attn.q_proj.weight, model.layers.29.self_attn.k_proj.weight, model.layers.29.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
-    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
-    return {
-        "model.layers.29.self_attn.q_proj.weight": q,
-        "model.layers.29.self_attn.k_proj.weight": k,
-        "model.layers.29.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/qwen3.yaml:32."""
+    return dict(
+        zip(
+            (
+                "model.layers.29.self_attn.q_proj.weight",
+                "model.layers.29.self_attn.k_proj.weight",
+                "model.layers.29.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=32, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_29_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.29.self_attention.q_layernorm.weight <- model.layers.29.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:39."""
     return rt.whole_import(load("model.layers.29.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_29_self_attention_q_layernorm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.29.self_attention.q_layernorm.weight <- model.layers.29.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:39."""
     return {"model.layers.29.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_29_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.29.self_attention.k_layernorm.weight <- model.layers.29.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:42."""
     return rt.whole_import(load("model.layers.29.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_29_self_attention_k_layernorm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.29.self_attention.k_layernorm.weight <- model.layers.29.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:42."""
     return {"model.layers.29.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_29_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.29.mlp.linear_fc1.layer_norm_weight <- model.layers.29.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:48."""
     return rt.whole_import(load("model.layers.29.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_29_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.29.mlp.linear_fc1.layer_norm_weight <- model.layers.29.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:48."""
     return {"model.layers.29.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_29_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.29.mlp.linear_fc1.weight <- model.layers.29.mlp.gate_proj.weight, model.layers.29.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/qwen3.yaml:51."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.29.mlp.gate_proj.weight"),
@@ -4002,60 +4142,60 @@ def import_decoder_layers_29_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_29_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.29.mlp.linear_fc1.weight <- model.layers.29.mlp.gate_proj.weight, model.layers.29.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.29.mlp.gate_proj.weight": gate, "model.layers.29.mlp.up_proj.weight": up}
+def export_decoder_layers_29_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/qwen3.yaml:51."""
+    return dict(
+        zip(
+            ("model.layers.29.mlp.gate_proj.weight", "model.layers.29.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_29_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.29.mlp.linear_fc2.weight <- model.layers.29.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen3.yaml:54."""
     return rt.row_import(ctx.tp, load("model.layers.29.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_29_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.29.mlp.linear_fc2.weight <- model.layers.29.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
+def export_decoder_layers_29_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen3.yaml:54."""
     return {"model.layers.29.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_30_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.30.self_attention.linear_qkv.layer_norm_weight <- model.layers.30.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:29."""
     return rt.whole_import(load("model.layers.30.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_30_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.30.self_attention.linear_qkv.layer_norm_weight <- model.layers.30.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:29."""
     return {"model.layers.30.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_30_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.30.self_attention.linear_proj.weight <- model.layers.30.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen3.yaml:45."""
     return rt.row_import(ctx.tp, load("model.layers.30.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_30_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.30.self_attention.linear_proj.weight <- model.layers.30.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen3.yaml:45."""
     return {"model.layers.30.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_30_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.30.self_attention.linear_qkv.weight <- model.layers.30.self_attn.q_proj.weight, model.layers.30.self_attn.k_proj.weight, model.layers.30.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/qwen3.yaml:32."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.30.self_attn.q_proj.weight"),
@@ -4069,63 +4209,67 @@ def import_decoder_layers_30_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_30_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.30.self_attention.linear_qkv.weight <- model.layers.30.self_attn.q_proj.weight, model.layers.30.self_attn.k_proj.weight, model.layers.30.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
-    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
-    return {
-        "model.layers.30.self_attn.q_proj.weight": q,
-        "model.layers.30.self_attn.k_proj.weight": k,
-        "model.layers.30.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/qwen3.yaml:32."""
+    return dict(
+        zip(
+            (
+                "model.layers.30.self_attn.q_proj.weight",
+                "model.layers.30.self_attn.k_proj.weight",
+                "model.layers.30.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=32, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_30_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.30.self_attention.q_layernorm.weight <- model.layers.30.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:39."""
     return rt.whole_import(load("model.layers.30.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_30_self_attention_q_layernorm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.30.self_attention.q_layernorm.weight <- model.layers.30.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:39."""
     return {"model.layers.30.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_30_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.30.self_attention.k_layernorm.weight <- model.layers.30.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:42."""
     return rt.whole_import(load("model.layers.30.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_30_self_attention_k_layernorm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.30.self_attention.k_layernorm.weight <- model.layers.30.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:42."""
     return {"model.layers.30.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_30_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.30.mlp.linear_fc1.layer_norm_weight <- model.layers.30.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:48."""
     return rt.whole_import(load("model.layers.30.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_30_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.30.mlp.linear_fc1.layer_norm_weight <- model.layers.30.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:48."""
     return {"model.layers.30.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_30_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.30.mlp.linear_fc1.weight <- model.layers.30.mlp.gate_proj.weight, model.layers.30.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/qwen3.yaml:51."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.30.mlp.gate_proj.weight"),
@@ -4134,60 +4278,60 @@ def import_decoder_layers_30_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_30_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.30.mlp.linear_fc1.weight <- model.layers.30.mlp.gate_proj.weight, model.layers.30.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.30.mlp.gate_proj.weight": gate, "model.layers.30.mlp.up_proj.weight": up}
+def export_decoder_layers_30_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/qwen3.yaml:51."""
+    return dict(
+        zip(
+            ("model.layers.30.mlp.gate_proj.weight", "model.layers.30.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_30_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.30.mlp.linear_fc2.weight <- model.layers.30.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen3.yaml:54."""
     return rt.row_import(ctx.tp, load("model.layers.30.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_30_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.30.mlp.linear_fc2.weight <- model.layers.30.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
+def export_decoder_layers_30_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen3.yaml:54."""
     return {"model.layers.30.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_31_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.31.self_attention.linear_qkv.layer_norm_weight <- model.layers.31.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:29."""
     return rt.whole_import(load("model.layers.31.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_31_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.31.self_attention.linear_qkv.layer_norm_weight <- model.layers.31.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:29."""
     return {"model.layers.31.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_31_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.31.self_attention.linear_proj.weight <- model.layers.31.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen3.yaml:45."""
     return rt.row_import(ctx.tp, load("model.layers.31.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_31_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.31.self_attention.linear_proj.weight <- model.layers.31.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen3.yaml:45."""
     return {"model.layers.31.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_31_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.31.self_attention.linear_qkv.weight <- model.layers.31.self_attn.q_proj.weight, model.layers.31.self_attn.k_proj.weight, model.layers.31.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/qwen3.yaml:32."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.31.self_attn.q_proj.weight"),
@@ -4201,63 +4345,67 @@ def import_decoder_layers_31_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_31_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.31.self_attention.linear_qkv.weight <- model.layers.31.self_attn.q_proj.weight, model.layers.31.self_attn.k_proj.weight, model.layers.31.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
-    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
-    return {
-        "model.layers.31.self_attn.q_proj.weight": q,
-        "model.layers.31.self_attn.k_proj.weight": k,
-        "model.layers.31.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/qwen3.yaml:32."""
+    return dict(
+        zip(
+            (
+                "model.layers.31.self_attn.q_proj.weight",
+                "model.layers.31.self_attn.k_proj.weight",
+                "model.layers.31.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=32, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_31_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.31.self_attention.q_layernorm.weight <- model.layers.31.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:39."""
     return rt.whole_import(load("model.layers.31.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_31_self_attention_q_layernorm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.31.self_attention.q_layernorm.weight <- model.layers.31.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:39."""
     return {"model.layers.31.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_31_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.31.self_attention.k_layernorm.weight <- model.layers.31.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:42."""
     return rt.whole_import(load("model.layers.31.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_31_self_attention_k_layernorm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.31.self_attention.k_layernorm.weight <- model.layers.31.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:42."""
     return {"model.layers.31.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_31_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.31.mlp.linear_fc1.layer_norm_weight <- model.layers.31.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:48."""
     return rt.whole_import(load("model.layers.31.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_31_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.31.mlp.linear_fc1.layer_norm_weight <- model.layers.31.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:48."""
     return {"model.layers.31.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_31_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.31.mlp.linear_fc1.weight <- model.layers.31.mlp.gate_proj.weight, model.layers.31.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/qwen3.yaml:51."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.31.mlp.gate_proj.weight"),
@@ -4266,60 +4414,60 @@ def import_decoder_layers_31_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_31_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.31.mlp.linear_fc1.weight <- model.layers.31.mlp.gate_proj.weight, model.layers.31.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.31.mlp.gate_proj.weight": gate, "model.layers.31.mlp.up_proj.weight": up}
+def export_decoder_layers_31_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/qwen3.yaml:51."""
+    return dict(
+        zip(
+            ("model.layers.31.mlp.gate_proj.weight", "model.layers.31.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_31_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.31.mlp.linear_fc2.weight <- model.layers.31.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen3.yaml:54."""
     return rt.row_import(ctx.tp, load("model.layers.31.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_31_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.31.mlp.linear_fc2.weight <- model.layers.31.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
+def export_decoder_layers_31_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen3.yaml:54."""
     return {"model.layers.31.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_32_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.32.self_attention.linear_qkv.layer_norm_weight <- model.layers.32.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:29."""
     return rt.whole_import(load("model.layers.32.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_32_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.32.self_attention.linear_qkv.layer_norm_weight <- model.layers.32.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:29."""
     return {"model.layers.32.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_32_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.32.self_attention.linear_proj.weight <- model.layers.32.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen3.yaml:45."""
     return rt.row_import(ctx.tp, load("model.layers.32.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_32_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.32.self_attention.linear_proj.weight <- model.layers.32.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen3.yaml:45."""
     return {"model.layers.32.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_32_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.32.self_attention.linear_qkv.weight <- model.layers.32.self_attn.q_proj.weight, model.layers.32.self_attn.k_proj.weight, model.layers.32.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/qwen3.yaml:32."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.32.self_attn.q_proj.weight"),
@@ -4333,63 +4481,67 @@ def import_decoder_layers_32_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_32_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.32.self_attention.linear_qkv.weight <- model.layers.32.self_attn.q_proj.weight, model.layers.32.self_attn.k_proj.weight, model.layers.32.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
-    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
-    return {
-        "model.layers.32.self_attn.q_proj.weight": q,
-        "model.layers.32.self_attn.k_proj.weight": k,
-        "model.layers.32.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/qwen3.yaml:32."""
+    return dict(
+        zip(
+            (
+                "model.layers.32.self_attn.q_proj.weight",
+                "model.layers.32.self_attn.k_proj.weight",
+                "model.layers.32.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=32, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_32_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.32.self_attention.q_layernorm.weight <- model.layers.32.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:39."""
     return rt.whole_import(load("model.layers.32.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_32_self_attention_q_layernorm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.32.self_attention.q_layernorm.weight <- model.layers.32.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:39."""
     return {"model.layers.32.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_32_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.32.self_attention.k_layernorm.weight <- model.layers.32.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:42."""
     return rt.whole_import(load("model.layers.32.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_32_self_attention_k_layernorm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.32.self_attention.k_layernorm.weight <- model.layers.32.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:42."""
     return {"model.layers.32.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_32_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.32.mlp.linear_fc1.layer_norm_weight <- model.layers.32.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:48."""
     return rt.whole_import(load("model.layers.32.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_32_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.32.mlp.linear_fc1.layer_norm_weight <- model.layers.32.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:48."""
     return {"model.layers.32.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_32_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.32.mlp.linear_fc1.weight <- model.layers.32.mlp.gate_proj.weight, model.layers.32.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/qwen3.yaml:51."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.32.mlp.gate_proj.weight"),
@@ -4398,60 +4550,60 @@ def import_decoder_layers_32_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_32_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.32.mlp.linear_fc1.weight <- model.layers.32.mlp.gate_proj.weight, model.layers.32.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.32.mlp.gate_proj.weight": gate, "model.layers.32.mlp.up_proj.weight": up}
+def export_decoder_layers_32_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/qwen3.yaml:51."""
+    return dict(
+        zip(
+            ("model.layers.32.mlp.gate_proj.weight", "model.layers.32.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_32_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.32.mlp.linear_fc2.weight <- model.layers.32.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen3.yaml:54."""
     return rt.row_import(ctx.tp, load("model.layers.32.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_32_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.32.mlp.linear_fc2.weight <- model.layers.32.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
+def export_decoder_layers_32_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen3.yaml:54."""
     return {"model.layers.32.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_33_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.33.self_attention.linear_qkv.layer_norm_weight <- model.layers.33.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:29."""
     return rt.whole_import(load("model.layers.33.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_33_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.33.self_attention.linear_qkv.layer_norm_weight <- model.layers.33.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:29."""
     return {"model.layers.33.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_33_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.33.self_attention.linear_proj.weight <- model.layers.33.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen3.yaml:45."""
     return rt.row_import(ctx.tp, load("model.layers.33.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_33_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.33.self_attention.linear_proj.weight <- model.layers.33.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen3.yaml:45."""
     return {"model.layers.33.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_33_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.33.self_attention.linear_qkv.weight <- model.layers.33.self_attn.q_proj.weight, model.layers.33.self_attn.k_proj.weight, model.layers.33.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/qwen3.yaml:32."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.33.self_attn.q_proj.weight"),
@@ -4465,63 +4617,67 @@ def import_decoder_layers_33_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_33_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.33.self_attention.linear_qkv.weight <- model.layers.33.self_attn.q_proj.weight, model.layers.33.self_attn.k_proj.weight, model.layers.33.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
-    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
-    return {
-        "model.layers.33.self_attn.q_proj.weight": q,
-        "model.layers.33.self_attn.k_proj.weight": k,
-        "model.layers.33.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/qwen3.yaml:32."""
+    return dict(
+        zip(
+            (
+                "model.layers.33.self_attn.q_proj.weight",
+                "model.layers.33.self_attn.k_proj.weight",
+                "model.layers.33.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=32, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_33_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.33.self_attention.q_layernorm.weight <- model.layers.33.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:39."""
     return rt.whole_import(load("model.layers.33.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_33_self_attention_q_layernorm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.33.self_attention.q_layernorm.weight <- model.layers.33.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:39."""
     return {"model.layers.33.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_33_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.33.self_attention.k_layernorm.weight <- model.layers.33.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:42."""
     return rt.whole_import(load("model.layers.33.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_33_self_attention_k_layernorm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.33.self_attention.k_layernorm.weight <- model.layers.33.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:42."""
     return {"model.layers.33.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_33_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.33.mlp.linear_fc1.layer_norm_weight <- model.layers.33.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:48."""
     return rt.whole_import(load("model.layers.33.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_33_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.33.mlp.linear_fc1.layer_norm_weight <- model.layers.33.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:48."""
     return {"model.layers.33.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_33_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.33.mlp.linear_fc1.weight <- model.layers.33.mlp.gate_proj.weight, model.layers.33.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/qwen3.yaml:51."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.33.mlp.gate_proj.weight"),
@@ -4530,60 +4686,60 @@ def import_decoder_layers_33_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_33_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.33.mlp.linear_fc1.weight <- model.layers.33.mlp.gate_proj.weight, model.layers.33.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.33.mlp.gate_proj.weight": gate, "model.layers.33.mlp.up_proj.weight": up}
+def export_decoder_layers_33_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/qwen3.yaml:51."""
+    return dict(
+        zip(
+            ("model.layers.33.mlp.gate_proj.weight", "model.layers.33.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_33_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.33.mlp.linear_fc2.weight <- model.layers.33.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen3.yaml:54."""
     return rt.row_import(ctx.tp, load("model.layers.33.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_33_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.33.mlp.linear_fc2.weight <- model.layers.33.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
+def export_decoder_layers_33_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen3.yaml:54."""
     return {"model.layers.33.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_34_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.34.self_attention.linear_qkv.layer_norm_weight <- model.layers.34.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:29."""
     return rt.whole_import(load("model.layers.34.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_34_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.34.self_attention.linear_qkv.layer_norm_weight <- model.layers.34.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:29."""
     return {"model.layers.34.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_34_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.34.self_attention.linear_proj.weight <- model.layers.34.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen3.yaml:45."""
     return rt.row_import(ctx.tp, load("model.layers.34.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_34_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.34.self_attention.linear_proj.weight <- model.layers.34.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen3.yaml:45."""
     return {"model.layers.34.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_34_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.34.self_attention.linear_qkv.weight <- model.layers.34.self_attn.q_proj.weight, model.layers.34.self_attn.k_proj.weight, model.layers.34.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/qwen3.yaml:32."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.34.self_attn.q_proj.weight"),
@@ -4597,63 +4753,67 @@ def import_decoder_layers_34_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_34_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.34.self_attention.linear_qkv.weight <- model.layers.34.self_attn.q_proj.weight, model.layers.34.self_attn.k_proj.weight, model.layers.34.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
-    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
-    return {
-        "model.layers.34.self_attn.q_proj.weight": q,
-        "model.layers.34.self_attn.k_proj.weight": k,
-        "model.layers.34.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/qwen3.yaml:32."""
+    return dict(
+        zip(
+            (
+                "model.layers.34.self_attn.q_proj.weight",
+                "model.layers.34.self_attn.k_proj.weight",
+                "model.layers.34.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=32, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_34_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.34.self_attention.q_layernorm.weight <- model.layers.34.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:39."""
     return rt.whole_import(load("model.layers.34.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_34_self_attention_q_layernorm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.34.self_attention.q_layernorm.weight <- model.layers.34.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:39."""
     return {"model.layers.34.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_34_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.34.self_attention.k_layernorm.weight <- model.layers.34.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:42."""
     return rt.whole_import(load("model.layers.34.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_34_self_attention_k_layernorm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.34.self_attention.k_layernorm.weight <- model.layers.34.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:42."""
     return {"model.layers.34.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_34_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.34.mlp.linear_fc1.layer_norm_weight <- model.layers.34.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:48."""
     return rt.whole_import(load("model.layers.34.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_34_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.34.mlp.linear_fc1.layer_norm_weight <- model.layers.34.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:48."""
     return {"model.layers.34.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_34_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.34.mlp.linear_fc1.weight <- model.layers.34.mlp.gate_proj.weight, model.layers.34.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/qwen3.yaml:51."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.34.mlp.gate_proj.weight"),
@@ -4662,60 +4822,60 @@ def import_decoder_layers_34_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_34_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.34.mlp.linear_fc1.weight <- model.layers.34.mlp.gate_proj.weight, model.layers.34.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.34.mlp.gate_proj.weight": gate, "model.layers.34.mlp.up_proj.weight": up}
+def export_decoder_layers_34_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/qwen3.yaml:51."""
+    return dict(
+        zip(
+            ("model.layers.34.mlp.gate_proj.weight", "model.layers.34.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_34_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.34.mlp.linear_fc2.weight <- model.layers.34.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen3.yaml:54."""
     return rt.row_import(ctx.tp, load("model.layers.34.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_34_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.34.mlp.linear_fc2.weight <- model.layers.34.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
+def export_decoder_layers_34_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen3.yaml:54."""
     return {"model.layers.34.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_35_self_attention_linear_qkv_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.35.self_attention.linear_qkv.layer_norm_weight <- model.layers.35.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:29."""
     return rt.whole_import(load("model.layers.35.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_35_self_attention_linear_qkv_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.35.self_attention.linear_qkv.layer_norm_weight <- model.layers.35.input_layernorm.weight: auto -> replicated, specs/qwen3.yaml:29."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:29."""
     return {"model.layers.35.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_35_self_attention_linear_proj_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.35.self_attention.linear_proj.weight <- model.layers.35.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen3.yaml:45."""
     return rt.row_import(ctx.tp, load("model.layers.35.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_35_self_attention_linear_proj_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.35.self_attention.linear_proj.weight <- model.layers.35.self_attn.o_proj.weight: auto -> row, specs/qwen3.yaml:45."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen3.yaml:45."""
     return {"model.layers.35.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_35_self_attention_linear_qkv_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.35.self_attention.linear_qkv.weight <- model.layers.35.self_attn.q_proj.weight, model.layers.35.self_attn.k_proj.weight, model.layers.35.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """qkv: specs/qwen3.yaml:32."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.35.self_attn.q_proj.weight"),
@@ -4729,63 +4889,67 @@ def import_decoder_layers_35_self_attention_linear_qkv_weight(
 
 
 def export_decoder_layers_35_self_attention_linear_qkv_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.35.self_attention.linear_qkv.weight <- model.layers.35.self_attn.q_proj.weight, model.layers.35.self_attn.k_proj.weight, model.layers.35.self_attn.v_proj.weight: qkv, specs/qwen3.yaml:32."""
-    q, k, v = rt.qkv_export(parts, heads=32, groups=8, head_dim=128)
-    return {
-        "model.layers.35.self_attn.q_proj.weight": q,
-        "model.layers.35.self_attn.k_proj.weight": k,
-        "model.layers.35.self_attn.v_proj.weight": v,
-    }
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """qkv: specs/qwen3.yaml:32."""
+    return dict(
+        zip(
+            (
+                "model.layers.35.self_attn.q_proj.weight",
+                "model.layers.35.self_attn.k_proj.weight",
+                "model.layers.35.self_attn.v_proj.weight",
+            ),
+            rt.qkv_export(parts, heads=32, groups=8, head_dim=128),
+        )
+    )
 
 
 def import_decoder_layers_35_self_attention_q_layernorm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.35.self_attention.q_layernorm.weight <- model.layers.35.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:39."""
     return rt.whole_import(load("model.layers.35.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_35_self_attention_q_layernorm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.35.self_attention.q_layernorm.weight <- model.layers.35.self_attn.q_norm.weight: auto -> replicated, specs/qwen3.yaml:39."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:39."""
     return {"model.layers.35.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_35_self_attention_k_layernorm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.35.self_attention.k_layernorm.weight <- model.layers.35.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:42."""
     return rt.whole_import(load("model.layers.35.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_35_self_attention_k_layernorm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.35.self_attention.k_layernorm.weight <- model.layers.35.self_attn.k_norm.weight: auto -> replicated, specs/qwen3.yaml:42."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:42."""
     return {"model.layers.35.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_35_mlp_linear_fc1_layer_norm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.35.mlp.linear_fc1.layer_norm_weight <- model.layers.35.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:48."""
     return rt.whole_import(load("model.layers.35.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_35_mlp_linear_fc1_layer_norm_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.35.mlp.linear_fc1.layer_norm_weight <- model.layers.35.post_attention_layernorm.weight: auto -> replicated, specs/qwen3.yaml:48."""
+    parts: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:48."""
     return {"model.layers.35.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_35_mlp_linear_fc1_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.35.mlp.linear_fc1.weight <- model.layers.35.mlp.gate_proj.weight, model.layers.35.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """gated_mlp: specs/qwen3.yaml:51."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.35.mlp.gate_proj.weight"),
@@ -4794,3106 +4958,3690 @@ def import_decoder_layers_35_mlp_linear_fc1_weight(
     )
 
 
-def export_decoder_layers_35_mlp_linear_fc1_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.35.mlp.linear_fc1.weight <- model.layers.35.mlp.gate_proj.weight, model.layers.35.mlp.up_proj.weight: gated_mlp, specs/qwen3.yaml:51."""
-    gate, up = rt.gated_mlp_export(parts)
-    return {"model.layers.35.mlp.gate_proj.weight": gate, "model.layers.35.mlp.up_proj.weight": up}
+def export_decoder_layers_35_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """gated_mlp: specs/qwen3.yaml:51."""
+    return dict(
+        zip(
+            ("model.layers.35.mlp.gate_proj.weight", "model.layers.35.mlp.up_proj.weight"),
+            rt.gated_mlp_export(parts),
+        )
+    )
 
 
 def import_decoder_layers_35_mlp_linear_fc2_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.layers.35.mlp.linear_fc2.weight <- model.layers.35.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> row: specs/qwen3.yaml:54."""
     return rt.row_import(ctx.tp, load("model.layers.35.mlp.down_proj.weight"), out=out)
 
 
-def export_decoder_layers_35_mlp_linear_fc2_weight(
-    parts: Sequence[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """decoder.layers.35.mlp.linear_fc2.weight <- model.layers.35.mlp.down_proj.weight: auto -> row, specs/qwen3.yaml:54."""
+def export_decoder_layers_35_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> row: specs/qwen3.yaml:54."""
     return {"model.layers.35.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_final_layernorm_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """decoder.final_layernorm.weight <- model.norm.weight: auto -> replicated, specs/qwen3.yaml:57."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> replicated: specs/qwen3.yaml:57."""
     return rt.whole_import(load("model.norm.weight"), out=out)
 
 
-def export_decoder_final_layernorm_weight(parts: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """decoder.final_layernorm.weight <- model.norm.weight: auto -> replicated, specs/qwen3.yaml:57."""
+def export_decoder_final_layernorm_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> replicated: specs/qwen3.yaml:57."""
     return {"model.norm.weight": parts[0]}
 
 
 def import_output_layer_weight(
-    ctx: ParallelContext, load: Loader, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """output_layer.weight <- lm_head.weight: auto -> column, specs/qwen3.yaml:60."""
+    ctx: ParallelContext, load: Loader, out: Tensor | None = None
+) -> Tensor:
+    """auto -> column: specs/qwen3.yaml:60."""
     return rt.column_import(ctx.tp, load("lm_head.weight"), out=out)
 
 
-def export_output_layer_weight(parts: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """output_layer.weight <- lm_head.weight: auto -> column, specs/qwen3.yaml:60."""
+def export_output_layer_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
+    """auto -> column: specs/qwen3.yaml:60."""
     return {"lm_head.weight": rt.column_export(parts)}
 
 
+# megatron_name, global shape, dtype, TP split dim, expert-parallel, layer, expert, HF tensors,
+# import function, export function
 PARAMS: Final[tuple[ParamPlan, ...]] = (
     ParamPlan(
         "embedding.word_embeddings.weight",
         (151936, 4096),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=None,
-        expert=None,
-        hf_names=("model.embed_tokens.weight",),
+        0,
+        False,
+        None,
+        None,
+        ("model.embed_tokens.weight",),
+        import_embedding_word_embeddings_weight,
+        export_embedding_word_embeddings_weight,
     ),
     ParamPlan(
         "decoder.layers.0.self_attention.linear_qkv.layer_norm_weight",
         (4096,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=0,
-        expert=None,
-        hf_names=("model.layers.0.input_layernorm.weight",),
+        None,
+        False,
+        0,
+        None,
+        ("model.layers.0.input_layernorm.weight",),
+        import_decoder_layers_0_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_0_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.0.self_attention.linear_proj.weight",
         (4096, 4096),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=0,
-        expert=None,
-        hf_names=("model.layers.0.self_attn.o_proj.weight",),
+        1,
+        False,
+        0,
+        None,
+        ("model.layers.0.self_attn.o_proj.weight",),
+        import_decoder_layers_0_self_attention_linear_proj_weight,
+        export_decoder_layers_0_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.0.self_attention.linear_qkv.weight",
         (6144, 4096),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=0,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        0,
+        None,
+        (
             "model.layers.0.self_attn.q_proj.weight",
             "model.layers.0.self_attn.k_proj.weight",
             "model.layers.0.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_0_self_attention_linear_qkv_weight,
+        export_decoder_layers_0_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.0.self_attention.q_layernorm.weight",
         (128,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=0,
-        expert=None,
-        hf_names=("model.layers.0.self_attn.q_norm.weight",),
+        None,
+        False,
+        0,
+        None,
+        ("model.layers.0.self_attn.q_norm.weight",),
+        import_decoder_layers_0_self_attention_q_layernorm_weight,
+        export_decoder_layers_0_self_attention_q_layernorm_weight,
     ),
     ParamPlan(
         "decoder.layers.0.self_attention.k_layernorm.weight",
         (128,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=0,
-        expert=None,
-        hf_names=("model.layers.0.self_attn.k_norm.weight",),
+        None,
+        False,
+        0,
+        None,
+        ("model.layers.0.self_attn.k_norm.weight",),
+        import_decoder_layers_0_self_attention_k_layernorm_weight,
+        export_decoder_layers_0_self_attention_k_layernorm_weight,
     ),
     ParamPlan(
         "decoder.layers.0.mlp.linear_fc1.layer_norm_weight",
         (4096,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=0,
-        expert=None,
-        hf_names=("model.layers.0.post_attention_layernorm.weight",),
+        None,
+        False,
+        0,
+        None,
+        ("model.layers.0.post_attention_layernorm.weight",),
+        import_decoder_layers_0_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_0_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.0.mlp.linear_fc1.weight",
         (24576, 4096),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=0,
-        expert=None,
-        hf_names=("model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weight"),
+        0,
+        False,
+        0,
+        None,
+        ("model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weight"),
+        import_decoder_layers_0_mlp_linear_fc1_weight,
+        export_decoder_layers_0_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.0.mlp.linear_fc2.weight",
         (4096, 12288),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=0,
-        expert=None,
-        hf_names=("model.layers.0.mlp.down_proj.weight",),
+        1,
+        False,
+        0,
+        None,
+        ("model.layers.0.mlp.down_proj.weight",),
+        import_decoder_layers_0_mlp_linear_fc2_weight,
+        export_decoder_layers_0_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.1.self_attention.linear_qkv.layer_norm_weight",
         (4096,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=1,
-        expert=None,
-        hf_names=("model.layers.1.input_layernorm.weight",),
+        None,
+        False,
+        1,
+        None,
+        ("model.layers.1.input_layernorm.weight",),
+        import_decoder_layers_1_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_1_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.1.self_attention.linear_proj.weight",
         (4096, 4096),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=1,
-        expert=None,
-        hf_names=("model.layers.1.self_attn.o_proj.weight",),
+        1,
+        False,
+        1,
+        None,
+        ("model.layers.1.self_attn.o_proj.weight",),
+        import_decoder_layers_1_self_attention_linear_proj_weight,
+        export_decoder_layers_1_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.1.self_attention.linear_qkv.weight",
         (6144, 4096),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=1,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        1,
+        None,
+        (
             "model.layers.1.self_attn.q_proj.weight",
             "model.layers.1.self_attn.k_proj.weight",
             "model.layers.1.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_1_self_attention_linear_qkv_weight,
+        export_decoder_layers_1_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.1.self_attention.q_layernorm.weight",
         (128,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=1,
-        expert=None,
-        hf_names=("model.layers.1.self_attn.q_norm.weight",),
+        None,
+        False,
+        1,
+        None,
+        ("model.layers.1.self_attn.q_norm.weight",),
+        import_decoder_layers_1_self_attention_q_layernorm_weight,
+        export_decoder_layers_1_self_attention_q_layernorm_weight,
     ),
     ParamPlan(
         "decoder.layers.1.self_attention.k_layernorm.weight",
         (128,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=1,
-        expert=None,
-        hf_names=("model.layers.1.self_attn.k_norm.weight",),
+        None,
+        False,
+        1,
+        None,
+        ("model.layers.1.self_attn.k_norm.weight",),
+        import_decoder_layers_1_self_attention_k_layernorm_weight,
+        export_decoder_layers_1_self_attention_k_layernorm_weight,
     ),
     ParamPlan(
         "decoder.layers.1.mlp.linear_fc1.layer_norm_weight",
         (4096,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=1,
-        expert=None,
-        hf_names=("model.layers.1.post_attention_layernorm.weight",),
+        None,
+        False,
+        1,
+        None,
+        ("model.layers.1.post_attention_layernorm.weight",),
+        import_decoder_layers_1_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_1_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.1.mlp.linear_fc1.weight",
         (24576, 4096),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=1,
-        expert=None,
-        hf_names=("model.layers.1.mlp.gate_proj.weight", "model.layers.1.mlp.up_proj.weight"),
+        0,
+        False,
+        1,
+        None,
+        ("model.layers.1.mlp.gate_proj.weight", "model.layers.1.mlp.up_proj.weight"),
+        import_decoder_layers_1_mlp_linear_fc1_weight,
+        export_decoder_layers_1_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.1.mlp.linear_fc2.weight",
         (4096, 12288),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=1,
-        expert=None,
-        hf_names=("model.layers.1.mlp.down_proj.weight",),
+        1,
+        False,
+        1,
+        None,
+        ("model.layers.1.mlp.down_proj.weight",),
+        import_decoder_layers_1_mlp_linear_fc2_weight,
+        export_decoder_layers_1_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.2.self_attention.linear_qkv.layer_norm_weight",
         (4096,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=2,
-        expert=None,
-        hf_names=("model.layers.2.input_layernorm.weight",),
+        None,
+        False,
+        2,
+        None,
+        ("model.layers.2.input_layernorm.weight",),
+        import_decoder_layers_2_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_2_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.2.self_attention.linear_proj.weight",
         (4096, 4096),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=2,
-        expert=None,
-        hf_names=("model.layers.2.self_attn.o_proj.weight",),
+        1,
+        False,
+        2,
+        None,
+        ("model.layers.2.self_attn.o_proj.weight",),
+        import_decoder_layers_2_self_attention_linear_proj_weight,
+        export_decoder_layers_2_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.2.self_attention.linear_qkv.weight",
         (6144, 4096),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=2,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        2,
+        None,
+        (
             "model.layers.2.self_attn.q_proj.weight",
             "model.layers.2.self_attn.k_proj.weight",
             "model.layers.2.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_2_self_attention_linear_qkv_weight,
+        export_decoder_layers_2_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.2.self_attention.q_layernorm.weight",
         (128,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=2,
-        expert=None,
-        hf_names=("model.layers.2.self_attn.q_norm.weight",),
+        None,
+        False,
+        2,
+        None,
+        ("model.layers.2.self_attn.q_norm.weight",),
+        import_decoder_layers_2_self_attention_q_layernorm_weight,
+        export_decoder_layers_2_self_attention_q_layernorm_weight,
     ),
     ParamPlan(
         "decoder.layers.2.self_attention.k_layernorm.weight",
         (128,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=2,
-        expert=None,
-        hf_names=("model.layers.2.self_attn.k_norm.weight",),
+        None,
+        False,
+        2,
+        None,
+        ("model.layers.2.self_attn.k_norm.weight",),
+        import_decoder_layers_2_self_attention_k_layernorm_weight,
+        export_decoder_layers_2_self_attention_k_layernorm_weight,
     ),
     ParamPlan(
         "decoder.layers.2.mlp.linear_fc1.layer_norm_weight",
         (4096,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=2,
-        expert=None,
-        hf_names=("model.layers.2.post_attention_layernorm.weight",),
+        None,
+        False,
+        2,
+        None,
+        ("model.layers.2.post_attention_layernorm.weight",),
+        import_decoder_layers_2_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_2_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.2.mlp.linear_fc1.weight",
         (24576, 4096),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=2,
-        expert=None,
-        hf_names=("model.layers.2.mlp.gate_proj.weight", "model.layers.2.mlp.up_proj.weight"),
+        0,
+        False,
+        2,
+        None,
+        ("model.layers.2.mlp.gate_proj.weight", "model.layers.2.mlp.up_proj.weight"),
+        import_decoder_layers_2_mlp_linear_fc1_weight,
+        export_decoder_layers_2_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.2.mlp.linear_fc2.weight",
         (4096, 12288),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=2,
-        expert=None,
-        hf_names=("model.layers.2.mlp.down_proj.weight",),
+        1,
+        False,
+        2,
+        None,
+        ("model.layers.2.mlp.down_proj.weight",),
+        import_decoder_layers_2_mlp_linear_fc2_weight,
+        export_decoder_layers_2_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.3.self_attention.linear_qkv.layer_norm_weight",
         (4096,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=3,
-        expert=None,
-        hf_names=("model.layers.3.input_layernorm.weight",),
+        None,
+        False,
+        3,
+        None,
+        ("model.layers.3.input_layernorm.weight",),
+        import_decoder_layers_3_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_3_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.3.self_attention.linear_proj.weight",
         (4096, 4096),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=3,
-        expert=None,
-        hf_names=("model.layers.3.self_attn.o_proj.weight",),
+        1,
+        False,
+        3,
+        None,
+        ("model.layers.3.self_attn.o_proj.weight",),
+        import_decoder_layers_3_self_attention_linear_proj_weight,
+        export_decoder_layers_3_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.3.self_attention.linear_qkv.weight",
         (6144, 4096),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=3,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        3,
+        None,
+        (
             "model.layers.3.self_attn.q_proj.weight",
             "model.layers.3.self_attn.k_proj.weight",
             "model.layers.3.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_3_self_attention_linear_qkv_weight,
+        export_decoder_layers_3_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.3.self_attention.q_layernorm.weight",
         (128,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=3,
-        expert=None,
-        hf_names=("model.layers.3.self_attn.q_norm.weight",),
+        None,
+        False,
+        3,
+        None,
+        ("model.layers.3.self_attn.q_norm.weight",),
+        import_decoder_layers_3_self_attention_q_layernorm_weight,
+        export_decoder_layers_3_self_attention_q_layernorm_weight,
     ),
     ParamPlan(
         "decoder.layers.3.self_attention.k_layernorm.weight",
         (128,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=3,
-        expert=None,
-        hf_names=("model.layers.3.self_attn.k_norm.weight",),
+        None,
+        False,
+        3,
+        None,
+        ("model.layers.3.self_attn.k_norm.weight",),
+        import_decoder_layers_3_self_attention_k_layernorm_weight,
+        export_decoder_layers_3_self_attention_k_layernorm_weight,
     ),
     ParamPlan(
         "decoder.layers.3.mlp.linear_fc1.layer_norm_weight",
         (4096,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=3,
-        expert=None,
-        hf_names=("model.layers.3.post_attention_layernorm.weight",),
+        None,
+        False,
+        3,
+        None,
+        ("model.layers.3.post_attention_layernorm.weight",),
+        import_decoder_layers_3_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_3_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.3.mlp.linear_fc1.weight",
         (24576, 4096),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=3,
-        expert=None,
-        hf_names=("model.layers.3.mlp.gate_proj.weight", "model.layers.3.mlp.up_proj.weight"),
+        0,
+        False,
+        3,
+        None,
+        ("model.layers.3.mlp.gate_proj.weight", "model.layers.3.mlp.up_proj.weight"),
+        import_decoder_layers_3_mlp_linear_fc1_weight,
+        export_decoder_layers_3_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.3.mlp.linear_fc2.weight",
         (4096, 12288),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=3,
-        expert=None,
-        hf_names=("model.layers.3.mlp.down_proj.weight",),
+        1,
+        False,
+        3,
+        None,
+        ("model.layers.3.mlp.down_proj.weight",),
+        import_decoder_layers_3_mlp_linear_fc2_weight,
+        export_decoder_layers_3_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.4.self_attention.linear_qkv.layer_norm_weight",
         (4096,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=4,
-        expert=None,
-        hf_names=("model.layers.4.input_layernorm.weight",),
+        None,
+        False,
+        4,
+        None,
+        ("model.layers.4.input_layernorm.weight",),
+        import_decoder_layers_4_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_4_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.4.self_attention.linear_proj.weight",
         (4096, 4096),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=4,
-        expert=None,
-        hf_names=("model.layers.4.self_attn.o_proj.weight",),
+        1,
+        False,
+        4,
+        None,
+        ("model.layers.4.self_attn.o_proj.weight",),
+        import_decoder_layers_4_self_attention_linear_proj_weight,
+        export_decoder_layers_4_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.4.self_attention.linear_qkv.weight",
         (6144, 4096),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=4,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        4,
+        None,
+        (
             "model.layers.4.self_attn.q_proj.weight",
             "model.layers.4.self_attn.k_proj.weight",
             "model.layers.4.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_4_self_attention_linear_qkv_weight,
+        export_decoder_layers_4_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.4.self_attention.q_layernorm.weight",
         (128,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=4,
-        expert=None,
-        hf_names=("model.layers.4.self_attn.q_norm.weight",),
+        None,
+        False,
+        4,
+        None,
+        ("model.layers.4.self_attn.q_norm.weight",),
+        import_decoder_layers_4_self_attention_q_layernorm_weight,
+        export_decoder_layers_4_self_attention_q_layernorm_weight,
     ),
     ParamPlan(
         "decoder.layers.4.self_attention.k_layernorm.weight",
         (128,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=4,
-        expert=None,
-        hf_names=("model.layers.4.self_attn.k_norm.weight",),
+        None,
+        False,
+        4,
+        None,
+        ("model.layers.4.self_attn.k_norm.weight",),
+        import_decoder_layers_4_self_attention_k_layernorm_weight,
+        export_decoder_layers_4_self_attention_k_layernorm_weight,
     ),
     ParamPlan(
         "decoder.layers.4.mlp.linear_fc1.layer_norm_weight",
         (4096,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=4,
-        expert=None,
-        hf_names=("model.layers.4.post_attention_layernorm.weight",),
+        None,
+        False,
+        4,
+        None,
+        ("model.layers.4.post_attention_layernorm.weight",),
+        import_decoder_layers_4_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_4_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.4.mlp.linear_fc1.weight",
         (24576, 4096),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=4,
-        expert=None,
-        hf_names=("model.layers.4.mlp.gate_proj.weight", "model.layers.4.mlp.up_proj.weight"),
+        0,
+        False,
+        4,
+        None,
+        ("model.layers.4.mlp.gate_proj.weight", "model.layers.4.mlp.up_proj.weight"),
+        import_decoder_layers_4_mlp_linear_fc1_weight,
+        export_decoder_layers_4_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.4.mlp.linear_fc2.weight",
         (4096, 12288),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=4,
-        expert=None,
-        hf_names=("model.layers.4.mlp.down_proj.weight",),
+        1,
+        False,
+        4,
+        None,
+        ("model.layers.4.mlp.down_proj.weight",),
+        import_decoder_layers_4_mlp_linear_fc2_weight,
+        export_decoder_layers_4_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.5.self_attention.linear_qkv.layer_norm_weight",
         (4096,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=5,
-        expert=None,
-        hf_names=("model.layers.5.input_layernorm.weight",),
+        None,
+        False,
+        5,
+        None,
+        ("model.layers.5.input_layernorm.weight",),
+        import_decoder_layers_5_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_5_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.5.self_attention.linear_proj.weight",
         (4096, 4096),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=5,
-        expert=None,
-        hf_names=("model.layers.5.self_attn.o_proj.weight",),
+        1,
+        False,
+        5,
+        None,
+        ("model.layers.5.self_attn.o_proj.weight",),
+        import_decoder_layers_5_self_attention_linear_proj_weight,
+        export_decoder_layers_5_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.5.self_attention.linear_qkv.weight",
         (6144, 4096),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=5,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        5,
+        None,
+        (
             "model.layers.5.self_attn.q_proj.weight",
             "model.layers.5.self_attn.k_proj.weight",
             "model.layers.5.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_5_self_attention_linear_qkv_weight,
+        export_decoder_layers_5_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.5.self_attention.q_layernorm.weight",
         (128,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=5,
-        expert=None,
-        hf_names=("model.layers.5.self_attn.q_norm.weight",),
+        None,
+        False,
+        5,
+        None,
+        ("model.layers.5.self_attn.q_norm.weight",),
+        import_decoder_layers_5_self_attention_q_layernorm_weight,
+        export_decoder_layers_5_self_attention_q_layernorm_weight,
     ),
     ParamPlan(
         "decoder.layers.5.self_attention.k_layernorm.weight",
         (128,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=5,
-        expert=None,
-        hf_names=("model.layers.5.self_attn.k_norm.weight",),
+        None,
+        False,
+        5,
+        None,
+        ("model.layers.5.self_attn.k_norm.weight",),
+        import_decoder_layers_5_self_attention_k_layernorm_weight,
+        export_decoder_layers_5_self_attention_k_layernorm_weight,
     ),
     ParamPlan(
         "decoder.layers.5.mlp.linear_fc1.layer_norm_weight",
         (4096,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=5,
-        expert=None,
-        hf_names=("model.layers.5.post_attention_layernorm.weight",),
+        None,
+        False,
+        5,
+        None,
+        ("model.layers.5.post_attention_layernorm.weight",),
+        import_decoder_layers_5_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_5_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.5.mlp.linear_fc1.weight",
         (24576, 4096),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=5,
-        expert=None,
-        hf_names=("model.layers.5.mlp.gate_proj.weight", "model.layers.5.mlp.up_proj.weight"),
+        0,
+        False,
+        5,
+        None,
+        ("model.layers.5.mlp.gate_proj.weight", "model.layers.5.mlp.up_proj.weight"),
+        import_decoder_layers_5_mlp_linear_fc1_weight,
+        export_decoder_layers_5_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.5.mlp.linear_fc2.weight",
         (4096, 12288),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=5,
-        expert=None,
-        hf_names=("model.layers.5.mlp.down_proj.weight",),
+        1,
+        False,
+        5,
+        None,
+        ("model.layers.5.mlp.down_proj.weight",),
+        import_decoder_layers_5_mlp_linear_fc2_weight,
+        export_decoder_layers_5_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.6.self_attention.linear_qkv.layer_norm_weight",
         (4096,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=6,
-        expert=None,
-        hf_names=("model.layers.6.input_layernorm.weight",),
+        None,
+        False,
+        6,
+        None,
+        ("model.layers.6.input_layernorm.weight",),
+        import_decoder_layers_6_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_6_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.6.self_attention.linear_proj.weight",
         (4096, 4096),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=6,
-        expert=None,
-        hf_names=("model.layers.6.self_attn.o_proj.weight",),
+        1,
+        False,
+        6,
+        None,
+        ("model.layers.6.self_attn.o_proj.weight",),
+        import_decoder_layers_6_self_attention_linear_proj_weight,
+        export_decoder_layers_6_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.6.self_attention.linear_qkv.weight",
         (6144, 4096),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=6,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        6,
+        None,
+        (
             "model.layers.6.self_attn.q_proj.weight",
             "model.layers.6.self_attn.k_proj.weight",
             "model.layers.6.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_6_self_attention_linear_qkv_weight,
+        export_decoder_layers_6_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.6.self_attention.q_layernorm.weight",
         (128,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=6,
-        expert=None,
-        hf_names=("model.layers.6.self_attn.q_norm.weight",),
+        None,
+        False,
+        6,
+        None,
+        ("model.layers.6.self_attn.q_norm.weight",),
+        import_decoder_layers_6_self_attention_q_layernorm_weight,
+        export_decoder_layers_6_self_attention_q_layernorm_weight,
     ),
     ParamPlan(
         "decoder.layers.6.self_attention.k_layernorm.weight",
         (128,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=6,
-        expert=None,
-        hf_names=("model.layers.6.self_attn.k_norm.weight",),
+        None,
+        False,
+        6,
+        None,
+        ("model.layers.6.self_attn.k_norm.weight",),
+        import_decoder_layers_6_self_attention_k_layernorm_weight,
+        export_decoder_layers_6_self_attention_k_layernorm_weight,
     ),
     ParamPlan(
         "decoder.layers.6.mlp.linear_fc1.layer_norm_weight",
         (4096,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=6,
-        expert=None,
-        hf_names=("model.layers.6.post_attention_layernorm.weight",),
+        None,
+        False,
+        6,
+        None,
+        ("model.layers.6.post_attention_layernorm.weight",),
+        import_decoder_layers_6_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_6_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.6.mlp.linear_fc1.weight",
         (24576, 4096),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=6,
-        expert=None,
-        hf_names=("model.layers.6.mlp.gate_proj.weight", "model.layers.6.mlp.up_proj.weight"),
+        0,
+        False,
+        6,
+        None,
+        ("model.layers.6.mlp.gate_proj.weight", "model.layers.6.mlp.up_proj.weight"),
+        import_decoder_layers_6_mlp_linear_fc1_weight,
+        export_decoder_layers_6_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.6.mlp.linear_fc2.weight",
         (4096, 12288),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=6,
-        expert=None,
-        hf_names=("model.layers.6.mlp.down_proj.weight",),
+        1,
+        False,
+        6,
+        None,
+        ("model.layers.6.mlp.down_proj.weight",),
+        import_decoder_layers_6_mlp_linear_fc2_weight,
+        export_decoder_layers_6_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.7.self_attention.linear_qkv.layer_norm_weight",
         (4096,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=7,
-        expert=None,
-        hf_names=("model.layers.7.input_layernorm.weight",),
+        None,
+        False,
+        7,
+        None,
+        ("model.layers.7.input_layernorm.weight",),
+        import_decoder_layers_7_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_7_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.7.self_attention.linear_proj.weight",
         (4096, 4096),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=7,
-        expert=None,
-        hf_names=("model.layers.7.self_attn.o_proj.weight",),
+        1,
+        False,
+        7,
+        None,
+        ("model.layers.7.self_attn.o_proj.weight",),
+        import_decoder_layers_7_self_attention_linear_proj_weight,
+        export_decoder_layers_7_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.7.self_attention.linear_qkv.weight",
         (6144, 4096),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=7,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        7,
+        None,
+        (
             "model.layers.7.self_attn.q_proj.weight",
             "model.layers.7.self_attn.k_proj.weight",
             "model.layers.7.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_7_self_attention_linear_qkv_weight,
+        export_decoder_layers_7_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.7.self_attention.q_layernorm.weight",
         (128,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=7,
-        expert=None,
-        hf_names=("model.layers.7.self_attn.q_norm.weight",),
+        None,
+        False,
+        7,
+        None,
+        ("model.layers.7.self_attn.q_norm.weight",),
+        import_decoder_layers_7_self_attention_q_layernorm_weight,
+        export_decoder_layers_7_self_attention_q_layernorm_weight,
     ),
     ParamPlan(
         "decoder.layers.7.self_attention.k_layernorm.weight",
         (128,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=7,
-        expert=None,
-        hf_names=("model.layers.7.self_attn.k_norm.weight",),
+        None,
+        False,
+        7,
+        None,
+        ("model.layers.7.self_attn.k_norm.weight",),
+        import_decoder_layers_7_self_attention_k_layernorm_weight,
+        export_decoder_layers_7_self_attention_k_layernorm_weight,
     ),
     ParamPlan(
         "decoder.layers.7.mlp.linear_fc1.layer_norm_weight",
         (4096,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=7,
-        expert=None,
-        hf_names=("model.layers.7.post_attention_layernorm.weight",),
+        None,
+        False,
+        7,
+        None,
+        ("model.layers.7.post_attention_layernorm.weight",),
+        import_decoder_layers_7_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_7_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.7.mlp.linear_fc1.weight",
         (24576, 4096),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=7,
-        expert=None,
-        hf_names=("model.layers.7.mlp.gate_proj.weight", "model.layers.7.mlp.up_proj.weight"),
+        0,
+        False,
+        7,
+        None,
+        ("model.layers.7.mlp.gate_proj.weight", "model.layers.7.mlp.up_proj.weight"),
+        import_decoder_layers_7_mlp_linear_fc1_weight,
+        export_decoder_layers_7_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.7.mlp.linear_fc2.weight",
         (4096, 12288),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=7,
-        expert=None,
-        hf_names=("model.layers.7.mlp.down_proj.weight",),
+        1,
+        False,
+        7,
+        None,
+        ("model.layers.7.mlp.down_proj.weight",),
+        import_decoder_layers_7_mlp_linear_fc2_weight,
+        export_decoder_layers_7_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.8.self_attention.linear_qkv.layer_norm_weight",
         (4096,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=8,
-        expert=None,
-        hf_names=("model.layers.8.input_layernorm.weight",),
+        None,
+        False,
+        8,
+        None,
+        ("model.layers.8.input_layernorm.weight",),
+        import_decoder_layers_8_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_8_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.8.self_attention.linear_proj.weight",
         (4096, 4096),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=8,
-        expert=None,
-        hf_names=("model.layers.8.self_attn.o_proj.weight",),
+        1,
+        False,
+        8,
+        None,
+        ("model.layers.8.self_attn.o_proj.weight",),
+        import_decoder_layers_8_self_attention_linear_proj_weight,
+        export_decoder_layers_8_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.8.self_attention.linear_qkv.weight",
         (6144, 4096),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=8,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        8,
+        None,
+        (
             "model.layers.8.self_attn.q_proj.weight",
             "model.layers.8.self_attn.k_proj.weight",
             "model.layers.8.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_8_self_attention_linear_qkv_weight,
+        export_decoder_layers_8_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.8.self_attention.q_layernorm.weight",
         (128,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=8,
-        expert=None,
-        hf_names=("model.layers.8.self_attn.q_norm.weight",),
+        None,
+        False,
+        8,
+        None,
+        ("model.layers.8.self_attn.q_norm.weight",),
+        import_decoder_layers_8_self_attention_q_layernorm_weight,
+        export_decoder_layers_8_self_attention_q_layernorm_weight,
     ),
     ParamPlan(
         "decoder.layers.8.self_attention.k_layernorm.weight",
         (128,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=8,
-        expert=None,
-        hf_names=("model.layers.8.self_attn.k_norm.weight",),
+        None,
+        False,
+        8,
+        None,
+        ("model.layers.8.self_attn.k_norm.weight",),
+        import_decoder_layers_8_self_attention_k_layernorm_weight,
+        export_decoder_layers_8_self_attention_k_layernorm_weight,
     ),
     ParamPlan(
         "decoder.layers.8.mlp.linear_fc1.layer_norm_weight",
         (4096,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=8,
-        expert=None,
-        hf_names=("model.layers.8.post_attention_layernorm.weight",),
+        None,
+        False,
+        8,
+        None,
+        ("model.layers.8.post_attention_layernorm.weight",),
+        import_decoder_layers_8_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_8_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.8.mlp.linear_fc1.weight",
         (24576, 4096),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=8,
-        expert=None,
-        hf_names=("model.layers.8.mlp.gate_proj.weight", "model.layers.8.mlp.up_proj.weight"),
+        0,
+        False,
+        8,
+        None,
+        ("model.layers.8.mlp.gate_proj.weight", "model.layers.8.mlp.up_proj.weight"),
+        import_decoder_layers_8_mlp_linear_fc1_weight,
+        export_decoder_layers_8_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.8.mlp.linear_fc2.weight",
         (4096, 12288),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=8,
-        expert=None,
-        hf_names=("model.layers.8.mlp.down_proj.weight",),
+        1,
+        False,
+        8,
+        None,
+        ("model.layers.8.mlp.down_proj.weight",),
+        import_decoder_layers_8_mlp_linear_fc2_weight,
+        export_decoder_layers_8_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.9.self_attention.linear_qkv.layer_norm_weight",
         (4096,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=9,
-        expert=None,
-        hf_names=("model.layers.9.input_layernorm.weight",),
+        None,
+        False,
+        9,
+        None,
+        ("model.layers.9.input_layernorm.weight",),
+        import_decoder_layers_9_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_9_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.9.self_attention.linear_proj.weight",
         (4096, 4096),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=9,
-        expert=None,
-        hf_names=("model.layers.9.self_attn.o_proj.weight",),
+        1,
+        False,
+        9,
+        None,
+        ("model.layers.9.self_attn.o_proj.weight",),
+        import_decoder_layers_9_self_attention_linear_proj_weight,
+        export_decoder_layers_9_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.9.self_attention.linear_qkv.weight",
         (6144, 4096),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=9,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        9,
+        None,
+        (
             "model.layers.9.self_attn.q_proj.weight",
             "model.layers.9.self_attn.k_proj.weight",
             "model.layers.9.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_9_self_attention_linear_qkv_weight,
+        export_decoder_layers_9_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.9.self_attention.q_layernorm.weight",
         (128,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=9,
-        expert=None,
-        hf_names=("model.layers.9.self_attn.q_norm.weight",),
+        None,
+        False,
+        9,
+        None,
+        ("model.layers.9.self_attn.q_norm.weight",),
+        import_decoder_layers_9_self_attention_q_layernorm_weight,
+        export_decoder_layers_9_self_attention_q_layernorm_weight,
     ),
     ParamPlan(
         "decoder.layers.9.self_attention.k_layernorm.weight",
         (128,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=9,
-        expert=None,
-        hf_names=("model.layers.9.self_attn.k_norm.weight",),
+        None,
+        False,
+        9,
+        None,
+        ("model.layers.9.self_attn.k_norm.weight",),
+        import_decoder_layers_9_self_attention_k_layernorm_weight,
+        export_decoder_layers_9_self_attention_k_layernorm_weight,
     ),
     ParamPlan(
         "decoder.layers.9.mlp.linear_fc1.layer_norm_weight",
         (4096,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=9,
-        expert=None,
-        hf_names=("model.layers.9.post_attention_layernorm.weight",),
+        None,
+        False,
+        9,
+        None,
+        ("model.layers.9.post_attention_layernorm.weight",),
+        import_decoder_layers_9_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_9_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.9.mlp.linear_fc1.weight",
         (24576, 4096),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=9,
-        expert=None,
-        hf_names=("model.layers.9.mlp.gate_proj.weight", "model.layers.9.mlp.up_proj.weight"),
+        0,
+        False,
+        9,
+        None,
+        ("model.layers.9.mlp.gate_proj.weight", "model.layers.9.mlp.up_proj.weight"),
+        import_decoder_layers_9_mlp_linear_fc1_weight,
+        export_decoder_layers_9_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.9.mlp.linear_fc2.weight",
         (4096, 12288),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=9,
-        expert=None,
-        hf_names=("model.layers.9.mlp.down_proj.weight",),
+        1,
+        False,
+        9,
+        None,
+        ("model.layers.9.mlp.down_proj.weight",),
+        import_decoder_layers_9_mlp_linear_fc2_weight,
+        export_decoder_layers_9_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.10.self_attention.linear_qkv.layer_norm_weight",
         (4096,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=10,
-        expert=None,
-        hf_names=("model.layers.10.input_layernorm.weight",),
+        None,
+        False,
+        10,
+        None,
+        ("model.layers.10.input_layernorm.weight",),
+        import_decoder_layers_10_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_10_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.10.self_attention.linear_proj.weight",
         (4096, 4096),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=10,
-        expert=None,
-        hf_names=("model.layers.10.self_attn.o_proj.weight",),
+        1,
+        False,
+        10,
+        None,
+        ("model.layers.10.self_attn.o_proj.weight",),
+        import_decoder_layers_10_self_attention_linear_proj_weight,
+        export_decoder_layers_10_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.10.self_attention.linear_qkv.weight",
         (6144, 4096),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=10,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        10,
+        None,
+        (
             "model.layers.10.self_attn.q_proj.weight",
             "model.layers.10.self_attn.k_proj.weight",
             "model.layers.10.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_10_self_attention_linear_qkv_weight,
+        export_decoder_layers_10_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.10.self_attention.q_layernorm.weight",
         (128,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=10,
-        expert=None,
-        hf_names=("model.layers.10.self_attn.q_norm.weight",),
+        None,
+        False,
+        10,
+        None,
+        ("model.layers.10.self_attn.q_norm.weight",),
+        import_decoder_layers_10_self_attention_q_layernorm_weight,
+        export_decoder_layers_10_self_attention_q_layernorm_weight,
     ),
     ParamPlan(
         "decoder.layers.10.self_attention.k_layernorm.weight",
         (128,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=10,
-        expert=None,
-        hf_names=("model.layers.10.self_attn.k_norm.weight",),
+        None,
+        False,
+        10,
+        None,
+        ("model.layers.10.self_attn.k_norm.weight",),
+        import_decoder_layers_10_self_attention_k_layernorm_weight,
+        export_decoder_layers_10_self_attention_k_layernorm_weight,
     ),
     ParamPlan(
         "decoder.layers.10.mlp.linear_fc1.layer_norm_weight",
         (4096,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=10,
-        expert=None,
-        hf_names=("model.layers.10.post_attention_layernorm.weight",),
+        None,
+        False,
+        10,
+        None,
+        ("model.layers.10.post_attention_layernorm.weight",),
+        import_decoder_layers_10_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_10_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.10.mlp.linear_fc1.weight",
         (24576, 4096),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=10,
-        expert=None,
-        hf_names=("model.layers.10.mlp.gate_proj.weight", "model.layers.10.mlp.up_proj.weight"),
+        0,
+        False,
+        10,
+        None,
+        ("model.layers.10.mlp.gate_proj.weight", "model.layers.10.mlp.up_proj.weight"),
+        import_decoder_layers_10_mlp_linear_fc1_weight,
+        export_decoder_layers_10_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.10.mlp.linear_fc2.weight",
         (4096, 12288),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=10,
-        expert=None,
-        hf_names=("model.layers.10.mlp.down_proj.weight",),
+        1,
+        False,
+        10,
+        None,
+        ("model.layers.10.mlp.down_proj.weight",),
+        import_decoder_layers_10_mlp_linear_fc2_weight,
+        export_decoder_layers_10_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.11.self_attention.linear_qkv.layer_norm_weight",
         (4096,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=11,
-        expert=None,
-        hf_names=("model.layers.11.input_layernorm.weight",),
+        None,
+        False,
+        11,
+        None,
+        ("model.layers.11.input_layernorm.weight",),
+        import_decoder_layers_11_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_11_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.11.self_attention.linear_proj.weight",
         (4096, 4096),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=11,
-        expert=None,
-        hf_names=("model.layers.11.self_attn.o_proj.weight",),
+        1,
+        False,
+        11,
+        None,
+        ("model.layers.11.self_attn.o_proj.weight",),
+        import_decoder_layers_11_self_attention_linear_proj_weight,
+        export_decoder_layers_11_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.11.self_attention.linear_qkv.weight",
         (6144, 4096),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=11,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        11,
+        None,
+        (
             "model.layers.11.self_attn.q_proj.weight",
             "model.layers.11.self_attn.k_proj.weight",
             "model.layers.11.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_11_self_attention_linear_qkv_weight,
+        export_decoder_layers_11_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.11.self_attention.q_layernorm.weight",
         (128,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=11,
-        expert=None,
-        hf_names=("model.layers.11.self_attn.q_norm.weight",),
+        None,
+        False,
+        11,
+        None,
+        ("model.layers.11.self_attn.q_norm.weight",),
+        import_decoder_layers_11_self_attention_q_layernorm_weight,
+        export_decoder_layers_11_self_attention_q_layernorm_weight,
     ),
     ParamPlan(
         "decoder.layers.11.self_attention.k_layernorm.weight",
         (128,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=11,
-        expert=None,
-        hf_names=("model.layers.11.self_attn.k_norm.weight",),
+        None,
+        False,
+        11,
+        None,
+        ("model.layers.11.self_attn.k_norm.weight",),
+        import_decoder_layers_11_self_attention_k_layernorm_weight,
+        export_decoder_layers_11_self_attention_k_layernorm_weight,
     ),
     ParamPlan(
         "decoder.layers.11.mlp.linear_fc1.layer_norm_weight",
         (4096,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=11,
-        expert=None,
-        hf_names=("model.layers.11.post_attention_layernorm.weight",),
+        None,
+        False,
+        11,
+        None,
+        ("model.layers.11.post_attention_layernorm.weight",),
+        import_decoder_layers_11_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_11_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.11.mlp.linear_fc1.weight",
         (24576, 4096),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=11,
-        expert=None,
-        hf_names=("model.layers.11.mlp.gate_proj.weight", "model.layers.11.mlp.up_proj.weight"),
+        0,
+        False,
+        11,
+        None,
+        ("model.layers.11.mlp.gate_proj.weight", "model.layers.11.mlp.up_proj.weight"),
+        import_decoder_layers_11_mlp_linear_fc1_weight,
+        export_decoder_layers_11_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.11.mlp.linear_fc2.weight",
         (4096, 12288),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=11,
-        expert=None,
-        hf_names=("model.layers.11.mlp.down_proj.weight",),
+        1,
+        False,
+        11,
+        None,
+        ("model.layers.11.mlp.down_proj.weight",),
+        import_decoder_layers_11_mlp_linear_fc2_weight,
+        export_decoder_layers_11_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.12.self_attention.linear_qkv.layer_norm_weight",
         (4096,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=12,
-        expert=None,
-        hf_names=("model.layers.12.input_layernorm.weight",),
+        None,
+        False,
+        12,
+        None,
+        ("model.layers.12.input_layernorm.weight",),
+        import_decoder_layers_12_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_12_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.12.self_attention.linear_proj.weight",
         (4096, 4096),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=12,
-        expert=None,
-        hf_names=("model.layers.12.self_attn.o_proj.weight",),
+        1,
+        False,
+        12,
+        None,
+        ("model.layers.12.self_attn.o_proj.weight",),
+        import_decoder_layers_12_self_attention_linear_proj_weight,
+        export_decoder_layers_12_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.12.self_attention.linear_qkv.weight",
         (6144, 4096),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=12,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        12,
+        None,
+        (
             "model.layers.12.self_attn.q_proj.weight",
             "model.layers.12.self_attn.k_proj.weight",
             "model.layers.12.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_12_self_attention_linear_qkv_weight,
+        export_decoder_layers_12_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.12.self_attention.q_layernorm.weight",
         (128,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=12,
-        expert=None,
-        hf_names=("model.layers.12.self_attn.q_norm.weight",),
+        None,
+        False,
+        12,
+        None,
+        ("model.layers.12.self_attn.q_norm.weight",),
+        import_decoder_layers_12_self_attention_q_layernorm_weight,
+        export_decoder_layers_12_self_attention_q_layernorm_weight,
     ),
     ParamPlan(
         "decoder.layers.12.self_attention.k_layernorm.weight",
         (128,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=12,
-        expert=None,
-        hf_names=("model.layers.12.self_attn.k_norm.weight",),
+        None,
+        False,
+        12,
+        None,
+        ("model.layers.12.self_attn.k_norm.weight",),
+        import_decoder_layers_12_self_attention_k_layernorm_weight,
+        export_decoder_layers_12_self_attention_k_layernorm_weight,
     ),
     ParamPlan(
         "decoder.layers.12.mlp.linear_fc1.layer_norm_weight",
         (4096,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=12,
-        expert=None,
-        hf_names=("model.layers.12.post_attention_layernorm.weight",),
+        None,
+        False,
+        12,
+        None,
+        ("model.layers.12.post_attention_layernorm.weight",),
+        import_decoder_layers_12_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_12_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.12.mlp.linear_fc1.weight",
         (24576, 4096),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=12,
-        expert=None,
-        hf_names=("model.layers.12.mlp.gate_proj.weight", "model.layers.12.mlp.up_proj.weight"),
+        0,
+        False,
+        12,
+        None,
+        ("model.layers.12.mlp.gate_proj.weight", "model.layers.12.mlp.up_proj.weight"),
+        import_decoder_layers_12_mlp_linear_fc1_weight,
+        export_decoder_layers_12_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.12.mlp.linear_fc2.weight",
         (4096, 12288),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=12,
-        expert=None,
-        hf_names=("model.layers.12.mlp.down_proj.weight",),
+        1,
+        False,
+        12,
+        None,
+        ("model.layers.12.mlp.down_proj.weight",),
+        import_decoder_layers_12_mlp_linear_fc2_weight,
+        export_decoder_layers_12_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.13.self_attention.linear_qkv.layer_norm_weight",
         (4096,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=13,
-        expert=None,
-        hf_names=("model.layers.13.input_layernorm.weight",),
+        None,
+        False,
+        13,
+        None,
+        ("model.layers.13.input_layernorm.weight",),
+        import_decoder_layers_13_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_13_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.13.self_attention.linear_proj.weight",
         (4096, 4096),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=13,
-        expert=None,
-        hf_names=("model.layers.13.self_attn.o_proj.weight",),
+        1,
+        False,
+        13,
+        None,
+        ("model.layers.13.self_attn.o_proj.weight",),
+        import_decoder_layers_13_self_attention_linear_proj_weight,
+        export_decoder_layers_13_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.13.self_attention.linear_qkv.weight",
         (6144, 4096),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=13,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        13,
+        None,
+        (
             "model.layers.13.self_attn.q_proj.weight",
             "model.layers.13.self_attn.k_proj.weight",
             "model.layers.13.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_13_self_attention_linear_qkv_weight,
+        export_decoder_layers_13_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.13.self_attention.q_layernorm.weight",
         (128,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=13,
-        expert=None,
-        hf_names=("model.layers.13.self_attn.q_norm.weight",),
+        None,
+        False,
+        13,
+        None,
+        ("model.layers.13.self_attn.q_norm.weight",),
+        import_decoder_layers_13_self_attention_q_layernorm_weight,
+        export_decoder_layers_13_self_attention_q_layernorm_weight,
     ),
     ParamPlan(
         "decoder.layers.13.self_attention.k_layernorm.weight",
         (128,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=13,
-        expert=None,
-        hf_names=("model.layers.13.self_attn.k_norm.weight",),
+        None,
+        False,
+        13,
+        None,
+        ("model.layers.13.self_attn.k_norm.weight",),
+        import_decoder_layers_13_self_attention_k_layernorm_weight,
+        export_decoder_layers_13_self_attention_k_layernorm_weight,
     ),
     ParamPlan(
         "decoder.layers.13.mlp.linear_fc1.layer_norm_weight",
         (4096,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=13,
-        expert=None,
-        hf_names=("model.layers.13.post_attention_layernorm.weight",),
+        None,
+        False,
+        13,
+        None,
+        ("model.layers.13.post_attention_layernorm.weight",),
+        import_decoder_layers_13_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_13_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.13.mlp.linear_fc1.weight",
         (24576, 4096),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=13,
-        expert=None,
-        hf_names=("model.layers.13.mlp.gate_proj.weight", "model.layers.13.mlp.up_proj.weight"),
+        0,
+        False,
+        13,
+        None,
+        ("model.layers.13.mlp.gate_proj.weight", "model.layers.13.mlp.up_proj.weight"),
+        import_decoder_layers_13_mlp_linear_fc1_weight,
+        export_decoder_layers_13_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.13.mlp.linear_fc2.weight",
         (4096, 12288),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=13,
-        expert=None,
-        hf_names=("model.layers.13.mlp.down_proj.weight",),
+        1,
+        False,
+        13,
+        None,
+        ("model.layers.13.mlp.down_proj.weight",),
+        import_decoder_layers_13_mlp_linear_fc2_weight,
+        export_decoder_layers_13_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.14.self_attention.linear_qkv.layer_norm_weight",
         (4096,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=14,
-        expert=None,
-        hf_names=("model.layers.14.input_layernorm.weight",),
+        None,
+        False,
+        14,
+        None,
+        ("model.layers.14.input_layernorm.weight",),
+        import_decoder_layers_14_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_14_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.14.self_attention.linear_proj.weight",
         (4096, 4096),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=14,
-        expert=None,
-        hf_names=("model.layers.14.self_attn.o_proj.weight",),
+        1,
+        False,
+        14,
+        None,
+        ("model.layers.14.self_attn.o_proj.weight",),
+        import_decoder_layers_14_self_attention_linear_proj_weight,
+        export_decoder_layers_14_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.14.self_attention.linear_qkv.weight",
         (6144, 4096),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=14,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        14,
+        None,
+        (
             "model.layers.14.self_attn.q_proj.weight",
             "model.layers.14.self_attn.k_proj.weight",
             "model.layers.14.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_14_self_attention_linear_qkv_weight,
+        export_decoder_layers_14_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.14.self_attention.q_layernorm.weight",
         (128,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=14,
-        expert=None,
-        hf_names=("model.layers.14.self_attn.q_norm.weight",),
+        None,
+        False,
+        14,
+        None,
+        ("model.layers.14.self_attn.q_norm.weight",),
+        import_decoder_layers_14_self_attention_q_layernorm_weight,
+        export_decoder_layers_14_self_attention_q_layernorm_weight,
     ),
     ParamPlan(
         "decoder.layers.14.self_attention.k_layernorm.weight",
         (128,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=14,
-        expert=None,
-        hf_names=("model.layers.14.self_attn.k_norm.weight",),
+        None,
+        False,
+        14,
+        None,
+        ("model.layers.14.self_attn.k_norm.weight",),
+        import_decoder_layers_14_self_attention_k_layernorm_weight,
+        export_decoder_layers_14_self_attention_k_layernorm_weight,
     ),
     ParamPlan(
         "decoder.layers.14.mlp.linear_fc1.layer_norm_weight",
         (4096,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=14,
-        expert=None,
-        hf_names=("model.layers.14.post_attention_layernorm.weight",),
+        None,
+        False,
+        14,
+        None,
+        ("model.layers.14.post_attention_layernorm.weight",),
+        import_decoder_layers_14_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_14_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.14.mlp.linear_fc1.weight",
         (24576, 4096),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=14,
-        expert=None,
-        hf_names=("model.layers.14.mlp.gate_proj.weight", "model.layers.14.mlp.up_proj.weight"),
+        0,
+        False,
+        14,
+        None,
+        ("model.layers.14.mlp.gate_proj.weight", "model.layers.14.mlp.up_proj.weight"),
+        import_decoder_layers_14_mlp_linear_fc1_weight,
+        export_decoder_layers_14_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.14.mlp.linear_fc2.weight",
         (4096, 12288),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=14,
-        expert=None,
-        hf_names=("model.layers.14.mlp.down_proj.weight",),
+        1,
+        False,
+        14,
+        None,
+        ("model.layers.14.mlp.down_proj.weight",),
+        import_decoder_layers_14_mlp_linear_fc2_weight,
+        export_decoder_layers_14_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.15.self_attention.linear_qkv.layer_norm_weight",
         (4096,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=15,
-        expert=None,
-        hf_names=("model.layers.15.input_layernorm.weight",),
+        None,
+        False,
+        15,
+        None,
+        ("model.layers.15.input_layernorm.weight",),
+        import_decoder_layers_15_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_15_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.15.self_attention.linear_proj.weight",
         (4096, 4096),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=15,
-        expert=None,
-        hf_names=("model.layers.15.self_attn.o_proj.weight",),
+        1,
+        False,
+        15,
+        None,
+        ("model.layers.15.self_attn.o_proj.weight",),
+        import_decoder_layers_15_self_attention_linear_proj_weight,
+        export_decoder_layers_15_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.15.self_attention.linear_qkv.weight",
         (6144, 4096),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=15,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        15,
+        None,
+        (
             "model.layers.15.self_attn.q_proj.weight",
             "model.layers.15.self_attn.k_proj.weight",
             "model.layers.15.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_15_self_attention_linear_qkv_weight,
+        export_decoder_layers_15_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.15.self_attention.q_layernorm.weight",
         (128,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=15,
-        expert=None,
-        hf_names=("model.layers.15.self_attn.q_norm.weight",),
+        None,
+        False,
+        15,
+        None,
+        ("model.layers.15.self_attn.q_norm.weight",),
+        import_decoder_layers_15_self_attention_q_layernorm_weight,
+        export_decoder_layers_15_self_attention_q_layernorm_weight,
     ),
     ParamPlan(
         "decoder.layers.15.self_attention.k_layernorm.weight",
         (128,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=15,
-        expert=None,
-        hf_names=("model.layers.15.self_attn.k_norm.weight",),
+        None,
+        False,
+        15,
+        None,
+        ("model.layers.15.self_attn.k_norm.weight",),
+        import_decoder_layers_15_self_attention_k_layernorm_weight,
+        export_decoder_layers_15_self_attention_k_layernorm_weight,
     ),
     ParamPlan(
         "decoder.layers.15.mlp.linear_fc1.layer_norm_weight",
         (4096,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=15,
-        expert=None,
-        hf_names=("model.layers.15.post_attention_layernorm.weight",),
+        None,
+        False,
+        15,
+        None,
+        ("model.layers.15.post_attention_layernorm.weight",),
+        import_decoder_layers_15_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_15_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.15.mlp.linear_fc1.weight",
         (24576, 4096),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=15,
-        expert=None,
-        hf_names=("model.layers.15.mlp.gate_proj.weight", "model.layers.15.mlp.up_proj.weight"),
+        0,
+        False,
+        15,
+        None,
+        ("model.layers.15.mlp.gate_proj.weight", "model.layers.15.mlp.up_proj.weight"),
+        import_decoder_layers_15_mlp_linear_fc1_weight,
+        export_decoder_layers_15_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.15.mlp.linear_fc2.weight",
         (4096, 12288),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=15,
-        expert=None,
-        hf_names=("model.layers.15.mlp.down_proj.weight",),
+        1,
+        False,
+        15,
+        None,
+        ("model.layers.15.mlp.down_proj.weight",),
+        import_decoder_layers_15_mlp_linear_fc2_weight,
+        export_decoder_layers_15_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.16.self_attention.linear_qkv.layer_norm_weight",
         (4096,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=16,
-        expert=None,
-        hf_names=("model.layers.16.input_layernorm.weight",),
+        None,
+        False,
+        16,
+        None,
+        ("model.layers.16.input_layernorm.weight",),
+        import_decoder_layers_16_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_16_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.16.self_attention.linear_proj.weight",
         (4096, 4096),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=16,
-        expert=None,
-        hf_names=("model.layers.16.self_attn.o_proj.weight",),
+        1,
+        False,
+        16,
+        None,
+        ("model.layers.16.self_attn.o_proj.weight",),
+        import_decoder_layers_16_self_attention_linear_proj_weight,
+        export_decoder_layers_16_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.16.self_attention.linear_qkv.weight",
         (6144, 4096),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=16,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        16,
+        None,
+        (
             "model.layers.16.self_attn.q_proj.weight",
             "model.layers.16.self_attn.k_proj.weight",
             "model.layers.16.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_16_self_attention_linear_qkv_weight,
+        export_decoder_layers_16_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.16.self_attention.q_layernorm.weight",
         (128,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=16,
-        expert=None,
-        hf_names=("model.layers.16.self_attn.q_norm.weight",),
+        None,
+        False,
+        16,
+        None,
+        ("model.layers.16.self_attn.q_norm.weight",),
+        import_decoder_layers_16_self_attention_q_layernorm_weight,
+        export_decoder_layers_16_self_attention_q_layernorm_weight,
     ),
     ParamPlan(
         "decoder.layers.16.self_attention.k_layernorm.weight",
         (128,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=16,
-        expert=None,
-        hf_names=("model.layers.16.self_attn.k_norm.weight",),
+        None,
+        False,
+        16,
+        None,
+        ("model.layers.16.self_attn.k_norm.weight",),
+        import_decoder_layers_16_self_attention_k_layernorm_weight,
+        export_decoder_layers_16_self_attention_k_layernorm_weight,
     ),
     ParamPlan(
         "decoder.layers.16.mlp.linear_fc1.layer_norm_weight",
         (4096,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=16,
-        expert=None,
-        hf_names=("model.layers.16.post_attention_layernorm.weight",),
+        None,
+        False,
+        16,
+        None,
+        ("model.layers.16.post_attention_layernorm.weight",),
+        import_decoder_layers_16_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_16_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.16.mlp.linear_fc1.weight",
         (24576, 4096),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=16,
-        expert=None,
-        hf_names=("model.layers.16.mlp.gate_proj.weight", "model.layers.16.mlp.up_proj.weight"),
+        0,
+        False,
+        16,
+        None,
+        ("model.layers.16.mlp.gate_proj.weight", "model.layers.16.mlp.up_proj.weight"),
+        import_decoder_layers_16_mlp_linear_fc1_weight,
+        export_decoder_layers_16_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.16.mlp.linear_fc2.weight",
         (4096, 12288),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=16,
-        expert=None,
-        hf_names=("model.layers.16.mlp.down_proj.weight",),
+        1,
+        False,
+        16,
+        None,
+        ("model.layers.16.mlp.down_proj.weight",),
+        import_decoder_layers_16_mlp_linear_fc2_weight,
+        export_decoder_layers_16_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.17.self_attention.linear_qkv.layer_norm_weight",
         (4096,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=17,
-        expert=None,
-        hf_names=("model.layers.17.input_layernorm.weight",),
+        None,
+        False,
+        17,
+        None,
+        ("model.layers.17.input_layernorm.weight",),
+        import_decoder_layers_17_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_17_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.17.self_attention.linear_proj.weight",
         (4096, 4096),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=17,
-        expert=None,
-        hf_names=("model.layers.17.self_attn.o_proj.weight",),
+        1,
+        False,
+        17,
+        None,
+        ("model.layers.17.self_attn.o_proj.weight",),
+        import_decoder_layers_17_self_attention_linear_proj_weight,
+        export_decoder_layers_17_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.17.self_attention.linear_qkv.weight",
         (6144, 4096),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=17,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        17,
+        None,
+        (
             "model.layers.17.self_attn.q_proj.weight",
             "model.layers.17.self_attn.k_proj.weight",
             "model.layers.17.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_17_self_attention_linear_qkv_weight,
+        export_decoder_layers_17_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.17.self_attention.q_layernorm.weight",
         (128,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=17,
-        expert=None,
-        hf_names=("model.layers.17.self_attn.q_norm.weight",),
+        None,
+        False,
+        17,
+        None,
+        ("model.layers.17.self_attn.q_norm.weight",),
+        import_decoder_layers_17_self_attention_q_layernorm_weight,
+        export_decoder_layers_17_self_attention_q_layernorm_weight,
     ),
     ParamPlan(
         "decoder.layers.17.self_attention.k_layernorm.weight",
         (128,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=17,
-        expert=None,
-        hf_names=("model.layers.17.self_attn.k_norm.weight",),
+        None,
+        False,
+        17,
+        None,
+        ("model.layers.17.self_attn.k_norm.weight",),
+        import_decoder_layers_17_self_attention_k_layernorm_weight,
+        export_decoder_layers_17_self_attention_k_layernorm_weight,
     ),
     ParamPlan(
         "decoder.layers.17.mlp.linear_fc1.layer_norm_weight",
         (4096,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=17,
-        expert=None,
-        hf_names=("model.layers.17.post_attention_layernorm.weight",),
+        None,
+        False,
+        17,
+        None,
+        ("model.layers.17.post_attention_layernorm.weight",),
+        import_decoder_layers_17_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_17_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.17.mlp.linear_fc1.weight",
         (24576, 4096),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=17,
-        expert=None,
-        hf_names=("model.layers.17.mlp.gate_proj.weight", "model.layers.17.mlp.up_proj.weight"),
+        0,
+        False,
+        17,
+        None,
+        ("model.layers.17.mlp.gate_proj.weight", "model.layers.17.mlp.up_proj.weight"),
+        import_decoder_layers_17_mlp_linear_fc1_weight,
+        export_decoder_layers_17_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.17.mlp.linear_fc2.weight",
         (4096, 12288),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=17,
-        expert=None,
-        hf_names=("model.layers.17.mlp.down_proj.weight",),
+        1,
+        False,
+        17,
+        None,
+        ("model.layers.17.mlp.down_proj.weight",),
+        import_decoder_layers_17_mlp_linear_fc2_weight,
+        export_decoder_layers_17_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.18.self_attention.linear_qkv.layer_norm_weight",
         (4096,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=18,
-        expert=None,
-        hf_names=("model.layers.18.input_layernorm.weight",),
+        None,
+        False,
+        18,
+        None,
+        ("model.layers.18.input_layernorm.weight",),
+        import_decoder_layers_18_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_18_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.18.self_attention.linear_proj.weight",
         (4096, 4096),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=18,
-        expert=None,
-        hf_names=("model.layers.18.self_attn.o_proj.weight",),
+        1,
+        False,
+        18,
+        None,
+        ("model.layers.18.self_attn.o_proj.weight",),
+        import_decoder_layers_18_self_attention_linear_proj_weight,
+        export_decoder_layers_18_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.18.self_attention.linear_qkv.weight",
         (6144, 4096),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=18,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        18,
+        None,
+        (
             "model.layers.18.self_attn.q_proj.weight",
             "model.layers.18.self_attn.k_proj.weight",
             "model.layers.18.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_18_self_attention_linear_qkv_weight,
+        export_decoder_layers_18_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.18.self_attention.q_layernorm.weight",
         (128,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=18,
-        expert=None,
-        hf_names=("model.layers.18.self_attn.q_norm.weight",),
+        None,
+        False,
+        18,
+        None,
+        ("model.layers.18.self_attn.q_norm.weight",),
+        import_decoder_layers_18_self_attention_q_layernorm_weight,
+        export_decoder_layers_18_self_attention_q_layernorm_weight,
     ),
     ParamPlan(
         "decoder.layers.18.self_attention.k_layernorm.weight",
         (128,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=18,
-        expert=None,
-        hf_names=("model.layers.18.self_attn.k_norm.weight",),
+        None,
+        False,
+        18,
+        None,
+        ("model.layers.18.self_attn.k_norm.weight",),
+        import_decoder_layers_18_self_attention_k_layernorm_weight,
+        export_decoder_layers_18_self_attention_k_layernorm_weight,
     ),
     ParamPlan(
         "decoder.layers.18.mlp.linear_fc1.layer_norm_weight",
         (4096,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=18,
-        expert=None,
-        hf_names=("model.layers.18.post_attention_layernorm.weight",),
+        None,
+        False,
+        18,
+        None,
+        ("model.layers.18.post_attention_layernorm.weight",),
+        import_decoder_layers_18_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_18_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.18.mlp.linear_fc1.weight",
         (24576, 4096),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=18,
-        expert=None,
-        hf_names=("model.layers.18.mlp.gate_proj.weight", "model.layers.18.mlp.up_proj.weight"),
+        0,
+        False,
+        18,
+        None,
+        ("model.layers.18.mlp.gate_proj.weight", "model.layers.18.mlp.up_proj.weight"),
+        import_decoder_layers_18_mlp_linear_fc1_weight,
+        export_decoder_layers_18_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.18.mlp.linear_fc2.weight",
         (4096, 12288),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=18,
-        expert=None,
-        hf_names=("model.layers.18.mlp.down_proj.weight",),
+        1,
+        False,
+        18,
+        None,
+        ("model.layers.18.mlp.down_proj.weight",),
+        import_decoder_layers_18_mlp_linear_fc2_weight,
+        export_decoder_layers_18_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.19.self_attention.linear_qkv.layer_norm_weight",
         (4096,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=19,
-        expert=None,
-        hf_names=("model.layers.19.input_layernorm.weight",),
+        None,
+        False,
+        19,
+        None,
+        ("model.layers.19.input_layernorm.weight",),
+        import_decoder_layers_19_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_19_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.19.self_attention.linear_proj.weight",
         (4096, 4096),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=19,
-        expert=None,
-        hf_names=("model.layers.19.self_attn.o_proj.weight",),
+        1,
+        False,
+        19,
+        None,
+        ("model.layers.19.self_attn.o_proj.weight",),
+        import_decoder_layers_19_self_attention_linear_proj_weight,
+        export_decoder_layers_19_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.19.self_attention.linear_qkv.weight",
         (6144, 4096),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=19,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        19,
+        None,
+        (
             "model.layers.19.self_attn.q_proj.weight",
             "model.layers.19.self_attn.k_proj.weight",
             "model.layers.19.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_19_self_attention_linear_qkv_weight,
+        export_decoder_layers_19_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.19.self_attention.q_layernorm.weight",
         (128,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=19,
-        expert=None,
-        hf_names=("model.layers.19.self_attn.q_norm.weight",),
+        None,
+        False,
+        19,
+        None,
+        ("model.layers.19.self_attn.q_norm.weight",),
+        import_decoder_layers_19_self_attention_q_layernorm_weight,
+        export_decoder_layers_19_self_attention_q_layernorm_weight,
     ),
     ParamPlan(
         "decoder.layers.19.self_attention.k_layernorm.weight",
         (128,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=19,
-        expert=None,
-        hf_names=("model.layers.19.self_attn.k_norm.weight",),
+        None,
+        False,
+        19,
+        None,
+        ("model.layers.19.self_attn.k_norm.weight",),
+        import_decoder_layers_19_self_attention_k_layernorm_weight,
+        export_decoder_layers_19_self_attention_k_layernorm_weight,
     ),
     ParamPlan(
         "decoder.layers.19.mlp.linear_fc1.layer_norm_weight",
         (4096,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=19,
-        expert=None,
-        hf_names=("model.layers.19.post_attention_layernorm.weight",),
+        None,
+        False,
+        19,
+        None,
+        ("model.layers.19.post_attention_layernorm.weight",),
+        import_decoder_layers_19_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_19_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.19.mlp.linear_fc1.weight",
         (24576, 4096),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=19,
-        expert=None,
-        hf_names=("model.layers.19.mlp.gate_proj.weight", "model.layers.19.mlp.up_proj.weight"),
+        0,
+        False,
+        19,
+        None,
+        ("model.layers.19.mlp.gate_proj.weight", "model.layers.19.mlp.up_proj.weight"),
+        import_decoder_layers_19_mlp_linear_fc1_weight,
+        export_decoder_layers_19_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.19.mlp.linear_fc2.weight",
         (4096, 12288),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=19,
-        expert=None,
-        hf_names=("model.layers.19.mlp.down_proj.weight",),
+        1,
+        False,
+        19,
+        None,
+        ("model.layers.19.mlp.down_proj.weight",),
+        import_decoder_layers_19_mlp_linear_fc2_weight,
+        export_decoder_layers_19_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.20.self_attention.linear_qkv.layer_norm_weight",
         (4096,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=20,
-        expert=None,
-        hf_names=("model.layers.20.input_layernorm.weight",),
+        None,
+        False,
+        20,
+        None,
+        ("model.layers.20.input_layernorm.weight",),
+        import_decoder_layers_20_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_20_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.20.self_attention.linear_proj.weight",
         (4096, 4096),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=20,
-        expert=None,
-        hf_names=("model.layers.20.self_attn.o_proj.weight",),
+        1,
+        False,
+        20,
+        None,
+        ("model.layers.20.self_attn.o_proj.weight",),
+        import_decoder_layers_20_self_attention_linear_proj_weight,
+        export_decoder_layers_20_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.20.self_attention.linear_qkv.weight",
         (6144, 4096),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=20,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        20,
+        None,
+        (
             "model.layers.20.self_attn.q_proj.weight",
             "model.layers.20.self_attn.k_proj.weight",
             "model.layers.20.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_20_self_attention_linear_qkv_weight,
+        export_decoder_layers_20_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.20.self_attention.q_layernorm.weight",
         (128,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=20,
-        expert=None,
-        hf_names=("model.layers.20.self_attn.q_norm.weight",),
+        None,
+        False,
+        20,
+        None,
+        ("model.layers.20.self_attn.q_norm.weight",),
+        import_decoder_layers_20_self_attention_q_layernorm_weight,
+        export_decoder_layers_20_self_attention_q_layernorm_weight,
     ),
     ParamPlan(
         "decoder.layers.20.self_attention.k_layernorm.weight",
         (128,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=20,
-        expert=None,
-        hf_names=("model.layers.20.self_attn.k_norm.weight",),
+        None,
+        False,
+        20,
+        None,
+        ("model.layers.20.self_attn.k_norm.weight",),
+        import_decoder_layers_20_self_attention_k_layernorm_weight,
+        export_decoder_layers_20_self_attention_k_layernorm_weight,
     ),
     ParamPlan(
         "decoder.layers.20.mlp.linear_fc1.layer_norm_weight",
         (4096,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=20,
-        expert=None,
-        hf_names=("model.layers.20.post_attention_layernorm.weight",),
+        None,
+        False,
+        20,
+        None,
+        ("model.layers.20.post_attention_layernorm.weight",),
+        import_decoder_layers_20_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_20_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.20.mlp.linear_fc1.weight",
         (24576, 4096),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=20,
-        expert=None,
-        hf_names=("model.layers.20.mlp.gate_proj.weight", "model.layers.20.mlp.up_proj.weight"),
+        0,
+        False,
+        20,
+        None,
+        ("model.layers.20.mlp.gate_proj.weight", "model.layers.20.mlp.up_proj.weight"),
+        import_decoder_layers_20_mlp_linear_fc1_weight,
+        export_decoder_layers_20_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.20.mlp.linear_fc2.weight",
         (4096, 12288),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=20,
-        expert=None,
-        hf_names=("model.layers.20.mlp.down_proj.weight",),
+        1,
+        False,
+        20,
+        None,
+        ("model.layers.20.mlp.down_proj.weight",),
+        import_decoder_layers_20_mlp_linear_fc2_weight,
+        export_decoder_layers_20_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.21.self_attention.linear_qkv.layer_norm_weight",
         (4096,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=21,
-        expert=None,
-        hf_names=("model.layers.21.input_layernorm.weight",),
+        None,
+        False,
+        21,
+        None,
+        ("model.layers.21.input_layernorm.weight",),
+        import_decoder_layers_21_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_21_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.21.self_attention.linear_proj.weight",
         (4096, 4096),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=21,
-        expert=None,
-        hf_names=("model.layers.21.self_attn.o_proj.weight",),
+        1,
+        False,
+        21,
+        None,
+        ("model.layers.21.self_attn.o_proj.weight",),
+        import_decoder_layers_21_self_attention_linear_proj_weight,
+        export_decoder_layers_21_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.21.self_attention.linear_qkv.weight",
         (6144, 4096),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=21,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        21,
+        None,
+        (
             "model.layers.21.self_attn.q_proj.weight",
             "model.layers.21.self_attn.k_proj.weight",
             "model.layers.21.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_21_self_attention_linear_qkv_weight,
+        export_decoder_layers_21_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.21.self_attention.q_layernorm.weight",
         (128,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=21,
-        expert=None,
-        hf_names=("model.layers.21.self_attn.q_norm.weight",),
+        None,
+        False,
+        21,
+        None,
+        ("model.layers.21.self_attn.q_norm.weight",),
+        import_decoder_layers_21_self_attention_q_layernorm_weight,
+        export_decoder_layers_21_self_attention_q_layernorm_weight,
     ),
     ParamPlan(
         "decoder.layers.21.self_attention.k_layernorm.weight",
         (128,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=21,
-        expert=None,
-        hf_names=("model.layers.21.self_attn.k_norm.weight",),
+        None,
+        False,
+        21,
+        None,
+        ("model.layers.21.self_attn.k_norm.weight",),
+        import_decoder_layers_21_self_attention_k_layernorm_weight,
+        export_decoder_layers_21_self_attention_k_layernorm_weight,
     ),
     ParamPlan(
         "decoder.layers.21.mlp.linear_fc1.layer_norm_weight",
         (4096,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=21,
-        expert=None,
-        hf_names=("model.layers.21.post_attention_layernorm.weight",),
+        None,
+        False,
+        21,
+        None,
+        ("model.layers.21.post_attention_layernorm.weight",),
+        import_decoder_layers_21_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_21_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.21.mlp.linear_fc1.weight",
         (24576, 4096),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=21,
-        expert=None,
-        hf_names=("model.layers.21.mlp.gate_proj.weight", "model.layers.21.mlp.up_proj.weight"),
+        0,
+        False,
+        21,
+        None,
+        ("model.layers.21.mlp.gate_proj.weight", "model.layers.21.mlp.up_proj.weight"),
+        import_decoder_layers_21_mlp_linear_fc1_weight,
+        export_decoder_layers_21_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.21.mlp.linear_fc2.weight",
         (4096, 12288),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=21,
-        expert=None,
-        hf_names=("model.layers.21.mlp.down_proj.weight",),
+        1,
+        False,
+        21,
+        None,
+        ("model.layers.21.mlp.down_proj.weight",),
+        import_decoder_layers_21_mlp_linear_fc2_weight,
+        export_decoder_layers_21_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.22.self_attention.linear_qkv.layer_norm_weight",
         (4096,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=22,
-        expert=None,
-        hf_names=("model.layers.22.input_layernorm.weight",),
+        None,
+        False,
+        22,
+        None,
+        ("model.layers.22.input_layernorm.weight",),
+        import_decoder_layers_22_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_22_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.22.self_attention.linear_proj.weight",
         (4096, 4096),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=22,
-        expert=None,
-        hf_names=("model.layers.22.self_attn.o_proj.weight",),
+        1,
+        False,
+        22,
+        None,
+        ("model.layers.22.self_attn.o_proj.weight",),
+        import_decoder_layers_22_self_attention_linear_proj_weight,
+        export_decoder_layers_22_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.22.self_attention.linear_qkv.weight",
         (6144, 4096),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=22,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        22,
+        None,
+        (
             "model.layers.22.self_attn.q_proj.weight",
             "model.layers.22.self_attn.k_proj.weight",
             "model.layers.22.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_22_self_attention_linear_qkv_weight,
+        export_decoder_layers_22_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.22.self_attention.q_layernorm.weight",
         (128,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=22,
-        expert=None,
-        hf_names=("model.layers.22.self_attn.q_norm.weight",),
+        None,
+        False,
+        22,
+        None,
+        ("model.layers.22.self_attn.q_norm.weight",),
+        import_decoder_layers_22_self_attention_q_layernorm_weight,
+        export_decoder_layers_22_self_attention_q_layernorm_weight,
     ),
     ParamPlan(
         "decoder.layers.22.self_attention.k_layernorm.weight",
         (128,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=22,
-        expert=None,
-        hf_names=("model.layers.22.self_attn.k_norm.weight",),
+        None,
+        False,
+        22,
+        None,
+        ("model.layers.22.self_attn.k_norm.weight",),
+        import_decoder_layers_22_self_attention_k_layernorm_weight,
+        export_decoder_layers_22_self_attention_k_layernorm_weight,
     ),
     ParamPlan(
         "decoder.layers.22.mlp.linear_fc1.layer_norm_weight",
         (4096,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=22,
-        expert=None,
-        hf_names=("model.layers.22.post_attention_layernorm.weight",),
+        None,
+        False,
+        22,
+        None,
+        ("model.layers.22.post_attention_layernorm.weight",),
+        import_decoder_layers_22_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_22_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.22.mlp.linear_fc1.weight",
         (24576, 4096),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=22,
-        expert=None,
-        hf_names=("model.layers.22.mlp.gate_proj.weight", "model.layers.22.mlp.up_proj.weight"),
+        0,
+        False,
+        22,
+        None,
+        ("model.layers.22.mlp.gate_proj.weight", "model.layers.22.mlp.up_proj.weight"),
+        import_decoder_layers_22_mlp_linear_fc1_weight,
+        export_decoder_layers_22_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.22.mlp.linear_fc2.weight",
         (4096, 12288),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=22,
-        expert=None,
-        hf_names=("model.layers.22.mlp.down_proj.weight",),
+        1,
+        False,
+        22,
+        None,
+        ("model.layers.22.mlp.down_proj.weight",),
+        import_decoder_layers_22_mlp_linear_fc2_weight,
+        export_decoder_layers_22_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.23.self_attention.linear_qkv.layer_norm_weight",
         (4096,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=23,
-        expert=None,
-        hf_names=("model.layers.23.input_layernorm.weight",),
+        None,
+        False,
+        23,
+        None,
+        ("model.layers.23.input_layernorm.weight",),
+        import_decoder_layers_23_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_23_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.23.self_attention.linear_proj.weight",
         (4096, 4096),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=23,
-        expert=None,
-        hf_names=("model.layers.23.self_attn.o_proj.weight",),
+        1,
+        False,
+        23,
+        None,
+        ("model.layers.23.self_attn.o_proj.weight",),
+        import_decoder_layers_23_self_attention_linear_proj_weight,
+        export_decoder_layers_23_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.23.self_attention.linear_qkv.weight",
         (6144, 4096),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=23,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        23,
+        None,
+        (
             "model.layers.23.self_attn.q_proj.weight",
             "model.layers.23.self_attn.k_proj.weight",
             "model.layers.23.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_23_self_attention_linear_qkv_weight,
+        export_decoder_layers_23_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.23.self_attention.q_layernorm.weight",
         (128,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=23,
-        expert=None,
-        hf_names=("model.layers.23.self_attn.q_norm.weight",),
+        None,
+        False,
+        23,
+        None,
+        ("model.layers.23.self_attn.q_norm.weight",),
+        import_decoder_layers_23_self_attention_q_layernorm_weight,
+        export_decoder_layers_23_self_attention_q_layernorm_weight,
     ),
     ParamPlan(
         "decoder.layers.23.self_attention.k_layernorm.weight",
         (128,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=23,
-        expert=None,
-        hf_names=("model.layers.23.self_attn.k_norm.weight",),
+        None,
+        False,
+        23,
+        None,
+        ("model.layers.23.self_attn.k_norm.weight",),
+        import_decoder_layers_23_self_attention_k_layernorm_weight,
+        export_decoder_layers_23_self_attention_k_layernorm_weight,
     ),
     ParamPlan(
         "decoder.layers.23.mlp.linear_fc1.layer_norm_weight",
         (4096,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=23,
-        expert=None,
-        hf_names=("model.layers.23.post_attention_layernorm.weight",),
+        None,
+        False,
+        23,
+        None,
+        ("model.layers.23.post_attention_layernorm.weight",),
+        import_decoder_layers_23_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_23_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.23.mlp.linear_fc1.weight",
         (24576, 4096),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=23,
-        expert=None,
-        hf_names=("model.layers.23.mlp.gate_proj.weight", "model.layers.23.mlp.up_proj.weight"),
+        0,
+        False,
+        23,
+        None,
+        ("model.layers.23.mlp.gate_proj.weight", "model.layers.23.mlp.up_proj.weight"),
+        import_decoder_layers_23_mlp_linear_fc1_weight,
+        export_decoder_layers_23_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.23.mlp.linear_fc2.weight",
         (4096, 12288),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=23,
-        expert=None,
-        hf_names=("model.layers.23.mlp.down_proj.weight",),
+        1,
+        False,
+        23,
+        None,
+        ("model.layers.23.mlp.down_proj.weight",),
+        import_decoder_layers_23_mlp_linear_fc2_weight,
+        export_decoder_layers_23_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.24.self_attention.linear_qkv.layer_norm_weight",
         (4096,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=24,
-        expert=None,
-        hf_names=("model.layers.24.input_layernorm.weight",),
+        None,
+        False,
+        24,
+        None,
+        ("model.layers.24.input_layernorm.weight",),
+        import_decoder_layers_24_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_24_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.24.self_attention.linear_proj.weight",
         (4096, 4096),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=24,
-        expert=None,
-        hf_names=("model.layers.24.self_attn.o_proj.weight",),
+        1,
+        False,
+        24,
+        None,
+        ("model.layers.24.self_attn.o_proj.weight",),
+        import_decoder_layers_24_self_attention_linear_proj_weight,
+        export_decoder_layers_24_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.24.self_attention.linear_qkv.weight",
         (6144, 4096),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=24,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        24,
+        None,
+        (
             "model.layers.24.self_attn.q_proj.weight",
             "model.layers.24.self_attn.k_proj.weight",
             "model.layers.24.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_24_self_attention_linear_qkv_weight,
+        export_decoder_layers_24_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.24.self_attention.q_layernorm.weight",
         (128,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=24,
-        expert=None,
-        hf_names=("model.layers.24.self_attn.q_norm.weight",),
+        None,
+        False,
+        24,
+        None,
+        ("model.layers.24.self_attn.q_norm.weight",),
+        import_decoder_layers_24_self_attention_q_layernorm_weight,
+        export_decoder_layers_24_self_attention_q_layernorm_weight,
     ),
     ParamPlan(
         "decoder.layers.24.self_attention.k_layernorm.weight",
         (128,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=24,
-        expert=None,
-        hf_names=("model.layers.24.self_attn.k_norm.weight",),
+        None,
+        False,
+        24,
+        None,
+        ("model.layers.24.self_attn.k_norm.weight",),
+        import_decoder_layers_24_self_attention_k_layernorm_weight,
+        export_decoder_layers_24_self_attention_k_layernorm_weight,
     ),
     ParamPlan(
         "decoder.layers.24.mlp.linear_fc1.layer_norm_weight",
         (4096,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=24,
-        expert=None,
-        hf_names=("model.layers.24.post_attention_layernorm.weight",),
+        None,
+        False,
+        24,
+        None,
+        ("model.layers.24.post_attention_layernorm.weight",),
+        import_decoder_layers_24_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_24_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.24.mlp.linear_fc1.weight",
         (24576, 4096),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=24,
-        expert=None,
-        hf_names=("model.layers.24.mlp.gate_proj.weight", "model.layers.24.mlp.up_proj.weight"),
+        0,
+        False,
+        24,
+        None,
+        ("model.layers.24.mlp.gate_proj.weight", "model.layers.24.mlp.up_proj.weight"),
+        import_decoder_layers_24_mlp_linear_fc1_weight,
+        export_decoder_layers_24_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.24.mlp.linear_fc2.weight",
         (4096, 12288),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=24,
-        expert=None,
-        hf_names=("model.layers.24.mlp.down_proj.weight",),
+        1,
+        False,
+        24,
+        None,
+        ("model.layers.24.mlp.down_proj.weight",),
+        import_decoder_layers_24_mlp_linear_fc2_weight,
+        export_decoder_layers_24_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.25.self_attention.linear_qkv.layer_norm_weight",
         (4096,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=25,
-        expert=None,
-        hf_names=("model.layers.25.input_layernorm.weight",),
+        None,
+        False,
+        25,
+        None,
+        ("model.layers.25.input_layernorm.weight",),
+        import_decoder_layers_25_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_25_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.25.self_attention.linear_proj.weight",
         (4096, 4096),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=25,
-        expert=None,
-        hf_names=("model.layers.25.self_attn.o_proj.weight",),
+        1,
+        False,
+        25,
+        None,
+        ("model.layers.25.self_attn.o_proj.weight",),
+        import_decoder_layers_25_self_attention_linear_proj_weight,
+        export_decoder_layers_25_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.25.self_attention.linear_qkv.weight",
         (6144, 4096),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=25,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        25,
+        None,
+        (
             "model.layers.25.self_attn.q_proj.weight",
             "model.layers.25.self_attn.k_proj.weight",
             "model.layers.25.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_25_self_attention_linear_qkv_weight,
+        export_decoder_layers_25_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.25.self_attention.q_layernorm.weight",
         (128,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=25,
-        expert=None,
-        hf_names=("model.layers.25.self_attn.q_norm.weight",),
+        None,
+        False,
+        25,
+        None,
+        ("model.layers.25.self_attn.q_norm.weight",),
+        import_decoder_layers_25_self_attention_q_layernorm_weight,
+        export_decoder_layers_25_self_attention_q_layernorm_weight,
     ),
     ParamPlan(
         "decoder.layers.25.self_attention.k_layernorm.weight",
         (128,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=25,
-        expert=None,
-        hf_names=("model.layers.25.self_attn.k_norm.weight",),
+        None,
+        False,
+        25,
+        None,
+        ("model.layers.25.self_attn.k_norm.weight",),
+        import_decoder_layers_25_self_attention_k_layernorm_weight,
+        export_decoder_layers_25_self_attention_k_layernorm_weight,
     ),
     ParamPlan(
         "decoder.layers.25.mlp.linear_fc1.layer_norm_weight",
         (4096,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=25,
-        expert=None,
-        hf_names=("model.layers.25.post_attention_layernorm.weight",),
+        None,
+        False,
+        25,
+        None,
+        ("model.layers.25.post_attention_layernorm.weight",),
+        import_decoder_layers_25_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_25_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.25.mlp.linear_fc1.weight",
         (24576, 4096),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=25,
-        expert=None,
-        hf_names=("model.layers.25.mlp.gate_proj.weight", "model.layers.25.mlp.up_proj.weight"),
+        0,
+        False,
+        25,
+        None,
+        ("model.layers.25.mlp.gate_proj.weight", "model.layers.25.mlp.up_proj.weight"),
+        import_decoder_layers_25_mlp_linear_fc1_weight,
+        export_decoder_layers_25_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.25.mlp.linear_fc2.weight",
         (4096, 12288),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=25,
-        expert=None,
-        hf_names=("model.layers.25.mlp.down_proj.weight",),
+        1,
+        False,
+        25,
+        None,
+        ("model.layers.25.mlp.down_proj.weight",),
+        import_decoder_layers_25_mlp_linear_fc2_weight,
+        export_decoder_layers_25_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.26.self_attention.linear_qkv.layer_norm_weight",
         (4096,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=26,
-        expert=None,
-        hf_names=("model.layers.26.input_layernorm.weight",),
+        None,
+        False,
+        26,
+        None,
+        ("model.layers.26.input_layernorm.weight",),
+        import_decoder_layers_26_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_26_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.26.self_attention.linear_proj.weight",
         (4096, 4096),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=26,
-        expert=None,
-        hf_names=("model.layers.26.self_attn.o_proj.weight",),
+        1,
+        False,
+        26,
+        None,
+        ("model.layers.26.self_attn.o_proj.weight",),
+        import_decoder_layers_26_self_attention_linear_proj_weight,
+        export_decoder_layers_26_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.26.self_attention.linear_qkv.weight",
         (6144, 4096),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=26,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        26,
+        None,
+        (
             "model.layers.26.self_attn.q_proj.weight",
             "model.layers.26.self_attn.k_proj.weight",
             "model.layers.26.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_26_self_attention_linear_qkv_weight,
+        export_decoder_layers_26_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.26.self_attention.q_layernorm.weight",
         (128,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=26,
-        expert=None,
-        hf_names=("model.layers.26.self_attn.q_norm.weight",),
+        None,
+        False,
+        26,
+        None,
+        ("model.layers.26.self_attn.q_norm.weight",),
+        import_decoder_layers_26_self_attention_q_layernorm_weight,
+        export_decoder_layers_26_self_attention_q_layernorm_weight,
     ),
     ParamPlan(
         "decoder.layers.26.self_attention.k_layernorm.weight",
         (128,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=26,
-        expert=None,
-        hf_names=("model.layers.26.self_attn.k_norm.weight",),
+        None,
+        False,
+        26,
+        None,
+        ("model.layers.26.self_attn.k_norm.weight",),
+        import_decoder_layers_26_self_attention_k_layernorm_weight,
+        export_decoder_layers_26_self_attention_k_layernorm_weight,
     ),
     ParamPlan(
         "decoder.layers.26.mlp.linear_fc1.layer_norm_weight",
         (4096,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=26,
-        expert=None,
-        hf_names=("model.layers.26.post_attention_layernorm.weight",),
+        None,
+        False,
+        26,
+        None,
+        ("model.layers.26.post_attention_layernorm.weight",),
+        import_decoder_layers_26_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_26_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.26.mlp.linear_fc1.weight",
         (24576, 4096),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=26,
-        expert=None,
-        hf_names=("model.layers.26.mlp.gate_proj.weight", "model.layers.26.mlp.up_proj.weight"),
+        0,
+        False,
+        26,
+        None,
+        ("model.layers.26.mlp.gate_proj.weight", "model.layers.26.mlp.up_proj.weight"),
+        import_decoder_layers_26_mlp_linear_fc1_weight,
+        export_decoder_layers_26_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.26.mlp.linear_fc2.weight",
         (4096, 12288),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=26,
-        expert=None,
-        hf_names=("model.layers.26.mlp.down_proj.weight",),
+        1,
+        False,
+        26,
+        None,
+        ("model.layers.26.mlp.down_proj.weight",),
+        import_decoder_layers_26_mlp_linear_fc2_weight,
+        export_decoder_layers_26_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.27.self_attention.linear_qkv.layer_norm_weight",
         (4096,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=27,
-        expert=None,
-        hf_names=("model.layers.27.input_layernorm.weight",),
+        None,
+        False,
+        27,
+        None,
+        ("model.layers.27.input_layernorm.weight",),
+        import_decoder_layers_27_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_27_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.27.self_attention.linear_proj.weight",
         (4096, 4096),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=27,
-        expert=None,
-        hf_names=("model.layers.27.self_attn.o_proj.weight",),
+        1,
+        False,
+        27,
+        None,
+        ("model.layers.27.self_attn.o_proj.weight",),
+        import_decoder_layers_27_self_attention_linear_proj_weight,
+        export_decoder_layers_27_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.27.self_attention.linear_qkv.weight",
         (6144, 4096),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=27,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        27,
+        None,
+        (
             "model.layers.27.self_attn.q_proj.weight",
             "model.layers.27.self_attn.k_proj.weight",
             "model.layers.27.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_27_self_attention_linear_qkv_weight,
+        export_decoder_layers_27_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.27.self_attention.q_layernorm.weight",
         (128,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=27,
-        expert=None,
-        hf_names=("model.layers.27.self_attn.q_norm.weight",),
+        None,
+        False,
+        27,
+        None,
+        ("model.layers.27.self_attn.q_norm.weight",),
+        import_decoder_layers_27_self_attention_q_layernorm_weight,
+        export_decoder_layers_27_self_attention_q_layernorm_weight,
     ),
     ParamPlan(
         "decoder.layers.27.self_attention.k_layernorm.weight",
         (128,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=27,
-        expert=None,
-        hf_names=("model.layers.27.self_attn.k_norm.weight",),
+        None,
+        False,
+        27,
+        None,
+        ("model.layers.27.self_attn.k_norm.weight",),
+        import_decoder_layers_27_self_attention_k_layernorm_weight,
+        export_decoder_layers_27_self_attention_k_layernorm_weight,
     ),
     ParamPlan(
         "decoder.layers.27.mlp.linear_fc1.layer_norm_weight",
         (4096,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=27,
-        expert=None,
-        hf_names=("model.layers.27.post_attention_layernorm.weight",),
+        None,
+        False,
+        27,
+        None,
+        ("model.layers.27.post_attention_layernorm.weight",),
+        import_decoder_layers_27_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_27_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.27.mlp.linear_fc1.weight",
         (24576, 4096),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=27,
-        expert=None,
-        hf_names=("model.layers.27.mlp.gate_proj.weight", "model.layers.27.mlp.up_proj.weight"),
+        0,
+        False,
+        27,
+        None,
+        ("model.layers.27.mlp.gate_proj.weight", "model.layers.27.mlp.up_proj.weight"),
+        import_decoder_layers_27_mlp_linear_fc1_weight,
+        export_decoder_layers_27_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.27.mlp.linear_fc2.weight",
         (4096, 12288),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=27,
-        expert=None,
-        hf_names=("model.layers.27.mlp.down_proj.weight",),
+        1,
+        False,
+        27,
+        None,
+        ("model.layers.27.mlp.down_proj.weight",),
+        import_decoder_layers_27_mlp_linear_fc2_weight,
+        export_decoder_layers_27_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.28.self_attention.linear_qkv.layer_norm_weight",
         (4096,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=28,
-        expert=None,
-        hf_names=("model.layers.28.input_layernorm.weight",),
+        None,
+        False,
+        28,
+        None,
+        ("model.layers.28.input_layernorm.weight",),
+        import_decoder_layers_28_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_28_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.28.self_attention.linear_proj.weight",
         (4096, 4096),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=28,
-        expert=None,
-        hf_names=("model.layers.28.self_attn.o_proj.weight",),
+        1,
+        False,
+        28,
+        None,
+        ("model.layers.28.self_attn.o_proj.weight",),
+        import_decoder_layers_28_self_attention_linear_proj_weight,
+        export_decoder_layers_28_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.28.self_attention.linear_qkv.weight",
         (6144, 4096),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=28,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        28,
+        None,
+        (
             "model.layers.28.self_attn.q_proj.weight",
             "model.layers.28.self_attn.k_proj.weight",
             "model.layers.28.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_28_self_attention_linear_qkv_weight,
+        export_decoder_layers_28_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.28.self_attention.q_layernorm.weight",
         (128,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=28,
-        expert=None,
-        hf_names=("model.layers.28.self_attn.q_norm.weight",),
+        None,
+        False,
+        28,
+        None,
+        ("model.layers.28.self_attn.q_norm.weight",),
+        import_decoder_layers_28_self_attention_q_layernorm_weight,
+        export_decoder_layers_28_self_attention_q_layernorm_weight,
     ),
     ParamPlan(
         "decoder.layers.28.self_attention.k_layernorm.weight",
         (128,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=28,
-        expert=None,
-        hf_names=("model.layers.28.self_attn.k_norm.weight",),
+        None,
+        False,
+        28,
+        None,
+        ("model.layers.28.self_attn.k_norm.weight",),
+        import_decoder_layers_28_self_attention_k_layernorm_weight,
+        export_decoder_layers_28_self_attention_k_layernorm_weight,
     ),
     ParamPlan(
         "decoder.layers.28.mlp.linear_fc1.layer_norm_weight",
         (4096,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=28,
-        expert=None,
-        hf_names=("model.layers.28.post_attention_layernorm.weight",),
+        None,
+        False,
+        28,
+        None,
+        ("model.layers.28.post_attention_layernorm.weight",),
+        import_decoder_layers_28_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_28_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.28.mlp.linear_fc1.weight",
         (24576, 4096),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=28,
-        expert=None,
-        hf_names=("model.layers.28.mlp.gate_proj.weight", "model.layers.28.mlp.up_proj.weight"),
+        0,
+        False,
+        28,
+        None,
+        ("model.layers.28.mlp.gate_proj.weight", "model.layers.28.mlp.up_proj.weight"),
+        import_decoder_layers_28_mlp_linear_fc1_weight,
+        export_decoder_layers_28_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.28.mlp.linear_fc2.weight",
         (4096, 12288),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=28,
-        expert=None,
-        hf_names=("model.layers.28.mlp.down_proj.weight",),
+        1,
+        False,
+        28,
+        None,
+        ("model.layers.28.mlp.down_proj.weight",),
+        import_decoder_layers_28_mlp_linear_fc2_weight,
+        export_decoder_layers_28_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.29.self_attention.linear_qkv.layer_norm_weight",
         (4096,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=29,
-        expert=None,
-        hf_names=("model.layers.29.input_layernorm.weight",),
+        None,
+        False,
+        29,
+        None,
+        ("model.layers.29.input_layernorm.weight",),
+        import_decoder_layers_29_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_29_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.29.self_attention.linear_proj.weight",
         (4096, 4096),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=29,
-        expert=None,
-        hf_names=("model.layers.29.self_attn.o_proj.weight",),
+        1,
+        False,
+        29,
+        None,
+        ("model.layers.29.self_attn.o_proj.weight",),
+        import_decoder_layers_29_self_attention_linear_proj_weight,
+        export_decoder_layers_29_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.29.self_attention.linear_qkv.weight",
         (6144, 4096),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=29,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        29,
+        None,
+        (
             "model.layers.29.self_attn.q_proj.weight",
             "model.layers.29.self_attn.k_proj.weight",
             "model.layers.29.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_29_self_attention_linear_qkv_weight,
+        export_decoder_layers_29_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.29.self_attention.q_layernorm.weight",
         (128,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=29,
-        expert=None,
-        hf_names=("model.layers.29.self_attn.q_norm.weight",),
+        None,
+        False,
+        29,
+        None,
+        ("model.layers.29.self_attn.q_norm.weight",),
+        import_decoder_layers_29_self_attention_q_layernorm_weight,
+        export_decoder_layers_29_self_attention_q_layernorm_weight,
     ),
     ParamPlan(
         "decoder.layers.29.self_attention.k_layernorm.weight",
         (128,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=29,
-        expert=None,
-        hf_names=("model.layers.29.self_attn.k_norm.weight",),
+        None,
+        False,
+        29,
+        None,
+        ("model.layers.29.self_attn.k_norm.weight",),
+        import_decoder_layers_29_self_attention_k_layernorm_weight,
+        export_decoder_layers_29_self_attention_k_layernorm_weight,
     ),
     ParamPlan(
         "decoder.layers.29.mlp.linear_fc1.layer_norm_weight",
         (4096,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=29,
-        expert=None,
-        hf_names=("model.layers.29.post_attention_layernorm.weight",),
+        None,
+        False,
+        29,
+        None,
+        ("model.layers.29.post_attention_layernorm.weight",),
+        import_decoder_layers_29_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_29_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.29.mlp.linear_fc1.weight",
         (24576, 4096),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=29,
-        expert=None,
-        hf_names=("model.layers.29.mlp.gate_proj.weight", "model.layers.29.mlp.up_proj.weight"),
+        0,
+        False,
+        29,
+        None,
+        ("model.layers.29.mlp.gate_proj.weight", "model.layers.29.mlp.up_proj.weight"),
+        import_decoder_layers_29_mlp_linear_fc1_weight,
+        export_decoder_layers_29_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.29.mlp.linear_fc2.weight",
         (4096, 12288),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=29,
-        expert=None,
-        hf_names=("model.layers.29.mlp.down_proj.weight",),
+        1,
+        False,
+        29,
+        None,
+        ("model.layers.29.mlp.down_proj.weight",),
+        import_decoder_layers_29_mlp_linear_fc2_weight,
+        export_decoder_layers_29_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.30.self_attention.linear_qkv.layer_norm_weight",
         (4096,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=30,
-        expert=None,
-        hf_names=("model.layers.30.input_layernorm.weight",),
+        None,
+        False,
+        30,
+        None,
+        ("model.layers.30.input_layernorm.weight",),
+        import_decoder_layers_30_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_30_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.30.self_attention.linear_proj.weight",
         (4096, 4096),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=30,
-        expert=None,
-        hf_names=("model.layers.30.self_attn.o_proj.weight",),
+        1,
+        False,
+        30,
+        None,
+        ("model.layers.30.self_attn.o_proj.weight",),
+        import_decoder_layers_30_self_attention_linear_proj_weight,
+        export_decoder_layers_30_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.30.self_attention.linear_qkv.weight",
         (6144, 4096),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=30,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        30,
+        None,
+        (
             "model.layers.30.self_attn.q_proj.weight",
             "model.layers.30.self_attn.k_proj.weight",
             "model.layers.30.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_30_self_attention_linear_qkv_weight,
+        export_decoder_layers_30_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.30.self_attention.q_layernorm.weight",
         (128,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=30,
-        expert=None,
-        hf_names=("model.layers.30.self_attn.q_norm.weight",),
+        None,
+        False,
+        30,
+        None,
+        ("model.layers.30.self_attn.q_norm.weight",),
+        import_decoder_layers_30_self_attention_q_layernorm_weight,
+        export_decoder_layers_30_self_attention_q_layernorm_weight,
     ),
     ParamPlan(
         "decoder.layers.30.self_attention.k_layernorm.weight",
         (128,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=30,
-        expert=None,
-        hf_names=("model.layers.30.self_attn.k_norm.weight",),
+        None,
+        False,
+        30,
+        None,
+        ("model.layers.30.self_attn.k_norm.weight",),
+        import_decoder_layers_30_self_attention_k_layernorm_weight,
+        export_decoder_layers_30_self_attention_k_layernorm_weight,
     ),
     ParamPlan(
         "decoder.layers.30.mlp.linear_fc1.layer_norm_weight",
         (4096,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=30,
-        expert=None,
-        hf_names=("model.layers.30.post_attention_layernorm.weight",),
+        None,
+        False,
+        30,
+        None,
+        ("model.layers.30.post_attention_layernorm.weight",),
+        import_decoder_layers_30_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_30_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.30.mlp.linear_fc1.weight",
         (24576, 4096),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=30,
-        expert=None,
-        hf_names=("model.layers.30.mlp.gate_proj.weight", "model.layers.30.mlp.up_proj.weight"),
+        0,
+        False,
+        30,
+        None,
+        ("model.layers.30.mlp.gate_proj.weight", "model.layers.30.mlp.up_proj.weight"),
+        import_decoder_layers_30_mlp_linear_fc1_weight,
+        export_decoder_layers_30_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.30.mlp.linear_fc2.weight",
         (4096, 12288),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=30,
-        expert=None,
-        hf_names=("model.layers.30.mlp.down_proj.weight",),
+        1,
+        False,
+        30,
+        None,
+        ("model.layers.30.mlp.down_proj.weight",),
+        import_decoder_layers_30_mlp_linear_fc2_weight,
+        export_decoder_layers_30_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.31.self_attention.linear_qkv.layer_norm_weight",
         (4096,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=31,
-        expert=None,
-        hf_names=("model.layers.31.input_layernorm.weight",),
+        None,
+        False,
+        31,
+        None,
+        ("model.layers.31.input_layernorm.weight",),
+        import_decoder_layers_31_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_31_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.31.self_attention.linear_proj.weight",
         (4096, 4096),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=31,
-        expert=None,
-        hf_names=("model.layers.31.self_attn.o_proj.weight",),
+        1,
+        False,
+        31,
+        None,
+        ("model.layers.31.self_attn.o_proj.weight",),
+        import_decoder_layers_31_self_attention_linear_proj_weight,
+        export_decoder_layers_31_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.31.self_attention.linear_qkv.weight",
         (6144, 4096),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=31,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        31,
+        None,
+        (
             "model.layers.31.self_attn.q_proj.weight",
             "model.layers.31.self_attn.k_proj.weight",
             "model.layers.31.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_31_self_attention_linear_qkv_weight,
+        export_decoder_layers_31_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.31.self_attention.q_layernorm.weight",
         (128,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=31,
-        expert=None,
-        hf_names=("model.layers.31.self_attn.q_norm.weight",),
+        None,
+        False,
+        31,
+        None,
+        ("model.layers.31.self_attn.q_norm.weight",),
+        import_decoder_layers_31_self_attention_q_layernorm_weight,
+        export_decoder_layers_31_self_attention_q_layernorm_weight,
     ),
     ParamPlan(
         "decoder.layers.31.self_attention.k_layernorm.weight",
         (128,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=31,
-        expert=None,
-        hf_names=("model.layers.31.self_attn.k_norm.weight",),
+        None,
+        False,
+        31,
+        None,
+        ("model.layers.31.self_attn.k_norm.weight",),
+        import_decoder_layers_31_self_attention_k_layernorm_weight,
+        export_decoder_layers_31_self_attention_k_layernorm_weight,
     ),
     ParamPlan(
         "decoder.layers.31.mlp.linear_fc1.layer_norm_weight",
         (4096,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=31,
-        expert=None,
-        hf_names=("model.layers.31.post_attention_layernorm.weight",),
+        None,
+        False,
+        31,
+        None,
+        ("model.layers.31.post_attention_layernorm.weight",),
+        import_decoder_layers_31_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_31_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.31.mlp.linear_fc1.weight",
         (24576, 4096),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=31,
-        expert=None,
-        hf_names=("model.layers.31.mlp.gate_proj.weight", "model.layers.31.mlp.up_proj.weight"),
+        0,
+        False,
+        31,
+        None,
+        ("model.layers.31.mlp.gate_proj.weight", "model.layers.31.mlp.up_proj.weight"),
+        import_decoder_layers_31_mlp_linear_fc1_weight,
+        export_decoder_layers_31_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.31.mlp.linear_fc2.weight",
         (4096, 12288),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=31,
-        expert=None,
-        hf_names=("model.layers.31.mlp.down_proj.weight",),
+        1,
+        False,
+        31,
+        None,
+        ("model.layers.31.mlp.down_proj.weight",),
+        import_decoder_layers_31_mlp_linear_fc2_weight,
+        export_decoder_layers_31_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.32.self_attention.linear_qkv.layer_norm_weight",
         (4096,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=32,
-        expert=None,
-        hf_names=("model.layers.32.input_layernorm.weight",),
+        None,
+        False,
+        32,
+        None,
+        ("model.layers.32.input_layernorm.weight",),
+        import_decoder_layers_32_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_32_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.32.self_attention.linear_proj.weight",
         (4096, 4096),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=32,
-        expert=None,
-        hf_names=("model.layers.32.self_attn.o_proj.weight",),
+        1,
+        False,
+        32,
+        None,
+        ("model.layers.32.self_attn.o_proj.weight",),
+        import_decoder_layers_32_self_attention_linear_proj_weight,
+        export_decoder_layers_32_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.32.self_attention.linear_qkv.weight",
         (6144, 4096),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=32,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        32,
+        None,
+        (
             "model.layers.32.self_attn.q_proj.weight",
             "model.layers.32.self_attn.k_proj.weight",
             "model.layers.32.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_32_self_attention_linear_qkv_weight,
+        export_decoder_layers_32_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.32.self_attention.q_layernorm.weight",
         (128,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=32,
-        expert=None,
-        hf_names=("model.layers.32.self_attn.q_norm.weight",),
+        None,
+        False,
+        32,
+        None,
+        ("model.layers.32.self_attn.q_norm.weight",),
+        import_decoder_layers_32_self_attention_q_layernorm_weight,
+        export_decoder_layers_32_self_attention_q_layernorm_weight,
     ),
     ParamPlan(
         "decoder.layers.32.self_attention.k_layernorm.weight",
         (128,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=32,
-        expert=None,
-        hf_names=("model.layers.32.self_attn.k_norm.weight",),
+        None,
+        False,
+        32,
+        None,
+        ("model.layers.32.self_attn.k_norm.weight",),
+        import_decoder_layers_32_self_attention_k_layernorm_weight,
+        export_decoder_layers_32_self_attention_k_layernorm_weight,
     ),
     ParamPlan(
         "decoder.layers.32.mlp.linear_fc1.layer_norm_weight",
         (4096,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=32,
-        expert=None,
-        hf_names=("model.layers.32.post_attention_layernorm.weight",),
+        None,
+        False,
+        32,
+        None,
+        ("model.layers.32.post_attention_layernorm.weight",),
+        import_decoder_layers_32_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_32_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.32.mlp.linear_fc1.weight",
         (24576, 4096),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=32,
-        expert=None,
-        hf_names=("model.layers.32.mlp.gate_proj.weight", "model.layers.32.mlp.up_proj.weight"),
+        0,
+        False,
+        32,
+        None,
+        ("model.layers.32.mlp.gate_proj.weight", "model.layers.32.mlp.up_proj.weight"),
+        import_decoder_layers_32_mlp_linear_fc1_weight,
+        export_decoder_layers_32_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.32.mlp.linear_fc2.weight",
         (4096, 12288),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=32,
-        expert=None,
-        hf_names=("model.layers.32.mlp.down_proj.weight",),
+        1,
+        False,
+        32,
+        None,
+        ("model.layers.32.mlp.down_proj.weight",),
+        import_decoder_layers_32_mlp_linear_fc2_weight,
+        export_decoder_layers_32_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.33.self_attention.linear_qkv.layer_norm_weight",
         (4096,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=33,
-        expert=None,
-        hf_names=("model.layers.33.input_layernorm.weight",),
+        None,
+        False,
+        33,
+        None,
+        ("model.layers.33.input_layernorm.weight",),
+        import_decoder_layers_33_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_33_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.33.self_attention.linear_proj.weight",
         (4096, 4096),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=33,
-        expert=None,
-        hf_names=("model.layers.33.self_attn.o_proj.weight",),
+        1,
+        False,
+        33,
+        None,
+        ("model.layers.33.self_attn.o_proj.weight",),
+        import_decoder_layers_33_self_attention_linear_proj_weight,
+        export_decoder_layers_33_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.33.self_attention.linear_qkv.weight",
         (6144, 4096),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=33,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        33,
+        None,
+        (
             "model.layers.33.self_attn.q_proj.weight",
             "model.layers.33.self_attn.k_proj.weight",
             "model.layers.33.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_33_self_attention_linear_qkv_weight,
+        export_decoder_layers_33_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.33.self_attention.q_layernorm.weight",
         (128,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=33,
-        expert=None,
-        hf_names=("model.layers.33.self_attn.q_norm.weight",),
+        None,
+        False,
+        33,
+        None,
+        ("model.layers.33.self_attn.q_norm.weight",),
+        import_decoder_layers_33_self_attention_q_layernorm_weight,
+        export_decoder_layers_33_self_attention_q_layernorm_weight,
     ),
     ParamPlan(
         "decoder.layers.33.self_attention.k_layernorm.weight",
         (128,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=33,
-        expert=None,
-        hf_names=("model.layers.33.self_attn.k_norm.weight",),
+        None,
+        False,
+        33,
+        None,
+        ("model.layers.33.self_attn.k_norm.weight",),
+        import_decoder_layers_33_self_attention_k_layernorm_weight,
+        export_decoder_layers_33_self_attention_k_layernorm_weight,
     ),
     ParamPlan(
         "decoder.layers.33.mlp.linear_fc1.layer_norm_weight",
         (4096,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=33,
-        expert=None,
-        hf_names=("model.layers.33.post_attention_layernorm.weight",),
+        None,
+        False,
+        33,
+        None,
+        ("model.layers.33.post_attention_layernorm.weight",),
+        import_decoder_layers_33_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_33_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.33.mlp.linear_fc1.weight",
         (24576, 4096),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=33,
-        expert=None,
-        hf_names=("model.layers.33.mlp.gate_proj.weight", "model.layers.33.mlp.up_proj.weight"),
+        0,
+        False,
+        33,
+        None,
+        ("model.layers.33.mlp.gate_proj.weight", "model.layers.33.mlp.up_proj.weight"),
+        import_decoder_layers_33_mlp_linear_fc1_weight,
+        export_decoder_layers_33_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.33.mlp.linear_fc2.weight",
         (4096, 12288),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=33,
-        expert=None,
-        hf_names=("model.layers.33.mlp.down_proj.weight",),
+        1,
+        False,
+        33,
+        None,
+        ("model.layers.33.mlp.down_proj.weight",),
+        import_decoder_layers_33_mlp_linear_fc2_weight,
+        export_decoder_layers_33_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.34.self_attention.linear_qkv.layer_norm_weight",
         (4096,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=34,
-        expert=None,
-        hf_names=("model.layers.34.input_layernorm.weight",),
+        None,
+        False,
+        34,
+        None,
+        ("model.layers.34.input_layernorm.weight",),
+        import_decoder_layers_34_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_34_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.34.self_attention.linear_proj.weight",
         (4096, 4096),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=34,
-        expert=None,
-        hf_names=("model.layers.34.self_attn.o_proj.weight",),
+        1,
+        False,
+        34,
+        None,
+        ("model.layers.34.self_attn.o_proj.weight",),
+        import_decoder_layers_34_self_attention_linear_proj_weight,
+        export_decoder_layers_34_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.34.self_attention.linear_qkv.weight",
         (6144, 4096),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=34,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        34,
+        None,
+        (
             "model.layers.34.self_attn.q_proj.weight",
             "model.layers.34.self_attn.k_proj.weight",
             "model.layers.34.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_34_self_attention_linear_qkv_weight,
+        export_decoder_layers_34_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.34.self_attention.q_layernorm.weight",
         (128,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=34,
-        expert=None,
-        hf_names=("model.layers.34.self_attn.q_norm.weight",),
+        None,
+        False,
+        34,
+        None,
+        ("model.layers.34.self_attn.q_norm.weight",),
+        import_decoder_layers_34_self_attention_q_layernorm_weight,
+        export_decoder_layers_34_self_attention_q_layernorm_weight,
     ),
     ParamPlan(
         "decoder.layers.34.self_attention.k_layernorm.weight",
         (128,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=34,
-        expert=None,
-        hf_names=("model.layers.34.self_attn.k_norm.weight",),
+        None,
+        False,
+        34,
+        None,
+        ("model.layers.34.self_attn.k_norm.weight",),
+        import_decoder_layers_34_self_attention_k_layernorm_weight,
+        export_decoder_layers_34_self_attention_k_layernorm_weight,
     ),
     ParamPlan(
         "decoder.layers.34.mlp.linear_fc1.layer_norm_weight",
         (4096,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=34,
-        expert=None,
-        hf_names=("model.layers.34.post_attention_layernorm.weight",),
+        None,
+        False,
+        34,
+        None,
+        ("model.layers.34.post_attention_layernorm.weight",),
+        import_decoder_layers_34_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_34_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.34.mlp.linear_fc1.weight",
         (24576, 4096),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=34,
-        expert=None,
-        hf_names=("model.layers.34.mlp.gate_proj.weight", "model.layers.34.mlp.up_proj.weight"),
+        0,
+        False,
+        34,
+        None,
+        ("model.layers.34.mlp.gate_proj.weight", "model.layers.34.mlp.up_proj.weight"),
+        import_decoder_layers_34_mlp_linear_fc1_weight,
+        export_decoder_layers_34_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.34.mlp.linear_fc2.weight",
         (4096, 12288),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=34,
-        expert=None,
-        hf_names=("model.layers.34.mlp.down_proj.weight",),
+        1,
+        False,
+        34,
+        None,
+        ("model.layers.34.mlp.down_proj.weight",),
+        import_decoder_layers_34_mlp_linear_fc2_weight,
+        export_decoder_layers_34_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.layers.35.self_attention.linear_qkv.layer_norm_weight",
         (4096,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=35,
-        expert=None,
-        hf_names=("model.layers.35.input_layernorm.weight",),
+        None,
+        False,
+        35,
+        None,
+        ("model.layers.35.input_layernorm.weight",),
+        import_decoder_layers_35_self_attention_linear_qkv_layer_norm_weight,
+        export_decoder_layers_35_self_attention_linear_qkv_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.35.self_attention.linear_proj.weight",
         (4096, 4096),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=35,
-        expert=None,
-        hf_names=("model.layers.35.self_attn.o_proj.weight",),
+        1,
+        False,
+        35,
+        None,
+        ("model.layers.35.self_attn.o_proj.weight",),
+        import_decoder_layers_35_self_attention_linear_proj_weight,
+        export_decoder_layers_35_self_attention_linear_proj_weight,
     ),
     ParamPlan(
         "decoder.layers.35.self_attention.linear_qkv.weight",
         (6144, 4096),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=35,
-        expert=None,
-        hf_names=(
+        0,
+        False,
+        35,
+        None,
+        (
             "model.layers.35.self_attn.q_proj.weight",
             "model.layers.35.self_attn.k_proj.weight",
             "model.layers.35.self_attn.v_proj.weight",
         ),
+        import_decoder_layers_35_self_attention_linear_qkv_weight,
+        export_decoder_layers_35_self_attention_linear_qkv_weight,
     ),
     ParamPlan(
         "decoder.layers.35.self_attention.q_layernorm.weight",
         (128,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=35,
-        expert=None,
-        hf_names=("model.layers.35.self_attn.q_norm.weight",),
+        None,
+        False,
+        35,
+        None,
+        ("model.layers.35.self_attn.q_norm.weight",),
+        import_decoder_layers_35_self_attention_q_layernorm_weight,
+        export_decoder_layers_35_self_attention_q_layernorm_weight,
     ),
     ParamPlan(
         "decoder.layers.35.self_attention.k_layernorm.weight",
         (128,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=35,
-        expert=None,
-        hf_names=("model.layers.35.self_attn.k_norm.weight",),
+        None,
+        False,
+        35,
+        None,
+        ("model.layers.35.self_attn.k_norm.weight",),
+        import_decoder_layers_35_self_attention_k_layernorm_weight,
+        export_decoder_layers_35_self_attention_k_layernorm_weight,
     ),
     ParamPlan(
         "decoder.layers.35.mlp.linear_fc1.layer_norm_weight",
         (4096,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=35,
-        expert=None,
-        hf_names=("model.layers.35.post_attention_layernorm.weight",),
+        None,
+        False,
+        35,
+        None,
+        ("model.layers.35.post_attention_layernorm.weight",),
+        import_decoder_layers_35_mlp_linear_fc1_layer_norm_weight,
+        export_decoder_layers_35_mlp_linear_fc1_layer_norm_weight,
     ),
     ParamPlan(
         "decoder.layers.35.mlp.linear_fc1.weight",
         (24576, 4096),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=35,
-        expert=None,
-        hf_names=("model.layers.35.mlp.gate_proj.weight", "model.layers.35.mlp.up_proj.weight"),
+        0,
+        False,
+        35,
+        None,
+        ("model.layers.35.mlp.gate_proj.weight", "model.layers.35.mlp.up_proj.weight"),
+        import_decoder_layers_35_mlp_linear_fc1_weight,
+        export_decoder_layers_35_mlp_linear_fc1_weight,
     ),
     ParamPlan(
         "decoder.layers.35.mlp.linear_fc2.weight",
         (4096, 12288),
         "bfloat16",
-        split_dim=1,
-        expert_parallel=False,
-        layer=35,
-        expert=None,
-        hf_names=("model.layers.35.mlp.down_proj.weight",),
+        1,
+        False,
+        35,
+        None,
+        ("model.layers.35.mlp.down_proj.weight",),
+        import_decoder_layers_35_mlp_linear_fc2_weight,
+        export_decoder_layers_35_mlp_linear_fc2_weight,
     ),
     ParamPlan(
         "decoder.final_layernorm.weight",
         (4096,),
         "bfloat16",
-        split_dim=None,
-        expert_parallel=False,
-        layer=None,
-        expert=None,
-        hf_names=("model.norm.weight",),
+        None,
+        False,
+        None,
+        None,
+        ("model.norm.weight",),
+        import_decoder_final_layernorm_weight,
+        export_decoder_final_layernorm_weight,
     ),
     ParamPlan(
         "output_layer.weight",
         (151936, 4096),
         "bfloat16",
-        split_dim=0,
-        expert_parallel=False,
-        layer=None,
-        expert=None,
-        hf_names=("lm_head.weight",),
+        0,
+        False,
+        None,
+        None,
+        ("lm_head.weight",),
+        import_output_layer_weight,
+        export_output_layer_weight,
     ),
 )
 
@@ -8299,593 +9047,9 @@ HF_TENSORS: Final[tuple[HFTensorPlan, ...]] = (
     HFTensorPlan("lm_head.weight", (151936, 4096)),
 )
 
-IMPORTS: Final[dict[str, ImportFn]] = {
-    "embedding.word_embeddings.weight": import_embedding_word_embeddings_weight,
-    "decoder.layers.0.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_0_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.0.self_attention.linear_proj.weight": import_decoder_layers_0_self_attention_linear_proj_weight,
-    "decoder.layers.0.self_attention.linear_qkv.weight": import_decoder_layers_0_self_attention_linear_qkv_weight,
-    "decoder.layers.0.self_attention.q_layernorm.weight": import_decoder_layers_0_self_attention_q_layernorm_weight,
-    "decoder.layers.0.self_attention.k_layernorm.weight": import_decoder_layers_0_self_attention_k_layernorm_weight,
-    "decoder.layers.0.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_0_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.0.mlp.linear_fc1.weight": import_decoder_layers_0_mlp_linear_fc1_weight,
-    "decoder.layers.0.mlp.linear_fc2.weight": import_decoder_layers_0_mlp_linear_fc2_weight,
-    "decoder.layers.1.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_1_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.1.self_attention.linear_proj.weight": import_decoder_layers_1_self_attention_linear_proj_weight,
-    "decoder.layers.1.self_attention.linear_qkv.weight": import_decoder_layers_1_self_attention_linear_qkv_weight,
-    "decoder.layers.1.self_attention.q_layernorm.weight": import_decoder_layers_1_self_attention_q_layernorm_weight,
-    "decoder.layers.1.self_attention.k_layernorm.weight": import_decoder_layers_1_self_attention_k_layernorm_weight,
-    "decoder.layers.1.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_1_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.1.mlp.linear_fc1.weight": import_decoder_layers_1_mlp_linear_fc1_weight,
-    "decoder.layers.1.mlp.linear_fc2.weight": import_decoder_layers_1_mlp_linear_fc2_weight,
-    "decoder.layers.2.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_2_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.2.self_attention.linear_proj.weight": import_decoder_layers_2_self_attention_linear_proj_weight,
-    "decoder.layers.2.self_attention.linear_qkv.weight": import_decoder_layers_2_self_attention_linear_qkv_weight,
-    "decoder.layers.2.self_attention.q_layernorm.weight": import_decoder_layers_2_self_attention_q_layernorm_weight,
-    "decoder.layers.2.self_attention.k_layernorm.weight": import_decoder_layers_2_self_attention_k_layernorm_weight,
-    "decoder.layers.2.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_2_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.2.mlp.linear_fc1.weight": import_decoder_layers_2_mlp_linear_fc1_weight,
-    "decoder.layers.2.mlp.linear_fc2.weight": import_decoder_layers_2_mlp_linear_fc2_weight,
-    "decoder.layers.3.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_3_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.3.self_attention.linear_proj.weight": import_decoder_layers_3_self_attention_linear_proj_weight,
-    "decoder.layers.3.self_attention.linear_qkv.weight": import_decoder_layers_3_self_attention_linear_qkv_weight,
-    "decoder.layers.3.self_attention.q_layernorm.weight": import_decoder_layers_3_self_attention_q_layernorm_weight,
-    "decoder.layers.3.self_attention.k_layernorm.weight": import_decoder_layers_3_self_attention_k_layernorm_weight,
-    "decoder.layers.3.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_3_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.3.mlp.linear_fc1.weight": import_decoder_layers_3_mlp_linear_fc1_weight,
-    "decoder.layers.3.mlp.linear_fc2.weight": import_decoder_layers_3_mlp_linear_fc2_weight,
-    "decoder.layers.4.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_4_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.4.self_attention.linear_proj.weight": import_decoder_layers_4_self_attention_linear_proj_weight,
-    "decoder.layers.4.self_attention.linear_qkv.weight": import_decoder_layers_4_self_attention_linear_qkv_weight,
-    "decoder.layers.4.self_attention.q_layernorm.weight": import_decoder_layers_4_self_attention_q_layernorm_weight,
-    "decoder.layers.4.self_attention.k_layernorm.weight": import_decoder_layers_4_self_attention_k_layernorm_weight,
-    "decoder.layers.4.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_4_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.4.mlp.linear_fc1.weight": import_decoder_layers_4_mlp_linear_fc1_weight,
-    "decoder.layers.4.mlp.linear_fc2.weight": import_decoder_layers_4_mlp_linear_fc2_weight,
-    "decoder.layers.5.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_5_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.5.self_attention.linear_proj.weight": import_decoder_layers_5_self_attention_linear_proj_weight,
-    "decoder.layers.5.self_attention.linear_qkv.weight": import_decoder_layers_5_self_attention_linear_qkv_weight,
-    "decoder.layers.5.self_attention.q_layernorm.weight": import_decoder_layers_5_self_attention_q_layernorm_weight,
-    "decoder.layers.5.self_attention.k_layernorm.weight": import_decoder_layers_5_self_attention_k_layernorm_weight,
-    "decoder.layers.5.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_5_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.5.mlp.linear_fc1.weight": import_decoder_layers_5_mlp_linear_fc1_weight,
-    "decoder.layers.5.mlp.linear_fc2.weight": import_decoder_layers_5_mlp_linear_fc2_weight,
-    "decoder.layers.6.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_6_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.6.self_attention.linear_proj.weight": import_decoder_layers_6_self_attention_linear_proj_weight,
-    "decoder.layers.6.self_attention.linear_qkv.weight": import_decoder_layers_6_self_attention_linear_qkv_weight,
-    "decoder.layers.6.self_attention.q_layernorm.weight": import_decoder_layers_6_self_attention_q_layernorm_weight,
-    "decoder.layers.6.self_attention.k_layernorm.weight": import_decoder_layers_6_self_attention_k_layernorm_weight,
-    "decoder.layers.6.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_6_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.6.mlp.linear_fc1.weight": import_decoder_layers_6_mlp_linear_fc1_weight,
-    "decoder.layers.6.mlp.linear_fc2.weight": import_decoder_layers_6_mlp_linear_fc2_weight,
-    "decoder.layers.7.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_7_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.7.self_attention.linear_proj.weight": import_decoder_layers_7_self_attention_linear_proj_weight,
-    "decoder.layers.7.self_attention.linear_qkv.weight": import_decoder_layers_7_self_attention_linear_qkv_weight,
-    "decoder.layers.7.self_attention.q_layernorm.weight": import_decoder_layers_7_self_attention_q_layernorm_weight,
-    "decoder.layers.7.self_attention.k_layernorm.weight": import_decoder_layers_7_self_attention_k_layernorm_weight,
-    "decoder.layers.7.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_7_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.7.mlp.linear_fc1.weight": import_decoder_layers_7_mlp_linear_fc1_weight,
-    "decoder.layers.7.mlp.linear_fc2.weight": import_decoder_layers_7_mlp_linear_fc2_weight,
-    "decoder.layers.8.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_8_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.8.self_attention.linear_proj.weight": import_decoder_layers_8_self_attention_linear_proj_weight,
-    "decoder.layers.8.self_attention.linear_qkv.weight": import_decoder_layers_8_self_attention_linear_qkv_weight,
-    "decoder.layers.8.self_attention.q_layernorm.weight": import_decoder_layers_8_self_attention_q_layernorm_weight,
-    "decoder.layers.8.self_attention.k_layernorm.weight": import_decoder_layers_8_self_attention_k_layernorm_weight,
-    "decoder.layers.8.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_8_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.8.mlp.linear_fc1.weight": import_decoder_layers_8_mlp_linear_fc1_weight,
-    "decoder.layers.8.mlp.linear_fc2.weight": import_decoder_layers_8_mlp_linear_fc2_weight,
-    "decoder.layers.9.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_9_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.9.self_attention.linear_proj.weight": import_decoder_layers_9_self_attention_linear_proj_weight,
-    "decoder.layers.9.self_attention.linear_qkv.weight": import_decoder_layers_9_self_attention_linear_qkv_weight,
-    "decoder.layers.9.self_attention.q_layernorm.weight": import_decoder_layers_9_self_attention_q_layernorm_weight,
-    "decoder.layers.9.self_attention.k_layernorm.weight": import_decoder_layers_9_self_attention_k_layernorm_weight,
-    "decoder.layers.9.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_9_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.9.mlp.linear_fc1.weight": import_decoder_layers_9_mlp_linear_fc1_weight,
-    "decoder.layers.9.mlp.linear_fc2.weight": import_decoder_layers_9_mlp_linear_fc2_weight,
-    "decoder.layers.10.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_10_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.10.self_attention.linear_proj.weight": import_decoder_layers_10_self_attention_linear_proj_weight,
-    "decoder.layers.10.self_attention.linear_qkv.weight": import_decoder_layers_10_self_attention_linear_qkv_weight,
-    "decoder.layers.10.self_attention.q_layernorm.weight": import_decoder_layers_10_self_attention_q_layernorm_weight,
-    "decoder.layers.10.self_attention.k_layernorm.weight": import_decoder_layers_10_self_attention_k_layernorm_weight,
-    "decoder.layers.10.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_10_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.10.mlp.linear_fc1.weight": import_decoder_layers_10_mlp_linear_fc1_weight,
-    "decoder.layers.10.mlp.linear_fc2.weight": import_decoder_layers_10_mlp_linear_fc2_weight,
-    "decoder.layers.11.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_11_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.11.self_attention.linear_proj.weight": import_decoder_layers_11_self_attention_linear_proj_weight,
-    "decoder.layers.11.self_attention.linear_qkv.weight": import_decoder_layers_11_self_attention_linear_qkv_weight,
-    "decoder.layers.11.self_attention.q_layernorm.weight": import_decoder_layers_11_self_attention_q_layernorm_weight,
-    "decoder.layers.11.self_attention.k_layernorm.weight": import_decoder_layers_11_self_attention_k_layernorm_weight,
-    "decoder.layers.11.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_11_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.11.mlp.linear_fc1.weight": import_decoder_layers_11_mlp_linear_fc1_weight,
-    "decoder.layers.11.mlp.linear_fc2.weight": import_decoder_layers_11_mlp_linear_fc2_weight,
-    "decoder.layers.12.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_12_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.12.self_attention.linear_proj.weight": import_decoder_layers_12_self_attention_linear_proj_weight,
-    "decoder.layers.12.self_attention.linear_qkv.weight": import_decoder_layers_12_self_attention_linear_qkv_weight,
-    "decoder.layers.12.self_attention.q_layernorm.weight": import_decoder_layers_12_self_attention_q_layernorm_weight,
-    "decoder.layers.12.self_attention.k_layernorm.weight": import_decoder_layers_12_self_attention_k_layernorm_weight,
-    "decoder.layers.12.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_12_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.12.mlp.linear_fc1.weight": import_decoder_layers_12_mlp_linear_fc1_weight,
-    "decoder.layers.12.mlp.linear_fc2.weight": import_decoder_layers_12_mlp_linear_fc2_weight,
-    "decoder.layers.13.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_13_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.13.self_attention.linear_proj.weight": import_decoder_layers_13_self_attention_linear_proj_weight,
-    "decoder.layers.13.self_attention.linear_qkv.weight": import_decoder_layers_13_self_attention_linear_qkv_weight,
-    "decoder.layers.13.self_attention.q_layernorm.weight": import_decoder_layers_13_self_attention_q_layernorm_weight,
-    "decoder.layers.13.self_attention.k_layernorm.weight": import_decoder_layers_13_self_attention_k_layernorm_weight,
-    "decoder.layers.13.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_13_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.13.mlp.linear_fc1.weight": import_decoder_layers_13_mlp_linear_fc1_weight,
-    "decoder.layers.13.mlp.linear_fc2.weight": import_decoder_layers_13_mlp_linear_fc2_weight,
-    "decoder.layers.14.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_14_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.14.self_attention.linear_proj.weight": import_decoder_layers_14_self_attention_linear_proj_weight,
-    "decoder.layers.14.self_attention.linear_qkv.weight": import_decoder_layers_14_self_attention_linear_qkv_weight,
-    "decoder.layers.14.self_attention.q_layernorm.weight": import_decoder_layers_14_self_attention_q_layernorm_weight,
-    "decoder.layers.14.self_attention.k_layernorm.weight": import_decoder_layers_14_self_attention_k_layernorm_weight,
-    "decoder.layers.14.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_14_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.14.mlp.linear_fc1.weight": import_decoder_layers_14_mlp_linear_fc1_weight,
-    "decoder.layers.14.mlp.linear_fc2.weight": import_decoder_layers_14_mlp_linear_fc2_weight,
-    "decoder.layers.15.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_15_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.15.self_attention.linear_proj.weight": import_decoder_layers_15_self_attention_linear_proj_weight,
-    "decoder.layers.15.self_attention.linear_qkv.weight": import_decoder_layers_15_self_attention_linear_qkv_weight,
-    "decoder.layers.15.self_attention.q_layernorm.weight": import_decoder_layers_15_self_attention_q_layernorm_weight,
-    "decoder.layers.15.self_attention.k_layernorm.weight": import_decoder_layers_15_self_attention_k_layernorm_weight,
-    "decoder.layers.15.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_15_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.15.mlp.linear_fc1.weight": import_decoder_layers_15_mlp_linear_fc1_weight,
-    "decoder.layers.15.mlp.linear_fc2.weight": import_decoder_layers_15_mlp_linear_fc2_weight,
-    "decoder.layers.16.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_16_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.16.self_attention.linear_proj.weight": import_decoder_layers_16_self_attention_linear_proj_weight,
-    "decoder.layers.16.self_attention.linear_qkv.weight": import_decoder_layers_16_self_attention_linear_qkv_weight,
-    "decoder.layers.16.self_attention.q_layernorm.weight": import_decoder_layers_16_self_attention_q_layernorm_weight,
-    "decoder.layers.16.self_attention.k_layernorm.weight": import_decoder_layers_16_self_attention_k_layernorm_weight,
-    "decoder.layers.16.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_16_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.16.mlp.linear_fc1.weight": import_decoder_layers_16_mlp_linear_fc1_weight,
-    "decoder.layers.16.mlp.linear_fc2.weight": import_decoder_layers_16_mlp_linear_fc2_weight,
-    "decoder.layers.17.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_17_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.17.self_attention.linear_proj.weight": import_decoder_layers_17_self_attention_linear_proj_weight,
-    "decoder.layers.17.self_attention.linear_qkv.weight": import_decoder_layers_17_self_attention_linear_qkv_weight,
-    "decoder.layers.17.self_attention.q_layernorm.weight": import_decoder_layers_17_self_attention_q_layernorm_weight,
-    "decoder.layers.17.self_attention.k_layernorm.weight": import_decoder_layers_17_self_attention_k_layernorm_weight,
-    "decoder.layers.17.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_17_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.17.mlp.linear_fc1.weight": import_decoder_layers_17_mlp_linear_fc1_weight,
-    "decoder.layers.17.mlp.linear_fc2.weight": import_decoder_layers_17_mlp_linear_fc2_weight,
-    "decoder.layers.18.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_18_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.18.self_attention.linear_proj.weight": import_decoder_layers_18_self_attention_linear_proj_weight,
-    "decoder.layers.18.self_attention.linear_qkv.weight": import_decoder_layers_18_self_attention_linear_qkv_weight,
-    "decoder.layers.18.self_attention.q_layernorm.weight": import_decoder_layers_18_self_attention_q_layernorm_weight,
-    "decoder.layers.18.self_attention.k_layernorm.weight": import_decoder_layers_18_self_attention_k_layernorm_weight,
-    "decoder.layers.18.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_18_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.18.mlp.linear_fc1.weight": import_decoder_layers_18_mlp_linear_fc1_weight,
-    "decoder.layers.18.mlp.linear_fc2.weight": import_decoder_layers_18_mlp_linear_fc2_weight,
-    "decoder.layers.19.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_19_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.19.self_attention.linear_proj.weight": import_decoder_layers_19_self_attention_linear_proj_weight,
-    "decoder.layers.19.self_attention.linear_qkv.weight": import_decoder_layers_19_self_attention_linear_qkv_weight,
-    "decoder.layers.19.self_attention.q_layernorm.weight": import_decoder_layers_19_self_attention_q_layernorm_weight,
-    "decoder.layers.19.self_attention.k_layernorm.weight": import_decoder_layers_19_self_attention_k_layernorm_weight,
-    "decoder.layers.19.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_19_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.19.mlp.linear_fc1.weight": import_decoder_layers_19_mlp_linear_fc1_weight,
-    "decoder.layers.19.mlp.linear_fc2.weight": import_decoder_layers_19_mlp_linear_fc2_weight,
-    "decoder.layers.20.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_20_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.20.self_attention.linear_proj.weight": import_decoder_layers_20_self_attention_linear_proj_weight,
-    "decoder.layers.20.self_attention.linear_qkv.weight": import_decoder_layers_20_self_attention_linear_qkv_weight,
-    "decoder.layers.20.self_attention.q_layernorm.weight": import_decoder_layers_20_self_attention_q_layernorm_weight,
-    "decoder.layers.20.self_attention.k_layernorm.weight": import_decoder_layers_20_self_attention_k_layernorm_weight,
-    "decoder.layers.20.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_20_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.20.mlp.linear_fc1.weight": import_decoder_layers_20_mlp_linear_fc1_weight,
-    "decoder.layers.20.mlp.linear_fc2.weight": import_decoder_layers_20_mlp_linear_fc2_weight,
-    "decoder.layers.21.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_21_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.21.self_attention.linear_proj.weight": import_decoder_layers_21_self_attention_linear_proj_weight,
-    "decoder.layers.21.self_attention.linear_qkv.weight": import_decoder_layers_21_self_attention_linear_qkv_weight,
-    "decoder.layers.21.self_attention.q_layernorm.weight": import_decoder_layers_21_self_attention_q_layernorm_weight,
-    "decoder.layers.21.self_attention.k_layernorm.weight": import_decoder_layers_21_self_attention_k_layernorm_weight,
-    "decoder.layers.21.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_21_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.21.mlp.linear_fc1.weight": import_decoder_layers_21_mlp_linear_fc1_weight,
-    "decoder.layers.21.mlp.linear_fc2.weight": import_decoder_layers_21_mlp_linear_fc2_weight,
-    "decoder.layers.22.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_22_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.22.self_attention.linear_proj.weight": import_decoder_layers_22_self_attention_linear_proj_weight,
-    "decoder.layers.22.self_attention.linear_qkv.weight": import_decoder_layers_22_self_attention_linear_qkv_weight,
-    "decoder.layers.22.self_attention.q_layernorm.weight": import_decoder_layers_22_self_attention_q_layernorm_weight,
-    "decoder.layers.22.self_attention.k_layernorm.weight": import_decoder_layers_22_self_attention_k_layernorm_weight,
-    "decoder.layers.22.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_22_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.22.mlp.linear_fc1.weight": import_decoder_layers_22_mlp_linear_fc1_weight,
-    "decoder.layers.22.mlp.linear_fc2.weight": import_decoder_layers_22_mlp_linear_fc2_weight,
-    "decoder.layers.23.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_23_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.23.self_attention.linear_proj.weight": import_decoder_layers_23_self_attention_linear_proj_weight,
-    "decoder.layers.23.self_attention.linear_qkv.weight": import_decoder_layers_23_self_attention_linear_qkv_weight,
-    "decoder.layers.23.self_attention.q_layernorm.weight": import_decoder_layers_23_self_attention_q_layernorm_weight,
-    "decoder.layers.23.self_attention.k_layernorm.weight": import_decoder_layers_23_self_attention_k_layernorm_weight,
-    "decoder.layers.23.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_23_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.23.mlp.linear_fc1.weight": import_decoder_layers_23_mlp_linear_fc1_weight,
-    "decoder.layers.23.mlp.linear_fc2.weight": import_decoder_layers_23_mlp_linear_fc2_weight,
-    "decoder.layers.24.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_24_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.24.self_attention.linear_proj.weight": import_decoder_layers_24_self_attention_linear_proj_weight,
-    "decoder.layers.24.self_attention.linear_qkv.weight": import_decoder_layers_24_self_attention_linear_qkv_weight,
-    "decoder.layers.24.self_attention.q_layernorm.weight": import_decoder_layers_24_self_attention_q_layernorm_weight,
-    "decoder.layers.24.self_attention.k_layernorm.weight": import_decoder_layers_24_self_attention_k_layernorm_weight,
-    "decoder.layers.24.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_24_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.24.mlp.linear_fc1.weight": import_decoder_layers_24_mlp_linear_fc1_weight,
-    "decoder.layers.24.mlp.linear_fc2.weight": import_decoder_layers_24_mlp_linear_fc2_weight,
-    "decoder.layers.25.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_25_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.25.self_attention.linear_proj.weight": import_decoder_layers_25_self_attention_linear_proj_weight,
-    "decoder.layers.25.self_attention.linear_qkv.weight": import_decoder_layers_25_self_attention_linear_qkv_weight,
-    "decoder.layers.25.self_attention.q_layernorm.weight": import_decoder_layers_25_self_attention_q_layernorm_weight,
-    "decoder.layers.25.self_attention.k_layernorm.weight": import_decoder_layers_25_self_attention_k_layernorm_weight,
-    "decoder.layers.25.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_25_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.25.mlp.linear_fc1.weight": import_decoder_layers_25_mlp_linear_fc1_weight,
-    "decoder.layers.25.mlp.linear_fc2.weight": import_decoder_layers_25_mlp_linear_fc2_weight,
-    "decoder.layers.26.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_26_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.26.self_attention.linear_proj.weight": import_decoder_layers_26_self_attention_linear_proj_weight,
-    "decoder.layers.26.self_attention.linear_qkv.weight": import_decoder_layers_26_self_attention_linear_qkv_weight,
-    "decoder.layers.26.self_attention.q_layernorm.weight": import_decoder_layers_26_self_attention_q_layernorm_weight,
-    "decoder.layers.26.self_attention.k_layernorm.weight": import_decoder_layers_26_self_attention_k_layernorm_weight,
-    "decoder.layers.26.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_26_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.26.mlp.linear_fc1.weight": import_decoder_layers_26_mlp_linear_fc1_weight,
-    "decoder.layers.26.mlp.linear_fc2.weight": import_decoder_layers_26_mlp_linear_fc2_weight,
-    "decoder.layers.27.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_27_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.27.self_attention.linear_proj.weight": import_decoder_layers_27_self_attention_linear_proj_weight,
-    "decoder.layers.27.self_attention.linear_qkv.weight": import_decoder_layers_27_self_attention_linear_qkv_weight,
-    "decoder.layers.27.self_attention.q_layernorm.weight": import_decoder_layers_27_self_attention_q_layernorm_weight,
-    "decoder.layers.27.self_attention.k_layernorm.weight": import_decoder_layers_27_self_attention_k_layernorm_weight,
-    "decoder.layers.27.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_27_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.27.mlp.linear_fc1.weight": import_decoder_layers_27_mlp_linear_fc1_weight,
-    "decoder.layers.27.mlp.linear_fc2.weight": import_decoder_layers_27_mlp_linear_fc2_weight,
-    "decoder.layers.28.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_28_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.28.self_attention.linear_proj.weight": import_decoder_layers_28_self_attention_linear_proj_weight,
-    "decoder.layers.28.self_attention.linear_qkv.weight": import_decoder_layers_28_self_attention_linear_qkv_weight,
-    "decoder.layers.28.self_attention.q_layernorm.weight": import_decoder_layers_28_self_attention_q_layernorm_weight,
-    "decoder.layers.28.self_attention.k_layernorm.weight": import_decoder_layers_28_self_attention_k_layernorm_weight,
-    "decoder.layers.28.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_28_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.28.mlp.linear_fc1.weight": import_decoder_layers_28_mlp_linear_fc1_weight,
-    "decoder.layers.28.mlp.linear_fc2.weight": import_decoder_layers_28_mlp_linear_fc2_weight,
-    "decoder.layers.29.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_29_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.29.self_attention.linear_proj.weight": import_decoder_layers_29_self_attention_linear_proj_weight,
-    "decoder.layers.29.self_attention.linear_qkv.weight": import_decoder_layers_29_self_attention_linear_qkv_weight,
-    "decoder.layers.29.self_attention.q_layernorm.weight": import_decoder_layers_29_self_attention_q_layernorm_weight,
-    "decoder.layers.29.self_attention.k_layernorm.weight": import_decoder_layers_29_self_attention_k_layernorm_weight,
-    "decoder.layers.29.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_29_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.29.mlp.linear_fc1.weight": import_decoder_layers_29_mlp_linear_fc1_weight,
-    "decoder.layers.29.mlp.linear_fc2.weight": import_decoder_layers_29_mlp_linear_fc2_weight,
-    "decoder.layers.30.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_30_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.30.self_attention.linear_proj.weight": import_decoder_layers_30_self_attention_linear_proj_weight,
-    "decoder.layers.30.self_attention.linear_qkv.weight": import_decoder_layers_30_self_attention_linear_qkv_weight,
-    "decoder.layers.30.self_attention.q_layernorm.weight": import_decoder_layers_30_self_attention_q_layernorm_weight,
-    "decoder.layers.30.self_attention.k_layernorm.weight": import_decoder_layers_30_self_attention_k_layernorm_weight,
-    "decoder.layers.30.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_30_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.30.mlp.linear_fc1.weight": import_decoder_layers_30_mlp_linear_fc1_weight,
-    "decoder.layers.30.mlp.linear_fc2.weight": import_decoder_layers_30_mlp_linear_fc2_weight,
-    "decoder.layers.31.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_31_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.31.self_attention.linear_proj.weight": import_decoder_layers_31_self_attention_linear_proj_weight,
-    "decoder.layers.31.self_attention.linear_qkv.weight": import_decoder_layers_31_self_attention_linear_qkv_weight,
-    "decoder.layers.31.self_attention.q_layernorm.weight": import_decoder_layers_31_self_attention_q_layernorm_weight,
-    "decoder.layers.31.self_attention.k_layernorm.weight": import_decoder_layers_31_self_attention_k_layernorm_weight,
-    "decoder.layers.31.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_31_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.31.mlp.linear_fc1.weight": import_decoder_layers_31_mlp_linear_fc1_weight,
-    "decoder.layers.31.mlp.linear_fc2.weight": import_decoder_layers_31_mlp_linear_fc2_weight,
-    "decoder.layers.32.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_32_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.32.self_attention.linear_proj.weight": import_decoder_layers_32_self_attention_linear_proj_weight,
-    "decoder.layers.32.self_attention.linear_qkv.weight": import_decoder_layers_32_self_attention_linear_qkv_weight,
-    "decoder.layers.32.self_attention.q_layernorm.weight": import_decoder_layers_32_self_attention_q_layernorm_weight,
-    "decoder.layers.32.self_attention.k_layernorm.weight": import_decoder_layers_32_self_attention_k_layernorm_weight,
-    "decoder.layers.32.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_32_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.32.mlp.linear_fc1.weight": import_decoder_layers_32_mlp_linear_fc1_weight,
-    "decoder.layers.32.mlp.linear_fc2.weight": import_decoder_layers_32_mlp_linear_fc2_weight,
-    "decoder.layers.33.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_33_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.33.self_attention.linear_proj.weight": import_decoder_layers_33_self_attention_linear_proj_weight,
-    "decoder.layers.33.self_attention.linear_qkv.weight": import_decoder_layers_33_self_attention_linear_qkv_weight,
-    "decoder.layers.33.self_attention.q_layernorm.weight": import_decoder_layers_33_self_attention_q_layernorm_weight,
-    "decoder.layers.33.self_attention.k_layernorm.weight": import_decoder_layers_33_self_attention_k_layernorm_weight,
-    "decoder.layers.33.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_33_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.33.mlp.linear_fc1.weight": import_decoder_layers_33_mlp_linear_fc1_weight,
-    "decoder.layers.33.mlp.linear_fc2.weight": import_decoder_layers_33_mlp_linear_fc2_weight,
-    "decoder.layers.34.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_34_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.34.self_attention.linear_proj.weight": import_decoder_layers_34_self_attention_linear_proj_weight,
-    "decoder.layers.34.self_attention.linear_qkv.weight": import_decoder_layers_34_self_attention_linear_qkv_weight,
-    "decoder.layers.34.self_attention.q_layernorm.weight": import_decoder_layers_34_self_attention_q_layernorm_weight,
-    "decoder.layers.34.self_attention.k_layernorm.weight": import_decoder_layers_34_self_attention_k_layernorm_weight,
-    "decoder.layers.34.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_34_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.34.mlp.linear_fc1.weight": import_decoder_layers_34_mlp_linear_fc1_weight,
-    "decoder.layers.34.mlp.linear_fc2.weight": import_decoder_layers_34_mlp_linear_fc2_weight,
-    "decoder.layers.35.self_attention.linear_qkv.layer_norm_weight": import_decoder_layers_35_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.35.self_attention.linear_proj.weight": import_decoder_layers_35_self_attention_linear_proj_weight,
-    "decoder.layers.35.self_attention.linear_qkv.weight": import_decoder_layers_35_self_attention_linear_qkv_weight,
-    "decoder.layers.35.self_attention.q_layernorm.weight": import_decoder_layers_35_self_attention_q_layernorm_weight,
-    "decoder.layers.35.self_attention.k_layernorm.weight": import_decoder_layers_35_self_attention_k_layernorm_weight,
-    "decoder.layers.35.mlp.linear_fc1.layer_norm_weight": import_decoder_layers_35_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.35.mlp.linear_fc1.weight": import_decoder_layers_35_mlp_linear_fc1_weight,
-    "decoder.layers.35.mlp.linear_fc2.weight": import_decoder_layers_35_mlp_linear_fc2_weight,
-    "decoder.final_layernorm.weight": import_decoder_final_layernorm_weight,
-    "output_layer.weight": import_output_layer_weight,
-}
+IMPORTS: Final[dict[str, ImportFn]] = {p.megatron_name: p.importer for p in PARAMS}
 
 # Megatron parameters that hold a copy of another (tied embeddings on the last pipeline stage)
 TIED: Final[dict[str, str]] = {}
 
-EXPORTS: Final[dict[str, ExportFn]] = {
-    "embedding.word_embeddings.weight": export_embedding_word_embeddings_weight,
-    "decoder.layers.0.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_0_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.0.self_attention.linear_proj.weight": export_decoder_layers_0_self_attention_linear_proj_weight,
-    "decoder.layers.0.self_attention.linear_qkv.weight": export_decoder_layers_0_self_attention_linear_qkv_weight,
-    "decoder.layers.0.self_attention.q_layernorm.weight": export_decoder_layers_0_self_attention_q_layernorm_weight,
-    "decoder.layers.0.self_attention.k_layernorm.weight": export_decoder_layers_0_self_attention_k_layernorm_weight,
-    "decoder.layers.0.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_0_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.0.mlp.linear_fc1.weight": export_decoder_layers_0_mlp_linear_fc1_weight,
-    "decoder.layers.0.mlp.linear_fc2.weight": export_decoder_layers_0_mlp_linear_fc2_weight,
-    "decoder.layers.1.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_1_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.1.self_attention.linear_proj.weight": export_decoder_layers_1_self_attention_linear_proj_weight,
-    "decoder.layers.1.self_attention.linear_qkv.weight": export_decoder_layers_1_self_attention_linear_qkv_weight,
-    "decoder.layers.1.self_attention.q_layernorm.weight": export_decoder_layers_1_self_attention_q_layernorm_weight,
-    "decoder.layers.1.self_attention.k_layernorm.weight": export_decoder_layers_1_self_attention_k_layernorm_weight,
-    "decoder.layers.1.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_1_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.1.mlp.linear_fc1.weight": export_decoder_layers_1_mlp_linear_fc1_weight,
-    "decoder.layers.1.mlp.linear_fc2.weight": export_decoder_layers_1_mlp_linear_fc2_weight,
-    "decoder.layers.2.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_2_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.2.self_attention.linear_proj.weight": export_decoder_layers_2_self_attention_linear_proj_weight,
-    "decoder.layers.2.self_attention.linear_qkv.weight": export_decoder_layers_2_self_attention_linear_qkv_weight,
-    "decoder.layers.2.self_attention.q_layernorm.weight": export_decoder_layers_2_self_attention_q_layernorm_weight,
-    "decoder.layers.2.self_attention.k_layernorm.weight": export_decoder_layers_2_self_attention_k_layernorm_weight,
-    "decoder.layers.2.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_2_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.2.mlp.linear_fc1.weight": export_decoder_layers_2_mlp_linear_fc1_weight,
-    "decoder.layers.2.mlp.linear_fc2.weight": export_decoder_layers_2_mlp_linear_fc2_weight,
-    "decoder.layers.3.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_3_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.3.self_attention.linear_proj.weight": export_decoder_layers_3_self_attention_linear_proj_weight,
-    "decoder.layers.3.self_attention.linear_qkv.weight": export_decoder_layers_3_self_attention_linear_qkv_weight,
-    "decoder.layers.3.self_attention.q_layernorm.weight": export_decoder_layers_3_self_attention_q_layernorm_weight,
-    "decoder.layers.3.self_attention.k_layernorm.weight": export_decoder_layers_3_self_attention_k_layernorm_weight,
-    "decoder.layers.3.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_3_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.3.mlp.linear_fc1.weight": export_decoder_layers_3_mlp_linear_fc1_weight,
-    "decoder.layers.3.mlp.linear_fc2.weight": export_decoder_layers_3_mlp_linear_fc2_weight,
-    "decoder.layers.4.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_4_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.4.self_attention.linear_proj.weight": export_decoder_layers_4_self_attention_linear_proj_weight,
-    "decoder.layers.4.self_attention.linear_qkv.weight": export_decoder_layers_4_self_attention_linear_qkv_weight,
-    "decoder.layers.4.self_attention.q_layernorm.weight": export_decoder_layers_4_self_attention_q_layernorm_weight,
-    "decoder.layers.4.self_attention.k_layernorm.weight": export_decoder_layers_4_self_attention_k_layernorm_weight,
-    "decoder.layers.4.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_4_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.4.mlp.linear_fc1.weight": export_decoder_layers_4_mlp_linear_fc1_weight,
-    "decoder.layers.4.mlp.linear_fc2.weight": export_decoder_layers_4_mlp_linear_fc2_weight,
-    "decoder.layers.5.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_5_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.5.self_attention.linear_proj.weight": export_decoder_layers_5_self_attention_linear_proj_weight,
-    "decoder.layers.5.self_attention.linear_qkv.weight": export_decoder_layers_5_self_attention_linear_qkv_weight,
-    "decoder.layers.5.self_attention.q_layernorm.weight": export_decoder_layers_5_self_attention_q_layernorm_weight,
-    "decoder.layers.5.self_attention.k_layernorm.weight": export_decoder_layers_5_self_attention_k_layernorm_weight,
-    "decoder.layers.5.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_5_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.5.mlp.linear_fc1.weight": export_decoder_layers_5_mlp_linear_fc1_weight,
-    "decoder.layers.5.mlp.linear_fc2.weight": export_decoder_layers_5_mlp_linear_fc2_weight,
-    "decoder.layers.6.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_6_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.6.self_attention.linear_proj.weight": export_decoder_layers_6_self_attention_linear_proj_weight,
-    "decoder.layers.6.self_attention.linear_qkv.weight": export_decoder_layers_6_self_attention_linear_qkv_weight,
-    "decoder.layers.6.self_attention.q_layernorm.weight": export_decoder_layers_6_self_attention_q_layernorm_weight,
-    "decoder.layers.6.self_attention.k_layernorm.weight": export_decoder_layers_6_self_attention_k_layernorm_weight,
-    "decoder.layers.6.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_6_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.6.mlp.linear_fc1.weight": export_decoder_layers_6_mlp_linear_fc1_weight,
-    "decoder.layers.6.mlp.linear_fc2.weight": export_decoder_layers_6_mlp_linear_fc2_weight,
-    "decoder.layers.7.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_7_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.7.self_attention.linear_proj.weight": export_decoder_layers_7_self_attention_linear_proj_weight,
-    "decoder.layers.7.self_attention.linear_qkv.weight": export_decoder_layers_7_self_attention_linear_qkv_weight,
-    "decoder.layers.7.self_attention.q_layernorm.weight": export_decoder_layers_7_self_attention_q_layernorm_weight,
-    "decoder.layers.7.self_attention.k_layernorm.weight": export_decoder_layers_7_self_attention_k_layernorm_weight,
-    "decoder.layers.7.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_7_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.7.mlp.linear_fc1.weight": export_decoder_layers_7_mlp_linear_fc1_weight,
-    "decoder.layers.7.mlp.linear_fc2.weight": export_decoder_layers_7_mlp_linear_fc2_weight,
-    "decoder.layers.8.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_8_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.8.self_attention.linear_proj.weight": export_decoder_layers_8_self_attention_linear_proj_weight,
-    "decoder.layers.8.self_attention.linear_qkv.weight": export_decoder_layers_8_self_attention_linear_qkv_weight,
-    "decoder.layers.8.self_attention.q_layernorm.weight": export_decoder_layers_8_self_attention_q_layernorm_weight,
-    "decoder.layers.8.self_attention.k_layernorm.weight": export_decoder_layers_8_self_attention_k_layernorm_weight,
-    "decoder.layers.8.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_8_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.8.mlp.linear_fc1.weight": export_decoder_layers_8_mlp_linear_fc1_weight,
-    "decoder.layers.8.mlp.linear_fc2.weight": export_decoder_layers_8_mlp_linear_fc2_weight,
-    "decoder.layers.9.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_9_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.9.self_attention.linear_proj.weight": export_decoder_layers_9_self_attention_linear_proj_weight,
-    "decoder.layers.9.self_attention.linear_qkv.weight": export_decoder_layers_9_self_attention_linear_qkv_weight,
-    "decoder.layers.9.self_attention.q_layernorm.weight": export_decoder_layers_9_self_attention_q_layernorm_weight,
-    "decoder.layers.9.self_attention.k_layernorm.weight": export_decoder_layers_9_self_attention_k_layernorm_weight,
-    "decoder.layers.9.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_9_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.9.mlp.linear_fc1.weight": export_decoder_layers_9_mlp_linear_fc1_weight,
-    "decoder.layers.9.mlp.linear_fc2.weight": export_decoder_layers_9_mlp_linear_fc2_weight,
-    "decoder.layers.10.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_10_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.10.self_attention.linear_proj.weight": export_decoder_layers_10_self_attention_linear_proj_weight,
-    "decoder.layers.10.self_attention.linear_qkv.weight": export_decoder_layers_10_self_attention_linear_qkv_weight,
-    "decoder.layers.10.self_attention.q_layernorm.weight": export_decoder_layers_10_self_attention_q_layernorm_weight,
-    "decoder.layers.10.self_attention.k_layernorm.weight": export_decoder_layers_10_self_attention_k_layernorm_weight,
-    "decoder.layers.10.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_10_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.10.mlp.linear_fc1.weight": export_decoder_layers_10_mlp_linear_fc1_weight,
-    "decoder.layers.10.mlp.linear_fc2.weight": export_decoder_layers_10_mlp_linear_fc2_weight,
-    "decoder.layers.11.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_11_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.11.self_attention.linear_proj.weight": export_decoder_layers_11_self_attention_linear_proj_weight,
-    "decoder.layers.11.self_attention.linear_qkv.weight": export_decoder_layers_11_self_attention_linear_qkv_weight,
-    "decoder.layers.11.self_attention.q_layernorm.weight": export_decoder_layers_11_self_attention_q_layernorm_weight,
-    "decoder.layers.11.self_attention.k_layernorm.weight": export_decoder_layers_11_self_attention_k_layernorm_weight,
-    "decoder.layers.11.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_11_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.11.mlp.linear_fc1.weight": export_decoder_layers_11_mlp_linear_fc1_weight,
-    "decoder.layers.11.mlp.linear_fc2.weight": export_decoder_layers_11_mlp_linear_fc2_weight,
-    "decoder.layers.12.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_12_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.12.self_attention.linear_proj.weight": export_decoder_layers_12_self_attention_linear_proj_weight,
-    "decoder.layers.12.self_attention.linear_qkv.weight": export_decoder_layers_12_self_attention_linear_qkv_weight,
-    "decoder.layers.12.self_attention.q_layernorm.weight": export_decoder_layers_12_self_attention_q_layernorm_weight,
-    "decoder.layers.12.self_attention.k_layernorm.weight": export_decoder_layers_12_self_attention_k_layernorm_weight,
-    "decoder.layers.12.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_12_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.12.mlp.linear_fc1.weight": export_decoder_layers_12_mlp_linear_fc1_weight,
-    "decoder.layers.12.mlp.linear_fc2.weight": export_decoder_layers_12_mlp_linear_fc2_weight,
-    "decoder.layers.13.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_13_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.13.self_attention.linear_proj.weight": export_decoder_layers_13_self_attention_linear_proj_weight,
-    "decoder.layers.13.self_attention.linear_qkv.weight": export_decoder_layers_13_self_attention_linear_qkv_weight,
-    "decoder.layers.13.self_attention.q_layernorm.weight": export_decoder_layers_13_self_attention_q_layernorm_weight,
-    "decoder.layers.13.self_attention.k_layernorm.weight": export_decoder_layers_13_self_attention_k_layernorm_weight,
-    "decoder.layers.13.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_13_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.13.mlp.linear_fc1.weight": export_decoder_layers_13_mlp_linear_fc1_weight,
-    "decoder.layers.13.mlp.linear_fc2.weight": export_decoder_layers_13_mlp_linear_fc2_weight,
-    "decoder.layers.14.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_14_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.14.self_attention.linear_proj.weight": export_decoder_layers_14_self_attention_linear_proj_weight,
-    "decoder.layers.14.self_attention.linear_qkv.weight": export_decoder_layers_14_self_attention_linear_qkv_weight,
-    "decoder.layers.14.self_attention.q_layernorm.weight": export_decoder_layers_14_self_attention_q_layernorm_weight,
-    "decoder.layers.14.self_attention.k_layernorm.weight": export_decoder_layers_14_self_attention_k_layernorm_weight,
-    "decoder.layers.14.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_14_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.14.mlp.linear_fc1.weight": export_decoder_layers_14_mlp_linear_fc1_weight,
-    "decoder.layers.14.mlp.linear_fc2.weight": export_decoder_layers_14_mlp_linear_fc2_weight,
-    "decoder.layers.15.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_15_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.15.self_attention.linear_proj.weight": export_decoder_layers_15_self_attention_linear_proj_weight,
-    "decoder.layers.15.self_attention.linear_qkv.weight": export_decoder_layers_15_self_attention_linear_qkv_weight,
-    "decoder.layers.15.self_attention.q_layernorm.weight": export_decoder_layers_15_self_attention_q_layernorm_weight,
-    "decoder.layers.15.self_attention.k_layernorm.weight": export_decoder_layers_15_self_attention_k_layernorm_weight,
-    "decoder.layers.15.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_15_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.15.mlp.linear_fc1.weight": export_decoder_layers_15_mlp_linear_fc1_weight,
-    "decoder.layers.15.mlp.linear_fc2.weight": export_decoder_layers_15_mlp_linear_fc2_weight,
-    "decoder.layers.16.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_16_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.16.self_attention.linear_proj.weight": export_decoder_layers_16_self_attention_linear_proj_weight,
-    "decoder.layers.16.self_attention.linear_qkv.weight": export_decoder_layers_16_self_attention_linear_qkv_weight,
-    "decoder.layers.16.self_attention.q_layernorm.weight": export_decoder_layers_16_self_attention_q_layernorm_weight,
-    "decoder.layers.16.self_attention.k_layernorm.weight": export_decoder_layers_16_self_attention_k_layernorm_weight,
-    "decoder.layers.16.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_16_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.16.mlp.linear_fc1.weight": export_decoder_layers_16_mlp_linear_fc1_weight,
-    "decoder.layers.16.mlp.linear_fc2.weight": export_decoder_layers_16_mlp_linear_fc2_weight,
-    "decoder.layers.17.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_17_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.17.self_attention.linear_proj.weight": export_decoder_layers_17_self_attention_linear_proj_weight,
-    "decoder.layers.17.self_attention.linear_qkv.weight": export_decoder_layers_17_self_attention_linear_qkv_weight,
-    "decoder.layers.17.self_attention.q_layernorm.weight": export_decoder_layers_17_self_attention_q_layernorm_weight,
-    "decoder.layers.17.self_attention.k_layernorm.weight": export_decoder_layers_17_self_attention_k_layernorm_weight,
-    "decoder.layers.17.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_17_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.17.mlp.linear_fc1.weight": export_decoder_layers_17_mlp_linear_fc1_weight,
-    "decoder.layers.17.mlp.linear_fc2.weight": export_decoder_layers_17_mlp_linear_fc2_weight,
-    "decoder.layers.18.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_18_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.18.self_attention.linear_proj.weight": export_decoder_layers_18_self_attention_linear_proj_weight,
-    "decoder.layers.18.self_attention.linear_qkv.weight": export_decoder_layers_18_self_attention_linear_qkv_weight,
-    "decoder.layers.18.self_attention.q_layernorm.weight": export_decoder_layers_18_self_attention_q_layernorm_weight,
-    "decoder.layers.18.self_attention.k_layernorm.weight": export_decoder_layers_18_self_attention_k_layernorm_weight,
-    "decoder.layers.18.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_18_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.18.mlp.linear_fc1.weight": export_decoder_layers_18_mlp_linear_fc1_weight,
-    "decoder.layers.18.mlp.linear_fc2.weight": export_decoder_layers_18_mlp_linear_fc2_weight,
-    "decoder.layers.19.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_19_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.19.self_attention.linear_proj.weight": export_decoder_layers_19_self_attention_linear_proj_weight,
-    "decoder.layers.19.self_attention.linear_qkv.weight": export_decoder_layers_19_self_attention_linear_qkv_weight,
-    "decoder.layers.19.self_attention.q_layernorm.weight": export_decoder_layers_19_self_attention_q_layernorm_weight,
-    "decoder.layers.19.self_attention.k_layernorm.weight": export_decoder_layers_19_self_attention_k_layernorm_weight,
-    "decoder.layers.19.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_19_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.19.mlp.linear_fc1.weight": export_decoder_layers_19_mlp_linear_fc1_weight,
-    "decoder.layers.19.mlp.linear_fc2.weight": export_decoder_layers_19_mlp_linear_fc2_weight,
-    "decoder.layers.20.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_20_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.20.self_attention.linear_proj.weight": export_decoder_layers_20_self_attention_linear_proj_weight,
-    "decoder.layers.20.self_attention.linear_qkv.weight": export_decoder_layers_20_self_attention_linear_qkv_weight,
-    "decoder.layers.20.self_attention.q_layernorm.weight": export_decoder_layers_20_self_attention_q_layernorm_weight,
-    "decoder.layers.20.self_attention.k_layernorm.weight": export_decoder_layers_20_self_attention_k_layernorm_weight,
-    "decoder.layers.20.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_20_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.20.mlp.linear_fc1.weight": export_decoder_layers_20_mlp_linear_fc1_weight,
-    "decoder.layers.20.mlp.linear_fc2.weight": export_decoder_layers_20_mlp_linear_fc2_weight,
-    "decoder.layers.21.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_21_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.21.self_attention.linear_proj.weight": export_decoder_layers_21_self_attention_linear_proj_weight,
-    "decoder.layers.21.self_attention.linear_qkv.weight": export_decoder_layers_21_self_attention_linear_qkv_weight,
-    "decoder.layers.21.self_attention.q_layernorm.weight": export_decoder_layers_21_self_attention_q_layernorm_weight,
-    "decoder.layers.21.self_attention.k_layernorm.weight": export_decoder_layers_21_self_attention_k_layernorm_weight,
-    "decoder.layers.21.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_21_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.21.mlp.linear_fc1.weight": export_decoder_layers_21_mlp_linear_fc1_weight,
-    "decoder.layers.21.mlp.linear_fc2.weight": export_decoder_layers_21_mlp_linear_fc2_weight,
-    "decoder.layers.22.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_22_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.22.self_attention.linear_proj.weight": export_decoder_layers_22_self_attention_linear_proj_weight,
-    "decoder.layers.22.self_attention.linear_qkv.weight": export_decoder_layers_22_self_attention_linear_qkv_weight,
-    "decoder.layers.22.self_attention.q_layernorm.weight": export_decoder_layers_22_self_attention_q_layernorm_weight,
-    "decoder.layers.22.self_attention.k_layernorm.weight": export_decoder_layers_22_self_attention_k_layernorm_weight,
-    "decoder.layers.22.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_22_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.22.mlp.linear_fc1.weight": export_decoder_layers_22_mlp_linear_fc1_weight,
-    "decoder.layers.22.mlp.linear_fc2.weight": export_decoder_layers_22_mlp_linear_fc2_weight,
-    "decoder.layers.23.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_23_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.23.self_attention.linear_proj.weight": export_decoder_layers_23_self_attention_linear_proj_weight,
-    "decoder.layers.23.self_attention.linear_qkv.weight": export_decoder_layers_23_self_attention_linear_qkv_weight,
-    "decoder.layers.23.self_attention.q_layernorm.weight": export_decoder_layers_23_self_attention_q_layernorm_weight,
-    "decoder.layers.23.self_attention.k_layernorm.weight": export_decoder_layers_23_self_attention_k_layernorm_weight,
-    "decoder.layers.23.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_23_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.23.mlp.linear_fc1.weight": export_decoder_layers_23_mlp_linear_fc1_weight,
-    "decoder.layers.23.mlp.linear_fc2.weight": export_decoder_layers_23_mlp_linear_fc2_weight,
-    "decoder.layers.24.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_24_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.24.self_attention.linear_proj.weight": export_decoder_layers_24_self_attention_linear_proj_weight,
-    "decoder.layers.24.self_attention.linear_qkv.weight": export_decoder_layers_24_self_attention_linear_qkv_weight,
-    "decoder.layers.24.self_attention.q_layernorm.weight": export_decoder_layers_24_self_attention_q_layernorm_weight,
-    "decoder.layers.24.self_attention.k_layernorm.weight": export_decoder_layers_24_self_attention_k_layernorm_weight,
-    "decoder.layers.24.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_24_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.24.mlp.linear_fc1.weight": export_decoder_layers_24_mlp_linear_fc1_weight,
-    "decoder.layers.24.mlp.linear_fc2.weight": export_decoder_layers_24_mlp_linear_fc2_weight,
-    "decoder.layers.25.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_25_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.25.self_attention.linear_proj.weight": export_decoder_layers_25_self_attention_linear_proj_weight,
-    "decoder.layers.25.self_attention.linear_qkv.weight": export_decoder_layers_25_self_attention_linear_qkv_weight,
-    "decoder.layers.25.self_attention.q_layernorm.weight": export_decoder_layers_25_self_attention_q_layernorm_weight,
-    "decoder.layers.25.self_attention.k_layernorm.weight": export_decoder_layers_25_self_attention_k_layernorm_weight,
-    "decoder.layers.25.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_25_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.25.mlp.linear_fc1.weight": export_decoder_layers_25_mlp_linear_fc1_weight,
-    "decoder.layers.25.mlp.linear_fc2.weight": export_decoder_layers_25_mlp_linear_fc2_weight,
-    "decoder.layers.26.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_26_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.26.self_attention.linear_proj.weight": export_decoder_layers_26_self_attention_linear_proj_weight,
-    "decoder.layers.26.self_attention.linear_qkv.weight": export_decoder_layers_26_self_attention_linear_qkv_weight,
-    "decoder.layers.26.self_attention.q_layernorm.weight": export_decoder_layers_26_self_attention_q_layernorm_weight,
-    "decoder.layers.26.self_attention.k_layernorm.weight": export_decoder_layers_26_self_attention_k_layernorm_weight,
-    "decoder.layers.26.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_26_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.26.mlp.linear_fc1.weight": export_decoder_layers_26_mlp_linear_fc1_weight,
-    "decoder.layers.26.mlp.linear_fc2.weight": export_decoder_layers_26_mlp_linear_fc2_weight,
-    "decoder.layers.27.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_27_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.27.self_attention.linear_proj.weight": export_decoder_layers_27_self_attention_linear_proj_weight,
-    "decoder.layers.27.self_attention.linear_qkv.weight": export_decoder_layers_27_self_attention_linear_qkv_weight,
-    "decoder.layers.27.self_attention.q_layernorm.weight": export_decoder_layers_27_self_attention_q_layernorm_weight,
-    "decoder.layers.27.self_attention.k_layernorm.weight": export_decoder_layers_27_self_attention_k_layernorm_weight,
-    "decoder.layers.27.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_27_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.27.mlp.linear_fc1.weight": export_decoder_layers_27_mlp_linear_fc1_weight,
-    "decoder.layers.27.mlp.linear_fc2.weight": export_decoder_layers_27_mlp_linear_fc2_weight,
-    "decoder.layers.28.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_28_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.28.self_attention.linear_proj.weight": export_decoder_layers_28_self_attention_linear_proj_weight,
-    "decoder.layers.28.self_attention.linear_qkv.weight": export_decoder_layers_28_self_attention_linear_qkv_weight,
-    "decoder.layers.28.self_attention.q_layernorm.weight": export_decoder_layers_28_self_attention_q_layernorm_weight,
-    "decoder.layers.28.self_attention.k_layernorm.weight": export_decoder_layers_28_self_attention_k_layernorm_weight,
-    "decoder.layers.28.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_28_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.28.mlp.linear_fc1.weight": export_decoder_layers_28_mlp_linear_fc1_weight,
-    "decoder.layers.28.mlp.linear_fc2.weight": export_decoder_layers_28_mlp_linear_fc2_weight,
-    "decoder.layers.29.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_29_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.29.self_attention.linear_proj.weight": export_decoder_layers_29_self_attention_linear_proj_weight,
-    "decoder.layers.29.self_attention.linear_qkv.weight": export_decoder_layers_29_self_attention_linear_qkv_weight,
-    "decoder.layers.29.self_attention.q_layernorm.weight": export_decoder_layers_29_self_attention_q_layernorm_weight,
-    "decoder.layers.29.self_attention.k_layernorm.weight": export_decoder_layers_29_self_attention_k_layernorm_weight,
-    "decoder.layers.29.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_29_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.29.mlp.linear_fc1.weight": export_decoder_layers_29_mlp_linear_fc1_weight,
-    "decoder.layers.29.mlp.linear_fc2.weight": export_decoder_layers_29_mlp_linear_fc2_weight,
-    "decoder.layers.30.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_30_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.30.self_attention.linear_proj.weight": export_decoder_layers_30_self_attention_linear_proj_weight,
-    "decoder.layers.30.self_attention.linear_qkv.weight": export_decoder_layers_30_self_attention_linear_qkv_weight,
-    "decoder.layers.30.self_attention.q_layernorm.weight": export_decoder_layers_30_self_attention_q_layernorm_weight,
-    "decoder.layers.30.self_attention.k_layernorm.weight": export_decoder_layers_30_self_attention_k_layernorm_weight,
-    "decoder.layers.30.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_30_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.30.mlp.linear_fc1.weight": export_decoder_layers_30_mlp_linear_fc1_weight,
-    "decoder.layers.30.mlp.linear_fc2.weight": export_decoder_layers_30_mlp_linear_fc2_weight,
-    "decoder.layers.31.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_31_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.31.self_attention.linear_proj.weight": export_decoder_layers_31_self_attention_linear_proj_weight,
-    "decoder.layers.31.self_attention.linear_qkv.weight": export_decoder_layers_31_self_attention_linear_qkv_weight,
-    "decoder.layers.31.self_attention.q_layernorm.weight": export_decoder_layers_31_self_attention_q_layernorm_weight,
-    "decoder.layers.31.self_attention.k_layernorm.weight": export_decoder_layers_31_self_attention_k_layernorm_weight,
-    "decoder.layers.31.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_31_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.31.mlp.linear_fc1.weight": export_decoder_layers_31_mlp_linear_fc1_weight,
-    "decoder.layers.31.mlp.linear_fc2.weight": export_decoder_layers_31_mlp_linear_fc2_weight,
-    "decoder.layers.32.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_32_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.32.self_attention.linear_proj.weight": export_decoder_layers_32_self_attention_linear_proj_weight,
-    "decoder.layers.32.self_attention.linear_qkv.weight": export_decoder_layers_32_self_attention_linear_qkv_weight,
-    "decoder.layers.32.self_attention.q_layernorm.weight": export_decoder_layers_32_self_attention_q_layernorm_weight,
-    "decoder.layers.32.self_attention.k_layernorm.weight": export_decoder_layers_32_self_attention_k_layernorm_weight,
-    "decoder.layers.32.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_32_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.32.mlp.linear_fc1.weight": export_decoder_layers_32_mlp_linear_fc1_weight,
-    "decoder.layers.32.mlp.linear_fc2.weight": export_decoder_layers_32_mlp_linear_fc2_weight,
-    "decoder.layers.33.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_33_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.33.self_attention.linear_proj.weight": export_decoder_layers_33_self_attention_linear_proj_weight,
-    "decoder.layers.33.self_attention.linear_qkv.weight": export_decoder_layers_33_self_attention_linear_qkv_weight,
-    "decoder.layers.33.self_attention.q_layernorm.weight": export_decoder_layers_33_self_attention_q_layernorm_weight,
-    "decoder.layers.33.self_attention.k_layernorm.weight": export_decoder_layers_33_self_attention_k_layernorm_weight,
-    "decoder.layers.33.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_33_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.33.mlp.linear_fc1.weight": export_decoder_layers_33_mlp_linear_fc1_weight,
-    "decoder.layers.33.mlp.linear_fc2.weight": export_decoder_layers_33_mlp_linear_fc2_weight,
-    "decoder.layers.34.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_34_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.34.self_attention.linear_proj.weight": export_decoder_layers_34_self_attention_linear_proj_weight,
-    "decoder.layers.34.self_attention.linear_qkv.weight": export_decoder_layers_34_self_attention_linear_qkv_weight,
-    "decoder.layers.34.self_attention.q_layernorm.weight": export_decoder_layers_34_self_attention_q_layernorm_weight,
-    "decoder.layers.34.self_attention.k_layernorm.weight": export_decoder_layers_34_self_attention_k_layernorm_weight,
-    "decoder.layers.34.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_34_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.34.mlp.linear_fc1.weight": export_decoder_layers_34_mlp_linear_fc1_weight,
-    "decoder.layers.34.mlp.linear_fc2.weight": export_decoder_layers_34_mlp_linear_fc2_weight,
-    "decoder.layers.35.self_attention.linear_qkv.layer_norm_weight": export_decoder_layers_35_self_attention_linear_qkv_layer_norm_weight,
-    "decoder.layers.35.self_attention.linear_proj.weight": export_decoder_layers_35_self_attention_linear_proj_weight,
-    "decoder.layers.35.self_attention.linear_qkv.weight": export_decoder_layers_35_self_attention_linear_qkv_weight,
-    "decoder.layers.35.self_attention.q_layernorm.weight": export_decoder_layers_35_self_attention_q_layernorm_weight,
-    "decoder.layers.35.self_attention.k_layernorm.weight": export_decoder_layers_35_self_attention_k_layernorm_weight,
-    "decoder.layers.35.mlp.linear_fc1.layer_norm_weight": export_decoder_layers_35_mlp_linear_fc1_layer_norm_weight,
-    "decoder.layers.35.mlp.linear_fc1.weight": export_decoder_layers_35_mlp_linear_fc1_weight,
-    "decoder.layers.35.mlp.linear_fc2.weight": export_decoder_layers_35_mlp_linear_fc2_weight,
-    "decoder.final_layernorm.weight": export_decoder_final_layernorm_weight,
-    "output_layer.weight": export_output_layer_weight,
-}
+EXPORTS: Final[dict[str, ExportFn]] = {p.megatron_name: p.exporter for p in PARAMS}

@@ -133,8 +133,7 @@ def compile_target(
         f"Regenerate: {regenerate}",
     ]
     source = render(target, header)
-    check(source, name)
-    return format_source(source)
+    return format_source(source, check(source, name))
 
 
 def compile_entry(root: Path, entry: TargetEntry) -> str:

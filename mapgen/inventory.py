@@ -182,7 +182,8 @@ def hf_inventory(architecture: str, config_fields: dict[str, Any]) -> tuple[HFTe
     transformers 5 holds some weights differently in memory than on disk (MoE experts fused as
     `experts.gate_up_proj` [E, 2I, H] in memory, one tensor per expert on disk); its own
     `revert_weight_conversion`, which `save_pretrained` calls, gives the names on disk. Each
-    in-memory tensor is replaced where it stands by what it becomes on disk, in expert order."""
+    layer's converted tensors stand, in natural order (by expert), where the first of them stood
+    in memory."""
     import transformers
     from transformers.core_model_loading import revert_weight_conversion
 
@@ -197,12 +198,21 @@ def hf_inventory(architecture: str, config_fields: dict[str, Any]) -> tuple[HFTe
     tied = set(getattr(model, "all_tied_weights_keys", None) or {})
     if not getattr(hf_config, "tie_word_embeddings", False):
         tied = set()
+    state = {k: v for k, v in model.state_dict().items() if k not in tied}
+    groups: dict[str, dict[str, torch.Tensor]] = {}  # by decoder layer: one conversion call each
+    for name, tensor in state.items():
+        layer = re.match(r"^(.*?\.layers\.\d+\.)", name)
+        groups.setdefault(layer.group(1) if layer else name, {})[name] = tensor
     found: list[HFTensor] = []
-    for name, tensor in model.state_dict().items():
-        if name in tied:
-            continue
-        on_disk = revert_weight_conversion(model, {name: tensor})
-        found.extend(HFTensor(n, tuple(t.shape)) for n, t in sorted(on_disk.items(), key=lambda kv: _natural(kv[0])))
+    for group in groups.values():
+        on_disk = revert_weight_conversion(model, group)
+        converted = sorted((n for n in on_disk if n not in group), key=_natural)
+        for name in group:
+            if name in on_disk:
+                found.append(HFTensor(name, tuple(on_disk[name].shape)))
+            else:  # what the in-memory tensors became, where the first of them stood
+                found.extend(HFTensor(n, tuple(on_disk[n].shape)) for n in converted)
+                converted = []
     return tuple(found)
 
 

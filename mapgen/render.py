@@ -16,12 +16,11 @@ TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 
 @dataclass(frozen=True)
 class FunctionPair:
-    megatron_name: str  # as a Python literal
     import_name: str
     export_name: str
     doc: str
     import_expr: str
-    export_lines: tuple[str, ...]
+    export_expr: str
 
 
 def function_suffix(megatron_name: str) -> str:
@@ -59,7 +58,7 @@ def _simple_import(m: Mapping, group: str) -> str:
     return f"rt.whole_import({value}, out=out)"
 
 
-def _simple_export(m: Mapping) -> tuple[str, ...]:
+def _simple_export(m: Mapping) -> str:
     ((_, source),) = m.hf
     value = {
         "column": "rt.column_export(parts)",
@@ -71,74 +70,53 @@ def _simple_export(m: Mapping) -> tuple[str, ...]:
         value = f"rt.zero_centered_to_hf({value})"
     elif m.permute_dims is not None:
         value = f"rt.permute({value}, {inverse_permutation(m.permute_dims)!r})"
-    return (f"return {{{source.name!r}: {value}}}",)
+    return f"{{{source.name!r}: {value}}}"
 
 
-def _bodies(m: Mapping) -> tuple[str, tuple[str, ...]]:
+def _bodies(m: Mapping) -> tuple[str, str]:
+    """The import and export expressions: one runtime call each, every argument a literal."""
     group = "ctx.etp" if m.expert is not None else "ctx.tp"
-    names = {role: t.name for role, t in m.hf}
-    if m.kind == "qkv":
-        loads = ", ".join(_load(names[r]) for r in ("q", "k", "v"))
+    names = tuple(t.name for _, t in m.hf)
+    loads = ", ".join(_load(name) for name in names)
+    if m.kind in ("qkv", "kv", "gated_mlp"):
+        args = "" if m.kind == "gated_mlp" else f", {_qkv_args(m, with_heads=m.kind == 'qkv')}"
         return (
-            f"rt.qkv_import({group}, {loads}, {_qkv_args(m)}, out=out)",
-            (
-                f"q, k, v = rt.qkv_export(parts, {_qkv_args(m)})",
-                f"return {{{names['q']!r}: q, {names['k']!r}: k, {names['v']!r}: v}}",
-            ),
-        )
-    if m.kind == "kv":
-        loads = ", ".join(_load(names[r]) for r in ("k", "v"))
-        return (
-            f"rt.kv_import({group}, {loads}, {_qkv_args(m, with_heads=False)}, out=out)",
-            (
-                f"k, v = rt.kv_export(parts, {_qkv_args(m, with_heads=False)})",
-                f"return {{{names['k']!r}: k, {names['v']!r}: v}}",
-            ),
+            f"rt.{m.kind}_import({group}, {loads}{args}, out=out)",
+            f"dict(zip({names!r}, rt.{m.kind}_export(parts{args})))",
         )
     if m.kind in ("concat_qkv", "vision_qkv"):
         return (
-            f"rt.concat_qkv_import({group}, {_load(names['hf'])}, {_qkv_args(m)}, out=out)",
-            (f"return {{{names['hf']!r}: rt.concat_qkv_export(parts, {_qkv_args(m)})}}",),
-        )
-    if m.kind == "gated_mlp":
-        return (
-            f"rt.gated_mlp_import({group}, {_load(names['gate'])}, {_load(names['up'])}, out=out)",
-            (
-                "gate, up = rt.gated_mlp_export(parts)",
-                f"return {{{names['gate']!r}: gate, {names['up']!r}: up}}",
-            ),
+            f"rt.concat_qkv_import({group}, {loads}, {_qkv_args(m)}, out=out)",
+            f"{{{names[0]!r}: rt.concat_qkv_export(parts, {_qkv_args(m)})}}",
         )
     return _simple_import(m, group), _simple_export(m)
 
 
 def _doc(m: Mapping) -> str:
-    sources = ", ".join(t.name for _, t in m.hf)
     decided = f"{m.kind} -> {m.split}" if m.kind == "auto" else m.kind
-    return f"{m.megatron_name} <- {sources}: {decided}, {m.rule_loc.path}:{m.rule_loc.line}."
+    return f"{decided}: {m.rule_loc.path}:{m.rule_loc.line}."
 
 
-def _plan_literal(m: Mapping) -> str:
+def _plan_literal(m: Mapping, functions: FunctionPair) -> str:
     hf_names = tuple(t.name for _, t in m.hf)
-    return (
-        f"ParamPlan({m.megatron_name!r}, {m.shape!r}, {m.dtype!r}, split_dim={m.split_dim!r}, "
-        f"expert_parallel={m.expert is not None!r}, layer={m.layer!r}, expert={m.expert!r}, "
-        f"hf_names={hf_names!r})"
+    fields = (
+        m.megatron_name, m.shape, m.dtype, m.split_dim, m.expert is not None, m.layer, m.expert, hf_names
     )
+    return f"ParamPlan({', '.join(map(repr, fields))}, {functions.import_name}, {functions.export_name})"
 
 
 def render(target: Target, header: list[str]) -> str:
     functions = []
     for m in target.mappings:
-        import_expr, export_lines = _bodies(m)
+        import_expr, export_expr = _bodies(m)
         suffix = function_suffix(m.megatron_name)
         functions.append(
             FunctionPair(
-                megatron_name=repr(m.megatron_name),
                 import_name=f"import_{suffix}",
                 export_name=f"export_{suffix}",
                 doc=_doc(m),
                 import_expr=import_expr,
-                export_lines=export_lines,
+                export_expr=export_expr,
             )
         )
     environment = jinja2.Environment(
@@ -164,7 +142,7 @@ def render(target: Target, header: list[str]) -> str:
         config_path=repr(target.config.path),
         dims=[(name, repr(value)) for name, value in target.dims.as_literal_items()],
         functions=functions,
-        plans=[_plan_literal(m) for m in target.mappings],
+        plans=[_plan_literal(m, f) for m, f in zip(target.mappings, functions)],
         hf_tensors=[f"HFTensorPlan({t.name!r}, {t.shape!r})" for t in target.hf_tensors],
         tied=[
             (repr("output_layer.weight"), repr("embedding.word_embeddings.weight"))

@@ -13,6 +13,8 @@ See `KINDS` for what each kind does in both directions.
 
 from __future__ import annotations
 
+import difflib
+
 from dataclasses import dataclass
 from typing import Any
 
@@ -193,7 +195,9 @@ def _parse_dims(node: Node | None, errors: ErrorSink) -> tuple[DimExpr, ...]:
     for name, value in node.value.items():
         where = node.key_loc(name)
         if name not in DIM_FIELDS:
-            errors.add(where, f"unknown dim '{name}'; expected one of {', '.join(DIM_FIELDS)}")
+            close = difflib.get_close_matches(name, DIM_FIELDS, n=3)
+            hint = f"did you mean {' or '.join(repr(c) for c in close)}?" if close else "see mapgen/dims.py for the dims"
+            errors.add(where, f"unknown dim '{name}'; {hint}")
             continue
         if isinstance(value.value, str):
             try:

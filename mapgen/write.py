@@ -18,6 +18,9 @@ def write_if_changed(path: Path, content: str) -> bool:
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes it private; a module is not
         os.replace(temporary, path)
     except BaseException:
         os.unlink(temporary)

@@ -181,7 +181,7 @@ CASES: list[tuple[str, list[tuple[str, str]], dict[str, object], list[str]]] = [
         {},
         [
             "bad.yaml:4:3: dims: missing required dim 'num_layers'",
-            "bad.yaml:4:3: unknown dim 'num_layer'; expected one of num_layers, hidden_size, ffn_hidden_size, num_attention_heads, num_query_groups, kv_channels, vocab_size, max_position_embeddings, layernorm_epsilon, normalization, activation, gated_linear_unit, add_bias_linear, add_qkv_bias, qk_layernorm, attention_output_gate, layernorm_zero_centered_gamma, share_embeddings_and_output_weights, rotary_base, rotary_percent, rope_type, rope_scaling_factor, rope_scaling_low_freq_factor, rope_scaling_high_freq_factor, rope_scaling_original_max_position_embeddings, params_dtype",
+            "bad.yaml:4:3: unknown dim 'num_layer'; did you mean 'num_layers'?",
         ],
     ),
     (

@@ -1,4 +1,4 @@
-"""The libcst gate on generated source: a generator bug is caught before anything is written."""
+"""The gate on generated source: a generator bug is caught before anything is written."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 
 from mapgen.postprocess import GeneratedCodeError, check
 
-GOOD = "def import_a():\n    pass\n\n\nIMPORTS = {}\nIMPORTS2: dict = {'a': import_a}\n"
+GOOD = "def import_a():\n    pass\n\n\nIMPORTS = {}\nPARAMS: tuple = (P('a', import_a),)\n"
 
 
 def test_good_source_passes() -> None:
@@ -19,8 +19,8 @@ def test_good_source_passes() -> None:
         ("def f(:\n", "t: generated code does not parse"),
         ("def f():\n    pass\n\n\ndef f():\n    pass\n", "t: generated code defines twice: f"),
         ("X: int = 1\nX: int = 2\n", "t: generated code defines twice: X"),
-        ("IMPORTS: dict = {'a': import_a}\n", "t: IMPORTS names undefined functions: import_a"),
-        ("def e():\n    pass\n\n\nEXPORTS: dict = {'a': e, 'b': nope}\n", "t: EXPORTS names undefined functions: nope"),
+        ("PARAMS: tuple = (P('a', import_a),)\n", "t: PARAMS names undefined functions: import_a"),
+        ("def e():\n    pass\n\n\nPARAMS: tuple = (P('a', e, e), P('b', e, nope))\n", "t: PARAMS names undefined functions: nope"),
     ],
 )
 def test_bad_source_is_refused(source: str, message: str) -> None:

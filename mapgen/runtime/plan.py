@@ -26,7 +26,8 @@ ExportFn = Callable[[Sequence[torch.Tensor]], dict[str, torch.Tensor]]
 
 @dataclass(frozen=True)
 class ParamPlan:
-    """One Megatron parameter: its global name and shape, how TP splits it, where it lives."""
+    """One Megatron parameter: its global name and shape, how TP splits it, where it lives, its
+    HF tensors, and its two conversion functions."""
 
     megatron_name: str
     shape: tuple[int, ...]
@@ -34,8 +35,10 @@ class ParamPlan:
     split_dim: int | None  # None: every rank of its TP group holds it whole
     expert_parallel: bool  # sharded over expert-TP and distributed over EP
     layer: int | None
-    expert: int | None
+    expert: int | None  # global expert index
     hf_names: tuple[str, ...]
+    importer: ImportFn
+    exporter: ExportFn
 
 
 @dataclass(frozen=True)
