@@ -9047,6 +9047,9 @@ HF_TENSORS: Final[tuple[HFTensorPlan, ...]] = (
     HFTensorPlan("lm_head.weight", (151936, 4096)),
 )
 
+# checkpoint tensors this module leaves alone on purpose, by name prefix, and why
+IGNORED_HF: Final[dict[str, str]] = {}
+
 IMPORTS: Final[dict[str, ImportFn]] = {p.megatron_name: p.importer for p in PARAMS}
 
 # Megatron parameters that hold a copy of another (tied embeddings on the last pipeline stage)

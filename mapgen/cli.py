@@ -12,7 +12,7 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from mapgen.build import TARGETS_FILE, compile_entry, compile_target, display_path, read_targets
+from mapgen.build import HF_EXPERTS, TARGETS_FILE, compile_entry, compile_target, display_path, read_targets
 from mapgen.errors import MapgenError
 from mapgen.inventory import LAYOUTS
 from mapgen.write import stale_diff, write_if_changed
@@ -52,8 +52,10 @@ def main() -> None:
 @click.option("--layout", type=click.Choice(LAYOUTS), default="te", show_default=True,
               help="Megatron naming: te (TransformerEngine, what GPU users run) or local.")
 @click.option("--name", help="Target name in the module (default: the output file's stem).")
+@click.option("--hf-experts", type=click.Choice(HF_EXPERTS), default="per_expert", show_default=True,
+              help="How the HF checkpoint stores MoE experts: one tensor per expert, or stacked.")
 def build(
-    spec: str | None, config: str | None, output: str | None, layout: str, name: str | None
+    spec: str | None, config: str | None, output: str | None, layout: str, name: str | None, hf_experts: str
 ) -> None:
     """Build every target in specs/targets.yaml, or SPEC + CONFIG into -o OUTPUT."""
     try:
@@ -62,20 +64,21 @@ def build(
         elif spec is None or config is None or output is None:
             raise click.UsageError("give SPEC, CONFIG and -o OUTPUT together, or none of them")
         else:
-            _build_one(Path(spec), Path(config), Path(output), layout, name)
+            _build_one(Path(spec), Path(config), Path(output), layout, name, hf_experts)
     except MapgenError as exc:
         err.print(str(exc), markup=False)
         sys.exit(2)
 
 
-def _build_one(spec: Path, config: Path, output: Path, layout: str, name: str | None) -> None:
+def _build_one(spec: Path, config: Path, output: Path, layout: str, name: str | None, hf_experts: str) -> None:
     target = name or output.stem
     command = (
         f"mapgen build {display_path(spec)} {display_path(config)} -o {display_path(output)}"
         f" --layout {layout}" + (f" --name {name}" if name else "")
+        + (f" --hf-experts {hf_experts}" if hf_experts != "per_expert" else "")
     )
     started = time.perf_counter()
-    source = compile_target(target, spec, config, layout, command)
+    source = compile_target(target, spec, config, layout, command, hf_experts=hf_experts)
     written = write_if_changed(output, source)
     seconds = time.perf_counter() - started
     state = "wrote" if written else "unchanged"

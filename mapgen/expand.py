@@ -7,6 +7,7 @@ transform against the two inventories. All problems are collected and reported t
 from __future__ import annotations
 
 import math
+import re
 from collections import defaultdict
 
 from mapgen.config import HFConfig, evaluate_in_context
@@ -79,6 +80,27 @@ def resolve_auto(param: MegatronParam, module_types: dict[str, str]) -> str | No
     return None
 
 
+_INDEXED = re.compile(r"^(.*)\[(\d+)\]$")
+
+
+def _slice(hf_by_name: dict[str, HFTensor], name: str) -> HFTensor | None:
+    """`name[i]`: slice i of a stacked-experts tensor, as a tensor of its own."""
+    indexed = _INDEXED.match(name)
+    stacked = hf_by_name.get(indexed.group(1)) if indexed else None
+    if indexed is None or stacked is None or int(indexed.group(2)) >= stacked.shape[0]:
+        return None
+    return HFTensor(name, stacked.shape[1:])
+
+
+def _unconsumed(tensor: HFTensor, consumers: dict[str, list[str]]) -> bool:
+    if tensor.name in consumers:
+        return False
+    if not tensor.shape or f"{tensor.name}[0]" not in consumers:
+        return True
+    slices = [f"{tensor.name}[{i}]" for i in range(tensor.shape[0])] if tensor.shape else []
+    return not slices or not all(s in consumers for s in slices)
+
+
 def expand(
     spec: Spec,
     config: HFConfig,
@@ -86,7 +108,10 @@ def expand(
     layout: str,
     megatron: tuple[MegatronParam, ...],
     hf: tuple[HFTensor, ...],
+    fused_experts: bool = False,
 ) -> tuple[Mapping, ...]:
+    """Every Megatron parameter's mapping; with `fused_experts`, rules that say where a
+    checkpoint stacks the experts (`fused_hf`) read that tensor's slices instead."""
     errors = ErrorSink()
     module_types = {**MODULE_TYPES, **dict(spec.module_types)}
     active = [rule for rule in spec.rules if _is_active(rule, dims, config, errors)]
@@ -119,10 +144,13 @@ def expand(
             continue
         rule, captures = hits[0]
         sources: list[tuple[str, HFTensor]] = []
-        for role, pattern in rule.hf:
+        patterns = rule.hf
+        if fused_experts and rule.fused_hf is not None:
+            patterns = (("gate_up" if rule.kind == "gated_mlp" else "hf", rule.fused_hf),)
+        for role, pattern in patterns:
             hf_name = pattern.fill(captures)
             consumers[hf_name].append(param.name)
-            tensor = hf_by_name.get(hf_name)
+            tensor = hf_by_name.get(hf_name) or _slice(hf_by_name, hf_name)
             if tensor is None:
                 errors.add(
                     rule.loc,
@@ -131,7 +159,7 @@ def expand(
                 )
             else:
                 sources.append((role, tensor))
-        if len(sources) != len(rule.hf):
+        if len(sources) != len(patterns):
             continue
         mapping = _decide(rule, param, tuple(sources), dims, config, module_types, errors)
         if mapping is not None:
@@ -151,9 +179,9 @@ def expand(
             + ", ".join(unmapped),
         )
     for name, users in consumers.items():
-        if len(users) > 1 and name in hf_by_name:
+        if len(users) > 1 and (name in hf_by_name or _slice(hf_by_name, name)):
             errors.add(where, f"HF tensor '{name}' is consumed {len(users)} times: by " + ", ".join(users))
-    unused = [t.name for t in hf if t.name not in consumers]
+    unused = [t.name for t in hf if _unconsumed(t, consumers)]
     if unused:
         errors.add(
             where,
@@ -283,6 +311,8 @@ def _shape_problem(m: Mapping) -> str | None:
         if [rows, *tail] != target:
             return f"merged rows {[rows, *tail]} do not match the Megatron shape {target}"
         return None
+    if m.kind == "gated_mlp" and "gate_up" in shapes:  # a stacked-experts slice: [gate; up]
+        return None if list(shapes["gate_up"]) == target else f"[gate; up] {described} is not the Megatron shape {target}"
     if m.kind == "gated_mlp":
         if shapes["gate"] != shapes["up"]:
             return f"gate and up differ: {described}"

@@ -176,14 +176,17 @@ def to_te_layout(params: tuple[MegatronParam, ...]) -> tuple[MegatronParam, ...]
     return tuple(renamed)
 
 
-def hf_inventory(architecture: str, config_fields: dict[str, Any]) -> tuple[HFTensor, ...]:
+def hf_inventory(
+    architecture: str, config_fields: dict[str, Any], stacked_experts: bool = False
+) -> tuple[HFTensor, ...]:
     """The tensors `save_pretrained` writes for this architecture and config, in model order.
 
     transformers 5 holds some weights differently in memory than on disk (MoE experts fused as
     `experts.gate_up_proj` [E, 2I, H] in memory, one tensor per expert on disk); its own
     `revert_weight_conversion`, which `save_pretrained` calls, gives the names on disk. Each
     layer's converted tensors stand, in natural order (by expert), where the first of them stood
-    in memory."""
+    in memory. With `stacked_experts`, the in-memory names are the checkpoint's (a checkpoint
+    that stores the experts stacked, as transformers holds them)."""
     import transformers
     from transformers.core_model_loading import revert_weight_conversion
 
@@ -205,7 +208,7 @@ def hf_inventory(architecture: str, config_fields: dict[str, Any]) -> tuple[HFTe
         groups.setdefault(layer.group(1) if layer else name, {})[name] = tensor
     found: list[HFTensor] = []
     for group in groups.values():
-        on_disk = revert_weight_conversion(model, group)
+        on_disk = group if stacked_experts else revert_weight_conversion(model, group)
         converted = sorted((n for n in on_disk if n not in group), key=_natural)
         for name in group:
             if name in on_disk:

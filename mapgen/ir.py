@@ -60,3 +60,4 @@ class Target:
     dims: ModelDims
     mappings: tuple[Mapping, ...]
     hf_tensors: tuple[HFTensor, ...]  # in the order HF lays out its state dict
+    ignored_hf: tuple[tuple[str, str], ...] = ()  # (name prefix, why) left alone on purpose

@@ -62,6 +62,18 @@ class ParallelLayout:
     def world_size(self) -> int:
         return self.tp * self.pp * self.dp
 
+    def problems(self) -> list[str]:
+        """What megatron-core would refuse about this layout, said in its terms up front."""
+        found = [f"{name} must be positive" for name in ("tp", "pp", "vpp", "ep", "dp") if getattr(self, name) < 1]
+        expert_grid = self.ep * (self.etp or self.tp)
+        per_stage = self.tp * self.dp
+        if not found and per_stage % expert_grid:
+            found.append(
+                f"each pipeline stage has tp x dp = {per_stage} ranks, which expert-TP x EP = "
+                f"{expert_grid} does not divide (raise dp)"
+            )
+        return found
+
     def __str__(self) -> str:
         parts = [f"tp{self.tp}", f"pp{self.pp}"]
         if self.vpp > 1:
@@ -81,6 +93,10 @@ def initialize_parallel_state(layout: ParallelLayout) -> None:
     """(Re)initialise megatron-core's groups for `layout` in an initialised process group."""
     from megatron.core import parallel_state
 
+    from mapgen.errors import MapgenError
+
+    if problems := layout.problems():
+        raise MapgenError(f"layout {layout}: " + "; ".join(problems))
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(

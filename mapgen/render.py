@@ -3,6 +3,7 @@ the template only loops."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +28,14 @@ def function_suffix(megatron_name: str) -> str:
     return megatron_name.replace(".", "_")
 
 
+_INDEXED = re.compile(r"^(.*)\[(\d+)\]$")
+
+
 def _load(name: str) -> str:
+    """The load of an HF tensor; `X[i]` is slice i of a stacked-experts tensor X (a view)."""
+    indexed = _INDEXED.match(name)
+    if indexed:
+        return f"load({indexed.group(1)!r})[{indexed.group(2)}]"
     return f"load({name!r})"
 
 
@@ -78,6 +86,11 @@ def _bodies(m: Mapping) -> tuple[str, str]:
     group = "ctx.etp" if m.expert is not None else "ctx.tp"
     names = tuple(t.name for _, t in m.hf)
     loads = ", ".join(_load(name) for name in names)
+    if m.kind == "gated_mlp" and m.hf[0][0] == "gate_up":
+        return (
+            f"rt.gated_mlp_import({group}, *rt.halves({loads}), out=out)",
+            f"{{{names[0]!r}: rt.stacked_gated_mlp_export(parts)}}",
+        )
     if m.kind in ("qkv", "kv", "gated_mlp"):
         args = "" if m.kind == "gated_mlp" else f", {_qkv_args(m, with_heads=m.kind == 'qkv')}"
         return (
@@ -144,6 +157,7 @@ def render(target: Target, header: list[str]) -> str:
         functions=functions,
         plans=[_plan_literal(m, f) for m, f in zip(target.mappings, functions)],
         hf_tensors=[f"HFTensorPlan({t.name!r}, {t.shape!r})" for t in target.hf_tensors],
+        ignored_hf=[(repr(prefix), repr(why)) for prefix, why in target.ignored_hf],
         tied=[
             (repr("output_layer.weight"), repr("embedding.word_embeddings.weight"))
         ]

@@ -99,8 +99,11 @@ KINDS: dict[str, KindInfo] = {
 }
 
 PARALLELISM_TYPES = ("column", "row", "replicated")
-TOP_KEYS = ("family", "hf_architecture", "dims", "module_types", "rules")
-RULE_KEYS = ("megatron", "hf", "kind", "permute_dims", "when", "heads", "head_dim")
+TOP_KEYS = ("family", "hf_architecture", "dims", "module_types", "rules", "ignore_hf")
+IGNORE_KEYS = ("prefix", "why")
+RULE_KEYS = ("megatron", "hf", "kind", "permute_dims", "when", "heads", "head_dim", "fused_hf")
+# kinds whose HF side may come from a stacked-experts tensor, one `[*]` slice per expert
+FUSED_KINDS = ("gated_mlp", "auto", "column", "row", "direct", "replicated")
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,9 @@ class Rule:
     when: Expr | None = None
     heads: Expr | None = None
     head_dim: Expr | None = None
+    # the HF tensor where a checkpoint stacks the experts: `[*]` picks this expert's slice;
+    # for gated_mlp the slice is [gate; up]
+    fused_hf: Pattern | None = None
 
     def __str__(self) -> str:
         return str(self.megatron)
@@ -127,6 +133,15 @@ class DimExpr:
 
 
 @dataclass(frozen=True)
+class IgnoreHF:
+    """Checkpoint tensors under a name prefix that the mapping leaves alone, and why."""
+
+    prefix: Expr
+    why: str
+    loc: Location
+
+
+@dataclass(frozen=True)
 class Spec:
     path: str
     family: str
@@ -134,6 +149,7 @@ class Spec:
     dims: tuple[DimExpr, ...]
     module_types: tuple[tuple[str, str], ...]
     rules: tuple[Rule, ...]
+    ignore_hf: tuple[IgnoreHF, ...] = ()
 
 
 def parse_spec(path: str, text: str) -> Spec:
@@ -162,8 +178,27 @@ def parse_spec(path: str, text: str) -> Spec:
                 rule = _parse_rule(rule_node, errors)
                 if rule is not None:
                     rules.append(rule)
+    ignore_hf = _parse_ignore_hf(top.get("ignore_hf"), errors)
     errors.raise_if_any()
-    return Spec(path, family, hf_architecture, dims, module_types, tuple(rules))
+    return Spec(path, family, hf_architecture, dims, module_types, tuple(rules), ignore_hf)
+
+
+def _parse_ignore_hf(node: Node | None, errors: ErrorSink) -> tuple[IgnoreHF, ...]:
+    if node is None:
+        return ()
+    if not isinstance(node.value, list):
+        errors.add(node.loc, "'ignore_hf' must be a list of {prefix, why}")
+        return ()
+    found: list[IgnoreHF] = []
+    for item in node.value:
+        if not isinstance(item.value, dict) or set(item.value) != set(IGNORE_KEYS):
+            errors.add(item.loc, "each 'ignore_hf' entry needs exactly the keys prefix (an expression) and why")
+            continue
+        prefix = _parse_expr(item.value["prefix"], "ignore_hf.prefix", errors)
+        why = _string(item.value["why"], "ignore_hf.why", errors)
+        if prefix is not None and why:
+            found.append(IgnoreHF(prefix, why, item.loc))
+    return tuple(found)
 
 
 def _unknown_keys(node: Node, allowed: tuple[str, ...], what: str, errors: ErrorSink) -> None:
@@ -263,6 +298,7 @@ def _parse_rule(node: Node, errors: ErrorSink) -> Rule | None:
     when = _parse_expr(fields.get("when"), "when", errors)
     heads = _parse_expr(fields.get("heads"), "heads", errors)
     head_dim = _parse_expr(fields.get("head_dim"), "head_dim", errors)
+    fused_hf = _parse_fused_hf(fields.get("fused_hf"), kind, megatron, errors)
     if kind == "vision_qkv":
         for key, value in (("heads", heads), ("head_dim", head_dim)):
             if value is None and key not in fields:
@@ -273,7 +309,24 @@ def _parse_rule(node: Node, errors: ErrorSink) -> Rule | None:
                 errors.add(node.key_loc(key), f"'{key}' applies only to kind 'vision_qkv'")
     if hf is None:
         return None
-    return Rule(megatron, hf, kind, megatron_node.loc, permute_dims, when, heads, head_dim)
+    return Rule(megatron, hf, kind, megatron_node.loc, permute_dims, when, heads, head_dim, fused_hf)
+
+
+def _parse_fused_hf(node: Node | None, kind: str, megatron: Pattern, errors: ErrorSink) -> Pattern | None:
+    if node is None:
+        return None
+    text = node.value
+    if not isinstance(text, str) or not text.endswith("[*]"):
+        errors.add(node.loc, "fused_hf must be a name pattern ending in [*] (the expert's slice)")
+        return None
+    if kind not in FUSED_KINDS:
+        errors.add(node.loc, f"fused_hf does not apply to kind '{kind}'")
+        return None
+    pattern = Pattern(text)
+    if len(pattern.wildcards) != len(megatron.wildcards):
+        errors.add(node.loc, f"fused_hf '{text}' has {len(pattern.wildcards)} wildcards, megatron '{megatron}' has {len(megatron.wildcards)}")
+        return None
+    return pattern
 
 
 def _parse_hf(

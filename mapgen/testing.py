@@ -19,6 +19,9 @@ FAMILY_SPECS = {
     "llama": "specs/llama.yaml",
     "qwen2": "specs/qwen2.yaml",
     "qwen3": "specs/qwen3.yaml",
+    "mixtral": "specs/mixtral.yaml",
+    "qwen3_moe": "specs/qwen3_moe.yaml",
+    "deepseek_v3": "specs/deepseek_v3.yaml",
 }
 
 
@@ -57,6 +60,27 @@ def tiny_hf_config(family: str, **overrides: Any) -> Any:
     elif family == "qwen3":
         common.update(rope_theta=1000000.0, head_dim=32)  # head_dim != hidden / heads
         config_class = transformers.Qwen3Config
+    elif family == "mixtral":
+        common.update(rope_theta=1000000.0, num_local_experts=4, num_experts_per_tok=2)
+        config_class = transformers.MixtralConfig
+    elif family == "qwen3_moe":
+        common.update(
+            rope_theta=1000000.0, head_dim=32, num_experts=4, num_experts_per_tok=2,
+            moe_intermediate_size=48, norm_topk_prob=True,
+        )
+        config_class = transformers.Qwen3MoeConfig
+    elif family == "deepseek_v3":
+        common.update(
+            num_hidden_layers=3, num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=4,
+            moe_intermediate_size=32, first_k_dense_replace=1, n_shared_experts=1, n_group=4,
+            topk_group=2, routed_scaling_factor=2.5, q_lora_rank=32, kv_lora_rank=16,
+            qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, rope_theta=10000.0,
+            rope_scaling={
+                "type": "yarn", "factor": 40.0, "beta_fast": 32, "beta_slow": 1, "mscale": 1.0,
+                "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096,
+            },
+        )
+        config_class = transformers.DeepseekV3Config
     else:
         raise ValueError(f"no tiny config for family {family!r}")
     common.update(overrides)
@@ -79,6 +103,9 @@ def save_random_model(config: Any, folder: Path, seed: int = 0) -> Any:
         for name, param in model.named_parameters():
             if "norm" in name:
                 param.add_(torch.randn_like(param) * 0.1)
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # DeepSeek's router bias: zero at init
+                buffer.copy_(torch.randn_like(buffer) * 0.1)
     model.eval()
     model.save_pretrained(folder)
     return model

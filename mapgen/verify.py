@@ -156,7 +156,10 @@ def run_job(job: Job) -> Result:
 Task = tuple[Callable[..., Any], tuple[Any, ...]]
 
 
-def _worker(rank: int, world_size: int, port: int, tasks: list[Task], queue: Any) -> None:
+def _worker(rank: int, world_size: int, port: int, tasks: list[Task], queue: Any, timeout_s: float) -> None:
+    import faulthandler
+
+    faulthandler.dump_traceback_later(timeout_s, exit=False)  # a hang shows where it waits
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     warnings.filterwarnings("ignore", module=r"(megatron|transformers|torch)(\.|$)")
     torch.set_num_threads(1)
@@ -198,7 +201,7 @@ def spawn(tasks: list[Task], world_size: int, timeout_s: float = 1800) -> dict[i
     results_queue = context.Queue()
     processes = start_processes(  # type: ignore[no-untyped-call]
         _worker,
-        args=(world_size, _free_port(), tasks, results_queue),
+        args=(world_size, _free_port(), tasks, results_queue, max(timeout_s - 30, 1)),
         nprocs=world_size,
         join=False,
         start_method="spawn",
@@ -227,6 +230,9 @@ def spawn(tasks: list[Task], world_size: int, timeout_s: float = 1800) -> dict[i
 
 def verify(jobs: list[Job], world_size: int) -> list[Result]:
     """Rank 0's result of each job (all ranks agree on errors; rank 0 compares the tensors)."""
+    for job in jobs:
+        if problems := job.layout.problems():
+            raise MapgenError(f"layout {job.layout}: " + "; ".join(problems))
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # started by torchrun
         if not dist.is_initialized():
             dist.init_process_group("gloo")

@@ -70,7 +70,7 @@ CASES: list[tuple[str, list[tuple[str, str]], dict[str, object], list[str]]] = [
         [("family: llama\n", "family: llama\nhf_arch: Llama\n")],
         {},
         [
-            "bad.yaml:2:1: unknown key 'hf_arch' in spec; expected one of family, hf_architecture, dims, module_types, rules"
+            "bad.yaml:2:1: unknown key 'hf_arch' in spec; expected one of family, hf_architecture, dims, module_types, rules, ignore_hf"
         ],
     ),
     (
@@ -79,7 +79,7 @@ CASES: list[tuple[str, list[tuple[str, str]], dict[str, object], list[str]]] = [
         {},
         [
             "bad.yaml:36:5: rule is missing required key 'hf'",
-            "bad.yaml:37:5: unknown key 'hf_parm' in rule; expected one of megatron, hf, kind, permute_dims, when, heads, head_dim",
+            "bad.yaml:37:5: unknown key 'hf_parm' in rule; expected one of megatron, hf, kind, permute_dims, when, heads, head_dim, fused_hf",
         ],
     ),
     (
@@ -277,7 +277,7 @@ CASES: list[tuple[str, list[tuple[str, str]], dict[str, object], list[str]]] = [
         ],
         {},
         [
-            "bad.yaml:2:1: unknown key 'hf_arch' in spec; expected one of family, hf_architecture, dims, module_types, rules",
+            "bad.yaml:2:1: unknown key 'hf_arch' in spec; expected one of family, hf_architecture, dims, module_types, rules, ignore_hf",
             "bad.yaml:33:11: unknown kind 'gated'; expected one of direct, column, row, replicated, auto, qkv, kv, concat_qkv, vision_qkv, gated_mlp, reshape, zero_centered_rmsnorm",
         ],
     ),
@@ -288,5 +288,17 @@ CASES: list[tuple[str, list[tuple[str, str]], dict[str, object], list[str]]] = [
         [
             "bad.yaml:39:15: rule 'output_layer.weight' matches no Megatron parameter of this model (te layout)"
         ],
+    ),
+    (
+        "ignore-covers-mapped-tensors",
+        [("rules:\n", "ignore_hf:\n  - prefix: \"'model.layers.%d.' % (num_hidden_layers - 1)\"\n    why: test\nrules:\n")],
+        {},
+        ["bad.yaml:15:5: ignore_hf.prefix 'model.layers.1.' covers tensors the rules map: model.layers.1.self_attn.q_proj.weight, model.layers.1.self_attn.k_proj.weight, model.layers.1.self_attn.v_proj.weight, model.layers.1.self_attn.o_proj.weight, model.layers.1.mlp.gate_proj.weight"],
+    ),
+    (
+        "ignore-entry-malformed",
+        [("rules:\n", "ignore_hf:\n  - prefix: \"'model.mtp.'\"\nrules:\n")],
+        {},
+        ["bad.yaml:15:5: each 'ignore_hf' entry needs exactly the keys prefix (an expression) and why"],
     ),
 ]

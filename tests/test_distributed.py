@@ -1,6 +1,6 @@
-"""TP/PP/VPP/DP conversion on CPU over gloo, in one spawn of 4 processes: tiny stand-ins of
-every checked-in target, logits against transformers, export bit-exact, collective counts, bad
-input on every rank, save and reload."""
+"""TP/PP/VPP/DP/EP/ETP conversion on CPU over gloo, in one spawn of 4 processes: tiny stand-ins
+of every checked-in target, logits against transformers, export bit-exact, collective counts,
+bad input on every rank, save and reload."""
 
 from __future__ import annotations
 
@@ -29,8 +29,20 @@ LAYOUTS = [
     ParallelLayout(pp=2, dp=2, last_stage_layers=1),  # uneven: 3 + 1 layers
     ParallelLayout(pp=2, vpp=2, dp=2),
 ]
+# mixture-of-experts targets: expert parallelism (EP), expert-TP (ETP) apart from TP, with PP
+EP_LAYOUTS = [
+    ParallelLayout(ep=2, dp=4),
+    ParallelLayout(tp=2, ep=2, dp=2),  # expert-TP = TP = 2
+    ParallelLayout(tp=2, ep=2, etp=1, dp=2),  # experts whole, the rest TP-split
+    ParallelLayout(pp=2, ep=2, dp=2),
+    ParallelLayout(tp=2, pp=2, ep=2, etp=1),
+    ParallelLayout(pp=2, vpp=2, ep=2, dp=2),
+]
 # every checked-in target, through a tiny stand-in of its own config (mapgen standin)
 TARGETS = {entry.name: entry for entry in read_targets(testing.ROOT)}
+MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
+MOE = {name for name, e in TARGETS.items() if any(k in json.loads((testing.ROOT / e.config).read_text()) for k in MOE_KEYS)}
+CASES = [(name, layout) for name in TARGETS for layout in (EP_LAYOUTS if name in MOE else LAYOUTS)]
 
 
 def _module(folder: Path, spec: str, name: str) -> Path:
@@ -52,14 +64,18 @@ def outcome(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         testing.save_standin(json.loads((testing.ROOT / entry.config).read_text()), folder)
         module = _module(folder, entry.spec, label)
         cases[label] = (folder, module)
-        for layout in LAYOUTS:
-            tasks.append((run_job, (Job(str(module), str(folder), layout),)))
-            labels.append(f"verify {label} {layout}")
+    for label, layout in CASES:
+        folder, module = cases[label]
+        tasks.append((run_job, (Job(str(module), str(folder), layout),)))
+        labels.append(f"verify {label} {layout}")
 
     llama_dir, llama_module = cases["llama3_1_8b"]
     for bucket_bytes in (1, 2**30):
         tasks.append((dist_tasks.count_collectives, (str(llama_module), str(llama_dir), ParallelLayout(tp=2, pp=2), bucket_bytes)))
         labels.append(f"count {bucket_bytes}")
+    deepseek_dir, deepseek_module = cases["deepseek_v3"]
+    tasks.append((dist_tasks.count_collectives, (str(deepseek_module), str(deepseek_dir), ParallelLayout(tp=2, ep=2, dp=2), 2**30)))
+    labels.append("count moe")
 
     bad = _bad_inputs(root, llama_dir, llama_module)
     for name, (hf_dir, layout, model_module) in bad.items():
@@ -103,8 +119,7 @@ def _bad_inputs(root: Path, good: Path, module: Path) -> dict[str, tuple[Path, P
     }
 
 
-@pytest.mark.parametrize("family", list(TARGETS))
-@pytest.mark.parametrize("layout", LAYOUTS, ids=str)
+@pytest.mark.parametrize(("family", "layout"), CASES, ids=[f"{n}-{layout}" for n, layout in CASES])
 def test_logits_match_transformers_and_export_is_bit_exact(outcome: dict[str, Any], family: str, layout: ParallelLayout) -> None:
     results = outcome["by_label"][f"verify {family} {layout}"]
     for result in results:
@@ -132,6 +147,15 @@ def test_no_object_collectives_and_bucketed_counts(outcome: dict[str, Any]) -> N
     assert one_bucket["broadcast"] == 2
     assert many["broadcast"] > one_bucket["broadcast"]
     assert many["all_gather"] > one_bucket["all_gather"]
+
+
+def test_expert_parallel_export_is_three_gathers(outcome: dict[str, Any]) -> None:
+    """TP2 x EP2, one bucket: a TP gather, an expert-TP gather and an EP gather, whatever the
+    number of experts; import makes only the agreement gather."""
+    for result in outcome["by_label"]["count moe"]:
+        assert result["exported"] == result["tensors"]
+        assert {k: v for k, v in result["counts"]["export"].items() if not k.endswith("_bytes")} == {"all_gather": 3}
+        assert result["counts"]["import"]["all_gather"] == 1
 
 
 BAD_EXPECTED = {

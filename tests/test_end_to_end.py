@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from mapgen import testing
+from mapgen.inventory import weight_buffers
 from mapgen.megatron_model import build_gpt_model
 from mapgen.runtime.drivers import export_hf_tensors, load_hf_checkpoint
 
@@ -18,10 +19,17 @@ CASES = [
     ("llama", {"tie_word_embeddings": True}),  # like Llama-3.2-1B
     ("qwen2", {}),
     ("qwen3", {}),
+    ("mixtral", {}),
+    ("qwen3_moe", {}),
+    ("deepseek_v3", {}),
 ]
 
 
-@pytest.mark.parametrize(("family", "overrides"), CASES, ids=["llama", "llama-tied", "qwen2", "qwen3"])
+@pytest.mark.parametrize(
+    ("family", "overrides"),
+    CASES,
+    ids=["llama", "llama-tied", "qwen2", "qwen3", "mixtral", "qwen3_moe", "deepseek_v3"],
+)
 def test_import_matches_transformers_and_export_is_bit_exact(
     family: str, overrides: dict[str, Any], tiny_checkpoint: Any, compile_module: Any, cpu_megatron: None
 ) -> None:
@@ -31,7 +39,8 @@ def test_import_matches_transformers_and_export_is_bit_exact(
     model.eval()
 
     loaded = load_hf_checkpoint(module, [model], str(folder))
-    assert loaded == len(module.PARAMS) == len(list(model.parameters()))
+    weights = list(model.parameters()) + [b for _, b in weight_buffers(model)]
+    assert loaded == len(module.PARAMS) == len(weights)
 
     input_ids = torch.randint(0, hf_model.config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(1))
     ours = testing.megatron_logits(model, input_ids)
@@ -111,3 +120,65 @@ def test_other_kinds_through_generated_code(tiny_checkpoint: Any, compile_module
         norm.sub_(1)
     for name, tensor in export_hf_tensors(module, [model]):
         assert torch.equal(tensor, original[name]), name
+
+
+def _deepseek_te_name(name: str) -> str:
+    """megatron-core's TE layer spec names for MLA + MoE, written out independently of
+    mapgen.inventory: fused q/kv up-projection norms, grouped experts, and the pre-MLP norm
+    fused into linear_fc1 only in the dense layer (layer 0)."""
+    import re
+
+    name = name.replace(".self_attention.q_layernorm.", ".self_attention.linear_q_up_proj.layer_norm_")
+    name = name.replace(".self_attention.kv_layernorm.", ".self_attention.linear_kv_up_proj.layer_norm_")
+    name = name.replace("decoder.layers.0.pre_mlp_layernorm.", "decoder.layers.0.mlp.linear_fc1.layer_norm_")
+    return re.sub(r"\.mlp\.experts\.local_experts\.(\d+)\.(linear_fc[12])\.weight$", r".mlp.experts.\2.weight\1", name)
+
+
+def test_te_layout_of_mla_and_grouped_experts(tiny_checkpoint: Any, compile_module: Any) -> None:
+    from mapgen.runtime import ParallelContext
+    from mapgen.runtime.checkpoint import HFCheckpoint
+
+    folder, _ = tiny_checkpoint("deepseek_v3")
+    local = compile_module("deepseek_v3", folder / "config.json", "local")
+    te = compile_module("deepseek_v3", folder / "config.json", "te")
+    te_plans = {p.megatron_name: p for p in te.PARAMS}
+    assert sorted(_deepseek_te_name(p.megatron_name) for p in local.PARAMS) == sorted(te_plans)
+    assert te_plans["decoder.layers.2.mlp.experts.linear_fc1.weight7"].expert == 7
+    assert "decoder.layers.2.pre_mlp_layernorm.weight" in te_plans
+    checkpoint = HFCheckpoint(folder)
+    ctx = ParallelContext.single()
+    for plan in local.PARAMS:
+        twin = te_plans[_deepseek_te_name(plan.megatron_name)]
+        assert (plan.shape, plan.hf_names, plan.expert) == (twin.shape, twin.hf_names, twin.expert)
+        # local MLA down projections are column-parallel; TE's are duplicated (TELinear)
+        duplicated = "_down_proj." in plan.megatron_name
+        assert (plan.split_dim, twin.split_dim) == ((0, None) if duplicated else (plan.split_dim, plan.split_dim))
+        assert torch.equal(local.IMPORTS[plan.megatron_name](ctx, checkpoint.get), te.IMPORTS[twin.megatron_name](ctx, checkpoint.get))
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+def test_checkpoint_with_stacked_experts(family: str, tmp_path: Any, tiny_checkpoint: Any, cpu_megatron: None) -> None:
+    """A checkpoint that stores each layer's experts stacked (`experts.gate_up_proj` [E, 2I, H],
+    `experts.down_proj` [E, H, I], as transformers holds them in memory): each expert reads its
+    slice on import, and export stacks the slices back, bit for bit."""
+    from safetensors.torch import save_file
+
+    from mapgen.build import compile_target
+
+    folder, hf_model = tiny_checkpoint(family)
+    stacked = {k: v.contiguous() for k, v in hf_model.state_dict().items()}
+    assert any(k.endswith("experts.gate_up_proj") for k in stacked)
+    save_file(stacked, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    (tmp_path / "config.json").write_text((folder / "config.json").read_text())
+    source = compile_target("stacked", testing.ROOT / testing.FAMILY_SPECS[family], tmp_path / "config.json", "local", "test", hf_experts="stacked")
+    (tmp_path / "stacked.py").write_text(source)
+    module = testing.import_module_from_path(tmp_path / "stacked.py", f"stacked_{family}")
+    assert "rt.halves(load(" in source and "gate_up_proj[3]" in source
+    model = build_gpt_model(module.DIMS, params_dtype=torch.float32).eval()
+    load_hf_checkpoint(module, [model], str(tmp_path))
+    input_ids = torch.randint(0, 128, (2, 11), generator=torch.Generator().manual_seed(1))
+    assert (testing.megatron_logits(model, input_ids) - testing.hf_logits(hf_model, input_ids)).abs().max() <= 1e-5
+    exported = dict(export_hf_tensors(module, [model]))
+    assert sorted(exported) == sorted(stacked)
+    for name, tensor in exported.items():
+        assert torch.equal(tensor, stacked[name]), name

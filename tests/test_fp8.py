@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -192,3 +193,55 @@ def test_plain_fp8_without_quantization_config_reads_as_stored(tmp_path: Path) -
     assert not checkpoint.fp8 and not checkpoint.quantized("a")
     assert checkpoint.get("a").dtype == torch.float8_e4m3fn
     assert checkpoint.integrity_problems() == []
+
+
+def test_fp8_deepseek_checkpoint_loads_dequantized_into_megatron(
+    tmp_path: Path, tiny_checkpoint: Any, compile_module: Any, cpu_megatron: None
+) -> None:
+    """A tiny DeepSeek-V3 quantized as the published one is (every linear weight but the
+    router's, in blocks; 16x16 here so the tiny shapes have whole and partial blocks) loads
+    into megatron-core exactly as its dequantized float32 twin does; logits match transformers
+    on that twin, and export gives the twin's tensors bit for bit."""
+    import transformers
+    from safetensors.torch import load_file
+
+    from mapgen import testing
+    from mapgen.megatron_model import build_gpt_model
+    from mapgen.runtime.drivers import export_hf_tensors, load_hf_checkpoint
+
+    block = (16, 16)
+    folder, _ = tiny_checkpoint("deepseek_v3")
+    config = json.loads((folder / "config.json").read_text())
+    quantized, dequantized = tmp_path / "fp8", tmp_path / "dequantized"
+    quantized.mkdir()
+    dequantized.mkdir()
+    stored, twin = {}, {}
+    for name, tensor in load_file(folder / "model.safetensors").items():
+        if name.endswith("proj.weight") or name.endswith("_with_mqa.weight"):
+            fp8, scale_inv = quantize(tensor, block)
+            stored[name], stored[name + "_scale_inv"] = fp8, scale_inv
+            twin[name] = reference_dequantize(fp8, scale_inv, block)
+        else:
+            stored[name] = twin[name] = tensor
+    assert sum(t.dtype == torch.float8_e4m3fn for t in stored.values()) > 40
+    save_file(stored, str(quantized / "model.safetensors"))
+    save_file(twin, str(dequantized / "model.safetensors"))
+    fp8_config = {**config, "quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": list(block)}}
+    (quantized / "config.json").write_text(json.dumps(fp8_config))
+    (dequantized / "config.json").write_text(json.dumps(config))
+
+    module = compile_module("deepseek_v3", folder / "config.json")
+    from_fp8 = build_gpt_model(module.DIMS, params_dtype=torch.float32).eval()
+    from_twin = build_gpt_model(module.DIMS, params_dtype=torch.float32).eval()
+    load_hf_checkpoint(module, [from_fp8], quantized)
+    load_hf_checkpoint(module, [from_twin], dequantized)
+    twin_state = from_twin.state_dict()
+    for name, value in from_fp8.state_dict().items():
+        if "_extra_state" not in name:
+            assert torch.equal(value, twin_state[name]), name
+
+    reference = transformers.AutoModelForCausalLM.from_pretrained(dequantized, dtype=torch.float32).eval()
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(5))
+    assert (testing.megatron_logits(from_fp8, ids) - testing.hf_logits(reference, ids)).abs().max() <= 1e-5
+    for name, tensor in export_hf_tensors(module, [from_fp8]):
+        assert torch.equal(tensor, twin[name]), name

@@ -18,13 +18,44 @@ DIMS = ModelDims(
 )
 
 
-def test_one_layer_expansion_equals_a_full_build() -> None:
+# DeepSeek-V3's shape: MLA, one dense layer then experts (router bias buffer, shared experts)
+MOE_DIMS = replace(
+    DIMS, num_query_groups=4, qk_layernorm=True, add_qkv_bias=False, num_moe_experts=4,
+    moe_ffn_hidden_size=32, moe_dense_layers=1, moe_shared_expert_intermediate_size=32,
+    moe_router_enable_expert_bias=True, moe_router_score_function="sigmoid",
+    multi_latent_attention=True, q_lora_rank=24, kv_lora_rank=16, qk_head_dim=8,
+    qk_pos_emb_head_dim=4, v_head_dim=8,
+)
+
+
+@pytest.mark.parametrize("dims", [DIMS, MOE_DIMS], ids=["dense", "mla-moe"])
+def test_one_layer_expansion_equals_a_full_build(dims: ModelDims) -> None:
     ensure_single_process_parallel_state()
     with torch.device("meta"):
-        full = build_gpt_model(DIMS)
-    expected = _skeleton_params(full, DIMS.params_dtype)
-    ours = [replace(p, te_name="") for p in megatron_inventory(DIMS, "local")]
-    assert ours == expected
+        full = build_gpt_model(dims)
+    expected = _skeleton_params(full, dims.params_dtype)
+    ours = [replace(p, te_name="") for p in megatron_inventory(dims, "local")]
+    # the same entries; weight buffers come after all parameters in a full build's listing
+    assert sorted(ours, key=lambda p: p.name) == sorted(expected, key=lambda p: p.name)
+
+
+def test_moe_inventory_has_experts_and_the_router_bias() -> None:
+    local = {p.name: p for p in megatron_inventory(MOE_DIMS, "local")}
+    expert = local["decoder.layers.3.mlp.experts.local_experts.2.linear_fc2.weight"]
+    assert (expert.layer, expert.expert, expert.partition_dim) == (3, 2, 1)
+    bias = local["decoder.layers.1.mlp.router.expert_bias"]  # a buffer, kept in float32
+    assert (bias.shape, bias.dtype, bias.module_kind) == ((4,), "float32", "TopKRouter")
+    assert "decoder.layers.0.mlp.router.weight" not in local  # the dense layer
+    assert local["decoder.layers.0.mlp.linear_fc1.weight"].expert is None
+    te = {p.name: p for p in megatron_inventory(MOE_DIMS, "te")}
+    assert te["decoder.layers.4.mlp.experts.linear_fc1.weight3"].module_kind == "TEColumnParallelGroupedLinear"
+    assert te["decoder.layers.4.mlp.experts.linear_fc2.weight3"].module_kind == "TERowParallelGroupedLinear"
+    assert te["decoder.layers.4.mlp.shared_experts.linear_fc1.weight"].module_kind == "TEColumnParallelLinear"
+    down = te["decoder.layers.4.self_attention.linear_kv_down_proj.weight"]
+    assert (down.module_kind, down.parallel_mode, down.partition_dim) == ("TELinear", "duplicated", None)
+    assert te["decoder.layers.4.input_layernorm.weight"].module_kind == "TENorm"  # MLA keeps it apart
+    assert te["decoder.layers.4.pre_mlp_layernorm.weight"].module_kind == "TENorm"
+    assert "decoder.layers.0.mlp.linear_fc1.layer_norm_weight" in te
 
 
 def test_te_layout_names_and_modules() -> None:

@@ -8,6 +8,7 @@ from mapgen.runtime.ops import (
     concat_qkv_import,
     gated_mlp_export,
     gated_mlp_import,
+    halves,
     kv_export,
     kv_import,
     qkv_export,
@@ -15,6 +16,7 @@ from mapgen.runtime.ops import (
     reshape_import,
     row_export,
     row_import,
+    stacked_gated_mlp_export,
     whole_import,
 )
 from mapgen.runtime.plan import ExportFn, HFTensorPlan, ImportFn, Loader, ParamPlan
@@ -39,6 +41,7 @@ __all__ = [
     "concat_qkv_import",
     "gated_mlp_export",
     "gated_mlp_import",
+    "halves",
     "inverse_permutation",
     "kv_export",
     "kv_import",
@@ -48,6 +51,7 @@ __all__ = [
     "reshape_import",
     "row_export",
     "row_import",
+    "stacked_gated_mlp_export",
     "whole_import",
     "zero_centered_from_hf",
     "zero_centered_to_hf",

@@ -56,6 +56,14 @@ def _unwrap(chunk: Any) -> Any:
     return chunk
 
 
+def stacked_slice(name: str) -> tuple[str, int | None]:
+    """`X[i]` -> (X, i): slice i of a stacked-experts HF tensor; other names -> (name, None)."""
+    if name.endswith("]") and "[" in name:
+        base, index = name[:-1].rsplit("[", 1)
+        return base, int(index)
+    return name, None
+
+
 def num_experts(module: Module) -> int:
     return 1 + max((p.expert for p in module.PARAMS if p.expert is not None), default=-1)
 
@@ -188,6 +196,15 @@ class Converter:
         self._hf_shapes = {t.name: t.shape for t in module.HF_TENSORS}
         self._position = {t.name: i for i, t in enumerate(module.HF_TENSORS)}
 
+    def _shape(self, name: str) -> tuple[int, ...]:
+        base, index = stacked_slice(name)
+        shape = self._hf_shapes[base]
+        return shape if index is None else shape[1:]
+
+    def _order(self, name: str) -> tuple[int, int]:
+        base, index = stacked_slice(name)
+        return self._position[base], -1 if index is None else index
+
     def _agree(self, extra: list[str], what: str) -> None:
         """Every rank calls this at the same point; after one agreement the placement is known
         good everywhere, so later calls need no collective unless they bring new checks."""
@@ -233,6 +250,7 @@ class Converter:
         owns it, so every rank sees the whole model; without, each stage yields what it owns."""
         self._agree([], f"cannot export with {self.module.TARGET}")
         ctx, placement = self.ctx, self.placement
+        stacking: dict[str, dict[int, torch.Tensor]] = {}  # stacked-experts tensors in progress
         with torch.no_grad():
             for bucket, names in self._bucket_plan(bucket_bytes):
                 tensors: list[torch.Tensor] | None = None
@@ -242,16 +260,25 @@ class Converter:
                 elif not all_stages:
                     continue
                 if all_stages:
-                    shapes = [self._hf_shapes[n] for n in names]
+                    shapes = [self._shape(n) for n in names]
                     tensors = broadcast_coalesced(ctx.pp, bucket.owner, tensors, shapes, placement.dtype)
                 assert tensors is not None
-                yield from zip(names, tensors)
+                for name, tensor in zip(names, tensors):
+                    base, index = stacked_slice(name)
+                    if index is None:
+                        yield name, tensor
+                        continue
+                    pieces = stacking.setdefault(base, {})
+                    pieces[index] = tensor
+                    if len(pieces) == self._hf_shapes[base][0]:  # every expert's slice is here
+                        del stacking[base]
+                        yield base, torch.stack([pieces[i] for i in range(len(pieces))])
 
     def _bucket_plan(self, bucket_bytes: int) -> list[tuple[Bucket, list[str]]]:
         if bucket_bytes not in self._buckets:
             element_size = torch.empty((), dtype=self.placement.dtype).element_size()
             self._buckets[bucket_bytes] = [
-                (bucket, sorted((n for p in bucket.plans for n in p.hf_names), key=self._position.__getitem__))
+                (bucket, sorted((n for p in bucket.plans for n in p.hf_names), key=self._order))
                 for bucket in _buckets(self.module, self.placement, bucket_bytes, element_size)
             ]
         return self._buckets[bucket_bytes]
@@ -272,7 +299,7 @@ def _checkpoint_problems(module: Module, checkpoint: HFCheckpoint, placement: Pl
     tensor it loads into (an FP8 block-quantized weight is dequantized, so any model dtype)."""
     problems: list[str] = []
     plans = {p.megatron_name: p for p in module.PARAMS}
-    into = {n: t.dtype for name, t in placement.local.items() for n in plans[name].hf_names}
+    into = {stacked_slice(n)[0]: t.dtype for name, t in placement.local.items() for n in plans[name].hf_names}
     for tensor in module.HF_TENSORS:
         if tensor.name not in checkpoint:
             problems.append(f"missing tensor '{tensor.name}'")
@@ -288,7 +315,9 @@ def _checkpoint_problems(module: Module, checkpoint: HFCheckpoint, placement: Pl
         if stored != _SAFETENSORS_DTYPES.get(expected, stored):
             model_dtype = str(expected).removeprefix("torch.")
             problems.append(f"tensor '{tensor.name}' is {stored}, the model is {model_dtype}")
-    unknown = sorted(set(checkpoint.names()) - {t.name for t in module.HF_TENSORS})
+    ignored = tuple(getattr(module, "IGNORED_HF", {}))
+    known = {t.name for t in module.HF_TENSORS}
+    unknown = sorted(n for n in checkpoint.names() if n not in known and not n.startswith(ignored))
     if unknown:
         problems.append(
             f"{len(unknown)} tensor(s) in the checkpoint that {module.TARGET} does not map "
@@ -310,6 +339,11 @@ def _units(module: Module, placement: Placement) -> list[tuple[ParamPlan, ...]]:
     so that every EP rank contributes alike to the unit's gather."""
     assert placement.expert_ranks is not None
     position = {t.name: i for i, t in enumerate(module.HF_TENSORS)}
+
+    def order(name: str) -> tuple[int, int]:
+        base, index = stacked_slice(name)
+        return position[base], -1 if index is None else index
+
     units: dict[tuple[object, ...], list[ParamPlan]] = {}
     for plan in module.PARAMS:
         if plan.expert is None:
@@ -317,7 +351,7 @@ def _units(module: Module, placement: Placement) -> list[tuple[ParamPlan, ...]]:
         else:
             key = (plan.layer, placement.expert_ranks[plan.megatron_name][1])
         units.setdefault(key, []).append(plan)
-    return sorted((tuple(u) for u in units.values()), key=lambda u: min(position[n] for p in u for n in p.hf_names))
+    return sorted((tuple(u) for u in units.values()), key=lambda u: min(order(n) for p in u for n in p.hf_names))
 
 
 def _buckets(module: Module, placement: Placement, bucket_bytes: int, element_size: int) -> list[Bucket]:

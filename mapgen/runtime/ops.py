@@ -172,3 +172,15 @@ def gated_mlp_export(parts: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch
         torch.cat([gate for gate, _ in halves], dim=0),
         torch.cat([up for _, up in halves], dim=0),
     )
+
+
+def halves(stacked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[gate; up] -> (gate, up), as views: one expert's slice of a stacked gate_up tensor."""
+    gate, up = stacked.chunk(2, dim=0)
+    return gate, up
+
+
+def stacked_gated_mlp_export(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """One expert's [gate; up] slice of a stacked gate_up tensor, from its expert-TP shards."""
+    gate, up = gated_mlp_export(parts)
+    return torch.cat([gate, up], dim=0)
