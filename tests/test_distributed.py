@@ -73,6 +73,18 @@ def outcome(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     for bucket_bytes in (1, 2**30):
         tasks.append((dist_tasks.count_collectives, (str(llama_module), str(llama_dir), ParallelLayout(tp=2, pp=2), bucket_bytes)))
         labels.append(f"count {bucket_bytes}")
+    # a checkpoint that stacks each layer's experts, at TP2 x EP2 x PP2 with whole experts
+    stacked_dir = root / "stacked"
+    stacked_model = testing.save_standin(json.loads((testing.ROOT / TARGETS["qwen3_30b_a3b"].config).read_text()), root / "stacked_src")
+    stacked_dir.mkdir()
+    save_file({k: v.contiguous() for k, v in stacked_model.state_dict().items()}, str(stacked_dir / "model.safetensors"), metadata={"format": "pt"})
+    shutil.copy(root / "stacked_src" / "config.json", stacked_dir / "config.json")
+    stacked_module = stacked_dir / "stacked.py"
+    stacked_module.write_text(compile_target("stacked", testing.ROOT / TARGETS["qwen3_30b_a3b"].spec, stacked_dir / "config.json", "local", "test", hf_experts="stacked"))
+    cases["stacked"] = (stacked_dir, stacked_module)
+    tasks.append((run_job, (Job(str(stacked_module), str(stacked_dir), ParallelLayout(tp=2, pp=2, ep=2, etp=1)),)))
+    labels.append("verify stacked")
+
     deepseek_dir, deepseek_module = cases["deepseek_v3"]
     tasks.append((dist_tasks.count_collectives, (str(deepseek_module), str(deepseek_dir), ParallelLayout(tp=2, ep=2, dp=2), 2**30)))
     labels.append("count moe")
@@ -129,6 +141,12 @@ def test_logits_match_transformers_and_export_is_bit_exact(outcome: dict[str, An
     assert rank0.bit_exact == rank0.tensors, rank0.mismatched
     assert rank0.max_logit_diff <= 1e-5
     assert rank0.ok
+
+
+def test_stacked_experts_checkpoint_round_trips(outcome: dict[str, Any]) -> None:
+    results = outcome["by_label"]["verify stacked"]
+    assert all(r.error is None for r in results), results[0].error
+    assert results[0].ok and results[0].tensors == len(load_file(outcome["cases"]["stacked"][0] / "model.safetensors"))
 
 
 def test_no_object_collectives_and_bucketed_counts(outcome: dict[str, Any]) -> None:

@@ -45,3 +45,25 @@ def test_generated_modules_import_and_describe_their_models() -> None:
     qkv = plans["decoder.layers.35.self_attention.linear_qkv.weight"]
     assert qkv.shape == ((32 + 2 * 8) * 128, 4096) and qkv.split_dim == 0
     assert qkv.hf_names == tuple(f"model.layers.35.self_attn.{x}_proj.weight" for x in "qkv")
+
+
+def test_deepseek_v3_module_describes_its_model() -> None:
+    """61 layers: 3 dense (11 parameters each in the te layout), 58 with a router, its bias, a
+    shared expert and 256 routed experts of 2 parameters each (8 + 1 + 2 + 2 + 512 = 525), plus
+    embedding, final norm and output layer."""
+    from generated import deepseek_v3
+
+    assert len(deepseek_v3.PARAMS) == 3 + 3 * 11 + 58 * 525
+    plans = {p.megatron_name: p for p in deepseek_v3.PARAMS}
+    last = plans["decoder.layers.60.mlp.experts.linear_fc1.weight255"]
+    assert (last.shape, last.split_dim, last.expert_parallel, last.layer, last.expert) == ((2 * 2048, 7168), 0, True, 60, 255)
+    assert last.hf_names == tuple(f"model.layers.60.mlp.experts.255.{x}_proj.weight" for x in ("gate", "up"))
+    assert plans["decoder.layers.60.mlp.experts.linear_fc2.weight255"].split_dim == 1
+    assert plans["decoder.layers.5.self_attention.linear_kv_down_proj.weight"].shape == (512 + 64, 7168)
+    assert plans["decoder.layers.5.self_attention.linear_kv_down_proj.weight"].split_dim is None  # TELinear
+    assert plans["decoder.layers.5.self_attention.linear_q_up_proj.weight"].shape == (128 * (128 + 64), 1536)
+    assert plans["decoder.layers.3.mlp.router.expert_bias"].dtype == "float32"
+    assert "decoder.layers.2.mlp.router.weight" not in plans  # dense
+    assert plans["decoder.layers.3.mlp.shared_experts.linear_fc1.weight"].shape == (2 * 2048, 7168)
+    assert deepseek_v3.IGNORED_HF == {"model.layers.61.": deepseek_v3.IGNORED_HF["model.layers.61."]}
+    assert deepseek_v3.DIMS.moe_router_topk_scaling_factor == 2.5 and deepseek_v3.DIMS.rope_type == "yarn"
