@@ -55,7 +55,7 @@ class ShapeFormatter:
 
     def row(self, text: str, brackets: str) -> str:
         """One element of a collection written one element per line (4 spaces in)."""
-        opening, closing = brackets
+        opening, closing = brackets[0], brackets[1]
         wrapped = self.statement(f"x = {opening}\n    {text},\n{closing}\n")
         return wrapped.split("\n", 1)[1].rsplit(closing, 1)[0]
 

@@ -267,7 +267,7 @@ def _mla_without_transformer_engine() -> None:
     import megatron.core.transformer.multi_latent_attention as mla
 
     if importlib.util.find_spec("transformer_engine") is None:
-        mla.HAVE_TE = False  # type: ignore[attr-defined]
+        mla.HAVE_TE = False
 
 
 @functools.cache
@@ -277,7 +277,7 @@ def _mla_core_attention() -> type:
     output width must be the value heads'."""
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
-    class MLADotProductAttention(DotProductAttention):
+    class MLADotProductAttention(DotProductAttention):  # type: ignore[misc]
         def __init__(
             self, *args: Any, k_channels: int | None = None, v_channels: int | None = None, **kwargs: Any
         ) -> None:

@@ -183,7 +183,7 @@ def prepare_cpu_megatron() -> None:
     # the MoE router's gating GEMM names TransformerEngine's kernel without importing it when
     # TE is absent; None selects its torch path
     if not hasattr(moe_utils, "te_general_gemm"):
-        moe_utils.te_general_gemm = None  # type: ignore[attr-defined]
+        moe_utils.te_general_gemm = None
     torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment,return-value]
     if not torch.cuda.is_available():
         # tied embeddings under PP: megatron-core moves the shared weight with .cuda() before

@@ -64,6 +64,12 @@ def stacked_slice(name: str) -> tuple[str, int | None]:
     return name, None
 
 
+def hf_order(position: dict[str, int], name: str) -> tuple[int, int]:
+    """Where an HF name (or a slice of a stacked tensor) stands in the module's HF order."""
+    base, index = stacked_slice(name)
+    return position[base], -1 if index is None else index
+
+
 def num_experts(module: Module) -> int:
     return 1 + max((p.expert for p in module.PARAMS if p.expert is not None), default=-1)
 
@@ -202,8 +208,7 @@ class Converter:
         return shape if index is None else shape[1:]
 
     def _order(self, name: str) -> tuple[int, int]:
-        base, index = stacked_slice(name)
-        return self._position[base], -1 if index is None else index
+        return hf_order(self._position, name)
 
     def _agree(self, extra: list[str], what: str) -> None:
         """Every rank calls this at the same point; after one agreement the placement is known
@@ -339,11 +344,6 @@ def _units(module: Module, placement: Placement) -> list[tuple[ParamPlan, ...]]:
     so that every EP rank contributes alike to the unit's gather."""
     assert placement.expert_ranks is not None
     position = {t.name: i for i, t in enumerate(module.HF_TENSORS)}
-
-    def order(name: str) -> tuple[int, int]:
-        base, index = stacked_slice(name)
-        return position[base], -1 if index is None else index
-
     units: dict[tuple[object, ...], list[ParamPlan]] = {}
     for plan in module.PARAMS:
         if plan.expert is None:
@@ -351,7 +351,7 @@ def _units(module: Module, placement: Placement) -> list[tuple[ParamPlan, ...]]:
         else:
             key = (plan.layer, placement.expert_ranks[plan.megatron_name][1])
         units.setdefault(key, []).append(plan)
-    return sorted((tuple(u) for u in units.values()), key=lambda u: min(order(n) for p in u for n in p.hf_names))
+    return sorted((tuple(u) for u in units.values()), key=lambda u: min(hf_order(position, n) for p in u for n in p.hf_names))
 
 
 def _buckets(module: Module, placement: Placement, bucket_bytes: int, element_size: int) -> list[Bucket]:
