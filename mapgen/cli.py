@@ -12,7 +12,7 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from mapgen.build import HF_EXPERTS, TARGETS_FILE, compile_entry, compile_target, display_path, read_targets
+from mapgen.build import HF_EXPERTS, TARGETS_FILE, compile_entries, compile_target, display_path, read_targets
 from mapgen.errors import MapgenError
 from mapgen.inventory import LAYOUTS
 from mapgen.write import stale_diff, write_if_changed
@@ -90,12 +90,9 @@ def _build_all() -> None:
     entries = read_targets(root)
     with _progress() as progress:
         task = progress.add_task("mapgen build", total=len(entries))
-        for entry in entries:
-            progress.update(task, description=f"building {entry.name}")
-            started = time.perf_counter()
-            source = compile_entry(root, entry)
+        for entry, source, seconds in compile_entries(root, entries):
+            progress.update(task, description=f"built {entry.name}")
             written = write_if_changed(root / entry.output, source)
-            seconds = time.perf_counter() - started
             state = "wrote" if written else "unchanged"
             progress.console.print(
                 f"{state} {entry.output} ({len(source.encode())} bytes, {seconds:.1f} s)",
@@ -113,9 +110,9 @@ def check_command() -> None:
         stale: list[str] = []
         with _progress() as progress:
             task = progress.add_task("mapgen check", total=len(entries))
-            for entry in entries:
-                progress.update(task, description=f"checking {entry.name}")
-                diff = stale_diff(root / entry.output, compile_entry(root, entry), entry.output)
+            for entry, source, _ in compile_entries(root, entries):
+                progress.update(task, description=f"checked {entry.name}")
+                diff = stale_diff(root / entry.output, source, entry.output)
                 if diff:
                     stale.append(entry.output)
                     sys.stdout.write(diff)
