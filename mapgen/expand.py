@@ -7,7 +7,6 @@ transform against the two inventories. All problems are collected and reported t
 from __future__ import annotations
 
 import math
-import re
 from collections import defaultdict
 
 from mapgen.config import HFConfig, evaluate_in_context
@@ -16,6 +15,7 @@ from mapgen.errors import ErrorSink, Location
 from mapgen.expr import MissingField
 from mapgen.inventory import HFTensor, MegatronParam
 from mapgen.ir import Mapping, QKVGeometry
+from mapgen.runtime.drivers import stacked_slice
 from mapgen.spec import Rule, Spec
 
 # Megatron module classes whose TP treatment `auto` knows without looking further
@@ -80,14 +80,11 @@ def resolve_auto(param: MegatronParam, module_types: dict[str, str]) -> str | No
     return None
 
 
-_INDEXED = re.compile(r"^(.*)\[(\d+)\]$")
-
-
 def _slice(hf_by_name: dict[str, HFTensor], name: str) -> HFTensor | None:
     """`name[i]`: slice i of a stacked-experts tensor, as a tensor of its own."""
-    indexed = _INDEXED.match(name)
-    stacked = hf_by_name.get(indexed.group(1)) if indexed else None
-    if indexed is None or stacked is None or int(indexed.group(2)) >= stacked.shape[0]:
+    base, index = stacked_slice(name)
+    stacked = hf_by_name.get(base) if index is not None else None
+    if index is None or stacked is None or index >= stacked.shape[0]:
         return None
     return HFTensor(name, stacked.shape[1:])
 

@@ -3,13 +3,13 @@ the template only loops."""
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import jinja2
 
 from mapgen.ir import Mapping, Target
+from mapgen.runtime.drivers import stacked_slice
 from mapgen.runtime.transforms import inverse_permutation
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
@@ -28,15 +28,10 @@ def function_suffix(megatron_name: str) -> str:
     return megatron_name.replace(".", "_")
 
 
-_INDEXED = re.compile(r"^(.*)\[(\d+)\]$")
-
-
 def _load(name: str) -> str:
     """The load of an HF tensor; `X[i]` is slice i of a stacked-experts tensor X (a view)."""
-    indexed = _INDEXED.match(name)
-    if indexed:
-        return f"load({indexed.group(1)!r})[{indexed.group(2)}]"
-    return f"load({name!r})"
+    base, index = stacked_slice(name)
+    return f"load({name!r})" if index is None else f"load({base!r})[{index}]"
 
 
 def _qkv_args(m: Mapping, with_heads: bool = True) -> str:

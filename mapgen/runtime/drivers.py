@@ -90,7 +90,6 @@ class Placement:
     local: dict[str, torch.Tensor]  # global name -> this rank's parameter (or weight buffer)
     tied: dict[str, torch.Tensor]  # tied copies this rank holds (global name -> param)
     dtype: torch.dtype
-    experts_per_rank: int = 0  # experts each EP rank holds per MoE layer
     expert_ranks: dict[str, tuple[int, int]] | None = None  # expert param -> (EP rank, local index)
 
 
@@ -147,7 +146,7 @@ def place(module: Module, chunks: list[Any], ctx: ParallelContext) -> tuple[Plac
     if len(dtypes) > 1:
         problems.append(f"model parameters mix dtypes {sorted(map(str, dtypes))}")
     dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
-    return Placement(owners, local, tied, dtype, per_rank, expert_ranks), problems
+    return Placement(owners, local, tied, dtype, expert_ranks), problems
 
 
 def local_shape(plan: ParamPlan, ctx: ParallelContext) -> tuple[int, ...]:
