@@ -1,12 +1,28 @@
-# One-command set-up and jobs. Everything installs into .venv from pyproject.toml.
-VENV := .venv
+# One-command set-up and jobs. Everything installs into a virtualenv from pyproject.toml.
+#
+# Two supported stacks, each in its own virtualenv (see README, "Supported matrix"):
+#   make test                 Python 3.11, the local CPU torch 2.13.0 wheel, megatron-core 0.16.1
+#   make test STACK=current   Python 3.12, the registry's torch 2.9.1, megatron-core 0.19.2
+STACK ?= default
+ifeq ($(STACK),current)
+PYTHON ?= $(shell ls -d $${PYENV_ROOT:-$$HOME/.pyenv}/versions/3.12*/bin/python3.12 2>/dev/null | tail -n 1 || command -v python3.12)
+VENV ?= .venv312
+PINS ?= torch==2.9.1 megatron-core==0.19.2
+else
+PYTHON ?= python3
+VENV ?= .venv
+PINS ?= torch==2.13.0 megatron-core==0.16.1
+endif
 PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
 .PHONY: build check test typecheck verify-standins bench clean
 
 $(VENV)/.installed: pyproject.toml
-	python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	test -n "$(PYTHON)" || { echo "no Python interpreter for STACK=$(STACK)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) $(PINS)
+	$(PIP) -e '.[test]' $(PINS)
 	touch $@
 
 build: $(VENV)/.installed  ## regenerate generated/ from specs/
@@ -45,4 +61,4 @@ typecheck: $(VENV)/.installed
 	$(PY) -m mypy --strict mapgen generated
 
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache $(STANDINS)
+	rm -rf .venv .venv312 .mypy_cache .pytest_cache $(STANDINS)
