@@ -15,6 +15,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from mapgen.build import HF_EXPERTS, TARGETS_FILE, compile_entries, compile_target, display_path, read_targets
 from mapgen.errors import MapgenError
 from mapgen.inventory import LAYOUTS
+from mapgen.megatron_model import MODEL_CLASSES
 from mapgen.write import stale_diff, write_if_changed
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -54,8 +55,11 @@ def main() -> None:
 @click.option("--name", help="Target name in the module (default: the output file's stem).")
 @click.option("--hf-experts", type=click.Choice(HF_EXPERTS), default="per_expert", show_default=True,
               help="How the HF checkpoint stores MoE experts: one tensor per expert, or stacked.")
+@click.option("--model", "model_class", type=click.Choice(MODEL_CLASSES), default="gpt", show_default=True,
+              help="megatron-core model class: GPTModel, or HybridModel (attention and MLP as layers of their own).")
 def build(
-    spec: str | None, config: str | None, output: str | None, layout: str, name: str | None, hf_experts: str
+    spec: str | None, config: str | None, output: str | None, layout: str, name: str | None, hf_experts: str,
+    model_class: str,
 ) -> None:
     """Build every target in specs/targets.yaml, or SPEC + CONFIG into -o OUTPUT."""
     try:
@@ -64,21 +68,24 @@ def build(
         elif spec is None or config is None or output is None:
             raise click.UsageError("give SPEC, CONFIG and -o OUTPUT together, or none of them")
         else:
-            _build_one(Path(spec), Path(config), Path(output), layout, name, hf_experts)
+            _build_one(Path(spec), Path(config), Path(output), layout, name, hf_experts, model_class)
     except MapgenError as exc:
         err.print(str(exc), markup=False)
         sys.exit(2)
 
 
-def _build_one(spec: Path, config: Path, output: Path, layout: str, name: str | None, hf_experts: str) -> None:
+def _build_one(
+    spec: Path, config: Path, output: Path, layout: str, name: str | None, hf_experts: str, model_class: str
+) -> None:
     target = name or output.stem
     command = (
         f"mapgen build {display_path(spec)} {display_path(config)} -o {display_path(output)}"
         f" --layout {layout}" + (f" --name {name}" if name else "")
         + (f" --hf-experts {hf_experts}" if hf_experts != "per_expert" else "")
+        + (f" --model {model_class}" if model_class != "gpt" else "")
     )
     started = time.perf_counter()
-    source = compile_target(target, spec, config, layout, command, hf_experts=hf_experts)
+    source = compile_target(target, spec, config, layout, command, hf_experts=hf_experts, model=model_class)
     written = write_if_changed(output, source)
     seconds = time.perf_counter() - started
     state = "wrote" if written else "unchanged"
@@ -160,7 +167,10 @@ def _local_twin(module_file: Path, hf_dir: Path, folder: Path) -> Path:
         spec = find_root(module_file.resolve().parent) / spec
     twin = folder / f"{module_file.stem}_local.py"
     twin.write_text(
-        compile_target(twin.stem, spec, hf_dir / "config.json", "local", "mapgen verify (local twin)")
+        compile_target(
+            twin.stem, spec, hf_dir / "config.json", "local", "mapgen verify (local twin)",
+            model=getattr(module, "MODEL", "gpt"),
+        )
     )
     err.print(f"checking {module.LAYOUT}-layout {module_file.name} through its local twin for {hf_dir / 'config.json'}", markup=False)
     return twin

@@ -60,14 +60,81 @@ class HFTensor:
     shape: tuple[int, ...]
 
 
-def megatron_inventory(dims: ModelDims, layout: str) -> tuple[MegatronParam, ...]:
-    """Every parameter in `layout`'s names; `te_name` is always the te layout's name, so one
-    set of spec rules serves both layouts."""
+def megatron_inventory(dims: ModelDims, layout: str, model: str = "gpt") -> tuple[MegatronParam, ...]:
+    """Every parameter in `layout`'s names; `te_name` is always the te layout's name of the
+    GPTModel parameter that holds the same weights, so one set of spec rules serves both
+    layouts and both model classes."""
     local = _local_inventory(dims)
     te = to_te_layout(local)
+    if model == "hybrid":
+        return _hybrid_inventory(dims, layout, te)
     if layout == "te":
         return tuple(replace(p, te_name=p.name) for p in te)
     return tuple(replace(p, te_name=t.name) for p, t in zip(local, te))
+
+
+# In megatron-core's HybridModel each decoder layer of a GPTModel is two layers: attention at
+# 2L (its input norm, self_attention.*), then the MLP at 2L+1 (pre_mlp_layernorm, mlp.*); the
+# final norm is `decoder.final_norm`. The names are otherwise the GPTModel's, in either layout.
+_MLP_PART = ("mlp.", "pre_mlp_layernorm.")
+_GPT_FINAL_NORM, _HYBRID_FINAL_NORM = "decoder.final_layernorm.", "decoder.final_norm."
+
+
+def hybrid_name(gpt_name: str) -> str:
+    """The HybridModel name of a GPTModel parameter (see above)."""
+    layer = _LAYER.match(gpt_name)
+    if layer is None:
+        return gpt_name.replace(_GPT_FINAL_NORM, _HYBRID_FINAL_NORM, 1)
+    rest = gpt_name[layer.end():]
+    index = 2 * int(layer.group(1)) + (1 if rest.startswith(_MLP_PART) else 0)
+    return f"decoder.layers.{index}.{rest}"
+
+
+def _hybrid_inventory(dims: ModelDims, layout: str, gpt_te: tuple[MegatronParam, ...]) -> tuple[MegatronParam, ...]:
+    """The HybridModel's parameters, from a megatron-core HybridModel skeleton with one GPT
+    layer of each kind (so its names, shapes and TP partitions are megatron-core's own),
+    expanded to every layer; te names and module kinds follow the GPTModel's te rename.
+    Raises if the skeleton's parameters are not exactly the renamed GPTModel ones."""
+    from mapgen.errors import MapgenError
+    from mapgen.megatron_model import build_hybrid_model, single_process_parallel_state
+
+    moe = set(dims.moe_layers)
+    kinds = sorted({index in moe for index in range(dims.num_layers)})  # False (dense) first
+    skeleton_dims = replace(dims, num_layers=len(kinds), moe_dense_layers=kinds.count(False))
+    with single_process_parallel_state(), torch.device("meta"):
+        skeleton = build_hybrid_model(skeleton_dims)
+    built = {p.name: p for p in _skeleton_params(skeleton, dims.params_dtype)}
+    unused = set(built)
+    gpt_local = _local_inventory(dims)
+    template_layer = {kind: kinds.index(kind) for kind in kinds}  # GPT layer -> skeleton layer
+    found: list[MegatronParam] = []
+    problems: list[str] = []
+    for local, te in zip(gpt_local, gpt_te):
+        name = hybrid_name(local.name)
+        template = local.name  # the same parameter in the skeleton's layer of this kind
+        if local.layer is not None:
+            template = _LAYER.sub(f"decoder.layers.{template_layer[local.layer in moe]}.", local.name, count=1)
+        skeleton_name = hybrid_name(template)
+        param = built.get(skeleton_name)
+        unused.discard(skeleton_name)
+        if param is None or (param.shape, param.partition_dim) != (local.shape, local.partition_dim):
+            problems.append(f"{skeleton_name}: GPTModel has {local.shape} (TP dim {local.partition_dim}), HybridModel {param and (param.shape, param.partition_dim)}")
+            continue
+        layer = _LAYER.match(name)
+        hybrid_te = hybrid_name(te.name)
+        found.append(
+            replace(
+                te if layout == "te" else param,
+                name=hybrid_te if layout == "te" else name,
+                layer=int(layer.group(1)) if layer else None,
+                expert=local.expert,
+                te_name=te.name,
+            )
+        )
+    problems += [f"{name}: in the HybridModel only" for name in sorted(unused)]
+    if problems:
+        raise MapgenError("megatron-core's HybridModel does not hold the GPTModel's parameters: " + "; ".join(problems[:5]))
+    return tuple(found)
 
 
 def weight_buffers(model: Any) -> list[tuple[str, torch.Tensor]]:

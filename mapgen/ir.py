@@ -55,6 +55,7 @@ class Target:
     family: str
     hf_architecture: str
     layout: str
+    model: str  # megatron-core model class: "gpt" (GPTModel) or "hybrid" (HybridModel)
     spec: Source
     config: Source
     dims: ModelDims

@@ -89,6 +89,21 @@ class ParallelLayout:
         return "x".join(parts)
 
 
+def destroy_parallel_state() -> None:
+    """megatron-core's `destroy_model_parallel` forgets its process groups without destroying
+    them; each gloo group keeps its threads and sockets, so a process that initialises many
+    layouts in turn (the distributed tests, `mapgen verify` of several jobs) grew by 50-60
+    threads per layout. Destroy every group but the default one as well."""
+    from megatron.core import parallel_state
+    from torch.distributed import distributed_c10d
+
+    parallel_state.destroy_model_parallel()
+    world = distributed_c10d.GroupMember.WORLD
+    for group in list(distributed_c10d._world.pg_map):
+        if group is not world:
+            dist.destroy_process_group(group)
+
+
 def initialize_parallel_state(layout: ParallelLayout) -> None:
     """(Re)initialise megatron-core's groups for `layout` in an initialised process group."""
     from megatron.core import parallel_state
@@ -98,7 +113,7 @@ def initialize_parallel_state(layout: ParallelLayout) -> None:
     if problems := layout.problems():
         raise MapgenError(f"layout {layout}: " + "; ".join(problems))
     if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
+        destroy_parallel_state()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=layout.tp,
         pipeline_model_parallel_size=layout.pp,
@@ -291,8 +306,170 @@ def _mla_core_attention() -> type:
     return MLADotProductAttention
 
 
+MODEL_CLASSES = ("gpt", "hybrid")
+
+
+def hybrid_layer_pattern(dims: ModelDims) -> str:
+    """megatron-core's hybrid layer pattern of the model: each HF decoder layer is two Megatron
+    layers, attention (`*`, MLA `+`) then its MLP (`-` dense, `E` experts)."""
+    attention = "+" if dims.multi_latent_attention else "*"
+    moe = set(dims.moe_layers)
+    return "".join(attention + ("E" if index in moe else "-") for index in range(dims.num_layers))
+
+
+def hybrid_model_class() -> tuple[type, str]:
+    """megatron-core's HybridModel (0.17 and later), or on older releases the MambaModel it
+    was called, with the keyword its layer pattern goes by."""
+    try:
+        from megatron.core.models.hybrid.hybrid_model import HybridModel
+
+        return HybridModel, "hybrid_layer_pattern"
+    except ImportError:
+        from megatron.core.models.mamba.mamba_model import MambaModel
+
+        return MambaModel, "hybrid_override_pattern"
+
+
+def _hybrid_stack_spec(dims: ModelDims) -> tuple[Any, Any]:
+    """A HybridStack of megatron-core's local (non-TransformerEngine) layers: megatron-core's
+    own GPT layer specs, split into the attention half and the MLP half that the hybrid stack
+    builds as layers of their own (megatron-core ships only a TransformerEngine hybrid spec).
+    Returns the spec and the local layers' norm class."""
+    from dataclasses import replace as with_fields
+
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.ssm.mlp_layer import MLPLayer
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+    try:
+        from megatron.core.models.hybrid.hybrid_block import HybridStack as Stack
+        from megatron.core.models.hybrid.hybrid_block import HybridStackSubmodules as Submodules
+    except ImportError:
+        from megatron.core.ssm.mamba_block import MambaStack as Stack
+        from megatron.core.ssm.mamba_block import MambaStackSubmodules as Submodules
+    try:
+        from megatron.core.transformer.transformer_layer import MoETransformerLayer as MoELayer
+    except ImportError:
+        MoELayer = TransformerLayer
+
+    def layer(num_experts: int | None) -> Any:
+        return get_gpt_layer_local_spec(
+            num_experts=num_experts,
+            moe_grouped_gemm=False,
+            qk_layernorm=dims.qk_layernorm,
+            multi_latent_attention=dims.multi_latent_attention,
+            normalization=dims.normalization,
+        ).submodules
+
+    dense = layer(None)
+    if dims.multi_latent_attention:
+        _mla_without_transformer_engine()
+        dense.self_attention.submodules.core_attention = _mla_core_attention()
+    empty = TransformerLayerSubmodules()  # what a layer without attention or MLP has instead
+    no_mlp = dict(pre_mlp_layernorm=empty.pre_mlp_layernorm, mlp=empty.mlp, mlp_bda=empty.mlp_bda)
+    attention = ModuleSpec(module=TransformerLayer, submodules=with_fields(dense, **no_mlp))
+    mlp_only = dict(
+        input_layernorm=empty.input_layernorm, self_attention=empty.self_attention, self_attn_bda=empty.self_attn_bda
+    )
+    slots: dict[str, Any] = dict(
+        attention_layer=attention,
+        mlp_layer=ModuleSpec(module=MLPLayer, submodules=with_fields(dense, **mlp_only)),
+    )
+    if dims.multi_latent_attention:
+        slots["mla_layer"] = attention
+    if dims.num_moe_experts is not None:
+        slots["moe_layer"] = ModuleSpec(module=MoELayer, submodules=with_fields(layer(dims.num_moe_experts), **mlp_only))
+    return ModuleSpec(module=Stack, submodules=Submodules(**slots)), dense.input_layernorm
+
+
+@contextmanager
+def _local_final_norm(stack: Any, norm: Any) -> Iterator[None]:
+    """The hybrid stack builds its final norm as TransformerEngine's TENorm whatever its spec
+    says; without TransformerEngine, megatron-core's local norm of the same layers stands in
+    (same parameter, `decoder.final_norm.weight`)."""
+    import importlib.util
+    import sys
+
+    module = sys.modules[stack.module.__module__]
+    if importlib.util.find_spec("transformer_engine") is not None or not hasattr(module, "TENorm"):
+        yield
+        return
+    original = module.TENorm
+    module.TENorm = norm
+    try:
+        yield
+    finally:
+        module.TENorm = original
+
+
+def build_hybrid_model(
+    dims: ModelDims,
+    *,
+    params_dtype: torch.dtype | None = None,
+    layout: ParallelLayout | None = None,
+    pre_process: bool = True,
+    post_process: bool = True,
+    vp_stage: int | None = None,
+) -> Any:
+    """megatron-core's HybridModel of the same weights as `build_gpt_model`'s GPTModel: the
+    layer pattern of `hybrid_layer_pattern`, local layers (use `torch.device("meta")` for a
+    skeleton)."""
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    from mapgen.errors import MapgenError
+
+    model_class, pattern_keyword = hybrid_model_class()
+    pattern = hybrid_layer_pattern(dims)
+    if model_class.__name__ != "HybridModel" and dims.multi_latent_attention:
+        raise MapgenError("a hybrid model with multi-latent attention needs megatron-core 0.17 or later (HybridModel)")
+    if vp_stage is not None:
+        raise MapgenError(
+            "virtual pipeline stages of a hybrid model are set by '|' in its layer pattern; "
+            "mapgen builds hybrid models without them"
+        )
+    config = transformer_config(dims, params_dtype, layout)
+    config.num_layers = len(pattern)  # megatron-core's layer-offset rules count hybrid layers
+    stack, norm = _hybrid_stack_spec(dims)
+    with warnings.catch_warnings(), _cuda_device_on_cpu(), _local_final_norm(stack, norm):
+        warnings.simplefilter("ignore")
+        model = model_class(
+            config,
+            stack,
+            vocab_size=dims.vocab_size,
+            max_sequence_length=dims.max_position_embeddings,
+            pre_process=pre_process,
+            post_process=post_process,
+            share_embeddings_and_output_weights=dims.share_embeddings_and_output_weights,
+            position_embedding_type="rope",
+            rotary_percent=dims.rotary_percent,
+            rotary_base=dims.rotary_base,
+            parallel_output=False,
+            **{pattern_keyword: pattern},
+        )
+        if dims.rope_type == "llama3" and hasattr(model, "rotary_pos_emb"):
+            # HybridModel's constructor has no llama3 rope scaling; megatron-core's own
+            # RotaryEmbedding has, as GPTModel builds it
+            model.rotary_pos_emb = RotaryEmbedding(
+                kv_channels=config.kv_channels,
+                rotary_percent=dims.rotary_percent,
+                rotary_base=dims.rotary_base,
+                rope_scaling=True,
+                rope_scaling_factor=dims.rope_scaling_factor or 8.0,
+                use_cpu_initialization=True,
+            )
+    return model
+
+
+def build_model(dims: ModelDims, model: str = "gpt", **kwargs: Any) -> Any:
+    """`build_gpt_model` or `build_hybrid_model`, by the module's model class."""
+    if model not in MODEL_CLASSES:
+        raise ValueError(f"model class must be one of {', '.join(MODEL_CLASSES)}, got {model!r}")
+    return (build_hybrid_model if model == "hybrid" else build_gpt_model)(dims, **kwargs)
+
+
 def build_model_chunks(
-    dims: ModelDims, layout: ParallelLayout, params_dtype: torch.dtype | None = None
+    dims: ModelDims, layout: ParallelLayout, params_dtype: torch.dtype | None = None, model: str = "gpt"
 ) -> list[Any]:
     """This rank's model chunks (one per virtual pipeline stage) under initialised groups."""
     from megatron.core import parallel_state
@@ -300,8 +477,9 @@ def build_model_chunks(
     chunks = []
     for vp_stage in range(layout.vpp):
         stage = vp_stage if layout.vpp > 1 else None
-        chunk = build_gpt_model(
+        chunk = build_model(
             dims,
+            model,
             params_dtype=params_dtype,
             layout=layout,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),

@@ -9,6 +9,7 @@ from pathlib import Path
 import jinja2
 
 from mapgen.ir import Mapping, Target
+from mapgen.megatron_model import hybrid_layer_pattern
 from mapgen.runtime.drivers import stacked_slice
 from mapgen.runtime.transforms import inverse_permutation
 
@@ -140,11 +141,14 @@ def render(target: Target, header: list[str]) -> str:
         header=header,
         docstring=(
             f"Weight mapping between HF {target.hf_architecture} and Megatron-Core "
-            f"({target.layout} layout) for {target.name}: {len(target.mappings)} Megatron "
+            + ("HybridModel " if target.model == "hybrid" else "")
+            + f"({target.layout} layout) for {target.name}: {len(target.mappings)} Megatron "
             f"parameters, {len(target.hf_tensors)} HF tensors."
         ),
         target_name=repr(target.name),
         layout=repr(target.layout),
+        model=repr(target.model),
+        hybrid_layer_pattern=repr(hybrid_layer_pattern(target.dims)) if target.model == "hybrid" else "",
         hf_architecture=repr(target.hf_architecture),
         spec_path=repr(target.spec.path),
         config_path=repr(target.config.path),

@@ -123,7 +123,7 @@ def run_job(job: Job) -> Result:
         prepare_cpu_megatron()
         ctx = ParallelContext.from_parallel_state()
         torch.manual_seed(0)
-        chunks = build_model_chunks(module.DIMS, job.layout, params_dtype=torch.float32)
+        chunks = build_model_chunks(module.DIMS, job.layout, params_dtype=torch.float32, model=module.MODEL)
         load_hf_checkpoint(module, chunks, job.hf_dir, ctx)
         input_ids = torch.randint(0, module.DIMS.vocab_size, INPUT_SHAPE, generator=torch.Generator().manual_seed(7))
         logits = pipeline_logits(chunks, input_ids, ctx, module.DIMS.hidden_size)

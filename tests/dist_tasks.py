@@ -25,7 +25,7 @@ def _setup(module_path: str, layout: ParallelLayout, model_module_path: str | No
     )
     initialize_parallel_state(layout)
     prepare_cpu_megatron()
-    chunks = build_model_chunks(model_module.DIMS, layout, params_dtype=torch.float32)
+    chunks = build_model_chunks(model_module.DIMS, layout, params_dtype=torch.float32, model=model_module.MODEL)
     return module, chunks, ParallelContext.from_parallel_state()
 
 
