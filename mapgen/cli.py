@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import sys
 import time
 import warnings
@@ -16,6 +18,7 @@ from mapgen.build import HF_EXPERTS, TARGETS_FILE, compile_entries, compile_targ
 from mapgen.errors import MapgenError
 from mapgen.inventory import LAYOUTS
 from mapgen.megatron_model import MODEL_CLASSES
+from mapgen.packaged import specs_folder
 from mapgen.write import stale_diff, write_if_changed
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -146,12 +149,59 @@ def _module_file(generated: str) -> Path:
     path = Path(generated)
     if path.is_file():
         return path
+    if generated.isidentifier():  # a target of the repository here (generated/ is not installed)
+        try:
+            checked_in = find_root(Path.cwd()) / "generated" / f"{generated}.py"
+        except MapgenError:
+            checked_in = None
+        if checked_in is not None and checked_in.is_file():
+            return checked_in
     import importlib.util
 
-    found = importlib.util.find_spec(generated if "." in generated else f"generated.{generated}")
+    try:
+        found = importlib.util.find_spec(generated if "." in generated else f"generated.{generated}")
+    except ModuleNotFoundError:  # its package is not importable
+        found = None
     if found is None or found.origin is None:
-        raise MapgenError(f"{generated}: neither a file nor an importable generated module")
+        raise MapgenError(
+            f"{generated}: neither a file, a target in generated/ of a repository here, nor an importable module"
+        )
     return Path(found.origin)
+
+
+SPEC_LINE = re.compile(r"^# Spec: +(.+) sha256:([0-9a-f]{64})$", re.MULTILINE)
+
+
+def module_spec(module_file: Path, written: str) -> Path:
+    """The spec file `module_file` was built from. `written` is its SOURCES[0], relative to the
+    folder the module was built in, which the module does not record: tried from the working
+    directory, from the repository holding the module, then as a spec this mapgen ships (a wheel
+    install); the first that exists and has the sha256 of the module's header wins."""
+    with module_file.open(encoding="utf-8") as text:
+        header = SPEC_LINE.search(text.read(4096))
+    wanted = header.group(2) if header else None
+    path = Path(written)
+    candidates = [path] if path.is_absolute() else [Path.cwd() / path]
+    if not path.is_absolute():
+        try:
+            candidates.append(find_root(module_file.resolve().parent) / path)
+        except MapgenError:
+            pass  # not in a repository laid out like this one
+    try:
+        candidates.append(specs_folder() / path.name)
+    except MapgenError:
+        pass
+    existing = [c for c in dict.fromkeys(c.resolve() for c in candidates) if c.is_file()]
+    for candidate in existing:
+        if wanted is None or hashlib.sha256(candidate.read_bytes()).hexdigest() == wanted:
+            return candidate
+    differ = f" ({', '.join(map(str, existing))} differ from it)" if existing else ""
+    raise MapgenError(
+        f"{module_file}: its spec {written}" + (f" sha256:{wanted}" if wanted else "")
+        + f" is needed to build the local-layout twin that verify runs on CPU, and is not found{differ}"
+        f"; tried {', '.join(map(str, candidates))}. Run verify from the folder the module was built in,"
+        " or verify a local-layout module: mapgen build SPEC CONFIG -o OUT.py --layout local"
+    )
 
 
 def _local_twin(module_file: Path, hf_dir: Path, folder: Path) -> Path:
@@ -162,9 +212,7 @@ def _local_twin(module_file: Path, hf_dir: Path, folder: Path) -> Path:
     module = import_module_from_path(module_file, f"mapgen_cli_{module_file.stem}")
     if module.LAYOUT == "local":
         return module_file
-    spec = Path(module.SOURCES[0])
-    if not spec.is_absolute():
-        spec = find_root(module_file.resolve().parent) / spec
+    spec = module_spec(module_file, module.SOURCES[0])
     twin = folder / f"{module_file.stem}_local.py"
     twin.write_text(
         compile_target(
@@ -224,6 +272,17 @@ def standin(config: str, out_dir: str, seed: int) -> None:
 
     save_standin(json.loads(Path(config).read_text()), Path(out_dir), seed)
     err.print(f"wrote a tiny stand-in of {config} to {out_dir}", markup=False)
+
+
+@main.command(name="specs")
+def specs_command() -> None:
+    """Print the folder of the family specs (<family>.yaml) and model configs (configs/) that
+    come with mapgen: mapgen build "$(mapgen specs)/llama.yaml" CONFIG -o OUT.py."""
+    try:
+        click.echo(str(specs_folder()))
+    except MapgenError as exc:
+        err.print(str(exc), markup=False)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -4,16 +4,14 @@ the template only loops."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import jinja2
 
 from mapgen.ir import Mapping, Target
 from mapgen.megatron_model import hybrid_layer_pattern
+from mapgen.packaged import TEMPLATE, template_text
 from mapgen.runtime.drivers import stacked_slice
 from mapgen.runtime.transforms import inverse_permutation
-
-TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 
 
 @dataclass(frozen=True)
@@ -129,14 +127,14 @@ def render(target: Target, header: list[str]) -> str:
             )
         )
     environment = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(TEMPLATES),
+        loader=jinja2.FunctionLoader(template_text),  # package data, or the checkout's templates/
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,
         lstrip_blocks=True,
         keep_trailing_newline=True,
         autoescape=False,
     )
-    template = environment.get_template("module.py.j2")
+    template = environment.get_template(TEMPLATE)
     return template.render(
         header=header,
         docstring=(

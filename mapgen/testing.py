@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+# The source tree and its specs, for the test suite only: no `mapgen` command reads
+# them (in a wheel install ROOT is site-packages; shipped specs: mapgen.packaged.specs_folder).
 ROOT = Path(__file__).resolve().parent.parent
 FAMILY_SPECS = {
     "llama": "specs/llama.yaml",
