@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mapgen import yamlsource
+from mapgen.console import quiet_libraries
 from mapgen.config import HFConfig, evaluate_in_context, read_hf_config, translate
 from mapgen.dims import ModelDims
 from mapgen.errors import ErrorSink, Location, MapgenError, SpecError
@@ -191,6 +192,7 @@ def _ignored_hf(spec: Spec, config: HFConfig, dims: ModelDims, hf: tuple[HFTenso
 
 
 def _timed_compile(root: Path, entry: TargetEntry) -> tuple[str, float]:
+    quiet_libraries()  # in a worker process of its own
     started = time.perf_counter()
     return compile_entry(root, entry), time.perf_counter() - started
 

@@ -7,7 +7,6 @@ import os
 import re
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import click
@@ -15,6 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from mapgen.build import HF_EXPERTS, TARGETS_FILE, compile_entries, compile_target, display_path, read_targets
+from mapgen.console import quiet_libraries
 from mapgen.errors import MapgenError
 from mapgen.inventory import LAYOUTS
 from mapgen.megatron_model import MODEL_CLASSES
@@ -45,8 +45,7 @@ def _progress() -> Progress:
 @click.group()
 def main() -> None:
     """mapgen: compile static HF <-> Megatron-Core weight-mapping modules."""
-    # megatron-core warns at import about optional CUDA packages (Apex, TE) a CPU build lacks
-    warnings.filterwarnings("ignore", module=r"(megatron|transformers|torch)(\.|$)")
+    quiet_libraries()  # megatron-core's deprecation notices, optional-package warnings, ...
 
 
 @main.command()
@@ -88,7 +87,8 @@ def _build_one(
         + (f" --model {model_class}" if model_class != "gpt" else "")
     )
     started = time.perf_counter()
-    source = compile_target(target, spec, config, layout, command, hf_experts=hf_experts, model=model_class)
+    with err.status(f"building {target} from {display_path(spec)} and {display_path(config)}"):  # transient
+        source = compile_target(target, spec, config, layout, command, hf_experts=hf_experts, model=model_class)
     written = write_if_changed(output, source)
     seconds = time.perf_counter() - started
     state = "wrote" if written else "unchanged"

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed import HashStore  # type: ignore[attr-defined]
 
+from mapgen.console import native_stdout_silenced
 from mapgen.dims import ModelDims
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -22,10 +23,11 @@ def ensure_single_process_parallel_state() -> None:
     """A world of one process, so megatron-core can build a model outside any launcher."""
     from megatron.core import parallel_state
 
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", store=HashStore(), rank=0, world_size=1)
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel()
+    with native_stdout_silenced():
+        if not dist.is_initialized():
+            dist.init_process_group("gloo", store=HashStore(), rank=0, world_size=1)
+        if not parallel_state.model_parallel_is_initialized():
+            parallel_state.initialize_model_parallel()
 
 
 @contextmanager
@@ -114,13 +116,14 @@ def initialize_parallel_state(layout: ParallelLayout) -> None:
         raise MapgenError(f"layout {layout}: " + "; ".join(problems))
     if parallel_state.model_parallel_is_initialized():
         destroy_parallel_state()
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=layout.tp,
-        pipeline_model_parallel_size=layout.pp,
-        virtual_pipeline_model_parallel_size=layout.vpp if layout.vpp > 1 else None,
-        expert_model_parallel_size=layout.ep,
-        expert_tensor_parallel_size=layout.etp,
-    )
+    with native_stdout_silenced():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=layout.tp,
+            pipeline_model_parallel_size=layout.pp,
+            virtual_pipeline_model_parallel_size=layout.vpp if layout.vpp > 1 else None,
+            expert_model_parallel_size=layout.ep,
+            expert_tensor_parallel_size=layout.etp,
+        )
 
 
 def _moe_config(dims: ModelDims) -> dict[str, Any]:

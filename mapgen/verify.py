@@ -12,7 +12,6 @@ import io
 import os
 import socket
 import traceback
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -23,6 +22,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.multiprocessing.spawn import start_processes
 
+from mapgen.console import native_stdout_silenced, quiet_libraries
 from mapgen.errors import MapgenError
 from mapgen.megatron_model import (
     ParallelLayout,
@@ -165,9 +165,10 @@ def _worker(rank: int, world_size: int, port: int, tasks: list[Task], queue: Any
 
     faulthandler.dump_traceback_later(timeout_s, exit=False)  # a hang shows where it waits
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    warnings.filterwarnings("ignore", module=r"(megatron|transformers|torch)(\.|$)")
+    quiet_libraries()
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    with native_stdout_silenced():
+        dist.init_process_group("gloo", rank=rank, world_size=world_size)
     results = []
     for function, args in tasks:
         try:
@@ -239,6 +240,7 @@ def verify(jobs: list[Job], world_size: int) -> list[Result]:
             raise MapgenError(f"layout {job.layout}: " + "; ".join(problems))
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # started by torchrun
         if not dist.is_initialized():
-            dist.init_process_group("gloo")
+            with native_stdout_silenced():
+                dist.init_process_group("gloo")
         return [run_job(job) for job in jobs]
     return list(spawn([(run_job, (job,)) for job in jobs], world_size)[0])

@@ -15,7 +15,8 @@ from safetensors.torch import load_file, save_file
 
 from mapgen import testing
 from mapgen.build import compile_target, read_targets
-from mapgen.megatron_model import ParallelLayout
+from mapgen.errors import MapgenError
+from mapgen.megatron_model import ParallelLayout, hybrid_model_class
 from mapgen.verify import Job, run_job, spawn
 
 import dist_tasks
@@ -49,11 +50,26 @@ CASES = [
     for name in TARGETS
     for layout in (MOE_LAYOUTS.get(name, EP_LAYOUTS[:4]) if name in MOE else LAYOUTS)
 ]
+# HybridModel modules of three stand-ins (attention and MLP as layers of their own); multi-latent
+# attention needs megatron-core's HybridModel (0.17+): on older releases the build must refuse it
+HAS_HYBRID_MODEL = hybrid_model_class()[0].__name__ == "HybridModel"
+HYBRID_CASES = [
+    ("llama3_1_8b", ParallelLayout(tp=2, dp=2)),
+    ("llama3_1_8b", ParallelLayout(pp=2, dp=2)),
+    ("llama3_1_8b", ParallelLayout(tp=2, pp=2)),
+    ("qwen3_30b_a3b", ParallelLayout(ep=2, dp=4)),
+    ("qwen3_30b_a3b", ParallelLayout(tp=2, ep=2, dp=2)),
+    ("qwen3_30b_a3b", ParallelLayout(pp=2, ep=2, dp=2)),
+] + [
+    ("deepseek_v3", layout)
+    for layout in (ParallelLayout(ep=2, dp=4), ParallelLayout(tp=2, ep=2, dp=2), ParallelLayout(pp=2, ep=2, dp=2))
+    if HAS_HYBRID_MODEL
+]
 
 
-def _module(folder: Path, spec: str, name: str) -> Path:
+def _module(folder: Path, spec: str, name: str, model: str = "gpt") -> Path:
     path = folder / f"{name}.py"
-    source = compile_target(name, testing.ROOT / spec, folder / "config.json", "local", "test")
+    source = compile_target(name, testing.ROOT / spec, folder / "config.json", "local", "test", model=model)
     path.write_text(source)
     return path
 
@@ -74,6 +90,14 @@ def outcome(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         folder, module = cases[label]
         tasks.append((run_job, (Job(str(module), str(folder), layout),)))
         labels.append(f"verify {label} {layout}")
+
+    for label, layout in HYBRID_CASES:
+        folder = cases[label][0]
+        module = folder / f"{label}_hybrid.py"
+        if not module.exists():
+            _module(folder, TARGETS[label].spec, f"{label}_hybrid", model="hybrid")
+        tasks.append((run_job, (Job(str(module), str(folder), layout),)))
+        labels.append(f"verify {label}_hybrid {layout}")
 
     llama_dir, llama_module = cases["llama3_1_8b"]
     for bucket_bytes in (1, 2**30):
@@ -106,7 +130,7 @@ def outcome(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         labels.append(f"save {name}")
 
     # expert-parallel checks in processes of their own, after the dense ones
-    moe = [i for i, label in enumerate(labels) if label.split()[1] in MOE | {"stacked", "moe"}]
+    moe = [i for i, label in enumerate(labels) if label.split()[1].removesuffix("_hybrid") in MOE | {"stacked", "moe"}]
     by_label: dict[str, list[Any]] = {}
     for group in ([i for i in range(len(tasks)) if i not in moe], moe):
         results = spawn([tasks[i] for i in group], WORLD, timeout_s=1200)
@@ -152,6 +176,28 @@ def test_logits_match_transformers_and_export_is_bit_exact(outcome: dict[str, An
     assert rank0.bit_exact == rank0.tensors, rank0.mismatched
     assert rank0.max_logit_diff <= 1e-5
     assert rank0.ok
+
+
+@pytest.mark.parametrize(("family", "layout"), HYBRID_CASES, ids=[f"{n}-{layout}" for n, layout in HYBRID_CASES])
+def test_hybrid_model_logits_match_transformers_and_export_is_bit_exact(
+    outcome: dict[str, Any], family: str, layout: ParallelLayout
+) -> None:
+    results = outcome["by_label"][f"verify {family}_hybrid {layout}"]
+    for result in results:
+        assert result.error is None, result.error
+    rank0 = results[0]
+    assert rank0.tensors == len(load_file(outcome["cases"][family][0] / "model.safetensors"))
+    assert rank0.bit_exact == rank0.tensors, rank0.mismatched
+    assert rank0.max_logit_diff <= 1e-5 and rank0.ok
+
+
+def test_hybrid_model_with_mla_needs_megatron_core_hybrid_model(outcome: dict[str, Any]) -> None:
+    folder = outcome["cases"]["deepseek_v3"][0]
+    if HAS_HYBRID_MODEL:  # built and verified above
+        assert (folder / "deepseek_v3_hybrid.py").exists()
+        return
+    with pytest.raises(MapgenError, match="multi-latent attention needs megatron-core 0.17 or later"):
+        _module(folder, TARGETS["deepseek_v3"].spec, "deepseek_v3_hybrid", model="hybrid")
 
 
 def test_stacked_experts_checkpoint_round_trips(outcome: dict[str, Any]) -> None:
