@@ -101,3 +101,43 @@ def test_resolve_auto(param: MegatronParam, expected: str | None) -> None:
 
 def test_registered_module_type_wins() -> None:
     assert resolve_auto(_param("SomethingElse"), {**MODULE_TYPES, "SomethingElse": "row"}) == "row"
+
+
+HYBRID_MOE_DIMS = replace(
+    DIMS, num_moe_experts=4, moe_ffn_hidden_size=32, moe_dense_layers=1, moe_shared_expert_intermediate_size=32,
+    moe_router_enable_expert_bias=True, moe_router_score_function="sigmoid",
+)
+
+
+def test_hybrid_inventory_equals_a_full_hybrid_model_build() -> None:
+    """The HybridModel inventory (one layer of each kind, expanded) against megatron-core's
+    HybridModel built whole: the same names, shapes and TP partitions."""
+    from mapgen.megatron_model import build_hybrid_model, hybrid_layer_pattern
+
+    dims = HYBRID_MOE_DIMS
+    assert hybrid_layer_pattern(dims) == "*-*E*E*E*E"
+    ensure_single_process_parallel_state()
+    with torch.device("meta"):
+        full = build_hybrid_model(dims)
+    expected = {p.name: (p.shape, p.partition_dim, p.module_kind) for p in _skeleton_params(full, dims.params_dtype)}
+    ours = {p.name: (p.shape, p.partition_dim, p.module_kind) for p in megatron_inventory(dims, "local", "hybrid")}
+    assert ours == expected
+
+
+def test_hybrid_names_split_each_gpt_layer_in_two() -> None:
+    te = {p.name: p for p in megatron_inventory(HYBRID_MOE_DIMS, "te", "hybrid")}
+    # written out by hand: GPT layer L's attention is hybrid layer 2L, its MLP 2L+1
+    expected = {
+        "decoder.layers.0.self_attention.linear_qkv.layer_norm_weight": "decoder.layers.0.self_attention.linear_qkv.layer_norm_weight",
+        "decoder.layers.1.mlp.linear_fc1.layer_norm_weight": "decoder.layers.0.mlp.linear_fc1.layer_norm_weight",
+        "decoder.layers.6.self_attention.linear_proj.weight": "decoder.layers.3.self_attention.linear_proj.weight",
+        "decoder.layers.7.pre_mlp_layernorm.weight": "decoder.layers.3.pre_mlp_layernorm.weight",
+        "decoder.layers.7.mlp.router.expert_bias": "decoder.layers.3.mlp.router.expert_bias",
+        "decoder.layers.9.mlp.experts.linear_fc2.weight3": "decoder.layers.4.mlp.experts.linear_fc2.weight3",
+        "decoder.final_norm.weight": "decoder.final_layernorm.weight",
+    }
+    for name, gpt_te in expected.items():
+        assert te[name].te_name == gpt_te
+    assert te["decoder.layers.9.mlp.experts.linear_fc2.weight3"].layer == 9
+    assert te["decoder.layers.9.mlp.experts.linear_fc2.weight3"].expert == 3
+    assert len(te) == len(megatron_inventory(HYBRID_MOE_DIMS, "te"))
