@@ -212,8 +212,10 @@ def build_gpt_model(
     pre_process: bool = True,
     post_process: bool = True,
     vp_stage: int | None = None,
+    vocab_size: int | None = None,
 ) -> Any:
-    """The model on the current default device (use `torch.device("meta")` for a skeleton)."""
+    """The model on the current default device (use `torch.device("meta")` for a skeleton);
+    `vocab_size`: the embedding's rows when Megatron pads the vocabulary (default: the HF one)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
     from megatron.core.models.gpt.gpt_model import GPTModel
 
@@ -230,7 +232,7 @@ def build_gpt_model(
         return GPTModel(
             config,
             block_spec,
-            vocab_size=dims.vocab_size,
+            vocab_size=vocab_size or dims.vocab_size,
             max_sequence_length=dims.max_position_embeddings,
             pre_process=pre_process,
             post_process=post_process,
@@ -291,10 +293,24 @@ def _mla_core_attention() -> type:
     return MLADotProductAttention
 
 
+def _params_in(model: Any, dtype: torch.dtype) -> None:
+    """Every parameter in `dtype`, as Megatron-LM's mixed-precision wrapper (`Float16Module`)
+    holds them: the local spec's torch norms are built in float32 whatever `params_dtype` says.
+    Buffers keep their dtype (the router's expert_bias stays float32, as megatron-core keeps it)."""
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.is_floating_point() and param.dtype != dtype:
+                param.data = param.data.to(dtype)
+
+
 def build_model_chunks(
-    dims: ModelDims, layout: ParallelLayout, params_dtype: torch.dtype | None = None
+    dims: ModelDims,
+    layout: ParallelLayout,
+    params_dtype: torch.dtype | None = None,
+    vocab_size: int | None = None,
 ) -> list[Any]:
-    """This rank's model chunks (one per virtual pipeline stage) under initialised groups."""
+    """This rank's model chunks (one per virtual pipeline stage) under initialised groups;
+    `vocab_size` as in `build_gpt_model`."""
     from megatron.core import parallel_state
 
     chunks = []
@@ -307,7 +323,9 @@ def build_model_chunks(
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
             post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
             vp_stage=stage,
+            vocab_size=vocab_size,
         )
+        _params_in(chunk, params_dtype or DTYPES[dims.params_dtype])
         chunk.eval()
         chunks.append(chunk)
     return chunks
