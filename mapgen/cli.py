@@ -235,10 +235,15 @@ def _local_twin(module_file: Path, hf_dir: Path, folder: Path) -> Path:
 @click.option("--dp", default=1, show_default=True, help="Data-parallel replicas.")
 @click.option("--first-stage-layers", type=int, help="Layers of the first pipeline stage (uneven PP).")
 @click.option("--last-stage-layers", type=int, help="Layers of the last pipeline stage (uneven PP).")
+@click.option("--make-vocab-size-divisible-by", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Build the model with the vocabulary padded to a multiple of this x TP, as "
+                   "Megatron-LM does (its default: 128).")
 def verify(generated: str, hf_dir: str, tp: int, pp: int, vpp: int, ep: int, etp: int | None,
-           dp: int, first_stage_layers: int | None, last_stage_layers: int | None) -> None:
+           dp: int, first_stage_layers: int | None, last_stage_layers: int | None,
+           make_vocab_size_divisible_by: int) -> None:
     """Import HF_DIR through GENERATED on CPU processes, compare logits with transformers and
-    the exported tensors with the checkpoint's bytes. GENERATED: a file or a module name."""
+    the exported tensors with the checkpoint's bytes. GENERATED: a file or a module name. The
+    model is built in the checkpoint's dtype; transformers runs in it too."""
     import tempfile
 
     from mapgen.megatron_model import ParallelLayout
@@ -250,7 +255,8 @@ def verify(generated: str, hf_dir: str, tp: int, pp: int, vpp: int, ep: int, etp
     try:
         with tempfile.TemporaryDirectory() as folder:
             module_file = _local_twin(_module_file(generated), Path(hf_dir), Path(folder))
-            (result,) = run_verify([Job(str(module_file), hf_dir, layout)], layout.world_size)
+            job = Job(str(module_file), hf_dir, layout, make_vocab_size_divisible_by)
+            (result,) = run_verify([job], layout.world_size)
     except MapgenError as exc:
         err.print(str(exc), markup=False)
         sys.exit(2)
@@ -263,15 +269,22 @@ def verify(generated: str, hf_dir: str, tp: int, pp: int, vpp: int, ep: int, etp
 @click.argument("config", type=click.Path(exists=True, dir_okay=False))
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option("--seed", default=0, show_default=True)
-def standin(config: str, out_dir: str, seed: int) -> None:
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
+              help="The dtype of the saved weights (and config.json's dtype).")
+@click.option("--make-vocab-size-divisible-by", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Give the stand-in a vocabulary that Megatron-LM pads to a multiple of this x TP "
+                   "(192 rows for 128; default: 128 rows).")
+def standin(config: str, out_dir: str, seed: int, dtype: str, make_vocab_size_divisible_by: int) -> None:
     """Save a tiny random stand-in (4 layers, hidden 64) of CONFIG's model to OUT_DIR, keeping
     what shapes the mapping: GQA, head_dim, tied embeddings, biases, rope scaling."""
     import json
 
-    from mapgen.testing import save_standin
+    from mapgen.megatron_model import DTYPES
+    from mapgen.testing import save_standin, standin_vocab_size
 
-    save_standin(json.loads(Path(config).read_text()), Path(out_dir), seed)
-    err.print(f"wrote a tiny stand-in of {config} to {out_dir}", markup=False)
+    vocab_size = standin_vocab_size(make_vocab_size_divisible_by)
+    save_standin(json.loads(Path(config).read_text()), Path(out_dir), seed, dtype=DTYPES[dtype], vocab_size=vocab_size)
+    err.print(f"wrote a tiny {dtype} stand-in of {config} (vocabulary {vocab_size}) to {out_dir}", markup=False)
 
 
 @main.command(name="specs")

@@ -230,8 +230,10 @@ def build_gpt_model(
     pre_process: bool = True,
     post_process: bool = True,
     vp_stage: int | None = None,
+    vocab_size: int | None = None,
 ) -> Any:
-    """The model on the current default device (use `torch.device("meta")` for a skeleton)."""
+    """The model on the current default device (use `torch.device("meta")` for a skeleton);
+    `vocab_size`: the embedding's rows when Megatron pads the vocabulary (default: the HF one)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
     from megatron.core.models.gpt.gpt_model import GPTModel
 
@@ -248,7 +250,7 @@ def build_gpt_model(
         return GPTModel(
             config,
             block_spec,
-            vocab_size=dims.vocab_size,
+            vocab_size=vocab_size or dims.vocab_size,
             max_sequence_length=dims.max_position_embeddings,
             pre_process=pre_process,
             post_process=post_process,
@@ -414,6 +416,7 @@ def build_hybrid_model(
     pre_process: bool = True,
     post_process: bool = True,
     vp_stage: int | None = None,
+    vocab_size: int | None = None,
 ) -> Any:
     """megatron-core's HybridModel of the same weights as `build_gpt_model`'s GPTModel: the
     layer pattern of `hybrid_layer_pattern`, local layers (use `torch.device("meta")` for a
@@ -439,7 +442,7 @@ def build_hybrid_model(
         model = model_class(
             config,
             stack,
-            vocab_size=dims.vocab_size,
+            vocab_size=vocab_size or dims.vocab_size,
             max_sequence_length=dims.max_position_embeddings,
             pre_process=pre_process,
             post_process=post_process,
@@ -471,10 +474,25 @@ def build_model(dims: ModelDims, model: str = "gpt", **kwargs: Any) -> Any:
     return (build_hybrid_model if model == "hybrid" else build_gpt_model)(dims, **kwargs)
 
 
+def _params_in(model: Any, dtype: torch.dtype) -> None:
+    """Every parameter in `dtype`, as Megatron-LM's mixed-precision wrapper (`Float16Module`)
+    holds them: the local spec's torch norms are built in float32 whatever `params_dtype` says.
+    Buffers keep their dtype (the router's expert_bias stays float32, as megatron-core keeps it)."""
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.is_floating_point() and param.dtype != dtype:
+                param.data = param.data.to(dtype)
+
+
 def build_model_chunks(
-    dims: ModelDims, layout: ParallelLayout, params_dtype: torch.dtype | None = None, model: str = "gpt"
+    dims: ModelDims,
+    layout: ParallelLayout,
+    params_dtype: torch.dtype | None = None,
+    vocab_size: int | None = None,
+    model: str = "gpt",
 ) -> list[Any]:
-    """This rank's model chunks (one per virtual pipeline stage) under initialised groups."""
+    """This rank's model chunks (one per virtual pipeline stage) under initialised groups;
+    `vocab_size` as in `build_gpt_model`."""
     from megatron.core import parallel_state
 
     chunks = []
@@ -488,7 +506,9 @@ def build_model_chunks(
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
             post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
             vp_stage=stage,
+            vocab_size=vocab_size,
         )
+        _params_in(chunk, params_dtype or DTYPES[dims.params_dtype])
         chunk.eval()
         chunks.append(chunk)
     return chunks

@@ -94,8 +94,9 @@ def save_tiny_model(family: str, folder: Path, seed: int = 0, **overrides: Any) 
     return save_random_model(tiny_hf_config(family, **overrides), folder, seed)
 
 
-def save_random_model(config: Any, folder: Path, seed: int = 0) -> Any:
-    """Random fp32 weights for `config` (norms too, so no weight is trivially 1), saved."""
+def save_random_model(config: Any, folder: Path, seed: int = 0, dtype: torch.dtype = torch.float32) -> Any:
+    """Random weights for `config` (norms too, so no weight is trivially 1), drawn in fp32 and
+    saved in `dtype` (config.json's dtype says so; weight buffers stay as they are)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
@@ -108,12 +109,17 @@ def save_random_model(config: Any, folder: Path, seed: int = 0) -> Any:
         for name, buffer in model.named_buffers():
             if name.endswith("e_score_correction_bias"):  # DeepSeek's router bias: zero at init
                 buffer.copy_(torch.randn_like(buffer) * 0.1)
+    if dtype != torch.float32:  # buffers keep their dtype: DeepSeek's float32 router bias, as published
+        with torch.no_grad():
+            for param in model.parameters():
+                param.data = param.data.to(dtype)
+        model.config.dtype = dtype
     model.eval()
     model.save_pretrained(folder)
     return model
 
 
-def standin_config(fields: dict[str, Any], num_layers: int = 4) -> dict[str, Any]:
+def standin_config(fields: dict[str, Any], num_layers: int = 4, vocab_size: int = 128) -> dict[str, Any]:
     """A tiny config of the same architecture that keeps what shapes the mapping: GQA or not,
     head_dim apart from hidden/heads or not, tied embeddings, biases, rope scaling."""
     dropped = ("quantization_config", "auto_map", "bos_token_id", "eos_token_id", "pad_token_id")
@@ -127,7 +133,7 @@ def standin_config(fields: dict[str, Any], num_layers: int = 4) -> dict[str, Any
         num_attention_heads=4,
         num_key_value_heads=4 if kv_heads == heads else 2,
         num_hidden_layers=num_layers,
-        vocab_size=128,
+        vocab_size=vocab_size,
         max_position_embeddings=min(int(fields.get("max_position_embeddings", 256)), 256),
         torch_dtype="float32",
     )
@@ -158,13 +164,32 @@ def standin_config(fields: dict[str, Any], num_layers: int = 4) -> dict[str, Any
     return tiny
 
 
-def save_standin(config_fields: dict[str, Any], folder: Path, seed: int = 0) -> Any:
-    """Save a random tiny stand-in of the model `config_fields` describes (see standin_config)."""
+def standin_vocab_size(make_vocab_size_divisible_by: int = 1) -> int:
+    """The stand-in's vocabulary: 128; for a model that Megatron-LM pads to multiples of
+    D = `make_vocab_size_divisible_by` (> 1) x TP, a size that is no multiple of D (the multiple
+    of D nearest 128 from below, at least D, plus half of D), so that every TP pads it; 192 for
+    D = 128, which TP 2 pads to 256, one rank holding 64 real and 64 pad rows."""
+    divisor = make_vocab_size_divisible_by
+    if divisor <= 1:
+        return 128
+    return max(1, 128 // divisor) * divisor + (divisor + 1) // 2
+
+
+def save_standin(
+    config_fields: dict[str, Any],
+    folder: Path,
+    seed: int = 0,
+    *,
+    dtype: torch.dtype = torch.float32,
+    vocab_size: int = 128,
+) -> Any:
+    """Save a random tiny stand-in of the model `config_fields` describes (see standin_config)
+    in `dtype`."""
     import transformers
 
-    tiny = standin_config(config_fields)
+    tiny = standin_config(config_fields, vocab_size=vocab_size)
     config = transformers.AutoConfig.for_model(tiny.pop("model_type"), **tiny)
-    return save_random_model(config, folder, seed)
+    return save_random_model(config, folder, seed, dtype)
 
 
 def import_module_from_path(path: Path, name: str | None = None) -> ModuleType:

@@ -95,3 +95,24 @@ def save(module_path: str, hf_dir: str, layout: ParallelLayout, out_dir: str, fa
     finally:
         drivers.save_file = original_save_file
     return None
+
+
+# --- vocabulary padding (tests/test_distributed.py's padded-vocabulary block) ---------------
+
+
+def expect_vocab_error(
+    module_path: str, hf_dir: str, layout: ParallelLayout, model_vocab_size: int, make_vocab_size_divisible_by: int
+) -> tuple[str | None, float]:
+    """(the error this rank raised, seconds until it did) loading into a model built with
+    `model_vocab_size` embedding rows, told the vocabulary is padded by `make_vocab_size_divisible_by`."""
+    started = time.perf_counter()
+    try:
+        module = import_module_from_path(Path(module_path), f"dist_vocab_{Path(module_path).stem}")
+        initialize_parallel_state(layout)
+        prepare_cpu_megatron()
+        chunks = build_model_chunks(module.DIMS, layout, params_dtype=torch.float32, vocab_size=model_vocab_size)
+        ctx = ParallelContext.from_parallel_state()
+        drivers.load_hf_checkpoint(module, chunks, hf_dir, ctx, make_vocab_size_divisible_by=make_vocab_size_divisible_by)
+    except Exception as exc:  # noqa: BLE001 - the test inspects it
+        return f"{type(exc).__name__}: {exc}", time.perf_counter() - started
+    return None, time.perf_counter() - started

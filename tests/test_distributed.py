@@ -17,6 +17,7 @@ from mapgen import testing
 from mapgen.build import compile_target, read_targets
 from mapgen.errors import MapgenError
 from mapgen.megatron_model import ParallelLayout, hybrid_model_class
+from mapgen.runtime.vocab import padded_vocab_size
 from mapgen.verify import Job, run_job, spawn
 
 import dist_tasks
@@ -128,6 +129,8 @@ def outcome(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     for name, fail_on in (("saved", None), ("interrupted", 2)):
         tasks.append((dist_tasks.save, (str(tied_module), str(tied_dir), ParallelLayout(tp=2, pp=2), str(root / name), fail_on)))
         labels.append(f"save {name}")
+
+    _add_vocab_and_bf16_tasks(root, tasks, labels)
 
     # expert-parallel checks in processes of their own, after the dense ones
     moe = [i for i, label in enumerate(labels) if label.split()[1].removesuffix("_hybrid") in MOE | {"stacked", "moe"}]
@@ -275,3 +278,92 @@ def test_interrupted_save_leaves_nothing_behind(outcome: dict[str, Any]) -> None
     root: Path = outcome["root"]
     assert not (root / "interrupted").exists()
     assert not list(root.glob(".interrupted.partial-*"))
+
+
+# --- vocabulary padding and bfloat16 checkpoints ------------------------------------------------
+# Run inside the two spawns above (labels: kind, target, ...; MoE targets go with the MoE group).
+# Padded: a stand-in whose vocabulary (192) Megatron-LM pads to a multiple of 128 x TP (256 at
+# TP2), tied (Llama-3.2-1B) and untied (Llama-3.1-8B), with and without PP; bf16: stand-ins saved
+# in bfloat16, the model built in bfloat16, logits against transformers' own bfloat16 forward.
+
+DIVISIBLE_BY = 128
+PADDED_CASES = [
+    (name, layout)
+    for name in ("llama3_1_8b", "llama3_2_1b")
+    for layout in (ParallelLayout(tp=2, dp=2), ParallelLayout(tp=2, pp=2))
+]
+BF16_CASES = [
+    ("llama3_1_8b", ParallelLayout(tp=2, dp=2)),
+    ("llama3_1_8b", ParallelLayout(tp=2, pp=2)),
+    ("qwen3_30b_a3b", ParallelLayout(ep=2, dp=4)),
+    ("qwen3_30b_a3b", ParallelLayout(tp=2, ep=2, dp=2)),
+]
+# a model built with this many vocabulary rows, loaded as padded by 128 x TP2: expected message
+BAD_VOCAB = {
+    "not-the-padded-size": (200, "the model has 200 vocabulary rows (100 per TP rank); expected 256"),
+    "smaller-than-hf": (128, "the model has 128 vocabulary rows (64 per TP rank), fewer than the HF vocabulary of 192; expected 256"),
+}
+
+
+def _standin(root: Path, target: str, kind: str, **options: Any) -> tuple[Path, Path]:
+    folder = root / f"{kind}_{target}"
+    testing.save_standin(json.loads((testing.ROOT / TARGETS[target].config).read_text()), folder, **options)
+    return folder, _module(folder, TARGETS[target].spec, f"{kind}_{target}")
+
+
+def _add_vocab_and_bf16_tasks(root: Path, tasks: list[tuple[Any, tuple[Any, ...]]], labels: list[str]) -> None:
+    padded = {t: _standin(root, t, "padded", vocab_size=testing.standin_vocab_size(DIVISIBLE_BY)) for t, _ in PADDED_CASES}
+    for target, layout in PADDED_CASES:
+        folder, module = padded[target]
+        tasks.append((run_job, (Job(str(module), str(folder), layout, DIVISIBLE_BY),)))
+        labels.append(f"padded {target} {layout}")
+    bf16 = {t: _standin(root, t, "bf16", dtype=torch.bfloat16) for t, _ in BF16_CASES}
+    for target, layout in BF16_CASES:
+        folder, module = bf16[target]
+        tasks.append((run_job, (Job(str(module), str(folder), layout),)))
+        labels.append(f"bf16 {target} {layout}")
+    folder, module = padded["llama3_1_8b"]
+    for case, (rows, _) in BAD_VOCAB.items():
+        tasks.append((dist_tasks.expect_vocab_error, (str(module), str(folder), ParallelLayout(tp=2, pp=2), rows, DIVISIBLE_BY)))
+        labels.append(f"badvocab llama3_1_8b {case}")
+
+
+@pytest.mark.parametrize(("target", "layout"), PADDED_CASES, ids=[f"{t}-{layout}" for t, layout in PADDED_CASES])
+def test_padded_vocabulary_matches_transformers_and_exports_the_hf_rows(outcome: dict[str, Any], target: str, layout: ParallelLayout) -> None:
+    results = outcome["by_label"][f"padded {target} {layout}"]
+    assert all(r.error is None for r in results), results[0].error
+    rank0 = results[0]
+    original = load_file(outcome["root"] / f"padded_{target}" / "model.safetensors")
+    embedding = original["model.embed_tokens.weight"]
+    assert rank0.vocab == (embedding.shape[0], padded_vocab_size(embedding.shape[0], DIVISIBLE_BY, 2)) == (192, 256)
+    assert rank0.tensors == len(original) and rank0.bit_exact == rank0.tensors, rank0.mismatched
+    assert rank0.max_logit_diff <= 1e-5  # on the 192 real logits
+    assert rank0.max_pad_logit == 0.0  # the pad rows are zeros, so their logits are exactly 0
+    assert rank0.ok
+
+
+@pytest.mark.parametrize(("target", "layout"), BF16_CASES, ids=[f"{t}-{layout}" for t, layout in BF16_CASES])
+def test_bfloat16_checkpoint_matches_transformers_and_exports_bit_exact(outcome: dict[str, Any], target: str, layout: ParallelLayout) -> None:
+    results = outcome["by_label"][f"bf16 {target} {layout}"]
+    assert all(r.error is None for r in results), results[0].error
+    rank0 = results[0]
+    original = load_file(outcome["root"] / f"bf16_{target}" / "model.safetensors")
+    assert {t.dtype for t in original.values()} == {torch.bfloat16}
+    assert rank0.dtype == "bfloat16"
+    assert rank0.tensors == len(original) and rank0.bit_exact == rank0.tensors, rank0.mismatched  # dtype too
+    # 16 bfloat16 epsilons of the largest reference logit (see verify.logit_tolerance)
+    assert rank0.max_logit_diff <= rank0.tolerance < 0.1
+    assert rank0.ok
+
+
+@pytest.mark.parametrize("case", list(BAD_VOCAB))
+def test_wrong_padded_vocabulary_is_the_same_clear_error_on_every_rank(outcome: dict[str, Any], case: str) -> None:
+    messages = [message for message, _ in outcome["by_label"][f"badvocab llama3_1_8b {case}"]]
+    assert all(message is not None for message in messages), messages
+    assert len(set(messages)) == 1, messages
+    expected = BAD_VOCAB[case][1]
+    tail = ": the HF vocabulary of 192 padded to a multiple of make_vocab_size_divisible_by 128 x TP 2"
+    # PP2: the first stage holds the embedding, the last the output layer; each names its own
+    assert f"ranks 0,1:\n  'embedding.word_embeddings.weight': {expected}{tail}" in messages[0]
+    assert f"ranks 2,3:\n  'output_layer.weight': {expected}{tail}" in messages[0]
+    assert "Traceback" not in messages[0]

@@ -14,7 +14,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Protocol
@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 
 from mapgen.runtime.checkpoint import HFCheckpoint
 from mapgen.runtime.collectives import agree_or_raise, all_gather_coalesced, broadcast_coalesced
-from mapgen.runtime.context import ParallelContext
+from mapgen.runtime.context import Group, ParallelContext
 from mapgen.runtime.ownership import (
     Owner,
     expert_owner,
@@ -33,7 +33,8 @@ from mapgen.runtime.ownership import (
     local_name,
     param_owner,
 )
-from mapgen.runtime.plan import ExportFn, HFTensorPlan, ImportFn, ParamPlan
+from mapgen.runtime.plan import ExportFn, HFTensorPlan, ImportFn, Loader, ParamPlan
+from mapgen.runtime.vocab import VOCAB_PARAMS, padded_block, padded_rows_problem
 
 DEFAULT_BUCKET_BYTES = 256 * 2**20
 
@@ -91,10 +92,30 @@ class Placement:
     tied: dict[str, torch.Tensor]  # tied copies this rank holds (global name -> param)
     dtype: torch.dtype
     expert_ranks: dict[str, tuple[int, int]] | None = None  # expert param -> (EP rank, local index)
+    vocab: frozenset[str] = frozenset()  # vocabulary parameters (see `vocab_params`)
 
 
-def place(module: Module, chunks: list[Any], ctx: ParallelContext) -> tuple[Placement, list[str]]:
-    """Match this rank's chunks against the module; problems instead of raising."""
+def vocab_params(module: Module) -> frozenset[str]:
+    """The module's parameters whose dim 0 is the vocabulary, which a Megatron model may pad:
+    the embedding and output layer, split over TP by rows, `DIMS.vocab_size` rows in the plan."""
+    dims = getattr(module, "DIMS", None)
+    if dims is None:
+        return frozenset()
+    return frozenset(
+        p.megatron_name
+        for p in module.PARAMS
+        if p.megatron_name in VOCAB_PARAMS and p.split_dim == 0 and p.shape[0] == dims.vocab_size
+    )
+
+
+def place(
+    module: Module, chunks: list[Any], ctx: ParallelContext, make_vocab_size_divisible_by: int = 1
+) -> tuple[Placement, list[str]]:
+    """Match this rank's chunks against the module; problems instead of raising. The
+    vocabulary parameters may have more rows than the module's plan: Megatron-LM's padding to a
+    multiple of `make_vocab_size_divisible_by` x TP, which is checked here."""
+    if make_vocab_size_divisible_by < 1:  # the same argument on every rank: all raise here
+        raise ValueError(f"make_vocab_size_divisible_by must be positive, not {make_vocab_size_divisible_by}")
     problems: list[str] = []
     if len(chunks) != ctx.vpp_size:
         problems.append(f"{len(chunks)} model chunks given for virtual pipeline size {ctx.vpp_size}")
@@ -124,6 +145,15 @@ def place(module: Module, chunks: list[Any], ctx: ParallelContext) -> tuple[Plac
     local: dict[str, torch.Tensor] = {}
     tied: dict[str, torch.Tensor] = {}
     dtypes: set[torch.dtype] = set()
+    vocab = vocab_params(module)
+
+    def shape_problem(name: str, plan: ParamPlan, actual: tuple[int, ...]) -> str | None:
+        if plan.megatron_name not in vocab:
+            return _shape_problem(plan, actual, ctx, module.TARGET)
+        if len(actual) != len(plan.shape) or actual[1:] != plan.shape[1:]:
+            expected = ", ".join(map(str, plan.shape[1:]))
+            return f"'{name}': the model's shard is {list(actual)}, {module.TARGET} expects [rows, {expected}]"
+        return padded_rows_problem(name, actual[0], plan.shape[0], make_vocab_size_divisible_by, ctx.tp.size)
     for vp_stage, model in enumerate(models):
         parameters = {id(p) for p in model.parameters()}
         for name, param in _weights(model):
@@ -132,12 +162,14 @@ def place(module: Module, chunks: list[Any], ctx: ParallelContext) -> tuple[Plac
             global_name = expected.pop((vp_stage, name), None)
             if global_name is None and name in module.TIED:
                 tied[name] = param
+                if (problem := shape_problem(name, plans[module.TIED[name]], tuple(param.shape))) is not None:
+                    problems.append(problem)
                 continue
             if global_name is None:
                 problems.append(f"model parameter '{name}' (chunk {vp_stage}) has no mapping in {module.TARGET}")
                 continue
             plan = plans[global_name]
-            problem = _shape_problem(plan, tuple(param.shape), ctx, module.TARGET)
+            problem = shape_problem(global_name, plan, tuple(param.shape))
             if problem:
                 problems.append(problem)
             local[global_name] = param
@@ -146,7 +178,7 @@ def place(module: Module, chunks: list[Any], ctx: ParallelContext) -> tuple[Plac
     if len(dtypes) > 1:
         problems.append(f"model parameters mix dtypes {sorted(map(str, dtypes))}")
     dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
-    return Placement(owners, local, tied, dtype, expert_ranks), problems
+    return Placement(owners, local, tied, dtype, expert_ranks, vocab), problems
 
 
 def local_shape(plan: ParamPlan, ctx: ParallelContext) -> tuple[int, ...]:
@@ -188,13 +220,24 @@ def _layout_problems(module: Module, ctx: ParallelContext) -> list[str]:
 class Converter:
     """One module's conversion plan for this rank's model chunks, decided once: which chunk
     holds each parameter, and the export buckets. Hold one for repeated exports (RL weight
-    sync): after its first call nothing is looked up again."""
+    sync): after its first call nothing is looked up again.
 
-    def __init__(self, module: Module, chunks: list[Any], ctx: ParallelContext | None = None) -> None:
+    A model built with Megatron-LM's vocabulary padding (`make_vocab_size_divisible_by`, 128 in
+    Megatron-LM's training scripts) has more embedding and output-layer rows than the HF
+    checkpoint: say so here; import fills the pad rows with zeros and export drops them."""
+
+    def __init__(
+        self,
+        module: Module,
+        chunks: list[Any],
+        ctx: ParallelContext | None = None,
+        *,
+        make_vocab_size_divisible_by: int = 1,
+    ) -> None:
         self.module = module
         self.chunks = chunks
         self.ctx = ctx or ParallelContext.single()
-        self.placement, found = place(module, chunks, self.ctx)
+        self.placement, found = place(module, chunks, self.ctx, make_vocab_size_divisible_by)
         self._problems = _layout_problems(module, self.ctx) + found
         self._agreed = False
         self._buckets: dict[int, list[tuple[Bucket, list[str]]]] = {}
@@ -236,9 +279,10 @@ class Converter:
         assert checkpoint is not None
         with torch.no_grad():
             for name, param in placement.local.items():
-                module.IMPORTS[name](self.ctx, checkpoint.get, out=param.data)
+                _import(module, name, self.ctx, checkpoint.get, param.data, name in placement.vocab)
             for name, param in placement.tied.items():
-                module.IMPORTS[module.TIED[name]](self.ctx, checkpoint.get, out=param.data)
+                source = module.TIED[name]
+                _import(module, source, self.ctx, checkpoint.get, param.data, source in placement.vocab)
         return len(placement.local) + len(placement.tied)
 
     def export(
@@ -288,11 +332,32 @@ class Converter:
         return self._buckets[bucket_bytes]
 
 
+def _import(module: Module, name: str, ctx: ParallelContext, load: Loader, out: torch.Tensor, vocab: bool) -> None:
+    """Parameter `name`'s import into `out`. A vocabulary parameter's shard is this rank's block
+    of rows of the padded vocabulary (zeros past the HF rows): its import function, a row split,
+    is given that block and a TP group of one."""
+    if not vocab:
+        module.IMPORTS[name](ctx, load, out=out)
+        return
+    rows = out.shape[0]
+    first = ctx.tp.rank * rows
+
+    def load_block(hf_name: str) -> torch.Tensor:
+        return padded_block(load(hf_name), first, rows)
+
+    module.IMPORTS[name](replace(ctx, tp=Group()), load_block, out=out)
+
+
 def load_hf_checkpoint(
-    module: Module, chunks: list[Any], hf_dir: str | Path, ctx: ParallelContext | None = None
+    module: Module,
+    chunks: list[Any],
+    hf_dir: str | Path,
+    ctx: ParallelContext | None = None,
+    *,
+    make_vocab_size_divisible_by: int = 1,
 ) -> int:
-    """`Converter(module, chunks, ctx).load(hf_dir)`."""
-    return Converter(module, chunks, ctx).load(hf_dir)
+    """`Converter(module, chunks, ctx, ...).load(hf_dir)`."""
+    return Converter(module, chunks, ctx, make_vocab_size_divisible_by=make_vocab_size_divisible_by).load(hf_dir)
 
 
 _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
@@ -379,9 +444,11 @@ def export_hf_tensors(
     *,
     bucket_bytes: int = DEFAULT_BUCKET_BYTES,
     all_stages: bool = True,
+    make_vocab_size_divisible_by: int = 1,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """`Converter(module, chunks, ctx).export(...)`: see `Converter.export`."""
-    return Converter(module, chunks, ctx).export(bucket_bytes=bucket_bytes, all_stages=all_stages)
+    """`Converter(module, chunks, ctx, ...).export(...)`: see `Converter.export`."""
+    converter = Converter(module, chunks, ctx, make_vocab_size_divisible_by=make_vocab_size_divisible_by)
+    return converter.export(bucket_bytes=bucket_bytes, all_stages=all_stages)
 
 
 def _export_bucket(
@@ -399,7 +466,10 @@ def _export_bucket(
     produced: dict[str, torch.Tensor] = {}
     for plan in mine:
         shards = parts.get(plan.megatron_name) or [placement.local[plan.megatron_name].detach()]
-        produced.update(module.EXPORTS[plan.megatron_name](shards))
+        exported = module.EXPORTS[plan.megatron_name](shards)
+        if plan.megatron_name in placement.vocab:  # the HF rows, without Megatron's padding
+            exported = {n: t.narrow(0, 0, plan.shape[0]) for n, t in exported.items()}
+        produced.update(exported)
     experts = [p for p in plans if p.expert is not None]
     if ctx.ep.size > 1 and experts:
         assert placement.expert_ranks is not None
@@ -422,6 +492,7 @@ def save_hf_checkpoint(
     *,
     max_shard_bytes: int = 2 * 2**30,
     writer_rank: int = 0,
+    make_vocab_size_divisible_by: int = 1,
 ) -> None:
     """Write an HF checkpoint directory (sharded safetensors, index, config.json) atomically.
 
@@ -444,7 +515,8 @@ def save_hf_checkpoint(
         failure: str | None = None
         # every rank runs the whole export even after a write failed, so that no rank is left
         # waiting in a collective; the failure is then agreed on and raised everywhere
-        for name, tensor in Converter(module, chunks, ctx).export():
+        converter = Converter(module, chunks, ctx, make_vocab_size_divisible_by=make_vocab_size_divisible_by)
+        for name, tensor in converter.export():
             if staging is None or failure is not None:
                 continue
             file = shards[name]
