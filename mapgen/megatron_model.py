@@ -400,12 +400,12 @@ def _local_final_norm(stack: Any, norm: Any) -> Iterator[None]:
     if importlib.util.find_spec("transformer_engine") is not None or not hasattr(module, "TENorm"):
         yield
         return
-    original = module.TENorm
-    module.TENorm = norm
+    original = getattr(module, "TENorm")
+    setattr(module, "TENorm", norm)
     try:
         yield
     finally:
-        module.TENorm = original
+        setattr(module, "TENorm", original)
 
 
 def build_hybrid_model(
