@@ -261,7 +261,7 @@ def spawn(tasks: list[Task], world_size: int, timeout_s: float = 1800) -> dict[i
 
     context = mp.get_context("spawn")
     results_queue = context.Queue()
-    processes = start_processes(  # type: ignore[no-untyped-call]
+    processes = start_processes(  # type: ignore[no-untyped-call, unused-ignore]  # untyped in some torch releases
         _worker,
         args=(world_size, _free_port(), tasks, results_queue, max(timeout_s - 30, 1)),
         nprocs=world_size,
