@@ -115,7 +115,14 @@ def _local_inventory(dims: ModelDims) -> tuple[MegatronParam, ...]:
 
     moe = set(dims.moe_layers)
     kinds = sorted({index in moe for index in range(dims.num_layers)})  # False (dense) first
-    skeleton_dims = replace(dims, num_layers=len(kinds), moe_dense_layers=kinds.count(False))
+    # the skeleton's layer i is of kinds[i]; attention windows shape no parameter
+    skeleton_dims = replace(
+        dims,
+        num_layers=len(kinds),
+        moe_dense_layers=tuple(i for i, kind in enumerate(kinds) if not kind),
+        sliding_window=None,
+        sliding_window_layers=(),
+    )
     with single_process_parallel_state(), torch.device("meta"):
         skeleton = build_gpt_model(skeleton_dims)
     params = _skeleton_params(skeleton, dims.params_dtype)
