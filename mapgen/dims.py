@@ -37,6 +37,10 @@ class ModelDims:
     add_qkv_bias: bool = False
     qk_layernorm: bool = False
     attention_output_gate: bool = False
+    # sliding-window attention: each query sees this many positions, itself included (HF's
+    # sliding_window), in the decoder layers listed; None: full attention in every layer
+    sliding_window: int | None = None
+    sliding_window_layers: tuple[int, ...] = ()
     layernorm_zero_centered_gamma: bool = False
     share_embeddings_and_output_weights: bool = False
     rotary_base: float = 10000.0
@@ -56,7 +60,9 @@ class ModelDims:
     num_moe_experts: int | None = None
     moe_ffn_hidden_size: int | None = None
     moe_router_topk: int = 2
-    moe_dense_layers: int = 0  # the first N decoder layers have a dense MLP (first_k_dense_replace)
+    # the decoder layers whose MLP is dense (DeepSeek's first_k_dense_replace, Qwen3-MoE's
+    # mlp_only_layers and decoder_sparse_step); every other layer has experts
+    moe_dense_layers: tuple[int, ...] = ()
     moe_shared_expert_intermediate_size: int | None = None
     moe_shared_expert_gate: bool = False
     moe_router_score_function: str = "softmax"
@@ -78,7 +84,13 @@ class ModelDims:
         """Global indices of the decoder layers with an expert MLP."""
         if self.num_moe_experts is None:
             return ()
-        return tuple(range(self.moe_dense_layers, self.num_layers))
+        dense = set(self.moe_dense_layers)
+        return tuple(index for index in range(self.num_layers) if index not in dense)
+
+    @property
+    def window_attention_layers(self) -> tuple[int, ...]:
+        """Global indices of the decoder layers whose attention has a sliding window."""
+        return self.sliding_window_layers if self.sliding_window is not None else ()
 
     def problems(self) -> list[tuple[str, str]]:
         """(field, message) for every value megatron-core cannot build or would build wrongly."""
@@ -108,6 +120,9 @@ class ModelDims:
             found.append(("rope_scaling_factor", "is needed for yarn rope scaling"))
         if self.num_moe_experts is not None:
             found += self._moe_problems()
+        if self.sliding_window is not None and self.sliding_window < 1:
+            found.append(("sliding_window", f"must be positive, got {self.sliding_window}"))
+        found += self._layer_list_problems("sliding_window_layers")
         if self.multi_latent_attention:
             for name in ("kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim"):
                 if getattr(self, name) <= 0:
@@ -135,14 +150,19 @@ class ModelDims:
             found.append(("moe_router_topk", f"must be in 1..{experts}, got {self.moe_router_topk}"))
         if self.moe_ffn_hidden_size is None or self.moe_ffn_hidden_size <= 0:
             found.append(("moe_ffn_hidden_size", f"must be positive, got {self.moe_ffn_hidden_size}"))
-        if not 0 <= self.moe_dense_layers <= self.num_layers:
-            found.append(("moe_dense_layers", f"must be in 0..{self.num_layers}, got {self.moe_dense_layers}"))
+        found += self._layer_list_problems("moe_dense_layers")
         if self.moe_router_score_function not in ("softmax", "sigmoid"):
             found.append(("moe_router_score_function", f"must be softmax or sigmoid, got {self.moe_router_score_function!r}"))
         groups = self.moe_router_num_groups
         if groups is not None and (groups <= 0 or experts % groups):
             found.append(("moe_router_num_groups", f"{groups} does not divide {experts} experts"))
         return found
+
+    def _layer_list_problems(self, name: str) -> list[tuple[str, str]]:
+        outside = [index for index in getattr(self, name) if not 0 <= index < self.num_layers]
+        if not outside:
+            return []
+        return [(name, f"names layer(s) {', '.join(map(str, outside))}, outside 0..{self.num_layers - 1}")]
 
     def as_literal_items(self) -> list[tuple[str, Any]]:
         return [(f.name, getattr(self, f.name)) for f in dataclasses.fields(self)]
@@ -160,6 +180,12 @@ def coerce(name: str, value: Any) -> Any:
     """Convert an evaluated expression to the dim's declared type, or raise TypeError."""
     kind = DIM_FIELDS[name].type
     kind = kind if isinstance(kind, str) else kind.__name__
+    if kind.startswith("tuple[int"):
+        if not isinstance(value, (list, tuple)) or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value
+        ):
+            raise TypeError(f"must be a list of layer indices, got {value!r}")
+        return tuple(sorted(set(value)))
     if value is None:
         if "None" in kind:
             return None

@@ -99,8 +99,7 @@ def _hybrid_inventory(dims: ModelDims, layout: str, gpt_te: tuple[MegatronParam,
     from mapgen.megatron_model import build_hybrid_model, single_process_parallel_state
 
     moe = set(dims.moe_layers)
-    kinds = sorted({index in moe for index in range(dims.num_layers)})  # False (dense) first
-    skeleton_dims = replace(dims, num_layers=len(kinds), moe_dense_layers=kinds.count(False))
+    kinds, skeleton_dims = _skeleton_dims(dims)
     with single_process_parallel_state(), torch.device("meta"):
         skeleton = build_hybrid_model(skeleton_dims)
     built = {p.name: p for p in _skeleton_params(skeleton, dims.params_dtype)}
@@ -175,14 +174,28 @@ def _skeleton_params(model: Any, dtype: str) -> list[MegatronParam]:
     return found
 
 
+def _skeleton_dims(dims: ModelDims) -> tuple[list[bool], ModelDims]:
+    """The kinds of decoder layer the model has (with experts or not, dense first) and the dims
+    of a skeleton with one layer of each: its layer i is of kinds[i]. Attention windows shape no
+    parameter."""
+    moe = set(dims.moe_layers)
+    kinds = sorted({index in moe for index in range(dims.num_layers)})
+    return kinds, replace(
+        dims,
+        num_layers=len(kinds),
+        moe_dense_layers=tuple(i for i, kind in enumerate(kinds) if not kind),
+        sliding_window=None,
+        sliding_window_layers=(),
+    )
+
+
 def _local_inventory(dims: ModelDims) -> tuple[MegatronParam, ...]:
     """One skeleton layer of each kind (dense first, then with experts), copied to every layer
     of that kind."""
     from mapgen.megatron_model import build_gpt_model, single_process_parallel_state
 
     moe = set(dims.moe_layers)
-    kinds = sorted({index in moe for index in range(dims.num_layers)})  # False (dense) first
-    skeleton_dims = replace(dims, num_layers=len(kinds), moe_dense_layers=kinds.count(False))
+    kinds, skeleton_dims = _skeleton_dims(dims)
     with single_process_parallel_state(), torch.device("meta"):
         skeleton = build_gpt_model(skeleton_dims)
     params = _skeleton_params(skeleton, dims.params_dtype)

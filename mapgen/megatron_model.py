@@ -133,7 +133,7 @@ def _moe_config(dims: ModelDims) -> dict[str, Any]:
         num_moe_experts=dims.num_moe_experts,
         moe_ffn_hidden_size=dims.moe_ffn_hidden_size,
         moe_router_topk=dims.moe_router_topk,
-        moe_layer_freq=[0] * dims.moe_dense_layers + [1] * (dims.num_layers - dims.moe_dense_layers),
+        moe_layer_freq=_per_layer_flags(dims.num_layers, dims.moe_layers),
         moe_shared_expert_intermediate_size=dims.moe_shared_expert_intermediate_size,
         moe_shared_expert_gate=dims.moe_shared_expert_gate,
         moe_router_score_function=dims.moe_router_score_function,
@@ -147,6 +147,25 @@ def _moe_config(dims: ModelDims) -> dict[str, Any]:
         moe_token_dispatcher_type="allgather",  # the dispatcher that runs on CPU over gloo
         moe_grouped_gemm=False,  # SequentialMLP: the local layout's experts
         moe_router_dtype="fp32",
+    )
+
+
+def _per_layer_flags(num_layers: int, layers: tuple[int, ...]) -> list[int]:
+    """megatron-core's per-layer list form (moe_layer_freq, window_attn_skip_freq): 1 where listed."""
+    listed = set(layers)
+    return [int(index in listed) for index in range(num_layers)]
+
+
+def _window_config(dims: ModelDims) -> dict[str, Any]:
+    """HF's sliding window of W positions (the query's own included) is megatron-core's
+    window_size (W - 1, 0); window_attn_skip_freq's list form marks the layers that have it."""
+    layers = dims.window_attention_layers
+    if not layers:
+        return {}
+    assert dims.sliding_window is not None
+    return dict(
+        window_size=(dims.sliding_window - 1, 0),
+        window_attn_skip_freq=_per_layer_flags(dims.num_layers, layers),
     )
 
 
@@ -184,6 +203,7 @@ def transformer_config(
     return config_class(
         **_moe_config(dims),
         **_mla_config(dims),
+        **_window_config(dims),
         num_layers=dims.num_layers,
         hidden_size=dims.hidden_size,
         ffn_hidden_size=dims.ffn_hidden_size,
@@ -429,6 +449,11 @@ def build_hybrid_model(
     pattern = hybrid_layer_pattern(dims)
     if model_class.__name__ != "HybridModel" and dims.multi_latent_attention:
         raise MapgenError("a hybrid model with multi-latent attention needs megatron-core 0.17 or later (HybridModel)")
+    if dims.sliding_window is not None:
+        raise MapgenError(
+            "sliding-window attention in a hybrid model is not supported: megatron-core's "
+            "window_attn_skip_freq would count hybrid layers (two per HF layer)"
+        )
     if vp_stage is not None:
         raise MapgenError(
             "virtual pipeline stages of a hybrid model are set by '|' in its layer pattern; "

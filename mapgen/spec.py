@@ -1,8 +1,9 @@
 """The family spec: a typed model of `specs/<family>.yaml`, parsed with every error located.
 
 A spec names the HF architecture, translates HF config fields into Megatron model dims
-(`mapgen.expr` expressions), may register extra Megatron module types for `auto`, and lists
-rules. A rule pairs one Megatron parameter pattern with the HF pattern(s) it is made from:
+(`mapgen.expr` expressions), declares under `config_fields` the other config fields it
+understands and the value each must have (`mapgen.config.check_config_fields`), may register
+extra Megatron module types for `auto`, and lists rules. A rule pairs one Megatron parameter pattern with the HF pattern(s) it is made from:
 
     - megatron: decoder.layers.*.self_attention.linear_qkv.weight
       hf: model.layers.*.self_attn.{q,k,v}_proj.weight
@@ -99,8 +100,10 @@ KINDS: dict[str, KindInfo] = {
 }
 
 PARALLELISM_TYPES = ("column", "row", "replicated")
-TOP_KEYS = ("family", "hf_architecture", "dims", "module_types", "rules", "ignore_hf")
+TOP_KEYS = ("family", "hf_architecture", "dims", "module_types", "rules", "ignore_hf", "config_fields")
 IGNORE_KEYS = ("prefix", "why")
+CONFIG_FIELD_KEYS = ("value", "why")
+ANY_VALUE = "any"  # a config_fields value: the field may hold anything
 RULE_KEYS = ("megatron", "hf", "kind", "permute_dims", "when", "heads", "head_dim", "fused_hf")
 # kinds whose HF side may come from a stacked-experts tensor, one `[*]` slice per expert
 FUSED_KINDS = ("gated_mlp", "auto", "column", "row", "direct", "replicated")
@@ -142,6 +145,18 @@ class IgnoreHF:
 
 
 @dataclass(frozen=True)
+class ConfigField:
+    """A config field the spec understands without a dims expression reading it. `value` is
+    what the field must equal where a config sets it (an expression over the config); None
+    means any value will do (the field does not change the model the spec builds)."""
+
+    path: str  # dotted for a field inside a nested object: rope_parameters.type
+    value: Expr | None
+    why: str
+    loc: Location
+
+
+@dataclass(frozen=True)
 class Spec:
     path: str
     family: str
@@ -150,6 +165,7 @@ class Spec:
     module_types: tuple[tuple[str, str], ...]
     rules: tuple[Rule, ...]
     ignore_hf: tuple[IgnoreHF, ...] = ()
+    config_fields: tuple[ConfigField, ...] = ()
 
 
 def parse_spec(path: str, text: str) -> Spec:
@@ -179,8 +195,47 @@ def parse_spec(path: str, text: str) -> Spec:
                 if rule is not None:
                     rules.append(rule)
     ignore_hf = _parse_ignore_hf(top.get("ignore_hf"), errors)
+    config_fields = _parse_config_fields(top.get("config_fields"), errors)
     errors.raise_if_any()
-    return Spec(path, family, hf_architecture, dims, module_types, tuple(rules), ignore_hf)
+    return Spec(path, family, hf_architecture, dims, module_types, tuple(rules), ignore_hf, config_fields)
+
+
+def _parse_config_fields(node: Node | None, errors: ErrorSink) -> tuple[ConfigField, ...]:
+    """`field: any`, `field: <expression or literal>` or `field: {value: ..., why: "..."}`."""
+    if node is None:
+        return ()
+    if not isinstance(node.value, dict):
+        errors.add(node.loc, "'config_fields' must map config field names to 'any', a value, or {value, why}")
+        return ()
+    found: list[ConfigField] = []
+    for path, item in node.value.items():
+        where = node.key_loc(path)
+        if not all(part.isidentifier() for part in path.split(".")):
+            errors.add(where, f"config_fields: '{path}' is not a field name (nested fields: a.b)")
+            continue
+        value_node, why = item, ""
+        if isinstance(item.value, dict):
+            if set(item.value) != set(CONFIG_FIELD_KEYS):
+                errors.add(item.loc, f"config_fields.{path} as a mapping needs exactly the keys value and why")
+                continue
+            value_node = item.value["value"]
+            why = _string(item.value["why"], f"config_fields.{path}.why", errors)
+        if value_node.value == ANY_VALUE:
+            found.append(ConfigField(path, None, why, where))
+            continue
+        source = value_node.value
+        if isinstance(source, bool) or source is None:
+            source = {True: "true", False: "false", None: "null"}[source]
+        elif isinstance(source, (int, float)):
+            source = repr(source)
+        if not isinstance(source, str):
+            errors.add(value_node.loc, f"config_fields.{path} must be 'any', an expression or a literal")
+            continue
+        try:
+            found.append(ConfigField(path, Expr.parse(source), why, where))
+        except ExprSyntaxError as exc:
+            errors.add(value_node.loc, f"config_fields.{path}: {exc}")
+    return tuple(found)
 
 
 def _parse_ignore_hf(node: Node | None, errors: ErrorSink) -> tuple[IgnoreHF, ...]:

@@ -13,6 +13,7 @@ from types import ModuleType
 from typing import Any
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 # The source tree and its specs, for the test suite only: no `mapgen` command reads
 # them (in a wheel install ROOT is site-packages; shipped specs: mapgen.packaged.specs_folder).
@@ -216,9 +217,40 @@ def prepare_cpu_megatron() -> None:
         # tied embeddings under PP: megatron-core moves the shared weight with .cuda() before
         # its all-reduce over the embedding group; on CPU it stays where it is
         torch.Tensor.cuda = lambda self, *args, **kwargs: self  # type: ignore[method-assign]
+        _sliding_window_mask_on_cpu()
     mrandom.model_parallel_cuda_manual_seed(
         1234, inference_rng_tracker=True, force_reset_rng=True
     )
+
+
+class _CudaFactoriesOnCpu(TorchFunctionMode):
+    """Tensors a function creates with device="cuda" are created on the CPU instead."""
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        kwargs = dict(kwargs or {})
+        device = kwargs.get("device")
+        if device is not None and torch.device(device).type == "cuda":
+            kwargs["device"] = "cpu"
+        return func(*args, **kwargs)
+
+
+def _sliding_window_mask_on_cpu() -> None:
+    """megatron-core's local attention builds a sliding window's mask (its own function, used
+    as is) with device="cuda"; on a CPU machine it is built on the CPU."""
+    import megatron.core.fusions.fused_softmax as fused_softmax
+
+    original = fused_softmax.get_sliding_window_causal_mask
+    if getattr(original, "on_cpu", False):
+        return
+
+    def on_cpu(*args: Any, **kwargs: Any) -> Any:
+        with _CudaFactoriesOnCpu():
+            return original(*args, **kwargs)
+
+    on_cpu.on_cpu = True  # type: ignore[attr-defined]
+    fused_softmax.get_sliding_window_causal_mask = on_cpu
 
 
 def megatron_logits(model: Any, input_ids: torch.Tensor) -> torch.Tensor:

@@ -45,6 +45,9 @@ rules:
   - megatron: output_layer.weight
     hf: lm_head.weight
     kind: auto
+config_fields:
+  hidden_act: "'silu'"
+  rope_theta: {value: 10000, why: "megatron-core's default rope base"}
 """
 
 BASE_CONFIG = {
@@ -70,7 +73,7 @@ CASES: list[tuple[str, list[tuple[str, str]], dict[str, object], list[str]]] = [
         [("family: llama\n", "family: llama\nhf_arch: Llama\n")],
         {},
         [
-            "bad.yaml:2:1: unknown key 'hf_arch' in spec; expected one of family, hf_architecture, dims, module_types, rules, ignore_hf"
+            "bad.yaml:2:1: unknown key 'hf_arch' in spec; expected one of family, hf_architecture, dims, module_types, rules, ignore_hf, config_fields"
         ],
     ),
     (
@@ -267,7 +270,10 @@ CASES: list[tuple[str, list[tuple[str, str]], dict[str, object], list[str]]] = [
         "dim-type",
         [("  num_layers: num_hidden_layers\n", "  num_layers: \"'two'\"\n")],
         {},
-        ["bad.yaml:4:15: dims.num_layers must be an integer, got 'two' (from config config.json)"],
+        [
+            "bad.yaml:4:15: dims.num_layers must be an integer, got 'two' (from config config.json)",
+            "config.json:8:3: config field 'num_hidden_layers' is unknown to spec bad.yaml: no expression of the spec reads it and its config_fields do not declare it, so the model built would ignore it",
+        ],
     ),
     (
         "several-at-once",
@@ -277,7 +283,7 @@ CASES: list[tuple[str, list[tuple[str, str]], dict[str, object], list[str]]] = [
         ],
         {},
         [
-            "bad.yaml:2:1: unknown key 'hf_arch' in spec; expected one of family, hf_architecture, dims, module_types, rules, ignore_hf",
+            "bad.yaml:2:1: unknown key 'hf_arch' in spec; expected one of family, hf_architecture, dims, module_types, rules, ignore_hf, config_fields",
             "bad.yaml:33:11: unknown kind 'gated'; expected one of direct, column, row, replicated, auto, qkv, kv, concat_qkv, vision_qkv, gated_mlp, reshape, zero_centered_rmsnorm",
         ],
     ),
@@ -300,5 +306,40 @@ CASES: list[tuple[str, list[tuple[str, str]], dict[str, object], list[str]]] = [
         [("rules:\n", "ignore_hf:\n  - prefix: \"'model.mtp.'\"\nrules:\n")],
         {},
         ["bad.yaml:15:5: each 'ignore_hf' entry needs exactly the keys prefix (an expression) and why"],
+    ),
+    (
+        "unknown-config-field",
+        [],
+        {"sliding_window": 16},
+        [
+            "config.json:17:3: config field 'sliding_window' is unknown to spec bad.yaml: no expression of the spec reads it and its config_fields do not declare it, so the model built would ignore it"
+        ],
+    ),
+    (
+        "unknown-nested-config-field",
+        [("  layernorm_epsilon: rms_norm_eps\n", "  layernorm_epsilon: rms_norm_eps\n  rope_type: default(rope_scaling.rope_type, 'default')\n")],
+        {"rope_scaling": {"rope_type": "default", "factor": 4.0}},
+        [
+            "config.json:19:5: config field 'rope_scaling.factor' is unknown to spec bad.yaml: no expression of the spec reads it and its config_fields do not declare it, so the model built would ignore it"
+        ],
+    ),
+    (
+        "config-field-value",
+        [],
+        {"rope_theta": 500000.0, "hidden_act": "gelu"},
+        [
+            "config.json:14:3: config field 'hidden_act' is \"gelu\", but spec bad.yaml builds only hidden_act = \"silu\" (config_fields, line 43)",
+            "config.json:16:3: config field 'rope_theta' is 500000.0, but spec bad.yaml builds only rope_theta = 10000 (config_fields, line 44): megatron-core's default rope base",
+        ],
+    ),
+    (
+        "config-fields-malformed",
+        [("  hidden_act: \"'silu'\"\n  rope_theta: {value: 10000, why: \"megatron-core's default rope base\"}\n", "  hidden_act: {value: \"'silu'\"}\n  rope-theta: any\n  rope_theta: [1]\n")],
+        {},
+        [
+            "bad.yaml:43:15: config_fields.hidden_act as a mapping needs exactly the keys value and why",
+            "bad.yaml:44:3: config_fields: 'rope-theta' is not a field name (nested fields: a.b)",
+            "bad.yaml:45:15: config_fields.rope_theta must be 'any', an expression or a literal",
+        ],
     ),
 ]

@@ -131,9 +131,14 @@ def outcome(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         labels.append(f"save {name}")
 
     _add_vocab_and_bf16_tasks(root, tasks, labels)
+    for task, label, case in _config_field_tasks(root):  # the block at the end of this file
+        tasks.append(task)
+        labels.append(label)
+        cases.update(case)
 
     # expert-parallel checks in processes of their own, after the dense ones
-    moe = [i for i, label in enumerate(labels) if label.split()[1].removesuffix("_hybrid") in MOE | {"stacked", "moe"}]
+    moe_labels = MOE | {"stacked", "moe"} | CONFIG_MOE
+    moe = [i for i, label in enumerate(labels) if label.split()[1].removesuffix("_hybrid") in moe_labels]
     by_label: dict[str, list[Any]] = {}
     for group in ([i for i in range(len(tasks)) if i not in moe], moe):
         results = spawn([tasks[i] for i in group], WORLD, timeout_s=1200)
@@ -367,3 +372,63 @@ def test_wrong_padded_vocabulary_is_the_same_clear_error_on_every_rank(outcome: 
     assert f"ranks 0,1:\n  'embedding.word_embeddings.weight': {expected}{tail}" in messages[0]
     assert f"ranks 2,3:\n  'output_layer.weight': {expected}{tail}" in messages[0]
     assert "Traceback" not in messages[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Config fields that change the model's structure (issue 9, part 6): Qwen3-MoE's dense layers
+# (mlp_only_layers, decoder_sparse_step) and sliding windows (Mixtral's sliding_window, Qwen2's
+# use_sliding_window with max_window_layers), each a stand-in of a checked-in target's config
+# with the field set, against transformers' logits and the checkpoint's bytes.
+# name: (target whose config is the base, fields set on its stand-in config, the Megatron dims
+# they must give, layouts)
+CONFIG_FIELD_CASES: dict[str, tuple[str, dict[str, Any], dict[str, Any], list[ParallelLayout]]] = {
+    "qwen3_moe_mlp_only_layers": (
+        "qwen3_30b_a3b", {"mlp_only_layers": [0]}, {"moe_dense_layers": (0,)}, [EP_LAYOUTS[0]],
+    ),
+    "qwen3_moe_decoder_sparse_step": (
+        "qwen3_30b_a3b", {"decoder_sparse_step": 2}, {"moe_dense_layers": (0, 2)}, [EP_LAYOUTS[0], EP_LAYOUTS[3]],
+    ),
+    "mixtral_sliding_window": (
+        "mixtral_8x7b", {"sliding_window": 3}, {"sliding_window": 3, "sliding_window_layers": (0, 1, 2, 3)}, [EP_LAYOUTS[0]],
+    ),
+    "qwen2_sliding_window": (
+        "qwen2_5_7b",
+        {"use_sliding_window": True, "sliding_window": 3, "max_window_layers": 2},
+        {"sliding_window": 3, "sliding_window_layers": (2, 3)},
+        [ParallelLayout(tp=2, pp=2)],
+    ),
+}
+CONFIG_MOE = {name for name, (target, *_) in CONFIG_FIELD_CASES.items() if target in MOE}
+CONFIG_FIELD_JOBS = [(name, layout) for name, (*_, layouts) in CONFIG_FIELD_CASES.items() for layout in layouts]
+
+
+def _config_field_tasks(root: Path) -> list[tuple[tuple[Any, tuple[Any, ...]], str, dict[str, tuple[Path, Path]]]]:
+    import transformers
+
+    found = []
+    for name, (target, fields, _, layouts) in CONFIG_FIELD_CASES.items():
+        folder = root / name
+        tiny = testing.standin_config(json.loads((testing.ROOT / TARGETS[target].config).read_text()))
+        tiny.update(fields)
+        testing.save_random_model(transformers.AutoConfig.for_model(tiny.pop("model_type"), **tiny), folder)
+        module = _module(folder, TARGETS[target].spec, name)
+        for layout in layouts:
+            job = (run_job, (Job(str(module), str(folder), layout),))
+            found.append((job, f"verify {name} {layout}", {name: (folder, module)}))
+    return found
+
+
+@pytest.mark.parametrize(("name", "layout"), CONFIG_FIELD_JOBS, ids=[f"{n}-{layout}" for n, layout in CONFIG_FIELD_JOBS])
+def test_structural_config_fields_match_transformers(outcome: dict[str, Any], name: str, layout: ParallelLayout) -> None:
+    folder, module_path = outcome["cases"][name]
+    dims = testing.import_module_from_path(module_path).DIMS
+    for field, value in CONFIG_FIELD_CASES[name][2].items():
+        assert getattr(dims, field) == value, field
+    results = outcome["by_label"][f"verify {name} {layout}"]
+    for result in results:
+        assert result.error is None, result.error
+    rank0 = results[0]
+    assert rank0.tensors == len(load_file(folder / "model.safetensors"))
+    assert rank0.bit_exact == rank0.tensors, rank0.mismatched
+    assert rank0.max_logit_diff <= 1e-5
+    assert rank0.ok

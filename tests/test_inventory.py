@@ -21,14 +21,21 @@ DIMS = ModelDims(
 # DeepSeek-V3's shape: MLA, one dense layer then experts (router bias buffer, shared experts)
 MOE_DIMS = replace(
     DIMS, num_query_groups=4, qk_layernorm=True, add_qkv_bias=False, num_moe_experts=4,
-    moe_ffn_hidden_size=32, moe_dense_layers=1, moe_shared_expert_intermediate_size=32,
+    moe_ffn_hidden_size=32, moe_dense_layers=(0,), moe_shared_expert_intermediate_size=32,
     moe_router_enable_expert_bias=True, moe_router_score_function="sigmoid",
     multi_latent_attention=True, q_lora_rank=24, kv_lora_rank=16, qk_head_dim=8,
     qk_pos_emb_head_dim=4, v_head_dim=8,
 )
 
+# Qwen3-MoE's shape with mlp_only_layers / decoder_sparse_step: dense and expert layers
+# interleaved; sliding windows in some layers (which shape no parameter)
+INTERLEAVED_DIMS = replace(
+    DIMS, num_moe_experts=4, moe_ffn_hidden_size=32, moe_dense_layers=(0, 2, 4),
+    sliding_window=3, sliding_window_layers=(1, 2),
+)
 
-@pytest.mark.parametrize("dims", [DIMS, MOE_DIMS], ids=["dense", "mla-moe"])
+
+@pytest.mark.parametrize("dims", [DIMS, MOE_DIMS, INTERLEAVED_DIMS], ids=["dense", "mla-moe", "interleaved-moe"])
 def test_one_layer_expansion_equals_a_full_build(dims: ModelDims) -> None:
     ensure_single_process_parallel_state()
     with torch.device("meta"):
@@ -56,6 +63,18 @@ def test_moe_inventory_has_experts_and_the_router_bias() -> None:
     assert te["decoder.layers.4.input_layernorm.weight"].module_kind == "TENorm"  # MLA keeps it apart
     assert te["decoder.layers.4.pre_mlp_layernorm.weight"].module_kind == "TENorm"
     assert "decoder.layers.0.mlp.linear_fc1.layer_norm_weight" in te
+
+
+def test_interleaved_dense_and_expert_layers() -> None:
+    assert INTERLEAVED_DIMS.moe_layers == (1, 3)
+    te = {p.name: p for p in megatron_inventory(INTERLEAVED_DIMS, "te")}
+    for layer in (0, 2, 4):  # dense: the pre-MLP norm fused into linear_fc1, no router
+        assert f"decoder.layers.{layer}.mlp.linear_fc1.layer_norm_weight" in te
+        assert f"decoder.layers.{layer}.mlp.router.weight" not in te
+    for layer in (1, 3):
+        assert te[f"decoder.layers.{layer}.pre_mlp_layernorm.weight"].module_kind == "TENorm"
+        assert te[f"decoder.layers.{layer}.mlp.experts.linear_fc1.weight3"].expert == 3
+        assert f"decoder.layers.{layer}.mlp.linear_fc1.layer_norm_weight" not in te
 
 
 def test_te_layout_names_and_modules() -> None:
@@ -104,7 +123,7 @@ def test_registered_module_type_wins() -> None:
 
 
 HYBRID_MOE_DIMS = replace(
-    DIMS, num_moe_experts=4, moe_ffn_hidden_size=32, moe_dense_layers=1, moe_shared_expert_intermediate_size=32,
+    DIMS, num_moe_experts=4, moe_ffn_hidden_size=32, moe_dense_layers=(0,), moe_shared_expert_intermediate_size=32,
     moe_router_enable_expert_bias=True, moe_router_score_function="sigmoid",
 )
 
