@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import ast
 import operator
-from dataclasses import dataclass
 from collections import ChainMap
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, Callable
 
 _BINOPS: dict[type[ast.operator], Callable[[Any, Any], Any]] = {
@@ -37,8 +37,8 @@ _CMPOPS: dict[type[ast.cmpop], Callable[[Any, Any], Any]] = {
     ast.Gt: operator.gt,
     ast.GtE: operator.ge,
     ast.In: lambda a, b: a in b,
+    ast.NotIn: lambda a, b: a not in b,
 }
-_CMPOPS[ast.NotIn] = lambda a, b: a not in b
 _CONSTANTS = {"true": True, "false": False, "null": None}
 # the calls an expression may make, with the numbers of arguments each takes
 _CALLS = {"default": (2,), "range": (1, 2)}
@@ -178,7 +178,7 @@ def _eval(node: ast.expr, config: Mapping[str, Any]) -> Any:
         base, index = _eval(node.value, config), _eval(node.slice, config)
         try:
             return base[index]
-        except (IndexError, KeyError, TypeError) as exc:
+        except (IndexError, KeyError, TypeError):
             raise ValueError(f"{ast.unparse(node)}: cannot index {base!r} by {index!r}") from None
     if isinstance(node, ast.BinOp):
         return _BINOPS[type(node.op)](_eval(node.left, config), _eval(node.right, config))

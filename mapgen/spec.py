@@ -3,7 +3,8 @@
 A spec names the HF architecture, translates HF config fields into Megatron model dims
 (`mapgen.expr` expressions), declares under `config_fields` the other config fields it
 understands and the value each must have (`mapgen.config.check_config_fields`), may register
-extra Megatron module types for `auto`, and lists rules. A rule pairs one Megatron parameter pattern with the HF pattern(s) it is made from:
+extra Megatron module types for `auto`, and lists rules. A rule pairs one Megatron parameter
+pattern with the HF pattern(s) it is made from:
 
     - megatron: decoder.layers.*.self_attention.linear_qkv.weight
       hf: model.layers.*.self_attn.{q,k,v}_proj.weight
