@@ -27,7 +27,8 @@ from mapgen.render import render
 from mapgen.spec import Spec, parse_spec
 
 TARGETS_FILE = "specs/targets.yaml"
-TARGET_KEYS = ("spec", "config", "layout", "model")
+TARGET_KEYS = ("spec", "config", "layout")
+OPTIONAL_TARGET_KEYS = {"model": "gpt"}  # the megatron-core model class, GPTModel by default
 HF_EXPERTS = ("per_expert", "stacked")
 
 
@@ -75,10 +76,18 @@ def read_targets(root: Path) -> list[TargetEntry]:
         if not name.isidentifier():
             errors.add(targets.key_loc(name), f"target name '{name}' is not a Python module name")
             continue
-        if not isinstance(entry.value, dict) or set(entry.value) != set(TARGET_KEYS):
-            errors.add(entry.loc, f"target '{name}' needs exactly the keys {', '.join(TARGET_KEYS)}")
+        if not isinstance(entry.value, dict) or not set(TARGET_KEYS) <= set(entry.value) <= {
+            *TARGET_KEYS, *OPTIONAL_TARGET_KEYS
+        }:
+            errors.add(
+                entry.loc,
+                f"target '{name}' needs the keys {', '.join(TARGET_KEYS)} and may have "
+                f"{', '.join(OPTIONAL_TARGET_KEYS)}",
+            )
             continue
         values = {key: entry.value[key].value for key in TARGET_KEYS}
+        values.update({key: entry.value[key].value if key in entry.value else default
+                       for key, default in OPTIONAL_TARGET_KEYS.items()})
         if values["layout"] not in LAYOUTS:
             errors.add(entry.value["layout"].loc, f"layout must be one of {', '.join(LAYOUTS)}")
             continue
