@@ -59,9 +59,12 @@ verify-standins: $(VENV)/.installed  ## every target's tiny stand-in through `ma
 
 bench: $(VENV)/.installed  ## mapgen vs Megatron-Bridge vs the hardware -> benchmarks/results.json
 	bash benchmarks/bridge_setup.sh
-	$(PY) benchmarks/run.py --json benchmarks/results.json
-	$(PY) benchmarks/build_figures.py --json benchmarks/build_figures.json
-	$(PY) benchmarks/moe_memory.py --json benchmarks/moe_memory.json
+	$(PY) benchmarks/run.py --json benchmarks/results-$(STACK).json | tee benchmarks/results-$(STACK).txt
+	$(PY) benchmarks/build_figures.py --targets $(BENCH_TARGETS) --json benchmarks/build_figures-$(STACK).json
+	$(PY) benchmarks/moe_memory.py --json benchmarks/moe_memory-$(STACK).json
+
+# build_figures: the dense targets (the MoE ones take minutes each under mypy; name them here to time them)
+BENCH_TARGETS ?= llama3_2_1b,llama3_1_8b,llama3_1_70b,qwen2_5_7b,qwen3_8b,llama3_2_1b_hybrid
 
 typecheck: $(VENV)/.installed
 	$(PY) -m mypy --strict mapgen generated
