@@ -207,10 +207,21 @@ def module_spec(module_file: Path, written: str) -> Path:
 def _local_twin(module_file: Path, hf_dir: Path, folder: Path) -> Path:
     """A te-layout module is checked through the local-layout module of the same spec for the
     checkpoint's config: TransformerEngine does not run on CPU."""
-    from mapgen.testing import import_module_from_path
+    from mapgen.verify import config_problems, load_mapping_module
 
-    module = import_module_from_path(module_file, f"mapgen_cli_{module_file.stem}")
+    module = load_mapping_module(module_file)
     if module.LAYOUT == "local":
+        # the module was built from some config; the one beside the weights must give the same
+        # model, or transformers' reference is another model (a te module's twin is built from it)
+        try:
+            spec = module_spec(module_file, module.SOURCES[0])
+        except (MapgenError, AttributeError, IndexError, TypeError):
+            err.print(f"note: the spec of {module_file} is not found; config.json is not compared with its DIMS", markup=False)
+            return module_file
+        if problems := config_problems(module, spec, hf_dir / "config.json"):
+            raise MapgenError(
+                f"{hf_dir / 'config.json'} does not describe the model {module_file} maps:\n  " + "\n  ".join(problems)
+            )
         return module_file
     spec = module_spec(module_file, module.SOURCES[0])
     twin = folder / f"{module_file.stem}_local.py"
@@ -232,14 +243,14 @@ def _local_twin(module_file: Path, hf_dir: Path, folder: Path) -> Path:
 @click.option("--vpp", default=1, show_default=True, help="Virtual pipeline stages per rank.")
 @click.option("--ep", default=1, show_default=True)
 @click.option("--etp", type=int, default=None, help="Expert-TP size (default: TP).")
-@click.option("--dp", default=1, show_default=True, help="Data-parallel replicas.")
+@click.option("--dp", type=int, default=None, help="Data-parallel replicas (default: EP, at least 1).")
 @click.option("--first-stage-layers", type=int, help="Layers of the first pipeline stage (uneven PP).")
 @click.option("--last-stage-layers", type=int, help="Layers of the last pipeline stage (uneven PP).")
 @click.option("--make-vocab-size-divisible-by", type=click.IntRange(min=1), default=1, show_default=True,
               help="Build the model with the vocabulary padded to a multiple of this x TP, as "
                    "Megatron-LM does (its default: 128).")
 def verify(generated: str, hf_dir: str, tp: int, pp: int, vpp: int, ep: int, etp: int | None,
-           dp: int, first_stage_layers: int | None, last_stage_layers: int | None,
+           dp: int | None, first_stage_layers: int | None, last_stage_layers: int | None,
            make_vocab_size_divisible_by: int) -> None:
     """Import HF_DIR through GENERATED on CPU processes, compare logits with transformers and
     the exported tensors with the checkpoint's bytes. GENERATED: a file or a module name. The
@@ -250,7 +261,7 @@ def verify(generated: str, hf_dir: str, tp: int, pp: int, vpp: int, ep: int, etp
     from mapgen.verify import Job
     from mapgen.verify import verify as run_verify
 
-    layout = ParallelLayout(tp=tp, pp=pp, vpp=vpp, ep=ep, etp=etp, dp=max(dp, ep),
+    layout = ParallelLayout(tp=tp, pp=pp, vpp=vpp, ep=ep, etp=etp, dp=max(ep, 1) if dp is None else dp,
                             first_stage_layers=first_stage_layers, last_stage_layers=last_stage_layers)
     try:
         with tempfile.TemporaryDirectory() as folder:

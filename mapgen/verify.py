@@ -6,11 +6,20 @@ module, runs a pipeline forward pass and compares the logits with transformers' 
 same checkpoint, then exports back and compares every tensor bit for bit with the original files.
 Both models run in the checkpoint's dtype; with Megatron-LM's vocabulary padding the model has
 the padded vocabulary, and the logits are compared on the HF one.
+
+Everything that can be known before a process starts is checked before one does (`preflight`):
+the module file is a mapping module, the layout suits its DIMS (`layout_problems`: the sizes
+megatron-core would otherwise refuse with a traceback after the processes start), the
+checkpoint's headers and index are sound and hold the module's HF tensors, and config.json is
+for the module's architecture. Exported tensors are compared bit for bit (a NaN equals the same
+NaN); NaN logits fail the verdict, which names the checkpoint's tensors that hold NaN or inf.
 """
 
 from __future__ import annotations
 
 import io
+import json
+import math
 import os
 import socket
 import traceback
@@ -63,6 +72,7 @@ class Result:
     tolerance: float = FLOAT32_TOLERANCE
     vocab: tuple[int, int] = (0, 0)  # HF vocabulary, the model's padded one
     max_pad_logit: float = 0.0  # largest |logit| of a pad row: zero rows give exactly 0
+    nonfinite: list[str] = field(default_factory=list)  # checkpoint tensors holding NaN or inf
 
     @property
     def ok(self) -> bool:
@@ -70,6 +80,7 @@ class Result:
             self.error is None
             and self.tensors > 0
             and self.bit_exact == self.tensors
+            and math.isfinite(self.max_logit_diff)
             and self.max_logit_diff <= self.tolerance
             and self.max_pad_logit == 0.0
         )
@@ -88,6 +99,12 @@ class Result:
         )
         if self.mismatched:
             line += "\n  differ: " + ", ".join(self.mismatched)
+        if math.isnan(self.max_logit_diff):
+            line += "\n  the logits are NaN, so they prove nothing about the mapping: " + (
+                "the checkpoint holds NaN or inf in " + ", ".join(self.nonfinite)
+                if self.nonfinite
+                else "no tensor of the checkpoint holds NaN or inf"
+            )
         return line
 
 
@@ -121,10 +138,196 @@ def pipeline_logits(chunks: list[Any], input_ids: torch.Tensor, ctx: Any, hidden
     return logits
 
 
-def _load_module(path: str) -> ModuleType:
-    from mapgen.testing import import_module_from_path
+VERIFY_FIELDS = ("LAYOUT", "MODEL", "DIMS")  # what verify needs beyond what every conversion needs
 
-    return import_module_from_path(Path(path), f"mapgen_verify_{Path(path).stem}")
+
+def load_mapping_module(path: str | Path, name: str | None = None) -> ModuleType:
+    """Import a generated module from its file; a file that is not one is a MapgenError saying
+    why (not Python, fails to import, lacks what a mapping module has), not a traceback."""
+    import importlib.util
+    import sys
+
+    from mapgen.runtime.drivers import module_problems
+
+    file = Path(path)
+    if not file.is_file():
+        raise MapgenError(f"{file}: no such file")
+    if file.suffix != ".py":
+        raise MapgenError(f"{file}: not a mapgen mapping module: not a Python file (.py)")
+    module_name = name or f"mapgen_verify_{''.join(c if c.isalnum() else '_' for c in file.stem)}"
+    spec = importlib.util.spec_from_file_location(module_name, file)
+    if spec is None or spec.loader is None:
+        raise MapgenError(f"{file}: not a mapgen mapping module: Python cannot load it")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as exc:
+        del sys.modules[module_name]
+        raise MapgenError(f"{file}:{exc.lineno}:{exc.offset}: not a mapgen mapping module: {exc.msg}") from None
+    except Exception as exc:  # noqa: BLE001 - whatever the file does when imported
+        del sys.modules[module_name]
+        raise MapgenError(f"{file}: not a mapgen mapping module: importing it raised {type(exc).__name__}: {exc}") from None
+    problems = module_problems(module)
+    lacking = [field for field in VERIFY_FIELDS if not hasattr(module, field)]
+    if lacking:
+        problems.append(f"lacks {', '.join(lacking)}")
+    if problems:
+        raise MapgenError(f"{file}: not a mapgen mapping module (mapgen build writes them): it {'; '.join(problems)}")
+    return module
+
+
+def _load_module(path: str) -> ModuleType:
+    return load_mapping_module(path)
+
+
+MAX_SPAWNED = 64  # processes verify starts on one machine; torchrun for more
+
+
+def layout_problems(module: ModuleType, layout: ParallelLayout) -> list[str]:
+    """Everything megatron-core would refuse about running `module`'s model under `layout`, known
+    from the module's DIMS and PARAMS before any process starts: positive sizes; TP dividing
+    the attention heads, the query groups and every TP-split dimension; expert-TP every expert
+    one; EP the experts; the layers over PP and VPP (with uneven first and last stages)."""
+    sizes = {"tp": layout.tp, "pp": layout.pp, "vpp": layout.vpp, "ep": layout.ep, "dp": layout.dp}
+    optional = {"etp": layout.etp, "first-stage-layers": layout.first_stage_layers, "last-stage-layers": layout.last_stage_layers}
+    found = [
+        f"--{name} must be a positive integer, got {value}"
+        for name, value in [*sizes.items(), *optional.items()]
+        if (value is not None or name in sizes) and (isinstance(value, bool) or not isinstance(value, int) or value < 1)
+    ]
+    if found:
+        return found
+    found += layout.problems()
+    dims, target = module.DIMS, module.TARGET
+    tp, etp = layout.tp, layout.etp or layout.tp
+    if dims.num_attention_heads % tp:
+        found.append(f"--tp {tp} does not divide the {dims.num_attention_heads} attention heads of {target}")
+    if dims.num_query_groups % tp:
+        found.append(f"--tp {tp} does not divide the {dims.num_query_groups} query groups (KV heads) of {target}")
+    if dims.num_moe_experts is None:
+        if layout.ep > 1:
+            found.append(f"--ep {layout.ep}: {target} has no experts to distribute")
+        if layout.etp is not None:
+            found.append(f"--etp {layout.etp}: {target} has no experts")
+    elif dims.num_moe_experts % layout.ep:
+        found.append(f"--ep {layout.ep} does not divide the {dims.num_moe_experts} experts of {target}")
+    from mapgen.runtime.drivers import vocab_params
+
+    vocab = vocab_params(module)  # padded to a multiple of TP: always divisible
+    unsplit: dict[str, list[str]] = {}
+    for plan in module.PARAMS:
+        if plan.split_dim is None or plan.megatron_name in vocab:
+            continue
+        size, group = plan.shape[plan.split_dim], (etp if plan.expert_parallel else tp)
+        if size % group:
+            flag = f"--etp {etp}" if plan.expert_parallel and layout.etp is not None else f"--tp {tp}"
+            key = f"{flag} does not divide dim {plan.split_dim} ({size}) of"
+            unsplit.setdefault(key, []).append(plan.megatron_name)
+    for key, names in unsplit.items():
+        more = f" and {len(names) - 1} more parameter(s)" if len(names) > 1 else ""
+        found.append(f"{key} {names[0]}{more}")
+    found += _pipeline_problems(module, layout)
+    return found
+
+
+def _pipeline_problems(module: ModuleType, layout: ParallelLayout) -> list[str]:
+    """megatron-core's rules for placing the decoder layers on pipeline stages (its
+    TransformerConfig's), in the user's terms."""
+    hybrid = getattr(module, "MODEL", "gpt") == "hybrid"
+    layers = module.DIMS.num_layers * (2 if hybrid else 1)  # a hybrid layer is half a decoder layer
+    what = f"the {layers} {'hybrid layers (two per decoder layer)' if hybrid else 'layers'} of {module.TARGET}"
+    pp, vpp, first, last = layout.pp, layout.vpp, layout.first_stage_layers, layout.last_stage_layers
+    if hybrid and vpp > 1:
+        return [f"--vpp {vpp}: hybrid models have no virtual pipeline stages in mapgen (megatron-core sets them with '|' in the layer pattern)"]
+    if first is None and last is None:
+        if layers % pp:
+            return [f"--pp {pp} does not divide {what}"]
+        if (layers // pp) % vpp:
+            return [f"--vpp {vpp} does not divide the {layers // pp} layers of each of the {pp} pipeline stages ({what})"]
+        return []
+    given = " ".join(
+        f"--{flag} {value}" for flag, value in (("first-stage-layers", first), ("last-stage-layers", last)) if value is not None
+    )
+    if pp < 2:
+        return [f"{given} needs --pp 2 or more (--pp {pp} has one stage)"]
+    rest = layers - (first or 0) - (last or 0)
+    middle = pp - (first is not None) - (last is not None)
+    if rest < 0 or (rest > 0) != (middle > 0) or (middle and rest % middle) or (middle and rest // middle == 0):
+        stages = f"{middle} other stage(s)" if middle else "no other stage"
+        return [f"--pp {pp} {given} on {what}: leaves {rest} layer(s) for {stages}; every stage needs the same number of layers, at least one"]
+    found = [
+        f"--{flag} {value} is not a multiple of --vpp {vpp}"
+        for flag, value in (("first-stage-layers", first), ("last-stage-layers", last))
+        if value is not None and value % vpp
+    ]
+    if middle and (rest // middle) % vpp:
+        found.append(f"--vpp {vpp} does not divide the {rest // middle} layers of each middle pipeline stage")
+    return found
+
+
+def preflight(job: Job, world_size: int | None = None) -> list[str]:
+    """What is wrong with `job` that is known before any process starts: the module, the layout
+    against its DIMS, the checkpoint's headers and index against its HF table, config.json's
+    architecture; `world_size` (torchrun's) against the layout."""
+    from mapgen.runtime.drivers import checkpoint_problems
+
+    module = load_mapping_module(job.module_path)
+    found = [f"layout {job.layout}: {problem}" for problem in layout_problems(module, job.layout)]
+    if world_size is not None and world_size != job.layout.world_size:
+        found.append(f"layout {job.layout} needs tp x pp x dp = {job.layout.world_size} processes, torchrun started {world_size}")
+    elif world_size is None and not found and job.layout.world_size > MAX_SPAWNED:
+        found.append(
+            f"layout {job.layout} needs {job.layout.world_size} processes; verify starts at most {MAX_SPAWNED} "
+            "on one machine (run it under torchrun for more)"
+        )
+    config = Path(job.hf_dir) / "config.json"
+    try:
+        fields = json.loads(config.read_text(encoding="utf-8"))
+    except OSError as exc:
+        found.append(f"{config}: cannot read: {exc.strerror}")
+    except (UnicodeDecodeError, ValueError) as exc:
+        found.append(f"{config}: not JSON: {exc}")
+    else:
+        architectures = fields.get("architectures") if isinstance(fields, dict) else None
+        if not isinstance(fields, dict):
+            found.append(f"{config}: a config.json must hold a JSON object")
+        elif isinstance(architectures, list) and architectures and module.HF_ARCHITECTURE not in architectures:
+            found.append(f"{config}: architectures is {architectures}, {module.TARGET} maps {module.HF_ARCHITECTURE}")
+    try:
+        checkpoint = HFCheckpoint(job.hf_dir)
+        found += [f"{job.hf_dir}: {problem}" for problem in checkpoint_problems(module, checkpoint)]
+    except MapgenError as exc:
+        found.append(str(exc))
+    return found
+
+
+def config_problems(module: ModuleType, spec_path: Path, config_path: Path) -> list[str]:
+    """`config_path` (the config.json beside the weights) against the module built from
+    `spec_path`: the model dims the spec derives from it must be the module's DIMS, or the
+    reference transformers builds from it is another model than the one imported."""
+    from dataclasses import fields as dataclass_fields
+
+    from mapgen.config import read_hf_config, translate
+    from mapgen.errors import SpecError
+    from mapgen.spec import parse_spec
+
+    try:
+        spec = parse_spec(str(spec_path), spec_path.read_text(encoding="utf-8"))
+        config = read_hf_config(str(config_path), config_path.read_text(encoding="utf-8"))
+        dims = translate(spec, config)
+    except SpecError as exc:
+        return list(exc.messages)
+    except (OSError, UnicodeDecodeError) as exc:
+        return [f"{config_path}: cannot read: {exc}"]
+    expressions = {d.name: str(d.expr) if d.expr is not None else repr(d.literal) for d in spec.dims}
+    found = []
+    for field in dataclass_fields(dims):
+        ours, theirs = getattr(dims, field.name), getattr(module.DIMS, field.name)
+        if ours != theirs:
+            source = f" (dims.{field.name} = {expressions[field.name]} in {spec_path})" if field.name in expressions else ""
+            found.append(f"{config_path}: gives {field.name} {ours!r}{source}, but {module.TARGET} was built with {theirs!r}")
+    return found
 
 
 def run_job(job: Job) -> Result:
@@ -154,7 +357,7 @@ def run_job(job: Job) -> Result:
         converter.load(job.hf_dir)
         input_ids = torch.randint(0, vocab, INPUT_SHAPE, generator=torch.Generator().manual_seed(7))
         logits = pipeline_logits(chunks, input_ids, ctx, module.DIMS.hidden_size)
-        found = torch.zeros(3)  # max logit diff, max |pad logit|, tolerance
+        found = torch.zeros(4)  # max logit diff, max |pad logit|, tolerance, NaN seen (0/1)
         if logits is not None:  # only the last stage has them: whatever happens here, every
             try:  # rank must still reach the all_reduce below, or the others wait forever
                 import transformers
@@ -168,12 +371,17 @@ def run_job(job: Job) -> Result:
             except Exception:  # noqa: BLE001 - reported below, after the collective
                 result.error = traceback.format_exc()
                 found[0] = float("inf")
+        # NaN is not ordered: a MAX reduction may drop it; it travels as a flag instead
+        found[3] = float(bool(found[:2].isnan().any()))
+        found[:2] = found[:2].nan_to_num(nan=float("inf"))
         dist.all_reduce(found, op=dist.ReduceOp.MAX)
-        result.max_logit_diff, result.max_pad_logit, result.tolerance = map(float, found)
+        result.max_logit_diff, result.max_pad_logit, result.tolerance = map(float, found[:3])
+        if found[3]:
+            result.max_logit_diff = float("nan")
+            result.nonfinite = nonfinite_tensors(original)
         for name, tensor in converter.export():
             result.tensors += 1
-            expected = original.get(name)
-            if tensor.dtype == expected.dtype and torch.equal(tensor, expected):
+            if same_bits(tensor, original.get(name)):
                 result.bit_exact += 1
             else:
                 result.mismatched.append(name)
@@ -184,6 +392,26 @@ def run_job(job: Job) -> Result:
     except Exception:  # noqa: BLE001 - a verifier reports, it does not crash
         result.error = traceback.format_exc()
     return result
+
+
+def same_bits(ours: torch.Tensor, theirs: torch.Tensor) -> bool:
+    """Bit for bit: dtype, shape and every byte (NaN equals the same NaN, 0.0 is not -0.0)."""
+    if ours.dtype != theirs.dtype or ours.shape != theirs.shape:
+        return False
+    return torch.equal(ours.contiguous().reshape(-1).view(torch.uint8), theirs.contiguous().reshape(-1).view(torch.uint8))
+
+
+def nonfinite_tensors(checkpoint: HFCheckpoint) -> list[str]:
+    """Each float tensor of the checkpoint that holds NaN or inf, with how many such values."""
+    found = []
+    for name in checkpoint.names():
+        tensor = checkpoint.get(name)
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            nan = int(torch.isnan(tensor).sum())
+            inf = int(torch.isinf(tensor).sum())
+            counts = ", ".join(f"{n} {kind}" for n, kind in ((nan, "NaN"), (inf, "inf")) if n)
+            found.append(f"{name} ({counts}, {checkpoint.file(name).name})")
+    return found
 
 
 def checkpoint_dtype(checkpoint: HFCheckpoint) -> torch.dtype:
@@ -291,11 +519,13 @@ def spawn(tasks: list[Task], world_size: int, timeout_s: float = 1800) -> dict[i
 
 
 def verify(jobs: list[Job], world_size: int) -> list[Result]:
-    """Rank 0's result of each job (all ranks agree on errors; rank 0 compares the tensors)."""
-    for job in jobs:
-        if problems := job.layout.problems():
-            raise MapgenError(f"layout {job.layout}: " + "; ".join(problems))
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # started by torchrun
+    """Rank 0's result of each job (all ranks agree on errors; rank 0 compares the tensors).
+    Raises MapgenError, before any process starts, for what `preflight` finds."""
+    torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    for job in jobs:  # everything known before a process starts is said before one does
+        if problems := preflight(job, int(os.environ["WORLD_SIZE"]) if torchrun else None):
+            raise MapgenError(f"cannot verify {job.module_path} on {job.hf_dir}:\n  " + "\n  ".join(problems))
+    if torchrun:  # started by torchrun
         if not dist.is_initialized():
             with native_stdout_silenced():
                 dist.init_process_group("gloo")

@@ -116,3 +116,52 @@ def expect_vocab_error(
     except Exception as exc:  # noqa: BLE001 - the test inspects it
         return f"{type(exc).__name__}: {exc}", time.perf_counter() - started
     return None, time.perf_counter() - started
+
+
+# --- bad input at save time (tests/test_adversarial_runtime.py's distributed rows) ------------
+
+
+def save_fails(module_path: str, hf_dir: str, layout: ParallelLayout, out_dir: str, fault: str | None) -> dict[str, Any]:
+    """Load, then save to out_dir, with `fault` on the writing rank (rank 0): "oserror" or
+    "safetensor_error" raised by the writer's second file (simulated), "fsize" a real file-size
+    limit (RLIMIT_FSIZE: the kernel refuses the write with EFBIG), None for no fault of ours
+    (the target itself is bad). Returns this rank's error, the seconds it took, and whether the
+    writer ended in a collective (it must not: the task returns at all)."""
+    import json
+    import resource
+    import signal
+
+    from safetensors import SafetensorError
+
+    module, chunks, ctx = _setup(module_path, layout)
+    drivers.load_hf_checkpoint(module, chunks, hf_dir, ctx)
+    config = json.loads((Path(hf_dir) / "config.json").read_text())
+    original_save_file = drivers.save_file
+    written: list[str] = []
+    writer = dist.get_rank() == 0
+
+    def failing_save_file(tensors: Any, path: str, metadata: Any = None) -> None:
+        written.append(path)
+        if len(written) == 2 and fault == "oserror":
+            raise OSError(28, "No space left on device (simulated)")
+        if len(written) == 2 and fault == "safetensor_error":
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28) (simulated)")
+        original_save_file(tensors, path, metadata=metadata)
+
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.getsignal(signal.SIGXFSZ)
+    if writer and fault == "fsize":
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (12_000, limits[1]))
+    drivers.save_file = failing_save_file
+    started = time.perf_counter()
+    try:
+        drivers.save_hf_checkpoint(module, chunks, out_dir, config, ctx, max_shard_bytes=20_000)
+    except Exception as exc:  # noqa: BLE001 - the test inspects it
+        return {"error": f"{type(exc).__name__}: {exc}", "seconds": time.perf_counter() - started}
+    finally:
+        drivers.save_file = original_save_file
+        if writer and fault == "fsize":
+            resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+            signal.signal(signal.SIGXFSZ, previous)
+    return {"error": None, "seconds": time.perf_counter() - started}

@@ -5,6 +5,14 @@ the mapped bytes, so the only copy a tensor's bytes ever see on import is the on
 Megatron parameter (safetensors' own `get_tensor` makes one more). The mapping is copy-on-write:
 the file is never modified. Writing checkpoints uses the safetensors library.
 
+Nothing in a header is trusted: it is checked as the safetensors library checks it before any
+byte is viewed (header length within the file and safetensors' limit, a JSON object without
+repeated keys, each entry's dtype, shape and data_offsets of the right types, the offsets
+tiling the data from byte 0 without gaps or overlaps, each holding exactly its shape's bytes),
+and a sharded checkpoint's index against its files (a tensor in two files, one the index does
+not list, a file it names that is missing or outside the folder). Every error names the file
+and the tensor.
+
 FP8 block-quantized checkpoints (DeepSeek-V3's layout) are dequantized on import: a weight `X`
 stored as F8 with a companion `X_scale_inv` (F32, one scale per block of `block_size` rows x
 columns, shape [ceil(rows / B0), ceil(cols / B1)]) reads through `get` as the float32 tensor
@@ -17,9 +25,11 @@ constructor, else from `config.json`'s `quantization_config` (`quant_method: fp8
 from __future__ import annotations
 
 import json
+import math
 import mmap
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from typing import Any
 
 import torch
 
@@ -49,6 +59,15 @@ DTYPES: dict[str, torch.dtype] = {
 }
 
 
+# every dtype the safetensors format defines, with its size in bits (F4 and F6 pack elements)
+FORMAT_BITS: dict[str, int] = {
+    "BOOL": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8,
+    "F8_E8M0": 8, "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32,
+    "C64": 64, "F64": 64, "I64": 64, "U64": 64,
+}  # fmt: skip
+MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit on the JSON header
+
+
 class CheckpointError(MapgenError):
     pass
 
@@ -62,28 +81,79 @@ class _Entry:
     end: int
 
 
+def _natural(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """json's object hook: a key given twice is an error (json.loads keeps the last silently)."""
+    seen: dict[str, object] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise CheckpointError(f"'{key}' appears twice in one object (a tensor given twice?)")
+        seen[key] = value
+    return seen
+
+
 class _File:
-    """One safetensors file: its header, and its bytes mapped on first use."""
+    """One safetensors file: its header, validated as the safetensors library validates it,
+    and its bytes mapped on first use."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         try:
-            with path.open("rb") as handle:
-                header_size = int.from_bytes(handle.read(8), "little")
-                header = json.loads(handle.read(header_size))
             self.size = path.stat().st_size
-        except (OSError, ValueError) as exc:
-            raise CheckpointError(f"{path}: cannot read safetensors header: {exc}") from None
+            with path.open("rb") as handle:
+                prefix = handle.read(8)
+                if len(prefix) < 8:
+                    raise CheckpointError(
+                        f"{path}: not a safetensors file: {self.size} bytes, fewer than the 8 that give "
+                        "the header's length"
+                    )
+                header_size = int.from_bytes(prefix, "little")
+                if header_size > min(MAX_HEADER_BYTES, self.size - 8):
+                    limit = "the file's" if header_size > self.size - 8 else "safetensors' limit of"
+                    bound = self.size - 8 if header_size > self.size - 8 else MAX_HEADER_BYTES
+                    raise CheckpointError(
+                        f"{path}: not a safetensors file: its first 8 bytes give a header of {header_size} "
+                        f"bytes, more than {limit} {bound} bytes"
+                    )
+                text = handle.read(header_size)
+        except OSError as exc:
+            raise CheckpointError(f"{path}: cannot read: {exc.strerror or exc}") from None
+        try:
+            header = json.loads(text.decode("utf-8"), object_pairs_hook=_unique_keys)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{path}: header: {exc}") from None
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise CheckpointError(f"{path}: header ({header_size} bytes) is not UTF-8 JSON: {exc}") from None
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{path}: header is a JSON {type(header).__name__}, not an object")
         self.data_start = 8 + header_size
-        self.header = {k: v for k, v in header.items() if k != "__metadata__"}
+        metadata = header.pop("__metadata__", {})
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            raise CheckpointError(f"{path}: header: __metadata__ must map names to strings, got {metadata!r}")
+        self.header: dict[str, dict[str, Any]] = {name: _entry_fields(path, name, info) for name, info in header.items()}
+        self.data_size = _layout(path, self.header)
         self._mapped: mmap.mmap | None = None
 
     def truncation(self) -> str | None:
-        end = max((v["data_offsets"][1] for v in self.header.values()), default=0)
-        needed = self.data_start + end
-        return None if self.size >= needed else f"truncated: {self.size} bytes, its header needs {needed}"
+        """A file shorter or longer than its header's tensors (the header needs exactly)."""
+        needed = self.data_start + self.data_size
+        if self.size < needed:
+            return f"truncated: {self.size} bytes, its header needs {needed}"
+        if self.size > needed:
+            return f"{self.size} bytes, {self.size - needed} more than its header's tensors take ({needed})"
+        return None
 
-    def view(self, entry: _Entry) -> torch.Tensor:
+    def view(self, entry: _Entry, name: str) -> torch.Tensor:
+        if entry.end > self.size:
+            raise CheckpointError(
+                f"{self.path}: tensor '{name}' ends at byte {entry.end}, past the end of the file "
+                f"({self.size} bytes): truncated"
+            )
+        if entry.dtype not in DTYPES:
+            raise CheckpointError(f"{self.path}: tensor '{name}' has dtype {entry.dtype}, which mapgen cannot read")
         if self._mapped is None:
             with self.path.open("rb") as handle:
                 self._mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
@@ -95,6 +165,61 @@ class _File:
         return flat.view(entry.shape)
 
 
+def _entry_fields(path: Path, name: str, info: object) -> dict[str, Any]:
+    """One header entry, its fields checked: dtype a format dtype, shape non-negative integers,
+    data_offsets [start, end] with end - start the bytes of that many elements."""
+    where = f"{path}: header: tensor '{name}'"
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{where}: entry is a JSON {type(info).__name__}, not an object")
+    missing = [key for key in ("dtype", "shape", "data_offsets") if key not in info]
+    if missing:
+        raise CheckpointError(f"{where}: entry lacks {', '.join(repr(k) for k in missing)}")
+    extra = sorted(set(info) - {"dtype", "shape", "data_offsets"})
+    if extra:
+        raise CheckpointError(f"{where}: entry has unknown field(s) {', '.join(repr(k) for k in extra)}")
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in FORMAT_BITS:
+        raise CheckpointError(f"{where}: dtype {dtype!r} is not a safetensors dtype ({', '.join(FORMAT_BITS)})")
+    if not isinstance(shape, list) or not all(_natural(d) for d in shape):
+        raise CheckpointError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_natural(o) for o in offsets):
+        raise CheckpointError(f"{where}: data_offsets {offsets!r} are not two non-negative integers [start, end]")
+    start, end = offsets
+    if end < start:
+        raise CheckpointError(f"{where}: data_offsets [{start}, {end}] end before they start")
+    bits = FORMAT_BITS[dtype] * math.prod(shape)
+    if bits % 8 or end - start != bits // 8:
+        need = f"{bits // 8} bytes" if bits % 8 == 0 else f"{bits} bits, not whole bytes"
+        raise CheckpointError(
+            f"{where}: data_offsets [{start}, {end}] hold {end - start} bytes, but {dtype} {shape} needs {need}"
+        )
+    return {"dtype": dtype, "shape": shape, "data_offsets": offsets}
+
+
+def _layout(path: Path, header: dict[str, dict[str, Any]]) -> int:
+    """The bytes the tensors take: they must tile [0, end) exactly, without overlaps (two
+    tensors sharing bytes) or gaps, as the safetensors library requires. Returns end."""
+    position, previous, gap = 0, None, None
+    for name, info in sorted(header.items(), key=lambda item: tuple(item[1]["data_offsets"])):
+        start, end = info["data_offsets"]
+        if start < position:
+            assert previous is not None
+            raise CheckpointError(
+                f"{path}: header: tensor '{name}' data_offsets [{start}, {end}] overlap tensor "
+                f"'{previous}' {header[previous]['data_offsets']}: they would share bytes"
+            )
+        if start > position and gap is None:
+            after = f"after tensor '{previous}' ends at {position}" if previous is not None else "from the start"
+            gap = (
+                f"{path}: header: tensor '{name}' data_offsets [{start}, {end}] leave a gap of "
+                f"{start - position} bytes {after}"
+            )
+        position, previous = end, name
+    if gap is not None:
+        raise CheckpointError(gap)
+    return position
+
+
 class HFCheckpoint:
     """Tensor names, shapes and dtypes from the files' headers; bytes only when asked for."""
 
@@ -102,10 +227,7 @@ class HFCheckpoint:
         self.folder = Path(folder)
         index = self.folder / INDEX
         if index.is_file():
-            try:
-                weight_map: dict[str, str] = dict(json.loads(index.read_text())["weight_map"])
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise CheckpointError(f"{index}: not a safetensors index ({exc})") from None
+            weight_map = _weight_map(index)
         elif (self.folder / SINGLE).is_file():
             weight_map = {}
         else:
@@ -113,22 +235,42 @@ class HFCheckpoint:
         files = sorted(set(weight_map.values())) or [SINGLE]
         self._files: dict[str, _File] = {}
         self._entries: dict[str, _Entry] = {}
+        found_in: dict[str, list[str]] = {}  # tensor -> every file whose header has it
         for file in files:
             path = self.folder / file
             if not path.is_file():
-                raise CheckpointError(f"{path}: listed in {INDEX} but missing")
+                placed = sorted(n for n, f in weight_map.items() if f == file)
+                raise CheckpointError(
+                    f"{path}: missing, but {index} places {len(placed)} tensor(s) there ('{placed[0]}', ...)"
+                )
             parsed = _File(path)
             self._files[file] = parsed
             for name, info in parsed.header.items():
+                found_in.setdefault(name, []).append(file)
                 if weight_map and weight_map.get(name) != file:
                     continue
                 start, end = info["data_offsets"]
                 self._entries[name] = _Entry(
                     file, info["dtype"], tuple(info["shape"]), parsed.data_start + start, parsed.data_start + end
                 )
-        for name, file in weight_map.items():
-            if name not in self._entries:
-                raise CheckpointError(f"{self.folder / file}: has no tensor '{name}' that {INDEX} places there")
+        problems = [
+            f"tensor '{name}' is in {len(where)} files ({', '.join(where)})"
+            + (f"; {INDEX} places it in {weight_map[name]}" if name in weight_map else "")
+            for name, where in found_in.items()
+            if len(where) > 1
+        ]
+        problems += [
+            f"{self.folder / where[0]}: has tensor '{name}', which {INDEX} does not list"
+            for name, where in found_in.items()
+            if weight_map and name not in weight_map and len(where) == 1
+        ]
+        problems += [
+            f"{self.folder / file}: has no tensor '{name}' that {INDEX} places there"
+            for name, file in weight_map.items()
+            if name not in self._entries
+        ]
+        if problems:
+            raise CheckpointError(f"{self.folder}: inconsistent checkpoint: " + "; ".join(problems[:10]))
         configured = _configured_block(self.folder / CONFIG)
         self._scales = frozenset(n for n in self._entries if n.endswith(SCALE_SUFFIX))
         # block-quantized: said so by the caller or config.json, or evident from scale companions
@@ -164,15 +306,20 @@ class HFCheckpoint:
     def shape(self, name: str) -> tuple[int, ...]:
         return self._entries[name].shape
 
+    def file(self, name: str) -> Path:
+        """The file that holds tensor `name`."""
+        return self.folder / self._entries[name].file
+
     def dtype(self, name: str) -> str:
         """The stored safetensors spelling: F32, BF16, F8_E4M3 (also for a quantized weight)."""
         return self._entries[name].dtype
 
     def integrity_problems(self) -> list[str]:
-        """Files shorter than their own headers say (a truncated copy), tensors of unknown dtypes,
-        and broken FP8 block quantization: an F8 weight without its scale companion (in a
-        block-quantized checkpoint), a companion of the wrong shape or dtype, or one with no F8
-        weight."""
+        """Files shorter (a truncated copy) or longer than their own headers say, tensors of dtypes
+        mapgen cannot read, and broken FP8 block quantization: an F8 weight without its scale
+        companion (in a block-quantized checkpoint), a companion of the wrong shape or dtype, or
+        one with no F8 weight. (Malformed headers and inconsistent shards are refused when the
+        checkpoint is opened.)"""
         problems = [
             f"{f.path}: {problem}" for f in self._files.values() if (problem := f.truncation())
         ]
@@ -219,7 +366,7 @@ class HFCheckpoint:
         entry = self._entries.get(name)
         if entry is None:
             raise CheckpointError(f"{self.folder}: no tensor '{name}'")
-        return self._files[entry.file].view(entry)
+        return self._files[entry.file].view(entry, name)
 
     def get(self, name: str) -> torch.Tensor:
         """The tensor, viewing the mapped file (read-only use: copy before modifying); a quantized
@@ -236,7 +383,35 @@ class HFCheckpoint:
                 raise CheckpointError(f"{self.folder}: {problem}")
             assert self.block_size is not None
             return dequantize(self.raw(name), self.raw(name + SCALE_SUFFIX), self.block_size)
-        return self._files[entry.file].view(entry)
+        return self._files[entry.file].view(entry, name)
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    """A sharded checkpoint's index: `weight_map` from tensor names to files inside the folder."""
+    try:
+        text = index.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{index}: cannot read: {exc}") from None
+    try:
+        content = json.loads(text, object_pairs_hook=_unique_keys)
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{index}:{exc.lineno}:{exc.colno}: not JSON: {exc.msg}") from None
+    except CheckpointError as exc:
+        raise CheckpointError(f"{index}: {exc}") from None
+    weight_map = content.get("weight_map") if isinstance(content, dict) else None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index}: not a safetensors index: it needs a 'weight_map' object of tensor -> file")
+    if not weight_map:
+        raise CheckpointError(f"{index}: its weight_map is empty")
+    for name, file in weight_map.items():
+        if not isinstance(file, str):
+            raise CheckpointError(f"{index}: weight_map gives tensor '{name}' the file {file!r}, not a file name")
+        relative = PurePosixPath(file)
+        if relative.is_absolute() or ".." in relative.parts or not relative.name.endswith(".safetensors"):
+            raise CheckpointError(
+                f"{index}: weight_map places tensor '{name}' in {file!r}, not a .safetensors file inside the folder"
+            )
+    return weight_map
 
 
 def dequantize(weight: torch.Tensor, scale_inv: torch.Tensor, block_size: tuple[int, int]) -> torch.Tensor:

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -22,6 +24,7 @@ from typing import Any, Protocol
 import torch
 from safetensors.torch import save_file
 
+from mapgen.errors import MapgenError
 from mapgen.runtime.checkpoint import HFCheckpoint
 from mapgen.runtime.collectives import agree_or_raise, all_gather_coalesced, broadcast_coalesced
 from mapgen.runtime.context import Group, ParallelContext
@@ -117,23 +120,42 @@ def place(
     if make_vocab_size_divisible_by < 1:  # the same argument on every rank: all raise here
         raise ValueError(f"make_vocab_size_divisible_by must be positive, not {make_vocab_size_divisible_by}")
     problems: list[str] = []
+    nothing = Placement({}, {}, {}, torch.float32)
+    if not isinstance(chunks, (list, tuple)):
+        problems.append(
+            f"chunks must be a list of this rank's model chunks (one per virtual pipeline stage), "
+            f"not a {type(chunks).__name__}"
+        )
+        return nothing, problems
     if len(chunks) != ctx.vpp_size:
         problems.append(f"{len(chunks)} model chunks given for virtual pipeline size {ctx.vpp_size}")
-        return Placement({}, {}, {}, torch.float32), problems
+        return nothing, problems
     models = [_unwrap(c) for c in chunks]
-    layers = layer_owners(models[0].config, ctx)
+    for index, model in enumerate(models):
+        if not hasattr(model, "config") or not callable(getattr(model, "named_parameters", None)):
+            problems.append(
+                f"model chunk {index} is a {type(model).__name__}, not a megatron-core model "
+                "(it has no config or no named_parameters)"
+            )
+    if problems:
+        return nothing, problems
+    try:
+        layers = layer_owners(models[0].config, ctx)
+    except Exception as exc:  # noqa: BLE001 - megatron-core's own refusal, agreed on by the caller
+        problems.append(f"megatron-core cannot place the layers of model chunk 0 under this layout: {exc}")
+        return nothing, problems
     plans = {p.megatron_name: p for p in module.PARAMS}
     num_layers = 1 + max((p.layer for p in module.PARAMS if p.layer is not None), default=-1)
     if len(layers) != num_layers:
         problems.append(
             f"the model has {len(layers)} decoder layers, {module.TARGET} has {num_layers}"
         )
-        return Placement({}, {}, {}, torch.float32), problems
+        return nothing, problems
     try:
         per_rank = experts_per_rank(num_experts(module), ctx)
     except ValueError as exc:
         problems.append(f"{module.TARGET}: {exc}")
-        return Placement({}, {}, {}, torch.float32), problems
+        return nothing, problems
     owners = {name: param_owner(plan, layers, ctx) for name, plan in plans.items()}
     expert_ranks = {n: expert_owner(p, per_rank) for n, p in plans.items() if p.expert is not None}
     expected: dict[tuple[int, str], str] = {}
@@ -217,6 +239,49 @@ def _layout_problems(module: Module, ctx: ParallelContext) -> list[str]:
     ]
 
 
+class ModuleArgumentError(MapgenError, TypeError):
+    """A conversion was given something that is not a mapping module, or no parallel context.
+    Every rank is given alike and raises alike, before any collective."""
+
+
+_MODULE_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "TARGET": str,
+    "PARAMS": (tuple, list),
+    "HF_TENSORS": (tuple, list),
+    "IMPORTS": dict,
+    "EXPORTS": dict,
+    "TIED": dict,
+}
+
+
+def module_problems(module: object) -> list[str]:
+    """What `module` lacks to be a generated mapping module (TARGET, PARAMS, HF_TENSORS, IMPORTS,
+    EXPORTS, TIED of the right types; every parameter with its import and export function)."""
+    found = [
+        f"{name} ({'missing' if not hasattr(module, name) else 'a ' + type(getattr(module, name)).__name__})"
+        for name, kind in _MODULE_FIELDS.items()
+        if not isinstance(getattr(module, name, None), kind)
+    ]
+    if found:
+        return [f"lacks {', '.join(found)}"]
+    params = [p for p in getattr(module, "PARAMS") if not isinstance(p, ParamPlan)]
+    if params:
+        return [f"PARAMS holds {len(params)} entries that are not ParamPlans (a {type(params[0]).__name__})"]
+    imports, exports = getattr(module, "IMPORTS"), getattr(module, "EXPORTS")
+    unmapped = [p.megatron_name for p in getattr(module, "PARAMS") if p.megatron_name not in imports or p.megatron_name not in exports]
+    return [f"no import or export function for {', '.join(unmapped[:5])}"] if unmapped else []
+
+
+def check_module(module: object, what: str = "Converter") -> None:
+    """Raise ModuleArgumentError naming what is missing unless `module` is a mapping module."""
+    if problems := module_problems(module):
+        shown = getattr(module, "__name__", None) or type(module).__name__
+        raise ModuleArgumentError(
+            f"{what}: {shown} is not a mapgen mapping module (a generated module such as "
+            f"generated/llama3_1_8b.py): it {'; '.join(problems)}"
+        )
+
+
 class Converter:
     """One module's conversion plan for this rank's model chunks, decided once: which chunk
     holds each parameter, and the export buckets. Hold one for repeated exports (RL weight
@@ -234,6 +299,12 @@ class Converter:
         *,
         make_vocab_size_divisible_by: int = 1,
     ) -> None:
+        check_module(module)
+        if ctx is not None and not isinstance(ctx, ParallelContext):
+            raise ModuleArgumentError(
+                f"Converter: ctx must be a ParallelContext (ParallelContext.from_parallel_state()), "
+                f"not a {type(ctx).__name__}"
+            )
         self.module = module
         self.chunks = chunks
         self.ctx = ctx or ParallelContext.single()
@@ -363,12 +434,10 @@ def load_hf_checkpoint(
 _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 
 
-def _checkpoint_problems(module: Module, checkpoint: HFCheckpoint, placement: Placement) -> list[str]:
-    """Names, shapes, file integrity, and the dtype of each tensor this rank loads against the
-    tensor it loads into (an FP8 block-quantized weight is dequantized, so any model dtype)."""
+def checkpoint_problems(module: Module, checkpoint: HFCheckpoint) -> list[str]:
+    """The checkpoint against the module's HF table, on any rank: every tensor present with its
+    shape, none the module does not map, every file whole (see `HFCheckpoint.integrity_problems`)."""
     problems: list[str] = []
-    plans = {p.megatron_name: p for p in module.PARAMS}
-    into = {stacked_slice(n)[0]: t.dtype for name, t in placement.local.items() for n in plans[name].hf_names}
     for tensor in module.HF_TENSORS:
         if tensor.name not in checkpoint:
             problems.append(f"missing tensor '{tensor.name}'")
@@ -377,13 +446,8 @@ def _checkpoint_problems(module: Module, checkpoint: HFCheckpoint, placement: Pl
         if shape != tensor.shape:
             problems.append(
                 f"tensor '{tensor.name}' has shape {list(shape)}, {module.TARGET} expects {list(tensor.shape)}"
+                f" ({checkpoint.file(tensor.name)})"
             )
-        stored, expected = checkpoint.dtype(tensor.name), into.get(tensor.name)
-        if expected is None or checkpoint.quantized(tensor.name):
-            continue
-        if stored != _SAFETENSORS_DTYPES.get(expected, stored):
-            model_dtype = str(expected).removeprefix("torch.")
-            problems.append(f"tensor '{tensor.name}' is {stored}, the model is {model_dtype}")
     ignored = tuple(getattr(module, "IGNORED_HF", {}))
     known = {t.name for t in module.HF_TENSORS}
     unknown = sorted(n for n in checkpoint.names() if n not in known and not n.startswith(ignored))
@@ -393,6 +457,23 @@ def _checkpoint_problems(module: Module, checkpoint: HFCheckpoint, placement: Pl
             f"(a checkpoint of another model?): {', '.join(unknown[:10])}"
         )
     problems += checkpoint.integrity_problems()
+    return problems
+
+
+def _checkpoint_problems(module: Module, checkpoint: HFCheckpoint, placement: Placement) -> list[str]:
+    """`checkpoint_problems`, and the dtype of each tensor this rank loads against the tensor it
+    loads into (an FP8 block-quantized weight is dequantized, so any model dtype)."""
+    problems = checkpoint_problems(module, checkpoint)
+    plans = {p.megatron_name: p for p in module.PARAMS}
+    into = {stacked_slice(n)[0]: t.dtype for name, t in placement.local.items() for n in plans[name].hf_names}
+    for tensor in module.HF_TENSORS:
+        expected = into.get(tensor.name)
+        if expected is None or tensor.name not in checkpoint or checkpoint.quantized(tensor.name):
+            continue
+        stored = checkpoint.dtype(tensor.name)
+        if stored != _SAFETENSORS_DTYPES.get(expected, stored):
+            model_dtype = str(expected).removeprefix("torch.")
+            problems.append(f"tensor '{tensor.name}' is {stored}, the model is {model_dtype} ({checkpoint.file(tensor.name)})")
     return problems
 
 
@@ -493,50 +574,182 @@ def save_hf_checkpoint(
     max_shard_bytes: int = 2 * 2**30,
     writer_rank: int = 0,
     make_vocab_size_divisible_by: int = 1,
+    overwrite: bool = False,
 ) -> None:
     """Write an HF checkpoint directory (sharded safetensors, index, config.json) atomically.
 
-    All ranks take part in the export; global rank `writer_rank` writes into a temporary folder
-    beside `out_dir` and renames it into place only once every file is complete, so an
-    interrupted save leaves no partial checkpoint behind."""
+    All ranks take part in the export; global rank `writer_rank` writes into a hidden temporary
+    folder beside `out_dir` (`.NAME.partial-HOST-PID-XXXX`) and renames it into place only once
+    every file is complete. Before any collective the writer checks the target (its parent
+    folder exists and takes a new folder, the target does not exist unless `overwrite`, the
+    config is a JSON object) and every rank agrees on the outcome; each shard file's write is
+    agreed on by every rank as soon as it is written, so any failure of the writer (an OSError,
+    safetensors' SafetensorError on a full disk, anything else) stops every rank at the same
+    point, none left in a collective, each raising the same report naming the rank and the file;
+    the partial folder is removed. A save killed outright (SIGKILL, SIGTERM, a crash) cannot
+    clean up: its partial folder is removed by the next save to the same target on the same
+    host (`remove_stale_partials`). With `overwrite`, an existing target folder is replaced by
+    the new one once that is complete."""
     ctx = ctx or ParallelContext.single()
+    check_module(module, "save_hf_checkpoint")
     out = Path(out_dir)
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    writing = rank == writer_rank
-    problems = [f"{out} already exists"] if writing and out.exists() else []
-    agree_or_raise(problems, f"cannot save {module.TARGET}")
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent)) if writing else None
+    # arguments every rank is given alike: every rank raises alike, before any collective
+    if isinstance(writer_rank, bool) or not isinstance(writer_rank, int) or not 0 <= writer_rank < world:
+        raise ValueError(f"save_hf_checkpoint: writer_rank {writer_rank!r} is not a rank of the {world} processes")
+    if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) or max_shard_bytes < 1:
+        raise ValueError(f"save_hf_checkpoint: max_shard_bytes must be a positive integer, not {max_shard_bytes!r}")
+    what = f"cannot save {module.TARGET} to {out}"
+    staging: Path | None = None
+    problems: list[str] = []
+    if rank == writer_rank:
+        try:
+            staging = _staging_folder(out, hf_config, overwrite)
+        except Exception as exc:  # noqa: BLE001 - agreed on by every rank just below
+            problems.append(_describe(exc))
     try:
-        element_size = next(_unwrap(chunks[0]).parameters()).element_size()
-        shards = _shard_plan(module, max_shard_bytes, element_size)
-        files = sorted(set(shards.values()))
-        pending: dict[str, dict[str, torch.Tensor]] = {f: {} for f in files}
-        expected = {f: sum(1 for v in shards.values() if v == f) for f in files}
-        failure: str | None = None
-        # every rank runs the whole export even after a write failed, so that no rank is left
-        # waiting in a collective; the failure is then agreed on and raised everywhere
         converter = Converter(module, chunks, ctx, make_vocab_size_divisible_by=make_vocab_size_divisible_by)
+        converter._agree(problems, what)  # the target, the model and the layout: one agreement
+        element_size = converter.placement.dtype.itemsize
+        shards = _shard_plan(module, max_shard_bytes, element_size)
+        remaining = {f: sum(1 for v in shards.values() if v == f) for f in set(shards.values())}
+        pending: dict[str, dict[str, torch.Tensor]] = {f: {} for f in remaining}
+        failed: dict[str, str] = {}  # file -> what went wrong writing it (the writer's)
+        # every rank sees every tensor in the same order (all_stages), so every rank knows when
+        # a file is complete: the writer writes it, then all agree on how that went
         for name, tensor in converter.export():
-            if staging is None or failure is not None:
-                continue
             file = shards[name]
-            pending[file][name] = tensor.contiguous()
-            if len(pending[file]) == expected[file]:
+            if staging is not None and file not in failed:
                 try:
-                    save_file(pending.pop(file), str(staging / file), metadata={"format": "pt"})
-                except OSError as exc:
-                    failure = f"writing {out / file}: {exc}"
-        agree_or_raise([failure] if failure else [], f"cannot save {module.TARGET} to {out}")
+                    pending[file][name] = tensor.contiguous()
+                except Exception as exc:  # noqa: BLE001 - agreed on below
+                    failed[file] = f"{out / file}: {_describe(exc)}"
+            remaining[file] -= 1
+            if remaining[file]:
+                continue
+            tensors = pending.pop(file)
+            if staging is not None and file not in failed:
+                try:
+                    save_file(tensors, str(staging / file), metadata={"format": "pt"})
+                except Exception as exc:  # noqa: BLE001 - agreed on below
+                    failed[file] = f"writing {out / file} (as {staging / file}): {_describe(exc)}"
+            del tensors
+            agree_or_raise([failed[file]] if file in failed else [], what)
+        final: list[str] = []
         if staging is not None:
-            total = sum(int(torch.Size(t.shape).numel()) for t in module.HF_TENSORS) * element_size
-            index = {"metadata": {"total_size": total}, "weight_map": shards}
-            (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-            (staging / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-            os.rename(staging, out)
-            staging = None
+            try:
+                total = sum(int(torch.Size(t.shape).numel()) for t in module.HF_TENSORS) * element_size
+                index = {"metadata": {"total_size": total}, "weight_map": shards}
+                (staging / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+                (staging / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+                _move_into_place(staging, out, overwrite)
+                staging = None
+            except Exception as exc:  # noqa: BLE001 - agreed on below
+                final.append(f"finishing {out}: {_describe(exc)}")
+        agree_or_raise(final, what)
     finally:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
+
+
+INDEX_FILE = "model.safetensors.index.json"
+_PARTIAL = "partial"  # .NAME.partial-HOST-PID-XXXXXXXX: a save in progress (or killed)
+_REPLACED = "replaced"  # .NAME.replaced-HOST-PID-XXXXXXXX: the folder an overwrite replaces
+
+
+def _describe(exc: BaseException) -> str:
+    """An exception in a line: its type (SafetensorError, PermissionError, ...) and message."""
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f": {exc.filename}" if exc.filename else ""
+        return f"{type(exc).__name__}: {exc.strerror}{where}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _host() -> str:
+    return "".join(c if c.isalnum() or c in "._" else "_" for c in socket.gethostname()) or "host"
+
+
+def _hidden(out: Path, kind: str) -> str:
+    return f".{out.name}.{kind}-{_host()}-{os.getpid()}-"
+
+
+def _staging_folder(out: Path, hf_config: object, overwrite: bool) -> Path:
+    """The writer's checks of the target, then its new hidden staging folder beside it."""
+    if not isinstance(hf_config, dict):
+        raise ValueError(f"hf_config must be a dict (config.json's fields), not a {type(hf_config).__name__}")
+    try:
+        json.dumps(hf_config)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"hf_config cannot be written as config.json: {exc}") from None
+    parent = out.parent
+    if not parent.is_dir():
+        raise FileNotFoundError(f"parent folder {parent} does not exist" if not parent.exists() else f"{parent} is not a folder")
+    if out.is_symlink() or out.exists():
+        if not overwrite:
+            raise FileExistsError(f"{out} already exists (overwrite=True replaces it)")
+        if out.is_symlink() or not out.is_dir():
+            raise FileExistsError(f"{out} exists and is not a folder; overwrite replaces folders only")
+    remove_stale_partials(out)
+    try:
+        return Path(tempfile.mkdtemp(prefix=_hidden(out, _PARTIAL), dir=parent))
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot create a folder in {parent}: {exc.strerror}") from None
+
+
+def _move_into_place(staging: Path, out: Path, overwrite: bool) -> None:
+    if not (out.is_symlink() or out.exists()):
+        os.rename(staging, out)  # atomic: the complete checkpoint appears at once
+        return
+    if not overwrite:
+        raise FileExistsError(f"{out} appeared while saving; the new checkpoint is not moved there")
+    aside = Path(tempfile.mkdtemp(prefix=_hidden(out, _REPLACED), dir=out.parent))
+    os.rename(out, aside / out.name)
+    try:
+        os.rename(staging, out)
+    except BaseException:
+        os.rename(aside / out.name, out)  # put the old checkpoint back
+        shutil.rmtree(aside, ignore_errors=True)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: it exists, as another user's
+        return True
+    return True
+
+
+def remove_stale_partials(out_dir: str | Path) -> list[Path]:
+    """Remove what saves to `out_dir` left behind when killed before they could clean up
+    (SIGKILL, SIGTERM, a crash): hidden partial folders `.NAME.partial-HOST-PID-*` beside
+    `out_dir` that a process of this host made and that no longer runs (and the copies an
+    overwrite had set aside, `.NAME.replaced-HOST-PID-*`, once the new checkpoint stands in
+    `out_dir`). A folder of a process that still runs, or of another host, is left alone.
+    `save_hf_checkpoint` calls this before it writes; returns what was removed."""
+    out = Path(out_dir)
+    pattern = re.compile(rf"^\.{re.escape(out.name)}\.({_PARTIAL}|{_REPLACED})-(.+)-(\d+)-[^-]*$")
+    try:
+        entries = sorted(out.parent.iterdir())
+    except OSError:
+        return []
+    removed: list[Path] = []
+    for entry in entries:
+        match = pattern.match(entry.name)
+        if match is None or match.group(2) != _host() or _process_alive(int(match.group(3))):
+            continue
+        if entry.is_symlink() or not entry.is_dir():
+            continue
+        if match.group(1) == _REPLACED and not out.is_dir():
+            continue  # killed between the two renames of an overwrite: the old checkpoint is all there is
+        shutil.rmtree(entry, ignore_errors=True)
+        if not entry.exists():
+            removed.append(entry)
+    return removed
 
 
 def _shard_plan(module: Module, max_shard_bytes: int, element_size: int) -> dict[str, str]:
