@@ -57,7 +57,7 @@ verify-standins: $(VENV)/.installed  ## every target's tiny stand-in through `ma
 	  for l in $(HYBRID_LAYOUTS); do $(VENV)/bin/mapgen verify generated/$${t}_hybrid.py $(STANDINS)/$$t $$l; done; \
 	done
 
-bench: $(VENV)/.installed  ## mapgen vs Megatron-Bridge vs the hardware -> benchmarks/results.json
+bench: $(VENV)/.installed  ## mapgen vs Megatron-Bridge vs the hardware -> benchmarks/results-$(STACK).json
 	bash benchmarks/bridge_setup.sh
 	$(PY) benchmarks/run.py --json benchmarks/results-$(STACK).json | tee benchmarks/results-$(STACK).txt
 	$(PY) benchmarks/build_figures.py --targets $(BENCH_TARGETS) --json benchmarks/build_figures-$(STACK).json
