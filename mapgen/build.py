@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import keyword
 import multiprocessing
 import os
+import stat
 import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -19,8 +21,9 @@ from mapgen.errors import ErrorSink, Location, MapgenError, SpecError
 from mapgen.expand import expand
 from mapgen.format import format_source
 from mapgen.expr import MissingField
-from mapgen.inventory import LAYOUTS, HFTensor, hf_inventory, megatron_inventory
+from mapgen.inventory import LAYOUTS, HFTensor, architecture_model_type, hf_inventory, megatron_inventory
 from mapgen.ir import Source, Target
+from mapgen.limits import MAX_INPUT_BYTES
 from mapgen.megatron_model import MODEL_CLASSES
 from mapgen.postprocess import check
 from mapgen.render import render
@@ -58,9 +61,20 @@ def display_path(path: str | Path) -> str:
         return Path(relative).as_posix()
 
 
+def file_kind(mode: int) -> str:
+    """What a file that is not a regular file is, in words."""
+    for test, kind in (
+        (stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISLNK, "a symbolic link"),
+    ):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
 def read_targets(root: Path) -> list[TargetEntry]:
     path = root / TARGETS_FILE
-    node = yamlsource.load(TARGETS_FILE, path.read_text())
+    node = yamlsource.load(TARGETS_FILE, input_text(read_input(path, TARGETS_FILE), TARGETS_FILE))
     errors = ErrorSink()
     entries: list[TargetEntry] = []
     if not isinstance(node.value, dict) or set(node.value) != {"targets"}:
@@ -73,7 +87,7 @@ def read_targets(root: Path) -> list[TargetEntry]:
         errors.raise_if_any()
     assert isinstance(targets.value, dict)
     for name, entry in targets.value.items():
-        if not name.isidentifier():
+        if not name.isidentifier() or keyword.iskeyword(name):
             errors.add(targets.key_loc(name), f"target name '{name}' is not a Python module name")
             continue
         if not isinstance(entry.value, dict) or not set(TARGET_KEYS) <= set(entry.value) <= {
@@ -101,12 +115,65 @@ def read_targets(root: Path) -> list[TargetEntry]:
     return entries
 
 
-def _source(path: Path, shown: str) -> tuple[str, Source]:
+def read_input(path: Path, shown: str) -> bytes:
+    """The bytes of an input file: a regular file (a link to one is followed) of at most
+    MAX_INPUT_BYTES. A FIFO, device or directory is refused before it is opened: reading one
+    may never end."""
     try:
-        data = path.read_bytes()
+        status = path.stat()
     except OSError as exc:
         raise MapgenError(f"{shown}: cannot read: {exc.strerror}") from None
-    return data.decode(), Source(shown, hashlib.sha256(data).hexdigest())
+    if not stat.S_ISREG(status.st_mode):
+        raise MapgenError(f"{shown}: cannot read: not a regular file ({file_kind(status.st_mode)})")
+    if status.st_size > MAX_INPUT_BYTES:
+        raise MapgenError(f"{shown}: {status.st_size:,} bytes, over the limit of {MAX_INPUT_BYTES:,} for an input file")
+    try:
+        with path.open("rb") as handle:
+            data = handle.read(MAX_INPUT_BYTES + 1)
+    except OSError as exc:
+        raise MapgenError(f"{shown}: cannot read: {exc.strerror}") from None
+    if len(data) > MAX_INPUT_BYTES:  # it grew since
+        raise MapgenError(f"{shown}: over the limit of {MAX_INPUT_BYTES:,} bytes for an input file")
+    return data
+
+
+def input_text(data: bytes, shown: str) -> str:
+    """UTF-8 text, or an error naming the file, line and column of the first bad byte."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        before = data[: exc.start]
+        line = before.count(b"\n") + 1
+        col = exc.start - (before.rfind(b"\n") + 1) + 1
+        raise SpecError(
+            [f"{shown}:{line}:{col}: not UTF-8 text (byte 0x{data[exc.start]:02x}); is this a binary file?"]
+        ) from None
+
+
+def _source(path: Path, shown: str) -> tuple[str, Source]:
+    data = read_input(path, shown)
+    return input_text(data, shown), Source(shown, hashlib.sha256(data).hexdigest())
+
+
+def check_target_name(name: str) -> None:
+    """A module's target name is a Python module name: it is written into the module's header
+    comment and docstring, and verify names the local twin after it."""
+    if not name.isidentifier() or keyword.iskeyword(name):
+        raise MapgenError(
+            f"target name {name!r} is not a Python module name (letters, digits and _, not starting "
+            "with a digit, not a keyword); give --name NAME, or an output file named NAME.py"
+        )
+
+
+def check_shown_path(path: str, what: str) -> None:
+    """A path written into the module's header comments and rule docstrings must stay inside
+    them: printable, no quote or backslash."""
+    bad = [c for c in path if not c.isprintable() or c in "\"\\"]
+    if bad:
+        raise MapgenError(
+            f"{what} path {path!r} has {', '.join(sorted({repr(c) for c in bad}))}, which mapgen does not "
+            "write into a module's comments and docstrings; rename or move the file"
+        )
 
 
 def compile_target(
@@ -132,22 +199,38 @@ def compile_target(
     if hf_experts not in HF_EXPERTS:
         raise MapgenError(f"hf_experts must be one of {', '.join(HF_EXPERTS)}, got {hf_experts!r}")
     stacked = hf_experts == "stacked"
+    check_target_name(name)
     shown_spec, shown_config = shown_paths or (display_path(spec_path), display_path(config_path))
+    check_shown_path(shown_spec, "spec")
+    check_shown_path(shown_config, "config")
+    if not regenerate.isprintable():
+        raise MapgenError(f"the regenerate command {regenerate!r} must be printable (one line)")
     spec_text, spec_source = _source(spec_path, shown_spec)
     config_text, config_source = _source(config_path, shown_config)
     spec = parse_spec(spec_source.path, spec_text)
     config = read_hf_config(config_source.path, config_text)
     dims = translate(spec, config)
+    check_model_type(spec, config)
     try:
         hf = hf_inventory(spec.hf_architecture, config.fields, stacked_experts=stacked)
-    except (AttributeError, ValueError, TypeError, KeyError) as exc:
+    except Exception as exc:  # what transformers raises for a config it cannot build varies
         raise SpecError(
             [
                 f"{Location(spec.path, 1, 1)}: transformers cannot build {spec.hf_architecture} "
-                f"from {config.path}: {exc}"
+                f"from {config.path}: {type(exc).__name__}: {_first_line(exc)}"
             ]
         ) from None
-    megatron = megatron_inventory(dims, layout, model)
+    try:
+        megatron = megatron_inventory(dims, layout, model)
+    except MapgenError:
+        raise
+    except Exception as exc:  # megatron-core asserts what it cannot build
+        raise SpecError(
+            [
+                f"{Location(spec.path, 1, 1)}: megatron-core cannot build the model of {config.path} "
+                f"(dims from spec {spec.path}): {type(exc).__name__}: {_first_line(exc)}"
+            ]
+        ) from None
     mappings = expand(spec, config, dims, layout, megatron, hf, fused_experts=stacked)
     ignored_hf = _ignored_hf(spec, config, dims, hf)
     target = Target(
@@ -177,6 +260,27 @@ def compile_target(
     return format_source(source, tree) if formatted else source
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else "(no message)"
+
+
+def check_model_type(spec: Spec, config: HFConfig) -> None:
+    """The config's model_type must be the one of the spec's architecture (transformers builds
+    the model from model_type's config class, with the architecture's class)."""
+    wanted = architecture_model_type(spec.hf_architecture)
+    model_type = config.fields.get("model_type")
+    if model_type is None:
+        raise SpecError([f"{Location(config.path, 1, 1)}: config has no 'model_type'" + (f" (for {spec.hf_architecture}: {wanted!r})" if wanted else "")])
+    if wanted is not None and model_type != wanted:
+        raise SpecError(
+            [
+                f"{config.where('model_type')}: config field 'model_type' is {model_type!r}, which contradicts "
+                f"{spec.hf_architecture} (architectures; model_type {wanted!r})"
+            ]
+        )
+
+
 def _ignored_hf(spec: Spec, config: HFConfig, dims: ModelDims, hf: tuple[HFTensor, ...]) -> tuple[tuple[str, str], ...]:
     """(prefix, why) of each `ignore_hf` entry; a prefix must not cover a tensor the
     architecture has, which the rules map."""
@@ -187,6 +291,9 @@ def _ignored_hf(spec: Spec, config: HFConfig, dims: ModelDims, hf: tuple[HFTenso
             prefix = evaluate_in_context(entry.prefix, dims, config)
         except MissingField as missing:
             errors.add(entry.loc, f"ignore_hf.prefix: config {config.path} lacks field '{missing.field}'")
+            continue
+        except (TypeError, ValueError, ZeroDivisionError) as exc:
+            errors.add(entry.loc, f"ignore_hf.prefix: cannot evaluate '{entry.prefix}': {exc}")
             continue
         if not isinstance(prefix, str) or not prefix:
             errors.add(entry.loc, f"ignore_hf.prefix '{entry.prefix}' gives {prefix!r}, not a name prefix")

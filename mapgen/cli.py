@@ -8,18 +8,27 @@ import re
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from mapgen.build import HF_EXPERTS, TARGETS_FILE, compile_entries, compile_target, display_path, read_targets
+from mapgen.build import (
+    HF_EXPERTS,
+    TARGETS_FILE,
+    check_target_name,
+    compile_entries,
+    compile_target,
+    display_path,
+    read_targets,
+)
 from mapgen.console import quiet_libraries
 from mapgen.errors import MapgenError
 from mapgen.inventory import LAYOUTS
 from mapgen.megatron_model import MODEL_CLASSES
 from mapgen.packaged import specs_folder
-from mapgen.write import stale_diff, write_if_changed
+from mapgen.write import check_output, stale_diff, write_if_changed
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -80,6 +89,8 @@ def _build_one(
     spec: Path, config: Path, output: Path, layout: str, name: str | None, hf_experts: str, model_class: str
 ) -> None:
     target = name or output.stem
+    check_target_name(target)
+    check_output(output)  # before a build that may take a minute
     command = (
         f"mapgen build {display_path(spec)} {display_path(config)} -o {display_path(output)}"
         f" --layout {layout}" + (f" --name {name}" if name else "")
@@ -91,6 +102,8 @@ def _build_one(
         source = compile_target(target, spec, config, layout, command, hf_experts=hf_experts, model=model_class)
     written = write_if_changed(output, source)
     seconds = time.perf_counter() - started
+    for folder in written.created:
+        err.print(f"created folder {display_path(folder)}", markup=False)
     state = "wrote" if written else "unchanged"
     err.print(f"{state} {display_path(output)} ({len(source.encode())} bytes, {seconds:.1f} s)", markup=False)
 
@@ -103,6 +116,8 @@ def _build_all() -> None:
         for entry, source, seconds in compile_entries(root, entries):
             progress.update(task, description=f"built {entry.name}")
             written = write_if_changed(root / entry.output, source)
+            for folder in written.created:
+                progress.console.print(f"created folder {folder.relative_to(root).as_posix()}", markup=False)
             state = "wrote" if written else "unchanged"
             progress.console.print(
                 f"{state} {entry.output} ({len(source.encode())} bytes, {seconds:.1f} s)",
@@ -287,15 +302,68 @@ def verify(generated: str, hf_dir: str, tp: int, pp: int, vpp: int, ep: int, etp
                    "(192 rows for 128; default: 128 rows).")
 def standin(config: str, out_dir: str, seed: int, dtype: str, make_vocab_size_divisible_by: int) -> None:
     """Save a tiny random stand-in (4 layers, hidden 64) of CONFIG's model to OUT_DIR, keeping
-    what shapes the mapping: GQA, head_dim, tied embeddings, biases, rope scaling."""
-    import json
-
+    what shapes the mapping: GQA or MQA, head_dim, tied embeddings, biases, rope scaling. The
+    files are written into a hidden folder beside OUT_DIR and moved into it when complete; a
+    missing OUT_DIR (and folders above it) is created."""
     from mapgen.megatron_model import DTYPES
-    from mapgen.testing import save_standin, standin_vocab_size
+    from mapgen.testing import standin_vocab_size
 
     vocab_size = standin_vocab_size(make_vocab_size_divisible_by)
-    save_standin(json.loads(Path(config).read_text()), Path(out_dir), seed, dtype=DTYPES[dtype], vocab_size=vocab_size)
+    try:
+        created = _save_standin(Path(config), Path(out_dir), seed, DTYPES[dtype], vocab_size)
+    except MapgenError as exc:
+        err.print(str(exc), markup=False)
+        sys.exit(2)
+    for folder in created:
+        err.print(f"created folder {folder}", markup=False)
     err.print(f"wrote a tiny {dtype} stand-in of {config} (vocabulary {vocab_size}) to {out_dir}", markup=False)
+
+
+def _save_standin(config: Path, out: Path, seed: int, dtype: Any, vocab_size: int) -> list[Path]:
+    """`mapgen standin`'s work: the folders it created. Any failure leaves nothing behind."""
+    import shutil
+    import tempfile
+
+    from mapgen.build import input_text, read_input
+    from mapgen.config import read_hf_config
+    from mapgen.testing import save_standin, standin_problems
+    from mapgen.write import make_folders
+
+    shown = str(config)
+    fields = read_hf_config(shown, input_text(read_input(config, shown), shown)).fields
+    problems = standin_problems(fields)
+    if problems:
+        raise MapgenError(f"{shown}: mapgen standin cannot shrink this config: " + "; ".join(problems))
+    if os.path.lexists(out) and not out.is_dir():
+        raise MapgenError(f"cannot write the stand-in into {out}: it is not a folder")
+    created = make_folders(out.parent)
+    try:
+        try:
+            staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+        except OSError as exc:
+            raise MapgenError(f"cannot write the stand-in into {out}: {exc.strerror}") from None
+        try:
+            try:
+                save_standin(fields, staging, seed, dtype=dtype, vocab_size=vocab_size)
+            except OSError as exc:
+                raise MapgenError(f"cannot write the stand-in into {out}: {exc.strerror or exc}") from None
+            except Exception as exc:  # transformers' verdict on a config it cannot build
+                raise MapgenError(
+                    f"{shown}: transformers cannot build a stand-in of this config: {type(exc).__name__}: "
+                    + (str(exc).strip().splitlines() or ["(no message)"])[0][:300]
+                ) from None
+            if not out.exists():
+                staging.rename(out)
+            else:  # an existing folder: each file replaced whole
+                for item in staging.iterdir():
+                    os.replace(item, out / item.name)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    except BaseException:
+        for folder in reversed(created):
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return created
 
 
 @main.command(name="specs")

@@ -12,6 +12,7 @@ declares some of its fields (`rope_scaling.factor`).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +20,7 @@ from mapgen import yamlsource
 from mapgen.dims import DIM_FIELDS, ModelDims, coerce
 from mapgen.errors import ErrorSink, Location, SpecError
 from mapgen.expr import Expr, MissingField
+from mapgen.limits import MAX_NESTING
 from mapgen.spec import Spec
 
 # Config fields that describe no part of the model a spec builds, accepted from any config.
@@ -54,22 +56,91 @@ class HFConfig:
 
 
 def read_hf_config(path: str, text: str) -> HFConfig:
+    """A config.json, refused unless it is a JSON object of at most MAX_NESTING levels, with no
+    key twice, no NaN or infinite number, a list of strings for `architectures` and a string
+    for `model_type`."""
+    duplicates: list[str] = []
+
+    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        found: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in found:
+                duplicates.append(key)
+            found[key] = value
+        return found
+
     try:
-        fields = json.loads(text)
+        fields = json.loads(text, object_pairs_hook=no_duplicates)
     except json.JSONDecodeError as exc:
         raise SpecError([f"{path}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}"]) from None
+    except RecursionError:
+        raise SpecError([f"{path}:1:1: invalid config: values nest deeper than {MAX_NESTING} levels"]) from None
+    except ValueError as exc:  # an integer of more digits than Python reads (4,300)
+        raise SpecError([f"{path}:1:1: invalid JSON: {exc}"]) from None
     if not isinstance(fields, dict):
         raise SpecError([f"{path}:1:1: a config.json must hold a JSON object"])
-    architectures = fields.get("architectures") or ()
-    return HFConfig(path, fields, tuple(str(a) for a in architectures), _field_locations(path, text))
+    depth = _nesting(fields)
+    if depth > MAX_NESTING:
+        raise SpecError([f"{path}:1:1: invalid config: values nest {depth} levels deep, at most {MAX_NESTING} are allowed"])
+    locations, problems = _field_locations(path, text)
+    config = HFConfig(path, fields, (), locations)
+    errors = ErrorSink()
+    if duplicates:  # the YAML reader (JSON is YAML) locates them
+        located = [p for p in problems if "duplicate key" in p]
+        errors.messages += located or [f"{path}:1:1: duplicate key '{key}'" for key in sorted(set(duplicates))]
+    for field_path, value in _non_finite(fields, ""):
+        errors.add(
+            config.where(field_path),
+            f"config field '{field_path}' is {value}, not a finite number (JSON has no NaN or Infinity)",
+        )
+    architectures = fields.get("architectures")
+    if architectures is not None and (
+        not isinstance(architectures, list) or not all(isinstance(a, str) for a in architectures)
+    ):
+        errors.add(config.where("architectures"), f"config field 'architectures' must be a list of class names, got {_json(architectures)}")
+        architectures = None
+    model_type = fields.get("model_type")
+    if model_type is not None and not isinstance(model_type, str):
+        errors.add(config.where("model_type"), f"config field 'model_type' must be a string, got {_json(model_type)}")
+    errors.raise_if_any()
+    return HFConfig(path, fields, tuple(architectures or ()), locations)
 
 
-def _field_locations(path: str, text: str) -> dict[str, Location]:
-    """Where each key stands, from the YAML reader (JSON is YAML); {} if it cannot tell."""
+def _nesting(value: Any) -> int:
+    """How deeply JSON values nest (iteratively: the value may be deep)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+    return deepest
+
+
+def _non_finite(value: Any, path: str) -> list[tuple[str, str]]:
+    """(field path, 'NaN' / 'Infinity' / '-Infinity') for each number that is not finite; a
+    number in a list is named by the list's field."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return [(path, "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity"))]
+    found: list[tuple[str, str]] = []
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            found += _non_finite(inner, f"{path}.{key}" if path else str(key))
+    elif isinstance(value, list):
+        for inner in value:
+            found += _non_finite(inner, path)
+    return found
+
+
+def _field_locations(path: str, text: str) -> tuple[dict[str, Location], list[str]]:
+    """Where each key stands, from the YAML reader (JSON is YAML); {} and the reader's
+    complaints if it cannot tell."""
     try:
         root = yamlsource.load(path, text)
-    except SpecError:
-        return {}
+    except SpecError as exc:
+        return {}, exc.messages
     found: dict[str, Location] = {}
 
     def visit(node: yamlsource.Node, prefix: str) -> None:
@@ -79,7 +150,7 @@ def _field_locations(path: str, text: str) -> dict[str, Location]:
                 visit(child, f"{prefix}{key}.")
 
     visit(root, "")
-    return found
+    return found, []
 
 
 def spec_reads(spec: Spec) -> frozenset[str]:
@@ -164,7 +235,9 @@ def _json(value: Any) -> str:
 
 
 def translate(spec: Spec, config: HFConfig) -> ModelDims:
-    """Evaluate every dim of the spec over the config; all problems are reported together."""
+    """Evaluate every dim of the spec over the config; all problems are reported together. A
+    dim whose value is wrong is blamed on the config field it was read from, where the config
+    holds it, when it was read from exactly one."""
     errors = ErrorSink()
     if config.architectures and spec.hf_architecture not in config.architectures:
         errors.add(
@@ -175,10 +248,13 @@ def translate(spec: Spec, config: HFConfig) -> ModelDims:
     check_config_fields(spec, config, errors)
     values: dict[str, Any] = {}
     where: dict[str, Location] = {}
+    read: dict[str, list[str]] = {}
     for dim in spec.dims:
         where[dim.name] = dim.loc
+        reads: list[str] = []
+        read[dim.name] = reads
         try:
-            raw = dim.literal if dim.expr is None else dim.expr.evaluate(config.fields)
+            raw = dim.literal if dim.expr is None else dim.expr.evaluate(config.fields, reads)
         except MissingField as missing:
             errors.add(
                 dim.loc,
@@ -191,13 +267,32 @@ def translate(spec: Spec, config: HFConfig) -> ModelDims:
         try:
             values[dim.name] = coerce(dim.name, raw)
         except TypeError as exc:
-            errors.add(dim.loc, f"dims.{dim.name} {exc} (from config {config.path})")
+            _blame(errors, config, dim.name, str(exc), where[dim.name], reads, f" (from config {config.path})")
     errors.raise_if_any()
     dims = ModelDims(**values)
     for name, message in dims.problems():
-        errors.add(where.get(name, Location(spec.path, 1, 1)), f"dims.{name} {message}")
+        _blame(errors, config, name, message, where.get(name, Location(spec.path, 1, 1)), read.get(name, []))
     errors.raise_if_any()
     return dims
+
+
+def _blame(
+    errors: ErrorSink, config: HFConfig, dim: str, message: str, dim_loc: Location, reads: list[str], tail: str = ""
+) -> None:
+    """Report a wrong dim at the one config field it was read from, else at the spec's dim."""
+    fields = {f for f in reads if f.split(".", 1)[0] in config.fields}
+    fields = {f for f in fields if not any(other.startswith(f + ".") for other in fields)}
+    if len(fields) == 1:
+        (field_path,) = fields
+        present, value = _lookup(config.fields, field_path)
+        if present and field_path in config.locations:
+            errors.add(
+                config.where(field_path),
+                f"config field '{field_path}' is {_json(value)}: dims.{dim} {message} "
+                f"(spec {dim_loc.path}, line {dim_loc.line})",
+            )
+            return
+    errors.add(dim_loc, f"dims.{dim} {message}{tail}")
 
 
 def evaluate_in_context(

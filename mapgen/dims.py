@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
+
+from mapgen.limits import MAX_EXPERT_LAYERS, MAX_EXPERTS, MAX_LAYERS
 
 # megatron-core's llama-3 rope scaling takes only the factor from its caller; the other three
 # parameters are fixed in `RotaryEmbedding._apply_scaling`.
@@ -95,9 +98,25 @@ class ModelDims:
     def problems(self) -> list[tuple[str, str]]:
         """(field, message) for every value megatron-core cannot build or would build wrongly."""
         found: list[tuple[str, str]] = []
-        for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads"):
+        for name in (
+            "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "kv_channels", "vocab_size",
+            "max_position_embeddings", "layernorm_epsilon", "rotary_base",
+        ):
             if getattr(self, name) <= 0:
                 found.append((name, f"must be positive, got {getattr(self, name)}"))
+        for name in (
+            "rope_scaling_factor", "moe_shared_expert_intermediate_size", "q_lora_rank", "moe_router_topk_scaling_factor",
+        ):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                found.append((name, f"must be positive (or null), got {value}"))
+        if not 0 < self.rotary_percent <= 1:
+            found.append(("rotary_percent", f"must be in (0, 1], got {self.rotary_percent}"))
+        if self.num_layers > MAX_LAYERS:
+            found.append(
+                ("num_layers", f"{self.num_layers:,} is over mapgen's limit of {MAX_LAYERS:,} layers (every layer's "
+                 "parameters get functions of their own; see mapgen/limits.py)")
+            )
         if self.num_query_groups <= 0 or self.num_attention_heads % self.num_query_groups:
             found.append(
                 (
@@ -146,6 +165,17 @@ class ModelDims:
         experts = self.num_moe_experts or 0
         if experts <= 0:
             found.append(("num_moe_experts", f"must be positive, got {experts}"))
+        if experts > MAX_EXPERTS:
+            found.append(("num_moe_experts", f"{experts:,} is over mapgen's limit of {MAX_EXPERTS:,} experts (see mapgen/limits.py)"))
+        elif self.num_layers <= MAX_LAYERS and experts * len(self.moe_layers) > MAX_EXPERT_LAYERS:
+            found.append(
+                ("num_moe_experts", f"{experts:,} in {len(self.moe_layers):,} layers are "
+                 f"{experts * len(self.moe_layers):,} expert-layers, over mapgen's limit of {MAX_EXPERT_LAYERS:,} "
+                 "(every expert of every layer gets functions of its own; see mapgen/limits.py)")
+            )
+        groups_topk = self.moe_router_group_topk
+        if groups_topk is not None and not 0 < groups_topk <= (self.moe_router_num_groups or groups_topk):
+            found.append(("moe_router_group_topk", f"must be in 1..{self.moe_router_num_groups}, got {groups_topk}"))
         if not 0 < self.moe_router_topk <= max(experts, 1):
             found.append(("moe_router_topk", f"must be in 1..{experts}, got {self.moe_router_topk}"))
         if self.moe_ffn_hidden_size is None or self.moe_ffn_hidden_size <= 0:
@@ -176,15 +206,27 @@ REQUIRED_DIMS = tuple(
 )
 
 
+MAX_INT = 2**63 - 1  # torch's sizes and indices are int64
+
+
+def _finite(value: int | float) -> bool:
+    return not isinstance(value, float) or math.isfinite(value)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def coerce(name: str, value: Any) -> Any:
     """Convert an evaluated expression to the dim's declared type, or raise TypeError."""
     kind = DIM_FIELDS[name].type
     kind = kind if isinstance(kind, str) else kind.__name__
     if kind.startswith("tuple[int"):
         if not isinstance(value, (list, tuple)) or not all(
-            isinstance(v, int) and not isinstance(v, bool) for v in value
+            isinstance(v, int) and not isinstance(v, bool) and abs(v) <= MAX_INT for v in value
         ):
-            raise TypeError(f"must be a list of layer indices, got {value!r}")
+            raise TypeError(f"must be a list of layer indices, got {_short(value)}")
         return tuple(sorted(set(value)))
     if value is None:
         if "None" in kind:
@@ -193,15 +235,19 @@ def coerce(name: str, value: Any) -> Any:
     if kind.startswith("bool"):
         if isinstance(value, bool):
             return value
-        raise TypeError(f"must be true or false, got {value!r}")
+        raise TypeError(f"must be true or false, got {_short(value)}")
     if kind.startswith("int"):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
-            raise TypeError(f"must be an integer, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value) or value != int(value):
+            raise TypeError(f"must be an integer, got {_short(value)}")
+        if abs(int(value)) > MAX_INT:
+            raise TypeError(f"must be an integer of at most 63 bits, got one of {int(value).bit_length()} bits")
         return int(value)
     if kind.startswith("float"):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"must be a number, got {value!r}")
+            raise TypeError(f"must be a number, got {_short(value)}")
+        if not _finite(value):
+            raise TypeError(f"must be a finite number, got {_short(value)}")
         return float(value)
     if not isinstance(value, str):
-        raise TypeError(f"must be a string, got {value!r}")
+        raise TypeError(f"must be a string, got {_short(value)}")
     return value

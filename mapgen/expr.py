@@ -16,10 +16,21 @@ from __future__ import annotations
 
 import ast
 import operator
+import re
 from collections import ChainMap
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Callable
+
+from mapgen.limits import (
+    MAX_EXPR_CHARS,
+    MAX_EXPR_DEPTH,
+    MAX_EXPR_INT_BITS,
+    MAX_EXPR_LIST,
+    MAX_EXPR_STEPS,
+    MAX_EXPR_STRING,
+    MAX_FORMAT_WIDTH,
+)
 
 _BINOPS: dict[type[ast.operator], Callable[[Any, Any], Any]] = {
     ast.Add: operator.add,
@@ -54,6 +65,11 @@ class ExprSyntaxError(Exception):
     pass
 
 
+class ExprValueError(ValueError):
+    """An expression that cannot be evaluated over a config: a type error, a division by
+    zero, or a value over the limits of `mapgen.limits`."""
+
+
 @dataclass(frozen=True)
 class Expr:
     source: str
@@ -61,15 +77,33 @@ class Expr:
 
     @staticmethod
     def parse(source: str) -> Expr:
+        if len(source) > MAX_EXPR_CHARS:
+            raise ExprSyntaxError(f"expression of {len(source):,} characters: at most {MAX_EXPR_CHARS:,} are allowed")
         try:
             tree = ast.parse(source.strip(), mode="eval").body
         except SyntaxError as exc:
             raise ExprSyntaxError(f"invalid expression {source!r}: {exc.msg}") from None
+        except (ValueError, RecursionError, MemoryError) as exc:  # null bytes; nesting CPython refuses
+            raise ExprSyntaxError(f"invalid expression {source[:80]!r}: {type(exc).__name__}: {exc}") from None
+        depth = _depth(tree)
+        if depth > MAX_EXPR_DEPTH:
+            raise ExprSyntaxError(
+                f"invalid expression {source[:80]!r}: nested {depth} deep, at most {MAX_EXPR_DEPTH} levels are allowed"
+            )
         _check(tree, source)
         return Expr(source, tree)
 
-    def evaluate(self, config: Mapping[str, Any]) -> Any:
-        return _eval(self.tree, config)
+    def evaluate(self, config: Mapping[str, Any], reads: list[str] | None = None) -> Any:
+        """The expression's value over `config`. Raises MissingField for a field the config
+        lacks, ExprValueError (a ValueError) for anything else that goes wrong, including
+        going past the limits of `mapgen.limits`. `reads`, if given, receives the fields the
+        evaluation read (dotted for nested ones; a field `default` fell back from is not read)."""
+        try:
+            return _Evaluation(reads).eval(self.tree, config)
+        except (MissingField, ExprValueError):
+            raise
+        except (TypeError, ValueError, ZeroDivisionError, OverflowError, IndexError, KeyError) as exc:
+            raise ExprValueError(str(exc)) from None
 
     def fields(self) -> frozenset[str]:
         """The config fields the expression reads, nested ones dotted (`rope_scaling.factor`);
@@ -81,6 +115,16 @@ class Expr:
 
     def __str__(self) -> str:
         return self.source
+
+
+def _depth(tree: ast.AST) -> int:
+    """How deeply the syntax tree nests (without recursing: it may be deep)."""
+    deepest, stack = 0, [(tree, 1)]
+    while stack:
+        node, depth = stack.pop()
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in ast.iter_child_nodes(node))
+    return deepest
 
 
 def _check(node: ast.expr, source: str) -> None:
@@ -138,73 +182,142 @@ def _check(node: ast.expr, source: str) -> None:
             )
 
 
-def _eval(node: ast.expr, config: Mapping[str, Any]) -> Any:
-    if isinstance(node, ast.Constant):
-        return node.value
-    if isinstance(node, ast.Name):
-        if node.id in _CONSTANTS:
-            return _CONSTANTS[node.id]
-        if node.id not in config or config[node.id] is None:
-            raise MissingField(node.id)
-        return config[node.id]
-    if isinstance(node, ast.Attribute):
-        base = _eval(node.value, config)
-        path = ast.unparse(node)
-        if not isinstance(base, dict) or base.get(node.attr) is None:
-            raise MissingField(path)
-        return base[node.attr]
-    if isinstance(node, ast.Call):
-        assert isinstance(node.func, ast.Name)
-        if node.func.id == "range":
-            bounds = [_eval(a, config) for a in node.args]
-            if not all(isinstance(b, int) and not isinstance(b, bool) for b in bounds):
-                raise TypeError(f"range() takes integers, got {', '.join(repr(b) for b in bounds)}")
-            return list(range(*bounds))
-        try:
-            return _eval(node.args[0], config)
-        except MissingField:
-            return _eval(node.args[1], config)
-    if isinstance(node, ast.ListComp):
-        loop = node.generators[0]
-        assert isinstance(loop.target, ast.Name)
-        found = []
-        outer = dict(config)
-        for value in _eval(loop.iter, config):
-            scope = ChainMap({loop.target.id: value}, outer)
-            if all(_eval(condition, scope) for condition in loop.ifs):
-                found.append(_eval(node.elt, scope))
-        return found
-    if isinstance(node, ast.Subscript):
-        base, index = _eval(node.value, config), _eval(node.slice, config)
-        try:
-            return base[index]
-        except (IndexError, KeyError, TypeError):
-            raise ValueError(f"{ast.unparse(node)}: cannot index {base!r} by {index!r}") from None
-    if isinstance(node, ast.BinOp):
-        return _BINOPS[type(node.op)](_eval(node.left, config), _eval(node.right, config))
-    if isinstance(node, ast.UnaryOp):
-        value = _eval(node.operand, config)
-        if isinstance(node.op, ast.Not):
-            return not value
-        if isinstance(node.op, ast.USub):
-            return -value
-        return +value
-    if isinstance(node, ast.BoolOp):
-        values = [_eval(v, config) for v in node.values]
-        return all(values) if isinstance(node.op, ast.And) else any(values)
-    if isinstance(node, ast.Compare):
-        left = _eval(node.left, config)
-        for op, right_node in zip(node.ops, node.comparators):
-            right = _eval(right_node, config)
-            if not _CMPOPS[type(op)](left, right):
-                return False
-            left = right
-        return True
-    if isinstance(node, ast.IfExp):
-        return _eval(node.body if _eval(node.test, config) else node.orelse, config)
-    if isinstance(node, (ast.List, ast.Tuple)):
-        return [_eval(e, config) for e in node.elts]
-    raise ExprSyntaxError(f"cannot evaluate {ast.unparse(node)}")
+class _Evaluation:
+    """One evaluation, bounded: at most MAX_EXPR_STEPS steps (a node evaluated, an element
+    compared by `in`), and no value beyond the size limits of `mapgen.limits`."""
+
+    def __init__(self, reads: list[str] | None = None) -> None:
+        self.steps = 0
+        self.reads = reads
+
+    def step(self, count: int = 1) -> None:
+        self.steps += count
+        if self.steps > MAX_EXPR_STEPS:
+            raise ExprValueError(f"takes more than {MAX_EXPR_STEPS:,} steps to evaluate")
+
+    def eval(self, node: ast.expr, config: Mapping[str, Any]) -> Any:
+        self.step()
+        if isinstance(node, ast.Constant):
+            return node.value
+        if isinstance(node, ast.Name):
+            if node.id in _CONSTANTS:
+                return _CONSTANTS[node.id]
+            if node.id not in config or config[node.id] is None:
+                raise MissingField(node.id)
+            if self.reads is not None:
+                self.reads.append(node.id)
+            return config[node.id]
+        if isinstance(node, ast.Attribute):
+            base = self.eval(node.value, config)
+            path = ast.unparse(node)
+            if not isinstance(base, dict) or base.get(node.attr) is None:
+                raise MissingField(path)
+            if self.reads is not None:
+                self.reads.append(path)
+            return base[node.attr]
+        if isinstance(node, ast.Call):
+            assert isinstance(node.func, ast.Name)
+            if node.func.id == "range":
+                bounds = [self.eval(a, config) for a in node.args]
+                if not all(isinstance(b, int) and not isinstance(b, bool) for b in bounds):
+                    raise TypeError(f"range() takes integers, got {', '.join(repr(b) for b in bounds)}")
+                span = _check_size(range(*bounds))
+                self.step(len(span))
+                return list(span)
+            try:
+                return self.eval(node.args[0], config)
+            except MissingField:
+                return self.eval(node.args[1], config)
+        if isinstance(node, ast.ListComp):
+            loop = node.generators[0]
+            assert isinstance(loop.target, ast.Name)
+            found = []
+            outer = dict(config)
+            iterable = self.eval(loop.iter, config)
+            if not isinstance(iterable, (list, tuple, str, dict)):
+                raise TypeError(f"cannot loop over {iterable!r}")
+            for value in iterable:
+                scope = ChainMap({loop.target.id: value}, outer)
+                if all(self.eval(condition, scope) for condition in loop.ifs):
+                    found.append(self.eval(node.elt, scope))
+            return _check_size(found)
+        if isinstance(node, ast.Subscript):
+            base, index = self.eval(node.value, config), self.eval(node.slice, config)
+            try:
+                return base[index]
+            except (IndexError, KeyError, TypeError):
+                raise ValueError(f"{ast.unparse(node)}: cannot index {base!r} by {index!r}") from None
+        if isinstance(node, ast.BinOp):
+            left, right = self.eval(node.left, config), self.eval(node.right, config)
+            _check_operands(type(node.op), left, right)
+            return _check_size(_BINOPS[type(node.op)](left, right))
+        if isinstance(node, ast.UnaryOp):
+            value = self.eval(node.operand, config)
+            if isinstance(node.op, ast.Not):
+                return not value
+            if isinstance(node.op, ast.USub):
+                return -value
+            return +value
+        if isinstance(node, ast.BoolOp):
+            values = [self.eval(v, config) for v in node.values]
+            return all(values) if isinstance(node.op, ast.And) else any(values)
+        if isinstance(node, ast.Compare):
+            left = self.eval(node.left, config)
+            for op, right_node in zip(node.ops, node.comparators):
+                right = self.eval(right_node, config)
+                if isinstance(right, (list, tuple, str, dict)):
+                    self.step(len(right))
+                if not _CMPOPS[type(op)](left, right):
+                    return False
+                left = right
+            return True
+        if isinstance(node, ast.IfExp):
+            return self.eval(node.body if self.eval(node.test, config) else node.orelse, config)
+        if isinstance(node, (ast.List, ast.Tuple)):
+            return [self.eval(e, config) for e in node.elts]
+        raise ExprSyntaxError(f"cannot evaluate {ast.unparse(node)}")
+
+
+# a `%` conversion: optional (key), flags, width, precision, length modifier, type
+_CONVERSION = re.compile(r"%(?:\([^)]*\))?[#0 +\-]*(\*|\d+)?(?:\.(\*|\d*))?[hlL]?.?", re.DOTALL)
+
+
+def _check_operands(op: type[ast.operator], left: Any, right: Any) -> None:
+    """Refuse an operation whose result would be too large, before computing it."""
+    if op is ast.Mult:
+        for sized, count in ((left, right), (right, left)):
+            if isinstance(sized, (str, list)) and isinstance(count, int):
+                _check_length(sized, len(sized) * count)
+    elif op is ast.Add and isinstance(left, (str, list)) and isinstance(right, (str, list)):
+        _check_length(left, len(left) + len(right))
+    elif op is ast.Mod and isinstance(left, str):
+        for conversion in _CONVERSION.finditer(left):
+            for part in conversion.groups():
+                if part == "*":
+                    raise ExprValueError(f"'%' formatting with a '*' width or precision is not allowed: {left[:50]!r}")
+                if part and int(part) > MAX_FORMAT_WIDTH:
+                    raise ExprValueError(
+                        f"'%' formatting width or precision {int(part):,} is over {MAX_FORMAT_WIDTH}: {left[:50]!r}"
+                    )
+
+
+def _check_length(value: str | list[Any] | range, length: int) -> None:
+    """A string or list (or range) of `length` must be within the limits."""
+    is_string = isinstance(value, str)
+    limit = MAX_EXPR_STRING if is_string else MAX_EXPR_LIST
+    if length > limit:
+        what = "a string of" if is_string else "a list of"
+        unit = "characters" if is_string else "elements"
+        raise ExprValueError(f"gives {what} {length:,} {unit}, over the limit of {limit:,}")
+
+
+def _check_size(value: Any) -> Any:
+    """`value`, if within the limits on what an expression computes."""
+    if isinstance(value, (str, list, range)):
+        _check_length(value, len(value))
+    elif isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > MAX_EXPR_INT_BITS:
+        raise ExprValueError(f"gives an integer of {value.bit_length():,} bits, over the limit of {MAX_EXPR_INT_BITS}")
+    return value
 
 
 def _collect_fields(node: ast.AST, bound: frozenset[str], found: set[str]) -> None:

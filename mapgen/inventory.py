@@ -256,6 +256,19 @@ def to_te_layout(params: tuple[MegatronParam, ...]) -> tuple[MegatronParam, ...]
     return tuple(renamed)
 
 
+def architecture_model_type(architecture: str) -> str | None:
+    """The `model_type` of the config class transformers' `architecture` is built from; None
+    if transformers has no such class."""
+    import transformers
+
+    try:
+        model_class = getattr(transformers, architecture, None)
+    except Exception:  # a lazily imported class whose module fails to import
+        return None
+    model_type = getattr(getattr(model_class, "config_class", None), "model_type", None)
+    return model_type if isinstance(model_type, str) and model_type else None
+
+
 def hf_inventory(
     architecture: str, config_fields: dict[str, Any], stacked_experts: bool = False
 ) -> tuple[HFTensor, ...]:
@@ -266,9 +279,13 @@ def hf_inventory(
     `revert_weight_conversion`, which `save_pretrained` calls, gives the names on disk. Each
     layer's converted tensors stand, in natural order (by expert), where the first of them stood
     in memory. With `stacked_experts`, the in-memory names are the checkpoint's (a checkpoint
-    that stores the experts stacked, as transformers holds them)."""
+    that stores the experts stacked, as transformers holds them).
+
+    Each call of `revert_weight_conversion` walks every module of the model, so it is called
+    once per *kind* of decoder layer (the same tensor names and shapes but for the layer index),
+    not once per layer: another layer of the kind gets the kind's result with its own index
+    (`_convert_groups`); the build stays linear in the number of layers."""
     import transformers
-    from transformers.core_model_loading import revert_weight_conversion
 
     model_type = config_fields.get("model_type")
     if not isinstance(model_type, str):
@@ -282,21 +299,63 @@ def hf_inventory(
     if not getattr(hf_config, "tie_word_embeddings", False):
         tied = set()
     state = {k: v for k, v in model.state_dict().items() if k not in tied}
-    groups: dict[str, dict[str, torch.Tensor]] = {}  # by decoder layer: one conversion call each
+    groups: dict[str, dict[str, torch.Tensor]] = {}  # by decoder layer: converted together
     for name, tensor in state.items():
-        layer = re.match(r"^(.*?\.layers\.\d+\.)", name)
-        groups.setdefault(layer.group(1) if layer else name, {})[name] = tensor
+        layer = _HF_LAYER.match(name)
+        groups.setdefault(layer.group(0) if layer else name, {})[name] = tensor
     found: list[HFTensor] = []
-    for group in groups.values():
-        on_disk = group if stacked_experts else revert_weight_conversion(model, group)
+    conversion = _LayerConversion(model)
+    for key, group in groups.items():
+        on_disk = {n: tuple(t.shape) for n, t in group.items()} if stacked_experts else conversion.on_disk(key, group)
         converted = sorted((n for n in on_disk if n not in group), key=_natural)
         for name in group:
             if name in on_disk:
-                found.append(HFTensor(name, tuple(on_disk[name].shape)))
+                found.append(HFTensor(name, on_disk[name]))
             else:  # what the in-memory tensors became, where the first of them stood
-                found.extend(HFTensor(n, tuple(on_disk[n].shape)) for n in converted)
+                found.extend(HFTensor(n, on_disk[n]) for n in converted)
                 converted = []
     return tuple(found)
+
+
+_HF_LAYER = re.compile(r"^(.*?\.layers\.)(\d+)(\.)")
+
+
+_Shapes = dict[str, tuple[int, ...]]
+
+
+class _LayerConversion:
+    """`revert_weight_conversion` of one group of `model`'s tensors (a decoder layer's, or one
+    tensor outside the layers), as names and shapes on disk, computed once per kind of layer: a
+    layer whose tensors have the names and shapes of an earlier layer's but for its index gets
+    the earlier layer's result with its own prefix. A result that does not keep the layer's
+    prefix on every name is not reused (each such layer is converted by itself)."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.cache: dict[tuple[str, tuple[tuple[str, tuple[int, ...]], ...]], tuple[str, _Shapes] | None] = {}
+
+    def on_disk(self, key: str, group: dict[str, torch.Tensor]) -> _Shapes:
+        from transformers.core_model_loading import revert_weight_conversion
+
+        def convert() -> _Shapes:
+            return {n: tuple(t.shape) for n, t in revert_weight_conversion(self.model, group).items()}
+
+        layer = _HF_LAYER.match(key)
+        if layer is None or key != layer.group(0):  # not a decoder layer's group
+            return convert()
+        prefix = key
+        shape_key = tuple((n[len(prefix):], tuple(t.shape)) for n, t in group.items())
+        kind = (layer.group(1), shape_key)
+        if kind in self.cache:
+            cached = self.cache[kind]
+            if cached is not None:
+                template_prefix, template = cached
+                return {prefix + n[len(template_prefix):]: shape for n, shape in template.items()}
+            return convert()
+        result = convert()
+        keeps_prefix = all(n.startswith(prefix) for n in result)
+        self.cache[kind] = (prefix, result) if keeps_prefix else None
+        return result
 
 
 def _natural(name: str) -> tuple[tuple[int, int | str], ...]:

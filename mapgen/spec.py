@@ -24,6 +24,7 @@ from mapgen import yamlsource
 from mapgen.dims import DIM_FIELDS, REQUIRED_DIMS
 from mapgen.errors import ErrorSink, Location
 from mapgen.expr import Expr, ExprSyntaxError
+from mapgen.limits import MAX_DOUBLE_STARS, MAX_IGNORE_HF, MAX_PATTERN_CHARS, MAX_RULES
 from mapgen.pattern import Pattern, expand_braces
 from mapgen.yamlsource import Node
 
@@ -183,6 +184,9 @@ def parse_spec(path: str, text: str) -> Spec:
             errors.add(root.loc, f"missing required key '{key}'")
     family = _string(top.get("family"), "family", errors)
     hf_architecture = _string(top.get("hf_architecture"), "hf_architecture", errors)
+    if hf_architecture and not hf_architecture.isidentifier():
+        errors.add(top["hf_architecture"].loc, f"'hf_architecture' must be a transformers class name, got {hf_architecture[:80]!r}")
+        hf_architecture = ""
     dims = _parse_dims(top.get("dims"), errors)
     module_types = _parse_module_types(top.get("module_types"), errors)
     rules: list[Rule] = []
@@ -190,6 +194,8 @@ def parse_spec(path: str, text: str) -> Spec:
     if rules_node is not None:
         if not isinstance(rules_node.value, list):
             errors.add(rules_node.loc, "'rules' must be a list of rules")
+        elif len(rules_node.value) > MAX_RULES:
+            errors.add(rules_node.loc, f"{len(rules_node.value):,} rules: a spec may have at most {MAX_RULES:,} (see mapgen/limits.py)")
         else:
             for rule_node in rules_node.value:
                 rule = _parse_rule(rule_node, errors)
@@ -244,6 +250,9 @@ def _parse_ignore_hf(node: Node | None, errors: ErrorSink) -> tuple[IgnoreHF, ..
         return ()
     if not isinstance(node.value, list):
         errors.add(node.loc, "'ignore_hf' must be a list of {prefix, why}")
+        return ()
+    if len(node.value) > MAX_IGNORE_HF:
+        errors.add(node.loc, f"{len(node.value):,} ignore_hf entries: a spec may have at most {MAX_IGNORE_HF:,} (see mapgen/limits.py)")
         return ()
     found: list[IgnoreHF] = []
     for item in node.value:
@@ -348,6 +357,8 @@ def _parse_rule(node: Node, errors: ErrorSink) -> Rule | None:
     if not isinstance(megatron_node.value, str) or not megatron_node.value:
         errors.add(megatron_node.loc, "'megatron' must be a parameter name pattern")
         return None
+    if not _pattern_ok(megatron_node.value, megatron_node.loc, errors):
+        return None
     megatron = Pattern(megatron_node.value)
     hf = _parse_hf(fields["hf"], kind, megatron, errors)
     permute_dims = _parse_permute_dims(fields.get("permute_dims"), kind, errors)
@@ -374,6 +385,8 @@ def _parse_fused_hf(node: Node | None, kind: str, megatron: Pattern, errors: Err
     text = node.value
     if not isinstance(text, str) or not text.endswith("[*]"):
         errors.add(node.loc, "fused_hf must be a name pattern ending in [*] (the expert's slice)")
+        return None
+    if not _pattern_ok(text, node.loc, errors):
         return None
     if kind not in FUSED_KINDS:
         errors.add(node.loc, f"fused_hf does not apply to kind '{kind}'")
@@ -406,6 +419,8 @@ def _parse_hf(
                 return None
             texts.append((role, value))
     elif isinstance(node.value, str):
+        if not _pattern_ok(node.value, node.loc, errors):
+            return None
         try:
             expanded = expand_braces(node.value)
         except ValueError as exc:
@@ -424,6 +439,8 @@ def _parse_hf(
     else:
         errors.add(node.loc, "'hf' must be a name pattern or a mapping of role to pattern")
         return None
+    if not all(_pattern_ok(text, node.loc, errors) for _, text in texts):
+        return None
     patterns = tuple((role, Pattern(text)) for role, text in texts)
     for role, pattern in patterns:
         if pattern.wildcards != megatron.wildcards:
@@ -435,6 +452,17 @@ def _parse_hf(
             )
             return None
     return patterns
+
+
+def _pattern_ok(text: str, where: Location, errors: ErrorSink) -> bool:
+    """A name pattern within the limits: matching it against every name must stay cheap."""
+    if len(text) > MAX_PATTERN_CHARS:
+        errors.add(where, f"name pattern of {len(text):,} characters: at most {MAX_PATTERN_CHARS} are allowed")
+        return False
+    if text.count("**") > MAX_DOUBLE_STARS:
+        errors.add(where, f"name pattern '{text}' has {text.count('**')} '**' wildcards: at most {MAX_DOUBLE_STARS} are allowed")
+        return False
+    return True
 
 
 def _describe(wildcards: tuple[str, ...]) -> str:

@@ -120,9 +120,35 @@ def save_random_model(config: Any, folder: Path, seed: int = 0, dtype: torch.dty
     return model
 
 
+def standin_problems(fields: dict[str, Any]) -> list[str]:
+    """What keeps `standin_config` from making a stand-in of a config: the fields it reads, each
+    missing or of the wrong kind."""
+    problems: list[str] = []
+    if not isinstance(fields.get("model_type"), str):
+        problems.append("needs 'model_type' (a string) to know which model transformers builds")
+    for name, required in (
+        ("num_attention_heads", True), ("hidden_size", True), ("num_key_value_heads", False), ("head_dim", False),
+        ("max_position_embeddings", False),
+    ):
+        value = fields.get(name)
+        if value is None and not required:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            got = "it is missing" if value is None else f"got {value!r}"
+            problems.append(f"needs '{name}' as a positive integer ({got})")
+    heads, kv_heads = fields.get("num_attention_heads"), fields.get("num_key_value_heads")
+    if not problems and kv_heads is not None and heads % kv_heads:
+        problems.append(f"'num_key_value_heads' {kv_heads} does not divide 'num_attention_heads' {heads}")
+    return problems
+
+
 def standin_config(fields: dict[str, Any], num_layers: int = 4, vocab_size: int = 128) -> dict[str, Any]:
-    """A tiny config of the same architecture that keeps what shapes the mapping: GQA or not,
-    head_dim apart from hidden/heads or not, tied embeddings, biases, rope scaling."""
+    """A tiny config of the same architecture that keeps what shapes the mapping: GQA, MQA (one
+    KV head) or neither, head_dim apart from hidden/heads or not, tied embeddings, biases, rope
+    scaling. Raises ValueError (see `standin_problems`) for a config it cannot shrink."""
+    problems = standin_problems(fields)
+    if problems:
+        raise ValueError("; ".join(problems))
     dropped = ("quantization_config", "auto_map", "bos_token_id", "eos_token_id", "pad_token_id")
     tiny = {k: v for k, v in fields.items() if k not in dropped}
     heads = int(fields["num_attention_heads"])
@@ -132,7 +158,8 @@ def standin_config(fields: dict[str, Any], num_layers: int = 4, vocab_size: int 
         hidden_size=64,
         intermediate_size=96,
         num_attention_heads=4,
-        num_key_value_heads=4 if kv_heads == heads else 2,
+        # multi-head, multi-query (one KV head) and grouped-query attention stay what they are
+        num_key_value_heads=4 if kv_heads == heads else 1 if kv_heads == 1 else 2,
         num_hidden_layers=num_layers,
         vocab_size=vocab_size,
         max_position_embeddings=min(int(fields.get("max_position_embeddings", 256)), 256),

@@ -6,7 +6,7 @@ import pytest
 
 from mapgen.postprocess import GeneratedCodeError, check
 
-GOOD = "def import_a():\n    pass\n\n\nIMPORTS = {}\nPARAMS: tuple = (P('a', import_a),)\n"
+GOOD = "P = tuple\n\n\ndef import_a():\n    pass\n\n\nIMPORTS = {}\nPARAMS: tuple = (P('a', import_a),)\n"
 
 
 def test_good_source_passes() -> None:
