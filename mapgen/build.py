@@ -25,7 +25,7 @@ from mapgen.inventory import LAYOUTS, HFTensor, architecture_model_type, hf_inve
 from mapgen.ir import Source, Target
 from mapgen.limits import MAX_INPUT_BYTES
 from mapgen.megatron_model import MODEL_CLASSES
-from mapgen.postprocess import check
+from mapgen.postprocess import check, gc_paused
 from mapgen.render import render
 from mapgen.spec import Spec, parse_spec
 
@@ -256,8 +256,11 @@ def compile_target(
         f"Regenerate: {regenerate}",
     ]
     source = render(target, header)
-    tree = check(source, name)
-    return format_source(source, tree) if formatted else source
+    with gc_paused():  # the syntax tree of a large module is millions of objects
+        tree = check(source, name)
+        formatted_source = format_source(source, tree) if formatted else source
+        del tree
+    return formatted_source
 
 
 def _first_line(exc: BaseException) -> str:

@@ -191,7 +191,7 @@ ROWS: list[Row] = [
     Row("config-5000-experts", "build", {**MIXTRAL, "config.json": config(MIXTRAL_CONFIG, num_local_experts=5_000)},
         MIXTRAL_BUILD, 2, "config field 'num_local_experts' is 5000: dims.num_moe_experts 5,000 is over mapgen's limit of 4,096 experts", 30),
     Row("config-131072-expert-layers", "build", {**MIXTRAL, "config.json": config(MIXTRAL_CONFIG, num_local_experts=4_096)},
-        MIXTRAL_BUILD, 2, "dims.num_moe_experts 4,096 in 32 layers are 131,072 expert-layers, over mapgen's limit of 65,536", 30),
+        MIXTRAL_BUILD, 2, "dims.num_moe_experts 4,096 in 32 layers are 131,072 expert-layers, over mapgen's limit of 32,768", 30),
     Row("config-integer-over-63-bits", "build", {**TINY, "config.json": config(vocab_size=2**70)}, BUILD, 2,
         "dims.vocab_size must be an integer of at most 63 bits, got one of 71 bits", 30),
     Row("config-5000-digit-integer", "build", {**TINY, "config.json": config(vocab_size=7).replace('"vocab_size": 7', '"vocab_size": ' + "9" * 5000)},
