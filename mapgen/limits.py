@@ -31,7 +31,7 @@ MAX_DOUBLE_STARS = 2
 # evaluation steps, and the size of every value they compute.
 MAX_EXPR_CHARS = 2_000
 MAX_EXPR_DEPTH = 50
-MAX_EXPR_STEPS = 2_000_000
+MAX_EXPR_STEPS = 1_000_000
 MAX_EXPR_STRING = 10_000  # characters of a string result (repetition, concatenation, % formatting)
 MAX_EXPR_LIST = 100_000  # elements of a list result (range, repetition, comprehension)
 MAX_EXPR_INT_BITS = 128  # an integer result, in bits (sizes and indices need 63)
