@@ -25,9 +25,10 @@ from mapgen.inventory import LAYOUTS, HFTensor, architecture_model_type, hf_inve
 from mapgen.ir import Source, Target
 from mapgen.limits import MAX_INPUT_BYTES
 from mapgen.megatron_model import MODEL_CLASSES
-from mapgen.postprocess import check
+from mapgen.postprocess import check, gc_paused
 from mapgen.render import render
 from mapgen.spec import Spec, parse_spec
+from mapgen.write import file_kind
 
 TARGETS_FILE = "specs/targets.yaml"
 TARGET_KEYS = ("spec", "config", "layout")
@@ -59,17 +60,6 @@ def display_path(path: str | Path) -> str:
     except ValueError:
         relative = os.path.relpath(absolute, Path.cwd().resolve())
         return Path(relative).as_posix()
-
-
-def file_kind(mode: int) -> str:
-    """What a file that is not a regular file is, in words."""
-    for test, kind in (
-        (stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
-        (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISLNK, "a symbolic link"),
-    ):
-        if test(mode):
-            return kind
-    return "not a regular file"
 
 
 def read_targets(root: Path) -> list[TargetEntry]:
@@ -256,8 +246,11 @@ def compile_target(
         f"Regenerate: {regenerate}",
     ]
     source = render(target, header)
-    tree = check(source, name)
-    return format_source(source, tree) if formatted else source
+    with gc_paused():  # the syntax tree of a large module is millions of objects
+        tree = check(source, name)
+        formatted_source = format_source(source, tree) if formatted else source
+        del tree
+    return formatted_source
 
 
 def _first_line(exc: BaseException) -> str:
@@ -273,10 +266,11 @@ def check_model_type(spec: Spec, config: HFConfig) -> None:
     if model_type is None:
         raise SpecError([f"{Location(config.path, 1, 1)}: config has no 'model_type'" + (f" (for {spec.hf_architecture}: {wanted!r})" if wanted else "")])
     if wanted is not None and model_type != wanted:
+        given = "its architectures" if config.architectures else f"spec {spec.path}'s hf_architecture"
         raise SpecError(
             [
                 f"{config.where('model_type')}: config field 'model_type' is {model_type!r}, which contradicts "
-                f"{spec.hf_architecture} (architectures; model_type {wanted!r})"
+                f"{given}: {spec.hf_architecture} is a {wanted!r} model"
             ]
         )
 

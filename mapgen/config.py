@@ -231,7 +231,8 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def _json(value: Any) -> str:
-    return json.dumps(list(value) if isinstance(value, tuple) else value)
+    text = json.dumps(list(value) if isinstance(value, tuple) else value)
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def translate(spec: Spec, config: HFConfig) -> ModelDims:

@@ -233,6 +233,7 @@ class _Evaluation:
             assert isinstance(loop.target, ast.Name)
             found = []
             outer = dict(config)
+            self.step(len(outer))
             iterable = self.eval(loop.iter, config)
             if not isinstance(iterable, (list, tuple, str, dict)):
                 raise TypeError(f"cannot loop over {iterable!r}")

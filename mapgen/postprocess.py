@@ -3,28 +3,33 @@ defines or imports, and its tables must name only functions it defines. A failur
 in mapgen, not in a spec.
 
 The parse is CPython's own (`ast`): a 61-layer, 256-expert module is tens of megabytes, which
-the stdlib parser reads about ten times faster than libcst. Compiling all of it again would
-double that (measured on DeepSeek-V3's 36.8 MB: `compile()` 13-21 s, `ast.parse` 12-15 s, on a
-shared 2-core machine), so the gate compiles each distinct *statement shape* once: a top-level
+the stdlib parser reads about ten times faster than libcst. Compiling the whole text as well
+would cost as much again (DeepSeek-V3's 36.8 MB: `compile()` 13-21 s, `ast.parse` 12-15 s, on
+a shared 2-core machine), so the gate compiles each distinct *statement shape* once: a top-level
 statement, or an element of a table longer than `_TABLE_ROWS`, with every digit read as 0 (the
-shapes `mapgen.format` formats; DeepSeek-V3 has 202 of them among 136,871 units, found in about
-0.3 s). Statements of one shape differ only in digits, and a digit never decides whether
-Python code compiles: every decimal literal whose digits are all 0 is valid, as is an
-identifier with its digits replaced. What compiling one shape checks, it checks for all of its
-statements. Besides compiling, each shape must load only names that are bound: builtins,
-parameters of its own function, names the module defines or imports (digits read as 0; the
-PARAMS rows are checked name for name), and what it imports must exist (`from m import x`:
-`m` has `x`; `alias.attr` of an imported module: the module has `attr`), so `nan` in a literal
-or a runtime function renamed under the template would fail here, not at the user's import.
+shapes `mapgen.format` formats; DeepSeek-V3 has 204 among about 137,000 statements and table
+rows, found and checked in under a second). Statements of one shape differ only in digits, and
+a digit never decides whether parsed Python compiles: a decimal literal of zeros is valid, as
+is an identifier with its digits replaced; what compiling a shape checks, it checks for all of
+its statements. Each shape must also load only bound names: builtins, its own function's
+parameters and comprehension variables, and names the module defines or imports (compared with
+digits read as 0; the PARAMS rows are checked name for name, and top-level order is not
+checked). Imports must exist (`from m import x`: `m` has `x`), as must `alias.attr` of an
+imported module (`rt.qkv_import`). So `nan` in a literal, or a runtime function renamed under
+the template, fails here rather than at the user's import. What cannot reach the gate is
+refused where it is rendered: the target name must be an identifier, and paths in comments
+and docstrings printable without quotes or backslashes (`mapgen.build`).
 """
 
 from __future__ import annotations
 
 import ast
 import builtins
+import contextlib
 import gc
 import importlib
 from collections import Counter
+from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
 
@@ -69,17 +74,25 @@ def _functions_named_in(module: ast.Module, table: str) -> list[str]:
     return []
 
 
-def parse(source: str) -> ast.Module:
-    """`ast.parse`, with the cyclic garbage collector paused: the parse makes millions of
-    objects and no garbage, and in a process holding transformers and megatron-core each of the
-    collections it would trigger walks every object there (3x the parse time, measured)."""
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """The cyclic garbage collector paused. Parsing a large module makes millions of objects
+    and no garbage; in a process holding transformers and megatron-core, each collection those
+    allocations trigger walks every object there (the parse took 3x as long), and while the
+    syntax tree lives, later collections walk it again (formatting took 3x as long). The build
+    pauses it from the parse until the tree is dropped."""
     enabled = gc.isenabled()
     gc.disable()
     try:
-        return ast.parse(source)
+        yield
     finally:
         if enabled:
             gc.enable()
+
+
+def parse(source: str) -> ast.Module:
+    with gc_paused():
+        return ast.parse(source)
 
 
 def check(source: str, what: str) -> ast.Module:

@@ -33,7 +33,8 @@ class Written:
         return self.changed
 
 
-def _kind(mode: int) -> str:
+def file_kind(mode: int) -> str:
+    """What a file that is not a regular file is, in words."""
     for test, kind in (
         (stat.S_ISLNK, "a symbolic link"), (stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
         (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"),
@@ -81,7 +82,7 @@ def _refuse(path: Path, mode: int) -> None:
     except OSError:
         target = ""
     raise MapgenError(
-        f"cannot write {path}: it is {_kind(mode)}{target}, not a regular file; mapgen writes its output "
+        f"cannot write {path}: it is {file_kind(mode)}{target}, not a regular file; mapgen writes its output "
         "only as a regular file, replaced atomically (give another path, or the link's target)"
     )
 
