@@ -176,11 +176,16 @@ def _bad_inputs(root: Path, good: Path, module: Path) -> dict[str, tuple[Path, P
 
 @pytest.mark.parametrize(("family", "layout"), CASES, ids=[f"{n}-{layout}" for n, layout in CASES])
 def test_logits_match_transformers_and_export_is_bit_exact(outcome: dict[str, Any], family: str, layout: ParallelLayout) -> None:
-    results = outcome["by_label"][f"verify {family} {layout}"]
+    _assert_verified(outcome["by_label"][f"verify {family} {layout}"], outcome["cases"][family][0])
+
+
+def _assert_verified(results: list[Any], checkpoint_dir: Path) -> None:
+    """Every rank ran the job; rank 0 exported every tensor of the checkpoint bit for bit and
+    its logits match transformers' (fp32)."""
     for result in results:
         assert result.error is None, result.error
     rank0 = results[0]
-    assert rank0.tensors == len(load_file(outcome["cases"][family][0] / "model.safetensors"))
+    assert rank0.tensors == len(load_file(checkpoint_dir / "model.safetensors"))
     assert rank0.bit_exact == rank0.tensors, rank0.mismatched
     assert rank0.max_logit_diff <= 1e-5
     assert rank0.ok
@@ -190,13 +195,7 @@ def test_logits_match_transformers_and_export_is_bit_exact(outcome: dict[str, An
 def test_hybrid_model_logits_match_transformers_and_export_is_bit_exact(
     outcome: dict[str, Any], family: str, layout: ParallelLayout
 ) -> None:
-    results = outcome["by_label"][f"verify {family}_hybrid {layout}"]
-    for result in results:
-        assert result.error is None, result.error
-    rank0 = results[0]
-    assert rank0.tensors == len(load_file(outcome["cases"][family][0] / "model.safetensors"))
-    assert rank0.bit_exact == rank0.tensors, rank0.mismatched
-    assert rank0.max_logit_diff <= 1e-5 and rank0.ok
+    _assert_verified(outcome["by_label"][f"verify {family}_hybrid {layout}"], outcome["cases"][family][0])
 
 
 def test_hybrid_model_with_mla_needs_megatron_core_hybrid_model(outcome: dict[str, Any]) -> None:
@@ -424,11 +423,4 @@ def test_structural_config_fields_match_transformers(outcome: dict[str, Any], na
     dims = testing.import_module_from_path(module_path).DIMS
     for field, value in CONFIG_FIELD_CASES[name][2].items():
         assert getattr(dims, field) == value, field
-    results = outcome["by_label"][f"verify {name} {layout}"]
-    for result in results:
-        assert result.error is None, result.error
-    rank0 = results[0]
-    assert rank0.tensors == len(load_file(folder / "model.safetensors"))
-    assert rank0.bit_exact == rank0.tensors, rank0.mismatched
-    assert rank0.max_logit_diff <= 1e-5
-    assert rank0.ok
+    _assert_verified(outcome["by_label"][f"verify {name} {layout}"], folder)
