@@ -15,12 +15,11 @@ from pathlib import Path
 
 from mapgen import yamlsource
 from mapgen.console import quiet_libraries
-from mapgen.config import HFConfig, evaluate_in_context, read_hf_config, translate
+from mapgen.config import HFConfig, evaluate_in_context, evaluate_reported, read_hf_config, translate
 from mapgen.dims import ModelDims
 from mapgen.errors import ErrorSink, Location, MapgenError, SpecError
 from mapgen.expand import expand
 from mapgen.format import format_source
-from mapgen.expr import MissingField
 from mapgen.inventory import LAYOUTS, HFTensor, architecture_model_type, hf_inventory, megatron_inventory
 from mapgen.ir import Source, Target
 from mapgen.limits import MAX_INPUT_BYTES
@@ -281,13 +280,11 @@ def _ignored_hf(spec: Spec, config: HFConfig, dims: ModelDims, hf: tuple[HFTenso
     errors = ErrorSink()
     found: list[tuple[str, str]] = []
     for entry in spec.ignore_hf:
-        try:
-            prefix = evaluate_in_context(entry.prefix, dims, config)
-        except MissingField as missing:
-            errors.add(entry.loc, f"ignore_hf.prefix: config {config.path} lacks field '{missing.field}'")
-            continue
-        except (TypeError, ValueError, ZeroDivisionError) as exc:
-            errors.add(entry.loc, f"ignore_hf.prefix: cannot evaluate '{entry.prefix}': {exc}")
+        expr = entry.prefix
+        ok, prefix = evaluate_reported(
+            lambda: evaluate_in_context(expr, dims, config), errors, entry.loc, "ignore_hf.prefix", expr, config
+        )
+        if not ok:
             continue
         if not isinstance(prefix, str) or not prefix:
             errors.add(entry.loc, f"ignore_hf.prefix '{entry.prefix}' gives {prefix!r}, not a name prefix")

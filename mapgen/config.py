@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from mapgen import yamlsource
 from mapgen.dims import DIM_FIELDS, ModelDims, coerce
@@ -195,13 +195,11 @@ def check_config_fields(spec: Spec, config: HFConfig, errors: ErrorSink) -> None
         present, value = _lookup(config.fields, entry.path)
         if entry.value is None or not present:
             continue
-        try:
-            required = entry.value.evaluate(config.fields)
-        except MissingField as missing:
-            errors.add(entry.loc, f"config_fields.{entry.path}: config {config.path} lacks field '{missing.field}'")
-            continue
-        except (TypeError, ValueError, ZeroDivisionError) as exc:
-            errors.add(entry.loc, f"config_fields.{entry.path}: cannot evaluate '{entry.value}': {exc}")
+        value_expr = entry.value
+        ok, required = evaluate_reported(
+            lambda: value_expr.evaluate(config.fields), errors, entry.loc, f"config_fields.{entry.path}", value_expr, config
+        )
+        if not ok:
             continue
         if not _same(value, required):
             because = f": {entry.why}" if entry.why else ""
@@ -254,16 +252,11 @@ def translate(spec: Spec, config: HFConfig) -> ModelDims:
         where[dim.name] = dim.loc
         reads: list[str] = []
         read[dim.name] = reads
-        try:
-            raw = dim.literal if dim.expr is None else dim.expr.evaluate(config.fields, reads)
-        except MissingField as missing:
-            errors.add(
-                dim.loc,
-                f"dims.{dim.name}: config {config.path} lacks field '{missing.field}'",
-            )
-            continue
-        except (TypeError, ValueError, ZeroDivisionError) as exc:
-            errors.add(dim.loc, f"dims.{dim.name}: cannot evaluate '{dim.expr}': {exc}")
+        expr = dim.expr
+        ok, raw = (True, dim.literal) if expr is None else evaluate_reported(
+            lambda: expr.evaluate(config.fields, reads), errors, dim.loc, f"dims.{dim.name}", expr, config
+        )
+        if not ok:
             continue
         try:
             values[dim.name] = coerce(dim.name, raw)
@@ -294,6 +287,20 @@ def _blame(
             )
             return
     errors.add(dim_loc, f"dims.{dim} {message}{tail}")
+
+
+def evaluate_reported(
+    evaluate: Callable[[], Any], errors: ErrorSink, loc: Location, label: str, expr: object, config: HFConfig
+) -> tuple[bool, Any]:
+    """Evaluate one spec expression (`evaluate` runs it); a config field it lacks, or a failed
+    evaluation, is reported at the expression's place as `label: ...` and gives (False, None)."""
+    try:
+        return True, evaluate()
+    except MissingField as missing:
+        errors.add(loc, f"{label}: config {config.path} lacks field '{missing.field}'")
+    except (TypeError, ValueError, ZeroDivisionError) as exc:
+        errors.add(loc, f"{label}: cannot evaluate '{expr}': {exc}")
+    return False, None
 
 
 def evaluate_in_context(

@@ -9,10 +9,9 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 
-from mapgen.config import HFConfig, evaluate_in_context
+from mapgen.config import HFConfig, evaluate_in_context, evaluate_reported
 from mapgen.dims import ModelDims
 from mapgen.errors import ErrorSink, Location
-from mapgen.expr import MissingField
 from mapgen.inventory import HFTensor, MegatronParam
 from mapgen.ir import Mapping, QKVGeometry
 from mapgen.runtime.drivers import stacked_slice
@@ -192,13 +191,9 @@ def expand(
 def _is_active(rule: Rule, dims: ModelDims, config: HFConfig, errors: ErrorSink) -> bool:
     if rule.when is None:
         return True
-    try:
-        return bool(evaluate_in_context(rule.when, dims, config))
-    except MissingField as missing:
-        errors.add(rule.loc, f"when: config {config.path} lacks field '{missing.field}'")
-    except (TypeError, ValueError) as exc:
-        errors.add(rule.loc, f"when: cannot evaluate '{rule.when}': {exc}")
-    return False
+    when = rule.when
+    ok, value = evaluate_reported(lambda: evaluate_in_context(when, dims, config), errors, rule.loc, "when", when, config)
+    return ok and bool(value)
 
 
 def _decide(
@@ -261,14 +256,15 @@ def _qkv_geometry(
         )
     if rule.kind != "vision_qkv":
         return None
-    assert rule.heads is not None and rule.head_dim is not None
-    try:
-        heads = int(evaluate_in_context(rule.heads, dims, config))
-        head_dim = int(evaluate_in_context(rule.head_dim, dims, config))
-    except MissingField as missing:
-        errors.add(rule.loc, f"vision_qkv: config {config.path} lacks field '{missing.field}'")
-        return None
-    return QKVGeometry(heads, heads, head_dim)
+    heads_expr, head_dim_expr = rule.heads, rule.head_dim
+    assert heads_expr is not None and head_dim_expr is not None
+    ok, heads = evaluate_reported(
+        lambda: int(evaluate_in_context(heads_expr, dims, config)), errors, rule.loc, "vision_qkv", heads_expr, config
+    )
+    ok2, head_dim = evaluate_reported(
+        lambda: int(evaluate_in_context(head_dim_expr, dims, config)), errors, rule.loc, "vision_qkv", head_dim_expr, config
+    )
+    return QKVGeometry(heads, heads, head_dim) if ok and ok2 else None
 
 
 def _split_problem(mapping: Mapping, param: MegatronParam) -> str | None:
