@@ -22,9 +22,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mapgen import testing  # noqa: E402
-from mapgen.build import compile_target  # noqa: E402
-from mapgen.megatron_model import build_gpt_model, ensure_single_process_parallel_state  # noqa: E402
+from mapgen.verify import testing  # noqa: E402
+from mapgen.compiler.build import compile_target  # noqa: E402
+from mapgen.compiler.megatron_model import build_gpt_model, ensure_single_process_parallel_state  # noqa: E402
 from mapgen.runtime.drivers import export_hf_tensors, load_hf_checkpoint  # noqa: E402
 
 

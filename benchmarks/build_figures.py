@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mapgen.build import compile_entry, read_targets  # noqa: E402
+from mapgen.compiler.build import compile_entry, read_targets  # noqa: E402
 
 IMPORT = "import time, sys; t = time.perf_counter(); import {module}; print(time.perf_counter() - t)"
 
@@ -31,7 +31,7 @@ IMPORT = "import time, sys; t = time.perf_counter(); import {module}; print(time
 def _timed_import(folder: Path, module: str) -> float:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
     env["PYTHONPATH"] = str(folder)
-    code = "import mapgen.runtime, mapgen.dims; " + IMPORT.format(module=module)
+    code = "import mapgen.runtime, mapgen.common.dims; " + IMPORT.format(module=module)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 

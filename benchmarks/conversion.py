@@ -22,12 +22,12 @@ import torch.distributed as dist
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mapgen import testing  # noqa: E402
-from mapgen.build import compile_target  # noqa: E402
-from mapgen.megatron_model import ParallelLayout, build_model_chunks, initialize_parallel_state  # noqa: E402
+from mapgen.verify import testing  # noqa: E402
+from mapgen.compiler.build import compile_target  # noqa: E402
+from mapgen.compiler.megatron_model import ParallelLayout, build_model_chunks, initialize_parallel_state  # noqa: E402
 from mapgen.runtime import ParallelContext  # noqa: E402
 from mapgen.runtime.drivers import DEFAULT_BUCKET_BYTES, Converter  # noqa: E402
-from mapgen.verify import spawn  # noqa: E402
+from mapgen.verify.jobs import spawn  # noqa: E402
 
 COUNTED = ("all_gather", "broadcast", "all_reduce", "all_gather_object", "broadcast_object_list")
 

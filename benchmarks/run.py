@@ -28,9 +28,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from conversion import make_model, measure  # noqa: E402
 
-from mapgen.megatron_model import ParallelLayout  # noqa: E402
+from mapgen.compiler.megatron_model import ParallelLayout  # noqa: E402
 from mapgen.runtime.drivers import DEFAULT_BUCKET_BYTES  # noqa: E402
-from mapgen.verify import spawn  # noqa: E402
+from mapgen.verify.jobs import spawn  # noqa: E402
 
 LAYOUTS = {"TP1": ParallelLayout(), "TP2": ParallelLayout(tp=2), "PP2": ParallelLayout(pp=2)}
 BRIDGE_PYTHON = ROOT / ".venv-bench" / "bin" / "python"

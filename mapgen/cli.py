@@ -14,7 +14,7 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from mapgen.build import (
+from mapgen.compiler.build import (
     HF_EXPERTS,
     TARGETS_FILE,
     check_target_name,
@@ -23,12 +23,12 @@ from mapgen.build import (
     display_path,
     read_targets,
 )
-from mapgen.console import quiet_libraries
-from mapgen.errors import MapgenError
-from mapgen.inventory import LAYOUTS
-from mapgen.megatron_model import MODEL_CLASSES
-from mapgen.packaged import specs_folder
-from mapgen.write import check_output, stale_diff, write_if_changed
+from mapgen.common.console import quiet_libraries
+from mapgen.common.errors import MapgenError
+from mapgen.compiler.inventory import LAYOUTS
+from mapgen.compiler.megatron_model import MODEL_CLASSES
+from mapgen.compiler.packaged import specs_folder
+from mapgen.compiler.write import check_output, stale_diff, write_if_changed
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -222,7 +222,7 @@ def module_spec(module_file: Path, written: str) -> Path:
 def _local_twin(module_file: Path, hf_dir: Path, folder: Path) -> Path:
     """A te-layout module is checked through the local-layout module of the same spec for the
     checkpoint's config: TransformerEngine does not run on CPU."""
-    from mapgen.verify import config_problems, load_mapping_module
+    from mapgen.verify.jobs import config_problems, load_mapping_module
 
     module = load_mapping_module(module_file)
     if module.LAYOUT == "local":
@@ -272,9 +272,9 @@ def verify(generated: str, hf_dir: str, tp: int, pp: int, vpp: int, ep: int, etp
     model is built in the checkpoint's dtype; transformers runs in it too."""
     import tempfile
 
-    from mapgen.megatron_model import ParallelLayout
-    from mapgen.verify import Job
-    from mapgen.verify import verify as run_verify
+    from mapgen.compiler.megatron_model import ParallelLayout
+    from mapgen.verify.jobs import Job
+    from mapgen.verify.jobs import verify as run_verify
 
     layout = ParallelLayout(tp=tp, pp=pp, vpp=vpp, ep=ep, etp=etp, dp=max(ep, 1) if dp is None else dp,
                             first_stage_layers=first_stage_layers, last_stage_layers=last_stage_layers)
@@ -305,8 +305,8 @@ def standin(config: str, out_dir: str, seed: int, dtype: str, make_vocab_size_di
     what shapes the mapping: GQA or MQA, head_dim, tied embeddings, biases, rope scaling. The
     files are written into a hidden folder beside OUT_DIR and moved into it when complete; a
     missing OUT_DIR (and folders above it) is created."""
-    from mapgen.megatron_model import DTYPES
-    from mapgen.testing import standin_vocab_size
+    from mapgen.compiler.megatron_model import DTYPES
+    from mapgen.verify.testing import standin_vocab_size
 
     vocab_size = standin_vocab_size(make_vocab_size_divisible_by)
     try:
@@ -324,10 +324,10 @@ def _save_standin(config: Path, out: Path, seed: int, dtype: Any, vocab_size: in
     import shutil
     import tempfile
 
-    from mapgen.build import input_text, read_input
-    from mapgen.config import read_hf_config
-    from mapgen.testing import save_standin, standin_problems
-    from mapgen.write import make_folders
+    from mapgen.compiler.build import input_text, read_input
+    from mapgen.compiler.config import read_hf_config
+    from mapgen.verify.testing import save_standin, standin_problems
+    from mapgen.compiler.write import make_folders
 
     shown = str(config)
     fields = read_hf_config(shown, input_text(read_input(config, shown), shown)).fields

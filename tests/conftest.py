@@ -8,8 +8,8 @@ from typing import Any, Callable
 import pytest
 import torch
 
-from mapgen import testing
-from mapgen.build import compile_target
+from mapgen.verify import testing
+from mapgen.compiler.build import compile_target
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -51,7 +51,7 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., t
 
 @pytest.fixture(scope="session")
 def cpu_megatron() -> None:
-    from mapgen.megatron_model import ensure_single_process_parallel_state
+    from mapgen.compiler.megatron_model import ensure_single_process_parallel_state
 
     ensure_single_process_parallel_state()
     testing.prepare_cpu_megatron()

@@ -1,4 +1,4 @@
-"""Functions the distributed tests run inside spawned gloo processes (see mapgen.verify.spawn)."""
+"""Functions the distributed tests run inside spawned gloo processes (see mapgen.verify.jobs.spawn)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from mapgen.megatron_model import ParallelLayout, build_model_chunks, initialize_parallel_state
+from mapgen.compiler.megatron_model import ParallelLayout, build_model_chunks, initialize_parallel_state
 from mapgen.runtime import ParallelContext
 from mapgen.runtime import drivers
-from mapgen.testing import import_module_from_path, prepare_cpu_megatron
+from mapgen.verify.testing import import_module_from_path, prepare_cpu_megatron
 
 OBJECT_COLLECTIVES = ("all_gather_object", "broadcast_object_list", "gather_object", "scatter_object_list")
 TENSOR_COLLECTIVES = ("all_gather", "broadcast", "all_reduce", "scatter", "gather", "send", "recv", "all_to_all")

@@ -31,10 +31,10 @@ import torch
 import transformers
 from click.testing import CliRunner
 
-from mapgen import testing
+from mapgen.verify import testing
 from mapgen.cli import main
-from mapgen.errors import MapgenError
-from mapgen.postprocess import GeneratedCodeError, check
+from mapgen.common.errors import MapgenError
+from mapgen.compiler.postprocess import GeneratedCodeError, check
 
 from spec_cases import BASE_CONFIG, BASE_SPEC
 
@@ -367,7 +367,7 @@ def test_bad_input(row: Row, tmp_path: Path, unwritable: str) -> None:
 
 # --- the gate on generated code: what ast.parse alone let through -----------------------------
 
-PREAMBLE = "from __future__ import annotations\n\nfrom mapgen import runtime as rt\nfrom mapgen.dims import ModelDims\n\n"
+PREAMBLE = "from __future__ import annotations\n\nfrom mapgen import runtime as rt\nfrom mapgen.common.dims import ModelDims\n\n"
 
 
 @pytest.mark.parametrize(
@@ -408,7 +408,7 @@ def test_hf_inventory_converts_each_kind_of_layer_once(family: str, monkeypatch:
     shapes), and the number of conversion calls does not grow with the layers."""
     import transformers.core_model_loading as loading
 
-    from mapgen.inventory import hf_inventory
+    from mapgen.compiler.inventory import hf_inventory
 
     real = loading.revert_weight_conversion
     calls: list[int] = []
@@ -458,9 +458,9 @@ def test_te_module_built_outside_the_repository_finds_its_spec(tmp_path: Path, m
     """`mapgen verify` of a te module needs the module's spec; `module_spec` finds it from the
     folder it was built in, and from anywhere when it is a spec mapgen ships (by sha256). A
     spec of the user's own, verified from another folder, is a clear error saying what to do."""
-    from mapgen.build import compile_target
+    from mapgen.compiler.build import compile_target
     from mapgen.cli import module_spec
-    from mapgen.testing import import_module_from_path
+    from mapgen.verify.testing import import_module_from_path
 
     built, elsewhere = tmp_path / "built", tmp_path / "elsewhere"
     (built / "specs").mkdir(parents=True)

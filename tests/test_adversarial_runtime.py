@@ -33,9 +33,9 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
-from mapgen import testing
-from mapgen.build import compile_target
-from mapgen.megatron_model import ParallelLayout
+from mapgen.verify import testing
+from mapgen.compiler.build import compile_target
+from mapgen.compiler.megatron_model import ParallelLayout
 
 import dist_tasks
 
@@ -271,7 +271,7 @@ CHECKPOINT_ROWS: list[tuple[str, str, Callable[[Path], None], tuple[str, ...]]] 
 @pytest.fixture(scope="module")
 def llama(good: dict[str, Any]) -> tuple[Any, list[Any]]:
     """The stand-in's module and a single-process megatron-core model for it."""
-    from mapgen.megatron_model import build_gpt_model, ensure_single_process_parallel_state
+    from mapgen.compiler.megatron_model import build_gpt_model, ensure_single_process_parallel_state
 
     ensure_single_process_parallel_state()
     testing.prepare_cpu_megatron()
@@ -315,7 +315,8 @@ def test_the_good_checkpoints_load(good: dict[str, Any], llama: tuple[Any, list[
 
 def _verify(args: list[str], env: dict[str, str] | None = None) -> tuple[int, str]:
     """`mapgen verify ARGS` in this process (click's runner); starting processes is an error."""
-    from mapgen import cli, verify
+    from mapgen import cli
+    from mapgen.verify import jobs as verify
 
     def no_spawn(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("mapgen verify started processes for a bad input")
@@ -388,7 +389,7 @@ MOE_LAYOUT_ROWS = [
 
 @pytest.mark.parametrize(("row", "layout", "fragment"), MOE_LAYOUT_ROWS, ids=[r[0] for r in MOE_LAYOUT_ROWS])
 def test_expert_layouts_are_checked_against_the_module(moe_module: Any, row: str, layout: ParallelLayout, fragment: str) -> None:
-    from mapgen.verify import layout_problems
+    from mapgen.verify.jobs import layout_problems
 
     problems = layout_problems(moe_module, layout)
     assert any(fragment in p for p in problems), problems
@@ -623,8 +624,8 @@ KILLED_SAVE = """
 import os, sys, time
 from pathlib import Path
 import torch
-from mapgen import testing
-from mapgen.megatron_model import build_gpt_model, ensure_single_process_parallel_state
+from mapgen.verify import testing
+from mapgen.compiler.megatron_model import build_gpt_model, ensure_single_process_parallel_state
 from mapgen.runtime import drivers
 
 module_path, hf_dir, out = sys.argv[1:4]
@@ -719,7 +720,7 @@ DIST_CHECKPOINT_ROWS: list[tuple[str, str, Callable[[Path], None], tuple[str, ..
 
 @pytest.fixture(scope="module")
 def distributed(good: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    from mapgen.verify import Job, run_job, spawn
+    from mapgen.verify.jobs import Job, run_job, spawn
 
     root = tmp_path_factory.mktemp("distributed_bad")
     module, single = str(good["module"]), str(good["single"])
@@ -778,7 +779,7 @@ def distributed(good: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) 
 
 def _outcome(distributed: dict[str, Any], label: str) -> list[Any]:
     """Both ranks' results of one row; a task that raised shows its traceback here."""
-    from mapgen.verify import TaskFailed
+    from mapgen.verify.jobs import TaskFailed
 
     results: list[Any] = distributed["by_label"][label]
     for result in results:

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mapgen import testing
+from mapgen.verify import testing
 
 
 def _run(script: str, *args: str, out: Path) -> dict | list:  # type: ignore[type-arg]

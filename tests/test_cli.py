@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from mapgen import testing
-from mapgen.build import compile_target
+from mapgen.verify import testing
+from mapgen.compiler.build import compile_target
 
 from spec_cases import BASE_CONFIG, BASE_SPEC
 

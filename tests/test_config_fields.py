@@ -12,13 +12,13 @@ from typing import Any
 import pytest
 import torch
 
-from mapgen import testing
-from mapgen.build import read_targets
-from mapgen.config import read_hf_config, translate
-from mapgen.dims import ModelDims
-from mapgen.errors import SpecError
-from mapgen.megatron_model import transformer_config
-from mapgen.spec import parse_spec
+from mapgen.verify import testing
+from mapgen.compiler.build import read_targets
+from mapgen.compiler.config import read_hf_config, translate
+from mapgen.common.dims import ModelDims
+from mapgen.common.errors import SpecError
+from mapgen.compiler.megatron_model import transformer_config
+from mapgen.compiler.spec import parse_spec
 
 TARGETS = {entry.name: entry for entry in read_targets(testing.ROOT)}
 
@@ -202,7 +202,7 @@ def test_a_window_shorter_than_the_sequence_changes_transformers_logits(tmp_path
 def test_qwen3_moe_dense_layers_in_the_te_layout(tmp_path: Path) -> None:
     """The te module of a Qwen3-MoE with decoder_sparse_step 2: the dense layers' pre-MLP norm is
     fused into linear_fc1 (TELayerNormColumnParallelLinear), the expert layers keep theirs."""
-    from mapgen.build import compile_target
+    from mapgen.compiler.build import compile_target
 
     fields = testing.standin_config(_published("qwen3_30b_a3b"))
     fields["decoder_sparse_step"] = 2

@@ -13,12 +13,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mapgen import testing
-from mapgen.build import compile_target, read_targets
-from mapgen.errors import MapgenError
-from mapgen.megatron_model import ParallelLayout, hybrid_model_class
+from mapgen.verify import testing
+from mapgen.compiler.build import compile_target, read_targets
+from mapgen.common.errors import MapgenError
+from mapgen.compiler.megatron_model import ParallelLayout, hybrid_model_class
 from mapgen.runtime.vocab import padded_vocab_size
-from mapgen.verify import Job, run_job, spawn
+from mapgen.verify.jobs import Job, run_job, spawn
 
 import dist_tasks
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mapgen import testing
-from mapgen.inventory import weight_buffers
-from mapgen.megatron_model import build_gpt_model
+from mapgen.verify import testing
+from mapgen.common.layout import weight_buffers
+from mapgen.compiler.megatron_model import build_gpt_model
 from mapgen.runtime.drivers import export_hf_tensors, load_hf_checkpoint
 
 CASES = [
@@ -124,7 +124,7 @@ def test_other_kinds_through_generated_code(tiny_checkpoint: Any, compile_module
 
 def _deepseek_te_name(name: str) -> str:
     """megatron-core's TE layer spec names for MLA + MoE, written out independently of
-    mapgen.inventory: fused q/kv up-projection norms, grouped experts, and the pre-MLP norm
+    mapgen.compiler.inventory: fused q/kv up-projection norms, grouped experts, and the pre-MLP norm
     fused into linear_fc1 only in the dense layer (layer 0)."""
     import re
 
@@ -163,7 +163,7 @@ def test_checkpoint_with_stacked_experts(family: str, tmp_path: Any, tiny_checkp
     slice on import, and export stacks the slices back, bit for bit."""
     from safetensors.torch import save_file
 
-    from mapgen.build import compile_target
+    from mapgen.compiler.build import compile_target
 
     folder, hf_model = tiny_checkpoint(family)
     stacked = {k: v.contiguous() for k, v in hf_model.state_dict().items()}

@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 
-from mapgen import testing
-from mapgen.build import compile_target
-from mapgen.format import ShapeFormatter, black_format, format_source
+from mapgen.verify import testing
+from mapgen.compiler.build import compile_target
+from mapgen.compiler.format import ShapeFormatter, black_format, format_source
 
 
 @pytest.mark.parametrize(

@@ -205,8 +205,8 @@ def test_fp8_deepseek_checkpoint_loads_dequantized_into_megatron(
     import transformers
     from safetensors.torch import load_file
 
-    from mapgen import testing
-    from mapgen.megatron_model import build_gpt_model
+    from mapgen.verify import testing
+    from mapgen.compiler.megatron_model import build_gpt_model
     from mapgen.runtime.drivers import export_hf_tensors, load_hf_checkpoint
 
     block = (16, 16)

@@ -7,10 +7,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from mapgen.dims import ModelDims
-from mapgen.expand import MODULE_TYPES, resolve_auto
-from mapgen.inventory import MegatronParam, _skeleton_params, megatron_inventory
-from mapgen.megatron_model import build_gpt_model, ensure_single_process_parallel_state
+from mapgen.common.dims import ModelDims
+from mapgen.compiler.expand import MODULE_TYPES, resolve_auto
+from mapgen.compiler.inventory import MegatronParam, _skeleton_params, megatron_inventory
+from mapgen.compiler.megatron_model import build_gpt_model, ensure_single_process_parallel_state
 
 DIMS = ModelDims(
     num_layers=5, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4, num_query_groups=2,
@@ -131,7 +131,7 @@ HYBRID_MOE_DIMS = replace(
 def test_hybrid_inventory_equals_a_full_hybrid_model_build() -> None:
     """The HybridModel inventory (one layer of each kind, expanded) against megatron-core's
     HybridModel built whole: the same names, shapes and TP partitions."""
-    from mapgen.megatron_model import build_hybrid_model, hybrid_layer_pattern
+    from mapgen.compiler.megatron_model import build_hybrid_model, hybrid_layer_pattern
 
     dims = HYBRID_MOE_DIMS
     assert hybrid_layer_pattern(dims) == "*-*E*E*E*E"

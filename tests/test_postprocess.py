@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mapgen.postprocess import GeneratedCodeError, check
+from mapgen.compiler.postprocess import GeneratedCodeError, check
 
 GOOD = "P = tuple\n\n\ndef import_a():\n    pass\n\n\nIMPORTS = {}\nPARAMS: tuple = (P('a', import_a),)\n"
 

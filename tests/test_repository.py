@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from mapgen import testing
+from mapgen.verify import testing
 
 
 def test_generated_modules_are_fresh() -> None:

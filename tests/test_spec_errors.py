@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from mapgen.build import compile_target
-from mapgen.errors import SpecError
+from mapgen.compiler.build import compile_target
+from mapgen.common.errors import SpecError
 
 from spec_cases import BASE_CONFIG, BASE_SPEC, CASES
 

@@ -12,15 +12,15 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from mapgen import testing
-from mapgen.build import compile_target
+from mapgen.verify import testing
+from mapgen.compiler.build import compile_target
 from mapgen.cli import main
-from mapgen.megatron_model import ParallelLayout, build_gpt_model, build_model_chunks
+from mapgen.compiler.megatron_model import ParallelLayout, build_gpt_model, build_model_chunks
 from mapgen.runtime.checkpoint import HFCheckpoint
 from mapgen.runtime.collectives import RankError
 from mapgen.runtime.drivers import export_hf_tensors, load_hf_checkpoint
 from mapgen.runtime.vocab import padded_block, padded_rows_problem, padded_vocab_size
-from mapgen.verify import FLOAT32_TOLERANCE, checkpoint_dtype, logit_tolerance
+from mapgen.verify.jobs import FLOAT32_TOLERANCE, checkpoint_dtype, logit_tolerance
 
 
 def test_padded_vocab_size_is_megatron_lms_rounding() -> None:

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from mapgen import testing
-from mapgen.build import compile_target
-from mapgen.errors import MapgenError
+from mapgen.verify import testing
+from mapgen.compiler.build import compile_target
+from mapgen.common.errors import MapgenError
 
 SPEC, CONFIG = "specs/llama.yaml", "specs/configs/llama3_2_1b.json"
 OUTPUT = "out/llama3_2_1b.py"

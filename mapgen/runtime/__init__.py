@@ -1,5 +1,6 @@
 """mapgen.runtime: the one library every generated mapping module calls."""
 
+from mapgen.common.dims import ModelDims
 from mapgen.runtime.context import Group, ParallelContext
 from mapgen.runtime.ops import (
     column_export,
@@ -33,6 +34,7 @@ __all__ = [
     "HFTensorPlan",
     "ImportFn",
     "Loader",
+    "ModelDims",
     "ParallelContext",
     "ParamPlan",
     "column_export",

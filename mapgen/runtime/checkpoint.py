@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from mapgen.errors import MapgenError
+from mapgen.common.errors import MapgenError
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"

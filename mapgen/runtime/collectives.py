@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from mapgen.errors import MapgenError
+from mapgen.common.errors import MapgenError
 from mapgen.runtime.context import Group
 
 _MESSAGE_BYTES = 8192

@@ -24,7 +24,8 @@ from typing import Any, Protocol
 import torch
 from safetensors.torch import save_file
 
-from mapgen.errors import MapgenError
+from mapgen.common.errors import MapgenError
+from mapgen.common.layout import stacked_slice, weight_buffers
 from mapgen.runtime.checkpoint import HFCheckpoint
 from mapgen.runtime.collectives import agree_or_raise, all_gather_coalesced, broadcast_coalesced
 from mapgen.runtime.context import Group, ParallelContext
@@ -60,14 +61,6 @@ def _unwrap(chunk: Any) -> Any:
     return chunk
 
 
-def stacked_slice(name: str) -> tuple[str, int | None]:
-    """`X[i]` -> (X, i): slice i of a stacked-experts HF tensor; other names -> (name, None)."""
-    if name.endswith("]") and "[" in name:
-        base, index = name[:-1].rsplit("[", 1)
-        return base, int(index)
-    return name, None
-
-
 def hf_order(position: dict[str, int], name: str) -> tuple[int, int]:
     """Where an HF name (or a slice of a stacked tensor) stands in the module's HF order."""
     base, index = stacked_slice(name)
@@ -80,8 +73,6 @@ def num_experts(module: Module) -> int:
 
 def _weights(model: Any) -> Iterator[tuple[str, torch.Tensor]]:
     """A chunk's parameters, then its weight buffers (the router's expert_bias)."""
-    from mapgen.inventory import weight_buffers
-
     yield from model.named_parameters()
     yield from weight_buffers(model)
 

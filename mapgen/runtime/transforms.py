@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import torch
 
+from mapgen.common.layout import inverse_permutation
+
+__all__ = ["inverse_permutation"]  # plus every function below
+
 
 def concat_into(parts: list[torch.Tensor], dim: int, out: torch.Tensor | None) -> torch.Tensor:
     """torch.cat, written straight into `out` (of the same dtype) when given."""
@@ -95,13 +99,6 @@ def concat_qkv_parts(
 
 def permute(tensor: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
     return tensor.permute(dims).contiguous()
-
-
-def inverse_permutation(dims: tuple[int, ...]) -> tuple[int, ...]:
-    inverse = [0] * len(dims)
-    for position, dim in enumerate(dims):
-        inverse[dim] = position
-    return tuple(inverse)
 
 
 def zero_centered_from_hf(weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

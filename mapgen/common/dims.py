@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from mapgen.limits import MAX_EXPERT_LAYERS, MAX_EXPERTS, MAX_LAYERS
+from mapgen.common.limits import MAX_EXPERT_LAYERS, MAX_EXPERTS, MAX_LAYERS
 
 # megatron-core's llama-3 rope scaling takes only the factor from its caller; the other three
 # parameters are fixed in `RotaryEmbedding._apply_scaling`.
@@ -115,7 +115,7 @@ class ModelDims:
         if self.num_layers > MAX_LAYERS:
             found.append(
                 ("num_layers", f"{self.num_layers:,} is over mapgen's limit of {MAX_LAYERS:,} layers (every layer's "
-                 "parameters get functions of their own; see mapgen/limits.py)")
+                 "parameters get functions of their own; see mapgen/common/limits.py)")
             )
         if self.num_query_groups <= 0 or self.num_attention_heads % self.num_query_groups:
             found.append(
@@ -166,12 +166,12 @@ class ModelDims:
         if experts <= 0:
             found.append(("num_moe_experts", f"must be positive, got {experts}"))
         if experts > MAX_EXPERTS:
-            found.append(("num_moe_experts", f"{experts:,} is over mapgen's limit of {MAX_EXPERTS:,} experts (see mapgen/limits.py)"))
+            found.append(("num_moe_experts", f"{experts:,} is over mapgen's limit of {MAX_EXPERTS:,} experts (see mapgen/common/limits.py)"))
         elif self.num_layers <= MAX_LAYERS and experts * len(self.moe_layers) > MAX_EXPERT_LAYERS:
             found.append(
                 ("num_moe_experts", f"{experts:,} in {len(self.moe_layers):,} layers are "
                  f"{experts * len(self.moe_layers):,} expert-layers, over mapgen's limit of {MAX_EXPERT_LAYERS:,} "
-                 "(every expert of every layer gets functions of its own; see mapgen/limits.py)")
+                 "(every expert of every layer gets functions of its own; see mapgen/common/limits.py)")
             )
         groups_topk = self.moe_router_group_topk
         if groups_topk is not None and not 0 < groups_topk <= (self.moe_router_num_groups or groups_topk):

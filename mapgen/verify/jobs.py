@@ -34,9 +34,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.multiprocessing.spawn import start_processes
 
-from mapgen.console import native_stdout_silenced, quiet_libraries
-from mapgen.errors import MapgenError
-from mapgen.megatron_model import (
+from mapgen.common.console import native_stdout_silenced, quiet_libraries
+from mapgen.common.errors import MapgenError
+from mapgen.compiler.megatron_model import (
     ParallelLayout,
     build_model_chunks,
     initialize_parallel_state,
@@ -308,9 +308,9 @@ def config_problems(module: ModuleType, spec_path: Path, config_path: Path) -> l
     reference transformers builds from it is another model than the one imported."""
     from dataclasses import fields as dataclass_fields
 
-    from mapgen.config import read_hf_config, translate
-    from mapgen.errors import SpecError
-    from mapgen.spec import parse_spec
+    from mapgen.compiler.config import read_hf_config, translate
+    from mapgen.common.errors import SpecError
+    from mapgen.compiler.spec import parse_spec
 
     try:
         spec = parse_spec(str(spec_path), spec_path.read_text(encoding="utf-8"))
@@ -335,7 +335,7 @@ def run_job(job: Job) -> Result:
     from mapgen.runtime import ParallelContext
     from mapgen.runtime.drivers import Converter
     from mapgen.runtime.vocab import padded_vocab_size
-    from mapgen.testing import hf_logits, prepare_cpu_megatron
+    from mapgen.verify.testing import hf_logits, prepare_cpu_megatron
 
     rank = dist.get_rank()
     result = Result(job, rank)

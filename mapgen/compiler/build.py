@@ -13,21 +13,21 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from mapgen import yamlsource
-from mapgen.console import quiet_libraries
-from mapgen.config import HFConfig, evaluate_in_context, evaluate_reported, read_hf_config, translate
-from mapgen.dims import ModelDims
-from mapgen.errors import ErrorSink, Location, MapgenError, SpecError
-from mapgen.expand import expand
-from mapgen.format import format_source
-from mapgen.inventory import LAYOUTS, HFTensor, architecture_model_type, hf_inventory, megatron_inventory
-from mapgen.ir import Source, Target
-from mapgen.limits import MAX_INPUT_BYTES
-from mapgen.megatron_model import MODEL_CLASSES
-from mapgen.postprocess import check, gc_paused
-from mapgen.render import render
-from mapgen.spec import Spec, parse_spec
-from mapgen.write import file_kind
+from mapgen.compiler import yamlsource
+from mapgen.common.console import quiet_libraries
+from mapgen.compiler.config import HFConfig, evaluate_in_context, evaluate_reported, read_hf_config, translate
+from mapgen.common.dims import ModelDims
+from mapgen.common.errors import ErrorSink, Location, MapgenError, SpecError
+from mapgen.compiler.expand import expand
+from mapgen.compiler.format import format_source
+from mapgen.compiler.inventory import LAYOUTS, HFTensor, architecture_model_type, hf_inventory, megatron_inventory
+from mapgen.compiler.ir import Source, Target
+from mapgen.common.limits import MAX_INPUT_BYTES
+from mapgen.compiler.megatron_model import MODEL_CLASSES
+from mapgen.compiler.postprocess import check, gc_paused
+from mapgen.compiler.render import render
+from mapgen.compiler.spec import Spec, parse_spec
+from mapgen.compiler.write import file_kind
 
 TARGETS_FILE = "specs/targets.yaml"
 TARGET_KEYS = ("spec", "config", "layout")

@@ -16,8 +16,8 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 # The source tree and its specs, for the test suite only: no `mapgen` command reads
-# them (in a wheel install ROOT is site-packages; shipped specs: mapgen.packaged.specs_folder).
-ROOT = Path(__file__).resolve().parent.parent
+# them (in a wheel install ROOT is site-packages; shipped specs: mapgen.compiler.packaged.specs_folder).
+ROOT = Path(__file__).resolve().parents[2]
 FAMILY_SPECS = {
     "llama": "specs/llama.yaml",
     "qwen2": "specs/qwen2.yaml",

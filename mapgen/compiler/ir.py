@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mapgen.dims import ModelDims
-from mapgen.errors import Location
-from mapgen.inventory import HFTensor
+from mapgen.common.dims import ModelDims
+from mapgen.common.errors import Location
+from mapgen.compiler.inventory import HFTensor
 
 
 @dataclass(frozen=True)

@@ -7,11 +7,10 @@ from dataclasses import dataclass
 
 import jinja2
 
-from mapgen.ir import Mapping, Target
-from mapgen.megatron_model import hybrid_layer_pattern
-from mapgen.packaged import TEMPLATE, template_text
-from mapgen.runtime.drivers import stacked_slice
-from mapgen.runtime.transforms import inverse_permutation
+from mapgen.compiler.ir import Mapping, Target
+from mapgen.compiler.megatron_model import hybrid_layer_pattern
+from mapgen.compiler.packaged import TEMPLATE, template_text
+from mapgen.common.layout import inverse_permutation, stacked_slice
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ the stdlib parser reads about ten times faster than libcst. Compiling the whole 
 would cost as much again (DeepSeek-V3's 36.8 MB: `compile()` 13-21 s, `ast.parse` 12-15 s, on
 a shared 2-core machine), so the gate compiles each distinct *statement shape* once: a top-level
 statement, or an element of a table longer than `_TABLE_ROWS`, with every digit read as 0 (the
-shapes `mapgen.format` formats; DeepSeek-V3 has 204 among about 137,000 statements and table
+shapes `mapgen.compiler.format` formats; DeepSeek-V3 has 204 among about 137,000 statements and table
 rows, found and checked in under a second). Statements of one shape differ only in digits, and
 a digit never decides whether parsed Python compiles: a decimal literal of zeros is valid, as
 is an identifier with its digits replaced; what compiling a shape checks, it checks for all of
@@ -18,7 +18,7 @@ checked). Imports must exist (`from m import x`: `m` has `x`), as must `alias.at
 imported module (`rt.qkv_import`). So `nan` in a literal, or a runtime function renamed under
 the template, fails here rather than at the user's import. What cannot reach the gate is
 refused where it is rendered: the target name must be an identifier, and paths in comments
-and docstrings printable without quotes or backslashes (`mapgen.build`).
+and docstrings printable without quotes or backslashes (`mapgen.compiler.build`).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
 
-from mapgen.errors import MapgenError
+from mapgen.common.errors import MapgenError
 
 _TABLE_ROWS = 8  # tables longer than this are checked (and formatted) element by element
 _ZERO_DIGITS = bytes.maketrans(b"123456789", b"000000000")

@@ -13,8 +13,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed import HashStore  # type: ignore[attr-defined]
 
-from mapgen.console import native_stdout_silenced
-from mapgen.dims import ModelDims
+from mapgen.common.console import native_stdout_silenced
+from mapgen.common.dims import ModelDims
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -110,7 +110,7 @@ def initialize_parallel_state(layout: ParallelLayout) -> None:
     """(Re)initialise megatron-core's groups for `layout` in an initialised process group."""
     from megatron.core import parallel_state
 
-    from mapgen.errors import MapgenError
+    from mapgen.common.errors import MapgenError
 
     if problems := layout.problems():
         raise MapgenError(f"layout {layout}: " + "; ".join(problems))
@@ -443,7 +443,7 @@ def build_hybrid_model(
     skeleton)."""
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
-    from mapgen.errors import MapgenError
+    from mapgen.common.errors import MapgenError
 
     model_class, pattern_keyword = hybrid_model_class()
     pattern = hybrid_layer_pattern(dims)

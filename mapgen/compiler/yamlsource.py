@@ -1,6 +1,6 @@
 """A YAML reader that keeps the location of every value and rejects duplicate keys.
 
-Bounded (`mapgen.limits`): values nest at most MAX_NESTING deep, a document expands to at most
+Bounded (`mapgen.common.limits`): values nest at most MAX_NESTING deep, a document expands to at most
 MAX_YAML_VALUES values once its aliases are followed (a "billion laughs" document is refused, not
 expanded), and an alias inside the value it names (a recursive anchor) is refused.
 """
@@ -12,8 +12,8 @@ from typing import Union
 
 import yaml
 
-from mapgen.errors import Location, SpecError
-from mapgen.limits import MAX_NESTING, MAX_YAML_VALUES
+from mapgen.common.errors import Location, SpecError
+from mapgen.common.limits import MAX_NESTING, MAX_YAML_VALUES
 
 Value = Union[str, int, float, bool, None, "dict[str, Node]", "list[Node]"]
 

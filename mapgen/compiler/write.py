@@ -18,7 +18,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from mapgen.errors import MapgenError
+from mapgen.common.errors import MapgenError
 
 
 @dataclass(frozen=True)

@@ -16,12 +16,12 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from mapgen import yamlsource
-from mapgen.dims import DIM_FIELDS, ModelDims, coerce
-from mapgen.errors import ErrorSink, Location, SpecError
-from mapgen.expr import Expr, MissingField
-from mapgen.limits import MAX_NESTING
-from mapgen.spec import Spec
+from mapgen.compiler import yamlsource
+from mapgen.common.dims import DIM_FIELDS, ModelDims, coerce
+from mapgen.common.errors import ErrorSink, Location, SpecError
+from mapgen.compiler.expr import Expr, MissingField
+from mapgen.common.limits import MAX_NESTING
+from mapgen.compiler.spec import Spec
 
 # Config fields that describe no part of the model a spec builds, accepted from any config.
 NON_ARCHITECTURE_FIELDS = frozenset(

@@ -13,14 +13,14 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-from mapgen.errors import MapgenError
+from mapgen.common.errors import MapgenError
 
 TEMPLATE = "module.py.j2"
 
 
 def _source_tree() -> Path | None:
     """The source tree holding the imported `mapgen` package, if it is one (not site-packages)."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     return root if (root / "pyproject.toml").is_file() else None
 
 
@@ -42,7 +42,7 @@ def template_text(name: str = TEMPLATE) -> str:
     if templates is None or not (templates / name).is_file():
         raise MapgenError(
             f"mapgen's template {name} is missing: neither mapgen/templates (package data of an "
-            f"installed mapgen) nor templates/ of a source tree is beside {Path(__file__).parent}; "
+            f"installed mapgen) nor templates/ of a source tree is beside {Path(__file__).parents[1]}; "
             "reinstall mapgen"
         )
     return (templates / name).read_text(encoding="utf-8")
@@ -53,5 +53,5 @@ def specs_folder() -> Path:
     ships, to give `mapgen build` as SPEC and CONFIG."""
     specs = folder("specs")
     if specs is None:
-        raise MapgenError(f"this mapgen ({Path(__file__).parent}) ships no specs: reinstall mapgen")
+        raise MapgenError(f"this mapgen ({Path(__file__).parents[1]}) ships no specs: reinstall mapgen")
     return specs

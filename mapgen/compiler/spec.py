@@ -1,8 +1,8 @@
 """The family spec: a typed model of `specs/<family>.yaml`, parsed with every error located.
 
 A spec names the HF architecture, translates HF config fields into Megatron model dims
-(`mapgen.expr` expressions), declares under `config_fields` the other config fields it
-understands and the value each must have (`mapgen.config.check_config_fields`), may register
+(`mapgen.compiler.expr` expressions), declares under `config_fields` the other config fields it
+understands and the value each must have (`mapgen.compiler.config.check_config_fields`), may register
 extra Megatron module types for `auto`, and lists rules. A rule pairs one Megatron parameter
 pattern with the HF pattern(s) it is made from:
 
@@ -20,13 +20,13 @@ import difflib
 from dataclasses import dataclass
 from typing import Any
 
-from mapgen import yamlsource
-from mapgen.dims import DIM_FIELDS, REQUIRED_DIMS
-from mapgen.errors import ErrorSink, Location
-from mapgen.expr import Expr, ExprSyntaxError
-from mapgen.limits import MAX_DOUBLE_STARS, MAX_IGNORE_HF, MAX_PATTERN_CHARS, MAX_RULES
-from mapgen.pattern import Pattern, expand_braces
-from mapgen.yamlsource import Node
+from mapgen.compiler import yamlsource
+from mapgen.common.dims import DIM_FIELDS, REQUIRED_DIMS
+from mapgen.common.errors import ErrorSink, Location
+from mapgen.compiler.expr import Expr, ExprSyntaxError
+from mapgen.common.limits import MAX_DOUBLE_STARS, MAX_IGNORE_HF, MAX_PATTERN_CHARS, MAX_RULES
+from mapgen.compiler.pattern import Pattern, expand_braces
+from mapgen.compiler.yamlsource import Node
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ KINDS: dict[str, KindInfo] = {
     "auto": KindInfo(
         ("hf",),
         "column, row or replicated, decided at build time from the owning Megatron module "
-        "(see mapgen.expand.resolve_auto). With permute_dims, import permutes the HF tensor "
+        "(see mapgen.compiler.expand.resolve_auto). With permute_dims, import permutes the HF tensor "
         "first and export applies the inverse permutation.",
     ),
     "qkv": KindInfo(
@@ -195,7 +195,7 @@ def parse_spec(path: str, text: str) -> Spec:
         if not isinstance(rules_node.value, list):
             errors.add(rules_node.loc, "'rules' must be a list of rules")
         elif len(rules_node.value) > MAX_RULES:
-            errors.add(rules_node.loc, f"{len(rules_node.value):,} rules: a spec may have at most {MAX_RULES:,} (see mapgen/limits.py)")
+            errors.add(rules_node.loc, f"{len(rules_node.value):,} rules: a spec may have at most {MAX_RULES:,} (see mapgen/common/limits.py)")
         else:
             for rule_node in rules_node.value:
                 rule = _parse_rule(rule_node, errors)
@@ -252,7 +252,7 @@ def _parse_ignore_hf(node: Node | None, errors: ErrorSink) -> tuple[IgnoreHF, ..
         errors.add(node.loc, "'ignore_hf' must be a list of {prefix, why}")
         return ()
     if len(node.value) > MAX_IGNORE_HF:
-        errors.add(node.loc, f"{len(node.value):,} ignore_hf entries: a spec may have at most {MAX_IGNORE_HF:,} (see mapgen/limits.py)")
+        errors.add(node.loc, f"{len(node.value):,} ignore_hf entries: a spec may have at most {MAX_IGNORE_HF:,} (see mapgen/common/limits.py)")
         return ()
     found: list[IgnoreHF] = []
     for item in node.value:
@@ -296,7 +296,7 @@ def _parse_dims(node: Node | None, errors: ErrorSink) -> tuple[DimExpr, ...]:
         where = node.key_loc(name)
         if name not in DIM_FIELDS:
             close = difflib.get_close_matches(name, DIM_FIELDS, n=3)
-            hint = f"did you mean {' or '.join(repr(c) for c in close)}?" if close else "see mapgen/dims.py for the dims"
+            hint = f"did you mean {' or '.join(repr(c) for c in close)}?" if close else "see mapgen/common/dims.py for the dims"
             errors.add(where, f"unknown dim '{name}'; {hint}")
             continue
         if isinstance(value.value, str):

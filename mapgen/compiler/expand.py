@@ -9,13 +9,13 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 
-from mapgen.config import HFConfig, evaluate_in_context, evaluate_reported
-from mapgen.dims import ModelDims
-from mapgen.errors import ErrorSink, Location
-from mapgen.inventory import HFTensor, MegatronParam
-from mapgen.ir import Mapping, QKVGeometry
-from mapgen.runtime.drivers import stacked_slice
-from mapgen.spec import Rule, Spec
+from mapgen.compiler.config import HFConfig, evaluate_in_context, evaluate_reported
+from mapgen.common.dims import ModelDims
+from mapgen.common.errors import ErrorSink, Location
+from mapgen.compiler.inventory import HFTensor, MegatronParam
+from mapgen.compiler.ir import Mapping, QKVGeometry
+from mapgen.common.layout import stacked_slice
+from mapgen.compiler.spec import Rule, Spec
 
 # Megatron module classes whose TP treatment `auto` knows without looking further
 # (Megatron-Bridge's AutoMapping registry). A spec's `module_types` adds to and overrides these.

@@ -9,7 +9,7 @@ per-layer lists: `range(n)` / `range(a, b)`, one-`for` list comprehensions
 Nothing else parses: no other calls, no attribute access on non-dicts.
 
 `Expr.fields()` names every config field an expression reads (dotted for nested fields), which
-is how a spec's expressions count as understanding those fields (`mapgen.config`).
+is how a spec's expressions count as understanding those fields (`mapgen.compiler.config`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from mapgen.limits import (
+from mapgen.common.limits import (
     MAX_EXPR_CHARS,
     MAX_EXPR_DEPTH,
     MAX_EXPR_INT_BITS,
@@ -67,7 +67,7 @@ class ExprSyntaxError(Exception):
 
 class ExprValueError(ValueError):
     """An expression that cannot be evaluated over a config: a type error, a division by
-    zero, or a value over the limits of `mapgen.limits`."""
+    zero, or a value over the limits of `mapgen.common.limits`."""
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,7 @@ class Expr:
     def evaluate(self, config: Mapping[str, Any], reads: list[str] | None = None) -> Any:
         """The expression's value over `config`. Raises MissingField for a field the config
         lacks, ExprValueError (a ValueError) for anything else that goes wrong, including
-        going past the limits of `mapgen.limits`. `reads`, if given, receives the fields the
+        going past the limits of `mapgen.common.limits`. `reads`, if given, receives the fields the
         evaluation read (dotted for nested ones; a field `default` fell back from is not read)."""
         try:
             return _Evaluation(reads).eval(self.tree, config)
@@ -184,7 +184,7 @@ def _check(node: ast.expr, source: str) -> None:
 
 class _Evaluation:
     """One evaluation, bounded: at most MAX_EXPR_STEPS steps (a node evaluated, an element
-    compared by `in`), and no value beyond the size limits of `mapgen.limits`."""
+    compared by `in`), and no value beyond the size limits of `mapgen.common.limits`."""
 
     def __init__(self, reads: list[str] | None = None) -> None:
         self.steps = 0

@@ -34,7 +34,8 @@ from typing import Any
 
 import torch
 
-from mapgen.dims import ModelDims
+from mapgen.common.dims import ModelDims
+from mapgen.common.layout import weight_buffers
 
 LAYOUTS = ("te", "local")
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
@@ -95,8 +96,8 @@ def _hybrid_inventory(dims: ModelDims, layout: str, gpt_te: tuple[MegatronParam,
     layer of each kind (so its names, shapes and TP partitions are megatron-core's own),
     expanded to every layer; te names and module kinds follow the GPTModel's te rename.
     Raises if the skeleton's parameters are not exactly the renamed GPTModel ones."""
-    from mapgen.errors import MapgenError
-    from mapgen.megatron_model import build_hybrid_model, single_process_parallel_state
+    from mapgen.common.errors import MapgenError
+    from mapgen.compiler.megatron_model import build_hybrid_model, single_process_parallel_state
 
     moe = set(dims.moe_layers)
     kinds, skeleton_dims = _skeleton_dims(dims)
@@ -134,16 +135,6 @@ def _hybrid_inventory(dims: ModelDims, layout: str, gpt_te: tuple[MegatronParam,
     if problems:
         raise MapgenError("megatron-core's HybridModel does not hold the GPTModel's parameters: " + "; ".join(problems[:5]))
     return tuple(found)
-
-
-def weight_buffers(model: Any) -> list[tuple[str, torch.Tensor]]:
-    """Persistent buffers that hold weights a checkpoint carries (the router's expert_bias)."""
-    saved = model.state_dict(keep_vars=True)
-    return [
-        (name, buffer)
-        for name, buffer in model.named_buffers()
-        if name in saved and not name.endswith("_extra_state") and buffer.is_floating_point()
-    ]
 
 
 def _skeleton_params(model: Any, dtype: str) -> list[MegatronParam]:
@@ -192,7 +183,7 @@ def _skeleton_dims(dims: ModelDims) -> tuple[list[bool], ModelDims]:
 def _local_inventory(dims: ModelDims) -> tuple[MegatronParam, ...]:
     """One skeleton layer of each kind (dense first, then with experts), copied to every layer
     of that kind."""
-    from mapgen.megatron_model import build_gpt_model, single_process_parallel_state
+    from mapgen.compiler.megatron_model import build_gpt_model, single_process_parallel_state
 
     moe = set(dims.moe_layers)
     kinds, skeleton_dims = _skeleton_dims(dims)

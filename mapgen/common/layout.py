@@ -1,0 +1,41 @@
+"""HF-name and tensor-layout facts that both the compiler and the runtime need. Torch-free.
+
+A stacked-experts HF tensor (transformers' in-memory layout: one tensor for all experts of a
+layer, expert first) is read one expert at a time; the IR carries that as `HFSource.expert_slice`,
+and the generated tables name it as `X[i]`, which `stacked_slice` reads back.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def stacked_slice(name: str) -> tuple[str, int | None]:
+    """`X[i]` -> (X, i): slice i of a stacked-experts HF tensor; other names -> (name, None)."""
+    if name.endswith("]") and "[" in name:
+        base, index = name[:-1].rsplit("[", 1)
+        return base, int(index)
+    return name, None
+
+
+def slice_name(base: str, index: int | None) -> str:
+    """The inverse of `stacked_slice`."""
+    return base if index is None else f"{base}[{index}]"
+
+
+def inverse_permutation(dims: tuple[int, ...]) -> tuple[int, ...]:
+    inverse = [0] * len(dims)
+    for position, dim in enumerate(dims):
+        inverse[dim] = position
+    return tuple(inverse)
+
+
+def weight_buffers(model: Any) -> list[tuple[str, Any]]:
+    """A Megatron model's persistent buffers that hold weights a checkpoint carries (the router's
+    expert_bias), as (name, tensor)."""
+    saved = model.state_dict(keep_vars=True)
+    return [
+        (name, buffer)
+        for name, buffer in model.named_buffers()
+        if name in saved and not name.endswith("_extra_state") and buffer.is_floating_point()
+    ]
