@@ -82,7 +82,7 @@ CASES: list[tuple[str, list[tuple[str, str]], dict[str, object], list[str]]] = [
         {},
         [
             "bad.yaml:36:5: rule is missing required key 'hf'",
-            "bad.yaml:37:5: unknown key 'hf_parm' in rule; expected one of megatron, hf, kind, permute_dims, when, heads, head_dim, fused_hf",
+            "bad.yaml:37:5: unknown key 'hf_parm' in rule; expected one of megatron, hf, kind, id, permute_dims, when, heads, head_dim, fused_hf",
         ],
     ),
     (
@@ -164,12 +164,25 @@ CASES: list[tuple[str, list[tuple[str, str]], dict[str, object], list[str]]] = [
         [
             (
                 "rules:\n",
+                "rules:\n  - megatron: decoder.final_layernorm.weight\n    id: final-norm\n    hf: model.norm.weight\n    kind: replicated\n",
+            )
+        ],
+        {},
+        [
+            "bad.yaml:40:15: rule 'decoder.final_layernorm.weight' matches Megatron parameter 'decoder.final_layernorm.weight', which rule 'final-norm' (line 15) already matches"
+        ],
+    ),
+    (
+        "two-rules-one-id",
+        [
+            (
+                "rules:\n",
                 "rules:\n  - megatron: decoder.final_layernorm.weight\n    hf: model.norm.weight\n    kind: replicated\n",
             )
         ],
         {},
         [
-            "bad.yaml:39:15: rule 'decoder.final_layernorm.weight' matches Megatron parameter 'decoder.final_layernorm.weight', which rule 'decoder.final_layernorm.weight' (line 15) already matches"
+            "bad.yaml:39:15: rule id 'decoder.final_layernorm.weight' is taken by the rule at line 15; give one of them an id: of its own"
         ],
     ),
     (

@@ -7,7 +7,19 @@ and the generated tables name it as `X[i]`, which `stacked_slice` reads back.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
+
+
+@dataclass(frozen=True)
+class QKVGeometry:
+    """The attention sizes a QKV-like kind merges by: query heads, query groups (KV heads), head
+    dim, and whether HF's q holds an output gate beside each head's query."""
+
+    heads: int
+    groups: int
+    head_dim: int
+    gate: bool = False
 
 
 def stacked_slice(name: str) -> tuple[str, int | None]:

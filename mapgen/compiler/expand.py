@@ -6,94 +6,36 @@ transform against the two inventories. All problems are collected and reported t
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 
 from mapgen.compiler.config import HFConfig, evaluate_in_context, evaluate_reported
 from mapgen.common.dims import ModelDims
 from mapgen.common.errors import ErrorSink, Location
 from mapgen.compiler.inventory import HFTensor, MegatronParam
-from mapgen.compiler.ir import Mapping, QKVGeometry
-from mapgen.common.layout import stacked_slice
+from mapgen.compiler.ir import HFSource, Mapping
+from mapgen.common.layout import QKVGeometry
+from mapgen.compiler.kinds import MODULE_TYPES
+from mapgen.common.layout import slice_name, stacked_slice
 from mapgen.compiler.spec import Rule, Spec
 
-# Megatron module classes whose TP treatment `auto` knows without looking further
-# (Megatron-Bridge's AutoMapping registry). A spec's `module_types` adds to and overrides these.
-MODULE_TYPES: dict[str, str] = {
-    **{
-        name: "column"
-        for name in (
-            "ColumnParallelLinear",
-            "TEColumnParallelLinear",
-            "TELayerNormColumnParallelLinear",
-            "TEColumnParallelGroupedLinear",
-            "VocabParallelEmbedding",
-            "DotProductAttention",
-            "TEDotProductAttention",
-        )
-    },
-    **{
-        name: "row"
-        for name in ("RowParallelLinear", "TERowParallelLinear", "TERowParallelGroupedLinear")
-    },
-    **{
-        name: "replicated"
-        for name in (
-            "TENorm",
-            "FusedLayerNorm",
-            "WrappedTorchNorm",
-            "LayerNorm",
-            "RMSNorm",
-            "L2Norm",
-            "IdentityOp",
-            "TopKRouter",
-        )
-    },
-}
-
-_COLUMN_KINDS = ("qkv", "kv", "concat_qkv", "vision_qkv", "gated_mlp")
-_AUTO_KINDS = ("auto", "reshape", "zero_centered_rmsnorm")
-
-
-def resolve_auto(param: MegatronParam, module_types: dict[str, str]) -> str | None:
-    """column / row / replicated for `param`, by the owning module; None when undecidable.
-
-    Order: a layer-norm-fused column linear (its norm weight/bias replicated, the rest column);
-    the module-type registry; megatron-core's own partition of the parameter; any `*Norm*`
-    module replicated; TELinear by its parallel_mode.
-    """
-    kind = param.module_kind
-    if "LayerNormColumnParallelLinear" in kind:
-        leaf = param.name.rsplit(".", 1)[-1]
-        return "replicated" if leaf in ("layer_norm_weight", "layer_norm_bias") else "column"
-    if kind in module_types:
-        return module_types[kind]
-    if param.partition_dim == 0:
-        return "column"
-    if param.partition_dim == 1:
-        return "row"
-    if "Norm" in kind:
-        return "replicated"
-    if kind == "TELinear":
-        return {"column": "column", "row": "row"}.get(param.parallel_mode or "", "replicated")
-    return None
-
-
-def _slice(hf_by_name: dict[str, HFTensor], name: str) -> HFTensor | None:
-    """`name[i]`: slice i of a stacked-experts tensor, as a tensor of its own."""
+def _source(hf_by_name: dict[str, HFTensor], role: str, name: str) -> HFSource | None:
+    """The HF tensor `name`, or for `X[i]` slice i of the stacked-experts tensor X; None if the
+    architecture has no such tensor."""
+    tensor = hf_by_name.get(name)
+    if tensor is not None:
+        return HFSource(role, name, tensor.shape)
     base, index = stacked_slice(name)
     stacked = hf_by_name.get(base) if index is not None else None
-    if index is None or stacked is None or index >= stacked.shape[0]:
+    if index is None or stacked is None or not stacked.shape or index >= stacked.shape[0]:
         return None
-    return HFTensor(name, stacked.shape[1:])
+    return HFSource(role, base, stacked.shape[1:], index)
 
 
 def _unconsumed(tensor: HFTensor, consumers: dict[str, list[str]]) -> bool:
+    """No rule reads the tensor, whole or (a stacked-experts tensor) every one of its slices."""
     if tensor.name in consumers:
         return False
-    if not tensor.shape or f"{tensor.name}[0]" not in consumers:
-        return True
-    slices = [f"{tensor.name}[{i}]" for i in range(tensor.shape[0])] if tensor.shape else []
+    slices = [slice_name(tensor.name, i) for i in range(tensor.shape[0])] if tensor.shape else []
     return not slices or not all(s in consumers for s in slices)
 
 
@@ -116,6 +58,7 @@ def expand(
     consumers: dict[str, list[str]] = defaultdict(list)
     unmapped: list[str] = []
     mappings: list[Mapping] = []
+    geometries: dict[Rule, QKVGeometry | None] = {}
     for param in megatron:
         hits = [
             (rule, caps)
@@ -139,25 +82,29 @@ def expand(
                 )
             continue
         rule, captures = hits[0]
-        sources: list[tuple[str, HFTensor]] = []
+        sources: list[HFSource] = []
         patterns = rule.hf
         if fused_experts and rule.fused_hf is not None:
-            patterns = (("gate_up" if rule.kind == "gated_mlp" else "hf", rule.fused_hf),)
+            patterns = tuple((role, rule.fused_hf) for role in rule.kind.stacked_roles)
         for role, pattern in patterns:
             hf_name = pattern.fill(captures)
             consumers[hf_name].append(param.name)
-            tensor = hf_by_name.get(hf_name) or _slice(hf_by_name, hf_name)
-            if tensor is None:
+            source = _source(hf_by_name, role, hf_name)
+            if source is None:
                 errors.add(
                     rule.loc,
                     f"'{param.name}' needs HF tensor '{hf_name}', which {spec.hf_architecture} "
                     f"does not have for this config",
                 )
             else:
-                sources.append((role, tensor))
+                sources.append(source)
         if len(sources) != len(patterns):
             continue
-        mapping = _decide(rule, param, tuple(sources), dims, config, module_types, errors)
+        if rule not in geometries:  # once per rule: it may evaluate the rule's expressions
+            geometries[rule] = rule.kind.geometry(rule, dims, config, errors)
+        if rule.kind.merges_heads and geometries[rule] is None:
+            continue  # its error is reported
+        mapping = _decide(rule, param, tuple(sources), module_types, geometries[rule], errors)
         if mapping is not None:
             mappings.append(mapping)
 
@@ -175,7 +122,7 @@ def expand(
             + ", ".join(unmapped),
         )
     for name, users in consumers.items():
-        if len(users) > 1 and (name in hf_by_name or _slice(hf_by_name, name)):
+        if len(users) > 1 and _source(hf_by_name, "", name):
             errors.add(where, f"HF tensor '{name}' is consumed {len(users)} times: by " + ", ".join(users))
     unused = [t.name for t in hf if _unconsumed(t, consumers)]
     if unused:
@@ -199,29 +146,20 @@ def _is_active(rule: Rule, dims: ModelDims, config: HFConfig, errors: ErrorSink)
 def _decide(
     rule: Rule,
     param: MegatronParam,
-    sources: tuple[tuple[str, HFTensor], ...],
-    dims: ModelDims,
-    config: HFConfig,
+    sources: tuple[HFSource, ...],
     module_types: dict[str, str],
+    geometry: QKVGeometry | None,
     errors: ErrorSink,
 ) -> Mapping | None:
-    if rule.kind in _AUTO_KINDS:
-        split = resolve_auto(param, module_types)
-        if split is None:
-            errors.add(
-                rule.loc,
-                f"cannot decide how '{param.name}' is split over TP: its module "
-                f"{param.module_kind} is not a known type; register it under module_types "
-                "as column, row or replicated, or give the rule an explicit kind",
-            )
-            return None
-    elif rule.kind in _COLUMN_KINDS:
-        split = "column"
-    elif rule.kind == "direct":
-        split = "replicated"
-    else:
-        split = rule.kind
-    qkv = _qkv_geometry(rule, dims, config, errors)
+    split = rule.kind.split(param, module_types)
+    if split is None:
+        errors.add(
+            rule.loc,
+            f"cannot decide how '{param.name}' is split over TP: its module "
+            f"{param.module_kind} is not a known type; register it under module_types "
+            "as column, row or replicated, or give the rule an explicit kind",
+        )
+        return None
     mapping = Mapping(
         megatron_name=param.name,
         shape=param.shape,
@@ -232,39 +170,15 @@ def _decide(
         kind=rule.kind,
         split=split,
         hf=sources,
-        rule_pattern=str(rule.megatron),
-        rule_loc=rule.loc,
+        rule=rule,
         permute_dims=rule.permute_dims,
-        qkv=qkv,
+        qkv=geometry,
     )
-    problem = _split_problem(mapping, param) or _shape_problem(mapping)
+    problem = _split_problem(mapping, param) or rule.kind.shape_problem(mapping)
     if problem:
         errors.add(rule.loc, f"'{param.name}' ({rule.kind}): {problem}")
         return None
     return mapping
-
-
-def _qkv_geometry(
-    rule: Rule, dims: ModelDims, config: HFConfig, errors: ErrorSink
-) -> QKVGeometry | None:
-    if rule.kind in ("qkv", "kv", "concat_qkv"):
-        return QKVGeometry(
-            dims.num_attention_heads,
-            dims.num_query_groups,
-            dims.kv_channels,
-            gate=dims.attention_output_gate and rule.kind == "qkv",
-        )
-    if rule.kind != "vision_qkv":
-        return None
-    heads_expr, head_dim_expr = rule.heads, rule.head_dim
-    assert heads_expr is not None and head_dim_expr is not None
-    ok, heads = evaluate_reported(
-        lambda: int(evaluate_in_context(heads_expr, dims, config)), errors, rule.loc, "vision_qkv", heads_expr, config
-    )
-    ok2, head_dim = evaluate_reported(
-        lambda: int(evaluate_in_context(head_dim_expr, dims, config)), errors, rule.loc, "vision_qkv", head_dim_expr, config
-    )
-    return QKVGeometry(heads, heads, head_dim) if ok and ok2 else None
 
 
 def _split_problem(mapping: Mapping, param: MegatronParam) -> str | None:
@@ -276,50 +190,4 @@ def _split_problem(mapping: Mapping, param: MegatronParam) -> str | None:
             f"resolves to {mapping.split} (splits {ours}), but megatron-core gives "
             f"{param.module_kind}'s parameter {theirs}"
         )
-    return None
-
-
-def _shape_problem(m: Mapping) -> str | None:
-    shapes = {role: t.shape for role, t in m.hf}
-    described = ", ".join(f"{t.name} {list(t.shape)}" for _, t in m.hf)
-    target = list(m.shape)
-    if m.kind in ("qkv", "kv", "concat_qkv", "vision_qkv"):
-        assert m.qkv is not None
-        g = m.qkv
-        if g.heads % g.groups:
-            return f"{g.groups} query groups do not divide {g.heads} heads"
-        q_rows = g.heads * g.head_dim * (2 if g.gate else 1)
-        kv_rows = g.groups * g.head_dim
-        tail = list(m.shape[1:])
-        if m.kind in ("qkv", "kv"):
-            want = {"q": [q_rows, *tail], "k": [kv_rows, *tail], "v": [kv_rows, *tail]}
-            for role, shape in shapes.items():
-                if list(shape) != want[role]:
-                    return f"HF {role} {list(shape)} is not {want[role]} ({g.heads} heads, {g.groups} groups, head_dim {g.head_dim})"
-            rows = sum(want[role][0] for role in shapes)
-        else:
-            rows = q_rows + 2 * kv_rows
-            if list(shapes["hf"]) != [rows, *tail]:
-                return f"HF {described} is not [{rows}, {', '.join(map(str, tail))}] ({g.heads} heads, {g.groups} groups, head_dim {g.head_dim})"
-        if [rows, *tail] != target:
-            return f"merged rows {[rows, *tail]} do not match the Megatron shape {target}"
-        return None
-    if m.kind == "gated_mlp" and "gate_up" in shapes:  # a stacked-experts slice: [gate; up]
-        return None if list(shapes["gate_up"]) == target else f"[gate; up] {described} is not the Megatron shape {target}"
-    if m.kind == "gated_mlp":
-        if shapes["gate"] != shapes["up"]:
-            return f"gate and up differ: {described}"
-        merged = [2 * shapes["gate"][0], *shapes["gate"][1:]]
-        return None if merged == target else f"[gate; up] {merged} is not the Megatron shape {target}"
-    (source,) = shapes.values()
-    if m.kind == "reshape":
-        if math.prod(source) != math.prod(m.shape):
-            return f"cannot reshape {described} to {target}"
-        return None
-    if m.permute_dims is not None:
-        if len(m.permute_dims) != len(source):
-            return f"permute_dims {list(m.permute_dims)} does not fit {described}"
-        source = tuple(source[d] for d in m.permute_dims)
-    if list(source) != target:
-        return f"HF {described} does not match the Megatron shape {target}"
     return None

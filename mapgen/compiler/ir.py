@@ -3,18 +3,33 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from mapgen.common.dims import ModelDims
-from mapgen.common.errors import Location
+from mapgen.common.layout import QKVGeometry, slice_name
 from mapgen.compiler.inventory import HFTensor
+
+if TYPE_CHECKING:
+    from mapgen.compiler.kinds import Kind
+    from mapgen.compiler.spec import Rule
+
+__all__ = ["HFSource", "Mapping", "QKVGeometry", "Source", "Target"]
 
 
 @dataclass(frozen=True)
-class QKVGeometry:
-    heads: int
-    groups: int
-    head_dim: int
-    gate: bool = False
+class HFSource:
+    """One HF tensor a mapping reads, in its role: a whole tensor, or one expert's slice of a
+    stacked-experts tensor (`expert_slice`; `shape` is then the slice's)."""
+
+    role: str
+    name: str  # the checkpoint tensor's name (the stacked tensor's, for a slice)
+    shape: tuple[int, ...]
+    expert_slice: int | None = None
+
+    @property
+    def label(self) -> str:
+        """The name the module's tables give it: `X[i]` for slice i of X."""
+        return slice_name(self.name, self.expert_slice)
 
 
 @dataclass(frozen=True)
@@ -25,11 +40,10 @@ class Mapping:
     module_kind: str
     layer: int | None
     expert: int | None
-    kind: str  # the spec kind, auto included
+    kind: Kind
     split: str  # resolved TP treatment: column | row | replicated
-    hf: tuple[tuple[str, HFTensor], ...]  # (role, tensor) in the kind's role order
-    rule_pattern: str
-    rule_loc: Location
+    hf: tuple[HFSource, ...]  # in the kind's role order
+    rule: Rule
     permute_dims: tuple[int, ...] | None = None
     qkv: QKVGeometry | None = None
 

@@ -10,7 +10,8 @@ pattern with the HF pattern(s) it is made from:
       hf: model.layers.*.self_attn.{q,k,v}_proj.weight
       kind: qkv
 
-See `KINDS` for what each kind does in both directions.
+`mapgen.compiler.kinds` defines what each kind does in both directions. A rule may give an `id:`
+(a stable name that generated code cites it by); its Megatron pattern is its id otherwise.
 """
 
 from __future__ import annotations
@@ -24,98 +25,25 @@ from mapgen.compiler import yamlsource
 from mapgen.common.dims import DIM_FIELDS, REQUIRED_DIMS
 from mapgen.common.errors import ErrorSink, Location
 from mapgen.compiler.expr import Expr, ExprSyntaxError
+from mapgen.compiler.kinds import KINDS, Kind
 from mapgen.common.limits import MAX_DOUBLE_STARS, MAX_IGNORE_HF, MAX_PATTERN_CHARS, MAX_RULES
 from mapgen.compiler.pattern import Pattern, expand_braces
 from mapgen.compiler.yamlsource import Node
 
-
-@dataclass(frozen=True)
-class KindInfo:
-    roles: tuple[str, ...]
-    doc: str
-
-
-# Semantics follow Megatron-Bridge's mapping classes (param_mapping.py); "import" is
-# HF -> Megatron shard, "export" is Megatron shard -> full HF tensors. TP is the tensor-parallel
-# group, or the expert-tensor-parallel group for expert parameters.
-KINDS: dict[str, KindInfo] = {
-    "direct": KindInfo(
-        ("hf",),
-        "Import: the HF tensor as is, on every rank. Export: the rank's tensor as is.",
-    ),
-    "column": KindInfo(
-        ("hf",),
-        "Import: rank r takes the r-th of TP contiguous blocks along dim 0 (biases too). "
-        "Export: all-gather over TP and concatenate along dim 0.",
-    ),
-    "row": KindInfo(
-        ("hf",),
-        "Import: rank r takes the r-th of TP contiguous blocks along dim 1; a 1-D bias is "
-        "replicated. Export: all-gather over TP and concatenate along dim 1 (a bias is taken as is).",
-    ),
-    "replicated": KindInfo(
-        ("hf",),
-        "Import: every TP rank holds the whole tensor. Export: the rank's tensor as is.",
-    ),
-    "auto": KindInfo(
-        ("hf",),
-        "column, row or replicated, decided at build time from the owning Megatron module "
-        "(see mapgen.compiler.expand.resolve_auto). With permute_dims, import permutes the HF tensor "
-        "first and export applies the inverse permutation.",
-    ),
-    "qkv": KindInfo(
-        ("q", "k", "v"),
-        "Import: per query group g, rows [q heads of g, k_g, v_g] (with an attention output "
-        "gate, HF q holds [q_h; gate_h] per head and the group is [q heads, gate heads, k_g, "
-        "v_g]); weights and 1-D biases alike; then column-split. Export: gather, then the inverse.",
-    ),
-    "kv": KindInfo(
-        ("k", "v"),
-        "Import: per query group g, rows [k_g, v_g], then column-split. Export: gather, then the "
-        "inverse.",
-    ),
-    "concat_qkv": KindInfo(
-        ("hf",),
-        "HF holds one [Q; K; V] tensor (rows nh*d, ng*d, ng*d): import splits it and merges "
-        "as qkv; export gathers, splits and concatenates back.",
-    ),
-    "vision_qkv": KindInfo(
-        ("hf",),
-        "concat_qkv for a vision encoder (multi-head: one group per head); the rule's heads "
-        "and head_dim give the encoder's sizes, which differ from the language model's.",
-    ),
-    "gated_mlp": KindInfo(
-        ("gate", "up"),
-        "Import: rank r holds [gate_r; up_r], the r-th TP blocks of each. Export: gather, "
-        "split every rank's block in halves, concatenate the gate halves and the up halves.",
-    ),
-    "reshape": KindInfo(
-        ("hf",),
-        "Import: reshape the HF tensor (row-major) to the Megatron shape, then shard as the "
-        "owning module says. Export: gather, reshape to the HF shape.",
-    ),
-    "zero_centered_rmsnorm": KindInfo(
-        ("hf",),
-        "Import: megatron = hf - 1 (Megatron's zero-centred gamma computes x*(1+w)); "
-        "export: hf = megatron + 1; replicated. Exact only where w - 1 is representable.",
-    ),
-}
 
 PARALLELISM_TYPES = ("column", "row", "replicated")
 TOP_KEYS = ("family", "hf_architecture", "dims", "module_types", "rules", "ignore_hf", "config_fields")
 IGNORE_KEYS = ("prefix", "why")
 CONFIG_FIELD_KEYS = ("value", "why")
 ANY_VALUE = "any"  # a config_fields value: the field may hold anything
-RULE_KEYS = ("megatron", "hf", "kind", "permute_dims", "when", "heads", "head_dim", "fused_hf")
-# kinds whose HF side may come from a stacked-experts tensor, one `[*]` slice per expert
-FUSED_KINDS = ("gated_mlp", "auto", "column", "row", "direct", "replicated")
+RULE_KEYS = ("megatron", "hf", "kind", "id", "permute_dims", "when", "heads", "head_dim", "fused_hf")
 
 
 @dataclass(frozen=True)
 class Rule:
     megatron: Pattern
     hf: tuple[tuple[str, Pattern], ...]  # (role, pattern), in the kind's role order
-    kind: str
+    kind: Kind
     loc: Location
     permute_dims: tuple[int, ...] | None = None
     when: Expr | None = None
@@ -124,9 +52,15 @@ class Rule:
     # the HF tensor where a checkpoint stacks the experts: `[*]` picks this expert's slice;
     # for gated_mlp the slice is [gate; up]
     fused_hf: Pattern | None = None
+    given_id: str | None = None  # the spec's `id:`
+
+    @property
+    def id(self) -> str:
+        """The rule's stable identity, which generated code cites: its `id:` or its Megatron pattern."""
+        return self.given_id or str(self.megatron)
 
     def __str__(self) -> str:
-        return str(self.megatron)
+        return self.id
 
 
 @dataclass(frozen=True)
@@ -197,10 +131,20 @@ def parse_spec(path: str, text: str) -> Spec:
         elif len(rules_node.value) > MAX_RULES:
             errors.add(rules_node.loc, f"{len(rules_node.value):,} rules: a spec may have at most {MAX_RULES:,} (see mapgen/common/limits.py)")
         else:
+            seen: dict[str, Rule] = {}
             for rule_node in rules_node.value:
                 rule = _parse_rule(rule_node, errors)
-                if rule is not None:
-                    rules.append(rule)
+                if rule is None:
+                    continue
+                if rule.id in seen:
+                    errors.add(
+                        rule.loc,
+                        f"rule id '{rule.id}' is taken by the rule at line {seen[rule.id].loc.line}; "
+                        "give one of them an id: of its own",
+                    )
+                    continue
+                seen[rule.id] = rule
+                rules.append(rule)
     ignore_hf = _parse_ignore_hf(top.get("ignore_hf"), errors)
     config_fields = _parse_config_fields(top.get("config_fields"), errors)
     errors.raise_if_any()
@@ -348,11 +292,10 @@ def _parse_rule(node: Node, errors: ErrorSink) -> Rule | None:
     if not ok:
         return None
     kind_node = fields["kind"]
-    kind = kind_node.value
-    if kind not in KINDS:
-        errors.add(kind_node.loc, f"unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
+    if not isinstance(kind_node.value, str) or kind_node.value not in KINDS:
+        errors.add(kind_node.loc, f"unknown kind {kind_node.value!r}; expected one of {', '.join(KINDS)}")
         return None
-    assert isinstance(kind, str)
+    kind = KINDS[kind_node.value]
     megatron_node = fields["megatron"]
     if not isinstance(megatron_node.value, str) or not megatron_node.value:
         errors.add(megatron_node.loc, "'megatron' must be a parameter name pattern")
@@ -366,20 +309,36 @@ def _parse_rule(node: Node, errors: ErrorSink) -> Rule | None:
     heads = _parse_expr(fields.get("heads"), "heads", errors)
     head_dim = _parse_expr(fields.get("head_dim"), "head_dim", errors)
     fused_hf = _parse_fused_hf(fields.get("fused_hf"), kind, megatron, errors)
-    if kind == "vision_qkv":
-        for key, value in (("heads", heads), ("head_dim", head_dim)):
-            if value is None and key not in fields:
-                errors.add(node.loc, f"kind 'vision_qkv' needs '{key}' (the encoder's)")
-    else:
-        for key in ("heads", "head_dim"):
-            if key in fields:
-                errors.add(node.key_loc(key), f"'{key}' applies only to kind 'vision_qkv'")
+    given_id = _parse_id(fields.get("id"), errors)
+    for key in ("heads", "head_dim"):
+        if key in kind.extra_keys and key not in fields:
+            errors.add(node.loc, f"kind '{kind.name}' needs '{key}' (the encoder's)")
+        elif key in fields and key not in kind.extra_keys:
+            takers = [k.name for k in KINDS.values() if key in k.extra_keys]
+            errors.add(node.key_loc(key), f"'{key}' applies only to kind {' or '.join(repr(k) for k in takers)}")
     if hf is None:
         return None
-    return Rule(megatron, hf, kind, megatron_node.loc, permute_dims, when, heads, head_dim, fused_hf)
+    return Rule(megatron, hf, kind, megatron_node.loc, permute_dims, when, heads, head_dim, fused_hf, given_id)
 
 
-def _parse_fused_hf(node: Node | None, kind: str, megatron: Pattern, errors: ErrorSink) -> Pattern | None:
+def _parse_id(node: Node | None, errors: ErrorSink) -> str | None:
+    """A rule's `id:`: a printable name without quotes or backslashes (it goes into docstrings)."""
+    if node is None:
+        return None
+    value = node.value
+    if (
+        not isinstance(value, str)
+        or not value
+        or len(value) > MAX_PATTERN_CHARS
+        or not value.isprintable()
+        or any(c in value for c in "\"'")
+    ):
+        errors.add(node.loc, f"'id' must be a short printable name without quotes or backslashes, got {str(value)[:80]!r}")
+        return None
+    return value
+
+
+def _parse_fused_hf(node: Node | None, kind: Kind, megatron: Pattern, errors: ErrorSink) -> Pattern | None:
     if node is None:
         return None
     text = node.value
@@ -388,8 +347,8 @@ def _parse_fused_hf(node: Node | None, kind: str, megatron: Pattern, errors: Err
         return None
     if not _pattern_ok(text, node.loc, errors):
         return None
-    if kind not in FUSED_KINDS:
-        errors.add(node.loc, f"fused_hf does not apply to kind '{kind}'")
+    if not kind.stacked_roles:
+        errors.add(node.loc, f"fused_hf does not apply to kind '{kind.name}'")
         return None
     pattern = Pattern(text)
     if len(pattern.wildcards) != len(megatron.wildcards):
@@ -399,9 +358,9 @@ def _parse_fused_hf(node: Node | None, kind: str, megatron: Pattern, errors: Err
 
 
 def _parse_hf(
-    node: Node, kind: str, megatron: Pattern, errors: ErrorSink
+    node: Node, kind: Kind, megatron: Pattern, errors: ErrorSink
 ) -> tuple[tuple[str, Pattern], ...] | None:
-    roles = KINDS[kind].roles
+    roles = kind.roles
     texts: list[tuple[str, str]] = []
     if isinstance(node.value, dict):
         if set(node.value) != set(roles) or len(roles) == 1:
@@ -469,11 +428,12 @@ def _describe(wildcards: tuple[str, ...]) -> str:
     return "no wildcard" if not wildcards else " ".join(wildcards)
 
 
-def _parse_permute_dims(node: Node | None, kind: str, errors: ErrorSink) -> tuple[int, ...] | None:
+def _parse_permute_dims(node: Node | None, kind: Kind, errors: ErrorSink) -> tuple[int, ...] | None:
     if node is None:
         return None
-    if kind != "auto":
-        errors.add(node.loc, f"'permute_dims' applies only to kind 'auto', not '{kind}'")
+    if not kind.permutable:
+        takers = " or ".join(repr(k.name) for k in KINDS.values() if k.permutable)
+        errors.add(node.loc, f"'permute_dims' applies only to kind {takers}, not '{kind}'")
         return None
     values = node.value
     dims = (

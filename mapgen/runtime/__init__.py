@@ -20,7 +20,8 @@ from mapgen.runtime.ops import (
     stacked_gated_mlp_export,
     whole_import,
 )
-from mapgen.runtime.plan import ExportFn, HFTensorPlan, ImportFn, Loader, ParamPlan
+from mapgen.common.layout import QKVGeometry
+from mapgen.runtime.plan import ExportFn, HFTensorPlan, ImportFn, Loader, ParamPlan, RulePlan
 from mapgen.runtime.transforms import (
     inverse_permutation,
     permute,
@@ -37,6 +38,8 @@ __all__ = [
     "ModelDims",
     "ParallelContext",
     "ParamPlan",
+    "QKVGeometry",
+    "RulePlan",
     "column_export",
     "column_import",
     "concat_qkv_export",

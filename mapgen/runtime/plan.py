@@ -8,6 +8,7 @@ from typing import Callable, Protocol
 
 import torch
 
+from mapgen.common.layout import QKVGeometry
 from mapgen.runtime.context import ParallelContext
 
 Loader = Callable[[str], torch.Tensor]
@@ -25,6 +26,21 @@ ExportFn = Callable[[Sequence[torch.Tensor]], dict[str, torch.Tensor]]
 
 
 @dataclass(frozen=True)
+class RulePlan:
+    """One rule of the spec, as the module applies it: the facts every parameter it produced
+    shares. `id` is its stable identity (the Megatron pattern, or the spec's `id:`), which the
+    functions' docstrings cite."""
+
+    id: str
+    kind: str  # the spec's kind: direct, column, row, replicated, auto, qkv, kv, ...
+    megatron: str  # the Megatron name pattern
+    hf: tuple[str, ...]  # the HF name pattern of each role, in `roles` order
+    roles: tuple[str, ...]  # "gate_up" is a stacked-experts slice holding [gate; up]
+    permute_dims: tuple[int, ...] | None = None
+    qkv: QKVGeometry | None = None
+
+
+@dataclass(frozen=True)
 class ParamPlan:
     """One Megatron parameter: its global name and shape, how TP splits it, where it lives, its
     HF tensors, and its two conversion functions."""
@@ -36,7 +52,8 @@ class ParamPlan:
     expert_parallel: bool  # sharded over expert-TP and distributed over EP
     layer: int | None
     expert: int | None  # global expert index
-    hf_names: tuple[str, ...]
+    rule: int  # index into the module's RULES
+    hf_names: tuple[str, ...]  # `X[i]`: slice i of the stacked-experts tensor X
     importer: ImportFn
     exporter: ExportFn
 
