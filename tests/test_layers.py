@@ -1,0 +1,90 @@
+"""Issue 12, item 4: the three parts do not reach into each other.
+
+    compiler -> common <- runtime <- verification;  generated modules -> runtime only
+
+The runtime imports nothing of the compiler or of verification; the compiler imports nothing of
+the runtime or of verification; `common` imports no other part and no torch; a generated module
+imports only the runtime (and torch, typing)."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mapgen.verify import testing
+
+PACKAGE = testing.ROOT / "mapgen"
+
+
+def _imports(path: Path) -> set[str]:
+    """Every module a file imports, at any depth (function-level imports included)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return found
+
+
+def _part(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if parts[0] == "mapgen" and len(parts) > 1 else None
+
+
+FORBIDDEN = {
+    "common": {"compiler", "runtime", "verify", "cli", "explain"},
+    "runtime": {"compiler", "verify", "cli", "explain"},
+    "compiler": {"runtime", "verify", "cli", "explain"},
+    "verify": {"cli", "explain"},
+}
+
+
+@pytest.mark.parametrize("part", sorted(FORBIDDEN))
+def test_a_part_imports_only_what_lies_below_it(part: str) -> None:
+    bad = [
+        f"{path.relative_to(testing.ROOT)} imports {module}"
+        for path in sorted((PACKAGE / part).glob("*.py"))
+        for module in sorted(_imports(path))
+        if _part(module) in FORBIDDEN[part]
+    ]
+    assert bad == []
+
+
+def test_common_is_torch_free() -> None:
+    code = (
+        "import sys, mapgen.common.dims, mapgen.common.errors, mapgen.common.layout, mapgen.common.limits, "
+        "mapgen.common.console; assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=testing.ROOT)
+
+
+def test_generated_modules_import_only_the_runtime() -> None:
+    allowed = {"__future__", "collections.abc", "typing", "torch", "mapgen", "mapgen.runtime"}
+    for path in sorted((testing.ROOT / "generated").glob("*.py")):
+        if path.name == "__init__.py":
+            continue
+        with path.open() as handle:  # the imports are at the top; do not parse 37 MB
+            head = "".join(line for _, line in zip(range(60), handle))
+        modules = _imports_of_text(head[: head.index("\nTARGET: Final")])
+        assert modules <= allowed and "mapgen" in modules, (path.name, sorted(modules - allowed))
+
+
+def _imports_of_text(text: str) -> set[str]:
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+    return found
+
+
+def test_the_folder_listing_shows_the_three_parts() -> None:
+    folders = sorted(p.name for p in PACKAGE.iterdir() if p.is_dir() and not p.name.startswith("__"))
+    assert folders == ["common", "compiler", "runtime", "verify"]
