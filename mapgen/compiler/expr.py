@@ -1,15 +1,29 @@
 """The small expression language that translates HF config fields into Megatron model dims.
 
 An expression is a Python expression over the fields of the HF `config.json`:
-names (`hidden_size`), nested fields (`rope_scaling.factor`), literals, `+ - * // / %`,
-comparisons (`in` too), `and`/`or`/`not`, `x if c else y`, `default(expr, fallback)`, which
-gives `fallback` when `expr` names a field the config does not have (or has as null), and for
-per-layer lists: `range(n)` / `range(a, b)`, one-`for` list comprehensions
-(`[i for i in range(num_hidden_layers) if i not in mlp_only_layers]`) and indexing (`x[i]`).
-Nothing else parses: no other calls, no attribute access on non-dicts.
+names (`hidden_size`), nested fields (`rope_scaling.factor`), literals, `+ - * // / %`, unary
+`- + ~ not`, comparisons and chains of them (`in` too), `and`/`or`/`not`, `x if c else y`,
+`default(expr, fallback)`, which gives `fallback` when `expr` names a field the config does not
+have (or has as null), and for per-layer lists: `range(n)` / `range(a, b)`, one-`for` list
+comprehensions (`[i for i in range(num_hidden_layers) if i not in mlp_only_layers]`) and
+indexing (`x[i]`). Nothing else parses: no other calls, no `**`, no bitwise `& | ^ << >>`, no
+`is`, no slices, no dict or set displays, no lambdas or f-strings, no literals but numbers,
+strings, true, false and null.
+
+What parses evaluates as Python evaluates it: operators on Python's values with Python's
+semantics (`//` and `%` floor, `~5` is -6), `and`/`or` give the operand that decides, as Python's
+do, and evaluate their right side only when it decides (so `false and x.y` is false even where
+the config has no `x`), `x if c else y` evaluates only the branch it takes, a comparison chain
+stops at its first false link, `(a, b)` is a tuple. Where the language is not Python: `true`,
+`false` and `null` are its names for True, False and None; a name is a config field, and one the
+config lacks or holds as null is missing (MissingField, which `default` catches); `a.b` is the
+field `b` of the object `a` (missing where `a` holds no object with `b`); `range(...)` gives a
+list.
 
 `Expr.fields()` names every config field an expression reads (dotted for nested fields), which
-is how a spec's expressions count as understanding those fields (`mapgen.compiler.config`).
+is how a spec's expressions count as understanding those fields (`mapgen.compiler.config`). It
+reads an expression whole: both sides of an `and`/`or`, both branches of an `if`, whichever
+one an evaluation takes.
 """
 
 from __future__ import annotations
@@ -17,7 +31,6 @@ from __future__ import annotations
 import ast
 import operator
 import re
-from collections import ChainMap
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -50,9 +63,42 @@ _CMPOPS: dict[type[ast.cmpop], Callable[[Any, Any], Any]] = {
     ast.In: lambda a, b: a in b,
     ast.NotIn: lambda a, b: a not in b,
 }
+_UNARYOPS: dict[type[ast.unaryop], Callable[[Any], Any]] = {
+    ast.UAdd: operator.pos,
+    ast.USub: operator.neg,
+    ast.Not: operator.not_,
+    ast.Invert: operator.invert,
+}
 _CONSTANTS = {"true": True, "false": False, "null": None}
 # the calls an expression may make, with the numbers of arguments each takes
 _CALLS = {"default": (2,), "range": (1, 2)}
+# the types of the literals an expression may hold (no bytes, complex numbers or `...`)
+_LITERALS = (bool, int, float, str, type(None))
+# Python's operators the language does not have, as the messages refusing them name them
+_REFUSED_OPS: dict[type[ast.AST], str] = {
+    ast.Pow: "**",
+    ast.MatMult: "@",
+    ast.LShift: "<<",
+    ast.RShift: ">>",
+    ast.BitOr: "|",
+    ast.BitXor: "^",
+    ast.BitAnd: "&",
+    ast.Is: "is",
+    ast.IsNot: "is not",
+}
+# Python's other syntax, as the messages refusing it name it (others by their `ast` class name)
+_REFUSED_SYNTAX: dict[type[ast.AST], str] = {
+    ast.Slice: "a slice",
+    ast.Dict: "a dict",
+    ast.Set: "a set",
+    ast.DictComp: "a dict comprehension",
+    ast.SetComp: "a set comprehension",
+    ast.GeneratorExp: "a generator expression",
+    ast.Lambda: "a lambda",
+    ast.JoinedStr: "an f-string",
+    ast.NamedExpr: "':='",
+    ast.Starred: "'*' unpacking",
+}
 
 
 class MissingField(Exception):
@@ -97,9 +143,10 @@ class Expr:
         """The expression's value over `config`. Raises MissingField for a field the config
         lacks, ExprValueError (a ValueError) for anything else that goes wrong, including
         going past the limits of `mapgen.common.limits`. `reads`, if given, receives the fields the
-        evaluation read (dotted for nested ones; a field `default` fell back from is not read)."""
+        evaluation read (dotted for nested ones; a field `default` fell back from is not read,
+        nor a comprehension variable)."""
         try:
-            return _Evaluation(reads).eval(self.tree, config)
+            return _Evaluation(reads).eval(self.tree, config, {})
         except (MissingField, ExprValueError):
             raise
         except (TypeError, ValueError, ZeroDivisionError, OverflowError, IndexError, KeyError) as exc:
@@ -140,18 +187,30 @@ def _check(node: ast.expr, source: str) -> None:
                     f"invalid expression {source!r}: the only calls allowed are default(expr, fallback) "
                     "and range(n) / range(a, b)"
                 )
-        elif isinstance(child, ast.ListComp) and (
-            len(child.generators) != 1
-            or child.generators[0].is_async
-            or not isinstance(child.generators[0].target, ast.Name)
-        ):
-            raise ExprSyntaxError(
-                f"invalid expression {source!r}: a list comprehension takes one 'for <name> in ...'"
-            )
+        elif isinstance(child, ast.ListComp):
+            target = child.generators[0].target
+            if len(child.generators) != 1 or child.generators[0].is_async or not isinstance(target, ast.Name):
+                raise ExprSyntaxError(
+                    f"invalid expression {source!r}: a list comprehension takes one 'for <name> in ...'"
+                )
+            if target.id in _CONSTANTS or target.id in _CALLS:
+                raise ExprSyntaxError(
+                    f"invalid expression {source!r}: '{target.id}' cannot be a comprehension variable"
+                )
         elif isinstance(child, ast.BinOp) and type(child.op) not in _BINOPS:
-            raise ExprSyntaxError(f"invalid expression {source!r}: operator not allowed")
+            raise ExprSyntaxError(
+                f"invalid expression {source!r}: operator {_REFUSED_OPS.get(type(child.op), '')!r} not allowed"
+            )
         elif isinstance(child, ast.Compare) and any(type(op) not in _CMPOPS for op in child.ops):
-            raise ExprSyntaxError(f"invalid expression {source!r}: comparison not allowed")
+            refused = next(op for op in child.ops if type(op) not in _CMPOPS)
+            raise ExprSyntaxError(
+                f"invalid expression {source!r}: comparison {_REFUSED_OPS.get(type(refused), '')!r} not allowed"
+            )
+        elif isinstance(child, ast.Constant) and type(child.value) not in _LITERALS:
+            raise ExprSyntaxError(
+                f"invalid expression {source!r}: literal {ast.unparse(child)[:20]} not allowed "
+                "(literals are numbers, strings, true, false and null)"
+            )
         elif not isinstance(
             child,
             (
@@ -177,14 +236,16 @@ def _check(node: ast.expr, source: str) -> None:
                 ast.unaryop,
             ),
         ):
-            raise ExprSyntaxError(
-                f"invalid expression {source!r}: {type(child).__name__} not allowed"
-            )
+            what = _REFUSED_SYNTAX.get(type(child), type(child).__name__)
+            raise ExprSyntaxError(f"invalid expression {source!r}: {what} not allowed")
 
 
 class _Evaluation:
     """One evaluation, bounded: at most MAX_EXPR_STEPS steps (a node evaluated, an element
-    compared by `in`), and no value beyond the size limits of `mapgen.common.limits`."""
+    compared by `in`), and no value beyond the size limits of `mapgen.common.limits`.
+
+    `eval` takes the config and the comprehension variables in scope (`local`): a variable
+    shadows a config field of its name, may hold null, and is no field read."""
 
     def __init__(self, reads: list[str] | None = None) -> None:
         self.steps = 0
@@ -195,11 +256,13 @@ class _Evaluation:
         if self.steps > MAX_EXPR_STEPS:
             raise ExprValueError(f"takes more than {MAX_EXPR_STEPS:,} steps to evaluate")
 
-    def eval(self, node: ast.expr, config: Mapping[str, Any]) -> Any:
+    def eval(self, node: ast.expr, config: Mapping[str, Any], local: Mapping[str, Any]) -> Any:
         self.step()
         if isinstance(node, ast.Constant):
             return node.value
         if isinstance(node, ast.Name):
+            if node.id in local:
+                return local[node.id]
             if node.id in _CONSTANTS:
                 return _CONSTANTS[node.id]
             if node.id not in config or config[node.id] is None:
@@ -208,74 +271,79 @@ class _Evaluation:
                 self.reads.append(node.id)
             return config[node.id]
         if isinstance(node, ast.Attribute):
-            base = self.eval(node.value, config)
+            base = self.eval(node.value, config, local)
             path = ast.unparse(node)
             if not isinstance(base, dict) or base.get(node.attr) is None:
                 raise MissingField(path)
-            if self.reads is not None:
+            if self.reads is not None and path.split(".", 1)[0] not in local:
                 self.reads.append(path)
             return base[node.attr]
         if isinstance(node, ast.Call):
             assert isinstance(node.func, ast.Name)
             if node.func.id == "range":
-                bounds = [self.eval(a, config) for a in node.args]
+                bounds = [self.eval(a, config, local) for a in node.args]
                 if not all(isinstance(b, int) and not isinstance(b, bool) for b in bounds):
                     raise TypeError(f"range() takes integers, got {', '.join(repr(b) for b in bounds)}")
                 span = _check_size(range(*bounds))
                 self.step(len(span))
                 return list(span)
             try:
-                return self.eval(node.args[0], config)
+                return self.eval(node.args[0], config, local)
             except MissingField:
-                return self.eval(node.args[1], config)
+                return self.eval(node.args[1], config, local)
         if isinstance(node, ast.ListComp):
             loop = node.generators[0]
             assert isinstance(loop.target, ast.Name)
-            found = []
-            outer = dict(config)
-            self.step(len(outer))
-            iterable = self.eval(loop.iter, config)
+            iterable = self.eval(loop.iter, config, local)
             if not isinstance(iterable, (list, tuple, str, dict)):
                 raise TypeError(f"cannot loop over {iterable!r}")
+            found = []
             for value in iterable:
-                scope = ChainMap({loop.target.id: value}, outer)
-                if all(self.eval(condition, scope) for condition in loop.ifs):
-                    found.append(self.eval(node.elt, scope))
+                scope = {**local, loop.target.id: value}
+                # all() stops at the first false condition, as Python's `if`s do
+                if all(self.eval(condition, config, scope) for condition in loop.ifs):
+                    found.append(self.eval(node.elt, config, scope))
             return _check_size(found)
         if isinstance(node, ast.Subscript):
-            base, index = self.eval(node.value, config), self.eval(node.slice, config)
+            base, index = self.eval(node.value, config, local), self.eval(node.slice, config, local)
             try:
                 return base[index]
             except (IndexError, KeyError, TypeError):
                 raise ValueError(f"{ast.unparse(node)}: cannot index {base!r} by {index!r}") from None
         if isinstance(node, ast.BinOp):
-            left, right = self.eval(node.left, config), self.eval(node.right, config)
+            left, right = self.eval(node.left, config, local), self.eval(node.right, config, local)
             _check_operands(type(node.op), left, right)
             return _check_size(_BINOPS[type(node.op)](left, right))
         if isinstance(node, ast.UnaryOp):
-            value = self.eval(node.operand, config)
-            if isinstance(node.op, ast.Not):
-                return not value
-            if isinstance(node.op, ast.USub):
-                return -value
-            return +value
+            return _check_size(_UNARYOPS[type(node.op)](self.eval(node.operand, config, local)))
         if isinstance(node, ast.BoolOp):
-            values = [self.eval(v, config) for v in node.values]
-            return all(values) if isinstance(node.op, ast.And) else any(values)
+            # the first operand that decides, else the last; the rest are not evaluated
+            stops_on = not isinstance(node.op, ast.And)  # `and` stops at a false one, `or` at a true one
+            for operand in node.values[:-1]:
+                value = self.eval(operand, config, local)
+                if bool(value) is stops_on:
+                    return value
+            return self.eval(node.values[-1], config, local)
         if isinstance(node, ast.Compare):
-            left = self.eval(node.left, config)
+            # `a < b < c` is `a < b and b < c` with `b` evaluated once
+            left = self.eval(node.left, config, local)
+            result: Any = True
             for op, right_node in zip(node.ops, node.comparators):
-                right = self.eval(right_node, config)
+                right = self.eval(right_node, config, local)
                 if isinstance(right, (list, tuple, str, dict)):
                     self.step(len(right))
-                if not _CMPOPS[type(op)](left, right):
-                    return False
+                result = _CMPOPS[type(op)](left, right)
+                if not result:
+                    return result
                 left = right
-            return True
+            return result
         if isinstance(node, ast.IfExp):
-            return self.eval(node.body if self.eval(node.test, config) else node.orelse, config)
-        if isinstance(node, (ast.List, ast.Tuple)):
-            return [self.eval(e, config) for e in node.elts]
+            taken = node.body if self.eval(node.test, config, local) else node.orelse
+            return self.eval(taken, config, local)
+        if isinstance(node, ast.List):
+            return [self.eval(e, config, local) for e in node.elts]
+        if isinstance(node, ast.Tuple):
+            return tuple(self.eval(e, config, local) for e in node.elts)
         raise ExprSyntaxError(f"cannot evaluate {ast.unparse(node)}")
 
 
@@ -287,9 +355,9 @@ def _check_operands(op: type[ast.operator], left: Any, right: Any) -> None:
     """Refuse an operation whose result would be too large, before computing it."""
     if op is ast.Mult:
         for sized, count in ((left, right), (right, left)):
-            if isinstance(sized, (str, list)) and isinstance(count, int):
+            if isinstance(sized, (str, list, tuple)) and isinstance(count, int):
                 _check_length(sized, len(sized) * count)
-    elif op is ast.Add and isinstance(left, (str, list)) and isinstance(right, (str, list)):
+    elif op is ast.Add and isinstance(left, (str, list, tuple)) and isinstance(right, (str, list, tuple)):
         _check_length(left, len(left) + len(right))
     elif op is ast.Mod and isinstance(left, str):
         for conversion in _CONVERSION.finditer(left):
@@ -302,8 +370,8 @@ def _check_operands(op: type[ast.operator], left: Any, right: Any) -> None:
                     )
 
 
-def _check_length(value: str | list[Any] | range, length: int) -> None:
-    """A string or list (or range) of `length` must be within the limits."""
+def _check_length(value: str | list[Any] | tuple[Any, ...] | range, length: int) -> None:
+    """A string or list (or tuple, or range) of `length` must be within the limits."""
     is_string = isinstance(value, str)
     limit = MAX_EXPR_STRING if is_string else MAX_EXPR_LIST
     if length > limit:
@@ -314,7 +382,7 @@ def _check_length(value: str | list[Any] | range, length: int) -> None:
 
 def _check_size(value: Any) -> Any:
     """`value`, if within the limits on what an expression computes."""
-    if isinstance(value, (str, list, range)):
+    if isinstance(value, (str, list, tuple, range)):
         _check_length(value, len(value))
     elif isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > MAX_EXPR_INT_BITS:
         raise ExprValueError(f"gives an integer of {value.bit_length():,} bits, over the limit of {MAX_EXPR_INT_BITS}")

@@ -45,12 +45,16 @@ _BRACES = re.compile(r"\{([^{}]*)\}")
 def expand_braces(text: str) -> list[str] | None:
     """`a.{q,k,v}_proj.w` -> [`a.q_proj.w`, `a.k_proj.w`, `a.v_proj.w`]; None if no braces.
 
-    Only one brace group is allowed; more raise ValueError.
+    Only one brace group is allowed; more, or a brace outside the group, raise ValueError. The
+    alternatives are taken as they are (stripped of spaces), not as regex replacements.
     """
-    groups = _BRACES.findall(text)
+    groups = list(_BRACES.finditer(text))
     if not groups:
+        if "{" in text or "}" in text:
+            raise ValueError(f"unmatched brace in pattern '{text}': a brace group is {{a,b,...}}")
         return None
-    if len(groups) > 1 or "{" in _BRACES.sub("", text) or "}" in _BRACES.sub("", text):
+    outside = _BRACES.sub("", text)
+    if len(groups) > 1 or "{" in outside or "}" in outside:
         raise ValueError("only one {a,b,...} group is allowed in a pattern")
-    alternatives = [alt.strip() for alt in groups[0].split(",")]
-    return [_BRACES.sub(alt, text, count=1) for alt in alternatives]
+    head, tail = text[: groups[0].start()], text[groups[0].end() :]
+    return [head + alt.strip() + tail for alt in groups[0].group(1).split(",")]
