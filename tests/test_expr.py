@@ -514,3 +514,13 @@ def test_a_spec_reads_a_field_its_expressions_skip() -> None:
     assert dims.share_embeddings_and_output_weights is False
     (when,) = [rule.when for rule in spec.rules if rule.when is not None]
     assert evaluate_in_context(when, dims, config) is True
+
+
+def test_nested_lists_count_every_element_they_hold() -> None:
+    """A list of one shared list is as big as it prints: `[[0] * 50000] * 100000` is refused,
+    not 5e9 elements handed to repr."""
+    from mapgen.compiler.expr import Expr, ExprValueError
+
+    with pytest.raises(ExprValueError, match="a list of"):
+        Expr.parse("[[0] * 50000] * 100000").evaluate({}, [])
+    assert Expr.parse("[[0] * 3] * 4").evaluate({}, []) == [[0] * 3] * 4

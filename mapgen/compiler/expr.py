@@ -380,9 +380,31 @@ def _check_length(value: str | list[Any] | tuple[Any, ...] | range, length: int)
         raise ExprValueError(f"gives {what} {length:,} {unit}, over the limit of {limit:,}")
 
 
+def _elements(value: list[Any] | tuple[Any, ...], limit: int) -> int:
+    """How many elements `value` holds at every depth, counting a list shared by several
+    elements once per place (as printing or comparing it would); stops past `limit`."""
+    counted: dict[int, int] = {}
+
+    def count(item: list[Any] | tuple[Any, ...]) -> int:
+        if id(item) in counted:
+            return counted[id(item)]
+        total = len(item)
+        for element in item:
+            if total > limit:
+                break
+            if isinstance(element, (list, tuple)):
+                total += count(element)
+        counted[id(item)] = total
+        return total
+
+    return count(value)
+
+
 def _check_size(value: Any) -> Any:
     """`value`, if within the limits on what an expression computes."""
-    if isinstance(value, (str, list, tuple, range)):
+    if isinstance(value, (list, tuple)):
+        _check_length(value, _elements(value, MAX_EXPR_LIST))
+    elif isinstance(value, (str, range)):
         _check_length(value, len(value))
     elif isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > MAX_EXPR_INT_BITS:
         raise ExprValueError(f"gives an integer of {value.bit_length():,} bits, over the limit of {MAX_EXPR_INT_BITS}")
