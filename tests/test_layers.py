@@ -88,3 +88,21 @@ def _imports_of_text(text: str) -> set[str]:
 def test_the_folder_listing_shows_the_three_parts() -> None:
     folders = sorted(p.name for p in PACKAGE.iterdir() if p.is_dir() and not p.name.startswith("__"))
     assert folders == ["common", "compiler", "runtime", "verify"]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        "from mapgen.dims import ModelDims\n",  # before the layers were split
+        "from mapgen.runtime import ParamPlan\nPARAMS = (ParamPlan('x', (1,), 'float32', None, False, None, None, ('h',), len, len),)\n",
+    ],
+    ids=["old-import", "old-paramplan"],
+)
+def test_a_module_of_another_mapgen_version_is_told_to_rebuild(tmp_path: Path, body: str) -> None:
+    from mapgen.common.errors import MapgenError
+    from mapgen.verify.jobs import load_mapping_module
+
+    module = tmp_path / "old.py"
+    module.write_text(body)
+    with pytest.raises(MapgenError, match="built by another mapgen version: rebuild it"):
+        load_mapping_module(module)

@@ -167,7 +167,13 @@ def load_mapping_module(path: str | Path, name: str | None = None) -> ModuleType
         raise MapgenError(f"{file}:{exc.lineno}:{exc.offset}: not a mapgen mapping module: {exc.msg}") from None
     except Exception as exc:  # noqa: BLE001 - whatever the file does when imported
         del sys.modules[module_name]
-        raise MapgenError(f"{file}: not a mapgen mapping module: importing it raised {type(exc).__name__}: {exc}") from None
+        older = (isinstance(exc, ModuleNotFoundError) and (exc.name or "").startswith("mapgen.")) or (
+            isinstance(exc, TypeError) and ("ParamPlan" in str(exc) or "RulePlan" in str(exc))
+        )
+        hint = "; it was built by another mapgen version: rebuild it (its header's Regenerate line)" if older else ""
+        raise MapgenError(
+            f"{file}: not a mapgen mapping module: importing it raised {type(exc).__name__}: {exc}{hint}"
+        ) from None
     problems = module_problems(module)
     lacking = [field for field in VERIFY_FIELDS if not hasattr(module, field)]
     if lacking:
