@@ -366,6 +366,40 @@ def _save_standin(config: Path, out: Path, seed: int, dtype: Any, vocab_size: in
     return created
 
 
+@main.command(name="explain")
+@click.argument("generated")
+@click.argument("name")
+@click.option("--tp", default=1, show_default=True)
+@click.option("--pp", default=1, show_default=True)
+@click.option("--vpp", default=1, show_default=True, help="Virtual pipeline stages per rank.")
+@click.option("--ep", default=1, show_default=True)
+@click.option("--etp", type=int, default=None, help="Expert-TP size (default: TP).")
+@click.option("--dp", type=int, default=None, help="Data-parallel replicas, for global rank numbers (default: EP, at least 1).")
+@click.option("--first-stage-layers", type=int, help="Layers of the first pipeline stage (uneven PP).")
+@click.option("--last-stage-layers", type=int, help="Layers of the last pipeline stage (uneven PP).")
+@click.option("--make-vocab-size-divisible-by", type=click.IntRange(min=1), default=1, show_default=True,
+              help="The vocabulary padded to a multiple of this x TP, as Megatron-LM does.")
+def explain_command(generated: str, name: str, tp: int, pp: int, vpp: int, ep: int, etp: int | None,
+                    dp: int | None, first_stage_layers: int | None, last_stage_layers: int | None,
+                    make_vocab_size_divisible_by: int) -> None:
+    """Say how GENERATED maps NAME (a Megatron parameter or an HF tensor): the rule and its kind,
+    the shapes, and under the layout which stage, EP rank and TP ranks hold which HF slices,
+    and what export gathers. GENERATED: a file or a module name, as for verify."""
+    from mapgen.explain import explain
+    from mapgen.runtime.shardmap import ShardLayout
+    from mapgen.verify.jobs import load_mapping_module
+
+    layout = ShardLayout(tp=tp, pp=pp, vpp=vpp, ep=ep, etp=etp, dp=dp, first_stage_layers=first_stage_layers,
+                         last_stage_layers=last_stage_layers, make_vocab_size_divisible_by=make_vocab_size_divisible_by)
+    try:
+        module_file = _module_file(generated)
+        lines = explain(load_mapping_module(module_file), name, layout, module_file)
+    except MapgenError as exc:
+        err.print(str(exc), markup=False)
+        sys.exit(2)
+    click.echo("\n".join(lines))
+
+
 @main.command(name="specs")
 def specs_command() -> None:
     """Print the folder of the family specs (<family>.yaml) and model configs (configs/) that
