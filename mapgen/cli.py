@@ -28,9 +28,11 @@ from mapgen.common.errors import MapgenError
 from mapgen.compiler.inventory import LAYOUTS
 from mapgen.compiler.megatron_model import MODEL_CLASSES
 from mapgen.compiler.packaged import specs_folder
-from mapgen.compiler.write import check_output, stale_diff, write_if_changed
+from mapgen.compiler.diff import diff_paths, diff_revision, report, summarize_file
+from mapgen.compiler.write import check_output, existing_output, stale_diff, write_if_changed
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)
+RAW_DIFF_LINES = 400  # of each stale module's unified diff, after its summary
 
 
 def find_root(start: Path) -> Path:
@@ -128,7 +130,8 @@ def _build_all() -> None:
 
 @main.command(name="check")
 def check_command() -> None:
-    """Exit 1 with a diff when generated/ differs from what the specs and configs give."""
+    """Exit 1 when generated/ differs from what the specs and configs give: for each stale module,
+    what changed grouped by rule (as `mapgen diff` says it), then the unified diff."""
     try:
         root = find_root(Path.cwd())
         entries = read_targets(root)
@@ -137,9 +140,12 @@ def check_command() -> None:
             task = progress.add_task("mapgen check", total=len(entries))
             for entry, source, _ in compile_entries(root, entries):
                 progress.update(task, description=f"checked {entry.name}")
-                diff = stale_diff(root / entry.output, source, entry.output)
+                diff = stale_diff(root / entry.output, source, entry.output, limit=RAW_DIFF_LINES)
                 if diff:
                     stale.append(entry.output)
+                    checked_in = existing_output(root / entry.output)
+                    old = None if checked_in is None else checked_in.decode(errors="replace")
+                    sys.stdout.write(report([summarize_file(old, source, entry.output)]) + "\n")
                     sys.stdout.write(diff)
                 progress.advance(task)
         expected = {root / entry.output for entry in entries} | {root / "generated/__init__.py"}
@@ -158,6 +164,27 @@ def check_command() -> None:
         err.print(f"generated/ is stale ({len(stale) + len(extra)} file(s)); fix with: {fix}", markup=False)
         sys.exit(1)
     err.print(f"generated/ is up to date ({len(entries)} targets)", markup=False)
+
+
+@main.command(name="diff")
+@click.argument("paths", nargs=-1, type=click.Path())
+@click.option("--rev", metavar="REV", help="Compare PATHS of the working tree (default: generated/) with git revision REV.")
+def diff_command(paths: tuple[str, ...], rev: str | None) -> None:
+    """What changed between two builds, grouped by rule: OLD NEW (two modules, or two folders
+    whose modules are paired by name), or --rev REV [PATHS...] (the working tree against REV).
+    Exit status 0: no difference, 1: differences, 2: an error."""
+    try:
+        if rev is not None:
+            sections = list(diff_revision(rev, [Path(p) for p in paths], Path.cwd()))
+        elif len(paths) == 2:
+            sections = list(diff_paths(Path(paths[0]), Path(paths[1])))
+        else:
+            raise click.UsageError("give OLD and NEW (two files or two folders), or --rev REV [PATHS...]")
+    except MapgenError as exc:
+        err.print(str(exc), markup=False)
+        sys.exit(2)
+    sys.stdout.write(report(sections))
+    sys.exit(1 if any(sections) else 0)
 
 
 def _module_file(generated: str) -> Path:

@@ -44,19 +44,32 @@ def test_build_then_check_then_stale(project: Path) -> None:
     assert "wrote generated/tiny.py" in built.stderr
     output = project / "generated" / "tiny.py"
     first = output.read_bytes()
-    assert output.stat().st_mtime_ns
+    written = output.stat().st_mtime_ns
 
     again = run(["build"], project)
     assert again.returncode == 0 and "unchanged generated/tiny.py" in again.stderr
     assert output.read_bytes() == first
+    assert output.stat().st_mtime_ns == written  # not rewritten: the same bytes, the same mtime
 
     assert run(["check"], project).returncode == 0
 
-    output.write_text(first.decode().replace("heads=4", "heads=8", 1))
+    # checked in with heads=8 in the first layer's QKV import; the build says heads=4
+    output.write_text(first.decode().replace("\n        heads=4,\n", "\n        heads=8,\n", 1))
     stale = run(["check"], project)
     assert stale.returncode == 1
-    assert "--- generated/tiny.py (checked in)" in stale.stdout
-    assert "-" in stale.stdout and "+" in stale.stdout and "heads=4" in stale.stdout
+    summary, raw = stale.stdout.split("\n\n--- generated/tiny.py (checked in)\n", 1)
+    tail = "groups=2, head_dim=16, out=out)"
+    assert summary.splitlines() == [  # what `mapgen diff` says, then the unified diff
+        "generated/tiny.py: 1 parameter changed, 0 added, 0 removed (of 15)",
+        "  rule decoder.layers.*.self_attention.linear_qkv.weight: 1 parameter changed (layer 0)",
+        "    import rt.qkv_import(heads): 8 -> 4",
+        "    e.g. decoder.layers.0.self_attention.linear_qkv.weight",
+        f"      - import: …load('model.layers.0.self_attn.v_proj.weight'), heads=8, {tail}",
+        f"      + import: …load('model.layers.0.self_attn.v_proj.weight'), heads=4, {tail}",
+    ]
+    hunk = raw.split("\n@@ ", 1)[1].splitlines()
+    assert hunk[0].endswith(" @@ def import_decoder_layers_0_self_attention_linear_qkv_weight(")
+    assert [line for line in hunk[1:] if line[:1] in ("-", "+")] == ["-        heads=8,", "+        heads=4,"]
     assert "fix with: mapgen build" in stale.stderr
 
 

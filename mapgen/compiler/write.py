@@ -11,14 +11,19 @@ as it was and no temporary file behind; every failure is a `MapgenError` naming 
 
 from __future__ import annotations
 
+import bisect
 import difflib
 import os
+import re
 import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from mapgen.common.errors import MapgenError
+
+
+_HUNK = re.compile(r"@@ -\d+(?:,\d+)? \+(\d+)(?:,\d+)? @@$")
 
 
 @dataclass(frozen=True)
@@ -145,8 +150,10 @@ def _replace(path: Path, data: bytes) -> None:
         raise
 
 
-def stale_diff(path: Path, content: str, shown: str) -> str:
-    """A unified diff from what `path` (named `shown`) holds to `content`; empty if equal."""
+def stale_diff(path: Path, content: str, shown: str, limit: int | None = None) -> str:
+    """A unified diff from what `path` (named `shown`) holds to `content`; empty if equal. Each
+    hunk's header names the top-level definition it is in, as git's does (`@@ ... @@ def f(`).
+    With `limit`, at most that many lines, then one saying how many were left out."""
     existing = existing_output(path)
     try:
         current = existing.decode() if existing is not None else ""
@@ -154,11 +161,23 @@ def stale_diff(path: Path, content: str, shown: str) -> str:
         current = "(not UTF-8 text)\n"
     if current == content:
         return ""
-    return "".join(
-        difflib.unified_diff(
-            current.splitlines(keepends=True),
-            content.splitlines(keepends=True),
-            fromfile=f"{shown} (checked in)",
-            tofile=f"{shown} (regenerated)",
-        )
-    )
+    new_lines = content.splitlines(keepends=True)
+    tops = [i for i, line in enumerate(new_lines) if line[:1].isalpha() or line[:1] == "_"]
+    out = []
+    for line in difflib.unified_diff(
+        current.splitlines(keepends=True),
+        new_lines,
+        fromfile=f"{shown} (checked in)",
+        tofile=f"{shown} (regenerated)",
+    ):
+        hunk = _HUNK.match(line)
+        if hunk is not None:
+            first = max(int(hunk.group(1)) - 1, 0)  # the hunk's first line in `content`, 0-based
+            above = bisect.bisect_right(tops, first - 1) - 1
+            if above >= 0:
+                line = f"{line.rstrip()} {new_lines[tops[above]].strip()[:80]}\n"
+        out.append(line)
+    if limit is not None and len(out) > limit:
+        left = len(out) - limit
+        out[limit:] = [f"... {left:,} more lines of this diff (`mapgen build`, then `git diff {shown}`, shows them all)\n"]
+    return "".join(out)

@@ -1,0 +1,947 @@
+"""`mapgen diff`: what changed between two builds of a generated module, grouped by rule.
+
+A one-rule change in a spec can touch tens of thousands of functions (DeepSeek-V3's expert
+`linear_fc2` rule: 29,696), so a raw diff of two builds says little. This module summarises
+it: per rule, how many parameters changed and how (kind, HF names, shape, dtype, TP split, the
+transform and its arguments), with ONE representative before/after whose layer and expert
+numbers are abstracted (`decoder.layers.<L>.mlp.experts.linear_fc2.weight<E>`); the parameters
+added or removed, counted per rule and abstracted name; and the changes to the module-level
+tables (header lines, DIMS fields, RULES entries, HF_TENSORS, IGNORED_HF, TIED).
+
+Cost. A module is tens of megabytes, so it is never parsed whole. Its text is cut into
+top-level blocks with one regular expression (a block starts at a line that starts in column 0
+and is not a closing bracket), the tables into their rows (a row starts at a line indented by
+exactly four spaces), and blocks and rows are compared as text, keyed by function name,
+Megatron name, field or rule id. Only those that differ are parsed, and a function's return
+expression is parsed once per *abstracted* text (layer and expert numbers replaced): the 29,696
+changed functions of the example above are two distinct texts.
+
+The parser is CPython's `ast`, on those small snippets: the comparison needs each snippet's
+values and call structure (`ast.literal_eval`, `ast.dump`, `ast.unparse` for a one-line display
+that ignores black's line breaks), not its formatting, which is all a concrete syntax tree (libcst)
+would add; `ast` is the stdlib parser the compiler's gate already uses (postprocess.py), and
+about ten times faster (README, "Pipeline"). Nothing here imports torch, megatron-core or
+`mapgen.runtime`: the diff of two text files needs neither.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+import subprocess
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mapgen.common.errors import MapgenError
+
+# A top-level block starts at a line that starts in column 0 and does not close a bracket.
+_TOP = re.compile(r"\n(?=[^\s)\]}])")
+# A row of a table written one row per line (black's magic trailing comma) is indented by 4.
+_ROW = re.compile(r"\n(?=    [^\s)\]}])")
+_NAME = re.compile(r"[A-Za-z_]\w*")
+_STRING = re.compile(r"\"([^\"\\]*)\"|'([^'\\]*)'")
+_FIELD = re.compile(r"([A-Za-z_]\w*)=(?!=)")
+_DEF = re.compile(r"def ([A-Za-z_]\w*)\(")
+_DOC = re.compile(r'\n    """(.*?)"""', re.DOTALL)
+_FUNCTION_FIELDS = re.compile(r",\s*([A-Za-z_]\w*),\s*([A-Za-z_]\w*),?\s*\)$")
+_HEADER = re.compile(r"# ([A-Za-z][\w ]*?):\s+(.*)")
+_HEX = re.compile(r"\b([0-9a-f]{12})[0-9a-f]{20,}\b")
+
+# Layer and expert numbers in names: megatron-core's `decoder.layers.3`, `local_experts.5`, TE's
+# grouped `linear_fc1.weight5`, HF's `model.layers.3`, `experts.5`, a stacked slice
+# `load("...down_proj")[5]` and its label `"...down_proj[5]"`, and the functions' names
+# (`..._layers_3_..._weight5`). They become these placeholders, which parse as names.
+LAYER, EXPERT = "__L__", "__E__"
+_NUMBERED = re.compile(
+    r"(?:(?<=layers\.)|(?<=layers_))(?P<L>\d+)"
+    r"|(?:(?<=experts\.)|(?<=experts_))(?P<E>\d+)"
+    r"|(?:(?<=\.weight)|(?<=_weight)|(?<=\.bias)|(?<=_bias))(?P<W>\d+)\b"
+    r"|(?<=[\"']\)\[)(?P<S>\d+)(?=\])"
+    r"|(?<=[\w.]\[)(?P<T>\d+)(?=\][\"'])"
+)
+
+# ParamPlan's positional fields, as the template writes them (the last two, the functions, are
+# named after the parameter and not compared); RulePlan's.
+PLAN_FIELDS = (
+    "megatron name", "shape", "dtype", "TP split dim", "expert-parallel", "layer", "expert", "rule", "HF names",
+)
+RULE_FIELDS = ("id", "kind", "megatron pattern", "HF patterns", "roles")
+TABLES_SHOWN = 8  # rows shown per module-level table before "... and N more"
+GROUPS_SHOWN = 12  # groups of changed parameters shown per module
+EXAMPLE_WIDTH, EXAMPLE_CONTEXT = 160, 48  # a longer example line is cut to its change and this much
+ARROW_CONTEXT = 16  # `what: before -> after` lines longer than 100 keep this much around the change
+
+
+@dataclass
+class Table:
+    """A table written one row per line: the text around its rows, and its rows by key."""
+
+    head: str
+    rows: dict[str, str]
+
+
+@dataclass
+class Module:
+    """A generated module cut into its top-level blocks, each kept as text."""
+
+    header: dict[str, str] = field(default_factory=dict)  # "# Spec: ..." -> {"Spec": "..."}
+    statements: dict[str, str] = field(default_factory=dict)  # other blocks, by name
+    tables: dict[str, Table] = field(default_factory=dict)
+    functions: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def params(self) -> dict[str, str]:
+        table = self.tables.get("PARAMS")
+        return table.rows if table is not None else {}
+
+    @property
+    def rule_ids(self) -> list[str]:
+        table = self.tables.get("RULES")
+        return list(table.rows) if table is not None else []
+
+
+def _first_string(text: str) -> str | None:
+    found = _STRING.search(text)
+    return None if found is None else found.group(1) if found.group(1) is not None else found.group(2)
+
+
+def _row_key(row: str) -> str:
+    """A row's identity: `name=` of a call's keyword row (DIMS), else its first string (the
+    Megatron name, HF name, rule id or dict key), else its text."""
+    keyword = _FIELD.match(row)
+    if keyword is not None:
+        return keyword.group(1)
+    return _first_string(row) or row
+
+
+def _unique(keys: dict[str, str], key: str) -> str:
+    if key not in keys:
+        return key
+    n = 2
+    while f"{key} #{n}" in keys:
+        n += 1
+    return f"{key} #{n}"
+
+
+def split_module(text: str) -> Module:
+    """Cut `text` into blocks without parsing it (see the module doc)."""
+    module = Module()
+    comments: list[str] = []
+    in_header = True
+    for block in _TOP.split(text):
+        block = block.rstrip()
+        if not block:
+            continue
+        if block.startswith("#"):
+            if in_header:
+                found = _HEADER.fullmatch(block)
+                key = found.group(1) if found else f"line {len(module.header) + 1}"
+                module.header[_unique(module.header, key)] = found.group(2) if found else block
+            else:
+                comments.append(block)  # belongs to the statement it precedes
+            continue
+        in_header = False
+        defined = _DEF.match(block)
+        if defined is not None:
+            module.functions[_unique(module.functions, defined.group(1))] = block
+            comments.clear()
+            continue
+        first_line, _, body = block.partition("\n")
+        name_match = _NAME.match(block)
+        if block.startswith(('"""', "'''")):
+            key = "docstring"
+        elif block.startswith(("from ", "import ")):
+            key = first_line.split(" import")[0]
+        else:
+            key = name_match.group(0) if name_match else first_line
+        key = _unique(module.statements, key)
+        last_line = body.rstrip().rsplit("\n", 1)[-1]
+        if first_line.endswith(("(", "[", "{")) and last_line in (")", "]", "}"):  # rows between them
+            rows: dict[str, str] = {}
+            inner = body.rstrip()
+            inner = inner[: inner.rfind("\n") + 1] if "\n" in inner else ""
+            head = "\n".join([*comments, first_line])
+            for row in _ROW.split("\n" + inner):
+                row = row.strip()
+                if row:
+                    row = row[:-1] if row.endswith(",") else row
+                    rows[_unique(rows, _row_key(row))] = row
+            if rows and key not in module.tables and not key.startswith(("from ", "import ")):
+                module.tables[key] = Table(head, rows)
+                comments.clear()
+                continue
+        module.statements[key] = "\n".join([*comments, block])
+        comments.clear()
+    return module
+
+
+# --- abstraction and display -------------------------------------------------------------------
+
+
+def abstract(text: str) -> tuple[str, tuple[int, ...], tuple[int, ...]]:
+    """`text` with its layer and expert numbers replaced by LAYER and EXPERT, and the numbers."""
+    layers: list[int] = []
+    experts: list[int] = []
+
+    def replace(found: re.Match[str]) -> str:
+        if found.group("L") is not None:
+            layers.append(int(found.group("L")))
+            return LAYER
+        experts.append(int(found.group(0)))
+        return EXPERT
+
+    return _NUMBERED.sub(replace, text), tuple(layers), tuple(experts)
+
+
+def shown(text: str) -> str:
+    """A text for the reader: placeholders as <L> and <E>, long hashes cut to 12 digits."""
+    return _HEX.sub(r"\1…", text.replace(LAYER, "<L>").replace(EXPERT, "<E>"))
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _squeeze(old: str, new: str, width: int = 100, context: int = 0) -> tuple[str, str]:
+    """Both texts, when either is longer than `width`, down to the words where they differ
+    with about `context` characters either side."""
+    if max(len(old), len(new)) <= width:
+        return old, new
+    shorter = min(len(old), len(new))
+    start = 0
+    while start < shorter and old[start] == new[start]:
+        start += 1
+    end = 0
+    while end < shorter - start and old[-1 - end] == new[-1 - end]:
+        end += 1
+    start = old.rfind(" ", 0, max(start - context, 0)) + 1
+    cuts = []
+    for text in (old, new):
+        cut = text.find(" ", min(len(text) - end + context, len(text)))
+        cuts.append(len(text) if cut < 0 else cut)
+    before = "…" if start else ""
+    return (
+        before + old[start : cuts[0]] + ("…" if cuts[0] < len(old) else ""),
+        before + new[start : cuts[1]] + ("…" if cuts[1] < len(new) else ""),
+    )
+
+
+def ranges(numbers: Iterable[int], most: int = 4) -> str:
+    """`0-2, 5, 7-9`: sorted runs; beyond `most` runs, the span and the count."""
+    values = sorted(set(numbers))
+    runs: list[tuple[int, int]] = []
+    for value in values:
+        if runs and value == runs[-1][1] + 1:
+            runs[-1] = (runs[-1][0], value)
+        else:
+            runs.append((value, value))
+    if len(runs) > most:
+        return f"{len(values)} in {values[0]}-{values[-1]}"
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n:,} {what}{'' if n == 1 else 's'}"
+
+
+def _where(layers: Iterable[int], experts: Iterable[int]) -> str:
+    parts = []
+    layer_set, expert_set = set(layers), set(experts)
+    if layer_set:
+        parts.append(f"layer{'s' if len(layer_set) > 1 else ''} {ranges(layer_set)}")
+    if expert_set:
+        parts.append(f"expert{'s' if len(expert_set) > 1 else ''} {ranges(expert_set)}")
+    return f" ({', '.join(parts)})" if parts else ""
+
+
+# --- comparing parsed snippets -----------------------------------------------------------------
+
+Change = tuple[str, str, str]  # what, before, after (abstracted, one line each)
+_MISSING = "(none)"
+
+
+def _parse(text: str) -> ast.expr | None:
+    try:
+        return ast.parse(text.strip(), mode="eval").body
+    except SyntaxError:
+        return None
+
+
+def _show_node(node: ast.AST | None) -> str:
+    return _MISSING if node is None else shown(ast.unparse(node))
+
+
+def _callee(node: ast.Call) -> str:
+    return ast.unparse(node.func)
+
+
+def expr_changes(side: str, old: ast.expr, new: ast.expr, where: str = "") -> list[Change]:
+    """Where two expressions differ: the callee, a keyword or positional argument of the call
+    that holds it, an element of a tuple or dict, down to the smallest part that differs.
+    `side` is "import" or "export"; `where` the place inside it (`rt.qkv_import(groups)`)."""
+    if ast.dump(old) == ast.dump(new):
+        return []
+    label = f"{side} {where}" if where else side
+    if isinstance(old, ast.Call) and isinstance(new, ast.Call):
+        out: list[Change] = []
+        name = shown(_callee(new))
+        for i in range(max(len(old.args), len(new.args))):
+            a = old.args[i] if i < len(old.args) else None
+            b = new.args[i] if i < len(new.args) else None
+            inner = f"{name}(argument {i + 1})"
+            if a is None or b is None:
+                out.append((f"{side} {inner}", _show_node(a), _show_node(b)))
+            else:
+                out.extend(expr_changes(side, a, b, inner))
+        old_kw = {k.arg or "**": k.value for k in old.keywords}
+        new_kw = {k.arg or "**": k.value for k in new.keywords}
+        for key in dict.fromkeys([*old_kw, *new_kw]):
+            inner = f"{name}({key})"
+            a_kw, b_kw = old_kw.get(key), new_kw.get(key)
+            if a_kw is None or b_kw is None:
+                out.append((f"{side} {inner}", _show_node(a_kw), _show_node(b_kw)))
+            else:
+                out.extend(expr_changes(side, a_kw, b_kw, inner))
+        if _callee(old) != _callee(new):
+            if len(out) > 2:  # another call altogether: the whole of it
+                return [(label, _show_node(old), _show_node(new))]
+            out.insert(0, (f"{label} transform", shown(_callee(old)), shown(_callee(new))))
+        return out
+    if isinstance(old, (ast.Tuple, ast.List)) and type(old) is type(new):
+        assert isinstance(new, (ast.Tuple, ast.List))
+        if len(old.elts) == len(new.elts):
+            return [
+                c for i, (a, b) in enumerate(zip(old.elts, new.elts)) for c in expr_changes(side, a, b, f"{where}[{i}]")
+            ]
+    if isinstance(old, ast.Dict) and isinstance(new, ast.Dict) and len(old.keys) == len(new.keys):
+        out = []
+        for i, (ka, va, kb, vb) in enumerate(zip(old.keys, old.values, new.keys, new.values)):
+            if ka is None or kb is None:
+                return [(label, _show_node(old), _show_node(new))]
+            out.extend(expr_changes(side, ka, kb, f"{where} key {i + 1}".strip()))
+            out.extend(expr_changes(side, va, vb, f"{where} value {i + 1}".strip()))
+        return out
+    if isinstance(old, ast.Subscript) and isinstance(new, ast.Subscript):
+        return expr_changes(side, old.value, new.value, where) + expr_changes(side, old.slice, new.slice, f"{where}[ ]")
+    return [(label, _show_node(old), _show_node(new))]
+
+
+class _Compared:
+    """Changes between two abstracted snippets, worked out once per distinct pair of texts (the
+    functions of one rule are a handful of texts once their numbers are abstracted)."""
+
+    def __init__(self) -> None:
+        self.pairs: dict[tuple[str, str, str], list[Change]] = {}
+
+    def __call__(self, label: str, old: str, new: str) -> list[Change]:
+        """None if the two differ only in layout."""
+        key = (label, old, new)
+        if key not in self.pairs:
+            a, b = _parse(old), _parse(new)
+            if a is None or b is None:
+                changes = [] if _one_line(old) == _one_line(new) else [(label, shown(_one_line(old)), shown(_one_line(new)))]
+            else:
+                changes = expr_changes(label, a, b)
+            self.pairs[key] = changes
+        return self.pairs[key]
+
+
+# --- parameters --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Side:
+    """One build's text for one parameter: its PARAMS row and its two functions."""
+
+    row: str
+    import_fn: str
+    export_fn: str
+
+
+def _side(module: Module, row: str, used: set[str]) -> _Side:
+    """The parameter's row and functions; their names go into `used`."""
+    found = _FUNCTION_FIELDS.search(row)
+    import_name, export_name = found.groups() if found else ("", "")
+    used.add(import_name)
+    used.add(export_name)
+    return _Side(row, module.functions.get(import_name, ""), module.functions.get(export_name, ""))
+
+
+def _function_parts(text: str) -> tuple[str, str]:
+    """A generated function's docstring and returned expression."""
+    doc = _DOC.search(text)
+    body = text.find("\n    return ")
+    return (doc.group(1) if doc else "", text[body + len("\n    return ") :] if body >= 0 else text)
+
+
+def _kind_and_rule(doc: str) -> tuple[str, str]:
+    """`auto -> row: <rule id>.` -> ("auto -> row", "<rule id>")."""
+    kind, sep, rule = doc.partition(": ")
+    if not sep or not rule.endswith("."):
+        return doc, "?"
+    return kind, rule[:-1]
+
+
+def _plan_fields(row: str, rule_ids: list[str]) -> list[object] | None:
+    """A ParamPlan row's compared fields (its rule index resolved to the rule's id). The HF
+    names are the field before the two functions: a row written before PARAMS had the rule
+    index has one field fewer, and its rule is (none)."""
+    node = _parse(row)
+    if not isinstance(node, ast.Call) or node.keywords or len(node.args) not in (len(PLAN_FIELDS) + 1, len(PLAN_FIELDS) + 2):
+        return None
+    args: list[ast.expr | None] = [*node.args[:7], node.args[7] if len(node.args) == len(PLAN_FIELDS) + 2 else None, node.args[-3]]
+    try:
+        values: list[object] = [None if arg is None else ast.literal_eval(arg) for arg in args]
+    except ValueError:
+        return None
+    rule = values[7]
+    if isinstance(rule, int) and 0 <= rule < len(rule_ids):
+        values[7] = rule_ids[rule]
+    return values
+
+
+def _shown_value(value: object) -> str:
+    return shown(abstract(repr(value))[0])
+
+
+@dataclass
+class _Group:
+    """Parameters of one rule that changed the same way."""
+
+    rule: str
+    changes: tuple[Change, ...]
+    count: int = 0
+    layers: set[int] = field(default_factory=set)
+    experts: set[int] = field(default_factory=set)
+    example: list[tuple[str, str, str]] = field(default_factory=list)  # (part, before, after), raw
+    example_name: str = ""
+
+
+@dataclass
+class _Counted:
+    """Parameters (or HF tensors) added or removed, under one rule and abstracted name."""
+
+    count: int = 0
+    layers: set[int] = field(default_factory=set)
+    experts: set[int] = field(default_factory=set)
+    kind: str = ""
+
+
+class _ParamDiff:
+    def __init__(self, old: Module, new: Module) -> None:
+        self.old, self.new = old, new
+        self.old_rules, self.new_rules = old.rule_ids, new.rule_ids
+        self.compared = _Compared()
+        self.groups: dict[tuple[str, tuple[Change, ...]], _Group] = {}
+        self.added: dict[tuple[str, str], _Counted] = {}
+        self.removed: dict[tuple[str, str], _Counted] = {}
+        self.layout_only = 0
+        self.changed = 0
+        self.used: set[str] = set()
+
+    def run(self) -> None:
+        old_params, new_params = self.old.params, self.new.params
+        for name, new_row in new_params.items():
+            old_row = old_params.get(name)
+            new = _side(self.new, new_row, self.used)
+            if old_row is None:
+                self._count(self.added, name, new)
+                continue
+            old = _side(self.old, old_row, self.used)
+            if old != new:
+                self._compare(name, old, new)
+        for name, old_row in old_params.items():
+            if name not in new_params:
+                self._count(self.removed, name, _side(self.old, old_row, self.used))
+
+    def _count(self, table: dict[tuple[str, str], _Counted], name: str, side: _Side) -> None:
+        kind, rule = _kind_and_rule(_function_parts(side.import_fn)[0])
+        pattern, layers, experts = abstract(name)
+        counted = table.setdefault((rule, pattern), _Counted(kind=kind))
+        counted.count += 1
+        counted.layers.update(layers)
+        counted.experts.update(experts)
+
+    def _compare(self, name: str, old: _Side, new: _Side) -> None:
+        changes: list[Change] = []
+        example: list[tuple[str, str, str]] = []
+        old_doc, old_import = _function_parts(old.import_fn)
+        new_doc, new_import = _function_parts(new.import_fn)
+        old_export = _function_parts(old.export_fn)[1]
+        new_export = _function_parts(new.export_fn)[1]
+        old_kind, old_rule = _kind_and_rule(old_doc)
+        new_kind, new_rule = _kind_and_rule(new_doc)
+        if old_doc != new_doc:
+            if old_rule != new_rule:
+                changes.append(("rule", old_rule, new_rule))
+            if old_kind != new_kind:
+                changes.append(("kind", repr(old_kind), repr(new_kind)))
+            example.append(("doc", old_doc, new_doc))
+        if old.row != new.row:
+            a, b = _plan_fields(old.row, self.old_rules), _plan_fields(new.row, self.new_rules)
+            if a is None or b is None:
+                plan = self.compared("PARAMS row", abstract(old.row)[0], abstract(new.row)[0])
+            else:
+                plan = [
+                    (what, _shown_value(x), _shown_value(y))
+                    for what, x, y in zip(PLAN_FIELDS, a, b)
+                    if x != y and not (what == "rule" and old_rule != new_rule)  # said above
+                ]
+            if plan:
+                changes.extend(plan)
+                example.append(("row", old.row, new.row))
+        for label, a_text, b_text in (("import", old_import, new_import), ("export", old_export, new_export)):
+            if a_text == b_text:
+                continue
+            a_abs, a_layers, a_experts = abstract(a_text)
+            b_abs, b_layers, b_experts = abstract(b_text)
+            found = self.compared(label, a_abs, b_abs)
+            if not found and (a_layers, a_experts) != (b_layers, b_experts):
+                found = [(f"{label} layer/expert numbers", repr(a_layers + a_experts), repr(b_layers + b_experts))]
+            if found:
+                changes.extend(found)
+                example.append((label, a_text, b_text))
+        if not changes:
+            self.layout_only += 1
+            return
+        self.changed += 1
+        rule = new_rule if new_rule != "?" else old_rule
+        group = self.groups.setdefault((rule, tuple(changes)), _Group(rule, tuple(changes)))
+        group.count += 1
+        _, layers, experts = abstract(name)
+        group.layers.update(layers)
+        group.experts.update(experts)
+        if not group.example:
+            group.example = example
+            group.example_name = name
+
+def _example_line(part: str, text: str, abstracted: bool) -> str:
+    """One part of a group's example parameter (docstring, PARAMS row, import or export
+    expression) on one line; abstracted when it stands for more than one parameter."""
+    if part == "row":
+        return _plan_shown(text, abstracted)
+    text = abstract(text)[0] if abstracted else text
+    if part == "doc":
+        return f'"""{shown(text)}"""'
+    node = _parse(text)
+    return shown(_one_line(text) if node is None else ast.unparse(node))
+
+
+def _plan_shown(row: str, abstracted: bool = True) -> str:
+    """A PARAMS row on one line without its two function names; abstracted, its layer and
+    expert fields too, unless told not to."""
+    found = _FUNCTION_FIELDS.search(row)
+    text = row[: found.start()] + ")" if found else row
+    node = _parse(text)
+    if node is None or not abstracted:
+        return _one_line(text) if node is None else ast.unparse(node)
+    if isinstance(node, ast.Call) and len(node.args) > 6:
+        for index, placeholder in ((5, LAYER), (6, EXPERT)):
+            value = node.args[index]
+            if isinstance(value, ast.Constant) and isinstance(value.value, int):
+                node.args[index] = ast.Name(placeholder)
+    return shown(abstract(ast.unparse(node))[0])
+
+
+# --- module-level tables -----------------------------------------------------------------------
+
+
+def _same_value(old: str, new: str) -> bool:
+    """Whether two snippets are the same Python (differ at most in layout)."""
+    a, b = _parse(_strip_key(old)), _parse(_strip_key(new))
+    return a is not None and b is not None and ast.dump(a) == ast.dump(b)
+
+
+def _strip_key(row: str) -> str:
+    """A row as an expression: `name=value` -> value, `"k": v` -> {"k": v}."""
+    keyword = _FIELD.match(row)
+    if keyword is not None:
+        return row[keyword.end() :]
+    if _STRING.match(row) and re.match(r"(\"[^\"]*\"|'[^']*')\s*:", row):
+        return "{" + row + "}"
+    return row
+
+
+def _display(row: str) -> str:
+    text = _strip_key(row)
+    node = _parse(text)
+    return shown(_one_line(text) if node is None else ast.unparse(node))
+
+
+def _capped(lines: list[str], what: str, indent: str = "  ") -> list[str]:
+    if len(lines) <= TABLES_SHOWN:
+        return lines
+    return [*lines[: TABLES_SHOWN - 1], f"{indent}... and {len(lines) - TABLES_SHOWN + 1} more {what}"]
+
+
+def _arrow(what: str, old: str, new: str, indent: str = "  ") -> str:
+    old, new = _squeeze(old, new, context=ARROW_CONTEXT)
+    return f"{indent}{what}: {old} -> {new}"
+
+
+def _header_lines(old: Module, new: Module) -> list[str]:
+    lines = []
+    for key in dict.fromkeys([*old.header, *new.header]):
+        a, b = old.header.get(key), new.header.get(key)
+        if a != b:
+            lines.append(_arrow(f"header {key}", shown(_one_line(a or _MISSING)), shown(_one_line(b or _MISSING))))
+    return lines
+
+
+def _statement_lines(old: Module, new: Module) -> list[str]:
+    lines = []
+    for key in dict.fromkeys([*old.statements, *new.statements]):
+        a, b = old.statements.get(key), new.statements.get(key)
+        if a == b or (a is not None and b is not None and _same_statement(a, b)):
+            continue
+        lines.append(_arrow(key, _statement_shown(a), _statement_shown(b)))
+    return _capped(lines, "statements")
+
+
+def _statement_body(text: str) -> str:
+    """A statement without its leading comments; an assignment's value."""
+    code = "\n".join(line for line in text.split("\n") if not line.startswith("#"))
+    try:
+        tree = ast.parse(code)
+    except SyntaxError:
+        return _one_line(code)
+    if len(tree.body) == 1 and isinstance(tree.body[0], (ast.Assign, ast.AnnAssign)) and tree.body[0].value:
+        return ast.unparse(tree.body[0].value)
+    return ast.unparse(tree)
+
+
+def _same_statement(a: str, b: str) -> bool:
+    comments_a = [line for line in a.split("\n") if line.startswith("#")]
+    comments_b = [line for line in b.split("\n") if line.startswith("#")]
+    return comments_a == comments_b and _statement_body(a) == _statement_body(b)
+
+
+def _statement_shown(text: str | None) -> str:
+    if text is None:
+        return _MISSING
+    body = _statement_body(text)
+    comments = [line for line in text.split("\n") if line.startswith("#")]
+    return shown(" ".join([*comments, body]) if comments else body)
+
+
+def _clip(text: str, width: int = EXAMPLE_WIDTH) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _table_lines(name: str, old: Table | None, new: Table | None) -> list[str]:
+    if old is None or new is None:
+        table = new or old
+        assert table is not None
+        return [f"  {name}: {'added' if old is None else 'removed'} ({len(table.rows):,} rows)"]
+    a_rows, b_rows = old.rows, new.rows
+    lines: list[str] = []
+    if _one_line(old.head) != _one_line(new.head):
+        lines.append(_arrow(f"{name} (its head)", shown(_one_line(old.head)), shown(_one_line(new.head))))
+    if name == "HF_TENSORS":
+        return lines + _hf_tensor_lines(a_rows, b_rows)
+    if name == "RULES":
+        lines.extend(_rule_lines(a_rows, b_rows))
+        common = [k for k in a_rows if k in b_rows]
+        if common != [k for k in b_rows if k in a_rows]:
+            lines.append("  RULES: order changed (PARAMS refer to rules by index)")
+        return lines
+    for key in dict.fromkeys([*a_rows, *b_rows]):
+        a, b = a_rows.get(key), b_rows.get(key)
+        if a == b or (a is not None and b is not None and _same_value(a, b)):
+            continue
+        where = f"{name}.{key}" if name == "DIMS" else f"{name} {shown(repr(key))}"
+        if a is None:
+            lines.append(_clip(f"  {where} added: {_display(b or '')}"))
+        elif b is None:
+            lines.append(_clip(f"  {where} removed: {_display(a)}"))
+        else:
+            lines.append(_arrow(where, _display(a), _display(b)))
+    return _capped(lines, f"{name} entries")
+
+
+def _rule_lines(a_rows: dict[str, str], b_rows: dict[str, str]) -> list[str]:
+    lines = []
+    for key in dict.fromkeys([*b_rows, *a_rows]):
+        a, b = a_rows.get(key), b_rows.get(key)
+        if a == b:
+            continue
+        where = f"RULES {shown(repr(key))}"
+        if a is None or b is None:
+            lines.append(_clip(f"  {where} {'added' if a is None else 'removed'}: {_display(b or a or '')}"))
+            continue
+        na, nb = _parse(a), _parse(b)
+        if not isinstance(na, ast.Call) or not isinstance(nb, ast.Call):
+            if not _same_value(a, b):
+                lines.append(_arrow(where, _display(a), _display(b)))
+            continue
+        fields: list[str] = []
+        for i in range(max(len(na.args), len(nb.args))):
+            what = RULE_FIELDS[i] if i < len(RULE_FIELDS) else f"argument {i + 1}"
+            x = na.args[i] if i < len(na.args) else None
+            y = nb.args[i] if i < len(nb.args) else None
+            if (x is None) != (y is None) or (x is not None and y is not None and ast.dump(x) != ast.dump(y)):
+                fields.append(f"{what} {_show_node(x)} -> {_show_node(y)}")
+        kw_a = {k.arg or "**": k.value for k in na.keywords}
+        kw_b = {k.arg or "**": k.value for k in nb.keywords}
+        for kw in dict.fromkeys([*kw_a, *kw_b]):
+            x, y = kw_a.get(kw), kw_b.get(kw)
+            if (x is None) != (y is None) or (x is not None and y is not None and ast.dump(x) != ast.dump(y)):
+                fields.append(f"{kw}={_show_node(x)} -> {kw}={_show_node(y)}")
+        if fields:
+            lines.append(f"  {where}: {'; '.join(fields)}")
+    return _capped(lines, "RULES entries")
+
+
+def _scope(name: str) -> str:
+    """An abstracted name cut after its last placeholder: `model.layers.<L>.*`."""
+    last = max(name.rfind(LAYER), name.rfind(EXPERT))
+    if last < 0:
+        return name
+    end = last + len(LAYER)
+    return name[:end] + (".*" if end < len(name) else "")
+
+
+def _hf_tensor_lines(a_rows: dict[str, str], b_rows: dict[str, str]) -> list[str]:
+    added: dict[str, _Counted] = {}
+    removed: dict[str, _Counted] = {}
+    reshaped: dict[tuple[str, str, str], _Counted] = {}
+    for key in dict.fromkeys([*b_rows, *a_rows]):
+        a, b = a_rows.get(key), b_rows.get(key)
+        if a == b or (a is not None and b is not None and _same_value(a, b)):
+            continue
+        pattern, layers, experts = abstract(key)
+        if a is None or b is None:
+            counted = (added if a is None else removed).setdefault(_scope(pattern), _Counted())
+        else:
+            counted = reshaped.setdefault((pattern, _shape_of(a), _shape_of(b)), _Counted())
+        counted.count += 1
+        counted.layers.update(layers)
+        counted.experts.update(experts)
+    lines = []
+    for sign, table in (("added", added), ("removed", removed)):
+        for scope, counted in table.items():
+            lines.append(f"  HF_TENSORS {sign}: {counted.count:,} {shown(scope)}{_where(counted.layers, counted.experts)}")
+    for (pattern, shape_a, shape_b), counted in reshaped.items():
+        lines.append(
+            f"  HF_TENSORS reshaped: {counted.count:,} {shown(pattern)}{_where(counted.layers, counted.experts)}:"
+            f" {shape_a} -> {shape_b}"
+        )
+    return _capped(lines, "groups of HF tensors")
+
+
+def _shape_of(row: str) -> str:
+    node = _parse(row)
+    if isinstance(node, ast.Call) and len(node.args) >= 2:
+        return ast.unparse(node.args[1])
+    return _display(row)
+
+
+# --- the summary -------------------------------------------------------------------------------
+
+
+def summarize(old_text: str, new_text: str, label: str, groups_shown: int = GROUPS_SHOWN) -> list[str]:
+    """The summary of two builds of one module (`label` names it); [] if they are equal."""
+    if old_text == new_text:
+        return []
+    old, new = split_module(old_text), split_module(new_text)
+    body = _header_lines(old, new) + _statement_lines(old, new)
+    for name in dict.fromkeys([*old.tables, *new.tables]):
+        if name != "PARAMS":
+            body.extend(_table_lines(name, old.tables.get(name), new.tables.get(name)))
+    params = _ParamDiff(old, new)
+    params.run()
+    body.extend(_group_lines(params, groups_shown))
+    for sign, table in (("added", params.added), ("removed", params.removed)):
+        lines = [
+            f"    {counted.count:,} {shown(pattern)}{_where(counted.layers, counted.experts)}: {counted.kind}"
+            for (_, pattern), counted in table.items()
+        ]
+        if lines:
+            total = sum(c.count for c in table.values())
+            body.append(f"  {sign}: {_count(total, 'parameter')}")
+            body.extend(_capped(lines, f"kinds of {sign} parameters", "    "))
+    if params.layout_only:
+        differ = "differs" if params.layout_only == 1 else "differ"
+        body.append(f"  {_count(params.layout_only, 'parameter')} {differ} only in layout (the same Python)")
+    other = _other_function_lines(old, new, params.used)
+    body.extend(other)
+    n_old, n_new = len(old.params), len(new.params)
+    added = sum(c.count for c in params.added.values())
+    removed = sum(c.count for c in params.removed.values())
+    title = f"{label}: {_count(params.changed, 'parameter')} changed, {added:,} added, {removed:,} removed"
+    title += f" ({n_old:,} -> {n_new:,})" if n_old != n_new else f" (of {n_new:,})"
+    if not body:
+        body = ["  the texts differ only in layout (the same Python)"]
+    return [title, *body]
+
+
+def _group_lines(params: _ParamDiff, groups_shown: int) -> list[str]:
+    by_rule: dict[str, list[_Group]] = {}
+    for group in params.groups.values():
+        by_rule.setdefault(group.rule, []).append(group)
+    lines: list[str] = []
+    shown_groups = 0
+    left: list[_Group] = []
+    for rule, groups in by_rule.items():
+        if shown_groups >= groups_shown:
+            left.extend(groups)
+            continue
+        count = sum(g.count for g in groups)
+        layers = set().union(*(g.layers for g in groups))
+        experts = set().union(*(g.experts for g in groups))
+        ways = f", in {len(groups)} ways" if len(groups) > 1 else ""
+        lines.append(f"  rule {shown(rule)}: {_count(count, 'parameter')} changed{_where(layers, experts)}{ways}")
+        for group in groups:
+            if shown_groups >= groups_shown:
+                left.append(group)
+                continue
+            shown_groups += 1
+            indent = "    "
+            if len(groups) > 1:
+                lines.append(f"    {group.count:,}{_where(group.layers, group.experts)}:")
+                indent = "      "
+            for what, a, b in group.changes:
+                lines.append(_arrow(what, a, b, indent))
+            abstracted = group.count > 1
+            lines.append(f"{indent}e.g. {shown(abstract(group.example_name)[0]) if abstracted else group.example_name}")
+            for part, a, b in group.example:
+                a, b = _example_line(part, a, abstracted), _example_line(part, b, abstracted)
+                a, b = _squeeze(a, b, EXAMPLE_WIDTH, EXAMPLE_CONTEXT)
+                prefix = "" if part in ("doc", "row") else f"{part}: "
+                lines.append(f"{indent}  - {prefix}{a}")
+                lines.append(f"{indent}  + {prefix}{b}")
+    if left:
+        rules = list(dict.fromkeys(shown(g.rule) for g in left))
+        lines.append(
+            f"  ... and {len(left)} more ways, {sum(g.count for g in left):,} parameters, in rules "
+            + ", ".join(rules[:3]) + (f" and {len(rules) - 3} more" if len(rules) > 3 else "")
+        )
+    return lines
+
+
+def _other_function_lines(old: Module, new: Module, used: set[str]) -> list[str]:
+    """Functions no PARAMS row names (none in a module mapgen wrote)."""
+    changed = added = removed = 0
+    for name in dict.fromkeys([*old.functions, *new.functions]):
+        if name in used:
+            continue
+        a, b = old.functions.get(name), new.functions.get(name)
+        if a is None:
+            added += 1
+        elif b is None:
+            removed += 1
+        elif a != b:
+            changed += 1
+    if changed + added + removed == 0:
+        return []
+    return [f"  functions no PARAMS row names: {changed} changed, {added} added, {removed} removed"]
+
+
+def _is_module(text: str) -> bool:
+    return "\nPARAMS" in text or text.startswith("# @generated by mapgen")
+
+
+def summarize_file(old_text: str | None, new_text: str | None, label: str) -> list[str]:
+    """Either side may be missing (a file added or removed)."""
+    if old_text is None and new_text is None:
+        return []
+    if old_text is None or new_text is None:
+        text = new_text if old_text is None else old_text
+        assert text is not None
+        what = "added" if old_text is None else "removed"
+        if _is_module(text):
+            module = split_module(text)
+            return [f"{label}: {what} ({len(module.params):,} parameters, {len(module.rule_ids)} rules)"]
+        return [f"{label}: {what}"]
+    if old_text == new_text:
+        return []
+    if not (_is_module(old_text) or _is_module(new_text)):
+        return [f"{label}: differs (not a generated module)"]
+    return summarize(old_text, new_text, label)
+
+
+def report(sections: Iterable[list[str]]) -> str:
+    """The summaries of every file compared, or "no difference"."""
+    lines = [line for section in sections for line in section]
+    return "\n".join(lines) + "\n" if lines else "no difference\n"
+
+
+# --- inputs: two files, two folders, or the working tree against a git revision --------------
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MapgenError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
+
+
+def _modules_under(folder: Path) -> dict[str, Path]:
+    return {
+        p.relative_to(folder).as_posix(): p
+        for p in sorted(folder.rglob("*.py"))
+        if p.is_file() and "__pycache__" not in p.parts
+    }
+
+
+def diff_paths(old: Path, new: Path) -> Iterator[list[str]]:
+    """Two files, or two folders whose `*.py` files are paired by their path inside them."""
+    if old.is_dir() and new.is_dir():
+        a, b = _modules_under(old), _modules_under(new)
+        for name in sorted(set(a) | set(b)):
+            yield summarize_file(
+                _read(a[name]) if name in a else None, _read(b[name]) if name in b else None, name
+            )
+        return
+    for path in (old, new):
+        if not path.exists():
+            raise MapgenError(f"{path}: no such file or folder")
+    if old.is_dir() or new.is_dir():
+        raise MapgenError(f"give two files or two folders, not {old} and {new}")
+    yield summarize_file(_read(old), _read(new), new.as_posix() if old.name == new.name else f"{old} -> {new}")
+
+
+def _git(args: list[str], cwd: Path) -> bytes:
+    try:
+        done = subprocess.run(["git", *args], cwd=cwd, capture_output=True, check=False)
+    except OSError as exc:
+        raise MapgenError(f"cannot run git: {exc.strerror}") from None
+    if done.returncode != 0:
+        raise MapgenError(f"git {' '.join(args)}: {done.stderr.decode(errors='replace').strip()}")
+    return done.stdout
+
+
+def diff_revision(rev: str, paths: list[Path], cwd: Path) -> Iterator[list[str]]:
+    """The working tree's `*.py` files under `paths` (default: the repository's generated/)
+    against the same paths at git revision `rev` (read with `git show REV:path`)."""
+    root = Path(_git(["rev-parse", "--show-toplevel"], cwd).decode().strip())
+    try:
+        _git(["rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"], root)
+    except MapgenError:
+        raise MapgenError(f"{rev}: not a git revision of {root}") from None
+    old_files: set[str] = set()
+    new_files: dict[str, Path] = {}
+    for path in paths or [root / "generated"]:
+        absolute = (cwd / path).resolve()
+        try:
+            relative = absolute.relative_to(root.resolve()).as_posix()
+        except ValueError:
+            raise MapgenError(f"{path} is not in the git repository {root}") from None
+        relative = "" if relative == "." else relative
+        listed = _git(["ls-tree", "-r", "-z", "--name-only", rev, "--", relative or "."], root)
+        found_old = {n for n in listed.decode().split("\0") if n.endswith(".py")}
+        if absolute.is_dir():
+            found_new = {
+                (relative + "/" if relative else "") + name: p for name, p in _modules_under(absolute).items()
+            }
+        else:
+            found_new = {relative: absolute} if absolute.is_file() else {}
+        if not found_old and not found_new:
+            raise MapgenError(f"{path}: no .py file there, in the working tree or at {rev}")
+        old_files |= found_old
+        new_files.update(found_new)
+    for name in sorted(old_files | set(new_files)):
+        old_text = _git(["show", f"{rev}:{name}"], root).decode() if name in old_files else None
+        new_text = _read(new_files[name]) if name in new_files else None
+        yield summarize_file(old_text, new_text, name)
