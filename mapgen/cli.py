@@ -14,20 +14,10 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from mapgen.compiler.build import (
-    HF_EXPERTS,
-    TARGETS_FILE,
-    check_target_name,
-    compile_entries,
-    compile_target,
-    display_path,
-    read_targets,
-)
 from mapgen.common.console import quiet_libraries
 from mapgen.common.errors import MapgenError
-from mapgen.compiler.inventory import LAYOUTS
-from mapgen.compiler.megatron_model import MODEL_CLASSES
-from mapgen.compiler.packaged import specs_folder
+from mapgen.common.layout import HF_EXPERTS, LAYOUTS, MODEL_CLASSES
+from mapgen.compiler.packaged import TARGETS_FILE, specs_folder
 from mapgen.compiler.diff import diff_paths, diff_revision, report, summarize_file
 from mapgen.compiler.write import check_output, existing_output, stale_diff, write_if_changed
 
@@ -90,6 +80,8 @@ def build(
 def _build_one(
     spec: Path, config: Path, output: Path, layout: str, name: str | None, hf_experts: str, model_class: str
 ) -> None:
+    from mapgen.compiler.build import check_target_name, compile_target, display_path
+
     target = name or output.stem
     check_target_name(target)
     check_output(output)  # before a build that may take a minute
@@ -111,6 +103,8 @@ def _build_one(
 
 
 def _build_all() -> None:
+    from mapgen.compiler.build import compile_entries, read_targets
+
     root = find_root(Path.cwd())
     entries = read_targets(root)
     with _progress() as progress:
@@ -132,6 +126,8 @@ def _build_all() -> None:
 def check_command() -> None:
     """Exit 1 when generated/ differs from what the specs and configs give: for each stale module,
     what changed grouped by rule (as `mapgen diff` says it), then the unified diff."""
+    from mapgen.compiler.build import compile_entries, read_targets
+
     try:
         root = find_root(Path.cwd())
         entries = read_targets(root)
@@ -249,6 +245,8 @@ def module_spec(module_file: Path, written: str) -> Path:
 def _local_twin(module_file: Path, hf_dir: Path, folder: Path) -> Path:
     """A te-layout module is checked through the local-layout module of the same spec for the
     checkpoint's config: TransformerEngine does not run on CPU."""
+    from mapgen.compiler.build import compile_target
+
     from mapgen.verify.jobs import config_problems, load_mapping_module
 
     module = load_mapping_module(module_file)

@@ -10,6 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+LAYOUTS = ("te", "local")  # megatron-core's TransformerEngine layer-spec names, or its local ones
+MODEL_CLASSES = ("gpt", "hybrid")  # megatron-core's GPTModel, or its HybridModel
+HF_EXPERTS = ("per_expert", "stacked")  # how an HF checkpoint stores MoE experts
+
 
 @dataclass(frozen=True)
 class QKVGeometry:

@@ -20,19 +20,18 @@ from mapgen.common.dims import ModelDims
 from mapgen.common.errors import ErrorSink, Location, MapgenError, SpecError
 from mapgen.compiler.expand import expand
 from mapgen.compiler.format import format_source
-from mapgen.compiler.inventory import LAYOUTS, HFTensor, architecture_model_type, hf_inventory, megatron_inventory
+from mapgen.compiler.inventory import HFTensor, architecture_model_type, hf_inventory, megatron_inventory
 from mapgen.compiler.ir import Source, Target
 from mapgen.common.limits import MAX_INPUT_BYTES
-from mapgen.compiler.megatron_model import MODEL_CLASSES
+from mapgen.common.layout import HF_EXPERTS, LAYOUTS, MODEL_CLASSES
+from mapgen.compiler.packaged import TARGETS_FILE
 from mapgen.compiler.postprocess import check, gc_paused
 from mapgen.compiler.render import render
 from mapgen.compiler.spec import Spec, parse_spec
 from mapgen.compiler.write import file_kind
 
-TARGETS_FILE = "specs/targets.yaml"
 TARGET_KEYS = ("spec", "config", "layout")
 OPTIONAL_TARGET_KEYS = {"model": "gpt"}  # the megatron-core model class, GPTModel by default
-HF_EXPERTS = ("per_expert", "stacked")
 
 
 @dataclass(frozen=True)

@@ -35,9 +35,8 @@ from typing import Any
 import torch
 
 from mapgen.common.dims import ModelDims
-from mapgen.common.layout import weight_buffers
+from mapgen.common.layout import LAYOUTS, weight_buffers
 
-LAYOUTS = ("te", "local")
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 _EXPERT = re.compile(r"\.mlp\.experts\.local_experts\.(\d+)\.")
 

@@ -15,6 +15,7 @@ from torch.distributed import HashStore  # type: ignore[attr-defined]
 
 from mapgen.common.console import native_stdout_silenced
 from mapgen.common.dims import ModelDims
+from mapgen.common.layout import MODEL_CLASSES
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -331,7 +332,6 @@ def _mla_core_attention() -> type:
     return MLADotProductAttention
 
 
-MODEL_CLASSES = ("gpt", "hybrid")
 
 
 def hybrid_layer_pattern(dims: ModelDims) -> str:

@@ -16,6 +16,7 @@ from pathlib import Path
 from mapgen.common.errors import MapgenError
 
 TEMPLATE = "module.py.j2"
+TARGETS_FILE = "specs/targets.yaml"  # the checked-in targets, in a checkout
 
 
 def _source_tree() -> Path | None:
