@@ -13,8 +13,17 @@ from typing import Final
 from torch import Tensor
 
 from mapgen import runtime as rt
-from mapgen.dims import ModelDims
-from mapgen.runtime import ExportFn, HFTensorPlan, ImportFn, Loader, ParallelContext, ParamPlan
+from mapgen.runtime import (
+    ExportFn,
+    HFTensorPlan,
+    ImportFn,
+    Loader,
+    ModelDims,
+    ParallelContext,
+    ParamPlan,
+    QKVGeometry,
+    RulePlan,
+)
 
 TARGET: Final = "llama3_1_70b"
 LAYOUT: Final = "te"
@@ -74,51 +83,120 @@ DIMS: Final = ModelDims(
     v_head_dim=0,
 )
 
+# The spec's rules this module applies, in the order their first parameter appears. The
+# functions' docstrings cite them by id (the Megatron pattern, or the rule's `id:`); PARAMS by
+# index. Fields: id, kind, Megatron pattern, HF patterns, their roles, then permute_dims and the
+# QKV geometry (heads, query groups, head dim, output gate) where the kind has them.
+RULES: Final[tuple[RulePlan, ...]] = (
+    RulePlan(
+        "embedding.word_embeddings.weight",
+        "auto",
+        "embedding.word_embeddings.weight",
+        ("model.embed_tokens.weight",),
+        ("hf",),
+    ),
+    RulePlan(
+        "decoder.layers.*.self_attention.linear_qkv.layer_norm_weight",
+        "auto",
+        "decoder.layers.*.self_attention.linear_qkv.layer_norm_weight",
+        ("model.layers.*.input_layernorm.weight",),
+        ("hf",),
+    ),
+    RulePlan(
+        "decoder.layers.*.self_attention.linear_proj.weight",
+        "auto",
+        "decoder.layers.*.self_attention.linear_proj.weight",
+        ("model.layers.*.self_attn.o_proj.weight",),
+        ("hf",),
+    ),
+    RulePlan(
+        "decoder.layers.*.self_attention.linear_qkv.weight",
+        "qkv",
+        "decoder.layers.*.self_attention.linear_qkv.weight",
+        (
+            "model.layers.*.self_attn.q_proj.weight",
+            "model.layers.*.self_attn.k_proj.weight",
+            "model.layers.*.self_attn.v_proj.weight",
+        ),
+        ("q", "k", "v"),
+        qkv=QKVGeometry(64, 8, 128, False),
+    ),
+    RulePlan(
+        "decoder.layers.*.mlp.linear_fc1.layer_norm_weight",
+        "auto",
+        "decoder.layers.*.mlp.linear_fc1.layer_norm_weight",
+        ("model.layers.*.post_attention_layernorm.weight",),
+        ("hf",),
+    ),
+    RulePlan(
+        "decoder.layers.*.mlp.linear_fc1.weight",
+        "gated_mlp",
+        "decoder.layers.*.mlp.linear_fc1.weight",
+        ("model.layers.*.mlp.gate_proj.weight", "model.layers.*.mlp.up_proj.weight"),
+        ("gate", "up"),
+    ),
+    RulePlan(
+        "decoder.layers.*.mlp.linear_fc2.weight",
+        "auto",
+        "decoder.layers.*.mlp.linear_fc2.weight",
+        ("model.layers.*.mlp.down_proj.weight",),
+        ("hf",),
+    ),
+    RulePlan(
+        "decoder.final_layernorm.weight",
+        "auto",
+        "decoder.final_layernorm.weight",
+        ("model.norm.weight",),
+        ("hf",),
+    ),
+    RulePlan("output_layer.weight", "auto", "output_layer.weight", ("lm_head.weight",), ("hf",)),
+)
+
 
 def import_embedding_word_embeddings_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> column: specs/llama.yaml:29."""
+    """auto -> column: embedding.word_embeddings.weight."""
     return rt.column_import(ctx.tp, load("model.embed_tokens.weight"), out=out)
 
 
 def export_embedding_word_embeddings_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> column: specs/llama.yaml:29."""
+    """auto -> column: embedding.word_embeddings.weight."""
     return {"model.embed_tokens.weight": rt.column_export(parts)}
 
 
 def import_decoder_layers_0_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.0.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_0_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.0.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_0_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.0.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_0_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.0.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_0_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.0.self_attn.q_proj.weight"),
@@ -134,7 +212,7 @@ def import_decoder_layers_0_self_attention_linear_qkv_weight(
 def export_decoder_layers_0_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -150,21 +228,21 @@ def export_decoder_layers_0_self_attention_linear_qkv_weight(
 def import_decoder_layers_0_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.0.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_0_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.0.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_0_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.0.mlp.gate_proj.weight"),
@@ -174,7 +252,7 @@ def import_decoder_layers_0_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_0_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weight"),
@@ -186,47 +264,47 @@ def export_decoder_layers_0_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> di
 def import_decoder_layers_0_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.0.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_0_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.0.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_1_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.1.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_1_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.1.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_1_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.1.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_1_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.1.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_1_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.1.self_attn.q_proj.weight"),
@@ -242,7 +320,7 @@ def import_decoder_layers_1_self_attention_linear_qkv_weight(
 def export_decoder_layers_1_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -258,21 +336,21 @@ def export_decoder_layers_1_self_attention_linear_qkv_weight(
 def import_decoder_layers_1_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.1.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_1_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.1.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_1_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.1.mlp.gate_proj.weight"),
@@ -282,7 +360,7 @@ def import_decoder_layers_1_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_1_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.1.mlp.gate_proj.weight", "model.layers.1.mlp.up_proj.weight"),
@@ -294,47 +372,47 @@ def export_decoder_layers_1_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> di
 def import_decoder_layers_1_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.1.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_1_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.1.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_2_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.2.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_2_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.2.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_2_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.2.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_2_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.2.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_2_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.2.self_attn.q_proj.weight"),
@@ -350,7 +428,7 @@ def import_decoder_layers_2_self_attention_linear_qkv_weight(
 def export_decoder_layers_2_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -366,21 +444,21 @@ def export_decoder_layers_2_self_attention_linear_qkv_weight(
 def import_decoder_layers_2_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.2.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_2_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.2.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_2_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.2.mlp.gate_proj.weight"),
@@ -390,7 +468,7 @@ def import_decoder_layers_2_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_2_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.2.mlp.gate_proj.weight", "model.layers.2.mlp.up_proj.weight"),
@@ -402,47 +480,47 @@ def export_decoder_layers_2_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> di
 def import_decoder_layers_2_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.2.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_2_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.2.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_3_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.3.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_3_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.3.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_3_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.3.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_3_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.3.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_3_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.3.self_attn.q_proj.weight"),
@@ -458,7 +536,7 @@ def import_decoder_layers_3_self_attention_linear_qkv_weight(
 def export_decoder_layers_3_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -474,21 +552,21 @@ def export_decoder_layers_3_self_attention_linear_qkv_weight(
 def import_decoder_layers_3_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.3.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_3_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.3.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_3_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.3.mlp.gate_proj.weight"),
@@ -498,7 +576,7 @@ def import_decoder_layers_3_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_3_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.3.mlp.gate_proj.weight", "model.layers.3.mlp.up_proj.weight"),
@@ -510,47 +588,47 @@ def export_decoder_layers_3_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> di
 def import_decoder_layers_3_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.3.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_3_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.3.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_4_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.4.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_4_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.4.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_4_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.4.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_4_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.4.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_4_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.4.self_attn.q_proj.weight"),
@@ -566,7 +644,7 @@ def import_decoder_layers_4_self_attention_linear_qkv_weight(
 def export_decoder_layers_4_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -582,21 +660,21 @@ def export_decoder_layers_4_self_attention_linear_qkv_weight(
 def import_decoder_layers_4_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.4.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_4_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.4.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_4_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.4.mlp.gate_proj.weight"),
@@ -606,7 +684,7 @@ def import_decoder_layers_4_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_4_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.4.mlp.gate_proj.weight", "model.layers.4.mlp.up_proj.weight"),
@@ -618,47 +696,47 @@ def export_decoder_layers_4_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> di
 def import_decoder_layers_4_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.4.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_4_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.4.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_5_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.5.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_5_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.5.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_5_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.5.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_5_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.5.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_5_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.5.self_attn.q_proj.weight"),
@@ -674,7 +752,7 @@ def import_decoder_layers_5_self_attention_linear_qkv_weight(
 def export_decoder_layers_5_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -690,21 +768,21 @@ def export_decoder_layers_5_self_attention_linear_qkv_weight(
 def import_decoder_layers_5_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.5.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_5_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.5.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_5_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.5.mlp.gate_proj.weight"),
@@ -714,7 +792,7 @@ def import_decoder_layers_5_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_5_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.5.mlp.gate_proj.weight", "model.layers.5.mlp.up_proj.weight"),
@@ -726,47 +804,47 @@ def export_decoder_layers_5_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> di
 def import_decoder_layers_5_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.5.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_5_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.5.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_6_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.6.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_6_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.6.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_6_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.6.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_6_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.6.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_6_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.6.self_attn.q_proj.weight"),
@@ -782,7 +860,7 @@ def import_decoder_layers_6_self_attention_linear_qkv_weight(
 def export_decoder_layers_6_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -798,21 +876,21 @@ def export_decoder_layers_6_self_attention_linear_qkv_weight(
 def import_decoder_layers_6_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.6.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_6_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.6.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_6_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.6.mlp.gate_proj.weight"),
@@ -822,7 +900,7 @@ def import_decoder_layers_6_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_6_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.6.mlp.gate_proj.weight", "model.layers.6.mlp.up_proj.weight"),
@@ -834,47 +912,47 @@ def export_decoder_layers_6_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> di
 def import_decoder_layers_6_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.6.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_6_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.6.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_7_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.7.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_7_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.7.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_7_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.7.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_7_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.7.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_7_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.7.self_attn.q_proj.weight"),
@@ -890,7 +968,7 @@ def import_decoder_layers_7_self_attention_linear_qkv_weight(
 def export_decoder_layers_7_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -906,21 +984,21 @@ def export_decoder_layers_7_self_attention_linear_qkv_weight(
 def import_decoder_layers_7_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.7.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_7_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.7.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_7_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.7.mlp.gate_proj.weight"),
@@ -930,7 +1008,7 @@ def import_decoder_layers_7_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_7_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.7.mlp.gate_proj.weight", "model.layers.7.mlp.up_proj.weight"),
@@ -942,47 +1020,47 @@ def export_decoder_layers_7_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> di
 def import_decoder_layers_7_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.7.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_7_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.7.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_8_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.8.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_8_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.8.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_8_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.8.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_8_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.8.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_8_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.8.self_attn.q_proj.weight"),
@@ -998,7 +1076,7 @@ def import_decoder_layers_8_self_attention_linear_qkv_weight(
 def export_decoder_layers_8_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -1014,21 +1092,21 @@ def export_decoder_layers_8_self_attention_linear_qkv_weight(
 def import_decoder_layers_8_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.8.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_8_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.8.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_8_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.8.mlp.gate_proj.weight"),
@@ -1038,7 +1116,7 @@ def import_decoder_layers_8_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_8_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.8.mlp.gate_proj.weight", "model.layers.8.mlp.up_proj.weight"),
@@ -1050,47 +1128,47 @@ def export_decoder_layers_8_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> di
 def import_decoder_layers_8_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.8.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_8_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.8.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_9_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.9.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_9_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.9.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_9_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.9.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_9_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.9.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_9_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.9.self_attn.q_proj.weight"),
@@ -1106,7 +1184,7 @@ def import_decoder_layers_9_self_attention_linear_qkv_weight(
 def export_decoder_layers_9_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -1122,21 +1200,21 @@ def export_decoder_layers_9_self_attention_linear_qkv_weight(
 def import_decoder_layers_9_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.9.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_9_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.9.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_9_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.9.mlp.gate_proj.weight"),
@@ -1146,7 +1224,7 @@ def import_decoder_layers_9_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_9_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.9.mlp.gate_proj.weight", "model.layers.9.mlp.up_proj.weight"),
@@ -1158,47 +1236,47 @@ def export_decoder_layers_9_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> di
 def import_decoder_layers_9_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.9.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_9_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.9.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_10_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.10.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_10_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.10.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_10_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.10.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_10_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.10.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_10_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.10.self_attn.q_proj.weight"),
@@ -1214,7 +1292,7 @@ def import_decoder_layers_10_self_attention_linear_qkv_weight(
 def export_decoder_layers_10_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -1230,21 +1308,21 @@ def export_decoder_layers_10_self_attention_linear_qkv_weight(
 def import_decoder_layers_10_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.10.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_10_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.10.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_10_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.10.mlp.gate_proj.weight"),
@@ -1254,7 +1332,7 @@ def import_decoder_layers_10_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_10_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.10.mlp.gate_proj.weight", "model.layers.10.mlp.up_proj.weight"),
@@ -1266,47 +1344,47 @@ def export_decoder_layers_10_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_10_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.10.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_10_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.10.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_11_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.11.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_11_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.11.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_11_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.11.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_11_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.11.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_11_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.11.self_attn.q_proj.weight"),
@@ -1322,7 +1400,7 @@ def import_decoder_layers_11_self_attention_linear_qkv_weight(
 def export_decoder_layers_11_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -1338,21 +1416,21 @@ def export_decoder_layers_11_self_attention_linear_qkv_weight(
 def import_decoder_layers_11_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.11.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_11_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.11.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_11_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.11.mlp.gate_proj.weight"),
@@ -1362,7 +1440,7 @@ def import_decoder_layers_11_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_11_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.11.mlp.gate_proj.weight", "model.layers.11.mlp.up_proj.weight"),
@@ -1374,47 +1452,47 @@ def export_decoder_layers_11_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_11_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.11.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_11_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.11.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_12_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.12.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_12_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.12.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_12_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.12.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_12_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.12.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_12_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.12.self_attn.q_proj.weight"),
@@ -1430,7 +1508,7 @@ def import_decoder_layers_12_self_attention_linear_qkv_weight(
 def export_decoder_layers_12_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -1446,21 +1524,21 @@ def export_decoder_layers_12_self_attention_linear_qkv_weight(
 def import_decoder_layers_12_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.12.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_12_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.12.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_12_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.12.mlp.gate_proj.weight"),
@@ -1470,7 +1548,7 @@ def import_decoder_layers_12_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_12_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.12.mlp.gate_proj.weight", "model.layers.12.mlp.up_proj.weight"),
@@ -1482,47 +1560,47 @@ def export_decoder_layers_12_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_12_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.12.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_12_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.12.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_13_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.13.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_13_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.13.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_13_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.13.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_13_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.13.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_13_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.13.self_attn.q_proj.weight"),
@@ -1538,7 +1616,7 @@ def import_decoder_layers_13_self_attention_linear_qkv_weight(
 def export_decoder_layers_13_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -1554,21 +1632,21 @@ def export_decoder_layers_13_self_attention_linear_qkv_weight(
 def import_decoder_layers_13_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.13.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_13_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.13.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_13_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.13.mlp.gate_proj.weight"),
@@ -1578,7 +1656,7 @@ def import_decoder_layers_13_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_13_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.13.mlp.gate_proj.weight", "model.layers.13.mlp.up_proj.weight"),
@@ -1590,47 +1668,47 @@ def export_decoder_layers_13_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_13_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.13.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_13_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.13.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_14_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.14.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_14_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.14.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_14_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.14.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_14_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.14.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_14_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.14.self_attn.q_proj.weight"),
@@ -1646,7 +1724,7 @@ def import_decoder_layers_14_self_attention_linear_qkv_weight(
 def export_decoder_layers_14_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -1662,21 +1740,21 @@ def export_decoder_layers_14_self_attention_linear_qkv_weight(
 def import_decoder_layers_14_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.14.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_14_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.14.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_14_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.14.mlp.gate_proj.weight"),
@@ -1686,7 +1764,7 @@ def import_decoder_layers_14_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_14_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.14.mlp.gate_proj.weight", "model.layers.14.mlp.up_proj.weight"),
@@ -1698,47 +1776,47 @@ def export_decoder_layers_14_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_14_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.14.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_14_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.14.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_15_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.15.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_15_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.15.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_15_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.15.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_15_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.15.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_15_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.15.self_attn.q_proj.weight"),
@@ -1754,7 +1832,7 @@ def import_decoder_layers_15_self_attention_linear_qkv_weight(
 def export_decoder_layers_15_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -1770,21 +1848,21 @@ def export_decoder_layers_15_self_attention_linear_qkv_weight(
 def import_decoder_layers_15_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.15.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_15_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.15.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_15_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.15.mlp.gate_proj.weight"),
@@ -1794,7 +1872,7 @@ def import_decoder_layers_15_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_15_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.15.mlp.gate_proj.weight", "model.layers.15.mlp.up_proj.weight"),
@@ -1806,47 +1884,47 @@ def export_decoder_layers_15_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_15_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.15.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_15_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.15.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_16_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.16.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_16_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.16.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_16_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.16.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_16_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.16.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_16_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.16.self_attn.q_proj.weight"),
@@ -1862,7 +1940,7 @@ def import_decoder_layers_16_self_attention_linear_qkv_weight(
 def export_decoder_layers_16_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -1878,21 +1956,21 @@ def export_decoder_layers_16_self_attention_linear_qkv_weight(
 def import_decoder_layers_16_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.16.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_16_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.16.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_16_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.16.mlp.gate_proj.weight"),
@@ -1902,7 +1980,7 @@ def import_decoder_layers_16_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_16_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.16.mlp.gate_proj.weight", "model.layers.16.mlp.up_proj.weight"),
@@ -1914,47 +1992,47 @@ def export_decoder_layers_16_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_16_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.16.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_16_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.16.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_17_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.17.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_17_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.17.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_17_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.17.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_17_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.17.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_17_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.17.self_attn.q_proj.weight"),
@@ -1970,7 +2048,7 @@ def import_decoder_layers_17_self_attention_linear_qkv_weight(
 def export_decoder_layers_17_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -1986,21 +2064,21 @@ def export_decoder_layers_17_self_attention_linear_qkv_weight(
 def import_decoder_layers_17_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.17.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_17_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.17.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_17_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.17.mlp.gate_proj.weight"),
@@ -2010,7 +2088,7 @@ def import_decoder_layers_17_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_17_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.17.mlp.gate_proj.weight", "model.layers.17.mlp.up_proj.weight"),
@@ -2022,47 +2100,47 @@ def export_decoder_layers_17_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_17_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.17.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_17_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.17.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_18_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.18.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_18_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.18.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_18_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.18.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_18_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.18.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_18_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.18.self_attn.q_proj.weight"),
@@ -2078,7 +2156,7 @@ def import_decoder_layers_18_self_attention_linear_qkv_weight(
 def export_decoder_layers_18_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -2094,21 +2172,21 @@ def export_decoder_layers_18_self_attention_linear_qkv_weight(
 def import_decoder_layers_18_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.18.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_18_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.18.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_18_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.18.mlp.gate_proj.weight"),
@@ -2118,7 +2196,7 @@ def import_decoder_layers_18_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_18_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.18.mlp.gate_proj.weight", "model.layers.18.mlp.up_proj.weight"),
@@ -2130,47 +2208,47 @@ def export_decoder_layers_18_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_18_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.18.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_18_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.18.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_19_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.19.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_19_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.19.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_19_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.19.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_19_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.19.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_19_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.19.self_attn.q_proj.weight"),
@@ -2186,7 +2264,7 @@ def import_decoder_layers_19_self_attention_linear_qkv_weight(
 def export_decoder_layers_19_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -2202,21 +2280,21 @@ def export_decoder_layers_19_self_attention_linear_qkv_weight(
 def import_decoder_layers_19_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.19.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_19_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.19.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_19_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.19.mlp.gate_proj.weight"),
@@ -2226,7 +2304,7 @@ def import_decoder_layers_19_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_19_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.19.mlp.gate_proj.weight", "model.layers.19.mlp.up_proj.weight"),
@@ -2238,47 +2316,47 @@ def export_decoder_layers_19_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_19_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.19.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_19_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.19.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_20_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.20.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_20_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.20.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_20_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.20.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_20_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.20.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_20_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.20.self_attn.q_proj.weight"),
@@ -2294,7 +2372,7 @@ def import_decoder_layers_20_self_attention_linear_qkv_weight(
 def export_decoder_layers_20_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -2310,21 +2388,21 @@ def export_decoder_layers_20_self_attention_linear_qkv_weight(
 def import_decoder_layers_20_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.20.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_20_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.20.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_20_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.20.mlp.gate_proj.weight"),
@@ -2334,7 +2412,7 @@ def import_decoder_layers_20_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_20_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.20.mlp.gate_proj.weight", "model.layers.20.mlp.up_proj.weight"),
@@ -2346,47 +2424,47 @@ def export_decoder_layers_20_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_20_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.20.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_20_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.20.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_21_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.21.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_21_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.21.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_21_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.21.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_21_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.21.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_21_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.21.self_attn.q_proj.weight"),
@@ -2402,7 +2480,7 @@ def import_decoder_layers_21_self_attention_linear_qkv_weight(
 def export_decoder_layers_21_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -2418,21 +2496,21 @@ def export_decoder_layers_21_self_attention_linear_qkv_weight(
 def import_decoder_layers_21_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.21.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_21_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.21.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_21_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.21.mlp.gate_proj.weight"),
@@ -2442,7 +2520,7 @@ def import_decoder_layers_21_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_21_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.21.mlp.gate_proj.weight", "model.layers.21.mlp.up_proj.weight"),
@@ -2454,47 +2532,47 @@ def export_decoder_layers_21_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_21_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.21.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_21_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.21.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_22_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.22.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_22_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.22.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_22_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.22.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_22_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.22.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_22_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.22.self_attn.q_proj.weight"),
@@ -2510,7 +2588,7 @@ def import_decoder_layers_22_self_attention_linear_qkv_weight(
 def export_decoder_layers_22_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -2526,21 +2604,21 @@ def export_decoder_layers_22_self_attention_linear_qkv_weight(
 def import_decoder_layers_22_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.22.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_22_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.22.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_22_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.22.mlp.gate_proj.weight"),
@@ -2550,7 +2628,7 @@ def import_decoder_layers_22_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_22_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.22.mlp.gate_proj.weight", "model.layers.22.mlp.up_proj.weight"),
@@ -2562,47 +2640,47 @@ def export_decoder_layers_22_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_22_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.22.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_22_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.22.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_23_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.23.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_23_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.23.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_23_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.23.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_23_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.23.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_23_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.23.self_attn.q_proj.weight"),
@@ -2618,7 +2696,7 @@ def import_decoder_layers_23_self_attention_linear_qkv_weight(
 def export_decoder_layers_23_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -2634,21 +2712,21 @@ def export_decoder_layers_23_self_attention_linear_qkv_weight(
 def import_decoder_layers_23_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.23.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_23_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.23.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_23_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.23.mlp.gate_proj.weight"),
@@ -2658,7 +2736,7 @@ def import_decoder_layers_23_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_23_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.23.mlp.gate_proj.weight", "model.layers.23.mlp.up_proj.weight"),
@@ -2670,47 +2748,47 @@ def export_decoder_layers_23_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_23_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.23.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_23_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.23.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_24_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.24.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_24_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.24.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_24_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.24.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_24_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.24.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_24_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.24.self_attn.q_proj.weight"),
@@ -2726,7 +2804,7 @@ def import_decoder_layers_24_self_attention_linear_qkv_weight(
 def export_decoder_layers_24_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -2742,21 +2820,21 @@ def export_decoder_layers_24_self_attention_linear_qkv_weight(
 def import_decoder_layers_24_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.24.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_24_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.24.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_24_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.24.mlp.gate_proj.weight"),
@@ -2766,7 +2844,7 @@ def import_decoder_layers_24_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_24_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.24.mlp.gate_proj.weight", "model.layers.24.mlp.up_proj.weight"),
@@ -2778,47 +2856,47 @@ def export_decoder_layers_24_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_24_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.24.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_24_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.24.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_25_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.25.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_25_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.25.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_25_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.25.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_25_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.25.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_25_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.25.self_attn.q_proj.weight"),
@@ -2834,7 +2912,7 @@ def import_decoder_layers_25_self_attention_linear_qkv_weight(
 def export_decoder_layers_25_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -2850,21 +2928,21 @@ def export_decoder_layers_25_self_attention_linear_qkv_weight(
 def import_decoder_layers_25_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.25.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_25_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.25.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_25_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.25.mlp.gate_proj.weight"),
@@ -2874,7 +2952,7 @@ def import_decoder_layers_25_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_25_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.25.mlp.gate_proj.weight", "model.layers.25.mlp.up_proj.weight"),
@@ -2886,47 +2964,47 @@ def export_decoder_layers_25_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_25_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.25.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_25_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.25.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_26_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.26.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_26_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.26.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_26_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.26.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_26_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.26.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_26_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.26.self_attn.q_proj.weight"),
@@ -2942,7 +3020,7 @@ def import_decoder_layers_26_self_attention_linear_qkv_weight(
 def export_decoder_layers_26_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -2958,21 +3036,21 @@ def export_decoder_layers_26_self_attention_linear_qkv_weight(
 def import_decoder_layers_26_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.26.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_26_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.26.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_26_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.26.mlp.gate_proj.weight"),
@@ -2982,7 +3060,7 @@ def import_decoder_layers_26_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_26_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.26.mlp.gate_proj.weight", "model.layers.26.mlp.up_proj.weight"),
@@ -2994,47 +3072,47 @@ def export_decoder_layers_26_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_26_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.26.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_26_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.26.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_27_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.27.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_27_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.27.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_27_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.27.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_27_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.27.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_27_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.27.self_attn.q_proj.weight"),
@@ -3050,7 +3128,7 @@ def import_decoder_layers_27_self_attention_linear_qkv_weight(
 def export_decoder_layers_27_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -3066,21 +3144,21 @@ def export_decoder_layers_27_self_attention_linear_qkv_weight(
 def import_decoder_layers_27_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.27.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_27_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.27.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_27_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.27.mlp.gate_proj.weight"),
@@ -3090,7 +3168,7 @@ def import_decoder_layers_27_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_27_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.27.mlp.gate_proj.weight", "model.layers.27.mlp.up_proj.weight"),
@@ -3102,47 +3180,47 @@ def export_decoder_layers_27_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_27_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.27.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_27_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.27.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_28_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.28.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_28_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.28.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_28_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.28.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_28_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.28.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_28_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.28.self_attn.q_proj.weight"),
@@ -3158,7 +3236,7 @@ def import_decoder_layers_28_self_attention_linear_qkv_weight(
 def export_decoder_layers_28_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -3174,21 +3252,21 @@ def export_decoder_layers_28_self_attention_linear_qkv_weight(
 def import_decoder_layers_28_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.28.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_28_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.28.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_28_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.28.mlp.gate_proj.weight"),
@@ -3198,7 +3276,7 @@ def import_decoder_layers_28_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_28_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.28.mlp.gate_proj.weight", "model.layers.28.mlp.up_proj.weight"),
@@ -3210,47 +3288,47 @@ def export_decoder_layers_28_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_28_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.28.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_28_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.28.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_29_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.29.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_29_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.29.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_29_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.29.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_29_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.29.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_29_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.29.self_attn.q_proj.weight"),
@@ -3266,7 +3344,7 @@ def import_decoder_layers_29_self_attention_linear_qkv_weight(
 def export_decoder_layers_29_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -3282,21 +3360,21 @@ def export_decoder_layers_29_self_attention_linear_qkv_weight(
 def import_decoder_layers_29_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.29.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_29_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.29.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_29_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.29.mlp.gate_proj.weight"),
@@ -3306,7 +3384,7 @@ def import_decoder_layers_29_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_29_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.29.mlp.gate_proj.weight", "model.layers.29.mlp.up_proj.weight"),
@@ -3318,47 +3396,47 @@ def export_decoder_layers_29_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_29_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.29.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_29_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.29.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_30_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.30.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_30_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.30.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_30_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.30.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_30_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.30.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_30_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.30.self_attn.q_proj.weight"),
@@ -3374,7 +3452,7 @@ def import_decoder_layers_30_self_attention_linear_qkv_weight(
 def export_decoder_layers_30_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -3390,21 +3468,21 @@ def export_decoder_layers_30_self_attention_linear_qkv_weight(
 def import_decoder_layers_30_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.30.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_30_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.30.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_30_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.30.mlp.gate_proj.weight"),
@@ -3414,7 +3492,7 @@ def import_decoder_layers_30_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_30_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.30.mlp.gate_proj.weight", "model.layers.30.mlp.up_proj.weight"),
@@ -3426,47 +3504,47 @@ def export_decoder_layers_30_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_30_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.30.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_30_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.30.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_31_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.31.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_31_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.31.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_31_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.31.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_31_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.31.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_31_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.31.self_attn.q_proj.weight"),
@@ -3482,7 +3560,7 @@ def import_decoder_layers_31_self_attention_linear_qkv_weight(
 def export_decoder_layers_31_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -3498,21 +3576,21 @@ def export_decoder_layers_31_self_attention_linear_qkv_weight(
 def import_decoder_layers_31_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.31.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_31_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.31.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_31_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.31.mlp.gate_proj.weight"),
@@ -3522,7 +3600,7 @@ def import_decoder_layers_31_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_31_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.31.mlp.gate_proj.weight", "model.layers.31.mlp.up_proj.weight"),
@@ -3534,47 +3612,47 @@ def export_decoder_layers_31_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_31_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.31.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_31_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.31.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_32_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.32.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_32_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.32.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_32_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.32.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_32_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.32.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_32_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.32.self_attn.q_proj.weight"),
@@ -3590,7 +3668,7 @@ def import_decoder_layers_32_self_attention_linear_qkv_weight(
 def export_decoder_layers_32_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -3606,21 +3684,21 @@ def export_decoder_layers_32_self_attention_linear_qkv_weight(
 def import_decoder_layers_32_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.32.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_32_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.32.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_32_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.32.mlp.gate_proj.weight"),
@@ -3630,7 +3708,7 @@ def import_decoder_layers_32_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_32_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.32.mlp.gate_proj.weight", "model.layers.32.mlp.up_proj.weight"),
@@ -3642,47 +3720,47 @@ def export_decoder_layers_32_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_32_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.32.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_32_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.32.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_33_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.33.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_33_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.33.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_33_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.33.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_33_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.33.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_33_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.33.self_attn.q_proj.weight"),
@@ -3698,7 +3776,7 @@ def import_decoder_layers_33_self_attention_linear_qkv_weight(
 def export_decoder_layers_33_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -3714,21 +3792,21 @@ def export_decoder_layers_33_self_attention_linear_qkv_weight(
 def import_decoder_layers_33_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.33.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_33_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.33.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_33_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.33.mlp.gate_proj.weight"),
@@ -3738,7 +3816,7 @@ def import_decoder_layers_33_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_33_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.33.mlp.gate_proj.weight", "model.layers.33.mlp.up_proj.weight"),
@@ -3750,47 +3828,47 @@ def export_decoder_layers_33_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_33_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.33.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_33_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.33.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_34_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.34.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_34_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.34.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_34_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.34.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_34_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.34.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_34_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.34.self_attn.q_proj.weight"),
@@ -3806,7 +3884,7 @@ def import_decoder_layers_34_self_attention_linear_qkv_weight(
 def export_decoder_layers_34_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -3822,21 +3900,21 @@ def export_decoder_layers_34_self_attention_linear_qkv_weight(
 def import_decoder_layers_34_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.34.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_34_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.34.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_34_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.34.mlp.gate_proj.weight"),
@@ -3846,7 +3924,7 @@ def import_decoder_layers_34_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_34_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.34.mlp.gate_proj.weight", "model.layers.34.mlp.up_proj.weight"),
@@ -3858,47 +3936,47 @@ def export_decoder_layers_34_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_34_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.34.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_34_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.34.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_35_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.35.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_35_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.35.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_35_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.35.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_35_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.35.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_35_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.35.self_attn.q_proj.weight"),
@@ -3914,7 +3992,7 @@ def import_decoder_layers_35_self_attention_linear_qkv_weight(
 def export_decoder_layers_35_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -3930,21 +4008,21 @@ def export_decoder_layers_35_self_attention_linear_qkv_weight(
 def import_decoder_layers_35_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.35.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_35_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.35.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_35_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.35.mlp.gate_proj.weight"),
@@ -3954,7 +4032,7 @@ def import_decoder_layers_35_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_35_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.35.mlp.gate_proj.weight", "model.layers.35.mlp.up_proj.weight"),
@@ -3966,47 +4044,47 @@ def export_decoder_layers_35_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_35_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.35.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_35_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.35.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_36_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.36.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_36_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.36.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_36_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.36.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_36_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.36.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_36_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.36.self_attn.q_proj.weight"),
@@ -4022,7 +4100,7 @@ def import_decoder_layers_36_self_attention_linear_qkv_weight(
 def export_decoder_layers_36_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -4038,21 +4116,21 @@ def export_decoder_layers_36_self_attention_linear_qkv_weight(
 def import_decoder_layers_36_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.36.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_36_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.36.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_36_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.36.mlp.gate_proj.weight"),
@@ -4062,7 +4140,7 @@ def import_decoder_layers_36_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_36_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.36.mlp.gate_proj.weight", "model.layers.36.mlp.up_proj.weight"),
@@ -4074,47 +4152,47 @@ def export_decoder_layers_36_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_36_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.36.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_36_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.36.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_37_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.37.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_37_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.37.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_37_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.37.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_37_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.37.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_37_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.37.self_attn.q_proj.weight"),
@@ -4130,7 +4208,7 @@ def import_decoder_layers_37_self_attention_linear_qkv_weight(
 def export_decoder_layers_37_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -4146,21 +4224,21 @@ def export_decoder_layers_37_self_attention_linear_qkv_weight(
 def import_decoder_layers_37_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.37.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_37_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.37.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_37_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.37.mlp.gate_proj.weight"),
@@ -4170,7 +4248,7 @@ def import_decoder_layers_37_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_37_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.37.mlp.gate_proj.weight", "model.layers.37.mlp.up_proj.weight"),
@@ -4182,47 +4260,47 @@ def export_decoder_layers_37_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_37_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.37.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_37_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.37.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_38_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.38.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_38_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.38.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_38_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.38.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_38_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.38.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_38_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.38.self_attn.q_proj.weight"),
@@ -4238,7 +4316,7 @@ def import_decoder_layers_38_self_attention_linear_qkv_weight(
 def export_decoder_layers_38_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -4254,21 +4332,21 @@ def export_decoder_layers_38_self_attention_linear_qkv_weight(
 def import_decoder_layers_38_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.38.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_38_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.38.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_38_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.38.mlp.gate_proj.weight"),
@@ -4278,7 +4356,7 @@ def import_decoder_layers_38_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_38_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.38.mlp.gate_proj.weight", "model.layers.38.mlp.up_proj.weight"),
@@ -4290,47 +4368,47 @@ def export_decoder_layers_38_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_38_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.38.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_38_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.38.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_39_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.39.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_39_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.39.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_39_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.39.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_39_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.39.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_39_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.39.self_attn.q_proj.weight"),
@@ -4346,7 +4424,7 @@ def import_decoder_layers_39_self_attention_linear_qkv_weight(
 def export_decoder_layers_39_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -4362,21 +4440,21 @@ def export_decoder_layers_39_self_attention_linear_qkv_weight(
 def import_decoder_layers_39_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.39.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_39_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.39.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_39_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.39.mlp.gate_proj.weight"),
@@ -4386,7 +4464,7 @@ def import_decoder_layers_39_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_39_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.39.mlp.gate_proj.weight", "model.layers.39.mlp.up_proj.weight"),
@@ -4398,47 +4476,47 @@ def export_decoder_layers_39_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_39_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.39.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_39_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.39.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_40_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.40.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_40_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.40.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_40_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.40.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_40_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.40.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_40_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.40.self_attn.q_proj.weight"),
@@ -4454,7 +4532,7 @@ def import_decoder_layers_40_self_attention_linear_qkv_weight(
 def export_decoder_layers_40_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -4470,21 +4548,21 @@ def export_decoder_layers_40_self_attention_linear_qkv_weight(
 def import_decoder_layers_40_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.40.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_40_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.40.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_40_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.40.mlp.gate_proj.weight"),
@@ -4494,7 +4572,7 @@ def import_decoder_layers_40_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_40_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.40.mlp.gate_proj.weight", "model.layers.40.mlp.up_proj.weight"),
@@ -4506,47 +4584,47 @@ def export_decoder_layers_40_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_40_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.40.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_40_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.40.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_41_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.41.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_41_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.41.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_41_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.41.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_41_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.41.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_41_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.41.self_attn.q_proj.weight"),
@@ -4562,7 +4640,7 @@ def import_decoder_layers_41_self_attention_linear_qkv_weight(
 def export_decoder_layers_41_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -4578,21 +4656,21 @@ def export_decoder_layers_41_self_attention_linear_qkv_weight(
 def import_decoder_layers_41_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.41.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_41_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.41.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_41_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.41.mlp.gate_proj.weight"),
@@ -4602,7 +4680,7 @@ def import_decoder_layers_41_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_41_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.41.mlp.gate_proj.weight", "model.layers.41.mlp.up_proj.weight"),
@@ -4614,47 +4692,47 @@ def export_decoder_layers_41_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_41_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.41.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_41_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.41.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_42_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.42.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_42_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.42.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_42_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.42.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_42_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.42.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_42_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.42.self_attn.q_proj.weight"),
@@ -4670,7 +4748,7 @@ def import_decoder_layers_42_self_attention_linear_qkv_weight(
 def export_decoder_layers_42_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -4686,21 +4764,21 @@ def export_decoder_layers_42_self_attention_linear_qkv_weight(
 def import_decoder_layers_42_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.42.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_42_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.42.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_42_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.42.mlp.gate_proj.weight"),
@@ -4710,7 +4788,7 @@ def import_decoder_layers_42_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_42_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.42.mlp.gate_proj.weight", "model.layers.42.mlp.up_proj.weight"),
@@ -4722,47 +4800,47 @@ def export_decoder_layers_42_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_42_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.42.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_42_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.42.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_43_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.43.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_43_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.43.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_43_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.43.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_43_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.43.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_43_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.43.self_attn.q_proj.weight"),
@@ -4778,7 +4856,7 @@ def import_decoder_layers_43_self_attention_linear_qkv_weight(
 def export_decoder_layers_43_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -4794,21 +4872,21 @@ def export_decoder_layers_43_self_attention_linear_qkv_weight(
 def import_decoder_layers_43_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.43.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_43_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.43.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_43_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.43.mlp.gate_proj.weight"),
@@ -4818,7 +4896,7 @@ def import_decoder_layers_43_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_43_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.43.mlp.gate_proj.weight", "model.layers.43.mlp.up_proj.weight"),
@@ -4830,47 +4908,47 @@ def export_decoder_layers_43_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_43_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.43.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_43_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.43.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_44_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.44.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_44_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.44.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_44_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.44.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_44_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.44.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_44_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.44.self_attn.q_proj.weight"),
@@ -4886,7 +4964,7 @@ def import_decoder_layers_44_self_attention_linear_qkv_weight(
 def export_decoder_layers_44_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -4902,21 +4980,21 @@ def export_decoder_layers_44_self_attention_linear_qkv_weight(
 def import_decoder_layers_44_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.44.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_44_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.44.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_44_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.44.mlp.gate_proj.weight"),
@@ -4926,7 +5004,7 @@ def import_decoder_layers_44_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_44_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.44.mlp.gate_proj.weight", "model.layers.44.mlp.up_proj.weight"),
@@ -4938,47 +5016,47 @@ def export_decoder_layers_44_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_44_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.44.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_44_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.44.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_45_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.45.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_45_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.45.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_45_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.45.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_45_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.45.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_45_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.45.self_attn.q_proj.weight"),
@@ -4994,7 +5072,7 @@ def import_decoder_layers_45_self_attention_linear_qkv_weight(
 def export_decoder_layers_45_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -5010,21 +5088,21 @@ def export_decoder_layers_45_self_attention_linear_qkv_weight(
 def import_decoder_layers_45_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.45.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_45_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.45.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_45_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.45.mlp.gate_proj.weight"),
@@ -5034,7 +5112,7 @@ def import_decoder_layers_45_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_45_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.45.mlp.gate_proj.weight", "model.layers.45.mlp.up_proj.weight"),
@@ -5046,47 +5124,47 @@ def export_decoder_layers_45_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_45_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.45.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_45_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.45.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_46_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.46.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_46_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.46.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_46_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.46.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_46_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.46.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_46_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.46.self_attn.q_proj.weight"),
@@ -5102,7 +5180,7 @@ def import_decoder_layers_46_self_attention_linear_qkv_weight(
 def export_decoder_layers_46_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -5118,21 +5196,21 @@ def export_decoder_layers_46_self_attention_linear_qkv_weight(
 def import_decoder_layers_46_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.46.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_46_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.46.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_46_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.46.mlp.gate_proj.weight"),
@@ -5142,7 +5220,7 @@ def import_decoder_layers_46_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_46_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.46.mlp.gate_proj.weight", "model.layers.46.mlp.up_proj.weight"),
@@ -5154,47 +5232,47 @@ def export_decoder_layers_46_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_46_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.46.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_46_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.46.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_47_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.47.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_47_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.47.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_47_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.47.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_47_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.47.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_47_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.47.self_attn.q_proj.weight"),
@@ -5210,7 +5288,7 @@ def import_decoder_layers_47_self_attention_linear_qkv_weight(
 def export_decoder_layers_47_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -5226,21 +5304,21 @@ def export_decoder_layers_47_self_attention_linear_qkv_weight(
 def import_decoder_layers_47_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.47.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_47_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.47.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_47_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.47.mlp.gate_proj.weight"),
@@ -5250,7 +5328,7 @@ def import_decoder_layers_47_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_47_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.47.mlp.gate_proj.weight", "model.layers.47.mlp.up_proj.weight"),
@@ -5262,47 +5340,47 @@ def export_decoder_layers_47_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_47_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.47.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_47_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.47.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_48_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.48.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_48_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.48.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_48_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.48.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_48_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.48.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_48_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.48.self_attn.q_proj.weight"),
@@ -5318,7 +5396,7 @@ def import_decoder_layers_48_self_attention_linear_qkv_weight(
 def export_decoder_layers_48_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -5334,21 +5412,21 @@ def export_decoder_layers_48_self_attention_linear_qkv_weight(
 def import_decoder_layers_48_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.48.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_48_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.48.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_48_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.48.mlp.gate_proj.weight"),
@@ -5358,7 +5436,7 @@ def import_decoder_layers_48_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_48_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.48.mlp.gate_proj.weight", "model.layers.48.mlp.up_proj.weight"),
@@ -5370,47 +5448,47 @@ def export_decoder_layers_48_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_48_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.48.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_48_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.48.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_49_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.49.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_49_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.49.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_49_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.49.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_49_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.49.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_49_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.49.self_attn.q_proj.weight"),
@@ -5426,7 +5504,7 @@ def import_decoder_layers_49_self_attention_linear_qkv_weight(
 def export_decoder_layers_49_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -5442,21 +5520,21 @@ def export_decoder_layers_49_self_attention_linear_qkv_weight(
 def import_decoder_layers_49_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.49.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_49_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.49.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_49_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.49.mlp.gate_proj.weight"),
@@ -5466,7 +5544,7 @@ def import_decoder_layers_49_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_49_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.49.mlp.gate_proj.weight", "model.layers.49.mlp.up_proj.weight"),
@@ -5478,47 +5556,47 @@ def export_decoder_layers_49_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_49_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.49.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_49_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.49.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_50_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.50.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_50_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.50.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_50_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.50.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_50_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.50.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_50_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.50.self_attn.q_proj.weight"),
@@ -5534,7 +5612,7 @@ def import_decoder_layers_50_self_attention_linear_qkv_weight(
 def export_decoder_layers_50_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -5550,21 +5628,21 @@ def export_decoder_layers_50_self_attention_linear_qkv_weight(
 def import_decoder_layers_50_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.50.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_50_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.50.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_50_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.50.mlp.gate_proj.weight"),
@@ -5574,7 +5652,7 @@ def import_decoder_layers_50_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_50_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.50.mlp.gate_proj.weight", "model.layers.50.mlp.up_proj.weight"),
@@ -5586,47 +5664,47 @@ def export_decoder_layers_50_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_50_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.50.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_50_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.50.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_51_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.51.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_51_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.51.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_51_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.51.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_51_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.51.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_51_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.51.self_attn.q_proj.weight"),
@@ -5642,7 +5720,7 @@ def import_decoder_layers_51_self_attention_linear_qkv_weight(
 def export_decoder_layers_51_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -5658,21 +5736,21 @@ def export_decoder_layers_51_self_attention_linear_qkv_weight(
 def import_decoder_layers_51_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.51.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_51_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.51.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_51_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.51.mlp.gate_proj.weight"),
@@ -5682,7 +5760,7 @@ def import_decoder_layers_51_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_51_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.51.mlp.gate_proj.weight", "model.layers.51.mlp.up_proj.weight"),
@@ -5694,47 +5772,47 @@ def export_decoder_layers_51_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_51_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.51.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_51_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.51.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_52_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.52.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_52_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.52.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_52_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.52.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_52_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.52.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_52_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.52.self_attn.q_proj.weight"),
@@ -5750,7 +5828,7 @@ def import_decoder_layers_52_self_attention_linear_qkv_weight(
 def export_decoder_layers_52_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -5766,21 +5844,21 @@ def export_decoder_layers_52_self_attention_linear_qkv_weight(
 def import_decoder_layers_52_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.52.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_52_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.52.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_52_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.52.mlp.gate_proj.weight"),
@@ -5790,7 +5868,7 @@ def import_decoder_layers_52_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_52_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.52.mlp.gate_proj.weight", "model.layers.52.mlp.up_proj.weight"),
@@ -5802,47 +5880,47 @@ def export_decoder_layers_52_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_52_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.52.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_52_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.52.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_53_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.53.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_53_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.53.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_53_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.53.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_53_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.53.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_53_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.53.self_attn.q_proj.weight"),
@@ -5858,7 +5936,7 @@ def import_decoder_layers_53_self_attention_linear_qkv_weight(
 def export_decoder_layers_53_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -5874,21 +5952,21 @@ def export_decoder_layers_53_self_attention_linear_qkv_weight(
 def import_decoder_layers_53_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.53.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_53_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.53.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_53_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.53.mlp.gate_proj.weight"),
@@ -5898,7 +5976,7 @@ def import_decoder_layers_53_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_53_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.53.mlp.gate_proj.weight", "model.layers.53.mlp.up_proj.weight"),
@@ -5910,47 +5988,47 @@ def export_decoder_layers_53_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_53_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.53.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_53_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.53.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_54_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.54.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_54_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.54.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_54_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.54.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_54_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.54.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_54_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.54.self_attn.q_proj.weight"),
@@ -5966,7 +6044,7 @@ def import_decoder_layers_54_self_attention_linear_qkv_weight(
 def export_decoder_layers_54_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -5982,21 +6060,21 @@ def export_decoder_layers_54_self_attention_linear_qkv_weight(
 def import_decoder_layers_54_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.54.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_54_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.54.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_54_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.54.mlp.gate_proj.weight"),
@@ -6006,7 +6084,7 @@ def import_decoder_layers_54_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_54_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.54.mlp.gate_proj.weight", "model.layers.54.mlp.up_proj.weight"),
@@ -6018,47 +6096,47 @@ def export_decoder_layers_54_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_54_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.54.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_54_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.54.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_55_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.55.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_55_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.55.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_55_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.55.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_55_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.55.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_55_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.55.self_attn.q_proj.weight"),
@@ -6074,7 +6152,7 @@ def import_decoder_layers_55_self_attention_linear_qkv_weight(
 def export_decoder_layers_55_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -6090,21 +6168,21 @@ def export_decoder_layers_55_self_attention_linear_qkv_weight(
 def import_decoder_layers_55_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.55.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_55_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.55.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_55_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.55.mlp.gate_proj.weight"),
@@ -6114,7 +6192,7 @@ def import_decoder_layers_55_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_55_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.55.mlp.gate_proj.weight", "model.layers.55.mlp.up_proj.weight"),
@@ -6126,47 +6204,47 @@ def export_decoder_layers_55_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_55_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.55.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_55_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.55.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_56_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.56.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_56_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.56.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_56_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.56.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_56_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.56.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_56_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.56.self_attn.q_proj.weight"),
@@ -6182,7 +6260,7 @@ def import_decoder_layers_56_self_attention_linear_qkv_weight(
 def export_decoder_layers_56_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -6198,21 +6276,21 @@ def export_decoder_layers_56_self_attention_linear_qkv_weight(
 def import_decoder_layers_56_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.56.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_56_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.56.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_56_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.56.mlp.gate_proj.weight"),
@@ -6222,7 +6300,7 @@ def import_decoder_layers_56_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_56_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.56.mlp.gate_proj.weight", "model.layers.56.mlp.up_proj.weight"),
@@ -6234,47 +6312,47 @@ def export_decoder_layers_56_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_56_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.56.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_56_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.56.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_57_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.57.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_57_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.57.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_57_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.57.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_57_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.57.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_57_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.57.self_attn.q_proj.weight"),
@@ -6290,7 +6368,7 @@ def import_decoder_layers_57_self_attention_linear_qkv_weight(
 def export_decoder_layers_57_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -6306,21 +6384,21 @@ def export_decoder_layers_57_self_attention_linear_qkv_weight(
 def import_decoder_layers_57_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.57.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_57_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.57.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_57_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.57.mlp.gate_proj.weight"),
@@ -6330,7 +6408,7 @@ def import_decoder_layers_57_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_57_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.57.mlp.gate_proj.weight", "model.layers.57.mlp.up_proj.weight"),
@@ -6342,47 +6420,47 @@ def export_decoder_layers_57_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_57_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.57.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_57_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.57.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_58_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.58.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_58_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.58.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_58_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.58.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_58_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.58.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_58_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.58.self_attn.q_proj.weight"),
@@ -6398,7 +6476,7 @@ def import_decoder_layers_58_self_attention_linear_qkv_weight(
 def export_decoder_layers_58_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -6414,21 +6492,21 @@ def export_decoder_layers_58_self_attention_linear_qkv_weight(
 def import_decoder_layers_58_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.58.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_58_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.58.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_58_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.58.mlp.gate_proj.weight"),
@@ -6438,7 +6516,7 @@ def import_decoder_layers_58_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_58_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.58.mlp.gate_proj.weight", "model.layers.58.mlp.up_proj.weight"),
@@ -6450,47 +6528,47 @@ def export_decoder_layers_58_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_58_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.58.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_58_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.58.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_59_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.59.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_59_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.59.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_59_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.59.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_59_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.59.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_59_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.59.self_attn.q_proj.weight"),
@@ -6506,7 +6584,7 @@ def import_decoder_layers_59_self_attention_linear_qkv_weight(
 def export_decoder_layers_59_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -6522,21 +6600,21 @@ def export_decoder_layers_59_self_attention_linear_qkv_weight(
 def import_decoder_layers_59_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.59.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_59_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.59.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_59_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.59.mlp.gate_proj.weight"),
@@ -6546,7 +6624,7 @@ def import_decoder_layers_59_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_59_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.59.mlp.gate_proj.weight", "model.layers.59.mlp.up_proj.weight"),
@@ -6558,47 +6636,47 @@ def export_decoder_layers_59_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_59_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.59.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_59_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.59.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_60_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.60.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_60_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.60.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_60_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.60.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_60_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.60.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_60_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.60.self_attn.q_proj.weight"),
@@ -6614,7 +6692,7 @@ def import_decoder_layers_60_self_attention_linear_qkv_weight(
 def export_decoder_layers_60_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -6630,21 +6708,21 @@ def export_decoder_layers_60_self_attention_linear_qkv_weight(
 def import_decoder_layers_60_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.60.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_60_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.60.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_60_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.60.mlp.gate_proj.weight"),
@@ -6654,7 +6732,7 @@ def import_decoder_layers_60_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_60_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.60.mlp.gate_proj.weight", "model.layers.60.mlp.up_proj.weight"),
@@ -6666,47 +6744,47 @@ def export_decoder_layers_60_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_60_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.60.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_60_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.60.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_61_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.61.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_61_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.61.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_61_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.61.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_61_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.61.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_61_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.61.self_attn.q_proj.weight"),
@@ -6722,7 +6800,7 @@ def import_decoder_layers_61_self_attention_linear_qkv_weight(
 def export_decoder_layers_61_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -6738,21 +6816,21 @@ def export_decoder_layers_61_self_attention_linear_qkv_weight(
 def import_decoder_layers_61_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.61.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_61_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.61.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_61_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.61.mlp.gate_proj.weight"),
@@ -6762,7 +6840,7 @@ def import_decoder_layers_61_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_61_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.61.mlp.gate_proj.weight", "model.layers.61.mlp.up_proj.weight"),
@@ -6774,47 +6852,47 @@ def export_decoder_layers_61_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_61_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.61.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_61_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.61.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_62_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.62.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_62_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.62.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_62_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.62.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_62_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.62.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_62_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.62.self_attn.q_proj.weight"),
@@ -6830,7 +6908,7 @@ def import_decoder_layers_62_self_attention_linear_qkv_weight(
 def export_decoder_layers_62_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -6846,21 +6924,21 @@ def export_decoder_layers_62_self_attention_linear_qkv_weight(
 def import_decoder_layers_62_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.62.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_62_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.62.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_62_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.62.mlp.gate_proj.weight"),
@@ -6870,7 +6948,7 @@ def import_decoder_layers_62_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_62_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.62.mlp.gate_proj.weight", "model.layers.62.mlp.up_proj.weight"),
@@ -6882,47 +6960,47 @@ def export_decoder_layers_62_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_62_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.62.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_62_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.62.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_63_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.63.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_63_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.63.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_63_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.63.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_63_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.63.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_63_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.63.self_attn.q_proj.weight"),
@@ -6938,7 +7016,7 @@ def import_decoder_layers_63_self_attention_linear_qkv_weight(
 def export_decoder_layers_63_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -6954,21 +7032,21 @@ def export_decoder_layers_63_self_attention_linear_qkv_weight(
 def import_decoder_layers_63_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.63.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_63_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.63.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_63_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.63.mlp.gate_proj.weight"),
@@ -6978,7 +7056,7 @@ def import_decoder_layers_63_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_63_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.63.mlp.gate_proj.weight", "model.layers.63.mlp.up_proj.weight"),
@@ -6990,47 +7068,47 @@ def export_decoder_layers_63_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_63_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.63.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_63_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.63.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_64_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.64.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_64_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.64.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_64_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.64.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_64_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.64.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_64_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.64.self_attn.q_proj.weight"),
@@ -7046,7 +7124,7 @@ def import_decoder_layers_64_self_attention_linear_qkv_weight(
 def export_decoder_layers_64_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -7062,21 +7140,21 @@ def export_decoder_layers_64_self_attention_linear_qkv_weight(
 def import_decoder_layers_64_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.64.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_64_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.64.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_64_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.64.mlp.gate_proj.weight"),
@@ -7086,7 +7164,7 @@ def import_decoder_layers_64_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_64_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.64.mlp.gate_proj.weight", "model.layers.64.mlp.up_proj.weight"),
@@ -7098,47 +7176,47 @@ def export_decoder_layers_64_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_64_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.64.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_64_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.64.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_65_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.65.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_65_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.65.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_65_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.65.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_65_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.65.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_65_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.65.self_attn.q_proj.weight"),
@@ -7154,7 +7232,7 @@ def import_decoder_layers_65_self_attention_linear_qkv_weight(
 def export_decoder_layers_65_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -7170,21 +7248,21 @@ def export_decoder_layers_65_self_attention_linear_qkv_weight(
 def import_decoder_layers_65_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.65.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_65_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.65.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_65_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.65.mlp.gate_proj.weight"),
@@ -7194,7 +7272,7 @@ def import_decoder_layers_65_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_65_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.65.mlp.gate_proj.weight", "model.layers.65.mlp.up_proj.weight"),
@@ -7206,47 +7284,47 @@ def export_decoder_layers_65_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_65_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.65.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_65_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.65.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_66_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.66.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_66_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.66.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_66_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.66.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_66_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.66.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_66_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.66.self_attn.q_proj.weight"),
@@ -7262,7 +7340,7 @@ def import_decoder_layers_66_self_attention_linear_qkv_weight(
 def export_decoder_layers_66_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -7278,21 +7356,21 @@ def export_decoder_layers_66_self_attention_linear_qkv_weight(
 def import_decoder_layers_66_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.66.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_66_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.66.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_66_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.66.mlp.gate_proj.weight"),
@@ -7302,7 +7380,7 @@ def import_decoder_layers_66_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_66_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.66.mlp.gate_proj.weight", "model.layers.66.mlp.up_proj.weight"),
@@ -7314,47 +7392,47 @@ def export_decoder_layers_66_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_66_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.66.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_66_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.66.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_67_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.67.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_67_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.67.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_67_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.67.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_67_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.67.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_67_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.67.self_attn.q_proj.weight"),
@@ -7370,7 +7448,7 @@ def import_decoder_layers_67_self_attention_linear_qkv_weight(
 def export_decoder_layers_67_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -7386,21 +7464,21 @@ def export_decoder_layers_67_self_attention_linear_qkv_weight(
 def import_decoder_layers_67_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.67.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_67_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.67.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_67_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.67.mlp.gate_proj.weight"),
@@ -7410,7 +7488,7 @@ def import_decoder_layers_67_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_67_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.67.mlp.gate_proj.weight", "model.layers.67.mlp.up_proj.weight"),
@@ -7422,47 +7500,47 @@ def export_decoder_layers_67_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_67_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.67.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_67_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.67.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_68_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.68.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_68_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.68.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_68_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.68.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_68_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.68.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_68_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.68.self_attn.q_proj.weight"),
@@ -7478,7 +7556,7 @@ def import_decoder_layers_68_self_attention_linear_qkv_weight(
 def export_decoder_layers_68_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -7494,21 +7572,21 @@ def export_decoder_layers_68_self_attention_linear_qkv_weight(
 def import_decoder_layers_68_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.68.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_68_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.68.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_68_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.68.mlp.gate_proj.weight"),
@@ -7518,7 +7596,7 @@ def import_decoder_layers_68_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_68_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.68.mlp.gate_proj.weight", "model.layers.68.mlp.up_proj.weight"),
@@ -7530,47 +7608,47 @@ def export_decoder_layers_68_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_68_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.68.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_68_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.68.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_69_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.69.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_69_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.69.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_69_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.69.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_69_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.69.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_69_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.69.self_attn.q_proj.weight"),
@@ -7586,7 +7664,7 @@ def import_decoder_layers_69_self_attention_linear_qkv_weight(
 def export_decoder_layers_69_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -7602,21 +7680,21 @@ def export_decoder_layers_69_self_attention_linear_qkv_weight(
 def import_decoder_layers_69_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.69.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_69_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.69.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_69_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.69.mlp.gate_proj.weight"),
@@ -7626,7 +7704,7 @@ def import_decoder_layers_69_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_69_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.69.mlp.gate_proj.weight", "model.layers.69.mlp.up_proj.weight"),
@@ -7638,47 +7716,47 @@ def export_decoder_layers_69_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_69_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.69.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_69_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.69.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_70_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.70.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_70_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.70.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_70_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.70.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_70_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.70.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_70_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.70.self_attn.q_proj.weight"),
@@ -7694,7 +7772,7 @@ def import_decoder_layers_70_self_attention_linear_qkv_weight(
 def export_decoder_layers_70_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -7710,21 +7788,21 @@ def export_decoder_layers_70_self_attention_linear_qkv_weight(
 def import_decoder_layers_70_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.70.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_70_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.70.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_70_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.70.mlp.gate_proj.weight"),
@@ -7734,7 +7812,7 @@ def import_decoder_layers_70_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_70_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.70.mlp.gate_proj.weight", "model.layers.70.mlp.up_proj.weight"),
@@ -7746,47 +7824,47 @@ def export_decoder_layers_70_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_70_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.70.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_70_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.70.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_71_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.71.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_71_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.71.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_71_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.71.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_71_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.71.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_71_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.71.self_attn.q_proj.weight"),
@@ -7802,7 +7880,7 @@ def import_decoder_layers_71_self_attention_linear_qkv_weight(
 def export_decoder_layers_71_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -7818,21 +7896,21 @@ def export_decoder_layers_71_self_attention_linear_qkv_weight(
 def import_decoder_layers_71_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.71.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_71_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.71.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_71_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.71.mlp.gate_proj.weight"),
@@ -7842,7 +7920,7 @@ def import_decoder_layers_71_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_71_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.71.mlp.gate_proj.weight", "model.layers.71.mlp.up_proj.weight"),
@@ -7854,47 +7932,47 @@ def export_decoder_layers_71_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_71_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.71.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_71_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.71.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_72_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.72.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_72_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.72.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_72_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.72.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_72_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.72.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_72_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.72.self_attn.q_proj.weight"),
@@ -7910,7 +7988,7 @@ def import_decoder_layers_72_self_attention_linear_qkv_weight(
 def export_decoder_layers_72_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -7926,21 +8004,21 @@ def export_decoder_layers_72_self_attention_linear_qkv_weight(
 def import_decoder_layers_72_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.72.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_72_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.72.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_72_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.72.mlp.gate_proj.weight"),
@@ -7950,7 +8028,7 @@ def import_decoder_layers_72_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_72_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.72.mlp.gate_proj.weight", "model.layers.72.mlp.up_proj.weight"),
@@ -7962,47 +8040,47 @@ def export_decoder_layers_72_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_72_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.72.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_72_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.72.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_73_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.73.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_73_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.73.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_73_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.73.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_73_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.73.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_73_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.73.self_attn.q_proj.weight"),
@@ -8018,7 +8096,7 @@ def import_decoder_layers_73_self_attention_linear_qkv_weight(
 def export_decoder_layers_73_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -8034,21 +8112,21 @@ def export_decoder_layers_73_self_attention_linear_qkv_weight(
 def import_decoder_layers_73_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.73.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_73_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.73.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_73_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.73.mlp.gate_proj.weight"),
@@ -8058,7 +8136,7 @@ def import_decoder_layers_73_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_73_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.73.mlp.gate_proj.weight", "model.layers.73.mlp.up_proj.weight"),
@@ -8070,47 +8148,47 @@ def export_decoder_layers_73_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_73_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.73.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_73_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.73.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_74_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.74.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_74_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.74.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_74_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.74.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_74_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.74.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_74_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.74.self_attn.q_proj.weight"),
@@ -8126,7 +8204,7 @@ def import_decoder_layers_74_self_attention_linear_qkv_weight(
 def export_decoder_layers_74_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -8142,21 +8220,21 @@ def export_decoder_layers_74_self_attention_linear_qkv_weight(
 def import_decoder_layers_74_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.74.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_74_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.74.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_74_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.74.mlp.gate_proj.weight"),
@@ -8166,7 +8244,7 @@ def import_decoder_layers_74_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_74_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.74.mlp.gate_proj.weight", "model.layers.74.mlp.up_proj.weight"),
@@ -8178,47 +8256,47 @@ def export_decoder_layers_74_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_74_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.74.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_74_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.74.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_75_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.75.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_75_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.75.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_75_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.75.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_75_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.75.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_75_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.75.self_attn.q_proj.weight"),
@@ -8234,7 +8312,7 @@ def import_decoder_layers_75_self_attention_linear_qkv_weight(
 def export_decoder_layers_75_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -8250,21 +8328,21 @@ def export_decoder_layers_75_self_attention_linear_qkv_weight(
 def import_decoder_layers_75_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.75.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_75_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.75.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_75_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.75.mlp.gate_proj.weight"),
@@ -8274,7 +8352,7 @@ def import_decoder_layers_75_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_75_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.75.mlp.gate_proj.weight", "model.layers.75.mlp.up_proj.weight"),
@@ -8286,47 +8364,47 @@ def export_decoder_layers_75_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_75_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.75.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_75_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.75.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_76_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.76.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_76_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.76.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_76_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.76.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_76_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.76.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_76_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.76.self_attn.q_proj.weight"),
@@ -8342,7 +8420,7 @@ def import_decoder_layers_76_self_attention_linear_qkv_weight(
 def export_decoder_layers_76_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -8358,21 +8436,21 @@ def export_decoder_layers_76_self_attention_linear_qkv_weight(
 def import_decoder_layers_76_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.76.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_76_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.76.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_76_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.76.mlp.gate_proj.weight"),
@@ -8382,7 +8460,7 @@ def import_decoder_layers_76_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_76_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.76.mlp.gate_proj.weight", "model.layers.76.mlp.up_proj.weight"),
@@ -8394,47 +8472,47 @@ def export_decoder_layers_76_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_76_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.76.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_76_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.76.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_77_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.77.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_77_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.77.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_77_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.77.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_77_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.77.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_77_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.77.self_attn.q_proj.weight"),
@@ -8450,7 +8528,7 @@ def import_decoder_layers_77_self_attention_linear_qkv_weight(
 def export_decoder_layers_77_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -8466,21 +8544,21 @@ def export_decoder_layers_77_self_attention_linear_qkv_weight(
 def import_decoder_layers_77_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.77.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_77_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.77.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_77_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.77.mlp.gate_proj.weight"),
@@ -8490,7 +8568,7 @@ def import_decoder_layers_77_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_77_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.77.mlp.gate_proj.weight", "model.layers.77.mlp.up_proj.weight"),
@@ -8502,47 +8580,47 @@ def export_decoder_layers_77_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_77_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.77.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_77_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.77.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_78_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.78.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_78_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.78.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_78_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.78.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_78_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.78.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_78_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.78.self_attn.q_proj.weight"),
@@ -8558,7 +8636,7 @@ def import_decoder_layers_78_self_attention_linear_qkv_weight(
 def export_decoder_layers_78_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -8574,21 +8652,21 @@ def export_decoder_layers_78_self_attention_linear_qkv_weight(
 def import_decoder_layers_78_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.78.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_78_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.78.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_78_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.78.mlp.gate_proj.weight"),
@@ -8598,7 +8676,7 @@ def import_decoder_layers_78_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_78_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.78.mlp.gate_proj.weight", "model.layers.78.mlp.up_proj.weight"),
@@ -8610,47 +8688,47 @@ def export_decoder_layers_78_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_78_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.78.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_78_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.78.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_79_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.79.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_79_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.79.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_79_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.79.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_79_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.79.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_79_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.79.self_attn.q_proj.weight"),
@@ -8666,7 +8744,7 @@ def import_decoder_layers_79_self_attention_linear_qkv_weight(
 def export_decoder_layers_79_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -8682,21 +8760,21 @@ def export_decoder_layers_79_self_attention_linear_qkv_weight(
 def import_decoder_layers_79_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.79.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_79_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.79.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_79_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.79.mlp.gate_proj.weight"),
@@ -8706,7 +8784,7 @@ def import_decoder_layers_79_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_79_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.79.mlp.gate_proj.weight", "model.layers.79.mlp.up_proj.weight"),
@@ -8718,41 +8796,41 @@ def export_decoder_layers_79_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_79_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.79.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_79_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.79.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_final_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:54."""
+    """auto -> replicated: decoder.final_layernorm.weight."""
     return rt.whole_import(load("model.norm.weight"), out=out)
 
 
 def export_decoder_final_layernorm_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:54."""
+    """auto -> replicated: decoder.final_layernorm.weight."""
     return {"model.norm.weight": parts[0]}
 
 
 def import_output_layer_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> column: specs/llama.yaml:57."""
+    """auto -> column: output_layer.weight."""
     return rt.column_import(ctx.tp, load("lm_head.weight"), out=out)
 
 
 def export_output_layer_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> column: specs/llama.yaml:57."""
+    """auto -> column: output_layer.weight."""
     return {"lm_head.weight": rt.column_export(parts)}
 
 
-# megatron_name, global shape, dtype, TP split dim, expert-parallel, layer, expert, HF tensors,
-# import function, export function
+# megatron_name, global shape, dtype, TP split dim, expert-parallel, layer, expert, rule (index
+# into RULES), HF tensors, import function, export function
 PARAMS: Final[tuple[ParamPlan, ...]] = (
     ParamPlan(
         "embedding.word_embeddings.weight",
@@ -8762,6 +8840,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         None,
         None,
+        0,
         ("model.embed_tokens.weight",),
         import_embedding_word_embeddings_weight,
         export_embedding_word_embeddings_weight,
@@ -8774,6 +8853,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         0,
         None,
+        1,
         ("model.layers.0.input_layernorm.weight",),
         import_decoder_layers_0_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_0_self_attention_linear_qkv_layer_norm_weight,
@@ -8786,6 +8866,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         0,
         None,
+        2,
         ("model.layers.0.self_attn.o_proj.weight",),
         import_decoder_layers_0_self_attention_linear_proj_weight,
         export_decoder_layers_0_self_attention_linear_proj_weight,
@@ -8798,6 +8879,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         0,
         None,
+        3,
         (
             "model.layers.0.self_attn.q_proj.weight",
             "model.layers.0.self_attn.k_proj.weight",
@@ -8814,6 +8896,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         0,
         None,
+        4,
         ("model.layers.0.post_attention_layernorm.weight",),
         import_decoder_layers_0_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_0_mlp_linear_fc1_layer_norm_weight,
@@ -8826,6 +8909,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         0,
         None,
+        5,
         ("model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weight"),
         import_decoder_layers_0_mlp_linear_fc1_weight,
         export_decoder_layers_0_mlp_linear_fc1_weight,
@@ -8838,6 +8922,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         0,
         None,
+        6,
         ("model.layers.0.mlp.down_proj.weight",),
         import_decoder_layers_0_mlp_linear_fc2_weight,
         export_decoder_layers_0_mlp_linear_fc2_weight,
@@ -8850,6 +8935,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         1,
         None,
+        1,
         ("model.layers.1.input_layernorm.weight",),
         import_decoder_layers_1_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_1_self_attention_linear_qkv_layer_norm_weight,
@@ -8862,6 +8948,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         1,
         None,
+        2,
         ("model.layers.1.self_attn.o_proj.weight",),
         import_decoder_layers_1_self_attention_linear_proj_weight,
         export_decoder_layers_1_self_attention_linear_proj_weight,
@@ -8874,6 +8961,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         1,
         None,
+        3,
         (
             "model.layers.1.self_attn.q_proj.weight",
             "model.layers.1.self_attn.k_proj.weight",
@@ -8890,6 +8978,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         1,
         None,
+        4,
         ("model.layers.1.post_attention_layernorm.weight",),
         import_decoder_layers_1_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_1_mlp_linear_fc1_layer_norm_weight,
@@ -8902,6 +8991,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         1,
         None,
+        5,
         ("model.layers.1.mlp.gate_proj.weight", "model.layers.1.mlp.up_proj.weight"),
         import_decoder_layers_1_mlp_linear_fc1_weight,
         export_decoder_layers_1_mlp_linear_fc1_weight,
@@ -8914,6 +9004,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         1,
         None,
+        6,
         ("model.layers.1.mlp.down_proj.weight",),
         import_decoder_layers_1_mlp_linear_fc2_weight,
         export_decoder_layers_1_mlp_linear_fc2_weight,
@@ -8926,6 +9017,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         2,
         None,
+        1,
         ("model.layers.2.input_layernorm.weight",),
         import_decoder_layers_2_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_2_self_attention_linear_qkv_layer_norm_weight,
@@ -8938,6 +9030,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         2,
         None,
+        2,
         ("model.layers.2.self_attn.o_proj.weight",),
         import_decoder_layers_2_self_attention_linear_proj_weight,
         export_decoder_layers_2_self_attention_linear_proj_weight,
@@ -8950,6 +9043,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         2,
         None,
+        3,
         (
             "model.layers.2.self_attn.q_proj.weight",
             "model.layers.2.self_attn.k_proj.weight",
@@ -8966,6 +9060,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         2,
         None,
+        4,
         ("model.layers.2.post_attention_layernorm.weight",),
         import_decoder_layers_2_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_2_mlp_linear_fc1_layer_norm_weight,
@@ -8978,6 +9073,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         2,
         None,
+        5,
         ("model.layers.2.mlp.gate_proj.weight", "model.layers.2.mlp.up_proj.weight"),
         import_decoder_layers_2_mlp_linear_fc1_weight,
         export_decoder_layers_2_mlp_linear_fc1_weight,
@@ -8990,6 +9086,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         2,
         None,
+        6,
         ("model.layers.2.mlp.down_proj.weight",),
         import_decoder_layers_2_mlp_linear_fc2_weight,
         export_decoder_layers_2_mlp_linear_fc2_weight,
@@ -9002,6 +9099,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         3,
         None,
+        1,
         ("model.layers.3.input_layernorm.weight",),
         import_decoder_layers_3_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_3_self_attention_linear_qkv_layer_norm_weight,
@@ -9014,6 +9112,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         3,
         None,
+        2,
         ("model.layers.3.self_attn.o_proj.weight",),
         import_decoder_layers_3_self_attention_linear_proj_weight,
         export_decoder_layers_3_self_attention_linear_proj_weight,
@@ -9026,6 +9125,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         3,
         None,
+        3,
         (
             "model.layers.3.self_attn.q_proj.weight",
             "model.layers.3.self_attn.k_proj.weight",
@@ -9042,6 +9142,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         3,
         None,
+        4,
         ("model.layers.3.post_attention_layernorm.weight",),
         import_decoder_layers_3_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_3_mlp_linear_fc1_layer_norm_weight,
@@ -9054,6 +9155,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         3,
         None,
+        5,
         ("model.layers.3.mlp.gate_proj.weight", "model.layers.3.mlp.up_proj.weight"),
         import_decoder_layers_3_mlp_linear_fc1_weight,
         export_decoder_layers_3_mlp_linear_fc1_weight,
@@ -9066,6 +9168,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         3,
         None,
+        6,
         ("model.layers.3.mlp.down_proj.weight",),
         import_decoder_layers_3_mlp_linear_fc2_weight,
         export_decoder_layers_3_mlp_linear_fc2_weight,
@@ -9078,6 +9181,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         4,
         None,
+        1,
         ("model.layers.4.input_layernorm.weight",),
         import_decoder_layers_4_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_4_self_attention_linear_qkv_layer_norm_weight,
@@ -9090,6 +9194,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         4,
         None,
+        2,
         ("model.layers.4.self_attn.o_proj.weight",),
         import_decoder_layers_4_self_attention_linear_proj_weight,
         export_decoder_layers_4_self_attention_linear_proj_weight,
@@ -9102,6 +9207,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         4,
         None,
+        3,
         (
             "model.layers.4.self_attn.q_proj.weight",
             "model.layers.4.self_attn.k_proj.weight",
@@ -9118,6 +9224,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         4,
         None,
+        4,
         ("model.layers.4.post_attention_layernorm.weight",),
         import_decoder_layers_4_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_4_mlp_linear_fc1_layer_norm_weight,
@@ -9130,6 +9237,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         4,
         None,
+        5,
         ("model.layers.4.mlp.gate_proj.weight", "model.layers.4.mlp.up_proj.weight"),
         import_decoder_layers_4_mlp_linear_fc1_weight,
         export_decoder_layers_4_mlp_linear_fc1_weight,
@@ -9142,6 +9250,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         4,
         None,
+        6,
         ("model.layers.4.mlp.down_proj.weight",),
         import_decoder_layers_4_mlp_linear_fc2_weight,
         export_decoder_layers_4_mlp_linear_fc2_weight,
@@ -9154,6 +9263,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         5,
         None,
+        1,
         ("model.layers.5.input_layernorm.weight",),
         import_decoder_layers_5_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_5_self_attention_linear_qkv_layer_norm_weight,
@@ -9166,6 +9276,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         5,
         None,
+        2,
         ("model.layers.5.self_attn.o_proj.weight",),
         import_decoder_layers_5_self_attention_linear_proj_weight,
         export_decoder_layers_5_self_attention_linear_proj_weight,
@@ -9178,6 +9289,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         5,
         None,
+        3,
         (
             "model.layers.5.self_attn.q_proj.weight",
             "model.layers.5.self_attn.k_proj.weight",
@@ -9194,6 +9306,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         5,
         None,
+        4,
         ("model.layers.5.post_attention_layernorm.weight",),
         import_decoder_layers_5_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_5_mlp_linear_fc1_layer_norm_weight,
@@ -9206,6 +9319,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         5,
         None,
+        5,
         ("model.layers.5.mlp.gate_proj.weight", "model.layers.5.mlp.up_proj.weight"),
         import_decoder_layers_5_mlp_linear_fc1_weight,
         export_decoder_layers_5_mlp_linear_fc1_weight,
@@ -9218,6 +9332,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         5,
         None,
+        6,
         ("model.layers.5.mlp.down_proj.weight",),
         import_decoder_layers_5_mlp_linear_fc2_weight,
         export_decoder_layers_5_mlp_linear_fc2_weight,
@@ -9230,6 +9345,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         6,
         None,
+        1,
         ("model.layers.6.input_layernorm.weight",),
         import_decoder_layers_6_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_6_self_attention_linear_qkv_layer_norm_weight,
@@ -9242,6 +9358,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         6,
         None,
+        2,
         ("model.layers.6.self_attn.o_proj.weight",),
         import_decoder_layers_6_self_attention_linear_proj_weight,
         export_decoder_layers_6_self_attention_linear_proj_weight,
@@ -9254,6 +9371,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         6,
         None,
+        3,
         (
             "model.layers.6.self_attn.q_proj.weight",
             "model.layers.6.self_attn.k_proj.weight",
@@ -9270,6 +9388,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         6,
         None,
+        4,
         ("model.layers.6.post_attention_layernorm.weight",),
         import_decoder_layers_6_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_6_mlp_linear_fc1_layer_norm_weight,
@@ -9282,6 +9401,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         6,
         None,
+        5,
         ("model.layers.6.mlp.gate_proj.weight", "model.layers.6.mlp.up_proj.weight"),
         import_decoder_layers_6_mlp_linear_fc1_weight,
         export_decoder_layers_6_mlp_linear_fc1_weight,
@@ -9294,6 +9414,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         6,
         None,
+        6,
         ("model.layers.6.mlp.down_proj.weight",),
         import_decoder_layers_6_mlp_linear_fc2_weight,
         export_decoder_layers_6_mlp_linear_fc2_weight,
@@ -9306,6 +9427,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         7,
         None,
+        1,
         ("model.layers.7.input_layernorm.weight",),
         import_decoder_layers_7_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_7_self_attention_linear_qkv_layer_norm_weight,
@@ -9318,6 +9440,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         7,
         None,
+        2,
         ("model.layers.7.self_attn.o_proj.weight",),
         import_decoder_layers_7_self_attention_linear_proj_weight,
         export_decoder_layers_7_self_attention_linear_proj_weight,
@@ -9330,6 +9453,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         7,
         None,
+        3,
         (
             "model.layers.7.self_attn.q_proj.weight",
             "model.layers.7.self_attn.k_proj.weight",
@@ -9346,6 +9470,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         7,
         None,
+        4,
         ("model.layers.7.post_attention_layernorm.weight",),
         import_decoder_layers_7_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_7_mlp_linear_fc1_layer_norm_weight,
@@ -9358,6 +9483,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         7,
         None,
+        5,
         ("model.layers.7.mlp.gate_proj.weight", "model.layers.7.mlp.up_proj.weight"),
         import_decoder_layers_7_mlp_linear_fc1_weight,
         export_decoder_layers_7_mlp_linear_fc1_weight,
@@ -9370,6 +9496,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         7,
         None,
+        6,
         ("model.layers.7.mlp.down_proj.weight",),
         import_decoder_layers_7_mlp_linear_fc2_weight,
         export_decoder_layers_7_mlp_linear_fc2_weight,
@@ -9382,6 +9509,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         8,
         None,
+        1,
         ("model.layers.8.input_layernorm.weight",),
         import_decoder_layers_8_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_8_self_attention_linear_qkv_layer_norm_weight,
@@ -9394,6 +9522,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         8,
         None,
+        2,
         ("model.layers.8.self_attn.o_proj.weight",),
         import_decoder_layers_8_self_attention_linear_proj_weight,
         export_decoder_layers_8_self_attention_linear_proj_weight,
@@ -9406,6 +9535,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         8,
         None,
+        3,
         (
             "model.layers.8.self_attn.q_proj.weight",
             "model.layers.8.self_attn.k_proj.weight",
@@ -9422,6 +9552,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         8,
         None,
+        4,
         ("model.layers.8.post_attention_layernorm.weight",),
         import_decoder_layers_8_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_8_mlp_linear_fc1_layer_norm_weight,
@@ -9434,6 +9565,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         8,
         None,
+        5,
         ("model.layers.8.mlp.gate_proj.weight", "model.layers.8.mlp.up_proj.weight"),
         import_decoder_layers_8_mlp_linear_fc1_weight,
         export_decoder_layers_8_mlp_linear_fc1_weight,
@@ -9446,6 +9578,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         8,
         None,
+        6,
         ("model.layers.8.mlp.down_proj.weight",),
         import_decoder_layers_8_mlp_linear_fc2_weight,
         export_decoder_layers_8_mlp_linear_fc2_weight,
@@ -9458,6 +9591,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         9,
         None,
+        1,
         ("model.layers.9.input_layernorm.weight",),
         import_decoder_layers_9_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_9_self_attention_linear_qkv_layer_norm_weight,
@@ -9470,6 +9604,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         9,
         None,
+        2,
         ("model.layers.9.self_attn.o_proj.weight",),
         import_decoder_layers_9_self_attention_linear_proj_weight,
         export_decoder_layers_9_self_attention_linear_proj_weight,
@@ -9482,6 +9617,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         9,
         None,
+        3,
         (
             "model.layers.9.self_attn.q_proj.weight",
             "model.layers.9.self_attn.k_proj.weight",
@@ -9498,6 +9634,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         9,
         None,
+        4,
         ("model.layers.9.post_attention_layernorm.weight",),
         import_decoder_layers_9_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_9_mlp_linear_fc1_layer_norm_weight,
@@ -9510,6 +9647,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         9,
         None,
+        5,
         ("model.layers.9.mlp.gate_proj.weight", "model.layers.9.mlp.up_proj.weight"),
         import_decoder_layers_9_mlp_linear_fc1_weight,
         export_decoder_layers_9_mlp_linear_fc1_weight,
@@ -9522,6 +9660,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         9,
         None,
+        6,
         ("model.layers.9.mlp.down_proj.weight",),
         import_decoder_layers_9_mlp_linear_fc2_weight,
         export_decoder_layers_9_mlp_linear_fc2_weight,
@@ -9534,6 +9673,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         10,
         None,
+        1,
         ("model.layers.10.input_layernorm.weight",),
         import_decoder_layers_10_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_10_self_attention_linear_qkv_layer_norm_weight,
@@ -9546,6 +9686,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         10,
         None,
+        2,
         ("model.layers.10.self_attn.o_proj.weight",),
         import_decoder_layers_10_self_attention_linear_proj_weight,
         export_decoder_layers_10_self_attention_linear_proj_weight,
@@ -9558,6 +9699,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         10,
         None,
+        3,
         (
             "model.layers.10.self_attn.q_proj.weight",
             "model.layers.10.self_attn.k_proj.weight",
@@ -9574,6 +9716,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         10,
         None,
+        4,
         ("model.layers.10.post_attention_layernorm.weight",),
         import_decoder_layers_10_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_10_mlp_linear_fc1_layer_norm_weight,
@@ -9586,6 +9729,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         10,
         None,
+        5,
         ("model.layers.10.mlp.gate_proj.weight", "model.layers.10.mlp.up_proj.weight"),
         import_decoder_layers_10_mlp_linear_fc1_weight,
         export_decoder_layers_10_mlp_linear_fc1_weight,
@@ -9598,6 +9742,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         10,
         None,
+        6,
         ("model.layers.10.mlp.down_proj.weight",),
         import_decoder_layers_10_mlp_linear_fc2_weight,
         export_decoder_layers_10_mlp_linear_fc2_weight,
@@ -9610,6 +9755,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         11,
         None,
+        1,
         ("model.layers.11.input_layernorm.weight",),
         import_decoder_layers_11_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_11_self_attention_linear_qkv_layer_norm_weight,
@@ -9622,6 +9768,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         11,
         None,
+        2,
         ("model.layers.11.self_attn.o_proj.weight",),
         import_decoder_layers_11_self_attention_linear_proj_weight,
         export_decoder_layers_11_self_attention_linear_proj_weight,
@@ -9634,6 +9781,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         11,
         None,
+        3,
         (
             "model.layers.11.self_attn.q_proj.weight",
             "model.layers.11.self_attn.k_proj.weight",
@@ -9650,6 +9798,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         11,
         None,
+        4,
         ("model.layers.11.post_attention_layernorm.weight",),
         import_decoder_layers_11_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_11_mlp_linear_fc1_layer_norm_weight,
@@ -9662,6 +9811,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         11,
         None,
+        5,
         ("model.layers.11.mlp.gate_proj.weight", "model.layers.11.mlp.up_proj.weight"),
         import_decoder_layers_11_mlp_linear_fc1_weight,
         export_decoder_layers_11_mlp_linear_fc1_weight,
@@ -9674,6 +9824,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         11,
         None,
+        6,
         ("model.layers.11.mlp.down_proj.weight",),
         import_decoder_layers_11_mlp_linear_fc2_weight,
         export_decoder_layers_11_mlp_linear_fc2_weight,
@@ -9686,6 +9837,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         12,
         None,
+        1,
         ("model.layers.12.input_layernorm.weight",),
         import_decoder_layers_12_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_12_self_attention_linear_qkv_layer_norm_weight,
@@ -9698,6 +9850,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         12,
         None,
+        2,
         ("model.layers.12.self_attn.o_proj.weight",),
         import_decoder_layers_12_self_attention_linear_proj_weight,
         export_decoder_layers_12_self_attention_linear_proj_weight,
@@ -9710,6 +9863,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         12,
         None,
+        3,
         (
             "model.layers.12.self_attn.q_proj.weight",
             "model.layers.12.self_attn.k_proj.weight",
@@ -9726,6 +9880,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         12,
         None,
+        4,
         ("model.layers.12.post_attention_layernorm.weight",),
         import_decoder_layers_12_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_12_mlp_linear_fc1_layer_norm_weight,
@@ -9738,6 +9893,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         12,
         None,
+        5,
         ("model.layers.12.mlp.gate_proj.weight", "model.layers.12.mlp.up_proj.weight"),
         import_decoder_layers_12_mlp_linear_fc1_weight,
         export_decoder_layers_12_mlp_linear_fc1_weight,
@@ -9750,6 +9906,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         12,
         None,
+        6,
         ("model.layers.12.mlp.down_proj.weight",),
         import_decoder_layers_12_mlp_linear_fc2_weight,
         export_decoder_layers_12_mlp_linear_fc2_weight,
@@ -9762,6 +9919,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         13,
         None,
+        1,
         ("model.layers.13.input_layernorm.weight",),
         import_decoder_layers_13_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_13_self_attention_linear_qkv_layer_norm_weight,
@@ -9774,6 +9932,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         13,
         None,
+        2,
         ("model.layers.13.self_attn.o_proj.weight",),
         import_decoder_layers_13_self_attention_linear_proj_weight,
         export_decoder_layers_13_self_attention_linear_proj_weight,
@@ -9786,6 +9945,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         13,
         None,
+        3,
         (
             "model.layers.13.self_attn.q_proj.weight",
             "model.layers.13.self_attn.k_proj.weight",
@@ -9802,6 +9962,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         13,
         None,
+        4,
         ("model.layers.13.post_attention_layernorm.weight",),
         import_decoder_layers_13_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_13_mlp_linear_fc1_layer_norm_weight,
@@ -9814,6 +9975,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         13,
         None,
+        5,
         ("model.layers.13.mlp.gate_proj.weight", "model.layers.13.mlp.up_proj.weight"),
         import_decoder_layers_13_mlp_linear_fc1_weight,
         export_decoder_layers_13_mlp_linear_fc1_weight,
@@ -9826,6 +9988,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         13,
         None,
+        6,
         ("model.layers.13.mlp.down_proj.weight",),
         import_decoder_layers_13_mlp_linear_fc2_weight,
         export_decoder_layers_13_mlp_linear_fc2_weight,
@@ -9838,6 +10001,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         14,
         None,
+        1,
         ("model.layers.14.input_layernorm.weight",),
         import_decoder_layers_14_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_14_self_attention_linear_qkv_layer_norm_weight,
@@ -9850,6 +10014,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         14,
         None,
+        2,
         ("model.layers.14.self_attn.o_proj.weight",),
         import_decoder_layers_14_self_attention_linear_proj_weight,
         export_decoder_layers_14_self_attention_linear_proj_weight,
@@ -9862,6 +10027,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         14,
         None,
+        3,
         (
             "model.layers.14.self_attn.q_proj.weight",
             "model.layers.14.self_attn.k_proj.weight",
@@ -9878,6 +10044,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         14,
         None,
+        4,
         ("model.layers.14.post_attention_layernorm.weight",),
         import_decoder_layers_14_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_14_mlp_linear_fc1_layer_norm_weight,
@@ -9890,6 +10057,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         14,
         None,
+        5,
         ("model.layers.14.mlp.gate_proj.weight", "model.layers.14.mlp.up_proj.weight"),
         import_decoder_layers_14_mlp_linear_fc1_weight,
         export_decoder_layers_14_mlp_linear_fc1_weight,
@@ -9902,6 +10070,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         14,
         None,
+        6,
         ("model.layers.14.mlp.down_proj.weight",),
         import_decoder_layers_14_mlp_linear_fc2_weight,
         export_decoder_layers_14_mlp_linear_fc2_weight,
@@ -9914,6 +10083,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         15,
         None,
+        1,
         ("model.layers.15.input_layernorm.weight",),
         import_decoder_layers_15_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_15_self_attention_linear_qkv_layer_norm_weight,
@@ -9926,6 +10096,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         15,
         None,
+        2,
         ("model.layers.15.self_attn.o_proj.weight",),
         import_decoder_layers_15_self_attention_linear_proj_weight,
         export_decoder_layers_15_self_attention_linear_proj_weight,
@@ -9938,6 +10109,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         15,
         None,
+        3,
         (
             "model.layers.15.self_attn.q_proj.weight",
             "model.layers.15.self_attn.k_proj.weight",
@@ -9954,6 +10126,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         15,
         None,
+        4,
         ("model.layers.15.post_attention_layernorm.weight",),
         import_decoder_layers_15_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_15_mlp_linear_fc1_layer_norm_weight,
@@ -9966,6 +10139,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         15,
         None,
+        5,
         ("model.layers.15.mlp.gate_proj.weight", "model.layers.15.mlp.up_proj.weight"),
         import_decoder_layers_15_mlp_linear_fc1_weight,
         export_decoder_layers_15_mlp_linear_fc1_weight,
@@ -9978,6 +10152,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         15,
         None,
+        6,
         ("model.layers.15.mlp.down_proj.weight",),
         import_decoder_layers_15_mlp_linear_fc2_weight,
         export_decoder_layers_15_mlp_linear_fc2_weight,
@@ -9990,6 +10165,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         16,
         None,
+        1,
         ("model.layers.16.input_layernorm.weight",),
         import_decoder_layers_16_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_16_self_attention_linear_qkv_layer_norm_weight,
@@ -10002,6 +10178,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         16,
         None,
+        2,
         ("model.layers.16.self_attn.o_proj.weight",),
         import_decoder_layers_16_self_attention_linear_proj_weight,
         export_decoder_layers_16_self_attention_linear_proj_weight,
@@ -10014,6 +10191,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         16,
         None,
+        3,
         (
             "model.layers.16.self_attn.q_proj.weight",
             "model.layers.16.self_attn.k_proj.weight",
@@ -10030,6 +10208,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         16,
         None,
+        4,
         ("model.layers.16.post_attention_layernorm.weight",),
         import_decoder_layers_16_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_16_mlp_linear_fc1_layer_norm_weight,
@@ -10042,6 +10221,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         16,
         None,
+        5,
         ("model.layers.16.mlp.gate_proj.weight", "model.layers.16.mlp.up_proj.weight"),
         import_decoder_layers_16_mlp_linear_fc1_weight,
         export_decoder_layers_16_mlp_linear_fc1_weight,
@@ -10054,6 +10234,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         16,
         None,
+        6,
         ("model.layers.16.mlp.down_proj.weight",),
         import_decoder_layers_16_mlp_linear_fc2_weight,
         export_decoder_layers_16_mlp_linear_fc2_weight,
@@ -10066,6 +10247,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         17,
         None,
+        1,
         ("model.layers.17.input_layernorm.weight",),
         import_decoder_layers_17_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_17_self_attention_linear_qkv_layer_norm_weight,
@@ -10078,6 +10260,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         17,
         None,
+        2,
         ("model.layers.17.self_attn.o_proj.weight",),
         import_decoder_layers_17_self_attention_linear_proj_weight,
         export_decoder_layers_17_self_attention_linear_proj_weight,
@@ -10090,6 +10273,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         17,
         None,
+        3,
         (
             "model.layers.17.self_attn.q_proj.weight",
             "model.layers.17.self_attn.k_proj.weight",
@@ -10106,6 +10290,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         17,
         None,
+        4,
         ("model.layers.17.post_attention_layernorm.weight",),
         import_decoder_layers_17_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_17_mlp_linear_fc1_layer_norm_weight,
@@ -10118,6 +10303,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         17,
         None,
+        5,
         ("model.layers.17.mlp.gate_proj.weight", "model.layers.17.mlp.up_proj.weight"),
         import_decoder_layers_17_mlp_linear_fc1_weight,
         export_decoder_layers_17_mlp_linear_fc1_weight,
@@ -10130,6 +10316,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         17,
         None,
+        6,
         ("model.layers.17.mlp.down_proj.weight",),
         import_decoder_layers_17_mlp_linear_fc2_weight,
         export_decoder_layers_17_mlp_linear_fc2_weight,
@@ -10142,6 +10329,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         18,
         None,
+        1,
         ("model.layers.18.input_layernorm.weight",),
         import_decoder_layers_18_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_18_self_attention_linear_qkv_layer_norm_weight,
@@ -10154,6 +10342,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         18,
         None,
+        2,
         ("model.layers.18.self_attn.o_proj.weight",),
         import_decoder_layers_18_self_attention_linear_proj_weight,
         export_decoder_layers_18_self_attention_linear_proj_weight,
@@ -10166,6 +10355,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         18,
         None,
+        3,
         (
             "model.layers.18.self_attn.q_proj.weight",
             "model.layers.18.self_attn.k_proj.weight",
@@ -10182,6 +10372,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         18,
         None,
+        4,
         ("model.layers.18.post_attention_layernorm.weight",),
         import_decoder_layers_18_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_18_mlp_linear_fc1_layer_norm_weight,
@@ -10194,6 +10385,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         18,
         None,
+        5,
         ("model.layers.18.mlp.gate_proj.weight", "model.layers.18.mlp.up_proj.weight"),
         import_decoder_layers_18_mlp_linear_fc1_weight,
         export_decoder_layers_18_mlp_linear_fc1_weight,
@@ -10206,6 +10398,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         18,
         None,
+        6,
         ("model.layers.18.mlp.down_proj.weight",),
         import_decoder_layers_18_mlp_linear_fc2_weight,
         export_decoder_layers_18_mlp_linear_fc2_weight,
@@ -10218,6 +10411,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         19,
         None,
+        1,
         ("model.layers.19.input_layernorm.weight",),
         import_decoder_layers_19_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_19_self_attention_linear_qkv_layer_norm_weight,
@@ -10230,6 +10424,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         19,
         None,
+        2,
         ("model.layers.19.self_attn.o_proj.weight",),
         import_decoder_layers_19_self_attention_linear_proj_weight,
         export_decoder_layers_19_self_attention_linear_proj_weight,
@@ -10242,6 +10437,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         19,
         None,
+        3,
         (
             "model.layers.19.self_attn.q_proj.weight",
             "model.layers.19.self_attn.k_proj.weight",
@@ -10258,6 +10454,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         19,
         None,
+        4,
         ("model.layers.19.post_attention_layernorm.weight",),
         import_decoder_layers_19_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_19_mlp_linear_fc1_layer_norm_weight,
@@ -10270,6 +10467,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         19,
         None,
+        5,
         ("model.layers.19.mlp.gate_proj.weight", "model.layers.19.mlp.up_proj.weight"),
         import_decoder_layers_19_mlp_linear_fc1_weight,
         export_decoder_layers_19_mlp_linear_fc1_weight,
@@ -10282,6 +10480,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         19,
         None,
+        6,
         ("model.layers.19.mlp.down_proj.weight",),
         import_decoder_layers_19_mlp_linear_fc2_weight,
         export_decoder_layers_19_mlp_linear_fc2_weight,
@@ -10294,6 +10493,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         20,
         None,
+        1,
         ("model.layers.20.input_layernorm.weight",),
         import_decoder_layers_20_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_20_self_attention_linear_qkv_layer_norm_weight,
@@ -10306,6 +10506,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         20,
         None,
+        2,
         ("model.layers.20.self_attn.o_proj.weight",),
         import_decoder_layers_20_self_attention_linear_proj_weight,
         export_decoder_layers_20_self_attention_linear_proj_weight,
@@ -10318,6 +10519,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         20,
         None,
+        3,
         (
             "model.layers.20.self_attn.q_proj.weight",
             "model.layers.20.self_attn.k_proj.weight",
@@ -10334,6 +10536,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         20,
         None,
+        4,
         ("model.layers.20.post_attention_layernorm.weight",),
         import_decoder_layers_20_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_20_mlp_linear_fc1_layer_norm_weight,
@@ -10346,6 +10549,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         20,
         None,
+        5,
         ("model.layers.20.mlp.gate_proj.weight", "model.layers.20.mlp.up_proj.weight"),
         import_decoder_layers_20_mlp_linear_fc1_weight,
         export_decoder_layers_20_mlp_linear_fc1_weight,
@@ -10358,6 +10562,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         20,
         None,
+        6,
         ("model.layers.20.mlp.down_proj.weight",),
         import_decoder_layers_20_mlp_linear_fc2_weight,
         export_decoder_layers_20_mlp_linear_fc2_weight,
@@ -10370,6 +10575,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         21,
         None,
+        1,
         ("model.layers.21.input_layernorm.weight",),
         import_decoder_layers_21_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_21_self_attention_linear_qkv_layer_norm_weight,
@@ -10382,6 +10588,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         21,
         None,
+        2,
         ("model.layers.21.self_attn.o_proj.weight",),
         import_decoder_layers_21_self_attention_linear_proj_weight,
         export_decoder_layers_21_self_attention_linear_proj_weight,
@@ -10394,6 +10601,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         21,
         None,
+        3,
         (
             "model.layers.21.self_attn.q_proj.weight",
             "model.layers.21.self_attn.k_proj.weight",
@@ -10410,6 +10618,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         21,
         None,
+        4,
         ("model.layers.21.post_attention_layernorm.weight",),
         import_decoder_layers_21_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_21_mlp_linear_fc1_layer_norm_weight,
@@ -10422,6 +10631,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         21,
         None,
+        5,
         ("model.layers.21.mlp.gate_proj.weight", "model.layers.21.mlp.up_proj.weight"),
         import_decoder_layers_21_mlp_linear_fc1_weight,
         export_decoder_layers_21_mlp_linear_fc1_weight,
@@ -10434,6 +10644,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         21,
         None,
+        6,
         ("model.layers.21.mlp.down_proj.weight",),
         import_decoder_layers_21_mlp_linear_fc2_weight,
         export_decoder_layers_21_mlp_linear_fc2_weight,
@@ -10446,6 +10657,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         22,
         None,
+        1,
         ("model.layers.22.input_layernorm.weight",),
         import_decoder_layers_22_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_22_self_attention_linear_qkv_layer_norm_weight,
@@ -10458,6 +10670,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         22,
         None,
+        2,
         ("model.layers.22.self_attn.o_proj.weight",),
         import_decoder_layers_22_self_attention_linear_proj_weight,
         export_decoder_layers_22_self_attention_linear_proj_weight,
@@ -10470,6 +10683,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         22,
         None,
+        3,
         (
             "model.layers.22.self_attn.q_proj.weight",
             "model.layers.22.self_attn.k_proj.weight",
@@ -10486,6 +10700,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         22,
         None,
+        4,
         ("model.layers.22.post_attention_layernorm.weight",),
         import_decoder_layers_22_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_22_mlp_linear_fc1_layer_norm_weight,
@@ -10498,6 +10713,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         22,
         None,
+        5,
         ("model.layers.22.mlp.gate_proj.weight", "model.layers.22.mlp.up_proj.weight"),
         import_decoder_layers_22_mlp_linear_fc1_weight,
         export_decoder_layers_22_mlp_linear_fc1_weight,
@@ -10510,6 +10726,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         22,
         None,
+        6,
         ("model.layers.22.mlp.down_proj.weight",),
         import_decoder_layers_22_mlp_linear_fc2_weight,
         export_decoder_layers_22_mlp_linear_fc2_weight,
@@ -10522,6 +10739,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         23,
         None,
+        1,
         ("model.layers.23.input_layernorm.weight",),
         import_decoder_layers_23_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_23_self_attention_linear_qkv_layer_norm_weight,
@@ -10534,6 +10752,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         23,
         None,
+        2,
         ("model.layers.23.self_attn.o_proj.weight",),
         import_decoder_layers_23_self_attention_linear_proj_weight,
         export_decoder_layers_23_self_attention_linear_proj_weight,
@@ -10546,6 +10765,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         23,
         None,
+        3,
         (
             "model.layers.23.self_attn.q_proj.weight",
             "model.layers.23.self_attn.k_proj.weight",
@@ -10562,6 +10782,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         23,
         None,
+        4,
         ("model.layers.23.post_attention_layernorm.weight",),
         import_decoder_layers_23_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_23_mlp_linear_fc1_layer_norm_weight,
@@ -10574,6 +10795,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         23,
         None,
+        5,
         ("model.layers.23.mlp.gate_proj.weight", "model.layers.23.mlp.up_proj.weight"),
         import_decoder_layers_23_mlp_linear_fc1_weight,
         export_decoder_layers_23_mlp_linear_fc1_weight,
@@ -10586,6 +10808,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         23,
         None,
+        6,
         ("model.layers.23.mlp.down_proj.weight",),
         import_decoder_layers_23_mlp_linear_fc2_weight,
         export_decoder_layers_23_mlp_linear_fc2_weight,
@@ -10598,6 +10821,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         24,
         None,
+        1,
         ("model.layers.24.input_layernorm.weight",),
         import_decoder_layers_24_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_24_self_attention_linear_qkv_layer_norm_weight,
@@ -10610,6 +10834,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         24,
         None,
+        2,
         ("model.layers.24.self_attn.o_proj.weight",),
         import_decoder_layers_24_self_attention_linear_proj_weight,
         export_decoder_layers_24_self_attention_linear_proj_weight,
@@ -10622,6 +10847,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         24,
         None,
+        3,
         (
             "model.layers.24.self_attn.q_proj.weight",
             "model.layers.24.self_attn.k_proj.weight",
@@ -10638,6 +10864,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         24,
         None,
+        4,
         ("model.layers.24.post_attention_layernorm.weight",),
         import_decoder_layers_24_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_24_mlp_linear_fc1_layer_norm_weight,
@@ -10650,6 +10877,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         24,
         None,
+        5,
         ("model.layers.24.mlp.gate_proj.weight", "model.layers.24.mlp.up_proj.weight"),
         import_decoder_layers_24_mlp_linear_fc1_weight,
         export_decoder_layers_24_mlp_linear_fc1_weight,
@@ -10662,6 +10890,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         24,
         None,
+        6,
         ("model.layers.24.mlp.down_proj.weight",),
         import_decoder_layers_24_mlp_linear_fc2_weight,
         export_decoder_layers_24_mlp_linear_fc2_weight,
@@ -10674,6 +10903,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         25,
         None,
+        1,
         ("model.layers.25.input_layernorm.weight",),
         import_decoder_layers_25_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_25_self_attention_linear_qkv_layer_norm_weight,
@@ -10686,6 +10916,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         25,
         None,
+        2,
         ("model.layers.25.self_attn.o_proj.weight",),
         import_decoder_layers_25_self_attention_linear_proj_weight,
         export_decoder_layers_25_self_attention_linear_proj_weight,
@@ -10698,6 +10929,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         25,
         None,
+        3,
         (
             "model.layers.25.self_attn.q_proj.weight",
             "model.layers.25.self_attn.k_proj.weight",
@@ -10714,6 +10946,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         25,
         None,
+        4,
         ("model.layers.25.post_attention_layernorm.weight",),
         import_decoder_layers_25_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_25_mlp_linear_fc1_layer_norm_weight,
@@ -10726,6 +10959,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         25,
         None,
+        5,
         ("model.layers.25.mlp.gate_proj.weight", "model.layers.25.mlp.up_proj.weight"),
         import_decoder_layers_25_mlp_linear_fc1_weight,
         export_decoder_layers_25_mlp_linear_fc1_weight,
@@ -10738,6 +10972,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         25,
         None,
+        6,
         ("model.layers.25.mlp.down_proj.weight",),
         import_decoder_layers_25_mlp_linear_fc2_weight,
         export_decoder_layers_25_mlp_linear_fc2_weight,
@@ -10750,6 +10985,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         26,
         None,
+        1,
         ("model.layers.26.input_layernorm.weight",),
         import_decoder_layers_26_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_26_self_attention_linear_qkv_layer_norm_weight,
@@ -10762,6 +10998,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         26,
         None,
+        2,
         ("model.layers.26.self_attn.o_proj.weight",),
         import_decoder_layers_26_self_attention_linear_proj_weight,
         export_decoder_layers_26_self_attention_linear_proj_weight,
@@ -10774,6 +11011,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         26,
         None,
+        3,
         (
             "model.layers.26.self_attn.q_proj.weight",
             "model.layers.26.self_attn.k_proj.weight",
@@ -10790,6 +11028,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         26,
         None,
+        4,
         ("model.layers.26.post_attention_layernorm.weight",),
         import_decoder_layers_26_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_26_mlp_linear_fc1_layer_norm_weight,
@@ -10802,6 +11041,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         26,
         None,
+        5,
         ("model.layers.26.mlp.gate_proj.weight", "model.layers.26.mlp.up_proj.weight"),
         import_decoder_layers_26_mlp_linear_fc1_weight,
         export_decoder_layers_26_mlp_linear_fc1_weight,
@@ -10814,6 +11054,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         26,
         None,
+        6,
         ("model.layers.26.mlp.down_proj.weight",),
         import_decoder_layers_26_mlp_linear_fc2_weight,
         export_decoder_layers_26_mlp_linear_fc2_weight,
@@ -10826,6 +11067,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         27,
         None,
+        1,
         ("model.layers.27.input_layernorm.weight",),
         import_decoder_layers_27_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_27_self_attention_linear_qkv_layer_norm_weight,
@@ -10838,6 +11080,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         27,
         None,
+        2,
         ("model.layers.27.self_attn.o_proj.weight",),
         import_decoder_layers_27_self_attention_linear_proj_weight,
         export_decoder_layers_27_self_attention_linear_proj_weight,
@@ -10850,6 +11093,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         27,
         None,
+        3,
         (
             "model.layers.27.self_attn.q_proj.weight",
             "model.layers.27.self_attn.k_proj.weight",
@@ -10866,6 +11110,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         27,
         None,
+        4,
         ("model.layers.27.post_attention_layernorm.weight",),
         import_decoder_layers_27_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_27_mlp_linear_fc1_layer_norm_weight,
@@ -10878,6 +11123,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         27,
         None,
+        5,
         ("model.layers.27.mlp.gate_proj.weight", "model.layers.27.mlp.up_proj.weight"),
         import_decoder_layers_27_mlp_linear_fc1_weight,
         export_decoder_layers_27_mlp_linear_fc1_weight,
@@ -10890,6 +11136,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         27,
         None,
+        6,
         ("model.layers.27.mlp.down_proj.weight",),
         import_decoder_layers_27_mlp_linear_fc2_weight,
         export_decoder_layers_27_mlp_linear_fc2_weight,
@@ -10902,6 +11149,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         28,
         None,
+        1,
         ("model.layers.28.input_layernorm.weight",),
         import_decoder_layers_28_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_28_self_attention_linear_qkv_layer_norm_weight,
@@ -10914,6 +11162,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         28,
         None,
+        2,
         ("model.layers.28.self_attn.o_proj.weight",),
         import_decoder_layers_28_self_attention_linear_proj_weight,
         export_decoder_layers_28_self_attention_linear_proj_weight,
@@ -10926,6 +11175,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         28,
         None,
+        3,
         (
             "model.layers.28.self_attn.q_proj.weight",
             "model.layers.28.self_attn.k_proj.weight",
@@ -10942,6 +11192,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         28,
         None,
+        4,
         ("model.layers.28.post_attention_layernorm.weight",),
         import_decoder_layers_28_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_28_mlp_linear_fc1_layer_norm_weight,
@@ -10954,6 +11205,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         28,
         None,
+        5,
         ("model.layers.28.mlp.gate_proj.weight", "model.layers.28.mlp.up_proj.weight"),
         import_decoder_layers_28_mlp_linear_fc1_weight,
         export_decoder_layers_28_mlp_linear_fc1_weight,
@@ -10966,6 +11218,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         28,
         None,
+        6,
         ("model.layers.28.mlp.down_proj.weight",),
         import_decoder_layers_28_mlp_linear_fc2_weight,
         export_decoder_layers_28_mlp_linear_fc2_weight,
@@ -10978,6 +11231,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         29,
         None,
+        1,
         ("model.layers.29.input_layernorm.weight",),
         import_decoder_layers_29_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_29_self_attention_linear_qkv_layer_norm_weight,
@@ -10990,6 +11244,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         29,
         None,
+        2,
         ("model.layers.29.self_attn.o_proj.weight",),
         import_decoder_layers_29_self_attention_linear_proj_weight,
         export_decoder_layers_29_self_attention_linear_proj_weight,
@@ -11002,6 +11257,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         29,
         None,
+        3,
         (
             "model.layers.29.self_attn.q_proj.weight",
             "model.layers.29.self_attn.k_proj.weight",
@@ -11018,6 +11274,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         29,
         None,
+        4,
         ("model.layers.29.post_attention_layernorm.weight",),
         import_decoder_layers_29_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_29_mlp_linear_fc1_layer_norm_weight,
@@ -11030,6 +11287,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         29,
         None,
+        5,
         ("model.layers.29.mlp.gate_proj.weight", "model.layers.29.mlp.up_proj.weight"),
         import_decoder_layers_29_mlp_linear_fc1_weight,
         export_decoder_layers_29_mlp_linear_fc1_weight,
@@ -11042,6 +11300,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         29,
         None,
+        6,
         ("model.layers.29.mlp.down_proj.weight",),
         import_decoder_layers_29_mlp_linear_fc2_weight,
         export_decoder_layers_29_mlp_linear_fc2_weight,
@@ -11054,6 +11313,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         30,
         None,
+        1,
         ("model.layers.30.input_layernorm.weight",),
         import_decoder_layers_30_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_30_self_attention_linear_qkv_layer_norm_weight,
@@ -11066,6 +11326,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         30,
         None,
+        2,
         ("model.layers.30.self_attn.o_proj.weight",),
         import_decoder_layers_30_self_attention_linear_proj_weight,
         export_decoder_layers_30_self_attention_linear_proj_weight,
@@ -11078,6 +11339,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         30,
         None,
+        3,
         (
             "model.layers.30.self_attn.q_proj.weight",
             "model.layers.30.self_attn.k_proj.weight",
@@ -11094,6 +11356,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         30,
         None,
+        4,
         ("model.layers.30.post_attention_layernorm.weight",),
         import_decoder_layers_30_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_30_mlp_linear_fc1_layer_norm_weight,
@@ -11106,6 +11369,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         30,
         None,
+        5,
         ("model.layers.30.mlp.gate_proj.weight", "model.layers.30.mlp.up_proj.weight"),
         import_decoder_layers_30_mlp_linear_fc1_weight,
         export_decoder_layers_30_mlp_linear_fc1_weight,
@@ -11118,6 +11382,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         30,
         None,
+        6,
         ("model.layers.30.mlp.down_proj.weight",),
         import_decoder_layers_30_mlp_linear_fc2_weight,
         export_decoder_layers_30_mlp_linear_fc2_weight,
@@ -11130,6 +11395,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         31,
         None,
+        1,
         ("model.layers.31.input_layernorm.weight",),
         import_decoder_layers_31_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_31_self_attention_linear_qkv_layer_norm_weight,
@@ -11142,6 +11408,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         31,
         None,
+        2,
         ("model.layers.31.self_attn.o_proj.weight",),
         import_decoder_layers_31_self_attention_linear_proj_weight,
         export_decoder_layers_31_self_attention_linear_proj_weight,
@@ -11154,6 +11421,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         31,
         None,
+        3,
         (
             "model.layers.31.self_attn.q_proj.weight",
             "model.layers.31.self_attn.k_proj.weight",
@@ -11170,6 +11438,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         31,
         None,
+        4,
         ("model.layers.31.post_attention_layernorm.weight",),
         import_decoder_layers_31_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_31_mlp_linear_fc1_layer_norm_weight,
@@ -11182,6 +11451,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         31,
         None,
+        5,
         ("model.layers.31.mlp.gate_proj.weight", "model.layers.31.mlp.up_proj.weight"),
         import_decoder_layers_31_mlp_linear_fc1_weight,
         export_decoder_layers_31_mlp_linear_fc1_weight,
@@ -11194,6 +11464,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         31,
         None,
+        6,
         ("model.layers.31.mlp.down_proj.weight",),
         import_decoder_layers_31_mlp_linear_fc2_weight,
         export_decoder_layers_31_mlp_linear_fc2_weight,
@@ -11206,6 +11477,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         32,
         None,
+        1,
         ("model.layers.32.input_layernorm.weight",),
         import_decoder_layers_32_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_32_self_attention_linear_qkv_layer_norm_weight,
@@ -11218,6 +11490,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         32,
         None,
+        2,
         ("model.layers.32.self_attn.o_proj.weight",),
         import_decoder_layers_32_self_attention_linear_proj_weight,
         export_decoder_layers_32_self_attention_linear_proj_weight,
@@ -11230,6 +11503,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         32,
         None,
+        3,
         (
             "model.layers.32.self_attn.q_proj.weight",
             "model.layers.32.self_attn.k_proj.weight",
@@ -11246,6 +11520,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         32,
         None,
+        4,
         ("model.layers.32.post_attention_layernorm.weight",),
         import_decoder_layers_32_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_32_mlp_linear_fc1_layer_norm_weight,
@@ -11258,6 +11533,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         32,
         None,
+        5,
         ("model.layers.32.mlp.gate_proj.weight", "model.layers.32.mlp.up_proj.weight"),
         import_decoder_layers_32_mlp_linear_fc1_weight,
         export_decoder_layers_32_mlp_linear_fc1_weight,
@@ -11270,6 +11546,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         32,
         None,
+        6,
         ("model.layers.32.mlp.down_proj.weight",),
         import_decoder_layers_32_mlp_linear_fc2_weight,
         export_decoder_layers_32_mlp_linear_fc2_weight,
@@ -11282,6 +11559,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         33,
         None,
+        1,
         ("model.layers.33.input_layernorm.weight",),
         import_decoder_layers_33_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_33_self_attention_linear_qkv_layer_norm_weight,
@@ -11294,6 +11572,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         33,
         None,
+        2,
         ("model.layers.33.self_attn.o_proj.weight",),
         import_decoder_layers_33_self_attention_linear_proj_weight,
         export_decoder_layers_33_self_attention_linear_proj_weight,
@@ -11306,6 +11585,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         33,
         None,
+        3,
         (
             "model.layers.33.self_attn.q_proj.weight",
             "model.layers.33.self_attn.k_proj.weight",
@@ -11322,6 +11602,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         33,
         None,
+        4,
         ("model.layers.33.post_attention_layernorm.weight",),
         import_decoder_layers_33_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_33_mlp_linear_fc1_layer_norm_weight,
@@ -11334,6 +11615,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         33,
         None,
+        5,
         ("model.layers.33.mlp.gate_proj.weight", "model.layers.33.mlp.up_proj.weight"),
         import_decoder_layers_33_mlp_linear_fc1_weight,
         export_decoder_layers_33_mlp_linear_fc1_weight,
@@ -11346,6 +11628,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         33,
         None,
+        6,
         ("model.layers.33.mlp.down_proj.weight",),
         import_decoder_layers_33_mlp_linear_fc2_weight,
         export_decoder_layers_33_mlp_linear_fc2_weight,
@@ -11358,6 +11641,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         34,
         None,
+        1,
         ("model.layers.34.input_layernorm.weight",),
         import_decoder_layers_34_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_34_self_attention_linear_qkv_layer_norm_weight,
@@ -11370,6 +11654,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         34,
         None,
+        2,
         ("model.layers.34.self_attn.o_proj.weight",),
         import_decoder_layers_34_self_attention_linear_proj_weight,
         export_decoder_layers_34_self_attention_linear_proj_weight,
@@ -11382,6 +11667,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         34,
         None,
+        3,
         (
             "model.layers.34.self_attn.q_proj.weight",
             "model.layers.34.self_attn.k_proj.weight",
@@ -11398,6 +11684,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         34,
         None,
+        4,
         ("model.layers.34.post_attention_layernorm.weight",),
         import_decoder_layers_34_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_34_mlp_linear_fc1_layer_norm_weight,
@@ -11410,6 +11697,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         34,
         None,
+        5,
         ("model.layers.34.mlp.gate_proj.weight", "model.layers.34.mlp.up_proj.weight"),
         import_decoder_layers_34_mlp_linear_fc1_weight,
         export_decoder_layers_34_mlp_linear_fc1_weight,
@@ -11422,6 +11710,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         34,
         None,
+        6,
         ("model.layers.34.mlp.down_proj.weight",),
         import_decoder_layers_34_mlp_linear_fc2_weight,
         export_decoder_layers_34_mlp_linear_fc2_weight,
@@ -11434,6 +11723,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         35,
         None,
+        1,
         ("model.layers.35.input_layernorm.weight",),
         import_decoder_layers_35_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_35_self_attention_linear_qkv_layer_norm_weight,
@@ -11446,6 +11736,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         35,
         None,
+        2,
         ("model.layers.35.self_attn.o_proj.weight",),
         import_decoder_layers_35_self_attention_linear_proj_weight,
         export_decoder_layers_35_self_attention_linear_proj_weight,
@@ -11458,6 +11749,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         35,
         None,
+        3,
         (
             "model.layers.35.self_attn.q_proj.weight",
             "model.layers.35.self_attn.k_proj.weight",
@@ -11474,6 +11766,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         35,
         None,
+        4,
         ("model.layers.35.post_attention_layernorm.weight",),
         import_decoder_layers_35_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_35_mlp_linear_fc1_layer_norm_weight,
@@ -11486,6 +11779,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         35,
         None,
+        5,
         ("model.layers.35.mlp.gate_proj.weight", "model.layers.35.mlp.up_proj.weight"),
         import_decoder_layers_35_mlp_linear_fc1_weight,
         export_decoder_layers_35_mlp_linear_fc1_weight,
@@ -11498,6 +11792,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         35,
         None,
+        6,
         ("model.layers.35.mlp.down_proj.weight",),
         import_decoder_layers_35_mlp_linear_fc2_weight,
         export_decoder_layers_35_mlp_linear_fc2_weight,
@@ -11510,6 +11805,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         36,
         None,
+        1,
         ("model.layers.36.input_layernorm.weight",),
         import_decoder_layers_36_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_36_self_attention_linear_qkv_layer_norm_weight,
@@ -11522,6 +11818,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         36,
         None,
+        2,
         ("model.layers.36.self_attn.o_proj.weight",),
         import_decoder_layers_36_self_attention_linear_proj_weight,
         export_decoder_layers_36_self_attention_linear_proj_weight,
@@ -11534,6 +11831,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         36,
         None,
+        3,
         (
             "model.layers.36.self_attn.q_proj.weight",
             "model.layers.36.self_attn.k_proj.weight",
@@ -11550,6 +11848,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         36,
         None,
+        4,
         ("model.layers.36.post_attention_layernorm.weight",),
         import_decoder_layers_36_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_36_mlp_linear_fc1_layer_norm_weight,
@@ -11562,6 +11861,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         36,
         None,
+        5,
         ("model.layers.36.mlp.gate_proj.weight", "model.layers.36.mlp.up_proj.weight"),
         import_decoder_layers_36_mlp_linear_fc1_weight,
         export_decoder_layers_36_mlp_linear_fc1_weight,
@@ -11574,6 +11874,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         36,
         None,
+        6,
         ("model.layers.36.mlp.down_proj.weight",),
         import_decoder_layers_36_mlp_linear_fc2_weight,
         export_decoder_layers_36_mlp_linear_fc2_weight,
@@ -11586,6 +11887,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         37,
         None,
+        1,
         ("model.layers.37.input_layernorm.weight",),
         import_decoder_layers_37_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_37_self_attention_linear_qkv_layer_norm_weight,
@@ -11598,6 +11900,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         37,
         None,
+        2,
         ("model.layers.37.self_attn.o_proj.weight",),
         import_decoder_layers_37_self_attention_linear_proj_weight,
         export_decoder_layers_37_self_attention_linear_proj_weight,
@@ -11610,6 +11913,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         37,
         None,
+        3,
         (
             "model.layers.37.self_attn.q_proj.weight",
             "model.layers.37.self_attn.k_proj.weight",
@@ -11626,6 +11930,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         37,
         None,
+        4,
         ("model.layers.37.post_attention_layernorm.weight",),
         import_decoder_layers_37_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_37_mlp_linear_fc1_layer_norm_weight,
@@ -11638,6 +11943,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         37,
         None,
+        5,
         ("model.layers.37.mlp.gate_proj.weight", "model.layers.37.mlp.up_proj.weight"),
         import_decoder_layers_37_mlp_linear_fc1_weight,
         export_decoder_layers_37_mlp_linear_fc1_weight,
@@ -11650,6 +11956,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         37,
         None,
+        6,
         ("model.layers.37.mlp.down_proj.weight",),
         import_decoder_layers_37_mlp_linear_fc2_weight,
         export_decoder_layers_37_mlp_linear_fc2_weight,
@@ -11662,6 +11969,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         38,
         None,
+        1,
         ("model.layers.38.input_layernorm.weight",),
         import_decoder_layers_38_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_38_self_attention_linear_qkv_layer_norm_weight,
@@ -11674,6 +11982,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         38,
         None,
+        2,
         ("model.layers.38.self_attn.o_proj.weight",),
         import_decoder_layers_38_self_attention_linear_proj_weight,
         export_decoder_layers_38_self_attention_linear_proj_weight,
@@ -11686,6 +11995,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         38,
         None,
+        3,
         (
             "model.layers.38.self_attn.q_proj.weight",
             "model.layers.38.self_attn.k_proj.weight",
@@ -11702,6 +12012,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         38,
         None,
+        4,
         ("model.layers.38.post_attention_layernorm.weight",),
         import_decoder_layers_38_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_38_mlp_linear_fc1_layer_norm_weight,
@@ -11714,6 +12025,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         38,
         None,
+        5,
         ("model.layers.38.mlp.gate_proj.weight", "model.layers.38.mlp.up_proj.weight"),
         import_decoder_layers_38_mlp_linear_fc1_weight,
         export_decoder_layers_38_mlp_linear_fc1_weight,
@@ -11726,6 +12038,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         38,
         None,
+        6,
         ("model.layers.38.mlp.down_proj.weight",),
         import_decoder_layers_38_mlp_linear_fc2_weight,
         export_decoder_layers_38_mlp_linear_fc2_weight,
@@ -11738,6 +12051,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         39,
         None,
+        1,
         ("model.layers.39.input_layernorm.weight",),
         import_decoder_layers_39_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_39_self_attention_linear_qkv_layer_norm_weight,
@@ -11750,6 +12064,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         39,
         None,
+        2,
         ("model.layers.39.self_attn.o_proj.weight",),
         import_decoder_layers_39_self_attention_linear_proj_weight,
         export_decoder_layers_39_self_attention_linear_proj_weight,
@@ -11762,6 +12077,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         39,
         None,
+        3,
         (
             "model.layers.39.self_attn.q_proj.weight",
             "model.layers.39.self_attn.k_proj.weight",
@@ -11778,6 +12094,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         39,
         None,
+        4,
         ("model.layers.39.post_attention_layernorm.weight",),
         import_decoder_layers_39_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_39_mlp_linear_fc1_layer_norm_weight,
@@ -11790,6 +12107,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         39,
         None,
+        5,
         ("model.layers.39.mlp.gate_proj.weight", "model.layers.39.mlp.up_proj.weight"),
         import_decoder_layers_39_mlp_linear_fc1_weight,
         export_decoder_layers_39_mlp_linear_fc1_weight,
@@ -11802,6 +12120,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         39,
         None,
+        6,
         ("model.layers.39.mlp.down_proj.weight",),
         import_decoder_layers_39_mlp_linear_fc2_weight,
         export_decoder_layers_39_mlp_linear_fc2_weight,
@@ -11814,6 +12133,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         40,
         None,
+        1,
         ("model.layers.40.input_layernorm.weight",),
         import_decoder_layers_40_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_40_self_attention_linear_qkv_layer_norm_weight,
@@ -11826,6 +12146,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         40,
         None,
+        2,
         ("model.layers.40.self_attn.o_proj.weight",),
         import_decoder_layers_40_self_attention_linear_proj_weight,
         export_decoder_layers_40_self_attention_linear_proj_weight,
@@ -11838,6 +12159,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         40,
         None,
+        3,
         (
             "model.layers.40.self_attn.q_proj.weight",
             "model.layers.40.self_attn.k_proj.weight",
@@ -11854,6 +12176,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         40,
         None,
+        4,
         ("model.layers.40.post_attention_layernorm.weight",),
         import_decoder_layers_40_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_40_mlp_linear_fc1_layer_norm_weight,
@@ -11866,6 +12189,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         40,
         None,
+        5,
         ("model.layers.40.mlp.gate_proj.weight", "model.layers.40.mlp.up_proj.weight"),
         import_decoder_layers_40_mlp_linear_fc1_weight,
         export_decoder_layers_40_mlp_linear_fc1_weight,
@@ -11878,6 +12202,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         40,
         None,
+        6,
         ("model.layers.40.mlp.down_proj.weight",),
         import_decoder_layers_40_mlp_linear_fc2_weight,
         export_decoder_layers_40_mlp_linear_fc2_weight,
@@ -11890,6 +12215,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         41,
         None,
+        1,
         ("model.layers.41.input_layernorm.weight",),
         import_decoder_layers_41_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_41_self_attention_linear_qkv_layer_norm_weight,
@@ -11902,6 +12228,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         41,
         None,
+        2,
         ("model.layers.41.self_attn.o_proj.weight",),
         import_decoder_layers_41_self_attention_linear_proj_weight,
         export_decoder_layers_41_self_attention_linear_proj_weight,
@@ -11914,6 +12241,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         41,
         None,
+        3,
         (
             "model.layers.41.self_attn.q_proj.weight",
             "model.layers.41.self_attn.k_proj.weight",
@@ -11930,6 +12258,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         41,
         None,
+        4,
         ("model.layers.41.post_attention_layernorm.weight",),
         import_decoder_layers_41_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_41_mlp_linear_fc1_layer_norm_weight,
@@ -11942,6 +12271,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         41,
         None,
+        5,
         ("model.layers.41.mlp.gate_proj.weight", "model.layers.41.mlp.up_proj.weight"),
         import_decoder_layers_41_mlp_linear_fc1_weight,
         export_decoder_layers_41_mlp_linear_fc1_weight,
@@ -11954,6 +12284,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         41,
         None,
+        6,
         ("model.layers.41.mlp.down_proj.weight",),
         import_decoder_layers_41_mlp_linear_fc2_weight,
         export_decoder_layers_41_mlp_linear_fc2_weight,
@@ -11966,6 +12297,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         42,
         None,
+        1,
         ("model.layers.42.input_layernorm.weight",),
         import_decoder_layers_42_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_42_self_attention_linear_qkv_layer_norm_weight,
@@ -11978,6 +12310,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         42,
         None,
+        2,
         ("model.layers.42.self_attn.o_proj.weight",),
         import_decoder_layers_42_self_attention_linear_proj_weight,
         export_decoder_layers_42_self_attention_linear_proj_weight,
@@ -11990,6 +12323,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         42,
         None,
+        3,
         (
             "model.layers.42.self_attn.q_proj.weight",
             "model.layers.42.self_attn.k_proj.weight",
@@ -12006,6 +12340,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         42,
         None,
+        4,
         ("model.layers.42.post_attention_layernorm.weight",),
         import_decoder_layers_42_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_42_mlp_linear_fc1_layer_norm_weight,
@@ -12018,6 +12353,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         42,
         None,
+        5,
         ("model.layers.42.mlp.gate_proj.weight", "model.layers.42.mlp.up_proj.weight"),
         import_decoder_layers_42_mlp_linear_fc1_weight,
         export_decoder_layers_42_mlp_linear_fc1_weight,
@@ -12030,6 +12366,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         42,
         None,
+        6,
         ("model.layers.42.mlp.down_proj.weight",),
         import_decoder_layers_42_mlp_linear_fc2_weight,
         export_decoder_layers_42_mlp_linear_fc2_weight,
@@ -12042,6 +12379,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         43,
         None,
+        1,
         ("model.layers.43.input_layernorm.weight",),
         import_decoder_layers_43_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_43_self_attention_linear_qkv_layer_norm_weight,
@@ -12054,6 +12392,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         43,
         None,
+        2,
         ("model.layers.43.self_attn.o_proj.weight",),
         import_decoder_layers_43_self_attention_linear_proj_weight,
         export_decoder_layers_43_self_attention_linear_proj_weight,
@@ -12066,6 +12405,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         43,
         None,
+        3,
         (
             "model.layers.43.self_attn.q_proj.weight",
             "model.layers.43.self_attn.k_proj.weight",
@@ -12082,6 +12422,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         43,
         None,
+        4,
         ("model.layers.43.post_attention_layernorm.weight",),
         import_decoder_layers_43_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_43_mlp_linear_fc1_layer_norm_weight,
@@ -12094,6 +12435,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         43,
         None,
+        5,
         ("model.layers.43.mlp.gate_proj.weight", "model.layers.43.mlp.up_proj.weight"),
         import_decoder_layers_43_mlp_linear_fc1_weight,
         export_decoder_layers_43_mlp_linear_fc1_weight,
@@ -12106,6 +12448,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         43,
         None,
+        6,
         ("model.layers.43.mlp.down_proj.weight",),
         import_decoder_layers_43_mlp_linear_fc2_weight,
         export_decoder_layers_43_mlp_linear_fc2_weight,
@@ -12118,6 +12461,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         44,
         None,
+        1,
         ("model.layers.44.input_layernorm.weight",),
         import_decoder_layers_44_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_44_self_attention_linear_qkv_layer_norm_weight,
@@ -12130,6 +12474,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         44,
         None,
+        2,
         ("model.layers.44.self_attn.o_proj.weight",),
         import_decoder_layers_44_self_attention_linear_proj_weight,
         export_decoder_layers_44_self_attention_linear_proj_weight,
@@ -12142,6 +12487,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         44,
         None,
+        3,
         (
             "model.layers.44.self_attn.q_proj.weight",
             "model.layers.44.self_attn.k_proj.weight",
@@ -12158,6 +12504,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         44,
         None,
+        4,
         ("model.layers.44.post_attention_layernorm.weight",),
         import_decoder_layers_44_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_44_mlp_linear_fc1_layer_norm_weight,
@@ -12170,6 +12517,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         44,
         None,
+        5,
         ("model.layers.44.mlp.gate_proj.weight", "model.layers.44.mlp.up_proj.weight"),
         import_decoder_layers_44_mlp_linear_fc1_weight,
         export_decoder_layers_44_mlp_linear_fc1_weight,
@@ -12182,6 +12530,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         44,
         None,
+        6,
         ("model.layers.44.mlp.down_proj.weight",),
         import_decoder_layers_44_mlp_linear_fc2_weight,
         export_decoder_layers_44_mlp_linear_fc2_weight,
@@ -12194,6 +12543,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         45,
         None,
+        1,
         ("model.layers.45.input_layernorm.weight",),
         import_decoder_layers_45_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_45_self_attention_linear_qkv_layer_norm_weight,
@@ -12206,6 +12556,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         45,
         None,
+        2,
         ("model.layers.45.self_attn.o_proj.weight",),
         import_decoder_layers_45_self_attention_linear_proj_weight,
         export_decoder_layers_45_self_attention_linear_proj_weight,
@@ -12218,6 +12569,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         45,
         None,
+        3,
         (
             "model.layers.45.self_attn.q_proj.weight",
             "model.layers.45.self_attn.k_proj.weight",
@@ -12234,6 +12586,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         45,
         None,
+        4,
         ("model.layers.45.post_attention_layernorm.weight",),
         import_decoder_layers_45_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_45_mlp_linear_fc1_layer_norm_weight,
@@ -12246,6 +12599,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         45,
         None,
+        5,
         ("model.layers.45.mlp.gate_proj.weight", "model.layers.45.mlp.up_proj.weight"),
         import_decoder_layers_45_mlp_linear_fc1_weight,
         export_decoder_layers_45_mlp_linear_fc1_weight,
@@ -12258,6 +12612,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         45,
         None,
+        6,
         ("model.layers.45.mlp.down_proj.weight",),
         import_decoder_layers_45_mlp_linear_fc2_weight,
         export_decoder_layers_45_mlp_linear_fc2_weight,
@@ -12270,6 +12625,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         46,
         None,
+        1,
         ("model.layers.46.input_layernorm.weight",),
         import_decoder_layers_46_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_46_self_attention_linear_qkv_layer_norm_weight,
@@ -12282,6 +12638,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         46,
         None,
+        2,
         ("model.layers.46.self_attn.o_proj.weight",),
         import_decoder_layers_46_self_attention_linear_proj_weight,
         export_decoder_layers_46_self_attention_linear_proj_weight,
@@ -12294,6 +12651,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         46,
         None,
+        3,
         (
             "model.layers.46.self_attn.q_proj.weight",
             "model.layers.46.self_attn.k_proj.weight",
@@ -12310,6 +12668,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         46,
         None,
+        4,
         ("model.layers.46.post_attention_layernorm.weight",),
         import_decoder_layers_46_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_46_mlp_linear_fc1_layer_norm_weight,
@@ -12322,6 +12681,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         46,
         None,
+        5,
         ("model.layers.46.mlp.gate_proj.weight", "model.layers.46.mlp.up_proj.weight"),
         import_decoder_layers_46_mlp_linear_fc1_weight,
         export_decoder_layers_46_mlp_linear_fc1_weight,
@@ -12334,6 +12694,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         46,
         None,
+        6,
         ("model.layers.46.mlp.down_proj.weight",),
         import_decoder_layers_46_mlp_linear_fc2_weight,
         export_decoder_layers_46_mlp_linear_fc2_weight,
@@ -12346,6 +12707,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         47,
         None,
+        1,
         ("model.layers.47.input_layernorm.weight",),
         import_decoder_layers_47_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_47_self_attention_linear_qkv_layer_norm_weight,
@@ -12358,6 +12720,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         47,
         None,
+        2,
         ("model.layers.47.self_attn.o_proj.weight",),
         import_decoder_layers_47_self_attention_linear_proj_weight,
         export_decoder_layers_47_self_attention_linear_proj_weight,
@@ -12370,6 +12733,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         47,
         None,
+        3,
         (
             "model.layers.47.self_attn.q_proj.weight",
             "model.layers.47.self_attn.k_proj.weight",
@@ -12386,6 +12750,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         47,
         None,
+        4,
         ("model.layers.47.post_attention_layernorm.weight",),
         import_decoder_layers_47_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_47_mlp_linear_fc1_layer_norm_weight,
@@ -12398,6 +12763,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         47,
         None,
+        5,
         ("model.layers.47.mlp.gate_proj.weight", "model.layers.47.mlp.up_proj.weight"),
         import_decoder_layers_47_mlp_linear_fc1_weight,
         export_decoder_layers_47_mlp_linear_fc1_weight,
@@ -12410,6 +12776,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         47,
         None,
+        6,
         ("model.layers.47.mlp.down_proj.weight",),
         import_decoder_layers_47_mlp_linear_fc2_weight,
         export_decoder_layers_47_mlp_linear_fc2_weight,
@@ -12422,6 +12789,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         48,
         None,
+        1,
         ("model.layers.48.input_layernorm.weight",),
         import_decoder_layers_48_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_48_self_attention_linear_qkv_layer_norm_weight,
@@ -12434,6 +12802,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         48,
         None,
+        2,
         ("model.layers.48.self_attn.o_proj.weight",),
         import_decoder_layers_48_self_attention_linear_proj_weight,
         export_decoder_layers_48_self_attention_linear_proj_weight,
@@ -12446,6 +12815,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         48,
         None,
+        3,
         (
             "model.layers.48.self_attn.q_proj.weight",
             "model.layers.48.self_attn.k_proj.weight",
@@ -12462,6 +12832,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         48,
         None,
+        4,
         ("model.layers.48.post_attention_layernorm.weight",),
         import_decoder_layers_48_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_48_mlp_linear_fc1_layer_norm_weight,
@@ -12474,6 +12845,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         48,
         None,
+        5,
         ("model.layers.48.mlp.gate_proj.weight", "model.layers.48.mlp.up_proj.weight"),
         import_decoder_layers_48_mlp_linear_fc1_weight,
         export_decoder_layers_48_mlp_linear_fc1_weight,
@@ -12486,6 +12858,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         48,
         None,
+        6,
         ("model.layers.48.mlp.down_proj.weight",),
         import_decoder_layers_48_mlp_linear_fc2_weight,
         export_decoder_layers_48_mlp_linear_fc2_weight,
@@ -12498,6 +12871,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         49,
         None,
+        1,
         ("model.layers.49.input_layernorm.weight",),
         import_decoder_layers_49_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_49_self_attention_linear_qkv_layer_norm_weight,
@@ -12510,6 +12884,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         49,
         None,
+        2,
         ("model.layers.49.self_attn.o_proj.weight",),
         import_decoder_layers_49_self_attention_linear_proj_weight,
         export_decoder_layers_49_self_attention_linear_proj_weight,
@@ -12522,6 +12897,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         49,
         None,
+        3,
         (
             "model.layers.49.self_attn.q_proj.weight",
             "model.layers.49.self_attn.k_proj.weight",
@@ -12538,6 +12914,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         49,
         None,
+        4,
         ("model.layers.49.post_attention_layernorm.weight",),
         import_decoder_layers_49_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_49_mlp_linear_fc1_layer_norm_weight,
@@ -12550,6 +12927,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         49,
         None,
+        5,
         ("model.layers.49.mlp.gate_proj.weight", "model.layers.49.mlp.up_proj.weight"),
         import_decoder_layers_49_mlp_linear_fc1_weight,
         export_decoder_layers_49_mlp_linear_fc1_weight,
@@ -12562,6 +12940,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         49,
         None,
+        6,
         ("model.layers.49.mlp.down_proj.weight",),
         import_decoder_layers_49_mlp_linear_fc2_weight,
         export_decoder_layers_49_mlp_linear_fc2_weight,
@@ -12574,6 +12953,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         50,
         None,
+        1,
         ("model.layers.50.input_layernorm.weight",),
         import_decoder_layers_50_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_50_self_attention_linear_qkv_layer_norm_weight,
@@ -12586,6 +12966,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         50,
         None,
+        2,
         ("model.layers.50.self_attn.o_proj.weight",),
         import_decoder_layers_50_self_attention_linear_proj_weight,
         export_decoder_layers_50_self_attention_linear_proj_weight,
@@ -12598,6 +12979,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         50,
         None,
+        3,
         (
             "model.layers.50.self_attn.q_proj.weight",
             "model.layers.50.self_attn.k_proj.weight",
@@ -12614,6 +12996,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         50,
         None,
+        4,
         ("model.layers.50.post_attention_layernorm.weight",),
         import_decoder_layers_50_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_50_mlp_linear_fc1_layer_norm_weight,
@@ -12626,6 +13009,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         50,
         None,
+        5,
         ("model.layers.50.mlp.gate_proj.weight", "model.layers.50.mlp.up_proj.weight"),
         import_decoder_layers_50_mlp_linear_fc1_weight,
         export_decoder_layers_50_mlp_linear_fc1_weight,
@@ -12638,6 +13022,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         50,
         None,
+        6,
         ("model.layers.50.mlp.down_proj.weight",),
         import_decoder_layers_50_mlp_linear_fc2_weight,
         export_decoder_layers_50_mlp_linear_fc2_weight,
@@ -12650,6 +13035,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         51,
         None,
+        1,
         ("model.layers.51.input_layernorm.weight",),
         import_decoder_layers_51_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_51_self_attention_linear_qkv_layer_norm_weight,
@@ -12662,6 +13048,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         51,
         None,
+        2,
         ("model.layers.51.self_attn.o_proj.weight",),
         import_decoder_layers_51_self_attention_linear_proj_weight,
         export_decoder_layers_51_self_attention_linear_proj_weight,
@@ -12674,6 +13061,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         51,
         None,
+        3,
         (
             "model.layers.51.self_attn.q_proj.weight",
             "model.layers.51.self_attn.k_proj.weight",
@@ -12690,6 +13078,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         51,
         None,
+        4,
         ("model.layers.51.post_attention_layernorm.weight",),
         import_decoder_layers_51_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_51_mlp_linear_fc1_layer_norm_weight,
@@ -12702,6 +13091,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         51,
         None,
+        5,
         ("model.layers.51.mlp.gate_proj.weight", "model.layers.51.mlp.up_proj.weight"),
         import_decoder_layers_51_mlp_linear_fc1_weight,
         export_decoder_layers_51_mlp_linear_fc1_weight,
@@ -12714,6 +13104,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         51,
         None,
+        6,
         ("model.layers.51.mlp.down_proj.weight",),
         import_decoder_layers_51_mlp_linear_fc2_weight,
         export_decoder_layers_51_mlp_linear_fc2_weight,
@@ -12726,6 +13117,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         52,
         None,
+        1,
         ("model.layers.52.input_layernorm.weight",),
         import_decoder_layers_52_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_52_self_attention_linear_qkv_layer_norm_weight,
@@ -12738,6 +13130,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         52,
         None,
+        2,
         ("model.layers.52.self_attn.o_proj.weight",),
         import_decoder_layers_52_self_attention_linear_proj_weight,
         export_decoder_layers_52_self_attention_linear_proj_weight,
@@ -12750,6 +13143,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         52,
         None,
+        3,
         (
             "model.layers.52.self_attn.q_proj.weight",
             "model.layers.52.self_attn.k_proj.weight",
@@ -12766,6 +13160,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         52,
         None,
+        4,
         ("model.layers.52.post_attention_layernorm.weight",),
         import_decoder_layers_52_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_52_mlp_linear_fc1_layer_norm_weight,
@@ -12778,6 +13173,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         52,
         None,
+        5,
         ("model.layers.52.mlp.gate_proj.weight", "model.layers.52.mlp.up_proj.weight"),
         import_decoder_layers_52_mlp_linear_fc1_weight,
         export_decoder_layers_52_mlp_linear_fc1_weight,
@@ -12790,6 +13186,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         52,
         None,
+        6,
         ("model.layers.52.mlp.down_proj.weight",),
         import_decoder_layers_52_mlp_linear_fc2_weight,
         export_decoder_layers_52_mlp_linear_fc2_weight,
@@ -12802,6 +13199,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         53,
         None,
+        1,
         ("model.layers.53.input_layernorm.weight",),
         import_decoder_layers_53_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_53_self_attention_linear_qkv_layer_norm_weight,
@@ -12814,6 +13212,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         53,
         None,
+        2,
         ("model.layers.53.self_attn.o_proj.weight",),
         import_decoder_layers_53_self_attention_linear_proj_weight,
         export_decoder_layers_53_self_attention_linear_proj_weight,
@@ -12826,6 +13225,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         53,
         None,
+        3,
         (
             "model.layers.53.self_attn.q_proj.weight",
             "model.layers.53.self_attn.k_proj.weight",
@@ -12842,6 +13242,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         53,
         None,
+        4,
         ("model.layers.53.post_attention_layernorm.weight",),
         import_decoder_layers_53_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_53_mlp_linear_fc1_layer_norm_weight,
@@ -12854,6 +13255,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         53,
         None,
+        5,
         ("model.layers.53.mlp.gate_proj.weight", "model.layers.53.mlp.up_proj.weight"),
         import_decoder_layers_53_mlp_linear_fc1_weight,
         export_decoder_layers_53_mlp_linear_fc1_weight,
@@ -12866,6 +13268,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         53,
         None,
+        6,
         ("model.layers.53.mlp.down_proj.weight",),
         import_decoder_layers_53_mlp_linear_fc2_weight,
         export_decoder_layers_53_mlp_linear_fc2_weight,
@@ -12878,6 +13281,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         54,
         None,
+        1,
         ("model.layers.54.input_layernorm.weight",),
         import_decoder_layers_54_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_54_self_attention_linear_qkv_layer_norm_weight,
@@ -12890,6 +13294,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         54,
         None,
+        2,
         ("model.layers.54.self_attn.o_proj.weight",),
         import_decoder_layers_54_self_attention_linear_proj_weight,
         export_decoder_layers_54_self_attention_linear_proj_weight,
@@ -12902,6 +13307,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         54,
         None,
+        3,
         (
             "model.layers.54.self_attn.q_proj.weight",
             "model.layers.54.self_attn.k_proj.weight",
@@ -12918,6 +13324,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         54,
         None,
+        4,
         ("model.layers.54.post_attention_layernorm.weight",),
         import_decoder_layers_54_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_54_mlp_linear_fc1_layer_norm_weight,
@@ -12930,6 +13337,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         54,
         None,
+        5,
         ("model.layers.54.mlp.gate_proj.weight", "model.layers.54.mlp.up_proj.weight"),
         import_decoder_layers_54_mlp_linear_fc1_weight,
         export_decoder_layers_54_mlp_linear_fc1_weight,
@@ -12942,6 +13350,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         54,
         None,
+        6,
         ("model.layers.54.mlp.down_proj.weight",),
         import_decoder_layers_54_mlp_linear_fc2_weight,
         export_decoder_layers_54_mlp_linear_fc2_weight,
@@ -12954,6 +13363,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         55,
         None,
+        1,
         ("model.layers.55.input_layernorm.weight",),
         import_decoder_layers_55_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_55_self_attention_linear_qkv_layer_norm_weight,
@@ -12966,6 +13376,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         55,
         None,
+        2,
         ("model.layers.55.self_attn.o_proj.weight",),
         import_decoder_layers_55_self_attention_linear_proj_weight,
         export_decoder_layers_55_self_attention_linear_proj_weight,
@@ -12978,6 +13389,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         55,
         None,
+        3,
         (
             "model.layers.55.self_attn.q_proj.weight",
             "model.layers.55.self_attn.k_proj.weight",
@@ -12994,6 +13406,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         55,
         None,
+        4,
         ("model.layers.55.post_attention_layernorm.weight",),
         import_decoder_layers_55_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_55_mlp_linear_fc1_layer_norm_weight,
@@ -13006,6 +13419,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         55,
         None,
+        5,
         ("model.layers.55.mlp.gate_proj.weight", "model.layers.55.mlp.up_proj.weight"),
         import_decoder_layers_55_mlp_linear_fc1_weight,
         export_decoder_layers_55_mlp_linear_fc1_weight,
@@ -13018,6 +13432,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         55,
         None,
+        6,
         ("model.layers.55.mlp.down_proj.weight",),
         import_decoder_layers_55_mlp_linear_fc2_weight,
         export_decoder_layers_55_mlp_linear_fc2_weight,
@@ -13030,6 +13445,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         56,
         None,
+        1,
         ("model.layers.56.input_layernorm.weight",),
         import_decoder_layers_56_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_56_self_attention_linear_qkv_layer_norm_weight,
@@ -13042,6 +13458,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         56,
         None,
+        2,
         ("model.layers.56.self_attn.o_proj.weight",),
         import_decoder_layers_56_self_attention_linear_proj_weight,
         export_decoder_layers_56_self_attention_linear_proj_weight,
@@ -13054,6 +13471,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         56,
         None,
+        3,
         (
             "model.layers.56.self_attn.q_proj.weight",
             "model.layers.56.self_attn.k_proj.weight",
@@ -13070,6 +13488,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         56,
         None,
+        4,
         ("model.layers.56.post_attention_layernorm.weight",),
         import_decoder_layers_56_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_56_mlp_linear_fc1_layer_norm_weight,
@@ -13082,6 +13501,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         56,
         None,
+        5,
         ("model.layers.56.mlp.gate_proj.weight", "model.layers.56.mlp.up_proj.weight"),
         import_decoder_layers_56_mlp_linear_fc1_weight,
         export_decoder_layers_56_mlp_linear_fc1_weight,
@@ -13094,6 +13514,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         56,
         None,
+        6,
         ("model.layers.56.mlp.down_proj.weight",),
         import_decoder_layers_56_mlp_linear_fc2_weight,
         export_decoder_layers_56_mlp_linear_fc2_weight,
@@ -13106,6 +13527,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         57,
         None,
+        1,
         ("model.layers.57.input_layernorm.weight",),
         import_decoder_layers_57_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_57_self_attention_linear_qkv_layer_norm_weight,
@@ -13118,6 +13540,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         57,
         None,
+        2,
         ("model.layers.57.self_attn.o_proj.weight",),
         import_decoder_layers_57_self_attention_linear_proj_weight,
         export_decoder_layers_57_self_attention_linear_proj_weight,
@@ -13130,6 +13553,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         57,
         None,
+        3,
         (
             "model.layers.57.self_attn.q_proj.weight",
             "model.layers.57.self_attn.k_proj.weight",
@@ -13146,6 +13570,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         57,
         None,
+        4,
         ("model.layers.57.post_attention_layernorm.weight",),
         import_decoder_layers_57_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_57_mlp_linear_fc1_layer_norm_weight,
@@ -13158,6 +13583,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         57,
         None,
+        5,
         ("model.layers.57.mlp.gate_proj.weight", "model.layers.57.mlp.up_proj.weight"),
         import_decoder_layers_57_mlp_linear_fc1_weight,
         export_decoder_layers_57_mlp_linear_fc1_weight,
@@ -13170,6 +13596,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         57,
         None,
+        6,
         ("model.layers.57.mlp.down_proj.weight",),
         import_decoder_layers_57_mlp_linear_fc2_weight,
         export_decoder_layers_57_mlp_linear_fc2_weight,
@@ -13182,6 +13609,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         58,
         None,
+        1,
         ("model.layers.58.input_layernorm.weight",),
         import_decoder_layers_58_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_58_self_attention_linear_qkv_layer_norm_weight,
@@ -13194,6 +13622,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         58,
         None,
+        2,
         ("model.layers.58.self_attn.o_proj.weight",),
         import_decoder_layers_58_self_attention_linear_proj_weight,
         export_decoder_layers_58_self_attention_linear_proj_weight,
@@ -13206,6 +13635,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         58,
         None,
+        3,
         (
             "model.layers.58.self_attn.q_proj.weight",
             "model.layers.58.self_attn.k_proj.weight",
@@ -13222,6 +13652,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         58,
         None,
+        4,
         ("model.layers.58.post_attention_layernorm.weight",),
         import_decoder_layers_58_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_58_mlp_linear_fc1_layer_norm_weight,
@@ -13234,6 +13665,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         58,
         None,
+        5,
         ("model.layers.58.mlp.gate_proj.weight", "model.layers.58.mlp.up_proj.weight"),
         import_decoder_layers_58_mlp_linear_fc1_weight,
         export_decoder_layers_58_mlp_linear_fc1_weight,
@@ -13246,6 +13678,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         58,
         None,
+        6,
         ("model.layers.58.mlp.down_proj.weight",),
         import_decoder_layers_58_mlp_linear_fc2_weight,
         export_decoder_layers_58_mlp_linear_fc2_weight,
@@ -13258,6 +13691,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         59,
         None,
+        1,
         ("model.layers.59.input_layernorm.weight",),
         import_decoder_layers_59_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_59_self_attention_linear_qkv_layer_norm_weight,
@@ -13270,6 +13704,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         59,
         None,
+        2,
         ("model.layers.59.self_attn.o_proj.weight",),
         import_decoder_layers_59_self_attention_linear_proj_weight,
         export_decoder_layers_59_self_attention_linear_proj_weight,
@@ -13282,6 +13717,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         59,
         None,
+        3,
         (
             "model.layers.59.self_attn.q_proj.weight",
             "model.layers.59.self_attn.k_proj.weight",
@@ -13298,6 +13734,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         59,
         None,
+        4,
         ("model.layers.59.post_attention_layernorm.weight",),
         import_decoder_layers_59_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_59_mlp_linear_fc1_layer_norm_weight,
@@ -13310,6 +13747,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         59,
         None,
+        5,
         ("model.layers.59.mlp.gate_proj.weight", "model.layers.59.mlp.up_proj.weight"),
         import_decoder_layers_59_mlp_linear_fc1_weight,
         export_decoder_layers_59_mlp_linear_fc1_weight,
@@ -13322,6 +13760,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         59,
         None,
+        6,
         ("model.layers.59.mlp.down_proj.weight",),
         import_decoder_layers_59_mlp_linear_fc2_weight,
         export_decoder_layers_59_mlp_linear_fc2_weight,
@@ -13334,6 +13773,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         60,
         None,
+        1,
         ("model.layers.60.input_layernorm.weight",),
         import_decoder_layers_60_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_60_self_attention_linear_qkv_layer_norm_weight,
@@ -13346,6 +13786,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         60,
         None,
+        2,
         ("model.layers.60.self_attn.o_proj.weight",),
         import_decoder_layers_60_self_attention_linear_proj_weight,
         export_decoder_layers_60_self_attention_linear_proj_weight,
@@ -13358,6 +13799,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         60,
         None,
+        3,
         (
             "model.layers.60.self_attn.q_proj.weight",
             "model.layers.60.self_attn.k_proj.weight",
@@ -13374,6 +13816,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         60,
         None,
+        4,
         ("model.layers.60.post_attention_layernorm.weight",),
         import_decoder_layers_60_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_60_mlp_linear_fc1_layer_norm_weight,
@@ -13386,6 +13829,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         60,
         None,
+        5,
         ("model.layers.60.mlp.gate_proj.weight", "model.layers.60.mlp.up_proj.weight"),
         import_decoder_layers_60_mlp_linear_fc1_weight,
         export_decoder_layers_60_mlp_linear_fc1_weight,
@@ -13398,6 +13842,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         60,
         None,
+        6,
         ("model.layers.60.mlp.down_proj.weight",),
         import_decoder_layers_60_mlp_linear_fc2_weight,
         export_decoder_layers_60_mlp_linear_fc2_weight,
@@ -13410,6 +13855,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         61,
         None,
+        1,
         ("model.layers.61.input_layernorm.weight",),
         import_decoder_layers_61_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_61_self_attention_linear_qkv_layer_norm_weight,
@@ -13422,6 +13868,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         61,
         None,
+        2,
         ("model.layers.61.self_attn.o_proj.weight",),
         import_decoder_layers_61_self_attention_linear_proj_weight,
         export_decoder_layers_61_self_attention_linear_proj_weight,
@@ -13434,6 +13881,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         61,
         None,
+        3,
         (
             "model.layers.61.self_attn.q_proj.weight",
             "model.layers.61.self_attn.k_proj.weight",
@@ -13450,6 +13898,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         61,
         None,
+        4,
         ("model.layers.61.post_attention_layernorm.weight",),
         import_decoder_layers_61_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_61_mlp_linear_fc1_layer_norm_weight,
@@ -13462,6 +13911,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         61,
         None,
+        5,
         ("model.layers.61.mlp.gate_proj.weight", "model.layers.61.mlp.up_proj.weight"),
         import_decoder_layers_61_mlp_linear_fc1_weight,
         export_decoder_layers_61_mlp_linear_fc1_weight,
@@ -13474,6 +13924,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         61,
         None,
+        6,
         ("model.layers.61.mlp.down_proj.weight",),
         import_decoder_layers_61_mlp_linear_fc2_weight,
         export_decoder_layers_61_mlp_linear_fc2_weight,
@@ -13486,6 +13937,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         62,
         None,
+        1,
         ("model.layers.62.input_layernorm.weight",),
         import_decoder_layers_62_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_62_self_attention_linear_qkv_layer_norm_weight,
@@ -13498,6 +13950,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         62,
         None,
+        2,
         ("model.layers.62.self_attn.o_proj.weight",),
         import_decoder_layers_62_self_attention_linear_proj_weight,
         export_decoder_layers_62_self_attention_linear_proj_weight,
@@ -13510,6 +13963,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         62,
         None,
+        3,
         (
             "model.layers.62.self_attn.q_proj.weight",
             "model.layers.62.self_attn.k_proj.weight",
@@ -13526,6 +13980,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         62,
         None,
+        4,
         ("model.layers.62.post_attention_layernorm.weight",),
         import_decoder_layers_62_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_62_mlp_linear_fc1_layer_norm_weight,
@@ -13538,6 +13993,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         62,
         None,
+        5,
         ("model.layers.62.mlp.gate_proj.weight", "model.layers.62.mlp.up_proj.weight"),
         import_decoder_layers_62_mlp_linear_fc1_weight,
         export_decoder_layers_62_mlp_linear_fc1_weight,
@@ -13550,6 +14006,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         62,
         None,
+        6,
         ("model.layers.62.mlp.down_proj.weight",),
         import_decoder_layers_62_mlp_linear_fc2_weight,
         export_decoder_layers_62_mlp_linear_fc2_weight,
@@ -13562,6 +14019,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         63,
         None,
+        1,
         ("model.layers.63.input_layernorm.weight",),
         import_decoder_layers_63_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_63_self_attention_linear_qkv_layer_norm_weight,
@@ -13574,6 +14032,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         63,
         None,
+        2,
         ("model.layers.63.self_attn.o_proj.weight",),
         import_decoder_layers_63_self_attention_linear_proj_weight,
         export_decoder_layers_63_self_attention_linear_proj_weight,
@@ -13586,6 +14045,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         63,
         None,
+        3,
         (
             "model.layers.63.self_attn.q_proj.weight",
             "model.layers.63.self_attn.k_proj.weight",
@@ -13602,6 +14062,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         63,
         None,
+        4,
         ("model.layers.63.post_attention_layernorm.weight",),
         import_decoder_layers_63_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_63_mlp_linear_fc1_layer_norm_weight,
@@ -13614,6 +14075,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         63,
         None,
+        5,
         ("model.layers.63.mlp.gate_proj.weight", "model.layers.63.mlp.up_proj.weight"),
         import_decoder_layers_63_mlp_linear_fc1_weight,
         export_decoder_layers_63_mlp_linear_fc1_weight,
@@ -13626,6 +14088,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         63,
         None,
+        6,
         ("model.layers.63.mlp.down_proj.weight",),
         import_decoder_layers_63_mlp_linear_fc2_weight,
         export_decoder_layers_63_mlp_linear_fc2_weight,
@@ -13638,6 +14101,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         64,
         None,
+        1,
         ("model.layers.64.input_layernorm.weight",),
         import_decoder_layers_64_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_64_self_attention_linear_qkv_layer_norm_weight,
@@ -13650,6 +14114,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         64,
         None,
+        2,
         ("model.layers.64.self_attn.o_proj.weight",),
         import_decoder_layers_64_self_attention_linear_proj_weight,
         export_decoder_layers_64_self_attention_linear_proj_weight,
@@ -13662,6 +14127,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         64,
         None,
+        3,
         (
             "model.layers.64.self_attn.q_proj.weight",
             "model.layers.64.self_attn.k_proj.weight",
@@ -13678,6 +14144,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         64,
         None,
+        4,
         ("model.layers.64.post_attention_layernorm.weight",),
         import_decoder_layers_64_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_64_mlp_linear_fc1_layer_norm_weight,
@@ -13690,6 +14157,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         64,
         None,
+        5,
         ("model.layers.64.mlp.gate_proj.weight", "model.layers.64.mlp.up_proj.weight"),
         import_decoder_layers_64_mlp_linear_fc1_weight,
         export_decoder_layers_64_mlp_linear_fc1_weight,
@@ -13702,6 +14170,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         64,
         None,
+        6,
         ("model.layers.64.mlp.down_proj.weight",),
         import_decoder_layers_64_mlp_linear_fc2_weight,
         export_decoder_layers_64_mlp_linear_fc2_weight,
@@ -13714,6 +14183,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         65,
         None,
+        1,
         ("model.layers.65.input_layernorm.weight",),
         import_decoder_layers_65_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_65_self_attention_linear_qkv_layer_norm_weight,
@@ -13726,6 +14196,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         65,
         None,
+        2,
         ("model.layers.65.self_attn.o_proj.weight",),
         import_decoder_layers_65_self_attention_linear_proj_weight,
         export_decoder_layers_65_self_attention_linear_proj_weight,
@@ -13738,6 +14209,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         65,
         None,
+        3,
         (
             "model.layers.65.self_attn.q_proj.weight",
             "model.layers.65.self_attn.k_proj.weight",
@@ -13754,6 +14226,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         65,
         None,
+        4,
         ("model.layers.65.post_attention_layernorm.weight",),
         import_decoder_layers_65_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_65_mlp_linear_fc1_layer_norm_weight,
@@ -13766,6 +14239,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         65,
         None,
+        5,
         ("model.layers.65.mlp.gate_proj.weight", "model.layers.65.mlp.up_proj.weight"),
         import_decoder_layers_65_mlp_linear_fc1_weight,
         export_decoder_layers_65_mlp_linear_fc1_weight,
@@ -13778,6 +14252,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         65,
         None,
+        6,
         ("model.layers.65.mlp.down_proj.weight",),
         import_decoder_layers_65_mlp_linear_fc2_weight,
         export_decoder_layers_65_mlp_linear_fc2_weight,
@@ -13790,6 +14265,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         66,
         None,
+        1,
         ("model.layers.66.input_layernorm.weight",),
         import_decoder_layers_66_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_66_self_attention_linear_qkv_layer_norm_weight,
@@ -13802,6 +14278,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         66,
         None,
+        2,
         ("model.layers.66.self_attn.o_proj.weight",),
         import_decoder_layers_66_self_attention_linear_proj_weight,
         export_decoder_layers_66_self_attention_linear_proj_weight,
@@ -13814,6 +14291,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         66,
         None,
+        3,
         (
             "model.layers.66.self_attn.q_proj.weight",
             "model.layers.66.self_attn.k_proj.weight",
@@ -13830,6 +14308,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         66,
         None,
+        4,
         ("model.layers.66.post_attention_layernorm.weight",),
         import_decoder_layers_66_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_66_mlp_linear_fc1_layer_norm_weight,
@@ -13842,6 +14321,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         66,
         None,
+        5,
         ("model.layers.66.mlp.gate_proj.weight", "model.layers.66.mlp.up_proj.weight"),
         import_decoder_layers_66_mlp_linear_fc1_weight,
         export_decoder_layers_66_mlp_linear_fc1_weight,
@@ -13854,6 +14334,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         66,
         None,
+        6,
         ("model.layers.66.mlp.down_proj.weight",),
         import_decoder_layers_66_mlp_linear_fc2_weight,
         export_decoder_layers_66_mlp_linear_fc2_weight,
@@ -13866,6 +14347,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         67,
         None,
+        1,
         ("model.layers.67.input_layernorm.weight",),
         import_decoder_layers_67_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_67_self_attention_linear_qkv_layer_norm_weight,
@@ -13878,6 +14360,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         67,
         None,
+        2,
         ("model.layers.67.self_attn.o_proj.weight",),
         import_decoder_layers_67_self_attention_linear_proj_weight,
         export_decoder_layers_67_self_attention_linear_proj_weight,
@@ -13890,6 +14373,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         67,
         None,
+        3,
         (
             "model.layers.67.self_attn.q_proj.weight",
             "model.layers.67.self_attn.k_proj.weight",
@@ -13906,6 +14390,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         67,
         None,
+        4,
         ("model.layers.67.post_attention_layernorm.weight",),
         import_decoder_layers_67_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_67_mlp_linear_fc1_layer_norm_weight,
@@ -13918,6 +14403,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         67,
         None,
+        5,
         ("model.layers.67.mlp.gate_proj.weight", "model.layers.67.mlp.up_proj.weight"),
         import_decoder_layers_67_mlp_linear_fc1_weight,
         export_decoder_layers_67_mlp_linear_fc1_weight,
@@ -13930,6 +14416,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         67,
         None,
+        6,
         ("model.layers.67.mlp.down_proj.weight",),
         import_decoder_layers_67_mlp_linear_fc2_weight,
         export_decoder_layers_67_mlp_linear_fc2_weight,
@@ -13942,6 +14429,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         68,
         None,
+        1,
         ("model.layers.68.input_layernorm.weight",),
         import_decoder_layers_68_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_68_self_attention_linear_qkv_layer_norm_weight,
@@ -13954,6 +14442,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         68,
         None,
+        2,
         ("model.layers.68.self_attn.o_proj.weight",),
         import_decoder_layers_68_self_attention_linear_proj_weight,
         export_decoder_layers_68_self_attention_linear_proj_weight,
@@ -13966,6 +14455,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         68,
         None,
+        3,
         (
             "model.layers.68.self_attn.q_proj.weight",
             "model.layers.68.self_attn.k_proj.weight",
@@ -13982,6 +14472,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         68,
         None,
+        4,
         ("model.layers.68.post_attention_layernorm.weight",),
         import_decoder_layers_68_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_68_mlp_linear_fc1_layer_norm_weight,
@@ -13994,6 +14485,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         68,
         None,
+        5,
         ("model.layers.68.mlp.gate_proj.weight", "model.layers.68.mlp.up_proj.weight"),
         import_decoder_layers_68_mlp_linear_fc1_weight,
         export_decoder_layers_68_mlp_linear_fc1_weight,
@@ -14006,6 +14498,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         68,
         None,
+        6,
         ("model.layers.68.mlp.down_proj.weight",),
         import_decoder_layers_68_mlp_linear_fc2_weight,
         export_decoder_layers_68_mlp_linear_fc2_weight,
@@ -14018,6 +14511,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         69,
         None,
+        1,
         ("model.layers.69.input_layernorm.weight",),
         import_decoder_layers_69_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_69_self_attention_linear_qkv_layer_norm_weight,
@@ -14030,6 +14524,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         69,
         None,
+        2,
         ("model.layers.69.self_attn.o_proj.weight",),
         import_decoder_layers_69_self_attention_linear_proj_weight,
         export_decoder_layers_69_self_attention_linear_proj_weight,
@@ -14042,6 +14537,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         69,
         None,
+        3,
         (
             "model.layers.69.self_attn.q_proj.weight",
             "model.layers.69.self_attn.k_proj.weight",
@@ -14058,6 +14554,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         69,
         None,
+        4,
         ("model.layers.69.post_attention_layernorm.weight",),
         import_decoder_layers_69_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_69_mlp_linear_fc1_layer_norm_weight,
@@ -14070,6 +14567,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         69,
         None,
+        5,
         ("model.layers.69.mlp.gate_proj.weight", "model.layers.69.mlp.up_proj.weight"),
         import_decoder_layers_69_mlp_linear_fc1_weight,
         export_decoder_layers_69_mlp_linear_fc1_weight,
@@ -14082,6 +14580,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         69,
         None,
+        6,
         ("model.layers.69.mlp.down_proj.weight",),
         import_decoder_layers_69_mlp_linear_fc2_weight,
         export_decoder_layers_69_mlp_linear_fc2_weight,
@@ -14094,6 +14593,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         70,
         None,
+        1,
         ("model.layers.70.input_layernorm.weight",),
         import_decoder_layers_70_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_70_self_attention_linear_qkv_layer_norm_weight,
@@ -14106,6 +14606,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         70,
         None,
+        2,
         ("model.layers.70.self_attn.o_proj.weight",),
         import_decoder_layers_70_self_attention_linear_proj_weight,
         export_decoder_layers_70_self_attention_linear_proj_weight,
@@ -14118,6 +14619,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         70,
         None,
+        3,
         (
             "model.layers.70.self_attn.q_proj.weight",
             "model.layers.70.self_attn.k_proj.weight",
@@ -14134,6 +14636,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         70,
         None,
+        4,
         ("model.layers.70.post_attention_layernorm.weight",),
         import_decoder_layers_70_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_70_mlp_linear_fc1_layer_norm_weight,
@@ -14146,6 +14649,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         70,
         None,
+        5,
         ("model.layers.70.mlp.gate_proj.weight", "model.layers.70.mlp.up_proj.weight"),
         import_decoder_layers_70_mlp_linear_fc1_weight,
         export_decoder_layers_70_mlp_linear_fc1_weight,
@@ -14158,6 +14662,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         70,
         None,
+        6,
         ("model.layers.70.mlp.down_proj.weight",),
         import_decoder_layers_70_mlp_linear_fc2_weight,
         export_decoder_layers_70_mlp_linear_fc2_weight,
@@ -14170,6 +14675,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         71,
         None,
+        1,
         ("model.layers.71.input_layernorm.weight",),
         import_decoder_layers_71_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_71_self_attention_linear_qkv_layer_norm_weight,
@@ -14182,6 +14688,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         71,
         None,
+        2,
         ("model.layers.71.self_attn.o_proj.weight",),
         import_decoder_layers_71_self_attention_linear_proj_weight,
         export_decoder_layers_71_self_attention_linear_proj_weight,
@@ -14194,6 +14701,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         71,
         None,
+        3,
         (
             "model.layers.71.self_attn.q_proj.weight",
             "model.layers.71.self_attn.k_proj.weight",
@@ -14210,6 +14718,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         71,
         None,
+        4,
         ("model.layers.71.post_attention_layernorm.weight",),
         import_decoder_layers_71_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_71_mlp_linear_fc1_layer_norm_weight,
@@ -14222,6 +14731,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         71,
         None,
+        5,
         ("model.layers.71.mlp.gate_proj.weight", "model.layers.71.mlp.up_proj.weight"),
         import_decoder_layers_71_mlp_linear_fc1_weight,
         export_decoder_layers_71_mlp_linear_fc1_weight,
@@ -14234,6 +14744,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         71,
         None,
+        6,
         ("model.layers.71.mlp.down_proj.weight",),
         import_decoder_layers_71_mlp_linear_fc2_weight,
         export_decoder_layers_71_mlp_linear_fc2_weight,
@@ -14246,6 +14757,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         72,
         None,
+        1,
         ("model.layers.72.input_layernorm.weight",),
         import_decoder_layers_72_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_72_self_attention_linear_qkv_layer_norm_weight,
@@ -14258,6 +14770,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         72,
         None,
+        2,
         ("model.layers.72.self_attn.o_proj.weight",),
         import_decoder_layers_72_self_attention_linear_proj_weight,
         export_decoder_layers_72_self_attention_linear_proj_weight,
@@ -14270,6 +14783,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         72,
         None,
+        3,
         (
             "model.layers.72.self_attn.q_proj.weight",
             "model.layers.72.self_attn.k_proj.weight",
@@ -14286,6 +14800,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         72,
         None,
+        4,
         ("model.layers.72.post_attention_layernorm.weight",),
         import_decoder_layers_72_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_72_mlp_linear_fc1_layer_norm_weight,
@@ -14298,6 +14813,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         72,
         None,
+        5,
         ("model.layers.72.mlp.gate_proj.weight", "model.layers.72.mlp.up_proj.weight"),
         import_decoder_layers_72_mlp_linear_fc1_weight,
         export_decoder_layers_72_mlp_linear_fc1_weight,
@@ -14310,6 +14826,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         72,
         None,
+        6,
         ("model.layers.72.mlp.down_proj.weight",),
         import_decoder_layers_72_mlp_linear_fc2_weight,
         export_decoder_layers_72_mlp_linear_fc2_weight,
@@ -14322,6 +14839,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         73,
         None,
+        1,
         ("model.layers.73.input_layernorm.weight",),
         import_decoder_layers_73_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_73_self_attention_linear_qkv_layer_norm_weight,
@@ -14334,6 +14852,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         73,
         None,
+        2,
         ("model.layers.73.self_attn.o_proj.weight",),
         import_decoder_layers_73_self_attention_linear_proj_weight,
         export_decoder_layers_73_self_attention_linear_proj_weight,
@@ -14346,6 +14865,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         73,
         None,
+        3,
         (
             "model.layers.73.self_attn.q_proj.weight",
             "model.layers.73.self_attn.k_proj.weight",
@@ -14362,6 +14882,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         73,
         None,
+        4,
         ("model.layers.73.post_attention_layernorm.weight",),
         import_decoder_layers_73_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_73_mlp_linear_fc1_layer_norm_weight,
@@ -14374,6 +14895,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         73,
         None,
+        5,
         ("model.layers.73.mlp.gate_proj.weight", "model.layers.73.mlp.up_proj.weight"),
         import_decoder_layers_73_mlp_linear_fc1_weight,
         export_decoder_layers_73_mlp_linear_fc1_weight,
@@ -14386,6 +14908,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         73,
         None,
+        6,
         ("model.layers.73.mlp.down_proj.weight",),
         import_decoder_layers_73_mlp_linear_fc2_weight,
         export_decoder_layers_73_mlp_linear_fc2_weight,
@@ -14398,6 +14921,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         74,
         None,
+        1,
         ("model.layers.74.input_layernorm.weight",),
         import_decoder_layers_74_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_74_self_attention_linear_qkv_layer_norm_weight,
@@ -14410,6 +14934,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         74,
         None,
+        2,
         ("model.layers.74.self_attn.o_proj.weight",),
         import_decoder_layers_74_self_attention_linear_proj_weight,
         export_decoder_layers_74_self_attention_linear_proj_weight,
@@ -14422,6 +14947,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         74,
         None,
+        3,
         (
             "model.layers.74.self_attn.q_proj.weight",
             "model.layers.74.self_attn.k_proj.weight",
@@ -14438,6 +14964,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         74,
         None,
+        4,
         ("model.layers.74.post_attention_layernorm.weight",),
         import_decoder_layers_74_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_74_mlp_linear_fc1_layer_norm_weight,
@@ -14450,6 +14977,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         74,
         None,
+        5,
         ("model.layers.74.mlp.gate_proj.weight", "model.layers.74.mlp.up_proj.weight"),
         import_decoder_layers_74_mlp_linear_fc1_weight,
         export_decoder_layers_74_mlp_linear_fc1_weight,
@@ -14462,6 +14990,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         74,
         None,
+        6,
         ("model.layers.74.mlp.down_proj.weight",),
         import_decoder_layers_74_mlp_linear_fc2_weight,
         export_decoder_layers_74_mlp_linear_fc2_weight,
@@ -14474,6 +15003,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         75,
         None,
+        1,
         ("model.layers.75.input_layernorm.weight",),
         import_decoder_layers_75_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_75_self_attention_linear_qkv_layer_norm_weight,
@@ -14486,6 +15016,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         75,
         None,
+        2,
         ("model.layers.75.self_attn.o_proj.weight",),
         import_decoder_layers_75_self_attention_linear_proj_weight,
         export_decoder_layers_75_self_attention_linear_proj_weight,
@@ -14498,6 +15029,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         75,
         None,
+        3,
         (
             "model.layers.75.self_attn.q_proj.weight",
             "model.layers.75.self_attn.k_proj.weight",
@@ -14514,6 +15046,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         75,
         None,
+        4,
         ("model.layers.75.post_attention_layernorm.weight",),
         import_decoder_layers_75_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_75_mlp_linear_fc1_layer_norm_weight,
@@ -14526,6 +15059,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         75,
         None,
+        5,
         ("model.layers.75.mlp.gate_proj.weight", "model.layers.75.mlp.up_proj.weight"),
         import_decoder_layers_75_mlp_linear_fc1_weight,
         export_decoder_layers_75_mlp_linear_fc1_weight,
@@ -14538,6 +15072,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         75,
         None,
+        6,
         ("model.layers.75.mlp.down_proj.weight",),
         import_decoder_layers_75_mlp_linear_fc2_weight,
         export_decoder_layers_75_mlp_linear_fc2_weight,
@@ -14550,6 +15085,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         76,
         None,
+        1,
         ("model.layers.76.input_layernorm.weight",),
         import_decoder_layers_76_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_76_self_attention_linear_qkv_layer_norm_weight,
@@ -14562,6 +15098,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         76,
         None,
+        2,
         ("model.layers.76.self_attn.o_proj.weight",),
         import_decoder_layers_76_self_attention_linear_proj_weight,
         export_decoder_layers_76_self_attention_linear_proj_weight,
@@ -14574,6 +15111,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         76,
         None,
+        3,
         (
             "model.layers.76.self_attn.q_proj.weight",
             "model.layers.76.self_attn.k_proj.weight",
@@ -14590,6 +15128,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         76,
         None,
+        4,
         ("model.layers.76.post_attention_layernorm.weight",),
         import_decoder_layers_76_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_76_mlp_linear_fc1_layer_norm_weight,
@@ -14602,6 +15141,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         76,
         None,
+        5,
         ("model.layers.76.mlp.gate_proj.weight", "model.layers.76.mlp.up_proj.weight"),
         import_decoder_layers_76_mlp_linear_fc1_weight,
         export_decoder_layers_76_mlp_linear_fc1_weight,
@@ -14614,6 +15154,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         76,
         None,
+        6,
         ("model.layers.76.mlp.down_proj.weight",),
         import_decoder_layers_76_mlp_linear_fc2_weight,
         export_decoder_layers_76_mlp_linear_fc2_weight,
@@ -14626,6 +15167,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         77,
         None,
+        1,
         ("model.layers.77.input_layernorm.weight",),
         import_decoder_layers_77_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_77_self_attention_linear_qkv_layer_norm_weight,
@@ -14638,6 +15180,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         77,
         None,
+        2,
         ("model.layers.77.self_attn.o_proj.weight",),
         import_decoder_layers_77_self_attention_linear_proj_weight,
         export_decoder_layers_77_self_attention_linear_proj_weight,
@@ -14650,6 +15193,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         77,
         None,
+        3,
         (
             "model.layers.77.self_attn.q_proj.weight",
             "model.layers.77.self_attn.k_proj.weight",
@@ -14666,6 +15210,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         77,
         None,
+        4,
         ("model.layers.77.post_attention_layernorm.weight",),
         import_decoder_layers_77_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_77_mlp_linear_fc1_layer_norm_weight,
@@ -14678,6 +15223,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         77,
         None,
+        5,
         ("model.layers.77.mlp.gate_proj.weight", "model.layers.77.mlp.up_proj.weight"),
         import_decoder_layers_77_mlp_linear_fc1_weight,
         export_decoder_layers_77_mlp_linear_fc1_weight,
@@ -14690,6 +15236,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         77,
         None,
+        6,
         ("model.layers.77.mlp.down_proj.weight",),
         import_decoder_layers_77_mlp_linear_fc2_weight,
         export_decoder_layers_77_mlp_linear_fc2_weight,
@@ -14702,6 +15249,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         78,
         None,
+        1,
         ("model.layers.78.input_layernorm.weight",),
         import_decoder_layers_78_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_78_self_attention_linear_qkv_layer_norm_weight,
@@ -14714,6 +15262,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         78,
         None,
+        2,
         ("model.layers.78.self_attn.o_proj.weight",),
         import_decoder_layers_78_self_attention_linear_proj_weight,
         export_decoder_layers_78_self_attention_linear_proj_weight,
@@ -14726,6 +15275,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         78,
         None,
+        3,
         (
             "model.layers.78.self_attn.q_proj.weight",
             "model.layers.78.self_attn.k_proj.weight",
@@ -14742,6 +15292,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         78,
         None,
+        4,
         ("model.layers.78.post_attention_layernorm.weight",),
         import_decoder_layers_78_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_78_mlp_linear_fc1_layer_norm_weight,
@@ -14754,6 +15305,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         78,
         None,
+        5,
         ("model.layers.78.mlp.gate_proj.weight", "model.layers.78.mlp.up_proj.weight"),
         import_decoder_layers_78_mlp_linear_fc1_weight,
         export_decoder_layers_78_mlp_linear_fc1_weight,
@@ -14766,6 +15318,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         78,
         None,
+        6,
         ("model.layers.78.mlp.down_proj.weight",),
         import_decoder_layers_78_mlp_linear_fc2_weight,
         export_decoder_layers_78_mlp_linear_fc2_weight,
@@ -14778,6 +15331,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         79,
         None,
+        1,
         ("model.layers.79.input_layernorm.weight",),
         import_decoder_layers_79_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_79_self_attention_linear_qkv_layer_norm_weight,
@@ -14790,6 +15344,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         79,
         None,
+        2,
         ("model.layers.79.self_attn.o_proj.weight",),
         import_decoder_layers_79_self_attention_linear_proj_weight,
         export_decoder_layers_79_self_attention_linear_proj_weight,
@@ -14802,6 +15357,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         79,
         None,
+        3,
         (
             "model.layers.79.self_attn.q_proj.weight",
             "model.layers.79.self_attn.k_proj.weight",
@@ -14818,6 +15374,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         79,
         None,
+        4,
         ("model.layers.79.post_attention_layernorm.weight",),
         import_decoder_layers_79_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_79_mlp_linear_fc1_layer_norm_weight,
@@ -14830,6 +15387,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         79,
         None,
+        5,
         ("model.layers.79.mlp.gate_proj.weight", "model.layers.79.mlp.up_proj.weight"),
         import_decoder_layers_79_mlp_linear_fc1_weight,
         export_decoder_layers_79_mlp_linear_fc1_weight,
@@ -14842,6 +15400,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         79,
         None,
+        6,
         ("model.layers.79.mlp.down_proj.weight",),
         import_decoder_layers_79_mlp_linear_fc2_weight,
         export_decoder_layers_79_mlp_linear_fc2_weight,
@@ -14854,6 +15413,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         None,
         None,
+        7,
         ("model.norm.weight",),
         import_decoder_final_layernorm_weight,
         export_decoder_final_layernorm_weight,
@@ -14866,6 +15426,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         None,
         None,
+        8,
         ("lm_head.weight",),
         import_output_layer_weight,
         export_output_layer_weight,

@@ -13,8 +13,17 @@ from typing import Final
 from torch import Tensor
 
 from mapgen import runtime as rt
-from mapgen.dims import ModelDims
-from mapgen.runtime import ExportFn, HFTensorPlan, ImportFn, Loader, ParallelContext, ParamPlan
+from mapgen.runtime import (
+    ExportFn,
+    HFTensorPlan,
+    ImportFn,
+    Loader,
+    ModelDims,
+    ParallelContext,
+    ParamPlan,
+    QKVGeometry,
+    RulePlan,
+)
 
 TARGET: Final = "llama3_1_8b"
 LAYOUT: Final = "te"
@@ -74,51 +83,120 @@ DIMS: Final = ModelDims(
     v_head_dim=0,
 )
 
+# The spec's rules this module applies, in the order their first parameter appears. The
+# functions' docstrings cite them by id (the Megatron pattern, or the rule's `id:`); PARAMS by
+# index. Fields: id, kind, Megatron pattern, HF patterns, their roles, then permute_dims and the
+# QKV geometry (heads, query groups, head dim, output gate) where the kind has them.
+RULES: Final[tuple[RulePlan, ...]] = (
+    RulePlan(
+        "embedding.word_embeddings.weight",
+        "auto",
+        "embedding.word_embeddings.weight",
+        ("model.embed_tokens.weight",),
+        ("hf",),
+    ),
+    RulePlan(
+        "decoder.layers.*.self_attention.linear_qkv.layer_norm_weight",
+        "auto",
+        "decoder.layers.*.self_attention.linear_qkv.layer_norm_weight",
+        ("model.layers.*.input_layernorm.weight",),
+        ("hf",),
+    ),
+    RulePlan(
+        "decoder.layers.*.self_attention.linear_proj.weight",
+        "auto",
+        "decoder.layers.*.self_attention.linear_proj.weight",
+        ("model.layers.*.self_attn.o_proj.weight",),
+        ("hf",),
+    ),
+    RulePlan(
+        "decoder.layers.*.self_attention.linear_qkv.weight",
+        "qkv",
+        "decoder.layers.*.self_attention.linear_qkv.weight",
+        (
+            "model.layers.*.self_attn.q_proj.weight",
+            "model.layers.*.self_attn.k_proj.weight",
+            "model.layers.*.self_attn.v_proj.weight",
+        ),
+        ("q", "k", "v"),
+        qkv=QKVGeometry(32, 8, 128, False),
+    ),
+    RulePlan(
+        "decoder.layers.*.mlp.linear_fc1.layer_norm_weight",
+        "auto",
+        "decoder.layers.*.mlp.linear_fc1.layer_norm_weight",
+        ("model.layers.*.post_attention_layernorm.weight",),
+        ("hf",),
+    ),
+    RulePlan(
+        "decoder.layers.*.mlp.linear_fc1.weight",
+        "gated_mlp",
+        "decoder.layers.*.mlp.linear_fc1.weight",
+        ("model.layers.*.mlp.gate_proj.weight", "model.layers.*.mlp.up_proj.weight"),
+        ("gate", "up"),
+    ),
+    RulePlan(
+        "decoder.layers.*.mlp.linear_fc2.weight",
+        "auto",
+        "decoder.layers.*.mlp.linear_fc2.weight",
+        ("model.layers.*.mlp.down_proj.weight",),
+        ("hf",),
+    ),
+    RulePlan(
+        "decoder.final_layernorm.weight",
+        "auto",
+        "decoder.final_layernorm.weight",
+        ("model.norm.weight",),
+        ("hf",),
+    ),
+    RulePlan("output_layer.weight", "auto", "output_layer.weight", ("lm_head.weight",), ("hf",)),
+)
+
 
 def import_embedding_word_embeddings_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> column: specs/llama.yaml:29."""
+    """auto -> column: embedding.word_embeddings.weight."""
     return rt.column_import(ctx.tp, load("model.embed_tokens.weight"), out=out)
 
 
 def export_embedding_word_embeddings_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> column: specs/llama.yaml:29."""
+    """auto -> column: embedding.word_embeddings.weight."""
     return {"model.embed_tokens.weight": rt.column_export(parts)}
 
 
 def import_decoder_layers_0_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.0.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_0_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.0.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_0_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.0.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_0_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.0.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_0_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.0.self_attn.q_proj.weight"),
@@ -134,7 +212,7 @@ def import_decoder_layers_0_self_attention_linear_qkv_weight(
 def export_decoder_layers_0_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -150,21 +228,21 @@ def export_decoder_layers_0_self_attention_linear_qkv_weight(
 def import_decoder_layers_0_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.0.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_0_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.0.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_0_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.0.mlp.gate_proj.weight"),
@@ -174,7 +252,7 @@ def import_decoder_layers_0_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_0_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weight"),
@@ -186,47 +264,47 @@ def export_decoder_layers_0_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> di
 def import_decoder_layers_0_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.0.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_0_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.0.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_1_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.1.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_1_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.1.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_1_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.1.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_1_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.1.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_1_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.1.self_attn.q_proj.weight"),
@@ -242,7 +320,7 @@ def import_decoder_layers_1_self_attention_linear_qkv_weight(
 def export_decoder_layers_1_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -258,21 +336,21 @@ def export_decoder_layers_1_self_attention_linear_qkv_weight(
 def import_decoder_layers_1_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.1.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_1_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.1.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_1_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.1.mlp.gate_proj.weight"),
@@ -282,7 +360,7 @@ def import_decoder_layers_1_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_1_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.1.mlp.gate_proj.weight", "model.layers.1.mlp.up_proj.weight"),
@@ -294,47 +372,47 @@ def export_decoder_layers_1_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> di
 def import_decoder_layers_1_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.1.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_1_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.1.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_2_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.2.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_2_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.2.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_2_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.2.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_2_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.2.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_2_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.2.self_attn.q_proj.weight"),
@@ -350,7 +428,7 @@ def import_decoder_layers_2_self_attention_linear_qkv_weight(
 def export_decoder_layers_2_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -366,21 +444,21 @@ def export_decoder_layers_2_self_attention_linear_qkv_weight(
 def import_decoder_layers_2_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.2.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_2_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.2.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_2_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.2.mlp.gate_proj.weight"),
@@ -390,7 +468,7 @@ def import_decoder_layers_2_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_2_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.2.mlp.gate_proj.weight", "model.layers.2.mlp.up_proj.weight"),
@@ -402,47 +480,47 @@ def export_decoder_layers_2_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> di
 def import_decoder_layers_2_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.2.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_2_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.2.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_3_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.3.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_3_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.3.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_3_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.3.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_3_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.3.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_3_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.3.self_attn.q_proj.weight"),
@@ -458,7 +536,7 @@ def import_decoder_layers_3_self_attention_linear_qkv_weight(
 def export_decoder_layers_3_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -474,21 +552,21 @@ def export_decoder_layers_3_self_attention_linear_qkv_weight(
 def import_decoder_layers_3_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.3.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_3_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.3.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_3_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.3.mlp.gate_proj.weight"),
@@ -498,7 +576,7 @@ def import_decoder_layers_3_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_3_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.3.mlp.gate_proj.weight", "model.layers.3.mlp.up_proj.weight"),
@@ -510,47 +588,47 @@ def export_decoder_layers_3_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> di
 def import_decoder_layers_3_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.3.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_3_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.3.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_4_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.4.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_4_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.4.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_4_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.4.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_4_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.4.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_4_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.4.self_attn.q_proj.weight"),
@@ -566,7 +644,7 @@ def import_decoder_layers_4_self_attention_linear_qkv_weight(
 def export_decoder_layers_4_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -582,21 +660,21 @@ def export_decoder_layers_4_self_attention_linear_qkv_weight(
 def import_decoder_layers_4_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.4.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_4_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.4.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_4_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.4.mlp.gate_proj.weight"),
@@ -606,7 +684,7 @@ def import_decoder_layers_4_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_4_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.4.mlp.gate_proj.weight", "model.layers.4.mlp.up_proj.weight"),
@@ -618,47 +696,47 @@ def export_decoder_layers_4_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> di
 def import_decoder_layers_4_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.4.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_4_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.4.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_5_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.5.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_5_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.5.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_5_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.5.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_5_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.5.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_5_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.5.self_attn.q_proj.weight"),
@@ -674,7 +752,7 @@ def import_decoder_layers_5_self_attention_linear_qkv_weight(
 def export_decoder_layers_5_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -690,21 +768,21 @@ def export_decoder_layers_5_self_attention_linear_qkv_weight(
 def import_decoder_layers_5_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.5.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_5_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.5.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_5_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.5.mlp.gate_proj.weight"),
@@ -714,7 +792,7 @@ def import_decoder_layers_5_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_5_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.5.mlp.gate_proj.weight", "model.layers.5.mlp.up_proj.weight"),
@@ -726,47 +804,47 @@ def export_decoder_layers_5_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> di
 def import_decoder_layers_5_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.5.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_5_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.5.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_6_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.6.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_6_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.6.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_6_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.6.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_6_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.6.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_6_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.6.self_attn.q_proj.weight"),
@@ -782,7 +860,7 @@ def import_decoder_layers_6_self_attention_linear_qkv_weight(
 def export_decoder_layers_6_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -798,21 +876,21 @@ def export_decoder_layers_6_self_attention_linear_qkv_weight(
 def import_decoder_layers_6_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.6.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_6_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.6.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_6_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.6.mlp.gate_proj.weight"),
@@ -822,7 +900,7 @@ def import_decoder_layers_6_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_6_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.6.mlp.gate_proj.weight", "model.layers.6.mlp.up_proj.weight"),
@@ -834,47 +912,47 @@ def export_decoder_layers_6_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> di
 def import_decoder_layers_6_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.6.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_6_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.6.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_7_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.7.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_7_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.7.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_7_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.7.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_7_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.7.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_7_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.7.self_attn.q_proj.weight"),
@@ -890,7 +968,7 @@ def import_decoder_layers_7_self_attention_linear_qkv_weight(
 def export_decoder_layers_7_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -906,21 +984,21 @@ def export_decoder_layers_7_self_attention_linear_qkv_weight(
 def import_decoder_layers_7_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.7.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_7_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.7.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_7_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.7.mlp.gate_proj.weight"),
@@ -930,7 +1008,7 @@ def import_decoder_layers_7_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_7_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.7.mlp.gate_proj.weight", "model.layers.7.mlp.up_proj.weight"),
@@ -942,47 +1020,47 @@ def export_decoder_layers_7_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> di
 def import_decoder_layers_7_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.7.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_7_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.7.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_8_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.8.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_8_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.8.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_8_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.8.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_8_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.8.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_8_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.8.self_attn.q_proj.weight"),
@@ -998,7 +1076,7 @@ def import_decoder_layers_8_self_attention_linear_qkv_weight(
 def export_decoder_layers_8_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -1014,21 +1092,21 @@ def export_decoder_layers_8_self_attention_linear_qkv_weight(
 def import_decoder_layers_8_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.8.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_8_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.8.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_8_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.8.mlp.gate_proj.weight"),
@@ -1038,7 +1116,7 @@ def import_decoder_layers_8_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_8_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.8.mlp.gate_proj.weight", "model.layers.8.mlp.up_proj.weight"),
@@ -1050,47 +1128,47 @@ def export_decoder_layers_8_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> di
 def import_decoder_layers_8_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.8.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_8_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.8.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_9_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.9.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_9_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.9.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_9_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.9.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_9_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.9.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_9_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.9.self_attn.q_proj.weight"),
@@ -1106,7 +1184,7 @@ def import_decoder_layers_9_self_attention_linear_qkv_weight(
 def export_decoder_layers_9_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -1122,21 +1200,21 @@ def export_decoder_layers_9_self_attention_linear_qkv_weight(
 def import_decoder_layers_9_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.9.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_9_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.9.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_9_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.9.mlp.gate_proj.weight"),
@@ -1146,7 +1224,7 @@ def import_decoder_layers_9_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_9_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.9.mlp.gate_proj.weight", "model.layers.9.mlp.up_proj.weight"),
@@ -1158,47 +1236,47 @@ def export_decoder_layers_9_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> di
 def import_decoder_layers_9_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.9.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_9_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.9.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_10_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.10.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_10_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.10.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_10_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.10.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_10_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.10.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_10_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.10.self_attn.q_proj.weight"),
@@ -1214,7 +1292,7 @@ def import_decoder_layers_10_self_attention_linear_qkv_weight(
 def export_decoder_layers_10_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -1230,21 +1308,21 @@ def export_decoder_layers_10_self_attention_linear_qkv_weight(
 def import_decoder_layers_10_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.10.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_10_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.10.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_10_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.10.mlp.gate_proj.weight"),
@@ -1254,7 +1332,7 @@ def import_decoder_layers_10_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_10_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.10.mlp.gate_proj.weight", "model.layers.10.mlp.up_proj.weight"),
@@ -1266,47 +1344,47 @@ def export_decoder_layers_10_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_10_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.10.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_10_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.10.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_11_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.11.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_11_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.11.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_11_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.11.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_11_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.11.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_11_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.11.self_attn.q_proj.weight"),
@@ -1322,7 +1400,7 @@ def import_decoder_layers_11_self_attention_linear_qkv_weight(
 def export_decoder_layers_11_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -1338,21 +1416,21 @@ def export_decoder_layers_11_self_attention_linear_qkv_weight(
 def import_decoder_layers_11_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.11.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_11_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.11.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_11_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.11.mlp.gate_proj.weight"),
@@ -1362,7 +1440,7 @@ def import_decoder_layers_11_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_11_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.11.mlp.gate_proj.weight", "model.layers.11.mlp.up_proj.weight"),
@@ -1374,47 +1452,47 @@ def export_decoder_layers_11_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_11_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.11.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_11_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.11.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_12_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.12.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_12_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.12.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_12_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.12.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_12_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.12.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_12_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.12.self_attn.q_proj.weight"),
@@ -1430,7 +1508,7 @@ def import_decoder_layers_12_self_attention_linear_qkv_weight(
 def export_decoder_layers_12_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -1446,21 +1524,21 @@ def export_decoder_layers_12_self_attention_linear_qkv_weight(
 def import_decoder_layers_12_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.12.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_12_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.12.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_12_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.12.mlp.gate_proj.weight"),
@@ -1470,7 +1548,7 @@ def import_decoder_layers_12_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_12_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.12.mlp.gate_proj.weight", "model.layers.12.mlp.up_proj.weight"),
@@ -1482,47 +1560,47 @@ def export_decoder_layers_12_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_12_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.12.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_12_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.12.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_13_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.13.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_13_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.13.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_13_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.13.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_13_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.13.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_13_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.13.self_attn.q_proj.weight"),
@@ -1538,7 +1616,7 @@ def import_decoder_layers_13_self_attention_linear_qkv_weight(
 def export_decoder_layers_13_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -1554,21 +1632,21 @@ def export_decoder_layers_13_self_attention_linear_qkv_weight(
 def import_decoder_layers_13_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.13.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_13_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.13.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_13_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.13.mlp.gate_proj.weight"),
@@ -1578,7 +1656,7 @@ def import_decoder_layers_13_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_13_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.13.mlp.gate_proj.weight", "model.layers.13.mlp.up_proj.weight"),
@@ -1590,47 +1668,47 @@ def export_decoder_layers_13_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_13_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.13.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_13_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.13.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_14_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.14.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_14_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.14.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_14_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.14.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_14_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.14.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_14_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.14.self_attn.q_proj.weight"),
@@ -1646,7 +1724,7 @@ def import_decoder_layers_14_self_attention_linear_qkv_weight(
 def export_decoder_layers_14_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -1662,21 +1740,21 @@ def export_decoder_layers_14_self_attention_linear_qkv_weight(
 def import_decoder_layers_14_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.14.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_14_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.14.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_14_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.14.mlp.gate_proj.weight"),
@@ -1686,7 +1764,7 @@ def import_decoder_layers_14_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_14_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.14.mlp.gate_proj.weight", "model.layers.14.mlp.up_proj.weight"),
@@ -1698,47 +1776,47 @@ def export_decoder_layers_14_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_14_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.14.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_14_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.14.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_15_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.15.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_15_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.15.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_15_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.15.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_15_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.15.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_15_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.15.self_attn.q_proj.weight"),
@@ -1754,7 +1832,7 @@ def import_decoder_layers_15_self_attention_linear_qkv_weight(
 def export_decoder_layers_15_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -1770,21 +1848,21 @@ def export_decoder_layers_15_self_attention_linear_qkv_weight(
 def import_decoder_layers_15_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.15.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_15_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.15.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_15_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.15.mlp.gate_proj.weight"),
@@ -1794,7 +1872,7 @@ def import_decoder_layers_15_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_15_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.15.mlp.gate_proj.weight", "model.layers.15.mlp.up_proj.weight"),
@@ -1806,47 +1884,47 @@ def export_decoder_layers_15_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_15_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.15.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_15_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.15.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_16_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.16.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_16_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.16.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_16_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.16.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_16_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.16.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_16_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.16.self_attn.q_proj.weight"),
@@ -1862,7 +1940,7 @@ def import_decoder_layers_16_self_attention_linear_qkv_weight(
 def export_decoder_layers_16_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -1878,21 +1956,21 @@ def export_decoder_layers_16_self_attention_linear_qkv_weight(
 def import_decoder_layers_16_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.16.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_16_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.16.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_16_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.16.mlp.gate_proj.weight"),
@@ -1902,7 +1980,7 @@ def import_decoder_layers_16_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_16_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.16.mlp.gate_proj.weight", "model.layers.16.mlp.up_proj.weight"),
@@ -1914,47 +1992,47 @@ def export_decoder_layers_16_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_16_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.16.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_16_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.16.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_17_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.17.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_17_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.17.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_17_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.17.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_17_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.17.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_17_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.17.self_attn.q_proj.weight"),
@@ -1970,7 +2048,7 @@ def import_decoder_layers_17_self_attention_linear_qkv_weight(
 def export_decoder_layers_17_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -1986,21 +2064,21 @@ def export_decoder_layers_17_self_attention_linear_qkv_weight(
 def import_decoder_layers_17_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.17.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_17_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.17.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_17_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.17.mlp.gate_proj.weight"),
@@ -2010,7 +2088,7 @@ def import_decoder_layers_17_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_17_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.17.mlp.gate_proj.weight", "model.layers.17.mlp.up_proj.weight"),
@@ -2022,47 +2100,47 @@ def export_decoder_layers_17_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_17_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.17.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_17_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.17.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_18_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.18.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_18_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.18.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_18_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.18.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_18_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.18.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_18_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.18.self_attn.q_proj.weight"),
@@ -2078,7 +2156,7 @@ def import_decoder_layers_18_self_attention_linear_qkv_weight(
 def export_decoder_layers_18_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -2094,21 +2172,21 @@ def export_decoder_layers_18_self_attention_linear_qkv_weight(
 def import_decoder_layers_18_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.18.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_18_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.18.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_18_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.18.mlp.gate_proj.weight"),
@@ -2118,7 +2196,7 @@ def import_decoder_layers_18_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_18_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.18.mlp.gate_proj.weight", "model.layers.18.mlp.up_proj.weight"),
@@ -2130,47 +2208,47 @@ def export_decoder_layers_18_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_18_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.18.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_18_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.18.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_19_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.19.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_19_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.19.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_19_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.19.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_19_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.19.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_19_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.19.self_attn.q_proj.weight"),
@@ -2186,7 +2264,7 @@ def import_decoder_layers_19_self_attention_linear_qkv_weight(
 def export_decoder_layers_19_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -2202,21 +2280,21 @@ def export_decoder_layers_19_self_attention_linear_qkv_weight(
 def import_decoder_layers_19_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.19.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_19_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.19.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_19_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.19.mlp.gate_proj.weight"),
@@ -2226,7 +2304,7 @@ def import_decoder_layers_19_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_19_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.19.mlp.gate_proj.weight", "model.layers.19.mlp.up_proj.weight"),
@@ -2238,47 +2316,47 @@ def export_decoder_layers_19_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_19_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.19.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_19_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.19.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_20_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.20.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_20_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.20.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_20_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.20.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_20_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.20.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_20_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.20.self_attn.q_proj.weight"),
@@ -2294,7 +2372,7 @@ def import_decoder_layers_20_self_attention_linear_qkv_weight(
 def export_decoder_layers_20_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -2310,21 +2388,21 @@ def export_decoder_layers_20_self_attention_linear_qkv_weight(
 def import_decoder_layers_20_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.20.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_20_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.20.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_20_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.20.mlp.gate_proj.weight"),
@@ -2334,7 +2412,7 @@ def import_decoder_layers_20_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_20_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.20.mlp.gate_proj.weight", "model.layers.20.mlp.up_proj.weight"),
@@ -2346,47 +2424,47 @@ def export_decoder_layers_20_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_20_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.20.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_20_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.20.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_21_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.21.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_21_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.21.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_21_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.21.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_21_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.21.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_21_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.21.self_attn.q_proj.weight"),
@@ -2402,7 +2480,7 @@ def import_decoder_layers_21_self_attention_linear_qkv_weight(
 def export_decoder_layers_21_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -2418,21 +2496,21 @@ def export_decoder_layers_21_self_attention_linear_qkv_weight(
 def import_decoder_layers_21_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.21.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_21_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.21.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_21_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.21.mlp.gate_proj.weight"),
@@ -2442,7 +2520,7 @@ def import_decoder_layers_21_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_21_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.21.mlp.gate_proj.weight", "model.layers.21.mlp.up_proj.weight"),
@@ -2454,47 +2532,47 @@ def export_decoder_layers_21_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_21_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.21.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_21_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.21.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_22_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.22.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_22_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.22.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_22_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.22.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_22_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.22.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_22_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.22.self_attn.q_proj.weight"),
@@ -2510,7 +2588,7 @@ def import_decoder_layers_22_self_attention_linear_qkv_weight(
 def export_decoder_layers_22_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -2526,21 +2604,21 @@ def export_decoder_layers_22_self_attention_linear_qkv_weight(
 def import_decoder_layers_22_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.22.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_22_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.22.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_22_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.22.mlp.gate_proj.weight"),
@@ -2550,7 +2628,7 @@ def import_decoder_layers_22_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_22_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.22.mlp.gate_proj.weight", "model.layers.22.mlp.up_proj.weight"),
@@ -2562,47 +2640,47 @@ def export_decoder_layers_22_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_22_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.22.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_22_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.22.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_23_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.23.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_23_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.23.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_23_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.23.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_23_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.23.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_23_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.23.self_attn.q_proj.weight"),
@@ -2618,7 +2696,7 @@ def import_decoder_layers_23_self_attention_linear_qkv_weight(
 def export_decoder_layers_23_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -2634,21 +2712,21 @@ def export_decoder_layers_23_self_attention_linear_qkv_weight(
 def import_decoder_layers_23_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.23.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_23_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.23.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_23_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.23.mlp.gate_proj.weight"),
@@ -2658,7 +2736,7 @@ def import_decoder_layers_23_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_23_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.23.mlp.gate_proj.weight", "model.layers.23.mlp.up_proj.weight"),
@@ -2670,47 +2748,47 @@ def export_decoder_layers_23_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_23_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.23.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_23_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.23.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_24_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.24.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_24_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.24.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_24_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.24.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_24_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.24.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_24_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.24.self_attn.q_proj.weight"),
@@ -2726,7 +2804,7 @@ def import_decoder_layers_24_self_attention_linear_qkv_weight(
 def export_decoder_layers_24_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -2742,21 +2820,21 @@ def export_decoder_layers_24_self_attention_linear_qkv_weight(
 def import_decoder_layers_24_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.24.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_24_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.24.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_24_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.24.mlp.gate_proj.weight"),
@@ -2766,7 +2844,7 @@ def import_decoder_layers_24_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_24_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.24.mlp.gate_proj.weight", "model.layers.24.mlp.up_proj.weight"),
@@ -2778,47 +2856,47 @@ def export_decoder_layers_24_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_24_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.24.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_24_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.24.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_25_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.25.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_25_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.25.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_25_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.25.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_25_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.25.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_25_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.25.self_attn.q_proj.weight"),
@@ -2834,7 +2912,7 @@ def import_decoder_layers_25_self_attention_linear_qkv_weight(
 def export_decoder_layers_25_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -2850,21 +2928,21 @@ def export_decoder_layers_25_self_attention_linear_qkv_weight(
 def import_decoder_layers_25_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.25.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_25_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.25.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_25_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.25.mlp.gate_proj.weight"),
@@ -2874,7 +2952,7 @@ def import_decoder_layers_25_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_25_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.25.mlp.gate_proj.weight", "model.layers.25.mlp.up_proj.weight"),
@@ -2886,47 +2964,47 @@ def export_decoder_layers_25_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_25_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.25.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_25_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.25.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_26_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.26.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_26_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.26.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_26_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.26.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_26_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.26.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_26_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.26.self_attn.q_proj.weight"),
@@ -2942,7 +3020,7 @@ def import_decoder_layers_26_self_attention_linear_qkv_weight(
 def export_decoder_layers_26_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -2958,21 +3036,21 @@ def export_decoder_layers_26_self_attention_linear_qkv_weight(
 def import_decoder_layers_26_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.26.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_26_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.26.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_26_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.26.mlp.gate_proj.weight"),
@@ -2982,7 +3060,7 @@ def import_decoder_layers_26_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_26_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.26.mlp.gate_proj.weight", "model.layers.26.mlp.up_proj.weight"),
@@ -2994,47 +3072,47 @@ def export_decoder_layers_26_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_26_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.26.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_26_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.26.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_27_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.27.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_27_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.27.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_27_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.27.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_27_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.27.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_27_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.27.self_attn.q_proj.weight"),
@@ -3050,7 +3128,7 @@ def import_decoder_layers_27_self_attention_linear_qkv_weight(
 def export_decoder_layers_27_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -3066,21 +3144,21 @@ def export_decoder_layers_27_self_attention_linear_qkv_weight(
 def import_decoder_layers_27_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.27.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_27_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.27.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_27_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.27.mlp.gate_proj.weight"),
@@ -3090,7 +3168,7 @@ def import_decoder_layers_27_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_27_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.27.mlp.gate_proj.weight", "model.layers.27.mlp.up_proj.weight"),
@@ -3102,47 +3180,47 @@ def export_decoder_layers_27_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_27_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.27.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_27_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.27.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_28_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.28.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_28_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.28.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_28_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.28.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_28_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.28.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_28_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.28.self_attn.q_proj.weight"),
@@ -3158,7 +3236,7 @@ def import_decoder_layers_28_self_attention_linear_qkv_weight(
 def export_decoder_layers_28_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -3174,21 +3252,21 @@ def export_decoder_layers_28_self_attention_linear_qkv_weight(
 def import_decoder_layers_28_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.28.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_28_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.28.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_28_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.28.mlp.gate_proj.weight"),
@@ -3198,7 +3276,7 @@ def import_decoder_layers_28_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_28_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.28.mlp.gate_proj.weight", "model.layers.28.mlp.up_proj.weight"),
@@ -3210,47 +3288,47 @@ def export_decoder_layers_28_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_28_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.28.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_28_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.28.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_29_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.29.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_29_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.29.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_29_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.29.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_29_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.29.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_29_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.29.self_attn.q_proj.weight"),
@@ -3266,7 +3344,7 @@ def import_decoder_layers_29_self_attention_linear_qkv_weight(
 def export_decoder_layers_29_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -3282,21 +3360,21 @@ def export_decoder_layers_29_self_attention_linear_qkv_weight(
 def import_decoder_layers_29_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.29.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_29_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.29.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_29_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.29.mlp.gate_proj.weight"),
@@ -3306,7 +3384,7 @@ def import_decoder_layers_29_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_29_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.29.mlp.gate_proj.weight", "model.layers.29.mlp.up_proj.weight"),
@@ -3318,47 +3396,47 @@ def export_decoder_layers_29_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_29_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.29.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_29_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.29.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_30_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.30.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_30_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.30.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_30_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.30.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_30_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.30.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_30_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.30.self_attn.q_proj.weight"),
@@ -3374,7 +3452,7 @@ def import_decoder_layers_30_self_attention_linear_qkv_weight(
 def export_decoder_layers_30_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -3390,21 +3468,21 @@ def export_decoder_layers_30_self_attention_linear_qkv_weight(
 def import_decoder_layers_30_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.30.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_30_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.30.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_30_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.30.mlp.gate_proj.weight"),
@@ -3414,7 +3492,7 @@ def import_decoder_layers_30_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_30_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.30.mlp.gate_proj.weight", "model.layers.30.mlp.up_proj.weight"),
@@ -3426,47 +3504,47 @@ def export_decoder_layers_30_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_30_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.30.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_30_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.30.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_31_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.31.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_31_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.31.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_31_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.31.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_31_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.31.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_31_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.31.self_attn.q_proj.weight"),
@@ -3482,7 +3560,7 @@ def import_decoder_layers_31_self_attention_linear_qkv_weight(
 def export_decoder_layers_31_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -3498,21 +3576,21 @@ def export_decoder_layers_31_self_attention_linear_qkv_weight(
 def import_decoder_layers_31_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.31.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_31_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.31.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_31_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.31.mlp.gate_proj.weight"),
@@ -3522,7 +3600,7 @@ def import_decoder_layers_31_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_31_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.31.mlp.gate_proj.weight", "model.layers.31.mlp.up_proj.weight"),
@@ -3534,41 +3612,41 @@ def export_decoder_layers_31_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_31_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.31.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_31_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.31.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_final_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:54."""
+    """auto -> replicated: decoder.final_layernorm.weight."""
     return rt.whole_import(load("model.norm.weight"), out=out)
 
 
 def export_decoder_final_layernorm_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:54."""
+    """auto -> replicated: decoder.final_layernorm.weight."""
     return {"model.norm.weight": parts[0]}
 
 
 def import_output_layer_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> column: specs/llama.yaml:57."""
+    """auto -> column: output_layer.weight."""
     return rt.column_import(ctx.tp, load("lm_head.weight"), out=out)
 
 
 def export_output_layer_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> column: specs/llama.yaml:57."""
+    """auto -> column: output_layer.weight."""
     return {"lm_head.weight": rt.column_export(parts)}
 
 
-# megatron_name, global shape, dtype, TP split dim, expert-parallel, layer, expert, HF tensors,
-# import function, export function
+# megatron_name, global shape, dtype, TP split dim, expert-parallel, layer, expert, rule (index
+# into RULES), HF tensors, import function, export function
 PARAMS: Final[tuple[ParamPlan, ...]] = (
     ParamPlan(
         "embedding.word_embeddings.weight",
@@ -3578,6 +3656,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         None,
         None,
+        0,
         ("model.embed_tokens.weight",),
         import_embedding_word_embeddings_weight,
         export_embedding_word_embeddings_weight,
@@ -3590,6 +3669,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         0,
         None,
+        1,
         ("model.layers.0.input_layernorm.weight",),
         import_decoder_layers_0_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_0_self_attention_linear_qkv_layer_norm_weight,
@@ -3602,6 +3682,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         0,
         None,
+        2,
         ("model.layers.0.self_attn.o_proj.weight",),
         import_decoder_layers_0_self_attention_linear_proj_weight,
         export_decoder_layers_0_self_attention_linear_proj_weight,
@@ -3614,6 +3695,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         0,
         None,
+        3,
         (
             "model.layers.0.self_attn.q_proj.weight",
             "model.layers.0.self_attn.k_proj.weight",
@@ -3630,6 +3712,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         0,
         None,
+        4,
         ("model.layers.0.post_attention_layernorm.weight",),
         import_decoder_layers_0_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_0_mlp_linear_fc1_layer_norm_weight,
@@ -3642,6 +3725,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         0,
         None,
+        5,
         ("model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weight"),
         import_decoder_layers_0_mlp_linear_fc1_weight,
         export_decoder_layers_0_mlp_linear_fc1_weight,
@@ -3654,6 +3738,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         0,
         None,
+        6,
         ("model.layers.0.mlp.down_proj.weight",),
         import_decoder_layers_0_mlp_linear_fc2_weight,
         export_decoder_layers_0_mlp_linear_fc2_weight,
@@ -3666,6 +3751,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         1,
         None,
+        1,
         ("model.layers.1.input_layernorm.weight",),
         import_decoder_layers_1_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_1_self_attention_linear_qkv_layer_norm_weight,
@@ -3678,6 +3764,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         1,
         None,
+        2,
         ("model.layers.1.self_attn.o_proj.weight",),
         import_decoder_layers_1_self_attention_linear_proj_weight,
         export_decoder_layers_1_self_attention_linear_proj_weight,
@@ -3690,6 +3777,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         1,
         None,
+        3,
         (
             "model.layers.1.self_attn.q_proj.weight",
             "model.layers.1.self_attn.k_proj.weight",
@@ -3706,6 +3794,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         1,
         None,
+        4,
         ("model.layers.1.post_attention_layernorm.weight",),
         import_decoder_layers_1_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_1_mlp_linear_fc1_layer_norm_weight,
@@ -3718,6 +3807,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         1,
         None,
+        5,
         ("model.layers.1.mlp.gate_proj.weight", "model.layers.1.mlp.up_proj.weight"),
         import_decoder_layers_1_mlp_linear_fc1_weight,
         export_decoder_layers_1_mlp_linear_fc1_weight,
@@ -3730,6 +3820,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         1,
         None,
+        6,
         ("model.layers.1.mlp.down_proj.weight",),
         import_decoder_layers_1_mlp_linear_fc2_weight,
         export_decoder_layers_1_mlp_linear_fc2_weight,
@@ -3742,6 +3833,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         2,
         None,
+        1,
         ("model.layers.2.input_layernorm.weight",),
         import_decoder_layers_2_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_2_self_attention_linear_qkv_layer_norm_weight,
@@ -3754,6 +3846,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         2,
         None,
+        2,
         ("model.layers.2.self_attn.o_proj.weight",),
         import_decoder_layers_2_self_attention_linear_proj_weight,
         export_decoder_layers_2_self_attention_linear_proj_weight,
@@ -3766,6 +3859,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         2,
         None,
+        3,
         (
             "model.layers.2.self_attn.q_proj.weight",
             "model.layers.2.self_attn.k_proj.weight",
@@ -3782,6 +3876,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         2,
         None,
+        4,
         ("model.layers.2.post_attention_layernorm.weight",),
         import_decoder_layers_2_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_2_mlp_linear_fc1_layer_norm_weight,
@@ -3794,6 +3889,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         2,
         None,
+        5,
         ("model.layers.2.mlp.gate_proj.weight", "model.layers.2.mlp.up_proj.weight"),
         import_decoder_layers_2_mlp_linear_fc1_weight,
         export_decoder_layers_2_mlp_linear_fc1_weight,
@@ -3806,6 +3902,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         2,
         None,
+        6,
         ("model.layers.2.mlp.down_proj.weight",),
         import_decoder_layers_2_mlp_linear_fc2_weight,
         export_decoder_layers_2_mlp_linear_fc2_weight,
@@ -3818,6 +3915,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         3,
         None,
+        1,
         ("model.layers.3.input_layernorm.weight",),
         import_decoder_layers_3_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_3_self_attention_linear_qkv_layer_norm_weight,
@@ -3830,6 +3928,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         3,
         None,
+        2,
         ("model.layers.3.self_attn.o_proj.weight",),
         import_decoder_layers_3_self_attention_linear_proj_weight,
         export_decoder_layers_3_self_attention_linear_proj_weight,
@@ -3842,6 +3941,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         3,
         None,
+        3,
         (
             "model.layers.3.self_attn.q_proj.weight",
             "model.layers.3.self_attn.k_proj.weight",
@@ -3858,6 +3958,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         3,
         None,
+        4,
         ("model.layers.3.post_attention_layernorm.weight",),
         import_decoder_layers_3_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_3_mlp_linear_fc1_layer_norm_weight,
@@ -3870,6 +3971,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         3,
         None,
+        5,
         ("model.layers.3.mlp.gate_proj.weight", "model.layers.3.mlp.up_proj.weight"),
         import_decoder_layers_3_mlp_linear_fc1_weight,
         export_decoder_layers_3_mlp_linear_fc1_weight,
@@ -3882,6 +3984,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         3,
         None,
+        6,
         ("model.layers.3.mlp.down_proj.weight",),
         import_decoder_layers_3_mlp_linear_fc2_weight,
         export_decoder_layers_3_mlp_linear_fc2_weight,
@@ -3894,6 +3997,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         4,
         None,
+        1,
         ("model.layers.4.input_layernorm.weight",),
         import_decoder_layers_4_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_4_self_attention_linear_qkv_layer_norm_weight,
@@ -3906,6 +4010,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         4,
         None,
+        2,
         ("model.layers.4.self_attn.o_proj.weight",),
         import_decoder_layers_4_self_attention_linear_proj_weight,
         export_decoder_layers_4_self_attention_linear_proj_weight,
@@ -3918,6 +4023,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         4,
         None,
+        3,
         (
             "model.layers.4.self_attn.q_proj.weight",
             "model.layers.4.self_attn.k_proj.weight",
@@ -3934,6 +4040,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         4,
         None,
+        4,
         ("model.layers.4.post_attention_layernorm.weight",),
         import_decoder_layers_4_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_4_mlp_linear_fc1_layer_norm_weight,
@@ -3946,6 +4053,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         4,
         None,
+        5,
         ("model.layers.4.mlp.gate_proj.weight", "model.layers.4.mlp.up_proj.weight"),
         import_decoder_layers_4_mlp_linear_fc1_weight,
         export_decoder_layers_4_mlp_linear_fc1_weight,
@@ -3958,6 +4066,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         4,
         None,
+        6,
         ("model.layers.4.mlp.down_proj.weight",),
         import_decoder_layers_4_mlp_linear_fc2_weight,
         export_decoder_layers_4_mlp_linear_fc2_weight,
@@ -3970,6 +4079,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         5,
         None,
+        1,
         ("model.layers.5.input_layernorm.weight",),
         import_decoder_layers_5_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_5_self_attention_linear_qkv_layer_norm_weight,
@@ -3982,6 +4092,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         5,
         None,
+        2,
         ("model.layers.5.self_attn.o_proj.weight",),
         import_decoder_layers_5_self_attention_linear_proj_weight,
         export_decoder_layers_5_self_attention_linear_proj_weight,
@@ -3994,6 +4105,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         5,
         None,
+        3,
         (
             "model.layers.5.self_attn.q_proj.weight",
             "model.layers.5.self_attn.k_proj.weight",
@@ -4010,6 +4122,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         5,
         None,
+        4,
         ("model.layers.5.post_attention_layernorm.weight",),
         import_decoder_layers_5_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_5_mlp_linear_fc1_layer_norm_weight,
@@ -4022,6 +4135,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         5,
         None,
+        5,
         ("model.layers.5.mlp.gate_proj.weight", "model.layers.5.mlp.up_proj.weight"),
         import_decoder_layers_5_mlp_linear_fc1_weight,
         export_decoder_layers_5_mlp_linear_fc1_weight,
@@ -4034,6 +4148,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         5,
         None,
+        6,
         ("model.layers.5.mlp.down_proj.weight",),
         import_decoder_layers_5_mlp_linear_fc2_weight,
         export_decoder_layers_5_mlp_linear_fc2_weight,
@@ -4046,6 +4161,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         6,
         None,
+        1,
         ("model.layers.6.input_layernorm.weight",),
         import_decoder_layers_6_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_6_self_attention_linear_qkv_layer_norm_weight,
@@ -4058,6 +4174,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         6,
         None,
+        2,
         ("model.layers.6.self_attn.o_proj.weight",),
         import_decoder_layers_6_self_attention_linear_proj_weight,
         export_decoder_layers_6_self_attention_linear_proj_weight,
@@ -4070,6 +4187,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         6,
         None,
+        3,
         (
             "model.layers.6.self_attn.q_proj.weight",
             "model.layers.6.self_attn.k_proj.weight",
@@ -4086,6 +4204,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         6,
         None,
+        4,
         ("model.layers.6.post_attention_layernorm.weight",),
         import_decoder_layers_6_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_6_mlp_linear_fc1_layer_norm_weight,
@@ -4098,6 +4217,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         6,
         None,
+        5,
         ("model.layers.6.mlp.gate_proj.weight", "model.layers.6.mlp.up_proj.weight"),
         import_decoder_layers_6_mlp_linear_fc1_weight,
         export_decoder_layers_6_mlp_linear_fc1_weight,
@@ -4110,6 +4230,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         6,
         None,
+        6,
         ("model.layers.6.mlp.down_proj.weight",),
         import_decoder_layers_6_mlp_linear_fc2_weight,
         export_decoder_layers_6_mlp_linear_fc2_weight,
@@ -4122,6 +4243,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         7,
         None,
+        1,
         ("model.layers.7.input_layernorm.weight",),
         import_decoder_layers_7_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_7_self_attention_linear_qkv_layer_norm_weight,
@@ -4134,6 +4256,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         7,
         None,
+        2,
         ("model.layers.7.self_attn.o_proj.weight",),
         import_decoder_layers_7_self_attention_linear_proj_weight,
         export_decoder_layers_7_self_attention_linear_proj_weight,
@@ -4146,6 +4269,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         7,
         None,
+        3,
         (
             "model.layers.7.self_attn.q_proj.weight",
             "model.layers.7.self_attn.k_proj.weight",
@@ -4162,6 +4286,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         7,
         None,
+        4,
         ("model.layers.7.post_attention_layernorm.weight",),
         import_decoder_layers_7_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_7_mlp_linear_fc1_layer_norm_weight,
@@ -4174,6 +4299,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         7,
         None,
+        5,
         ("model.layers.7.mlp.gate_proj.weight", "model.layers.7.mlp.up_proj.weight"),
         import_decoder_layers_7_mlp_linear_fc1_weight,
         export_decoder_layers_7_mlp_linear_fc1_weight,
@@ -4186,6 +4312,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         7,
         None,
+        6,
         ("model.layers.7.mlp.down_proj.weight",),
         import_decoder_layers_7_mlp_linear_fc2_weight,
         export_decoder_layers_7_mlp_linear_fc2_weight,
@@ -4198,6 +4325,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         8,
         None,
+        1,
         ("model.layers.8.input_layernorm.weight",),
         import_decoder_layers_8_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_8_self_attention_linear_qkv_layer_norm_weight,
@@ -4210,6 +4338,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         8,
         None,
+        2,
         ("model.layers.8.self_attn.o_proj.weight",),
         import_decoder_layers_8_self_attention_linear_proj_weight,
         export_decoder_layers_8_self_attention_linear_proj_weight,
@@ -4222,6 +4351,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         8,
         None,
+        3,
         (
             "model.layers.8.self_attn.q_proj.weight",
             "model.layers.8.self_attn.k_proj.weight",
@@ -4238,6 +4368,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         8,
         None,
+        4,
         ("model.layers.8.post_attention_layernorm.weight",),
         import_decoder_layers_8_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_8_mlp_linear_fc1_layer_norm_weight,
@@ -4250,6 +4381,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         8,
         None,
+        5,
         ("model.layers.8.mlp.gate_proj.weight", "model.layers.8.mlp.up_proj.weight"),
         import_decoder_layers_8_mlp_linear_fc1_weight,
         export_decoder_layers_8_mlp_linear_fc1_weight,
@@ -4262,6 +4394,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         8,
         None,
+        6,
         ("model.layers.8.mlp.down_proj.weight",),
         import_decoder_layers_8_mlp_linear_fc2_weight,
         export_decoder_layers_8_mlp_linear_fc2_weight,
@@ -4274,6 +4407,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         9,
         None,
+        1,
         ("model.layers.9.input_layernorm.weight",),
         import_decoder_layers_9_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_9_self_attention_linear_qkv_layer_norm_weight,
@@ -4286,6 +4420,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         9,
         None,
+        2,
         ("model.layers.9.self_attn.o_proj.weight",),
         import_decoder_layers_9_self_attention_linear_proj_weight,
         export_decoder_layers_9_self_attention_linear_proj_weight,
@@ -4298,6 +4433,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         9,
         None,
+        3,
         (
             "model.layers.9.self_attn.q_proj.weight",
             "model.layers.9.self_attn.k_proj.weight",
@@ -4314,6 +4450,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         9,
         None,
+        4,
         ("model.layers.9.post_attention_layernorm.weight",),
         import_decoder_layers_9_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_9_mlp_linear_fc1_layer_norm_weight,
@@ -4326,6 +4463,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         9,
         None,
+        5,
         ("model.layers.9.mlp.gate_proj.weight", "model.layers.9.mlp.up_proj.weight"),
         import_decoder_layers_9_mlp_linear_fc1_weight,
         export_decoder_layers_9_mlp_linear_fc1_weight,
@@ -4338,6 +4476,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         9,
         None,
+        6,
         ("model.layers.9.mlp.down_proj.weight",),
         import_decoder_layers_9_mlp_linear_fc2_weight,
         export_decoder_layers_9_mlp_linear_fc2_weight,
@@ -4350,6 +4489,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         10,
         None,
+        1,
         ("model.layers.10.input_layernorm.weight",),
         import_decoder_layers_10_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_10_self_attention_linear_qkv_layer_norm_weight,
@@ -4362,6 +4502,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         10,
         None,
+        2,
         ("model.layers.10.self_attn.o_proj.weight",),
         import_decoder_layers_10_self_attention_linear_proj_weight,
         export_decoder_layers_10_self_attention_linear_proj_weight,
@@ -4374,6 +4515,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         10,
         None,
+        3,
         (
             "model.layers.10.self_attn.q_proj.weight",
             "model.layers.10.self_attn.k_proj.weight",
@@ -4390,6 +4532,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         10,
         None,
+        4,
         ("model.layers.10.post_attention_layernorm.weight",),
         import_decoder_layers_10_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_10_mlp_linear_fc1_layer_norm_weight,
@@ -4402,6 +4545,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         10,
         None,
+        5,
         ("model.layers.10.mlp.gate_proj.weight", "model.layers.10.mlp.up_proj.weight"),
         import_decoder_layers_10_mlp_linear_fc1_weight,
         export_decoder_layers_10_mlp_linear_fc1_weight,
@@ -4414,6 +4558,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         10,
         None,
+        6,
         ("model.layers.10.mlp.down_proj.weight",),
         import_decoder_layers_10_mlp_linear_fc2_weight,
         export_decoder_layers_10_mlp_linear_fc2_weight,
@@ -4426,6 +4571,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         11,
         None,
+        1,
         ("model.layers.11.input_layernorm.weight",),
         import_decoder_layers_11_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_11_self_attention_linear_qkv_layer_norm_weight,
@@ -4438,6 +4584,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         11,
         None,
+        2,
         ("model.layers.11.self_attn.o_proj.weight",),
         import_decoder_layers_11_self_attention_linear_proj_weight,
         export_decoder_layers_11_self_attention_linear_proj_weight,
@@ -4450,6 +4597,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         11,
         None,
+        3,
         (
             "model.layers.11.self_attn.q_proj.weight",
             "model.layers.11.self_attn.k_proj.weight",
@@ -4466,6 +4614,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         11,
         None,
+        4,
         ("model.layers.11.post_attention_layernorm.weight",),
         import_decoder_layers_11_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_11_mlp_linear_fc1_layer_norm_weight,
@@ -4478,6 +4627,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         11,
         None,
+        5,
         ("model.layers.11.mlp.gate_proj.weight", "model.layers.11.mlp.up_proj.weight"),
         import_decoder_layers_11_mlp_linear_fc1_weight,
         export_decoder_layers_11_mlp_linear_fc1_weight,
@@ -4490,6 +4640,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         11,
         None,
+        6,
         ("model.layers.11.mlp.down_proj.weight",),
         import_decoder_layers_11_mlp_linear_fc2_weight,
         export_decoder_layers_11_mlp_linear_fc2_weight,
@@ -4502,6 +4653,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         12,
         None,
+        1,
         ("model.layers.12.input_layernorm.weight",),
         import_decoder_layers_12_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_12_self_attention_linear_qkv_layer_norm_weight,
@@ -4514,6 +4666,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         12,
         None,
+        2,
         ("model.layers.12.self_attn.o_proj.weight",),
         import_decoder_layers_12_self_attention_linear_proj_weight,
         export_decoder_layers_12_self_attention_linear_proj_weight,
@@ -4526,6 +4679,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         12,
         None,
+        3,
         (
             "model.layers.12.self_attn.q_proj.weight",
             "model.layers.12.self_attn.k_proj.weight",
@@ -4542,6 +4696,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         12,
         None,
+        4,
         ("model.layers.12.post_attention_layernorm.weight",),
         import_decoder_layers_12_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_12_mlp_linear_fc1_layer_norm_weight,
@@ -4554,6 +4709,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         12,
         None,
+        5,
         ("model.layers.12.mlp.gate_proj.weight", "model.layers.12.mlp.up_proj.weight"),
         import_decoder_layers_12_mlp_linear_fc1_weight,
         export_decoder_layers_12_mlp_linear_fc1_weight,
@@ -4566,6 +4722,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         12,
         None,
+        6,
         ("model.layers.12.mlp.down_proj.weight",),
         import_decoder_layers_12_mlp_linear_fc2_weight,
         export_decoder_layers_12_mlp_linear_fc2_weight,
@@ -4578,6 +4735,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         13,
         None,
+        1,
         ("model.layers.13.input_layernorm.weight",),
         import_decoder_layers_13_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_13_self_attention_linear_qkv_layer_norm_weight,
@@ -4590,6 +4748,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         13,
         None,
+        2,
         ("model.layers.13.self_attn.o_proj.weight",),
         import_decoder_layers_13_self_attention_linear_proj_weight,
         export_decoder_layers_13_self_attention_linear_proj_weight,
@@ -4602,6 +4761,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         13,
         None,
+        3,
         (
             "model.layers.13.self_attn.q_proj.weight",
             "model.layers.13.self_attn.k_proj.weight",
@@ -4618,6 +4778,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         13,
         None,
+        4,
         ("model.layers.13.post_attention_layernorm.weight",),
         import_decoder_layers_13_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_13_mlp_linear_fc1_layer_norm_weight,
@@ -4630,6 +4791,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         13,
         None,
+        5,
         ("model.layers.13.mlp.gate_proj.weight", "model.layers.13.mlp.up_proj.weight"),
         import_decoder_layers_13_mlp_linear_fc1_weight,
         export_decoder_layers_13_mlp_linear_fc1_weight,
@@ -4642,6 +4804,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         13,
         None,
+        6,
         ("model.layers.13.mlp.down_proj.weight",),
         import_decoder_layers_13_mlp_linear_fc2_weight,
         export_decoder_layers_13_mlp_linear_fc2_weight,
@@ -4654,6 +4817,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         14,
         None,
+        1,
         ("model.layers.14.input_layernorm.weight",),
         import_decoder_layers_14_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_14_self_attention_linear_qkv_layer_norm_weight,
@@ -4666,6 +4830,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         14,
         None,
+        2,
         ("model.layers.14.self_attn.o_proj.weight",),
         import_decoder_layers_14_self_attention_linear_proj_weight,
         export_decoder_layers_14_self_attention_linear_proj_weight,
@@ -4678,6 +4843,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         14,
         None,
+        3,
         (
             "model.layers.14.self_attn.q_proj.weight",
             "model.layers.14.self_attn.k_proj.weight",
@@ -4694,6 +4860,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         14,
         None,
+        4,
         ("model.layers.14.post_attention_layernorm.weight",),
         import_decoder_layers_14_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_14_mlp_linear_fc1_layer_norm_weight,
@@ -4706,6 +4873,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         14,
         None,
+        5,
         ("model.layers.14.mlp.gate_proj.weight", "model.layers.14.mlp.up_proj.weight"),
         import_decoder_layers_14_mlp_linear_fc1_weight,
         export_decoder_layers_14_mlp_linear_fc1_weight,
@@ -4718,6 +4886,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         14,
         None,
+        6,
         ("model.layers.14.mlp.down_proj.weight",),
         import_decoder_layers_14_mlp_linear_fc2_weight,
         export_decoder_layers_14_mlp_linear_fc2_weight,
@@ -4730,6 +4899,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         15,
         None,
+        1,
         ("model.layers.15.input_layernorm.weight",),
         import_decoder_layers_15_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_15_self_attention_linear_qkv_layer_norm_weight,
@@ -4742,6 +4912,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         15,
         None,
+        2,
         ("model.layers.15.self_attn.o_proj.weight",),
         import_decoder_layers_15_self_attention_linear_proj_weight,
         export_decoder_layers_15_self_attention_linear_proj_weight,
@@ -4754,6 +4925,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         15,
         None,
+        3,
         (
             "model.layers.15.self_attn.q_proj.weight",
             "model.layers.15.self_attn.k_proj.weight",
@@ -4770,6 +4942,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         15,
         None,
+        4,
         ("model.layers.15.post_attention_layernorm.weight",),
         import_decoder_layers_15_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_15_mlp_linear_fc1_layer_norm_weight,
@@ -4782,6 +4955,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         15,
         None,
+        5,
         ("model.layers.15.mlp.gate_proj.weight", "model.layers.15.mlp.up_proj.weight"),
         import_decoder_layers_15_mlp_linear_fc1_weight,
         export_decoder_layers_15_mlp_linear_fc1_weight,
@@ -4794,6 +4968,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         15,
         None,
+        6,
         ("model.layers.15.mlp.down_proj.weight",),
         import_decoder_layers_15_mlp_linear_fc2_weight,
         export_decoder_layers_15_mlp_linear_fc2_weight,
@@ -4806,6 +4981,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         16,
         None,
+        1,
         ("model.layers.16.input_layernorm.weight",),
         import_decoder_layers_16_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_16_self_attention_linear_qkv_layer_norm_weight,
@@ -4818,6 +4994,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         16,
         None,
+        2,
         ("model.layers.16.self_attn.o_proj.weight",),
         import_decoder_layers_16_self_attention_linear_proj_weight,
         export_decoder_layers_16_self_attention_linear_proj_weight,
@@ -4830,6 +5007,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         16,
         None,
+        3,
         (
             "model.layers.16.self_attn.q_proj.weight",
             "model.layers.16.self_attn.k_proj.weight",
@@ -4846,6 +5024,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         16,
         None,
+        4,
         ("model.layers.16.post_attention_layernorm.weight",),
         import_decoder_layers_16_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_16_mlp_linear_fc1_layer_norm_weight,
@@ -4858,6 +5037,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         16,
         None,
+        5,
         ("model.layers.16.mlp.gate_proj.weight", "model.layers.16.mlp.up_proj.weight"),
         import_decoder_layers_16_mlp_linear_fc1_weight,
         export_decoder_layers_16_mlp_linear_fc1_weight,
@@ -4870,6 +5050,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         16,
         None,
+        6,
         ("model.layers.16.mlp.down_proj.weight",),
         import_decoder_layers_16_mlp_linear_fc2_weight,
         export_decoder_layers_16_mlp_linear_fc2_weight,
@@ -4882,6 +5063,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         17,
         None,
+        1,
         ("model.layers.17.input_layernorm.weight",),
         import_decoder_layers_17_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_17_self_attention_linear_qkv_layer_norm_weight,
@@ -4894,6 +5076,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         17,
         None,
+        2,
         ("model.layers.17.self_attn.o_proj.weight",),
         import_decoder_layers_17_self_attention_linear_proj_weight,
         export_decoder_layers_17_self_attention_linear_proj_weight,
@@ -4906,6 +5089,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         17,
         None,
+        3,
         (
             "model.layers.17.self_attn.q_proj.weight",
             "model.layers.17.self_attn.k_proj.weight",
@@ -4922,6 +5106,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         17,
         None,
+        4,
         ("model.layers.17.post_attention_layernorm.weight",),
         import_decoder_layers_17_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_17_mlp_linear_fc1_layer_norm_weight,
@@ -4934,6 +5119,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         17,
         None,
+        5,
         ("model.layers.17.mlp.gate_proj.weight", "model.layers.17.mlp.up_proj.weight"),
         import_decoder_layers_17_mlp_linear_fc1_weight,
         export_decoder_layers_17_mlp_linear_fc1_weight,
@@ -4946,6 +5132,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         17,
         None,
+        6,
         ("model.layers.17.mlp.down_proj.weight",),
         import_decoder_layers_17_mlp_linear_fc2_weight,
         export_decoder_layers_17_mlp_linear_fc2_weight,
@@ -4958,6 +5145,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         18,
         None,
+        1,
         ("model.layers.18.input_layernorm.weight",),
         import_decoder_layers_18_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_18_self_attention_linear_qkv_layer_norm_weight,
@@ -4970,6 +5158,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         18,
         None,
+        2,
         ("model.layers.18.self_attn.o_proj.weight",),
         import_decoder_layers_18_self_attention_linear_proj_weight,
         export_decoder_layers_18_self_attention_linear_proj_weight,
@@ -4982,6 +5171,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         18,
         None,
+        3,
         (
             "model.layers.18.self_attn.q_proj.weight",
             "model.layers.18.self_attn.k_proj.weight",
@@ -4998,6 +5188,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         18,
         None,
+        4,
         ("model.layers.18.post_attention_layernorm.weight",),
         import_decoder_layers_18_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_18_mlp_linear_fc1_layer_norm_weight,
@@ -5010,6 +5201,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         18,
         None,
+        5,
         ("model.layers.18.mlp.gate_proj.weight", "model.layers.18.mlp.up_proj.weight"),
         import_decoder_layers_18_mlp_linear_fc1_weight,
         export_decoder_layers_18_mlp_linear_fc1_weight,
@@ -5022,6 +5214,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         18,
         None,
+        6,
         ("model.layers.18.mlp.down_proj.weight",),
         import_decoder_layers_18_mlp_linear_fc2_weight,
         export_decoder_layers_18_mlp_linear_fc2_weight,
@@ -5034,6 +5227,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         19,
         None,
+        1,
         ("model.layers.19.input_layernorm.weight",),
         import_decoder_layers_19_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_19_self_attention_linear_qkv_layer_norm_weight,
@@ -5046,6 +5240,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         19,
         None,
+        2,
         ("model.layers.19.self_attn.o_proj.weight",),
         import_decoder_layers_19_self_attention_linear_proj_weight,
         export_decoder_layers_19_self_attention_linear_proj_weight,
@@ -5058,6 +5253,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         19,
         None,
+        3,
         (
             "model.layers.19.self_attn.q_proj.weight",
             "model.layers.19.self_attn.k_proj.weight",
@@ -5074,6 +5270,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         19,
         None,
+        4,
         ("model.layers.19.post_attention_layernorm.weight",),
         import_decoder_layers_19_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_19_mlp_linear_fc1_layer_norm_weight,
@@ -5086,6 +5283,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         19,
         None,
+        5,
         ("model.layers.19.mlp.gate_proj.weight", "model.layers.19.mlp.up_proj.weight"),
         import_decoder_layers_19_mlp_linear_fc1_weight,
         export_decoder_layers_19_mlp_linear_fc1_weight,
@@ -5098,6 +5296,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         19,
         None,
+        6,
         ("model.layers.19.mlp.down_proj.weight",),
         import_decoder_layers_19_mlp_linear_fc2_weight,
         export_decoder_layers_19_mlp_linear_fc2_weight,
@@ -5110,6 +5309,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         20,
         None,
+        1,
         ("model.layers.20.input_layernorm.weight",),
         import_decoder_layers_20_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_20_self_attention_linear_qkv_layer_norm_weight,
@@ -5122,6 +5322,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         20,
         None,
+        2,
         ("model.layers.20.self_attn.o_proj.weight",),
         import_decoder_layers_20_self_attention_linear_proj_weight,
         export_decoder_layers_20_self_attention_linear_proj_weight,
@@ -5134,6 +5335,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         20,
         None,
+        3,
         (
             "model.layers.20.self_attn.q_proj.weight",
             "model.layers.20.self_attn.k_proj.weight",
@@ -5150,6 +5352,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         20,
         None,
+        4,
         ("model.layers.20.post_attention_layernorm.weight",),
         import_decoder_layers_20_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_20_mlp_linear_fc1_layer_norm_weight,
@@ -5162,6 +5365,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         20,
         None,
+        5,
         ("model.layers.20.mlp.gate_proj.weight", "model.layers.20.mlp.up_proj.weight"),
         import_decoder_layers_20_mlp_linear_fc1_weight,
         export_decoder_layers_20_mlp_linear_fc1_weight,
@@ -5174,6 +5378,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         20,
         None,
+        6,
         ("model.layers.20.mlp.down_proj.weight",),
         import_decoder_layers_20_mlp_linear_fc2_weight,
         export_decoder_layers_20_mlp_linear_fc2_weight,
@@ -5186,6 +5391,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         21,
         None,
+        1,
         ("model.layers.21.input_layernorm.weight",),
         import_decoder_layers_21_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_21_self_attention_linear_qkv_layer_norm_weight,
@@ -5198,6 +5404,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         21,
         None,
+        2,
         ("model.layers.21.self_attn.o_proj.weight",),
         import_decoder_layers_21_self_attention_linear_proj_weight,
         export_decoder_layers_21_self_attention_linear_proj_weight,
@@ -5210,6 +5417,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         21,
         None,
+        3,
         (
             "model.layers.21.self_attn.q_proj.weight",
             "model.layers.21.self_attn.k_proj.weight",
@@ -5226,6 +5434,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         21,
         None,
+        4,
         ("model.layers.21.post_attention_layernorm.weight",),
         import_decoder_layers_21_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_21_mlp_linear_fc1_layer_norm_weight,
@@ -5238,6 +5447,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         21,
         None,
+        5,
         ("model.layers.21.mlp.gate_proj.weight", "model.layers.21.mlp.up_proj.weight"),
         import_decoder_layers_21_mlp_linear_fc1_weight,
         export_decoder_layers_21_mlp_linear_fc1_weight,
@@ -5250,6 +5460,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         21,
         None,
+        6,
         ("model.layers.21.mlp.down_proj.weight",),
         import_decoder_layers_21_mlp_linear_fc2_weight,
         export_decoder_layers_21_mlp_linear_fc2_weight,
@@ -5262,6 +5473,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         22,
         None,
+        1,
         ("model.layers.22.input_layernorm.weight",),
         import_decoder_layers_22_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_22_self_attention_linear_qkv_layer_norm_weight,
@@ -5274,6 +5486,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         22,
         None,
+        2,
         ("model.layers.22.self_attn.o_proj.weight",),
         import_decoder_layers_22_self_attention_linear_proj_weight,
         export_decoder_layers_22_self_attention_linear_proj_weight,
@@ -5286,6 +5499,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         22,
         None,
+        3,
         (
             "model.layers.22.self_attn.q_proj.weight",
             "model.layers.22.self_attn.k_proj.weight",
@@ -5302,6 +5516,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         22,
         None,
+        4,
         ("model.layers.22.post_attention_layernorm.weight",),
         import_decoder_layers_22_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_22_mlp_linear_fc1_layer_norm_weight,
@@ -5314,6 +5529,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         22,
         None,
+        5,
         ("model.layers.22.mlp.gate_proj.weight", "model.layers.22.mlp.up_proj.weight"),
         import_decoder_layers_22_mlp_linear_fc1_weight,
         export_decoder_layers_22_mlp_linear_fc1_weight,
@@ -5326,6 +5542,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         22,
         None,
+        6,
         ("model.layers.22.mlp.down_proj.weight",),
         import_decoder_layers_22_mlp_linear_fc2_weight,
         export_decoder_layers_22_mlp_linear_fc2_weight,
@@ -5338,6 +5555,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         23,
         None,
+        1,
         ("model.layers.23.input_layernorm.weight",),
         import_decoder_layers_23_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_23_self_attention_linear_qkv_layer_norm_weight,
@@ -5350,6 +5568,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         23,
         None,
+        2,
         ("model.layers.23.self_attn.o_proj.weight",),
         import_decoder_layers_23_self_attention_linear_proj_weight,
         export_decoder_layers_23_self_attention_linear_proj_weight,
@@ -5362,6 +5581,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         23,
         None,
+        3,
         (
             "model.layers.23.self_attn.q_proj.weight",
             "model.layers.23.self_attn.k_proj.weight",
@@ -5378,6 +5598,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         23,
         None,
+        4,
         ("model.layers.23.post_attention_layernorm.weight",),
         import_decoder_layers_23_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_23_mlp_linear_fc1_layer_norm_weight,
@@ -5390,6 +5611,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         23,
         None,
+        5,
         ("model.layers.23.mlp.gate_proj.weight", "model.layers.23.mlp.up_proj.weight"),
         import_decoder_layers_23_mlp_linear_fc1_weight,
         export_decoder_layers_23_mlp_linear_fc1_weight,
@@ -5402,6 +5624,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         23,
         None,
+        6,
         ("model.layers.23.mlp.down_proj.weight",),
         import_decoder_layers_23_mlp_linear_fc2_weight,
         export_decoder_layers_23_mlp_linear_fc2_weight,
@@ -5414,6 +5637,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         24,
         None,
+        1,
         ("model.layers.24.input_layernorm.weight",),
         import_decoder_layers_24_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_24_self_attention_linear_qkv_layer_norm_weight,
@@ -5426,6 +5650,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         24,
         None,
+        2,
         ("model.layers.24.self_attn.o_proj.weight",),
         import_decoder_layers_24_self_attention_linear_proj_weight,
         export_decoder_layers_24_self_attention_linear_proj_weight,
@@ -5438,6 +5663,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         24,
         None,
+        3,
         (
             "model.layers.24.self_attn.q_proj.weight",
             "model.layers.24.self_attn.k_proj.weight",
@@ -5454,6 +5680,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         24,
         None,
+        4,
         ("model.layers.24.post_attention_layernorm.weight",),
         import_decoder_layers_24_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_24_mlp_linear_fc1_layer_norm_weight,
@@ -5466,6 +5693,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         24,
         None,
+        5,
         ("model.layers.24.mlp.gate_proj.weight", "model.layers.24.mlp.up_proj.weight"),
         import_decoder_layers_24_mlp_linear_fc1_weight,
         export_decoder_layers_24_mlp_linear_fc1_weight,
@@ -5478,6 +5706,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         24,
         None,
+        6,
         ("model.layers.24.mlp.down_proj.weight",),
         import_decoder_layers_24_mlp_linear_fc2_weight,
         export_decoder_layers_24_mlp_linear_fc2_weight,
@@ -5490,6 +5719,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         25,
         None,
+        1,
         ("model.layers.25.input_layernorm.weight",),
         import_decoder_layers_25_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_25_self_attention_linear_qkv_layer_norm_weight,
@@ -5502,6 +5732,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         25,
         None,
+        2,
         ("model.layers.25.self_attn.o_proj.weight",),
         import_decoder_layers_25_self_attention_linear_proj_weight,
         export_decoder_layers_25_self_attention_linear_proj_weight,
@@ -5514,6 +5745,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         25,
         None,
+        3,
         (
             "model.layers.25.self_attn.q_proj.weight",
             "model.layers.25.self_attn.k_proj.weight",
@@ -5530,6 +5762,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         25,
         None,
+        4,
         ("model.layers.25.post_attention_layernorm.weight",),
         import_decoder_layers_25_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_25_mlp_linear_fc1_layer_norm_weight,
@@ -5542,6 +5775,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         25,
         None,
+        5,
         ("model.layers.25.mlp.gate_proj.weight", "model.layers.25.mlp.up_proj.weight"),
         import_decoder_layers_25_mlp_linear_fc1_weight,
         export_decoder_layers_25_mlp_linear_fc1_weight,
@@ -5554,6 +5788,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         25,
         None,
+        6,
         ("model.layers.25.mlp.down_proj.weight",),
         import_decoder_layers_25_mlp_linear_fc2_weight,
         export_decoder_layers_25_mlp_linear_fc2_weight,
@@ -5566,6 +5801,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         26,
         None,
+        1,
         ("model.layers.26.input_layernorm.weight",),
         import_decoder_layers_26_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_26_self_attention_linear_qkv_layer_norm_weight,
@@ -5578,6 +5814,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         26,
         None,
+        2,
         ("model.layers.26.self_attn.o_proj.weight",),
         import_decoder_layers_26_self_attention_linear_proj_weight,
         export_decoder_layers_26_self_attention_linear_proj_weight,
@@ -5590,6 +5827,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         26,
         None,
+        3,
         (
             "model.layers.26.self_attn.q_proj.weight",
             "model.layers.26.self_attn.k_proj.weight",
@@ -5606,6 +5844,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         26,
         None,
+        4,
         ("model.layers.26.post_attention_layernorm.weight",),
         import_decoder_layers_26_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_26_mlp_linear_fc1_layer_norm_weight,
@@ -5618,6 +5857,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         26,
         None,
+        5,
         ("model.layers.26.mlp.gate_proj.weight", "model.layers.26.mlp.up_proj.weight"),
         import_decoder_layers_26_mlp_linear_fc1_weight,
         export_decoder_layers_26_mlp_linear_fc1_weight,
@@ -5630,6 +5870,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         26,
         None,
+        6,
         ("model.layers.26.mlp.down_proj.weight",),
         import_decoder_layers_26_mlp_linear_fc2_weight,
         export_decoder_layers_26_mlp_linear_fc2_weight,
@@ -5642,6 +5883,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         27,
         None,
+        1,
         ("model.layers.27.input_layernorm.weight",),
         import_decoder_layers_27_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_27_self_attention_linear_qkv_layer_norm_weight,
@@ -5654,6 +5896,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         27,
         None,
+        2,
         ("model.layers.27.self_attn.o_proj.weight",),
         import_decoder_layers_27_self_attention_linear_proj_weight,
         export_decoder_layers_27_self_attention_linear_proj_weight,
@@ -5666,6 +5909,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         27,
         None,
+        3,
         (
             "model.layers.27.self_attn.q_proj.weight",
             "model.layers.27.self_attn.k_proj.weight",
@@ -5682,6 +5926,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         27,
         None,
+        4,
         ("model.layers.27.post_attention_layernorm.weight",),
         import_decoder_layers_27_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_27_mlp_linear_fc1_layer_norm_weight,
@@ -5694,6 +5939,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         27,
         None,
+        5,
         ("model.layers.27.mlp.gate_proj.weight", "model.layers.27.mlp.up_proj.weight"),
         import_decoder_layers_27_mlp_linear_fc1_weight,
         export_decoder_layers_27_mlp_linear_fc1_weight,
@@ -5706,6 +5952,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         27,
         None,
+        6,
         ("model.layers.27.mlp.down_proj.weight",),
         import_decoder_layers_27_mlp_linear_fc2_weight,
         export_decoder_layers_27_mlp_linear_fc2_weight,
@@ -5718,6 +5965,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         28,
         None,
+        1,
         ("model.layers.28.input_layernorm.weight",),
         import_decoder_layers_28_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_28_self_attention_linear_qkv_layer_norm_weight,
@@ -5730,6 +5978,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         28,
         None,
+        2,
         ("model.layers.28.self_attn.o_proj.weight",),
         import_decoder_layers_28_self_attention_linear_proj_weight,
         export_decoder_layers_28_self_attention_linear_proj_weight,
@@ -5742,6 +5991,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         28,
         None,
+        3,
         (
             "model.layers.28.self_attn.q_proj.weight",
             "model.layers.28.self_attn.k_proj.weight",
@@ -5758,6 +6008,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         28,
         None,
+        4,
         ("model.layers.28.post_attention_layernorm.weight",),
         import_decoder_layers_28_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_28_mlp_linear_fc1_layer_norm_weight,
@@ -5770,6 +6021,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         28,
         None,
+        5,
         ("model.layers.28.mlp.gate_proj.weight", "model.layers.28.mlp.up_proj.weight"),
         import_decoder_layers_28_mlp_linear_fc1_weight,
         export_decoder_layers_28_mlp_linear_fc1_weight,
@@ -5782,6 +6034,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         28,
         None,
+        6,
         ("model.layers.28.mlp.down_proj.weight",),
         import_decoder_layers_28_mlp_linear_fc2_weight,
         export_decoder_layers_28_mlp_linear_fc2_weight,
@@ -5794,6 +6047,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         29,
         None,
+        1,
         ("model.layers.29.input_layernorm.weight",),
         import_decoder_layers_29_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_29_self_attention_linear_qkv_layer_norm_weight,
@@ -5806,6 +6060,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         29,
         None,
+        2,
         ("model.layers.29.self_attn.o_proj.weight",),
         import_decoder_layers_29_self_attention_linear_proj_weight,
         export_decoder_layers_29_self_attention_linear_proj_weight,
@@ -5818,6 +6073,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         29,
         None,
+        3,
         (
             "model.layers.29.self_attn.q_proj.weight",
             "model.layers.29.self_attn.k_proj.weight",
@@ -5834,6 +6090,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         29,
         None,
+        4,
         ("model.layers.29.post_attention_layernorm.weight",),
         import_decoder_layers_29_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_29_mlp_linear_fc1_layer_norm_weight,
@@ -5846,6 +6103,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         29,
         None,
+        5,
         ("model.layers.29.mlp.gate_proj.weight", "model.layers.29.mlp.up_proj.weight"),
         import_decoder_layers_29_mlp_linear_fc1_weight,
         export_decoder_layers_29_mlp_linear_fc1_weight,
@@ -5858,6 +6116,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         29,
         None,
+        6,
         ("model.layers.29.mlp.down_proj.weight",),
         import_decoder_layers_29_mlp_linear_fc2_weight,
         export_decoder_layers_29_mlp_linear_fc2_weight,
@@ -5870,6 +6129,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         30,
         None,
+        1,
         ("model.layers.30.input_layernorm.weight",),
         import_decoder_layers_30_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_30_self_attention_linear_qkv_layer_norm_weight,
@@ -5882,6 +6142,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         30,
         None,
+        2,
         ("model.layers.30.self_attn.o_proj.weight",),
         import_decoder_layers_30_self_attention_linear_proj_weight,
         export_decoder_layers_30_self_attention_linear_proj_weight,
@@ -5894,6 +6155,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         30,
         None,
+        3,
         (
             "model.layers.30.self_attn.q_proj.weight",
             "model.layers.30.self_attn.k_proj.weight",
@@ -5910,6 +6172,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         30,
         None,
+        4,
         ("model.layers.30.post_attention_layernorm.weight",),
         import_decoder_layers_30_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_30_mlp_linear_fc1_layer_norm_weight,
@@ -5922,6 +6185,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         30,
         None,
+        5,
         ("model.layers.30.mlp.gate_proj.weight", "model.layers.30.mlp.up_proj.weight"),
         import_decoder_layers_30_mlp_linear_fc1_weight,
         export_decoder_layers_30_mlp_linear_fc1_weight,
@@ -5934,6 +6198,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         30,
         None,
+        6,
         ("model.layers.30.mlp.down_proj.weight",),
         import_decoder_layers_30_mlp_linear_fc2_weight,
         export_decoder_layers_30_mlp_linear_fc2_weight,
@@ -5946,6 +6211,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         31,
         None,
+        1,
         ("model.layers.31.input_layernorm.weight",),
         import_decoder_layers_31_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_31_self_attention_linear_qkv_layer_norm_weight,
@@ -5958,6 +6224,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         31,
         None,
+        2,
         ("model.layers.31.self_attn.o_proj.weight",),
         import_decoder_layers_31_self_attention_linear_proj_weight,
         export_decoder_layers_31_self_attention_linear_proj_weight,
@@ -5970,6 +6237,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         31,
         None,
+        3,
         (
             "model.layers.31.self_attn.q_proj.weight",
             "model.layers.31.self_attn.k_proj.weight",
@@ -5986,6 +6254,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         31,
         None,
+        4,
         ("model.layers.31.post_attention_layernorm.weight",),
         import_decoder_layers_31_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_31_mlp_linear_fc1_layer_norm_weight,
@@ -5998,6 +6267,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         31,
         None,
+        5,
         ("model.layers.31.mlp.gate_proj.weight", "model.layers.31.mlp.up_proj.weight"),
         import_decoder_layers_31_mlp_linear_fc1_weight,
         export_decoder_layers_31_mlp_linear_fc1_weight,
@@ -6010,6 +6280,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         31,
         None,
+        6,
         ("model.layers.31.mlp.down_proj.weight",),
         import_decoder_layers_31_mlp_linear_fc2_weight,
         export_decoder_layers_31_mlp_linear_fc2_weight,
@@ -6022,6 +6293,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         None,
         None,
+        7,
         ("model.norm.weight",),
         import_decoder_final_layernorm_weight,
         export_decoder_final_layernorm_weight,
@@ -6034,6 +6306,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         None,
         None,
+        8,
         ("lm_head.weight",),
         import_output_layer_weight,
         export_output_layer_weight,

@@ -13,8 +13,17 @@ from typing import Final
 from torch import Tensor
 
 from mapgen import runtime as rt
-from mapgen.dims import ModelDims
-from mapgen.runtime import ExportFn, HFTensorPlan, ImportFn, Loader, ParallelContext, ParamPlan
+from mapgen.runtime import (
+    ExportFn,
+    HFTensorPlan,
+    ImportFn,
+    Loader,
+    ModelDims,
+    ParallelContext,
+    ParamPlan,
+    QKVGeometry,
+    RulePlan,
+)
 
 TARGET: Final = "llama3_2_1b"
 LAYOUT: Final = "te"
@@ -74,51 +83,119 @@ DIMS: Final = ModelDims(
     v_head_dim=0,
 )
 
+# The spec's rules this module applies, in the order their first parameter appears. The
+# functions' docstrings cite them by id (the Megatron pattern, or the rule's `id:`); PARAMS by
+# index. Fields: id, kind, Megatron pattern, HF patterns, their roles, then permute_dims and the
+# QKV geometry (heads, query groups, head dim, output gate) where the kind has them.
+RULES: Final[tuple[RulePlan, ...]] = (
+    RulePlan(
+        "embedding.word_embeddings.weight",
+        "auto",
+        "embedding.word_embeddings.weight",
+        ("model.embed_tokens.weight",),
+        ("hf",),
+    ),
+    RulePlan(
+        "decoder.layers.*.self_attention.linear_qkv.layer_norm_weight",
+        "auto",
+        "decoder.layers.*.self_attention.linear_qkv.layer_norm_weight",
+        ("model.layers.*.input_layernorm.weight",),
+        ("hf",),
+    ),
+    RulePlan(
+        "decoder.layers.*.self_attention.linear_proj.weight",
+        "auto",
+        "decoder.layers.*.self_attention.linear_proj.weight",
+        ("model.layers.*.self_attn.o_proj.weight",),
+        ("hf",),
+    ),
+    RulePlan(
+        "decoder.layers.*.self_attention.linear_qkv.weight",
+        "qkv",
+        "decoder.layers.*.self_attention.linear_qkv.weight",
+        (
+            "model.layers.*.self_attn.q_proj.weight",
+            "model.layers.*.self_attn.k_proj.weight",
+            "model.layers.*.self_attn.v_proj.weight",
+        ),
+        ("q", "k", "v"),
+        qkv=QKVGeometry(32, 8, 64, False),
+    ),
+    RulePlan(
+        "decoder.layers.*.mlp.linear_fc1.layer_norm_weight",
+        "auto",
+        "decoder.layers.*.mlp.linear_fc1.layer_norm_weight",
+        ("model.layers.*.post_attention_layernorm.weight",),
+        ("hf",),
+    ),
+    RulePlan(
+        "decoder.layers.*.mlp.linear_fc1.weight",
+        "gated_mlp",
+        "decoder.layers.*.mlp.linear_fc1.weight",
+        ("model.layers.*.mlp.gate_proj.weight", "model.layers.*.mlp.up_proj.weight"),
+        ("gate", "up"),
+    ),
+    RulePlan(
+        "decoder.layers.*.mlp.linear_fc2.weight",
+        "auto",
+        "decoder.layers.*.mlp.linear_fc2.weight",
+        ("model.layers.*.mlp.down_proj.weight",),
+        ("hf",),
+    ),
+    RulePlan(
+        "decoder.final_layernorm.weight",
+        "auto",
+        "decoder.final_layernorm.weight",
+        ("model.norm.weight",),
+        ("hf",),
+    ),
+)
+
 
 def import_embedding_word_embeddings_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> column: specs/llama.yaml:29."""
+    """auto -> column: embedding.word_embeddings.weight."""
     return rt.column_import(ctx.tp, load("model.embed_tokens.weight"), out=out)
 
 
 def export_embedding_word_embeddings_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> column: specs/llama.yaml:29."""
+    """auto -> column: embedding.word_embeddings.weight."""
     return {"model.embed_tokens.weight": rt.column_export(parts)}
 
 
 def import_decoder_layers_0_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.0.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_0_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.0.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_0_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.0.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_0_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.0.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_0_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.0.self_attn.q_proj.weight"),
@@ -134,7 +211,7 @@ def import_decoder_layers_0_self_attention_linear_qkv_weight(
 def export_decoder_layers_0_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -150,21 +227,21 @@ def export_decoder_layers_0_self_attention_linear_qkv_weight(
 def import_decoder_layers_0_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.0.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_0_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.0.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_0_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.0.mlp.gate_proj.weight"),
@@ -174,7 +251,7 @@ def import_decoder_layers_0_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_0_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weight"),
@@ -186,47 +263,47 @@ def export_decoder_layers_0_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> di
 def import_decoder_layers_0_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.0.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_0_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.0.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_1_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.1.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_1_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.1.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_1_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.1.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_1_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.1.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_1_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.1.self_attn.q_proj.weight"),
@@ -242,7 +319,7 @@ def import_decoder_layers_1_self_attention_linear_qkv_weight(
 def export_decoder_layers_1_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -258,21 +335,21 @@ def export_decoder_layers_1_self_attention_linear_qkv_weight(
 def import_decoder_layers_1_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.1.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_1_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.1.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_1_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.1.mlp.gate_proj.weight"),
@@ -282,7 +359,7 @@ def import_decoder_layers_1_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_1_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.1.mlp.gate_proj.weight", "model.layers.1.mlp.up_proj.weight"),
@@ -294,47 +371,47 @@ def export_decoder_layers_1_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> di
 def import_decoder_layers_1_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.1.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_1_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.1.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_2_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.2.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_2_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.2.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_2_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.2.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_2_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.2.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_2_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.2.self_attn.q_proj.weight"),
@@ -350,7 +427,7 @@ def import_decoder_layers_2_self_attention_linear_qkv_weight(
 def export_decoder_layers_2_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -366,21 +443,21 @@ def export_decoder_layers_2_self_attention_linear_qkv_weight(
 def import_decoder_layers_2_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.2.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_2_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.2.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_2_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.2.mlp.gate_proj.weight"),
@@ -390,7 +467,7 @@ def import_decoder_layers_2_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_2_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.2.mlp.gate_proj.weight", "model.layers.2.mlp.up_proj.weight"),
@@ -402,47 +479,47 @@ def export_decoder_layers_2_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> di
 def import_decoder_layers_2_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.2.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_2_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.2.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_3_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.3.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_3_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.3.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_3_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.3.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_3_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.3.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_3_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.3.self_attn.q_proj.weight"),
@@ -458,7 +535,7 @@ def import_decoder_layers_3_self_attention_linear_qkv_weight(
 def export_decoder_layers_3_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -474,21 +551,21 @@ def export_decoder_layers_3_self_attention_linear_qkv_weight(
 def import_decoder_layers_3_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.3.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_3_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.3.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_3_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.3.mlp.gate_proj.weight"),
@@ -498,7 +575,7 @@ def import_decoder_layers_3_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_3_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.3.mlp.gate_proj.weight", "model.layers.3.mlp.up_proj.weight"),
@@ -510,47 +587,47 @@ def export_decoder_layers_3_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> di
 def import_decoder_layers_3_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.3.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_3_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.3.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_4_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.4.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_4_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.4.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_4_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.4.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_4_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.4.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_4_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.4.self_attn.q_proj.weight"),
@@ -566,7 +643,7 @@ def import_decoder_layers_4_self_attention_linear_qkv_weight(
 def export_decoder_layers_4_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -582,21 +659,21 @@ def export_decoder_layers_4_self_attention_linear_qkv_weight(
 def import_decoder_layers_4_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.4.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_4_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.4.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_4_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.4.mlp.gate_proj.weight"),
@@ -606,7 +683,7 @@ def import_decoder_layers_4_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_4_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.4.mlp.gate_proj.weight", "model.layers.4.mlp.up_proj.weight"),
@@ -618,47 +695,47 @@ def export_decoder_layers_4_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> di
 def import_decoder_layers_4_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.4.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_4_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.4.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_5_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.5.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_5_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.5.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_5_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.5.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_5_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.5.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_5_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.5.self_attn.q_proj.weight"),
@@ -674,7 +751,7 @@ def import_decoder_layers_5_self_attention_linear_qkv_weight(
 def export_decoder_layers_5_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -690,21 +767,21 @@ def export_decoder_layers_5_self_attention_linear_qkv_weight(
 def import_decoder_layers_5_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.5.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_5_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.5.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_5_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.5.mlp.gate_proj.weight"),
@@ -714,7 +791,7 @@ def import_decoder_layers_5_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_5_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.5.mlp.gate_proj.weight", "model.layers.5.mlp.up_proj.weight"),
@@ -726,47 +803,47 @@ def export_decoder_layers_5_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> di
 def import_decoder_layers_5_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.5.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_5_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.5.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_6_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.6.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_6_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.6.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_6_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.6.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_6_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.6.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_6_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.6.self_attn.q_proj.weight"),
@@ -782,7 +859,7 @@ def import_decoder_layers_6_self_attention_linear_qkv_weight(
 def export_decoder_layers_6_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -798,21 +875,21 @@ def export_decoder_layers_6_self_attention_linear_qkv_weight(
 def import_decoder_layers_6_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.6.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_6_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.6.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_6_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.6.mlp.gate_proj.weight"),
@@ -822,7 +899,7 @@ def import_decoder_layers_6_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_6_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.6.mlp.gate_proj.weight", "model.layers.6.mlp.up_proj.weight"),
@@ -834,47 +911,47 @@ def export_decoder_layers_6_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> di
 def import_decoder_layers_6_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.6.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_6_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.6.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_7_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.7.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_7_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.7.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_7_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.7.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_7_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.7.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_7_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.7.self_attn.q_proj.weight"),
@@ -890,7 +967,7 @@ def import_decoder_layers_7_self_attention_linear_qkv_weight(
 def export_decoder_layers_7_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -906,21 +983,21 @@ def export_decoder_layers_7_self_attention_linear_qkv_weight(
 def import_decoder_layers_7_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.7.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_7_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.7.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_7_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.7.mlp.gate_proj.weight"),
@@ -930,7 +1007,7 @@ def import_decoder_layers_7_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_7_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.7.mlp.gate_proj.weight", "model.layers.7.mlp.up_proj.weight"),
@@ -942,47 +1019,47 @@ def export_decoder_layers_7_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> di
 def import_decoder_layers_7_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.7.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_7_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.7.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_8_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.8.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_8_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.8.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_8_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.8.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_8_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.8.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_8_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.8.self_attn.q_proj.weight"),
@@ -998,7 +1075,7 @@ def import_decoder_layers_8_self_attention_linear_qkv_weight(
 def export_decoder_layers_8_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -1014,21 +1091,21 @@ def export_decoder_layers_8_self_attention_linear_qkv_weight(
 def import_decoder_layers_8_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.8.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_8_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.8.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_8_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.8.mlp.gate_proj.weight"),
@@ -1038,7 +1115,7 @@ def import_decoder_layers_8_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_8_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.8.mlp.gate_proj.weight", "model.layers.8.mlp.up_proj.weight"),
@@ -1050,47 +1127,47 @@ def export_decoder_layers_8_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> di
 def import_decoder_layers_8_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.8.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_8_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.8.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_9_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.9.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_9_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.9.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_9_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.9.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_9_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.9.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_9_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.9.self_attn.q_proj.weight"),
@@ -1106,7 +1183,7 @@ def import_decoder_layers_9_self_attention_linear_qkv_weight(
 def export_decoder_layers_9_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -1122,21 +1199,21 @@ def export_decoder_layers_9_self_attention_linear_qkv_weight(
 def import_decoder_layers_9_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.9.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_9_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.9.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_9_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.9.mlp.gate_proj.weight"),
@@ -1146,7 +1223,7 @@ def import_decoder_layers_9_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_9_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.9.mlp.gate_proj.weight", "model.layers.9.mlp.up_proj.weight"),
@@ -1158,47 +1235,47 @@ def export_decoder_layers_9_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> di
 def import_decoder_layers_9_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.9.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_9_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.9.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_10_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.10.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_10_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.10.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_10_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.10.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_10_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.10.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_10_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.10.self_attn.q_proj.weight"),
@@ -1214,7 +1291,7 @@ def import_decoder_layers_10_self_attention_linear_qkv_weight(
 def export_decoder_layers_10_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -1230,21 +1307,21 @@ def export_decoder_layers_10_self_attention_linear_qkv_weight(
 def import_decoder_layers_10_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.10.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_10_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.10.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_10_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.10.mlp.gate_proj.weight"),
@@ -1254,7 +1331,7 @@ def import_decoder_layers_10_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_10_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.10.mlp.gate_proj.weight", "model.layers.10.mlp.up_proj.weight"),
@@ -1266,47 +1343,47 @@ def export_decoder_layers_10_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_10_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.10.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_10_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.10.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_11_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.11.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_11_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.11.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_11_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.11.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_11_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.11.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_11_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.11.self_attn.q_proj.weight"),
@@ -1322,7 +1399,7 @@ def import_decoder_layers_11_self_attention_linear_qkv_weight(
 def export_decoder_layers_11_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -1338,21 +1415,21 @@ def export_decoder_layers_11_self_attention_linear_qkv_weight(
 def import_decoder_layers_11_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.11.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_11_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.11.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_11_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.11.mlp.gate_proj.weight"),
@@ -1362,7 +1439,7 @@ def import_decoder_layers_11_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_11_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.11.mlp.gate_proj.weight", "model.layers.11.mlp.up_proj.weight"),
@@ -1374,47 +1451,47 @@ def export_decoder_layers_11_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_11_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.11.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_11_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.11.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_12_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.12.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_12_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.12.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_12_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.12.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_12_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.12.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_12_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.12.self_attn.q_proj.weight"),
@@ -1430,7 +1507,7 @@ def import_decoder_layers_12_self_attention_linear_qkv_weight(
 def export_decoder_layers_12_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -1446,21 +1523,21 @@ def export_decoder_layers_12_self_attention_linear_qkv_weight(
 def import_decoder_layers_12_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.12.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_12_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.12.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_12_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.12.mlp.gate_proj.weight"),
@@ -1470,7 +1547,7 @@ def import_decoder_layers_12_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_12_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.12.mlp.gate_proj.weight", "model.layers.12.mlp.up_proj.weight"),
@@ -1482,47 +1559,47 @@ def export_decoder_layers_12_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_12_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.12.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_12_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.12.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_13_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.13.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_13_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.13.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_13_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.13.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_13_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.13.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_13_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.13.self_attn.q_proj.weight"),
@@ -1538,7 +1615,7 @@ def import_decoder_layers_13_self_attention_linear_qkv_weight(
 def export_decoder_layers_13_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -1554,21 +1631,21 @@ def export_decoder_layers_13_self_attention_linear_qkv_weight(
 def import_decoder_layers_13_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.13.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_13_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.13.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_13_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.13.mlp.gate_proj.weight"),
@@ -1578,7 +1655,7 @@ def import_decoder_layers_13_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_13_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.13.mlp.gate_proj.weight", "model.layers.13.mlp.up_proj.weight"),
@@ -1590,47 +1667,47 @@ def export_decoder_layers_13_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_13_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.13.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_13_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.13.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_14_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.14.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_14_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.14.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_14_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.14.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_14_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.14.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_14_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.14.self_attn.q_proj.weight"),
@@ -1646,7 +1723,7 @@ def import_decoder_layers_14_self_attention_linear_qkv_weight(
 def export_decoder_layers_14_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -1662,21 +1739,21 @@ def export_decoder_layers_14_self_attention_linear_qkv_weight(
 def import_decoder_layers_14_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.14.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_14_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.14.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_14_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.14.mlp.gate_proj.weight"),
@@ -1686,7 +1763,7 @@ def import_decoder_layers_14_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_14_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.14.mlp.gate_proj.weight", "model.layers.14.mlp.up_proj.weight"),
@@ -1698,47 +1775,47 @@ def export_decoder_layers_14_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_14_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.14.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_14_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.14.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_15_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.15.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_15_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.15.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_15_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.15.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_15_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.15.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_15_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.15.self_attn.q_proj.weight"),
@@ -1754,7 +1831,7 @@ def import_decoder_layers_15_self_attention_linear_qkv_weight(
 def export_decoder_layers_15_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -1770,21 +1847,21 @@ def export_decoder_layers_15_self_attention_linear_qkv_weight(
 def import_decoder_layers_15_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.15.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_15_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.15.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_15_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.15.mlp.gate_proj.weight"),
@@ -1794,7 +1871,7 @@ def import_decoder_layers_15_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_15_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.15.mlp.gate_proj.weight", "model.layers.15.mlp.up_proj.weight"),
@@ -1806,29 +1883,29 @@ def export_decoder_layers_15_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_15_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.15.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_15_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.15.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_final_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:54."""
+    """auto -> replicated: decoder.final_layernorm.weight."""
     return rt.whole_import(load("model.norm.weight"), out=out)
 
 
 def export_decoder_final_layernorm_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:54."""
+    """auto -> replicated: decoder.final_layernorm.weight."""
     return {"model.norm.weight": parts[0]}
 
 
-# megatron_name, global shape, dtype, TP split dim, expert-parallel, layer, expert, HF tensors,
-# import function, export function
+# megatron_name, global shape, dtype, TP split dim, expert-parallel, layer, expert, rule (index
+# into RULES), HF tensors, import function, export function
 PARAMS: Final[tuple[ParamPlan, ...]] = (
     ParamPlan(
         "embedding.word_embeddings.weight",
@@ -1838,6 +1915,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         None,
         None,
+        0,
         ("model.embed_tokens.weight",),
         import_embedding_word_embeddings_weight,
         export_embedding_word_embeddings_weight,
@@ -1850,6 +1928,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         0,
         None,
+        1,
         ("model.layers.0.input_layernorm.weight",),
         import_decoder_layers_0_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_0_self_attention_linear_qkv_layer_norm_weight,
@@ -1862,6 +1941,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         0,
         None,
+        2,
         ("model.layers.0.self_attn.o_proj.weight",),
         import_decoder_layers_0_self_attention_linear_proj_weight,
         export_decoder_layers_0_self_attention_linear_proj_weight,
@@ -1874,6 +1954,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         0,
         None,
+        3,
         (
             "model.layers.0.self_attn.q_proj.weight",
             "model.layers.0.self_attn.k_proj.weight",
@@ -1890,6 +1971,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         0,
         None,
+        4,
         ("model.layers.0.post_attention_layernorm.weight",),
         import_decoder_layers_0_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_0_mlp_linear_fc1_layer_norm_weight,
@@ -1902,6 +1984,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         0,
         None,
+        5,
         ("model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weight"),
         import_decoder_layers_0_mlp_linear_fc1_weight,
         export_decoder_layers_0_mlp_linear_fc1_weight,
@@ -1914,6 +1997,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         0,
         None,
+        6,
         ("model.layers.0.mlp.down_proj.weight",),
         import_decoder_layers_0_mlp_linear_fc2_weight,
         export_decoder_layers_0_mlp_linear_fc2_weight,
@@ -1926,6 +2010,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         1,
         None,
+        1,
         ("model.layers.1.input_layernorm.weight",),
         import_decoder_layers_1_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_1_self_attention_linear_qkv_layer_norm_weight,
@@ -1938,6 +2023,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         1,
         None,
+        2,
         ("model.layers.1.self_attn.o_proj.weight",),
         import_decoder_layers_1_self_attention_linear_proj_weight,
         export_decoder_layers_1_self_attention_linear_proj_weight,
@@ -1950,6 +2036,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         1,
         None,
+        3,
         (
             "model.layers.1.self_attn.q_proj.weight",
             "model.layers.1.self_attn.k_proj.weight",
@@ -1966,6 +2053,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         1,
         None,
+        4,
         ("model.layers.1.post_attention_layernorm.weight",),
         import_decoder_layers_1_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_1_mlp_linear_fc1_layer_norm_weight,
@@ -1978,6 +2066,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         1,
         None,
+        5,
         ("model.layers.1.mlp.gate_proj.weight", "model.layers.1.mlp.up_proj.weight"),
         import_decoder_layers_1_mlp_linear_fc1_weight,
         export_decoder_layers_1_mlp_linear_fc1_weight,
@@ -1990,6 +2079,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         1,
         None,
+        6,
         ("model.layers.1.mlp.down_proj.weight",),
         import_decoder_layers_1_mlp_linear_fc2_weight,
         export_decoder_layers_1_mlp_linear_fc2_weight,
@@ -2002,6 +2092,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         2,
         None,
+        1,
         ("model.layers.2.input_layernorm.weight",),
         import_decoder_layers_2_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_2_self_attention_linear_qkv_layer_norm_weight,
@@ -2014,6 +2105,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         2,
         None,
+        2,
         ("model.layers.2.self_attn.o_proj.weight",),
         import_decoder_layers_2_self_attention_linear_proj_weight,
         export_decoder_layers_2_self_attention_linear_proj_weight,
@@ -2026,6 +2118,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         2,
         None,
+        3,
         (
             "model.layers.2.self_attn.q_proj.weight",
             "model.layers.2.self_attn.k_proj.weight",
@@ -2042,6 +2135,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         2,
         None,
+        4,
         ("model.layers.2.post_attention_layernorm.weight",),
         import_decoder_layers_2_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_2_mlp_linear_fc1_layer_norm_weight,
@@ -2054,6 +2148,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         2,
         None,
+        5,
         ("model.layers.2.mlp.gate_proj.weight", "model.layers.2.mlp.up_proj.weight"),
         import_decoder_layers_2_mlp_linear_fc1_weight,
         export_decoder_layers_2_mlp_linear_fc1_weight,
@@ -2066,6 +2161,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         2,
         None,
+        6,
         ("model.layers.2.mlp.down_proj.weight",),
         import_decoder_layers_2_mlp_linear_fc2_weight,
         export_decoder_layers_2_mlp_linear_fc2_weight,
@@ -2078,6 +2174,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         3,
         None,
+        1,
         ("model.layers.3.input_layernorm.weight",),
         import_decoder_layers_3_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_3_self_attention_linear_qkv_layer_norm_weight,
@@ -2090,6 +2187,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         3,
         None,
+        2,
         ("model.layers.3.self_attn.o_proj.weight",),
         import_decoder_layers_3_self_attention_linear_proj_weight,
         export_decoder_layers_3_self_attention_linear_proj_weight,
@@ -2102,6 +2200,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         3,
         None,
+        3,
         (
             "model.layers.3.self_attn.q_proj.weight",
             "model.layers.3.self_attn.k_proj.weight",
@@ -2118,6 +2217,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         3,
         None,
+        4,
         ("model.layers.3.post_attention_layernorm.weight",),
         import_decoder_layers_3_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_3_mlp_linear_fc1_layer_norm_weight,
@@ -2130,6 +2230,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         3,
         None,
+        5,
         ("model.layers.3.mlp.gate_proj.weight", "model.layers.3.mlp.up_proj.weight"),
         import_decoder_layers_3_mlp_linear_fc1_weight,
         export_decoder_layers_3_mlp_linear_fc1_weight,
@@ -2142,6 +2243,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         3,
         None,
+        6,
         ("model.layers.3.mlp.down_proj.weight",),
         import_decoder_layers_3_mlp_linear_fc2_weight,
         export_decoder_layers_3_mlp_linear_fc2_weight,
@@ -2154,6 +2256,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         4,
         None,
+        1,
         ("model.layers.4.input_layernorm.weight",),
         import_decoder_layers_4_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_4_self_attention_linear_qkv_layer_norm_weight,
@@ -2166,6 +2269,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         4,
         None,
+        2,
         ("model.layers.4.self_attn.o_proj.weight",),
         import_decoder_layers_4_self_attention_linear_proj_weight,
         export_decoder_layers_4_self_attention_linear_proj_weight,
@@ -2178,6 +2282,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         4,
         None,
+        3,
         (
             "model.layers.4.self_attn.q_proj.weight",
             "model.layers.4.self_attn.k_proj.weight",
@@ -2194,6 +2299,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         4,
         None,
+        4,
         ("model.layers.4.post_attention_layernorm.weight",),
         import_decoder_layers_4_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_4_mlp_linear_fc1_layer_norm_weight,
@@ -2206,6 +2312,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         4,
         None,
+        5,
         ("model.layers.4.mlp.gate_proj.weight", "model.layers.4.mlp.up_proj.weight"),
         import_decoder_layers_4_mlp_linear_fc1_weight,
         export_decoder_layers_4_mlp_linear_fc1_weight,
@@ -2218,6 +2325,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         4,
         None,
+        6,
         ("model.layers.4.mlp.down_proj.weight",),
         import_decoder_layers_4_mlp_linear_fc2_weight,
         export_decoder_layers_4_mlp_linear_fc2_weight,
@@ -2230,6 +2338,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         5,
         None,
+        1,
         ("model.layers.5.input_layernorm.weight",),
         import_decoder_layers_5_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_5_self_attention_linear_qkv_layer_norm_weight,
@@ -2242,6 +2351,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         5,
         None,
+        2,
         ("model.layers.5.self_attn.o_proj.weight",),
         import_decoder_layers_5_self_attention_linear_proj_weight,
         export_decoder_layers_5_self_attention_linear_proj_weight,
@@ -2254,6 +2364,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         5,
         None,
+        3,
         (
             "model.layers.5.self_attn.q_proj.weight",
             "model.layers.5.self_attn.k_proj.weight",
@@ -2270,6 +2381,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         5,
         None,
+        4,
         ("model.layers.5.post_attention_layernorm.weight",),
         import_decoder_layers_5_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_5_mlp_linear_fc1_layer_norm_weight,
@@ -2282,6 +2394,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         5,
         None,
+        5,
         ("model.layers.5.mlp.gate_proj.weight", "model.layers.5.mlp.up_proj.weight"),
         import_decoder_layers_5_mlp_linear_fc1_weight,
         export_decoder_layers_5_mlp_linear_fc1_weight,
@@ -2294,6 +2407,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         5,
         None,
+        6,
         ("model.layers.5.mlp.down_proj.weight",),
         import_decoder_layers_5_mlp_linear_fc2_weight,
         export_decoder_layers_5_mlp_linear_fc2_weight,
@@ -2306,6 +2420,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         6,
         None,
+        1,
         ("model.layers.6.input_layernorm.weight",),
         import_decoder_layers_6_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_6_self_attention_linear_qkv_layer_norm_weight,
@@ -2318,6 +2433,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         6,
         None,
+        2,
         ("model.layers.6.self_attn.o_proj.weight",),
         import_decoder_layers_6_self_attention_linear_proj_weight,
         export_decoder_layers_6_self_attention_linear_proj_weight,
@@ -2330,6 +2446,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         6,
         None,
+        3,
         (
             "model.layers.6.self_attn.q_proj.weight",
             "model.layers.6.self_attn.k_proj.weight",
@@ -2346,6 +2463,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         6,
         None,
+        4,
         ("model.layers.6.post_attention_layernorm.weight",),
         import_decoder_layers_6_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_6_mlp_linear_fc1_layer_norm_weight,
@@ -2358,6 +2476,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         6,
         None,
+        5,
         ("model.layers.6.mlp.gate_proj.weight", "model.layers.6.mlp.up_proj.weight"),
         import_decoder_layers_6_mlp_linear_fc1_weight,
         export_decoder_layers_6_mlp_linear_fc1_weight,
@@ -2370,6 +2489,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         6,
         None,
+        6,
         ("model.layers.6.mlp.down_proj.weight",),
         import_decoder_layers_6_mlp_linear_fc2_weight,
         export_decoder_layers_6_mlp_linear_fc2_weight,
@@ -2382,6 +2502,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         7,
         None,
+        1,
         ("model.layers.7.input_layernorm.weight",),
         import_decoder_layers_7_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_7_self_attention_linear_qkv_layer_norm_weight,
@@ -2394,6 +2515,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         7,
         None,
+        2,
         ("model.layers.7.self_attn.o_proj.weight",),
         import_decoder_layers_7_self_attention_linear_proj_weight,
         export_decoder_layers_7_self_attention_linear_proj_weight,
@@ -2406,6 +2528,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         7,
         None,
+        3,
         (
             "model.layers.7.self_attn.q_proj.weight",
             "model.layers.7.self_attn.k_proj.weight",
@@ -2422,6 +2545,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         7,
         None,
+        4,
         ("model.layers.7.post_attention_layernorm.weight",),
         import_decoder_layers_7_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_7_mlp_linear_fc1_layer_norm_weight,
@@ -2434,6 +2558,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         7,
         None,
+        5,
         ("model.layers.7.mlp.gate_proj.weight", "model.layers.7.mlp.up_proj.weight"),
         import_decoder_layers_7_mlp_linear_fc1_weight,
         export_decoder_layers_7_mlp_linear_fc1_weight,
@@ -2446,6 +2571,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         7,
         None,
+        6,
         ("model.layers.7.mlp.down_proj.weight",),
         import_decoder_layers_7_mlp_linear_fc2_weight,
         export_decoder_layers_7_mlp_linear_fc2_weight,
@@ -2458,6 +2584,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         8,
         None,
+        1,
         ("model.layers.8.input_layernorm.weight",),
         import_decoder_layers_8_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_8_self_attention_linear_qkv_layer_norm_weight,
@@ -2470,6 +2597,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         8,
         None,
+        2,
         ("model.layers.8.self_attn.o_proj.weight",),
         import_decoder_layers_8_self_attention_linear_proj_weight,
         export_decoder_layers_8_self_attention_linear_proj_weight,
@@ -2482,6 +2610,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         8,
         None,
+        3,
         (
             "model.layers.8.self_attn.q_proj.weight",
             "model.layers.8.self_attn.k_proj.weight",
@@ -2498,6 +2627,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         8,
         None,
+        4,
         ("model.layers.8.post_attention_layernorm.weight",),
         import_decoder_layers_8_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_8_mlp_linear_fc1_layer_norm_weight,
@@ -2510,6 +2640,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         8,
         None,
+        5,
         ("model.layers.8.mlp.gate_proj.weight", "model.layers.8.mlp.up_proj.weight"),
         import_decoder_layers_8_mlp_linear_fc1_weight,
         export_decoder_layers_8_mlp_linear_fc1_weight,
@@ -2522,6 +2653,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         8,
         None,
+        6,
         ("model.layers.8.mlp.down_proj.weight",),
         import_decoder_layers_8_mlp_linear_fc2_weight,
         export_decoder_layers_8_mlp_linear_fc2_weight,
@@ -2534,6 +2666,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         9,
         None,
+        1,
         ("model.layers.9.input_layernorm.weight",),
         import_decoder_layers_9_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_9_self_attention_linear_qkv_layer_norm_weight,
@@ -2546,6 +2679,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         9,
         None,
+        2,
         ("model.layers.9.self_attn.o_proj.weight",),
         import_decoder_layers_9_self_attention_linear_proj_weight,
         export_decoder_layers_9_self_attention_linear_proj_weight,
@@ -2558,6 +2692,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         9,
         None,
+        3,
         (
             "model.layers.9.self_attn.q_proj.weight",
             "model.layers.9.self_attn.k_proj.weight",
@@ -2574,6 +2709,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         9,
         None,
+        4,
         ("model.layers.9.post_attention_layernorm.weight",),
         import_decoder_layers_9_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_9_mlp_linear_fc1_layer_norm_weight,
@@ -2586,6 +2722,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         9,
         None,
+        5,
         ("model.layers.9.mlp.gate_proj.weight", "model.layers.9.mlp.up_proj.weight"),
         import_decoder_layers_9_mlp_linear_fc1_weight,
         export_decoder_layers_9_mlp_linear_fc1_weight,
@@ -2598,6 +2735,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         9,
         None,
+        6,
         ("model.layers.9.mlp.down_proj.weight",),
         import_decoder_layers_9_mlp_linear_fc2_weight,
         export_decoder_layers_9_mlp_linear_fc2_weight,
@@ -2610,6 +2748,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         10,
         None,
+        1,
         ("model.layers.10.input_layernorm.weight",),
         import_decoder_layers_10_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_10_self_attention_linear_qkv_layer_norm_weight,
@@ -2622,6 +2761,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         10,
         None,
+        2,
         ("model.layers.10.self_attn.o_proj.weight",),
         import_decoder_layers_10_self_attention_linear_proj_weight,
         export_decoder_layers_10_self_attention_linear_proj_weight,
@@ -2634,6 +2774,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         10,
         None,
+        3,
         (
             "model.layers.10.self_attn.q_proj.weight",
             "model.layers.10.self_attn.k_proj.weight",
@@ -2650,6 +2791,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         10,
         None,
+        4,
         ("model.layers.10.post_attention_layernorm.weight",),
         import_decoder_layers_10_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_10_mlp_linear_fc1_layer_norm_weight,
@@ -2662,6 +2804,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         10,
         None,
+        5,
         ("model.layers.10.mlp.gate_proj.weight", "model.layers.10.mlp.up_proj.weight"),
         import_decoder_layers_10_mlp_linear_fc1_weight,
         export_decoder_layers_10_mlp_linear_fc1_weight,
@@ -2674,6 +2817,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         10,
         None,
+        6,
         ("model.layers.10.mlp.down_proj.weight",),
         import_decoder_layers_10_mlp_linear_fc2_weight,
         export_decoder_layers_10_mlp_linear_fc2_weight,
@@ -2686,6 +2830,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         11,
         None,
+        1,
         ("model.layers.11.input_layernorm.weight",),
         import_decoder_layers_11_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_11_self_attention_linear_qkv_layer_norm_weight,
@@ -2698,6 +2843,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         11,
         None,
+        2,
         ("model.layers.11.self_attn.o_proj.weight",),
         import_decoder_layers_11_self_attention_linear_proj_weight,
         export_decoder_layers_11_self_attention_linear_proj_weight,
@@ -2710,6 +2856,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         11,
         None,
+        3,
         (
             "model.layers.11.self_attn.q_proj.weight",
             "model.layers.11.self_attn.k_proj.weight",
@@ -2726,6 +2873,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         11,
         None,
+        4,
         ("model.layers.11.post_attention_layernorm.weight",),
         import_decoder_layers_11_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_11_mlp_linear_fc1_layer_norm_weight,
@@ -2738,6 +2886,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         11,
         None,
+        5,
         ("model.layers.11.mlp.gate_proj.weight", "model.layers.11.mlp.up_proj.weight"),
         import_decoder_layers_11_mlp_linear_fc1_weight,
         export_decoder_layers_11_mlp_linear_fc1_weight,
@@ -2750,6 +2899,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         11,
         None,
+        6,
         ("model.layers.11.mlp.down_proj.weight",),
         import_decoder_layers_11_mlp_linear_fc2_weight,
         export_decoder_layers_11_mlp_linear_fc2_weight,
@@ -2762,6 +2912,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         12,
         None,
+        1,
         ("model.layers.12.input_layernorm.weight",),
         import_decoder_layers_12_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_12_self_attention_linear_qkv_layer_norm_weight,
@@ -2774,6 +2925,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         12,
         None,
+        2,
         ("model.layers.12.self_attn.o_proj.weight",),
         import_decoder_layers_12_self_attention_linear_proj_weight,
         export_decoder_layers_12_self_attention_linear_proj_weight,
@@ -2786,6 +2938,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         12,
         None,
+        3,
         (
             "model.layers.12.self_attn.q_proj.weight",
             "model.layers.12.self_attn.k_proj.weight",
@@ -2802,6 +2955,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         12,
         None,
+        4,
         ("model.layers.12.post_attention_layernorm.weight",),
         import_decoder_layers_12_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_12_mlp_linear_fc1_layer_norm_weight,
@@ -2814,6 +2968,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         12,
         None,
+        5,
         ("model.layers.12.mlp.gate_proj.weight", "model.layers.12.mlp.up_proj.weight"),
         import_decoder_layers_12_mlp_linear_fc1_weight,
         export_decoder_layers_12_mlp_linear_fc1_weight,
@@ -2826,6 +2981,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         12,
         None,
+        6,
         ("model.layers.12.mlp.down_proj.weight",),
         import_decoder_layers_12_mlp_linear_fc2_weight,
         export_decoder_layers_12_mlp_linear_fc2_weight,
@@ -2838,6 +2994,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         13,
         None,
+        1,
         ("model.layers.13.input_layernorm.weight",),
         import_decoder_layers_13_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_13_self_attention_linear_qkv_layer_norm_weight,
@@ -2850,6 +3007,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         13,
         None,
+        2,
         ("model.layers.13.self_attn.o_proj.weight",),
         import_decoder_layers_13_self_attention_linear_proj_weight,
         export_decoder_layers_13_self_attention_linear_proj_weight,
@@ -2862,6 +3020,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         13,
         None,
+        3,
         (
             "model.layers.13.self_attn.q_proj.weight",
             "model.layers.13.self_attn.k_proj.weight",
@@ -2878,6 +3037,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         13,
         None,
+        4,
         ("model.layers.13.post_attention_layernorm.weight",),
         import_decoder_layers_13_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_13_mlp_linear_fc1_layer_norm_weight,
@@ -2890,6 +3050,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         13,
         None,
+        5,
         ("model.layers.13.mlp.gate_proj.weight", "model.layers.13.mlp.up_proj.weight"),
         import_decoder_layers_13_mlp_linear_fc1_weight,
         export_decoder_layers_13_mlp_linear_fc1_weight,
@@ -2902,6 +3063,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         13,
         None,
+        6,
         ("model.layers.13.mlp.down_proj.weight",),
         import_decoder_layers_13_mlp_linear_fc2_weight,
         export_decoder_layers_13_mlp_linear_fc2_weight,
@@ -2914,6 +3076,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         14,
         None,
+        1,
         ("model.layers.14.input_layernorm.weight",),
         import_decoder_layers_14_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_14_self_attention_linear_qkv_layer_norm_weight,
@@ -2926,6 +3089,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         14,
         None,
+        2,
         ("model.layers.14.self_attn.o_proj.weight",),
         import_decoder_layers_14_self_attention_linear_proj_weight,
         export_decoder_layers_14_self_attention_linear_proj_weight,
@@ -2938,6 +3102,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         14,
         None,
+        3,
         (
             "model.layers.14.self_attn.q_proj.weight",
             "model.layers.14.self_attn.k_proj.weight",
@@ -2954,6 +3119,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         14,
         None,
+        4,
         ("model.layers.14.post_attention_layernorm.weight",),
         import_decoder_layers_14_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_14_mlp_linear_fc1_layer_norm_weight,
@@ -2966,6 +3132,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         14,
         None,
+        5,
         ("model.layers.14.mlp.gate_proj.weight", "model.layers.14.mlp.up_proj.weight"),
         import_decoder_layers_14_mlp_linear_fc1_weight,
         export_decoder_layers_14_mlp_linear_fc1_weight,
@@ -2978,6 +3145,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         14,
         None,
+        6,
         ("model.layers.14.mlp.down_proj.weight",),
         import_decoder_layers_14_mlp_linear_fc2_weight,
         export_decoder_layers_14_mlp_linear_fc2_weight,
@@ -2990,6 +3158,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         15,
         None,
+        1,
         ("model.layers.15.input_layernorm.weight",),
         import_decoder_layers_15_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_15_self_attention_linear_qkv_layer_norm_weight,
@@ -3002,6 +3171,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         15,
         None,
+        2,
         ("model.layers.15.self_attn.o_proj.weight",),
         import_decoder_layers_15_self_attention_linear_proj_weight,
         export_decoder_layers_15_self_attention_linear_proj_weight,
@@ -3014,6 +3184,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         15,
         None,
+        3,
         (
             "model.layers.15.self_attn.q_proj.weight",
             "model.layers.15.self_attn.k_proj.weight",
@@ -3030,6 +3201,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         15,
         None,
+        4,
         ("model.layers.15.post_attention_layernorm.weight",),
         import_decoder_layers_15_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_15_mlp_linear_fc1_layer_norm_weight,
@@ -3042,6 +3214,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         15,
         None,
+        5,
         ("model.layers.15.mlp.gate_proj.weight", "model.layers.15.mlp.up_proj.weight"),
         import_decoder_layers_15_mlp_linear_fc1_weight,
         export_decoder_layers_15_mlp_linear_fc1_weight,
@@ -3054,6 +3227,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         15,
         None,
+        6,
         ("model.layers.15.mlp.down_proj.weight",),
         import_decoder_layers_15_mlp_linear_fc2_weight,
         export_decoder_layers_15_mlp_linear_fc2_weight,
@@ -3066,6 +3240,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         None,
         None,
+        7,
         ("model.norm.weight",),
         import_decoder_final_layernorm_weight,
         export_decoder_final_layernorm_weight,

@@ -13,8 +13,17 @@ from typing import Final
 from torch import Tensor
 
 from mapgen import runtime as rt
-from mapgen.dims import ModelDims
-from mapgen.runtime import ExportFn, HFTensorPlan, ImportFn, Loader, ParallelContext, ParamPlan
+from mapgen.runtime import (
+    ExportFn,
+    HFTensorPlan,
+    ImportFn,
+    Loader,
+    ModelDims,
+    ParallelContext,
+    ParamPlan,
+    QKVGeometry,
+    RulePlan,
+)
 
 TARGET: Final = "llama3_2_1b_hybrid"
 LAYOUT: Final = "te"
@@ -75,51 +84,119 @@ DIMS: Final = ModelDims(
     v_head_dim=0,
 )
 
+# The spec's rules this module applies, in the order their first parameter appears. The
+# functions' docstrings cite them by id (the Megatron pattern, or the rule's `id:`); PARAMS by
+# index. Fields: id, kind, Megatron pattern, HF patterns, their roles, then permute_dims and the
+# QKV geometry (heads, query groups, head dim, output gate) where the kind has them.
+RULES: Final[tuple[RulePlan, ...]] = (
+    RulePlan(
+        "embedding.word_embeddings.weight",
+        "auto",
+        "embedding.word_embeddings.weight",
+        ("model.embed_tokens.weight",),
+        ("hf",),
+    ),
+    RulePlan(
+        "decoder.layers.*.self_attention.linear_qkv.layer_norm_weight",
+        "auto",
+        "decoder.layers.*.self_attention.linear_qkv.layer_norm_weight",
+        ("model.layers.*.input_layernorm.weight",),
+        ("hf",),
+    ),
+    RulePlan(
+        "decoder.layers.*.self_attention.linear_proj.weight",
+        "auto",
+        "decoder.layers.*.self_attention.linear_proj.weight",
+        ("model.layers.*.self_attn.o_proj.weight",),
+        ("hf",),
+    ),
+    RulePlan(
+        "decoder.layers.*.self_attention.linear_qkv.weight",
+        "qkv",
+        "decoder.layers.*.self_attention.linear_qkv.weight",
+        (
+            "model.layers.*.self_attn.q_proj.weight",
+            "model.layers.*.self_attn.k_proj.weight",
+            "model.layers.*.self_attn.v_proj.weight",
+        ),
+        ("q", "k", "v"),
+        qkv=QKVGeometry(32, 8, 64, False),
+    ),
+    RulePlan(
+        "decoder.layers.*.mlp.linear_fc1.layer_norm_weight",
+        "auto",
+        "decoder.layers.*.mlp.linear_fc1.layer_norm_weight",
+        ("model.layers.*.post_attention_layernorm.weight",),
+        ("hf",),
+    ),
+    RulePlan(
+        "decoder.layers.*.mlp.linear_fc1.weight",
+        "gated_mlp",
+        "decoder.layers.*.mlp.linear_fc1.weight",
+        ("model.layers.*.mlp.gate_proj.weight", "model.layers.*.mlp.up_proj.weight"),
+        ("gate", "up"),
+    ),
+    RulePlan(
+        "decoder.layers.*.mlp.linear_fc2.weight",
+        "auto",
+        "decoder.layers.*.mlp.linear_fc2.weight",
+        ("model.layers.*.mlp.down_proj.weight",),
+        ("hf",),
+    ),
+    RulePlan(
+        "decoder.final_layernorm.weight",
+        "auto",
+        "decoder.final_layernorm.weight",
+        ("model.norm.weight",),
+        ("hf",),
+    ),
+)
+
 
 def import_embedding_word_embeddings_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> column: specs/llama.yaml:29."""
+    """auto -> column: embedding.word_embeddings.weight."""
     return rt.column_import(ctx.tp, load("model.embed_tokens.weight"), out=out)
 
 
 def export_embedding_word_embeddings_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> column: specs/llama.yaml:29."""
+    """auto -> column: embedding.word_embeddings.weight."""
     return {"model.embed_tokens.weight": rt.column_export(parts)}
 
 
 def import_decoder_layers_0_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.0.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_0_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.0.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_0_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.0.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_0_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.0.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_0_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.0.self_attn.q_proj.weight"),
@@ -135,7 +212,7 @@ def import_decoder_layers_0_self_attention_linear_qkv_weight(
 def export_decoder_layers_0_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -151,21 +228,21 @@ def export_decoder_layers_0_self_attention_linear_qkv_weight(
 def import_decoder_layers_1_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.0.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_1_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.0.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_1_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.0.mlp.gate_proj.weight"),
@@ -175,7 +252,7 @@ def import_decoder_layers_1_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_1_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weight"),
@@ -187,47 +264,47 @@ def export_decoder_layers_1_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> di
 def import_decoder_layers_1_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.0.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_1_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.0.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_2_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.1.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_2_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.1.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_2_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.1.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_2_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.1.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_2_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.1.self_attn.q_proj.weight"),
@@ -243,7 +320,7 @@ def import_decoder_layers_2_self_attention_linear_qkv_weight(
 def export_decoder_layers_2_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -259,21 +336,21 @@ def export_decoder_layers_2_self_attention_linear_qkv_weight(
 def import_decoder_layers_3_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.1.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_3_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.1.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_3_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.1.mlp.gate_proj.weight"),
@@ -283,7 +360,7 @@ def import_decoder_layers_3_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_3_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.1.mlp.gate_proj.weight", "model.layers.1.mlp.up_proj.weight"),
@@ -295,47 +372,47 @@ def export_decoder_layers_3_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> di
 def import_decoder_layers_3_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.1.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_3_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.1.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_4_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.2.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_4_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.2.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_4_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.2.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_4_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.2.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_4_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.2.self_attn.q_proj.weight"),
@@ -351,7 +428,7 @@ def import_decoder_layers_4_self_attention_linear_qkv_weight(
 def export_decoder_layers_4_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -367,21 +444,21 @@ def export_decoder_layers_4_self_attention_linear_qkv_weight(
 def import_decoder_layers_5_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.2.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_5_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.2.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_5_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.2.mlp.gate_proj.weight"),
@@ -391,7 +468,7 @@ def import_decoder_layers_5_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_5_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.2.mlp.gate_proj.weight", "model.layers.2.mlp.up_proj.weight"),
@@ -403,47 +480,47 @@ def export_decoder_layers_5_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> di
 def import_decoder_layers_5_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.2.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_5_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.2.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_6_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.3.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_6_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.3.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_6_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.3.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_6_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.3.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_6_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.3.self_attn.q_proj.weight"),
@@ -459,7 +536,7 @@ def import_decoder_layers_6_self_attention_linear_qkv_weight(
 def export_decoder_layers_6_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -475,21 +552,21 @@ def export_decoder_layers_6_self_attention_linear_qkv_weight(
 def import_decoder_layers_7_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.3.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_7_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.3.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_7_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.3.mlp.gate_proj.weight"),
@@ -499,7 +576,7 @@ def import_decoder_layers_7_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_7_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.3.mlp.gate_proj.weight", "model.layers.3.mlp.up_proj.weight"),
@@ -511,47 +588,47 @@ def export_decoder_layers_7_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> di
 def import_decoder_layers_7_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.3.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_7_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.3.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_8_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.4.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_8_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.4.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_8_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.4.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_8_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.4.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_8_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.4.self_attn.q_proj.weight"),
@@ -567,7 +644,7 @@ def import_decoder_layers_8_self_attention_linear_qkv_weight(
 def export_decoder_layers_8_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -583,21 +660,21 @@ def export_decoder_layers_8_self_attention_linear_qkv_weight(
 def import_decoder_layers_9_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.4.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_9_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.4.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_9_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.4.mlp.gate_proj.weight"),
@@ -607,7 +684,7 @@ def import_decoder_layers_9_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_9_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.4.mlp.gate_proj.weight", "model.layers.4.mlp.up_proj.weight"),
@@ -619,47 +696,47 @@ def export_decoder_layers_9_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> di
 def import_decoder_layers_9_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.4.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_9_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.4.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_10_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.5.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_10_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.5.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_10_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.5.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_10_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.5.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_10_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.5.self_attn.q_proj.weight"),
@@ -675,7 +752,7 @@ def import_decoder_layers_10_self_attention_linear_qkv_weight(
 def export_decoder_layers_10_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -691,21 +768,21 @@ def export_decoder_layers_10_self_attention_linear_qkv_weight(
 def import_decoder_layers_11_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.5.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_11_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.5.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_11_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.5.mlp.gate_proj.weight"),
@@ -715,7 +792,7 @@ def import_decoder_layers_11_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_11_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.5.mlp.gate_proj.weight", "model.layers.5.mlp.up_proj.weight"),
@@ -727,47 +804,47 @@ def export_decoder_layers_11_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_11_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.5.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_11_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.5.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_12_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.6.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_12_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.6.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_12_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.6.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_12_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.6.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_12_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.6.self_attn.q_proj.weight"),
@@ -783,7 +860,7 @@ def import_decoder_layers_12_self_attention_linear_qkv_weight(
 def export_decoder_layers_12_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -799,21 +876,21 @@ def export_decoder_layers_12_self_attention_linear_qkv_weight(
 def import_decoder_layers_13_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.6.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_13_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.6.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_13_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.6.mlp.gate_proj.weight"),
@@ -823,7 +900,7 @@ def import_decoder_layers_13_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_13_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.6.mlp.gate_proj.weight", "model.layers.6.mlp.up_proj.weight"),
@@ -835,47 +912,47 @@ def export_decoder_layers_13_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_13_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.6.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_13_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.6.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_14_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.7.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_14_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.7.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_14_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.7.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_14_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.7.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_14_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.7.self_attn.q_proj.weight"),
@@ -891,7 +968,7 @@ def import_decoder_layers_14_self_attention_linear_qkv_weight(
 def export_decoder_layers_14_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -907,21 +984,21 @@ def export_decoder_layers_14_self_attention_linear_qkv_weight(
 def import_decoder_layers_15_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.7.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_15_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.7.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_15_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.7.mlp.gate_proj.weight"),
@@ -931,7 +1008,7 @@ def import_decoder_layers_15_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_15_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.7.mlp.gate_proj.weight", "model.layers.7.mlp.up_proj.weight"),
@@ -943,47 +1020,47 @@ def export_decoder_layers_15_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_15_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.7.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_15_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.7.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_16_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.8.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_16_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.8.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_16_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.8.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_16_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.8.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_16_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.8.self_attn.q_proj.weight"),
@@ -999,7 +1076,7 @@ def import_decoder_layers_16_self_attention_linear_qkv_weight(
 def export_decoder_layers_16_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -1015,21 +1092,21 @@ def export_decoder_layers_16_self_attention_linear_qkv_weight(
 def import_decoder_layers_17_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.8.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_17_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.8.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_17_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.8.mlp.gate_proj.weight"),
@@ -1039,7 +1116,7 @@ def import_decoder_layers_17_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_17_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.8.mlp.gate_proj.weight", "model.layers.8.mlp.up_proj.weight"),
@@ -1051,47 +1128,47 @@ def export_decoder_layers_17_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_17_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.8.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_17_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.8.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_18_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.9.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_18_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.9.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_18_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.9.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_18_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.9.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_18_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.9.self_attn.q_proj.weight"),
@@ -1107,7 +1184,7 @@ def import_decoder_layers_18_self_attention_linear_qkv_weight(
 def export_decoder_layers_18_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -1123,21 +1200,21 @@ def export_decoder_layers_18_self_attention_linear_qkv_weight(
 def import_decoder_layers_19_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.9.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_19_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.9.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_19_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.9.mlp.gate_proj.weight"),
@@ -1147,7 +1224,7 @@ def import_decoder_layers_19_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_19_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.9.mlp.gate_proj.weight", "model.layers.9.mlp.up_proj.weight"),
@@ -1159,47 +1236,47 @@ def export_decoder_layers_19_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_19_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.9.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_19_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.9.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_20_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.10.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_20_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.10.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_20_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.10.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_20_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.10.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_20_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.10.self_attn.q_proj.weight"),
@@ -1215,7 +1292,7 @@ def import_decoder_layers_20_self_attention_linear_qkv_weight(
 def export_decoder_layers_20_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -1231,21 +1308,21 @@ def export_decoder_layers_20_self_attention_linear_qkv_weight(
 def import_decoder_layers_21_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.10.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_21_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.10.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_21_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.10.mlp.gate_proj.weight"),
@@ -1255,7 +1332,7 @@ def import_decoder_layers_21_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_21_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.10.mlp.gate_proj.weight", "model.layers.10.mlp.up_proj.weight"),
@@ -1267,47 +1344,47 @@ def export_decoder_layers_21_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_21_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.10.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_21_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.10.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_22_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.11.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_22_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.11.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_22_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.11.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_22_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.11.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_22_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.11.self_attn.q_proj.weight"),
@@ -1323,7 +1400,7 @@ def import_decoder_layers_22_self_attention_linear_qkv_weight(
 def export_decoder_layers_22_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -1339,21 +1416,21 @@ def export_decoder_layers_22_self_attention_linear_qkv_weight(
 def import_decoder_layers_23_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.11.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_23_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.11.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_23_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.11.mlp.gate_proj.weight"),
@@ -1363,7 +1440,7 @@ def import_decoder_layers_23_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_23_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.11.mlp.gate_proj.weight", "model.layers.11.mlp.up_proj.weight"),
@@ -1375,47 +1452,47 @@ def export_decoder_layers_23_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_23_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.11.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_23_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.11.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_24_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.12.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_24_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.12.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_24_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.12.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_24_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.12.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_24_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.12.self_attn.q_proj.weight"),
@@ -1431,7 +1508,7 @@ def import_decoder_layers_24_self_attention_linear_qkv_weight(
 def export_decoder_layers_24_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -1447,21 +1524,21 @@ def export_decoder_layers_24_self_attention_linear_qkv_weight(
 def import_decoder_layers_25_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.12.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_25_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.12.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_25_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.12.mlp.gate_proj.weight"),
@@ -1471,7 +1548,7 @@ def import_decoder_layers_25_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_25_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.12.mlp.gate_proj.weight", "model.layers.12.mlp.up_proj.weight"),
@@ -1483,47 +1560,47 @@ def export_decoder_layers_25_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_25_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.12.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_25_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.12.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_26_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.13.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_26_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.13.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_26_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.13.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_26_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.13.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_26_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.13.self_attn.q_proj.weight"),
@@ -1539,7 +1616,7 @@ def import_decoder_layers_26_self_attention_linear_qkv_weight(
 def export_decoder_layers_26_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -1555,21 +1632,21 @@ def export_decoder_layers_26_self_attention_linear_qkv_weight(
 def import_decoder_layers_27_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.13.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_27_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.13.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_27_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.13.mlp.gate_proj.weight"),
@@ -1579,7 +1656,7 @@ def import_decoder_layers_27_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_27_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.13.mlp.gate_proj.weight", "model.layers.13.mlp.up_proj.weight"),
@@ -1591,47 +1668,47 @@ def export_decoder_layers_27_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_27_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.13.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_27_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.13.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_28_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.14.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_28_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.14.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_28_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.14.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_28_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.14.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_28_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.14.self_attn.q_proj.weight"),
@@ -1647,7 +1724,7 @@ def import_decoder_layers_28_self_attention_linear_qkv_weight(
 def export_decoder_layers_28_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -1663,21 +1740,21 @@ def export_decoder_layers_28_self_attention_linear_qkv_weight(
 def import_decoder_layers_29_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.14.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_29_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.14.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_29_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.14.mlp.gate_proj.weight"),
@@ -1687,7 +1764,7 @@ def import_decoder_layers_29_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_29_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.14.mlp.gate_proj.weight", "model.layers.14.mlp.up_proj.weight"),
@@ -1699,47 +1776,47 @@ def export_decoder_layers_29_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_29_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.14.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_29_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.14.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_30_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.15.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_30_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:32."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.15.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_30_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.15.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_30_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:42."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.15.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_30_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.15.self_attn.q_proj.weight"),
@@ -1755,7 +1832,7 @@ def import_decoder_layers_30_self_attention_linear_qkv_weight(
 def export_decoder_layers_30_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/llama.yaml:35."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -1771,21 +1848,21 @@ def export_decoder_layers_30_self_attention_linear_qkv_weight(
 def import_decoder_layers_31_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.15.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_31_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:45."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.15.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_31_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.15.mlp.gate_proj.weight"),
@@ -1795,7 +1872,7 @@ def import_decoder_layers_31_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_31_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/llama.yaml:48."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.15.mlp.gate_proj.weight", "model.layers.15.mlp.up_proj.weight"),
@@ -1807,29 +1884,29 @@ def export_decoder_layers_31_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_31_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.15.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_31_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/llama.yaml:51."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.15.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_final_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/llama.yaml:54."""
+    """auto -> replicated: decoder.final_layernorm.weight."""
     return rt.whole_import(load("model.norm.weight"), out=out)
 
 
 def export_decoder_final_norm_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> replicated: specs/llama.yaml:54."""
+    """auto -> replicated: decoder.final_layernorm.weight."""
     return {"model.norm.weight": parts[0]}
 
 
-# megatron_name, global shape, dtype, TP split dim, expert-parallel, layer, expert, HF tensors,
-# import function, export function
+# megatron_name, global shape, dtype, TP split dim, expert-parallel, layer, expert, rule (index
+# into RULES), HF tensors, import function, export function
 PARAMS: Final[tuple[ParamPlan, ...]] = (
     ParamPlan(
         "embedding.word_embeddings.weight",
@@ -1839,6 +1916,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         None,
         None,
+        0,
         ("model.embed_tokens.weight",),
         import_embedding_word_embeddings_weight,
         export_embedding_word_embeddings_weight,
@@ -1851,6 +1929,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         0,
         None,
+        1,
         ("model.layers.0.input_layernorm.weight",),
         import_decoder_layers_0_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_0_self_attention_linear_qkv_layer_norm_weight,
@@ -1863,6 +1942,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         0,
         None,
+        2,
         ("model.layers.0.self_attn.o_proj.weight",),
         import_decoder_layers_0_self_attention_linear_proj_weight,
         export_decoder_layers_0_self_attention_linear_proj_weight,
@@ -1875,6 +1955,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         0,
         None,
+        3,
         (
             "model.layers.0.self_attn.q_proj.weight",
             "model.layers.0.self_attn.k_proj.weight",
@@ -1891,6 +1972,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         1,
         None,
+        4,
         ("model.layers.0.post_attention_layernorm.weight",),
         import_decoder_layers_1_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_1_mlp_linear_fc1_layer_norm_weight,
@@ -1903,6 +1985,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         1,
         None,
+        5,
         ("model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weight"),
         import_decoder_layers_1_mlp_linear_fc1_weight,
         export_decoder_layers_1_mlp_linear_fc1_weight,
@@ -1915,6 +1998,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         1,
         None,
+        6,
         ("model.layers.0.mlp.down_proj.weight",),
         import_decoder_layers_1_mlp_linear_fc2_weight,
         export_decoder_layers_1_mlp_linear_fc2_weight,
@@ -1927,6 +2011,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         2,
         None,
+        1,
         ("model.layers.1.input_layernorm.weight",),
         import_decoder_layers_2_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_2_self_attention_linear_qkv_layer_norm_weight,
@@ -1939,6 +2024,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         2,
         None,
+        2,
         ("model.layers.1.self_attn.o_proj.weight",),
         import_decoder_layers_2_self_attention_linear_proj_weight,
         export_decoder_layers_2_self_attention_linear_proj_weight,
@@ -1951,6 +2037,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         2,
         None,
+        3,
         (
             "model.layers.1.self_attn.q_proj.weight",
             "model.layers.1.self_attn.k_proj.weight",
@@ -1967,6 +2054,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         3,
         None,
+        4,
         ("model.layers.1.post_attention_layernorm.weight",),
         import_decoder_layers_3_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_3_mlp_linear_fc1_layer_norm_weight,
@@ -1979,6 +2067,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         3,
         None,
+        5,
         ("model.layers.1.mlp.gate_proj.weight", "model.layers.1.mlp.up_proj.weight"),
         import_decoder_layers_3_mlp_linear_fc1_weight,
         export_decoder_layers_3_mlp_linear_fc1_weight,
@@ -1991,6 +2080,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         3,
         None,
+        6,
         ("model.layers.1.mlp.down_proj.weight",),
         import_decoder_layers_3_mlp_linear_fc2_weight,
         export_decoder_layers_3_mlp_linear_fc2_weight,
@@ -2003,6 +2093,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         4,
         None,
+        1,
         ("model.layers.2.input_layernorm.weight",),
         import_decoder_layers_4_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_4_self_attention_linear_qkv_layer_norm_weight,
@@ -2015,6 +2106,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         4,
         None,
+        2,
         ("model.layers.2.self_attn.o_proj.weight",),
         import_decoder_layers_4_self_attention_linear_proj_weight,
         export_decoder_layers_4_self_attention_linear_proj_weight,
@@ -2027,6 +2119,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         4,
         None,
+        3,
         (
             "model.layers.2.self_attn.q_proj.weight",
             "model.layers.2.self_attn.k_proj.weight",
@@ -2043,6 +2136,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         5,
         None,
+        4,
         ("model.layers.2.post_attention_layernorm.weight",),
         import_decoder_layers_5_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_5_mlp_linear_fc1_layer_norm_weight,
@@ -2055,6 +2149,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         5,
         None,
+        5,
         ("model.layers.2.mlp.gate_proj.weight", "model.layers.2.mlp.up_proj.weight"),
         import_decoder_layers_5_mlp_linear_fc1_weight,
         export_decoder_layers_5_mlp_linear_fc1_weight,
@@ -2067,6 +2162,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         5,
         None,
+        6,
         ("model.layers.2.mlp.down_proj.weight",),
         import_decoder_layers_5_mlp_linear_fc2_weight,
         export_decoder_layers_5_mlp_linear_fc2_weight,
@@ -2079,6 +2175,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         6,
         None,
+        1,
         ("model.layers.3.input_layernorm.weight",),
         import_decoder_layers_6_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_6_self_attention_linear_qkv_layer_norm_weight,
@@ -2091,6 +2188,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         6,
         None,
+        2,
         ("model.layers.3.self_attn.o_proj.weight",),
         import_decoder_layers_6_self_attention_linear_proj_weight,
         export_decoder_layers_6_self_attention_linear_proj_weight,
@@ -2103,6 +2201,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         6,
         None,
+        3,
         (
             "model.layers.3.self_attn.q_proj.weight",
             "model.layers.3.self_attn.k_proj.weight",
@@ -2119,6 +2218,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         7,
         None,
+        4,
         ("model.layers.3.post_attention_layernorm.weight",),
         import_decoder_layers_7_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_7_mlp_linear_fc1_layer_norm_weight,
@@ -2131,6 +2231,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         7,
         None,
+        5,
         ("model.layers.3.mlp.gate_proj.weight", "model.layers.3.mlp.up_proj.weight"),
         import_decoder_layers_7_mlp_linear_fc1_weight,
         export_decoder_layers_7_mlp_linear_fc1_weight,
@@ -2143,6 +2244,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         7,
         None,
+        6,
         ("model.layers.3.mlp.down_proj.weight",),
         import_decoder_layers_7_mlp_linear_fc2_weight,
         export_decoder_layers_7_mlp_linear_fc2_weight,
@@ -2155,6 +2257,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         8,
         None,
+        1,
         ("model.layers.4.input_layernorm.weight",),
         import_decoder_layers_8_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_8_self_attention_linear_qkv_layer_norm_weight,
@@ -2167,6 +2270,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         8,
         None,
+        2,
         ("model.layers.4.self_attn.o_proj.weight",),
         import_decoder_layers_8_self_attention_linear_proj_weight,
         export_decoder_layers_8_self_attention_linear_proj_weight,
@@ -2179,6 +2283,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         8,
         None,
+        3,
         (
             "model.layers.4.self_attn.q_proj.weight",
             "model.layers.4.self_attn.k_proj.weight",
@@ -2195,6 +2300,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         9,
         None,
+        4,
         ("model.layers.4.post_attention_layernorm.weight",),
         import_decoder_layers_9_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_9_mlp_linear_fc1_layer_norm_weight,
@@ -2207,6 +2313,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         9,
         None,
+        5,
         ("model.layers.4.mlp.gate_proj.weight", "model.layers.4.mlp.up_proj.weight"),
         import_decoder_layers_9_mlp_linear_fc1_weight,
         export_decoder_layers_9_mlp_linear_fc1_weight,
@@ -2219,6 +2326,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         9,
         None,
+        6,
         ("model.layers.4.mlp.down_proj.weight",),
         import_decoder_layers_9_mlp_linear_fc2_weight,
         export_decoder_layers_9_mlp_linear_fc2_weight,
@@ -2231,6 +2339,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         10,
         None,
+        1,
         ("model.layers.5.input_layernorm.weight",),
         import_decoder_layers_10_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_10_self_attention_linear_qkv_layer_norm_weight,
@@ -2243,6 +2352,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         10,
         None,
+        2,
         ("model.layers.5.self_attn.o_proj.weight",),
         import_decoder_layers_10_self_attention_linear_proj_weight,
         export_decoder_layers_10_self_attention_linear_proj_weight,
@@ -2255,6 +2365,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         10,
         None,
+        3,
         (
             "model.layers.5.self_attn.q_proj.weight",
             "model.layers.5.self_attn.k_proj.weight",
@@ -2271,6 +2382,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         11,
         None,
+        4,
         ("model.layers.5.post_attention_layernorm.weight",),
         import_decoder_layers_11_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_11_mlp_linear_fc1_layer_norm_weight,
@@ -2283,6 +2395,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         11,
         None,
+        5,
         ("model.layers.5.mlp.gate_proj.weight", "model.layers.5.mlp.up_proj.weight"),
         import_decoder_layers_11_mlp_linear_fc1_weight,
         export_decoder_layers_11_mlp_linear_fc1_weight,
@@ -2295,6 +2408,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         11,
         None,
+        6,
         ("model.layers.5.mlp.down_proj.weight",),
         import_decoder_layers_11_mlp_linear_fc2_weight,
         export_decoder_layers_11_mlp_linear_fc2_weight,
@@ -2307,6 +2421,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         12,
         None,
+        1,
         ("model.layers.6.input_layernorm.weight",),
         import_decoder_layers_12_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_12_self_attention_linear_qkv_layer_norm_weight,
@@ -2319,6 +2434,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         12,
         None,
+        2,
         ("model.layers.6.self_attn.o_proj.weight",),
         import_decoder_layers_12_self_attention_linear_proj_weight,
         export_decoder_layers_12_self_attention_linear_proj_weight,
@@ -2331,6 +2447,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         12,
         None,
+        3,
         (
             "model.layers.6.self_attn.q_proj.weight",
             "model.layers.6.self_attn.k_proj.weight",
@@ -2347,6 +2464,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         13,
         None,
+        4,
         ("model.layers.6.post_attention_layernorm.weight",),
         import_decoder_layers_13_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_13_mlp_linear_fc1_layer_norm_weight,
@@ -2359,6 +2477,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         13,
         None,
+        5,
         ("model.layers.6.mlp.gate_proj.weight", "model.layers.6.mlp.up_proj.weight"),
         import_decoder_layers_13_mlp_linear_fc1_weight,
         export_decoder_layers_13_mlp_linear_fc1_weight,
@@ -2371,6 +2490,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         13,
         None,
+        6,
         ("model.layers.6.mlp.down_proj.weight",),
         import_decoder_layers_13_mlp_linear_fc2_weight,
         export_decoder_layers_13_mlp_linear_fc2_weight,
@@ -2383,6 +2503,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         14,
         None,
+        1,
         ("model.layers.7.input_layernorm.weight",),
         import_decoder_layers_14_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_14_self_attention_linear_qkv_layer_norm_weight,
@@ -2395,6 +2516,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         14,
         None,
+        2,
         ("model.layers.7.self_attn.o_proj.weight",),
         import_decoder_layers_14_self_attention_linear_proj_weight,
         export_decoder_layers_14_self_attention_linear_proj_weight,
@@ -2407,6 +2529,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         14,
         None,
+        3,
         (
             "model.layers.7.self_attn.q_proj.weight",
             "model.layers.7.self_attn.k_proj.weight",
@@ -2423,6 +2546,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         15,
         None,
+        4,
         ("model.layers.7.post_attention_layernorm.weight",),
         import_decoder_layers_15_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_15_mlp_linear_fc1_layer_norm_weight,
@@ -2435,6 +2559,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         15,
         None,
+        5,
         ("model.layers.7.mlp.gate_proj.weight", "model.layers.7.mlp.up_proj.weight"),
         import_decoder_layers_15_mlp_linear_fc1_weight,
         export_decoder_layers_15_mlp_linear_fc1_weight,
@@ -2447,6 +2572,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         15,
         None,
+        6,
         ("model.layers.7.mlp.down_proj.weight",),
         import_decoder_layers_15_mlp_linear_fc2_weight,
         export_decoder_layers_15_mlp_linear_fc2_weight,
@@ -2459,6 +2585,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         16,
         None,
+        1,
         ("model.layers.8.input_layernorm.weight",),
         import_decoder_layers_16_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_16_self_attention_linear_qkv_layer_norm_weight,
@@ -2471,6 +2598,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         16,
         None,
+        2,
         ("model.layers.8.self_attn.o_proj.weight",),
         import_decoder_layers_16_self_attention_linear_proj_weight,
         export_decoder_layers_16_self_attention_linear_proj_weight,
@@ -2483,6 +2611,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         16,
         None,
+        3,
         (
             "model.layers.8.self_attn.q_proj.weight",
             "model.layers.8.self_attn.k_proj.weight",
@@ -2499,6 +2628,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         17,
         None,
+        4,
         ("model.layers.8.post_attention_layernorm.weight",),
         import_decoder_layers_17_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_17_mlp_linear_fc1_layer_norm_weight,
@@ -2511,6 +2641,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         17,
         None,
+        5,
         ("model.layers.8.mlp.gate_proj.weight", "model.layers.8.mlp.up_proj.weight"),
         import_decoder_layers_17_mlp_linear_fc1_weight,
         export_decoder_layers_17_mlp_linear_fc1_weight,
@@ -2523,6 +2654,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         17,
         None,
+        6,
         ("model.layers.8.mlp.down_proj.weight",),
         import_decoder_layers_17_mlp_linear_fc2_weight,
         export_decoder_layers_17_mlp_linear_fc2_weight,
@@ -2535,6 +2667,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         18,
         None,
+        1,
         ("model.layers.9.input_layernorm.weight",),
         import_decoder_layers_18_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_18_self_attention_linear_qkv_layer_norm_weight,
@@ -2547,6 +2680,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         18,
         None,
+        2,
         ("model.layers.9.self_attn.o_proj.weight",),
         import_decoder_layers_18_self_attention_linear_proj_weight,
         export_decoder_layers_18_self_attention_linear_proj_weight,
@@ -2559,6 +2693,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         18,
         None,
+        3,
         (
             "model.layers.9.self_attn.q_proj.weight",
             "model.layers.9.self_attn.k_proj.weight",
@@ -2575,6 +2710,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         19,
         None,
+        4,
         ("model.layers.9.post_attention_layernorm.weight",),
         import_decoder_layers_19_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_19_mlp_linear_fc1_layer_norm_weight,
@@ -2587,6 +2723,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         19,
         None,
+        5,
         ("model.layers.9.mlp.gate_proj.weight", "model.layers.9.mlp.up_proj.weight"),
         import_decoder_layers_19_mlp_linear_fc1_weight,
         export_decoder_layers_19_mlp_linear_fc1_weight,
@@ -2599,6 +2736,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         19,
         None,
+        6,
         ("model.layers.9.mlp.down_proj.weight",),
         import_decoder_layers_19_mlp_linear_fc2_weight,
         export_decoder_layers_19_mlp_linear_fc2_weight,
@@ -2611,6 +2749,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         20,
         None,
+        1,
         ("model.layers.10.input_layernorm.weight",),
         import_decoder_layers_20_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_20_self_attention_linear_qkv_layer_norm_weight,
@@ -2623,6 +2762,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         20,
         None,
+        2,
         ("model.layers.10.self_attn.o_proj.weight",),
         import_decoder_layers_20_self_attention_linear_proj_weight,
         export_decoder_layers_20_self_attention_linear_proj_weight,
@@ -2635,6 +2775,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         20,
         None,
+        3,
         (
             "model.layers.10.self_attn.q_proj.weight",
             "model.layers.10.self_attn.k_proj.weight",
@@ -2651,6 +2792,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         21,
         None,
+        4,
         ("model.layers.10.post_attention_layernorm.weight",),
         import_decoder_layers_21_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_21_mlp_linear_fc1_layer_norm_weight,
@@ -2663,6 +2805,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         21,
         None,
+        5,
         ("model.layers.10.mlp.gate_proj.weight", "model.layers.10.mlp.up_proj.weight"),
         import_decoder_layers_21_mlp_linear_fc1_weight,
         export_decoder_layers_21_mlp_linear_fc1_weight,
@@ -2675,6 +2818,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         21,
         None,
+        6,
         ("model.layers.10.mlp.down_proj.weight",),
         import_decoder_layers_21_mlp_linear_fc2_weight,
         export_decoder_layers_21_mlp_linear_fc2_weight,
@@ -2687,6 +2831,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         22,
         None,
+        1,
         ("model.layers.11.input_layernorm.weight",),
         import_decoder_layers_22_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_22_self_attention_linear_qkv_layer_norm_weight,
@@ -2699,6 +2844,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         22,
         None,
+        2,
         ("model.layers.11.self_attn.o_proj.weight",),
         import_decoder_layers_22_self_attention_linear_proj_weight,
         export_decoder_layers_22_self_attention_linear_proj_weight,
@@ -2711,6 +2857,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         22,
         None,
+        3,
         (
             "model.layers.11.self_attn.q_proj.weight",
             "model.layers.11.self_attn.k_proj.weight",
@@ -2727,6 +2874,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         23,
         None,
+        4,
         ("model.layers.11.post_attention_layernorm.weight",),
         import_decoder_layers_23_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_23_mlp_linear_fc1_layer_norm_weight,
@@ -2739,6 +2887,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         23,
         None,
+        5,
         ("model.layers.11.mlp.gate_proj.weight", "model.layers.11.mlp.up_proj.weight"),
         import_decoder_layers_23_mlp_linear_fc1_weight,
         export_decoder_layers_23_mlp_linear_fc1_weight,
@@ -2751,6 +2900,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         23,
         None,
+        6,
         ("model.layers.11.mlp.down_proj.weight",),
         import_decoder_layers_23_mlp_linear_fc2_weight,
         export_decoder_layers_23_mlp_linear_fc2_weight,
@@ -2763,6 +2913,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         24,
         None,
+        1,
         ("model.layers.12.input_layernorm.weight",),
         import_decoder_layers_24_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_24_self_attention_linear_qkv_layer_norm_weight,
@@ -2775,6 +2926,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         24,
         None,
+        2,
         ("model.layers.12.self_attn.o_proj.weight",),
         import_decoder_layers_24_self_attention_linear_proj_weight,
         export_decoder_layers_24_self_attention_linear_proj_weight,
@@ -2787,6 +2939,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         24,
         None,
+        3,
         (
             "model.layers.12.self_attn.q_proj.weight",
             "model.layers.12.self_attn.k_proj.weight",
@@ -2803,6 +2956,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         25,
         None,
+        4,
         ("model.layers.12.post_attention_layernorm.weight",),
         import_decoder_layers_25_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_25_mlp_linear_fc1_layer_norm_weight,
@@ -2815,6 +2969,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         25,
         None,
+        5,
         ("model.layers.12.mlp.gate_proj.weight", "model.layers.12.mlp.up_proj.weight"),
         import_decoder_layers_25_mlp_linear_fc1_weight,
         export_decoder_layers_25_mlp_linear_fc1_weight,
@@ -2827,6 +2982,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         25,
         None,
+        6,
         ("model.layers.12.mlp.down_proj.weight",),
         import_decoder_layers_25_mlp_linear_fc2_weight,
         export_decoder_layers_25_mlp_linear_fc2_weight,
@@ -2839,6 +2995,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         26,
         None,
+        1,
         ("model.layers.13.input_layernorm.weight",),
         import_decoder_layers_26_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_26_self_attention_linear_qkv_layer_norm_weight,
@@ -2851,6 +3008,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         26,
         None,
+        2,
         ("model.layers.13.self_attn.o_proj.weight",),
         import_decoder_layers_26_self_attention_linear_proj_weight,
         export_decoder_layers_26_self_attention_linear_proj_weight,
@@ -2863,6 +3021,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         26,
         None,
+        3,
         (
             "model.layers.13.self_attn.q_proj.weight",
             "model.layers.13.self_attn.k_proj.weight",
@@ -2879,6 +3038,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         27,
         None,
+        4,
         ("model.layers.13.post_attention_layernorm.weight",),
         import_decoder_layers_27_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_27_mlp_linear_fc1_layer_norm_weight,
@@ -2891,6 +3051,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         27,
         None,
+        5,
         ("model.layers.13.mlp.gate_proj.weight", "model.layers.13.mlp.up_proj.weight"),
         import_decoder_layers_27_mlp_linear_fc1_weight,
         export_decoder_layers_27_mlp_linear_fc1_weight,
@@ -2903,6 +3064,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         27,
         None,
+        6,
         ("model.layers.13.mlp.down_proj.weight",),
         import_decoder_layers_27_mlp_linear_fc2_weight,
         export_decoder_layers_27_mlp_linear_fc2_weight,
@@ -2915,6 +3077,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         28,
         None,
+        1,
         ("model.layers.14.input_layernorm.weight",),
         import_decoder_layers_28_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_28_self_attention_linear_qkv_layer_norm_weight,
@@ -2927,6 +3090,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         28,
         None,
+        2,
         ("model.layers.14.self_attn.o_proj.weight",),
         import_decoder_layers_28_self_attention_linear_proj_weight,
         export_decoder_layers_28_self_attention_linear_proj_weight,
@@ -2939,6 +3103,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         28,
         None,
+        3,
         (
             "model.layers.14.self_attn.q_proj.weight",
             "model.layers.14.self_attn.k_proj.weight",
@@ -2955,6 +3120,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         29,
         None,
+        4,
         ("model.layers.14.post_attention_layernorm.weight",),
         import_decoder_layers_29_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_29_mlp_linear_fc1_layer_norm_weight,
@@ -2967,6 +3133,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         29,
         None,
+        5,
         ("model.layers.14.mlp.gate_proj.weight", "model.layers.14.mlp.up_proj.weight"),
         import_decoder_layers_29_mlp_linear_fc1_weight,
         export_decoder_layers_29_mlp_linear_fc1_weight,
@@ -2979,6 +3146,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         29,
         None,
+        6,
         ("model.layers.14.mlp.down_proj.weight",),
         import_decoder_layers_29_mlp_linear_fc2_weight,
         export_decoder_layers_29_mlp_linear_fc2_weight,
@@ -2991,6 +3159,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         30,
         None,
+        1,
         ("model.layers.15.input_layernorm.weight",),
         import_decoder_layers_30_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_30_self_attention_linear_qkv_layer_norm_weight,
@@ -3003,6 +3172,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         30,
         None,
+        2,
         ("model.layers.15.self_attn.o_proj.weight",),
         import_decoder_layers_30_self_attention_linear_proj_weight,
         export_decoder_layers_30_self_attention_linear_proj_weight,
@@ -3015,6 +3185,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         30,
         None,
+        3,
         (
             "model.layers.15.self_attn.q_proj.weight",
             "model.layers.15.self_attn.k_proj.weight",
@@ -3031,6 +3202,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         31,
         None,
+        4,
         ("model.layers.15.post_attention_layernorm.weight",),
         import_decoder_layers_31_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_31_mlp_linear_fc1_layer_norm_weight,
@@ -3043,6 +3215,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         31,
         None,
+        5,
         ("model.layers.15.mlp.gate_proj.weight", "model.layers.15.mlp.up_proj.weight"),
         import_decoder_layers_31_mlp_linear_fc1_weight,
         export_decoder_layers_31_mlp_linear_fc1_weight,
@@ -3055,6 +3228,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         31,
         None,
+        6,
         ("model.layers.15.mlp.down_proj.weight",),
         import_decoder_layers_31_mlp_linear_fc2_weight,
         export_decoder_layers_31_mlp_linear_fc2_weight,
@@ -3067,6 +3241,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         None,
         None,
+        7,
         ("model.norm.weight",),
         import_decoder_final_norm_weight,
         export_decoder_final_norm_weight,

@@ -13,8 +13,17 @@ from typing import Final
 from torch import Tensor
 
 from mapgen import runtime as rt
-from mapgen.dims import ModelDims
-from mapgen.runtime import ExportFn, HFTensorPlan, ImportFn, Loader, ParallelContext, ParamPlan
+from mapgen.runtime import (
+    ExportFn,
+    HFTensorPlan,
+    ImportFn,
+    Loader,
+    ModelDims,
+    ParallelContext,
+    ParamPlan,
+    QKVGeometry,
+    RulePlan,
+)
 
 TARGET: Final = "mixtral_8x7b"
 LAYOUT: Final = "te"
@@ -74,51 +83,130 @@ DIMS: Final = ModelDims(
     v_head_dim=0,
 )
 
+# The spec's rules this module applies, in the order their first parameter appears. The
+# functions' docstrings cite them by id (the Megatron pattern, or the rule's `id:`); PARAMS by
+# index. Fields: id, kind, Megatron pattern, HF patterns, their roles, then permute_dims and the
+# QKV geometry (heads, query groups, head dim, output gate) where the kind has them.
+RULES: Final[tuple[RulePlan, ...]] = (
+    RulePlan(
+        "embedding.word_embeddings.weight",
+        "auto",
+        "embedding.word_embeddings.weight",
+        ("model.embed_tokens.weight",),
+        ("hf",),
+    ),
+    RulePlan(
+        "decoder.layers.*.self_attention.linear_qkv.layer_norm_weight",
+        "auto",
+        "decoder.layers.*.self_attention.linear_qkv.layer_norm_weight",
+        ("model.layers.*.input_layernorm.weight",),
+        ("hf",),
+    ),
+    RulePlan(
+        "decoder.layers.*.self_attention.linear_proj.weight",
+        "auto",
+        "decoder.layers.*.self_attention.linear_proj.weight",
+        ("model.layers.*.self_attn.o_proj.weight",),
+        ("hf",),
+    ),
+    RulePlan(
+        "decoder.layers.*.self_attention.linear_qkv.weight",
+        "qkv",
+        "decoder.layers.*.self_attention.linear_qkv.weight",
+        (
+            "model.layers.*.self_attn.q_proj.weight",
+            "model.layers.*.self_attn.k_proj.weight",
+            "model.layers.*.self_attn.v_proj.weight",
+        ),
+        ("q", "k", "v"),
+        qkv=QKVGeometry(32, 8, 128, False),
+    ),
+    RulePlan(
+        "decoder.layers.*.pre_mlp_layernorm.weight",
+        "auto",
+        "decoder.layers.*.pre_mlp_layernorm.weight",
+        ("model.layers.*.post_attention_layernorm.weight",),
+        ("hf",),
+    ),
+    RulePlan(
+        "decoder.layers.*.mlp.router.weight",
+        "auto",
+        "decoder.layers.*.mlp.router.weight",
+        ("model.layers.*.block_sparse_moe.gate.weight",),
+        ("hf",),
+    ),
+    RulePlan(
+        "decoder.layers.*.mlp.experts.linear_fc1.weight*",
+        "gated_mlp",
+        "decoder.layers.*.mlp.experts.linear_fc1.weight*",
+        (
+            "model.layers.*.block_sparse_moe.experts.*.w1.weight",
+            "model.layers.*.block_sparse_moe.experts.*.w3.weight",
+        ),
+        ("gate", "up"),
+    ),
+    RulePlan(
+        "decoder.layers.*.mlp.experts.linear_fc2.weight*",
+        "auto",
+        "decoder.layers.*.mlp.experts.linear_fc2.weight*",
+        ("model.layers.*.block_sparse_moe.experts.*.w2.weight",),
+        ("hf",),
+    ),
+    RulePlan(
+        "decoder.final_layernorm.weight",
+        "auto",
+        "decoder.final_layernorm.weight",
+        ("model.norm.weight",),
+        ("hf",),
+    ),
+    RulePlan("output_layer.weight", "auto", "output_layer.weight", ("lm_head.weight",), ("hf",)),
+)
+
 
 def import_embedding_word_embeddings_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> column: specs/mixtral.yaml:28."""
+    """auto -> column: embedding.word_embeddings.weight."""
     return rt.column_import(ctx.tp, load("model.embed_tokens.weight"), out=out)
 
 
 def export_embedding_word_embeddings_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> column: specs/mixtral.yaml:28."""
+    """auto -> column: embedding.word_embeddings.weight."""
     return {"model.embed_tokens.weight": rt.column_export(parts)}
 
 
 def import_decoder_layers_0_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/mixtral.yaml:31."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.0.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_0_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/mixtral.yaml:31."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.0.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_0_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.0.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_0_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.0.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_0_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/mixtral.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.0.self_attn.q_proj.weight"),
@@ -134,7 +222,7 @@ def import_decoder_layers_0_self_attention_linear_qkv_weight(
 def export_decoder_layers_0_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/mixtral.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -150,31 +238,31 @@ def export_decoder_layers_0_self_attention_linear_qkv_weight(
 def import_decoder_layers_0_pre_mlp_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/mixtral.yaml:40."""
+    """auto -> replicated: decoder.layers.*.pre_mlp_layernorm.weight."""
     return rt.whole_import(load("model.layers.0.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_0_pre_mlp_layernorm_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> replicated: specs/mixtral.yaml:40."""
+    """auto -> replicated: decoder.layers.*.pre_mlp_layernorm.weight."""
     return {"model.layers.0.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_0_mlp_router_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/mixtral.yaml:43."""
+    """auto -> replicated: decoder.layers.*.mlp.router.weight."""
     return rt.whole_import(load("model.layers.0.block_sparse_moe.gate.weight"), out=out)
 
 
 def export_decoder_layers_0_mlp_router_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> replicated: specs/mixtral.yaml:43."""
+    """auto -> replicated: decoder.layers.*.mlp.router.weight."""
     return {"model.layers.0.block_sparse_moe.gate.weight": parts[0]}
 
 
 def import_decoder_layers_0_mlp_experts_linear_fc1_weight0(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.0.block_sparse_moe.experts.0.w1.weight"),
@@ -186,7 +274,7 @@ def import_decoder_layers_0_mlp_experts_linear_fc1_weight0(
 def export_decoder_layers_0_mlp_experts_linear_fc1_weight0(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -201,7 +289,7 @@ def export_decoder_layers_0_mlp_experts_linear_fc1_weight0(
 def import_decoder_layers_0_mlp_experts_linear_fc2_weight0(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.0.block_sparse_moe.experts.0.w2.weight"), out=out
     )
@@ -210,14 +298,14 @@ def import_decoder_layers_0_mlp_experts_linear_fc2_weight0(
 def export_decoder_layers_0_mlp_experts_linear_fc2_weight0(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.0.block_sparse_moe.experts.0.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_0_mlp_experts_linear_fc1_weight1(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.0.block_sparse_moe.experts.1.w1.weight"),
@@ -229,7 +317,7 @@ def import_decoder_layers_0_mlp_experts_linear_fc1_weight1(
 def export_decoder_layers_0_mlp_experts_linear_fc1_weight1(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -244,7 +332,7 @@ def export_decoder_layers_0_mlp_experts_linear_fc1_weight1(
 def import_decoder_layers_0_mlp_experts_linear_fc2_weight1(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.0.block_sparse_moe.experts.1.w2.weight"), out=out
     )
@@ -253,14 +341,14 @@ def import_decoder_layers_0_mlp_experts_linear_fc2_weight1(
 def export_decoder_layers_0_mlp_experts_linear_fc2_weight1(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.0.block_sparse_moe.experts.1.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_0_mlp_experts_linear_fc1_weight2(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.0.block_sparse_moe.experts.2.w1.weight"),
@@ -272,7 +360,7 @@ def import_decoder_layers_0_mlp_experts_linear_fc1_weight2(
 def export_decoder_layers_0_mlp_experts_linear_fc1_weight2(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -287,7 +375,7 @@ def export_decoder_layers_0_mlp_experts_linear_fc1_weight2(
 def import_decoder_layers_0_mlp_experts_linear_fc2_weight2(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.0.block_sparse_moe.experts.2.w2.weight"), out=out
     )
@@ -296,14 +384,14 @@ def import_decoder_layers_0_mlp_experts_linear_fc2_weight2(
 def export_decoder_layers_0_mlp_experts_linear_fc2_weight2(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.0.block_sparse_moe.experts.2.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_0_mlp_experts_linear_fc1_weight3(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.0.block_sparse_moe.experts.3.w1.weight"),
@@ -315,7 +403,7 @@ def import_decoder_layers_0_mlp_experts_linear_fc1_weight3(
 def export_decoder_layers_0_mlp_experts_linear_fc1_weight3(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -330,7 +418,7 @@ def export_decoder_layers_0_mlp_experts_linear_fc1_weight3(
 def import_decoder_layers_0_mlp_experts_linear_fc2_weight3(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.0.block_sparse_moe.experts.3.w2.weight"), out=out
     )
@@ -339,14 +427,14 @@ def import_decoder_layers_0_mlp_experts_linear_fc2_weight3(
 def export_decoder_layers_0_mlp_experts_linear_fc2_weight3(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.0.block_sparse_moe.experts.3.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_0_mlp_experts_linear_fc1_weight4(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.0.block_sparse_moe.experts.4.w1.weight"),
@@ -358,7 +446,7 @@ def import_decoder_layers_0_mlp_experts_linear_fc1_weight4(
 def export_decoder_layers_0_mlp_experts_linear_fc1_weight4(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -373,7 +461,7 @@ def export_decoder_layers_0_mlp_experts_linear_fc1_weight4(
 def import_decoder_layers_0_mlp_experts_linear_fc2_weight4(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.0.block_sparse_moe.experts.4.w2.weight"), out=out
     )
@@ -382,14 +470,14 @@ def import_decoder_layers_0_mlp_experts_linear_fc2_weight4(
 def export_decoder_layers_0_mlp_experts_linear_fc2_weight4(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.0.block_sparse_moe.experts.4.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_0_mlp_experts_linear_fc1_weight5(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.0.block_sparse_moe.experts.5.w1.weight"),
@@ -401,7 +489,7 @@ def import_decoder_layers_0_mlp_experts_linear_fc1_weight5(
 def export_decoder_layers_0_mlp_experts_linear_fc1_weight5(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -416,7 +504,7 @@ def export_decoder_layers_0_mlp_experts_linear_fc1_weight5(
 def import_decoder_layers_0_mlp_experts_linear_fc2_weight5(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.0.block_sparse_moe.experts.5.w2.weight"), out=out
     )
@@ -425,14 +513,14 @@ def import_decoder_layers_0_mlp_experts_linear_fc2_weight5(
 def export_decoder_layers_0_mlp_experts_linear_fc2_weight5(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.0.block_sparse_moe.experts.5.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_0_mlp_experts_linear_fc1_weight6(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.0.block_sparse_moe.experts.6.w1.weight"),
@@ -444,7 +532,7 @@ def import_decoder_layers_0_mlp_experts_linear_fc1_weight6(
 def export_decoder_layers_0_mlp_experts_linear_fc1_weight6(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -459,7 +547,7 @@ def export_decoder_layers_0_mlp_experts_linear_fc1_weight6(
 def import_decoder_layers_0_mlp_experts_linear_fc2_weight6(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.0.block_sparse_moe.experts.6.w2.weight"), out=out
     )
@@ -468,14 +556,14 @@ def import_decoder_layers_0_mlp_experts_linear_fc2_weight6(
 def export_decoder_layers_0_mlp_experts_linear_fc2_weight6(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.0.block_sparse_moe.experts.6.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_0_mlp_experts_linear_fc1_weight7(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.0.block_sparse_moe.experts.7.w1.weight"),
@@ -487,7 +575,7 @@ def import_decoder_layers_0_mlp_experts_linear_fc1_weight7(
 def export_decoder_layers_0_mlp_experts_linear_fc1_weight7(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -502,7 +590,7 @@ def export_decoder_layers_0_mlp_experts_linear_fc1_weight7(
 def import_decoder_layers_0_mlp_experts_linear_fc2_weight7(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.0.block_sparse_moe.experts.7.w2.weight"), out=out
     )
@@ -511,42 +599,42 @@ def import_decoder_layers_0_mlp_experts_linear_fc2_weight7(
 def export_decoder_layers_0_mlp_experts_linear_fc2_weight7(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.0.block_sparse_moe.experts.7.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_1_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/mixtral.yaml:31."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.1.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_1_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/mixtral.yaml:31."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.1.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_1_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.1.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_1_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.1.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_1_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/mixtral.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.1.self_attn.q_proj.weight"),
@@ -562,7 +650,7 @@ def import_decoder_layers_1_self_attention_linear_qkv_weight(
 def export_decoder_layers_1_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/mixtral.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -578,31 +666,31 @@ def export_decoder_layers_1_self_attention_linear_qkv_weight(
 def import_decoder_layers_1_pre_mlp_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/mixtral.yaml:40."""
+    """auto -> replicated: decoder.layers.*.pre_mlp_layernorm.weight."""
     return rt.whole_import(load("model.layers.1.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_1_pre_mlp_layernorm_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> replicated: specs/mixtral.yaml:40."""
+    """auto -> replicated: decoder.layers.*.pre_mlp_layernorm.weight."""
     return {"model.layers.1.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_1_mlp_router_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/mixtral.yaml:43."""
+    """auto -> replicated: decoder.layers.*.mlp.router.weight."""
     return rt.whole_import(load("model.layers.1.block_sparse_moe.gate.weight"), out=out)
 
 
 def export_decoder_layers_1_mlp_router_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> replicated: specs/mixtral.yaml:43."""
+    """auto -> replicated: decoder.layers.*.mlp.router.weight."""
     return {"model.layers.1.block_sparse_moe.gate.weight": parts[0]}
 
 
 def import_decoder_layers_1_mlp_experts_linear_fc1_weight0(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.1.block_sparse_moe.experts.0.w1.weight"),
@@ -614,7 +702,7 @@ def import_decoder_layers_1_mlp_experts_linear_fc1_weight0(
 def export_decoder_layers_1_mlp_experts_linear_fc1_weight0(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -629,7 +717,7 @@ def export_decoder_layers_1_mlp_experts_linear_fc1_weight0(
 def import_decoder_layers_1_mlp_experts_linear_fc2_weight0(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.1.block_sparse_moe.experts.0.w2.weight"), out=out
     )
@@ -638,14 +726,14 @@ def import_decoder_layers_1_mlp_experts_linear_fc2_weight0(
 def export_decoder_layers_1_mlp_experts_linear_fc2_weight0(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.1.block_sparse_moe.experts.0.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_1_mlp_experts_linear_fc1_weight1(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.1.block_sparse_moe.experts.1.w1.weight"),
@@ -657,7 +745,7 @@ def import_decoder_layers_1_mlp_experts_linear_fc1_weight1(
 def export_decoder_layers_1_mlp_experts_linear_fc1_weight1(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -672,7 +760,7 @@ def export_decoder_layers_1_mlp_experts_linear_fc1_weight1(
 def import_decoder_layers_1_mlp_experts_linear_fc2_weight1(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.1.block_sparse_moe.experts.1.w2.weight"), out=out
     )
@@ -681,14 +769,14 @@ def import_decoder_layers_1_mlp_experts_linear_fc2_weight1(
 def export_decoder_layers_1_mlp_experts_linear_fc2_weight1(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.1.block_sparse_moe.experts.1.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_1_mlp_experts_linear_fc1_weight2(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.1.block_sparse_moe.experts.2.w1.weight"),
@@ -700,7 +788,7 @@ def import_decoder_layers_1_mlp_experts_linear_fc1_weight2(
 def export_decoder_layers_1_mlp_experts_linear_fc1_weight2(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -715,7 +803,7 @@ def export_decoder_layers_1_mlp_experts_linear_fc1_weight2(
 def import_decoder_layers_1_mlp_experts_linear_fc2_weight2(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.1.block_sparse_moe.experts.2.w2.weight"), out=out
     )
@@ -724,14 +812,14 @@ def import_decoder_layers_1_mlp_experts_linear_fc2_weight2(
 def export_decoder_layers_1_mlp_experts_linear_fc2_weight2(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.1.block_sparse_moe.experts.2.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_1_mlp_experts_linear_fc1_weight3(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.1.block_sparse_moe.experts.3.w1.weight"),
@@ -743,7 +831,7 @@ def import_decoder_layers_1_mlp_experts_linear_fc1_weight3(
 def export_decoder_layers_1_mlp_experts_linear_fc1_weight3(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -758,7 +846,7 @@ def export_decoder_layers_1_mlp_experts_linear_fc1_weight3(
 def import_decoder_layers_1_mlp_experts_linear_fc2_weight3(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.1.block_sparse_moe.experts.3.w2.weight"), out=out
     )
@@ -767,14 +855,14 @@ def import_decoder_layers_1_mlp_experts_linear_fc2_weight3(
 def export_decoder_layers_1_mlp_experts_linear_fc2_weight3(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.1.block_sparse_moe.experts.3.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_1_mlp_experts_linear_fc1_weight4(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.1.block_sparse_moe.experts.4.w1.weight"),
@@ -786,7 +874,7 @@ def import_decoder_layers_1_mlp_experts_linear_fc1_weight4(
 def export_decoder_layers_1_mlp_experts_linear_fc1_weight4(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -801,7 +889,7 @@ def export_decoder_layers_1_mlp_experts_linear_fc1_weight4(
 def import_decoder_layers_1_mlp_experts_linear_fc2_weight4(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.1.block_sparse_moe.experts.4.w2.weight"), out=out
     )
@@ -810,14 +898,14 @@ def import_decoder_layers_1_mlp_experts_linear_fc2_weight4(
 def export_decoder_layers_1_mlp_experts_linear_fc2_weight4(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.1.block_sparse_moe.experts.4.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_1_mlp_experts_linear_fc1_weight5(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.1.block_sparse_moe.experts.5.w1.weight"),
@@ -829,7 +917,7 @@ def import_decoder_layers_1_mlp_experts_linear_fc1_weight5(
 def export_decoder_layers_1_mlp_experts_linear_fc1_weight5(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -844,7 +932,7 @@ def export_decoder_layers_1_mlp_experts_linear_fc1_weight5(
 def import_decoder_layers_1_mlp_experts_linear_fc2_weight5(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.1.block_sparse_moe.experts.5.w2.weight"), out=out
     )
@@ -853,14 +941,14 @@ def import_decoder_layers_1_mlp_experts_linear_fc2_weight5(
 def export_decoder_layers_1_mlp_experts_linear_fc2_weight5(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.1.block_sparse_moe.experts.5.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_1_mlp_experts_linear_fc1_weight6(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.1.block_sparse_moe.experts.6.w1.weight"),
@@ -872,7 +960,7 @@ def import_decoder_layers_1_mlp_experts_linear_fc1_weight6(
 def export_decoder_layers_1_mlp_experts_linear_fc1_weight6(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -887,7 +975,7 @@ def export_decoder_layers_1_mlp_experts_linear_fc1_weight6(
 def import_decoder_layers_1_mlp_experts_linear_fc2_weight6(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.1.block_sparse_moe.experts.6.w2.weight"), out=out
     )
@@ -896,14 +984,14 @@ def import_decoder_layers_1_mlp_experts_linear_fc2_weight6(
 def export_decoder_layers_1_mlp_experts_linear_fc2_weight6(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.1.block_sparse_moe.experts.6.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_1_mlp_experts_linear_fc1_weight7(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.1.block_sparse_moe.experts.7.w1.weight"),
@@ -915,7 +1003,7 @@ def import_decoder_layers_1_mlp_experts_linear_fc1_weight7(
 def export_decoder_layers_1_mlp_experts_linear_fc1_weight7(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -930,7 +1018,7 @@ def export_decoder_layers_1_mlp_experts_linear_fc1_weight7(
 def import_decoder_layers_1_mlp_experts_linear_fc2_weight7(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.1.block_sparse_moe.experts.7.w2.weight"), out=out
     )
@@ -939,42 +1027,42 @@ def import_decoder_layers_1_mlp_experts_linear_fc2_weight7(
 def export_decoder_layers_1_mlp_experts_linear_fc2_weight7(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.1.block_sparse_moe.experts.7.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_2_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/mixtral.yaml:31."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.2.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_2_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/mixtral.yaml:31."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.2.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_2_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.2.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_2_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.2.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_2_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/mixtral.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.2.self_attn.q_proj.weight"),
@@ -990,7 +1078,7 @@ def import_decoder_layers_2_self_attention_linear_qkv_weight(
 def export_decoder_layers_2_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/mixtral.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -1006,31 +1094,31 @@ def export_decoder_layers_2_self_attention_linear_qkv_weight(
 def import_decoder_layers_2_pre_mlp_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/mixtral.yaml:40."""
+    """auto -> replicated: decoder.layers.*.pre_mlp_layernorm.weight."""
     return rt.whole_import(load("model.layers.2.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_2_pre_mlp_layernorm_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> replicated: specs/mixtral.yaml:40."""
+    """auto -> replicated: decoder.layers.*.pre_mlp_layernorm.weight."""
     return {"model.layers.2.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_2_mlp_router_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/mixtral.yaml:43."""
+    """auto -> replicated: decoder.layers.*.mlp.router.weight."""
     return rt.whole_import(load("model.layers.2.block_sparse_moe.gate.weight"), out=out)
 
 
 def export_decoder_layers_2_mlp_router_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> replicated: specs/mixtral.yaml:43."""
+    """auto -> replicated: decoder.layers.*.mlp.router.weight."""
     return {"model.layers.2.block_sparse_moe.gate.weight": parts[0]}
 
 
 def import_decoder_layers_2_mlp_experts_linear_fc1_weight0(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.2.block_sparse_moe.experts.0.w1.weight"),
@@ -1042,7 +1130,7 @@ def import_decoder_layers_2_mlp_experts_linear_fc1_weight0(
 def export_decoder_layers_2_mlp_experts_linear_fc1_weight0(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -1057,7 +1145,7 @@ def export_decoder_layers_2_mlp_experts_linear_fc1_weight0(
 def import_decoder_layers_2_mlp_experts_linear_fc2_weight0(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.2.block_sparse_moe.experts.0.w2.weight"), out=out
     )
@@ -1066,14 +1154,14 @@ def import_decoder_layers_2_mlp_experts_linear_fc2_weight0(
 def export_decoder_layers_2_mlp_experts_linear_fc2_weight0(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.2.block_sparse_moe.experts.0.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_2_mlp_experts_linear_fc1_weight1(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.2.block_sparse_moe.experts.1.w1.weight"),
@@ -1085,7 +1173,7 @@ def import_decoder_layers_2_mlp_experts_linear_fc1_weight1(
 def export_decoder_layers_2_mlp_experts_linear_fc1_weight1(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -1100,7 +1188,7 @@ def export_decoder_layers_2_mlp_experts_linear_fc1_weight1(
 def import_decoder_layers_2_mlp_experts_linear_fc2_weight1(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.2.block_sparse_moe.experts.1.w2.weight"), out=out
     )
@@ -1109,14 +1197,14 @@ def import_decoder_layers_2_mlp_experts_linear_fc2_weight1(
 def export_decoder_layers_2_mlp_experts_linear_fc2_weight1(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.2.block_sparse_moe.experts.1.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_2_mlp_experts_linear_fc1_weight2(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.2.block_sparse_moe.experts.2.w1.weight"),
@@ -1128,7 +1216,7 @@ def import_decoder_layers_2_mlp_experts_linear_fc1_weight2(
 def export_decoder_layers_2_mlp_experts_linear_fc1_weight2(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -1143,7 +1231,7 @@ def export_decoder_layers_2_mlp_experts_linear_fc1_weight2(
 def import_decoder_layers_2_mlp_experts_linear_fc2_weight2(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.2.block_sparse_moe.experts.2.w2.weight"), out=out
     )
@@ -1152,14 +1240,14 @@ def import_decoder_layers_2_mlp_experts_linear_fc2_weight2(
 def export_decoder_layers_2_mlp_experts_linear_fc2_weight2(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.2.block_sparse_moe.experts.2.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_2_mlp_experts_linear_fc1_weight3(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.2.block_sparse_moe.experts.3.w1.weight"),
@@ -1171,7 +1259,7 @@ def import_decoder_layers_2_mlp_experts_linear_fc1_weight3(
 def export_decoder_layers_2_mlp_experts_linear_fc1_weight3(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -1186,7 +1274,7 @@ def export_decoder_layers_2_mlp_experts_linear_fc1_weight3(
 def import_decoder_layers_2_mlp_experts_linear_fc2_weight3(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.2.block_sparse_moe.experts.3.w2.weight"), out=out
     )
@@ -1195,14 +1283,14 @@ def import_decoder_layers_2_mlp_experts_linear_fc2_weight3(
 def export_decoder_layers_2_mlp_experts_linear_fc2_weight3(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.2.block_sparse_moe.experts.3.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_2_mlp_experts_linear_fc1_weight4(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.2.block_sparse_moe.experts.4.w1.weight"),
@@ -1214,7 +1302,7 @@ def import_decoder_layers_2_mlp_experts_linear_fc1_weight4(
 def export_decoder_layers_2_mlp_experts_linear_fc1_weight4(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -1229,7 +1317,7 @@ def export_decoder_layers_2_mlp_experts_linear_fc1_weight4(
 def import_decoder_layers_2_mlp_experts_linear_fc2_weight4(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.2.block_sparse_moe.experts.4.w2.weight"), out=out
     )
@@ -1238,14 +1326,14 @@ def import_decoder_layers_2_mlp_experts_linear_fc2_weight4(
 def export_decoder_layers_2_mlp_experts_linear_fc2_weight4(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.2.block_sparse_moe.experts.4.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_2_mlp_experts_linear_fc1_weight5(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.2.block_sparse_moe.experts.5.w1.weight"),
@@ -1257,7 +1345,7 @@ def import_decoder_layers_2_mlp_experts_linear_fc1_weight5(
 def export_decoder_layers_2_mlp_experts_linear_fc1_weight5(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -1272,7 +1360,7 @@ def export_decoder_layers_2_mlp_experts_linear_fc1_weight5(
 def import_decoder_layers_2_mlp_experts_linear_fc2_weight5(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.2.block_sparse_moe.experts.5.w2.weight"), out=out
     )
@@ -1281,14 +1369,14 @@ def import_decoder_layers_2_mlp_experts_linear_fc2_weight5(
 def export_decoder_layers_2_mlp_experts_linear_fc2_weight5(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.2.block_sparse_moe.experts.5.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_2_mlp_experts_linear_fc1_weight6(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.2.block_sparse_moe.experts.6.w1.weight"),
@@ -1300,7 +1388,7 @@ def import_decoder_layers_2_mlp_experts_linear_fc1_weight6(
 def export_decoder_layers_2_mlp_experts_linear_fc1_weight6(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -1315,7 +1403,7 @@ def export_decoder_layers_2_mlp_experts_linear_fc1_weight6(
 def import_decoder_layers_2_mlp_experts_linear_fc2_weight6(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.2.block_sparse_moe.experts.6.w2.weight"), out=out
     )
@@ -1324,14 +1412,14 @@ def import_decoder_layers_2_mlp_experts_linear_fc2_weight6(
 def export_decoder_layers_2_mlp_experts_linear_fc2_weight6(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.2.block_sparse_moe.experts.6.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_2_mlp_experts_linear_fc1_weight7(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.2.block_sparse_moe.experts.7.w1.weight"),
@@ -1343,7 +1431,7 @@ def import_decoder_layers_2_mlp_experts_linear_fc1_weight7(
 def export_decoder_layers_2_mlp_experts_linear_fc1_weight7(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -1358,7 +1446,7 @@ def export_decoder_layers_2_mlp_experts_linear_fc1_weight7(
 def import_decoder_layers_2_mlp_experts_linear_fc2_weight7(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.2.block_sparse_moe.experts.7.w2.weight"), out=out
     )
@@ -1367,42 +1455,42 @@ def import_decoder_layers_2_mlp_experts_linear_fc2_weight7(
 def export_decoder_layers_2_mlp_experts_linear_fc2_weight7(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.2.block_sparse_moe.experts.7.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_3_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/mixtral.yaml:31."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.3.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_3_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/mixtral.yaml:31."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.3.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_3_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.3.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_3_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.3.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_3_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/mixtral.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.3.self_attn.q_proj.weight"),
@@ -1418,7 +1506,7 @@ def import_decoder_layers_3_self_attention_linear_qkv_weight(
 def export_decoder_layers_3_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/mixtral.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -1434,31 +1522,31 @@ def export_decoder_layers_3_self_attention_linear_qkv_weight(
 def import_decoder_layers_3_pre_mlp_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/mixtral.yaml:40."""
+    """auto -> replicated: decoder.layers.*.pre_mlp_layernorm.weight."""
     return rt.whole_import(load("model.layers.3.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_3_pre_mlp_layernorm_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> replicated: specs/mixtral.yaml:40."""
+    """auto -> replicated: decoder.layers.*.pre_mlp_layernorm.weight."""
     return {"model.layers.3.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_3_mlp_router_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/mixtral.yaml:43."""
+    """auto -> replicated: decoder.layers.*.mlp.router.weight."""
     return rt.whole_import(load("model.layers.3.block_sparse_moe.gate.weight"), out=out)
 
 
 def export_decoder_layers_3_mlp_router_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> replicated: specs/mixtral.yaml:43."""
+    """auto -> replicated: decoder.layers.*.mlp.router.weight."""
     return {"model.layers.3.block_sparse_moe.gate.weight": parts[0]}
 
 
 def import_decoder_layers_3_mlp_experts_linear_fc1_weight0(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.3.block_sparse_moe.experts.0.w1.weight"),
@@ -1470,7 +1558,7 @@ def import_decoder_layers_3_mlp_experts_linear_fc1_weight0(
 def export_decoder_layers_3_mlp_experts_linear_fc1_weight0(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -1485,7 +1573,7 @@ def export_decoder_layers_3_mlp_experts_linear_fc1_weight0(
 def import_decoder_layers_3_mlp_experts_linear_fc2_weight0(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.3.block_sparse_moe.experts.0.w2.weight"), out=out
     )
@@ -1494,14 +1582,14 @@ def import_decoder_layers_3_mlp_experts_linear_fc2_weight0(
 def export_decoder_layers_3_mlp_experts_linear_fc2_weight0(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.3.block_sparse_moe.experts.0.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_3_mlp_experts_linear_fc1_weight1(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.3.block_sparse_moe.experts.1.w1.weight"),
@@ -1513,7 +1601,7 @@ def import_decoder_layers_3_mlp_experts_linear_fc1_weight1(
 def export_decoder_layers_3_mlp_experts_linear_fc1_weight1(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -1528,7 +1616,7 @@ def export_decoder_layers_3_mlp_experts_linear_fc1_weight1(
 def import_decoder_layers_3_mlp_experts_linear_fc2_weight1(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.3.block_sparse_moe.experts.1.w2.weight"), out=out
     )
@@ -1537,14 +1625,14 @@ def import_decoder_layers_3_mlp_experts_linear_fc2_weight1(
 def export_decoder_layers_3_mlp_experts_linear_fc2_weight1(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.3.block_sparse_moe.experts.1.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_3_mlp_experts_linear_fc1_weight2(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.3.block_sparse_moe.experts.2.w1.weight"),
@@ -1556,7 +1644,7 @@ def import_decoder_layers_3_mlp_experts_linear_fc1_weight2(
 def export_decoder_layers_3_mlp_experts_linear_fc1_weight2(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -1571,7 +1659,7 @@ def export_decoder_layers_3_mlp_experts_linear_fc1_weight2(
 def import_decoder_layers_3_mlp_experts_linear_fc2_weight2(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.3.block_sparse_moe.experts.2.w2.weight"), out=out
     )
@@ -1580,14 +1668,14 @@ def import_decoder_layers_3_mlp_experts_linear_fc2_weight2(
 def export_decoder_layers_3_mlp_experts_linear_fc2_weight2(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.3.block_sparse_moe.experts.2.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_3_mlp_experts_linear_fc1_weight3(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.3.block_sparse_moe.experts.3.w1.weight"),
@@ -1599,7 +1687,7 @@ def import_decoder_layers_3_mlp_experts_linear_fc1_weight3(
 def export_decoder_layers_3_mlp_experts_linear_fc1_weight3(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -1614,7 +1702,7 @@ def export_decoder_layers_3_mlp_experts_linear_fc1_weight3(
 def import_decoder_layers_3_mlp_experts_linear_fc2_weight3(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.3.block_sparse_moe.experts.3.w2.weight"), out=out
     )
@@ -1623,14 +1711,14 @@ def import_decoder_layers_3_mlp_experts_linear_fc2_weight3(
 def export_decoder_layers_3_mlp_experts_linear_fc2_weight3(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.3.block_sparse_moe.experts.3.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_3_mlp_experts_linear_fc1_weight4(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.3.block_sparse_moe.experts.4.w1.weight"),
@@ -1642,7 +1730,7 @@ def import_decoder_layers_3_mlp_experts_linear_fc1_weight4(
 def export_decoder_layers_3_mlp_experts_linear_fc1_weight4(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -1657,7 +1745,7 @@ def export_decoder_layers_3_mlp_experts_linear_fc1_weight4(
 def import_decoder_layers_3_mlp_experts_linear_fc2_weight4(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.3.block_sparse_moe.experts.4.w2.weight"), out=out
     )
@@ -1666,14 +1754,14 @@ def import_decoder_layers_3_mlp_experts_linear_fc2_weight4(
 def export_decoder_layers_3_mlp_experts_linear_fc2_weight4(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.3.block_sparse_moe.experts.4.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_3_mlp_experts_linear_fc1_weight5(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.3.block_sparse_moe.experts.5.w1.weight"),
@@ -1685,7 +1773,7 @@ def import_decoder_layers_3_mlp_experts_linear_fc1_weight5(
 def export_decoder_layers_3_mlp_experts_linear_fc1_weight5(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -1700,7 +1788,7 @@ def export_decoder_layers_3_mlp_experts_linear_fc1_weight5(
 def import_decoder_layers_3_mlp_experts_linear_fc2_weight5(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.3.block_sparse_moe.experts.5.w2.weight"), out=out
     )
@@ -1709,14 +1797,14 @@ def import_decoder_layers_3_mlp_experts_linear_fc2_weight5(
 def export_decoder_layers_3_mlp_experts_linear_fc2_weight5(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.3.block_sparse_moe.experts.5.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_3_mlp_experts_linear_fc1_weight6(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.3.block_sparse_moe.experts.6.w1.weight"),
@@ -1728,7 +1816,7 @@ def import_decoder_layers_3_mlp_experts_linear_fc1_weight6(
 def export_decoder_layers_3_mlp_experts_linear_fc1_weight6(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -1743,7 +1831,7 @@ def export_decoder_layers_3_mlp_experts_linear_fc1_weight6(
 def import_decoder_layers_3_mlp_experts_linear_fc2_weight6(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.3.block_sparse_moe.experts.6.w2.weight"), out=out
     )
@@ -1752,14 +1840,14 @@ def import_decoder_layers_3_mlp_experts_linear_fc2_weight6(
 def export_decoder_layers_3_mlp_experts_linear_fc2_weight6(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.3.block_sparse_moe.experts.6.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_3_mlp_experts_linear_fc1_weight7(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.3.block_sparse_moe.experts.7.w1.weight"),
@@ -1771,7 +1859,7 @@ def import_decoder_layers_3_mlp_experts_linear_fc1_weight7(
 def export_decoder_layers_3_mlp_experts_linear_fc1_weight7(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -1786,7 +1874,7 @@ def export_decoder_layers_3_mlp_experts_linear_fc1_weight7(
 def import_decoder_layers_3_mlp_experts_linear_fc2_weight7(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.3.block_sparse_moe.experts.7.w2.weight"), out=out
     )
@@ -1795,42 +1883,42 @@ def import_decoder_layers_3_mlp_experts_linear_fc2_weight7(
 def export_decoder_layers_3_mlp_experts_linear_fc2_weight7(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.3.block_sparse_moe.experts.7.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_4_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/mixtral.yaml:31."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.4.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_4_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/mixtral.yaml:31."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.4.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_4_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.4.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_4_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.4.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_4_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/mixtral.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.4.self_attn.q_proj.weight"),
@@ -1846,7 +1934,7 @@ def import_decoder_layers_4_self_attention_linear_qkv_weight(
 def export_decoder_layers_4_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/mixtral.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -1862,31 +1950,31 @@ def export_decoder_layers_4_self_attention_linear_qkv_weight(
 def import_decoder_layers_4_pre_mlp_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/mixtral.yaml:40."""
+    """auto -> replicated: decoder.layers.*.pre_mlp_layernorm.weight."""
     return rt.whole_import(load("model.layers.4.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_4_pre_mlp_layernorm_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> replicated: specs/mixtral.yaml:40."""
+    """auto -> replicated: decoder.layers.*.pre_mlp_layernorm.weight."""
     return {"model.layers.4.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_4_mlp_router_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/mixtral.yaml:43."""
+    """auto -> replicated: decoder.layers.*.mlp.router.weight."""
     return rt.whole_import(load("model.layers.4.block_sparse_moe.gate.weight"), out=out)
 
 
 def export_decoder_layers_4_mlp_router_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> replicated: specs/mixtral.yaml:43."""
+    """auto -> replicated: decoder.layers.*.mlp.router.weight."""
     return {"model.layers.4.block_sparse_moe.gate.weight": parts[0]}
 
 
 def import_decoder_layers_4_mlp_experts_linear_fc1_weight0(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.4.block_sparse_moe.experts.0.w1.weight"),
@@ -1898,7 +1986,7 @@ def import_decoder_layers_4_mlp_experts_linear_fc1_weight0(
 def export_decoder_layers_4_mlp_experts_linear_fc1_weight0(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -1913,7 +2001,7 @@ def export_decoder_layers_4_mlp_experts_linear_fc1_weight0(
 def import_decoder_layers_4_mlp_experts_linear_fc2_weight0(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.4.block_sparse_moe.experts.0.w2.weight"), out=out
     )
@@ -1922,14 +2010,14 @@ def import_decoder_layers_4_mlp_experts_linear_fc2_weight0(
 def export_decoder_layers_4_mlp_experts_linear_fc2_weight0(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.4.block_sparse_moe.experts.0.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_4_mlp_experts_linear_fc1_weight1(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.4.block_sparse_moe.experts.1.w1.weight"),
@@ -1941,7 +2029,7 @@ def import_decoder_layers_4_mlp_experts_linear_fc1_weight1(
 def export_decoder_layers_4_mlp_experts_linear_fc1_weight1(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -1956,7 +2044,7 @@ def export_decoder_layers_4_mlp_experts_linear_fc1_weight1(
 def import_decoder_layers_4_mlp_experts_linear_fc2_weight1(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.4.block_sparse_moe.experts.1.w2.weight"), out=out
     )
@@ -1965,14 +2053,14 @@ def import_decoder_layers_4_mlp_experts_linear_fc2_weight1(
 def export_decoder_layers_4_mlp_experts_linear_fc2_weight1(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.4.block_sparse_moe.experts.1.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_4_mlp_experts_linear_fc1_weight2(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.4.block_sparse_moe.experts.2.w1.weight"),
@@ -1984,7 +2072,7 @@ def import_decoder_layers_4_mlp_experts_linear_fc1_weight2(
 def export_decoder_layers_4_mlp_experts_linear_fc1_weight2(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -1999,7 +2087,7 @@ def export_decoder_layers_4_mlp_experts_linear_fc1_weight2(
 def import_decoder_layers_4_mlp_experts_linear_fc2_weight2(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.4.block_sparse_moe.experts.2.w2.weight"), out=out
     )
@@ -2008,14 +2096,14 @@ def import_decoder_layers_4_mlp_experts_linear_fc2_weight2(
 def export_decoder_layers_4_mlp_experts_linear_fc2_weight2(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.4.block_sparse_moe.experts.2.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_4_mlp_experts_linear_fc1_weight3(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.4.block_sparse_moe.experts.3.w1.weight"),
@@ -2027,7 +2115,7 @@ def import_decoder_layers_4_mlp_experts_linear_fc1_weight3(
 def export_decoder_layers_4_mlp_experts_linear_fc1_weight3(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -2042,7 +2130,7 @@ def export_decoder_layers_4_mlp_experts_linear_fc1_weight3(
 def import_decoder_layers_4_mlp_experts_linear_fc2_weight3(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.4.block_sparse_moe.experts.3.w2.weight"), out=out
     )
@@ -2051,14 +2139,14 @@ def import_decoder_layers_4_mlp_experts_linear_fc2_weight3(
 def export_decoder_layers_4_mlp_experts_linear_fc2_weight3(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.4.block_sparse_moe.experts.3.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_4_mlp_experts_linear_fc1_weight4(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.4.block_sparse_moe.experts.4.w1.weight"),
@@ -2070,7 +2158,7 @@ def import_decoder_layers_4_mlp_experts_linear_fc1_weight4(
 def export_decoder_layers_4_mlp_experts_linear_fc1_weight4(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -2085,7 +2173,7 @@ def export_decoder_layers_4_mlp_experts_linear_fc1_weight4(
 def import_decoder_layers_4_mlp_experts_linear_fc2_weight4(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.4.block_sparse_moe.experts.4.w2.weight"), out=out
     )
@@ -2094,14 +2182,14 @@ def import_decoder_layers_4_mlp_experts_linear_fc2_weight4(
 def export_decoder_layers_4_mlp_experts_linear_fc2_weight4(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.4.block_sparse_moe.experts.4.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_4_mlp_experts_linear_fc1_weight5(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.4.block_sparse_moe.experts.5.w1.weight"),
@@ -2113,7 +2201,7 @@ def import_decoder_layers_4_mlp_experts_linear_fc1_weight5(
 def export_decoder_layers_4_mlp_experts_linear_fc1_weight5(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -2128,7 +2216,7 @@ def export_decoder_layers_4_mlp_experts_linear_fc1_weight5(
 def import_decoder_layers_4_mlp_experts_linear_fc2_weight5(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.4.block_sparse_moe.experts.5.w2.weight"), out=out
     )
@@ -2137,14 +2225,14 @@ def import_decoder_layers_4_mlp_experts_linear_fc2_weight5(
 def export_decoder_layers_4_mlp_experts_linear_fc2_weight5(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.4.block_sparse_moe.experts.5.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_4_mlp_experts_linear_fc1_weight6(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.4.block_sparse_moe.experts.6.w1.weight"),
@@ -2156,7 +2244,7 @@ def import_decoder_layers_4_mlp_experts_linear_fc1_weight6(
 def export_decoder_layers_4_mlp_experts_linear_fc1_weight6(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -2171,7 +2259,7 @@ def export_decoder_layers_4_mlp_experts_linear_fc1_weight6(
 def import_decoder_layers_4_mlp_experts_linear_fc2_weight6(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.4.block_sparse_moe.experts.6.w2.weight"), out=out
     )
@@ -2180,14 +2268,14 @@ def import_decoder_layers_4_mlp_experts_linear_fc2_weight6(
 def export_decoder_layers_4_mlp_experts_linear_fc2_weight6(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.4.block_sparse_moe.experts.6.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_4_mlp_experts_linear_fc1_weight7(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.4.block_sparse_moe.experts.7.w1.weight"),
@@ -2199,7 +2287,7 @@ def import_decoder_layers_4_mlp_experts_linear_fc1_weight7(
 def export_decoder_layers_4_mlp_experts_linear_fc1_weight7(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -2214,7 +2302,7 @@ def export_decoder_layers_4_mlp_experts_linear_fc1_weight7(
 def import_decoder_layers_4_mlp_experts_linear_fc2_weight7(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.4.block_sparse_moe.experts.7.w2.weight"), out=out
     )
@@ -2223,42 +2311,42 @@ def import_decoder_layers_4_mlp_experts_linear_fc2_weight7(
 def export_decoder_layers_4_mlp_experts_linear_fc2_weight7(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.4.block_sparse_moe.experts.7.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_5_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/mixtral.yaml:31."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.5.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_5_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/mixtral.yaml:31."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.5.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_5_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.5.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_5_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.5.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_5_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/mixtral.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.5.self_attn.q_proj.weight"),
@@ -2274,7 +2362,7 @@ def import_decoder_layers_5_self_attention_linear_qkv_weight(
 def export_decoder_layers_5_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/mixtral.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -2290,31 +2378,31 @@ def export_decoder_layers_5_self_attention_linear_qkv_weight(
 def import_decoder_layers_5_pre_mlp_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/mixtral.yaml:40."""
+    """auto -> replicated: decoder.layers.*.pre_mlp_layernorm.weight."""
     return rt.whole_import(load("model.layers.5.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_5_pre_mlp_layernorm_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> replicated: specs/mixtral.yaml:40."""
+    """auto -> replicated: decoder.layers.*.pre_mlp_layernorm.weight."""
     return {"model.layers.5.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_5_mlp_router_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/mixtral.yaml:43."""
+    """auto -> replicated: decoder.layers.*.mlp.router.weight."""
     return rt.whole_import(load("model.layers.5.block_sparse_moe.gate.weight"), out=out)
 
 
 def export_decoder_layers_5_mlp_router_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> replicated: specs/mixtral.yaml:43."""
+    """auto -> replicated: decoder.layers.*.mlp.router.weight."""
     return {"model.layers.5.block_sparse_moe.gate.weight": parts[0]}
 
 
 def import_decoder_layers_5_mlp_experts_linear_fc1_weight0(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.5.block_sparse_moe.experts.0.w1.weight"),
@@ -2326,7 +2414,7 @@ def import_decoder_layers_5_mlp_experts_linear_fc1_weight0(
 def export_decoder_layers_5_mlp_experts_linear_fc1_weight0(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -2341,7 +2429,7 @@ def export_decoder_layers_5_mlp_experts_linear_fc1_weight0(
 def import_decoder_layers_5_mlp_experts_linear_fc2_weight0(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.5.block_sparse_moe.experts.0.w2.weight"), out=out
     )
@@ -2350,14 +2438,14 @@ def import_decoder_layers_5_mlp_experts_linear_fc2_weight0(
 def export_decoder_layers_5_mlp_experts_linear_fc2_weight0(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.5.block_sparse_moe.experts.0.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_5_mlp_experts_linear_fc1_weight1(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.5.block_sparse_moe.experts.1.w1.weight"),
@@ -2369,7 +2457,7 @@ def import_decoder_layers_5_mlp_experts_linear_fc1_weight1(
 def export_decoder_layers_5_mlp_experts_linear_fc1_weight1(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -2384,7 +2472,7 @@ def export_decoder_layers_5_mlp_experts_linear_fc1_weight1(
 def import_decoder_layers_5_mlp_experts_linear_fc2_weight1(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.5.block_sparse_moe.experts.1.w2.weight"), out=out
     )
@@ -2393,14 +2481,14 @@ def import_decoder_layers_5_mlp_experts_linear_fc2_weight1(
 def export_decoder_layers_5_mlp_experts_linear_fc2_weight1(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.5.block_sparse_moe.experts.1.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_5_mlp_experts_linear_fc1_weight2(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.5.block_sparse_moe.experts.2.w1.weight"),
@@ -2412,7 +2500,7 @@ def import_decoder_layers_5_mlp_experts_linear_fc1_weight2(
 def export_decoder_layers_5_mlp_experts_linear_fc1_weight2(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -2427,7 +2515,7 @@ def export_decoder_layers_5_mlp_experts_linear_fc1_weight2(
 def import_decoder_layers_5_mlp_experts_linear_fc2_weight2(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.5.block_sparse_moe.experts.2.w2.weight"), out=out
     )
@@ -2436,14 +2524,14 @@ def import_decoder_layers_5_mlp_experts_linear_fc2_weight2(
 def export_decoder_layers_5_mlp_experts_linear_fc2_weight2(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.5.block_sparse_moe.experts.2.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_5_mlp_experts_linear_fc1_weight3(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.5.block_sparse_moe.experts.3.w1.weight"),
@@ -2455,7 +2543,7 @@ def import_decoder_layers_5_mlp_experts_linear_fc1_weight3(
 def export_decoder_layers_5_mlp_experts_linear_fc1_weight3(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -2470,7 +2558,7 @@ def export_decoder_layers_5_mlp_experts_linear_fc1_weight3(
 def import_decoder_layers_5_mlp_experts_linear_fc2_weight3(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.5.block_sparse_moe.experts.3.w2.weight"), out=out
     )
@@ -2479,14 +2567,14 @@ def import_decoder_layers_5_mlp_experts_linear_fc2_weight3(
 def export_decoder_layers_5_mlp_experts_linear_fc2_weight3(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.5.block_sparse_moe.experts.3.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_5_mlp_experts_linear_fc1_weight4(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.5.block_sparse_moe.experts.4.w1.weight"),
@@ -2498,7 +2586,7 @@ def import_decoder_layers_5_mlp_experts_linear_fc1_weight4(
 def export_decoder_layers_5_mlp_experts_linear_fc1_weight4(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -2513,7 +2601,7 @@ def export_decoder_layers_5_mlp_experts_linear_fc1_weight4(
 def import_decoder_layers_5_mlp_experts_linear_fc2_weight4(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.5.block_sparse_moe.experts.4.w2.weight"), out=out
     )
@@ -2522,14 +2610,14 @@ def import_decoder_layers_5_mlp_experts_linear_fc2_weight4(
 def export_decoder_layers_5_mlp_experts_linear_fc2_weight4(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.5.block_sparse_moe.experts.4.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_5_mlp_experts_linear_fc1_weight5(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.5.block_sparse_moe.experts.5.w1.weight"),
@@ -2541,7 +2629,7 @@ def import_decoder_layers_5_mlp_experts_linear_fc1_weight5(
 def export_decoder_layers_5_mlp_experts_linear_fc1_weight5(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -2556,7 +2644,7 @@ def export_decoder_layers_5_mlp_experts_linear_fc1_weight5(
 def import_decoder_layers_5_mlp_experts_linear_fc2_weight5(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.5.block_sparse_moe.experts.5.w2.weight"), out=out
     )
@@ -2565,14 +2653,14 @@ def import_decoder_layers_5_mlp_experts_linear_fc2_weight5(
 def export_decoder_layers_5_mlp_experts_linear_fc2_weight5(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.5.block_sparse_moe.experts.5.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_5_mlp_experts_linear_fc1_weight6(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.5.block_sparse_moe.experts.6.w1.weight"),
@@ -2584,7 +2672,7 @@ def import_decoder_layers_5_mlp_experts_linear_fc1_weight6(
 def export_decoder_layers_5_mlp_experts_linear_fc1_weight6(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -2599,7 +2687,7 @@ def export_decoder_layers_5_mlp_experts_linear_fc1_weight6(
 def import_decoder_layers_5_mlp_experts_linear_fc2_weight6(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.5.block_sparse_moe.experts.6.w2.weight"), out=out
     )
@@ -2608,14 +2696,14 @@ def import_decoder_layers_5_mlp_experts_linear_fc2_weight6(
 def export_decoder_layers_5_mlp_experts_linear_fc2_weight6(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.5.block_sparse_moe.experts.6.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_5_mlp_experts_linear_fc1_weight7(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.5.block_sparse_moe.experts.7.w1.weight"),
@@ -2627,7 +2715,7 @@ def import_decoder_layers_5_mlp_experts_linear_fc1_weight7(
 def export_decoder_layers_5_mlp_experts_linear_fc1_weight7(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -2642,7 +2730,7 @@ def export_decoder_layers_5_mlp_experts_linear_fc1_weight7(
 def import_decoder_layers_5_mlp_experts_linear_fc2_weight7(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.5.block_sparse_moe.experts.7.w2.weight"), out=out
     )
@@ -2651,42 +2739,42 @@ def import_decoder_layers_5_mlp_experts_linear_fc2_weight7(
 def export_decoder_layers_5_mlp_experts_linear_fc2_weight7(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.5.block_sparse_moe.experts.7.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_6_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/mixtral.yaml:31."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.6.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_6_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/mixtral.yaml:31."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.6.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_6_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.6.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_6_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.6.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_6_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/mixtral.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.6.self_attn.q_proj.weight"),
@@ -2702,7 +2790,7 @@ def import_decoder_layers_6_self_attention_linear_qkv_weight(
 def export_decoder_layers_6_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/mixtral.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -2718,31 +2806,31 @@ def export_decoder_layers_6_self_attention_linear_qkv_weight(
 def import_decoder_layers_6_pre_mlp_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/mixtral.yaml:40."""
+    """auto -> replicated: decoder.layers.*.pre_mlp_layernorm.weight."""
     return rt.whole_import(load("model.layers.6.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_6_pre_mlp_layernorm_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> replicated: specs/mixtral.yaml:40."""
+    """auto -> replicated: decoder.layers.*.pre_mlp_layernorm.weight."""
     return {"model.layers.6.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_6_mlp_router_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/mixtral.yaml:43."""
+    """auto -> replicated: decoder.layers.*.mlp.router.weight."""
     return rt.whole_import(load("model.layers.6.block_sparse_moe.gate.weight"), out=out)
 
 
 def export_decoder_layers_6_mlp_router_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> replicated: specs/mixtral.yaml:43."""
+    """auto -> replicated: decoder.layers.*.mlp.router.weight."""
     return {"model.layers.6.block_sparse_moe.gate.weight": parts[0]}
 
 
 def import_decoder_layers_6_mlp_experts_linear_fc1_weight0(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.6.block_sparse_moe.experts.0.w1.weight"),
@@ -2754,7 +2842,7 @@ def import_decoder_layers_6_mlp_experts_linear_fc1_weight0(
 def export_decoder_layers_6_mlp_experts_linear_fc1_weight0(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -2769,7 +2857,7 @@ def export_decoder_layers_6_mlp_experts_linear_fc1_weight0(
 def import_decoder_layers_6_mlp_experts_linear_fc2_weight0(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.6.block_sparse_moe.experts.0.w2.weight"), out=out
     )
@@ -2778,14 +2866,14 @@ def import_decoder_layers_6_mlp_experts_linear_fc2_weight0(
 def export_decoder_layers_6_mlp_experts_linear_fc2_weight0(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.6.block_sparse_moe.experts.0.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_6_mlp_experts_linear_fc1_weight1(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.6.block_sparse_moe.experts.1.w1.weight"),
@@ -2797,7 +2885,7 @@ def import_decoder_layers_6_mlp_experts_linear_fc1_weight1(
 def export_decoder_layers_6_mlp_experts_linear_fc1_weight1(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -2812,7 +2900,7 @@ def export_decoder_layers_6_mlp_experts_linear_fc1_weight1(
 def import_decoder_layers_6_mlp_experts_linear_fc2_weight1(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.6.block_sparse_moe.experts.1.w2.weight"), out=out
     )
@@ -2821,14 +2909,14 @@ def import_decoder_layers_6_mlp_experts_linear_fc2_weight1(
 def export_decoder_layers_6_mlp_experts_linear_fc2_weight1(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.6.block_sparse_moe.experts.1.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_6_mlp_experts_linear_fc1_weight2(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.6.block_sparse_moe.experts.2.w1.weight"),
@@ -2840,7 +2928,7 @@ def import_decoder_layers_6_mlp_experts_linear_fc1_weight2(
 def export_decoder_layers_6_mlp_experts_linear_fc1_weight2(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -2855,7 +2943,7 @@ def export_decoder_layers_6_mlp_experts_linear_fc1_weight2(
 def import_decoder_layers_6_mlp_experts_linear_fc2_weight2(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.6.block_sparse_moe.experts.2.w2.weight"), out=out
     )
@@ -2864,14 +2952,14 @@ def import_decoder_layers_6_mlp_experts_linear_fc2_weight2(
 def export_decoder_layers_6_mlp_experts_linear_fc2_weight2(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.6.block_sparse_moe.experts.2.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_6_mlp_experts_linear_fc1_weight3(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.6.block_sparse_moe.experts.3.w1.weight"),
@@ -2883,7 +2971,7 @@ def import_decoder_layers_6_mlp_experts_linear_fc1_weight3(
 def export_decoder_layers_6_mlp_experts_linear_fc1_weight3(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -2898,7 +2986,7 @@ def export_decoder_layers_6_mlp_experts_linear_fc1_weight3(
 def import_decoder_layers_6_mlp_experts_linear_fc2_weight3(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.6.block_sparse_moe.experts.3.w2.weight"), out=out
     )
@@ -2907,14 +2995,14 @@ def import_decoder_layers_6_mlp_experts_linear_fc2_weight3(
 def export_decoder_layers_6_mlp_experts_linear_fc2_weight3(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.6.block_sparse_moe.experts.3.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_6_mlp_experts_linear_fc1_weight4(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.6.block_sparse_moe.experts.4.w1.weight"),
@@ -2926,7 +3014,7 @@ def import_decoder_layers_6_mlp_experts_linear_fc1_weight4(
 def export_decoder_layers_6_mlp_experts_linear_fc1_weight4(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -2941,7 +3029,7 @@ def export_decoder_layers_6_mlp_experts_linear_fc1_weight4(
 def import_decoder_layers_6_mlp_experts_linear_fc2_weight4(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.6.block_sparse_moe.experts.4.w2.weight"), out=out
     )
@@ -2950,14 +3038,14 @@ def import_decoder_layers_6_mlp_experts_linear_fc2_weight4(
 def export_decoder_layers_6_mlp_experts_linear_fc2_weight4(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.6.block_sparse_moe.experts.4.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_6_mlp_experts_linear_fc1_weight5(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.6.block_sparse_moe.experts.5.w1.weight"),
@@ -2969,7 +3057,7 @@ def import_decoder_layers_6_mlp_experts_linear_fc1_weight5(
 def export_decoder_layers_6_mlp_experts_linear_fc1_weight5(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -2984,7 +3072,7 @@ def export_decoder_layers_6_mlp_experts_linear_fc1_weight5(
 def import_decoder_layers_6_mlp_experts_linear_fc2_weight5(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.6.block_sparse_moe.experts.5.w2.weight"), out=out
     )
@@ -2993,14 +3081,14 @@ def import_decoder_layers_6_mlp_experts_linear_fc2_weight5(
 def export_decoder_layers_6_mlp_experts_linear_fc2_weight5(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.6.block_sparse_moe.experts.5.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_6_mlp_experts_linear_fc1_weight6(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.6.block_sparse_moe.experts.6.w1.weight"),
@@ -3012,7 +3100,7 @@ def import_decoder_layers_6_mlp_experts_linear_fc1_weight6(
 def export_decoder_layers_6_mlp_experts_linear_fc1_weight6(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -3027,7 +3115,7 @@ def export_decoder_layers_6_mlp_experts_linear_fc1_weight6(
 def import_decoder_layers_6_mlp_experts_linear_fc2_weight6(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.6.block_sparse_moe.experts.6.w2.weight"), out=out
     )
@@ -3036,14 +3124,14 @@ def import_decoder_layers_6_mlp_experts_linear_fc2_weight6(
 def export_decoder_layers_6_mlp_experts_linear_fc2_weight6(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.6.block_sparse_moe.experts.6.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_6_mlp_experts_linear_fc1_weight7(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.6.block_sparse_moe.experts.7.w1.weight"),
@@ -3055,7 +3143,7 @@ def import_decoder_layers_6_mlp_experts_linear_fc1_weight7(
 def export_decoder_layers_6_mlp_experts_linear_fc1_weight7(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -3070,7 +3158,7 @@ def export_decoder_layers_6_mlp_experts_linear_fc1_weight7(
 def import_decoder_layers_6_mlp_experts_linear_fc2_weight7(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.6.block_sparse_moe.experts.7.w2.weight"), out=out
     )
@@ -3079,42 +3167,42 @@ def import_decoder_layers_6_mlp_experts_linear_fc2_weight7(
 def export_decoder_layers_6_mlp_experts_linear_fc2_weight7(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.6.block_sparse_moe.experts.7.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_7_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/mixtral.yaml:31."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.7.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_7_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/mixtral.yaml:31."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.7.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_7_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.7.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_7_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.7.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_7_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/mixtral.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.7.self_attn.q_proj.weight"),
@@ -3130,7 +3218,7 @@ def import_decoder_layers_7_self_attention_linear_qkv_weight(
 def export_decoder_layers_7_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/mixtral.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -3146,31 +3234,31 @@ def export_decoder_layers_7_self_attention_linear_qkv_weight(
 def import_decoder_layers_7_pre_mlp_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/mixtral.yaml:40."""
+    """auto -> replicated: decoder.layers.*.pre_mlp_layernorm.weight."""
     return rt.whole_import(load("model.layers.7.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_7_pre_mlp_layernorm_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> replicated: specs/mixtral.yaml:40."""
+    """auto -> replicated: decoder.layers.*.pre_mlp_layernorm.weight."""
     return {"model.layers.7.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_7_mlp_router_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/mixtral.yaml:43."""
+    """auto -> replicated: decoder.layers.*.mlp.router.weight."""
     return rt.whole_import(load("model.layers.7.block_sparse_moe.gate.weight"), out=out)
 
 
 def export_decoder_layers_7_mlp_router_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> replicated: specs/mixtral.yaml:43."""
+    """auto -> replicated: decoder.layers.*.mlp.router.weight."""
     return {"model.layers.7.block_sparse_moe.gate.weight": parts[0]}
 
 
 def import_decoder_layers_7_mlp_experts_linear_fc1_weight0(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.7.block_sparse_moe.experts.0.w1.weight"),
@@ -3182,7 +3270,7 @@ def import_decoder_layers_7_mlp_experts_linear_fc1_weight0(
 def export_decoder_layers_7_mlp_experts_linear_fc1_weight0(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -3197,7 +3285,7 @@ def export_decoder_layers_7_mlp_experts_linear_fc1_weight0(
 def import_decoder_layers_7_mlp_experts_linear_fc2_weight0(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.7.block_sparse_moe.experts.0.w2.weight"), out=out
     )
@@ -3206,14 +3294,14 @@ def import_decoder_layers_7_mlp_experts_linear_fc2_weight0(
 def export_decoder_layers_7_mlp_experts_linear_fc2_weight0(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.7.block_sparse_moe.experts.0.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_7_mlp_experts_linear_fc1_weight1(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.7.block_sparse_moe.experts.1.w1.weight"),
@@ -3225,7 +3313,7 @@ def import_decoder_layers_7_mlp_experts_linear_fc1_weight1(
 def export_decoder_layers_7_mlp_experts_linear_fc1_weight1(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -3240,7 +3328,7 @@ def export_decoder_layers_7_mlp_experts_linear_fc1_weight1(
 def import_decoder_layers_7_mlp_experts_linear_fc2_weight1(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.7.block_sparse_moe.experts.1.w2.weight"), out=out
     )
@@ -3249,14 +3337,14 @@ def import_decoder_layers_7_mlp_experts_linear_fc2_weight1(
 def export_decoder_layers_7_mlp_experts_linear_fc2_weight1(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.7.block_sparse_moe.experts.1.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_7_mlp_experts_linear_fc1_weight2(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.7.block_sparse_moe.experts.2.w1.weight"),
@@ -3268,7 +3356,7 @@ def import_decoder_layers_7_mlp_experts_linear_fc1_weight2(
 def export_decoder_layers_7_mlp_experts_linear_fc1_weight2(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -3283,7 +3371,7 @@ def export_decoder_layers_7_mlp_experts_linear_fc1_weight2(
 def import_decoder_layers_7_mlp_experts_linear_fc2_weight2(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.7.block_sparse_moe.experts.2.w2.weight"), out=out
     )
@@ -3292,14 +3380,14 @@ def import_decoder_layers_7_mlp_experts_linear_fc2_weight2(
 def export_decoder_layers_7_mlp_experts_linear_fc2_weight2(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.7.block_sparse_moe.experts.2.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_7_mlp_experts_linear_fc1_weight3(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.7.block_sparse_moe.experts.3.w1.weight"),
@@ -3311,7 +3399,7 @@ def import_decoder_layers_7_mlp_experts_linear_fc1_weight3(
 def export_decoder_layers_7_mlp_experts_linear_fc1_weight3(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -3326,7 +3414,7 @@ def export_decoder_layers_7_mlp_experts_linear_fc1_weight3(
 def import_decoder_layers_7_mlp_experts_linear_fc2_weight3(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.7.block_sparse_moe.experts.3.w2.weight"), out=out
     )
@@ -3335,14 +3423,14 @@ def import_decoder_layers_7_mlp_experts_linear_fc2_weight3(
 def export_decoder_layers_7_mlp_experts_linear_fc2_weight3(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.7.block_sparse_moe.experts.3.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_7_mlp_experts_linear_fc1_weight4(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.7.block_sparse_moe.experts.4.w1.weight"),
@@ -3354,7 +3442,7 @@ def import_decoder_layers_7_mlp_experts_linear_fc1_weight4(
 def export_decoder_layers_7_mlp_experts_linear_fc1_weight4(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -3369,7 +3457,7 @@ def export_decoder_layers_7_mlp_experts_linear_fc1_weight4(
 def import_decoder_layers_7_mlp_experts_linear_fc2_weight4(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.7.block_sparse_moe.experts.4.w2.weight"), out=out
     )
@@ -3378,14 +3466,14 @@ def import_decoder_layers_7_mlp_experts_linear_fc2_weight4(
 def export_decoder_layers_7_mlp_experts_linear_fc2_weight4(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.7.block_sparse_moe.experts.4.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_7_mlp_experts_linear_fc1_weight5(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.7.block_sparse_moe.experts.5.w1.weight"),
@@ -3397,7 +3485,7 @@ def import_decoder_layers_7_mlp_experts_linear_fc1_weight5(
 def export_decoder_layers_7_mlp_experts_linear_fc1_weight5(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -3412,7 +3500,7 @@ def export_decoder_layers_7_mlp_experts_linear_fc1_weight5(
 def import_decoder_layers_7_mlp_experts_linear_fc2_weight5(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.7.block_sparse_moe.experts.5.w2.weight"), out=out
     )
@@ -3421,14 +3509,14 @@ def import_decoder_layers_7_mlp_experts_linear_fc2_weight5(
 def export_decoder_layers_7_mlp_experts_linear_fc2_weight5(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.7.block_sparse_moe.experts.5.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_7_mlp_experts_linear_fc1_weight6(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.7.block_sparse_moe.experts.6.w1.weight"),
@@ -3440,7 +3528,7 @@ def import_decoder_layers_7_mlp_experts_linear_fc1_weight6(
 def export_decoder_layers_7_mlp_experts_linear_fc1_weight6(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -3455,7 +3543,7 @@ def export_decoder_layers_7_mlp_experts_linear_fc1_weight6(
 def import_decoder_layers_7_mlp_experts_linear_fc2_weight6(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.7.block_sparse_moe.experts.6.w2.weight"), out=out
     )
@@ -3464,14 +3552,14 @@ def import_decoder_layers_7_mlp_experts_linear_fc2_weight6(
 def export_decoder_layers_7_mlp_experts_linear_fc2_weight6(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.7.block_sparse_moe.experts.6.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_7_mlp_experts_linear_fc1_weight7(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.7.block_sparse_moe.experts.7.w1.weight"),
@@ -3483,7 +3571,7 @@ def import_decoder_layers_7_mlp_experts_linear_fc1_weight7(
 def export_decoder_layers_7_mlp_experts_linear_fc1_weight7(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -3498,7 +3586,7 @@ def export_decoder_layers_7_mlp_experts_linear_fc1_weight7(
 def import_decoder_layers_7_mlp_experts_linear_fc2_weight7(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.7.block_sparse_moe.experts.7.w2.weight"), out=out
     )
@@ -3507,42 +3595,42 @@ def import_decoder_layers_7_mlp_experts_linear_fc2_weight7(
 def export_decoder_layers_7_mlp_experts_linear_fc2_weight7(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.7.block_sparse_moe.experts.7.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_8_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/mixtral.yaml:31."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.8.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_8_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/mixtral.yaml:31."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.8.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_8_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.8.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_8_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.8.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_8_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/mixtral.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.8.self_attn.q_proj.weight"),
@@ -3558,7 +3646,7 @@ def import_decoder_layers_8_self_attention_linear_qkv_weight(
 def export_decoder_layers_8_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/mixtral.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -3574,31 +3662,31 @@ def export_decoder_layers_8_self_attention_linear_qkv_weight(
 def import_decoder_layers_8_pre_mlp_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/mixtral.yaml:40."""
+    """auto -> replicated: decoder.layers.*.pre_mlp_layernorm.weight."""
     return rt.whole_import(load("model.layers.8.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_8_pre_mlp_layernorm_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> replicated: specs/mixtral.yaml:40."""
+    """auto -> replicated: decoder.layers.*.pre_mlp_layernorm.weight."""
     return {"model.layers.8.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_8_mlp_router_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/mixtral.yaml:43."""
+    """auto -> replicated: decoder.layers.*.mlp.router.weight."""
     return rt.whole_import(load("model.layers.8.block_sparse_moe.gate.weight"), out=out)
 
 
 def export_decoder_layers_8_mlp_router_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> replicated: specs/mixtral.yaml:43."""
+    """auto -> replicated: decoder.layers.*.mlp.router.weight."""
     return {"model.layers.8.block_sparse_moe.gate.weight": parts[0]}
 
 
 def import_decoder_layers_8_mlp_experts_linear_fc1_weight0(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.8.block_sparse_moe.experts.0.w1.weight"),
@@ -3610,7 +3698,7 @@ def import_decoder_layers_8_mlp_experts_linear_fc1_weight0(
 def export_decoder_layers_8_mlp_experts_linear_fc1_weight0(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -3625,7 +3713,7 @@ def export_decoder_layers_8_mlp_experts_linear_fc1_weight0(
 def import_decoder_layers_8_mlp_experts_linear_fc2_weight0(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.8.block_sparse_moe.experts.0.w2.weight"), out=out
     )
@@ -3634,14 +3722,14 @@ def import_decoder_layers_8_mlp_experts_linear_fc2_weight0(
 def export_decoder_layers_8_mlp_experts_linear_fc2_weight0(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.8.block_sparse_moe.experts.0.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_8_mlp_experts_linear_fc1_weight1(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.8.block_sparse_moe.experts.1.w1.weight"),
@@ -3653,7 +3741,7 @@ def import_decoder_layers_8_mlp_experts_linear_fc1_weight1(
 def export_decoder_layers_8_mlp_experts_linear_fc1_weight1(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -3668,7 +3756,7 @@ def export_decoder_layers_8_mlp_experts_linear_fc1_weight1(
 def import_decoder_layers_8_mlp_experts_linear_fc2_weight1(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.8.block_sparse_moe.experts.1.w2.weight"), out=out
     )
@@ -3677,14 +3765,14 @@ def import_decoder_layers_8_mlp_experts_linear_fc2_weight1(
 def export_decoder_layers_8_mlp_experts_linear_fc2_weight1(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.8.block_sparse_moe.experts.1.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_8_mlp_experts_linear_fc1_weight2(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.8.block_sparse_moe.experts.2.w1.weight"),
@@ -3696,7 +3784,7 @@ def import_decoder_layers_8_mlp_experts_linear_fc1_weight2(
 def export_decoder_layers_8_mlp_experts_linear_fc1_weight2(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -3711,7 +3799,7 @@ def export_decoder_layers_8_mlp_experts_linear_fc1_weight2(
 def import_decoder_layers_8_mlp_experts_linear_fc2_weight2(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.8.block_sparse_moe.experts.2.w2.weight"), out=out
     )
@@ -3720,14 +3808,14 @@ def import_decoder_layers_8_mlp_experts_linear_fc2_weight2(
 def export_decoder_layers_8_mlp_experts_linear_fc2_weight2(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.8.block_sparse_moe.experts.2.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_8_mlp_experts_linear_fc1_weight3(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.8.block_sparse_moe.experts.3.w1.weight"),
@@ -3739,7 +3827,7 @@ def import_decoder_layers_8_mlp_experts_linear_fc1_weight3(
 def export_decoder_layers_8_mlp_experts_linear_fc1_weight3(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -3754,7 +3842,7 @@ def export_decoder_layers_8_mlp_experts_linear_fc1_weight3(
 def import_decoder_layers_8_mlp_experts_linear_fc2_weight3(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.8.block_sparse_moe.experts.3.w2.weight"), out=out
     )
@@ -3763,14 +3851,14 @@ def import_decoder_layers_8_mlp_experts_linear_fc2_weight3(
 def export_decoder_layers_8_mlp_experts_linear_fc2_weight3(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.8.block_sparse_moe.experts.3.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_8_mlp_experts_linear_fc1_weight4(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.8.block_sparse_moe.experts.4.w1.weight"),
@@ -3782,7 +3870,7 @@ def import_decoder_layers_8_mlp_experts_linear_fc1_weight4(
 def export_decoder_layers_8_mlp_experts_linear_fc1_weight4(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -3797,7 +3885,7 @@ def export_decoder_layers_8_mlp_experts_linear_fc1_weight4(
 def import_decoder_layers_8_mlp_experts_linear_fc2_weight4(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.8.block_sparse_moe.experts.4.w2.weight"), out=out
     )
@@ -3806,14 +3894,14 @@ def import_decoder_layers_8_mlp_experts_linear_fc2_weight4(
 def export_decoder_layers_8_mlp_experts_linear_fc2_weight4(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.8.block_sparse_moe.experts.4.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_8_mlp_experts_linear_fc1_weight5(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.8.block_sparse_moe.experts.5.w1.weight"),
@@ -3825,7 +3913,7 @@ def import_decoder_layers_8_mlp_experts_linear_fc1_weight5(
 def export_decoder_layers_8_mlp_experts_linear_fc1_weight5(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -3840,7 +3928,7 @@ def export_decoder_layers_8_mlp_experts_linear_fc1_weight5(
 def import_decoder_layers_8_mlp_experts_linear_fc2_weight5(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.8.block_sparse_moe.experts.5.w2.weight"), out=out
     )
@@ -3849,14 +3937,14 @@ def import_decoder_layers_8_mlp_experts_linear_fc2_weight5(
 def export_decoder_layers_8_mlp_experts_linear_fc2_weight5(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.8.block_sparse_moe.experts.5.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_8_mlp_experts_linear_fc1_weight6(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.8.block_sparse_moe.experts.6.w1.weight"),
@@ -3868,7 +3956,7 @@ def import_decoder_layers_8_mlp_experts_linear_fc1_weight6(
 def export_decoder_layers_8_mlp_experts_linear_fc1_weight6(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -3883,7 +3971,7 @@ def export_decoder_layers_8_mlp_experts_linear_fc1_weight6(
 def import_decoder_layers_8_mlp_experts_linear_fc2_weight6(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.8.block_sparse_moe.experts.6.w2.weight"), out=out
     )
@@ -3892,14 +3980,14 @@ def import_decoder_layers_8_mlp_experts_linear_fc2_weight6(
 def export_decoder_layers_8_mlp_experts_linear_fc2_weight6(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.8.block_sparse_moe.experts.6.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_8_mlp_experts_linear_fc1_weight7(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.8.block_sparse_moe.experts.7.w1.weight"),
@@ -3911,7 +3999,7 @@ def import_decoder_layers_8_mlp_experts_linear_fc1_weight7(
 def export_decoder_layers_8_mlp_experts_linear_fc1_weight7(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -3926,7 +4014,7 @@ def export_decoder_layers_8_mlp_experts_linear_fc1_weight7(
 def import_decoder_layers_8_mlp_experts_linear_fc2_weight7(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.8.block_sparse_moe.experts.7.w2.weight"), out=out
     )
@@ -3935,42 +4023,42 @@ def import_decoder_layers_8_mlp_experts_linear_fc2_weight7(
 def export_decoder_layers_8_mlp_experts_linear_fc2_weight7(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.8.block_sparse_moe.experts.7.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_9_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/mixtral.yaml:31."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.9.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_9_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/mixtral.yaml:31."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.9.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_9_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.9.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_9_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.9.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_9_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/mixtral.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.9.self_attn.q_proj.weight"),
@@ -3986,7 +4074,7 @@ def import_decoder_layers_9_self_attention_linear_qkv_weight(
 def export_decoder_layers_9_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/mixtral.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -4002,31 +4090,31 @@ def export_decoder_layers_9_self_attention_linear_qkv_weight(
 def import_decoder_layers_9_pre_mlp_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/mixtral.yaml:40."""
+    """auto -> replicated: decoder.layers.*.pre_mlp_layernorm.weight."""
     return rt.whole_import(load("model.layers.9.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_9_pre_mlp_layernorm_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> replicated: specs/mixtral.yaml:40."""
+    """auto -> replicated: decoder.layers.*.pre_mlp_layernorm.weight."""
     return {"model.layers.9.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_9_mlp_router_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/mixtral.yaml:43."""
+    """auto -> replicated: decoder.layers.*.mlp.router.weight."""
     return rt.whole_import(load("model.layers.9.block_sparse_moe.gate.weight"), out=out)
 
 
 def export_decoder_layers_9_mlp_router_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> replicated: specs/mixtral.yaml:43."""
+    """auto -> replicated: decoder.layers.*.mlp.router.weight."""
     return {"model.layers.9.block_sparse_moe.gate.weight": parts[0]}
 
 
 def import_decoder_layers_9_mlp_experts_linear_fc1_weight0(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.9.block_sparse_moe.experts.0.w1.weight"),
@@ -4038,7 +4126,7 @@ def import_decoder_layers_9_mlp_experts_linear_fc1_weight0(
 def export_decoder_layers_9_mlp_experts_linear_fc1_weight0(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -4053,7 +4141,7 @@ def export_decoder_layers_9_mlp_experts_linear_fc1_weight0(
 def import_decoder_layers_9_mlp_experts_linear_fc2_weight0(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.9.block_sparse_moe.experts.0.w2.weight"), out=out
     )
@@ -4062,14 +4150,14 @@ def import_decoder_layers_9_mlp_experts_linear_fc2_weight0(
 def export_decoder_layers_9_mlp_experts_linear_fc2_weight0(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.9.block_sparse_moe.experts.0.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_9_mlp_experts_linear_fc1_weight1(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.9.block_sparse_moe.experts.1.w1.weight"),
@@ -4081,7 +4169,7 @@ def import_decoder_layers_9_mlp_experts_linear_fc1_weight1(
 def export_decoder_layers_9_mlp_experts_linear_fc1_weight1(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -4096,7 +4184,7 @@ def export_decoder_layers_9_mlp_experts_linear_fc1_weight1(
 def import_decoder_layers_9_mlp_experts_linear_fc2_weight1(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.9.block_sparse_moe.experts.1.w2.weight"), out=out
     )
@@ -4105,14 +4193,14 @@ def import_decoder_layers_9_mlp_experts_linear_fc2_weight1(
 def export_decoder_layers_9_mlp_experts_linear_fc2_weight1(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.9.block_sparse_moe.experts.1.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_9_mlp_experts_linear_fc1_weight2(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.9.block_sparse_moe.experts.2.w1.weight"),
@@ -4124,7 +4212,7 @@ def import_decoder_layers_9_mlp_experts_linear_fc1_weight2(
 def export_decoder_layers_9_mlp_experts_linear_fc1_weight2(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -4139,7 +4227,7 @@ def export_decoder_layers_9_mlp_experts_linear_fc1_weight2(
 def import_decoder_layers_9_mlp_experts_linear_fc2_weight2(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.9.block_sparse_moe.experts.2.w2.weight"), out=out
     )
@@ -4148,14 +4236,14 @@ def import_decoder_layers_9_mlp_experts_linear_fc2_weight2(
 def export_decoder_layers_9_mlp_experts_linear_fc2_weight2(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.9.block_sparse_moe.experts.2.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_9_mlp_experts_linear_fc1_weight3(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.9.block_sparse_moe.experts.3.w1.weight"),
@@ -4167,7 +4255,7 @@ def import_decoder_layers_9_mlp_experts_linear_fc1_weight3(
 def export_decoder_layers_9_mlp_experts_linear_fc1_weight3(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -4182,7 +4270,7 @@ def export_decoder_layers_9_mlp_experts_linear_fc1_weight3(
 def import_decoder_layers_9_mlp_experts_linear_fc2_weight3(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.9.block_sparse_moe.experts.3.w2.weight"), out=out
     )
@@ -4191,14 +4279,14 @@ def import_decoder_layers_9_mlp_experts_linear_fc2_weight3(
 def export_decoder_layers_9_mlp_experts_linear_fc2_weight3(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.9.block_sparse_moe.experts.3.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_9_mlp_experts_linear_fc1_weight4(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.9.block_sparse_moe.experts.4.w1.weight"),
@@ -4210,7 +4298,7 @@ def import_decoder_layers_9_mlp_experts_linear_fc1_weight4(
 def export_decoder_layers_9_mlp_experts_linear_fc1_weight4(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -4225,7 +4313,7 @@ def export_decoder_layers_9_mlp_experts_linear_fc1_weight4(
 def import_decoder_layers_9_mlp_experts_linear_fc2_weight4(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.9.block_sparse_moe.experts.4.w2.weight"), out=out
     )
@@ -4234,14 +4322,14 @@ def import_decoder_layers_9_mlp_experts_linear_fc2_weight4(
 def export_decoder_layers_9_mlp_experts_linear_fc2_weight4(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.9.block_sparse_moe.experts.4.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_9_mlp_experts_linear_fc1_weight5(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.9.block_sparse_moe.experts.5.w1.weight"),
@@ -4253,7 +4341,7 @@ def import_decoder_layers_9_mlp_experts_linear_fc1_weight5(
 def export_decoder_layers_9_mlp_experts_linear_fc1_weight5(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -4268,7 +4356,7 @@ def export_decoder_layers_9_mlp_experts_linear_fc1_weight5(
 def import_decoder_layers_9_mlp_experts_linear_fc2_weight5(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.9.block_sparse_moe.experts.5.w2.weight"), out=out
     )
@@ -4277,14 +4365,14 @@ def import_decoder_layers_9_mlp_experts_linear_fc2_weight5(
 def export_decoder_layers_9_mlp_experts_linear_fc2_weight5(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.9.block_sparse_moe.experts.5.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_9_mlp_experts_linear_fc1_weight6(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.9.block_sparse_moe.experts.6.w1.weight"),
@@ -4296,7 +4384,7 @@ def import_decoder_layers_9_mlp_experts_linear_fc1_weight6(
 def export_decoder_layers_9_mlp_experts_linear_fc1_weight6(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -4311,7 +4399,7 @@ def export_decoder_layers_9_mlp_experts_linear_fc1_weight6(
 def import_decoder_layers_9_mlp_experts_linear_fc2_weight6(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.9.block_sparse_moe.experts.6.w2.weight"), out=out
     )
@@ -4320,14 +4408,14 @@ def import_decoder_layers_9_mlp_experts_linear_fc2_weight6(
 def export_decoder_layers_9_mlp_experts_linear_fc2_weight6(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.9.block_sparse_moe.experts.6.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_9_mlp_experts_linear_fc1_weight7(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.9.block_sparse_moe.experts.7.w1.weight"),
@@ -4339,7 +4427,7 @@ def import_decoder_layers_9_mlp_experts_linear_fc1_weight7(
 def export_decoder_layers_9_mlp_experts_linear_fc1_weight7(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -4354,7 +4442,7 @@ def export_decoder_layers_9_mlp_experts_linear_fc1_weight7(
 def import_decoder_layers_9_mlp_experts_linear_fc2_weight7(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.9.block_sparse_moe.experts.7.w2.weight"), out=out
     )
@@ -4363,42 +4451,42 @@ def import_decoder_layers_9_mlp_experts_linear_fc2_weight7(
 def export_decoder_layers_9_mlp_experts_linear_fc2_weight7(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.9.block_sparse_moe.experts.7.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_10_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/mixtral.yaml:31."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.10.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_10_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/mixtral.yaml:31."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.10.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_10_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.10.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_10_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.10.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_10_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/mixtral.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.10.self_attn.q_proj.weight"),
@@ -4414,7 +4502,7 @@ def import_decoder_layers_10_self_attention_linear_qkv_weight(
 def export_decoder_layers_10_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/mixtral.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -4430,31 +4518,31 @@ def export_decoder_layers_10_self_attention_linear_qkv_weight(
 def import_decoder_layers_10_pre_mlp_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/mixtral.yaml:40."""
+    """auto -> replicated: decoder.layers.*.pre_mlp_layernorm.weight."""
     return rt.whole_import(load("model.layers.10.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_10_pre_mlp_layernorm_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> replicated: specs/mixtral.yaml:40."""
+    """auto -> replicated: decoder.layers.*.pre_mlp_layernorm.weight."""
     return {"model.layers.10.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_10_mlp_router_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/mixtral.yaml:43."""
+    """auto -> replicated: decoder.layers.*.mlp.router.weight."""
     return rt.whole_import(load("model.layers.10.block_sparse_moe.gate.weight"), out=out)
 
 
 def export_decoder_layers_10_mlp_router_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> replicated: specs/mixtral.yaml:43."""
+    """auto -> replicated: decoder.layers.*.mlp.router.weight."""
     return {"model.layers.10.block_sparse_moe.gate.weight": parts[0]}
 
 
 def import_decoder_layers_10_mlp_experts_linear_fc1_weight0(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.10.block_sparse_moe.experts.0.w1.weight"),
@@ -4466,7 +4554,7 @@ def import_decoder_layers_10_mlp_experts_linear_fc1_weight0(
 def export_decoder_layers_10_mlp_experts_linear_fc1_weight0(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -4481,7 +4569,7 @@ def export_decoder_layers_10_mlp_experts_linear_fc1_weight0(
 def import_decoder_layers_10_mlp_experts_linear_fc2_weight0(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.10.block_sparse_moe.experts.0.w2.weight"), out=out
     )
@@ -4490,14 +4578,14 @@ def import_decoder_layers_10_mlp_experts_linear_fc2_weight0(
 def export_decoder_layers_10_mlp_experts_linear_fc2_weight0(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.10.block_sparse_moe.experts.0.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_10_mlp_experts_linear_fc1_weight1(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.10.block_sparse_moe.experts.1.w1.weight"),
@@ -4509,7 +4597,7 @@ def import_decoder_layers_10_mlp_experts_linear_fc1_weight1(
 def export_decoder_layers_10_mlp_experts_linear_fc1_weight1(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -4524,7 +4612,7 @@ def export_decoder_layers_10_mlp_experts_linear_fc1_weight1(
 def import_decoder_layers_10_mlp_experts_linear_fc2_weight1(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.10.block_sparse_moe.experts.1.w2.weight"), out=out
     )
@@ -4533,14 +4621,14 @@ def import_decoder_layers_10_mlp_experts_linear_fc2_weight1(
 def export_decoder_layers_10_mlp_experts_linear_fc2_weight1(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.10.block_sparse_moe.experts.1.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_10_mlp_experts_linear_fc1_weight2(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.10.block_sparse_moe.experts.2.w1.weight"),
@@ -4552,7 +4640,7 @@ def import_decoder_layers_10_mlp_experts_linear_fc1_weight2(
 def export_decoder_layers_10_mlp_experts_linear_fc1_weight2(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -4567,7 +4655,7 @@ def export_decoder_layers_10_mlp_experts_linear_fc1_weight2(
 def import_decoder_layers_10_mlp_experts_linear_fc2_weight2(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.10.block_sparse_moe.experts.2.w2.weight"), out=out
     )
@@ -4576,14 +4664,14 @@ def import_decoder_layers_10_mlp_experts_linear_fc2_weight2(
 def export_decoder_layers_10_mlp_experts_linear_fc2_weight2(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.10.block_sparse_moe.experts.2.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_10_mlp_experts_linear_fc1_weight3(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.10.block_sparse_moe.experts.3.w1.weight"),
@@ -4595,7 +4683,7 @@ def import_decoder_layers_10_mlp_experts_linear_fc1_weight3(
 def export_decoder_layers_10_mlp_experts_linear_fc1_weight3(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -4610,7 +4698,7 @@ def export_decoder_layers_10_mlp_experts_linear_fc1_weight3(
 def import_decoder_layers_10_mlp_experts_linear_fc2_weight3(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.10.block_sparse_moe.experts.3.w2.weight"), out=out
     )
@@ -4619,14 +4707,14 @@ def import_decoder_layers_10_mlp_experts_linear_fc2_weight3(
 def export_decoder_layers_10_mlp_experts_linear_fc2_weight3(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.10.block_sparse_moe.experts.3.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_10_mlp_experts_linear_fc1_weight4(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.10.block_sparse_moe.experts.4.w1.weight"),
@@ -4638,7 +4726,7 @@ def import_decoder_layers_10_mlp_experts_linear_fc1_weight4(
 def export_decoder_layers_10_mlp_experts_linear_fc1_weight4(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -4653,7 +4741,7 @@ def export_decoder_layers_10_mlp_experts_linear_fc1_weight4(
 def import_decoder_layers_10_mlp_experts_linear_fc2_weight4(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.10.block_sparse_moe.experts.4.w2.weight"), out=out
     )
@@ -4662,14 +4750,14 @@ def import_decoder_layers_10_mlp_experts_linear_fc2_weight4(
 def export_decoder_layers_10_mlp_experts_linear_fc2_weight4(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.10.block_sparse_moe.experts.4.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_10_mlp_experts_linear_fc1_weight5(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.10.block_sparse_moe.experts.5.w1.weight"),
@@ -4681,7 +4769,7 @@ def import_decoder_layers_10_mlp_experts_linear_fc1_weight5(
 def export_decoder_layers_10_mlp_experts_linear_fc1_weight5(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -4696,7 +4784,7 @@ def export_decoder_layers_10_mlp_experts_linear_fc1_weight5(
 def import_decoder_layers_10_mlp_experts_linear_fc2_weight5(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.10.block_sparse_moe.experts.5.w2.weight"), out=out
     )
@@ -4705,14 +4793,14 @@ def import_decoder_layers_10_mlp_experts_linear_fc2_weight5(
 def export_decoder_layers_10_mlp_experts_linear_fc2_weight5(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.10.block_sparse_moe.experts.5.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_10_mlp_experts_linear_fc1_weight6(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.10.block_sparse_moe.experts.6.w1.weight"),
@@ -4724,7 +4812,7 @@ def import_decoder_layers_10_mlp_experts_linear_fc1_weight6(
 def export_decoder_layers_10_mlp_experts_linear_fc1_weight6(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -4739,7 +4827,7 @@ def export_decoder_layers_10_mlp_experts_linear_fc1_weight6(
 def import_decoder_layers_10_mlp_experts_linear_fc2_weight6(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.10.block_sparse_moe.experts.6.w2.weight"), out=out
     )
@@ -4748,14 +4836,14 @@ def import_decoder_layers_10_mlp_experts_linear_fc2_weight6(
 def export_decoder_layers_10_mlp_experts_linear_fc2_weight6(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.10.block_sparse_moe.experts.6.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_10_mlp_experts_linear_fc1_weight7(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.10.block_sparse_moe.experts.7.w1.weight"),
@@ -4767,7 +4855,7 @@ def import_decoder_layers_10_mlp_experts_linear_fc1_weight7(
 def export_decoder_layers_10_mlp_experts_linear_fc1_weight7(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -4782,7 +4870,7 @@ def export_decoder_layers_10_mlp_experts_linear_fc1_weight7(
 def import_decoder_layers_10_mlp_experts_linear_fc2_weight7(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.10.block_sparse_moe.experts.7.w2.weight"), out=out
     )
@@ -4791,42 +4879,42 @@ def import_decoder_layers_10_mlp_experts_linear_fc2_weight7(
 def export_decoder_layers_10_mlp_experts_linear_fc2_weight7(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.10.block_sparse_moe.experts.7.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_11_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/mixtral.yaml:31."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.11.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_11_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/mixtral.yaml:31."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.11.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_11_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.11.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_11_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.11.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_11_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/mixtral.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.11.self_attn.q_proj.weight"),
@@ -4842,7 +4930,7 @@ def import_decoder_layers_11_self_attention_linear_qkv_weight(
 def export_decoder_layers_11_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/mixtral.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -4858,31 +4946,31 @@ def export_decoder_layers_11_self_attention_linear_qkv_weight(
 def import_decoder_layers_11_pre_mlp_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/mixtral.yaml:40."""
+    """auto -> replicated: decoder.layers.*.pre_mlp_layernorm.weight."""
     return rt.whole_import(load("model.layers.11.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_11_pre_mlp_layernorm_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> replicated: specs/mixtral.yaml:40."""
+    """auto -> replicated: decoder.layers.*.pre_mlp_layernorm.weight."""
     return {"model.layers.11.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_11_mlp_router_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/mixtral.yaml:43."""
+    """auto -> replicated: decoder.layers.*.mlp.router.weight."""
     return rt.whole_import(load("model.layers.11.block_sparse_moe.gate.weight"), out=out)
 
 
 def export_decoder_layers_11_mlp_router_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> replicated: specs/mixtral.yaml:43."""
+    """auto -> replicated: decoder.layers.*.mlp.router.weight."""
     return {"model.layers.11.block_sparse_moe.gate.weight": parts[0]}
 
 
 def import_decoder_layers_11_mlp_experts_linear_fc1_weight0(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.11.block_sparse_moe.experts.0.w1.weight"),
@@ -4894,7 +4982,7 @@ def import_decoder_layers_11_mlp_experts_linear_fc1_weight0(
 def export_decoder_layers_11_mlp_experts_linear_fc1_weight0(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -4909,7 +4997,7 @@ def export_decoder_layers_11_mlp_experts_linear_fc1_weight0(
 def import_decoder_layers_11_mlp_experts_linear_fc2_weight0(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.11.block_sparse_moe.experts.0.w2.weight"), out=out
     )
@@ -4918,14 +5006,14 @@ def import_decoder_layers_11_mlp_experts_linear_fc2_weight0(
 def export_decoder_layers_11_mlp_experts_linear_fc2_weight0(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.11.block_sparse_moe.experts.0.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_11_mlp_experts_linear_fc1_weight1(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.11.block_sparse_moe.experts.1.w1.weight"),
@@ -4937,7 +5025,7 @@ def import_decoder_layers_11_mlp_experts_linear_fc1_weight1(
 def export_decoder_layers_11_mlp_experts_linear_fc1_weight1(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -4952,7 +5040,7 @@ def export_decoder_layers_11_mlp_experts_linear_fc1_weight1(
 def import_decoder_layers_11_mlp_experts_linear_fc2_weight1(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.11.block_sparse_moe.experts.1.w2.weight"), out=out
     )
@@ -4961,14 +5049,14 @@ def import_decoder_layers_11_mlp_experts_linear_fc2_weight1(
 def export_decoder_layers_11_mlp_experts_linear_fc2_weight1(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.11.block_sparse_moe.experts.1.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_11_mlp_experts_linear_fc1_weight2(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.11.block_sparse_moe.experts.2.w1.weight"),
@@ -4980,7 +5068,7 @@ def import_decoder_layers_11_mlp_experts_linear_fc1_weight2(
 def export_decoder_layers_11_mlp_experts_linear_fc1_weight2(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -4995,7 +5083,7 @@ def export_decoder_layers_11_mlp_experts_linear_fc1_weight2(
 def import_decoder_layers_11_mlp_experts_linear_fc2_weight2(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.11.block_sparse_moe.experts.2.w2.weight"), out=out
     )
@@ -5004,14 +5092,14 @@ def import_decoder_layers_11_mlp_experts_linear_fc2_weight2(
 def export_decoder_layers_11_mlp_experts_linear_fc2_weight2(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.11.block_sparse_moe.experts.2.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_11_mlp_experts_linear_fc1_weight3(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.11.block_sparse_moe.experts.3.w1.weight"),
@@ -5023,7 +5111,7 @@ def import_decoder_layers_11_mlp_experts_linear_fc1_weight3(
 def export_decoder_layers_11_mlp_experts_linear_fc1_weight3(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -5038,7 +5126,7 @@ def export_decoder_layers_11_mlp_experts_linear_fc1_weight3(
 def import_decoder_layers_11_mlp_experts_linear_fc2_weight3(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.11.block_sparse_moe.experts.3.w2.weight"), out=out
     )
@@ -5047,14 +5135,14 @@ def import_decoder_layers_11_mlp_experts_linear_fc2_weight3(
 def export_decoder_layers_11_mlp_experts_linear_fc2_weight3(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.11.block_sparse_moe.experts.3.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_11_mlp_experts_linear_fc1_weight4(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.11.block_sparse_moe.experts.4.w1.weight"),
@@ -5066,7 +5154,7 @@ def import_decoder_layers_11_mlp_experts_linear_fc1_weight4(
 def export_decoder_layers_11_mlp_experts_linear_fc1_weight4(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -5081,7 +5169,7 @@ def export_decoder_layers_11_mlp_experts_linear_fc1_weight4(
 def import_decoder_layers_11_mlp_experts_linear_fc2_weight4(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.11.block_sparse_moe.experts.4.w2.weight"), out=out
     )
@@ -5090,14 +5178,14 @@ def import_decoder_layers_11_mlp_experts_linear_fc2_weight4(
 def export_decoder_layers_11_mlp_experts_linear_fc2_weight4(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.11.block_sparse_moe.experts.4.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_11_mlp_experts_linear_fc1_weight5(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.11.block_sparse_moe.experts.5.w1.weight"),
@@ -5109,7 +5197,7 @@ def import_decoder_layers_11_mlp_experts_linear_fc1_weight5(
 def export_decoder_layers_11_mlp_experts_linear_fc1_weight5(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -5124,7 +5212,7 @@ def export_decoder_layers_11_mlp_experts_linear_fc1_weight5(
 def import_decoder_layers_11_mlp_experts_linear_fc2_weight5(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.11.block_sparse_moe.experts.5.w2.weight"), out=out
     )
@@ -5133,14 +5221,14 @@ def import_decoder_layers_11_mlp_experts_linear_fc2_weight5(
 def export_decoder_layers_11_mlp_experts_linear_fc2_weight5(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.11.block_sparse_moe.experts.5.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_11_mlp_experts_linear_fc1_weight6(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.11.block_sparse_moe.experts.6.w1.weight"),
@@ -5152,7 +5240,7 @@ def import_decoder_layers_11_mlp_experts_linear_fc1_weight6(
 def export_decoder_layers_11_mlp_experts_linear_fc1_weight6(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -5167,7 +5255,7 @@ def export_decoder_layers_11_mlp_experts_linear_fc1_weight6(
 def import_decoder_layers_11_mlp_experts_linear_fc2_weight6(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.11.block_sparse_moe.experts.6.w2.weight"), out=out
     )
@@ -5176,14 +5264,14 @@ def import_decoder_layers_11_mlp_experts_linear_fc2_weight6(
 def export_decoder_layers_11_mlp_experts_linear_fc2_weight6(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.11.block_sparse_moe.experts.6.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_11_mlp_experts_linear_fc1_weight7(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.11.block_sparse_moe.experts.7.w1.weight"),
@@ -5195,7 +5283,7 @@ def import_decoder_layers_11_mlp_experts_linear_fc1_weight7(
 def export_decoder_layers_11_mlp_experts_linear_fc1_weight7(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -5210,7 +5298,7 @@ def export_decoder_layers_11_mlp_experts_linear_fc1_weight7(
 def import_decoder_layers_11_mlp_experts_linear_fc2_weight7(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.11.block_sparse_moe.experts.7.w2.weight"), out=out
     )
@@ -5219,42 +5307,42 @@ def import_decoder_layers_11_mlp_experts_linear_fc2_weight7(
 def export_decoder_layers_11_mlp_experts_linear_fc2_weight7(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.11.block_sparse_moe.experts.7.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_12_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/mixtral.yaml:31."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.12.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_12_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/mixtral.yaml:31."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.12.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_12_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.12.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_12_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.12.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_12_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/mixtral.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.12.self_attn.q_proj.weight"),
@@ -5270,7 +5358,7 @@ def import_decoder_layers_12_self_attention_linear_qkv_weight(
 def export_decoder_layers_12_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/mixtral.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -5286,31 +5374,31 @@ def export_decoder_layers_12_self_attention_linear_qkv_weight(
 def import_decoder_layers_12_pre_mlp_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/mixtral.yaml:40."""
+    """auto -> replicated: decoder.layers.*.pre_mlp_layernorm.weight."""
     return rt.whole_import(load("model.layers.12.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_12_pre_mlp_layernorm_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> replicated: specs/mixtral.yaml:40."""
+    """auto -> replicated: decoder.layers.*.pre_mlp_layernorm.weight."""
     return {"model.layers.12.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_12_mlp_router_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/mixtral.yaml:43."""
+    """auto -> replicated: decoder.layers.*.mlp.router.weight."""
     return rt.whole_import(load("model.layers.12.block_sparse_moe.gate.weight"), out=out)
 
 
 def export_decoder_layers_12_mlp_router_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> replicated: specs/mixtral.yaml:43."""
+    """auto -> replicated: decoder.layers.*.mlp.router.weight."""
     return {"model.layers.12.block_sparse_moe.gate.weight": parts[0]}
 
 
 def import_decoder_layers_12_mlp_experts_linear_fc1_weight0(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.12.block_sparse_moe.experts.0.w1.weight"),
@@ -5322,7 +5410,7 @@ def import_decoder_layers_12_mlp_experts_linear_fc1_weight0(
 def export_decoder_layers_12_mlp_experts_linear_fc1_weight0(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -5337,7 +5425,7 @@ def export_decoder_layers_12_mlp_experts_linear_fc1_weight0(
 def import_decoder_layers_12_mlp_experts_linear_fc2_weight0(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.12.block_sparse_moe.experts.0.w2.weight"), out=out
     )
@@ -5346,14 +5434,14 @@ def import_decoder_layers_12_mlp_experts_linear_fc2_weight0(
 def export_decoder_layers_12_mlp_experts_linear_fc2_weight0(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.12.block_sparse_moe.experts.0.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_12_mlp_experts_linear_fc1_weight1(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.12.block_sparse_moe.experts.1.w1.weight"),
@@ -5365,7 +5453,7 @@ def import_decoder_layers_12_mlp_experts_linear_fc1_weight1(
 def export_decoder_layers_12_mlp_experts_linear_fc1_weight1(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -5380,7 +5468,7 @@ def export_decoder_layers_12_mlp_experts_linear_fc1_weight1(
 def import_decoder_layers_12_mlp_experts_linear_fc2_weight1(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.12.block_sparse_moe.experts.1.w2.weight"), out=out
     )
@@ -5389,14 +5477,14 @@ def import_decoder_layers_12_mlp_experts_linear_fc2_weight1(
 def export_decoder_layers_12_mlp_experts_linear_fc2_weight1(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.12.block_sparse_moe.experts.1.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_12_mlp_experts_linear_fc1_weight2(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.12.block_sparse_moe.experts.2.w1.weight"),
@@ -5408,7 +5496,7 @@ def import_decoder_layers_12_mlp_experts_linear_fc1_weight2(
 def export_decoder_layers_12_mlp_experts_linear_fc1_weight2(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -5423,7 +5511,7 @@ def export_decoder_layers_12_mlp_experts_linear_fc1_weight2(
 def import_decoder_layers_12_mlp_experts_linear_fc2_weight2(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.12.block_sparse_moe.experts.2.w2.weight"), out=out
     )
@@ -5432,14 +5520,14 @@ def import_decoder_layers_12_mlp_experts_linear_fc2_weight2(
 def export_decoder_layers_12_mlp_experts_linear_fc2_weight2(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.12.block_sparse_moe.experts.2.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_12_mlp_experts_linear_fc1_weight3(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.12.block_sparse_moe.experts.3.w1.weight"),
@@ -5451,7 +5539,7 @@ def import_decoder_layers_12_mlp_experts_linear_fc1_weight3(
 def export_decoder_layers_12_mlp_experts_linear_fc1_weight3(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -5466,7 +5554,7 @@ def export_decoder_layers_12_mlp_experts_linear_fc1_weight3(
 def import_decoder_layers_12_mlp_experts_linear_fc2_weight3(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.12.block_sparse_moe.experts.3.w2.weight"), out=out
     )
@@ -5475,14 +5563,14 @@ def import_decoder_layers_12_mlp_experts_linear_fc2_weight3(
 def export_decoder_layers_12_mlp_experts_linear_fc2_weight3(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.12.block_sparse_moe.experts.3.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_12_mlp_experts_linear_fc1_weight4(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.12.block_sparse_moe.experts.4.w1.weight"),
@@ -5494,7 +5582,7 @@ def import_decoder_layers_12_mlp_experts_linear_fc1_weight4(
 def export_decoder_layers_12_mlp_experts_linear_fc1_weight4(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -5509,7 +5597,7 @@ def export_decoder_layers_12_mlp_experts_linear_fc1_weight4(
 def import_decoder_layers_12_mlp_experts_linear_fc2_weight4(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.12.block_sparse_moe.experts.4.w2.weight"), out=out
     )
@@ -5518,14 +5606,14 @@ def import_decoder_layers_12_mlp_experts_linear_fc2_weight4(
 def export_decoder_layers_12_mlp_experts_linear_fc2_weight4(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.12.block_sparse_moe.experts.4.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_12_mlp_experts_linear_fc1_weight5(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.12.block_sparse_moe.experts.5.w1.weight"),
@@ -5537,7 +5625,7 @@ def import_decoder_layers_12_mlp_experts_linear_fc1_weight5(
 def export_decoder_layers_12_mlp_experts_linear_fc1_weight5(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -5552,7 +5640,7 @@ def export_decoder_layers_12_mlp_experts_linear_fc1_weight5(
 def import_decoder_layers_12_mlp_experts_linear_fc2_weight5(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.12.block_sparse_moe.experts.5.w2.weight"), out=out
     )
@@ -5561,14 +5649,14 @@ def import_decoder_layers_12_mlp_experts_linear_fc2_weight5(
 def export_decoder_layers_12_mlp_experts_linear_fc2_weight5(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.12.block_sparse_moe.experts.5.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_12_mlp_experts_linear_fc1_weight6(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.12.block_sparse_moe.experts.6.w1.weight"),
@@ -5580,7 +5668,7 @@ def import_decoder_layers_12_mlp_experts_linear_fc1_weight6(
 def export_decoder_layers_12_mlp_experts_linear_fc1_weight6(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -5595,7 +5683,7 @@ def export_decoder_layers_12_mlp_experts_linear_fc1_weight6(
 def import_decoder_layers_12_mlp_experts_linear_fc2_weight6(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.12.block_sparse_moe.experts.6.w2.weight"), out=out
     )
@@ -5604,14 +5692,14 @@ def import_decoder_layers_12_mlp_experts_linear_fc2_weight6(
 def export_decoder_layers_12_mlp_experts_linear_fc2_weight6(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.12.block_sparse_moe.experts.6.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_12_mlp_experts_linear_fc1_weight7(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.12.block_sparse_moe.experts.7.w1.weight"),
@@ -5623,7 +5711,7 @@ def import_decoder_layers_12_mlp_experts_linear_fc1_weight7(
 def export_decoder_layers_12_mlp_experts_linear_fc1_weight7(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -5638,7 +5726,7 @@ def export_decoder_layers_12_mlp_experts_linear_fc1_weight7(
 def import_decoder_layers_12_mlp_experts_linear_fc2_weight7(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.12.block_sparse_moe.experts.7.w2.weight"), out=out
     )
@@ -5647,42 +5735,42 @@ def import_decoder_layers_12_mlp_experts_linear_fc2_weight7(
 def export_decoder_layers_12_mlp_experts_linear_fc2_weight7(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.12.block_sparse_moe.experts.7.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_13_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/mixtral.yaml:31."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.13.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_13_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/mixtral.yaml:31."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.13.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_13_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.13.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_13_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.13.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_13_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/mixtral.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.13.self_attn.q_proj.weight"),
@@ -5698,7 +5786,7 @@ def import_decoder_layers_13_self_attention_linear_qkv_weight(
 def export_decoder_layers_13_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/mixtral.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -5714,31 +5802,31 @@ def export_decoder_layers_13_self_attention_linear_qkv_weight(
 def import_decoder_layers_13_pre_mlp_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/mixtral.yaml:40."""
+    """auto -> replicated: decoder.layers.*.pre_mlp_layernorm.weight."""
     return rt.whole_import(load("model.layers.13.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_13_pre_mlp_layernorm_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> replicated: specs/mixtral.yaml:40."""
+    """auto -> replicated: decoder.layers.*.pre_mlp_layernorm.weight."""
     return {"model.layers.13.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_13_mlp_router_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/mixtral.yaml:43."""
+    """auto -> replicated: decoder.layers.*.mlp.router.weight."""
     return rt.whole_import(load("model.layers.13.block_sparse_moe.gate.weight"), out=out)
 
 
 def export_decoder_layers_13_mlp_router_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> replicated: specs/mixtral.yaml:43."""
+    """auto -> replicated: decoder.layers.*.mlp.router.weight."""
     return {"model.layers.13.block_sparse_moe.gate.weight": parts[0]}
 
 
 def import_decoder_layers_13_mlp_experts_linear_fc1_weight0(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.13.block_sparse_moe.experts.0.w1.weight"),
@@ -5750,7 +5838,7 @@ def import_decoder_layers_13_mlp_experts_linear_fc1_weight0(
 def export_decoder_layers_13_mlp_experts_linear_fc1_weight0(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -5765,7 +5853,7 @@ def export_decoder_layers_13_mlp_experts_linear_fc1_weight0(
 def import_decoder_layers_13_mlp_experts_linear_fc2_weight0(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.13.block_sparse_moe.experts.0.w2.weight"), out=out
     )
@@ -5774,14 +5862,14 @@ def import_decoder_layers_13_mlp_experts_linear_fc2_weight0(
 def export_decoder_layers_13_mlp_experts_linear_fc2_weight0(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.13.block_sparse_moe.experts.0.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_13_mlp_experts_linear_fc1_weight1(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.13.block_sparse_moe.experts.1.w1.weight"),
@@ -5793,7 +5881,7 @@ def import_decoder_layers_13_mlp_experts_linear_fc1_weight1(
 def export_decoder_layers_13_mlp_experts_linear_fc1_weight1(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -5808,7 +5896,7 @@ def export_decoder_layers_13_mlp_experts_linear_fc1_weight1(
 def import_decoder_layers_13_mlp_experts_linear_fc2_weight1(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.13.block_sparse_moe.experts.1.w2.weight"), out=out
     )
@@ -5817,14 +5905,14 @@ def import_decoder_layers_13_mlp_experts_linear_fc2_weight1(
 def export_decoder_layers_13_mlp_experts_linear_fc2_weight1(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.13.block_sparse_moe.experts.1.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_13_mlp_experts_linear_fc1_weight2(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.13.block_sparse_moe.experts.2.w1.weight"),
@@ -5836,7 +5924,7 @@ def import_decoder_layers_13_mlp_experts_linear_fc1_weight2(
 def export_decoder_layers_13_mlp_experts_linear_fc1_weight2(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -5851,7 +5939,7 @@ def export_decoder_layers_13_mlp_experts_linear_fc1_weight2(
 def import_decoder_layers_13_mlp_experts_linear_fc2_weight2(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.13.block_sparse_moe.experts.2.w2.weight"), out=out
     )
@@ -5860,14 +5948,14 @@ def import_decoder_layers_13_mlp_experts_linear_fc2_weight2(
 def export_decoder_layers_13_mlp_experts_linear_fc2_weight2(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.13.block_sparse_moe.experts.2.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_13_mlp_experts_linear_fc1_weight3(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.13.block_sparse_moe.experts.3.w1.weight"),
@@ -5879,7 +5967,7 @@ def import_decoder_layers_13_mlp_experts_linear_fc1_weight3(
 def export_decoder_layers_13_mlp_experts_linear_fc1_weight3(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -5894,7 +5982,7 @@ def export_decoder_layers_13_mlp_experts_linear_fc1_weight3(
 def import_decoder_layers_13_mlp_experts_linear_fc2_weight3(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.13.block_sparse_moe.experts.3.w2.weight"), out=out
     )
@@ -5903,14 +5991,14 @@ def import_decoder_layers_13_mlp_experts_linear_fc2_weight3(
 def export_decoder_layers_13_mlp_experts_linear_fc2_weight3(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.13.block_sparse_moe.experts.3.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_13_mlp_experts_linear_fc1_weight4(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.13.block_sparse_moe.experts.4.w1.weight"),
@@ -5922,7 +6010,7 @@ def import_decoder_layers_13_mlp_experts_linear_fc1_weight4(
 def export_decoder_layers_13_mlp_experts_linear_fc1_weight4(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -5937,7 +6025,7 @@ def export_decoder_layers_13_mlp_experts_linear_fc1_weight4(
 def import_decoder_layers_13_mlp_experts_linear_fc2_weight4(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.13.block_sparse_moe.experts.4.w2.weight"), out=out
     )
@@ -5946,14 +6034,14 @@ def import_decoder_layers_13_mlp_experts_linear_fc2_weight4(
 def export_decoder_layers_13_mlp_experts_linear_fc2_weight4(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.13.block_sparse_moe.experts.4.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_13_mlp_experts_linear_fc1_weight5(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.13.block_sparse_moe.experts.5.w1.weight"),
@@ -5965,7 +6053,7 @@ def import_decoder_layers_13_mlp_experts_linear_fc1_weight5(
 def export_decoder_layers_13_mlp_experts_linear_fc1_weight5(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -5980,7 +6068,7 @@ def export_decoder_layers_13_mlp_experts_linear_fc1_weight5(
 def import_decoder_layers_13_mlp_experts_linear_fc2_weight5(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.13.block_sparse_moe.experts.5.w2.weight"), out=out
     )
@@ -5989,14 +6077,14 @@ def import_decoder_layers_13_mlp_experts_linear_fc2_weight5(
 def export_decoder_layers_13_mlp_experts_linear_fc2_weight5(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.13.block_sparse_moe.experts.5.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_13_mlp_experts_linear_fc1_weight6(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.13.block_sparse_moe.experts.6.w1.weight"),
@@ -6008,7 +6096,7 @@ def import_decoder_layers_13_mlp_experts_linear_fc1_weight6(
 def export_decoder_layers_13_mlp_experts_linear_fc1_weight6(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -6023,7 +6111,7 @@ def export_decoder_layers_13_mlp_experts_linear_fc1_weight6(
 def import_decoder_layers_13_mlp_experts_linear_fc2_weight6(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.13.block_sparse_moe.experts.6.w2.weight"), out=out
     )
@@ -6032,14 +6120,14 @@ def import_decoder_layers_13_mlp_experts_linear_fc2_weight6(
 def export_decoder_layers_13_mlp_experts_linear_fc2_weight6(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.13.block_sparse_moe.experts.6.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_13_mlp_experts_linear_fc1_weight7(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.13.block_sparse_moe.experts.7.w1.weight"),
@@ -6051,7 +6139,7 @@ def import_decoder_layers_13_mlp_experts_linear_fc1_weight7(
 def export_decoder_layers_13_mlp_experts_linear_fc1_weight7(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -6066,7 +6154,7 @@ def export_decoder_layers_13_mlp_experts_linear_fc1_weight7(
 def import_decoder_layers_13_mlp_experts_linear_fc2_weight7(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.13.block_sparse_moe.experts.7.w2.weight"), out=out
     )
@@ -6075,42 +6163,42 @@ def import_decoder_layers_13_mlp_experts_linear_fc2_weight7(
 def export_decoder_layers_13_mlp_experts_linear_fc2_weight7(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.13.block_sparse_moe.experts.7.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_14_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/mixtral.yaml:31."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.14.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_14_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/mixtral.yaml:31."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.14.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_14_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.14.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_14_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.14.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_14_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/mixtral.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.14.self_attn.q_proj.weight"),
@@ -6126,7 +6214,7 @@ def import_decoder_layers_14_self_attention_linear_qkv_weight(
 def export_decoder_layers_14_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/mixtral.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -6142,31 +6230,31 @@ def export_decoder_layers_14_self_attention_linear_qkv_weight(
 def import_decoder_layers_14_pre_mlp_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/mixtral.yaml:40."""
+    """auto -> replicated: decoder.layers.*.pre_mlp_layernorm.weight."""
     return rt.whole_import(load("model.layers.14.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_14_pre_mlp_layernorm_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> replicated: specs/mixtral.yaml:40."""
+    """auto -> replicated: decoder.layers.*.pre_mlp_layernorm.weight."""
     return {"model.layers.14.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_14_mlp_router_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/mixtral.yaml:43."""
+    """auto -> replicated: decoder.layers.*.mlp.router.weight."""
     return rt.whole_import(load("model.layers.14.block_sparse_moe.gate.weight"), out=out)
 
 
 def export_decoder_layers_14_mlp_router_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> replicated: specs/mixtral.yaml:43."""
+    """auto -> replicated: decoder.layers.*.mlp.router.weight."""
     return {"model.layers.14.block_sparse_moe.gate.weight": parts[0]}
 
 
 def import_decoder_layers_14_mlp_experts_linear_fc1_weight0(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.14.block_sparse_moe.experts.0.w1.weight"),
@@ -6178,7 +6266,7 @@ def import_decoder_layers_14_mlp_experts_linear_fc1_weight0(
 def export_decoder_layers_14_mlp_experts_linear_fc1_weight0(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -6193,7 +6281,7 @@ def export_decoder_layers_14_mlp_experts_linear_fc1_weight0(
 def import_decoder_layers_14_mlp_experts_linear_fc2_weight0(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.14.block_sparse_moe.experts.0.w2.weight"), out=out
     )
@@ -6202,14 +6290,14 @@ def import_decoder_layers_14_mlp_experts_linear_fc2_weight0(
 def export_decoder_layers_14_mlp_experts_linear_fc2_weight0(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.14.block_sparse_moe.experts.0.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_14_mlp_experts_linear_fc1_weight1(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.14.block_sparse_moe.experts.1.w1.weight"),
@@ -6221,7 +6309,7 @@ def import_decoder_layers_14_mlp_experts_linear_fc1_weight1(
 def export_decoder_layers_14_mlp_experts_linear_fc1_weight1(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -6236,7 +6324,7 @@ def export_decoder_layers_14_mlp_experts_linear_fc1_weight1(
 def import_decoder_layers_14_mlp_experts_linear_fc2_weight1(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.14.block_sparse_moe.experts.1.w2.weight"), out=out
     )
@@ -6245,14 +6333,14 @@ def import_decoder_layers_14_mlp_experts_linear_fc2_weight1(
 def export_decoder_layers_14_mlp_experts_linear_fc2_weight1(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.14.block_sparse_moe.experts.1.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_14_mlp_experts_linear_fc1_weight2(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.14.block_sparse_moe.experts.2.w1.weight"),
@@ -6264,7 +6352,7 @@ def import_decoder_layers_14_mlp_experts_linear_fc1_weight2(
 def export_decoder_layers_14_mlp_experts_linear_fc1_weight2(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -6279,7 +6367,7 @@ def export_decoder_layers_14_mlp_experts_linear_fc1_weight2(
 def import_decoder_layers_14_mlp_experts_linear_fc2_weight2(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.14.block_sparse_moe.experts.2.w2.weight"), out=out
     )
@@ -6288,14 +6376,14 @@ def import_decoder_layers_14_mlp_experts_linear_fc2_weight2(
 def export_decoder_layers_14_mlp_experts_linear_fc2_weight2(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.14.block_sparse_moe.experts.2.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_14_mlp_experts_linear_fc1_weight3(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.14.block_sparse_moe.experts.3.w1.weight"),
@@ -6307,7 +6395,7 @@ def import_decoder_layers_14_mlp_experts_linear_fc1_weight3(
 def export_decoder_layers_14_mlp_experts_linear_fc1_weight3(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -6322,7 +6410,7 @@ def export_decoder_layers_14_mlp_experts_linear_fc1_weight3(
 def import_decoder_layers_14_mlp_experts_linear_fc2_weight3(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.14.block_sparse_moe.experts.3.w2.weight"), out=out
     )
@@ -6331,14 +6419,14 @@ def import_decoder_layers_14_mlp_experts_linear_fc2_weight3(
 def export_decoder_layers_14_mlp_experts_linear_fc2_weight3(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.14.block_sparse_moe.experts.3.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_14_mlp_experts_linear_fc1_weight4(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.14.block_sparse_moe.experts.4.w1.weight"),
@@ -6350,7 +6438,7 @@ def import_decoder_layers_14_mlp_experts_linear_fc1_weight4(
 def export_decoder_layers_14_mlp_experts_linear_fc1_weight4(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -6365,7 +6453,7 @@ def export_decoder_layers_14_mlp_experts_linear_fc1_weight4(
 def import_decoder_layers_14_mlp_experts_linear_fc2_weight4(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.14.block_sparse_moe.experts.4.w2.weight"), out=out
     )
@@ -6374,14 +6462,14 @@ def import_decoder_layers_14_mlp_experts_linear_fc2_weight4(
 def export_decoder_layers_14_mlp_experts_linear_fc2_weight4(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.14.block_sparse_moe.experts.4.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_14_mlp_experts_linear_fc1_weight5(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.14.block_sparse_moe.experts.5.w1.weight"),
@@ -6393,7 +6481,7 @@ def import_decoder_layers_14_mlp_experts_linear_fc1_weight5(
 def export_decoder_layers_14_mlp_experts_linear_fc1_weight5(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -6408,7 +6496,7 @@ def export_decoder_layers_14_mlp_experts_linear_fc1_weight5(
 def import_decoder_layers_14_mlp_experts_linear_fc2_weight5(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.14.block_sparse_moe.experts.5.w2.weight"), out=out
     )
@@ -6417,14 +6505,14 @@ def import_decoder_layers_14_mlp_experts_linear_fc2_weight5(
 def export_decoder_layers_14_mlp_experts_linear_fc2_weight5(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.14.block_sparse_moe.experts.5.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_14_mlp_experts_linear_fc1_weight6(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.14.block_sparse_moe.experts.6.w1.weight"),
@@ -6436,7 +6524,7 @@ def import_decoder_layers_14_mlp_experts_linear_fc1_weight6(
 def export_decoder_layers_14_mlp_experts_linear_fc1_weight6(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -6451,7 +6539,7 @@ def export_decoder_layers_14_mlp_experts_linear_fc1_weight6(
 def import_decoder_layers_14_mlp_experts_linear_fc2_weight6(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.14.block_sparse_moe.experts.6.w2.weight"), out=out
     )
@@ -6460,14 +6548,14 @@ def import_decoder_layers_14_mlp_experts_linear_fc2_weight6(
 def export_decoder_layers_14_mlp_experts_linear_fc2_weight6(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.14.block_sparse_moe.experts.6.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_14_mlp_experts_linear_fc1_weight7(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.14.block_sparse_moe.experts.7.w1.weight"),
@@ -6479,7 +6567,7 @@ def import_decoder_layers_14_mlp_experts_linear_fc1_weight7(
 def export_decoder_layers_14_mlp_experts_linear_fc1_weight7(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -6494,7 +6582,7 @@ def export_decoder_layers_14_mlp_experts_linear_fc1_weight7(
 def import_decoder_layers_14_mlp_experts_linear_fc2_weight7(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.14.block_sparse_moe.experts.7.w2.weight"), out=out
     )
@@ -6503,42 +6591,42 @@ def import_decoder_layers_14_mlp_experts_linear_fc2_weight7(
 def export_decoder_layers_14_mlp_experts_linear_fc2_weight7(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.14.block_sparse_moe.experts.7.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_15_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/mixtral.yaml:31."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.15.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_15_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/mixtral.yaml:31."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.15.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_15_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.15.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_15_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.15.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_15_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/mixtral.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.15.self_attn.q_proj.weight"),
@@ -6554,7 +6642,7 @@ def import_decoder_layers_15_self_attention_linear_qkv_weight(
 def export_decoder_layers_15_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/mixtral.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -6570,31 +6658,31 @@ def export_decoder_layers_15_self_attention_linear_qkv_weight(
 def import_decoder_layers_15_pre_mlp_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/mixtral.yaml:40."""
+    """auto -> replicated: decoder.layers.*.pre_mlp_layernorm.weight."""
     return rt.whole_import(load("model.layers.15.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_15_pre_mlp_layernorm_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> replicated: specs/mixtral.yaml:40."""
+    """auto -> replicated: decoder.layers.*.pre_mlp_layernorm.weight."""
     return {"model.layers.15.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_15_mlp_router_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/mixtral.yaml:43."""
+    """auto -> replicated: decoder.layers.*.mlp.router.weight."""
     return rt.whole_import(load("model.layers.15.block_sparse_moe.gate.weight"), out=out)
 
 
 def export_decoder_layers_15_mlp_router_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> replicated: specs/mixtral.yaml:43."""
+    """auto -> replicated: decoder.layers.*.mlp.router.weight."""
     return {"model.layers.15.block_sparse_moe.gate.weight": parts[0]}
 
 
 def import_decoder_layers_15_mlp_experts_linear_fc1_weight0(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.15.block_sparse_moe.experts.0.w1.weight"),
@@ -6606,7 +6694,7 @@ def import_decoder_layers_15_mlp_experts_linear_fc1_weight0(
 def export_decoder_layers_15_mlp_experts_linear_fc1_weight0(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -6621,7 +6709,7 @@ def export_decoder_layers_15_mlp_experts_linear_fc1_weight0(
 def import_decoder_layers_15_mlp_experts_linear_fc2_weight0(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.15.block_sparse_moe.experts.0.w2.weight"), out=out
     )
@@ -6630,14 +6718,14 @@ def import_decoder_layers_15_mlp_experts_linear_fc2_weight0(
 def export_decoder_layers_15_mlp_experts_linear_fc2_weight0(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.15.block_sparse_moe.experts.0.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_15_mlp_experts_linear_fc1_weight1(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.15.block_sparse_moe.experts.1.w1.weight"),
@@ -6649,7 +6737,7 @@ def import_decoder_layers_15_mlp_experts_linear_fc1_weight1(
 def export_decoder_layers_15_mlp_experts_linear_fc1_weight1(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -6664,7 +6752,7 @@ def export_decoder_layers_15_mlp_experts_linear_fc1_weight1(
 def import_decoder_layers_15_mlp_experts_linear_fc2_weight1(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.15.block_sparse_moe.experts.1.w2.weight"), out=out
     )
@@ -6673,14 +6761,14 @@ def import_decoder_layers_15_mlp_experts_linear_fc2_weight1(
 def export_decoder_layers_15_mlp_experts_linear_fc2_weight1(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.15.block_sparse_moe.experts.1.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_15_mlp_experts_linear_fc1_weight2(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.15.block_sparse_moe.experts.2.w1.weight"),
@@ -6692,7 +6780,7 @@ def import_decoder_layers_15_mlp_experts_linear_fc1_weight2(
 def export_decoder_layers_15_mlp_experts_linear_fc1_weight2(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -6707,7 +6795,7 @@ def export_decoder_layers_15_mlp_experts_linear_fc1_weight2(
 def import_decoder_layers_15_mlp_experts_linear_fc2_weight2(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.15.block_sparse_moe.experts.2.w2.weight"), out=out
     )
@@ -6716,14 +6804,14 @@ def import_decoder_layers_15_mlp_experts_linear_fc2_weight2(
 def export_decoder_layers_15_mlp_experts_linear_fc2_weight2(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.15.block_sparse_moe.experts.2.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_15_mlp_experts_linear_fc1_weight3(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.15.block_sparse_moe.experts.3.w1.weight"),
@@ -6735,7 +6823,7 @@ def import_decoder_layers_15_mlp_experts_linear_fc1_weight3(
 def export_decoder_layers_15_mlp_experts_linear_fc1_weight3(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -6750,7 +6838,7 @@ def export_decoder_layers_15_mlp_experts_linear_fc1_weight3(
 def import_decoder_layers_15_mlp_experts_linear_fc2_weight3(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.15.block_sparse_moe.experts.3.w2.weight"), out=out
     )
@@ -6759,14 +6847,14 @@ def import_decoder_layers_15_mlp_experts_linear_fc2_weight3(
 def export_decoder_layers_15_mlp_experts_linear_fc2_weight3(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.15.block_sparse_moe.experts.3.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_15_mlp_experts_linear_fc1_weight4(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.15.block_sparse_moe.experts.4.w1.weight"),
@@ -6778,7 +6866,7 @@ def import_decoder_layers_15_mlp_experts_linear_fc1_weight4(
 def export_decoder_layers_15_mlp_experts_linear_fc1_weight4(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -6793,7 +6881,7 @@ def export_decoder_layers_15_mlp_experts_linear_fc1_weight4(
 def import_decoder_layers_15_mlp_experts_linear_fc2_weight4(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.15.block_sparse_moe.experts.4.w2.weight"), out=out
     )
@@ -6802,14 +6890,14 @@ def import_decoder_layers_15_mlp_experts_linear_fc2_weight4(
 def export_decoder_layers_15_mlp_experts_linear_fc2_weight4(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.15.block_sparse_moe.experts.4.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_15_mlp_experts_linear_fc1_weight5(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.15.block_sparse_moe.experts.5.w1.weight"),
@@ -6821,7 +6909,7 @@ def import_decoder_layers_15_mlp_experts_linear_fc1_weight5(
 def export_decoder_layers_15_mlp_experts_linear_fc1_weight5(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -6836,7 +6924,7 @@ def export_decoder_layers_15_mlp_experts_linear_fc1_weight5(
 def import_decoder_layers_15_mlp_experts_linear_fc2_weight5(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.15.block_sparse_moe.experts.5.w2.weight"), out=out
     )
@@ -6845,14 +6933,14 @@ def import_decoder_layers_15_mlp_experts_linear_fc2_weight5(
 def export_decoder_layers_15_mlp_experts_linear_fc2_weight5(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.15.block_sparse_moe.experts.5.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_15_mlp_experts_linear_fc1_weight6(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.15.block_sparse_moe.experts.6.w1.weight"),
@@ -6864,7 +6952,7 @@ def import_decoder_layers_15_mlp_experts_linear_fc1_weight6(
 def export_decoder_layers_15_mlp_experts_linear_fc1_weight6(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -6879,7 +6967,7 @@ def export_decoder_layers_15_mlp_experts_linear_fc1_weight6(
 def import_decoder_layers_15_mlp_experts_linear_fc2_weight6(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.15.block_sparse_moe.experts.6.w2.weight"), out=out
     )
@@ -6888,14 +6976,14 @@ def import_decoder_layers_15_mlp_experts_linear_fc2_weight6(
 def export_decoder_layers_15_mlp_experts_linear_fc2_weight6(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.15.block_sparse_moe.experts.6.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_15_mlp_experts_linear_fc1_weight7(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.15.block_sparse_moe.experts.7.w1.weight"),
@@ -6907,7 +6995,7 @@ def import_decoder_layers_15_mlp_experts_linear_fc1_weight7(
 def export_decoder_layers_15_mlp_experts_linear_fc1_weight7(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -6922,7 +7010,7 @@ def export_decoder_layers_15_mlp_experts_linear_fc1_weight7(
 def import_decoder_layers_15_mlp_experts_linear_fc2_weight7(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.15.block_sparse_moe.experts.7.w2.weight"), out=out
     )
@@ -6931,42 +7019,42 @@ def import_decoder_layers_15_mlp_experts_linear_fc2_weight7(
 def export_decoder_layers_15_mlp_experts_linear_fc2_weight7(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.15.block_sparse_moe.experts.7.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_16_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/mixtral.yaml:31."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.16.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_16_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/mixtral.yaml:31."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.16.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_16_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.16.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_16_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.16.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_16_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/mixtral.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.16.self_attn.q_proj.weight"),
@@ -6982,7 +7070,7 @@ def import_decoder_layers_16_self_attention_linear_qkv_weight(
 def export_decoder_layers_16_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/mixtral.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -6998,31 +7086,31 @@ def export_decoder_layers_16_self_attention_linear_qkv_weight(
 def import_decoder_layers_16_pre_mlp_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/mixtral.yaml:40."""
+    """auto -> replicated: decoder.layers.*.pre_mlp_layernorm.weight."""
     return rt.whole_import(load("model.layers.16.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_16_pre_mlp_layernorm_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> replicated: specs/mixtral.yaml:40."""
+    """auto -> replicated: decoder.layers.*.pre_mlp_layernorm.weight."""
     return {"model.layers.16.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_16_mlp_router_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/mixtral.yaml:43."""
+    """auto -> replicated: decoder.layers.*.mlp.router.weight."""
     return rt.whole_import(load("model.layers.16.block_sparse_moe.gate.weight"), out=out)
 
 
 def export_decoder_layers_16_mlp_router_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> replicated: specs/mixtral.yaml:43."""
+    """auto -> replicated: decoder.layers.*.mlp.router.weight."""
     return {"model.layers.16.block_sparse_moe.gate.weight": parts[0]}
 
 
 def import_decoder_layers_16_mlp_experts_linear_fc1_weight0(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.16.block_sparse_moe.experts.0.w1.weight"),
@@ -7034,7 +7122,7 @@ def import_decoder_layers_16_mlp_experts_linear_fc1_weight0(
 def export_decoder_layers_16_mlp_experts_linear_fc1_weight0(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -7049,7 +7137,7 @@ def export_decoder_layers_16_mlp_experts_linear_fc1_weight0(
 def import_decoder_layers_16_mlp_experts_linear_fc2_weight0(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.16.block_sparse_moe.experts.0.w2.weight"), out=out
     )
@@ -7058,14 +7146,14 @@ def import_decoder_layers_16_mlp_experts_linear_fc2_weight0(
 def export_decoder_layers_16_mlp_experts_linear_fc2_weight0(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.16.block_sparse_moe.experts.0.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_16_mlp_experts_linear_fc1_weight1(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.16.block_sparse_moe.experts.1.w1.weight"),
@@ -7077,7 +7165,7 @@ def import_decoder_layers_16_mlp_experts_linear_fc1_weight1(
 def export_decoder_layers_16_mlp_experts_linear_fc1_weight1(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -7092,7 +7180,7 @@ def export_decoder_layers_16_mlp_experts_linear_fc1_weight1(
 def import_decoder_layers_16_mlp_experts_linear_fc2_weight1(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.16.block_sparse_moe.experts.1.w2.weight"), out=out
     )
@@ -7101,14 +7189,14 @@ def import_decoder_layers_16_mlp_experts_linear_fc2_weight1(
 def export_decoder_layers_16_mlp_experts_linear_fc2_weight1(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.16.block_sparse_moe.experts.1.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_16_mlp_experts_linear_fc1_weight2(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.16.block_sparse_moe.experts.2.w1.weight"),
@@ -7120,7 +7208,7 @@ def import_decoder_layers_16_mlp_experts_linear_fc1_weight2(
 def export_decoder_layers_16_mlp_experts_linear_fc1_weight2(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -7135,7 +7223,7 @@ def export_decoder_layers_16_mlp_experts_linear_fc1_weight2(
 def import_decoder_layers_16_mlp_experts_linear_fc2_weight2(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.16.block_sparse_moe.experts.2.w2.weight"), out=out
     )
@@ -7144,14 +7232,14 @@ def import_decoder_layers_16_mlp_experts_linear_fc2_weight2(
 def export_decoder_layers_16_mlp_experts_linear_fc2_weight2(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.16.block_sparse_moe.experts.2.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_16_mlp_experts_linear_fc1_weight3(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.16.block_sparse_moe.experts.3.w1.weight"),
@@ -7163,7 +7251,7 @@ def import_decoder_layers_16_mlp_experts_linear_fc1_weight3(
 def export_decoder_layers_16_mlp_experts_linear_fc1_weight3(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -7178,7 +7266,7 @@ def export_decoder_layers_16_mlp_experts_linear_fc1_weight3(
 def import_decoder_layers_16_mlp_experts_linear_fc2_weight3(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.16.block_sparse_moe.experts.3.w2.weight"), out=out
     )
@@ -7187,14 +7275,14 @@ def import_decoder_layers_16_mlp_experts_linear_fc2_weight3(
 def export_decoder_layers_16_mlp_experts_linear_fc2_weight3(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.16.block_sparse_moe.experts.3.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_16_mlp_experts_linear_fc1_weight4(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.16.block_sparse_moe.experts.4.w1.weight"),
@@ -7206,7 +7294,7 @@ def import_decoder_layers_16_mlp_experts_linear_fc1_weight4(
 def export_decoder_layers_16_mlp_experts_linear_fc1_weight4(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -7221,7 +7309,7 @@ def export_decoder_layers_16_mlp_experts_linear_fc1_weight4(
 def import_decoder_layers_16_mlp_experts_linear_fc2_weight4(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.16.block_sparse_moe.experts.4.w2.weight"), out=out
     )
@@ -7230,14 +7318,14 @@ def import_decoder_layers_16_mlp_experts_linear_fc2_weight4(
 def export_decoder_layers_16_mlp_experts_linear_fc2_weight4(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.16.block_sparse_moe.experts.4.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_16_mlp_experts_linear_fc1_weight5(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.16.block_sparse_moe.experts.5.w1.weight"),
@@ -7249,7 +7337,7 @@ def import_decoder_layers_16_mlp_experts_linear_fc1_weight5(
 def export_decoder_layers_16_mlp_experts_linear_fc1_weight5(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -7264,7 +7352,7 @@ def export_decoder_layers_16_mlp_experts_linear_fc1_weight5(
 def import_decoder_layers_16_mlp_experts_linear_fc2_weight5(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.16.block_sparse_moe.experts.5.w2.weight"), out=out
     )
@@ -7273,14 +7361,14 @@ def import_decoder_layers_16_mlp_experts_linear_fc2_weight5(
 def export_decoder_layers_16_mlp_experts_linear_fc2_weight5(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.16.block_sparse_moe.experts.5.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_16_mlp_experts_linear_fc1_weight6(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.16.block_sparse_moe.experts.6.w1.weight"),
@@ -7292,7 +7380,7 @@ def import_decoder_layers_16_mlp_experts_linear_fc1_weight6(
 def export_decoder_layers_16_mlp_experts_linear_fc1_weight6(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -7307,7 +7395,7 @@ def export_decoder_layers_16_mlp_experts_linear_fc1_weight6(
 def import_decoder_layers_16_mlp_experts_linear_fc2_weight6(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.16.block_sparse_moe.experts.6.w2.weight"), out=out
     )
@@ -7316,14 +7404,14 @@ def import_decoder_layers_16_mlp_experts_linear_fc2_weight6(
 def export_decoder_layers_16_mlp_experts_linear_fc2_weight6(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.16.block_sparse_moe.experts.6.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_16_mlp_experts_linear_fc1_weight7(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.16.block_sparse_moe.experts.7.w1.weight"),
@@ -7335,7 +7423,7 @@ def import_decoder_layers_16_mlp_experts_linear_fc1_weight7(
 def export_decoder_layers_16_mlp_experts_linear_fc1_weight7(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -7350,7 +7438,7 @@ def export_decoder_layers_16_mlp_experts_linear_fc1_weight7(
 def import_decoder_layers_16_mlp_experts_linear_fc2_weight7(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.16.block_sparse_moe.experts.7.w2.weight"), out=out
     )
@@ -7359,42 +7447,42 @@ def import_decoder_layers_16_mlp_experts_linear_fc2_weight7(
 def export_decoder_layers_16_mlp_experts_linear_fc2_weight7(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.16.block_sparse_moe.experts.7.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_17_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/mixtral.yaml:31."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.17.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_17_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/mixtral.yaml:31."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.17.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_17_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.17.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_17_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.17.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_17_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/mixtral.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.17.self_attn.q_proj.weight"),
@@ -7410,7 +7498,7 @@ def import_decoder_layers_17_self_attention_linear_qkv_weight(
 def export_decoder_layers_17_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/mixtral.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -7426,31 +7514,31 @@ def export_decoder_layers_17_self_attention_linear_qkv_weight(
 def import_decoder_layers_17_pre_mlp_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/mixtral.yaml:40."""
+    """auto -> replicated: decoder.layers.*.pre_mlp_layernorm.weight."""
     return rt.whole_import(load("model.layers.17.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_17_pre_mlp_layernorm_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> replicated: specs/mixtral.yaml:40."""
+    """auto -> replicated: decoder.layers.*.pre_mlp_layernorm.weight."""
     return {"model.layers.17.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_17_mlp_router_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/mixtral.yaml:43."""
+    """auto -> replicated: decoder.layers.*.mlp.router.weight."""
     return rt.whole_import(load("model.layers.17.block_sparse_moe.gate.weight"), out=out)
 
 
 def export_decoder_layers_17_mlp_router_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> replicated: specs/mixtral.yaml:43."""
+    """auto -> replicated: decoder.layers.*.mlp.router.weight."""
     return {"model.layers.17.block_sparse_moe.gate.weight": parts[0]}
 
 
 def import_decoder_layers_17_mlp_experts_linear_fc1_weight0(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.17.block_sparse_moe.experts.0.w1.weight"),
@@ -7462,7 +7550,7 @@ def import_decoder_layers_17_mlp_experts_linear_fc1_weight0(
 def export_decoder_layers_17_mlp_experts_linear_fc1_weight0(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -7477,7 +7565,7 @@ def export_decoder_layers_17_mlp_experts_linear_fc1_weight0(
 def import_decoder_layers_17_mlp_experts_linear_fc2_weight0(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.17.block_sparse_moe.experts.0.w2.weight"), out=out
     )
@@ -7486,14 +7574,14 @@ def import_decoder_layers_17_mlp_experts_linear_fc2_weight0(
 def export_decoder_layers_17_mlp_experts_linear_fc2_weight0(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.17.block_sparse_moe.experts.0.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_17_mlp_experts_linear_fc1_weight1(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.17.block_sparse_moe.experts.1.w1.weight"),
@@ -7505,7 +7593,7 @@ def import_decoder_layers_17_mlp_experts_linear_fc1_weight1(
 def export_decoder_layers_17_mlp_experts_linear_fc1_weight1(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -7520,7 +7608,7 @@ def export_decoder_layers_17_mlp_experts_linear_fc1_weight1(
 def import_decoder_layers_17_mlp_experts_linear_fc2_weight1(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.17.block_sparse_moe.experts.1.w2.weight"), out=out
     )
@@ -7529,14 +7617,14 @@ def import_decoder_layers_17_mlp_experts_linear_fc2_weight1(
 def export_decoder_layers_17_mlp_experts_linear_fc2_weight1(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.17.block_sparse_moe.experts.1.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_17_mlp_experts_linear_fc1_weight2(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.17.block_sparse_moe.experts.2.w1.weight"),
@@ -7548,7 +7636,7 @@ def import_decoder_layers_17_mlp_experts_linear_fc1_weight2(
 def export_decoder_layers_17_mlp_experts_linear_fc1_weight2(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -7563,7 +7651,7 @@ def export_decoder_layers_17_mlp_experts_linear_fc1_weight2(
 def import_decoder_layers_17_mlp_experts_linear_fc2_weight2(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.17.block_sparse_moe.experts.2.w2.weight"), out=out
     )
@@ -7572,14 +7660,14 @@ def import_decoder_layers_17_mlp_experts_linear_fc2_weight2(
 def export_decoder_layers_17_mlp_experts_linear_fc2_weight2(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.17.block_sparse_moe.experts.2.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_17_mlp_experts_linear_fc1_weight3(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.17.block_sparse_moe.experts.3.w1.weight"),
@@ -7591,7 +7679,7 @@ def import_decoder_layers_17_mlp_experts_linear_fc1_weight3(
 def export_decoder_layers_17_mlp_experts_linear_fc1_weight3(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -7606,7 +7694,7 @@ def export_decoder_layers_17_mlp_experts_linear_fc1_weight3(
 def import_decoder_layers_17_mlp_experts_linear_fc2_weight3(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.17.block_sparse_moe.experts.3.w2.weight"), out=out
     )
@@ -7615,14 +7703,14 @@ def import_decoder_layers_17_mlp_experts_linear_fc2_weight3(
 def export_decoder_layers_17_mlp_experts_linear_fc2_weight3(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.17.block_sparse_moe.experts.3.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_17_mlp_experts_linear_fc1_weight4(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.17.block_sparse_moe.experts.4.w1.weight"),
@@ -7634,7 +7722,7 @@ def import_decoder_layers_17_mlp_experts_linear_fc1_weight4(
 def export_decoder_layers_17_mlp_experts_linear_fc1_weight4(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -7649,7 +7737,7 @@ def export_decoder_layers_17_mlp_experts_linear_fc1_weight4(
 def import_decoder_layers_17_mlp_experts_linear_fc2_weight4(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.17.block_sparse_moe.experts.4.w2.weight"), out=out
     )
@@ -7658,14 +7746,14 @@ def import_decoder_layers_17_mlp_experts_linear_fc2_weight4(
 def export_decoder_layers_17_mlp_experts_linear_fc2_weight4(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.17.block_sparse_moe.experts.4.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_17_mlp_experts_linear_fc1_weight5(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.17.block_sparse_moe.experts.5.w1.weight"),
@@ -7677,7 +7765,7 @@ def import_decoder_layers_17_mlp_experts_linear_fc1_weight5(
 def export_decoder_layers_17_mlp_experts_linear_fc1_weight5(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -7692,7 +7780,7 @@ def export_decoder_layers_17_mlp_experts_linear_fc1_weight5(
 def import_decoder_layers_17_mlp_experts_linear_fc2_weight5(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.17.block_sparse_moe.experts.5.w2.weight"), out=out
     )
@@ -7701,14 +7789,14 @@ def import_decoder_layers_17_mlp_experts_linear_fc2_weight5(
 def export_decoder_layers_17_mlp_experts_linear_fc2_weight5(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.17.block_sparse_moe.experts.5.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_17_mlp_experts_linear_fc1_weight6(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.17.block_sparse_moe.experts.6.w1.weight"),
@@ -7720,7 +7808,7 @@ def import_decoder_layers_17_mlp_experts_linear_fc1_weight6(
 def export_decoder_layers_17_mlp_experts_linear_fc1_weight6(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -7735,7 +7823,7 @@ def export_decoder_layers_17_mlp_experts_linear_fc1_weight6(
 def import_decoder_layers_17_mlp_experts_linear_fc2_weight6(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.17.block_sparse_moe.experts.6.w2.weight"), out=out
     )
@@ -7744,14 +7832,14 @@ def import_decoder_layers_17_mlp_experts_linear_fc2_weight6(
 def export_decoder_layers_17_mlp_experts_linear_fc2_weight6(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.17.block_sparse_moe.experts.6.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_17_mlp_experts_linear_fc1_weight7(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.17.block_sparse_moe.experts.7.w1.weight"),
@@ -7763,7 +7851,7 @@ def import_decoder_layers_17_mlp_experts_linear_fc1_weight7(
 def export_decoder_layers_17_mlp_experts_linear_fc1_weight7(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -7778,7 +7866,7 @@ def export_decoder_layers_17_mlp_experts_linear_fc1_weight7(
 def import_decoder_layers_17_mlp_experts_linear_fc2_weight7(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.17.block_sparse_moe.experts.7.w2.weight"), out=out
     )
@@ -7787,42 +7875,42 @@ def import_decoder_layers_17_mlp_experts_linear_fc2_weight7(
 def export_decoder_layers_17_mlp_experts_linear_fc2_weight7(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.17.block_sparse_moe.experts.7.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_18_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/mixtral.yaml:31."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.18.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_18_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/mixtral.yaml:31."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.18.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_18_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.18.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_18_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.18.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_18_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/mixtral.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.18.self_attn.q_proj.weight"),
@@ -7838,7 +7926,7 @@ def import_decoder_layers_18_self_attention_linear_qkv_weight(
 def export_decoder_layers_18_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/mixtral.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -7854,31 +7942,31 @@ def export_decoder_layers_18_self_attention_linear_qkv_weight(
 def import_decoder_layers_18_pre_mlp_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/mixtral.yaml:40."""
+    """auto -> replicated: decoder.layers.*.pre_mlp_layernorm.weight."""
     return rt.whole_import(load("model.layers.18.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_18_pre_mlp_layernorm_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> replicated: specs/mixtral.yaml:40."""
+    """auto -> replicated: decoder.layers.*.pre_mlp_layernorm.weight."""
     return {"model.layers.18.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_18_mlp_router_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/mixtral.yaml:43."""
+    """auto -> replicated: decoder.layers.*.mlp.router.weight."""
     return rt.whole_import(load("model.layers.18.block_sparse_moe.gate.weight"), out=out)
 
 
 def export_decoder_layers_18_mlp_router_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> replicated: specs/mixtral.yaml:43."""
+    """auto -> replicated: decoder.layers.*.mlp.router.weight."""
     return {"model.layers.18.block_sparse_moe.gate.weight": parts[0]}
 
 
 def import_decoder_layers_18_mlp_experts_linear_fc1_weight0(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.18.block_sparse_moe.experts.0.w1.weight"),
@@ -7890,7 +7978,7 @@ def import_decoder_layers_18_mlp_experts_linear_fc1_weight0(
 def export_decoder_layers_18_mlp_experts_linear_fc1_weight0(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -7905,7 +7993,7 @@ def export_decoder_layers_18_mlp_experts_linear_fc1_weight0(
 def import_decoder_layers_18_mlp_experts_linear_fc2_weight0(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.18.block_sparse_moe.experts.0.w2.weight"), out=out
     )
@@ -7914,14 +8002,14 @@ def import_decoder_layers_18_mlp_experts_linear_fc2_weight0(
 def export_decoder_layers_18_mlp_experts_linear_fc2_weight0(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.18.block_sparse_moe.experts.0.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_18_mlp_experts_linear_fc1_weight1(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.18.block_sparse_moe.experts.1.w1.weight"),
@@ -7933,7 +8021,7 @@ def import_decoder_layers_18_mlp_experts_linear_fc1_weight1(
 def export_decoder_layers_18_mlp_experts_linear_fc1_weight1(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -7948,7 +8036,7 @@ def export_decoder_layers_18_mlp_experts_linear_fc1_weight1(
 def import_decoder_layers_18_mlp_experts_linear_fc2_weight1(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.18.block_sparse_moe.experts.1.w2.weight"), out=out
     )
@@ -7957,14 +8045,14 @@ def import_decoder_layers_18_mlp_experts_linear_fc2_weight1(
 def export_decoder_layers_18_mlp_experts_linear_fc2_weight1(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.18.block_sparse_moe.experts.1.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_18_mlp_experts_linear_fc1_weight2(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.18.block_sparse_moe.experts.2.w1.weight"),
@@ -7976,7 +8064,7 @@ def import_decoder_layers_18_mlp_experts_linear_fc1_weight2(
 def export_decoder_layers_18_mlp_experts_linear_fc1_weight2(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -7991,7 +8079,7 @@ def export_decoder_layers_18_mlp_experts_linear_fc1_weight2(
 def import_decoder_layers_18_mlp_experts_linear_fc2_weight2(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.18.block_sparse_moe.experts.2.w2.weight"), out=out
     )
@@ -8000,14 +8088,14 @@ def import_decoder_layers_18_mlp_experts_linear_fc2_weight2(
 def export_decoder_layers_18_mlp_experts_linear_fc2_weight2(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.18.block_sparse_moe.experts.2.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_18_mlp_experts_linear_fc1_weight3(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.18.block_sparse_moe.experts.3.w1.weight"),
@@ -8019,7 +8107,7 @@ def import_decoder_layers_18_mlp_experts_linear_fc1_weight3(
 def export_decoder_layers_18_mlp_experts_linear_fc1_weight3(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -8034,7 +8122,7 @@ def export_decoder_layers_18_mlp_experts_linear_fc1_weight3(
 def import_decoder_layers_18_mlp_experts_linear_fc2_weight3(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.18.block_sparse_moe.experts.3.w2.weight"), out=out
     )
@@ -8043,14 +8131,14 @@ def import_decoder_layers_18_mlp_experts_linear_fc2_weight3(
 def export_decoder_layers_18_mlp_experts_linear_fc2_weight3(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.18.block_sparse_moe.experts.3.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_18_mlp_experts_linear_fc1_weight4(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.18.block_sparse_moe.experts.4.w1.weight"),
@@ -8062,7 +8150,7 @@ def import_decoder_layers_18_mlp_experts_linear_fc1_weight4(
 def export_decoder_layers_18_mlp_experts_linear_fc1_weight4(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -8077,7 +8165,7 @@ def export_decoder_layers_18_mlp_experts_linear_fc1_weight4(
 def import_decoder_layers_18_mlp_experts_linear_fc2_weight4(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.18.block_sparse_moe.experts.4.w2.weight"), out=out
     )
@@ -8086,14 +8174,14 @@ def import_decoder_layers_18_mlp_experts_linear_fc2_weight4(
 def export_decoder_layers_18_mlp_experts_linear_fc2_weight4(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.18.block_sparse_moe.experts.4.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_18_mlp_experts_linear_fc1_weight5(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.18.block_sparse_moe.experts.5.w1.weight"),
@@ -8105,7 +8193,7 @@ def import_decoder_layers_18_mlp_experts_linear_fc1_weight5(
 def export_decoder_layers_18_mlp_experts_linear_fc1_weight5(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -8120,7 +8208,7 @@ def export_decoder_layers_18_mlp_experts_linear_fc1_weight5(
 def import_decoder_layers_18_mlp_experts_linear_fc2_weight5(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.18.block_sparse_moe.experts.5.w2.weight"), out=out
     )
@@ -8129,14 +8217,14 @@ def import_decoder_layers_18_mlp_experts_linear_fc2_weight5(
 def export_decoder_layers_18_mlp_experts_linear_fc2_weight5(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.18.block_sparse_moe.experts.5.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_18_mlp_experts_linear_fc1_weight6(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.18.block_sparse_moe.experts.6.w1.weight"),
@@ -8148,7 +8236,7 @@ def import_decoder_layers_18_mlp_experts_linear_fc1_weight6(
 def export_decoder_layers_18_mlp_experts_linear_fc1_weight6(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -8163,7 +8251,7 @@ def export_decoder_layers_18_mlp_experts_linear_fc1_weight6(
 def import_decoder_layers_18_mlp_experts_linear_fc2_weight6(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.18.block_sparse_moe.experts.6.w2.weight"), out=out
     )
@@ -8172,14 +8260,14 @@ def import_decoder_layers_18_mlp_experts_linear_fc2_weight6(
 def export_decoder_layers_18_mlp_experts_linear_fc2_weight6(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.18.block_sparse_moe.experts.6.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_18_mlp_experts_linear_fc1_weight7(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.18.block_sparse_moe.experts.7.w1.weight"),
@@ -8191,7 +8279,7 @@ def import_decoder_layers_18_mlp_experts_linear_fc1_weight7(
 def export_decoder_layers_18_mlp_experts_linear_fc1_weight7(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -8206,7 +8294,7 @@ def export_decoder_layers_18_mlp_experts_linear_fc1_weight7(
 def import_decoder_layers_18_mlp_experts_linear_fc2_weight7(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.18.block_sparse_moe.experts.7.w2.weight"), out=out
     )
@@ -8215,42 +8303,42 @@ def import_decoder_layers_18_mlp_experts_linear_fc2_weight7(
 def export_decoder_layers_18_mlp_experts_linear_fc2_weight7(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.18.block_sparse_moe.experts.7.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_19_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/mixtral.yaml:31."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.19.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_19_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/mixtral.yaml:31."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.19.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_19_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.19.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_19_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.19.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_19_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/mixtral.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.19.self_attn.q_proj.weight"),
@@ -8266,7 +8354,7 @@ def import_decoder_layers_19_self_attention_linear_qkv_weight(
 def export_decoder_layers_19_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/mixtral.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -8282,31 +8370,31 @@ def export_decoder_layers_19_self_attention_linear_qkv_weight(
 def import_decoder_layers_19_pre_mlp_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/mixtral.yaml:40."""
+    """auto -> replicated: decoder.layers.*.pre_mlp_layernorm.weight."""
     return rt.whole_import(load("model.layers.19.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_19_pre_mlp_layernorm_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> replicated: specs/mixtral.yaml:40."""
+    """auto -> replicated: decoder.layers.*.pre_mlp_layernorm.weight."""
     return {"model.layers.19.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_19_mlp_router_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/mixtral.yaml:43."""
+    """auto -> replicated: decoder.layers.*.mlp.router.weight."""
     return rt.whole_import(load("model.layers.19.block_sparse_moe.gate.weight"), out=out)
 
 
 def export_decoder_layers_19_mlp_router_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> replicated: specs/mixtral.yaml:43."""
+    """auto -> replicated: decoder.layers.*.mlp.router.weight."""
     return {"model.layers.19.block_sparse_moe.gate.weight": parts[0]}
 
 
 def import_decoder_layers_19_mlp_experts_linear_fc1_weight0(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.19.block_sparse_moe.experts.0.w1.weight"),
@@ -8318,7 +8406,7 @@ def import_decoder_layers_19_mlp_experts_linear_fc1_weight0(
 def export_decoder_layers_19_mlp_experts_linear_fc1_weight0(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -8333,7 +8421,7 @@ def export_decoder_layers_19_mlp_experts_linear_fc1_weight0(
 def import_decoder_layers_19_mlp_experts_linear_fc2_weight0(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.19.block_sparse_moe.experts.0.w2.weight"), out=out
     )
@@ -8342,14 +8430,14 @@ def import_decoder_layers_19_mlp_experts_linear_fc2_weight0(
 def export_decoder_layers_19_mlp_experts_linear_fc2_weight0(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.19.block_sparse_moe.experts.0.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_19_mlp_experts_linear_fc1_weight1(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.19.block_sparse_moe.experts.1.w1.weight"),
@@ -8361,7 +8449,7 @@ def import_decoder_layers_19_mlp_experts_linear_fc1_weight1(
 def export_decoder_layers_19_mlp_experts_linear_fc1_weight1(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -8376,7 +8464,7 @@ def export_decoder_layers_19_mlp_experts_linear_fc1_weight1(
 def import_decoder_layers_19_mlp_experts_linear_fc2_weight1(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.19.block_sparse_moe.experts.1.w2.weight"), out=out
     )
@@ -8385,14 +8473,14 @@ def import_decoder_layers_19_mlp_experts_linear_fc2_weight1(
 def export_decoder_layers_19_mlp_experts_linear_fc2_weight1(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.19.block_sparse_moe.experts.1.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_19_mlp_experts_linear_fc1_weight2(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.19.block_sparse_moe.experts.2.w1.weight"),
@@ -8404,7 +8492,7 @@ def import_decoder_layers_19_mlp_experts_linear_fc1_weight2(
 def export_decoder_layers_19_mlp_experts_linear_fc1_weight2(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -8419,7 +8507,7 @@ def export_decoder_layers_19_mlp_experts_linear_fc1_weight2(
 def import_decoder_layers_19_mlp_experts_linear_fc2_weight2(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.19.block_sparse_moe.experts.2.w2.weight"), out=out
     )
@@ -8428,14 +8516,14 @@ def import_decoder_layers_19_mlp_experts_linear_fc2_weight2(
 def export_decoder_layers_19_mlp_experts_linear_fc2_weight2(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.19.block_sparse_moe.experts.2.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_19_mlp_experts_linear_fc1_weight3(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.19.block_sparse_moe.experts.3.w1.weight"),
@@ -8447,7 +8535,7 @@ def import_decoder_layers_19_mlp_experts_linear_fc1_weight3(
 def export_decoder_layers_19_mlp_experts_linear_fc1_weight3(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -8462,7 +8550,7 @@ def export_decoder_layers_19_mlp_experts_linear_fc1_weight3(
 def import_decoder_layers_19_mlp_experts_linear_fc2_weight3(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.19.block_sparse_moe.experts.3.w2.weight"), out=out
     )
@@ -8471,14 +8559,14 @@ def import_decoder_layers_19_mlp_experts_linear_fc2_weight3(
 def export_decoder_layers_19_mlp_experts_linear_fc2_weight3(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.19.block_sparse_moe.experts.3.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_19_mlp_experts_linear_fc1_weight4(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.19.block_sparse_moe.experts.4.w1.weight"),
@@ -8490,7 +8578,7 @@ def import_decoder_layers_19_mlp_experts_linear_fc1_weight4(
 def export_decoder_layers_19_mlp_experts_linear_fc1_weight4(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -8505,7 +8593,7 @@ def export_decoder_layers_19_mlp_experts_linear_fc1_weight4(
 def import_decoder_layers_19_mlp_experts_linear_fc2_weight4(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.19.block_sparse_moe.experts.4.w2.weight"), out=out
     )
@@ -8514,14 +8602,14 @@ def import_decoder_layers_19_mlp_experts_linear_fc2_weight4(
 def export_decoder_layers_19_mlp_experts_linear_fc2_weight4(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.19.block_sparse_moe.experts.4.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_19_mlp_experts_linear_fc1_weight5(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.19.block_sparse_moe.experts.5.w1.weight"),
@@ -8533,7 +8621,7 @@ def import_decoder_layers_19_mlp_experts_linear_fc1_weight5(
 def export_decoder_layers_19_mlp_experts_linear_fc1_weight5(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -8548,7 +8636,7 @@ def export_decoder_layers_19_mlp_experts_linear_fc1_weight5(
 def import_decoder_layers_19_mlp_experts_linear_fc2_weight5(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.19.block_sparse_moe.experts.5.w2.weight"), out=out
     )
@@ -8557,14 +8645,14 @@ def import_decoder_layers_19_mlp_experts_linear_fc2_weight5(
 def export_decoder_layers_19_mlp_experts_linear_fc2_weight5(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.19.block_sparse_moe.experts.5.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_19_mlp_experts_linear_fc1_weight6(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.19.block_sparse_moe.experts.6.w1.weight"),
@@ -8576,7 +8664,7 @@ def import_decoder_layers_19_mlp_experts_linear_fc1_weight6(
 def export_decoder_layers_19_mlp_experts_linear_fc1_weight6(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -8591,7 +8679,7 @@ def export_decoder_layers_19_mlp_experts_linear_fc1_weight6(
 def import_decoder_layers_19_mlp_experts_linear_fc2_weight6(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.19.block_sparse_moe.experts.6.w2.weight"), out=out
     )
@@ -8600,14 +8688,14 @@ def import_decoder_layers_19_mlp_experts_linear_fc2_weight6(
 def export_decoder_layers_19_mlp_experts_linear_fc2_weight6(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.19.block_sparse_moe.experts.6.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_19_mlp_experts_linear_fc1_weight7(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.19.block_sparse_moe.experts.7.w1.weight"),
@@ -8619,7 +8707,7 @@ def import_decoder_layers_19_mlp_experts_linear_fc1_weight7(
 def export_decoder_layers_19_mlp_experts_linear_fc1_weight7(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -8634,7 +8722,7 @@ def export_decoder_layers_19_mlp_experts_linear_fc1_weight7(
 def import_decoder_layers_19_mlp_experts_linear_fc2_weight7(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.19.block_sparse_moe.experts.7.w2.weight"), out=out
     )
@@ -8643,42 +8731,42 @@ def import_decoder_layers_19_mlp_experts_linear_fc2_weight7(
 def export_decoder_layers_19_mlp_experts_linear_fc2_weight7(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.19.block_sparse_moe.experts.7.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_20_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/mixtral.yaml:31."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.20.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_20_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/mixtral.yaml:31."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.20.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_20_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.20.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_20_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.20.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_20_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/mixtral.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.20.self_attn.q_proj.weight"),
@@ -8694,7 +8782,7 @@ def import_decoder_layers_20_self_attention_linear_qkv_weight(
 def export_decoder_layers_20_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/mixtral.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -8710,31 +8798,31 @@ def export_decoder_layers_20_self_attention_linear_qkv_weight(
 def import_decoder_layers_20_pre_mlp_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/mixtral.yaml:40."""
+    """auto -> replicated: decoder.layers.*.pre_mlp_layernorm.weight."""
     return rt.whole_import(load("model.layers.20.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_20_pre_mlp_layernorm_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> replicated: specs/mixtral.yaml:40."""
+    """auto -> replicated: decoder.layers.*.pre_mlp_layernorm.weight."""
     return {"model.layers.20.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_20_mlp_router_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/mixtral.yaml:43."""
+    """auto -> replicated: decoder.layers.*.mlp.router.weight."""
     return rt.whole_import(load("model.layers.20.block_sparse_moe.gate.weight"), out=out)
 
 
 def export_decoder_layers_20_mlp_router_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> replicated: specs/mixtral.yaml:43."""
+    """auto -> replicated: decoder.layers.*.mlp.router.weight."""
     return {"model.layers.20.block_sparse_moe.gate.weight": parts[0]}
 
 
 def import_decoder_layers_20_mlp_experts_linear_fc1_weight0(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.20.block_sparse_moe.experts.0.w1.weight"),
@@ -8746,7 +8834,7 @@ def import_decoder_layers_20_mlp_experts_linear_fc1_weight0(
 def export_decoder_layers_20_mlp_experts_linear_fc1_weight0(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -8761,7 +8849,7 @@ def export_decoder_layers_20_mlp_experts_linear_fc1_weight0(
 def import_decoder_layers_20_mlp_experts_linear_fc2_weight0(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.20.block_sparse_moe.experts.0.w2.weight"), out=out
     )
@@ -8770,14 +8858,14 @@ def import_decoder_layers_20_mlp_experts_linear_fc2_weight0(
 def export_decoder_layers_20_mlp_experts_linear_fc2_weight0(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.20.block_sparse_moe.experts.0.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_20_mlp_experts_linear_fc1_weight1(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.20.block_sparse_moe.experts.1.w1.weight"),
@@ -8789,7 +8877,7 @@ def import_decoder_layers_20_mlp_experts_linear_fc1_weight1(
 def export_decoder_layers_20_mlp_experts_linear_fc1_weight1(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -8804,7 +8892,7 @@ def export_decoder_layers_20_mlp_experts_linear_fc1_weight1(
 def import_decoder_layers_20_mlp_experts_linear_fc2_weight1(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.20.block_sparse_moe.experts.1.w2.weight"), out=out
     )
@@ -8813,14 +8901,14 @@ def import_decoder_layers_20_mlp_experts_linear_fc2_weight1(
 def export_decoder_layers_20_mlp_experts_linear_fc2_weight1(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.20.block_sparse_moe.experts.1.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_20_mlp_experts_linear_fc1_weight2(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.20.block_sparse_moe.experts.2.w1.weight"),
@@ -8832,7 +8920,7 @@ def import_decoder_layers_20_mlp_experts_linear_fc1_weight2(
 def export_decoder_layers_20_mlp_experts_linear_fc1_weight2(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -8847,7 +8935,7 @@ def export_decoder_layers_20_mlp_experts_linear_fc1_weight2(
 def import_decoder_layers_20_mlp_experts_linear_fc2_weight2(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.20.block_sparse_moe.experts.2.w2.weight"), out=out
     )
@@ -8856,14 +8944,14 @@ def import_decoder_layers_20_mlp_experts_linear_fc2_weight2(
 def export_decoder_layers_20_mlp_experts_linear_fc2_weight2(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.20.block_sparse_moe.experts.2.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_20_mlp_experts_linear_fc1_weight3(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.20.block_sparse_moe.experts.3.w1.weight"),
@@ -8875,7 +8963,7 @@ def import_decoder_layers_20_mlp_experts_linear_fc1_weight3(
 def export_decoder_layers_20_mlp_experts_linear_fc1_weight3(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -8890,7 +8978,7 @@ def export_decoder_layers_20_mlp_experts_linear_fc1_weight3(
 def import_decoder_layers_20_mlp_experts_linear_fc2_weight3(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.20.block_sparse_moe.experts.3.w2.weight"), out=out
     )
@@ -8899,14 +8987,14 @@ def import_decoder_layers_20_mlp_experts_linear_fc2_weight3(
 def export_decoder_layers_20_mlp_experts_linear_fc2_weight3(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.20.block_sparse_moe.experts.3.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_20_mlp_experts_linear_fc1_weight4(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.20.block_sparse_moe.experts.4.w1.weight"),
@@ -8918,7 +9006,7 @@ def import_decoder_layers_20_mlp_experts_linear_fc1_weight4(
 def export_decoder_layers_20_mlp_experts_linear_fc1_weight4(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -8933,7 +9021,7 @@ def export_decoder_layers_20_mlp_experts_linear_fc1_weight4(
 def import_decoder_layers_20_mlp_experts_linear_fc2_weight4(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.20.block_sparse_moe.experts.4.w2.weight"), out=out
     )
@@ -8942,14 +9030,14 @@ def import_decoder_layers_20_mlp_experts_linear_fc2_weight4(
 def export_decoder_layers_20_mlp_experts_linear_fc2_weight4(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.20.block_sparse_moe.experts.4.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_20_mlp_experts_linear_fc1_weight5(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.20.block_sparse_moe.experts.5.w1.weight"),
@@ -8961,7 +9049,7 @@ def import_decoder_layers_20_mlp_experts_linear_fc1_weight5(
 def export_decoder_layers_20_mlp_experts_linear_fc1_weight5(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -8976,7 +9064,7 @@ def export_decoder_layers_20_mlp_experts_linear_fc1_weight5(
 def import_decoder_layers_20_mlp_experts_linear_fc2_weight5(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.20.block_sparse_moe.experts.5.w2.weight"), out=out
     )
@@ -8985,14 +9073,14 @@ def import_decoder_layers_20_mlp_experts_linear_fc2_weight5(
 def export_decoder_layers_20_mlp_experts_linear_fc2_weight5(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.20.block_sparse_moe.experts.5.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_20_mlp_experts_linear_fc1_weight6(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.20.block_sparse_moe.experts.6.w1.weight"),
@@ -9004,7 +9092,7 @@ def import_decoder_layers_20_mlp_experts_linear_fc1_weight6(
 def export_decoder_layers_20_mlp_experts_linear_fc1_weight6(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -9019,7 +9107,7 @@ def export_decoder_layers_20_mlp_experts_linear_fc1_weight6(
 def import_decoder_layers_20_mlp_experts_linear_fc2_weight6(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.20.block_sparse_moe.experts.6.w2.weight"), out=out
     )
@@ -9028,14 +9116,14 @@ def import_decoder_layers_20_mlp_experts_linear_fc2_weight6(
 def export_decoder_layers_20_mlp_experts_linear_fc2_weight6(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.20.block_sparse_moe.experts.6.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_20_mlp_experts_linear_fc1_weight7(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.20.block_sparse_moe.experts.7.w1.weight"),
@@ -9047,7 +9135,7 @@ def import_decoder_layers_20_mlp_experts_linear_fc1_weight7(
 def export_decoder_layers_20_mlp_experts_linear_fc1_weight7(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -9062,7 +9150,7 @@ def export_decoder_layers_20_mlp_experts_linear_fc1_weight7(
 def import_decoder_layers_20_mlp_experts_linear_fc2_weight7(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.20.block_sparse_moe.experts.7.w2.weight"), out=out
     )
@@ -9071,42 +9159,42 @@ def import_decoder_layers_20_mlp_experts_linear_fc2_weight7(
 def export_decoder_layers_20_mlp_experts_linear_fc2_weight7(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.20.block_sparse_moe.experts.7.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_21_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/mixtral.yaml:31."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.21.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_21_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/mixtral.yaml:31."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.21.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_21_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.21.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_21_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.21.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_21_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/mixtral.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.21.self_attn.q_proj.weight"),
@@ -9122,7 +9210,7 @@ def import_decoder_layers_21_self_attention_linear_qkv_weight(
 def export_decoder_layers_21_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/mixtral.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -9138,31 +9226,31 @@ def export_decoder_layers_21_self_attention_linear_qkv_weight(
 def import_decoder_layers_21_pre_mlp_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/mixtral.yaml:40."""
+    """auto -> replicated: decoder.layers.*.pre_mlp_layernorm.weight."""
     return rt.whole_import(load("model.layers.21.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_21_pre_mlp_layernorm_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> replicated: specs/mixtral.yaml:40."""
+    """auto -> replicated: decoder.layers.*.pre_mlp_layernorm.weight."""
     return {"model.layers.21.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_21_mlp_router_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/mixtral.yaml:43."""
+    """auto -> replicated: decoder.layers.*.mlp.router.weight."""
     return rt.whole_import(load("model.layers.21.block_sparse_moe.gate.weight"), out=out)
 
 
 def export_decoder_layers_21_mlp_router_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> replicated: specs/mixtral.yaml:43."""
+    """auto -> replicated: decoder.layers.*.mlp.router.weight."""
     return {"model.layers.21.block_sparse_moe.gate.weight": parts[0]}
 
 
 def import_decoder_layers_21_mlp_experts_linear_fc1_weight0(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.21.block_sparse_moe.experts.0.w1.weight"),
@@ -9174,7 +9262,7 @@ def import_decoder_layers_21_mlp_experts_linear_fc1_weight0(
 def export_decoder_layers_21_mlp_experts_linear_fc1_weight0(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -9189,7 +9277,7 @@ def export_decoder_layers_21_mlp_experts_linear_fc1_weight0(
 def import_decoder_layers_21_mlp_experts_linear_fc2_weight0(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.21.block_sparse_moe.experts.0.w2.weight"), out=out
     )
@@ -9198,14 +9286,14 @@ def import_decoder_layers_21_mlp_experts_linear_fc2_weight0(
 def export_decoder_layers_21_mlp_experts_linear_fc2_weight0(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.21.block_sparse_moe.experts.0.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_21_mlp_experts_linear_fc1_weight1(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.21.block_sparse_moe.experts.1.w1.weight"),
@@ -9217,7 +9305,7 @@ def import_decoder_layers_21_mlp_experts_linear_fc1_weight1(
 def export_decoder_layers_21_mlp_experts_linear_fc1_weight1(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -9232,7 +9320,7 @@ def export_decoder_layers_21_mlp_experts_linear_fc1_weight1(
 def import_decoder_layers_21_mlp_experts_linear_fc2_weight1(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.21.block_sparse_moe.experts.1.w2.weight"), out=out
     )
@@ -9241,14 +9329,14 @@ def import_decoder_layers_21_mlp_experts_linear_fc2_weight1(
 def export_decoder_layers_21_mlp_experts_linear_fc2_weight1(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.21.block_sparse_moe.experts.1.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_21_mlp_experts_linear_fc1_weight2(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.21.block_sparse_moe.experts.2.w1.weight"),
@@ -9260,7 +9348,7 @@ def import_decoder_layers_21_mlp_experts_linear_fc1_weight2(
 def export_decoder_layers_21_mlp_experts_linear_fc1_weight2(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -9275,7 +9363,7 @@ def export_decoder_layers_21_mlp_experts_linear_fc1_weight2(
 def import_decoder_layers_21_mlp_experts_linear_fc2_weight2(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.21.block_sparse_moe.experts.2.w2.weight"), out=out
     )
@@ -9284,14 +9372,14 @@ def import_decoder_layers_21_mlp_experts_linear_fc2_weight2(
 def export_decoder_layers_21_mlp_experts_linear_fc2_weight2(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.21.block_sparse_moe.experts.2.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_21_mlp_experts_linear_fc1_weight3(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.21.block_sparse_moe.experts.3.w1.weight"),
@@ -9303,7 +9391,7 @@ def import_decoder_layers_21_mlp_experts_linear_fc1_weight3(
 def export_decoder_layers_21_mlp_experts_linear_fc1_weight3(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -9318,7 +9406,7 @@ def export_decoder_layers_21_mlp_experts_linear_fc1_weight3(
 def import_decoder_layers_21_mlp_experts_linear_fc2_weight3(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.21.block_sparse_moe.experts.3.w2.weight"), out=out
     )
@@ -9327,14 +9415,14 @@ def import_decoder_layers_21_mlp_experts_linear_fc2_weight3(
 def export_decoder_layers_21_mlp_experts_linear_fc2_weight3(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.21.block_sparse_moe.experts.3.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_21_mlp_experts_linear_fc1_weight4(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.21.block_sparse_moe.experts.4.w1.weight"),
@@ -9346,7 +9434,7 @@ def import_decoder_layers_21_mlp_experts_linear_fc1_weight4(
 def export_decoder_layers_21_mlp_experts_linear_fc1_weight4(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -9361,7 +9449,7 @@ def export_decoder_layers_21_mlp_experts_linear_fc1_weight4(
 def import_decoder_layers_21_mlp_experts_linear_fc2_weight4(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.21.block_sparse_moe.experts.4.w2.weight"), out=out
     )
@@ -9370,14 +9458,14 @@ def import_decoder_layers_21_mlp_experts_linear_fc2_weight4(
 def export_decoder_layers_21_mlp_experts_linear_fc2_weight4(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.21.block_sparse_moe.experts.4.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_21_mlp_experts_linear_fc1_weight5(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.21.block_sparse_moe.experts.5.w1.weight"),
@@ -9389,7 +9477,7 @@ def import_decoder_layers_21_mlp_experts_linear_fc1_weight5(
 def export_decoder_layers_21_mlp_experts_linear_fc1_weight5(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -9404,7 +9492,7 @@ def export_decoder_layers_21_mlp_experts_linear_fc1_weight5(
 def import_decoder_layers_21_mlp_experts_linear_fc2_weight5(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.21.block_sparse_moe.experts.5.w2.weight"), out=out
     )
@@ -9413,14 +9501,14 @@ def import_decoder_layers_21_mlp_experts_linear_fc2_weight5(
 def export_decoder_layers_21_mlp_experts_linear_fc2_weight5(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.21.block_sparse_moe.experts.5.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_21_mlp_experts_linear_fc1_weight6(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.21.block_sparse_moe.experts.6.w1.weight"),
@@ -9432,7 +9520,7 @@ def import_decoder_layers_21_mlp_experts_linear_fc1_weight6(
 def export_decoder_layers_21_mlp_experts_linear_fc1_weight6(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -9447,7 +9535,7 @@ def export_decoder_layers_21_mlp_experts_linear_fc1_weight6(
 def import_decoder_layers_21_mlp_experts_linear_fc2_weight6(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.21.block_sparse_moe.experts.6.w2.weight"), out=out
     )
@@ -9456,14 +9544,14 @@ def import_decoder_layers_21_mlp_experts_linear_fc2_weight6(
 def export_decoder_layers_21_mlp_experts_linear_fc2_weight6(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.21.block_sparse_moe.experts.6.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_21_mlp_experts_linear_fc1_weight7(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.21.block_sparse_moe.experts.7.w1.weight"),
@@ -9475,7 +9563,7 @@ def import_decoder_layers_21_mlp_experts_linear_fc1_weight7(
 def export_decoder_layers_21_mlp_experts_linear_fc1_weight7(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -9490,7 +9578,7 @@ def export_decoder_layers_21_mlp_experts_linear_fc1_weight7(
 def import_decoder_layers_21_mlp_experts_linear_fc2_weight7(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.21.block_sparse_moe.experts.7.w2.weight"), out=out
     )
@@ -9499,42 +9587,42 @@ def import_decoder_layers_21_mlp_experts_linear_fc2_weight7(
 def export_decoder_layers_21_mlp_experts_linear_fc2_weight7(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.21.block_sparse_moe.experts.7.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_22_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/mixtral.yaml:31."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.22.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_22_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/mixtral.yaml:31."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.22.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_22_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.22.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_22_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.22.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_22_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/mixtral.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.22.self_attn.q_proj.weight"),
@@ -9550,7 +9638,7 @@ def import_decoder_layers_22_self_attention_linear_qkv_weight(
 def export_decoder_layers_22_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/mixtral.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -9566,31 +9654,31 @@ def export_decoder_layers_22_self_attention_linear_qkv_weight(
 def import_decoder_layers_22_pre_mlp_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/mixtral.yaml:40."""
+    """auto -> replicated: decoder.layers.*.pre_mlp_layernorm.weight."""
     return rt.whole_import(load("model.layers.22.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_22_pre_mlp_layernorm_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> replicated: specs/mixtral.yaml:40."""
+    """auto -> replicated: decoder.layers.*.pre_mlp_layernorm.weight."""
     return {"model.layers.22.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_22_mlp_router_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/mixtral.yaml:43."""
+    """auto -> replicated: decoder.layers.*.mlp.router.weight."""
     return rt.whole_import(load("model.layers.22.block_sparse_moe.gate.weight"), out=out)
 
 
 def export_decoder_layers_22_mlp_router_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> replicated: specs/mixtral.yaml:43."""
+    """auto -> replicated: decoder.layers.*.mlp.router.weight."""
     return {"model.layers.22.block_sparse_moe.gate.weight": parts[0]}
 
 
 def import_decoder_layers_22_mlp_experts_linear_fc1_weight0(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.22.block_sparse_moe.experts.0.w1.weight"),
@@ -9602,7 +9690,7 @@ def import_decoder_layers_22_mlp_experts_linear_fc1_weight0(
 def export_decoder_layers_22_mlp_experts_linear_fc1_weight0(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -9617,7 +9705,7 @@ def export_decoder_layers_22_mlp_experts_linear_fc1_weight0(
 def import_decoder_layers_22_mlp_experts_linear_fc2_weight0(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.22.block_sparse_moe.experts.0.w2.weight"), out=out
     )
@@ -9626,14 +9714,14 @@ def import_decoder_layers_22_mlp_experts_linear_fc2_weight0(
 def export_decoder_layers_22_mlp_experts_linear_fc2_weight0(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.22.block_sparse_moe.experts.0.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_22_mlp_experts_linear_fc1_weight1(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.22.block_sparse_moe.experts.1.w1.weight"),
@@ -9645,7 +9733,7 @@ def import_decoder_layers_22_mlp_experts_linear_fc1_weight1(
 def export_decoder_layers_22_mlp_experts_linear_fc1_weight1(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -9660,7 +9748,7 @@ def export_decoder_layers_22_mlp_experts_linear_fc1_weight1(
 def import_decoder_layers_22_mlp_experts_linear_fc2_weight1(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.22.block_sparse_moe.experts.1.w2.weight"), out=out
     )
@@ -9669,14 +9757,14 @@ def import_decoder_layers_22_mlp_experts_linear_fc2_weight1(
 def export_decoder_layers_22_mlp_experts_linear_fc2_weight1(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.22.block_sparse_moe.experts.1.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_22_mlp_experts_linear_fc1_weight2(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.22.block_sparse_moe.experts.2.w1.weight"),
@@ -9688,7 +9776,7 @@ def import_decoder_layers_22_mlp_experts_linear_fc1_weight2(
 def export_decoder_layers_22_mlp_experts_linear_fc1_weight2(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -9703,7 +9791,7 @@ def export_decoder_layers_22_mlp_experts_linear_fc1_weight2(
 def import_decoder_layers_22_mlp_experts_linear_fc2_weight2(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.22.block_sparse_moe.experts.2.w2.weight"), out=out
     )
@@ -9712,14 +9800,14 @@ def import_decoder_layers_22_mlp_experts_linear_fc2_weight2(
 def export_decoder_layers_22_mlp_experts_linear_fc2_weight2(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.22.block_sparse_moe.experts.2.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_22_mlp_experts_linear_fc1_weight3(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.22.block_sparse_moe.experts.3.w1.weight"),
@@ -9731,7 +9819,7 @@ def import_decoder_layers_22_mlp_experts_linear_fc1_weight3(
 def export_decoder_layers_22_mlp_experts_linear_fc1_weight3(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -9746,7 +9834,7 @@ def export_decoder_layers_22_mlp_experts_linear_fc1_weight3(
 def import_decoder_layers_22_mlp_experts_linear_fc2_weight3(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.22.block_sparse_moe.experts.3.w2.weight"), out=out
     )
@@ -9755,14 +9843,14 @@ def import_decoder_layers_22_mlp_experts_linear_fc2_weight3(
 def export_decoder_layers_22_mlp_experts_linear_fc2_weight3(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.22.block_sparse_moe.experts.3.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_22_mlp_experts_linear_fc1_weight4(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.22.block_sparse_moe.experts.4.w1.weight"),
@@ -9774,7 +9862,7 @@ def import_decoder_layers_22_mlp_experts_linear_fc1_weight4(
 def export_decoder_layers_22_mlp_experts_linear_fc1_weight4(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -9789,7 +9877,7 @@ def export_decoder_layers_22_mlp_experts_linear_fc1_weight4(
 def import_decoder_layers_22_mlp_experts_linear_fc2_weight4(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.22.block_sparse_moe.experts.4.w2.weight"), out=out
     )
@@ -9798,14 +9886,14 @@ def import_decoder_layers_22_mlp_experts_linear_fc2_weight4(
 def export_decoder_layers_22_mlp_experts_linear_fc2_weight4(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.22.block_sparse_moe.experts.4.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_22_mlp_experts_linear_fc1_weight5(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.22.block_sparse_moe.experts.5.w1.weight"),
@@ -9817,7 +9905,7 @@ def import_decoder_layers_22_mlp_experts_linear_fc1_weight5(
 def export_decoder_layers_22_mlp_experts_linear_fc1_weight5(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -9832,7 +9920,7 @@ def export_decoder_layers_22_mlp_experts_linear_fc1_weight5(
 def import_decoder_layers_22_mlp_experts_linear_fc2_weight5(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.22.block_sparse_moe.experts.5.w2.weight"), out=out
     )
@@ -9841,14 +9929,14 @@ def import_decoder_layers_22_mlp_experts_linear_fc2_weight5(
 def export_decoder_layers_22_mlp_experts_linear_fc2_weight5(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.22.block_sparse_moe.experts.5.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_22_mlp_experts_linear_fc1_weight6(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.22.block_sparse_moe.experts.6.w1.weight"),
@@ -9860,7 +9948,7 @@ def import_decoder_layers_22_mlp_experts_linear_fc1_weight6(
 def export_decoder_layers_22_mlp_experts_linear_fc1_weight6(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -9875,7 +9963,7 @@ def export_decoder_layers_22_mlp_experts_linear_fc1_weight6(
 def import_decoder_layers_22_mlp_experts_linear_fc2_weight6(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.22.block_sparse_moe.experts.6.w2.weight"), out=out
     )
@@ -9884,14 +9972,14 @@ def import_decoder_layers_22_mlp_experts_linear_fc2_weight6(
 def export_decoder_layers_22_mlp_experts_linear_fc2_weight6(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.22.block_sparse_moe.experts.6.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_22_mlp_experts_linear_fc1_weight7(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.22.block_sparse_moe.experts.7.w1.weight"),
@@ -9903,7 +9991,7 @@ def import_decoder_layers_22_mlp_experts_linear_fc1_weight7(
 def export_decoder_layers_22_mlp_experts_linear_fc1_weight7(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -9918,7 +10006,7 @@ def export_decoder_layers_22_mlp_experts_linear_fc1_weight7(
 def import_decoder_layers_22_mlp_experts_linear_fc2_weight7(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.22.block_sparse_moe.experts.7.w2.weight"), out=out
     )
@@ -9927,42 +10015,42 @@ def import_decoder_layers_22_mlp_experts_linear_fc2_weight7(
 def export_decoder_layers_22_mlp_experts_linear_fc2_weight7(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.22.block_sparse_moe.experts.7.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_23_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/mixtral.yaml:31."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.23.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_23_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/mixtral.yaml:31."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.23.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_23_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.23.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_23_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.23.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_23_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/mixtral.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.23.self_attn.q_proj.weight"),
@@ -9978,7 +10066,7 @@ def import_decoder_layers_23_self_attention_linear_qkv_weight(
 def export_decoder_layers_23_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/mixtral.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -9994,31 +10082,31 @@ def export_decoder_layers_23_self_attention_linear_qkv_weight(
 def import_decoder_layers_23_pre_mlp_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/mixtral.yaml:40."""
+    """auto -> replicated: decoder.layers.*.pre_mlp_layernorm.weight."""
     return rt.whole_import(load("model.layers.23.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_23_pre_mlp_layernorm_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> replicated: specs/mixtral.yaml:40."""
+    """auto -> replicated: decoder.layers.*.pre_mlp_layernorm.weight."""
     return {"model.layers.23.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_23_mlp_router_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/mixtral.yaml:43."""
+    """auto -> replicated: decoder.layers.*.mlp.router.weight."""
     return rt.whole_import(load("model.layers.23.block_sparse_moe.gate.weight"), out=out)
 
 
 def export_decoder_layers_23_mlp_router_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> replicated: specs/mixtral.yaml:43."""
+    """auto -> replicated: decoder.layers.*.mlp.router.weight."""
     return {"model.layers.23.block_sparse_moe.gate.weight": parts[0]}
 
 
 def import_decoder_layers_23_mlp_experts_linear_fc1_weight0(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.23.block_sparse_moe.experts.0.w1.weight"),
@@ -10030,7 +10118,7 @@ def import_decoder_layers_23_mlp_experts_linear_fc1_weight0(
 def export_decoder_layers_23_mlp_experts_linear_fc1_weight0(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -10045,7 +10133,7 @@ def export_decoder_layers_23_mlp_experts_linear_fc1_weight0(
 def import_decoder_layers_23_mlp_experts_linear_fc2_weight0(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.23.block_sparse_moe.experts.0.w2.weight"), out=out
     )
@@ -10054,14 +10142,14 @@ def import_decoder_layers_23_mlp_experts_linear_fc2_weight0(
 def export_decoder_layers_23_mlp_experts_linear_fc2_weight0(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.23.block_sparse_moe.experts.0.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_23_mlp_experts_linear_fc1_weight1(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.23.block_sparse_moe.experts.1.w1.weight"),
@@ -10073,7 +10161,7 @@ def import_decoder_layers_23_mlp_experts_linear_fc1_weight1(
 def export_decoder_layers_23_mlp_experts_linear_fc1_weight1(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -10088,7 +10176,7 @@ def export_decoder_layers_23_mlp_experts_linear_fc1_weight1(
 def import_decoder_layers_23_mlp_experts_linear_fc2_weight1(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.23.block_sparse_moe.experts.1.w2.weight"), out=out
     )
@@ -10097,14 +10185,14 @@ def import_decoder_layers_23_mlp_experts_linear_fc2_weight1(
 def export_decoder_layers_23_mlp_experts_linear_fc2_weight1(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.23.block_sparse_moe.experts.1.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_23_mlp_experts_linear_fc1_weight2(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.23.block_sparse_moe.experts.2.w1.weight"),
@@ -10116,7 +10204,7 @@ def import_decoder_layers_23_mlp_experts_linear_fc1_weight2(
 def export_decoder_layers_23_mlp_experts_linear_fc1_weight2(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -10131,7 +10219,7 @@ def export_decoder_layers_23_mlp_experts_linear_fc1_weight2(
 def import_decoder_layers_23_mlp_experts_linear_fc2_weight2(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.23.block_sparse_moe.experts.2.w2.weight"), out=out
     )
@@ -10140,14 +10228,14 @@ def import_decoder_layers_23_mlp_experts_linear_fc2_weight2(
 def export_decoder_layers_23_mlp_experts_linear_fc2_weight2(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.23.block_sparse_moe.experts.2.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_23_mlp_experts_linear_fc1_weight3(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.23.block_sparse_moe.experts.3.w1.weight"),
@@ -10159,7 +10247,7 @@ def import_decoder_layers_23_mlp_experts_linear_fc1_weight3(
 def export_decoder_layers_23_mlp_experts_linear_fc1_weight3(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -10174,7 +10262,7 @@ def export_decoder_layers_23_mlp_experts_linear_fc1_weight3(
 def import_decoder_layers_23_mlp_experts_linear_fc2_weight3(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.23.block_sparse_moe.experts.3.w2.weight"), out=out
     )
@@ -10183,14 +10271,14 @@ def import_decoder_layers_23_mlp_experts_linear_fc2_weight3(
 def export_decoder_layers_23_mlp_experts_linear_fc2_weight3(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.23.block_sparse_moe.experts.3.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_23_mlp_experts_linear_fc1_weight4(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.23.block_sparse_moe.experts.4.w1.weight"),
@@ -10202,7 +10290,7 @@ def import_decoder_layers_23_mlp_experts_linear_fc1_weight4(
 def export_decoder_layers_23_mlp_experts_linear_fc1_weight4(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -10217,7 +10305,7 @@ def export_decoder_layers_23_mlp_experts_linear_fc1_weight4(
 def import_decoder_layers_23_mlp_experts_linear_fc2_weight4(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.23.block_sparse_moe.experts.4.w2.weight"), out=out
     )
@@ -10226,14 +10314,14 @@ def import_decoder_layers_23_mlp_experts_linear_fc2_weight4(
 def export_decoder_layers_23_mlp_experts_linear_fc2_weight4(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.23.block_sparse_moe.experts.4.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_23_mlp_experts_linear_fc1_weight5(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.23.block_sparse_moe.experts.5.w1.weight"),
@@ -10245,7 +10333,7 @@ def import_decoder_layers_23_mlp_experts_linear_fc1_weight5(
 def export_decoder_layers_23_mlp_experts_linear_fc1_weight5(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -10260,7 +10348,7 @@ def export_decoder_layers_23_mlp_experts_linear_fc1_weight5(
 def import_decoder_layers_23_mlp_experts_linear_fc2_weight5(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.23.block_sparse_moe.experts.5.w2.weight"), out=out
     )
@@ -10269,14 +10357,14 @@ def import_decoder_layers_23_mlp_experts_linear_fc2_weight5(
 def export_decoder_layers_23_mlp_experts_linear_fc2_weight5(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.23.block_sparse_moe.experts.5.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_23_mlp_experts_linear_fc1_weight6(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.23.block_sparse_moe.experts.6.w1.weight"),
@@ -10288,7 +10376,7 @@ def import_decoder_layers_23_mlp_experts_linear_fc1_weight6(
 def export_decoder_layers_23_mlp_experts_linear_fc1_weight6(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -10303,7 +10391,7 @@ def export_decoder_layers_23_mlp_experts_linear_fc1_weight6(
 def import_decoder_layers_23_mlp_experts_linear_fc2_weight6(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.23.block_sparse_moe.experts.6.w2.weight"), out=out
     )
@@ -10312,14 +10400,14 @@ def import_decoder_layers_23_mlp_experts_linear_fc2_weight6(
 def export_decoder_layers_23_mlp_experts_linear_fc2_weight6(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.23.block_sparse_moe.experts.6.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_23_mlp_experts_linear_fc1_weight7(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.23.block_sparse_moe.experts.7.w1.weight"),
@@ -10331,7 +10419,7 @@ def import_decoder_layers_23_mlp_experts_linear_fc1_weight7(
 def export_decoder_layers_23_mlp_experts_linear_fc1_weight7(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -10346,7 +10434,7 @@ def export_decoder_layers_23_mlp_experts_linear_fc1_weight7(
 def import_decoder_layers_23_mlp_experts_linear_fc2_weight7(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.23.block_sparse_moe.experts.7.w2.weight"), out=out
     )
@@ -10355,42 +10443,42 @@ def import_decoder_layers_23_mlp_experts_linear_fc2_weight7(
 def export_decoder_layers_23_mlp_experts_linear_fc2_weight7(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.23.block_sparse_moe.experts.7.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_24_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/mixtral.yaml:31."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.24.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_24_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/mixtral.yaml:31."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.24.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_24_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.24.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_24_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.24.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_24_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/mixtral.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.24.self_attn.q_proj.weight"),
@@ -10406,7 +10494,7 @@ def import_decoder_layers_24_self_attention_linear_qkv_weight(
 def export_decoder_layers_24_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/mixtral.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -10422,31 +10510,31 @@ def export_decoder_layers_24_self_attention_linear_qkv_weight(
 def import_decoder_layers_24_pre_mlp_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/mixtral.yaml:40."""
+    """auto -> replicated: decoder.layers.*.pre_mlp_layernorm.weight."""
     return rt.whole_import(load("model.layers.24.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_24_pre_mlp_layernorm_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> replicated: specs/mixtral.yaml:40."""
+    """auto -> replicated: decoder.layers.*.pre_mlp_layernorm.weight."""
     return {"model.layers.24.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_24_mlp_router_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/mixtral.yaml:43."""
+    """auto -> replicated: decoder.layers.*.mlp.router.weight."""
     return rt.whole_import(load("model.layers.24.block_sparse_moe.gate.weight"), out=out)
 
 
 def export_decoder_layers_24_mlp_router_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> replicated: specs/mixtral.yaml:43."""
+    """auto -> replicated: decoder.layers.*.mlp.router.weight."""
     return {"model.layers.24.block_sparse_moe.gate.weight": parts[0]}
 
 
 def import_decoder_layers_24_mlp_experts_linear_fc1_weight0(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.24.block_sparse_moe.experts.0.w1.weight"),
@@ -10458,7 +10546,7 @@ def import_decoder_layers_24_mlp_experts_linear_fc1_weight0(
 def export_decoder_layers_24_mlp_experts_linear_fc1_weight0(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -10473,7 +10561,7 @@ def export_decoder_layers_24_mlp_experts_linear_fc1_weight0(
 def import_decoder_layers_24_mlp_experts_linear_fc2_weight0(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.24.block_sparse_moe.experts.0.w2.weight"), out=out
     )
@@ -10482,14 +10570,14 @@ def import_decoder_layers_24_mlp_experts_linear_fc2_weight0(
 def export_decoder_layers_24_mlp_experts_linear_fc2_weight0(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.24.block_sparse_moe.experts.0.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_24_mlp_experts_linear_fc1_weight1(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.24.block_sparse_moe.experts.1.w1.weight"),
@@ -10501,7 +10589,7 @@ def import_decoder_layers_24_mlp_experts_linear_fc1_weight1(
 def export_decoder_layers_24_mlp_experts_linear_fc1_weight1(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -10516,7 +10604,7 @@ def export_decoder_layers_24_mlp_experts_linear_fc1_weight1(
 def import_decoder_layers_24_mlp_experts_linear_fc2_weight1(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.24.block_sparse_moe.experts.1.w2.weight"), out=out
     )
@@ -10525,14 +10613,14 @@ def import_decoder_layers_24_mlp_experts_linear_fc2_weight1(
 def export_decoder_layers_24_mlp_experts_linear_fc2_weight1(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.24.block_sparse_moe.experts.1.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_24_mlp_experts_linear_fc1_weight2(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.24.block_sparse_moe.experts.2.w1.weight"),
@@ -10544,7 +10632,7 @@ def import_decoder_layers_24_mlp_experts_linear_fc1_weight2(
 def export_decoder_layers_24_mlp_experts_linear_fc1_weight2(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -10559,7 +10647,7 @@ def export_decoder_layers_24_mlp_experts_linear_fc1_weight2(
 def import_decoder_layers_24_mlp_experts_linear_fc2_weight2(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.24.block_sparse_moe.experts.2.w2.weight"), out=out
     )
@@ -10568,14 +10656,14 @@ def import_decoder_layers_24_mlp_experts_linear_fc2_weight2(
 def export_decoder_layers_24_mlp_experts_linear_fc2_weight2(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.24.block_sparse_moe.experts.2.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_24_mlp_experts_linear_fc1_weight3(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.24.block_sparse_moe.experts.3.w1.weight"),
@@ -10587,7 +10675,7 @@ def import_decoder_layers_24_mlp_experts_linear_fc1_weight3(
 def export_decoder_layers_24_mlp_experts_linear_fc1_weight3(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -10602,7 +10690,7 @@ def export_decoder_layers_24_mlp_experts_linear_fc1_weight3(
 def import_decoder_layers_24_mlp_experts_linear_fc2_weight3(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.24.block_sparse_moe.experts.3.w2.weight"), out=out
     )
@@ -10611,14 +10699,14 @@ def import_decoder_layers_24_mlp_experts_linear_fc2_weight3(
 def export_decoder_layers_24_mlp_experts_linear_fc2_weight3(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.24.block_sparse_moe.experts.3.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_24_mlp_experts_linear_fc1_weight4(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.24.block_sparse_moe.experts.4.w1.weight"),
@@ -10630,7 +10718,7 @@ def import_decoder_layers_24_mlp_experts_linear_fc1_weight4(
 def export_decoder_layers_24_mlp_experts_linear_fc1_weight4(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -10645,7 +10733,7 @@ def export_decoder_layers_24_mlp_experts_linear_fc1_weight4(
 def import_decoder_layers_24_mlp_experts_linear_fc2_weight4(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.24.block_sparse_moe.experts.4.w2.weight"), out=out
     )
@@ -10654,14 +10742,14 @@ def import_decoder_layers_24_mlp_experts_linear_fc2_weight4(
 def export_decoder_layers_24_mlp_experts_linear_fc2_weight4(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.24.block_sparse_moe.experts.4.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_24_mlp_experts_linear_fc1_weight5(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.24.block_sparse_moe.experts.5.w1.weight"),
@@ -10673,7 +10761,7 @@ def import_decoder_layers_24_mlp_experts_linear_fc1_weight5(
 def export_decoder_layers_24_mlp_experts_linear_fc1_weight5(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -10688,7 +10776,7 @@ def export_decoder_layers_24_mlp_experts_linear_fc1_weight5(
 def import_decoder_layers_24_mlp_experts_linear_fc2_weight5(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.24.block_sparse_moe.experts.5.w2.weight"), out=out
     )
@@ -10697,14 +10785,14 @@ def import_decoder_layers_24_mlp_experts_linear_fc2_weight5(
 def export_decoder_layers_24_mlp_experts_linear_fc2_weight5(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.24.block_sparse_moe.experts.5.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_24_mlp_experts_linear_fc1_weight6(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.24.block_sparse_moe.experts.6.w1.weight"),
@@ -10716,7 +10804,7 @@ def import_decoder_layers_24_mlp_experts_linear_fc1_weight6(
 def export_decoder_layers_24_mlp_experts_linear_fc1_weight6(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -10731,7 +10819,7 @@ def export_decoder_layers_24_mlp_experts_linear_fc1_weight6(
 def import_decoder_layers_24_mlp_experts_linear_fc2_weight6(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.24.block_sparse_moe.experts.6.w2.weight"), out=out
     )
@@ -10740,14 +10828,14 @@ def import_decoder_layers_24_mlp_experts_linear_fc2_weight6(
 def export_decoder_layers_24_mlp_experts_linear_fc2_weight6(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.24.block_sparse_moe.experts.6.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_24_mlp_experts_linear_fc1_weight7(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.24.block_sparse_moe.experts.7.w1.weight"),
@@ -10759,7 +10847,7 @@ def import_decoder_layers_24_mlp_experts_linear_fc1_weight7(
 def export_decoder_layers_24_mlp_experts_linear_fc1_weight7(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -10774,7 +10862,7 @@ def export_decoder_layers_24_mlp_experts_linear_fc1_weight7(
 def import_decoder_layers_24_mlp_experts_linear_fc2_weight7(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.24.block_sparse_moe.experts.7.w2.weight"), out=out
     )
@@ -10783,42 +10871,42 @@ def import_decoder_layers_24_mlp_experts_linear_fc2_weight7(
 def export_decoder_layers_24_mlp_experts_linear_fc2_weight7(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.24.block_sparse_moe.experts.7.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_25_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/mixtral.yaml:31."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.25.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_25_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/mixtral.yaml:31."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.25.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_25_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.25.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_25_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.25.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_25_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/mixtral.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.25.self_attn.q_proj.weight"),
@@ -10834,7 +10922,7 @@ def import_decoder_layers_25_self_attention_linear_qkv_weight(
 def export_decoder_layers_25_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/mixtral.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -10850,31 +10938,31 @@ def export_decoder_layers_25_self_attention_linear_qkv_weight(
 def import_decoder_layers_25_pre_mlp_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/mixtral.yaml:40."""
+    """auto -> replicated: decoder.layers.*.pre_mlp_layernorm.weight."""
     return rt.whole_import(load("model.layers.25.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_25_pre_mlp_layernorm_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> replicated: specs/mixtral.yaml:40."""
+    """auto -> replicated: decoder.layers.*.pre_mlp_layernorm.weight."""
     return {"model.layers.25.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_25_mlp_router_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/mixtral.yaml:43."""
+    """auto -> replicated: decoder.layers.*.mlp.router.weight."""
     return rt.whole_import(load("model.layers.25.block_sparse_moe.gate.weight"), out=out)
 
 
 def export_decoder_layers_25_mlp_router_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> replicated: specs/mixtral.yaml:43."""
+    """auto -> replicated: decoder.layers.*.mlp.router.weight."""
     return {"model.layers.25.block_sparse_moe.gate.weight": parts[0]}
 
 
 def import_decoder_layers_25_mlp_experts_linear_fc1_weight0(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.25.block_sparse_moe.experts.0.w1.weight"),
@@ -10886,7 +10974,7 @@ def import_decoder_layers_25_mlp_experts_linear_fc1_weight0(
 def export_decoder_layers_25_mlp_experts_linear_fc1_weight0(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -10901,7 +10989,7 @@ def export_decoder_layers_25_mlp_experts_linear_fc1_weight0(
 def import_decoder_layers_25_mlp_experts_linear_fc2_weight0(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.25.block_sparse_moe.experts.0.w2.weight"), out=out
     )
@@ -10910,14 +10998,14 @@ def import_decoder_layers_25_mlp_experts_linear_fc2_weight0(
 def export_decoder_layers_25_mlp_experts_linear_fc2_weight0(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.25.block_sparse_moe.experts.0.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_25_mlp_experts_linear_fc1_weight1(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.25.block_sparse_moe.experts.1.w1.weight"),
@@ -10929,7 +11017,7 @@ def import_decoder_layers_25_mlp_experts_linear_fc1_weight1(
 def export_decoder_layers_25_mlp_experts_linear_fc1_weight1(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -10944,7 +11032,7 @@ def export_decoder_layers_25_mlp_experts_linear_fc1_weight1(
 def import_decoder_layers_25_mlp_experts_linear_fc2_weight1(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.25.block_sparse_moe.experts.1.w2.weight"), out=out
     )
@@ -10953,14 +11041,14 @@ def import_decoder_layers_25_mlp_experts_linear_fc2_weight1(
 def export_decoder_layers_25_mlp_experts_linear_fc2_weight1(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.25.block_sparse_moe.experts.1.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_25_mlp_experts_linear_fc1_weight2(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.25.block_sparse_moe.experts.2.w1.weight"),
@@ -10972,7 +11060,7 @@ def import_decoder_layers_25_mlp_experts_linear_fc1_weight2(
 def export_decoder_layers_25_mlp_experts_linear_fc1_weight2(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -10987,7 +11075,7 @@ def export_decoder_layers_25_mlp_experts_linear_fc1_weight2(
 def import_decoder_layers_25_mlp_experts_linear_fc2_weight2(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.25.block_sparse_moe.experts.2.w2.weight"), out=out
     )
@@ -10996,14 +11084,14 @@ def import_decoder_layers_25_mlp_experts_linear_fc2_weight2(
 def export_decoder_layers_25_mlp_experts_linear_fc2_weight2(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.25.block_sparse_moe.experts.2.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_25_mlp_experts_linear_fc1_weight3(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.25.block_sparse_moe.experts.3.w1.weight"),
@@ -11015,7 +11103,7 @@ def import_decoder_layers_25_mlp_experts_linear_fc1_weight3(
 def export_decoder_layers_25_mlp_experts_linear_fc1_weight3(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -11030,7 +11118,7 @@ def export_decoder_layers_25_mlp_experts_linear_fc1_weight3(
 def import_decoder_layers_25_mlp_experts_linear_fc2_weight3(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.25.block_sparse_moe.experts.3.w2.weight"), out=out
     )
@@ -11039,14 +11127,14 @@ def import_decoder_layers_25_mlp_experts_linear_fc2_weight3(
 def export_decoder_layers_25_mlp_experts_linear_fc2_weight3(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.25.block_sparse_moe.experts.3.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_25_mlp_experts_linear_fc1_weight4(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.25.block_sparse_moe.experts.4.w1.weight"),
@@ -11058,7 +11146,7 @@ def import_decoder_layers_25_mlp_experts_linear_fc1_weight4(
 def export_decoder_layers_25_mlp_experts_linear_fc1_weight4(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -11073,7 +11161,7 @@ def export_decoder_layers_25_mlp_experts_linear_fc1_weight4(
 def import_decoder_layers_25_mlp_experts_linear_fc2_weight4(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.25.block_sparse_moe.experts.4.w2.weight"), out=out
     )
@@ -11082,14 +11170,14 @@ def import_decoder_layers_25_mlp_experts_linear_fc2_weight4(
 def export_decoder_layers_25_mlp_experts_linear_fc2_weight4(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.25.block_sparse_moe.experts.4.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_25_mlp_experts_linear_fc1_weight5(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.25.block_sparse_moe.experts.5.w1.weight"),
@@ -11101,7 +11189,7 @@ def import_decoder_layers_25_mlp_experts_linear_fc1_weight5(
 def export_decoder_layers_25_mlp_experts_linear_fc1_weight5(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -11116,7 +11204,7 @@ def export_decoder_layers_25_mlp_experts_linear_fc1_weight5(
 def import_decoder_layers_25_mlp_experts_linear_fc2_weight5(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.25.block_sparse_moe.experts.5.w2.weight"), out=out
     )
@@ -11125,14 +11213,14 @@ def import_decoder_layers_25_mlp_experts_linear_fc2_weight5(
 def export_decoder_layers_25_mlp_experts_linear_fc2_weight5(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.25.block_sparse_moe.experts.5.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_25_mlp_experts_linear_fc1_weight6(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.25.block_sparse_moe.experts.6.w1.weight"),
@@ -11144,7 +11232,7 @@ def import_decoder_layers_25_mlp_experts_linear_fc1_weight6(
 def export_decoder_layers_25_mlp_experts_linear_fc1_weight6(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -11159,7 +11247,7 @@ def export_decoder_layers_25_mlp_experts_linear_fc1_weight6(
 def import_decoder_layers_25_mlp_experts_linear_fc2_weight6(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.25.block_sparse_moe.experts.6.w2.weight"), out=out
     )
@@ -11168,14 +11256,14 @@ def import_decoder_layers_25_mlp_experts_linear_fc2_weight6(
 def export_decoder_layers_25_mlp_experts_linear_fc2_weight6(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.25.block_sparse_moe.experts.6.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_25_mlp_experts_linear_fc1_weight7(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.25.block_sparse_moe.experts.7.w1.weight"),
@@ -11187,7 +11275,7 @@ def import_decoder_layers_25_mlp_experts_linear_fc1_weight7(
 def export_decoder_layers_25_mlp_experts_linear_fc1_weight7(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -11202,7 +11290,7 @@ def export_decoder_layers_25_mlp_experts_linear_fc1_weight7(
 def import_decoder_layers_25_mlp_experts_linear_fc2_weight7(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.25.block_sparse_moe.experts.7.w2.weight"), out=out
     )
@@ -11211,42 +11299,42 @@ def import_decoder_layers_25_mlp_experts_linear_fc2_weight7(
 def export_decoder_layers_25_mlp_experts_linear_fc2_weight7(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.25.block_sparse_moe.experts.7.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_26_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/mixtral.yaml:31."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.26.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_26_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/mixtral.yaml:31."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.26.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_26_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.26.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_26_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.26.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_26_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/mixtral.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.26.self_attn.q_proj.weight"),
@@ -11262,7 +11350,7 @@ def import_decoder_layers_26_self_attention_linear_qkv_weight(
 def export_decoder_layers_26_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/mixtral.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -11278,31 +11366,31 @@ def export_decoder_layers_26_self_attention_linear_qkv_weight(
 def import_decoder_layers_26_pre_mlp_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/mixtral.yaml:40."""
+    """auto -> replicated: decoder.layers.*.pre_mlp_layernorm.weight."""
     return rt.whole_import(load("model.layers.26.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_26_pre_mlp_layernorm_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> replicated: specs/mixtral.yaml:40."""
+    """auto -> replicated: decoder.layers.*.pre_mlp_layernorm.weight."""
     return {"model.layers.26.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_26_mlp_router_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/mixtral.yaml:43."""
+    """auto -> replicated: decoder.layers.*.mlp.router.weight."""
     return rt.whole_import(load("model.layers.26.block_sparse_moe.gate.weight"), out=out)
 
 
 def export_decoder_layers_26_mlp_router_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> replicated: specs/mixtral.yaml:43."""
+    """auto -> replicated: decoder.layers.*.mlp.router.weight."""
     return {"model.layers.26.block_sparse_moe.gate.weight": parts[0]}
 
 
 def import_decoder_layers_26_mlp_experts_linear_fc1_weight0(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.26.block_sparse_moe.experts.0.w1.weight"),
@@ -11314,7 +11402,7 @@ def import_decoder_layers_26_mlp_experts_linear_fc1_weight0(
 def export_decoder_layers_26_mlp_experts_linear_fc1_weight0(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -11329,7 +11417,7 @@ def export_decoder_layers_26_mlp_experts_linear_fc1_weight0(
 def import_decoder_layers_26_mlp_experts_linear_fc2_weight0(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.26.block_sparse_moe.experts.0.w2.weight"), out=out
     )
@@ -11338,14 +11426,14 @@ def import_decoder_layers_26_mlp_experts_linear_fc2_weight0(
 def export_decoder_layers_26_mlp_experts_linear_fc2_weight0(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.26.block_sparse_moe.experts.0.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_26_mlp_experts_linear_fc1_weight1(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.26.block_sparse_moe.experts.1.w1.weight"),
@@ -11357,7 +11445,7 @@ def import_decoder_layers_26_mlp_experts_linear_fc1_weight1(
 def export_decoder_layers_26_mlp_experts_linear_fc1_weight1(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -11372,7 +11460,7 @@ def export_decoder_layers_26_mlp_experts_linear_fc1_weight1(
 def import_decoder_layers_26_mlp_experts_linear_fc2_weight1(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.26.block_sparse_moe.experts.1.w2.weight"), out=out
     )
@@ -11381,14 +11469,14 @@ def import_decoder_layers_26_mlp_experts_linear_fc2_weight1(
 def export_decoder_layers_26_mlp_experts_linear_fc2_weight1(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.26.block_sparse_moe.experts.1.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_26_mlp_experts_linear_fc1_weight2(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.26.block_sparse_moe.experts.2.w1.weight"),
@@ -11400,7 +11488,7 @@ def import_decoder_layers_26_mlp_experts_linear_fc1_weight2(
 def export_decoder_layers_26_mlp_experts_linear_fc1_weight2(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -11415,7 +11503,7 @@ def export_decoder_layers_26_mlp_experts_linear_fc1_weight2(
 def import_decoder_layers_26_mlp_experts_linear_fc2_weight2(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.26.block_sparse_moe.experts.2.w2.weight"), out=out
     )
@@ -11424,14 +11512,14 @@ def import_decoder_layers_26_mlp_experts_linear_fc2_weight2(
 def export_decoder_layers_26_mlp_experts_linear_fc2_weight2(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.26.block_sparse_moe.experts.2.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_26_mlp_experts_linear_fc1_weight3(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.26.block_sparse_moe.experts.3.w1.weight"),
@@ -11443,7 +11531,7 @@ def import_decoder_layers_26_mlp_experts_linear_fc1_weight3(
 def export_decoder_layers_26_mlp_experts_linear_fc1_weight3(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -11458,7 +11546,7 @@ def export_decoder_layers_26_mlp_experts_linear_fc1_weight3(
 def import_decoder_layers_26_mlp_experts_linear_fc2_weight3(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.26.block_sparse_moe.experts.3.w2.weight"), out=out
     )
@@ -11467,14 +11555,14 @@ def import_decoder_layers_26_mlp_experts_linear_fc2_weight3(
 def export_decoder_layers_26_mlp_experts_linear_fc2_weight3(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.26.block_sparse_moe.experts.3.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_26_mlp_experts_linear_fc1_weight4(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.26.block_sparse_moe.experts.4.w1.weight"),
@@ -11486,7 +11574,7 @@ def import_decoder_layers_26_mlp_experts_linear_fc1_weight4(
 def export_decoder_layers_26_mlp_experts_linear_fc1_weight4(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -11501,7 +11589,7 @@ def export_decoder_layers_26_mlp_experts_linear_fc1_weight4(
 def import_decoder_layers_26_mlp_experts_linear_fc2_weight4(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.26.block_sparse_moe.experts.4.w2.weight"), out=out
     )
@@ -11510,14 +11598,14 @@ def import_decoder_layers_26_mlp_experts_linear_fc2_weight4(
 def export_decoder_layers_26_mlp_experts_linear_fc2_weight4(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.26.block_sparse_moe.experts.4.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_26_mlp_experts_linear_fc1_weight5(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.26.block_sparse_moe.experts.5.w1.weight"),
@@ -11529,7 +11617,7 @@ def import_decoder_layers_26_mlp_experts_linear_fc1_weight5(
 def export_decoder_layers_26_mlp_experts_linear_fc1_weight5(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -11544,7 +11632,7 @@ def export_decoder_layers_26_mlp_experts_linear_fc1_weight5(
 def import_decoder_layers_26_mlp_experts_linear_fc2_weight5(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.26.block_sparse_moe.experts.5.w2.weight"), out=out
     )
@@ -11553,14 +11641,14 @@ def import_decoder_layers_26_mlp_experts_linear_fc2_weight5(
 def export_decoder_layers_26_mlp_experts_linear_fc2_weight5(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.26.block_sparse_moe.experts.5.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_26_mlp_experts_linear_fc1_weight6(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.26.block_sparse_moe.experts.6.w1.weight"),
@@ -11572,7 +11660,7 @@ def import_decoder_layers_26_mlp_experts_linear_fc1_weight6(
 def export_decoder_layers_26_mlp_experts_linear_fc1_weight6(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -11587,7 +11675,7 @@ def export_decoder_layers_26_mlp_experts_linear_fc1_weight6(
 def import_decoder_layers_26_mlp_experts_linear_fc2_weight6(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.26.block_sparse_moe.experts.6.w2.weight"), out=out
     )
@@ -11596,14 +11684,14 @@ def import_decoder_layers_26_mlp_experts_linear_fc2_weight6(
 def export_decoder_layers_26_mlp_experts_linear_fc2_weight6(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.26.block_sparse_moe.experts.6.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_26_mlp_experts_linear_fc1_weight7(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.26.block_sparse_moe.experts.7.w1.weight"),
@@ -11615,7 +11703,7 @@ def import_decoder_layers_26_mlp_experts_linear_fc1_weight7(
 def export_decoder_layers_26_mlp_experts_linear_fc1_weight7(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -11630,7 +11718,7 @@ def export_decoder_layers_26_mlp_experts_linear_fc1_weight7(
 def import_decoder_layers_26_mlp_experts_linear_fc2_weight7(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.26.block_sparse_moe.experts.7.w2.weight"), out=out
     )
@@ -11639,42 +11727,42 @@ def import_decoder_layers_26_mlp_experts_linear_fc2_weight7(
 def export_decoder_layers_26_mlp_experts_linear_fc2_weight7(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.26.block_sparse_moe.experts.7.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_27_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/mixtral.yaml:31."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.27.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_27_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/mixtral.yaml:31."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.27.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_27_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.27.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_27_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.27.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_27_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/mixtral.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.27.self_attn.q_proj.weight"),
@@ -11690,7 +11778,7 @@ def import_decoder_layers_27_self_attention_linear_qkv_weight(
 def export_decoder_layers_27_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/mixtral.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -11706,31 +11794,31 @@ def export_decoder_layers_27_self_attention_linear_qkv_weight(
 def import_decoder_layers_27_pre_mlp_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/mixtral.yaml:40."""
+    """auto -> replicated: decoder.layers.*.pre_mlp_layernorm.weight."""
     return rt.whole_import(load("model.layers.27.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_27_pre_mlp_layernorm_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> replicated: specs/mixtral.yaml:40."""
+    """auto -> replicated: decoder.layers.*.pre_mlp_layernorm.weight."""
     return {"model.layers.27.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_27_mlp_router_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/mixtral.yaml:43."""
+    """auto -> replicated: decoder.layers.*.mlp.router.weight."""
     return rt.whole_import(load("model.layers.27.block_sparse_moe.gate.weight"), out=out)
 
 
 def export_decoder_layers_27_mlp_router_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> replicated: specs/mixtral.yaml:43."""
+    """auto -> replicated: decoder.layers.*.mlp.router.weight."""
     return {"model.layers.27.block_sparse_moe.gate.weight": parts[0]}
 
 
 def import_decoder_layers_27_mlp_experts_linear_fc1_weight0(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.27.block_sparse_moe.experts.0.w1.weight"),
@@ -11742,7 +11830,7 @@ def import_decoder_layers_27_mlp_experts_linear_fc1_weight0(
 def export_decoder_layers_27_mlp_experts_linear_fc1_weight0(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -11757,7 +11845,7 @@ def export_decoder_layers_27_mlp_experts_linear_fc1_weight0(
 def import_decoder_layers_27_mlp_experts_linear_fc2_weight0(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.27.block_sparse_moe.experts.0.w2.weight"), out=out
     )
@@ -11766,14 +11854,14 @@ def import_decoder_layers_27_mlp_experts_linear_fc2_weight0(
 def export_decoder_layers_27_mlp_experts_linear_fc2_weight0(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.27.block_sparse_moe.experts.0.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_27_mlp_experts_linear_fc1_weight1(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.27.block_sparse_moe.experts.1.w1.weight"),
@@ -11785,7 +11873,7 @@ def import_decoder_layers_27_mlp_experts_linear_fc1_weight1(
 def export_decoder_layers_27_mlp_experts_linear_fc1_weight1(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -11800,7 +11888,7 @@ def export_decoder_layers_27_mlp_experts_linear_fc1_weight1(
 def import_decoder_layers_27_mlp_experts_linear_fc2_weight1(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.27.block_sparse_moe.experts.1.w2.weight"), out=out
     )
@@ -11809,14 +11897,14 @@ def import_decoder_layers_27_mlp_experts_linear_fc2_weight1(
 def export_decoder_layers_27_mlp_experts_linear_fc2_weight1(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.27.block_sparse_moe.experts.1.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_27_mlp_experts_linear_fc1_weight2(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.27.block_sparse_moe.experts.2.w1.weight"),
@@ -11828,7 +11916,7 @@ def import_decoder_layers_27_mlp_experts_linear_fc1_weight2(
 def export_decoder_layers_27_mlp_experts_linear_fc1_weight2(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -11843,7 +11931,7 @@ def export_decoder_layers_27_mlp_experts_linear_fc1_weight2(
 def import_decoder_layers_27_mlp_experts_linear_fc2_weight2(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.27.block_sparse_moe.experts.2.w2.weight"), out=out
     )
@@ -11852,14 +11940,14 @@ def import_decoder_layers_27_mlp_experts_linear_fc2_weight2(
 def export_decoder_layers_27_mlp_experts_linear_fc2_weight2(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.27.block_sparse_moe.experts.2.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_27_mlp_experts_linear_fc1_weight3(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.27.block_sparse_moe.experts.3.w1.weight"),
@@ -11871,7 +11959,7 @@ def import_decoder_layers_27_mlp_experts_linear_fc1_weight3(
 def export_decoder_layers_27_mlp_experts_linear_fc1_weight3(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -11886,7 +11974,7 @@ def export_decoder_layers_27_mlp_experts_linear_fc1_weight3(
 def import_decoder_layers_27_mlp_experts_linear_fc2_weight3(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.27.block_sparse_moe.experts.3.w2.weight"), out=out
     )
@@ -11895,14 +11983,14 @@ def import_decoder_layers_27_mlp_experts_linear_fc2_weight3(
 def export_decoder_layers_27_mlp_experts_linear_fc2_weight3(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.27.block_sparse_moe.experts.3.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_27_mlp_experts_linear_fc1_weight4(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.27.block_sparse_moe.experts.4.w1.weight"),
@@ -11914,7 +12002,7 @@ def import_decoder_layers_27_mlp_experts_linear_fc1_weight4(
 def export_decoder_layers_27_mlp_experts_linear_fc1_weight4(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -11929,7 +12017,7 @@ def export_decoder_layers_27_mlp_experts_linear_fc1_weight4(
 def import_decoder_layers_27_mlp_experts_linear_fc2_weight4(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.27.block_sparse_moe.experts.4.w2.weight"), out=out
     )
@@ -11938,14 +12026,14 @@ def import_decoder_layers_27_mlp_experts_linear_fc2_weight4(
 def export_decoder_layers_27_mlp_experts_linear_fc2_weight4(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.27.block_sparse_moe.experts.4.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_27_mlp_experts_linear_fc1_weight5(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.27.block_sparse_moe.experts.5.w1.weight"),
@@ -11957,7 +12045,7 @@ def import_decoder_layers_27_mlp_experts_linear_fc1_weight5(
 def export_decoder_layers_27_mlp_experts_linear_fc1_weight5(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -11972,7 +12060,7 @@ def export_decoder_layers_27_mlp_experts_linear_fc1_weight5(
 def import_decoder_layers_27_mlp_experts_linear_fc2_weight5(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.27.block_sparse_moe.experts.5.w2.weight"), out=out
     )
@@ -11981,14 +12069,14 @@ def import_decoder_layers_27_mlp_experts_linear_fc2_weight5(
 def export_decoder_layers_27_mlp_experts_linear_fc2_weight5(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.27.block_sparse_moe.experts.5.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_27_mlp_experts_linear_fc1_weight6(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.27.block_sparse_moe.experts.6.w1.weight"),
@@ -12000,7 +12088,7 @@ def import_decoder_layers_27_mlp_experts_linear_fc1_weight6(
 def export_decoder_layers_27_mlp_experts_linear_fc1_weight6(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -12015,7 +12103,7 @@ def export_decoder_layers_27_mlp_experts_linear_fc1_weight6(
 def import_decoder_layers_27_mlp_experts_linear_fc2_weight6(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.27.block_sparse_moe.experts.6.w2.weight"), out=out
     )
@@ -12024,14 +12112,14 @@ def import_decoder_layers_27_mlp_experts_linear_fc2_weight6(
 def export_decoder_layers_27_mlp_experts_linear_fc2_weight6(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.27.block_sparse_moe.experts.6.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_27_mlp_experts_linear_fc1_weight7(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.27.block_sparse_moe.experts.7.w1.weight"),
@@ -12043,7 +12131,7 @@ def import_decoder_layers_27_mlp_experts_linear_fc1_weight7(
 def export_decoder_layers_27_mlp_experts_linear_fc1_weight7(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -12058,7 +12146,7 @@ def export_decoder_layers_27_mlp_experts_linear_fc1_weight7(
 def import_decoder_layers_27_mlp_experts_linear_fc2_weight7(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.27.block_sparse_moe.experts.7.w2.weight"), out=out
     )
@@ -12067,42 +12155,42 @@ def import_decoder_layers_27_mlp_experts_linear_fc2_weight7(
 def export_decoder_layers_27_mlp_experts_linear_fc2_weight7(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.27.block_sparse_moe.experts.7.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_28_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/mixtral.yaml:31."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.28.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_28_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/mixtral.yaml:31."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.28.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_28_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.28.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_28_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.28.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_28_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/mixtral.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.28.self_attn.q_proj.weight"),
@@ -12118,7 +12206,7 @@ def import_decoder_layers_28_self_attention_linear_qkv_weight(
 def export_decoder_layers_28_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/mixtral.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -12134,31 +12222,31 @@ def export_decoder_layers_28_self_attention_linear_qkv_weight(
 def import_decoder_layers_28_pre_mlp_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/mixtral.yaml:40."""
+    """auto -> replicated: decoder.layers.*.pre_mlp_layernorm.weight."""
     return rt.whole_import(load("model.layers.28.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_28_pre_mlp_layernorm_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> replicated: specs/mixtral.yaml:40."""
+    """auto -> replicated: decoder.layers.*.pre_mlp_layernorm.weight."""
     return {"model.layers.28.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_28_mlp_router_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/mixtral.yaml:43."""
+    """auto -> replicated: decoder.layers.*.mlp.router.weight."""
     return rt.whole_import(load("model.layers.28.block_sparse_moe.gate.weight"), out=out)
 
 
 def export_decoder_layers_28_mlp_router_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> replicated: specs/mixtral.yaml:43."""
+    """auto -> replicated: decoder.layers.*.mlp.router.weight."""
     return {"model.layers.28.block_sparse_moe.gate.weight": parts[0]}
 
 
 def import_decoder_layers_28_mlp_experts_linear_fc1_weight0(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.28.block_sparse_moe.experts.0.w1.weight"),
@@ -12170,7 +12258,7 @@ def import_decoder_layers_28_mlp_experts_linear_fc1_weight0(
 def export_decoder_layers_28_mlp_experts_linear_fc1_weight0(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -12185,7 +12273,7 @@ def export_decoder_layers_28_mlp_experts_linear_fc1_weight0(
 def import_decoder_layers_28_mlp_experts_linear_fc2_weight0(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.28.block_sparse_moe.experts.0.w2.weight"), out=out
     )
@@ -12194,14 +12282,14 @@ def import_decoder_layers_28_mlp_experts_linear_fc2_weight0(
 def export_decoder_layers_28_mlp_experts_linear_fc2_weight0(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.28.block_sparse_moe.experts.0.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_28_mlp_experts_linear_fc1_weight1(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.28.block_sparse_moe.experts.1.w1.weight"),
@@ -12213,7 +12301,7 @@ def import_decoder_layers_28_mlp_experts_linear_fc1_weight1(
 def export_decoder_layers_28_mlp_experts_linear_fc1_weight1(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -12228,7 +12316,7 @@ def export_decoder_layers_28_mlp_experts_linear_fc1_weight1(
 def import_decoder_layers_28_mlp_experts_linear_fc2_weight1(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.28.block_sparse_moe.experts.1.w2.weight"), out=out
     )
@@ -12237,14 +12325,14 @@ def import_decoder_layers_28_mlp_experts_linear_fc2_weight1(
 def export_decoder_layers_28_mlp_experts_linear_fc2_weight1(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.28.block_sparse_moe.experts.1.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_28_mlp_experts_linear_fc1_weight2(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.28.block_sparse_moe.experts.2.w1.weight"),
@@ -12256,7 +12344,7 @@ def import_decoder_layers_28_mlp_experts_linear_fc1_weight2(
 def export_decoder_layers_28_mlp_experts_linear_fc1_weight2(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -12271,7 +12359,7 @@ def export_decoder_layers_28_mlp_experts_linear_fc1_weight2(
 def import_decoder_layers_28_mlp_experts_linear_fc2_weight2(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.28.block_sparse_moe.experts.2.w2.weight"), out=out
     )
@@ -12280,14 +12368,14 @@ def import_decoder_layers_28_mlp_experts_linear_fc2_weight2(
 def export_decoder_layers_28_mlp_experts_linear_fc2_weight2(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.28.block_sparse_moe.experts.2.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_28_mlp_experts_linear_fc1_weight3(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.28.block_sparse_moe.experts.3.w1.weight"),
@@ -12299,7 +12387,7 @@ def import_decoder_layers_28_mlp_experts_linear_fc1_weight3(
 def export_decoder_layers_28_mlp_experts_linear_fc1_weight3(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -12314,7 +12402,7 @@ def export_decoder_layers_28_mlp_experts_linear_fc1_weight3(
 def import_decoder_layers_28_mlp_experts_linear_fc2_weight3(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.28.block_sparse_moe.experts.3.w2.weight"), out=out
     )
@@ -12323,14 +12411,14 @@ def import_decoder_layers_28_mlp_experts_linear_fc2_weight3(
 def export_decoder_layers_28_mlp_experts_linear_fc2_weight3(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.28.block_sparse_moe.experts.3.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_28_mlp_experts_linear_fc1_weight4(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.28.block_sparse_moe.experts.4.w1.weight"),
@@ -12342,7 +12430,7 @@ def import_decoder_layers_28_mlp_experts_linear_fc1_weight4(
 def export_decoder_layers_28_mlp_experts_linear_fc1_weight4(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -12357,7 +12445,7 @@ def export_decoder_layers_28_mlp_experts_linear_fc1_weight4(
 def import_decoder_layers_28_mlp_experts_linear_fc2_weight4(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.28.block_sparse_moe.experts.4.w2.weight"), out=out
     )
@@ -12366,14 +12454,14 @@ def import_decoder_layers_28_mlp_experts_linear_fc2_weight4(
 def export_decoder_layers_28_mlp_experts_linear_fc2_weight4(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.28.block_sparse_moe.experts.4.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_28_mlp_experts_linear_fc1_weight5(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.28.block_sparse_moe.experts.5.w1.weight"),
@@ -12385,7 +12473,7 @@ def import_decoder_layers_28_mlp_experts_linear_fc1_weight5(
 def export_decoder_layers_28_mlp_experts_linear_fc1_weight5(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -12400,7 +12488,7 @@ def export_decoder_layers_28_mlp_experts_linear_fc1_weight5(
 def import_decoder_layers_28_mlp_experts_linear_fc2_weight5(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.28.block_sparse_moe.experts.5.w2.weight"), out=out
     )
@@ -12409,14 +12497,14 @@ def import_decoder_layers_28_mlp_experts_linear_fc2_weight5(
 def export_decoder_layers_28_mlp_experts_linear_fc2_weight5(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.28.block_sparse_moe.experts.5.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_28_mlp_experts_linear_fc1_weight6(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.28.block_sparse_moe.experts.6.w1.weight"),
@@ -12428,7 +12516,7 @@ def import_decoder_layers_28_mlp_experts_linear_fc1_weight6(
 def export_decoder_layers_28_mlp_experts_linear_fc1_weight6(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -12443,7 +12531,7 @@ def export_decoder_layers_28_mlp_experts_linear_fc1_weight6(
 def import_decoder_layers_28_mlp_experts_linear_fc2_weight6(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.28.block_sparse_moe.experts.6.w2.weight"), out=out
     )
@@ -12452,14 +12540,14 @@ def import_decoder_layers_28_mlp_experts_linear_fc2_weight6(
 def export_decoder_layers_28_mlp_experts_linear_fc2_weight6(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.28.block_sparse_moe.experts.6.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_28_mlp_experts_linear_fc1_weight7(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.28.block_sparse_moe.experts.7.w1.weight"),
@@ -12471,7 +12559,7 @@ def import_decoder_layers_28_mlp_experts_linear_fc1_weight7(
 def export_decoder_layers_28_mlp_experts_linear_fc1_weight7(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -12486,7 +12574,7 @@ def export_decoder_layers_28_mlp_experts_linear_fc1_weight7(
 def import_decoder_layers_28_mlp_experts_linear_fc2_weight7(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.28.block_sparse_moe.experts.7.w2.weight"), out=out
     )
@@ -12495,42 +12583,42 @@ def import_decoder_layers_28_mlp_experts_linear_fc2_weight7(
 def export_decoder_layers_28_mlp_experts_linear_fc2_weight7(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.28.block_sparse_moe.experts.7.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_29_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/mixtral.yaml:31."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.29.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_29_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/mixtral.yaml:31."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.29.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_29_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.29.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_29_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.29.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_29_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/mixtral.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.29.self_attn.q_proj.weight"),
@@ -12546,7 +12634,7 @@ def import_decoder_layers_29_self_attention_linear_qkv_weight(
 def export_decoder_layers_29_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/mixtral.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -12562,31 +12650,31 @@ def export_decoder_layers_29_self_attention_linear_qkv_weight(
 def import_decoder_layers_29_pre_mlp_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/mixtral.yaml:40."""
+    """auto -> replicated: decoder.layers.*.pre_mlp_layernorm.weight."""
     return rt.whole_import(load("model.layers.29.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_29_pre_mlp_layernorm_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> replicated: specs/mixtral.yaml:40."""
+    """auto -> replicated: decoder.layers.*.pre_mlp_layernorm.weight."""
     return {"model.layers.29.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_29_mlp_router_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/mixtral.yaml:43."""
+    """auto -> replicated: decoder.layers.*.mlp.router.weight."""
     return rt.whole_import(load("model.layers.29.block_sparse_moe.gate.weight"), out=out)
 
 
 def export_decoder_layers_29_mlp_router_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> replicated: specs/mixtral.yaml:43."""
+    """auto -> replicated: decoder.layers.*.mlp.router.weight."""
     return {"model.layers.29.block_sparse_moe.gate.weight": parts[0]}
 
 
 def import_decoder_layers_29_mlp_experts_linear_fc1_weight0(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.29.block_sparse_moe.experts.0.w1.weight"),
@@ -12598,7 +12686,7 @@ def import_decoder_layers_29_mlp_experts_linear_fc1_weight0(
 def export_decoder_layers_29_mlp_experts_linear_fc1_weight0(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -12613,7 +12701,7 @@ def export_decoder_layers_29_mlp_experts_linear_fc1_weight0(
 def import_decoder_layers_29_mlp_experts_linear_fc2_weight0(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.29.block_sparse_moe.experts.0.w2.weight"), out=out
     )
@@ -12622,14 +12710,14 @@ def import_decoder_layers_29_mlp_experts_linear_fc2_weight0(
 def export_decoder_layers_29_mlp_experts_linear_fc2_weight0(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.29.block_sparse_moe.experts.0.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_29_mlp_experts_linear_fc1_weight1(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.29.block_sparse_moe.experts.1.w1.weight"),
@@ -12641,7 +12729,7 @@ def import_decoder_layers_29_mlp_experts_linear_fc1_weight1(
 def export_decoder_layers_29_mlp_experts_linear_fc1_weight1(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -12656,7 +12744,7 @@ def export_decoder_layers_29_mlp_experts_linear_fc1_weight1(
 def import_decoder_layers_29_mlp_experts_linear_fc2_weight1(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.29.block_sparse_moe.experts.1.w2.weight"), out=out
     )
@@ -12665,14 +12753,14 @@ def import_decoder_layers_29_mlp_experts_linear_fc2_weight1(
 def export_decoder_layers_29_mlp_experts_linear_fc2_weight1(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.29.block_sparse_moe.experts.1.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_29_mlp_experts_linear_fc1_weight2(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.29.block_sparse_moe.experts.2.w1.weight"),
@@ -12684,7 +12772,7 @@ def import_decoder_layers_29_mlp_experts_linear_fc1_weight2(
 def export_decoder_layers_29_mlp_experts_linear_fc1_weight2(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -12699,7 +12787,7 @@ def export_decoder_layers_29_mlp_experts_linear_fc1_weight2(
 def import_decoder_layers_29_mlp_experts_linear_fc2_weight2(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.29.block_sparse_moe.experts.2.w2.weight"), out=out
     )
@@ -12708,14 +12796,14 @@ def import_decoder_layers_29_mlp_experts_linear_fc2_weight2(
 def export_decoder_layers_29_mlp_experts_linear_fc2_weight2(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.29.block_sparse_moe.experts.2.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_29_mlp_experts_linear_fc1_weight3(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.29.block_sparse_moe.experts.3.w1.weight"),
@@ -12727,7 +12815,7 @@ def import_decoder_layers_29_mlp_experts_linear_fc1_weight3(
 def export_decoder_layers_29_mlp_experts_linear_fc1_weight3(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -12742,7 +12830,7 @@ def export_decoder_layers_29_mlp_experts_linear_fc1_weight3(
 def import_decoder_layers_29_mlp_experts_linear_fc2_weight3(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.29.block_sparse_moe.experts.3.w2.weight"), out=out
     )
@@ -12751,14 +12839,14 @@ def import_decoder_layers_29_mlp_experts_linear_fc2_weight3(
 def export_decoder_layers_29_mlp_experts_linear_fc2_weight3(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.29.block_sparse_moe.experts.3.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_29_mlp_experts_linear_fc1_weight4(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.29.block_sparse_moe.experts.4.w1.weight"),
@@ -12770,7 +12858,7 @@ def import_decoder_layers_29_mlp_experts_linear_fc1_weight4(
 def export_decoder_layers_29_mlp_experts_linear_fc1_weight4(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -12785,7 +12873,7 @@ def export_decoder_layers_29_mlp_experts_linear_fc1_weight4(
 def import_decoder_layers_29_mlp_experts_linear_fc2_weight4(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.29.block_sparse_moe.experts.4.w2.weight"), out=out
     )
@@ -12794,14 +12882,14 @@ def import_decoder_layers_29_mlp_experts_linear_fc2_weight4(
 def export_decoder_layers_29_mlp_experts_linear_fc2_weight4(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.29.block_sparse_moe.experts.4.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_29_mlp_experts_linear_fc1_weight5(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.29.block_sparse_moe.experts.5.w1.weight"),
@@ -12813,7 +12901,7 @@ def import_decoder_layers_29_mlp_experts_linear_fc1_weight5(
 def export_decoder_layers_29_mlp_experts_linear_fc1_weight5(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -12828,7 +12916,7 @@ def export_decoder_layers_29_mlp_experts_linear_fc1_weight5(
 def import_decoder_layers_29_mlp_experts_linear_fc2_weight5(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.29.block_sparse_moe.experts.5.w2.weight"), out=out
     )
@@ -12837,14 +12925,14 @@ def import_decoder_layers_29_mlp_experts_linear_fc2_weight5(
 def export_decoder_layers_29_mlp_experts_linear_fc2_weight5(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.29.block_sparse_moe.experts.5.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_29_mlp_experts_linear_fc1_weight6(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.29.block_sparse_moe.experts.6.w1.weight"),
@@ -12856,7 +12944,7 @@ def import_decoder_layers_29_mlp_experts_linear_fc1_weight6(
 def export_decoder_layers_29_mlp_experts_linear_fc1_weight6(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -12871,7 +12959,7 @@ def export_decoder_layers_29_mlp_experts_linear_fc1_weight6(
 def import_decoder_layers_29_mlp_experts_linear_fc2_weight6(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.29.block_sparse_moe.experts.6.w2.weight"), out=out
     )
@@ -12880,14 +12968,14 @@ def import_decoder_layers_29_mlp_experts_linear_fc2_weight6(
 def export_decoder_layers_29_mlp_experts_linear_fc2_weight6(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.29.block_sparse_moe.experts.6.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_29_mlp_experts_linear_fc1_weight7(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.29.block_sparse_moe.experts.7.w1.weight"),
@@ -12899,7 +12987,7 @@ def import_decoder_layers_29_mlp_experts_linear_fc1_weight7(
 def export_decoder_layers_29_mlp_experts_linear_fc1_weight7(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -12914,7 +13002,7 @@ def export_decoder_layers_29_mlp_experts_linear_fc1_weight7(
 def import_decoder_layers_29_mlp_experts_linear_fc2_weight7(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.29.block_sparse_moe.experts.7.w2.weight"), out=out
     )
@@ -12923,42 +13011,42 @@ def import_decoder_layers_29_mlp_experts_linear_fc2_weight7(
 def export_decoder_layers_29_mlp_experts_linear_fc2_weight7(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.29.block_sparse_moe.experts.7.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_30_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/mixtral.yaml:31."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.30.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_30_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/mixtral.yaml:31."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.30.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_30_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.30.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_30_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.30.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_30_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/mixtral.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.30.self_attn.q_proj.weight"),
@@ -12974,7 +13062,7 @@ def import_decoder_layers_30_self_attention_linear_qkv_weight(
 def export_decoder_layers_30_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/mixtral.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -12990,31 +13078,31 @@ def export_decoder_layers_30_self_attention_linear_qkv_weight(
 def import_decoder_layers_30_pre_mlp_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/mixtral.yaml:40."""
+    """auto -> replicated: decoder.layers.*.pre_mlp_layernorm.weight."""
     return rt.whole_import(load("model.layers.30.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_30_pre_mlp_layernorm_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> replicated: specs/mixtral.yaml:40."""
+    """auto -> replicated: decoder.layers.*.pre_mlp_layernorm.weight."""
     return {"model.layers.30.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_30_mlp_router_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/mixtral.yaml:43."""
+    """auto -> replicated: decoder.layers.*.mlp.router.weight."""
     return rt.whole_import(load("model.layers.30.block_sparse_moe.gate.weight"), out=out)
 
 
 def export_decoder_layers_30_mlp_router_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> replicated: specs/mixtral.yaml:43."""
+    """auto -> replicated: decoder.layers.*.mlp.router.weight."""
     return {"model.layers.30.block_sparse_moe.gate.weight": parts[0]}
 
 
 def import_decoder_layers_30_mlp_experts_linear_fc1_weight0(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.30.block_sparse_moe.experts.0.w1.weight"),
@@ -13026,7 +13114,7 @@ def import_decoder_layers_30_mlp_experts_linear_fc1_weight0(
 def export_decoder_layers_30_mlp_experts_linear_fc1_weight0(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -13041,7 +13129,7 @@ def export_decoder_layers_30_mlp_experts_linear_fc1_weight0(
 def import_decoder_layers_30_mlp_experts_linear_fc2_weight0(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.30.block_sparse_moe.experts.0.w2.weight"), out=out
     )
@@ -13050,14 +13138,14 @@ def import_decoder_layers_30_mlp_experts_linear_fc2_weight0(
 def export_decoder_layers_30_mlp_experts_linear_fc2_weight0(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.30.block_sparse_moe.experts.0.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_30_mlp_experts_linear_fc1_weight1(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.30.block_sparse_moe.experts.1.w1.weight"),
@@ -13069,7 +13157,7 @@ def import_decoder_layers_30_mlp_experts_linear_fc1_weight1(
 def export_decoder_layers_30_mlp_experts_linear_fc1_weight1(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -13084,7 +13172,7 @@ def export_decoder_layers_30_mlp_experts_linear_fc1_weight1(
 def import_decoder_layers_30_mlp_experts_linear_fc2_weight1(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.30.block_sparse_moe.experts.1.w2.weight"), out=out
     )
@@ -13093,14 +13181,14 @@ def import_decoder_layers_30_mlp_experts_linear_fc2_weight1(
 def export_decoder_layers_30_mlp_experts_linear_fc2_weight1(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.30.block_sparse_moe.experts.1.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_30_mlp_experts_linear_fc1_weight2(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.30.block_sparse_moe.experts.2.w1.weight"),
@@ -13112,7 +13200,7 @@ def import_decoder_layers_30_mlp_experts_linear_fc1_weight2(
 def export_decoder_layers_30_mlp_experts_linear_fc1_weight2(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -13127,7 +13215,7 @@ def export_decoder_layers_30_mlp_experts_linear_fc1_weight2(
 def import_decoder_layers_30_mlp_experts_linear_fc2_weight2(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.30.block_sparse_moe.experts.2.w2.weight"), out=out
     )
@@ -13136,14 +13224,14 @@ def import_decoder_layers_30_mlp_experts_linear_fc2_weight2(
 def export_decoder_layers_30_mlp_experts_linear_fc2_weight2(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.30.block_sparse_moe.experts.2.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_30_mlp_experts_linear_fc1_weight3(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.30.block_sparse_moe.experts.3.w1.weight"),
@@ -13155,7 +13243,7 @@ def import_decoder_layers_30_mlp_experts_linear_fc1_weight3(
 def export_decoder_layers_30_mlp_experts_linear_fc1_weight3(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -13170,7 +13258,7 @@ def export_decoder_layers_30_mlp_experts_linear_fc1_weight3(
 def import_decoder_layers_30_mlp_experts_linear_fc2_weight3(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.30.block_sparse_moe.experts.3.w2.weight"), out=out
     )
@@ -13179,14 +13267,14 @@ def import_decoder_layers_30_mlp_experts_linear_fc2_weight3(
 def export_decoder_layers_30_mlp_experts_linear_fc2_weight3(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.30.block_sparse_moe.experts.3.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_30_mlp_experts_linear_fc1_weight4(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.30.block_sparse_moe.experts.4.w1.weight"),
@@ -13198,7 +13286,7 @@ def import_decoder_layers_30_mlp_experts_linear_fc1_weight4(
 def export_decoder_layers_30_mlp_experts_linear_fc1_weight4(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -13213,7 +13301,7 @@ def export_decoder_layers_30_mlp_experts_linear_fc1_weight4(
 def import_decoder_layers_30_mlp_experts_linear_fc2_weight4(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.30.block_sparse_moe.experts.4.w2.weight"), out=out
     )
@@ -13222,14 +13310,14 @@ def import_decoder_layers_30_mlp_experts_linear_fc2_weight4(
 def export_decoder_layers_30_mlp_experts_linear_fc2_weight4(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.30.block_sparse_moe.experts.4.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_30_mlp_experts_linear_fc1_weight5(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.30.block_sparse_moe.experts.5.w1.weight"),
@@ -13241,7 +13329,7 @@ def import_decoder_layers_30_mlp_experts_linear_fc1_weight5(
 def export_decoder_layers_30_mlp_experts_linear_fc1_weight5(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -13256,7 +13344,7 @@ def export_decoder_layers_30_mlp_experts_linear_fc1_weight5(
 def import_decoder_layers_30_mlp_experts_linear_fc2_weight5(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.30.block_sparse_moe.experts.5.w2.weight"), out=out
     )
@@ -13265,14 +13353,14 @@ def import_decoder_layers_30_mlp_experts_linear_fc2_weight5(
 def export_decoder_layers_30_mlp_experts_linear_fc2_weight5(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.30.block_sparse_moe.experts.5.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_30_mlp_experts_linear_fc1_weight6(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.30.block_sparse_moe.experts.6.w1.weight"),
@@ -13284,7 +13372,7 @@ def import_decoder_layers_30_mlp_experts_linear_fc1_weight6(
 def export_decoder_layers_30_mlp_experts_linear_fc1_weight6(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -13299,7 +13387,7 @@ def export_decoder_layers_30_mlp_experts_linear_fc1_weight6(
 def import_decoder_layers_30_mlp_experts_linear_fc2_weight6(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.30.block_sparse_moe.experts.6.w2.weight"), out=out
     )
@@ -13308,14 +13396,14 @@ def import_decoder_layers_30_mlp_experts_linear_fc2_weight6(
 def export_decoder_layers_30_mlp_experts_linear_fc2_weight6(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.30.block_sparse_moe.experts.6.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_30_mlp_experts_linear_fc1_weight7(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.30.block_sparse_moe.experts.7.w1.weight"),
@@ -13327,7 +13415,7 @@ def import_decoder_layers_30_mlp_experts_linear_fc1_weight7(
 def export_decoder_layers_30_mlp_experts_linear_fc1_weight7(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -13342,7 +13430,7 @@ def export_decoder_layers_30_mlp_experts_linear_fc1_weight7(
 def import_decoder_layers_30_mlp_experts_linear_fc2_weight7(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.30.block_sparse_moe.experts.7.w2.weight"), out=out
     )
@@ -13351,42 +13439,42 @@ def import_decoder_layers_30_mlp_experts_linear_fc2_weight7(
 def export_decoder_layers_30_mlp_experts_linear_fc2_weight7(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.30.block_sparse_moe.experts.7.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_31_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/mixtral.yaml:31."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.31.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_31_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/mixtral.yaml:31."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.31.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_31_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.31.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_31_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.31.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_31_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/mixtral.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.31.self_attn.q_proj.weight"),
@@ -13402,7 +13490,7 @@ def import_decoder_layers_31_self_attention_linear_qkv_weight(
 def export_decoder_layers_31_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/mixtral.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -13418,31 +13506,31 @@ def export_decoder_layers_31_self_attention_linear_qkv_weight(
 def import_decoder_layers_31_pre_mlp_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/mixtral.yaml:40."""
+    """auto -> replicated: decoder.layers.*.pre_mlp_layernorm.weight."""
     return rt.whole_import(load("model.layers.31.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_31_pre_mlp_layernorm_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> replicated: specs/mixtral.yaml:40."""
+    """auto -> replicated: decoder.layers.*.pre_mlp_layernorm.weight."""
     return {"model.layers.31.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_31_mlp_router_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/mixtral.yaml:43."""
+    """auto -> replicated: decoder.layers.*.mlp.router.weight."""
     return rt.whole_import(load("model.layers.31.block_sparse_moe.gate.weight"), out=out)
 
 
 def export_decoder_layers_31_mlp_router_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> replicated: specs/mixtral.yaml:43."""
+    """auto -> replicated: decoder.layers.*.mlp.router.weight."""
     return {"model.layers.31.block_sparse_moe.gate.weight": parts[0]}
 
 
 def import_decoder_layers_31_mlp_experts_linear_fc1_weight0(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.31.block_sparse_moe.experts.0.w1.weight"),
@@ -13454,7 +13542,7 @@ def import_decoder_layers_31_mlp_experts_linear_fc1_weight0(
 def export_decoder_layers_31_mlp_experts_linear_fc1_weight0(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -13469,7 +13557,7 @@ def export_decoder_layers_31_mlp_experts_linear_fc1_weight0(
 def import_decoder_layers_31_mlp_experts_linear_fc2_weight0(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.31.block_sparse_moe.experts.0.w2.weight"), out=out
     )
@@ -13478,14 +13566,14 @@ def import_decoder_layers_31_mlp_experts_linear_fc2_weight0(
 def export_decoder_layers_31_mlp_experts_linear_fc2_weight0(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.31.block_sparse_moe.experts.0.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_31_mlp_experts_linear_fc1_weight1(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.31.block_sparse_moe.experts.1.w1.weight"),
@@ -13497,7 +13585,7 @@ def import_decoder_layers_31_mlp_experts_linear_fc1_weight1(
 def export_decoder_layers_31_mlp_experts_linear_fc1_weight1(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -13512,7 +13600,7 @@ def export_decoder_layers_31_mlp_experts_linear_fc1_weight1(
 def import_decoder_layers_31_mlp_experts_linear_fc2_weight1(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.31.block_sparse_moe.experts.1.w2.weight"), out=out
     )
@@ -13521,14 +13609,14 @@ def import_decoder_layers_31_mlp_experts_linear_fc2_weight1(
 def export_decoder_layers_31_mlp_experts_linear_fc2_weight1(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.31.block_sparse_moe.experts.1.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_31_mlp_experts_linear_fc1_weight2(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.31.block_sparse_moe.experts.2.w1.weight"),
@@ -13540,7 +13628,7 @@ def import_decoder_layers_31_mlp_experts_linear_fc1_weight2(
 def export_decoder_layers_31_mlp_experts_linear_fc1_weight2(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -13555,7 +13643,7 @@ def export_decoder_layers_31_mlp_experts_linear_fc1_weight2(
 def import_decoder_layers_31_mlp_experts_linear_fc2_weight2(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.31.block_sparse_moe.experts.2.w2.weight"), out=out
     )
@@ -13564,14 +13652,14 @@ def import_decoder_layers_31_mlp_experts_linear_fc2_weight2(
 def export_decoder_layers_31_mlp_experts_linear_fc2_weight2(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.31.block_sparse_moe.experts.2.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_31_mlp_experts_linear_fc1_weight3(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.31.block_sparse_moe.experts.3.w1.weight"),
@@ -13583,7 +13671,7 @@ def import_decoder_layers_31_mlp_experts_linear_fc1_weight3(
 def export_decoder_layers_31_mlp_experts_linear_fc1_weight3(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -13598,7 +13686,7 @@ def export_decoder_layers_31_mlp_experts_linear_fc1_weight3(
 def import_decoder_layers_31_mlp_experts_linear_fc2_weight3(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.31.block_sparse_moe.experts.3.w2.weight"), out=out
     )
@@ -13607,14 +13695,14 @@ def import_decoder_layers_31_mlp_experts_linear_fc2_weight3(
 def export_decoder_layers_31_mlp_experts_linear_fc2_weight3(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.31.block_sparse_moe.experts.3.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_31_mlp_experts_linear_fc1_weight4(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.31.block_sparse_moe.experts.4.w1.weight"),
@@ -13626,7 +13714,7 @@ def import_decoder_layers_31_mlp_experts_linear_fc1_weight4(
 def export_decoder_layers_31_mlp_experts_linear_fc1_weight4(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -13641,7 +13729,7 @@ def export_decoder_layers_31_mlp_experts_linear_fc1_weight4(
 def import_decoder_layers_31_mlp_experts_linear_fc2_weight4(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.31.block_sparse_moe.experts.4.w2.weight"), out=out
     )
@@ -13650,14 +13738,14 @@ def import_decoder_layers_31_mlp_experts_linear_fc2_weight4(
 def export_decoder_layers_31_mlp_experts_linear_fc2_weight4(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.31.block_sparse_moe.experts.4.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_31_mlp_experts_linear_fc1_weight5(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.31.block_sparse_moe.experts.5.w1.weight"),
@@ -13669,7 +13757,7 @@ def import_decoder_layers_31_mlp_experts_linear_fc1_weight5(
 def export_decoder_layers_31_mlp_experts_linear_fc1_weight5(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -13684,7 +13772,7 @@ def export_decoder_layers_31_mlp_experts_linear_fc1_weight5(
 def import_decoder_layers_31_mlp_experts_linear_fc2_weight5(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.31.block_sparse_moe.experts.5.w2.weight"), out=out
     )
@@ -13693,14 +13781,14 @@ def import_decoder_layers_31_mlp_experts_linear_fc2_weight5(
 def export_decoder_layers_31_mlp_experts_linear_fc2_weight5(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.31.block_sparse_moe.experts.5.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_31_mlp_experts_linear_fc1_weight6(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.31.block_sparse_moe.experts.6.w1.weight"),
@@ -13712,7 +13800,7 @@ def import_decoder_layers_31_mlp_experts_linear_fc1_weight6(
 def export_decoder_layers_31_mlp_experts_linear_fc1_weight6(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -13727,7 +13815,7 @@ def export_decoder_layers_31_mlp_experts_linear_fc1_weight6(
 def import_decoder_layers_31_mlp_experts_linear_fc2_weight6(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.31.block_sparse_moe.experts.6.w2.weight"), out=out
     )
@@ -13736,14 +13824,14 @@ def import_decoder_layers_31_mlp_experts_linear_fc2_weight6(
 def export_decoder_layers_31_mlp_experts_linear_fc2_weight6(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.31.block_sparse_moe.experts.6.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_31_mlp_experts_linear_fc1_weight7(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return rt.gated_mlp_import(
         ctx.etp,
         load("model.layers.31.block_sparse_moe.experts.7.w1.weight"),
@@ -13755,7 +13843,7 @@ def import_decoder_layers_31_mlp_experts_linear_fc1_weight7(
 def export_decoder_layers_31_mlp_experts_linear_fc1_weight7(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """gated_mlp: specs/mixtral.yaml:46."""
+    """gated_mlp: decoder.layers.*.mlp.experts.linear_fc1.weight*."""
     return dict(
         zip(
             (
@@ -13770,7 +13858,7 @@ def export_decoder_layers_31_mlp_experts_linear_fc1_weight7(
 def import_decoder_layers_31_mlp_experts_linear_fc2_weight7(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return rt.row_import(
         ctx.etp, load("model.layers.31.block_sparse_moe.experts.7.w2.weight"), out=out
     )
@@ -13779,36 +13867,36 @@ def import_decoder_layers_31_mlp_experts_linear_fc2_weight7(
 def export_decoder_layers_31_mlp_experts_linear_fc2_weight7(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/mixtral.yaml:49."""
+    """auto -> row: decoder.layers.*.mlp.experts.linear_fc2.weight*."""
     return {"model.layers.31.block_sparse_moe.experts.7.w2.weight": rt.row_export(parts)}
 
 
 def import_decoder_final_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/mixtral.yaml:52."""
+    """auto -> replicated: decoder.final_layernorm.weight."""
     return rt.whole_import(load("model.norm.weight"), out=out)
 
 
 def export_decoder_final_layernorm_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> replicated: specs/mixtral.yaml:52."""
+    """auto -> replicated: decoder.final_layernorm.weight."""
     return {"model.norm.weight": parts[0]}
 
 
 def import_output_layer_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> column: specs/mixtral.yaml:55."""
+    """auto -> column: output_layer.weight."""
     return rt.column_import(ctx.tp, load("lm_head.weight"), out=out)
 
 
 def export_output_layer_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> column: specs/mixtral.yaml:55."""
+    """auto -> column: output_layer.weight."""
     return {"lm_head.weight": rt.column_export(parts)}
 
 
-# megatron_name, global shape, dtype, TP split dim, expert-parallel, layer, expert, HF tensors,
-# import function, export function
+# megatron_name, global shape, dtype, TP split dim, expert-parallel, layer, expert, rule (index
+# into RULES), HF tensors, import function, export function
 PARAMS: Final[tuple[ParamPlan, ...]] = (
     ParamPlan(
         "embedding.word_embeddings.weight",
@@ -13818,6 +13906,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         None,
         None,
+        0,
         ("model.embed_tokens.weight",),
         import_embedding_word_embeddings_weight,
         export_embedding_word_embeddings_weight,
@@ -13830,6 +13919,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         0,
         None,
+        1,
         ("model.layers.0.input_layernorm.weight",),
         import_decoder_layers_0_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_0_self_attention_linear_qkv_layer_norm_weight,
@@ -13842,6 +13932,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         0,
         None,
+        2,
         ("model.layers.0.self_attn.o_proj.weight",),
         import_decoder_layers_0_self_attention_linear_proj_weight,
         export_decoder_layers_0_self_attention_linear_proj_weight,
@@ -13854,6 +13945,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         0,
         None,
+        3,
         (
             "model.layers.0.self_attn.q_proj.weight",
             "model.layers.0.self_attn.k_proj.weight",
@@ -13870,6 +13962,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         0,
         None,
+        4,
         ("model.layers.0.post_attention_layernorm.weight",),
         import_decoder_layers_0_pre_mlp_layernorm_weight,
         export_decoder_layers_0_pre_mlp_layernorm_weight,
@@ -13882,6 +13975,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         0,
         None,
+        5,
         ("model.layers.0.block_sparse_moe.gate.weight",),
         import_decoder_layers_0_mlp_router_weight,
         export_decoder_layers_0_mlp_router_weight,
@@ -13894,6 +13988,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         0,
         0,
+        6,
         (
             "model.layers.0.block_sparse_moe.experts.0.w1.weight",
             "model.layers.0.block_sparse_moe.experts.0.w3.weight",
@@ -13909,6 +14004,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         0,
         0,
+        7,
         ("model.layers.0.block_sparse_moe.experts.0.w2.weight",),
         import_decoder_layers_0_mlp_experts_linear_fc2_weight0,
         export_decoder_layers_0_mlp_experts_linear_fc2_weight0,
@@ -13921,6 +14017,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         0,
         1,
+        6,
         (
             "model.layers.0.block_sparse_moe.experts.1.w1.weight",
             "model.layers.0.block_sparse_moe.experts.1.w3.weight",
@@ -13936,6 +14033,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         0,
         1,
+        7,
         ("model.layers.0.block_sparse_moe.experts.1.w2.weight",),
         import_decoder_layers_0_mlp_experts_linear_fc2_weight1,
         export_decoder_layers_0_mlp_experts_linear_fc2_weight1,
@@ -13948,6 +14046,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         0,
         2,
+        6,
         (
             "model.layers.0.block_sparse_moe.experts.2.w1.weight",
             "model.layers.0.block_sparse_moe.experts.2.w3.weight",
@@ -13963,6 +14062,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         0,
         2,
+        7,
         ("model.layers.0.block_sparse_moe.experts.2.w2.weight",),
         import_decoder_layers_0_mlp_experts_linear_fc2_weight2,
         export_decoder_layers_0_mlp_experts_linear_fc2_weight2,
@@ -13975,6 +14075,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         0,
         3,
+        6,
         (
             "model.layers.0.block_sparse_moe.experts.3.w1.weight",
             "model.layers.0.block_sparse_moe.experts.3.w3.weight",
@@ -13990,6 +14091,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         0,
         3,
+        7,
         ("model.layers.0.block_sparse_moe.experts.3.w2.weight",),
         import_decoder_layers_0_mlp_experts_linear_fc2_weight3,
         export_decoder_layers_0_mlp_experts_linear_fc2_weight3,
@@ -14002,6 +14104,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         0,
         4,
+        6,
         (
             "model.layers.0.block_sparse_moe.experts.4.w1.weight",
             "model.layers.0.block_sparse_moe.experts.4.w3.weight",
@@ -14017,6 +14120,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         0,
         4,
+        7,
         ("model.layers.0.block_sparse_moe.experts.4.w2.weight",),
         import_decoder_layers_0_mlp_experts_linear_fc2_weight4,
         export_decoder_layers_0_mlp_experts_linear_fc2_weight4,
@@ -14029,6 +14133,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         0,
         5,
+        6,
         (
             "model.layers.0.block_sparse_moe.experts.5.w1.weight",
             "model.layers.0.block_sparse_moe.experts.5.w3.weight",
@@ -14044,6 +14149,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         0,
         5,
+        7,
         ("model.layers.0.block_sparse_moe.experts.5.w2.weight",),
         import_decoder_layers_0_mlp_experts_linear_fc2_weight5,
         export_decoder_layers_0_mlp_experts_linear_fc2_weight5,
@@ -14055,6 +14161,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         0,
         True,
         0,
+        6,
         6,
         (
             "model.layers.0.block_sparse_moe.experts.6.w1.weight",
@@ -14071,6 +14178,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         0,
         6,
+        7,
         ("model.layers.0.block_sparse_moe.experts.6.w2.weight",),
         import_decoder_layers_0_mlp_experts_linear_fc2_weight6,
         export_decoder_layers_0_mlp_experts_linear_fc2_weight6,
@@ -14083,6 +14191,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         0,
         7,
+        6,
         (
             "model.layers.0.block_sparse_moe.experts.7.w1.weight",
             "model.layers.0.block_sparse_moe.experts.7.w3.weight",
@@ -14098,6 +14207,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         0,
         7,
+        7,
         ("model.layers.0.block_sparse_moe.experts.7.w2.weight",),
         import_decoder_layers_0_mlp_experts_linear_fc2_weight7,
         export_decoder_layers_0_mlp_experts_linear_fc2_weight7,
@@ -14110,6 +14220,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         1,
         None,
+        1,
         ("model.layers.1.input_layernorm.weight",),
         import_decoder_layers_1_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_1_self_attention_linear_qkv_layer_norm_weight,
@@ -14122,6 +14233,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         1,
         None,
+        2,
         ("model.layers.1.self_attn.o_proj.weight",),
         import_decoder_layers_1_self_attention_linear_proj_weight,
         export_decoder_layers_1_self_attention_linear_proj_weight,
@@ -14134,6 +14246,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         1,
         None,
+        3,
         (
             "model.layers.1.self_attn.q_proj.weight",
             "model.layers.1.self_attn.k_proj.weight",
@@ -14150,6 +14263,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         1,
         None,
+        4,
         ("model.layers.1.post_attention_layernorm.weight",),
         import_decoder_layers_1_pre_mlp_layernorm_weight,
         export_decoder_layers_1_pre_mlp_layernorm_weight,
@@ -14162,6 +14276,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         1,
         None,
+        5,
         ("model.layers.1.block_sparse_moe.gate.weight",),
         import_decoder_layers_1_mlp_router_weight,
         export_decoder_layers_1_mlp_router_weight,
@@ -14174,6 +14289,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         1,
         0,
+        6,
         (
             "model.layers.1.block_sparse_moe.experts.0.w1.weight",
             "model.layers.1.block_sparse_moe.experts.0.w3.weight",
@@ -14189,6 +14305,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         1,
         0,
+        7,
         ("model.layers.1.block_sparse_moe.experts.0.w2.weight",),
         import_decoder_layers_1_mlp_experts_linear_fc2_weight0,
         export_decoder_layers_1_mlp_experts_linear_fc2_weight0,
@@ -14201,6 +14318,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         1,
         1,
+        6,
         (
             "model.layers.1.block_sparse_moe.experts.1.w1.weight",
             "model.layers.1.block_sparse_moe.experts.1.w3.weight",
@@ -14216,6 +14334,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         1,
         1,
+        7,
         ("model.layers.1.block_sparse_moe.experts.1.w2.weight",),
         import_decoder_layers_1_mlp_experts_linear_fc2_weight1,
         export_decoder_layers_1_mlp_experts_linear_fc2_weight1,
@@ -14228,6 +14347,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         1,
         2,
+        6,
         (
             "model.layers.1.block_sparse_moe.experts.2.w1.weight",
             "model.layers.1.block_sparse_moe.experts.2.w3.weight",
@@ -14243,6 +14363,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         1,
         2,
+        7,
         ("model.layers.1.block_sparse_moe.experts.2.w2.weight",),
         import_decoder_layers_1_mlp_experts_linear_fc2_weight2,
         export_decoder_layers_1_mlp_experts_linear_fc2_weight2,
@@ -14255,6 +14376,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         1,
         3,
+        6,
         (
             "model.layers.1.block_sparse_moe.experts.3.w1.weight",
             "model.layers.1.block_sparse_moe.experts.3.w3.weight",
@@ -14270,6 +14392,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         1,
         3,
+        7,
         ("model.layers.1.block_sparse_moe.experts.3.w2.weight",),
         import_decoder_layers_1_mlp_experts_linear_fc2_weight3,
         export_decoder_layers_1_mlp_experts_linear_fc2_weight3,
@@ -14282,6 +14405,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         1,
         4,
+        6,
         (
             "model.layers.1.block_sparse_moe.experts.4.w1.weight",
             "model.layers.1.block_sparse_moe.experts.4.w3.weight",
@@ -14297,6 +14421,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         1,
         4,
+        7,
         ("model.layers.1.block_sparse_moe.experts.4.w2.weight",),
         import_decoder_layers_1_mlp_experts_linear_fc2_weight4,
         export_decoder_layers_1_mlp_experts_linear_fc2_weight4,
@@ -14309,6 +14434,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         1,
         5,
+        6,
         (
             "model.layers.1.block_sparse_moe.experts.5.w1.weight",
             "model.layers.1.block_sparse_moe.experts.5.w3.weight",
@@ -14324,6 +14450,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         1,
         5,
+        7,
         ("model.layers.1.block_sparse_moe.experts.5.w2.weight",),
         import_decoder_layers_1_mlp_experts_linear_fc2_weight5,
         export_decoder_layers_1_mlp_experts_linear_fc2_weight5,
@@ -14335,6 +14462,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         0,
         True,
         1,
+        6,
         6,
         (
             "model.layers.1.block_sparse_moe.experts.6.w1.weight",
@@ -14351,6 +14479,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         1,
         6,
+        7,
         ("model.layers.1.block_sparse_moe.experts.6.w2.weight",),
         import_decoder_layers_1_mlp_experts_linear_fc2_weight6,
         export_decoder_layers_1_mlp_experts_linear_fc2_weight6,
@@ -14363,6 +14492,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         1,
         7,
+        6,
         (
             "model.layers.1.block_sparse_moe.experts.7.w1.weight",
             "model.layers.1.block_sparse_moe.experts.7.w3.weight",
@@ -14378,6 +14508,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         1,
         7,
+        7,
         ("model.layers.1.block_sparse_moe.experts.7.w2.weight",),
         import_decoder_layers_1_mlp_experts_linear_fc2_weight7,
         export_decoder_layers_1_mlp_experts_linear_fc2_weight7,
@@ -14390,6 +14521,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         2,
         None,
+        1,
         ("model.layers.2.input_layernorm.weight",),
         import_decoder_layers_2_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_2_self_attention_linear_qkv_layer_norm_weight,
@@ -14402,6 +14534,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         2,
         None,
+        2,
         ("model.layers.2.self_attn.o_proj.weight",),
         import_decoder_layers_2_self_attention_linear_proj_weight,
         export_decoder_layers_2_self_attention_linear_proj_weight,
@@ -14414,6 +14547,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         2,
         None,
+        3,
         (
             "model.layers.2.self_attn.q_proj.weight",
             "model.layers.2.self_attn.k_proj.weight",
@@ -14430,6 +14564,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         2,
         None,
+        4,
         ("model.layers.2.post_attention_layernorm.weight",),
         import_decoder_layers_2_pre_mlp_layernorm_weight,
         export_decoder_layers_2_pre_mlp_layernorm_weight,
@@ -14442,6 +14577,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         2,
         None,
+        5,
         ("model.layers.2.block_sparse_moe.gate.weight",),
         import_decoder_layers_2_mlp_router_weight,
         export_decoder_layers_2_mlp_router_weight,
@@ -14454,6 +14590,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         2,
         0,
+        6,
         (
             "model.layers.2.block_sparse_moe.experts.0.w1.weight",
             "model.layers.2.block_sparse_moe.experts.0.w3.weight",
@@ -14469,6 +14606,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         2,
         0,
+        7,
         ("model.layers.2.block_sparse_moe.experts.0.w2.weight",),
         import_decoder_layers_2_mlp_experts_linear_fc2_weight0,
         export_decoder_layers_2_mlp_experts_linear_fc2_weight0,
@@ -14481,6 +14619,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         2,
         1,
+        6,
         (
             "model.layers.2.block_sparse_moe.experts.1.w1.weight",
             "model.layers.2.block_sparse_moe.experts.1.w3.weight",
@@ -14496,6 +14635,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         2,
         1,
+        7,
         ("model.layers.2.block_sparse_moe.experts.1.w2.weight",),
         import_decoder_layers_2_mlp_experts_linear_fc2_weight1,
         export_decoder_layers_2_mlp_experts_linear_fc2_weight1,
@@ -14508,6 +14648,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         2,
         2,
+        6,
         (
             "model.layers.2.block_sparse_moe.experts.2.w1.weight",
             "model.layers.2.block_sparse_moe.experts.2.w3.weight",
@@ -14523,6 +14664,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         2,
         2,
+        7,
         ("model.layers.2.block_sparse_moe.experts.2.w2.weight",),
         import_decoder_layers_2_mlp_experts_linear_fc2_weight2,
         export_decoder_layers_2_mlp_experts_linear_fc2_weight2,
@@ -14535,6 +14677,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         2,
         3,
+        6,
         (
             "model.layers.2.block_sparse_moe.experts.3.w1.weight",
             "model.layers.2.block_sparse_moe.experts.3.w3.weight",
@@ -14550,6 +14693,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         2,
         3,
+        7,
         ("model.layers.2.block_sparse_moe.experts.3.w2.weight",),
         import_decoder_layers_2_mlp_experts_linear_fc2_weight3,
         export_decoder_layers_2_mlp_experts_linear_fc2_weight3,
@@ -14562,6 +14706,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         2,
         4,
+        6,
         (
             "model.layers.2.block_sparse_moe.experts.4.w1.weight",
             "model.layers.2.block_sparse_moe.experts.4.w3.weight",
@@ -14577,6 +14722,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         2,
         4,
+        7,
         ("model.layers.2.block_sparse_moe.experts.4.w2.weight",),
         import_decoder_layers_2_mlp_experts_linear_fc2_weight4,
         export_decoder_layers_2_mlp_experts_linear_fc2_weight4,
@@ -14589,6 +14735,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         2,
         5,
+        6,
         (
             "model.layers.2.block_sparse_moe.experts.5.w1.weight",
             "model.layers.2.block_sparse_moe.experts.5.w3.weight",
@@ -14604,6 +14751,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         2,
         5,
+        7,
         ("model.layers.2.block_sparse_moe.experts.5.w2.weight",),
         import_decoder_layers_2_mlp_experts_linear_fc2_weight5,
         export_decoder_layers_2_mlp_experts_linear_fc2_weight5,
@@ -14615,6 +14763,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         0,
         True,
         2,
+        6,
         6,
         (
             "model.layers.2.block_sparse_moe.experts.6.w1.weight",
@@ -14631,6 +14780,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         2,
         6,
+        7,
         ("model.layers.2.block_sparse_moe.experts.6.w2.weight",),
         import_decoder_layers_2_mlp_experts_linear_fc2_weight6,
         export_decoder_layers_2_mlp_experts_linear_fc2_weight6,
@@ -14643,6 +14793,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         2,
         7,
+        6,
         (
             "model.layers.2.block_sparse_moe.experts.7.w1.weight",
             "model.layers.2.block_sparse_moe.experts.7.w3.weight",
@@ -14658,6 +14809,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         2,
         7,
+        7,
         ("model.layers.2.block_sparse_moe.experts.7.w2.weight",),
         import_decoder_layers_2_mlp_experts_linear_fc2_weight7,
         export_decoder_layers_2_mlp_experts_linear_fc2_weight7,
@@ -14670,6 +14822,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         3,
         None,
+        1,
         ("model.layers.3.input_layernorm.weight",),
         import_decoder_layers_3_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_3_self_attention_linear_qkv_layer_norm_weight,
@@ -14682,6 +14835,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         3,
         None,
+        2,
         ("model.layers.3.self_attn.o_proj.weight",),
         import_decoder_layers_3_self_attention_linear_proj_weight,
         export_decoder_layers_3_self_attention_linear_proj_weight,
@@ -14694,6 +14848,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         3,
         None,
+        3,
         (
             "model.layers.3.self_attn.q_proj.weight",
             "model.layers.3.self_attn.k_proj.weight",
@@ -14710,6 +14865,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         3,
         None,
+        4,
         ("model.layers.3.post_attention_layernorm.weight",),
         import_decoder_layers_3_pre_mlp_layernorm_weight,
         export_decoder_layers_3_pre_mlp_layernorm_weight,
@@ -14722,6 +14878,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         3,
         None,
+        5,
         ("model.layers.3.block_sparse_moe.gate.weight",),
         import_decoder_layers_3_mlp_router_weight,
         export_decoder_layers_3_mlp_router_weight,
@@ -14734,6 +14891,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         3,
         0,
+        6,
         (
             "model.layers.3.block_sparse_moe.experts.0.w1.weight",
             "model.layers.3.block_sparse_moe.experts.0.w3.weight",
@@ -14749,6 +14907,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         3,
         0,
+        7,
         ("model.layers.3.block_sparse_moe.experts.0.w2.weight",),
         import_decoder_layers_3_mlp_experts_linear_fc2_weight0,
         export_decoder_layers_3_mlp_experts_linear_fc2_weight0,
@@ -14761,6 +14920,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         3,
         1,
+        6,
         (
             "model.layers.3.block_sparse_moe.experts.1.w1.weight",
             "model.layers.3.block_sparse_moe.experts.1.w3.weight",
@@ -14776,6 +14936,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         3,
         1,
+        7,
         ("model.layers.3.block_sparse_moe.experts.1.w2.weight",),
         import_decoder_layers_3_mlp_experts_linear_fc2_weight1,
         export_decoder_layers_3_mlp_experts_linear_fc2_weight1,
@@ -14788,6 +14949,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         3,
         2,
+        6,
         (
             "model.layers.3.block_sparse_moe.experts.2.w1.weight",
             "model.layers.3.block_sparse_moe.experts.2.w3.weight",
@@ -14803,6 +14965,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         3,
         2,
+        7,
         ("model.layers.3.block_sparse_moe.experts.2.w2.weight",),
         import_decoder_layers_3_mlp_experts_linear_fc2_weight2,
         export_decoder_layers_3_mlp_experts_linear_fc2_weight2,
@@ -14815,6 +14978,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         3,
         3,
+        6,
         (
             "model.layers.3.block_sparse_moe.experts.3.w1.weight",
             "model.layers.3.block_sparse_moe.experts.3.w3.weight",
@@ -14830,6 +14994,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         3,
         3,
+        7,
         ("model.layers.3.block_sparse_moe.experts.3.w2.weight",),
         import_decoder_layers_3_mlp_experts_linear_fc2_weight3,
         export_decoder_layers_3_mlp_experts_linear_fc2_weight3,
@@ -14842,6 +15007,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         3,
         4,
+        6,
         (
             "model.layers.3.block_sparse_moe.experts.4.w1.weight",
             "model.layers.3.block_sparse_moe.experts.4.w3.weight",
@@ -14857,6 +15023,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         3,
         4,
+        7,
         ("model.layers.3.block_sparse_moe.experts.4.w2.weight",),
         import_decoder_layers_3_mlp_experts_linear_fc2_weight4,
         export_decoder_layers_3_mlp_experts_linear_fc2_weight4,
@@ -14869,6 +15036,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         3,
         5,
+        6,
         (
             "model.layers.3.block_sparse_moe.experts.5.w1.weight",
             "model.layers.3.block_sparse_moe.experts.5.w3.weight",
@@ -14884,6 +15052,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         3,
         5,
+        7,
         ("model.layers.3.block_sparse_moe.experts.5.w2.weight",),
         import_decoder_layers_3_mlp_experts_linear_fc2_weight5,
         export_decoder_layers_3_mlp_experts_linear_fc2_weight5,
@@ -14895,6 +15064,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         0,
         True,
         3,
+        6,
         6,
         (
             "model.layers.3.block_sparse_moe.experts.6.w1.weight",
@@ -14911,6 +15081,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         3,
         6,
+        7,
         ("model.layers.3.block_sparse_moe.experts.6.w2.weight",),
         import_decoder_layers_3_mlp_experts_linear_fc2_weight6,
         export_decoder_layers_3_mlp_experts_linear_fc2_weight6,
@@ -14923,6 +15094,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         3,
         7,
+        6,
         (
             "model.layers.3.block_sparse_moe.experts.7.w1.weight",
             "model.layers.3.block_sparse_moe.experts.7.w3.weight",
@@ -14938,6 +15110,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         3,
         7,
+        7,
         ("model.layers.3.block_sparse_moe.experts.7.w2.weight",),
         import_decoder_layers_3_mlp_experts_linear_fc2_weight7,
         export_decoder_layers_3_mlp_experts_linear_fc2_weight7,
@@ -14950,6 +15123,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         4,
         None,
+        1,
         ("model.layers.4.input_layernorm.weight",),
         import_decoder_layers_4_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_4_self_attention_linear_qkv_layer_norm_weight,
@@ -14962,6 +15136,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         4,
         None,
+        2,
         ("model.layers.4.self_attn.o_proj.weight",),
         import_decoder_layers_4_self_attention_linear_proj_weight,
         export_decoder_layers_4_self_attention_linear_proj_weight,
@@ -14974,6 +15149,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         4,
         None,
+        3,
         (
             "model.layers.4.self_attn.q_proj.weight",
             "model.layers.4.self_attn.k_proj.weight",
@@ -14990,6 +15166,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         4,
         None,
+        4,
         ("model.layers.4.post_attention_layernorm.weight",),
         import_decoder_layers_4_pre_mlp_layernorm_weight,
         export_decoder_layers_4_pre_mlp_layernorm_weight,
@@ -15002,6 +15179,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         4,
         None,
+        5,
         ("model.layers.4.block_sparse_moe.gate.weight",),
         import_decoder_layers_4_mlp_router_weight,
         export_decoder_layers_4_mlp_router_weight,
@@ -15014,6 +15192,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         4,
         0,
+        6,
         (
             "model.layers.4.block_sparse_moe.experts.0.w1.weight",
             "model.layers.4.block_sparse_moe.experts.0.w3.weight",
@@ -15029,6 +15208,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         4,
         0,
+        7,
         ("model.layers.4.block_sparse_moe.experts.0.w2.weight",),
         import_decoder_layers_4_mlp_experts_linear_fc2_weight0,
         export_decoder_layers_4_mlp_experts_linear_fc2_weight0,
@@ -15041,6 +15221,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         4,
         1,
+        6,
         (
             "model.layers.4.block_sparse_moe.experts.1.w1.weight",
             "model.layers.4.block_sparse_moe.experts.1.w3.weight",
@@ -15056,6 +15237,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         4,
         1,
+        7,
         ("model.layers.4.block_sparse_moe.experts.1.w2.weight",),
         import_decoder_layers_4_mlp_experts_linear_fc2_weight1,
         export_decoder_layers_4_mlp_experts_linear_fc2_weight1,
@@ -15068,6 +15250,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         4,
         2,
+        6,
         (
             "model.layers.4.block_sparse_moe.experts.2.w1.weight",
             "model.layers.4.block_sparse_moe.experts.2.w3.weight",
@@ -15083,6 +15266,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         4,
         2,
+        7,
         ("model.layers.4.block_sparse_moe.experts.2.w2.weight",),
         import_decoder_layers_4_mlp_experts_linear_fc2_weight2,
         export_decoder_layers_4_mlp_experts_linear_fc2_weight2,
@@ -15095,6 +15279,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         4,
         3,
+        6,
         (
             "model.layers.4.block_sparse_moe.experts.3.w1.weight",
             "model.layers.4.block_sparse_moe.experts.3.w3.weight",
@@ -15110,6 +15295,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         4,
         3,
+        7,
         ("model.layers.4.block_sparse_moe.experts.3.w2.weight",),
         import_decoder_layers_4_mlp_experts_linear_fc2_weight3,
         export_decoder_layers_4_mlp_experts_linear_fc2_weight3,
@@ -15122,6 +15308,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         4,
         4,
+        6,
         (
             "model.layers.4.block_sparse_moe.experts.4.w1.weight",
             "model.layers.4.block_sparse_moe.experts.4.w3.weight",
@@ -15137,6 +15324,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         4,
         4,
+        7,
         ("model.layers.4.block_sparse_moe.experts.4.w2.weight",),
         import_decoder_layers_4_mlp_experts_linear_fc2_weight4,
         export_decoder_layers_4_mlp_experts_linear_fc2_weight4,
@@ -15149,6 +15337,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         4,
         5,
+        6,
         (
             "model.layers.4.block_sparse_moe.experts.5.w1.weight",
             "model.layers.4.block_sparse_moe.experts.5.w3.weight",
@@ -15164,6 +15353,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         4,
         5,
+        7,
         ("model.layers.4.block_sparse_moe.experts.5.w2.weight",),
         import_decoder_layers_4_mlp_experts_linear_fc2_weight5,
         export_decoder_layers_4_mlp_experts_linear_fc2_weight5,
@@ -15175,6 +15365,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         0,
         True,
         4,
+        6,
         6,
         (
             "model.layers.4.block_sparse_moe.experts.6.w1.weight",
@@ -15191,6 +15382,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         4,
         6,
+        7,
         ("model.layers.4.block_sparse_moe.experts.6.w2.weight",),
         import_decoder_layers_4_mlp_experts_linear_fc2_weight6,
         export_decoder_layers_4_mlp_experts_linear_fc2_weight6,
@@ -15203,6 +15395,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         4,
         7,
+        6,
         (
             "model.layers.4.block_sparse_moe.experts.7.w1.weight",
             "model.layers.4.block_sparse_moe.experts.7.w3.weight",
@@ -15218,6 +15411,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         4,
         7,
+        7,
         ("model.layers.4.block_sparse_moe.experts.7.w2.weight",),
         import_decoder_layers_4_mlp_experts_linear_fc2_weight7,
         export_decoder_layers_4_mlp_experts_linear_fc2_weight7,
@@ -15230,6 +15424,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         5,
         None,
+        1,
         ("model.layers.5.input_layernorm.weight",),
         import_decoder_layers_5_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_5_self_attention_linear_qkv_layer_norm_weight,
@@ -15242,6 +15437,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         5,
         None,
+        2,
         ("model.layers.5.self_attn.o_proj.weight",),
         import_decoder_layers_5_self_attention_linear_proj_weight,
         export_decoder_layers_5_self_attention_linear_proj_weight,
@@ -15254,6 +15450,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         5,
         None,
+        3,
         (
             "model.layers.5.self_attn.q_proj.weight",
             "model.layers.5.self_attn.k_proj.weight",
@@ -15270,6 +15467,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         5,
         None,
+        4,
         ("model.layers.5.post_attention_layernorm.weight",),
         import_decoder_layers_5_pre_mlp_layernorm_weight,
         export_decoder_layers_5_pre_mlp_layernorm_weight,
@@ -15282,6 +15480,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         5,
         None,
+        5,
         ("model.layers.5.block_sparse_moe.gate.weight",),
         import_decoder_layers_5_mlp_router_weight,
         export_decoder_layers_5_mlp_router_weight,
@@ -15294,6 +15493,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         5,
         0,
+        6,
         (
             "model.layers.5.block_sparse_moe.experts.0.w1.weight",
             "model.layers.5.block_sparse_moe.experts.0.w3.weight",
@@ -15309,6 +15509,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         5,
         0,
+        7,
         ("model.layers.5.block_sparse_moe.experts.0.w2.weight",),
         import_decoder_layers_5_mlp_experts_linear_fc2_weight0,
         export_decoder_layers_5_mlp_experts_linear_fc2_weight0,
@@ -15321,6 +15522,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         5,
         1,
+        6,
         (
             "model.layers.5.block_sparse_moe.experts.1.w1.weight",
             "model.layers.5.block_sparse_moe.experts.1.w3.weight",
@@ -15336,6 +15538,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         5,
         1,
+        7,
         ("model.layers.5.block_sparse_moe.experts.1.w2.weight",),
         import_decoder_layers_5_mlp_experts_linear_fc2_weight1,
         export_decoder_layers_5_mlp_experts_linear_fc2_weight1,
@@ -15348,6 +15551,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         5,
         2,
+        6,
         (
             "model.layers.5.block_sparse_moe.experts.2.w1.weight",
             "model.layers.5.block_sparse_moe.experts.2.w3.weight",
@@ -15363,6 +15567,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         5,
         2,
+        7,
         ("model.layers.5.block_sparse_moe.experts.2.w2.weight",),
         import_decoder_layers_5_mlp_experts_linear_fc2_weight2,
         export_decoder_layers_5_mlp_experts_linear_fc2_weight2,
@@ -15375,6 +15580,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         5,
         3,
+        6,
         (
             "model.layers.5.block_sparse_moe.experts.3.w1.weight",
             "model.layers.5.block_sparse_moe.experts.3.w3.weight",
@@ -15390,6 +15596,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         5,
         3,
+        7,
         ("model.layers.5.block_sparse_moe.experts.3.w2.weight",),
         import_decoder_layers_5_mlp_experts_linear_fc2_weight3,
         export_decoder_layers_5_mlp_experts_linear_fc2_weight3,
@@ -15402,6 +15609,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         5,
         4,
+        6,
         (
             "model.layers.5.block_sparse_moe.experts.4.w1.weight",
             "model.layers.5.block_sparse_moe.experts.4.w3.weight",
@@ -15417,6 +15625,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         5,
         4,
+        7,
         ("model.layers.5.block_sparse_moe.experts.4.w2.weight",),
         import_decoder_layers_5_mlp_experts_linear_fc2_weight4,
         export_decoder_layers_5_mlp_experts_linear_fc2_weight4,
@@ -15429,6 +15638,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         5,
         5,
+        6,
         (
             "model.layers.5.block_sparse_moe.experts.5.w1.weight",
             "model.layers.5.block_sparse_moe.experts.5.w3.weight",
@@ -15444,6 +15654,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         5,
         5,
+        7,
         ("model.layers.5.block_sparse_moe.experts.5.w2.weight",),
         import_decoder_layers_5_mlp_experts_linear_fc2_weight5,
         export_decoder_layers_5_mlp_experts_linear_fc2_weight5,
@@ -15455,6 +15666,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         0,
         True,
         5,
+        6,
         6,
         (
             "model.layers.5.block_sparse_moe.experts.6.w1.weight",
@@ -15471,6 +15683,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         5,
         6,
+        7,
         ("model.layers.5.block_sparse_moe.experts.6.w2.weight",),
         import_decoder_layers_5_mlp_experts_linear_fc2_weight6,
         export_decoder_layers_5_mlp_experts_linear_fc2_weight6,
@@ -15483,6 +15696,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         5,
         7,
+        6,
         (
             "model.layers.5.block_sparse_moe.experts.7.w1.weight",
             "model.layers.5.block_sparse_moe.experts.7.w3.weight",
@@ -15498,6 +15712,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         5,
         7,
+        7,
         ("model.layers.5.block_sparse_moe.experts.7.w2.weight",),
         import_decoder_layers_5_mlp_experts_linear_fc2_weight7,
         export_decoder_layers_5_mlp_experts_linear_fc2_weight7,
@@ -15510,6 +15725,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         6,
         None,
+        1,
         ("model.layers.6.input_layernorm.weight",),
         import_decoder_layers_6_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_6_self_attention_linear_qkv_layer_norm_weight,
@@ -15522,6 +15738,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         6,
         None,
+        2,
         ("model.layers.6.self_attn.o_proj.weight",),
         import_decoder_layers_6_self_attention_linear_proj_weight,
         export_decoder_layers_6_self_attention_linear_proj_weight,
@@ -15534,6 +15751,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         6,
         None,
+        3,
         (
             "model.layers.6.self_attn.q_proj.weight",
             "model.layers.6.self_attn.k_proj.weight",
@@ -15550,6 +15768,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         6,
         None,
+        4,
         ("model.layers.6.post_attention_layernorm.weight",),
         import_decoder_layers_6_pre_mlp_layernorm_weight,
         export_decoder_layers_6_pre_mlp_layernorm_weight,
@@ -15562,6 +15781,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         6,
         None,
+        5,
         ("model.layers.6.block_sparse_moe.gate.weight",),
         import_decoder_layers_6_mlp_router_weight,
         export_decoder_layers_6_mlp_router_weight,
@@ -15574,6 +15794,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         6,
         0,
+        6,
         (
             "model.layers.6.block_sparse_moe.experts.0.w1.weight",
             "model.layers.6.block_sparse_moe.experts.0.w3.weight",
@@ -15589,6 +15810,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         6,
         0,
+        7,
         ("model.layers.6.block_sparse_moe.experts.0.w2.weight",),
         import_decoder_layers_6_mlp_experts_linear_fc2_weight0,
         export_decoder_layers_6_mlp_experts_linear_fc2_weight0,
@@ -15601,6 +15823,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         6,
         1,
+        6,
         (
             "model.layers.6.block_sparse_moe.experts.1.w1.weight",
             "model.layers.6.block_sparse_moe.experts.1.w3.weight",
@@ -15616,6 +15839,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         6,
         1,
+        7,
         ("model.layers.6.block_sparse_moe.experts.1.w2.weight",),
         import_decoder_layers_6_mlp_experts_linear_fc2_weight1,
         export_decoder_layers_6_mlp_experts_linear_fc2_weight1,
@@ -15628,6 +15852,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         6,
         2,
+        6,
         (
             "model.layers.6.block_sparse_moe.experts.2.w1.weight",
             "model.layers.6.block_sparse_moe.experts.2.w3.weight",
@@ -15643,6 +15868,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         6,
         2,
+        7,
         ("model.layers.6.block_sparse_moe.experts.2.w2.weight",),
         import_decoder_layers_6_mlp_experts_linear_fc2_weight2,
         export_decoder_layers_6_mlp_experts_linear_fc2_weight2,
@@ -15655,6 +15881,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         6,
         3,
+        6,
         (
             "model.layers.6.block_sparse_moe.experts.3.w1.weight",
             "model.layers.6.block_sparse_moe.experts.3.w3.weight",
@@ -15670,6 +15897,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         6,
         3,
+        7,
         ("model.layers.6.block_sparse_moe.experts.3.w2.weight",),
         import_decoder_layers_6_mlp_experts_linear_fc2_weight3,
         export_decoder_layers_6_mlp_experts_linear_fc2_weight3,
@@ -15682,6 +15910,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         6,
         4,
+        6,
         (
             "model.layers.6.block_sparse_moe.experts.4.w1.weight",
             "model.layers.6.block_sparse_moe.experts.4.w3.weight",
@@ -15697,6 +15926,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         6,
         4,
+        7,
         ("model.layers.6.block_sparse_moe.experts.4.w2.weight",),
         import_decoder_layers_6_mlp_experts_linear_fc2_weight4,
         export_decoder_layers_6_mlp_experts_linear_fc2_weight4,
@@ -15709,6 +15939,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         6,
         5,
+        6,
         (
             "model.layers.6.block_sparse_moe.experts.5.w1.weight",
             "model.layers.6.block_sparse_moe.experts.5.w3.weight",
@@ -15724,6 +15955,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         6,
         5,
+        7,
         ("model.layers.6.block_sparse_moe.experts.5.w2.weight",),
         import_decoder_layers_6_mlp_experts_linear_fc2_weight5,
         export_decoder_layers_6_mlp_experts_linear_fc2_weight5,
@@ -15734,6 +15966,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         "bfloat16",
         0,
         True,
+        6,
         6,
         6,
         (
@@ -15751,6 +15984,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         6,
         6,
+        7,
         ("model.layers.6.block_sparse_moe.experts.6.w2.weight",),
         import_decoder_layers_6_mlp_experts_linear_fc2_weight6,
         export_decoder_layers_6_mlp_experts_linear_fc2_weight6,
@@ -15763,6 +15997,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         6,
         7,
+        6,
         (
             "model.layers.6.block_sparse_moe.experts.7.w1.weight",
             "model.layers.6.block_sparse_moe.experts.7.w3.weight",
@@ -15778,6 +16013,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         6,
         7,
+        7,
         ("model.layers.6.block_sparse_moe.experts.7.w2.weight",),
         import_decoder_layers_6_mlp_experts_linear_fc2_weight7,
         export_decoder_layers_6_mlp_experts_linear_fc2_weight7,
@@ -15790,6 +16026,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         7,
         None,
+        1,
         ("model.layers.7.input_layernorm.weight",),
         import_decoder_layers_7_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_7_self_attention_linear_qkv_layer_norm_weight,
@@ -15802,6 +16039,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         7,
         None,
+        2,
         ("model.layers.7.self_attn.o_proj.weight",),
         import_decoder_layers_7_self_attention_linear_proj_weight,
         export_decoder_layers_7_self_attention_linear_proj_weight,
@@ -15814,6 +16052,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         7,
         None,
+        3,
         (
             "model.layers.7.self_attn.q_proj.weight",
             "model.layers.7.self_attn.k_proj.weight",
@@ -15830,6 +16069,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         7,
         None,
+        4,
         ("model.layers.7.post_attention_layernorm.weight",),
         import_decoder_layers_7_pre_mlp_layernorm_weight,
         export_decoder_layers_7_pre_mlp_layernorm_weight,
@@ -15842,6 +16082,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         7,
         None,
+        5,
         ("model.layers.7.block_sparse_moe.gate.weight",),
         import_decoder_layers_7_mlp_router_weight,
         export_decoder_layers_7_mlp_router_weight,
@@ -15854,6 +16095,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         7,
         0,
+        6,
         (
             "model.layers.7.block_sparse_moe.experts.0.w1.weight",
             "model.layers.7.block_sparse_moe.experts.0.w3.weight",
@@ -15869,6 +16111,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         7,
         0,
+        7,
         ("model.layers.7.block_sparse_moe.experts.0.w2.weight",),
         import_decoder_layers_7_mlp_experts_linear_fc2_weight0,
         export_decoder_layers_7_mlp_experts_linear_fc2_weight0,
@@ -15881,6 +16124,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         7,
         1,
+        6,
         (
             "model.layers.7.block_sparse_moe.experts.1.w1.weight",
             "model.layers.7.block_sparse_moe.experts.1.w3.weight",
@@ -15896,6 +16140,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         7,
         1,
+        7,
         ("model.layers.7.block_sparse_moe.experts.1.w2.weight",),
         import_decoder_layers_7_mlp_experts_linear_fc2_weight1,
         export_decoder_layers_7_mlp_experts_linear_fc2_weight1,
@@ -15908,6 +16153,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         7,
         2,
+        6,
         (
             "model.layers.7.block_sparse_moe.experts.2.w1.weight",
             "model.layers.7.block_sparse_moe.experts.2.w3.weight",
@@ -15923,6 +16169,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         7,
         2,
+        7,
         ("model.layers.7.block_sparse_moe.experts.2.w2.weight",),
         import_decoder_layers_7_mlp_experts_linear_fc2_weight2,
         export_decoder_layers_7_mlp_experts_linear_fc2_weight2,
@@ -15935,6 +16182,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         7,
         3,
+        6,
         (
             "model.layers.7.block_sparse_moe.experts.3.w1.weight",
             "model.layers.7.block_sparse_moe.experts.3.w3.weight",
@@ -15950,6 +16198,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         7,
         3,
+        7,
         ("model.layers.7.block_sparse_moe.experts.3.w2.weight",),
         import_decoder_layers_7_mlp_experts_linear_fc2_weight3,
         export_decoder_layers_7_mlp_experts_linear_fc2_weight3,
@@ -15962,6 +16211,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         7,
         4,
+        6,
         (
             "model.layers.7.block_sparse_moe.experts.4.w1.weight",
             "model.layers.7.block_sparse_moe.experts.4.w3.weight",
@@ -15977,6 +16227,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         7,
         4,
+        7,
         ("model.layers.7.block_sparse_moe.experts.4.w2.weight",),
         import_decoder_layers_7_mlp_experts_linear_fc2_weight4,
         export_decoder_layers_7_mlp_experts_linear_fc2_weight4,
@@ -15989,6 +16240,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         7,
         5,
+        6,
         (
             "model.layers.7.block_sparse_moe.experts.5.w1.weight",
             "model.layers.7.block_sparse_moe.experts.5.w3.weight",
@@ -16004,6 +16256,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         7,
         5,
+        7,
         ("model.layers.7.block_sparse_moe.experts.5.w2.weight",),
         import_decoder_layers_7_mlp_experts_linear_fc2_weight5,
         export_decoder_layers_7_mlp_experts_linear_fc2_weight5,
@@ -16015,6 +16268,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         0,
         True,
         7,
+        6,
         6,
         (
             "model.layers.7.block_sparse_moe.experts.6.w1.weight",
@@ -16031,6 +16285,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         7,
         6,
+        7,
         ("model.layers.7.block_sparse_moe.experts.6.w2.weight",),
         import_decoder_layers_7_mlp_experts_linear_fc2_weight6,
         export_decoder_layers_7_mlp_experts_linear_fc2_weight6,
@@ -16043,6 +16298,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         7,
         7,
+        6,
         (
             "model.layers.7.block_sparse_moe.experts.7.w1.weight",
             "model.layers.7.block_sparse_moe.experts.7.w3.weight",
@@ -16058,6 +16314,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         7,
         7,
+        7,
         ("model.layers.7.block_sparse_moe.experts.7.w2.weight",),
         import_decoder_layers_7_mlp_experts_linear_fc2_weight7,
         export_decoder_layers_7_mlp_experts_linear_fc2_weight7,
@@ -16070,6 +16327,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         8,
         None,
+        1,
         ("model.layers.8.input_layernorm.weight",),
         import_decoder_layers_8_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_8_self_attention_linear_qkv_layer_norm_weight,
@@ -16082,6 +16340,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         8,
         None,
+        2,
         ("model.layers.8.self_attn.o_proj.weight",),
         import_decoder_layers_8_self_attention_linear_proj_weight,
         export_decoder_layers_8_self_attention_linear_proj_weight,
@@ -16094,6 +16353,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         8,
         None,
+        3,
         (
             "model.layers.8.self_attn.q_proj.weight",
             "model.layers.8.self_attn.k_proj.weight",
@@ -16110,6 +16370,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         8,
         None,
+        4,
         ("model.layers.8.post_attention_layernorm.weight",),
         import_decoder_layers_8_pre_mlp_layernorm_weight,
         export_decoder_layers_8_pre_mlp_layernorm_weight,
@@ -16122,6 +16383,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         8,
         None,
+        5,
         ("model.layers.8.block_sparse_moe.gate.weight",),
         import_decoder_layers_8_mlp_router_weight,
         export_decoder_layers_8_mlp_router_weight,
@@ -16134,6 +16396,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         8,
         0,
+        6,
         (
             "model.layers.8.block_sparse_moe.experts.0.w1.weight",
             "model.layers.8.block_sparse_moe.experts.0.w3.weight",
@@ -16149,6 +16412,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         8,
         0,
+        7,
         ("model.layers.8.block_sparse_moe.experts.0.w2.weight",),
         import_decoder_layers_8_mlp_experts_linear_fc2_weight0,
         export_decoder_layers_8_mlp_experts_linear_fc2_weight0,
@@ -16161,6 +16425,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         8,
         1,
+        6,
         (
             "model.layers.8.block_sparse_moe.experts.1.w1.weight",
             "model.layers.8.block_sparse_moe.experts.1.w3.weight",
@@ -16176,6 +16441,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         8,
         1,
+        7,
         ("model.layers.8.block_sparse_moe.experts.1.w2.weight",),
         import_decoder_layers_8_mlp_experts_linear_fc2_weight1,
         export_decoder_layers_8_mlp_experts_linear_fc2_weight1,
@@ -16188,6 +16454,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         8,
         2,
+        6,
         (
             "model.layers.8.block_sparse_moe.experts.2.w1.weight",
             "model.layers.8.block_sparse_moe.experts.2.w3.weight",
@@ -16203,6 +16470,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         8,
         2,
+        7,
         ("model.layers.8.block_sparse_moe.experts.2.w2.weight",),
         import_decoder_layers_8_mlp_experts_linear_fc2_weight2,
         export_decoder_layers_8_mlp_experts_linear_fc2_weight2,
@@ -16215,6 +16483,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         8,
         3,
+        6,
         (
             "model.layers.8.block_sparse_moe.experts.3.w1.weight",
             "model.layers.8.block_sparse_moe.experts.3.w3.weight",
@@ -16230,6 +16499,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         8,
         3,
+        7,
         ("model.layers.8.block_sparse_moe.experts.3.w2.weight",),
         import_decoder_layers_8_mlp_experts_linear_fc2_weight3,
         export_decoder_layers_8_mlp_experts_linear_fc2_weight3,
@@ -16242,6 +16512,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         8,
         4,
+        6,
         (
             "model.layers.8.block_sparse_moe.experts.4.w1.weight",
             "model.layers.8.block_sparse_moe.experts.4.w3.weight",
@@ -16257,6 +16528,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         8,
         4,
+        7,
         ("model.layers.8.block_sparse_moe.experts.4.w2.weight",),
         import_decoder_layers_8_mlp_experts_linear_fc2_weight4,
         export_decoder_layers_8_mlp_experts_linear_fc2_weight4,
@@ -16269,6 +16541,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         8,
         5,
+        6,
         (
             "model.layers.8.block_sparse_moe.experts.5.w1.weight",
             "model.layers.8.block_sparse_moe.experts.5.w3.weight",
@@ -16284,6 +16557,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         8,
         5,
+        7,
         ("model.layers.8.block_sparse_moe.experts.5.w2.weight",),
         import_decoder_layers_8_mlp_experts_linear_fc2_weight5,
         export_decoder_layers_8_mlp_experts_linear_fc2_weight5,
@@ -16295,6 +16569,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         0,
         True,
         8,
+        6,
         6,
         (
             "model.layers.8.block_sparse_moe.experts.6.w1.weight",
@@ -16311,6 +16586,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         8,
         6,
+        7,
         ("model.layers.8.block_sparse_moe.experts.6.w2.weight",),
         import_decoder_layers_8_mlp_experts_linear_fc2_weight6,
         export_decoder_layers_8_mlp_experts_linear_fc2_weight6,
@@ -16323,6 +16599,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         8,
         7,
+        6,
         (
             "model.layers.8.block_sparse_moe.experts.7.w1.weight",
             "model.layers.8.block_sparse_moe.experts.7.w3.weight",
@@ -16338,6 +16615,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         8,
         7,
+        7,
         ("model.layers.8.block_sparse_moe.experts.7.w2.weight",),
         import_decoder_layers_8_mlp_experts_linear_fc2_weight7,
         export_decoder_layers_8_mlp_experts_linear_fc2_weight7,
@@ -16350,6 +16628,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         9,
         None,
+        1,
         ("model.layers.9.input_layernorm.weight",),
         import_decoder_layers_9_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_9_self_attention_linear_qkv_layer_norm_weight,
@@ -16362,6 +16641,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         9,
         None,
+        2,
         ("model.layers.9.self_attn.o_proj.weight",),
         import_decoder_layers_9_self_attention_linear_proj_weight,
         export_decoder_layers_9_self_attention_linear_proj_weight,
@@ -16374,6 +16654,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         9,
         None,
+        3,
         (
             "model.layers.9.self_attn.q_proj.weight",
             "model.layers.9.self_attn.k_proj.weight",
@@ -16390,6 +16671,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         9,
         None,
+        4,
         ("model.layers.9.post_attention_layernorm.weight",),
         import_decoder_layers_9_pre_mlp_layernorm_weight,
         export_decoder_layers_9_pre_mlp_layernorm_weight,
@@ -16402,6 +16684,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         9,
         None,
+        5,
         ("model.layers.9.block_sparse_moe.gate.weight",),
         import_decoder_layers_9_mlp_router_weight,
         export_decoder_layers_9_mlp_router_weight,
@@ -16414,6 +16697,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         9,
         0,
+        6,
         (
             "model.layers.9.block_sparse_moe.experts.0.w1.weight",
             "model.layers.9.block_sparse_moe.experts.0.w3.weight",
@@ -16429,6 +16713,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         9,
         0,
+        7,
         ("model.layers.9.block_sparse_moe.experts.0.w2.weight",),
         import_decoder_layers_9_mlp_experts_linear_fc2_weight0,
         export_decoder_layers_9_mlp_experts_linear_fc2_weight0,
@@ -16441,6 +16726,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         9,
         1,
+        6,
         (
             "model.layers.9.block_sparse_moe.experts.1.w1.weight",
             "model.layers.9.block_sparse_moe.experts.1.w3.weight",
@@ -16456,6 +16742,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         9,
         1,
+        7,
         ("model.layers.9.block_sparse_moe.experts.1.w2.weight",),
         import_decoder_layers_9_mlp_experts_linear_fc2_weight1,
         export_decoder_layers_9_mlp_experts_linear_fc2_weight1,
@@ -16468,6 +16755,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         9,
         2,
+        6,
         (
             "model.layers.9.block_sparse_moe.experts.2.w1.weight",
             "model.layers.9.block_sparse_moe.experts.2.w3.weight",
@@ -16483,6 +16771,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         9,
         2,
+        7,
         ("model.layers.9.block_sparse_moe.experts.2.w2.weight",),
         import_decoder_layers_9_mlp_experts_linear_fc2_weight2,
         export_decoder_layers_9_mlp_experts_linear_fc2_weight2,
@@ -16495,6 +16784,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         9,
         3,
+        6,
         (
             "model.layers.9.block_sparse_moe.experts.3.w1.weight",
             "model.layers.9.block_sparse_moe.experts.3.w3.weight",
@@ -16510,6 +16800,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         9,
         3,
+        7,
         ("model.layers.9.block_sparse_moe.experts.3.w2.weight",),
         import_decoder_layers_9_mlp_experts_linear_fc2_weight3,
         export_decoder_layers_9_mlp_experts_linear_fc2_weight3,
@@ -16522,6 +16813,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         9,
         4,
+        6,
         (
             "model.layers.9.block_sparse_moe.experts.4.w1.weight",
             "model.layers.9.block_sparse_moe.experts.4.w3.weight",
@@ -16537,6 +16829,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         9,
         4,
+        7,
         ("model.layers.9.block_sparse_moe.experts.4.w2.weight",),
         import_decoder_layers_9_mlp_experts_linear_fc2_weight4,
         export_decoder_layers_9_mlp_experts_linear_fc2_weight4,
@@ -16549,6 +16842,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         9,
         5,
+        6,
         (
             "model.layers.9.block_sparse_moe.experts.5.w1.weight",
             "model.layers.9.block_sparse_moe.experts.5.w3.weight",
@@ -16564,6 +16858,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         9,
         5,
+        7,
         ("model.layers.9.block_sparse_moe.experts.5.w2.weight",),
         import_decoder_layers_9_mlp_experts_linear_fc2_weight5,
         export_decoder_layers_9_mlp_experts_linear_fc2_weight5,
@@ -16575,6 +16870,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         0,
         True,
         9,
+        6,
         6,
         (
             "model.layers.9.block_sparse_moe.experts.6.w1.weight",
@@ -16591,6 +16887,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         9,
         6,
+        7,
         ("model.layers.9.block_sparse_moe.experts.6.w2.weight",),
         import_decoder_layers_9_mlp_experts_linear_fc2_weight6,
         export_decoder_layers_9_mlp_experts_linear_fc2_weight6,
@@ -16603,6 +16900,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         9,
         7,
+        6,
         (
             "model.layers.9.block_sparse_moe.experts.7.w1.weight",
             "model.layers.9.block_sparse_moe.experts.7.w3.weight",
@@ -16618,6 +16916,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         9,
         7,
+        7,
         ("model.layers.9.block_sparse_moe.experts.7.w2.weight",),
         import_decoder_layers_9_mlp_experts_linear_fc2_weight7,
         export_decoder_layers_9_mlp_experts_linear_fc2_weight7,
@@ -16630,6 +16929,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         10,
         None,
+        1,
         ("model.layers.10.input_layernorm.weight",),
         import_decoder_layers_10_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_10_self_attention_linear_qkv_layer_norm_weight,
@@ -16642,6 +16942,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         10,
         None,
+        2,
         ("model.layers.10.self_attn.o_proj.weight",),
         import_decoder_layers_10_self_attention_linear_proj_weight,
         export_decoder_layers_10_self_attention_linear_proj_weight,
@@ -16654,6 +16955,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         10,
         None,
+        3,
         (
             "model.layers.10.self_attn.q_proj.weight",
             "model.layers.10.self_attn.k_proj.weight",
@@ -16670,6 +16972,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         10,
         None,
+        4,
         ("model.layers.10.post_attention_layernorm.weight",),
         import_decoder_layers_10_pre_mlp_layernorm_weight,
         export_decoder_layers_10_pre_mlp_layernorm_weight,
@@ -16682,6 +16985,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         10,
         None,
+        5,
         ("model.layers.10.block_sparse_moe.gate.weight",),
         import_decoder_layers_10_mlp_router_weight,
         export_decoder_layers_10_mlp_router_weight,
@@ -16694,6 +16998,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         10,
         0,
+        6,
         (
             "model.layers.10.block_sparse_moe.experts.0.w1.weight",
             "model.layers.10.block_sparse_moe.experts.0.w3.weight",
@@ -16709,6 +17014,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         10,
         0,
+        7,
         ("model.layers.10.block_sparse_moe.experts.0.w2.weight",),
         import_decoder_layers_10_mlp_experts_linear_fc2_weight0,
         export_decoder_layers_10_mlp_experts_linear_fc2_weight0,
@@ -16721,6 +17027,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         10,
         1,
+        6,
         (
             "model.layers.10.block_sparse_moe.experts.1.w1.weight",
             "model.layers.10.block_sparse_moe.experts.1.w3.weight",
@@ -16736,6 +17043,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         10,
         1,
+        7,
         ("model.layers.10.block_sparse_moe.experts.1.w2.weight",),
         import_decoder_layers_10_mlp_experts_linear_fc2_weight1,
         export_decoder_layers_10_mlp_experts_linear_fc2_weight1,
@@ -16748,6 +17056,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         10,
         2,
+        6,
         (
             "model.layers.10.block_sparse_moe.experts.2.w1.weight",
             "model.layers.10.block_sparse_moe.experts.2.w3.weight",
@@ -16763,6 +17072,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         10,
         2,
+        7,
         ("model.layers.10.block_sparse_moe.experts.2.w2.weight",),
         import_decoder_layers_10_mlp_experts_linear_fc2_weight2,
         export_decoder_layers_10_mlp_experts_linear_fc2_weight2,
@@ -16775,6 +17085,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         10,
         3,
+        6,
         (
             "model.layers.10.block_sparse_moe.experts.3.w1.weight",
             "model.layers.10.block_sparse_moe.experts.3.w3.weight",
@@ -16790,6 +17101,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         10,
         3,
+        7,
         ("model.layers.10.block_sparse_moe.experts.3.w2.weight",),
         import_decoder_layers_10_mlp_experts_linear_fc2_weight3,
         export_decoder_layers_10_mlp_experts_linear_fc2_weight3,
@@ -16802,6 +17114,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         10,
         4,
+        6,
         (
             "model.layers.10.block_sparse_moe.experts.4.w1.weight",
             "model.layers.10.block_sparse_moe.experts.4.w3.weight",
@@ -16817,6 +17130,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         10,
         4,
+        7,
         ("model.layers.10.block_sparse_moe.experts.4.w2.weight",),
         import_decoder_layers_10_mlp_experts_linear_fc2_weight4,
         export_decoder_layers_10_mlp_experts_linear_fc2_weight4,
@@ -16829,6 +17143,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         10,
         5,
+        6,
         (
             "model.layers.10.block_sparse_moe.experts.5.w1.weight",
             "model.layers.10.block_sparse_moe.experts.5.w3.weight",
@@ -16844,6 +17159,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         10,
         5,
+        7,
         ("model.layers.10.block_sparse_moe.experts.5.w2.weight",),
         import_decoder_layers_10_mlp_experts_linear_fc2_weight5,
         export_decoder_layers_10_mlp_experts_linear_fc2_weight5,
@@ -16855,6 +17171,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         0,
         True,
         10,
+        6,
         6,
         (
             "model.layers.10.block_sparse_moe.experts.6.w1.weight",
@@ -16871,6 +17188,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         10,
         6,
+        7,
         ("model.layers.10.block_sparse_moe.experts.6.w2.weight",),
         import_decoder_layers_10_mlp_experts_linear_fc2_weight6,
         export_decoder_layers_10_mlp_experts_linear_fc2_weight6,
@@ -16883,6 +17201,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         10,
         7,
+        6,
         (
             "model.layers.10.block_sparse_moe.experts.7.w1.weight",
             "model.layers.10.block_sparse_moe.experts.7.w3.weight",
@@ -16898,6 +17217,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         10,
         7,
+        7,
         ("model.layers.10.block_sparse_moe.experts.7.w2.weight",),
         import_decoder_layers_10_mlp_experts_linear_fc2_weight7,
         export_decoder_layers_10_mlp_experts_linear_fc2_weight7,
@@ -16910,6 +17230,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         11,
         None,
+        1,
         ("model.layers.11.input_layernorm.weight",),
         import_decoder_layers_11_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_11_self_attention_linear_qkv_layer_norm_weight,
@@ -16922,6 +17243,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         11,
         None,
+        2,
         ("model.layers.11.self_attn.o_proj.weight",),
         import_decoder_layers_11_self_attention_linear_proj_weight,
         export_decoder_layers_11_self_attention_linear_proj_weight,
@@ -16934,6 +17256,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         11,
         None,
+        3,
         (
             "model.layers.11.self_attn.q_proj.weight",
             "model.layers.11.self_attn.k_proj.weight",
@@ -16950,6 +17273,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         11,
         None,
+        4,
         ("model.layers.11.post_attention_layernorm.weight",),
         import_decoder_layers_11_pre_mlp_layernorm_weight,
         export_decoder_layers_11_pre_mlp_layernorm_weight,
@@ -16962,6 +17286,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         11,
         None,
+        5,
         ("model.layers.11.block_sparse_moe.gate.weight",),
         import_decoder_layers_11_mlp_router_weight,
         export_decoder_layers_11_mlp_router_weight,
@@ -16974,6 +17299,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         11,
         0,
+        6,
         (
             "model.layers.11.block_sparse_moe.experts.0.w1.weight",
             "model.layers.11.block_sparse_moe.experts.0.w3.weight",
@@ -16989,6 +17315,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         11,
         0,
+        7,
         ("model.layers.11.block_sparse_moe.experts.0.w2.weight",),
         import_decoder_layers_11_mlp_experts_linear_fc2_weight0,
         export_decoder_layers_11_mlp_experts_linear_fc2_weight0,
@@ -17001,6 +17328,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         11,
         1,
+        6,
         (
             "model.layers.11.block_sparse_moe.experts.1.w1.weight",
             "model.layers.11.block_sparse_moe.experts.1.w3.weight",
@@ -17016,6 +17344,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         11,
         1,
+        7,
         ("model.layers.11.block_sparse_moe.experts.1.w2.weight",),
         import_decoder_layers_11_mlp_experts_linear_fc2_weight1,
         export_decoder_layers_11_mlp_experts_linear_fc2_weight1,
@@ -17028,6 +17357,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         11,
         2,
+        6,
         (
             "model.layers.11.block_sparse_moe.experts.2.w1.weight",
             "model.layers.11.block_sparse_moe.experts.2.w3.weight",
@@ -17043,6 +17373,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         11,
         2,
+        7,
         ("model.layers.11.block_sparse_moe.experts.2.w2.weight",),
         import_decoder_layers_11_mlp_experts_linear_fc2_weight2,
         export_decoder_layers_11_mlp_experts_linear_fc2_weight2,
@@ -17055,6 +17386,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         11,
         3,
+        6,
         (
             "model.layers.11.block_sparse_moe.experts.3.w1.weight",
             "model.layers.11.block_sparse_moe.experts.3.w3.weight",
@@ -17070,6 +17402,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         11,
         3,
+        7,
         ("model.layers.11.block_sparse_moe.experts.3.w2.weight",),
         import_decoder_layers_11_mlp_experts_linear_fc2_weight3,
         export_decoder_layers_11_mlp_experts_linear_fc2_weight3,
@@ -17082,6 +17415,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         11,
         4,
+        6,
         (
             "model.layers.11.block_sparse_moe.experts.4.w1.weight",
             "model.layers.11.block_sparse_moe.experts.4.w3.weight",
@@ -17097,6 +17431,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         11,
         4,
+        7,
         ("model.layers.11.block_sparse_moe.experts.4.w2.weight",),
         import_decoder_layers_11_mlp_experts_linear_fc2_weight4,
         export_decoder_layers_11_mlp_experts_linear_fc2_weight4,
@@ -17109,6 +17444,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         11,
         5,
+        6,
         (
             "model.layers.11.block_sparse_moe.experts.5.w1.weight",
             "model.layers.11.block_sparse_moe.experts.5.w3.weight",
@@ -17124,6 +17460,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         11,
         5,
+        7,
         ("model.layers.11.block_sparse_moe.experts.5.w2.weight",),
         import_decoder_layers_11_mlp_experts_linear_fc2_weight5,
         export_decoder_layers_11_mlp_experts_linear_fc2_weight5,
@@ -17135,6 +17472,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         0,
         True,
         11,
+        6,
         6,
         (
             "model.layers.11.block_sparse_moe.experts.6.w1.weight",
@@ -17151,6 +17489,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         11,
         6,
+        7,
         ("model.layers.11.block_sparse_moe.experts.6.w2.weight",),
         import_decoder_layers_11_mlp_experts_linear_fc2_weight6,
         export_decoder_layers_11_mlp_experts_linear_fc2_weight6,
@@ -17163,6 +17502,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         11,
         7,
+        6,
         (
             "model.layers.11.block_sparse_moe.experts.7.w1.weight",
             "model.layers.11.block_sparse_moe.experts.7.w3.weight",
@@ -17178,6 +17518,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         11,
         7,
+        7,
         ("model.layers.11.block_sparse_moe.experts.7.w2.weight",),
         import_decoder_layers_11_mlp_experts_linear_fc2_weight7,
         export_decoder_layers_11_mlp_experts_linear_fc2_weight7,
@@ -17190,6 +17531,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         12,
         None,
+        1,
         ("model.layers.12.input_layernorm.weight",),
         import_decoder_layers_12_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_12_self_attention_linear_qkv_layer_norm_weight,
@@ -17202,6 +17544,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         12,
         None,
+        2,
         ("model.layers.12.self_attn.o_proj.weight",),
         import_decoder_layers_12_self_attention_linear_proj_weight,
         export_decoder_layers_12_self_attention_linear_proj_weight,
@@ -17214,6 +17557,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         12,
         None,
+        3,
         (
             "model.layers.12.self_attn.q_proj.weight",
             "model.layers.12.self_attn.k_proj.weight",
@@ -17230,6 +17574,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         12,
         None,
+        4,
         ("model.layers.12.post_attention_layernorm.weight",),
         import_decoder_layers_12_pre_mlp_layernorm_weight,
         export_decoder_layers_12_pre_mlp_layernorm_weight,
@@ -17242,6 +17587,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         12,
         None,
+        5,
         ("model.layers.12.block_sparse_moe.gate.weight",),
         import_decoder_layers_12_mlp_router_weight,
         export_decoder_layers_12_mlp_router_weight,
@@ -17254,6 +17600,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         12,
         0,
+        6,
         (
             "model.layers.12.block_sparse_moe.experts.0.w1.weight",
             "model.layers.12.block_sparse_moe.experts.0.w3.weight",
@@ -17269,6 +17616,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         12,
         0,
+        7,
         ("model.layers.12.block_sparse_moe.experts.0.w2.weight",),
         import_decoder_layers_12_mlp_experts_linear_fc2_weight0,
         export_decoder_layers_12_mlp_experts_linear_fc2_weight0,
@@ -17281,6 +17629,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         12,
         1,
+        6,
         (
             "model.layers.12.block_sparse_moe.experts.1.w1.weight",
             "model.layers.12.block_sparse_moe.experts.1.w3.weight",
@@ -17296,6 +17645,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         12,
         1,
+        7,
         ("model.layers.12.block_sparse_moe.experts.1.w2.weight",),
         import_decoder_layers_12_mlp_experts_linear_fc2_weight1,
         export_decoder_layers_12_mlp_experts_linear_fc2_weight1,
@@ -17308,6 +17658,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         12,
         2,
+        6,
         (
             "model.layers.12.block_sparse_moe.experts.2.w1.weight",
             "model.layers.12.block_sparse_moe.experts.2.w3.weight",
@@ -17323,6 +17674,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         12,
         2,
+        7,
         ("model.layers.12.block_sparse_moe.experts.2.w2.weight",),
         import_decoder_layers_12_mlp_experts_linear_fc2_weight2,
         export_decoder_layers_12_mlp_experts_linear_fc2_weight2,
@@ -17335,6 +17687,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         12,
         3,
+        6,
         (
             "model.layers.12.block_sparse_moe.experts.3.w1.weight",
             "model.layers.12.block_sparse_moe.experts.3.w3.weight",
@@ -17350,6 +17703,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         12,
         3,
+        7,
         ("model.layers.12.block_sparse_moe.experts.3.w2.weight",),
         import_decoder_layers_12_mlp_experts_linear_fc2_weight3,
         export_decoder_layers_12_mlp_experts_linear_fc2_weight3,
@@ -17362,6 +17716,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         12,
         4,
+        6,
         (
             "model.layers.12.block_sparse_moe.experts.4.w1.weight",
             "model.layers.12.block_sparse_moe.experts.4.w3.weight",
@@ -17377,6 +17732,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         12,
         4,
+        7,
         ("model.layers.12.block_sparse_moe.experts.4.w2.weight",),
         import_decoder_layers_12_mlp_experts_linear_fc2_weight4,
         export_decoder_layers_12_mlp_experts_linear_fc2_weight4,
@@ -17389,6 +17745,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         12,
         5,
+        6,
         (
             "model.layers.12.block_sparse_moe.experts.5.w1.weight",
             "model.layers.12.block_sparse_moe.experts.5.w3.weight",
@@ -17404,6 +17761,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         12,
         5,
+        7,
         ("model.layers.12.block_sparse_moe.experts.5.w2.weight",),
         import_decoder_layers_12_mlp_experts_linear_fc2_weight5,
         export_decoder_layers_12_mlp_experts_linear_fc2_weight5,
@@ -17415,6 +17773,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         0,
         True,
         12,
+        6,
         6,
         (
             "model.layers.12.block_sparse_moe.experts.6.w1.weight",
@@ -17431,6 +17790,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         12,
         6,
+        7,
         ("model.layers.12.block_sparse_moe.experts.6.w2.weight",),
         import_decoder_layers_12_mlp_experts_linear_fc2_weight6,
         export_decoder_layers_12_mlp_experts_linear_fc2_weight6,
@@ -17443,6 +17803,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         12,
         7,
+        6,
         (
             "model.layers.12.block_sparse_moe.experts.7.w1.weight",
             "model.layers.12.block_sparse_moe.experts.7.w3.weight",
@@ -17458,6 +17819,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         12,
         7,
+        7,
         ("model.layers.12.block_sparse_moe.experts.7.w2.weight",),
         import_decoder_layers_12_mlp_experts_linear_fc2_weight7,
         export_decoder_layers_12_mlp_experts_linear_fc2_weight7,
@@ -17470,6 +17832,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         13,
         None,
+        1,
         ("model.layers.13.input_layernorm.weight",),
         import_decoder_layers_13_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_13_self_attention_linear_qkv_layer_norm_weight,
@@ -17482,6 +17845,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         13,
         None,
+        2,
         ("model.layers.13.self_attn.o_proj.weight",),
         import_decoder_layers_13_self_attention_linear_proj_weight,
         export_decoder_layers_13_self_attention_linear_proj_weight,
@@ -17494,6 +17858,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         13,
         None,
+        3,
         (
             "model.layers.13.self_attn.q_proj.weight",
             "model.layers.13.self_attn.k_proj.weight",
@@ -17510,6 +17875,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         13,
         None,
+        4,
         ("model.layers.13.post_attention_layernorm.weight",),
         import_decoder_layers_13_pre_mlp_layernorm_weight,
         export_decoder_layers_13_pre_mlp_layernorm_weight,
@@ -17522,6 +17888,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         13,
         None,
+        5,
         ("model.layers.13.block_sparse_moe.gate.weight",),
         import_decoder_layers_13_mlp_router_weight,
         export_decoder_layers_13_mlp_router_weight,
@@ -17534,6 +17901,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         13,
         0,
+        6,
         (
             "model.layers.13.block_sparse_moe.experts.0.w1.weight",
             "model.layers.13.block_sparse_moe.experts.0.w3.weight",
@@ -17549,6 +17917,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         13,
         0,
+        7,
         ("model.layers.13.block_sparse_moe.experts.0.w2.weight",),
         import_decoder_layers_13_mlp_experts_linear_fc2_weight0,
         export_decoder_layers_13_mlp_experts_linear_fc2_weight0,
@@ -17561,6 +17930,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         13,
         1,
+        6,
         (
             "model.layers.13.block_sparse_moe.experts.1.w1.weight",
             "model.layers.13.block_sparse_moe.experts.1.w3.weight",
@@ -17576,6 +17946,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         13,
         1,
+        7,
         ("model.layers.13.block_sparse_moe.experts.1.w2.weight",),
         import_decoder_layers_13_mlp_experts_linear_fc2_weight1,
         export_decoder_layers_13_mlp_experts_linear_fc2_weight1,
@@ -17588,6 +17959,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         13,
         2,
+        6,
         (
             "model.layers.13.block_sparse_moe.experts.2.w1.weight",
             "model.layers.13.block_sparse_moe.experts.2.w3.weight",
@@ -17603,6 +17975,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         13,
         2,
+        7,
         ("model.layers.13.block_sparse_moe.experts.2.w2.weight",),
         import_decoder_layers_13_mlp_experts_linear_fc2_weight2,
         export_decoder_layers_13_mlp_experts_linear_fc2_weight2,
@@ -17615,6 +17988,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         13,
         3,
+        6,
         (
             "model.layers.13.block_sparse_moe.experts.3.w1.weight",
             "model.layers.13.block_sparse_moe.experts.3.w3.weight",
@@ -17630,6 +18004,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         13,
         3,
+        7,
         ("model.layers.13.block_sparse_moe.experts.3.w2.weight",),
         import_decoder_layers_13_mlp_experts_linear_fc2_weight3,
         export_decoder_layers_13_mlp_experts_linear_fc2_weight3,
@@ -17642,6 +18017,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         13,
         4,
+        6,
         (
             "model.layers.13.block_sparse_moe.experts.4.w1.weight",
             "model.layers.13.block_sparse_moe.experts.4.w3.weight",
@@ -17657,6 +18033,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         13,
         4,
+        7,
         ("model.layers.13.block_sparse_moe.experts.4.w2.weight",),
         import_decoder_layers_13_mlp_experts_linear_fc2_weight4,
         export_decoder_layers_13_mlp_experts_linear_fc2_weight4,
@@ -17669,6 +18046,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         13,
         5,
+        6,
         (
             "model.layers.13.block_sparse_moe.experts.5.w1.weight",
             "model.layers.13.block_sparse_moe.experts.5.w3.weight",
@@ -17684,6 +18062,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         13,
         5,
+        7,
         ("model.layers.13.block_sparse_moe.experts.5.w2.weight",),
         import_decoder_layers_13_mlp_experts_linear_fc2_weight5,
         export_decoder_layers_13_mlp_experts_linear_fc2_weight5,
@@ -17695,6 +18074,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         0,
         True,
         13,
+        6,
         6,
         (
             "model.layers.13.block_sparse_moe.experts.6.w1.weight",
@@ -17711,6 +18091,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         13,
         6,
+        7,
         ("model.layers.13.block_sparse_moe.experts.6.w2.weight",),
         import_decoder_layers_13_mlp_experts_linear_fc2_weight6,
         export_decoder_layers_13_mlp_experts_linear_fc2_weight6,
@@ -17723,6 +18104,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         13,
         7,
+        6,
         (
             "model.layers.13.block_sparse_moe.experts.7.w1.weight",
             "model.layers.13.block_sparse_moe.experts.7.w3.weight",
@@ -17738,6 +18120,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         13,
         7,
+        7,
         ("model.layers.13.block_sparse_moe.experts.7.w2.weight",),
         import_decoder_layers_13_mlp_experts_linear_fc2_weight7,
         export_decoder_layers_13_mlp_experts_linear_fc2_weight7,
@@ -17750,6 +18133,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         14,
         None,
+        1,
         ("model.layers.14.input_layernorm.weight",),
         import_decoder_layers_14_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_14_self_attention_linear_qkv_layer_norm_weight,
@@ -17762,6 +18146,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         14,
         None,
+        2,
         ("model.layers.14.self_attn.o_proj.weight",),
         import_decoder_layers_14_self_attention_linear_proj_weight,
         export_decoder_layers_14_self_attention_linear_proj_weight,
@@ -17774,6 +18159,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         14,
         None,
+        3,
         (
             "model.layers.14.self_attn.q_proj.weight",
             "model.layers.14.self_attn.k_proj.weight",
@@ -17790,6 +18176,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         14,
         None,
+        4,
         ("model.layers.14.post_attention_layernorm.weight",),
         import_decoder_layers_14_pre_mlp_layernorm_weight,
         export_decoder_layers_14_pre_mlp_layernorm_weight,
@@ -17802,6 +18189,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         14,
         None,
+        5,
         ("model.layers.14.block_sparse_moe.gate.weight",),
         import_decoder_layers_14_mlp_router_weight,
         export_decoder_layers_14_mlp_router_weight,
@@ -17814,6 +18202,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         14,
         0,
+        6,
         (
             "model.layers.14.block_sparse_moe.experts.0.w1.weight",
             "model.layers.14.block_sparse_moe.experts.0.w3.weight",
@@ -17829,6 +18218,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         14,
         0,
+        7,
         ("model.layers.14.block_sparse_moe.experts.0.w2.weight",),
         import_decoder_layers_14_mlp_experts_linear_fc2_weight0,
         export_decoder_layers_14_mlp_experts_linear_fc2_weight0,
@@ -17841,6 +18231,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         14,
         1,
+        6,
         (
             "model.layers.14.block_sparse_moe.experts.1.w1.weight",
             "model.layers.14.block_sparse_moe.experts.1.w3.weight",
@@ -17856,6 +18247,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         14,
         1,
+        7,
         ("model.layers.14.block_sparse_moe.experts.1.w2.weight",),
         import_decoder_layers_14_mlp_experts_linear_fc2_weight1,
         export_decoder_layers_14_mlp_experts_linear_fc2_weight1,
@@ -17868,6 +18260,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         14,
         2,
+        6,
         (
             "model.layers.14.block_sparse_moe.experts.2.w1.weight",
             "model.layers.14.block_sparse_moe.experts.2.w3.weight",
@@ -17883,6 +18276,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         14,
         2,
+        7,
         ("model.layers.14.block_sparse_moe.experts.2.w2.weight",),
         import_decoder_layers_14_mlp_experts_linear_fc2_weight2,
         export_decoder_layers_14_mlp_experts_linear_fc2_weight2,
@@ -17895,6 +18289,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         14,
         3,
+        6,
         (
             "model.layers.14.block_sparse_moe.experts.3.w1.weight",
             "model.layers.14.block_sparse_moe.experts.3.w3.weight",
@@ -17910,6 +18305,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         14,
         3,
+        7,
         ("model.layers.14.block_sparse_moe.experts.3.w2.weight",),
         import_decoder_layers_14_mlp_experts_linear_fc2_weight3,
         export_decoder_layers_14_mlp_experts_linear_fc2_weight3,
@@ -17922,6 +18318,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         14,
         4,
+        6,
         (
             "model.layers.14.block_sparse_moe.experts.4.w1.weight",
             "model.layers.14.block_sparse_moe.experts.4.w3.weight",
@@ -17937,6 +18334,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         14,
         4,
+        7,
         ("model.layers.14.block_sparse_moe.experts.4.w2.weight",),
         import_decoder_layers_14_mlp_experts_linear_fc2_weight4,
         export_decoder_layers_14_mlp_experts_linear_fc2_weight4,
@@ -17949,6 +18347,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         14,
         5,
+        6,
         (
             "model.layers.14.block_sparse_moe.experts.5.w1.weight",
             "model.layers.14.block_sparse_moe.experts.5.w3.weight",
@@ -17964,6 +18363,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         14,
         5,
+        7,
         ("model.layers.14.block_sparse_moe.experts.5.w2.weight",),
         import_decoder_layers_14_mlp_experts_linear_fc2_weight5,
         export_decoder_layers_14_mlp_experts_linear_fc2_weight5,
@@ -17975,6 +18375,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         0,
         True,
         14,
+        6,
         6,
         (
             "model.layers.14.block_sparse_moe.experts.6.w1.weight",
@@ -17991,6 +18392,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         14,
         6,
+        7,
         ("model.layers.14.block_sparse_moe.experts.6.w2.weight",),
         import_decoder_layers_14_mlp_experts_linear_fc2_weight6,
         export_decoder_layers_14_mlp_experts_linear_fc2_weight6,
@@ -18003,6 +18405,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         14,
         7,
+        6,
         (
             "model.layers.14.block_sparse_moe.experts.7.w1.weight",
             "model.layers.14.block_sparse_moe.experts.7.w3.weight",
@@ -18018,6 +18421,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         14,
         7,
+        7,
         ("model.layers.14.block_sparse_moe.experts.7.w2.weight",),
         import_decoder_layers_14_mlp_experts_linear_fc2_weight7,
         export_decoder_layers_14_mlp_experts_linear_fc2_weight7,
@@ -18030,6 +18434,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         15,
         None,
+        1,
         ("model.layers.15.input_layernorm.weight",),
         import_decoder_layers_15_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_15_self_attention_linear_qkv_layer_norm_weight,
@@ -18042,6 +18447,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         15,
         None,
+        2,
         ("model.layers.15.self_attn.o_proj.weight",),
         import_decoder_layers_15_self_attention_linear_proj_weight,
         export_decoder_layers_15_self_attention_linear_proj_weight,
@@ -18054,6 +18460,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         15,
         None,
+        3,
         (
             "model.layers.15.self_attn.q_proj.weight",
             "model.layers.15.self_attn.k_proj.weight",
@@ -18070,6 +18477,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         15,
         None,
+        4,
         ("model.layers.15.post_attention_layernorm.weight",),
         import_decoder_layers_15_pre_mlp_layernorm_weight,
         export_decoder_layers_15_pre_mlp_layernorm_weight,
@@ -18082,6 +18490,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         15,
         None,
+        5,
         ("model.layers.15.block_sparse_moe.gate.weight",),
         import_decoder_layers_15_mlp_router_weight,
         export_decoder_layers_15_mlp_router_weight,
@@ -18094,6 +18503,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         15,
         0,
+        6,
         (
             "model.layers.15.block_sparse_moe.experts.0.w1.weight",
             "model.layers.15.block_sparse_moe.experts.0.w3.weight",
@@ -18109,6 +18519,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         15,
         0,
+        7,
         ("model.layers.15.block_sparse_moe.experts.0.w2.weight",),
         import_decoder_layers_15_mlp_experts_linear_fc2_weight0,
         export_decoder_layers_15_mlp_experts_linear_fc2_weight0,
@@ -18121,6 +18532,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         15,
         1,
+        6,
         (
             "model.layers.15.block_sparse_moe.experts.1.w1.weight",
             "model.layers.15.block_sparse_moe.experts.1.w3.weight",
@@ -18136,6 +18548,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         15,
         1,
+        7,
         ("model.layers.15.block_sparse_moe.experts.1.w2.weight",),
         import_decoder_layers_15_mlp_experts_linear_fc2_weight1,
         export_decoder_layers_15_mlp_experts_linear_fc2_weight1,
@@ -18148,6 +18561,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         15,
         2,
+        6,
         (
             "model.layers.15.block_sparse_moe.experts.2.w1.weight",
             "model.layers.15.block_sparse_moe.experts.2.w3.weight",
@@ -18163,6 +18577,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         15,
         2,
+        7,
         ("model.layers.15.block_sparse_moe.experts.2.w2.weight",),
         import_decoder_layers_15_mlp_experts_linear_fc2_weight2,
         export_decoder_layers_15_mlp_experts_linear_fc2_weight2,
@@ -18175,6 +18590,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         15,
         3,
+        6,
         (
             "model.layers.15.block_sparse_moe.experts.3.w1.weight",
             "model.layers.15.block_sparse_moe.experts.3.w3.weight",
@@ -18190,6 +18606,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         15,
         3,
+        7,
         ("model.layers.15.block_sparse_moe.experts.3.w2.weight",),
         import_decoder_layers_15_mlp_experts_linear_fc2_weight3,
         export_decoder_layers_15_mlp_experts_linear_fc2_weight3,
@@ -18202,6 +18619,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         15,
         4,
+        6,
         (
             "model.layers.15.block_sparse_moe.experts.4.w1.weight",
             "model.layers.15.block_sparse_moe.experts.4.w3.weight",
@@ -18217,6 +18635,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         15,
         4,
+        7,
         ("model.layers.15.block_sparse_moe.experts.4.w2.weight",),
         import_decoder_layers_15_mlp_experts_linear_fc2_weight4,
         export_decoder_layers_15_mlp_experts_linear_fc2_weight4,
@@ -18229,6 +18648,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         15,
         5,
+        6,
         (
             "model.layers.15.block_sparse_moe.experts.5.w1.weight",
             "model.layers.15.block_sparse_moe.experts.5.w3.weight",
@@ -18244,6 +18664,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         15,
         5,
+        7,
         ("model.layers.15.block_sparse_moe.experts.5.w2.weight",),
         import_decoder_layers_15_mlp_experts_linear_fc2_weight5,
         export_decoder_layers_15_mlp_experts_linear_fc2_weight5,
@@ -18255,6 +18676,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         0,
         True,
         15,
+        6,
         6,
         (
             "model.layers.15.block_sparse_moe.experts.6.w1.weight",
@@ -18271,6 +18693,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         15,
         6,
+        7,
         ("model.layers.15.block_sparse_moe.experts.6.w2.weight",),
         import_decoder_layers_15_mlp_experts_linear_fc2_weight6,
         export_decoder_layers_15_mlp_experts_linear_fc2_weight6,
@@ -18283,6 +18706,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         15,
         7,
+        6,
         (
             "model.layers.15.block_sparse_moe.experts.7.w1.weight",
             "model.layers.15.block_sparse_moe.experts.7.w3.weight",
@@ -18298,6 +18722,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         15,
         7,
+        7,
         ("model.layers.15.block_sparse_moe.experts.7.w2.weight",),
         import_decoder_layers_15_mlp_experts_linear_fc2_weight7,
         export_decoder_layers_15_mlp_experts_linear_fc2_weight7,
@@ -18310,6 +18735,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         16,
         None,
+        1,
         ("model.layers.16.input_layernorm.weight",),
         import_decoder_layers_16_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_16_self_attention_linear_qkv_layer_norm_weight,
@@ -18322,6 +18748,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         16,
         None,
+        2,
         ("model.layers.16.self_attn.o_proj.weight",),
         import_decoder_layers_16_self_attention_linear_proj_weight,
         export_decoder_layers_16_self_attention_linear_proj_weight,
@@ -18334,6 +18761,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         16,
         None,
+        3,
         (
             "model.layers.16.self_attn.q_proj.weight",
             "model.layers.16.self_attn.k_proj.weight",
@@ -18350,6 +18778,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         16,
         None,
+        4,
         ("model.layers.16.post_attention_layernorm.weight",),
         import_decoder_layers_16_pre_mlp_layernorm_weight,
         export_decoder_layers_16_pre_mlp_layernorm_weight,
@@ -18362,6 +18791,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         16,
         None,
+        5,
         ("model.layers.16.block_sparse_moe.gate.weight",),
         import_decoder_layers_16_mlp_router_weight,
         export_decoder_layers_16_mlp_router_weight,
@@ -18374,6 +18804,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         16,
         0,
+        6,
         (
             "model.layers.16.block_sparse_moe.experts.0.w1.weight",
             "model.layers.16.block_sparse_moe.experts.0.w3.weight",
@@ -18389,6 +18820,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         16,
         0,
+        7,
         ("model.layers.16.block_sparse_moe.experts.0.w2.weight",),
         import_decoder_layers_16_mlp_experts_linear_fc2_weight0,
         export_decoder_layers_16_mlp_experts_linear_fc2_weight0,
@@ -18401,6 +18833,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         16,
         1,
+        6,
         (
             "model.layers.16.block_sparse_moe.experts.1.w1.weight",
             "model.layers.16.block_sparse_moe.experts.1.w3.weight",
@@ -18416,6 +18849,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         16,
         1,
+        7,
         ("model.layers.16.block_sparse_moe.experts.1.w2.weight",),
         import_decoder_layers_16_mlp_experts_linear_fc2_weight1,
         export_decoder_layers_16_mlp_experts_linear_fc2_weight1,
@@ -18428,6 +18862,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         16,
         2,
+        6,
         (
             "model.layers.16.block_sparse_moe.experts.2.w1.weight",
             "model.layers.16.block_sparse_moe.experts.2.w3.weight",
@@ -18443,6 +18878,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         16,
         2,
+        7,
         ("model.layers.16.block_sparse_moe.experts.2.w2.weight",),
         import_decoder_layers_16_mlp_experts_linear_fc2_weight2,
         export_decoder_layers_16_mlp_experts_linear_fc2_weight2,
@@ -18455,6 +18891,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         16,
         3,
+        6,
         (
             "model.layers.16.block_sparse_moe.experts.3.w1.weight",
             "model.layers.16.block_sparse_moe.experts.3.w3.weight",
@@ -18470,6 +18907,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         16,
         3,
+        7,
         ("model.layers.16.block_sparse_moe.experts.3.w2.weight",),
         import_decoder_layers_16_mlp_experts_linear_fc2_weight3,
         export_decoder_layers_16_mlp_experts_linear_fc2_weight3,
@@ -18482,6 +18920,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         16,
         4,
+        6,
         (
             "model.layers.16.block_sparse_moe.experts.4.w1.weight",
             "model.layers.16.block_sparse_moe.experts.4.w3.weight",
@@ -18497,6 +18936,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         16,
         4,
+        7,
         ("model.layers.16.block_sparse_moe.experts.4.w2.weight",),
         import_decoder_layers_16_mlp_experts_linear_fc2_weight4,
         export_decoder_layers_16_mlp_experts_linear_fc2_weight4,
@@ -18509,6 +18949,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         16,
         5,
+        6,
         (
             "model.layers.16.block_sparse_moe.experts.5.w1.weight",
             "model.layers.16.block_sparse_moe.experts.5.w3.weight",
@@ -18524,6 +18965,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         16,
         5,
+        7,
         ("model.layers.16.block_sparse_moe.experts.5.w2.weight",),
         import_decoder_layers_16_mlp_experts_linear_fc2_weight5,
         export_decoder_layers_16_mlp_experts_linear_fc2_weight5,
@@ -18535,6 +18977,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         0,
         True,
         16,
+        6,
         6,
         (
             "model.layers.16.block_sparse_moe.experts.6.w1.weight",
@@ -18551,6 +18994,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         16,
         6,
+        7,
         ("model.layers.16.block_sparse_moe.experts.6.w2.weight",),
         import_decoder_layers_16_mlp_experts_linear_fc2_weight6,
         export_decoder_layers_16_mlp_experts_linear_fc2_weight6,
@@ -18563,6 +19007,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         16,
         7,
+        6,
         (
             "model.layers.16.block_sparse_moe.experts.7.w1.weight",
             "model.layers.16.block_sparse_moe.experts.7.w3.weight",
@@ -18578,6 +19023,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         16,
         7,
+        7,
         ("model.layers.16.block_sparse_moe.experts.7.w2.weight",),
         import_decoder_layers_16_mlp_experts_linear_fc2_weight7,
         export_decoder_layers_16_mlp_experts_linear_fc2_weight7,
@@ -18590,6 +19036,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         17,
         None,
+        1,
         ("model.layers.17.input_layernorm.weight",),
         import_decoder_layers_17_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_17_self_attention_linear_qkv_layer_norm_weight,
@@ -18602,6 +19049,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         17,
         None,
+        2,
         ("model.layers.17.self_attn.o_proj.weight",),
         import_decoder_layers_17_self_attention_linear_proj_weight,
         export_decoder_layers_17_self_attention_linear_proj_weight,
@@ -18614,6 +19062,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         17,
         None,
+        3,
         (
             "model.layers.17.self_attn.q_proj.weight",
             "model.layers.17.self_attn.k_proj.weight",
@@ -18630,6 +19079,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         17,
         None,
+        4,
         ("model.layers.17.post_attention_layernorm.weight",),
         import_decoder_layers_17_pre_mlp_layernorm_weight,
         export_decoder_layers_17_pre_mlp_layernorm_weight,
@@ -18642,6 +19092,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         17,
         None,
+        5,
         ("model.layers.17.block_sparse_moe.gate.weight",),
         import_decoder_layers_17_mlp_router_weight,
         export_decoder_layers_17_mlp_router_weight,
@@ -18654,6 +19105,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         17,
         0,
+        6,
         (
             "model.layers.17.block_sparse_moe.experts.0.w1.weight",
             "model.layers.17.block_sparse_moe.experts.0.w3.weight",
@@ -18669,6 +19121,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         17,
         0,
+        7,
         ("model.layers.17.block_sparse_moe.experts.0.w2.weight",),
         import_decoder_layers_17_mlp_experts_linear_fc2_weight0,
         export_decoder_layers_17_mlp_experts_linear_fc2_weight0,
@@ -18681,6 +19134,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         17,
         1,
+        6,
         (
             "model.layers.17.block_sparse_moe.experts.1.w1.weight",
             "model.layers.17.block_sparse_moe.experts.1.w3.weight",
@@ -18696,6 +19150,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         17,
         1,
+        7,
         ("model.layers.17.block_sparse_moe.experts.1.w2.weight",),
         import_decoder_layers_17_mlp_experts_linear_fc2_weight1,
         export_decoder_layers_17_mlp_experts_linear_fc2_weight1,
@@ -18708,6 +19163,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         17,
         2,
+        6,
         (
             "model.layers.17.block_sparse_moe.experts.2.w1.weight",
             "model.layers.17.block_sparse_moe.experts.2.w3.weight",
@@ -18723,6 +19179,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         17,
         2,
+        7,
         ("model.layers.17.block_sparse_moe.experts.2.w2.weight",),
         import_decoder_layers_17_mlp_experts_linear_fc2_weight2,
         export_decoder_layers_17_mlp_experts_linear_fc2_weight2,
@@ -18735,6 +19192,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         17,
         3,
+        6,
         (
             "model.layers.17.block_sparse_moe.experts.3.w1.weight",
             "model.layers.17.block_sparse_moe.experts.3.w3.weight",
@@ -18750,6 +19208,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         17,
         3,
+        7,
         ("model.layers.17.block_sparse_moe.experts.3.w2.weight",),
         import_decoder_layers_17_mlp_experts_linear_fc2_weight3,
         export_decoder_layers_17_mlp_experts_linear_fc2_weight3,
@@ -18762,6 +19221,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         17,
         4,
+        6,
         (
             "model.layers.17.block_sparse_moe.experts.4.w1.weight",
             "model.layers.17.block_sparse_moe.experts.4.w3.weight",
@@ -18777,6 +19237,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         17,
         4,
+        7,
         ("model.layers.17.block_sparse_moe.experts.4.w2.weight",),
         import_decoder_layers_17_mlp_experts_linear_fc2_weight4,
         export_decoder_layers_17_mlp_experts_linear_fc2_weight4,
@@ -18789,6 +19250,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         17,
         5,
+        6,
         (
             "model.layers.17.block_sparse_moe.experts.5.w1.weight",
             "model.layers.17.block_sparse_moe.experts.5.w3.weight",
@@ -18804,6 +19266,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         17,
         5,
+        7,
         ("model.layers.17.block_sparse_moe.experts.5.w2.weight",),
         import_decoder_layers_17_mlp_experts_linear_fc2_weight5,
         export_decoder_layers_17_mlp_experts_linear_fc2_weight5,
@@ -18815,6 +19278,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         0,
         True,
         17,
+        6,
         6,
         (
             "model.layers.17.block_sparse_moe.experts.6.w1.weight",
@@ -18831,6 +19295,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         17,
         6,
+        7,
         ("model.layers.17.block_sparse_moe.experts.6.w2.weight",),
         import_decoder_layers_17_mlp_experts_linear_fc2_weight6,
         export_decoder_layers_17_mlp_experts_linear_fc2_weight6,
@@ -18843,6 +19308,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         17,
         7,
+        6,
         (
             "model.layers.17.block_sparse_moe.experts.7.w1.weight",
             "model.layers.17.block_sparse_moe.experts.7.w3.weight",
@@ -18858,6 +19324,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         17,
         7,
+        7,
         ("model.layers.17.block_sparse_moe.experts.7.w2.weight",),
         import_decoder_layers_17_mlp_experts_linear_fc2_weight7,
         export_decoder_layers_17_mlp_experts_linear_fc2_weight7,
@@ -18870,6 +19337,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         18,
         None,
+        1,
         ("model.layers.18.input_layernorm.weight",),
         import_decoder_layers_18_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_18_self_attention_linear_qkv_layer_norm_weight,
@@ -18882,6 +19350,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         18,
         None,
+        2,
         ("model.layers.18.self_attn.o_proj.weight",),
         import_decoder_layers_18_self_attention_linear_proj_weight,
         export_decoder_layers_18_self_attention_linear_proj_weight,
@@ -18894,6 +19363,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         18,
         None,
+        3,
         (
             "model.layers.18.self_attn.q_proj.weight",
             "model.layers.18.self_attn.k_proj.weight",
@@ -18910,6 +19380,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         18,
         None,
+        4,
         ("model.layers.18.post_attention_layernorm.weight",),
         import_decoder_layers_18_pre_mlp_layernorm_weight,
         export_decoder_layers_18_pre_mlp_layernorm_weight,
@@ -18922,6 +19393,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         18,
         None,
+        5,
         ("model.layers.18.block_sparse_moe.gate.weight",),
         import_decoder_layers_18_mlp_router_weight,
         export_decoder_layers_18_mlp_router_weight,
@@ -18934,6 +19406,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         18,
         0,
+        6,
         (
             "model.layers.18.block_sparse_moe.experts.0.w1.weight",
             "model.layers.18.block_sparse_moe.experts.0.w3.weight",
@@ -18949,6 +19422,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         18,
         0,
+        7,
         ("model.layers.18.block_sparse_moe.experts.0.w2.weight",),
         import_decoder_layers_18_mlp_experts_linear_fc2_weight0,
         export_decoder_layers_18_mlp_experts_linear_fc2_weight0,
@@ -18961,6 +19435,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         18,
         1,
+        6,
         (
             "model.layers.18.block_sparse_moe.experts.1.w1.weight",
             "model.layers.18.block_sparse_moe.experts.1.w3.weight",
@@ -18976,6 +19451,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         18,
         1,
+        7,
         ("model.layers.18.block_sparse_moe.experts.1.w2.weight",),
         import_decoder_layers_18_mlp_experts_linear_fc2_weight1,
         export_decoder_layers_18_mlp_experts_linear_fc2_weight1,
@@ -18988,6 +19464,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         18,
         2,
+        6,
         (
             "model.layers.18.block_sparse_moe.experts.2.w1.weight",
             "model.layers.18.block_sparse_moe.experts.2.w3.weight",
@@ -19003,6 +19480,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         18,
         2,
+        7,
         ("model.layers.18.block_sparse_moe.experts.2.w2.weight",),
         import_decoder_layers_18_mlp_experts_linear_fc2_weight2,
         export_decoder_layers_18_mlp_experts_linear_fc2_weight2,
@@ -19015,6 +19493,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         18,
         3,
+        6,
         (
             "model.layers.18.block_sparse_moe.experts.3.w1.weight",
             "model.layers.18.block_sparse_moe.experts.3.w3.weight",
@@ -19030,6 +19509,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         18,
         3,
+        7,
         ("model.layers.18.block_sparse_moe.experts.3.w2.weight",),
         import_decoder_layers_18_mlp_experts_linear_fc2_weight3,
         export_decoder_layers_18_mlp_experts_linear_fc2_weight3,
@@ -19042,6 +19522,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         18,
         4,
+        6,
         (
             "model.layers.18.block_sparse_moe.experts.4.w1.weight",
             "model.layers.18.block_sparse_moe.experts.4.w3.weight",
@@ -19057,6 +19538,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         18,
         4,
+        7,
         ("model.layers.18.block_sparse_moe.experts.4.w2.weight",),
         import_decoder_layers_18_mlp_experts_linear_fc2_weight4,
         export_decoder_layers_18_mlp_experts_linear_fc2_weight4,
@@ -19069,6 +19551,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         18,
         5,
+        6,
         (
             "model.layers.18.block_sparse_moe.experts.5.w1.weight",
             "model.layers.18.block_sparse_moe.experts.5.w3.weight",
@@ -19084,6 +19567,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         18,
         5,
+        7,
         ("model.layers.18.block_sparse_moe.experts.5.w2.weight",),
         import_decoder_layers_18_mlp_experts_linear_fc2_weight5,
         export_decoder_layers_18_mlp_experts_linear_fc2_weight5,
@@ -19095,6 +19579,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         0,
         True,
         18,
+        6,
         6,
         (
             "model.layers.18.block_sparse_moe.experts.6.w1.weight",
@@ -19111,6 +19596,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         18,
         6,
+        7,
         ("model.layers.18.block_sparse_moe.experts.6.w2.weight",),
         import_decoder_layers_18_mlp_experts_linear_fc2_weight6,
         export_decoder_layers_18_mlp_experts_linear_fc2_weight6,
@@ -19123,6 +19609,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         18,
         7,
+        6,
         (
             "model.layers.18.block_sparse_moe.experts.7.w1.weight",
             "model.layers.18.block_sparse_moe.experts.7.w3.weight",
@@ -19138,6 +19625,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         18,
         7,
+        7,
         ("model.layers.18.block_sparse_moe.experts.7.w2.weight",),
         import_decoder_layers_18_mlp_experts_linear_fc2_weight7,
         export_decoder_layers_18_mlp_experts_linear_fc2_weight7,
@@ -19150,6 +19638,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         19,
         None,
+        1,
         ("model.layers.19.input_layernorm.weight",),
         import_decoder_layers_19_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_19_self_attention_linear_qkv_layer_norm_weight,
@@ -19162,6 +19651,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         19,
         None,
+        2,
         ("model.layers.19.self_attn.o_proj.weight",),
         import_decoder_layers_19_self_attention_linear_proj_weight,
         export_decoder_layers_19_self_attention_linear_proj_weight,
@@ -19174,6 +19664,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         19,
         None,
+        3,
         (
             "model.layers.19.self_attn.q_proj.weight",
             "model.layers.19.self_attn.k_proj.weight",
@@ -19190,6 +19681,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         19,
         None,
+        4,
         ("model.layers.19.post_attention_layernorm.weight",),
         import_decoder_layers_19_pre_mlp_layernorm_weight,
         export_decoder_layers_19_pre_mlp_layernorm_weight,
@@ -19202,6 +19694,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         19,
         None,
+        5,
         ("model.layers.19.block_sparse_moe.gate.weight",),
         import_decoder_layers_19_mlp_router_weight,
         export_decoder_layers_19_mlp_router_weight,
@@ -19214,6 +19707,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         19,
         0,
+        6,
         (
             "model.layers.19.block_sparse_moe.experts.0.w1.weight",
             "model.layers.19.block_sparse_moe.experts.0.w3.weight",
@@ -19229,6 +19723,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         19,
         0,
+        7,
         ("model.layers.19.block_sparse_moe.experts.0.w2.weight",),
         import_decoder_layers_19_mlp_experts_linear_fc2_weight0,
         export_decoder_layers_19_mlp_experts_linear_fc2_weight0,
@@ -19241,6 +19736,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         19,
         1,
+        6,
         (
             "model.layers.19.block_sparse_moe.experts.1.w1.weight",
             "model.layers.19.block_sparse_moe.experts.1.w3.weight",
@@ -19256,6 +19752,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         19,
         1,
+        7,
         ("model.layers.19.block_sparse_moe.experts.1.w2.weight",),
         import_decoder_layers_19_mlp_experts_linear_fc2_weight1,
         export_decoder_layers_19_mlp_experts_linear_fc2_weight1,
@@ -19268,6 +19765,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         19,
         2,
+        6,
         (
             "model.layers.19.block_sparse_moe.experts.2.w1.weight",
             "model.layers.19.block_sparse_moe.experts.2.w3.weight",
@@ -19283,6 +19781,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         19,
         2,
+        7,
         ("model.layers.19.block_sparse_moe.experts.2.w2.weight",),
         import_decoder_layers_19_mlp_experts_linear_fc2_weight2,
         export_decoder_layers_19_mlp_experts_linear_fc2_weight2,
@@ -19295,6 +19794,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         19,
         3,
+        6,
         (
             "model.layers.19.block_sparse_moe.experts.3.w1.weight",
             "model.layers.19.block_sparse_moe.experts.3.w3.weight",
@@ -19310,6 +19810,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         19,
         3,
+        7,
         ("model.layers.19.block_sparse_moe.experts.3.w2.weight",),
         import_decoder_layers_19_mlp_experts_linear_fc2_weight3,
         export_decoder_layers_19_mlp_experts_linear_fc2_weight3,
@@ -19322,6 +19823,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         19,
         4,
+        6,
         (
             "model.layers.19.block_sparse_moe.experts.4.w1.weight",
             "model.layers.19.block_sparse_moe.experts.4.w3.weight",
@@ -19337,6 +19839,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         19,
         4,
+        7,
         ("model.layers.19.block_sparse_moe.experts.4.w2.weight",),
         import_decoder_layers_19_mlp_experts_linear_fc2_weight4,
         export_decoder_layers_19_mlp_experts_linear_fc2_weight4,
@@ -19349,6 +19852,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         19,
         5,
+        6,
         (
             "model.layers.19.block_sparse_moe.experts.5.w1.weight",
             "model.layers.19.block_sparse_moe.experts.5.w3.weight",
@@ -19364,6 +19868,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         19,
         5,
+        7,
         ("model.layers.19.block_sparse_moe.experts.5.w2.weight",),
         import_decoder_layers_19_mlp_experts_linear_fc2_weight5,
         export_decoder_layers_19_mlp_experts_linear_fc2_weight5,
@@ -19375,6 +19880,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         0,
         True,
         19,
+        6,
         6,
         (
             "model.layers.19.block_sparse_moe.experts.6.w1.weight",
@@ -19391,6 +19897,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         19,
         6,
+        7,
         ("model.layers.19.block_sparse_moe.experts.6.w2.weight",),
         import_decoder_layers_19_mlp_experts_linear_fc2_weight6,
         export_decoder_layers_19_mlp_experts_linear_fc2_weight6,
@@ -19403,6 +19910,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         19,
         7,
+        6,
         (
             "model.layers.19.block_sparse_moe.experts.7.w1.weight",
             "model.layers.19.block_sparse_moe.experts.7.w3.weight",
@@ -19418,6 +19926,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         19,
         7,
+        7,
         ("model.layers.19.block_sparse_moe.experts.7.w2.weight",),
         import_decoder_layers_19_mlp_experts_linear_fc2_weight7,
         export_decoder_layers_19_mlp_experts_linear_fc2_weight7,
@@ -19430,6 +19939,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         20,
         None,
+        1,
         ("model.layers.20.input_layernorm.weight",),
         import_decoder_layers_20_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_20_self_attention_linear_qkv_layer_norm_weight,
@@ -19442,6 +19952,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         20,
         None,
+        2,
         ("model.layers.20.self_attn.o_proj.weight",),
         import_decoder_layers_20_self_attention_linear_proj_weight,
         export_decoder_layers_20_self_attention_linear_proj_weight,
@@ -19454,6 +19965,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         20,
         None,
+        3,
         (
             "model.layers.20.self_attn.q_proj.weight",
             "model.layers.20.self_attn.k_proj.weight",
@@ -19470,6 +19982,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         20,
         None,
+        4,
         ("model.layers.20.post_attention_layernorm.weight",),
         import_decoder_layers_20_pre_mlp_layernorm_weight,
         export_decoder_layers_20_pre_mlp_layernorm_weight,
@@ -19482,6 +19995,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         20,
         None,
+        5,
         ("model.layers.20.block_sparse_moe.gate.weight",),
         import_decoder_layers_20_mlp_router_weight,
         export_decoder_layers_20_mlp_router_weight,
@@ -19494,6 +20008,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         20,
         0,
+        6,
         (
             "model.layers.20.block_sparse_moe.experts.0.w1.weight",
             "model.layers.20.block_sparse_moe.experts.0.w3.weight",
@@ -19509,6 +20024,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         20,
         0,
+        7,
         ("model.layers.20.block_sparse_moe.experts.0.w2.weight",),
         import_decoder_layers_20_mlp_experts_linear_fc2_weight0,
         export_decoder_layers_20_mlp_experts_linear_fc2_weight0,
@@ -19521,6 +20037,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         20,
         1,
+        6,
         (
             "model.layers.20.block_sparse_moe.experts.1.w1.weight",
             "model.layers.20.block_sparse_moe.experts.1.w3.weight",
@@ -19536,6 +20053,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         20,
         1,
+        7,
         ("model.layers.20.block_sparse_moe.experts.1.w2.weight",),
         import_decoder_layers_20_mlp_experts_linear_fc2_weight1,
         export_decoder_layers_20_mlp_experts_linear_fc2_weight1,
@@ -19548,6 +20066,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         20,
         2,
+        6,
         (
             "model.layers.20.block_sparse_moe.experts.2.w1.weight",
             "model.layers.20.block_sparse_moe.experts.2.w3.weight",
@@ -19563,6 +20082,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         20,
         2,
+        7,
         ("model.layers.20.block_sparse_moe.experts.2.w2.weight",),
         import_decoder_layers_20_mlp_experts_linear_fc2_weight2,
         export_decoder_layers_20_mlp_experts_linear_fc2_weight2,
@@ -19575,6 +20095,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         20,
         3,
+        6,
         (
             "model.layers.20.block_sparse_moe.experts.3.w1.weight",
             "model.layers.20.block_sparse_moe.experts.3.w3.weight",
@@ -19590,6 +20111,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         20,
         3,
+        7,
         ("model.layers.20.block_sparse_moe.experts.3.w2.weight",),
         import_decoder_layers_20_mlp_experts_linear_fc2_weight3,
         export_decoder_layers_20_mlp_experts_linear_fc2_weight3,
@@ -19602,6 +20124,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         20,
         4,
+        6,
         (
             "model.layers.20.block_sparse_moe.experts.4.w1.weight",
             "model.layers.20.block_sparse_moe.experts.4.w3.weight",
@@ -19617,6 +20140,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         20,
         4,
+        7,
         ("model.layers.20.block_sparse_moe.experts.4.w2.weight",),
         import_decoder_layers_20_mlp_experts_linear_fc2_weight4,
         export_decoder_layers_20_mlp_experts_linear_fc2_weight4,
@@ -19629,6 +20153,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         20,
         5,
+        6,
         (
             "model.layers.20.block_sparse_moe.experts.5.w1.weight",
             "model.layers.20.block_sparse_moe.experts.5.w3.weight",
@@ -19644,6 +20169,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         20,
         5,
+        7,
         ("model.layers.20.block_sparse_moe.experts.5.w2.weight",),
         import_decoder_layers_20_mlp_experts_linear_fc2_weight5,
         export_decoder_layers_20_mlp_experts_linear_fc2_weight5,
@@ -19655,6 +20181,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         0,
         True,
         20,
+        6,
         6,
         (
             "model.layers.20.block_sparse_moe.experts.6.w1.weight",
@@ -19671,6 +20198,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         20,
         6,
+        7,
         ("model.layers.20.block_sparse_moe.experts.6.w2.weight",),
         import_decoder_layers_20_mlp_experts_linear_fc2_weight6,
         export_decoder_layers_20_mlp_experts_linear_fc2_weight6,
@@ -19683,6 +20211,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         20,
         7,
+        6,
         (
             "model.layers.20.block_sparse_moe.experts.7.w1.weight",
             "model.layers.20.block_sparse_moe.experts.7.w3.weight",
@@ -19698,6 +20227,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         20,
         7,
+        7,
         ("model.layers.20.block_sparse_moe.experts.7.w2.weight",),
         import_decoder_layers_20_mlp_experts_linear_fc2_weight7,
         export_decoder_layers_20_mlp_experts_linear_fc2_weight7,
@@ -19710,6 +20240,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         21,
         None,
+        1,
         ("model.layers.21.input_layernorm.weight",),
         import_decoder_layers_21_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_21_self_attention_linear_qkv_layer_norm_weight,
@@ -19722,6 +20253,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         21,
         None,
+        2,
         ("model.layers.21.self_attn.o_proj.weight",),
         import_decoder_layers_21_self_attention_linear_proj_weight,
         export_decoder_layers_21_self_attention_linear_proj_weight,
@@ -19734,6 +20266,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         21,
         None,
+        3,
         (
             "model.layers.21.self_attn.q_proj.weight",
             "model.layers.21.self_attn.k_proj.weight",
@@ -19750,6 +20283,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         21,
         None,
+        4,
         ("model.layers.21.post_attention_layernorm.weight",),
         import_decoder_layers_21_pre_mlp_layernorm_weight,
         export_decoder_layers_21_pre_mlp_layernorm_weight,
@@ -19762,6 +20296,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         21,
         None,
+        5,
         ("model.layers.21.block_sparse_moe.gate.weight",),
         import_decoder_layers_21_mlp_router_weight,
         export_decoder_layers_21_mlp_router_weight,
@@ -19774,6 +20309,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         21,
         0,
+        6,
         (
             "model.layers.21.block_sparse_moe.experts.0.w1.weight",
             "model.layers.21.block_sparse_moe.experts.0.w3.weight",
@@ -19789,6 +20325,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         21,
         0,
+        7,
         ("model.layers.21.block_sparse_moe.experts.0.w2.weight",),
         import_decoder_layers_21_mlp_experts_linear_fc2_weight0,
         export_decoder_layers_21_mlp_experts_linear_fc2_weight0,
@@ -19801,6 +20338,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         21,
         1,
+        6,
         (
             "model.layers.21.block_sparse_moe.experts.1.w1.weight",
             "model.layers.21.block_sparse_moe.experts.1.w3.weight",
@@ -19816,6 +20354,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         21,
         1,
+        7,
         ("model.layers.21.block_sparse_moe.experts.1.w2.weight",),
         import_decoder_layers_21_mlp_experts_linear_fc2_weight1,
         export_decoder_layers_21_mlp_experts_linear_fc2_weight1,
@@ -19828,6 +20367,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         21,
         2,
+        6,
         (
             "model.layers.21.block_sparse_moe.experts.2.w1.weight",
             "model.layers.21.block_sparse_moe.experts.2.w3.weight",
@@ -19843,6 +20383,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         21,
         2,
+        7,
         ("model.layers.21.block_sparse_moe.experts.2.w2.weight",),
         import_decoder_layers_21_mlp_experts_linear_fc2_weight2,
         export_decoder_layers_21_mlp_experts_linear_fc2_weight2,
@@ -19855,6 +20396,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         21,
         3,
+        6,
         (
             "model.layers.21.block_sparse_moe.experts.3.w1.weight",
             "model.layers.21.block_sparse_moe.experts.3.w3.weight",
@@ -19870,6 +20412,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         21,
         3,
+        7,
         ("model.layers.21.block_sparse_moe.experts.3.w2.weight",),
         import_decoder_layers_21_mlp_experts_linear_fc2_weight3,
         export_decoder_layers_21_mlp_experts_linear_fc2_weight3,
@@ -19882,6 +20425,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         21,
         4,
+        6,
         (
             "model.layers.21.block_sparse_moe.experts.4.w1.weight",
             "model.layers.21.block_sparse_moe.experts.4.w3.weight",
@@ -19897,6 +20441,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         21,
         4,
+        7,
         ("model.layers.21.block_sparse_moe.experts.4.w2.weight",),
         import_decoder_layers_21_mlp_experts_linear_fc2_weight4,
         export_decoder_layers_21_mlp_experts_linear_fc2_weight4,
@@ -19909,6 +20454,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         21,
         5,
+        6,
         (
             "model.layers.21.block_sparse_moe.experts.5.w1.weight",
             "model.layers.21.block_sparse_moe.experts.5.w3.weight",
@@ -19924,6 +20470,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         21,
         5,
+        7,
         ("model.layers.21.block_sparse_moe.experts.5.w2.weight",),
         import_decoder_layers_21_mlp_experts_linear_fc2_weight5,
         export_decoder_layers_21_mlp_experts_linear_fc2_weight5,
@@ -19935,6 +20482,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         0,
         True,
         21,
+        6,
         6,
         (
             "model.layers.21.block_sparse_moe.experts.6.w1.weight",
@@ -19951,6 +20499,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         21,
         6,
+        7,
         ("model.layers.21.block_sparse_moe.experts.6.w2.weight",),
         import_decoder_layers_21_mlp_experts_linear_fc2_weight6,
         export_decoder_layers_21_mlp_experts_linear_fc2_weight6,
@@ -19963,6 +20512,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         21,
         7,
+        6,
         (
             "model.layers.21.block_sparse_moe.experts.7.w1.weight",
             "model.layers.21.block_sparse_moe.experts.7.w3.weight",
@@ -19978,6 +20528,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         21,
         7,
+        7,
         ("model.layers.21.block_sparse_moe.experts.7.w2.weight",),
         import_decoder_layers_21_mlp_experts_linear_fc2_weight7,
         export_decoder_layers_21_mlp_experts_linear_fc2_weight7,
@@ -19990,6 +20541,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         22,
         None,
+        1,
         ("model.layers.22.input_layernorm.weight",),
         import_decoder_layers_22_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_22_self_attention_linear_qkv_layer_norm_weight,
@@ -20002,6 +20554,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         22,
         None,
+        2,
         ("model.layers.22.self_attn.o_proj.weight",),
         import_decoder_layers_22_self_attention_linear_proj_weight,
         export_decoder_layers_22_self_attention_linear_proj_weight,
@@ -20014,6 +20567,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         22,
         None,
+        3,
         (
             "model.layers.22.self_attn.q_proj.weight",
             "model.layers.22.self_attn.k_proj.weight",
@@ -20030,6 +20584,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         22,
         None,
+        4,
         ("model.layers.22.post_attention_layernorm.weight",),
         import_decoder_layers_22_pre_mlp_layernorm_weight,
         export_decoder_layers_22_pre_mlp_layernorm_weight,
@@ -20042,6 +20597,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         22,
         None,
+        5,
         ("model.layers.22.block_sparse_moe.gate.weight",),
         import_decoder_layers_22_mlp_router_weight,
         export_decoder_layers_22_mlp_router_weight,
@@ -20054,6 +20610,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         22,
         0,
+        6,
         (
             "model.layers.22.block_sparse_moe.experts.0.w1.weight",
             "model.layers.22.block_sparse_moe.experts.0.w3.weight",
@@ -20069,6 +20626,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         22,
         0,
+        7,
         ("model.layers.22.block_sparse_moe.experts.0.w2.weight",),
         import_decoder_layers_22_mlp_experts_linear_fc2_weight0,
         export_decoder_layers_22_mlp_experts_linear_fc2_weight0,
@@ -20081,6 +20639,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         22,
         1,
+        6,
         (
             "model.layers.22.block_sparse_moe.experts.1.w1.weight",
             "model.layers.22.block_sparse_moe.experts.1.w3.weight",
@@ -20096,6 +20655,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         22,
         1,
+        7,
         ("model.layers.22.block_sparse_moe.experts.1.w2.weight",),
         import_decoder_layers_22_mlp_experts_linear_fc2_weight1,
         export_decoder_layers_22_mlp_experts_linear_fc2_weight1,
@@ -20108,6 +20668,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         22,
         2,
+        6,
         (
             "model.layers.22.block_sparse_moe.experts.2.w1.weight",
             "model.layers.22.block_sparse_moe.experts.2.w3.weight",
@@ -20123,6 +20684,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         22,
         2,
+        7,
         ("model.layers.22.block_sparse_moe.experts.2.w2.weight",),
         import_decoder_layers_22_mlp_experts_linear_fc2_weight2,
         export_decoder_layers_22_mlp_experts_linear_fc2_weight2,
@@ -20135,6 +20697,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         22,
         3,
+        6,
         (
             "model.layers.22.block_sparse_moe.experts.3.w1.weight",
             "model.layers.22.block_sparse_moe.experts.3.w3.weight",
@@ -20150,6 +20713,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         22,
         3,
+        7,
         ("model.layers.22.block_sparse_moe.experts.3.w2.weight",),
         import_decoder_layers_22_mlp_experts_linear_fc2_weight3,
         export_decoder_layers_22_mlp_experts_linear_fc2_weight3,
@@ -20162,6 +20726,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         22,
         4,
+        6,
         (
             "model.layers.22.block_sparse_moe.experts.4.w1.weight",
             "model.layers.22.block_sparse_moe.experts.4.w3.weight",
@@ -20177,6 +20742,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         22,
         4,
+        7,
         ("model.layers.22.block_sparse_moe.experts.4.w2.weight",),
         import_decoder_layers_22_mlp_experts_linear_fc2_weight4,
         export_decoder_layers_22_mlp_experts_linear_fc2_weight4,
@@ -20189,6 +20755,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         22,
         5,
+        6,
         (
             "model.layers.22.block_sparse_moe.experts.5.w1.weight",
             "model.layers.22.block_sparse_moe.experts.5.w3.weight",
@@ -20204,6 +20771,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         22,
         5,
+        7,
         ("model.layers.22.block_sparse_moe.experts.5.w2.weight",),
         import_decoder_layers_22_mlp_experts_linear_fc2_weight5,
         export_decoder_layers_22_mlp_experts_linear_fc2_weight5,
@@ -20215,6 +20783,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         0,
         True,
         22,
+        6,
         6,
         (
             "model.layers.22.block_sparse_moe.experts.6.w1.weight",
@@ -20231,6 +20800,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         22,
         6,
+        7,
         ("model.layers.22.block_sparse_moe.experts.6.w2.weight",),
         import_decoder_layers_22_mlp_experts_linear_fc2_weight6,
         export_decoder_layers_22_mlp_experts_linear_fc2_weight6,
@@ -20243,6 +20813,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         22,
         7,
+        6,
         (
             "model.layers.22.block_sparse_moe.experts.7.w1.weight",
             "model.layers.22.block_sparse_moe.experts.7.w3.weight",
@@ -20258,6 +20829,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         22,
         7,
+        7,
         ("model.layers.22.block_sparse_moe.experts.7.w2.weight",),
         import_decoder_layers_22_mlp_experts_linear_fc2_weight7,
         export_decoder_layers_22_mlp_experts_linear_fc2_weight7,
@@ -20270,6 +20842,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         23,
         None,
+        1,
         ("model.layers.23.input_layernorm.weight",),
         import_decoder_layers_23_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_23_self_attention_linear_qkv_layer_norm_weight,
@@ -20282,6 +20855,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         23,
         None,
+        2,
         ("model.layers.23.self_attn.o_proj.weight",),
         import_decoder_layers_23_self_attention_linear_proj_weight,
         export_decoder_layers_23_self_attention_linear_proj_weight,
@@ -20294,6 +20868,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         23,
         None,
+        3,
         (
             "model.layers.23.self_attn.q_proj.weight",
             "model.layers.23.self_attn.k_proj.weight",
@@ -20310,6 +20885,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         23,
         None,
+        4,
         ("model.layers.23.post_attention_layernorm.weight",),
         import_decoder_layers_23_pre_mlp_layernorm_weight,
         export_decoder_layers_23_pre_mlp_layernorm_weight,
@@ -20322,6 +20898,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         23,
         None,
+        5,
         ("model.layers.23.block_sparse_moe.gate.weight",),
         import_decoder_layers_23_mlp_router_weight,
         export_decoder_layers_23_mlp_router_weight,
@@ -20334,6 +20911,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         23,
         0,
+        6,
         (
             "model.layers.23.block_sparse_moe.experts.0.w1.weight",
             "model.layers.23.block_sparse_moe.experts.0.w3.weight",
@@ -20349,6 +20927,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         23,
         0,
+        7,
         ("model.layers.23.block_sparse_moe.experts.0.w2.weight",),
         import_decoder_layers_23_mlp_experts_linear_fc2_weight0,
         export_decoder_layers_23_mlp_experts_linear_fc2_weight0,
@@ -20361,6 +20940,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         23,
         1,
+        6,
         (
             "model.layers.23.block_sparse_moe.experts.1.w1.weight",
             "model.layers.23.block_sparse_moe.experts.1.w3.weight",
@@ -20376,6 +20956,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         23,
         1,
+        7,
         ("model.layers.23.block_sparse_moe.experts.1.w2.weight",),
         import_decoder_layers_23_mlp_experts_linear_fc2_weight1,
         export_decoder_layers_23_mlp_experts_linear_fc2_weight1,
@@ -20388,6 +20969,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         23,
         2,
+        6,
         (
             "model.layers.23.block_sparse_moe.experts.2.w1.weight",
             "model.layers.23.block_sparse_moe.experts.2.w3.weight",
@@ -20403,6 +20985,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         23,
         2,
+        7,
         ("model.layers.23.block_sparse_moe.experts.2.w2.weight",),
         import_decoder_layers_23_mlp_experts_linear_fc2_weight2,
         export_decoder_layers_23_mlp_experts_linear_fc2_weight2,
@@ -20415,6 +20998,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         23,
         3,
+        6,
         (
             "model.layers.23.block_sparse_moe.experts.3.w1.weight",
             "model.layers.23.block_sparse_moe.experts.3.w3.weight",
@@ -20430,6 +21014,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         23,
         3,
+        7,
         ("model.layers.23.block_sparse_moe.experts.3.w2.weight",),
         import_decoder_layers_23_mlp_experts_linear_fc2_weight3,
         export_decoder_layers_23_mlp_experts_linear_fc2_weight3,
@@ -20442,6 +21027,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         23,
         4,
+        6,
         (
             "model.layers.23.block_sparse_moe.experts.4.w1.weight",
             "model.layers.23.block_sparse_moe.experts.4.w3.weight",
@@ -20457,6 +21043,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         23,
         4,
+        7,
         ("model.layers.23.block_sparse_moe.experts.4.w2.weight",),
         import_decoder_layers_23_mlp_experts_linear_fc2_weight4,
         export_decoder_layers_23_mlp_experts_linear_fc2_weight4,
@@ -20469,6 +21056,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         23,
         5,
+        6,
         (
             "model.layers.23.block_sparse_moe.experts.5.w1.weight",
             "model.layers.23.block_sparse_moe.experts.5.w3.weight",
@@ -20484,6 +21072,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         23,
         5,
+        7,
         ("model.layers.23.block_sparse_moe.experts.5.w2.weight",),
         import_decoder_layers_23_mlp_experts_linear_fc2_weight5,
         export_decoder_layers_23_mlp_experts_linear_fc2_weight5,
@@ -20495,6 +21084,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         0,
         True,
         23,
+        6,
         6,
         (
             "model.layers.23.block_sparse_moe.experts.6.w1.weight",
@@ -20511,6 +21101,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         23,
         6,
+        7,
         ("model.layers.23.block_sparse_moe.experts.6.w2.weight",),
         import_decoder_layers_23_mlp_experts_linear_fc2_weight6,
         export_decoder_layers_23_mlp_experts_linear_fc2_weight6,
@@ -20523,6 +21114,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         23,
         7,
+        6,
         (
             "model.layers.23.block_sparse_moe.experts.7.w1.weight",
             "model.layers.23.block_sparse_moe.experts.7.w3.weight",
@@ -20538,6 +21130,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         23,
         7,
+        7,
         ("model.layers.23.block_sparse_moe.experts.7.w2.weight",),
         import_decoder_layers_23_mlp_experts_linear_fc2_weight7,
         export_decoder_layers_23_mlp_experts_linear_fc2_weight7,
@@ -20550,6 +21143,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         24,
         None,
+        1,
         ("model.layers.24.input_layernorm.weight",),
         import_decoder_layers_24_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_24_self_attention_linear_qkv_layer_norm_weight,
@@ -20562,6 +21156,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         24,
         None,
+        2,
         ("model.layers.24.self_attn.o_proj.weight",),
         import_decoder_layers_24_self_attention_linear_proj_weight,
         export_decoder_layers_24_self_attention_linear_proj_weight,
@@ -20574,6 +21169,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         24,
         None,
+        3,
         (
             "model.layers.24.self_attn.q_proj.weight",
             "model.layers.24.self_attn.k_proj.weight",
@@ -20590,6 +21186,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         24,
         None,
+        4,
         ("model.layers.24.post_attention_layernorm.weight",),
         import_decoder_layers_24_pre_mlp_layernorm_weight,
         export_decoder_layers_24_pre_mlp_layernorm_weight,
@@ -20602,6 +21199,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         24,
         None,
+        5,
         ("model.layers.24.block_sparse_moe.gate.weight",),
         import_decoder_layers_24_mlp_router_weight,
         export_decoder_layers_24_mlp_router_weight,
@@ -20614,6 +21212,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         24,
         0,
+        6,
         (
             "model.layers.24.block_sparse_moe.experts.0.w1.weight",
             "model.layers.24.block_sparse_moe.experts.0.w3.weight",
@@ -20629,6 +21228,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         24,
         0,
+        7,
         ("model.layers.24.block_sparse_moe.experts.0.w2.weight",),
         import_decoder_layers_24_mlp_experts_linear_fc2_weight0,
         export_decoder_layers_24_mlp_experts_linear_fc2_weight0,
@@ -20641,6 +21241,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         24,
         1,
+        6,
         (
             "model.layers.24.block_sparse_moe.experts.1.w1.weight",
             "model.layers.24.block_sparse_moe.experts.1.w3.weight",
@@ -20656,6 +21257,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         24,
         1,
+        7,
         ("model.layers.24.block_sparse_moe.experts.1.w2.weight",),
         import_decoder_layers_24_mlp_experts_linear_fc2_weight1,
         export_decoder_layers_24_mlp_experts_linear_fc2_weight1,
@@ -20668,6 +21270,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         24,
         2,
+        6,
         (
             "model.layers.24.block_sparse_moe.experts.2.w1.weight",
             "model.layers.24.block_sparse_moe.experts.2.w3.weight",
@@ -20683,6 +21286,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         24,
         2,
+        7,
         ("model.layers.24.block_sparse_moe.experts.2.w2.weight",),
         import_decoder_layers_24_mlp_experts_linear_fc2_weight2,
         export_decoder_layers_24_mlp_experts_linear_fc2_weight2,
@@ -20695,6 +21299,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         24,
         3,
+        6,
         (
             "model.layers.24.block_sparse_moe.experts.3.w1.weight",
             "model.layers.24.block_sparse_moe.experts.3.w3.weight",
@@ -20710,6 +21315,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         24,
         3,
+        7,
         ("model.layers.24.block_sparse_moe.experts.3.w2.weight",),
         import_decoder_layers_24_mlp_experts_linear_fc2_weight3,
         export_decoder_layers_24_mlp_experts_linear_fc2_weight3,
@@ -20722,6 +21328,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         24,
         4,
+        6,
         (
             "model.layers.24.block_sparse_moe.experts.4.w1.weight",
             "model.layers.24.block_sparse_moe.experts.4.w3.weight",
@@ -20737,6 +21344,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         24,
         4,
+        7,
         ("model.layers.24.block_sparse_moe.experts.4.w2.weight",),
         import_decoder_layers_24_mlp_experts_linear_fc2_weight4,
         export_decoder_layers_24_mlp_experts_linear_fc2_weight4,
@@ -20749,6 +21357,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         24,
         5,
+        6,
         (
             "model.layers.24.block_sparse_moe.experts.5.w1.weight",
             "model.layers.24.block_sparse_moe.experts.5.w3.weight",
@@ -20764,6 +21373,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         24,
         5,
+        7,
         ("model.layers.24.block_sparse_moe.experts.5.w2.weight",),
         import_decoder_layers_24_mlp_experts_linear_fc2_weight5,
         export_decoder_layers_24_mlp_experts_linear_fc2_weight5,
@@ -20775,6 +21385,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         0,
         True,
         24,
+        6,
         6,
         (
             "model.layers.24.block_sparse_moe.experts.6.w1.weight",
@@ -20791,6 +21402,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         24,
         6,
+        7,
         ("model.layers.24.block_sparse_moe.experts.6.w2.weight",),
         import_decoder_layers_24_mlp_experts_linear_fc2_weight6,
         export_decoder_layers_24_mlp_experts_linear_fc2_weight6,
@@ -20803,6 +21415,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         24,
         7,
+        6,
         (
             "model.layers.24.block_sparse_moe.experts.7.w1.weight",
             "model.layers.24.block_sparse_moe.experts.7.w3.weight",
@@ -20818,6 +21431,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         24,
         7,
+        7,
         ("model.layers.24.block_sparse_moe.experts.7.w2.weight",),
         import_decoder_layers_24_mlp_experts_linear_fc2_weight7,
         export_decoder_layers_24_mlp_experts_linear_fc2_weight7,
@@ -20830,6 +21444,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         25,
         None,
+        1,
         ("model.layers.25.input_layernorm.weight",),
         import_decoder_layers_25_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_25_self_attention_linear_qkv_layer_norm_weight,
@@ -20842,6 +21457,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         25,
         None,
+        2,
         ("model.layers.25.self_attn.o_proj.weight",),
         import_decoder_layers_25_self_attention_linear_proj_weight,
         export_decoder_layers_25_self_attention_linear_proj_weight,
@@ -20854,6 +21470,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         25,
         None,
+        3,
         (
             "model.layers.25.self_attn.q_proj.weight",
             "model.layers.25.self_attn.k_proj.weight",
@@ -20870,6 +21487,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         25,
         None,
+        4,
         ("model.layers.25.post_attention_layernorm.weight",),
         import_decoder_layers_25_pre_mlp_layernorm_weight,
         export_decoder_layers_25_pre_mlp_layernorm_weight,
@@ -20882,6 +21500,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         25,
         None,
+        5,
         ("model.layers.25.block_sparse_moe.gate.weight",),
         import_decoder_layers_25_mlp_router_weight,
         export_decoder_layers_25_mlp_router_weight,
@@ -20894,6 +21513,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         25,
         0,
+        6,
         (
             "model.layers.25.block_sparse_moe.experts.0.w1.weight",
             "model.layers.25.block_sparse_moe.experts.0.w3.weight",
@@ -20909,6 +21529,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         25,
         0,
+        7,
         ("model.layers.25.block_sparse_moe.experts.0.w2.weight",),
         import_decoder_layers_25_mlp_experts_linear_fc2_weight0,
         export_decoder_layers_25_mlp_experts_linear_fc2_weight0,
@@ -20921,6 +21542,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         25,
         1,
+        6,
         (
             "model.layers.25.block_sparse_moe.experts.1.w1.weight",
             "model.layers.25.block_sparse_moe.experts.1.w3.weight",
@@ -20936,6 +21558,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         25,
         1,
+        7,
         ("model.layers.25.block_sparse_moe.experts.1.w2.weight",),
         import_decoder_layers_25_mlp_experts_linear_fc2_weight1,
         export_decoder_layers_25_mlp_experts_linear_fc2_weight1,
@@ -20948,6 +21571,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         25,
         2,
+        6,
         (
             "model.layers.25.block_sparse_moe.experts.2.w1.weight",
             "model.layers.25.block_sparse_moe.experts.2.w3.weight",
@@ -20963,6 +21587,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         25,
         2,
+        7,
         ("model.layers.25.block_sparse_moe.experts.2.w2.weight",),
         import_decoder_layers_25_mlp_experts_linear_fc2_weight2,
         export_decoder_layers_25_mlp_experts_linear_fc2_weight2,
@@ -20975,6 +21600,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         25,
         3,
+        6,
         (
             "model.layers.25.block_sparse_moe.experts.3.w1.weight",
             "model.layers.25.block_sparse_moe.experts.3.w3.weight",
@@ -20990,6 +21616,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         25,
         3,
+        7,
         ("model.layers.25.block_sparse_moe.experts.3.w2.weight",),
         import_decoder_layers_25_mlp_experts_linear_fc2_weight3,
         export_decoder_layers_25_mlp_experts_linear_fc2_weight3,
@@ -21002,6 +21629,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         25,
         4,
+        6,
         (
             "model.layers.25.block_sparse_moe.experts.4.w1.weight",
             "model.layers.25.block_sparse_moe.experts.4.w3.weight",
@@ -21017,6 +21645,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         25,
         4,
+        7,
         ("model.layers.25.block_sparse_moe.experts.4.w2.weight",),
         import_decoder_layers_25_mlp_experts_linear_fc2_weight4,
         export_decoder_layers_25_mlp_experts_linear_fc2_weight4,
@@ -21029,6 +21658,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         25,
         5,
+        6,
         (
             "model.layers.25.block_sparse_moe.experts.5.w1.weight",
             "model.layers.25.block_sparse_moe.experts.5.w3.weight",
@@ -21044,6 +21674,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         25,
         5,
+        7,
         ("model.layers.25.block_sparse_moe.experts.5.w2.weight",),
         import_decoder_layers_25_mlp_experts_linear_fc2_weight5,
         export_decoder_layers_25_mlp_experts_linear_fc2_weight5,
@@ -21055,6 +21686,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         0,
         True,
         25,
+        6,
         6,
         (
             "model.layers.25.block_sparse_moe.experts.6.w1.weight",
@@ -21071,6 +21703,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         25,
         6,
+        7,
         ("model.layers.25.block_sparse_moe.experts.6.w2.weight",),
         import_decoder_layers_25_mlp_experts_linear_fc2_weight6,
         export_decoder_layers_25_mlp_experts_linear_fc2_weight6,
@@ -21083,6 +21716,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         25,
         7,
+        6,
         (
             "model.layers.25.block_sparse_moe.experts.7.w1.weight",
             "model.layers.25.block_sparse_moe.experts.7.w3.weight",
@@ -21098,6 +21732,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         25,
         7,
+        7,
         ("model.layers.25.block_sparse_moe.experts.7.w2.weight",),
         import_decoder_layers_25_mlp_experts_linear_fc2_weight7,
         export_decoder_layers_25_mlp_experts_linear_fc2_weight7,
@@ -21110,6 +21745,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         26,
         None,
+        1,
         ("model.layers.26.input_layernorm.weight",),
         import_decoder_layers_26_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_26_self_attention_linear_qkv_layer_norm_weight,
@@ -21122,6 +21758,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         26,
         None,
+        2,
         ("model.layers.26.self_attn.o_proj.weight",),
         import_decoder_layers_26_self_attention_linear_proj_weight,
         export_decoder_layers_26_self_attention_linear_proj_weight,
@@ -21134,6 +21771,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         26,
         None,
+        3,
         (
             "model.layers.26.self_attn.q_proj.weight",
             "model.layers.26.self_attn.k_proj.weight",
@@ -21150,6 +21788,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         26,
         None,
+        4,
         ("model.layers.26.post_attention_layernorm.weight",),
         import_decoder_layers_26_pre_mlp_layernorm_weight,
         export_decoder_layers_26_pre_mlp_layernorm_weight,
@@ -21162,6 +21801,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         26,
         None,
+        5,
         ("model.layers.26.block_sparse_moe.gate.weight",),
         import_decoder_layers_26_mlp_router_weight,
         export_decoder_layers_26_mlp_router_weight,
@@ -21174,6 +21814,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         26,
         0,
+        6,
         (
             "model.layers.26.block_sparse_moe.experts.0.w1.weight",
             "model.layers.26.block_sparse_moe.experts.0.w3.weight",
@@ -21189,6 +21830,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         26,
         0,
+        7,
         ("model.layers.26.block_sparse_moe.experts.0.w2.weight",),
         import_decoder_layers_26_mlp_experts_linear_fc2_weight0,
         export_decoder_layers_26_mlp_experts_linear_fc2_weight0,
@@ -21201,6 +21843,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         26,
         1,
+        6,
         (
             "model.layers.26.block_sparse_moe.experts.1.w1.weight",
             "model.layers.26.block_sparse_moe.experts.1.w3.weight",
@@ -21216,6 +21859,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         26,
         1,
+        7,
         ("model.layers.26.block_sparse_moe.experts.1.w2.weight",),
         import_decoder_layers_26_mlp_experts_linear_fc2_weight1,
         export_decoder_layers_26_mlp_experts_linear_fc2_weight1,
@@ -21228,6 +21872,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         26,
         2,
+        6,
         (
             "model.layers.26.block_sparse_moe.experts.2.w1.weight",
             "model.layers.26.block_sparse_moe.experts.2.w3.weight",
@@ -21243,6 +21888,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         26,
         2,
+        7,
         ("model.layers.26.block_sparse_moe.experts.2.w2.weight",),
         import_decoder_layers_26_mlp_experts_linear_fc2_weight2,
         export_decoder_layers_26_mlp_experts_linear_fc2_weight2,
@@ -21255,6 +21901,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         26,
         3,
+        6,
         (
             "model.layers.26.block_sparse_moe.experts.3.w1.weight",
             "model.layers.26.block_sparse_moe.experts.3.w3.weight",
@@ -21270,6 +21917,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         26,
         3,
+        7,
         ("model.layers.26.block_sparse_moe.experts.3.w2.weight",),
         import_decoder_layers_26_mlp_experts_linear_fc2_weight3,
         export_decoder_layers_26_mlp_experts_linear_fc2_weight3,
@@ -21282,6 +21930,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         26,
         4,
+        6,
         (
             "model.layers.26.block_sparse_moe.experts.4.w1.weight",
             "model.layers.26.block_sparse_moe.experts.4.w3.weight",
@@ -21297,6 +21946,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         26,
         4,
+        7,
         ("model.layers.26.block_sparse_moe.experts.4.w2.weight",),
         import_decoder_layers_26_mlp_experts_linear_fc2_weight4,
         export_decoder_layers_26_mlp_experts_linear_fc2_weight4,
@@ -21309,6 +21959,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         26,
         5,
+        6,
         (
             "model.layers.26.block_sparse_moe.experts.5.w1.weight",
             "model.layers.26.block_sparse_moe.experts.5.w3.weight",
@@ -21324,6 +21975,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         26,
         5,
+        7,
         ("model.layers.26.block_sparse_moe.experts.5.w2.weight",),
         import_decoder_layers_26_mlp_experts_linear_fc2_weight5,
         export_decoder_layers_26_mlp_experts_linear_fc2_weight5,
@@ -21335,6 +21987,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         0,
         True,
         26,
+        6,
         6,
         (
             "model.layers.26.block_sparse_moe.experts.6.w1.weight",
@@ -21351,6 +22004,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         26,
         6,
+        7,
         ("model.layers.26.block_sparse_moe.experts.6.w2.weight",),
         import_decoder_layers_26_mlp_experts_linear_fc2_weight6,
         export_decoder_layers_26_mlp_experts_linear_fc2_weight6,
@@ -21363,6 +22017,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         26,
         7,
+        6,
         (
             "model.layers.26.block_sparse_moe.experts.7.w1.weight",
             "model.layers.26.block_sparse_moe.experts.7.w3.weight",
@@ -21378,6 +22033,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         26,
         7,
+        7,
         ("model.layers.26.block_sparse_moe.experts.7.w2.weight",),
         import_decoder_layers_26_mlp_experts_linear_fc2_weight7,
         export_decoder_layers_26_mlp_experts_linear_fc2_weight7,
@@ -21390,6 +22046,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         27,
         None,
+        1,
         ("model.layers.27.input_layernorm.weight",),
         import_decoder_layers_27_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_27_self_attention_linear_qkv_layer_norm_weight,
@@ -21402,6 +22059,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         27,
         None,
+        2,
         ("model.layers.27.self_attn.o_proj.weight",),
         import_decoder_layers_27_self_attention_linear_proj_weight,
         export_decoder_layers_27_self_attention_linear_proj_weight,
@@ -21414,6 +22072,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         27,
         None,
+        3,
         (
             "model.layers.27.self_attn.q_proj.weight",
             "model.layers.27.self_attn.k_proj.weight",
@@ -21430,6 +22089,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         27,
         None,
+        4,
         ("model.layers.27.post_attention_layernorm.weight",),
         import_decoder_layers_27_pre_mlp_layernorm_weight,
         export_decoder_layers_27_pre_mlp_layernorm_weight,
@@ -21442,6 +22102,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         27,
         None,
+        5,
         ("model.layers.27.block_sparse_moe.gate.weight",),
         import_decoder_layers_27_mlp_router_weight,
         export_decoder_layers_27_mlp_router_weight,
@@ -21454,6 +22115,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         27,
         0,
+        6,
         (
             "model.layers.27.block_sparse_moe.experts.0.w1.weight",
             "model.layers.27.block_sparse_moe.experts.0.w3.weight",
@@ -21469,6 +22131,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         27,
         0,
+        7,
         ("model.layers.27.block_sparse_moe.experts.0.w2.weight",),
         import_decoder_layers_27_mlp_experts_linear_fc2_weight0,
         export_decoder_layers_27_mlp_experts_linear_fc2_weight0,
@@ -21481,6 +22144,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         27,
         1,
+        6,
         (
             "model.layers.27.block_sparse_moe.experts.1.w1.weight",
             "model.layers.27.block_sparse_moe.experts.1.w3.weight",
@@ -21496,6 +22160,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         27,
         1,
+        7,
         ("model.layers.27.block_sparse_moe.experts.1.w2.weight",),
         import_decoder_layers_27_mlp_experts_linear_fc2_weight1,
         export_decoder_layers_27_mlp_experts_linear_fc2_weight1,
@@ -21508,6 +22173,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         27,
         2,
+        6,
         (
             "model.layers.27.block_sparse_moe.experts.2.w1.weight",
             "model.layers.27.block_sparse_moe.experts.2.w3.weight",
@@ -21523,6 +22189,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         27,
         2,
+        7,
         ("model.layers.27.block_sparse_moe.experts.2.w2.weight",),
         import_decoder_layers_27_mlp_experts_linear_fc2_weight2,
         export_decoder_layers_27_mlp_experts_linear_fc2_weight2,
@@ -21535,6 +22202,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         27,
         3,
+        6,
         (
             "model.layers.27.block_sparse_moe.experts.3.w1.weight",
             "model.layers.27.block_sparse_moe.experts.3.w3.weight",
@@ -21550,6 +22218,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         27,
         3,
+        7,
         ("model.layers.27.block_sparse_moe.experts.3.w2.weight",),
         import_decoder_layers_27_mlp_experts_linear_fc2_weight3,
         export_decoder_layers_27_mlp_experts_linear_fc2_weight3,
@@ -21562,6 +22231,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         27,
         4,
+        6,
         (
             "model.layers.27.block_sparse_moe.experts.4.w1.weight",
             "model.layers.27.block_sparse_moe.experts.4.w3.weight",
@@ -21577,6 +22247,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         27,
         4,
+        7,
         ("model.layers.27.block_sparse_moe.experts.4.w2.weight",),
         import_decoder_layers_27_mlp_experts_linear_fc2_weight4,
         export_decoder_layers_27_mlp_experts_linear_fc2_weight4,
@@ -21589,6 +22260,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         27,
         5,
+        6,
         (
             "model.layers.27.block_sparse_moe.experts.5.w1.weight",
             "model.layers.27.block_sparse_moe.experts.5.w3.weight",
@@ -21604,6 +22276,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         27,
         5,
+        7,
         ("model.layers.27.block_sparse_moe.experts.5.w2.weight",),
         import_decoder_layers_27_mlp_experts_linear_fc2_weight5,
         export_decoder_layers_27_mlp_experts_linear_fc2_weight5,
@@ -21615,6 +22288,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         0,
         True,
         27,
+        6,
         6,
         (
             "model.layers.27.block_sparse_moe.experts.6.w1.weight",
@@ -21631,6 +22305,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         27,
         6,
+        7,
         ("model.layers.27.block_sparse_moe.experts.6.w2.weight",),
         import_decoder_layers_27_mlp_experts_linear_fc2_weight6,
         export_decoder_layers_27_mlp_experts_linear_fc2_weight6,
@@ -21643,6 +22318,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         27,
         7,
+        6,
         (
             "model.layers.27.block_sparse_moe.experts.7.w1.weight",
             "model.layers.27.block_sparse_moe.experts.7.w3.weight",
@@ -21658,6 +22334,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         27,
         7,
+        7,
         ("model.layers.27.block_sparse_moe.experts.7.w2.weight",),
         import_decoder_layers_27_mlp_experts_linear_fc2_weight7,
         export_decoder_layers_27_mlp_experts_linear_fc2_weight7,
@@ -21670,6 +22347,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         28,
         None,
+        1,
         ("model.layers.28.input_layernorm.weight",),
         import_decoder_layers_28_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_28_self_attention_linear_qkv_layer_norm_weight,
@@ -21682,6 +22360,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         28,
         None,
+        2,
         ("model.layers.28.self_attn.o_proj.weight",),
         import_decoder_layers_28_self_attention_linear_proj_weight,
         export_decoder_layers_28_self_attention_linear_proj_weight,
@@ -21694,6 +22373,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         28,
         None,
+        3,
         (
             "model.layers.28.self_attn.q_proj.weight",
             "model.layers.28.self_attn.k_proj.weight",
@@ -21710,6 +22390,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         28,
         None,
+        4,
         ("model.layers.28.post_attention_layernorm.weight",),
         import_decoder_layers_28_pre_mlp_layernorm_weight,
         export_decoder_layers_28_pre_mlp_layernorm_weight,
@@ -21722,6 +22403,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         28,
         None,
+        5,
         ("model.layers.28.block_sparse_moe.gate.weight",),
         import_decoder_layers_28_mlp_router_weight,
         export_decoder_layers_28_mlp_router_weight,
@@ -21734,6 +22416,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         28,
         0,
+        6,
         (
             "model.layers.28.block_sparse_moe.experts.0.w1.weight",
             "model.layers.28.block_sparse_moe.experts.0.w3.weight",
@@ -21749,6 +22432,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         28,
         0,
+        7,
         ("model.layers.28.block_sparse_moe.experts.0.w2.weight",),
         import_decoder_layers_28_mlp_experts_linear_fc2_weight0,
         export_decoder_layers_28_mlp_experts_linear_fc2_weight0,
@@ -21761,6 +22445,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         28,
         1,
+        6,
         (
             "model.layers.28.block_sparse_moe.experts.1.w1.weight",
             "model.layers.28.block_sparse_moe.experts.1.w3.weight",
@@ -21776,6 +22461,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         28,
         1,
+        7,
         ("model.layers.28.block_sparse_moe.experts.1.w2.weight",),
         import_decoder_layers_28_mlp_experts_linear_fc2_weight1,
         export_decoder_layers_28_mlp_experts_linear_fc2_weight1,
@@ -21788,6 +22474,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         28,
         2,
+        6,
         (
             "model.layers.28.block_sparse_moe.experts.2.w1.weight",
             "model.layers.28.block_sparse_moe.experts.2.w3.weight",
@@ -21803,6 +22490,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         28,
         2,
+        7,
         ("model.layers.28.block_sparse_moe.experts.2.w2.weight",),
         import_decoder_layers_28_mlp_experts_linear_fc2_weight2,
         export_decoder_layers_28_mlp_experts_linear_fc2_weight2,
@@ -21815,6 +22503,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         28,
         3,
+        6,
         (
             "model.layers.28.block_sparse_moe.experts.3.w1.weight",
             "model.layers.28.block_sparse_moe.experts.3.w3.weight",
@@ -21830,6 +22519,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         28,
         3,
+        7,
         ("model.layers.28.block_sparse_moe.experts.3.w2.weight",),
         import_decoder_layers_28_mlp_experts_linear_fc2_weight3,
         export_decoder_layers_28_mlp_experts_linear_fc2_weight3,
@@ -21842,6 +22532,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         28,
         4,
+        6,
         (
             "model.layers.28.block_sparse_moe.experts.4.w1.weight",
             "model.layers.28.block_sparse_moe.experts.4.w3.weight",
@@ -21857,6 +22548,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         28,
         4,
+        7,
         ("model.layers.28.block_sparse_moe.experts.4.w2.weight",),
         import_decoder_layers_28_mlp_experts_linear_fc2_weight4,
         export_decoder_layers_28_mlp_experts_linear_fc2_weight4,
@@ -21869,6 +22561,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         28,
         5,
+        6,
         (
             "model.layers.28.block_sparse_moe.experts.5.w1.weight",
             "model.layers.28.block_sparse_moe.experts.5.w3.weight",
@@ -21884,6 +22577,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         28,
         5,
+        7,
         ("model.layers.28.block_sparse_moe.experts.5.w2.weight",),
         import_decoder_layers_28_mlp_experts_linear_fc2_weight5,
         export_decoder_layers_28_mlp_experts_linear_fc2_weight5,
@@ -21895,6 +22589,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         0,
         True,
         28,
+        6,
         6,
         (
             "model.layers.28.block_sparse_moe.experts.6.w1.weight",
@@ -21911,6 +22606,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         28,
         6,
+        7,
         ("model.layers.28.block_sparse_moe.experts.6.w2.weight",),
         import_decoder_layers_28_mlp_experts_linear_fc2_weight6,
         export_decoder_layers_28_mlp_experts_linear_fc2_weight6,
@@ -21923,6 +22619,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         28,
         7,
+        6,
         (
             "model.layers.28.block_sparse_moe.experts.7.w1.weight",
             "model.layers.28.block_sparse_moe.experts.7.w3.weight",
@@ -21938,6 +22635,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         28,
         7,
+        7,
         ("model.layers.28.block_sparse_moe.experts.7.w2.weight",),
         import_decoder_layers_28_mlp_experts_linear_fc2_weight7,
         export_decoder_layers_28_mlp_experts_linear_fc2_weight7,
@@ -21950,6 +22648,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         29,
         None,
+        1,
         ("model.layers.29.input_layernorm.weight",),
         import_decoder_layers_29_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_29_self_attention_linear_qkv_layer_norm_weight,
@@ -21962,6 +22661,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         29,
         None,
+        2,
         ("model.layers.29.self_attn.o_proj.weight",),
         import_decoder_layers_29_self_attention_linear_proj_weight,
         export_decoder_layers_29_self_attention_linear_proj_weight,
@@ -21974,6 +22674,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         29,
         None,
+        3,
         (
             "model.layers.29.self_attn.q_proj.weight",
             "model.layers.29.self_attn.k_proj.weight",
@@ -21990,6 +22691,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         29,
         None,
+        4,
         ("model.layers.29.post_attention_layernorm.weight",),
         import_decoder_layers_29_pre_mlp_layernorm_weight,
         export_decoder_layers_29_pre_mlp_layernorm_weight,
@@ -22002,6 +22704,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         29,
         None,
+        5,
         ("model.layers.29.block_sparse_moe.gate.weight",),
         import_decoder_layers_29_mlp_router_weight,
         export_decoder_layers_29_mlp_router_weight,
@@ -22014,6 +22717,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         29,
         0,
+        6,
         (
             "model.layers.29.block_sparse_moe.experts.0.w1.weight",
             "model.layers.29.block_sparse_moe.experts.0.w3.weight",
@@ -22029,6 +22733,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         29,
         0,
+        7,
         ("model.layers.29.block_sparse_moe.experts.0.w2.weight",),
         import_decoder_layers_29_mlp_experts_linear_fc2_weight0,
         export_decoder_layers_29_mlp_experts_linear_fc2_weight0,
@@ -22041,6 +22746,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         29,
         1,
+        6,
         (
             "model.layers.29.block_sparse_moe.experts.1.w1.weight",
             "model.layers.29.block_sparse_moe.experts.1.w3.weight",
@@ -22056,6 +22762,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         29,
         1,
+        7,
         ("model.layers.29.block_sparse_moe.experts.1.w2.weight",),
         import_decoder_layers_29_mlp_experts_linear_fc2_weight1,
         export_decoder_layers_29_mlp_experts_linear_fc2_weight1,
@@ -22068,6 +22775,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         29,
         2,
+        6,
         (
             "model.layers.29.block_sparse_moe.experts.2.w1.weight",
             "model.layers.29.block_sparse_moe.experts.2.w3.weight",
@@ -22083,6 +22791,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         29,
         2,
+        7,
         ("model.layers.29.block_sparse_moe.experts.2.w2.weight",),
         import_decoder_layers_29_mlp_experts_linear_fc2_weight2,
         export_decoder_layers_29_mlp_experts_linear_fc2_weight2,
@@ -22095,6 +22804,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         29,
         3,
+        6,
         (
             "model.layers.29.block_sparse_moe.experts.3.w1.weight",
             "model.layers.29.block_sparse_moe.experts.3.w3.weight",
@@ -22110,6 +22820,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         29,
         3,
+        7,
         ("model.layers.29.block_sparse_moe.experts.3.w2.weight",),
         import_decoder_layers_29_mlp_experts_linear_fc2_weight3,
         export_decoder_layers_29_mlp_experts_linear_fc2_weight3,
@@ -22122,6 +22833,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         29,
         4,
+        6,
         (
             "model.layers.29.block_sparse_moe.experts.4.w1.weight",
             "model.layers.29.block_sparse_moe.experts.4.w3.weight",
@@ -22137,6 +22849,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         29,
         4,
+        7,
         ("model.layers.29.block_sparse_moe.experts.4.w2.weight",),
         import_decoder_layers_29_mlp_experts_linear_fc2_weight4,
         export_decoder_layers_29_mlp_experts_linear_fc2_weight4,
@@ -22149,6 +22862,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         29,
         5,
+        6,
         (
             "model.layers.29.block_sparse_moe.experts.5.w1.weight",
             "model.layers.29.block_sparse_moe.experts.5.w3.weight",
@@ -22164,6 +22878,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         29,
         5,
+        7,
         ("model.layers.29.block_sparse_moe.experts.5.w2.weight",),
         import_decoder_layers_29_mlp_experts_linear_fc2_weight5,
         export_decoder_layers_29_mlp_experts_linear_fc2_weight5,
@@ -22175,6 +22890,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         0,
         True,
         29,
+        6,
         6,
         (
             "model.layers.29.block_sparse_moe.experts.6.w1.weight",
@@ -22191,6 +22907,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         29,
         6,
+        7,
         ("model.layers.29.block_sparse_moe.experts.6.w2.weight",),
         import_decoder_layers_29_mlp_experts_linear_fc2_weight6,
         export_decoder_layers_29_mlp_experts_linear_fc2_weight6,
@@ -22203,6 +22920,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         29,
         7,
+        6,
         (
             "model.layers.29.block_sparse_moe.experts.7.w1.weight",
             "model.layers.29.block_sparse_moe.experts.7.w3.weight",
@@ -22218,6 +22936,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         29,
         7,
+        7,
         ("model.layers.29.block_sparse_moe.experts.7.w2.weight",),
         import_decoder_layers_29_mlp_experts_linear_fc2_weight7,
         export_decoder_layers_29_mlp_experts_linear_fc2_weight7,
@@ -22230,6 +22949,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         30,
         None,
+        1,
         ("model.layers.30.input_layernorm.weight",),
         import_decoder_layers_30_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_30_self_attention_linear_qkv_layer_norm_weight,
@@ -22242,6 +22962,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         30,
         None,
+        2,
         ("model.layers.30.self_attn.o_proj.weight",),
         import_decoder_layers_30_self_attention_linear_proj_weight,
         export_decoder_layers_30_self_attention_linear_proj_weight,
@@ -22254,6 +22975,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         30,
         None,
+        3,
         (
             "model.layers.30.self_attn.q_proj.weight",
             "model.layers.30.self_attn.k_proj.weight",
@@ -22270,6 +22992,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         30,
         None,
+        4,
         ("model.layers.30.post_attention_layernorm.weight",),
         import_decoder_layers_30_pre_mlp_layernorm_weight,
         export_decoder_layers_30_pre_mlp_layernorm_weight,
@@ -22282,6 +23005,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         30,
         None,
+        5,
         ("model.layers.30.block_sparse_moe.gate.weight",),
         import_decoder_layers_30_mlp_router_weight,
         export_decoder_layers_30_mlp_router_weight,
@@ -22294,6 +23018,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         30,
         0,
+        6,
         (
             "model.layers.30.block_sparse_moe.experts.0.w1.weight",
             "model.layers.30.block_sparse_moe.experts.0.w3.weight",
@@ -22309,6 +23034,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         30,
         0,
+        7,
         ("model.layers.30.block_sparse_moe.experts.0.w2.weight",),
         import_decoder_layers_30_mlp_experts_linear_fc2_weight0,
         export_decoder_layers_30_mlp_experts_linear_fc2_weight0,
@@ -22321,6 +23047,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         30,
         1,
+        6,
         (
             "model.layers.30.block_sparse_moe.experts.1.w1.weight",
             "model.layers.30.block_sparse_moe.experts.1.w3.weight",
@@ -22336,6 +23063,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         30,
         1,
+        7,
         ("model.layers.30.block_sparse_moe.experts.1.w2.weight",),
         import_decoder_layers_30_mlp_experts_linear_fc2_weight1,
         export_decoder_layers_30_mlp_experts_linear_fc2_weight1,
@@ -22348,6 +23076,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         30,
         2,
+        6,
         (
             "model.layers.30.block_sparse_moe.experts.2.w1.weight",
             "model.layers.30.block_sparse_moe.experts.2.w3.weight",
@@ -22363,6 +23092,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         30,
         2,
+        7,
         ("model.layers.30.block_sparse_moe.experts.2.w2.weight",),
         import_decoder_layers_30_mlp_experts_linear_fc2_weight2,
         export_decoder_layers_30_mlp_experts_linear_fc2_weight2,
@@ -22375,6 +23105,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         30,
         3,
+        6,
         (
             "model.layers.30.block_sparse_moe.experts.3.w1.weight",
             "model.layers.30.block_sparse_moe.experts.3.w3.weight",
@@ -22390,6 +23121,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         30,
         3,
+        7,
         ("model.layers.30.block_sparse_moe.experts.3.w2.weight",),
         import_decoder_layers_30_mlp_experts_linear_fc2_weight3,
         export_decoder_layers_30_mlp_experts_linear_fc2_weight3,
@@ -22402,6 +23134,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         30,
         4,
+        6,
         (
             "model.layers.30.block_sparse_moe.experts.4.w1.weight",
             "model.layers.30.block_sparse_moe.experts.4.w3.weight",
@@ -22417,6 +23150,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         30,
         4,
+        7,
         ("model.layers.30.block_sparse_moe.experts.4.w2.weight",),
         import_decoder_layers_30_mlp_experts_linear_fc2_weight4,
         export_decoder_layers_30_mlp_experts_linear_fc2_weight4,
@@ -22429,6 +23163,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         30,
         5,
+        6,
         (
             "model.layers.30.block_sparse_moe.experts.5.w1.weight",
             "model.layers.30.block_sparse_moe.experts.5.w3.weight",
@@ -22444,6 +23179,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         30,
         5,
+        7,
         ("model.layers.30.block_sparse_moe.experts.5.w2.weight",),
         import_decoder_layers_30_mlp_experts_linear_fc2_weight5,
         export_decoder_layers_30_mlp_experts_linear_fc2_weight5,
@@ -22455,6 +23191,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         0,
         True,
         30,
+        6,
         6,
         (
             "model.layers.30.block_sparse_moe.experts.6.w1.weight",
@@ -22471,6 +23208,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         30,
         6,
+        7,
         ("model.layers.30.block_sparse_moe.experts.6.w2.weight",),
         import_decoder_layers_30_mlp_experts_linear_fc2_weight6,
         export_decoder_layers_30_mlp_experts_linear_fc2_weight6,
@@ -22483,6 +23221,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         30,
         7,
+        6,
         (
             "model.layers.30.block_sparse_moe.experts.7.w1.weight",
             "model.layers.30.block_sparse_moe.experts.7.w3.weight",
@@ -22498,6 +23237,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         30,
         7,
+        7,
         ("model.layers.30.block_sparse_moe.experts.7.w2.weight",),
         import_decoder_layers_30_mlp_experts_linear_fc2_weight7,
         export_decoder_layers_30_mlp_experts_linear_fc2_weight7,
@@ -22510,6 +23250,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         31,
         None,
+        1,
         ("model.layers.31.input_layernorm.weight",),
         import_decoder_layers_31_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_31_self_attention_linear_qkv_layer_norm_weight,
@@ -22522,6 +23263,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         31,
         None,
+        2,
         ("model.layers.31.self_attn.o_proj.weight",),
         import_decoder_layers_31_self_attention_linear_proj_weight,
         export_decoder_layers_31_self_attention_linear_proj_weight,
@@ -22534,6 +23276,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         31,
         None,
+        3,
         (
             "model.layers.31.self_attn.q_proj.weight",
             "model.layers.31.self_attn.k_proj.weight",
@@ -22550,6 +23293,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         31,
         None,
+        4,
         ("model.layers.31.post_attention_layernorm.weight",),
         import_decoder_layers_31_pre_mlp_layernorm_weight,
         export_decoder_layers_31_pre_mlp_layernorm_weight,
@@ -22562,6 +23306,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         31,
         None,
+        5,
         ("model.layers.31.block_sparse_moe.gate.weight",),
         import_decoder_layers_31_mlp_router_weight,
         export_decoder_layers_31_mlp_router_weight,
@@ -22574,6 +23319,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         31,
         0,
+        6,
         (
             "model.layers.31.block_sparse_moe.experts.0.w1.weight",
             "model.layers.31.block_sparse_moe.experts.0.w3.weight",
@@ -22589,6 +23335,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         31,
         0,
+        7,
         ("model.layers.31.block_sparse_moe.experts.0.w2.weight",),
         import_decoder_layers_31_mlp_experts_linear_fc2_weight0,
         export_decoder_layers_31_mlp_experts_linear_fc2_weight0,
@@ -22601,6 +23348,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         31,
         1,
+        6,
         (
             "model.layers.31.block_sparse_moe.experts.1.w1.weight",
             "model.layers.31.block_sparse_moe.experts.1.w3.weight",
@@ -22616,6 +23364,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         31,
         1,
+        7,
         ("model.layers.31.block_sparse_moe.experts.1.w2.weight",),
         import_decoder_layers_31_mlp_experts_linear_fc2_weight1,
         export_decoder_layers_31_mlp_experts_linear_fc2_weight1,
@@ -22628,6 +23377,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         31,
         2,
+        6,
         (
             "model.layers.31.block_sparse_moe.experts.2.w1.weight",
             "model.layers.31.block_sparse_moe.experts.2.w3.weight",
@@ -22643,6 +23393,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         31,
         2,
+        7,
         ("model.layers.31.block_sparse_moe.experts.2.w2.weight",),
         import_decoder_layers_31_mlp_experts_linear_fc2_weight2,
         export_decoder_layers_31_mlp_experts_linear_fc2_weight2,
@@ -22655,6 +23406,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         31,
         3,
+        6,
         (
             "model.layers.31.block_sparse_moe.experts.3.w1.weight",
             "model.layers.31.block_sparse_moe.experts.3.w3.weight",
@@ -22670,6 +23422,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         31,
         3,
+        7,
         ("model.layers.31.block_sparse_moe.experts.3.w2.weight",),
         import_decoder_layers_31_mlp_experts_linear_fc2_weight3,
         export_decoder_layers_31_mlp_experts_linear_fc2_weight3,
@@ -22682,6 +23435,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         31,
         4,
+        6,
         (
             "model.layers.31.block_sparse_moe.experts.4.w1.weight",
             "model.layers.31.block_sparse_moe.experts.4.w3.weight",
@@ -22697,6 +23451,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         31,
         4,
+        7,
         ("model.layers.31.block_sparse_moe.experts.4.w2.weight",),
         import_decoder_layers_31_mlp_experts_linear_fc2_weight4,
         export_decoder_layers_31_mlp_experts_linear_fc2_weight4,
@@ -22709,6 +23464,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         31,
         5,
+        6,
         (
             "model.layers.31.block_sparse_moe.experts.5.w1.weight",
             "model.layers.31.block_sparse_moe.experts.5.w3.weight",
@@ -22724,6 +23480,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         31,
         5,
+        7,
         ("model.layers.31.block_sparse_moe.experts.5.w2.weight",),
         import_decoder_layers_31_mlp_experts_linear_fc2_weight5,
         export_decoder_layers_31_mlp_experts_linear_fc2_weight5,
@@ -22735,6 +23492,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         0,
         True,
         31,
+        6,
         6,
         (
             "model.layers.31.block_sparse_moe.experts.6.w1.weight",
@@ -22751,6 +23509,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         31,
         6,
+        7,
         ("model.layers.31.block_sparse_moe.experts.6.w2.weight",),
         import_decoder_layers_31_mlp_experts_linear_fc2_weight6,
         export_decoder_layers_31_mlp_experts_linear_fc2_weight6,
@@ -22763,6 +23522,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         31,
         7,
+        6,
         (
             "model.layers.31.block_sparse_moe.experts.7.w1.weight",
             "model.layers.31.block_sparse_moe.experts.7.w3.weight",
@@ -22778,6 +23538,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         True,
         31,
         7,
+        7,
         ("model.layers.31.block_sparse_moe.experts.7.w2.weight",),
         import_decoder_layers_31_mlp_experts_linear_fc2_weight7,
         export_decoder_layers_31_mlp_experts_linear_fc2_weight7,
@@ -22790,6 +23551,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         None,
         None,
+        8,
         ("model.norm.weight",),
         import_decoder_final_layernorm_weight,
         export_decoder_final_layernorm_weight,
@@ -22802,6 +23564,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         None,
         None,
+        9,
         ("lm_head.weight",),
         import_output_layer_weight,
         export_output_layer_weight,

@@ -13,8 +13,17 @@ from typing import Final
 from torch import Tensor
 
 from mapgen import runtime as rt
-from mapgen.dims import ModelDims
-from mapgen.runtime import ExportFn, HFTensorPlan, ImportFn, Loader, ParallelContext, ParamPlan
+from mapgen.runtime import (
+    ExportFn,
+    HFTensorPlan,
+    ImportFn,
+    Loader,
+    ModelDims,
+    ParallelContext,
+    ParamPlan,
+    QKVGeometry,
+    RulePlan,
+)
 
 TARGET: Final = "qwen2_5_7b"
 LAYOUT: Final = "te"
@@ -74,51 +83,132 @@ DIMS: Final = ModelDims(
     v_head_dim=0,
 )
 
+# The spec's rules this module applies, in the order their first parameter appears. The
+# functions' docstrings cite them by id (the Megatron pattern, or the rule's `id:`); PARAMS by
+# index. Fields: id, kind, Megatron pattern, HF patterns, their roles, then permute_dims and the
+# QKV geometry (heads, query groups, head dim, output gate) where the kind has them.
+RULES: Final[tuple[RulePlan, ...]] = (
+    RulePlan(
+        "embedding.word_embeddings.weight",
+        "auto",
+        "embedding.word_embeddings.weight",
+        ("model.embed_tokens.weight",),
+        ("hf",),
+    ),
+    RulePlan(
+        "decoder.layers.*.self_attention.linear_qkv.layer_norm_weight",
+        "auto",
+        "decoder.layers.*.self_attention.linear_qkv.layer_norm_weight",
+        ("model.layers.*.input_layernorm.weight",),
+        ("hf",),
+    ),
+    RulePlan(
+        "decoder.layers.*.self_attention.linear_proj.weight",
+        "auto",
+        "decoder.layers.*.self_attention.linear_proj.weight",
+        ("model.layers.*.self_attn.o_proj.weight",),
+        ("hf",),
+    ),
+    RulePlan(
+        "decoder.layers.*.self_attention.linear_qkv.weight",
+        "qkv",
+        "decoder.layers.*.self_attention.linear_qkv.weight",
+        (
+            "model.layers.*.self_attn.q_proj.weight",
+            "model.layers.*.self_attn.k_proj.weight",
+            "model.layers.*.self_attn.v_proj.weight",
+        ),
+        ("q", "k", "v"),
+        qkv=QKVGeometry(28, 4, 128, False),
+    ),
+    RulePlan(
+        "decoder.layers.*.self_attention.linear_qkv.bias",
+        "qkv",
+        "decoder.layers.*.self_attention.linear_qkv.bias",
+        (
+            "model.layers.*.self_attn.q_proj.bias",
+            "model.layers.*.self_attn.k_proj.bias",
+            "model.layers.*.self_attn.v_proj.bias",
+        ),
+        ("q", "k", "v"),
+        qkv=QKVGeometry(28, 4, 128, False),
+    ),
+    RulePlan(
+        "decoder.layers.*.mlp.linear_fc1.layer_norm_weight",
+        "auto",
+        "decoder.layers.*.mlp.linear_fc1.layer_norm_weight",
+        ("model.layers.*.post_attention_layernorm.weight",),
+        ("hf",),
+    ),
+    RulePlan(
+        "decoder.layers.*.mlp.linear_fc1.weight",
+        "gated_mlp",
+        "decoder.layers.*.mlp.linear_fc1.weight",
+        ("model.layers.*.mlp.gate_proj.weight", "model.layers.*.mlp.up_proj.weight"),
+        ("gate", "up"),
+    ),
+    RulePlan(
+        "decoder.layers.*.mlp.linear_fc2.weight",
+        "auto",
+        "decoder.layers.*.mlp.linear_fc2.weight",
+        ("model.layers.*.mlp.down_proj.weight",),
+        ("hf",),
+    ),
+    RulePlan(
+        "decoder.final_layernorm.weight",
+        "auto",
+        "decoder.final_layernorm.weight",
+        ("model.norm.weight",),
+        ("hf",),
+    ),
+    RulePlan("output_layer.weight", "auto", "output_layer.weight", ("lm_head.weight",), ("hf",)),
+)
+
 
 def import_embedding_word_embeddings_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> column: specs/qwen2.yaml:25."""
+    """auto -> column: embedding.word_embeddings.weight."""
     return rt.column_import(ctx.tp, load("model.embed_tokens.weight"), out=out)
 
 
 def export_embedding_word_embeddings_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> column: specs/qwen2.yaml:25."""
+    """auto -> column: embedding.word_embeddings.weight."""
     return {"model.embed_tokens.weight": rt.column_export(parts)}
 
 
 def import_decoder_layers_0_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen2.yaml:28."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.0.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_0_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen2.yaml:28."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.0.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_0_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen2.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.0.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_0_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen2.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.0.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_0_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/qwen2.yaml:31."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.0.self_attn.q_proj.weight"),
@@ -134,7 +224,7 @@ def import_decoder_layers_0_self_attention_linear_qkv_weight(
 def export_decoder_layers_0_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/qwen2.yaml:31."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -150,7 +240,7 @@ def export_decoder_layers_0_self_attention_linear_qkv_weight(
 def import_decoder_layers_0_self_attention_linear_qkv_bias(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/qwen2.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.bias."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.0.self_attn.q_proj.bias"),
@@ -166,7 +256,7 @@ def import_decoder_layers_0_self_attention_linear_qkv_bias(
 def export_decoder_layers_0_self_attention_linear_qkv_bias(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/qwen2.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.bias."""
     return dict(
         zip(
             (
@@ -182,21 +272,21 @@ def export_decoder_layers_0_self_attention_linear_qkv_bias(
 def import_decoder_layers_0_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen2.yaml:40."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.0.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_0_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen2.yaml:40."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.0.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_0_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/qwen2.yaml:43."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.0.mlp.gate_proj.weight"),
@@ -206,7 +296,7 @@ def import_decoder_layers_0_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_0_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/qwen2.yaml:43."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weight"),
@@ -218,47 +308,47 @@ def export_decoder_layers_0_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> di
 def import_decoder_layers_0_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen2.yaml:46."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.0.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_0_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen2.yaml:46."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.0.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_1_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen2.yaml:28."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.1.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_1_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen2.yaml:28."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.1.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_1_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen2.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.1.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_1_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen2.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.1.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_1_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/qwen2.yaml:31."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.1.self_attn.q_proj.weight"),
@@ -274,7 +364,7 @@ def import_decoder_layers_1_self_attention_linear_qkv_weight(
 def export_decoder_layers_1_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/qwen2.yaml:31."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -290,7 +380,7 @@ def export_decoder_layers_1_self_attention_linear_qkv_weight(
 def import_decoder_layers_1_self_attention_linear_qkv_bias(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/qwen2.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.bias."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.1.self_attn.q_proj.bias"),
@@ -306,7 +396,7 @@ def import_decoder_layers_1_self_attention_linear_qkv_bias(
 def export_decoder_layers_1_self_attention_linear_qkv_bias(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/qwen2.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.bias."""
     return dict(
         zip(
             (
@@ -322,21 +412,21 @@ def export_decoder_layers_1_self_attention_linear_qkv_bias(
 def import_decoder_layers_1_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen2.yaml:40."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.1.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_1_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen2.yaml:40."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.1.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_1_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/qwen2.yaml:43."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.1.mlp.gate_proj.weight"),
@@ -346,7 +436,7 @@ def import_decoder_layers_1_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_1_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/qwen2.yaml:43."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.1.mlp.gate_proj.weight", "model.layers.1.mlp.up_proj.weight"),
@@ -358,47 +448,47 @@ def export_decoder_layers_1_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> di
 def import_decoder_layers_1_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen2.yaml:46."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.1.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_1_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen2.yaml:46."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.1.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_2_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen2.yaml:28."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.2.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_2_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen2.yaml:28."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.2.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_2_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen2.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.2.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_2_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen2.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.2.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_2_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/qwen2.yaml:31."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.2.self_attn.q_proj.weight"),
@@ -414,7 +504,7 @@ def import_decoder_layers_2_self_attention_linear_qkv_weight(
 def export_decoder_layers_2_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/qwen2.yaml:31."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -430,7 +520,7 @@ def export_decoder_layers_2_self_attention_linear_qkv_weight(
 def import_decoder_layers_2_self_attention_linear_qkv_bias(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/qwen2.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.bias."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.2.self_attn.q_proj.bias"),
@@ -446,7 +536,7 @@ def import_decoder_layers_2_self_attention_linear_qkv_bias(
 def export_decoder_layers_2_self_attention_linear_qkv_bias(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/qwen2.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.bias."""
     return dict(
         zip(
             (
@@ -462,21 +552,21 @@ def export_decoder_layers_2_self_attention_linear_qkv_bias(
 def import_decoder_layers_2_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen2.yaml:40."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.2.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_2_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen2.yaml:40."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.2.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_2_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/qwen2.yaml:43."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.2.mlp.gate_proj.weight"),
@@ -486,7 +576,7 @@ def import_decoder_layers_2_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_2_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/qwen2.yaml:43."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.2.mlp.gate_proj.weight", "model.layers.2.mlp.up_proj.weight"),
@@ -498,47 +588,47 @@ def export_decoder_layers_2_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> di
 def import_decoder_layers_2_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen2.yaml:46."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.2.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_2_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen2.yaml:46."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.2.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_3_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen2.yaml:28."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.3.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_3_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen2.yaml:28."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.3.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_3_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen2.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.3.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_3_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen2.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.3.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_3_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/qwen2.yaml:31."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.3.self_attn.q_proj.weight"),
@@ -554,7 +644,7 @@ def import_decoder_layers_3_self_attention_linear_qkv_weight(
 def export_decoder_layers_3_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/qwen2.yaml:31."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -570,7 +660,7 @@ def export_decoder_layers_3_self_attention_linear_qkv_weight(
 def import_decoder_layers_3_self_attention_linear_qkv_bias(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/qwen2.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.bias."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.3.self_attn.q_proj.bias"),
@@ -586,7 +676,7 @@ def import_decoder_layers_3_self_attention_linear_qkv_bias(
 def export_decoder_layers_3_self_attention_linear_qkv_bias(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/qwen2.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.bias."""
     return dict(
         zip(
             (
@@ -602,21 +692,21 @@ def export_decoder_layers_3_self_attention_linear_qkv_bias(
 def import_decoder_layers_3_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen2.yaml:40."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.3.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_3_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen2.yaml:40."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.3.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_3_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/qwen2.yaml:43."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.3.mlp.gate_proj.weight"),
@@ -626,7 +716,7 @@ def import_decoder_layers_3_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_3_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/qwen2.yaml:43."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.3.mlp.gate_proj.weight", "model.layers.3.mlp.up_proj.weight"),
@@ -638,47 +728,47 @@ def export_decoder_layers_3_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> di
 def import_decoder_layers_3_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen2.yaml:46."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.3.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_3_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen2.yaml:46."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.3.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_4_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen2.yaml:28."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.4.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_4_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen2.yaml:28."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.4.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_4_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen2.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.4.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_4_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen2.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.4.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_4_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/qwen2.yaml:31."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.4.self_attn.q_proj.weight"),
@@ -694,7 +784,7 @@ def import_decoder_layers_4_self_attention_linear_qkv_weight(
 def export_decoder_layers_4_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/qwen2.yaml:31."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -710,7 +800,7 @@ def export_decoder_layers_4_self_attention_linear_qkv_weight(
 def import_decoder_layers_4_self_attention_linear_qkv_bias(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/qwen2.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.bias."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.4.self_attn.q_proj.bias"),
@@ -726,7 +816,7 @@ def import_decoder_layers_4_self_attention_linear_qkv_bias(
 def export_decoder_layers_4_self_attention_linear_qkv_bias(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/qwen2.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.bias."""
     return dict(
         zip(
             (
@@ -742,21 +832,21 @@ def export_decoder_layers_4_self_attention_linear_qkv_bias(
 def import_decoder_layers_4_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen2.yaml:40."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.4.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_4_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen2.yaml:40."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.4.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_4_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/qwen2.yaml:43."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.4.mlp.gate_proj.weight"),
@@ -766,7 +856,7 @@ def import_decoder_layers_4_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_4_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/qwen2.yaml:43."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.4.mlp.gate_proj.weight", "model.layers.4.mlp.up_proj.weight"),
@@ -778,47 +868,47 @@ def export_decoder_layers_4_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> di
 def import_decoder_layers_4_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen2.yaml:46."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.4.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_4_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen2.yaml:46."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.4.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_5_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen2.yaml:28."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.5.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_5_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen2.yaml:28."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.5.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_5_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen2.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.5.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_5_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen2.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.5.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_5_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/qwen2.yaml:31."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.5.self_attn.q_proj.weight"),
@@ -834,7 +924,7 @@ def import_decoder_layers_5_self_attention_linear_qkv_weight(
 def export_decoder_layers_5_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/qwen2.yaml:31."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -850,7 +940,7 @@ def export_decoder_layers_5_self_attention_linear_qkv_weight(
 def import_decoder_layers_5_self_attention_linear_qkv_bias(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/qwen2.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.bias."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.5.self_attn.q_proj.bias"),
@@ -866,7 +956,7 @@ def import_decoder_layers_5_self_attention_linear_qkv_bias(
 def export_decoder_layers_5_self_attention_linear_qkv_bias(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/qwen2.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.bias."""
     return dict(
         zip(
             (
@@ -882,21 +972,21 @@ def export_decoder_layers_5_self_attention_linear_qkv_bias(
 def import_decoder_layers_5_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen2.yaml:40."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.5.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_5_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen2.yaml:40."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.5.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_5_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/qwen2.yaml:43."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.5.mlp.gate_proj.weight"),
@@ -906,7 +996,7 @@ def import_decoder_layers_5_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_5_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/qwen2.yaml:43."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.5.mlp.gate_proj.weight", "model.layers.5.mlp.up_proj.weight"),
@@ -918,47 +1008,47 @@ def export_decoder_layers_5_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> di
 def import_decoder_layers_5_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen2.yaml:46."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.5.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_5_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen2.yaml:46."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.5.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_6_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen2.yaml:28."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.6.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_6_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen2.yaml:28."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.6.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_6_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen2.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.6.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_6_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen2.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.6.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_6_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/qwen2.yaml:31."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.6.self_attn.q_proj.weight"),
@@ -974,7 +1064,7 @@ def import_decoder_layers_6_self_attention_linear_qkv_weight(
 def export_decoder_layers_6_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/qwen2.yaml:31."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -990,7 +1080,7 @@ def export_decoder_layers_6_self_attention_linear_qkv_weight(
 def import_decoder_layers_6_self_attention_linear_qkv_bias(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/qwen2.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.bias."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.6.self_attn.q_proj.bias"),
@@ -1006,7 +1096,7 @@ def import_decoder_layers_6_self_attention_linear_qkv_bias(
 def export_decoder_layers_6_self_attention_linear_qkv_bias(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/qwen2.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.bias."""
     return dict(
         zip(
             (
@@ -1022,21 +1112,21 @@ def export_decoder_layers_6_self_attention_linear_qkv_bias(
 def import_decoder_layers_6_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen2.yaml:40."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.6.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_6_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen2.yaml:40."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.6.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_6_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/qwen2.yaml:43."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.6.mlp.gate_proj.weight"),
@@ -1046,7 +1136,7 @@ def import_decoder_layers_6_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_6_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/qwen2.yaml:43."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.6.mlp.gate_proj.weight", "model.layers.6.mlp.up_proj.weight"),
@@ -1058,47 +1148,47 @@ def export_decoder_layers_6_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> di
 def import_decoder_layers_6_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen2.yaml:46."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.6.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_6_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen2.yaml:46."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.6.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_7_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen2.yaml:28."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.7.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_7_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen2.yaml:28."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.7.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_7_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen2.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.7.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_7_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen2.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.7.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_7_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/qwen2.yaml:31."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.7.self_attn.q_proj.weight"),
@@ -1114,7 +1204,7 @@ def import_decoder_layers_7_self_attention_linear_qkv_weight(
 def export_decoder_layers_7_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/qwen2.yaml:31."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -1130,7 +1220,7 @@ def export_decoder_layers_7_self_attention_linear_qkv_weight(
 def import_decoder_layers_7_self_attention_linear_qkv_bias(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/qwen2.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.bias."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.7.self_attn.q_proj.bias"),
@@ -1146,7 +1236,7 @@ def import_decoder_layers_7_self_attention_linear_qkv_bias(
 def export_decoder_layers_7_self_attention_linear_qkv_bias(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/qwen2.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.bias."""
     return dict(
         zip(
             (
@@ -1162,21 +1252,21 @@ def export_decoder_layers_7_self_attention_linear_qkv_bias(
 def import_decoder_layers_7_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen2.yaml:40."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.7.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_7_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen2.yaml:40."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.7.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_7_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/qwen2.yaml:43."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.7.mlp.gate_proj.weight"),
@@ -1186,7 +1276,7 @@ def import_decoder_layers_7_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_7_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/qwen2.yaml:43."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.7.mlp.gate_proj.weight", "model.layers.7.mlp.up_proj.weight"),
@@ -1198,47 +1288,47 @@ def export_decoder_layers_7_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> di
 def import_decoder_layers_7_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen2.yaml:46."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.7.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_7_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen2.yaml:46."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.7.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_8_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen2.yaml:28."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.8.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_8_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen2.yaml:28."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.8.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_8_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen2.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.8.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_8_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen2.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.8.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_8_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/qwen2.yaml:31."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.8.self_attn.q_proj.weight"),
@@ -1254,7 +1344,7 @@ def import_decoder_layers_8_self_attention_linear_qkv_weight(
 def export_decoder_layers_8_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/qwen2.yaml:31."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -1270,7 +1360,7 @@ def export_decoder_layers_8_self_attention_linear_qkv_weight(
 def import_decoder_layers_8_self_attention_linear_qkv_bias(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/qwen2.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.bias."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.8.self_attn.q_proj.bias"),
@@ -1286,7 +1376,7 @@ def import_decoder_layers_8_self_attention_linear_qkv_bias(
 def export_decoder_layers_8_self_attention_linear_qkv_bias(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/qwen2.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.bias."""
     return dict(
         zip(
             (
@@ -1302,21 +1392,21 @@ def export_decoder_layers_8_self_attention_linear_qkv_bias(
 def import_decoder_layers_8_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen2.yaml:40."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.8.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_8_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen2.yaml:40."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.8.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_8_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/qwen2.yaml:43."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.8.mlp.gate_proj.weight"),
@@ -1326,7 +1416,7 @@ def import_decoder_layers_8_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_8_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/qwen2.yaml:43."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.8.mlp.gate_proj.weight", "model.layers.8.mlp.up_proj.weight"),
@@ -1338,47 +1428,47 @@ def export_decoder_layers_8_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> di
 def import_decoder_layers_8_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen2.yaml:46."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.8.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_8_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen2.yaml:46."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.8.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_9_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen2.yaml:28."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.9.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_9_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen2.yaml:28."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.9.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_9_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen2.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.9.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_9_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen2.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.9.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_9_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/qwen2.yaml:31."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.9.self_attn.q_proj.weight"),
@@ -1394,7 +1484,7 @@ def import_decoder_layers_9_self_attention_linear_qkv_weight(
 def export_decoder_layers_9_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/qwen2.yaml:31."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -1410,7 +1500,7 @@ def export_decoder_layers_9_self_attention_linear_qkv_weight(
 def import_decoder_layers_9_self_attention_linear_qkv_bias(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/qwen2.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.bias."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.9.self_attn.q_proj.bias"),
@@ -1426,7 +1516,7 @@ def import_decoder_layers_9_self_attention_linear_qkv_bias(
 def export_decoder_layers_9_self_attention_linear_qkv_bias(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/qwen2.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.bias."""
     return dict(
         zip(
             (
@@ -1442,21 +1532,21 @@ def export_decoder_layers_9_self_attention_linear_qkv_bias(
 def import_decoder_layers_9_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen2.yaml:40."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.9.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_9_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen2.yaml:40."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.9.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_9_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/qwen2.yaml:43."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.9.mlp.gate_proj.weight"),
@@ -1466,7 +1556,7 @@ def import_decoder_layers_9_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_9_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/qwen2.yaml:43."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.9.mlp.gate_proj.weight", "model.layers.9.mlp.up_proj.weight"),
@@ -1478,47 +1568,47 @@ def export_decoder_layers_9_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> di
 def import_decoder_layers_9_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen2.yaml:46."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.9.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_9_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen2.yaml:46."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.9.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_10_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen2.yaml:28."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.10.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_10_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen2.yaml:28."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.10.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_10_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen2.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.10.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_10_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen2.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.10.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_10_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/qwen2.yaml:31."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.10.self_attn.q_proj.weight"),
@@ -1534,7 +1624,7 @@ def import_decoder_layers_10_self_attention_linear_qkv_weight(
 def export_decoder_layers_10_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/qwen2.yaml:31."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -1550,7 +1640,7 @@ def export_decoder_layers_10_self_attention_linear_qkv_weight(
 def import_decoder_layers_10_self_attention_linear_qkv_bias(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/qwen2.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.bias."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.10.self_attn.q_proj.bias"),
@@ -1566,7 +1656,7 @@ def import_decoder_layers_10_self_attention_linear_qkv_bias(
 def export_decoder_layers_10_self_attention_linear_qkv_bias(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/qwen2.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.bias."""
     return dict(
         zip(
             (
@@ -1582,21 +1672,21 @@ def export_decoder_layers_10_self_attention_linear_qkv_bias(
 def import_decoder_layers_10_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen2.yaml:40."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.10.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_10_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen2.yaml:40."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.10.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_10_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/qwen2.yaml:43."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.10.mlp.gate_proj.weight"),
@@ -1606,7 +1696,7 @@ def import_decoder_layers_10_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_10_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/qwen2.yaml:43."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.10.mlp.gate_proj.weight", "model.layers.10.mlp.up_proj.weight"),
@@ -1618,47 +1708,47 @@ def export_decoder_layers_10_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_10_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen2.yaml:46."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.10.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_10_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen2.yaml:46."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.10.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_11_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen2.yaml:28."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.11.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_11_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen2.yaml:28."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.11.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_11_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen2.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.11.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_11_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen2.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.11.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_11_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/qwen2.yaml:31."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.11.self_attn.q_proj.weight"),
@@ -1674,7 +1764,7 @@ def import_decoder_layers_11_self_attention_linear_qkv_weight(
 def export_decoder_layers_11_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/qwen2.yaml:31."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -1690,7 +1780,7 @@ def export_decoder_layers_11_self_attention_linear_qkv_weight(
 def import_decoder_layers_11_self_attention_linear_qkv_bias(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/qwen2.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.bias."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.11.self_attn.q_proj.bias"),
@@ -1706,7 +1796,7 @@ def import_decoder_layers_11_self_attention_linear_qkv_bias(
 def export_decoder_layers_11_self_attention_linear_qkv_bias(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/qwen2.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.bias."""
     return dict(
         zip(
             (
@@ -1722,21 +1812,21 @@ def export_decoder_layers_11_self_attention_linear_qkv_bias(
 def import_decoder_layers_11_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen2.yaml:40."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.11.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_11_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen2.yaml:40."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.11.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_11_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/qwen2.yaml:43."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.11.mlp.gate_proj.weight"),
@@ -1746,7 +1836,7 @@ def import_decoder_layers_11_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_11_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/qwen2.yaml:43."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.11.mlp.gate_proj.weight", "model.layers.11.mlp.up_proj.weight"),
@@ -1758,47 +1848,47 @@ def export_decoder_layers_11_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_11_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen2.yaml:46."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.11.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_11_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen2.yaml:46."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.11.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_12_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen2.yaml:28."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.12.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_12_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen2.yaml:28."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.12.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_12_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen2.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.12.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_12_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen2.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.12.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_12_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/qwen2.yaml:31."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.12.self_attn.q_proj.weight"),
@@ -1814,7 +1904,7 @@ def import_decoder_layers_12_self_attention_linear_qkv_weight(
 def export_decoder_layers_12_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/qwen2.yaml:31."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -1830,7 +1920,7 @@ def export_decoder_layers_12_self_attention_linear_qkv_weight(
 def import_decoder_layers_12_self_attention_linear_qkv_bias(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/qwen2.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.bias."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.12.self_attn.q_proj.bias"),
@@ -1846,7 +1936,7 @@ def import_decoder_layers_12_self_attention_linear_qkv_bias(
 def export_decoder_layers_12_self_attention_linear_qkv_bias(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/qwen2.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.bias."""
     return dict(
         zip(
             (
@@ -1862,21 +1952,21 @@ def export_decoder_layers_12_self_attention_linear_qkv_bias(
 def import_decoder_layers_12_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen2.yaml:40."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.12.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_12_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen2.yaml:40."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.12.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_12_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/qwen2.yaml:43."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.12.mlp.gate_proj.weight"),
@@ -1886,7 +1976,7 @@ def import_decoder_layers_12_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_12_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/qwen2.yaml:43."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.12.mlp.gate_proj.weight", "model.layers.12.mlp.up_proj.weight"),
@@ -1898,47 +1988,47 @@ def export_decoder_layers_12_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_12_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen2.yaml:46."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.12.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_12_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen2.yaml:46."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.12.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_13_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen2.yaml:28."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.13.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_13_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen2.yaml:28."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.13.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_13_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen2.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.13.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_13_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen2.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.13.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_13_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/qwen2.yaml:31."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.13.self_attn.q_proj.weight"),
@@ -1954,7 +2044,7 @@ def import_decoder_layers_13_self_attention_linear_qkv_weight(
 def export_decoder_layers_13_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/qwen2.yaml:31."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -1970,7 +2060,7 @@ def export_decoder_layers_13_self_attention_linear_qkv_weight(
 def import_decoder_layers_13_self_attention_linear_qkv_bias(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/qwen2.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.bias."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.13.self_attn.q_proj.bias"),
@@ -1986,7 +2076,7 @@ def import_decoder_layers_13_self_attention_linear_qkv_bias(
 def export_decoder_layers_13_self_attention_linear_qkv_bias(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/qwen2.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.bias."""
     return dict(
         zip(
             (
@@ -2002,21 +2092,21 @@ def export_decoder_layers_13_self_attention_linear_qkv_bias(
 def import_decoder_layers_13_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen2.yaml:40."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.13.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_13_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen2.yaml:40."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.13.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_13_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/qwen2.yaml:43."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.13.mlp.gate_proj.weight"),
@@ -2026,7 +2116,7 @@ def import_decoder_layers_13_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_13_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/qwen2.yaml:43."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.13.mlp.gate_proj.weight", "model.layers.13.mlp.up_proj.weight"),
@@ -2038,47 +2128,47 @@ def export_decoder_layers_13_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_13_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen2.yaml:46."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.13.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_13_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen2.yaml:46."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.13.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_14_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen2.yaml:28."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.14.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_14_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen2.yaml:28."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.14.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_14_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen2.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.14.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_14_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen2.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.14.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_14_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/qwen2.yaml:31."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.14.self_attn.q_proj.weight"),
@@ -2094,7 +2184,7 @@ def import_decoder_layers_14_self_attention_linear_qkv_weight(
 def export_decoder_layers_14_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/qwen2.yaml:31."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -2110,7 +2200,7 @@ def export_decoder_layers_14_self_attention_linear_qkv_weight(
 def import_decoder_layers_14_self_attention_linear_qkv_bias(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/qwen2.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.bias."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.14.self_attn.q_proj.bias"),
@@ -2126,7 +2216,7 @@ def import_decoder_layers_14_self_attention_linear_qkv_bias(
 def export_decoder_layers_14_self_attention_linear_qkv_bias(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/qwen2.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.bias."""
     return dict(
         zip(
             (
@@ -2142,21 +2232,21 @@ def export_decoder_layers_14_self_attention_linear_qkv_bias(
 def import_decoder_layers_14_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen2.yaml:40."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.14.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_14_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen2.yaml:40."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.14.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_14_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/qwen2.yaml:43."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.14.mlp.gate_proj.weight"),
@@ -2166,7 +2256,7 @@ def import_decoder_layers_14_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_14_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/qwen2.yaml:43."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.14.mlp.gate_proj.weight", "model.layers.14.mlp.up_proj.weight"),
@@ -2178,47 +2268,47 @@ def export_decoder_layers_14_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_14_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen2.yaml:46."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.14.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_14_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen2.yaml:46."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.14.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_15_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen2.yaml:28."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.15.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_15_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen2.yaml:28."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.15.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_15_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen2.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.15.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_15_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen2.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.15.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_15_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/qwen2.yaml:31."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.15.self_attn.q_proj.weight"),
@@ -2234,7 +2324,7 @@ def import_decoder_layers_15_self_attention_linear_qkv_weight(
 def export_decoder_layers_15_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/qwen2.yaml:31."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -2250,7 +2340,7 @@ def export_decoder_layers_15_self_attention_linear_qkv_weight(
 def import_decoder_layers_15_self_attention_linear_qkv_bias(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/qwen2.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.bias."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.15.self_attn.q_proj.bias"),
@@ -2266,7 +2356,7 @@ def import_decoder_layers_15_self_attention_linear_qkv_bias(
 def export_decoder_layers_15_self_attention_linear_qkv_bias(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/qwen2.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.bias."""
     return dict(
         zip(
             (
@@ -2282,21 +2372,21 @@ def export_decoder_layers_15_self_attention_linear_qkv_bias(
 def import_decoder_layers_15_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen2.yaml:40."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.15.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_15_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen2.yaml:40."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.15.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_15_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/qwen2.yaml:43."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.15.mlp.gate_proj.weight"),
@@ -2306,7 +2396,7 @@ def import_decoder_layers_15_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_15_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/qwen2.yaml:43."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.15.mlp.gate_proj.weight", "model.layers.15.mlp.up_proj.weight"),
@@ -2318,47 +2408,47 @@ def export_decoder_layers_15_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_15_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen2.yaml:46."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.15.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_15_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen2.yaml:46."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.15.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_16_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen2.yaml:28."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.16.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_16_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen2.yaml:28."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.16.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_16_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen2.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.16.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_16_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen2.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.16.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_16_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/qwen2.yaml:31."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.16.self_attn.q_proj.weight"),
@@ -2374,7 +2464,7 @@ def import_decoder_layers_16_self_attention_linear_qkv_weight(
 def export_decoder_layers_16_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/qwen2.yaml:31."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -2390,7 +2480,7 @@ def export_decoder_layers_16_self_attention_linear_qkv_weight(
 def import_decoder_layers_16_self_attention_linear_qkv_bias(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/qwen2.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.bias."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.16.self_attn.q_proj.bias"),
@@ -2406,7 +2496,7 @@ def import_decoder_layers_16_self_attention_linear_qkv_bias(
 def export_decoder_layers_16_self_attention_linear_qkv_bias(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/qwen2.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.bias."""
     return dict(
         zip(
             (
@@ -2422,21 +2512,21 @@ def export_decoder_layers_16_self_attention_linear_qkv_bias(
 def import_decoder_layers_16_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen2.yaml:40."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.16.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_16_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen2.yaml:40."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.16.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_16_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/qwen2.yaml:43."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.16.mlp.gate_proj.weight"),
@@ -2446,7 +2536,7 @@ def import_decoder_layers_16_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_16_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/qwen2.yaml:43."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.16.mlp.gate_proj.weight", "model.layers.16.mlp.up_proj.weight"),
@@ -2458,47 +2548,47 @@ def export_decoder_layers_16_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_16_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen2.yaml:46."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.16.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_16_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen2.yaml:46."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.16.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_17_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen2.yaml:28."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.17.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_17_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen2.yaml:28."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.17.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_17_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen2.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.17.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_17_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen2.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.17.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_17_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/qwen2.yaml:31."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.17.self_attn.q_proj.weight"),
@@ -2514,7 +2604,7 @@ def import_decoder_layers_17_self_attention_linear_qkv_weight(
 def export_decoder_layers_17_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/qwen2.yaml:31."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -2530,7 +2620,7 @@ def export_decoder_layers_17_self_attention_linear_qkv_weight(
 def import_decoder_layers_17_self_attention_linear_qkv_bias(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/qwen2.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.bias."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.17.self_attn.q_proj.bias"),
@@ -2546,7 +2636,7 @@ def import_decoder_layers_17_self_attention_linear_qkv_bias(
 def export_decoder_layers_17_self_attention_linear_qkv_bias(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/qwen2.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.bias."""
     return dict(
         zip(
             (
@@ -2562,21 +2652,21 @@ def export_decoder_layers_17_self_attention_linear_qkv_bias(
 def import_decoder_layers_17_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen2.yaml:40."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.17.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_17_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen2.yaml:40."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.17.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_17_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/qwen2.yaml:43."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.17.mlp.gate_proj.weight"),
@@ -2586,7 +2676,7 @@ def import_decoder_layers_17_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_17_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/qwen2.yaml:43."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.17.mlp.gate_proj.weight", "model.layers.17.mlp.up_proj.weight"),
@@ -2598,47 +2688,47 @@ def export_decoder_layers_17_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_17_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen2.yaml:46."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.17.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_17_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen2.yaml:46."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.17.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_18_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen2.yaml:28."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.18.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_18_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen2.yaml:28."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.18.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_18_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen2.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.18.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_18_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen2.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.18.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_18_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/qwen2.yaml:31."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.18.self_attn.q_proj.weight"),
@@ -2654,7 +2744,7 @@ def import_decoder_layers_18_self_attention_linear_qkv_weight(
 def export_decoder_layers_18_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/qwen2.yaml:31."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -2670,7 +2760,7 @@ def export_decoder_layers_18_self_attention_linear_qkv_weight(
 def import_decoder_layers_18_self_attention_linear_qkv_bias(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/qwen2.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.bias."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.18.self_attn.q_proj.bias"),
@@ -2686,7 +2776,7 @@ def import_decoder_layers_18_self_attention_linear_qkv_bias(
 def export_decoder_layers_18_self_attention_linear_qkv_bias(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/qwen2.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.bias."""
     return dict(
         zip(
             (
@@ -2702,21 +2792,21 @@ def export_decoder_layers_18_self_attention_linear_qkv_bias(
 def import_decoder_layers_18_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen2.yaml:40."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.18.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_18_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen2.yaml:40."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.18.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_18_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/qwen2.yaml:43."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.18.mlp.gate_proj.weight"),
@@ -2726,7 +2816,7 @@ def import_decoder_layers_18_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_18_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/qwen2.yaml:43."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.18.mlp.gate_proj.weight", "model.layers.18.mlp.up_proj.weight"),
@@ -2738,47 +2828,47 @@ def export_decoder_layers_18_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_18_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen2.yaml:46."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.18.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_18_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen2.yaml:46."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.18.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_19_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen2.yaml:28."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.19.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_19_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen2.yaml:28."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.19.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_19_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen2.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.19.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_19_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen2.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.19.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_19_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/qwen2.yaml:31."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.19.self_attn.q_proj.weight"),
@@ -2794,7 +2884,7 @@ def import_decoder_layers_19_self_attention_linear_qkv_weight(
 def export_decoder_layers_19_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/qwen2.yaml:31."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -2810,7 +2900,7 @@ def export_decoder_layers_19_self_attention_linear_qkv_weight(
 def import_decoder_layers_19_self_attention_linear_qkv_bias(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/qwen2.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.bias."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.19.self_attn.q_proj.bias"),
@@ -2826,7 +2916,7 @@ def import_decoder_layers_19_self_attention_linear_qkv_bias(
 def export_decoder_layers_19_self_attention_linear_qkv_bias(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/qwen2.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.bias."""
     return dict(
         zip(
             (
@@ -2842,21 +2932,21 @@ def export_decoder_layers_19_self_attention_linear_qkv_bias(
 def import_decoder_layers_19_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen2.yaml:40."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.19.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_19_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen2.yaml:40."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.19.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_19_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/qwen2.yaml:43."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.19.mlp.gate_proj.weight"),
@@ -2866,7 +2956,7 @@ def import_decoder_layers_19_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_19_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/qwen2.yaml:43."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.19.mlp.gate_proj.weight", "model.layers.19.mlp.up_proj.weight"),
@@ -2878,47 +2968,47 @@ def export_decoder_layers_19_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_19_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen2.yaml:46."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.19.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_19_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen2.yaml:46."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.19.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_20_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen2.yaml:28."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.20.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_20_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen2.yaml:28."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.20.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_20_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen2.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.20.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_20_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen2.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.20.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_20_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/qwen2.yaml:31."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.20.self_attn.q_proj.weight"),
@@ -2934,7 +3024,7 @@ def import_decoder_layers_20_self_attention_linear_qkv_weight(
 def export_decoder_layers_20_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/qwen2.yaml:31."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -2950,7 +3040,7 @@ def export_decoder_layers_20_self_attention_linear_qkv_weight(
 def import_decoder_layers_20_self_attention_linear_qkv_bias(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/qwen2.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.bias."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.20.self_attn.q_proj.bias"),
@@ -2966,7 +3056,7 @@ def import_decoder_layers_20_self_attention_linear_qkv_bias(
 def export_decoder_layers_20_self_attention_linear_qkv_bias(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/qwen2.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.bias."""
     return dict(
         zip(
             (
@@ -2982,21 +3072,21 @@ def export_decoder_layers_20_self_attention_linear_qkv_bias(
 def import_decoder_layers_20_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen2.yaml:40."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.20.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_20_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen2.yaml:40."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.20.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_20_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/qwen2.yaml:43."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.20.mlp.gate_proj.weight"),
@@ -3006,7 +3096,7 @@ def import_decoder_layers_20_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_20_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/qwen2.yaml:43."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.20.mlp.gate_proj.weight", "model.layers.20.mlp.up_proj.weight"),
@@ -3018,47 +3108,47 @@ def export_decoder_layers_20_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_20_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen2.yaml:46."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.20.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_20_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen2.yaml:46."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.20.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_21_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen2.yaml:28."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.21.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_21_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen2.yaml:28."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.21.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_21_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen2.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.21.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_21_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen2.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.21.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_21_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/qwen2.yaml:31."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.21.self_attn.q_proj.weight"),
@@ -3074,7 +3164,7 @@ def import_decoder_layers_21_self_attention_linear_qkv_weight(
 def export_decoder_layers_21_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/qwen2.yaml:31."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -3090,7 +3180,7 @@ def export_decoder_layers_21_self_attention_linear_qkv_weight(
 def import_decoder_layers_21_self_attention_linear_qkv_bias(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/qwen2.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.bias."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.21.self_attn.q_proj.bias"),
@@ -3106,7 +3196,7 @@ def import_decoder_layers_21_self_attention_linear_qkv_bias(
 def export_decoder_layers_21_self_attention_linear_qkv_bias(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/qwen2.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.bias."""
     return dict(
         zip(
             (
@@ -3122,21 +3212,21 @@ def export_decoder_layers_21_self_attention_linear_qkv_bias(
 def import_decoder_layers_21_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen2.yaml:40."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.21.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_21_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen2.yaml:40."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.21.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_21_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/qwen2.yaml:43."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.21.mlp.gate_proj.weight"),
@@ -3146,7 +3236,7 @@ def import_decoder_layers_21_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_21_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/qwen2.yaml:43."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.21.mlp.gate_proj.weight", "model.layers.21.mlp.up_proj.weight"),
@@ -3158,47 +3248,47 @@ def export_decoder_layers_21_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_21_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen2.yaml:46."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.21.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_21_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen2.yaml:46."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.21.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_22_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen2.yaml:28."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.22.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_22_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen2.yaml:28."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.22.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_22_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen2.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.22.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_22_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen2.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.22.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_22_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/qwen2.yaml:31."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.22.self_attn.q_proj.weight"),
@@ -3214,7 +3304,7 @@ def import_decoder_layers_22_self_attention_linear_qkv_weight(
 def export_decoder_layers_22_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/qwen2.yaml:31."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -3230,7 +3320,7 @@ def export_decoder_layers_22_self_attention_linear_qkv_weight(
 def import_decoder_layers_22_self_attention_linear_qkv_bias(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/qwen2.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.bias."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.22.self_attn.q_proj.bias"),
@@ -3246,7 +3336,7 @@ def import_decoder_layers_22_self_attention_linear_qkv_bias(
 def export_decoder_layers_22_self_attention_linear_qkv_bias(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/qwen2.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.bias."""
     return dict(
         zip(
             (
@@ -3262,21 +3352,21 @@ def export_decoder_layers_22_self_attention_linear_qkv_bias(
 def import_decoder_layers_22_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen2.yaml:40."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.22.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_22_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen2.yaml:40."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.22.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_22_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/qwen2.yaml:43."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.22.mlp.gate_proj.weight"),
@@ -3286,7 +3376,7 @@ def import_decoder_layers_22_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_22_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/qwen2.yaml:43."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.22.mlp.gate_proj.weight", "model.layers.22.mlp.up_proj.weight"),
@@ -3298,47 +3388,47 @@ def export_decoder_layers_22_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_22_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen2.yaml:46."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.22.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_22_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen2.yaml:46."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.22.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_23_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen2.yaml:28."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.23.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_23_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen2.yaml:28."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.23.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_23_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen2.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.23.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_23_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen2.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.23.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_23_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/qwen2.yaml:31."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.23.self_attn.q_proj.weight"),
@@ -3354,7 +3444,7 @@ def import_decoder_layers_23_self_attention_linear_qkv_weight(
 def export_decoder_layers_23_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/qwen2.yaml:31."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -3370,7 +3460,7 @@ def export_decoder_layers_23_self_attention_linear_qkv_weight(
 def import_decoder_layers_23_self_attention_linear_qkv_bias(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/qwen2.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.bias."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.23.self_attn.q_proj.bias"),
@@ -3386,7 +3476,7 @@ def import_decoder_layers_23_self_attention_linear_qkv_bias(
 def export_decoder_layers_23_self_attention_linear_qkv_bias(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/qwen2.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.bias."""
     return dict(
         zip(
             (
@@ -3402,21 +3492,21 @@ def export_decoder_layers_23_self_attention_linear_qkv_bias(
 def import_decoder_layers_23_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen2.yaml:40."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.23.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_23_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen2.yaml:40."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.23.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_23_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/qwen2.yaml:43."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.23.mlp.gate_proj.weight"),
@@ -3426,7 +3516,7 @@ def import_decoder_layers_23_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_23_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/qwen2.yaml:43."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.23.mlp.gate_proj.weight", "model.layers.23.mlp.up_proj.weight"),
@@ -3438,47 +3528,47 @@ def export_decoder_layers_23_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_23_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen2.yaml:46."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.23.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_23_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen2.yaml:46."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.23.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_24_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen2.yaml:28."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.24.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_24_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen2.yaml:28."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.24.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_24_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen2.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.24.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_24_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen2.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.24.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_24_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/qwen2.yaml:31."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.24.self_attn.q_proj.weight"),
@@ -3494,7 +3584,7 @@ def import_decoder_layers_24_self_attention_linear_qkv_weight(
 def export_decoder_layers_24_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/qwen2.yaml:31."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -3510,7 +3600,7 @@ def export_decoder_layers_24_self_attention_linear_qkv_weight(
 def import_decoder_layers_24_self_attention_linear_qkv_bias(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/qwen2.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.bias."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.24.self_attn.q_proj.bias"),
@@ -3526,7 +3616,7 @@ def import_decoder_layers_24_self_attention_linear_qkv_bias(
 def export_decoder_layers_24_self_attention_linear_qkv_bias(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/qwen2.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.bias."""
     return dict(
         zip(
             (
@@ -3542,21 +3632,21 @@ def export_decoder_layers_24_self_attention_linear_qkv_bias(
 def import_decoder_layers_24_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen2.yaml:40."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.24.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_24_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen2.yaml:40."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.24.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_24_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/qwen2.yaml:43."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.24.mlp.gate_proj.weight"),
@@ -3566,7 +3656,7 @@ def import_decoder_layers_24_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_24_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/qwen2.yaml:43."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.24.mlp.gate_proj.weight", "model.layers.24.mlp.up_proj.weight"),
@@ -3578,47 +3668,47 @@ def export_decoder_layers_24_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_24_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen2.yaml:46."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.24.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_24_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen2.yaml:46."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.24.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_25_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen2.yaml:28."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.25.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_25_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen2.yaml:28."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.25.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_25_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen2.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.25.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_25_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen2.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.25.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_25_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/qwen2.yaml:31."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.25.self_attn.q_proj.weight"),
@@ -3634,7 +3724,7 @@ def import_decoder_layers_25_self_attention_linear_qkv_weight(
 def export_decoder_layers_25_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/qwen2.yaml:31."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -3650,7 +3740,7 @@ def export_decoder_layers_25_self_attention_linear_qkv_weight(
 def import_decoder_layers_25_self_attention_linear_qkv_bias(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/qwen2.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.bias."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.25.self_attn.q_proj.bias"),
@@ -3666,7 +3756,7 @@ def import_decoder_layers_25_self_attention_linear_qkv_bias(
 def export_decoder_layers_25_self_attention_linear_qkv_bias(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/qwen2.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.bias."""
     return dict(
         zip(
             (
@@ -3682,21 +3772,21 @@ def export_decoder_layers_25_self_attention_linear_qkv_bias(
 def import_decoder_layers_25_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen2.yaml:40."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.25.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_25_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen2.yaml:40."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.25.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_25_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/qwen2.yaml:43."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.25.mlp.gate_proj.weight"),
@@ -3706,7 +3796,7 @@ def import_decoder_layers_25_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_25_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/qwen2.yaml:43."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.25.mlp.gate_proj.weight", "model.layers.25.mlp.up_proj.weight"),
@@ -3718,47 +3808,47 @@ def export_decoder_layers_25_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_25_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen2.yaml:46."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.25.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_25_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen2.yaml:46."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.25.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_26_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen2.yaml:28."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.26.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_26_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen2.yaml:28."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.26.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_26_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen2.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.26.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_26_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen2.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.26.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_26_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/qwen2.yaml:31."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.26.self_attn.q_proj.weight"),
@@ -3774,7 +3864,7 @@ def import_decoder_layers_26_self_attention_linear_qkv_weight(
 def export_decoder_layers_26_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/qwen2.yaml:31."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -3790,7 +3880,7 @@ def export_decoder_layers_26_self_attention_linear_qkv_weight(
 def import_decoder_layers_26_self_attention_linear_qkv_bias(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/qwen2.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.bias."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.26.self_attn.q_proj.bias"),
@@ -3806,7 +3896,7 @@ def import_decoder_layers_26_self_attention_linear_qkv_bias(
 def export_decoder_layers_26_self_attention_linear_qkv_bias(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/qwen2.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.bias."""
     return dict(
         zip(
             (
@@ -3822,21 +3912,21 @@ def export_decoder_layers_26_self_attention_linear_qkv_bias(
 def import_decoder_layers_26_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen2.yaml:40."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.26.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_26_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen2.yaml:40."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.26.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_26_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/qwen2.yaml:43."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.26.mlp.gate_proj.weight"),
@@ -3846,7 +3936,7 @@ def import_decoder_layers_26_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_26_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/qwen2.yaml:43."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.26.mlp.gate_proj.weight", "model.layers.26.mlp.up_proj.weight"),
@@ -3858,47 +3948,47 @@ def export_decoder_layers_26_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_26_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen2.yaml:46."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.26.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_26_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen2.yaml:46."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.26.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_27_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen2.yaml:28."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.27.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_27_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen2.yaml:28."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.27.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_27_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen2.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.27.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_27_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen2.yaml:37."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.27.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_27_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/qwen2.yaml:31."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.27.self_attn.q_proj.weight"),
@@ -3914,7 +4004,7 @@ def import_decoder_layers_27_self_attention_linear_qkv_weight(
 def export_decoder_layers_27_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/qwen2.yaml:31."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -3930,7 +4020,7 @@ def export_decoder_layers_27_self_attention_linear_qkv_weight(
 def import_decoder_layers_27_self_attention_linear_qkv_bias(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/qwen2.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.bias."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.27.self_attn.q_proj.bias"),
@@ -3946,7 +4036,7 @@ def import_decoder_layers_27_self_attention_linear_qkv_bias(
 def export_decoder_layers_27_self_attention_linear_qkv_bias(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/qwen2.yaml:34."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.bias."""
     return dict(
         zip(
             (
@@ -3962,21 +4052,21 @@ def export_decoder_layers_27_self_attention_linear_qkv_bias(
 def import_decoder_layers_27_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen2.yaml:40."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.27.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_27_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen2.yaml:40."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.27.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_27_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/qwen2.yaml:43."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.27.mlp.gate_proj.weight"),
@@ -3986,7 +4076,7 @@ def import_decoder_layers_27_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_27_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/qwen2.yaml:43."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.27.mlp.gate_proj.weight", "model.layers.27.mlp.up_proj.weight"),
@@ -3998,41 +4088,41 @@ def export_decoder_layers_27_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_27_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen2.yaml:46."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.27.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_27_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen2.yaml:46."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.27.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_final_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen2.yaml:49."""
+    """auto -> replicated: decoder.final_layernorm.weight."""
     return rt.whole_import(load("model.norm.weight"), out=out)
 
 
 def export_decoder_final_layernorm_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen2.yaml:49."""
+    """auto -> replicated: decoder.final_layernorm.weight."""
     return {"model.norm.weight": parts[0]}
 
 
 def import_output_layer_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> column: specs/qwen2.yaml:52."""
+    """auto -> column: output_layer.weight."""
     return rt.column_import(ctx.tp, load("lm_head.weight"), out=out)
 
 
 def export_output_layer_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> column: specs/qwen2.yaml:52."""
+    """auto -> column: output_layer.weight."""
     return {"lm_head.weight": rt.column_export(parts)}
 
 
-# megatron_name, global shape, dtype, TP split dim, expert-parallel, layer, expert, HF tensors,
-# import function, export function
+# megatron_name, global shape, dtype, TP split dim, expert-parallel, layer, expert, rule (index
+# into RULES), HF tensors, import function, export function
 PARAMS: Final[tuple[ParamPlan, ...]] = (
     ParamPlan(
         "embedding.word_embeddings.weight",
@@ -4042,6 +4132,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         None,
         None,
+        0,
         ("model.embed_tokens.weight",),
         import_embedding_word_embeddings_weight,
         export_embedding_word_embeddings_weight,
@@ -4054,6 +4145,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         0,
         None,
+        1,
         ("model.layers.0.input_layernorm.weight",),
         import_decoder_layers_0_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_0_self_attention_linear_qkv_layer_norm_weight,
@@ -4066,6 +4158,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         0,
         None,
+        2,
         ("model.layers.0.self_attn.o_proj.weight",),
         import_decoder_layers_0_self_attention_linear_proj_weight,
         export_decoder_layers_0_self_attention_linear_proj_weight,
@@ -4078,6 +4171,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         0,
         None,
+        3,
         (
             "model.layers.0.self_attn.q_proj.weight",
             "model.layers.0.self_attn.k_proj.weight",
@@ -4094,6 +4188,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         0,
         None,
+        4,
         (
             "model.layers.0.self_attn.q_proj.bias",
             "model.layers.0.self_attn.k_proj.bias",
@@ -4110,6 +4205,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         0,
         None,
+        5,
         ("model.layers.0.post_attention_layernorm.weight",),
         import_decoder_layers_0_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_0_mlp_linear_fc1_layer_norm_weight,
@@ -4122,6 +4218,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         0,
         None,
+        6,
         ("model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weight"),
         import_decoder_layers_0_mlp_linear_fc1_weight,
         export_decoder_layers_0_mlp_linear_fc1_weight,
@@ -4134,6 +4231,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         0,
         None,
+        7,
         ("model.layers.0.mlp.down_proj.weight",),
         import_decoder_layers_0_mlp_linear_fc2_weight,
         export_decoder_layers_0_mlp_linear_fc2_weight,
@@ -4146,6 +4244,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         1,
         None,
+        1,
         ("model.layers.1.input_layernorm.weight",),
         import_decoder_layers_1_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_1_self_attention_linear_qkv_layer_norm_weight,
@@ -4158,6 +4257,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         1,
         None,
+        2,
         ("model.layers.1.self_attn.o_proj.weight",),
         import_decoder_layers_1_self_attention_linear_proj_weight,
         export_decoder_layers_1_self_attention_linear_proj_weight,
@@ -4170,6 +4270,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         1,
         None,
+        3,
         (
             "model.layers.1.self_attn.q_proj.weight",
             "model.layers.1.self_attn.k_proj.weight",
@@ -4186,6 +4287,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         1,
         None,
+        4,
         (
             "model.layers.1.self_attn.q_proj.bias",
             "model.layers.1.self_attn.k_proj.bias",
@@ -4202,6 +4304,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         1,
         None,
+        5,
         ("model.layers.1.post_attention_layernorm.weight",),
         import_decoder_layers_1_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_1_mlp_linear_fc1_layer_norm_weight,
@@ -4214,6 +4317,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         1,
         None,
+        6,
         ("model.layers.1.mlp.gate_proj.weight", "model.layers.1.mlp.up_proj.weight"),
         import_decoder_layers_1_mlp_linear_fc1_weight,
         export_decoder_layers_1_mlp_linear_fc1_weight,
@@ -4226,6 +4330,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         1,
         None,
+        7,
         ("model.layers.1.mlp.down_proj.weight",),
         import_decoder_layers_1_mlp_linear_fc2_weight,
         export_decoder_layers_1_mlp_linear_fc2_weight,
@@ -4238,6 +4343,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         2,
         None,
+        1,
         ("model.layers.2.input_layernorm.weight",),
         import_decoder_layers_2_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_2_self_attention_linear_qkv_layer_norm_weight,
@@ -4250,6 +4356,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         2,
         None,
+        2,
         ("model.layers.2.self_attn.o_proj.weight",),
         import_decoder_layers_2_self_attention_linear_proj_weight,
         export_decoder_layers_2_self_attention_linear_proj_weight,
@@ -4262,6 +4369,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         2,
         None,
+        3,
         (
             "model.layers.2.self_attn.q_proj.weight",
             "model.layers.2.self_attn.k_proj.weight",
@@ -4278,6 +4386,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         2,
         None,
+        4,
         (
             "model.layers.2.self_attn.q_proj.bias",
             "model.layers.2.self_attn.k_proj.bias",
@@ -4294,6 +4403,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         2,
         None,
+        5,
         ("model.layers.2.post_attention_layernorm.weight",),
         import_decoder_layers_2_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_2_mlp_linear_fc1_layer_norm_weight,
@@ -4306,6 +4416,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         2,
         None,
+        6,
         ("model.layers.2.mlp.gate_proj.weight", "model.layers.2.mlp.up_proj.weight"),
         import_decoder_layers_2_mlp_linear_fc1_weight,
         export_decoder_layers_2_mlp_linear_fc1_weight,
@@ -4318,6 +4429,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         2,
         None,
+        7,
         ("model.layers.2.mlp.down_proj.weight",),
         import_decoder_layers_2_mlp_linear_fc2_weight,
         export_decoder_layers_2_mlp_linear_fc2_weight,
@@ -4330,6 +4442,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         3,
         None,
+        1,
         ("model.layers.3.input_layernorm.weight",),
         import_decoder_layers_3_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_3_self_attention_linear_qkv_layer_norm_weight,
@@ -4342,6 +4455,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         3,
         None,
+        2,
         ("model.layers.3.self_attn.o_proj.weight",),
         import_decoder_layers_3_self_attention_linear_proj_weight,
         export_decoder_layers_3_self_attention_linear_proj_weight,
@@ -4354,6 +4468,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         3,
         None,
+        3,
         (
             "model.layers.3.self_attn.q_proj.weight",
             "model.layers.3.self_attn.k_proj.weight",
@@ -4370,6 +4485,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         3,
         None,
+        4,
         (
             "model.layers.3.self_attn.q_proj.bias",
             "model.layers.3.self_attn.k_proj.bias",
@@ -4386,6 +4502,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         3,
         None,
+        5,
         ("model.layers.3.post_attention_layernorm.weight",),
         import_decoder_layers_3_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_3_mlp_linear_fc1_layer_norm_weight,
@@ -4398,6 +4515,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         3,
         None,
+        6,
         ("model.layers.3.mlp.gate_proj.weight", "model.layers.3.mlp.up_proj.weight"),
         import_decoder_layers_3_mlp_linear_fc1_weight,
         export_decoder_layers_3_mlp_linear_fc1_weight,
@@ -4410,6 +4528,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         3,
         None,
+        7,
         ("model.layers.3.mlp.down_proj.weight",),
         import_decoder_layers_3_mlp_linear_fc2_weight,
         export_decoder_layers_3_mlp_linear_fc2_weight,
@@ -4422,6 +4541,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         4,
         None,
+        1,
         ("model.layers.4.input_layernorm.weight",),
         import_decoder_layers_4_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_4_self_attention_linear_qkv_layer_norm_weight,
@@ -4434,6 +4554,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         4,
         None,
+        2,
         ("model.layers.4.self_attn.o_proj.weight",),
         import_decoder_layers_4_self_attention_linear_proj_weight,
         export_decoder_layers_4_self_attention_linear_proj_weight,
@@ -4446,6 +4567,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         4,
         None,
+        3,
         (
             "model.layers.4.self_attn.q_proj.weight",
             "model.layers.4.self_attn.k_proj.weight",
@@ -4462,6 +4584,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         4,
         None,
+        4,
         (
             "model.layers.4.self_attn.q_proj.bias",
             "model.layers.4.self_attn.k_proj.bias",
@@ -4478,6 +4601,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         4,
         None,
+        5,
         ("model.layers.4.post_attention_layernorm.weight",),
         import_decoder_layers_4_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_4_mlp_linear_fc1_layer_norm_weight,
@@ -4490,6 +4614,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         4,
         None,
+        6,
         ("model.layers.4.mlp.gate_proj.weight", "model.layers.4.mlp.up_proj.weight"),
         import_decoder_layers_4_mlp_linear_fc1_weight,
         export_decoder_layers_4_mlp_linear_fc1_weight,
@@ -4502,6 +4627,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         4,
         None,
+        7,
         ("model.layers.4.mlp.down_proj.weight",),
         import_decoder_layers_4_mlp_linear_fc2_weight,
         export_decoder_layers_4_mlp_linear_fc2_weight,
@@ -4514,6 +4640,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         5,
         None,
+        1,
         ("model.layers.5.input_layernorm.weight",),
         import_decoder_layers_5_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_5_self_attention_linear_qkv_layer_norm_weight,
@@ -4526,6 +4653,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         5,
         None,
+        2,
         ("model.layers.5.self_attn.o_proj.weight",),
         import_decoder_layers_5_self_attention_linear_proj_weight,
         export_decoder_layers_5_self_attention_linear_proj_weight,
@@ -4538,6 +4666,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         5,
         None,
+        3,
         (
             "model.layers.5.self_attn.q_proj.weight",
             "model.layers.5.self_attn.k_proj.weight",
@@ -4554,6 +4683,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         5,
         None,
+        4,
         (
             "model.layers.5.self_attn.q_proj.bias",
             "model.layers.5.self_attn.k_proj.bias",
@@ -4570,6 +4700,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         5,
         None,
+        5,
         ("model.layers.5.post_attention_layernorm.weight",),
         import_decoder_layers_5_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_5_mlp_linear_fc1_layer_norm_weight,
@@ -4582,6 +4713,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         5,
         None,
+        6,
         ("model.layers.5.mlp.gate_proj.weight", "model.layers.5.mlp.up_proj.weight"),
         import_decoder_layers_5_mlp_linear_fc1_weight,
         export_decoder_layers_5_mlp_linear_fc1_weight,
@@ -4594,6 +4726,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         5,
         None,
+        7,
         ("model.layers.5.mlp.down_proj.weight",),
         import_decoder_layers_5_mlp_linear_fc2_weight,
         export_decoder_layers_5_mlp_linear_fc2_weight,
@@ -4606,6 +4739,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         6,
         None,
+        1,
         ("model.layers.6.input_layernorm.weight",),
         import_decoder_layers_6_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_6_self_attention_linear_qkv_layer_norm_weight,
@@ -4618,6 +4752,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         6,
         None,
+        2,
         ("model.layers.6.self_attn.o_proj.weight",),
         import_decoder_layers_6_self_attention_linear_proj_weight,
         export_decoder_layers_6_self_attention_linear_proj_weight,
@@ -4630,6 +4765,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         6,
         None,
+        3,
         (
             "model.layers.6.self_attn.q_proj.weight",
             "model.layers.6.self_attn.k_proj.weight",
@@ -4646,6 +4782,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         6,
         None,
+        4,
         (
             "model.layers.6.self_attn.q_proj.bias",
             "model.layers.6.self_attn.k_proj.bias",
@@ -4662,6 +4799,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         6,
         None,
+        5,
         ("model.layers.6.post_attention_layernorm.weight",),
         import_decoder_layers_6_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_6_mlp_linear_fc1_layer_norm_weight,
@@ -4674,6 +4812,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         6,
         None,
+        6,
         ("model.layers.6.mlp.gate_proj.weight", "model.layers.6.mlp.up_proj.weight"),
         import_decoder_layers_6_mlp_linear_fc1_weight,
         export_decoder_layers_6_mlp_linear_fc1_weight,
@@ -4686,6 +4825,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         6,
         None,
+        7,
         ("model.layers.6.mlp.down_proj.weight",),
         import_decoder_layers_6_mlp_linear_fc2_weight,
         export_decoder_layers_6_mlp_linear_fc2_weight,
@@ -4698,6 +4838,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         7,
         None,
+        1,
         ("model.layers.7.input_layernorm.weight",),
         import_decoder_layers_7_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_7_self_attention_linear_qkv_layer_norm_weight,
@@ -4710,6 +4851,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         7,
         None,
+        2,
         ("model.layers.7.self_attn.o_proj.weight",),
         import_decoder_layers_7_self_attention_linear_proj_weight,
         export_decoder_layers_7_self_attention_linear_proj_weight,
@@ -4722,6 +4864,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         7,
         None,
+        3,
         (
             "model.layers.7.self_attn.q_proj.weight",
             "model.layers.7.self_attn.k_proj.weight",
@@ -4738,6 +4881,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         7,
         None,
+        4,
         (
             "model.layers.7.self_attn.q_proj.bias",
             "model.layers.7.self_attn.k_proj.bias",
@@ -4754,6 +4898,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         7,
         None,
+        5,
         ("model.layers.7.post_attention_layernorm.weight",),
         import_decoder_layers_7_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_7_mlp_linear_fc1_layer_norm_weight,
@@ -4766,6 +4911,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         7,
         None,
+        6,
         ("model.layers.7.mlp.gate_proj.weight", "model.layers.7.mlp.up_proj.weight"),
         import_decoder_layers_7_mlp_linear_fc1_weight,
         export_decoder_layers_7_mlp_linear_fc1_weight,
@@ -4778,6 +4924,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         7,
         None,
+        7,
         ("model.layers.7.mlp.down_proj.weight",),
         import_decoder_layers_7_mlp_linear_fc2_weight,
         export_decoder_layers_7_mlp_linear_fc2_weight,
@@ -4790,6 +4937,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         8,
         None,
+        1,
         ("model.layers.8.input_layernorm.weight",),
         import_decoder_layers_8_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_8_self_attention_linear_qkv_layer_norm_weight,
@@ -4802,6 +4950,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         8,
         None,
+        2,
         ("model.layers.8.self_attn.o_proj.weight",),
         import_decoder_layers_8_self_attention_linear_proj_weight,
         export_decoder_layers_8_self_attention_linear_proj_weight,
@@ -4814,6 +4963,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         8,
         None,
+        3,
         (
             "model.layers.8.self_attn.q_proj.weight",
             "model.layers.8.self_attn.k_proj.weight",
@@ -4830,6 +4980,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         8,
         None,
+        4,
         (
             "model.layers.8.self_attn.q_proj.bias",
             "model.layers.8.self_attn.k_proj.bias",
@@ -4846,6 +4997,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         8,
         None,
+        5,
         ("model.layers.8.post_attention_layernorm.weight",),
         import_decoder_layers_8_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_8_mlp_linear_fc1_layer_norm_weight,
@@ -4858,6 +5010,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         8,
         None,
+        6,
         ("model.layers.8.mlp.gate_proj.weight", "model.layers.8.mlp.up_proj.weight"),
         import_decoder_layers_8_mlp_linear_fc1_weight,
         export_decoder_layers_8_mlp_linear_fc1_weight,
@@ -4870,6 +5023,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         8,
         None,
+        7,
         ("model.layers.8.mlp.down_proj.weight",),
         import_decoder_layers_8_mlp_linear_fc2_weight,
         export_decoder_layers_8_mlp_linear_fc2_weight,
@@ -4882,6 +5036,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         9,
         None,
+        1,
         ("model.layers.9.input_layernorm.weight",),
         import_decoder_layers_9_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_9_self_attention_linear_qkv_layer_norm_weight,
@@ -4894,6 +5049,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         9,
         None,
+        2,
         ("model.layers.9.self_attn.o_proj.weight",),
         import_decoder_layers_9_self_attention_linear_proj_weight,
         export_decoder_layers_9_self_attention_linear_proj_weight,
@@ -4906,6 +5062,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         9,
         None,
+        3,
         (
             "model.layers.9.self_attn.q_proj.weight",
             "model.layers.9.self_attn.k_proj.weight",
@@ -4922,6 +5079,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         9,
         None,
+        4,
         (
             "model.layers.9.self_attn.q_proj.bias",
             "model.layers.9.self_attn.k_proj.bias",
@@ -4938,6 +5096,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         9,
         None,
+        5,
         ("model.layers.9.post_attention_layernorm.weight",),
         import_decoder_layers_9_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_9_mlp_linear_fc1_layer_norm_weight,
@@ -4950,6 +5109,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         9,
         None,
+        6,
         ("model.layers.9.mlp.gate_proj.weight", "model.layers.9.mlp.up_proj.weight"),
         import_decoder_layers_9_mlp_linear_fc1_weight,
         export_decoder_layers_9_mlp_linear_fc1_weight,
@@ -4962,6 +5122,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         9,
         None,
+        7,
         ("model.layers.9.mlp.down_proj.weight",),
         import_decoder_layers_9_mlp_linear_fc2_weight,
         export_decoder_layers_9_mlp_linear_fc2_weight,
@@ -4974,6 +5135,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         10,
         None,
+        1,
         ("model.layers.10.input_layernorm.weight",),
         import_decoder_layers_10_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_10_self_attention_linear_qkv_layer_norm_weight,
@@ -4986,6 +5148,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         10,
         None,
+        2,
         ("model.layers.10.self_attn.o_proj.weight",),
         import_decoder_layers_10_self_attention_linear_proj_weight,
         export_decoder_layers_10_self_attention_linear_proj_weight,
@@ -4998,6 +5161,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         10,
         None,
+        3,
         (
             "model.layers.10.self_attn.q_proj.weight",
             "model.layers.10.self_attn.k_proj.weight",
@@ -5014,6 +5178,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         10,
         None,
+        4,
         (
             "model.layers.10.self_attn.q_proj.bias",
             "model.layers.10.self_attn.k_proj.bias",
@@ -5030,6 +5195,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         10,
         None,
+        5,
         ("model.layers.10.post_attention_layernorm.weight",),
         import_decoder_layers_10_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_10_mlp_linear_fc1_layer_norm_weight,
@@ -5042,6 +5208,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         10,
         None,
+        6,
         ("model.layers.10.mlp.gate_proj.weight", "model.layers.10.mlp.up_proj.weight"),
         import_decoder_layers_10_mlp_linear_fc1_weight,
         export_decoder_layers_10_mlp_linear_fc1_weight,
@@ -5054,6 +5221,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         10,
         None,
+        7,
         ("model.layers.10.mlp.down_proj.weight",),
         import_decoder_layers_10_mlp_linear_fc2_weight,
         export_decoder_layers_10_mlp_linear_fc2_weight,
@@ -5066,6 +5234,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         11,
         None,
+        1,
         ("model.layers.11.input_layernorm.weight",),
         import_decoder_layers_11_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_11_self_attention_linear_qkv_layer_norm_weight,
@@ -5078,6 +5247,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         11,
         None,
+        2,
         ("model.layers.11.self_attn.o_proj.weight",),
         import_decoder_layers_11_self_attention_linear_proj_weight,
         export_decoder_layers_11_self_attention_linear_proj_weight,
@@ -5090,6 +5260,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         11,
         None,
+        3,
         (
             "model.layers.11.self_attn.q_proj.weight",
             "model.layers.11.self_attn.k_proj.weight",
@@ -5106,6 +5277,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         11,
         None,
+        4,
         (
             "model.layers.11.self_attn.q_proj.bias",
             "model.layers.11.self_attn.k_proj.bias",
@@ -5122,6 +5294,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         11,
         None,
+        5,
         ("model.layers.11.post_attention_layernorm.weight",),
         import_decoder_layers_11_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_11_mlp_linear_fc1_layer_norm_weight,
@@ -5134,6 +5307,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         11,
         None,
+        6,
         ("model.layers.11.mlp.gate_proj.weight", "model.layers.11.mlp.up_proj.weight"),
         import_decoder_layers_11_mlp_linear_fc1_weight,
         export_decoder_layers_11_mlp_linear_fc1_weight,
@@ -5146,6 +5320,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         11,
         None,
+        7,
         ("model.layers.11.mlp.down_proj.weight",),
         import_decoder_layers_11_mlp_linear_fc2_weight,
         export_decoder_layers_11_mlp_linear_fc2_weight,
@@ -5158,6 +5333,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         12,
         None,
+        1,
         ("model.layers.12.input_layernorm.weight",),
         import_decoder_layers_12_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_12_self_attention_linear_qkv_layer_norm_weight,
@@ -5170,6 +5346,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         12,
         None,
+        2,
         ("model.layers.12.self_attn.o_proj.weight",),
         import_decoder_layers_12_self_attention_linear_proj_weight,
         export_decoder_layers_12_self_attention_linear_proj_weight,
@@ -5182,6 +5359,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         12,
         None,
+        3,
         (
             "model.layers.12.self_attn.q_proj.weight",
             "model.layers.12.self_attn.k_proj.weight",
@@ -5198,6 +5376,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         12,
         None,
+        4,
         (
             "model.layers.12.self_attn.q_proj.bias",
             "model.layers.12.self_attn.k_proj.bias",
@@ -5214,6 +5393,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         12,
         None,
+        5,
         ("model.layers.12.post_attention_layernorm.weight",),
         import_decoder_layers_12_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_12_mlp_linear_fc1_layer_norm_weight,
@@ -5226,6 +5406,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         12,
         None,
+        6,
         ("model.layers.12.mlp.gate_proj.weight", "model.layers.12.mlp.up_proj.weight"),
         import_decoder_layers_12_mlp_linear_fc1_weight,
         export_decoder_layers_12_mlp_linear_fc1_weight,
@@ -5238,6 +5419,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         12,
         None,
+        7,
         ("model.layers.12.mlp.down_proj.weight",),
         import_decoder_layers_12_mlp_linear_fc2_weight,
         export_decoder_layers_12_mlp_linear_fc2_weight,
@@ -5250,6 +5432,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         13,
         None,
+        1,
         ("model.layers.13.input_layernorm.weight",),
         import_decoder_layers_13_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_13_self_attention_linear_qkv_layer_norm_weight,
@@ -5262,6 +5445,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         13,
         None,
+        2,
         ("model.layers.13.self_attn.o_proj.weight",),
         import_decoder_layers_13_self_attention_linear_proj_weight,
         export_decoder_layers_13_self_attention_linear_proj_weight,
@@ -5274,6 +5458,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         13,
         None,
+        3,
         (
             "model.layers.13.self_attn.q_proj.weight",
             "model.layers.13.self_attn.k_proj.weight",
@@ -5290,6 +5475,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         13,
         None,
+        4,
         (
             "model.layers.13.self_attn.q_proj.bias",
             "model.layers.13.self_attn.k_proj.bias",
@@ -5306,6 +5492,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         13,
         None,
+        5,
         ("model.layers.13.post_attention_layernorm.weight",),
         import_decoder_layers_13_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_13_mlp_linear_fc1_layer_norm_weight,
@@ -5318,6 +5505,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         13,
         None,
+        6,
         ("model.layers.13.mlp.gate_proj.weight", "model.layers.13.mlp.up_proj.weight"),
         import_decoder_layers_13_mlp_linear_fc1_weight,
         export_decoder_layers_13_mlp_linear_fc1_weight,
@@ -5330,6 +5518,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         13,
         None,
+        7,
         ("model.layers.13.mlp.down_proj.weight",),
         import_decoder_layers_13_mlp_linear_fc2_weight,
         export_decoder_layers_13_mlp_linear_fc2_weight,
@@ -5342,6 +5531,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         14,
         None,
+        1,
         ("model.layers.14.input_layernorm.weight",),
         import_decoder_layers_14_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_14_self_attention_linear_qkv_layer_norm_weight,
@@ -5354,6 +5544,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         14,
         None,
+        2,
         ("model.layers.14.self_attn.o_proj.weight",),
         import_decoder_layers_14_self_attention_linear_proj_weight,
         export_decoder_layers_14_self_attention_linear_proj_weight,
@@ -5366,6 +5557,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         14,
         None,
+        3,
         (
             "model.layers.14.self_attn.q_proj.weight",
             "model.layers.14.self_attn.k_proj.weight",
@@ -5382,6 +5574,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         14,
         None,
+        4,
         (
             "model.layers.14.self_attn.q_proj.bias",
             "model.layers.14.self_attn.k_proj.bias",
@@ -5398,6 +5591,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         14,
         None,
+        5,
         ("model.layers.14.post_attention_layernorm.weight",),
         import_decoder_layers_14_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_14_mlp_linear_fc1_layer_norm_weight,
@@ -5410,6 +5604,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         14,
         None,
+        6,
         ("model.layers.14.mlp.gate_proj.weight", "model.layers.14.mlp.up_proj.weight"),
         import_decoder_layers_14_mlp_linear_fc1_weight,
         export_decoder_layers_14_mlp_linear_fc1_weight,
@@ -5422,6 +5617,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         14,
         None,
+        7,
         ("model.layers.14.mlp.down_proj.weight",),
         import_decoder_layers_14_mlp_linear_fc2_weight,
         export_decoder_layers_14_mlp_linear_fc2_weight,
@@ -5434,6 +5630,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         15,
         None,
+        1,
         ("model.layers.15.input_layernorm.weight",),
         import_decoder_layers_15_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_15_self_attention_linear_qkv_layer_norm_weight,
@@ -5446,6 +5643,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         15,
         None,
+        2,
         ("model.layers.15.self_attn.o_proj.weight",),
         import_decoder_layers_15_self_attention_linear_proj_weight,
         export_decoder_layers_15_self_attention_linear_proj_weight,
@@ -5458,6 +5656,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         15,
         None,
+        3,
         (
             "model.layers.15.self_attn.q_proj.weight",
             "model.layers.15.self_attn.k_proj.weight",
@@ -5474,6 +5673,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         15,
         None,
+        4,
         (
             "model.layers.15.self_attn.q_proj.bias",
             "model.layers.15.self_attn.k_proj.bias",
@@ -5490,6 +5690,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         15,
         None,
+        5,
         ("model.layers.15.post_attention_layernorm.weight",),
         import_decoder_layers_15_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_15_mlp_linear_fc1_layer_norm_weight,
@@ -5502,6 +5703,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         15,
         None,
+        6,
         ("model.layers.15.mlp.gate_proj.weight", "model.layers.15.mlp.up_proj.weight"),
         import_decoder_layers_15_mlp_linear_fc1_weight,
         export_decoder_layers_15_mlp_linear_fc1_weight,
@@ -5514,6 +5716,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         15,
         None,
+        7,
         ("model.layers.15.mlp.down_proj.weight",),
         import_decoder_layers_15_mlp_linear_fc2_weight,
         export_decoder_layers_15_mlp_linear_fc2_weight,
@@ -5526,6 +5729,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         16,
         None,
+        1,
         ("model.layers.16.input_layernorm.weight",),
         import_decoder_layers_16_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_16_self_attention_linear_qkv_layer_norm_weight,
@@ -5538,6 +5742,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         16,
         None,
+        2,
         ("model.layers.16.self_attn.o_proj.weight",),
         import_decoder_layers_16_self_attention_linear_proj_weight,
         export_decoder_layers_16_self_attention_linear_proj_weight,
@@ -5550,6 +5755,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         16,
         None,
+        3,
         (
             "model.layers.16.self_attn.q_proj.weight",
             "model.layers.16.self_attn.k_proj.weight",
@@ -5566,6 +5772,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         16,
         None,
+        4,
         (
             "model.layers.16.self_attn.q_proj.bias",
             "model.layers.16.self_attn.k_proj.bias",
@@ -5582,6 +5789,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         16,
         None,
+        5,
         ("model.layers.16.post_attention_layernorm.weight",),
         import_decoder_layers_16_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_16_mlp_linear_fc1_layer_norm_weight,
@@ -5594,6 +5802,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         16,
         None,
+        6,
         ("model.layers.16.mlp.gate_proj.weight", "model.layers.16.mlp.up_proj.weight"),
         import_decoder_layers_16_mlp_linear_fc1_weight,
         export_decoder_layers_16_mlp_linear_fc1_weight,
@@ -5606,6 +5815,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         16,
         None,
+        7,
         ("model.layers.16.mlp.down_proj.weight",),
         import_decoder_layers_16_mlp_linear_fc2_weight,
         export_decoder_layers_16_mlp_linear_fc2_weight,
@@ -5618,6 +5828,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         17,
         None,
+        1,
         ("model.layers.17.input_layernorm.weight",),
         import_decoder_layers_17_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_17_self_attention_linear_qkv_layer_norm_weight,
@@ -5630,6 +5841,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         17,
         None,
+        2,
         ("model.layers.17.self_attn.o_proj.weight",),
         import_decoder_layers_17_self_attention_linear_proj_weight,
         export_decoder_layers_17_self_attention_linear_proj_weight,
@@ -5642,6 +5854,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         17,
         None,
+        3,
         (
             "model.layers.17.self_attn.q_proj.weight",
             "model.layers.17.self_attn.k_proj.weight",
@@ -5658,6 +5871,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         17,
         None,
+        4,
         (
             "model.layers.17.self_attn.q_proj.bias",
             "model.layers.17.self_attn.k_proj.bias",
@@ -5674,6 +5888,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         17,
         None,
+        5,
         ("model.layers.17.post_attention_layernorm.weight",),
         import_decoder_layers_17_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_17_mlp_linear_fc1_layer_norm_weight,
@@ -5686,6 +5901,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         17,
         None,
+        6,
         ("model.layers.17.mlp.gate_proj.weight", "model.layers.17.mlp.up_proj.weight"),
         import_decoder_layers_17_mlp_linear_fc1_weight,
         export_decoder_layers_17_mlp_linear_fc1_weight,
@@ -5698,6 +5914,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         17,
         None,
+        7,
         ("model.layers.17.mlp.down_proj.weight",),
         import_decoder_layers_17_mlp_linear_fc2_weight,
         export_decoder_layers_17_mlp_linear_fc2_weight,
@@ -5710,6 +5927,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         18,
         None,
+        1,
         ("model.layers.18.input_layernorm.weight",),
         import_decoder_layers_18_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_18_self_attention_linear_qkv_layer_norm_weight,
@@ -5722,6 +5940,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         18,
         None,
+        2,
         ("model.layers.18.self_attn.o_proj.weight",),
         import_decoder_layers_18_self_attention_linear_proj_weight,
         export_decoder_layers_18_self_attention_linear_proj_weight,
@@ -5734,6 +5953,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         18,
         None,
+        3,
         (
             "model.layers.18.self_attn.q_proj.weight",
             "model.layers.18.self_attn.k_proj.weight",
@@ -5750,6 +5970,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         18,
         None,
+        4,
         (
             "model.layers.18.self_attn.q_proj.bias",
             "model.layers.18.self_attn.k_proj.bias",
@@ -5766,6 +5987,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         18,
         None,
+        5,
         ("model.layers.18.post_attention_layernorm.weight",),
         import_decoder_layers_18_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_18_mlp_linear_fc1_layer_norm_weight,
@@ -5778,6 +6000,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         18,
         None,
+        6,
         ("model.layers.18.mlp.gate_proj.weight", "model.layers.18.mlp.up_proj.weight"),
         import_decoder_layers_18_mlp_linear_fc1_weight,
         export_decoder_layers_18_mlp_linear_fc1_weight,
@@ -5790,6 +6013,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         18,
         None,
+        7,
         ("model.layers.18.mlp.down_proj.weight",),
         import_decoder_layers_18_mlp_linear_fc2_weight,
         export_decoder_layers_18_mlp_linear_fc2_weight,
@@ -5802,6 +6026,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         19,
         None,
+        1,
         ("model.layers.19.input_layernorm.weight",),
         import_decoder_layers_19_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_19_self_attention_linear_qkv_layer_norm_weight,
@@ -5814,6 +6039,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         19,
         None,
+        2,
         ("model.layers.19.self_attn.o_proj.weight",),
         import_decoder_layers_19_self_attention_linear_proj_weight,
         export_decoder_layers_19_self_attention_linear_proj_weight,
@@ -5826,6 +6052,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         19,
         None,
+        3,
         (
             "model.layers.19.self_attn.q_proj.weight",
             "model.layers.19.self_attn.k_proj.weight",
@@ -5842,6 +6069,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         19,
         None,
+        4,
         (
             "model.layers.19.self_attn.q_proj.bias",
             "model.layers.19.self_attn.k_proj.bias",
@@ -5858,6 +6086,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         19,
         None,
+        5,
         ("model.layers.19.post_attention_layernorm.weight",),
         import_decoder_layers_19_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_19_mlp_linear_fc1_layer_norm_weight,
@@ -5870,6 +6099,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         19,
         None,
+        6,
         ("model.layers.19.mlp.gate_proj.weight", "model.layers.19.mlp.up_proj.weight"),
         import_decoder_layers_19_mlp_linear_fc1_weight,
         export_decoder_layers_19_mlp_linear_fc1_weight,
@@ -5882,6 +6112,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         19,
         None,
+        7,
         ("model.layers.19.mlp.down_proj.weight",),
         import_decoder_layers_19_mlp_linear_fc2_weight,
         export_decoder_layers_19_mlp_linear_fc2_weight,
@@ -5894,6 +6125,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         20,
         None,
+        1,
         ("model.layers.20.input_layernorm.weight",),
         import_decoder_layers_20_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_20_self_attention_linear_qkv_layer_norm_weight,
@@ -5906,6 +6138,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         20,
         None,
+        2,
         ("model.layers.20.self_attn.o_proj.weight",),
         import_decoder_layers_20_self_attention_linear_proj_weight,
         export_decoder_layers_20_self_attention_linear_proj_weight,
@@ -5918,6 +6151,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         20,
         None,
+        3,
         (
             "model.layers.20.self_attn.q_proj.weight",
             "model.layers.20.self_attn.k_proj.weight",
@@ -5934,6 +6168,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         20,
         None,
+        4,
         (
             "model.layers.20.self_attn.q_proj.bias",
             "model.layers.20.self_attn.k_proj.bias",
@@ -5950,6 +6185,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         20,
         None,
+        5,
         ("model.layers.20.post_attention_layernorm.weight",),
         import_decoder_layers_20_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_20_mlp_linear_fc1_layer_norm_weight,
@@ -5962,6 +6198,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         20,
         None,
+        6,
         ("model.layers.20.mlp.gate_proj.weight", "model.layers.20.mlp.up_proj.weight"),
         import_decoder_layers_20_mlp_linear_fc1_weight,
         export_decoder_layers_20_mlp_linear_fc1_weight,
@@ -5974,6 +6211,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         20,
         None,
+        7,
         ("model.layers.20.mlp.down_proj.weight",),
         import_decoder_layers_20_mlp_linear_fc2_weight,
         export_decoder_layers_20_mlp_linear_fc2_weight,
@@ -5986,6 +6224,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         21,
         None,
+        1,
         ("model.layers.21.input_layernorm.weight",),
         import_decoder_layers_21_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_21_self_attention_linear_qkv_layer_norm_weight,
@@ -5998,6 +6237,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         21,
         None,
+        2,
         ("model.layers.21.self_attn.o_proj.weight",),
         import_decoder_layers_21_self_attention_linear_proj_weight,
         export_decoder_layers_21_self_attention_linear_proj_weight,
@@ -6010,6 +6250,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         21,
         None,
+        3,
         (
             "model.layers.21.self_attn.q_proj.weight",
             "model.layers.21.self_attn.k_proj.weight",
@@ -6026,6 +6267,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         21,
         None,
+        4,
         (
             "model.layers.21.self_attn.q_proj.bias",
             "model.layers.21.self_attn.k_proj.bias",
@@ -6042,6 +6284,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         21,
         None,
+        5,
         ("model.layers.21.post_attention_layernorm.weight",),
         import_decoder_layers_21_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_21_mlp_linear_fc1_layer_norm_weight,
@@ -6054,6 +6297,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         21,
         None,
+        6,
         ("model.layers.21.mlp.gate_proj.weight", "model.layers.21.mlp.up_proj.weight"),
         import_decoder_layers_21_mlp_linear_fc1_weight,
         export_decoder_layers_21_mlp_linear_fc1_weight,
@@ -6066,6 +6310,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         21,
         None,
+        7,
         ("model.layers.21.mlp.down_proj.weight",),
         import_decoder_layers_21_mlp_linear_fc2_weight,
         export_decoder_layers_21_mlp_linear_fc2_weight,
@@ -6078,6 +6323,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         22,
         None,
+        1,
         ("model.layers.22.input_layernorm.weight",),
         import_decoder_layers_22_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_22_self_attention_linear_qkv_layer_norm_weight,
@@ -6090,6 +6336,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         22,
         None,
+        2,
         ("model.layers.22.self_attn.o_proj.weight",),
         import_decoder_layers_22_self_attention_linear_proj_weight,
         export_decoder_layers_22_self_attention_linear_proj_weight,
@@ -6102,6 +6349,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         22,
         None,
+        3,
         (
             "model.layers.22.self_attn.q_proj.weight",
             "model.layers.22.self_attn.k_proj.weight",
@@ -6118,6 +6366,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         22,
         None,
+        4,
         (
             "model.layers.22.self_attn.q_proj.bias",
             "model.layers.22.self_attn.k_proj.bias",
@@ -6134,6 +6383,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         22,
         None,
+        5,
         ("model.layers.22.post_attention_layernorm.weight",),
         import_decoder_layers_22_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_22_mlp_linear_fc1_layer_norm_weight,
@@ -6146,6 +6396,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         22,
         None,
+        6,
         ("model.layers.22.mlp.gate_proj.weight", "model.layers.22.mlp.up_proj.weight"),
         import_decoder_layers_22_mlp_linear_fc1_weight,
         export_decoder_layers_22_mlp_linear_fc1_weight,
@@ -6158,6 +6409,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         22,
         None,
+        7,
         ("model.layers.22.mlp.down_proj.weight",),
         import_decoder_layers_22_mlp_linear_fc2_weight,
         export_decoder_layers_22_mlp_linear_fc2_weight,
@@ -6170,6 +6422,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         23,
         None,
+        1,
         ("model.layers.23.input_layernorm.weight",),
         import_decoder_layers_23_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_23_self_attention_linear_qkv_layer_norm_weight,
@@ -6182,6 +6435,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         23,
         None,
+        2,
         ("model.layers.23.self_attn.o_proj.weight",),
         import_decoder_layers_23_self_attention_linear_proj_weight,
         export_decoder_layers_23_self_attention_linear_proj_weight,
@@ -6194,6 +6448,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         23,
         None,
+        3,
         (
             "model.layers.23.self_attn.q_proj.weight",
             "model.layers.23.self_attn.k_proj.weight",
@@ -6210,6 +6465,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         23,
         None,
+        4,
         (
             "model.layers.23.self_attn.q_proj.bias",
             "model.layers.23.self_attn.k_proj.bias",
@@ -6226,6 +6482,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         23,
         None,
+        5,
         ("model.layers.23.post_attention_layernorm.weight",),
         import_decoder_layers_23_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_23_mlp_linear_fc1_layer_norm_weight,
@@ -6238,6 +6495,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         23,
         None,
+        6,
         ("model.layers.23.mlp.gate_proj.weight", "model.layers.23.mlp.up_proj.weight"),
         import_decoder_layers_23_mlp_linear_fc1_weight,
         export_decoder_layers_23_mlp_linear_fc1_weight,
@@ -6250,6 +6508,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         23,
         None,
+        7,
         ("model.layers.23.mlp.down_proj.weight",),
         import_decoder_layers_23_mlp_linear_fc2_weight,
         export_decoder_layers_23_mlp_linear_fc2_weight,
@@ -6262,6 +6521,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         24,
         None,
+        1,
         ("model.layers.24.input_layernorm.weight",),
         import_decoder_layers_24_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_24_self_attention_linear_qkv_layer_norm_weight,
@@ -6274,6 +6534,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         24,
         None,
+        2,
         ("model.layers.24.self_attn.o_proj.weight",),
         import_decoder_layers_24_self_attention_linear_proj_weight,
         export_decoder_layers_24_self_attention_linear_proj_weight,
@@ -6286,6 +6547,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         24,
         None,
+        3,
         (
             "model.layers.24.self_attn.q_proj.weight",
             "model.layers.24.self_attn.k_proj.weight",
@@ -6302,6 +6564,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         24,
         None,
+        4,
         (
             "model.layers.24.self_attn.q_proj.bias",
             "model.layers.24.self_attn.k_proj.bias",
@@ -6318,6 +6581,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         24,
         None,
+        5,
         ("model.layers.24.post_attention_layernorm.weight",),
         import_decoder_layers_24_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_24_mlp_linear_fc1_layer_norm_weight,
@@ -6330,6 +6594,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         24,
         None,
+        6,
         ("model.layers.24.mlp.gate_proj.weight", "model.layers.24.mlp.up_proj.weight"),
         import_decoder_layers_24_mlp_linear_fc1_weight,
         export_decoder_layers_24_mlp_linear_fc1_weight,
@@ -6342,6 +6607,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         24,
         None,
+        7,
         ("model.layers.24.mlp.down_proj.weight",),
         import_decoder_layers_24_mlp_linear_fc2_weight,
         export_decoder_layers_24_mlp_linear_fc2_weight,
@@ -6354,6 +6620,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         25,
         None,
+        1,
         ("model.layers.25.input_layernorm.weight",),
         import_decoder_layers_25_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_25_self_attention_linear_qkv_layer_norm_weight,
@@ -6366,6 +6633,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         25,
         None,
+        2,
         ("model.layers.25.self_attn.o_proj.weight",),
         import_decoder_layers_25_self_attention_linear_proj_weight,
         export_decoder_layers_25_self_attention_linear_proj_weight,
@@ -6378,6 +6646,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         25,
         None,
+        3,
         (
             "model.layers.25.self_attn.q_proj.weight",
             "model.layers.25.self_attn.k_proj.weight",
@@ -6394,6 +6663,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         25,
         None,
+        4,
         (
             "model.layers.25.self_attn.q_proj.bias",
             "model.layers.25.self_attn.k_proj.bias",
@@ -6410,6 +6680,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         25,
         None,
+        5,
         ("model.layers.25.post_attention_layernorm.weight",),
         import_decoder_layers_25_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_25_mlp_linear_fc1_layer_norm_weight,
@@ -6422,6 +6693,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         25,
         None,
+        6,
         ("model.layers.25.mlp.gate_proj.weight", "model.layers.25.mlp.up_proj.weight"),
         import_decoder_layers_25_mlp_linear_fc1_weight,
         export_decoder_layers_25_mlp_linear_fc1_weight,
@@ -6434,6 +6706,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         25,
         None,
+        7,
         ("model.layers.25.mlp.down_proj.weight",),
         import_decoder_layers_25_mlp_linear_fc2_weight,
         export_decoder_layers_25_mlp_linear_fc2_weight,
@@ -6446,6 +6719,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         26,
         None,
+        1,
         ("model.layers.26.input_layernorm.weight",),
         import_decoder_layers_26_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_26_self_attention_linear_qkv_layer_norm_weight,
@@ -6458,6 +6732,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         26,
         None,
+        2,
         ("model.layers.26.self_attn.o_proj.weight",),
         import_decoder_layers_26_self_attention_linear_proj_weight,
         export_decoder_layers_26_self_attention_linear_proj_weight,
@@ -6470,6 +6745,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         26,
         None,
+        3,
         (
             "model.layers.26.self_attn.q_proj.weight",
             "model.layers.26.self_attn.k_proj.weight",
@@ -6486,6 +6762,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         26,
         None,
+        4,
         (
             "model.layers.26.self_attn.q_proj.bias",
             "model.layers.26.self_attn.k_proj.bias",
@@ -6502,6 +6779,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         26,
         None,
+        5,
         ("model.layers.26.post_attention_layernorm.weight",),
         import_decoder_layers_26_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_26_mlp_linear_fc1_layer_norm_weight,
@@ -6514,6 +6792,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         26,
         None,
+        6,
         ("model.layers.26.mlp.gate_proj.weight", "model.layers.26.mlp.up_proj.weight"),
         import_decoder_layers_26_mlp_linear_fc1_weight,
         export_decoder_layers_26_mlp_linear_fc1_weight,
@@ -6526,6 +6805,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         26,
         None,
+        7,
         ("model.layers.26.mlp.down_proj.weight",),
         import_decoder_layers_26_mlp_linear_fc2_weight,
         export_decoder_layers_26_mlp_linear_fc2_weight,
@@ -6538,6 +6818,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         27,
         None,
+        1,
         ("model.layers.27.input_layernorm.weight",),
         import_decoder_layers_27_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_27_self_attention_linear_qkv_layer_norm_weight,
@@ -6550,6 +6831,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         27,
         None,
+        2,
         ("model.layers.27.self_attn.o_proj.weight",),
         import_decoder_layers_27_self_attention_linear_proj_weight,
         export_decoder_layers_27_self_attention_linear_proj_weight,
@@ -6562,6 +6844,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         27,
         None,
+        3,
         (
             "model.layers.27.self_attn.q_proj.weight",
             "model.layers.27.self_attn.k_proj.weight",
@@ -6578,6 +6861,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         27,
         None,
+        4,
         (
             "model.layers.27.self_attn.q_proj.bias",
             "model.layers.27.self_attn.k_proj.bias",
@@ -6594,6 +6878,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         27,
         None,
+        5,
         ("model.layers.27.post_attention_layernorm.weight",),
         import_decoder_layers_27_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_27_mlp_linear_fc1_layer_norm_weight,
@@ -6606,6 +6891,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         27,
         None,
+        6,
         ("model.layers.27.mlp.gate_proj.weight", "model.layers.27.mlp.up_proj.weight"),
         import_decoder_layers_27_mlp_linear_fc1_weight,
         export_decoder_layers_27_mlp_linear_fc1_weight,
@@ -6618,6 +6904,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         27,
         None,
+        7,
         ("model.layers.27.mlp.down_proj.weight",),
         import_decoder_layers_27_mlp_linear_fc2_weight,
         export_decoder_layers_27_mlp_linear_fc2_weight,
@@ -6630,6 +6917,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         None,
         None,
+        8,
         ("model.norm.weight",),
         import_decoder_final_layernorm_weight,
         export_decoder_final_layernorm_weight,
@@ -6642,6 +6930,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         None,
         None,
+        9,
         ("lm_head.weight",),
         import_output_layer_weight,
         export_output_layer_weight,

@@ -13,8 +13,17 @@ from typing import Final
 from torch import Tensor
 
 from mapgen import runtime as rt
-from mapgen.dims import ModelDims
-from mapgen.runtime import ExportFn, HFTensorPlan, ImportFn, Loader, ParallelContext, ParamPlan
+from mapgen.runtime import (
+    ExportFn,
+    HFTensorPlan,
+    ImportFn,
+    Loader,
+    ModelDims,
+    ParallelContext,
+    ParamPlan,
+    QKVGeometry,
+    RulePlan,
+)
 
 TARGET: Final = "qwen3_8b"
 LAYOUT: Final = "te"
@@ -74,51 +83,134 @@ DIMS: Final = ModelDims(
     v_head_dim=0,
 )
 
+# The spec's rules this module applies, in the order their first parameter appears. The
+# functions' docstrings cite them by id (the Megatron pattern, or the rule's `id:`); PARAMS by
+# index. Fields: id, kind, Megatron pattern, HF patterns, their roles, then permute_dims and the
+# QKV geometry (heads, query groups, head dim, output gate) where the kind has them.
+RULES: Final[tuple[RulePlan, ...]] = (
+    RulePlan(
+        "embedding.word_embeddings.weight",
+        "auto",
+        "embedding.word_embeddings.weight",
+        ("model.embed_tokens.weight",),
+        ("hf",),
+    ),
+    RulePlan(
+        "decoder.layers.*.self_attention.linear_qkv.layer_norm_weight",
+        "auto",
+        "decoder.layers.*.self_attention.linear_qkv.layer_norm_weight",
+        ("model.layers.*.input_layernorm.weight",),
+        ("hf",),
+    ),
+    RulePlan(
+        "decoder.layers.*.self_attention.linear_proj.weight",
+        "auto",
+        "decoder.layers.*.self_attention.linear_proj.weight",
+        ("model.layers.*.self_attn.o_proj.weight",),
+        ("hf",),
+    ),
+    RulePlan(
+        "decoder.layers.*.self_attention.linear_qkv.weight",
+        "qkv",
+        "decoder.layers.*.self_attention.linear_qkv.weight",
+        (
+            "model.layers.*.self_attn.q_proj.weight",
+            "model.layers.*.self_attn.k_proj.weight",
+            "model.layers.*.self_attn.v_proj.weight",
+        ),
+        ("q", "k", "v"),
+        qkv=QKVGeometry(32, 8, 128, False),
+    ),
+    RulePlan(
+        "decoder.layers.*.self_attention.q_layernorm.weight",
+        "auto",
+        "decoder.layers.*.self_attention.q_layernorm.weight",
+        ("model.layers.*.self_attn.q_norm.weight",),
+        ("hf",),
+    ),
+    RulePlan(
+        "decoder.layers.*.self_attention.k_layernorm.weight",
+        "auto",
+        "decoder.layers.*.self_attention.k_layernorm.weight",
+        ("model.layers.*.self_attn.k_norm.weight",),
+        ("hf",),
+    ),
+    RulePlan(
+        "decoder.layers.*.mlp.linear_fc1.layer_norm_weight",
+        "auto",
+        "decoder.layers.*.mlp.linear_fc1.layer_norm_weight",
+        ("model.layers.*.post_attention_layernorm.weight",),
+        ("hf",),
+    ),
+    RulePlan(
+        "decoder.layers.*.mlp.linear_fc1.weight",
+        "gated_mlp",
+        "decoder.layers.*.mlp.linear_fc1.weight",
+        ("model.layers.*.mlp.gate_proj.weight", "model.layers.*.mlp.up_proj.weight"),
+        ("gate", "up"),
+    ),
+    RulePlan(
+        "decoder.layers.*.mlp.linear_fc2.weight",
+        "auto",
+        "decoder.layers.*.mlp.linear_fc2.weight",
+        ("model.layers.*.mlp.down_proj.weight",),
+        ("hf",),
+    ),
+    RulePlan(
+        "decoder.final_layernorm.weight",
+        "auto",
+        "decoder.final_layernorm.weight",
+        ("model.norm.weight",),
+        ("hf",),
+    ),
+    RulePlan("output_layer.weight", "auto", "output_layer.weight", ("lm_head.weight",), ("hf",)),
+)
+
 
 def import_embedding_word_embeddings_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> column: specs/qwen3.yaml:26."""
+    """auto -> column: embedding.word_embeddings.weight."""
     return rt.column_import(ctx.tp, load("model.embed_tokens.weight"), out=out)
 
 
 def export_embedding_word_embeddings_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> column: specs/qwen3.yaml:26."""
+    """auto -> column: embedding.word_embeddings.weight."""
     return {"model.embed_tokens.weight": rt.column_export(parts)}
 
 
 def import_decoder_layers_0_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:29."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.0.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_0_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:29."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.0.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_0_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen3.yaml:45."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.0.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_0_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen3.yaml:45."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.0.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_0_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/qwen3.yaml:32."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.0.self_attn.q_proj.weight"),
@@ -134,7 +226,7 @@ def import_decoder_layers_0_self_attention_linear_qkv_weight(
 def export_decoder_layers_0_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/qwen3.yaml:32."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -150,49 +242,49 @@ def export_decoder_layers_0_self_attention_linear_qkv_weight(
 def import_decoder_layers_0_self_attention_q_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:39."""
+    """auto -> replicated: decoder.layers.*.self_attention.q_layernorm.weight."""
     return rt.whole_import(load("model.layers.0.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_0_self_attention_q_layernorm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:39."""
+    """auto -> replicated: decoder.layers.*.self_attention.q_layernorm.weight."""
     return {"model.layers.0.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_0_self_attention_k_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:42."""
+    """auto -> replicated: decoder.layers.*.self_attention.k_layernorm.weight."""
     return rt.whole_import(load("model.layers.0.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_0_self_attention_k_layernorm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:42."""
+    """auto -> replicated: decoder.layers.*.self_attention.k_layernorm.weight."""
     return {"model.layers.0.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_0_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:48."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.0.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_0_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:48."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.0.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_0_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/qwen3.yaml:51."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.0.mlp.gate_proj.weight"),
@@ -202,7 +294,7 @@ def import_decoder_layers_0_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_0_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/qwen3.yaml:51."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weight"),
@@ -214,47 +306,47 @@ def export_decoder_layers_0_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> di
 def import_decoder_layers_0_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen3.yaml:54."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.0.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_0_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen3.yaml:54."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.0.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_1_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:29."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.1.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_1_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:29."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.1.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_1_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen3.yaml:45."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.1.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_1_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen3.yaml:45."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.1.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_1_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/qwen3.yaml:32."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.1.self_attn.q_proj.weight"),
@@ -270,7 +362,7 @@ def import_decoder_layers_1_self_attention_linear_qkv_weight(
 def export_decoder_layers_1_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/qwen3.yaml:32."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -286,49 +378,49 @@ def export_decoder_layers_1_self_attention_linear_qkv_weight(
 def import_decoder_layers_1_self_attention_q_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:39."""
+    """auto -> replicated: decoder.layers.*.self_attention.q_layernorm.weight."""
     return rt.whole_import(load("model.layers.1.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_1_self_attention_q_layernorm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:39."""
+    """auto -> replicated: decoder.layers.*.self_attention.q_layernorm.weight."""
     return {"model.layers.1.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_1_self_attention_k_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:42."""
+    """auto -> replicated: decoder.layers.*.self_attention.k_layernorm.weight."""
     return rt.whole_import(load("model.layers.1.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_1_self_attention_k_layernorm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:42."""
+    """auto -> replicated: decoder.layers.*.self_attention.k_layernorm.weight."""
     return {"model.layers.1.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_1_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:48."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.1.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_1_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:48."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.1.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_1_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/qwen3.yaml:51."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.1.mlp.gate_proj.weight"),
@@ -338,7 +430,7 @@ def import_decoder_layers_1_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_1_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/qwen3.yaml:51."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.1.mlp.gate_proj.weight", "model.layers.1.mlp.up_proj.weight"),
@@ -350,47 +442,47 @@ def export_decoder_layers_1_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> di
 def import_decoder_layers_1_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen3.yaml:54."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.1.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_1_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen3.yaml:54."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.1.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_2_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:29."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.2.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_2_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:29."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.2.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_2_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen3.yaml:45."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.2.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_2_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen3.yaml:45."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.2.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_2_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/qwen3.yaml:32."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.2.self_attn.q_proj.weight"),
@@ -406,7 +498,7 @@ def import_decoder_layers_2_self_attention_linear_qkv_weight(
 def export_decoder_layers_2_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/qwen3.yaml:32."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -422,49 +514,49 @@ def export_decoder_layers_2_self_attention_linear_qkv_weight(
 def import_decoder_layers_2_self_attention_q_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:39."""
+    """auto -> replicated: decoder.layers.*.self_attention.q_layernorm.weight."""
     return rt.whole_import(load("model.layers.2.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_2_self_attention_q_layernorm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:39."""
+    """auto -> replicated: decoder.layers.*.self_attention.q_layernorm.weight."""
     return {"model.layers.2.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_2_self_attention_k_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:42."""
+    """auto -> replicated: decoder.layers.*.self_attention.k_layernorm.weight."""
     return rt.whole_import(load("model.layers.2.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_2_self_attention_k_layernorm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:42."""
+    """auto -> replicated: decoder.layers.*.self_attention.k_layernorm.weight."""
     return {"model.layers.2.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_2_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:48."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.2.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_2_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:48."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.2.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_2_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/qwen3.yaml:51."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.2.mlp.gate_proj.weight"),
@@ -474,7 +566,7 @@ def import_decoder_layers_2_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_2_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/qwen3.yaml:51."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.2.mlp.gate_proj.weight", "model.layers.2.mlp.up_proj.weight"),
@@ -486,47 +578,47 @@ def export_decoder_layers_2_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> di
 def import_decoder_layers_2_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen3.yaml:54."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.2.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_2_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen3.yaml:54."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.2.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_3_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:29."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.3.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_3_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:29."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.3.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_3_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen3.yaml:45."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.3.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_3_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen3.yaml:45."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.3.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_3_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/qwen3.yaml:32."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.3.self_attn.q_proj.weight"),
@@ -542,7 +634,7 @@ def import_decoder_layers_3_self_attention_linear_qkv_weight(
 def export_decoder_layers_3_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/qwen3.yaml:32."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -558,49 +650,49 @@ def export_decoder_layers_3_self_attention_linear_qkv_weight(
 def import_decoder_layers_3_self_attention_q_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:39."""
+    """auto -> replicated: decoder.layers.*.self_attention.q_layernorm.weight."""
     return rt.whole_import(load("model.layers.3.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_3_self_attention_q_layernorm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:39."""
+    """auto -> replicated: decoder.layers.*.self_attention.q_layernorm.weight."""
     return {"model.layers.3.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_3_self_attention_k_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:42."""
+    """auto -> replicated: decoder.layers.*.self_attention.k_layernorm.weight."""
     return rt.whole_import(load("model.layers.3.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_3_self_attention_k_layernorm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:42."""
+    """auto -> replicated: decoder.layers.*.self_attention.k_layernorm.weight."""
     return {"model.layers.3.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_3_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:48."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.3.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_3_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:48."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.3.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_3_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/qwen3.yaml:51."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.3.mlp.gate_proj.weight"),
@@ -610,7 +702,7 @@ def import_decoder_layers_3_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_3_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/qwen3.yaml:51."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.3.mlp.gate_proj.weight", "model.layers.3.mlp.up_proj.weight"),
@@ -622,47 +714,47 @@ def export_decoder_layers_3_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> di
 def import_decoder_layers_3_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen3.yaml:54."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.3.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_3_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen3.yaml:54."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.3.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_4_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:29."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.4.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_4_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:29."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.4.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_4_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen3.yaml:45."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.4.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_4_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen3.yaml:45."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.4.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_4_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/qwen3.yaml:32."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.4.self_attn.q_proj.weight"),
@@ -678,7 +770,7 @@ def import_decoder_layers_4_self_attention_linear_qkv_weight(
 def export_decoder_layers_4_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/qwen3.yaml:32."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -694,49 +786,49 @@ def export_decoder_layers_4_self_attention_linear_qkv_weight(
 def import_decoder_layers_4_self_attention_q_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:39."""
+    """auto -> replicated: decoder.layers.*.self_attention.q_layernorm.weight."""
     return rt.whole_import(load("model.layers.4.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_4_self_attention_q_layernorm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:39."""
+    """auto -> replicated: decoder.layers.*.self_attention.q_layernorm.weight."""
     return {"model.layers.4.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_4_self_attention_k_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:42."""
+    """auto -> replicated: decoder.layers.*.self_attention.k_layernorm.weight."""
     return rt.whole_import(load("model.layers.4.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_4_self_attention_k_layernorm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:42."""
+    """auto -> replicated: decoder.layers.*.self_attention.k_layernorm.weight."""
     return {"model.layers.4.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_4_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:48."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.4.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_4_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:48."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.4.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_4_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/qwen3.yaml:51."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.4.mlp.gate_proj.weight"),
@@ -746,7 +838,7 @@ def import_decoder_layers_4_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_4_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/qwen3.yaml:51."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.4.mlp.gate_proj.weight", "model.layers.4.mlp.up_proj.weight"),
@@ -758,47 +850,47 @@ def export_decoder_layers_4_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> di
 def import_decoder_layers_4_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen3.yaml:54."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.4.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_4_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen3.yaml:54."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.4.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_5_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:29."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.5.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_5_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:29."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.5.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_5_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen3.yaml:45."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.5.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_5_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen3.yaml:45."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.5.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_5_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/qwen3.yaml:32."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.5.self_attn.q_proj.weight"),
@@ -814,7 +906,7 @@ def import_decoder_layers_5_self_attention_linear_qkv_weight(
 def export_decoder_layers_5_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/qwen3.yaml:32."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -830,49 +922,49 @@ def export_decoder_layers_5_self_attention_linear_qkv_weight(
 def import_decoder_layers_5_self_attention_q_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:39."""
+    """auto -> replicated: decoder.layers.*.self_attention.q_layernorm.weight."""
     return rt.whole_import(load("model.layers.5.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_5_self_attention_q_layernorm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:39."""
+    """auto -> replicated: decoder.layers.*.self_attention.q_layernorm.weight."""
     return {"model.layers.5.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_5_self_attention_k_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:42."""
+    """auto -> replicated: decoder.layers.*.self_attention.k_layernorm.weight."""
     return rt.whole_import(load("model.layers.5.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_5_self_attention_k_layernorm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:42."""
+    """auto -> replicated: decoder.layers.*.self_attention.k_layernorm.weight."""
     return {"model.layers.5.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_5_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:48."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.5.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_5_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:48."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.5.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_5_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/qwen3.yaml:51."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.5.mlp.gate_proj.weight"),
@@ -882,7 +974,7 @@ def import_decoder_layers_5_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_5_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/qwen3.yaml:51."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.5.mlp.gate_proj.weight", "model.layers.5.mlp.up_proj.weight"),
@@ -894,47 +986,47 @@ def export_decoder_layers_5_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> di
 def import_decoder_layers_5_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen3.yaml:54."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.5.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_5_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen3.yaml:54."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.5.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_6_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:29."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.6.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_6_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:29."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.6.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_6_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen3.yaml:45."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.6.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_6_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen3.yaml:45."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.6.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_6_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/qwen3.yaml:32."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.6.self_attn.q_proj.weight"),
@@ -950,7 +1042,7 @@ def import_decoder_layers_6_self_attention_linear_qkv_weight(
 def export_decoder_layers_6_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/qwen3.yaml:32."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -966,49 +1058,49 @@ def export_decoder_layers_6_self_attention_linear_qkv_weight(
 def import_decoder_layers_6_self_attention_q_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:39."""
+    """auto -> replicated: decoder.layers.*.self_attention.q_layernorm.weight."""
     return rt.whole_import(load("model.layers.6.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_6_self_attention_q_layernorm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:39."""
+    """auto -> replicated: decoder.layers.*.self_attention.q_layernorm.weight."""
     return {"model.layers.6.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_6_self_attention_k_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:42."""
+    """auto -> replicated: decoder.layers.*.self_attention.k_layernorm.weight."""
     return rt.whole_import(load("model.layers.6.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_6_self_attention_k_layernorm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:42."""
+    """auto -> replicated: decoder.layers.*.self_attention.k_layernorm.weight."""
     return {"model.layers.6.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_6_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:48."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.6.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_6_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:48."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.6.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_6_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/qwen3.yaml:51."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.6.mlp.gate_proj.weight"),
@@ -1018,7 +1110,7 @@ def import_decoder_layers_6_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_6_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/qwen3.yaml:51."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.6.mlp.gate_proj.weight", "model.layers.6.mlp.up_proj.weight"),
@@ -1030,47 +1122,47 @@ def export_decoder_layers_6_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> di
 def import_decoder_layers_6_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen3.yaml:54."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.6.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_6_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen3.yaml:54."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.6.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_7_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:29."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.7.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_7_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:29."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.7.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_7_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen3.yaml:45."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.7.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_7_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen3.yaml:45."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.7.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_7_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/qwen3.yaml:32."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.7.self_attn.q_proj.weight"),
@@ -1086,7 +1178,7 @@ def import_decoder_layers_7_self_attention_linear_qkv_weight(
 def export_decoder_layers_7_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/qwen3.yaml:32."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -1102,49 +1194,49 @@ def export_decoder_layers_7_self_attention_linear_qkv_weight(
 def import_decoder_layers_7_self_attention_q_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:39."""
+    """auto -> replicated: decoder.layers.*.self_attention.q_layernorm.weight."""
     return rt.whole_import(load("model.layers.7.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_7_self_attention_q_layernorm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:39."""
+    """auto -> replicated: decoder.layers.*.self_attention.q_layernorm.weight."""
     return {"model.layers.7.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_7_self_attention_k_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:42."""
+    """auto -> replicated: decoder.layers.*.self_attention.k_layernorm.weight."""
     return rt.whole_import(load("model.layers.7.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_7_self_attention_k_layernorm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:42."""
+    """auto -> replicated: decoder.layers.*.self_attention.k_layernorm.weight."""
     return {"model.layers.7.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_7_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:48."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.7.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_7_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:48."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.7.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_7_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/qwen3.yaml:51."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.7.mlp.gate_proj.weight"),
@@ -1154,7 +1246,7 @@ def import_decoder_layers_7_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_7_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/qwen3.yaml:51."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.7.mlp.gate_proj.weight", "model.layers.7.mlp.up_proj.weight"),
@@ -1166,47 +1258,47 @@ def export_decoder_layers_7_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> di
 def import_decoder_layers_7_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen3.yaml:54."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.7.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_7_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen3.yaml:54."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.7.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_8_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:29."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.8.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_8_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:29."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.8.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_8_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen3.yaml:45."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.8.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_8_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen3.yaml:45."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.8.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_8_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/qwen3.yaml:32."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.8.self_attn.q_proj.weight"),
@@ -1222,7 +1314,7 @@ def import_decoder_layers_8_self_attention_linear_qkv_weight(
 def export_decoder_layers_8_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/qwen3.yaml:32."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -1238,49 +1330,49 @@ def export_decoder_layers_8_self_attention_linear_qkv_weight(
 def import_decoder_layers_8_self_attention_q_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:39."""
+    """auto -> replicated: decoder.layers.*.self_attention.q_layernorm.weight."""
     return rt.whole_import(load("model.layers.8.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_8_self_attention_q_layernorm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:39."""
+    """auto -> replicated: decoder.layers.*.self_attention.q_layernorm.weight."""
     return {"model.layers.8.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_8_self_attention_k_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:42."""
+    """auto -> replicated: decoder.layers.*.self_attention.k_layernorm.weight."""
     return rt.whole_import(load("model.layers.8.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_8_self_attention_k_layernorm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:42."""
+    """auto -> replicated: decoder.layers.*.self_attention.k_layernorm.weight."""
     return {"model.layers.8.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_8_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:48."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.8.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_8_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:48."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.8.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_8_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/qwen3.yaml:51."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.8.mlp.gate_proj.weight"),
@@ -1290,7 +1382,7 @@ def import_decoder_layers_8_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_8_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/qwen3.yaml:51."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.8.mlp.gate_proj.weight", "model.layers.8.mlp.up_proj.weight"),
@@ -1302,47 +1394,47 @@ def export_decoder_layers_8_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> di
 def import_decoder_layers_8_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen3.yaml:54."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.8.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_8_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen3.yaml:54."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.8.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_9_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:29."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.9.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_9_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:29."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.9.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_9_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen3.yaml:45."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.9.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_9_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen3.yaml:45."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.9.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_9_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/qwen3.yaml:32."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.9.self_attn.q_proj.weight"),
@@ -1358,7 +1450,7 @@ def import_decoder_layers_9_self_attention_linear_qkv_weight(
 def export_decoder_layers_9_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/qwen3.yaml:32."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -1374,49 +1466,49 @@ def export_decoder_layers_9_self_attention_linear_qkv_weight(
 def import_decoder_layers_9_self_attention_q_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:39."""
+    """auto -> replicated: decoder.layers.*.self_attention.q_layernorm.weight."""
     return rt.whole_import(load("model.layers.9.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_9_self_attention_q_layernorm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:39."""
+    """auto -> replicated: decoder.layers.*.self_attention.q_layernorm.weight."""
     return {"model.layers.9.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_9_self_attention_k_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:42."""
+    """auto -> replicated: decoder.layers.*.self_attention.k_layernorm.weight."""
     return rt.whole_import(load("model.layers.9.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_9_self_attention_k_layernorm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:42."""
+    """auto -> replicated: decoder.layers.*.self_attention.k_layernorm.weight."""
     return {"model.layers.9.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_9_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:48."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.9.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_9_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:48."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.9.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_9_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/qwen3.yaml:51."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.9.mlp.gate_proj.weight"),
@@ -1426,7 +1518,7 @@ def import_decoder_layers_9_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_9_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/qwen3.yaml:51."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.9.mlp.gate_proj.weight", "model.layers.9.mlp.up_proj.weight"),
@@ -1438,47 +1530,47 @@ def export_decoder_layers_9_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> di
 def import_decoder_layers_9_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen3.yaml:54."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.9.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_9_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen3.yaml:54."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.9.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_10_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:29."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.10.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_10_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:29."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.10.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_10_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen3.yaml:45."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.10.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_10_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen3.yaml:45."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.10.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_10_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/qwen3.yaml:32."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.10.self_attn.q_proj.weight"),
@@ -1494,7 +1586,7 @@ def import_decoder_layers_10_self_attention_linear_qkv_weight(
 def export_decoder_layers_10_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/qwen3.yaml:32."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -1510,49 +1602,49 @@ def export_decoder_layers_10_self_attention_linear_qkv_weight(
 def import_decoder_layers_10_self_attention_q_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:39."""
+    """auto -> replicated: decoder.layers.*.self_attention.q_layernorm.weight."""
     return rt.whole_import(load("model.layers.10.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_10_self_attention_q_layernorm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:39."""
+    """auto -> replicated: decoder.layers.*.self_attention.q_layernorm.weight."""
     return {"model.layers.10.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_10_self_attention_k_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:42."""
+    """auto -> replicated: decoder.layers.*.self_attention.k_layernorm.weight."""
     return rt.whole_import(load("model.layers.10.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_10_self_attention_k_layernorm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:42."""
+    """auto -> replicated: decoder.layers.*.self_attention.k_layernorm.weight."""
     return {"model.layers.10.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_10_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:48."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.10.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_10_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:48."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.10.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_10_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/qwen3.yaml:51."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.10.mlp.gate_proj.weight"),
@@ -1562,7 +1654,7 @@ def import_decoder_layers_10_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_10_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/qwen3.yaml:51."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.10.mlp.gate_proj.weight", "model.layers.10.mlp.up_proj.weight"),
@@ -1574,47 +1666,47 @@ def export_decoder_layers_10_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_10_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen3.yaml:54."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.10.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_10_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen3.yaml:54."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.10.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_11_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:29."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.11.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_11_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:29."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.11.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_11_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen3.yaml:45."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.11.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_11_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen3.yaml:45."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.11.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_11_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/qwen3.yaml:32."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.11.self_attn.q_proj.weight"),
@@ -1630,7 +1722,7 @@ def import_decoder_layers_11_self_attention_linear_qkv_weight(
 def export_decoder_layers_11_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/qwen3.yaml:32."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -1646,49 +1738,49 @@ def export_decoder_layers_11_self_attention_linear_qkv_weight(
 def import_decoder_layers_11_self_attention_q_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:39."""
+    """auto -> replicated: decoder.layers.*.self_attention.q_layernorm.weight."""
     return rt.whole_import(load("model.layers.11.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_11_self_attention_q_layernorm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:39."""
+    """auto -> replicated: decoder.layers.*.self_attention.q_layernorm.weight."""
     return {"model.layers.11.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_11_self_attention_k_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:42."""
+    """auto -> replicated: decoder.layers.*.self_attention.k_layernorm.weight."""
     return rt.whole_import(load("model.layers.11.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_11_self_attention_k_layernorm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:42."""
+    """auto -> replicated: decoder.layers.*.self_attention.k_layernorm.weight."""
     return {"model.layers.11.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_11_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:48."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.11.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_11_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:48."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.11.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_11_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/qwen3.yaml:51."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.11.mlp.gate_proj.weight"),
@@ -1698,7 +1790,7 @@ def import_decoder_layers_11_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_11_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/qwen3.yaml:51."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.11.mlp.gate_proj.weight", "model.layers.11.mlp.up_proj.weight"),
@@ -1710,47 +1802,47 @@ def export_decoder_layers_11_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_11_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen3.yaml:54."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.11.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_11_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen3.yaml:54."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.11.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_12_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:29."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.12.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_12_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:29."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.12.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_12_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen3.yaml:45."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.12.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_12_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen3.yaml:45."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.12.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_12_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/qwen3.yaml:32."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.12.self_attn.q_proj.weight"),
@@ -1766,7 +1858,7 @@ def import_decoder_layers_12_self_attention_linear_qkv_weight(
 def export_decoder_layers_12_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/qwen3.yaml:32."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -1782,49 +1874,49 @@ def export_decoder_layers_12_self_attention_linear_qkv_weight(
 def import_decoder_layers_12_self_attention_q_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:39."""
+    """auto -> replicated: decoder.layers.*.self_attention.q_layernorm.weight."""
     return rt.whole_import(load("model.layers.12.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_12_self_attention_q_layernorm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:39."""
+    """auto -> replicated: decoder.layers.*.self_attention.q_layernorm.weight."""
     return {"model.layers.12.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_12_self_attention_k_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:42."""
+    """auto -> replicated: decoder.layers.*.self_attention.k_layernorm.weight."""
     return rt.whole_import(load("model.layers.12.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_12_self_attention_k_layernorm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:42."""
+    """auto -> replicated: decoder.layers.*.self_attention.k_layernorm.weight."""
     return {"model.layers.12.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_12_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:48."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.12.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_12_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:48."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.12.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_12_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/qwen3.yaml:51."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.12.mlp.gate_proj.weight"),
@@ -1834,7 +1926,7 @@ def import_decoder_layers_12_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_12_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/qwen3.yaml:51."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.12.mlp.gate_proj.weight", "model.layers.12.mlp.up_proj.weight"),
@@ -1846,47 +1938,47 @@ def export_decoder_layers_12_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_12_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen3.yaml:54."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.12.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_12_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen3.yaml:54."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.12.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_13_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:29."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.13.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_13_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:29."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.13.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_13_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen3.yaml:45."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.13.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_13_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen3.yaml:45."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.13.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_13_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/qwen3.yaml:32."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.13.self_attn.q_proj.weight"),
@@ -1902,7 +1994,7 @@ def import_decoder_layers_13_self_attention_linear_qkv_weight(
 def export_decoder_layers_13_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/qwen3.yaml:32."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -1918,49 +2010,49 @@ def export_decoder_layers_13_self_attention_linear_qkv_weight(
 def import_decoder_layers_13_self_attention_q_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:39."""
+    """auto -> replicated: decoder.layers.*.self_attention.q_layernorm.weight."""
     return rt.whole_import(load("model.layers.13.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_13_self_attention_q_layernorm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:39."""
+    """auto -> replicated: decoder.layers.*.self_attention.q_layernorm.weight."""
     return {"model.layers.13.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_13_self_attention_k_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:42."""
+    """auto -> replicated: decoder.layers.*.self_attention.k_layernorm.weight."""
     return rt.whole_import(load("model.layers.13.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_13_self_attention_k_layernorm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:42."""
+    """auto -> replicated: decoder.layers.*.self_attention.k_layernorm.weight."""
     return {"model.layers.13.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_13_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:48."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.13.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_13_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:48."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.13.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_13_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/qwen3.yaml:51."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.13.mlp.gate_proj.weight"),
@@ -1970,7 +2062,7 @@ def import_decoder_layers_13_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_13_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/qwen3.yaml:51."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.13.mlp.gate_proj.weight", "model.layers.13.mlp.up_proj.weight"),
@@ -1982,47 +2074,47 @@ def export_decoder_layers_13_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_13_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen3.yaml:54."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.13.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_13_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen3.yaml:54."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.13.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_14_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:29."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.14.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_14_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:29."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.14.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_14_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen3.yaml:45."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.14.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_14_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen3.yaml:45."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.14.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_14_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/qwen3.yaml:32."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.14.self_attn.q_proj.weight"),
@@ -2038,7 +2130,7 @@ def import_decoder_layers_14_self_attention_linear_qkv_weight(
 def export_decoder_layers_14_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/qwen3.yaml:32."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -2054,49 +2146,49 @@ def export_decoder_layers_14_self_attention_linear_qkv_weight(
 def import_decoder_layers_14_self_attention_q_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:39."""
+    """auto -> replicated: decoder.layers.*.self_attention.q_layernorm.weight."""
     return rt.whole_import(load("model.layers.14.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_14_self_attention_q_layernorm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:39."""
+    """auto -> replicated: decoder.layers.*.self_attention.q_layernorm.weight."""
     return {"model.layers.14.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_14_self_attention_k_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:42."""
+    """auto -> replicated: decoder.layers.*.self_attention.k_layernorm.weight."""
     return rt.whole_import(load("model.layers.14.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_14_self_attention_k_layernorm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:42."""
+    """auto -> replicated: decoder.layers.*.self_attention.k_layernorm.weight."""
     return {"model.layers.14.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_14_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:48."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.14.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_14_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:48."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.14.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_14_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/qwen3.yaml:51."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.14.mlp.gate_proj.weight"),
@@ -2106,7 +2198,7 @@ def import_decoder_layers_14_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_14_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/qwen3.yaml:51."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.14.mlp.gate_proj.weight", "model.layers.14.mlp.up_proj.weight"),
@@ -2118,47 +2210,47 @@ def export_decoder_layers_14_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_14_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen3.yaml:54."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.14.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_14_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen3.yaml:54."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.14.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_15_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:29."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.15.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_15_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:29."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.15.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_15_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen3.yaml:45."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.15.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_15_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen3.yaml:45."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.15.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_15_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/qwen3.yaml:32."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.15.self_attn.q_proj.weight"),
@@ -2174,7 +2266,7 @@ def import_decoder_layers_15_self_attention_linear_qkv_weight(
 def export_decoder_layers_15_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/qwen3.yaml:32."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -2190,49 +2282,49 @@ def export_decoder_layers_15_self_attention_linear_qkv_weight(
 def import_decoder_layers_15_self_attention_q_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:39."""
+    """auto -> replicated: decoder.layers.*.self_attention.q_layernorm.weight."""
     return rt.whole_import(load("model.layers.15.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_15_self_attention_q_layernorm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:39."""
+    """auto -> replicated: decoder.layers.*.self_attention.q_layernorm.weight."""
     return {"model.layers.15.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_15_self_attention_k_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:42."""
+    """auto -> replicated: decoder.layers.*.self_attention.k_layernorm.weight."""
     return rt.whole_import(load("model.layers.15.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_15_self_attention_k_layernorm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:42."""
+    """auto -> replicated: decoder.layers.*.self_attention.k_layernorm.weight."""
     return {"model.layers.15.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_15_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:48."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.15.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_15_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:48."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.15.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_15_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/qwen3.yaml:51."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.15.mlp.gate_proj.weight"),
@@ -2242,7 +2334,7 @@ def import_decoder_layers_15_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_15_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/qwen3.yaml:51."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.15.mlp.gate_proj.weight", "model.layers.15.mlp.up_proj.weight"),
@@ -2254,47 +2346,47 @@ def export_decoder_layers_15_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_15_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen3.yaml:54."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.15.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_15_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen3.yaml:54."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.15.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_16_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:29."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.16.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_16_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:29."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.16.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_16_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen3.yaml:45."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.16.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_16_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen3.yaml:45."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.16.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_16_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/qwen3.yaml:32."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.16.self_attn.q_proj.weight"),
@@ -2310,7 +2402,7 @@ def import_decoder_layers_16_self_attention_linear_qkv_weight(
 def export_decoder_layers_16_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/qwen3.yaml:32."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -2326,49 +2418,49 @@ def export_decoder_layers_16_self_attention_linear_qkv_weight(
 def import_decoder_layers_16_self_attention_q_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:39."""
+    """auto -> replicated: decoder.layers.*.self_attention.q_layernorm.weight."""
     return rt.whole_import(load("model.layers.16.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_16_self_attention_q_layernorm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:39."""
+    """auto -> replicated: decoder.layers.*.self_attention.q_layernorm.weight."""
     return {"model.layers.16.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_16_self_attention_k_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:42."""
+    """auto -> replicated: decoder.layers.*.self_attention.k_layernorm.weight."""
     return rt.whole_import(load("model.layers.16.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_16_self_attention_k_layernorm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:42."""
+    """auto -> replicated: decoder.layers.*.self_attention.k_layernorm.weight."""
     return {"model.layers.16.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_16_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:48."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.16.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_16_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:48."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.16.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_16_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/qwen3.yaml:51."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.16.mlp.gate_proj.weight"),
@@ -2378,7 +2470,7 @@ def import_decoder_layers_16_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_16_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/qwen3.yaml:51."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.16.mlp.gate_proj.weight", "model.layers.16.mlp.up_proj.weight"),
@@ -2390,47 +2482,47 @@ def export_decoder_layers_16_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_16_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen3.yaml:54."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.16.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_16_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen3.yaml:54."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.16.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_17_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:29."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.17.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_17_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:29."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.17.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_17_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen3.yaml:45."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.17.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_17_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen3.yaml:45."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.17.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_17_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/qwen3.yaml:32."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.17.self_attn.q_proj.weight"),
@@ -2446,7 +2538,7 @@ def import_decoder_layers_17_self_attention_linear_qkv_weight(
 def export_decoder_layers_17_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/qwen3.yaml:32."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -2462,49 +2554,49 @@ def export_decoder_layers_17_self_attention_linear_qkv_weight(
 def import_decoder_layers_17_self_attention_q_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:39."""
+    """auto -> replicated: decoder.layers.*.self_attention.q_layernorm.weight."""
     return rt.whole_import(load("model.layers.17.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_17_self_attention_q_layernorm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:39."""
+    """auto -> replicated: decoder.layers.*.self_attention.q_layernorm.weight."""
     return {"model.layers.17.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_17_self_attention_k_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:42."""
+    """auto -> replicated: decoder.layers.*.self_attention.k_layernorm.weight."""
     return rt.whole_import(load("model.layers.17.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_17_self_attention_k_layernorm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:42."""
+    """auto -> replicated: decoder.layers.*.self_attention.k_layernorm.weight."""
     return {"model.layers.17.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_17_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:48."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.17.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_17_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:48."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.17.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_17_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/qwen3.yaml:51."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.17.mlp.gate_proj.weight"),
@@ -2514,7 +2606,7 @@ def import_decoder_layers_17_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_17_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/qwen3.yaml:51."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.17.mlp.gate_proj.weight", "model.layers.17.mlp.up_proj.weight"),
@@ -2526,47 +2618,47 @@ def export_decoder_layers_17_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_17_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen3.yaml:54."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.17.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_17_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen3.yaml:54."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.17.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_18_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:29."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.18.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_18_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:29."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.18.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_18_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen3.yaml:45."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.18.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_18_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen3.yaml:45."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.18.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_18_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/qwen3.yaml:32."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.18.self_attn.q_proj.weight"),
@@ -2582,7 +2674,7 @@ def import_decoder_layers_18_self_attention_linear_qkv_weight(
 def export_decoder_layers_18_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/qwen3.yaml:32."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -2598,49 +2690,49 @@ def export_decoder_layers_18_self_attention_linear_qkv_weight(
 def import_decoder_layers_18_self_attention_q_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:39."""
+    """auto -> replicated: decoder.layers.*.self_attention.q_layernorm.weight."""
     return rt.whole_import(load("model.layers.18.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_18_self_attention_q_layernorm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:39."""
+    """auto -> replicated: decoder.layers.*.self_attention.q_layernorm.weight."""
     return {"model.layers.18.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_18_self_attention_k_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:42."""
+    """auto -> replicated: decoder.layers.*.self_attention.k_layernorm.weight."""
     return rt.whole_import(load("model.layers.18.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_18_self_attention_k_layernorm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:42."""
+    """auto -> replicated: decoder.layers.*.self_attention.k_layernorm.weight."""
     return {"model.layers.18.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_18_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:48."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.18.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_18_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:48."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.18.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_18_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/qwen3.yaml:51."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.18.mlp.gate_proj.weight"),
@@ -2650,7 +2742,7 @@ def import_decoder_layers_18_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_18_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/qwen3.yaml:51."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.18.mlp.gate_proj.weight", "model.layers.18.mlp.up_proj.weight"),
@@ -2662,47 +2754,47 @@ def export_decoder_layers_18_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_18_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen3.yaml:54."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.18.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_18_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen3.yaml:54."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.18.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_19_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:29."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.19.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_19_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:29."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.19.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_19_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen3.yaml:45."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.19.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_19_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen3.yaml:45."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.19.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_19_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/qwen3.yaml:32."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.19.self_attn.q_proj.weight"),
@@ -2718,7 +2810,7 @@ def import_decoder_layers_19_self_attention_linear_qkv_weight(
 def export_decoder_layers_19_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/qwen3.yaml:32."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -2734,49 +2826,49 @@ def export_decoder_layers_19_self_attention_linear_qkv_weight(
 def import_decoder_layers_19_self_attention_q_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:39."""
+    """auto -> replicated: decoder.layers.*.self_attention.q_layernorm.weight."""
     return rt.whole_import(load("model.layers.19.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_19_self_attention_q_layernorm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:39."""
+    """auto -> replicated: decoder.layers.*.self_attention.q_layernorm.weight."""
     return {"model.layers.19.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_19_self_attention_k_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:42."""
+    """auto -> replicated: decoder.layers.*.self_attention.k_layernorm.weight."""
     return rt.whole_import(load("model.layers.19.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_19_self_attention_k_layernorm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:42."""
+    """auto -> replicated: decoder.layers.*.self_attention.k_layernorm.weight."""
     return {"model.layers.19.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_19_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:48."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.19.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_19_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:48."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.19.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_19_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/qwen3.yaml:51."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.19.mlp.gate_proj.weight"),
@@ -2786,7 +2878,7 @@ def import_decoder_layers_19_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_19_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/qwen3.yaml:51."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.19.mlp.gate_proj.weight", "model.layers.19.mlp.up_proj.weight"),
@@ -2798,47 +2890,47 @@ def export_decoder_layers_19_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_19_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen3.yaml:54."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.19.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_19_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen3.yaml:54."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.19.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_20_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:29."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.20.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_20_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:29."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.20.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_20_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen3.yaml:45."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.20.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_20_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen3.yaml:45."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.20.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_20_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/qwen3.yaml:32."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.20.self_attn.q_proj.weight"),
@@ -2854,7 +2946,7 @@ def import_decoder_layers_20_self_attention_linear_qkv_weight(
 def export_decoder_layers_20_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/qwen3.yaml:32."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -2870,49 +2962,49 @@ def export_decoder_layers_20_self_attention_linear_qkv_weight(
 def import_decoder_layers_20_self_attention_q_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:39."""
+    """auto -> replicated: decoder.layers.*.self_attention.q_layernorm.weight."""
     return rt.whole_import(load("model.layers.20.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_20_self_attention_q_layernorm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:39."""
+    """auto -> replicated: decoder.layers.*.self_attention.q_layernorm.weight."""
     return {"model.layers.20.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_20_self_attention_k_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:42."""
+    """auto -> replicated: decoder.layers.*.self_attention.k_layernorm.weight."""
     return rt.whole_import(load("model.layers.20.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_20_self_attention_k_layernorm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:42."""
+    """auto -> replicated: decoder.layers.*.self_attention.k_layernorm.weight."""
     return {"model.layers.20.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_20_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:48."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.20.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_20_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:48."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.20.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_20_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/qwen3.yaml:51."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.20.mlp.gate_proj.weight"),
@@ -2922,7 +3014,7 @@ def import_decoder_layers_20_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_20_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/qwen3.yaml:51."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.20.mlp.gate_proj.weight", "model.layers.20.mlp.up_proj.weight"),
@@ -2934,47 +3026,47 @@ def export_decoder_layers_20_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_20_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen3.yaml:54."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.20.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_20_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen3.yaml:54."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.20.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_21_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:29."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.21.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_21_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:29."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.21.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_21_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen3.yaml:45."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.21.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_21_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen3.yaml:45."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.21.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_21_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/qwen3.yaml:32."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.21.self_attn.q_proj.weight"),
@@ -2990,7 +3082,7 @@ def import_decoder_layers_21_self_attention_linear_qkv_weight(
 def export_decoder_layers_21_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/qwen3.yaml:32."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -3006,49 +3098,49 @@ def export_decoder_layers_21_self_attention_linear_qkv_weight(
 def import_decoder_layers_21_self_attention_q_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:39."""
+    """auto -> replicated: decoder.layers.*.self_attention.q_layernorm.weight."""
     return rt.whole_import(load("model.layers.21.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_21_self_attention_q_layernorm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:39."""
+    """auto -> replicated: decoder.layers.*.self_attention.q_layernorm.weight."""
     return {"model.layers.21.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_21_self_attention_k_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:42."""
+    """auto -> replicated: decoder.layers.*.self_attention.k_layernorm.weight."""
     return rt.whole_import(load("model.layers.21.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_21_self_attention_k_layernorm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:42."""
+    """auto -> replicated: decoder.layers.*.self_attention.k_layernorm.weight."""
     return {"model.layers.21.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_21_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:48."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.21.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_21_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:48."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.21.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_21_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/qwen3.yaml:51."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.21.mlp.gate_proj.weight"),
@@ -3058,7 +3150,7 @@ def import_decoder_layers_21_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_21_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/qwen3.yaml:51."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.21.mlp.gate_proj.weight", "model.layers.21.mlp.up_proj.weight"),
@@ -3070,47 +3162,47 @@ def export_decoder_layers_21_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_21_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen3.yaml:54."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.21.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_21_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen3.yaml:54."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.21.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_22_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:29."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.22.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_22_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:29."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.22.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_22_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen3.yaml:45."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.22.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_22_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen3.yaml:45."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.22.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_22_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/qwen3.yaml:32."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.22.self_attn.q_proj.weight"),
@@ -3126,7 +3218,7 @@ def import_decoder_layers_22_self_attention_linear_qkv_weight(
 def export_decoder_layers_22_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/qwen3.yaml:32."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -3142,49 +3234,49 @@ def export_decoder_layers_22_self_attention_linear_qkv_weight(
 def import_decoder_layers_22_self_attention_q_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:39."""
+    """auto -> replicated: decoder.layers.*.self_attention.q_layernorm.weight."""
     return rt.whole_import(load("model.layers.22.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_22_self_attention_q_layernorm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:39."""
+    """auto -> replicated: decoder.layers.*.self_attention.q_layernorm.weight."""
     return {"model.layers.22.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_22_self_attention_k_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:42."""
+    """auto -> replicated: decoder.layers.*.self_attention.k_layernorm.weight."""
     return rt.whole_import(load("model.layers.22.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_22_self_attention_k_layernorm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:42."""
+    """auto -> replicated: decoder.layers.*.self_attention.k_layernorm.weight."""
     return {"model.layers.22.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_22_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:48."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.22.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_22_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:48."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.22.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_22_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/qwen3.yaml:51."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.22.mlp.gate_proj.weight"),
@@ -3194,7 +3286,7 @@ def import_decoder_layers_22_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_22_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/qwen3.yaml:51."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.22.mlp.gate_proj.weight", "model.layers.22.mlp.up_proj.weight"),
@@ -3206,47 +3298,47 @@ def export_decoder_layers_22_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_22_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen3.yaml:54."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.22.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_22_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen3.yaml:54."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.22.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_23_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:29."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.23.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_23_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:29."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.23.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_23_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen3.yaml:45."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.23.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_23_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen3.yaml:45."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.23.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_23_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/qwen3.yaml:32."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.23.self_attn.q_proj.weight"),
@@ -3262,7 +3354,7 @@ def import_decoder_layers_23_self_attention_linear_qkv_weight(
 def export_decoder_layers_23_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/qwen3.yaml:32."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -3278,49 +3370,49 @@ def export_decoder_layers_23_self_attention_linear_qkv_weight(
 def import_decoder_layers_23_self_attention_q_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:39."""
+    """auto -> replicated: decoder.layers.*.self_attention.q_layernorm.weight."""
     return rt.whole_import(load("model.layers.23.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_23_self_attention_q_layernorm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:39."""
+    """auto -> replicated: decoder.layers.*.self_attention.q_layernorm.weight."""
     return {"model.layers.23.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_23_self_attention_k_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:42."""
+    """auto -> replicated: decoder.layers.*.self_attention.k_layernorm.weight."""
     return rt.whole_import(load("model.layers.23.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_23_self_attention_k_layernorm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:42."""
+    """auto -> replicated: decoder.layers.*.self_attention.k_layernorm.weight."""
     return {"model.layers.23.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_23_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:48."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.23.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_23_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:48."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.23.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_23_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/qwen3.yaml:51."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.23.mlp.gate_proj.weight"),
@@ -3330,7 +3422,7 @@ def import_decoder_layers_23_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_23_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/qwen3.yaml:51."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.23.mlp.gate_proj.weight", "model.layers.23.mlp.up_proj.weight"),
@@ -3342,47 +3434,47 @@ def export_decoder_layers_23_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_23_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen3.yaml:54."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.23.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_23_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen3.yaml:54."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.23.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_24_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:29."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.24.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_24_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:29."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.24.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_24_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen3.yaml:45."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.24.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_24_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen3.yaml:45."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.24.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_24_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/qwen3.yaml:32."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.24.self_attn.q_proj.weight"),
@@ -3398,7 +3490,7 @@ def import_decoder_layers_24_self_attention_linear_qkv_weight(
 def export_decoder_layers_24_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/qwen3.yaml:32."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -3414,49 +3506,49 @@ def export_decoder_layers_24_self_attention_linear_qkv_weight(
 def import_decoder_layers_24_self_attention_q_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:39."""
+    """auto -> replicated: decoder.layers.*.self_attention.q_layernorm.weight."""
     return rt.whole_import(load("model.layers.24.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_24_self_attention_q_layernorm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:39."""
+    """auto -> replicated: decoder.layers.*.self_attention.q_layernorm.weight."""
     return {"model.layers.24.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_24_self_attention_k_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:42."""
+    """auto -> replicated: decoder.layers.*.self_attention.k_layernorm.weight."""
     return rt.whole_import(load("model.layers.24.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_24_self_attention_k_layernorm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:42."""
+    """auto -> replicated: decoder.layers.*.self_attention.k_layernorm.weight."""
     return {"model.layers.24.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_24_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:48."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.24.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_24_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:48."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.24.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_24_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/qwen3.yaml:51."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.24.mlp.gate_proj.weight"),
@@ -3466,7 +3558,7 @@ def import_decoder_layers_24_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_24_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/qwen3.yaml:51."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.24.mlp.gate_proj.weight", "model.layers.24.mlp.up_proj.weight"),
@@ -3478,47 +3570,47 @@ def export_decoder_layers_24_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_24_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen3.yaml:54."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.24.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_24_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen3.yaml:54."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.24.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_25_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:29."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.25.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_25_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:29."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.25.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_25_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen3.yaml:45."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.25.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_25_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen3.yaml:45."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.25.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_25_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/qwen3.yaml:32."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.25.self_attn.q_proj.weight"),
@@ -3534,7 +3626,7 @@ def import_decoder_layers_25_self_attention_linear_qkv_weight(
 def export_decoder_layers_25_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/qwen3.yaml:32."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -3550,49 +3642,49 @@ def export_decoder_layers_25_self_attention_linear_qkv_weight(
 def import_decoder_layers_25_self_attention_q_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:39."""
+    """auto -> replicated: decoder.layers.*.self_attention.q_layernorm.weight."""
     return rt.whole_import(load("model.layers.25.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_25_self_attention_q_layernorm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:39."""
+    """auto -> replicated: decoder.layers.*.self_attention.q_layernorm.weight."""
     return {"model.layers.25.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_25_self_attention_k_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:42."""
+    """auto -> replicated: decoder.layers.*.self_attention.k_layernorm.weight."""
     return rt.whole_import(load("model.layers.25.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_25_self_attention_k_layernorm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:42."""
+    """auto -> replicated: decoder.layers.*.self_attention.k_layernorm.weight."""
     return {"model.layers.25.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_25_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:48."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.25.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_25_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:48."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.25.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_25_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/qwen3.yaml:51."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.25.mlp.gate_proj.weight"),
@@ -3602,7 +3694,7 @@ def import_decoder_layers_25_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_25_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/qwen3.yaml:51."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.25.mlp.gate_proj.weight", "model.layers.25.mlp.up_proj.weight"),
@@ -3614,47 +3706,47 @@ def export_decoder_layers_25_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_25_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen3.yaml:54."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.25.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_25_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen3.yaml:54."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.25.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_26_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:29."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.26.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_26_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:29."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.26.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_26_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen3.yaml:45."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.26.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_26_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen3.yaml:45."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.26.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_26_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/qwen3.yaml:32."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.26.self_attn.q_proj.weight"),
@@ -3670,7 +3762,7 @@ def import_decoder_layers_26_self_attention_linear_qkv_weight(
 def export_decoder_layers_26_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/qwen3.yaml:32."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -3686,49 +3778,49 @@ def export_decoder_layers_26_self_attention_linear_qkv_weight(
 def import_decoder_layers_26_self_attention_q_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:39."""
+    """auto -> replicated: decoder.layers.*.self_attention.q_layernorm.weight."""
     return rt.whole_import(load("model.layers.26.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_26_self_attention_q_layernorm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:39."""
+    """auto -> replicated: decoder.layers.*.self_attention.q_layernorm.weight."""
     return {"model.layers.26.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_26_self_attention_k_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:42."""
+    """auto -> replicated: decoder.layers.*.self_attention.k_layernorm.weight."""
     return rt.whole_import(load("model.layers.26.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_26_self_attention_k_layernorm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:42."""
+    """auto -> replicated: decoder.layers.*.self_attention.k_layernorm.weight."""
     return {"model.layers.26.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_26_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:48."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.26.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_26_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:48."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.26.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_26_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/qwen3.yaml:51."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.26.mlp.gate_proj.weight"),
@@ -3738,7 +3830,7 @@ def import_decoder_layers_26_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_26_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/qwen3.yaml:51."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.26.mlp.gate_proj.weight", "model.layers.26.mlp.up_proj.weight"),
@@ -3750,47 +3842,47 @@ def export_decoder_layers_26_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_26_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen3.yaml:54."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.26.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_26_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen3.yaml:54."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.26.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_27_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:29."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.27.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_27_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:29."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.27.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_27_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen3.yaml:45."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.27.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_27_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen3.yaml:45."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.27.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_27_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/qwen3.yaml:32."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.27.self_attn.q_proj.weight"),
@@ -3806,7 +3898,7 @@ def import_decoder_layers_27_self_attention_linear_qkv_weight(
 def export_decoder_layers_27_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/qwen3.yaml:32."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -3822,49 +3914,49 @@ def export_decoder_layers_27_self_attention_linear_qkv_weight(
 def import_decoder_layers_27_self_attention_q_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:39."""
+    """auto -> replicated: decoder.layers.*.self_attention.q_layernorm.weight."""
     return rt.whole_import(load("model.layers.27.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_27_self_attention_q_layernorm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:39."""
+    """auto -> replicated: decoder.layers.*.self_attention.q_layernorm.weight."""
     return {"model.layers.27.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_27_self_attention_k_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:42."""
+    """auto -> replicated: decoder.layers.*.self_attention.k_layernorm.weight."""
     return rt.whole_import(load("model.layers.27.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_27_self_attention_k_layernorm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:42."""
+    """auto -> replicated: decoder.layers.*.self_attention.k_layernorm.weight."""
     return {"model.layers.27.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_27_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:48."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.27.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_27_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:48."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.27.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_27_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/qwen3.yaml:51."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.27.mlp.gate_proj.weight"),
@@ -3874,7 +3966,7 @@ def import_decoder_layers_27_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_27_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/qwen3.yaml:51."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.27.mlp.gate_proj.weight", "model.layers.27.mlp.up_proj.weight"),
@@ -3886,47 +3978,47 @@ def export_decoder_layers_27_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_27_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen3.yaml:54."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.27.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_27_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen3.yaml:54."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.27.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_28_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:29."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.28.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_28_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:29."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.28.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_28_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen3.yaml:45."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.28.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_28_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen3.yaml:45."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.28.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_28_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/qwen3.yaml:32."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.28.self_attn.q_proj.weight"),
@@ -3942,7 +4034,7 @@ def import_decoder_layers_28_self_attention_linear_qkv_weight(
 def export_decoder_layers_28_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/qwen3.yaml:32."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -3958,49 +4050,49 @@ def export_decoder_layers_28_self_attention_linear_qkv_weight(
 def import_decoder_layers_28_self_attention_q_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:39."""
+    """auto -> replicated: decoder.layers.*.self_attention.q_layernorm.weight."""
     return rt.whole_import(load("model.layers.28.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_28_self_attention_q_layernorm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:39."""
+    """auto -> replicated: decoder.layers.*.self_attention.q_layernorm.weight."""
     return {"model.layers.28.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_28_self_attention_k_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:42."""
+    """auto -> replicated: decoder.layers.*.self_attention.k_layernorm.weight."""
     return rt.whole_import(load("model.layers.28.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_28_self_attention_k_layernorm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:42."""
+    """auto -> replicated: decoder.layers.*.self_attention.k_layernorm.weight."""
     return {"model.layers.28.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_28_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:48."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.28.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_28_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:48."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.28.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_28_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/qwen3.yaml:51."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.28.mlp.gate_proj.weight"),
@@ -4010,7 +4102,7 @@ def import_decoder_layers_28_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_28_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/qwen3.yaml:51."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.28.mlp.gate_proj.weight", "model.layers.28.mlp.up_proj.weight"),
@@ -4022,47 +4114,47 @@ def export_decoder_layers_28_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_28_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen3.yaml:54."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.28.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_28_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen3.yaml:54."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.28.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_29_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:29."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.29.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_29_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:29."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.29.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_29_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen3.yaml:45."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.29.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_29_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen3.yaml:45."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.29.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_29_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/qwen3.yaml:32."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.29.self_attn.q_proj.weight"),
@@ -4078,7 +4170,7 @@ def import_decoder_layers_29_self_attention_linear_qkv_weight(
 def export_decoder_layers_29_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/qwen3.yaml:32."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -4094,49 +4186,49 @@ def export_decoder_layers_29_self_attention_linear_qkv_weight(
 def import_decoder_layers_29_self_attention_q_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:39."""
+    """auto -> replicated: decoder.layers.*.self_attention.q_layernorm.weight."""
     return rt.whole_import(load("model.layers.29.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_29_self_attention_q_layernorm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:39."""
+    """auto -> replicated: decoder.layers.*.self_attention.q_layernorm.weight."""
     return {"model.layers.29.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_29_self_attention_k_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:42."""
+    """auto -> replicated: decoder.layers.*.self_attention.k_layernorm.weight."""
     return rt.whole_import(load("model.layers.29.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_29_self_attention_k_layernorm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:42."""
+    """auto -> replicated: decoder.layers.*.self_attention.k_layernorm.weight."""
     return {"model.layers.29.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_29_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:48."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.29.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_29_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:48."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.29.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_29_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/qwen3.yaml:51."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.29.mlp.gate_proj.weight"),
@@ -4146,7 +4238,7 @@ def import_decoder_layers_29_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_29_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/qwen3.yaml:51."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.29.mlp.gate_proj.weight", "model.layers.29.mlp.up_proj.weight"),
@@ -4158,47 +4250,47 @@ def export_decoder_layers_29_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_29_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen3.yaml:54."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.29.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_29_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen3.yaml:54."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.29.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_30_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:29."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.30.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_30_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:29."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.30.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_30_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen3.yaml:45."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.30.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_30_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen3.yaml:45."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.30.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_30_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/qwen3.yaml:32."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.30.self_attn.q_proj.weight"),
@@ -4214,7 +4306,7 @@ def import_decoder_layers_30_self_attention_linear_qkv_weight(
 def export_decoder_layers_30_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/qwen3.yaml:32."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -4230,49 +4322,49 @@ def export_decoder_layers_30_self_attention_linear_qkv_weight(
 def import_decoder_layers_30_self_attention_q_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:39."""
+    """auto -> replicated: decoder.layers.*.self_attention.q_layernorm.weight."""
     return rt.whole_import(load("model.layers.30.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_30_self_attention_q_layernorm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:39."""
+    """auto -> replicated: decoder.layers.*.self_attention.q_layernorm.weight."""
     return {"model.layers.30.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_30_self_attention_k_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:42."""
+    """auto -> replicated: decoder.layers.*.self_attention.k_layernorm.weight."""
     return rt.whole_import(load("model.layers.30.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_30_self_attention_k_layernorm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:42."""
+    """auto -> replicated: decoder.layers.*.self_attention.k_layernorm.weight."""
     return {"model.layers.30.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_30_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:48."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.30.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_30_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:48."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.30.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_30_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/qwen3.yaml:51."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.30.mlp.gate_proj.weight"),
@@ -4282,7 +4374,7 @@ def import_decoder_layers_30_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_30_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/qwen3.yaml:51."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.30.mlp.gate_proj.weight", "model.layers.30.mlp.up_proj.weight"),
@@ -4294,47 +4386,47 @@ def export_decoder_layers_30_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_30_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen3.yaml:54."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.30.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_30_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen3.yaml:54."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.30.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_31_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:29."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.31.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_31_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:29."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.31.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_31_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen3.yaml:45."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.31.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_31_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen3.yaml:45."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.31.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_31_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/qwen3.yaml:32."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.31.self_attn.q_proj.weight"),
@@ -4350,7 +4442,7 @@ def import_decoder_layers_31_self_attention_linear_qkv_weight(
 def export_decoder_layers_31_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/qwen3.yaml:32."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -4366,49 +4458,49 @@ def export_decoder_layers_31_self_attention_linear_qkv_weight(
 def import_decoder_layers_31_self_attention_q_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:39."""
+    """auto -> replicated: decoder.layers.*.self_attention.q_layernorm.weight."""
     return rt.whole_import(load("model.layers.31.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_31_self_attention_q_layernorm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:39."""
+    """auto -> replicated: decoder.layers.*.self_attention.q_layernorm.weight."""
     return {"model.layers.31.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_31_self_attention_k_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:42."""
+    """auto -> replicated: decoder.layers.*.self_attention.k_layernorm.weight."""
     return rt.whole_import(load("model.layers.31.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_31_self_attention_k_layernorm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:42."""
+    """auto -> replicated: decoder.layers.*.self_attention.k_layernorm.weight."""
     return {"model.layers.31.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_31_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:48."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.31.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_31_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:48."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.31.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_31_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/qwen3.yaml:51."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.31.mlp.gate_proj.weight"),
@@ -4418,7 +4510,7 @@ def import_decoder_layers_31_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_31_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/qwen3.yaml:51."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.31.mlp.gate_proj.weight", "model.layers.31.mlp.up_proj.weight"),
@@ -4430,47 +4522,47 @@ def export_decoder_layers_31_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_31_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen3.yaml:54."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.31.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_31_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen3.yaml:54."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.31.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_32_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:29."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.32.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_32_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:29."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.32.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_32_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen3.yaml:45."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.32.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_32_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen3.yaml:45."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.32.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_32_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/qwen3.yaml:32."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.32.self_attn.q_proj.weight"),
@@ -4486,7 +4578,7 @@ def import_decoder_layers_32_self_attention_linear_qkv_weight(
 def export_decoder_layers_32_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/qwen3.yaml:32."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -4502,49 +4594,49 @@ def export_decoder_layers_32_self_attention_linear_qkv_weight(
 def import_decoder_layers_32_self_attention_q_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:39."""
+    """auto -> replicated: decoder.layers.*.self_attention.q_layernorm.weight."""
     return rt.whole_import(load("model.layers.32.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_32_self_attention_q_layernorm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:39."""
+    """auto -> replicated: decoder.layers.*.self_attention.q_layernorm.weight."""
     return {"model.layers.32.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_32_self_attention_k_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:42."""
+    """auto -> replicated: decoder.layers.*.self_attention.k_layernorm.weight."""
     return rt.whole_import(load("model.layers.32.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_32_self_attention_k_layernorm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:42."""
+    """auto -> replicated: decoder.layers.*.self_attention.k_layernorm.weight."""
     return {"model.layers.32.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_32_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:48."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.32.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_32_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:48."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.32.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_32_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/qwen3.yaml:51."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.32.mlp.gate_proj.weight"),
@@ -4554,7 +4646,7 @@ def import_decoder_layers_32_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_32_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/qwen3.yaml:51."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.32.mlp.gate_proj.weight", "model.layers.32.mlp.up_proj.weight"),
@@ -4566,47 +4658,47 @@ def export_decoder_layers_32_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_32_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen3.yaml:54."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.32.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_32_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen3.yaml:54."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.32.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_33_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:29."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.33.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_33_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:29."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.33.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_33_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen3.yaml:45."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.33.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_33_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen3.yaml:45."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.33.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_33_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/qwen3.yaml:32."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.33.self_attn.q_proj.weight"),
@@ -4622,7 +4714,7 @@ def import_decoder_layers_33_self_attention_linear_qkv_weight(
 def export_decoder_layers_33_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/qwen3.yaml:32."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -4638,49 +4730,49 @@ def export_decoder_layers_33_self_attention_linear_qkv_weight(
 def import_decoder_layers_33_self_attention_q_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:39."""
+    """auto -> replicated: decoder.layers.*.self_attention.q_layernorm.weight."""
     return rt.whole_import(load("model.layers.33.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_33_self_attention_q_layernorm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:39."""
+    """auto -> replicated: decoder.layers.*.self_attention.q_layernorm.weight."""
     return {"model.layers.33.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_33_self_attention_k_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:42."""
+    """auto -> replicated: decoder.layers.*.self_attention.k_layernorm.weight."""
     return rt.whole_import(load("model.layers.33.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_33_self_attention_k_layernorm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:42."""
+    """auto -> replicated: decoder.layers.*.self_attention.k_layernorm.weight."""
     return {"model.layers.33.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_33_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:48."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.33.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_33_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:48."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.33.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_33_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/qwen3.yaml:51."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.33.mlp.gate_proj.weight"),
@@ -4690,7 +4782,7 @@ def import_decoder_layers_33_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_33_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/qwen3.yaml:51."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.33.mlp.gate_proj.weight", "model.layers.33.mlp.up_proj.weight"),
@@ -4702,47 +4794,47 @@ def export_decoder_layers_33_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_33_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen3.yaml:54."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.33.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_33_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen3.yaml:54."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.33.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_34_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:29."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.34.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_34_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:29."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.34.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_34_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen3.yaml:45."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.34.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_34_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen3.yaml:45."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.34.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_34_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/qwen3.yaml:32."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.34.self_attn.q_proj.weight"),
@@ -4758,7 +4850,7 @@ def import_decoder_layers_34_self_attention_linear_qkv_weight(
 def export_decoder_layers_34_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/qwen3.yaml:32."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -4774,49 +4866,49 @@ def export_decoder_layers_34_self_attention_linear_qkv_weight(
 def import_decoder_layers_34_self_attention_q_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:39."""
+    """auto -> replicated: decoder.layers.*.self_attention.q_layernorm.weight."""
     return rt.whole_import(load("model.layers.34.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_34_self_attention_q_layernorm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:39."""
+    """auto -> replicated: decoder.layers.*.self_attention.q_layernorm.weight."""
     return {"model.layers.34.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_34_self_attention_k_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:42."""
+    """auto -> replicated: decoder.layers.*.self_attention.k_layernorm.weight."""
     return rt.whole_import(load("model.layers.34.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_34_self_attention_k_layernorm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:42."""
+    """auto -> replicated: decoder.layers.*.self_attention.k_layernorm.weight."""
     return {"model.layers.34.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_34_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:48."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.34.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_34_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:48."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.34.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_34_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/qwen3.yaml:51."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.34.mlp.gate_proj.weight"),
@@ -4826,7 +4918,7 @@ def import_decoder_layers_34_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_34_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/qwen3.yaml:51."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.34.mlp.gate_proj.weight", "model.layers.34.mlp.up_proj.weight"),
@@ -4838,47 +4930,47 @@ def export_decoder_layers_34_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_34_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen3.yaml:54."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.34.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_34_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen3.yaml:54."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.34.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_35_self_attention_linear_qkv_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:29."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return rt.whole_import(load("model.layers.35.input_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_35_self_attention_linear_qkv_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:29."""
+    """auto -> replicated: decoder.layers.*.self_attention.linear_qkv.layer_norm_weight."""
     return {"model.layers.35.input_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_35_self_attention_linear_proj_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen3.yaml:45."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return rt.row_import(ctx.tp, load("model.layers.35.self_attn.o_proj.weight"), out=out)
 
 
 def export_decoder_layers_35_self_attention_linear_proj_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen3.yaml:45."""
+    """auto -> row: decoder.layers.*.self_attention.linear_proj.weight."""
     return {"model.layers.35.self_attn.o_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_layers_35_self_attention_linear_qkv_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """qkv: specs/qwen3.yaml:32."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return rt.qkv_import(
         ctx.tp,
         load("model.layers.35.self_attn.q_proj.weight"),
@@ -4894,7 +4986,7 @@ def import_decoder_layers_35_self_attention_linear_qkv_weight(
 def export_decoder_layers_35_self_attention_linear_qkv_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """qkv: specs/qwen3.yaml:32."""
+    """qkv: decoder.layers.*.self_attention.linear_qkv.weight."""
     return dict(
         zip(
             (
@@ -4910,49 +5002,49 @@ def export_decoder_layers_35_self_attention_linear_qkv_weight(
 def import_decoder_layers_35_self_attention_q_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:39."""
+    """auto -> replicated: decoder.layers.*.self_attention.q_layernorm.weight."""
     return rt.whole_import(load("model.layers.35.self_attn.q_norm.weight"), out=out)
 
 
 def export_decoder_layers_35_self_attention_q_layernorm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:39."""
+    """auto -> replicated: decoder.layers.*.self_attention.q_layernorm.weight."""
     return {"model.layers.35.self_attn.q_norm.weight": parts[0]}
 
 
 def import_decoder_layers_35_self_attention_k_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:42."""
+    """auto -> replicated: decoder.layers.*.self_attention.k_layernorm.weight."""
     return rt.whole_import(load("model.layers.35.self_attn.k_norm.weight"), out=out)
 
 
 def export_decoder_layers_35_self_attention_k_layernorm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:42."""
+    """auto -> replicated: decoder.layers.*.self_attention.k_layernorm.weight."""
     return {"model.layers.35.self_attn.k_norm.weight": parts[0]}
 
 
 def import_decoder_layers_35_mlp_linear_fc1_layer_norm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:48."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return rt.whole_import(load("model.layers.35.post_attention_layernorm.weight"), out=out)
 
 
 def export_decoder_layers_35_mlp_linear_fc1_layer_norm_weight(
     parts: Sequence[Tensor],
 ) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:48."""
+    """auto -> replicated: decoder.layers.*.mlp.linear_fc1.layer_norm_weight."""
     return {"model.layers.35.post_attention_layernorm.weight": parts[0]}
 
 
 def import_decoder_layers_35_mlp_linear_fc1_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """gated_mlp: specs/qwen3.yaml:51."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return rt.gated_mlp_import(
         ctx.tp,
         load("model.layers.35.mlp.gate_proj.weight"),
@@ -4962,7 +5054,7 @@ def import_decoder_layers_35_mlp_linear_fc1_weight(
 
 
 def export_decoder_layers_35_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """gated_mlp: specs/qwen3.yaml:51."""
+    """gated_mlp: decoder.layers.*.mlp.linear_fc1.weight."""
     return dict(
         zip(
             ("model.layers.35.mlp.gate_proj.weight", "model.layers.35.mlp.up_proj.weight"),
@@ -4974,41 +5066,41 @@ def export_decoder_layers_35_mlp_linear_fc1_weight(parts: Sequence[Tensor]) -> d
 def import_decoder_layers_35_mlp_linear_fc2_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> row: specs/qwen3.yaml:54."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return rt.row_import(ctx.tp, load("model.layers.35.mlp.down_proj.weight"), out=out)
 
 
 def export_decoder_layers_35_mlp_linear_fc2_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> row: specs/qwen3.yaml:54."""
+    """auto -> row: decoder.layers.*.mlp.linear_fc2.weight."""
     return {"model.layers.35.mlp.down_proj.weight": rt.row_export(parts)}
 
 
 def import_decoder_final_layernorm_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> replicated: specs/qwen3.yaml:57."""
+    """auto -> replicated: decoder.final_layernorm.weight."""
     return rt.whole_import(load("model.norm.weight"), out=out)
 
 
 def export_decoder_final_layernorm_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> replicated: specs/qwen3.yaml:57."""
+    """auto -> replicated: decoder.final_layernorm.weight."""
     return {"model.norm.weight": parts[0]}
 
 
 def import_output_layer_weight(
     ctx: ParallelContext, load: Loader, out: Tensor | None = None
 ) -> Tensor:
-    """auto -> column: specs/qwen3.yaml:60."""
+    """auto -> column: output_layer.weight."""
     return rt.column_import(ctx.tp, load("lm_head.weight"), out=out)
 
 
 def export_output_layer_weight(parts: Sequence[Tensor]) -> dict[str, Tensor]:
-    """auto -> column: specs/qwen3.yaml:60."""
+    """auto -> column: output_layer.weight."""
     return {"lm_head.weight": rt.column_export(parts)}
 
 
-# megatron_name, global shape, dtype, TP split dim, expert-parallel, layer, expert, HF tensors,
-# import function, export function
+# megatron_name, global shape, dtype, TP split dim, expert-parallel, layer, expert, rule (index
+# into RULES), HF tensors, import function, export function
 PARAMS: Final[tuple[ParamPlan, ...]] = (
     ParamPlan(
         "embedding.word_embeddings.weight",
@@ -5018,6 +5110,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         None,
         None,
+        0,
         ("model.embed_tokens.weight",),
         import_embedding_word_embeddings_weight,
         export_embedding_word_embeddings_weight,
@@ -5030,6 +5123,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         0,
         None,
+        1,
         ("model.layers.0.input_layernorm.weight",),
         import_decoder_layers_0_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_0_self_attention_linear_qkv_layer_norm_weight,
@@ -5042,6 +5136,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         0,
         None,
+        2,
         ("model.layers.0.self_attn.o_proj.weight",),
         import_decoder_layers_0_self_attention_linear_proj_weight,
         export_decoder_layers_0_self_attention_linear_proj_weight,
@@ -5054,6 +5149,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         0,
         None,
+        3,
         (
             "model.layers.0.self_attn.q_proj.weight",
             "model.layers.0.self_attn.k_proj.weight",
@@ -5070,6 +5166,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         0,
         None,
+        4,
         ("model.layers.0.self_attn.q_norm.weight",),
         import_decoder_layers_0_self_attention_q_layernorm_weight,
         export_decoder_layers_0_self_attention_q_layernorm_weight,
@@ -5082,6 +5179,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         0,
         None,
+        5,
         ("model.layers.0.self_attn.k_norm.weight",),
         import_decoder_layers_0_self_attention_k_layernorm_weight,
         export_decoder_layers_0_self_attention_k_layernorm_weight,
@@ -5094,6 +5192,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         0,
         None,
+        6,
         ("model.layers.0.post_attention_layernorm.weight",),
         import_decoder_layers_0_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_0_mlp_linear_fc1_layer_norm_weight,
@@ -5106,6 +5205,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         0,
         None,
+        7,
         ("model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weight"),
         import_decoder_layers_0_mlp_linear_fc1_weight,
         export_decoder_layers_0_mlp_linear_fc1_weight,
@@ -5118,6 +5218,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         0,
         None,
+        8,
         ("model.layers.0.mlp.down_proj.weight",),
         import_decoder_layers_0_mlp_linear_fc2_weight,
         export_decoder_layers_0_mlp_linear_fc2_weight,
@@ -5130,6 +5231,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         1,
         None,
+        1,
         ("model.layers.1.input_layernorm.weight",),
         import_decoder_layers_1_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_1_self_attention_linear_qkv_layer_norm_weight,
@@ -5142,6 +5244,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         1,
         None,
+        2,
         ("model.layers.1.self_attn.o_proj.weight",),
         import_decoder_layers_1_self_attention_linear_proj_weight,
         export_decoder_layers_1_self_attention_linear_proj_weight,
@@ -5154,6 +5257,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         1,
         None,
+        3,
         (
             "model.layers.1.self_attn.q_proj.weight",
             "model.layers.1.self_attn.k_proj.weight",
@@ -5170,6 +5274,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         1,
         None,
+        4,
         ("model.layers.1.self_attn.q_norm.weight",),
         import_decoder_layers_1_self_attention_q_layernorm_weight,
         export_decoder_layers_1_self_attention_q_layernorm_weight,
@@ -5182,6 +5287,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         1,
         None,
+        5,
         ("model.layers.1.self_attn.k_norm.weight",),
         import_decoder_layers_1_self_attention_k_layernorm_weight,
         export_decoder_layers_1_self_attention_k_layernorm_weight,
@@ -5194,6 +5300,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         1,
         None,
+        6,
         ("model.layers.1.post_attention_layernorm.weight",),
         import_decoder_layers_1_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_1_mlp_linear_fc1_layer_norm_weight,
@@ -5206,6 +5313,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         1,
         None,
+        7,
         ("model.layers.1.mlp.gate_proj.weight", "model.layers.1.mlp.up_proj.weight"),
         import_decoder_layers_1_mlp_linear_fc1_weight,
         export_decoder_layers_1_mlp_linear_fc1_weight,
@@ -5218,6 +5326,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         1,
         None,
+        8,
         ("model.layers.1.mlp.down_proj.weight",),
         import_decoder_layers_1_mlp_linear_fc2_weight,
         export_decoder_layers_1_mlp_linear_fc2_weight,
@@ -5230,6 +5339,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         2,
         None,
+        1,
         ("model.layers.2.input_layernorm.weight",),
         import_decoder_layers_2_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_2_self_attention_linear_qkv_layer_norm_weight,
@@ -5242,6 +5352,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         2,
         None,
+        2,
         ("model.layers.2.self_attn.o_proj.weight",),
         import_decoder_layers_2_self_attention_linear_proj_weight,
         export_decoder_layers_2_self_attention_linear_proj_weight,
@@ -5254,6 +5365,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         2,
         None,
+        3,
         (
             "model.layers.2.self_attn.q_proj.weight",
             "model.layers.2.self_attn.k_proj.weight",
@@ -5270,6 +5382,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         2,
         None,
+        4,
         ("model.layers.2.self_attn.q_norm.weight",),
         import_decoder_layers_2_self_attention_q_layernorm_weight,
         export_decoder_layers_2_self_attention_q_layernorm_weight,
@@ -5282,6 +5395,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         2,
         None,
+        5,
         ("model.layers.2.self_attn.k_norm.weight",),
         import_decoder_layers_2_self_attention_k_layernorm_weight,
         export_decoder_layers_2_self_attention_k_layernorm_weight,
@@ -5294,6 +5408,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         2,
         None,
+        6,
         ("model.layers.2.post_attention_layernorm.weight",),
         import_decoder_layers_2_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_2_mlp_linear_fc1_layer_norm_weight,
@@ -5306,6 +5421,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         2,
         None,
+        7,
         ("model.layers.2.mlp.gate_proj.weight", "model.layers.2.mlp.up_proj.weight"),
         import_decoder_layers_2_mlp_linear_fc1_weight,
         export_decoder_layers_2_mlp_linear_fc1_weight,
@@ -5318,6 +5434,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         2,
         None,
+        8,
         ("model.layers.2.mlp.down_proj.weight",),
         import_decoder_layers_2_mlp_linear_fc2_weight,
         export_decoder_layers_2_mlp_linear_fc2_weight,
@@ -5330,6 +5447,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         3,
         None,
+        1,
         ("model.layers.3.input_layernorm.weight",),
         import_decoder_layers_3_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_3_self_attention_linear_qkv_layer_norm_weight,
@@ -5342,6 +5460,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         3,
         None,
+        2,
         ("model.layers.3.self_attn.o_proj.weight",),
         import_decoder_layers_3_self_attention_linear_proj_weight,
         export_decoder_layers_3_self_attention_linear_proj_weight,
@@ -5354,6 +5473,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         3,
         None,
+        3,
         (
             "model.layers.3.self_attn.q_proj.weight",
             "model.layers.3.self_attn.k_proj.weight",
@@ -5370,6 +5490,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         3,
         None,
+        4,
         ("model.layers.3.self_attn.q_norm.weight",),
         import_decoder_layers_3_self_attention_q_layernorm_weight,
         export_decoder_layers_3_self_attention_q_layernorm_weight,
@@ -5382,6 +5503,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         3,
         None,
+        5,
         ("model.layers.3.self_attn.k_norm.weight",),
         import_decoder_layers_3_self_attention_k_layernorm_weight,
         export_decoder_layers_3_self_attention_k_layernorm_weight,
@@ -5394,6 +5516,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         3,
         None,
+        6,
         ("model.layers.3.post_attention_layernorm.weight",),
         import_decoder_layers_3_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_3_mlp_linear_fc1_layer_norm_weight,
@@ -5406,6 +5529,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         3,
         None,
+        7,
         ("model.layers.3.mlp.gate_proj.weight", "model.layers.3.mlp.up_proj.weight"),
         import_decoder_layers_3_mlp_linear_fc1_weight,
         export_decoder_layers_3_mlp_linear_fc1_weight,
@@ -5418,6 +5542,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         3,
         None,
+        8,
         ("model.layers.3.mlp.down_proj.weight",),
         import_decoder_layers_3_mlp_linear_fc2_weight,
         export_decoder_layers_3_mlp_linear_fc2_weight,
@@ -5430,6 +5555,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         4,
         None,
+        1,
         ("model.layers.4.input_layernorm.weight",),
         import_decoder_layers_4_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_4_self_attention_linear_qkv_layer_norm_weight,
@@ -5442,6 +5568,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         4,
         None,
+        2,
         ("model.layers.4.self_attn.o_proj.weight",),
         import_decoder_layers_4_self_attention_linear_proj_weight,
         export_decoder_layers_4_self_attention_linear_proj_weight,
@@ -5454,6 +5581,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         4,
         None,
+        3,
         (
             "model.layers.4.self_attn.q_proj.weight",
             "model.layers.4.self_attn.k_proj.weight",
@@ -5470,6 +5598,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         4,
         None,
+        4,
         ("model.layers.4.self_attn.q_norm.weight",),
         import_decoder_layers_4_self_attention_q_layernorm_weight,
         export_decoder_layers_4_self_attention_q_layernorm_weight,
@@ -5482,6 +5611,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         4,
         None,
+        5,
         ("model.layers.4.self_attn.k_norm.weight",),
         import_decoder_layers_4_self_attention_k_layernorm_weight,
         export_decoder_layers_4_self_attention_k_layernorm_weight,
@@ -5494,6 +5624,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         4,
         None,
+        6,
         ("model.layers.4.post_attention_layernorm.weight",),
         import_decoder_layers_4_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_4_mlp_linear_fc1_layer_norm_weight,
@@ -5506,6 +5637,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         4,
         None,
+        7,
         ("model.layers.4.mlp.gate_proj.weight", "model.layers.4.mlp.up_proj.weight"),
         import_decoder_layers_4_mlp_linear_fc1_weight,
         export_decoder_layers_4_mlp_linear_fc1_weight,
@@ -5518,6 +5650,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         4,
         None,
+        8,
         ("model.layers.4.mlp.down_proj.weight",),
         import_decoder_layers_4_mlp_linear_fc2_weight,
         export_decoder_layers_4_mlp_linear_fc2_weight,
@@ -5530,6 +5663,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         5,
         None,
+        1,
         ("model.layers.5.input_layernorm.weight",),
         import_decoder_layers_5_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_5_self_attention_linear_qkv_layer_norm_weight,
@@ -5542,6 +5676,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         5,
         None,
+        2,
         ("model.layers.5.self_attn.o_proj.weight",),
         import_decoder_layers_5_self_attention_linear_proj_weight,
         export_decoder_layers_5_self_attention_linear_proj_weight,
@@ -5554,6 +5689,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         5,
         None,
+        3,
         (
             "model.layers.5.self_attn.q_proj.weight",
             "model.layers.5.self_attn.k_proj.weight",
@@ -5570,6 +5706,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         5,
         None,
+        4,
         ("model.layers.5.self_attn.q_norm.weight",),
         import_decoder_layers_5_self_attention_q_layernorm_weight,
         export_decoder_layers_5_self_attention_q_layernorm_weight,
@@ -5582,6 +5719,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         5,
         None,
+        5,
         ("model.layers.5.self_attn.k_norm.weight",),
         import_decoder_layers_5_self_attention_k_layernorm_weight,
         export_decoder_layers_5_self_attention_k_layernorm_weight,
@@ -5594,6 +5732,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         5,
         None,
+        6,
         ("model.layers.5.post_attention_layernorm.weight",),
         import_decoder_layers_5_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_5_mlp_linear_fc1_layer_norm_weight,
@@ -5606,6 +5745,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         5,
         None,
+        7,
         ("model.layers.5.mlp.gate_proj.weight", "model.layers.5.mlp.up_proj.weight"),
         import_decoder_layers_5_mlp_linear_fc1_weight,
         export_decoder_layers_5_mlp_linear_fc1_weight,
@@ -5618,6 +5758,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         5,
         None,
+        8,
         ("model.layers.5.mlp.down_proj.weight",),
         import_decoder_layers_5_mlp_linear_fc2_weight,
         export_decoder_layers_5_mlp_linear_fc2_weight,
@@ -5630,6 +5771,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         6,
         None,
+        1,
         ("model.layers.6.input_layernorm.weight",),
         import_decoder_layers_6_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_6_self_attention_linear_qkv_layer_norm_weight,
@@ -5642,6 +5784,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         6,
         None,
+        2,
         ("model.layers.6.self_attn.o_proj.weight",),
         import_decoder_layers_6_self_attention_linear_proj_weight,
         export_decoder_layers_6_self_attention_linear_proj_weight,
@@ -5654,6 +5797,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         6,
         None,
+        3,
         (
             "model.layers.6.self_attn.q_proj.weight",
             "model.layers.6.self_attn.k_proj.weight",
@@ -5670,6 +5814,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         6,
         None,
+        4,
         ("model.layers.6.self_attn.q_norm.weight",),
         import_decoder_layers_6_self_attention_q_layernorm_weight,
         export_decoder_layers_6_self_attention_q_layernorm_weight,
@@ -5682,6 +5827,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         6,
         None,
+        5,
         ("model.layers.6.self_attn.k_norm.weight",),
         import_decoder_layers_6_self_attention_k_layernorm_weight,
         export_decoder_layers_6_self_attention_k_layernorm_weight,
@@ -5694,6 +5840,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         6,
         None,
+        6,
         ("model.layers.6.post_attention_layernorm.weight",),
         import_decoder_layers_6_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_6_mlp_linear_fc1_layer_norm_weight,
@@ -5706,6 +5853,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         6,
         None,
+        7,
         ("model.layers.6.mlp.gate_proj.weight", "model.layers.6.mlp.up_proj.weight"),
         import_decoder_layers_6_mlp_linear_fc1_weight,
         export_decoder_layers_6_mlp_linear_fc1_weight,
@@ -5718,6 +5866,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         6,
         None,
+        8,
         ("model.layers.6.mlp.down_proj.weight",),
         import_decoder_layers_6_mlp_linear_fc2_weight,
         export_decoder_layers_6_mlp_linear_fc2_weight,
@@ -5730,6 +5879,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         7,
         None,
+        1,
         ("model.layers.7.input_layernorm.weight",),
         import_decoder_layers_7_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_7_self_attention_linear_qkv_layer_norm_weight,
@@ -5742,6 +5892,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         7,
         None,
+        2,
         ("model.layers.7.self_attn.o_proj.weight",),
         import_decoder_layers_7_self_attention_linear_proj_weight,
         export_decoder_layers_7_self_attention_linear_proj_weight,
@@ -5754,6 +5905,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         7,
         None,
+        3,
         (
             "model.layers.7.self_attn.q_proj.weight",
             "model.layers.7.self_attn.k_proj.weight",
@@ -5770,6 +5922,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         7,
         None,
+        4,
         ("model.layers.7.self_attn.q_norm.weight",),
         import_decoder_layers_7_self_attention_q_layernorm_weight,
         export_decoder_layers_7_self_attention_q_layernorm_weight,
@@ -5782,6 +5935,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         7,
         None,
+        5,
         ("model.layers.7.self_attn.k_norm.weight",),
         import_decoder_layers_7_self_attention_k_layernorm_weight,
         export_decoder_layers_7_self_attention_k_layernorm_weight,
@@ -5794,6 +5948,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         7,
         None,
+        6,
         ("model.layers.7.post_attention_layernorm.weight",),
         import_decoder_layers_7_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_7_mlp_linear_fc1_layer_norm_weight,
@@ -5806,6 +5961,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         7,
         None,
+        7,
         ("model.layers.7.mlp.gate_proj.weight", "model.layers.7.mlp.up_proj.weight"),
         import_decoder_layers_7_mlp_linear_fc1_weight,
         export_decoder_layers_7_mlp_linear_fc1_weight,
@@ -5818,6 +5974,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         7,
         None,
+        8,
         ("model.layers.7.mlp.down_proj.weight",),
         import_decoder_layers_7_mlp_linear_fc2_weight,
         export_decoder_layers_7_mlp_linear_fc2_weight,
@@ -5830,6 +5987,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         8,
         None,
+        1,
         ("model.layers.8.input_layernorm.weight",),
         import_decoder_layers_8_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_8_self_attention_linear_qkv_layer_norm_weight,
@@ -5842,6 +6000,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         8,
         None,
+        2,
         ("model.layers.8.self_attn.o_proj.weight",),
         import_decoder_layers_8_self_attention_linear_proj_weight,
         export_decoder_layers_8_self_attention_linear_proj_weight,
@@ -5854,6 +6013,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         8,
         None,
+        3,
         (
             "model.layers.8.self_attn.q_proj.weight",
             "model.layers.8.self_attn.k_proj.weight",
@@ -5870,6 +6030,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         8,
         None,
+        4,
         ("model.layers.8.self_attn.q_norm.weight",),
         import_decoder_layers_8_self_attention_q_layernorm_weight,
         export_decoder_layers_8_self_attention_q_layernorm_weight,
@@ -5882,6 +6043,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         8,
         None,
+        5,
         ("model.layers.8.self_attn.k_norm.weight",),
         import_decoder_layers_8_self_attention_k_layernorm_weight,
         export_decoder_layers_8_self_attention_k_layernorm_weight,
@@ -5894,6 +6056,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         8,
         None,
+        6,
         ("model.layers.8.post_attention_layernorm.weight",),
         import_decoder_layers_8_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_8_mlp_linear_fc1_layer_norm_weight,
@@ -5906,6 +6069,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         8,
         None,
+        7,
         ("model.layers.8.mlp.gate_proj.weight", "model.layers.8.mlp.up_proj.weight"),
         import_decoder_layers_8_mlp_linear_fc1_weight,
         export_decoder_layers_8_mlp_linear_fc1_weight,
@@ -5918,6 +6082,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         8,
         None,
+        8,
         ("model.layers.8.mlp.down_proj.weight",),
         import_decoder_layers_8_mlp_linear_fc2_weight,
         export_decoder_layers_8_mlp_linear_fc2_weight,
@@ -5930,6 +6095,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         9,
         None,
+        1,
         ("model.layers.9.input_layernorm.weight",),
         import_decoder_layers_9_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_9_self_attention_linear_qkv_layer_norm_weight,
@@ -5942,6 +6108,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         9,
         None,
+        2,
         ("model.layers.9.self_attn.o_proj.weight",),
         import_decoder_layers_9_self_attention_linear_proj_weight,
         export_decoder_layers_9_self_attention_linear_proj_weight,
@@ -5954,6 +6121,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         9,
         None,
+        3,
         (
             "model.layers.9.self_attn.q_proj.weight",
             "model.layers.9.self_attn.k_proj.weight",
@@ -5970,6 +6138,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         9,
         None,
+        4,
         ("model.layers.9.self_attn.q_norm.weight",),
         import_decoder_layers_9_self_attention_q_layernorm_weight,
         export_decoder_layers_9_self_attention_q_layernorm_weight,
@@ -5982,6 +6151,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         9,
         None,
+        5,
         ("model.layers.9.self_attn.k_norm.weight",),
         import_decoder_layers_9_self_attention_k_layernorm_weight,
         export_decoder_layers_9_self_attention_k_layernorm_weight,
@@ -5994,6 +6164,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         9,
         None,
+        6,
         ("model.layers.9.post_attention_layernorm.weight",),
         import_decoder_layers_9_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_9_mlp_linear_fc1_layer_norm_weight,
@@ -6006,6 +6177,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         9,
         None,
+        7,
         ("model.layers.9.mlp.gate_proj.weight", "model.layers.9.mlp.up_proj.weight"),
         import_decoder_layers_9_mlp_linear_fc1_weight,
         export_decoder_layers_9_mlp_linear_fc1_weight,
@@ -6018,6 +6190,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         9,
         None,
+        8,
         ("model.layers.9.mlp.down_proj.weight",),
         import_decoder_layers_9_mlp_linear_fc2_weight,
         export_decoder_layers_9_mlp_linear_fc2_weight,
@@ -6030,6 +6203,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         10,
         None,
+        1,
         ("model.layers.10.input_layernorm.weight",),
         import_decoder_layers_10_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_10_self_attention_linear_qkv_layer_norm_weight,
@@ -6042,6 +6216,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         10,
         None,
+        2,
         ("model.layers.10.self_attn.o_proj.weight",),
         import_decoder_layers_10_self_attention_linear_proj_weight,
         export_decoder_layers_10_self_attention_linear_proj_weight,
@@ -6054,6 +6229,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         10,
         None,
+        3,
         (
             "model.layers.10.self_attn.q_proj.weight",
             "model.layers.10.self_attn.k_proj.weight",
@@ -6070,6 +6246,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         10,
         None,
+        4,
         ("model.layers.10.self_attn.q_norm.weight",),
         import_decoder_layers_10_self_attention_q_layernorm_weight,
         export_decoder_layers_10_self_attention_q_layernorm_weight,
@@ -6082,6 +6259,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         10,
         None,
+        5,
         ("model.layers.10.self_attn.k_norm.weight",),
         import_decoder_layers_10_self_attention_k_layernorm_weight,
         export_decoder_layers_10_self_attention_k_layernorm_weight,
@@ -6094,6 +6272,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         10,
         None,
+        6,
         ("model.layers.10.post_attention_layernorm.weight",),
         import_decoder_layers_10_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_10_mlp_linear_fc1_layer_norm_weight,
@@ -6106,6 +6285,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         10,
         None,
+        7,
         ("model.layers.10.mlp.gate_proj.weight", "model.layers.10.mlp.up_proj.weight"),
         import_decoder_layers_10_mlp_linear_fc1_weight,
         export_decoder_layers_10_mlp_linear_fc1_weight,
@@ -6118,6 +6298,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         10,
         None,
+        8,
         ("model.layers.10.mlp.down_proj.weight",),
         import_decoder_layers_10_mlp_linear_fc2_weight,
         export_decoder_layers_10_mlp_linear_fc2_weight,
@@ -6130,6 +6311,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         11,
         None,
+        1,
         ("model.layers.11.input_layernorm.weight",),
         import_decoder_layers_11_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_11_self_attention_linear_qkv_layer_norm_weight,
@@ -6142,6 +6324,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         11,
         None,
+        2,
         ("model.layers.11.self_attn.o_proj.weight",),
         import_decoder_layers_11_self_attention_linear_proj_weight,
         export_decoder_layers_11_self_attention_linear_proj_weight,
@@ -6154,6 +6337,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         11,
         None,
+        3,
         (
             "model.layers.11.self_attn.q_proj.weight",
             "model.layers.11.self_attn.k_proj.weight",
@@ -6170,6 +6354,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         11,
         None,
+        4,
         ("model.layers.11.self_attn.q_norm.weight",),
         import_decoder_layers_11_self_attention_q_layernorm_weight,
         export_decoder_layers_11_self_attention_q_layernorm_weight,
@@ -6182,6 +6367,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         11,
         None,
+        5,
         ("model.layers.11.self_attn.k_norm.weight",),
         import_decoder_layers_11_self_attention_k_layernorm_weight,
         export_decoder_layers_11_self_attention_k_layernorm_weight,
@@ -6194,6 +6380,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         11,
         None,
+        6,
         ("model.layers.11.post_attention_layernorm.weight",),
         import_decoder_layers_11_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_11_mlp_linear_fc1_layer_norm_weight,
@@ -6206,6 +6393,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         11,
         None,
+        7,
         ("model.layers.11.mlp.gate_proj.weight", "model.layers.11.mlp.up_proj.weight"),
         import_decoder_layers_11_mlp_linear_fc1_weight,
         export_decoder_layers_11_mlp_linear_fc1_weight,
@@ -6218,6 +6406,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         11,
         None,
+        8,
         ("model.layers.11.mlp.down_proj.weight",),
         import_decoder_layers_11_mlp_linear_fc2_weight,
         export_decoder_layers_11_mlp_linear_fc2_weight,
@@ -6230,6 +6419,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         12,
         None,
+        1,
         ("model.layers.12.input_layernorm.weight",),
         import_decoder_layers_12_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_12_self_attention_linear_qkv_layer_norm_weight,
@@ -6242,6 +6432,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         12,
         None,
+        2,
         ("model.layers.12.self_attn.o_proj.weight",),
         import_decoder_layers_12_self_attention_linear_proj_weight,
         export_decoder_layers_12_self_attention_linear_proj_weight,
@@ -6254,6 +6445,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         12,
         None,
+        3,
         (
             "model.layers.12.self_attn.q_proj.weight",
             "model.layers.12.self_attn.k_proj.weight",
@@ -6270,6 +6462,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         12,
         None,
+        4,
         ("model.layers.12.self_attn.q_norm.weight",),
         import_decoder_layers_12_self_attention_q_layernorm_weight,
         export_decoder_layers_12_self_attention_q_layernorm_weight,
@@ -6282,6 +6475,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         12,
         None,
+        5,
         ("model.layers.12.self_attn.k_norm.weight",),
         import_decoder_layers_12_self_attention_k_layernorm_weight,
         export_decoder_layers_12_self_attention_k_layernorm_weight,
@@ -6294,6 +6488,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         12,
         None,
+        6,
         ("model.layers.12.post_attention_layernorm.weight",),
         import_decoder_layers_12_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_12_mlp_linear_fc1_layer_norm_weight,
@@ -6306,6 +6501,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         12,
         None,
+        7,
         ("model.layers.12.mlp.gate_proj.weight", "model.layers.12.mlp.up_proj.weight"),
         import_decoder_layers_12_mlp_linear_fc1_weight,
         export_decoder_layers_12_mlp_linear_fc1_weight,
@@ -6318,6 +6514,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         12,
         None,
+        8,
         ("model.layers.12.mlp.down_proj.weight",),
         import_decoder_layers_12_mlp_linear_fc2_weight,
         export_decoder_layers_12_mlp_linear_fc2_weight,
@@ -6330,6 +6527,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         13,
         None,
+        1,
         ("model.layers.13.input_layernorm.weight",),
         import_decoder_layers_13_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_13_self_attention_linear_qkv_layer_norm_weight,
@@ -6342,6 +6540,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         13,
         None,
+        2,
         ("model.layers.13.self_attn.o_proj.weight",),
         import_decoder_layers_13_self_attention_linear_proj_weight,
         export_decoder_layers_13_self_attention_linear_proj_weight,
@@ -6354,6 +6553,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         13,
         None,
+        3,
         (
             "model.layers.13.self_attn.q_proj.weight",
             "model.layers.13.self_attn.k_proj.weight",
@@ -6370,6 +6570,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         13,
         None,
+        4,
         ("model.layers.13.self_attn.q_norm.weight",),
         import_decoder_layers_13_self_attention_q_layernorm_weight,
         export_decoder_layers_13_self_attention_q_layernorm_weight,
@@ -6382,6 +6583,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         13,
         None,
+        5,
         ("model.layers.13.self_attn.k_norm.weight",),
         import_decoder_layers_13_self_attention_k_layernorm_weight,
         export_decoder_layers_13_self_attention_k_layernorm_weight,
@@ -6394,6 +6596,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         13,
         None,
+        6,
         ("model.layers.13.post_attention_layernorm.weight",),
         import_decoder_layers_13_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_13_mlp_linear_fc1_layer_norm_weight,
@@ -6406,6 +6609,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         13,
         None,
+        7,
         ("model.layers.13.mlp.gate_proj.weight", "model.layers.13.mlp.up_proj.weight"),
         import_decoder_layers_13_mlp_linear_fc1_weight,
         export_decoder_layers_13_mlp_linear_fc1_weight,
@@ -6418,6 +6622,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         13,
         None,
+        8,
         ("model.layers.13.mlp.down_proj.weight",),
         import_decoder_layers_13_mlp_linear_fc2_weight,
         export_decoder_layers_13_mlp_linear_fc2_weight,
@@ -6430,6 +6635,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         14,
         None,
+        1,
         ("model.layers.14.input_layernorm.weight",),
         import_decoder_layers_14_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_14_self_attention_linear_qkv_layer_norm_weight,
@@ -6442,6 +6648,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         14,
         None,
+        2,
         ("model.layers.14.self_attn.o_proj.weight",),
         import_decoder_layers_14_self_attention_linear_proj_weight,
         export_decoder_layers_14_self_attention_linear_proj_weight,
@@ -6454,6 +6661,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         14,
         None,
+        3,
         (
             "model.layers.14.self_attn.q_proj.weight",
             "model.layers.14.self_attn.k_proj.weight",
@@ -6470,6 +6678,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         14,
         None,
+        4,
         ("model.layers.14.self_attn.q_norm.weight",),
         import_decoder_layers_14_self_attention_q_layernorm_weight,
         export_decoder_layers_14_self_attention_q_layernorm_weight,
@@ -6482,6 +6691,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         14,
         None,
+        5,
         ("model.layers.14.self_attn.k_norm.weight",),
         import_decoder_layers_14_self_attention_k_layernorm_weight,
         export_decoder_layers_14_self_attention_k_layernorm_weight,
@@ -6494,6 +6704,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         14,
         None,
+        6,
         ("model.layers.14.post_attention_layernorm.weight",),
         import_decoder_layers_14_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_14_mlp_linear_fc1_layer_norm_weight,
@@ -6506,6 +6717,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         14,
         None,
+        7,
         ("model.layers.14.mlp.gate_proj.weight", "model.layers.14.mlp.up_proj.weight"),
         import_decoder_layers_14_mlp_linear_fc1_weight,
         export_decoder_layers_14_mlp_linear_fc1_weight,
@@ -6518,6 +6730,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         14,
         None,
+        8,
         ("model.layers.14.mlp.down_proj.weight",),
         import_decoder_layers_14_mlp_linear_fc2_weight,
         export_decoder_layers_14_mlp_linear_fc2_weight,
@@ -6530,6 +6743,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         15,
         None,
+        1,
         ("model.layers.15.input_layernorm.weight",),
         import_decoder_layers_15_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_15_self_attention_linear_qkv_layer_norm_weight,
@@ -6542,6 +6756,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         15,
         None,
+        2,
         ("model.layers.15.self_attn.o_proj.weight",),
         import_decoder_layers_15_self_attention_linear_proj_weight,
         export_decoder_layers_15_self_attention_linear_proj_weight,
@@ -6554,6 +6769,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         15,
         None,
+        3,
         (
             "model.layers.15.self_attn.q_proj.weight",
             "model.layers.15.self_attn.k_proj.weight",
@@ -6570,6 +6786,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         15,
         None,
+        4,
         ("model.layers.15.self_attn.q_norm.weight",),
         import_decoder_layers_15_self_attention_q_layernorm_weight,
         export_decoder_layers_15_self_attention_q_layernorm_weight,
@@ -6582,6 +6799,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         15,
         None,
+        5,
         ("model.layers.15.self_attn.k_norm.weight",),
         import_decoder_layers_15_self_attention_k_layernorm_weight,
         export_decoder_layers_15_self_attention_k_layernorm_weight,
@@ -6594,6 +6812,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         15,
         None,
+        6,
         ("model.layers.15.post_attention_layernorm.weight",),
         import_decoder_layers_15_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_15_mlp_linear_fc1_layer_norm_weight,
@@ -6606,6 +6825,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         15,
         None,
+        7,
         ("model.layers.15.mlp.gate_proj.weight", "model.layers.15.mlp.up_proj.weight"),
         import_decoder_layers_15_mlp_linear_fc1_weight,
         export_decoder_layers_15_mlp_linear_fc1_weight,
@@ -6618,6 +6838,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         15,
         None,
+        8,
         ("model.layers.15.mlp.down_proj.weight",),
         import_decoder_layers_15_mlp_linear_fc2_weight,
         export_decoder_layers_15_mlp_linear_fc2_weight,
@@ -6630,6 +6851,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         16,
         None,
+        1,
         ("model.layers.16.input_layernorm.weight",),
         import_decoder_layers_16_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_16_self_attention_linear_qkv_layer_norm_weight,
@@ -6642,6 +6864,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         16,
         None,
+        2,
         ("model.layers.16.self_attn.o_proj.weight",),
         import_decoder_layers_16_self_attention_linear_proj_weight,
         export_decoder_layers_16_self_attention_linear_proj_weight,
@@ -6654,6 +6877,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         16,
         None,
+        3,
         (
             "model.layers.16.self_attn.q_proj.weight",
             "model.layers.16.self_attn.k_proj.weight",
@@ -6670,6 +6894,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         16,
         None,
+        4,
         ("model.layers.16.self_attn.q_norm.weight",),
         import_decoder_layers_16_self_attention_q_layernorm_weight,
         export_decoder_layers_16_self_attention_q_layernorm_weight,
@@ -6682,6 +6907,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         16,
         None,
+        5,
         ("model.layers.16.self_attn.k_norm.weight",),
         import_decoder_layers_16_self_attention_k_layernorm_weight,
         export_decoder_layers_16_self_attention_k_layernorm_weight,
@@ -6694,6 +6920,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         16,
         None,
+        6,
         ("model.layers.16.post_attention_layernorm.weight",),
         import_decoder_layers_16_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_16_mlp_linear_fc1_layer_norm_weight,
@@ -6706,6 +6933,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         16,
         None,
+        7,
         ("model.layers.16.mlp.gate_proj.weight", "model.layers.16.mlp.up_proj.weight"),
         import_decoder_layers_16_mlp_linear_fc1_weight,
         export_decoder_layers_16_mlp_linear_fc1_weight,
@@ -6718,6 +6946,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         16,
         None,
+        8,
         ("model.layers.16.mlp.down_proj.weight",),
         import_decoder_layers_16_mlp_linear_fc2_weight,
         export_decoder_layers_16_mlp_linear_fc2_weight,
@@ -6730,6 +6959,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         17,
         None,
+        1,
         ("model.layers.17.input_layernorm.weight",),
         import_decoder_layers_17_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_17_self_attention_linear_qkv_layer_norm_weight,
@@ -6742,6 +6972,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         17,
         None,
+        2,
         ("model.layers.17.self_attn.o_proj.weight",),
         import_decoder_layers_17_self_attention_linear_proj_weight,
         export_decoder_layers_17_self_attention_linear_proj_weight,
@@ -6754,6 +6985,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         17,
         None,
+        3,
         (
             "model.layers.17.self_attn.q_proj.weight",
             "model.layers.17.self_attn.k_proj.weight",
@@ -6770,6 +7002,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         17,
         None,
+        4,
         ("model.layers.17.self_attn.q_norm.weight",),
         import_decoder_layers_17_self_attention_q_layernorm_weight,
         export_decoder_layers_17_self_attention_q_layernorm_weight,
@@ -6782,6 +7015,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         17,
         None,
+        5,
         ("model.layers.17.self_attn.k_norm.weight",),
         import_decoder_layers_17_self_attention_k_layernorm_weight,
         export_decoder_layers_17_self_attention_k_layernorm_weight,
@@ -6794,6 +7028,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         17,
         None,
+        6,
         ("model.layers.17.post_attention_layernorm.weight",),
         import_decoder_layers_17_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_17_mlp_linear_fc1_layer_norm_weight,
@@ -6806,6 +7041,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         17,
         None,
+        7,
         ("model.layers.17.mlp.gate_proj.weight", "model.layers.17.mlp.up_proj.weight"),
         import_decoder_layers_17_mlp_linear_fc1_weight,
         export_decoder_layers_17_mlp_linear_fc1_weight,
@@ -6818,6 +7054,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         17,
         None,
+        8,
         ("model.layers.17.mlp.down_proj.weight",),
         import_decoder_layers_17_mlp_linear_fc2_weight,
         export_decoder_layers_17_mlp_linear_fc2_weight,
@@ -6830,6 +7067,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         18,
         None,
+        1,
         ("model.layers.18.input_layernorm.weight",),
         import_decoder_layers_18_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_18_self_attention_linear_qkv_layer_norm_weight,
@@ -6842,6 +7080,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         18,
         None,
+        2,
         ("model.layers.18.self_attn.o_proj.weight",),
         import_decoder_layers_18_self_attention_linear_proj_weight,
         export_decoder_layers_18_self_attention_linear_proj_weight,
@@ -6854,6 +7093,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         18,
         None,
+        3,
         (
             "model.layers.18.self_attn.q_proj.weight",
             "model.layers.18.self_attn.k_proj.weight",
@@ -6870,6 +7110,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         18,
         None,
+        4,
         ("model.layers.18.self_attn.q_norm.weight",),
         import_decoder_layers_18_self_attention_q_layernorm_weight,
         export_decoder_layers_18_self_attention_q_layernorm_weight,
@@ -6882,6 +7123,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         18,
         None,
+        5,
         ("model.layers.18.self_attn.k_norm.weight",),
         import_decoder_layers_18_self_attention_k_layernorm_weight,
         export_decoder_layers_18_self_attention_k_layernorm_weight,
@@ -6894,6 +7136,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         18,
         None,
+        6,
         ("model.layers.18.post_attention_layernorm.weight",),
         import_decoder_layers_18_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_18_mlp_linear_fc1_layer_norm_weight,
@@ -6906,6 +7149,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         18,
         None,
+        7,
         ("model.layers.18.mlp.gate_proj.weight", "model.layers.18.mlp.up_proj.weight"),
         import_decoder_layers_18_mlp_linear_fc1_weight,
         export_decoder_layers_18_mlp_linear_fc1_weight,
@@ -6918,6 +7162,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         18,
         None,
+        8,
         ("model.layers.18.mlp.down_proj.weight",),
         import_decoder_layers_18_mlp_linear_fc2_weight,
         export_decoder_layers_18_mlp_linear_fc2_weight,
@@ -6930,6 +7175,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         19,
         None,
+        1,
         ("model.layers.19.input_layernorm.weight",),
         import_decoder_layers_19_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_19_self_attention_linear_qkv_layer_norm_weight,
@@ -6942,6 +7188,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         19,
         None,
+        2,
         ("model.layers.19.self_attn.o_proj.weight",),
         import_decoder_layers_19_self_attention_linear_proj_weight,
         export_decoder_layers_19_self_attention_linear_proj_weight,
@@ -6954,6 +7201,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         19,
         None,
+        3,
         (
             "model.layers.19.self_attn.q_proj.weight",
             "model.layers.19.self_attn.k_proj.weight",
@@ -6970,6 +7218,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         19,
         None,
+        4,
         ("model.layers.19.self_attn.q_norm.weight",),
         import_decoder_layers_19_self_attention_q_layernorm_weight,
         export_decoder_layers_19_self_attention_q_layernorm_weight,
@@ -6982,6 +7231,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         19,
         None,
+        5,
         ("model.layers.19.self_attn.k_norm.weight",),
         import_decoder_layers_19_self_attention_k_layernorm_weight,
         export_decoder_layers_19_self_attention_k_layernorm_weight,
@@ -6994,6 +7244,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         19,
         None,
+        6,
         ("model.layers.19.post_attention_layernorm.weight",),
         import_decoder_layers_19_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_19_mlp_linear_fc1_layer_norm_weight,
@@ -7006,6 +7257,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         19,
         None,
+        7,
         ("model.layers.19.mlp.gate_proj.weight", "model.layers.19.mlp.up_proj.weight"),
         import_decoder_layers_19_mlp_linear_fc1_weight,
         export_decoder_layers_19_mlp_linear_fc1_weight,
@@ -7018,6 +7270,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         19,
         None,
+        8,
         ("model.layers.19.mlp.down_proj.weight",),
         import_decoder_layers_19_mlp_linear_fc2_weight,
         export_decoder_layers_19_mlp_linear_fc2_weight,
@@ -7030,6 +7283,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         20,
         None,
+        1,
         ("model.layers.20.input_layernorm.weight",),
         import_decoder_layers_20_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_20_self_attention_linear_qkv_layer_norm_weight,
@@ -7042,6 +7296,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         20,
         None,
+        2,
         ("model.layers.20.self_attn.o_proj.weight",),
         import_decoder_layers_20_self_attention_linear_proj_weight,
         export_decoder_layers_20_self_attention_linear_proj_weight,
@@ -7054,6 +7309,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         20,
         None,
+        3,
         (
             "model.layers.20.self_attn.q_proj.weight",
             "model.layers.20.self_attn.k_proj.weight",
@@ -7070,6 +7326,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         20,
         None,
+        4,
         ("model.layers.20.self_attn.q_norm.weight",),
         import_decoder_layers_20_self_attention_q_layernorm_weight,
         export_decoder_layers_20_self_attention_q_layernorm_weight,
@@ -7082,6 +7339,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         20,
         None,
+        5,
         ("model.layers.20.self_attn.k_norm.weight",),
         import_decoder_layers_20_self_attention_k_layernorm_weight,
         export_decoder_layers_20_self_attention_k_layernorm_weight,
@@ -7094,6 +7352,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         20,
         None,
+        6,
         ("model.layers.20.post_attention_layernorm.weight",),
         import_decoder_layers_20_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_20_mlp_linear_fc1_layer_norm_weight,
@@ -7106,6 +7365,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         20,
         None,
+        7,
         ("model.layers.20.mlp.gate_proj.weight", "model.layers.20.mlp.up_proj.weight"),
         import_decoder_layers_20_mlp_linear_fc1_weight,
         export_decoder_layers_20_mlp_linear_fc1_weight,
@@ -7118,6 +7378,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         20,
         None,
+        8,
         ("model.layers.20.mlp.down_proj.weight",),
         import_decoder_layers_20_mlp_linear_fc2_weight,
         export_decoder_layers_20_mlp_linear_fc2_weight,
@@ -7130,6 +7391,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         21,
         None,
+        1,
         ("model.layers.21.input_layernorm.weight",),
         import_decoder_layers_21_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_21_self_attention_linear_qkv_layer_norm_weight,
@@ -7142,6 +7404,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         21,
         None,
+        2,
         ("model.layers.21.self_attn.o_proj.weight",),
         import_decoder_layers_21_self_attention_linear_proj_weight,
         export_decoder_layers_21_self_attention_linear_proj_weight,
@@ -7154,6 +7417,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         21,
         None,
+        3,
         (
             "model.layers.21.self_attn.q_proj.weight",
             "model.layers.21.self_attn.k_proj.weight",
@@ -7170,6 +7434,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         21,
         None,
+        4,
         ("model.layers.21.self_attn.q_norm.weight",),
         import_decoder_layers_21_self_attention_q_layernorm_weight,
         export_decoder_layers_21_self_attention_q_layernorm_weight,
@@ -7182,6 +7447,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         21,
         None,
+        5,
         ("model.layers.21.self_attn.k_norm.weight",),
         import_decoder_layers_21_self_attention_k_layernorm_weight,
         export_decoder_layers_21_self_attention_k_layernorm_weight,
@@ -7194,6 +7460,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         21,
         None,
+        6,
         ("model.layers.21.post_attention_layernorm.weight",),
         import_decoder_layers_21_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_21_mlp_linear_fc1_layer_norm_weight,
@@ -7206,6 +7473,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         21,
         None,
+        7,
         ("model.layers.21.mlp.gate_proj.weight", "model.layers.21.mlp.up_proj.weight"),
         import_decoder_layers_21_mlp_linear_fc1_weight,
         export_decoder_layers_21_mlp_linear_fc1_weight,
@@ -7218,6 +7486,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         21,
         None,
+        8,
         ("model.layers.21.mlp.down_proj.weight",),
         import_decoder_layers_21_mlp_linear_fc2_weight,
         export_decoder_layers_21_mlp_linear_fc2_weight,
@@ -7230,6 +7499,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         22,
         None,
+        1,
         ("model.layers.22.input_layernorm.weight",),
         import_decoder_layers_22_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_22_self_attention_linear_qkv_layer_norm_weight,
@@ -7242,6 +7512,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         22,
         None,
+        2,
         ("model.layers.22.self_attn.o_proj.weight",),
         import_decoder_layers_22_self_attention_linear_proj_weight,
         export_decoder_layers_22_self_attention_linear_proj_weight,
@@ -7254,6 +7525,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         22,
         None,
+        3,
         (
             "model.layers.22.self_attn.q_proj.weight",
             "model.layers.22.self_attn.k_proj.weight",
@@ -7270,6 +7542,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         22,
         None,
+        4,
         ("model.layers.22.self_attn.q_norm.weight",),
         import_decoder_layers_22_self_attention_q_layernorm_weight,
         export_decoder_layers_22_self_attention_q_layernorm_weight,
@@ -7282,6 +7555,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         22,
         None,
+        5,
         ("model.layers.22.self_attn.k_norm.weight",),
         import_decoder_layers_22_self_attention_k_layernorm_weight,
         export_decoder_layers_22_self_attention_k_layernorm_weight,
@@ -7294,6 +7568,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         22,
         None,
+        6,
         ("model.layers.22.post_attention_layernorm.weight",),
         import_decoder_layers_22_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_22_mlp_linear_fc1_layer_norm_weight,
@@ -7306,6 +7581,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         22,
         None,
+        7,
         ("model.layers.22.mlp.gate_proj.weight", "model.layers.22.mlp.up_proj.weight"),
         import_decoder_layers_22_mlp_linear_fc1_weight,
         export_decoder_layers_22_mlp_linear_fc1_weight,
@@ -7318,6 +7594,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         22,
         None,
+        8,
         ("model.layers.22.mlp.down_proj.weight",),
         import_decoder_layers_22_mlp_linear_fc2_weight,
         export_decoder_layers_22_mlp_linear_fc2_weight,
@@ -7330,6 +7607,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         23,
         None,
+        1,
         ("model.layers.23.input_layernorm.weight",),
         import_decoder_layers_23_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_23_self_attention_linear_qkv_layer_norm_weight,
@@ -7342,6 +7620,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         23,
         None,
+        2,
         ("model.layers.23.self_attn.o_proj.weight",),
         import_decoder_layers_23_self_attention_linear_proj_weight,
         export_decoder_layers_23_self_attention_linear_proj_weight,
@@ -7354,6 +7633,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         23,
         None,
+        3,
         (
             "model.layers.23.self_attn.q_proj.weight",
             "model.layers.23.self_attn.k_proj.weight",
@@ -7370,6 +7650,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         23,
         None,
+        4,
         ("model.layers.23.self_attn.q_norm.weight",),
         import_decoder_layers_23_self_attention_q_layernorm_weight,
         export_decoder_layers_23_self_attention_q_layernorm_weight,
@@ -7382,6 +7663,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         23,
         None,
+        5,
         ("model.layers.23.self_attn.k_norm.weight",),
         import_decoder_layers_23_self_attention_k_layernorm_weight,
         export_decoder_layers_23_self_attention_k_layernorm_weight,
@@ -7394,6 +7676,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         23,
         None,
+        6,
         ("model.layers.23.post_attention_layernorm.weight",),
         import_decoder_layers_23_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_23_mlp_linear_fc1_layer_norm_weight,
@@ -7406,6 +7689,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         23,
         None,
+        7,
         ("model.layers.23.mlp.gate_proj.weight", "model.layers.23.mlp.up_proj.weight"),
         import_decoder_layers_23_mlp_linear_fc1_weight,
         export_decoder_layers_23_mlp_linear_fc1_weight,
@@ -7418,6 +7702,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         23,
         None,
+        8,
         ("model.layers.23.mlp.down_proj.weight",),
         import_decoder_layers_23_mlp_linear_fc2_weight,
         export_decoder_layers_23_mlp_linear_fc2_weight,
@@ -7430,6 +7715,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         24,
         None,
+        1,
         ("model.layers.24.input_layernorm.weight",),
         import_decoder_layers_24_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_24_self_attention_linear_qkv_layer_norm_weight,
@@ -7442,6 +7728,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         24,
         None,
+        2,
         ("model.layers.24.self_attn.o_proj.weight",),
         import_decoder_layers_24_self_attention_linear_proj_weight,
         export_decoder_layers_24_self_attention_linear_proj_weight,
@@ -7454,6 +7741,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         24,
         None,
+        3,
         (
             "model.layers.24.self_attn.q_proj.weight",
             "model.layers.24.self_attn.k_proj.weight",
@@ -7470,6 +7758,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         24,
         None,
+        4,
         ("model.layers.24.self_attn.q_norm.weight",),
         import_decoder_layers_24_self_attention_q_layernorm_weight,
         export_decoder_layers_24_self_attention_q_layernorm_weight,
@@ -7482,6 +7771,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         24,
         None,
+        5,
         ("model.layers.24.self_attn.k_norm.weight",),
         import_decoder_layers_24_self_attention_k_layernorm_weight,
         export_decoder_layers_24_self_attention_k_layernorm_weight,
@@ -7494,6 +7784,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         24,
         None,
+        6,
         ("model.layers.24.post_attention_layernorm.weight",),
         import_decoder_layers_24_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_24_mlp_linear_fc1_layer_norm_weight,
@@ -7506,6 +7797,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         24,
         None,
+        7,
         ("model.layers.24.mlp.gate_proj.weight", "model.layers.24.mlp.up_proj.weight"),
         import_decoder_layers_24_mlp_linear_fc1_weight,
         export_decoder_layers_24_mlp_linear_fc1_weight,
@@ -7518,6 +7810,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         24,
         None,
+        8,
         ("model.layers.24.mlp.down_proj.weight",),
         import_decoder_layers_24_mlp_linear_fc2_weight,
         export_decoder_layers_24_mlp_linear_fc2_weight,
@@ -7530,6 +7823,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         25,
         None,
+        1,
         ("model.layers.25.input_layernorm.weight",),
         import_decoder_layers_25_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_25_self_attention_linear_qkv_layer_norm_weight,
@@ -7542,6 +7836,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         25,
         None,
+        2,
         ("model.layers.25.self_attn.o_proj.weight",),
         import_decoder_layers_25_self_attention_linear_proj_weight,
         export_decoder_layers_25_self_attention_linear_proj_weight,
@@ -7554,6 +7849,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         25,
         None,
+        3,
         (
             "model.layers.25.self_attn.q_proj.weight",
             "model.layers.25.self_attn.k_proj.weight",
@@ -7570,6 +7866,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         25,
         None,
+        4,
         ("model.layers.25.self_attn.q_norm.weight",),
         import_decoder_layers_25_self_attention_q_layernorm_weight,
         export_decoder_layers_25_self_attention_q_layernorm_weight,
@@ -7582,6 +7879,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         25,
         None,
+        5,
         ("model.layers.25.self_attn.k_norm.weight",),
         import_decoder_layers_25_self_attention_k_layernorm_weight,
         export_decoder_layers_25_self_attention_k_layernorm_weight,
@@ -7594,6 +7892,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         25,
         None,
+        6,
         ("model.layers.25.post_attention_layernorm.weight",),
         import_decoder_layers_25_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_25_mlp_linear_fc1_layer_norm_weight,
@@ -7606,6 +7905,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         25,
         None,
+        7,
         ("model.layers.25.mlp.gate_proj.weight", "model.layers.25.mlp.up_proj.weight"),
         import_decoder_layers_25_mlp_linear_fc1_weight,
         export_decoder_layers_25_mlp_linear_fc1_weight,
@@ -7618,6 +7918,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         25,
         None,
+        8,
         ("model.layers.25.mlp.down_proj.weight",),
         import_decoder_layers_25_mlp_linear_fc2_weight,
         export_decoder_layers_25_mlp_linear_fc2_weight,
@@ -7630,6 +7931,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         26,
         None,
+        1,
         ("model.layers.26.input_layernorm.weight",),
         import_decoder_layers_26_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_26_self_attention_linear_qkv_layer_norm_weight,
@@ -7642,6 +7944,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         26,
         None,
+        2,
         ("model.layers.26.self_attn.o_proj.weight",),
         import_decoder_layers_26_self_attention_linear_proj_weight,
         export_decoder_layers_26_self_attention_linear_proj_weight,
@@ -7654,6 +7957,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         26,
         None,
+        3,
         (
             "model.layers.26.self_attn.q_proj.weight",
             "model.layers.26.self_attn.k_proj.weight",
@@ -7670,6 +7974,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         26,
         None,
+        4,
         ("model.layers.26.self_attn.q_norm.weight",),
         import_decoder_layers_26_self_attention_q_layernorm_weight,
         export_decoder_layers_26_self_attention_q_layernorm_weight,
@@ -7682,6 +7987,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         26,
         None,
+        5,
         ("model.layers.26.self_attn.k_norm.weight",),
         import_decoder_layers_26_self_attention_k_layernorm_weight,
         export_decoder_layers_26_self_attention_k_layernorm_weight,
@@ -7694,6 +8000,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         26,
         None,
+        6,
         ("model.layers.26.post_attention_layernorm.weight",),
         import_decoder_layers_26_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_26_mlp_linear_fc1_layer_norm_weight,
@@ -7706,6 +8013,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         26,
         None,
+        7,
         ("model.layers.26.mlp.gate_proj.weight", "model.layers.26.mlp.up_proj.weight"),
         import_decoder_layers_26_mlp_linear_fc1_weight,
         export_decoder_layers_26_mlp_linear_fc1_weight,
@@ -7718,6 +8026,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         26,
         None,
+        8,
         ("model.layers.26.mlp.down_proj.weight",),
         import_decoder_layers_26_mlp_linear_fc2_weight,
         export_decoder_layers_26_mlp_linear_fc2_weight,
@@ -7730,6 +8039,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         27,
         None,
+        1,
         ("model.layers.27.input_layernorm.weight",),
         import_decoder_layers_27_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_27_self_attention_linear_qkv_layer_norm_weight,
@@ -7742,6 +8052,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         27,
         None,
+        2,
         ("model.layers.27.self_attn.o_proj.weight",),
         import_decoder_layers_27_self_attention_linear_proj_weight,
         export_decoder_layers_27_self_attention_linear_proj_weight,
@@ -7754,6 +8065,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         27,
         None,
+        3,
         (
             "model.layers.27.self_attn.q_proj.weight",
             "model.layers.27.self_attn.k_proj.weight",
@@ -7770,6 +8082,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         27,
         None,
+        4,
         ("model.layers.27.self_attn.q_norm.weight",),
         import_decoder_layers_27_self_attention_q_layernorm_weight,
         export_decoder_layers_27_self_attention_q_layernorm_weight,
@@ -7782,6 +8095,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         27,
         None,
+        5,
         ("model.layers.27.self_attn.k_norm.weight",),
         import_decoder_layers_27_self_attention_k_layernorm_weight,
         export_decoder_layers_27_self_attention_k_layernorm_weight,
@@ -7794,6 +8108,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         27,
         None,
+        6,
         ("model.layers.27.post_attention_layernorm.weight",),
         import_decoder_layers_27_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_27_mlp_linear_fc1_layer_norm_weight,
@@ -7806,6 +8121,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         27,
         None,
+        7,
         ("model.layers.27.mlp.gate_proj.weight", "model.layers.27.mlp.up_proj.weight"),
         import_decoder_layers_27_mlp_linear_fc1_weight,
         export_decoder_layers_27_mlp_linear_fc1_weight,
@@ -7818,6 +8134,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         27,
         None,
+        8,
         ("model.layers.27.mlp.down_proj.weight",),
         import_decoder_layers_27_mlp_linear_fc2_weight,
         export_decoder_layers_27_mlp_linear_fc2_weight,
@@ -7830,6 +8147,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         28,
         None,
+        1,
         ("model.layers.28.input_layernorm.weight",),
         import_decoder_layers_28_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_28_self_attention_linear_qkv_layer_norm_weight,
@@ -7842,6 +8160,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         28,
         None,
+        2,
         ("model.layers.28.self_attn.o_proj.weight",),
         import_decoder_layers_28_self_attention_linear_proj_weight,
         export_decoder_layers_28_self_attention_linear_proj_weight,
@@ -7854,6 +8173,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         28,
         None,
+        3,
         (
             "model.layers.28.self_attn.q_proj.weight",
             "model.layers.28.self_attn.k_proj.weight",
@@ -7870,6 +8190,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         28,
         None,
+        4,
         ("model.layers.28.self_attn.q_norm.weight",),
         import_decoder_layers_28_self_attention_q_layernorm_weight,
         export_decoder_layers_28_self_attention_q_layernorm_weight,
@@ -7882,6 +8203,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         28,
         None,
+        5,
         ("model.layers.28.self_attn.k_norm.weight",),
         import_decoder_layers_28_self_attention_k_layernorm_weight,
         export_decoder_layers_28_self_attention_k_layernorm_weight,
@@ -7894,6 +8216,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         28,
         None,
+        6,
         ("model.layers.28.post_attention_layernorm.weight",),
         import_decoder_layers_28_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_28_mlp_linear_fc1_layer_norm_weight,
@@ -7906,6 +8229,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         28,
         None,
+        7,
         ("model.layers.28.mlp.gate_proj.weight", "model.layers.28.mlp.up_proj.weight"),
         import_decoder_layers_28_mlp_linear_fc1_weight,
         export_decoder_layers_28_mlp_linear_fc1_weight,
@@ -7918,6 +8242,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         28,
         None,
+        8,
         ("model.layers.28.mlp.down_proj.weight",),
         import_decoder_layers_28_mlp_linear_fc2_weight,
         export_decoder_layers_28_mlp_linear_fc2_weight,
@@ -7930,6 +8255,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         29,
         None,
+        1,
         ("model.layers.29.input_layernorm.weight",),
         import_decoder_layers_29_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_29_self_attention_linear_qkv_layer_norm_weight,
@@ -7942,6 +8268,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         29,
         None,
+        2,
         ("model.layers.29.self_attn.o_proj.weight",),
         import_decoder_layers_29_self_attention_linear_proj_weight,
         export_decoder_layers_29_self_attention_linear_proj_weight,
@@ -7954,6 +8281,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         29,
         None,
+        3,
         (
             "model.layers.29.self_attn.q_proj.weight",
             "model.layers.29.self_attn.k_proj.weight",
@@ -7970,6 +8298,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         29,
         None,
+        4,
         ("model.layers.29.self_attn.q_norm.weight",),
         import_decoder_layers_29_self_attention_q_layernorm_weight,
         export_decoder_layers_29_self_attention_q_layernorm_weight,
@@ -7982,6 +8311,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         29,
         None,
+        5,
         ("model.layers.29.self_attn.k_norm.weight",),
         import_decoder_layers_29_self_attention_k_layernorm_weight,
         export_decoder_layers_29_self_attention_k_layernorm_weight,
@@ -7994,6 +8324,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         29,
         None,
+        6,
         ("model.layers.29.post_attention_layernorm.weight",),
         import_decoder_layers_29_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_29_mlp_linear_fc1_layer_norm_weight,
@@ -8006,6 +8337,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         29,
         None,
+        7,
         ("model.layers.29.mlp.gate_proj.weight", "model.layers.29.mlp.up_proj.weight"),
         import_decoder_layers_29_mlp_linear_fc1_weight,
         export_decoder_layers_29_mlp_linear_fc1_weight,
@@ -8018,6 +8350,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         29,
         None,
+        8,
         ("model.layers.29.mlp.down_proj.weight",),
         import_decoder_layers_29_mlp_linear_fc2_weight,
         export_decoder_layers_29_mlp_linear_fc2_weight,
@@ -8030,6 +8363,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         30,
         None,
+        1,
         ("model.layers.30.input_layernorm.weight",),
         import_decoder_layers_30_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_30_self_attention_linear_qkv_layer_norm_weight,
@@ -8042,6 +8376,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         30,
         None,
+        2,
         ("model.layers.30.self_attn.o_proj.weight",),
         import_decoder_layers_30_self_attention_linear_proj_weight,
         export_decoder_layers_30_self_attention_linear_proj_weight,
@@ -8054,6 +8389,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         30,
         None,
+        3,
         (
             "model.layers.30.self_attn.q_proj.weight",
             "model.layers.30.self_attn.k_proj.weight",
@@ -8070,6 +8406,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         30,
         None,
+        4,
         ("model.layers.30.self_attn.q_norm.weight",),
         import_decoder_layers_30_self_attention_q_layernorm_weight,
         export_decoder_layers_30_self_attention_q_layernorm_weight,
@@ -8082,6 +8419,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         30,
         None,
+        5,
         ("model.layers.30.self_attn.k_norm.weight",),
         import_decoder_layers_30_self_attention_k_layernorm_weight,
         export_decoder_layers_30_self_attention_k_layernorm_weight,
@@ -8094,6 +8432,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         30,
         None,
+        6,
         ("model.layers.30.post_attention_layernorm.weight",),
         import_decoder_layers_30_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_30_mlp_linear_fc1_layer_norm_weight,
@@ -8106,6 +8445,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         30,
         None,
+        7,
         ("model.layers.30.mlp.gate_proj.weight", "model.layers.30.mlp.up_proj.weight"),
         import_decoder_layers_30_mlp_linear_fc1_weight,
         export_decoder_layers_30_mlp_linear_fc1_weight,
@@ -8118,6 +8458,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         30,
         None,
+        8,
         ("model.layers.30.mlp.down_proj.weight",),
         import_decoder_layers_30_mlp_linear_fc2_weight,
         export_decoder_layers_30_mlp_linear_fc2_weight,
@@ -8130,6 +8471,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         31,
         None,
+        1,
         ("model.layers.31.input_layernorm.weight",),
         import_decoder_layers_31_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_31_self_attention_linear_qkv_layer_norm_weight,
@@ -8142,6 +8484,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         31,
         None,
+        2,
         ("model.layers.31.self_attn.o_proj.weight",),
         import_decoder_layers_31_self_attention_linear_proj_weight,
         export_decoder_layers_31_self_attention_linear_proj_weight,
@@ -8154,6 +8497,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         31,
         None,
+        3,
         (
             "model.layers.31.self_attn.q_proj.weight",
             "model.layers.31.self_attn.k_proj.weight",
@@ -8170,6 +8514,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         31,
         None,
+        4,
         ("model.layers.31.self_attn.q_norm.weight",),
         import_decoder_layers_31_self_attention_q_layernorm_weight,
         export_decoder_layers_31_self_attention_q_layernorm_weight,
@@ -8182,6 +8527,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         31,
         None,
+        5,
         ("model.layers.31.self_attn.k_norm.weight",),
         import_decoder_layers_31_self_attention_k_layernorm_weight,
         export_decoder_layers_31_self_attention_k_layernorm_weight,
@@ -8194,6 +8540,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         31,
         None,
+        6,
         ("model.layers.31.post_attention_layernorm.weight",),
         import_decoder_layers_31_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_31_mlp_linear_fc1_layer_norm_weight,
@@ -8206,6 +8553,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         31,
         None,
+        7,
         ("model.layers.31.mlp.gate_proj.weight", "model.layers.31.mlp.up_proj.weight"),
         import_decoder_layers_31_mlp_linear_fc1_weight,
         export_decoder_layers_31_mlp_linear_fc1_weight,
@@ -8218,6 +8566,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         31,
         None,
+        8,
         ("model.layers.31.mlp.down_proj.weight",),
         import_decoder_layers_31_mlp_linear_fc2_weight,
         export_decoder_layers_31_mlp_linear_fc2_weight,
@@ -8230,6 +8579,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         32,
         None,
+        1,
         ("model.layers.32.input_layernorm.weight",),
         import_decoder_layers_32_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_32_self_attention_linear_qkv_layer_norm_weight,
@@ -8242,6 +8592,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         32,
         None,
+        2,
         ("model.layers.32.self_attn.o_proj.weight",),
         import_decoder_layers_32_self_attention_linear_proj_weight,
         export_decoder_layers_32_self_attention_linear_proj_weight,
@@ -8254,6 +8605,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         32,
         None,
+        3,
         (
             "model.layers.32.self_attn.q_proj.weight",
             "model.layers.32.self_attn.k_proj.weight",
@@ -8270,6 +8622,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         32,
         None,
+        4,
         ("model.layers.32.self_attn.q_norm.weight",),
         import_decoder_layers_32_self_attention_q_layernorm_weight,
         export_decoder_layers_32_self_attention_q_layernorm_weight,
@@ -8282,6 +8635,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         32,
         None,
+        5,
         ("model.layers.32.self_attn.k_norm.weight",),
         import_decoder_layers_32_self_attention_k_layernorm_weight,
         export_decoder_layers_32_self_attention_k_layernorm_weight,
@@ -8294,6 +8648,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         32,
         None,
+        6,
         ("model.layers.32.post_attention_layernorm.weight",),
         import_decoder_layers_32_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_32_mlp_linear_fc1_layer_norm_weight,
@@ -8306,6 +8661,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         32,
         None,
+        7,
         ("model.layers.32.mlp.gate_proj.weight", "model.layers.32.mlp.up_proj.weight"),
         import_decoder_layers_32_mlp_linear_fc1_weight,
         export_decoder_layers_32_mlp_linear_fc1_weight,
@@ -8318,6 +8674,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         32,
         None,
+        8,
         ("model.layers.32.mlp.down_proj.weight",),
         import_decoder_layers_32_mlp_linear_fc2_weight,
         export_decoder_layers_32_mlp_linear_fc2_weight,
@@ -8330,6 +8687,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         33,
         None,
+        1,
         ("model.layers.33.input_layernorm.weight",),
         import_decoder_layers_33_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_33_self_attention_linear_qkv_layer_norm_weight,
@@ -8342,6 +8700,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         33,
         None,
+        2,
         ("model.layers.33.self_attn.o_proj.weight",),
         import_decoder_layers_33_self_attention_linear_proj_weight,
         export_decoder_layers_33_self_attention_linear_proj_weight,
@@ -8354,6 +8713,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         33,
         None,
+        3,
         (
             "model.layers.33.self_attn.q_proj.weight",
             "model.layers.33.self_attn.k_proj.weight",
@@ -8370,6 +8730,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         33,
         None,
+        4,
         ("model.layers.33.self_attn.q_norm.weight",),
         import_decoder_layers_33_self_attention_q_layernorm_weight,
         export_decoder_layers_33_self_attention_q_layernorm_weight,
@@ -8382,6 +8743,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         33,
         None,
+        5,
         ("model.layers.33.self_attn.k_norm.weight",),
         import_decoder_layers_33_self_attention_k_layernorm_weight,
         export_decoder_layers_33_self_attention_k_layernorm_weight,
@@ -8394,6 +8756,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         33,
         None,
+        6,
         ("model.layers.33.post_attention_layernorm.weight",),
         import_decoder_layers_33_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_33_mlp_linear_fc1_layer_norm_weight,
@@ -8406,6 +8769,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         33,
         None,
+        7,
         ("model.layers.33.mlp.gate_proj.weight", "model.layers.33.mlp.up_proj.weight"),
         import_decoder_layers_33_mlp_linear_fc1_weight,
         export_decoder_layers_33_mlp_linear_fc1_weight,
@@ -8418,6 +8782,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         33,
         None,
+        8,
         ("model.layers.33.mlp.down_proj.weight",),
         import_decoder_layers_33_mlp_linear_fc2_weight,
         export_decoder_layers_33_mlp_linear_fc2_weight,
@@ -8430,6 +8795,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         34,
         None,
+        1,
         ("model.layers.34.input_layernorm.weight",),
         import_decoder_layers_34_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_34_self_attention_linear_qkv_layer_norm_weight,
@@ -8442,6 +8808,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         34,
         None,
+        2,
         ("model.layers.34.self_attn.o_proj.weight",),
         import_decoder_layers_34_self_attention_linear_proj_weight,
         export_decoder_layers_34_self_attention_linear_proj_weight,
@@ -8454,6 +8821,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         34,
         None,
+        3,
         (
             "model.layers.34.self_attn.q_proj.weight",
             "model.layers.34.self_attn.k_proj.weight",
@@ -8470,6 +8838,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         34,
         None,
+        4,
         ("model.layers.34.self_attn.q_norm.weight",),
         import_decoder_layers_34_self_attention_q_layernorm_weight,
         export_decoder_layers_34_self_attention_q_layernorm_weight,
@@ -8482,6 +8851,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         34,
         None,
+        5,
         ("model.layers.34.self_attn.k_norm.weight",),
         import_decoder_layers_34_self_attention_k_layernorm_weight,
         export_decoder_layers_34_self_attention_k_layernorm_weight,
@@ -8494,6 +8864,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         34,
         None,
+        6,
         ("model.layers.34.post_attention_layernorm.weight",),
         import_decoder_layers_34_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_34_mlp_linear_fc1_layer_norm_weight,
@@ -8506,6 +8877,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         34,
         None,
+        7,
         ("model.layers.34.mlp.gate_proj.weight", "model.layers.34.mlp.up_proj.weight"),
         import_decoder_layers_34_mlp_linear_fc1_weight,
         export_decoder_layers_34_mlp_linear_fc1_weight,
@@ -8518,6 +8890,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         34,
         None,
+        8,
         ("model.layers.34.mlp.down_proj.weight",),
         import_decoder_layers_34_mlp_linear_fc2_weight,
         export_decoder_layers_34_mlp_linear_fc2_weight,
@@ -8530,6 +8903,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         35,
         None,
+        1,
         ("model.layers.35.input_layernorm.weight",),
         import_decoder_layers_35_self_attention_linear_qkv_layer_norm_weight,
         export_decoder_layers_35_self_attention_linear_qkv_layer_norm_weight,
@@ -8542,6 +8916,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         35,
         None,
+        2,
         ("model.layers.35.self_attn.o_proj.weight",),
         import_decoder_layers_35_self_attention_linear_proj_weight,
         export_decoder_layers_35_self_attention_linear_proj_weight,
@@ -8554,6 +8929,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         35,
         None,
+        3,
         (
             "model.layers.35.self_attn.q_proj.weight",
             "model.layers.35.self_attn.k_proj.weight",
@@ -8570,6 +8946,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         35,
         None,
+        4,
         ("model.layers.35.self_attn.q_norm.weight",),
         import_decoder_layers_35_self_attention_q_layernorm_weight,
         export_decoder_layers_35_self_attention_q_layernorm_weight,
@@ -8582,6 +8959,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         35,
         None,
+        5,
         ("model.layers.35.self_attn.k_norm.weight",),
         import_decoder_layers_35_self_attention_k_layernorm_weight,
         export_decoder_layers_35_self_attention_k_layernorm_weight,
@@ -8594,6 +8972,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         35,
         None,
+        6,
         ("model.layers.35.post_attention_layernorm.weight",),
         import_decoder_layers_35_mlp_linear_fc1_layer_norm_weight,
         export_decoder_layers_35_mlp_linear_fc1_layer_norm_weight,
@@ -8606,6 +8985,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         35,
         None,
+        7,
         ("model.layers.35.mlp.gate_proj.weight", "model.layers.35.mlp.up_proj.weight"),
         import_decoder_layers_35_mlp_linear_fc1_weight,
         export_decoder_layers_35_mlp_linear_fc1_weight,
@@ -8618,6 +8998,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         35,
         None,
+        8,
         ("model.layers.35.mlp.down_proj.weight",),
         import_decoder_layers_35_mlp_linear_fc2_weight,
         export_decoder_layers_35_mlp_linear_fc2_weight,
@@ -8630,6 +9011,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         None,
         None,
+        9,
         ("model.norm.weight",),
         import_decoder_final_layernorm_weight,
         export_decoder_final_layernorm_weight,
@@ -8642,6 +9024,7 @@ PARAMS: Final[tuple[ParamPlan, ...]] = (
         False,
         None,
         None,
+        10,
         ("lm_head.weight",),
         import_output_layer_weight,
         export_output_layer_weight,
