@@ -118,6 +118,7 @@ class Kind:
     permutable: ClassVar[bool] = False  # takes `permute_dims`
     extra_keys: ClassVar[tuple[str, ...]] = ()  # rule keys only this kind takes (all required)
     merges_heads: ClassVar[bool] = False  # needs a QKVGeometry (`geometry`)
+    fixed_split: ClassVar[str] = ""  # the TP split of a kind that implies one; auto decides per parameter
 
     def __str__(self) -> str:
         return self.name
@@ -127,7 +128,7 @@ class Kind:
 
     def split(self, param: MegatronParam, module_types: dict[str, str]) -> str | None:
         """column, row or replicated; None when it cannot be decided (an error)."""
-        raise NotImplementedError
+        return self.fixed_split or None
 
     def geometry(self, rule: Rule, dims: ModelDims, config: HFConfig, errors: ErrorSink) -> QKVGeometry | None:
         return None
@@ -182,9 +183,7 @@ class _WholeTensor(Kind):
 class Direct(_WholeTensor):
     name = "direct"
     doc = "Import: the HF tensor as is, on every rank. Export: the rank's tensor as is."
-
-    def split(self, param: MegatronParam, module_types: dict[str, str]) -> str | None:
-        return "replicated"
+    fixed_split = "replicated"
 
 
 class Column(_WholeTensor):
@@ -193,9 +192,7 @@ class Column(_WholeTensor):
         "Import: rank r takes the r-th of TP contiguous blocks along dim 0 (biases too). "
         "Export: all-gather over TP and concatenate along dim 0."
     )
-
-    def split(self, param: MegatronParam, module_types: dict[str, str]) -> str | None:
-        return "column"
+    fixed_split = "column"
 
 
 class Row(_WholeTensor):
@@ -204,17 +201,13 @@ class Row(_WholeTensor):
         "Import: rank r takes the r-th of TP contiguous blocks along dim 1; a 1-D bias is "
         "replicated. Export: all-gather over TP and concatenate along dim 1 (a bias is taken as is)."
     )
-
-    def split(self, param: MegatronParam, module_types: dict[str, str]) -> str | None:
-        return "row"
+    fixed_split = "row"
 
 
 class Replicated(_WholeTensor):
     name = "replicated"
     doc = "Import: every TP rank holds the whole tensor. Export: the rank's tensor as is."
-
-    def split(self, param: MegatronParam, module_types: dict[str, str]) -> str | None:
-        return "replicated"
+    fixed_split = "replicated"
 
 
 class Auto(_WholeTensor):
@@ -291,9 +284,7 @@ class _Attention(Kind):
     """Kinds that merge attention rows per query group; always column-split."""
 
     merges_heads = True
-
-    def split(self, param: MegatronParam, module_types: dict[str, str]) -> str | None:
-        return "column"
+    fixed_split = "column"
 
     def geometry(self, rule: Rule, dims: ModelDims, config: HFConfig, errors: ErrorSink) -> QKVGeometry | None:
         return QKVGeometry(dims.num_attention_heads, dims.num_query_groups, dims.kv_channels)
@@ -407,9 +398,7 @@ class GatedMLP(Kind):
         "split every rank's block in halves, concatenate the gate halves and the up halves. "
         "A stacked-experts checkpoint gives one [gate; up] slice per expert instead."
     )
-
-    def split(self, param: MegatronParam, module_types: dict[str, str]) -> str | None:
-        return "column"
+    fixed_split = "column"
 
     def shape_problem(self, m: Mapping) -> str | None:
         if len(m.hf) == 1:  # [gate; up]
