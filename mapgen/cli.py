@@ -406,9 +406,6 @@ def _run_convert(direction: str, generated: str, source: str, out_dir: str, conf
     try:
         with tempfile.TemporaryDirectory() as folder:
             module_file = _module_file(generated)
-            from mapgen.verify.jobs import load_mapping_module
-
-            style = "te" if load_mapping_module(module_file).LAYOUT == "te" else "local"
             if config_folder is None:  # megatron-to-hf: the config recorded beside the checkpoint, or --hf-config
                 config_folder = Path(folder) / "config"
                 config_folder.mkdir()
@@ -422,6 +419,7 @@ def _run_convert(direction: str, generated: str, source: str, out_dir: str, conf
                     )
                 (config_folder / "config.json").write_bytes(Path(given or recorded).read_bytes())
             twin = _local_twin(module_file, config_folder, Path(folder))
+            style = "local" if twin == module_file else "te"  # the tensor names of the module's layer spec
             hf_config = json.loads((config_folder / "config.json").read_text(encoding="utf-8"))
             job = ConvertJob(direction, str(twin), source, out_dir, layout, hf_config, key_style=style, **settings)
             result = run(job)

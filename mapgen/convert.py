@@ -65,8 +65,7 @@ from mapgen.runtime.checkpoint import HFCheckpoint
 from mapgen.runtime.collectives import RankError, agree_or_raise
 from mapgen.runtime.drivers import Converter, _describe, _move_into_place, _staging_folder, save_hf_checkpoint
 from mapgen.runtime.vocab import VOCAB_PARAMS, padded_vocab_size
-from mapgen.verify.jobs import MAX_SPAWNED, Job, checkpoint_dtype, layout_problems, load_mapping_module, spawn
-from mapgen.verify.jobs import preflight as hf_preflight
+from mapgen.verify.jobs import MAX_SPAWNED, checkpoint_dtype, layout_problems, load_mapping_module, spawn
 
 TRACKER = "latest_checkpointed_iteration.txt"  # Megatron-LM's tracker file
 RELEASE = "release"
@@ -118,6 +117,7 @@ class ConvertResult:
     seconds: dict[str, float] = field(default_factory=dict)
     peak_mib: list[float] = field(default_factory=list)  # every rank's peak resident set
     start_mib: list[float] = field(default_factory=list)  # every rank's resident set at the start
+    phase_peak_mib: dict[str, float] = field(default_factory=dict)  # this rank's peak after each phase
 
     def summary(self) -> str:
         job = self.job
@@ -270,7 +270,8 @@ def target_problems(out: Path, overwrite: bool) -> list[str]:
 
 
 def preflight(job: ConvertJob, world_size: int | None = None) -> list[str]:
-    """What is wrong with `job` that is known before any process starts."""
+    """What is wrong with `job` that is known before any process starts (the module is loaded
+    once: a DeepSeek-V3 module is 37 MB of Python)."""
     if job.direction not in DIRECTIONS:
         return [f"direction must be one of {', '.join(DIRECTIONS)}, not {job.direction!r}"]
     module = load_mapping_module(job.module_path)
@@ -279,23 +280,48 @@ def preflight(job: ConvertJob, world_size: int | None = None) -> list[str]:
     if job.dtype is not None and job.dtype not in DTYPES:
         return [f"--dtype must be one of {', '.join(DTYPES)}, not {job.dtype!r}"]
     found = target_problems(Path(job.out), job.overwrite)
-    if job.direction == "hf-to-megatron":
-        found += hf_preflight(Job(job.module_path, job.source, job.layout, job.make_vocab_size_divisible_by), world_size)
-        if job.make_vocab_size_divisible_by < 1:
-            found.append(f"--make-vocab-size-divisible-by must be positive, not {job.make_vocab_size_divisible_by}")
-        if job.iteration is not None and job.iteration < 0:
-            found.append(f"--iteration must be 0 or more, not {job.iteration}")
-        return found
     found += [f"layout {job.layout}: {problem}" for problem in layout_problems(module, job.layout)]
     if world_size is not None and world_size != job.layout.world_size:
         found.append(f"layout {job.layout} needs tp x pp x dp = {job.layout.world_size} processes, torchrun started {world_size}")
     elif world_size is None and job.layout.world_size > MAX_SPAWNED:
         found.append(f"layout {job.layout} needs {job.layout.world_size} processes; mapgen convert starts at most {MAX_SPAWNED} (use torchrun)")
+    if job.direction == "hf-to-megatron":
+        if job.make_vocab_size_divisible_by < 1:
+            found.append(f"--make-vocab-size-divisible-by must be positive, not {job.make_vocab_size_divisible_by}")
+        if job.iteration is not None and job.iteration < 0:
+            found.append(f"--iteration must be 0 or more, not {job.iteration}")
+        return found + hf_problems(module, Path(job.source))
     try:
         checkpoint = read_megatron_checkpoint(job.source)
     except MapgenError as exc:
         return found + [str(exc)]
     return found + checkpoint_problems(module, checkpoint, job.layout)
+
+
+def hf_problems(module: ModuleType, folder: Path) -> list[str]:
+    """The HF checkpoint against the module, as `mapgen verify` checks it: config.json's
+    architecture, the safetensors headers and index against the module's HF table."""
+    from mapgen.runtime.drivers import checkpoint_problems as hf_checkpoint_problems
+
+    found: list[str] = []
+    config = folder / CONFIG
+    try:
+        fields = json.loads(config.read_text(encoding="utf-8"))
+    except OSError as exc:
+        found.append(f"{config}: cannot read: {exc.strerror}")
+    except (UnicodeDecodeError, ValueError) as exc:
+        found.append(f"{config}: not JSON: {exc}")
+    else:
+        architectures = fields.get("architectures") if isinstance(fields, dict) else None
+        if not isinstance(fields, dict):
+            found.append(f"{config}: a config.json must hold a JSON object")
+        elif isinstance(architectures, list) and architectures and module.HF_ARCHITECTURE not in architectures:
+            found.append(f"{config}: architectures is {architectures}, {module.TARGET} maps {module.HF_ARCHITECTURE}")
+    try:
+        found += [f"{folder}: {problem}" for problem in hf_checkpoint_problems(module, HFCheckpoint(folder))]
+    except MapgenError as exc:
+        found.append(str(exc))
+    return found
 
 
 def checkpoint_problems(module: ModuleType, checkpoint: MegatronCheckpoint, layout: ParallelLayout) -> list[str]:
@@ -339,6 +365,16 @@ def _rss_mib() -> float:
 
 
 def _peak_mib() -> float:
+    """This process's peak resident set: the kernel's high-water mark of its address space
+    (VmHWM). Not `ru_maxrss`: a spawned process's starts at its parent's resident set, which
+    the kernel carries over the fork and exec that start it."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
@@ -362,10 +398,9 @@ class _Bar:
     def phase(self, description: str, total: int | None = None) -> None:
         if self._progress is None:
             return
-        if self._task is None:
-            self._task = self._progress.add_task(description, total=total)
-        else:
-            self._progress.reset(self._task, description=description, total=total)
+        if self._task is not None:  # each phase its own bar; a phase without a count pulses
+            self._progress.update(self._task, visible=False)
+        self._task = self._progress.add_task(description, total=total)
 
     def advance(self) -> None:
         if self._progress is not None and self._task is not None:
@@ -396,6 +431,12 @@ class _Counted:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._module, name)
+
+
+def _done(result: ConvertResult, phase: str, started: float) -> None:
+    """A phase's seconds, and this rank's peak resident set so far."""
+    result.seconds[phase] = time.perf_counter() - started
+    result.phase_peak_mib[phase] = _peak_mib()
 
 
 def _cpu_dist_checkpointing() -> None:
@@ -562,7 +603,7 @@ def _hf_to_megatron(job: ConvertJob, result: ConvertResult, bar: _Bar) -> None:
     bar.phase(f"building the model ({job.layout})")
     torch.manual_seed(0)
     chunks = build_model_chunks(module.DIMS, job.layout, params_dtype=dtype, vocab_size=rows, model=module.MODEL)
-    result.seconds["build"] = time.perf_counter() - started
+    _done(result, "build", started)
     started = time.perf_counter()
     counted: Any = _Counted(module, bar.advance) if rank == 0 else module
     converter = Converter(counted, chunks, ctx, make_vocab_size_divisible_by=job.make_vocab_size_divisible_by)
@@ -571,7 +612,7 @@ def _hf_to_megatron(job: ConvertJob, result: ConvertResult, bar: _Bar) -> None:
     target = DTYPES[job.dtype] if job.dtype else dtype
     _cast(chunks, target)
     result.dtype, result.vocab_rows = str(target).removeprefix("torch."), rows
-    result.seconds["import"] = time.perf_counter() - started
+    _done(result, "import", started)
 
     started = time.perf_counter()
     out = Path(job.out)
@@ -628,7 +669,7 @@ def _hf_to_megatron(job: ConvertJob, result: ConvertResult, bar: _Bar) -> None:
             import shutil
 
             shutil.rmtree(staging, ignore_errors=True)
-    result.seconds["write"] = time.perf_counter() - started
+    _done(result, "write", started)
 
 
 def _megatron_to_hf(job: ConvertJob, result: ConvertResult, bar: _Bar) -> None:
@@ -642,7 +683,7 @@ def _megatron_to_hf(job: ConvertJob, result: ConvertResult, bar: _Bar) -> None:
     bar.phase(f"building the model ({job.layout})")
     torch.manual_seed(0)
     chunks = build_model_chunks(module.DIMS, job.layout, params_dtype=dtype, vocab_size=rows, model=module.MODEL)
-    result.seconds["build"] = time.perf_counter() - started
+    _done(result, "build", started)
     started = time.perf_counter()
     divisible_by = max(1, rows // job.layout.tp)  # the checkpoint's rows, whatever padding made them
     counted: Any = _Counted(module, bar.advance) if rank == 0 else module
@@ -669,7 +710,7 @@ def _megatron_to_hf(job: ConvertJob, result: ConvertResult, bar: _Bar) -> None:
     target = DTYPES[job.dtype] if job.dtype else dtype
     _cast(chunks, target)
     result.dtype, result.vocab_rows = str(target).removeprefix("torch."), rows
-    result.seconds["load"] = time.perf_counter() - started
+    _done(result, "load", started)
     started = time.perf_counter()
     config = dict(job.hf_config)
     if config.get("dtype", config.get("torch_dtype")) != result.dtype:  # what the files hold
@@ -680,7 +721,7 @@ def _megatron_to_hf(job: ConvertJob, result: ConvertResult, bar: _Bar) -> None:
     save_hf_checkpoint(counted, chunks, job.out, config, ctx, make_vocab_size_divisible_by=divisible_by, overwrite=job.overwrite)
     result.params = len(converter.placement.local) + len(converter.placement.tied)
     result.tensors = len(module.HF_TENSORS)
-    result.seconds["export"] = time.perf_counter() - started
+    _done(result, "export", started)
 
 
 def run_convert(job: ConvertJob) -> ConvertResult:
