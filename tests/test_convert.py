@@ -382,3 +382,22 @@ def test_an_existing_output_folder_is_refused_without_overwrite(standins: dict[s
 def test_an_hf_checkpoint_of_another_model_is_refused(standins: dict[str, dict[str, Path]], tmp_path: Path) -> None:
     code, output = _cli(["hf-to-megatron", str(standins["qwen3_moe"]["local"]), str(standins["llama"]["hf"]), str(tmp_path / "out")])
     assert code == 2 and "does not describe the model" in output and "Traceback" not in output, output
+
+
+def test_tensors_no_rank_reads_and_optimizer_state_are_told_apart(tmp_path: Path) -> None:
+    """A checkpoint with a layer more than the model (per-layer keys, as megatron-core writes
+    DeepSeek's): the extra layer's tensors are named; optimizer tensors of a training
+    checkpoint are not the model's and are left alone."""
+    from mapgen.convert import MegatronCheckpoint, _unused_tensors
+
+    f32 = torch.float32
+    tensors = {
+        "embedding.word_embeddings.weight": ((128, 64), f32),
+        "decoder.layers.0.input_layernorm.weight": ((64,), f32),
+        "decoder.layers.1.input_layernorm.weight": ((64,), f32),
+        "optimizer.state.exp_avg.decoder.layers.0.input_layernorm.weight": ((64,), f32),
+    }
+    checkpoint = MegatronCheckpoint(tmp_path, tmp_path / "release", None, tensors, frozenset(), None, None)
+    used = {"embedding.word_embeddings.weight", "decoder.layers.0.input_layernorm.weight"}
+    assert _unused_tensors(checkpoint, used) == ["decoder.layers.1.input_layernorm.weight"]
+    assert checkpoint.vocab_rows == 128 and checkpoint.dtype == f32
