@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import sys
@@ -423,6 +424,105 @@ def explain_command(generated: str, name: str, tp: int, pp: int, vpp: int, ep: i
         err.print(str(exc), markup=False)
         sys.exit(2)
     click.echo("\n".join(lines))
+
+
+def _layout_options(command: Any) -> Any:
+    """The parallel layout flags of `mapgen convert`'s commands."""
+    for option in reversed([
+        click.option("--tp", default=1, show_default=True),
+        click.option("--pp", default=1, show_default=True),
+        click.option("--vpp", default=1, show_default=True, help="Virtual pipeline stages per rank."),
+        click.option("--ep", default=1, show_default=True),
+        click.option("--etp", type=int, default=None, help="Expert-TP size (default: TP)."),
+        click.option("--dp", type=int, default=None, help="Data-parallel replicas (default: the fewest the layout takes)."),
+        click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
+                     help="The output's dtype (default: the input's)."),
+        click.option("--overwrite", is_flag=True, help="Replace OUT_DIR once the new checkpoint is complete."),
+    ]):
+        command = option(command)
+    return command
+
+
+@main.group()
+def convert() -> None:
+    """HF checkpoints to and from megatron-core distributed checkpoints in Megatron-LM's layout
+    (what its --ckpt-format torch_dist --load reads). The conversion runs on CPU processes over
+    gloo (or the ones torchrun started); the Megatron checkpoint does not depend on the layout."""
+
+
+def _run_convert(direction: str, generated: str, source: str, out_dir: str, config_folder: Path | None,
+                 layout_flags: dict[str, Any], **settings: Any) -> None:
+    import tempfile
+
+    from mapgen.compiler.megatron_model import ParallelLayout
+    from mapgen.convert import ConvertJob, read_megatron_checkpoint, smallest_dp
+    from mapgen.convert import convert as run
+
+    flags = dict(layout_flags)
+    dp = flags.pop("dp")
+    layout = ParallelLayout(**flags)
+    layout = ParallelLayout(**flags, dp=smallest_dp(layout) if dp is None else dp)
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            module_file = _module_file(generated)
+            if config_folder is None:  # megatron-to-hf: the config recorded beside the checkpoint, or --hf-config
+                config_folder = Path(folder) / "config"
+                config_folder.mkdir()
+                given = settings.pop("hf_config")
+                recorded = Path(source) / "config.json"
+                if given is None and not recorded.is_file():
+                    read_megatron_checkpoint(source)  # says what is wrong with SOURCE, if anything
+                    raise MapgenError(
+                        f"{source}: no config.json beside the checkpoint (mapgen convert records one); give the "
+                        "model's HF config.json with --hf-config"
+                    )
+                (config_folder / "config.json").write_bytes(Path(given or recorded).read_bytes())
+            twin = _local_twin(module_file, config_folder, Path(folder))
+            style = "local" if twin == module_file else "te"  # the tensor names of the module's layer spec
+            hf_config = json.loads((config_folder / "config.json").read_text(encoding="utf-8"))
+            job = ConvertJob(direction, str(twin), source, out_dir, layout, hf_config, key_style=style, **settings)
+            result = run(job)
+    except (MapgenError, OSError, ValueError) as exc:
+        err.print(str(exc), markup=False)
+        sys.exit(2)
+    if int(os.environ.get("RANK", "0")) == 0:
+        err.print(result.summary(), markup=False)
+    sys.exit(0 if result.error is None else 2 if result.bad_input else 1)
+
+
+@convert.command(name="hf-to-megatron")
+@click.argument("generated")
+@click.argument("hf_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("out_dir", type=click.Path())
+@_layout_options
+@click.option("--make-vocab-size-divisible-by", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Pad the vocabulary to a multiple of this x TP, as Megatron-LM does (its default: 128); "
+                   "the checkpoint then loads at that TP.")
+@click.option("--iteration", type=click.IntRange(min=0), default=None,
+              help="Write iter_NNNNNNN/ for this iteration (default: release/, which Megatron-LM loads as "
+                   "iteration 0 without optimizer or RNG state).")
+def hf_to_megatron(generated: str, hf_dir: str, out_dir: str, dtype: str | None, overwrite: bool,
+                   make_vocab_size_divisible_by: int, iteration: int | None, **layout: Any) -> None:
+    """Import HF_DIR through GENERATED and write a megatron-core distributed checkpoint to
+    OUT_DIR (latest_checkpointed_iteration.txt, release/, config.json, mapgen.json), atomically."""
+    _run_convert("hf-to-megatron", generated, hf_dir, out_dir, Path(hf_dir), layout, dtype=dtype,
+                 overwrite=overwrite, make_vocab_size_divisible_by=make_vocab_size_divisible_by, iteration=iteration)
+
+
+@convert.command(name="megatron-to-hf")
+@click.argument("generated")
+@click.argument("ckpt_dir", type=click.Path())
+@click.argument("out_dir", type=click.Path())
+@_layout_options
+@click.option("--hf-config", type=click.Path(exists=True, dir_okay=False),
+              help="The model's HF config.json, for a checkpoint without one beside it.")
+def megatron_to_hf(generated: str, ckpt_dir: str, out_dir: str, dtype: str | None, overwrite: bool,
+                   hf_config: str | None, **layout: Any) -> None:
+    """Load the Megatron-LM checkpoint folder CKPT_DIR (the one --load takes) into the model at
+    any layout (megatron-core reshards it), export through GENERATED and write an HF checkpoint
+    (sharded safetensors, index, config.json) to OUT_DIR, atomically."""
+    _run_convert("megatron-to-hf", generated, ckpt_dir, out_dir, None, layout, dtype=dtype,
+                 overwrite=overwrite, hf_config=hf_config)
 
 
 @main.command(name="specs")

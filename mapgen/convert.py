@@ -1,0 +1,774 @@
+"""`mapgen convert`: HF checkpoints to and from megatron-core distributed checkpoints.
+
+The offline path of Megatron-LM users: `--ckpt-format torch_dist --load CKPT_DIR`. A checkpoint
+here is Megatron-LM's layout:
+
+    CKPT_DIR/latest_checkpointed_iteration.txt   "release" (or the iteration, "10")
+    CKPT_DIR/release/                            (or iter_0000010/) megatron-core's torch_dist
+        .metadata  __0_0.distcp ...  common.pt  metadata.json
+    CKPT_DIR/config.json  CKPT_DIR/mapgen.json   the HF config, the module's TARGET and DIMS
+
+`common.pt` holds what Megatron-LM's `load_checkpoint` reads besides the tensors:
+`checkpoint_version` 3.0, `iteration`, and the model's sharded state under `model` (or
+`model0`, `model1`, ... one per virtual pipeline chunk), written by
+`megatron.core.dist_checkpointing.save` from the model's own `sharded_state_dict()`. No `args`:
+Megatron-LM's loader does without them (it says "could not find arguments in the checkpoint"
+and takes TP and PP as 1 for its RNG decisions, which a release checkpoint skips anyway), while
+a partial argument namespace would make its `check_checkpoint_args` fail on fields mapgen cannot
+know (the tokenizer). A release checkpoint loads with iteration 0 and without optimizer or RNG
+state, as a converted checkpoint should.
+
+hf-to-megatron: every rank builds the megatron-core model for the layout (local layer spec, on
+CPU), imports the HF checkpoint through the module (`Converter.load`), and megatron-core writes
+the distributed checkpoint into a hidden folder beside CKPT_DIR that is renamed into place at
+the end (the staging of `save_hf_checkpoint`): a failure leaves nothing. megatron-to-hf: the
+model is built for the (any) layout, megatron-core loads and reshards the checkpoint into it,
+and `save_hf_checkpoint` exports and writes the HF checkpoint.
+
+The checkpoint's tensor names are megatron-core's: for a `te` module those of its
+TransformerEngine layer spec (what Megatron-LM runs on GPUs), for a `local` module those of the
+local spec. The two differ where the local spec does not map a norm to the TE name (the
+pre-MLP norm of MoE layers, MLA's q/kv norms, MLA's pre-MLP norm of dense layers); the model
+here is always local, so its keys are renamed to the TE ones for a `te` module
+(`mapgen.compiler.inventory.to_te_layout`, the rename the compiler uses). Reading accepts either.
+
+Everything that can be known before processes start is checked before (`preflight`): the
+module, the layout against its DIMS, the HF checkpoint, the Megatron checkpoint's tracker,
+folder, metadata and record, the output folder. The model against the checkpoint (every tensor
+present with its global shape, every model tensor of the checkpoint used by some rank) is
+checked on every rank and agreed on before megatron-core reads a byte.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import resource
+import sys
+import time
+import traceback
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from mapgen.common.console import native_stdout_silenced
+from mapgen.common.errors import MapgenError
+from mapgen.compiler.megatron_model import DTYPES, ParallelLayout, build_model_chunks, initialize_parallel_state
+from mapgen.runtime.checkpoint import HFCheckpoint
+from mapgen.runtime.collectives import RankError, agree_or_raise
+from mapgen.runtime.drivers import Converter, _describe, _move_into_place, _staging_folder, save_hf_checkpoint
+from mapgen.runtime.vocab import VOCAB_PARAMS, padded_vocab_size
+from mapgen.verify.jobs import MAX_SPAWNED, checkpoint_dtype, layout_problems, load_mapping_module, spawn
+
+TRACKER = "latest_checkpointed_iteration.txt"  # Megatron-LM's tracker file
+RELEASE = "release"
+RECORD = "mapgen.json"  # the module's TARGET and DIMS, the layout and dtype written with
+CONFIG = "config.json"
+CHECKPOINT_VERSION = 3.0  # Megatron-LM's current `checkpoint_version`
+# the sharded-state metadata Megatron-LM builds for the model (without a distributed optimizer)
+SHARDED_METADATA = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
+DIRECTIONS = ("hf-to-megatron", "megatron-to-hf")
+_MODEL_KEY_PREFIXES = ("embedding.", "decoder.", "output_layer.", "mtp.")  # model tensors, not optimizer ones
+_LAYER_KEY = re.compile(r"^decoder\.layers\.(?:\d+\.)?")
+_LAYER_NAME = re.compile(r"^decoder\.layers\.\d+\.")
+
+
+def iteration_folder(iteration: int | None) -> str:
+    """Megatron-LM's folder of an iteration: `release`, or `iter_0000010`."""
+    return RELEASE if iteration is None else f"iter_{iteration:07d}"
+
+
+@dataclass(frozen=True)
+class ConvertJob:
+    """One conversion. `module_path`: a local-layout module (a `te` module's local twin);
+    `key_style`: the layer spec whose tensor names the Megatron checkpoint has ("te", "local")."""
+
+    direction: str
+    module_path: str
+    source: str  # the HF folder, or the Megatron checkpoint folder (CKPT_DIR)
+    out: str
+    layout: ParallelLayout
+    hf_config: dict[str, Any] = field(default_factory=dict)  # config.json: recorded, or written
+    dtype: str | None = None  # the output's dtype; None: the source's
+    make_vocab_size_divisible_by: int = 1  # hf-to-megatron: Megatron-LM's padding, x TP
+    iteration: int | None = None  # hf-to-megatron: None writes a release checkpoint
+    overwrite: bool = False
+    key_style: str = "local"
+    progress: bool = True  # rank 0 draws progress bars on stderr (where it is a terminal)
+
+
+@dataclass
+class ConvertResult:
+    job: ConvertJob
+    rank: int
+    error: str | None = None
+    bad_input: bool = False  # error is a clear, agreed report (exit 2), not a crash
+    params: int = 0  # parameters this rank converted
+    tensors: int = 0  # HF tensors (megatron-to-hf) or checkpoint tensors (hf-to-megatron)
+    dtype: str = ""
+    vocab_rows: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+    peak_mib: list[float] = field(default_factory=list)  # every rank's peak resident set
+    start_mib: list[float] = field(default_factory=list)  # every rank's resident set at the start
+    phase_peak_mib: dict[str, float] = field(default_factory=dict)  # this rank's peak after each phase
+
+    def summary(self) -> str:
+        job = self.job
+        name = Path(job.module_path).stem
+        if self.error is not None:
+            return f"convert {job.direction} {name} {job.layout}: FAILED\n{self.error}"
+        total = sum(self.seconds.values())
+        steps = ", ".join(f"{step} {seconds:.1f} s" for step, seconds in self.seconds.items())
+        what = (
+            f"{job.out} ({iteration_folder(job.iteration)}, torch_dist, {self.tensors} tensors, {job.key_style} names)"
+            if job.direction == "hf-to-megatron"
+            else f"{job.out} ({self.tensors} HF tensors)"
+        )
+        peaks = ", ".join(f"{p:.0f}" for p in self.peak_mib)
+        above = ", ".join(f"+{p - s:.0f}" for p, s in zip(self.peak_mib, self.start_mib))
+        return (
+            f"convert {job.direction} {name} {job.layout}: wrote {what}, {self.dtype}, vocabulary rows "
+            f"{self.vocab_rows}, in {total:.1f} s ({steps}); peak resident set per rank {peaks} MiB "
+            f"({above} MiB during the conversion)"
+        )
+
+
+# --- the Megatron checkpoint as files: read before any process starts, and by every rank ---
+
+
+@dataclass(frozen=True)
+class MegatronCheckpoint:
+    root: Path
+    folder: Path  # release/ or iter_NNNNNNN/
+    iteration: int | None
+    tensors: dict[str, tuple[tuple[int, ...], torch.dtype]]  # key -> (global shape, dtype)
+    objects: frozenset[str]  # the byte entries: sharded objects' unique keys (`_extra_state`s)
+    record: dict[str, Any] | None  # mapgen.json, where mapgen wrote the checkpoint
+    config: dict[str, Any] | None  # config.json beside it
+
+    def model_tensors(self) -> list[str]:
+        return sorted(k for k in self.tensors if k.startswith(_MODEL_KEY_PREFIXES))
+
+    @property
+    def vocab_rows(self) -> int | None:
+        for key in VOCAB_PARAMS:
+            if key in self.tensors:
+                return self.tensors[key][0][0]
+        return None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of most of the model's float tensors (the router's float32 bias aside)."""
+        stored = Counter(
+            dtype for key, (_, dtype) in self.tensors.items()
+            if key.startswith(_MODEL_KEY_PREFIXES) and dtype.is_floating_point
+        )
+        return stored.most_common(1)[0][0] if stored else torch.float32
+
+
+def read_megatron_checkpoint(root: str | Path) -> MegatronCheckpoint:
+    """The checkpoint Megatron-LM's `--load root` would load: the tracker file, the folder it
+    names, megatron-core's metadata of a torch_dist checkpoint. Raises MapgenError saying what
+    is missing or wrong."""
+    from torch.distributed.checkpoint.filesystem import FileSystemReader
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
+
+    base = Path(root)
+    if not base.exists():
+        raise MapgenError(f"{base}: no such folder")
+    if not base.is_dir():
+        raise MapgenError(f"{base}: not a folder (give the folder Megatron-LM's --load takes)")
+    tracker = base / TRACKER
+    if not tracker.is_file():
+        raise MapgenError(
+            f"{base}: no {TRACKER}, so this is not a Megatron-LM checkpoint folder (Megatron-LM's "
+            "--load reads the iteration from it; give the folder that holds it, not release/ or iter_*/)"
+        )
+    try:
+        text = tracker.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MapgenError(f"{tracker}: cannot read: {exc}") from None
+    if text == RELEASE:
+        iteration = None
+    elif text.isdigit():
+        iteration = int(text)
+    else:
+        raise MapgenError(f"{tracker}: holds {text[:40]!r}, neither 'release' nor an iteration number")
+    folder = base / iteration_folder(iteration)
+    if not folder.is_dir():
+        raise MapgenError(f"{tracker} names {iteration_folder(iteration)}, but {folder} is not a folder")
+    try:
+        backend = json.loads((folder / "metadata.json").read_text(encoding="utf-8")).get("sharded_backend")
+    except (OSError, ValueError, UnicodeDecodeError, AttributeError) as exc:
+        raise MapgenError(f"{folder}: not a megatron-core distributed checkpoint (metadata.json: {exc})") from None
+    if backend != "torch_dist":
+        raise MapgenError(f"{folder}: a {backend!r} checkpoint; mapgen convert reads torch_dist checkpoints")
+    try:
+        metadata = FileSystemReader(str(folder)).read_metadata()
+    except Exception as exc:  # noqa: BLE001 - torch's reader on a damaged .metadata
+        raise MapgenError(f"{folder}/.metadata: cannot read megatron-core's tensor metadata: {_describe(exc)}") from None
+    tensors: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+    objects: set[str] = set()
+    for key, entry in metadata.state_dict_metadata.items():
+        if isinstance(entry, TensorStorageMetadata):
+            tensors[key] = (tuple(entry.size), entry.properties.dtype)
+        elif isinstance(entry, BytesStorageMetadata):
+            objects.add(key)
+    return MegatronCheckpoint(
+        base, folder, iteration, tensors, frozenset(objects), _json_file(base / RECORD), _json_file(base / CONFIG)
+    )
+
+
+def _json_file(path: Path) -> dict[str, Any] | None:
+    if not path.exists():
+        return None
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise MapgenError(f"{path}: cannot read it as JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise MapgenError(f"{path}: must hold a JSON object")
+    return value
+
+
+def dims_record(module: ModuleType) -> dict[str, Any]:
+    """The module's DIMS as JSON gives them back."""
+    value: dict[str, Any] = json.loads(json.dumps(asdict(module.DIMS)))
+    return value
+
+
+# --- before any process starts ---
+
+
+def smallest_dp(layout: ParallelLayout) -> int:
+    """The fewest data-parallel replicas megatron-core accepts for the layout: each pipeline
+    stage's tp x dp ranks must hold the expert grid (expert-TP x EP)."""
+    sizes = (layout.tp, layout.ep, layout.etp or layout.tp)
+    if any(isinstance(size, bool) or not isinstance(size, int) or size < 1 for size in sizes):
+        return 1  # preflight says what is wrong with the sizes
+    grid = layout.ep * (layout.etp or layout.tp)
+    return grid // math.gcd(layout.tp, grid)
+
+
+def target_problems(out: Path, overwrite: bool) -> list[str]:
+    """The output folder, checked as `save_hf_checkpoint`'s writer checks it."""
+    if not out.parent.is_dir():
+        return [f"{out}: parent folder {out.parent} does not exist" if not out.parent.exists() else f"{out.parent} is not a folder"]
+    if out.is_symlink() or out.exists():
+        if not overwrite:
+            return [f"{out} already exists (--overwrite replaces it once the new checkpoint is complete)"]
+        if out.is_symlink() or not out.is_dir():
+            return [f"{out} exists and is not a folder; --overwrite replaces folders only"]
+    return []
+
+
+def preflight(job: ConvertJob, world_size: int | None = None) -> list[str]:
+    """What is wrong with `job` that is known before any process starts (the module is loaded
+    once: a DeepSeek-V3 module is 37 MB of Python)."""
+    if job.direction not in DIRECTIONS:
+        return [f"direction must be one of {', '.join(DIRECTIONS)}, not {job.direction!r}"]
+    module = load_mapping_module(job.module_path)
+    if getattr(module, "MODEL", "gpt") != "gpt":
+        return [f"{module.TARGET} maps megatron-core's {module.MODEL} model; mapgen convert writes and reads GPTModel checkpoints"]
+    if job.dtype is not None and job.dtype not in DTYPES:
+        return [f"--dtype must be one of {', '.join(DTYPES)}, not {job.dtype!r}"]
+    found = target_problems(Path(job.out), job.overwrite)
+    found += [f"layout {job.layout}: {problem}" for problem in layout_problems(module, job.layout)]
+    if world_size is not None and world_size != job.layout.world_size:
+        found.append(f"layout {job.layout} needs tp x pp x dp = {job.layout.world_size} processes, torchrun started {world_size}")
+    elif world_size is None and job.layout.world_size > MAX_SPAWNED:
+        found.append(f"layout {job.layout} needs {job.layout.world_size} processes; mapgen convert starts at most {MAX_SPAWNED} (use torchrun)")
+    if job.direction == "hf-to-megatron":
+        if job.make_vocab_size_divisible_by < 1:
+            found.append(f"--make-vocab-size-divisible-by must be positive, not {job.make_vocab_size_divisible_by}")
+        if job.iteration is not None and job.iteration < 0:
+            found.append(f"--iteration must be 0 or more, not {job.iteration}")
+        return found + hf_problems(module, Path(job.source))
+    try:
+        checkpoint = read_megatron_checkpoint(job.source)
+    except MapgenError as exc:
+        return found + [str(exc)]
+    return found + checkpoint_problems(module, checkpoint, job.layout)
+
+
+def hf_problems(module: ModuleType, folder: Path) -> list[str]:
+    """The HF checkpoint against the module, as `mapgen verify` checks it: config.json's
+    architecture, the safetensors headers and index against the module's HF table."""
+    from mapgen.runtime.drivers import checkpoint_problems as hf_checkpoint_problems
+
+    found: list[str] = []
+    config = folder / CONFIG
+    try:
+        fields = json.loads(config.read_text(encoding="utf-8"))
+    except OSError as exc:
+        found.append(f"{config}: cannot read: {exc.strerror}")
+    except (UnicodeDecodeError, ValueError) as exc:
+        found.append(f"{config}: not JSON: {exc}")
+    else:
+        architectures = fields.get("architectures") if isinstance(fields, dict) else None
+        if not isinstance(fields, dict):
+            found.append(f"{config}: a config.json must hold a JSON object")
+        elif isinstance(architectures, list) and architectures and module.HF_ARCHITECTURE not in architectures:
+            found.append(f"{config}: architectures is {architectures}, {module.TARGET} maps {module.HF_ARCHITECTURE}")
+    try:
+        found += [f"{folder}: {problem}" for problem in hf_checkpoint_problems(module, HFCheckpoint(folder))]
+    except MapgenError as exc:
+        found.append(str(exc))
+    return found
+
+
+def checkpoint_problems(module: ModuleType, checkpoint: MegatronCheckpoint, layout: ParallelLayout) -> list[str]:
+    """The Megatron checkpoint against the module, from its files: mapgen's record of the model
+    it was written for, its vocabulary rows against the HF vocabulary and TP."""
+    found: list[str] = []
+    where = checkpoint.root
+    if checkpoint.record is not None:
+        theirs, ours = checkpoint.record.get("dims"), dims_record(module)
+        if isinstance(theirs, dict) and theirs != ours:
+            differ = [f"{k} {theirs.get(k)!r} (module: {ours[k]!r})" for k in ours if theirs.get(k) != ours[k]]
+            found.append(
+                f"{where}: a checkpoint of another model: written for {checkpoint.record.get('target')}, whose dims "
+                f"differ from {module.TARGET}'s: " + "; ".join(differ[:8])
+            )
+    if not checkpoint.model_tensors():
+        found.append(f"{checkpoint.folder}: holds no model tensors (embedding.*, decoder.*, output_layer.*)")
+    rows = checkpoint.vocab_rows
+    vocab = module.DIMS.vocab_size
+    if rows is not None and rows < vocab:
+        found.append(
+            f"{where}: a checkpoint of another model: its vocabulary has {rows} rows, fewer than the {vocab} of {module.TARGET}"
+        )
+    elif rows is not None and rows % layout.tp:
+        found.append(f"layout {layout}: --tp {layout.tp} does not divide the checkpoint's {rows} vocabulary rows")
+    hidden = checkpoint.tensors.get("embedding.word_embeddings.weight", ((0, module.DIMS.hidden_size), None))[0]
+    if len(hidden) == 2 and hidden[1] != module.DIMS.hidden_size:
+        found.append(
+            f"{where}: a checkpoint of another model: hidden size {hidden[1]} "
+            f"(embedding.word_embeddings.weight), {module.TARGET} has {module.DIMS.hidden_size}"
+        )
+    return found
+
+
+# --- in every rank ---
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _peak_mib() -> float:
+    """This process's peak resident set: the kernel's high-water mark of its address space
+    (VmHWM). Not `ru_maxrss`: a spawned process's starts at its parent's resident set, which
+    the kernel carries over the fork and exec that start it."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+class _Bar:
+    """Rank 0's progress bars on stderr (rich draws them only where stderr is a terminal)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self._progress: Any = None
+        self._task: Any = None
+        if not enabled:
+            return
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self._progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            console=Console(stderr=True), transient=True,
+        )
+        self._progress.start()
+
+    def phase(self, description: str, total: int | None = None) -> None:
+        if self._progress is None:
+            return
+        if self._task is not None:  # each phase its own bar; a phase without a count pulses
+            self._progress.update(self._task, visible=False)
+        self._task = self._progress.add_task(description, total=total)
+
+    def advance(self) -> None:
+        if self._progress is not None and self._task is not None:
+            self._progress.advance(self._task)
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+
+class _Counted:
+    """`module`, its import and export functions counted by `tick` (the progress bars)."""
+
+    def __init__(self, module: ModuleType, tick: Callable[[], None]) -> None:
+        self._module = module
+
+        def counted(function: Callable[..., Any]) -> Callable[..., Any]:
+            def call(*args: Any, **kwargs: Any) -> Any:
+                result = function(*args, **kwargs)
+                tick()
+                return result
+
+            return call
+
+        self.IMPORTS = {name: counted(f) for name, f in module.IMPORTS.items()}
+        self.EXPORTS = {name: counted(f) for name, f in module.EXPORTS.items()}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._module, name)
+
+
+def _done(result: ConvertResult, phase: str, started: float) -> None:
+    """A phase's seconds, and this rank's peak resident set so far."""
+    result.seconds[phase] = time.perf_counter() - started
+    result.phase_peak_mib[phase] = _peak_mib()
+
+
+def _cpu_dist_checkpointing() -> None:
+    """megatron-core's torch_dist writer synchronises CUDA after staging tensors on the host;
+    without CUDA there is nothing to wait for."""
+    if not torch.cuda.is_available():
+        setattr(torch.cuda, "synchronize", lambda *args, **kwargs: None)
+
+
+def _cast(chunks: list[Any], dtype: torch.dtype) -> None:
+    """Every float parameter in `dtype`; weight buffers (the router's float32 expert_bias) stay."""
+    with torch.no_grad():
+        for chunk in chunks:
+            for param in chunk.parameters():
+                if param.is_floating_point() and param.dtype != dtype:
+                    param.data = param.data.to(dtype)
+
+
+def _state_keys(chunks: list[Any]) -> list[str]:
+    """Megatron-LM's keys of the model chunks in its checkpoints: `model`, or `model0`, ..."""
+    return ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
+
+
+def _leaves(state: Any) -> list[tuple[str, Any]]:
+    """(state-dict name, sharded entry) of a chunk's sharded state dict, nested dicts flattened."""
+    found: list[tuple[str, Any]] = []
+    for name, value in state.items():
+        if isinstance(value, dict):
+            found += [(f"{name}.{n}", v) for n, v in _leaves(value)]
+        elif hasattr(value, "key"):
+            found.append((name, value))
+    return found
+
+
+def _te_key(name: str, key: str, te_names: dict[str, str]) -> str:
+    """The checkpoint key megatron-core's TransformerEngine spec gives the parameter that the
+    local spec names `name` and keys `key`: the same layer prefix (with or without the layer
+    index, as megatron-core wrote it), the TE parameter's name within its layer."""
+    te_name = te_names.get(name, name)
+    prefix = _LAYER_KEY.match(key)
+    if prefix is None or _LAYER_NAME.match(te_name) is None or ".local_experts." in name:
+        return key  # outside the decoder layers, and experts (TEGroupedMLP keys as SequentialMLP)
+    return prefix.group(0) + _LAYER_NAME.sub("", te_name, count=1)
+
+
+def _te_names(names: list[str]) -> dict[str, str]:
+    from mapgen.compiler.inventory import MegatronParam, to_te_layout
+
+    params = tuple(MegatronParam(n, (), "", "", None, None) for n in names)
+    return {p.name: t.name for p, t in zip(params, to_te_layout(params))}
+
+
+def sharded_state(chunks: list[Any], key_style: str, available: set[str] | None = None) -> dict[str, Any]:
+    """Megatron-LM's model part of a checkpoint: each chunk's `sharded_state_dict()` under its
+    key. With `key_style` "te", decoder-layer tensors carry the TE spec's keys. When reading
+    (`available`: the checkpoint's keys), each tensor takes whichever of its local and TE keys
+    the checkpoint has."""
+    state: dict[str, Any] = {}
+    for index, chunk in enumerate(chunks):
+        sharded = chunk.sharded_state_dict(metadata=dict(SHARDED_METADATA))
+        leaves = _leaves(sharded)
+        te_names = _te_names([name for name, _ in leaves])
+        for name, entry in leaves:
+            te_key = _te_key(name, entry.key, te_names)
+            if te_key == entry.key:
+                continue
+            if available is None:
+                if key_style == "te":
+                    entry.key = te_key
+            elif entry.key not in available and te_key in available:
+                entry.key = te_key
+        state[_state_keys(chunks)[index]] = sharded
+    return state
+
+
+def _without_objects(state: dict[str, Any]) -> None:
+    """Drop the chunks' sharded objects (the linear layers' `_extra_state`): the local layers
+    hold nothing in them, and a checkpoint of TransformerEngine layers has its own."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    for chunk in state.values():
+        for name in [n for n, v in chunk.items() if isinstance(v, ShardedObject)]:
+            del chunk[name]
+
+
+def _model_problems(state: dict[str, Any], checkpoint: MegatronCheckpoint) -> tuple[list[str], set[str]]:
+    """This rank's sharded tensors against the checkpoint: (problems, the keys it reads)."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    missing: list[str] = []
+    shapes: list[str] = []
+    used: set[str] = set()
+    for chunk in state.values():
+        for _, entry in _leaves(chunk):
+            built = entry.build() if isinstance(entry, ShardedTensorFactory) else entry
+            for tensor in built if isinstance(built, (list, tuple)) else [built]:
+                if not isinstance(tensor, ShardedTensor):
+                    continue
+                stored = checkpoint.tensors.get(tensor.key)
+                if stored is None:
+                    missing.append(tensor.key)
+                elif stored[0] != tuple(tensor.global_shape):
+                    shapes.append(f"{tensor.key} is {list(stored[0])} in the checkpoint, {list(tensor.global_shape)} in the model")
+                else:
+                    used.add(tensor.key)
+    problems = []
+    if missing:
+        unique = sorted(set(missing))
+        problems.append(
+            f"{checkpoint.folder}: a checkpoint of another model? it lacks {len(unique)} tensor(s) the model has: "
+            + ", ".join(unique[:6])
+        )
+    if shapes:
+        problems.append(f"{checkpoint.folder}: a checkpoint of another model? {len(set(shapes))} tensor(s) differ: " + "; ".join(sorted(set(shapes))[:6]))
+    return problems, used
+
+
+def _unused_tensors(checkpoint: MegatronCheckpoint, used: set[str]) -> list[str]:
+    """The checkpoint's model tensors that no rank reads: one all_reduce of a flag per tensor
+    (every rank has the same sorted list of the checkpoint's keys)."""
+    keys = checkpoint.model_tensors()
+    flags = torch.tensor([key in used for key in keys], dtype=torch.uint8)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return [key for key, flag in zip(keys, flags.tolist()) if not flag]
+
+
+def _broadcast_path(path: Path | None) -> Path:
+    """Rank 0's staging folder, on every rank (a tensor broadcast of its bytes)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        assert path is not None
+        return path
+    buffer = torch.zeros(4 + 4096, dtype=torch.uint8)
+    if dist.get_rank() == 0:
+        assert path is not None
+        data = os.fsencode(path)
+        buffer[:4] = torch.tensor(list(len(data).to_bytes(4, "little")), dtype=torch.uint8)
+        buffer[4 : 4 + len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    dist.broadcast(buffer, src=0)
+    length = int.from_bytes(bytes(buffer[:4].tolist()), "little")
+    return Path(os.fsdecode(bytes(buffer[4 : 4 + length].tolist())))
+
+
+def _start(job: ConvertJob) -> tuple[ModuleType, Any, int]:
+    from mapgen.runtime import ParallelContext
+    from mapgen.verify.testing import prepare_cpu_megatron
+
+    module = load_mapping_module(job.module_path)
+    if module.LAYOUT != "local":
+        raise MapgenError(f"{job.module_path} has the {module.LAYOUT} layout; the model runs on CPU with the local layout (give its local twin)")
+    initialize_parallel_state(job.layout)
+    prepare_cpu_megatron()
+    _cpu_dist_checkpointing()
+    return module, ParallelContext.from_parallel_state(), dist.get_rank() if dist.is_initialized() else 0
+
+
+def _hf_to_megatron(job: ConvertJob, result: ConvertResult, bar: _Bar) -> None:
+    from megatron.core import dist_checkpointing
+
+    started = time.perf_counter()
+    module, ctx, rank = _start(job)
+    dtype = checkpoint_dtype(HFCheckpoint(job.source))
+    rows = padded_vocab_size(module.DIMS.vocab_size, job.make_vocab_size_divisible_by, job.layout.tp)
+    bar.phase(f"building the model ({job.layout})")
+    torch.manual_seed(0)
+    chunks = build_model_chunks(module.DIMS, job.layout, params_dtype=dtype, vocab_size=rows, model=module.MODEL)
+    _done(result, "build", started)
+    started = time.perf_counter()
+    counted: Any = _Counted(module, bar.advance) if rank == 0 else module
+    converter = Converter(counted, chunks, ctx, make_vocab_size_divisible_by=job.make_vocab_size_divisible_by)
+    bar.phase(f"importing {job.source}", len(converter.placement.local) + len(converter.placement.tied))
+    result.params = converter.load(job.source)
+    target = DTYPES[job.dtype] if job.dtype else dtype
+    _cast(chunks, target)
+    result.dtype, result.vocab_rows = str(target).removeprefix("torch."), rows
+    _done(result, "import", started)
+
+    started = time.perf_counter()
+    out = Path(job.out)
+    what = f"cannot write {module.TARGET} to {out}"
+    staging: Path | None = None
+    problems: list[str] = []
+    if rank == 0:
+        try:
+            staging = _staging_folder(out, job.hf_config, job.overwrite)
+            (staging / iteration_folder(job.iteration)).mkdir()
+        except Exception as exc:  # noqa: BLE001 - agreed on by every rank just below
+            problems.append(_describe(exc))
+    try:
+        agree_or_raise(problems, what)
+        folder = _broadcast_path(staging) / iteration_folder(job.iteration)
+        bar.phase(f"writing the distributed checkpoint ({iteration_folder(job.iteration)})")
+        state: dict[str, Any] = {"checkpoint_version": CHECKPOINT_VERSION, "iteration": job.iteration or 0}
+        state["num_floating_point_operations_so_far"] = 0
+        state.update(sharded_state(chunks, job.key_style))
+        failed: list[str] = []
+        try:
+            dist_checkpointing.save(state, str(folder), content_metadata=dict(SHARDED_METADATA))
+        except Exception as exc:  # noqa: BLE001 - agreed on below
+            failed.append(f"writing {folder}: {_describe(exc)}")
+        agree_or_raise(failed, what)
+        final: list[str] = []
+        if staging is not None:
+            try:
+                tracker = RELEASE if job.iteration is None else str(job.iteration)
+                (staging / TRACKER).write_text(tracker)
+                (staging / CONFIG).write_text(json.dumps(job.hf_config, indent=2) + "\n")
+                record = {
+                    "written_by": "mapgen convert hf-to-megatron",
+                    "target": module.TARGET,
+                    "hf_architecture": getattr(module, "HF_ARCHITECTURE", None),
+                    "dims": dims_record(module),
+                    "layout": str(job.layout),
+                    "dtype": result.dtype,
+                    "vocab_size": module.DIMS.vocab_size,
+                    "vocab_rows": rows,
+                    "make_vocab_size_divisible_by": job.make_vocab_size_divisible_by,
+                    "tensor_names": job.key_style,
+                    "checkpoint": iteration_folder(job.iteration),
+                }
+                (staging / RECORD).write_text(json.dumps(record, indent=2) + "\n")
+                result.tensors = len(read_megatron_checkpoint(staging).model_tensors())
+                _move_into_place(staging, out, job.overwrite)
+                staging = None
+            except Exception as exc:  # noqa: BLE001 - agreed on below
+                final.append(f"finishing {out}: {_describe(exc)}")
+        agree_or_raise(final, what)
+    finally:
+        if staging is not None:
+            import shutil
+
+            shutil.rmtree(staging, ignore_errors=True)
+    _done(result, "write", started)
+
+
+def _megatron_to_hf(job: ConvertJob, result: ConvertResult, bar: _Bar) -> None:
+    from megatron.core import dist_checkpointing
+
+    started = time.perf_counter()
+    module, ctx, rank = _start(job)
+    checkpoint = read_megatron_checkpoint(job.source)
+    rows = checkpoint.vocab_rows or module.DIMS.vocab_size
+    dtype = checkpoint.dtype
+    bar.phase(f"building the model ({job.layout})")
+    torch.manual_seed(0)
+    chunks = build_model_chunks(module.DIMS, job.layout, params_dtype=dtype, vocab_size=rows, model=module.MODEL)
+    _done(result, "build", started)
+    started = time.perf_counter()
+    divisible_by = max(1, rows // job.layout.tp)  # the checkpoint's rows, whatever padding made them
+    counted: Any = _Counted(module, bar.advance) if rank == 0 else module
+    converter = Converter(counted, chunks, ctx, make_vocab_size_divisible_by=divisible_by)
+    what = f"cannot load {checkpoint.root} into {module.TARGET}"
+    state = sharded_state(chunks, job.key_style, set(checkpoint.tensors))
+    _without_objects(state)
+    problems, used = _model_problems(state, checkpoint)
+    converter._agree(problems, what)  # the model against the module and the checkpoint, agreed
+    unused = _unused_tensors(checkpoint, used)
+    if unused:  # the same list on every rank (one all_reduce): every rank raises alike
+        raise RankError(
+            f"{what}:\n  {checkpoint.folder}: a checkpoint of another model? {len(unused)} of its tensors have no "
+            f"place in {module.TARGET}: " + ", ".join(unused[:6])
+        )
+    bar.phase(f"loading {checkpoint.folder}")
+    loaded = dist_checkpointing.load(state, str(checkpoint.folder))
+    left: list[str] = []
+    for key, chunk in zip(_state_keys(chunks), chunks):
+        outcome = chunk.load_state_dict(loaded[key], strict=False)
+        left += [n for n in [*outcome.missing_keys, *outcome.unexpected_keys] if not n.endswith("._extra_state")]
+    # after the checks above nothing is left; said plainly, and agreed, if something is
+    agree_or_raise([f"megatron-core loaded no value for {', '.join(left[:6])}"] if left else [], what)
+    target = DTYPES[job.dtype] if job.dtype else dtype
+    _cast(chunks, target)
+    result.dtype, result.vocab_rows = str(target).removeprefix("torch."), rows
+    _done(result, "load", started)
+    started = time.perf_counter()
+    config = dict(job.hf_config)
+    if config.get("dtype", config.get("torch_dtype")) != result.dtype:  # what the files hold
+        config["dtype"] = result.dtype
+        if "torch_dtype" in config:
+            config["torch_dtype"] = result.dtype
+    bar.phase(f"exporting to {job.out}", len(converter.placement.local))
+    save_hf_checkpoint(counted, chunks, job.out, config, ctx, make_vocab_size_divisible_by=divisible_by, overwrite=job.overwrite)
+    result.params = len(converter.placement.local) + len(converter.placement.tied)
+    result.tensors = len(module.HF_TENSORS)
+    _done(result, "export", started)
+
+
+def run_convert(job: ConvertJob) -> ConvertResult:
+    """One conversion in an initialised process group; every rank returns its result, rank 0's
+    with every rank's peak memory."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    result = ConvertResult(job, rank)
+    import megatron.core.dist_checkpointing  # noqa: F401 - imported before the start is measured
+    import megatron.core.models.gpt  # noqa: F401
+
+    start = _rss_mib()
+    bar = _Bar(job.progress and rank == 0 and sys.stderr.isatty())
+    try:
+        (_hf_to_megatron if job.direction == "hf-to-megatron" else _megatron_to_hf)(job, result, bar)
+    except MapgenError as exc:
+        result.error, result.bad_input = str(exc), True
+    except Exception:  # noqa: BLE001 - reported, not raised: the parent says what failed
+        result.error = traceback.format_exc()
+    finally:
+        bar.close()
+    if result.error is None:  # every rank got here: one gather of the peaks
+        mine = torch.tensor([_peak_mib(), start], dtype=torch.float64)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+            dist.all_gather(everyone, mine)
+        else:
+            everyone = [mine]
+        result.peak_mib = [float(t[0]) for t in everyone]
+        result.start_mib = [float(t[1]) for t in everyone]
+    return result
+
+
+def convert(job: ConvertJob) -> ConvertResult:
+    """Run `job` on the layout's processes: started here (gloo on CPU), or the ones torchrun
+    started. Raises MapgenError for what `preflight` finds, before any process starts; returns
+    rank 0's result (this rank's under torchrun)."""
+    torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    if problems := preflight(job, int(os.environ["WORLD_SIZE"]) if torchrun else None):
+        raise MapgenError(f"cannot convert {job.source} with {job.module_path}:\n  " + "\n  ".join(problems))
+    if torchrun:
+        if not dist.is_initialized():
+            with native_stdout_silenced():
+                dist.init_process_group("gloo")
+        return run_convert(job)
+    try:
+        results = spawn([(run_convert, (job,))], job.layout.world_size)
+    except MapgenError as exc:
+        raise MapgenError(f"mapgen convert's processes failed: {exc}") from None
+    result: ConvertResult = results[0][0]
+    return result
