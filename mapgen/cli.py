@@ -9,7 +9,8 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import click
 from rich.console import Console
@@ -22,6 +23,7 @@ from mapgen.compiler.packaged import TARGETS_FILE, specs_folder
 from mapgen.compiler.diff import diff_paths, diff_revision, report, summarize_file
 from mapgen.compiler.write import check_output, existing_output, stale_diff, write_if_changed
 
+F = TypeVar("F", bound=Callable[..., Any])
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 RAW_DIFF_LINES = 400  # of each stale module's unified diff, after its summary
 
@@ -42,6 +44,31 @@ def _progress() -> Progress:
         console=err,
         transient=True,
     )
+
+
+def _parallel_options(dp_help: str, uneven: bool = True) -> Callable[[F], F]:
+    """The parallel layout flags every command that takes a layout shares (verify, explain,
+    convert); `uneven`: also the first and last pipeline stages' layer counts."""
+    options = [
+        click.option("--tp", default=1, show_default=True),
+        click.option("--pp", default=1, show_default=True),
+        click.option("--vpp", default=1, show_default=True, help="Virtual pipeline stages per rank."),
+        click.option("--ep", default=1, show_default=True),
+        click.option("--etp", type=int, default=None, help="Expert-TP size (default: TP)."),
+        click.option("--dp", type=int, default=None, help=dp_help),
+    ]
+    if uneven:
+        options += [
+            click.option("--first-stage-layers", type=int, help="Layers of the first pipeline stage (uneven PP)."),
+            click.option("--last-stage-layers", type=int, help="Layers of the last pipeline stage (uneven PP)."),
+        ]
+
+    def decorate(command: F) -> F:
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return decorate
 
 
 @click.group()
@@ -279,14 +306,7 @@ def _local_twin(module_file: Path, hf_dir: Path, folder: Path) -> Path:
 @main.command()
 @click.argument("generated")
 @click.argument("hf_dir", type=click.Path(exists=True, file_okay=False))
-@click.option("--tp", default=1, show_default=True)
-@click.option("--pp", default=1, show_default=True)
-@click.option("--vpp", default=1, show_default=True, help="Virtual pipeline stages per rank.")
-@click.option("--ep", default=1, show_default=True)
-@click.option("--etp", type=int, default=None, help="Expert-TP size (default: TP).")
-@click.option("--dp", type=int, default=None, help="Data-parallel replicas (default: EP, at least 1).")
-@click.option("--first-stage-layers", type=int, help="Layers of the first pipeline stage (uneven PP).")
-@click.option("--last-stage-layers", type=int, help="Layers of the last pipeline stage (uneven PP).")
+@_parallel_options("Data-parallel replicas (default: EP, at least 1).")
 @click.option("--make-vocab-size-divisible-by", type=click.IntRange(min=1), default=1, show_default=True,
               help="Build the model with the vocabulary padded to a multiple of this x TP, as "
                    "Megatron-LM does (its default: 128).")
@@ -395,14 +415,7 @@ def _save_standin(config: Path, out: Path, seed: int, dtype: Any, vocab_size: in
 @main.command(name="explain")
 @click.argument("generated")
 @click.argument("name")
-@click.option("--tp", default=1, show_default=True)
-@click.option("--pp", default=1, show_default=True)
-@click.option("--vpp", default=1, show_default=True, help="Virtual pipeline stages per rank.")
-@click.option("--ep", default=1, show_default=True)
-@click.option("--etp", type=int, default=None, help="Expert-TP size (default: TP).")
-@click.option("--dp", type=int, default=None, help="Data-parallel replicas, for global rank numbers (default: EP, at least 1).")
-@click.option("--first-stage-layers", type=int, help="Layers of the first pipeline stage (uneven PP).")
-@click.option("--last-stage-layers", type=int, help="Layers of the last pipeline stage (uneven PP).")
+@_parallel_options("Data-parallel replicas, for global rank numbers (default: EP, at least 1).")
 @click.option("--make-vocab-size-divisible-by", type=click.IntRange(min=1), default=1, show_default=True,
               help="The vocabulary padded to a multiple of this x TP, as Megatron-LM does.")
 def explain_command(generated: str, name: str, tp: int, pp: int, vpp: int, ep: int, etp: int | None,
@@ -427,14 +440,9 @@ def explain_command(generated: str, name: str, tp: int, pp: int, vpp: int, ep: i
 
 
 def _layout_options(command: Any) -> Any:
-    """The parallel layout flags of `mapgen convert`'s commands."""
+    """The flags of `mapgen convert`'s commands: the layout, the output dtype, --overwrite."""
     for option in reversed([
-        click.option("--tp", default=1, show_default=True),
-        click.option("--pp", default=1, show_default=True),
-        click.option("--vpp", default=1, show_default=True, help="Virtual pipeline stages per rank."),
-        click.option("--ep", default=1, show_default=True),
-        click.option("--etp", type=int, default=None, help="Expert-TP size (default: TP)."),
-        click.option("--dp", type=int, default=None, help="Data-parallel replicas (default: the fewest the layout takes)."),
+        _parallel_options("Data-parallel replicas (default: the fewest the layout takes).", uneven=False),
         click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
                      help="The output's dtype (default: the input's)."),
         click.option("--overwrite", is_flag=True, help="Replace OUT_DIR once the new checkpoint is complete."),
