@@ -57,11 +57,12 @@ verify-standins: $(VENV)/.installed  ## every target's tiny stand-in through `ma
 	  for l in $(HYBRID_LAYOUTS); do $(VENV)/bin/mapgen verify generated/$${t}_hybrid.py $(STANDINS)/$$t $$l; done; \
 	done
 
-bench: $(VENV)/.installed  ## mapgen vs Megatron-Bridge vs the hardware -> benchmarks/results-$(STACK).json
+bench: $(VENV)/.installed  ## mapgen vs Megatron-Bridge vs the hardware -> benchmarks/results-$(STACK).json (and *-$(STACK).json)
 	bash benchmarks/bridge_setup.sh
 	$(PY) benchmarks/run.py --json benchmarks/results-$(STACK).json | tee benchmarks/results-$(STACK).txt
 	$(PY) benchmarks/build_figures.py --targets $(BENCH_TARGETS) --json benchmarks/build_figures-$(STACK).json
 	$(PY) benchmarks/moe_memory.py --json benchmarks/moe_memory-$(STACK).json
+	$(PY) benchmarks/convert_throughput.py --json benchmarks/convert_throughput-$(STACK).json
 
 # build_figures: the dense targets (the MoE ones take minutes each under mypy; name them here to time them)
 BENCH_TARGETS ?= llama3_2_1b,llama3_1_8b,llama3_1_70b,qwen2_5_7b,qwen3_8b,llama3_2_1b_hybrid

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from mapgen.verify import testing
 
 
@@ -33,3 +35,17 @@ def test_bandwidth_benchmark_runs(tmp_path: Path) -> None:
     row = _run("bandwidth.py", "--layers", "1", "--hidden", "64", "--repeat", "1", out=tmp_path / "b.json")
     assert isinstance(row, dict)
     assert row["copy_s"] > 0 and row["import_s"] > 0 and row["export_s"] > 0
+
+
+def test_convert_throughput_benchmark_runs(tmp_path: Path) -> None:
+    report = _run("convert_throughput.py", "--models", "qwen3_moe", "--layers", "1", "--hidden", "64", "--experts", "4",
+                  "--repeat", "1", out=tmp_path / "t.json")
+    assert isinstance(report, dict)
+    rows = report["rows"]
+    assert [(r["model"], r["layout"]) for r in rows] == [("qwen3_moe", "TP1"), ("qwen3_moe", "EP2")]
+    for row in rows:
+        assert row["bytes"] == row["checkpoint_bytes"] > 0
+        for direction in ("hf-to-megatron", "megatron-to-hf"):
+            times = row[direction]
+            assert times["mapgen_s"] > 0 and times["baseline_s"] > 0
+            assert times["ratio"] == pytest.approx(times["mapgen_s"] / times["baseline_s"], rel=0.02, abs=0.01)
