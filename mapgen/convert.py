@@ -65,7 +65,7 @@ from mapgen.runtime.checkpoint import HFCheckpoint
 from mapgen.runtime.collectives import RankError, agree_or_raise
 from mapgen.runtime.drivers import Converter, _describe, _move_into_place, _staging_folder, save_hf_checkpoint
 from mapgen.runtime.vocab import VOCAB_PARAMS, padded_vocab_size
-from mapgen.verify.jobs import MAX_SPAWNED, checkpoint_dtype, layout_problems, load_mapping_module, spawn
+from mapgen.verify.jobs import MAX_SPAWNED, checkpoint_dtype, hf_problems, layout_problems, load_mapping_module, spawn
 
 TRACKER = "latest_checkpointed_iteration.txt"  # Megatron-LM's tracker file
 RELEASE = "release"
@@ -296,32 +296,6 @@ def preflight(job: ConvertJob, world_size: int | None = None) -> list[str]:
     except MapgenError as exc:
         return found + [str(exc)]
     return found + checkpoint_problems(module, checkpoint, job.layout)
-
-
-def hf_problems(module: ModuleType, folder: Path) -> list[str]:
-    """The HF checkpoint against the module, as `mapgen verify` checks it: config.json's
-    architecture, the safetensors headers and index against the module's HF table."""
-    from mapgen.runtime.drivers import checkpoint_problems as hf_checkpoint_problems
-
-    found: list[str] = []
-    config = folder / CONFIG
-    try:
-        fields = json.loads(config.read_text(encoding="utf-8"))
-    except OSError as exc:
-        found.append(f"{config}: cannot read: {exc.strerror}")
-    except (UnicodeDecodeError, ValueError) as exc:
-        found.append(f"{config}: not JSON: {exc}")
-    else:
-        architectures = fields.get("architectures") if isinstance(fields, dict) else None
-        if not isinstance(fields, dict):
-            found.append(f"{config}: a config.json must hold a JSON object")
-        elif isinstance(architectures, list) and architectures and module.HF_ARCHITECTURE not in architectures:
-            found.append(f"{config}: architectures is {architectures}, {module.TARGET} maps {module.HF_ARCHITECTURE}")
-    try:
-        found += [f"{folder}: {problem}" for problem in hf_checkpoint_problems(module, HFCheckpoint(folder))]
-    except MapgenError as exc:
-        found.append(str(exc))
-    return found
 
 
 def checkpoint_problems(module: ModuleType, checkpoint: MegatronCheckpoint, layout: ParallelLayout) -> list[str]:

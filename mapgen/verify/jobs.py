@@ -276,8 +276,6 @@ def preflight(job: Job, world_size: int | None = None) -> list[str]:
     """What is wrong with `job` that is known before any process starts: the module, the layout
     against its DIMS, the checkpoint's headers and index against its HF table, config.json's
     architecture; `world_size` (torchrun's) against the layout."""
-    from mapgen.runtime.drivers import checkpoint_problems
-
     module = load_mapping_module(job.module_path)
     found = [f"layout {job.layout}: {problem}" for problem in layout_problems(module, job.layout)]
     if world_size is not None and world_size != job.layout.world_size:
@@ -287,7 +285,16 @@ def preflight(job: Job, world_size: int | None = None) -> list[str]:
             f"layout {job.layout} needs {job.layout.world_size} processes; verify starts at most {MAX_SPAWNED} "
             "on one machine (run it under torchrun for more)"
         )
-    config = Path(job.hf_dir) / "config.json"
+    return found + hf_problems(module, job.hf_dir)
+
+
+def hf_problems(module: ModuleType, folder: str | Path) -> list[str]:
+    """The HF checkpoint in `folder` against the module: config.json's architecture, the
+    safetensors headers and index against the module's HF table (verify and convert share it)."""
+    from mapgen.runtime.drivers import checkpoint_problems
+
+    found: list[str] = []
+    config = Path(folder) / "config.json"
     try:
         fields = json.loads(config.read_text(encoding="utf-8"))
     except OSError as exc:
@@ -301,8 +308,7 @@ def preflight(job: Job, world_size: int | None = None) -> list[str]:
         elif isinstance(architectures, list) and architectures and module.HF_ARCHITECTURE not in architectures:
             found.append(f"{config}: architectures is {architectures}, {module.TARGET} maps {module.HF_ARCHITECTURE}")
     try:
-        checkpoint = HFCheckpoint(job.hf_dir)
-        found += [f"{job.hf_dir}: {problem}" for problem in checkpoint_problems(module, checkpoint)]
+        found += [f"{folder}: {problem}" for problem in checkpoint_problems(module, HFCheckpoint(folder))]
     except MapgenError as exc:
         found.append(str(exc))
     return found
