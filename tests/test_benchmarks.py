@@ -33,3 +33,14 @@ def test_bandwidth_benchmark_runs(tmp_path: Path) -> None:
     row = _run("bandwidth.py", "--layers", "1", "--hidden", "64", "--repeat", "1", out=tmp_path / "b.json")
     assert isinstance(row, dict)
     assert row["copy_s"] > 0 and row["import_s"] > 0 and row["export_s"] > 0
+
+
+def test_export_memory_benchmark_runs(tmp_path: Path) -> None:
+    data = _run("export_memory.py", "--layers", "4", "--experts", "8", "--buckets", "1", "--formats", "bf16", out=tmp_path / "e.json")
+    assert isinstance(data, dict)
+    ranks = data["ranks"]
+    assert len(ranks) == 2 and ranks[0]["params"] == 65
+    for rank in ranks:
+        (row,) = rank["rows"]
+        assert row["format"] == "bf16" and row["buckets"] >= 1 and row["bound_mib"] > 0
+        assert row["held_live_mib"] >= 0 and row["tensors"] == ranks[0]["hf_tensors"]
