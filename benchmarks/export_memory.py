@@ -3,15 +3,22 @@ stand-in of full depth and full expert count (61 layers, the first 3 dense, 256 
 and a shared one; tiny widths: hidden 64, expert FFN 16), at EP2 (two gloo processes, 128 experts
 each), for a few bucket sizes and export formats.
 
-Run: .venv/bin/python benchmarks/export_memory.py [--json out.json] [--buckets 4 16 64] [--layers N --experts E]
+Run: .venv/bin/python benchmarks/export_memory.py [--json out.json] [--buckets 4 16 64] [--formats ...] [--layers N --experts E]
 
-Each rank builds the megatron-core model (random weights: what is measured is the export's
-memory, not the values), then exports once (cold: the agreement and the plan are made) and again
-with the same Converter (held, as an RL loop re-syncs), the consumer dropping each tensor as it
-comes. Memory is the process's resident set: its high-water mark (VmHWM, reset through
-/proc/self/clear_refs before each export) above the resident set just before the export, which
-holds the model. The bound is `Converter.export_bound(...)`: one bucket (at most bucket_bytes)
-plus one parameter's temporaries plus the last tensor yielded.
+For each format and bucket size, a fresh pair of processes builds the megatron-core model (random
+weights: what is measured is the export's memory, not the values), then exports once (cold: the
+agreement and the plan are made) and again with the same Converter (held, as an RL loop
+re-syncs), the consumer dropping each tensor as it comes. Two figures:
+
+- live: the bytes allocated through malloc and not yet freed, in every arena (glibc's mallinfo2,
+  sampled every 0.2 ms; see `_Sampler`), above their value at the start of the export: what the
+  export holds;
+- RSS: the resident set's high-water mark over both exports (VmHWM, reset through
+  /proc/self/clear_refs once the model is built) above the resident set with the model built:
+  what the machine sees, including what glibc keeps of what was freed.
+
+The bound is `Converter.export_bound(...)`: one bucket (at most bucket_bytes) plus one
+parameter's temporaries plus the last tensor yielded.
 """
 
 from __future__ import annotations
@@ -90,15 +97,9 @@ class _Sampler:
         return max(self.peak, _live() - self.start)
 
 
-def _trim() -> None:
-    """Give the memory the allocator keeps after frees back to the system (glibc's malloc_trim),
-    so that the resident set before an export is the model and what is live, and pages the
-    export reuses count again when it touches them."""
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-def measure(module_path: str, layout: Any, bucket_sizes: list[int], formats: list[str]) -> dict[str, Any]:
-    """One rank: every (format, bucket size) export, cold then held, with its bound."""
+def measure(module_path: str, layout: Any, label: str, mib: int) -> dict[str, Any]:
+    """One rank of a fresh pair of processes: the model built, then one format and bucket size
+    exported twice (cold, then held) with its bound."""
     import gc
 
     import torch
@@ -110,47 +111,40 @@ def measure(module_path: str, layout: Any, bucket_sizes: list[int], formats: lis
     from mapgen.verify.testing import import_module_from_path, prepare_cpu_megatron
 
     torch.set_num_threads(1)
-    started = time.perf_counter()
     module = import_module_from_path(Path(module_path), "export_memory_standin")
     initialize_parallel_state(layout)
     prepare_cpu_megatron()
     chunks = build_model_chunks(module.DIMS, layout, params_dtype=torch.float32, model=module.MODEL)
     ctx = ParallelContext.from_parallel_state()
-    model_bytes = sum(p.numel() * p.element_size() for c in chunks for p in c.parameters())
-    setup_s = time.perf_counter() - started
-    rows: list[dict[str, Any]] = []
-    for label in formats:
-        options = FORMATS[label]
-        for mib in bucket_sizes:
-            converter = Converter(module, chunks, ctx)
-            bound = converter.export_bound(bucket_bytes=mib * 2**20, **options)
-            row: dict[str, Any] = {"format": label, "bucket_mib": mib, "buckets": bound.buckets,
-                                   "bound_mib": round(bound.total / 2**20, 2),
-                                   "bound_parts_mib": [round(x / 2**20, 3) for x in (bound.bucket, bound.transient, bound.held)]}
-            for phase in ("cold", "held"):
-                gc.collect()
-                _trim()
-                dist.barrier()
-                before = _status("VmRSS")
-                _reset_peak()
-                sampler = _Sampler()
-                t = time.perf_counter()
-                count = nbytes = 0
-                for _name, tensor in converter.export(bucket_bytes=mib * 2**20, **options):
-                    count += 1
-                    nbytes += tensor.numel() * tensor.element_size()
-                seconds = time.perf_counter() - t
-                live = sampler.stop()
-                peak = _status("VmHWM") - before
-                row[f"{phase}_peak_mib"] = round(peak / 2**20, 2)
-                row[f"{phase}_live_mib"] = round(live / 2**20, 2)
-                row[f"{phase}_live_single_reading_mib"] = round(sampler.raw / 2**20, 2)
-                row[f"{phase}_s"] = round(seconds, 2)
-                row["tensors"], row["exported_mib"] = count, round(nbytes / 2**20, 1)
-            rows.append(row)
-            del converter
-    return {"rank": dist.get_rank(), "model_mib": round(model_bytes / 2**20, 1), "setup_s": round(setup_s, 1), "rows": rows,
-            "params": len(module.PARAMS), "hf_tensors": len(module.HF_TENSORS)}
+    options = FORMATS[label]
+    converter = Converter(module, chunks, ctx)
+    bound = converter.export_bound(bucket_bytes=mib * 2**20, **options)
+    row: dict[str, Any] = {
+        "format": label, "bucket_mib": mib, "buckets": bound.buckets, "bound_mib": round(bound.total / 2**20, 2),
+        "bound_parts_mib": [round(x / 2**20, 3) for x in (bound.bucket, bound.transient, bound.held)],
+        "model_mib": round(sum(p.numel() * p.element_size() for c in chunks for p in c.parameters()) / 2**20, 1),
+        "params": len(module.PARAMS), "hf_tensors": len(module.HF_TENSORS),
+    }
+    gc.collect()
+    dist.barrier()
+    model_rss = _status("VmRSS")  # the process with its model built: the baseline of both exports
+    _reset_peak()
+    for phase in ("cold", "held"):
+        gc.collect()
+        dist.barrier()
+        sampler = _Sampler()
+        t = time.perf_counter()
+        count = nbytes = 0
+        for _name, tensor in converter.export(bucket_bytes=mib * 2**20, **options):
+            count += 1
+            nbytes += tensor.numel() * tensor.element_size()
+        row[f"{phase}_s"] = round(time.perf_counter() - t, 2)
+        row[f"{phase}_live_mib"] = round(sampler.stop() / 2**20, 2)
+        row[f"{phase}_live_single_reading_mib"] = round(sampler.raw / 2**20, 2)
+        row[f"{phase}_rss_mib"] = round((_status("VmHWM") - model_rss) / 2**20, 2)  # since the model was built
+        row["tensors"], row["exported_mib"] = count, round(nbytes / 2**20, 1)
+    row["rank"] = dist.get_rank()
+    return row
 
 
 def main() -> None:
@@ -160,14 +154,7 @@ def main() -> None:
     parser.add_argument("--experts", type=int, default=256)
     parser.add_argument("--buckets", type=int, nargs="+", default=[4, 16, 64], help="bucket sizes in MiB")
     parser.add_argument("--formats", nargs="+", default=list(FORMATS), choices=list(FORMATS))
-    parser.add_argument(
-        "--mmap-threshold", type=int, default=None,
-        help="run the ranks with glibc's MALLOC_MMAP_THRESHOLD_ set (bytes): allocations from that size "
-        "up are mapped and given back when freed, and the threshold no longer rises",
-    )
     args = parser.parse_args()
-    if args.mmap_threshold is not None:
-        os.environ["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)  # the spawned ranks inherit it
 
     import transformers
 
@@ -185,6 +172,7 @@ def main() -> None:
         n_routed_experts=args.experts, dtype="float32",
     )
     layout = ParallelLayout(ep=2, dp=2)
+    rows: list[list[dict[str, Any]]] = []
     with tempfile.TemporaryDirectory() as folder:
         config_dir = Path(folder) / "hf"
         transformers.AutoConfig.for_model(tiny.pop("model_type"), **tiny).save_pretrained(config_dir)
@@ -196,30 +184,31 @@ def main() -> None:
         print(f"module built and imported: {time.perf_counter() - t:.1f} s, {len(module.PARAMS)} parameters, "
               f"{len(module.HF_TENSORS)} HF tensors", flush=True)
         t = time.perf_counter()
-        results = spawn([(measure, (str(module_path), layout, args.buckets, args.formats))], layout.world_size, timeout_s=3600)
-        print(f"EP2 runs: {time.perf_counter() - t:.1f} s", flush=True)
-    per_rank = [results[r][0] for r in sorted(results)]
-    print(f"DeepSeek-V3 stand-in, {args.layers} layers x {args.experts} experts, EP2: {per_rank[0]['params']} parameters, "
-          f"{per_rank[0]['hf_tensors']} HF tensors; model per rank "
-          + ", ".join(f"{r['model_mib']} MiB" for r in per_rank))
-    print(f"{'format':<20} {'bucket':>8} {'buckets':>7} {'bound':>9}   {'held: live':>14} {'RSS':>15}   "
-          f"{'cold: live':>14} {'RSS':>15} {'held s':>7}")
-    for index, row in enumerate(per_rank[0]["rows"]):
-        both = [r["rows"][index] for r in per_rank]
+        for label in args.formats:
+            for mib in args.buckets:  # fresh processes for each: the model's memory is the baseline
+                results = spawn([(measure, (str(module_path), layout, label, mib))], layout.world_size, timeout_s=3600)
+                rows.append([results[r][0] for r in sorted(results)])
+        print(f"EP2 runs ({len(rows)} pairs of processes): {time.perf_counter() - t:.1f} s", flush=True)
+    first = rows[0][0]
+    print(f"DeepSeek-V3 stand-in, {args.layers} layers x {args.experts} experts, EP2: {first['params']} parameters, "
+          f"{first['hf_tensors']} HF tensors, {first['exported_mib']} MiB in fp32; {first['model_mib']} MiB of weights per rank")
+    print(f"{'format':<20} {'bucket':>8} {'buckets':>7} {'bound':>9}   {'held: live':>14}   {'cold: live':>14}   "
+          f"{'RSS above model':>15} {'held s':>7}")
+    for both in rows:
+        row = both[0]
 
         def pair(key: str) -> str:
             return " / ".join(f"{b[key]:.1f}" for b in both)
 
         print(f"{row['format']:<20} {row['bucket_mib']:>4} MiB {row['buckets']:>7} {row['bound_mib']:>5.1f} MiB   "
-              f"{pair('held_live_mib'):>14} {pair('held_peak_mib'):>15}   {pair('cold_live_mib'):>14} "
-              f"{pair('cold_peak_mib'):>15} {max(b['held_s'] for b in both):>7.2f}")
-    print("(MiB above the start of the export, rank 0 / rank 1: live = bytes allocated and not freed (glibc "
-          "mallinfo2, sampled every 0.2 ms); RSS = resident-set high-water mark; "
-          f"{per_rank[0]['rows'][0]['exported_mib']} MiB of HF tensors in fp32 per rank per export)")
+              f"{pair('held_live_mib'):>14}   {pair('cold_live_mib'):>14}   {pair('held_rss_mib'):>15} "
+              f"{max(b['held_s'] for b in both):>7.2f}")
+    print("(MiB, rank 0 / rank 1: live = bytes allocated and not freed above the start of the export (glibc mallinfo2, "
+          "sampled every 0.2 ms); RSS = the resident set's high-water mark over both exports above the resident set "
+          "with the model built)")
     if args.json:
         args.json.write_text(json.dumps({"layers": args.layers, "experts": args.experts, "layout": "ep2",
-                                         "mmap_threshold": args.mmap_threshold,
-                                         "machine": os.uname().machine, "ranks": per_rank}, indent=2, default=str) + "\n")
+                                         "machine": os.uname().machine, "rows": rows}, indent=2, default=str) + "\n")
 
 
 if __name__ == "__main__":

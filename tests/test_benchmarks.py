@@ -38,9 +38,8 @@ def test_bandwidth_benchmark_runs(tmp_path: Path) -> None:
 def test_export_memory_benchmark_runs(tmp_path: Path) -> None:
     data = _run("export_memory.py", "--layers", "4", "--experts", "8", "--buckets", "1", "--formats", "bf16", out=tmp_path / "e.json")
     assert isinstance(data, dict)
-    ranks = data["ranks"]
+    (ranks,) = data["rows"]  # one format, one bucket size: one pair of processes
     assert len(ranks) == 2 and ranks[0]["params"] == 65
-    for rank in ranks:
-        (row,) = rank["rows"]
+    for row in ranks:
         assert row["format"] == "bf16" and row["buckets"] >= 1 and row["bound_mib"] > 0
-        assert row["held_live_mib"] >= 0 and row["tensors"] == ranks[0]["hf_tensors"]
+        assert row["held_live_mib"] >= 0 and row["tensors"] == row["hf_tensors"]

@@ -291,6 +291,20 @@ def test_export_local_single_process_covers_every_tensor_once(tmp_path: Path, cp
         assert torch.equal(tensor, original[name].to(torch.bfloat16)), name
 
 
+def test_export_local_of_a_padded_vocabulary_has_the_hf_rows_only(tiny_checkpoint: Any, compile_module: Any, cpu_megatron: None) -> None:
+    """Megatron-LM's vocabulary padding (200 rows padded to 256): the pieces hold the 200 HF rows."""
+    folder, _ = tiny_checkpoint("llama", vocab_size=200)
+    module = compile_module("llama", folder / "config.json")
+    model = build_gpt_model(module.DIMS, params_dtype=torch.float32, vocab_size=256).eval()
+    converter = Converter(module, [model], make_vocab_size_divisible_by=128)
+    converter.load(folder)
+    pieces = [_piece_dict(p) for p in converter.export_local(dtype=torch.bfloat16)]
+    original = {n: t.to(torch.bfloat16) for n, t in load_file(folder / "model.safetensors").items()}
+    _assert_rebuilt(original, pieces, tp=1)
+    (embedding,) = [p for p in pieces if p["name"] == "model.embed_tokens.weight"]
+    assert embedding["runs"] == (((0, 200),), ((0, 64),)) and embedding["data"].dtype == torch.bfloat16
+
+
 def _piece_dict(p: Any) -> dict[str, Any]:
     return {"name": p.name, "expert": p.expert, "runs": p.runs, "data": p.data, "replicated": p.replicated,
             "megatron": p.megatron_name, "piece": p.piece, "primary": p.primary}

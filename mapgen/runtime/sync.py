@@ -19,7 +19,10 @@ and the backend's own flat copy of its output, then the gathered shards with the
 tensors in the export format, then those with the EP gather's backend copy. On top of one bucket,
 export holds at most one parameter's export-function outputs and its quantization temporaries,
 the last tensor yielded (a copy, so the consumer's reference does not pin the bucket) and, for a
-stacked-experts checkpoint, one layer's stacked tensors being assembled: `ExportBound`.
+stacked-experts checkpoint, one layer's stacked tensors being assembled: `ExportBound`. Tensor
+views are made one at a time as they are yielded, and after a gloo collective the runtime waits
+until gloo's worker thread has let go of the bucket's buffers (`collectives._Released`), so that
+a bucket's buffers are gone before the next bucket's are made.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import torch
 
 from mapgen.common.layout import FLOAT32_BUFFERS, stacked_slice
 from mapgen.runtime import transforms
-from mapgen.runtime.checkpoint import DEFAULT_BLOCK, DTYPES, SCALE_SUFFIX
+from mapgen.runtime.checkpoint import DEFAULT_BLOCK, SCALE_SUFFIX
 from mapgen.runtime.collectives import all_gather_coalesced, all_gather_slots, broadcast_flat
 from mapgen.runtime.context import ParallelContext
 from mapgen.runtime.plan import ParamPlan, RulePlan
@@ -819,8 +822,3 @@ def local_pieces(module: Module, placement: Placement, ctx: ParallelContext, fmt
                     plan.megatron_name,
                     plan.split_dim is not None or group.rank == 0,
                 )
-
-
-def stored_dtype(spelling: str) -> torch.dtype | None:
-    """A safetensors dtype spelling as a torch dtype, if mapgen reads it."""
-    return DTYPES.get(spelling)
