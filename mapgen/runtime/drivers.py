@@ -50,6 +50,7 @@ from mapgen.runtime.sync import (
     as_dtype,
     config_dtype,
     fp8_grid,
+    hf_order as hf_order,  # re-exported: where an HF name stands in HF order
     local_pieces,
     plan_buckets,
     resolve_format,
@@ -76,12 +77,6 @@ def _unwrap(chunk: Any) -> Any:
     while hasattr(chunk, "module") and not hasattr(chunk, "decoder"):
         chunk = chunk.module
     return chunk
-
-
-def hf_order(position: dict[str, int], name: str) -> tuple[int, int]:
-    """Where an HF name (or a slice of a stacked tensor) stands in the module's HF order."""
-    base, index = stacked_slice(name)
-    return position[base], -1 if index is None else index
 
 
 def num_experts(module: Module) -> int:
@@ -366,7 +361,8 @@ class Converter:
         keep_float32: Iterable[str] | None = None,
         fp8: FP8Arg = None,
     ) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield (HF name, full tensor) for the whole model in HF order.
+        """Yield (HF name, full tensor) for the whole model in HF order (at EP > 1, a bucket
+        holds one local expert index of every EP rank, so experts come bucket by bucket).
 
         Where no layout change or cast is needed (TP 1, a replicated parameter), a yielded tensor
         may be a view of the model's own parameter: copy it if you keep it past the next
@@ -428,10 +424,11 @@ class Converter:
         each a `LocalPiece` with the HF tensor's name, the expert's index for a stacked-experts
         tensor, the runs of indices it covers per dimension (`piece.runs`), the values there in
         HF layout (`data`: interleaved kinds such as qkv and gated_mlp are taken apart on this
-        rank) and whether every rank of its TP (expert-TP) group holds the same piece
-        (`replicated`). A consumer scatters them into its own buffers (`mapgen.runtime.sync.scatter`).
-        Across the ranks of one data-parallel replica, the pieces cover every HF tensor exactly
-        once, but for replicated pieces. No FP8 (a block may span ranks); `dtype` as in
+        rank), whether every rank of its TP (expert-TP) group holds the same piece
+        (`replicated`) and whether this rank is the one to take it from (`primary`: not
+        replicated, or group rank 0). A consumer scatters them into its own buffers
+        (`mapgen.runtime.sync.scatter`). Across the ranks of one data-parallel replica, the
+        primary pieces cover every HF tensor exactly once. No FP8 (a block may span ranks); `dtype` as in
         `export`. A model that does not match the module raises here, on this rank only."""
         if not self._agreed and self._problems:
             raise RankError(f"cannot export with {self.module.TARGET} on this rank:\n  " + "\n  ".join(self._problems))

@@ -428,12 +428,13 @@ def export_units(module: Module, placement: Placement) -> list[tuple[ParamPlan, 
         units.setdefault(key, []).append(plan)
 
     def order(unit: tuple[ParamPlan, ...]) -> tuple[int, int]:
-        return min(_hf_order(position, n) for p in unit for n in p.hf_names)
+        return min(hf_order(position, n) for p in unit for n in p.hf_names)
 
     return sorted((tuple(u) for u in units.values()), key=order)
 
 
-def _hf_order(position: dict[str, int], name: str) -> tuple[int, int]:
+def hf_order(position: dict[str, int], name: str) -> tuple[int, int]:
+    """Where an HF name (or a slice of a stacked tensor) stands in the module's HF order."""
     base, index = stacked_slice(name)
     return position[base], -1 if index is None else index
 
@@ -483,7 +484,7 @@ def plan_buckets(
             travels = pipelined or rank is not None
             for label in plan.hf_names:
                 for k, (name, shape, dtype) in enumerate(fmt.outputs(label, _hf_shape(shapes, label))):
-                    found.append(((*_hf_order(position, label), k), Out(name, shape, dtype, rank, travels)))
+                    found.append(((*hf_order(position, label), k), Out(name, shape, dtype, rank, travels)))
         return tuple(out for _, out in sorted(found, key=lambda item: item[0]))
 
     for unit in export_units(module, placement):
@@ -796,7 +797,7 @@ def local_pieces(module: Module, placement: Placement, ctx: ParallelContext, fmt
     shapes = {t.name: tuple(t.shape) for t in module.HF_TENSORS}
     position = {t.name: i for i, t in enumerate(module.HF_TENSORS)}
     plans = [p for p in module.PARAMS if p.megatron_name in placement.local]
-    plans.sort(key=lambda p: min(_hf_order(position, n) for n in p.hf_names))
+    plans.sort(key=lambda p: min(hf_order(position, n) for n in p.hf_names))
     with torch.no_grad():
         rules = _rules(module)
         for plan in plans:
