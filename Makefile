@@ -63,6 +63,7 @@ bench: $(VENV)/.installed  ## mapgen vs Megatron-Bridge vs the hardware -> bench
 	$(PY) benchmarks/build_figures.py --targets $(BENCH_TARGETS) --json benchmarks/build_figures-$(STACK).json
 	$(PY) benchmarks/moe_memory.py --json benchmarks/moe_memory-$(STACK).json
 	$(PY) benchmarks/convert_throughput.py --json benchmarks/convert_throughput-$(STACK).json
+	$(PY) benchmarks/export_memory.py --json benchmarks/export_memory-$(STACK).json | tee benchmarks/export_memory-$(STACK).txt
 
 # build_figures: the dense targets (the MoE ones take minutes each under mypy; name them here to time them)
 BENCH_TARGETS ?= llama3_2_1b,llama3_1_8b,llama3_1_70b,qwen2_5_7b,qwen3_8b,llama3_2_1b_hybrid

@@ -108,6 +108,7 @@ RULES: Final[tuple[RulePlan, ...]] = (
         "decoder.layers.*.self_attention.linear_proj.weight",
         ("model.layers.*.self_attn.o_proj.weight",),
         ("hf",),
+        linear_weight=True,
     ),
     RulePlan(
         "decoder.layers.*.self_attention.linear_qkv.weight",
@@ -120,6 +121,7 @@ RULES: Final[tuple[RulePlan, ...]] = (
         ),
         ("q", "k", "v"),
         qkv=QKVGeometry(64, 8, 128, False),
+        linear_weight=True,
     ),
     RulePlan(
         "decoder.layers.*.mlp.linear_fc1.layer_norm_weight",
@@ -134,6 +136,7 @@ RULES: Final[tuple[RulePlan, ...]] = (
         "decoder.layers.*.mlp.linear_fc1.weight",
         ("model.layers.*.mlp.gate_proj.weight", "model.layers.*.mlp.up_proj.weight"),
         ("gate", "up"),
+        linear_weight=True,
     ),
     RulePlan(
         "decoder.layers.*.mlp.linear_fc2.weight",
@@ -141,6 +144,7 @@ RULES: Final[tuple[RulePlan, ...]] = (
         "decoder.layers.*.mlp.linear_fc2.weight",
         ("model.layers.*.mlp.down_proj.weight",),
         ("hf",),
+        linear_weight=True,
     ),
     RulePlan(
         "decoder.final_layernorm.weight",

@@ -108,6 +108,7 @@ RULES: Final[tuple[RulePlan, ...]] = (
         "decoder.layers.*.self_attention.linear_proj.weight",
         ("model.layers.*.self_attn.o_proj.weight",),
         ("hf",),
+        linear_weight=True,
     ),
     RulePlan(
         "decoder.layers.*.self_attention.linear_qkv.weight",
@@ -120,6 +121,7 @@ RULES: Final[tuple[RulePlan, ...]] = (
         ),
         ("q", "k", "v"),
         qkv=QKVGeometry(32, 8, 128, False),
+        linear_weight=True,
     ),
     RulePlan(
         "decoder.layers.*.pre_mlp_layernorm.weight",
@@ -144,6 +146,7 @@ RULES: Final[tuple[RulePlan, ...]] = (
             "model.layers.*.block_sparse_moe.experts.*.w3.weight",
         ),
         ("gate", "up"),
+        linear_weight=True,
     ),
     RulePlan(
         "decoder.layers.*.mlp.experts.linear_fc2.weight*",
@@ -151,6 +154,7 @@ RULES: Final[tuple[RulePlan, ...]] = (
         "decoder.layers.*.mlp.experts.linear_fc2.weight*",
         ("model.layers.*.block_sparse_moe.experts.*.w2.weight",),
         ("hf",),
+        linear_weight=True,
     ),
     RulePlan(
         "decoder.final_layernorm.weight",

@@ -165,3 +165,67 @@ def save_fails(module_path: str, hf_dir: str, layout: ParallelLayout, out_dir: s
             resource.setrlimit(resource.RLIMIT_FSIZE, limits)
             signal.signal(signal.SIGXFSZ, previous)
     return {"error": None, "seconds": time.perf_counter() - started}
+
+
+# --- weight sync (tests/test_weight_sync.py's one spawn) ----------------------------------------
+
+
+def _counting(work: Any) -> tuple[Any, dict[str, int]]:
+    """work()'s result and the calls of every torch.distributed collective it made."""
+    counts: dict[str, int] = {}
+    originals = {name: getattr(dist, name) for name in OBJECT_COLLECTIVES + TENSOR_COLLECTIVES + ("all_gather_into_tensor", "barrier")}
+
+    def wrap(name: str) -> Any:
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            counts[name] = counts.get(name, 0) + 1
+            return originals[name](*args, **kwargs)
+        return counted
+
+    for name in originals:
+        setattr(dist, name, wrap(name))
+    try:
+        result = work()
+    finally:
+        for name, function in originals.items():
+            setattr(dist, name, function)
+    return result, counts
+
+
+def export_local_pieces(module_path: str, hf_dir: str, layout: ParallelLayout) -> dict[str, Any]:
+    """Load, then this rank's gather-free pieces from a fresh Converter (so not even the
+    placement agreement has happened), counting collectives."""
+    module, chunks, ctx = _setup(module_path, layout)
+    drivers.load_hf_checkpoint(module, chunks, hf_dir, ctx)
+
+    def pieces() -> list[dict[str, Any]]:
+        converter = drivers.Converter(module, chunks, ctx)
+        return [
+            {"name": p.name, "expert": p.expert, "runs": p.runs, "data": p.data.clone(), "replicated": p.replicated,
+             "megatron": p.megatron_name, "piece": p.piece, "primary": p.primary}
+            for p in converter.export_local()
+        ]
+
+    found, counts = _counting(pieces)
+    return {"pieces": found, "counts": counts, "rank": dist.get_rank()}
+
+
+def export_formats(module_path: str, hf_dir: str, layout: ParallelLayout, options: list[dict[str, Any]]) -> dict[str, Any]:
+    """Load, then one streamed export per options (held Converter, small buckets): rank 0 returns
+    the tensors, every rank a digest of what it saw, and the collectives of each export."""
+    import hashlib
+
+    module, chunks, ctx = _setup(module_path, layout)
+    converter = drivers.Converter(module, chunks, ctx)
+    converter.load(hf_dir)
+    results: list[dict[str, Any]] = []
+    for kwargs in options:
+        def run() -> dict[str, torch.Tensor]:
+            return {name: tensor.clone() for name, tensor in converter.export(**kwargs)}
+        tensors, counts = _counting(run)
+        digest = hashlib.sha256()
+        for name, tensor in tensors.items():
+            digest.update(name.encode() + str(tensor.dtype).encode() + tensor.contiguous().view(torch.uint8).numpy().tobytes())
+        bound = converter.export_bound(**kwargs)
+        results.append({"tensors": tensors if dist.get_rank() == 0 else None, "digest": digest.hexdigest(),
+                        "counts": counts, "bound": bound})
+    return {"results": results, "rank": dist.get_rank()}

@@ -49,3 +49,12 @@ def test_convert_throughput_benchmark_runs(tmp_path: Path) -> None:
             times = row[direction]
             assert times["mapgen_s"] > 0 and times["baseline_s"] > 0
             assert times["ratio"] == pytest.approx(times["mapgen_s"] / times["baseline_s"], rel=0.02, abs=0.01)
+
+def test_export_memory_benchmark_runs(tmp_path: Path) -> None:
+    data = _run("export_memory.py", "--layers", "4", "--experts", "8", "--buckets", "1", "--formats", "bf16", out=tmp_path / "e.json")
+    assert isinstance(data, dict)
+    (ranks,) = data["rows"]  # one format, one bucket size: one pair of processes
+    assert len(ranks) == 2 and ranks[0]["params"] == 65
+    for row in ranks:
+        assert row["format"] == "bf16" and row["buckets"] >= 1 and row["bound_mib"] > 0
+        assert row["held_live_mib"] >= 0 and row["tensors"] == row["hf_tensors"]

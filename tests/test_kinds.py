@@ -220,8 +220,10 @@ def test_rules_table_follows_parameter_order_not_spec_order() -> None:
         "RulePlan('decoder.layers.*.self_attention.linear_qkv.weight', 'qkv', "
         "'decoder.layers.*.self_attention.linear_qkv.weight', ('model.layers.*.self_attn.q_proj.weight', "
         "'model.layers.*.self_attn.k_proj.weight', 'model.layers.*.self_attn.v_proj.weight'), ('q', 'k', 'v'), "
-        "qkv=QKVGeometry(4, 2, 2, False))"
+        "qkv=QKVGeometry(4, 2, 2, False), linear_weight=True)"
     )
+    # the embedding is no linear layer's weight: an FP8 checkpoint does not quantize it
+    assert _rule_literal(rules_used[0], mappings[0]).endswith("('hf',))")
 
 
 def test_every_kind_has_one_definition_with_roles_and_doc() -> None:

@@ -46,6 +46,11 @@ def inverse_permutation(dims: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(inverse)
 
 
+# megatron-core's weight buffers, by attribute name, that it keeps in float32 whatever the model's
+# dtype (the router's `expert_bias`, DeepSeek's `e_score_correction_bias`: registered float32)
+FLOAT32_BUFFERS = ("expert_bias",)
+
+
 def weight_buffers(model: Any) -> list[tuple[str, Any]]:
     """A Megatron model's persistent buffers that hold weights a checkpoint carries (the router's
     expert_bias), as (name, tensor)."""

@@ -58,6 +58,24 @@ class MegatronParam:
 class HFTensor:
     name: str
     shape: tuple[int, ...]
+    # the dtypes in which transformers keeps this tensor in float32 instead (its model class's
+    # `_keep_in_fp32_modules_strict`: bfloat16 and float16; `_keep_in_fp32_modules`: float16)
+    float32: tuple[str, ...] = ()
+
+
+def keep_float32(model: Any, name: str) -> tuple[str, ...]:
+    """The dtypes in which transformers loads tensor `name` of `model` in float32: its
+    `_keep_in_fp32_modules_strict` patterns in bfloat16 and float16, its `_keep_in_fp32_modules`
+    in float16 only, each matched as transformers' loader matches them (`re.search` of the
+    pattern with `*` read as `.*`, on the tensor's name)."""
+    found: list[str] = []
+    strict = sorted(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
+    loose = sorted(getattr(model, "_keep_in_fp32_modules", None) or ())
+    if any(re.search(pattern.replace("*", ".*"), name) for pattern in strict):
+        found += ["bfloat16", "float16"]
+    elif any(re.search(pattern.replace("*", ".*"), name) for pattern in loose):
+        found.append("float16")
+    return tuple(found)
 
 
 def megatron_inventory(dims: ModelDims, layout: str, model: str = "gpt") -> tuple[MegatronParam, ...]:
@@ -300,9 +318,9 @@ def hf_inventory(
         converted = sorted((n for n in on_disk if n not in group), key=_natural)
         for name in group:
             if name in on_disk:
-                found.append(HFTensor(name, on_disk[name]))
+                found.append(HFTensor(name, on_disk[name], keep_float32(model, name)))
             else:  # what the in-memory tensors became, where the first of them stood
-                found.extend(HFTensor(n, on_disk[n]) for n in converted)
+                found.extend(HFTensor(n, on_disk[n], keep_float32(model, n)) for n in converted)
                 converted = []
     return tuple(found)
 

@@ -9,6 +9,7 @@ the spec changes only the header's hash.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import jinja2
@@ -54,7 +55,9 @@ def rules_in_use(target: Target) -> list[Rule]:
     return list(dict.fromkeys(m.rule for m in target.mappings))
 
 
-def _rule_literal(rule: Rule, example: Mapping) -> str:
+def _rule_literal(rule: Rule, example: Mapping, rule_mappings: list[Mapping] | None = None) -> str:
+    """The rule's RulePlan literal; `linear_weight=True` when every parameter it produced
+    (`rule_mappings`, default the example alone) is the weight of a linear layer."""
     roles = tuple(s.role for s in example.hf)
     stacked = roles != tuple(role for role, _ in rule.hf)  # read through the rule's fused_hf
     patterns = (str(rule.fused_hf),) * len(roles) if stacked else tuple(str(p) for _, p in rule.hf)
@@ -64,7 +67,25 @@ def _rule_literal(rule: Rule, example: Mapping) -> str:
     if example.qkv is not None:
         g = example.qkv
         fields.append(f"qkv=QKVGeometry({g.heads}, {g.groups}, {g.head_dim}, {g.gate})")
+    if all(is_linear_weight(m) for m in rule_mappings or [example]):
+        fields.append("linear_weight=True")
     return f"RulePlan({', '.join(fields)})"
+
+
+_LINEAR_WEIGHT = re.compile(r"weight\d*")
+
+
+def is_linear_weight(m: Mapping) -> bool:
+    """The parameter is the weight of a linear layer (megatron-core's or TransformerEngine's
+    column, row, grouped or plain linear; `weight<E>` of a grouped one), not the output layer's:
+    the tensors an FP8 block-quantized checkpoint such as DeepSeek-V3's stores in e4m3 (not
+    embeddings, norms, the router or lm_head)."""
+    return (
+        m.module_kind.endswith("Linear")
+        and not m.megatron_name.startswith("output_layer.")
+        and _LINEAR_WEIGHT.fullmatch(m.megatron_name.rsplit(".", 1)[-1]) is not None
+        and all(len(s.shape) == 2 for s in m.hf)
+    )
 
 
 def _plan_literal(m: Mapping, rule_index: int, functions: FunctionPair) -> str:
@@ -79,8 +100,10 @@ def render(target: Target, header: list[str]) -> str:
     rules = rules_in_use(target)
     index = {rule: i for i, rule in enumerate(rules)}
     example: dict[Rule, Mapping] = {}
+    by_rule: dict[Rule, list[Mapping]] = {}
     for m in target.mappings:
         example.setdefault(m.rule, m)
+        by_rule.setdefault(m.rule, []).append(m)
     functions = [functions_of(m) for m in target.mappings]
     environment = jinja2.Environment(
         loader=jinja2.FunctionLoader(template_text),  # package data, or the checkout's templates/
@@ -107,10 +130,12 @@ def render(target: Target, header: list[str]) -> str:
         spec_path=repr(target.spec.path),
         config_path=repr(target.config.path),
         dims=[(name, repr(value)) for name, value in target.dims.as_literal_items()],
-        rules=[_rule_literal(rule, example[rule]) for rule in rules],
+        rules=[_rule_literal(rule, example[rule], by_rule[rule]) for rule in rules],
         functions=functions,
         plans=[_plan_literal(m, index[m.rule], f) for m, f in zip(target.mappings, functions)],
-        hf_tensors=[f"HFTensorPlan({t.name!r}, {t.shape!r})" for t in target.hf_tensors],
+        hf_tensors=[
+            f"HFTensorPlan({t.name!r}, {t.shape!r}" + (f", {t.float32!r})" if t.float32 else ")") for t in target.hf_tensors
+        ],
         ignored_hf=[(repr(prefix), repr(why)) for prefix, why in sorted(target.ignored_hf)],
         tied=[
             (repr("output_layer.weight"), repr("embedding.word_embeddings.weight"))

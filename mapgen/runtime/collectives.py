@@ -6,6 +6,9 @@ asks another for them. Inputs are contiguous (gloo's scatter/gather send wrong b
 
 from __future__ import annotations
 
+import time
+from typing import Any
+
 import torch
 import torch.distributed as dist
 
@@ -13,6 +16,30 @@ from mapgen.common.errors import MapgenError
 from mapgen.runtime.context import Group
 
 _MESSAGE_BYTES = 8192
+_RELEASE_WAIT_S = 1.0
+
+
+def _use_count(tensor: torch.Tensor) -> int:
+    """How many tensors reference `tensor`'s storage (torch's own count; 0 if unavailable)."""
+    counter: Any = getattr(torch._C, "_storage_Use_Count", None)
+    return int(counter(tensor.untyped_storage()._cdata)) if counter is not None else 0
+
+
+class _Released:
+    """Waits, after a collective on a gloo group, until gloo's worker thread has dropped its
+    references to the collective's tensors. The call returns once the work is marked done, and
+    the thread lets go of the work (and the tensors it holds) a moment later (about 60 us, longer
+    on a busy machine); a buffer freed in between would stay allocated until then, beside the
+    next bucket's. Bounded: at most a second, then it goes on."""
+
+    def __init__(self, group: Group, tensors: list[torch.Tensor]) -> None:
+        self.tensors = tensors if group.size > 1 and dist.get_backend(group.handle) == "gloo" else []
+        self.counts = [_use_count(t) for t in self.tensors]
+
+    def wait(self) -> None:
+        deadline = time.monotonic() + _RELEASE_WAIT_S
+        while any(_use_count(t) > c for t, c in zip(self.tensors, self.counts)) and time.monotonic() < deadline:
+            time.sleep(0)
 
 
 def all_gather_coalesced(group: Group, tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
@@ -23,7 +50,10 @@ def all_gather_coalesced(group: Group, tensors: list[torch.Tensor]) -> list[list
         return [[t] for t in tensors]
     flat = torch.cat([t.reshape(-1) for t in tensors])
     gathered = [torch.empty_like(flat) for _ in range(group.size)]
+    released = _Released(group, [flat, *gathered])
     dist.all_gather(gathered, flat, group=group.handle)
+    released.wait()
+    del flat, released
     sizes = [t.numel() for t in tensors]
     per_rank = [torch.split(part, sizes) for part in gathered]
     return [
@@ -32,28 +62,25 @@ def all_gather_coalesced(group: Group, tensors: list[torch.Tensor]) -> list[list
     ]
 
 
-def broadcast_coalesced(
-    group: Group,
-    source: int,
-    tensors: list[torch.Tensor] | None,
-    shapes: list[tuple[int, ...]],
-    dtype: torch.dtype,
-) -> list[torch.Tensor]:
-    """`tensors` (given on group rank `source`) on every rank of the group, in one broadcast."""
-    if group.size == 1:
-        assert tensors is not None
-        return tensors
-    sizes = [int(torch.Size(shape).numel()) for shape in shapes]
-    if group.rank == source:
-        assert tensors is not None
-        flat = torch.cat([t.reshape(-1).to(dtype) for t in tensors])
-    else:
-        flat = torch.empty(sum(sizes), dtype=dtype)
-    dist.broadcast(flat, src=dist.get_global_rank(group.handle, source), group=group.handle)
-    if group.rank == source:
-        assert tensors is not None
-        return tensors
-    return [part.view(shape) for part, shape in zip(torch.split(flat, sizes), shapes)]
+def all_gather_slots(group: Group, flat: torch.Tensor, start: int, slot: int) -> None:
+    """Fill `flat[start + r * slot : start + (r + 1) * slot]` on every rank r of the group with
+    rank r's own values there, in one all_gather and in place (each rank's slot is its input and
+    the slots are the outputs: no copy of the input is made)."""
+    if group.size == 1 or slot == 0:
+        return
+    released = _Released(group, [flat])
+    slots = [flat.narrow(0, start + rank * slot, slot) for rank in range(group.size)]
+    dist.all_gather(slots, slots[group.rank], group=group.handle)
+    del slots
+    released.wait()
+
+
+def broadcast_flat(group: Group, source: int, flat: torch.Tensor) -> None:
+    """`flat` of group rank `source` into `flat` of every rank of the group, in place."""
+    if group.size > 1:
+        released = _Released(group, [flat])
+        dist.broadcast(flat, src=dist.get_global_rank(group.handle, source), group=group.handle)
+        released.wait()
 
 
 class RankError(MapgenError):

@@ -15,7 +15,7 @@ import re
 import shutil
 import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import ModuleType
@@ -26,8 +26,8 @@ from safetensors.torch import save_file
 
 from mapgen.common.errors import MapgenError
 from mapgen.common.layout import stacked_slice, weight_buffers
-from mapgen.runtime.checkpoint import HFCheckpoint
-from mapgen.runtime.collectives import agree_or_raise, all_gather_coalesced, broadcast_coalesced
+from mapgen.runtime.checkpoint import DTYPES, SCALE_SUFFIX, HFCheckpoint
+from mapgen.runtime.collectives import RankError, agree_or_raise
 from mapgen.runtime.context import Group, ParallelContext
 from mapgen.runtime.ownership import (
     Owner,
@@ -38,6 +38,24 @@ from mapgen.runtime.ownership import (
     param_owner,
 )
 from mapgen.runtime.plan import ExportFn, HFTensorPlan, ImportFn, Loader, ParamPlan
+from mapgen.runtime.sync import (
+    FP8,
+    BucketPlan,
+    DtypeArg,
+    ExportBound,
+    ExportFormat,
+    FP8Arg,
+    LoadedFormat,
+    LocalPiece,
+    as_dtype,
+    config_dtype,
+    fp8_grid,
+    hf_order as hf_order,  # re-exported: where an HF name stands in HF order
+    local_pieces,
+    plan_buckets,
+    resolve_format,
+    stream_export,
+)
 from mapgen.runtime.vocab import VOCAB_PARAMS, padded_block, padded_rows_problem
 
 DEFAULT_BUCKET_BYTES = 256 * 2**20
@@ -59,12 +77,6 @@ def _unwrap(chunk: Any) -> Any:
     while hasattr(chunk, "module") and not hasattr(chunk, "decoder"):
         chunk = chunk.module
     return chunk
-
-
-def hf_order(position: dict[str, int], name: str) -> tuple[int, int]:
-    """Where an HF name (or a slice of a stacked tensor) stands in the module's HF order."""
-    base, index = stacked_slice(name)
-    return position[base], -1 if index is None else index
 
 
 def num_experts(module: Module) -> int:
@@ -302,17 +314,9 @@ class Converter:
         self.placement, found = place(module, chunks, self.ctx, make_vocab_size_divisible_by)
         self._problems = _layout_problems(module, self.ctx) + found
         self._agreed = False
-        self._buckets: dict[int, list[tuple[Bucket, list[str]]]] = {}
-        self._hf_shapes = {t.name: t.shape for t in module.HF_TENSORS}
-        self._position = {t.name: i for i, t in enumerate(module.HF_TENSORS)}
-
-    def _shape(self, name: str) -> tuple[int, ...]:
-        base, index = stacked_slice(name)
-        shape = self._hf_shapes[base]
-        return shape if index is None else shape[1:]
-
-    def _order(self, name: str) -> tuple[int, int]:
-        return hf_order(self._position, name)
+        self._plans: dict[tuple[object, ...], tuple[list[BucketPlan], ExportBound]] = {}
+        self._formats: dict[tuple[object, ...], ExportFormat] = {}
+        self.loaded: LoadedFormat | None = None  # how the checkpoint `load` read stores each tensor
 
     def _agree(self, extra: list[str], what: str) -> None:
         """Every rank calls this at the same point; after one agreement the placement is known
@@ -339,6 +343,7 @@ class Converter:
         agree_or_raise(self._problems + problems, f"cannot load {hf_dir} into {module.TARGET}")
         self._agreed = True
         assert checkpoint is not None
+        self.loaded = _loaded_format(module, checkpoint)
         with torch.no_grad():
             for name, param in placement.local.items():
                 _import(module, name, self.ctx, checkpoint.get, param.data, name in placement.vocab)
@@ -348,50 +353,132 @@ class Converter:
         return len(placement.local) + len(placement.tied)
 
     def export(
-        self, *, bucket_bytes: int = DEFAULT_BUCKET_BYTES, all_stages: bool = True
+        self,
+        *,
+        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+        all_stages: bool = True,
+        dtype: DtypeArg = None,
+        keep_float32: Iterable[str] | None = None,
+        fp8: FP8Arg = None,
     ) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield (HF name, full tensor) for the whole model in HF order.
+        """Yield (HF name, full tensor) for the whole model in HF order (at EP > 1, a bucket
+        holds one local expert index of every EP rank, so experts come bucket by bucket).
 
-        Where no layout change is needed (TP 1, a replicated parameter), a yielded tensor is a
-        view of the model's own parameter: copy it if you keep it past the next optimizer step.
+        Where no layout change or cast is needed (TP 1, a replicated parameter), a yielded tensor
+        may be a view of the model's own parameter: copy it if you keep it past the next
+        optimizer step.
 
-        Parameters are gathered over TP (expert-TP) in coalesced buckets of up to
-        `bucket_bytes`; with `all_stages`, each bucket is broadcast from the pipeline stage that
-        owns it, so every rank sees the whole model; without, each stage yields what it owns."""
+        `dtype`: None writes each tensor as the model holds it; a floating dtype
+        (torch.bfloat16, "bfloat16", ...) casts every tensor to it except those the HF model
+        keeps in float32 (transformers' `_keep_in_fp32_modules_strict`, DeepSeek-V3's router
+        `gate.weight` and `e_score_correction_bias`, and what megatron-core keeps in a float32
+        buffer), which stay float32; `keep_float32` names the tensors to keep instead (() casts
+        all). "checkpoint" writes each tensor as the checkpoint `load` read stores it (its dtype;
+        FP8 block-quantized where it was, in its block size).
+
+        `fp8`: True (DeepSeek-V3's format: e4m3 weights, a float32 `<name>_scale_inv` per
+        128 x 128 block, yielded right after its weight), a block size (rows, cols), or a
+        config.json `quantization_config` (its `weight_block_size` and `modules_to_not_convert`
+        are honoured). It quantizes the weights of linear layers (attention and MLP projections,
+        experts), not embeddings, norms, the router or lm_head, as the published checkpoint does.
+
+        Memory: the export holds at most one bucket (`bucket_bytes`: the gathered shards, the
+        HF tensors in the export format and the collectives' buffers of a run of parameters; a
+        parameter that alone needs more travels alone) plus one parameter's temporaries and the
+        last tensor yielded: `export_bound` gives the figure. Parameters are gathered over TP
+        (expert-TP) and EP in coalesced buckets; with `all_stages`, each bucket is broadcast from
+        the pipeline stage that owns it, so every rank sees the whole model; without, each stage
+        yields what it owns."""
         self._agree([], f"cannot export with {self.module.TARGET}")
-        ctx, placement = self.ctx, self.placement
-        stacking: dict[str, dict[int, torch.Tensor]] = {}  # stacked-experts tensors in progress
+        fmt = self._format(dtype, keep_float32, fp8)
+        buckets, _ = self._bucket_plan(bucket_bytes, all_stages, fmt)
         with torch.no_grad():
-            for bucket, names in self._bucket_plan(bucket_bytes):
-                tensors: list[torch.Tensor] | None = None
-                if bucket.owner == ctx.pp.rank:
-                    produced = _export_bucket(self.module, bucket.plans, placement, ctx)
-                    tensors = [produced[n] for n in names]
-                elif not all_stages:
-                    continue
-                if all_stages:
-                    shapes = [self._shape(n) for n in names]
-                    tensors = broadcast_coalesced(ctx.pp, bucket.owner, tensors, shapes, placement.dtype)
-                assert tensors is not None
-                for name, tensor in zip(names, tensors):
-                    base, index = stacked_slice(name)
-                    if index is None:
-                        yield name, tensor
-                        continue
-                    pieces = stacking.setdefault(base, {})
-                    pieces[index] = tensor
-                    if len(pieces) == self._hf_shapes[base][0]:  # every expert's slice is here
-                        del stacking[base]
-                        yield base, torch.stack([pieces[i] for i in range(len(pieces))])
+            yield from stream_export(self.module, buckets, self.placement, self.ctx, fmt, all_stages)
 
-    def _bucket_plan(self, bucket_bytes: int) -> list[tuple[Bucket, list[str]]]:
-        if bucket_bytes not in self._buckets:
-            element_size = torch.empty((), dtype=self.placement.dtype).element_size()
-            self._buckets[bucket_bytes] = [
-                (bucket, sorted((n for p in bucket.plans for n in p.hf_names), key=self._order))
-                for bucket in _buckets(self.module, self.placement, bucket_bytes, element_size)
-            ]
-        return self._buckets[bucket_bytes]
+    def export_bound(
+        self,
+        *,
+        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+        all_stages: bool = True,
+        dtype: DtypeArg = None,
+        keep_float32: Iterable[str] | None = None,
+        fp8: FP8Arg = None,
+    ) -> ExportBound:
+        """The most memory `export` with these arguments holds beyond the model at any moment
+        (bytes, `.total`), from its static plan; no collective."""
+        fmt = self._format(dtype, keep_float32, fp8)
+        return self._bucket_plan(bucket_bytes, all_stages, fmt)[1]
+
+    def export_format(
+        self, *, dtype: DtypeArg = None, keep_float32: Iterable[str] | None = None, fp8: FP8Arg = None
+    ) -> ExportFormat:
+        """What `export` writes for each HF tensor with these arguments: its dtype, and which are
+        FP8 block-quantized (with the block size and the quantization_config a saved config.json
+        carries)."""
+        return self._format(dtype, keep_float32, fp8)
+
+    def export_local(
+        self, *, dtype: DtypeArg = None, keep_float32: Iterable[str] | None = None
+    ) -> Iterator[LocalPiece]:
+        """Yield this rank's own pieces of the HF tensors, in HF order, without any collective:
+        each a `LocalPiece` with the HF tensor's name, the expert's index for a stacked-experts
+        tensor, the runs of indices it covers per dimension (`piece.runs`), the values there in
+        HF layout (`data`: interleaved kinds such as qkv and gated_mlp are taken apart on this
+        rank), whether every rank of its TP (expert-TP) group holds the same piece
+        (`replicated`) and whether this rank is the one to take it from (`primary`: not
+        replicated, or group rank 0). A consumer scatters them into its own buffers
+        (`mapgen.runtime.sync.scatter`). Across the ranks of one data-parallel replica, the
+        primary pieces cover every HF tensor exactly once. No FP8 (a block may span ranks); `dtype` as in
+        `export`. A model that does not match the module raises here, on this rank only."""
+        if not self._agreed and self._problems:
+            raise RankError(f"cannot export with {self.module.TARGET} on this rank:\n  " + "\n  ".join(self._problems))
+        fmt = self._format(dtype, keep_float32, None)
+        yield from local_pieces(self.module, self.placement, self.ctx, fmt)
+
+    def _format(self, dtype: DtypeArg, keep_float32: Iterable[str] | None, fp8: FP8Arg) -> ExportFormat:
+        keep = keep_float32 if keep_float32 is None or isinstance(keep_float32, str) else tuple(sorted(keep_float32))
+        key = (repr(dtype), repr(keep), repr(fp8), id(self.loaded))
+        if key not in self._formats:
+            self._formats[key] = resolve_format(
+                self.module, self.placement.dtype, dtype=dtype, keep_float32=keep, fp8=fp8, loaded=self.loaded
+            )
+        return self._formats[key]
+
+    def _bucket_plan(self, bucket_bytes: int, all_stages: bool, fmt: ExportFormat) -> tuple[list[BucketPlan], ExportBound]:
+        if isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, int) or bucket_bytes < 1:
+            raise ValueError(f"bucket_bytes must be a positive integer, not {bucket_bytes!r}")
+        key = (bucket_bytes, all_stages, fmt.key)
+        if key not in self._plans:
+            self._plans[key] = plan_buckets(self.module, self.placement, self.ctx, fmt, bucket_bytes, all_stages)
+        return self._plans[key]
+
+
+def _loaded_format(module: Module, checkpoint: HFCheckpoint) -> LoadedFormat:
+    """How `checkpoint` stores the module's HF tensors."""
+    dtypes: dict[str, torch.dtype] = {}
+    quantized: set[str] = set()
+    for tensor in module.HF_TENSORS:
+        if tensor.name not in checkpoint:
+            continue
+        stored = DTYPES.get(checkpoint.dtype(tensor.name))
+        if stored is not None:
+            dtypes[tensor.name] = stored
+        if checkpoint.quantized(tensor.name):
+            quantized.add(tensor.name)
+    config: dict[str, Any] = {}
+    try:
+        loaded_config = json.loads((checkpoint.folder / "config.json").read_text())
+        config = loaded_config if isinstance(loaded_config, dict) else {}
+    except (OSError, ValueError):
+        pass
+    quantization = config.get("quantization_config")
+    return LoadedFormat(
+        dtypes,
+        frozenset(quantized),
+        checkpoint.block_size if quantized else None,
+        dict(quantization) if isinstance(quantization, dict) and quantized else None,
+        config_dtype(config),
+    )
 
 
 def _import(module: Module, name: str, ctx: ParallelContext, load: Loader, out: torch.Tensor, vocab: bool) -> None:
@@ -453,7 +540,11 @@ def checkpoint_problems(module: Module, checkpoint: HFCheckpoint) -> list[str]:
 
 def _checkpoint_problems(module: Module, checkpoint: HFCheckpoint, placement: Placement) -> list[str]:
     """`checkpoint_problems`, and the dtype of each tensor this rank loads against the tensor it
-    loads into (an FP8 block-quantized weight is dequantized, so any model dtype)."""
+    loads into: the same dtype, or one that converts to it exactly (bfloat16 or float16 into a
+    float32 model: a checkpoint published in bfloat16, trained in float32). An FP8
+    block-quantized weight is dequantized, so any model dtype; a tensor the HF model keeps in
+    float32 (`HFTensorPlan.float32`, transformers' `_keep_in_fp32_modules_strict`) may be
+    float32 whatever the model's dtype, as transformers and mapgen's own export write it."""
     problems = checkpoint_problems(module, checkpoint)
     plans = {p.megatron_name: p for p in module.PARAMS}
     into = {stacked_slice(n)[0]: t.dtype for name, t in placement.local.items() for n in plans[name].hf_names}
@@ -462,51 +553,14 @@ def _checkpoint_problems(module: Module, checkpoint: HFCheckpoint, placement: Pl
         if expected is None or tensor.name not in checkpoint or checkpoint.quantized(tensor.name):
             continue
         stored = checkpoint.dtype(tensor.name)
+        if stored == "F32" and tensor.float32:
+            continue
+        if expected == torch.float32 and stored in ("BF16", "F16"):
+            continue
         if stored != _SAFETENSORS_DTYPES.get(expected, stored):
             model_dtype = str(expected).removeprefix("torch.")
             problems.append(f"tensor '{tensor.name}' is {stored}, the model is {model_dtype} ({checkpoint.file(tensor.name)})")
     return problems
-
-
-@dataclass(frozen=True)
-class Bucket:
-    owner: int  # pp rank
-    plans: tuple[ParamPlan, ...]
-
-
-def _units(module: Module, placement: Placement) -> list[tuple[ParamPlan, ...]]:
-    """What export moves together, in HF order: each parameter alone, except expert
-    parameters: those of one MoE layer at the same local index on every EP rank form one unit,
-    so that every EP rank contributes alike to the unit's gather."""
-    assert placement.expert_ranks is not None
-    position = {t.name: i for i, t in enumerate(module.HF_TENSORS)}
-    units: dict[tuple[object, ...], list[ParamPlan]] = {}
-    for plan in module.PARAMS:
-        if plan.expert is None:
-            key: tuple[object, ...] = (plan.megatron_name,)
-        else:
-            key = (plan.layer, placement.expert_ranks[plan.megatron_name][1])
-        units.setdefault(key, []).append(plan)
-    return sorted((tuple(u) for u in units.values()), key=lambda u: min(hf_order(position, n) for p in u for n in p.hf_names))
-
-
-def _buckets(module: Module, placement: Placement, bucket_bytes: int, element_size: int) -> list[Bucket]:
-    buckets: list[Bucket] = []
-    current: list[ParamPlan] = []
-    size = 0
-    owner = -1
-    for unit in _units(module, placement):
-        unit_owner = placement.owners[unit[0].megatron_name].pp_rank
-        nbytes = sum(int(torch.Size(p.shape).numel()) for p in unit) * element_size
-        if current and (unit_owner != owner or size + nbytes > bucket_bytes):
-            buckets.append(Bucket(owner, tuple(current)))
-            current, size = [], 0
-        current.extend(unit)
-        size += nbytes
-        owner = unit_owner
-    if current:
-        buckets.append(Bucket(owner, tuple(current)))
-    return buckets
 
 
 def export_hf_tensors(
@@ -517,42 +571,15 @@ def export_hf_tensors(
     bucket_bytes: int = DEFAULT_BUCKET_BYTES,
     all_stages: bool = True,
     make_vocab_size_divisible_by: int = 1,
+    dtype: DtypeArg = None,
+    keep_float32: Iterable[str] | None = None,
+    fp8: FP8Arg = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """`Converter(module, chunks, ctx, ...).export(...)`: see `Converter.export`."""
     converter = Converter(module, chunks, ctx, make_vocab_size_divisible_by=make_vocab_size_divisible_by)
-    return converter.export(bucket_bytes=bucket_bytes, all_stages=all_stages)
-
-
-def _export_bucket(
-    module: Module, plans: tuple[ParamPlan, ...], placement: Placement, ctx: ParallelContext
-) -> dict[str, torch.Tensor]:
-    """Every HF tensor of the bucket: shards gathered over TP (expert-TP), the export functions
-    applied, then expert tensors gathered over EP."""
-    mine = [p for p in plans if p.megatron_name in placement.local]
-    parts: dict[str, list[torch.Tensor]] = {}
-    for expert_parallel in (False, True):
-        group = ctx.etp if expert_parallel else ctx.tp
-        split = [p for p in mine if p.expert_parallel == expert_parallel and p.split_dim is not None]
-        gathered = all_gather_coalesced(group, [placement.local[p.megatron_name].detach() for p in split])
-        parts.update({p.megatron_name: g for p, g in zip(split, gathered)})
-    produced: dict[str, torch.Tensor] = {}
-    for plan in mine:
-        shards = parts.get(plan.megatron_name) or [placement.local[plan.megatron_name].detach()]
-        exported = module.EXPORTS[plan.megatron_name](shards)
-        if plan.megatron_name in placement.vocab:  # the HF rows, without Megatron's padding
-            exported = {n: t.narrow(0, 0, plan.shape[0]) for n, t in exported.items()}
-        produced.update(exported)
-    experts = [p for p in plans if p.expert is not None]
-    if ctx.ep.size > 1 and experts:
-        assert placement.expert_ranks is not None
-        by_rank: list[list[str]] = [[] for _ in range(ctx.ep.size)]
-        for plan in experts:
-            by_rank[placement.expert_ranks[plan.megatron_name][0]].extend(plan.hf_names)
-        gathered = all_gather_coalesced(ctx.ep, [produced[n] for n in by_rank[ctx.ep.rank]])
-        for index, copies in enumerate(gathered):
-            for rank, tensor in enumerate(copies):
-                produced[by_rank[rank][index]] = tensor
-    return produced
+    return converter.export(
+        bucket_bytes=bucket_bytes, all_stages=all_stages, dtype=dtype, keep_float32=keep_float32, fp8=fp8
+    )
 
 
 def save_hf_checkpoint(
@@ -566,8 +593,20 @@ def save_hf_checkpoint(
     writer_rank: int = 0,
     make_vocab_size_divisible_by: int = 1,
     overwrite: bool = False,
+    dtype: DtypeArg = None,
+    keep_float32: Iterable[str] | None = None,
+    fp8: FP8Arg = None,
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES,
 ) -> None:
     """Write an HF checkpoint directory (sharded safetensors, index, config.json) atomically.
+
+    `dtype`, `keep_float32` and `fp8` as in `Converter.export`, but `dtype="checkpoint"` means
+    the checkpoint `hf_config` describes: its declared dtype (`dtype` / `torch_dtype`; tensors
+    the HF model keeps in float32 stay float32) and, where its `quantization_config` says fp8,
+    DeepSeek-V3's FP8 format in its block size. The config.json written says what the files
+    hold: the export dtype (where the config names one) and, with FP8, the quantization_config
+    (the given one's fields kept); without FP8, an fp8 quantization_config is left out, the
+    weights being written dequantized.
 
     All ranks take part in the export; global rank `writer_rank` writes into a hidden temporary
     folder beside `out_dir` (`.NAME.partial-HOST-PID-XXXX`) and renames it into place only once
@@ -601,15 +640,29 @@ def save_hf_checkpoint(
             problems.append(_describe(exc))
     try:
         converter = Converter(module, chunks, ctx, make_vocab_size_divisible_by=make_vocab_size_divisible_by)
+        try:
+            if isinstance(dtype, str) and dtype == "checkpoint":
+                if keep_float32 is not None or fp8 is not None:
+                    raise ValueError("dtype='checkpoint' takes the config's own dtype and quantization: no fp8 or keep_float32")
+                quantization = hf_config.get("quantization_config") if isinstance(hf_config, dict) else None
+                declared = config_dtype(hf_config) if isinstance(hf_config, dict) else None
+                fp8 = quantization if isinstance(quantization, dict) and quantization.get("quant_method") == "fp8" else None
+                dtype = declared
+            fmt = converter.export_format(dtype=dtype, keep_float32=keep_float32, fp8=fp8)
+        except ValueError as exc:  # the same arguments on every rank: every rank raises alike
+            raise ValueError(f"save_hf_checkpoint: {exc}") from None
         converter._agree(problems, what)  # the target, the model and the layout: one agreement
-        element_size = converter.placement.dtype.itemsize
-        shards = _shard_plan(module, max_shard_bytes, element_size)
+        sizes = _written_sizes(module, fmt)
+        shards = _shard_plan(sizes, max_shard_bytes)
         remaining = {f: sum(1 for v in shards.values() if v == f) for f in set(shards.values())}
         pending: dict[str, dict[str, torch.Tensor]] = {f: {} for f in remaining}
         failed: dict[str, str] = {}  # file -> what went wrong writing it (the writer's)
         # every rank sees every tensor in the same order (all_stages), so every rank knows when
         # a file is complete: the writer writes it, then all agree on how that went
-        for name, tensor in converter.export():
+        exported = converter.export(
+            bucket_bytes=bucket_bytes, dtype=dtype, keep_float32=keep_float32, fp8=fp8
+        )
+        for name, tensor in exported:
             file = shards[name]
             if staging is not None and file not in failed:
                 try:
@@ -630,10 +683,10 @@ def save_hf_checkpoint(
         final: list[str] = []
         if staging is not None:
             try:
-                total = sum(int(torch.Size(t.shape).numel()) for t in module.HF_TENSORS) * element_size
-                index = {"metadata": {"total_size": total}, "weight_map": shards}
+                index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": shards}
                 (staging / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-                (staging / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+                written = _written_config(hf_config, fmt, dtype)
+                (staging / "config.json").write_text(json.dumps(written, indent=2) + "\n")
                 _move_into_place(staging, out, overwrite)
                 staging = None
             except Exception as exc:  # noqa: BLE001 - agreed on below
@@ -743,16 +796,47 @@ def remove_stale_partials(out_dir: str | Path) -> list[Path]:
     return removed
 
 
-def _shard_plan(module: Module, max_shard_bytes: int, element_size: int) -> dict[str, str]:
-    """HF name -> file, filling files in HF order up to max_shard_bytes."""
+def _written_sizes(module: Module, fmt: ExportFormat) -> dict[str, int]:
+    """Bytes of every tensor a save writes, in HF order (a scale companion after its weight)."""
+    sizes: dict[str, int] = {}
+    for tensor in module.HF_TENSORS:
+        shape = tuple(tensor.shape)
+        if tensor.name in fmt.fp8:
+            sizes[tensor.name] = int(torch.Size(shape).numel()) * FP8.itemsize
+            rows, cols = fp8_grid(shape, fmt.block)
+            sizes[tensor.name + SCALE_SUFFIX] = rows * cols * torch.float32.itemsize
+        else:
+            sizes[tensor.name] = int(torch.Size(shape).numel()) * fmt.dtypes[tensor.name].itemsize
+    return sizes
+
+
+def _written_config(hf_config: dict[str, Any], fmt: ExportFormat, dtype: DtypeArg) -> dict[str, Any]:
+    """config.json as saved: the export dtype where the config declares one, the FP8
+    quantization_config with FP8 weights, none claiming FP8 without them."""
+    written = dict(hf_config)
+    if fmt.quantization_config is not None:
+        written["quantization_config"] = fmt.quantization_config
+    elif isinstance(written.get("quantization_config"), dict) and written["quantization_config"].get("quant_method") == "fp8":
+        del written["quantization_config"]
+    if dtype is not None and not (isinstance(dtype, str) and dtype == "checkpoint"):
+        name = str(as_dtype(dtype, "dtype")).removeprefix("torch.")
+        for key in ("dtype", "torch_dtype"):
+            if key in written:
+                written[key] = name
+    return written
+
+
+def _shard_plan(sizes: dict[str, int], max_shard_bytes: int) -> dict[str, str]:
+    """Tensor name -> file, filling files in order up to max_shard_bytes; a scale companion
+    goes in its weight's file."""
     groups: list[list[str]] = [[]]
     size = 0
-    for tensor in module.HF_TENSORS:
-        nbytes = int(torch.Size(tensor.shape).numel()) * element_size
-        if groups[-1] and size + nbytes > max_shard_bytes:
+    for name, nbytes in sizes.items():
+        companion = name.endswith(SCALE_SUFFIX) and name[: -len(SCALE_SUFFIX)] in sizes
+        if groups[-1] and size + nbytes > max_shard_bytes and not companion:
             groups.append([])
             size = 0
-        groups[-1].append(tensor.name)
+        groups[-1].append(name)
         size += nbytes
     total = len(groups)
     return {

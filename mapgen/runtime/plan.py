@@ -38,6 +38,9 @@ class RulePlan:
     roles: tuple[str, ...]  # "gate_up" is a stacked-experts slice holding [gate; up]
     permute_dims: tuple[int, ...] | None = None
     qkv: QKVGeometry | None = None
+    # every parameter of the rule is the weight of a linear layer (not the output layer): what
+    # an FP8 block-quantized checkpoint (DeepSeek-V3's) quantizes
+    linear_weight: bool = False
 
 
 @dataclass(frozen=True)
@@ -62,3 +65,6 @@ class ParamPlan:
 class HFTensorPlan:
     name: str
     shape: tuple[int, ...]
+    # the export dtypes in which the HF model keeps this tensor in float32 instead (transformers'
+    # `_keep_in_fp32_modules_strict`: bfloat16 and float16; `_keep_in_fp32_modules`: float16)
+    float32: tuple[str, ...] = ()

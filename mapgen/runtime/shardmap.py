@@ -472,6 +472,20 @@ def _pieces(
     return (piece(0, per_dim),)
 
 
+def shard_pieces(
+    rule: RulePlan,
+    plan: ParamPlan,
+    hf_shapes: dict[str, tuple[int, ...]],
+    rank: int,
+    ranks: int,
+    vocab_rows: Run | None = None,
+) -> tuple[HFPiece, ...]:
+    """The HF coordinates of TP (expert-TP) rank `rank`'s shard of `plan`, one piece per HF
+    tensor it reads, in the rule's role order. `vocab_rows`: the HF rows a padded vocabulary
+    parameter's shard holds (its pad rows have none)."""
+    return _pieces(rule.kind, rule, plan, hf_shapes, rank, ranks, vocab_rows)
+
+
 def _split_name(plan: ParamPlan) -> str:
     return {None: "replicated", 0: "column"}.get(plan.split_dim, "row")
 
