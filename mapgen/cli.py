@@ -370,6 +370,8 @@ def standin(
     for folder in created:
         err.print(f"created folder {folder}", markup=False)
     err.print(f"wrote a tiny {dtype} stand-in of {config} (vocabulary {vocab_size}) to {out_dir}", markup=False)
+    if mxfp4_twin is not None:
+        err.print(f"stored its expert weights in MXFP4; its dequantized twin is in {mxfp4_twin}", markup=False)
 
 
 def _mxfp4_standin(config: Path, out: Path, twin: Path) -> None:
