@@ -118,6 +118,10 @@ class Kind:
     permutable: ClassVar[bool] = False  # takes `permute_dims`
     extra_keys: ClassVar[tuple[str, ...]] = ()  # rule keys only this kind takes (all required)
     merges_heads: ClassVar[bool] = False  # needs a QKVGeometry (`geometry`)
+    # the role of one HF tensor that holds every role's rows one after another along dim 0,
+    # which the spec names with a single `hf:` pattern (gated_mlp: gate_up = [gate; up]); "" if
+    # the kind has no such form
+    one_tensor_role: ClassVar[str] = ""
     fixed_split: ClassVar[str] = ""  # the TP split of a kind that implies one; auto decides per parameter
 
     def __str__(self) -> str:
@@ -393,10 +397,12 @@ class GatedMLP(Kind):
     name = "gated_mlp"
     roles = ("gate", "up")
     stacked_roles = ("gate_up",)  # one slice of a stacked [E, 2I, H] tensor: [gate; up]
+    one_tensor_role = "gate_up"  # one fused [2I, H] tensor, [gate; up] (Phi-3's gate_up_proj)
     doc = (
         "Import: rank r holds [gate_r; up_r], the r-th TP blocks of each. Export: gather, "
         "split every rank's block in halves, concatenate the gate halves and the up halves. "
-        "A stacked-experts checkpoint gives one [gate; up] slice per expert instead."
+        "One HF tensor [gate; up] (a single hf pattern, or a stacked-experts checkpoint's slice "
+        "per expert) is halved along dim 0 on import and joined back on export."
     )
     fixed_split = "column"
 
@@ -416,6 +422,8 @@ class GatedMLP(Kind):
 
     def export_expr(self, m: Mapping) -> str:
         if len(m.hf) == 1:
+            if m.hf[0].expert_slice is None:  # one fused [gate; up] tensor
+                return _one_output(m, "rt.fused_gated_mlp_export(parts)")
             return _one_output(m, "rt.stacked_gated_mlp_export(parts)")
         return _outputs(m, "rt.gated_mlp_export(parts)")
 

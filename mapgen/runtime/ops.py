@@ -175,12 +175,19 @@ def gated_mlp_export(parts: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch
 
 
 def halves(stacked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[gate; up] -> (gate, up), as views: one expert's slice of a stacked gate_up tensor."""
+    """[gate; up] -> (gate, up), as views: one fused gate_up tensor (Phi-3's gate_up_proj), or
+    one expert's slice of a stacked gate_up tensor."""
     gate, up = stacked.chunk(2, dim=0)
     return gate, up
 
 
 def stacked_gated_mlp_export(parts: Sequence[torch.Tensor]) -> torch.Tensor:
     """One expert's [gate; up] slice of a stacked gate_up tensor, from its expert-TP shards."""
+    gate, up = gated_mlp_export(parts)
+    return torch.cat([gate, up], dim=0)
+
+
+def fused_gated_mlp_export(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """One fused [gate; up] HF tensor (Phi-3's gate_up_proj), from its TP shards."""
     gate, up = gated_mlp_export(parts)
     return torch.cat([gate, up], dim=0)

@@ -451,7 +451,7 @@ def _pieces(
         rows_runs = [q, (q_total + kv[0], q_total + kv[1]), (q_total + kv_total + kv[0], q_total + kv_total + kv[1])]
         return (piece(0, [_merge(rows_runs), *_full(sources[0][3][1:])]),)
     if kind == "gated_mlp":
-        if len(sources) == 1:  # a stacked slice: [gate; up]
+        if len(sources) == 1:  # one [gate; up] tensor, or a stacked-experts slice of one
             shape = sources[0][3]
             half = shape[0] // 2
             start, stop = _block(half, rank, ranks)
