@@ -34,7 +34,7 @@ check: $(VENV)/.installed  ## fail with a diff if generated/ is stale
 test: $(VENV)/.installed  ## the whole test suite
 	$(PY) -m pytest -q
 
-TARGETS := llama3_2_1b llama3_1_8b llama3_1_70b qwen2_5_7b qwen3_8b
+TARGETS := llama3_2_1b llama3_1_8b llama3_1_70b qwen2_5_7b qwen3_8b phi3_mini_4k
 LAYOUTS := "--tp 2 --dp 2" "--pp 2 --dp 2" "--tp 2 --pp 2" "--pp 2 --dp 2 --first-stage-layers 1" "--pp 2 --vpp 2 --dp 2"
 STANDINS := .standins
 
@@ -74,7 +74,7 @@ bench: $(VENV)/.installed  ## mapgen vs Megatron-Bridge vs the hardware -> bench
 	$(PY) benchmarks/export_memory.py --json benchmarks/export_memory-$(STACK).json | tee benchmarks/export_memory-$(STACK).txt
 
 # build_figures: the dense targets (the MoE ones take minutes each under mypy; name them here to time them)
-BENCH_TARGETS ?= llama3_2_1b,llama3_1_8b,llama3_1_70b,qwen2_5_7b,qwen3_8b,llama3_2_1b_hybrid
+BENCH_TARGETS ?= llama3_2_1b,llama3_1_8b,llama3_1_70b,qwen2_5_7b,qwen3_8b,llama3_2_1b_hybrid,phi3_mini_4k
 
 typecheck: $(VENV)/.installed
 	$(PY) -m mypy --strict mapgen generated

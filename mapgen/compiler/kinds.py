@@ -119,6 +119,10 @@ class Kind:
     interleavable: ClassVar[bool] = False  # takes `interleaved` (a fused tensor's parts alternate)
     extra_keys: ClassVar[tuple[str, ...]] = ()  # rule keys only this kind takes (all required)
     merges_heads: ClassVar[bool] = False  # needs a QKVGeometry (`geometry`)
+    # the role of one HF tensor that holds every role's rows one after another along dim 0,
+    # which the spec names with a single `hf:` pattern (gated_mlp: gate_up = [gate; up]); "" if
+    # the kind has no such form
+    one_tensor_role: ClassVar[str] = ""
     fixed_split: ClassVar[str] = ""  # the TP split of a kind that implies one; auto decides per parameter
 
     def __str__(self) -> str:
@@ -394,10 +398,12 @@ class GatedMLP(Kind):
     name = "gated_mlp"
     roles = ("gate", "up")
     stacked_roles = ("gate_up",)  # one slice of a stacked [E, 2I, H] tensor: [gate; up]
+    one_tensor_role = "gate_up"  # one fused [2I, H] tensor, [gate; up] (Phi-3's gate_up_proj)
     doc = (
         "Import: rank r holds [gate_r; up_r], the r-th TP blocks of each. Export: gather, "
         "split every rank's block in halves, concatenate the gate halves and the up halves. "
-        "A stacked-experts checkpoint gives one [gate; up] slice per expert instead; with "
+        "One HF tensor [gate; up] (a single hf pattern, or a stacked-experts checkpoint's slice "
+        "per expert) is halved along dim 0 on import and joined back on export; with "
         "`interleaved`, that fused tensor's rows alternate gate, up (gate rows 0, 2, ...), and "
         "`permute_dims` permutes it first (gpt-oss's [H, 2I] slices)."
     )
@@ -437,7 +443,7 @@ class GatedMLP(Kind):
 
     def export_expr(self, m: Mapping) -> str:
         if len(m.hf) == 1:
-            value = "rt.interleaved_gated_mlp_export(parts)" if m.rule.interleaved else "rt.stacked_gated_mlp_export(parts)"
+            value = "rt.interleaved_gated_mlp_export(parts)" if m.rule.interleaved else "rt.fused_gated_mlp_export(parts)"
             if m.permute_dims is not None:
                 value = f"rt.permute({value}, {inverse_permutation(m.permute_dims)!r})"
             return _one_output(m, value)

@@ -407,10 +407,14 @@ def _parse_hf(
             return None
         if expanded is None:
             expanded = [node.value]
+        if len(expanded) == 1 and len(roles) > 1 and kind.one_tensor_role:
+            # one tensor holding every role's rows in turn (gated_mlp: [gate; up])
+            roles = (kind.one_tensor_role,)
         if len(expanded) != len(roles):
+            one = f" or one {kind.one_tensor_role} tensor" if kind.one_tensor_role else ""
             errors.add(
                 node.loc,
-                f"kind '{kind}' takes {len(roles)} HF tensor(s) ({', '.join(roles)}), "
+                f"kind '{kind}' takes {len(roles)} HF tensor(s) ({', '.join(roles)}){one}, "
                 f"the pattern names {len(expanded)}",
             )
             return None

@@ -8,6 +8,7 @@ from mapgen.runtime.ops import (
     column_import,
     concat_qkv_export,
     concat_qkv_import,
+    fused_gated_mlp_export,
     gated_mlp_export,
     gated_mlp_import,
     halves,
@@ -19,7 +20,6 @@ from mapgen.runtime.ops import (
     reshape_import,
     row_export,
     row_import,
-    stacked_gated_mlp_export,
     whole_import,
 )
 from mapgen.common.layout import QKVGeometry
@@ -47,6 +47,7 @@ __all__ = [
     "column_import",
     "concat_qkv_export",
     "concat_qkv_import",
+    "fused_gated_mlp_export",
     "gated_mlp_export",
     "gated_mlp_import",
     "halves",
@@ -60,7 +61,6 @@ __all__ = [
     "reshape_import",
     "row_export",
     "row_import",
-    "stacked_gated_mlp_export",
     "whole_import",
     "zero_centered_from_hf",
     "zero_centered_to_hf",

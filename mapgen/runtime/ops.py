@@ -175,7 +175,8 @@ def gated_mlp_export(parts: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch
 
 
 def halves(stacked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[gate; up] -> (gate, up), as views: one expert's slice of a stacked gate_up tensor."""
+    """[gate; up] -> (gate, up), as views: one fused gate_up tensor (Phi-3's gate_up_proj), or
+    one expert's slice of a stacked gate_up tensor."""
     gate, up = stacked.chunk(2, dim=0)
     return gate, up
 
@@ -193,7 +194,8 @@ def interleaved_gated_mlp_export(parts: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack([gate, up], dim=1).reshape(2 * gate.shape[0], *gate.shape[1:])
 
 
-def stacked_gated_mlp_export(parts: Sequence[torch.Tensor]) -> torch.Tensor:
-    """One expert's [gate; up] slice of a stacked gate_up tensor, from its expert-TP shards."""
+def fused_gated_mlp_export(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """One HF tensor [gate; up] from its (expert-)TP shards: a fused gate_up tensor (Phi-3's
+    gate_up_proj), or one expert's slice of a stacked gate_up tensor."""
     gate, up = gated_mlp_export(parts)
     return torch.cat([gate, up], dim=0)

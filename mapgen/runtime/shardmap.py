@@ -451,7 +451,7 @@ def _pieces(
         rows_runs = [q, (q_total + kv[0], q_total + kv[1]), (q_total + kv_total + kv[0], q_total + kv_total + kv[1])]
         return (piece(0, [_merge(rows_runs), *_full(sources[0][3][1:])]),)
     if kind == "gated_mlp":
-        if len(sources) == 1:  # a stacked slice: [gate; up], or gate and up rows alternating
+        if len(sources) == 1:  # one [gate; up] tensor or a stacked-experts slice of one, or gate and up rows alternating
             shape = sources[0][3]
             rows_dim = 0 if rule.permute_dims is None else rule.permute_dims[0]  # the HF dim of Megatron's rows
             half = shape[rows_dim] // 2

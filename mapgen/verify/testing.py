@@ -169,6 +169,11 @@ def standin_config(fields: dict[str, Any], num_layers: int = 4, vocab_size: int 
         torch_dtype="float32",
     )
     tiny.pop("dtype", None)
+    if fields.get("pad_token_id") is not None:
+        # the published padding id is a row of the full vocabulary; dropped, the family's default
+        # may be that same id (Phi-3: 32000), which nn.Embedding refuses beyond the stand-in's
+        # rows. It marks the row training keeps at zero, which neither forward nor mapping reads.
+        tiny["pad_token_id"] = None
     if explicit_head_dim is not None:
         tiny["head_dim"] = 32 if explicit_head_dim != fields["hidden_size"] // heads else 16
     for key in ("max_window_layers",):
