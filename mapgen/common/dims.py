@@ -81,6 +81,26 @@ class ModelDims:
     qk_head_dim: int = 0  # the part of each query/key head without rope
     qk_pos_emb_head_dim: int = 0
     v_head_dim: int = 0
+    # a LLaVA model's vision tower (megatron-core's CLIPViTModel) and projector; the dims above
+    # are its language model's. None: no vision tower (every other model)
+    vision_num_layers: int | None = None  # the layers LLaVA uses (HF's vision_feature_layer)
+    vision_hidden_size: int = 0
+    vision_ffn_hidden_size: int = 0
+    vision_num_attention_heads: int = 0
+    vision_kv_channels: int = 0
+    vision_layernorm_epsilon: float = 1e-5
+    vision_activation: str = "quick_gelu"
+    vision_image_size: int = 0
+    vision_patch_size: int = 0
+    vision_num_channels: int = 3
+    drop_vision_class_token: bool = True
+    projector_activation: str = "gelu"
+    image_token_index: int = 0
+
+    @property
+    def vision(self) -> bool:
+        """Whether the model has a vision tower (a LLaVA model)."""
+        return self.vision_num_layers is not None
 
     @property
     def moe_layers(self) -> tuple[int, ...]:
@@ -127,6 +147,8 @@ class ModelDims:
             )
         if self.normalization not in ("RMSNorm", "LayerNorm"):
             found.append(("normalization", f"must be RMSNorm or LayerNorm, got {self.normalization!r}"))
+        if self.vision:
+            found += self._vision_problems()
         if self.activation not in ("silu", "gelu"):
             found.append(("activation", f"must be silu or gelu, got {self.activation!r}"))
         if self.params_dtype not in DTYPES:
@@ -158,6 +180,27 @@ class ModelDims:
                             f"is {value}, but megatron-core's llama3 rope scaling is fixed at {fixed}",
                         )
                     )
+        return found
+
+    def _vision_problems(self) -> list[tuple[str, str]]:
+        found: list[tuple[str, str]] = []
+        for name in (
+            "vision_num_layers", "vision_hidden_size", "vision_ffn_hidden_size", "vision_num_attention_heads",
+            "vision_kv_channels", "vision_image_size", "vision_patch_size", "vision_num_channels",
+            "vision_layernorm_epsilon",
+        ):
+            if getattr(self, name) <= 0:
+                found.append((name, f"must be positive, got {getattr(self, name)}"))
+        if (self.vision_num_layers or 0) > MAX_LAYERS:
+            found.append(("vision_num_layers", f"{self.vision_num_layers:,} is over mapgen's limit of {MAX_LAYERS:,} layers"))
+        if self.vision_patch_size > 0 and self.vision_image_size % self.vision_patch_size:
+            found.append(
+                ("vision_image_size", f"{self.vision_image_size} is no multiple of the patch size {self.vision_patch_size}")
+            )
+        if self.vision_activation not in ("quick_gelu", "gelu"):
+            found.append(("vision_activation", f"must be quick_gelu or gelu, got {self.vision_activation!r}"))
+        if self.projector_activation not in ("gelu",):
+            found.append(("projector_activation", f"must be gelu, got {self.projector_activation!r}"))
         return found
 
     def _moe_problems(self) -> list[tuple[str, str]]:
@@ -195,8 +238,23 @@ class ModelDims:
         return [(name, f"names layer(s) {', '.join(map(str, outside))}, outside 0..{self.num_layers - 1}")]
 
     def as_literal_items(self) -> list[tuple[str, Any]]:
-        return [(f.name, getattr(self, f.name)) for f in dataclasses.fields(self)]
+        """Every dim, but the vision tower's in a model without one (whose modules' DIMS stay
+        what they were before LLaVA)."""
+        return [
+            (f.name, getattr(self, f.name))
+            for f in dataclasses.fields(self)
+            if self.vision or f.name not in VISION_DIMS
+        ]
 
+
+VISION_DIMS = frozenset(
+    (
+        "vision_num_layers", "vision_hidden_size", "vision_ffn_hidden_size", "vision_num_attention_heads",
+        "vision_kv_channels", "vision_layernorm_epsilon", "vision_activation", "vision_image_size",
+        "vision_patch_size", "vision_num_channels", "drop_vision_class_token", "projector_activation",
+        "image_token_index",
+    )
+)
 
 DIM_FIELDS: dict[str, dataclasses.Field[Any]] = {f.name: f for f in dataclasses.fields(ModelDims)}
 REQUIRED_DIMS = tuple(

@@ -112,6 +112,8 @@ class Kind:
 
     name: ClassVar[str]
     roles: ClassVar[tuple[str, ...]] = ("hf",)
+    # further role sets a rule may give instead of `roles` (told apart by their count or keys)
+    alternative_roles: ClassVar[tuple[tuple[str, ...], ...]] = ()
     doc: ClassVar[str]
     # the roles when the checkpoint stacks the experts (the rule's `fused_hf`); () if it may not
     stacked_roles: ClassVar[tuple[str, ...]] = ()
@@ -119,6 +121,10 @@ class Kind:
     extra_keys: ClassVar[tuple[str, ...]] = ()  # rule keys only this kind takes (all required)
     merges_heads: ClassVar[bool] = False  # needs a QKVGeometry (`geometry`)
     fixed_split: ClassVar[str] = ""  # the TP split of a kind that implies one; auto decides per parameter
+
+    @property
+    def role_sets(self) -> tuple[tuple[str, ...], ...]:
+        return (self.roles, *self.alternative_roles)
 
     def __str__(self) -> str:
         return self.name
@@ -369,9 +375,24 @@ class VisionQKV(ConcatQKV):
     name = "vision_qkv"
     doc = (
         "concat_qkv for a vision encoder (multi-head: one group per head); the rule's heads "
-        "and head_dim give the encoder's sizes, which differ from the language model's."
+        "and head_dim give the encoder's sizes, which differ from the language model's. HF "
+        "holds one [Q; K; V] tensor, or three (q, k, v: CLIP's q_proj, k_proj, v_proj), merged "
+        "per head as qkv with as many groups as heads; weights and 1-D biases alike."
     )
     extra_keys = ("heads", "head_dim")
+    alternative_roles = (("q", "k", "v"),)
+
+    def import_expr(self, m: Mapping, group: str) -> str:
+        assert m.qkv is not None
+        if len(m.hf) == 3:
+            return f"rt.qkv_import({group}, {_loads(m)}, {_qkv_args(m.qkv)}, out=out)"
+        return super().import_expr(m, group)
+
+    def export_expr(self, m: Mapping) -> str:
+        assert m.qkv is not None
+        if len(m.hf) == 3:
+            return _outputs(m, f"rt.qkv_export(parts, {_qkv_args(m.qkv)})")
+        return super().export_expr(m)
 
     def geometry(self, rule: Rule, dims: ModelDims, config: HFConfig, errors: ErrorSink) -> QKVGeometry | None:
         from mapgen.compiler.config import evaluate_in_context, evaluate_reported

@@ -363,6 +363,7 @@ def _parse_hf(
     roles = kind.roles
     texts: list[tuple[str, str]] = []
     if isinstance(node.value, dict):
+        roles = next((r for r in kind.role_sets if set(r) == set(node.value)), roles)
         if set(node.value) != set(roles) or len(roles) == 1:
             errors.add(
                 node.loc,
@@ -387,6 +388,7 @@ def _parse_hf(
             return None
         if expanded is None:
             expanded = [node.value]
+        roles = next((r for r in kind.role_sets if len(r) == len(expanded)), roles)
         if len(expanded) != len(roles):
             errors.add(
                 node.loc,

@@ -444,7 +444,7 @@ def _pieces(
         q_rows = geometry.heads // geometry.groups * d * (2 if geometry.gate else 1)
         q = (first * q_rows, (first + count) * q_rows)
         kv = (first * d, (first + count) * d)
-        if kind in ("qkv", "kv"):
+        if kind in ("qkv", "kv") or len(sources) == 3:  # vision_qkv from CLIP's q, k, v too
             rows = {"q": q, "k": kv, "v": kv}
             return tuple(piece(i, [(rows[s[2]],), *_full(s[3][1:])]) for i, s in enumerate(sources))
         q_total, kv_total = geometry.heads * d, geometry.groups * d
