@@ -70,7 +70,7 @@ def standin_llava_config(fields: dict[str, Any], vocab_size: int = 128) -> dict[
         tie_word_embeddings=bool(fields.get("tie_word_embeddings", False)),
         vocab_size=vocab_size,
     )
-    out = tiny.to_dict()
+    out = tiny.to_diff_dict()
     out["dtype"] = "float32"
     return out
 

@@ -151,6 +151,10 @@ def standin_config(fields: dict[str, Any], num_layers: int = 4, vocab_size: int 
     problems = standin_problems(fields)
     if problems:
         raise ValueError("; ".join(problems))
+    if fields.get("model_type") == "llava":
+        from mapgen.verify.llava import standin_llava_config
+
+        return standin_llava_config(fields, vocab_size=vocab_size)
     dropped = ("quantization_config", "auto_map", "bos_token_id", "eos_token_id", "pad_token_id")
     tiny = {k: v for k, v in fields.items() if k not in dropped}
     heads = int(fields["num_attention_heads"])
@@ -218,9 +222,9 @@ def save_standin(
     import transformers
 
     if config_fields.get("model_type") == "llava":
-        from mapgen.verify.llava import save_llava_standin, standin_llava_config
+        from mapgen.verify.llava import save_llava_standin
 
-        tiny_llava = standin_llava_config(config_fields, vocab_size=vocab_size)
+        tiny_llava = standin_config(config_fields, vocab_size=vocab_size)
         tiny_llava.pop("model_type", None)
         return save_llava_standin(folder, seed, config=transformers.LlavaConfig(**tiny_llava), dtype=dtype)
     tiny = standin_config(config_fields, vocab_size=vocab_size)
