@@ -528,6 +528,8 @@ def shard_map(module: ModuleType, layout: ShardLayout, *, ranks: bool = True, na
         raise ShardMapError(f"layout {layout}: " + "; ".join(problems))
     if getattr(module, "MODEL", "gpt") == "hybrid" and layout.vpp > 1:
         raise ShardMapError("hybrid modules have no virtual pipeline stages in mapgen (megatron-core sets them with '|' in the layer pattern)")
+    if getattr(module, "MODEL", "gpt") == "llava" and layout.pp * layout.vpp > 1:
+        raise ShardMapError(f"{module.TARGET} is a LLaVAModel, supported without pipeline parallelism only (megatron-core puts its vision tower on the first stage)")
     vocab = {
         p.megatron_name for p in module.PARAMS
         if p.megatron_name in VOCAB_PARAMS and p.split_dim == 0 and p.shape[0] == module.DIMS.vocab_size

@@ -378,7 +378,8 @@ def run_job(job: Job) -> Result:
         if module.MODEL == "llava":  # an image and a prompt, not tokens alone
             from mapgen.verify.llava import run_llava_job
 
-            return run_llava_job(job, module, chunks, converter, original, result)
+            run_llava_job(job, module, chunks, converter, original, result)
+            return result
         input_ids = torch.randint(0, vocab, INPUT_SHAPE, generator=torch.Generator().manual_seed(7))
         logits = pipeline_logits(chunks, input_ids, ctx, module.DIMS.hidden_size)
         found = torch.zeros(4)  # max logit diff, max |pad logit|, tolerance, NaN seen (0/1)

@@ -70,7 +70,7 @@ def standin_llava_config(fields: dict[str, Any], vocab_size: int = 128) -> dict[
         tie_word_embeddings=bool(fields.get("tie_word_embeddings", False)),
         vocab_size=vocab_size,
     )
-    out = tiny.to_diff_dict()
+    out: dict[str, Any] = tiny.to_diff_dict()
     out["dtype"] = "float32"
     return out
 
@@ -102,8 +102,9 @@ def save_llava_standin(
     published names; returns the float32 model."""
     import transformers
 
+    llava: Any = transformers.LlavaForConditionalGeneration
     torch.manual_seed(seed)
-    model = transformers.LlavaForConditionalGeneration(config or tiny_llava_config()).float()
+    model = llava(config or tiny_llava_config()).float()
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "norm" in name or "layrnorm" in name:
@@ -112,7 +113,7 @@ def save_llava_standin(
                 param.copy_(torch.randn_like(param))
     saved = model
     if dtype != torch.float32:
-        saved = transformers.LlavaForConditionalGeneration(model.config).to(dtype)
+        saved = llava(model.config).to(dtype)
         saved.load_state_dict(model.state_dict())
         saved.config.dtype = dtype
     saved.eval()
@@ -126,7 +127,8 @@ def load_reference(folder: str | Path, dtype: torch.dtype) -> Any:
     (a published name transformers did not map would leave a randomly initialised weight)."""
     import transformers
 
-    model, info = transformers.LlavaForConditionalGeneration.from_pretrained(
+    llava: Any = transformers.LlavaForConditionalGeneration
+    model, info = llava.from_pretrained(
         str(folder), dtype=dtype, output_loading_info=True
     )
     missing = sorted(info.get("missing_keys") or [])
@@ -204,7 +206,7 @@ def llava_layout_problems(module: Any, layout: Any) -> list[str]:
     return found
 
 
-def run_llava_job(job: Any, module: Any, chunks: list[Any], converter: Any, original: Any, result: Any) -> Any:
+def run_llava_job(job: Any, module: Any, chunks: list[Any], converter: Any, original: Any, result: Any) -> None:
     """The rest of `jobs.run_job` for a LLaVAModel module (its model is built and imported):
     the three outputs against transformers, every rank agreeing on the verdict, then export."""
     from mapgen.verify.jobs import logit_tolerance, nonfinite_tensors, same_bits
@@ -247,4 +249,3 @@ def run_llava_job(job: Any, module: Any, chunks: list[Any], converter: Any, orig
     result.mismatched += sorted(
         f"{name} (in the checkpoint, never exported)" for name in missing if not name.startswith(ignored)
     )
-    return result
