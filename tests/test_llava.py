@@ -247,3 +247,29 @@ def test_image_and_prompt_against_transformers_at_tp1_and_tp2(standin: dict[str,
     assert bad.parts["vision features"] > 1e-3 and bad.parts["logits"] > 1e-3, bad.parts
     layer0 = f"{TOWER_PUBLISHED}encoder.layers.0.self_attn"
     assert sorted(bad.mismatched) == [f"{layer0}.k_proj.weight", f"{layer0}.q_proj.weight"]  # export undoes no swap
+
+
+@pytest.mark.parametrize(
+    ("hf", "roles"),
+    [
+        ("vision_tower.vision_model.encoder.layers.*.self_attn.{q,k,v}_proj.weight", ("q", "k", "v")),
+        ("{q: 'a.*.q.weight', k: 'a.*.k.weight', v: 'a.*.v.weight'}", ("q", "k", "v")),
+        ("vision_tower.vision_model.encoder.layers.*.self_attn.qkv.weight", ("hf",)),
+        ("vision_tower.vision_model.encoder.layers.*.self_attn.{q,k}_proj.weight", None),
+    ],
+    ids=["q-k-v", "q-k-v-mapping", "concatenated", "two"],
+)
+def test_vision_qkv_takes_one_concatenated_tensor_or_q_k_v(hf: str, roles: tuple[str, ...] | None) -> None:
+    from mapgen.common.errors import SpecError
+
+    text = SPEC.read_text().replace(
+        "hf: vision_tower.vision_model.encoder.layers.*.self_attn.{q,k,v}_proj.weight", f"hf: {hf}", 1
+    )
+    if roles is None:
+        with pytest.raises(SpecError) as raised:
+            parse_spec("llava.yaml", text)
+        assert any("kind 'vision_qkv' takes 1 HF tensor(s) (hf) or 3 HF tensor(s) (q, k, v), the pattern names 2" in m for m in raised.value.messages)
+        return
+    spec = parse_spec("llava.yaml", text)
+    (rule,) = [r for r in spec.rules if str(r.megatron) == "vision_model.decoder.layers.*.self_attention.linear_qkv.weight"]
+    assert tuple(role for role, _ in rule.hf) == roles

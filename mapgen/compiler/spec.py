@@ -392,8 +392,9 @@ def _parse_hf(
         if len(expanded) != len(roles):
             errors.add(
                 node.loc,
-                f"kind '{kind}' takes {len(roles)} HF tensor(s) ({', '.join(roles)}), "
-                f"the pattern names {len(expanded)}",
+                f"kind '{kind}' takes "
+                + " or ".join(f"{len(r)} HF tensor(s) ({', '.join(r)})" for r in kind.role_sets)
+                + f", the pattern names {len(expanded)}",
             )
             return None
         texts = list(zip(roles, expanded))
