@@ -374,10 +374,10 @@ class ConcatQKV(_Attention):
 class VisionQKV(ConcatQKV):
     name = "vision_qkv"
     doc = (
-        "concat_qkv for a vision encoder (multi-head: one group per head); the rule's heads "
-        "and head_dim give the encoder's sizes, which differ from the language model's. HF "
-        "holds one [Q; K; V] tensor, or three (q, k, v: CLIP's q_proj, k_proj, v_proj), merged "
-        "per head as qkv with as many groups as heads; weights and 1-D biases alike."
+        "qkv (three HF tensors q, k, v: CLIP's q_proj, k_proj, v_proj) or concat_qkv (one "
+        "[Q; K; V]) for a vision encoder, with as many query groups as heads; the rule's heads "
+        "and head_dim give the encoder's sizes, which differ from the language model's. "
+        "Weights and 1-D biases alike."
     )
     extra_keys = ("heads", "head_dim")
     alternative_roles = (("q", "k", "v"),)
