@@ -230,7 +230,8 @@ def growth_lines(rows: list[dict[str, Any]], releases: list[str]) -> list[str]:
                 f"parameter ratio {g['params_ratio']}): mapgen import {g['mapgen_import_s']}x, export held "
                 f"{g['mapgen_export_s']}x, cold {g['mapgen_export_cold_s']}x, local {g['mapgen_export_local_s']}x")
         for rel in releases:
-            line += f"; Bridge {rel} import {g[f'bridge_{rel}_import_s']}x, export {g[f'bridge_{rel}_export_s']}x"
+            imp, exp = (g[f"bridge_{rel}_{key}"] for key in ("import_s", "export_s"))
+            line += f"; Bridge {rel} import {'-' if imp is None else f'{imp}x'}, export {'-' if exp is None else f'{exp}x'}"
         out.append(line)
     return out
 
