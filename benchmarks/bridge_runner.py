@@ -1,10 +1,16 @@
-"""Time Megatron-Bridge 0.3.1's HF->Megatron import and Megatron->HF export on CPU/gloo.
+"""Time Megatron-Bridge's HF->Megatron import and Megatron->HF export on CPU/gloo, for
+Bridge 0.3.1 (.venv-bench: Python 3.11, megatron-core 0.16.1, transformers 4) and Bridge 0.6.2
+(.venv-bench062: Python 3.12, megatron-core 0.19.2, transformers 5.12.1); the same file runs in
+either venv.
 
 Run (after `bash benchmarks/bridge_setup.sh`; no torchrun):
 
-    .venv-bench/bin/python benchmarks/bridge_runner.py HF_DIR --tp N --pp N --repeat R
+    .venv-bench/bin/python benchmarks/bridge_runner.py HF_DIR [HF_DIR ...] --tp N --pp N --ep N --repeat R
+    .venv-bench062/bin/python benchmarks/bridge_runner.py HF_DIR [HF_DIR ...] ...
 
-It starts tp*pp processes (torch.multiprocessing, gloo, 127.0.0.1, a free port, one torch
+Models: a Llama (dense) or a Qwen3-MoE (experts as megatron-core's SequentialMLP, the local
+layer spec's experts, as mapgen's benchmark builds them; --ep N spreads them over N ranks).
+It starts tp*pp*ep processes (torch.multiprocessing, gloo, 127.0.0.1, a free port, one torch
 thread each, as mapgen's own benchmark does).  Each process initialises megatron-core's
 parallel_state, builds its pipeline stage of a megatron-core GPTModel with the *local* layer spec
 (matching the HF config: RMSNorm, SiLU, gated MLP, no linear biases, GQA), and then R times:
@@ -12,14 +18,22 @@ parallel_state, builds its pipeline stage of a megatron-core GPTModel with the *
 - import: `AutoBridge.load_hf_weights(model, HF_DIR)` (reads the safetensors files, converts and
   distributes every parameter);
 - export: iterates the whole `AutoBridge.export_hf_weights(model, cpu=True)` generator, keeping
-  every yielded tensor.
+  every yielded tensor; then again with `conversion_tasks=` the tasks of
+  `AutoBridge.get_conversion_tasks(model)` made once before the first export ("held": Bridge's
+  plan made once, as a held mapgen Converter holds its own), and, where Bridge has it (0.6.2),
+  with `weight_dtype=torch.bfloat16` (compared with the checkpoint cast to bf16).
 
 A time is the slowest rank's in a repeat, best over repeats (barrier before each timed phase).
-Rank 0 then compares every exported tensor with the checkpoint's safetensors bytes and counts
-mismatches (missing, extra, shape/dtype/value differences); they are reported, not fatal.
-stdout gets exactly one JSON line:
+Rank 0 then compares every exported tensor of each kind of export with the checkpoint's
+safetensors bytes and counts mismatches (missing, extra, shape/dtype/value differences); they
+are reported, not fatal.  At EP > 1 every rank also checks its imported experts' linear_fc2
+against the checkpoint's experts (`imported_expert_problems`).  An export that raises (Bridge
+0.3.1 at EP > 1 with SequentialMLP experts) is reported as `export_error`.
+stdout gets exactly one JSON line per checkpoint, in the order given:
 
-    {"import_s": ..., "export_s": ..., "tensors": N, "mismatched": M, "layout": "tp1pp1"}
+    {"import_s": ..., "export_s": ..., "export_held_s": ..., "export_bf16_s": ... or null,
+     "tensors": N, "mismatched": M, "layout": "tp1pp1ep1", "import_expert_mismatched": null,
+     "bridge": "0.6.2", "megatron_core": "0.19.2", "transformers": "5.12.1", "python": "3.12.1"}
 
 everything else (warnings, logs, details of mismatches) goes to stderr.
 
@@ -38,11 +52,15 @@ What is changed around Bridge, and why (nothing in Bridge's or megatron-core's f
    `torch.distributed.scatter` is wrapped to pass `.contiguous()` copies of the `scatter_list`
    entries (what NCCL users effectively get), so Bridge computes correct weights; the copies
    are part of the timed import.  `--no-scatter-fix` turns this off to reproduce the bug.
-4. Config: the checkpoint's config.json written by transformers 5 has `rope_parameters`;
-   transformers 4 (which Bridge 0.3.1 requires) reads `rope_theta`/`rope_scaling`.  The runner
-   passes Bridge a sanitized copy of the folder (config.json rewritten with both fields,
-   model files symlinked); the tensors are the same files.  Only RoPE settings differ, which
-   weight conversion does not use.
+4. Config (Bridge 0.3.1 only): the checkpoint's config.json written by transformers 5 has
+   `rope_parameters` and, for Qwen3-MoE, `num_local_experts`; transformers 4 (which Bridge 0.3.1
+   requires) reads `rope_theta`/`rope_scaling` and `num_experts` (without it, 128 experts).  The
+   runner passes Bridge 0.3.1 a sanitized copy of the folder (config.json rewritten with both
+   spellings, model files symlinked); the tensors are the same files.  Bridge 0.6.2 runs on
+   transformers 5 and gets the folder as written.
+5. MoE on CPU: megatron-core's router names TransformerEngine's gating GEMM without importing
+   it when TE is absent (`moe_utils.te_general_gemm`); it is set to None, megatron-core's own
+   "no TE" value, as mapgen's CPU preparation does.  Nothing runs a forward pass here.
 """
 
 from __future__ import annotations
@@ -78,8 +96,15 @@ def log(*parts: Any) -> None:
 
 
 def sanitized_hf_dir(hf_dir: Path, into: Path) -> Path:
-    """A copy of `hf_dir` whose config.json transformers 4 reads as written (see docstring 4)."""
+    """A copy of `hf_dir` whose config.json transformers 4 reads as written (see docstring 4);
+    `hf_dir` itself with transformers 5."""
+    import transformers
+
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        return hf_dir
     config = json.loads((hf_dir / "config.json").read_text())
+    if "num_local_experts" in config and config.get("model_type") == "qwen3_moe":
+        config.setdefault("num_experts", config["num_local_experts"])
     rope = config.get("rope_parameters")
     if isinstance(rope, dict):
         config.setdefault("rope_theta", rope.get("rope_theta", 10000.0))
@@ -109,6 +134,10 @@ def checkpoint_tensors(hf_dir: Path) -> dict[str, torch.Tensor]:
 
 def prepare_cpu_megatron() -> None:
     import megatron.core.tensor_parallel.random as mrandom
+    import megatron.core.transformer.moe.moe_utils as moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):  # docstring point 5
+        moe_utils.te_general_gemm = None
 
     torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment,return-value]
     if not torch.cuda.is_available():
@@ -131,7 +160,29 @@ def install_contiguous_scatter() -> None:
 # ---------------------------------------------------------------------------- model
 
 
-def build_model_chunk(hf_config: dict[str, Any], tp: int, pp: int) -> Any:
+def moe_config(hf_config: dict[str, Any], ep: int) -> dict[str, Any]:
+    """megatron-core's MoE fields for a Qwen3-MoE config (every layer MoE, no shared expert),
+    experts as SequentialMLP; {} for a dense model."""
+    experts = hf_config.get("num_local_experts", hf_config.get("num_experts"))
+    if hf_config.get("model_type") != "qwen3_moe":
+        return {}
+    if hf_config.get("mlp_only_layers") or hf_config.get("decoder_sparse_step", 1) != 1:
+        raise SystemExit("only Qwen3-MoE models whose every layer is MoE are supported")
+    return dict(
+        num_moe_experts=experts,
+        moe_ffn_hidden_size=hf_config["moe_intermediate_size"],
+        moe_router_topk=hf_config["num_experts_per_tok"],
+        moe_router_pre_softmax=not hf_config.get("norm_topk_prob", False),
+        moe_router_load_balancing_type="none",
+        moe_aux_loss_coeff=0.0,
+        moe_token_dispatcher_type="allgather",
+        moe_grouped_gemm=False,
+        moe_router_dtype="fp32",
+        expert_model_parallel_size=ep,
+    )
+
+
+def build_model_chunk(hf_config: dict[str, Any], tp: int, pp: int, ep: int = 1) -> Any:
     from megatron.core import parallel_state
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.models.gpt.gpt_model import GPTModel
@@ -142,7 +193,11 @@ def build_model_chunk(hf_config: dict[str, Any], tp: int, pp: int) -> Any:
     heads = hf_config["num_attention_heads"]
     rope = hf_config.get("rope_parameters") or hf_config.get("rope_scaling") or {}
     rope_theta = rope.get("rope_theta", hf_config.get("rope_theta", 10000.0))
+    moe = moe_config(hf_config, ep)
+    qk_layernorm = hf_config.get("model_type") in ("qwen3", "qwen3_moe")
     config = TransformerConfig(
+        **moe,
+        qk_layernorm=qk_layernorm,
         num_layers=hf_config["num_hidden_layers"],
         hidden_size=hf_config["hidden_size"],
         ffn_hidden_size=hf_config["intermediate_size"],
@@ -173,7 +228,8 @@ def build_model_chunk(hf_config: dict[str, Any], tp: int, pp: int) -> Any:
         warnings.simplefilter("ignore")
         return GPTModel(
             config,
-            get_gpt_layer_local_spec(normalization="RMSNorm"),
+            get_gpt_layer_local_spec(num_experts=moe.get("num_moe_experts"), moe_grouped_gemm=False,
+                                     qk_layernorm=qk_layernorm, normalization="RMSNorm"),
             vocab_size=hf_config["vocab_size"],
             max_sequence_length=hf_config.get("max_position_embeddings", 4096),
             pre_process=parallel_state.is_pipeline_first_stage(),
@@ -203,7 +259,125 @@ def compare(exported: dict[str, torch.Tensor], reference: dict[str, torch.Tensor
     return problems
 
 
-def worker(rank: int, world: int, port: int, args: argparse.Namespace, bridge_dir: str, results: Any) -> None:
+def imported_expert_problems(chunks: list[Any], hf_dir: Path, hf_config: dict[str, Any], args: argparse.Namespace) -> list[str]:
+    """At EP > 1: each of this rank's experts' linear_fc2 (a plain copy of the HF expert's
+    down_proj when TP is 1; a TP shard of its columns otherwise) against the checkpoint's bytes
+    of the expert with the global index EP rank * local experts + local index, the placement
+    megatron-core's SequentialMLP gives. An independent check of the import itself, which the
+    export comparison cannot give when the export fails or maps experts back the same wrong way."""
+    import re
+
+    from megatron.core import parallel_state
+
+    reference = checkpoint_tensors(hf_dir)
+    experts = hf_config.get("num_local_experts", hf_config.get("num_experts"))
+    local = experts // args.ep
+    ep_rank = parallel_state.get_expert_model_parallel_rank()
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    problems = []
+    pattern = re.compile(r"decoder\.layers\.(\d+)\.mlp\.experts\.local_experts\.(\d+)\.linear_fc2\.weight$")
+    for chunk in chunks:
+        for name, param in chunk.named_parameters():
+            match = pattern.search(name)
+            if match is None:
+                continue
+            layer = chunk.decoder.layers[int(match.group(1))].layer_number - 1
+            hf_name = f"model.layers.{layer}.mlp.experts.{ep_rank * local + int(match.group(2))}.down_proj.weight"
+            want = reference[hf_name].chunk(args.tp, dim=1)[tp_rank]
+            if not torch.equal(param.detach().contiguous().view(torch.uint8), want.contiguous().view(torch.uint8)):
+                problems.append(f"{name} (EP rank {ep_rank}) != {hf_name}")
+    return problems
+
+
+def run_case(rank: int, world: int, args: argparse.Namespace, hf_dir: Path, bridge_dir: str) -> dict[str, Any]:
+    """One checkpoint: the model built for it, --repeat imports and exports timed, rank 0's
+    result (other ranks: {})."""
+    from megatron.bridge import AutoBridge
+
+    load = [round(x, 2) for x in os.getloadavg()]  # the machine's load at the start of the case
+    hf_config = json.loads((hf_dir / "config.json").read_text())
+    chunks = [build_model_chunk(hf_config, args.tp, args.pp, args.ep)]
+    bridge = AutoBridge.from_hf_pretrained(bridge_dir)
+
+    import inspect
+
+    bf16 = "weight_dtype" in inspect.signature(bridge.export_hf_weights).parameters  # Bridge 0.6.2
+    times: dict[str, list[float]] = {"import": [], "export": [], "export_held": [], "export_bf16": []}
+    exported: dict[str, dict[str, torch.Tensor]] = {}
+    export_error = None
+    tasks = None
+    for _ in range(args.repeat):
+        dist.barrier()
+        started = time.perf_counter()
+        bridge.load_hf_weights(chunks, bridge_dir)
+        times["import"].append(time.perf_counter() - started)
+        try:
+            # fresh: what export_hf_weights does when called; held: the conversion tasks
+            # (Bridge's plan) made once beforehand and passed in, as a weight-sync loop may
+            if tasks is None:
+                tasks = bridge.get_conversion_tasks(chunks)
+            phases: list[tuple[str, dict[str, Any]]] = [("export", {}), ("export_held", {"conversion_tasks": tasks})]
+            if bf16:
+                phases.append(("export_bf16", {"weight_dtype": torch.bfloat16}))
+            for phase, options in phases:
+                dist.barrier()
+                exported[phase] = {}
+                started = time.perf_counter()
+                for name, tensor in bridge.export_hf_weights(chunks, cpu=True, show_progress=False, **options):
+                    exported[phase][name] = tensor
+                times[phase].append(time.perf_counter() - started)
+        except Exception as error:  # noqa: BLE001 - reported (Bridge 0.3.1 at EP > 1)
+            export_error = f"{type(error).__name__}: {error}"
+            log(f"rank {rank}: export failed:\n{traceback.format_exc()}")
+            break
+    expert_problems = imported_expert_problems(chunks, hf_dir, hf_config, args) if args.ep > 1 else []
+
+    all_times: list[Any] = [None] * world
+    dist.all_gather_object(all_times, (times, export_error, expert_problems))
+    result: dict[str, Any] = {}
+    if rank == 0:
+
+        def best(phase: str) -> float | None:
+            runs = min(len(t[0][phase]) for t in all_times)
+            return round(min(max(t[0][phase][r] for t in all_times) for r in range(runs)), 4) if runs else None
+
+        errors = sorted({t[1] for t in all_times if t[1]})
+        result = {
+            "import_s": best("import"),
+            "layout": f"tp{args.tp}pp{args.pp}ep{args.ep}",
+            "import_expert_mismatched": sum(len(t[2]) for t in all_times) if args.ep > 1 else None,
+        } | versions()
+        for t in all_times:
+            for problem in t[2][:5]:
+                log(f"import mismatch: {problem}")
+        if errors:
+            result |= {"export_s": None, "export_held_s": None, "export_bf16_s": None, "export_error": errors[0],
+                       "tensors": 0, "mismatched": None}
+        else:
+            reference = checkpoint_tensors(hf_dir)
+            mismatched = {}
+            for phase, tensors in exported.items():
+                want = reference
+                if phase == "export_bf16":
+                    want = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in reference.items()}
+                problems = compare(tensors, want)
+                for problem in problems[:20]:
+                    log(f"{phase} mismatch: {problem}")
+                if len(problems) > 20:
+                    log(f"... and {len(problems) - 20} more mismatches")
+                mismatched[phase] = len(problems)
+            result |= {"export_s": best("export"), "export_held_s": best("export_held"),
+                       "export_bf16_s": best("export_bf16"), "tensors": len(exported["export"]),
+                       "mismatched": sum(mismatched.values()), "mismatched_per_export": mismatched}
+        if args.verbose:
+            log("per-rank times:", all_times)
+    if result:
+        result |= {"hf_dir": str(hf_dir), "load_at_start": load}
+    del chunks
+    return result
+
+
+def worker(rank: int, world: int, port: int, args: argparse.Namespace, bridge_dirs: list[str], results: Any) -> None:
     os.dup2(2, 1)  # stdout of this process (and of anything it calls) goes to stderr
     sys.stdout = sys.stderr
     try:
@@ -214,7 +388,8 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, bridge_di
         from megatron.core import parallel_state
 
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=args.tp,
-                                                 pipeline_model_parallel_size=args.pp)
+                                                 pipeline_model_parallel_size=args.pp,
+                                                 expert_model_parallel_size=args.ep)
         prepare_cpu_megatron()
         if not args.no_scatter_fix:
             install_contiguous_scatter()
@@ -225,45 +400,9 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, bridge_di
         if flagged:
             raise RuntimeError(f"megatron-core modules saw the TE stand-in: {flagged}")
 
-        hf_config = json.loads((Path(args.hf_dir) / "config.json").read_text())
-        chunks = [build_model_chunk(hf_config, args.tp, args.pp)]
-        bridge = AutoBridge.from_hf_pretrained(bridge_dir)
-
-        import_times, export_times = [], []
-        exported: dict[str, torch.Tensor] = {}
-        for _ in range(args.repeat):
-            dist.barrier()
-            started = time.perf_counter()
-            bridge.load_hf_weights(chunks, bridge_dir)
-            import_times.append(time.perf_counter() - started)
-            dist.barrier()
-            exported = {}
-            started = time.perf_counter()
-            for name, tensor in bridge.export_hf_weights(chunks, cpu=True, show_progress=False):
-                exported[name] = tensor
-            export_times.append(time.perf_counter() - started)
-
-        all_times: list[Any] = [None] * world
-        dist.all_gather_object(all_times, (import_times, export_times))
-        result: dict[str, Any] = {}
-        if rank == 0:
-            import_s = min(max(times[0][r] for times in all_times) for r in range(args.repeat))
-            export_s = min(max(times[1][r] for times in all_times) for r in range(args.repeat))
-            problems = compare(exported, checkpoint_tensors(Path(args.hf_dir)))
-            for problem in problems[:20]:
-                log(f"mismatch: {problem}")
-            if len(problems) > 20:
-                log(f"... and {len(problems) - 20} more mismatches")
-            result = {
-                "import_s": round(import_s, 4),
-                "export_s": round(export_s, 4),
-                "tensors": len(exported),
-                "mismatched": len(problems),
-                "layout": f"tp{args.tp}pp{args.pp}",
-            }
-            if args.verbose:
-                log("per-rank times (import, export):", all_times)
-        results.put((rank, result, None))
+        collected = [run_case(rank, world, args, Path(hf_dir), bridge_dir)
+                     for hf_dir, bridge_dir in zip(args.hf_dirs, bridge_dirs)]
+        results.put((rank, collected, None))
         dist.barrier()
         dist.destroy_process_group()
     except BaseException:
@@ -274,6 +413,14 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, bridge_di
 # ---------------------------------------------------------------------------- main
 
 
+def versions() -> dict[str, str]:
+    import platform
+    from importlib.metadata import version
+
+    return {"bridge": version("megatron-bridge"), "megatron_core": version("megatron-core"),
+            "transformers": version("transformers"), "torch": torch.__version__, "python": platform.python_version()}
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -282,26 +429,27 @@ def free_port() -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("hf_dir", type=Path)
+    parser.add_argument("hf_dirs", type=Path, nargs="+", help="checkpoints, one after another in the same processes")
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument("--ep", type=int, default=1, help="expert-parallel size (over the data-parallel ranks)")
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds before the processes are killed")
     parser.add_argument("--no-scatter-fix", action="store_true", help="keep Bridge's gloo scatter bug (TP>1)")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args()
-    args.hf_dir = args.hf_dir.resolve()
+    args.hf_dirs = [hf_dir.resolve() for hf_dir in args.hf_dirs]
 
     stdout = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
     sys.stdout = sys.stderr
 
-    world = args.tp * args.pp
+    world = args.tp * args.pp * args.ep
     with tempfile.TemporaryDirectory(prefix="bridge_hf_") as tmp:
-        bridge_dir = str(sanitized_hf_dir(args.hf_dir, Path(tmp) / "hf"))
+        bridge_dirs = [str(sanitized_hf_dir(hf_dir, Path(tmp) / f"hf{index}")) for index, hf_dir in enumerate(args.hf_dirs)]
         context = mp.get_context("spawn")
         results = context.Queue()
-        processes = mp.start_processes(worker, args=(world, free_port(), args, bridge_dir, results), nprocs=world,
+        processes = mp.start_processes(worker, args=(world, free_port(), args, bridge_dirs, results), nprocs=world,
                                        join=False, start_method="spawn")
         collected: dict[int, Any] = {}
         deadline = time.monotonic() + args.timeout
@@ -332,7 +480,8 @@ def main() -> int:
     if failure is not None:
         log(f"bridge_runner: {failure}")
         return 1
-    stdout.write(json.dumps(collected[0]) + "\n")
+    for result in collected[0]:
+        stdout.write(json.dumps(result) + "\n")
     stdout.flush()
     return 0
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -29,18 +30,22 @@ from mapgen.runtime import ParallelContext  # noqa: E402
 from mapgen.runtime.drivers import DEFAULT_BUCKET_BYTES, Converter  # noqa: E402
 from mapgen.verify.jobs import spawn  # noqa: E402
 
-COUNTED = ("all_gather", "broadcast", "all_reduce", "all_gather_object", "broadcast_object_list")
+COUNTED = ("all_gather", "broadcast", "all_reduce", "all_gather_object", "broadcast_object_list",
+           "all_gather_into_tensor", "scatter", "send", "recv", "barrier")
 
 
 def measure(module_path: str, hf_dir: str, layout: ParallelLayout, repeat: int, bucket_bytes: int) -> dict[str, Any]:
-    module = testing.import_module_from_path(Path(module_path), f"bench_{Path(module_path).stem}")
+    load_at_start = [round(x, 2) for x in os.getloadavg()]  # the machine's load (1, 5, 15 min)
+    module = testing.import_module_from_path(Path(module_path), f"bench_{Path(module_path).parent.name}")
     initialize_parallel_state(layout)
     testing.prepare_cpu_megatron()
     chunks = build_model_chunks(module.DIMS, layout, params_dtype=torch.float32)
     ctx = ParallelContext.from_parallel_state()
     # import: a fresh Converter each time (what load_hf_checkpoint does); export: cold, with a
-    # fresh Converter, and held, reusing one Converter as repeated weight syncs would
-    timings: dict[str, float] = {"import_s": float("inf"), "export_cold_s": float("inf"), "export_s": float("inf")}
+    # fresh Converter, and held, reusing one Converter as repeated weight syncs would; the held
+    # Converter also times the weight-sync modes: export in bf16, and the gather-free export_local
+    timings: dict[str, float] = {name: float("inf") for name in (
+        "import_s", "export_cold_s", "export_s", "export_bf16_s", "export_local_s")}
     held = Converter(module, chunks, ctx)
     for _ in range(repeat):
         dist.barrier()
@@ -57,13 +62,23 @@ def measure(module_path: str, hf_dir: str, layout: ParallelLayout, repeat: int, 
         for _name, _tensor in held.export(bucket_bytes=bucket_bytes):
             pass
         timings["export_s"] = min(timings["export_s"], time.perf_counter() - started)
+        dist.barrier()
+        started = time.perf_counter()
+        for _name, _tensor in held.export(bucket_bytes=bucket_bytes, dtype=torch.bfloat16):
+            pass
+        timings["export_bf16_s"] = min(timings["export_bf16_s"], time.perf_counter() - started)
+        dist.barrier()
+        started = time.perf_counter()
+        for _piece in held.export_local():
+            pass
+        timings["export_local_s"] = min(timings["export_local_s"], time.perf_counter() - started)
     counts: dict[str, int] = {}
     originals = {name: getattr(dist, name) for name in COUNTED}
 
     def counter(name: str) -> Any:
         def counted(*args: Any, **kwargs: Any) -> Any:
             counts[name] = counts.get(name, 0) + 1
-            tensor = args[1] if name == "all_gather" else args[0]
+            tensor = args[1] if name == "all_gather" else (args[0] if args else None)
             if isinstance(tensor, torch.Tensor):
                 counts["bytes"] = counts.get("bytes", 0) + tensor.numel() * tensor.element_size()
             return originals[name](*args, **kwargs)
@@ -73,10 +88,27 @@ def measure(module_path: str, hf_dir: str, layout: ParallelLayout, repeat: int, 
         setattr(dist, name, counter(name))
     try:
         exported = sum(1 for _ in held.export(bucket_bytes=bucket_bytes))
+        before = dict(counts)
+        local_pieces = sum(1 for _ in held.export_local())
+        local_counts = {k: v - before.get(k, 0) for k, v in counts.items() if v != before.get(k, 0)}
     finally:
         for name, function in originals.items():
             setattr(dist, name, function)
-    return timings | {"counts": counts, "tensors": exported, "params": len(module.PARAMS)}
+    return timings | {"counts": before, "tensors": exported, "params": len(module.PARAMS),
+                      "export_local_counts": local_counts, "local_pieces": local_pieces,
+                      "load_at_start": load_at_start}
+
+
+def make_moe_model(folder: Path, layers: int, experts: int = 64) -> tuple[Path, Path]:
+    """A Qwen3-MoE with tiny tensors (hidden 32, expert FFN 16) and `experts` experts in every
+    layer, saved in folder, and its local module (experts as megatron-core's SequentialMLP)."""
+    hf_dir = folder / f"qwen3_moe{layers}x{experts}"
+    testing.save_tiny_model("qwen3_moe", hf_dir, num_hidden_layers=layers, hidden_size=32, intermediate_size=64,
+                            moe_intermediate_size=16, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                            num_experts=experts, num_experts_per_tok=4)
+    module = hf_dir / "mapping.py"
+    module.write_text(compile_target("mapping", ROOT / "specs/qwen3_moe.yaml", hf_dir / "config.json", "local", "bench"))
+    return hf_dir, module
 
 
 def make_model(folder: Path, layers: int) -> tuple[Path, Path]:
@@ -117,7 +149,10 @@ def main() -> None:
             "import_s": round(max(r["import_s"] for r in per_rank), 4),
             "export_s": round(max(r["export_s"] for r in per_rank), 4),
             "export_cold_s": round(max(r["export_cold_s"] for r in per_rank), 4),
+            "export_bf16_s": round(max(r["export_bf16_s"] for r in per_rank), 4),
+            "export_local_s": round(max(r["export_local_s"] for r in per_rank), 4),
             "export_collectives_rank0": per_rank[0]["counts"],
+            "export_local_collectives": [r["export_local_counts"] for r in per_rank],
         })
     print(f"{'layers':>6} {'params':>6} {'layout':<6} {'buckets':<10} {'import s':>9} {'export s':>9}  export collectives (rank 0)")
     for r in rows:

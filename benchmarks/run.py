@@ -1,20 +1,29 @@
-"""`make bench`: mapgen against Megatron-Bridge (the dynamic peer) and against the hardware, in
-one run, on the same checkpoints, with the same process layouts.
+"""`make bench`: mapgen against Megatron-Bridge 0.3.1 and 0.6.2 (the dynamic peers) and against the
+hardware, in one run, on the same checkpoints, with the same process layouts.
 
-    .venv/bin/python benchmarks/run.py [--layers 64 256] [--repeat 3] [--json benchmarks/results.json]
+    .venv/bin/python benchmarks/run.py [--layers 64 256] [--moe-layers 4 16] [--experts 64] [--repeat 3]
+                                       [--bridges 0.3.1 0.6.2] [--json benchmarks/results.json]
 
-Needs .venv-bench (bash benchmarks/bridge_setup.sh) for Megatron-Bridge 0.3.1. For each model
-(a Llama with tiny tensors, so per-parameter overhead dominates) and each layout (TP1: 1 process,
-TP2 and PP2: 2 gloo processes), both tools import the same safetensors checkpoint into a
-megatron-core model built with the local layer spec and export it back; a time is the slowest
-rank's, best of --repeat. Both verify their export against the checkpoint's bytes. Then the
-bandwidth benchmark (benchmarks/bandwidth.py) and mapgen's collective counts per export.
+Needs .venv-bench (Bridge 0.3.1) and .venv-bench062 (Bridge 0.6.2): `bash benchmarks/bridge_setup.sh`
+(make bench runs it). Models: a Llama with tiny tensors (hidden 32, so per-parameter overhead
+dominates) at each of --layers, at TP1 (1 process), TP2 and PP2 (2 gloo processes); and a Qwen3-MoE
+with tiny tensors and --experts experts in every layer at each of --moe-layers, at EP2 (2 gloo
+processes, half the experts each). For each layout, mapgen, then each Bridge release, import
+the same safetensors checkpoints into a megatron-core model built with the local layer spec and
+export them back; a time is the slowest rank's, best of --repeat. Every Bridge export is checked
+against the checkpoint's bytes (and, at EP2, every rank's imported experts). mapgen (public API,
+`Converter`): import with a fresh Converter; export with a held Converter (repeated weight syncs),
+with a fresh one (cold), in bf16 (held), and gather-free (`export_local`, held). The machine's
+load average is recorded at the start of each case of each tool (`load_at_start`). Results are
+written after each layout, so a run cut short keeps what it measured. Then the bandwidth
+benchmark (benchmarks/bandwidth.py) and mapgen's collective counts per export.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -26,14 +35,18 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from conversion import make_model, measure  # noqa: E402
+from conversion import make_model, make_moe_model, measure  # noqa: E402
 
 from mapgen.compiler.megatron_model import ParallelLayout  # noqa: E402
 from mapgen.runtime.drivers import DEFAULT_BUCKET_BYTES  # noqa: E402
 from mapgen.verify.jobs import spawn  # noqa: E402
 
 LAYOUTS = {"TP1": ParallelLayout(), "TP2": ParallelLayout(tp=2), "PP2": ParallelLayout(pp=2)}
-BRIDGE_PYTHON = ROOT / ".venv-bench" / "bin" / "python"
+MOE_LAYOUTS = {"EP2": ParallelLayout(ep=2, dp=2)}
+BRIDGES = {"0.3.1": ROOT / ".venv-bench" / "bin" / "python", "0.6.2": ROOT / ".venv-bench062" / "bin" / "python"}
+
+# issue 13's targets against Bridge 0.6.2 (times faster), and gather-free against gathered
+TARGETS = {"import": 100.0, "export TP1/TP2": 20.0, "export PP2": 100.0, "export EP2": 20.0, "gather-free TP2": 5.0}
 
 
 def machine() -> str:
@@ -42,106 +55,267 @@ def machine() -> str:
         if line.startswith("model name"):
             cpu = line.split(":", 1)[1].strip()
             break
-    import os
-
     return f"{cpu}, {os.cpu_count()} cores, {platform.system()}, Python {platform.python_version()}"
 
 
-def bridge(hf_dir: Path, layout: ParallelLayout, repeat: int) -> dict[str, Any]:
+def bridge(python: Path, hf_dirs: list[Path], layout: ParallelLayout, repeat: int) -> list[dict[str, Any]]:
+    """One run of bridge_runner.py in `python`'s venv over `hf_dirs` (one set of processes)."""
     result = subprocess.run(
-        [str(BRIDGE_PYTHON), str(ROOT / "benchmarks" / "bridge_runner.py"), str(hf_dir),
-         "--tp", str(layout.tp), "--pp", str(layout.pp), "--repeat", str(repeat)],
-        capture_output=True, text=True, timeout=3600,
+        [str(python), str(ROOT / "benchmarks" / "bridge_runner.py"), *map(str, hf_dirs),
+         "--tp", str(layout.tp), "--pp", str(layout.pp), "--ep", str(layout.ep), "--repeat", str(repeat),
+         "--timeout", "7200"],
+        capture_output=True, text=True, timeout=7500,
     )
     if result.returncode != 0:
-        raise SystemExit(f"bridge_runner failed:\n{result.stderr[-4000:]}")
-    data: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
-    return data
+        raise SystemExit(f"bridge_runner ({python}) failed:\n{result.stderr[-4000:]}")
+    rows = [json.loads(line) for line in result.stdout.strip().splitlines() if line.startswith("{")]
+    if len(rows) != len(hf_dirs):
+        raise SystemExit(f"bridge_runner ({python}) gave {len(rows)} results for {len(hf_dirs)} checkpoints")
+    return rows
 
 
-def ours(module: Path, hf_dir: Path, layout: ParallelLayout, repeat: int) -> dict[str, Any]:
-    per_rank = spawn([(measure, (str(module), str(hf_dir), layout, repeat, DEFAULT_BUCKET_BYTES))], layout.world_size)
-    results = [per_rank[rank][0] for rank in sorted(per_rank)]
-    return {
-        "import_s": max(r["import_s"] for r in results),
-        "export_s": max(r["export_s"] for r in results),
-        "export_cold_s": max(r["export_cold_s"] for r in results),
-        "collectives": results[0]["counts"],
-        "tensors": results[0]["tensors"],
-        "params": results[0]["params"],
+def ours(cases: list[tuple[Path, Path]], layout: ParallelLayout, repeat: int) -> list[dict[str, Any]]:
+    """mapgen on each (module, checkpoint), one after another in one set of processes."""
+    tasks = [(measure, (str(module), str(hf_dir), layout, repeat, DEFAULT_BUCKET_BYTES)) for hf_dir, module in cases]
+    per_rank = spawn(tasks, layout.world_size, timeout_s=7200)
+    rows = []
+    for index in range(len(cases)):
+        results = [per_rank[rank][index] for rank in sorted(per_rank)]
+        rows.append({
+            **{key: max(r[key] for r in results) for key in
+               ("import_s", "export_s", "export_cold_s", "export_bf16_s", "export_local_s")},
+            "collectives": results[0]["counts"],
+            "export_local_collectives": {k: v for r in results for k, v in r["export_local_counts"].items()},
+            "tensors": results[0]["tensors"],
+            "params": results[0]["params"],
+            "load_at_start": results[0]["load_at_start"],
+        })
+    return rows
+
+
+def ratio(slow: float | None, fast: float) -> float | None:
+    return None if slow is None else round(slow / fast, 1)
+
+
+def row_for(model: str, layers: int, experts: int | None, name: str, mine: dict[str, Any],
+            theirs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "model": model, "layers": layers, "experts": experts, "megatron_params": mine["params"], "layout": name,
+        "load_at_start": {"mapgen": mine["load_at_start"]} | {rel: b["load_at_start"] for rel, b in theirs.items()},
+        "mapgen": {key: round(mine[key], 4) for key in
+                   ("import_s", "export_s", "export_cold_s", "export_bf16_s", "export_local_s")},
+        "gather_free_speedup": round(mine["export_s"] / mine["export_local_s"], 1),
+        "mapgen_export_collectives": mine["collectives"],
+        "mapgen_export_local_collectives": mine["export_local_collectives"],
+        "tensors_per_export": mine["tensors"],
+        "bridge": theirs,
+        "speedup": {},
     }
+    for release, b in theirs.items():
+        row["speedup"][release] = {
+            "import": ratio(b["import_s"], mine["import_s"]),
+            "export_held": ratio(b["export_s"], mine["export_s"]),
+            "export_cold": ratio(b["export_s"], mine["export_cold_s"]),
+            # both sides' plans made once: Bridge's conversion tasks passed in, a held Converter
+            "export_held_vs_bridge_held_tasks": ratio(b["export_held_s"], mine["export_s"]),
+            "export_bf16": ratio(b.get("export_bf16_s"), mine["export_bf16_s"]),
+        }
+    return row
+
+
+def fmt(value: float | None, width: int, digits: int = 1) -> str:
+    return f"{'-':>{width}}" if value is None else f"{value:>{width}.{digits}f}"
+
+
+def report(rows: list[dict[str, Any]], releases: list[str], hardware: dict[str, Any] | None) -> list[str]:
+    out = [f"machine: {machine()}"]
+    versions = {rel: next((r["bridge"][rel] for r in rows if rel in r["bridge"]), {}) for rel in releases}
+    for rel, v in versions.items():
+        if v:
+            out.append(f"Bridge {rel}: Python {v['python']}, torch {v['torch']}, megatron-core {v['megatron_core']}, "
+                       f"transformers {v['transformers']}")
+    out.append("times in s, best of the repeats, slowest rank; x = Bridge's time / mapgen's. mapgen export: held "
+               "Converter / fresh (cold); Bridge export: export_hf_weights as called")
+    head = f"{'model':<14} {'params':>6} {'layout':<6} {'import mapgen':>13}"
+    for rel in releases:
+        head += f" {'Bridge ' + rel:>13} {'x':>6}"
+    head += f" {'export held/cold':>17}"
+    for rel in releases:
+        head += f" {'Bridge ' + rel:>13} {'x held':>7} {'x cold':>7}"
+    out.append(head)
+    for r in rows:
+        label = f"{r['model']}{r['layers']}" + (f"x{r['experts']}" if r["experts"] else "")
+        m = r["mapgen"]
+        line = f"{label:<14} {r['megatron_params']:>6} {r['layout']:<6} {m['import_s']:>13.4f}"
+        for rel in releases:
+            b, s = r["bridge"].get(rel, {}), r["speedup"].get(rel, {})
+            line += f" {fmt(b.get('import_s'), 13, 4)} {fmt(s.get('import'), 6)}"
+        line += f" {m['export_s']:>8.4f}/{m['export_cold_s']:<8.4f}"
+        for rel in releases:
+            b, s = r["bridge"].get(rel, {}), r["speedup"].get(rel, {})
+            line += f" {fmt(b.get('export_s'), 13, 4)} {fmt(s.get('export_held'), 7)} {fmt(s.get('export_cold'), 7)}"
+        out.append(line)
+    out.append("")
+    out.append("weight-sync modes (held Converter): gather-free export_local vs mapgen's gathered export; bf16 export vs "
+               "Bridge 0.6.2's weight_dtype=bf16; mapgen held vs Bridge with its conversion tasks made once")
+    out.append(f"{'model':<14} {'layout':<6} {'gathered':>9} {'local':>9} {'x':>6} {'local collectives':>18} "
+               f"{'bf16':>9} {'Bridge bf16':>11} {'x':>6}" + "".join(f" {'Br ' + rel + ' tasks':>14} {'x':>6}" for rel in releases))
+    for r in rows:
+        label = f"{r['model']}{r['layers']}" + (f"x{r['experts']}" if r["experts"] else "")
+        m = r["mapgen"]
+        local = sum(v for k, v in r["mapgen_export_local_collectives"].items() if k != "bytes")
+        b062, s062 = r["bridge"].get("0.6.2", {}), r["speedup"].get("0.6.2", {})
+        line = (f"{label:<14} {r['layout']:<6} {m['export_s']:>9.4f} {m['export_local_s']:>9.4f} "
+                f"{r['gather_free_speedup']:>6.1f} {local:>18} {m['export_bf16_s']:>9.4f} "
+                f"{fmt(b062.get('export_bf16_s'), 11, 4)} {fmt(s062.get('export_bf16'), 6)}")
+        for rel in releases:
+            b, s = r["bridge"].get(rel, {}), r["speedup"].get(rel, {})
+            line += f" {fmt(b.get('export_held_s'), 14, 4)} {fmt(s.get('export_held_vs_bridge_held_tasks'), 6)}"
+        out.append(line)
+    out.append("")
+    for r in rows:
+        for rel, b in r["bridge"].items():
+            notes = []
+            if b.get("mismatched"):
+                notes.append(f"{b['mismatched']} exported tensors differ from the checkpoint {b.get('mismatched_per_export')}")
+            if b.get("import_expert_mismatched"):
+                notes.append(f"{b['import_expert_mismatched']} imported expert weights differ from the checkpoint")
+            if b.get("export_error"):
+                notes.append(f"export failed: {b['export_error']}")
+            if notes:
+                out.append(f"Bridge {rel}, {r['model']}{r['layers']} {r['layout']}: " + "; ".join(notes))
+    out.extend(growth_lines(rows, releases))
+    out.extend(target_lines(rows))
+    out.append("load average (1, 5, 15 min) at the start of each case: " + "; ".join(
+        f"{r['model']}{r['layers']} {r['layout']} " + ", ".join(f"{k} {v[0]}" for k, v in r["load_at_start"].items())
+        for r in rows))
+    if hardware:
+        out.append(f"hardware ({hardware['gb']} GB fp32, one process): copy {hardware['copy_gb_s']} GB/s, "
+                   f"import {hardware['import_gb_s']} GB/s ({hardware['import_vs_copy']:.0%} of copy), "
+                   f"export {hardware['export_gb_s']} GB/s ({hardware['export_vs_copy']:.0%} of copy)")
+    for r in rows:
+        if r["layout"] != "TP1":
+            counts = ", ".join(f"{k} {v}" for k, v in sorted(r["mapgen_export_collectives"].items()))
+            out.append(f"collectives per export, {r['model']}{r['layers']} {r['layout']} (rank 0; one call per tensor "
+                       f"would be {r['tensors_per_export']}): {counts}")
+    return out
+
+
+def growth(rows: list[dict[str, Any]], releases: list[str]) -> list[dict[str, Any]]:
+    found = []
+    for model in sorted({r["model"] for r in rows}):
+        for name in sorted({r["layout"] for r in rows if r["model"] == model}):
+            same = sorted((r for r in rows if r["model"] == model and r["layout"] == name), key=lambda r: r["layers"])
+            if len(same) < 2:
+                continue
+            small, large = same[0], same[-1]
+            g: dict[str, Any] = {
+                "model": model, "layout": name, "layers": [small["layers"], large["layers"]],
+                "params_ratio": round(large["megatron_params"] / small["megatron_params"], 2),
+            }
+            for key in ("import_s", "export_s", "export_cold_s", "export_local_s"):
+                g[f"mapgen_{key}"] = round(large["mapgen"][key] / small["mapgen"][key], 2)
+            for rel in releases:
+                for key in ("import_s", "export_s"):
+                    a, b = small["bridge"].get(rel, {}).get(key), large["bridge"].get(rel, {}).get(key)
+                    g[f"bridge_{rel}_{key}"] = round(b / a, 2) if a and b else None
+            found.append(g)
+    return found
+
+
+def growth_lines(rows: list[dict[str, Any]], releases: list[str]) -> list[str]:
+    out = []
+    for g in growth(rows, releases):
+        line = (f"growth {g['model']} {g['layout']} {g['layers'][0]} -> {g['layers'][1]} layers (time ratio; "
+                f"parameter ratio {g['params_ratio']}): mapgen import {g['mapgen_import_s']}x, export held "
+                f"{g['mapgen_export_s']}x, cold {g['mapgen_export_cold_s']}x, local {g['mapgen_export_local_s']}x")
+        for rel in releases:
+            imp, exp = (g[f"bridge_{rel}_{key}"] for key in ("import_s", "export_s"))
+            line += f"; Bridge {rel} import {'-' if imp is None else f'{imp}x'}, export {'-' if exp is None else f'{exp}x'}"
+        out.append(line)
+    return out
+
+
+def target_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """Every ratio issue 13 sets a target for, against Bridge 0.6.2, met or not."""
+    out = ["targets (issue 13, against Bridge 0.6.2):"]
+
+    def check(label: str, value: float | None, target: float) -> None:
+        verdict = "n/a" if value is None else ("met" if value >= target else "NOT met")
+        out.append(f"  {label}: {'-' if value is None else value}x (target >= {target:g}x) {verdict}")
+
+    for r in rows:
+        s = r["speedup"].get("0.6.2")
+        where = f"{r['model']}{r['layers']} {r['layout']}"
+        if s is None:
+            continue
+        if r["model"] == "llama":
+            check(f"import {where}", s["import"], TARGETS["import"])
+            key = "export PP2" if r["layout"] == "PP2" else "export TP1/TP2"
+            check(f"export held {where}", s["export_held"], TARGETS[key])
+            check(f"export cold {where}", s["export_cold"], TARGETS[key])
+            if r["layout"] == "TP2":
+                check(f"gather-free vs gathered {where}", r["gather_free_speedup"], TARGETS["gather-free TP2"])
+        else:
+            check(f"export held {where}", s["export_held"], TARGETS["export EP2"])
+            check(f"export cold {where}", s["export_cold"], TARGETS["export EP2"])
+    for g in growth(rows, ["0.6.2"]):
+        if g["model"] == "llama":
+            worst = max(g["mapgen_import_s"], g["mapgen_export_s"], g["mapgen_export_cold_s"])
+            out.append(f"  linear growth {g['layout']}: mapgen's worst time ratio {worst}x for {g['params_ratio']}x "
+                       f"the parameters {'met' if worst <= g['params_ratio'] else 'NOT met'} (at most linear)")
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--layers", type=int, nargs="+", default=[64, 256])
+    parser.add_argument("--moe-layers", type=int, nargs="*", default=[4, 16])
+    parser.add_argument("--experts", type=int, default=64)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--bridges", nargs="+", default=list(BRIDGES), choices=list(BRIDGES))
+    parser.add_argument("--layouts", nargs="+", default=[*LAYOUTS, *MOE_LAYOUTS], choices=[*LAYOUTS, *MOE_LAYOUTS])
+    parser.add_argument("--no-hardware", action="store_true", help="skip the bandwidth benchmark")
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results.json")
+    parser.add_argument("--txt", type=Path, help="also write the printed report here (after each layout too)")
     args = parser.parse_args()
-    if not BRIDGE_PYTHON.exists():
-        raise SystemExit("run `bash benchmarks/bridge_setup.sh` first (make bench does)")
+    for release in args.bridges:
+        if not BRIDGES[release].exists():
+            raise SystemExit(f"no venv for Bridge {release}: run `bash benchmarks/bridge_setup.sh` first (make bench does)")
     rows: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory() as folder:
-        for layers in args.layers:
-            hf_dir, module = make_model(Path(folder), layers)
-            for name, layout in LAYOUTS.items():
-                mine = ours(module, hf_dir, layout, args.repeat)
-                theirs = bridge(hf_dir, layout, args.repeat)
-                rows.append({
-                    "layers": layers,
-                    "megatron_params": mine["params"],
-                    "layout": name,
-                    "mapgen_import_s": round(mine["import_s"], 4),
-                    "bridge_import_s": theirs["import_s"],
-                    "import_speedup": round(theirs["import_s"] / mine["import_s"], 1),
-                    "mapgen_export_s": round(mine["export_s"], 4),
-                    "bridge_export_s": theirs["export_s"],
-                    "export_speedup": round(theirs["export_s"] / mine["export_s"], 1),
-                    "mapgen_export_cold_s": round(mine["export_cold_s"], 4),
-                    "export_cold_speedup": round(theirs["export_s"] / mine["export_cold_s"], 1),
-                    "bridge_mismatched": theirs["mismatched"],
-                    "mapgen_export_collectives": mine["collectives"],
-                    "tensors_per_export": mine["tensors"],
-                })
-                print(json.dumps(rows[-1]), file=sys.stderr)
-    bandwidth_json = Path(tempfile.mkstemp(suffix=".json")[1])
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bandwidth.py"), "--json", str(bandwidth_json)],
-                   check=True, capture_output=True, text=True)
-    hardware = json.loads(bandwidth_json.read_text())
 
-    print(f"machine: {machine()}")
-    print("export: mapgen with a held Converter (repeated syncs) / cold (a fresh one) / bridge")
-    print(f"{'layers':>6} {'params':>6} {'layout':<6} {'import s mapgen/bridge':>24} {'x':>6} "
-          f"{'export s held/cold/bridge':>30} {'x held':>7} {'x cold':>7}")
-    for r in rows:
-        print(f"{r['layers']:>6} {r['megatron_params']:>6} {r['layout']:<6} "
-              f"{r['mapgen_import_s']:>11.4f}/{r['bridge_import_s']:<12.4f} {r['import_speedup']:>6.1f} "
-              f"{r['mapgen_export_s']:>9.4f}/{r['mapgen_export_cold_s']:.4f}/{r['bridge_export_s']:<10.4f} "
-              f"{r['export_speedup']:>7.1f} {r['export_cold_speedup']:>7.1f}")
-    growth = []
-    for name in LAYOUTS:
-        small, large = (next(r for r in rows if r["layout"] == name and r["layers"] == n) for n in (min(args.layers), max(args.layers)))
-        growth.append({
-            "layout": name,
-            "params_ratio": round(large["megatron_params"] / small["megatron_params"], 2),
-            "mapgen_import": round(large["mapgen_import_s"] / small["mapgen_import_s"], 2),
-            "bridge_import": round(large["bridge_import_s"] / small["bridge_import_s"], 2),
-            "mapgen_export": round(large["mapgen_export_s"] / small["mapgen_export_s"], 2),
-            "bridge_export": round(large["bridge_export_s"] / small["bridge_export_s"], 2),
-        })
-    print(f"growth {min(args.layers)} -> {max(args.layers)} layers (time ratio; parameter ratio {growth[0]['params_ratio']}):")
-    for g in growth:
-        print(f"  {g['layout']}: import mapgen {g['mapgen_import']}x, bridge {g['bridge_import']}x; "
-              f"export mapgen {g['mapgen_export']}x, bridge {g['bridge_export']}x")
-    print(f"hardware ({hardware['gb']} GB fp32, one process): copy {hardware['copy_gb_s']} GB/s, "
-          f"import {hardware['import_gb_s']} GB/s ({hardware['import_vs_copy']:.0%} of copy), "
-          f"export {hardware['export_gb_s']} GB/s ({hardware['export_vs_copy']:.0%} of copy)")
-    for r in rows:
-        if r["layout"] != "TP1":
-            counts = ", ".join(f"{k} {v}" for k, v in sorted(r["mapgen_export_collectives"].items()))
-            print(f"collectives per export, {r['layers']} layers {r['layout']} (rank 0; one call per tensor would be "
-                  f"{r['tensors_per_export']}): {counts}")
-    args.json.write_text(json.dumps({"machine": machine(), "conversion": rows, "growth": growth, "hardware": hardware}, indent=2) + "\n")
+    def write(hardware: dict[str, Any] | None, final: bool) -> None:
+        lines = report(rows, args.bridges, hardware)
+        args.json.write_text(json.dumps({"machine": machine(), "complete": final, "conversion": rows,
+                                         "growth": growth(rows, args.bridges), "hardware": hardware}, indent=2) + "\n")
+        if args.txt:
+            args.txt.write_text("\n".join(lines) + "\n")
+        if final:
+            print("\n".join(lines))
+
+    with tempfile.TemporaryDirectory() as folder:
+        dense = [make_model(Path(folder), layers) for layers in args.layers]
+        moe = [make_moe_model(Path(folder), layers, args.experts) for layers in args.moe_layers]
+        plan = {name: ("llama", args.layers, None, dense, layout) for name, layout in LAYOUTS.items()}
+        plan |= {name: ("qwen3_moe", args.moe_layers, args.experts, moe, layout) for name, layout in MOE_LAYOUTS.items()}
+        for name in args.layouts:  # in the order given
+            model, layer_counts, experts, cases, layout = plan[name]
+            if not cases:
+                continue
+            mine = ours(cases, layout, args.repeat)
+            theirs = {rel: bridge(BRIDGES[rel], [hf for hf, _ in cases], layout, args.repeat) for rel in args.bridges}
+            for index, layers in enumerate(layer_counts):
+                rows.append(row_for(model, layers, experts, name, mine[index],
+                                    {rel: theirs[rel][index] for rel in args.bridges}))
+                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+            write(None, False)
+    hardware = None
+    if not args.no_hardware:
+        bandwidth_json = Path(tempfile.mkstemp(suffix=".json")[1])
+        subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bandwidth.py"), "--json", str(bandwidth_json)],
+                       check=True, capture_output=True, text=True)
+        hardware = json.loads(bandwidth_json.read_text())
+    write(hardware, True)
 
 
 if __name__ == "__main__":
