@@ -81,6 +81,14 @@ class ModelDims:
     qk_head_dim: int = 0  # the part of each query/key head without rope
     qk_pos_emb_head_dim: int = 0
     v_head_dim: int = 0
+    # gated delta net (Qwen3-Next's linear attention): the decoder layers whose token mixer is a
+    # GatedDeltaNet instead of self-attention (megatron-core's linear_attention_freq), and its sizes
+    linear_attention_layers: tuple[int, ...] = ()
+    linear_conv_kernel_dim: int = 4
+    linear_key_head_dim: int = 0
+    linear_value_head_dim: int = 0
+    linear_num_key_heads: int = 0
+    linear_num_value_heads: int = 0
 
     @property
     def moe_layers(self) -> tuple[int, ...]:
@@ -146,6 +154,7 @@ class ModelDims:
             for name in ("kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim"):
                 if getattr(self, name) <= 0:
                     found.append((name, f"must be positive with multi_latent_attention, got {getattr(self, name)}"))
+        found += self._linear_attention_problems()
         if self.rope_type == "llama3" and self.rope_scaling_factor is None:
             found.append(("rope_scaling_factor", "is needed for llama3 rope scaling"))
         if self.rope_type == "llama3":
@@ -188,6 +197,21 @@ class ModelDims:
             found.append(("moe_router_num_groups", f"{groups} does not divide {experts} experts"))
         return found
 
+    def _linear_attention_problems(self) -> list[tuple[str, str]]:
+        found = self._layer_list_problems("linear_attention_layers")
+        if not self.linear_attention_layers:
+            return found
+        for name in ("linear_conv_kernel_dim", "linear_key_head_dim", "linear_value_head_dim",
+                     "linear_num_key_heads", "linear_num_value_heads"):
+            if getattr(self, name) <= 0:
+                found.append((name, f"must be positive with linear_attention_layers, got {getattr(self, name)}"))
+        keys, values = self.linear_num_key_heads, self.linear_num_value_heads
+        if keys > 0 and values % keys:
+            found.append(("linear_num_value_heads", f"{values} is no multiple of linear_num_key_heads {keys} (megatron-core)"))
+        if self.multi_latent_attention:
+            found.append(("linear_attention_layers", "gated delta net layers with multi_latent_attention are not supported"))
+        return found
+
     def _layer_list_problems(self, name: str) -> list[tuple[str, str]]:
         outside = [index for index in getattr(self, name) if not 0 <= index < self.num_layers]
         if not outside:
@@ -196,6 +220,20 @@ class ModelDims:
 
     def as_literal_items(self) -> list[tuple[str, Any]]:
         return [(f.name, getattr(self, f.name)) for f in dataclasses.fields(self)]
+
+    def rendered_items(self) -> list[tuple[str, Any]]:
+        """`as_literal_items` as a module's DIMS writes them: the gated-delta-net sizes only
+        where the model has such layers (a model without them has the defaults, and its module
+        reads as before they existed)."""
+        if self.linear_attention_layers:
+            return self.as_literal_items()
+        return [(name, value) for name, value in self.as_literal_items() if name not in LINEAR_ATTENTION_FIELDS]
+
+
+LINEAR_ATTENTION_FIELDS = (
+    "linear_attention_layers", "linear_conv_kernel_dim", "linear_key_head_dim", "linear_value_head_dim",
+    "linear_num_key_heads", "linear_num_value_heads",
+)
 
 
 DIM_FIELDS: dict[str, dataclasses.Field[Any]] = {f.name: f for f in dataclasses.fields(ModelDims)}

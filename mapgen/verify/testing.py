@@ -105,7 +105,7 @@ def save_random_model(config: Any, folder: Path, seed: int = 0, dtype: torch.dty
     model = auto.from_config(config, dtype=torch.float32)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if "norm" in name:
+            if "norm" in name or name.endswith(".dt_bias"):  # dt_bias: Qwen3-Next's, all ones at init
                 param.add_(torch.randn_like(param) * 0.1)
         for name, buffer in model.named_buffers():
             if name.endswith("e_score_correction_bias"):  # DeepSeek's router bias: zero at init
@@ -187,6 +187,15 @@ def standin_config(fields: dict[str, Any], num_layers: int = 4, vocab_size: int 
         "qk_rope_head_dim": 8,
         "qk_nope_head_dim": 16,
         "v_head_dim": 16,
+        # Qwen3-Next: a shared expert; gated delta net with 2 key heads of 16 and 4 value heads of
+        # 24 (TP 2 splits them; two value heads per key head, value and key widths apart), full
+        # attention every second layer so that each of two pipeline stages has both kinds
+        "shared_expert_intermediate_size": 32,
+        "linear_num_key_heads": 2,
+        "linear_num_value_heads": 4,
+        "linear_key_head_dim": 16,
+        "linear_value_head_dim": 24,
+        "full_attention_interval": 2,
     }
     tiny.update({k: v for k, v in shrink.items() if k in fields and fields[k] is not None})
     return tiny
