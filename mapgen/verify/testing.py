@@ -25,6 +25,7 @@ FAMILY_SPECS = {
     "mixtral": "specs/mixtral.yaml",
     "qwen3_moe": "specs/qwen3_moe.yaml",
     "deepseek_v3": "specs/deepseek_v3.yaml",
+    "qwen3_next": "specs/qwen3_next.yaml",
 }
 
 
@@ -84,6 +85,17 @@ def tiny_hf_config(family: str, **overrides: Any) -> Any:
             },
         )
         config_class = transformers.DeepseekV3Config
+    elif family == "qwen3_next":
+        # gated delta net layers 0 and 2, gated full attention 1 and 3; key and value heads of
+        # different widths, two value heads per key head; a gated shared expert
+        common.update(
+            num_hidden_layers=4, head_dim=32, rope_theta=10000000.0, partial_rotary_factor=0.25,
+            num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32,
+            norm_topk_prob=True, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
+            linear_value_head_dim=24, linear_conv_kernel_dim=4,
+            layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"],
+        )
+        config_class = transformers.Qwen3NextConfig
     else:
         raise ValueError(f"no tiny config for family {family!r}")
     common.update(overrides)
