@@ -152,5 +152,5 @@ def test_standin_logits_match_transformers_and_export_is_bit_exact(outcome: dict
 def test_a_wrong_norm_convention_fails_the_forward_check(outcome: dict[str, Any], index: int) -> None:
     rank0 = outcome["results"][len(GOOD) + index][0]
     assert rank0.error is None, rank0.error
-    assert rank0.bit_exact == rank0.tensors  # a wrong convention round-trips all the same
+    # (the shifted input norms do not even round-trip: HF's weights near 0 lose bits in w - 1 + 1)
     assert rank0.max_logit_diff > 1e-3 and not rank0.ok
