@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 
 from mapgen import runtime as rt
 from mapgen.compiler.build import compile_target, read_targets
-from mapgen.compiler.megatron_model import ParallelLayout
+from mapgen.common.errors import MapgenError
+from mapgen.compiler.megatron_model import ParallelLayout, hybrid_model_class
 from mapgen.runtime.context import Group
 from mapgen.verify import testing
 from mapgen.verify.jobs import Job, run_job, spawn
@@ -99,9 +100,9 @@ def _spec_with(folder: Path, old: str, new: str) -> Path:
     return path
 
 
-def _module(folder: Path, name: str, spec: Path) -> str:
+def _module(folder: Path, name: str, spec: Path, model: str = "gpt") -> str:
     path = folder / f"{name}.py"
-    path.write_text(compile_target(name, spec, folder / "config.json", "local", "test"))
+    path.write_text(compile_target(name, spec, folder / "config.json", "local", "test", model=model))
     return str(path)
 
 
@@ -118,6 +119,9 @@ WRONG = {
     ),
 }
 GOOD = [ParallelLayout(tp=2, pp=2), ParallelLayout(tp=2, ep=2, etp=1, dp=2)]
+# megatron-core's HybridModel (0.17+) builds the gated delta net layers as 'G' layers
+HAS_HYBRID_MODEL = hybrid_model_class()[0].__name__ == "HybridModel"
+HYBRID = [ParallelLayout(tp=2, pp=2), ParallelLayout(pp=2, ep=2, dp=2)] if HAS_HYBRID_MODEL else []
 
 
 @pytest.fixture(scope="module")
@@ -132,6 +136,9 @@ def outcome(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         spec = _spec_with(sub, old, new)
         (sub / "config.json").write_text((folder / "config.json").read_text())
         tasks.append((run_job, (Job(_module(sub, name, spec), str(folder), ParallelLayout(dp=4)),)))
+    if HYBRID:
+        hybrid = _module(folder, "qwen3_next_hybrid", testing.ROOT / TARGET.spec, model="hybrid")
+        tasks += [(run_job, (Job(hybrid, str(folder), layout),)) for layout in HYBRID]
     results = spawn(tasks, 4, timeout_s=1500)
     return {"folder": folder, "results": [[results[r][i] for r in range(4)] for i in range(len(tasks))]}
 
@@ -154,3 +161,21 @@ def test_a_wrong_norm_convention_fails_the_forward_check(outcome: dict[str, Any]
     assert rank0.error is None, rank0.error
     # (the shifted input norms do not even round-trip: HF's weights near 0 lose bits in w - 1 + 1)
     assert rank0.max_logit_diff > 1e-3 and not rank0.ok
+
+
+def test_hybrid_model_builds_gdn_layers_from_0_17_and_is_refused_before(outcome: dict[str, Any], tmp_path: Path) -> None:
+    """megatron-core 0.17+: the HybridModel module ('G' layers) at TP2 x PP2 and PP2 x EP2 against
+    transformers, export bit-exact; 0.16's MambaModel has no 'G' layer: the build says so."""
+    if not HAS_HYBRID_MODEL:
+        (tmp_path / "config.json").write_text(testing.tiny_hf_config("qwen3_next").to_json_string())
+        with pytest.raises(MapgenError, match=r"gated delta net layers \('G'\) needs megatron-core 0.17 or later"):
+            compile_target("h", testing.ROOT / TARGET.spec, tmp_path / "config.json", "local", "test", model="hybrid")
+        return
+    assert "GE*E" in (outcome["folder"] / "qwen3_next_hybrid.py").read_text()  # HYBRID_LAYER_PATTERN
+    for index in range(len(HYBRID)):
+        results = outcome["results"][len(GOOD) + len(WRONG) + index]
+        for result in results:
+            assert result.error is None, result.error
+        rank0 = results[0]
+        assert rank0.bit_exact == rank0.tensors == len(load_file(outcome["folder"] / "model.safetensors"))
+        assert rank0.max_logit_diff <= 1e-5 and rank0.ok

@@ -378,6 +378,15 @@ def _zero_centered_norms(block_spec: Any) -> None:
     block_spec.layer_norm = swap(block_spec.layer_norm)
 
 
+def _zero_centered_spec(spec: Any) -> Any:
+    """`_zero_centered_norms` of one module spec (a hybrid stack's layer)."""
+    from types import SimpleNamespace
+
+    holder = SimpleNamespace(layer_specs=[spec], layer_norm=None)
+    _zero_centered_norms(holder)
+    return holder.layer_specs[0]
+
+
 def _torch_l2norm(x: torch.Tensor, dim: int = -1, eps: float = 1e-6) -> torch.Tensor:
     """flash-linear-attention's `l2norm` (x / sqrt(sum(x^2) + eps), eps 1e-6) in torch."""
     return x / torch.sqrt((x * x).sum(dim=dim, keepdim=True) + eps)
@@ -509,8 +518,10 @@ def hybrid_layer_pattern(dims: ModelDims) -> str:
     """megatron-core's hybrid layer pattern of the model: each HF decoder layer is two Megatron
     layers, attention (`*`, MLA `+`) then its MLP (`-` dense, `E` experts)."""
     attention = "+" if dims.multi_latent_attention else "*"
-    moe = set(dims.moe_layers)
-    return "".join(attention + ("E" if index in moe else "-") for index in range(dims.num_layers))
+    moe, linear = set(dims.moe_layers), set(dims.linear_attention_layers)
+    return "".join(
+        ("G" if index in linear else attention) + ("E" if index in moe else "-") for index in range(dims.num_layers)
+    )
 
 
 def hybrid_model_class() -> tuple[type, str]:
@@ -576,7 +587,21 @@ def _hybrid_stack_spec(dims: ModelDims) -> tuple[Any, Any]:
         slots["mla_layer"] = attention
     if dims.num_moe_experts is not None:
         slots["moe_layer"] = ModuleSpec(module=MoELayer, submodules=with_fields(layer(dims.num_moe_experts), **mlp_only))
-    return ModuleSpec(module=Stack, submodules=Submodules(**slots)), dense.input_layernorm
+    norm = dense.input_layernorm
+    if dims.layernorm_zero_centered_gamma:
+        slots = {name: _zero_centered_spec(spec) for name, spec in slots.items()}
+        norm = ZeroCenteredRMSNorm
+    if dims.linear_attention_layers:  # 'G': the layer's input norm, then megatron-core's GatedDeltaNet
+        from megatron.core.ssm.gated_delta_net import GatedDeltaNetSubmodules
+        from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+        mixer = ModuleSpec(
+            module=_gated_delta_net_without_fla(),
+            submodules=GatedDeltaNetSubmodules(in_proj=ColumnParallelLinear, out_norm=norm, out_proj=RowParallelLinear),
+        )
+        gdn = with_fields(dense, input_layernorm=norm, self_attention=mixer, **no_mlp)
+        slots["gdn_layer"] = ModuleSpec(module=TransformerLayer, submodules=gdn)
+    return ModuleSpec(module=Stack, submodules=Submodules(**slots)), norm
 
 
 @contextmanager
@@ -620,6 +645,8 @@ def build_hybrid_model(
     pattern = hybrid_layer_pattern(dims)
     if model_class.__name__ != "HybridModel" and dims.multi_latent_attention:
         raise MapgenError("a hybrid model with multi-latent attention needs megatron-core 0.17 or later (HybridModel)")
+    if model_class.__name__ != "HybridModel" and dims.linear_attention_layers:
+        raise MapgenError("a hybrid model with gated delta net layers ('G') needs megatron-core 0.17 or later (HybridModel)")
     if dims.sliding_window is not None:
         raise MapgenError(
             "sliding-window attention in a hybrid model is not supported: megatron-core's "
