@@ -92,6 +92,28 @@ def test_heads_that_do_not_split_are_refused() -> None:
         rt.gdn_in_proj_import(Group(0, 1), module.in_proj_qkvz.weight, module.in_proj_ba.weight[:-2], **ARGS)
 
 
+def test_published_config_dims() -> None:
+    """What the spec reads from the published config.json: every fourth layer full attention
+    (full_attention_interval, as transformers derives layer_types), the gated delta net sizes,
+    the gated shared expert, the zero-centred norms and the partial rope."""
+    from mapgen.compiler.config import read_hf_config, translate
+    from mapgen.compiler.spec import parse_spec
+
+    spec = parse_spec(TARGET.spec, (testing.ROOT / TARGET.spec).read_text())
+    dims = translate(spec, read_hf_config("config.json", (testing.ROOT / TARGET.config).read_text()))
+    import transformers
+
+    published = json.loads((testing.ROOT / TARGET.config).read_text())
+    layer_types = transformers.AutoConfig.for_model(**published).layer_types  # transformers' own derivation
+    assert dims.linear_attention_layers == tuple(i for i, t in enumerate(layer_types) if t == "linear_attention")
+    assert len(dims.linear_attention_layers) == 36 and 3 not in dims.linear_attention_layers
+    assert (dims.linear_num_key_heads, dims.linear_num_value_heads, dims.linear_key_head_dim, dims.linear_value_head_dim) == (16, 32, 128, 128)
+    assert (dims.num_moe_experts, dims.moe_router_topk, dims.moe_shared_expert_intermediate_size) == (512, 10, 512)
+    assert dims.moe_shared_expert_gate and dims.attention_output_gate and dims.layernorm_zero_centered_gamma
+    assert (dims.rotary_percent, dims.kv_channels, dims.num_query_groups) == (0.25, 256, 2)
+    assert dims.moe_layers == tuple(range(48))
+
+
 def _spec_with(folder: Path, old: str, new: str) -> Path:
     text = (testing.ROOT / TARGET.spec).read_text()
     assert text.count(old) == 1, old
@@ -163,7 +185,7 @@ def test_a_wrong_norm_convention_fails_the_forward_check(outcome: dict[str, Any]
     assert rank0.max_logit_diff > 1e-3 and not rank0.ok
 
 
-def test_hybrid_model_builds_gdn_layers_from_0_17_and_is_refused_before(outcome: dict[str, Any], tmp_path: Path) -> None:
+def test_hybrid_model_builds_gdn_layers_from_0_17_and_is_refused_before(request: pytest.FixtureRequest, tmp_path: Path) -> None:
     """megatron-core 0.17+: the HybridModel module ('G' layers) at TP2 x PP2 and PP2 x EP2 against
     transformers, export bit-exact; 0.16's MambaModel has no 'G' layer: the build says so."""
     if not HAS_HYBRID_MODEL:
@@ -171,6 +193,7 @@ def test_hybrid_model_builds_gdn_layers_from_0_17_and_is_refused_before(outcome:
         with pytest.raises(MapgenError, match=r"gated delta net layers \('G'\) needs megatron-core 0.17 or later"):
             compile_target("h", testing.ROOT / TARGET.spec, tmp_path / "config.json", "local", "test", model="hybrid")
         return
+    outcome: dict[str, Any] = request.getfixturevalue("outcome")
     assert "GE*E" in (outcome["folder"] / "qwen3_next_hybrid.py").read_text()  # HYBRID_LAYER_PATTERN
     for index in range(len(HYBRID)):
         results = outcome["results"][len(GOOD) + len(WRONG) + index]

@@ -68,9 +68,9 @@ def gdn_in_proj_import(
         raise ValueError(f"in_proj_ba {list(ba.shape)} does not fit {heads} key heads of in_proj_qkvz {list(qkvz.shape)}")
     first, count = _rank_heads(group, heads)
     per_head = qkvz.narrow(0, first * qkvz_rows, count * qkvz_rows).reshape(count, qkvz_rows, *tail)
-    q, k, v, z = per_head.split([key_dim, key_dim, v_per_k * value_dim, v_per_k * value_dim], dim=1)
+    q, k, v, z = torch.split(per_head, [key_dim, key_dim, v_per_k * value_dim, v_per_k * value_dim], dim=1)
     gates = ba.narrow(0, first * ba_rows, count * ba_rows).reshape(count, ba_rows, *tail)
-    b, a = gates.split([v_per_k, v_per_k], dim=1)
+    b, a = torch.split(gates, [v_per_k, v_per_k], dim=1)
     return concat_into([t.reshape(-1, *tail) for t in (q, k, v, z, b, a)], 0, out)
 
 
@@ -83,7 +83,8 @@ def gdn_in_proj_export(
     for part in parts:
         tail = part.shape[1:]
         count = _heads(part.shape[0], 2 * key_dim + 2 * v_per_k * value_dim + 2 * v_per_k, "in_proj shard")
-        q, k, v, z, b, a = part.split(
+        q, k, v, z, b, a = torch.split(
+            part,
             [count * key_dim, count * key_dim, count * v_per_k * value_dim, count * v_per_k * value_dim,
              count * v_per_k, count * v_per_k],
             dim=0,
@@ -119,7 +120,7 @@ def gdn_conv_export(parts: Sequence[torch.Tensor], *, key_dim: int, value_dim: i
     sections: list[tuple[torch.Tensor, ...]] = []
     for part in parts:
         count = _heads(part.shape[0], 2 * key_dim + v_per_k * value_dim, "conv1d shard")
-        sections.append(part.split([count * key_dim, count * key_dim, count * v_per_k * value_dim], dim=0))
+        sections.append(torch.split(part, [count * key_dim, count * key_dim, count * v_per_k * value_dim], dim=0))
     if len(sections) == 1:
         return parts[0]
     return torch.cat([piece for index in range(3) for piece in (s[index] for s in sections)], dim=0)
