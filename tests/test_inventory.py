@@ -192,3 +192,17 @@ def test_hybrid_inventory_with_gated_delta_net_layers() -> None:
     expected = {p.name: (p.shape, p.partition_dim, p.module_kind) for p in _skeleton_params(full, dims.params_dtype)}
     ours = {p.name: (p.shape, p.partition_dim, p.module_kind) for p in megatron_inventory(dims, "local", "hybrid")}
     assert ours == expected
+
+
+def test_zero_centred_norms_do_not_leak_into_later_builds() -> None:
+    """The local spec's norms are swapped for ZeroCenteredRMSNorm in the spec objects of one
+    build: a model built after it in the same process (the distributed tests build many) keeps
+    megatron-core's own norms."""
+    from mapgen.compiler.megatron_model import ZeroCenteredRMSNorm
+
+    ensure_single_process_parallel_state()
+    with torch.device("meta"):
+        zero_centred = build_gpt_model(GDN_DIMS)
+        plain = build_gpt_model(INTERLEAVED_DIMS)
+    assert any(isinstance(m, ZeroCenteredRMSNorm) for m in zero_centred.modules())
+    assert not any(isinstance(m, ZeroCenteredRMSNorm) for m in plain.modules())
