@@ -212,7 +212,7 @@ def _inverse(shards: ParamShards) -> str | None:
     if rule.kind in ("concat_qkv", "vision_qkv"):
         return "then split per query group and joined back into one [Q; K; V]"
     if rule.kind == "gated_mlp":
-        if len(plan.hf_names) == 1:  # a stacked-experts slice
+        if len(plan.hf_names) == 1:  # one [gate; up] tensor, or a stacked-experts slice of one
             return "then each rank's [gate_r; up_r] halved, the gates and the ups joined back into one [gate; up]"
         return "then each rank's [gate_r; up_r] halved, the gates joined into gate, the ups into up"
     if rule.kind == "gdn_in_proj":

@@ -163,8 +163,9 @@ def test_deepseek_first_k_dense_replace_still_gives_the_dense_layers() -> None:
         ("qwen3_8b", {"use_sliding_window": True, "sliding_window": 5, "layer_types": ["sliding_attention", "full_attention"] * 3}),
         ("mixtral_8x7b", {"sliding_window": 5}),
         ("qwen3_30b_a3b", {"use_sliding_window": True, "sliding_window": 5}),
+        ("phi3_mini_4k", {"sliding_window": 5}),
     ],
-    ids=["qwen2", "qwen3", "qwen3-layer-types", "mixtral", "qwen3-moe"],
+    ids=["qwen2", "qwen3", "qwen3-layer-types", "mixtral", "qwen3-moe", "phi3"],
 )
 def test_sliding_window_layers_are_the_ones_transformers_uses(target: str, changes: dict[str, Any]) -> None:
     fields = testing.standin_config(_published(target), num_layers=6)

@@ -191,7 +191,37 @@ def test_gated_mlp_per_expert_and_stacked() -> None:
     )
     pair = functions_of(stacked[1])
     assert pair.import_expr == "rt.gated_mlp_import(ctx.etp, *rt.halves(load('model.layers.0.mlp.experts.gate_up_proj')[1]), out=out)"
-    assert pair.export_expr == "{'model.layers.0.mlp.experts.gate_up_proj[1]': rt.stacked_gated_mlp_export(parts)}"
+    assert pair.export_expr == "{'model.layers.0.mlp.experts.gate_up_proj[1]': rt.fused_gated_mlp_export(parts)}"
+
+
+FUSED_GATED = """\
+  - megatron: decoder.layers.*.mlp.linear_fc1.weight
+    hf: model.layers.*.mlp.gate_up_proj.weight
+    kind: gated_mlp
+"""
+
+
+def test_gated_mlp_from_one_fused_tensor() -> None:
+    """One hf pattern: the tensor is [gate; up] (Phi-3's gate_up_proj), halved on import and
+    joined back on export; the role is gate_up, as for a stacked-experts slice."""
+    megatron = [_param("decoder.layers.0.mlp.linear_fc1.weight", (12, 8), "TELayerNormColumnParallelLinear", 0, 0)]
+    (mapping,) = _expand(FUSED_GATED, megatron, [HFTensor("model.layers.0.mlp.gate_up_proj.weight", (12, 8))])
+    (source,) = mapping.hf
+    assert (source.role, source.name, source.expert_slice, mapping.split) == ("gate_up", "model.layers.0.mlp.gate_up_proj.weight", None, "column")
+    pair = functions_of(mapping)
+    assert pair.import_expr == "rt.gated_mlp_import(ctx.tp, *rt.halves(load('model.layers.0.mlp.gate_up_proj.weight')), out=out)"
+    assert pair.export_expr == "{'model.layers.0.mlp.gate_up_proj.weight': rt.fused_gated_mlp_export(parts)}"
+    with pytest.raises(SpecError) as raised:  # the fused tensor must be the Megatron shape
+        _expand(FUSED_GATED, megatron, [HFTensor("model.layers.0.mlp.gate_up_proj.weight", (6, 8))])
+    assert "[gate; up] model.layers.0.mlp.gate_up_proj.weight [6, 8] is not the Megatron shape [12, 8]" in raised.value.messages[0]
+
+
+def test_gated_mlp_takes_two_patterns_or_one() -> None:
+    with pytest.raises(SpecError) as raised:
+        _expand(FUSED_GATED.replace("gate_up_proj", "{gate,up,down}_proj"), [], [])
+    assert raised.value.messages == [
+        "spec.yaml:17:9: kind 'gated_mlp' takes 2 HF tensor(s) (gate, up) or one gate_up tensor, the pattern names 3"
+    ]
 
 
 def test_a_stacked_tensor_with_a_slice_nobody_reads_is_reported() -> None:

@@ -67,3 +67,17 @@ def test_deepseek_v3_module_describes_its_model() -> None:
     assert plans["decoder.layers.3.mlp.shared_experts.linear_fc1.weight"].shape == (2 * 2048, 7168)
     assert deepseek_v3.IGNORED_HF == {"model.layers.61.": deepseek_v3.IGNORED_HF["model.layers.61."]}
     assert deepseek_v3.DIMS.moe_router_topk_scaling_factor == 2.5 and deepseek_v3.DIMS.rope_type == "yarn"
+
+
+def test_phi3_module_reads_its_fused_tensors() -> None:
+    """Phi-3-mini-4k: linear_qkv from the one qkv_proj (32 heads, 32 groups, head_dim 96),
+    linear_fc1 from the one gate_up_proj, a window of 2047 positions in all 32 layers."""
+    from generated import phi3_mini_4k
+
+    plans = {p.megatron_name: p for p in phi3_mini_4k.PARAMS}
+    qkv = plans["decoder.layers.31.self_attention.linear_qkv.weight"]
+    assert (qkv.shape, qkv.split_dim, qkv.hf_names) == ((3 * 3072, 3072), 0, ("model.layers.31.self_attn.qkv_proj.weight",))
+    fc1 = plans["decoder.layers.31.mlp.linear_fc1.weight"]
+    assert (fc1.shape, fc1.split_dim, fc1.hf_names) == ((2 * 8192, 3072), 0, ("model.layers.31.mlp.gate_up_proj.weight",))
+    assert phi3_mini_4k.RULES[fc1.rule].roles == ("gate_up",)
+    assert phi3_mini_4k.DIMS.sliding_window == 2047 and phi3_mini_4k.DIMS.window_attention_layers == tuple(range(32))

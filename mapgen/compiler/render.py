@@ -70,6 +70,8 @@ def _rule_literal(rule: Rule, example: Mapping, rule_mappings: list[Mapping] | N
         fields.append(f"qkv=QKVGeometry({g.heads}, {g.groups}, {g.head_dim}, {g.gate}{value_dim})")
     if all(is_linear_weight(m) for m in rule_mappings or [example]):
         fields.append("linear_weight=True")
+    if rule.interleaved:
+        fields.append("interleaved=True")
     return f"RulePlan({', '.join(fields)})"
 
 
@@ -130,7 +132,7 @@ def render(target: Target, header: list[str]) -> str:
         hf_architecture=repr(target.hf_architecture),
         spec_path=repr(target.spec.path),
         config_path=repr(target.config.path),
-        dims=[(name, repr(value)) for name, value in target.dims.rendered_items()],
+        dims=[(name, repr(value)) for name, value in target.dims.as_literal_items()],
         rules=[_rule_literal(rule, example[rule], by_rule[rule]) for rule in rules],
         functions=functions,
         plans=[_plan_literal(m, index[m.rule], f) for m, f in zip(target.mappings, functions)],

@@ -3,13 +3,16 @@
 from mapgen.common.dims import ModelDims
 from mapgen.runtime.context import Group, ParallelContext
 from mapgen.runtime.ops import (
+    alternate_rows,
     column_export,
     column_import,
     concat_qkv_export,
     concat_qkv_import,
+    fused_gated_mlp_export,
     gated_mlp_export,
     gated_mlp_import,
     halves,
+    interleaved_gated_mlp_export,
     kv_export,
     kv_import,
     qkv_export,
@@ -17,7 +20,6 @@ from mapgen.runtime.ops import (
     reshape_import,
     row_export,
     row_import,
-    stacked_gated_mlp_export,
     whole_import,
 )
 from mapgen.common.layout import QKVGeometry
@@ -41,10 +43,12 @@ __all__ = [
     "ParamPlan",
     "QKVGeometry",
     "RulePlan",
+    "alternate_rows",
     "column_export",
     "column_import",
     "concat_qkv_export",
     "concat_qkv_import",
+    "fused_gated_mlp_export",
     "gated_mlp_export",
     "gdn_conv_export",
     "gdn_conv_import",
@@ -52,6 +56,7 @@ __all__ = [
     "gdn_in_proj_import",
     "gated_mlp_import",
     "halves",
+    "interleaved_gated_mlp_export",
     "inverse_permutation",
     "kv_export",
     "kv_import",
@@ -61,7 +66,6 @@ __all__ = [
     "reshape_import",
     "row_export",
     "row_import",
-    "stacked_gated_mlp_export",
     "whole_import",
     "zero_centered_from_hf",
     "zero_centered_to_hf",

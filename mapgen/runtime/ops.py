@@ -175,12 +175,27 @@ def gated_mlp_export(parts: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch
 
 
 def halves(stacked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[gate; up] -> (gate, up), as views: one expert's slice of a stacked gate_up tensor."""
+    """[gate; up] -> (gate, up), as views: one fused gate_up tensor (Phi-3's gate_up_proj), or
+    one expert's slice of a stacked gate_up tensor."""
     gate, up = stacked.chunk(2, dim=0)
     return gate, up
 
 
-def stacked_gated_mlp_export(parts: Sequence[torch.Tensor]) -> torch.Tensor:
-    """One expert's [gate; up] slice of a stacked gate_up tensor, from its expert-TP shards."""
+def alternate_rows(fused: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows 0, 2, 4, ... and rows 1, 3, 5, ... of `fused`, as strided views: gate and up of a
+    fused tensor that interleaves them (gpt-oss's gate_up_proj, once transposed)."""
+    return fused[0::2], fused[1::2]
+
+
+def interleaved_gated_mlp_export(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The inverse of `alternate_rows` over the gathered [gate_r; up_r] shards: gate and up rows
+    alternating, gate first."""
+    gate, up = gated_mlp_export(parts)
+    return torch.stack([gate, up], dim=1).reshape(2 * gate.shape[0], *gate.shape[1:])
+
+
+def fused_gated_mlp_export(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """One HF tensor [gate; up] from its (expert-)TP shards: a fused gate_up tensor (Phi-3's
+    gate_up_proj), or one expert's slice of a stacked gate_up tensor."""
     gate, up = gated_mlp_export(parts)
     return torch.cat([gate, up], dim=0)

@@ -35,12 +35,14 @@ class RulePlan:
     kind: str  # the spec's kind: direct, column, row, replicated, auto, qkv, kv, ...
     megatron: str  # the Megatron name pattern
     hf: tuple[str, ...]  # the HF name pattern of each role, in `roles` order
-    roles: tuple[str, ...]  # "gate_up" is a stacked-experts slice holding [gate; up]
+    roles: tuple[str, ...]  # "gate_up": one [gate; up] tensor (fused, or a stacked-experts slice)
     permute_dims: tuple[int, ...] | None = None
     qkv: QKVGeometry | None = None
     # every parameter of the rule is the weight of a linear layer (not the output layer): what
     # an FP8 block-quantized checkpoint (DeepSeek-V3's) quantizes
     linear_weight: bool = False
+    # gated_mlp from one fused HF tensor whose gate and up rows alternate (gpt-oss)
+    interleaved: bool = False
 
 
 @dataclass(frozen=True)
