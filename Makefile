@@ -48,6 +48,10 @@ BIASED_MOE_LAYOUTS := "--ep 2" "--tp 2 --etp 1 --dp 2" "--tp 2 --ep 2 --etp 1" "
 HYBRID_TARGETS := llama3_2_1b
 HYBRID_LAYOUTS := "--tp 2 --dp 2" "--pp 2 --dp 2" "--tp 2 --pp 2"
 
+# LLaVAModel: no pipeline parallelism (megatron-core keeps the vision tower on the first stage)
+LLAVA_TARGETS := llava_1_5_7b
+LLAVA_LAYOUTS := "--tp 2" "--dp 2"
+
 verify-standins: $(VENV)/.installed  ## every target's tiny stand-in through `mapgen verify` at each layout
 	set -e; for t in $(TARGETS); do \
 	  rm -rf $(STANDINS)/$$t; $(VENV)/bin/mapgen standin specs/configs/$$t.json $(STANDINS)/$$t; \
@@ -63,6 +67,10 @@ verify-standins: $(VENV)/.installed  ## every target's tiny stand-in through `ma
 	done
 	set -e; for t in $(HYBRID_TARGETS); do \
 	  for l in $(HYBRID_LAYOUTS); do $(VENV)/bin/mapgen verify generated/$${t}_hybrid.py $(STANDINS)/$$t $$l; done; \
+	done
+	set -e; for t in $(LLAVA_TARGETS); do \
+	  rm -rf $(STANDINS)/$$t; $(VENV)/bin/mapgen standin specs/configs/$$t.json $(STANDINS)/$$t; \
+	  for l in $(LLAVA_LAYOUTS); do $(VENV)/bin/mapgen verify generated/$$t.py $(STANDINS)/$$t $$l; done; \
 	done
 
 bench: $(VENV)/.installed  ## mapgen vs Megatron-Bridge vs the hardware -> benchmarks/results-$(STACK).json (and *-$(STACK).json)

@@ -207,7 +207,7 @@ def explain_param(shards: ParamShards, smap: ShardMap, module: ModuleType, modul
 def _inverse(shards: ParamShards) -> str | None:
     """What the export function does after the gather, where it is more than taking the tensor."""
     rule, plan = shards.rule, shards.plan
-    if rule.kind in ("qkv", "kv"):
+    if rule.kind in ("qkv", "kv") or (rule.kind == "vision_qkv" and len(rule.roles) == 3):
         return f"then split per query group back into {', '.join(rule.roles)}"
     if rule.kind in ("concat_qkv", "vision_qkv"):
         return "then split per query group and joined back into one [Q; K; V]"

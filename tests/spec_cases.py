@@ -197,7 +197,7 @@ CASES: list[tuple[str, list[tuple[str, str]], dict[str, object], list[str]]] = [
         {},
         [
             "bad.yaml:4:3: dims: missing required dim 'num_layers'",
-            "bad.yaml:4:3: unknown dim 'num_layer'; did you mean 'num_layers'?",
+            "bad.yaml:4:3: unknown dim 'num_layer'; did you mean 'num_layers' or 'vision_num_layers'?",
         ],
     ),
     (

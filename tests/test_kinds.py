@@ -220,7 +220,7 @@ def test_gated_mlp_takes_two_patterns_or_one() -> None:
     with pytest.raises(SpecError) as raised:
         _expand(FUSED_GATED.replace("gate_up_proj", "{gate,up,down}_proj"), [], [])
     assert raised.value.messages == [
-        "spec.yaml:17:9: kind 'gated_mlp' takes 2 HF tensor(s) (gate, up) or one gate_up tensor, the pattern names 3"
+        "spec.yaml:17:9: kind 'gated_mlp' takes 2 HF tensor(s) (gate, up) or 1 HF tensor(s) (gate_up), the pattern names 3"
     ]
 
 

@@ -21,13 +21,23 @@ DTYPES = ("float32", "bfloat16", "float16")
 # megatron-core activation functions a spec may name (quick_gelu: x * sigmoid(1.702 x), gpt-oss)
 ACTIVATIONS = ("silu", "gelu", "quick_gelu")
 SOFTMAX_TYPES = ("vanilla", "off-by-one", "learnable")  # megatron-core's TransformerConfig.softmax_type
-# ModelDims fields added after modules were checked in: a module's DIMS names them only where set
+# a LLaVA model's vision tower and projector (ModelDims.vision)
+VISION_DIMS = frozenset(
+    (
+        "vision_num_layers", "vision_hidden_size", "vision_ffn_hidden_size", "vision_num_attention_heads",
+        "vision_kv_channels", "vision_layernorm_epsilon", "vision_activation", "vision_image_size",
+        "vision_patch_size", "vision_num_channels", "drop_vision_class_token", "projector_activation",
+        "image_token_index",
+    )
+)
+# ModelDims fields added after modules were checked in: a module's DIMS names them only where
+# they differ from their default, so modules built before them keep their bytes
 LATE_FIELDS = frozenset(
     {"softmax_type", "glu_linear_offset", "activation_func_clamp_value", "rope_correction_range_round_to_int",
      # gated delta net (Qwen3-Next)
      "linear_attention_layers", "linear_conv_kernel_dim", "linear_key_head_dim", "linear_value_head_dim",
      "linear_num_key_heads", "linear_num_value_heads"}
-)
+) | VISION_DIMS
 
 
 @dataclass(frozen=True)
@@ -109,6 +119,26 @@ class ModelDims:
     linear_value_head_dim: int = 0
     linear_num_key_heads: int = 0
     linear_num_value_heads: int = 0
+    # a LLaVA model's vision tower (megatron-core's CLIPViTModel) and projector; the dims above
+    # are its language model's. None: no vision tower (every other model)
+    vision_num_layers: int | None = None  # the layers LLaVA uses (HF's vision_feature_layer)
+    vision_hidden_size: int = 0
+    vision_ffn_hidden_size: int = 0
+    vision_num_attention_heads: int = 0
+    vision_kv_channels: int = 0
+    vision_layernorm_epsilon: float = 1e-5
+    vision_activation: str = "quick_gelu"
+    vision_image_size: int = 0
+    vision_patch_size: int = 0
+    vision_num_channels: int = 3
+    drop_vision_class_token: bool = True
+    projector_activation: str = "gelu"
+    image_token_index: int = 0
+
+    @property
+    def vision(self) -> bool:
+        """Whether the model has a vision tower (a LLaVA model)."""
+        return self.vision_num_layers is not None
 
     @property
     def moe_layers(self) -> tuple[int, ...]:
@@ -155,6 +185,8 @@ class ModelDims:
             )
         if self.normalization not in ("RMSNorm", "LayerNorm"):
             found.append(("normalization", f"must be RMSNorm or LayerNorm, got {self.normalization!r}"))
+        if self.vision:
+            found += self._vision_problems()
         if self.activation not in ACTIVATIONS:
             found.append(("activation", f"must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}"))
         if self.softmax_type not in SOFTMAX_TYPES:
@@ -191,6 +223,27 @@ class ModelDims:
                             f"is {value}, but megatron-core's llama3 rope scaling is fixed at {fixed}",
                         )
                     )
+        return found
+
+    def _vision_problems(self) -> list[tuple[str, str]]:
+        found: list[tuple[str, str]] = []
+        for name in (
+            "vision_num_layers", "vision_hidden_size", "vision_ffn_hidden_size", "vision_num_attention_heads",
+            "vision_kv_channels", "vision_image_size", "vision_patch_size", "vision_num_channels",
+            "vision_layernorm_epsilon",
+        ):
+            if getattr(self, name) <= 0:
+                found.append((name, f"must be positive, got {getattr(self, name)}"))
+        if (self.vision_num_layers or 0) > MAX_LAYERS:
+            found.append(("vision_num_layers", f"{self.vision_num_layers:,} is over mapgen's limit of {MAX_LAYERS:,} layers"))
+        if self.vision_patch_size > 0 and self.vision_image_size % self.vision_patch_size:
+            found.append(
+                ("vision_image_size", f"{self.vision_image_size} is no multiple of the patch size {self.vision_patch_size}")
+            )
+        if self.vision_activation not in ("quick_gelu", "gelu"):
+            found.append(("vision_activation", f"must be quick_gelu or gelu, got {self.vision_activation!r}"))
+        if self.projector_activation not in ("gelu",):
+            found.append(("projector_activation", f"must be gelu, got {self.projector_activation!r}"))
         return found
 
     def _moe_problems(self) -> list[tuple[str, str]]:

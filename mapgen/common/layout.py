@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 LAYOUTS = ("te", "local")  # megatron-core's TransformerEngine layer-spec names, or its local ones
-MODEL_CLASSES = ("gpt", "hybrid")  # megatron-core's GPTModel, or its HybridModel
+MODEL_CLASSES = ("gpt", "hybrid", "llava")  # megatron-core's GPTModel, its HybridModel, or LLaVAModel
 HF_EXPERTS = ("per_expert", "stacked")  # how an HF checkpoint stores MoE experts
 
 

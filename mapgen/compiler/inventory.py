@@ -84,6 +84,10 @@ def megatron_inventory(dims: ModelDims, layout: str, model: str = "gpt") -> tupl
     """Every parameter in `layout`'s names; `te_name` is always the te layout's name of the
     GPTModel parameter that holds the same weights, so one set of spec rules serves both
     layouts and both model classes."""
+    if model == "llava":
+        from mapgen.compiler.llava_model import llava_inventory
+
+        return llava_inventory(dims, layout)
     local = _local_inventory(dims)
     te = to_te_layout(local)
     if model == "hybrid":

@@ -113,6 +113,8 @@ class Kind:
 
     name: ClassVar[str]
     roles: ClassVar[tuple[str, ...]] = ("hf",)
+    # further role sets a rule may give instead of `roles` (told apart by their count or keys)
+    alternative_roles: ClassVar[tuple[tuple[str, ...], ...]] = ()
     doc: ClassVar[str]
     # the roles when the checkpoint stacks the experts (the rule's `fused_hf`); () if it may not
     stacked_roles: ClassVar[tuple[str, ...]] = ()
@@ -120,11 +122,11 @@ class Kind:
     interleavable: ClassVar[bool] = False  # takes `interleaved` (a fused tensor's parts alternate)
     extra_keys: ClassVar[tuple[str, ...]] = ()  # rule keys only this kind takes (all required)
     merges_heads: ClassVar[bool] = False  # needs a QKVGeometry (`geometry`)
-    # the role of one HF tensor that holds every role's rows one after another along dim 0,
-    # which the spec names with a single `hf:` pattern (gated_mlp: gate_up = [gate; up]); "" if
-    # the kind has no such form
-    one_tensor_role: ClassVar[str] = ""
     fixed_split: ClassVar[str] = ""  # the TP split of a kind that implies one; auto decides per parameter
+
+    @property
+    def role_sets(self) -> tuple[tuple[str, ...], ...]:
+        return (self.roles, *self.alternative_roles)
 
     def __str__(self) -> str:
         return self.name
@@ -374,10 +376,25 @@ class ConcatQKV(_Attention):
 class VisionQKV(ConcatQKV):
     name = "vision_qkv"
     doc = (
-        "concat_qkv for a vision encoder (multi-head: one group per head); the rule's heads "
-        "and head_dim give the encoder's sizes, which differ from the language model's."
+        "qkv (three HF tensors q, k, v: CLIP's q_proj, k_proj, v_proj) or concat_qkv (one "
+        "[Q; K; V]) for a vision encoder, with as many query groups as heads; the rule's heads "
+        "and head_dim give the encoder's sizes, which differ from the language model's. "
+        "Weights and 1-D biases alike."
     )
     extra_keys = ("heads", "head_dim")
+    alternative_roles = (("q", "k", "v"),)
+
+    def import_expr(self, m: Mapping, group: str) -> str:
+        assert m.qkv is not None
+        if len(m.hf) == 3:
+            return f"rt.qkv_import({group}, {_loads(m)}, {_qkv_args(m.qkv)}, out=out)"
+        return super().import_expr(m, group)
+
+    def export_expr(self, m: Mapping) -> str:
+        assert m.qkv is not None
+        if len(m.hf) == 3:
+            return _outputs(m, f"rt.qkv_export(parts, {_qkv_args(m.qkv)})")
+        return super().export_expr(m)
 
     def geometry(self, rule: Rule, dims: ModelDims, config: HFConfig, errors: ErrorSink) -> QKVGeometry | None:
         from mapgen.compiler.config import evaluate_in_context, evaluate_reported
@@ -399,7 +416,7 @@ class GatedMLP(Kind):
     name = "gated_mlp"
     roles = ("gate", "up")
     stacked_roles = ("gate_up",)  # one slice of a stacked [E, 2I, H] tensor: [gate; up]
-    one_tensor_role = "gate_up"  # one fused [2I, H] tensor, [gate; up] (Phi-3's gate_up_proj)
+    alternative_roles = (("gate_up",),)  # one fused [2I, H] tensor, [gate; up] (Phi-3's gate_up_proj)
     doc = (
         "Import: rank r holds [gate_r; up_r], the r-th TP blocks of each. Export: gather, "
         "split every rank's block in halves, concatenate the gate halves and the up halves. "

@@ -735,6 +735,10 @@ def build_model(dims: ModelDims, model: str = "gpt", **kwargs: Any) -> Any:
     """`build_gpt_model` or `build_hybrid_model`, by the module's model class."""
     if model not in MODEL_CLASSES:
         raise ValueError(f"model class must be one of {', '.join(MODEL_CLASSES)}, got {model!r}")
+    if model == "llava":
+        from mapgen.compiler.llava_model import build_llava_model
+
+        return build_llava_model(dims, **kwargs)
     return (build_hybrid_model if model == "hybrid" else build_gpt_model)(dims, **kwargs)
 
 

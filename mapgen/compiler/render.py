@@ -78,6 +78,9 @@ def _rule_literal(rule: Rule, example: Mapping, rule_mappings: list[Mapping] | N
 _LINEAR_WEIGHT = re.compile(r"weight\d*")
 
 
+LANGUAGE_MODEL = {"llava": "language_model."}  # where a model class keeps its GPTModel's names
+
+
 def is_linear_weight(m: Mapping) -> bool:
     """The parameter is the weight of a linear layer (megatron-core's or TransformerEngine's
     column, row, grouped or plain linear; `weight<E>` of a grouped one), not the output layer's:
@@ -85,7 +88,7 @@ def is_linear_weight(m: Mapping) -> bool:
     embeddings, norms, the router or lm_head)."""
     return (
         m.module_kind.endswith("Linear")
-        and not m.megatron_name.startswith("output_layer.")
+        and not m.megatron_name.removeprefix("language_model.").startswith("output_layer.")
         and _LINEAR_WEIGHT.fullmatch(m.megatron_name.rsplit(".", 1)[-1]) is not None
         and all(len(s.shape) == 2 for s in m.hf)
     )
@@ -121,7 +124,7 @@ def render(target: Target, header: list[str]) -> str:
         header=header,
         docstring=(
             f"Weight mapping between HF {target.hf_architecture} and Megatron-Core "
-            + ("HybridModel " if target.model == "hybrid" else "")
+            + ("HybridModel " if target.model == "hybrid" else "LLaVAModel " if target.model == "llava" else "")
             + f"({target.layout} layout) for {target.name}: {len(target.mappings)} Megatron "
             f"parameters, {len(target.hf_tensors)} HF tensors."
         ),
@@ -141,7 +144,7 @@ def render(target: Target, header: list[str]) -> str:
         ],
         ignored_hf=[(repr(prefix), repr(why)) for prefix, why in sorted(target.ignored_hf)],
         tied=[
-            (repr("output_layer.weight"), repr("embedding.word_embeddings.weight"))
+            tuple(repr(LANGUAGE_MODEL.get(target.model, "") + n) for n in ("output_layer.weight", "embedding.word_embeddings.weight"))
         ]
         if target.dims.share_embeddings_and_output_weights
         else [],

@@ -383,6 +383,7 @@ def _parse_hf(
         roles = kind.stacked_roles
     texts: list[tuple[str, str]] = []
     if isinstance(node.value, dict):
+        roles = next((r for r in kind.role_sets if set(r) == set(node.value)), roles)
         if set(node.value) != set(roles) or len(roles) == 1:
             errors.add(
                 node.loc,
@@ -407,15 +408,13 @@ def _parse_hf(
             return None
         if expanded is None:
             expanded = [node.value]
-        if len(expanded) == 1 and len(roles) > 1 and kind.one_tensor_role:
-            # one tensor holding every role's rows in turn (gated_mlp: [gate; up])
-            roles = (kind.one_tensor_role,)
+        roles = next((r for r in kind.role_sets if len(r) == len(expanded)), roles)
         if len(expanded) != len(roles):
-            one = f" or one {kind.one_tensor_role} tensor" if kind.one_tensor_role else ""
             errors.add(
                 node.loc,
-                f"kind '{kind}' takes {len(roles)} HF tensor(s) ({', '.join(roles)}){one}, "
-                f"the pattern names {len(expanded)}",
+                f"kind '{kind}' takes "
+                + " or ".join(f"{len(r)} HF tensor(s) ({', '.join(r)})" for r in kind.role_sets)
+                + f", the pattern names {len(expanded)}",
             )
             return None
         texts = list(zip(roles, expanded))

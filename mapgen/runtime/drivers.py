@@ -231,9 +231,34 @@ def _shape_problem(plan: ParamPlan, actual: tuple[int, ...], ctx: ParallelContex
     return None
 
 
+def llava_problems(module: Module, tp: int, stages: int) -> list[str]:
+    """A LLaVAModel module's refusals: pipeline stages (megatron-core's LLaVAModel keeps the
+    vision tower and projector on the first stage only; mapgen places parameters by the
+    language model's layers), and TP not dividing the vision tower's heads."""
+    dims = getattr(module, "DIMS", None)
+    if getattr(module, "MODEL", "gpt") != "llava" or dims is None:
+        return []
+    found = []
+    if stages > 1:
+        found.append(
+            f"pp x vpp {stages}: {module.TARGET} is a LLaVAModel, supported without pipeline parallelism only "
+            "(megatron-core puts its vision tower on the first stage)"
+        )
+    if dims.vision_num_attention_heads % tp:
+        found.append(f"tp {tp} does not divide the {dims.vision_num_attention_heads} vision attention heads of {module.TARGET}")
+    return found
+
+
 def _layout_problems(module: Module, ctx: ParallelContext) -> list[str]:
     """Divisibility the generated functions rely on (query groups over TP)."""
     dims = getattr(module, "DIMS", None)
+    if dims is not None and getattr(module, "MODEL", "gpt") == "llava":
+        return llava_problems(module, ctx.tp.size, ctx.pp.size * ctx.vpp_size) + (
+            [] if dims.num_query_groups % ctx.tp.size == 0 else [
+                f"TP size {ctx.tp.size} does not divide the {dims.num_query_groups} query groups "
+                f"(KV heads) of {module.TARGET}"
+            ]
+        )
     if dims is None or dims.num_query_groups % ctx.tp.size == 0:
         return []
     return [

@@ -444,7 +444,7 @@ def _pieces(
         q_rows = geometry.heads // geometry.groups * d * (2 if geometry.gate else 1)
         q = (first * q_rows, (first + count) * q_rows)
         kv = (first * d, (first + count) * d)
-        if kind in ("qkv", "kv"):
+        if kind in ("qkv", "kv") or len(sources) == 3:  # vision_qkv from CLIP's q, k, v too
             rows = {"q": q, "k": kv, "v": kv}
             return tuple(piece(i, [(rows[s[2]],), *_full(s[3][1:])]) for i, s in enumerate(sources))
         q_total, kv_total = geometry.heads * d, geometry.groups * d
@@ -543,6 +543,8 @@ def shard_map(module: ModuleType, layout: ShardLayout, *, ranks: bool = True, na
         raise ShardMapError(f"layout {layout}: " + "; ".join(problems))
     if getattr(module, "MODEL", "gpt") == "hybrid" and layout.vpp > 1:
         raise ShardMapError("hybrid modules have no virtual pipeline stages in mapgen (megatron-core sets them with '|' in the layer pattern)")
+    if getattr(module, "MODEL", "gpt") == "llava" and layout.pp * layout.vpp > 1:
+        raise ShardMapError(f"{module.TARGET} is a LLaVAModel, supported without pipeline parallelism only (megatron-core puts its vision tower on the first stage)")
     vocab = {
         p.megatron_name for p in module.PARAMS
         if p.megatron_name in VOCAB_PARAMS and p.split_dim == 0 and p.shape[0] == module.DIMS.vocab_size

@@ -776,7 +776,7 @@ def _local_data(
         if kind == "kv":
             return list(transforms.kv_split(local, groups=count, head_dim=g.head_dim))
         q, k, v = transforms.qkv_split(local, heads=heads, groups=count, head_dim=g.head_dim, gate=g.gate)
-        return [q, k, v] if kind == "qkv" else [torch.cat([q, k, v], dim=0)]
+        return [q, k, v] if kind == "qkv" or len(rule.roles) == 3 else [torch.cat([q, k, v], dim=0)]
     if kind == "reshape" and plan.split_dim is not None and size > 1:
         # no inverse of a block of a reshape by itself: export with zeros for the other ranks'
         # shards (a local computation), then take this rank's coordinates

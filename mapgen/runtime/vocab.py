@@ -12,7 +12,13 @@ import torch
 
 # The Megatron parameters whose dim 0 is the vocabulary (when the module's plan says so: their
 # global shape's dim 0 is the HF vocabulary and TP splits dim 0).
-VOCAB_PARAMS = ("embedding.word_embeddings.weight", "output_layer.weight")
+VOCAB_PARAMS = (
+    "embedding.word_embeddings.weight",
+    "output_layer.weight",
+    # a LLaVAModel's language model
+    "language_model.embedding.word_embeddings.weight",
+    "language_model.output_layer.weight",
+)
 
 
 def padded_vocab_size(vocab_size: int, make_vocab_size_divisible_by: int, tp_size: int) -> int:

@@ -73,6 +73,7 @@ class Result:
     vocab: tuple[int, int] = (0, 0)  # HF vocabulary, the model's padded one
     max_pad_logit: float = 0.0  # largest |logit| of a pad row: zero rows give exactly 0
     nonfinite: list[str] = field(default_factory=list)  # checkpoint tensors holding NaN or inf
+    parts: dict[str, float] = field(default_factory=dict)  # LLaVA: max diff of each output compared
 
     @property
     def ok(self) -> bool:
@@ -97,6 +98,9 @@ class Result:
             f"{self.bit_exact} bit-exact, {self.dtype}{padding}, max logit diff "
             f"{self.max_logit_diff:.3g} (tolerance {self.tolerance:.3g}): {verdict}"
         )
+        if self.parts:
+            line = line.replace(" max logit diff ", " max diff ", 1)
+            line += "\n  " + ", ".join(f"{name} {diff:.3g}" for name, diff in self.parts.items())
         if self.mismatched:
             line += "\n  differ: " + ", ".join(self.mismatched)
         if math.isnan(self.max_logit_diff):
@@ -238,6 +242,10 @@ def layout_problems(module: ModuleType, layout: ParallelLayout) -> list[str]:
     for key, names in unsplit.items():
         more = f" and {len(names) - 1} more parameter(s)" if len(names) > 1 else ""
         found.append(f"{key} {names[0]}{more}")
+    if getattr(module, "MODEL", "gpt") == "llava":
+        from mapgen.verify.llava import llava_layout_problems
+
+        return found + llava_layout_problems(module, layout)
     found += _pipeline_problems(module, layout)
     return found
 
@@ -372,6 +380,11 @@ def run_job(job: Job) -> Result:
         chunks = build_model_chunks(module.DIMS, job.layout, params_dtype=dtype, vocab_size=padded, model=module.MODEL)
         converter = Converter(module, chunks, ctx, make_vocab_size_divisible_by=job.make_vocab_size_divisible_by)
         converter.load(job.hf_dir)
+        if module.MODEL == "llava":  # an image and a prompt, not tokens alone
+            from mapgen.verify.llava import run_llava_job
+
+            run_llava_job(job, module, chunks, converter, original, result)
+            return result
         input_ids = torch.randint(0, vocab, INPUT_SHAPE, generator=torch.Generator().manual_seed(7))
         logits = pipeline_logits(chunks, input_ids, ctx, module.DIMS.hidden_size)
         found = torch.zeros(4)  # max logit diff, max |pad logit|, tolerance, NaN seen (0/1)

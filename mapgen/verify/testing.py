@@ -140,6 +140,8 @@ def standin_problems(fields: dict[str, Any]) -> list[str]:
     """What keeps `standin_config` from making a stand-in of a config: the fields it reads, each
     missing or of the wrong kind."""
     problems: list[str] = []
+    if fields.get("model_type") == "llava":  # nested configs: mapgen.verify.llava shrinks them
+        return [f"needs '{k}' as an object" for k in ("text_config", "vision_config") if not isinstance(fields.get(k, {}), dict)]
     if not isinstance(fields.get("model_type"), str):
         problems.append("needs 'model_type' (a string) to know which model transformers builds")
     for name, required in (
@@ -165,6 +167,10 @@ def standin_config(fields: dict[str, Any], num_layers: int = 4, vocab_size: int 
     problems = standin_problems(fields)
     if problems:
         raise ValueError("; ".join(problems))
+    if fields.get("model_type") == "llava":
+        from mapgen.verify.llava import standin_llava_config
+
+        return standin_llava_config(fields, vocab_size=vocab_size)
     dropped = ("quantization_config", "auto_map", "bos_token_id", "eos_token_id", "pad_token_id")
     tiny = {k: v for k, v in fields.items() if k not in dropped}
     heads = int(fields["num_attention_heads"])
@@ -255,6 +261,12 @@ def save_standin(
     in `dtype`."""
     import transformers
 
+    if config_fields.get("model_type") == "llava":
+        from mapgen.verify.llava import save_llava_standin
+
+        tiny_llava = standin_config(config_fields, vocab_size=vocab_size)
+        tiny_llava.pop("model_type", None)
+        return save_llava_standin(folder, seed, config=transformers.LlavaConfig(**tiny_llava), dtype=dtype)
     tiny = standin_config(config_fields, vocab_size=vocab_size)
     config = transformers.AutoConfig.for_model(tiny.pop("model_type"), **tiny)
     return save_random_model(config, folder, seed, dtype)

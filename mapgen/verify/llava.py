@@ -1,0 +1,251 @@
+"""LLaVA stand-ins and the image + prompt check of a LLaVAModel module against transformers.
+
+A stand-in is a tiny random `LlavaForConditionalGeneration` (a CLIP vision tower, the MLP
+projector, a Llama language model) saved under the published checkpoint's names: transformers 5
+saves the tower as `vision_tower.*`, the published LLaVA-1.5 checkpoints (and transformers 4)
+as `vision_tower.vision_model.*`, which transformers 5 loads through CLIPVisionModel's
+`PrefixChange`. The check (`run_llava_job`, what `mapgen verify` runs for a `llava` module):
+two images and two prompts with one image token each through megatron-core's LLaVAModel
+(`forward(images, input_ids, ...)`, which puts the image's features where the token stands) and
+through transformers (whose prompt holds one image token per feature); compared are the vision
+features (the hidden states LLaVA reads, class token dropped), the projector's output and the
+language logits; then export against the checkpoint's bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+TOWER_SAVED = "vision_tower."
+TOWER_PUBLISHED = "vision_tower.vision_model."
+PROMPT_LENGTH = 7  # text positions, the image token included
+IMAGE_POSITIONS = (2, 4)  # where each prompt of the batch has its image token
+
+
+def tiny_llava_config(**overrides: Any) -> Any:
+    """A few-layer LLaVA of the published one's shape: a CLIP tower of 3 layers (the last unused:
+    vision_feature_layer -2), 42x42 images of 14x14 patches (9 features per image), a Llama
+    language model with multi-head attention (as Vicuna-7B), untied, image token inside the
+    vocabulary (as 32000 of 32064)."""
+    import transformers
+
+    text = dict(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+        vocab_size=128, max_position_embeddings=256, rms_norm_eps=1e-5,
+    )
+    vision = dict(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4, image_size=42,
+        patch_size=14, projection_dim=16,
+    )
+    text.update(overrides.pop("text_config", {}))
+    vision.update(overrides.pop("vision_config", {}))
+    fields: dict[str, Any] = dict(
+        text_config=text, vision_config=vision, image_token_index=120, vision_feature_layer=-2,
+        vision_feature_select_strategy="default", projector_hidden_act="gelu", tie_word_embeddings=False,
+        vocab_size=text["vocab_size"],
+    )
+    fields.update(overrides)
+    return transformers.LlavaConfig(**fields)
+
+
+def standin_llava_config(fields: dict[str, Any], vocab_size: int = 128) -> dict[str, Any]:
+    """The tiny config of a published LLaVA config: its own fields, the sizes of
+    `tiny_llava_config` (multi-head or grouped-query attention as the original has it), in float32."""
+    text = dict(fields.get("text_config") or {})
+    heads = int(text.get("num_attention_heads") or 32)
+    kv_heads = int(text.get("num_key_value_heads") or heads)
+    tiny = tiny_llava_config(
+        text_config=dict(num_key_value_heads=4 if kv_heads == heads else 1 if kv_heads == 1 else 2, vocab_size=vocab_size),
+        image_token_index=min(int(fields.get("image_token_index", 120)), vocab_size - 8),
+        vision_feature_layer=fields.get("vision_feature_layer", -2),
+        vision_feature_select_strategy=fields.get("vision_feature_select_strategy", "default"),
+        projector_hidden_act=fields.get("projector_hidden_act", "gelu"),
+        tie_word_embeddings=bool(fields.get("tie_word_embeddings", False)),
+        vocab_size=vocab_size,
+    )
+    out: dict[str, Any] = tiny.to_diff_dict()
+    out["dtype"] = "float32"
+    return out
+
+
+def publish_names(folder: Path) -> None:
+    """Rename the vision tower's tensors of a transformers 5 save in `folder` to the published
+    `vision_tower.vision_model.*` (every shard file, and the index if there is one)."""
+    from safetensors.torch import load_file, save_file
+
+    def published(name: str) -> str:
+        if name.startswith(TOWER_SAVED) and not name.startswith(TOWER_PUBLISHED):
+            return TOWER_PUBLISHED + name[len(TOWER_SAVED):]
+        return name
+
+    for file in sorted(folder.glob("*.safetensors")):
+        tensors = load_file(file)
+        save_file({published(n): t for n, t in tensors.items()}, file, metadata={"format": "pt"})
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        data = json.loads(index.read_text())
+        data["weight_map"] = {published(n): f for n, f in data["weight_map"].items()}
+        index.write_text(json.dumps(data, indent=2))
+
+
+def save_llava_standin(
+    folder: Path, seed: int = 0, *, config: Any = None, dtype: torch.dtype = torch.float32
+) -> Any:
+    """A random LLaVA (norms too, so no weight is trivially 1) saved in `dtype` with the
+    published names; returns the float32 model."""
+    import transformers
+
+    llava: Any = transformers.LlavaForConditionalGeneration
+    torch.manual_seed(seed)
+    model = llava(config or tiny_llava_config()).float()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name or "layrnorm" in name:
+                param.add_(torch.randn_like(param) * 0.1)
+            elif name.endswith("class_embedding"):
+                param.copy_(torch.randn_like(param))
+    saved = model
+    if dtype != torch.float32:
+        saved = llava(model.config).to(dtype)
+        saved.load_state_dict(model.state_dict())
+        saved.config.dtype = dtype
+    saved.eval()
+    saved.save_pretrained(folder)
+    publish_names(folder)
+    return model.eval()
+
+
+def load_reference(folder: str | Path, dtype: torch.dtype) -> Any:
+    """transformers' LLaVA from the folder; every tensor of the model must come from the files
+    (a published name transformers did not map would leave a randomly initialised weight)."""
+    import transformers
+
+    llava: Any = transformers.LlavaForConditionalGeneration
+    model, info = llava.from_pretrained(
+        str(folder), dtype=dtype, output_loading_info=True
+    )
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        raise RuntimeError(f"transformers found no tensor in {folder} for {', '.join(missing[:5])}")
+    return model.eval()
+
+
+def llava_inputs(dims: Any, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(images, Megatron prompts: one image token each, HF prompts: the image token once per
+    image feature), seeded; text tokens are never the image token."""
+    generator = torch.Generator().manual_seed(7)
+    batch = len(IMAGE_POSITIONS)
+    size = dims.vision_image_size
+    images = torch.randn(batch, dims.vision_num_channels, size, size, generator=generator).to(dtype)
+    text = torch.randint(0, dims.vocab_size - 1, (batch, PROMPT_LENGTH), generator=generator)
+    text[text >= dims.image_token_index] += 1  # skip the image token's id
+    features = (size // dims.vision_patch_size) ** 2 + (0 if dims.drop_vision_class_token else 1)
+    megatron_ids, hf_ids = text.clone(), []
+    for row, position in enumerate(IMAGE_POSITIONS):
+        megatron_ids[row, position] = dims.image_token_index
+        expanded = torch.cat(
+            [text[row, :position], torch.full((features,), dims.image_token_index), text[row, position + 1:]]
+        )
+        hf_ids.append(expanded)
+    return images, megatron_ids, torch.stack(hf_ids)
+
+
+def megatron_outputs(chunk: Any, images: torch.Tensor, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """megatron-core's vision features (class token dropped as LLaVAModel drops it), projector
+    output [batch, features, hidden] and LLaVAModel's logits [batch, sequence, vocab]."""
+    model = chunk
+    while not hasattr(model, "vision_model") and hasattr(model, "module"):
+        model = model.module
+    with torch.no_grad():
+        vision = model.vision_model(images)
+        if model._drop_vision_class_token:
+            vision = vision[:, model.vision_model.class_token_len:, :]
+        projected = model.vision_projection(vision.permute(1, 0, 2).contiguous()).permute(1, 0, 2)
+        batch, seq = input_ids.shape
+        positions = torch.arange(seq).unsqueeze(0).expand_as(input_ids)
+        combined = seq - 1 + vision.shape[1]  # each prompt's image token becomes its features
+        mask = torch.triu(torch.ones(combined, combined, dtype=torch.bool), diagonal=1)[None, None]
+        logits, _ = model(images, input_ids, positions, mask)
+    return {"vision features": vision, "projector output": projected, "logits": logits}
+
+
+def hf_outputs(model: Any, images: torch.Tensor, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The same three from transformers: hidden_states[vision_feature_layer] of the tower (class
+    token dropped by the 'default' strategy), the projector on them, the model's logits."""
+    config = model.config
+    with torch.no_grad():
+        tower = model.model.vision_tower(images, output_hidden_states=True)
+        vision = tower.hidden_states[config.vision_feature_layer]
+        if config.vision_feature_select_strategy == "default":
+            vision = vision[:, 1:]
+        projected = model.model.multi_modal_projector(vision)
+        logits = model(input_ids=input_ids, pixel_values=images).logits
+    return {"vision features": vision, "projector output": projected, "logits": logits}
+
+
+def llava_layout_problems(module: Any, layout: Any) -> list[str]:
+    """What a LLaVAModel module cannot run under `layout`, beyond the language model's checks:
+    pipeline stages (megatron-core keeps the vision tower on the first stage, which mapgen does
+    not place), and TP dividing the vision tower's heads."""
+    dims, target, found = module.DIMS, module.TARGET, []
+    for flag, size in (("pp", layout.pp), ("vpp", layout.vpp)):
+        if size > 1:
+            found.append(
+                f"--{flag} {size}: {target} is a LLaVAModel, supported without pipeline parallelism only "
+                "(megatron-core puts its vision tower on the first stage)"
+            )
+    if dims.vision_num_attention_heads % layout.tp:
+        found.append(f"--tp {layout.tp} does not divide the {dims.vision_num_attention_heads} vision attention heads of {target}")
+    return found
+
+
+def run_llava_job(job: Any, module: Any, chunks: list[Any], converter: Any, original: Any, result: Any) -> None:
+    """The rest of `jobs.run_job` for a LLaVAModel module (its model is built and imported):
+    the three outputs against transformers, every rank agreeing on the verdict, then export."""
+    from mapgen.verify.jobs import logit_tolerance, nonfinite_tensors, same_bits
+
+    dtype = next(chunks[0].parameters()).dtype
+    vocab = module.DIMS.vocab_size
+    images, megatron_ids, hf_ids = llava_inputs(module.DIMS, dtype)
+    found = torch.zeros(4)  # max logit diff, max |pad logit|, tolerance, NaN seen (0/1)
+    try:
+        ours = megatron_outputs(chunks[0], images, megatron_ids)
+        theirs = hf_outputs(load_reference(job.hf_dir, dtype), images, hf_ids)
+        diffs = {}
+        for name, expected in theirs.items():
+            got = ours[name][..., :vocab] if name == "logits" else ours[name]
+            if got.shape != expected.shape:
+                raise RuntimeError(f"{name}: megatron-core gives {list(got.shape)}, transformers {list(expected.shape)}")
+            diffs[name] = float((got.float() - expected.float()).abs().max())
+        result.parts = diffs
+        found[0] = max(diffs.values())
+        found[1] = ours["logits"][..., vocab:].float().abs().max() if ours["logits"].shape[-1] > vocab else 0.0
+        found[2] = logit_tolerance(dtype, theirs["logits"].float())
+    except Exception:  # noqa: BLE001 - reported below, after the collective every rank reaches
+        result.error = traceback.format_exc()
+        found[0] = float("inf")
+    found[3] = float(bool(found[:2].isnan().any()))
+    found[:2] = found[:2].nan_to_num(nan=float("inf"))
+    dist.all_reduce(found, op=dist.ReduceOp.MAX)
+    result.max_logit_diff, result.max_pad_logit, result.tolerance = map(float, found[:3])
+    if found[3]:
+        result.max_logit_diff = math.nan
+        result.nonfinite = nonfinite_tensors(original)
+    for name, tensor in converter.export():
+        result.tensors += 1
+        if same_bits(tensor, original.get(name)):
+            result.bit_exact += 1
+        else:
+            result.mismatched.append(name)
+    ignored = tuple(getattr(module, "IGNORED_HF", {}))
+    missing = set(original.names()) - {t.name for t in module.HF_TENSORS}
+    result.mismatched += sorted(
+        f"{name} (in the checkpoint, never exported)" for name in missing if not name.startswith(ignored)
+    )
