@@ -38,7 +38,7 @@ TARGETS := llama3_2_1b llama3_1_8b llama3_1_70b qwen2_5_7b qwen3_8b phi3_mini_4k
 LAYOUTS := "--tp 2 --dp 2" "--pp 2 --dp 2" "--tp 2 --pp 2" "--pp 2 --dp 2 --first-stage-layers 1" "--pp 2 --vpp 2 --dp 2"
 STANDINS := .standins
 
-MOE_TARGETS := mixtral_8x7b qwen3_30b_a3b qwen3_235b_a22b deepseek_v3
+MOE_TARGETS := mixtral_8x7b qwen3_30b_a3b qwen3_235b_a22b deepseek_v3 qwen3_next_80b_a3b
 MOE_LAYOUTS := "--ep 2" "--tp 2 --ep 2" "--tp 2 --ep 2 --etp 1" "--pp 2 --ep 2"
 
 # experts with biases (gpt-oss): megatron-core builds them at expert-TP 1 only

@@ -157,7 +157,10 @@ def explain_param(shards: ParamShards, smap: ShardMap, module: ModuleType, modul
     kind_text = described + (f": {meaning}" if meaning else "")
     lines += textwrap.wrap(kind_text, WIDTH, initial_indent="kind:   ", subsequent_indent=INDENT)
     extras = []
-    if rule.qkv is not None:
+    if rule.qkv is not None and rule.qkv.value_dim is not None:  # gated delta net
+        g = rule.qkv
+        extras.append(f"{g.groups} key heads of {g.head_dim}, {g.heads} value heads of {g.value_dim}")
+    elif rule.qkv is not None:
         g = rule.qkv
         extras.append(f"{g.heads} heads, {g.groups} query groups, head_dim {g.head_dim}" + (", output gate" if g.gate else ""))
     if rule.permute_dims is not None:
@@ -212,6 +215,10 @@ def _inverse(shards: ParamShards) -> str | None:
         if len(plan.hf_names) == 1:  # one [gate; up] tensor, or a stacked-experts slice of one
             return "then each rank's [gate_r; up_r] halved, the gates and the ups joined back into one [gate; up]"
         return "then each rank's [gate_r; up_r] halved, the gates joined into gate, the ups into up"
+    if rule.kind == "gdn_in_proj":
+        return "then each rank's [q_t; k_t; v_t; z_t; b_t; a_t] split and re-packed per key head into qkvz and ba"
+    if rule.kind == "gdn_conv1d":
+        return "then each rank's [q_t; k_t; v_t] split, the q, k and v sections joined back into [q; k; v]"
     if rule.kind == "reshape":
         return "then reshaped to the HF shape"
     if rule.kind == "zero_centered_rmsnorm":

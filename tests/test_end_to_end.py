@@ -22,13 +22,14 @@ CASES = [
     ("mixtral", {}),
     ("qwen3_moe", {}),
     ("deepseek_v3", {}),
+    ("qwen3_next", {}),  # gated delta net, gated attention, zero-centred norms, gated shared expert
 ]
 
 
 @pytest.mark.parametrize(
     ("family", "overrides"),
     CASES,
-    ids=["llama", "llama-tied", "qwen2", "qwen3", "mixtral", "qwen3_moe", "deepseek_v3"],
+    ids=["llama", "llama-tied", "qwen2", "qwen3", "mixtral", "qwen3_moe", "deepseek_v3", "qwen3_next"],
 )
 def test_import_matches_transformers_and_export_is_bit_exact(
     family: str, overrides: dict[str, Any], tiny_checkpoint: Any, compile_module: Any, cpu_megatron: None

@@ -35,7 +35,19 @@ INTERLEAVED_DIMS = replace(
 )
 
 
-@pytest.mark.parametrize("dims", [DIMS, MOE_DIMS, INTERLEAVED_DIMS], ids=["dense", "mla-moe", "interleaved-moe"])
+# Qwen3-Next's shape: gated delta net layers (0, 1, 3) across dense (0, 3) and expert layers, a
+# gated shared expert, attention output gate, zero-centred norms: four kinds of layer
+GDN_DIMS = replace(
+    INTERLEAVED_DIMS, moe_dense_layers=(0, 3), sliding_window=None, sliding_window_layers=(),
+    moe_shared_expert_intermediate_size=32, moe_shared_expert_gate=True, attention_output_gate=True,
+    layernorm_zero_centered_gamma=True, linear_attention_layers=(0, 1, 3), linear_num_key_heads=2,
+    linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=24,
+)
+
+
+@pytest.mark.parametrize(
+    "dims", [DIMS, MOE_DIMS, INTERLEAVED_DIMS, GDN_DIMS], ids=["dense", "mla-moe", "interleaved-moe", "gated-delta-net"]
+)
 def test_one_layer_expansion_equals_a_full_build(dims: ModelDims) -> None:
     ensure_single_process_parallel_state()
     with torch.device("meta"):
@@ -160,3 +172,37 @@ def test_hybrid_names_split_each_gpt_layer_in_two() -> None:
     assert te["decoder.layers.9.mlp.experts.linear_fc2.weight3"].layer == 9
     assert te["decoder.layers.9.mlp.experts.linear_fc2.weight3"].expert == 3
     assert len(te) == len(megatron_inventory(HYBRID_MOE_DIMS, "te"))
+
+
+def test_hybrid_inventory_with_gated_delta_net_layers() -> None:
+    """'G' layers (megatron-core 0.17+): the inventory equals a whole HybridModel build; on
+    0.16's MambaModel, which has no 'G' layer, the build is refused."""
+    from mapgen.common.errors import MapgenError
+    from mapgen.compiler.megatron_model import build_hybrid_model, hybrid_layer_pattern, hybrid_model_class
+
+    dims = GDN_DIMS
+    assert hybrid_layer_pattern(dims) == "G-GE*EG-*E"
+    ensure_single_process_parallel_state()
+    if hybrid_model_class()[0].__name__ != "HybridModel":
+        with pytest.raises(MapgenError, match="gated delta net layers"):
+            megatron_inventory(dims, "local", "hybrid")
+        return
+    with torch.device("meta"):
+        full = build_hybrid_model(dims)
+    expected = {p.name: (p.shape, p.partition_dim, p.module_kind) for p in _skeleton_params(full, dims.params_dtype)}
+    ours = {p.name: (p.shape, p.partition_dim, p.module_kind) for p in megatron_inventory(dims, "local", "hybrid")}
+    assert ours == expected
+
+
+def test_zero_centred_norms_do_not_leak_into_later_builds() -> None:
+    """The local spec's norms are swapped for ZeroCenteredRMSNorm in the spec objects of one
+    build: a model built after it in the same process (the distributed tests build many) keeps
+    megatron-core's own norms."""
+    from mapgen.compiler.megatron_model import ZeroCenteredRMSNorm
+
+    ensure_single_process_parallel_state()
+    with torch.device("meta"):
+        zero_centred = build_gpt_model(GDN_DIMS)
+        plain = build_gpt_model(INTERLEAVED_DIMS)
+    assert any(isinstance(m, ZeroCenteredRMSNorm) for m in zero_centred.modules())
+    assert not any(isinstance(m, ZeroCenteredRMSNorm) for m in plain.modules())

@@ -258,7 +258,63 @@ def test_rules_table_follows_parameter_order_not_spec_order() -> None:
 
 def test_every_kind_has_one_definition_with_roles_and_doc() -> None:
     assert sorted(KINDS) == sorted(
-        ["direct", "column", "row", "replicated", "auto", "qkv", "kv", "concat_qkv", "vision_qkv", "gated_mlp", "reshape", "zero_centered_rmsnorm"]
+        ["direct", "column", "row", "replicated", "auto", "qkv", "kv", "concat_qkv", "vision_qkv", "gated_mlp", "reshape", "zero_centered_rmsnorm",
+         "gdn_in_proj", "gdn_conv1d"]
     )
     for name, kind in KINDS.items():
         assert kind.name == name and kind.roles and kind.doc
+
+
+GDN_RULES = """\
+  - megatron: decoder.layers.*.self_attention.in_proj.weight
+    hf: model.layers.*.linear_attn.in_proj_{qkvz,ba}.weight
+    kind: gdn_in_proj
+  - megatron: decoder.layers.*.self_attention.conv1d.weight
+    hf: model.layers.*.linear_attn.conv1d.weight
+    kind: gdn_conv1d
+"""
+
+
+def _gdn_expand(qkvz_rows: int = 2 * (2 * 3 + 2 * 2 * 5)) -> tuple[Mapping, ...]:
+    """2 key heads of 3, 4 value heads of 5 (r = 2), hidden 8: in_proj rows 2*(3+3+10+10) + 2*4."""
+    sizes = "  linear_attention_layers: '[0]'\n  linear_num_key_heads: 2\n  linear_num_value_heads: 4\n" \
+        "  linear_key_head_dim: 3\n  linear_value_head_dim: 5\n"
+    spec = parse_spec("spec.yaml", DIMS.replace("config_fields:\n", sizes + "config_fields:\n") + "rules:\n" + GDN_RULES)
+    config = read_hf_config("config.json", json.dumps(CONFIG))
+    dims = translate(spec, config)
+    megatron = [
+        _param("decoder.layers.0.self_attention.in_proj.weight", (60, 8), "TELayerNormColumnParallelLinear", 0, 0),
+        _param("decoder.layers.0.self_attention.conv1d.weight", (32, 1, 4), "Conv1d", 0, 0),
+    ]
+    hf = [
+        HFTensor("model.layers.0.linear_attn.in_proj_qkvz.weight", (qkvz_rows, 8)),
+        HFTensor("model.layers.0.linear_attn.in_proj_ba.weight", (8, 8)),
+        HFTensor("model.layers.0.linear_attn.conv1d.weight", (32, 1, 4)),
+    ]
+    return expand(spec, config, dims, "te", tuple(megatron), tuple(hf))
+
+
+def test_gated_delta_net_kinds_emit_their_calls_with_the_head_sizes() -> None:
+    in_proj, conv = _gdn_expand()
+    assert (in_proj.split_dim, conv.split_dim) == (0, 0)
+    assert functions_of(in_proj).import_expr == (
+        "rt.gdn_in_proj_import(ctx.tp, load('model.layers.0.linear_attn.in_proj_qkvz.weight'), "
+        "load('model.layers.0.linear_attn.in_proj_ba.weight'), key_dim=3, value_dim=5, v_per_k=2, out=out)"
+    )
+    assert functions_of(in_proj).export_expr == (
+        "dict(zip(('model.layers.0.linear_attn.in_proj_qkvz.weight', 'model.layers.0.linear_attn.in_proj_ba.weight'), "
+        "rt.gdn_in_proj_export(parts, key_dim=3, value_dim=5, v_per_k=2)))"
+    )
+    assert functions_of(conv).import_expr == (
+        "rt.gdn_conv_import(ctx.tp, load('model.layers.0.linear_attn.conv1d.weight'), key_dim=3, value_dim=5, v_per_k=2, out=out)"
+    )
+    assert _rule_literal(in_proj.rule, in_proj).endswith("qkv=QKVGeometry(4, 2, 3, False, value_dim=5), linear_weight=True)")
+
+
+def test_gated_delta_net_shape_mismatch_names_the_role_and_the_heads() -> None:
+    with pytest.raises(SpecError) as raised:
+        _gdn_expand(qkvz_rows=50)
+    assert raised.value.messages == [
+        "spec.yaml:21:15: 'decoder.layers.0.self_attention.in_proj.weight' (gdn_in_proj): HF qkvz [50, 8] is not "
+        "[52, 8] (2 key heads of 3, 4 value heads of 5)"
+    ]

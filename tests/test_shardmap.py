@@ -75,6 +75,8 @@ CASES = {
     "qwen3-moe-stacked-tp2-ep2": (("qwen3_moe", "specs/qwen3_moe.yaml", "te", "stacked"), {}, ShardLayout(tp=2, ep=2)),
     "llama-hybrid-tp2-pp2": (("llama", "specs/llama.yaml", "te", "per_expert", "hybrid"), {}, ShardLayout(tp=2, pp=2)),
     "mixtral-local-ep4-etp2": (("mixtral", "specs/mixtral.yaml", "local"), {}, ShardLayout(tp=1, ep=4, etp=2, dp=8)),
+    # gated delta net (gdn_in_proj, gdn_conv1d), gated attention, zero-centred out_norm
+    "qwen3-next-tp2-pp2-ep2": (("qwen3_next", "specs/qwen3_next.yaml"), {}, ShardLayout(tp=2, pp=2, ep=2)),
 }
 
 

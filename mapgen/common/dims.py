@@ -33,7 +33,10 @@ VISION_DIMS = frozenset(
 # ModelDims fields added after modules were checked in: a module's DIMS names them only where
 # they differ from their default, so modules built before them keep their bytes
 LATE_FIELDS = frozenset(
-    {"softmax_type", "glu_linear_offset", "activation_func_clamp_value", "rope_correction_range_round_to_int"}
+    {"softmax_type", "glu_linear_offset", "activation_func_clamp_value", "rope_correction_range_round_to_int",
+     # gated delta net (Qwen3-Next)
+     "linear_attention_layers", "linear_conv_kernel_dim", "linear_key_head_dim", "linear_value_head_dim",
+     "linear_num_key_heads", "linear_num_value_heads"}
 ) | VISION_DIMS
 
 
@@ -108,6 +111,14 @@ class ModelDims:
     activation_func_clamp_value: float | None = None
     # yarn: whether the correction range is rounded to integers (HF's rope_scaling.truncate)
     rope_correction_range_round_to_int: bool = True
+    # gated delta net (Qwen3-Next's linear attention): the decoder layers whose token mixer is a
+    # GatedDeltaNet instead of self-attention (megatron-core's linear_attention_freq), and its sizes
+    linear_attention_layers: tuple[int, ...] = ()
+    linear_conv_kernel_dim: int = 4
+    linear_key_head_dim: int = 0
+    linear_value_head_dim: int = 0
+    linear_num_key_heads: int = 0
+    linear_num_value_heads: int = 0
     # a LLaVA model's vision tower (megatron-core's CLIPViTModel) and projector; the dims above
     # are its language model's. None: no vision tower (every other model)
     vision_num_layers: int | None = None  # the layers LLaVA uses (HF's vision_feature_layer)
@@ -199,6 +210,7 @@ class ModelDims:
             for name in ("kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim"):
                 if getattr(self, name) <= 0:
                     found.append((name, f"must be positive with multi_latent_attention, got {getattr(self, name)}"))
+        found += self._linear_attention_problems()
         if self.rope_type == "llama3" and self.rope_scaling_factor is None:
             found.append(("rope_scaling_factor", "is needed for llama3 rope scaling"))
         if self.rope_type == "llama3":
@@ -260,6 +272,21 @@ class ModelDims:
         groups = self.moe_router_num_groups
         if groups is not None and (groups <= 0 or experts % groups):
             found.append(("moe_router_num_groups", f"{groups} does not divide {experts} experts"))
+        return found
+
+    def _linear_attention_problems(self) -> list[tuple[str, str]]:
+        found = self._layer_list_problems("linear_attention_layers")
+        if not self.linear_attention_layers:
+            return found
+        for name in ("linear_conv_kernel_dim", "linear_key_head_dim", "linear_value_head_dim",
+                     "linear_num_key_heads", "linear_num_value_heads"):
+            if getattr(self, name) <= 0:
+                found.append((name, f"must be positive with linear_attention_layers, got {getattr(self, name)}"))
+        keys, values = self.linear_num_key_heads, self.linear_num_value_heads
+        if keys > 0 and values % keys:
+            found.append(("linear_num_value_heads", f"{values} is no multiple of linear_num_key_heads {keys} (megatron-core)"))
+        if self.multi_latent_attention:
+            found.append(("linear_attention_layers", "gated delta net layers with multi_latent_attention are not supported"))
         return found
 
     def _layer_list_problems(self, name: str) -> list[tuple[str, str]]:

@@ -24,6 +24,9 @@ class QKVGeometry:
     groups: int
     head_dim: int
     gate: bool = False
+    # gated delta net kinds: heads are its value heads, groups its key heads, head_dim the key
+    # head dim and value_dim the value head dim; None for attention (values are head_dim wide)
+    value_dim: int | None = None
 
 
 def stacked_slice(name: str) -> tuple[str, int | None]:

@@ -14,6 +14,8 @@ install on CPU machines). What changes, per decoder layer:
 | input_layernorm.{weight,bias}, where the layer has linear_qkv | self_attention.linear_qkv.layer_norm_{weight,bias} (TELayerNormColumnParallelLinear) |
 | pre_mlp_layernorm.{weight,bias}, where the layer has a dense mlp.linear_fc1 | mlp.linear_fc1.layer_norm_{weight,bias} (TELayerNormColumnParallelLinear) |
 | self_attention.linear_qkv.*, mlp.linear_fc1.* (ColumnParallelLinear) | same name (TELayerNormColumnParallelLinear) |
+| input_layernorm.{weight,bias}, where the layer has a gated delta net | self_attention.in_proj.layer_norm_{weight,bias} (TELayerNormColumnParallelLinear) |
+| self_attention.in_proj.* (ColumnParallelLinear, gated delta net) | same name (TELayerNormColumnParallelLinear) |
 | self_attention.q_layernorm.* (MLA)                  | self_attention.linear_q_up_proj.layer_norm_* (TELayerNormColumnParallelLinear) |
 | self_attention.kv_layernorm.* (MLA)                 | self_attention.linear_kv_up_proj.layer_norm_* (TELayerNormColumnParallelLinear) |
 | linear_q_up_proj.*, linear_kv_up_proj.* (ColumnParallelLinear, MLA) | same name (TELayerNormColumnParallelLinear) |
@@ -120,7 +122,6 @@ def _hybrid_inventory(dims: ModelDims, layout: str, gpt_te: tuple[MegatronParam,
     from mapgen.common.errors import MapgenError
     from mapgen.compiler.megatron_model import build_hybrid_model, single_process_parallel_state
 
-    moe = set(dims.moe_layers)
     kinds, skeleton_dims = _skeleton_dims(dims)
     with single_process_parallel_state(), torch.device("meta"):
         skeleton = build_hybrid_model(skeleton_dims)
@@ -134,7 +135,7 @@ def _hybrid_inventory(dims: ModelDims, layout: str, gpt_te: tuple[MegatronParam,
         name = hybrid_name(local.name)
         template = local.name  # the same parameter in the skeleton's layer of this kind
         if local.layer is not None:
-            template = _LAYER.sub(f"decoder.layers.{template_layer[local.layer in moe]}.", local.name, count=1)
+            template = _LAYER.sub(f"decoder.layers.{template_layer[_layer_kind(dims, local.layer)]}.", local.name, count=1)
         skeleton_name = hybrid_name(template)
         param = built.get(skeleton_name)
         unused.discard(skeleton_name)
@@ -176,6 +177,10 @@ def _skeleton_params(model: Any, dtype: str) -> list[MegatronParam]:
     for name, param, param_dtype in tensors:
         owner = modules[name.rsplit(".", 1)[0]]
         partitioned = bool(getattr(param, "tensor_model_parallel", False))
+        if partitioned and not hasattr(param, "partition_dim"):
+            # megatron-core's GatedDeltaNet marks conv1d.weight, A_log and dt_bias
+            # tensor-parallel without a partition_dim; its sharded_state_dict splits them along dim 0
+            setattr(param, "partition_dim", 0)
         stated = _STATE_DICT_PARTITIONS.get((type(owner).__name__, name.rsplit(".", 1)[-1]))
         layer = _LAYER.match(name)
         expert = _EXPERT.search(name)
@@ -194,16 +199,23 @@ def _skeleton_params(model: Any, dtype: str) -> list[MegatronParam]:
     return found
 
 
-def _skeleton_dims(dims: ModelDims) -> tuple[list[bool], ModelDims]:
-    """The kinds of decoder layer the model has (with experts or not, dense first) and the dims
-    of a skeleton with one layer of each: its layer i is of kinds[i]. Attention windows shape no
-    parameter."""
-    moe = set(dims.moe_layers)
-    kinds = sorted({index in moe for index in range(dims.num_layers)})
+LayerKind = tuple[bool, bool]  # (has experts, has a gated delta net instead of self-attention)
+
+
+def _layer_kind(dims: ModelDims, index: int) -> LayerKind:
+    return index in set(dims.moe_layers), index in set(dims.linear_attention_layers)
+
+
+def _skeleton_dims(dims: ModelDims) -> tuple[list[LayerKind], ModelDims]:
+    """The kinds of decoder layer the model has (with experts or not, dense first; with
+    self-attention or a gated delta net) and the dims of a skeleton with one layer of each: its
+    layer i is of kinds[i]. Attention windows shape no parameter."""
+    kinds = sorted({_layer_kind(dims, index) for index in range(dims.num_layers)})
     return kinds, replace(
         dims,
         num_layers=len(kinds),
-        moe_dense_layers=tuple(i for i, kind in enumerate(kinds) if not kind),
+        moe_dense_layers=tuple(i for i, kind in enumerate(kinds) if not kind[0]),
+        linear_attention_layers=tuple(i for i, kind in enumerate(kinds) if kind[1]),
         sliding_window=None,
         sliding_window_layers=(),
     )
@@ -214,7 +226,6 @@ def _local_inventory(dims: ModelDims) -> tuple[MegatronParam, ...]:
     of that kind."""
     from mapgen.compiler.megatron_model import build_gpt_model, single_process_parallel_state
 
-    moe = set(dims.moe_layers)
     kinds, skeleton_dims = _skeleton_dims(dims)
     with single_process_parallel_state(), torch.device("meta"):
         skeleton = build_gpt_model(skeleton_dims)
@@ -224,7 +235,7 @@ def _local_inventory(dims: ModelDims) -> tuple[MegatronParam, ...]:
     after = [p for p in params if p not in before and p.layer is None]
     expanded = list(before)
     for index in range(dims.num_layers):
-        template = templates[index in moe]
+        template = templates[_layer_kind(dims, index)]
         prefix = f"decoder.layers.{index}."
         expanded.extend(
             replace(p, name=prefix + _LAYER.sub("", p.name, count=1), layer=index)
@@ -240,11 +251,12 @@ _TE_NORM_FUSIONS = (
     (".pre_mlp_layernorm.", ".mlp.linear_fc1."),
     (".self_attention.q_layernorm.", ".self_attention.linear_q_up_proj."),
     (".self_attention.kv_layernorm.", ".self_attention.linear_kv_up_proj."),
+    (".input_layernorm.", ".self_attention.in_proj."),  # gated delta net (TELayerNormColumnParallelLinear)
 )
 _TE_FUSED = tuple(linear for _, linear in _TE_NORM_FUSIONS)
 _TE_DUPLICATED = (".self_attention.linear_q_down_proj.", ".self_attention.linear_kv_down_proj.")
 _TE_GROUPED = re.compile(r"\.mlp\.experts\.local_experts\.(\d+)\.(linear_fc[12])\.(\w+)$")
-_NORMS = ("RMSNorm", "LayerNorm", "WrappedTorchNorm", "FusedLayerNorm")
+_NORMS = ("RMSNorm", "LayerNorm", "WrappedTorchNorm", "FusedLayerNorm", "ZeroCenteredRMSNorm")
 
 
 def to_te_layout(params: tuple[MegatronParam, ...]) -> tuple[MegatronParam, ...]:

@@ -55,6 +55,7 @@ MODULE_TYPES: dict[str, str] = {
             "L2Norm",
             "IdentityOp",
             "TopKRouter",
+            "ZeroCenteredRMSNorm",  # mapgen's local stand-in for a zero-centred TENorm (megatron_model.py)
         )
     },
 }
@@ -470,6 +471,92 @@ class GatedMLP(Kind):
         return "gated_mlp, interleaved" if m.rule.interleaved else self.name
 
 
+class _GatedDeltaNet(Kind):
+    """Gated delta net projections (see mapgen.runtime.gdn): rows by key head, column-split so
+    that every head's pieces stay on one TP rank."""
+
+    merges_heads = True
+    fixed_split = "column"
+
+    def geometry(self, rule: Rule, dims: ModelDims, config: HFConfig, errors: ErrorSink) -> QKVGeometry | None:
+        return QKVGeometry(
+            dims.linear_num_value_heads,
+            dims.linear_num_key_heads,
+            dims.linear_key_head_dim,
+            value_dim=dims.linear_value_head_dim,
+        )
+
+    @staticmethod
+    def args(g: QKVGeometry) -> str:
+        return f"key_dim={g.head_dim}, value_dim={g.value_dim}, v_per_k={g.heads // g.groups}"
+
+    def sizes(self, g: QKVGeometry) -> str:
+        return f"({g.groups} key heads of {g.head_dim}, {g.heads} value heads of {g.value_dim})"
+
+
+class GDNInProj(_GatedDeltaNet):
+    name = "gdn_in_proj"
+    roles = ("qkvz", "ba")
+    doc = (
+        "Gated delta net input projection. HF in_proj_qkvz holds per key head h [q_h, k_h, v_h, z_h] "
+        "(v_h, z_h: the h's r value heads), in_proj_ba per h [b_h, a_h]. Import: TP rank t holds "
+        "[q_t; k_t; v_t; z_t; b_t; a_t], each the t-th TP block of its section (megatron-core's "
+        "GatedDeltaNet.in_proj). Export: gather, split every rank's sections, re-pack per key head."
+    )
+
+    def shape_problem(self, m: Mapping) -> str | None:
+        assert m.qkv is not None
+        g = m.qkv
+        assert g.value_dim is not None
+        if g.groups <= 0 or g.heads % g.groups:
+            return f"{g.groups} key heads do not divide {g.heads} value heads"
+        r = g.heads // g.groups
+        tail = m.shape[1:]
+        want = {"qkvz": (g.groups * (2 * g.head_dim + 2 * r * g.value_dim), *tail), "ba": (g.groups * 2 * r, *tail)}
+        for source in m.hf:
+            if source.shape != want[source.role]:
+                return f"HF {source.role} {list(source.shape)} is not {list(want[source.role])} {self.sizes(g)}"
+        merged = want["qkvz"][0] + want["ba"][0]
+        if (merged, *tail) != m.shape:
+            return f"merged rows {merged} do not match the Megatron shape {list(m.shape)} {self.sizes(g)}"
+        return None
+
+    def import_expr(self, m: Mapping, group: str) -> str:
+        assert m.qkv is not None
+        return f"rt.gdn_in_proj_import({group}, {_loads(m)}, {self.args(m.qkv)}, out=out)"
+
+    def export_expr(self, m: Mapping) -> str:
+        assert m.qkv is not None
+        return _outputs(m, f"rt.gdn_in_proj_export(parts, {self.args(m.qkv)})")
+
+
+class GDNConv1d(_GatedDeltaNet):
+    name = "gdn_conv1d"
+    doc = (
+        "Gated delta net causal convolution (weight [channels, 1, K] or bias). HF channels are "
+        "[q; k; v] (all heads each); import: TP rank t holds [q_t; k_t; v_t], the t-th TP block of "
+        "each. Export: gather, split every rank's three sections, concatenate each section's."
+    )
+
+    def shape_problem(self, m: Mapping) -> str | None:
+        assert m.qkv is not None
+        g = m.qkv
+        assert g.value_dim is not None
+        (source,) = m.hf
+        channels = 2 * g.groups * g.head_dim + g.heads * g.value_dim
+        if source.shape != m.shape or m.shape[0] != channels:
+            return f"HF {_described(m)} and Megatron {list(m.shape)} are not {channels} channels {self.sizes(g)}"
+        return None
+
+    def import_expr(self, m: Mapping, group: str) -> str:
+        assert m.qkv is not None
+        return f"rt.gdn_conv_import({group}, {_loads(m)}, {self.args(m.qkv)}, out=out)"
+
+    def export_expr(self, m: Mapping) -> str:
+        assert m.qkv is not None
+        return _one_output(m, f"rt.gdn_conv_export(parts, {self.args(m.qkv)})")
+
+
 KINDS: dict[str, Kind] = {
     kind.name: kind
     for kind in (
@@ -485,5 +572,7 @@ KINDS: dict[str, Kind] = {
         GatedMLP(),
         Reshape(),
         ZeroCenteredRMSNorm(),
+        GDNInProj(),
+        GDNConv1d(),
     )
 }

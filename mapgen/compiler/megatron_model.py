@@ -170,6 +170,25 @@ def _window_config(dims: ModelDims) -> dict[str, Any]:
     )
 
 
+def _linear_attention_config(dims: ModelDims) -> dict[str, Any]:
+    """Gated delta net layers: megatron-core's experimental attention variant, placed by the
+    list form of linear_attention_freq (1: gated delta net, 0: self-attention). deterministic_mode
+    makes megatron-core's GatedDeltaNet run its own torch code for the convolution and the delta
+    rule (`torch_chunk_gated_delta_rule`) instead of flash-linear-attention's Triton kernels."""
+    if not dims.linear_attention_layers:
+        return {}
+    return dict(
+        experimental_attention_variant="gated_delta_net",
+        linear_attention_freq=_per_layer_flags(dims.num_layers, dims.linear_attention_layers),
+        linear_conv_kernel_dim=dims.linear_conv_kernel_dim,
+        linear_key_head_dim=dims.linear_key_head_dim,
+        linear_value_head_dim=dims.linear_value_head_dim,
+        linear_num_key_heads=dims.linear_num_key_heads,
+        linear_num_value_heads=dims.linear_num_value_heads,
+        deterministic_mode=True,
+    )
+
+
 def _mla_config(dims: ModelDims) -> dict[str, Any]:
     if not dims.multi_latent_attention:
         return {}
@@ -243,6 +262,7 @@ def transformer_config(
         **_mla_config(dims),
         **_window_config(dims),
         **_glu_softmax_config(dims),
+        **_linear_attention_config(dims),
         num_layers=dims.num_layers,
         hidden_size=dims.hidden_size,
         ffn_hidden_size=dims.ffn_hidden_size,
@@ -303,8 +323,13 @@ def build_gpt_model(
     with warnings.catch_warnings(), _cuda_device_on_cpu():
         warnings.simplefilter("ignore")
         block_spec = get_gpt_decoder_block_spec(
-            config, use_transformer_engine=False, normalization=dims.normalization, vp_stage=vp_stage
+            _without_linear_attention(config), use_transformer_engine=False, normalization=dims.normalization,
+            vp_stage=vp_stage,
         )
+        if dims.layernorm_zero_centered_gamma:
+            _zero_centered_norms(block_spec)
+        if dims.linear_attention_layers:
+            _gated_delta_net_layers(block_spec, config, dims, vp_stage)
         if dims.multi_latent_attention:
             _mla_without_transformer_engine()
             for layer_spec in block_spec.layer_specs:
@@ -324,6 +349,161 @@ def build_gpt_model(
             rope_scaling_factor=dims.rope_scaling_factor or 8.0,
             vp_stage=vp_stage,
             parallel_output=False,
+        )
+
+
+def _without_linear_attention(config: Any) -> Any:
+    """megatron-core builds gated delta net layers only through its TransformerEngine block spec
+    (`get_transformer_block_with_experimental_attention_variant_spec`), and its local GPT block
+    spec refuses the variant (0.19); the local block spec is made without it, and
+    `_gated_delta_net_layers` puts megatron-core's GatedDeltaNet into the layers that have it."""
+    if config.experimental_attention_variant is None:
+        return config
+    from dataclasses import replace as with_fields
+
+    return with_fields(config, experimental_attention_variant=None, linear_attention_freq=None)
+
+
+class ZeroCenteredRMSNorm(torch.nn.Module):
+    """RMSNorm with megatron-core's zero-centred gamma, y = x / rms(x) * (1 + gamma), computed in
+    float32 and cast back to the input's dtype (TransformerEngine's RMSNorm with
+    zero_centered_gamma, which the TE layer spec builds; megatron-core's local torch norm refuses
+    layernorm_zero_centered_gamma and its fused one needs Apex on a GPU). Same parameter,
+    `weight`, initialised to zeros."""
+
+    def __init__(self, config: Any, hidden_size: int, eps: float = 1e-5, **_: Any) -> None:
+        super().__init__()
+        self.config = config
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.zeros(hidden_size, dtype=config.params_dtype))
+        setattr(self.weight, "sequence_parallel", config.sequence_parallel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        value = x.float()
+        value = value * torch.rsqrt(value.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (value * (1.0 + self.weight.float())).to(x.dtype)
+
+
+def _local_norm_classes() -> tuple[type, ...]:
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    try:
+        from megatron.core.fusions.fused_layer_norm import FusedLayerNorm
+
+        return (WrappedTorchNorm, FusedLayerNorm)
+    except ImportError:
+        return (WrappedTorchNorm,)
+
+
+def _zero_centered_norms(block_spec: Any) -> None:
+    """Every norm of the local block spec becomes `ZeroCenteredRMSNorm` (RMSNorm only)."""
+    from dataclasses import fields
+
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    norms = _local_norm_classes()
+
+    def swap(node: Any) -> Any:
+        if isinstance(node, type) and issubclass(node, norms):
+            return ZeroCenteredRMSNorm
+        if isinstance(node, ModuleSpec):
+            if isinstance(node.module, type) and issubclass(node.module, norms):
+                node.module = ZeroCenteredRMSNorm
+            if node.submodules is not None and hasattr(node.submodules, "__dataclass_fields__"):
+                for f in fields(node.submodules):
+                    setattr(node.submodules, f.name, swap(getattr(node.submodules, f.name)))
+        return node
+
+    for layer_spec in block_spec.layer_specs:
+        swap(layer_spec)
+    block_spec.layer_norm = swap(block_spec.layer_norm)
+
+
+def _zero_centered_spec(spec: Any) -> Any:
+    """`_zero_centered_norms` of one module spec (a hybrid stack's layer)."""
+    from types import SimpleNamespace
+
+    holder = SimpleNamespace(layer_specs=[spec], layer_norm=None)
+    _zero_centered_norms(holder)
+    return holder.layer_specs[0]
+
+
+def _torch_l2norm(x: torch.Tensor, dim: int = -1, eps: float = 1e-6) -> torch.Tensor:
+    """flash-linear-attention's `l2norm` (x / sqrt(sum(x^2) + eps), eps 1e-6) in torch."""
+    return x / torch.sqrt((x * x).sum(dim=dim, keepdim=True) + eps)
+
+
+def _gated_delta_net_without_fla() -> type:
+    """megatron-core's GatedDeltaNet class. Without flash-linear-attention (fla, Triton kernels:
+    GPU only) installed, its constructor refuses to run, and its forward calls fla's l2norm even
+    in deterministic mode, where it otherwise runs its own torch code; a torch l2norm of fla's
+    formula stands in and the constructor's check is lifted. With fla installed nothing changes."""
+    import importlib.util
+    import sys
+
+    try:
+        from megatron.core.ssm.gated_delta_net import GatedDeltaNet
+    except ImportError as error:
+        from mapgen.common.errors import MapgenError
+
+        raise MapgenError(f"this megatron-core has no GatedDeltaNet (gated delta net layers need 0.16 or later): {error}")
+    if importlib.util.find_spec("fla") is None:
+        for cls in GatedDeltaNet.__mro__:
+            module = sys.modules.get(cls.__module__)
+            if module is not None and hasattr(module, "HAVE_FLA"):
+                setattr(module, "HAVE_FLA", True)
+                setattr(module, "l2norm", _torch_l2norm)
+    return _cpu_gated_delta_net(GatedDeltaNet)
+
+
+@functools.cache
+def _cpu_gated_delta_net(base: type) -> type:
+    """megatron-core's GatedDeltaNet, initialising its own parameters (dt_bias ones, A_log the
+    log of uniform draws from A_init_range, conv1d uniform with conv_init) with torch's default
+    generator: its `reset_parameters` forks megatron-core's CUDA RNG tracker, which a CPU process
+    has not set up. Same class name, parameters and forward; the initial values are imported
+    over anyway."""
+
+    def reset_parameters(self: Any) -> None:
+        if not self.config.perform_initialization:
+            return
+        with torch.no_grad():
+            if self.conv_init is not None:
+                torch.nn.init.uniform_(self.conv1d.weight, -self.conv_init, self.conv_init)
+            self.dt_bias.fill_(1.0)
+            if self.A_log.device.type != "meta":
+                self.A_log.copy_(torch.empty_like(self.A_log, dtype=torch.float32).uniform_(*self.A_init_range).log())
+
+    return type(base.__name__, (base,), {"reset_parameters": reset_parameters, "__module__": base.__module__})
+
+
+def _gated_delta_net_layers(block_spec: Any, config: Any, dims: ModelDims, vp_stage: int | None) -> None:
+    """The local block spec's layers that have a gated delta net get megatron-core's
+    GatedDeltaNet as token mixer, with the local linears and norm where its TransformerEngine
+    spec has TE's (in_proj: TELayerNormColumnParallelLinear there, so its input norm is the
+    layer's own input_layernorm here)."""
+    from dataclasses import replace as with_fields
+
+    from megatron.core.ssm.gated_delta_net import GatedDeltaNetSubmodules
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    gated_delta_net = _gated_delta_net_without_fla()
+    first = get_transformer_layer_offset(config, vp_stage=vp_stage)
+    linear = set(dims.linear_attention_layers)
+    for index, layer_spec in enumerate(block_spec.layer_specs):
+        if first + index not in linear:
+            continue
+        norm = layer_spec.submodules.input_layernorm
+        mixer = ModuleSpec(
+            module=gated_delta_net,
+            submodules=GatedDeltaNetSubmodules(in_proj=ColumnParallelLinear, out_norm=norm, out_proj=RowParallelLinear),
+        )
+        block_spec.layer_specs[index] = ModuleSpec(
+            module=layer_spec.module,
+            params=dict(layer_spec.params),
+            submodules=with_fields(layer_spec.submodules, self_attention=mixer),
         )
 
 
@@ -379,8 +559,10 @@ def hybrid_layer_pattern(dims: ModelDims) -> str:
     """megatron-core's hybrid layer pattern of the model: each HF decoder layer is two Megatron
     layers, attention (`*`, MLA `+`) then its MLP (`-` dense, `E` experts)."""
     attention = "+" if dims.multi_latent_attention else "*"
-    moe = set(dims.moe_layers)
-    return "".join(attention + ("E" if index in moe else "-") for index in range(dims.num_layers))
+    moe, linear = set(dims.moe_layers), set(dims.linear_attention_layers)
+    return "".join(
+        ("G" if index in linear else attention) + ("E" if index in moe else "-") for index in range(dims.num_layers)
+    )
 
 
 def hybrid_model_class() -> tuple[type, str]:
@@ -446,7 +628,21 @@ def _hybrid_stack_spec(dims: ModelDims) -> tuple[Any, Any]:
         slots["mla_layer"] = attention
     if dims.num_moe_experts is not None:
         slots["moe_layer"] = ModuleSpec(module=MoELayer, submodules=with_fields(layer(dims.num_moe_experts), **mlp_only))
-    return ModuleSpec(module=Stack, submodules=Submodules(**slots)), dense.input_layernorm
+    norm = dense.input_layernorm
+    if dims.layernorm_zero_centered_gamma:
+        slots = {name: _zero_centered_spec(spec) for name, spec in slots.items()}
+        norm = ZeroCenteredRMSNorm
+    if dims.linear_attention_layers:  # 'G': the layer's input norm, then megatron-core's GatedDeltaNet
+        from megatron.core.ssm.gated_delta_net import GatedDeltaNetSubmodules
+        from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+        mixer = ModuleSpec(
+            module=_gated_delta_net_without_fla(),
+            submodules=GatedDeltaNetSubmodules(in_proj=ColumnParallelLinear, out_norm=norm, out_proj=RowParallelLinear),
+        )
+        gdn = with_fields(dense, input_layernorm=norm, self_attention=mixer, **no_mlp)
+        slots["gdn_layer"] = ModuleSpec(module=TransformerLayer, submodules=gdn)
+    return ModuleSpec(module=Stack, submodules=Submodules(**slots)), norm
 
 
 @contextmanager
@@ -490,6 +686,8 @@ def build_hybrid_model(
     pattern = hybrid_layer_pattern(dims)
     if model_class.__name__ != "HybridModel" and dims.multi_latent_attention:
         raise MapgenError("a hybrid model with multi-latent attention needs megatron-core 0.17 or later (HybridModel)")
+    if model_class.__name__ != "HybridModel" and dims.linear_attention_layers:
+        raise MapgenError("a hybrid model with gated delta net layers ('G') needs megatron-core 0.17 or later (HybridModel)")
     if dims.sliding_window is not None:
         raise MapgenError(
             "sliding-window attention in a hybrid model is not supported: megatron-core's "

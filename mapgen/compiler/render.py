@@ -66,7 +66,8 @@ def _rule_literal(rule: Rule, example: Mapping, rule_mappings: list[Mapping] | N
         fields.append(f"permute_dims={rule.permute_dims!r}")
     if example.qkv is not None:
         g = example.qkv
-        fields.append(f"qkv=QKVGeometry({g.heads}, {g.groups}, {g.head_dim}, {g.gate})")
+        value_dim = "" if g.value_dim is None else f", value_dim={g.value_dim}"
+        fields.append(f"qkv=QKVGeometry({g.heads}, {g.groups}, {g.head_dim}, {g.gate}{value_dim})")
     if all(is_linear_weight(m) for m in rule_mappings or [example]):
         fields.append("linear_weight=True")
     if rule.interleaved:

@@ -23,6 +23,7 @@ from mapgen.runtime.ops import (
     whole_import,
 )
 from mapgen.common.layout import QKVGeometry
+from mapgen.runtime.gdn import gdn_conv_export, gdn_conv_import, gdn_in_proj_export, gdn_in_proj_import
 from mapgen.runtime.plan import ExportFn, HFTensorPlan, ImportFn, Loader, ParamPlan, RulePlan
 from mapgen.runtime.transforms import (
     inverse_permutation,
@@ -49,6 +50,10 @@ __all__ = [
     "concat_qkv_import",
     "fused_gated_mlp_export",
     "gated_mlp_export",
+    "gdn_conv_export",
+    "gdn_conv_import",
+    "gdn_in_proj_export",
+    "gdn_in_proj_import",
     "gated_mlp_import",
     "halves",
     "interleaved_gated_mlp_export",

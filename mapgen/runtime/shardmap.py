@@ -461,6 +461,17 @@ def _pieces(
             per_dim[rows_dim] = _merge(runs)
             return (piece(0, per_dim),)
         return tuple(piece(i, [(_block(s[3][0], rank, ranks),), *_full(s[3][1:])]) for i, s in enumerate(sources))
+    if kind == "gdn_in_proj":  # both HF tensors are key-head-major: rank t reads its block of each
+        return tuple(piece(i, [(_block(s[3][0], rank, ranks),), *_full(s[3][1:])]) for i, s in enumerate(sources))
+    if kind == "gdn_conv1d":  # [q; k; v] channels: rank t reads its block of each section
+        g = rule.qkv
+        assert g is not None and g.value_dim is not None
+        qk_total = g.groups * g.head_dim
+        shape = sources[0][3]
+        q = _block(qk_total, rank, ranks)
+        v = _block(g.heads * g.value_dim, rank, ranks)
+        runs = [q, (qk_total + q[0], qk_total + q[1]), (2 * qk_total + v[0], 2 * qk_total + v[1])]
+        return (piece(0, [_merge(runs), *_full(shape[1:])]),)
     (source,) = sources
     shape = source[3]
     if kind == "reshape":

@@ -26,6 +26,7 @@ FAMILY_SPECS = {
     "qwen3_moe": "specs/qwen3_moe.yaml",
     "deepseek_v3": "specs/deepseek_v3.yaml",
     "gpt_oss": "specs/gpt_oss.yaml",
+    "qwen3_next": "specs/qwen3_next.yaml",
 }
 
 
@@ -85,6 +86,17 @@ def tiny_hf_config(family: str, **overrides: Any) -> Any:
             },
         )
         config_class = transformers.DeepseekV3Config
+    elif family == "qwen3_next":
+        # gated delta net layers 0 and 2, gated full attention 1 and 3; key and value heads of
+        # different widths, two value heads per key head; a gated shared expert
+        common.update(
+            num_hidden_layers=4, head_dim=32, rope_theta=10000000.0, partial_rotary_factor=0.25,
+            num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32,
+            norm_topk_prob=True, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
+            linear_value_head_dim=24, linear_conv_kernel_dim=4,
+            layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"],
+        )
+        config_class = transformers.Qwen3NextConfig
     else:
         raise ValueError(f"no tiny config for family {family!r}")
     common.update(overrides)
@@ -107,8 +119,9 @@ def save_random_model(config: Any, folder: Path, seed: int = 0, dtype: torch.dty
     model = auto.from_config(config, dtype=torch.float32)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            # biases transformers initialises to zero too, so that a misplaced one shows in the logits
-            if "norm" in name or (name.endswith("bias") and not param.any()):
+            # biases transformers initialises to zero too, so that a misplaced one shows in the logits;
+            # Qwen3-Next's dt_bias, all ones at init
+            if "norm" in name or (name.endswith("bias") and not param.any()) or name.endswith(".dt_bias"):
                 param.add_(torch.randn_like(param) * 0.1)
         for name, buffer in model.named_buffers():
             if name.endswith("e_score_correction_bias"):  # DeepSeek's router bias: zero at init
@@ -201,6 +214,15 @@ def standin_config(fields: dict[str, Any], num_layers: int = 4, vocab_size: int 
         "qk_rope_head_dim": 8,
         "qk_nope_head_dim": 16,
         "v_head_dim": 16,
+        # Qwen3-Next: a shared expert; gated delta net with 2 key heads of 16 and 4 value heads of
+        # 24 (TP 2 splits them; two value heads per key head, value and key widths apart), full
+        # attention every second layer so that each of two pipeline stages has both kinds
+        "shared_expert_intermediate_size": 32,
+        "linear_num_key_heads": 2,
+        "linear_num_value_heads": 4,
+        "linear_key_head_dim": 16,
+        "linear_value_head_dim": 24,
+        "full_attention_interval": 2,
     }
     tiny.update({k: v for k, v in shrink.items() if k in fields and fields[k] is not None})
     if "experts_per_token" in fields and "num_experts_per_tok" in tiny:  # gpt-oss's second name for it

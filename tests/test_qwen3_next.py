@@ -1,0 +1,204 @@
+"""Qwen3-Next (issue 11 item 1): the gated delta net layouts against transformers' own code, and
+the stand-in of the published config through megatron-core at TP2 x PP2 and TP2 x EP2 (expert-TP
+1) in one spawn, with two deliberately wrong norm conventions that must fail."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mapgen import runtime as rt
+from mapgen.compiler.build import compile_target, read_targets
+from mapgen.common.errors import MapgenError
+from mapgen.compiler.megatron_model import ParallelLayout, hybrid_model_class
+from mapgen.runtime.context import Group
+from mapgen.verify import testing
+from mapgen.verify.jobs import Job, run_job, spawn
+
+TARGET = {entry.name: entry for entry in read_targets(testing.ROOT)}["qwen3_next_80b_a3b"]
+KEY_HEADS, VALUE_HEADS, KEY_DIM, VALUE_DIM, HIDDEN = 4, 8, 6, 10, 12
+R = VALUE_HEADS // KEY_HEADS
+ARGS = dict(key_dim=KEY_DIM, value_dim=VALUE_DIM, v_per_k=R)
+
+
+def _transformers_gated_delta_net() -> Any:
+    import transformers
+    from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextGatedDeltaNet
+
+    config = transformers.Qwen3NextConfig(
+        hidden_size=HIDDEN, linear_num_key_heads=KEY_HEADS, linear_num_value_heads=VALUE_HEADS,
+        linear_key_head_dim=KEY_DIM, linear_value_head_dim=VALUE_DIM, num_hidden_layers=1,
+        layer_types=["linear_attention"],
+    )
+    return Qwen3NextGatedDeltaNet(config, 0)
+
+
+def _megatron_rank_rows(sections: list[torch.Tensor], rank: int, size: int) -> torch.Tensor:
+    """megatron-core's GatedDeltaNet.in_proj (or conv1d) rows on TP rank `rank`: the rank's
+    block of each section, one section after the other (its forward's torch.split sizes are
+    each section's size // TP)."""
+    return torch.cat([section.chunk(size, dim=0)[rank] for section in sections], dim=0)
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_in_proj_is_transformers_split_in_megatron_core_sections(tp: int) -> None:
+    """transformers' own fix_query_key_value_ordering, applied to the weights (rows as features),
+    gives q, k, v, z, b, a per head; megatron-core's rank t holds each one's t-th block."""
+    module = _transformers_gated_delta_net()
+    generator = torch.Generator().manual_seed(0)
+    qkvz = torch.randn(module.in_proj_qkvz.weight.shape, generator=generator)
+    ba = torch.randn(module.in_proj_ba.weight.shape, generator=generator)
+    # as activations [batch 1, "sequence" HIDDEN, features]: each feature is one HF row
+    q, k, v, z, b, a = module.fix_query_key_value_ordering(qkvz.T[None], ba.T[None])
+    sections = [t[0].reshape(HIDDEN, -1).T for t in (q, k, v, z, b, a)]  # [rows, HIDDEN] each
+    assert [s.shape[0] for s in sections] == [KEY_HEADS * KEY_DIM] * 2 + [VALUE_HEADS * VALUE_DIM] * 2 + [VALUE_HEADS] * 2
+    parts = []
+    for rank in range(tp):
+        shard = rt.gdn_in_proj_import(Group(rank, tp), qkvz, ba, **ARGS)
+        assert torch.equal(shard, _megatron_rank_rows(sections, rank, tp))
+        parts.append(shard)
+    back_qkvz, back_ba = rt.gdn_in_proj_export(parts, **ARGS)
+    assert torch.equal(back_qkvz, qkvz) and torch.equal(back_ba, ba)
+    # export_local's case: one rank's shard alone gives its key heads' rows of both tensors
+    rows = qkvz.shape[0] // tp, ba.shape[0] // tp
+    alone_qkvz, alone_ba = rt.gdn_in_proj_export(parts[-1:], **ARGS)
+    assert torch.equal(alone_qkvz, qkvz[-rows[0]:]) and torch.equal(alone_ba, ba[-rows[1]:])
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_conv1d_channels_are_transformers_qkv_in_megatron_core_sections(tp: int) -> None:
+    module = _transformers_gated_delta_net()
+    weight = torch.randn(module.conv1d.weight.shape, generator=torch.Generator().manual_seed(1))
+    # transformers splits the convolved channels as [key_dim, key_dim, value_dim] (its forward)
+    sections = list(torch.split(weight, [module.key_dim, module.key_dim, module.value_dim], dim=0))
+    parts = []
+    for rank in range(tp):
+        shard = rt.gdn_conv_import(Group(rank, tp), weight, **ARGS)
+        assert torch.equal(shard, _megatron_rank_rows(sections, rank, tp))
+        parts.append(shard)
+    assert torch.equal(rt.gdn_conv_export(parts, **ARGS), weight)
+
+
+def test_heads_that_do_not_split_are_refused() -> None:
+    module = _transformers_gated_delta_net()
+    with pytest.raises(ValueError, match="4 gated delta net key heads do not split over 3 TP ranks"):
+        rt.gdn_in_proj_import(Group(0, 3), module.in_proj_qkvz.weight, module.in_proj_ba.weight, **ARGS)
+    with pytest.raises(ValueError, match="in_proj_ba .* does not fit 4 key heads"):
+        rt.gdn_in_proj_import(Group(0, 1), module.in_proj_qkvz.weight, module.in_proj_ba.weight[:-2], **ARGS)
+
+
+def test_published_config_dims() -> None:
+    """What the spec reads from the published config.json: every fourth layer full attention
+    (full_attention_interval, as transformers derives layer_types), the gated delta net sizes,
+    the gated shared expert, the zero-centred norms and the partial rope."""
+    from mapgen.compiler.config import read_hf_config, translate
+    from mapgen.compiler.spec import parse_spec
+
+    spec = parse_spec(TARGET.spec, (testing.ROOT / TARGET.spec).read_text())
+    dims = translate(spec, read_hf_config("config.json", (testing.ROOT / TARGET.config).read_text()))
+    import transformers
+
+    published = json.loads((testing.ROOT / TARGET.config).read_text())
+    layer_types = transformers.AutoConfig.for_model(**published).layer_types  # transformers' own derivation
+    assert dims.linear_attention_layers == tuple(i for i, t in enumerate(layer_types) if t == "linear_attention")
+    assert len(dims.linear_attention_layers) == 36 and 3 not in dims.linear_attention_layers
+    assert (dims.linear_num_key_heads, dims.linear_num_value_heads, dims.linear_key_head_dim, dims.linear_value_head_dim) == (16, 32, 128, 128)
+    assert (dims.num_moe_experts, dims.moe_router_topk, dims.moe_shared_expert_intermediate_size) == (512, 10, 512)
+    assert dims.moe_shared_expert_gate and dims.attention_output_gate and dims.layernorm_zero_centered_gamma
+    assert (dims.rotary_percent, dims.kv_channels, dims.num_query_groups) == (0.25, 256, 2)
+    assert dims.moe_layers == tuple(range(48))
+
+
+def _spec_with(folder: Path, old: str, new: str) -> Path:
+    text = (testing.ROOT / TARGET.spec).read_text()
+    assert text.count(old) == 1, old
+    path = folder / "qwen3_next.yaml"
+    path.write_text(text.replace(old, new))
+    return path
+
+
+def _module(folder: Path, name: str, spec: Path, model: str = "gpt") -> str:
+    path = folder / f"{name}.py"
+    path.write_text(compile_target(name, spec, folder / "config.json", "local", "test", model=model))
+    return str(path)
+
+
+# two conventions that must fail: the gated norm copied as is (megatron-core's out_norm is
+# zero-centred), and the (1 + w) input norms converted as if megatron-core stored the plain scale
+WRONG = {
+    "out_norm_direct": (
+        "out_norm.weight\n    hf: model.layers.*.linear_attn.norm.weight\n    kind: zero_centered_rmsnorm",
+        "out_norm.weight\n    hf: model.layers.*.linear_attn.norm.weight\n    kind: auto",
+    ),
+    "input_norm_shifted": (
+        "in_proj.layer_norm_weight\n    hf: model.layers.*.input_layernorm.weight\n    kind: auto",
+        "in_proj.layer_norm_weight\n    hf: model.layers.*.input_layernorm.weight\n    kind: zero_centered_rmsnorm",
+    ),
+}
+GOOD = [ParallelLayout(tp=2, pp=2), ParallelLayout(tp=2, ep=2, etp=1, dp=2)]
+# megatron-core's HybridModel (0.17+) builds the gated delta net layers as 'G' layers
+HAS_HYBRID_MODEL = hybrid_model_class()[0].__name__ == "HybridModel"
+HYBRID = [ParallelLayout(tp=2, pp=2), ParallelLayout(pp=2, ep=2, dp=2)] if HAS_HYBRID_MODEL else []
+
+
+@pytest.fixture(scope="module")
+def outcome(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    folder = tmp_path_factory.mktemp("qwen3_next")
+    testing.save_standin(json.loads((testing.ROOT / TARGET.config).read_text()), folder)
+    good = _module(folder, "qwen3_next_local", testing.ROOT / TARGET.spec)
+    tasks: list[tuple[Any, tuple[Any, ...]]] = [(run_job, (Job(good, str(folder), layout),)) for layout in GOOD]
+    for name, (old, new) in WRONG.items():
+        sub = folder / name
+        sub.mkdir()
+        spec = _spec_with(sub, old, new)
+        (sub / "config.json").write_text((folder / "config.json").read_text())
+        tasks.append((run_job, (Job(_module(sub, name, spec), str(folder), ParallelLayout(dp=4)),)))
+    if HYBRID:
+        hybrid = _module(folder, "qwen3_next_hybrid", testing.ROOT / TARGET.spec, model="hybrid")
+        tasks += [(run_job, (Job(hybrid, str(folder), layout),)) for layout in HYBRID]
+    results = spawn(tasks, 4, timeout_s=1500)
+    return {"folder": folder, "results": [[results[r][i] for r in range(4)] for i in range(len(tasks))]}
+
+
+@pytest.mark.parametrize("index", range(len(GOOD)), ids=[str(layout) for layout in GOOD])
+def test_standin_logits_match_transformers_and_export_is_bit_exact(outcome: dict[str, Any], index: int) -> None:
+    results = outcome["results"][index]
+    for result in results:
+        assert result.error is None, result.error
+    rank0 = results[0]
+    assert rank0.tensors == len(load_file(outcome["folder"] / "model.safetensors"))
+    assert rank0.bit_exact == rank0.tensors, rank0.mismatched
+    assert rank0.max_logit_diff <= 1e-5
+    assert rank0.ok
+
+
+@pytest.mark.parametrize("index", range(len(WRONG)), ids=list(WRONG))
+def test_a_wrong_norm_convention_fails_the_forward_check(outcome: dict[str, Any], index: int) -> None:
+    rank0 = outcome["results"][len(GOOD) + index][0]
+    assert rank0.error is None, rank0.error
+    # (the shifted input norms do not even round-trip: HF's weights near 0 lose bits in w - 1 + 1)
+    assert rank0.max_logit_diff > 1e-3 and not rank0.ok
+
+
+def test_hybrid_model_builds_gdn_layers_from_0_17_and_is_refused_before(request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    """megatron-core 0.17+: the HybridModel module ('G' layers) at TP2 x PP2 and PP2 x EP2 against
+    transformers, export bit-exact; 0.16's MambaModel has no 'G' layer: the build says so."""
+    if not HAS_HYBRID_MODEL:
+        (tmp_path / "config.json").write_text(testing.tiny_hf_config("qwen3_next").to_json_string())
+        with pytest.raises(MapgenError, match=r"gated delta net layers \('G'\) needs megatron-core 0.17 or later"):
+            compile_target("h", testing.ROOT / TARGET.spec, tmp_path / "config.json", "local", "test", model="hybrid")
+        return
+    outcome: dict[str, Any] = request.getfixturevalue("outcome")
+    assert "GE*E" in (outcome["folder"] / "qwen3_next_hybrid.py").read_text()  # HYBRID_LAYER_PATTERN
+    for index in range(len(HYBRID)):
+        results = outcome["results"][len(GOOD) + len(WRONG) + index]
+        for result in results:
+            assert result.error is None, result.error
+        rank0 = results[0]
+        assert rank0.bit_exact == rank0.tensors == len(load_file(outcome["folder"] / "model.safetensors"))
+        assert rank0.max_logit_diff <= 1e-5 and rank0.ok
