@@ -81,6 +81,9 @@ class ModelDims:
     qk_head_dim: int = 0  # the part of each query/key head without rope
     qk_pos_emb_head_dim: int = 0
     v_head_dim: int = 0
+    # multi-token prediction (DeepSeek-V3's num_nextn_predict_layers): megatron-core's MTP block
+    # of this many layers on the last pipeline stage; 0: none
+    mtp_num_layers: int = 0
 
     @property
     def moe_layers(self) -> tuple[int, ...]:
@@ -110,6 +113,8 @@ class ModelDims:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 found.append((name, f"must be positive (or null), got {value}"))
+        if self.mtp_num_layers < 0 or self.mtp_num_layers > MAX_LAYERS:
+            found.append(("mtp_num_layers", f"must be 0 (no multi-token prediction) up to {MAX_LAYERS:,}, got {self.mtp_num_layers}"))
         if not 0 < self.rotary_percent <= 1:
             found.append(("rotary_percent", f"must be in (0, 1], got {self.rotary_percent}"))
         if self.num_layers > MAX_LAYERS:
@@ -195,7 +200,16 @@ class ModelDims:
         return [(name, f"names layer(s) {', '.join(map(str, outside))}, outside 0..{self.num_layers - 1}")]
 
     def as_literal_items(self) -> list[tuple[str, Any]]:
-        return [(f.name, getattr(self, f.name)) for f in dataclasses.fields(self)]
+        """Every field, but those of OMITTED_AT_DEFAULT that hold their default (a field added
+        later is written only where a model uses it, so other modules keep their bytes)."""
+        return [
+            (f.name, getattr(self, f.name))
+            for f in dataclasses.fields(self)
+            if not (f.name in OMITTED_AT_DEFAULT and getattr(self, f.name) == f.default)
+        ]
+
+
+OMITTED_AT_DEFAULT = frozenset({"mtp_num_layers"})
 
 
 DIM_FIELDS: dict[str, dataclasses.Field[Any]] = {f.name: f for f in dataclasses.fields(ModelDims)}

@@ -183,11 +183,16 @@ def _skeleton_params(model: Any, dtype: str) -> list[MegatronParam]:
 
 
 def _skeleton_dims(dims: ModelDims) -> tuple[list[bool], ModelDims]:
-    """The kinds of decoder layer the model has (with experts or not, dense first) and the dims
+    """The kinds of decoder layer the model has (with experts or not, dense first unless the
+    model's last layer is dense and it has multi-token prediction) and the dims
     of a skeleton with one layer of each: its layer i is of kinds[i]. Attention windows shape no
     parameter."""
     moe = set(dims.moe_layers)
     kinds = sorted({index in moe for index in range(dims.num_layers)})
+    if dims.mtp_num_layers and kinds[-1] != ((dims.num_layers - 1) in moe):
+        # megatron-core's MTP layer is built from the decoder's last layer spec: the
+        # skeleton's last layer must be of the kind of the model's last layer
+        kinds.reverse()
     return kinds, replace(
         dims,
         num_layers=len(kinds),
@@ -278,7 +283,10 @@ def architecture_model_type(architecture: str) -> str | None:
 
 
 def hf_inventory(
-    architecture: str, config_fields: dict[str, Any], stacked_experts: bool = False
+    architecture: str,
+    config_fields: dict[str, Any],
+    stacked_experts: bool = False,
+    extra_layers: tuple[int, ...] = (),
 ) -> tuple[HFTensor, ...]:
     """The tensors `save_pretrained` writes for this architecture and config, in model order.
 
@@ -288,6 +296,11 @@ def hf_inventory(
     layer's converted tensors stand, in natural order (by expert), where the first of them stood
     in memory. With `stacked_experts`, the in-memory names are the checkpoint's (a checkpoint
     that stores the experts stacked, as transformers holds them).
+
+    `extra_layers`: decoder layers past the config's `num_hidden_layers` that the checkpoint
+    holds but the architecture does not build (DeepSeek-V3's multi-token-prediction layer);
+    their tensors are those of transformers' own decoder layer of that number, in a model built
+    with enough layers to have it, in model order.
 
     Each call of `revert_weight_conversion` walks every module of the model, so it is called
     once per *kind* of decoder layer (the same tensor names and shapes but for the layer index),
@@ -299,6 +312,11 @@ def hf_inventory(
     if not isinstance(model_type, str):
         raise ValueError("config has no 'model_type'")
     fields = {k: v for k, v in config_fields.items() if k not in ("model_type", "quantization_config")}
+    num_layers = fields.get("num_hidden_layers")
+    if extra_layers:
+        if not isinstance(num_layers, int) or min(extra_layers) < num_layers:
+            raise ValueError(f"extra decoder layers {extra_layers} must come after the {num_layers} the config has")
+        fields["num_hidden_layers"] = max(extra_layers) + 1
     hf_config = transformers.AutoConfig.for_model(model_type, **fields)
     model_class = getattr(transformers, architecture)
     with torch.device("meta"):
@@ -307,6 +325,14 @@ def hf_inventory(
     if not getattr(hf_config, "tie_word_embeddings", False):
         tied = set()
     state = {k: v for k, v in model.state_dict().items() if k not in tied}
+    if extra_layers:
+        kept = set(extra_layers)
+
+        def wanted(name: str) -> bool:
+            layer = _HF_LAYER.match(name)
+            return layer is None or int(layer.group(2)) < num_layers or int(layer.group(2)) in kept
+
+        state = {k: v for k, v in state.items() if wanted(k)}
     groups: dict[str, dict[str, torch.Tensor]] = {}  # by decoder layer: converted together
     for name, tensor in state.items():
         layer = _HF_LAYER.match(name)
