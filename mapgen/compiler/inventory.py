@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from mapgen.common.dims import ModelDims
-from mapgen.common.layout import LAYOUTS, weight_buffers
+from mapgen.common.layout import LAYOUTS, canonical_name, weight_buffers
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 _EXPERT = re.compile(r"\.mlp\.experts\.local_experts\.(\d+)\.")
@@ -162,8 +162,9 @@ def _skeleton_params(model: Any, dtype: str) -> list[MegatronParam]:
     found: list[MegatronParam] = []
     tensors = [(n, p, dtype) for n, p in model.named_parameters()]
     tensors += [(n, b, str(b.dtype).removeprefix("torch.")) for n, b in weight_buffers(model)]
-    for name, param, param_dtype in tensors:
-        owner = modules[name.rsplit(".", 1)[0]]
+    for module_name, param, param_dtype in tensors:
+        owner = modules[module_name.rsplit(".", 1)[0]]
+        name = canonical_name(module_name)
         partitioned = bool(getattr(param, "tensor_model_parallel", False))
         layer = _LAYER.match(name)
         expert = _EXPERT.search(name)
