@@ -76,6 +76,9 @@ def tiny_hf_config(family: str, **overrides: Any) -> Any:
         config_class = transformers.Qwen3MoeConfig
     elif family == "deepseek_v3":
         common.update(
+            # no multi-token-prediction layer (transformers' default is 1): save_random_model
+            # writes what transformers builds; save_standin adds the MTP layer of a config
+            num_nextn_predict_layers=0,
             num_hidden_layers=3, num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=4,
             moe_intermediate_size=32, first_k_dense_replace=1, n_shared_experts=1, n_group=4,
             topk_group=2, routed_scaling_factor=2.5, q_lora_rank=32, kv_lora_rank=16,
