@@ -215,7 +215,10 @@ def _local_inventory(dims: ModelDims) -> tuple[MegatronParam, ...]:
     params = _skeleton_params(skeleton, dims.params_dtype)
     before = [p for p in params if p.name.startswith("embedding.")]
     templates = {kind: [p for p in params if p.layer == i] for i, kind in enumerate(kinds)}
-    after = [p for p in params if p not in before and p.layer is None]
+    # the MTP block (megatron-core builds it between the decoder and the output layer) last, so
+    # a model's parameters keep their order with or without it
+    mtp = [p for p in params if p.name.startswith("mtp.")]
+    after = [p for p in params if p not in before and p.layer is None and p not in mtp] + mtp
     expanded = list(before)
     for index in range(dims.num_layers):
         template = templates[index in moe]

@@ -148,17 +148,22 @@ def _mtp_logits_returned(chunk: Any) -> Iterator[None]:
     """A GPTModel with an MTP block runs it on its last stage and appends its hidden states to
     the main model's along the sequence; with `mtp_num_layers` set it then turns them into an
     MTP loss, which needs labels (megatron-core 0.16 fails without them, 0.19 takes them from
-    the input and drops the MTP hidden states). For the forward here the setting is off, so the
-    output layer gives the logits of both (the block itself was built, and runs, all the same)."""
+    the input and drops the MTP hidden states). Here the setting is switched off once the block
+    has run (megatron-core 0.19's block reads it), so the output layer gives the logits of both."""
     config = getattr(chunk, "config", None)
     saved = getattr(config, "mtp_num_layers", None)
     if not getattr(chunk, "mtp_process", False) or saved is None:
         yield
         return
-    config.mtp_num_layers = None
+
+    def after_block(*_: Any) -> None:
+        config.mtp_num_layers = None
+
+    handle = chunk.mtp.register_forward_hook(after_block)
     try:
         yield
     finally:
+        handle.remove()
         config.mtp_num_layers = saved
 
 
