@@ -330,11 +330,11 @@ def hf_inventory(
         tied = set()
     state = {k: v for k, v in model.state_dict().items() if k not in tied}
     if extra_layers:
-        kept = set(extra_layers)
+        kept, built = set(extra_layers), int(num_layers)
 
         def wanted(name: str) -> bool:
             layer = _HF_LAYER.match(name)
-            return layer is None or int(layer.group(2)) < num_layers or int(layer.group(2)) in kept
+            return layer is None or int(layer.group(2)) < built or int(layer.group(2)) in kept
 
         state = {k: v for k, v in state.items() if wanted(k)}
     groups: dict[str, dict[str, torch.Tensor]] = {}  # by decoder layer: converted together

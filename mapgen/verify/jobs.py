@@ -150,7 +150,7 @@ def _mtp_logits_returned(chunk: Any) -> Iterator[None]:
     MTP loss, which needs labels (megatron-core 0.16 fails without them, 0.19 takes them from
     the input and drops the MTP hidden states). Here the setting is switched off once the block
     has run (megatron-core 0.19's block reads it), so the output layer gives the logits of both."""
-    config = getattr(chunk, "config", None)
+    config: Any = getattr(chunk, "config", None)
     saved = getattr(config, "mtp_num_layers", None)
     if not getattr(chunk, "mtp_process", False) or saved is None:
         yield
