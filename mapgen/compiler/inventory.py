@@ -316,7 +316,7 @@ def hf_inventory(
     if not isinstance(model_type, str):
         raise ValueError("config has no 'model_type'")
     fields = {k: v for k, v in config_fields.items() if k not in ("model_type", "quantization_config")}
-    num_layers = fields.get("num_hidden_layers")
+    num_layers: Any = fields.get("num_hidden_layers")
     if extra_layers:
         if not isinstance(num_layers, int) or min(extra_layers) < num_layers:
             raise ValueError(f"extra decoder layers {extra_layers} must come after the {num_layers} the config has")
