@@ -398,8 +398,9 @@ class Converter:
         with torch.no_grad():
             for name, tensor in stream_export(self.module, buckets, self.placement, self.ctx, fmt, all_stages):
                 yield name, tensor
-                for copy in copies.get(name, ()):
-                    yield copy, tensor
+                scale = SCALE_SUFFIX if name.endswith(SCALE_SUFFIX) else ""  # an FP8 original's scale too
+                for copy in copies.get(name.removesuffix(scale) if scale else name, ()):
+                    yield copy + scale, tensor
 
     def export_bound(
         self,
