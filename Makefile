@@ -41,6 +41,10 @@ STANDINS := .standins
 MOE_TARGETS := mixtral_8x7b qwen3_30b_a3b qwen3_235b_a22b deepseek_v3
 MOE_LAYOUTS := "--ep 2" "--tp 2 --ep 2" "--tp 2 --ep 2 --etp 1" "--pp 2 --ep 2"
 
+# experts with biases (gpt-oss): megatron-core builds them at expert-TP 1 only
+BIASED_MOE_TARGETS := gpt_oss_20b
+BIASED_MOE_LAYOUTS := "--ep 2" "--tp 2 --etp 1 --dp 2" "--tp 2 --ep 2 --etp 1" "--pp 2 --ep 2"
+
 HYBRID_TARGETS := llama3_2_1b
 HYBRID_LAYOUTS := "--tp 2 --dp 2" "--pp 2 --dp 2" "--tp 2 --pp 2"
 
@@ -52,6 +56,10 @@ verify-standins: $(VENV)/.installed  ## every target's tiny stand-in through `ma
 	set -e; for t in $(MOE_TARGETS); do \
 	  rm -rf $(STANDINS)/$$t; $(VENV)/bin/mapgen standin specs/configs/$$t.json $(STANDINS)/$$t; \
 	  for l in $(MOE_LAYOUTS); do $(VENV)/bin/mapgen verify generated/$$t.py $(STANDINS)/$$t $$l; done; \
+	done
+	set -e; for t in $(BIASED_MOE_TARGETS); do \
+	  rm -rf $(STANDINS)/$$t; $(VENV)/bin/mapgen standin specs/configs/$$t.json $(STANDINS)/$$t; \
+	  for l in $(BIASED_MOE_LAYOUTS); do $(VENV)/bin/mapgen verify generated/$$t.py $(STANDINS)/$$t $$l; done; \
 	done
 	set -e; for t in $(HYBRID_TARGETS); do \
 	  for l in $(HYBRID_LAYOUTS); do $(VENV)/bin/mapgen verify generated/$${t}_hybrid.py $(STANDINS)/$$t $$l; done; \

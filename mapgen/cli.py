@@ -346,7 +346,12 @@ def verify(generated: str, hf_dir: str, tp: int, pp: int, vpp: int, ep: int, etp
 @click.option("--make-vocab-size-divisible-by", type=click.IntRange(min=1), default=1, show_default=True,
               help="Give the stand-in a vocabulary that Megatron-LM pads to a multiple of this x TP "
                    "(192 rows for 128; default: 128 rows).")
-def standin(config: str, out_dir: str, seed: int, dtype: str, make_vocab_size_divisible_by: int) -> None:
+@click.option("--mxfp4-twin", "mxfp4_twin", type=click.Path(file_okay=False), default=None,
+              help="Store the stand-in's stacked expert weights in MXFP4 (gpt-oss's published format) and "
+                   "write its dequantized twin (the same model, unquantized) to this folder.")
+def standin(
+    config: str, out_dir: str, seed: int, dtype: str, make_vocab_size_divisible_by: int, mxfp4_twin: str | None
+) -> None:
     """Save a tiny random stand-in (4 layers, hidden 64) of CONFIG's model to OUT_DIR, keeping
     what shapes the mapping: GQA or MQA, head_dim, tied embeddings, biases, rope scaling. The
     files are written into a hidden folder beside OUT_DIR and moved into it when complete; a
@@ -357,12 +362,40 @@ def standin(config: str, out_dir: str, seed: int, dtype: str, make_vocab_size_di
     vocab_size = standin_vocab_size(make_vocab_size_divisible_by)
     try:
         created = _save_standin(Path(config), Path(out_dir), seed, DTYPES[dtype], vocab_size)
+        if mxfp4_twin is not None:
+            _mxfp4_standin(Path(config), Path(out_dir), Path(mxfp4_twin))
     except MapgenError as exc:
         err.print(str(exc), markup=False)
         sys.exit(2)
     for folder in created:
         err.print(f"created folder {folder}", markup=False)
     err.print(f"wrote a tiny {dtype} stand-in of {config} (vocabulary {vocab_size}) to {out_dir}", markup=False)
+    if mxfp4_twin is not None:
+        err.print(f"stored its expert weights in MXFP4; its dequantized twin is in {mxfp4_twin}", markup=False)
+
+
+def _mxfp4_standin(config: Path, out: Path, twin: Path) -> None:
+    """Turn the stand-in in `out` into its MXFP4 form and write its dequantized twin to `twin`
+    (each folder's files replaced whole once both are written)."""
+    import shutil
+    import tempfile
+
+    from mapgen.verify.mxfp4_standin import write_mxfp4_twins
+
+    published = json.loads(config.read_text()).get("quantization_config")
+    quantization = published if isinstance(published, dict) and published.get("quant_method") == "mxfp4" else None
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.mxfp4.", suffix=".tmp"))
+    try:
+        try:
+            write_mxfp4_twins(out, staging / "mxfp4", staging / "twin", quantization)
+        except ValueError as exc:
+            raise MapgenError(f"{config}: cannot write an MXFP4 stand-in: {exc}") from None
+        twin.mkdir(parents=True, exist_ok=True)
+        for folder, target in ((staging / "twin", twin), (staging / "mxfp4", out)):
+            for item in folder.iterdir():
+                os.replace(item, target / item.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _save_standin(config: Path, out: Path, seed: int, dtype: Any, vocab_size: int) -> list[Path]:

@@ -82,7 +82,7 @@ CASES: list[tuple[str, list[tuple[str, str]], dict[str, object], list[str]]] = [
         {},
         [
             "bad.yaml:36:5: rule is missing required key 'hf'",
-            "bad.yaml:37:5: unknown key 'hf_parm' in rule; expected one of megatron, hf, kind, id, permute_dims, when, heads, head_dim, fused_hf",
+            "bad.yaml:37:5: unknown key 'hf_parm' in rule; expected one of megatron, hf, kind, id, permute_dims, when, heads, head_dim, fused_hf, interleaved",
         ],
     ),
     (
@@ -230,7 +230,7 @@ CASES: list[tuple[str, list[tuple[str, str]], dict[str, object], list[str]]] = [
         "permute-on-qkv",
         [("    kind: qkv\n", "    kind: qkv\n    permute_dims: [1, 0]\n")],
         {},
-        ["bad.yaml:24:19: 'permute_dims' applies only to kind 'auto', not 'qkv'"],
+        ["bad.yaml:24:19: 'permute_dims' applies only to kind 'auto' or 'gated_mlp', not 'qkv'"],
     ),
     (
         "bad-module-type",

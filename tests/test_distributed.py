@@ -42,6 +42,8 @@ EP_LAYOUTS = [
     ParallelLayout(pp=2, vpp=2, ep=2, dp=2),
 ]
 MOE_LAYOUTS = {"deepseek_v3": EP_LAYOUTS, "qwen3_235b_a22b": EP_LAYOUTS[:2]}  # 235B: Qwen3-30B's family
+# experts with biases (gpt-oss): megatron-core builds them at expert-TP 1 only
+MOE_LAYOUTS["gpt_oss_20b"] = [EP_LAYOUTS[0], EP_LAYOUTS[2], EP_LAYOUTS[3]]
 # every checked-in target, through a tiny stand-in of its own config (mapgen standin)
 TARGETS = {entry.name: entry for entry in read_targets(testing.ROOT)}
 MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")

@@ -18,6 +18,16 @@ MEGATRON_LLAMA3_ROPE = {
 }
 
 DTYPES = ("float32", "bfloat16", "float16")
+# megatron-core activation functions a spec may name (quick_gelu: x * sigmoid(1.702 x), gpt-oss)
+ACTIVATIONS = ("silu", "gelu", "quick_gelu")
+SOFTMAX_TYPES = ("vanilla", "off-by-one", "learnable")  # megatron-core's TransformerConfig.softmax_type
+# ModelDims fields added after modules were checked in: a module's DIMS names them only where set
+LATE_FIELDS = frozenset(
+    {
+        "softmax_type", "glu_linear_offset", "activation_func_clamp_value", "rope_correction_range_round_to_int",
+        "mtp_num_layers",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -81,6 +91,16 @@ class ModelDims:
     qk_head_dim: int = 0  # the part of each query/key head without rope
     qk_pos_emb_head_dim: int = 0
     v_head_dim: int = 0
+    # fields added later (gpt-oss): written into a module's DIMS only where they differ from
+    # their default (`LATE_FIELDS`), so modules built before them keep their bytes
+    # attention sinks: megatron-core's softmax_type ('learnable': a softmax offset per head)
+    softmax_type: str = "vanilla"
+    # gated linear units: act(gate) * (up + glu_linear_offset), gate clamped from above and up
+    # clamped to [-v, v] by activation_func_clamp_value (megatron-core's TransformerConfig fields)
+    glu_linear_offset: float = 0.0
+    activation_func_clamp_value: float | None = None
+    # yarn: whether the correction range is rounded to integers (HF's rope_scaling.truncate)
+    rope_correction_range_round_to_int: bool = True
     # multi-token prediction (DeepSeek-V3's num_nextn_predict_layers): megatron-core's MTP block
     # of this many layers on the last pipeline stage; 0: none
     mtp_num_layers: int = 0
@@ -132,14 +152,18 @@ class ModelDims:
             )
         if self.normalization not in ("RMSNorm", "LayerNorm"):
             found.append(("normalization", f"must be RMSNorm or LayerNorm, got {self.normalization!r}"))
-        if self.activation not in ("silu", "gelu"):
-            found.append(("activation", f"must be silu or gelu, got {self.activation!r}"))
+        if self.activation not in ACTIVATIONS:
+            found.append(("activation", f"must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}"))
+        if self.softmax_type not in SOFTMAX_TYPES:
+            found.append(("softmax_type", f"must be one of {', '.join(SOFTMAX_TYPES)}, got {self.softmax_type!r}"))
+        if self.activation_func_clamp_value is not None and self.activation_func_clamp_value <= 0:
+            found.append(("activation_func_clamp_value", f"must be positive (or null), got {self.activation_func_clamp_value}"))
+        if (self.glu_linear_offset or self.activation_func_clamp_value is not None) and not self.gated_linear_unit:
+            found.append(("glu_linear_offset", "and activation_func_clamp_value apply to gated linear units only"))
         if self.params_dtype not in DTYPES:
             found.append(("params_dtype", f"must be one of {', '.join(DTYPES)}, got {self.params_dtype!r}"))
         if self.rope_type not in ("default", "llama3", "yarn"):
             found.append(("rope_type", f"{self.rope_type!r} is not supported (default, llama3, yarn)"))
-        if self.rope_type == "yarn" and not self.multi_latent_attention:
-            found.append(("rope_type", "yarn is supported with multi_latent_attention only (megatron-core)"))
         if self.rope_type == "yarn" and self.rope_scaling_factor is None:
             found.append(("rope_scaling_factor", "is needed for yarn rope scaling"))
         if self.num_moe_experts is not None:
@@ -200,16 +224,11 @@ class ModelDims:
         return [(name, f"names layer(s) {', '.join(map(str, outside))}, outside 0..{self.num_layers - 1}")]
 
     def as_literal_items(self) -> list[tuple[str, Any]]:
-        """Every field, but those of OMITTED_AT_DEFAULT that hold their default (a field added
-        later is written only where a model uses it, so other modules keep their bytes)."""
         return [
             (f.name, getattr(self, f.name))
             for f in dataclasses.fields(self)
-            if not (f.name in OMITTED_AT_DEFAULT and getattr(self, f.name) == f.default)
+            if f.name not in LATE_FIELDS or getattr(self, f.name) != f.default
         ]
-
-
-OMITTED_AT_DEFAULT = frozenset({"mtp_num_layers"})
 
 
 DIM_FIELDS: dict[str, dataclasses.Field[Any]] = {f.name: f for f in dataclasses.fields(ModelDims)}

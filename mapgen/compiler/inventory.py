@@ -154,6 +154,13 @@ def _hybrid_inventory(dims: ModelDims, layout: str, gpt_te: tuple[MegatronParam,
     return tuple(found)
 
 
+# Parameters that megatron-core splits over TP without marking them `tensor_model_parallel`: their
+# module's `sharded_state_dict` states the split instead. The learnable softmax offset (attention
+# sinks) holds one value per attention head of the rank (`DotProductAttention` builds it with
+# num_attention_heads_per_partition rows and checkpoints it as {'softmax_offset': 0}).
+_STATE_DICT_PARTITIONS = {("DotProductAttention", "softmax_offset"): 0, ("TEDotProductAttention", "softmax_offset"): 0}
+
+
 def _skeleton_params(model: Any, dtype: str) -> list[MegatronParam]:
     """Parameters of a skeleton; all carry the model's dtype (torch norms are built in fp32,
     but megatron-core's mixed-precision wrapper and TE hold them in the params dtype). Weight
@@ -166,6 +173,7 @@ def _skeleton_params(model: Any, dtype: str) -> list[MegatronParam]:
         owner = modules[module_name.rsplit(".", 1)[0]]
         name = canonical_name(module_name)
         partitioned = bool(getattr(param, "tensor_model_parallel", False))
+        stated = _STATE_DICT_PARTITIONS.get((type(owner).__name__, name.rsplit(".", 1)[-1]))
         layer = _LAYER.match(name)
         expert = _EXPERT.search(name)
         found.append(
@@ -174,7 +182,7 @@ def _skeleton_params(model: Any, dtype: str) -> list[MegatronParam]:
                 shape=tuple(param.shape),
                 dtype=param_dtype,
                 module_kind=type(owner).__name__,
-                partition_dim=int(param.partition_dim) if partitioned else None,
+                partition_dim=int(param.partition_dim) if partitioned else stated,
                 layer=int(layer.group(1)) if layer else None,
                 expert=int(expert.group(1)) if expert else None,
                 parallel_mode=getattr(owner, "parallel_mode", None),

@@ -116,6 +116,7 @@ class Kind:
     # the roles when the checkpoint stacks the experts (the rule's `fused_hf`); () if it may not
     stacked_roles: ClassVar[tuple[str, ...]] = ()
     permutable: ClassVar[bool] = False  # takes `permute_dims`
+    interleavable: ClassVar[bool] = False  # takes `interleaved` (a fused tensor's parts alternate)
     extra_keys: ClassVar[tuple[str, ...]] = ()  # rule keys only this kind takes (all required)
     merges_heads: ClassVar[bool] = False  # needs a QKVGeometry (`geometry`)
     fixed_split: ClassVar[str] = ""  # the TP split of a kind that implies one; auto decides per parameter
@@ -396,13 +397,29 @@ class GatedMLP(Kind):
     doc = (
         "Import: rank r holds [gate_r; up_r], the r-th TP blocks of each. Export: gather, "
         "split every rank's block in halves, concatenate the gate halves and the up halves. "
-        "A stacked-experts checkpoint gives one [gate; up] slice per expert instead."
+        "A stacked-experts checkpoint gives one [gate; up] slice per expert instead; with "
+        "`interleaved`, that fused tensor's rows alternate gate, up (gate rows 0, 2, ...), and "
+        "`permute_dims` permutes it first (gpt-oss's [H, 2I] slices)."
     )
     fixed_split = "column"
+    permutable = True
+    interleavable = True
 
     def shape_problem(self, m: Mapping) -> str | None:
-        if len(m.hf) == 1:  # [gate; up]
-            return None if m.hf[0].shape == m.shape else f"[gate; up] {_described(m)} is not the Megatron shape {list(m.shape)}"
+        if len(m.hf) == 1:  # [gate; up], or gate and up alternating
+            shape = m.hf[0].shape
+            if m.permute_dims is not None:
+                if len(m.permute_dims) != len(shape):
+                    return f"permute_dims {list(m.permute_dims)} does not fit {_described(m)}"
+                shape = tuple(shape[d] for d in m.permute_dims)
+            if shape != m.shape:
+                what = "gate and up interleaved" if m.rule.interleaved else "[gate; up]"
+                return f"{what} {_described(m)} is not the Megatron shape {list(m.shape)}"
+            if shape[0] % 2:
+                return f"{_described(m)} has an odd number of rows for gate and up"
+            return None
+        if m.permute_dims is not None or m.rule.interleaved:
+            return "permute_dims and interleaved apply to one fused gate_up tensor, not to separate gate and up"
         gate, up = m.hf
         if gate.shape != up.shape:
             return f"gate and up differ: {_described(m)}"
@@ -411,13 +428,23 @@ class GatedMLP(Kind):
 
     def import_expr(self, m: Mapping, group: str) -> str:
         if len(m.hf) == 1:
-            return f"rt.gated_mlp_import({group}, *rt.halves({_loads(m)}), out=out)"
+            value = _loads(m)
+            if m.permute_dims is not None:
+                value = f"{value}.permute({m.permute_dims!r})"
+            split = "rt.alternate_rows" if m.rule.interleaved else "rt.halves"
+            return f"rt.gated_mlp_import({group}, *{split}({value}), out=out)"
         return f"rt.gated_mlp_import({group}, {_loads(m)}, out=out)"
 
     def export_expr(self, m: Mapping) -> str:
         if len(m.hf) == 1:
-            return _one_output(m, "rt.stacked_gated_mlp_export(parts)")
+            value = "rt.interleaved_gated_mlp_export(parts)" if m.rule.interleaved else "rt.stacked_gated_mlp_export(parts)"
+            if m.permute_dims is not None:
+                value = f"rt.permute({value}, {inverse_permutation(m.permute_dims)!r})"
+            return _one_output(m, value)
         return _outputs(m, "rt.gated_mlp_export(parts)")
+
+    def describe(self, m: Mapping) -> str:
+        return "gated_mlp, interleaved" if m.rule.interleaved else self.name
 
 
 KINDS: dict[str, Kind] = {

@@ -198,6 +198,44 @@ def _mtp_config(dims: ModelDims) -> dict[str, Any]:
     return dict(mtp_num_layers=dims.mtp_num_layers) if dims.mtp_num_layers else {}
 
 
+def _glu_softmax_config(dims: ModelDims) -> dict[str, Any]:
+    """gpt-oss's attention sinks (softmax_type) and clamped, offset GLU; nothing where unset."""
+    found: dict[str, Any] = {}
+    if dims.softmax_type != "vanilla":
+        found["softmax_type"] = dims.softmax_type
+    if dims.glu_linear_offset:
+        found["glu_linear_offset"] = dims.glu_linear_offset
+    if dims.activation_func_clamp_value is not None:
+        found["activation_func_clamp_value"] = dims.activation_func_clamp_value
+    return found
+
+
+def uses_gpt_yarn(dims: ModelDims) -> bool:
+    """YaRN rope on standard attention: GPTModel's position_embedding_type 'yarn' (MLA has its own)."""
+    return dims.rope_type == "yarn" and not dims.multi_latent_attention
+
+
+def _set_gpt_yarn(config: Any, dims: ModelDims) -> None:
+    """megatron-core's GPTModel reads its YaRN parameters as `yarn_*` attributes of the config
+    (`getattr`, in 0.16 and 0.19 alike: TransformerConfig declares none of them); attention
+    scales cos and sin by the concentration factor taken from the same attributes."""
+    config.yarn_rotary_scaling_factor = dims.rope_scaling_factor
+    config.yarn_original_max_position_embeddings = (
+        dims.rope_scaling_original_max_position_embeddings or dims.max_position_embeddings
+    )
+    config.yarn_beta_fast = dims.rope_beta_fast
+    config.yarn_beta_slow = dims.rope_beta_slow
+    config.yarn_mscale = dims.rope_mscale
+    config.yarn_mscale_all_dim = dims.rope_mscale_all_dim
+    config.yarn_correction_range_round_to_int = dims.rope_correction_range_round_to_int
+
+
+def _activation(name: str) -> Any:
+    from megatron.core.activations import quick_gelu
+
+    return {"silu": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu, "quick_gelu": quick_gelu}[name]
+
+
 def transformer_config(
     dims: ModelDims, params_dtype: torch.dtype | None = None, layout: ParallelLayout | None = None
 ) -> Any:
@@ -205,13 +243,13 @@ def transformer_config(
 
     dtype = params_dtype or DTYPES[dims.params_dtype]
     layout = layout or ParallelLayout()
-    activation = {"silu": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu}
     config_class = MLATransformerConfig if dims.multi_latent_attention else TransformerConfig
-    return config_class(
+    config = config_class(
         **_mtp_config(dims),
         **_moe_config(dims),
         **_mla_config(dims),
         **_window_config(dims),
+        **_glu_softmax_config(dims),
         num_layers=dims.num_layers,
         hidden_size=dims.hidden_size,
         ffn_hidden_size=dims.ffn_hidden_size,
@@ -220,7 +258,7 @@ def transformer_config(
         kv_channels=dims.kv_channels,
         layernorm_epsilon=dims.layernorm_epsilon,
         normalization=dims.normalization,
-        activation_func=activation[dims.activation],
+        activation_func=_activation(dims.activation),
         gated_linear_unit=dims.gated_linear_unit,
         add_bias_linear=dims.add_bias_linear,
         add_qkv_bias=dims.add_qkv_bias,
@@ -248,6 +286,9 @@ def transformer_config(
         num_layers_in_last_pipeline_stage=layout.last_stage_layers,
         pipeline_dtype=dtype,
     )
+    if uses_gpt_yarn(dims):
+        _set_gpt_yarn(config, dims)
+    return config
 
 
 def build_gpt_model(
@@ -290,7 +331,7 @@ def build_gpt_model(
             pre_process=pre_process,
             post_process=post_process,
             share_embeddings_and_output_weights=dims.share_embeddings_and_output_weights,
-            position_embedding_type="rope",
+            position_embedding_type="yarn" if uses_gpt_yarn(dims) else "rope",
             rotary_percent=dims.rotary_percent,
             rotary_base=dims.rotary_base,
             rope_scaling=dims.rope_type == "llama3",
@@ -492,7 +533,7 @@ def build_hybrid_model(
             pre_process=pre_process,
             post_process=post_process,
             share_embeddings_and_output_weights=dims.share_embeddings_and_output_weights,
-            position_embedding_type="rope",
+            position_embedding_type="yarn" if uses_gpt_yarn(dims) else "rope",
             rotary_percent=dims.rotary_percent,
             rotary_base=dims.rotary_base,
             parallel_output=False,

@@ -69,6 +69,8 @@ def _rule_literal(rule: Rule, example: Mapping, rule_mappings: list[Mapping] | N
         fields.append(f"qkv=QKVGeometry({g.heads}, {g.groups}, {g.head_dim}, {g.gate})")
     if all(is_linear_weight(m) for m in rule_mappings or [example]):
         fields.append("linear_weight=True")
+    if rule.interleaved:
+        fields.append("interleaved=True")
     return f"RulePlan({', '.join(fields)})"
 
 

@@ -38,7 +38,7 @@ MTP_TENSOR_KEYS = ("name", "shape", "copy_of")
 IGNORE_KEYS = ("prefix", "why")
 CONFIG_FIELD_KEYS = ("value", "why")
 ANY_VALUE = "any"  # a config_fields value: the field may hold anything
-RULE_KEYS = ("megatron", "hf", "kind", "id", "permute_dims", "when", "heads", "head_dim", "fused_hf")
+RULE_KEYS = ("megatron", "hf", "kind", "id", "permute_dims", "when", "heads", "head_dim", "fused_hf", "interleaved")
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,8 @@ class Rule:
     # for gated_mlp the slice is [gate; up]
     fused_hf: Pattern | None = None
     given_id: str | None = None  # the spec's `id:`
+    # gated_mlp read from one fused tensor whose gate and up rows alternate (gate rows 0, 2, ...)
+    interleaved: bool = False
 
     @property
     def id(self) -> str:
@@ -384,6 +386,7 @@ def _parse_rule(node: Node, errors: ErrorSink) -> Rule | None:
     head_dim = _parse_expr(fields.get("head_dim"), "head_dim", errors)
     fused_hf = _parse_fused_hf(fields.get("fused_hf"), kind, megatron, errors)
     given_id = _parse_id(fields.get("id"), errors)
+    interleaved = _parse_interleaved(fields.get("interleaved"), kind, errors)
     for key in ("heads", "head_dim"):
         if key in kind.extra_keys and key not in fields:
             errors.add(node.loc, f"kind '{kind.name}' needs '{key}' (the encoder's)")
@@ -392,7 +395,21 @@ def _parse_rule(node: Node, errors: ErrorSink) -> Rule | None:
             errors.add(node.key_loc(key), f"'{key}' applies only to kind {' or '.join(repr(k) for k in takers)}")
     if hf is None:
         return None
-    return Rule(megatron, hf, kind, megatron_node.loc, permute_dims, when, heads, head_dim, fused_hf, given_id)
+    return Rule(megatron, hf, kind, megatron_node.loc, permute_dims, when, heads, head_dim, fused_hf, given_id, interleaved)
+
+
+def _parse_interleaved(node: Node | None, kind: Kind, errors: ErrorSink) -> bool:
+    """`interleaved: true`: the kind's fused HF tensor alternates its parts row by row."""
+    if node is None:
+        return False
+    if not isinstance(node.value, bool):
+        errors.add(node.loc, f"'interleaved' must be true or false, got {node.value!r}")
+        return False
+    if node.value and not kind.interleavable:
+        takers = " or ".join(repr(k.name) for k in KINDS.values() if k.interleavable)
+        errors.add(node.loc, f"'interleaved' applies only to kind {takers}, not '{kind}'")
+        return False
+    return bool(node.value)
 
 
 def _parse_id(node: Node | None, errors: ErrorSink) -> str | None:
@@ -435,6 +452,9 @@ def _parse_hf(
     node: Node, kind: Kind, megatron: Pattern, errors: ErrorSink
 ) -> tuple[tuple[str, Pattern], ...] | None:
     roles = kind.roles
+    if isinstance(node.value, str) and node.value.endswith("[*]") and len(kind.stacked_roles) == 1:
+        # a family whose checkpoints always stack the experts names the stacked tensor's slice
+        roles = kind.stacked_roles
     texts: list[tuple[str, str]] = []
     if isinstance(node.value, dict):
         if set(node.value) != set(roles) or len(roles) == 1:

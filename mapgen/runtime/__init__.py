@@ -3,6 +3,7 @@
 from mapgen.common.dims import ModelDims
 from mapgen.runtime.context import Group, ParallelContext
 from mapgen.runtime.ops import (
+    alternate_rows,
     column_export,
     column_import,
     concat_qkv_export,
@@ -10,6 +11,7 @@ from mapgen.runtime.ops import (
     gated_mlp_export,
     gated_mlp_import,
     halves,
+    interleaved_gated_mlp_export,
     kv_export,
     kv_import,
     qkv_export,
@@ -40,6 +42,7 @@ __all__ = [
     "ParamPlan",
     "QKVGeometry",
     "RulePlan",
+    "alternate_rows",
     "column_export",
     "column_import",
     "concat_qkv_export",
@@ -47,6 +50,7 @@ __all__ = [
     "gated_mlp_export",
     "gated_mlp_import",
     "halves",
+    "interleaved_gated_mlp_export",
     "inverse_permutation",
     "kv_export",
     "kv_import",

@@ -20,6 +20,13 @@ columns, shape [ceil(rows / B0), ceil(cols / B1)]) reads through `get` as the fl
 `in` and `get` do not show them (`scale_names` and `raw` do). The block size comes from the
 constructor, else from `config.json`'s `quantization_config` (`quant_method: fp8`,
 `weight_block_size`, default [128, 128]).
+
+MXFP4 checkpoints (gpt-oss's experts, `quantization_config.quant_method: mxfp4`) store a tensor `X`
+as `X_blocks` and `X_scales` (`mapgen.runtime.mxfp4`): `names`, `in`, `shape` and `get` show `X`
+(dequantized, float32, in the shape transformers gives it) and hide the companions, which
+`mxfp4_names` and `raw` show; `integrity_problems` checks them. `loader()` is what an import reads
+through: like `get`, but a stacked MXFP4 tensor comes as `MXFP4Stacked`, whose `[i]` dequantizes
+expert i alone.
 """
 
 from __future__ import annotations
@@ -29,11 +36,12 @@ import math
 import mmap
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Callable, cast
 
 import torch
 
 from mapgen.common.errors import MapgenError
+from mapgen.runtime import mxfp4
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -66,6 +74,9 @@ FORMAT_BITS: dict[str, int] = {
     "C64": 64, "F64": 64, "I64": 64, "U64": 64,
 }  # fmt: skip
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit on the JSON header
+
+
+Loader = Callable[[str], torch.Tensor]
 
 
 class CheckpointError(MapgenError):
@@ -280,14 +291,37 @@ class HFCheckpoint:
         )
         if self.block_size is None and self.fp8:
             self.block_size = DEFAULT_BLOCK
-        self._visible = [n for n in self._entries if n not in self._scales]
+        # MXFP4: X_blocks with X_scales beside it (said so by config.json or evident from the pair)
+        self._mxfp4: dict[str, tuple[str, str]] = {
+            n[: -len(mxfp4.BLOCKS_SUFFIX)]: (n, n[: -len(mxfp4.BLOCKS_SUFFIX)] + mxfp4.SCALES_SUFFIX)
+            for n in self._entries
+            if n.endswith(mxfp4.BLOCKS_SUFFIX) and n[: -len(mxfp4.BLOCKS_SUFFIX)] + mxfp4.SCALES_SUFFIX in self._entries
+        }
+        self.mxfp4 = bool(self._mxfp4) or _configured_method(self.folder / CONFIG) == "mxfp4"
+        companions = {c for pair in self._mxfp4.values() for c in pair}
+        self._visible = []
+        for n in self._entries:
+            if n in self._scales or n in companions and not n.endswith(mxfp4.BLOCKS_SUFFIX):
+                continue
+            # a quantized tensor stands where its blocks stand
+            self._visible.append(n[: -len(mxfp4.BLOCKS_SUFFIX)] if n in companions else n)
 
     def names(self) -> list[str]:
         """The model's tensors; the `*_scale_inv` companions of quantized weights are left out."""
         return list(self._visible)
 
     def __contains__(self, name: str) -> bool:
-        return name in self._entries and name not in self._scales
+        return (name in self._entries and name not in self._scales and not self._is_companion(name)) or name in self._mxfp4
+
+    def _is_companion(self, name: str) -> bool:
+        for suffix in (mxfp4.BLOCKS_SUFFIX, mxfp4.SCALES_SUFFIX):
+            if name.endswith(suffix) and name[: -len(suffix)] in self._mxfp4:
+                return True
+        return False
+
+    def mxfp4_names(self) -> list[str]:
+        """The MXFP4-quantized tensors (each stored as `X_blocks` and `X_scales`)."""
+        return list(self._mxfp4)
 
     def scale_names(self) -> list[str]:
         """The `*_scale_inv` companions stored in the checkpoint (hidden from `names`)."""
@@ -296,6 +330,8 @@ class HFCheckpoint:
     def quantized(self, name: str) -> bool:
         """Whether `get(name)` dequantizes: an F8 tensor with a `_scale_inv` companion. Its `dtype`
         stays the stored spelling (F8_E4M3); `get` returns float32 (see `loaded_dtype`)."""
+        if name in self._mxfp4:
+            return True
         entry = self._entries[name]
         return entry.dtype in FP8 and name + SCALE_SUFFIX in self._scales
 
@@ -304,14 +340,21 @@ class HFCheckpoint:
         return torch.float32 if self.quantized(name) else DTYPES[self._entries[name].dtype]
 
     def shape(self, name: str) -> tuple[int, ...]:
+        if name in self._mxfp4:
+            return mxfp4.dequantized_shape(self._entries[self._mxfp4[name][0]].shape)
         return self._entries[name].shape
 
     def file(self, name: str) -> Path:
-        """The file that holds tensor `name`."""
+        """The file that holds tensor `name` (an MXFP4 tensor's blocks)."""
+        if name in self._mxfp4:
+            name = self._mxfp4[name][0]
         return self.folder / self._entries[name].file
 
     def dtype(self, name: str) -> str:
-        """The stored safetensors spelling: F32, BF16, F8_E4M3 (also for a quantized weight)."""
+        """The stored safetensors spelling: F32, BF16, F8_E4M3 (also for a quantized weight);
+        MXFP4 for a tensor stored as blocks and scales."""
+        if name in self._mxfp4:
+            return "MXFP4"
         return self._entries[name].dtype
 
     def integrity_problems(self) -> list[str]:
@@ -328,6 +371,18 @@ class HFCheckpoint:
             for name, e in self._entries.items()
             if e.dtype not in DTYPES
         ]
+        problems += [
+            f"{self.folder / self._entries[pair[0]].file}: {problem}"
+            for name, pair in self._mxfp4.items()
+            if (problem := self._mxfp4_problem(name))
+        ]
+        if self.mxfp4:
+            problems += [
+                f"{self.folder / e.file}: '{n}' has no companion '{n[: -len(suffix)]}{other}' (MXFP4 stores a tensor as both)"
+                for n, e in self._entries.items()
+                for suffix, other in ((mxfp4.BLOCKS_SUFFIX, mxfp4.SCALES_SUFFIX), (mxfp4.SCALES_SUFFIX, mxfp4.BLOCKS_SUFFIX))
+                if n.endswith(suffix) and n[: -len(suffix)] not in self._mxfp4 and e.dtype == "U8"
+            ]
         if not self.fp8:
             return problems
         for name, entry in self._entries.items():
@@ -361,6 +416,28 @@ class HFCheckpoint:
             return f"scale '{name}{SCALE_SUFFIX}' has dtype {scale.dtype}, not a float"
         return None
 
+    def _mxfp4_problem(self, name: str) -> str | None:
+        blocks, scales = (self._entries[n] for n in self._mxfp4[name])
+        return mxfp4.companion_problem(name, blocks.shape, blocks.dtype, scales.shape, scales.dtype)
+
+    def _mxfp4_checked(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if problem := self._mxfp4_problem(name):
+            raise CheckpointError(f"{self.folder / self._entries[self._mxfp4[name][0]].file}: {problem}")
+        blocks, scales = self._mxfp4[name]
+        return self.raw(blocks), self.raw(scales)
+
+    def loader(self) -> Loader:
+        """What an import reads through: `get`, except that an MXFP4 tensor with a leading expert
+        dim comes as an `MXFP4Stacked`, so that a rank dequantizes only the experts it imports
+        (the generated import functions read a stacked tensor as `load(X)[i]`)."""
+
+        def load(name: str) -> torch.Tensor:
+            if name in self._mxfp4 and len(self.shape(name)) == 3:
+                return cast(torch.Tensor, MXFP4Stacked(*self._mxfp4_checked(name)))
+            return self.get(name)
+
+        return load
+
     def raw(self, name: str) -> torch.Tensor:
         """Any stored tensor (scale companions too) as stored, viewing the mapped file."""
         entry = self._entries.get(name)
@@ -373,6 +450,8 @@ class HFCheckpoint:
         weight comes dequantized, as a new float32 tensor."""
         if name not in self:
             raise CheckpointError(f"{self.folder}: no tensor '{name}'")
+        if name in self._mxfp4:
+            return mxfp4.dequantize(*self._mxfp4_checked(name))
         entry = self._entries[name]
         if entry.dtype in FP8 and self.fp8:
             if name + SCALE_SUFFIX not in self._scales:
@@ -432,6 +511,36 @@ def dequantize(weight: torch.Tensor, scale_inv: torch.Tensor, block_size: tuple[
     if whole * block_cols < cols:  # the partial block at the right edge
         out[:, whole * block_cols :].mul_(per_row[:, whole : whole + 1])
     return out
+
+
+class MXFP4Stacked:
+    """A stacked-experts MXFP4 tensor [E, ...], read one expert at a time: `[i]` is expert i's
+    float32 slice, dequantized from its own blocks and scales only."""
+
+    def __init__(self, blocks: torch.Tensor, scales: torch.Tensor) -> None:
+        self.blocks, self.scales = blocks, scales
+        self.shape = torch.Size(mxfp4.dequantized_shape(tuple(blocks.shape)))
+        self.dtype = torch.float32
+
+    def __len__(self) -> int:
+        return int(self.shape[0])
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        if not isinstance(index, int) or not -len(self) <= index < len(self):
+            raise IndexError(f"expert {index!r} of a stacked MXFP4 tensor of {len(self)} experts")
+        return mxfp4.dequantize(self.blocks[index], self.scales[index])
+
+
+def _configured_method(config: Path) -> str | None:
+    """`quantization_config.quant_method` of `config.json`, if it has one."""
+    if not config.is_file():
+        return None
+    try:
+        quantization = json.loads(config.read_text()).get("quantization_config")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise CheckpointError(f"{config}: cannot read ({exc})") from None
+    method = quantization.get("quant_method") if isinstance(quantization, dict) else None
+    return method if isinstance(method, str) else None
 
 
 def _block(value: object, what: str) -> tuple[int, int]:

@@ -346,12 +346,13 @@ class Converter:
         self._agreed = True
         assert checkpoint is not None
         self.loaded = _loaded_format(module, checkpoint)
+        load = checkpoint.loader()  # an MXFP4 expert is dequantized alone
         with torch.no_grad():
             for name, param in placement.local.items():
-                _import(module, name, self.ctx, checkpoint.get, param.data, name in placement.vocab)
+                _import(module, name, self.ctx, load, param.data, name in placement.vocab)
             for name, param in placement.tied.items():
                 source = module.TIED[name]
-                _import(module, source, self.ctx, checkpoint.get, param.data, source in placement.vocab)
+                _import(module, source, self.ctx, load, param.data, source in placement.vocab)
         return len(placement.local) + len(placement.tied)
 
     def export(
@@ -472,9 +473,13 @@ def _loaded_format(module: Module, checkpoint: HFCheckpoint) -> LoadedFormat:
         if tensor.name not in checkpoint:
             continue
         stored = DTYPES.get(checkpoint.dtype(tensor.name))
+        if checkpoint.dtype(tensor.name) == "MXFP4":
+            # MXFP4 goes back as bfloat16, which holds every MXFP4 value exactly (e2m1 codes
+            # times powers of two); mapgen writes no MXFP4
+            stored = torch.bfloat16
         if stored is not None:
             dtypes[tensor.name] = stored
-        if checkpoint.quantized(tensor.name):
+        if checkpoint.quantized(tensor.name) and checkpoint.dtype(tensor.name) != "MXFP4":
             quantized.add(tensor.name)
     config: dict[str, Any] = {}
     try:
@@ -859,7 +864,10 @@ def _written_config(hf_config: dict[str, Any], fmt: ExportFormat, dtype: DtypeAr
     written = dict(hf_config)
     if fmt.quantization_config is not None:
         written["quantization_config"] = fmt.quantization_config
-    elif isinstance(written.get("quantization_config"), dict) and written["quantization_config"].get("quant_method") == "fp8":
+    elif isinstance(written.get("quantization_config"), dict) and written["quantization_config"].get("quant_method") in (
+        "fp8",
+        "mxfp4",  # MXFP4 is read (dequantized), never written: the tensors saved are not MXFP4
+    ):
         del written["quantization_config"]
     if dtype is not None and not (isinstance(dtype, str) and dtype == "checkpoint"):
         name = str(as_dtype(dtype, "dtype")).removeprefix("torch.")

@@ -180,6 +180,19 @@ def halves(stacked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return gate, up
 
 
+def alternate_rows(fused: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows 0, 2, 4, ... and rows 1, 3, 5, ... of `fused`, as strided views: gate and up of a
+    fused tensor that interleaves them (gpt-oss's gate_up_proj, once transposed)."""
+    return fused[0::2], fused[1::2]
+
+
+def interleaved_gated_mlp_export(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The inverse of `alternate_rows` over the gathered [gate_r; up_r] shards: gate and up rows
+    alternating, gate first."""
+    gate, up = gated_mlp_export(parts)
+    return torch.stack([gate, up], dim=1).reshape(2 * gate.shape[0], *gate.shape[1:])
+
+
 def stacked_gated_mlp_export(parts: Sequence[torch.Tensor]) -> torch.Tensor:
     """One expert's [gate; up] slice of a stacked gate_up tensor, from its expert-TP shards."""
     gate, up = gated_mlp_export(parts)

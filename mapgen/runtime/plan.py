@@ -41,6 +41,8 @@ class RulePlan:
     # every parameter of the rule is the weight of a linear layer (not the output layer): what
     # an FP8 block-quantized checkpoint (DeepSeek-V3's) quantizes
     linear_weight: bool = False
+    # gated_mlp from one fused HF tensor whose gate and up rows alternate (gpt-oss)
+    interleaved: bool = False
 
 
 @dataclass(frozen=True)

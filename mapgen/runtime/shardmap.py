@@ -451,11 +451,15 @@ def _pieces(
         rows_runs = [q, (q_total + kv[0], q_total + kv[1]), (q_total + kv_total + kv[0], q_total + kv_total + kv[1])]
         return (piece(0, [_merge(rows_runs), *_full(sources[0][3][1:])]),)
     if kind == "gated_mlp":
-        if len(sources) == 1:  # a stacked slice: [gate; up]
+        if len(sources) == 1:  # a stacked slice: [gate; up], or gate and up rows alternating
             shape = sources[0][3]
-            half = shape[0] // 2
+            rows_dim = 0 if rule.permute_dims is None else rule.permute_dims[0]  # the HF dim of Megatron's rows
+            half = shape[rows_dim] // 2
             start, stop = _block(half, rank, ranks)
-            return (piece(0, [_merge([(start, stop), (half + start, half + stop)]), *_full(shape[1:])]),)
+            runs = [(2 * start, 2 * stop)] if rule.interleaved else [(start, stop), (half + start, half + stop)]
+            per_dim = _full(shape)
+            per_dim[rows_dim] = _merge(runs)
+            return (piece(0, per_dim),)
         return tuple(piece(i, [(_block(s[3][0], rank, ranks),), *_full(s[3][1:])]) for i, s in enumerate(sources))
     (source,) = sources
     shape = source[3]

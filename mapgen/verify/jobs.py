@@ -247,6 +247,11 @@ def layout_problems(module: ModuleType, layout: ParallelLayout) -> list[str]:
             found.append(f"--etp {layout.etp}: {target} has no experts")
     elif dims.num_moe_experts % layout.ep:
         found.append(f"--ep {layout.ep} does not divide the {dims.num_moe_experts} experts of {target}")
+    if dims.num_moe_experts is not None and dims.add_bias_linear and etp != 1:
+        found.append(
+            f"expert-TP {etp}: megatron-core builds experts with biases ({target}) at expert-TP 1 only; "
+            "give --etp 1"
+        )
     from mapgen.runtime.drivers import vocab_params
 
     vocab = vocab_params(module)  # padded to a multiple of TP: always divisible

@@ -27,6 +27,7 @@ FAMILY_SPECS = {
     "mixtral": "specs/mixtral.yaml",
     "qwen3_moe": "specs/qwen3_moe.yaml",
     "deepseek_v3": "specs/deepseek_v3.yaml",
+    "gpt_oss": "specs/gpt_oss.yaml",
 }
 
 
@@ -101,7 +102,8 @@ def save_tiny_model(family: str, folder: Path, seed: int = 0, **overrides: Any) 
 
 
 def save_random_model(config: Any, folder: Path, seed: int = 0, dtype: torch.dtype = torch.float32) -> Any:
-    """Random weights for `config` (norms too, so no weight is trivially 1), drawn in fp32 and
+    """Random weights for `config` (norms and zero-initialised biases too, so no weight is
+    trivially 1 or 0), drawn in fp32 and
     saved in `dtype` (config.json's dtype says so; weight buffers stay as they are)."""
     from transformers import AutoModelForCausalLM
 
@@ -110,7 +112,8 @@ def save_random_model(config: Any, folder: Path, seed: int = 0, dtype: torch.dty
     model = auto.from_config(config, dtype=torch.float32)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if "norm" in name:
+            # biases transformers initialises to zero too, so that a misplaced one shows in the logits
+            if "norm" in name or (name.endswith("bias") and not param.any()):
                 param.add_(torch.randn_like(param) * 0.1)
         for name, buffer in model.named_buffers():
             if name.endswith("e_score_correction_bias"):  # DeepSeek's router bias: zero at init
@@ -194,6 +197,16 @@ def standin_config(fields: dict[str, Any], num_layers: int = 4, vocab_size: int 
         "v_head_dim": 16,
     }
     tiny.update({k: v for k, v in shrink.items() if k in fields and fields[k] is not None})
+    if "experts_per_token" in fields and "num_experts_per_tok" in tiny:  # gpt-oss's second name for it
+        tiny["experts_per_token"] = tiny["num_experts_per_tok"]
+    layer_types = fields.get("layer_types")
+    if isinstance(layer_types, list) and layer_types:
+        # the per-layer attention kinds, repeated as they repeat, for the stand-in's layers; where
+        # they alternate sliding and full attention (gpt-oss), a window shorter than the 7
+        # positions `mapgen verify` runs, so that it changes the logits
+        tiny["layer_types"] = [layer_types[i % len(layer_types)] for i in range(num_layers)]
+        if "sliding_attention" in layer_types and isinstance(fields.get("sliding_window"), int):
+            tiny["sliding_window"] = 3
     return tiny
 
 
