@@ -710,11 +710,12 @@ def save_hf_checkpoint(
         exported = converter.export(
             bucket_bytes=bucket_bytes, dtype=dtype, keep_float32=keep_float32, fp8=fp8
         )
+        copies = set(getattr(module, "HF_COPIES", {}))
         for name, tensor in exported:
             file = shards[name]
             if staging is not None and file not in failed:
-                try:
-                    pending[file][name] = tensor.contiguous()
+                try:  # an HF copy is its original's tensor, which safetensors will not write twice
+                    pending[file][name] = tensor.clone() if name in copies else tensor.contiguous()
                 except Exception as exc:  # noqa: BLE001 - agreed on below
                     failed[file] = f"{out / file}: {_describe(exc)}"
             remaining[file] -= 1
