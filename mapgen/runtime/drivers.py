@@ -715,7 +715,7 @@ def save_hf_checkpoint(
             file = shards[name]
             if staging is not None and file not in failed:
                 try:  # an HF copy is its original's tensor, which safetensors will not write twice
-                    pending[file][name] = tensor.clone() if name in copies else tensor.contiguous()
+                    pending[file][name] = tensor.clone() if name.removesuffix(SCALE_SUFFIX) in copies else tensor.contiguous()
                 except Exception as exc:  # noqa: BLE001 - agreed on below
                     failed[file] = f"{out / file}: {_describe(exc)}"
             remaining[file] -= 1
