@@ -75,6 +75,7 @@ def main() -> None:
         num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8,
         qk_nope_head_dim=16, v_head_dim=16, vocab_size=128, num_hidden_layers=args.layers,
         n_routed_experts=args.experts, dtype="float32",
+        num_nextn_predict_layers=0,  # the main model only, as these figures were first measured
     )
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as folder:

@@ -76,8 +76,10 @@ CHECKPOINT_VERSION = 3.0  # Megatron-LM's current `checkpoint_version`
 SHARDED_METADATA = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
 DIRECTIONS = ("hf-to-megatron", "megatron-to-hf")
 _MODEL_KEY_PREFIXES = ("embedding.", "decoder.", "output_layer.", "mtp.")  # model tensors, not optimizer ones
-_LAYER_KEY = re.compile(r"^decoder\.layers\.(?:\d+\.)?")
-_LAYER_NAME = re.compile(r"^decoder\.layers\.\d+\.")
+# a decoder layer's prefix, or the MTP block's transformer layer's (whose TE names are a decoder layer's)
+_LAYER_KEY = re.compile(r"^(?:decoder\.layers\.(?:\d+\.)?|mtp\.layers\.\d+\.transformer_layer\.)")
+# (megatron-core 0.19 names the MTP layer's module mtp_model_layer; its keys say transformer_layer)
+_LAYER_NAME = re.compile(r"^(?:decoder\.layers\.\d+\.|mtp\.layers\.\d+\.(?:transformer_layer|mtp_model_layer)\.)")
 
 
 def iteration_folder(iteration: int | None) -> str:

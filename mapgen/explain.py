@@ -244,7 +244,7 @@ def explain(module: ModuleType, name: str, layout: ShardLayout, module_file: Pat
     megatron = {p.megatron_name: p for p in module.PARAMS}
     tied = dict(getattr(module, "TIED", {}))
     note: list[str] = []
-    if name in tied:
+    if name in tied and tied[name] != name:  # (the MTP stage's embedding copy keeps the embedding's name)
         note = [f"{name} is a tied copy of {tied[name]} (TIED): the same HF tensor is imported into both", ""]
         name = tied[name]
     if name in megatron:

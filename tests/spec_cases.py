@@ -73,7 +73,7 @@ CASES: list[tuple[str, list[tuple[str, str]], dict[str, object], list[str]]] = [
         [("family: llama\n", "family: llama\nhf_arch: Llama\n")],
         {},
         [
-            "bad.yaml:2:1: unknown key 'hf_arch' in spec; expected one of family, hf_architecture, dims, module_types, rules, ignore_hf, config_fields"
+            "bad.yaml:2:1: unknown key 'hf_arch' in spec; expected one of family, hf_architecture, dims, module_types, rules, ignore_hf, config_fields, mtp"
         ],
     ),
     (
@@ -96,7 +96,7 @@ CASES: list[tuple[str, list[tuple[str, str]], dict[str, object], list[str]]] = [
         [("kind: gated_mlp", "kind: gated_mlpp")],
         {},
         [
-            "bad.yaml:32:11: unknown kind 'gated_mlpp'; expected one of direct, column, row, replicated, auto, qkv, kv, concat_qkv, vision_qkv, gated_mlp, reshape, zero_centered_rmsnorm"
+            "bad.yaml:32:11: unknown kind 'gated_mlpp'; expected one of direct, column, row, replicated, auto, qkv, kv, concat_qkv, vision_qkv, gated_mlp, reshape, zero_centered_rmsnorm, gdn_in_proj, gdn_conv1d"
         ],
     ),
     (
@@ -197,7 +197,7 @@ CASES: list[tuple[str, list[tuple[str, str]], dict[str, object], list[str]]] = [
         {},
         [
             "bad.yaml:4:3: dims: missing required dim 'num_layers'",
-            "bad.yaml:4:3: unknown dim 'num_layer'; did you mean 'num_layers' or 'vision_num_layers'?",
+            "bad.yaml:4:3: unknown dim 'num_layer'; did you mean 'num_layers' or 'mtp_num_layers' or 'vision_num_layers'?",
         ],
     ),
     (
@@ -296,8 +296,8 @@ CASES: list[tuple[str, list[tuple[str, str]], dict[str, object], list[str]]] = [
         ],
         {},
         [
-            "bad.yaml:2:1: unknown key 'hf_arch' in spec; expected one of family, hf_architecture, dims, module_types, rules, ignore_hf, config_fields",
-            "bad.yaml:33:11: unknown kind 'gated'; expected one of direct, column, row, replicated, auto, qkv, kv, concat_qkv, vision_qkv, gated_mlp, reshape, zero_centered_rmsnorm",
+            "bad.yaml:2:1: unknown key 'hf_arch' in spec; expected one of family, hf_architecture, dims, module_types, rules, ignore_hf, config_fields, mtp",
+            "bad.yaml:33:11: unknown kind 'gated'; expected one of direct, column, row, replicated, auto, qkv, kv, concat_qkv, vision_qkv, gated_mlp, reshape, zero_centered_rmsnorm, gdn_in_proj, gdn_conv1d",
         ],
     ),
     (

@@ -45,8 +45,19 @@ GDN_DIMS = replace(
 )
 
 
+# with megatron-core's multi-token-prediction block: its layer is built from the decoder's last
+# layer spec (DeepSeek-V3: experts; interleaved: the last layer, 4, is dense; megatron-core's MTP
+# layer indexes a per-layer sliding-window list past its end, so without windows)
+MTP_CASES = [
+    replace(MOE_DIMS, mtp_num_layers=1),
+    replace(INTERLEAVED_DIMS, sliding_window=None, sliding_window_layers=(), mtp_num_layers=2),
+]
+
+
 @pytest.mark.parametrize(
-    "dims", [DIMS, MOE_DIMS, INTERLEAVED_DIMS, GDN_DIMS], ids=["dense", "mla-moe", "interleaved-moe", "gated-delta-net"]
+    "dims",
+    [DIMS, MOE_DIMS, INTERLEAVED_DIMS, GDN_DIMS, *MTP_CASES],
+    ids=["dense", "mla-moe", "interleaved-moe", "gated-delta-net", "mla-moe-mtp", "interleaved-mtp2"],
 )
 def test_one_layer_expansion_equals_a_full_build(dims: ModelDims) -> None:
     ensure_single_process_parallel_state()
@@ -206,3 +217,16 @@ def test_zero_centred_norms_do_not_leak_into_later_builds() -> None:
         plain = build_gpt_model(INTERLEAVED_DIMS)
     assert any(isinstance(m, ZeroCenteredRMSNorm) for m in zero_centred.modules())
     assert not any(isinstance(m, ZeroCenteredRMSNorm) for m in plain.modules())
+
+
+def test_mtp_block_parameters_come_last_and_keep_the_decoder_layer_kind() -> None:
+    ensure_single_process_parallel_state()
+    names = [p.name for p in megatron_inventory(MTP_CASES[1], "local")]
+    first = next(i for i, n in enumerate(names) if n.startswith("mtp."))
+    assert all(n.startswith("mtp.") for n in names[first:]) and "output_layer.weight" in names[:first]
+    # the last decoder layer (4) is dense: so is each MTP layer's transformer layer
+    assert "mtp.layers.1.transformer_layer.mlp.linear_fc1.weight" in names
+    assert not any(".mlp.experts." in n or ".router." in n for n in names[first:])
+    te = {p.name for p in megatron_inventory(MTP_CASES[0], "te")}
+    assert {"mtp.layers.0.enorm.weight", "mtp.layers.0.eh_proj.weight", "mtp.layers.0.final_layernorm.weight"} <= te
+    assert "mtp.layers.0.transformer_layer.mlp.experts.linear_fc1.weight3" in te

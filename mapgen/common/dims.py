@@ -36,7 +36,9 @@ LATE_FIELDS = frozenset(
     {"softmax_type", "glu_linear_offset", "activation_func_clamp_value", "rope_correction_range_round_to_int",
      # gated delta net (Qwen3-Next)
      "linear_attention_layers", "linear_conv_kernel_dim", "linear_key_head_dim", "linear_value_head_dim",
-     "linear_num_key_heads", "linear_num_value_heads"}
+     "linear_num_key_heads", "linear_num_value_heads",
+     # multi-token prediction (DeepSeek-V3)
+     "mtp_num_layers"}
 ) | VISION_DIMS
 
 
@@ -111,6 +113,9 @@ class ModelDims:
     activation_func_clamp_value: float | None = None
     # yarn: whether the correction range is rounded to integers (HF's rope_scaling.truncate)
     rope_correction_range_round_to_int: bool = True
+    # multi-token prediction (DeepSeek-V3's num_nextn_predict_layers): megatron-core's MTP block
+    # of this many layers on the last pipeline stage; 0: none
+    mtp_num_layers: int = 0
     # gated delta net (Qwen3-Next's linear attention): the decoder layers whose token mixer is a
     # GatedDeltaNet instead of self-attention (megatron-core's linear_attention_freq), and its sizes
     linear_attention_layers: tuple[int, ...] = ()
@@ -168,6 +173,8 @@ class ModelDims:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 found.append((name, f"must be positive (or null), got {value}"))
+        if self.mtp_num_layers < 0 or self.mtp_num_layers > MAX_LAYERS:
+            found.append(("mtp_num_layers", f"must be 0 (no multi-token prediction) up to {MAX_LAYERS:,}, got {self.mtp_num_layers}"))
         if not 0 < self.rotary_percent <= 1:
             found.append(("rotary_percent", f"must be in (0, 1], got {self.rotary_percent}"))
         if self.num_layers > MAX_LAYERS:

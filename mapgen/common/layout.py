@@ -7,6 +7,8 @@ and the generated tables name it as `X[i]`, which `stacked_slice` reads back.
 
 from __future__ import annotations
 
+import re
+
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,3 +65,13 @@ def weight_buffers(model: Any) -> list[tuple[str, Any]]:
         for name, buffer in model.named_buffers()
         if name in saved and not name.endswith("_extra_state") and buffer.is_floating_point()
     ]
+
+
+# megatron-core 0.19 calls the MTP layer's decoder layer `mtp_model_layer` (its checkpoint keys
+# stay `transformer_layer`, 0.16's module name); mapgen names it `transformer_layer` on every release
+_MTP_MODEL_LAYER = re.compile(r"^(mtp\.layers\.\d+\.)mtp_model_layer\.")
+
+
+def canonical_name(name: str) -> str:
+    """A megatron-core parameter's name as mapgen writes it (see above)."""
+    return _MTP_MODEL_LAYER.sub(r"\1transformer_layer.", name, count=1)

@@ -308,5 +308,5 @@ def evaluate_in_context(
 ) -> Any:
     """Rule-level expressions see the HF config fields with the Megatron dims over them."""
     scope = dict(config.fields)
-    scope.update(dict(dims.as_literal_items()))
+    scope.update({name: getattr(dims, name) for name in DIM_FIELDS})  # every dim, written or not
     return expr.evaluate(scope)

@@ -6,6 +6,7 @@ transform against the two inventories. All problems are collected and reported t
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 
 from mapgen.compiler.config import HFConfig, evaluate_in_context, evaluate_reported
@@ -39,6 +40,23 @@ def _unconsumed(tensor: HFTensor, consumers: dict[str, list[str]]) -> bool:
     return not slices or not all(s in consumers for s in slices)
 
 
+_MTP = re.compile(r"^mtp\.layers\.(\d+)\.(transformer_layer\.)?")
+
+
+def rules_name(te_name: str, mtp_hf_layer: int | None) -> str:
+    """The name spec rules match a parameter by: its te name, but for a multi-token-prediction
+    parameter (`mtp.layers.I.X`) the MTP layer's HF layer number `mtp_hf_layer + I` in place of
+    I, and its transformer layer's parameters as that decoder layer's
+    (`mtp.layers.I.transformer_layer.X` -> `decoder.layers.<mtp_hf_layer + I>.X`)."""
+    found = _MTP.match(te_name) if mtp_hf_layer is not None else None
+    if found is None:
+        return te_name
+    assert mtp_hf_layer is not None
+    number = mtp_hf_layer + int(found.group(1))
+    head = f"decoder.layers.{number}." if found.group(2) else f"mtp.layers.{number}."
+    return head + te_name[found.end():]
+
+
 def expand(
     spec: Spec,
     config: HFConfig,
@@ -47,9 +65,13 @@ def expand(
     megatron: tuple[MegatronParam, ...],
     hf: tuple[HFTensor, ...],
     fused_experts: bool = False,
+    mtp_hf_layer: int | None = None,
+    copies: frozenset[str] = frozenset(),
 ) -> tuple[Mapping, ...]:
     """Every Megatron parameter's mapping; with `fused_experts`, rules that say where a
-    checkpoint stacks the experts (`fused_hf`) read that tensor's slices instead."""
+    checkpoint stacks the experts (`fused_hf`) read that tensor's slices instead. Parameters
+    of the multi-token-prediction block are matched by `rules_name`; HF tensors in `copies`
+    repeat another HF tensor and are read by no rule."""
     errors = ErrorSink()
     module_types = {**MODULE_TYPES, **dict(spec.module_types)}
     active = [rule for rule in spec.rules if _is_active(rule, dims, config, errors)]
@@ -63,7 +85,7 @@ def expand(
         hits = [
             (rule, caps)
             for rule in active
-            if (caps := rule.megatron.match(param.te_name)) is not None
+            if (caps := rule.megatron.match(rules_name(param.te_name, mtp_hf_layer))) is not None
         ]
         for rule, _ in hits:
             matched_by_rule[rule] += 1
@@ -124,7 +146,7 @@ def expand(
     for name, users in consumers.items():
         if len(users) > 1 and _source(hf_by_name, "", name):
             errors.add(where, f"HF tensor '{name}' is consumed {len(users)} times: by " + ", ".join(users))
-    unused = [t.name for t in hf if _unconsumed(t, consumers)]
+    unused = [t.name for t in hf if t.name not in copies and _unconsumed(t, consumers)]
     if unused:
         errors.add(
             where,

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from mapgen.common.dims import ModelDims
-from mapgen.common.layout import LAYOUTS, weight_buffers
+from mapgen.common.layout import LAYOUTS, canonical_name, weight_buffers
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 _EXPERT = re.compile(r"\.mlp\.experts\.local_experts\.(\d+)\.")
@@ -174,8 +174,9 @@ def _skeleton_params(model: Any, dtype: str) -> list[MegatronParam]:
     found: list[MegatronParam] = []
     tensors = [(n, p, dtype) for n, p in model.named_parameters()]
     tensors += [(n, b, str(b.dtype).removeprefix("torch.")) for n, b in weight_buffers(model)]
-    for name, param, param_dtype in tensors:
-        owner = modules[name.rsplit(".", 1)[0]]
+    for module_name, param, param_dtype in tensors:
+        owner = modules[module_name.rsplit(".", 1)[0]]
+        name = canonical_name(module_name)
         partitioned = bool(getattr(param, "tensor_model_parallel", False))
         if partitioned and not hasattr(param, "partition_dim"):
             # megatron-core's GatedDeltaNet marks conv1d.weight, A_log and dt_bias
@@ -209,8 +210,13 @@ def _layer_kind(dims: ModelDims, index: int) -> LayerKind:
 def _skeleton_dims(dims: ModelDims) -> tuple[list[LayerKind], ModelDims]:
     """The kinds of decoder layer the model has (with experts or not, dense first; with
     self-attention or a gated delta net) and the dims of a skeleton with one layer of each: its
-    layer i is of kinds[i]. Attention windows shape no parameter."""
+    layer i is of kinds[i]. With multi-token prediction the model's last layer's kind comes last:
+    megatron-core builds the MTP layer from the decoder's last layer spec. Attention windows
+    shape no parameter."""
     kinds = sorted({_layer_kind(dims, index) for index in range(dims.num_layers)})
+    if dims.mtp_num_layers:
+        last = _layer_kind(dims, dims.num_layers - 1)
+        kinds = [kind for kind in kinds if kind != last] + [last]
     return kinds, replace(
         dims,
         num_layers=len(kinds),
@@ -232,7 +238,10 @@ def _local_inventory(dims: ModelDims) -> tuple[MegatronParam, ...]:
     params = _skeleton_params(skeleton, dims.params_dtype)
     before = [p for p in params if p.name.startswith("embedding.")]
     templates = {kind: [p for p in params if p.layer == i] for i, kind in enumerate(kinds)}
-    after = [p for p in params if p not in before and p.layer is None]
+    # the MTP block (megatron-core builds it between the decoder and the output layer) last, so
+    # a model's parameters keep their order with or without it
+    mtp = [p for p in params if p.name.startswith("mtp.")]
+    after = [p for p in params if p not in before and p.layer is None and p not in mtp] + mtp
     expanded = list(before)
     for index in range(dims.num_layers):
         template = templates[_layer_kind(dims, index)]
@@ -302,7 +311,10 @@ def architecture_model_type(architecture: str) -> str | None:
 
 
 def hf_inventory(
-    architecture: str, config_fields: dict[str, Any], stacked_experts: bool = False
+    architecture: str,
+    config_fields: dict[str, Any],
+    stacked_experts: bool = False,
+    extra_layers: tuple[int, ...] = (),
 ) -> tuple[HFTensor, ...]:
     """The tensors `save_pretrained` writes for this architecture and config, in model order.
 
@@ -312,6 +324,11 @@ def hf_inventory(
     layer's converted tensors stand, in natural order (by expert), where the first of them stood
     in memory. With `stacked_experts`, the in-memory names are the checkpoint's (a checkpoint
     that stores the experts stacked, as transformers holds them).
+
+    `extra_layers`: decoder layers past the config's `num_hidden_layers` that the checkpoint
+    holds but the architecture does not build (DeepSeek-V3's multi-token-prediction layer);
+    their tensors are those of transformers' own decoder layer of that number, in a model built
+    with enough layers to have it, in model order.
 
     Each call of `revert_weight_conversion` walks every module of the model, so it is called
     once per *kind* of decoder layer (the same tensor names and shapes but for the layer index),
@@ -323,6 +340,11 @@ def hf_inventory(
     if not isinstance(model_type, str):
         raise ValueError("config has no 'model_type'")
     fields = {k: v for k, v in config_fields.items() if k not in ("model_type", "quantization_config")}
+    num_layers: Any = fields.get("num_hidden_layers")
+    if extra_layers:
+        if not isinstance(num_layers, int) or min(extra_layers) < num_layers:
+            raise ValueError(f"extra decoder layers {extra_layers} must come after the {num_layers} the config has")
+        fields["num_hidden_layers"] = max(extra_layers) + 1
     hf_config = transformers.AutoConfig.for_model(model_type, **fields)
     model_class = getattr(transformers, architecture)
     with torch.device("meta"):
@@ -331,6 +353,14 @@ def hf_inventory(
     if not getattr(hf_config, "tie_word_embeddings", False):
         tied = set()
     state = {k: v for k, v in model.state_dict().items() if k not in tied}
+    if extra_layers:
+        kept, built = set(extra_layers), int(num_layers)
+
+        def wanted(name: str) -> bool:
+            layer = _HF_LAYER.match(name)
+            return layer is None or int(layer.group(2)) < built or int(layer.group(2)) in kept
+
+        state = {k: v for k, v in state.items() if wanted(k)}
     groups: dict[str, dict[str, torch.Tensor]] = {}  # by decoder layer: converted together
     for name, tensor in state.items():
         layer = _HF_LAYER.match(name)

@@ -76,3 +76,6 @@ class Target:
     mappings: tuple[Mapping, ...]
     hf_tensors: tuple[HFTensor, ...]  # in the order HF lays out its state dict
     ignored_hf: tuple[tuple[str, str], ...] = ()  # (name prefix, why) left alone on purpose
+    # (copy, original): HF tensors that repeat another (a multi-token-prediction layer's copy of
+    # the shared embedding or output head), read by no rule, written back from the original
+    hf_copies: tuple[tuple[str, str], ...] = ()

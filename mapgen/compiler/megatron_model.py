@@ -211,6 +211,12 @@ def _mla_config(dims: ModelDims) -> dict[str, Any]:
     )
 
 
+def _mtp_config(dims: ModelDims) -> dict[str, Any]:
+    """megatron-core's multi-token prediction: its block on the last pipeline stage (no custom
+    pipeline layout), sharing the main model's embedding and output layer."""
+    return dict(mtp_num_layers=dims.mtp_num_layers) if dims.mtp_num_layers else {}
+
+
 def _glu_softmax_config(dims: ModelDims) -> dict[str, Any]:
     """gpt-oss's attention sinks (softmax_type) and clamped, offset GLU; nothing where unset."""
     found: dict[str, Any] = {}
@@ -258,6 +264,7 @@ def transformer_config(
     layout = layout or ParallelLayout()
     config_class = MLATransformerConfig if dims.multi_latent_attention else TransformerConfig
     config = config_class(
+        **_mtp_config(dims),
         **_moe_config(dims),
         **_mla_config(dims),
         **_window_config(dims),
@@ -334,6 +341,13 @@ def build_gpt_model(
             _mla_without_transformer_engine()
             for layer_spec in block_spec.layer_specs:
                 layer_spec.submodules.self_attention.submodules.core_attention = _mla_core_attention()
+        mtp_block_spec = None
+        if dims.mtp_num_layers:
+            # megatron-core's own MTP block spec: its layer is the decoder's last layer spec,
+            # built on the last (virtual) pipeline stage only
+            from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
+
+            mtp_block_spec = get_gpt_mtp_block_spec(config, block_spec, use_transformer_engine=False, vp_stage=vp_stage)
         return GPTModel(
             config,
             block_spec,
@@ -349,6 +363,7 @@ def build_gpt_model(
             rope_scaling_factor=dims.rope_scaling_factor or 8.0,
             vp_stage=vp_stage,
             parallel_output=False,
+            **({"mtp_block_spec": mtp_block_spec} if mtp_block_spec is not None else {}),
         )
 
 
@@ -692,6 +707,11 @@ def build_hybrid_model(
         raise MapgenError(
             "sliding-window attention in a hybrid model is not supported: megatron-core's "
             "window_attn_skip_freq would count hybrid layers (two per HF layer)"
+        )
+    if dims.mtp_num_layers:
+        raise MapgenError(
+            "multi-token prediction in a hybrid model is not supported: mapgen maps megatron-core's "
+            "GPTModel MTP block (build with --model gpt)"
         )
     if vp_stage is not None:
         raise MapgenError(

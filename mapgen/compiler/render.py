@@ -143,9 +143,19 @@ def render(target: Target, header: list[str]) -> str:
             f"HFTensorPlan({t.name!r}, {t.shape!r}" + (f", {t.float32!r})" if t.float32 else ")") for t in target.hf_tensors
         ],
         ignored_hf=[(repr(prefix), repr(why)) for prefix, why in sorted(target.ignored_hf)],
-        tied=[
-            tuple(repr(LANGUAGE_MODEL.get(target.model, "") + n) for n in ("output_layer.weight", "embedding.word_embeddings.weight"))
-        ]
-        if target.dims.share_embeddings_and_output_weights
-        else [],
+        hf_copies=[(repr(copy), repr(original)) for copy, original in target.hf_copies],
+        tied=(
+            [
+                tuple(repr(LANGUAGE_MODEL.get(target.model, "") + n) for n in ("output_layer.weight", "embedding.word_embeddings.weight"))
+            ]
+            if target.dims.share_embeddings_and_output_weights
+            else []
+        )
+        + (
+            # the MTP block's stage holds a copy of the embedding (megatron-core ties it to the
+            # first stage's); at one stage it is the embedding itself
+            [(repr("embedding.word_embeddings.weight"), repr("embedding.word_embeddings.weight"))]
+            if target.dims.mtp_num_layers
+            else []
+        ),
     )

@@ -32,7 +32,9 @@ from mapgen.compiler.yamlsource import Node
 
 
 PARALLELISM_TYPES = ("column", "row", "replicated")
-TOP_KEYS = ("family", "hf_architecture", "dims", "module_types", "rules", "ignore_hf", "config_fields")
+TOP_KEYS = ("family", "hf_architecture", "dims", "module_types", "rules", "ignore_hf", "config_fields", "mtp")
+MTP_KEYS = ("hf_layer", "hf_tensors", "why")
+MTP_TENSOR_KEYS = ("name", "shape", "copy_of")
 IGNORE_KEYS = ("prefix", "why")
 CONFIG_FIELD_KEYS = ("value", "why")
 ANY_VALUE = "any"  # a config_fields value: the field may hold anything
@@ -95,6 +97,33 @@ class ConfigField:
 
 
 @dataclass(frozen=True)
+class MTPTensor:
+    """A tensor each multi-token-prediction layer of the checkpoint holds that transformers does
+    not build: `name` has one `*`, the layer's HF number; either its `shape` (expressions over
+    the config), or `copy_of`, the main model's tensor it repeats (its shape, and its bytes)."""
+
+    name: Pattern
+    shape: tuple[Expr, ...] | None
+    copy_of: str | None
+    loc: Location
+
+
+@dataclass(frozen=True)
+class MTP:
+    """How the checkpoint stores megatron-core's multi-token-prediction layers (dims'
+    `mtp_num_layers` of them): MTP layer i is the checkpoint's decoder layer `hf_layer + i`
+    (transformers' decoder layer of that number, which the architecture itself does not build),
+    plus `hf_tensors`. Rules for `mtp.layers.*.X` are matched with `*` the HF layer number,
+    and the MTP layer's `transformer_layer.X` by the decoder rules, as `decoder.layers.<HF
+    layer number>.X`."""
+
+    hf_layer: Expr
+    hf_tensors: tuple[MTPTensor, ...]
+    why: str
+    loc: Location
+
+
+@dataclass(frozen=True)
 class Spec:
     path: str
     family: str
@@ -104,6 +133,7 @@ class Spec:
     rules: tuple[Rule, ...]
     ignore_hf: tuple[IgnoreHF, ...] = ()
     config_fields: tuple[ConfigField, ...] = ()
+    mtp: MTP | None = None
 
 
 def parse_spec(path: str, text: str) -> Spec:
@@ -149,8 +179,52 @@ def parse_spec(path: str, text: str) -> Spec:
                 rules.append(rule)
     ignore_hf = _parse_ignore_hf(top.get("ignore_hf"), errors)
     config_fields = _parse_config_fields(top.get("config_fields"), errors)
+    mtp = _parse_mtp(top.get("mtp"), errors)
     errors.raise_if_any()
-    return Spec(path, family, hf_architecture, dims, module_types, tuple(rules), ignore_hf, config_fields)
+    return Spec(path, family, hf_architecture, dims, module_types, tuple(rules), ignore_hf, config_fields, mtp)
+
+
+def _parse_mtp(node: Node | None, errors: ErrorSink) -> MTP | None:
+    """`mtp: {hf_layer: <expression>, hf_tensors: [{name, shape | copy_of}, ...], why: "..."}`."""
+    if node is None:
+        return None
+    if not isinstance(node.value, dict) or set(node.value) != set(MTP_KEYS):
+        errors.add(node.loc, "'mtp' must be a mapping with exactly the keys " + ", ".join(MTP_KEYS))
+        return None
+    hf_layer = _parse_expr(node.value["hf_layer"], "mtp.hf_layer", errors)
+    why = _string(node.value["why"], "mtp.why", errors)
+    tensors_node = node.value["hf_tensors"]
+    tensors: list[MTPTensor] = []
+    if not isinstance(tensors_node.value, list):
+        errors.add(tensors_node.loc, "'mtp.hf_tensors' must be a list of {name, shape} or {name, copy_of}")
+        return None
+    for item in tensors_node.value:
+        fields = item.value
+        if not isinstance(fields, dict) or "name" not in fields or len(fields) != 2 or not set(fields) <= set(MTP_TENSOR_KEYS):
+            errors.add(item.loc, "each 'mtp.hf_tensors' entry needs a name and either a shape or copy_of")
+            continue
+        name = _string(fields["name"], "mtp.hf_tensors.name", errors)
+        if name and Pattern(name).wildcards != ("*",):
+            errors.add(fields["name"].loc, f"mtp.hf_tensors name '{name}' must have exactly one '*' (the HF layer number)")
+            continue
+        shape: tuple[Expr, ...] | None = None
+        copy_of: str | None = None
+        if "copy_of" in fields:
+            copy_of = _string(fields["copy_of"], "mtp.hf_tensors.copy_of", errors)
+        else:
+            dims_node = fields["shape"]
+            if not isinstance(dims_node.value, list) or not dims_node.value:
+                errors.add(dims_node.loc, "mtp.hf_tensors shape must be a list of expressions")
+                continue
+            parsed = [_parse_expr(d, "mtp.hf_tensors.shape", errors) for d in dims_node.value]
+            if any(p is None for p in parsed):
+                continue
+            shape = tuple(p for p in parsed if p is not None)
+        if name and (shape is not None or copy_of):
+            tensors.append(MTPTensor(Pattern(name), shape, copy_of, item.loc))
+    if hf_layer is None or not why:
+        return None
+    return MTP(hf_layer, tuple(tensors), why, node.loc)
 
 
 def _parse_config_fields(node: Node | None, errors: ErrorSink) -> tuple[ConfigField, ...]:

@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import save_file
 
 from mapgen.common.errors import MapgenError
-from mapgen.common.layout import stacked_slice, weight_buffers
+from mapgen.common.layout import canonical_name, stacked_slice, weight_buffers
 from mapgen.runtime.checkpoint import DTYPES, SCALE_SUFFIX, HFCheckpoint
 from mapgen.runtime.collectives import RankError, agree_or_raise
 from mapgen.runtime.context import Group, ParallelContext
@@ -85,8 +85,8 @@ def num_experts(module: Module) -> int:
 
 def _weights(model: Any) -> Iterator[tuple[str, torch.Tensor]]:
     """A chunk's parameters, then its weight buffers (the router's expert_bias)."""
-    yield from model.named_parameters()
-    yield from weight_buffers(model)
+    for name, tensor in [*model.named_parameters(), *weight_buffers(model)]:
+        yield canonical_name(name), tensor
 
 
 @dataclass(frozen=True)
@@ -363,6 +363,8 @@ class Converter:
         try:
             checkpoint = HFCheckpoint(hf_dir)
             problems += _checkpoint_problems(module, checkpoint, placement)
+            if not problems:
+                problems += copy_problems(module, checkpoint, placement)
         except Exception as exc:  # noqa: BLE001 - reported on every rank below
             problems.append(str(exc))
         agree_or_raise(self._problems + problems, f"cannot load {hf_dir} into {module.TARGET}")
@@ -418,8 +420,13 @@ class Converter:
         self._agree([], f"cannot export with {self.module.TARGET}")
         fmt = self._format(dtype, keep_float32, fp8)
         buckets, _ = self._bucket_plan(bucket_bytes, all_stages, fmt)
+        copies = hf_copies_of(self.module)
         with torch.no_grad():
-            yield from stream_export(self.module, buckets, self.placement, self.ctx, fmt, all_stages)
+            for name, tensor in stream_export(self.module, buckets, self.placement, self.ctx, fmt, all_stages):
+                yield name, tensor
+                scale = SCALE_SUFFIX if name.endswith(SCALE_SUFFIX) else ""  # an FP8 original's scale too
+                for copy in copies.get(name.removesuffix(scale) if scale else name, ()):
+                    yield copy + scale, tensor
 
     def export_bound(
         self,
@@ -459,7 +466,11 @@ class Converter:
         if not self._agreed and self._problems:
             raise RankError(f"cannot export with {self.module.TARGET} on this rank:\n  " + "\n  ".join(self._problems))
         fmt = self._format(dtype, keep_float32, None)
-        yield from local_pieces(self.module, self.placement, self.ctx, fmt)
+        copies = hf_copies_of(self.module)
+        for piece in local_pieces(self.module, self.placement, self.ctx, fmt):
+            yield piece
+            for copy in copies.get(piece.name, ()):
+                yield replace(piece, piece=replace(piece.piece, name=copy))
 
     def _format(self, dtype: DtypeArg, keep_float32: Iterable[str] | None, fp8: FP8Arg) -> ExportFormat:
         keep = keep_float32 if keep_float32 is None or isinstance(keep_float32, str) else tuple(sorted(keep_float32))
@@ -540,6 +551,38 @@ def load_hf_checkpoint(
 
 
 _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+
+
+def hf_copies_of(module: Module) -> dict[str, tuple[str, ...]]:
+    """original HF name -> the HF tensors that repeat it (the module's HF_COPIES, which a
+    module without multi-token prediction does not have)."""
+    found: dict[str, tuple[str, ...]] = {}
+    for copy, original in getattr(module, "HF_COPIES", {}).items():
+        found[original] = found.get(original, ()) + (copy,)
+    return found
+
+
+def copy_problems(module: Module, checkpoint: HFCheckpoint, placement: Placement) -> list[str]:
+    """Each HF copy (HF_COPIES) bit for bit equal to its original, checked by the ranks that
+    import the original (megatron-core holds one tensor for both, so a copy that differs could
+    not be written back): a copy that differs, or is stored in another dtype, is a problem
+    naming both tensors and their files."""
+    copies = hf_copies_of(module)
+    if not copies:
+        return []
+    plans = {p.megatron_name: p for p in module.PARAMS}
+    names = set(placement.local) | {module.TIED[n] for n in placement.tied}
+    read = {stacked_slice(h)[0] for n in names for h in plans[n].hf_names}
+    problems: list[str] = []
+    for original in sorted(read & set(copies)):
+        for copy in copies[original]:
+            a, b = checkpoint.raw(original), checkpoint.raw(copy)
+            if a.dtype != b.dtype or a.shape != b.shape or not torch.equal(a.view(torch.uint8), b.view(torch.uint8)):
+                problems.append(
+                    f"tensor '{copy}' ({checkpoint.file(copy)}) differs from '{original}' ({checkpoint.file(original)}), "
+                    f"which it repeats: megatron-core holds one tensor for both, so {module.TARGET} cannot load them"
+                )
+    return problems
 
 
 def checkpoint_problems(module: Module, checkpoint: HFCheckpoint) -> list[str]:
@@ -692,11 +735,12 @@ def save_hf_checkpoint(
         exported = converter.export(
             bucket_bytes=bucket_bytes, dtype=dtype, keep_float32=keep_float32, fp8=fp8
         )
+        copies = set(getattr(module, "HF_COPIES", {}))
         for name, tensor in exported:
             file = shards[name]
             if staging is not None and file not in failed:
-                try:
-                    pending[file][name] = tensor.contiguous()
+                try:  # an HF copy is its original's tensor, which safetensors will not write twice
+                    pending[file][name] = tensor.clone() if name.removesuffix(SCALE_SUFFIX) in copies else tensor.contiguous()
                 except Exception as exc:  # noqa: BLE001 - agreed on below
                     failed[file] = f"{out / file}: {_describe(exc)}"
             remaining[file] -= 1

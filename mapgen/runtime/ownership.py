@@ -65,11 +65,11 @@ def expert_owner(plan: ParamPlan, per_rank: int) -> tuple[int, int]:
 
 def local_name(plan: ParamPlan, layers: dict[int, tuple[Owner, int]], per_rank: int = 0) -> str:
     """The parameter's name inside the model chunk that owns it (local layer and expert index)."""
-    if plan.layer is None:
-        return plan.megatron_name
-    index = layers[plan.layer][1]
-    name = _LAYER.sub(f"decoder.layers.{index}.", plan.megatron_name, count=1)
-    if plan.expert is None:
+    name = plan.megatron_name
+    if plan.layer is not None:
+        index = layers[plan.layer][1]
+        name = _LAYER.sub(f"decoder.layers.{index}.", name, count=1)
+    if plan.expert is None:  # (an expert outside the decoder: the MTP block's transformer layer)
         return name
     local = expert_owner(plan, per_rank)[1]
     for pattern in _EXPERT:

@@ -260,6 +260,8 @@ def resolve_format(
             held[base] = held_dtype(plan.megatron_name, model_dtype)
             if index is not None:
                 stacked.add(base)
+    copies: dict[str, str] = dict(getattr(module, "HF_COPIES", {}))  # written as their originals are
+    held.update((copy, held[original]) for copy, original in copies.items())
     names = [t.name for t in module.HF_TENSORS]
     if isinstance(dtype, str) and dtype == "checkpoint":
         if loaded is None:
@@ -324,6 +326,7 @@ def resolve_format(
             n for n in linear
             if n not in keep and not _skipped(n.removesuffix(".weight"), skip)
         )
+        quantized |= frozenset(copy for copy, original in copies.items() if original in quantized)
     key = (None if target is None else str(target), keep, None if config is None else (block, tuple(sorted(quantized))))
     return ExportFormat(dtypes, quantized, block, key, config)
 

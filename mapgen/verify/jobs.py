@@ -24,6 +24,8 @@ import os
 import socket
 import traceback
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -114,7 +116,9 @@ class Result:
 
 def pipeline_logits(chunks: list[Any], input_ids: torch.Tensor, ctx: Any, hidden_size: int) -> torch.Tensor | None:
     """Forward of one micro-batch through every (virtual) pipeline stage, by hand: megatron-core's
-    schedules assume CUDA. Returns the logits on the rank that runs the last stage."""
+    schedules assume CUDA. Returns the logits on the rank that runs the last stage; with
+    multi-token prediction, [batch, (1 + MTP layers) x seq, vocab]: the main model's logits,
+    then each MTP layer's (see `_mtp_logits_returned`)."""
     batch, seq = input_ids.shape
     positions = torch.arange(seq).unsqueeze(0).expand_as(input_ids)
     mask = torch.triu(torch.ones(seq, seq, dtype=torch.bool), diagonal=1)[None, None]
@@ -133,13 +137,38 @@ def pipeline_logits(chunks: list[Any], input_ids: torch.Tensor, ctx: Any, hidden
                     source = (stage - 1) % pp.size
                     dist.recv(received, src=dist.get_global_rank(pp.handle, source))
                     chunk.set_input_tensor(received)
-                output = chunk(input_ids, positions, attention_mask=mask)
+                with _mtp_logits_returned(chunk):
+                    output = chunk(input_ids, positions, attention_mask=mask)
                 if last:
                     logits = output
                 else:
                     target = (stage + 1) % pp.size
                     dist.send(output.contiguous(), dst=dist.get_global_rank(pp.handle, target))
     return logits
+
+
+@contextmanager
+def _mtp_logits_returned(chunk: Any) -> Iterator[None]:
+    """A GPTModel with an MTP block runs it on its last stage and appends its hidden states to
+    the main model's along the sequence; with `mtp_num_layers` set it then turns them into an
+    MTP loss, which needs labels (megatron-core 0.16 fails without them, 0.19 takes them from
+    the input and drops the MTP hidden states). Here the setting is switched off once the block
+    has run (megatron-core 0.19's block reads it), so the output layer gives the logits of both."""
+    config: Any = getattr(chunk, "config", None)
+    saved = getattr(config, "mtp_num_layers", None)
+    if not getattr(chunk, "mtp_process", False) or saved is None:
+        yield
+        return
+
+    def after_block(*_: Any) -> None:
+        config.mtp_num_layers = None
+
+    handle = chunk.mtp.register_forward_hook(after_block)
+    try:
+        yield
+    finally:
+        handle.remove()
+        config.mtp_num_layers = saved
 
 
 VERIFY_FIELDS = ("LAYOUT", "MODEL", "DIMS")  # what verify needs beyond what every conversion needs
@@ -360,7 +389,7 @@ def run_job(job: Job) -> Result:
     from mapgen.runtime import ParallelContext
     from mapgen.runtime.drivers import Converter
     from mapgen.runtime.vocab import padded_vocab_size
-    from mapgen.verify.testing import hf_logits, prepare_cpu_megatron
+    from mapgen.verify.testing import hf_logits, hf_mtp_logits, prepare_cpu_megatron
 
     rank = dist.get_rank()
     result = Result(job, rank)
@@ -395,7 +424,14 @@ def run_job(job: Job) -> Result:
                 auto: Any = transformers.AutoModelForCausalLM
                 reference = auto.from_pretrained(job.hf_dir, dtype=dtype).eval()
                 expected = hf_logits(reference, input_ids).float()
-                found[0] = (logits[..., :vocab].float() - expected).abs().max()  # pad logits dropped
+                seq = input_ids.shape[1]
+                if module.DIMS.mtp_num_layers:  # each MTP layer's logits against the reference's
+                    mtp_logits = logits[:, seq:]
+                    logits = logits[:, :seq]
+                    for depth, reference_logits in enumerate(hf_mtp_logits(reference, job.hf_dir, module, input_ids)):
+                        ours = mtp_logits[:, depth * seq : (depth + 1) * seq][:, : seq - depth - 1, :vocab].float()
+                        found[0] = max(found[0], (ours - reference_logits.float()).abs().max())
+                found[0] = max(found[0], (logits[..., :vocab].float() - expected).abs().max())  # pad logits dropped
                 found[1] = logits[..., vocab:].float().abs().max() if padded > vocab else 0.0
                 found[2] = logit_tolerance(dtype, expected)
             except Exception:  # noqa: BLE001 - reported below, after the collective

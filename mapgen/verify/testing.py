@@ -7,7 +7,9 @@ from a config object (no download), and megatron-core runs the same weights on C
 from __future__ import annotations
 
 import importlib.util
+import re
 import sys
+import tempfile
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -76,6 +78,9 @@ def tiny_hf_config(family: str, **overrides: Any) -> Any:
         config_class = transformers.Qwen3MoeConfig
     elif family == "deepseek_v3":
         common.update(
+            # no multi-token-prediction layer (transformers' default is 1): save_random_model
+            # writes what transformers builds; save_standin adds the MTP layer of a config
+            num_nextn_predict_layers=0,
             num_hidden_layers=3, num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=4,
             moe_intermediate_size=32, first_k_dense_replace=1, n_shared_experts=1, n_group=4,
             topk_group=2, routed_scaling_factor=2.5, q_lora_rank=32, kv_lora_rank=16,
@@ -268,8 +273,32 @@ def save_standin(
         tiny_llava.pop("model_type", None)
         return save_llava_standin(folder, seed, config=transformers.LlavaConfig(**tiny_llava), dtype=dtype)
     tiny = standin_config(config_fields, vocab_size=vocab_size)
-    config = transformers.AutoConfig.for_model(tiny.pop("model_type"), **tiny)
-    return save_random_model(config, folder, seed, dtype)
+    model_type = tiny.pop("model_type")
+    config = transformers.AutoConfig.for_model(model_type, **tiny)
+    model = save_random_model(config, folder, seed, dtype)
+    spec = _family_spec(model_type)
+    if spec is not None and _declares_mtp(config_fields):
+        add_mtp_tensors(folder, spec, seed)
+    return model
+
+
+def _declares_mtp(fields: dict[str, Any]) -> bool:
+    """The config declares multi-token-prediction layers (DeepSeek-V3's num_nextn_predict_layers)."""
+    value = fields.get("num_nextn_predict_layers")
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _family_spec(model_type: str) -> Path | None:
+    """The spec of a model_type's family: the checkout's, or the one mapgen ships."""
+    relative = FAMILY_SPECS.get(model_type)
+    if relative is None:
+        return None
+    if (ROOT / relative).is_file():
+        return ROOT / relative
+    from mapgen.compiler.packaged import specs_folder
+
+    shipped = specs_folder() / Path(relative).name
+    return shipped if shipped.is_file() else None
 
 
 def import_module_from_path(path: Path, name: str | None = None) -> ModuleType:
@@ -347,3 +376,130 @@ def hf_logits(model: Any, input_ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         logits: torch.Tensor = model(input_ids).logits
     return logits
+
+
+_MTP_ENORM = re.compile(r"^(.*\.layers\.)(\d+)\.enorm\.weight$")
+
+
+def mtp_layer_numbers(module: Any) -> list[int]:
+    """The HF layer numbers of a module's multi-token-prediction layers (those with an enorm)."""
+    found = (_MTP_ENORM.match(t.name) for t in module.HF_TENSORS)
+    return sorted(int(m.group(2)) for m in found if m is not None)
+
+
+def hf_mtp_logits(model: Any, hf_dir: str | Path, module: Any, input_ids: torch.Tensor) -> list[torch.Tensor]:
+    """The logits of each multi-token-prediction layer of the checkpoint in `hf_dir`, computed
+    independently of megatron-core from transformers' own modules and the published MTP formula
+    (DeepSeek-V3 report, section 2.2): for depth k (0-based) and position i,
+    h'_i = eh_proj([enorm(embed(token_{i+k+1})); hnorm(h_i)]), then the checkpoint's decoder layer
+    of that number (transformers' own, loaded by transformers from the checkpoint), then
+    shared_head.norm, then the shared head; h at depth 0 is the main model's last hidden state
+    (after its final norm, `model.model(...).last_hidden_state`), at depth k + 1 the normalized
+    output of depth k. Each is [batch, seq - k - 1, vocab]: the positions that have a next token."""
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+    from transformers.masking_utils import create_causal_mask
+
+    from mapgen.runtime.checkpoint import HFCheckpoint
+
+    numbers = mtp_layer_numbers(module)
+    if not numbers:
+        return []
+    checkpoint = HFCheckpoint(hf_dir)
+    dtype = next(model.parameters()).dtype
+    auto: Any = AutoModelForCausalLM
+    extended = auto.from_pretrained(hf_dir, dtype=dtype, num_hidden_layers=max(numbers) + 1).eval()
+    norm_class = type(model.model.norm)
+    eps = model.config.rms_norm_eps
+
+    def tensor(name: str) -> torch.Tensor:
+        return checkpoint.get(name).to(dtype)
+
+    def norm(name: str, x: torch.Tensor) -> torch.Tensor:
+        weight = tensor(name)
+        module_ = norm_class(weight.shape[0], eps=eps).to(dtype)
+        with torch.no_grad():
+            module_.weight.copy_(weight)
+        result: torch.Tensor = module_(x)
+        return result
+
+    found: list[torch.Tensor] = []
+    with torch.no_grad():
+        hidden = model.model(input_ids).last_hidden_state
+        for depth, number in enumerate(numbers):
+            prefix = f"model.layers.{number}."
+            length = input_ids.shape[1] - depth - 1
+            hidden = hidden[:, :length]
+            embedded = F.embedding(input_ids[:, depth + 1 : depth + 1 + length], tensor(prefix + "embed_tokens.weight"))
+            joined = torch.cat((norm(prefix + "enorm.weight", embedded), norm(prefix + "hnorm.weight", hidden)), dim=-1)
+            x = F.linear(joined, tensor(prefix + "eh_proj.weight"))
+            positions = torch.arange(length).unsqueeze(0)
+            mask = create_causal_mask(
+                config=extended.config, inputs_embeds=x, attention_mask=None, cache=None, position_ids=positions
+            )
+            x = extended.model.layers[number](
+                x, attention_mask=mask, position_ids=positions,
+                position_embeddings=extended.model.rotary_emb(x, positions),
+            )
+            hidden = norm(prefix + "shared_head.norm.weight", x)
+            found.append(F.linear(hidden, tensor(prefix + "shared_head.head.weight")))
+    return found
+
+
+def add_mtp_tensors(folder: Path, spec_path: Path, seed: int = 0) -> list[str]:
+    """Give the stand-in saved in `folder` the multi-token-prediction layers its config declares
+    (the spec's `mtp:`): each MTP layer's decoder layer as transformers makes a decoder layer of
+    that number (random, in a model built with enough layers, saved by transformers), the
+    spec's other MTP tensors random (norms around 1), and the copies equal to their originals.
+    Rewrites the folder as one safetensors file; returns the names added."""
+    import json
+
+    import transformers
+    from safetensors.torch import load_file, save_file
+
+    from mapgen.compiler.build import _mtp_hf_layer, _with_mtp_tensors
+    from mapgen.compiler.config import read_hf_config, translate
+    from mapgen.compiler.inventory import HFTensor
+    from mapgen.compiler.spec import parse_spec
+
+    spec = parse_spec(str(spec_path), spec_path.read_text())
+    config_path = folder / "config.json"
+    config = read_hf_config(str(config_path), config_path.read_text())
+    dims = translate(spec, config)
+    first = _mtp_hf_layer(spec, config, dims)
+    if first is None:
+        return []
+    numbers = tuple(first + i for i in range(dims.mtp_num_layers))
+    fields = json.loads(config_path.read_text())
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(str(file)))
+    dtype = next(iter(tensors.values())).dtype
+    extended_fields = {k: v for k, v in fields.items() if k not in ("model_type", "architectures", "transformers_version")}
+    extended_fields["num_hidden_layers"] = max(numbers) + 1
+    extended_config = transformers.AutoConfig.for_model(fields["model_type"], **extended_fields)
+    with tempfile.TemporaryDirectory() as scratch:
+        save_random_model(extended_config, Path(scratch), seed + 1, dtype if dtype.is_floating_point else torch.float32)
+        extended: dict[str, torch.Tensor] = {}
+        for file in sorted(Path(scratch).glob("*.safetensors")):
+            extended.update(load_file(str(file)))
+    layer_tensors = {n: t for n, t in extended.items() if any(n.startswith(f"model.layers.{j}.") for j in numbers)}
+    present = tuple(HFTensor(n, tuple(t.shape)) for n, t in {**tensors, **layer_tensors}.items())
+    full, copies = _with_mtp_tensors(spec, config, dims, present, numbers)
+    generator = torch.Generator().manual_seed(seed + 2)
+    added = dict(layer_tensors)
+    for entry in full:
+        if entry.name in tensors or entry.name in added:
+            continue
+        if entry.name in copies:
+            added[entry.name] = tensors[copies[entry.name]].clone()
+            continue
+        values = torch.randn(entry.shape, generator=generator)
+        values = 1 + 0.1 * values if "norm" in entry.name.rsplit(".", 2)[-2] else values * 0.05
+        added[entry.name] = values.to(dtype)
+    for file in folder.glob("*.safetensors*"):
+        file.unlink()
+    for file in folder.glob("model.safetensors.index.json"):
+        file.unlink()
+    save_file({**tensors, **added}, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return sorted(added)
