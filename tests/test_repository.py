@@ -53,7 +53,8 @@ def test_deepseek_v3_module_describes_its_model() -> None:
     embedding, final norm and output layer."""
     from generated import deepseek_v3
 
-    assert len(deepseek_v3.PARAMS) == 3 + 3 * 11 + 58 * 525
+    # and the MTP block: enorm, hnorm, eh_proj, final_layernorm and one layer like the MoE ones
+    assert len(deepseek_v3.PARAMS) == 3 + 3 * 11 + 58 * 525 + 4 + 525
     plans = {p.megatron_name: p for p in deepseek_v3.PARAMS}
     last = plans["decoder.layers.60.mlp.experts.linear_fc1.weight255"]
     assert (last.shape, last.split_dim, last.expert_parallel, last.layer, last.expert) == ((2 * 2048, 7168), 0, True, 60, 255)
@@ -65,7 +66,12 @@ def test_deepseek_v3_module_describes_its_model() -> None:
     assert plans["decoder.layers.3.mlp.router.expert_bias"].dtype == "float32"
     assert "decoder.layers.2.mlp.router.weight" not in plans  # dense
     assert plans["decoder.layers.3.mlp.shared_experts.linear_fc1.weight"].shape == (2 * 2048, 7168)
-    assert deepseek_v3.IGNORED_HF == {"model.layers.61.": deepseek_v3.IGNORED_HF["model.layers.61."]}
+    assert deepseek_v3.IGNORED_HF == {}  # layer 61, the multi-token-prediction layer, is mapped
+    mtp = plans["mtp.layers.0.eh_proj.weight"]
+    assert (mtp.shape, mtp.hf_names) == ((7168, 2 * 7168), ("model.layers.61.eh_proj.weight",))
+    assert plans["mtp.layers.0.transformer_layer.mlp.experts.linear_fc1.weight255"].hf_names == tuple(
+        f"model.layers.61.mlp.experts.255.{x}_proj.weight" for x in ("gate", "up")
+    )
     assert deepseek_v3.DIMS.moe_router_topk_scaling_factor == 2.5 and deepseek_v3.DIMS.rope_type == "yarn"
 
 

@@ -107,7 +107,7 @@ def test_wheel_carries_template_and_specs_not_generated(installed: Installed) ->
     assert spec == (testing.ROOT / "specs/llama.yaml").read_bytes()
     assert "mapgen/specs/configs/deepseek_v3.json" in names
     assert "mapgen/specs/targets.yaml" not in names  # it names generated/ files the wheel lacks
-    assert installed.wheel.stat().st_size < 200_000  # generated/ alone is 80 MB
+    assert installed.wheel.stat().st_size < 300_000  # generated/ alone is 150 MB
 
 
 def test_installed_wheel_builds_a_module_outside_the_repository(installed: Installed) -> None:

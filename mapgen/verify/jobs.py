@@ -430,8 +430,9 @@ def run_job(job: Job) -> Result:
                     logits = logits[:, :seq]
                     for depth, reference_logits in enumerate(hf_mtp_logits(reference, job.hf_dir, module, input_ids)):
                         ours = mtp_logits[:, depth * seq : (depth + 1) * seq][:, : seq - depth - 1, :vocab].float()
-                        found[0] = max(found[0], (ours - reference_logits.float()).abs().max())
-                found[0] = max(found[0], (logits[..., :vocab].float() - expected).abs().max())  # pad logits dropped
+                        # torch.maximum, not max(): NaN must win (it is not ordered)
+                        found[0] = torch.maximum(found[0], (ours - reference_logits.float()).abs().max())
+                found[0] = torch.maximum(found[0], (logits[..., :vocab].float() - expected).abs().max())  # pad logits dropped
                 found[1] = logits[..., vocab:].float().abs().max() if padded > vocab else 0.0
                 found[2] = logit_tolerance(dtype, expected)
             except Exception:  # noqa: BLE001 - reported below, after the collective
