@@ -438,14 +438,7 @@ def run_job(job: Job) -> Result:
             except Exception:  # noqa: BLE001 - reported below, after the collective
                 result.error = traceback.format_exc()
                 found[0] = float("inf")
-        # NaN is not ordered: a MAX reduction may drop it; it travels as a flag instead
-        found[3] = float(bool(found[:2].isnan().any()))
-        found[:2] = found[:2].nan_to_num(nan=float("inf"))
-        dist.all_reduce(found, op=dist.ReduceOp.MAX)
-        result.max_logit_diff, result.max_pad_logit, result.tolerance = map(float, found[:3])
-        if found[3]:
-            result.max_logit_diff = float("nan")
-            result.nonfinite = nonfinite_tensors(original)
+        agree_on_logits(found, result, original)
         for name, tensor in converter.export():
             result.tensors += 1
             if same_bits(tensor, original.get(name)):
@@ -459,6 +452,20 @@ def run_job(job: Job) -> Result:
     except Exception:  # noqa: BLE001 - a verifier reports, it does not crash
         result.error = traceback.format_exc()
     return result
+
+
+def agree_on_logits(found: torch.Tensor, result: Result, original: HFCheckpoint) -> None:
+    """Every rank reaches this collective: `found` (max logit diff, max |pad logit|, tolerance,
+    0) becomes the largest of each over all ranks, in `result`. NaN is not ordered (a MAX
+    reduction may drop it): it travels as a flag in found[3], and names the checkpoint's
+    non-finite tensors."""
+    found[3] = float(bool(found[:2].isnan().any()))
+    found[:2] = found[:2].nan_to_num(nan=float("inf"))
+    dist.all_reduce(found, op=dist.ReduceOp.MAX)
+    result.max_logit_diff, result.max_pad_logit, result.tolerance = map(float, found[:3])
+    if found[3]:
+        result.max_logit_diff = float("nan")
+        result.nonfinite = nonfinite_tensors(original)
 
 
 def same_bits(ours: torch.Tensor, theirs: torch.Tensor) -> bool:

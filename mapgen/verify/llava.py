@@ -15,13 +15,11 @@ language logits; then export against the checkpoint's bytes.
 from __future__ import annotations
 
 import json
-import math
 import traceback
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 TOWER_SAVED = "vision_tower."
 TOWER_PUBLISHED = "vision_tower.vision_model."
@@ -209,7 +207,7 @@ def llava_layout_problems(module: Any, layout: Any) -> list[str]:
 def run_llava_job(job: Any, module: Any, chunks: list[Any], converter: Any, original: Any, result: Any) -> None:
     """The rest of `jobs.run_job` for a LLaVAModel module (its model is built and imported):
     the three outputs against transformers, every rank agreeing on the verdict, then export."""
-    from mapgen.verify.jobs import logit_tolerance, nonfinite_tensors, same_bits
+    from mapgen.verify.jobs import agree_on_logits, logit_tolerance, same_bits
 
     dtype = next(chunks[0].parameters()).dtype
     vocab = module.DIMS.vocab_size
@@ -231,13 +229,7 @@ def run_llava_job(job: Any, module: Any, chunks: list[Any], converter: Any, orig
     except Exception:  # noqa: BLE001 - reported below, after the collective every rank reaches
         result.error = traceback.format_exc()
         found[0] = float("inf")
-    found[3] = float(bool(found[:2].isnan().any()))
-    found[:2] = found[:2].nan_to_num(nan=float("inf"))
-    dist.all_reduce(found, op=dist.ReduceOp.MAX)
-    result.max_logit_diff, result.max_pad_logit, result.tolerance = map(float, found[:3])
-    if found[3]:
-        result.max_logit_diff = math.nan
-        result.nonfinite = nonfinite_tensors(original)
+    agree_on_logits(found, result, original)
     for name, tensor in converter.export():
         result.tensors += 1
         if same_bits(tensor, original.get(name)):
