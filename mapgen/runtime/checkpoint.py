@@ -531,15 +531,20 @@ class MXFP4Stacked:
         return mxfp4.dequantize(self.blocks[index], self.scales[index])
 
 
-def _configured_method(config: Path) -> str | None:
-    """`quantization_config.quant_method` of `config.json`, if it has one."""
+def _quantization_config(config: Path) -> dict[str, Any] | None:
+    """`quantization_config` of `config.json`, if it has one (a mapping)."""
     if not config.is_file():
         return None
     try:
         quantization = json.loads(config.read_text()).get("quantization_config")
     except (OSError, ValueError, AttributeError) as exc:
         raise CheckpointError(f"{config}: cannot read ({exc})") from None
-    method = quantization.get("quant_method") if isinstance(quantization, dict) else None
+    return quantization if isinstance(quantization, dict) else None
+
+
+def _configured_method(config: Path) -> str | None:
+    """`quantization_config.quant_method` of `config.json`, if it has one."""
+    method = (_quantization_config(config) or {}).get("quant_method")
     return method if isinstance(method, str) else None
 
 
@@ -555,13 +560,8 @@ def _block(value: object, what: str) -> tuple[int, int]:
 
 def _configured_block(config: Path) -> tuple[int, int] | None:
     """The FP8 block size that `config.json` declares, or None when it declares no fp8 quantization."""
-    if not config.is_file():
-        return None
-    try:
-        quantization = json.loads(config.read_text()).get("quantization_config")
-    except (OSError, ValueError, AttributeError) as exc:
-        raise CheckpointError(f"{config}: cannot read ({exc})") from None
-    if not isinstance(quantization, dict) or quantization.get("quant_method") != "fp8":
+    quantization = _quantization_config(config)
+    if quantization is None or quantization.get("quant_method") != "fp8":
         return None
     block = quantization.get("weight_block_size")
     return DEFAULT_BLOCK if block is None else _block(block, f"{config}: quantization_config.weight_block_size")
