@@ -305,6 +305,74 @@ def test_export_local_of_a_padded_vocabulary_has_the_hf_rows_only(tiny_checkpoin
     assert embedding["runs"] == (((0, 200),), ((0, 64),)) and embedding["data"].dtype == torch.bfloat16
 
 
+def test_a_held_converter_exports_the_weights_of_the_moment(tiny_checkpoint: Any, compile_module: Any, cpu_megatron: None) -> None:
+    """A held Converter takes the parameters apart once (export_local's pieces view them):
+    after an in-place update, after a parameter is given new storage (`param.data = ...`) and
+    after a parameter is swapped out of the model behind a fresh Converter, every export shows
+    the weights as they are then."""
+    folder, _ = tiny_checkpoint("llama")
+    module = compile_module("llama", folder / "config.json")
+    model = _model(module, folder)
+    held = Converter(module, [model])
+    original = load_file(folder / "model.safetensors")
+    for _ in range(2):  # the second call uses what the first one made
+        _assert_rebuilt(original, [_piece_dict(p) for p in held.export_local()], tp=1)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.mul_(2)  # an optimizer step
+        for swapped in (model.decoder.layers[0].self_attention.linear_qkv, model.decoder.layers[0].self_attention.linear_proj):
+            swapped.weight.data = swapped.weight.data * 3  # new storage
+    doubled = {n: t * 2 for n, t in original.items()}
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        doubled[f"model.layers.0.self_attn.{name}.weight"] *= 3
+    _assert_rebuilt(doubled, [_piece_dict(p) for p in held.export_local()], tp=1)
+    assert all(torch.equal(t, doubled[n]) for n, t in held.export())
+    assert all(torch.equal(t, doubled[n]) for n, t in Converter(module, [model]).export())
+
+
+def test_model_weights_walks_the_model_as_torch_does(tiny_checkpoint: Any, compile_module: Any, cpu_megatron: None) -> None:
+    """`model_weights` (one walk over the modules) lists what torch's named_parameters and the
+    state dict's floating-point buffers list, in their order: on a DeepSeek-V3 stand-in (MoE with
+    the router's float32 expert_bias buffer, MLA, MTP)."""
+    from mapgen.common.layout import model_weights
+
+    folder, _ = tiny_checkpoint("deepseek_v3")
+    model = _model(compile_module("deepseek_v3", folder / "config.json"))
+    parameters, buffers = model_weights(model)
+    saved = model.state_dict(keep_vars=True)
+    expected = [(n, b) for n, b in model.named_buffers() if n in saved and b.is_floating_point()]
+    assert [(n, id(t)) for n, t in parameters] == [(n, id(t)) for n, t in model.named_parameters()]
+    assert [(n, id(t)) for n, t in buffers] == [(n, id(t)) for n, t in expected]
+    assert any(n.endswith("expert_bias") for n, _ in buffers)
+
+
+def test_plans_made_once_follow_a_module_whose_tables_change(tiny_checkpoint: Any, compile_module: Any, cpu_megatron: None) -> None:
+    """What Converters share per module and layout (`runtime.memo`) is made again when the
+    module's tables are other objects: a module whose PARAMS give the final norm another shape
+    is refused by the next Converter, not served the plan made from the original PARAMS."""
+    import dataclasses
+    import types
+
+    folder, _ = tiny_checkpoint("llama")
+    module = compile_module("llama", folder / "config.json")
+    model = _model(module, folder)
+    Converter(module, [model])  # the plans of the original module are made
+    edited = types.ModuleType("edited")
+    edited.__dict__.update(module.__dict__)
+    for target in (edited, module):
+        original = target.PARAMS
+        target.PARAMS = tuple(
+            dataclasses.replace(p, shape=(p.shape[0] + 1,)) if p.megatron_name == "decoder.final_layernorm.weight" else p
+            for p in original
+        )
+        try:
+            with pytest.raises(Exception, match="final_layernorm"):
+                Converter(target, [model]).load(folder)
+        finally:
+            target.PARAMS = original
+    assert sum(1 for _ in Converter(module, [model]).export()) == len(load_file(folder / "model.safetensors"))
+
+
 def _piece_dict(p: Any) -> dict[str, Any]:
     return {"name": p.name, "expert": p.expert, "runs": p.runs, "data": p.data, "replicated": p.replicated,
             "megatron": p.megatron_name, "piece": p.piece, "primary": p.primary}

@@ -56,15 +56,40 @@ def inverse_permutation(dims: tuple[int, ...]) -> tuple[int, ...]:
 FLOAT32_BUFFERS = ("expert_bias",)
 
 
+def model_weights(model: Any) -> tuple[list[tuple[str, Any]], list[tuple[str, Any]]]:
+    """A Megatron model's parameters and its weight buffers, as two lists of (name, tensor) in
+    `named_parameters()` / `named_buffers()` order, from one walk over its modules. Weight buffers
+    are the persistent floating-point buffers a checkpoint carries (the router's expert_bias).
+    A module or tensor reached twice is listed once, as torch does."""
+    parameters: list[tuple[str, Any]] = []
+    buffers: list[tuple[str, Any]] = []
+    seen_modules: set[int] = set()
+    seen_params: set[int] = set()
+    seen_buffers: set[int] = set()
+    stack: list[tuple[str, Any]] = [("", model)]
+    while stack:
+        prefix, module = stack.pop()
+        if id(module) in seen_modules:
+            continue
+        seen_modules.add(id(module))
+        for name, param in module._parameters.items():
+            if param is not None and id(param) not in seen_params:
+                seen_params.add(id(param))
+                parameters.append((prefix + name, param))
+        skipped = module._non_persistent_buffers_set
+        for name, buffer in module._buffers.items():
+            if buffer is not None and name not in skipped and buffer.is_floating_point() and id(buffer) not in seen_buffers:
+                seen_buffers.add(id(buffer))
+                buffers.append((prefix + name, buffer))
+        children = [(f"{prefix}{name}.", child) for name, child in module._modules.items() if child is not None]
+        stack.extend(reversed(children))  # depth first, in registration order: named_modules' order
+    return parameters, buffers
+
+
 def weight_buffers(model: Any) -> list[tuple[str, Any]]:
     """A Megatron model's persistent buffers that hold weights a checkpoint carries (the router's
     expert_bias), as (name, tensor)."""
-    saved = model.state_dict(keep_vars=True)
-    return [
-        (name, buffer)
-        for name, buffer in model.named_buffers()
-        if name in saved and not name.endswith("_extra_state") and buffer.is_floating_point()
-    ]
+    return model_weights(model)[1]
 
 
 # megatron-core 0.19 calls the MTP layer's decoder layer `mtp_model_layer` (its checkpoint keys
@@ -74,4 +99,6 @@ _MTP_MODEL_LAYER = re.compile(r"^(mtp\.layers\.\d+\.)mtp_model_layer\.")
 
 def canonical_name(name: str) -> str:
     """A megatron-core parameter's name as mapgen writes it (see above)."""
+    if "mtp_model_layer" not in name:
+        return name
     return _MTP_MODEL_LAYER.sub(r"\1transformer_layer.", name, count=1)

@@ -176,9 +176,26 @@ class _File:
         return flat.view(entry.shape)
 
 
+_INT = {int}  # (a bool's type is bool)
+
+
 def _entry_fields(path: Path, name: str, info: object) -> dict[str, Any]:
     """One header entry, its fields checked: dtype a format dtype, shape non-negative integers,
     data_offsets [start, end] with end - start the bytes of that many elements."""
+    if (  # the common case, checked at once: exactly the three fields, each well formed
+        type(info) is dict
+        and len(info) == 3
+        and type(dtype := info.get("dtype")) is str
+        and dtype in FORMAT_BITS
+        and type(shape := info.get("shape")) is list
+        and (not shape or (set(map(type, shape)) == _INT and min(shape) >= 0))
+        and type(offsets := info.get("data_offsets")) is list
+        and len(offsets) == 2
+        and set(map(type, offsets)) == _INT
+        and 0 <= offsets[0] <= offsets[1]
+        and FORMAT_BITS[dtype] * math.prod(shape) == 8 * (offsets[1] - offsets[0])
+    ):
+        return info
     where = f"{path}: header: tensor '{name}'"
     if not isinstance(info, dict):
         raise CheckpointError(f"{where}: entry is a JSON {type(info).__name__}, not an object")
@@ -314,6 +331,8 @@ class HFCheckpoint:
         return (name in self._entries and name not in self._scales and not self._is_companion(name)) or name in self._mxfp4
 
     def _is_companion(self, name: str) -> bool:
+        if not self._mxfp4:
+            return False
         for suffix in (mxfp4.BLOCKS_SUFFIX, mxfp4.SCALES_SUFFIX):
             if name.endswith(suffix) and name[: -len(suffix)] in self._mxfp4:
                 return True
@@ -436,7 +455,17 @@ class HFCheckpoint:
                 return cast(torch.Tensor, MXFP4Stacked(*self._mxfp4_checked(name)))
             return self.get(name)
 
-        return load
+        if self._mxfp4 or self.fp8:
+            return load
+        entries, files, scales = self._entries, self._files, self._scales
+
+        def load_plain(name: str) -> torch.Tensor:  # nothing quantized: `get` without its branches
+            entry = entries.get(name)
+            if entry is None or name in scales:
+                return self.get(name)  # raises, naming the tensor
+            return files[entry.file].view(entry, name)
+
+        return load_plain
 
     def raw(self, name: str) -> torch.Tensor:
         """Any stored tensor (scale companions too) as stored, viewing the mapped file."""

@@ -25,8 +25,9 @@ import torch
 from safetensors.torch import save_file
 
 from mapgen.common.errors import MapgenError
-from mapgen.common.layout import canonical_name, stacked_slice, weight_buffers
+from mapgen.common.layout import canonical_name, model_weights, stacked_slice
 from mapgen.runtime.checkpoint import DTYPES, SCALE_SUFFIX, HFCheckpoint
+from mapgen.runtime import memo
 from mapgen.runtime.collectives import RankError, agree_or_raise
 from mapgen.runtime.context import Group, ParallelContext
 from mapgen.runtime.ownership import (
@@ -46,12 +47,15 @@ from mapgen.runtime.sync import (
     ExportFormat,
     FP8Arg,
     LoadedFormat,
+    LocalParam,
     LocalPiece,
     as_dtype,
     config_dtype,
     fp8_grid,
     hf_order as hf_order,  # re-exported: where an HF name stands in HF order
-    local_pieces,
+    local_param_pieces,
+    local_plan,
+    no_fp8_local,
     plan_buckets,
     resolve_format,
     stream_export,
@@ -83,10 +87,14 @@ def num_experts(module: Module) -> int:
     return 1 + max((p.expert for p in module.PARAMS if p.expert is not None), default=-1)
 
 
-def _weights(model: Any) -> Iterator[tuple[str, torch.Tensor]]:
-    """A chunk's parameters, then its weight buffers (the router's expert_bias)."""
-    for name, tensor in [*model.named_parameters(), *weight_buffers(model)]:
-        yield canonical_name(name), tensor
+def _weights(model: Any) -> Iterator[tuple[str, torch.Tensor, bool]]:
+    """A chunk's parameters, then its weight buffers (the router's expert_bias), as
+    (name, tensor, whether it is a parameter)."""
+    parameters, buffers = model_weights(model)
+    for name, tensor in parameters:
+        yield canonical_name(name), tensor, True
+    for name, tensor in buffers:
+        yield canonical_name(name), tensor, False
 
 
 @dataclass(frozen=True)
@@ -99,6 +107,7 @@ class Placement:
     dtype: torch.dtype
     expert_ranks: dict[str, tuple[int, int]] | None = None  # expert param -> (EP rank, local index)
     vocab: frozenset[str] = frozenset()  # vocabulary parameters (see `vocab_params`)
+    key: tuple[object, ...] | None = None  # the module's layout as `memo` keys it; None when placing failed
 
 
 def vocab_params(module: Module) -> frozenset[str]:
@@ -147,26 +156,13 @@ def place(
     except Exception as exc:  # noqa: BLE001 - megatron-core's own refusal, agreed on by the caller
         problems.append(f"megatron-core cannot place the layers of model chunk 0 under this layout: {exc}")
         return nothing, problems
-    plans = {p.megatron_name: p for p in module.PARAMS}
-    num_layers = 1 + max((p.layer for p in module.PARAMS if p.layer is not None), default=-1)
-    if len(layers) != num_layers:
-        problems.append(
-            f"the model has {len(layers)} decoder layers, {module.TARGET} has {num_layers}"
-        )
+    key = ("place", memo.layout_key(ctx), tuple(layers.items()))
+    static = memo.once(module, key, lambda: _static_placement(module, layers, ctx))
+    if isinstance(static, str):
+        problems.append(static)
         return nothing, problems
-    try:
-        per_rank = experts_per_rank(num_experts(module), ctx)
-    except ValueError as exc:
-        problems.append(f"{module.TARGET}: {exc}")
-        return nothing, problems
-    owners = {name: param_owner(plan, layers, ctx) for name, plan in plans.items()}
-    expert_ranks = {n: expert_owner(p, per_rank) for n, p in plans.items() if p.expert is not None}
-    expected: dict[tuple[int, str], str] = {}
-    for name, plan in plans.items():
-        owner = owners[name]
-        mine = name not in expert_ranks or expert_ranks[name][0] == ctx.ep.rank
-        if owner.pp_rank == ctx.pp.rank and mine:
-            expected[(owner.vp_stage, local_name(plan, layers, per_rank))] = name
+    plans, owners, expert_ranks, expected_names = static
+    expected = dict(expected_names)  # consumed below
     local: dict[str, torch.Tensor] = {}
     tied: dict[str, torch.Tensor] = {}
     dtypes: set[torch.dtype] = set()
@@ -180,9 +176,8 @@ def place(
             return f"'{name}': the model's shard is {list(actual)}, {module.TARGET} expects [rows, {expected}]"
         return padded_rows_problem(name, actual[0], plan.shape[0], make_vocab_size_divisible_by, ctx.tp.size)
     for vp_stage, model in enumerate(models):
-        parameters = {id(p) for p in model.parameters()}
-        for name, param in _weights(model):
-            if id(param) in parameters:
+        for name, param, is_parameter in _weights(model):
+            if is_parameter:
                 dtypes.add(param.dtype)
             global_name = expected.pop((vp_stage, name), None)
             if global_name is None and name in module.TIED:
@@ -203,7 +198,35 @@ def place(
     if len(dtypes) > 1:
         problems.append(f"model parameters mix dtypes {sorted(map(str, dtypes))}")
     dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
-    return Placement(owners, local, tied, dtype, expert_ranks, vocab), problems
+    return Placement(owners, local, tied, dtype, expert_ranks, vocab, key), problems
+
+
+_StaticPlacement = tuple[
+    dict[str, ParamPlan], dict[str, Owner], dict[str, tuple[int, int]], dict[tuple[int, str], str]
+]
+
+
+def _static_placement(module: Module, layers: dict[int, tuple[Owner, int]], ctx: ParallelContext) -> _StaticPlacement | str:
+    """What `place` knows before it looks at the model: every parameter's plan, owner and
+    expert rank, and the (chunk, local name) -> global name of this rank's parameters; or the
+    problem that stops it (made once per module and layout: `memo`)."""
+    plans = {p.megatron_name: p for p in module.PARAMS}
+    num_layers = 1 + max((p.layer for p in module.PARAMS if p.layer is not None), default=-1)
+    if len(layers) != num_layers:
+        return f"the model has {len(layers)} decoder layers, {module.TARGET} has {num_layers}"
+    try:
+        per_rank = experts_per_rank(num_experts(module), ctx)
+    except ValueError as exc:
+        return f"{module.TARGET}: {exc}"
+    owners = {name: param_owner(plan, layers, ctx) for name, plan in plans.items()}
+    expert_ranks = {n: expert_owner(p, per_rank) for n, p in plans.items() if p.expert is not None}
+    expected: dict[tuple[int, str], str] = {}
+    for name, plan in plans.items():
+        owner = owners[name]
+        mine = name not in expert_ranks or expert_ranks[name][0] == ctx.ep.rank
+        if owner.pp_rank == ctx.pp.rank and mine:
+            expected[(owner.vp_stage, local_name(plan, layers, per_rank))] = name
+    return plans, owners, expert_ranks, expected
 
 
 def local_shape(plan: ParamPlan, ctx: ParallelContext) -> tuple[int, ...]:
@@ -341,6 +364,9 @@ class Converter:
         self._agreed = False
         self._plans: dict[tuple[object, ...], tuple[list[BucketPlan], ExportBound]] = {}
         self._formats: dict[tuple[object, ...], ExportFormat] = {}
+        self._local: list[LocalParam] | None = None  # export_local's plan, made on its first call
+        # per export format: parameter -> (its data_ptr and shape, its pieces viewing it)
+        self._local_views: dict[int, dict[int, tuple[int, torch.Size, list[LocalPiece]]]] = {}
         self.loaded: LoadedFormat | None = None  # how the checkpoint `load` read stores each tensor
 
     def _agree(self, extra: list[str], what: str) -> None:
@@ -462,23 +488,49 @@ class Converter:
         replicated, or group rank 0). A consumer scatters them into its own buffers
         (`mapgen.runtime.sync.scatter`). Across the ranks of one data-parallel replica, the
         primary pieces cover every HF tensor exactly once. No FP8 (a block may span ranks); `dtype` as in
-        `export`. A model that does not match the module raises here, on this rank only."""
+        `export`. A model that does not match the module raises here, on this rank only.
+
+        A held Converter takes each parameter apart once: where a piece's data is a view of the
+        parameter (whole and TP-split parameters exported in the model's own dtype), later calls
+        yield the same pieces, which show the weights as they are at each call (a parameter
+        given new storage, `param.data = ...`, is taken apart again). Copy a piece's data to
+        keep it past the next optimizer step."""
         if not self._agreed and self._problems:
             raise RankError(f"cannot export with {self.module.TARGET} on this rank:\n  " + "\n  ".join(self._problems))
         fmt = self._format(dtype, keep_float32, None)
+        no_fp8_local(fmt)
+        if self._local is None:
+            self._local = local_plan(self.module, self.placement, self.ctx)
         copies = hf_copies_of(self.module)
-        for piece in local_pieces(self.module, self.placement, self.ctx, fmt):
-            yield piece
-            for copy in copies.get(piece.name, ()):
-                yield replace(piece, piece=replace(piece.piece, name=copy))
+        views = self._local_views.setdefault(id(fmt), {})  # fmt lives in self._formats
+        with torch.no_grad():
+            for index, entry in enumerate(self._local):
+                param = self.placement.local[entry.plan.megatron_name]
+                held = views.get(index)
+                if held is not None and held[0] == param.data_ptr() and held[1] == param.shape:
+                    pieces = held[2]
+                else:
+                    tensor = param.detach()
+                    pieces = local_param_pieces(self.module, entry, tensor, fmt)
+                    storage = tensor.untyped_storage().data_ptr()
+                    if all(p.data.untyped_storage().data_ptr() == storage for p in pieces):
+                        views[index] = (param.data_ptr(), param.shape, pieces)
+                for piece in pieces:
+                    yield piece
+                    for copy in copies.get(piece.name, ()):
+                        yield replace(piece, piece=replace(piece.piece, name=copy))
 
     def _format(self, dtype: DtypeArg, keep_float32: Iterable[str] | None, fp8: FP8Arg) -> ExportFormat:
         keep = keep_float32 if keep_float32 is None or isinstance(keep_float32, str) else tuple(sorted(keep_float32))
         key = (repr(dtype), repr(keep), repr(fp8), id(self.loaded))
         if key not in self._formats:
-            self._formats[key] = resolve_format(
-                self.module, self.placement.dtype, dtype=dtype, keep_float32=keep, fp8=fp8, loaded=self.loaded
-            )
+            def make() -> ExportFormat:
+                return resolve_format(
+                    self.module, self.placement.dtype, dtype=dtype, keep_float32=keep, fp8=fp8, loaded=self.loaded
+                )
+
+            checkpoint = isinstance(dtype, str) and dtype == "checkpoint"  # depends on what `load` read
+            self._formats[key] = make() if checkpoint else memo.once(self.module, ("format", self.placement.dtype, *key[:3]), make)
         return self._formats[key]
 
     def _bucket_plan(self, bucket_bytes: int, all_stages: bool, fmt: ExportFormat) -> tuple[list[BucketPlan], ExportBound]:
@@ -486,7 +538,11 @@ class Converter:
             raise ValueError(f"bucket_bytes must be a positive integer, not {bucket_bytes!r}")
         key = (bucket_bytes, all_stages, fmt.key)
         if key not in self._plans:
-            self._plans[key] = plan_buckets(self.module, self.placement, self.ctx, fmt, bucket_bytes, all_stages)
+            def make() -> tuple[list[BucketPlan], ExportBound]:
+                return plan_buckets(self.module, self.placement, self.ctx, fmt, bucket_bytes, all_stages)
+
+            static = self.placement.key is not None and fmt.key[0] != "checkpoint"  # the same on any model
+            self._plans[key] = memo.once(self.module, ("buckets", self.placement.key, self.placement.dtype, *key), make) if static else make()
         return self._plans[key]
 
 

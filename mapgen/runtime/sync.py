@@ -39,7 +39,7 @@ from mapgen.common.layout import FLOAT32_BUFFERS, stacked_slice
 from mapgen.runtime import transforms
 from mapgen.runtime.checkpoint import DEFAULT_BLOCK, SCALE_SUFFIX
 from mapgen.runtime.collectives import all_gather_coalesced, all_gather_slots, broadcast_flat
-from mapgen.runtime.context import ParallelContext
+from mapgen.runtime.context import Group, ParallelContext
 from mapgen.runtime.plan import ParamPlan, RulePlan
 from mapgen.runtime.shardmap import HFPiece, Run, shard_pieces
 
@@ -766,11 +766,10 @@ def scatter(into: torch.Tensor, piece: HFPiece, data: torch.Tensor) -> None:
 
 
 def _local_data(
-    module: Module, plan: ParamPlan, local: torch.Tensor, rank: int, size: int, pieces: tuple[HFPiece, ...]
+    module: Module, rule: RulePlan, plan: ParamPlan, local: torch.Tensor, rank: int, size: int, pieces: tuple[HFPiece, ...]
 ) -> list[torch.Tensor]:
     """The HF values of this rank's shard at its pieces' coordinates, by the kind's inverse
     transform applied to the shard alone."""
-    rule = _rules(module)[plan.rule]
     kind = rule.kind
     if kind in ("qkv", "kv", "concat_qkv", "vision_qkv") and rule.qkv is not None:
         g = rule.qkv
@@ -791,38 +790,74 @@ def _local_data(
     return [exported[p.label] for p in pieces]
 
 
-def local_pieces(module: Module, placement: Placement, ctx: ParallelContext, fmt: ExportFormat) -> Iterator[LocalPiece]:
-    """This rank's pieces of every HF tensor, in HF order, without any collective."""
-    if fmt.fp8:
-        raise ExportFormatError(
-            "export_local writes no FP8: a 128 x 128 block may span ranks; quantize after assembling, or use export(fp8=...)"
-        )
+@dataclass(frozen=True)
+class LocalParam:
+    """One parameter of this rank as `export_local` takes it apart: what does not change from
+    one export to the next (its plan, its TP (expert-TP) group and the HF coordinates of its
+    pieces), made once per Converter."""
+
+    plan: ParamPlan
+    rule: RulePlan
+    group: Group
+    pieces: tuple[HFPiece, ...]
+    vocab_rows: Run | None  # the HF rows of a padded vocabulary parameter's shard
+
+
+def local_plan(module: Module, placement: Placement, ctx: ParallelContext) -> list[LocalParam]:
+    """This rank's parameters in HF order with their pieces; a shard of padding rows only has
+    no piece and is left out."""
     shapes = {t.name: tuple(t.shape) for t in module.HF_TENSORS}
     position = {t.name: i for i, t in enumerate(module.HF_TENSORS)}
     plans = [p for p in module.PARAMS if p.megatron_name in placement.local]
     plans.sort(key=lambda p: min(hf_order(position, n) for n in p.hf_names))
+    rules = _rules(module)
+    found: list[LocalParam] = []
+    for plan in plans:
+        group = ctx.etp if plan.expert_parallel else ctx.tp
+        vocab_rows: Run | None = None
+        if plan.megatron_name in placement.vocab and plan.split_dim is not None:
+            rows = placement.local[plan.megatron_name].shape[0]
+            first = group.rank * rows if group.size > 1 else 0
+            vocab_rows = (min(first, plan.shape[0]), min(first + rows, plan.shape[0]))
+        rule = rules[plan.rule]
+        pieces = shard_pieces(rule, plan, shapes, group.rank, group.size, vocab_rows)
+        if any(p.numel == 0 for p in pieces):  # a block of padding rows only
+            continue
+        found.append(LocalParam(plan, rule, group, pieces, vocab_rows))
+    return found
+
+
+def local_param_pieces(module: Module, entry: LocalParam, local: torch.Tensor, fmt: ExportFormat) -> list[LocalPiece]:
+    """`entry`'s pieces with the values of `local` (its parameter, detached) in HF layout, in
+    the export format's dtypes."""
+    plan, group = entry.plan, entry.group
+    if entry.vocab_rows is not None:
+        local = local.narrow(0, 0, entry.vocab_rows[1] - entry.vocab_rows[0])
+    data = _local_data(module, entry.rule, plan, local, group.rank, group.size, entry.pieces)
+    found = []
+    for piece, values in zip(entry.pieces, data):
+        dtype = fmt.dtypes[piece.name]
+        found.append(LocalPiece(
+            piece,
+            values if values.dtype == dtype else values.to(dtype),
+            plan.split_dim is None,
+            plan.megatron_name,
+            plan.split_dim is not None or group.rank == 0,
+        ))
+    return found
+
+
+def no_fp8_local(fmt: ExportFormat) -> None:
+    if fmt.fp8:
+        raise ExportFormatError(
+            "export_local writes no FP8: a 128 x 128 block may span ranks; quantize after assembling, or use export(fp8=...)"
+        )
+
+
+def local_pieces(module: Module, placement: Placement, ctx: ParallelContext, fmt: ExportFormat) -> Iterator[LocalPiece]:
+    """This rank's pieces of every HF tensor, in HF order, without any collective."""
+    no_fp8_local(fmt)
     with torch.no_grad():
-        rules = _rules(module)
-        for plan in plans:
-            rule = rules[plan.rule]
-            group = ctx.etp if plan.expert_parallel else ctx.tp
-            local = placement.local[plan.megatron_name].detach()
-            vocab_rows: Run | None = None
-            if plan.megatron_name in placement.vocab and plan.split_dim is not None:
-                rows = local.shape[0]
-                first = group.rank * rows if group.size > 1 else 0
-                vocab_rows = (min(first, plan.shape[0]), min(first + rows, plan.shape[0]))
-                local = local.narrow(0, 0, vocab_rows[1] - vocab_rows[0])
-            pieces = shard_pieces(rule, plan, shapes, group.rank, group.size, vocab_rows)
-            if any(p.numel == 0 for p in pieces):  # a block of padding rows only
-                continue
-            data = _local_data(module, plan, local, group.rank, group.size, pieces)
-            for piece, values in zip(pieces, data):
-                dtype = fmt.dtypes[piece.name]
-                yield LocalPiece(
-                    piece,
-                    values if values.dtype == dtype else values.to(dtype),
-                    plan.split_dim is None,
-                    plan.megatron_name,
-                    plan.split_dim is not None or group.rank == 0,
-                )
+        for entry in local_plan(module, placement, ctx):
+            local = placement.local[entry.plan.megatron_name].detach()
+            yield from local_param_pieces(module, entry, local, fmt)
