@@ -36,7 +36,7 @@ import math
 import mmap
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, cast
+from typing import Any, Callable, NamedTuple, cast
 
 import torch
 
@@ -83,8 +83,7 @@ class CheckpointError(MapgenError):
     pass
 
 
-@dataclass(frozen=True)
-class _Entry:
+class _Entry(NamedTuple):  # one per tensor, made at every open: a tuple is made fastest
     file: str
     dtype: str
     shape: tuple[int, ...]
@@ -299,7 +298,8 @@ class HFCheckpoint:
         ]
         if problems:
             raise CheckpointError(f"{self.folder}: inconsistent checkpoint: " + "; ".join(problems[:10]))
-        configured = _configured_block(self.folder / CONFIG)
+        quantization = _quantization_config(self.folder / CONFIG)
+        configured = _configured_block(self.folder / CONFIG, quantization)
         self._scales = frozenset(n for n in self._entries if n.endswith(SCALE_SUFFIX))
         # block-quantized: said so by the caller or config.json, or evident from scale companions
         self.fp8 = block_size is not None or configured is not None or bool(self._scales)
@@ -314,7 +314,7 @@ class HFCheckpoint:
             for n in self._entries
             if n.endswith(mxfp4.BLOCKS_SUFFIX) and n[: -len(mxfp4.BLOCKS_SUFFIX)] + mxfp4.SCALES_SUFFIX in self._entries
         }
-        self.mxfp4 = bool(self._mxfp4) or _configured_method(self.folder / CONFIG) == "mxfp4"
+        self.mxfp4 = bool(self._mxfp4) or (quantization or {}).get("quant_method") == "mxfp4"
         companions = {c for pair in self._mxfp4.values() for c in pair}
         self._visible = []
         for n in self._entries:
@@ -571,12 +571,6 @@ def _quantization_config(config: Path) -> dict[str, Any] | None:
     return quantization if isinstance(quantization, dict) else None
 
 
-def _configured_method(config: Path) -> str | None:
-    """`quantization_config.quant_method` of `config.json`, if it has one."""
-    method = (_quantization_config(config) or {}).get("quant_method")
-    return method if isinstance(method, str) else None
-
-
 def _block(value: object, what: str) -> tuple[int, int]:
     if (
         not isinstance(value, (list, tuple))
@@ -587,9 +581,9 @@ def _block(value: object, what: str) -> tuple[int, int]:
     return int(value[0]), int(value[1])
 
 
-def _configured_block(config: Path) -> tuple[int, int] | None:
-    """The FP8 block size that `config.json` declares, or None when it declares no fp8 quantization."""
-    quantization = _quantization_config(config)
+def _configured_block(config: Path, quantization: dict[str, Any] | None) -> tuple[int, int] | None:
+    """The FP8 block size that `config.json`'s `quantization` declares, or None when it declares
+    no fp8 quantization."""
     if quantization is None or quantization.get("quant_method") != "fp8":
         return None
     block = quantization.get("weight_block_size")
