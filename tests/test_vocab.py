@@ -101,25 +101,32 @@ def test_padding_the_model_does_not_have_is_a_clear_error(tiny_checkpoint: Any, 
         load_hf_checkpoint(module, [model], str(folder), make_vocab_size_divisible_by=0)
 
 
-def test_bfloat16_checkpoint_round_trips(tmp_path: Path, compile_module: Any, cpu_megatron: None) -> None:
-    folder = tmp_path / "bf16"
-    hf_model = testing.save_random_model(testing.tiny_hf_config("llama"), folder, dtype=torch.bfloat16)
-    assert json.loads((folder / "config.json").read_text())["dtype"] == "bfloat16"
-    assert checkpoint_dtype(HFCheckpoint(folder)) == torch.bfloat16
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+def test_16_bit_checkpoint_round_trips(dtype: torch.dtype, tmp_path: Path, compile_module: Any, cpu_megatron: None) -> None:
+    """A checkpoint published in bf16 or fp16 into a model of that dtype: logits as transformers'
+    in that dtype, export the checkpoint's bytes, a float32 export the exact upcast."""
+    folder = tmp_path / str(dtype).removeprefix("torch.")
+    hf_model = testing.save_random_model(testing.tiny_hf_config("llama"), folder, dtype=dtype)
+    assert json.loads((folder / "config.json").read_text())["dtype"] == str(dtype).removeprefix("torch.")
+    assert checkpoint_dtype(HFCheckpoint(folder)) == dtype
     module = compile_module("llama", folder / "config.json")
-    (model,) = build_model_chunks(module.DIMS, ParallelLayout(), params_dtype=torch.bfloat16)
-    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}  # the torch norms too
+    (model,) = build_model_chunks(module.DIMS, ParallelLayout(), params_dtype=dtype)
+    assert {p.dtype for p in model.parameters()} == {dtype}  # the torch norms too
     load_hf_checkpoint(module, [model], str(folder))
 
     input_ids = torch.randint(0, 128, (2, 11), generator=torch.Generator().manual_seed(1))
     ours = testing.megatron_logits(model, input_ids)
     theirs = testing.hf_logits(hf_model.eval(), input_ids)
-    assert ours.dtype == theirs.dtype == torch.bfloat16
-    assert (ours.float() - theirs.float()).abs().max().item() <= logit_tolerance(torch.bfloat16, theirs.float())
+    assert ours.dtype == theirs.dtype == dtype
+    assert (ours.float() - theirs.float()).abs().max().item() <= logit_tolerance(dtype, theirs.float())
 
     original = load_file(folder / "model.safetensors")
-    for name, tensor in export_hf_tensors(module, [model]):
-        assert tensor.dtype == torch.bfloat16 and torch.equal(tensor, original[name]), name
+    exported = dict(export_hf_tensors(module, [model]))
+    assert exported.keys() == original.keys()
+    for name, tensor in exported.items():
+        assert tensor.dtype == dtype and torch.equal(tensor, original[name]), name
+    for name, tensor in export_hf_tensors(module, [model], dtype=torch.float32):
+        assert tensor.dtype == torch.float32 and torch.equal(tensor, original[name].float()), name
 
 
 def test_logit_tolerance() -> None:
