@@ -48,6 +48,13 @@ BIASED_MOE_LAYOUTS := "--ep 2" "--tp 2 --etp 1 --dp 2" "--tp 2 --ep 2 --etp 1" "
 HYBRID_TARGETS := llama3_2_1b
 HYBRID_LAYOUTS := "--tp 2 --dp 2" "--pp 2 --dp 2" "--tp 2 --pp 2"
 
+# HybridModel with gated delta net ('G') layers and an MTP layer (Qwen3-Next): megatron-core 0.19
+# (STACK=current); 0.16.1 cannot build it, and `mapgen build` skips the target there
+ifeq ($(STACK),current)
+GDN_HYBRID_TARGETS := qwen3_next_80b_a3b
+endif
+GDN_HYBRID_LAYOUTS := "--tp 2 --dp 2" "--tp 2 --pp 2" "--pp 2 --ep 2"
+
 # LLaVAModel: no pipeline parallelism (megatron-core keeps the vision tower on the first stage)
 LLAVA_TARGETS := llava_1_5_7b
 LLAVA_LAYOUTS := "--tp 2" "--dp 2"
@@ -67,6 +74,9 @@ verify-standins: $(VENV)/.installed  ## every target's tiny stand-in through `ma
 	done
 	set -e; for t in $(HYBRID_TARGETS); do \
 	  for l in $(HYBRID_LAYOUTS); do $(VENV)/bin/mapgen verify generated/$${t}_hybrid.py $(STANDINS)/$$t $$l; done; \
+	done
+	set -e; for t in $(GDN_HYBRID_TARGETS); do \
+	  for l in $(GDN_HYBRID_LAYOUTS); do $(VENV)/bin/mapgen verify generated/$${t}_hybrid.py $(STANDINS)/$$t $$l; done; \
 	done
 	set -e; for t in $(LLAVA_TARGETS); do \
 	  rm -rf $(STANDINS)/$$t; $(VENV)/bin/mapgen standin specs/configs/$$t.json $(STANDINS)/$$t; \

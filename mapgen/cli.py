@@ -131,13 +131,17 @@ def _build_one(
 
 
 def _build_all() -> None:
-    from mapgen.compiler.build import compile_entries, read_targets
+    from mapgen.compiler.build import Skipped, compile_entries, read_targets
 
     root = find_root(Path.cwd())
     entries = read_targets(root)
     with _progress() as progress:
         task = progress.add_task("mapgen build", total=len(entries))
         for entry, source, seconds in compile_entries(root, entries):
+            if isinstance(source, Skipped):  # left as it is: a later megatron-core builds it
+                progress.console.print(f"skipped {entry.output} (target {entry.name}): {source.reason}", markup=False)
+                progress.advance(task)
+                continue
             progress.update(task, description=f"built {entry.name}")
             written = write_if_changed(root / entry.output, source)
             for folder in written.created:
@@ -154,15 +158,23 @@ def _build_all() -> None:
 def check_command() -> None:
     """Exit 1 when generated/ differs from what the specs and configs give: for each stale module,
     what changed grouped by rule (as `mapgen diff` says it), then the unified diff."""
-    from mapgen.compiler.build import compile_entries, read_targets
+    from mapgen.compiler.build import Skipped, compile_entries, read_targets
 
     try:
         root = find_root(Path.cwd())
         entries = read_targets(root)
         stale: list[str] = []
+        skipped: list[str] = []
         with _progress() as progress:
             task = progress.add_task("mapgen check", total=len(entries))
             for entry, source, _ in compile_entries(root, entries):
+                if isinstance(source, Skipped):  # not checked: this megatron-core cannot build it
+                    skipped.append(entry.output)
+                    progress.console.print(
+                        f"skipped {entry.output} (target {entry.name}), not checked: {source.reason}", markup=False
+                    )
+                    progress.advance(task)
+                    continue
                 progress.update(task, description=f"checked {entry.name}")
                 diff = stale_diff(root / entry.output, source, entry.output, limit=RAW_DIFF_LINES)
                 if diff:
@@ -187,7 +199,13 @@ def check_command() -> None:
         fix = "mapgen build" + (f" && git rm {' '.join(extra)}" if extra else "")
         err.print(f"generated/ is stale ({len(stale) + len(extra)} file(s)); fix with: {fix}", markup=False)
         sys.exit(1)
-    err.print(f"generated/ is up to date ({len(entries)} targets)", markup=False)
+    checked = len(entries) - len(skipped)
+    err.print(
+        f"generated/ is up to date ({checked} targets"
+        + (f"; {len(skipped)} skipped, which this megatron-core cannot build: {', '.join(skipped)}" if skipped else "")
+        + ")",
+        markup=False,
+    )
 
 
 @main.command(name="diff")

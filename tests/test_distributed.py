@@ -44,9 +44,11 @@ EP_LAYOUTS = [
 MOE_LAYOUTS = {"deepseek_v3": EP_LAYOUTS, "qwen3_235b_a22b": EP_LAYOUTS[:2]}  # 235B: Qwen3-30B's family
 # experts with biases (gpt-oss): megatron-core builds them at expert-TP 1 only
 MOE_LAYOUTS["gpt_oss_20b"] = [EP_LAYOUTS[0], EP_LAYOUTS[2], EP_LAYOUTS[3]]
-# every checked-in target, through a tiny stand-in of its own config (mapgen standin)
-# (GPTModel and HybridModel targets; LLaVAModel's, image and prompt, are tests/test_llava.py's)
-TARGETS = {entry.name: entry for entry in read_targets(testing.ROOT) if entry.model != "llava"}
+# every checked-in GPTModel target, through a tiny stand-in of its own config (mapgen standin);
+# a HybridModel target repeats a GPTModel target's spec and config (its HybridModel: HYBRID_CASES
+# below, and Qwen3-Next's in tests/test_qwen3_next.py); LLaVAModel's, image and prompt, are
+# tests/test_llava.py's
+TARGETS = {entry.name: entry for entry in read_targets(testing.ROOT) if entry.model == "gpt"}
 MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
 MOE = {name for name, e in TARGETS.items() if any(k in json.loads((testing.ROOT / e.config).read_text()) for k in MOE_KEYS)}
 CASES = [
@@ -99,7 +101,8 @@ def outcome(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     for label, layout in HYBRID_CASES:
         folder = cases[label][0]
         if TARGETS[label].config and json.loads((testing.ROOT / TARGETS[label].config).read_text()).get("num_nextn_predict_layers"):
-            # mapgen's HybridModel has no MTP block: a stand-in of the config without it
+            # the decoder as a HybridModel, without the MTP layer (Qwen3-Next's HybridModel
+            # target checks the HybridModel's MTP block, tests/test_qwen3_next.py)
             folder = root / f"{label}_no_mtp"
             if not folder.exists():
                 fields = json.loads((testing.ROOT / TARGETS[label].config).read_text())

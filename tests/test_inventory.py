@@ -51,13 +51,16 @@ GDN_DIMS = replace(
 MTP_CASES = [
     replace(MOE_DIMS, mtp_num_layers=1),
     replace(INTERLEAVED_DIMS, sliding_window=None, sliding_window_layers=(), mtp_num_layers=2),
+    # Qwen3-Next's: after gated delta net layers, the last (attention, experts) layer's kind, with
+    # zero-centred enorm, hnorm and final_layernorm
+    replace(GDN_DIMS, mtp_num_layers=1),
 ]
 
 
 @pytest.mark.parametrize(
     "dims",
     [DIMS, MOE_DIMS, INTERLEAVED_DIMS, GDN_DIMS, *MTP_CASES],
-    ids=["dense", "mla-moe", "interleaved-moe", "gated-delta-net", "mla-moe-mtp", "interleaved-mtp2"],
+    ids=["dense", "mla-moe", "interleaved-moe", "gated-delta-net", "mla-moe-mtp", "interleaved-mtp2", "gated-delta-net-mtp"],
 )
 def test_one_layer_expansion_equals_a_full_build(dims: ModelDims) -> None:
     ensure_single_process_parallel_state()
@@ -186,23 +189,30 @@ def test_hybrid_names_split_each_gpt_layer_in_two() -> None:
 
 
 def test_hybrid_inventory_with_gated_delta_net_layers() -> None:
-    """'G' layers (megatron-core 0.17+): the inventory equals a whole HybridModel build; on
-    0.16's MambaModel, which has no 'G' layer, the build is refused."""
-    from mapgen.common.errors import MapgenError
-    from mapgen.compiler.megatron_model import build_hybrid_model, hybrid_layer_pattern, hybrid_model_class
+    """'G' layers, and an MTP layer after '/' (megatron-core 0.19.2): the inventory equals a
+    whole HybridModel build, the MTP layer's two hybrid layers under transformer_layer.layers;
+    on 0.16's MambaModel, which has neither, the build is refused as needing a later release."""
+    from mapgen.common.errors import NeedsNewerMegatronCore
+    from mapgen.compiler.megatron_model import build_hybrid_model, hybrid_layer_pattern, hybrid_model_has_gdn
 
-    dims = GDN_DIMS
-    assert hybrid_layer_pattern(dims) == "G-GE*EG-*E"
+    mtp = replace(GDN_DIMS, mtp_num_layers=1)
+    assert hybrid_layer_pattern(GDN_DIMS) == "G-GE*EG-*E" and hybrid_layer_pattern(mtp) == "G-GE*EG-*E/*E"
     ensure_single_process_parallel_state()
-    if hybrid_model_class()[0].__name__ != "HybridModel":
-        with pytest.raises(MapgenError, match="gated delta net layers"):
-            megatron_inventory(dims, "local", "hybrid")
-        return
-    with torch.device("meta"):
-        full = build_hybrid_model(dims)
-    expected = {p.name: (p.shape, p.partition_dim, p.module_kind) for p in _skeleton_params(full, dims.params_dtype)}
-    ours = {p.name: (p.shape, p.partition_dim, p.module_kind) for p in megatron_inventory(dims, "local", "hybrid")}
-    assert ours == expected
+    for dims in (GDN_DIMS, mtp):
+        if not hybrid_model_has_gdn():
+            with pytest.raises(NeedsNewerMegatronCore, match="gated delta net layers"):
+                megatron_inventory(dims, "local", "hybrid")
+            continue
+        with torch.device("meta"):
+            full = build_hybrid_model(dims)
+        expected = {p.name: (p.shape, p.partition_dim, p.module_kind) for p in _skeleton_params(full, dims.params_dtype)}
+        ours = {p.name: (p.shape, p.partition_dim, p.module_kind) for p in megatron_inventory(dims, "local", "hybrid")}
+        assert ours == expected
+    if hybrid_model_has_gdn():
+        names = {p.name for p in megatron_inventory(mtp, "te", "hybrid")}
+        assert {"mtp.layers.0.eh_proj.weight", "mtp.layers.0.final_layernorm.weight"} <= names
+        assert "mtp.layers.0.transformer_layer.layers.0.self_attention.linear_qkv.layer_norm_weight" in names
+        assert "mtp.layers.0.transformer_layer.layers.1.mlp.experts.linear_fc1.weight3" in names
 
 
 def test_zero_centred_norms_do_not_leak_into_later_builds() -> None:

@@ -41,6 +41,9 @@ def test_rules_name_numbers_mtp_parameters_as_hf_layers() -> None:
     assert rules_name("mtp.layers.1.transformer_layer.mlp.router.weight", 61) == "decoder.layers.62.mlp.router.weight"
     assert rules_name("decoder.layers.3.mlp.router.weight", 61) == "decoder.layers.3.mlp.router.weight"
     assert rules_name("mtp.layers.0.enorm.weight", None) == "mtp.layers.0.enorm.weight"
+    # a spec with mtp.hf_decoder_prefix (Qwen3-Next): MTP rules see megatron-core's own number
+    assert rules_name("mtp.layers.0.enorm.weight", 48, 0) == "mtp.layers.0.enorm.weight"
+    assert rules_name("mtp.layers.0.transformer_layer.mlp.router.weight", 48, 0) == "decoder.layers.48.mlp.router.weight"
 
 
 def test_module_maps_every_mtp_tensor(standin: tuple[Path, Any]) -> None:
@@ -122,3 +125,130 @@ def test_a_copy_that_differs_from_its_original_is_refused(standin: tuple[Path, A
     save_file(tensors, str(changed / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(RankError, match=r"model\.layers\.4\.shared_head\.head\.weight.*differs from 'lm_head\.weight'"):
         _forward(module, changed)
+
+
+# --- Qwen3-Next: one MTP layer under mtp.* (fc, pre_fc_norm_embedding/hidden, norm, and a
+# full-attention decoder layer with the experts under mtp.layers.0), which config.json does not
+# declare (the spec's mtp_num_layers defaults to the published checkpoint's one) ---
+
+QWEN3_NEXT_CONFIG = testing.ROOT / "specs" / "configs" / "qwen3_next_80b_a3b.json"
+QWEN3_NEXT_SPEC = testing.ROOT / "specs" / "qwen3_next.yaml"
+# (old, new) in the spec: enorm and hnorm swapped; the MTP norms converted as if megatron-core
+# stored the plain scale (they are zero-centred there, as HF's (1 + w))
+QWEN3_NEXT_WRONG = {
+    "norms_swapped": [
+        ("hf: mtp.pre_fc_norm_embedding.weight", "hf: mtp.pre_fc_norm_HIDDEN.weight"),
+        ("hf: mtp.pre_fc_norm_hidden.weight", "hf: mtp.pre_fc_norm_embedding.weight"),
+        ("hf: mtp.pre_fc_norm_HIDDEN.weight", "hf: mtp.pre_fc_norm_hidden.weight"),
+    ],
+    "final_norm_shifted": [
+        ("hf: mtp.norm.weight\n    kind: auto", "hf: mtp.norm.weight\n    kind: zero_centered_rmsnorm"),
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def qwen3_next(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
+    folder = tmp_path_factory.mktemp("qwen3_next_mtp") / "standin"
+    testing.save_standin(json.loads(QWEN3_NEXT_CONFIG.read_text()), folder)
+    path = folder.parent / "qn_mtp.py"
+    path.write_text(compile_target("qn_mtp", QWEN3_NEXT_SPEC, folder / "config.json", "local", "test"))
+    return folder, testing.import_module_from_path(path)
+
+
+def test_qwen3_next_module_maps_the_published_mtp_tensors(qwen3_next: tuple[Path, Any]) -> None:
+    folder, module = qwen3_next
+    on_disk = set(load_file(folder / "model.safetensors"))
+    # the names the published Qwen3-Next-80B-A3B checkpoint ships under mtp.*, experts aside
+    published = {
+        "mtp.fc.weight", "mtp.norm.weight", "mtp.pre_fc_norm_embedding.weight", "mtp.pre_fc_norm_hidden.weight",
+        *(f"mtp.layers.0.{n}.weight" for n in (
+            "input_layernorm", "post_attention_layernorm", "mlp.gate", "mlp.shared_expert_gate",
+            "mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj", "mlp.shared_expert.down_proj",
+            "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+            "self_attn.q_norm", "self_attn.k_norm",
+        )),
+    }
+    assert {n for n in on_disk if n.startswith("mtp.") and ".experts." not in n} == published
+    assert {t.name for t in module.HF_TENSORS} == on_disk and module.IGNORED_HF == {}
+    assert not getattr(module, "HF_COPIES", {})  # the MTP layer reads the main embedding and lm_head
+    names = {p.megatron_name: p for p in module.PARAMS}
+    assert names["mtp.layers.0.enorm.weight"].hf_names == ("mtp.pre_fc_norm_embedding.weight",)
+    assert names["mtp.layers.0.hnorm.weight"].hf_names == ("mtp.pre_fc_norm_hidden.weight",)
+    assert names["mtp.layers.0.eh_proj.weight"].hf_names == ("mtp.fc.weight",)
+    assert names["mtp.layers.0.final_layernorm.weight"].hf_names == ("mtp.norm.weight",)
+    qkv = names["mtp.layers.0.transformer_layer.self_attention.linear_qkv.weight"]
+    assert qkv.hf_names == tuple(f"mtp.layers.0.self_attn.{p}_proj.weight" for p in "qkv")
+    expert = names["mtp.layers.0.transformer_layer.mlp.experts.local_experts.7.linear_fc1.weight"]
+    assert expert.hf_names == ("mtp.layers.0.mlp.experts.7.gate_proj.weight", "mtp.layers.0.mlp.experts.7.up_proj.weight")
+
+
+def test_qwen3_next_mtp_logits_match_the_reference_and_wrong_mappings_fail(
+    qwen3_next: tuple[Path, Any], tmp_path: Path
+) -> None:
+    """TP1 here (the distributed layouts: tests/test_qwen3_next.py, whose stand-in has the MTP
+    layer). The reference (`hf_mtp_logits`) reads the published tensor names itself; a spec
+    that swaps enorm and hnorm, or converts a (1 + w) MTP norm, fails it; so does a checkpoint
+    whose fc halves (embedding, hidden state) are swapped."""
+    from transformers import AutoModelForCausalLM
+
+    folder, module = qwen3_next
+    logits, exported, input_ids = _forward(module, folder)
+    seq = input_ids.shape[1]
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    (reference,) = testing.hf_mtp_logits(model, folder, module, input_ids)
+    assert reference.shape == (2, seq - 1, module.DIMS.vocab_size)
+    assert (logits[:, seq : 2 * seq - 1] - reference).abs().max() <= 1e-5
+    assert (logits[:, :seq] - testing.hf_logits(model, input_ids)).abs().max() <= 1e-5
+    original = load_file(folder / "model.safetensors")
+    assert sorted(n for n, _ in exported) == sorted(original)
+    for name, tensor in exported:
+        assert torch.equal(tensor, original[name]), name
+
+    text = QWEN3_NEXT_SPEC.read_text()
+    for label, edits in QWEN3_NEXT_WRONG.items():
+        wrong = text
+        for old, new in edits:
+            assert wrong.count(old) == 1, old
+            wrong = wrong.replace(old, new)
+        spec = tmp_path / f"{label}.yaml"
+        spec.write_text(wrong)
+        path = tmp_path / f"{label}.py"
+        path.write_text(compile_target(label, spec, folder / "config.json", "local", "test"))
+        bad, _, _ = _forward(testing.import_module_from_path(path), folder)
+        assert (bad[:, :seq] - logits[:, :seq]).abs().max() == 0, label  # the main model is untouched
+        assert (bad[:, seq : 2 * seq - 1] - reference).abs().max() > 1e-2, label
+
+    swapped = tmp_path / "swapped"
+    shutil.copytree(folder, swapped)
+    tensors = load_file(swapped / "model.safetensors")
+    weight = tensors["mtp.fc.weight"]
+    half = weight.shape[1] // 2
+    tensors["mtp.fc.weight"] = torch.cat((weight[:, half:], weight[:, :half]), dim=1).contiguous()
+    save_file(tensors, str(swapped / "model.safetensors"), metadata={"format": "pt"})
+    bad, _, _ = _forward(module, swapped)
+    assert (bad[:, seq : 2 * seq - 1] - reference).abs().max() > 1e-2
+
+
+def test_qwen3_next_mtp_layout_errors(qwen3_next: tuple[Path, Any], tmp_path: Path) -> None:
+    """hf_decoder_prefix needs its '*'; hf_decoder_like a main layer; tensors held once (no '*')
+    refuse a config with two MTP layers."""
+    folder, _ = qwen3_next
+    text = QWEN3_NEXT_SPEC.read_text()
+    cases = {
+        "prefix": (text.replace('hf_decoder_prefix: "mtp.layers.*."', 'hf_decoder_prefix: "mtp.layers.0."'), None,
+                   r"mtp.hf_decoder_prefix 'mtp.layers.0.' must have exactly one '\*'"),
+        "like": (text.replace("hf_decoder_like: num_hidden_layers - 1", "hf_decoder_like: num_hidden_layers"), None,
+                 r"mtp.hf_decoder_like gives 4, not a decoder layer number below 4"),
+        "two": (text, 2, r"2 multi-token-prediction layers, but mtp.hf_tensors mtp.fc.weight, .* exist once"),
+    }
+    for label, (spec_text, layers, message) in cases.items():
+        spec = tmp_path / f"{label}.yaml"
+        spec.write_text(spec_text)
+        config = tmp_path / f"{label}.json"
+        fields = json.loads((folder / "config.json").read_text())
+        if layers is not None:
+            fields["num_nextn_predict_layers"] = layers
+        config.write_text(json.dumps(fields))
+        with pytest.raises(SpecError, match=message):
+            compile_target(label, spec, config, "local", "test")

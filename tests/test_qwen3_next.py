@@ -1,10 +1,16 @@
 """Qwen3-Next (issue 11 item 1): the gated delta net layouts against transformers' own code, and
-the stand-in of the published config through megatron-core at TP2 x PP2 and TP2 x EP2 (expert-TP
-1) in one spawn, with two deliberately wrong norm conventions that must fail."""
+the stand-in of the published config (with the published checkpoint's MTP layer) through
+megatron-core at TP2 x PP2 and TP2 x EP2 (expert-TP 1) in one spawn, with two deliberately wrong
+norm conventions that must fail; the HybridModel target ('G' layers and its MTP layer) on
+megatron-core 0.19, through `mapgen verify` too, and skipped by `mapgen build`/`check` where
+megatron-core cannot build it (0.16.1). The MTP layer's own checks (enorm/hnorm swapped, eh_proj
+halves, norm conventions) are tests/test_mtp.py's."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +21,7 @@ from safetensors.torch import load_file
 from mapgen import runtime as rt
 from mapgen.compiler.build import compile_target, read_targets
 from mapgen.common.errors import MapgenError
-from mapgen.compiler.megatron_model import ParallelLayout, hybrid_model_class
+from mapgen.compiler.megatron_model import ParallelLayout, hybrid_model_has_gdn
 from mapgen.runtime.context import Group
 from mapgen.verify import testing
 from mapgen.verify.jobs import Job, run_job, spawn
@@ -141,9 +147,11 @@ WRONG = {
     ),
 }
 GOOD = [ParallelLayout(tp=2, pp=2), ParallelLayout(tp=2, ep=2, etp=1, dp=2)]
-# megatron-core's HybridModel (0.17+) builds the gated delta net layers as 'G' layers
-HAS_HYBRID_MODEL = hybrid_model_class()[0].__name__ == "HybridModel"
-HYBRID = [ParallelLayout(tp=2, pp=2), ParallelLayout(pp=2, ep=2, dp=2)] if HAS_HYBRID_MODEL else []
+# megatron-core's HybridModel (0.19.2; not 0.16.1) builds the gated delta net layers as 'G' layers
+HAS_GDN_HYBRID = hybrid_model_has_gdn()
+HYBRID = [ParallelLayout(tp=2, pp=2), ParallelLayout(pp=2, ep=2, dp=2)] if HAS_GDN_HYBRID else []
+HYBRID_TARGET = {entry.name: entry for entry in read_targets(testing.ROOT)}["qwen3_next_80b_a3b_hybrid"]
+MAPGEN = [sys.executable, "-m", "mapgen.cli"]
 
 
 @pytest.fixture(scope="module")
@@ -185,16 +193,17 @@ def test_a_wrong_norm_convention_fails_the_forward_check(outcome: dict[str, Any]
     assert rank0.max_logit_diff > 1e-3 and not rank0.ok
 
 
-def test_hybrid_model_builds_gdn_layers_from_0_17_and_is_refused_before(request: pytest.FixtureRequest, tmp_path: Path) -> None:
-    """megatron-core 0.17+: the HybridModel module ('G' layers) at TP2 x PP2 and PP2 x EP2 against
-    transformers, export bit-exact; 0.16's MambaModel has no 'G' layer: the build says so."""
-    if not HAS_HYBRID_MODEL:
+def test_hybrid_model_builds_gdn_layers_on_0_19_and_is_refused_before(request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    """megatron-core 0.19.2: the HybridModel module ('G' layers, and the MTP layer after '/') at
+    TP2 x PP2 and PP2 x EP2 against transformers (main and MTP logits), export bit-exact; 0.16's
+    MambaModel has no 'G' layer: the build says so."""
+    if not HAS_GDN_HYBRID:
         (tmp_path / "config.json").write_text(testing.tiny_hf_config("qwen3_next").to_json_string())
-        with pytest.raises(MapgenError, match=r"gated delta net layers \('G'\) needs megatron-core 0.17 or later"):
+        with pytest.raises(MapgenError, match=r"gated delta net layers \('G'\) needs a megatron-core HybridModel that builds them \(0.19.2 does\); this is megatron-core 0.16"):
             compile_target("h", testing.ROOT / TARGET.spec, tmp_path / "config.json", "local", "test", model="hybrid")
         return
     outcome: dict[str, Any] = request.getfixturevalue("outcome")
-    assert "GE*E" in (outcome["folder"] / "qwen3_next_hybrid.py").read_text()  # HYBRID_LAYER_PATTERN
+    assert 'HYBRID_LAYER_PATTERN: Final = "GE*EGE*E/*E"' in (outcome["folder"] / "qwen3_next_hybrid.py").read_text()
     for index in range(len(HYBRID)):
         results = outcome["results"][len(GOOD) + len(WRONG) + index]
         for result in results:
@@ -202,3 +211,74 @@ def test_hybrid_model_builds_gdn_layers_from_0_17_and_is_refused_before(request:
         rank0 = results[0]
         assert rank0.bit_exact == rank0.tensors == len(load_file(outcome["folder"] / "model.safetensors"))
         assert rank0.max_logit_diff <= 1e-5 and rank0.ok
+
+
+def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*MAPGEN, *args], cwd=cwd, capture_output=True, text=True, timeout=900)
+
+
+def test_build_and_check_skip_the_hybrid_target_where_megatron_core_cannot_build_it(tmp_path: Path) -> None:
+    """The target list's `mapgen build` and `mapgen check` with the Qwen3-Next HybridModel target
+    beside its GPTModel one (a stand-in's config): on megatron-core 0.16.1 both say, for that
+    target, which megatron-core it needs and skip it, exit 0, and build or check the other; on
+    0.19.2 both targets are built and checked as any other."""
+    (tmp_path / "specs" / "configs").mkdir(parents=True)
+    (tmp_path / "generated").mkdir()
+    (tmp_path / "generated" / "__init__.py").write_text("")
+    (tmp_path / "specs" / "qwen3_next.yaml").write_text((testing.ROOT / TARGET.spec).read_text())
+    tiny = testing.standin_config(json.loads((testing.ROOT / TARGET.config).read_text()))
+    (tmp_path / "specs" / "configs" / "tiny.json").write_text(json.dumps(tiny, indent=2))
+    entry = "{spec: specs/qwen3_next.yaml, config: specs/configs/tiny.json, layout: te"
+    (tmp_path / "specs" / "targets.yaml").write_text(
+        f"targets:\n  tiny: {entry}}}\n  tiny_hybrid: {entry}, model: hybrid}}\n"
+    )
+    built = _run(["build"], tmp_path)
+    assert built.returncode == 0, built.stderr
+    assert "wrote generated/tiny.py" in built.stderr
+    checked = _run(["check"], tmp_path)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    hybrid = tmp_path / "generated" / "tiny_hybrid.py"
+    if HAS_GDN_HYBRID:
+        assert "wrote generated/tiny_hybrid.py" in built.stderr and "skipped" not in built.stderr
+        assert 'HYBRID_LAYER_PATTERN: Final = "GE*EGE*E/*E"' in hybrid.read_text()
+        assert "generated/ is up to date (2 targets)" in checked.stderr
+        hybrid.write_text(hybrid.read_text().replace('"GE*EGE*E/*E"', '"*E*EGE*E/*E"', 1))
+        assert _run(["check"], tmp_path).returncode == 1  # checked: a stale hybrid module fails
+        return
+    needs = (
+        "a hybrid model with gated delta net layers ('G') needs a megatron-core HybridModel that builds "
+        "them (0.19.2 does); this is megatron-core 0.16.1, which has none"
+    )
+    assert f"skipped generated/tiny_hybrid.py (target tiny_hybrid): {needs}" in " ".join(built.stderr.split())
+    assert not hybrid.exists()
+    assert f"skipped generated/tiny_hybrid.py (target tiny_hybrid), not checked: {needs}" in " ".join(checked.stderr.split())
+    assert "up to date (1 targets; 1 skipped, which this megatron-core cannot build: generated/tiny_hybrid.py)" in " ".join(checked.stderr.split())
+    hybrid.write_text("# built by megatron-core 0.19\n")  # checked in from the other stack: left alone
+    assert _run(["check"], tmp_path).returncode == 0 and _run(["build"], tmp_path).returncode == 0
+    assert hybrid.read_text() == "# built by megatron-core 0.19\n"
+
+
+def test_hybrid_standin_through_the_cli(tmp_path: Path) -> None:
+    """`mapgen standin` of the published config (with its MTP layer), `mapgen build --model hybrid`
+    of the stand-in's config, `mapgen verify --tp 2` of that module: on megatron-core 0.19.2 the
+    HybridModel's logits (main and MTP) match transformers and the export is bit-exact; on
+    0.16.1 the build refuses, saying what it needs."""
+    standin = tmp_path / "standin"
+    made = _run(["standin", str(testing.ROOT / TARGET.config), str(standin)], tmp_path)
+    assert made.returncode == 0, made.stderr
+    assert "mtp.fc.weight" in load_file(standin / "model.safetensors")
+    module = tmp_path / "qwen3_next_hybrid.py"
+    built = _run(
+        ["build", str(testing.ROOT / TARGET.spec), str(standin / "config.json"), "-o", str(module), "--layout", "local",
+         "--model", "hybrid"],
+        tmp_path,
+    )
+    if not HAS_GDN_HYBRID:
+        assert built.returncode == 2 and not module.exists()
+        assert "gated delta net layers ('G') needs a megatron-core HybridModel that builds them" in built.stderr
+        return
+    assert built.returncode == 0, built.stderr
+    verified = _run(["verify", str(module), str(standin), "--tp", "2"], tmp_path)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    tensors = len(load_file(standin / "model.safetensors"))
+    assert f"{tensors} tensors checked, {tensors} bit-exact" in verified.stdout and verified.stdout.rstrip().endswith("OK")

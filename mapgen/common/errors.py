@@ -21,6 +21,11 @@ class MapgenError(Exception):
     """Any error mapgen reports to its user; the message is complete and needs no traceback."""
 
 
+class NeedsNewerMegatronCore(MapgenError):
+    """The installed megatron-core cannot build this model (a feature a later release has): the
+    target list's build and check skip such a target on this stack and say why."""
+
+
 class SpecError(MapgenError):
     """One or more problems with a spec or config, each already formatted `path:line:col: msg`."""
 

@@ -17,7 +17,7 @@ from mapgen.compiler import yamlsource
 from mapgen.common.console import quiet_libraries
 from mapgen.compiler.config import HFConfig, evaluate_in_context, evaluate_reported, read_hf_config, translate
 from mapgen.common.dims import ModelDims
-from mapgen.common.errors import ErrorSink, Location, MapgenError, SpecError
+from mapgen.common.errors import ErrorSink, Location, MapgenError, NeedsNewerMegatronCore, SpecError
 from mapgen.compiler.expand import expand
 from mapgen.compiler.format import format_source
 from mapgen.compiler.inventory import _HF_LAYER, HFTensor, architecture_model_type, hf_inventory, megatron_inventory
@@ -27,6 +27,7 @@ from mapgen.common.layout import HF_EXPERTS, LAYOUTS, MODEL_CLASSES
 from mapgen.compiler.packaged import TARGETS_FILE
 from mapgen.compiler.postprocess import check, gc_paused
 from mapgen.compiler.render import render
+from mapgen.compiler.pattern import Pattern
 from mapgen.compiler.spec import Spec, parse_spec
 from mapgen.compiler.write import file_kind
 
@@ -199,10 +200,11 @@ def compile_target(
     config = read_hf_config(config_source.path, config_text)
     dims = translate(spec, config)
     check_model_type(spec, config)
-    mtp_hf_layer = _mtp_hf_layer(spec, config, dims)
-    mtp_layers = tuple(mtp_hf_layer + i for i in range(dims.mtp_num_layers)) if mtp_hf_layer is not None else ()
+    mtp = mtp_layers(spec, config, dims)
     try:
-        hf = hf_inventory(spec.hf_architecture, config.fields, stacked_experts=stacked, extra_layers=mtp_layers)
+        hf = hf_inventory(
+            spec.hf_architecture, config.fields, stacked_experts=stacked, extra_layers=mtp.transformers_layers() if mtp else ()
+        )
     except Exception as exc:  # what transformers raises for a config it cannot build varies
         raise SpecError(
             [
@@ -230,10 +232,11 @@ def compile_target(
                 f"(dims from spec {spec.path}): {type(exc).__name__}: {_first_line(exc)}"
             ]
         ) from None
-    hf, hf_copies = _with_mtp_tensors(spec, config, dims, hf, mtp_layers)
+    hf, hf_copies, hf_prefixes = _with_mtp_tensors(spec, config, dims, hf, mtp)
     mappings = expand(
-        spec, config, dims, layout, megatron, hf, fused_experts=stacked, mtp_hf_layer=mtp_hf_layer,
-        copies=frozenset(hf_copies),
+        spec, config, dims, layout, megatron, hf, fused_experts=stacked,
+        mtp_hf_layer=mtp.hf_layer if mtp else None, mtp_number=mtp.own_number if mtp else None,
+        copies=frozenset(hf_copies), hf_prefixes=hf_prefixes,
     )
     ignored_hf = _ignored_hf(spec, config, dims, hf)
     target = Target(
@@ -289,6 +292,55 @@ def check_model_type(spec: Spec, config: HFConfig) -> None:
         )
 
 
+@dataclass(frozen=True)
+class MTPLayers:
+    """Where the checkpoint keeps a model's multi-token-prediction layers (the spec's `mtp:`)."""
+
+    count: int  # dims.mtp_num_layers
+    hf_layer: int  # the decoder rules see MTP layer i's transformer layer as decoder layer hf_layer + i
+    own_number: int  # MTP rules see MTP layer i's own parameters as mtp.layers.<own_number + i>
+    prefix: Pattern | None  # the checkpoint's prefix of MTP layer i's decoder-layer tensors
+    like: int | None  # the main decoder layer whose tensors the MTP layer's decoder layer has
+
+    def transformers_layers(self) -> tuple[int, ...]:
+        """The decoder layers past the config's that transformers builds for the HF inventory:
+        the MTP layers' own, unless they are like a main layer."""
+        return tuple(self.hf_layer + i for i in range(self.count)) if self.like is None else ()
+
+    def checkpoint_prefix(self, base: str, index: int) -> str:
+        """Where the checkpoint keeps MTP layer `index`'s decoder-layer tensors; `base` is the
+        main decoder layers' prefix (`model.layers.`)."""
+        return self.prefix.fill((str(index),)) if self.prefix is not None else f"{base}{self.hf_layer + index}."
+
+
+def mtp_layers(spec: Spec, config: HFConfig, dims: ModelDims) -> MTPLayers | None:
+    """The model's MTP layers by the spec's `mtp:`; None for a model without MTP."""
+    hf_layer = _mtp_hf_layer(spec, config, dims)
+    if hf_layer is None:
+        return None
+    assert spec.mtp is not None
+    like: int | None = None
+    if spec.mtp.hf_decoder_like is not None:
+        errors = ErrorSink()
+        expr = spec.mtp.hf_decoder_like
+        ok, value = evaluate_reported(
+            lambda: evaluate_in_context(expr, dims, config), errors, spec.mtp.loc, "mtp.hf_decoder_like", expr, config
+        )
+        errors.raise_if_any()
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < dims.num_layers:
+            raise SpecError([f"{spec.mtp.loc}: mtp.hf_decoder_like gives {value!r}, not a decoder layer number below {dims.num_layers}"])
+        like = value
+    if dims.mtp_num_layers > 1 and (once := [str(e.name) for e in spec.mtp.hf_tensors if not e.name.wildcards]):
+        raise SpecError(
+            [
+                f"{spec.mtp.loc}: the config has {dims.mtp_num_layers} multi-token-prediction layers, but "
+                f"mtp.hf_tensors {', '.join(once)} (no '*') exist once: the checkpoint layout is for one MTP layer"
+            ]
+        )
+    own = 0 if spec.mtp.hf_decoder_prefix is not None else hf_layer
+    return MTPLayers(dims.mtp_num_layers, hf_layer, own, spec.mtp.hf_decoder_prefix, like)
+
+
 def _mtp_hf_layer(spec: Spec, config: HFConfig, dims: ModelDims) -> int | None:
     """The HF layer number of the first multi-token-prediction layer (the spec's
     `mtp.hf_layer`), None for a model without MTP; a model with MTP layers needs the spec to
@@ -315,26 +367,35 @@ def _mtp_hf_layer(spec: Spec, config: HFConfig, dims: ModelDims) -> int | None:
 
 
 def _with_mtp_tensors(
-    spec: Spec, config: HFConfig, dims: ModelDims, hf: tuple[HFTensor, ...], mtp_layers: tuple[int, ...]
-) -> tuple[tuple[HFTensor, ...], dict[str, str]]:
-    """The HF inventory with each MTP layer's `mtp.hf_tensors` after its decoder layer's own
-    tensors, and {copy: original} for those that repeat a main-model tensor."""
-    if not mtp_layers:
-        return hf, {}
+    spec: Spec, config: HFConfig, dims: ModelDims, hf: tuple[HFTensor, ...], mtp: MTPLayers | None
+) -> tuple[tuple[HFTensor, ...], dict[str, str], tuple[tuple[str, str], ...]]:
+    """The HF inventory with each MTP layer's tensors, {copy: original} for those that repeat a
+    main-model tensor, and (rules' prefix, checkpoint's prefix) of each MTP layer whose
+    decoder-layer tensors the checkpoint keeps under `mtp.hf_decoder_prefix`.
+
+    By default MTP layer i's decoder-layer tensors are transformers' decoder layer hf_layer + i
+    (in `hf`), and its `mtp.hf_tensors` follow that layer's own tensors. With
+    `hf_decoder_like` they are the named main layer's tensors under the MTP layer's prefix; with
+    either that or `hf_decoder_prefix`, each MTP layer's tensors come after the main model's."""
+    if mtp is None:
+        return hf, {}, ()
     assert spec.mtp is not None
     errors = ErrorSink()
     by_name = {t.name: t for t in hf}
+    layers = [(m, t) for t in hf if (m := _HF_LAYER.match(t.name)) is not None]
+    base = layers[0][0].group(1) if layers else "model.layers."
     extra: dict[int, list[HFTensor]] = {}
     copies: dict[str, str] = {}
-    for number in mtp_layers:
+    for index in range(mtp.count):
+        number = mtp.own_number + index
         for entry in spec.mtp.hf_tensors:
-            name = entry.name.fill((str(number),))
+            name = entry.name.fill((str(number),)) if entry.name.wildcards else str(entry.name)
             if entry.copy_of is not None:
                 original = by_name.get(entry.copy_of)
                 if original is None:
                     errors.add(entry.loc, f"mtp.hf_tensors: '{name}' is a copy of '{entry.copy_of}', which {spec.hf_architecture} does not have")
                     continue
-                extra.setdefault(number, []).append(replace(original, name=name))
+                extra.setdefault(index, []).append(replace(original, name=name))
                 copies[name] = entry.copy_of
                 continue
             assert entry.shape is not None
@@ -349,25 +410,45 @@ def _with_mtp_tensors(
                 if ok:
                     shape.append(value)
             if len(shape) == len(entry.shape):
-                extra.setdefault(number, []).append(HFTensor(name, tuple(shape)))
+                extra.setdefault(index, []).append(HFTensor(name, tuple(shape)))
     duplicated = [t.name for ts in extra.values() for t in ts if t.name in by_name]
     for name in duplicated:
         errors.add(spec.mtp.loc, f"mtp.hf_tensors: '{name}' is a tensor transformers already builds")
+    if mtp.like is not None and not any(int(m.group(2)) == mtp.like for m, _ in layers):
+        errors.add(spec.mtp.loc, f"mtp.hf_decoder_like: {spec.hf_architecture} has no tensors of decoder layer {mtp.like}")
     errors.raise_if_any()
-    found: list[HFTensor] = []
-    last: dict[int, int] = {}  # HF tensor index -> the MTP layer whose tensors it ends
-    for index, tensor in enumerate(hf):
-        layer = _HF_LAYER.match(tensor.name)
-        if layer is not None and int(layer.group(2)) in extra:
-            last = {i: n for i, n in last.items() if n != int(layer.group(2))}
-            last[index] = int(layer.group(2))
-    for index, tensor in enumerate(hf):
-        found.append(tensor)
-        if index in last:
-            found.extend(extra.pop(last[index]))
-    for tensors in extra.values():  # a layer transformers has no tensors for: at the end
-        found.extend(tensors)
-    return tuple(found), copies
+    prefixes = tuple(
+        (f"{base}{mtp.hf_layer + i}.", mtp.checkpoint_prefix(base, i)) for i in range(mtp.count) if mtp.prefix is not None
+    )
+    if mtp.like is None and mtp.prefix is None:  # each MTP layer's tensors after its decoder layer's
+        found: list[HFTensor] = []
+        hf_number = {mtp.hf_layer + i: i for i in range(mtp.count)}
+        last: dict[int, int] = {}  # HF tensor index -> the MTP layer whose tensors it ends
+        for position, tensor in enumerate(hf):
+            layer = _HF_LAYER.match(tensor.name)
+            if layer is not None and int(layer.group(2)) in hf_number:
+                index = hf_number[int(layer.group(2))]
+                last = {i: n for i, n in last.items() if n != index}
+                last[position] = index
+        for position, tensor in enumerate(hf):
+            found.append(tensor)
+            if position in last:
+                found.extend(extra.pop(last[position], []))
+        for tensors in extra.values():  # a layer transformers has no tensors for: at the end
+            found.extend(tensors)
+        return tuple(found), copies, prefixes
+    own_layers = {mtp.hf_layer + i for i in range(mtp.count)}
+    main = [t for t in hf if (m := _HF_LAYER.match(t.name)) is None or int(m.group(2)) not in own_layers]
+    blocks: list[HFTensor] = []
+    for index in range(mtp.count):
+        rules_prefix = f"{base}{mtp.hf_layer + index}."
+        template = [
+            (m, t) for m, t in layers if int(m.group(2)) == (mtp.like if mtp.like is not None else mtp.hf_layer + index)
+        ]
+        prefix = mtp.checkpoint_prefix(base, index) if mtp.prefix is not None else rules_prefix
+        blocks.extend(replace(t, name=prefix + t.name[m.end():]) for m, t in template)
+        blocks.extend(extra.get(index, []))
+    return tuple(main + blocks), copies, prefixes
 
 
 def _ignored_hf(spec: Spec, config: HFConfig, dims: ModelDims, hf: tuple[HFTensor, ...]) -> tuple[tuple[str, str], ...]:
@@ -394,15 +475,27 @@ def _ignored_hf(spec: Spec, config: HFConfig, dims: ModelDims, hf: tuple[HFTenso
     return tuple(found)
 
 
-def _timed_compile(root: Path, entry: TargetEntry) -> tuple[str, float]:
+@dataclass(frozen=True)
+class Skipped:
+    """A target the installed megatron-core cannot build (`NeedsNewerMegatronCore`), and why."""
+
+    reason: str
+
+
+def _timed_compile(root: Path, entry: TargetEntry) -> tuple[str | Skipped, float]:
     quiet_libraries()  # in a worker process of its own
     started = time.perf_counter()
-    return compile_entry(root, entry), time.perf_counter() - started
+    try:
+        source: str | Skipped = compile_entry(root, entry)
+    except NeedsNewerMegatronCore as exc:
+        source = Skipped(str(exc))
+    return source, time.perf_counter() - started
 
 
-def compile_entries(root: Path, entries: list[TargetEntry]) -> Iterator[tuple[TargetEntry, str, float]]:
+def compile_entries(root: Path, entries: list[TargetEntry]) -> Iterator[tuple[TargetEntry, str | Skipped, float]]:
     """(entry, source, seconds) for each entry, in order, built two at a time in processes of
-    their own (the large MoE targets take tens of seconds each)."""
+    their own (the large MoE targets take tens of seconds each). A target this megatron-core
+    cannot build gives `Skipped` (a later release can: the list serves every supported stack)."""
     if len(entries) < 2:
         for entry in entries:
             yield (entry, *_timed_compile(root, entry))

@@ -43,18 +43,28 @@ def _unconsumed(tensor: HFTensor, consumers: dict[str, list[str]]) -> bool:
 _MTP = re.compile(r"^mtp\.layers\.(\d+)\.(transformer_layer\.)?")
 
 
-def rules_name(te_name: str, mtp_hf_layer: int | None) -> str:
+def rules_name(te_name: str, mtp_hf_layer: int | None, mtp_number: int | None = None) -> str:
     """The name spec rules match a parameter by: its te name, but for a multi-token-prediction
-    parameter (`mtp.layers.I.X`) the MTP layer's HF layer number `mtp_hf_layer + I` in place of
-    I, and its transformer layer's parameters as that decoder layer's
+    parameter (`mtp.layers.I.X`) the number `mtp_number + I` in place of I (`mtp_number`:
+    `mtp_hf_layer` unless given; the spec's `mtp:` says which), and its transformer layer's
+    parameters as decoder layer `mtp_hf_layer + I`'s
     (`mtp.layers.I.transformer_layer.X` -> `decoder.layers.<mtp_hf_layer + I>.X`)."""
     found = _MTP.match(te_name) if mtp_hf_layer is not None else None
     if found is None:
         return te_name
     assert mtp_hf_layer is not None
-    number = mtp_hf_layer + int(found.group(1))
-    head = f"decoder.layers.{number}." if found.group(2) else f"mtp.layers.{number}."
-    return head + te_name[found.end():]
+    index = int(found.group(1))
+    if found.group(2):
+        return f"decoder.layers.{mtp_hf_layer + index}." + te_name[found.end():]
+    return f"mtp.layers.{(mtp_hf_layer if mtp_number is None else mtp_number) + index}." + te_name[found.end():]
+
+
+def _renamed(name: str, prefixes: tuple[tuple[str, str], ...]) -> str:
+    """`name` with the first of `prefixes`' (old, new) pairs whose old prefix it has replaced."""
+    for old, new in prefixes:
+        if name.startswith(old):
+            return new + name[len(old):]
+    return name
 
 
 def expand(
@@ -67,11 +77,15 @@ def expand(
     fused_experts: bool = False,
     mtp_hf_layer: int | None = None,
     copies: frozenset[str] = frozenset(),
+    mtp_number: int | None = None,
+    hf_prefixes: tuple[tuple[str, str], ...] = (),
 ) -> tuple[Mapping, ...]:
     """Every Megatron parameter's mapping; with `fused_experts`, rules that say where a
     checkpoint stacks the experts (`fused_hf`) read that tensor's slices instead. Parameters
     of the multi-token-prediction block are matched by `rules_name`; HF tensors in `copies`
-    repeat another HF tensor and are read by no rule."""
+    repeat another HF tensor and are read by no rule. `hf_prefixes`: (rules' prefix,
+    checkpoint's prefix) pairs: an HF name a rule gives with the first is read with the second
+    (an MTP layer's decoder-layer tensors where the checkpoint keeps them apart)."""
     errors = ErrorSink()
     module_types = {**MODULE_TYPES, **dict(spec.module_types)}
     active = [rule for rule in spec.rules if _is_active(rule, dims, config, errors)]
@@ -85,7 +99,7 @@ def expand(
         hits = [
             (rule, caps)
             for rule in active
-            if (caps := rule.megatron.match(rules_name(param.te_name, mtp_hf_layer))) is not None
+            if (caps := rule.megatron.match(rules_name(param.te_name, mtp_hf_layer, mtp_number))) is not None
         ]
         for rule, _ in hits:
             matched_by_rule[rule] += 1
@@ -95,7 +109,7 @@ def expand(
         if len(hits) > 1:
             first, first_captures = hits[0]
             for _, pattern in first.hf:
-                consumers[pattern.fill(first_captures)].append(param.name)
+                consumers[_renamed(pattern.fill(first_captures), hf_prefixes)].append(param.name)
             for rule, _ in hits[1:]:
                 errors.add(
                     rule.loc,
@@ -109,7 +123,7 @@ def expand(
         if fused_experts and rule.fused_hf is not None:
             patterns = tuple((role, rule.fused_hf) for role in rule.kind.stacked_roles)
         for role, pattern in patterns:
-            hf_name = pattern.fill(captures)
+            hf_name = _renamed(pattern.fill(captures), hf_prefixes)
             consumers[hf_name].append(param.name)
             source = _source(hf_by_name, role, hf_name)
             if source is None:

@@ -104,8 +104,17 @@ _MLP_PART = ("mlp.", "pre_mlp_layernorm.")
 _GPT_FINAL_NORM, _HYBRID_FINAL_NORM = "decoder.final_layernorm.", "decoder.final_norm."
 
 
+# The MTP layer's transformer layer is a HybridStack of the same two layers (its `layers.0` and
+# `layers.1`) in the HybridModel.
+_MTP_TRANSFORMER_LAYER = re.compile(r"^(mtp\.layers\.\d+\.transformer_layer\.)")
+
+
 def hybrid_name(gpt_name: str) -> str:
     """The HybridModel name of a GPTModel parameter (see above)."""
+    mtp = _MTP_TRANSFORMER_LAYER.match(gpt_name)
+    if mtp is not None:
+        rest = gpt_name[mtp.end():]
+        return f"{mtp.group(1)}layers.{1 if rest.startswith(_MLP_PART) else 0}.{rest}"
     layer = _LAYER.match(gpt_name)
     if layer is None:
         return gpt_name.replace(_GPT_FINAL_NORM, _HYBRID_FINAL_NORM, 1)

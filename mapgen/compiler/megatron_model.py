@@ -348,6 +348,9 @@ def build_gpt_model(
             from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
 
             mtp_block_spec = get_gpt_mtp_block_spec(config, block_spec, use_transformer_engine=False, vp_stage=vp_stage)
+            if mtp_block_spec is not None and dims.layernorm_zero_centered_gamma:
+                # enorm, hnorm and final_layernorm: TENorm in the TE spec, zero-centred as every norm
+                _zero_centered_norms(mtp_block_spec)
         return GPTModel(
             config,
             block_spec,
@@ -431,7 +434,8 @@ def _zero_centered_norms(block_spec: Any) -> None:
 
     for layer_spec in block_spec.layer_specs:
         swap(layer_spec)
-    block_spec.layer_norm = swap(block_spec.layer_norm)
+    if hasattr(block_spec, "layer_norm"):  # (an MTP block spec has none)
+        block_spec.layer_norm = swap(block_spec.layer_norm)
 
 
 def _zero_centered_spec(spec: Any) -> Any:
@@ -572,12 +576,20 @@ def _mla_core_attention() -> type:
 
 def hybrid_layer_pattern(dims: ModelDims) -> str:
     """megatron-core's hybrid layer pattern of the model: each HF decoder layer is two Megatron
-    layers, attention (`*`, MLA `+`) then its MLP (`-` dense, `E` experts)."""
+    layers, attention (`*`, MLA `+`, gated delta net `G`) then its MLP (`-` dense, `E` experts);
+    with multi-token prediction, `/` and the MTP layers' pattern once per MTP layer (depth): the
+    decoder's last layer's two, as GPTModel builds its MTP layer from the last layer spec."""
     attention = "+" if dims.multi_latent_attention else "*"
     moe, linear = set(dims.moe_layers), set(dims.linear_attention_layers)
-    return "".join(
+    layers = [
         ("G" if index in linear else attention) + ("E" if index in moe else "-") for index in range(dims.num_layers)
-    )
+    ]
+    return "".join(layers) + "".join("/" + layers[-1] for _ in range(dims.mtp_num_layers))
+
+
+def _main_pattern(pattern: str) -> str:
+    """The decoder's part of a hybrid layer pattern (before the first `/`)."""
+    return pattern.split("/", 1)[0]
 
 
 def hybrid_model_class() -> tuple[type, str]:
@@ -591,6 +603,35 @@ def hybrid_model_class() -> tuple[type, str]:
         from megatron.core.models.mamba.mamba_model import MambaModel
 
         return MambaModel, "hybrid_override_pattern"
+
+
+def megatron_core_version() -> str:
+    """The installed megatron-core's version."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("megatron-core")
+    except PackageNotFoundError:
+        return "(version unknown)"
+
+
+def hybrid_model_has_gdn() -> bool:
+    """megatron-core's HybridModel builds gated delta net layers ('G' in its layer pattern)."""
+    try:
+        from megatron.core.models.hybrid.hybrid_layer_allocation import Symbols
+    except ImportError:
+        return False
+    return getattr(Symbols, "GDN", None) == "G"
+
+
+def hybrid_model_has_mtp() -> bool:
+    """megatron-core's HybridModel builds multi-token-prediction layers from its layer pattern
+    (its stack's submodules have an `mtp_block_spec`; 0.19 does, 0.16's MambaModel does not)."""
+    try:
+        from megatron.core.models.hybrid.hybrid_block import HybridStackSubmodules
+    except ImportError:
+        return False
+    return "mtp_block_spec" in getattr(HybridStackSubmodules, "__dataclass_fields__", {})
 
 
 def _hybrid_stack_spec(dims: ModelDims) -> tuple[Any, Any]:
@@ -657,6 +698,24 @@ def _hybrid_stack_spec(dims: ModelDims) -> tuple[Any, Any]:
         )
         gdn = with_fields(dense, input_layernorm=norm, self_attention=mixer, **no_mlp)
         slots["gdn_layer"] = ModuleSpec(module=TransformerLayer, submodules=gdn)
+    if dims.mtp_num_layers:  # the MTP layer's norms and projection; its layers come from the pattern
+        from megatron.core.tensor_parallel import ColumnParallelLinear
+        from megatron.core.transformer.multi_token_prediction import (
+            MultiTokenPredictionBlock,
+            MultiTokenPredictionBlockSubmodules,
+            MultiTokenPredictionLayer,
+            MultiTokenPredictionLayerSubmodules,
+        )
+
+        layer = MultiTokenPredictionLayerSubmodules(
+            enorm=norm, hnorm=norm, eh_proj=ColumnParallelLinear, mtp_model_layer=None, layer_norm=norm
+        )
+        slots["mtp_block_spec"] = ModuleSpec(
+            module=MultiTokenPredictionBlock,
+            submodules=MultiTokenPredictionBlockSubmodules(
+                layer_specs=[ModuleSpec(module=MultiTokenPredictionLayer, submodules=layer)]
+            ),
+        )
     return ModuleSpec(module=Stack, submodules=Submodules(**slots)), norm
 
 
@@ -695,23 +754,30 @@ def build_hybrid_model(
     skeleton)."""
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
-    from mapgen.common.errors import MapgenError
+    from mapgen.common.errors import MapgenError, NeedsNewerMegatronCore
 
     model_class, pattern_keyword = hybrid_model_class()
     pattern = hybrid_layer_pattern(dims)
     if model_class.__name__ != "HybridModel" and dims.multi_latent_attention:
-        raise MapgenError("a hybrid model with multi-latent attention needs megatron-core 0.17 or later (HybridModel)")
-    if model_class.__name__ != "HybridModel" and dims.linear_attention_layers:
-        raise MapgenError("a hybrid model with gated delta net layers ('G') needs megatron-core 0.17 or later (HybridModel)")
+        raise NeedsNewerMegatronCore(
+            f"a hybrid model with multi-latent attention needs megatron-core 0.17 or later (HybridModel); "
+            f"this is megatron-core {megatron_core_version()}"
+        )
+    if dims.linear_attention_layers and not hybrid_model_has_gdn():
+        raise NeedsNewerMegatronCore(
+            "a hybrid model with gated delta net layers ('G') needs a megatron-core HybridModel that "
+            f"builds them (0.19.2 does); this is megatron-core {megatron_core_version()}, which has none"
+        )
     if dims.sliding_window is not None:
         raise MapgenError(
             "sliding-window attention in a hybrid model is not supported: megatron-core's "
             "window_attn_skip_freq would count hybrid layers (two per HF layer)"
         )
-    if dims.mtp_num_layers:
-        raise MapgenError(
-            "multi-token prediction in a hybrid model is not supported: mapgen maps megatron-core's "
-            "GPTModel MTP block (build with --model gpt)"
+    if dims.mtp_num_layers and not hybrid_model_has_mtp():
+        raise NeedsNewerMegatronCore(
+            "multi-token prediction in a hybrid model needs a megatron-core HybridModel that builds MTP "
+            f"layers from its layer pattern ('/'; 0.19.2 does); this is megatron-core {megatron_core_version()}, "
+            "which has none (build with --model gpt)"
         )
     if vp_stage is not None:
         raise MapgenError(
@@ -719,7 +785,7 @@ def build_hybrid_model(
             "mapgen builds hybrid models without them"
         )
     config = transformer_config(dims, params_dtype, layout)
-    config.num_layers = len(pattern)  # megatron-core's layer-offset rules count hybrid layers
+    config.num_layers = len(_main_pattern(pattern))  # megatron-core's layer-offset rules count hybrid layers
     stack, norm = _hybrid_stack_spec(dims)
     with warnings.catch_warnings(), _cuda_device_on_cpu(), _local_final_norm(stack, norm):
         warnings.simplefilter("ignore")

@@ -34,6 +34,7 @@ from mapgen.compiler.yamlsource import Node
 PARALLELISM_TYPES = ("column", "row", "replicated")
 TOP_KEYS = ("family", "hf_architecture", "dims", "module_types", "rules", "ignore_hf", "config_fields", "mtp")
 MTP_KEYS = ("hf_layer", "hf_tensors", "why")
+MTP_OPTIONAL_KEYS = ("hf_decoder_prefix", "hf_decoder_like")
 MTP_TENSOR_KEYS = ("name", "shape", "copy_of")
 IGNORE_KEYS = ("prefix", "why")
 CONFIG_FIELD_KEYS = ("value", "why")
@@ -99,8 +100,10 @@ class ConfigField:
 @dataclass(frozen=True)
 class MTPTensor:
     """A tensor each multi-token-prediction layer of the checkpoint holds that transformers does
-    not build: `name` has one `*`, the layer's HF number; either its `shape` (expressions over
-    the config), or `copy_of`, the main model's tensor it repeats (its shape, and its bytes)."""
+    not build: `name` has one `*`, the layer's number as MTP rules see it (see `MTP`), or none
+    (a tensor the checkpoint holds once: a model with one MTP layer); either its `shape`
+    (expressions over the config), or `copy_of`, the main model's tensor it repeats (its shape,
+    and its bytes)."""
 
     name: Pattern
     shape: tuple[Expr, ...] | None
@@ -111,16 +114,26 @@ class MTPTensor:
 @dataclass(frozen=True)
 class MTP:
     """How the checkpoint stores megatron-core's multi-token-prediction layers (dims'
-    `mtp_num_layers` of them): MTP layer i is the checkpoint's decoder layer `hf_layer + i`
-    (transformers' decoder layer of that number, which the architecture itself does not build),
-    plus `hf_tensors`. Rules for `mtp.layers.*.X` are matched with `*` the HF layer number,
-    and the MTP layer's `transformer_layer.X` by the decoder rules, as `decoder.layers.<HF
-    layer number>.X`."""
+    `mtp_num_layers` of them). MTP layer i's transformer layer is matched by the decoder rules as
+    decoder layer `hf_layer + i` (`decoder.layers.<hf_layer + i>.X`), whose HF tensors are, by
+    default, transformers' decoder layer of that number (which the architecture itself does not
+    build), plus `hf_tensors`; rules for the MTP layer's own parameters (`mtp.layers.N.X`) see
+    N = hf_layer + i.
+
+    `hf_decoder_prefix` (a name with one `*`, the MTP layer's index i from 0): the checkpoint
+    keeps MTP layer i's decoder-layer tensors under that prefix instead (Qwen3-Next's
+    `mtp.layers.*.`): what the decoder rules name `model.layers.<hf_layer + i>.X` is read as
+    `<prefix of i>X`, and MTP rules see N = i, megatron-core's own number.
+    `hf_decoder_like` (an expression): the main model's decoder layer whose tensors (names past
+    the layer's prefix, shapes) the MTP layer's decoder layer has, for a checkpoint whose MTP
+    layer is not the decoder layer transformers would build with that number."""
 
     hf_layer: Expr
     hf_tensors: tuple[MTPTensor, ...]
     why: str
     loc: Location
+    hf_decoder_prefix: Pattern | None = None
+    hf_decoder_like: Expr | None = None
 
 
 @dataclass(frozen=True)
@@ -185,14 +198,31 @@ def parse_spec(path: str, text: str) -> Spec:
 
 
 def _parse_mtp(node: Node | None, errors: ErrorSink) -> MTP | None:
-    """`mtp: {hf_layer: <expression>, hf_tensors: [{name, shape | copy_of}, ...], why: "..."}`."""
+    """`mtp: {hf_layer: <expression>, hf_tensors: [{name, shape | copy_of}, ...], why: "...",
+    hf_decoder_prefix: <name with one *> (optional), hf_decoder_like: <expression> (optional)}`."""
     if node is None:
         return None
-    if not isinstance(node.value, dict) or set(node.value) != set(MTP_KEYS):
-        errors.add(node.loc, "'mtp' must be a mapping with exactly the keys " + ", ".join(MTP_KEYS))
+    keys = set(node.value) if isinstance(node.value, dict) else set()
+    if not isinstance(node.value, dict) or not set(MTP_KEYS) <= keys <= set(MTP_KEYS + MTP_OPTIONAL_KEYS):
+        errors.add(
+            node.loc,
+            "'mtp' must be a mapping with the keys " + ", ".join(MTP_KEYS)
+            + " and optionally " + ", ".join(MTP_OPTIONAL_KEYS),
+        )
         return None
     hf_layer = _parse_expr(node.value["hf_layer"], "mtp.hf_layer", errors)
     why = _string(node.value["why"], "mtp.why", errors)
+    prefix: Pattern | None = None
+    if "hf_decoder_prefix" in node.value:
+        text = _string(node.value["hf_decoder_prefix"], "mtp.hf_decoder_prefix", errors)
+        if text and (Pattern(text).wildcards != ("*",) or not text.endswith(".")):
+            errors.add(
+                node.value["hf_decoder_prefix"].loc,
+                f"mtp.hf_decoder_prefix '{text}' must have exactly one '*' (the MTP layer's index) and end with '.'",
+            )
+        elif text:
+            prefix = Pattern(text)
+    like = _parse_expr(node.value["hf_decoder_like"], "mtp.hf_decoder_like", errors) if "hf_decoder_like" in node.value else None
     tensors_node = node.value["hf_tensors"]
     tensors: list[MTPTensor] = []
     if not isinstance(tensors_node.value, list):
@@ -204,8 +234,11 @@ def _parse_mtp(node: Node | None, errors: ErrorSink) -> MTP | None:
             errors.add(item.loc, "each 'mtp.hf_tensors' entry needs a name and either a shape or copy_of")
             continue
         name = _string(fields["name"], "mtp.hf_tensors.name", errors)
-        if name and Pattern(name).wildcards != ("*",):
-            errors.add(fields["name"].loc, f"mtp.hf_tensors name '{name}' must have exactly one '*' (the HF layer number)")
+        if name and Pattern(name).wildcards not in (("*",), ()):
+            errors.add(
+                fields["name"].loc,
+                f"mtp.hf_tensors name '{name}' must have one '*' (the MTP layer's number), or none (a tensor held once)",
+            )
             continue
         shape: tuple[Expr, ...] | None = None
         copy_of: str | None = None
@@ -224,7 +257,7 @@ def _parse_mtp(node: Node | None, errors: ErrorSink) -> MTP | None:
             tensors.append(MTPTensor(Pattern(name), shape, copy_of, item.loc))
     if hf_layer is None or not why:
         return None
-    return MTP(hf_layer, tuple(tensors), why, node.loc)
+    return MTP(hf_layer, tuple(tensors), why, node.loc, prefix, like)
 
 
 def _parse_config_fields(node: Node | None, errors: ErrorSink) -> tuple[ConfigField, ...]:

@@ -100,6 +100,9 @@ def tiny_hf_config(family: str, **overrides: Any) -> Any:
             norm_topk_prob=True, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
             linear_value_head_dim=24, linear_conv_kernel_dim=4,
             layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"],
+            # no multi-token-prediction layer (the spec's default is the published checkpoint's
+            # one): save_random_model writes what transformers builds; save_standin adds it
+            num_nextn_predict_layers=0,
         )
         config_class = transformers.Qwen3NextConfig
     else:
@@ -277,15 +280,9 @@ def save_standin(
     config = transformers.AutoConfig.for_model(model_type, **tiny)
     model = save_random_model(config, folder, seed, dtype)
     spec = _family_spec(model_type)
-    if spec is not None and _declares_mtp(config_fields):
+    if spec is not None:  # the MTP layers the family's spec (its `mtp:`) reads from the config, if any
         add_mtp_tensors(folder, spec, seed)
     return model
-
-
-def _declares_mtp(fields: dict[str, Any]) -> bool:
-    """The config declares multi-token-prediction layers (DeepSeek-V3's num_nextn_predict_layers)."""
-    value = fields.get("num_nextn_predict_layers")
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def _family_spec(model_type: str) -> Path | None:
@@ -378,45 +375,63 @@ def hf_logits(model: Any, input_ids: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-_MTP_ENORM = re.compile(r"^(.*\.layers\.)(\d+)\.enorm\.weight$")
-
-
-def mtp_layer_numbers(module: Any) -> list[int]:
-    """The HF layer numbers of a module's multi-token-prediction layers (those with an enorm)."""
-    found = (_MTP_ENORM.match(t.name) for t in module.HF_TENSORS)
-    return sorted(int(m.group(2)) for m in found if m is not None)
+# The published multi-token-prediction formula's tensors, by model_type, named as each family's
+# published checkpoint names them (independently of the spec's rules): for MTP layer d,
+# (embedding, enorm, hnorm, eh_proj, final norm, output head, where the checkpoint keeps the
+# layer's decoder-layer tensors). `{n}` is the checkpoint's layer number of MTP layer d.
+MTP_FORMULA_TENSORS: dict[str, dict[str, str]] = {
+    # DeepSeek-V3 report, section 2.2: MTP layer d is the checkpoint's decoder layer
+    # num_hidden_layers + d, with its own copies of the embedding and the head
+    "deepseek_v3": dict(
+        embedding="model.layers.{n}.embed_tokens.weight", enorm="model.layers.{n}.enorm.weight",
+        hnorm="model.layers.{n}.hnorm.weight", eh_proj="model.layers.{n}.eh_proj.weight",
+        norm="model.layers.{n}.shared_head.norm.weight", head="model.layers.{n}.shared_head.head.weight",
+        layer="model.layers.{n}.", number="num_hidden_layers + d",
+    ),
+    # Qwen3-Next (the published checkpoint; vLLM's and SGLang's Qwen3NextMTP): one MTP layer,
+    # fc([pre_fc_norm_embedding(embed); pre_fc_norm_hidden(h)]), a full-attention decoder layer
+    # under mtp.layers.0, mtp.norm, the main embedding and lm_head
+    "qwen3_next": dict(
+        embedding="model.embed_tokens.weight", enorm="mtp.pre_fc_norm_embedding.weight",
+        hnorm="mtp.pre_fc_norm_hidden.weight", eh_proj="mtp.fc.weight", norm="mtp.norm.weight",
+        head="lm_head.weight", layer="mtp.layers.{d}.", number="num_hidden_layers + d",
+    ),
+}
 
 
 def hf_mtp_logits(model: Any, hf_dir: str | Path, module: Any, input_ids: torch.Tensor) -> list[torch.Tensor]:
     """The logits of each multi-token-prediction layer of the checkpoint in `hf_dir`, computed
-    independently of megatron-core from transformers' own modules and the published MTP formula
-    (DeepSeek-V3 report, section 2.2): for depth k (0-based) and position i,
-    h'_i = eh_proj([enorm(embed(token_{i+k+1})); hnorm(h_i)]), then the checkpoint's decoder layer
-    of that number (transformers' own, loaded by transformers from the checkpoint), then
-    shared_head.norm, then the shared head; h at depth 0 is the main model's last hidden state
-    (after its final norm, `model.model(...).last_hidden_state`), at depth k + 1 the normalized
-    output of depth k. Each is [batch, seq - k - 1, vocab]: the positions that have a next token."""
+    independently of megatron-core (and of the spec's rules) from transformers' own modules and
+    the published MTP formula (DeepSeek-V3 report, section 2.2, which Qwen3-Next's MTP layer
+    follows): for depth k (0-based) and position i, h'_i = eh_proj([enorm(embed(token_{i+k+1}));
+    hnorm(h_i)]), then the checkpoint's MTP decoder layer (transformers' own decoder layer class,
+    loaded by transformers from the checkpoint's tensors of that layer, as a decoder layer of a
+    model built with one more layer, of the attention kind), then the final norm, then the head;
+    h at depth 0 is the main model's last hidden state (after its final norm,
+    `model.model(...).last_hidden_state`), at depth k + 1 the normalized output of depth k. The
+    tensors' names are the published ones (`MTP_FORMULA_TENSORS`). Each is [batch, seq - k - 1,
+    vocab]: the positions that have a next token."""
     import torch.nn.functional as F
-    from transformers import AutoModelForCausalLM
     from transformers.masking_utils import create_causal_mask
 
     from mapgen.runtime.checkpoint import HFCheckpoint
 
-    numbers = mtp_layer_numbers(module)
-    if not numbers:
+    count = module.DIMS.mtp_num_layers
+    if not count:
         return []
+    names = MTP_FORMULA_TENSORS[model.config.model_type]
     checkpoint = HFCheckpoint(hf_dir)
     dtype = next(model.parameters()).dtype
-    auto: Any = AutoModelForCausalLM
-    extended = auto.from_pretrained(hf_dir, dtype=dtype, num_hidden_layers=max(numbers) + 1).eval()
+    main_layers = model.config.num_hidden_layers
+    extended = _mtp_decoder_model(hf_dir, model.config, [names["layer"].format(d=d, n=main_layers + d) for d in range(count)], dtype)
     norm_class = type(model.model.norm)
     eps = model.config.rms_norm_eps
 
-    def tensor(name: str) -> torch.Tensor:
-        return checkpoint.get(name).to(dtype)
+    def tensor(key: str, depth: int) -> torch.Tensor:
+        return checkpoint.get(names[key].format(d=depth, n=main_layers + depth)).to(dtype)
 
-    def norm(name: str, x: torch.Tensor) -> torch.Tensor:
-        weight = tensor(name)
+    def norm(key: str, depth: int, x: torch.Tensor) -> torch.Tensor:
+        weight = tensor(key, depth)
         module_ = norm_class(weight.shape[0], eps=eps).to(dtype)
         with torch.no_grad():
             module_.weight.copy_(weight)
@@ -426,77 +441,108 @@ def hf_mtp_logits(model: Any, hf_dir: str | Path, module: Any, input_ids: torch.
     found: list[torch.Tensor] = []
     with torch.no_grad():
         hidden = model.model(input_ids).last_hidden_state
-        for depth, number in enumerate(numbers):
-            prefix = f"model.layers.{number}."
+        for depth in range(count):
             length = input_ids.shape[1] - depth - 1
             hidden = hidden[:, :length]
-            embedded = F.embedding(input_ids[:, depth + 1 : depth + 1 + length], tensor(prefix + "embed_tokens.weight"))
-            joined = torch.cat((norm(prefix + "enorm.weight", embedded), norm(prefix + "hnorm.weight", hidden)), dim=-1)
-            x = F.linear(joined, tensor(prefix + "eh_proj.weight"))
+            embedded = F.embedding(input_ids[:, depth + 1 : depth + 1 + length], tensor("embedding", depth))
+            joined = torch.cat((norm("enorm", depth, embedded), norm("hnorm", depth, hidden)), dim=-1)
+            x = F.linear(joined, tensor("eh_proj", depth))
             positions = torch.arange(length).unsqueeze(0)
             mask = create_causal_mask(
                 config=extended.config, inputs_embeds=x, attention_mask=None, cache=None, position_ids=positions
             )
-            x = extended.model.layers[number](
+            x = extended.model.layers[main_layers + depth](
                 x, attention_mask=mask, position_ids=positions,
                 position_embeddings=extended.model.rotary_emb(x, positions),
             )
-            hidden = norm(prefix + "shared_head.norm.weight", x)
-            found.append(F.linear(hidden, tensor(prefix + "shared_head.head.weight")))
+            hidden = norm("norm", depth, x)
+            found.append(F.linear(hidden, tensor("head", depth)))
     return found
 
 
+def _mtp_decoder_model(hf_dir: str | Path, config: Any, prefixes: list[str], dtype: torch.dtype) -> Any:
+    """The checkpoint's model with one more decoder layer per MTP layer, each loaded by
+    transformers (its own weight conversion) from the checkpoint's tensors under that MTP
+    layer's prefix; an added layer is of the attention kind where the family has several."""
+    from transformers import AutoModelForCausalLM
+
+    main_layers = config.num_hidden_layers
+    overrides: dict[str, Any] = dict(num_hidden_layers=main_layers + len(prefixes))
+    if getattr(config, "layer_types", None) is not None:
+        overrides["layer_types"] = list(config.layer_types) + ["full_attention"] * len(prefixes)
+    mapping = {
+        "^" + re.escape(prefix): f"model.layers.{main_layers + depth}."
+        for depth, prefix in enumerate(prefixes)
+        if prefix != f"model.layers.{main_layers + depth}."
+    }
+    auto: Any = AutoModelForCausalLM
+    return auto.from_pretrained(hf_dir, dtype=dtype, key_mapping=mapping or None, **overrides).eval()
+
+
 def add_mtp_tensors(folder: Path, spec_path: Path, seed: int = 0) -> list[str]:
-    """Give the stand-in saved in `folder` the multi-token-prediction layers its config declares
-    (the spec's `mtp:`): each MTP layer's decoder layer as transformers makes a decoder layer of
-    that number (random, in a model built with enough layers, saved by transformers), the
-    spec's other MTP tensors random (norms around 1), and the copies equal to their originals.
+    """Give the stand-in saved in `folder` the multi-token-prediction layers its config has by
+    the spec (dims' mtp_num_layers, the spec's `mtp:`): each MTP layer's decoder layer as
+    transformers makes a decoder layer of that number (random, in a model built with enough
+    layers, saved by transformers), or with `mtp.hf_decoder_like` as it makes that main layer
+    (random, from a second model of the config), under the checkpoint's prefix; the spec's
+    other MTP tensors random (norms around 1), and the copies equal to their originals.
     Rewrites the folder as one safetensors file; returns the names added."""
     import json
 
     import transformers
     from safetensors.torch import load_file, save_file
 
-    from mapgen.compiler.build import _mtp_hf_layer, _with_mtp_tensors
+    from mapgen.compiler.build import _with_mtp_tensors, mtp_layers
     from mapgen.compiler.config import read_hf_config, translate
-    from mapgen.compiler.inventory import HFTensor
+    from mapgen.compiler.inventory import _HF_LAYER, HFTensor
     from mapgen.compiler.spec import parse_spec
 
     spec = parse_spec(str(spec_path), spec_path.read_text())
+    if spec.mtp is None:  # a family without MTP layers
+        return []
     config_path = folder / "config.json"
     config = read_hf_config(str(config_path), config_path.read_text())
     dims = translate(spec, config)
-    first = _mtp_hf_layer(spec, config, dims)
-    if first is None:
+    mtp = mtp_layers(spec, config, dims)
+    if mtp is None:
         return []
-    numbers = tuple(first + i for i in range(dims.mtp_num_layers))
     fields = json.loads(config_path.read_text())
     tensors: dict[str, torch.Tensor] = {}
     for file in sorted(folder.glob("*.safetensors")):
         tensors.update(load_file(str(file)))
     dtype = next(iter(tensors.values())).dtype
-    extended_fields = {k: v for k, v in fields.items() if k not in ("model_type", "architectures", "transformers_version")}
-    extended_fields["num_hidden_layers"] = max(numbers) + 1
-    extended_config = transformers.AutoConfig.for_model(fields["model_type"], **extended_fields)
+    donor_fields = {k: v for k, v in fields.items() if k not in ("model_type", "architectures", "transformers_version")}
+    numbers = mtp.transformers_layers()
+    if numbers:  # transformers' own decoder layers of the MTP layers' numbers
+        donor_fields["num_hidden_layers"] = max(numbers) + 1
+    donor_config = transformers.AutoConfig.for_model(fields["model_type"], **donor_fields)
     with tempfile.TemporaryDirectory() as scratch:
-        save_random_model(extended_config, Path(scratch), seed + 1, dtype if dtype.is_floating_point else torch.float32)
-        extended: dict[str, torch.Tensor] = {}
+        save_random_model(donor_config, Path(scratch), seed + 1, dtype if dtype.is_floating_point else torch.float32)
+        donor: dict[str, torch.Tensor] = {}
         for file in sorted(Path(scratch).glob("*.safetensors")):
-            extended.update(load_file(str(file)))
-    layer_tensors = {n: t for n, t in extended.items() if any(n.startswith(f"model.layers.{j}.") for j in numbers)}
+            donor.update(load_file(str(file)))
+    layer_tensors = {n: t for n, t in donor.items() if any(n.startswith(f"model.layers.{j}.") for j in numbers)}
     present = tuple(HFTensor(n, tuple(t.shape)) for n, t in {**tensors, **layer_tensors}.items())
-    full, copies = _with_mtp_tensors(spec, config, dims, present, numbers)
+    full, copies, _ = _with_mtp_tensors(spec, config, dims, present, mtp)
+    base = next((m.group(1) for n in tensors if (m := _HF_LAYER.match(n)) is not None), "model.layers.")
+    donor_layers = {}  # checkpoint name of an MTP layer's decoder-layer tensor -> the donor's tensor
+    for index in range(mtp.count):
+        source = f"{base}{mtp.like if mtp.like is not None else mtp.hf_layer + index}."
+        target = mtp.checkpoint_prefix(base, index)
+        donor_layers.update({target + n[len(source):]: t for n, t in donor.items() if n.startswith(source)})
     generator = torch.Generator().manual_seed(seed + 2)
-    added = dict(layer_tensors)
+    added: dict[str, torch.Tensor] = {}
     for entry in full:
-        if entry.name in tensors or entry.name in added:
+        if entry.name in tensors:
             continue
         if entry.name in copies:
             added[entry.name] = tensors[copies[entry.name]].clone()
-            continue
-        values = torch.randn(entry.shape, generator=generator)
-        values = 1 + 0.1 * values if "norm" in entry.name.rsplit(".", 2)[-2] else values * 0.05
-        added[entry.name] = values.to(dtype)
+        elif entry.name in donor_layers:
+            added[entry.name] = donor_layers[entry.name]
+        else:
+            values = torch.randn(entry.shape, generator=generator)
+            values = 1 + 0.1 * values if "norm" in entry.name.rsplit(".", 2)[-2] else values * 0.05
+            added[entry.name] = values.to(dtype)
     for file in folder.glob("*.safetensors*"):
         file.unlink()
     for file in folder.glob("model.safetensors.index.json"):
