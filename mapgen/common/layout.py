@@ -67,22 +67,25 @@ def model_weights(model: Any) -> tuple[list[tuple[str, Any]], list[tuple[str, An
     seen_params: set[int] = set()
     seen_buffers: set[int] = set()
     stack: list[tuple[str, Any]] = [("", model)]
+    pop, push = stack.pop, stack.extend
     while stack:
-        prefix, module = stack.pop()
+        prefix, module = pop()
         if id(module) in seen_modules:
             continue
         seen_modules.add(id(module))
-        for name, param in module._parameters.items():
-            if param is not None and id(param) not in seen_params:
-                seen_params.add(id(param))
-                parameters.append((prefix + name, param))
-        skipped = module._non_persistent_buffers_set
-        for name, buffer in module._buffers.items():
-            if buffer is not None and name not in skipped and buffer.is_floating_point() and id(buffer) not in seen_buffers:
-                seen_buffers.add(id(buffer))
-                buffers.append((prefix + name, buffer))
-        children = [(f"{prefix}{name}.", child) for name, child in module._modules.items() if child is not None]
-        stack.extend(reversed(children))  # depth first, in registration order: named_modules' order
+        if module._parameters:
+            for name, param in module._parameters.items():
+                if param is not None and id(param) not in seen_params:
+                    seen_params.add(id(param))
+                    parameters.append((prefix + name, param))
+        if module._buffers:
+            skipped = module._non_persistent_buffers_set
+            for name, buffer in module._buffers.items():
+                if buffer is not None and name not in skipped and buffer.is_floating_point() and id(buffer) not in seen_buffers:
+                    seen_buffers.add(id(buffer))
+                    buffers.append((prefix + name, buffer))
+        if module._modules:  # depth first, in registration order: named_modules' order
+            push(reversed([(f"{prefix}{name}.", child) for name, child in module._modules.items() if child is not None]))
     return parameters, buffers
 
 

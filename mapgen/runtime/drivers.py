@@ -161,7 +161,7 @@ def place(
     if isinstance(static, str):
         problems.append(static)
         return nothing, problems
-    plans, owners, expert_ranks, expected_names = static
+    plans, owners, expert_ranks, expected_names, shapes = static
     expected = dict(expected_names)  # consumed below
     local: dict[str, torch.Tensor] = {}
     tied: dict[str, torch.Tensor] = {}
@@ -170,7 +170,7 @@ def place(
 
     def shape_problem(name: str, plan: ParamPlan, actual: tuple[int, ...]) -> str | None:
         if plan.megatron_name not in vocab:
-            return _shape_problem(plan, actual, ctx, module.TARGET)
+            return None if shapes.get(plan.megatron_name) == actual else _shape_problem(plan, actual, ctx, module.TARGET)
         if len(actual) != len(plan.shape) or actual[1:] != plan.shape[1:]:
             expected = ", ".join(map(str, plan.shape[1:]))
             return f"'{name}': the model's shard is {list(actual)}, {module.TARGET} expects [rows, {expected}]"
@@ -202,14 +202,19 @@ def place(
 
 
 _StaticPlacement = tuple[
-    dict[str, ParamPlan], dict[str, Owner], dict[str, tuple[int, int]], dict[tuple[int, str], str]
+    dict[str, ParamPlan],
+    dict[str, Owner],
+    dict[str, tuple[int, int]],
+    dict[tuple[int, str], str],
+    dict[str, tuple[int, ...]],
 ]
 
 
 def _static_placement(module: Module, layers: dict[int, tuple[Owner, int]], ctx: ParallelContext) -> _StaticPlacement | str:
     """What `place` knows before it looks at the model: every parameter's plan, owner and
     expert rank, and the (chunk, local name) -> global name of this rank's parameters; or the
-    problem that stops it (made once per module and layout: `memo`)."""
+    problem that stops it (made once per module and layout: `memo`); and the shard shape each
+    parameter must have on this rank, where it splits evenly."""
     plans = {p.megatron_name: p for p in module.PARAMS}
     num_layers = 1 + max((p.layer for p in module.PARAMS if p.layer is not None), default=-1)
     if len(layers) != num_layers:
@@ -226,7 +231,8 @@ def _static_placement(module: Module, layers: dict[int, tuple[Owner, int]], ctx:
         mine = name not in expert_ranks or expert_ranks[name][0] == ctx.ep.rank
         if owner.pp_rank == ctx.pp.rank and mine:
             expected[(owner.vp_stage, local_name(plan, layers, per_rank))] = name
-    return plans, owners, expert_ranks, expected
+    shapes = {name: local_shape(plan, ctx) for name, plan in plans.items() if _shape_problem(plan, local_shape(plan, ctx), ctx, "") is None}
+    return plans, owners, expert_ranks, expected, shapes
 
 
 def local_shape(plan: ParamPlan, ctx: ParallelContext) -> tuple[int, ...]:
