@@ -1,7 +1,7 @@
 """Weight sync: the whole model out as HF tensors in a chosen dtype or DeepSeek-V3's FP8 format,
 streamed in buckets of bounded memory (`stream_export`), and each rank's own pieces with their HF
-coordinates, without any collective (`local_pieces`). `drivers.Converter.export` and
-`Converter.export_local` call these.
+coordinates, without any collective (`local_plan`, `local_param_pieces`). `drivers.Converter.export`
+and `Converter.export_local` call these.
 
 **Format.** `ExportFormat` says, for every HF tensor, the dtype export writes it in and whether it
 is block-quantized to e4m3 with a float32 `<name>_scale_inv` of one scale per block (DeepSeek-V3's
@@ -852,12 +852,3 @@ def no_fp8_local(fmt: ExportFormat) -> None:
         raise ExportFormatError(
             "export_local writes no FP8: a 128 x 128 block may span ranks; quantize after assembling, or use export(fp8=...)"
         )
-
-
-def local_pieces(module: Module, placement: Placement, ctx: ParallelContext, fmt: ExportFormat) -> Iterator[LocalPiece]:
-    """This rank's pieces of every HF tensor, in HF order, without any collective."""
-    no_fp8_local(fmt)
-    with torch.no_grad():
-        for entry in local_plan(module, placement, ctx):
-            local = placement.local[entry.plan.megatron_name].detach()
-            yield from local_param_pieces(module, entry, local, fmt)
