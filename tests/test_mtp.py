@@ -104,15 +104,21 @@ def test_mtp_logits_match_the_transformers_reference_and_export_is_bit_exact(sta
         assert torch.equal(tensor, original[name]), name
 
     # the comparison can fail: eh_proj's two halves (embedding, hidden state) swapped
+    logits, _, _ = _forward(module, _halves_swapped(folder, tmp_path, "model.layers.4.eh_proj.weight"))
+    assert (logits[:, seq : 2 * seq - 1] - reference).abs().max() > 1e-2
+
+
+def _halves_swapped(folder: Path, tmp_path: Path, name: str) -> Path:
+    """A copy of the checkpoint in `folder` whose `name` (the MTP projection, [H, 2H]) has its
+    two input halves (embedding, hidden state) swapped."""
     swapped = tmp_path / "swapped"
     shutil.copytree(folder, swapped)
     tensors = load_file(swapped / "model.safetensors")
-    weight = tensors["model.layers.4.eh_proj.weight"]
+    weight = tensors[name]
     half = weight.shape[1] // 2
-    tensors["model.layers.4.eh_proj.weight"] = torch.cat((weight[:, half:], weight[:, :half]), dim=1).contiguous()
+    tensors[name] = torch.cat((weight[:, half:], weight[:, :half]), dim=1).contiguous()
     save_file(tensors, str(swapped / "model.safetensors"), metadata={"format": "pt"})
-    logits, _, _ = _forward(module, swapped)
-    assert (logits[:, seq : 2 * seq - 1] - reference).abs().max() > 1e-2
+    return swapped
 
 
 def test_a_copy_that_differs_from_its_original_is_refused(standin: tuple[Path, Any], tmp_path: Path) -> None:
@@ -219,14 +225,7 @@ def test_qwen3_next_mtp_logits_match_the_reference_and_wrong_mappings_fail(
         assert (bad[:, :seq] - logits[:, :seq]).abs().max() == 0, label  # the main model is untouched
         assert (bad[:, seq : 2 * seq - 1] - reference).abs().max() > 1e-2, label
 
-    swapped = tmp_path / "swapped"
-    shutil.copytree(folder, swapped)
-    tensors = load_file(swapped / "model.safetensors")
-    weight = tensors["mtp.fc.weight"]
-    half = weight.shape[1] // 2
-    tensors["mtp.fc.weight"] = torch.cat((weight[:, half:], weight[:, :half]), dim=1).contiguous()
-    save_file(tensors, str(swapped / "model.safetensors"), metadata={"format": "pt"})
-    bad, _, _ = _forward(module, swapped)
+    bad, _, _ = _forward(module, _halves_swapped(folder, tmp_path, "mtp.fc.weight"))
     assert (bad[:, seq : 2 * seq - 1] - reference).abs().max() > 1e-2
 
 
