@@ -56,3 +56,29 @@ def test_missing_files_and_truncation_are_reported(tmp_path: Path) -> None:
     (tmp_path / "model.safetensors").write_bytes(data[:-10])
     (problem,) = HFCheckpoint(tmp_path).integrity_problems()
     assert problem.endswith(f"truncated: {len(data) - 10} bytes, its header needs {len(data)}")
+
+
+def test_reopening_reads_the_headers_as_they_are_now(tmp_path: Path) -> None:
+    """What a checkpoint's headers say is parsed once per process for the same bytes: opening it
+    again with unchanged files reuses that (the same `serial`), but a file rewritten in place with
+    the same size and modification time, whose header now gives other shapes, is read anew, and
+    a file truncated after it was first opened is reported."""
+    import os
+
+    path = tmp_path / "model.safetensors"
+    x, y = torch.randn(4, 6), torch.randn(6, 4)
+    save_file({"x": x, "y": y}, str(path))
+    first = HFCheckpoint(tmp_path)
+    assert HFCheckpoint(tmp_path).serial == first.serial  # unchanged bytes: parsed once
+    assert first.shape("x") == (4, 6) and torch.equal(first.get("y"), y)
+    stat = path.stat()
+    save_file({"x": y.clone(), "y": x.clone()}, str(path))  # the shapes trade places
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert path.stat().st_size == stat.st_size and path.stat().st_mtime_ns == stat.st_mtime_ns
+    again = HFCheckpoint(tmp_path)
+    assert again.serial != first.serial
+    assert again.shape("x") == (6, 4) and torch.equal(again.get("x"), y) and torch.equal(again.get("y"), x)
+    data = path.read_bytes()
+    path.write_bytes(data[:-8])
+    (problem,) = HFCheckpoint(tmp_path).integrity_problems()
+    assert "truncated" in problem

@@ -490,3 +490,40 @@ def test_streamed_exports_match_one_process(spawned: dict[str, Any], cpu_megatro
         assert counts["broadcast"] >= 1 and counts["all_gather"] >= 1
         bound = results[0][k]["bound"]
         assert bound.total >= bound.bucket > 0
+
+
+def test_loading_again_checks_the_checkpoint_as_it_is_now(tiny_checkpoint: Any, compile_module: Any, cpu_megatron: None, tmp_path: Path) -> None:
+    """`load` checks a checkpoint against the module once per process for the same headers,
+    sizes and layout: loading the same files again skips the checks, but a checkpoint rewritten
+    in place (same size, same modification time) whose q_proj and k_proj trade shapes is refused,
+    and so is one truncated after a load that passed, before any weight is written."""
+    import os
+    import shutil
+
+    source, _ = tiny_checkpoint("llama")
+    folder = tmp_path / "llama"
+    shutil.copytree(source, folder)
+    module = compile_module("llama", folder / "config.json")
+    model = _model(module)
+    tensors = load_file(folder / "model.safetensors")
+    for _ in range(2):
+        Converter(module, [model]).load(folder)
+        assert all(torch.equal(t, tensors[n]) for n, t in Converter(module, [model]).export())
+    path = folder / "model.safetensors"
+    stat = path.stat()
+    q, k = "model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight"
+    assert tensors[q].shape != tensors[k].shape
+    save_file({**tensors, q: tensors[k], k: tensors[q]}, str(path), metadata={"format": "pt"})
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert path.stat().st_size == stat.st_size and path.stat().st_mtime_ns == stat.st_mtime_ns
+    with pytest.raises(Exception, match="q_proj.weight' has shape"):
+        Converter(module, [model]).load(folder)
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    Converter(module, [model]).load(folder)
+    path.write_bytes(path.read_bytes()[:-8])
+    with torch.no_grad():
+        for param in model.parameters():
+            param.zero_()
+    with pytest.raises(Exception, match=r"(?s)cannot load .*truncated"):  # refused before any weight is written
+        Converter(module, [model]).load(folder)
+    assert all(not p.any() for p in model.parameters())

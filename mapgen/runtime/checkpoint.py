@@ -31,10 +31,12 @@ expert i alone.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import mmap
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, NamedTuple, cast
 
@@ -83,12 +85,23 @@ class CheckpointError(MapgenError):
     pass
 
 
-class _Entry(NamedTuple):  # one per tensor, made at every open: a tuple is made fastest
+class _Entry(NamedTuple):  # one per tensor
     file: str
     dtype: str
     shape: tuple[int, ...]
     start: int  # absolute byte offset in the file
     end: int
+    strides: tuple[int, ...]  # contiguous, in elements
+    element: int  # start in elements of the dtype (-1: not aligned to it, or not a readable dtype)
+
+
+def _entry(file: str, dtype: str, shape: tuple[int, ...], start: int, end: int) -> _Entry:
+    strides = [1] * len(shape)
+    for dim in range(len(shape) - 2, -1, -1):
+        strides[dim] = strides[dim + 1] * shape[dim + 1]
+    itemsize = DTYPES[dtype].itemsize if dtype in DTYPES else 0
+    element = start // itemsize if itemsize and start % itemsize == 0 else -1
+    return _Entry(file, dtype, shape, start, end, tuple(strides), element)
 
 
 def _natural(value: object) -> bool:
@@ -105,74 +118,46 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
     return seen
 
 
-class _File:
-    """One safetensors file: its header, validated as the safetensors library validates it,
-    and its bytes mapped on first use."""
+def _read_header(path: Path) -> tuple[int, bytes]:
+    """A safetensors file's size and its header's bytes (what follows the 8-byte length)."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as handle:
+            prefix = handle.read(8)
+            if len(prefix) < 8:
+                raise CheckpointError(
+                    f"{path}: not a safetensors file: {size} bytes, fewer than the 8 that give the header's length"
+                )
+            header_size = int.from_bytes(prefix, "little")
+            if header_size > min(MAX_HEADER_BYTES, size - 8):
+                limit = "the file's" if header_size > size - 8 else "safetensors' limit of"
+                bound = size - 8 if header_size > size - 8 else MAX_HEADER_BYTES
+                raise CheckpointError(
+                    f"{path}: not a safetensors file: its first 8 bytes give a header of {header_size} "
+                    f"bytes, more than {limit} {bound} bytes"
+                )
+            text = handle.read(header_size)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    return size, text
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        try:
-            self.size = path.stat().st_size
-            with path.open("rb") as handle:
-                prefix = handle.read(8)
-                if len(prefix) < 8:
-                    raise CheckpointError(
-                        f"{path}: not a safetensors file: {self.size} bytes, fewer than the 8 that give "
-                        "the header's length"
-                    )
-                header_size = int.from_bytes(prefix, "little")
-                if header_size > min(MAX_HEADER_BYTES, self.size - 8):
-                    limit = "the file's" if header_size > self.size - 8 else "safetensors' limit of"
-                    bound = self.size - 8 if header_size > self.size - 8 else MAX_HEADER_BYTES
-                    raise CheckpointError(
-                        f"{path}: not a safetensors file: its first 8 bytes give a header of {header_size} "
-                        f"bytes, more than {limit} {bound} bytes"
-                    )
-                text = handle.read(header_size)
-        except OSError as exc:
-            raise CheckpointError(f"{path}: cannot read: {exc.strerror or exc}") from None
-        try:
-            header = json.loads(text.decode("utf-8"), object_pairs_hook=_unique_keys)
-        except CheckpointError as exc:
-            raise CheckpointError(f"{path}: header: {exc}") from None
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise CheckpointError(f"{path}: header ({header_size} bytes) is not UTF-8 JSON: {exc}") from None
-        if not isinstance(header, dict):
-            raise CheckpointError(f"{path}: header is a JSON {type(header).__name__}, not an object")
-        self.data_start = 8 + header_size
-        metadata = header.pop("__metadata__", {})
-        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-            raise CheckpointError(f"{path}: header: __metadata__ must map names to strings, got {metadata!r}")
-        self.header: dict[str, dict[str, Any]] = {name: _entry_fields(path, name, info) for name, info in header.items()}
-        self.data_size = _layout(path, self.header)
-        self._mapped: mmap.mmap | None = None
 
-    def truncation(self) -> str | None:
-        """A file shorter or longer than its header's tensors (the header needs exactly)."""
-        needed = self.data_start + self.data_size
-        if self.size < needed:
-            return f"truncated: {self.size} bytes, its header needs {needed}"
-        if self.size > needed:
-            return f"{self.size} bytes, {self.size - needed} more than its header's tensors take ({needed})"
-        return None
-
-    def view(self, entry: _Entry, name: str) -> torch.Tensor:
-        if entry.end > self.size:
-            raise CheckpointError(
-                f"{self.path}: tensor '{name}' ends at byte {entry.end}, past the end of the file "
-                f"({self.size} bytes): truncated"
-            )
-        if entry.dtype not in DTYPES:
-            raise CheckpointError(f"{self.path}: tensor '{name}' has dtype {entry.dtype}, which mapgen cannot read")
-        if self._mapped is None:
-            with self.path.open("rb") as handle:
-                self._mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
-        dtype = DTYPES[entry.dtype]
-        count = (entry.end - entry.start) // dtype.itemsize
-        if count == 0:
-            return torch.empty(entry.shape, dtype=dtype)
-        flat = torch.frombuffer(self._mapped, dtype=dtype, count=count, offset=entry.start)
-        return flat.view(entry.shape)
+def _parse_header(path: Path, text: bytes) -> tuple[dict[str, dict[str, Any]], int]:
+    """A header's tensor entries, validated as the safetensors library validates them, and the
+    bytes their data takes."""
+    try:
+        header = json.loads(text.decode("utf-8"), object_pairs_hook=_unique_keys)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: header: {exc}") from None
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: header ({len(text)} bytes) is not UTF-8 JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: header is a JSON {type(header).__name__}, not an object")
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"{path}: header: __metadata__ must map names to strings, got {metadata!r}")
+    entries = {name: _entry_fields(path, name, info) for name, info in header.items()}
+    return entries, _layout(path, entries)
 
 
 _INT = {int}  # (a bool's type is bool)
@@ -247,85 +232,202 @@ def _layout(path: Path, header: dict[str, dict[str, Any]]) -> int:
     return position
 
 
+_SERIALS = itertools.count()
+
+
+@dataclass(frozen=True)
+class _Described:
+    """What a checkpoint's index, file headers and config.json say, parsed and checked: a pure
+    function of their bytes and the block size asked for, so it is kept (`_DESCRIBED`) under
+    those bytes and made again only when one of them changes."""
+
+    files: dict[str, tuple[int, int]]  # file -> (data start, data size) from its header
+    entries: dict[str, _Entry]
+    scales: frozenset[str]
+    fp8: bool
+    block_size: tuple[int, int] | None
+    mxfp4: dict[str, tuple[str, str]]  # X -> (X_blocks, X_scales)
+    mxfp4_declared: bool
+    visible: tuple[str, ...]
+    config: dict[str, Any]  # config.json ({} when there is none or it is not an object)
+    serial: int = field(default_factory=lambda: next(_SERIALS))  # never reused: a key for checks
+
+
+# descriptions by the bytes they were made from, newest last; at most DESCRIBED_KEPT of them, and
+# none whose bytes pass DESCRIBED_MAX_BYTES (a huge index or header is parsed on every open)
+_DESCRIBED: OrderedDict[tuple[object, ...], _Described] = OrderedDict()
+DESCRIBED_KEPT = 4
+DESCRIBED_MAX_BYTES = 32 * 2**20
+
+
+def _describe(
+    folder: Path,
+    weight_map: dict[str, str],
+    headers: dict[str, bytes],
+    config_text: bytes | None,
+    block_size: tuple[int, int] | None,
+) -> _Described:
+    files: dict[str, tuple[int, int]] = {}
+    entries: dict[str, _Entry] = {}
+    found_in: dict[str, list[str]] = {}  # tensor -> every file whose header has it
+    for file, text in headers.items():
+        tensors, data_size = _parse_header(folder / file, text)
+        data_start = 8 + len(text)
+        files[file] = (data_start, data_size)
+        for name, info in tensors.items():
+            found_in.setdefault(name, []).append(file)
+            if weight_map and weight_map.get(name) != file:
+                continue
+            start, end = info["data_offsets"]
+            entries[name] = _entry(file, info["dtype"], tuple(info["shape"]), data_start + start, data_start + end)
+    problems = [
+        f"tensor '{name}' is in {len(where)} files ({', '.join(where)})"
+        + (f"; {INDEX} places it in {weight_map[name]}" if name in weight_map else "")
+        for name, where in found_in.items()
+        if len(where) > 1
+    ]
+    problems += [
+        f"{folder / where[0]}: has tensor '{name}', which {INDEX} does not list"
+        for name, where in found_in.items()
+        if weight_map and name not in weight_map and len(where) == 1
+    ]
+    problems += [
+        f"{folder / file}: has no tensor '{name}' that {INDEX} places there"
+        for name, file in weight_map.items()
+        if name not in entries
+    ]
+    if problems:
+        raise CheckpointError(f"{folder}: inconsistent checkpoint: " + "; ".join(problems[:10]))
+    config, quantization = _config(folder / CONFIG, config_text)
+    configured = _configured_block(folder / CONFIG, quantization)
+    scales = frozenset(n for n in entries if n.endswith(SCALE_SUFFIX))
+    # block-quantized: said so by the caller or config.json, or evident from scale companions
+    fp8 = block_size is not None or configured is not None or bool(scales)
+    block: tuple[int, int] | None = _block(block_size, "block_size") if block_size is not None else configured
+    if block is None and fp8:
+        block = DEFAULT_BLOCK
+    # MXFP4: X_blocks with X_scales beside it (said so by config.json or evident from the pair)
+    pairs: dict[str, tuple[str, str]] = {
+        n[: -len(mxfp4.BLOCKS_SUFFIX)]: (n, n[: -len(mxfp4.BLOCKS_SUFFIX)] + mxfp4.SCALES_SUFFIX)
+        for n in entries
+        if n.endswith(mxfp4.BLOCKS_SUFFIX) and n[: -len(mxfp4.BLOCKS_SUFFIX)] + mxfp4.SCALES_SUFFIX in entries
+    }
+    companions = {c for pair in pairs.values() for c in pair}
+    visible = []
+    for n in entries:
+        if n in scales or n in companions and not n.endswith(mxfp4.BLOCKS_SUFFIX):
+            continue
+        # a quantized tensor stands where its blocks stand
+        visible.append(n[: -len(mxfp4.BLOCKS_SUFFIX)] if n in companions else n)
+    declared = bool(pairs) or (quantization or {}).get("quant_method") == "mxfp4"
+    return _Described(files, entries, scales, fp8, block, pairs, declared, tuple(visible), config)
+
+
 class HFCheckpoint:
-    """Tensor names, shapes and dtypes from the files' headers; bytes only when asked for."""
+    """Tensor names, shapes and dtypes from the files' headers; bytes only when asked for.
+
+    Every open reads the index, config.json and each file's header afresh; what they say is
+    parsed and checked once per process for the same bytes (`_Described`), so opening a
+    checkpoint again costs a few small reads. Tensor bytes are always read from the files."""
 
     def __init__(self, folder: str | Path, block_size: tuple[int, int] | None = None) -> None:
         self.folder = Path(folder)
         index = self.folder / INDEX
+        index_text: bytes | None = None
         if index.is_file():
-            weight_map = _weight_map(index)
+            index_text = _read(index)
+            weight_map = _weight_map(index, index_text)
         elif (self.folder / SINGLE).is_file():
             weight_map = {}
         else:
             raise CheckpointError(f"{self.folder}: neither {INDEX} nor {SINGLE} is there")
-        files = sorted(set(weight_map.values())) or [SINGLE]
-        self._files: dict[str, _File] = {}
-        self._entries: dict[str, _Entry] = {}
-        found_in: dict[str, list[str]] = {}  # tensor -> every file whose header has it
-        for file in files:
+        self._sizes: dict[str, int] = {}  # each file's size now (a copy may be truncated)
+        headers: dict[str, bytes] = {}
+        for file in sorted(set(weight_map.values())) or [SINGLE]:
             path = self.folder / file
             if not path.is_file():
                 placed = sorted(n for n, f in weight_map.items() if f == file)
                 raise CheckpointError(
                     f"{path}: missing, but {index} places {len(placed)} tensor(s) there ('{placed[0]}', ...)"
                 )
-            parsed = _File(path)
-            self._files[file] = parsed
-            for name, info in parsed.header.items():
-                found_in.setdefault(name, []).append(file)
-                if weight_map and weight_map.get(name) != file:
-                    continue
-                start, end = info["data_offsets"]
-                self._entries[name] = _Entry(
-                    file, info["dtype"], tuple(info["shape"]), parsed.data_start + start, parsed.data_start + end
-                )
-        problems = [
-            f"tensor '{name}' is in {len(where)} files ({', '.join(where)})"
-            + (f"; {INDEX} places it in {weight_map[name]}" if name in weight_map else "")
-            for name, where in found_in.items()
-            if len(where) > 1
-        ]
-        problems += [
-            f"{self.folder / where[0]}: has tensor '{name}', which {INDEX} does not list"
-            for name, where in found_in.items()
-            if weight_map and name not in weight_map and len(where) == 1
-        ]
-        problems += [
-            f"{self.folder / file}: has no tensor '{name}' that {INDEX} places there"
-            for name, file in weight_map.items()
-            if name not in self._entries
-        ]
-        if problems:
-            raise CheckpointError(f"{self.folder}: inconsistent checkpoint: " + "; ".join(problems[:10]))
-        quantization = _quantization_config(self.folder / CONFIG)
-        configured = _configured_block(self.folder / CONFIG, quantization)
-        self._scales = frozenset(n for n in self._entries if n.endswith(SCALE_SUFFIX))
-        # block-quantized: said so by the caller or config.json, or evident from scale companions
-        self.fp8 = block_size is not None or configured is not None or bool(self._scales)
-        self.block_size: tuple[int, int] | None = (
-            _block(block_size, "block_size") if block_size is not None else configured
-        )
-        if self.block_size is None and self.fp8:
-            self.block_size = DEFAULT_BLOCK
-        # MXFP4: X_blocks with X_scales beside it (said so by config.json or evident from the pair)
-        self._mxfp4: dict[str, tuple[str, str]] = {
-            n[: -len(mxfp4.BLOCKS_SUFFIX)]: (n, n[: -len(mxfp4.BLOCKS_SUFFIX)] + mxfp4.SCALES_SUFFIX)
-            for n in self._entries
-            if n.endswith(mxfp4.BLOCKS_SUFFIX) and n[: -len(mxfp4.BLOCKS_SUFFIX)] + mxfp4.SCALES_SUFFIX in self._entries
-        }
-        self.mxfp4 = bool(self._mxfp4) or (quantization or {}).get("quant_method") == "mxfp4"
-        companions = {c for pair in self._mxfp4.values() for c in pair}
-        self._visible = []
-        for n in self._entries:
-            if n in self._scales or n in companions and not n.endswith(mxfp4.BLOCKS_SUFFIX):
-                continue
-            # a quantized tensor stands where its blocks stand
-            self._visible.append(n[: -len(mxfp4.BLOCKS_SUFFIX)] if n in companions else n)
+            self._sizes[file], headers[file] = _read_header(path)
+        config = self.folder / CONFIG
+        config_text = _read(config) if config.is_file() else None
+        key = (index_text, config_text, repr(block_size), tuple(headers.items()))  # nothing in it names the folder
+        described = _DESCRIBED.get(key)
+        if described is None:
+            described = _describe(self.folder, weight_map, headers, config_text, block_size)
+            if sum(len(t) for t in headers.values()) + len(index_text or b"") <= DESCRIBED_MAX_BYTES:
+                _DESCRIBED[key] = described
+                while len(_DESCRIBED) > DESCRIBED_KEPT:
+                    _DESCRIBED.popitem(last=False)
+        else:
+            _DESCRIBED.move_to_end(key)
+        self._described = described
+        self._entries = described.entries
+        self._scales = described.scales
+        self._mxfp4 = described.mxfp4
+        self.fp8 = described.fp8
+        self.block_size = described.block_size
+        self.mxfp4 = described.mxfp4_declared
+        self.config = described.config
+        self._maps: dict[str, mmap.mmap] = {}
+        self._typed: dict[tuple[str, str], torch.Tensor] = {}  # (file, dtype) -> the file as that dtype
+
+    @property
+    def serial(self) -> int:
+        """Identifies what the index, headers and config.json said: the same number for the same
+        bytes (while this process keeps their description), never for other bytes."""
+        return self._described.serial
+
+    @property
+    def sizes(self) -> tuple[tuple[str, int], ...]:
+        """Each file's size when it was opened."""
+        return tuple(self._sizes.items())
+
+    def _view(self, entry: _Entry, name: str) -> torch.Tensor:
+        """Tensor `name` viewing the mapped file (mapped on first use, copy-on-write)."""
+        if entry.end > self._sizes[entry.file]:
+            raise CheckpointError(
+                f"{self.folder / entry.file}: tensor '{name}' ends at byte {entry.end}, past the end of the file "
+                f"({self._sizes[entry.file]} bytes): truncated"
+            )
+        if entry.dtype not in DTYPES:
+            raise CheckpointError(
+                f"{self.folder / entry.file}: tensor '{name}' has dtype {entry.dtype}, which mapgen cannot read"
+            )
+        typed = self._typed.get((entry.file, entry.dtype))
+        if typed is None:
+            mapped = self._maps.get(entry.file)
+            if mapped is None:
+                with (self.folder / entry.file).open("rb") as handle:
+                    mapped = self._maps[entry.file] = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+            whole = torch.frombuffer(mapped, dtype=torch.uint8)
+            itemsize = DTYPES[entry.dtype].itemsize
+            typed = self._typed[(entry.file, entry.dtype)] = whole[: len(whole) - len(whole) % itemsize].view(
+                DTYPES[entry.dtype]
+            )
+        if entry.element >= 0:
+            return typed.as_strided(entry.shape, entry.strides, entry.element)
+        dtype = DTYPES[entry.dtype]  # not aligned to its dtype in the file: a view of its own
+        count = (entry.end - entry.start) // dtype.itemsize
+        if count == 0:
+            return torch.empty(entry.shape, dtype=dtype)
+        return torch.frombuffer(self._maps[entry.file], dtype=dtype, count=count, offset=entry.start).view(entry.shape)
+
+    def _truncation(self, file: str) -> str | None:
+        """A file shorter or longer than its header's tensors (the header needs exactly)."""
+        data_start, data_size = self._described.files[file]
+        size, needed = self._sizes[file], data_start + data_size
+        if size < needed:
+            return f"truncated: {size} bytes, its header needs {needed}"
+        if size > needed:
+            return f"{size} bytes, {size - needed} more than its header's tensors take ({needed})"
+        return None
 
     def names(self) -> list[str]:
         """The model's tensors; the `*_scale_inv` companions of quantized weights are left out."""
-        return list(self._visible)
+        return list(self._described.visible)
 
     def __contains__(self, name: str) -> bool:
         return (name in self._entries and name not in self._scales and not self._is_companion(name)) or name in self._mxfp4
@@ -383,7 +485,7 @@ class HFCheckpoint:
         one with no F8 weight. (Malformed headers and inconsistent shards are refused when the
         checkpoint is opened.)"""
         problems = [
-            f"{f.path}: {problem}" for f in self._files.values() if (problem := f.truncation())
+            f"{self.folder / file}: {problem}" for file in self._sizes if (problem := self._truncation(file))
         ]
         problems += [
             f"{self.folder / e.file}: tensor '{name}' has dtype {e.dtype}, which mapgen cannot read"
@@ -457,13 +559,13 @@ class HFCheckpoint:
 
         if self._mxfp4 or self.fp8:
             return load
-        entries, files, scales = self._entries, self._files, self._scales
+        entries, scales, view = self._entries, self._scales, self._view
 
         def load_plain(name: str) -> torch.Tensor:  # nothing quantized: `get` without its branches
             entry = entries.get(name)
             if entry is None or name in scales:
                 return self.get(name)  # raises, naming the tensor
-            return files[entry.file].view(entry, name)
+            return view(entry, name)
 
         return load_plain
 
@@ -472,7 +574,7 @@ class HFCheckpoint:
         entry = self._entries.get(name)
         if entry is None:
             raise CheckpointError(f"{self.folder}: no tensor '{name}'")
-        return self._files[entry.file].view(entry, name)
+        return self._view(entry, name)
 
     def get(self, name: str) -> torch.Tensor:
         """The tensor, viewing the mapped file (read-only use: copy before modifying); a quantized
@@ -491,14 +593,36 @@ class HFCheckpoint:
                 raise CheckpointError(f"{self.folder}: {problem}")
             assert self.block_size is not None
             return dequantize(self.raw(name), self.raw(name + SCALE_SUFFIX), self.block_size)
-        return self._files[entry.file].view(entry, name)
+        return self._view(entry, name)
 
 
-def _weight_map(index: Path) -> dict[str, str]:
-    """A sharded checkpoint's index: `weight_map` from tensor names to files inside the folder."""
+def _read(path: Path) -> bytes:
     try:
-        text = index.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
+        return path.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read: {exc.strerror or exc}") from None
+
+
+_WEIGHT_MAPS: OrderedDict[bytes, dict[str, str]] = OrderedDict()  # by the index's bytes: the last few
+
+
+def _weight_map(index: Path, data: bytes) -> dict[str, str]:
+    """A sharded checkpoint's index (`data`, its bytes): `weight_map` from tensor names to files
+    inside the folder. Read-only: the same bytes give the same dict."""
+    if (known := _WEIGHT_MAPS.get(data)) is not None:
+        return known
+    weight_map = _parse_weight_map(index, data)
+    if len(data) <= DESCRIBED_MAX_BYTES:
+        _WEIGHT_MAPS[data] = weight_map
+        while len(_WEIGHT_MAPS) > DESCRIBED_KEPT:
+            _WEIGHT_MAPS.popitem(last=False)
+    return weight_map
+
+
+def _parse_weight_map(index: Path, data: bytes) -> dict[str, str]:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
         raise CheckpointError(f"{index}: cannot read: {exc}") from None
     try:
         content = json.loads(text, object_pairs_hook=_unique_keys)
@@ -560,15 +684,17 @@ class MXFP4Stacked:
         return mxfp4.dequantize(self.blocks[index], self.scales[index])
 
 
-def _quantization_config(config: Path) -> dict[str, Any] | None:
-    """`quantization_config` of `config.json`, if it has one (a mapping)."""
-    if not config.is_file():
-        return None
+def _config(config: Path, text: bytes | None) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """config.json (`text`, its bytes; None when there is none) as a dict ({} if it is not an
+    object), and its `quantization_config` if that is a mapping."""
+    if text is None:
+        return {}, None
     try:
-        quantization = json.loads(config.read_text()).get("quantization_config")
-    except (OSError, ValueError, AttributeError) as exc:
+        content = json.loads(text)
+        quantization = content.get("quantization_config")
+    except (ValueError, AttributeError) as exc:
         raise CheckpointError(f"{config}: cannot read ({exc})") from None
-    return quantization if isinstance(quantization, dict) else None
+    return content, quantization if isinstance(quantization, dict) else None
 
 
 def _block(value: object, what: str) -> tuple[int, int]:

@@ -394,7 +394,7 @@ class Converter:
         checkpoint: HFCheckpoint | None = None
         try:
             checkpoint = HFCheckpoint(hf_dir)
-            problems += _checkpoint_problems(module, checkpoint, placement)
+            problems += _checked(module, checkpoint, placement)
             if not problems:
                 problems += copy_problems(module, checkpoint, placement)
         except Exception as exc:  # noqa: BLE001 - reported on every rank below
@@ -402,7 +402,7 @@ class Converter:
         agree_or_raise(self._problems + problems, f"cannot load {hf_dir} into {module.TARGET}")
         self._agreed = True
         assert checkpoint is not None
-        self.loaded = _loaded_format(module, checkpoint)
+        self.loaded = memo.once(module, ("loaded", checkpoint.serial), lambda: _loaded_format(module, checkpoint))
         load = checkpoint.loader()  # an MXFP4 expert is dequantized alone
         with torch.no_grad():
             for name, param in placement.local.items():
@@ -568,12 +568,7 @@ def _loaded_format(module: Module, checkpoint: HFCheckpoint) -> LoadedFormat:
             dtypes[tensor.name] = stored
         if checkpoint.quantized(tensor.name) and checkpoint.dtype(tensor.name) != "MXFP4":
             quantized.add(tensor.name)
-    config: dict[str, Any] = {}
-    try:
-        loaded_config = json.loads((checkpoint.folder / "config.json").read_text())
-        config = loaded_config if isinstance(loaded_config, dict) else {}
-    except (OSError, ValueError):
-        pass
+    config = checkpoint.config
     quantization = config.get("quantization_config")
     return LoadedFormat(
         dtypes,
@@ -671,6 +666,16 @@ def checkpoint_problems(module: Module, checkpoint: HFCheckpoint) -> list[str]:
         )
     problems += checkpoint.integrity_problems()
     return problems
+
+
+def _checked(module: Module, checkpoint: HFCheckpoint, placement: Placement) -> list[str]:
+    """`_checkpoint_problems`, found once per process for the same checkpoint headers, file sizes,
+    folder, layout and model dtypes (all it depends on): a copy of the list."""
+    if placement.key is None:
+        return _checkpoint_problems(module, checkpoint, placement)
+    dtypes = tuple(t.dtype for t in placement.local.values())
+    key = ("checked", checkpoint.serial, checkpoint.sizes, str(checkpoint.folder), placement.key, dtypes)
+    return list(memo.once(module, key, lambda: tuple(_checkpoint_problems(module, checkpoint, placement))))
 
 
 def _checkpoint_problems(module: Module, checkpoint: HFCheckpoint, placement: Placement) -> list[str]:

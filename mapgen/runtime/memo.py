@@ -4,9 +4,12 @@ A generated module does not change once imported, and the layout (group sizes an
 place in them) is a few integers, so where every parameter lives, the export's bucket plan and its
 formats are the same for every Converter made on that module and layout: a fresh Converter (an
 RL framework's per-step export, `load_hf_checkpoint`) looks them up instead of recomputing them.
-Nothing read from a model or a checkpoint goes into a key or a value here. An entry holds the
-module's tables it was made from and is used only while the module still has those very objects
-(a test or a tool that swaps a module's PARAMS gets a fresh plan).
+Nothing read from a model's weights goes into a key or a value here. What `load` checks of a
+checkpoint against the module is kept too, keyed by all it depends on: what the checkpoint's
+index, headers and config.json say (`HFCheckpoint.serial`, the same only for the same bytes),
+its files' sizes and folder, the layout and the model's dtypes. An entry holds the module's
+tables it was made from and is used only while the module still has those very objects (a test
+or a tool that swaps a module's PARAMS gets a fresh plan).
 """
 
 from __future__ import annotations
