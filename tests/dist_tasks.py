@@ -226,6 +226,9 @@ def export_formats(module_path: str, hf_dir: str, layout: ParallelLayout, option
         for name, tensor in tensors.items():
             digest.update(name.encode() + str(tensor.dtype).encode() + tensor.contiguous().view(torch.uint8).numpy().tobytes())
         bound = converter.export_bound(**kwargs)
+        fmt = converter.export_format(**{k: v for k, v in kwargs.items() if k != "bucket_bytes"})
+        plans, _ = converter._bucket_plan(kwargs.get("bucket_bytes", drivers.DEFAULT_BUCKET_BYTES), True, fmt)
+        ahead = sum(1 for plan in plans if plan.ahead and plan.ahead[ctx.pp.rank] >= 0)  # buckets made ahead here
         results.append({"tensors": tensors if dist.get_rank() == 0 else None, "digest": digest.hexdigest(),
-                        "counts": counts, "bound": bound})
+                        "counts": counts, "bound": bound, "ahead": ahead})
     return {"results": results, "rank": dist.get_rank()}

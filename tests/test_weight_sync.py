@@ -414,6 +414,28 @@ def test_scatter_and_take_are_inverse() -> None:
     assert torch.equal(into[2][[0, 1, 3, 4]][:, 1:4], data) and int((into != 0).sum()) == 12
 
 
+def test_pipeline_stages_make_their_next_bucket_while_another_travels() -> None:
+    """At PP > 1, while a bucket of another stage travels, a stage makes its own next bucket
+    (instead of waiting for it to arrive, then making its own), only where that bucket fits in
+    bucket_bytes beside every bucket before it, which the stage receives while holding it."""
+    from mapgen.runtime.sync import BucketPlan, _made_ahead
+
+    def bucket(owner: int, cost: int) -> BucketPlan:
+        return BucketPlan(owner, (), (), (), cost)
+
+    buckets = [bucket(0, 40), bucket(0, 50), bucket(1, 30), bucket(1, 70), bucket(0, 20), bucket(1, 10)]
+    assert _made_ahead(buckets, 2, 100) == [
+        (-1, 2),  # stage 1 makes bucket 2 at bucket 0 (40 + 30 and 50 + 30 fit)
+        (-1, -1),  # bucket 2 is made already
+        (4, -1),  # stage 0 makes bucket 4 at bucket 2 (30 + 20, 70 + 20)
+        (-1, -1),
+        (-1, 5),  # stage 1 makes bucket 5 at bucket 4 (20 + 10)
+        (-1, -1),
+    ]
+    assert _made_ahead(buckets, 2, 89) == [(-1, 2), (-1, -1), (-1, -1), (-1, -1), (-1, 5), (-1, -1)]  # 70 + 20 > 89
+    assert _made_ahead([bucket(0, 60), bucket(1, 50)], 2, 100) == [(-1, -1), (-1, -1)]
+
+
 # --- 3. gather-free export and streamed formats, distributed: one spawn of 4 processes ----------
 
 TP2_PP2_EP2 = ParallelLayout(tp=2, pp=2, ep=2, etp=1)
@@ -490,6 +512,8 @@ def test_streamed_exports_match_one_process(spawned: dict[str, Any], cpu_megatro
         assert counts["broadcast"] >= 1 and counts["all_gather"] >= 1
         bound = results[0][k]["bound"]
         assert bound.total >= bound.bucket > 0
+        if options["bucket_bytes"] == 2**30:  # one bucket per stage: the second stage makes its own ahead
+            assert [results[rank][k]["ahead"] for rank in range(4)] == [0, 0, 1, 1]
 
 
 def test_loading_again_checks_the_checkpoint_as_it_is_now(tiny_checkpoint: Any, compile_module: Any, cpu_megatron: None, tmp_path: Path) -> None:

@@ -30,7 +30,8 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -352,9 +353,17 @@ class Out:
     ep_rank: int | None  # the EP rank that produces it (an expert's, at EP > 1); None: every rank of the stage
     travels: bool  # it is sent (over EP, or from the owning stage over PP) in a flat buffer
 
-    @property
+    @cached_property
     def numel(self) -> int:
         return math.prod(self.shape)
+
+    @cached_property
+    def strides(self) -> tuple[int, ...]:  # contiguous, in elements
+        return tuple(math.prod(self.shape[dim + 1 :]) for dim in range(len(self.shape)))
+
+    @cached_property
+    def stacked(self) -> tuple[str, int | None]:  # `stacked_slice(name)`
+        return stacked_slice(self.name)
 
     @property
     def nbytes(self) -> int:
@@ -395,6 +404,21 @@ class BucketPlan:
     outs: tuple[Out, ...]  # in the order yielded (HF order; a scale after its weight)
     flats: tuple[Flat, ...]
     cost: int
+    # per pipeline stage: the index of the stage's own bucket it makes while this one, another
+    # stage's, travels (so that stages make their buckets side by side); -1: none (`_made_ahead`)
+    ahead: tuple[int, ...] = ()
+
+    @cached_property
+    def where(self) -> dict[str, tuple[int, int]]:
+        """Where each travelling output lies in the bucket's flat buffers: (flat, start)."""
+        found: dict[str, tuple[int, int]] = {}
+        for index, flat in enumerate(self.flats):
+            for out, offset in flat.common:
+                found[out.name] = (index, offset)
+            for rank, slot in enumerate(flat.slots):
+                for out, offset in slot:
+                    found[out.name] = (index, flat.common_numel + rank * flat.slot_numel + offset)
+        return found
 
 
 @dataclass(frozen=True)
@@ -434,6 +458,29 @@ def export_units(module: Module, placement: Placement) -> list[tuple[ParamPlan, 
         return min(hf_order(position, n) for p in unit for n in p.hf_names)
 
     return sorted((tuple(u) for u in units.values()), key=order)
+
+
+def _made_ahead(buckets: list[BucketPlan], stages: int, bucket_bytes: int) -> list[tuple[int, ...]]:
+    """Which own bucket each pipeline stage makes while another stage's bucket travels: at
+    bucket i of another stage, the stage's next own bucket j, when it has not been made yet and
+    j held beside each bucket from i to j fits in bucket_bytes (the receiving stage holds both),
+    so a stage does not sit idle while the others make theirs. Per bucket, per stage; -1: none."""
+    ahead = [[-1] * stages for _ in buckets]
+    for stage in range(stages):
+        made = -1
+        following = -1  # the stage's next own bucket after i, found walking backwards
+        nexts = [-1] * len(buckets)
+        for i in range(len(buckets) - 1, -1, -1):
+            nexts[i] = following
+            if buckets[i].owner == stage:
+                following = i
+        for i, bucket in enumerate(buckets):
+            j = nexts[i]
+            if bucket.owner == stage or j <= made:
+                continue
+            if all(buckets[k].cost + buckets[j].cost <= bucket_bytes for k in range(i, j)):
+                ahead[i][stage] = made = j
+    return [tuple(a) for a in ahead]
 
 
 def hf_order(position: dict[str, int], name: str) -> tuple[int, int]:
@@ -527,6 +574,9 @@ def plan_buckets(
         owner = unit_owner
     if current:
         close()
+    ahead = _made_ahead(buckets, ctx.pp.size, bucket_bytes) if pipelined else [()] * len(buckets)
+    buckets = [replace(b, ahead=a) for b, a in zip(buckets, ahead)]
+    overlap = max((b.cost + buckets[j].cost for b in buckets for j in b.ahead if j >= 0), default=0)
     stacking: dict[object, int] = {}
     counted: set[str] = set()
     for plan in module.PARAMS:
@@ -536,7 +586,8 @@ def plan_buckets(
                 counted.add(base)
                 stacking[plan.layer] = stacking.get(plan.layer, 0) + math.prod(shapes[base]) * fmt.dtypes[base].itemsize
     bound = ExportBound(
-        max((b.cost for b in buckets), default=0), transient, held, max(stacking.values(), default=0), len(buckets)
+        max(max((b.cost for b in buckets), default=0), overlap), transient, held, max(stacking.values(), default=0),
+        len(buckets),
     )
     return buckets, bound
 
@@ -574,33 +625,23 @@ def _flats(outs: tuple[Out, ...], ep: int) -> tuple[Flat, ...]:
 
 
 def _view(flat: torch.Tensor, start: int, out: Out) -> torch.Tensor:
-    part = flat.narrow(0, start, out.numel)
-    if out.dtype == FP8:
-        part = part.view(FP8)
-    return part.view(out.shape)
+    part = flat.as_strided(out.shape, out.strides, start)  # the flat starts its storage
+    return part.view(FP8) if out.dtype == FP8 else part
 
 
-def _run_bucket(
-    module: Module, bucket: BucketPlan, placement: Placement, ctx: ParallelContext, fmt: ExportFormat, all_stages: bool
+def _make_bucket(
+    module: Module, bucket: BucketPlan, placement: Placement, ctx: ParallelContext, fmt: ExportFormat
 ) -> tuple[list[torch.Tensor], dict[str, tuple[int, int]], dict[str, torch.Tensor]]:
-    """The bucket's outputs on this rank, produced (owning stage) or received: its flat buffers,
-    where each travelling output lies in them, and the outputs that do not travel."""
+    """The bucket's outputs on this rank: produced (owning stage), else buffers to receive them
+    in: its flat buffers, where each travelling output lies in them, and the outputs that do
+    not travel."""
     flats = [torch.empty(f.numel, dtype=f.dtype) for f in bucket.flats]
-    where: dict[str, tuple[int, int]] = {}  # output -> (flat, start) of every travelling output
-    for index, flat in enumerate(bucket.flats):
-        for out, offset in flat.common:
-            where[out.name] = (index, offset)
-        for rank, slot in enumerate(flat.slots):
-            for out, offset in slot:
-                where[out.name] = (index, flat.common_numel + rank * flat.slot_numel + offset)
+    where = bucket.where
     kept: dict[str, torch.Tensor] = {}
     if bucket.owner == ctx.pp.rank:
         _produce(module, bucket, placement, ctx, fmt, flats, where, kept)
         for layout, buffer in zip(bucket.flats, flats):
             all_gather_slots(ctx.ep, buffer, layout.common_numel, layout.slot_numel)
-    if all_stages and ctx.pp.size > 1:
-        for buffer in flats:
-            broadcast_flat(ctx.pp, bucket.owner, buffer)
     return flats, where, kept
 
 
@@ -670,10 +711,17 @@ def stream_export(
     the consumer's reference to it does not keep the whole bucket alive."""
     shapes: dict[str, tuple[int, ...]] = {}  # of stacked-experts tensors, filled when one is met
     stacking: dict[str, tuple[torch.Tensor, set[int]]] = {}
-    for bucket in buckets:
+    made: dict[int, tuple[list[torch.Tensor], dict[str, tuple[int, int]], dict[str, torch.Tensor]]] = {}
+    for number, bucket in enumerate(buckets):
         if bucket.owner != ctx.pp.rank and not all_stages:
             continue
-        flats, where, kept = _run_bucket(module, bucket, placement, ctx, fmt, all_stages)
+        flats, where, kept = made.pop(number) if number in made else _make_bucket(module, bucket, placement, ctx, fmt)
+        if all_stages and ctx.pp.size > 1:
+            ahead = bucket.ahead[ctx.pp.rank] if bucket.ahead else -1
+            if ahead >= 0:  # made while this bucket travels from its stage (the receivers wait anyway)
+                made[ahead] = _make_bucket(module, buckets[ahead], placement, ctx, fmt)
+            for buffer in flats:
+                broadcast_flat(ctx.pp, bucket.owner, buffer)
         last = len(bucket.outs) - 1
         for position, out in enumerate(bucket.outs):
             if not out.travels:
@@ -685,7 +733,7 @@ def stream_export(
                     tensor = tensor.clone()
             if position == last:
                 del flats, where, kept  # the bucket's buffers go before the consumer takes the last
-            base, slot = stacked_slice(out.name)
+            base, slot = out.stacked
             if slot is None:
                 yield out.name, tensor
             else:
