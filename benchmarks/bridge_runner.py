@@ -23,7 +23,8 @@ parallel_state, builds its pipeline stage of a megatron-core GPTModel with the *
   plan made once, as a held mapgen Converter holds its own), and, where Bridge has it (0.6.2),
   with `weight_dtype=torch.bfloat16` (compared with the checkpoint cast to bf16).
 
-A time is the slowest rank's in a repeat, best over repeats (barrier before each timed phase).
+A time is the slowest rank's in a repeat, best over repeats (gc.collect() and a barrier before each
+timed phase, so that a phase pays for collecting its own garbage only).
 Rank 0 then compares every exported tensor of each kind of export with the checkpoint's
 safetensors bytes and counts mismatches (missing, extra, shape/dtype/value differences); they
 are reported, not fatal.  At EP > 1 every rank also checks its imported experts' linear_fc2
@@ -66,6 +67,7 @@ What is changed around Bridge, and why (nothing in Bridge's or megatron-core's f
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import socket
@@ -307,6 +309,7 @@ def run_case(rank: int, world: int, args: argparse.Namespace, hf_dir: Path, brid
     export_error = None
     tasks = None
     for _ in range(args.repeat):
+        gc.collect()  # each timed call pays for its own garbage only (as mapgen's benchmark does)
         dist.barrier()
         started = time.perf_counter()
         bridge.load_hf_weights(chunks, bridge_dir)
@@ -320,6 +323,8 @@ def run_case(rank: int, world: int, args: argparse.Namespace, hf_dir: Path, brid
             if bf16:
                 phases.append(("export_bf16", {"weight_dtype": torch.bfloat16}))
             for phase, options in phases:
+                exported.pop(phase, None)
+                gc.collect()
                 dist.barrier()
                 exported[phase] = {}
                 started = time.perf_counter()
@@ -344,6 +349,7 @@ def run_case(rank: int, world: int, args: argparse.Namespace, hf_dir: Path, brid
         errors = sorted({t[1] for t in all_times if t[1]})
         result = {
             "import_s": best("import"),
+            "import_first_s": round(max(t[0]["import"][0] for t in all_times), 4),
             "layout": f"tp{args.tp}pp{args.pp}ep{args.ep}",
             "import_expert_mismatched": sum(len(t[2]) for t in all_times) if args.ep > 1 else None,
         } | versions()

@@ -9,6 +9,7 @@ slowest rank's, best of --repeat runs.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -43,35 +44,35 @@ def measure(module_path: str, hf_dir: str, layout: ParallelLayout, repeat: int, 
     ctx = ParallelContext.from_parallel_state()
     # import: a fresh Converter each time (what load_hf_checkpoint does); export: cold, with a
     # fresh Converter, and held, reusing one Converter as repeated weight syncs would; the held
-    # Converter also times the weight-sync modes: export in bf16, and the gather-free export_local
-    timings: dict[str, float] = {name: float("inf") for name in (
-        "import_s", "export_cold_s", "export_s", "export_bf16_s", "export_local_s")}
+    # Converter also times the weight-sync modes: export in bf16, and the gather-free export_local.
+    # Before each timed call the garbage of everything before it is collected (gc.collect), so
+    # that a call pays for the collections of its own garbage only, not for the model's building
+    # (bridge_runner.py does the same for Bridge).
     held = Converter(module, chunks, ctx)
-    for _ in range(repeat):
-        dist.barrier()
-        started = time.perf_counter()
-        Converter(module, chunks, ctx).load(hf_dir)
-        timings["import_s"] = min(timings["import_s"], time.perf_counter() - started)
-        dist.barrier()
-        started = time.perf_counter()
-        for _name, _tensor in Converter(module, chunks, ctx).export(bucket_bytes=bucket_bytes):
+
+    def export_all(converter: Converter, **options: Any) -> None:
+        for _name, _tensor in converter.export(bucket_bytes=bucket_bytes, **options):
             pass
-        timings["export_cold_s"] = min(timings["export_cold_s"], time.perf_counter() - started)
-        dist.barrier()
-        started = time.perf_counter()
-        for _name, _tensor in held.export(bucket_bytes=bucket_bytes):
-            pass
-        timings["export_s"] = min(timings["export_s"], time.perf_counter() - started)
-        dist.barrier()
-        started = time.perf_counter()
-        for _name, _tensor in held.export(bucket_bytes=bucket_bytes, dtype=torch.bfloat16):
-            pass
-        timings["export_bf16_s"] = min(timings["export_bf16_s"], time.perf_counter() - started)
-        dist.barrier()
-        started = time.perf_counter()
+
+    def export_local() -> None:
         for _piece in held.export_local():
             pass
-        timings["export_local_s"] = min(timings["export_local_s"], time.perf_counter() - started)
+
+    calls = {
+        "import_s": lambda: Converter(module, chunks, ctx).load(hf_dir),
+        "export_cold_s": lambda: export_all(Converter(module, chunks, ctx)),
+        "export_s": lambda: export_all(held),
+        "export_bf16_s": lambda: export_all(held, dtype=torch.bfloat16),
+        "export_local_s": export_local,
+    }
+    timings: dict[str, list[float]] = {name: [] for name in calls}  # per repeat
+    for _ in range(repeat):
+        for name, call in calls.items():
+            gc.collect()
+            dist.barrier()
+            started = time.perf_counter()
+            call()
+            timings[name].append(time.perf_counter() - started)
     counts: dict[str, int] = {}
     originals = {name: getattr(dist, name) for name in COUNTED}
 
@@ -94,9 +95,23 @@ def measure(module_path: str, hf_dir: str, layout: ParallelLayout, repeat: int, 
     finally:
         for name, function in originals.items():
             setattr(dist, name, function)
-    return timings | {"counts": before, "tensors": exported, "params": len(module.PARAMS),
+    return {"times": timings, "counts": before, "tensors": exported, "params": len(module.PARAMS),
                       "export_local_counts": local_counts, "local_pieces": local_pieces,
                       "load_at_start": load_at_start}
+
+
+TIMED = ("import_s", "export_s", "export_cold_s", "export_bf16_s", "export_local_s")
+
+
+def best(per_rank: list[dict[str, Any]], key: str) -> float:
+    """The slowest rank's time in each repeat, best over repeats (as bridge_runner.py takes Bridge's)."""
+    repeats = len(per_rank[0]["times"][key])
+    return min(max(r["times"][key][repeat] for r in per_rank) for repeat in range(repeats))
+
+
+def first(per_rank: list[dict[str, Any]], key: str) -> float:
+    """The slowest rank's time in the first repeat (for import: nothing of the checkpoint known yet)."""
+    return max(r["times"][key][0] for r in per_rank)
 
 
 def make_moe_model(folder: Path, layers: int, experts: int = 64) -> tuple[Path, Path]:
@@ -146,11 +161,7 @@ def main() -> None:
             "layout": name,
             "buckets": bucket_name,
             "params": per_rank[0]["params"],
-            "import_s": round(max(r["import_s"] for r in per_rank), 4),
-            "export_s": round(max(r["export_s"] for r in per_rank), 4),
-            "export_cold_s": round(max(r["export_cold_s"] for r in per_rank), 4),
-            "export_bf16_s": round(max(r["export_bf16_s"] for r in per_rank), 4),
-            "export_local_s": round(max(r["export_local_s"] for r in per_rank), 4),
+            **{key: round(best(per_rank, key), 4) for key in TIMED},
             "export_collectives_rank0": per_rank[0]["counts"],
             "export_local_collectives": [r["export_local_counts"] for r in per_rank],
         })

@@ -13,7 +13,9 @@ the same safetensors checkpoints into a megatron-core model built with the local
 export them back; a time is the slowest rank's, best of --repeat. Every Bridge export is checked
 against the checkpoint's bytes (and, at EP2, every rank's imported experts). mapgen (public API,
 `Converter`): import with a fresh Converter; export with a held Converter (repeated weight syncs),
-with a fresh one (cold), in bf16 (held), and gather-free (`export_local`, held). The machine's
+with a fresh one (cold), in bf16 (held), and gather-free (`export_local`, held); the first import
+of each checkpoint (first repeat) is reported beside the best. Before each timed call of either tool
+its earlier garbage is collected (gc.collect), so a call pays for its own only. The machine's
 load average is recorded at the start of each case of each tool (`load_at_start`). Results are
 written after each layout, so a run cut short keeps what it measured. Then the bandwidth
 benchmark (benchmarks/bandwidth.py) and mapgen's collective counts per export.
@@ -35,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from conversion import make_model, make_moe_model, measure  # noqa: E402
+from conversion import TIMED, best, first, make_model, make_moe_model, measure  # noqa: E402
 
 from mapgen.compiler.megatron_model import ParallelLayout  # noqa: E402
 from mapgen.runtime.drivers import DEFAULT_BUCKET_BYTES  # noqa: E402
@@ -82,8 +84,8 @@ def ours(cases: list[tuple[Path, Path]], layout: ParallelLayout, repeat: int) ->
     for index in range(len(cases)):
         results = [per_rank[rank][index] for rank in sorted(per_rank)]
         rows.append({
-            **{key: max(r[key] for r in results) for key in
-               ("import_s", "export_s", "export_cold_s", "export_bf16_s", "export_local_s")},
+            **{key: best(results, key) for key in TIMED},
+            "import_first_s": first(results, "import_s"),
             "collectives": results[0]["counts"],
             "export_local_collectives": {k: v for r in results for k, v in r["export_local_counts"].items()},
             "tensors": results[0]["tensors"],
@@ -102,8 +104,7 @@ def row_for(model: str, layers: int, experts: int | None, name: str, mine: dict[
     row: dict[str, Any] = {
         "model": model, "layers": layers, "experts": experts, "megatron_params": mine["params"], "layout": name,
         "load_at_start": {"mapgen": mine["load_at_start"]} | {rel: b["load_at_start"] for rel, b in theirs.items()},
-        "mapgen": {key: round(mine[key], 4) for key in
-                   ("import_s", "export_s", "export_cold_s", "export_bf16_s", "export_local_s")},
+        "mapgen": {key: round(mine[key], 4) for key in (*TIMED, "import_first_s")},
         "gather_free_speedup": round(mine["export_s"] / mine["export_local_s"], 1),
         "mapgen_export_collectives": mine["collectives"],
         "mapgen_export_local_collectives": mine["export_local_collectives"],
@@ -114,6 +115,7 @@ def row_for(model: str, layers: int, experts: int | None, name: str, mine: dict[
     for release, b in theirs.items():
         row["speedup"][release] = {
             "import": ratio(b["import_s"], mine["import_s"]),
+            "import_first": ratio(b.get("import_first_s"), mine["import_first_s"]),
             "export_held": ratio(b["export_s"], mine["export_s"]),
             "export_cold": ratio(b["export_s"], mine["export_cold_s"]),
             # both sides' plans made once: Bridge's conversion tasks passed in, a held Converter
@@ -171,6 +173,16 @@ def report(rows: list[dict[str, Any]], releases: list[str], hardware: dict[str, 
         for rel in releases:
             b, s = r["bridge"].get(rel, {}), r["speedup"].get(rel, {})
             line += f" {fmt(b.get('export_held_s'), 14, 4)} {fmt(s.get('export_held_vs_bridge_held_tasks'), 6)}"
+        out.append(line)
+    out.append("")
+    out.append("first import of the checkpoint in the process (the first repeat: mapgen has parsed nothing of it yet; "
+               "the table above takes the best repeat)")
+    for r in rows:
+        label = f"{r['model']}{r['layers']}" + (f"x{r['experts']}" if r["experts"] else "")
+        line = f"  {label:<14} {r['layout']:<6} mapgen {r['mapgen']['import_first_s']:.4f}"
+        for rel in releases:
+            b, s = r["bridge"].get(rel, {}), r["speedup"].get(rel, {})
+            line += f"; Bridge {rel} {fmt(b.get('import_first_s'), 0, 4).strip()} ({fmt(s.get('import_first'), 0).strip()}x)"
         out.append(line)
     out.append("")
     for r in rows:

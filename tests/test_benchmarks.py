@@ -40,20 +40,23 @@ def test_bench_report_ratios_and_targets() -> None:
     sys.path.insert(0, str(testing.ROOT / "benchmarks"))
     import run  # noqa: PLC0415
 
-    mine = {"import_s": 0.01, "export_s": 0.002, "export_cold_s": 0.01, "export_bf16_s": 0.004, "export_local_s": 0.0005,
+    mine = {"import_s": 0.01, "import_first_s": 0.02, "export_s": 0.002, "export_cold_s": 0.01, "export_bf16_s": 0.004, "export_local_s": 0.0005,
             "collectives": {"all_gather": 1}, "export_local_collectives": {}, "tensors": 10, "params": 5,
             "load_at_start": [1.0, 1.0, 1.0]}
-    bridge = {"import_s": 1.5, "export_s": 0.3, "export_held_s": 0.1, "export_bf16_s": None, "mismatched": 0,
+    bridge = {"import_s": 1.5, "import_first_s": 1.6, "export_s": 0.3, "export_held_s": 0.1, "export_bf16_s": None, "mismatched": 0,
               "load_at_start": [2.0, 1.0, 1.0], "python": "3.12.1", "torch": "2.9.1", "megatron_core": "0.19.2",
               "transformers": "5.12.1"}
     row = run.row_for("llama", 64, None, "TP2", mine, {"0.6.2": bridge})
-    assert row["speedup"]["0.6.2"] == {"import": 150.0, "export_held": 150.0, "export_cold": 30.0,
+    assert row["speedup"]["0.6.2"] == {"import": 150.0, "import_first": 80.0, "export_held": 150.0, "export_cold": 30.0,
                                        "export_held_vs_bridge_held_tasks": 50.0, "export_bf16": None}
     assert row["gather_free_speedup"] == 4.0
     lines = run.target_lines([row])
     assert "  import llama64 TP2: 150.0x (target >= 100x) met" in lines
     assert "  gather-free vs gathered llama64 TP2: 4.0x (target >= 5x) NOT met" in lines
     assert any(line.startswith("llama64") for line in run.report([row], ["0.6.2"], None))
+    # a time is the slowest rank's in one repeat, best over repeats (not each rank's best)
+    per_rank = [{"times": {"import_s": [1.0, 5.0]}}, {"times": {"import_s": [4.0, 2.0]}}]
+    assert run.best(per_rank, "import_s") == 4.0 and run.first(per_rank, "import_s") == 4.0
 
 
 def test_bandwidth_benchmark_runs(tmp_path: Path) -> None:
