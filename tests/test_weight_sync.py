@@ -551,3 +551,47 @@ def test_loading_again_checks_the_checkpoint_as_it_is_now(tiny_checkpoint: Any, 
     with pytest.raises(Exception, match=r"(?s)cannot load .*truncated"):  # refused before any weight is written
         Converter(module, [model]).load(folder)
     assert all(not p.any() for p in model.parameters())
+
+
+def test_no_garbage_collection_runs_inside_mapgens_own_work(tiny_checkpoint: Any, compile_module: Any, cpu_megatron: None, tmp_path: Path) -> None:
+    """Python's cyclic collector is paused while a Converter places the model, loads, makes an
+    export bucket or takes parameters apart (`runtime.gcpause`), and is on again when it hands
+    over a tensor or returns, also after a refused load: with the collector set to run after
+    every few allocations, no collection starts inside that work."""
+    import gc
+    import sys
+
+    folder, _ = tiny_checkpoint("llama")
+    module = compile_module("llama", folder / "config.json")
+    model = _model(module)
+    work = {"place", "_load", "_make_bucket", "local_param_pieces"}
+    inside: list[str] = []
+
+    def callback(phase: str, info: dict[str, Any]) -> None:
+        frame = sys._getframe(1) if phase == "start" else None
+        while frame is not None:
+            if frame.f_code.co_name in work and "mapgen" in frame.f_code.co_filename:
+                inside.append(frame.f_code.co_name)
+                return
+            frame = frame.f_back
+
+    thresholds = gc.get_threshold()
+    before = gc.get_stats()[0]["collections"]
+    gc.set_threshold(5, 1, 1)
+    gc.callbacks.append(callback)
+    try:
+        converter = Converter(module, [model])
+        converter.load(folder)
+        for _ in range(2):
+            assert sum(1 for _ in converter.export()) == sum(1 for _ in converter.export(dtype=torch.bfloat16, bucket_bytes=4096))
+            assert gc.isenabled()
+            assert sum(1 for _ in Converter(module, [model]).export_local()) > 0
+        with pytest.raises(Exception, match="neither"):
+            Converter(module, [model]).load(tmp_path)
+        assert gc.isenabled()
+        collections = gc.get_stats()[0]["collections"]
+    finally:
+        gc.callbacks.remove(callback)
+        gc.set_threshold(*thresholds)
+    assert inside == []
+    assert collections > before  # the collector did run, between mapgen's calls

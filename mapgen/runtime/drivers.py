@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from mapgen.common.errors import MapgenError
 from mapgen.common.layout import canonical_name, model_weights, stacked_slice
 from mapgen.runtime.checkpoint import DTYPES, SCALE_SUFFIX, HFCheckpoint
-from mapgen.runtime import memo
+from mapgen.runtime import gcpause, memo
 from mapgen.runtime.collectives import RankError, agree_or_raise
 from mapgen.runtime.context import Group, ParallelContext
 from mapgen.runtime.ownership import (
@@ -365,7 +365,8 @@ class Converter:
         self.module = module
         self.chunks = chunks
         self.ctx = ctx or ParallelContext.single()
-        self.placement, found = place(module, chunks, self.ctx, make_vocab_size_divisible_by)
+        with gcpause.paused():
+            self.placement, found = place(module, chunks, self.ctx, make_vocab_size_divisible_by)
         self._problems = _layout_problems(module, self.ctx) + found
         self._agreed = False
         self._plans: dict[tuple[object, ...], tuple[list[BucketPlan], ExportBound]] = {}
@@ -389,6 +390,10 @@ class Converter:
         Each rank reads only the tensors its own parameters need. Everything is checked first,
         on every rank, and agreed on before any weight is written: the model against the module,
         the checkpoint's names, shapes, dtypes and file sizes against the module's HF table."""
+        with gcpause.paused():
+            return self._load(hf_dir)
+
+    def _load(self, hf_dir: str | Path) -> int:
         module, placement = self.module, self.placement
         problems: list[str] = []
         checkpoint: HFCheckpoint | None = None
@@ -517,7 +522,8 @@ class Converter:
                     pieces = held[2]
                 else:
                     tensor = param.detach()
-                    pieces = local_param_pieces(self.module, entry, tensor, fmt)
+                    with gcpause.paused():
+                        pieces = local_param_pieces(self.module, entry, tensor, fmt)
                     storage = tensor.untyped_storage().data_ptr()
                     if all(p.data.untyped_storage().data_ptr() == storage for p in pieces):
                         views[index] = (param.data_ptr(), param.shape, pieces)

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from mapgen.common.layout import FLOAT32_BUFFERS, stacked_slice
-from mapgen.runtime import transforms
+from mapgen.runtime import gcpause, transforms
 from mapgen.runtime.checkpoint import DEFAULT_BLOCK, SCALE_SUFFIX
 from mapgen.runtime.collectives import all_gather_coalesced, all_gather_slots, broadcast_flat
 from mapgen.runtime.context import Group, ParallelContext
@@ -715,13 +715,14 @@ def stream_export(
     for number, bucket in enumerate(buckets):
         if bucket.owner != ctx.pp.rank and not all_stages:
             continue
-        flats, where, kept = made.pop(number) if number in made else _make_bucket(module, bucket, placement, ctx, fmt)
-        if all_stages and ctx.pp.size > 1:
-            ahead = bucket.ahead[ctx.pp.rank] if bucket.ahead else -1
-            if ahead >= 0:  # made while this bucket travels from its stage (the receivers wait anyway)
-                made[ahead] = _make_bucket(module, buckets[ahead], placement, ctx, fmt)
-            for buffer in flats:
-                broadcast_flat(ctx.pp, bucket.owner, buffer)
+        with gcpause.paused():  # resumed while the caller has a tensor
+            flats, where, kept = made.pop(number) if number in made else _make_bucket(module, bucket, placement, ctx, fmt)
+            if all_stages and ctx.pp.size > 1:
+                ahead = bucket.ahead[ctx.pp.rank] if bucket.ahead else -1
+                if ahead >= 0:  # made while this bucket travels from its stage (the receivers wait anyway)
+                    made[ahead] = _make_bucket(module, buckets[ahead], placement, ctx, fmt)
+                for buffer in flats:
+                    broadcast_flat(ctx.pp, bucket.owner, buffer)
         last = len(bucket.outs) - 1
         for position, out in enumerate(bucket.outs):
             if not out.travels:
