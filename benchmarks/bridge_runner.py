@@ -23,8 +23,9 @@ parallel_state, builds its pipeline stage of a megatron-core GPTModel with the *
   plan made once, as a held mapgen Converter holds its own), and, where Bridge has it (0.6.2),
   with `weight_dtype=torch.bfloat16` (compared with the checkpoint cast to bf16).
 
-A time is the slowest rank's in a repeat, best over repeats (gc.collect() and a barrier before each
-timed phase, so that a phase pays for collecting its own garbage only).
+A time is the slowest rank's in a repeat, best over repeats (a barrier before each timed phase;
+what is alive before the first is collected and frozen, gc.freeze, so that a phase pays for
+collecting its own garbage only, as in mapgen's benchmark).
 Rank 0 then compares every exported tensor of each kind of export with the checkpoint's
 safetensors bytes and counts mismatches (missing, extra, shape/dtype/value differences); they
 are reported, not fatal.  At EP > 1 every rank also checks its imported experts' linear_fc2
@@ -308,8 +309,12 @@ def run_case(rank: int, world: int, args: argparse.Namespace, hf_dir: Path, brid
     exported: dict[str, dict[str, torch.Tensor]] = {}
     export_error = None
     tasks = None
+    # what is alive once everything is built is collected and frozen, so that no call pays for a full
+    # collection over the model's building and the libraries' objects, only for its own garbage (as
+    # mapgen's benchmark does)
+    gc.collect()
+    gc.freeze()
     for _ in range(args.repeat):
-        gc.collect()  # each timed call pays for its own garbage only (as mapgen's benchmark does)
         dist.barrier()
         started = time.perf_counter()
         bridge.load_hf_weights(chunks, bridge_dir)
@@ -324,7 +329,6 @@ def run_case(rank: int, world: int, args: argparse.Namespace, hf_dir: Path, brid
                 phases.append(("export_bf16", {"weight_dtype": torch.bfloat16}))
             for phase, options in phases:
                 exported.pop(phase, None)
-                gc.collect()
                 dist.barrier()
                 exported[phase] = {}
                 started = time.perf_counter()

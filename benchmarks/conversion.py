@@ -45,10 +45,12 @@ def measure(module_path: str, hf_dir: str, layout: ParallelLayout, repeat: int, 
     # import: a fresh Converter each time (what load_hf_checkpoint does); export: cold, with a
     # fresh Converter, and held, reusing one Converter as repeated weight syncs would; the held
     # Converter also times the weight-sync modes: export in bf16, and the gather-free export_local.
-    # Before each timed call the garbage of everything before it is collected (gc.collect), so
-    # that a call pays for the collections of its own garbage only, not for the model's building
-    # (bridge_runner.py does the same for Bridge).
+    # Once everything is built, what is alive is collected and frozen (gc.collect, gc.freeze), so
+    # that no call pays for a full collection over the model's building and the libraries' objects
+    # but only for its own garbage (bridge_runner.py does the same for Bridge).
     held = Converter(module, chunks, ctx)
+    gc.collect()
+    gc.freeze()
 
     def export_all(converter: Converter, **options: Any) -> None:
         for _name, _tensor in converter.export(bucket_bytes=bucket_bytes, **options):
@@ -68,7 +70,6 @@ def measure(module_path: str, hf_dir: str, layout: ParallelLayout, repeat: int, 
     timings: dict[str, list[float]] = {name: [] for name in calls}  # per repeat
     for _ in range(repeat):
         for name, call in calls.items():
-            gc.collect()
             dist.barrier()
             started = time.perf_counter()
             call()

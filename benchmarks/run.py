@@ -14,8 +14,9 @@ export them back; a time is the slowest rank's, best of --repeat. Every Bridge e
 against the checkpoint's bytes (and, at EP2, every rank's imported experts). mapgen (public API,
 `Converter`): import with a fresh Converter; export with a held Converter (repeated weight syncs),
 with a fresh one (cold), in bf16 (held), and gather-free (`export_local`, held); the first import
-of each checkpoint (first repeat) is reported beside the best. Before each timed call of either tool
-its earlier garbage is collected (gc.collect), so a call pays for its own only. The machine's
+of each checkpoint (first repeat) is reported beside the best. Before the first timed call each tool's
+process collects and freezes what it has built (gc.freeze), so a call pays for collecting its own
+garbage only, not for a full collection over the model and the libraries. The machine's
 load average is recorded at the start of each case of each tool (`load_at_start`). Results are
 written after each layout, so a run cut short keeps what it measured. Then the bandwidth
 benchmark (benchmarks/bandwidth.py) and mapgen's collective counts per export.
