@@ -409,7 +409,7 @@ class Converter:
         assert checkpoint is not None
         self.loaded = memo.once(module, ("loaded", checkpoint.serial), lambda: _loaded_format(module, checkpoint))
         load = checkpoint.loader()  # an MXFP4 expert is dequantized alone
-        with torch.no_grad():
+        with torch.inference_mode():  # writes into the parameters; nothing made here outlives the call
             for name, param in placement.local.items():
                 _import(module, name, self.ctx, load, param.data, name in placement.vocab)
             for name, param in placement.tied.items():
