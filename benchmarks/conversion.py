@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import sys
 import tempfile
@@ -35,7 +36,17 @@ COUNTED = ("all_gather", "broadcast", "all_reduce", "all_gather_object", "broadc
            "all_gather_into_tensor", "scatter", "send", "recv", "barrier")
 
 
-def measure(module_path: str, hf_dir: str, layout: ParallelLayout, repeat: int, bucket_bytes: int) -> dict[str, Any]:
+MAX_REPEATS = 100
+
+
+def measure(
+    module_path: str, hf_dir: str, layout: ParallelLayout, repeat: int, bucket_bytes: int, min_seconds: float = 0.0
+) -> dict[str, Any]:
+    """mapgen's times, `repeat` times over, or more: as many as span `min_seconds` of wall time
+    (at most MAX_REPEATS). A mapgen repeat takes milliseconds where Bridge's takes seconds, and
+    this machine has slow spells of a second or more (a process timed inside one runs up to
+    twice as slow throughout): repeats spread over as much wall time as Bridge's three give both
+    tools the same chance of a quiet moment."""
     load_at_start = [round(x, 2) for x in os.getloadavg()]  # the machine's load (1, 5, 15 min)
     module = testing.import_module_from_path(Path(module_path), f"bench_{Path(module_path).parent.name}")
     initialize_parallel_state(layout)
@@ -68,12 +79,19 @@ def measure(module_path: str, hf_dir: str, layout: ParallelLayout, repeat: int, 
         "export_local_s": export_local,
     }
     timings: dict[str, list[float]] = {name: [] for name in calls}  # per repeat
-    for _ in range(repeat):
+    done = 0
+    while done < repeat:
+        started_repeat = time.perf_counter()
         for name, call in calls.items():
             dist.barrier()
             started = time.perf_counter()
             call()
             timings[name].append(time.perf_counter() - started)
+        done += 1
+        if done == 1:  # the repeats span at least min_seconds (all ranks agree on how many)
+            took = torch.tensor([time.perf_counter() - started_repeat], dtype=torch.float64)
+            dist.all_reduce(took, op=dist.ReduceOp.MAX)
+            repeat = max(repeat, min(MAX_REPEATS, math.ceil(min_seconds / max(float(took), 1e-6))))
     counts: dict[str, int] = {}
     originals = {name: getattr(dist, name) for name in COUNTED}
 

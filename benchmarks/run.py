@@ -10,7 +10,10 @@ dominates) at each of --layers, at TP1 (1 process), TP2 and PP2 (2 gloo processe
 with tiny tensors and --experts experts in every layer at each of --moe-layers, at EP2 (2 gloo
 processes, half the experts each). For each layout, mapgen, then each Bridge release, import
 the same safetensors checkpoints into a megatron-core model built with the local layer spec and
-export them back; a time is the slowest rank's, best of --repeat. Every Bridge export is checked
+export them back; a time is the slowest rank's in one repeat, best over the repeats: Bridge's
+--repeat of them, mapgen's as many as span --min-seconds of wall time (at least --repeat; a mapgen
+repeat takes milliseconds, Bridge's seconds, and the machine has slow spells of a second or more,
+so both tools' repeats span comparable time). Every Bridge export is checked
 against the checkpoint's bytes (and, at EP2, every rank's imported experts). mapgen (public API,
 `Converter`): import with a fresh Converter; export with a held Converter (repeated weight syncs),
 with a fresh one (cold), in bf16 (held), and gather-free (`export_local`, held); the first import
@@ -77,9 +80,10 @@ def bridge(python: Path, hf_dirs: list[Path], layout: ParallelLayout, repeat: in
     return rows
 
 
-def ours(cases: list[tuple[Path, Path]], layout: ParallelLayout, repeat: int) -> list[dict[str, Any]]:
+def ours(cases: list[tuple[Path, Path]], layout: ParallelLayout, repeat: int, min_seconds: float) -> list[dict[str, Any]]:
     """mapgen on each (module, checkpoint), one after another in one set of processes."""
-    tasks = [(measure, (str(module), str(hf_dir), layout, repeat, DEFAULT_BUCKET_BYTES)) for hf_dir, module in cases]
+    tasks = [(measure, (str(module), str(hf_dir), layout, repeat, DEFAULT_BUCKET_BYTES, min_seconds))
+             for hf_dir, module in cases]
     per_rank = spawn(tasks, layout.world_size, timeout_s=7200)
     rows = []
     for index in range(len(cases)):
@@ -92,6 +96,7 @@ def ours(cases: list[tuple[Path, Path]], layout: ParallelLayout, repeat: int) ->
             "tensors": results[0]["tensors"],
             "params": results[0]["params"],
             "load_at_start": results[0]["load_at_start"],
+            "repeats": len(results[0]["times"]["import_s"]),
         })
     return rows
 
@@ -110,6 +115,7 @@ def row_for(model: str, layers: int, experts: int | None, name: str, mine: dict[
         "mapgen_export_collectives": mine["collectives"],
         "mapgen_export_local_collectives": mine["export_local_collectives"],
         "tensors_per_export": mine["tensors"],
+        "mapgen_repeats": mine.get("repeats"),
         "bridge": theirs,
         "speedup": {},
     }
@@ -137,6 +143,10 @@ def report(rows: list[dict[str, Any]], releases: list[str], hardware: dict[str, 
         if v:
             out.append(f"Bridge {rel}: Python {v['python']}, torch {v['torch']}, megatron-core {v['megatron_core']}, "
                        f"transformers {v['transformers']}")
+    repeats = sorted({r["mapgen_repeats"] for r in rows if r.get("mapgen_repeats")})
+    bridge_repeats = sorted({r["bridge_repeats"] for r in rows if r.get("bridge_repeats")})
+    out.append(f"repeats: Bridge {', '.join(map(str, bridge_repeats))}; mapgen as many as span --min-seconds, at least "
+               f"--repeat ({', '.join(map(str, repeats))} per case)")
     out.append("times in s, best of the repeats, slowest rank; x = Bridge's time / mapgen's. mapgen export: held "
                "Converter / fresh (cold); Bridge export: export_hf_weights as called")
     head = f"{'model':<14} {'params':>6} {'layout':<6} {'import mapgen':>13}"
@@ -286,6 +296,8 @@ def main() -> None:
     parser.add_argument("--moe-layers", type=int, nargs="*", default=[4, 16])
     parser.add_argument("--experts", type=int, default=64)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--min-seconds", type=float, default=3.0,
+                        help="mapgen repeats at least this long per case (more repeats than --repeat where fast)")
     parser.add_argument("--bridges", nargs="+", default=list(BRIDGES), choices=list(BRIDGES))
     parser.add_argument("--layouts", nargs="+", default=[*LAYOUTS, *MOE_LAYOUTS], choices=[*LAYOUTS, *MOE_LAYOUTS])
     parser.add_argument("--no-hardware", action="store_true", help="skip the bandwidth benchmark")
@@ -315,11 +327,11 @@ def main() -> None:
             model, layer_counts, experts, cases, layout = plan[name]
             if not cases:
                 continue
-            mine = ours(cases, layout, args.repeat)
+            mine = ours(cases, layout, args.repeat, args.min_seconds)
             theirs = {rel: bridge(BRIDGES[rel], [hf for hf, _ in cases], layout, args.repeat) for rel in args.bridges}
             for index, layers in enumerate(layer_counts):
                 rows.append(row_for(model, layers, experts, name, mine[index],
-                                    {rel: theirs[rel][index] for rel in args.bridges}))
+                                    {rel: theirs[rel][index] for rel in args.bridges}) | {"bridge_repeats": args.repeat})
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
             write(None, False)
     hardware = None

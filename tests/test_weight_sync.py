@@ -555,7 +555,7 @@ def test_loading_again_checks_the_checkpoint_as_it_is_now(tiny_checkpoint: Any, 
 
 def test_no_garbage_collection_runs_inside_mapgens_own_work(tiny_checkpoint: Any, compile_module: Any, cpu_megatron: None, tmp_path: Path) -> None:
     """Python's cyclic collector is paused while a Converter places the model, loads, makes an
-    export bucket or takes parameters apart (`runtime.gcpause`), and is on again when it hands
+    export bucket or takes parameters apart (`mapgen.common.gcpause`), and is on again when it hands
     over a tensor or returns, also after a refused load: with the collector set to run after
     every few allocations, no collection starts inside that work."""
     import gc

@@ -25,7 +25,8 @@ from mapgen.compiler.ir import Source, Target
 from mapgen.common.limits import MAX_INPUT_BYTES
 from mapgen.common.layout import HF_EXPERTS, LAYOUTS, MODEL_CLASSES
 from mapgen.compiler.packaged import TARGETS_FILE
-from mapgen.compiler.postprocess import check, gc_paused
+from mapgen.common import gcpause
+from mapgen.compiler.postprocess import check
 from mapgen.compiler.render import render
 from mapgen.compiler.pattern import Pattern
 from mapgen.compiler.spec import Spec, parse_spec
@@ -263,7 +264,7 @@ def compile_target(
         f"Regenerate: {regenerate}",
     ]
     source = render(target, header)
-    with gc_paused():  # the syntax tree of a large module is millions of objects
+    with gcpause.paused():  # the syntax tree of a large module is millions of objects
         tree = check(source, name)
         formatted_source = format_source(source, tree) if formatted else source
         del tree

@@ -25,14 +25,12 @@ from __future__ import annotations
 
 import ast
 import builtins
-import contextlib
-import gc
 import importlib
 from collections import Counter
-from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
 
+from mapgen.common import gcpause
 from mapgen.common.errors import MapgenError
 
 _TABLE_ROWS = 8  # tables longer than this are checked (and formatted) element by element
@@ -74,24 +72,8 @@ def _functions_named_in(module: ast.Module, table: str) -> list[str]:
     return []
 
 
-@contextlib.contextmanager
-def gc_paused() -> Iterator[None]:
-    """The cyclic garbage collector paused. Parsing a large module makes millions of objects
-    and no garbage; in a process holding transformers and megatron-core, each collection those
-    allocations trigger walks every object there (the parse took 3x as long), and while the
-    syntax tree lives, later collections walk it again (formatting took 3x as long). The build
-    pauses it from the parse until the tree is dropped."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
 def parse(source: str) -> ast.Module:
-    with gc_paused():
+    with gcpause.paused():
         return ast.parse(source)
 
 

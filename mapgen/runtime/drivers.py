@@ -27,7 +27,8 @@ from safetensors.torch import save_file
 from mapgen.common.errors import MapgenError
 from mapgen.common.layout import canonical_name, model_weights, stacked_slice
 from mapgen.runtime.checkpoint import DTYPES, SCALE_SUFFIX, HFCheckpoint
-from mapgen.runtime import gcpause, memo
+from mapgen.common import gcpause
+from mapgen.runtime import memo
 from mapgen.runtime.collectives import RankError, agree_or_raise
 from mapgen.runtime.context import Group, ParallelContext
 from mapgen.runtime.ownership import (

@@ -37,7 +37,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from mapgen.common.layout import FLOAT32_BUFFERS, stacked_slice
-from mapgen.runtime import gcpause, transforms
+from mapgen.common import gcpause
+from mapgen.runtime import transforms
 from mapgen.runtime.checkpoint import DEFAULT_BLOCK, SCALE_SUFFIX
 from mapgen.runtime.collectives import all_gather_coalesced, all_gather_slots, broadcast_flat
 from mapgen.runtime.context import Group, ParallelContext
@@ -424,7 +425,8 @@ class BucketPlan:
 @dataclass(frozen=True)
 class ExportBound:
     """The most memory an export holds beyond the model at any moment, in bytes: one bucket
-    (`bucket`: the largest bucket cost, at most bucket_bytes unless one unit alone costs more),
+    (`bucket`: the largest bucket cost, or at PP > 1 the largest pair a stage holds while it makes
+    its next bucket ahead, at most bucket_bytes unless one unit alone costs more),
     one parameter's export-function outputs and quantization temporaries (`transient`), the last
     tensor yielded (`held`: the copy the consumer may keep until it asks for the next) and the
     stacked tensors of one layer being assembled (`stacking`; 0 for per-expert checkpoints)."""
