@@ -296,7 +296,7 @@ def main() -> None:
     parser.add_argument("--moe-layers", type=int, nargs="*", default=[4, 16])
     parser.add_argument("--experts", type=int, default=64)
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--min-seconds", type=float, default=3.0,
+    parser.add_argument("--min-seconds", type=float, default=6.0,
                         help="mapgen repeats at least this long per case (more repeats than --repeat where fast)")
     parser.add_argument("--bridges", nargs="+", default=list(BRIDGES), choices=list(BRIDGES))
     parser.add_argument("--layouts", nargs="+", default=[*LAYOUTS, *MOE_LAYOUTS], choices=[*LAYOUTS, *MOE_LAYOUTS])

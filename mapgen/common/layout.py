@@ -67,7 +67,7 @@ def model_weights(model: Any) -> tuple[list[tuple[str, Any]], list[tuple[str, An
     seen_params: set[int] = set()
     seen_buffers: set[int] = set()
     stack: list[tuple[str, Any]] = [("", model)]
-    pop, push = stack.pop, stack.extend
+    pop, push = stack.pop, stack.append
     while stack:
         prefix, module = pop()
         if id(module) in seen_modules:
@@ -85,7 +85,9 @@ def model_weights(model: Any) -> tuple[list[tuple[str, Any]], list[tuple[str, An
                     seen_buffers.add(id(buffer))
                     buffers.append((prefix + name, buffer))
         if module._modules:  # depth first, in registration order: named_modules' order
-            push(reversed([(f"{prefix}{name}.", child) for name, child in module._modules.items() if child is not None]))
+            for name, child in reversed(module._modules.items()):
+                if child is not None:
+                    push((prefix + name + ".", child))
     return parameters, buffers
 
 

@@ -98,16 +98,17 @@ def agree_or_raise(problems: list[str], what: str) -> None:
             raise RankError(f"{what}:\n  {mine}")
         return
     data = mine.encode()[:_MESSAGE_BYTES]
-    local = torch.zeros(_MESSAGE_BYTES + 4, dtype=torch.uint8)
-    local[:4] = torch.tensor(list(len(data).to_bytes(4, "little")), dtype=torch.uint8)
-    local[4 : 4 + len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else local[4:4]
+    message = bytearray(len(data).to_bytes(4, "little") + data)  # length, then the text
+    message.extend(bytes(_MESSAGE_BYTES + 4 - len(message)))
+    local = torch.frombuffer(message, dtype=torch.uint8)
     everyone = [torch.empty_like(local) for _ in range(dist.get_world_size())]
     dist.all_gather(everyone, local)
     reports: dict[str, list[int]] = {}
     for rank, buffer in enumerate(everyone):
-        length = int.from_bytes(bytes(buffer[:4].tolist()), "little")
+        raw = buffer.numpy().tobytes()
+        length = int.from_bytes(raw[:4], "little")
         if length:
-            reports.setdefault(bytes(buffer[4 : 4 + length].tolist()).decode(errors="replace"), []).append(rank)
+            reports.setdefault(raw[4 : 4 + length].decode(errors="replace"), []).append(rank)
     if reports:
         lines = [
             f"rank{'s' if len(ranks) > 1 else ''} {','.join(map(str, ranks))}:\n  {text}"

@@ -88,14 +88,11 @@ def num_experts(module: Module) -> int:
     return 1 + max((p.expert for p in module.PARAMS if p.expert is not None), default=-1)
 
 
-def _weights(model: Any) -> Iterator[tuple[str, torch.Tensor, bool]]:
+def _weights(model: Any) -> list[tuple[str, torch.Tensor, bool]]:
     """A chunk's parameters, then its weight buffers (the router's expert_bias), as
     (name, tensor, whether it is a parameter)."""
     parameters, buffers = model_weights(model)
-    for name, tensor in parameters:
-        yield canonical_name(name), tensor, True
-    for name, tensor in buffers:
-        yield canonical_name(name), tensor, False
+    return [(canonical_name(n), t, True) for n, t in parameters] + [(canonical_name(n), t, False) for n, t in buffers]
 
 
 @dataclass(frozen=True)
@@ -181,6 +178,9 @@ def place(
             if is_parameter:
                 dtypes.add(param.dtype)
             global_name = expected.pop((vp_stage, name), None)
+            if global_name is not None and global_name not in vocab and shapes.get(global_name) == param.shape:
+                local[global_name] = param  # the common case, checked at once
+                continue
             if global_name is None and name in module.TIED:
                 tied[name] = param
                 if (problem := shape_problem(name, plans[module.TIED[name]], tuple(param.shape))) is not None:
