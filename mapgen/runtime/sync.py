@@ -410,6 +410,10 @@ class BucketPlan:
     ahead: tuple[int, ...] = ()
 
     @cached_property
+    def by_name(self) -> dict[str, Out]:
+        return {out.name: out for out in self.outs}
+
+    @cached_property
     def where(self) -> dict[str, tuple[int, int]]:
         """Where each travelling output lies in the bucket's flat buffers: (flat, start)."""
         found: dict[str, tuple[int, int]] = {}
@@ -659,7 +663,7 @@ def _produce(
 ) -> None:
     """Gather the bucket's shards over TP (expert-TP), apply the export functions and write each
     HF tensor in its export format: into its place in a flat buffer if it travels, else kept."""
-    outs = {out.name: out for out in bucket.outs}
+    outs = bucket.by_name
     mine = [p for p in bucket.plans if p.megatron_name in placement.local]
     parts: dict[str, list[torch.Tensor]] = {}
     for expert_parallel in (False, True):
@@ -684,16 +688,15 @@ def _produce(
         for label, tensor in exported.items():
             if plan.megatron_name in placement.vocab:  # the HF rows, without Megatron's padding
                 tensor = tensor.narrow(0, 0, plan.shape[0])
-            base, _ = stacked_slice(label)
-            if base in fmt.fp8:
+            if fmt.fp8 and stacked_slice(label)[0] in fmt.fp8:
                 scale_name = label + SCALE_SUFFIX
                 codes, scale = quantize_fp8(tensor, fmt.block, target(label), target(scale_name))
                 if label not in where:
                     kept[label], kept[scale_name] = codes, scale
                 continue
-            destination = target(label)
-            if destination is not None:
-                destination.copy_(tensor)
+            spot = where.get(label)
+            if spot is not None:  # it travels: into its place in a flat buffer
+                _view(flats[spot[0]], spot[1], outs[label]).copy_(tensor)
             else:
                 dtype = outs[label].dtype
                 kept[label] = tensor if tensor.dtype == dtype else tensor.to(dtype)
