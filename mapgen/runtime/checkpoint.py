@@ -1,7 +1,9 @@
 """Lazy, zero-copy reading of HF safetensors checkpoints (single file, or sharded with an index).
 
-Each file is memory-mapped once and its header parsed once; `get` returns a tensor that views
-the mapped bytes, so the only copy a tensor's bytes ever see on import is the one into the
+Each open memory-maps a file once, on first use, and reads its header; what the index, the
+headers and config.json say is parsed and checked once per process for the same bytes (opening
+a checkpoint again costs those few small reads). `get` returns a tensor that views the mapped
+bytes, so the only copy a tensor's bytes ever see on import is the one into the
 Megatron parameter (safetensors' own `get_tensor` makes one more). The mapping is copy-on-write:
 the file is never modified. Writing checkpoints uses the safetensors library.
 
