@@ -712,7 +712,8 @@ def stream_export(
     all_stages: bool,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (name, tensor) bucket by bucket; a bucket's buffers are released before the next
-    is made. The last tensor of a bucket that views a flat buffer is yielded as a copy, so that
+    is made, except that at PP > 1 a stage makes its next own bucket while another stage's
+    travels where the plan says so (`BucketPlan.ahead`: the two fit in bucket_bytes). The last tensor of a bucket that views a flat buffer is yielded as a copy, so that
     the consumer's reference to it does not keep the whole bucket alive."""
     shapes: dict[str, tuple[int, ...]] = {}  # of stacked-experts tensors, filled when one is met
     stacking: dict[str, tuple[torch.Tensor, set[int]]] = {}
