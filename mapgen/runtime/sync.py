@@ -713,8 +713,9 @@ def stream_export(
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (name, tensor) bucket by bucket; a bucket's buffers are released before the next
     is made, except that at PP > 1 a stage makes its next own bucket while another stage's
-    travels where the plan says so (`BucketPlan.ahead`: the two fit in bucket_bytes). The last tensor of a bucket that views a flat buffer is yielded as a copy, so that
-    the consumer's reference to it does not keep the whole bucket alive."""
+    travels where the plan says so (`BucketPlan.ahead`: the two fit in bucket_bytes). The last
+    tensor of a bucket that views a flat buffer is yielded as a copy, so that the consumer's
+    reference to it does not keep the whole bucket alive."""
     shapes: dict[str, tuple[int, ...]] = {}  # of stacked-experts tensors, filled when one is met
     stacking: dict[str, tuple[torch.Tensor, set[int]]] = {}
     made: dict[int, tuple[list[torch.Tensor], dict[str, tuple[int, int]], dict[str, torch.Tensor]]] = {}
