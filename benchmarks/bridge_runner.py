@@ -328,7 +328,6 @@ def run_case(rank: int, world: int, args: argparse.Namespace, hf_dir: Path, brid
             if bf16:
                 phases.append(("export_bf16", {"weight_dtype": torch.bfloat16}))
             for phase, options in phases:
-                exported.pop(phase, None)
                 dist.barrier()
                 exported[phase] = {}
                 started = time.perf_counter()

@@ -3,7 +3,7 @@ tensors (so that per-parameter overhead dominates), at TP1, TP2 and PP2 on CPU/g
 
 Run: .venv/bin/python benchmarks/conversion.py [--layers 64 256] [--json out.json]
 Each layout runs in 2 spawned processes (TP1 is then two data-parallel replicas); a time is the
-slowest rank's, best of --repeat runs.
+slowest rank's in one repeat, best over --repeat repeats.
 """
 
 from __future__ import annotations
