@@ -21,7 +21,15 @@ from mapgen.common.errors import MapgenError
 from mapgen.common.layout import HF_EXPERTS, LAYOUTS, MODEL_CLASSES
 from mapgen.compiler.packaged import TARGETS_FILE, specs_folder
 from mapgen.compiler.diff import diff_paths, diff_revision, report, summarize_file
-from mapgen.compiler.write import check_output, existing_output, stale_diff, write_if_changed
+from mapgen.compiler.write import (
+    WrittenPackage,
+    check_output,
+    existing_output,
+    stale_diff,
+    stale_files,
+    write_if_changed,
+    write_package,
+)
 
 F = TypeVar("F", bound=Callable[..., Any])
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -108,11 +116,13 @@ def build(
 def _build_one(
     spec: Path, config: Path, output: Path, layout: str, name: str | None, hf_experts: str, model_class: str
 ) -> None:
-    from mapgen.compiler.build import check_target_name, compile_target, display_path
+    from mapgen.compiler.build import check_target_name, compile_package, compile_target, display_path
 
-    target = name or output.stem
+    single = output.suffix == ".py"  # OUT.py: one module; otherwise a package folder
+    target = name or (output.stem if single else output.name)
     check_target_name(target)
-    check_output(output)  # before a build that may take a minute
+    if single:
+        check_output(output)  # before a build that may take a minute
     command = (
         f"mapgen build {display_path(spec)} {display_path(config)} -o {display_path(output)}"
         f" --layout {layout}" + (f" --name {name}" if name else "")
@@ -121,37 +131,67 @@ def _build_one(
     )
     started = time.perf_counter()
     with err.status(f"building {target} from {display_path(spec)} and {display_path(config)}"):  # transient
-        source = compile_target(target, spec, config, layout, command, hf_experts=hf_experts, model=model_class)
-    written = write_if_changed(output, source)
+        if single:
+            source = compile_target(target, spec, config, layout, command, hf_experts=hf_experts, model=model_class)
+        else:
+            files = compile_package(target, spec, config, layout, command, hf_experts=hf_experts, model=model_class)
     seconds = time.perf_counter() - started
-    for folder in written.created:
+    if single:
+        written = write_if_changed(output, source)
+        for folder in written.created:
+            err.print(f"created folder {display_path(folder)}", markup=False)
+        state = "wrote" if written else "unchanged"
+        err.print(f"{state} {display_path(output)} ({len(source.encode())} bytes, {seconds:.1f} s)", markup=False)
+        return
+    package = write_package(output, files)
+    for folder in package.created:
         err.print(f"created folder {display_path(folder)}", markup=False)
-    state = "wrote" if written else "unchanged"
-    err.print(f"{state} {display_path(output)} ({len(source.encode())} bytes, {seconds:.1f} s)", markup=False)
+    _report_package(err, display_path(output), files, package, seconds)
+
+
+def _report_package(console: Any, shown: str, files: dict[str, str], package: WrittenPackage, seconds: float) -> None:
+    for path in package.removed:
+        console.print(f"removed {display_path_of(path)}", markup=False)
+    size = sum(len(text.encode()) for text in files.values())
+    state = f"wrote {len(package.written)} of" if package.written else "unchanged,"
+    console.print(f"{state} {shown}/ ({len(files)} files, {size} bytes, {seconds:.1f} s)", markup=False)
+
+
+def display_path_of(path: Path) -> str:
+    from mapgen.compiler.build import display_path
+
+    return display_path(path)
 
 
 def _build_all() -> None:
     from mapgen.compiler.build import Skipped, compile_entries, read_targets
 
     root = find_root(Path.cwd())
-    entries = read_targets(root)
+    entries = [e for e in read_targets(root) if e.checked_in]
     with _progress() as progress:
         task = progress.add_task("mapgen build", total=len(entries))
-        for entry, source, seconds in compile_entries(root, entries):
-            if isinstance(source, Skipped):  # left as it is: a later megatron-core builds it
-                progress.console.print(f"skipped {entry.output} (target {entry.name}): {source.reason}", markup=False)
+        for entry, files, seconds in compile_entries(root, entries):
+            if isinstance(files, Skipped):  # left as it is: a later megatron-core builds it
+                progress.console.print(f"skipped {entry.output} (target {entry.name}): {files.reason}", markup=False)
                 progress.advance(task)
                 continue
             progress.update(task, description=f"built {entry.name}")
-            written = write_if_changed(root / entry.output, source)
-            for folder in written.created:
+            package = write_package(root / entry.output, files)
+            for folder in package.created:
                 progress.console.print(f"created folder {folder.relative_to(root).as_posix()}", markup=False)
-            state = "wrote" if written else "unchanged"
-            progress.console.print(
-                f"{state} {entry.output} ({len(source.encode())} bytes, {seconds:.1f} s)",
-                markup=False,
-            )
+            _report_package(progress.console, entry.output, files, package, seconds)
             progress.advance(task)
+
+
+def summary_of_package(folder: Path, files: dict[str, str], shown: str) -> list[str]:
+    """`mapgen diff`'s summary of a checked-in package against its rebuild (or why there is none)."""
+    from mapgen.compiler.diff import summarize_builds
+    from mapgen.compiler.diffread import package_texts
+
+    try:
+        return summarize_builds(package_texts(folder) if folder.is_dir() else None, files, shown)
+    except MapgenError as exc:
+        return [f"{shown}: {exc}"]
 
 
 @main.command(name="check")
@@ -162,7 +202,7 @@ def check_command() -> None:
 
     try:
         root = find_root(Path.cwd())
-        entries = read_targets(root)
+        entries = [e for e in read_targets(root) if e.checked_in]
         stale: list[str] = []
         skipped: list[str] = []
         with _progress() as progress:
@@ -176,19 +216,25 @@ def check_command() -> None:
                     progress.advance(task)
                     continue
                 progress.update(task, description=f"checked {entry.name}")
-                diff = stale_diff(root / entry.output, source, entry.output, limit=RAW_DIFF_LINES)
-                if diff:
-                    stale.append(entry.output)
-                    checked_in = existing_output(root / entry.output)
-                    old = None if checked_in is None else checked_in.decode(errors="replace")
-                    sys.stdout.write(report([summarize_file(old, source, entry.output)]) + "\n")
-                    sys.stdout.write(diff)
+                folder = root / entry.output
+                diffs = {file: stale_diff(folder / file, text, f"{entry.output}/{file}", limit=RAW_DIFF_LINES)
+                         for file, text in source.items()}
+                leftovers = [p.relative_to(root).as_posix() for p in stale_files(folder, source)]
+                if any(diffs.values()) or leftovers:  # what changed by rule, then a unified diff per file
+                    sys.stdout.write(report([summary_of_package(folder, source, entry.output)]) + "\n")
+                for file, diff in diffs.items():
+                    if diff:
+                        stale.append(f"{entry.output}/{file}")
+                        sys.stdout.write(diff)
+                for leftover in leftovers:
+                    stale.append(leftover)
+                    sys.stdout.write(f"{leftover}: not a part of target {entry.name}\n")
                 progress.advance(task)
         expected = {root / entry.output for entry in entries} | {root / "generated/__init__.py"}
         extra = sorted(
             p.relative_to(root).as_posix()
-            for p in (root / "generated").glob("*.py")
-            if p not in expected
+            for p in (root / "generated").iterdir()
+            if p not in expected and (p.suffix == ".py" or (p.is_dir() and (p / "__init__.py").exists()))
         )
         for path in extra:
             sys.stdout.write(f"{path}: not built from any target in {TARGETS_FILE}\n")
@@ -196,7 +242,7 @@ def check_command() -> None:
         err.print(str(exc), markup=False)
         sys.exit(2)
     if stale or extra:
-        fix = "mapgen build" + (f" && git rm {' '.join(extra)}" if extra else "")
+        fix = "mapgen build" + (f" && git rm -r {' '.join(extra)}" if extra else "")
         err.print(f"generated/ is stale ({len(stale) + len(extra)} file(s)); fix with: {fix}", markup=False)
         sys.exit(1)
     checked = len(entries) - len(skipped)
@@ -230,16 +276,21 @@ def diff_command(paths: tuple[str, ...], rev: str | None) -> None:
 
 
 def _module_file(generated: str) -> Path:
+    """The module file GENERATED names: a one-file module, a target package's `__init__.py` (the
+    package folder given), a target of generated/ here, or an importable module."""
     path = Path(generated)
     if path.is_file():
         return path
+    if path.is_dir() and (path / "__init__.py").is_file():
+        return path / "__init__.py"
     if generated.isidentifier():  # a target of the repository here (generated/ is not installed)
         try:
-            checked_in = find_root(Path.cwd()) / "generated" / f"{generated}.py"
+            folder = find_root(Path.cwd()) / "generated"
         except MapgenError:
-            checked_in = None
-        if checked_in is not None and checked_in.is_file():
-            return checked_in
+            folder = None
+        for checked_in in ([folder / generated / "__init__.py", folder / f"{generated}.py"] if folder else []):
+            if checked_in.is_file():
+                return checked_in
     import importlib.util
 
     try:
@@ -288,6 +339,11 @@ def module_spec(module_file: Path, written: str) -> Path:
     )
 
 
+def module_name_of(module_file: Path) -> str:
+    """A module's name: a one-file module's stem, a package's folder name."""
+    return module_file.parent.name if module_file.name == "__init__.py" else module_file.stem
+
+
 def _local_twin(module_file: Path, hf_dir: Path, folder: Path) -> Path:
     """A te-layout module is checked through the local-layout module of the same spec for the
     checkpoint's config: TransformerEngine does not run on CPU."""
@@ -310,14 +366,14 @@ def _local_twin(module_file: Path, hf_dir: Path, folder: Path) -> Path:
             )
         return module_file
     spec = module_spec(module_file, module.SOURCES[0])
-    twin = folder / f"{module_file.stem}_local.py"
+    twin = folder / f"{module_name_of(module_file)}_local.py"
     twin.write_text(
         compile_target(
             twin.stem, spec, hf_dir / "config.json", "local", "mapgen verify (local twin)",
             model=getattr(module, "MODEL", "gpt"),
         )
     )
-    err.print(f"checking {module.LAYOUT}-layout {module_file.name} through its local twin for {hf_dir / 'config.json'}", markup=False)
+    err.print(f"checking {module.LAYOUT}-layout {module_name_of(module_file)} through its local twin for {hf_dir / 'config.json'}", markup=False)
     return twin
 
 

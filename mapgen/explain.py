@@ -80,8 +80,9 @@ def _described_kind(shards: ParamShards) -> str:
     """The kind as the compiler decided it for this parameter (the functions' docstrings say
     `auto -> column: <rule id>`), or the rule's kind."""
     doc = (getattr(shards.plan.importer, "__doc__", None) or "").strip()
-    if doc.endswith(f": {shards.rule.id}."):
-        return doc[: -len(shards.rule.id) - 3]
+    decided = re.fullmatch(r"(.+): rule \d+\.", doc)
+    if decided is not None:
+        return decided.group(1)
     return shards.rule.kind if shards.rule.kind != "auto" else f"auto -> {shards.split}"
 
 

@@ -232,3 +232,34 @@ def export_formats(module_path: str, hf_dir: str, layout: ParallelLayout, option
         results.append({"tensors": tensors if dist.get_rank() == 0 else None, "digest": digest.hexdigest(),
                         "counts": counts, "bound": bound, "ahead": ahead})
     return {"results": results, "rank": dist.get_rank()}
+
+
+def package_rank_share(package_dir: str, hf_dir: str, layout: ParallelLayout) -> dict[str, Any]:
+    """A target package: the parts this rank imports to load and export_local (only its own
+    layers and experts), its gather-free pieces, then a gathered export (which reads the rest)."""
+    import hashlib
+    import sys
+
+    from mapgen.verify.jobs import load_mapping_module
+
+    package = load_mapping_module(package_dir, "dist_package")
+    initialize_parallel_state(layout)
+    prepare_cpu_megatron()
+    chunks = build_model_chunks(package.DIMS, layout, params_dtype=torch.float32, model=package.MODEL)
+    ctx = ParallelContext.from_parallel_state()
+
+    def parts() -> list[str]:
+        return sorted(name.split(".", 1)[1] for name in sys.modules if name.startswith("dist_package."))
+
+    converter = drivers.Converter(package, chunks, ctx)
+    converter.load(hf_dir)
+    pieces = [
+        {"name": p.name, "expert": p.expert, "runs": p.runs, "data": p.data.clone(), "megatron": p.megatron_name}
+        for p in converter.export_local()
+    ]
+    own = parts()
+    digest = hashlib.sha256()
+    for name, tensor in converter.export(bucket_bytes=4096):
+        digest.update(name.encode() + tensor.contiguous().view(torch.uint8).numpy().tobytes())
+    return {"own": own, "after_export": parts(), "pieces": pieces, "digest": digest.hexdigest(), "rank": dist.get_rank(),
+            "pp": ctx.pp.rank, "ep": ctx.ep.rank}

@@ -41,13 +41,13 @@ def project(tmp_path: Path) -> Path:
 def test_build_then_check_then_stale(project: Path) -> None:
     built = run(["build"], project)
     assert built.returncode == 0, built.stderr
-    assert "wrote generated/tiny.py" in built.stderr
-    output = project / "generated" / "tiny.py"
+    assert "wrote 5 of generated/tiny/ (5 files" in built.stderr
+    output = project / "generated" / "tiny" / "layer_000.py"
     first = output.read_bytes()
     written = output.stat().st_mtime_ns
 
     again = run(["build"], project)
-    assert again.returncode == 0 and "unchanged generated/tiny.py" in again.stderr
+    assert again.returncode == 0 and "unchanged, generated/tiny/ (5 files" in again.stderr
     assert output.read_bytes() == first
     assert output.stat().st_mtime_ns == written  # not rewritten: the same bytes, the same mtime
 
@@ -57,20 +57,28 @@ def test_build_then_check_then_stale(project: Path) -> None:
     output.write_text(first.decode().replace("\n        heads=4,\n", "\n        heads=8,\n", 1))
     stale = run(["check"], project)
     assert stale.returncode == 1
-    summary, raw = stale.stdout.split("\n\n--- generated/tiny.py (checked in)\n", 1)
-    tail = "groups=2, head_dim=16, out=out)"
-    assert summary.splitlines() == [  # what `mapgen diff` says, then the unified diff
-        "generated/tiny.py: 1 parameter changed, 0 added, 0 removed (of 15)",
+    summary, raw = stale.stdout.split("\n\n--- generated/tiny/layer_000.py (checked in)\n", 1)
+    assert summary.splitlines()[:3] == [  # what `mapgen diff` says, then the unified diff
+        "generated/tiny: 1 parameter changed, 0 added, 0 removed (of 15)",
         "  rule decoder.layers.*.self_attention.linear_qkv.weight: 1 parameter changed (layer 0)",
         "    import rt.qkv_import(heads): 8 -> 4",
-        "    e.g. decoder.layers.0.self_attention.linear_qkv.weight",
-        f"      - import: …load('model.layers.0.self_attn.v_proj.weight'), heads=8, {tail}",
-        f"      + import: …load('model.layers.0.self_attn.v_proj.weight'), heads=4, {tail}",
     ]
     hunk = raw.split("\n@@ ", 1)[1].splitlines()
-    assert hunk[0].endswith(" @@ def import_decoder_layers_0_self_attention_linear_qkv_weight(")
+    assert hunk[0].endswith(" @@ def import_self_attention_linear_qkv_weight(ctx: Ctx, load: Loader, out: Out = N")
     assert [line for line in hunk[1:] if line[:1] in ("-", "+")] == ["-        heads=8,", "+        heads=4,"]
     assert "fix with: mapgen build" in stale.stderr
+
+    # a part the target no longer has, and a killed build's temporary file: stale, and removed by a build
+    (project / "generated" / "tiny" / "layer_009.py").write_text("")
+    (project / "generated" / "tiny" / ".layer_000.py.abc.tmp").write_text("")
+    stale = run(["check"], project)
+    assert stale.returncode == 1 and "generated/tiny/layer_009.py: not a part of target tiny" in stale.stdout
+    rebuilt = run(["build"], project)
+    assert rebuilt.returncode == 0 and "removed generated/tiny/layer_009.py" in rebuilt.stderr
+    assert sorted(p.name for p in (project / "generated" / "tiny").iterdir() if p.name != "__pycache__") == [
+        "__init__.py", "embedding.py", "layer_000.py", "layer_001.py", "output.py"
+    ]
+    assert run(["check"], project).returncode == 0
 
 
 def test_check_flags_modules_no_target_builds(project: Path) -> None:
@@ -79,7 +87,7 @@ def test_check_flags_modules_no_target_builds(project: Path) -> None:
     stale = run(["check"], project)
     assert stale.returncode == 1
     assert "generated/orphan.py: not built from any target" in stale.stdout
-    assert "git rm generated/orphan.py" in stale.stderr
+    assert "git rm -r generated/orphan.py" in stale.stderr
 
 
 def test_single_target_is_byte_identical_under_any_hash_seed(project: Path) -> None:

@@ -86,17 +86,18 @@ def test_qkv_expands_to_one_mapping_per_layer_with_its_geometry() -> None:
     assert [s.label for s in second.hf] == [f"model.layers.1.self_attn.{x}_proj.weight" for x in "qkv"]
     assert [s.role for s in second.hf] == ["q", "k", "v"]
     assert (first.qkv.heads, first.qkv.groups, first.qkv.head_dim, first.qkv.gate) == (4, 2, 2, False)  # type: ignore[union-attr]
-    pair = functions_of(second)
+    pair = functions_of(second, 3)
     assert pair.import_name == "import_decoder_layers_1_self_attention_linear_qkv_weight"
-    assert pair.doc == "qkv: decoder.layers.*.self_attention.linear_qkv.weight."
+    assert pair.doc == "qkv: rule 3."
+    assert functions_of(second, 3, "decoder.layers.1.").import_name == "import_self_attention_linear_qkv_weight"
     assert pair.import_expr == (
         "rt.qkv_import(ctx.tp, load('model.layers.1.self_attn.q_proj.weight'), "
         "load('model.layers.1.self_attn.k_proj.weight'), load('model.layers.1.self_attn.v_proj.weight'), "
         "heads=4, groups=2, head_dim=2, out=out)"
     )
     assert pair.export_expr == (
-        "dict(zip(('model.layers.1.self_attn.q_proj.weight', 'model.layers.1.self_attn.k_proj.weight', "
-        "'model.layers.1.self_attn.v_proj.weight'), rt.qkv_export(parts, heads=4, groups=2, head_dim=2)))"
+        "rt.named(rt.qkv_export(parts, heads=4, groups=2, head_dim=2), 'model.layers.1.self_attn.q_proj.weight', "
+        "'model.layers.1.self_attn.k_proj.weight', 'model.layers.1.self_attn.v_proj.weight')"
     )
 
 
@@ -145,7 +146,7 @@ def test_auto_with_permute_dims_permutes_then_inverts() -> None:
     pair = functions_of(m)
     assert pair.import_expr == "rt.column_import(ctx.tp, load('h').permute((1, 0)), out=out)"
     assert pair.export_expr == "{'h': rt.permute(rt.column_export(parts), (1, 0))}"
-    assert pair.doc == "auto -> column: m."
+    assert pair.doc == "auto -> column."
 
 
 def test_split_must_agree_with_megatron_core() -> None:
@@ -302,8 +303,8 @@ def test_gated_delta_net_kinds_emit_their_calls_with_the_head_sizes() -> None:
         "load('model.layers.0.linear_attn.in_proj_ba.weight'), key_dim=3, value_dim=5, v_per_k=2, out=out)"
     )
     assert functions_of(in_proj).export_expr == (
-        "dict(zip(('model.layers.0.linear_attn.in_proj_qkvz.weight', 'model.layers.0.linear_attn.in_proj_ba.weight'), "
-        "rt.gdn_in_proj_export(parts, key_dim=3, value_dim=5, v_per_k=2)))"
+        "rt.named(rt.gdn_in_proj_export(parts, key_dim=3, value_dim=5, v_per_k=2), "
+        "'model.layers.0.linear_attn.in_proj_qkvz.weight', 'model.layers.0.linear_attn.in_proj_ba.weight')"
     )
     assert functions_of(conv).import_expr == (
         "rt.gdn_conv_import(ctx.tp, load('model.layers.0.linear_attn.conv1d.weight'), key_dim=3, value_dim=5, v_per_k=2, out=out)"

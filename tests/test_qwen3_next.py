@@ -234,12 +234,12 @@ def test_build_and_check_skip_the_hybrid_target_where_megatron_core_cannot_build
     )
     built = _run(["build"], tmp_path)
     assert built.returncode == 0, built.stderr
-    assert "wrote generated/tiny.py" in built.stderr
+    assert "of generated/tiny/ (" in built.stderr
     checked = _run(["check"], tmp_path)
     assert checked.returncode == 0, checked.stdout + checked.stderr
-    hybrid = tmp_path / "generated" / "tiny_hybrid.py"
+    hybrid = tmp_path / "generated" / "tiny_hybrid" / "__init__.py"
     if HAS_GDN_HYBRID:
-        assert "wrote generated/tiny_hybrid.py" in built.stderr and "skipped" not in built.stderr
+        assert "of generated/tiny_hybrid/ (" in built.stderr and "skipped" not in built.stderr
         assert 'HYBRID_LAYER_PATTERN: Final = "GE*EGE*E/*E"' in hybrid.read_text()
         assert "generated/ is up to date (2 targets)" in checked.stderr
         hybrid.write_text(hybrid.read_text().replace('"GE*EGE*E/*E"', '"*E*EGE*E/*E"', 1))
@@ -249,10 +249,11 @@ def test_build_and_check_skip_the_hybrid_target_where_megatron_core_cannot_build
         "a hybrid model with gated delta net layers ('G') needs a megatron-core HybridModel that builds "
         "them (0.19.2 does); this is megatron-core 0.16.1, which has none"
     )
-    assert f"skipped generated/tiny_hybrid.py (target tiny_hybrid): {needs}" in " ".join(built.stderr.split())
+    assert f"skipped generated/tiny_hybrid (target tiny_hybrid): {needs}" in " ".join(built.stderr.split())
     assert not hybrid.exists()
-    assert f"skipped generated/tiny_hybrid.py (target tiny_hybrid), not checked: {needs}" in " ".join(checked.stderr.split())
-    assert "up to date (1 targets; 1 skipped, which this megatron-core cannot build: generated/tiny_hybrid.py)" in " ".join(checked.stderr.split())
+    assert f"skipped generated/tiny_hybrid (target tiny_hybrid), not checked: {needs}" in " ".join(checked.stderr.split())
+    assert "up to date (1 targets; 1 skipped, which this megatron-core cannot build: generated/tiny_hybrid)" in " ".join(checked.stderr.split())
+    hybrid.parent.mkdir()
     hybrid.write_text("# built by megatron-core 0.19\n")  # checked in from the other stack: left alone
     assert _run(["check"], tmp_path).returncode == 0 and _run(["build"], tmp_path).returncode == 0
     assert hybrid.read_text() == "# built by megatron-core 0.19\n"

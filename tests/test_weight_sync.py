@@ -19,7 +19,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import dist_tasks
-from mapgen.compiler.build import compile_target, read_targets
+from mapgen.compiler.build import compile_package, compile_target, read_targets
+from mapgen.compiler.write import write_package
 from mapgen.compiler.megatron_model import ParallelLayout, build_gpt_model
 from mapgen.runtime.checkpoint import HFCheckpoint
 from mapgen.runtime.drivers import Converter, export_hf_tensors, load_hf_checkpoint, save_hf_checkpoint
@@ -461,8 +462,46 @@ def spawned(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     tasks = [(dist_tasks.export_local_pieces, (str(path), str(folder), TP2_PP2_EP2)) for folder, path in cases.values()]
     folder, path = cases["deepseek_v3"]
     tasks.append((dist_tasks.export_formats, (str(path), str(folder), TP2_PP2_EP2, STREAMED)))
+    # the Qwen3-MoE stand-in as a target package, its experts cut in ranges of 2
+    folder, _ = cases["qwen3_30b_a3b"]
+    package = root / "qwen3_30b_a3b_package"
+    entry = TARGETS["qwen3_30b_a3b"]
+    files = compile_package("qwen3_30b_a3b", testing.ROOT / entry.spec, folder / "config.json", "local", "test", experts_per_part=2)
+    write_package(package, files)
+    tasks.append((dist_tasks.package_rank_share, (str(package), str(folder), TP2_PP2_EP2)))
     results = spawn(tasks, 4, timeout_s=900)
-    return {"cases": cases, "results": results}
+    return {"cases": cases, "results": results, "package": package}
+
+
+def test_a_rank_imports_only_the_parts_of_a_package_it_holds(spawned: dict[str, Any]) -> None:
+    """At TP2 x PP2 x EP2, a rank of a target package imports, to load and to export without
+    collectives, the parts of its own stage's layers and its own experts only (and those outside
+    the decoder); its pieces are the one-file module's, and a gathered export reads the rest and
+    sees what every other rank sees."""
+    from mapgen.verify.jobs import load_mapping_module
+
+    package = load_mapping_module(spawned["package"], "weight_sync_package")
+    parts = {p.module: p for p in package.PARTS}
+    layers = 1 + max(p.layer for p in parts.values() if p.layer is not None)
+    experts = package.DIMS.num_moe_experts
+    assert any(p.experts for p in parts.values())  # the experts are cut
+    for rank in range(4):
+        result = spawned["results"][rank][3]
+        own_layers = range(result["pp"] * layers // 2, (result["pp"] + 1) * layers // 2)
+        first, stop = result["ep"] * experts // 2, (result["ep"] + 1) * experts // 2
+        expected = sorted(
+            name for name, p in parts.items()
+            if (p.layer is None or p.layer in own_layers) and (p.experts is None or (p.experts[0] < stop and first < p.experts[1]))
+        )
+        assert result["own"] == expected, rank
+        assert len(expected) < len(parts)
+        assert result["after_export"] == sorted(parts), rank  # a gathered export reads every part
+        one_file = spawned["results"][rank][0]["pieces"]
+        assert [(p["name"], p["megatron"], p["runs"]) for p in result["pieces"]] == [
+            (p["name"], p["megatron"], p["runs"]) for p in one_file
+        ]
+        assert all(_same_bytes(a["data"], b["data"]) for a, b in zip(result["pieces"], one_file))
+    assert len({spawned["results"][rank][3]["digest"] for rank in range(4)}) == 1
 
 
 @pytest.mark.parametrize("index,target", [(0, "qwen3_30b_a3b"), (1, "deepseek_v3")])

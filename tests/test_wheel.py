@@ -73,7 +73,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
     base = tmp_path_factory.mktemp("wheel")
     source = base / "src"
     shutil.copytree(testing.ROOT, source, ignore=NOT_SOURCES)
-    assert (source / "generated" / "llama3_2_1b.py").is_file()
+    assert (source / "generated" / "llama3_2_1b" / "__init__.py").is_file()
     dist = base / "dist"
     _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
           "-w", dist, source], base)
@@ -126,6 +126,16 @@ def test_installed_wheel_builds_a_module_outside_the_repository(installed: Insta
     written = (work / OUTPUT).read_text()
     assert written.splitlines()[4] == f"# Regenerate: {command}"
     assert written == expected  # byte for byte: same template, same formatting
+
+    # the shipped spec and config, from wherever the wheel is installed: named by their shipped
+    # names, so the bytes are the same as the checkout's build of the same names
+    shipped = _run([installed.venv / "bin" / "mapgen", "specs"], installed.venv).stdout.strip()
+    again = subprocess.run(
+        [installed.venv / "bin" / "mapgen", "build", f"{shipped}/llama.yaml", f"{shipped}/configs/llama3_2_1b.json",
+         "-o", OUTPUT], cwd=work, env=_env(), capture_output=True, text=True, timeout=300,
+    )
+    assert again.returncode == 0, again.stderr
+    assert (work / OUTPUT).read_text() == expected
 
     inspect = _run([installed.venv / "bin" / "python", "-c", INSPECT, work / OUTPUT], installed.venv)
     found = json.loads(inspect.stdout)

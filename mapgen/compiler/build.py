@@ -24,37 +24,45 @@ from mapgen.compiler.inventory import _HF_LAYER, HFTensor, architecture_model_ty
 from mapgen.compiler.ir import Source, Target
 from mapgen.common.limits import MAX_INPUT_BYTES
 from mapgen.common.layout import HF_EXPERTS, LAYOUTS, MODEL_CLASSES
-from mapgen.compiler.packaged import TARGETS_FILE
+from mapgen.compiler.packaged import TARGETS_FILE, folder
 from mapgen.common import gcpause
 from mapgen.compiler.postprocess import check
-from mapgen.compiler.render import render
+from mapgen.compiler.render import EXPERTS_PER_PART, render, render_package
 from mapgen.compiler.pattern import Pattern
 from mapgen.compiler.spec import Spec, parse_spec
 from mapgen.compiler.write import file_kind
 
 TARGET_KEYS = ("spec", "config", "layout")
-OPTIONAL_TARGET_KEYS = {"model": "gpt"}  # the megatron-core model class, GPTModel by default
+# the megatron-core model class, GPTModel by default; whether `mapgen build` writes the package
+# into generated/ (a family's larger members are built on demand, by the tests and the bench)
+OPTIONAL_TARGET_KEYS: dict[str, object] = {"model": "gpt", "checked_in": True}
 
 
 @dataclass(frozen=True)
 class TargetEntry:
-    """One line of specs/targets.yaml: builds generated/<name>.py."""
+    """One line of specs/targets.yaml: builds the package generated/<name>/."""
 
     name: str
     spec: str
     config: str
     layout: str
     model: str = "gpt"
+    checked_in: bool = True
 
     @property
     def output(self) -> str:
-        return f"generated/{self.name}.py"
+        return f"generated/{self.name}"
 
 
 def display_path(path: str | Path) -> str:
-    """The path as written in generated headers: relative to the working directory, never
-    absolute, so the output is the same on every machine."""
+    """The path as written in generated headers: a spec or config this mapgen ships by its
+    shipped name (`specs/llama.yaml`, wherever the wheel is installed), anything else relative
+    to the working directory; never absolute, so the output is the same on every machine, in
+    every virtualenv."""
     absolute = Path(path).resolve()
+    shipped = folder("specs")
+    if shipped is not None and absolute.is_relative_to(shipped.resolve()):
+        return "specs/" + absolute.relative_to(shipped.resolve()).as_posix()
     try:
         return absolute.relative_to(Path.cwd().resolve()).as_posix()
     except ValueError:
@@ -89,7 +97,7 @@ def read_targets(root: Path) -> list[TargetEntry]:
                 f"{', '.join(OPTIONAL_TARGET_KEYS)}",
             )
             continue
-        values = {key: entry.value[key].value for key in TARGET_KEYS}
+        values: dict[str, object] = {key: entry.value[key].value for key in TARGET_KEYS}
         values.update({key: entry.value[key].value if key in entry.value else default
                        for key, default in OPTIONAL_TARGET_KEYS.items()})
         if values["layout"] not in LAYOUTS:
@@ -98,8 +106,14 @@ def read_targets(root: Path) -> list[TargetEntry]:
         if values["model"] not in MODEL_CLASSES:
             errors.add(entry.value["model"].loc, f"model must be one of {', '.join(MODEL_CLASSES)}")
             continue
+        if not isinstance(values["checked_in"], bool):
+            errors.add(entry.value["checked_in"].loc, "checked_in must be true or false")
+            continue
         entries.append(
-            TargetEntry(name, str(values["spec"]), str(values["config"]), str(values["layout"]), str(values["model"]))
+            TargetEntry(
+                name, str(values["spec"]), str(values["config"]), str(values["layout"]), str(values["model"]),
+                bool(values["checked_in"]),
+            )
         )
     errors.raise_if_any()
     return entries
@@ -166,22 +180,20 @@ def check_shown_path(path: str, what: str) -> None:
         )
 
 
-def compile_target(
+def build_target(
     name: str,
     spec_path: Path,
     config_path: Path,
     layout: str,
     regenerate: str,
     shown_paths: tuple[str, str] | None = None,
-    formatted: bool = True,
     hf_experts: str = "per_expert",
     model: str = "gpt",
-) -> str:
-    """Build one module's source text; raises SpecError listing every problem found.
+) -> tuple[Target, list[str]]:
+    """The target's IR and header lines; raises SpecError listing every problem found.
 
     `shown_paths` are the spec and config paths as headers and messages give them (default:
-    relative to the working directory); `formatted=False` returns the template's output as it
-    goes into black. `hf_experts` is how the checkpoint stores MoE experts: `per_expert`
+    relative to the working directory). `hf_experts` is how the checkpoint stores MoE experts: `per_expert`
     tensors (as published, and as transformers saves), or `stacked` along a leading expert dim
     (transformers' in-memory layout), which rules read through their `fused_hf`."""
     if model not in MODEL_CLASSES:
@@ -263,12 +275,51 @@ def compile_target(
         f"Config: {config_source.path} sha256:{config_source.sha256}",
         f"Regenerate: {regenerate}",
     ]
-    source = render(target, header)
+    return target, header
+
+
+def _checked_source(source: str, what: str, formatted: bool) -> str:
     with gcpause.paused():  # the syntax tree of a large module is millions of objects
-        tree = check(source, name)
+        tree = check(source, what)
         formatted_source = format_source(source, tree) if formatted else source
         del tree
     return formatted_source
+
+
+def compile_target(
+    name: str,
+    spec_path: Path,
+    config_path: Path,
+    layout: str,
+    regenerate: str,
+    shown_paths: tuple[str, str] | None = None,
+    formatted: bool = True,
+    hf_experts: str = "per_expert",
+    model: str = "gpt",
+) -> str:
+    """One module's source text (the one-file form: `mapgen build ... -o OUT.py`); the
+    arguments as `build_target`'s, and `formatted=False` returns the template's output as it
+    goes into black."""
+    target, header = build_target(name, spec_path, config_path, layout, regenerate, shown_paths, hf_experts, model)
+    return _checked_source(render(target, header), name, formatted)
+
+
+def compile_package(
+    name: str,
+    spec_path: Path,
+    config_path: Path,
+    layout: str,
+    regenerate: str,
+    shown_paths: tuple[str, str] | None = None,
+    hf_experts: str = "per_expert",
+    model: str = "gpt",
+    experts_per_part: int = EXPERTS_PER_PART,
+) -> dict[str, str]:
+    """The target as a package: file name -> source (`__init__.py` and one file per part; a
+    layer with more experts than `experts_per_part` has them cut in ranges of that many)."""
+    target, header = build_target(name, spec_path, config_path, layout, regenerate, shown_paths, hf_experts, model)
+    files = render_package(target, header, experts_per_part)
+    return {file: _checked_source(text, f"{name}/{file}", True) for file, text in files.items()}
 
 
 def _first_line(exc: BaseException) -> str:
@@ -483,27 +534,31 @@ class Skipped:
     reason: str
 
 
-def _timed_compile(root: Path, entry: TargetEntry) -> tuple[str | Skipped, float]:
+Package = dict[str, str]  # a target package: file name -> source
+
+
+def _timed_compile(root: Path, entry: TargetEntry) -> tuple[Package | Skipped, float]:
     quiet_libraries()  # in a worker process of its own
     started = time.perf_counter()
     try:
-        source: str | Skipped = compile_entry(root, entry)
+        files: Package | Skipped = compile_entry(root, entry)
     except NeedsNewerMegatronCore as exc:
-        source = Skipped(str(exc))
-    return source, time.perf_counter() - started
+        files = Skipped(str(exc))
+    return files, time.perf_counter() - started
 
 
-def compile_entries(root: Path, entries: list[TargetEntry]) -> Iterator[tuple[TargetEntry, str | Skipped, float]]:
-    """(entry, source, seconds) for each entry, in order, built two at a time in processes of
-    their own (the large MoE targets take tens of seconds each). A target this megatron-core
-    cannot build gives `Skipped` (a later release can: the list serves every supported stack)."""
+def compile_entries(root: Path, entries: list[TargetEntry]) -> Iterator[tuple[TargetEntry, Package | Skipped, float]]:
+    """(entry, its package's files, seconds) for each entry, in order, built two at a time in
+    processes of their own (the large MoE targets take tens of seconds each). A target this
+    megatron-core cannot build gives `Skipped` (a later release can: the list serves every
+    supported stack)."""
     if len(entries) < 2:
         for entry in entries:
             yield (entry, *_timed_compile(root, entry))
         return
     def previous_size(entry: TargetEntry) -> int:  # the largest (slowest) ones start first
-        path = root / entry.output
-        return path.stat().st_size if path.exists() else 0
+        folder = root / entry.output
+        return sum(f.stat().st_size for f in folder.glob("*.py")) if folder.is_dir() else 0
 
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=min(2, os.cpu_count() or 1), mp_context=context) as pool:
@@ -512,8 +567,8 @@ def compile_entries(root: Path, entries: list[TargetEntry]) -> Iterator[tuple[Ta
             yield (entry, *futures[entry.name].result())
 
 
-def compile_entry(root: Path, entry: TargetEntry) -> str:
-    return compile_target(
+def compile_entry(root: Path, entry: TargetEntry) -> Package:
+    return compile_package(
         entry.name,
         root / entry.spec,
         root / entry.config,

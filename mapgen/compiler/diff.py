@@ -1,4 +1,4 @@
-"""`mapgen diff`: what changed between two builds of a generated module, grouped by rule.
+"""`mapgen diff`: what changed between two builds of a target, grouped by rule.
 
 A one-rule change in a spec can touch tens of thousands of functions (DeepSeek-V3's expert
 `linear_fc2` rule: 29,696), so a raw diff of two builds says little. This module summarises
@@ -6,7 +6,18 @@ it: per rule, how many parameters changed and how (kind, HF names, shape, dtype,
 transform and its arguments), with ONE representative before/after whose layer and expert
 numbers are abstracted (`decoder.layers.<L>.mlp.experts.linear_fc2.weight<E>`); the parameters
 added or removed, counted per rule and abstracted name; and the changes to the module-level
-tables (header lines, DIMS fields, RULES entries, HF_TENSORS, IGNORED_HF, TIED).
+tables (header lines, DIMS fields, RULES entries, HF_TENSORS, IGNORED_HF, TIED, a package's
+PARTS).
+
+Forms. A build is a one-file module (format 1, as generated/ held it before packages, or format
+2) or a target package; `mapgen.compiler.diffread` reads either into one `Module`, a package's
+parts joined into the rows and functions its one-file module would have, so that any two builds
+compare alike. Builds of two forms are compared on what the form does not decide (a `form:` line
+says the forms; imports, docstrings, FORMAT, PARTS and the tables' comments are left out). A
+package's functions carry no docstring, so its parameters' kinds are their rules' (RULES); a
+module's docstrings say the kind as decided (`auto -> row`), and are compared where both sides
+have them. A file that is not a whole generated module (not one at all, or cut short) is said so,
+naming it, and never summarised as a module that lost or gained every parameter.
 
 Cost. A module is tens of megabytes, so it is never parsed whole. Its text is cut into
 top-level blocks with one regular expression (a block starts at a line that starts in column 0
@@ -28,25 +39,39 @@ from __future__ import annotations
 
 import ast
 import re
-import subprocess
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from mapgen.common.errors import MapgenError
+from mapgen.compiler.diffread import (
+    Module,
+    NotModule,
+    Table,
+    Target,
+    Tree,
+    git,
+    is_package_init,
+    load,
+    looks_generated,
+    package_texts,
+    read_target,
+    read_text,
+    split_module as split_module,
+    targets,
+)
 
-# A top-level block starts at a line that starts in column 0 and does not close a bracket.
-_TOP = re.compile(r"\n(?=[^\s)\]}])")
-# A row of a table written one row per line (black's magic trailing comma) is indented by 4.
-_ROW = re.compile(r"\n(?=    [^\s)\]}])")
-_NAME = re.compile(r"[A-Za-z_]\w*")
 _STRING = re.compile(r"\"([^\"\\]*)\"|'([^'\\]*)'")
 _FIELD = re.compile(r"([A-Za-z_]\w*)=(?!=)")
-_DEF = re.compile(r"def ([A-Za-z_]\w*)\(")
 _DOC = re.compile(r'\n    """(.*?)"""', re.DOTALL)
-_FUNCTION_FIELDS = re.compile(r",\s*([A-Za-z_]\w*),\s*([A-Za-z_]\w*),?\s*\)$")
-_HEADER = re.compile(r"# ([A-Za-z][\w ]*?):\s+(.*)")
+# a row's two functions: `import_x, export_x` (a package's joined rows: `layer_003.import_x, ...`)
+_FUNCTION_FIELDS = re.compile(r",\s*([A-Za-z_][\w.]*),\s*([A-Za-z_][\w.]*),?\s*\)$")
 _HEX = re.compile(r"\b([0-9a-f]{12})[0-9a-f]{20,}\b")
+# a ParamPlan row's rule index (its 8th field), without parsing the row
+_ROW_RULE = re.compile(
+    r"\w+\(\s*\"[^\"]*\",\s*\([^()]*\),\s*\"[^\"]*\",(?:\s*(?:None|True|False|-?\d+),){4}\s*(\d+),\s*\("
+)
+_DOC_RULE = re.compile(r"rule (\d+)")
 
 # Layer and expert numbers in names: megatron-core's `decoder.layers.3`, `local_experts.5`, TE's
 # grouped `linear_fc1.weight5`, HF's `model.layers.3`, `experts.5`, a stacked slice
@@ -71,109 +96,6 @@ TABLES_SHOWN = 8  # rows shown per module-level table before "... and N more"
 GROUPS_SHOWN = 12  # groups of changed parameters shown per module
 EXAMPLE_WIDTH, EXAMPLE_CONTEXT = 160, 48  # a longer example line is cut to its change and this much
 ARROW_CONTEXT = 16  # `what: before -> after` lines longer than 100 keep this much around the change
-
-
-@dataclass
-class Table:
-    """A table written one row per line: the text around its rows, and its rows by key."""
-
-    head: str
-    rows: dict[str, str]
-
-
-@dataclass
-class Module:
-    """A generated module cut into its top-level blocks, each kept as text."""
-
-    header: dict[str, str] = field(default_factory=dict)  # "# Spec: ..." -> {"Spec": "..."}
-    statements: dict[str, str] = field(default_factory=dict)  # other blocks, by name
-    tables: dict[str, Table] = field(default_factory=dict)
-    functions: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def params(self) -> dict[str, str]:
-        table = self.tables.get("PARAMS")
-        return table.rows if table is not None else {}
-
-    @property
-    def rule_ids(self) -> list[str]:
-        table = self.tables.get("RULES")
-        return list(table.rows) if table is not None else []
-
-
-def _first_string(text: str) -> str | None:
-    found = _STRING.search(text)
-    return None if found is None else found.group(1) if found.group(1) is not None else found.group(2)
-
-
-def _row_key(row: str) -> str:
-    """A row's identity: `name=` of a call's keyword row (DIMS), else its first string (the
-    Megatron name, HF name, rule id or dict key), else its text."""
-    keyword = _FIELD.match(row)
-    if keyword is not None:
-        return keyword.group(1)
-    return _first_string(row) or row
-
-
-def _unique(keys: dict[str, str], key: str) -> str:
-    if key not in keys:
-        return key
-    n = 2
-    while f"{key} #{n}" in keys:
-        n += 1
-    return f"{key} #{n}"
-
-
-def split_module(text: str) -> Module:
-    """Cut `text` into blocks without parsing it (see the module doc)."""
-    module = Module()
-    comments: list[str] = []
-    in_header = True
-    for block in _TOP.split(text):
-        block = block.rstrip()
-        if not block:
-            continue
-        if block.startswith("#"):
-            if in_header:
-                found = _HEADER.fullmatch(block)
-                key = found.group(1) if found else f"line {len(module.header) + 1}"
-                module.header[_unique(module.header, key)] = found.group(2) if found else block
-            else:
-                comments.append(block)  # belongs to the statement it precedes
-            continue
-        in_header = False
-        defined = _DEF.match(block)
-        if defined is not None:
-            module.functions[_unique(module.functions, defined.group(1))] = block
-            comments.clear()
-            continue
-        first_line, _, body = block.partition("\n")
-        name_match = _NAME.match(block)
-        if block.startswith(('"""', "'''")):
-            key = "docstring"
-        elif block.startswith(("from ", "import ")):
-            key = first_line.split(" import")[0]
-        else:
-            key = name_match.group(0) if name_match else first_line
-        key = _unique(module.statements, key)
-        last_line = body.rstrip().rsplit("\n", 1)[-1]
-        if first_line.endswith(("(", "[", "{")) and last_line in (")", "]", "}"):  # rows between them
-            rows: dict[str, str] = {}
-            inner = body.rstrip()
-            inner = inner[: inner.rfind("\n") + 1] if "\n" in inner else ""
-            head = "\n".join([*comments, first_line])
-            for row in _ROW.split("\n" + inner):
-                row = row.strip()
-                if row:
-                    row = row[:-1] if row.endswith(",") else row
-                    rows[_unique(rows, _row_key(row))] = row
-            if rows and key not in module.tables and not key.startswith(("from ", "import ")):
-                module.tables[key] = Table(head, rows)
-                comments.clear()
-                continue
-        module.statements[key] = "\n".join([*comments, block])
-        comments.clear()
-    return module
 
 
 # --- abstraction and display -------------------------------------------------------------------
@@ -327,6 +249,22 @@ def expr_changes(side: str, old: ast.expr, new: ast.expr, where: str = "") -> li
     return [(label, _show_node(old), _show_node(new))]
 
 
+def _named(node: ast.expr) -> ast.expr:
+    """`dict(zip(("n1", "n2"), values))`, how format 1 wrote the export of several HF tensors,
+    as format 2's `rt.named(values, "n1", "n2")`, which means the same."""
+    if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "dict"):
+        return node
+    if len(node.args) != 1 or node.keywords:
+        return node
+    inner = node.args[0]
+    if not (isinstance(inner, ast.Call) and isinstance(inner.func, ast.Name) and inner.func.id == "zip"):
+        return node
+    if len(inner.args) != 2 or inner.keywords or not isinstance(inner.args[0], ast.Tuple):
+        return node
+    named = ast.Attribute(ast.Name("rt", ast.Load()), "named", ast.Load())
+    return ast.Call(named, [inner.args[1], *inner.args[0].elts], [])
+
+
 class _Compared:
     """Changes between two abstracted snippets, worked out once per distinct pair of texts (the
     functions of one rule are a handful of texts once their numbers are abstracted)."""
@@ -339,6 +277,8 @@ class _Compared:
         key = (label, old, new)
         if key not in self.pairs:
             a, b = _parse(old), _parse(new)
+            if label == "export" and a is not None and b is not None:
+                a, b = _named(a), _named(b)
             if a is None or b is None:
                 changes = [] if _one_line(old) == _one_line(new) else [(label, shown(_one_line(old)), shown(_one_line(new)))]
             else:
@@ -375,12 +315,38 @@ def _function_parts(text: str) -> tuple[str, str]:
     return (doc.group(1) if doc else "", text[body + len("\n    return ") :] if body >= 0 else text)
 
 
-def _kind_and_rule(doc: str) -> tuple[str, str]:
-    """`auto -> row: <rule id>.` -> ("auto -> row", "<rule id>")."""
+def _row_rule(row: str, module: Module) -> str:
+    """A PARAMS row's rule (its index resolved to the rule's id), "?" if it has none."""
+    found = _ROW_RULE.match(row)
+    if found is not None:
+        index: object = int(found.group(1))
+    else:
+        fields = _plan_fields(row, [])
+        index = fields[7] if fields is not None else None
+    return module.rule_id(index) if isinstance(index, int) else "?"
+
+
+@dataclass(frozen=True)
+class _Kind:
+    """A parameter's kind and rule. Modules say both in the import function's docstring
+    (`auto -> row: rule 6.`; format 1: `auto -> row: <rule id>.`); a package's functions have no
+    docstring, and its kind is the rule's, as RULES gives it (`described` False)."""
+
+    kind: str
+    rule: str
+    described: bool
+
+
+def _kind_and_rule(doc: str, row: str, module: Module) -> _Kind:
+    if not doc:
+        rule = _row_rule(row, module)
+        return _Kind(module.rule_kind(rule), rule, False)
     kind, sep, rule = doc.partition(": ")
     if not sep or not rule.endswith("."):
-        return doc, "?"
-    return kind, rule[:-1]
+        return _Kind(doc, "?", True)
+    rule = rule[:-1]
+    index = _DOC_RULE.fullmatch(rule)
+    return _Kind(kind, module.rule_id(int(index.group(1))) if index else rule, True)
 
 
 def _plan_fields(row: str, rule_ids: list[str]) -> list[object] | None:
@@ -446,19 +412,19 @@ class _ParamDiff:
             old_row = old_params.get(name)
             new = _side(self.new, new_row, self.used)
             if old_row is None:
-                self._count(self.added, name, new)
+                self._count(self.added, name, new, self.new)
                 continue
             old = _side(self.old, old_row, self.used)
             if old != new:
                 self._compare(name, old, new)
         for name, old_row in old_params.items():
             if name not in new_params:
-                self._count(self.removed, name, _side(self.old, old_row, self.used))
+                self._count(self.removed, name, _side(self.old, old_row, self.used), self.old)
 
-    def _count(self, table: dict[tuple[str, str], _Counted], name: str, side: _Side) -> None:
-        kind, rule = _kind_and_rule(_function_parts(side.import_fn)[0])
+    def _count(self, table: dict[tuple[str, str], _Counted], name: str, side: _Side, module: Module) -> None:
+        found = _kind_and_rule(_function_parts(side.import_fn)[0], side.row, module)
         pattern, layers, experts = abstract(name)
-        counted = table.setdefault((rule, pattern), _Counted(kind=kind))
+        counted = table.setdefault((found.rule, pattern), _Counted(kind=found.kind))
         counted.count += 1
         counted.layers.update(layers)
         counted.experts.update(experts)
@@ -470,13 +436,13 @@ class _ParamDiff:
         new_doc, new_import = _function_parts(new.import_fn)
         old_export = _function_parts(old.export_fn)[1]
         new_export = _function_parts(new.export_fn)[1]
-        old_kind, old_rule = _kind_and_rule(old_doc)
-        new_kind, new_rule = _kind_and_rule(new_doc)
-        if old_doc != new_doc:
-            if old_rule != new_rule:
-                changes.append(("rule", old_rule, new_rule))
-            if old_kind != new_kind:
-                changes.append(("kind", repr(old_kind), repr(new_kind)))
+        a_kind = _kind_and_rule(old_doc, old.row, self.old)
+        b_kind = _kind_and_rule(new_doc, new.row, self.new)
+        if a_kind.rule != b_kind.rule:
+            changes.append(("rule", a_kind.rule, b_kind.rule))
+        if a_kind.described and b_kind.described and a_kind.kind != b_kind.kind:
+            changes.append(("kind", repr(a_kind.kind), repr(b_kind.kind)))
+        if changes and a_kind.described and b_kind.described:
             example.append(("doc", old_doc, new_doc))
         if old.row != new.row:
             a, b = _plan_fields(old.row, self.old_rules), _plan_fields(new.row, self.new_rules)
@@ -486,9 +452,9 @@ class _ParamDiff:
                 plan = [
                     (what, _shown_value(x), _shown_value(y))
                     for what, x, y in zip(PLAN_FIELDS, a, b)
-                    if x != y and not (what == "rule" and old_rule != new_rule)  # said above
+                    if x != y and what != "rule"  # the rule: said above
                 ]
-            if plan:
+            if plan or (changes and not example):
                 changes.extend(plan)
                 example.append(("row", old.row, new.row))
         for label, a_text, b_text in (("import", old_import, new_import), ("export", old_export, new_export)):
@@ -506,7 +472,7 @@ class _ParamDiff:
             self.layout_only += 1
             return
         self.changed += 1
-        rule = new_rule if new_rule != "?" else old_rule
+        rule = b_kind.rule if b_kind.rule != "?" else a_kind.rule
         group = self.groups.setdefault((rule, tuple(changes)), _Group(rule, tuple(changes)))
         group.count += 1
         _, layers, experts = abstract(name)
@@ -741,14 +707,30 @@ def _shape_of(row: str) -> str:
 
 
 def summarize(old_text: str, new_text: str, label: str, groups_shown: int = GROUPS_SHOWN) -> list[str]:
-    """The summary of two builds of one module (`label` names it); [] if they are equal."""
+    """The summary of two builds of one module (`label` names it); [] if they are equal. The
+    texts are taken as modules (see `summarize_file` for texts that may not be)."""
     if old_text == new_text:
         return []
-    old, new = split_module(old_text), split_module(new_text)
-    body = _header_lines(old, new) + _statement_lines(old, new)
+    return summarize_modules(split_module(old_text), split_module(new_text), label, groups_shown)
+
+
+def summarize_modules(old: Module, new: Module, label: str, groups_shown: int = GROUPS_SHOWN) -> list[str]:
+    """The summary of two builds of a target, each a one-file module or a package (`read_package`,
+    `diffread.load`); builds of different forms are compared on what the form does not decide."""
+    same_form = (old.form, old.format) == (new.form, new.format)
+    body = [] if same_form else [f"  form: {old.describe()} -> {new.describe()}"]
+    if not same_form:
+        old, new = _without_form(old), _without_form(new)
+    old, new = _tables_as_statements(old, new), _tables_as_statements(new, old)
+    body += _header_lines(old, new) + _statement_lines(old, new)
     for name in dict.fromkeys([*old.tables, *new.tables]):
-        if name != "PARAMS":
+        if name == "PARTS" and name in old.tables and name in new.tables:
+            body.extend(_parts_lines(old.tables[name].rows, new.tables[name].rows))
+        elif name != "PARAMS":
             body.extend(_table_lines(name, old.tables.get(name), new.tables.get(name)))
+    if old.strays != new.strays:
+        strays = [", ".join(m.strays) or _MISSING for m in (old, new)]
+        body.append(f"  files PARTS does not list: {strays[0]} -> {strays[1]}")
     params = _ParamDiff(old, new)
     params.run()
     body.extend(_group_lines(params, groups_shown))
@@ -763,7 +745,8 @@ def summarize(old_text: str, new_text: str, label: str, groups_shown: int = GROU
             body.extend(_capped(lines, f"kinds of {sign} parameters", "    "))
     if params.layout_only:
         differ = "differs" if params.layout_only == 1 else "differ"
-        body.append(f"  {_count(params.layout_only, 'parameter')} {differ} only in layout (the same Python)")
+        how = "layout (the same Python)" if same_form else "form (the same fields, rules and expressions)"
+        body.append(f"  {_count(params.layout_only, 'parameter')} {differ} only in {how}")
     other = _other_function_lines(old, new, params.used)
     body.extend(other)
     n_old, n_new = len(old.params), len(new.params)
@@ -774,6 +757,65 @@ def summarize(old_text: str, new_text: str, label: str, groups_shown: int = GROU
     if not body:
         body = ["  the texts differ only in layout (the same Python)"]
     return [title, *body]
+
+
+# what only the form decides, left out when builds of two forms are compared: the module's
+# docstring (its counts are the title's), imports, FORMAT, a package's PARTS and __getattr__, a
+# one-file module's IMPORTS and EXPORTS, and the comments above the tables
+_FORM_STATEMENTS = ("docstring", "FORMAT", "IMPORTS", "EXPORTS", "PARTS")
+
+
+def _without_form(module: Module) -> Module:
+    def kept(name: str) -> bool:
+        return name not in _FORM_STATEMENTS and not name.startswith(("from ", "import "))
+
+    return Module(
+        header=module.header,
+        statements={k: _uncommented(v) for k, v in module.statements.items() if kept(k)},
+        tables={k: Table(_uncommented(t.head), t.rows) for k, t in module.tables.items() if kept(k)},
+        functions={k: v for k, v in module.functions.items() if k != "__getattr__"},
+        form=module.form,
+        parts=module.parts,
+        strays=module.strays,
+    )
+
+
+def _tables_as_statements(module: Module, other: Module) -> Module:
+    """`module` with its tables that are one-line statements in `other` (`SOURCES`, as black
+    writes it short or long) written back as statements, so that the two compare."""
+    names = [name for name in module.tables if name in other.statements and name not in other.tables]
+    if not names:
+        return module
+    statements, tables = dict(module.statements), dict(module.tables)
+    for name in names:
+        table = tables.pop(name)
+        closer = {"(": ")", "[": "]", "{": "}"}[table.head[-1]]
+        statements[name] = "\n".join([table.head, *(f"    {row}," for row in table.rows.values()), closer])
+    return replace(module, statements=statements, tables=tables)
+
+
+def _uncommented(text: str) -> str:
+    return "\n".join(line for line in text.split("\n") if not line.startswith("#"))
+
+
+def _parts_lines(a_rows: dict[str, str], b_rows: dict[str, str]) -> list[str]:
+    """A package's PARTS: the parts added, removed, and changed (their counts), by name, with
+    one changed row before and after."""
+    changed = [k for k in b_rows if k in a_rows and a_rows[k] != b_rows[k] and not _same_value(a_rows[k], b_rows[k])]
+    lines = []
+    for sign, names in (
+        ("added", [k for k in b_rows if k not in a_rows]), ("removed", [k for k in a_rows if k not in b_rows]),
+        ("changed", changed),
+    ):
+        if names:
+            more = f" and {len(names) - 4:,} more" if len(names) > 4 else ""
+            lines.append(f"  PARTS {sign}: {_count(len(names), 'part')}: {', '.join(names[:4])}{more}")
+    if changed:
+        before, after = _squeeze(_display(a_rows[changed[0]]), _display(b_rows[changed[0]]), context=ARROW_CONTEXT)
+        lines.append(f"    e.g. {before} -> {after}")
+    if [k for k in a_rows if k in b_rows] != [k for k in b_rows if k in a_rows]:
+        lines.append("  PARTS: order changed")
+    return lines
 
 
 def _group_lines(params: _ParamDiff, groups_shown: int) -> list[str]:
@@ -838,27 +880,56 @@ def _other_function_lines(old: Module, new: Module, used: set[str]) -> list[str]
     return [f"  functions no PARAMS row names: {changed} changed, {added} added, {removed} removed"]
 
 
-def _is_module(text: str) -> bool:
-    return "\nPARAMS" in text or text.startswith("# @generated by mapgen")
+Content = dict[str, str] | str  # a package's files (name -> text), or one file's text
+
+
+def _form_word(content: Content) -> str:
+    return "package" if isinstance(content, dict) else "one-file module"
+
+
+def _sized(module: Module) -> str:
+    parts = f", {_count(module.parts, 'part')}" if module.form == "package" else ""
+    return f"{len(module.params):,} parameters, {len(module.rule_ids)} rules{parts}"
+
+
+def summarize_builds(
+    old: Content | None, new: Content | None, label: str, old_shown: str = "", new_shown: str = ""
+) -> list[str]:
+    """Two builds of a target, each a one-file module's text or a package's files, either
+    missing (added, removed); `old_shown` and `new_shown` name them in messages (default: the
+    label, with "(old)" or "(new)"). A file that is not a whole generated module is said so, naming it, never summarised
+    as a module that lost or gained every parameter; two such files, as differing."""
+    if old is None and new is None or old == new:
+        return []
+    if old is None or new is None:
+        content = new if old is None else old
+        assert content is not None
+        what = "added" if old is None else "removed"
+        if isinstance(content, str) and not looks_generated(content):
+            return [f"{label}: {what}"]
+        try:
+            module = load(content, (new_shown if old is None else old_shown) or label)
+        except NotModule as exc:
+            return [f"{label}: {what}; {exc}"]
+        return [f"{label}: {what} ({_sized(module)})"]
+    if not any(isinstance(c, dict) or looks_generated(c) for c in (old, new)):
+        return [f"{label}: differs (not a generated module)"]
+    modules: list[Module] = []
+    problems: list[str] = []
+    for content, name in ((old, old_shown or f"{label} (old)"), (new, new_shown or f"{label} (new)")):
+        try:
+            modules.append(load(content, name))
+        except NotModule as exc:
+            problems.append(str(exc))
+    if problems:
+        form = "" if type(old) is type(new) else f"changed form ({_form_word(old)} -> {_form_word(new)}); "
+        return [f"{label}: {form}{'; '.join(problems)}"]
+    return summarize_modules(modules[0], modules[1], label)
 
 
 def summarize_file(old_text: str | None, new_text: str | None, label: str) -> list[str]:
-    """Either side may be missing (a file added or removed)."""
-    if old_text is None and new_text is None:
-        return []
-    if old_text is None or new_text is None:
-        text = new_text if old_text is None else old_text
-        assert text is not None
-        what = "added" if old_text is None else "removed"
-        if _is_module(text):
-            module = split_module(text)
-            return [f"{label}: {what} ({len(module.params):,} parameters, {len(module.rule_ids)} rules)"]
-        return [f"{label}: {what}"]
-    if old_text == new_text:
-        return []
-    if not (_is_module(old_text) or _is_module(new_text)):
-        return [f"{label}: differs (not a generated module)"]
-    return summarize(old_text, new_text, label)
+    """Two texts of one file, either missing (a file added or removed): `summarize_builds`."""
+    return summarize_builds(old_text, new_text, label)
 
 
 def report(sections: Iterable[list[str]]) -> str:
@@ -867,61 +938,68 @@ def report(sections: Iterable[list[str]]) -> str:
     return "\n".join(lines) + "\n" if lines else "no difference\n"
 
 
-# --- inputs: two files, two folders, or the working tree against a git revision --------------
+# --- inputs: two builds, two folders of them, or the working tree against a git revision -------
 
 
-def _read(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise MapgenError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
+def _paired(
+    old: Tree, new: Tree, old_targets: dict[str, Target], new_targets: dict[str, Target]
+) -> Iterator[list[str]]:
+    """Each target of either tree against the same target (`targets`' key) of the other: one
+    summary each, the targets read one pair at a time."""
+    for key in sorted(set(old_targets) | set(new_targets)):
+        a, b = old_targets.get(key), new_targets.get(key)
+        either = b or a
+        assert either is not None
+        label = key if any(t is not None and t.package for t in (a, b)) else either.path
+        old_shown, old_content = read_target(old, a) if a is not None else ("", None)
+        new_shown, new_content = read_target(new, b) if b is not None else ("", None)
+        yield summarize_builds(old_content, new_content, label, old_shown, new_shown)
 
 
-def _modules_under(folder: Path) -> dict[str, Path]:
-    return {
-        p.relative_to(folder).as_posix(): p
-        for p in sorted(folder.rglob("*.py"))
-        if p.is_file() and "__pycache__" not in p.parts
-    }
+def _is_package(path: Path) -> bool:
+    init = path / "__init__.py"
+    return init.is_file() and is_package_init(read_text(init))
 
 
 def diff_paths(old: Path, new: Path) -> Iterator[list[str]]:
-    """Two files, or two folders whose `*.py` files are paired by their path inside them."""
-    if old.is_dir() and new.is_dir():
-        a, b = _modules_under(old), _modules_under(new)
-        for name in sorted(set(a) | set(b)):
-            yield summarize_file(
-                _read(a[name]) if name in a else None, _read(b[name]) if name in b else None, name
-            )
-        return
+    """Two builds of a target (each a one-file module or a package folder, either form against
+    either), or two folders of targets, paired by name (`tiny.py` or `tiny/` in each). Two
+    builds given are refused (MapgenError) unless each is a whole generated module or package."""
     for path in (old, new):
         if not path.exists():
             raise MapgenError(f"{path}: no such file or folder")
-    if old.is_dir() or new.is_dir():
-        raise MapgenError(f"give two files or two folders, not {old} and {new}")
-    yield summarize_file(_read(old), _read(new), new.as_posix() if old.name == new.name else f"{old} -> {new}")
-
-
-def _git(args: list[str], cwd: Path) -> bytes:
-    try:
-        done = subprocess.run(["git", *args], cwd=cwd, capture_output=True, check=False)
-    except OSError as exc:
-        raise MapgenError(f"cannot run git: {exc.strerror}") from None
-    if done.returncode != 0:
-        raise MapgenError(f"git {' '.join(args)}: {done.stderr.decode(errors='replace').strip()}")
-    return done.stdout
+    builds = [p.is_file() or _is_package(p) for p in (old, new)]
+    if all(builds):
+        contents: list[Content] = []
+        for path in (old, new):
+            content: Content = package_texts(path) if path.is_dir() else read_text(path)
+            if not contents or content != contents[0]:
+                load(content, path.as_posix())  # refused unless it is a whole build
+            contents.append(content)
+        label = new.as_posix() if old.name.removesuffix(".py") == new.name.removesuffix(".py") else f"{old} -> {new}"
+        yield summarize_builds(contents[0], contents[1], label, old.as_posix(), new.as_posix())
+        return
+    if any(builds) or not (old.is_dir() and new.is_dir()):
+        raise MapgenError(f"give two modules, two packages or two folders of targets, not {old} and {new}")
+    old_tree, new_tree = Tree(old), Tree(new)
+    old_names, new_names = old_tree.names(""), new_tree.names("")
+    if not old_names and not new_names:
+        raise MapgenError(f"{old}, {new}: no .py file there, in either folder")
+    yield from _paired(old_tree, new_tree, targets(old_tree, old_names), targets(new_tree, new_names))
 
 
 def diff_revision(rev: str, paths: list[Path], cwd: Path) -> Iterator[list[str]]:
-    """The working tree's `*.py` files under `paths` (default: the repository's generated/)
-    against the same paths at git revision `rev` (read with `git show REV:path`)."""
-    root = Path(_git(["rev-parse", "--show-toplevel"], cwd).decode().strip())
+    """The working tree's targets under `paths` (default: the repository's generated/) against
+    the same paths at git revision `rev`. A target is paired by name whatever its form on each
+    side: `generated/tiny.py` at REV against the package `generated/tiny/` in the working tree."""
+    root = Path(git(["rev-parse", "--show-toplevel"], cwd).decode().strip())
     try:
-        _git(["rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"], root)
+        git(["rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"], root)
     except MapgenError:
         raise MapgenError(f"{rev}: not a git revision of {root}") from None
-    old_files: set[str] = set()
-    new_files: dict[str, Path] = {}
+    old_tree, new_tree = Tree(root, rev), Tree(root)
+    old_names: set[str] = set()
+    new_names: set[str] = set()
     for path in paths or [root / "generated"]:
         absolute = (cwd / path).resolve()
         try:
@@ -929,19 +1007,12 @@ def diff_revision(rev: str, paths: list[Path], cwd: Path) -> Iterator[list[str]]
         except ValueError:
             raise MapgenError(f"{path} is not in the git repository {root}") from None
         relative = "" if relative == "." else relative
-        listed = _git(["ls-tree", "-r", "-z", "--name-only", rev, "--", relative or "."], root)
-        found_old = {n for n in listed.decode().split("\0") if n.endswith(".py")}
-        if absolute.is_dir():
-            found_new = {
-                (relative + "/" if relative else "") + name: p for name, p in _modules_under(absolute).items()
-            }
-        else:
-            found_new = {relative: absolute} if absolute.is_file() else {}
+        # the same target in the other form: `generated/tiny.py` and the package `generated/tiny`
+        other = relative.removesuffix(".py") if relative.endswith(".py") else f"{relative}.py" if relative else ""
+        found_old = set(old_tree.names(relative)) | (set(old_tree.names(other)) if other else set())
+        found_new = set(new_tree.names(relative)) | (set(new_tree.names(other)) if other else set())
         if not found_old and not found_new:
             raise MapgenError(f"{path}: no .py file there, in the working tree or at {rev}")
-        old_files |= found_old
-        new_files.update(found_new)
-    for name in sorted(old_files | set(new_files)):
-        old_text = _git(["show", f"{rev}:{name}"], root).decode() if name in old_files else None
-        new_text = _read(new_files[name]) if name in new_files else None
-        yield summarize_file(old_text, new_text, name)
+        old_names |= found_old
+        new_names |= found_new
+    yield from _paired(old_tree, new_tree, targets(old_tree, old_names), targets(new_tree, new_names))

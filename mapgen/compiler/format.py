@@ -26,6 +26,8 @@ MODE = Mode(
 
 _DIGITS = re.compile(r"\d")
 _TABLE_ROWS = 8  # tables longer than this are formatted row by row
+# the generated tables (PARAMS, HF_TENSORS) stand between these, one row a line, as rendered
+FMT_OFF, FMT_ON = "# fmt: off", "# fmt: on"
 
 
 def black_format(source: str) -> str:
@@ -62,17 +64,23 @@ class ShapeFormatter:
 
 def format_source(source: str, module: ast.Module | None = None) -> str:
     """`black_format(source)`, statement by statement. The text between top-level statements
-    (blank lines, comments) is kept as the template wrote it, which the test checks is black's."""
+    (blank lines, comments) is kept as the template wrote it, which the test checks is black's;
+    statements between `# fmt: off` and `# fmt: on` are kept as written, as black keeps them."""
     tree = module or ast.parse(source)
     lines = source.splitlines(keepends=True)
     formatter = ShapeFormatter()
     out: list[str] = []
     position = 0
+    verbatim = False  # inside `# fmt: off` ... `# fmt: on`, which black leaves as written
     for node in tree.body:
         first = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])]) - 1
         last = node.end_lineno or node.lineno
-        out.extend(lines[position:first])
-        out.append(_format_statement(formatter, node, lines[first:last]))
+        between = lines[position:first]
+        out.extend(between)
+        for line in between:
+            if line.strip() in (FMT_OFF, FMT_ON):
+                verbatim = line.strip() == FMT_OFF
+        out.append("".join(lines[first:last]) if verbatim else _format_statement(formatter, node, lines[first:last]))
         position = last
     out.extend(lines[position:])
     return "".join(out)

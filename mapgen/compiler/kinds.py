@@ -101,7 +101,7 @@ def _one_output(m: Mapping, value: str) -> str:
 
 
 def _outputs(m: Mapping, values: str) -> str:
-    return f"dict(zip({tuple(s.label for s in m.hf)!r}, {values}))"
+    return f"rt.named({values}, {', '.join(repr(s.label) for s in m.hf)})"
 
 
 def _described(m: Mapping) -> str:

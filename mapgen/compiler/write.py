@@ -181,3 +181,51 @@ def stale_diff(path: Path, content: str, shown: str, limit: int | None = None) -
         left = len(out) - limit
         out[limit:] = [f"... {left:,} more lines of this diff (`mapgen build`, then `git diff {shown}`, shows them all)\n"]
     return "".join(out)
+
+
+@dataclass(frozen=True)
+class WrittenPackage:
+    """What `write_package` did: the files it wrote (changed or new), the stale files it removed
+    (parts the target no longer has, a one-file module of the same name beside the folder,
+    temporary files a killed build left), and the folders it created."""
+
+    written: tuple[str, ...]
+    removed: tuple[Path, ...]
+    created: tuple[Path, ...]
+
+    def __bool__(self) -> bool:
+        return bool(self.written or self.removed)
+
+
+def stale_files(folder: Path, files: dict[str, str]) -> list[Path]:
+    """What in a package folder is not one of `files`: parts the target no longer has, and the
+    temporary files of a killed build (`.NAME.py.XXXX.tmp`)."""
+    if not folder.is_dir():
+        return []
+    return sorted(
+        p for p in folder.iterdir()
+        if (p.suffix == ".py" and p.name not in files) or (p.name.startswith(".") and p.name.endswith(".tmp"))
+    )
+
+
+def write_package(folder: Path, files: dict[str, str]) -> WrittenPackage:
+    """Write a target package into `folder`: each file as `write_if_changed` writes it (`__init__.py`
+    last, so an import never sees a new `__init__` with old parts), then remove what is stale:
+    parts the target no longer has, and a one-file module `folder.py` of the same target."""
+    if os.path.lexists(folder) and not folder.is_dir():
+        raise MapgenError(f"cannot write the package {folder}: it is {file_kind(os.lstat(folder).st_mode)}, not a folder")
+    created = make_folders(folder)
+    written: list[str] = []
+    order = sorted(files, key=lambda name: name == "__init__.py")
+    for name in order:
+        if write_if_changed(folder / name, files[name]):
+            written.append(name)
+    removed: list[Path] = []
+    single = folder.with_name(folder.name + ".py")
+    for path in [*stale_files(folder, files), *([single] if os.path.lexists(single) and check_output(single) else [])]:
+        try:
+            path.unlink()
+        except OSError as exc:
+            raise MapgenError(f"cannot remove {path}, which the package {folder} replaces: {exc.strerror}") from None
+        removed.append(path)
+    return WrittenPackage(tuple(written), tuple(removed), tuple(created))

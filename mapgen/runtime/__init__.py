@@ -15,6 +15,7 @@ from mapgen.runtime.ops import (
     interleaved_gated_mlp_export,
     kv_export,
     kv_import,
+    named,
     qkv_export,
     qkv_import,
     reshape_import,
@@ -24,7 +25,22 @@ from mapgen.runtime.ops import (
 )
 from mapgen.common.layout import QKVGeometry
 from mapgen.runtime.gdn import gdn_conv_export, gdn_conv_import, gdn_in_proj_export, gdn_in_proj_import
-from mapgen.runtime.plan import ExportFn, HFTensorPlan, ImportFn, Loader, ParamPlan, RulePlan
+from mapgen.runtime.package import table as target_table
+from mapgen.runtime.plan import (
+    Ctx,
+    ExportFn,
+    HFOut,
+    HFRow,
+    HFTensorPlan,
+    ImportFn,
+    Loader,
+    Out,
+    ParamPlan,
+    ParamRow,
+    PartPlan,
+    Parts,
+    RulePlan,
+)
 from mapgen.runtime.transforms import (
     inverse_permutation,
     permute,
@@ -33,7 +49,15 @@ from mapgen.runtime.transforms import (
 )
 
 __all__ = [
+    "Ctx",
     "ExportFn",
+    "HFOut",
+    "HFRow",
+    "Out",
+    "ParamRow",
+    "PartPlan",
+    "Parts",
+    "target_table",
     "Group",
     "HFTensorPlan",
     "ImportFn",
@@ -60,6 +84,7 @@ __all__ = [
     "inverse_permutation",
     "kv_export",
     "kv_import",
+    "named",
     "permute",
     "qkv_export",
     "qkv_import",

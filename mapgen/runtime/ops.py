@@ -199,3 +199,10 @@ def fused_gated_mlp_export(parts: Sequence[torch.Tensor]) -> torch.Tensor:
     gate_up_proj), or one expert's slice of a stacked gate_up tensor."""
     gate, up = gated_mlp_export(parts)
     return torch.cat([gate, up], dim=0)
+
+
+def named(values: Sequence[torch.Tensor], *names: str) -> dict[str, torch.Tensor]:
+    """An export's HF tensors by name: `values` in the order of `names`."""
+    if len(values) != len(names):
+        raise ValueError(f"{len(values)} tensors for the {len(names)} HF names {', '.join(names)}")
+    return dict(zip(names, values))

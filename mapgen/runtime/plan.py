@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from collections.abc import Sequence
-from typing import Callable, Protocol
+from typing import Callable, NamedTuple, Protocol
 
 import torch
 
@@ -12,6 +12,12 @@ from mapgen.common.layout import QKVGeometry
 from mapgen.runtime.context import ParallelContext
 
 Loader = Callable[[str], torch.Tensor]
+
+# short names for the generated functions' signatures
+Ctx = ParallelContext
+Out = torch.Tensor | None  # the parameter to import into, or None for a new tensor
+Parts = Sequence[torch.Tensor]  # a parameter's shards, in TP (expert-TP) rank order
+HFOut = dict[str, torch.Tensor]  # HF name -> full tensor
 
 
 class ImportFn(Protocol):
@@ -63,6 +69,34 @@ class ParamPlan:
     exporter: ExportFn
 
 
+class ParamRow(NamedTuple):
+    """A ParamPlan as a package's part writes it (`P`), without what the part already says: the
+    name after the part's PREFIX, the HF tensors as indices into the part's own HF_TENSORS (or,
+    for a slice of a stacked-experts tensor another part holds, its whole `X[i]` label), the
+    dtype only where it is not the target's `DIMS.params_dtype`; the layer is the part's, and an
+    expert's parameter is expert-parallel. `mapgen.runtime.package` makes the ParamPlan."""
+
+    name: str
+    shape: tuple[int, ...]
+    split_dim: int | None
+    expert: int | None
+    rule: int
+    hf: tuple[int | str, ...]
+    importer: ImportFn
+    exporter: ExportFn
+    dtype: str | None = None
+
+
+class HFRow(NamedTuple):
+    """An HFTensorPlan as a part writes it (`H`): the name after the part's HF_PREFIX, the shape,
+    its place in the whole target's HF order, and the dtypes it is kept in float32 for."""
+
+    name: str
+    shape: tuple[int, ...]
+    at: int
+    float32: tuple[str, ...] = ()
+
+
 @dataclass(frozen=True)
 class HFTensorPlan:
     name: str
@@ -70,3 +104,21 @@ class HFTensorPlan:
     # the export dtypes in which the HF model keeps this tensor in float32 instead (transformers'
     # `_keep_in_fp32_modules_strict`: bfloat16 and float16; `_keep_in_fp32_modules`: float16)
     float32: tuple[str, ...] = ()
+    # where the tensor stands in the target's HF order (a package's parts each hold some of the
+    # tensors; their union, sorted by `at`, is the whole table); -1 in a one-file module, whose
+    # table is in HF order already
+    at: int = -1
+
+
+@dataclass(frozen=True)
+class PartPlan:
+    """One file of a target package: its module name, the decoder layer it holds (None for the
+    embedding, the output layer, the MTP block, the vision tower), the range of global expert
+    indices it holds (None: no experts, or all of the layer's), and how many Megatron parameters
+    and HF tensors it holds."""
+
+    module: str
+    layer: int | None
+    experts: tuple[int, int] | None  # [first, last + 1)
+    params: int
+    hf_tensors: int

@@ -183,12 +183,18 @@ def load_mapping_module(path: str | Path, name: str | None = None) -> ModuleType
     from mapgen.runtime.drivers import module_problems
 
     file = Path(path)
+    if file.is_dir() and (file / "__init__.py").is_file():  # a target package
+        file = file / "__init__.py"
     if not file.is_file():
         raise MapgenError(f"{file}: no such file")
     if file.suffix != ".py":
         raise MapgenError(f"{file}: not a mapgen mapping module: not a Python file (.py)")
-    module_name = name or f"mapgen_verify_{''.join(c if c.isalnum() else '_' for c in file.stem)}"
-    spec = importlib.util.spec_from_file_location(module_name, file)
+    package = file.name == "__init__.py"
+    stem = file.parent.name if package else file.stem
+    module_name = name or f"mapgen_verify_{''.join(c if c.isalnum() else '_' for c in stem)}"
+    spec = importlib.util.spec_from_file_location(
+        module_name, file, submodule_search_locations=[str(file.parent)] if package else None
+    )
     if spec is None or spec.loader is None:
         raise MapgenError(f"{file}: not a mapgen mapping module: Python cannot load it")
     module = importlib.util.module_from_spec(spec)

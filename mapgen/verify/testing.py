@@ -299,8 +299,13 @@ def _family_spec(model_type: str) -> Path | None:
 
 
 def import_module_from_path(path: Path, name: str | None = None) -> ModuleType:
-    module_name = name or f"mapgen_generated_{path.stem}"
-    spec = importlib.util.spec_from_file_location(module_name, path)
+    """A one-file module, or a target package (its folder), imported under `name`."""
+    package = Path(path).is_dir()
+    module_name = name or f"mapgen_generated_{Path(path).name if package else Path(path).stem}"
+    spec = importlib.util.spec_from_file_location(
+        module_name, Path(path) / "__init__.py" if package else path,
+        submodule_search_locations=[str(path)] if package else None,
+    )
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = module
