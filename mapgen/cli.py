@@ -258,9 +258,10 @@ def check_command() -> None:
 @click.argument("paths", nargs=-1, type=click.Path())
 @click.option("--rev", metavar="REV", help="Compare PATHS of the working tree (default: generated/) with git revision REV.")
 def diff_command(paths: tuple[str, ...], rev: str | None) -> None:
-    """What changed between two builds, grouped by rule: OLD NEW (two modules, or two folders
-    whose modules are paired by name), or --rev REV [PATHS...] (the working tree against REV).
-    Exit status 0: no difference, 1: differences, 2: an error."""
+    """What changed between two builds, grouped by rule: OLD NEW (two target packages, two
+    modules, a module and a package, or two folders whose targets are paired by name), or
+    --rev REV [PATHS...] (the working tree against REV). Exit status 0: no difference, 1:
+    differences, 2: an error (an input that is not a whole generated module or package)."""
     try:
         if rev is not None:
             sections = list(diff_revision(rev, [Path(p) for p in paths], Path.cwd()))

@@ -1,4 +1,5 @@
-"""Build the megatron-core GPTModel that a set of model dims describes (local layer spec)."""
+"""Build the megatron-core model that a set of model dims describes (GPTModel, HybridModel; the
+local layer spec, or TransformerEngine's for GPTModel), and set up its parallel state."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import functools
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -18,6 +20,29 @@ from mapgen.common.dims import ModelDims
 from mapgen.common.layout import MODEL_CLASSES
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """How models are built while `building` holds: megatron-core's layer specs (`local`, which
+    runs on CPU, or `te`, TransformerEngine's, which GPUs run) and TransformerConfig fields the
+    caller sets (dtype, recompute, fusions: nothing the module's DIMS decide; `mapgen.model`
+    refuses those)."""
+
+    spec: str = "local"
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+BUILD: ContextVar[BuildOptions] = ContextVar("mapgen_build_options", default=BuildOptions())
+
+
+@contextmanager
+def building(options: BuildOptions) -> Iterator[None]:
+    token = BUILD.set(options)
+    try:
+        yield
+    finally:
+        BUILD.reset(token)
 
 
 def ensure_single_process_parallel_state() -> None:
@@ -255,15 +280,10 @@ def _activation(name: str) -> Any:
     return {"silu": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu, "quick_gelu": quick_gelu}[name]
 
 
-def transformer_config(
-    dims: ModelDims, params_dtype: torch.dtype | None = None, layout: ParallelLayout | None = None
-) -> Any:
-    from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
-
-    dtype = params_dtype or DTYPES[dims.params_dtype]
-    layout = layout or ParallelLayout()
-    config_class = MLATransformerConfig if dims.multi_latent_attention else TransformerConfig
-    config = config_class(
+def architecture_fields(dims: ModelDims) -> dict[str, Any]:
+    """The TransformerConfig fields the dims decide (with a few run choices the MoE, linear
+    attention and MTP helpers set beside them: `mapgen.model` tells which a caller may change)."""
+    return dict(
         **_mtp_config(dims),
         **_moe_config(dims),
         **_mla_config(dims),
@@ -285,6 +305,19 @@ def transformer_config(
         qk_layernorm=dims.qk_layernorm,
         attention_output_gate=dims.attention_output_gate,
         layernorm_zero_centered_gamma=dims.layernorm_zero_centered_gamma,
+    )
+
+
+def transformer_config(
+    dims: ModelDims, params_dtype: torch.dtype | None = None, layout: ParallelLayout | None = None
+) -> Any:
+    from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
+
+    dtype = params_dtype or DTYPES[dims.params_dtype]
+    layout = layout or ParallelLayout()
+    config_class = MLATransformerConfig if dims.multi_latent_attention else TransformerConfig
+    fields = dict(
+        **architecture_fields(dims),
         hidden_dropout=0.0,
         attention_dropout=0.0,
         use_cpu_initialization=True,
@@ -306,6 +339,9 @@ def transformer_config(
         num_layers_in_last_pipeline_stage=layout.last_stage_layers,
         pipeline_dtype=dtype,
     )
+    if BUILD.get().spec == "te":  # TEGroupedMLP's experts (`weight<E>`), as the te layout names them
+        fields.update(moe_grouped_gemm=bool(dims.num_moe_experts), moe_token_dispatcher_type="alltoall")
+    config = config_class(**{**fields, **BUILD.get().overrides})
     if uses_gpt_yarn(dims):
         _set_gpt_yarn(config, dims)
     return config
@@ -327,28 +363,32 @@ def build_gpt_model(
     from megatron.core.models.gpt.gpt_model import GPTModel
 
     config = transformer_config(dims, params_dtype, layout)
+    te = BUILD.get().spec == "te"
     with warnings.catch_warnings(), _cuda_device_on_cpu():
         warnings.simplefilter("ignore")
-        block_spec = get_gpt_decoder_block_spec(
-            _without_linear_attention(config), use_transformer_engine=False, normalization=dims.normalization,
-            vp_stage=vp_stage,
-        )
-        if dims.layernorm_zero_centered_gamma:
-            _zero_centered_norms(block_spec)
-        if dims.linear_attention_layers:
-            _gated_delta_net_layers(block_spec, config, dims, vp_stage)
-        if dims.multi_latent_attention:
-            _mla_without_transformer_engine()
-            for layer_spec in block_spec.layer_specs:
-                layer_spec.submodules.self_attention.submodules.core_attention = _mla_core_attention()
+        if te:
+            block_spec = get_gpt_decoder_block_spec(config, use_transformer_engine=True, vp_stage=vp_stage)
+        else:
+            block_spec = get_gpt_decoder_block_spec(
+                _without_linear_attention(config), use_transformer_engine=False, normalization=dims.normalization,
+                vp_stage=vp_stage,
+            )
+            if dims.layernorm_zero_centered_gamma:
+                _zero_centered_norms(block_spec)
+            if dims.linear_attention_layers:
+                _gated_delta_net_layers(block_spec, config, dims, vp_stage)
+            if dims.multi_latent_attention:
+                _mla_without_transformer_engine()
+                for layer_spec in block_spec.layer_specs:
+                    layer_spec.submodules.self_attention.submodules.core_attention = _mla_core_attention()
         mtp_block_spec = None
         if dims.mtp_num_layers:
             # megatron-core's own MTP block spec: its layer is the decoder's last layer spec,
             # built on the last (virtual) pipeline stage only
             from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
 
-            mtp_block_spec = get_gpt_mtp_block_spec(config, block_spec, use_transformer_engine=False, vp_stage=vp_stage)
-            if mtp_block_spec is not None and dims.layernorm_zero_centered_gamma:
+            mtp_block_spec = get_gpt_mtp_block_spec(config, block_spec, use_transformer_engine=te, vp_stage=vp_stage)
+            if mtp_block_spec is not None and dims.layernorm_zero_centered_gamma and not te:
                 # enorm, hnorm and final_layernorm: TENorm in the TE spec, zero-centred as every norm
                 _zero_centered_norms(mtp_block_spec)
         return GPTModel(

@@ -1,0 +1,132 @@
+"""One-call jobs between an HF checkpoint folder and megatron-core model chunks, named as
+transformers and Megatron-Bridge users know them: load a module, build and load, load into
+existing chunks, export, save.
+
+Every function here that touches weights is a collective: call it on every rank of the job, at
+the same point, with the same arguments (each rank passes its own chunks). The parallel layout
+is megatron-core's `parallel_state`, and the vocabulary padding is Megatron-LM's (128 x TP by
+default, as `mapgen.build_model` pads it).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from mapgen.common.errors import MapgenError
+from mapgen.runtime.context import ParallelContext
+from mapgen.runtime.drivers import Converter, check_module, save_hf_checkpoint
+
+MEGATRON_LM_PADDING = 128  # Megatron-LM's make_vocab_size_divisible_by
+
+
+def load_module(path: str | Path, name: str | None = None) -> ModuleType:
+    """A generated module from its path: a target package's folder or a one-file module (an
+    importable one is simply imported: `from my_project import llama_map`). Imports no part of a
+    package: a Converter imports the parts its rank holds."""
+    where = Path(path)
+    package = where.is_dir()
+    file = where / "__init__.py" if package else where
+    if not file.is_file():
+        raise MapgenError(f"{where}: neither a target package's folder (with __init__.py) nor a module file")
+    module_name = name or f"mapgen_module_{''.join(c if c.isalnum() else '_' for c in (where.name if package else where.stem))}"
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    spec = importlib.util.spec_from_file_location(
+        module_name, file, submodule_search_locations=[str(where)] if package else None
+    )
+    if spec is None or spec.loader is None:
+        raise MapgenError(f"{where}: Python cannot load it")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+        check_module(module, f"load_module({where})")
+    except BaseException:
+        del sys.modules[module_name]
+        raise
+    return module
+
+
+def converter(module: Any, chunks: list[Any], *, make_vocab_size_divisible_by: int = MEGATRON_LM_PADDING) -> Converter:
+    """A Converter for this rank's chunks under megatron-core's current parallel layout: hold it
+    for repeated exports (an RL job's weight sync)."""
+    return Converter(module, chunks, ParallelContext.from_parallel_state(), make_vocab_size_divisible_by=make_vocab_size_divisible_by)
+
+
+def load_hf_weights(
+    module: Any, chunks: list[Any], hf_dir: str | Path, *, make_vocab_size_divisible_by: int = MEGATRON_LM_PADDING
+) -> int:
+    """Fill existing chunks from the HF checkpoint in `hf_dir` (every rank; each reads only what
+    it holds); returns how many parameters this rank filled."""
+    return converter(module, chunks, make_vocab_size_divisible_by=make_vocab_size_divisible_by).load(hf_dir)
+
+
+def from_hf_pretrained(
+    module: Any,
+    hf_dir: str | Path,
+    *,
+    spec: str = "local",
+    dtype: torch.dtype | str | None = None,
+    make_vocab_size_divisible_by: int = MEGATRON_LM_PADDING,
+    **overrides: Any,
+) -> list[Any]:
+    """Build this rank's chunks (`mapgen.build_model`) and load the HF checkpoint into them
+    (every rank)."""
+    from mapgen.model import build_model
+
+    chunks = build_model(
+        module, spec=spec, dtype=dtype, make_vocab_size_divisible_by=make_vocab_size_divisible_by, **overrides
+    )
+    load_hf_weights(module, chunks, hf_dir, make_vocab_size_divisible_by=make_vocab_size_divisible_by)
+    return chunks
+
+
+def export_hf_weights(
+    module: Any, chunks: list[Any], *, make_vocab_size_divisible_by: int = MEGATRON_LM_PADDING, **export: Any
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, full tensor) for the whole model, on every rank; every rank must iterate it to
+    the end (the gathers run inside). `export` as `Converter.export` (bucket_bytes, dtype, fp8,
+    ...)."""
+    return converter(module, chunks, make_vocab_size_divisible_by=make_vocab_size_divisible_by).export(**export)
+
+
+def save_hf_pretrained(
+    module: Any,
+    chunks: list[Any],
+    out_dir: str | Path,
+    hf_config: dict[str, Any] | str | Path,
+    *,
+    make_vocab_size_divisible_by: int = MEGATRON_LM_PADDING,
+    **save: Any,
+) -> None:
+    """Write an HF checkpoint folder (safetensors shards, index, config.json) from the chunks,
+    atomically (every rank; global rank 0 writes). `hf_config` is config.json's content, or the
+    path of a config.json or of a folder holding one (the checkpoint loaded). `save` as
+    `save_hf_checkpoint` (dtype, fp8, overwrite, max_shard_bytes, ...)."""
+    save_hf_checkpoint(
+        module, chunks, out_dir, _config(hf_config), ParallelContext.from_parallel_state(),
+        make_vocab_size_divisible_by=make_vocab_size_divisible_by, **save,
+    )
+
+
+def _config(hf_config: dict[str, Any] | str | Path) -> dict[str, Any]:
+    if isinstance(hf_config, dict):
+        return hf_config
+    path = Path(hf_config)
+    if path.is_dir():
+        path = path / "config.json"
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise MapgenError(f"hf_config {path}: cannot read it as config.json: {exc}") from None
+    if not isinstance(value, dict):
+        raise MapgenError(f"hf_config {path}: config.json holds a {type(value).__name__}, not an object")
+    return value
