@@ -62,13 +62,14 @@ def test_rank_layout_rounds_up_and_skips_other_models(packages: Path) -> None:
 
 def test_aggregate_best_time_smallest_rss() -> None:
     runs = [
-        {"seconds": 2.0, "maxrss_kib": 300 * 1024, "params": 5, "parts": 2, "modules": 3, "with_bytecode": 0, "others": []},
-        {"seconds": 1.5, "maxrss_kib": 310 * 1024, "params": 5, "parts": 2, "modules": 3, "with_bytecode": 0, "others": []},
+        {"seconds": 2.0, "maxrss_kib": 300 * 1024, "rss_growth_kib": 2048, "params": 5, "parts": 2, "modules": 3, "with_bytecode": 0, "others": []},
+        {"seconds": 1.5, "maxrss_kib": 310 * 1024, "rss_growth_kib": 4096, "params": 5, "parts": 2, "modules": 3, "with_bytecode": 0, "others": []},
     ]
     figure = tf.aggregate(runs, baseline_kib=200 * 1024)
     assert figure["seconds"] == 1.5 and figure["rss_mib"] == 300.0 and figure["rss_delta_mib"] == 100.0
-    assert figure["runs"] == 2 and figure["all_seconds"] == [2.0, 1.5]
-    assert tf.ratio(1.0, 8.0) == 0.125 and tf.ratio(1.0, 0.0) is None and tf.ratio(None, 1.0) is None
+    assert figure["runs"] == 2 and figure["all_seconds"] == [2.0, 1.5] and figure["rss_growth_mib"] == 2.0
+    assert tf.ratio(1.0, 8.0) == 0.125 and tf.ratio(None, 1.0) is None
+    assert tf.ratio(1.0, 0.0) is None and tf.ratio(0.0, -0.1) is None  # a whole under the resolution: no ratio
 
 
 def test_one_real_measurement(packages: Path) -> None:
