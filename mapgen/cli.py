@@ -13,6 +13,8 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import click
+
+from mapgen import __version__
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -79,7 +81,8 @@ def _parallel_options(dp_help: str, uneven: bool = True) -> Callable[[F], F]:
     return decorate
 
 
-@click.group()
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="mapgen", message="%(prog)s %(version)s")
 def main() -> None:
     """mapgen: compile static HF <-> Megatron-Core weight-mapping modules."""
     quiet_libraries()  # megatron-core's deprecation notices, optional-package warnings, ...

@@ -125,3 +125,13 @@ def test_usage_error_needs_all_three(project: Path) -> None:
     result = run(["build", "specs/llama.yaml"], project)
     assert result.returncode == 2
     assert "give SPEC, CONFIG and -o OUTPUT together" in result.stderr
+
+
+def test_version_and_short_help(tmp_path: Path) -> None:
+    import mapgen
+
+    version = run(["--version"], tmp_path)
+    assert version.returncode == 0 and version.stdout.strip() == f"mapgen {mapgen.__version__}"
+    for args in (["-h"], ["build", "-h"], ["verify", "-h"]):
+        shown = run(args, tmp_path)
+        assert shown.returncode == 0 and shown.stdout.startswith("Usage: "), args
