@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import click
 
 from mapgen import __version__
+from mapgen.common.files import module_label, share_tree, temporary_folder
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -345,7 +346,7 @@ def module_spec(module_file: Path, written: str) -> Path:
 
 def module_name_of(module_file: Path) -> str:
     """A module's name: a one-file module's stem, a package's folder name."""
-    return module_file.parent.name if module_file.name == "__init__.py" else module_file.stem
+    return module_label(module_file)
 
 
 def _local_twin(module_file: Path, hf_dir: Path, folder: Path) -> Path:
@@ -456,19 +457,19 @@ def _mxfp4_standin(config: Path, out: Path, twin: Path) -> None:
     """Turn the stand-in in `out` into its MXFP4 form and write its dequantized twin to `twin`
     (each folder's files replaced whole once both are written)."""
     import shutil
-    import tempfile
 
     from mapgen.verify.mxfp4_standin import write_mxfp4_twins
 
     published = json.loads(config.read_text()).get("quantization_config")
     quantization = published if isinstance(published, dict) and published.get("quant_method") == "mxfp4" else None
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.mxfp4.", suffix=".tmp"))
+    staging = temporary_folder(out.parent, f".{out.name}.mxfp4.", ".tmp")
     try:
         try:
             write_mxfp4_twins(out, staging / "mxfp4", staging / "twin", quantization)
         except ValueError as exc:
             raise MapgenError(f"{config}: cannot write an MXFP4 stand-in: {exc}") from None
         twin.mkdir(parents=True, exist_ok=True)
+        share_tree(staging)
         for folder, target in ((staging / "twin", twin), (staging / "mxfp4", out)):
             for item in folder.iterdir():
                 os.replace(item, target / item.name)
@@ -479,7 +480,6 @@ def _mxfp4_standin(config: Path, out: Path, twin: Path) -> None:
 def _save_standin(config: Path, out: Path, seed: int, dtype: Any, vocab_size: int) -> list[Path]:
     """`mapgen standin`'s work: the folders it created. Any failure leaves nothing behind."""
     import shutil
-    import tempfile
 
     from mapgen.compiler.build import input_text, read_input
     from mapgen.compiler.config import read_hf_config
@@ -496,7 +496,7 @@ def _save_standin(config: Path, out: Path, seed: int, dtype: Any, vocab_size: in
     created = make_folders(out.parent)
     try:
         try:
-            staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+            staging = temporary_folder(out.parent, f".{out.name}.", ".tmp")
         except OSError as exc:
             raise MapgenError(f"cannot write the stand-in into {out}: {exc.strerror}") from None
         try:
@@ -509,6 +509,7 @@ def _save_standin(config: Path, out: Path, seed: int, dtype: Any, vocab_size: in
                     f"{shown}: transformers cannot build a stand-in of this config: {type(exc).__name__}: "
                     + (str(exc).strip().splitlines() or ["(no message)"])[0][:300]
                 ) from None
+            share_tree(staging)  # readable by others as the umask allows, as save_pretrained's files are
             if not out.exists():
                 staging.rename(out)
             else:  # an existing folder: each file replaced whole

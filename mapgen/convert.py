@@ -59,6 +59,7 @@ import torch
 import torch.distributed as dist
 
 from mapgen.common.console import native_stdout_silenced
+from mapgen.common.files import module_label, share_tree
 from mapgen.common.errors import MapgenError
 from mapgen.compiler.megatron_model import DTYPES, ParallelLayout, build_model_chunks, initialize_parallel_state
 from mapgen.runtime.checkpoint import HFCheckpoint
@@ -123,7 +124,7 @@ class ConvertResult:
 
     def summary(self) -> str:
         job = self.job
-        name = Path(job.module_path).stem
+        name = module_label(job.module_path)
         if self.error is not None:
             return f"convert {job.direction} {name} {job.layout}: FAILED\n{self.error}"
         total = sum(self.seconds.values())
@@ -635,6 +636,7 @@ def _hf_to_megatron(job: ConvertJob, result: ConvertResult, bar: _Bar) -> None:
                 }
                 (staging / RECORD).write_text(json.dumps(record, indent=2) + "\n")
                 result.tensors = len(read_megatron_checkpoint(staging).model_tensors())
+                share_tree(staging)  # the checkpoint's files as the umask makes new files, for other readers
                 _move_into_place(staging, out, job.overwrite)
                 staging = None
             except Exception as exc:  # noqa: BLE001 - agreed on below

@@ -263,3 +263,54 @@ def package_rank_share(package_dir: str, hf_dir: str, layout: ParallelLayout) ->
         digest.update(name.encode() + tensor.contiguous().view(torch.uint8).numpy().tobytes())
     return {"own": own, "after_export": parts(), "pieces": pieces, "digest": digest.hexdigest(), "rank": dist.get_rank(),
             "pp": ctx.pp.rank, "ep": ctx.ep.rank}
+
+
+# --- engine weights (tests/test_engine.py's one spawn) ------------------------------------------
+
+
+def engine_sync(module_path: str, hf_dir: str, layout: ParallelLayout, engine_class: Any, bucket_bytes: int) -> dict[str, Any]:
+    """Rank 0 feeds a stand-in engine (`engine_class(shapes)`, vLLM's load_weights contract)
+    through mapgen.engine_weights while the others drain, three times: a whole sync (counting
+    every rank's collectives); one whose engine raises part way, on a tensor of the last layer,
+    inside `with` (which drains the rest, so the others finish); a whole sync again (the ranks
+    are still in step). Then this rank's export_local pieces, for the parent's PieceReceivers."""
+    import dataclasses
+
+    from mapgen.engine import engine_weights
+
+    module, chunks, ctx = _setup(module_path, layout)
+    converter = drivers.Converter(module, chunks, ctx)
+    converter.load(hf_dir)
+    feed = dist.get_rank() == 0
+    shapes = {t.name: tuple(t.shape) for t in module.HF_TENSORS}
+    started = time.perf_counter()
+
+    def sync(engine: Any) -> dict[str, Any]:
+        weights = engine_weights(converter, feed=feed, bucket_bytes=bucket_bytes)
+        if feed:
+            loaded, left = engine.load_weights(weights), weights.drain()
+        else:
+            loaded, left = [name for name, _ in weights], None  # yields nothing, runs every collective
+        return {"loaded": loaded, "left": left, "handed": weights.handed, "drained": weights.drained,
+                "finished": weights.finished}
+
+    engine = engine_class(shapes) if feed else None
+    first, counts = _counting(lambda: sync(engine))
+    fail_on = [name for name in shapes if name.endswith("self_attn.o_proj.weight")][-1]
+    failing = engine_class({n: s for n, s in shapes.items() if n != fail_on}) if feed else None
+    error = None
+    try:
+        with engine_weights(converter, feed=feed, bucket_bytes=bucket_bytes) as weights:
+            if feed:
+                failing.load_weights(weights)
+    except KeyError as exc:
+        error = {"args": exc.args, "notes": list(getattr(exc, "__notes__", []))}
+    second = {"error": error, "handed": weights.handed, "drained": weights.drained, "finished": weights.finished,
+              "fail_on": fail_on}
+    again = engine_class(shapes) if feed else None
+    third = sync(again)
+    seconds = time.perf_counter() - started
+    pieces = [dataclasses.replace(p, data=p.data.clone()) for p in converter.export_local()]
+    return {"rank": dist.get_rank(), "first": first, "counts": counts, "second": second, "third": third,
+            "engine": engine.params if engine is not None else None,
+            "again": again.params if again is not None else None, "pieces": pieces, "seconds": seconds}

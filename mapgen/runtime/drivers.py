@@ -14,7 +14,6 @@ import os
 import re
 import shutil
 import socket
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch
 from safetensors.torch import save_file
 
 from mapgen.common.errors import MapgenError
+from mapgen.common.files import share_tree, temporary_folder
 from mapgen.common.layout import canonical_name, model_weights, stacked_slice
 from mapgen.runtime.checkpoint import DTYPES, SCALE_SUFFIX, HFCheckpoint
 from mapgen.common import gcpause
@@ -923,6 +923,7 @@ def save_hf_checkpoint(
                 (staging / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
                 written = _written_config(hf_config, fmt, dtype)
                 (staging / "config.json").write_text(json.dumps(written, indent=2) + "\n")
+                share_tree(staging)  # safetensors writes its files private; a checkpoint is read by others
                 _move_into_place(staging, out, overwrite)
                 staging = None
             except Exception as exc:  # noqa: BLE001 - agreed on below
@@ -972,7 +973,7 @@ def _staging_folder(out: Path, hf_config: object, overwrite: bool) -> Path:
             raise FileExistsError(f"{out} exists and is not a folder; overwrite replaces folders only")
     remove_stale_partials(out)
     try:
-        return Path(tempfile.mkdtemp(prefix=_hidden(out, _PARTIAL), dir=parent))
+        return temporary_folder(parent, _hidden(out, _PARTIAL))
     except OSError as exc:
         raise OSError(exc.errno, f"cannot create a folder in {parent}: {exc.strerror}") from None
 
@@ -983,7 +984,7 @@ def _move_into_place(staging: Path, out: Path, overwrite: bool) -> None:
         return
     if not overwrite:
         raise FileExistsError(f"{out} appeared while saving; the new checkpoint is not moved there")
-    aside = Path(tempfile.mkdtemp(prefix=_hidden(out, _REPLACED), dir=out.parent))
+    aside = temporary_folder(out.parent, _hidden(out, _REPLACED))
     os.rename(out, aside / out.name)
     try:
         os.rename(staging, out)

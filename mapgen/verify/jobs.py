@@ -37,6 +37,7 @@ import torch.multiprocessing as mp
 from torch.multiprocessing.spawn import start_processes
 
 from mapgen.common.console import native_stdout_silenced, quiet_libraries
+from mapgen.common.files import module_label
 from mapgen.common.errors import MapgenError
 from mapgen.compiler.megatron_model import (
     ParallelLayout,
@@ -89,7 +90,7 @@ class Result:
         )
 
     def summary(self) -> str:
-        name = Path(self.job.module_path).stem
+        name = module_label(self.job.module_path)
         if self.error is not None:
             return f"verify {name} {self.job.layout}: FAILED\n{self.error}"
         verdict = "OK" if self.ok else "FAILED"
