@@ -45,7 +45,8 @@ _WHERE = {
 def quiet() -> None:
     """Silence what megatron-core, transformers and torch print on their own (deprecation
     notices, optional-package and "No CUDA runtime" warnings, progress bars), as the CLI does;
-    errors still show. Call it yourself: importing mapgen changes no logging."""
+    errors still show. Call it yourself, before importing megatron-core (which warns as it is
+    imported): importing mapgen changes no logging."""
     from mapgen.common.console import quiet_libraries
 
     quiet_libraries()
