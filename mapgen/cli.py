@@ -154,17 +154,13 @@ def _build_one(
 
 
 def _report_package(console: Any, shown: str, files: dict[str, str], package: WrittenPackage, seconds: float) -> None:
+    from mapgen.compiler.build import display_path
+
     for path in package.removed:
-        console.print(f"removed {display_path_of(path)}", markup=False)
+        console.print(f"removed {display_path(path)}", markup=False)
     size = sum(len(text.encode()) for text in files.values())
     state = f"wrote {len(package.written)} of" if package.written else "unchanged,"
     console.print(f"{state} {shown}/ ({len(files)} files, {size} bytes, {seconds:.1f} s)", markup=False)
-
-
-def display_path_of(path: Path) -> str:
-    from mapgen.compiler.build import display_path
-
-    return display_path(path)
 
 
 def _build_all() -> None:
@@ -344,11 +340,6 @@ def module_spec(module_file: Path, written: str) -> Path:
     )
 
 
-def module_name_of(module_file: Path) -> str:
-    """A module's name: a one-file module's stem, a package's folder name."""
-    return module_label(module_file)
-
-
 def _local_twin(module_file: Path, hf_dir: Path, folder: Path) -> Path:
     """A te-layout module is checked through the local-layout module of the same spec for the
     checkpoint's config: TransformerEngine does not run on CPU."""
@@ -371,14 +362,14 @@ def _local_twin(module_file: Path, hf_dir: Path, folder: Path) -> Path:
             )
         return module_file
     spec = module_spec(module_file, module.SOURCES[0])
-    twin = folder / f"{module_name_of(module_file)}_local.py"
+    twin = folder / f"{module_label(module_file)}_local.py"
     twin.write_text(
         compile_target(
             twin.stem, spec, hf_dir / "config.json", "local", "mapgen verify (local twin)",
             model=getattr(module, "MODEL", "gpt"),
         )
     )
-    err.print(f"checking {module.LAYOUT}-layout {module_name_of(module_file)} through its local twin for {hf_dir / 'config.json'}", markup=False)
+    err.print(f"checking {module.LAYOUT}-layout {module_label(module_file)} through its local twin for {hf_dir / 'config.json'}", markup=False)
     return twin
 
 

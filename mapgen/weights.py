@@ -10,7 +10,6 @@ default, as `mapgen.build_model` pads it).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from collections.abc import Iterator
@@ -21,8 +20,10 @@ from typing import Any
 import torch
 
 from mapgen.common.errors import MapgenError
+from mapgen.common.files import module_label
 from mapgen.runtime.context import ParallelContext
 from mapgen.runtime.drivers import Converter, check_module, save_hf_checkpoint
+from mapgen.runtime.package import import_path
 
 MEGATRON_LM_PADDING = 128  # Megatron-LM's make_vocab_size_divisible_by
 
@@ -36,18 +37,12 @@ def load_module(path: str | Path, name: str | None = None) -> ModuleType:
     file = where / "__init__.py" if package else where
     if not file.is_file():
         raise MapgenError(f"{where}: neither a target package's folder (with __init__.py) nor a module file")
-    module_name = name or f"mapgen_module_{''.join(c if c.isalnum() else '_' for c in (where.name if package else where.stem))}"
-    if module_name in sys.modules:
-        return sys.modules[module_name]
-    spec = importlib.util.spec_from_file_location(
-        module_name, file, submodule_search_locations=[str(where)] if package else None
-    )
-    if spec is None or spec.loader is None:
-        raise MapgenError(f"{where}: Python cannot load it")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module
+    module_name = name or f"mapgen_module_{''.join(c if c.isalnum() else '_' for c in module_label(where))}"
+    held = sys.modules.get(module_name)
+    if held is not None and Path(getattr(held, "__file__", "") or "").resolve() == file.resolve():
+        return held  # loaded already: the same module object, so the runtime's plans made for it are reused
+    module = import_path(where, module_name)
     try:
-        spec.loader.exec_module(module)
         check_module(module, f"load_module({where})")
     except BaseException:
         del sys.modules[module_name]

@@ -14,8 +14,10 @@ imports every part the first time it does).
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 from collections.abc import Iterable
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -28,6 +30,29 @@ _SHARED = (
     "HYBRID_LAYER_PATTERN", "HF_COPIES", "PARTS",
 )
 _WHOLE_TABLES = ("PARAMS", "HF_TENSORS", "IMPORTS", "EXPORTS")
+
+
+def import_path(path: str | Path, name: str) -> ModuleType:
+    """A generated module imported from its path under `name`: a one-file module, or a target
+    package (its folder, or its `__init__.py`) whose parts then import as `name.<part>`. Always
+    imported afresh (replacing what `name` held); nothing is left in `sys.modules` when importing
+    it raises."""
+    where = Path(path)
+    file = where / "__init__.py" if where.is_dir() else where
+    for held in [n for n in sys.modules if n.startswith(f"{name}.")]:  # the parts of an earlier import
+        del sys.modules[held]
+    folder = [str(file.parent)] if file.name == "__init__.py" else None
+    spec = importlib.util.spec_from_file_location(name, file, submodule_search_locations=folder)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"{file}: Python cannot load it")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
 
 
 def is_package(module: object) -> bool:

@@ -178,10 +178,8 @@ VERIFY_FIELDS = ("LAYOUT", "MODEL", "DIMS")  # what verify needs beyond what eve
 def load_mapping_module(path: str | Path, name: str | None = None) -> ModuleType:
     """Import a generated module from its file; a file that is not one is a MapgenError saying
     why (not Python, fails to import, lacks what a mapping module has), not a traceback."""
-    import importlib.util
-    import sys
-
     from mapgen.runtime.drivers import module_problems
+    from mapgen.runtime.package import import_path
 
     file = Path(path)
     if file.is_dir() and (file / "__init__.py").is_file():  # a target package
@@ -190,23 +188,12 @@ def load_mapping_module(path: str | Path, name: str | None = None) -> ModuleType
         raise MapgenError(f"{file}: no such file")
     if file.suffix != ".py":
         raise MapgenError(f"{file}: not a mapgen mapping module: not a Python file (.py)")
-    package = file.name == "__init__.py"
-    stem = file.parent.name if package else file.stem
-    module_name = name or f"mapgen_verify_{''.join(c if c.isalnum() else '_' for c in stem)}"
-    spec = importlib.util.spec_from_file_location(
-        module_name, file, submodule_search_locations=[str(file.parent)] if package else None
-    )
-    if spec is None or spec.loader is None:
-        raise MapgenError(f"{file}: not a mapgen mapping module: Python cannot load it")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module
+    module_name = name or f"mapgen_verify_{''.join(c if c.isalnum() else '_' for c in module_label(file))}"
     try:
-        spec.loader.exec_module(module)
+        module = import_path(file, module_name)
     except SyntaxError as exc:
-        del sys.modules[module_name]
         raise MapgenError(f"{file}:{exc.lineno}:{exc.offset}: not a mapgen mapping module: {exc.msg}") from None
     except Exception as exc:  # noqa: BLE001 - whatever the file does when imported
-        del sys.modules[module_name]
         older = (isinstance(exc, ModuleNotFoundError) and (exc.name or "").startswith("mapgen.")) or (
             isinstance(exc, TypeError) and ("ParamPlan" in str(exc) or "RulePlan" in str(exc))
         )

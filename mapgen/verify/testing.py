@@ -6,9 +6,7 @@ from a config object (no download), and megatron-core runs the same weights on C
 
 from __future__ import annotations
 
-import importlib.util
 import re
-import sys
 import tempfile
 from pathlib import Path
 from types import ModuleType
@@ -300,17 +298,10 @@ def _family_spec(model_type: str) -> Path | None:
 
 def import_module_from_path(path: Path, name: str | None = None) -> ModuleType:
     """A one-file module, or a target package (its folder), imported under `name`."""
-    package = Path(path).is_dir()
-    module_name = name or f"mapgen_generated_{Path(path).name if package else Path(path).stem}"
-    spec = importlib.util.spec_from_file_location(
-        module_name, Path(path) / "__init__.py" if package else path,
-        submodule_search_locations=[str(path)] if package else None,
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module
-    spec.loader.exec_module(module)
-    return module
+    from mapgen.common.files import module_label
+    from mapgen.runtime.package import import_path
+
+    return import_path(path, name or f"mapgen_generated_{module_label(path)}")
 
 
 def prepare_cpu_megatron() -> None:
