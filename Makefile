@@ -1,4 +1,6 @@
-# One-command set-up and jobs. Everything installs into a virtualenv from pyproject.toml.
+# One-command set-up and jobs. Everything installs into a virtualenv from pyproject.toml: the
+# runtime and every extra the jobs and the tests use (build: the compiler and the CLI; verify;
+# test). A job that only imports generated modules needs the runtime alone (`pip install mapgen`).
 #
 # Two supported stacks, each in its own virtualenv (see README, "Supported matrix"):
 #   make test                 Python 3.11, the local CPU torch 2.13.0 wheel, megatron-core 0.16.1
@@ -22,7 +24,7 @@ $(VENV)/.installed: pyproject.toml
 	test -n "$(PYTHON)" || { echo "no Python interpreter for STACK=$(STACK)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) $(PINS)
-	$(PIP) -e '.[test]' $(PINS)
+	$(PIP) -e '.[build,verify,test]' $(PINS)
 	touch $@
 
 build: $(VENV)/.installed  ## regenerate generated/ from specs/
