@@ -42,6 +42,9 @@ def main() -> None:
     parser.add_argument("--targets", help="comma-separated target names (default: all)")
     args = parser.parse_args()
     os.chdir(ROOT)
+    from tables import run_metadata  # noqa: PLC0415
+
+    meta = run_metadata()  # date, machine and load at the start: docs/benchmarks.md prints them
     rows = []
     entries = read_targets(ROOT)
     if args.targets:
@@ -88,7 +91,7 @@ def main() -> None:
             f"{r['functions']:>9} {r['cold_import_s']:>13.3f} {r['warm_import_s']:>13.3f} {r['mypy_strict_s']:>7.1f}"
         )
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+        args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -262,6 +262,9 @@ def main() -> None:
     args = parser.parse_args()
     rows: list[dict[str, Any]] = []
     host = machine()
+    from tables import run_metadata  # noqa: PLC0415
+
+    meta = run_metadata()  # date, machine and load at the start: docs/benchmarks.md prints them
     with tempfile.TemporaryDirectory() as folder:
         runs = []
         for name in args.models:
@@ -318,7 +321,7 @@ def main() -> None:
     print(f"megatron-core's torch_dist writer start-up, once per process and in neither time: up to {startup:.1f} s")
     if args.json:
         settings = {"layers": args.layers, "hidden": args.hidden, "experts": args.experts, "repeat": args.repeat}
-        args.json.write_text(json.dumps({"machine": host, "settings": settings, "rows": rows}, indent=2) + "\n")
+        args.json.write_text(json.dumps({"meta": meta, "machine": host, "settings": settings, "rows": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -155,6 +155,9 @@ def main() -> None:
     parser.add_argument("--buckets", type=int, nargs="+", default=[4, 16, 64], help="bucket sizes in MiB")
     parser.add_argument("--formats", nargs="+", default=list(FORMATS), choices=list(FORMATS))
     args = parser.parse_args()
+    from tables import run_metadata  # noqa: PLC0415
+
+    meta = run_metadata()  # date, machine and load at the start: docs/benchmarks.md prints them
 
     import transformers
 
@@ -208,7 +211,7 @@ def main() -> None:
           "sampled every 0.2 ms); RSS = the resident set's high-water mark over both exports above the resident set "
           "with the model built)")
     if args.json:
-        args.json.write_text(json.dumps({"layers": args.layers, "experts": args.experts, "layout": "ep2",
+        args.json.write_text(json.dumps({"meta": meta, "layers": args.layers, "experts": args.experts, "layout": "ep2",
                                          "machine": os.uname().machine, "rows": rows}, indent=2, default=str) + "\n")
 
 

@@ -58,6 +58,9 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=61)
     parser.add_argument("--experts", type=int, default=256)
     args = parser.parse_args()
+    from tables import run_metadata  # noqa: PLC0415
+
+    meta = run_metadata()  # date, machine and load at the start: docs/benchmarks.md prints them
 
     import torch
     import transformers
@@ -120,7 +123,7 @@ def main() -> None:
         f"(ratio {ours / max(theirs, 1):.2f}x memory, {ours_s / theirs_s:.2f}x time)"
     )
     if args.json:
-        args.json.write_text(json.dumps(row, indent=2) + "\n")
+        args.json.write_text(json.dumps({"meta": meta, **row}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -308,10 +308,13 @@ def main() -> None:
         if not BRIDGES[release].exists():
             raise SystemExit(f"no venv for Bridge {release}: run `bash benchmarks/bridge_setup.sh` first (make bench does)")
     rows: list[dict[str, Any]] = []
+    from tables import run_metadata  # noqa: PLC0415
+
+    meta = run_metadata()  # date, machine and load at the start: docs/benchmarks.md prints them
 
     def write(hardware: dict[str, Any] | None, final: bool) -> None:
         lines = report(rows, args.bridges, hardware)
-        args.json.write_text(json.dumps({"machine": machine(), "complete": final, "conversion": rows,
+        args.json.write_text(json.dumps({"meta": meta, "machine": machine(), "complete": final, "conversion": rows,
                                          "growth": growth(rows, args.bridges), "hardware": hardware}, indent=2) + "\n")
         if args.txt:
             args.txt.write_text("\n".join(lines) + "\n")

@@ -84,12 +84,23 @@ def _torchrun(script: str, *args: str | Path) -> str:
     return _run(command)
 
 
-def test_quickstart_loads_runs_and_exports_bit_exact(prepared: tuple[Path, Path]) -> None:
+def test_quickstart_loads_runs_and_feeds_the_engine(prepared: tuple[Path, Path]) -> None:
     module, hf = prepared
-    out = _torchrun("quickstart.py", "--module", module, "--hf", hf)
+    out = _torchrun("quickstart.py", module, hf)
     count = len(load_file(hf / "model.safetensors"))
-    assert "logits (1, 8, 256), predicted next tokens [" in out, out  # 128 rows padded to 128 x TP2
-    assert f"round trip: {count} of {count} tensors bit-exact" in out, out
+    # 128 rows padded to 128 x TP2; every tensor of the checkpoint handed over, once
+    assert f"logits (1, 8, 256); the engine got {count} tensors" in out, out
+
+
+def test_quickstart_is_under_20_lines_of_code() -> None:
+    """From install to import, forward, export and engine hand-off in under 20 lines of a
+    user's own code: the quick start's lines that are not blank, a comment or its docstring."""
+    source = (EXAMPLES / "quickstart.py").read_text()
+    docstring = ast.parse(source).body[0]
+    assert isinstance(docstring, ast.Expr) and isinstance(docstring.value, ast.Constant)
+    lines = source.splitlines()[docstring.end_lineno :]
+    code = [line for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    assert len(code) < 20, "\n".join(code)
 
 
 def test_train_saves_a_trained_checkpoint_that_transformers_loads(prepared: tuple[Path, Path], tmp_path: Path) -> None:

@@ -31,7 +31,7 @@ The parser is CPython's `ast`, on those small snippets: the comparison needs eac
 values and call structure (`ast.literal_eval`, `ast.dump`, `ast.unparse` for a one-line display
 that ignores black's line breaks), not its formatting, which is all a concrete syntax tree (libcst)
 would add; `ast` is the stdlib parser the compiler's gate already uses (postprocess.py), and
-about ten times faster (README, "Pipeline"). Nothing here imports torch, megatron-core or
+about ten times faster (docs/design.md). Nothing here imports torch, megatron-core or
 `mapgen.runtime`: the diff of two text files needs neither.
 """
 
