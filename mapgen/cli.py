@@ -92,36 +92,71 @@ def main() -> None:
 @main.command()
 @click.argument("spec", required=False, type=click.Path(dir_okay=False))
 @click.argument("config", required=False, type=click.Path(dir_okay=False))
-@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Module file to write.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False),
+              help="Module file (OUT.py) or package folder to write (default: the package "
+                   "generated/<NAME>/ under the current folder; NAME: --name, else the config file's stem).")
 @click.option("--layout", type=click.Choice(LAYOUTS), default="te", show_default=True,
               help="Megatron naming: te (TransformerEngine, what GPU users run) or local.")
-@click.option("--name", help="Target name in the module (default: the output file's stem).")
+@click.option("--name", help="Target name in the module (default: the output's stem, or the config file's).")
 @click.option("--hf-experts", type=click.Choice(HF_EXPERTS), default="per_expert", show_default=True,
               help="How the HF checkpoint stores MoE experts: one tensor per expert, or stacked.")
-@click.option("--model", "model_class", type=click.Choice(MODEL_CLASSES), default="gpt", show_default=True,
-              help="megatron-core model class: GPTModel, or HybridModel (attention and MLP as layers of their own).")
+@click.option("--model", "model_class", type=click.Choice(MODEL_CLASSES), default=None,
+              help="megatron-core model class: GPTModel, HybridModel (attention and MLP as layers of their "
+                   "own) or LLaVAModel (default: the first of the spec's `models`; gpt if it states none).")
+@click.option("--ignore-config-field", "ignore_config_fields", metavar="NAME", multiple=True,
+              help="Accept config field NAME (a.b for a nested one) though the spec does not read it "
+                   "(repeatable; recorded in the module's Regenerate line). A field no transformers config "
+                   "class defines is taken for tool metadata without it.")
 def build(
     spec: str | None, config: str | None, output: str | None, layout: str, name: str | None, hf_experts: str,
-    model_class: str,
+    model_class: str | None, ignore_config_fields: tuple[str, ...],
 ) -> None:
-    """Build every target in specs/targets.yaml, or SPEC + CONFIG into -o OUTPUT."""
+    """Build every target in specs/targets.yaml, or SPEC + CONFIG into -o OUTPUT (default:
+    generated/<config file stem>/)."""
     try:
         if spec is None and config is None:
+            if output is not None or name is not None or model_class is not None or ignore_config_fields:
+                raise click.UsageError("-o, --name, --model and --ignore-config-field need SPEC and CONFIG")
             _build_all()
-        elif spec is None or config is None or output is None:
-            raise click.UsageError("give SPEC, CONFIG and -o OUTPUT together, or none of them")
+        elif spec is None or config is None:
+            raise click.UsageError(
+                "give SPEC and CONFIG together (and -o OUTPUT, or it is generated/<config file stem>/), or none of them"
+            )
         else:
-            _build_one(Path(spec), Path(config), Path(output), layout, name, hf_experts, model_class)
+            _build_one(Path(spec), Path(config), output, layout, name, hf_experts, model_class, ignore_config_fields)
     except MapgenError as exc:
         err.print(str(exc), markup=False)
+        if hint := _ignore_hint(exc):
+            err.print(hint, markup=False)
         sys.exit(2)
 
 
-def _build_one(
-    spec: Path, config: Path, output: Path, layout: str, name: str | None, hf_experts: str, model_class: str
-) -> None:
-    from mapgen.compiler.build import check_target_name, compile_package, compile_target, display_path
+def _ignore_hint(exc: MapgenError) -> str:
+    """The line after a refusal of config fields the spec does not read: the explicit escape."""
+    from mapgen.compiler.config import UNKNOWN_FIELD
 
+    refused = re.findall(rf"config field '([^']+)' {UNKNOWN_FIELD} ", str(exc))
+    if not refused:
+        return ""
+    names = list(dict.fromkeys(refused))
+    flags = " ".join(f"--ignore-config-field {name}" for name in names)
+    it = "it" if len(names) == 1 else "them"
+    return (
+        f"hint: transformers defines {'this field' if len(names) == 1 else 'these fields'}, so mapgen takes {it} "
+        f"for architecture (docs/config-fields.md); if the model does not depend on {it}, build with {flags}"
+    )
+
+
+def _build_one(
+    spec: Path, config: Path, given_output: str | None, layout: str, name: str | None, hf_experts: str,
+    model_class: str | None, ignore_config_fields: tuple[str, ...],
+) -> None:
+    from mapgen.compiler.build import (
+        check_ignored_names, check_target_name, compile_package, compile_target, display_path,
+    )
+
+    check_ignored_names(ignore_config_fields)
+    output = Path(given_output) if given_output is not None else Path("generated") / (name or config.stem)
     single = output.suffix == ".py"  # OUT.py: one module; otherwise a package folder
     target = name or (output.stem if single else output.name)
     check_target_name(target)
@@ -131,15 +166,21 @@ def _build_one(
         f"mapgen build {display_path(spec)} {display_path(config)} -o {display_path(output)}"
         f" --layout {layout}" + (f" --name {name}" if name else "")
         + (f" --hf-experts {hf_experts}" if hf_experts != "per_expert" else "")
-        + (f" --model {model_class}" if model_class != "gpt" else "")
+        + (f" --model {model_class}" if model_class not in (None, "gpt") else "")
+        + "".join(f" --ignore-config-field {field}" for field in dict.fromkeys(ignore_config_fields))
     )
+    notes: list[str] = []  # the build's note on the config's metadata fields
+    options: dict[str, Any] = {"hf_experts": hf_experts, "model": model_class, "notes": notes,
+                               "ignore_config_fields": ignore_config_fields}
     started = time.perf_counter()
     with err.status(f"building {target} from {display_path(spec)} and {display_path(config)}"):  # transient
         if single:
-            source = compile_target(target, spec, config, layout, command, hf_experts=hf_experts, model=model_class)
+            source = compile_target(target, spec, config, layout, command, **options)
         else:
-            files = compile_package(target, spec, config, layout, command, hf_experts=hf_experts, model=model_class)
+            files = compile_package(target, spec, config, layout, command, **options)
     seconds = time.perf_counter() - started
+    for note in notes:
+        err.print(note, markup=False)
     if single:
         written = write_if_changed(output, source)
         for folder in written.created:
@@ -170,7 +211,9 @@ def _build_all() -> None:
     entries = [e for e in read_targets(root) if e.checked_in]
     with _progress() as progress:
         task = progress.add_task("mapgen build", total=len(entries))
-        for entry, files, seconds in compile_entries(root, entries):
+        for entry, files, seconds, notes in compile_entries(root, entries):
+            for note in notes:
+                progress.console.print(note, markup=False)
             if isinstance(files, Skipped):  # left as it is: a later megatron-core builds it
                 progress.console.print(f"skipped {entry.output} (target {entry.name}): {files.reason}", markup=False)
                 progress.advance(task)
@@ -207,7 +250,7 @@ def check_command() -> None:
         skipped: list[str] = []
         with _progress() as progress:
             task = progress.add_task("mapgen check", total=len(entries))
-            for entry, source, _ in compile_entries(root, entries):
+            for entry, source, _, _ in compile_entries(root, entries):
                 if isinstance(source, Skipped):  # not checked: this megatron-core cannot build it
                     skipped.append(entry.output)
                     progress.console.print(
@@ -334,76 +377,116 @@ def module_spec(module_file: Path, written: str) -> Path:
     differ = f" ({', '.join(map(str, existing))} differ from it)" if existing else ""
     raise MapgenError(
         f"{module_file}: its spec {written}" + (f" sha256:{wanted}" if wanted else "")
-        + f" is needed to build the local-layout twin that verify runs on CPU, and is not found{differ}"
+        + f" is needed to build the local-layout twin that verify and convert run on CPU, and is not found{differ}"
         f"; tried {', '.join(map(str, candidates))}. Run verify from the folder the module was built in,"
         " or verify a local-layout module: mapgen build SPEC CONFIG -o OUT.py --layout local"
     )
 
 
-def _local_twin(module_file: Path, hf_dir: Path, folder: Path) -> Path:
+def _local_twin(
+    module_file: Path, config: Path, folder: Path, say: Callable[[str], None], note: Callable[[str], None]
+) -> Path:
     """A te-layout module is checked through the local-layout module of the same spec for the
-    checkpoint's config: TransformerEngine does not run on CPU."""
-    from mapgen.compiler.build import compile_target
+    checkpoint's config (`config`, the user's file): TransformerEngine does not run on CPU. The
+    twin is written into `folder` (temporary); `say` is told the phase, `note` a remark."""
+    from mapgen.compiler.build import compile_target, recorded_ignored_fields
 
     from mapgen.verify.jobs import config_problems, load_mapping_module
 
+    say(f"importing {module_file}")
     module = load_mapping_module(module_file)
+    ignored = recorded_ignored_fields(module_file)  # what it was built to accept, the twin too
     if module.LAYOUT == "local":
         # the module was built from some config; the one beside the weights must give the same
         # model, or transformers' reference is another model (a te module's twin is built from it)
         try:
             spec = module_spec(module_file, module.SOURCES[0])
         except (MapgenError, AttributeError, IndexError, TypeError):
-            err.print(f"note: the spec of {module_file} is not found; config.json is not compared with its DIMS", markup=False)
+            note(f"note: the spec of {module_file} is not found; {config} is not compared with its DIMS")
             return module_file
-        if problems := config_problems(module, spec, hf_dir / "config.json"):
-            raise MapgenError(
-                f"{hf_dir / 'config.json'} does not describe the model {module_file} maps:\n  " + "\n  ".join(problems)
-            )
+        if problems := config_problems(module, spec, config, ignored):
+            raise MapgenError(f"{config} does not describe the model {module_file} maps:\n  " + "\n  ".join(problems))
         return module_file
     spec = module_spec(module_file, module.SOURCES[0])
     twin = folder / f"{module_label(module_file)}_local.py"
+    say(f"building the local-layout twin of {module_label(module_file)} for {config}")  # TE does not run on CPU
     twin.write_text(
         compile_target(
-            twin.stem, spec, hf_dir / "config.json", "local", "mapgen verify (local twin)",
-            model=getattr(module, "MODEL", "gpt"),
+            twin.stem, spec, config, "local", "mapgen verify (local twin)", model=getattr(module, "MODEL", "gpt"),
+            ignore_config_fields=ignored,
         )
     )
-    err.print(f"checking {module.LAYOUT}-layout {module_label(module_file)} through its local twin for {hf_dir / 'config.json'}", markup=False)
     return twin
+
+
+def _shown(text: str, temporary: Path | None, names: dict[Path, Path]) -> str:
+    """`text` with the files of the `temporary` folder named as the user knows them (`names`:
+    the local twin -> the module given); any other path in it said to be temporary."""
+    for path, given in names.items():
+        for spelling in dict.fromkeys((str(path), os.path.realpath(path))):
+            text = text.replace(spelling, str(given))
+    for spelling in dict.fromkeys((str(temporary), os.path.realpath(temporary)) if temporary else ()):
+        text = text.replace(spelling, "(mapgen's temporary folder)")
+    return text
+
+
+def _is_first_rank() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+VOCAB_DEFAULT = 128  # Megatron-LM's --make-vocab-size-divisible-by
 
 
 @main.command()
 @click.argument("generated")
 @click.argument("hf_dir", type=click.Path(exists=True, file_okay=False))
 @_parallel_options("Data-parallel replicas (default: EP, at least 1).")
-@click.option("--make-vocab-size-divisible-by", type=click.IntRange(min=1), default=1, show_default=True,
+@click.option("--make-vocab-size-divisible-by", type=click.IntRange(min=1), default=VOCAB_DEFAULT, show_default=True,
               help="Build the model with the vocabulary padded to a multiple of this x TP, as "
-                   "Megatron-LM does (its default: 128).")
+                   "Megatron-LM does (the default is Megatron-LM's; 1: no padding beyond TP).")
 def verify(generated: str, hf_dir: str, tp: int, pp: int, vpp: int, ep: int, etp: int | None,
            dp: int | None, first_stage_layers: int | None, last_stage_layers: int | None,
            make_vocab_size_divisible_by: int) -> None:
     """Import HF_DIR through GENERATED on CPU processes, compare logits with transformers and
     the exported tensors with the checkpoint's bytes. GENERATED: a file or a module name. The
-    model is built in the checkpoint's dtype; transformers runs in it too."""
+    model is built in the checkpoint's dtype; transformers runs in it too. Its phases are shown
+    on stderr (a line each where stderr is not a terminal)."""
     import tempfile
 
-    from mapgen.compiler.megatron_model import ParallelLayout
-    from mapgen.verify.jobs import Job
-    from mapgen.verify.jobs import verify as run_verify
+    from mapgen.common.console import Phases
+    from mapgen.verify.arguments import size_problems
 
-    layout = ParallelLayout(tp=tp, pp=pp, vpp=vpp, ep=ep, etp=etp, dp=max(ep, 1) if dp is None else dp,
-                            first_stage_layers=first_stage_layers, last_stage_layers=last_stage_layers)
+    dp = max(ep, 1) if dp is None else dp
+    sizes: dict[str, int | None] = dict(tp=tp, pp=pp, vpp=vpp, ep=ep, dp=dp, etp=etp, first_stage_layers=first_stage_layers,
+                                        last_stage_layers=last_stage_layers)
+    names: dict[Path, Path] = {}
+    temporary: Path | None = None  # the local twin's folder, once made
+    phases = Phases("verify", enabled=_is_first_rank(), console=err)
     try:
-        with tempfile.TemporaryDirectory() as folder:
-            module_file = _local_twin(_module_file(generated), Path(hf_dir), Path(folder))
-            job = Job(str(module_file), hf_dir, layout, make_vocab_size_divisible_by)
-            (result,) = run_verify([job], layout.world_size)
+        module_file = _module_file(generated)
+        if problems := size_problems(sizes):  # before torch is imported: seconds
+            raise MapgenError(f"cannot verify {module_file} on {hf_dir}:\n  " + "\n  ".join(problems))
+        with tempfile.TemporaryDirectory(prefix="mapgen-verify-") as folder, phases:  # phases closed first
+            temporary = Path(folder)
+            phases("importing torch")
+            from mapgen.compiler.megatron_model import ParallelLayout
+            from mapgen.verify.jobs import Job
+            from mapgen.verify.jobs import verify as run_verify
+
+            layout = ParallelLayout(tp=tp, pp=pp, vpp=vpp, ep=ep, etp=etp, dp=dp, first_stage_layers=first_stage_layers,
+                                    last_stage_layers=last_stage_layers)
+            twin = _local_twin(module_file, Path(hf_dir) / "config.json", temporary, phases, phases.note)
+            if twin != module_file:
+                names[twin] = module_file
+            progress = temporary / "phases.txt"
+            phases.follow(progress)
+            job = Job(str(twin), hf_dir, layout, make_vocab_size_divisible_by, progress=str(progress))
+            (result,) = run_verify([job], layout.world_size, phase=phases)
     except MapgenError as exc:
-        err.print(str(exc), markup=False)
+        err.print(_shown(str(exc), temporary, names), markup=False)
         sys.exit(2)
-    if int(os.environ.get("RANK", "0")) == 0:
-        click.echo(result.summary())
+    if _is_first_rank():
+        click.echo(_shown(result.summary(), temporary, names))
     sys.exit(0 if result.ok else 1)
 
 
@@ -519,8 +602,9 @@ def _save_standin(config: Path, out: Path, seed: int, dtype: Any, vocab_size: in
 @click.argument("generated")
 @click.argument("name")
 @_parallel_options("Data-parallel replicas, for global rank numbers (default: EP, at least 1).")
-@click.option("--make-vocab-size-divisible-by", type=click.IntRange(min=1), default=1, show_default=True,
-              help="The vocabulary padded to a multiple of this x TP, as Megatron-LM does.")
+@click.option("--make-vocab-size-divisible-by", type=click.IntRange(min=1), default=VOCAB_DEFAULT, show_default=True,
+              help="The vocabulary padded to a multiple of this x TP, as Megatron-LM does and as verify and "
+                   "convert build the model (the default is Megatron-LM's).")
 def explain_command(generated: str, name: str, tp: int, pp: int, vpp: int, ep: int, etp: int | None,
                     dp: int | None, first_stage_layers: int | None, last_stage_layers: int | None,
                     make_vocab_size_divisible_by: int) -> None:
@@ -561,43 +645,69 @@ def convert() -> None:
     gloo (or the ones torchrun started); the Megatron checkpoint does not depend on the layout."""
 
 
-def _run_convert(direction: str, generated: str, source: str, out_dir: str, config_folder: Path | None,
-                 layout_flags: dict[str, Any], **settings: Any) -> None:
+def _run_convert(direction: str, generated: str, source: str, out_dir: str, layout_flags: dict[str, Any],
+                 hf_config: str | None = None, **settings: Any) -> None:
+    """Both directions: what is wrong with the arguments is said before torch is imported (a
+    missing input, an output that exists, is the input or lies inside it, a size that is not
+    positive); then the module's local twin, the conversion, the verdict."""
     import tempfile
 
-    from mapgen.compiler.megatron_model import ParallelLayout
-    from mapgen.convert import ConvertJob, read_megatron_checkpoint, smallest_dp
-    from mapgen.convert import convert as run
+    from mapgen.verify.arguments import folder_problems, output_problems, size_problems, smallest_dp
 
     flags = dict(layout_flags)
-    dp = flags.pop("dp")
-    layout = ParallelLayout(**flags)
-    layout = ParallelLayout(**flags, dp=smallest_dp(layout) if dp is None else dp)
+    if flags["dp"] is None:
+        flags["dp"] = smallest_dp(flags["tp"], flags["ep"], flags["etp"])
+    names: dict[Path, Path] = {}
+    temporary: Path | None = None  # the local twin's folder, once made
     try:
-        with tempfile.TemporaryDirectory() as folder:
-            module_file = _module_file(generated)
-            if config_folder is None:  # megatron-to-hf: the config recorded beside the checkpoint, or --hf-config
-                config_folder = Path(folder) / "config"
-                config_folder.mkdir()
-                given = settings.pop("hf_config")
-                recorded = Path(source) / "config.json"
-                if given is None and not recorded.is_file():
-                    read_megatron_checkpoint(source)  # says what is wrong with SOURCE, if anything
-                    raise MapgenError(
-                        f"{source}: no config.json beside the checkpoint (mapgen convert records one); give the "
-                        "model's HF config.json with --hf-config"
-                    )
-                (config_folder / "config.json").write_bytes(Path(given or recorded).read_bytes())
-            twin = _local_twin(module_file, config_folder, Path(folder))
+        module_file = _module_file(generated)
+        problems = size_problems(flags)
+        if direction == "megatron-to-hf":
+            problems += folder_problems(Path(source), "give the folder Megatron-LM's --load takes")
+        problems += output_problems(Path(out_dir), settings["overwrite"], Path(source))
+        if problems:
+            raise MapgenError(f"cannot convert {source} with {module_file}:\n  " + "\n  ".join(problems))
+        config = Path(source) / "config.json"  # hf-to-megatron's, or the one recorded beside the checkpoint
+        if direction == "megatron-to-hf" and hf_config is not None:
+            config = Path(hf_config)
+        elif direction == "megatron-to-hf" and not config.is_file():
+            from mapgen.convert import read_megatron_checkpoint
+
+            read_megatron_checkpoint(source)  # says what is wrong with SOURCE, if anything
+            raise MapgenError(
+                f"{source}: no config.json beside the checkpoint (mapgen convert records one); give the "
+                "model's HF config.json with --hf-config"
+            )
+        from mapgen.compiler.megatron_model import ParallelLayout
+        from mapgen.convert import ConvertJob
+        from mapgen.convert import convert as run
+
+        layout = ParallelLayout(**flags)
+        with tempfile.TemporaryDirectory(prefix="mapgen-convert-") as folder:
+            temporary = Path(folder)
+
+            def note(text: str) -> None:
+                if _is_first_rank():
+                    err.print(text, markup=False)
+
+            twin = _local_twin(module_file, config, temporary, lambda phase: None, note)
+            if twin != module_file:
+                names[twin] = module_file
+                note(f"converting through the local-layout twin of {module_file}, built for {config}")
             style = "local" if twin == module_file else "te"  # the tensor names of the module's layer spec
-            hf_config = json.loads((config_folder / "config.json").read_text(encoding="utf-8"))
-            job = ConvertJob(direction, str(twin), source, out_dir, layout, hf_config, key_style=style, **settings)
+            try:
+                fields = json.loads(config.read_text(encoding="utf-8"))
+            except (UnicodeDecodeError, ValueError) as exc:
+                raise MapgenError(f"{config}: not a JSON config: {exc}") from None
+            job = ConvertJob(direction, str(twin), source, out_dir, layout, fields, key_style=style, **settings)
             result = run(job)
     except (MapgenError, OSError, ValueError) as exc:
-        err.print(str(exc), markup=False)
+        err.print(_shown(str(exc), temporary, names), markup=False)
         sys.exit(2)
-    if int(os.environ.get("RANK", "0")) == 0:
-        err.print(result.summary(), markup=False)
+    if _is_first_rank():
+        for created in result.created if result.error is None else []:
+            err.print(f"created folder {created}", markup=False)
+        err.print(_shown(result.summary(), temporary, names), markup=False)
     sys.exit(0 if result.error is None else 2 if result.bad_input else 1)
 
 
@@ -606,17 +716,18 @@ def _run_convert(direction: str, generated: str, source: str, out_dir: str, conf
 @click.argument("hf_dir", type=click.Path(exists=True, file_okay=False))
 @click.argument("out_dir", type=click.Path())
 @_layout_options
-@click.option("--make-vocab-size-divisible-by", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Pad the vocabulary to a multiple of this x TP, as Megatron-LM does (its default: 128); "
-                   "the checkpoint then loads at that TP.")
+@click.option("--make-vocab-size-divisible-by", type=click.IntRange(min=1), default=VOCAB_DEFAULT, show_default=True,
+              help="Pad the vocabulary to a multiple of this x TP, as Megatron-LM does (the default is "
+                   "Megatron-LM's; give the value your training run uses): the checkpoint then loads at that TP.")
 @click.option("--iteration", type=click.IntRange(min=0), default=None,
               help="Write iter_NNNNNNN/ for this iteration (default: release/, which Megatron-LM loads as "
                    "iteration 0 without optimizer or RNG state).")
 def hf_to_megatron(generated: str, hf_dir: str, out_dir: str, dtype: str | None, overwrite: bool,
                    make_vocab_size_divisible_by: int, iteration: int | None, **layout: Any) -> None:
     """Import HF_DIR through GENERATED and write a megatron-core distributed checkpoint to
-    OUT_DIR (latest_checkpointed_iteration.txt, release/, config.json, mapgen.json), atomically."""
-    _run_convert("hf-to-megatron", generated, hf_dir, out_dir, Path(hf_dir), layout, dtype=dtype,
+    OUT_DIR (latest_checkpointed_iteration.txt, release/, config.json, mapgen.json), atomically;
+    missing folders above OUT_DIR are created."""
+    _run_convert("hf-to-megatron", generated, hf_dir, out_dir, layout, dtype=dtype,
                  overwrite=overwrite, make_vocab_size_divisible_by=make_vocab_size_divisible_by, iteration=iteration)
 
 
@@ -631,8 +742,9 @@ def megatron_to_hf(generated: str, ckpt_dir: str, out_dir: str, dtype: str | Non
                    hf_config: str | None, **layout: Any) -> None:
     """Load the Megatron-LM checkpoint folder CKPT_DIR (the one --load takes) into the model at
     any layout (megatron-core reshards it), export through GENERATED and write an HF checkpoint
-    (sharded safetensors, index, config.json) to OUT_DIR, atomically."""
-    _run_convert("megatron-to-hf", generated, ckpt_dir, out_dir, None, layout, dtype=dtype,
+    (sharded safetensors, index, config.json) to OUT_DIR, atomically; missing folders above
+    OUT_DIR are created."""
+    _run_convert("megatron-to-hf", generated, ckpt_dir, out_dir, layout, dtype=dtype,
                  overwrite=overwrite, hf_config=hf_config)
 
 

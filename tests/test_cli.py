@@ -121,10 +121,13 @@ def test_bad_spec_exits_2_and_writes_nothing(project: Path) -> None:
     assert not (project / "out.py").exists()
 
 
-def test_usage_error_needs_all_three(project: Path) -> None:
+def test_usage_error_needs_spec_and_config(project: Path) -> None:
     result = run(["build", "specs/llama.yaml"], project)
     assert result.returncode == 2
-    assert "give SPEC, CONFIG and -o OUTPUT together" in result.stderr
+    assert "give SPEC and CONFIG together (and -o OUTPUT, or it is generated/<config file stem>/)" in result.stderr
+    result = run(["build", "-o", "out.py"], project)  # the target list's build takes no -o
+    assert result.returncode == 2 and "-o, --name, --model and --ignore-config-field need SPEC and CONFIG" in result.stderr
+    assert not (project / "out.py").exists()
 
 
 def test_version_and_short_help(tmp_path: Path) -> None:

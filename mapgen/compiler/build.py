@@ -6,6 +6,7 @@ import hashlib
 import keyword
 import multiprocessing
 import os
+import re
 import stat
 import time
 from collections.abc import Iterator
@@ -15,7 +16,15 @@ from pathlib import Path
 
 from mapgen.compiler import yamlsource
 from mapgen.common.console import quiet_libraries
-from mapgen.compiler.config import HFConfig, evaluate_in_context, evaluate_reported, read_hf_config, translate
+from mapgen.compiler.config import (
+    FieldPath,
+    HFConfig,
+    evaluate_in_context,
+    evaluate_reported,
+    read_hf_config,
+    translate,
+    without_fields,
+)
 from mapgen.common.dims import ModelDims
 from mapgen.common.errors import ErrorSink, Location, MapgenError, NeedsNewerMegatronCore, SpecError
 from mapgen.compiler.expand import expand
@@ -29,13 +38,17 @@ from mapgen.common import gcpause
 from mapgen.compiler.postprocess import check
 from mapgen.compiler.render import EXPERTS_PER_PART, render, render_package
 from mapgen.compiler.pattern import Pattern
-from mapgen.compiler.spec import Spec, parse_spec
+from mapgen.compiler.spec import Spec, StatedModels, parse_spec, stated_models
 from mapgen.compiler.write import file_kind
 
 TARGET_KEYS = ("spec", "config", "layout")
-# the megatron-core model class, GPTModel by default; whether `mapgen build` writes the package
-# into generated/ (a family's larger members are built on demand, by the tests and the bench)
-OPTIONAL_TARGET_KEYS: dict[str, object] = {"model": "gpt", "checked_in": True}
+# the megatron-core model class (None: the spec's default, `models:`); whether `mapgen build`
+# writes the package into generated/ (a family's larger members are built on demand, by the
+# tests and the bench)
+OPTIONAL_TARGET_KEYS: dict[str, object] = {"model": None, "checked_in": True}
+# a config field name `mapgen build --ignore-config-field` takes: it is written, as given, into
+# the module's `# Regenerate:` line, which must rebuild the module as a shell command
+IGNORABLE_FIELD = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
 
 
 @dataclass(frozen=True)
@@ -103,12 +116,28 @@ def read_targets(root: Path) -> list[TargetEntry]:
         if values["layout"] not in LAYOUTS:
             errors.add(entry.value["layout"].loc, f"layout must be one of {', '.join(LAYOUTS)}")
             continue
-        if values["model"] not in MODEL_CLASSES:
+        if values["model"] is not None and values["model"] not in MODEL_CLASSES:
             errors.add(entry.value["model"].loc, f"model must be one of {', '.join(MODEL_CLASSES)}")
             continue
         if not isinstance(values["checked_in"], bool):
             errors.add(entry.value["checked_in"].loc, "checked_in must be true or false")
             continue
+        try:
+            stated = _stated_models(root, str(values["spec"]))
+        except SpecError as exc:
+            errors.messages += exc.messages
+            continue
+        except MapgenError as exc:
+            errors.add(entry.value["spec"].loc, f"target '{name}': {exc}")
+            continue
+        given = values["model"]
+        if given is not None and stated is not None and given not in stated.names:
+            errors.add(
+                entry.value["model"].loc,
+                f"target '{name}': model {given}: spec {values['spec']} builds {stated} (its models, line {stated.loc.line})",
+            )
+            continue
+        values["model"] = given or (stated.default if stated else "gpt")
         entries.append(
             TargetEntry(
                 name, str(values["spec"]), str(values["config"]), str(values["layout"]), str(values["model"]),
@@ -117,6 +146,56 @@ def read_targets(root: Path) -> list[TargetEntry]:
         )
     errors.raise_if_any()
     return entries
+
+
+def _stated_models(root: Path, spec: str) -> StatedModels | None:
+    """The `models:` of a target's spec (a path relative to the repository root)."""
+    return stated_models(spec, input_text(read_input(root / spec, spec), spec))
+
+
+def choose_model(spec: Spec, given: str | None) -> str:
+    """The megatron-core model class to build: `given` (`mapgen build --model`), which the
+    spec's `models:` must list, or the spec's default (gpt for a spec that states none)."""
+    if given is not None and given not in MODEL_CLASSES:
+        raise MapgenError(f"model must be one of {', '.join(MODEL_CLASSES)}, got {given!r}")
+    stated = spec.models
+    if stated is None:
+        return given or "gpt"
+    if given is not None and given not in stated.names:
+        raise SpecError(
+            [
+                f"{stated.loc}: --model {given}: spec {spec.path} builds {stated} (its models); "
+                f"leave --model out to build {stated.default}"
+                + (f", or give --model {' or '.join(n for n in stated.names[1:])}" if len(stated.names) > 1 else "")
+            ]
+        )
+    return given or stated.default
+
+
+def check_ignored_names(names: tuple[str, ...]) -> frozenset[str]:
+    """`--ignore-config-field` names: config field paths (dotted for a nested field) that the
+    module's `# Regenerate:` line can record."""
+    for name in names:
+        if not IGNORABLE_FIELD.fullmatch(name) or ".." in name or name.endswith("."):
+            raise MapgenError(
+                f"--ignore-config-field {name!r}: not a config field name mapgen can record in the module's "
+                "Regenerate line (letters, digits, _, - and . between names)"
+            )
+    return frozenset(names)
+
+
+REGENERATE_LINE = re.compile(r"^# Regenerate: (.*)$", re.MULTILINE)
+
+
+def recorded_ignored_fields(module_file: Path) -> tuple[str, ...]:
+    """The `--ignore-config-field` names a module was built with, from its header's
+    `# Regenerate:` line: what rebuilds it (verify's local twin, its config check) must pass
+    them along, or the config it was built from is refused."""
+    header = module_file / "__init__.py" if module_file.is_dir() else module_file  # a package: its __init__.py
+    with header.open(encoding="utf-8") as text:
+        found = REGENERATE_LINE.search(text.read(8192))
+    words = found.group(1).split() if found else []
+    return tuple(words[i + 1] for i, word in enumerate(words[:-1]) if word == "--ignore-config-field")
 
 
 def read_input(path: Path, shown: str) -> bytes:
@@ -188,16 +267,24 @@ def build_target(
     regenerate: str,
     shown_paths: tuple[str, str] | None = None,
     hf_experts: str = "per_expert",
-    model: str = "gpt",
+    model: str | None = None,
+    *,
+    ignore_config_fields: tuple[str, ...] = (),
+    notes: list[str] | None = None,
 ) -> tuple[Target, list[str]]:
     """The target's IR and header lines; raises SpecError listing every problem found.
 
     `shown_paths` are the spec and config paths as headers and messages give them (default:
     relative to the working directory). `hf_experts` is how the checkpoint stores MoE experts: `per_expert`
     tensors (as published, and as transformers saves), or `stacked` along a leading expert dim
-    (transformers' in-memory layout), which rules read through their `fused_hf`."""
-    if model not in MODEL_CLASSES:
+    (transformers' in-memory layout), which rules read through their `fused_hf`. `model`: the
+    megatron-core model class (None: the spec's default, `choose_model`).
+    `ignore_config_fields`: config fields accepted whatever they are (`--ignore-config-field`;
+    `regenerate` should record them). `notes`, when given, receives the build's one note line
+    on the metadata fields of the config it accepted (`mapgen.compiler.config`)."""
+    if model is not None and model not in MODEL_CLASSES:
         raise MapgenError(f"model must be one of {', '.join(MODEL_CLASSES)}, got {model!r}")
+    ignored = check_ignored_names(ignore_config_fields)
     if hf_experts not in HF_EXPERTS:
         raise MapgenError(f"hf_experts must be one of {', '.join(HF_EXPERTS)}, got {hf_experts!r}")
     stacked = hf_experts == "stacked"
@@ -210,13 +297,18 @@ def build_target(
     spec_text, spec_source = _source(spec_path, shown_spec)
     config_text, config_source = _source(config_path, shown_config)
     spec = parse_spec(spec_source.path, spec_text)
+    model = choose_model(spec, model)
     config = read_hf_config(config_source.path, config_text)
-    dims = translate(spec, config)
+    metadata: list[FieldPath] = []
+    dims = translate(spec, config, ignored, metadata)
+    if metadata and notes is not None:
+        notes.append(metadata_note(config.path, metadata))
     check_model_type(spec, config)
     mtp = mtp_layers(spec, config, dims)
     try:
         hf = hf_inventory(
-            spec.hf_architecture, config.fields, stacked_experts=stacked, extra_layers=mtp.transformers_layers() if mtp else ()
+            spec.hf_architecture, without_fields(config.fields, metadata), stacked_experts=stacked,
+            extra_layers=mtp.transformers_layers() if mtp else (),
         )
     except Exception as exc:  # what transformers raises for a config it cannot build varies
         raise SpecError(
@@ -265,6 +357,7 @@ def build_target(
         hf_tensors=hf,
         ignored_hf=ignored_hf,
         hf_copies=tuple(hf_copies.items()),
+        hf_namings=spec.hf_namings,
     )
     header = [
         "@generated by mapgen. DO NOT EDIT: change the spec or the config and rebuild.",
@@ -276,6 +369,15 @@ def build_target(
         f"Regenerate: {regenerate}",
     ]
     return target, header
+
+
+def metadata_note(config_path: str, fields: list[FieldPath]) -> str:
+    """The one note line of a build whose config holds metadata fields."""
+    names = ", ".join(".".join(keys) for keys in fields)
+    return (
+        f"note: {config_path}: {names} {'is' if len(fields) == 1 else 'are'} defined by no transformers config "
+        "class: taken for tool metadata, not read"
+    )
 
 
 def _checked_source(source: str, what: str, formatted: bool) -> str:
@@ -295,12 +397,18 @@ def compile_target(
     shown_paths: tuple[str, str] | None = None,
     formatted: bool = True,
     hf_experts: str = "per_expert",
-    model: str = "gpt",
+    model: str | None = None,
+    *,
+    ignore_config_fields: tuple[str, ...] = (),
+    notes: list[str] | None = None,
 ) -> str:
     """One module's source text (the one-file form: `mapgen build ... -o OUT.py`); the
     arguments as `build_target`'s, and `formatted=False` returns the template's output as it
     goes into black."""
-    target, header = build_target(name, spec_path, config_path, layout, regenerate, shown_paths, hf_experts, model)
+    target, header = build_target(
+        name, spec_path, config_path, layout, regenerate, shown_paths, hf_experts, model,
+        ignore_config_fields=ignore_config_fields, notes=notes,
+    )
     return _checked_source(render(target, header), name, formatted)
 
 
@@ -312,12 +420,18 @@ def compile_package(
     regenerate: str,
     shown_paths: tuple[str, str] | None = None,
     hf_experts: str = "per_expert",
-    model: str = "gpt",
+    model: str | None = None,
     experts_per_part: int = EXPERTS_PER_PART,
+    *,
+    ignore_config_fields: tuple[str, ...] = (),
+    notes: list[str] | None = None,
 ) -> dict[str, str]:
     """The target as a package: file name -> source (`__init__.py` and one file per part; a
     layer with more experts than `experts_per_part` has them cut in ranges of that many)."""
-    target, header = build_target(name, spec_path, config_path, layout, regenerate, shown_paths, hf_experts, model)
+    target, header = build_target(
+        name, spec_path, config_path, layout, regenerate, shown_paths, hf_experts, model,
+        ignore_config_fields=ignore_config_fields, notes=notes,
+    )
     files = render_package(target, header, experts_per_part)
     return {file: _checked_source(text, f"{name}/{file}", True) for file, text in files.items()}
 
@@ -537,21 +651,24 @@ class Skipped:
 Package = dict[str, str]  # a target package: file name -> source
 
 
-def _timed_compile(root: Path, entry: TargetEntry) -> tuple[Package | Skipped, float]:
+def _timed_compile(root: Path, entry: TargetEntry) -> tuple[Package | Skipped, float, list[str]]:
     quiet_libraries()  # in a worker process of its own
     started = time.perf_counter()
+    notes: list[str] = []
     try:
-        files: Package | Skipped = compile_entry(root, entry)
+        files: Package | Skipped = compile_entry(root, entry, notes)
     except NeedsNewerMegatronCore as exc:
         files = Skipped(str(exc))
-    return files, time.perf_counter() - started
+    return files, time.perf_counter() - started, notes
 
 
-def compile_entries(root: Path, entries: list[TargetEntry]) -> Iterator[tuple[TargetEntry, Package | Skipped, float]]:
-    """(entry, its package's files, seconds) for each entry, in order, built two at a time in
-    processes of their own (the large MoE targets take tens of seconds each). A target this
-    megatron-core cannot build gives `Skipped` (a later release can: the list serves every
-    supported stack)."""
+def compile_entries(
+    root: Path, entries: list[TargetEntry]
+) -> Iterator[tuple[TargetEntry, Package | Skipped, float, list[str]]]:
+    """(entry, its package's files, seconds, the build's note lines) for each entry, in order,
+    built two at a time in processes of their own (the large MoE targets take tens of seconds
+    each). A target this megatron-core cannot build gives `Skipped` (a later release can: the
+    list serves every supported stack)."""
     if len(entries) < 2:
         for entry in entries:
             yield (entry, *_timed_compile(root, entry))
@@ -567,7 +684,7 @@ def compile_entries(root: Path, entries: list[TargetEntry]) -> Iterator[tuple[Ta
             yield (entry, *futures[entry.name].result())
 
 
-def compile_entry(root: Path, entry: TargetEntry) -> Package:
+def compile_entry(root: Path, entry: TargetEntry, notes: list[str] | None = None) -> Package:
     return compile_package(
         entry.name,
         root / entry.spec,
@@ -576,4 +693,5 @@ def compile_entry(root: Path, entry: TargetEntry) -> Package:
         "mapgen build",
         (entry.spec, entry.config),
         model=entry.model,
+        notes=notes,
     )

@@ -7,10 +7,23 @@ declares it (then the value it must have, or `any`), or when it is one of
 `NON_ARCHITECTURE_FIELDS`, which no model depends on. A field holding an object is understood
 whole where the spec reads or declares it whole, and field by field where the spec reads or
 declares some of its fields (`rope_scaling.factor`).
+
+The line between architecture and metadata: a field the spec does not understand is refused
+when transformers defines it (`transformers_defines`: the config class of the spec's
+architecture, or of the sub-config holding it, has it as an `__init__` parameter, an
+`attribute_map` alias or a public attribute of its default instance; or any transformers config
+class takes it as an `__init__` parameter or alias: `sliding_window` is Mistral's, so it is
+architecture in a Llama config too). A field no transformers config class defines is tool
+metadata (`unsloth_version`, `attn_implementation`, `transformers.js_config`): accepted, and
+listed for the build's one note line. A field inside a plain object (`rope_scaling.factor`)
+is part of that object's meaning: architecture. `ignored` fields (`mapgen build
+--ignore-config-field NAME`) are accepted whatever they are, unless the spec reads them.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import math
 from dataclasses import dataclass, field
@@ -167,30 +180,53 @@ def spec_reads(spec: Spec) -> frozenset[str]:
     return frozenset(found)
 
 
-def check_config_fields(spec: Spec, config: HFConfig, errors: ErrorSink) -> None:
-    """Refuse every config field the spec does not understand, and every declared field whose
-    value is not the one the spec builds for (see the module doc)."""
+UNKNOWN_FIELD = "is unknown to spec"  # in the refusal of an architecture field the spec does not read
+
+FieldPath = tuple[str, ...]  # a config field by its keys: ("text_config", "sliding_window")
+
+
+def check_config_fields(
+    spec: Spec, config: HFConfig, errors: ErrorSink, ignored: frozenset[str] = frozenset()
+) -> list[FieldPath]:
+    """Refuse every architecture field the spec does not understand, and every declared field
+    whose value is not the one the spec builds for (see the module doc); the metadata fields
+    accepted, in the config's order. `ignored`: dotted field paths accepted whatever they are."""
     declared = {f.path: f for f in spec.config_fields}
     known = spec_reads(spec) | set(declared)
-
-    def visit(path: str, value: Any) -> None:
-        parts = path.split(".")
-        if any(".".join(parts[: i + 1]) in known for i in range(len(parts))):
-            return
-        if not any(k.startswith(path + ".") for k in known):
+    for name in sorted(ignored):
+        overlap = sorted(k for k in known if k == name or k.startswith(name + ".") or name.startswith(k + "."))
+        if overlap:
             errors.add(
-                config.where(path),
-                f"config field '{path}' is unknown to spec {spec.path}: no expression of the spec "
-                "reads it and its config_fields do not declare it, so the model built would "
-                "ignore it",
+                config.where(name),
+                f"--ignore-config-field {name}: spec {spec.path} reads or declares config field "
+                f"{', '.join(repr(k) for k in overlap)}, which is never ignored",
             )
-        elif isinstance(value, dict):  # the spec knows some of its fields: check each
-            for key, inner in value.items():
-                visit(f"{path}.{key}", inner)
+    metadata: list[FieldPath] = []
+    classes = _ConfigClasses(spec.hf_architecture)
+
+    def visit(keys: FieldPath, value: Any) -> None:
+        path = ".".join(keys)
+        prefixes = [".".join(keys[: i + 1]) for i in range(len(keys))]
+        if any(p in known or p in ignored for p in prefixes):
+            return
+        if any(k.startswith(path + ".") for k in known):
+            if isinstance(value, dict):  # the spec knows some of its fields: check each
+                for key, inner in value.items():
+                    visit((*keys, key), inner)
+            return
+        if not classes.defines(keys, config.fields):
+            metadata.append(keys)
+            return
+        errors.add(
+            config.where(path),
+            f"config field '{path}' {UNKNOWN_FIELD} {spec.path}: no expression of the spec "
+            "reads it and its config_fields do not declare it, so the model built would "
+            "ignore it",
+        )
 
     for name, value in config.fields.items():
         if name not in NON_ARCHITECTURE_FIELDS:
-            visit(name, value)
+            visit((name,), value)
     for entry in spec.config_fields:
         present, value = _lookup(config.fields, entry.path)
         if entry.value is None or not present:
@@ -208,6 +244,136 @@ def check_config_fields(spec: Spec, config: HFConfig, errors: ErrorSink) -> None
                 f"config field '{entry.path}' is {_json(value)}, but spec {spec.path} builds only "
                 f"{entry.path} = {_json(required)} (config_fields, line {entry.loc.line}){because}",
             )
+    return metadata
+
+
+def without_fields(fields: dict[str, Any], paths: list[FieldPath]) -> dict[str, Any]:
+    """A copy of the config's fields without `paths` (what transformers is given: a metadata
+    field such as `attn_implementation` would choose its attention kernels)."""
+    kept = dict(fields)
+    for keys in paths:
+        holder = kept
+        for key in keys[:-1]:
+            inner = holder.get(key)
+            if not isinstance(inner, dict):
+                break
+            copied = dict(inner)  # the caller's nested objects are left as they are
+            holder[key] = copied
+            holder = copied
+        else:
+            holder.pop(keys[-1], None)
+    return kept
+
+
+class _ConfigClasses:
+    """Which config fields transformers defines, for the spec's architecture (see the module
+    doc). transformers is imported only when a field is asked about, and every config class
+    only when the architecture's own classes do not define it."""
+
+    def __init__(self, architecture: str) -> None:
+        self.architecture = architecture
+
+    def defines(self, keys: FieldPath, fields: dict[str, Any]) -> bool:
+        """Whether transformers defines the field at `keys` (a field inside a plain object,
+        not a sub-config, is taken as defined)."""
+        holder_class = _architecture_config_class(self.architecture)
+        holder: Any = fields
+        for key in keys[:-1]:
+            holder = holder.get(key) if isinstance(holder, dict) else None
+            holder_class = _sub_config_class(holder_class, key, holder)
+            if holder_class is None:  # a plain object: each of its fields is part of its meaning
+                return True
+        name = keys[-1]
+        return (holder_class is not None and name in _class_fields(holder_class)) or name in _all_config_fields()
+
+
+def _architecture_config_class(architecture: str) -> type | None:
+    """The transformers config class that the model class `architecture` is built from."""
+    import transformers
+
+    try:
+        model_class = getattr(transformers, architecture, None)
+    except Exception:  # a lazily imported class whose module fails to import
+        return None
+    config_class = getattr(model_class, "config_class", None)
+    return config_class if isinstance(config_class, type) else None
+
+
+def _sub_config_class(holder_class: type | None, key: str, value: Any) -> type | None:
+    """The config class of the sub-config `key` of `holder_class` (LLaVA's text_config: the
+    class its `model_type` names, else the one the holder's default instance has); None when
+    the field is no sub-config."""
+    from transformers import PretrainedConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if holder_class is None or not isinstance(value, dict):
+        return None
+    sub_configs = getattr(holder_class, "sub_configs", None)
+    if not isinstance(sub_configs, dict) or key not in sub_configs:
+        return None
+    model_type = value.get("model_type")
+    if isinstance(model_type, str):
+        try:
+            found = CONFIG_MAPPING[model_type]
+        except (KeyError, ValueError, ImportError):
+            found = None
+        if isinstance(found, type):
+            return found
+    declared = sub_configs[key]
+    if isinstance(declared, type) and issubclass(declared, PretrainedConfig) and declared is not PretrainedConfig:
+        return declared
+    default = getattr(_default_instance(holder_class), key, None)
+    return type(default) if isinstance(default, PretrainedConfig) else None
+
+
+@functools.lru_cache(maxsize=None)
+def _default_instance(config_class: type) -> Any:
+    try:
+        return config_class()
+    except Exception:  # a class that needs arguments
+        return None
+
+
+def _declared_names(config_class: type) -> set[str]:
+    """A config class's `__init__` parameters and `attribute_map` aliases."""
+    names: set[str] = set()
+    try:
+        parameters = list(inspect.signature(config_class).parameters.values())
+    except (TypeError, ValueError):  # no signature to read
+        parameters = []
+    names |= {p.name for p in parameters if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    aliases = getattr(config_class, "attribute_map", None)
+    if isinstance(aliases, dict):
+        names |= {k for k in aliases if isinstance(k, str)}
+    return names
+
+
+@functools.lru_cache(maxsize=None)
+def _class_fields(config_class: type) -> frozenset[str]:
+    """The fields one config class defines: its parameters, aliases and the public attributes of
+    its default instance (transformers' internal state, `_attn_implementation_internal`, is
+    none)."""
+    names = _declared_names(config_class)
+    default = _default_instance(config_class)
+    if default is not None:
+        names |= {k for k in vars(default) if not k.startswith("_")}
+    return frozenset(names)
+
+
+@functools.lru_cache(maxsize=1)
+def _all_config_fields() -> frozenset[str]:
+    """The parameters and aliases of every config class transformers has (imports each: a few
+    seconds, once per process, and only for a config with a field its own class lacks)."""
+    from transformers.models.auto import configuration_auto
+
+    names: set[str] = set()
+    for model_type in list(configuration_auto.CONFIG_MAPPING.keys()):
+        try:
+            config_class = configuration_auto.CONFIG_MAPPING[model_type]
+        except Exception:  # a model whose module fails to import here
+            continue
+        names |= _declared_names(config_class)
+    return frozenset(n for n in names if not n.startswith("_"))
 
 
 def _lookup(fields: dict[str, Any], path: str) -> tuple[bool, Any]:
@@ -233,10 +399,14 @@ def _json(value: Any) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
-def translate(spec: Spec, config: HFConfig) -> ModelDims:
+def translate(
+    spec: Spec, config: HFConfig, ignored: frozenset[str] = frozenset(), metadata: list[FieldPath] | None = None
+) -> ModelDims:
     """Evaluate every dim of the spec over the config; all problems are reported together. A
     dim whose value is wrong is blamed on the config field it was read from, where the config
-    holds it, when it was read from exactly one."""
+    holds it, when it was read from exactly one. `ignored`: config fields accepted whatever
+    they are (`check_config_fields`); `metadata`, when given, receives the metadata fields
+    accepted."""
     errors = ErrorSink()
     if config.architectures and spec.hf_architecture not in config.architectures:
         errors.add(
@@ -244,7 +414,9 @@ def translate(spec: Spec, config: HFConfig) -> ModelDims:
             f"config is for {', '.join(config.architectures)}, but spec {spec.path} maps "
             f"{spec.hf_architecture}",
         )
-    check_config_fields(spec, config, errors)
+    accepted = check_config_fields(spec, config, errors, ignored)
+    if metadata is not None:
+        metadata.extend(accepted)
     values: dict[str, Any] = {}
     where: dict[str, Location] = {}
     read: dict[str, list[str]] = {}

@@ -12,6 +12,10 @@ pattern with the HF pattern(s) it is made from:
 
 `mapgen.compiler.kinds` defines what each kind does in both directions. A rule may give an `id:`
 (a stable name that generated code cites it by); its Megatron pattern is its id otherwise.
+
+A spec states the megatron-core model classes it builds (`models: [gpt, hybrid]`, or one name:
+`models: llava`), the first by default (`mapgen build --model` defaults from it; a class it
+does not list is refused); a spec without `models` builds any class, GPTModel by default.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from typing import Any
 from mapgen.compiler import yamlsource
 from mapgen.common.dims import DIM_FIELDS, REQUIRED_DIMS
 from mapgen.common.errors import ErrorSink, Location
+from mapgen.common.layout import MODEL_CLASSES
 from mapgen.compiler.expr import Expr, ExprSyntaxError
 from mapgen.compiler.kinds import KINDS, Kind
 from mapgen.common.limits import MAX_DOUBLE_STARS, MAX_IGNORE_HF, MAX_PATTERN_CHARS, MAX_RULES
@@ -32,7 +37,9 @@ from mapgen.compiler.yamlsource import Node
 
 
 PARALLELISM_TYPES = ("column", "row", "replicated")
-TOP_KEYS = ("family", "hf_architecture", "dims", "module_types", "rules", "ignore_hf", "config_fields", "mtp")
+TOP_KEYS = (
+    "family", "hf_architecture", "dims", "module_types", "rules", "ignore_hf", "config_fields", "mtp", "models", "hf_namings"
+)
 MTP_KEYS = ("hf_layer", "hf_tensors", "why")
 MTP_OPTIONAL_KEYS = ("hf_decoder_prefix", "hf_decoder_like")
 MTP_TENSOR_KEYS = ("name", "shape", "copy_of")
@@ -137,6 +144,21 @@ class MTP:
 
 
 @dataclass(frozen=True)
+class StatedModels:
+    """The megatron-core model classes a spec builds (its `models:`), the first by default."""
+
+    names: tuple[str, ...]
+    loc: Location
+
+    @property
+    def default(self) -> str:
+        return self.names[0]
+
+    def __str__(self) -> str:
+        return " or ".join(self.names)
+
+
+@dataclass(frozen=True)
 class Spec:
     path: str
     family: str
@@ -147,6 +169,10 @@ class Spec:
     ignore_hf: tuple[IgnoreHF, ...] = ()
     config_fields: tuple[ConfigField, ...] = ()
     mtp: MTP | None = None
+    models: StatedModels | None = None  # None: the spec states none (any class, gpt by default)
+    # (prefix, other prefix): another naming of the tensors under `prefix` that checkpoints of
+    # the architecture use (`hf_namings: {"vision_tower.vision_model.": "vision_tower."}`)
+    hf_namings: tuple[tuple[str, str], ...] = ()
 
 
 def parse_spec(path: str, text: str) -> Spec:
@@ -193,8 +219,71 @@ def parse_spec(path: str, text: str) -> Spec:
     ignore_hf = _parse_ignore_hf(top.get("ignore_hf"), errors)
     config_fields = _parse_config_fields(top.get("config_fields"), errors)
     mtp = _parse_mtp(top.get("mtp"), errors)
+    models = _parse_models(top.get("models"), errors)
+    hf_namings = _parse_hf_namings(top.get("hf_namings"), errors)
     errors.raise_if_any()
-    return Spec(path, family, hf_architecture, dims, module_types, tuple(rules), ignore_hf, config_fields, mtp)
+    return Spec(
+        path, family, hf_architecture, dims, module_types, tuple(rules), ignore_hf, config_fields, mtp, models, hf_namings
+    )
+
+
+def _parse_hf_namings(node: Node | None, errors: ErrorSink) -> tuple[tuple[str, str], ...]:
+    """`hf_namings: {prefix: other prefix, ...}`: distinct non-empty names ending in '.', neither
+    a prefix of another entry's prefix."""
+    if node is None:
+        return ()
+    if not isinstance(node.value, dict) or not node.value:
+        errors.add(node.loc, "'hf_namings' must map an HF name prefix to the prefix another naming uses, e.g. "
+                   '{"vision_tower.vision_model.": "vision_tower."}')
+        return ()
+    found: list[tuple[str, str]] = []
+    for ours, other in node.value.items():
+        theirs = other.value
+        if not (isinstance(theirs, str) and ours.endswith(".") and theirs.endswith(".") and ours != theirs):
+            errors.add(other.loc, f"hf_namings: {ours!r} -> {_plain(other)!r}: both must be different name prefixes ending in '.'")
+            continue
+        found.append((ours, theirs))
+    prefixes = [ours for ours, _ in found]
+    for ours in prefixes:
+        if any(o != ours and o.startswith(ours) for o in prefixes):
+            errors.add(node.value[ours].loc, f"hf_namings: {ours!r} is a prefix of another entry's: give each tensor one naming")
+    return tuple(found)
+
+
+def stated_models(path: str, text: str) -> StatedModels | None:
+    """The `models:` of the spec `text` alone (what the target list needs of each spec),
+    refused as `parse_spec` refuses it."""
+    root = yamlsource.load(path, text)
+    errors = ErrorSink()
+    models = _parse_models(root.value.get("models"), errors) if isinstance(root.value, dict) else None
+    errors.raise_if_any()
+    return models
+
+
+def _parse_models(node: Node | None, errors: ErrorSink) -> StatedModels | None:
+    """`models: [gpt, hybrid]` or `models: llava`: distinct names of MODEL_CLASSES."""
+    if node is None:
+        return None
+    items = node.value if isinstance(node.value, list) else [node]
+    names = [item.value for item in items]
+    if not names or not all(isinstance(n, str) and n in MODEL_CLASSES for n in names) or len(set(names)) != len(names):
+        errors.add(
+            node.loc,
+            f"'models' must be one or a list of distinct megatron-core model classes from {', '.join(MODEL_CLASSES)} "
+            f"(the first is built by default), got {repr(_plain(node))[:80]}",
+        )
+        return None
+    return StatedModels(tuple(str(n) for n in names), node.loc)
+
+
+def _plain(node: Any) -> Any:
+    """A node's value as plain Python, for a message."""
+    value = node.value if isinstance(node, Node) else node
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
 
 def _parse_mtp(node: Node | None, errors: ErrorSink) -> MTP | None:
