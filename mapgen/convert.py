@@ -42,7 +42,6 @@ checked on every rank and agreed on before megatron-core reads a byte.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import resource
@@ -66,6 +65,7 @@ from mapgen.runtime.checkpoint import HFCheckpoint
 from mapgen.runtime.collectives import RankError, agree_or_raise
 from mapgen.runtime.drivers import Converter, _describe, _move_into_place, _staging_folder, save_hf_checkpoint
 from mapgen.runtime.vocab import VOCAB_PARAMS, padded_vocab_size
+from mapgen.verify.arguments import output_problems
 from mapgen.verify.jobs import MAX_SPAWNED, checkpoint_dtype, hf_problems, layout_problems, load_mapping_module, spawn
 
 TRACKER = "latest_checkpointed_iteration.txt"  # Megatron-LM's tracker file
@@ -121,6 +121,7 @@ class ConvertResult:
     peak_mib: list[float] = field(default_factory=list)  # every rank's peak resident set
     start_mib: list[float] = field(default_factory=list)  # every rank's resident set at the start
     phase_peak_mib: dict[str, float] = field(default_factory=dict)  # this rank's peak after each phase
+    created: list[str] = field(default_factory=list)  # folders made above the output folder (`convert`)
 
     def summary(self) -> str:
         job = self.job
@@ -250,28 +251,6 @@ def dims_record(module: ModuleType) -> dict[str, Any]:
 # --- before any process starts ---
 
 
-def smallest_dp(layout: ParallelLayout) -> int:
-    """The fewest data-parallel replicas megatron-core accepts for the layout: each pipeline
-    stage's tp x dp ranks must hold the expert grid (expert-TP x EP)."""
-    sizes = (layout.tp, layout.ep, layout.etp or layout.tp)
-    if any(isinstance(size, bool) or not isinstance(size, int) or size < 1 for size in sizes):
-        return 1  # preflight says what is wrong with the sizes
-    grid = layout.ep * (layout.etp or layout.tp)
-    return grid // math.gcd(layout.tp, grid)
-
-
-def target_problems(out: Path, overwrite: bool) -> list[str]:
-    """The output folder, checked as `save_hf_checkpoint`'s writer checks it."""
-    if not out.parent.is_dir():
-        return [f"{out}: parent folder {out.parent} does not exist" if not out.parent.exists() else f"{out.parent} is not a folder"]
-    if out.is_symlink() or out.exists():
-        if not overwrite:
-            return [f"{out} already exists (--overwrite replaces it once the new checkpoint is complete)"]
-        if out.is_symlink() or not out.is_dir():
-            return [f"{out} exists and is not a folder; --overwrite replaces folders only"]
-    return []
-
-
 def preflight(job: ConvertJob, world_size: int | None = None) -> list[str]:
     """What is wrong with `job` that is known before any process starts (the module is loaded
     once: a DeepSeek-V3 module is 37 MB of Python)."""
@@ -282,7 +261,7 @@ def preflight(job: ConvertJob, world_size: int | None = None) -> list[str]:
         return [f"{module.TARGET} maps megatron-core's {module.MODEL} model; mapgen convert writes and reads GPTModel checkpoints"]
     if job.dtype is not None and job.dtype not in DTYPES:
         return [f"--dtype must be one of {', '.join(DTYPES)}, not {job.dtype!r}"]
-    found = target_problems(Path(job.out), job.overwrite)
+    found = output_problems(Path(job.out), job.overwrite, Path(job.source))  # also the CLI's, before torch
     found += [f"layout {job.layout}: {problem}" for problem in layout_problems(module, job.layout)]
     if world_size is not None and world_size != job.layout.world_size:
         found.append(f"layout {job.layout} needs tp x pp x dp = {job.layout.world_size} processes, torchrun started {world_size}")
@@ -735,18 +714,29 @@ def run_convert(job: ConvertJob) -> ConvertResult:
 def convert(job: ConvertJob) -> ConvertResult:
     """Run `job` on the layout's processes: started here (gloo on CPU), or the ones torchrun
     started. Raises MapgenError for what `preflight` finds, before any process starts; returns
-    rank 0's result (this rank's under torchrun)."""
+    rank 0's result (this rank's under torchrun). Missing folders above the output folder are
+    created (by rank 0), and removed again when the conversion fails."""
+    from mapgen.compiler.write import make_folders
+
     torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     if problems := preflight(job, int(os.environ["WORLD_SIZE"]) if torchrun else None):
         raise MapgenError(f"cannot convert {job.source} with {job.module_path}:\n  " + "\n  ".join(problems))
-    if torchrun:
-        if not dist.is_initialized():
-            with native_stdout_silenced():
-                dist.init_process_group("gloo")
-        return run_convert(job)
+    created = make_folders(Path(job.out).parent) if os.environ.get("RANK", "0") == "0" else []
+    result: ConvertResult | None = None
     try:
-        results = spawn([(run_convert, (job,))], job.layout.world_size)
-    except MapgenError as exc:
-        raise MapgenError(f"mapgen convert's processes failed: {exc}") from None
-    result: ConvertResult = results[0][0]
+        if torchrun:
+            if not dist.is_initialized():
+                with native_stdout_silenced():
+                    dist.init_process_group("gloo")
+            result = run_convert(job)
+        else:
+            result = spawn([(run_convert, (job,))], job.layout.world_size, what="conversion")[0][0]
+        result.created = [str(folder) for folder in created]
+    finally:
+        if result is None or result.error is not None:
+            for folder in reversed(created):  # innermost first; a folder someone filled since stays
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
     return result

@@ -197,6 +197,14 @@ def explain_param(shards: ParamShards, smap: ShardMap, module: ModuleType, modul
         else:
             lines.append(f"split:  dim {plan.split_dim} over {shards.group_size} {group} ranks, {local} each")
     lines += _rank_lines(shards)
+    if pad := sum(shard.pad_rows for shard in shards.shards):
+        rows = plan.shape[plan.split_dim or 0]
+        text = (
+            f"the model has {rows + pad} rows: the {rows} HF rows padded to a multiple of "
+            f"--make-vocab-size-divisible-by {layout.make_vocab_size_divisible_by} x TP {shards.group_size}, "
+            "as Megatron-LM, verify and convert build it"
+        )
+        lines += textwrap.wrap(text, WIDTH, initial_indent="vocab:  ", subsequent_indent=INDENT, break_on_hyphens=False)
     steps = shards.export.lines()
     if (inverse := _inverse(shards)) is not None:
         steps.insert(1 if steps[0].startswith("all-gather") else 0, inverse)
@@ -218,6 +226,8 @@ def _inverse(shards: ParamShards) -> str | None:
         return "then each rank's [gate_r; up_r] halved, the gates joined into gate, the ups into up"
     if rule.kind == "gdn_in_proj":
         return "then each rank's [q_t; k_t; v_t; z_t; b_t; a_t] split and re-packed per key head into qkvz and ba"
+    if rule.kind == "gdn_in_proj_sections":
+        return "then each rank's [q_t; k_t; v_t; z_t; b_t; a_t] split, each section's blocks joined, q, k and v into qkv"
     if rule.kind == "gdn_conv1d":
         return "then each rank's [q_t; k_t; v_t] split, the q, k and v sections joined back into [q; k; v]"
     if rule.kind == "reshape":

@@ -376,8 +376,9 @@ def test_an_existing_output_folder_is_refused_without_overwrite(standins: dict[s
     for args in (["hf-to-megatron", module, hf, str(existing)], ["megatron-to-hf", module, str(written), str(existing)]):
         code, output = _cli(args)
         assert code == 2 and "existing already exists (--overwrite replaces it" in output, output
-    code, output = _cli(["hf-to-megatron", module, hf, str(tmp_path / "missing" / "out")])
-    assert code == 2 and "parent folder" in output and "does not exist" in output, output
+    (tmp_path / "a_file").write_text("")  # a missing parent is created; a file in the way is refused
+    code, output = _cli(["hf-to-megatron", module, hf, str(tmp_path / "a_file" / "out")])
+    assert code == 2 and f"{tmp_path / 'a_file'} is not a folder" in output, output
 
 
 def test_an_hf_checkpoint_of_another_model_is_refused(standins: dict[str, dict[str, Path]], tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ import io
 import json
 import math
 import os
+import signal
 import socket
 import traceback
 from collections import Counter
@@ -45,6 +46,7 @@ from mapgen.compiler.megatron_model import (
     initialize_parallel_state,
 )
 from mapgen.runtime.checkpoint import DTYPES, HFCheckpoint
+from mapgen.verify.arguments import size_problems
 
 INPUT_SHAPE = (2, 7)  # batch, sequence
 FLOAT32_TOLERANCE = 1e-5  # max abs logit difference in float32 (measured: 1.5e-7 to 2.4e-7)
@@ -60,6 +62,19 @@ class Job:
     hf_dir: str
     layout: ParallelLayout
     make_vocab_size_divisible_by: int = 1  # Megatron-LM's vocabulary padding, x TP
+    progress: str | None = None  # a file rank 0 appends each phase's name to (a line each), or None
+
+
+def report_phase(job: Job, phase: str) -> None:
+    """Rank 0 says which phase `job` has reached: a line appended to `job.progress`, which the
+    process that started the ranks follows (`mapgen.common.console.Phases.follow`)."""
+    if job.progress is None or (dist.is_initialized() and dist.get_rank() != 0):
+        return
+    try:
+        with open(job.progress, "a", encoding="utf-8") as file:
+            file.write(phase.replace("\n", " ") + "\n")
+    except OSError:  # progress is a courtesy: the verification goes on without it
+        pass
 
 
 @dataclass
@@ -217,18 +232,20 @@ def _load_module(path: str) -> ModuleType:
 MAX_SPAWNED = 64  # processes verify starts on one machine; torchrun for more
 
 
+def layout_sizes(layout: ParallelLayout) -> dict[str, int | None]:
+    """The layout's sizes by field, for `size_problems`."""
+    return {
+        "tp": layout.tp, "pp": layout.pp, "vpp": layout.vpp, "ep": layout.ep, "dp": layout.dp, "etp": layout.etp,
+        "first_stage_layers": layout.first_stage_layers, "last_stage_layers": layout.last_stage_layers,
+    }
+
+
 def layout_problems(module: ModuleType, layout: ParallelLayout) -> list[str]:
     """Everything megatron-core would refuse about running `module`'s model under `layout`, known
     from the module's DIMS and PARAMS before any process starts: positive sizes; TP dividing
     the attention heads, the query groups and every TP-split dimension; expert-TP every expert
     one; EP the experts; the layers over PP and VPP (with uneven first and last stages)."""
-    sizes = {"tp": layout.tp, "pp": layout.pp, "vpp": layout.vpp, "ep": layout.ep, "dp": layout.dp}
-    optional = {"etp": layout.etp, "first-stage-layers": layout.first_stage_layers, "last-stage-layers": layout.last_stage_layers}
-    found = [
-        f"--{name} must be a positive integer, got {value}"
-        for name, value in [*sizes.items(), *optional.items()]
-        if (value is not None or name in sizes) and (isinstance(value, bool) or not isinstance(value, int) or value < 1)
-    ]
+    found = size_problems(layout_sizes(layout))
     if found:
         return found
     found += layout.problems()
@@ -327,7 +344,7 @@ def preflight(job: Job, world_size: int | None = None) -> list[str]:
 def hf_problems(module: ModuleType, folder: str | Path) -> list[str]:
     """The HF checkpoint in `folder` against the module: config.json's architecture, the
     safetensors headers and index against the module's HF table (verify and convert share it)."""
-    from mapgen.runtime.drivers import checkpoint_problems
+    from mapgen.runtime.drivers import checkpoint_problems, hf_namings
 
     found: list[str] = []
     config = Path(folder) / "config.json"
@@ -344,16 +361,17 @@ def hf_problems(module: ModuleType, folder: str | Path) -> list[str]:
         elif isinstance(architectures, list) and architectures and module.HF_ARCHITECTURE not in architectures:
             found.append(f"{config}: architectures is {architectures}, {module.TARGET} maps {module.HF_ARCHITECTURE}")
     try:
-        found += [f"{folder}: {problem}" for problem in checkpoint_problems(module, HFCheckpoint(folder))]
+        found += [f"{folder}: {problem}" for problem in checkpoint_problems(module, HFCheckpoint(folder, namings=hf_namings(module)))]
     except MapgenError as exc:
         found.append(str(exc))
     return found
 
 
-def config_problems(module: ModuleType, spec_path: Path, config_path: Path) -> list[str]:
+def config_problems(module: ModuleType, spec_path: Path, config_path: Path, ignored: tuple[str, ...] = ()) -> list[str]:
     """`config_path` (the config.json beside the weights) against the module built from
     `spec_path`: the model dims the spec derives from it must be the module's DIMS, or the
-    reference transformers builds from it is another model than the one imported."""
+    reference transformers builds from it is another model than the one imported. `ignored`:
+    the config fields the module was built to accept (`--ignore-config-field`)."""
     from dataclasses import fields as dataclass_fields
 
     from mapgen.compiler.config import read_hf_config, translate
@@ -363,7 +381,7 @@ def config_problems(module: ModuleType, spec_path: Path, config_path: Path) -> l
     try:
         spec = parse_spec(str(spec_path), spec_path.read_text(encoding="utf-8"))
         config = read_hf_config(str(config_path), config_path.read_text(encoding="utf-8"))
-        dims = translate(spec, config)
+        dims = translate(spec, config, frozenset(ignored))
     except SpecError as exc:
         return list(exc.messages)
     except (OSError, UnicodeDecodeError) as exc:
@@ -396,13 +414,17 @@ def run_job(job: Job) -> Result:
         vocab = module.DIMS.vocab_size
         padded = padded_vocab_size(vocab, job.make_vocab_size_divisible_by, job.layout.tp)
         result.dtype, result.vocab = str(dtype).removeprefix("torch."), (vocab, padded)
+        rows = f"vocab {vocab}" + (f" padded to {padded}" if padded > vocab else "")
+        report_phase(job, f"building the model ({job.layout}, {result.dtype}, {rows})")
         initialize_parallel_state(job.layout)
         prepare_cpu_megatron()
         ctx = ParallelContext.from_parallel_state()
         torch.manual_seed(0)
         chunks = build_model_chunks(module.DIMS, job.layout, params_dtype=dtype, vocab_size=padded, model=module.MODEL)
         converter = Converter(module, chunks, ctx, make_vocab_size_divisible_by=job.make_vocab_size_divisible_by)
+        report_phase(job, f"loading {job.hf_dir} into the model")
         converter.load(job.hf_dir)
+        report_phase(job, "forward: megatron-core against transformers")
         if module.MODEL == "llava":  # an image and a prompt, not tokens alone
             from mapgen.verify.llava import run_llava_job
 
@@ -433,13 +455,14 @@ def run_job(job: Job) -> Result:
                 result.error = traceback.format_exc()
                 found[0] = float("inf")
         agree_on_logits(found, result, original)
+        report_phase(job, "export: every tensor against the checkpoint's bytes")
         for name, tensor in converter.export():
             result.tensors += 1
             if same_bits(tensor, original.get(name)):
                 result.bit_exact += 1
             else:
                 result.mismatched.append(name)
-        missing = set(original.names()) - {t.name for t in module.HF_TENSORS}
+        missing = set(original.names()) - {converter.hf_name(t.name) for t in module.HF_TENSORS}  # the files' naming
         result.mismatched += sorted(f"{name} (in the checkpoint, never exported)" for name in missing)
     except MapgenError as exc:
         result.error = str(exc)
@@ -548,10 +571,11 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def spawn(tasks: list[Task], world_size: int, timeout_s: float = 1800) -> dict[int, list[Any]]:
+def spawn(tasks: list[Task], world_size: int, timeout_s: float = 1800, what: str = "verification") -> dict[int, list[Any]]:
     """Run `tasks` (module-level function, args) in order in `world_size` fresh gloo processes,
     so that many checks share one start-up; every rank's return values, by rank. A process
-    that dies, or a run past `timeout_s`, raises here instead of waiting forever."""
+    that dies, or a run past `timeout_s`, raises here instead of waiting forever, naming `what`
+    the processes were doing ("verification", "conversion")."""
     import queue as queue_module
     import time
 
@@ -571,10 +595,10 @@ def spawn(tasks: list[Task], world_size: int, timeout_s: float = 1800) -> dict[i
             try:
                 rank, data = results_queue.get(timeout=1.0)
             except queue_module.Empty:
-                dead = [p.exitcode for p in processes.processes if p.exitcode not in (None, 0)]
+                dead = [(rank, p.exitcode) for rank, p in enumerate(processes.processes) if p.exitcode not in (None, 0)]
                 if dead or time.monotonic() > deadline:
-                    reason = f"exit codes {dead}" if dead else f"no result after {timeout_s:.0f} s"
-                    raise MapgenError(f"spawned verification processes failed: {reason}") from None
+                    reason = ", ".join(map(_death, dead)) if dead else f"no result after {timeout_s:.0f} s"
+                    raise MapgenError(f"the {what} processes failed: {reason}") from None
                 continue
             collected[rank] = torch.load(io.BytesIO(data), weights_only=False)
         while not processes.join():
@@ -586,10 +610,25 @@ def spawn(tasks: list[Task], world_size: int, timeout_s: float = 1800) -> dict[i
     return collected
 
 
-def verify(jobs: list[Job], world_size: int) -> list[Result]:
+def _death(rank_and_code: tuple[int, int]) -> str:
+    rank, code = rank_and_code
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"rank {rank} killed by {name}" + (" (out of memory?)" if code == -signal.SIGKILL else "")
+    return f"rank {rank} exited with code {code}"
+
+
+def verify(jobs: list[Job], world_size: int, phase: Callable[[str], None] | None = None) -> list[Result]:
     """Rank 0's result of each job (all ranks agree on errors; rank 0 compares the tensors).
-    Raises MapgenError, before any process starts, for what `preflight` finds."""
+    Raises MapgenError, before any process starts, for what `preflight` finds. `phase` is told
+    the parent's phases (checking, starting the processes); the ranks report theirs to each
+    job's `progress` file."""
+    say = phase or (lambda text: None)
     torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    say("checking the module, the layout and the checkpoint")
     for job in jobs:  # everything known before a process starts is said before one does
         if problems := preflight(job, int(os.environ["WORLD_SIZE"]) if torchrun else None):
             raise MapgenError(f"cannot verify {job.module_path} on {job.hf_dir}:\n  " + "\n  ".join(problems))
@@ -598,4 +637,5 @@ def verify(jobs: list[Job], world_size: int) -> list[Result]:
             with native_stdout_silenced():
                 dist.init_process_group("gloo")
         return [run_job(job) for job in jobs]
+    say(f"starting {world_size} process{'es' if world_size > 1 else ''}")
     return list(spawn([(run_job, (job,)) for job in jobs], world_size)[0])

@@ -207,7 +207,7 @@ def llava_layout_problems(module: Any, layout: Any) -> list[str]:
 def run_llava_job(job: Any, module: Any, chunks: list[Any], converter: Any, original: Any, result: Any) -> None:
     """The rest of `jobs.run_job` for a LLaVAModel module (its model is built and imported):
     the three outputs against transformers, every rank agreeing on the verdict, then export."""
-    from mapgen.verify.jobs import agree_on_logits, logit_tolerance, same_bits
+    from mapgen.verify.jobs import agree_on_logits, logit_tolerance, report_phase, same_bits
 
     dtype = next(chunks[0].parameters()).dtype
     vocab = module.DIMS.vocab_size
@@ -230,14 +230,15 @@ def run_llava_job(job: Any, module: Any, chunks: list[Any], converter: Any, orig
         result.error = traceback.format_exc()
         found[0] = float("inf")
     agree_on_logits(found, result, original)
+    report_phase(job, "export: every tensor against the checkpoint's bytes")
     for name, tensor in converter.export():
         result.tensors += 1
         if same_bits(tensor, original.get(name)):
             result.bit_exact += 1
         else:
             result.mismatched.append(name)
-    ignored = tuple(getattr(module, "IGNORED_HF", {}))
-    missing = set(original.names()) - {t.name for t in module.HF_TENSORS}
+    ignored = tuple(converter.hf_name(prefix) for prefix in getattr(module, "IGNORED_HF", {}))
+    missing = set(original.names()) - {converter.hf_name(t.name) for t in module.HF_TENSORS}  # the files' naming
     result.mismatched += sorted(
         f"{name} (in the checkpoint, never exported)" for name in missing if not name.startswith(ignored)
     )
