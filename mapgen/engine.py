@@ -298,8 +298,9 @@ class PieceReceiver:
             receiver.add(piece)
         engine_model.load_weights(receiver.tensors().items())  # full HF tensors: the engine cuts its shard
 
-    `shapes`: the HF tensors to fill, name -> full shape, or a generated module (its
-    HF_TENSORS). `dtype`: of the buffers (one for all, or per name); None takes each tensor's
+    `shapes`: the HF tensors to fill, name -> full shape, a generated module (its
+    HF_TENSORS), or a Converter (its module's, named as its `export_local` names them: in the
+    naming of the checkpoint it loaded). `dtype`: of the buffers (one for all, or per name); None takes each tensor's
     first piece's dtype. A piece of another dtype is cast as it is written (pieces come in
     `export_local(dtype=...)`'s dtypes: ask for the engine's). `device`: of the buffers.
 
@@ -483,6 +484,9 @@ class PieceReceiver:
 
 
 def _full_shapes(shapes: Mapping[str, Sequence[int]] | Any) -> dict[str, tuple[int, ...]]:
+    rename = getattr(shapes, "hf_name", None)
+    if rename is not None and hasattr(shapes, "module"):  # a Converter: its names as export_local gives them
+        return {rename(name): shape for name, shape in _full_shapes(shapes.module).items()}
     tables = getattr(shapes, "HF_TENSORS", None)
     if tables is not None:  # a generated module (a target package's whole table)
         return {t.name: tuple(int(s) for s in t.shape) for t in tables}

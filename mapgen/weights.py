@@ -22,7 +22,8 @@ import torch
 from mapgen.common.errors import MapgenError
 from mapgen.common.files import module_label
 from mapgen.runtime.context import ParallelContext
-from mapgen.runtime.drivers import Converter, check_module, save_hf_checkpoint
+from mapgen.runtime.checkpoint import CheckpointError, HFCheckpoint
+from mapgen.runtime.drivers import Converter, check_module, hf_namings, save_hf_checkpoint
 from mapgen.runtime.package import import_path
 
 MEGATRON_LM_PADDING = 128  # Megatron-LM's make_vocab_size_divisible_by
@@ -104,12 +105,27 @@ def save_hf_pretrained(
 ) -> None:
     """Write an HF checkpoint folder (safetensors shards, index, config.json) from the chunks,
     atomically (every rank; global rank 0 writes). `hf_config` is config.json's content, or the
-    path of a config.json or of a folder holding one (the checkpoint loaded). `save` as
-    `save_hf_checkpoint` (dtype, fp8, overwrite, max_shard_bytes, ...)."""
+    path of a config.json or of a folder holding one (the checkpoint loaded: its tensors' naming
+    is kept, such as a LLaVA saved by transformers 5). `save` as `save_hf_checkpoint` (dtype,
+    fp8, overwrite, max_shard_bytes, ...)."""
+    if "naming" not in save and isinstance(hf_config, (str, Path)) and Path(hf_config).is_dir():
+        save["naming"] = _naming(module, Path(hf_config))
     save_hf_checkpoint(
         module, chunks, out_dir, _config(hf_config), ParallelContext.from_parallel_state(),
         make_vocab_size_divisible_by=make_vocab_size_divisible_by, **save,
     )
+
+
+def _naming(module: Any, folder: Path) -> tuple[tuple[str, str], ...]:
+    """The other naming (the module's HF_NAMINGS) the checkpoint in `folder` uses, from its
+    headers; () where it uses the module's names, or holds no checkpoint."""
+    namings = hf_namings(module)
+    if not namings:
+        return ()
+    try:
+        return HFCheckpoint(folder, namings=namings).naming
+    except CheckpointError:
+        return ()
 
 
 def _config(hf_config: dict[str, Any] | str | Path) -> dict[str, Any]:

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from mapgen.common.dims import ModelDims
 from mapgen.compiler.build import compile_target, read_targets
@@ -41,7 +43,7 @@ def standin(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("llava_generated")
     name = "llava_standin_local"
     path = out / f"{name}.py"
-    path.write_text(compile_target(name, SPEC, folder / "config.json", "local", "test", model="llava"))
+    path.write_text(compile_target(name, SPEC, folder / "config.json", "local", "test"))  # LLaVAModel: the spec's
     module = testing.import_module_from_path(path, f"gen_{name}")
     return {"folder": folder, "model": model, "path": path, "module": module}
 
@@ -229,14 +231,18 @@ def test_image_and_prompt_against_transformers_at_tp1_and_tp2(standin: dict[str,
     wrong = tmp_path / "llava_wrong_local.py"
     wrong.write_text(_swap_vision_q_and_k(standin["path"].read_text()))
     folder = str(standin["folder"])
+    saved = _saved_by_transformers(standin["folder"], tmp_path / "saved")
     jobs = [
         Job(str(standin["path"]), folder, ParallelLayout(tp=2)),
         Job(str(standin["path"]), folder, ParallelLayout(tp=1, dp=2)),
         Job(str(wrong), folder, ParallelLayout(tp=2)),
+        # transformers 5's naming of the tower: loaded, checked, and exported in that naming
+        # (bit-exact against the files' own names)
+        Job(str(standin["path"]), str(saved), ParallelLayout(tp=2)),
     ]
-    good_tp2, good_tp1, bad = verify(jobs, world_size=2)
+    good_tp2, good_tp1, bad, good_saved = verify(jobs, world_size=2)
     exported = len(standin["module"].HF_TENSORS)
-    for result in (good_tp2, good_tp1):
+    for result in (good_tp2, good_tp1, good_saved):
         assert result.error is None, result.error
         assert result.ok, result.summary()
         assert set(result.parts) == {"vision features", "projector output", "logits"}
@@ -247,6 +253,83 @@ def test_image_and_prompt_against_transformers_at_tp1_and_tp2(standin: dict[str,
     assert bad.parts["vision features"] > 1e-3 and bad.parts["logits"] > 1e-3, bad.parts
     layer0 = f"{TOWER_PUBLISHED}encoder.layers.0.self_attn"
     assert sorted(bad.mismatched) == [f"{layer0}.k_proj.weight", f"{layer0}.q_proj.weight"]  # export undoes no swap
+
+
+def _saved_by_transformers(folder: Path, out: Path) -> Path:
+    """The stand-in with its vision tower named as transformers 5 saves it (`vision_tower.*`)."""
+    out.mkdir()
+    for file in folder.iterdir():
+        if file.suffix == ".safetensors":
+            tensors = load_file(file)
+            renamed = {
+                "vision_tower." + n.removeprefix(TOWER_PUBLISHED) if n.startswith(TOWER_PUBLISHED) else n: t
+                for n, t in tensors.items()
+            }
+            save_file(renamed, str(out / file.name), metadata={"format": "pt"})
+        else:
+            shutil.copy(file, out / file.name)
+    return out
+
+
+def test_either_naming_of_the_tower_loads_and_exports_as_it_came(standin: dict[str, Any], tmp_path: Path) -> None:
+    """A LLaVA saved by transformers 5 (`vision_tower.embeddings.*`) is read as the published
+    files (`vision_tower.vision_model.embeddings.*`): the same tensors under the module's names,
+    and the checkpoint check finds nothing unknown; a Converter that loaded it exports and saves
+    in that naming (the spawn of test_image_and_prompt_against_transformers_at_tp1_and_tp2).
+    Files using both namings are refused: the other naming's tensors are unknown."""
+    from mapgen.runtime.checkpoint import HFCheckpoint
+    from mapgen.runtime.drivers import checkpoint_problems, hf_namings
+
+    module = standin["module"]
+    assert module.HF_NAMINGS == {TOWER_PUBLISHED: "vision_tower."}
+    saved = _saved_by_transformers(standin["folder"], tmp_path / "saved")
+    published = HFCheckpoint(standin["folder"], namings=hf_namings(module))
+    renamed = HFCheckpoint(saved, namings=hf_namings(module))
+    assert published.naming == () and renamed.naming == ((TOWER_PUBLISHED, "vision_tower."),)
+    assert sorted(renamed.names()) == sorted(published.names())
+    name = f"{TOWER_PUBLISHED}embeddings.class_embedding"
+    assert renamed.file_name(name) == "vision_tower.embeddings.class_embedding"
+    assert torch.equal(renamed.get(name), published.get(name))
+    assert checkpoint_problems(module, renamed) == []
+    problems = checkpoint_problems(module, HFCheckpoint(saved))  # without the module's namings
+    assert "missing tensor 'vision_tower.vision_model.embeddings.class_embedding'" in problems
+    assert "does not map" in problems[-1] and "vision_tower.embeddings." in problems[-1]
+
+    both = tmp_path / "both"
+    shutil.copytree(saved, both)
+    tensors = load_file(both / "model.safetensors")
+    save_file({**tensors, name: tensors["vision_tower.embeddings.class_embedding"].clone()}, str(both / "model.safetensors"))
+    problems = checkpoint_problems(module, HFCheckpoint(both, namings=hf_namings(module)))
+    assert any("does not map" in p and "vision_tower.embeddings." in p for p in problems), problems
+
+
+def test_a_save_keeps_the_naming_it_loaded(standin: dict[str, Any], tmp_path: Path, cpu_megatron: None) -> None:
+    """Loaded from transformers 5's naming, saved back (save_hf_checkpoint with the Converter's
+    naming, and save_hf_pretrained given the folder it loaded): the same names and bytes."""
+    import mapgen
+    from mapgen.compiler.megatron_model import ParallelLayout, build_model_chunks
+    from mapgen.runtime.drivers import Converter, save_hf_checkpoint
+
+    module = standin["module"]
+    saved = _saved_by_transformers(standin["folder"], tmp_path / "saved")
+    chunks = build_model_chunks(module.DIMS, ParallelLayout(), model="llava")
+    converter = Converter(module, chunks)
+    converter.load(saved)
+    assert converter.naming == ((TOWER_PUBLISHED, "vision_tower."),)
+    config = json.loads((saved / "config.json").read_text())
+    save_hf_checkpoint(module, chunks, tmp_path / "out", config, naming=converter.naming)
+    mapgen.save_hf_pretrained(module, chunks, tmp_path / "out2", saved, make_vocab_size_divisible_by=1)
+    expected = load_file(saved / "model.safetensors")
+    ignored = tuple("vision_tower." + p.removeprefix(TOWER_PUBLISHED) for p in module.IGNORED_HF)
+    expected = {n: t for n, t in expected.items() if not n.startswith(ignored)}
+    for out in ("out", "out2"):
+        written = {}
+        for file in (tmp_path / out).glob("*.safetensors"):
+            written.update(load_file(file))
+        assert sorted(written) == sorted(expected)
+        assert all(torch.equal(written[n].view(torch.uint8), expected[n].view(torch.uint8)) for n in expected)
+    with pytest.raises(ValueError, match="not among"):
+        save_hf_checkpoint(module, chunks, tmp_path / "out3", config, naming=(("a.", "b."),))
 
 
 @pytest.mark.parametrize(

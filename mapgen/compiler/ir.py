@@ -79,3 +79,6 @@ class Target:
     # (copy, original): HF tensors that repeat another (a multi-token-prediction layer's copy of
     # the shared embedding or output head), read by no rule, written back from the original
     hf_copies: tuple[tuple[str, str], ...] = ()
+    # (prefix, other prefix): another naming checkpoints of the architecture use for the tensors
+    # under `prefix` (a LLaVA saved by transformers 5); the runtime reads and writes either
+    hf_namings: tuple[tuple[str, str], ...] = ()

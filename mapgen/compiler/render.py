@@ -263,6 +263,7 @@ def _shared(target: Target, rules: list[Rule], example: dict[Rule, Mapping], by_
         rules=[_rule_literal(rule, example[rule], by_rule[rule]) for rule in rules],
         ignored_hf=[(repr(prefix), repr(why)) for prefix, why in sorted(target.ignored_hf)],
         hf_copies=[(repr(copy), repr(original)) for copy, original in target.hf_copies],
+        hf_namings=[(repr(ours), repr(theirs)) for ours, theirs in target.hf_namings],
         tied=(
             [
                 tuple(repr(LANGUAGE_MODEL.get(target.model, "") + n) for n in ("output_layer.weight", "embedding.word_embeddings.weight"))

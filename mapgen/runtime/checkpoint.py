@@ -252,6 +252,8 @@ class _Described:
     mxfp4_declared: bool
     visible: tuple[str, ...]
     config: dict[str, Any]  # config.json ({} when there is none or it is not an object)
+    # (the module's prefix, the files' prefix) of each other naming the files use (`_renamed`)
+    naming: tuple[tuple[str, str], ...] = ()
     serial: int = field(default_factory=lambda: next(_SERIALS))  # never reused: a key for checks
 
 
@@ -262,12 +264,41 @@ DESCRIBED_KEPT = 4
 DESCRIBED_MAX_BYTES = 32 * 2**20
 
 
+def _renamed(
+    folder: Path, entries: dict[str, _Entry], namings: tuple[tuple[str, str], ...]
+) -> tuple[dict[str, _Entry], tuple[tuple[str, str], ...]]:
+    """`entries` under the module's names, and the namings that took: for each (ours, theirs)
+    of the module's HF_NAMINGS, files with no tensor under `ours` and some under `theirs` name
+    those tensors the other way (a LLaVA saved by transformers 5: `vision_tower.` for the
+    published `vision_tower.vision_model.`)."""
+    applied = tuple(
+        (ours, theirs)
+        for ours, theirs in namings
+        if not any(n.startswith(ours) for n in entries) and any(n.startswith(theirs) for n in entries)
+    )
+    if not applied:
+        return entries, ()
+
+    def ours_of(name: str) -> str:
+        for ours, theirs in applied:
+            if name.startswith(theirs):
+                return ours + name[len(theirs):]
+        return name
+
+    renamed = {ours_of(n): e for n, e in entries.items()}
+    if len(renamed) != len(entries):
+        clash = sorted(n for n in entries if ours_of(n) != n and ours_of(n) in entries)
+        raise CheckpointError(f"{folder}: tensor '{clash[0]}' and '{ours_of(clash[0])}' name the same tensor in two namings")
+    return renamed, applied
+
+
 def _describe(
     folder: Path,
     weight_map: dict[str, str],
     headers: dict[str, bytes],
     config_text: bytes | None,
     block_size: tuple[int, int] | None,
+    namings: tuple[tuple[str, str], ...] = (),
 ) -> _Described:
     files: dict[str, tuple[int, int]] = {}
     entries: dict[str, _Entry] = {}
@@ -300,6 +331,7 @@ def _describe(
     ]
     if problems:
         raise CheckpointError(f"{folder}: inconsistent checkpoint: " + "; ".join(problems[:10]))
+    entries, naming = _renamed(folder, entries, namings)
     config, quantization = _config(folder / CONFIG, config_text)
     configured = _configured_block(folder / CONFIG, quantization)
     scales = frozenset(n for n in entries if n.endswith(SCALE_SUFFIX))
@@ -322,7 +354,7 @@ def _describe(
         # a quantized tensor stands where its blocks stand
         visible.append(n[: -len(mxfp4.BLOCKS_SUFFIX)] if n in companions else n)
     declared = bool(pairs) or (quantization or {}).get("quant_method") == "mxfp4"
-    return _Described(files, entries, scales, fp8, block, pairs, declared, tuple(visible), config)
+    return _Described(files, entries, scales, fp8, block, pairs, declared, tuple(visible), config, naming)
 
 
 class HFCheckpoint:
@@ -332,7 +364,15 @@ class HFCheckpoint:
     parsed and checked once per process for the same bytes (`_Described`), so opening a
     checkpoint again costs a few small reads. Tensor bytes are always read from the files."""
 
-    def __init__(self, folder: str | Path, block_size: tuple[int, int] | None = None) -> None:
+    def __init__(
+        self,
+        folder: str | Path,
+        block_size: tuple[int, int] | None = None,
+        namings: tuple[tuple[str, str], ...] = (),
+    ) -> None:
+        """`namings`: a module's HF_NAMINGS, (its prefix, another naming's prefix) pairs; where
+        the files use the other naming, every method takes and gives the module's names, and
+        `file_name` turns one back into the files'."""
         self.folder = Path(folder)
         index = self.folder / INDEX
         index_text: bytes | None = None
@@ -355,10 +395,10 @@ class HFCheckpoint:
             self._sizes[file], headers[file] = _read_header(path)
         config = self.folder / CONFIG
         config_text = _read(config) if config.is_file() else None
-        key = (index_text, config_text, repr(block_size), tuple(headers.items()))  # nothing in it names the folder
+        key = (index_text, config_text, repr(block_size), namings, tuple(headers.items()))  # nothing names the folder
         described = _DESCRIBED.get(key)
         if described is None:
-            described = _describe(self.folder, weight_map, headers, config_text, block_size)
+            described = _describe(self.folder, weight_map, headers, config_text, block_size, namings)
             if sum(len(t) for t in headers.values()) + len(index_text or b"") <= DESCRIBED_MAX_BYTES:
                 _DESCRIBED[key] = described
                 while len(_DESCRIBED) > DESCRIBED_KEPT:
@@ -373,6 +413,7 @@ class HFCheckpoint:
         self.block_size = described.block_size
         self.mxfp4 = described.mxfp4_declared
         self.config = described.config
+        self.naming = described.naming
         self._maps: dict[str, mmap.mmap] = {}
         self._typed: dict[tuple[str, str], torch.Tensor] = {}  # (file, dtype) -> the file as that dtype
 
@@ -426,6 +467,13 @@ class HFCheckpoint:
         if size > needed:
             return f"{size} bytes, {size - needed} more than its header's tensors take ({needed})"
         return None
+
+    def file_name(self, name: str) -> str:
+        """A tensor's name as the files have it (the module's name unless `naming` renamed it)."""
+        for ours, theirs in self.naming:
+            if name.startswith(ours):
+                return theirs + name[len(ours):]
+        return name
 
     def names(self) -> list[str]:
         """The model's tensors; the `*_scale_inv` companions of quantized weights are left out."""

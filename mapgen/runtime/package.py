@@ -27,7 +27,7 @@ from mapgen.runtime.plan import ExportFn, HFTensorPlan, ImportFn, ParamPlan, Par
 FORMAT = 2
 _SHARED = (
     "FORMAT", "TARGET", "LAYOUT", "MODEL", "HF_ARCHITECTURE", "SOURCES", "DIMS", "RULES", "IGNORED_HF", "TIED",
-    "HYBRID_LAYER_PATTERN", "HF_COPIES", "PARTS",
+    "HYBRID_LAYER_PATTERN", "HF_COPIES", "HF_NAMINGS", "PARTS",
 )
 _WHOLE_TABLES = ("PARAMS", "HF_TENSORS", "IMPORTS", "EXPORTS")
 
