@@ -314,3 +314,33 @@ def engine_sync(module_path: str, hf_dir: str, layout: ParallelLayout, engine_cl
     return {"rank": dist.get_rank(), "first": first, "counts": counts, "second": second, "third": third,
             "engine": engine.params if engine is not None else None,
             "again": again.params if again is not None else None, "pieces": pieces, "seconds": seconds}
+
+
+def arguments_across_ranks(module_path: str, hf_dir: str, layout: ParallelLayout, out_dir: str) -> dict[str, Any]:
+    """Export and save called with arguments that differ from rank to rank (or are refused on
+    one rank only): each call's outcome on this rank, then a good export, which must still run
+    (no rank was left inside a collective)."""
+    import json
+
+    module, chunks, ctx = _setup(module_path, layout)
+    converter = drivers.Converter(module, chunks, ctx)
+    converter.load(hf_dir)
+    rank = dist.get_rank()
+    calls = {
+        "bucket_bytes": lambda: list(converter.export(bucket_bytes=4096 * (1 + rank))),
+        "zero on rank 1": lambda: list(converter.export(bucket_bytes=0 if rank == 1 else 4096)),
+        "fp8 on rank 0": lambda: list(converter.export(fp8=True if rank == 0 else None)),
+        "writer_rank": lambda: drivers.save_hf_checkpoint(
+            module, chunks, Path(out_dir) / "saved", json.loads((Path(hf_dir) / "config.json").read_text()), ctx,
+            writer_rank=rank % 2,
+        ),
+    }
+    outcomes: dict[str, tuple[str, str]] = {}
+    for label, call in calls.items():
+        try:
+            call()
+            outcomes[label] = ("ok", "")
+        except Exception as exc:  # noqa: BLE001 - the outcome is the result
+            outcomes[label] = (type(exc).__name__, str(exc))
+    good = sum(1 for _ in converter.export(bucket_bytes=4096))
+    return {"outcomes": outcomes, "good": good, "rank": rank, "saved": (Path(out_dir) / "saved").exists()}

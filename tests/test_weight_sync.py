@@ -23,6 +23,7 @@ from mapgen.compiler.build import compile_package, compile_target, read_targets
 from mapgen.compiler.write import write_package
 from mapgen.compiler.megatron_model import ParallelLayout, build_gpt_model
 from mapgen.runtime.checkpoint import HFCheckpoint
+from mapgen.runtime.collectives import RankError
 from mapgen.runtime.drivers import Converter, export_hf_tensors, load_hf_checkpoint, save_hf_checkpoint
 from mapgen.runtime.sync import FP8, ExportFormatError, quantize_fp8, scatter, take
 from mapgen.verify import testing
@@ -125,10 +126,56 @@ def test_bad_export_arguments_are_refused(deepseek: Any) -> None:
         next(converter.export(fp8=(0, 128)))
     with pytest.raises(ValueError, match="bucket_bytes"):
         next(converter.export(bucket_bytes=0))
+    with pytest.raises(ExportFormatError, match=r"modules_to_not_convert must be a list .* \(write \['lm_head'\]\)"):
+        next(converter.export(fp8={"weight_block_size": [128, 128], "modules_to_not_convert": "lm_head"}))
+    with pytest.raises(ExportFormatError, match=r"'lm_head\(' is not a regular expression"):
+        next(converter.export(fp8={"weight_block_size": [128, 128], "modules_to_not_convert": ["lm_head("]}))
     with pytest.raises(ExportFormatError, match="export_local writes no FP8"):
         from mapgen.runtime.sync import no_fp8_local
 
         no_fp8_local(converter.export_format(fp8=True))
+    for fp8 in (True, (128, 128), {"weight_block_size": [128, 128]}):  # the keyword a user would try
+        with pytest.raises(ExportFormatError, match=r"export_local\(fp8=.*\): export_local writes no FP8"):
+            next(converter.export_local(fp8=fp8))
+
+
+def test_a_config_that_is_not_json_is_refused_before_writing(deepseek: Any, tmp_path: Path) -> None:
+    """NaN or Infinity in hf_config would make config.json that no JSON reader takes."""
+    folder, module, _ = deepseek
+    config = json.loads((folder / "config.json").read_text())
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(RankError, match="hf_config cannot be written as config.json: Out of range float"):
+            save_hf_checkpoint(module, [_model(module)], tmp_path / "out", {**config, "rope_theta": bad})
+        assert list(tmp_path.iterdir()) == []
+
+
+def test_a_checkpoint_without_its_mtp_layer_names_the_field_to_set(tmp_path: Path) -> None:
+    """transformers drops the multi-token-prediction layer on load, so a DeepSeek-V3 (or
+    Qwen3-Next) model it saved has none of those tensors: one problem names the config field
+    and its value, not a line per missing tensor. With one MTP tensor left, each missing one
+    is named as usual."""
+    from mapgen.runtime.drivers import checkpoint_problems
+
+    target = TARGETS["deepseek_v3"]
+    folder = tmp_path / "standin"
+    testing.save_standin(json.loads((testing.ROOT / target.config).read_text()), folder)  # with its MTP layer
+    (folder / "mod.py").write_text(
+        compile_target("deepseek_v3", testing.ROOT / target.spec, folder / "config.json", "local", "test")
+    )
+    module = testing.import_module_from_path(folder / "mod.py")
+    tensors = load_file(folder / "model.safetensors")
+    mtp = f"model.layers.{module.DIMS.num_layers}."
+    kept = {n: t for n, t in tensors.items() if not n.startswith(mtp)}
+    assert 0 < len(kept) < len(tensors)
+    (tmp_path / "saved").mkdir()
+    save_file(kept, str(tmp_path / "saved" / "model.safetensors"))
+    (problem,) = checkpoint_problems(module, HFCheckpoint(tmp_path / "saved"))
+    assert '"num_nextn_predict_layers": 0' in problem and "multi-token-prediction" in problem
+    assert f"none of the {len(tensors) - len(kept)} tensors" in problem and "the module was built with 1" in problem
+    one = next(n for n in tensors if n.startswith(mtp))
+    save_file({**kept, one: tensors[one]}, str(tmp_path / "saved" / "model.safetensors"))
+    problems = checkpoint_problems(module, HFCheckpoint(tmp_path / "saved"))
+    assert len(problems) == len(tensors) - len(kept) - 1 and all(p.startswith("missing tensor 'model.layers.") for p in problems)
 
 
 # --- 2. FP8 on export, and the checkpoint's own dtype ---------------------------------------------
@@ -469,8 +516,35 @@ def spawned(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     files = compile_package("qwen3_30b_a3b", testing.ROOT / entry.spec, folder / "config.json", "local", "test", experts_per_part=2)
     write_package(package, files)
     tasks.append((dist_tasks.package_rank_share, (str(package), str(folder), TP2_PP2_EP2)))
+    folder, path = cases["deepseek_v3"]
+    tasks.append((dist_tasks.arguments_across_ranks, (str(path), str(folder), TP2_PP2_EP2, str(root / "saves"))))
+    (root / "saves").mkdir()
     results = spawn(tasks, 4, timeout_s=900)
     return {"cases": cases, "results": results, "package": package}
+
+
+def test_arguments_that_differ_across_ranks_are_refused_on_every_rank(spawned: dict[str, Any]) -> None:
+    """bucket_bytes sized per rank, bucket_bytes=0 on one rank, fp8 on one rank, a save whose
+    writer_rank differs: every rank raises, naming the argument and each rank's value (the
+    refusing rank its own refusal), before any collective of the export; the next good export
+    runs on every rank, and no checkpoint is left behind."""
+    outcomes = [spawned["results"][rank][4] for rank in range(4)]
+    for result in outcomes:
+        found = result["outcomes"]
+        kind, message = found["bucket_bytes"]
+        assert kind == "RankError" and "bucket_bytes differs across ranks (4096 on rank 0; 8192 on rank 1;" in message, message
+        kind, message = found["zero on rank 1"]
+        if result["rank"] == 1:
+            assert kind == "ValueError" and "bucket_bytes must be a positive integer, not 0" in message, message
+        else:
+            assert kind == "RankError" and "rank 1:" in message and "not 0" in message, message
+        kind, message = found["fp8 on rank 0"]
+        assert kind == "RankError" and "fp8 differs across ranks (True on rank 0; None on ranks 1,2,3)" in message, message
+        kind, message = found["writer_rank"]
+        assert kind == "RankError" and "writer_rank differs across ranks (0 on ranks 0,2; 1 on ranks 1,3)" in message, message
+        assert result["good"] == outcomes[0]["good"] > 0
+        assert not result["saved"]
+    assert not any(p.name.startswith(".saved") for p in (spawned["cases"]["deepseek_v3"][0].parent / "saves").iterdir())
 
 
 def test_a_rank_imports_only_the_parts_of_a_package_it_holds(spawned: dict[str, Any]) -> None:

@@ -7,6 +7,7 @@ asks another for them. Inputs are contiguous (gloo's scatter/gather send wrong b
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -87,28 +88,48 @@ class RankError(MapgenError):
     """The same report, raised on every rank, of what any rank found wrong."""
 
 
-def agree_or_raise(problems: list[str], what: str) -> None:
+_ARGUMENT_CHARS = 200  # of each argument's repr, compared and quoted
+
+
+def agree_or_raise(problems: list[str], what: str, same: Sequence[tuple[str, object]] = ()) -> None:
     """Raise on every rank if any rank has problems; the message lists each rank's.
 
     This is the one collective made before a conversion starts: every rank reaches it after
-    checking what it can locally, so a bad input never leaves some ranks waiting on others."""
+    checking what it can locally, so a bad input never leaves some ranks waiting on others.
+    `same`: (name, value) of the arguments that shape the collectives to come, which every rank
+    must pass alike (compared by their repr): one that differs is a problem naming it and the
+    value on each rank."""
     mine = "\n  ".join(problems)
     if not dist.is_initialized() or dist.get_world_size() == 1:
         if problems:
             raise RankError(f"{what}:\n  {mine}")
         return
-    data = mine.encode()[:_MESSAGE_BYTES]
-    message = bytearray(len(data).to_bytes(4, "little") + data)  # length, then the text
-    message.extend(bytes(_MESSAGE_BYTES + 4 - len(message)))
+    arguments = "\x1f".join(f"{name}\x1e{repr(value)[:_ARGUMENT_CHARS]}" for name, value in same).encode()
+    data = mine.encode()[: _MESSAGE_BYTES - len(arguments)]
+    # the problems' length and text, then the arguments' length and text
+    message = bytearray(len(data).to_bytes(4, "little") + data + len(arguments).to_bytes(4, "little") + arguments)
+    message.extend(bytes(_MESSAGE_BYTES + 8 - len(message)))
     local = torch.frombuffer(message, dtype=torch.uint8)
     everyone = [torch.empty_like(local) for _ in range(dist.get_world_size())]
     dist.all_gather(everyone, local)
     reports: dict[str, list[int]] = {}
+    given: dict[str, dict[str, list[int]]] = {}  # argument -> its repr -> the ranks passing it
     for rank, buffer in enumerate(everyone):
         raw = buffer.numpy().tobytes()
         length = int.from_bytes(raw[:4], "little")
         if length:
             reports.setdefault(raw[4 : 4 + length].decode(errors="replace"), []).append(rank)
+        start = 8 + length
+        passed = raw[start : start + int.from_bytes(raw[start - 4 : start], "little")].decode(errors="replace")
+        for pair in passed.split("\x1f") if passed else ():
+            name, _, value = pair.partition("\x1e")
+            given.setdefault(name, {}).setdefault(value, []).append(rank)
+    for name, values in given.items():
+        if len(values) > 1:
+            where = "; ".join(f"{value} on rank{'s' if len(r) > 1 else ''} {','.join(map(str, r))}" for value, r in values.items())
+            reports.setdefault(f"{name} differs across ranks ({where}): every rank must pass the same", []).extend(
+                range(dist.get_world_size())
+            )
     if reports:
         lines = [
             f"rank{'s' if len(ranks) > 1 else ''} {','.join(map(str, ranks))}:\n  {text}"

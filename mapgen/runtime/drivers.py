@@ -14,7 +14,7 @@ import os
 import re
 import shutil
 import socket
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import ModuleType
@@ -48,6 +48,7 @@ from mapgen.runtime.sync import (
     DtypeArg,
     ExportBound,
     ExportFormat,
+    ExportFormatError,
     FP8Arg,
     LoadedFormat,
     LocalParam,
@@ -400,13 +401,26 @@ class Converter:
         self._local_views: dict[int, dict[int, tuple[int, torch.Size, list[LocalPiece]]]] = {}
         self.loaded: LoadedFormat | None = None  # how the checkpoint `load` read stores each tensor
         self._checkpoint: HFCheckpoint | None = None
+        # the other namings (module prefix, checkpoint prefix) the loaded checkpoint used, which
+        # export and save use too (`hf_name`)
+        self.naming: tuple[tuple[str, str], ...] = ()
 
-    def _agree(self, extra: list[str], what: str) -> None:
+    def hf_name(self, name: str) -> str:
+        """An HF tensor's name as export writes it: the module's, in the naming of the
+        checkpoint `load` read (a LLaVA saved by transformers 5 names its vision tower
+        `vision_tower.*`, the published one `vision_tower.vision_model.*`)."""
+        for ours, theirs in self.naming:
+            if name.startswith(ours):
+                return theirs + name[len(ours):]
+        return name
+
+    def _agree(self, extra: list[str], what: str, same: Sequence[tuple[str, object]] = ()) -> None:
         """Every rank calls this at the same point; after one agreement the placement is known
-        good everywhere, so later calls need no collective unless they bring new checks."""
-        if self._agreed and not extra:
+        good everywhere, so later calls need no collective unless they bring new checks or
+        arguments every rank must pass alike (`same`, see `agree_or_raise`)."""
+        if self._agreed and not extra and not same:
             return
-        agree_or_raise(self._problems + extra, what)
+        agree_or_raise(self._problems + extra, what, same)
         self._agreed = True
 
     def load(self, hf_dir: str | Path) -> int:
@@ -423,7 +437,7 @@ class Converter:
         problems: list[str] = []
         checkpoint: HFCheckpoint | None = None
         try:
-            checkpoint = HFCheckpoint(hf_dir)
+            checkpoint = HFCheckpoint(hf_dir, namings=hf_namings(module))
             problems += _checked(module, checkpoint, placement)
             if not problems:
                 problems += copy_problems(module, checkpoint, placement)
@@ -437,6 +451,7 @@ class Converter:
         view = self.view
         self.loaded = memo.once(view, ("loaded", checkpoint.serial), lambda: _loaded_format(view, checkpoint))
         self._checkpoint = checkpoint
+        self.naming = checkpoint.naming
         load = checkpoint.loader()  # an MXFP4 expert is dequantized alone
         with torch.inference_mode():  # writes into the parameters; nothing made here outlives the call
             for name, param in placement.local.items():
@@ -483,9 +498,35 @@ class Converter:
         (expert-TP) and EP in coalesced buckets; with `all_stages`, each bucket is broadcast from
         the pipeline stage that owns it, so every rank sees the whole model; without, each stage
         yields what it owns."""
-        self._agree([], f"cannot export with {self.module.TARGET}")
-        fmt = self._format(dtype, keep_float32, fp8)
-        buckets, _ = self._bucket_plan(bucket_bytes, all_stages, fmt)
+        exported = self._export(bucket_bytes, all_stages, dtype, keep_float32, fp8)
+        if not self.naming:
+            yield from exported
+            return
+        for name, tensor in exported:
+            yield self.hf_name(name), tensor
+
+    def _export(
+        self, bucket_bytes: int, all_stages: bool, dtype: DtypeArg, keep_float32: Iterable[str] | None, fp8: FP8Arg
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """`export` under the module's HF names. The arguments are checked on every rank and
+        agreed on before the first collective: one refused, or passed differently by another
+        rank, raises on every rank (the refusal's own type on the ranks that refused it)."""
+        refused: Exception | None = None
+        keep = keep_float32 if keep_float32 is None or isinstance(keep_float32, str) else tuple(keep_float32)
+        try:
+            if not self._problems:  # a model that does not match the module has no plan: agreed on below
+                fmt = self._format(dtype, keep, fp8)
+                buckets, _ = self._bucket_plan(bucket_bytes, all_stages, fmt)
+        except (ValueError, TypeError) as exc:
+            refused = exc
+        shown = keep if keep is None or isinstance(keep, str) else sorted(map(str, keep))
+        same = (("bucket_bytes", bucket_bytes), ("all_stages", all_stages), ("dtype", dtype), ("keep_float32", shown), ("fp8", fp8))
+        try:
+            self._agree([str(refused)] if refused else [], f"cannot export with {self.module.TARGET}", same)
+        except RankError:
+            if refused is not None:
+                raise refused from None
+            raise
         copies = hf_copies_of(self.module)
         whole, placement = self._whole_target()
         with torch.no_grad():
@@ -518,7 +559,7 @@ class Converter:
         return self._format(dtype, keep_float32, fp8)
 
     def export_local(
-        self, *, dtype: DtypeArg = None, keep_float32: Iterable[str] | None = None
+        self, *, dtype: DtypeArg = None, keep_float32: Iterable[str] | None = None, fp8: FP8Arg = None
     ) -> Iterator[LocalPiece]:
         """Yield this rank's own pieces of the HF tensors, in HF order, without any collective:
         each a `LocalPiece` with the HF tensor's name, the expert's index for a stacked-experts
@@ -528,8 +569,9 @@ class Converter:
         (`replicated`) and whether this rank is the one to take it from (`primary`: not
         replicated, or group rank 0). A consumer scatters them into its own buffers
         (`mapgen.runtime.sync.scatter`). Across the ranks of one data-parallel replica, the
-        primary pieces cover every HF tensor exactly once. No FP8 (a block may span ranks); `dtype` as in
-        `export`. A model that does not match the module raises here, on this rank only.
+        primary pieces cover every HF tensor exactly once. No FP8: a 128 x 128 block may span ranks,
+        so any `fp8` but None or False is refused with a message that says what to do instead;
+        `dtype` as in `export`. A model that does not match the module raises here, on this rank only.
 
         A held Converter takes each parameter apart once: where a piece's data is a view of the
         parameter (whole and TP-split parameters exported in the model's own dtype), later calls
@@ -538,6 +580,11 @@ class Converter:
         keep it past the next optimizer step."""
         if not self._agreed and self._problems:
             raise RankError(f"cannot export with {self.module.TARGET} on this rank:\n  " + "\n  ".join(self._problems))
+        if fp8 is not None and fp8 is not False:
+            raise ExportFormatError(
+                f"export_local(fp8={fp8!r}): export_local writes no FP8, since a 128 x 128 block may span ranks;"
+                " use export(fp8=...), or quantize the assembled tensors yourself"
+            )
         fmt = self._format(dtype, keep_float32, None, local=True)
         no_fp8_local(fmt)
         if self._local is None:
@@ -558,9 +605,14 @@ class Converter:
                     if all(p.data.untyped_storage().data_ptr() == storage for p in pieces):
                         views[index] = (param.data_ptr(), param.shape, pieces)
                 for piece in pieces:
-                    yield piece
+                    yield self._named(piece, piece.name)
                     for copy in copies.get(piece.name, ()):
-                        yield replace(piece, piece=replace(piece.piece, name=copy))
+                        yield self._named(piece, copy)
+
+    def _named(self, piece: LocalPiece, name: str) -> LocalPiece:
+        """`piece` as the HF tensor `name`, in the loaded checkpoint's naming (`hf_name`)."""
+        name = self.hf_name(name)
+        return piece if name == piece.name else replace(piece, piece=replace(piece.piece, name=name))
 
     def _whole_target(self) -> tuple[Any, Placement]:
         """The whole target (a package's every part) and where each of its parameters lives: what
@@ -698,6 +750,12 @@ def load_hf_checkpoint(
 _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 
 
+def hf_namings(module: Module) -> tuple[tuple[str, str], ...]:
+    """The module's HF_NAMINGS as (its prefix, the other naming's prefix) pairs: () for a module
+    whose checkpoints name their tensors one way only."""
+    return tuple(getattr(module, "HF_NAMINGS", {}).items())
+
+
 def hf_copies_of(module: Module) -> dict[str, tuple[str, ...]]:
     """original HF name -> the HF tensors that repeat it (the module's HF_COPIES, which a
     module without multi-token prediction does not have)."""
@@ -734,9 +792,14 @@ def checkpoint_problems(module: Module, checkpoint: HFCheckpoint) -> list[str]:
     """The checkpoint against the module's HF table, on any rank: every tensor present with its
     shape, none the module does not map, every file whole (see `HFCheckpoint.integrity_problems`)."""
     problems: list[str] = []
+    missing = [t.name for t in module.HF_TENSORS if t.name not in checkpoint]
+    problem = no_mtp_problem(module, missing)
+    if problem is not None:
+        problems.append(problem)
+        missing = []
+    problems += [f"missing tensor '{name}'" for name in missing]
     for tensor in module.HF_TENSORS:
         if tensor.name not in checkpoint:
-            problems.append(f"missing tensor '{tensor.name}'")
             continue
         shape = checkpoint.shape(tensor.name)
         if shape != tensor.shape:
@@ -761,6 +824,25 @@ def checkpoint_problems(module: Module, checkpoint: HFCheckpoint) -> list[str]:
         )
     problems += checkpoint.integrity_problems()
     return problems
+
+
+def no_mtp_problem(module: Module, missing: list[str]) -> str | None:
+    """One problem for a checkpoint that lacks every multi-token-prediction tensor of a module
+    with MTP layers (transformers drops them when it loads, so a model it saved has none), and
+    nothing else: the config field that builds the module without them. None otherwise."""
+    layers = getattr(getattr(module, "DIMS", None), "mtp_num_layers", 0) or 0
+    if not layers or not missing:
+        return None
+    main = {stacked_slice(h)[0] for p in module.PARAMS if not p.megatron_name.startswith("mtp.") for h in p.hf_names}
+    mtp = [t.name for t in module.HF_TENSORS if t.name not in main]
+    if not mtp or sorted(missing) != sorted(mtp):
+        return None
+    return (
+        f"the checkpoint has none of the {len(mtp)} tensors of {module.TARGET}'s {layers} multi-token-prediction "
+        f"(MTP) layer(s), such as '{mtp[0]}': a model saved by transformers drops them. Rebuild the module from a "
+        f"config.json with \"num_nextn_predict_layers\": 0 (the module was built with {layers}) to map this checkpoint "
+        "without MTP, or load the published checkpoint, which has them"
+    )
 
 
 def _checked(module: Module, checkpoint: HFCheckpoint, placement: Placement) -> list[str]:
@@ -832,8 +914,13 @@ def save_hf_checkpoint(
     keep_float32: Iterable[str] | None = None,
     fp8: FP8Arg = None,
     bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+    naming: tuple[tuple[str, str], ...] = (),
 ) -> None:
     """Write an HF checkpoint directory (sharded safetensors, index, config.json) atomically.
+
+    `naming`: the other namings of the module's HF_NAMINGS to write, as (its prefix, the other
+    prefix) pairs (a Converter's `naming` after it loaded a checkpoint that uses them; () writes
+    the module's own names).
 
     `dtype`, `keep_float32` and `fp8` as in `Converter.export`, but `dtype="checkpoint"` means
     the checkpoint `hf_config` describes: its declared dtype (`dtype` / `torch_dtype`; tensors
@@ -860,33 +947,53 @@ def save_hf_checkpoint(
     out = Path(out_dir)
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    # arguments every rank is given alike: every rank raises alike, before any collective
+    # the arguments: each checked on every rank, and every rank's agreed on (every rank passes
+    # the same) in the one agreement before any collective; a refusal raises ValueError there
+    refused: list[str] = []
     if isinstance(writer_rank, bool) or not isinstance(writer_rank, int) or not 0 <= writer_rank < world:
-        raise ValueError(f"save_hf_checkpoint: writer_rank {writer_rank!r} is not a rank of the {world} processes")
+        refused.append(f"writer_rank {writer_rank!r} is not a rank of the {world} processes")
     if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) or max_shard_bytes < 1:
-        raise ValueError(f"save_hf_checkpoint: max_shard_bytes must be a positive integer, not {max_shard_bytes!r}")
+        refused.append(f"max_shard_bytes must be a positive integer, not {max_shard_bytes!r}")
+    keep = keep_float32 if keep_float32 is None or isinstance(keep_float32, str) else tuple(keep_float32)
+    same = (
+        ("writer_rank", writer_rank), ("max_shard_bytes", max_shard_bytes), ("overwrite", overwrite),
+        ("bucket_bytes", bucket_bytes), ("dtype", dtype), ("keep_float32", keep if keep is None or isinstance(keep, str) else sorted(map(str, keep))),
+        ("fp8", fp8), ("naming", naming),
+    )
     what = f"cannot save {module.TARGET} to {out}"
     staging: Path | None = None
     problems: list[str] = []
-    if rank == writer_rank:
+    if rank == writer_rank and not refused:
         try:
             staging = _staging_folder(out, hf_config, overwrite)
         except Exception as exc:  # noqa: BLE001 - agreed on by every rank just below
             problems.append(_describe(exc))
     try:
         converter = Converter(module, chunks, ctx, make_vocab_size_divisible_by=make_vocab_size_divisible_by)
+        fmt: ExportFormat | None = None
         try:
+            unknown = set(naming) - set(hf_namings(module))
+            if unknown:
+                raise ValueError(f"naming {sorted(unknown)} is not among {module.TARGET}'s HF_NAMINGS")
+            converter.naming = tuple(naming)
             if isinstance(dtype, str) and dtype == "checkpoint":
-                if keep_float32 is not None or fp8 is not None:
+                if keep is not None or fp8 is not None:
                     raise ValueError("dtype='checkpoint' takes the config's own dtype and quantization: no fp8 or keep_float32")
                 quantization = hf_config.get("quantization_config") if isinstance(hf_config, dict) else None
                 declared = config_dtype(hf_config) if isinstance(hf_config, dict) else None
                 fp8 = quantization if isinstance(quantization, dict) and quantization.get("quant_method") == "fp8" else None
                 dtype = declared
-            fmt = converter.export_format(dtype=dtype, keep_float32=keep_float32, fp8=fp8)
-        except ValueError as exc:  # the same arguments on every rank: every rank raises alike
-            raise ValueError(f"save_hf_checkpoint: {exc}") from None
-        converter._agree(problems, what)  # the target, the model and the layout: one agreement
+            if not converter._problems:  # else agreed on below: a model not matching the module has no format
+                fmt = converter.export_format(dtype=dtype, keep_float32=keep, fp8=fp8)
+        except (ValueError, TypeError) as exc:
+            refused.append(str(exc))
+        try:  # the target, the model, the layout and the arguments: one agreement
+            converter._agree(problems + [f"save_hf_checkpoint: {r}" for r in refused], what, same)
+        except RankError:
+            if refused:
+                raise ValueError(f"save_hf_checkpoint: {refused[0]}") from None
+            raise
+        assert fmt is not None
         sizes = _written_sizes(module, fmt)
         shards = _shard_plan(sizes, max_shard_bytes)
         remaining = {f: sum(1 for v in shards.values() if v == f) for f in set(shards.values())}
@@ -894,15 +1001,14 @@ def save_hf_checkpoint(
         failed: dict[str, str] = {}  # file -> what went wrong writing it (the writer's)
         # every rank sees every tensor in the same order (all_stages), so every rank knows when
         # a file is complete: the writer writes it, then all agree on how that went
-        exported = converter.export(
-            bucket_bytes=bucket_bytes, dtype=dtype, keep_float32=keep_float32, fp8=fp8
-        )
+        exported = converter._export(bucket_bytes, True, dtype, keep, fp8)  # the module's names
         copies = set(getattr(module, "HF_COPIES", {}))
         for name, tensor in exported:
             file = shards[name]
             if staging is not None and file not in failed:
                 try:  # an HF copy is its original's tensor, which safetensors will not write twice
-                    pending[file][name] = tensor.clone() if name.removesuffix(SCALE_SUFFIX) in copies else tensor.contiguous()
+                    copied = tensor.clone() if name.removesuffix(SCALE_SUFFIX) in copies else tensor.contiguous()
+                    pending[file][converter.hf_name(name)] = copied
                 except Exception as exc:  # noqa: BLE001 - agreed on below
                     failed[file] = f"{out / file}: {_describe(exc)}"
             remaining[file] -= 1
@@ -919,10 +1025,11 @@ def save_hf_checkpoint(
         final: list[str] = []
         if staging is not None:
             try:
-                index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": shards}
+                weight_map = {converter.hf_name(name): file for name, file in shards.items()}
+                index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
                 (staging / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
                 written = _written_config(hf_config, fmt, dtype)
-                (staging / "config.json").write_text(json.dumps(written, indent=2) + "\n")
+                (staging / "config.json").write_text(json.dumps(written, indent=2, allow_nan=False) + "\n")
                 share_tree(staging)  # safetensors writes its files private; a checkpoint is read by others
                 _move_into_place(staging, out, overwrite)
                 staging = None
@@ -960,7 +1067,7 @@ def _staging_folder(out: Path, hf_config: object, overwrite: bool) -> Path:
     if not isinstance(hf_config, dict):
         raise ValueError(f"hf_config must be a dict (config.json's fields), not a {type(hf_config).__name__}")
     try:
-        json.dumps(hf_config)
+        json.dumps(hf_config, allow_nan=False)  # NaN and Infinity are not JSON
     except (TypeError, ValueError) as exc:
         raise ValueError(f"hf_config cannot be written as config.json: {exc}") from None
     parent = out.parent

@@ -235,6 +235,24 @@ def _block_size(value: object) -> tuple[int, int]:
     raise ExportFormatError(f"fp8 block size must be two positive integers, not {value!r}")
 
 
+def _not_converted(value: object) -> list[str]:
+    """quantization_config's `modules_to_not_convert`: a list of module names or regexes (None
+    or absent: none), refused otherwise (a string would be read character by character)."""
+    if value is None:
+        return []
+    if not isinstance(value, (list, tuple)) or not all(isinstance(p, str) for p in value):
+        raise ExportFormatError(
+            f"fp8's modules_to_not_convert must be a list of module names or patterns, not {value!r}"
+            + (f" (write [{value!r}])" if isinstance(value, str) else "")
+        )
+    for pattern in value:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ExportFormatError(f"fp8's modules_to_not_convert: {pattern!r} is not a regular expression: {exc}") from None
+    return list(value)
+
+
 def _skipped(name: str, patterns: list[str]) -> bool:
     """transformers' `should_convert_module` negated: a module name matched by a pattern of
     `modules_to_not_convert` (from the start up to a module boundary, as a regex with that
@@ -314,7 +332,7 @@ def resolve_format(
                 f"{module.TARGET} does not say which tensors are linear weights (built by an older mapgen?): "
                 "rebuild it to export FP8"
             )
-        skip = [str(p) for p in config.get("modules_to_not_convert") or []]
+        skip = _not_converted(config.get("modules_to_not_convert"))
         linear: set[str] = set()
         for plan in module.PARAMS:
             if rules[plan.rule].linear_weight:
