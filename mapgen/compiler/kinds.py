@@ -557,6 +557,48 @@ class GDNConv1d(_GatedDeltaNet):
         return _one_output(m, f"rt.gdn_conv_export(parts, {self.args(m.qkv)})")
 
 
+class GDNInProjSections(_GatedDeltaNet):
+    name = "gdn_in_proj_sections"
+    roles = ("qkv", "z", "b", "a")
+    doc = (
+        "Gated delta net input projection from four HF tensors in sections (Qwen3.5): in_proj_qkv "
+        "[q (all key heads); k; v], in_proj_z, in_proj_b, in_proj_a. Import: TP rank t holds "
+        "[q_t; k_t; v_t; z_t; b_t; a_t], each the t-th TP block of its section (megatron-core's "
+        "GatedDeltaNet.in_proj; mapgen.runtime.sections). Export: gather, split every rank's "
+        "sections, join each section's blocks, concatenate q, k, v back into in_proj_qkv."
+    )
+
+    @staticmethod
+    def sections(g: QKVGeometry) -> tuple[tuple[int, ...], ...]:
+        from mapgen.runtime.sections import gdn_in_proj_sections
+
+        assert g.value_dim is not None
+        return gdn_in_proj_sections(g.groups, g.heads, g.head_dim, g.value_dim)
+
+    def shape_problem(self, m: Mapping) -> str | None:
+        assert m.qkv is not None
+        g = m.qkv
+        if g.groups <= 0 or g.heads % g.groups:
+            return f"{g.groups} key heads do not divide {g.heads} value heads"
+        tail = m.shape[1:]
+        for source, sizes in zip(m.hf, self.sections(g)):
+            want = (sum(sizes), *tail)
+            if source.shape != want:
+                return f"HF {source.role} {list(source.shape)} is not {list(want)} {self.sizes(g)}"
+        merged = sum(sum(sizes) for sizes in self.sections(g))
+        if (merged, *tail) != m.shape:
+            return f"merged rows {merged} do not match the Megatron shape {list(m.shape)} {self.sizes(g)}"
+        return None
+
+    def import_expr(self, m: Mapping, group: str) -> str:
+        assert m.qkv is not None
+        return f"rt.sections_import({group}, {_loads(m)}, sections={self.sections(m.qkv)!r}, out=out)"
+
+    def export_expr(self, m: Mapping) -> str:
+        assert m.qkv is not None
+        return _outputs(m, f"rt.sections_export(parts, sections={self.sections(m.qkv)!r})")
+
+
 KINDS: dict[str, Kind] = {
     kind.name: kind
     for kind in (
@@ -574,5 +616,6 @@ KINDS: dict[str, Kind] = {
         ZeroCenteredRMSNorm(),
         GDNInProj(),
         GDNConv1d(),
+        GDNInProjSections(),
     )
 }

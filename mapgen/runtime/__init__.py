@@ -26,6 +26,7 @@ from mapgen.runtime.ops import (
 from mapgen.common.layout import QKVGeometry
 from mapgen.runtime.gdn import gdn_conv_export, gdn_conv_import, gdn_in_proj_export, gdn_in_proj_import
 from mapgen.runtime.package import table as target_table
+from mapgen.runtime.sections import sections_export, sections_import
 from mapgen.runtime.plan import (
     Ctx,
     ExportFn,
@@ -91,6 +92,8 @@ __all__ = [
     "reshape_import",
     "row_export",
     "row_import",
+    "sections_export",
+    "sections_import",
     "whole_import",
     "zero_centered_from_hf",
     "zero_centered_to_hf",
