@@ -202,10 +202,13 @@ def engine_weights(conv: Converter, *, feed: bool, **export_kwargs: Any) -> Engi
             else:
                 weights.drain()  # the same collectives, hands out nothing
 
-    `export_kwargs` go to `Converter.export` (`dtype`, `keep_float32`, `fp8`, `bucket_bytes`,
-    `all_stages`): pass the engine's dtype so that its copy needs no cast; `fp8=True` yields
-    each quantized weight followed by its `<name>_scale_inv`, as an FP8 DeepSeek-V3
-    checkpoint's files hold them. With `all_stages=False` a rank sees only its own pipeline
+    `export_kwargs` go to `Converter.export` (`dtype`, `keep_float32`, `fp8`, `mxfp8`, `nvfp4`,
+    `bucket_bytes`, `all_stages`): pass the engine's dtype so that its copy needs no cast;
+    `fp8=True` yields each quantized weight followed by its `<name>_scale_inv`, as an FP8
+    DeepSeek-V3 checkpoint's files hold them; `mxfp8=True` each weight (e4m3) followed by its
+    uint8 `<name>_scale`, as a compressed-tensors MXFP8 checkpoint holds them; `nvfp4=True`
+    each weight (packed E2M1, uint8) followed by its `<name>_scale` and `<name>_scale_2`, as a
+    ModelOpt NVFP4 checkpoint holds them (the engine must have been started in that format). With `all_stages=False` a rank sees only its own pipeline
     stage's tensors (for an engine fed from every stage). At EP > 1 experts come bucket by
     bucket, not strictly in HF order; load_weights takes any order.
 

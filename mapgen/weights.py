@@ -90,7 +90,7 @@ def export_hf_weights(
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, full tensor) for the whole model, on every rank; every rank must iterate it to
     the end (the gathers run inside). `export` as `Converter.export` (bucket_bytes, dtype, fp8,
-    ...)."""
+    mxfp8, nvfp4, ...)."""
     return converter(module, chunks, make_vocab_size_divisible_by=make_vocab_size_divisible_by).export(**export)
 
 
@@ -107,7 +107,7 @@ def save_hf_pretrained(
     atomically (every rank; global rank 0 writes). `hf_config` is config.json's content, or the
     path of a config.json or of a folder holding one (the checkpoint loaded: its tensors' naming
     is kept, such as a LLaVA saved by transformers 5). `save` as `save_hf_checkpoint` (dtype,
-    fp8, overwrite, max_shard_bytes, ...)."""
+    fp8, mxfp8, nvfp4, overwrite, max_shard_bytes, ...)."""
     if "naming" not in save and isinstance(hf_config, (str, Path)) and Path(hf_config).is_dir():
         save["naming"] = _naming(module, Path(hf_config))
     save_hf_checkpoint(

@@ -344,3 +344,24 @@ def arguments_across_ranks(module_path: str, hf_dir: str, layout: ParallelLayout
             outcomes[label] = (type(exc).__name__, str(exc))
     good = sum(1 for _ in converter.export(bucket_bytes=4096))
     return {"outcomes": outcomes, "good": good, "rank": rank, "saved": (Path(out_dir) / "saved").exists()}
+
+
+def export_quantized(module_path: str, hf_dir: str, layout: ParallelLayout, options: list[dict[str, Any]]) -> dict[str, Any]:
+    """MXFP8 / NVFP4 streamed exports (issue 27), as `export_formats` but hashing each tensor's
+    bytes flattened (NVFP4's per-tensor `_scale_2` is a 0-d float32): rank 0 returns the
+    tensors, every rank a digest of what it saw and the collectives of each export."""
+    import hashlib
+
+    module, chunks, ctx = _setup(module_path, layout)
+    converter = drivers.Converter(module, chunks, ctx)
+    converter.load(hf_dir)
+    results: list[dict[str, Any]] = []
+    for kwargs in options:
+        def run() -> dict[str, torch.Tensor]:
+            return {name: tensor.clone() for name, tensor in converter.export(**kwargs)}
+        tensors, counts = _counting(run)
+        digest = hashlib.sha256()
+        for name, tensor in tensors.items():
+            digest.update(name.encode() + str(tensor.dtype).encode() + tensor.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+        results.append({"tensors": tensors if dist.get_rank() == 0 else None, "digest": digest.hexdigest(), "counts": counts})
+    return {"results": results, "rank": dist.get_rank()}

@@ -39,11 +39,10 @@ from mapgen.runtime.ownership import (
     local_name,
     param_owner,
 )
-from mapgen.runtime import package
+from mapgen.runtime import mx, package
 from mapgen.runtime.package import FORMAT, is_package
 from mapgen.runtime.plan import ExportFn, HFTensorPlan, ImportFn, Loader, ParamPlan
 from mapgen.runtime.sync import (
-    FP8,
     BucketPlan,
     DtypeArg,
     ExportBound,
@@ -51,11 +50,11 @@ from mapgen.runtime.sync import (
     ExportFormatError,
     FP8Arg,
     LoadedFormat,
+    QuantArg,
     LocalParam,
     LocalPiece,
     as_dtype,
     config_dtype,
-    fp8_grid,
     hf_order as hf_order,  # re-exported: where an HF name stands in HF order
     local_param_pieces,
     local_plan,
@@ -469,6 +468,8 @@ class Converter:
         dtype: DtypeArg = None,
         keep_float32: Iterable[str] | None = None,
         fp8: FP8Arg = None,
+        mxfp8: QuantArg = None,
+        nvfp4: QuantArg = None,
     ) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield (HF name, full tensor) for the whole model in HF order (at EP > 1, a bucket
         holds one local expert index of every EP rank, so experts come bucket by bucket).
@@ -491,6 +492,15 @@ class Converter:
         are honoured). It quantizes the weights of linear layers (attention and MLP projections,
         experts), not embeddings, norms, the router or lm_head, as the published checkpoint does.
 
+        `mxfp8`: True, or a compressed-tensors quantization_config (its `ignore` is honoured):
+        the same linear weights as MXFP8, e4m3 with a uint8 E8M0 `<name>_scale` per 32 elements
+        of a row, as compressed-tensors' `mxfp8-quantized` format stores them. `nvfp4`: True, or a
+        ModelOpt quantization_config (its `exclude_modules` / `ignore` are honoured): packed E2M1
+        (uint8, two per byte), an e4m3 `<name>_scale` per 16 elements of a row and a float32
+        `<name>_scale_2`, as ModelOpt writes W4A16_NVFP4 (`mapgen.runtime.mx`). Each quantized
+        weight's last dim must be divisible by the block (refused otherwise); at most one of
+        `fp8`, `mxfp8` and `nvfp4`.
+
         Memory: the export holds at most one bucket (`bucket_bytes`: the gathered shards, the
         HF tensors in the export format and the collectives' buffers of a run of parameters; a
         parameter that alone needs more travels alone) plus one parameter's temporaries and the
@@ -498,7 +508,7 @@ class Converter:
         (expert-TP) and EP in coalesced buckets; with `all_stages`, each bucket is broadcast from
         the pipeline stage that owns it, so every rank sees the whole model; without, each stage
         yields what it owns."""
-        exported = self._export(bucket_bytes, all_stages, dtype, keep_float32, fp8)
+        exported = self._export(bucket_bytes, all_stages, dtype, keep_float32, fp8, mxfp8, nvfp4)
         if not self.naming:
             yield from exported
             return
@@ -506,7 +516,14 @@ class Converter:
             yield self.hf_name(name), tensor
 
     def _export(
-        self, bucket_bytes: int, all_stages: bool, dtype: DtypeArg, keep_float32: Iterable[str] | None, fp8: FP8Arg
+        self,
+        bucket_bytes: int,
+        all_stages: bool,
+        dtype: DtypeArg,
+        keep_float32: Iterable[str] | None,
+        fp8: FP8Arg,
+        mxfp8: QuantArg = None,
+        nvfp4: QuantArg = None,
     ) -> Iterator[tuple[str, torch.Tensor]]:
         """`export` under the module's HF names. The arguments are checked on every rank and
         agreed on before the first collective: one refused, or passed differently by another
@@ -515,12 +532,15 @@ class Converter:
         keep = keep_float32 if keep_float32 is None or isinstance(keep_float32, str) else tuple(keep_float32)
         try:
             if not self._problems:  # a model that does not match the module has no plan: agreed on below
-                fmt = self._format(dtype, keep, fp8)
+                fmt = self._format(dtype, keep, fp8, mxfp8=mxfp8, nvfp4=nvfp4)
                 buckets, _ = self._bucket_plan(bucket_bytes, all_stages, fmt)
         except (ValueError, TypeError) as exc:
             refused = exc
         shown = keep if keep is None or isinstance(keep, str) else sorted(map(str, keep))
-        same = (("bucket_bytes", bucket_bytes), ("all_stages", all_stages), ("dtype", dtype), ("keep_float32", shown), ("fp8", fp8))
+        same = (
+            ("bucket_bytes", bucket_bytes), ("all_stages", all_stages), ("dtype", dtype), ("keep_float32", shown),
+            ("fp8", fp8), ("mxfp8", mxfp8), ("nvfp4", nvfp4),
+        )
         try:
             self._agree([str(refused)] if refused else [], f"cannot export with {self.module.TARGET}", same)
         except RankError:
@@ -532,7 +552,10 @@ class Converter:
         with torch.no_grad():
             for name, tensor in stream_export(whole, buckets, placement, self.ctx, fmt, all_stages):
                 yield name, tensor
-                scale = SCALE_SUFFIX if name.endswith(SCALE_SUFFIX) else ""  # an FP8 original's scale too
+                if not copies:
+                    continue
+                # a quantized original's scales too
+                scale = next((s for s in fmt.companions if name.endswith(s) and name.removesuffix(s) in fmt.fp8), "")
                 for copy in copies.get(name.removesuffix(scale) if scale else name, ()):
                     yield copy + scale, tensor
 
@@ -544,22 +567,36 @@ class Converter:
         dtype: DtypeArg = None,
         keep_float32: Iterable[str] | None = None,
         fp8: FP8Arg = None,
+        mxfp8: QuantArg = None,
+        nvfp4: QuantArg = None,
     ) -> ExportBound:
         """The most memory `export` with these arguments holds beyond the model at any moment
         (bytes, `.total`), from its static plan; no collective."""
-        fmt = self._format(dtype, keep_float32, fp8)
+        fmt = self._format(dtype, keep_float32, fp8, mxfp8=mxfp8, nvfp4=nvfp4)
         return self._bucket_plan(bucket_bytes, all_stages, fmt)[1]
 
     def export_format(
-        self, *, dtype: DtypeArg = None, keep_float32: Iterable[str] | None = None, fp8: FP8Arg = None
+        self,
+        *,
+        dtype: DtypeArg = None,
+        keep_float32: Iterable[str] | None = None,
+        fp8: FP8Arg = None,
+        mxfp8: QuantArg = None,
+        nvfp4: QuantArg = None,
     ) -> ExportFormat:
         """What `export` writes for each HF tensor with these arguments: its dtype, and which are
-        FP8 block-quantized (with the block size and the quantization_config a saved config.json
-        carries)."""
-        return self._format(dtype, keep_float32, fp8)
+        quantized (`.fp8`, in `.scheme`: FP8 blocks, MXFP8 or NVFP4, with the quantization_config
+        a saved config.json carries)."""
+        return self._format(dtype, keep_float32, fp8, mxfp8=mxfp8, nvfp4=nvfp4)
 
     def export_local(
-        self, *, dtype: DtypeArg = None, keep_float32: Iterable[str] | None = None, fp8: FP8Arg = None
+        self,
+        *,
+        dtype: DtypeArg = None,
+        keep_float32: Iterable[str] | None = None,
+        fp8: FP8Arg = None,
+        mxfp8: QuantArg = None,
+        nvfp4: QuantArg = None,
     ) -> Iterator[LocalPiece]:
         """Yield this rank's own pieces of the HF tensors, in HF order, without any collective:
         each a `LocalPiece` with the HF tensor's name, the expert's index for a stacked-experts
@@ -585,6 +622,13 @@ class Converter:
                 f"export_local(fp8={fp8!r}): export_local writes no FP8, since a 128 x 128 block may span ranks;"
                 " use export(fp8=...), or quantize the assembled tensors yourself"
             )
+        for scheme, value in (("mxfp8", mxfp8), ("nvfp4", nvfp4)):
+            if value is not None and value is not False:
+                raise ExportFormatError(
+                    f"export_local({scheme}={value!r}): export_local writes no {scheme.upper()}, since a block of a "
+                    f"row may span ranks (and NVFP4's per-tensor scale needs the whole tensor); use export({scheme}=...), "
+                    "or quantize the assembled tensors yourself"
+                )
         fmt = self._format(dtype, keep_float32, None, local=True)
         no_fp8_local(fmt)
         if self._local is None:
@@ -628,12 +672,20 @@ class Converter:
         return self._whole
 
     def _format(
-        self, dtype: DtypeArg, keep_float32: Iterable[str] | None, fp8: FP8Arg, local: bool = False
+        self,
+        dtype: DtypeArg,
+        keep_float32: Iterable[str] | None,
+        fp8: FP8Arg,
+        local: bool = False,
+        *,
+        mxfp8: QuantArg = None,
+        nvfp4: QuantArg = None,
     ) -> ExportFormat:
         """The export format over the whole target, or (`local`) over this rank's view: a name in
         `keep_float32` outside the view is then looked for in the whole target before it is refused."""
         keep = keep_float32 if keep_float32 is None or isinstance(keep_float32, str) else tuple(sorted(keep_float32))
-        key = (repr(dtype), repr(keep), repr(fp8), id(self.loaded), local)
+        quant = repr(fp8) if mxfp8 is None and nvfp4 is None else repr((fp8, mxfp8, nvfp4))
+        key = (repr(dtype), repr(keep), quant, id(self.loaded), local)
         if key not in self._formats:
             module = self.view if local else self._whole_target()[0]
             loaded = self.loaded
@@ -649,11 +701,12 @@ class Converter:
                     if outside:  # other ranks' tensors, or unknown ones: the whole target says which
                         resolve_format(
                             package.whole(self.module), self.placement.dtype, dtype=dtype, keep_float32=outside,
-                            fp8=fp8, loaded=loaded,
+                            fp8=fp8, loaded=loaded, mxfp8=mxfp8, nvfp4=nvfp4,
                         )
                     chosen = tuple(n for n in keep if n in own)
                 return resolve_format(
-                    module, self.placement.dtype, dtype=dtype, keep_float32=chosen, fp8=fp8, loaded=loaded
+                    module, self.placement.dtype, dtype=dtype, keep_float32=chosen, fp8=fp8, loaded=loaded,
+                    mxfp8=mxfp8, nvfp4=nvfp4,
                 )
 
             checkpoint = isinstance(dtype, str) and dtype == "checkpoint"  # depends on what `load` read
@@ -891,11 +944,14 @@ def export_hf_tensors(
     dtype: DtypeArg = None,
     keep_float32: Iterable[str] | None = None,
     fp8: FP8Arg = None,
+    mxfp8: QuantArg = None,
+    nvfp4: QuantArg = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """`Converter(module, chunks, ctx, ...).export(...)`: see `Converter.export`."""
     converter = Converter(module, chunks, ctx, make_vocab_size_divisible_by=make_vocab_size_divisible_by)
     return converter.export(
-        bucket_bytes=bucket_bytes, all_stages=all_stages, dtype=dtype, keep_float32=keep_float32, fp8=fp8
+        bucket_bytes=bucket_bytes, all_stages=all_stages, dtype=dtype, keep_float32=keep_float32, fp8=fp8,
+        mxfp8=mxfp8, nvfp4=nvfp4,
     )
 
 
@@ -915,6 +971,8 @@ def save_hf_checkpoint(
     fp8: FP8Arg = None,
     bucket_bytes: int = DEFAULT_BUCKET_BYTES,
     naming: tuple[tuple[str, str], ...] = (),
+    mxfp8: QuantArg = None,
+    nvfp4: QuantArg = None,
 ) -> None:
     """Write an HF checkpoint directory (sharded safetensors, index, config.json) atomically.
 
@@ -928,7 +986,10 @@ def save_hf_checkpoint(
     DeepSeek-V3's FP8 format in its block size. The config.json written says what the files
     hold: the export dtype (where the config names one) and, with FP8, the quantization_config
     (the given one's fields kept); without FP8, an fp8 quantization_config is left out, the
-    weights being written dequantized.
+    weights being written dequantized. `mxfp8` and `nvfp4` as in `Converter.export`: config.json
+    then carries the compressed-tensors MXFP8 or the ModelOpt W4A16_NVFP4 quantization_config
+    (its `ignore` naming every unquantized 2-d weight's module), and an NVFP4 save also writes
+    ModelOpt's `hf_quant_config.json`.
 
     All ranks take part in the export; global rank `writer_rank` writes into a hidden temporary
     folder beside `out_dir` (`.NAME.partial-HOST-PID-XXXX`) and renames it into place only once
@@ -958,7 +1019,7 @@ def save_hf_checkpoint(
     same = (
         ("writer_rank", writer_rank), ("max_shard_bytes", max_shard_bytes), ("overwrite", overwrite),
         ("bucket_bytes", bucket_bytes), ("dtype", dtype), ("keep_float32", keep if keep is None or isinstance(keep, str) else sorted(map(str, keep))),
-        ("fp8", fp8), ("naming", naming),
+        ("fp8", fp8), ("naming", naming), ("mxfp8", mxfp8), ("nvfp4", nvfp4),
     )
     what = f"cannot save {module.TARGET} to {out}"
     staging: Path | None = None
@@ -977,14 +1038,16 @@ def save_hf_checkpoint(
                 raise ValueError(f"naming {sorted(unknown)} is not among {module.TARGET}'s HF_NAMINGS")
             converter.naming = tuple(naming)
             if isinstance(dtype, str) and dtype == "checkpoint":
-                if keep is not None or fp8 is not None:
-                    raise ValueError("dtype='checkpoint' takes the config's own dtype and quantization: no fp8 or keep_float32")
+                if keep is not None or fp8 is not None or mxfp8 is not None or nvfp4 is not None:
+                    raise ValueError(
+                        "dtype='checkpoint' takes the config's own dtype and quantization: no fp8, mxfp8, nvfp4 or keep_float32"
+                    )
                 quantization = hf_config.get("quantization_config") if isinstance(hf_config, dict) else None
                 declared = config_dtype(hf_config) if isinstance(hf_config, dict) else None
                 fp8 = quantization if isinstance(quantization, dict) and quantization.get("quant_method") == "fp8" else None
                 dtype = declared
             if not converter._problems:  # else agreed on below: a model not matching the module has no format
-                fmt = converter.export_format(dtype=dtype, keep_float32=keep, fp8=fp8)
+                fmt = converter.export_format(dtype=dtype, keep_float32=keep, fp8=fp8, mxfp8=mxfp8, nvfp4=nvfp4)
         except (ValueError, TypeError) as exc:
             refused.append(str(exc))
         try:  # the target, the model, the layout and the arguments: one agreement
@@ -995,19 +1058,19 @@ def save_hf_checkpoint(
             raise
         assert fmt is not None
         sizes = _written_sizes(module, fmt)
-        shards = _shard_plan(sizes, max_shard_bytes)
+        shards = _shard_plan(sizes, max_shard_bytes, _companions(module, fmt))
         remaining = {f: sum(1 for v in shards.values() if v == f) for f in set(shards.values())}
         pending: dict[str, dict[str, torch.Tensor]] = {f: {} for f in remaining}
         failed: dict[str, str] = {}  # file -> what went wrong writing it (the writer's)
         # every rank sees every tensor in the same order (all_stages), so every rank knows when
         # a file is complete: the writer writes it, then all agree on how that went
-        exported = converter._export(bucket_bytes, True, dtype, keep, fp8)  # the module's names
+        exported = converter._export(bucket_bytes, True, dtype, keep, fp8, mxfp8, nvfp4)  # the module's names
         copies = set(getattr(module, "HF_COPIES", {}))
         for name, tensor in exported:
             file = shards[name]
             if staging is not None and file not in failed:
                 try:  # an HF copy is its original's tensor, which safetensors will not write twice
-                    copied = tensor.clone() if name.removesuffix(SCALE_SUFFIX) in copies else tensor.contiguous()
+                    copied = tensor.clone() if _original(name, fmt) in copies else tensor.contiguous()
                     pending[file][converter.hf_name(name)] = copied
                 except Exception as exc:  # noqa: BLE001 - agreed on below
                     failed[file] = f"{out / file}: {_describe(exc)}"
@@ -1030,6 +1093,9 @@ def save_hf_checkpoint(
                 (staging / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
                 written = _written_config(hf_config, fmt, dtype)
                 (staging / "config.json").write_text(json.dumps(written, indent=2, allow_nan=False) + "\n")
+                modelopt = mx.hf_quant_config(fmt.quantization_config or {})
+                if modelopt is not None:  # ModelOpt's own file beside config.json
+                    (staging / "hf_quant_config.json").write_text(json.dumps(modelopt, indent=2) + "\n")
                 share_tree(staging)  # safetensors writes its files private; a checkpoint is read by others
                 _move_into_place(staging, out, overwrite)
                 staging = None
@@ -1141,17 +1207,28 @@ def remove_stale_partials(out_dir: str | Path) -> list[Path]:
 
 
 def _written_sizes(module: Module, fmt: ExportFormat) -> dict[str, int]:
-    """Bytes of every tensor a save writes, in HF order (a scale companion after its weight)."""
+    """Bytes of every tensor a save writes, in HF order (scale companions after their weight)."""
     sizes: dict[str, int] = {}
     for tensor in module.HF_TENSORS:
-        shape = tuple(tensor.shape)
-        if tensor.name in fmt.fp8:
-            sizes[tensor.name] = int(torch.Size(shape).numel()) * FP8.itemsize
-            rows, cols = fp8_grid(shape, fmt.block)
-            sizes[tensor.name + SCALE_SUFFIX] = rows * cols * torch.float32.itemsize
-        else:
-            sizes[tensor.name] = int(torch.Size(shape).numel()) * fmt.dtypes[tensor.name].itemsize
+        for name, shape, dtype in fmt.outputs(tensor.name, tuple(tensor.shape)):
+            sizes[name] = int(torch.Size(shape).numel()) * dtype.itemsize
     return sizes
+
+
+def _original(name: str, fmt: ExportFormat) -> str:
+    """The weight a scale companion belongs to; any other name as it is."""
+    for suffix in fmt.companions:
+        if name.endswith(suffix) and name.removesuffix(suffix) in fmt.fp8:
+            return name.removesuffix(suffix)
+    return name
+
+
+def _companions(module: Module, fmt: ExportFormat) -> frozenset[str]:
+    """The scale companions a save writes (each goes in its weight's file)."""
+    return frozenset(
+        name for tensor in module.HF_TENSORS if tensor.name in fmt.fp8
+        for name, _, _ in fmt.outputs(tensor.name, tuple(tensor.shape))[1:]
+    )
 
 
 def _written_config(hf_config: dict[str, Any], fmt: ExportFormat, dtype: DtypeArg) -> dict[str, Any]:
@@ -1163,6 +1240,8 @@ def _written_config(hf_config: dict[str, Any], fmt: ExportFormat, dtype: DtypeAr
     elif isinstance(written.get("quantization_config"), dict) and written["quantization_config"].get("quant_method") in (
         "fp8",
         "mxfp4",  # MXFP4 is read (dequantized), never written: the tensors saved are not MXFP4
+        "compressed-tensors",  # written only with the MXFP8 weights it describes
+        "modelopt",  # written only with the NVFP4 weights it describes
     ):
         del written["quantization_config"]
     if dtype is not None and not (isinstance(dtype, str) and dtype == "checkpoint"):
@@ -1173,13 +1252,16 @@ def _written_config(hf_config: dict[str, Any], fmt: ExportFormat, dtype: DtypeAr
     return written
 
 
-def _shard_plan(sizes: dict[str, int], max_shard_bytes: int) -> dict[str, str]:
+def _shard_plan(sizes: dict[str, int], max_shard_bytes: int, companions: frozenset[str] | None = None) -> dict[str, str]:
     """Tensor name -> file, filling files in order up to max_shard_bytes; a scale companion
-    goes in its weight's file."""
+    (`companions`; default: FP8's `<weight>_scale_inv`) goes in its weight's file."""
     groups: list[list[str]] = [[]]
     size = 0
     for name, nbytes in sizes.items():
-        companion = name.endswith(SCALE_SUFFIX) and name[: -len(SCALE_SUFFIX)] in sizes
+        if companions is not None:
+            companion = name in companions
+        else:
+            companion = name.endswith(SCALE_SUFFIX) and name[: -len(SCALE_SUFFIX)] in sizes
         if groups[-1] and size + nbytes > max_shard_bytes and not companion:
             groups.append([])
             size = 0

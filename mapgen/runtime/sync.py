@@ -1,12 +1,12 @@
-"""Weight sync: the whole model out as HF tensors in a chosen dtype or DeepSeek-V3's FP8 format,
-streamed in buckets of bounded memory (`stream_export`), and each rank's own pieces with their HF
-coordinates, without any collective (`local_plan`, `local_param_pieces`). `drivers.Converter.export`
+"""Weight sync: the whole model out as HF tensors in a chosen dtype, DeepSeek-V3's FP8 format,
+MXFP8 or NVFP4 (`mx`), streamed in buckets of bounded memory (`stream_export`), and each rank's
+own pieces with their HF coordinates, without any collective (`local_plan`, `local_param_pieces`). `drivers.Converter.export`
 and `Converter.export_local` call these.
 
 **Format.** `ExportFormat` says, for every HF tensor, the dtype export writes it in and whether it
 is block-quantized to e4m3 with a float32 `<name>_scale_inv` of one scale per block (DeepSeek-V3's
-published layout). `resolve_format` decides it once from the caller's wishes: the model's own
-dtypes (default), one floating dtype for all (tensors the HF model keeps in float32 stay float32:
+published layout), or quantized to MXFP8 or NVFP4 with their scale companions (`mx`).
+`resolve_format` decides it once from the caller's wishes: the model's own dtypes (default), one floating dtype for all (tensors the HF model keeps in float32 stay float32:
 transformers' `_keep_in_fp32_modules_strict`, recorded per tensor at build time in
 `HFTensorPlan.float32`, and whatever megatron-core keeps in a float32 buffer, the router's
 `expert_bias`), or each tensor as the checkpoint the converter loaded stores it.
@@ -42,6 +42,7 @@ from mapgen.runtime import transforms
 from mapgen.runtime.checkpoint import DEFAULT_BLOCK, SCALE_SUFFIX
 from mapgen.runtime.collectives import all_gather_coalesced, all_gather_slots, broadcast_flat
 from mapgen.runtime.context import Group, ParallelContext
+from mapgen.runtime import mx
 from mapgen.runtime.plan import ParamPlan, RulePlan
 from mapgen.runtime.shardmap import HFPiece, Run, shard_pieces
 
@@ -62,6 +63,7 @@ FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16":
 
 DtypeArg = torch.dtype | str | None
 FP8Arg = bool | tuple[int, int] | list[int] | Mapping[str, Any] | None
+QuantArg = bool | Mapping[str, Any] | None  # `mxfp8=` / `nvfp4=`: True or a quantization_config
 
 
 class ExportFormatError(ValueError):
@@ -158,22 +160,42 @@ class LoadedFormat:
 @dataclass(frozen=True)
 class ExportFormat:
     """For every HF tensor (by name; a stacked-experts tensor by its own name): the dtype export
-    writes it in, and whether it is block-quantized (then it is e4m3 beside a float32 scale
-    companion `<name>_scale_inv` of shape `fp8_grid`)."""
+    writes it in, and whether it is quantized, in `scheme`: "fp8" (e4m3 beside a float32 scale
+    companion `<name>_scale_inv` of shape `fp8_grid`), "mxfp8" or "nvfp4" (`mx.scheme_outputs`)."""
 
     dtypes: dict[str, torch.dtype]
-    fp8: frozenset[str]
-    block: tuple[int, int]
+    fp8: frozenset[str]  # the quantized tensors, in `scheme` (the name predates MXFP8 and NVFP4)
+    block: tuple[int, int]  # FP8's block; (1, 32) for MXFP8, (1, 16) for NVFP4
     key: tuple[object, ...]  # identifies the format among those a converter caches plans for
-    quantization_config: dict[str, Any] | None = None  # what a saved config.json says, with fp8
+    quantization_config: dict[str, Any] | None = None  # what a saved config.json says, when quantized
+    scheme: str = "fp8"
+
+    @property
+    def quantized(self) -> frozenset[str]:
+        return self.fp8
+
+    @property
+    def companions(self) -> tuple[str, ...]:
+        """The suffixes of what is written beside a quantized weight, longest first."""
+        return (SCALE_SUFFIX,) if self.scheme == "fp8" else mx.companion_suffixes(self.scheme)
 
     def outputs(self, label: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
         """What export yields for HF tensor (or slice) `label` of `shape`: (name, shape, dtype),
-        the scale companion after a quantized weight."""
+        the scale companions after a quantized weight."""
         base, _ = stacked_slice(label)
         if base in self.fp8:
+            if self.scheme != "fp8":
+                return mx.scheme_outputs(self.scheme, label, shape)
             return [(label, shape, FP8), (label + SCALE_SUFFIX, fp8_grid(shape, self.block), torch.float32)]
         return [(label, shape, self.dtypes[base])]
+
+    def temporaries(self, shape: tuple[int, ...]) -> int:
+        """Bytes of quantization temporaries for one quantized weight of `shape`."""
+        if self.scheme == "fp8":
+            rows, cols = fp8_grid(shape, self.block)
+            return rows * self.block[0] * cols * self.block[1] * FP8_TEMP_BYTES
+        per_element = mx.MXFP8_TEMP_BYTES if self.scheme == "mxfp8" else mx.NVFP4_TEMP_BYTES
+        return math.prod(shape) * per_element
 
 
 def held_dtype(megatron_name: str, model_dtype: torch.dtype) -> torch.dtype:
@@ -269,9 +291,14 @@ def resolve_format(
     keep_float32: Iterable[str] | None = None,
     fp8: FP8Arg = None,
     loaded: LoadedFormat | None = None,
+    mxfp8: QuantArg = None,
+    nvfp4: QuantArg = None,
 ) -> ExportFormat:
     """The export format for the caller's wishes (see `drivers.Converter.export`). Raises
     ExportFormatError for a wish the module or the loaded checkpoint cannot meet."""
+    wished = [n for n, v in (("fp8", fp8), ("mxfp8", mxfp8), ("nvfp4", nvfp4)) if v is not None and v is not False]
+    if len(wished) > 1:
+        raise ExportFormatError(f"{' and '.join(wished)} are alternatives: export in one quantization at a time")
     held: dict[str, torch.dtype] = {}
     stacked: set[str] = set()
     for plan in module.PARAMS:
@@ -289,8 +316,10 @@ def resolve_format(
                 "dtype='checkpoint' exports each tensor as the checkpoint this converter loaded stores it, "
                 "but it has loaded none (Converter.load), or name a dtype"
             )
-        if fp8 is not None or keep_float32 is not None:
-            raise ExportFormatError("dtype='checkpoint' takes the checkpoint's own dtypes and quantization: no fp8 or keep_float32")
+        if wished or fp8 is not None or keep_float32 is not None:
+            raise ExportFormatError(
+                "dtype='checkpoint' takes the checkpoint's own dtypes and quantization: no fp8, mxfp8, nvfp4 or keep_float32"
+            )
         dtypes = {n: loaded.dtypes.get(n, held[n]) for n in names}
         for name in loaded.quantized:  # written as e4m3: its dtype entry is unused
             dtypes[name] = loaded.config_dtype or held[name]
@@ -321,27 +350,15 @@ def resolve_format(
             if unknown:
                 raise ExportFormatError(f"keep_float32 names {len(unknown)} tensor(s) {module.TARGET} does not export: {', '.join(unknown[:5])}")
         dtypes = {n: torch.float32 if n in keep else target for n in names}
+    if wished and wished[0] != "fp8":
+        return _mx_format(module, wished[0], mxfp8 if wished[0] == "mxfp8" else nvfp4, dtypes, keep, target, stacked, copies)
     config = fp8_config(fp8)
     quantized: frozenset[str] = frozenset()
     block = DEFAULT_BLOCK
     if config is not None:
         block = _block_size(config["weight_block_size"])
-        rules = _rules(module)
-        if not any(r.linear_weight for r in rules):
-            raise ExportFormatError(
-                f"{module.TARGET} does not say which tensors are linear weights (built by an older mapgen?): "
-                "rebuild it to export FP8"
-            )
         skip = _not_converted(config.get("modules_to_not_convert"))
-        linear: set[str] = set()
-        for plan in module.PARAMS:
-            if rules[plan.rule].linear_weight:
-                linear.update(stacked_slice(label)[0] for label in plan.hf_names)
-        if linear & stacked:
-            raise ExportFormatError(
-                f"FP8 export of stacked-experts tensors is not supported ({sorted(linear & stacked)[0]}, ...): "
-                "build the module with --hf-experts per_expert, as DeepSeek-V3 is published"
-            )
+        linear = _linear_weights(module, stacked, "FP8")
         quantized = frozenset(
             n for n in linear
             if n not in keep and not _skipped(n.removesuffix(".weight"), skip)
@@ -349,6 +366,62 @@ def resolve_format(
         quantized |= frozenset(copy for copy, original in copies.items() if original in quantized)
     key = (None if target is None else str(target), keep, None if config is None else (block, tuple(sorted(quantized))))
     return ExportFormat(dtypes, quantized, block, key, config)
+
+
+def _linear_weights(module: Module, stacked: set[str], what: str) -> set[str]:
+    """The HF tensors the module's static plan marks as weights of linear layers (refused for a
+    module built before the plan said so, and for stacked-experts tensors)."""
+    rules = _rules(module)
+    if not any(r.linear_weight for r in rules):
+        raise ExportFormatError(
+            f"{module.TARGET} does not say which tensors are linear weights (built by an older mapgen?): "
+            f"rebuild it to export {what}"
+        )
+    linear: set[str] = set()
+    for plan in module.PARAMS:
+        if rules[plan.rule].linear_weight:
+            linear.update(stacked_slice(label)[0] for label in plan.hf_names)
+    if linear & stacked:
+        raise ExportFormatError(
+            f"{what} export of stacked-experts tensors is not supported ({sorted(linear & stacked)[0]}, ...): "
+            "build the module with --hf-experts per_expert, as DeepSeek-V3 is published"
+        )
+    return linear
+
+
+def _mx_format(
+    module: Module,
+    scheme: str,
+    value: QuantArg,
+    dtypes: dict[str, torch.dtype],
+    keep: frozenset[str],
+    target: torch.dtype | None,
+    stacked: set[str],
+    copies: dict[str, str],
+) -> ExportFormat:
+    """The MXFP8 or NVFP4 format (`mx`): the linear weights of the static plan, less those kept
+    in float32 and those the request's ignore list names; every one must have a block-divisible
+    last dim. The config's ignore list names every 2-d weight's module left unquantized."""
+    try:
+        request = mx.mxfp8_request(value) if scheme == "mxfp8" else mx.nvfp4_request(value)
+    except mx.QuantizeError as exc:
+        raise ExportFormatError(str(exc)) from None
+    assert request is not None
+    linear = _linear_weights(module, stacked, scheme.upper())
+    quantized = {n for n in linear if n not in keep and not mx.ignored(scheme, n.removesuffix(".weight"), request["ignore"])}
+    shapes = {t.name: tuple(t.shape) for t in module.HF_TENSORS}
+    problems = [p for p in (mx.shape_problem(scheme, n, shapes[n]) for n in sorted(quantized)) if p]
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise ExportFormatError(f"{module.TARGET}: {problems[0]}{more}")
+    quantized |= {copy for copy, original in copies.items() if original in quantized}
+    unquantized = sorted(
+        n.removesuffix(".weight") for n in shapes if n not in quantized and n.endswith(".weight") and len(shapes[n]) == 2
+    )
+    config = mx.quantization_config(scheme, unquantized)
+    block = (1, mx.block_of(scheme))
+    key = (None if target is None else str(target), keep, (scheme, tuple(sorted(quantized))))
+    return ExportFormat(dtypes, frozenset(quantized), block, key, config, scheme)
 
 
 def _rules(module: Module) -> tuple[RulePlan, ...]:
@@ -584,9 +657,8 @@ def plan_buckets(
                     if plan.expert is not None and ep > 1:
                         te += nbytes
                     held = max(held, nbytes)
-                    if dtype == FP8:
-                        rows, cols = fp8_grid(out_shape, fmt.block)
-                        temporaries = max(temporaries, rows * fmt.block[0] * cols * fmt.block[1] * FP8_TEMP_BYTES)
+                    if name == label and stacked_slice(label)[0] in fmt.fp8:  # a quantized weight
+                        temporaries = max(temporaries, fmt.temporaries(shape))
             param_transient = max(param_transient, outputs + temporaries)
         transient = max(transient, param_transient)
         grown = cost(sums[0] + s, sums[1] + g, sums[2] + t, sums[3] + te, sums[4] + n)
@@ -703,14 +775,23 @@ def _produce(
         shards = parts.pop(plan.megatron_name, None) or [placement.local[plan.megatron_name].detach()]
         exported = module.EXPORTS[plan.megatron_name](shards)
         del shards
+        shared: torch.Tensor | None = None  # NVFP4's per-tensor amax, shared by the parameter's tensors
         for label, tensor in exported.items():
             if plan.megatron_name in placement.vocab:  # the HF rows, without Megatron's padding
                 tensor = tensor.narrow(0, 0, plan.shape[0])
             if fmt.fp8 and stacked_slice(label)[0] in fmt.fp8:
-                scale_name = label + SCALE_SUFFIX
-                codes, scale = quantize_fp8(tensor, fmt.block, target(label), target(scale_name))
+                names = [name for name, _, _ in fmt.outputs(label, tuple(tensor.shape))]
+                if fmt.scheme == "fp8":
+                    made: tuple[torch.Tensor, ...] = quantize_fp8(tensor, fmt.block, target(names[0]), target(names[1]))
+                elif fmt.scheme == "mxfp8":
+                    made = mx.quantize_mxfp8(tensor, target(names[0]), target(names[1]))
+                else:  # one per-tensor scale over what the parameter exports (q, k, v; gate, up)
+                    if shared is None:
+                        shared = max(mx.amax(t) for l, t in exported.items() if stacked_slice(l)[0] in fmt.fp8)
+                    made = mx.quantize_nvfp4(tensor, shared, target(names[0]), target(names[1]), target(names[2]))
                 if label not in where:
-                    kept[label], kept[scale_name] = codes, scale
+                    kept.update(zip(names, made))
+                del made
                 continue
             spot = where.get(label)
             if spot is not None:  # it travels: into its place in a flat buffer
@@ -924,5 +1005,6 @@ def local_param_pieces(module: Module, entry: LocalParam, local: torch.Tensor, f
 def no_fp8_local(fmt: ExportFormat) -> None:
     if fmt.fp8:
         raise ExportFormatError(
-            "export_local writes no FP8: a 128 x 128 block may span ranks; quantize after assembling, or use export(fp8=...)"
+            f"export_local writes no {fmt.scheme.upper()}: a block (or NVFP4's per-tensor scale) may span ranks; "
+            f"quantize after assembling, or use export({fmt.scheme}=...)"
         )
