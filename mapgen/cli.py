@@ -434,6 +434,37 @@ def _is_first_rank() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def _scratch_folder(kind: str) -> Any:
+    """A temporary folder for verify's and convert's local twin (`tempfile.TemporaryDirectory`),
+    named `mapgen-KIND-HOST-PID-...`. A killed run cannot remove its own: the folders of this
+    kind that this user's runs on this host left, whose process is gone, are removed first."""
+    import shutil
+    import socket
+    import tempfile
+
+    host = "".join(c if c.isalnum() else "_" for c in socket.gethostname()) or "host"
+    prefix = f"mapgen-{kind}-{host}-"
+    try:
+        left = [p for p in Path(tempfile.gettempdir()).glob(f"{prefix}*") if p.is_dir() and p.stat().st_uid == os.getuid()]
+    except OSError:
+        left = []
+    for folder in left:
+        pid = folder.name[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _process_alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+    return tempfile.TemporaryDirectory(prefix=f"{prefix}{os.getpid()}-")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's: alive
+        return True
+    return True
+
+
 VOCAB_DEFAULT = 128  # Megatron-LM's --make-vocab-size-divisible-by
 
 
@@ -451,14 +482,13 @@ def verify(generated: str, hf_dir: str, tp: int, pp: int, vpp: int, ep: int, etp
     the exported tensors with the checkpoint's bytes. GENERATED: a file or a module name. The
     model is built in the checkpoint's dtype; transformers runs in it too. Its phases are shown
     on stderr (a line each where stderr is not a terminal)."""
-    import tempfile
-
     from mapgen.common.console import Phases
     from mapgen.verify.arguments import size_problems
 
     dp = max(ep, 1) if dp is None else dp
     sizes: dict[str, int | None] = dict(tp=tp, pp=pp, vpp=vpp, ep=ep, dp=dp, etp=etp, first_stage_layers=first_stage_layers,
-                                        last_stage_layers=last_stage_layers)
+                                        last_stage_layers=last_stage_layers,
+                                        make_vocab_size_divisible_by=make_vocab_size_divisible_by)
     names: dict[Path, Path] = {}
     temporary: Path | None = None  # the local twin's folder, once made
     phases = Phases("verify", enabled=_is_first_rank(), console=err)
@@ -466,7 +496,7 @@ def verify(generated: str, hf_dir: str, tp: int, pp: int, vpp: int, ep: int, etp
         module_file = _module_file(generated)
         if problems := size_problems(sizes):  # before torch is imported: seconds
             raise MapgenError(f"cannot verify {module_file} on {hf_dir}:\n  " + "\n  ".join(problems))
-        with tempfile.TemporaryDirectory(prefix="mapgen-verify-") as folder, phases:  # phases closed first
+        with _scratch_folder("verify") as folder, phases:  # phases closed first
             temporary = Path(folder)
             phases("importing torch")
             from mapgen.compiler.megatron_model import ParallelLayout
@@ -480,7 +510,7 @@ def verify(generated: str, hf_dir: str, tp: int, pp: int, vpp: int, ep: int, etp
                 names[twin] = module_file
             progress = temporary / "phases.txt"
             phases.follow(progress)
-            job = Job(str(twin), hf_dir, layout, make_vocab_size_divisible_by, progress=str(progress))
+            job = Job(str(twin), hf_dir, layout, make_vocab_size_divisible_by, progress=str(progress), scratch=folder)
             (result,) = run_verify([job], layout.world_size, phase=phases)
     except MapgenError as exc:
         err.print(_shown(str(exc), temporary, names), markup=False)
@@ -561,10 +591,12 @@ def _save_standin(config: Path, out: Path, seed: int, dtype: Any, vocab_size: in
     from mapgen.compiler.write import make_folders
 
     shown = str(config)
-    fields = read_hf_config(shown, input_text(read_input(config, shown), shown)).fields
+    hf_config = read_hf_config(shown, input_text(read_input(config, shown), shown))
+    fields = hf_config.fields
     problems = standin_problems(fields)
     if problems:
         raise MapgenError(f"{shown}: mapgen standin cannot shrink this config: " + "; ".join(problems))
+    _read_as_build_reads(hf_config)
     if os.path.lexists(out) and not out.is_dir():
         raise MapgenError(f"cannot write the stand-in into {out}: it is not a folder")
     created = make_folders(out.parent)
@@ -598,6 +630,46 @@ def _save_standin(config: Path, out: Path, seed: int, dtype: Any, vocab_size: in
     return created
 
 
+# the config fields a stand-in replaces by its own (mapgen.verify.testing.standin_config): each,
+# where the config has it, must be what build takes (a positive integer), not replaced silently
+_SHRUNK_COUNTS = ("num_hidden_layers", "num_local_experts", "num_experts", "n_routed_experts", "moe_intermediate_size",
+                  "num_experts_per_tok", "intermediate_size", "vocab_size")
+
+
+def _read_as_build_reads(config: Any) -> None:
+    """Refuse what `mapgen build` refuses of `config` (an HFConfig), though the stand-in replaces
+    those values: the dims the family's spec reads from it (`translate`, as build evaluates
+    them; fields the spec does not read are not build's concern here), and the counts it shrinks."""
+    from dataclasses import replace
+
+    from mapgen.common.errors import SpecError
+    from mapgen.compiler.config import spec_reads, translate
+    from mapgen.compiler.spec import parse_spec
+    from mapgen.verify.testing import _family_spec
+
+    fields = config.fields
+    wrong = [
+        f"{config.where(name)}: config field '{name}' is {json.dumps(fields[name])}: build takes a positive integer"
+        for name in _SHRUNK_COUNTS
+        if name in fields and fields[name] is not None
+        and (isinstance(fields[name], bool) or not isinstance(fields[name], int) or fields[name] < 1)
+    ]
+    model_type = fields.get("model_type")
+    spec_path = _family_spec(model_type) if isinstance(model_type, str) else None
+    if spec_path is not None:
+        from mapgen.compiler.build import display_path
+
+        spec = parse_spec(display_path(spec_path), spec_path.read_text(encoding="utf-8"))
+        known = spec_reads(spec) | {entry.path for entry in spec.config_fields}
+        unread = frozenset(n for n in fields if not any(k == n or k.startswith(n + ".") for k in known))
+        try:  # as the spec's architecture: a config of another one is a stand-in's business
+            translate(spec, replace(config, architectures=(spec.hf_architecture,)), unread)
+        except SpecError as exc:
+            wrong = exc.messages  # build's own words, which name the same fields
+    if wrong:
+        raise SpecError(wrong)
+
+
 @main.command(name="explain")
 @click.argument("generated")
 @click.argument("name")
@@ -613,12 +685,17 @@ def explain_command(generated: str, name: str, tp: int, pp: int, vpp: int, ep: i
     and what export gathers. GENERATED: a file or a module name, as for verify."""
     from mapgen.explain import explain
     from mapgen.runtime.shardmap import ShardLayout
+    from mapgen.verify.arguments import size_problems
     from mapgen.verify.jobs import load_mapping_module
 
     layout = ShardLayout(tp=tp, pp=pp, vpp=vpp, ep=ep, etp=etp, dp=dp, first_stage_layers=first_stage_layers,
                          last_stage_layers=last_stage_layers, make_vocab_size_divisible_by=make_vocab_size_divisible_by)
     try:
         module_file = _module_file(generated)
+        sizes = dict(tp=tp, pp=pp, vpp=vpp, ep=ep, dp=layout.data_parallel, etp=etp, first_stage_layers=first_stage_layers,
+                     last_stage_layers=last_stage_layers, make_vocab_size_divisible_by=make_vocab_size_divisible_by)
+        if problems := size_problems(sizes):  # the limits verify and convert have, by flag
+            raise MapgenError(f"cannot explain {name} of {module_file}:\n  " + "\n  ".join(problems))
         lines = explain(load_mapping_module(module_file), name, layout, module_file)
     except MapgenError as exc:
         err.print(str(exc), markup=False)
@@ -650,8 +727,6 @@ def _run_convert(direction: str, generated: str, source: str, out_dir: str, layo
     """Both directions: what is wrong with the arguments is said before torch is imported (a
     missing input, an output that exists, is the input or lies inside it, a size that is not
     positive); then the module's local twin, the conversion, the verdict."""
-    import tempfile
-
     from mapgen.verify.arguments import folder_problems, output_problems, size_problems, smallest_dp
 
     flags = dict(layout_flags)
@@ -661,7 +736,7 @@ def _run_convert(direction: str, generated: str, source: str, out_dir: str, layo
     temporary: Path | None = None  # the local twin's folder, once made
     try:
         module_file = _module_file(generated)
-        problems = size_problems(flags)
+        problems = size_problems({**flags, "make_vocab_size_divisible_by": settings.get("make_vocab_size_divisible_by")})
         if direction == "megatron-to-hf":
             problems += folder_problems(Path(source), "give the folder Megatron-LM's --load takes")
         problems += output_problems(Path(out_dir), settings["overwrite"], Path(source))
@@ -683,7 +758,7 @@ def _run_convert(direction: str, generated: str, source: str, out_dir: str, layo
         from mapgen.convert import convert as run
 
         layout = ParallelLayout(**flags)
-        with tempfile.TemporaryDirectory(prefix="mapgen-convert-") as folder:
+        with _scratch_folder("convert") as folder:
             temporary = Path(folder)
 
             def note(text: str) -> None:

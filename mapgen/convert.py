@@ -42,6 +42,7 @@ checked on every rank and agreed on before megatron-core reads a byte.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import resource
@@ -60,13 +61,14 @@ import torch.distributed as dist
 from mapgen.common.console import native_stdout_silenced
 from mapgen.common.files import module_label, share_tree
 from mapgen.common.errors import MapgenError
+from mapgen.common.limits import MAX_SPAWNED
 from mapgen.compiler.megatron_model import DTYPES, ParallelLayout, build_model_chunks, initialize_parallel_state
 from mapgen.runtime.checkpoint import HFCheckpoint
 from mapgen.runtime.collectives import RankError, agree_or_raise
 from mapgen.runtime.drivers import Converter, _describe, _move_into_place, _staging_folder, save_hf_checkpoint
 from mapgen.runtime.vocab import VOCAB_PARAMS, padded_vocab_size
-from mapgen.verify.arguments import output_problems
-from mapgen.verify.jobs import MAX_SPAWNED, checkpoint_dtype, hf_problems, layout_problems, load_mapping_module, spawn
+from mapgen.verify.arguments import output_problems, size_problems
+from mapgen.verify.jobs import checkpoint_dtype, hf_problems, layout_problems, load_mapping_module, spawn
 
 TRACKER = "latest_checkpointed_iteration.txt"  # Megatron-LM's tracker file
 RELEASE = "release"
@@ -218,6 +220,22 @@ def read_megatron_checkpoint(root: str | Path) -> MegatronCheckpoint:
         metadata = FileSystemReader(str(folder)).read_metadata()
     except Exception as exc:  # noqa: BLE001 - torch's reader on a damaged .metadata
         raise MapgenError(f"{folder}/.metadata: cannot read megatron-core's tensor metadata: {_describe(exc)}") from None
+    if damaged := damaged_files(folder, metadata):
+        raise MapgenError(f"{folder}: a damaged checkpoint: " + "; ".join(damaged))
+    common = folder / "common.pt"  # megatron-core 0.19 may keep the common state in the data files
+    if not os.path.lexists(common) and not any(str(k).startswith("common_state") for k in metadata.state_dict_metadata):
+        raise MapgenError(f"{common}: missing (megatron-core's common state: the iteration, the checkpoint version)")
+    try:
+        from megatron.core import dist_checkpointing
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        dist_checkpointing.load_common_state_dict(str(folder))
+    except (Exception, CheckpointException) as exc:  # noqa: BLE001 - torch.load of a damaged or foreign file
+        named = damaged_files(folder, metadata, contents=True)
+        raise MapgenError(
+            f"{common if os.path.lexists(common) else folder}: cannot read megatron-core's common state: "
+            f"{checkpoint_failure(exc)}" + "".join(f"\n  {line}" for line in named)
+        ) from None
     tensors: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
     objects: set[str] = set()
     for key, entry in metadata.state_dict_metadata.items():
@@ -228,6 +246,102 @@ def read_megatron_checkpoint(root: str | Path) -> MegatronCheckpoint:
     return MegatronCheckpoint(
         base, folder, iteration, tensors, frozenset(objects), _json_file(base / RECORD), _json_file(base / CONFIG)
     )
+
+
+def damaged_files(folder: Path, metadata: Any, contents: bool = False) -> list[str]:
+    """The data files (`.distcp`) megatron-core's `.metadata` (torch's Metadata) places items in,
+    each missing, not a file or shorter than the bytes it is said to hold; with `contents`, also
+    each with a tensor item that does not start as torch.save writes one, or any item that starts
+    with zeros (zeroed or overwritten data: read where a load failed, to name the file). At most
+    6, each naming its file."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    tensors = {k for k, v in getattr(metadata, "state_dict_metadata", {}).items() if isinstance(v, TensorStorageMetadata)}
+    ends: dict[str, int] = {}
+    starts: dict[str, list[tuple[int, bool]]] = {}  # file -> (offset, a tensor's) of each item
+    for index, info in (getattr(metadata, "storage_data", None) or {}).items():
+        path, offset, length = getattr(info, "relative_path", None), getattr(info, "offset", None), getattr(info, "length", None)
+        if isinstance(path, str) and isinstance(offset, int) and isinstance(length, int):
+            ends[path] = max(ends.get(path, 0), offset + length)
+            starts.setdefault(path, []).append((offset, getattr(index, "fqn", None) in tensors))
+    found: list[str] = []
+    spoilt: list[str] = []
+    whole = False  # some item starts as torch.save writes: the format the contents are checked by
+    for name, end in sorted(ends.items()):
+        file = folder / name
+        if not file.is_file():
+            found.append(f"{file}: {'missing' if not os.path.lexists(file) else 'not a file'} (.metadata places tensors in it)")
+            continue
+        size = file.stat().st_size
+        if size < end:
+            found.append(f"{file}: cut short: {size:,} bytes, .metadata places data up to byte {end:,}")
+        elif contents and starts.get(name):
+            bad, zeros, good = _item_starts(file, starts[name])
+            whole = whole or good
+            if bad is not None:
+                (found if zeros else spoilt).append(f"{file}: no data at byte {bad:,} ({'zeroed' if zeros else 'overwritten'}?)")
+    return (found + (spoilt if whole else []))[:6]
+
+
+_ZIP = b"PK\x03\x04"  # torch.save's archive: how each tensor item of a .distcp begins
+
+
+def _item_starts(file: Path, items: list[tuple[int, bool]]) -> tuple[int | None, bool, bool]:
+    """The first item of `file` that is spoilt (one that begins with zeros, or a tensor's that
+    does not begin as torch.save's archive), whether it begins with zeros, and whether any item
+    begins as the archive."""
+    bad, zeros, good = None, False, False
+    try:
+        with file.open("rb") as stream:
+            for offset, tensor in sorted(items):
+                stream.seek(offset)
+                start = stream.read(4)
+                if start == _ZIP:
+                    good = True
+                elif bad is None and (tensor or start == bytes(4)):
+                    bad, zeros = offset, start == bytes(4)
+    except OSError:
+        return None, False, False
+    return bad, zeros, good
+
+
+def _first_line(exc: BaseException) -> str:
+    """An exception's type and the first line of its message (torch.load's run to pages)."""
+    import pickle
+
+    if isinstance(exc, pickle.UnpicklingError):  # torch.load's message is about weights_only
+        return f"{type(exc).__name__}: not what torch.save writes (damaged, or another kind of file)"
+    text = (str(exc).strip().splitlines() or [""])[0][:200]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def checkpoint_failure(exc: BaseException) -> str:
+    """A failure of megatron-core's distributed checkpointing in a line. torch's
+    CheckpointException (a BaseException, raised on every rank alike) carries each failing
+    rank's exception: each is named."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    if not isinstance(exc, CheckpointException):
+        return _describe(exc) if isinstance(exc, OSError) else _first_line(exc)
+    said: dict[str, list[int]] = {}
+    for rank, failure in sorted(exc.failures.items()):
+        inner = failure[0] if isinstance(failure, tuple) and failure else failure
+        text = (_describe(inner) if isinstance(inner, OSError) else _first_line(inner)) if isinstance(inner, BaseException) else str(inner)
+        said.setdefault(text, []).append(rank)
+    if not said:  # a rank told of another's failure
+        return "CheckpointException: failed on another rank"
+    return "; ".join(f"{text} (rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))})" for text, ranks in said.items())
+
+
+def _storage(folder: Path) -> Any:
+    """The `.metadata` (torch's Metadata: items and their places in the files), or None where it
+    cannot be read."""
+    from torch.distributed.checkpoint.filesystem import FileSystemReader
+
+    try:
+        return FileSystemReader(str(folder)).read_metadata()
+    except Exception:  # noqa: BLE001 - read before, so this is a file changed since
+        return None
 
 
 def _json_file(path: Path) -> dict[str, Any] | None:
@@ -268,8 +382,7 @@ def preflight(job: ConvertJob, world_size: int | None = None) -> list[str]:
     elif world_size is None and job.layout.world_size > MAX_SPAWNED:
         found.append(f"layout {job.layout} needs {job.layout.world_size} processes; mapgen convert starts at most {MAX_SPAWNED} (use torchrun)")
     if job.direction == "hf-to-megatron":
-        if job.make_vocab_size_divisible_by < 1:
-            found.append(f"--make-vocab-size-divisible-by must be positive, not {job.make_vocab_size_divisible_by}")
+        found += size_problems({"make_vocab_size_divisible_by": job.make_vocab_size_divisible_by})
         if job.iteration is not None and job.iteration < 0:
             found.append(f"--iteration must be 0 or more, not {job.iteration}")
         return found + hf_problems(module, Path(job.source))
@@ -579,6 +692,7 @@ def _hf_to_megatron(job: ConvertJob, result: ConvertResult, bar: _Bar) -> None:
         try:
             staging = _staging_folder(out, job.hf_config, job.overwrite)
             (staging / iteration_folder(job.iteration)).mkdir()
+            problems += _space_problems(module, staging, target, rows)
         except Exception as exc:  # noqa: BLE001 - agreed on by every rank just below
             problems.append(_describe(exc))
     try:
@@ -589,10 +703,12 @@ def _hf_to_megatron(job: ConvertJob, result: ConvertResult, bar: _Bar) -> None:
         state["num_floating_point_operations_so_far"] = 0
         state.update(sharded_state(chunks, job.key_style))
         failed: list[str] = []
+        from torch.distributed.checkpoint.api import CheckpointException
+
         try:
             dist_checkpointing.save(state, str(folder), content_metadata=dict(SHARDED_METADATA))
-        except Exception as exc:  # noqa: BLE001 - agreed on below
-            failed.append(f"writing {folder}: {_describe(exc)}")
+        except (Exception, CheckpointException) as exc:  # noqa: BLE001 - a BaseException, raised on every rank: agreed below
+            failed.append(f"writing {out}: {checkpoint_failure(exc)}{_free_space(out.parent)}")
         agree_or_raise(failed, what)
         final: list[str] = []
         if staging is not None:
@@ -629,6 +745,35 @@ def _hf_to_megatron(job: ConvertJob, result: ConvertResult, bar: _Bar) -> None:
     _done(result, "write", started)
 
 
+def _space_problems(module: ModuleType, folder: Path, dtype: torch.dtype, vocab_rows: int) -> list[str]:
+    """A filesystem that cannot hold the checkpoint's tensors (their bytes in `dtype`, the
+    vocabulary padded to `vocab_rows`) is said before megatron-core writes a byte of them."""
+    import shutil
+
+    elements = 0
+    for plan in module.PARAMS:
+        shape = list(plan.shape)
+        if plan.megatron_name in VOCAB_PARAMS and shape and shape[0] == module.DIMS.vocab_size:
+            shape[0] = vocab_rows
+        elements += math.prod(shape)
+    needed = elements * dtype.itemsize
+    free = shutil.disk_usage(folder).free
+    if free >= needed:
+        return []
+    return [f"{folder.parent}: {free / 2**20:,.1f} MiB free on its filesystem, the checkpoint's tensors take {needed / 2**20:,.1f} MiB"]
+
+
+def _free_space(folder: Path) -> str:
+    """`; N MiB free on its filesystem`, said with a failed write (a full filesystem fails in
+    torch's own words), or nothing."""
+    import shutil
+
+    try:
+        return f"; {shutil.disk_usage(folder).free / 2**20:,.1f} MiB free on its filesystem"
+    except OSError:
+        return ""
+
+
 def _megatron_to_hf(job: ConvertJob, result: ConvertResult, bar: _Bar) -> None:
     from megatron.core import dist_checkpointing
 
@@ -657,7 +802,14 @@ def _megatron_to_hf(job: ConvertJob, result: ConvertResult, bar: _Bar) -> None:
             f"place in {module.TARGET}: " + ", ".join(unused[:6])
         )
     bar.phase(f"loading {checkpoint.folder}")
-    loaded = dist_checkpointing.load(state, str(checkpoint.folder))
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        loaded = dist_checkpointing.load(state, str(checkpoint.folder))
+    except (Exception, CheckpointException) as exc:  # torch raises its CheckpointException on every rank alike
+        metadata = _storage(checkpoint.folder)
+        named = damaged_files(checkpoint.folder, metadata, contents=True) if metadata is not None else []
+        raise MapgenError(f"{what}:\n  " + "\n  ".join(named or [f"{checkpoint.folder}: {checkpoint_failure(exc)}"])) from None
     left: list[str] = []
     for key, chunk in zip(_state_keys(chunks), chunks):
         outcome = chunk.load_state_dict(loaded[key], strict=False)

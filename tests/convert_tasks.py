@@ -95,9 +95,12 @@ def failing_write(job: Any) -> Any:
 
     original = dist_checkpointing.save
 
+    from torch.distributed.checkpoint.api import CheckpointException
+
     def save(state: Any, folder: str, *args: Any, **kwargs: Any) -> Any:
         (Path(folder) / "__0_0.distcp").write_bytes(b"partial")
-        raise OSError(28, "No space left on device (simulated)")
+        # as megatron-core's torch_dist writer reports it: a BaseException, missed by `except Exception`
+        raise CheckpointException("save", {0: (OSError(28, "No space left on device (simulated)"), None)})
 
     dist_checkpointing.save = save
     try:

@@ -41,6 +41,7 @@ from spec_cases import BASE_CONFIG, BASE_SPEC
 LLAMA_SPEC = (testing.ROOT / "specs" / "llama.yaml").read_text()
 MIXTRAL_SPEC = (testing.ROOT / "specs" / "mixtral.yaml").read_text()
 MIXTRAL_CONFIG = json.loads((testing.ROOT / "specs" / "configs" / "mixtral_8x7b.json").read_text())
+QWEN3_MOE_CONFIG = json.loads((testing.ROOT / "specs" / "configs" / "qwen3_30b_a3b.json").read_text())
 
 
 def spec(*edits: tuple[str, str], base: str = BASE_SPEC) -> str:
@@ -257,6 +258,15 @@ ROWS: list[Row] = [
         "cannot write the stand-in into {unwritable}/standin: ", 60),
     Row("standin-config-is-a-fifo", "standin", {}, ["config.json", "out"], 2,
         "config.json: cannot read: not a regular file (a FIFO (named pipe))", 60, own_process=True, setup=_fifo("config.json")),
+    # values build refuses, which the stand-in replaces by its own: refused as build refuses them
+    Row("standin-negative-experts", "standin", {"config.json": config(QWEN3_MOE_CONFIG, num_experts=-8)}, ["config.json", "out"], 2,
+        "config field 'num_experts' is -8: dims.num_moe_experts must be positive, got -8", 30),
+    Row("standin-experts-a-string", "standin", {"config.json": config(QWEN3_MOE_CONFIG, num_experts="8")}, ["config.json", "out"], 2,
+        "config field 'num_experts' is \"8\": dims.num_moe_experts must be an integer, got '8'", 30),
+    Row("standin-layers-a-string", "standin", {"config.json": config(QWEN3_MOE_CONFIG, num_hidden_layers="4")}, ["config.json", "out"], 2,
+        "config field 'num_hidden_layers' is \"4\": dims.num_layers must be an integer, got '4'", 30),
+    Row("standin-layers-zero-no-family-spec", "standin", {"config.json": config(model_type="phi3", num_hidden_layers=0)}, ["config.json", "out"], 2,
+        "config field 'num_hidden_layers' is 0: build takes a positive integer", 30),
 ]
 
 
@@ -363,6 +373,57 @@ def test_bad_input(row: Row, tmp_path: Path, unwritable: str) -> None:
         assert (tmp_path / "out.py").is_symlink()  # the link is left as it was
     if row.id in ("output-device", "output-fifo", "output-socket"):
         assert not stat.S_ISREG(os.lstat(tmp_path / "out.py").st_mode)  # not replaced by a file
+
+
+@pytest.mark.parametrize(
+    "overrides", [{"num_experts": -8}, {"num_experts": "8"}, {"num_hidden_layers": "4"}, {"num_experts_per_tok": 0}],
+    ids=["experts-negative", "experts-string", "layers-string", "top-k-zero"],
+)
+def test_standin_refuses_a_config_with_builds_own_messages(tmp_path: Path, overrides: dict[str, Any]) -> None:
+    """`mapgen standin` and `mapgen build` read a config the same way: what build says about it
+    (the truth here), standin says too, line for line, and writes nothing."""
+    (tmp_path / "config.json").write_text(config(QWEN3_MOE_CONFIG, **overrides))
+    spec_file = testing.ROOT / "specs" / "qwen3_moe.yaml"
+    previous = Path.cwd()
+    os.chdir(tmp_path)
+    try:
+        built = CliRunner().invoke(main, ["build", str(spec_file), "config.json", "-o", "out.py"])
+        standin = CliRunner().invoke(main, ["standin", "config.json", "out"])
+    finally:
+        os.chdir(previous)
+    assert built.exit_code == standin.exit_code == 2, (built.stderr, standin.stderr)
+    build_lines = [line for line in built.stderr.splitlines() if line.startswith("config.json:")]
+    assert build_lines and all(line in standin.stderr.splitlines() for line in build_lines), (built.stderr, standin.stderr)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]
+
+
+def test_a_later_build_removes_the_temporary_files_killed_builds_left(tmp_path: Path) -> None:
+    """`-o X.py` and the package form: a `.NAME.py.*.tmp` of a build killed while writing (an
+    older mapgen's name, or this host's with a process that is gone) is removed by the next
+    build that writes NAME; a running build's, or another host's, is left alone."""
+    import socket
+
+    from mapgen.compiler.write import write_if_changed, write_package
+
+    host = "".join(c if c.isalnum() else "_" for c in socket.gethostname())
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    dead = int(gone.stdout)  # a process that has exited (its id not reused in the meantime, as a rule)
+    for target in (tmp_path / "one", tmp_path / "pk"):
+        target.mkdir()
+        left = [f".x.py.abc123_z.tmp", f".x.py.{host}-{dead}.k2j3.tmp"]
+        kept = [f".x.py.{host}-{os.getppid()}.live.tmp", f".x.py.otherhost-{dead}.xyz.tmp", ".y.py.abc.tmp"]
+        for name in left + kept:
+            (target / name).write_text("half a module")
+        if target.name == "one":
+            first = write_if_changed(target / "x.py", "X = 1\n")
+            again = write_if_changed(target / "x.py", "X = 1\n")  # unchanged: still a build that succeeded
+            assert first.changed and not again.changed
+            assert sorted(p.name for p in first.removed) == sorted(left) and again.removed == ()
+            assert sorted(p.name for p in target.iterdir()) == sorted(["x.py", *kept])
+        else:
+            written = write_package(target, {"__init__.py": "", "x.py": "X = 1\n"})
+            assert {p.name for p in written.removed} >= set(left) and not {p.name for p in written.removed} & set(kept[:2])
+            assert {".x.py.abc123_z.tmp", f".x.py.{host}-{dead}.k2j3.tmp"}.isdisjoint(p.name for p in target.iterdir())
 
 
 # --- the gate on generated code: what ast.parse alone let through -----------------------------

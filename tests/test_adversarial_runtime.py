@@ -346,6 +346,10 @@ LAYOUT_ROWS: list[tuple[str, list[str], tuple[str, ...]]] = [
     ("ep-on-dense-model", ["--ep", "2"], ("--ep 2: llama_standin has no experts to distribute",)),
     ("expert-grid", ["--etp", "2", "--dp", "1"], ("--etp 2: llama_standin has no experts",)),
     ("too-many-processes", ["--dp", "100"], ("needs 100 processes; verify starts at most 64",)),
+    ("vpp-without-pp", ["--vpp", "2"], ("--vpp 2 needs --pp 2 or more",)),
+    ("dp-beyond-the-limit", ["--dp", str(10**12)], (f"--dp {10**12} is above mapgen's limit of 131,072 ranks",)),
+    ("world-beyond-the-limit", ["--tp", "2", "--dp", "100000"], ("= 200,000 ranks is above mapgen's limit of 131,072 ranks",)),
+    ("vocab-divisor-beyond-the-limit", ["--make-vocab-size-divisible-by", str(10**21)], (f"--make-vocab-size-divisible-by {10**21} is above mapgen's limit of 16,384",)),
 ]
 
 

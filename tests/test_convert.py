@@ -7,8 +7,8 @@ in Megatron-LM's layout, against truths mapgen did not produce.
 - a checkpoint megatron-core wrote itself (`dist_checkpointing.save`, seeded weights set without
   mapgen) converts to HF, and transformers' logits of it are the megatron-core model's;
 - HF -> Megatron -> HF, written at one layout and read at another, gives the original
-  safetensors bit for bit (Llama, Qwen3-MoE, the DeepSeek-V3 stand-in; bfloat16; a padded
-  vocabulary), and the TE-spec tensor names are the te module's parameter names;
+  safetensors bit for bit (Llama, Qwen3-MoE, the DeepSeek-V3 and GLM-4.5 stand-ins; bfloat16;
+  a padded vocabulary), and the TE-spec tensor names are the te module's parameter names;
 - bad input is refused with the CLI's clear errors before any process starts, or agreed on by
   every rank before megatron-core reads a byte; a failed write leaves nothing.
 
@@ -42,6 +42,8 @@ STANDINS = {  # stand-in name: (config of a checked-in target, spec)
     "llama": ("llama3_1_8b.json", "specs/llama.yaml"),
     "qwen3_moe": ("qwen3_30b_a3b.json", "specs/qwen3_moe.yaml"),
     "deepseek": ("deepseek_v3.json", "specs/deepseek_v3.yaml"),
+    "moonlight": ("moonlight_16b_a3b.json", "specs/deepseek_v3.yaml"),  # MLA without a q down-projection
+    "glm": ("glm4_5.json", "specs/glm4_moe.yaml"),  # GLM-4.5: q/k norms, qkv biases, MTP layer
 }
 
 
@@ -119,6 +121,10 @@ def outcome(standins: dict[str, dict[str, Path]], tmp_path_factory: pytest.TempP
         ("deepseek te", run_convert, (_job(s, "deepseek", "hf-to-megatron", s["deepseek"]["hf"], root / "deepseek_te", _layout(tp=2), key_style="te", iteration=5),)),
         ("deepseek te back", run_convert, (_job(s, "deepseek", "megatron-to-hf", root / "deepseek_te", root / "deepseek_back", _layout(pp=2, ep=2), key_style="te"),)),
         ("deepseek local back", run_convert, (_job(s, "deepseek", "megatron-to-hf", root / "deepseek_te", root / "deepseek_back_local", _layout(ep=2)),)),
+        ("moonlight te", run_convert, (_job(s, "moonlight", "hf-to-megatron", s["moonlight"]["hf"], root / "moonlight_te", _layout(tp=2), key_style="te"),)),
+        ("moonlight te back", run_convert, (_job(s, "moonlight", "megatron-to-hf", root / "moonlight_te", root / "moonlight_back", _layout(pp=2, ep=2), key_style="te"),)),
+        ("glm te", run_convert, (_job(s, "glm", "hf-to-megatron", s["glm"]["hf"], root / "glm_te", _layout(tp=2), key_style="te"),)),
+        ("glm te back", run_convert, (_job(s, "glm", "megatron-to-hf", root / "glm_te", root / "glm_back", _layout(pp=2, ep=2), key_style="te"),)),
         # bfloat16 out of a float32 checkpoint, a padded vocabulary, --overwrite, vpp
         ("llama bf16 vocab", run_convert, (_job(s, "llama", "hf-to-megatron", s["llama"]["hf"], root / "existing", _layout(tp=2), dtype="bfloat16", make_vocab_size_divisible_by=128, overwrite=True),)),
         ("llama bf16 back", run_convert, (_job(s, "llama", "megatron-to-hf", root / "existing", root / "llama_bf16_back", _layout(pp=2, vpp=2)),)),
@@ -195,7 +201,9 @@ def test_a_megatron_core_checkpoint_converts_to_hf_with_the_models_logits(outcom
 
 @pytest.mark.parametrize(
     ("name", "back"),
-    [("llama", "llama back"), ("qwen3_moe", "moe te back"), ("deepseek", "deepseek te back"), ("deepseek", "deepseek local back")],
+    [("llama", "llama back"), ("qwen3_moe", "moe te back"), ("deepseek", "deepseek te back"), ("deepseek", "deepseek local back"),
+     ("moonlight", "moonlight te back"),
+     ("glm", "glm te back")],
 )
 def test_hf_to_megatron_to_hf_is_bit_exact(outcome: dict[str, Any], standins: dict[str, dict[str, Path]], name: str, back: str) -> None:
     result = _converted(outcome, back)
@@ -223,7 +231,9 @@ def _tail(name: str) -> str:
     return re.sub(r"^decoder\.layers\.\d+\.", "", name)
 
 
-@pytest.mark.parametrize(("name", "label"), [("qwen3_moe", "moe te"), ("deepseek", "deepseek te")])
+@pytest.mark.parametrize(
+    ("name", "label"), [("qwen3_moe", "moe te"), ("deepseek", "deepseek te"), ("moonlight", "moonlight te"), ("glm", "glm te")],
+)
 def test_te_checkpoint_names_are_the_te_modules_parameter_names(outcome: dict[str, Any], standins: dict[str, dict[str, Path]], name: str, label: str) -> None:
     """The te module's parameters (megatron-core's TE layer spec, per mapgen's compiler) are
     the checkpoint's tensors, experts aside (TEGroupedMLP keys them as SequentialMLP does)."""

@@ -1,4 +1,5 @@
-"""What mapgen accepts as input: the cost limits that keep every bad input from hanging a build.
+"""What mapgen accepts as input: the cost limits that keep every bad input from hanging a build,
+a verification, an explanation or a conversion.
 
 Each limit sits far above what real models need (the largest checked-in targets: DeepSeek-V3,
 61 layers x 256 routed experts in 58 layers, 30,486 Megatron parameters, a 7.8 KB spec and a
@@ -45,3 +46,48 @@ MAX_FORMAT_WIDTH = 100  # a width or precision in '%' formatting
 MAX_LAYERS = 4_096
 MAX_EXPERTS = 4_096
 MAX_EXPERT_LAYERS = 32_768  # experts x layers with experts
+
+# Parallel layouts (verify, explain, convert, the shard map): the world size tp x pp x dp and each
+# size in it (tp, pp, ep, expert-TP, dp). The largest training jobs run on about 100,000
+# accelerators; the shard map numbers every global rank with megatron-core's RankGenerator,
+# which takes about 15 s for 131,072 ranks and a minute for 10**6 (2-core machine).
+MAX_WORLD_SIZE = 1 << 17
+# Virtual pipeline stages per rank: each holds at least one layer.
+MAX_VIRTUAL_STAGES = MAX_LAYERS
+# Processes `mapgen verify` and `mapgen convert` start on one machine (torchrun starts more).
+MAX_SPAWNED = 64
+# Megatron-LM's --make-vocab-size-divisible-by (its default: 128). The vocabulary is padded to a
+# multiple of it x TP, so each rank's vocabulary shard gains up to this many zero rows, which
+# convert allocates and writes (hidden 16,384 in float32: 1 GiB a rank at the limit).
+MAX_VOCAB_DIVISIBLE_BY = 1 << 14
+
+
+def layout_limit_problems(sizes: dict[str, object], flags: bool = True) -> list[str]:
+    """Each size of a parallel layout beyond the limits above, by name (`--tp` with `flags`, else
+    `tp`): `sizes` maps tp, pp, vpp, ep, etp, dp and make_vocab_size_divisible_by (any may be
+    missing or None) to values; values that are not positive integers are left to the callers'
+    own checks."""
+
+    def given(name: str) -> int | None:
+        value = sizes.get(name)
+        return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else None
+
+    def shown(name: str) -> str:
+        return f"--{name.replace('_', '-')}" if flags else name
+
+    found = []
+    for name, limit, what in (
+        *((name, MAX_WORLD_SIZE, "ranks") for name in ("tp", "pp", "ep", "etp", "dp")),
+        ("vpp", MAX_VIRTUAL_STAGES, "virtual pipeline stages"),
+        ("make_vocab_size_divisible_by", MAX_VOCAB_DIVISIBLE_BY, "(Megatron-LM's default: 128)"),
+    ):
+        value = given(name)
+        if value is not None and value > limit:
+            found.append(f"{shown(name)} {value} is above mapgen's limit of {limit:,}" + (f" {what}" if what else ""))
+    tp, pp, dp = given("tp"), given("pp"), given("dp")
+    if not found and tp and pp and dp and tp * pp * dp > MAX_WORLD_SIZE:
+        found.append(
+            f"{shown('tp')} {tp} x {shown('pp')} {pp} x {shown('dp')} {dp} = {tp * pp * dp:,} ranks is above "
+            f"mapgen's limit of {MAX_WORLD_SIZE:,} ranks"
+        )
+    return found

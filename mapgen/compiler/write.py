@@ -6,15 +6,19 @@ either replace the link with a file (the atomic rename) or write wherever it poi
 process's own stdout pipe, which the old compare-then-write read from and hung on), and reading
 a FIFO to compare can block forever. Missing folders above the output are created and reported
 (`Written.created`), and removed again if the write fails. A failed write leaves the old file
-as it was and no temporary file behind; every failure is a `MapgenError` naming the path.
+as it was and no temporary file behind; every failure is a `MapgenError` naming the path. The
+temporary file is `.NAME.HOST-PID.XXXX.tmp` beside the output: one a killed build left (its
+process gone) is removed by the next build that writes NAME.
 """
 
 from __future__ import annotations
 
 import bisect
 import difflib
+import glob
 import os
 import re
+import socket
 import stat
 import tempfile
 from dataclasses import dataclass
@@ -33,6 +37,7 @@ class Written:
 
     changed: bool
     created: tuple[Path, ...] = ()
+    removed: tuple[Path, ...] = ()  # temporary files killed builds left beside it
 
     def __bool__(self) -> bool:
         return self.changed
@@ -96,7 +101,7 @@ def write_if_changed(path: Path, content: str) -> Written:
     """Write `content` to `path` unless it already holds exactly that (see the module doc)."""
     data = content.encode()
     if existing_output(path) == data:
-        return Written(False)
+        return Written(False, removed=tuple(_remove_leftovers(path)))
     created = make_folders(path.parent)
     try:
         _replace(path, data)
@@ -107,7 +112,58 @@ def write_if_changed(path: Path, content: str) -> Written:
             except OSError:
                 pass
         raise
-    return Written(True, tuple(created))
+    return Written(True, tuple(created), tuple(_remove_leftovers(path)))
+
+
+def _host() -> str:
+    return "".join(c if c.isalnum() else "_" for c in socket.gethostname()) or "host"
+
+
+def _temporary_prefix(name: str) -> str:
+    """The start of this process's temporary files for output NAME: `.NAME.HOST-PID.`."""
+    return f".{name}.{_host()}-{os.getpid()}."
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process
+        return True
+    return True
+
+
+def is_leftover(path: Path, name: str | None = None) -> bool:
+    """Whether `path` is a temporary file a killed build left (of output `name`, or of any): a
+    `.NAME.HOST-PID.XXXX.tmp` of this host whose process is gone, or one named before mapgen
+    named them so (`.NAME.XXXX.tmp`). Another host's, or a running build's, is not."""
+    file = path.name
+    if not (file.startswith(".") and file.endswith(".tmp")):
+        return False
+    if name is not None and not file.startswith(f".{name}."):
+        return False
+    owner = re.search(r"\.([A-Za-z0-9_]+)-(\d+)\.[^.]*\.tmp$", file)
+    if owner is None:
+        return True
+    return owner.group(1) == _host() and int(owner.group(2)) != os.getpid() and not _alive(int(owner.group(2)))
+
+
+def _remove_leftovers(path: Path) -> list[Path]:
+    """Remove the temporary files killed builds of `path` left beside it; those removed."""
+    removed = []
+    try:
+        candidates = [p for p in path.parent.glob(f".{glob.escape(path.name)}.*.tmp") if is_leftover(p, path.name)]
+    except OSError:
+        return []
+    for leftover in candidates:
+        try:
+            if stat.S_ISREG(os.lstat(leftover).st_mode):
+                leftover.unlink()
+                removed.append(leftover)
+        except OSError:
+            pass
+    return removed
 
 
 def make_folders(folder: Path) -> list[Path]:
@@ -133,7 +189,7 @@ def make_folders(folder: Path) -> list[Path]:
 
 def _replace(path: Path, data: bytes) -> None:
     try:
-        fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=_temporary_prefix(path.name), suffix=".tmp")
     except OSError as exc:
         raise MapgenError(f"cannot write {path}: {exc.strerror} (creating a file in {path.parent})") from None
     try:
@@ -199,13 +255,10 @@ class WrittenPackage:
 
 def stale_files(folder: Path, files: dict[str, str]) -> list[Path]:
     """What in a package folder is not one of `files`: parts the target no longer has, and the
-    temporary files of a killed build (`.NAME.py.XXXX.tmp`)."""
+    temporary files of a killed build (`is_leftover`)."""
     if not folder.is_dir():
         return []
-    return sorted(
-        p for p in folder.iterdir()
-        if (p.suffix == ".py" and p.name not in files) or (p.name.startswith(".") and p.name.endswith(".tmp"))
-    )
+    return sorted(p for p in folder.iterdir() if (p.suffix == ".py" and p.name not in files) or is_leftover(p))
 
 
 def write_package(folder: Path, files: dict[str, str]) -> WrittenPackage:
@@ -216,11 +269,13 @@ def write_package(folder: Path, files: dict[str, str]) -> WrittenPackage:
         raise MapgenError(f"cannot write the package {folder}: it is {file_kind(os.lstat(folder).st_mode)}, not a folder")
     created = make_folders(folder)
     written: list[str] = []
+    removed: list[Path] = []
     order = sorted(files, key=lambda name: name == "__init__.py")
     for name in order:
-        if write_if_changed(folder / name, files[name]):
+        outcome = write_if_changed(folder / name, files[name])
+        removed += outcome.removed
+        if outcome:
             written.append(name)
-    removed: list[Path] = []
     single = folder.with_name(folder.name + ".py")
     for path in [*stale_files(folder, files), *([single] if os.path.lexists(single) and check_output(single) else [])]:
         try:

@@ -31,9 +31,11 @@ from typing import Any
 
 from mapgen.common.errors import MapgenError
 from mapgen.common.layout import stacked_slice
+from mapgen.common.limits import layout_limit_problems
 from mapgen.runtime.context import Group, ParallelContext
 from mapgen.runtime.ownership import Owner, expert_owner, layer_owners, local_name, param_owner
 from mapgen.runtime.plan import ParamPlan, RulePlan
+from mapgen.runtime.sections import gdn_in_proj_sections, section_runs
 from mapgen.runtime.vocab import VOCAB_PARAMS, padded_vocab_size
 
 # megatron-core's default rank order (initialize_model_parallel's `order`), which mapgen uses
@@ -109,6 +111,8 @@ class ShardLayout:
             if (value is not None or name in sizes) and (isinstance(value, bool) or not isinstance(value, int) or value < 1)
         ]
         if found:
+            return found
+        if found := layout_limit_problems({**sizes, **optional}, flags=False):  # before anything costs time
             return found
         if self.vpp > 1 and self.pp < 2:
             found.append(f"vpp {self.vpp} needs pp 2 or more (megatron-core's interleaved schedule)")
@@ -463,6 +467,11 @@ def _pieces(
         return tuple(piece(i, [(_block(s[3][0], rank, ranks),), *_full(s[3][1:])]) for i, s in enumerate(sources))
     if kind == "gdn_in_proj":  # both HF tensors are key-head-major: rank t reads its block of each
         return tuple(piece(i, [(_block(s[3][0], rank, ranks),), *_full(s[3][1:])]) for i, s in enumerate(sources))
+    if kind == "gdn_in_proj_sections":  # in_proj_qkv [q; k; v], z, b, a: rank t reads its block of each section
+        g = rule.qkv
+        assert g is not None and g.value_dim is not None
+        section_rows = section_runs(gdn_in_proj_sections(g.groups, g.heads, g.head_dim, g.value_dim), rank, ranks)
+        return tuple(piece(i, [_merge(section_rows[i]), *_full(s[3][1:])]) for i, s in enumerate(sources))
     if kind == "gdn_conv1d":  # [q; k; v] channels: rank t reads its block of each section
         g = rule.qkv
         assert g is not None and g.value_dim is not None

@@ -39,6 +39,7 @@ from torch.multiprocessing.spawn import start_processes
 
 from mapgen.common.console import native_stdout_silenced, quiet_libraries
 from mapgen.common.files import module_label
+from mapgen.common.limits import MAX_SPAWNED
 from mapgen.common.errors import MapgenError
 from mapgen.compiler.megatron_model import (
     ParallelLayout,
@@ -63,6 +64,7 @@ class Job:
     layout: ParallelLayout
     make_vocab_size_divisible_by: int = 1  # Megatron-LM's vocabulary padding, x TP
     progress: str | None = None  # a file rank 0 appends each phase's name to (a line each), or None
+    scratch: str | None = None  # a folder the ranks may write in (the CLI's temporary one), or None
 
 
 def report_phase(job: Job, phase: str) -> None:
@@ -229,7 +231,6 @@ def _load_module(path: str) -> ModuleType:
     return load_mapping_module(path)
 
 
-MAX_SPAWNED = 64  # processes verify starts on one machine; torchrun for more
 
 
 def layout_sizes(layout: ParallelLayout) -> dict[str, int | None]:
@@ -299,6 +300,8 @@ def _pipeline_problems(module: ModuleType, layout: ParallelLayout) -> list[str]:
     pp, vpp, first, last = layout.pp, layout.vpp, layout.first_stage_layers, layout.last_stage_layers
     if hybrid and vpp > 1:
         return [f"--vpp {vpp}: hybrid models have no virtual pipeline stages in mapgen (megatron-core sets them with '|' in the layer pattern)"]
+    if vpp > 1 and pp < 2:
+        return [f"--vpp {vpp} needs --pp 2 or more (virtual stages interleave pipeline stages; --pp {pp} has one)"]
     if first is None and last is None:
         if layers % pp:
             return [f"--pp {pp} does not divide {what}"]
@@ -331,6 +334,7 @@ def preflight(job: Job, world_size: int | None = None) -> list[str]:
     architecture; `world_size` (torchrun's) against the layout."""
     module = load_mapping_module(job.module_path)
     found = [f"layout {job.layout}: {problem}" for problem in layout_problems(module, job.layout)]
+    found += size_problems({"make_vocab_size_divisible_by": job.make_vocab_size_divisible_by})
     if world_size is not None and world_size != job.layout.world_size:
         found.append(f"layout {job.layout} needs tp x pp x dp = {job.layout.world_size} processes, torchrun started {world_size}")
     elif world_size is None and not found and job.layout.world_size > MAX_SPAWNED:
@@ -361,10 +365,41 @@ def hf_problems(module: ModuleType, folder: str | Path) -> list[str]:
         elif isinstance(architectures, list) and architectures and module.HF_ARCHITECTURE not in architectures:
             found.append(f"{config}: architectures is {architectures}, {module.TARGET} maps {module.HF_ARCHITECTURE}")
     try:
-        found += [f"{folder}: {problem}" for problem in checkpoint_problems(module, HFCheckpoint(folder, namings=hf_namings(module)))]
+        checkpoint = HFCheckpoint(folder, namings=hf_namings(module))
+        if (contradiction := quantization_contradiction(checkpoint, config)) is not None:
+            return found + [contradiction]  # what follows from it would only repeat it per tensor
+        found += [f"{folder}: {problem}" for problem in checkpoint_problems(module, checkpoint)]
     except MapgenError as exc:
         found.append(str(exc))
     return found
+
+
+def quantization_contradiction(checkpoint: HFCheckpoint, config: Path) -> str | None:
+    """config.json's `quantization_config.quant_method` against the tensors the files hold:
+    another method (mxfp4) over FP8 tensors with block scales, or fp8 over MXFP4 blocks and no
+    FP8 tensor, said once, naming both."""
+    from mapgen.runtime.checkpoint import FP8
+
+    quantization = checkpoint.config.get("quantization_config") if isinstance(checkpoint.config, dict) else None
+    method = quantization.get("quant_method") if isinstance(quantization, dict) else None
+    if method is None:
+        return None
+    names = checkpoint.names()
+    fp8 = [n for n in names if checkpoint.dtype(n) in FP8]
+    scales = checkpoint.scale_names()
+    blocks = checkpoint.mxfp4_names() or [n for n in names if n.endswith("_blocks") and checkpoint.dtype(n) == "U8"]
+    if method != "fp8" and fp8 and scales:
+        return (
+            f"{config}: quantization_config.quant_method is {method!r}, but the checkpoint's tensors are FP8 with "
+            f"block scales ({len(fp8)} F8 tensors, such as '{fp8[0]}' with '{scales[0]}'): config.json does not "
+            "describe these files (an FP8 checkpoint says quant_method 'fp8')"
+        )
+    if method == "fp8" and blocks and not fp8:
+        return (
+            f"{config}: quantization_config.quant_method is 'fp8', but the checkpoint holds no FP8 tensor and "
+            f"{len(blocks)} MXFP4 ones (such as '{blocks[0]}'): config.json does not describe these files"
+        )
+    return None
 
 
 def config_problems(module: ModuleType, spec_path: Path, config_path: Path, ignored: tuple[str, ...] = ()) -> list[str]:
@@ -437,14 +472,16 @@ def run_job(job: Job) -> Result:
             try:  # rank must still reach the all_reduce below, or the others wait forever
                 import transformers
 
-                auto: Any = transformers.AutoModelForCausalLM
-                reference = auto.from_pretrained(job.hf_dir, dtype=dtype).eval()
-                expected = hf_logits(reference, input_ids).float()
+                with reference_folder(job, original) as reference_dir:
+                    auto: Any = transformers.AutoModelForCausalLM
+                    reference = auto.from_pretrained(reference_dir, dtype=dtype).eval()
+                    expected = hf_logits(reference, input_ids).float()
+                    mtp = hf_mtp_logits(reference, reference_dir, module, input_ids) if module.DIMS.mtp_num_layers else []
                 seq = input_ids.shape[1]
                 if module.DIMS.mtp_num_layers:  # each MTP layer's logits against the reference's
                     mtp_logits = logits[:, seq:]
                     logits = logits[:, :seq]
-                    for depth, reference_logits in enumerate(hf_mtp_logits(reference, job.hf_dir, module, input_ids)):
+                    for depth, reference_logits in enumerate(mtp):
                         ours = mtp_logits[:, depth * seq : (depth + 1) * seq][:, : seq - depth - 1, :vocab].float()
                         # torch.maximum, not max(): NaN must win (it is not ordered)
                         found[0] = torch.maximum(found[0], (ours - reference_logits.float()).abs().max())
@@ -458,10 +495,11 @@ def run_job(job: Job) -> Result:
         report_phase(job, "export: every tensor against the checkpoint's bytes")
         for name, tensor in converter.export():
             result.tensors += 1
-            if same_bits(tensor, original.get(name)):
+            stored = original.get(name)
+            if same_bits(tensor, stored):
                 result.bit_exact += 1
             else:
-                result.mismatched.append(name)
+                result.mismatched.append(name + _unlike(tensor, stored, original.dtype(name), result.dtype))
         missing = set(original.names()) - {converter.hf_name(t.name) for t in module.HF_TENSORS}  # the files' naming
         result.mismatched += sorted(f"{name} (in the checkpoint, never exported)" for name in missing)
     except MapgenError as exc:
@@ -469,6 +507,33 @@ def run_job(job: Job) -> Result:
     except Exception:  # noqa: BLE001 - a verifier reports, it does not crash
         result.error = traceback.format_exc()
     return result
+
+
+@contextmanager
+def reference_folder(job: Job, checkpoint: HFCheckpoint) -> Iterator[str]:
+    """The folder transformers loads the reference from: the checkpoint's own; for an FP8
+    block-quantized one (DeepSeek-V3's published form), its dequantized twin, written for the
+    while (in `job.scratch`, else a temporary folder): the weights mapgen dequantizes
+    (`HFCheckpoint.get`), config.json without the quantization. transformers' own FP8 loading
+    needs `accelerate`, which mapgen does not depend on."""
+    import shutil
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    if not checkpoint.fp8:
+        yield job.hf_dir
+        return
+    folder = Path(tempfile.mkdtemp(prefix="dequantized-", dir=job.scratch))
+    try:
+        tensors = {name: checkpoint.get(name).contiguous() for name in checkpoint.names()}
+        save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        config = {k: v for k, v in checkpoint.config.items() if k != "quantization_config"}
+        (folder / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+        del tensors
+        yield str(folder)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def agree_on_logits(found: torch.Tensor, result: Result, original: HFCheckpoint) -> None:
@@ -483,6 +548,18 @@ def agree_on_logits(found: torch.Tensor, result: Result, original: HFCheckpoint)
     if found[3]:
         result.max_logit_diff = float("nan")
         result.nonfinite = nonfinite_tensors(original)
+
+
+def _unlike(ours: torch.Tensor, theirs: torch.Tensor, stored: str, model: str) -> str:
+    """Why an exported tensor cannot equal the stored one whatever the mapping does, or ''."""
+    if ours.dtype != theirs.dtype:
+        return (
+            f" (stored as {stored}, but the model runs in {model}, the checkpoint's most common float dtype, "
+            f"so export gives {str(ours.dtype).removeprefix('torch.')}: one tensor of another dtype)"
+        )
+    if ours.shape != theirs.shape:
+        return f" (exported {list(ours.shape)}, stored {list(theirs.shape)})"
+    return ""
 
 
 def same_bits(ours: torch.Tensor, theirs: torch.Tensor) -> bool:
