@@ -29,7 +29,9 @@ from mapgen.common.dims import ModelDims
 from mapgen.common.errors import ErrorSink, Location, MapgenError, NeedsNewerMegatronCore, SpecError
 from mapgen.compiler.expand import expand
 from mapgen.compiler.format import format_source
-from mapgen.compiler.inventory import _HF_LAYER, HFTensor, architecture_model_type, hf_inventory, megatron_inventory
+from mapgen.compiler.inventory import (
+    _HF_LAYER, HFTensor, architecture_model_type, hf_inventory, megatron_inventory, own_config_class,
+)
 from mapgen.compiler.ir import Source, Target
 from mapgen.common.limits import MAX_INPUT_BYTES
 from mapgen.common.layout import HF_EXPERTS, LAYOUTS, MODEL_CLASSES
@@ -191,8 +193,7 @@ def recorded_ignored_fields(module_file: Path) -> tuple[str, ...]:
     """The `--ignore-config-field` names a module was built with, from its header's
     `# Regenerate:` line: what rebuilds it (verify's local twin, its config check) must pass
     them along, or the config it was built from is refused."""
-    header = module_file / "__init__.py" if module_file.is_dir() else module_file  # a package: its __init__.py
-    with header.open(encoding="utf-8") as text:
+    with module_file.open(encoding="utf-8") as text:
         found = REGENERATE_LINE.search(text.read(8192))
     words = found.group(1).split() if found else []
     return tuple(words[i + 1] for i, word in enumerate(words[:-1]) if word == "--ignore-config-field")
@@ -443,12 +444,14 @@ def _first_line(exc: BaseException) -> str:
 
 def check_model_type(spec: Spec, config: HFConfig) -> None:
     """The config's model_type must be the one of the spec's architecture (transformers builds
-    the model from model_type's config class, with the architecture's class)."""
+    the model from model_type's config class, with the architecture's class), or one
+    transformers does not know, of a checkpoint that brings its own copy of that config class
+    (`own_config_class`: Kimi-K2's kimi_k2)."""
     wanted = architecture_model_type(spec.hf_architecture)
     model_type = config.fields.get("model_type")
     if model_type is None:
         raise SpecError([f"{Location(config.path, 1, 1)}: config has no 'model_type'" + (f" (for {spec.hf_architecture}: {wanted!r})" if wanted else "")])
-    if wanted is not None and model_type != wanted:
+    if wanted is not None and model_type != wanted and not own_config_class(spec.hf_architecture, config.fields):
         given = "its architectures" if config.architectures else f"spec {spec.path}'s hf_architecture"
         raise SpecError(
             [

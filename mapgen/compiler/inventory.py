@@ -319,6 +319,31 @@ def architecture_model_type(architecture: str) -> str | None:
     return model_type if isinstance(model_type, str) and model_type else None
 
 
+def own_config_class(architecture: str, fields: dict[str, Any]) -> bool:
+    """Whether a config of a model_type transformers does not know is `architecture`'s under
+    another name: its `architectures` name the class and its `auto_map` names the checkpoint's
+    own copy of the class's config class, by that class's name (Kimi-K2: model_type kimi_k2,
+    DeepseekV3ForCausalLM, configuration_deepseek.DeepseekV3Config). transformers' config class
+    of the architecture then reads it."""
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    model_type = fields.get("model_type")
+    if not isinstance(model_type, str) or model_type in CONFIG_MAPPING:
+        return False
+    architectures = fields.get("architectures")
+    auto_map = fields.get("auto_map")
+    own = auto_map.get("AutoConfig") if isinstance(auto_map, dict) else None
+    try:
+        config_class = getattr(getattr(transformers, architecture, None), "config_class", None)
+    except Exception:  # a lazily imported class whose module fails to import
+        return False
+    return (
+        isinstance(architectures, list) and architecture in architectures and isinstance(own, str)
+        and isinstance(config_class, type) and own.rsplit(".", 1)[-1] == config_class.__name__
+    )
+
+
 def hf_inventory(
     architecture: str,
     config_fields: dict[str, Any],
@@ -354,8 +379,11 @@ def hf_inventory(
         if not isinstance(num_layers, int) or min(extra_layers) < num_layers:
             raise ValueError(f"extra decoder layers {extra_layers} must come after the {num_layers} the config has")
         fields["num_hidden_layers"] = max(extra_layers) + 1
-    hf_config = transformers.AutoConfig.for_model(model_type, **fields)
     model_class = getattr(transformers, architecture)
+    if own_config_class(architecture, config_fields):  # read by transformers' copy of its class
+        hf_config = model_class.config_class(**fields)
+    else:
+        hf_config = transformers.AutoConfig.for_model(model_type, **fields)
     with torch.device("meta"):
         model = model_class._from_config(hf_config)
     tied = set(getattr(model, "all_tied_weights_keys", None) or {})

@@ -381,6 +381,8 @@ def build_gpt_model(
                 _mla_without_transformer_engine()
                 for layer_spec in block_spec.layer_specs:
                     layer_spec.submodules.self_attention.submodules.core_attention = _mla_core_attention()
+        for layer_spec in block_spec.layer_specs:
+            _mla_q_proj_without_norm(layer_spec.submodules.self_attention, dims)
         mtp_block_spec = None
         if dims.mtp_num_layers:
             # megatron-core's own MTP block spec: its layer is the decoder's last layer spec,
@@ -580,6 +582,44 @@ def _cuda_device_on_cpu() -> Iterator[None]:
         torch.cuda.current_device = original
 
 
+def _mla_q_proj_without_norm(attention: Any, dims: ModelDims) -> None:
+    """Multi-latent attention without a q down-projection (q_lora_rank null: Moonlight): the
+    q projection reads the normalized hidden state as it is, and only the kv latent has a norm
+    (qk_layernorm). megatron-core 0.19 (its QKNormConfigResolver) makes linear_q_proj a fused
+    norm+linear whenever qk_layernorm is set and q_lora_rank is not (TransformerEngine: an extra
+    RMSNorm no checkpoint has; the local spec: refused); its MLA layers here resolve their norms
+    as for a q down-projection, and keep the spec's plain linear_q_proj (as 0.16.1 builds it).
+    Megatron-Bridge does the same (NVIDIA-NeMo/Megatron-Bridge#5261)."""
+    if not dims.multi_latent_attention or dims.q_lora_rank is not None:
+        return
+    try:
+        from megatron.core.transformer.mla_qk_norm_config import QKNormConfigResolver  # noqa: F401
+    except ImportError:  # megatron-core 0.16: linear_q_proj is the spec's
+        return
+    if not getattr(attention.module, "plain_q_projection", False):  # a spec shared by layers
+        attention.module = _plain_q_proj(attention.module)
+
+
+@functools.cache
+def _plain_q_proj(base: type) -> type:
+    import copy
+
+    from megatron.core.transformer.mla_qk_norm_config import QKNormConfigResolver
+
+    class PlainQProjection(base):  # type: ignore[misc]
+        plain_q_projection = True
+
+        def _resolve_qk_norm_config(self, submodules: Any) -> Any:
+            as_if = copy.copy(self.config)
+            as_if.q_lora_rank = 1  # resolved as with a q down-projection, which is not built
+            resolved = QKNormConfigResolver(as_if, submodules).resolve()
+            resolved["linear_q_proj"] = submodules.linear_q_proj
+            return resolved
+
+    PlainQProjection.__name__ = PlainQProjection.__qualname__ = base.__name__
+    return PlainQProjection
+
+
 def _mla_without_transformer_engine() -> None:
     """megatron-core's MLA module believes TransformerEngine is there whenever megatron-core's TE
     extension imports, which it does without TE (its classes are then None)."""
@@ -710,6 +750,7 @@ def _hybrid_stack_spec(dims: ModelDims) -> tuple[Any, Any]:
     if dims.multi_latent_attention:
         _mla_without_transformer_engine()
         dense.self_attention.submodules.core_attention = _mla_core_attention()
+        _mla_q_proj_without_norm(dense.self_attention, dims)
     empty = TransformerLayerSubmodules()  # what a layer without attention or MLP has instead
     no_mlp = dict(pre_mlp_layernorm=empty.pre_mlp_layernorm, mlp=empty.mlp, mlp_bda=empty.mlp_bda)
     attention = ModuleSpec(module=TransformerLayer, submodules=with_fields(dense, **no_mlp))
