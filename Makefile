@@ -36,12 +36,13 @@ check: $(VENV)/.installed  ## fail with a diff if generated/ is stale
 test: $(VENV)/.installed  ## the whole test suite
 	$(PY) -m pytest -q
 
-TARGETS := llama3_2_1b llama3_1_8b llama3_1_70b qwen2_5_7b qwen3_8b phi3_mini_4k
+TARGETS := llama3_2_1b llama3_1_8b llama3_1_70b qwen2_5_7b qwen3_8b phi3_mini_4k qwen3_5_0_8b
 LAYOUTS := "--tp 2 --dp 2" "--pp 2 --dp 2" "--tp 2 --pp 2" "--pp 2 --dp 2 --first-stage-layers 1" "--pp 2 --vpp 2 --dp 2"
 STANDINS := .standins
 
-# (qwen3_235b_a22b and qwen3_next_80b_a3b are not checked in: tests/test_distributed.py covers them)
-MOE_TARGETS := mixtral_8x7b qwen3_30b_a3b deepseek_v3
+# (qwen3_235b_a22b, qwen3_next_80b_a3b, kimi_k2, glm4_5 and qwen3_5_397b_a17b are not checked in:
+# tests/test_distributed.py covers them)
+MOE_TARGETS := mixtral_8x7b qwen3_30b_a3b deepseek_v3 moonlight_16b_a3b glm4_5_air qwen3_5_35b_a3b
 MOE_LAYOUTS := "--ep 2" "--tp 2 --ep 2" "--tp 2 --ep 2 --etp 1" "--pp 2 --ep 2"
 
 # experts with biases (gpt-oss): megatron-core builds them at expert-TP 1 only

@@ -44,6 +44,13 @@ EP_LAYOUTS = [
 MOE_LAYOUTS = {"deepseek_v3": EP_LAYOUTS, "qwen3_235b_a22b": EP_LAYOUTS[:2]}  # 235B: Qwen3-30B's family
 # experts with biases (gpt-oss): megatron-core builds them at expert-TP 1 only
 MOE_LAYOUTS["gpt_oss_20b"] = [EP_LAYOUTS[0], EP_LAYOUTS[2], EP_LAYOUTS[3]]
+# Kimi-K2: DeepSeek-V3's architecture (moonlight_16b_a3b, checked in, runs the first four)
+MOE_LAYOUTS["kimi_k2"] = EP_LAYOUTS[:2]
+# GLM-4.5: GLM-4.5-Air's family (glm4_5_air runs the first four), with per-head q/k norms
+MOE_LAYOUTS["glm4_5"] = EP_LAYOUTS[:2]
+# Qwen3.5's larger members: stand-ins of the smaller members' shapes, one layout each
+MOE_LAYOUTS["qwen3_5_397b_a17b"] = EP_LAYOUTS[1:2]
+DENSE_LAYOUTS = {"qwen3_5_27b": LAYOUTS[2:3]}
 # every checked-in GPTModel target, through a tiny stand-in of its own config (mapgen standin);
 # a HybridModel target repeats a GPTModel target's spec and config (its HybridModel: HYBRID_CASES
 # below, and Qwen3-Next's in tests/test_qwen3_next.py); LLaVAModel's, image and prompt, are
@@ -54,9 +61,9 @@ MOE = {name for name, e in TARGETS.items() if any(k in json.loads((testing.ROOT 
 CASES = [
     (name, layout)
     for name in TARGETS
-    for layout in (MOE_LAYOUTS.get(name, EP_LAYOUTS[:4]) if name in MOE else LAYOUTS)
+    for layout in (MOE_LAYOUTS.get(name, EP_LAYOUTS[:4]) if name in MOE else DENSE_LAYOUTS.get(name, LAYOUTS))
 ]
-# HybridModel modules of three stand-ins (attention and MLP as layers of their own); multi-latent
+# HybridModel modules of four stand-ins (attention and MLP as layers of their own); multi-latent
 # attention needs megatron-core's HybridModel (0.17+): on older releases the build must refuse it
 HAS_HYBRID_MODEL = hybrid_model_class()[0].__name__ == "HybridModel"
 HYBRID_CASES = [
@@ -66,6 +73,7 @@ HYBRID_CASES = [
     ("qwen3_30b_a3b", ParallelLayout(ep=2, dp=4)),
     ("qwen3_30b_a3b", ParallelLayout(tp=2, ep=2, dp=2)),
     ("qwen3_30b_a3b", ParallelLayout(pp=2, ep=2, dp=2)),
+    ("glm4_5", ParallelLayout(tp=2, ep=2, dp=2)),  # q/k norms, qkv biases, partial rope, shared experts
 ] + [
     ("deepseek_v3", layout)
     for layout in (ParallelLayout(ep=2, dp=4), ParallelLayout(tp=2, ep=2, dp=2), ParallelLayout(pp=2, ep=2, dp=2))

@@ -2,7 +2,7 @@
 # Target: moonlight_16b_a3b (te layout)
 # Spec:   specs/deepseek_v3.yaml sha256:d8b58098941ac85728b684058a91bacedcbc19aeb2ef7c55c74330326c966884
 # Config: specs/configs/moonlight_16b_a3b.json sha256:6827d4b5327a446d6a80716a6e5cec695f279b282110ef7dae09241656430302
-# Regenerate: mapgen build specs/deepseek_v3.yaml specs/configs/moonlight_16b_a3b.json -o generated/moonlight_16b_a3b --layout te
+# Regenerate: mapgen build
 """Weight mapping between HF DeepseekV3ForCausalLM and Megatron-Core (te layout) for moonlight_16b_a3b: 3626 Megatron parameters, 5317 HF tensors, in 81 parts (PARTS)."""
 
 from __future__ import annotations

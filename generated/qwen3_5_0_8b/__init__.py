@@ -2,7 +2,7 @@
 # Target: qwen3_5_0_8b (te layout)
 # Spec:   specs/qwen3_5.yaml sha256:d23e6133db39bf1ddb04bc51bb8a2e9f1da546acbd67545ef6f606c63e6ca0b3
 # Config: specs/configs/qwen3_5_0_8b_text.json sha256:1161b4a88e73f8d6e9b936a6302cb5daf1c5942d6049fd970d64bf2e3298ad44
-# Regenerate: mapgen build specs/qwen3_5.yaml specs/configs/qwen3_5_0_8b_text.json -o generated/qwen3_5_0_8b --layout te
+# Regenerate: mapgen build
 """Weight mapping between HF Qwen3_5ForCausalLM and Megatron-Core (te layout) for qwen3_5_0_8b: 242 Megatron parameters, 335 HF tensors, in 27 parts (PARTS)."""
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 # Target: qwen3_5_35b_a3b (te layout)
 # Spec:   specs/qwen3_5_moe.yaml sha256:cc9c4b893c201e95f005d7f581f211730a73f446680ebeb5a4e48613dd9c58ec
 # Config: specs/configs/qwen3_5_35b_a3b_text.json sha256:385c781fee439d72b35e04aea8b628b67d22ad7ab8fa6e1daeb1d2da56b01182
-# Regenerate: mapgen build specs/qwen3_5_moe.yaml specs/configs/qwen3_5_35b_a3b_text.json -o generated/qwen3_5_35b_a3b --layout te
+# Regenerate: mapgen build
 """Weight mapping between HF Qwen3_5MoeForCausalLM and Megatron-Core (te layout) for qwen3_5_35b_a3b: 21469 Megatron parameters, 32118 HF tensors, in 371 parts (PARTS)."""
 
 from __future__ import annotations

@@ -18,7 +18,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-LIBRARIES = ("megatron", "transformers", "torch")
+# torchao: transformers imports it where it is installed, and it warns of each CUDA kernel
+# library it cannot load on a machine without the GPU it was built for
+LIBRARIES = ("megatron", "transformers", "torch", "torchao")
 
 
 def quiet_libraries() -> None:

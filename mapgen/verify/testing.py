@@ -27,6 +27,9 @@ FAMILY_SPECS = {
     "deepseek_v3": "specs/deepseek_v3.yaml",
     "gpt_oss": "specs/gpt_oss.yaml",
     "qwen3_next": "specs/qwen3_next.yaml",
+    "glm4_moe": "specs/glm4_moe.yaml",
+    "qwen3_5_text": "specs/qwen3_5.yaml",
+    "qwen3_5_moe_text": "specs/qwen3_5_moe.yaml",
 }
 
 
@@ -142,9 +145,29 @@ def save_random_model(config: Any, folder: Path, seed: int = 0, dtype: torch.dty
     return model
 
 
+# vision-language configs whose stand-in is their text model, as transformers saves the text
+# class (Qwen3.5: flat fields, tensors model.layers.*): model_type -> (text model_type, class)
+TEXT_MODELS = {
+    "qwen3_5": ("qwen3_5_text", "Qwen3_5ForCausalLM"),
+    "qwen3_5_moe": ("qwen3_5_moe_text", "Qwen3_5MoeForCausalLM"),
+}
+
+
+def text_model_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    """A `TEXT_MODELS` config's text model config (its text_config, with the top-level
+    tie_word_embeddings); any other config as it is."""
+    text = fields.get("text_config")
+    if fields.get("model_type") not in TEXT_MODELS or not isinstance(text, dict):
+        return fields
+    model_type, architecture = TEXT_MODELS[fields["model_type"]]
+    tied = fields.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
+    return {**text, "architectures": [architecture], "model_type": model_type, "tie_word_embeddings": tied}
+
+
 def standin_problems(fields: dict[str, Any]) -> list[str]:
     """What keeps `standin_config` from making a stand-in of a config: the fields it reads, each
     missing or of the wrong kind."""
+    fields = text_model_fields(fields)
     problems: list[str] = []
     if fields.get("model_type") == "llava":  # nested configs: mapgen.verify.llava shrinks them
         return [f"needs '{k}' as an object" for k in ("text_config", "vision_config") if not isinstance(fields.get(k, {}), dict)]
@@ -173,12 +196,14 @@ def standin_config(fields: dict[str, Any], num_layers: int = 4, vocab_size: int 
     problems = standin_problems(fields)
     if problems:
         raise ValueError("; ".join(problems))
+    fields = text_model_fields(fields)
     if fields.get("model_type") == "llava":
         from mapgen.verify.llava import standin_llava_config
 
         return standin_llava_config(fields, vocab_size=vocab_size)
     dropped = ("quantization_config", "auto_map", "bos_token_id", "eos_token_id", "pad_token_id")
     tiny = {k: v for k, v in fields.items() if k not in dropped}
+    tiny["model_type"] = standin_model_type(fields)
     heads = int(fields["num_attention_heads"])
     kv_heads = int(fields.get("num_key_value_heads") or heads)
     explicit_head_dim = fields.get("head_dim")
@@ -193,6 +218,8 @@ def standin_config(fields: dict[str, Any], num_layers: int = 4, vocab_size: int 
         max_position_embeddings=min(int(fields.get("max_position_embeddings", 256)), 256),
         torch_dtype="float32",
     )
+    if "intermediate_size" not in fields:  # a model of experts only (Qwen3.5-MoE) has no dense MLP size
+        tiny.pop("intermediate_size")
     tiny.pop("dtype", None)
     if fields.get("pad_token_id") is not None:
         # the published padding id is a row of the full vocabulary; dropped, the family's default
@@ -204,6 +231,12 @@ def standin_config(fields: dict[str, Any], num_layers: int = 4, vocab_size: int 
     for key in ("max_window_layers",):
         if key in tiny:
             tiny[key] = num_layers
+    if fields.get("kv_lora_rank") is not None:
+        # multi-latent attention: transformers' DeepSeek-V3 normalises the q and kv latents with
+        # eps 1e-6 whatever rms_norm_eps says, megatron-core's with layernorm_epsilon (the
+        # config's rms_norm_eps). The stand-in, which checks the mapping, has them agree
+        # (Moonlight's 1e-5 apart: specs/deepseek_v3.yaml, tests/test_kimi.py)
+        tiny["rms_norm_eps"] = 1e-6
     shrink = {
         # mixture of experts: 8 experts, so EP 2 and 4 split them; 2 (DeepSeek: 4) per token
         "num_local_experts": 8,
@@ -212,8 +245,10 @@ def standin_config(fields: dict[str, Any], num_layers: int = 4, vocab_size: int 
         "moe_intermediate_size": 32,
         "num_experts_per_tok": 4 if "n_group" in fields else 2,
         "first_k_dense_replace": 1,  # one dense layer, then experts
-        "n_group": 4,  # group-limited routing: top-2 experts per group, as DeepSeek-V3
-        "topk_group": 2,
+        # group-limited routing: top-2 groups of 4, as DeepSeek-V3; a config without groups
+        # (n_group 1: Kimi-K2, Moonlight) keeps its one group
+        "n_group": 4 if fields.get("n_group") != 1 else 1,
+        "topk_group": 2 if fields.get("n_group") != 1 else 1,
         # multi-latent attention
         "q_lora_rank": 32,
         "kv_lora_rank": 16,
@@ -281,6 +316,32 @@ def save_standin(
     if spec is not None:  # the MTP layers the family's spec (its `mtp:`) reads from the config, if any
         add_mtp_tensors(folder, spec, seed)
     return model
+
+
+def standin_model_type(fields: dict[str, Any]) -> str:
+    """The model_type of a config's stand-in: the config's, or, where transformers does not know
+    it, the model_type of the config class of the first of its architectures that transformers
+    has (Kimi-K2: kimi_k2, a DeepseekV3ForCausalLM whose checkpoint brings its own copy of
+    DeepseekV3Config, `auto_map`; its stand-in is transformers' deepseek_v3). Raises ValueError
+    where neither is known."""
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from mapgen.compiler.inventory import own_config_class
+
+    model_type, architectures = fields["model_type"], fields.get("architectures")
+    if model_type in CONFIG_MAPPING:
+        return str(model_type)
+    for architecture in architectures if isinstance(architectures, list) else []:
+        if not own_config_class(str(architecture), fields):  # the rule `mapgen build` reads configs by
+            continue
+        found = getattr(getattr(getattr(transformers, str(architecture), None), "config_class", None), "model_type", None)
+        if isinstance(found, str) and found:
+            return found
+    raise ValueError(
+        f"transformers knows no model_type {model_type!r}, and the config's auto_map names no copy of the "
+        f"config class of its architectures {architectures!r}"
+    )
 
 
 def _family_spec(model_type: str) -> Path | None:
@@ -384,6 +445,14 @@ MTP_FORMULA_TENSORS: dict[str, dict[str, str]] = {
         norm="model.layers.{n}.shared_head.norm.weight", head="model.layers.{n}.shared_head.head.weight",
         layer="model.layers.{n}.", number="num_hidden_layers + d",
     ),
+    # GLM-4.5 and GLM-4.5-Air: DeepSeek-V3's layout and names (their published checkpoints ship
+    # the embedding and head copies under the MTP layer too; vLLM's and SGLang's Glm4MoeMTP)
+    "glm4_moe": dict(
+        embedding="model.layers.{n}.embed_tokens.weight", enorm="model.layers.{n}.enorm.weight",
+        hnorm="model.layers.{n}.hnorm.weight", eh_proj="model.layers.{n}.eh_proj.weight",
+        norm="model.layers.{n}.shared_head.norm.weight", head="model.layers.{n}.shared_head.head.weight",
+        layer="model.layers.{n}.", number="num_hidden_layers + d",
+    ),
     # Qwen3-Next (the published checkpoint; vLLM's and SGLang's Qwen3NextMTP): one MTP layer,
     # fc([pre_fc_norm_embedding(embed); pre_fc_norm_hidden(h)]), a full-attention decoder layer
     # under mtp.layers.0, mtp.norm, the main embedding and lm_head
@@ -393,6 +462,8 @@ MTP_FORMULA_TENSORS: dict[str, dict[str, str]] = {
         head="lm_head.weight", layer="mtp.layers.{d}.", number="num_hidden_layers + d",
     ),
 }
+# Qwen3.5 (dense and MoE text models): Qwen3-Next's MTP layout and names (mtp_num_hidden_layers)
+MTP_FORMULA_TENSORS["qwen3_5_text"] = MTP_FORMULA_TENSORS["qwen3_5_moe_text"] = MTP_FORMULA_TENSORS["qwen3_next"]
 
 
 def hf_mtp_logits(model: Any, hf_dir: str | Path, module: Any, input_ids: torch.Tensor) -> list[torch.Tensor]:
@@ -423,7 +494,11 @@ def hf_mtp_logits(model: Any, hf_dir: str | Path, module: Any, input_ids: torch.
     norm_class = type(model.model.norm)
     eps = model.config.rms_norm_eps
 
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+
     def tensor(key: str, depth: int) -> torch.Tensor:
+        if key == "head" and tied and names["head"] == "lm_head.weight":  # the head is the embedding (Qwen3.5-0.8B)
+            key = "embedding"
         return checkpoint.get(names[key].format(d=depth, n=main_layers + depth)).to(dtype)
 
     def norm(key: str, depth: int, x: torch.Tensor) -> torch.Tensor:
@@ -506,7 +581,10 @@ def add_mtp_tensors(folder: Path, spec_path: Path, seed: int = 0) -> list[str]:
     tensors: dict[str, torch.Tensor] = {}
     for file in sorted(folder.glob("*.safetensors")):
         tensors.update(load_file(str(file)))
-    dtype = next(iter(tensors.values())).dtype
+    # the stand-in's dtype: that of most of its floating tensors (safetensors stores float32
+    # ones first, and a bfloat16 stand-in keeps float32 buffers: the router's score-correction bias)
+    floating = [t.dtype for t in tensors.values() if t.dtype.is_floating_point]
+    dtype = max(set(floating), key=floating.count, default=torch.float32)
     donor_fields = {k: v for k, v in fields.items() if k not in ("model_type", "architectures", "transformers_version")}
     numbers = mtp.transformers_layers()
     if numbers:  # transformers' own decoder layers of the MTP layers' numbers
