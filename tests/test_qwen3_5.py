@@ -17,7 +17,8 @@ from mapgen import runtime as rt
 from mapgen.compiler.build import compile_target, read_targets
 from mapgen.compiler.megatron_model import ParallelLayout
 from mapgen.runtime.context import Group
-from mapgen.runtime.sections import gdn_in_proj_sections, sections_export, sections_import
+from mapgen.common.sections import gdn_in_proj_sections
+from mapgen.runtime.sections import sections_export, sections_import
 from mapgen.runtime.shardmap import ShardLayout, shard_map
 from mapgen.verify import testing
 from mapgen.verify.jobs import Job, run_job, spawn

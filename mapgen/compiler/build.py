@@ -193,7 +193,8 @@ def recorded_ignored_fields(module_file: Path) -> tuple[str, ...]:
     """The `--ignore-config-field` names a module was built with, from its header's
     `# Regenerate:` line: what rebuilds it (verify's local twin, its config check) must pass
     them along, or the config it was built from is refused."""
-    with module_file.open(encoding="utf-8") as text:
+    header = module_file / "__init__.py" if module_file.is_dir() else module_file  # a package: its __init__.py
+    with header.open(encoding="utf-8") as text:
         found = REGENERATE_LINE.search(text.read(8192))
     words = found.group(1).split() if found else []
     return tuple(words[i + 1] for i, word in enumerate(words[:-1]) if word == "--ignore-config-field")

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 from mapgen.common.errors import ErrorSink
 from mapgen.common.layout import QKVGeometry, inverse_permutation
+from mapgen.common.sections import gdn_in_proj_sections
 
 if TYPE_CHECKING:
     from mapgen.common.dims import ModelDims
@@ -564,14 +565,12 @@ class GDNInProjSections(_GatedDeltaNet):
         "Gated delta net input projection from four HF tensors in sections (Qwen3.5): in_proj_qkv "
         "[q (all key heads); k; v], in_proj_z, in_proj_b, in_proj_a. Import: TP rank t holds "
         "[q_t; k_t; v_t; z_t; b_t; a_t], each the t-th TP block of its section (megatron-core's "
-        "GatedDeltaNet.in_proj; mapgen.runtime.sections). Export: gather, split every rank's "
+        "GatedDeltaNet.in_proj; mapgen.common.sections). Export: gather, split every rank's "
         "sections, join each section's blocks, concatenate q, k, v back into in_proj_qkv."
     )
 
     @staticmethod
     def sections(g: QKVGeometry) -> tuple[tuple[int, ...], ...]:
-        from mapgen.runtime.sections import gdn_in_proj_sections
-
         assert g.value_dim is not None
         return gdn_in_proj_sections(g.groups, g.heads, g.head_dim, g.value_dim)
 

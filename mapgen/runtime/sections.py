@@ -84,16 +84,6 @@ def sections_export(parts: Sequence[torch.Tensor], *, sections: Sections) -> tup
     return tuple(found)
 
 
-def gdn_in_proj_sections(
-    key_heads: int, value_heads: int, key_dim: int, value_dim: int
-) -> tuple[tuple[int, ...], ...]:
-    """The sections of a gated delta net's input projection as Qwen3.5's transformers model
-    holds it: in_proj_qkv [q (nk*dk); k (nk*dk); v (nv*dv)], in_proj_z [nv*dv], in_proj_b [nv],
-    in_proj_a [nv] (megatron-core's beta and alpha)."""
-    qk, v = key_heads * key_dim, value_heads * value_dim
-    return ((qk, qk, v), (v,), (value_heads,), (value_heads,))
-
-
 def section_runs(sections: Sections, rank: int, ranks: int) -> list[list[tuple[int, int]]]:
     """Per HF tensor, the row runs [start, stop) that TP rank `rank` of `ranks` reads (what
     `sections_import` narrows), for the static shard map."""

@@ -35,7 +35,8 @@ from mapgen.common.limits import layout_limit_problems
 from mapgen.runtime.context import Group, ParallelContext
 from mapgen.runtime.ownership import Owner, expert_owner, layer_owners, local_name, param_owner
 from mapgen.runtime.plan import ParamPlan, RulePlan
-from mapgen.runtime.sections import gdn_in_proj_sections, section_runs
+from mapgen.common.sections import gdn_in_proj_sections
+from mapgen.runtime.sections import section_runs
 from mapgen.runtime.vocab import VOCAB_PARAMS, padded_vocab_size
 
 # megatron-core's default rank order (initialize_model_parallel's `order`), which mapgen uses
