@@ -365,3 +365,31 @@ def export_quantized(module_path: str, hf_dir: str, layout: ParallelLayout, opti
             digest.update(name.encode() + str(tensor.dtype).encode() + tensor.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
         results.append({"tensors": tensors if dist.get_rank() == 0 else None, "digest": digest.hexdigest(), "counts": counts})
     return {"results": results, "rank": dist.get_rank()}
+
+
+def export_function_fails(module_path: str, hf_dir: str, layout: ParallelLayout) -> dict[str, Any]:
+    """An export function that raises on one rank only, in the middle of a held export (small
+    buckets): what each rank raised and how many tensors it had been given, then a good export
+    on every rank (none was left inside a collective)."""
+    module, chunks, ctx = _setup(module_path, layout)
+    converter = drivers.Converter(module, chunks, ctx)
+    converter.load(hf_dir)
+    victim = next(p.megatron_name for p in module.PARAMS if ".layers.1." in p.megatron_name)
+    original = module.EXPORTS[victim]
+
+    def broken(parts: Any) -> Any:  # on TP rank 1 of the stage that holds it: one rank
+        if ctx.tp.rank == 1:
+            raise RuntimeError(f"simulated failure exporting {victim}")
+        return original(parts)
+
+    module.EXPORTS[victim] = broken
+    given, outcome = 0, ("ok", "")
+    try:
+        for _ in converter.export(bucket_bytes=4096):
+            given += 1
+    except Exception as exc:  # noqa: BLE001 - the outcome is the result
+        outcome = (type(exc).__name__, str(exc))
+    finally:
+        module.EXPORTS[victim] = original
+    good = sum(1 for _ in converter.export(bucket_bytes=4096))
+    return {"rank": dist.get_rank(), "outcome": outcome, "given": given, "good": good, "victim": victim}

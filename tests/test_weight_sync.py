@@ -527,8 +527,28 @@ def spawned(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     (root / "saves").mkdir()
     folder, path = cases["deepseek_v3"]
     tasks.append((dist_tasks.export_quantized, (str(path), str(folder), TP2_PP2_EP2, QUANTIZED_STREAMED)))
+    folder, path = cases["qwen3_30b_a3b"]
+    tasks.append((dist_tasks.export_function_fails, (str(path), str(folder), TP2_PP2_EP2)))
     results = spawn(tasks, 4, timeout_s=900)
     return {"cases": cases, "results": results, "package": package}
+
+
+def test_an_export_function_failing_on_one_rank_stops_every_rank(spawned: dict[str, Any]) -> None:
+    """Mid-export, an export function raises on one rank: that rank raises its own error, every
+    other its RankError naming it, at the same bucket (no rank is given that bucket's tensors, no
+    rank waits in a collective), and the next export runs on every rank."""
+    results = [spawned["results"][rank][6] for rank in range(4)]
+    failed = [r for r in results if r["outcome"][0] == "RuntimeError"]
+    assert len(failed) == 1 and "simulated failure exporting" in failed[0]["outcome"][1], [r["outcome"] for r in results]
+    culprit = failed[0]["rank"]
+    for result in results:
+        if result is failed[0]:
+            continue
+        kind, message = result["outcome"]
+        assert kind == "RankError" and f"rank {culprit} failed making it" in message, message
+        assert "export stopped at bucket" in message
+    assert len({r["given"] for r in results}) == 1 and 0 < results[0]["given"]
+    assert len({r["good"] for r in results}) == 1 and results[0]["good"] > results[0]["given"]
 
 
 def test_arguments_that_differ_across_ranks_are_refused_on_every_rank(spawned: dict[str, Any]) -> None:

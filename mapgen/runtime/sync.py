@@ -40,7 +40,7 @@ from mapgen.common.layout import FLOAT32_BUFFERS, stacked_slice
 from mapgen.common import gcpause
 from mapgen.runtime import transforms
 from mapgen.runtime.checkpoint import DEFAULT_BLOCK, SCALE_SUFFIX
-from mapgen.runtime.collectives import all_gather_coalesced, all_gather_slots, broadcast_flat
+from mapgen.runtime.collectives import RankError, all_gather_coalesced, all_gather_slots, broadcast_flat
 from mapgen.runtime.context import Group, ParallelContext
 from mapgen.runtime import mx
 from mapgen.runtime.plan import ParamPlan, RulePlan
@@ -725,20 +725,47 @@ def _view(flat: torch.Tensor, start: int, out: Out) -> torch.Tensor:
     return part.view(FP8) if out.dtype == FP8 else part
 
 
-def _make_bucket(
-    module: Module, bucket: BucketPlan, placement: Placement, ctx: ParallelContext, fmt: ExportFormat
-) -> tuple[list[torch.Tensor], dict[str, tuple[int, int]], dict[str, torch.Tensor]]:
+# a bucket on this rank: its flat buffers, where each travelling output lies in them, the
+# outputs that do not travel, and what failed making it here (None: nothing)
+_Made = tuple[list[torch.Tensor], dict[str, tuple[int, int]], dict[str, torch.Tensor], Exception | None]
+
+
+def _make_bucket(module: Module, bucket: BucketPlan, placement: Placement, ctx: ParallelContext, fmt: ExportFormat) -> _Made:
     """The bucket's outputs on this rank: produced (owning stage), else buffers to receive them
-    in: its flat buffers, where each travelling output lies in them, and the outputs that do
-    not travel."""
+    in. An export function that raises does not stop the bucket's collectives here (the other
+    ranks are in them): the failure is returned, for `_agree_bucket`."""
     flats = [torch.empty(f.numel, dtype=f.dtype) for f in bucket.flats]
     where = bucket.where
     kept: dict[str, torch.Tensor] = {}
+    failure: Exception | None = None
     if bucket.owner == ctx.pp.rank:
-        _produce(module, bucket, placement, ctx, fmt, flats, where, kept)
+        try:
+            _produce(module, bucket, placement, ctx, fmt, flats, where, kept)
+        except Exception as exc:  # noqa: BLE001 - agreed on by every rank after the bucket's collectives
+            failure = exc
         for layout, buffer in zip(bucket.flats, flats):
             all_gather_slots(ctx.ep, buffer, layout.common_numel, layout.slot_numel)
-    return flats, where, kept
+    return flats, where, kept, failure
+
+
+def _agree_bucket(failure: Exception | None, number: int, count: int) -> None:
+    """Every rank, after bucket `number`'s collectives and before any of its tensors is yielded:
+    if one failed making it, the failing rank raises its own error and every other rank a
+    RankError naming it (one small all_reduce over all ranks)."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        if failure is not None:
+            raise failure
+        return
+    rank = torch.distributed.get_rank()
+    status = torch.tensor([1 if failure is not None else 0, rank if failure is not None else -1], dtype=torch.int64)
+    torch.distributed.all_reduce(status, op=torch.distributed.ReduceOp.MAX)
+    if failure is not None:
+        raise failure
+    if status[0]:
+        raise RankError(
+            f"export stopped at bucket {number + 1} of {count}: rank {int(status[1])} failed making it "
+            "(its own error says why); every rank stops here"
+        )
 
 
 def _produce(
@@ -817,18 +844,26 @@ def stream_export(
     reference to it does not keep the whole bucket alive."""
     shapes: dict[str, tuple[int, ...]] = {}  # of stacked-experts tensors, filled when one is met
     stacking: dict[str, tuple[torch.Tensor, set[int]]] = {}
-    made: dict[int, tuple[list[torch.Tensor], dict[str, tuple[int, int]], dict[str, torch.Tensor]]] = {}
+    made: dict[int, _Made] = {}
+    # where every rank walks every bucket, a failure on one rank (an export function raising)
+    # is agreed on per bucket: the failing rank still takes part in the bucket's collectives,
+    # then every rank raises before any of the bucket's tensors is yielded
+    agreed = all_stages or ctx.pp.size == 1
     for number, bucket in enumerate(buckets):
         if bucket.owner != ctx.pp.rank and not all_stages:
             continue
         with gcpause.paused():  # resumed while the caller has a tensor
-            flats, where, kept = made.pop(number) if number in made else _make_bucket(module, bucket, placement, ctx, fmt)
+            flats, where, kept, failure = made.pop(number) if number in made else _make_bucket(module, bucket, placement, ctx, fmt)
             if all_stages and ctx.pp.size > 1:
                 ahead = bucket.ahead[ctx.pp.rank] if bucket.ahead else -1
                 if ahead >= 0:  # made while this bucket travels from its stage (the receivers wait anyway)
                     made[ahead] = _make_bucket(module, buckets[ahead], placement, ctx, fmt)
                 for buffer in flats:
                     broadcast_flat(ctx.pp, bucket.owner, buffer)
+        if agreed:
+            _agree_bucket(failure, number, len(buckets))
+        elif failure is not None:
+            raise failure
         last = len(bucket.outs) - 1
         for position, out in enumerate(bucket.outs):
             if not out.travels:
