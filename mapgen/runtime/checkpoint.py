@@ -264,6 +264,15 @@ DESCRIBED_KEPT = 4
 DESCRIBED_MAX_BYTES = 32 * 2**20
 
 
+def named_as(name: str, naming: tuple[tuple[str, str], ...]) -> str:
+    """A module's HF name in another naming: (the module's prefix, the other's) pairs, the first
+    that applies; the name itself where none does."""
+    for ours, theirs in naming:
+        if name.startswith(ours):
+            return theirs + name[len(ours):]
+    return name
+
+
 def _renamed(
     folder: Path, entries: dict[str, _Entry], namings: tuple[tuple[str, str], ...]
 ) -> tuple[dict[str, _Entry], tuple[tuple[str, str], ...]]:
@@ -470,10 +479,7 @@ class HFCheckpoint:
 
     def file_name(self, name: str) -> str:
         """A tensor's name as the files have it (the module's name unless `naming` renamed it)."""
-        for ours, theirs in self.naming:
-            if name.startswith(ours):
-                return theirs + name[len(ours):]
-        return name
+        return named_as(name, self.naming)
 
     def names(self) -> list[str]:
         """The model's tensors; the `*_scale_inv` companions of quantized weights are left out."""

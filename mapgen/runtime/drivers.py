@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from mapgen.common.errors import MapgenError
 from mapgen.common.files import share_tree, temporary_folder
 from mapgen.common.layout import canonical_name, model_weights, stacked_slice
-from mapgen.runtime.checkpoint import DTYPES, SCALE_SUFFIX, HFCheckpoint
+from mapgen.runtime.checkpoint import DTYPES, SCALE_SUFFIX, HFCheckpoint, named_as
 from mapgen.common import gcpause
 from mapgen.runtime import memo
 from mapgen.runtime.collectives import RankError, agree_or_raise
@@ -408,10 +408,7 @@ class Converter:
         """An HF tensor's name as export writes it: the module's, in the naming of the
         checkpoint `load` read (a LLaVA saved by transformers 5 names its vision tower
         `vision_tower.*`, the published one `vision_tower.vision_model.*`)."""
-        for ours, theirs in self.naming:
-            if name.startswith(ours):
-                return theirs + name[len(ours):]
-        return name
+        return named_as(name, self.naming)
 
     def _agree(self, extra: list[str], what: str, same: Sequence[tuple[str, object]] = ()) -> None:
         """Every rank calls this at the same point; after one agreement the placement is known
@@ -529,16 +526,15 @@ class Converter:
         agreed on before the first collective: one refused, or passed differently by another
         rank, raises on every rank (the refusal's own type on the ranks that refused it)."""
         refused: Exception | None = None
-        keep = keep_float32 if keep_float32 is None or isinstance(keep_float32, str) else tuple(keep_float32)
+        keep = _kept(keep_float32)
         try:
             if not self._problems:  # a model that does not match the module has no plan: agreed on below
                 fmt = self._format(dtype, keep, fp8, mxfp8=mxfp8, nvfp4=nvfp4)
                 buckets, _ = self._bucket_plan(bucket_bytes, all_stages, fmt)
         except (ValueError, TypeError) as exc:
             refused = exc
-        shown = keep if keep is None or isinstance(keep, str) else sorted(map(str, keep))
         same = (
-            ("bucket_bytes", bucket_bytes), ("all_stages", all_stages), ("dtype", dtype), ("keep_float32", shown),
+            ("bucket_bytes", bucket_bytes), ("all_stages", all_stages), ("dtype", dtype), ("keep_float32", keep),
             ("fp8", fp8), ("mxfp8", mxfp8), ("nvfp4", nvfp4),
         )
         try:
@@ -683,7 +679,7 @@ class Converter:
     ) -> ExportFormat:
         """The export format over the whole target, or (`local`) over this rank's view: a name in
         `keep_float32` outside the view is then looked for in the whole target before it is refused."""
-        keep = keep_float32 if keep_float32 is None or isinstance(keep_float32, str) else tuple(sorted(keep_float32))
+        keep = _kept(keep_float32)
         quant = repr(fp8) if mxfp8 is None and nvfp4 is None else repr((fp8, mxfp8, nvfp4))
         key = (repr(dtype), repr(keep), quant, id(self.loaded), local)
         if key not in self._formats:
@@ -801,6 +797,14 @@ def load_hf_checkpoint(
 
 
 _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+
+
+def _kept(keep_float32: Iterable[str] | None) -> Iterable[str] | None:
+    """`keep_float32` as export, its format and its agreement take it: None, a string (which the
+    format refuses), or the names sorted, so every rank and every call see one value."""
+    if keep_float32 is None or isinstance(keep_float32, str):
+        return keep_float32
+    return tuple(sorted(keep_float32, key=str))
 
 
 def hf_namings(module: Module) -> tuple[tuple[str, str], ...]:
@@ -1015,10 +1019,10 @@ def save_hf_checkpoint(
         refused.append(f"writer_rank {writer_rank!r} is not a rank of the {world} processes")
     if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) or max_shard_bytes < 1:
         refused.append(f"max_shard_bytes must be a positive integer, not {max_shard_bytes!r}")
-    keep = keep_float32 if keep_float32 is None or isinstance(keep_float32, str) else tuple(keep_float32)
+    keep = _kept(keep_float32)
     same = (
         ("writer_rank", writer_rank), ("max_shard_bytes", max_shard_bytes), ("overwrite", overwrite),
-        ("bucket_bytes", bucket_bytes), ("dtype", dtype), ("keep_float32", keep if keep is None or isinstance(keep, str) else sorted(map(str, keep))),
+        ("bucket_bytes", bucket_bytes), ("dtype", dtype), ("keep_float32", keep),
         ("fp8", fp8), ("naming", naming), ("mxfp8", mxfp8), ("nvfp4", nvfp4),
     )
     what = f"cannot save {module.TARGET} to {out}"

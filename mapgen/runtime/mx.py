@@ -247,7 +247,9 @@ def _mx_args(dynamic: bool) -> dict[str, Any]:
     }
 
 
-def _patterns(value: object, what: str) -> list[str]:
+def patterns(value: object, what: str) -> list[str]:
+    """A config's list of module names or patterns (None: none); refused otherwise, a string
+    above all, which would be read character by character."""
     if value is None:
         return []
     if not isinstance(value, (list, tuple)) or not all(isinstance(p, str) for p in value):
@@ -273,7 +275,7 @@ def mxfp8_request(value: object) -> dict[str, Any] | None:
                 f"mxfp8: a quantization_config of quant_method 'compressed-tensors' and format "
                 f"'mxfp8-quantized' is written, not {method!r} / {form!r}"
             )
-        ignore = _patterns(value.get("ignore"), "mxfp8's ignore")
+        ignore = patterns(value.get("ignore"), "mxfp8's ignore")
         for pattern in ignore:
             if pattern.startswith("re:"):
                 try:
@@ -304,8 +306,8 @@ def nvfp4_request(value: object) -> dict[str, Any] | None:
         group = inner.get("group_size", NVFP4_BLOCK)
         if group != NVFP4_BLOCK:
             raise QuantizeError(f"nvfp4: group_size must be {NVFP4_BLOCK}, not {group!r}")
-        ignore = _patterns(inner.get("exclude_modules"), "nvfp4's exclude_modules")
-        ignore += _patterns(inner.get("ignore"), "nvfp4's ignore")
+        ignore = patterns(inner.get("exclude_modules"), "nvfp4's exclude_modules")
+        ignore += patterns(inner.get("ignore"), "nvfp4's ignore")
         return {"ignore": ignore}
     raise QuantizeError(f"nvfp4 must be True or a ModelOpt quantization_config, not {value!r}")
 

@@ -259,20 +259,17 @@ def _block_size(value: object) -> tuple[int, int]:
 
 def _not_converted(value: object) -> list[str]:
     """quantization_config's `modules_to_not_convert`: a list of module names or regexes (None
-    or absent: none), refused otherwise (a string would be read character by character)."""
-    if value is None:
-        return []
-    if not isinstance(value, (list, tuple)) or not all(isinstance(p, str) for p in value):
-        raise ExportFormatError(
-            f"fp8's modules_to_not_convert must be a list of module names or patterns, not {value!r}"
-            + (f" (write [{value!r}])" if isinstance(value, str) else "")
-        )
-    for pattern in value:
+    or absent: none), refused otherwise (`mx.patterns`), and each a regular expression."""
+    try:
+        found = mx.patterns(value, "fp8's modules_to_not_convert")
+    except mx.QuantizeError as exc:
+        raise ExportFormatError(str(exc)) from None
+    for pattern in found:
         try:
             re.compile(pattern)
         except re.error as exc:
             raise ExportFormatError(f"fp8's modules_to_not_convert: {pattern!r} is not a regular expression: {exc}") from None
-    return list(value)
+    return found
 
 
 def _skipped(name: str, patterns: list[str]) -> bool:
