@@ -439,30 +439,20 @@ def _scratch_folder(kind: str) -> Any:
     named `mapgen-KIND-HOST-PID-...`. A killed run cannot remove its own: the folders of this
     kind that this user's runs on this host left, whose process is gone, are removed first."""
     import shutil
-    import socket
     import tempfile
 
-    host = "".join(c if c.isalnum() else "_" for c in socket.gethostname()) or "host"
-    prefix = f"mapgen-{kind}-{host}-"
+    from mapgen.common.files import host_tag, process_alive
+
+    prefix = f"mapgen-{kind}-{host_tag()}-"
     try:
         left = [p for p in Path(tempfile.gettempdir()).glob(f"{prefix}*") if p.is_dir() and p.stat().st_uid == os.getuid()]
     except OSError:
         left = []
     for folder in left:
         pid = folder.name[len(prefix):].split("-", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not _process_alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
             shutil.rmtree(folder, ignore_errors=True)
     return tempfile.TemporaryDirectory(prefix=f"{prefix}{os.getpid()}-")
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # another user's: alive
-        return True
-    return True
 
 
 VOCAB_DEFAULT = 128  # Megatron-LM's --make-vocab-size-divisible-by

@@ -610,7 +610,9 @@ def test_stale_partial_folders_of_dead_saves_are_removed_by_the_next_save(
 
     module, chunks = llama
     drivers.load_hf_checkpoint(module, chunks, good["single"])
-    host = drivers._host()
+    from mapgen.common.files import host_tag
+
+    host = host_tag()
     dead = tmp_path / f".out.partial-{host}-{_dead_pid()}-x1y2z3ab"
     live = tmp_path / f".out.partial-{host}-{os.getpid()}-x1y2z3ab"  # a save in progress elsewhere
     elsewhere = tmp_path / f".out.partial-otherhost-{_dead_pid()}-x1y2z3ab"  # another machine's

@@ -1,9 +1,11 @@
 """Files and folders mapgen writes for others to read: made under the process's umask, as
-`save_pretrained` and `torch.save` make theirs, not private as `tempfile` makes its own."""
+`save_pretrained` and `torch.save` make theirs, not private as `tempfile` makes its own; and
+the host and process a temporary one's name carries, so the next run removes a killed one's."""
 
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
 from pathlib import Path
 
@@ -44,3 +46,20 @@ def module_label(path: str | Path) -> str:
     if where.name == "__init__.py":
         return where.parent.name
     return where.name if where.is_dir() else where.stem
+
+
+def host_tag() -> str:
+    """This host's name as a temporary file's or folder's name carries it: letters, digits and
+    underscores only (so a name's parts split on '.' and '-')."""
+    return "".join(c if c.isalnum() else "_" for c in socket.gethostname()) or "host"
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` of this host still runs (another user's counts: it exists)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: it exists, as another user's
+        return True
+    return True

@@ -18,13 +18,13 @@ import difflib
 import glob
 import os
 import re
-import socket
 import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from mapgen.common.errors import MapgenError
+from mapgen.common.files import host_tag, process_alive
 
 
 _HUNK = re.compile(r"@@ -\d+(?:,\d+)? \+(\d+)(?:,\d+)? @@$")
@@ -115,23 +115,9 @@ def write_if_changed(path: Path, content: str) -> Written:
     return Written(True, tuple(created), tuple(_remove_leftovers(path)))
 
 
-def _host() -> str:
-    return "".join(c if c.isalnum() else "_" for c in socket.gethostname()) or "host"
-
-
 def _temporary_prefix(name: str) -> str:
     """The start of this process's temporary files for output NAME: `.NAME.HOST-PID.`."""
-    return f".{name}.{_host()}-{os.getpid()}."
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # another user's process
-        return True
-    return True
+    return f".{name}.{host_tag()}-{os.getpid()}."
 
 
 def is_leftover(path: Path, name: str | None = None) -> bool:
@@ -146,7 +132,7 @@ def is_leftover(path: Path, name: str | None = None) -> bool:
     owner = re.search(r"\.([A-Za-z0-9_]+)-(\d+)\.[^.]*\.tmp$", file)
     if owner is None:
         return True
-    return owner.group(1) == _host() and int(owner.group(2)) != os.getpid() and not _alive(int(owner.group(2)))
+    return owner.group(1) == host_tag() and int(owner.group(2)) != os.getpid() and not process_alive(int(owner.group(2)))
 
 
 def _remove_leftovers(path: Path) -> list[Path]:

@@ -13,7 +13,6 @@ import json
 import os
 import re
 import shutil
-import socket
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -24,7 +23,7 @@ import torch
 from safetensors.torch import save_file
 
 from mapgen.common.errors import MapgenError
-from mapgen.common.files import share_tree, temporary_folder
+from mapgen.common.files import host_tag, process_alive, share_tree, temporary_folder
 from mapgen.common.layout import canonical_name, model_weights, stacked_slice
 from mapgen.runtime.checkpoint import DTYPES, SCALE_SUFFIX, HFCheckpoint, named_as
 from mapgen.common import gcpause
@@ -1124,12 +1123,8 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _host() -> str:
-    return "".join(c if c.isalnum() or c in "._" else "_" for c in socket.gethostname()) or "host"
-
-
 def _hidden(out: Path, kind: str) -> str:
-    return f".{out.name}.{kind}-{_host()}-{os.getpid()}-"
+    return f".{out.name}.{kind}-{host_tag()}-{os.getpid()}-"
 
 
 def _staging_folder(out: Path, hf_config: object, overwrite: bool) -> Path:
@@ -1172,16 +1167,6 @@ def _move_into_place(staging: Path, out: Path, overwrite: bool) -> None:
     shutil.rmtree(aside, ignore_errors=True)
 
 
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # PermissionError: it exists, as another user's
-        return True
-    return True
-
-
 def remove_stale_partials(out_dir: str | Path) -> list[Path]:
     """Remove what saves to `out_dir` left behind when killed before they could clean up
     (SIGKILL, SIGTERM, a crash): hidden partial folders `.NAME.partial-HOST-PID-*` beside
@@ -1198,7 +1183,7 @@ def remove_stale_partials(out_dir: str | Path) -> list[Path]:
     removed: list[Path] = []
     for entry in entries:
         match = pattern.match(entry.name)
-        if match is None or match.group(2) != _host() or _process_alive(int(match.group(3))):
+        if match is None or match.group(2) != host_tag() or process_alive(int(match.group(3))):
             continue
         if entry.is_symlink() or not entry.is_dir():
             continue
