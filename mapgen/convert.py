@@ -804,12 +804,15 @@ def _megatron_to_hf(job: ConvertJob, result: ConvertResult, bar: _Bar) -> None:
     bar.phase(f"loading {checkpoint.folder}")
     from torch.distributed.checkpoint.api import CheckpointException
 
+    failed: list[str] = []
     try:
         loaded = dist_checkpointing.load(state, str(checkpoint.folder))
-    except (Exception, CheckpointException) as exc:  # torch raises its CheckpointException on every rank alike
+    except (Exception, CheckpointException) as exc:  # noqa: BLE001 - torch's CheckpointException comes on every rank alike,
+        # anything else megatron-core raises may come on one rank only: agreed below, so no rank goes on alone
         metadata = _storage(checkpoint.folder)
         named = damaged_files(checkpoint.folder, metadata, contents=True) if metadata is not None else []
-        raise MapgenError(f"{what}:\n  " + "\n  ".join(named or [f"{checkpoint.folder}: {checkpoint_failure(exc)}"])) from None
+        failed = named or [f"{checkpoint.folder}: {checkpoint_failure(exc)}"]
+    agree_or_raise(failed, what)
     left: list[str] = []
     for key, chunk in zip(_state_keys(chunks), chunks):
         outcome = chunk.load_state_dict(loaded[key], strict=False)

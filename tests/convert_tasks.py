@@ -107,3 +107,27 @@ def failing_write(job: Any) -> Any:
         return run_convert(job)
     finally:
         dist_checkpointing.save = original
+
+
+def failing_on_one_rank(job: Any, step: str) -> Any:
+    """`run_convert` where megatron-core's `step` ("save" or "load") raises on rank 1 only, after
+    doing its work (as a failure in megatron-core's own bookkeeping after the collectives would):
+    every rank must stop with the same error, none left waiting for rank 1."""
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+
+    from mapgen.convert import run_convert
+
+    original = getattr(dist_checkpointing, step)
+
+    def failing(*args: Any, **kwargs: Any) -> Any:
+        done = original(*args, **kwargs)
+        if dist.get_rank() == 1:
+            raise RuntimeError(f"simulated failure inside megatron-core's {step} on rank 1")
+        return done
+
+    setattr(dist_checkpointing, step, failing)
+    try:
+        return run_convert(job)
+    finally:
+        setattr(dist_checkpointing, step, original)

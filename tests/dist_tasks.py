@@ -383,13 +383,17 @@ def export_function_fails(module_path: str, hf_dir: str, layout: ParallelLayout)
         return original(parts)
 
     module.EXPORTS[victim] = broken
-    given, outcome = 0, ("ok", "")
-    try:
-        for _ in converter.export(bucket_bytes=4096):
-            given += 1
-    except Exception as exc:  # noqa: BLE001 - the outcome is the result
-        outcome = (type(exc).__name__, str(exc))
-    finally:
-        module.EXPORTS[victim] = original
+    found: dict[bool, dict[str, Any]] = {}
+    for all_stages in (True, False):  # every rank walks every bucket; each stage its own only
+        given, outcome = 0, ("ok", "")
+        try:
+            for _ in converter.export(bucket_bytes=4096, all_stages=all_stages):
+                given += 1
+        except Exception as exc:  # noqa: BLE001 - the outcome is the result
+            outcome = (type(exc).__name__, str(exc))
+        found[all_stages] = {"outcome": outcome, "given": given}
+    module.EXPORTS[victim] = original
     good = sum(1 for _ in converter.export(bucket_bytes=4096))
-    return {"rank": dist.get_rank(), "outcome": outcome, "given": given, "good": good, "victim": victim}
+    own = sum(1 for _ in converter.export(bucket_bytes=4096, all_stages=False))
+    holds = victim in converter.placement.local
+    return {"rank": dist.get_rank(), **found[True], "own_stage": found[False], "good": good, "own": own, "victim": victim, "holds": holds}

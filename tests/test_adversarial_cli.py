@@ -266,9 +266,13 @@ def test_a_killed_convert_leaves_nothing_in_tmpdir_and_the_next_run_succeeds(lla
         process.wait()
     assert process.returncode == -signal.SIGKILL, "the convert finished before it could be killed"
     assert list(scratch.glob("mapgen-convert-*")), "the killed run left its folder (the case under test)"
+    # a run killed while writing leaves its hidden staging folder beside the output: the next run removes it
+    staged = tmp_path / f".out.partial-{_host()}-{_dead_pid()}-abc123"
+    (staged / "release").mkdir(parents=True)
     done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     assert list(scratch.iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 
 def test_a_checkpoint_exception_is_said_with_each_ranks_failure() -> None:

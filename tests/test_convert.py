@@ -131,6 +131,8 @@ def outcome(standins: dict[str, dict[str, Path]], tmp_path_factory: pytest.TempP
         # agreed errors inside the ranks, and a failed write
         ("another model", run_convert, (_job(s, "qwen3_moe", "megatron-to-hf", root / "mcore_llama", root / "never", _layout()),)),
         ("failed write", convert_tasks.failing_write, (_job(s, "llama", "hf-to-megatron", s["llama"]["hf"], root / "failed", _layout(tp=2)),)),
+        ("one rank's save fails", convert_tasks.failing_on_one_rank, (_job(s, "llama", "hf-to-megatron", s["llama"]["hf"], root / "one_save", _layout(tp=2)), "save")),
+        ("one rank's load fails", convert_tasks.failing_on_one_rank, (_job(s, "llama", "megatron-to-hf", root / "llama_tp1", root / "one_load", _layout(tp=2)), "load")),
     ]
     started = time.perf_counter()
     results = spawn([(task, args) for _, task, args in tasks], WORLD, timeout_s=1500)
@@ -263,6 +265,18 @@ def test_a_failed_write_is_agreed_and_leaves_nothing(outcome: dict[str, Any]) ->
     assert errors[0] is not None and all(e == errors[0] for e in errors), errors
     assert "No space left on device (simulated)" in errors[0] and "Traceback" not in errors[0]
     assert not any(name.startswith((".failed", "failed")) for name in outcome["leftovers"])
+
+
+@pytest.mark.parametrize("label,step", [("one rank's save fails", "save"), ("one rank's load fails", "load")])
+def test_a_failure_inside_megatron_core_on_one_rank_stops_every_rank(outcome: dict[str, Any], label: str, step: str) -> None:
+    """megatron-core's save or load raising on rank 1 alone: every rank returns the same error,
+    naming rank 1 and its failure (no rank waits in a later collective), and nothing is written."""
+    results = _results(outcome, label)
+    errors = [r.error for r in results]
+    assert errors[0] is not None and all(e == errors[0] for e in errors), errors
+    assert "rank 1:" in errors[0] and f"simulated failure inside megatron-core's {step} on rank 1" in errors[0], errors[0]
+    assert "Traceback" not in errors[0]
+    assert not any(name.startswith(("one_", ".one_")) for name in outcome["leftovers"]), outcome["leftovers"]
 
 
 def test_the_spawn_took_minutes_not_a_timeout(outcome: dict[str, Any]) -> None:

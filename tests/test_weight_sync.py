@@ -551,6 +551,24 @@ def test_an_export_function_failing_on_one_rank_stops_every_rank(spawned: dict[s
     assert len({r["good"] for r in results}) == 1 and results[0]["good"] > results[0]["given"]
 
 
+def test_without_all_stages_a_failing_export_function_stops_its_own_stage(spawned: dict[str, Any]) -> None:
+    """all_stages=False at PP2: each stage walks its own buckets, so the failure is agreed over
+    the ranks of the stage that holds the parameter (one raises its own error, the other a
+    RankError naming it, at the same bucket); the other stage is given all of its tensors."""
+    results = [spawned["results"][rank][6] for rank in range(4)]
+    holders = [r for r in results if r["holds"]]
+    others = [r for r in results if not r["holds"]]
+    assert len(holders) == 2 and len(others) == 2, [(r["rank"], r["holds"]) for r in results]
+    kinds = sorted(r["own_stage"]["outcome"][0] for r in holders)
+    assert kinds == ["RankError", "RuntimeError"], [r["own_stage"] for r in holders]
+    culprit = next(r["rank"] for r in holders if r["own_stage"]["outcome"][0] == "RuntimeError")
+    message = next(r["own_stage"]["outcome"][1] for r in holders if r["own_stage"]["outcome"][0] == "RankError")
+    assert f"rank {culprit} failed making it" in message, message
+    assert holders[0]["own_stage"]["given"] == holders[1]["own_stage"]["given"] < holders[0]["own"]
+    for result in others:
+        assert result["own_stage"]["outcome"] == ("ok", "") and result["own_stage"]["given"] == result["own"] > 0
+
+
 def test_arguments_that_differ_across_ranks_are_refused_on_every_rank(spawned: dict[str, Any]) -> None:
     """bucket_bytes sized per rank, bucket_bytes=0 on one rank, fp8 on one rank, a save whose
     writer_rank differs: every rank raises, naming the argument and each rank's value (the

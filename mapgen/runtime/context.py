@@ -21,13 +21,15 @@ class Group:
 
 @dataclass(frozen=True)
 class ParallelContext:
-    """Tensor (tp), pipeline (pp, with vpp virtual stages), expert (ep) and expert-tensor (etp)."""
+    """Tensor (tp), pipeline (pp, with vpp virtual stages), expert (ep) and expert-tensor (etp);
+    `stage`: every rank of this rank's pipeline stage (its tp, data, context and expert ranks)."""
 
     tp: Group = Group()
     pp: Group = Group()
     ep: Group = Group()
     etp: Group = Group()
     vpp_size: int = 1
+    stage: Group = Group()
 
     @staticmethod
     def single() -> ParallelContext:
@@ -36,12 +38,15 @@ class ParallelContext:
     @staticmethod
     def from_parallel_state() -> ParallelContext:
         """The groups megatron-core's `parallel_state` was initialised with."""
+        import torch.distributed
         from megatron.core import parallel_state as ps
 
         def group(handle: Any, rank: int, size: int) -> Group:
             return Group(rank, size, handle if size > 1 else None)
 
         vpp = ps.get_virtual_pipeline_model_parallel_world_size() or 1
+        stage = ps.get_tensor_and_data_parallel_group(with_context_parallel=True)
+        stage_size = torch.distributed.get_world_size(stage) if stage is not None else 1
         return ParallelContext(
             tp=group(
                 ps.get_tensor_model_parallel_group(),
@@ -64,4 +69,5 @@ class ParallelContext:
                 ps.get_expert_tensor_parallel_world_size(),
             ),
             vpp_size=vpp,
+            stage=group(stage, torch.distributed.get_rank(stage) if stage_size > 1 else 0, stage_size),
         )

@@ -745,17 +745,20 @@ def _make_bucket(module: Module, bucket: BucketPlan, placement: Placement, ctx: 
     return flats, where, kept, failure
 
 
-def _agree_bucket(failure: Exception | None, number: int, count: int) -> None:
-    """Every rank, after bucket `number`'s collectives and before any of its tensors is yielded:
-    if one failed making it, the failing rank raises its own error and every other rank a
-    RankError naming it (one small all_reduce over all ranks)."""
-    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+def _agree_bucket(failure: Exception | None, number: int, count: int, stage: Group | None) -> None:
+    """Every rank that walks bucket `number`, after its collectives and before any of its
+    tensors is yielded: if one failed making it, the failing rank raises its own error and every
+    other rank a RankError naming it (one small all_reduce: over all ranks where every rank walks
+    every bucket, `stage` None; else over the ranks of this pipeline stage, which walk the
+    stage's own buckets and no other)."""
+    single = stage.size == 1 if stage is not None else (not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1)
+    if single:
         if failure is not None:
             raise failure
         return
     rank = torch.distributed.get_rank()
     status = torch.tensor([1 if failure is not None else 0, rank if failure is not None else -1], dtype=torch.int64)
-    torch.distributed.all_reduce(status, op=torch.distributed.ReduceOp.MAX)
+    torch.distributed.all_reduce(status, op=torch.distributed.ReduceOp.MAX, group=stage.handle if stage is not None else None)
     if failure is not None:
         raise failure
     if status[0]:
@@ -842,10 +845,11 @@ def stream_export(
     shapes: dict[str, tuple[int, ...]] = {}  # of stacked-experts tensors, filled when one is met
     stacking: dict[str, tuple[torch.Tensor, set[int]]] = {}
     made: dict[int, _Made] = {}
-    # where every rank walks every bucket, a failure on one rank (an export function raising)
-    # is agreed on per bucket: the failing rank still takes part in the bucket's collectives,
-    # then every rank raises before any of the bucket's tensors is yielded
-    agreed = all_stages or ctx.pp.size == 1
+    # a failure on one rank (an export function raising) is agreed on per bucket: the failing
+    # rank still takes part in the bucket's collectives, then every rank that walks the bucket
+    # raises before any of its tensors is yielded (all ranks, or without all_stages at PP > 1
+    # the ranks of the owning stage: the others never wait on it)
+    stage = None if all_stages or ctx.pp.size == 1 else ctx.stage
     for number, bucket in enumerate(buckets):
         if bucket.owner != ctx.pp.rank and not all_stages:
             continue
@@ -857,10 +861,7 @@ def stream_export(
                     made[ahead] = _make_bucket(module, buckets[ahead], placement, ctx, fmt)
                 for buffer in flats:
                     broadcast_flat(ctx.pp, bucket.owner, buffer)
-        if agreed:
-            _agree_bucket(failure, number, len(buckets))
-        elif failure is not None:
-            raise failure
+        _agree_bucket(failure, number, len(buckets), stage)
         last = len(bucket.outs) - 1
         for position, out in enumerate(bucket.outs):
             if not out.travels:
