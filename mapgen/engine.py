@@ -30,7 +30,7 @@ import torch
 from mapgen.common.errors import MapgenError
 from mapgen.runtime.drivers import Converter
 from mapgen.runtime.shardmap import HFPiece
-from mapgen.runtime.sync import LocalPiece
+from mapgen.runtime.local import LocalPiece
 
 __all__ = [
     "EngineWeights",

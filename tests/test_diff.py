@@ -17,10 +17,9 @@ from mapgen.common.errors import MapgenError
 from mapgen.compiler.build import compile_package, compile_target
 from mapgen.verify import testing
 from mapgen.compiler.write import stale_diff
-from mapgen.compiler.diff import (
-    abstract, diff_paths, diff_revision, report, shown, split_module, summarize, summarize_builds, summarize_modules,
-)
-from mapgen.compiler.diffread import read_package
+from mapgen.compiler.diff import diff_paths, diff_revision, report, summarize, summarize_builds, summarize_modules
+from mapgen.compiler.diffmatch import abstract, shown
+from mapgen.compiler.diffread import read_package, split_module
 
 from spec_cases import BASE_CONFIG, BASE_SPEC
 

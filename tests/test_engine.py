@@ -271,7 +271,7 @@ def test_pieces_of_several_runs_write_their_overlap_with_a_shard() -> None:
     such as its rows of both halves of a stacked [gate; up] slice), for one expert of a stacked
     tensor and for a plain one, each partly inside each shard of every engine split: every
     shard gets exactly the overlap, as `sync.scatter` into the full tensor and a slice give it."""
-    from mapgen.runtime.sync import scatter, take
+    from mapgen.runtime.local import scatter, take
 
     torch.manual_seed(0)
     full = torch.randn(4, 6, 5)

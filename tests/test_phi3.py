@@ -23,7 +23,7 @@ from mapgen.compiler.spec import parse_spec
 from mapgen.runtime.context import Group
 from mapgen.runtime.drivers import export_hf_tensors, load_hf_checkpoint
 from mapgen.runtime.shardmap import ShardLayout, shard_map
-from mapgen.runtime.sync import scatter, take
+from mapgen.runtime.local import scatter, take
 from mapgen.verify import testing
 from mapgen.verify.jobs import Job, run_job, spawn
 

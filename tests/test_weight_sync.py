@@ -25,7 +25,8 @@ from mapgen.compiler.megatron_model import ParallelLayout, build_gpt_model
 from mapgen.runtime.checkpoint import HFCheckpoint
 from mapgen.runtime.collectives import RankError
 from mapgen.runtime.drivers import Converter, export_hf_tensors, load_hf_checkpoint, save_hf_checkpoint
-from mapgen.runtime.sync import FP8, ExportFormatError, quantize_fp8, scatter, take
+from mapgen.runtime.formats import FP8, ExportFormatError, quantize_fp8
+from mapgen.runtime.local import scatter, take
 from mapgen.verify import testing
 from mapgen.verify.jobs import spawn
 from test_fp8 import quantize, reference_dequantize
@@ -131,7 +132,7 @@ def test_bad_export_arguments_are_refused(deepseek: Any) -> None:
     with pytest.raises(ExportFormatError, match=r"'lm_head\(' is not a regular expression"):
         next(converter.export(fp8={"weight_block_size": [128, 128], "modules_to_not_convert": ["lm_head("]}))
     with pytest.raises(ExportFormatError, match="export_local writes no FP8"):
-        from mapgen.runtime.sync import no_fp8_local
+        from mapgen.runtime.local import no_fp8_local
 
         no_fp8_local(converter.export_format(fp8=True))
     for fp8 in (True, (128, 128), {"weight_block_size": [128, 128]}):  # the keyword a user would try
@@ -466,7 +467,7 @@ def test_pipeline_stages_make_their_next_bucket_while_another_travels() -> None:
     """At PP > 1, while a bucket of another stage travels, a stage makes its own next bucket
     (instead of waiting for it to arrive, then making its own), only where that bucket fits in
     bucket_bytes beside every bucket before it, which the stage receives while holding it."""
-    from mapgen.runtime.sync import BucketPlan, _made_ahead
+    from mapgen.runtime.buckets import BucketPlan, _made_ahead
 
     def bucket(owner: int, cost: int) -> BucketPlan:
         return BucketPlan(owner, (), (), (), cost)

@@ -41,27 +41,20 @@ from mapgen.runtime.ownership import (
 from mapgen.runtime import mx, package
 from mapgen.runtime.package import FORMAT, is_package
 from mapgen.runtime.plan import ExportFn, HFTensorPlan, ImportFn, Loader, ParamPlan
-from mapgen.runtime.sync import (
-    BucketPlan,
+from mapgen.runtime.buckets import BucketPlan, ExportBound, plan_buckets
+from mapgen.runtime.formats import (
     DtypeArg,
-    ExportBound,
     ExportFormat,
     ExportFormatError,
     FP8Arg,
     LoadedFormat,
     QuantArg,
-    LocalParam,
-    LocalPiece,
     as_dtype,
     config_dtype,
-    hf_order as hf_order,  # re-exported: where an HF name stands in HF order
-    local_param_pieces,
-    local_plan,
-    no_fp8_local,
-    plan_buckets,
     resolve_format,
-    stream_export,
 )
+from mapgen.runtime.local import LocalParam, LocalPiece, local_param_pieces, local_plan, no_fp8_local
+from mapgen.runtime.sync import stream_export
 from mapgen.runtime.vocab import VOCAB_PARAMS, padded_block, padded_rows_problem
 
 DEFAULT_BUCKET_BYTES = 256 * 2**20
@@ -600,7 +593,7 @@ class Converter:
         rank), whether every rank of its TP (expert-TP) group holds the same piece
         (`replicated`) and whether this rank is the one to take it from (`primary`: not
         replicated, or group rank 0). A consumer scatters them into its own buffers
-        (`mapgen.runtime.sync.scatter`). Across the ranks of one data-parallel replica, the
+        (`mapgen.runtime.local.scatter`). Across the ranks of one data-parallel replica, the
         primary pieces cover every HF tensor exactly once. No FP8: a 128 x 128 block may span ranks,
         so any `fp8` but None or False is refused with a message that says what to do instead;
         `dtype` as in `export`. A model that does not match the module raises here, on this rank only.
