@@ -163,7 +163,8 @@ def baseline_megatron_to_hf(folder: Path, checkpoint: Any, out: Path, rank: int,
 
 def measure(module_path: str, hf_dir: str, layout: ParallelLayout, work_dir: str, repeat: int) -> dict[str, Any]:
     """In every rank: mapgen convert both ways and the baselines, best of `repeat`."""
-    from mapgen.convert import ConvertJob, _cpu_dist_checkpointing, read_megatron_checkpoint, run_convert
+    from mapgen.convert import ConvertJob, _cpu_dist_checkpointing, run_convert
+    from mapgen.megatron_checkpoint import read_megatron_checkpoint
 
     rank, world = dist.get_rank(), dist.get_world_size()
     source = Path(hf_dir)

@@ -736,7 +736,7 @@ def _run_convert(direction: str, generated: str, source: str, out_dir: str, layo
         if direction == "megatron-to-hf" and hf_config is not None:
             config = Path(hf_config)
         elif direction == "megatron-to-hf" and not config.is_file():
-            from mapgen.convert import read_megatron_checkpoint
+            from mapgen.megatron_checkpoint import read_megatron_checkpoint
 
             read_megatron_checkpoint(source)  # says what is wrong with SOURCE, if anything
             raise MapgenError(

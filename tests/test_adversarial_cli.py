@@ -280,7 +280,7 @@ def test_a_checkpoint_exception_is_said_with_each_ranks_failure() -> None:
     convert catches it by name and says each rank's failure in a line."""
     from torch.distributed.checkpoint.api import CheckpointException
 
-    from mapgen.convert import checkpoint_failure
+    from mapgen.megatron_checkpoint import checkpoint_failure
 
     full = OSError(errno.ENOSPC, "No space left on device")
     exc = CheckpointException("write failed", {0: (full, None), 1: (full, None), 3: (EOFError(), None)})

@@ -31,7 +31,8 @@ from safetensors.torch import load_file
 
 from mapgen.compiler.build import compile_target
 from mapgen.compiler.megatron_model import ParallelLayout
-from mapgen.convert import ConvertJob, ConvertResult, read_megatron_checkpoint, run_convert
+from mapgen.convert import ConvertJob, ConvertResult, run_convert
+from mapgen.megatron_checkpoint import read_megatron_checkpoint
 from mapgen.verify import testing
 from mapgen.verify.jobs import TaskFailed, same_bits, spawn
 
@@ -414,7 +415,8 @@ def test_tensors_no_rank_reads_and_optimizer_state_are_told_apart(tmp_path: Path
     """A checkpoint with a layer more than the model (per-layer keys, as megatron-core writes
     DeepSeek's): the extra layer's tensors are named; optimizer tensors of a training
     checkpoint are not the model's and are left alone."""
-    from mapgen.convert import MegatronCheckpoint, _unused_tensors
+    from mapgen.convert import _unused_tensors
+    from mapgen.megatron_checkpoint import MegatronCheckpoint
 
     f32 = torch.float32
     tensors = {
