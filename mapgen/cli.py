@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -22,12 +21,11 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from mapgen.common.console import quiet_libraries
 from mapgen.common.errors import MapgenError
 from mapgen.common.layout import HF_EXPERTS, LAYOUTS, MODEL_CLASSES
-from mapgen.compiler.packaged import TARGETS_FILE, specs_folder
-from mapgen.compiler.diff import diff_paths, diff_revision, report, summarize_file
+from mapgen.compiler.packaged import TARGETS_FILE, find_root, module_spec, specs_folder
+from mapgen.compiler.diff import diff_paths, diff_revision, report
 from mapgen.compiler.write import (
     WrittenPackage,
     check_output,
-    existing_output,
     stale_diff,
     stale_files,
     write_if_changed,
@@ -37,13 +35,6 @@ from mapgen.compiler.write import (
 F = TypeVar("F", bound=Callable[..., Any])
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 RAW_DIFF_LINES = 400  # of each stale module's unified diff, after its summary
-
-
-def find_root(start: Path) -> Path:
-    for folder in (start, *start.parents):
-        if (folder / TARGETS_FILE).is_file():
-            return folder
-    raise MapgenError(f"no {TARGETS_FILE} in {start} or any folder above it")
 
 
 def _progress() -> Progress:
@@ -348,39 +339,6 @@ def _module_file(generated: str) -> Path:
     return Path(found.origin)
 
 
-SPEC_LINE = re.compile(r"^# Spec: +(.+) sha256:([0-9a-f]{64})$", re.MULTILINE)
-
-
-def module_spec(module_file: Path, written: str) -> Path:
-    """The spec file `module_file` was built from. `written` is its SOURCES[0], relative to the
-    folder the module was built in, which the module does not record: tried from the working
-    directory, from the repository holding the module, then as a spec this mapgen ships (a wheel
-    install); the first that exists and has the sha256 of the module's header wins."""
-    with module_file.open(encoding="utf-8") as text:
-        header = SPEC_LINE.search(text.read(4096))
-    wanted = header.group(2) if header else None
-    path = Path(written)
-    candidates = [path] if path.is_absolute() else [Path.cwd() / path]
-    if not path.is_absolute():
-        try:
-            candidates.append(find_root(module_file.resolve().parent) / path)
-        except MapgenError:
-            pass  # not in a repository laid out like this one
-    try:
-        candidates.append(specs_folder() / path.name)
-    except MapgenError:
-        pass
-    existing = [c for c in dict.fromkeys(c.resolve() for c in candidates) if c.is_file()]
-    for candidate in existing:
-        if wanted is None or hashlib.sha256(candidate.read_bytes()).hexdigest() == wanted:
-            return candidate
-    differ = f" ({', '.join(map(str, existing))} differ from it)" if existing else ""
-    raise MapgenError(
-        f"{module_file}: its spec {written}" + (f" sha256:{wanted}" if wanted else "")
-        + f" is needed to build the local-layout twin that verify and convert run on CPU, and is not found{differ}"
-        f"; tried {', '.join(map(str, candidates))}. Run verify from the folder the module was built in,"
-        " or verify a local-layout module: mapgen build SPEC CONFIG -o OUT.py --layout local"
-    )
 
 
 def _local_twin(

@@ -92,7 +92,7 @@ def spec_location(module: ModuleType, module_file: Path | None, rule_id: str) ->
     sources = getattr(module, "SOURCES", ())
     if module_file is None or not sources:
         return "spec not known (the module names no spec file)"
-    from mapgen.cli import module_spec
+    from mapgen.compiler.packaged import module_spec
 
     try:
         spec = module_spec(module_file, sources[0])
@@ -228,6 +228,10 @@ def _inverse(shards: ParamShards) -> str | None:
         return "then each rank's [q_t; k_t; v_t; z_t; b_t; a_t] split and re-packed per key head into qkvz and ba"
     if rule.kind == "gdn_in_proj_sections":
         return "then each rank's [q_t; k_t; v_t; z_t; b_t; a_t] split, each section's blocks joined, q, k and v into qkv"
+    if rule.kind == "mamba_in_proj":
+        return "then each rank's [z_t; x_t; B_t; C_t; dt_t] split, each section's blocks joined back into [z; x; B; C; dt]"
+    if rule.kind == "mamba_conv1d":
+        return "then each rank's [x_t; B_t; C_t] split, each section's blocks joined back into [x; B; C]"
     if rule.kind == "gdn_conv1d":
         return "then each rank's [q_t; k_t; v_t] split, the q, k and v sections joined back into [q; k; v]"
     if rule.kind == "reshape":
