@@ -14,14 +14,15 @@ from typing import Any, TypeVar
 import click
 
 from mapgen import __version__
-from mapgen.common.files import module_label, share_tree, temporary_folder
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from mapgen.common.console import quiet_libraries
 from mapgen.common.errors import MapgenError
 from mapgen.common.layout import HF_EXPERTS, LAYOUTS, MODEL_CLASSES
-from mapgen.compiler.packaged import TARGETS_FILE, find_root, module_spec, specs_folder
+from mapgen.compiler.packaged import TARGETS_FILE, find_root, specs_folder
+from mapgen.standin import write_mxfp4_standin, write_standin
+from mapgen.twin import find_module_file, local_twin, scratch_folder, shown_as_given
 from mapgen.compiler.diff import diff_paths, diff_revision, report
 from mapgen.compiler.write import (
     WrittenPackage,
@@ -310,107 +311,8 @@ def diff_command(paths: tuple[str, ...], rev: str | None) -> None:
     sys.exit(1 if any(sections) else 0)
 
 
-def _module_file(generated: str) -> Path:
-    """The module file GENERATED names: a one-file module, a target package's `__init__.py` (the
-    package folder given), a target of generated/ here, or an importable module."""
-    path = Path(generated)
-    if path.is_file():
-        return path
-    if path.is_dir() and (path / "__init__.py").is_file():
-        return path / "__init__.py"
-    if generated.isidentifier():  # a target of the repository here (generated/ is not installed)
-        try:
-            folder = find_root(Path.cwd()) / "generated"
-        except MapgenError:
-            folder = None
-        for checked_in in ([folder / generated / "__init__.py", folder / f"{generated}.py"] if folder else []):
-            if checked_in.is_file():
-                return checked_in
-    import importlib.util
-
-    try:
-        found = importlib.util.find_spec(generated if "." in generated else f"generated.{generated}")
-    except ModuleNotFoundError:  # its package is not importable
-        found = None
-    if found is None or found.origin is None:
-        raise MapgenError(
-            f"{generated}: neither a file, a target in generated/ of a repository here, nor an importable module"
-        )
-    return Path(found.origin)
-
-
-
-
-def _local_twin(
-    module_file: Path, config: Path, folder: Path, say: Callable[[str], None], note: Callable[[str], None]
-) -> Path:
-    """A te-layout module is checked through the local-layout module of the same spec for the
-    checkpoint's config (`config`, the user's file): TransformerEngine does not run on CPU. The
-    twin is written into `folder` (temporary); `say` is told the phase, `note` a remark."""
-    from mapgen.compiler.build import compile_target, recorded_ignored_fields
-
-    from mapgen.verify.jobs import config_problems, load_mapping_module
-
-    say(f"importing {module_file}")
-    module = load_mapping_module(module_file)
-    ignored = recorded_ignored_fields(module_file)  # what it was built to accept, the twin too
-    if module.LAYOUT == "local":
-        # the module was built from some config; the one beside the weights must give the same
-        # model, or transformers' reference is another model (a te module's twin is built from it)
-        try:
-            spec = module_spec(module_file, module.SOURCES[0])
-        except (MapgenError, AttributeError, IndexError, TypeError):
-            note(f"note: the spec of {module_file} is not found; {config} is not compared with its DIMS")
-            return module_file
-        if problems := config_problems(module, spec, config, ignored):
-            raise MapgenError(f"{config} does not describe the model {module_file} maps:\n  " + "\n  ".join(problems))
-        return module_file
-    spec = module_spec(module_file, module.SOURCES[0])
-    twin = folder / f"{module_label(module_file)}_local.py"
-    say(f"building the local-layout twin of {module_label(module_file)} for {config}")  # TE does not run on CPU
-    twin.write_text(
-        compile_target(
-            twin.stem, spec, config, "local", "mapgen verify (local twin)", model=getattr(module, "MODEL", "gpt"),
-            ignore_config_fields=ignored,
-        )
-    )
-    return twin
-
-
-def _shown(text: str, temporary: Path | None, names: dict[Path, Path]) -> str:
-    """`text` with the files of the `temporary` folder named as the user knows them (`names`:
-    the local twin -> the module given); any other path in it said to be temporary."""
-    for path, given in names.items():
-        for spelling in dict.fromkeys((str(path), os.path.realpath(path))):
-            text = text.replace(spelling, str(given))
-    for spelling in dict.fromkeys((str(temporary), os.path.realpath(temporary)) if temporary else ()):
-        text = text.replace(spelling, "(mapgen's temporary folder)")
-    return text
-
-
 def _is_first_rank() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
-
-
-def _scratch_folder(kind: str) -> Any:
-    """A temporary folder for verify's and convert's local twin (`tempfile.TemporaryDirectory`),
-    named `mapgen-KIND-HOST-PID-...`. A killed run cannot remove its own: the folders of this
-    kind that this user's runs on this host left, whose process is gone, are removed first."""
-    import shutil
-    import tempfile
-
-    from mapgen.common.files import host_tag, process_alive
-
-    prefix = f"mapgen-{kind}-{host_tag()}-"
-    try:
-        left = [p for p in Path(tempfile.gettempdir()).glob(f"{prefix}*") if p.is_dir() and p.stat().st_uid == os.getuid()]
-    except OSError:
-        left = []
-    for folder in left:
-        pid = folder.name[len(prefix):].split("-", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
-            shutil.rmtree(folder, ignore_errors=True)
-    return tempfile.TemporaryDirectory(prefix=f"{prefix}{os.getpid()}-")
 
 
 VOCAB_DEFAULT = 128  # Megatron-LM's --make-vocab-size-divisible-by
@@ -441,10 +343,10 @@ def verify(generated: str, hf_dir: str, tp: int, pp: int, vpp: int, ep: int, etp
     temporary: Path | None = None  # the local twin's folder, once made
     phases = Phases("verify", enabled=_is_first_rank(), console=err)
     try:
-        module_file = _module_file(generated)
+        module_file = find_module_file(generated)
         if problems := size_problems(sizes):  # before torch is imported: seconds
             raise MapgenError(f"cannot verify {module_file} on {hf_dir}:\n  " + "\n  ".join(problems))
-        with _scratch_folder("verify") as folder, phases:  # phases closed first
+        with scratch_folder("verify") as folder, phases:  # phases closed first
             temporary = Path(folder)
             phases("importing torch")
             from mapgen.compiler.megatron_model import ParallelLayout
@@ -453,7 +355,7 @@ def verify(generated: str, hf_dir: str, tp: int, pp: int, vpp: int, ep: int, etp
 
             layout = ParallelLayout(tp=tp, pp=pp, vpp=vpp, ep=ep, etp=etp, dp=dp, first_stage_layers=first_stage_layers,
                                     last_stage_layers=last_stage_layers)
-            twin = _local_twin(module_file, Path(hf_dir) / "config.json", temporary, phases, phases.note)
+            twin = local_twin(module_file, Path(hf_dir) / "config.json", temporary, phases, phases.note)
             if twin != module_file:
                 names[twin] = module_file
             progress = temporary / "phases.txt"
@@ -461,10 +363,10 @@ def verify(generated: str, hf_dir: str, tp: int, pp: int, vpp: int, ep: int, etp
             job = Job(str(twin), hf_dir, layout, make_vocab_size_divisible_by, progress=str(progress), scratch=folder)
             (result,) = run_verify([job], layout.world_size, phase=phases)
     except MapgenError as exc:
-        err.print(_shown(str(exc), temporary, names), markup=False)
+        err.print(shown_as_given(str(exc), temporary, names), markup=False)
         sys.exit(2)
     if _is_first_rank():
-        click.echo(_shown(result.summary(), temporary, names))
+        click.echo(shown_as_given(result.summary(), temporary, names))
     sys.exit(0 if result.ok else 1)
 
 
@@ -492,9 +394,9 @@ def standin(
 
     vocab_size = standin_vocab_size(make_vocab_size_divisible_by)
     try:
-        created = _save_standin(Path(config), Path(out_dir), seed, DTYPES[dtype], vocab_size)
+        created = write_standin(Path(config), Path(out_dir), seed, DTYPES[dtype], vocab_size)
         if mxfp4_twin is not None:
-            _mxfp4_standin(Path(config), Path(out_dir), Path(mxfp4_twin))
+            write_mxfp4_standin(Path(config), Path(out_dir), Path(mxfp4_twin))
     except MapgenError as exc:
         err.print(str(exc), markup=False)
         sys.exit(2)
@@ -503,119 +405,6 @@ def standin(
     err.print(f"wrote a tiny {dtype} stand-in of {config} (vocabulary {vocab_size}) to {out_dir}", markup=False)
     if mxfp4_twin is not None:
         err.print(f"stored its expert weights in MXFP4; its dequantized twin is in {mxfp4_twin}", markup=False)
-
-
-def _mxfp4_standin(config: Path, out: Path, twin: Path) -> None:
-    """Turn the stand-in in `out` into its MXFP4 form and write its dequantized twin to `twin`
-    (each folder's files replaced whole once both are written)."""
-    import shutil
-
-    from mapgen.verify.mxfp4_standin import write_mxfp4_twins
-
-    published = json.loads(config.read_text()).get("quantization_config")
-    quantization = published if isinstance(published, dict) and published.get("quant_method") == "mxfp4" else None
-    staging = temporary_folder(out.parent, f".{out.name}.mxfp4.", ".tmp")
-    try:
-        try:
-            write_mxfp4_twins(out, staging / "mxfp4", staging / "twin", quantization)
-        except ValueError as exc:
-            raise MapgenError(f"{config}: cannot write an MXFP4 stand-in: {exc}") from None
-        twin.mkdir(parents=True, exist_ok=True)
-        share_tree(staging)
-        for folder, target in ((staging / "twin", twin), (staging / "mxfp4", out)):
-            for item in folder.iterdir():
-                os.replace(item, target / item.name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def _save_standin(config: Path, out: Path, seed: int, dtype: Any, vocab_size: int) -> list[Path]:
-    """`mapgen standin`'s work: the folders it created. Any failure leaves nothing behind."""
-    import shutil
-
-    from mapgen.compiler.build import input_text, read_input
-    from mapgen.compiler.config import read_hf_config
-    from mapgen.verify.testing import save_standin, standin_problems
-    from mapgen.compiler.write import make_folders
-
-    shown = str(config)
-    hf_config = read_hf_config(shown, input_text(read_input(config, shown), shown))
-    fields = hf_config.fields
-    problems = standin_problems(fields)
-    if problems:
-        raise MapgenError(f"{shown}: mapgen standin cannot shrink this config: " + "; ".join(problems))
-    _read_as_build_reads(hf_config)
-    if os.path.lexists(out) and not out.is_dir():
-        raise MapgenError(f"cannot write the stand-in into {out}: it is not a folder")
-    created = make_folders(out.parent)
-    try:
-        try:
-            staging = temporary_folder(out.parent, f".{out.name}.", ".tmp")
-        except OSError as exc:
-            raise MapgenError(f"cannot write the stand-in into {out}: {exc.strerror}") from None
-        try:
-            try:
-                save_standin(fields, staging, seed, dtype=dtype, vocab_size=vocab_size)
-            except OSError as exc:
-                raise MapgenError(f"cannot write the stand-in into {out}: {exc.strerror or exc}") from None
-            except Exception as exc:  # transformers' verdict on a config it cannot build
-                raise MapgenError(
-                    f"{shown}: transformers cannot build a stand-in of this config: {type(exc).__name__}: "
-                    + (str(exc).strip().splitlines() or ["(no message)"])[0][:300]
-                ) from None
-            share_tree(staging)  # readable by others as the umask allows, as save_pretrained's files are
-            if not out.exists():
-                staging.rename(out)
-            else:  # an existing folder: each file replaced whole
-                for item in staging.iterdir():
-                    os.replace(item, out / item.name)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-    except BaseException:
-        for folder in reversed(created):
-            shutil.rmtree(folder, ignore_errors=True)
-        raise
-    return created
-
-
-# the config fields a stand-in replaces by its own (mapgen.verify.testing.standin_config): each,
-# where the config has it, must be what build takes (a positive integer), not replaced silently
-_SHRUNK_COUNTS = ("num_hidden_layers", "num_local_experts", "num_experts", "n_routed_experts", "moe_intermediate_size",
-                  "num_experts_per_tok", "intermediate_size", "vocab_size")
-
-
-def _read_as_build_reads(config: Any) -> None:
-    """Refuse what `mapgen build` refuses of `config` (an HFConfig), though the stand-in replaces
-    those values: the dims the family's spec reads from it (`translate`, as build evaluates
-    them; fields the spec does not read are not build's concern here), and the counts it shrinks."""
-    from dataclasses import replace
-
-    from mapgen.common.errors import SpecError
-    from mapgen.compiler.config import spec_reads, translate
-    from mapgen.compiler.spec import parse_spec
-    from mapgen.verify.testing import _family_spec
-
-    fields = config.fields
-    wrong = [
-        f"{config.where(name)}: config field '{name}' is {json.dumps(fields[name])}: build takes a positive integer"
-        for name in _SHRUNK_COUNTS
-        if name in fields and fields[name] is not None
-        and (isinstance(fields[name], bool) or not isinstance(fields[name], int) or fields[name] < 1)
-    ]
-    model_type = fields.get("model_type")
-    spec_path = _family_spec(model_type) if isinstance(model_type, str) else None
-    if spec_path is not None:
-        from mapgen.compiler.build import display_path
-
-        spec = parse_spec(display_path(spec_path), spec_path.read_text(encoding="utf-8"))
-        known = spec_reads(spec) | {entry.path for entry in spec.config_fields}
-        unread = frozenset(n for n in fields if not any(k == n or k.startswith(n + ".") for k in known))
-        try:  # as the spec's architecture: a config of another one is a stand-in's business
-            translate(spec, replace(config, architectures=(spec.hf_architecture,)), unread)
-        except SpecError as exc:
-            wrong = exc.messages  # build's own words, which name the same fields
-    if wrong:
-        raise SpecError(wrong)
 
 
 @main.command(name="explain")
@@ -639,7 +428,7 @@ def explain_command(generated: str, name: str, tp: int, pp: int, vpp: int, ep: i
     layout = ShardLayout(tp=tp, pp=pp, vpp=vpp, ep=ep, etp=etp, dp=dp, first_stage_layers=first_stage_layers,
                          last_stage_layers=last_stage_layers, make_vocab_size_divisible_by=make_vocab_size_divisible_by)
     try:
-        module_file = _module_file(generated)
+        module_file = find_module_file(generated)
         sizes = dict(tp=tp, pp=pp, vpp=vpp, ep=ep, dp=layout.data_parallel, etp=etp, first_stage_layers=first_stage_layers,
                      last_stage_layers=last_stage_layers, make_vocab_size_divisible_by=make_vocab_size_divisible_by)
         if problems := size_problems(sizes):  # the limits verify and convert have, by flag
@@ -683,7 +472,7 @@ def _run_convert(direction: str, generated: str, source: str, out_dir: str, layo
     names: dict[Path, Path] = {}
     temporary: Path | None = None  # the local twin's folder, once made
     try:
-        module_file = _module_file(generated)
+        module_file = find_module_file(generated)
         problems = size_problems({**flags, "make_vocab_size_divisible_by": settings.get("make_vocab_size_divisible_by")})
         if direction == "megatron-to-hf":
             problems += folder_problems(Path(source), "give the folder Megatron-LM's --load takes")
@@ -706,14 +495,14 @@ def _run_convert(direction: str, generated: str, source: str, out_dir: str, layo
         from mapgen.convert import convert as run
 
         layout = ParallelLayout(**flags)
-        with _scratch_folder("convert") as folder:
+        with scratch_folder("convert") as folder:
             temporary = Path(folder)
 
             def note(text: str) -> None:
                 if _is_first_rank():
                     err.print(text, markup=False)
 
-            twin = _local_twin(module_file, config, temporary, lambda phase: None, note)
+            twin = local_twin(module_file, config, temporary, lambda phase: None, note)
             if twin != module_file:
                 names[twin] = module_file
                 note(f"converting through the local-layout twin of {module_file}, built for {config}")
@@ -725,12 +514,12 @@ def _run_convert(direction: str, generated: str, source: str, out_dir: str, layo
             job = ConvertJob(direction, str(twin), source, out_dir, layout, fields, key_style=style, **settings)
             result = run(job)
     except (MapgenError, OSError, ValueError) as exc:
-        err.print(_shown(str(exc), temporary, names), markup=False)
+        err.print(shown_as_given(str(exc), temporary, names), markup=False)
         sys.exit(2)
     if _is_first_rank():
         for created in result.created if result.error is None else []:
             err.print(f"created folder {created}", markup=False)
-        err.print(_shown(result.summary(), temporary, names), markup=False)
+        err.print(shown_as_given(result.summary(), temporary, names), markup=False)
     sys.exit(0 if result.error is None else 2 if result.bad_input else 1)
 
 

@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from mapgen.cli import _shown, main
+from mapgen.cli import main
+from mapgen.twin import shown_as_given
 from mapgen.common.console import Phases
 from mapgen.compiler.build import compile_target
 from mapgen.verify import testing
@@ -176,7 +177,7 @@ def test_temporary_paths_are_named_as_the_user_knows_them(tmp_path: Path) -> Non
     (tmp_path / "link").symlink_to(temporary)
     twin = tmp_path / "link" / "mod_local.py"  # a spelling through a link: its real path is also replaced
     text = f"{twin}:3: bad; {temporary / 'mod_local.py'} again; {temporary / 'phases.txt'}"
-    shown = _shown(text, tmp_path / "link", {twin: Path("generated/mod")})
+    shown = shown_as_given(text, tmp_path / "link", {twin: Path("generated/mod")})
     assert shown == "generated/mod:3: bad; generated/mod again; (mapgen's temporary folder)/phases.txt"
 
 

@@ -161,7 +161,7 @@ def test_what_rebuilds_a_module_passes_its_ignored_fields_along(folder: Path, tm
     """verify's and convert's config check and local twin use the fields the module was built to
     accept: a te package built with --ignore-config-field gets its twin, a local one passes the
     check; without the flag recorded, the same config is refused."""
-    from mapgen import cli
+    from mapgen.twin import local_twin
 
     args = ["--layout", "te", "--ignore-config-field", "sliding_window"]
     assert _mapgen(["build", "llama.yaml", "arch.json", "-o", "te_pkg", *args], folder).returncode == 0
@@ -170,12 +170,12 @@ def test_what_rebuilds_a_module_passes_its_ignored_fields_along(folder: Path, tm
     said: list[str] = []
     monkeypatch.chdir(folder)  # the spec is found by the name the header records
     te, local, plain = (folder / name / "__init__.py" for name in ("te_pkg", "local_pkg", "plain_pkg"))  # as the CLI gives them
-    twin = cli._local_twin(te, folder / "arch.json", tmp_path, said.append, said.append)
+    twin = local_twin(te, folder / "arch.json", tmp_path, said.append, said.append)
     assert twin.is_file() and "# Regenerate:" in twin.read_text()
-    assert cli._local_twin(local, folder / "arch.json", tmp_path, said.append, said.append) == local
+    assert local_twin(local, folder / "arch.json", tmp_path, said.append, said.append) == local
     assert _mapgen(["build", "llama.yaml", "tiny.json", "-o", "plain_pkg", "--layout", "local"], folder).returncode == 0
     with pytest.raises(MapgenError, match="sliding_window"):
-        cli._local_twin(plain, folder / "arch.json", tmp_path, said.append, said.append)
+        local_twin(plain, folder / "arch.json", tmp_path, said.append, said.append)
 
 
 def test_ignore_config_field_names_that_cannot_be_recorded_are_refused(folder: Path) -> None:
