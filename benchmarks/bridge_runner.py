@@ -23,6 +23,13 @@ parallel_state, builds its pipeline stage of a megatron-core GPTModel with the *
   plan made once, as a held mapgen Converter holds its own), and, where Bridge has it (0.6.2),
   with `weight_dtype=torch.bfloat16` (compared with the checkpoint cast to bf16).
 
+--dtype bf16 builds the model in bf16 (params_dtype, pipeline_dtype, bf16=True); --stream (real
+widths, benchmarks/realwidth.py) keeps no exported tensor in the timed exports (each is dropped as
+a weight-sync consumer would), runs no bf16-export phase, and checks one more, untimed export on
+rank 0 tensor by tensor against the checkpoint instead; every phase's peak RSS per rank (VmHWM,
+reset through /proc/self/clear_refs before it) and the mapped file pages (RssFile) are reported,
+with every repeat's time (`times_s`) and the medians.
+
 A time is the slowest rank's in a repeat, best over repeats (a barrier before each timed phase;
 what is alive before the first is collected and frozen, gc.freeze, so that a phase pays for
 collecting its own garbage only, as in mapgen's benchmark).
@@ -72,6 +79,7 @@ import gc
 import json
 import os
 import socket
+import statistics
 import sys
 import tempfile
 import time
@@ -89,6 +97,9 @@ te_gate.install()  # before anything imports megatron (also in the spawned proce
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def log(*parts: Any) -> None:
@@ -185,7 +196,7 @@ def moe_config(hf_config: dict[str, Any], ep: int) -> dict[str, Any]:
     )
 
 
-def build_model_chunk(hf_config: dict[str, Any], tp: int, pp: int, ep: int = 1) -> Any:
+def build_model_chunk(hf_config: dict[str, Any], tp: int, pp: int, ep: int = 1, dtype: torch.dtype = torch.float32) -> Any:
     from megatron.core import parallel_state
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.models.gpt.gpt_model import GPTModel
@@ -216,7 +227,8 @@ def build_model_chunk(hf_config: dict[str, Any], tp: int, pp: int, ep: int = 1) 
         hidden_dropout=0.0,
         attention_dropout=0.0,
         use_cpu_initialization=True,
-        params_dtype=torch.float32,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
         sequence_parallel=False,
         masked_softmax_fusion=False,
         bias_activation_fusion=False,
@@ -225,7 +237,7 @@ def build_model_chunk(hf_config: dict[str, Any], tp: int, pp: int, ep: int = 1) 
         gradient_accumulation_fusion=False,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
-        pipeline_dtype=torch.float32,
+        pipeline_dtype=dtype,
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -299,7 +311,7 @@ def run_case(rank: int, world: int, args: argparse.Namespace, hf_dir: Path, brid
 
     load = [round(x, 2) for x in os.getloadavg()]  # the machine's load at the start of the case
     hf_config = json.loads((hf_dir / "config.json").read_text())
-    chunks = [build_model_chunk(hf_config, args.tp, args.pp, args.ep)]
+    chunks = [build_model_chunk(hf_config, args.tp, args.pp, args.ep, DTYPES[args.dtype])]
     bridge = AutoBridge.from_hf_pretrained(bridge_dir)
 
     import inspect
@@ -314,34 +326,45 @@ def run_case(rank: int, world: int, args: argparse.Namespace, hf_dir: Path, brid
     # mapgen's benchmark does)
     gc.collect()
     gc.freeze()
+    peaks: dict[str, float] = {}
     for _ in range(args.repeat):
         dist.barrier()
+        reset_peak()
         started = time.perf_counter()
         bridge.load_hf_weights(chunks, bridge_dir)
         times["import"].append(time.perf_counter() - started)
+        peaks["import"] = max(peaks.get("import", 0.0), peak_mib())
+        peaks["import_file"] = max(peaks.get("import_file", 0.0), peak_mib("RssFile"))
         try:
             # fresh: what export_hf_weights does when called; held: the conversion tasks
             # (Bridge's plan) made once beforehand and passed in, as a weight-sync loop may
             if tasks is None:
                 tasks = bridge.get_conversion_tasks(chunks)
             phases: list[tuple[str, dict[str, Any]]] = [("export", {}), ("export_held", {"conversion_tasks": tasks})]
-            if bf16:
+            if bf16 and not args.stream:
                 phases.append(("export_bf16", {"weight_dtype": torch.bfloat16}))
             for phase, options in phases:
                 dist.barrier()
+                reset_peak()
                 exported[phase] = {}
                 started = time.perf_counter()
                 for name, tensor in bridge.export_hf_weights(chunks, cpu=True, show_progress=False, **options):
-                    exported[phase][name] = tensor
+                    if not args.stream:  # --stream: each tensor dropped as a weight-sync consumer would
+                        exported[phase][name] = tensor
                 times[phase].append(time.perf_counter() - started)
+                peaks[phase] = max(peaks.get(phase, 0.0), peak_mib())
+                peaks[phase + "_file"] = max(peaks.get(phase + "_file", 0.0), peak_mib("RssFile"))
         except Exception as error:  # noqa: BLE001 - reported (Bridge 0.3.1 at EP > 1)
             export_error = f"{type(error).__name__}: {error}"
             log(f"rank {rank}: export failed:\n{traceback.format_exc()}")
             break
     expert_problems = imported_expert_problems(chunks, hf_dir, hf_config, args) if args.ep > 1 else []
+    streamed = None
+    if args.stream and export_error is None:  # one untimed export, checked tensor by tensor on rank 0
+        streamed = stream_check(bridge, chunks, hf_dir, rank)
 
     all_times: list[Any] = [None] * world
-    dist.all_gather_object(all_times, (times, export_error, expert_problems))
+    dist.all_gather_object(all_times, (times, export_error, expert_problems, {k: round(v) for k, v in peaks.items()}))
     result: dict[str, Any] = {}
     if rank == 0:
 
@@ -349,8 +372,17 @@ def run_case(rank: int, world: int, args: argparse.Namespace, hf_dir: Path, brid
             runs = min(len(t[0][phase]) for t in all_times)
             return round(min(max(t[0][phase][r] for t in all_times) for r in range(runs)), 4) if runs else None
 
+        def median(phase: str) -> float | None:
+            runs = min(len(t[0][phase]) for t in all_times)
+            return round(statistics.median(max(t[0][phase][r] for t in all_times) for r in range(runs)), 4) if runs else None
+
         errors = sorted({t[1] for t in all_times if t[1]})
         result = {
+            "times_s": {phase: [round(max(t[0][phase][r] for t in all_times), 4)
+                                for r in range(min(len(t[0][phase]) for t in all_times))] for phase in times},
+            "import_median_s": median("import"), "export_median_s": median("export"),
+            "export_held_median_s": median("export_held"),
+            "peak_rss_mib": [t[3] for t in all_times],
             "import_s": best("import"),
             "import_first_s": round(max(t[0]["import"][0] for t in all_times), 4),
             "layout": f"tp{args.tp}pp{args.pp}ep{args.ep}",
@@ -359,7 +391,12 @@ def run_case(rank: int, world: int, args: argparse.Namespace, hf_dir: Path, brid
         for t in all_times:
             for problem in t[2][:5]:
                 log(f"import mismatch: {problem}")
-        if errors:
+        if args.stream and not errors:
+            result |= {"export_s": best("export"), "export_held_s": best("export_held"), "export_bf16_s": None,
+                       "tensors": streamed["tensors"], "mismatched": streamed["mismatched"],
+                       "mismatched_per_export": {"export (untimed pass)": streamed["mismatched"]},
+                       "exported_in_other_dtype": streamed["other_dtype"]}
+        elif errors:
             result |= {"export_s": None, "export_held_s": None, "export_bf16_s": None, "export_error": errors[0],
                        "tensors": 0, "mismatched": None}
         else:
@@ -384,6 +421,52 @@ def run_case(rank: int, world: int, args: argparse.Namespace, hf_dir: Path, brid
         result |= {"hf_dir": str(hf_dir), "load_at_start": load}
     del chunks
     return result
+
+
+def peak_mib(field: str = "VmHWM") -> float:
+    """This process's peak RSS (VmHWM) in MiB since the last reset_peak(); or another field of
+    /proc/self/status now (RssFile: file pages mapped, such as a checkpoint's)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def reset_peak() -> None:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM back to the current RSS
+    except OSError:
+        pass
+
+
+def stream_check(bridge: Any, chunks: list[Any], hf_dir: Path, rank: int) -> dict[str, int] | None:
+    """--stream: one more (untimed) export, each tensor compared on rank 0 with the checkpoint's
+    bytes as it comes and then dropped, so that no rank holds a second copy of the model."""
+    from safetensors import safe_open
+
+    files: dict[str, Any] = {}
+    for file in sorted(hf_dir.glob("*.safetensors")):
+        handle = safe_open(str(file), "pt")
+        files |= {name: handle for name in handle.keys()}
+    seen, problems, other_dtype = set(), 0, 0
+    for name, tensor in bridge.export_hf_weights(chunks, cpu=True, show_progress=False):
+        if rank != 0:
+            continue
+        seen.add(name)
+        if name not in files:
+            problems += 1
+            continue
+        want = files[name].get_tensor(name)
+        if tensor.dtype != want.dtype and tensor.shape == want.shape and torch.equal(tensor.to(want.dtype), want):
+            other_dtype += 1  # the same values in another dtype (megatron-core keeps some params in float32)
+            log(f"stream: {name} exported as {tensor.dtype}, the checkpoint's {want.dtype}, same values")
+        elif tensor.shape != want.shape or tensor.dtype != want.dtype or not torch.equal(tensor, want):
+            problems += 1
+            if problems <= 5:
+                log(f"stream mismatch: {name}: {tuple(tensor.shape)} {tensor.dtype} vs {tuple(want.shape)} {want.dtype}")
+    if rank != 0:
+        return None
+    return {"tensors": len(seen), "mismatched": problems + len(set(files) - seen), "other_dtype": other_dtype}
 
 
 def worker(rank: int, world: int, port: int, args: argparse.Namespace, bridge_dirs: list[str], results: Any) -> None:
@@ -446,6 +529,10 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds before the processes are killed")
     parser.add_argument("--no-scatter-fix", action="store_true", help="keep Bridge's gloo scatter bug (TP>1)")
     parser.add_argument("--verbose", action="store_true")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="the model's parameter dtype")
+    parser.add_argument("--stream", action="store_true",
+                        help="keep no exported tensor in the timed exports (real widths); check one more export "
+                             "tensor by tensor, untimed")
     args = parser.parse_args()
     args.hf_dirs = [hf_dir.resolve() for hf_dir in args.hf_dirs]
 

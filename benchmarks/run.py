@@ -290,6 +290,82 @@ def target_lines(rows: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+def growth_profile(layer_counts: list[int], calls: int = 400) -> list[str]:
+    """TP1, one process: the held export's CPU time (process_time, immune to the scheduler) at each
+    depth, beside torch alone cloning every parameter of the same model, and each function's
+    share under cProfile (CPU-time timer). Says whether a superlinear growth is mapgen's (its
+    functions' time grows faster than their calls) or torch's per-byte cost (the torch-only
+    baseline grows as much)."""
+    import cProfile  # noqa: PLC0415
+    import gc  # noqa: PLC0415
+    import pstats  # noqa: PLC0415
+    import statistics  # noqa: PLC0415
+    import time  # noqa: PLC0415
+
+    import torch  # noqa: PLC0415
+
+    from mapgen.compiler.megatron_model import build_model_chunks, ensure_single_process_parallel_state  # noqa: PLC0415
+    from mapgen.runtime.drivers import Converter  # noqa: PLC0415
+    from mapgen.verify import testing  # noqa: PLC0415
+
+    torch.set_num_threads(1)
+    ensure_single_process_parallel_state()
+    testing.prepare_cpu_megatron()
+    found: dict[int, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for layers in layer_counts:
+            hf_dir, module_path = make_model(Path(folder), layers)
+            module = testing.import_module_from_path(module_path, f"growth{layers}")
+            chunks = build_model_chunks(module.DIMS, ParallelLayout(), params_dtype=torch.float32)
+            Converter(module, chunks).load(hf_dir)
+            held = Converter(module, chunks)
+            params = [p for chunk in chunks for p in chunk.parameters()]
+
+            def export() -> None:
+                for _ in held.export():
+                    pass
+
+            def clone_all() -> None:
+                for p in params:
+                    p.detach().clone()
+
+            export()
+            gc.collect()
+            gc.freeze()
+            row: dict[str, Any] = {"bytes": sum(p.numel() * p.element_size() for p in params)}
+            for name, call in (("export", export), ("clone", clone_all)):
+                cpu = []
+                for _ in range(calls):
+                    started = time.process_time()
+                    call()
+                    cpu.append(time.process_time() - started)
+                row[name] = statistics.median(cpu)
+            profiler = cProfile.Profile(time.process_time)
+            for _ in range(calls // 2):
+                profiler.enable()
+                export()
+                profiler.disable()
+            stats = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
+            row["functions"] = {f"{Path(f).name}:{line}({fn})": (own, n) for (f, line, fn), (_c, n, own, _cum, _) in stats.items()}
+            found[layers] = row
+            gc.unfreeze()
+    small, large = found[layer_counts[0]], found[layer_counts[-1]]
+    out = [f"growth profile, TP1, {layer_counts[0]} -> {layer_counts[-1]} layers ({small['bytes']} -> {large['bytes']} bytes), "
+           f"median CPU time of {calls} calls:",
+           f"  mapgen held export {small['export'] * 1e3:.3f} -> {large['export'] * 1e3:.3f} ms "
+           f"({large['export'] / small['export']:.2f}x)",
+           f"  torch alone, clone every parameter {small['clone'] * 1e3:.3f} -> {large['clone'] * 1e3:.3f} ms "
+           f"({large['clone'] / small['clone']:.2f}x)",
+           "  under cProfile, each function's own CPU time and its calls (ratio large / small):"]
+    top = sorted(large["functions"], key=lambda f: -large["functions"][f][0])[:10]
+    for function in top:
+        a, b = small["functions"].get(function, (0.0, 0)), large["functions"][function]
+        time_ratio = f"{b[0] / a[0]:.2f}x" if a[0] else "-"
+        call_ratio = f"{b[1] / a[1]:.2f}x" if a[1] else "-"
+        out.append(f"    {function[:70]:<70} time {time_ratio:>7} calls {call_ratio:>7}")
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--layers", type=int, nargs="+", default=[64, 256])
@@ -303,7 +379,12 @@ def main() -> None:
     parser.add_argument("--no-hardware", action="store_true", help="skip the bandwidth benchmark")
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results.json")
     parser.add_argument("--txt", type=Path, help="also write the printed report here (after each layout too)")
+    parser.add_argument("--growth-profile", action="store_true",
+                        help="only profile the TP1 export's growth over --layers in CPU time (no Bridge) and print it")
     args = parser.parse_args()
+    if args.growth_profile:
+        print("\n".join(growth_profile(args.layers)))
+        return
     for release in args.bridges:
         if not BRIDGES[release].exists():
             raise SystemExit(f"no venv for Bridge {release}: run `bash benchmarks/bridge_setup.sh` first (make bench does)")

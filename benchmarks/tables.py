@@ -402,6 +402,103 @@ def target_form_tables(data: dict[str, Any]) -> list[str]:
     return out
 
 
+# ---------------------------------------------------------------- realwidth-*.json (realwidth.py)
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:.0%}"
+
+
+def _rss(per_rank: list[dict[str, Any]], *keys: str) -> str:
+    """Peak RSS per rank in GiB, the largest over `keys` (phases): "rank 0, rank 1"."""
+    return ", ".join(f"{max(r.get(k, 0) for k in keys) / 1024:.1f}" for r in per_rank)
+
+
+def _repeats(data: dict[str, Any]) -> str:
+    rounds, repeat = data.get("rounds", 1), data.get("repeat", "?")
+    return f"{repeat} repeats" if rounds == 1 else f"{rounds} rounds × {repeat} repeats (mapgen and Bridge alternating)"
+
+
+def realwidth_table(data: dict[str, Any]) -> list[str]:
+    head = ["model (layers)", "layout", "GB bf16", "`copy_` GB/s", "import: mapgen s (GB/s, of copy)",
+            "Bridge 0.6.2 s (×)", "export: mapgen held / fresh s (of copy)", "collective alone s (of it)",
+            "Bridge 0.6.2 s (× held / fresh)", "peak RSS GiB per rank, import: mapgen / Bridge",
+            "export: mapgen / Bridge"]  # ranks of one tool separated by commas
+    body, notes = [], []
+    for r in data["rows"]:
+        m, b, s = r["mapgen"]["median_s"], r.get("bridge") or {}, r.get("speedup") or {}
+        failed = bool(b.get("error") or b.get("mismatched") or b.get("import_expert_mismatched"))
+        mark = " †" if failed else ""
+        collective = "-" if m["collective_s"] < 1e-4 else f"{_n(m['collective_s'])} ({_pct(r.get('export_vs_collective'))})"
+        line = [f"{r['title']} ({r['layers']})", r["layout"], _n(r["checkpoint_gb"]), _n(r["gb_s"]["copy"]),
+                f"{_n(m['import_s'])} ({_n(r['gb_s']['import'])}, {_pct(r['import_vs_copy'])})",
+                f"{_n(b.get('import_median_s'))} ({_x2(s.get('import'))}){mark}",
+                f"{_n(m['export_s'])} / {_n(m['export_cold_s'])} ({_pct(r['export_vs_copy'])})", collective,
+                f"{_n(b.get('export_median_s'))} ({_x2(s.get('export_held'))} / {_x2(s.get('export_cold'))}){mark}",
+                f"{_rss(r['mapgen']['peak_rss_mib'], 'import_s')} / {_rss(b['peak_rss_mib'], 'import') if b.get('peak_rss_mib') else '-'}",
+                f"{_rss(r['mapgen']['peak_rss_mib'], 'export_s', 'export_cold_s')} / "
+                f"{_rss(b['peak_rss_mib'], 'export', 'export_held') if b.get('peak_rss_mib') else '-'}"]
+        body.append(line)
+        if b.get("error"):
+            notes.append(f"† Bridge 0.6.2, {r['title']} {r['layout']}: it failed: `{b['error'].strip().splitlines()[-1]}`.")
+        elif failed:
+            notes.append(f"† Bridge 0.6.2, {r['title']} {r['layout']}: {b.get('mismatched') or 0} exported tensors and "
+                         f"{b.get('import_expert_mismatched') or 0} imported experts differ from the checkpoint.")
+    out = table(head, body)
+    for note in notes:
+        out += [note, ""]
+    for skip in data.get("skipped", []):
+        out += [f"Not measured: {skip['title']} ({skip['layers']} layers) {skip['layout']}: {skip['reason']}.", ""]
+    checked = [r for r in data["rows"] if (r["mapgen"].get("checked") or {}).get("mismatched") == 0]
+    other = sorted({(r.get("bridge") or {}).get("exported_in_other_dtype") or 0 for r in data["rows"]} - {0})
+    facts = [f"Median of {_repeats(data)}, slowest rank; GB/s = the checkpoint's bytes / the time; "
+             f"\"of copy\" = `copy_`'s time / the tool's (above 100%: faster than copying every byte once).",
+             f"mapgen's exports of {len(checked)} of {len(data['rows'])} cases and Bridge's "
+             f"({sum(1 for r in data['rows'] if (r.get('bridge') or {}).get('mismatched') == 0)} cases) were compared "
+             f"with the checkpoint byte for byte: no tensor differed."]
+    if other:
+        facts.append(f"Bridge exported {', '.join(map(str, other))} norm weights per case in float32 (megatron-core keeps "
+                     f"them so), the checkpoint's bf16 values exactly.")
+    return out + [" ".join(facts), ""]
+
+
+def realwidth_headline(data: dict[str, Any]) -> list[str]:
+    """README's short real-width table: seconds and mapgen's speed-up over Bridge 0.6.2."""
+    head = ["real widths, bf16", "layout", "import s: mapgen / Bridge 0.6.2 (×)", "of `copy_`",
+            "export s: mapgen / Bridge 0.6.2 (×)"]
+    body = []
+    for r in data["rows"]:
+        m, b, s = r["mapgen"]["median_s"], r.get("bridge") or {}, r.get("speedup") or {}
+        body.append([f"{r['title']}, {r['layers']} layers, {_n(r['checkpoint_gb'])} GB", r["layout"],
+                     f"{_n(m['import_s'])} / {_n(b.get('import_median_s'))} ({_x2(s.get('import'))})",
+                     _pct(r["import_vs_copy"]),
+                     f"{_n(m['export_s'])} / {_n(b.get('export_median_s'))} ({_x2(s.get('export_held'))})"])
+    date, machine, load = provenance(data)
+    return table(head, body) + [f"(`benchmarks/realwidth.py`, median of {_repeats(data)}; date {date}; "
+                                f"{machine}; {load}; the real-width table with RSS and the collective's cost: "
+                                f"[docs/benchmarks.md](docs/benchmarks.md#real-widths).)"]
+
+
+def realwidth_profile_table(data: dict[str, Any]) -> list[str]:
+    """Where mapgen's time goes (rank 0's cProfile), in every case below 90% of the copy bound."""
+    out = []
+    for r in data["rows"]:
+        profile = r["mapgen"].get("profile") or {}
+        for key, ratio in (("import_s", r["import_vs_copy"]), ("export_s", r["export_vs_copy"])):
+            if ratio >= 0.9:
+                continue
+            total = r["mapgen"]["median_s"][key]
+            if key not in profile:
+                out += [f"{r['title']} {r['layout']}, {key[:-2]}: {_pct(ratio)} of `copy_` (median {_n(total)} s): "
+                        f"no profile recorded (`realwidth.py --profile DIR`).", ""]
+                continue
+            rows = [[f"`{f['function']}`", _n(f["calls"]), _n(f["self_s"]), _n(f["cumulative_s"])]
+                    for f in profile[key][:6]]
+            out += [f"**{r['title']} {r['layout']}, {key[:-2]}: {_pct(ratio)} of `copy_` (median {_n(total)} s)**", ""]
+            out += table(["function (rank 0, one profiled call)", "calls", "self s", "cumulative s"], rows)
+    return out or ["Every case reaches 90% of the copy bound: nothing to profile.", ""]
+
+
 # ---------------------------------------------------------------- blocks
 
 KINDS: dict[str, tuple[str, Callable[[Any], list[str]]]] = {
@@ -416,6 +513,9 @@ KINDS: dict[str, tuple[str, Callable[[Any], list[str]]]] = {
     "convert": ("convert_throughput-{stack}.json", convert_table),
     "export-memory": ("export_memory-{stack}.json", export_memory_table),
     "target-form": ("target_form-{stack}.json", target_form_tables),
+    "realwidth": ("realwidth-{stack}.json", realwidth_table),
+    "realwidth-headline": ("realwidth-{stack}.json", realwidth_headline),
+    "realwidth-profile": ("realwidth-{stack}.json", realwidth_profile_table),
 }
 
 
@@ -435,7 +535,7 @@ def render(name: str) -> str:
     data = json.loads(path.read_text())
     kind = name.rpartition("-")[0]
     lines = KINDS[kind][1](data)
-    if kind != "headline":
+    if kind not in ("headline", "realwidth-headline"):
         lines = header(source, data) + lines
     while lines and lines[-1] == "":
         lines.pop()

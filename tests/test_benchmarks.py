@@ -6,8 +6,10 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 
 from mapgen.verify import testing
 
@@ -86,3 +88,74 @@ def test_export_memory_benchmark_runs(tmp_path: Path) -> None:
     for row in ranks:
         assert row["format"] == "bf16" and row["buckets"] >= 1 and row["bound_mib"] > 0
         assert row["held_live_mib"] >= 0 and row["tensors"] == row["hf_tensors"]
+
+
+def test_realwidth_tables_match_their_json() -> None:
+    """Every real-width block in docs/benchmarks.md and README.md is what benchmarks/tables.py makes
+    of its JSON now (the README's short table included)."""
+    sys.path.insert(0, str(testing.ROOT / "benchmarks"))
+    import tables  # noqa: PLC0415
+
+    found = []
+    for document in tables.DOCUMENTS:
+        for match in tables.BLOCK.finditer(document.read_text()):
+            if match.group(2).startswith("realwidth"):
+                found.append(match.group(2))
+                assert match.group(3) == tables.render(match.group(2)), f"{document.name}: {match.group(2)} is stale"
+    assert any(name.startswith("realwidth-headline") for name in found)  # README's short table
+    assert any(name.startswith("realwidth-profile") for name in found)
+
+
+def test_realwidth_ratios_and_merging() -> None:
+    """realwidth.py's ratios (Bridge's time / mapgen's; the bound's time / mapgen's) and its
+    medians over rounds, on made-up times (nothing is timed here)."""
+    sys.path.insert(0, str(testing.ROOT / "benchmarks"))
+    import realwidth  # noqa: PLC0415
+    import tables  # noqa: PLC0415
+
+    def mine(times: dict[str, list[float]]) -> dict[str, Any]:
+        return {"times_s": times, "median_s": {}, "peak_rss_mib": [{"import_s": 10, "export_s": 20}],
+                "load_at_start": [1.0, 1.0, 1.0], "checked": {"mismatched": 0}, "profile": None}
+
+    first = mine({"copy_s": [1.0, 1.0, 1.0], "import_s": [2.0, 9.0, 2.0], "export_s": [0.5, 0.5, 0.5],
+                  "export_cold_s": [1.0, 1.0, 1.0], "collective_s": [0.0, 0.0, 0.0]})
+    second = mine({"copy_s": [1.0, 1.0, 1.0], "import_s": [1.0, 1.0, 1.0], "export_s": [0.5, 0.5, 0.5],
+                   "export_cold_s": [1.0, 1.0, 1.0], "collective_s": [0.0, 0.0, 0.0]})
+    second["peak_rss_mib"] = [{"import_s": 30, "export_s": 5}]
+    merged = realwidth.merged_mapgen([first, second])
+    assert merged["median_s"]["import_s"] == 1.5  # the median of all six repeats, not of each round's
+    assert merged["peak_rss_mib"] == [{"import_s": 30, "export_s": 20}] and merged["rounds"] == 2
+    bridge = {"times_s": {"import": [3.0, 4.0, 5.0], "export": [1.0, 2.0, 3.0], "export_held": [1.0, 1.0, 1.0]},
+              "import_median_s": 4.0, "export_median_s": 2.0, "export_held_median_s": 1.0, "mismatched": 0,
+              "peak_rss_mib": [{"import": 1024, "export": 2048, "export_held": 1024}], "load_at_start": [1, 1, 1]}
+    row = realwidth.row_for("llama", 2, "TP1", 3 * 10**9, merged, realwidth.merged_bridge([bridge]))
+    assert row["speedup"]["import"] == round(4.0 / 1.5, 2) and row["speedup"]["export_held"] == 4.0
+    assert row["import_vs_copy"] == round(1.0 / 1.5, 3) and row["gb_s"]["copy"] == 3.0
+    assert row["export_vs_collective"] is None  # no collective at TP1
+    data = {"meta": {}, "repeat": 3, "rounds": 2, "rows": [row],
+            "skipped": [{"title": "DeepSeek-V3 widths", "layers": 2, "layout": "EP2", "checkpoint_gb": 45.0,
+                         "reason": "does not fit"}]}
+    text = "\n".join(tables.realwidth_table(data))
+    assert "| 3 | 3 | 1.5 (2, 67%) | 4 (2.67) |" in text  # GB, copy GB/s, import (GB/s, of copy), Bridge (×)
+    assert "Not measured: DeepSeek-V3 widths (2 layers) EP2: does not fit." in text
+    profiled = "\n".join(tables.realwidth_profile_table(data))  # 67% of copy, but no profile recorded
+    assert profiled.startswith("Every case reaches 90%") is False and "no profile" in profiled
+    # a recorded collective keeps shapes only; replay buffers are made from them
+    spec = realwidth._shapes(([torch.zeros(2, 3)], torch.zeros(4, dtype=torch.bfloat16), 7))
+    assert spec == ([realwidth.Spec((2, 3), torch.float32)], realwidth.Spec((4,), torch.bfloat16), 7)
+    assert realwidth._bytes(spec) == 2 * 3 * 4 + 4 * 2
+
+
+def test_growth_profile_runs() -> None:
+    """run.py --growth-profile: the held export and the torch-only baseline at two depths, and
+    the profiled functions with their call ratios (a 2- and a 4-layer model; nothing timed here)."""
+    result = subprocess.run(
+        [sys.executable, str(testing.ROOT / "benchmarks" / "run.py"), "--growth-profile", "--layers", "2", "4"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("growth profile, TP1, 2 -> 4 layers")
+    assert any("mapgen held export" in line for line in lines)
+    assert any("clone every parameter" in line for line in lines)
+    assert any("qkv_split" in line and "calls   2.00x" in line for line in lines)  # 2 -> 4 layers: twice the calls
