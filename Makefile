@@ -59,6 +59,17 @@ HYBRID_LAYOUTS := "--tp 2 --dp 2" "--pp 2 --dp 2" "--tp 2 --pp 2"
 GDN_HYBRID_TARGETS ?=
 GDN_HYBRID_LAYOUTS := "--tp 2 --dp 2" "--tp 2 --pp 2" "--pp 2 --ep 2"
 
+# DeepSeek-V3.2's DSA layers: megatron-core 0.19 (STACK=current); 0.16.1 cannot build them, and
+# `mapgen build` / `mapgen check` skip the target there
+ifeq ($(STACK),current)
+DSA_TARGETS ?= deepseek_v3_2
+endif
+DSA_LAYOUTS := "--tp 2 --dp 2" "--pp 2 --dp 2" "--ep 2" "--tp 2 --ep 2"
+
+# Mamba-hybrid models (Nemotron-H: HybridModel / MambaModel from the config's own layer pattern)
+MAMBA_TARGETS := nemotron_3_nano_30b_a3b
+MAMBA_LAYOUTS := "--tp 2 --dp 2" "--pp 2 --dp 2" "--ep 2" "--tp 2 --ep 2"
+
 # LLaVAModel: no pipeline parallelism (megatron-core keeps the vision tower on the first stage)
 LLAVA_TARGETS := llava_1_5_7b
 LLAVA_LAYOUTS := "--tp 2" "--dp 2"
@@ -82,6 +93,14 @@ verify-standins: $(VENV)/.installed  ## every target's tiny stand-in through `ma
 	set -e; for t in $(GDN_HYBRID_TARGETS); do \
 	  for l in $(GDN_HYBRID_LAYOUTS); do $(VENV)/bin/mapgen verify generated/$${t}_hybrid $(STANDINS)/$$t $$l; done; \
 	done
+	set -e; for t in $(DSA_TARGETS); do \
+	  rm -rf $(STANDINS)/$$t; $(VENV)/bin/mapgen standin specs/configs/$$t.json $(STANDINS)/$$t; \
+	  for l in $(DSA_LAYOUTS); do $(VENV)/bin/mapgen verify generated/$$t $(STANDINS)/$$t $$l; done; \
+	done
+	set -e; for t in $(MAMBA_TARGETS); do \
+	  rm -rf $(STANDINS)/$$t; $(VENV)/bin/mapgen standin specs/configs/$$t.json $(STANDINS)/$$t; \
+	  for l in $(MAMBA_LAYOUTS); do $(VENV)/bin/mapgen verify generated/$$t $(STANDINS)/$$t $$l; done; \
+	done
 	set -e; for t in $(LLAVA_TARGETS); do \
 	  rm -rf $(STANDINS)/$$t; $(VENV)/bin/mapgen standin specs/configs/$$t.json $(STANDINS)/$$t; \
 	  for l in $(LLAVA_LAYOUTS); do $(VENV)/bin/mapgen verify generated/$$t $(STANDINS)/$$t $$l; done; \
@@ -94,6 +113,7 @@ bench: $(VENV)/.installed  ## mapgen vs Megatron-Bridge vs the hardware -> bench
 	$(PY) benchmarks/moe_memory.py --json benchmarks/moe_memory-$(STACK).json
 	$(PY) benchmarks/convert_throughput.py --json benchmarks/convert_throughput-$(STACK).json
 	$(PY) benchmarks/export_memory.py --json benchmarks/export_memory-$(STACK).json | tee benchmarks/export_memory-$(STACK).txt
+	$(PY) benchmarks/realwidth.py --rounds 2 --json benchmarks/realwidth-$(STACK).json
 	$(PY) benchmarks/target_form.py --json benchmarks/target_form-$(STACK).json --markdown benchmarks/target_form-$(STACK).md
 
 # build_figures: the dense targets (the MoE ones take minutes each under mypy; name them here to time them)

@@ -55,6 +55,7 @@ import torch.distributed as dist
 from mapgen.common.console import native_stdout_silenced
 from mapgen.common.files import module_label, share_tree
 from mapgen.common.errors import MapgenError
+from mapgen.common.layout import canonical_name
 from mapgen.common.limits import MAX_SPAWNED
 from mapgen.megatron_checkpoint import (
     CONFIG,
@@ -64,14 +65,15 @@ from mapgen.megatron_checkpoint import (
     MegatronCheckpoint,
     checkpoint_failure,
     damaged_files,
+    first_line,
     iteration_folder,
     read_megatron_checkpoint,
     storage_metadata,
 )
 from mapgen.compiler.megatron_model import DTYPES, ParallelLayout, build_model_chunks, initialize_parallel_state
-from mapgen.runtime.checkpoint import HFCheckpoint
+from mapgen.runtime.checkpoint import HFCheckpoint, config_naming
 from mapgen.runtime.collectives import RankError, agree_or_raise
-from mapgen.runtime.drivers import Converter, _describe, _move_into_place, _staging_folder, save_hf_checkpoint
+from mapgen.runtime.drivers import Converter, _describe, _move_into_place, _staging_folder, hf_namings, save_hf_checkpoint
 from mapgen.runtime.vocab import VOCAB_PARAMS, padded_vocab_size
 from mapgen.verify.arguments import output_problems, size_problems
 from mapgen.verify.jobs import checkpoint_dtype, hf_problems, layout_problems, load_mapping_module, spawn
@@ -158,12 +160,22 @@ def preflight(job: ConvertJob, world_size: int | None = None) -> list[str]:
     if job.direction not in DIRECTIONS:
         return [f"direction must be one of {', '.join(DIRECTIONS)}, not {job.direction!r}"]
     module = load_mapping_module(job.module_path)
-    if getattr(module, "MODEL", "gpt") != "gpt":
-        return [f"{module.TARGET} maps megatron-core's {module.MODEL} model; mapgen convert writes and reads GPTModel checkpoints"]
+    if getattr(module, "MODEL", "gpt") not in ("gpt", "mamba"):
+        return [
+            f"{module.TARGET} maps megatron-core's {module.MODEL} model; mapgen convert writes and reads GPTModel "
+            "checkpoints (and Nemotron-H's Mamba model)"
+        ]
     if job.dtype is not None and job.dtype not in DTYPES:
         return [f"--dtype must be one of {', '.join(DTYPES)}, not {job.dtype!r}"]
     found = output_problems(Path(job.out), job.overwrite, Path(job.source))  # also the CLI's, before torch
     found += [f"layout {job.layout}: {problem}" for problem in layout_problems(module, job.layout)]
+    dims = module.DIMS
+    if job.layout.pp > 1 and dims.share_embeddings_and_output_weights and dims.mtp_num_layers:
+        found.append(
+            f"layout {job.layout}: {module.TARGET} ties its embeddings to its output layer and has an MTP layer; "
+            "megatron-core's GPTModel cannot checkpoint such a model at PP > 1 (its last stage holds an output "
+            "weight that its sharded_state_dict asserts is absent, in 0.16 and 0.19 alike): convert at --pp 1"
+        )
     if world_size is not None and world_size != job.layout.world_size:
         found.append(f"layout {job.layout} needs tp x pp x dp = {job.layout.world_size} processes, torchrun started {world_size}")
     elif world_size is None and job.layout.world_size > MAX_SPAWNED:
@@ -331,7 +343,7 @@ def _te_key(name: str, key: str, te_names: dict[str, str]) -> str:
     """The checkpoint key megatron-core's TransformerEngine spec gives the parameter that the
     local spec names `name` and keys `key`: the same layer prefix (with or without the layer
     index, as megatron-core wrote it), the TE parameter's name within its layer."""
-    te_name = te_names.get(name, name)
+    te_name = canonical_name(te_names.get(name, name))  # 0.19's Mamba conv1d_weight keys as conv1d.weight
     prefix = _LAYER_KEY.match(key)
     if prefix is None or _LAYER_NAME.match(te_name) is None or ".local_experts." in name:
         return key  # outside the decoder layers, and experts (TEGroupedMLP keys as SequentialMLP)
@@ -488,8 +500,12 @@ def _hf_to_megatron(job: ConvertJob, result: ConvertResult, bar: _Bar) -> None:
         bar.phase(f"writing the distributed checkpoint ({iteration_folder(job.iteration)})")
         state: dict[str, Any] = {"checkpoint_version": CHECKPOINT_VERSION, "iteration": job.iteration or 0}
         state["num_floating_point_operations_so_far"] = 0
-        state.update(sharded_state(chunks, job.key_style))
         failed: list[str] = []
+        try:
+            state.update(sharded_state(chunks, job.key_style))
+        except Exception as exc:  # noqa: BLE001 - megatron-core failing on one rank: agreed before its save
+            failed.append(f"megatron-core cannot give this rank's sharded state: {first_line(exc)}")
+        agree_or_raise(failed, what)
         from torch.distributed.checkpoint.api import CheckpointException
 
         try:
@@ -578,9 +594,12 @@ def _megatron_to_hf(job: ConvertJob, result: ConvertResult, bar: _Bar) -> None:
     counted: Any = _Counted(module, bar.advance) if rank == 0 else module
     converter = Converter(counted, chunks, ctx, make_vocab_size_divisible_by=divisible_by)
     what = f"cannot load {checkpoint.root} into {module.TARGET}"
-    state = sharded_state(chunks, job.key_style, set(checkpoint.tensors))
-    _without_objects(state)
-    problems, used = _model_problems(state, checkpoint)
+    try:
+        state = sharded_state(chunks, job.key_style, set(checkpoint.tensors))
+        _without_objects(state)
+        problems, used = _model_problems(state, checkpoint)
+    except Exception as exc:  # noqa: BLE001 - megatron-core failing on one rank: agreed just below
+        state, used, problems = {}, set(), [f"megatron-core cannot give this rank's sharded state: {first_line(exc)}"]
     converter._agree(problems, what)  # the model against the module and the checkpoint, agreed
     unused = _unused_tensors(checkpoint, used)
     if unused:  # the same list on every rank (one all_reduce): every rank raises alike
@@ -617,7 +636,11 @@ def _megatron_to_hf(job: ConvertJob, result: ConvertResult, bar: _Bar) -> None:
         if "torch_dtype" in config:
             config["torch_dtype"] = result.dtype
     bar.phase(f"exporting to {job.out}", len(converter.placement.local))
-    save_hf_checkpoint(counted, chunks, job.out, config, ctx, make_vocab_size_divisible_by=divisible_by, overwrite=job.overwrite)
+    # the tensors named as config.json's model names them (Qwen3.5's published vision-language config: its names)
+    naming = config_naming(hf_namings(module), getattr(module, "HF_ARCHITECTURE", ""), config)
+    save_hf_checkpoint(
+        counted, chunks, job.out, config, ctx, make_vocab_size_divisible_by=divisible_by, overwrite=job.overwrite, naming=naming
+    )
     result.params = len(converter.placement.local) + len(converter.placement.tied)
     result.tensors = len(module.HF_TENSORS)
     _done(result, "export", started)

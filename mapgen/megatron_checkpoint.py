@@ -195,7 +195,7 @@ def _item_starts(file: Path, items: list[tuple[int, bool]]) -> tuple[int | None,
     return bad, zeros, good
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     """An exception's type and the first line of its message (torch.load's run to pages)."""
     import pickle
 
@@ -212,11 +212,11 @@ def checkpoint_failure(exc: BaseException) -> str:
     from torch.distributed.checkpoint.api import CheckpointException
 
     if not isinstance(exc, CheckpointException):
-        return _describe(exc) if isinstance(exc, OSError) else _first_line(exc)
+        return _describe(exc) if isinstance(exc, OSError) else first_line(exc)
     said: dict[str, list[int]] = {}
     for rank, failure in sorted(exc.failures.items()):
         inner = failure[0] if isinstance(failure, tuple) and failure else failure
-        text = (_describe(inner) if isinstance(inner, OSError) else _first_line(inner)) if isinstance(inner, BaseException) else str(inner)
+        text = (_describe(inner) if isinstance(inner, OSError) else first_line(inner)) if isinstance(inner, BaseException) else str(inner)
         said.setdefault(text, []).append(rank)
     if not said:  # a rank told of another's failure
         return "CheckpointException: failed on another rank"

@@ -22,7 +22,7 @@ import torch
 from mapgen.common.errors import MapgenError
 from mapgen.common.files import module_label
 from mapgen.runtime.context import ParallelContext
-from mapgen.runtime.checkpoint import CheckpointError, HFCheckpoint
+from mapgen.runtime.checkpoint import CheckpointError, HFCheckpoint, per_expert_names
 from mapgen.runtime.drivers import Converter, check_module, hf_namings, save_hf_checkpoint
 from mapgen.runtime.package import import_path
 
@@ -106,26 +106,33 @@ def save_hf_pretrained(
     """Write an HF checkpoint folder (safetensors shards, index, config.json) from the chunks,
     atomically (every rank; global rank 0 writes). `hf_config` is config.json's content, or the
     path of a config.json or of a folder holding one (the checkpoint loaded: its tensors' naming
-    is kept, such as a LLaVA saved by transformers 5). `save` as `save_hf_checkpoint` (dtype,
+    is kept, such as a LLaVA saved by transformers 5, and its layers' experts are written stacked
+    where it stacked them, as Qwen3.5-MoE's published checkpoint). `save` as `save_hf_checkpoint` (dtype,
     fp8, mxfp8, nvfp4, overwrite, max_shard_bytes, ...)."""
-    if "naming" not in save and isinstance(hf_config, (str, Path)) and Path(hf_config).is_dir():
-        save["naming"] = _naming(module, Path(hf_config))
+    if isinstance(hf_config, (str, Path)) and Path(hf_config).is_dir():  # the checkpoint loaded: its layout kept
+        naming, stacked = _layout(module, Path(hf_config))
+        save.setdefault("naming", naming)
+        if not any(save.get(q) for q in ("fp8", "mxfp8", "nvfp4")):  # quantized experts are written one each
+            save.setdefault("stacked_experts", stacked)
     save_hf_checkpoint(
         module, chunks, out_dir, _config(hf_config), ParallelContext.from_parallel_state(),
         make_vocab_size_divisible_by=make_vocab_size_divisible_by, **save,
     )
 
 
-def _naming(module: Any, folder: Path) -> tuple[tuple[str, str], ...]:
-    """The other naming (the module's HF_NAMINGS) the checkpoint in `folder` uses, from its
-    headers; () where it uses the module's names, or holds no checkpoint."""
+def _layout(module: Any, folder: Path) -> tuple[tuple[tuple[str, str], ...], tuple[tuple[str, int], ...]]:
+    """The other naming (the module's HF_NAMINGS) the checkpoint in `folder` uses, and the layers
+    whose experts it stores stacked where the module maps them one each, from its headers; ((), ())
+    where it uses the module's names and layout, or holds no checkpoint."""
     namings = hf_namings(module)
-    if not namings:
-        return ()
+    unstack = per_expert_names(t.name for t in module.HF_TENSORS)
+    if not namings and not unstack:
+        return (), ()
     try:
-        return HFCheckpoint(folder, namings=namings).naming
+        checkpoint = HFCheckpoint(folder, namings=namings, unstack=unstack)
     except CheckpointError:
-        return ()
+        return (), ()
+    return checkpoint.naming, checkpoint.unstacked
 
 
 def _config(hf_config: dict[str, Any] | str | Path) -> dict[str, Any]:

@@ -73,7 +73,7 @@ CASES: list[tuple[str, list[tuple[str, str]], dict[str, object], list[str]]] = [
         [("family: llama\n", "family: llama\nhf_arch: Llama\n")],
         {},
         [
-            "bad.yaml:2:1: unknown key 'hf_arch' in spec; expected one of family, hf_architecture, dims, module_types, rules, ignore_hf, config_fields, mtp, models, hf_namings"
+            "bad.yaml:2:1: unknown key 'hf_arch' in spec; expected one of family, hf_architecture, dims, module_types, rules, ignore_hf, config_fields, mtp, models, hf_namings, unsupported"
         ],
     ),
     (
@@ -96,7 +96,7 @@ CASES: list[tuple[str, list[tuple[str, str]], dict[str, object], list[str]]] = [
         [("kind: gated_mlp", "kind: gated_mlpp")],
         {},
         [
-            "bad.yaml:32:11: unknown kind 'gated_mlpp'; expected one of direct, column, row, replicated, auto, qkv, kv, concat_qkv, vision_qkv, gated_mlp, reshape, zero_centered_rmsnorm, gdn_in_proj, gdn_conv1d, gdn_in_proj_sections"
+            "bad.yaml:32:11: unknown kind 'gated_mlpp'; expected one of direct, column, row, replicated, auto, qkv, kv, concat_qkv, vision_qkv, gated_mlp, reshape, zero_centered_rmsnorm, gdn_in_proj, gdn_conv1d, gdn_in_proj_sections, mamba_in_proj, mamba_conv1d"
         ],
     ),
     (
@@ -296,8 +296,8 @@ CASES: list[tuple[str, list[tuple[str, str]], dict[str, object], list[str]]] = [
         ],
         {},
         [
-            "bad.yaml:2:1: unknown key 'hf_arch' in spec; expected one of family, hf_architecture, dims, module_types, rules, ignore_hf, config_fields, mtp, models, hf_namings",
-            "bad.yaml:33:11: unknown kind 'gated'; expected one of direct, column, row, replicated, auto, qkv, kv, concat_qkv, vision_qkv, gated_mlp, reshape, zero_centered_rmsnorm, gdn_in_proj, gdn_conv1d, gdn_in_proj_sections",
+            "bad.yaml:2:1: unknown key 'hf_arch' in spec; expected one of family, hf_architecture, dims, module_types, rules, ignore_hf, config_fields, mtp, models, hf_namings, unsupported",
+            "bad.yaml:33:11: unknown kind 'gated'; expected one of direct, column, row, replicated, auto, qkv, kv, concat_qkv, vision_qkv, gated_mlp, reshape, zero_centered_rmsnorm, gdn_in_proj, gdn_conv1d, gdn_in_proj_sections, mamba_in_proj, mamba_conv1d",
         ],
     ),
     (

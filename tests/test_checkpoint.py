@@ -82,3 +82,41 @@ def test_reopening_reads_the_headers_as_they_are_now(tmp_path: Path) -> None:
     path.write_bytes(data[:-8])
     (problem,) = HFCheckpoint(tmp_path).integrity_problems()
     assert "truncated" in problem
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_stacked_experts_are_served_one_expert_at_a_time(tmp_path: Path, dtype: torch.dtype) -> None:
+    """With `unstack`, a layer's stacked experts (gate_up_proj [E, 2I, H]: expert e's gate rows,
+    then its up rows; down_proj [E, H, I]) read as one tensor per expert, each a view of the
+    file's bytes (transformers' own split: chunk(2) of gate_up_proj[e]); a layer whose experts
+    are one tensor each, a pair of other shapes, and a checkpoint opened without `unstack` stay
+    as they are (Qwen3.5-MoE's published layout: decoder stacked, MTP per expert)."""
+    from mapgen.runtime.checkpoint import per_expert_names
+
+    experts, inner, hidden = 3, 4, 5
+    gate_up = torch.randn(experts, 2 * inner, hidden).to(dtype)
+    down = torch.randn(experts, hidden, inner).to(dtype)
+    tensors = {
+        "model.layers.0.mlp.experts.gate_up_proj": gate_up,
+        "model.layers.0.mlp.experts.down_proj": down,
+        "mtp.layers.0.mlp.experts.0.gate_proj.weight": torch.randn(inner, hidden).to(dtype),
+        # a pair of other shapes (gpt-oss' [E, H, 2I] orientation with an interleaved split) stays stacked
+        "other.experts.gate_up_proj": torch.randn(experts, hidden, 2 * inner).to(dtype),
+        "other.experts.down_proj": torch.randn(experts, inner, hidden).to(dtype),
+    }
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    assert sorted(HFCheckpoint(tmp_path).names()) == sorted(tensors)
+    checkpoint = HFCheckpoint(tmp_path, unstack=True)
+    assert checkpoint.unstacked == (("model.layers.0.mlp.experts.gate_up_proj", experts), ("model.layers.0.mlp.experts.down_proj", experts))
+    names = set(checkpoint.names())
+    assert "model.layers.0.mlp.experts.gate_up_proj" not in names and "other.experts.gate_up_proj" in names
+    assert "mtp.layers.0.mlp.experts.0.gate_proj.weight" in names
+    for e in range(experts):
+        gate, up = gate_up[e].chunk(2, dim=0)
+        for part, expected in (("gate", gate), ("up", up), ("down", down[e])):
+            name = f"model.layers.0.mlp.experts.{e}.{part}_proj.weight"
+            ours = checkpoint.get(name)
+            assert checkpoint.shape(name) == tuple(expected.shape) and checkpoint.dtype(name) == checkpoint.dtype("mtp.layers.0.mlp.experts.0.gate_proj.weight")
+            assert torch.equal(ours, expected), name
+    assert checkpoint.integrity_problems() == []
+    assert per_expert_names(["a.experts.12.down_proj.weight"]) and not per_expert_names(["a.experts.gate_up_proj"])

@@ -45,6 +45,10 @@ STANDINS = {  # stand-in name: (config of a checked-in target, spec)
     "deepseek": ("deepseek_v3.json", "specs/deepseek_v3.yaml"),
     "moonlight": ("moonlight_16b_a3b.json", "specs/deepseek_v3.yaml"),  # MLA without a q down-projection
     "glm": ("glm4_5.json", "specs/glm4_moe.yaml"),  # GLM-4.5: q/k norms, qkv biases, MTP layer
+    # Qwen3.5 as published: the vision-language config and names (model.language_model.*, mtp.*)
+    "qwen3_5": ("qwen3_5_0_8b.json", "specs/qwen3_5.yaml"),
+    # Nemotron 3 Nano: Mamba, attention, MLP and expert layers (megatron-core's Mamba/Hybrid model)
+    "nemotron": ("nemotron_3_nano_30b_a3b.json", "specs/nemotron_h.yaml"),
 }
 
 
@@ -126,6 +130,10 @@ def outcome(standins: dict[str, dict[str, Path]], tmp_path_factory: pytest.TempP
         ("moonlight te back", run_convert, (_job(s, "moonlight", "megatron-to-hf", root / "moonlight_te", root / "moonlight_back", _layout(pp=2, ep=2), key_style="te"),)),
         ("glm te", run_convert, (_job(s, "glm", "hf-to-megatron", s["glm"]["hf"], root / "glm_te", _layout(tp=2), key_style="te"),)),
         ("glm te back", run_convert, (_job(s, "glm", "megatron-to-hf", root / "glm_te", root / "glm_back", _layout(pp=2, ep=2), key_style="te"),)),
+        ("qwen3_5 te", run_convert, (_job(s, "qwen3_5", "hf-to-megatron", s["qwen3_5"]["hf"], root / "qwen3_5_te", _layout(tp=2), key_style="te"),)),
+        ("nemotron te", run_convert, (_job(s, "nemotron", "hf-to-megatron", s["nemotron"]["hf"], root / "nemotron_te", _layout(tp=2), key_style="te"),)),
+        ("nemotron te back", run_convert, (_job(s, "nemotron", "megatron-to-hf", root / "nemotron_te", root / "nemotron_back", ParallelLayout(pp=2, ep=2, dp=2), key_style="te"),)),
+        ("qwen3_5 te back", run_convert, (_job(s, "qwen3_5", "megatron-to-hf", root / "qwen3_5_te", root / "qwen3_5_back", _layout(), key_style="te"),)),
         # bfloat16 out of a float32 checkpoint, a padded vocabulary, --overwrite, vpp
         ("llama bf16 vocab", run_convert, (_job(s, "llama", "hf-to-megatron", s["llama"]["hf"], root / "existing", _layout(tp=2), dtype="bfloat16", make_vocab_size_divisible_by=128, overwrite=True),)),
         ("llama bf16 back", run_convert, (_job(s, "llama", "megatron-to-hf", root / "existing", root / "llama_bf16_back", _layout(pp=2, vpp=2)),)),
@@ -268,6 +276,31 @@ def test_a_failed_write_is_agreed_and_leaves_nothing(outcome: dict[str, Any]) ->
     assert not any(name.startswith((".failed", "failed")) for name in outcome["leftovers"])
 
 
+def test_nemotron_h_round_trips_bit_for_bit(outcome: dict[str, Any], standins: dict[str, dict[str, Path]]) -> None:
+    """Nemotron 3 Nano's stand-in (Mamba, attention, MLP and expert layers) written at TP2 with
+    TransformerEngine names and read back at PP2 x EP2: every tensor bit for bit."""
+    _converted(outcome, "nemotron te")
+    _converted(outcome, "nemotron te back")
+    compared, differ = _bit_exact(standins["nemotron"]["hf"], outcome["root"] / "nemotron_back")
+    assert compared > 0 and differ == [], differ
+
+
+def test_a_published_qwen3_5_round_trip_keeps_its_names(outcome: dict[str, Any], standins: dict[str, dict[str, Path]]) -> None:
+    """Qwen3.5's published layout (vision-language config, `model.language_model.*` and `mtp.*`
+    names) through a Megatron checkpoint and back: the text model's tensors under their published
+    names, bit for bit, and the config recorded; the vision tower is not the module's (left out)."""
+    _converted(outcome, "qwen3_5 te")
+    back = _converted(outcome, "qwen3_5 te back")
+    assert back.job.layout == _layout()
+    original, converted = _hf_tensors(standins["qwen3_5"]["hf"]), _hf_tensors(outcome["root"] / "qwen3_5_back")
+    text = {n: t for n, t in original.items() if not n.startswith("model.visual.")}
+    assert len(text) < len(original) and any(n.startswith("model.language_model.layers.") for n in text)
+    assert sorted(converted) == sorted(text)
+    assert [n for n in text if not same_bits(converted[n], text[n])] == []
+    saved = json.loads((outcome["root"] / "qwen3_5_back" / "config.json").read_text())
+    assert saved["architectures"] == ["Qwen3_5ForConditionalGeneration"] and "text_config" in saved
+
+
 @pytest.mark.parametrize("label,step", [("one rank's save fails", "save"), ("one rank's load fails", "load")])
 def test_a_failure_inside_megatron_core_on_one_rank_stops_every_rank(outcome: dict[str, Any], label: str, step: str) -> None:
     """megatron-core's save or load raising on rank 1 alone: every rank returns the same error,
@@ -379,6 +412,8 @@ LAYOUT_ROWS = [
     ("pp3-layers", "llama", ["--pp", "3"], "--pp 3 does not divide the 4 layers"),
     ("ep3-experts", "qwen3_moe", ["--ep", "3"], "--ep 3 does not divide the 8 experts"),
     ("ep-dense", "llama", ["--ep", "2"], "--ep 2: llama_local has no experts to distribute"),
+    # Qwen3.5-0.8B: tied embeddings and an MTP layer, which megatron-core cannot checkpoint at PP > 1
+    ("tied-mtp-pp2", "qwen3_5", ["--pp", "2"], "megatron-core's GPTModel cannot checkpoint such a model at PP > 1"),
 ]
 
 

@@ -17,6 +17,7 @@ from mapgen.verify import testing
 from mapgen.compiler.build import compile_target, read_targets
 from mapgen.common.errors import MapgenError
 from mapgen.compiler.megatron_model import ParallelLayout, hybrid_model_class
+from mapgen.compiler.dsa_model import dsa_supported
 from mapgen.runtime.vocab import padded_vocab_size
 from mapgen.verify.jobs import Job, run_job, spawn
 
@@ -51,11 +52,19 @@ MOE_LAYOUTS["glm4_5"] = EP_LAYOUTS[:2]
 # Qwen3.5's larger members: stand-ins of the smaller members' shapes, one layout each
 MOE_LAYOUTS["qwen3_5_397b_a17b"] = EP_LAYOUTS[1:2]
 DENSE_LAYOUTS = {"qwen3_5_27b": LAYOUTS[2:3]}
-# every checked-in GPTModel target, through a tiny stand-in of its own config (mapgen standin);
+# DeepSeek-V3.2 (DSA indexers on DeepSeek-V3): TP 2, PP 2, EP 2, TP 2 x EP 2
+MOE_LAYOUTS["deepseek_v3_2"] = [LAYOUTS[0], LAYOUTS[1], EP_LAYOUTS[0], EP_LAYOUTS[1]]
+# Nemotron 3 Nano (model mamba: Mamba-2, attention, MLP and expert layers): TP 2, PP 2, EP 2, TP 2 x EP 2
+MOE_LAYOUTS["nemotron_3_nano_30b_a3b"] = [LAYOUTS[0], LAYOUTS[1], EP_LAYOUTS[0], EP_LAYOUTS[1]]
+# every checked-in GPTModel target (and Mamba-hybrid one), through a tiny stand-in of its own config (mapgen standin);
 # a HybridModel target repeats a GPTModel target's spec and config (its HybridModel: HYBRID_CASES
 # below, and Qwen3-Next's in tests/test_qwen3_next.py); LLaVAModel's, image and prompt, are
 # tests/test_llava.py's
-TARGETS = {entry.name: entry for entry in read_targets(testing.ROOT) if entry.model == "gpt"}
+# (DeepSeek-V3.2's DSA layers where megatron-core builds them: 0.19+; tests/test_deepseek_v3_2.py)
+TARGETS = {
+    entry.name: entry for entry in read_targets(testing.ROOT)
+    if entry.model in ("gpt", "mamba") and (dsa_supported() is None or entry.spec != "specs/deepseek_v3_2.yaml")
+}
 MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
 MOE = {name for name, e in TARGETS.items() if any(k in json.loads((testing.ROOT / e.config).read_text()) for k in MOE_KEYS)}
 CASES = [
@@ -98,7 +107,7 @@ def outcome(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     for label, entry in TARGETS.items():
         folder = root / label
         testing.save_standin(json.loads((testing.ROOT / entry.config).read_text()), folder)
-        module = _module(folder, entry.spec, label)
+        module = _module(folder, entry.spec, label, model=entry.model)
         cases[label] = (folder, module)
     for label, layout in CASES:
         folder, module = cases[label]

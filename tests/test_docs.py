@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 PAGES = [ROOT / "README.md", *sorted(DOCS.glob("*.md"))]
 TOP_LEVEL = ("mapgen/", "specs/", "generated/", "tests/", "benchmarks/", "examples/", "templates/", "docs/", ".ci/")
-MODEL_CLASS = {"gpt": "GPTModel", "hybrid": "HybridModel", "llava": "LLaVAModel"}
+MODEL_CLASS = {"gpt": "GPTModel", "hybrid": "HybridModel", "llava": "LLaVAModel", "mamba": "HybridModel"}
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import tables  # noqa: E402
@@ -244,7 +244,8 @@ def test_readme_layouts_include_make_verify_standins() -> None:
     listed = {name: row for row in rows for name in re.findall(r"`(\w+)`", row[0])}
     groups = [("TARGETS", "LAYOUTS", ""), ("MOE_TARGETS", "MOE_LAYOUTS", ""),
               ("BIASED_MOE_TARGETS", "BIASED_MOE_LAYOUTS", ""), ("HYBRID_TARGETS", "HYBRID_LAYOUTS", "_hybrid"),
-              ("GDN_HYBRID_TARGETS", "GDN_HYBRID_LAYOUTS", "_hybrid"), ("LLAVA_TARGETS", "LLAVA_LAYOUTS", "")]
+              ("GDN_HYBRID_TARGETS", "GDN_HYBRID_LAYOUTS", "_hybrid"), ("LLAVA_TARGETS", "LLAVA_LAYOUTS", ""),
+              ("DSA_TARGETS", "DSA_LAYOUTS", ""), ("MAMBA_TARGETS", "MAMBA_LAYOUTS", "")]
     checked = 0
     for targets, layouts, suffix in groups:
         for target in make.get(targets, []):

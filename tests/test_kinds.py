@@ -260,7 +260,7 @@ def test_rules_table_follows_parameter_order_not_spec_order() -> None:
 def test_every_kind_has_one_definition_with_roles_and_doc() -> None:
     assert sorted(KINDS) == sorted(
         ["direct", "column", "row", "replicated", "auto", "qkv", "kv", "concat_qkv", "vision_qkv", "gated_mlp", "reshape", "zero_centered_rmsnorm",
-         "gdn_in_proj", "gdn_conv1d", "gdn_in_proj_sections"]
+         "gdn_in_proj", "gdn_conv1d", "gdn_in_proj_sections", "mamba_in_proj", "mamba_conv1d"]
     )
     for name, kind in KINDS.items():
         assert kind.name == name and kind.roles and kind.doc

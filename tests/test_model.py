@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import mapgen
-from mapgen.common.errors import MapgenError
+from mapgen.common.errors import MapgenError, NeedsNewerMegatronCore
 from mapgen.compiler.build import compile_package, read_targets
 from mapgen.compiler.megatron_model import hybrid_model_has_gdn
 from mapgen.compiler.write import write_package
@@ -41,7 +41,10 @@ def test_the_model_of_every_checked_in_target_has_its_modules_names_and_shapes(
     with its shape (the vocabulary padded as Megatron-LM pads it), and none is missing."""
     if TARGETS[name].model == "hybrid" and not hybrid_model_has_gdn() and "qwen3_next" in name:
         pytest.skip("megatron-core 0.16.1 builds no gated delta net HybridModel")
-    module = _local_twin(tmp_path, name)
+    try:
+        module = _local_twin(tmp_path, name)
+    except NeedsNewerMegatronCore as exc:  # DeepSeek-V3.2's DSA layers: megatron-core 0.19+
+        pytest.skip(str(exc))
     with torch.device("meta"):
         chunks = mapgen.build_model(module, dtype=torch.bfloat16)
     converter = Converter(module, chunks, make_vocab_size_divisible_by=128)

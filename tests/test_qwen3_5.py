@@ -7,6 +7,7 @@ forward check must catch. The stand-ins' TP/PP/EP verification is tests/test_dis
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -199,3 +200,229 @@ def test_a_wrong_convention_fails_the_forward_check(wrong: dict[str, Any], name:
     rank0 = wrong[name]
     assert rank0.error is None, rank0.error
     assert rank0.max_logit_diff > 1e-3 and not rank0.ok
+
+
+# --- the published checkpoints: the vision-language model's config and names -------------------
+
+
+@pytest.mark.parametrize("target", ["qwen3_5_0_8b", "qwen3_5_27b", "qwen3_5_35b_a3b", "qwen3_5_397b_a17b"])
+def test_the_published_config_gives_the_text_configs_dims(target: str) -> None:
+    """The spec reads the published config.json (nested under text_config, the vision side
+    beside it) as the text config transformers saves the text class with."""
+    from mapgen.compiler.config import read_hf_config, translate
+    from mapgen.compiler.spec import parse_spec
+
+    entry = TARGETS[target]
+    spec = parse_spec(entry.spec, (testing.ROOT / entry.spec).read_text())
+    text = translate(spec, read_hf_config(entry.config, (testing.ROOT / entry.config).read_text()))
+    published_path = entry.config.replace("_text.json", ".json")
+    published = translate(spec, read_hf_config(published_path, (testing.ROOT / published_path).read_text()))
+    assert published == text
+
+
+def test_a_nested_config_keeps_its_places_and_its_vision_fields_are_declared() -> None:
+    """A field of text_config that the spec refuses is blamed where it stands in the file; a
+    top-level field the spec does not declare is refused as any field is; a config of another
+    vision-language class is not read as the text model's."""
+    from mapgen.common.errors import SpecError
+    from mapgen.compiler.config import read_hf_config, translate
+    from mapgen.compiler.spec import parse_spec
+
+    entry = TARGETS["qwen3_5_0_8b"]
+    spec = parse_spec(entry.spec, (testing.ROOT / entry.spec).read_text())
+    published = json.loads((testing.ROOT / "specs/configs/qwen3_5_0_8b.json").read_text())
+    published["text_config"]["attn_output_gate"] = False
+    published["audio_token_id"] = 5
+    text = json.dumps(published, indent=2)
+    with pytest.raises(SpecError) as caught:
+        translate(spec, read_hf_config("config.json", text))
+    gate_line = next(i for i, line in enumerate(text.splitlines(), 1) if '"attn_output_gate"' in line)
+    messages = "\n".join(caught.value.messages)
+    assert f"config.json:{gate_line}:" in messages and "attn_output_gate" in messages
+    assert "'audio_token_id' is unknown to spec" in messages
+    published = json.loads((testing.ROOT / "specs/configs/qwen3_5_0_8b.json").read_text())
+    published["architectures"] = ["Qwen3_5MoeForConditionalGeneration"]
+    with pytest.raises(SpecError, match="config is for Qwen3_5MoeForConditionalGeneration, but spec"):
+        translate(spec, read_hf_config("config.json", json.dumps(published)))
+
+
+def test_the_published_config_builds_the_text_configs_module(tmp_path: Path) -> None:
+    """`mapgen build` of the published config.json writes the module of the text config, but
+    for the config it names."""
+    entry = TARGETS["qwen3_5_0_8b"]
+    built = {}
+    for config in (entry.config, entry.config.replace("_text.json", ".json")):
+        text = compile_target("qwen3_5_0_8b", testing.ROOT / entry.spec, testing.ROOT / config, "local", "r", shown_paths=(entry.spec, "c.json"))
+        built[config] = text
+    first, second = (re.sub(r"sha256:[0-9a-f]{64}", "sha256:-", text) for text in built.values())
+    assert first == second
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Stand-ins of the two published configs in the published layout (`mapgen standin`: the
+    MoE's decoder experts stacked, its MTP layer's one tensor each), the MoE as transformers
+    saves the vision-language class (every expert one tensor), and the text model's stand-in
+    as transformers saves the text class."""
+    from mapgen.verify.published import save_published_standin
+
+    root = tmp_path_factory.mktemp("qwen3_5_published")
+    folders = {}
+    for name in ("qwen3_5_0_8b", "qwen3_5_35b_a3b"):
+        folders[name] = root / name
+        testing.save_standin(json.loads((testing.ROOT / f"specs/configs/{name}.json").read_text()), folders[name])
+    folders["moe_saved"] = root / "moe_saved"
+    save_published_standin(json.loads((testing.ROOT / "specs/configs/qwen3_5_35b_a3b.json").read_text()), folders["moe_saved"], stacked=False)
+    folders["text"] = _standin(root / "text", "qwen3_5_0_8b")
+    return folders
+
+
+def test_the_published_standin_is_what_transformers_saves(published: dict[str, Path]) -> None:
+    """The stand-in's names and config.json are transformers' save of the vision-language class
+    (model.language_model.*, model.visual.*, the experts one tensor each), plus the MTP layer
+    under its published names (mtp.*, the MTP experts one tensor each); transformers loads it
+    whole, and its text class from it gives the vision-language model's logits."""
+    import transformers
+
+    from mapgen.runtime.checkpoint import HFCheckpoint
+
+    for name, architecture in (("qwen3_5_0_8b", "Qwen3_5ForConditionalGeneration"), ("moe_saved", "Qwen3_5MoeForConditionalGeneration")):
+        config = json.loads((published[name] / "config.json").read_text())
+        assert config["architectures"] == [architecture] and "num_hidden_layers" in config["text_config"]
+        names = HFCheckpoint(published[name]).names()
+        assert {n.split(".layers.")[0].split(".blocks.")[0] for n in names if n.startswith("model.")} >= {
+            "model.language_model", "model.visual"
+        }
+        assert not any(n.startswith("model.layers.") for n in names)
+        assert "mtp.fc.weight" in names and "mtp.layers.0.input_layernorm.weight" in names
+        if "moe" in architecture.lower():
+            assert "model.language_model.layers.0.mlp.experts.7.down_proj.weight" in names
+            assert "mtp.layers.0.mlp.experts.7.gate_proj.weight" in names
+        model, info = getattr(transformers, architecture).from_pretrained(published[name], output_loading_info=True)
+        assert not info["missing_keys"] and not info["unexpected_keys"]  # mtp.*: dropped by transformers on load
+        text_model = transformers.AutoModelForCausalLM.from_pretrained(published[name])
+        ids = torch.randint(0, 128, (1, 7), generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            assert torch.equal(model(ids).logits, text_model(ids).logits)
+
+
+def test_the_published_moe_standin_stacks_the_decoder_experts(published: dict[str, Path]) -> None:
+    """The MoE stand-in of the published config stacks each decoder layer's experts (transformers'
+    in-memory layout) and keeps the MTP layer's one tensor each, as the published checkpoint;
+    its tensors are those of transformers' save, restacked; transformers reads it whole."""
+    import transformers
+    from safetensors.torch import load_file
+
+    from mapgen.verify.published import stack_decoder_experts
+
+    mixed = load_file(str(published["qwen3_5_35b_a3b"] / "model.safetensors"))
+    saved = load_file(str(published["moe_saved"] / "model.safetensors"))
+    assert mixed["model.language_model.layers.0.mlp.experts.gate_up_proj"].shape == (8, 64, 64)
+    assert mixed["model.language_model.layers.0.mlp.experts.down_proj"].shape == (8, 64, 32)
+    assert "mtp.layers.0.mlp.experts.7.up_proj.weight" in mixed
+    assert not any(".layers.0.mlp.experts.0." in n and not n.startswith("mtp.") for n in mixed)
+    expected = stack_decoder_experts(saved)
+    assert set(mixed) == set(expected) and all(torch.equal(mixed[n], expected[n]) for n in mixed)
+    gate, up = mixed["model.language_model.layers.0.mlp.experts.gate_up_proj"][3].chunk(2)
+    assert torch.equal(gate, saved["model.language_model.layers.0.mlp.experts.3.gate_proj.weight"])
+    assert torch.equal(up, saved["model.language_model.layers.0.mlp.experts.3.up_proj.weight"])
+    _, info = transformers.Qwen3_5MoeForConditionalGeneration.from_pretrained(published["qwen3_5_35b_a3b"], output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+
+
+def test_the_naming_a_config_goes_with() -> None:
+    """`mapgen convert megatron-to-hf` has no files to take the naming from: the config it
+    writes says it (the published vision-language config: the published names)."""
+    from mapgen.runtime.checkpoint import config_naming
+
+    namings = (("model.layers.", "model.language_model.layers."),)
+    published = json.loads((testing.ROOT / "specs/configs/qwen3_5_0_8b.json").read_text())
+    text = json.loads((testing.ROOT / "specs/configs/qwen3_5_0_8b_text.json").read_text())
+    assert config_naming(namings, "Qwen3_5ForCausalLM", published) == namings
+    assert config_naming(namings, "Qwen3_5ForCausalLM", text) == ()
+    llava = {"architectures": ["LlavaForConditionalGeneration"], "text_config": {}}
+    assert config_naming(namings, "LlavaForConditionalGeneration", llava) == ()
+
+
+def test_one_module_reads_both_namings(published: dict[str, Path], tmp_path: Path) -> None:
+    """The module's HF_NAMINGS take for the published files (their names read as the rules'),
+    not for transformers' save of the text class; the vision tower is declared ignored."""
+    from mapgen.runtime.checkpoint import HFCheckpoint
+    from mapgen.runtime.drivers import checkpoint_problems, hf_namings
+
+    path = _module(published["qwen3_5_0_8b"], "qwen3_5_published", testing.ROOT / TARGETS["qwen3_5_0_8b"].spec)
+    module = testing.import_module_from_path(path, "qwen3_5_published")
+    on_published = HFCheckpoint(published["qwen3_5_0_8b"], namings=hf_namings(module))
+    assert on_published.naming == hf_namings(module) and "model.layers.0.linear_attn.A_log" in on_published
+    assert on_published.file_name("model.norm.weight") == "model.language_model.norm.weight"
+    assert checkpoint_problems(module, on_published) == []
+    on_text = HFCheckpoint(published["text"], namings=hf_namings(module))
+    assert on_text.naming == ()
+    assert checkpoint_problems(module, on_text) == []
+
+
+def test_the_published_standins_verify(published: dict[str, Path]) -> None:
+    """One spawn of 2 ranks: the dense published stand-in at TP2 and the MoE one at EP2 (its
+    decoder experts stacked, its MTP layer's not) and as transformers saves it (every expert one
+    tensor), each with its MTP layer (logits against transformers' on text input), every tensor
+    exported bit for bit under its published name (an expert of a stacked tensor: against its
+    slice); and the module built from the published config loading the transformers-saved text
+    stand-in at TP2."""
+    tasks: list[tuple[Any, tuple[Any, ...]]] = []
+    dense = _module(published["qwen3_5_0_8b"], "published_dense", testing.ROOT / TARGETS["qwen3_5_0_8b"].spec)
+    moe = _module(published["qwen3_5_35b_a3b"], "published_moe", testing.ROOT / TARGETS["qwen3_5_35b_a3b"].spec)
+    text_config = json.loads((published["text"] / "config.json").read_text())
+    assert text_config["architectures"] == ["Qwen3_5ForCausalLM"]
+    tasks.append((run_job, (Job(str(dense), str(published["qwen3_5_0_8b"]), ParallelLayout(tp=2)),)))
+    tasks.append((run_job, (Job(str(moe), str(published["qwen3_5_35b_a3b"]), ParallelLayout(ep=2, dp=2)),)))
+    tasks.append((run_job, (Job(str(moe), str(published["moe_saved"]), ParallelLayout(ep=2, dp=2)),)))
+    tasks.append((run_job, (Job(str(dense), str(published["text"]), ParallelLayout(tp=2)),)))
+    results = spawn(tasks, 2, timeout_s=900)
+    for rank0 in results[0]:
+        assert rank0.error is None, rank0.error
+        assert rank0.ok and rank0.mismatched == [] and rank0.bit_exact == rank0.tensors > 60, rank0
+
+
+def test_a_published_moe_checkpoint_is_saved_back_in_its_own_layout(published: dict[str, Path], tmp_path: Path) -> None:
+    """The published MoE layout (decoder experts stacked, the MTP layer's one tensor each, the
+    vision-language names) loaded and saved back through the module (which maps experts one
+    tensor each): every tensor of the original files, under its own name, bit for bit; export
+    yields the stacked tensors too. A quantized save cannot stack and says so."""
+    import mapgen
+    from safetensors import safe_open
+
+    from mapgen.compiler.megatron_model import ParallelLayout, build_model_chunks, single_process_parallel_state
+    from mapgen.runtime import ParallelContext
+    from mapgen.runtime.drivers import Converter, save_hf_checkpoint
+
+    folder = published["qwen3_5_35b_a3b"]
+    path = tmp_path / "qwen3_5_moe_published.py"
+    path.write_text(compile_target(path.stem, testing.ROOT / "specs" / "qwen3_5_moe.yaml", folder / "config.json", "local", "test"))
+    module = testing.import_module_from_path(path, "test_qwen3_5_published_save")
+    with single_process_parallel_state():
+        chunks = build_model_chunks(module.DIMS, ParallelLayout(), params_dtype=torch.float32, model=module.MODEL)
+        converter = Converter(module, chunks, ParallelContext.single())
+        converter.load(folder)
+        stacked = dict(converter.stacked)
+        assert stacked and all(n.startswith("model.layers.") for n in stacked), stacked  # the decoder layers only
+        exported = dict(converter.export())
+        mapgen.save_hf_pretrained(module, chunks, tmp_path / "saved", folder, make_vocab_size_divisible_by=1)
+        with pytest.raises(ValueError, match="stacked_experts with fp8"):
+            save_hf_checkpoint(module, chunks, tmp_path / "fp8", json.loads((folder / "config.json").read_text()),
+                               fp8=True, stacked_experts=converter.stacked)
+    original = {}
+    for file in folder.glob("*.safetensors"):
+        with safe_open(str(file), "pt") as handle:
+            original.update({name: handle.get_tensor(name) for name in handle.keys()})
+    saved = {}
+    for file in (tmp_path / "saved").glob("*.safetensors"):
+        with safe_open(str(file), "pt") as handle:
+            saved.update({name: handle.get_tensor(name) for name in handle.keys()})
+    ignored = [n for n in original if n.startswith("model.visual.")]  # the vision tower: not this module's
+    assert ignored and sorted(saved) == sorted(n for n in original if n not in ignored)
+    assert any(".experts.gate_up_proj" in n for n in saved) and any("mtp.layers.0.mlp.experts.0." in n for n in saved)
+    for name, tensor in saved.items():
+        assert tensor.dtype == original[name].dtype and torch.equal(tensor.view(torch.uint8), original[name].view(torch.uint8)), name
+    for name in stacked:  # export's stacked tensors are the files' (in the published names)
+        published_name = next(n for n in original if n.endswith(name.removeprefix("model.")))
+        assert torch.equal(exported[published_name], original[published_name]), name

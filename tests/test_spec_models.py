@@ -47,7 +47,7 @@ def test_a_class_the_spec_does_not_list_is_refused_naming_model_and_the_line() -
         f"bad.yaml:{_models_line(text)}:9: --model llava: spec bad.yaml builds gpt or hybrid (its models); leave "
         "--model out to build gpt, or give --model hybrid"
     ]
-    with pytest.raises(MapgenError, match="model must be one of gpt, hybrid, llava, got 'gpu'"):
+    with pytest.raises(MapgenError, match="model must be one of gpt, hybrid, llava, mamba, got 'gpu'"):
         choose_model(parse_spec("bad.yaml", text), "gpu")
 
 
@@ -59,7 +59,7 @@ def test_a_bad_models_key_is_refused_at_its_line(models: str) -> None:
     (message,) = raised.value.messages
     assert message.startswith(
         f"bad.yaml:{_models_line(text)}:9: 'models' must be one or a list of distinct megatron-core model classes "
-        "from gpt, hybrid, llava (the first is built by default), got "
+        "from gpt, hybrid, llava, mamba (the first is built by default), got "
     )
 
 
@@ -72,6 +72,9 @@ def test_the_shipped_specs_state_their_classes() -> None:
             stated[path.stem] = spec.models.names
     assert stated.pop("llava") == ("llava",)
     assert stated.pop("gpt_oss") == ("gpt",)
+    assert stated.pop("deepseek_v3_2") == ("gpt",)  # DSA: GPTModel on megatron-core 0.19
+    assert stated.pop("minimax_m2") == ("gpt",)  # refused (`unsupported`), its rules for GPTModel
+    assert stated.pop("nemotron_h") == ("mamba",)  # Mamba-2 layers: HybridModel / MambaModel only
     assert set(stated.values()) == {("gpt", "hybrid")}
     # each target's class is one its spec states: the ones targets.yaml leaves out are the default
     for entry in read_targets(testing.ROOT):

@@ -19,7 +19,7 @@ MEGATRON_LLAMA3_ROPE = {
 
 DTYPES = ("float32", "bfloat16", "float16")
 # megatron-core activation functions a spec may name (quick_gelu: x * sigmoid(1.702 x), gpt-oss)
-ACTIVATIONS = ("silu", "gelu", "quick_gelu")
+ACTIVATIONS = ("silu", "gelu", "quick_gelu", "squared_relu")  # squared_relu: relu(x)^2 (Nemotron-H)
 SOFTMAX_TYPES = ("vanilla", "off-by-one", "learnable")  # megatron-core's TransformerConfig.softmax_type
 # a LLaVA model's vision tower and projector (ModelDims.vision)
 VISION_DIMS = frozenset(
@@ -38,7 +38,11 @@ LATE_FIELDS = frozenset(
      "linear_attention_layers", "linear_conv_kernel_dim", "linear_key_head_dim", "linear_value_head_dim",
      "linear_num_key_heads", "linear_num_value_heads",
      # multi-token prediction (DeepSeek-V3)
-     "mtp_num_layers"}
+     "mtp_num_layers",
+     # DeepSeek sparse attention's indexer (DeepSeek-V3.2)
+     "dsa_indexer_n_heads", "dsa_indexer_head_dim", "dsa_indexer_topk",
+     # Mamba-hybrid models (Nemotron-H)
+     "hybrid_pattern", "mamba_num_heads", "mamba_head_dim", "mamba_num_groups", "mamba_state_dim"}
 ) | VISION_DIMS
 
 
@@ -124,6 +128,19 @@ class ModelDims:
     linear_value_head_dim: int = 0
     linear_num_key_heads: int = 0
     linear_num_value_heads: int = 0
+    # DeepSeek sparse attention (DeepSeek-V3.2, with multi-latent attention): every attention
+    # layer's indexer heads, head size and the keys it keeps per query; 0 heads: no indexer
+    dsa_indexer_n_heads: int = 0
+    dsa_indexer_head_dim: int = 0
+    dsa_indexer_topk: int = 0
+    # Mamba-hybrid models (Nemotron-H, mapgen/compiler/mamba_model.py): megatron-core's hybrid layer
+    # pattern, one symbol per decoder layer (M Mamba-2, * attention, - MLP, E experts), and the
+    # Mamba-2 mixer's sizes; "" for every other model
+    hybrid_pattern: str = ""
+    mamba_num_heads: int = 0
+    mamba_head_dim: int = 0
+    mamba_num_groups: int = 0
+    mamba_state_dim: int = 0
     # a LLaVA model's vision tower (megatron-core's CLIPViTModel) and projector; the dims above
     # are its language model's. None: no vision tower (every other model)
     vision_num_layers: int | None = None  # the layers LLaVA uses (HF's vision_feature_layer)
@@ -175,6 +192,12 @@ class ModelDims:
                 found.append((name, f"must be positive (or null), got {value}"))
         if self.mtp_num_layers < 0 or self.mtp_num_layers > MAX_LAYERS:
             found.append(("mtp_num_layers", f"must be 0 (no multi-token prediction) up to {MAX_LAYERS:,}, got {self.mtp_num_layers}"))
+        if self.dsa_indexer_n_heads:  # DeepSeek sparse attention: megatron-core's indexer on MLA
+            if not self.multi_latent_attention or self.q_lora_rank is None:
+                found.append(("dsa_indexer_n_heads", "a DSA indexer needs multi-latent attention with a q_lora_rank"))
+            if not self.qk_pos_emb_head_dim <= self.dsa_indexer_head_dim or self.dsa_indexer_topk <= 0:
+                found.append(("dsa_indexer_head_dim", f"must be at least qk_pos_emb_head_dim {self.qk_pos_emb_head_dim}, "
+                              f"with a positive dsa_indexer_topk; got {self.dsa_indexer_head_dim}, {self.dsa_indexer_topk}"))
         if not 0 < self.rotary_percent <= 1:
             found.append(("rotary_percent", f"must be in (0, 1], got {self.rotary_percent}"))
         if self.num_layers > MAX_LAYERS:

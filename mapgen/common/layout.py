@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from typing import Any
 
 LAYOUTS = ("te", "local")  # megatron-core's TransformerEngine layer-spec names, or its local ones
-MODEL_CLASSES = ("gpt", "hybrid", "llava")  # megatron-core's GPTModel, its HybridModel, or LLaVAModel
+# megatron-core's GPTModel, its HybridModel, LLaVAModel, or a Mamba-hybrid model (HybridModel /
+# MambaModel from the config's own layer pattern, Nemotron-H: mapgen/compiler/mamba_model.py)
+MODEL_CLASSES = ("gpt", "hybrid", "llava", "mamba")
 HF_EXPERTS = ("per_expert", "stacked")  # how an HF checkpoint stores MoE experts
 
 
@@ -102,8 +104,16 @@ def weight_buffers(model: Any) -> list[tuple[str, Any]]:
 _MTP_MODEL_LAYER = re.compile(r"^(mtp\.layers\.\d+\.)mtp_model_layer\.")
 
 
+# megatron-core 0.19's MambaMixer holds its convolution as plain parameters `conv1d_weight` and
+# `conv1d_bias` (0.16: an nn.Conv1d, `conv1d.weight`, `conv1d.bias`; the checkpoint keys of both
+# releases); mapgen names them `conv1d.weight` and `conv1d.bias` on every release
+_MAMBA_CONV = re.compile(r"\.mixer\.conv1d_(weight|bias)$")
+
+
 def canonical_name(name: str) -> str:
     """A megatron-core parameter's name as mapgen writes it (see above)."""
+    if "conv1d_" in name:
+        name = _MAMBA_CONV.sub(r".mixer.conv1d.\1", name)
     if "mtp_model_layer" not in name:
         return name
     return _MTP_MODEL_LAYER.sub(r"\1transformer_layer.", name, count=1)

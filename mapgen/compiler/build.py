@@ -33,6 +33,7 @@ from mapgen.compiler.inventory import (
     _HF_LAYER, HFTensor, architecture_model_type, hf_inventory, megatron_inventory, own_config_class,
 )
 from mapgen.compiler.ir import Source, Target
+from mapgen.compiler.nested import text_view
 from mapgen.common.limits import MAX_INPUT_BYTES
 from mapgen.common.layout import HF_EXPERTS, LAYOUTS, MODEL_CLASSES
 from mapgen.compiler.packaged import TARGETS_FILE, folder
@@ -299,8 +300,11 @@ def build_target(
     spec_text, spec_source = _source(spec_path, shown_spec)
     config_text, config_source = _source(config_path, shown_config)
     spec = parse_spec(spec_source.path, spec_text)
+    if spec.unsupported is not None:
+        raise SpecError([spec.unsupported.message(spec.hf_architecture)])
     model = choose_model(spec, model)
-    config = read_hf_config(config_source.path, config_text)
+    # a vision-language config (Qwen3.5's published one) is read as its text model's: `nested`
+    config = text_view(spec.hf_architecture, read_hf_config(config_source.path, config_text))
     metadata: list[FieldPath] = []
     dims = translate(spec, config, ignored, metadata)
     if metadata and notes is not None:

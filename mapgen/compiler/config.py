@@ -407,6 +407,9 @@ def translate(
     holds it, when it was read from exactly one. `ignored`: config fields accepted whatever
     they are (`check_config_fields`); `metadata`, when given, receives the metadata fields
     accepted."""
+    from mapgen.compiler.nested import text_view
+
+    config = text_view(spec.hf_architecture, config)  # a vision-language config, read as its text model's
     errors = ErrorSink()
     if config.architectures and spec.hf_architecture not in config.architectures:
         errors.add(

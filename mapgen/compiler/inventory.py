@@ -88,6 +88,10 @@ def megatron_inventory(dims: ModelDims, layout: str, model: str = "gpt") -> tupl
         from mapgen.compiler.llava_model import llava_inventory
 
         return llava_inventory(dims, layout)
+    if model == "mamba":
+        from mapgen.compiler.mamba_model import mamba_inventory
+
+        return mamba_inventory(dims, layout)
     local = _local_inventory(dims)
     te = to_te_layout(local)
     if model == "hybrid":
@@ -270,8 +274,10 @@ _TE_NORM_FUSIONS = (
     (".self_attention.q_layernorm.", ".self_attention.linear_q_up_proj."),
     (".self_attention.kv_layernorm.", ".self_attention.linear_kv_up_proj."),
     (".input_layernorm.", ".self_attention.in_proj."),  # gated delta net (TELayerNormColumnParallelLinear)
+    (".norm.", ".mixer.in_proj."),  # a Mamba layer's pre-norm (mapgen/compiler/mamba_model.py)
 )
 _TE_FUSED = tuple(linear for _, linear in _TE_NORM_FUSIONS)
+_DSA_INDEXER = ".self_attention.core_attention.indexer.linear_wk.weight"
 _TE_DUPLICATED = (".self_attention.linear_q_down_proj.", ".self_attention.linear_kv_down_proj.")
 _TE_GROUPED = re.compile(r"\.mlp\.experts\.local_experts\.(\d+)\.(linear_fc[12])\.(\w+)$")
 _NORMS = ("RMSNorm", "LayerNorm", "WrappedTorchNorm", "FusedLayerNorm", "ZeroCenteredRMSNorm")
@@ -285,14 +291,16 @@ def to_te_layout(params: tuple[MegatronParam, ...]) -> tuple[MegatronParam, ...]
         name, kind, partition, mode = p.name, p.module_kind, p.partition_dim, p.parallel_mode
         for norm, linear in _TE_NORM_FUSIONS:
             head, found, tail = name.partition(norm)
-            if found and f"{head}{linear}weight" in names:
+            # a DSA layer (DeepSeek-V3.2) keeps its MLA norms unfused in TE too: its indexer reads the normed q
+            dsa = norm.startswith(".self_attention.") and f"{head}{_DSA_INDEXER}" in names
+            if found and f"{head}{linear}weight" in names and not dsa:
                 name, kind = f"{head}{linear}layer_norm_{tail}", "TELayerNormColumnParallelLinear"
         grouped = _TE_GROUPED.search(name)
         if grouped:
             expert, linear, leaf = grouped.groups()
             name = name[: grouped.start()] + f".mlp.experts.{linear}.{leaf}{expert}"
             kind = "TEColumnParallelGroupedLinear" if linear == "linear_fc1" else "TERowParallelGroupedLinear"
-        elif any(d in name for d in _TE_DUPLICATED):
+        elif any(d in name for d in _TE_DUPLICATED) or kind == "DuplicatedLinear":  # + the DSA indexer's
             kind, partition, mode = "TELinear", None, "duplicated"
         elif kind == "ColumnParallelLinear" and any(f in name for f in _TE_FUSED):
             kind = "TELayerNormColumnParallelLinear"
@@ -379,6 +387,10 @@ def hf_inventory(
         if not isinstance(num_layers, int) or min(extra_layers) < num_layers:
             raise ValueError(f"extra decoder layers {extra_layers} must come after the {num_layers} the config has")
         fields["num_hidden_layers"] = max(extra_layers) + 1
+        for key in ("layer_types", "mlp_layer_types"):  # per-layer lists (DeepSeek-V3.2's): the extra
+            kinds = fields.get(key)  # layers are of the last layer's kind, as megatron-core builds MTP layers
+            if isinstance(kinds, list) and kinds and len(kinds) == num_layers:
+                fields[key] = kinds + [kinds[-1]] * (fields["num_hidden_layers"] - num_layers)
     model_class = getattr(transformers, architecture)
     if own_config_class(architecture, config_fields):  # read by transformers' copy of its class
         hf_config = model_class.config_class(**fields)

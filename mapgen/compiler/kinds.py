@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 from mapgen.common.errors import ErrorSink
 from mapgen.common.layout import QKVGeometry, inverse_permutation
+from mapgen.common.mamba import mamba_conv1d_sections, mamba_in_proj_sections
 from mapgen.common.sections import gdn_in_proj_sections
 
 if TYPE_CHECKING:
@@ -598,6 +599,63 @@ class GDNInProjSections(_GatedDeltaNet):
         return _outputs(m, f"rt.sections_export(parts, sections={self.sections(m.qkv)!r})")
 
 
+class _MambaSections(Kind):
+    """Mamba-2 mixer tensors whose rows are sections, each split over TP in equal blocks
+    (mapgen.common.mamba, mapgen.runtime.sections). The geometry: heads are the mixer's heads,
+    head_dim its head dim, groups its B/C groups and value_dim the SSM state size."""
+
+    merges_heads = True
+    fixed_split = "column"
+    section_sizes = staticmethod(mamba_in_proj_sections)
+
+    def geometry(self, rule: Rule, dims: ModelDims, config: HFConfig, errors: ErrorSink) -> QKVGeometry | None:
+        return QKVGeometry(dims.mamba_num_heads, dims.mamba_num_groups, dims.mamba_head_dim, value_dim=dims.mamba_state_dim)
+
+    def sections(self, g: QKVGeometry) -> tuple[tuple[int, ...], ...]:
+        assert g.value_dim is not None
+        return self.section_sizes(g.heads, g.head_dim, g.groups, g.value_dim)
+
+    def shape_problem(self, m: Mapping) -> str | None:
+        assert m.qkv is not None
+        g = m.qkv
+        sizes = f"({g.heads} heads of {g.head_dim}, {g.groups} groups of state {g.value_dim})"
+        if g.groups <= 0 or g.heads % g.groups:
+            return f"{g.groups} groups do not divide {g.heads} heads {sizes}"
+        (source,) = m.hf
+        (sections,) = self.sections(g)
+        if source.shape != m.shape or m.shape[0] != sum(sections):
+            return f"HF {_described(m)} and Megatron {list(m.shape)} are not the {sum(sections)} rows {list(sections)} {sizes}"
+        return None
+
+    def import_expr(self, m: Mapping, group: str) -> str:
+        assert m.qkv is not None
+        return f"rt.sections_import({group}, {_loads(m)}, sections={self.sections(m.qkv)!r}, out=out)"
+
+    def export_expr(self, m: Mapping) -> str:
+        assert m.qkv is not None
+        return _outputs(m, f"rt.sections_export(parts, sections={self.sections(m.qkv)!r})")
+
+
+class MambaInProj(_MambaSections):
+    name = "mamba_in_proj"
+    doc = (
+        "Mamba-2 input projection (Nemotron-H): HF in_proj [z; x; B; C; dt] (z, x: heads x head_dim "
+        "rows; B, C: groups x state; dt: heads). Import: TP rank t holds [z_t; x_t; B_t; C_t; dt_t], "
+        "the t-th TP block of each section (megatron-core's MambaMixer.in_proj). Export: gather, "
+        "split every rank's sections, join each section's blocks."
+    )
+
+
+class MambaConv1d(_MambaSections):
+    name = "mamba_conv1d"
+    doc = (
+        "Mamba-2 causal convolution (weight [channels, 1, K] or bias), HF channels [x; B; C]. "
+        "Import: TP rank t holds [x_t; B_t; C_t], the t-th TP block of each. Export: gather, split "
+        "every rank's sections, join each section's blocks."
+    )
+    section_sizes = staticmethod(mamba_conv1d_sections)
+
+
 KINDS: dict[str, Kind] = {
     kind.name: kind
     for kind in (
@@ -616,5 +674,7 @@ KINDS: dict[str, Kind] = {
         GDNInProj(),
         GDNConv1d(),
         GDNInProjSections(),
+        MambaInProj(),
+        MambaConv1d(),
     )
 }

@@ -18,6 +18,7 @@ from torch.distributed import HashStore  # type: ignore[attr-defined]
 from mapgen.common.console import native_stdout_silenced
 from mapgen.common.dims import ModelDims
 from mapgen.common.layout import MODEL_CLASSES
+from mapgen.compiler.dsa_model import dsa_config, has_dsa, use_dsa_attention
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -275,9 +276,10 @@ def _set_gpt_yarn(config: Any, dims: ModelDims) -> None:
 
 
 def _activation(name: str) -> Any:
-    from megatron.core.activations import quick_gelu
+    from megatron.core.activations import quick_gelu, squared_relu
 
-    return {"silu": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu, "quick_gelu": quick_gelu}[name]
+    return {"silu": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu, "quick_gelu": quick_gelu,
+            "squared_relu": squared_relu}[name]
 
 
 def architecture_fields(dims: ModelDims) -> dict[str, Any]:
@@ -287,6 +289,7 @@ def architecture_fields(dims: ModelDims) -> dict[str, Any]:
         **_mtp_config(dims),
         **_moe_config(dims),
         **_mla_config(dims),
+        **dsa_config(dims),  # DeepSeek-V3.2's sparse attention (mapgen/compiler/dsa_model.py)
         **_window_config(dims),
         **_glu_softmax_config(dims),
         **_linear_attention_config(dims),
@@ -381,6 +384,8 @@ def build_gpt_model(
                 _mla_without_transformer_engine()
                 for layer_spec in block_spec.layer_specs:
                     layer_spec.submodules.self_attention.submodules.core_attention = _mla_core_attention()
+            if has_dsa(dims):
+                use_dsa_attention(block_spec, config)
         for layer_spec in block_spec.layer_specs:
             _mla_q_proj_without_norm(layer_spec.submodules.self_attention, dims)
         mtp_block_spec = None
@@ -906,6 +911,10 @@ def build_model(dims: ModelDims, model: str = "gpt", **kwargs: Any) -> Any:
         from mapgen.compiler.llava_model import build_llava_model
 
         return build_llava_model(dims, **kwargs)
+    if model == "mamba":
+        from mapgen.compiler.mamba_model import build_mamba_model
+
+        return build_mamba_model(dims, **kwargs)
     return (build_hybrid_model if model == "hybrid" else build_gpt_model)(dims, **kwargs)
 
 

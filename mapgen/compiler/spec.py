@@ -38,7 +38,8 @@ from mapgen.compiler.yamlsource import Node
 
 PARALLELISM_TYPES = ("column", "row", "replicated")
 TOP_KEYS = (
-    "family", "hf_architecture", "dims", "module_types", "rules", "ignore_hf", "config_fields", "mtp", "models", "hf_namings"
+    "family", "hf_architecture", "dims", "module_types", "rules", "ignore_hf", "config_fields", "mtp", "models", "hf_namings",
+    "unsupported",
 )
 MTP_KEYS = ("hf_layer", "hf_tensors", "why")
 MTP_OPTIONAL_KEYS = ("hf_decoder_prefix", "hf_decoder_like")
@@ -173,6 +174,26 @@ class Spec:
     # (prefix, other prefix): another naming of the tensors under `prefix` that checkpoints of
     # the architecture use (`hf_namings: {"vision_tower.vision_model.": "vision_tower."}`)
     hf_namings: tuple[tuple[str, str], ...] = ()
+    # the architecture cannot be built for megatron-core: `mapgen build` refuses it, naming why
+    unsupported: Unsupported | None = None
+
+
+@dataclass(frozen=True)
+class Unsupported:
+    """`unsupported: {needs: ..., tensors: [...]}`: what megatron-core lacks to build the
+    architecture (`needs`), and the HF tensors of the module that needs it (`tensors`, as a
+    decoder layer names them). The spec's rules map everything else."""
+
+    needs: str
+    tensors: tuple[str, ...]
+    loc: Location
+
+    def message(self, hf_architecture: str) -> str:
+        return (
+            f"{self.loc}: {hf_architecture} cannot be built for megatron-core: its {', '.join(self.tensors)} "
+            f"need {self.needs}. mapgen refuses it rather than convert its weights into a model that computes "
+            "other logits (the spec's rules map every other tensor)"
+        )
 
 
 def parse_spec(path: str, text: str) -> Spec:
@@ -221,10 +242,35 @@ def parse_spec(path: str, text: str) -> Spec:
     mtp = _parse_mtp(top.get("mtp"), errors)
     models = _parse_models(top.get("models"), errors)
     hf_namings = _parse_hf_namings(top.get("hf_namings"), errors)
+    unsupported = _parse_unsupported(top.get("unsupported"), errors)
     errors.raise_if_any()
     return Spec(
-        path, family, hf_architecture, dims, module_types, tuple(rules), ignore_hf, config_fields, mtp, models, hf_namings
+        path, family, hf_architecture, dims, module_types, tuple(rules), ignore_hf, config_fields, mtp, models, hf_namings,
+        unsupported,
     )
+
+
+def _parse_unsupported(node: Node | None, errors: ErrorSink) -> Unsupported | None:
+    """`unsupported: {needs: TEXT, tensors: [NAME, ...]}`."""
+    if node is None:
+        return None
+    value = node.value
+    needs = value.get("needs") if isinstance(value, dict) else None
+    tensors = value.get("tensors") if isinstance(value, dict) else None
+    if (
+        not isinstance(value, dict)
+        or set(value) != {"needs", "tensors"}
+        or needs is None
+        or not isinstance(needs.value, str)
+        or not needs.value.strip()
+        or tensors is None
+        or not isinstance(tensors.value, list)
+        or not tensors.value
+        or not all(isinstance(t.value, str) and t.value for t in tensors.value)
+    ):
+        errors.add(node.loc, "'unsupported' must be {needs: what megatron-core lacks, tensors: [the HF tensors that need it]}")
+        return None
+    return Unsupported(" ".join(needs.value.split()), tuple(str(t.value) for t in tensors.value), node.loc)
 
 
 def _parse_hf_namings(node: Node | None, errors: ErrorSink) -> tuple[tuple[str, str], ...]:

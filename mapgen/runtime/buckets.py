@@ -27,7 +27,7 @@ from mapgen.runtime.formats import FP8, ExportFormat, held_dtype
 from mapgen.runtime.plan import ParamPlan
 
 if TYPE_CHECKING:
-    from mapgen.runtime.drivers import Module, Placement
+    from mapgen.runtime.placement import Module, Placement
 
 
 # bytes of bookkeeping per output of a bucket (where it lies in the flat buffers, the outputs

@@ -36,11 +36,12 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import re
 import mmap
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, NamedTuple, cast
+from typing import Any, Callable, Iterable, NamedTuple, cast
 
 import torch
 
@@ -254,6 +255,9 @@ class _Described:
     config: dict[str, Any]  # config.json ({} when there is none or it is not an object)
     # (the module's prefix, the files' prefix) of each other naming the files use (`_renamed`)
     naming: tuple[tuple[str, str], ...] = ()
+    # the stacked-experts tensors served one expert at a time (`_unstacked`), in the module's
+    # naming, each with its count of experts
+    unstacked: tuple[tuple[str, int], ...] = ()
     serial: int = field(default_factory=lambda: next(_SERIALS))  # never reused: a key for checks
 
 
@@ -271,6 +275,22 @@ def named_as(name: str, naming: tuple[tuple[str, str], ...]) -> str:
         if name.startswith(ours):
             return theirs + name[len(ours):]
     return name
+
+
+def config_naming(
+    namings: tuple[tuple[str, str], ...], architecture: str, config: dict[str, Any]
+) -> tuple[tuple[str, str], ...]:
+    """The naming that goes with the config.json `config` of a module of `architecture` with
+    HF_NAMINGS `namings`, for writing a checkpoint that has no files to take it from (`mapgen
+    convert megatron-to-hf`): every other naming where `config` is that of a model around the
+    module's (Qwen3.5's published vision-language config: `text_config` nested, `architectures`
+    naming another class, its tensors the published names), else the module's own (())."""
+    architectures = config.get("architectures")
+    wrapped = (
+        isinstance(config.get("text_config"), dict)
+        and isinstance(architectures, list) and bool(architectures) and architecture not in architectures
+    )
+    return namings if wrapped else ()
 
 
 def _renamed(
@@ -301,6 +321,52 @@ def _renamed(
     return renamed, applied
 
 
+# transformers' in-memory layout of a layer's experts (Qwen2-MoE's lineage: Qwen3.5-MoE's published
+# decoder layers store it): P + gate_up_proj [E, 2I, H] (expert e's gate rows, then its up rows),
+# P + down_proj [E, H, I]; P ends in "experts.". One tensor per expert: P + "<e>.gate_proj.weight" ...
+STACKED_GATE_UP, STACKED_DOWN = "experts.gate_up_proj", "experts.down_proj"
+PER_EXPERT_RE = re.compile(r"\.experts\.\d+\.(gate|up|down)_proj\.weight$")
+
+
+def per_expert_names(names: Iterable[str]) -> bool:
+    """Whether a module's HF names hold experts one tensor each (`<P>.experts.<e>.gate_proj.weight`):
+    such a module reads a stacked pair one expert at a time (`HFCheckpoint(unstack=True)`)."""
+    return any(PER_EXPERT_RE.search(n) for n in names)
+
+
+def _unstacked(entries: dict[str, _Entry]) -> tuple[dict[str, _Entry], tuple[tuple[str, int], ...]]:
+    """`entries` with each stacked pair of a layer's experts (`STACKED_GATE_UP` [E, 2I, H] and
+    `STACKED_DOWN` [E, H, I] of one dtype, no per-expert tensor beside them) replaced by one
+    entry per expert and projection: expert e's gate rows, its up rows and its down matrix are
+    contiguous bytes of the stacked tensors, so each is a byte range of the file (no copy); and
+    the stacked tensors so served, each with its count of experts. A pair of other shapes (or
+    dtypes) stays as it is."""
+    per_expert = {m.string[: m.start() + len(".experts.")] for n in entries if (m := PER_EXPERT_RE.search(n))}
+    out = dict(entries)
+    served: list[tuple[str, int]] = []
+    for name, gate_up in entries.items():
+        if not name.endswith(STACKED_GATE_UP):
+            continue
+        prefix = name[: -len("gate_up_proj")]  # ends in "experts."
+        down = entries.get(prefix + "down_proj")
+        if down is None or prefix in per_expert or len(gate_up.shape) != 3 or gate_up.dtype != down.dtype:
+            continue
+        experts, rows, hidden = gate_up.shape
+        if rows % 2 or down.shape != (experts, hidden, rows // 2) or gate_up.dtype not in DTYPES:
+            continue
+        size = DTYPES[gate_up.dtype].itemsize
+        half = rows // 2 * hidden * size  # bytes of one expert's gate (or up) rows, and of its down matrix
+        for e in range(experts):
+            start = gate_up.start + e * 2 * half
+            out[f"{prefix}{e}.gate_proj.weight"] = _entry(gate_up.file, gate_up.dtype, (rows // 2, hidden), start, start + half)
+            out[f"{prefix}{e}.up_proj.weight"] = _entry(gate_up.file, gate_up.dtype, (rows // 2, hidden), start + half, start + 2 * half)
+            start = down.start + e * half
+            out[f"{prefix}{e}.down_proj.weight"] = _entry(down.file, down.dtype, (hidden, rows // 2), start, start + half)
+        del out[name], out[prefix + "down_proj"]
+        served += [(name, experts), (prefix + "down_proj", experts)]
+    return out, tuple(served)
+
+
 def _describe(
     folder: Path,
     weight_map: dict[str, str],
@@ -308,6 +374,7 @@ def _describe(
     config_text: bytes | None,
     block_size: tuple[int, int] | None,
     namings: tuple[tuple[str, str], ...] = (),
+    unstack: bool = False,
 ) -> _Described:
     files: dict[str, tuple[int, int]] = {}
     entries: dict[str, _Entry] = {}
@@ -341,6 +408,7 @@ def _describe(
     if problems:
         raise CheckpointError(f"{folder}: inconsistent checkpoint: " + "; ".join(problems[:10]))
     entries, naming = _renamed(folder, entries, namings)
+    entries, unstacked = _unstacked(entries) if unstack else (entries, ())
     config, quantization = _config(folder / CONFIG, config_text)
     configured = _configured_block(folder / CONFIG, quantization)
     scales = frozenset(n for n in entries if n.endswith(SCALE_SUFFIX))
@@ -363,7 +431,7 @@ def _describe(
         # a quantized tensor stands where its blocks stand
         visible.append(n[: -len(mxfp4.BLOCKS_SUFFIX)] if n in companions else n)
     declared = bool(pairs) or (quantization or {}).get("quant_method") == "mxfp4"
-    return _Described(files, entries, scales, fp8, block, pairs, declared, tuple(visible), config, naming)
+    return _Described(files, entries, scales, fp8, block, pairs, declared, tuple(visible), config, naming, unstacked)
 
 
 class HFCheckpoint:
@@ -378,10 +446,16 @@ class HFCheckpoint:
         folder: str | Path,
         block_size: tuple[int, int] | None = None,
         namings: tuple[tuple[str, str], ...] = (),
+        unstack: bool = False,
     ) -> None:
         """`namings`: a module's HF_NAMINGS, (its prefix, another naming's prefix) pairs; where
         the files use the other naming, every method takes and gives the module's names, and
-        `file_name` turns one back into the files'."""
+        `file_name` turns one back into the files'. `unstack`: serve a layer's stacked experts
+        (`experts.gate_up_proj` [E, 2I, H], `experts.down_proj` [E, H, I]) as one tensor per
+        expert (`experts.<e>.gate_proj.weight`, ...; `_unstacked`), for a module that maps them
+        so (`per_expert_names`): Qwen3.5-MoE's published checkpoint stacks its decoder layers'
+        experts but not its MTP layer's. `unstacked` names the stacked tensors so served (with
+        their counts of experts)."""
         self.folder = Path(folder)
         index = self.folder / INDEX
         index_text: bytes | None = None
@@ -404,10 +478,10 @@ class HFCheckpoint:
             self._sizes[file], headers[file] = _read_header(path)
         config = self.folder / CONFIG
         config_text = _read(config) if config.is_file() else None
-        key = (index_text, config_text, repr(block_size), namings, tuple(headers.items()))  # nothing names the folder
+        key = (index_text, config_text, repr(block_size), namings, unstack, tuple(headers.items()))  # nothing names the folder
         described = _DESCRIBED.get(key)
         if described is None:
-            described = _describe(self.folder, weight_map, headers, config_text, block_size, namings)
+            described = _describe(self.folder, weight_map, headers, config_text, block_size, namings, unstack)
             if sum(len(t) for t in headers.values()) + len(index_text or b"") <= DESCRIBED_MAX_BYTES:
                 _DESCRIBED[key] = described
                 while len(_DESCRIBED) > DESCRIBED_KEPT:
@@ -423,6 +497,7 @@ class HFCheckpoint:
         self.mxfp4 = described.mxfp4_declared
         self.config = described.config
         self.naming = described.naming
+        self.unstacked = described.unstacked
         self._maps: dict[str, mmap.mmap] = {}
         self._typed: dict[tuple[str, str], torch.Tensor] = {}  # (file, dtype) -> the file as that dtype
 

@@ -14,10 +14,10 @@ import os
 import re
 import shutil
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from mapgen.common.errors import MapgenError
 from mapgen.common.files import host_tag, process_alive, share_tree, temporary_folder
 from mapgen.common.layout import canonical_name, model_weights, stacked_slice
-from mapgen.runtime.checkpoint import DTYPES, SCALE_SUFFIX, HFCheckpoint, named_as
+from mapgen.runtime.checkpoint import DTYPES, SCALE_SUFFIX, HFCheckpoint, named_as, per_expert_names
 from mapgen.common import gcpause
 from mapgen.runtime import memo
 from mapgen.runtime.collectives import RankError, agree_or_raise
@@ -40,7 +40,7 @@ from mapgen.runtime.ownership import (
 )
 from mapgen.runtime import mx, package
 from mapgen.runtime.package import FORMAT, is_package
-from mapgen.runtime.plan import ExportFn, HFTensorPlan, ImportFn, Loader, ParamPlan
+from mapgen.runtime.plan import Loader, ParamPlan
 from mapgen.runtime.buckets import BucketPlan, ExportBound, plan_buckets
 from mapgen.runtime.formats import (
     DtypeArg,
@@ -53,23 +53,13 @@ from mapgen.runtime.formats import (
     config_dtype,
     resolve_format,
 )
+from mapgen.runtime.placement import Module, Placement
 from mapgen.runtime.local import LocalParam, LocalPiece, local_param_pieces, local_plan, no_fp8_local
+from mapgen.runtime.restack import Stacking, restack, restacked_sizes, stacking_problems
 from mapgen.runtime.sync import stream_export
 from mapgen.runtime.vocab import VOCAB_PARAMS, padded_block, padded_rows_problem
 
 DEFAULT_BUCKET_BYTES = 256 * 2**20
-
-
-class MappingModule(Protocol):
-    TARGET: str
-    PARAMS: tuple[ParamPlan, ...]
-    HF_TENSORS: tuple[HFTensorPlan, ...]
-    IMPORTS: dict[str, ImportFn]
-    EXPORTS: dict[str, ExportFn]
-    TIED: dict[str, str]
-
-
-Module = MappingModule | ModuleType
 
 
 def _unwrap(chunk: Any) -> Any:
@@ -89,19 +79,6 @@ def _weights(model: Any) -> list[tuple[str, torch.Tensor, bool]]:
     (name, tensor, whether it is a parameter)."""
     parameters, buffers = model_weights(model)
     return [(canonical_name(n), t, True) for n, t in parameters] + [(canonical_name(n), t, False) for n, t in buffers]
-
-
-@dataclass(frozen=True)
-class Placement:
-    """Where every parameter of the module lives under this layout, and what this rank holds."""
-
-    owners: dict[str, Owner]  # global megatron name -> owning (pp rank, vp stage)
-    local: dict[str, torch.Tensor]  # global name -> this rank's parameter (or weight buffer)
-    tied: dict[str, torch.Tensor]  # tied copies this rank holds (global name -> param)
-    dtype: torch.dtype
-    expert_ranks: dict[str, tuple[int, int]] | None = None  # expert param -> (EP rank, local index)
-    vocab: frozenset[str] = frozenset()  # vocabulary parameters (see `vocab_params`)
-    key: tuple[object, ...] | None = None  # the module's layout as `memo` keys it; None when placing failed
 
 
 def vocab_params(module: Module) -> frozenset[str]:
@@ -395,6 +372,9 @@ class Converter:
         # the other namings (module prefix, checkpoint prefix) the loaded checkpoint used, which
         # export and save use too (`hf_name`)
         self.naming: tuple[tuple[str, str], ...] = ()
+        # the layers whose experts the loaded checkpoint stored stacked (`restack`), which export
+        # writes stacked again: (stacked tensor's name, its count of experts)
+        self.stacked: Stacking = ()
 
     def hf_name(self, name: str) -> str:
         """An HF tensor's name as export writes it: the module's, in the naming of the
@@ -425,7 +405,9 @@ class Converter:
         problems: list[str] = []
         checkpoint: HFCheckpoint | None = None
         try:
-            checkpoint = HFCheckpoint(hf_dir, namings=hf_namings(module))
+            # stacked experts served one at a time to a module of per-expert names (Qwen3.5-MoE published)
+            unstack = per_expert_names(t.name for t in module.HF_TENSORS)
+            checkpoint = HFCheckpoint(hf_dir, namings=hf_namings(module), unstack=unstack)
             problems += _checked(module, checkpoint, placement)
             if not problems:
                 problems += copy_problems(module, checkpoint, placement)
@@ -440,6 +422,7 @@ class Converter:
         self.loaded = memo.once(view, ("loaded", checkpoint.serial), lambda: _loaded_format(view, checkpoint))
         self._checkpoint = checkpoint
         self.naming = checkpoint.naming
+        self.stacked = checkpoint.unstacked
         load = checkpoint.loader()  # an MXFP4 expert is dequantized alone
         with torch.inference_mode():  # writes into the parameters; nothing made here outlives the call
             for name, param in placement.local.items():
@@ -497,7 +480,7 @@ class Converter:
         (expert-TP) and EP in coalesced buckets; with `all_stages`, each bucket is broadcast from
         the pipeline stage that owns it, so every rank sees the whole model; without, each stage
         yields what it owns."""
-        exported = self._export(bucket_bytes, all_stages, dtype, keep_float32, fp8, mxfp8, nvfp4)
+        exported = self._export(bucket_bytes, all_stages, dtype, keep_float32, fp8, mxfp8, nvfp4, self.stacked)
         if not self.naming:
             yield from exported
             return
@@ -513,8 +496,10 @@ class Converter:
         fp8: FP8Arg,
         mxfp8: QuantArg = None,
         nvfp4: QuantArg = None,
+        stacked: Stacking = (),
     ) -> Iterator[tuple[str, torch.Tensor]]:
-        """`export` under the module's HF names. The arguments are checked on every rank and
+        """`export` under the module's HF names; the experts of the layers `stacked` names
+        written stacked (`restack`), unless quantized (one tensor each, with its scales). The arguments are checked on every rank and
         agreed on before the first collective: one refused, or passed differently by another
         rank, raises on every rank (the refusal's own type on the ranks that refused it)."""
         refused: Exception | None = None
@@ -538,7 +523,8 @@ class Converter:
         copies = hf_copies_of(self.module)
         whole, placement = self._whole_target()
         with torch.no_grad():
-            for name, tensor in stream_export(whole, buckets, placement, self.ctx, fmt, all_stages):
+            stream = stream_export(whole, buckets, placement, self.ctx, fmt, all_stages)
+            for name, tensor in restack(stream, stacked) if stacked and not fmt.fp8 else stream:
                 yield name, tensor
                 if not copies:
                     continue
@@ -969,12 +955,16 @@ def save_hf_checkpoint(
     naming: tuple[tuple[str, str], ...] = (),
     mxfp8: QuantArg = None,
     nvfp4: QuantArg = None,
+    stacked_experts: Stacking = (),
 ) -> None:
     """Write an HF checkpoint directory (sharded safetensors, index, config.json) atomically.
 
     `naming`: the other namings of the module's HF_NAMINGS to write, as (its prefix, the other
     prefix) pairs (a Converter's `naming` after it loaded a checkpoint that uses them; () writes
-    the module's own names).
+    the module's own names). `stacked_experts`: the layers whose experts to write stacked
+    (`gate_up_proj`, `down_proj`), for a module that maps them one tensor each (a Converter's
+    `stacked` after it loaded a checkpoint that stores them so: Qwen3.5-MoE's published one);
+    not with fp8, mxfp8 or nvfp4.
 
     `dtype`, `keep_float32` and `fp8` as in `Converter.export`, but `dtype="checkpoint"` means
     the checkpoint `hf_config` describes: its declared dtype (`dtype` / `torch_dtype`; tensors
@@ -1015,8 +1005,9 @@ def save_hf_checkpoint(
     same = (
         ("writer_rank", writer_rank), ("max_shard_bytes", max_shard_bytes), ("overwrite", overwrite),
         ("bucket_bytes", bucket_bytes), ("dtype", dtype), ("keep_float32", keep),
-        ("fp8", fp8), ("naming", naming), ("mxfp8", mxfp8), ("nvfp4", nvfp4),
+        ("fp8", fp8), ("naming", naming), ("mxfp8", mxfp8), ("nvfp4", nvfp4), ("stacked_experts", stacked_experts),
     )
+    refused += stacking_problems(stacked_experts, (t.name for t in module.HF_TENSORS))
     what = f"cannot save {module.TARGET} to {out}"
     staging: Path | None = None
     problems: list[str] = []
@@ -1044,6 +1035,8 @@ def save_hf_checkpoint(
                 dtype = declared
             if not converter._problems:  # else agreed on below: a model not matching the module has no format
                 fmt = converter.export_format(dtype=dtype, keep_float32=keep, fp8=fp8, mxfp8=mxfp8, nvfp4=nvfp4)
+                if stacked_experts and fmt.fp8:
+                    raise ValueError(f"stacked_experts with {fmt.scheme}: quantized experts are written one tensor each")
         except (ValueError, TypeError) as exc:
             refused.append(str(exc))
         try:  # the target, the model, the layout and the arguments: one agreement
@@ -1053,14 +1046,14 @@ def save_hf_checkpoint(
                 raise ValueError(f"save_hf_checkpoint: {refused[0]}") from None
             raise
         assert fmt is not None
-        sizes = _written_sizes(module, fmt)
+        sizes = restacked_sizes(_written_sizes(module, fmt), stacked_experts) if stacked_experts else _written_sizes(module, fmt)
         shards = _shard_plan(sizes, max_shard_bytes, _companions(module, fmt))
         remaining = {f: sum(1 for v in shards.values() if v == f) for f in set(shards.values())}
         pending: dict[str, dict[str, torch.Tensor]] = {f: {} for f in remaining}
         failed: dict[str, str] = {}  # file -> what went wrong writing it (the writer's)
         # every rank sees every tensor in the same order (all_stages), so every rank knows when
         # a file is complete: the writer writes it, then all agree on how that went
-        exported = converter._export(bucket_bytes, True, dtype, keep, fp8, mxfp8, nvfp4)  # the module's names
+        exported = converter._export(bucket_bytes, True, dtype, keep, fp8, mxfp8, nvfp4, stacked_experts)  # the module's names
         copies = set(getattr(module, "HF_COPIES", {}))
         for name, tensor in exported:
             file = shards[name]

@@ -24,7 +24,7 @@ from mapgen.runtime.checkpoint import DEFAULT_BLOCK, SCALE_SUFFIX
 from mapgen.runtime.plan import RulePlan
 
 if TYPE_CHECKING:
-    from mapgen.runtime.drivers import Module
+    from mapgen.runtime.placement import Module
 
 
 FP8 = torch.float8_e4m3fn

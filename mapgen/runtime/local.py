@@ -17,7 +17,7 @@ from mapgen.runtime.plan import ParamPlan, RulePlan
 from mapgen.runtime.shardmap import HFPiece, Run, shard_pieces
 
 if TYPE_CHECKING:
-    from mapgen.runtime.drivers import Module, Placement
+    from mapgen.runtime.placement import Module, Placement
 
 
 # --- gather-free export ----------------------------------------------------------------------

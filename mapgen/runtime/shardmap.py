@@ -35,6 +35,7 @@ from mapgen.common.limits import layout_limit_problems
 from mapgen.runtime.context import Group, ParallelContext
 from mapgen.runtime.ownership import Owner, expert_owner, layer_owners, local_name, param_owner
 from mapgen.runtime.plan import ParamPlan, RulePlan
+from mapgen.common.mamba import mamba_conv1d_sections, mamba_in_proj_sections
 from mapgen.common.sections import gdn_in_proj_sections
 from mapgen.runtime.sections import section_runs
 from mapgen.runtime.vocab import VOCAB_PARAMS, padded_vocab_size
@@ -473,6 +474,12 @@ def _pieces(
         assert g is not None and g.value_dim is not None
         section_rows = section_runs(gdn_in_proj_sections(g.groups, g.heads, g.head_dim, g.value_dim), rank, ranks)
         return tuple(piece(i, [_merge(section_rows[i]), *_full(s[3][1:])]) for i, s in enumerate(sources))
+    if kind in ("mamba_in_proj", "mamba_conv1d"):  # [z; x; B; C; dt] / [x; B; C]: rank t reads its block of each section
+        g = rule.qkv
+        assert g is not None and g.value_dim is not None
+        sizes = (mamba_in_proj_sections if kind == "mamba_in_proj" else mamba_conv1d_sections)(g.heads, g.head_dim, g.groups, g.value_dim)
+        (mamba_rows,) = section_runs(sizes, rank, ranks)
+        return (piece(0, [_merge(mamba_rows), *_full(sources[0][3][1:])]),)
     if kind == "gdn_conv1d":  # [q; k; v] channels: rank t reads its block of each section
         g = rule.qkv
         assert g is not None and g.value_dim is not None

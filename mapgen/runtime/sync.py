@@ -23,7 +23,7 @@ from mapgen.runtime.context import Group, ParallelContext
 from mapgen.runtime.formats import FP8, ExportFormat, quantize_fp8
 
 if TYPE_CHECKING:
-    from mapgen.runtime.drivers import Module, Placement
+    from mapgen.runtime.placement import Module, Placement
 
 
 # --- streaming export ------------------------------------------------------------------------

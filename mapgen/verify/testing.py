@@ -25,6 +25,7 @@ FAMILY_SPECS = {
     "mixtral": "specs/mixtral.yaml",
     "qwen3_moe": "specs/qwen3_moe.yaml",
     "deepseek_v3": "specs/deepseek_v3.yaml",
+    "deepseek_v32": "specs/deepseek_v3_2.yaml",
     "gpt_oss": "specs/gpt_oss.yaml",
     "qwen3_next": "specs/qwen3_next.yaml",
     "glm4_moe": "specs/glm4_moe.yaml",
@@ -145,8 +146,10 @@ def save_random_model(config: Any, folder: Path, seed: int = 0, dtype: torch.dty
     return model
 
 
-# vision-language configs whose stand-in is their text model, as transformers saves the text
-# class (Qwen3.5: flat fields, tensors model.layers.*): model_type -> (text model_type, class)
+# vision-language configs whose text model a text spec reads (Qwen3.5): model_type -> (text
+# model_type, class). Their stand-in is in the published layout (mapgen.verify.published), made
+# from the stand-in of the text model, as transformers saves the text class (flat fields,
+# tensors model.layers.*)
 TEXT_MODELS = {
     "qwen3_5": ("qwen3_5_text", "Qwen3_5ForCausalLM"),
     "qwen3_5_moe": ("qwen3_5_moe_text", "Qwen3_5MoeForCausalLM"),
@@ -264,6 +267,11 @@ def standin_config(fields: dict[str, Any], num_layers: int = 4, vocab_size: int 
         "linear_key_head_dim": 16,
         "linear_value_head_dim": 24,
         "full_attention_interval": 2,
+        # DeepSeek-V3.2's DSA indexer: 8 heads of 16 (rope on the first 8), 4 keys per query, below
+        # the 7 positions `mapgen verify` runs, so that the indexer's choice changes the logits
+        "index_n_heads": 8,
+        "index_head_dim": 16,
+        "index_topk": 4,
     }
     tiny.update({k: v for k, v in shrink.items() if k in fields and fields[k] is not None})
     if "experts_per_token" in fields and "num_experts_per_tok" in tiny:  # gpt-oss's second name for it
@@ -276,6 +284,10 @@ def standin_config(fields: dict[str, Any], num_layers: int = 4, vocab_size: int 
         tiny["layer_types"] = [layer_types[i % len(layer_types)] for i in range(num_layers)]
         if "sliding_attention" in layer_types and isinstance(fields.get("sliding_window"), int):
             tiny["sliding_window"] = 3
+    if fields.get("model_type") == "nemotron_h":  # Mamba-2 layers (mapgen/verify/nemotron_h.py)
+        from mapgen.verify.nemotron_h import nemotron_standin_fields
+
+        tiny = nemotron_standin_fields(tiny)
     return tiny
 
 
@@ -308,10 +320,18 @@ def save_standin(
         tiny_llava = standin_config(config_fields, vocab_size=vocab_size)
         tiny_llava.pop("model_type", None)
         return save_llava_standin(folder, seed, config=transformers.LlavaConfig(**tiny_llava), dtype=dtype)
+    if config_fields.get("model_type") in TEXT_MODELS and isinstance(config_fields.get("text_config"), dict):
+        from mapgen.verify.published import save_published_standin  # Qwen3.5's published layout
+
+        return save_published_standin(config_fields, folder, seed, dtype=dtype, vocab_size=vocab_size)
     tiny = standin_config(config_fields, vocab_size=vocab_size)
     model_type = tiny.pop("model_type")
     config = transformers.AutoConfig.for_model(model_type, **tiny)
     model = save_random_model(config, folder, seed, dtype)
+    if model_type == "nemotron_h":  # the published config's pattern fields (mapgen/verify/nemotron_h.py)
+        from mapgen.verify.nemotron_h import write_published_pattern
+
+        write_published_pattern(folder)
     spec = _family_spec(model_type)
     if spec is not None:  # the MTP layers the family's spec (its `mtp:`) reads from the config, if any
         add_mtp_tensors(folder, spec, seed)
@@ -464,6 +484,11 @@ MTP_FORMULA_TENSORS: dict[str, dict[str, str]] = {
 }
 # Qwen3.5 (dense and MoE text models): Qwen3-Next's MTP layout and names (mtp_num_hidden_layers)
 MTP_FORMULA_TENSORS["qwen3_5_text"] = MTP_FORMULA_TENSORS["qwen3_5_moe_text"] = MTP_FORMULA_TENSORS["qwen3_next"]
+# DeepSeek-V3.2: DeepSeek-V3's layout and names (its MTP layer has a DSA indexer too)
+MTP_FORMULA_TENSORS["deepseek_v32"] = MTP_FORMULA_TENSORS["deepseek_v3"]
+# per-layer config lists transformers derives when they are absent, by model_type (DeepSeek-V3.2: all
+# DSA layers, dense then experts): dropped from a config of more layers, or extended by the last
+DERIVED_PER_LAYER = {"deepseek_v32": ("layer_types", "mlp_layer_types")}
 
 
 def hf_mtp_logits(model: Any, hf_dir: str | Path, module: Any, input_ids: torch.Tensor) -> list[torch.Tensor]:
@@ -487,7 +512,7 @@ def hf_mtp_logits(model: Any, hf_dir: str | Path, module: Any, input_ids: torch.
     if not count:
         return []
     names = MTP_FORMULA_TENSORS[model.config.model_type]
-    checkpoint = HFCheckpoint(hf_dir)
+    checkpoint = HFCheckpoint(hf_dir, namings=tuple(getattr(module, "HF_NAMINGS", {}).items()))  # names as above
     dtype = next(model.parameters()).dtype
     main_layers = model.config.num_hidden_layers
     extended = _mtp_decoder_model(hf_dir, model.config, [names["layer"].format(d=d, n=main_layers + d) for d in range(count)], dtype)
@@ -520,7 +545,9 @@ def hf_mtp_logits(model: Any, hf_dir: str | Path, module: Any, input_ids: torch.
             x = F.linear(joined, tensor("eh_proj", depth))
             positions = torch.arange(length).unsqueeze(0)
             mask = create_causal_mask(
-                config=extended.config, inputs_embeds=x, attention_mask=None, cache=None, position_ids=positions
+                config=extended.config, inputs_embeds=x, attention_mask=None, cache=None, position_ids=positions,
+                # DeepSeek-V3.2's indexer reads the mask: a tensor always, as its model makes it
+                **({"allow_is_causal_skip": False} if model.config.model_type in DERIVED_PER_LAYER else {}),
             )
             x = extended.model.layers[main_layers + depth](
                 x, attention_mask=mask, position_ids=positions,
@@ -535,19 +562,26 @@ def _mtp_decoder_model(hf_dir: str | Path, config: Any, prefixes: list[str], dty
     """The checkpoint's model with one more decoder layer per MTP layer, each loaded by
     transformers (its own weight conversion) from the checkpoint's tensors under that MTP
     layer's prefix; an added layer is of the attention kind where the family has several."""
+    import copy
+
     from transformers import AutoModelForCausalLM
 
     main_layers = config.num_hidden_layers
-    overrides: dict[str, Any] = dict(num_hidden_layers=main_layers + len(prefixes))
+    # the model's own config, extended (a published Qwen3.5's config.json nests it: text_config)
+    config = copy.deepcopy(config)
+    config.num_hidden_layers = main_layers + len(prefixes)
     if getattr(config, "layer_types", None) is not None:
-        overrides["layer_types"] = list(config.layer_types) + ["full_attention"] * len(prefixes)
+        config.layer_types = list(config.layer_types) + ["full_attention"] * len(prefixes)
+    for key in DERIVED_PER_LAYER.get(config.model_type, ()):  # the MTP layers of the last layer's kind
+        kinds = list(getattr(config, key))[:main_layers]
+        setattr(config, key, kinds + kinds[-1:] * len(prefixes))
     mapping = {
         "^" + re.escape(prefix): f"model.layers.{main_layers + depth}."
         for depth, prefix in enumerate(prefixes)
         if prefix != f"model.layers.{main_layers + depth}."
     }
     auto: Any = AutoModelForCausalLM
-    return auto.from_pretrained(hf_dir, dtype=dtype, key_mapping=mapping or None, **overrides).eval()
+    return auto.from_pretrained(hf_dir, config=config, dtype=dtype, key_mapping=mapping or None).eval()
 
 
 def add_mtp_tensors(folder: Path, spec_path: Path, seed: int = 0) -> list[str]:
@@ -585,7 +619,8 @@ def add_mtp_tensors(folder: Path, spec_path: Path, seed: int = 0) -> list[str]:
     # ones first, and a bfloat16 stand-in keeps float32 buffers: the router's score-correction bias)
     floating = [t.dtype for t in tensors.values() if t.dtype.is_floating_point]
     dtype = max(set(floating), key=floating.count, default=torch.float32)
-    donor_fields = {k: v for k, v in fields.items() if k not in ("model_type", "architectures", "transformers_version")}
+    derived = DERIVED_PER_LAYER.get(fields["model_type"], ())
+    donor_fields = {k: v for k, v in fields.items() if k not in ("model_type", "architectures", "transformers_version", *derived)}
     numbers = mtp.transformers_layers()
     if numbers:  # transformers' own decoder layers of the MTP layers' numbers
         donor_fields["num_hidden_layers"] = max(numbers) + 1
