@@ -358,6 +358,25 @@ def _template_pattern(pattern: str) -> str:
     return "".join(dict.fromkeys(pattern))
 
 
+# A Mamba mixer's parameters in the order megatron-core 0.19 registers them; 0.16 registers them
+# in another order, and the generated module must not depend on the installed release
+_MIXER_ORDER = (
+    "mixer.conv1d.weight", "mixer.conv1d.bias", "mixer.dt_bias", "mixer.A_log", "mixer.D",
+    "mixer.in_proj.weight", "mixer.norm.weight", "mixer.out_proj.weight",
+)
+
+
+def _mixer_ordered(params: list[Any]) -> list[Any]:
+    """One layer's parameters with a Mamba mixer's in `_MIXER_ORDER`, the others after them in
+    their own order."""
+    def key(item: tuple[int, Any]) -> int:
+        position, param = item
+        within = _LAYER.sub("", param.name, count=1)
+        return _MIXER_ORDER.index(within) if within in _MIXER_ORDER else len(_MIXER_ORDER) + position
+
+    return [param for _, param in sorted(enumerate(params), key=key)]
+
+
 def mamba_inventory(dims: Any, layout: str) -> tuple[Any, ...]:
     """Every parameter of the Mamba-hybrid model in `layout`'s names, `te_name` the te layout's:
     a skeleton on the meta device with one layer of each symbol of the pattern, copied to every
@@ -377,7 +396,7 @@ def mamba_inventory(dims: Any, layout: str) -> tuple[Any, ...]:
     with single_process_parallel_state(), torch.device("meta"):
         skeleton = build_mamba_model(skeleton_dims)
     params = _skeleton_params(skeleton, dims.params_dtype)
-    per_symbol = {symbol: [p for p in params if p.layer == i] for i, symbol in enumerate(template)}
+    per_symbol = {symbol: _mixer_ordered([p for p in params if p.layer == i]) for i, symbol in enumerate(template)}
     local = [p for p in params if p.name.startswith("embedding.")]
     for index, symbol in enumerate(dims.hybrid_pattern):
         prefix = f"decoder.layers.{index}."
