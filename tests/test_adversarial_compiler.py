@@ -520,7 +520,7 @@ def test_te_module_built_outside_the_repository_finds_its_spec(tmp_path: Path, m
     folder it was built in, and from anywhere when it is a spec mapgen ships (by sha256). A
     spec of the user's own, verified from another folder, is a clear error saying what to do."""
     from mapgen.compiler.build import compile_target
-    from mapgen.cli import module_spec
+    from mapgen.compiler.packaged import module_spec
     from mapgen.verify.testing import import_module_from_path
 
     built, elsewhere = tmp_path / "built", tmp_path / "elsewhere"

@@ -58,6 +58,13 @@ def _saved_by_transformers(fields: dict[str, Any]) -> dict[str, Any]:
 def test_checked_in_configs_and_their_standins_are_understood(target: str) -> None:
     _dims(target, _published(target))
     standin = _saved_by_transformers(testing.standin_config(_published(target)))
+    if target == "nemotron_3_nano_30b_a3b":
+        # transformers saves NemotronH's pattern as `layers_block_type` (a list), without the
+        # published `hybrid_override_pattern` and `num_hidden_layers` the spec reads: refused,
+        # naming them (docs/nemotron-h.md says to add them back)
+        with pytest.raises(SpecError, match="lacks field 'hybrid_override_pattern'"):
+            _dims(target, standin)
+        return
     _dims(target, standin)
 
 

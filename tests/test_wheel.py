@@ -33,13 +33,14 @@ from pathlib import Path
 from click.testing import CliRunner
 import mapgen
 from mapgen import cli
+from mapgen.compiler.packaged import module_spec
 specs = CliRunner().invoke(cli.main, ["specs"])
 json.dump({
     "mapgen": mapgen.__file__,
     "purelib": sysconfig.get_paths()["purelib"],
     "specs_exit": specs.exit_code,
     "specs": specs.output.strip(),
-    "twin_spec": str(cli.module_spec(Path(sys.argv[1]), "specs/llama.yaml")),
+    "twin_spec": str(module_spec(Path(sys.argv[1]), "specs/llama.yaml")),
 }, sys.stdout)
 """
 
@@ -169,7 +170,7 @@ def _module_with_spec(folder: Path, sha256: str) -> Path:
 
 
 def test_twin_spec_is_the_one_the_module_was_built_from(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from mapgen.cli import module_spec
+    from mapgen.compiler.packaged import module_spec
 
     real = (testing.ROOT / SPEC).read_bytes()
     (tmp_path / "specs").mkdir()
