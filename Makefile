@@ -74,37 +74,27 @@ MAMBA_LAYOUTS := "--tp 2 --dp 2" "--pp 2 --dp 2" "--ep 2" "--tp 2 --ep 2"
 LLAVA_TARGETS := llava_1_5_7b
 LLAVA_LAYOUTS := "--tp 2" "--dp 2"
 
+# $(call verify_group,TARGETS,LAYOUTS): a fresh stand-in of each target's config, verified at each layout
+define verify_group
+	set -e; for t in $($(1)); do \
+	  rm -rf $(STANDINS)/$$t; $(VENV)/bin/mapgen standin specs/configs/$$t.json $(STANDINS)/$$t; \
+	  for l in $($(2)); do $(VENV)/bin/mapgen verify generated/$$t $(STANDINS)/$$t $$l; done; \
+	done
+endef
+
 verify-standins: $(VENV)/.installed  ## every target's tiny stand-in through `mapgen verify` at each layout
-	set -e; for t in $(TARGETS); do \
-	  rm -rf $(STANDINS)/$$t; $(VENV)/bin/mapgen standin specs/configs/$$t.json $(STANDINS)/$$t; \
-	  for l in $(LAYOUTS); do $(VENV)/bin/mapgen verify generated/$$t $(STANDINS)/$$t $$l; done; \
-	done
-	set -e; for t in $(MOE_TARGETS); do \
-	  rm -rf $(STANDINS)/$$t; $(VENV)/bin/mapgen standin specs/configs/$$t.json $(STANDINS)/$$t; \
-	  for l in $(MOE_LAYOUTS); do $(VENV)/bin/mapgen verify generated/$$t $(STANDINS)/$$t $$l; done; \
-	done
-	set -e; for t in $(BIASED_MOE_TARGETS); do \
-	  rm -rf $(STANDINS)/$$t; $(VENV)/bin/mapgen standin specs/configs/$$t.json $(STANDINS)/$$t; \
-	  for l in $(BIASED_MOE_LAYOUTS); do $(VENV)/bin/mapgen verify generated/$$t $(STANDINS)/$$t $$l; done; \
-	done
+	$(call verify_group,TARGETS,LAYOUTS)
+	$(call verify_group,MOE_TARGETS,MOE_LAYOUTS)
+	$(call verify_group,BIASED_MOE_TARGETS,BIASED_MOE_LAYOUTS)
 	set -e; for t in $(HYBRID_TARGETS); do \
 	  for l in $(HYBRID_LAYOUTS); do $(VENV)/bin/mapgen verify generated/$${t}_hybrid $(STANDINS)/$$t $$l; done; \
 	done
 	set -e; for t in $(GDN_HYBRID_TARGETS); do \
 	  for l in $(GDN_HYBRID_LAYOUTS); do $(VENV)/bin/mapgen verify generated/$${t}_hybrid $(STANDINS)/$$t $$l; done; \
 	done
-	set -e; for t in $(DSA_TARGETS); do \
-	  rm -rf $(STANDINS)/$$t; $(VENV)/bin/mapgen standin specs/configs/$$t.json $(STANDINS)/$$t; \
-	  for l in $(DSA_LAYOUTS); do $(VENV)/bin/mapgen verify generated/$$t $(STANDINS)/$$t $$l; done; \
-	done
-	set -e; for t in $(MAMBA_TARGETS); do \
-	  rm -rf $(STANDINS)/$$t; $(VENV)/bin/mapgen standin specs/configs/$$t.json $(STANDINS)/$$t; \
-	  for l in $(MAMBA_LAYOUTS); do $(VENV)/bin/mapgen verify generated/$$t $(STANDINS)/$$t $$l; done; \
-	done
-	set -e; for t in $(LLAVA_TARGETS); do \
-	  rm -rf $(STANDINS)/$$t; $(VENV)/bin/mapgen standin specs/configs/$$t.json $(STANDINS)/$$t; \
-	  for l in $(LLAVA_LAYOUTS); do $(VENV)/bin/mapgen verify generated/$$t $(STANDINS)/$$t $$l; done; \
-	done
+	$(call verify_group,DSA_TARGETS,DSA_LAYOUTS)
+	$(call verify_group,MAMBA_TARGETS,MAMBA_LAYOUTS)
+	$(call verify_group,LLAVA_TARGETS,LLAVA_LAYOUTS)
 
 bench: $(VENV)/.installed  ## mapgen vs Megatron-Bridge vs the hardware -> benchmarks/results-$(STACK).json (and *-$(STACK).json)
 	bash benchmarks/bridge_setup.sh

@@ -22,8 +22,8 @@ import torch
 from mapgen.common.errors import MapgenError
 from mapgen.common.files import module_label
 from mapgen.runtime.context import ParallelContext
-from mapgen.runtime.checkpoint import CheckpointError, HFCheckpoint, per_expert_names
-from mapgen.runtime.drivers import Converter, check_module, hf_namings, save_hf_checkpoint
+from mapgen.runtime.checkpoint import CheckpointError, per_expert_names
+from mapgen.runtime.drivers import Converter, check_module, hf_namings, open_checkpoint, save_hf_checkpoint
 from mapgen.runtime.package import import_path
 
 MEGATRON_LM_PADDING = 128  # Megatron-LM's make_vocab_size_divisible_by
@@ -124,12 +124,10 @@ def _layout(module: Any, folder: Path) -> tuple[tuple[tuple[str, str], ...], tup
     """The other naming (the module's HF_NAMINGS) the checkpoint in `folder` uses, and the layers
     whose experts it stores stacked where the module maps them one each, from its headers; ((), ())
     where it uses the module's names and layout, or holds no checkpoint."""
-    namings = hf_namings(module)
-    unstack = per_expert_names(t.name for t in module.HF_TENSORS)
-    if not namings and not unstack:
+    if not hf_namings(module) and not per_expert_names(t.name for t in module.HF_TENSORS):
         return (), ()
     try:
-        checkpoint = HFCheckpoint(folder, namings=namings, unstack=unstack)
+        checkpoint = open_checkpoint(module, folder)
     except CheckpointError:
         return (), ()
     return checkpoint.naming, checkpoint.unstacked

@@ -324,14 +324,15 @@ def _renamed(
 # transformers' in-memory layout of a layer's experts (Qwen2-MoE's lineage: Qwen3.5-MoE's published
 # decoder layers store it): P + gate_up_proj [E, 2I, H] (expert e's gate rows, then its up rows),
 # P + down_proj [E, H, I]; P ends in "experts.". One tensor per expert: P + "<e>.gate_proj.weight" ...
-STACKED_GATE_UP, STACKED_DOWN = "experts.gate_up_proj", "experts.down_proj"
-PER_EXPERT_RE = re.compile(r"\.experts\.\d+\.(gate|up|down)_proj\.weight$")
+# (`restack` writes the stacked pair back from the per-expert tensors)
+STACKED_GATE_UP, STACKED_DOWN = "gate_up_proj", "down_proj"
+PER_EXPERT_RE = re.compile(r"^(?P<prefix>.*\.experts\.)(?P<expert>\d+)\.(?P<which>gate|up|down)_proj\.weight$")
 
 
 def per_expert_names(names: Iterable[str]) -> bool:
     """Whether a module's HF names hold experts one tensor each (`<P>.experts.<e>.gate_proj.weight`):
     such a module reads a stacked pair one expert at a time (`HFCheckpoint(unstack=True)`)."""
-    return any(PER_EXPERT_RE.search(n) for n in names)
+    return any(PER_EXPERT_RE.match(n) for n in names)
 
 
 def _unstacked(entries: dict[str, _Entry]) -> tuple[dict[str, _Entry], tuple[tuple[str, int], ...]]:
@@ -341,14 +342,14 @@ def _unstacked(entries: dict[str, _Entry]) -> tuple[dict[str, _Entry], tuple[tup
     contiguous bytes of the stacked tensors, so each is a byte range of the file (no copy); and
     the stacked tensors so served, each with its count of experts. A pair of other shapes (or
     dtypes) stays as it is."""
-    per_expert = {m.string[: m.start() + len(".experts.")] for n in entries if (m := PER_EXPERT_RE.search(n))}
+    per_expert = {m["prefix"] for n in entries if (m := PER_EXPERT_RE.match(n))}
     out = dict(entries)
     served: list[tuple[str, int]] = []
     for name, gate_up in entries.items():
-        if not name.endswith(STACKED_GATE_UP):
+        if not name.endswith(".experts." + STACKED_GATE_UP):
             continue
-        prefix = name[: -len("gate_up_proj")]  # ends in "experts."
-        down = entries.get(prefix + "down_proj")
+        prefix = name[: -len(STACKED_GATE_UP)]  # ends in "experts."
+        down = entries.get(prefix + STACKED_DOWN)
         if down is None or prefix in per_expert or len(gate_up.shape) != 3 or gate_up.dtype != down.dtype:
             continue
         experts, rows, hidden = gate_up.shape
@@ -362,8 +363,8 @@ def _unstacked(entries: dict[str, _Entry]) -> tuple[dict[str, _Entry], tuple[tup
             out[f"{prefix}{e}.up_proj.weight"] = _entry(gate_up.file, gate_up.dtype, (rows // 2, hidden), start + half, start + 2 * half)
             start = down.start + e * half
             out[f"{prefix}{e}.down_proj.weight"] = _entry(down.file, down.dtype, (hidden, rows // 2), start, start + half)
-        del out[name], out[prefix + "down_proj"]
-        served += [(name, experts), (prefix + "down_proj", experts)]
+        del out[name], out[prefix + STACKED_DOWN]
+        served += [(name, experts), (prefix + STACKED_DOWN, experts)]
     return out, tuple(served)
 
 

@@ -405,9 +405,7 @@ class Converter:
         problems: list[str] = []
         checkpoint: HFCheckpoint | None = None
         try:
-            # stacked experts served one at a time to a module of per-expert names (Qwen3.5-MoE published)
-            unstack = per_expert_names(t.name for t in module.HF_TENSORS)
-            checkpoint = HFCheckpoint(hf_dir, namings=hf_namings(module), unstack=unstack)
+            checkpoint = open_checkpoint(module, hf_dir)
             problems += _checked(module, checkpoint, placement)
             if not problems:
                 problems += copy_problems(module, checkpoint, placement)
@@ -789,6 +787,14 @@ def hf_namings(module: Module) -> tuple[tuple[str, str], ...]:
     """The module's HF_NAMINGS as (its prefix, the other naming's prefix) pairs: () for a module
     whose checkpoints name their tensors one way only."""
     return tuple(getattr(module, "HF_NAMINGS", {}).items())
+
+
+def open_checkpoint(module: Module, folder: str | Path) -> HFCheckpoint:
+    """The HF checkpoint in `folder` as `module` reads it: under the module's names whichever of
+    its HF_NAMINGS the files use, and stacked experts served one at a time to a module of
+    per-expert names (Qwen3.5-MoE's published checkpoint)."""
+    unstack = per_expert_names(t.name for t in module.HF_TENSORS)
+    return HFCheckpoint(folder, namings=hf_namings(module), unstack=unstack)
 
 
 def hf_copies_of(module: Module) -> dict[str, tuple[str, ...]]:

@@ -9,13 +9,11 @@ under the stacked names, layer by layer, so that a save writes the layout it rea
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Iterator
 
 import torch
 
-STACKED_GATE_UP, STACKED_DOWN = "gate_up_proj", "down_proj"
-_PER_EXPERT = re.compile(r"^(?P<prefix>.*\.experts\.)(?P<expert>\d+)\.(?P<which>gate|up|down)_proj\.weight$")
+from mapgen.runtime.checkpoint import PER_EXPERT_RE, STACKED_DOWN, STACKED_GATE_UP
 
 Stacking = tuple[tuple[str, int], ...]  # (stacked tensor's name, its count of experts): HFCheckpoint.unstacked
 
@@ -35,7 +33,7 @@ def stacking_problems(stacking: object, hf_names: Iterable[str]) -> list[str]:
         return [f"stacked_experts must be a tuple of (stacked tensor name, count of experts) pairs, not {stacking!r:.80}"]
     counts: dict[str, set[int]] = {}
     for name in hf_names:
-        match = _PER_EXPERT.match(name)
+        match = PER_EXPERT_RE.match(name)
         if match:
             counts.setdefault(match["prefix"], set()).add(int(match["expert"]))
     problems = []
@@ -52,7 +50,7 @@ def restacked_sizes(sizes: dict[str, int], stacking: Stacking) -> dict[str, int]
     prefixes = stacked_prefixes(stacking)
     out: dict[str, int] = {}
     for name, nbytes in sizes.items():
-        match = _PER_EXPERT.match(name)
+        match = PER_EXPERT_RE.match(name)
         if match is None or match["prefix"] not in prefixes:
             out[name] = nbytes
             continue
@@ -69,7 +67,7 @@ def restack(stream: Iterable[tuple[str, torch.Tensor]], stacking: Stacking) -> I
     prefixes = stacked_prefixes(stacking)
     building: dict[str, tuple[torch.Tensor, int]] = {}  # stacked name -> (tensor, expert tensors still to come)
     for name, tensor in stream:
-        match = _PER_EXPERT.match(name)
+        match = PER_EXPERT_RE.match(name)
         if match is None or match["prefix"] not in prefixes:
             yield name, tensor
             continue

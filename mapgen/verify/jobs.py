@@ -349,7 +349,7 @@ def hf_problems(module: ModuleType, folder: str | Path) -> list[str]:
     """The HF checkpoint in `folder` against the module: config.json's architecture, the
     safetensors headers and index against the module's HF table (verify and convert share it)."""
     from mapgen.compiler.nested import text_architecture_of
-    from mapgen.runtime.drivers import checkpoint_problems, hf_namings
+    from mapgen.runtime.drivers import checkpoint_problems, open_checkpoint
 
     found: list[str] = []
     config = Path(folder) / "config.json"
@@ -370,8 +370,7 @@ def hf_problems(module: ModuleType, folder: str | Path) -> list[str]:
         ):
             found.append(f"{config}: architectures is {architectures}, {module.TARGET} maps {module.HF_ARCHITECTURE}")
     try:
-        unstack = per_expert_names(t.name for t in module.HF_TENSORS)  # as Converter.load reads it
-        checkpoint = HFCheckpoint(folder, namings=hf_namings(module), unstack=unstack)
+        checkpoint = open_checkpoint(module, folder)  # as Converter.load reads it
         if (contradiction := quantization_contradiction(checkpoint, config)) is not None:
             return found + [contradiction]  # what follows from it would only repeat it per tensor
         found += [f"{folder}: {problem}" for problem in checkpoint_problems(module, checkpoint)]
