@@ -36,8 +36,10 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import re
 import mmap
+import os
+import re
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -46,7 +48,7 @@ from typing import Any, Callable, Iterable, NamedTuple, cast
 import torch
 
 from mapgen.common.errors import MapgenError
-from mapgen.runtime import mxfp4
+from mapgen.runtime import fileread, mxfp4
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -435,6 +437,11 @@ def _describe(
     return _Described(files, entries, scales, fp8, block, pairs, declared, tuple(visible), config, naming, unstacked)
 
 
+def _unregister(addresses: list[int]) -> None:
+    for address in addresses:
+        fileread.unregister(address)
+
+
 class HFCheckpoint:
     """Tensor names, shapes and dtypes from the files' headers; bytes only when asked for.
 
@@ -500,6 +507,8 @@ class HFCheckpoint:
         self.naming = described.naming
         self.unstacked = described.unstacked
         self._maps: dict[str, mmap.mmap] = {}
+        self._registered: list[int] = []  # the mappings `fileread` may read past (by their address)
+        weakref.finalize(self, _unregister, self._registered)
         self._typed: dict[tuple[str, str], torch.Tensor] = {}  # (file, dtype) -> the file as that dtype
 
     @property
@@ -526,11 +535,16 @@ class HFCheckpoint:
             )
         typed = self._typed.get((entry.file, entry.dtype))
         if typed is None:
-            mapped = self._maps.get(entry.file)
+            mapped, fd = self._maps.get(entry.file), None
             if mapped is None:
-                with (self.folder / entry.file).open("rb") as handle:
+                path = self.folder / entry.file
+                with path.open("rb") as handle:
                     mapped = self._maps[entry.file] = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+                    fd = os.dup(handle.fileno())
             whole = torch.frombuffer(mapped, dtype=torch.uint8)
+            if fd is not None:  # imports may now read this file's runs straight into a parameter
+                fileread.register(whole.data_ptr(), len(mapped), fd, str(path))
+                self._registered.append(whole.data_ptr())
             itemsize = DTYPES[entry.dtype].itemsize
             typed = self._typed[(entry.file, entry.dtype)] = whole[: len(whole) - len(whole) % itemsize].view(
                 DTYPES[entry.dtype]

@@ -27,7 +27,7 @@ from mapgen.common.files import host_tag, process_alive, share_tree, temporary_f
 from mapgen.common.layout import canonical_name, model_weights, stacked_slice
 from mapgen.runtime.checkpoint import DTYPES, SCALE_SUFFIX, HFCheckpoint, named_as, per_expert_names
 from mapgen.common import gcpause
-from mapgen.runtime import memo
+from mapgen.runtime import fileread, memo
 from mapgen.runtime.collectives import RankError, agree_or_raise
 from mapgen.runtime.context import Group, ParallelContext
 from mapgen.runtime.ownership import (
@@ -59,7 +59,7 @@ from mapgen.runtime.restack import Stacking, restack, restacked_sizes, stacking_
 from mapgen.runtime.sync import stream_export
 from mapgen.runtime.vocab import VOCAB_PARAMS, padded_block, padded_rows_problem
 
-DEFAULT_BUCKET_BYTES = 256 * 2**20
+DEFAULT_BUCKET_BYTES = 32 * 2**20  # at real widths on gloo, 32 MiB buckets export faster than 256 (docs/benchmarks.md)
 
 
 def _unwrap(chunk: Any) -> Any:
@@ -422,7 +422,9 @@ class Converter:
         self.naming = checkpoint.naming
         self.stacked = checkpoint.unstacked
         load = checkpoint.loader()  # an MXFP4 expert is dequantized alone
-        with torch.inference_mode():  # writes into the parameters; nothing made here outlives the call
+        # writes into the parameters, nothing made here outlives the call; big runs of the files
+        # are read straight into them on a few threads, all done when the block ends
+        with torch.inference_mode(), fileread.reading():
             for name, param in placement.local.items():
                 _import(module, name, self.ctx, load, param.data, name in placement.vocab)
             for name, param in placement.tied.items():

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from collections.abc import Sequence
 
-from mapgen.runtime import transforms
+from mapgen.runtime import fileread, transforms
 from mapgen.runtime.context import Group
 
 
@@ -32,6 +32,8 @@ def into(value: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     no `out`, a tensor of its own (never a view of the input)."""
     if out is None:
         return value.clone(memory_format=torch.contiguous_format)
+    if fileread.fill(out, value):
+        return out
     return out.copy_(value)
 
 

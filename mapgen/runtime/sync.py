@@ -152,8 +152,10 @@ def stream_export(
     """Yield (name, tensor) bucket by bucket; a bucket's buffers are released before the next
     is made, except that at PP > 1 a stage makes its next own bucket while another stage's
     travels where the plan says so (`BucketPlan.ahead`: the two fit in bucket_bytes). The last
-    tensor of a bucket that views a flat buffer is yielded as a copy, so that the consumer's
-    reference to it does not keep the whole bucket alive."""
+    tensor of a bucket that views a flat buffer is yielded as a copy where it is under half of
+    that buffer, so that the consumer's reference to it does not keep the whole bucket alive;
+    a larger one (often the whole bucket, at real widths) is yielded as the view: copying it
+    would cost more time and as much memory as what it frees."""
     shapes: dict[str, tuple[int, ...]] = {}  # of stacked-experts tensors, filled when one is met
     stacking: dict[str, tuple[torch.Tensor, set[int]]] = {}
     made: dict[int, _Made] = {}
@@ -181,8 +183,8 @@ def stream_export(
             else:  # a view of the flat buffer, made as it is yielded (not a bucket's worth at once)
                 index, start = where[out.name]
                 tensor = _view(flats[index], start, out)
-                if position == last:
-                    tensor = tensor.clone()
+                if position == last and out.stacked[1] is None and 2 * tensor.numel() < flats[index].numel():
+                    tensor = tensor.clone()  # a copy costs less than the rest of the bucket held
             if position == last:
                 del flats, where, kept  # the bucket's buffers go before the consumer takes the last
             base, slot = out.stacked

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from mapgen.common.layout import inverse_permutation
+from mapgen.runtime import fileread
 
 __all__ = ["inverse_permutation"]  # plus every function below
 
@@ -23,9 +24,32 @@ def concat_into(parts: list[torch.Tensor], dim: int, out: torch.Tensor | None) -
     if out.dtype == parts[0].dtype and out.is_contiguous():
         shape = list(parts[0].shape)
         shape[dim] = sum(p.shape[dim] for p in parts)
-        torch.cat(parts, dim=dim, out=out.view(shape))
+        whole = out.view(shape)
+        if not _filled(parts, dim, whole):
+            torch.cat(parts, dim=dim, out=whole)
         return out
     return out.copy_(torch.cat(parts, dim=dim).view(out.shape))
+
+
+def _filled(parts: list[torch.Tensor], dim: int, whole: torch.Tensor) -> bool:
+    """`torch.cat(parts, dim, out=whole)` done block by block, where a part views a checkpoint
+    file: each block that is a contiguous run of the file is read straight into `whole`
+    (`fileread.fill`). False, with nothing written, where no part is such a view."""
+    if not any(fileread.file_backed(p) for p in parts):
+        return False
+    place = 0
+    for part in parts:
+        width = part.shape[dim]
+        target = whole.narrow(dim, place, width)
+        if dim:  # one block per leading index: contiguous in `whole`, and in a contiguous part
+            blocks = zip(target.flatten(0, dim - 1).unbind(0), part.flatten(0, dim - 1).unbind(0))
+        else:
+            blocks = zip([target], [part])
+        for block_out, block_in in blocks:
+            if not fileread.fill(block_out, block_in):
+                block_out.copy_(block_in)
+        place += width
+    return True
 
 
 def qkv_merge(
