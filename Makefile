@@ -103,7 +103,7 @@ bench: $(VENV)/.installed  ## mapgen vs Megatron-Bridge vs the hardware -> bench
 	$(PY) benchmarks/moe_memory.py --json benchmarks/moe_memory-$(STACK).json
 	$(PY) benchmarks/convert_throughput.py --json benchmarks/convert_throughput-$(STACK).json
 	$(PY) benchmarks/export_memory.py --json benchmarks/export_memory-$(STACK).json | tee benchmarks/export_memory-$(STACK).txt
-	$(PY) benchmarks/realwidth.py --rounds 2 --json benchmarks/realwidth-$(STACK).json
+	$(PY) benchmarks/realwidth.py --rounds 2 --profile /tmp/mapgen-realwidth/profiles --json benchmarks/realwidth-$(STACK).json
 	$(PY) benchmarks/target_form.py --json benchmarks/target_form-$(STACK).json --markdown benchmarks/target_form-$(STACK).md
 
 # build_figures: the dense targets (the MoE ones take minutes each under mypy; name them here to time them)

@@ -71,9 +71,12 @@ from mapgen.megatron_checkpoint import (
     storage_metadata,
 )
 from mapgen.compiler.megatron_model import DTYPES, ParallelLayout, build_model_chunks, initialize_parallel_state
-from mapgen.runtime.checkpoint import HFCheckpoint, config_naming
+from mapgen.runtime.checkpoint import HFCheckpoint
+from mapgen.runtime.hf_names import config_naming
 from mapgen.runtime.collectives import RankError, agree_or_raise
-from mapgen.runtime.drivers import Converter, _describe, _move_into_place, _staging_folder, hf_namings, save_hf_checkpoint
+from mapgen.runtime.checkpoint_checks import hf_namings
+from mapgen.runtime.drivers import Converter
+from mapgen.runtime.save import describe_error, move_into_place, save_hf_checkpoint, staging_folder
 from mapgen.runtime.vocab import VOCAB_PARAMS, padded_vocab_size
 from mapgen.verify.arguments import output_problems, size_problems
 from mapgen.verify.jobs import checkpoint_dtype, hf_problems, layout_problems, load_mapping_module, spawn
@@ -489,11 +492,11 @@ def _hf_to_megatron(job: ConvertJob, result: ConvertResult, bar: _Bar) -> None:
     problems: list[str] = []
     if rank == 0:
         try:
-            staging = _staging_folder(out, job.hf_config, job.overwrite)
+            staging = staging_folder(out, job.hf_config, job.overwrite)
             (staging / iteration_folder(job.iteration)).mkdir()
             problems += _space_problems(module, staging, target, rows)
         except Exception as exc:  # noqa: BLE001 - agreed on by every rank just below
-            problems.append(_describe(exc))
+            problems.append(describe_error(exc))
     try:
         agree_or_raise(problems, what)
         folder = _broadcast_path(staging) / iteration_folder(job.iteration)
@@ -535,10 +538,10 @@ def _hf_to_megatron(job: ConvertJob, result: ConvertResult, bar: _Bar) -> None:
                 (staging / RECORD).write_text(json.dumps(record, indent=2) + "\n")
                 result.tensors = len(read_megatron_checkpoint(staging).model_tensors())
                 share_tree(staging)  # the checkpoint's files as the umask makes new files, for other readers
-                _move_into_place(staging, out, job.overwrite)
+                move_into_place(staging, out, job.overwrite)
                 staging = None
             except Exception as exc:  # noqa: BLE001 - agreed on below
-                final.append(f"finishing {out}: {_describe(exc)}")
+                final.append(f"finishing {out}: {describe_error(exc)}")
         agree_or_raise(final, what)
     finally:
         if staging is not None:

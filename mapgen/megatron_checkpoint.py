@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from mapgen.common.errors import MapgenError
-from mapgen.runtime.drivers import _describe
+from mapgen.runtime.save import describe_error
 from mapgen.runtime.vocab import VOCAB_PARAMS
 
 TRACKER = "latest_checkpointed_iteration.txt"  # Megatron-LM's tracker file
@@ -109,7 +109,7 @@ def read_megatron_checkpoint(root: str | Path) -> MegatronCheckpoint:
     try:
         metadata = FileSystemReader(str(folder)).read_metadata()
     except Exception as exc:  # noqa: BLE001 - torch's reader on a damaged .metadata
-        raise MapgenError(f"{folder}/.metadata: cannot read megatron-core's tensor metadata: {_describe(exc)}") from None
+        raise MapgenError(f"{folder}/.metadata: cannot read megatron-core's tensor metadata: {describe_error(exc)}") from None
     if damaged := damaged_files(folder, metadata):
         raise MapgenError(f"{folder}: a damaged checkpoint: " + "; ".join(damaged))
     common = folder / "common.pt"  # megatron-core 0.19 may keep the common state in the data files
@@ -212,11 +212,11 @@ def checkpoint_failure(exc: BaseException) -> str:
     from torch.distributed.checkpoint.api import CheckpointException
 
     if not isinstance(exc, CheckpointException):
-        return _describe(exc) if isinstance(exc, OSError) else first_line(exc)
+        return describe_error(exc) if isinstance(exc, OSError) else first_line(exc)
     said: dict[str, list[int]] = {}
     for rank, failure in sorted(exc.failures.items()):
         inner = failure[0] if isinstance(failure, tuple) and failure else failure
-        text = (_describe(inner) if isinstance(inner, OSError) else first_line(inner)) if isinstance(inner, BaseException) else str(inner)
+        text = (describe_error(inner) if isinstance(inner, OSError) else first_line(inner)) if isinstance(inner, BaseException) else str(inner)
         said.setdefault(text, []).append(rank)
     if not said:  # a rank told of another's failure
         return "CheckpointException: failed on another rank"

@@ -22,8 +22,12 @@ import torch
 from mapgen.common.errors import MapgenError
 from mapgen.common.files import module_label
 from mapgen.runtime.context import ParallelContext
-from mapgen.runtime.checkpoint import CheckpointError, per_expert_names
-from mapgen.runtime.drivers import Converter, check_module, hf_namings, open_checkpoint, save_hf_checkpoint
+from mapgen.runtime.checkpoint import CheckpointError
+from mapgen.runtime.hf_names import per_expert_names
+from mapgen.runtime.checkpoint_checks import hf_namings, open_checkpoint
+from mapgen.runtime.drivers import Converter
+from mapgen.runtime.module_check import check_module
+from mapgen.runtime.save import save_hf_checkpoint
 from mapgen.runtime.package import import_path
 
 MEGATRON_LM_PADDING = 128  # Megatron-LM's make_vocab_size_divisible_by

@@ -12,6 +12,7 @@ import torch.distributed as dist
 from mapgen.compiler.megatron_model import ParallelLayout, build_model_chunks, initialize_parallel_state
 from mapgen.runtime import ParallelContext
 from mapgen.runtime import drivers
+from mapgen.runtime import save as saving
 from mapgen.verify.testing import import_module_from_path, prepare_cpu_megatron
 
 OBJECT_COLLECTIVES = ("all_gather_object", "broadcast_object_list", "gather_object", "scatter_object_list")
@@ -78,7 +79,7 @@ def save(module_path: str, hf_dir: str, layout: ParallelLayout, out_dir: str, fa
     module, chunks, ctx = _setup(module_path, layout)
     drivers.load_hf_checkpoint(module, chunks, hf_dir, ctx)
     config = json.loads((Path(hf_dir) / "config.json").read_text())
-    original_save_file = drivers.save_file
+    original_save_file = saving.save_file
     written = []
 
     def failing_save_file(tensors: Any, path: str, metadata: Any = None) -> None:
@@ -87,13 +88,13 @@ def save(module_path: str, hf_dir: str, layout: ParallelLayout, out_dir: str, fa
             raise OSError("disk full (simulated)")
         original_save_file(tensors, path, metadata=metadata)
 
-    drivers.save_file = failing_save_file
+    saving.save_file = failing_save_file
     try:
-        drivers.save_hf_checkpoint(module, chunks, out_dir, config, ctx, max_shard_bytes=20_000)
+        saving.save_hf_checkpoint(module, chunks, out_dir, config, ctx, max_shard_bytes=20_000)
     except Exception as exc:  # noqa: BLE001 - the test inspects it
         return f"{type(exc).__name__}: {exc}"
     finally:
-        drivers.save_file = original_save_file
+        saving.save_file = original_save_file
     return None
 
 
@@ -136,7 +137,7 @@ def save_fails(module_path: str, hf_dir: str, layout: ParallelLayout, out_dir: s
     module, chunks, ctx = _setup(module_path, layout)
     drivers.load_hf_checkpoint(module, chunks, hf_dir, ctx)
     config = json.loads((Path(hf_dir) / "config.json").read_text())
-    original_save_file = drivers.save_file
+    original_save_file = saving.save_file
     written: list[str] = []
     writer = dist.get_rank() == 0
 
@@ -153,14 +154,14 @@ def save_fails(module_path: str, hf_dir: str, layout: ParallelLayout, out_dir: s
     if writer and fault == "fsize":
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead
         resource.setrlimit(resource.RLIMIT_FSIZE, (12_000, limits[1]))
-    drivers.save_file = failing_save_file
+    saving.save_file = failing_save_file
     started = time.perf_counter()
     try:
-        drivers.save_hf_checkpoint(module, chunks, out_dir, config, ctx, max_shard_bytes=20_000)
+        saving.save_hf_checkpoint(module, chunks, out_dir, config, ctx, max_shard_bytes=20_000)
     except Exception as exc:  # noqa: BLE001 - the test inspects it
         return {"error": f"{type(exc).__name__}: {exc}", "seconds": time.perf_counter() - started}
     finally:
-        drivers.save_file = original_save_file
+        saving.save_file = original_save_file
         if writer and fault == "fsize":
             resource.setrlimit(resource.RLIMIT_FSIZE, limits)
             signal.signal(signal.SIGXFSZ, previous)
@@ -330,7 +331,7 @@ def arguments_across_ranks(module_path: str, hf_dir: str, layout: ParallelLayout
         "bucket_bytes": lambda: list(converter.export(bucket_bytes=4096 * (1 + rank))),
         "zero on rank 1": lambda: list(converter.export(bucket_bytes=0 if rank == 1 else 4096)),
         "fp8 on rank 0": lambda: list(converter.export(fp8=True if rank == 0 else None)),
-        "writer_rank": lambda: drivers.save_hf_checkpoint(
+        "writer_rank": lambda: saving.save_hf_checkpoint(
             module, chunks, Path(out_dir) / "saved", json.loads((Path(hf_dir) / "config.json").read_text()), ctx,
             writer_rank=rank % 2,
         ),

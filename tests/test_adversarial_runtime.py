@@ -514,7 +514,7 @@ def _converter(module: Any, chunks: Any, **kwargs: Any) -> Any:
 
 
 def _save(module: Any, chunks: Any, hf: Path) -> None:
-    from mapgen.runtime.drivers import save_hf_checkpoint
+    from mapgen.runtime.save import save_hf_checkpoint
 
     save_hf_checkpoint(module, chunks, hf.parent / "never_written", {})
 
@@ -569,7 +569,7 @@ def test_save_to_a_bad_target_is_refused_and_leaves_nothing(
     good: dict[str, Any], llama: tuple[Any, list[Any]], tmp_path: Path, row: str,
     target: Callable[[Path], tuple[Path, dict[str, Any]]], error: str, fragments: tuple[str, ...],
 ) -> None:
-    from mapgen.runtime.drivers import save_hf_checkpoint
+    from mapgen.runtime.save import save_hf_checkpoint
 
     out, keywords = target(tmp_path)
     config = keywords.pop("hf_config", json.loads((good["single"] / "config.json").read_text()))
@@ -586,7 +586,8 @@ def test_save_to_a_bad_target_is_refused_and_leaves_nothing(
 def test_overwrite_replaces_a_checkpoint_only_once_the_new_one_is_whole(
     good: dict[str, Any], llama: tuple[Any, list[Any]], tmp_path: Path
 ) -> None:
-    from mapgen.runtime.drivers import load_hf_checkpoint, save_hf_checkpoint
+    from mapgen.runtime.drivers import load_hf_checkpoint
+    from mapgen.runtime.save import save_hf_checkpoint
 
     module, chunks = llama
     load_hf_checkpoint(module, chunks, good["single"])
@@ -606,7 +607,7 @@ def _dead_pid() -> int:
 def test_stale_partial_folders_of_dead_saves_are_removed_by_the_next_save(
     good: dict[str, Any], llama: tuple[Any, list[Any]], tmp_path: Path
 ) -> None:
-    from mapgen.runtime import drivers
+    from mapgen.runtime import drivers, save
 
     module, chunks = llama
     drivers.load_hf_checkpoint(module, chunks, good["single"])
@@ -620,10 +621,10 @@ def test_stale_partial_folders_of_dead_saves_are_removed_by_the_next_save(
     for folder in (dead, live, elsewhere, other_target):
         folder.mkdir()
         (folder / "model-00001-of-00002.safetensors").write_bytes(b"partial")
-    drivers.save_hf_checkpoint(module, chunks, tmp_path / "out", json.loads((good["single"] / "config.json").read_text()))
+    save.save_hf_checkpoint(module, chunks, tmp_path / "out", json.loads((good["single"] / "config.json").read_text()))
     assert not dead.exists()
     assert live.exists() and elsewhere.exists() and other_target.exists()
-    assert drivers.remove_stale_partials(tmp_path / "out") == []
+    assert save.remove_stale_partials(tmp_path / "out") == []
 
 
 KILLED_SAVE = """
@@ -632,7 +633,7 @@ from pathlib import Path
 import torch
 from mapgen.verify import testing
 from mapgen.compiler.megatron_model import build_gpt_model, ensure_single_process_parallel_state
-from mapgen.runtime import drivers
+from mapgen.runtime import drivers, save
 
 module_path, hf_dir, out = sys.argv[1:4]
 module = testing.import_module_from_path(Path(module_path), "killed_save")
@@ -640,7 +641,7 @@ ensure_single_process_parallel_state()
 testing.prepare_cpu_megatron()
 model = build_gpt_model(module.DIMS, params_dtype=torch.float32)
 drivers.load_hf_checkpoint(module, [model], hf_dir)
-original, written = drivers.save_file, []
+original, written = save.save_file, []
 
 def save_then_wait(tensors, path, metadata=None):
     original(tensors, path, metadata=metadata)
@@ -649,8 +650,8 @@ def save_then_wait(tensors, path, metadata=None):
         print("WRITING", path, flush=True)
         time.sleep(600)
 
-drivers.save_file = save_then_wait
-drivers.save_hf_checkpoint(module, [model], out, {"model_type": "llama"}, max_shard_bytes=100_000)
+save.save_file = save_then_wait
+save.save_hf_checkpoint(module, [model], out, {"model_type": "llama"}, max_shard_bytes=100_000)
 """
 
 
@@ -660,7 +661,8 @@ def test_save_killed_mid_write_is_cleaned_up_by_the_next_save(
 ) -> None:
     """A save killed while writing cannot remove its partial folder; the next save to the same
     target removes it (its process is gone), and the killed save never left a target."""
-    from mapgen.runtime.drivers import load_hf_checkpoint, save_hf_checkpoint
+    from mapgen.runtime.drivers import load_hf_checkpoint
+    from mapgen.runtime.save import save_hf_checkpoint
 
     out = tmp_path / "out"
     child = subprocess.Popen(

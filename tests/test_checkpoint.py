@@ -91,7 +91,7 @@ def test_stacked_experts_are_served_one_expert_at_a_time(tmp_path: Path, dtype: 
     file's bytes (transformers' own split: chunk(2) of gate_up_proj[e]); a layer whose experts
     are one tensor each, a pair of other shapes, and a checkpoint opened without `unstack` stay
     as they are (Qwen3.5-MoE's published layout: decoder stacked, MTP per expert)."""
-    from mapgen.runtime.checkpoint import per_expert_names
+    from mapgen.runtime.hf_names import per_expert_names
 
     experts, inner, hidden = 3, 4, 5
     gate_up = torch.randn(experts, 2 * inner, hidden).to(dtype)

@@ -278,7 +278,7 @@ def test_either_naming_of_the_tower_loads_and_exports_as_it_came(standin: dict[s
     in that naming (the spawn of test_image_and_prompt_against_transformers_at_tp1_and_tp2).
     Files using both namings are refused: the other naming's tensors are unknown."""
     from mapgen.runtime.checkpoint import HFCheckpoint
-    from mapgen.runtime.drivers import checkpoint_problems, hf_namings
+    from mapgen.runtime.checkpoint_checks import checkpoint_problems, hf_namings
 
     module = standin["module"]
     assert module.HF_NAMINGS == {TOWER_PUBLISHED: "vision_tower."}
@@ -308,7 +308,8 @@ def test_a_save_keeps_the_naming_it_loaded(standin: dict[str, Any], tmp_path: Pa
     naming, and save_hf_pretrained given the folder it loaded): the same names and bytes."""
     import mapgen
     from mapgen.compiler.megatron_model import ParallelLayout, build_model_chunks
-    from mapgen.runtime.drivers import Converter, save_hf_checkpoint
+    from mapgen.runtime.drivers import Converter
+    from mapgen.runtime.save import save_hf_checkpoint
 
     module = standin["module"]
     saved = _saved_by_transformers(standin["folder"], tmp_path / "saved")

@@ -20,7 +20,8 @@ from safetensors.torch import load_file
 
 from mapgen.compiler.megatron_model import build_gpt_model
 from mapgen.runtime import mx
-from mapgen.runtime.drivers import Converter, load_hf_checkpoint, save_hf_checkpoint
+from mapgen.runtime.drivers import Converter, load_hf_checkpoint
+from mapgen.runtime.save import save_hf_checkpoint
 from mapgen.runtime.formats import ExportFormatError
 
 FP8 = torch.float8_e4m3fn

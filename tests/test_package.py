@@ -15,7 +15,8 @@ import torch
 from mapgen.compiler.build import compile_package, compile_target, read_targets
 from mapgen.compiler.write import write_package
 from mapgen.runtime import package as packages
-from mapgen.runtime.drivers import Converter, ModuleArgumentError, module_problems
+from mapgen.runtime.drivers import Converter
+from mapgen.runtime.module_check import module_problems, ModuleArgumentError
 from mapgen.verify import testing
 
 TARGETS = {entry.name: entry for entry in read_targets(testing.ROOT)}

@@ -333,7 +333,7 @@ def test_the_published_moe_standin_stacks_the_decoder_experts(published: dict[st
 def test_the_naming_a_config_goes_with() -> None:
     """`mapgen convert megatron-to-hf` has no files to take the naming from: the config it
     writes says it (the published vision-language config: the published names)."""
-    from mapgen.runtime.checkpoint import config_naming
+    from mapgen.runtime.hf_names import config_naming
 
     namings = (("model.layers.", "model.language_model.layers."),)
     published = json.loads((testing.ROOT / "specs/configs/qwen3_5_0_8b.json").read_text())
@@ -348,7 +348,7 @@ def test_one_module_reads_both_namings(published: dict[str, Path], tmp_path: Pat
     """The module's HF_NAMINGS take for the published files (their names read as the rules'),
     not for transformers' save of the text class; the vision tower is declared ignored."""
     from mapgen.runtime.checkpoint import HFCheckpoint
-    from mapgen.runtime.drivers import checkpoint_problems, hf_namings
+    from mapgen.runtime.checkpoint_checks import checkpoint_problems, hf_namings
 
     path = _module(published["qwen3_5_0_8b"], "qwen3_5_published", testing.ROOT / TARGETS["qwen3_5_0_8b"].spec)
     module = testing.import_module_from_path(path, "qwen3_5_published")
@@ -393,7 +393,8 @@ def test_a_published_moe_checkpoint_is_saved_back_in_its_own_layout(published: d
 
     from mapgen.compiler.megatron_model import ParallelLayout, build_model_chunks, single_process_parallel_state
     from mapgen.runtime import ParallelContext
-    from mapgen.runtime.drivers import Converter, save_hf_checkpoint
+    from mapgen.runtime.drivers import Converter
+    from mapgen.runtime.save import save_hf_checkpoint
 
     folder = published["qwen3_5_35b_a3b"]
     path = tmp_path / "qwen3_5_moe_published.py"

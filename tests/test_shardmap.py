@@ -20,7 +20,8 @@ from mapgen import runtime as rt
 from mapgen.common.dims import ModelDims
 from mapgen.common.layout import QKVGeometry, stacked_slice
 from mapgen.compiler.build import compile_target
-from mapgen.runtime.drivers import _import, vocab_params
+from mapgen.runtime.drivers import _import
+from mapgen.runtime.placing import vocab_params
 from mapgen.runtime.ownership import Owner, layer_owners
 from mapgen.runtime.plan import HFTensorPlan, ParamPlan, RulePlan
 from mapgen.runtime.shardmap import (

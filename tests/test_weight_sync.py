@@ -24,7 +24,8 @@ from mapgen.compiler.write import write_package
 from mapgen.compiler.megatron_model import ParallelLayout, build_gpt_model
 from mapgen.runtime.checkpoint import HFCheckpoint
 from mapgen.runtime.collectives import RankError
-from mapgen.runtime.drivers import Converter, export_hf_tensors, load_hf_checkpoint, save_hf_checkpoint
+from mapgen.runtime.drivers import Converter, export_hf_tensors, load_hf_checkpoint
+from mapgen.runtime.save import save_hf_checkpoint
 from mapgen.runtime.formats import FP8, ExportFormatError, quantize_fp8
 from mapgen.runtime.local import scatter, take
 from mapgen.verify import testing
@@ -155,7 +156,7 @@ def test_a_checkpoint_without_its_mtp_layer_names_the_field_to_set(tmp_path: Pat
     Qwen3-Next) model it saved has none of those tensors: one problem names the config field
     and its value, not a line per missing tensor. With one MTP tensor left, each missing one
     is named as usual."""
-    from mapgen.runtime.drivers import checkpoint_problems
+    from mapgen.runtime.checkpoint_checks import checkpoint_problems
 
     target = TARGETS["deepseek_v3"]
     folder = tmp_path / "standin"

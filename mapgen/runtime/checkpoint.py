@@ -7,13 +7,9 @@ bytes, so the only copy a tensor's bytes ever see on import is the one into the
 Megatron parameter (safetensors' own `get_tensor` makes one more). The mapping is copy-on-write:
 the file is never modified. Writing checkpoints uses the safetensors library.
 
-Nothing in a header is trusted: it is checked as the safetensors library checks it before any
-byte is viewed (header length within the file and safetensors' limit, a JSON object without
-repeated keys, each entry's dtype, shape and data_offsets of the right types, the offsets
-tiling the data from byte 0 without gaps or overlaps, each holding exactly its shape's bytes),
-and a sharded checkpoint's index against its files (a tensor in two files, one the index does
-not list, a file it names that is missing or outside the folder). Every error names the file
-and the tensor.
+Nothing in a header or index is trusted (`safetensors_files.py` checks them as the safetensors
+library does, every error naming the file and the tensor); other namings and stacked experts are
+`hf_names.py`'s.
 
 FP8 block-quantized checkpoints (DeepSeek-V3's layout) are dequantized on import: a weight `X`
 stored as F8 with a companion `X_scale_inv` (F32, one scale per block of `block_size` rows x
@@ -35,20 +31,30 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 import mmap
 import os
-import re
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Iterable, NamedTuple, cast
+from pathlib import Path
+from typing import Any, Callable, cast
 
 import torch
 
-from mapgen.common.errors import MapgenError
 from mapgen.runtime import fileread, mxfp4
+from mapgen.runtime.hf_names import renamed_entries, unstacked_entries, named_as
+from mapgen.runtime.safetensors_files import (
+    DESCRIBED_KEPT,
+    DESCRIBED_MAX_BYTES,
+    DTYPES,
+    CheckpointError,
+    Entry,
+    make_entry,
+    parse_header,
+    read_bytes,
+    read_header,
+    index_weight_map,
+)
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -57,184 +63,8 @@ SCALE_SUFFIX = "_scale_inv"  # DeepSeek-V3's name for a block-quantized weight's
 DEFAULT_BLOCK = (128, 128)
 FP8 = frozenset({"F8_E4M3", "F8_E5M2"})
 
-# safetensors dtype names (the format's header spelling) -> torch dtypes
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-
-
-# every dtype the safetensors format defines, with its size in bits (F4 and F6 pack elements)
-FORMAT_BITS: dict[str, int] = {
-    "BOOL": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8,
-    "F8_E8M0": 8, "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32,
-    "C64": 64, "F64": 64, "I64": 64, "U64": 64,
-}  # fmt: skip
-MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit on the JSON header
-
 
 Loader = Callable[[str], torch.Tensor]
-
-
-class CheckpointError(MapgenError):
-    pass
-
-
-class _Entry(NamedTuple):  # one per tensor
-    file: str
-    dtype: str
-    shape: tuple[int, ...]
-    start: int  # absolute byte offset in the file
-    end: int
-    strides: tuple[int, ...]  # contiguous, in elements
-    element: int  # start in elements of the dtype (-1: not aligned to it, or not a readable dtype)
-
-
-def _entry(file: str, dtype: str, shape: tuple[int, ...], start: int, end: int) -> _Entry:
-    strides = [1] * len(shape)
-    for dim in range(len(shape) - 2, -1, -1):
-        strides[dim] = strides[dim + 1] * shape[dim + 1]
-    itemsize = DTYPES[dtype].itemsize if dtype in DTYPES else 0
-    element = start // itemsize if itemsize and start % itemsize == 0 else -1
-    return _Entry(file, dtype, shape, start, end, tuple(strides), element)
-
-
-def _natural(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    """json's object hook: a key given twice is an error (json.loads keeps the last silently)."""
-    seen: dict[str, object] = {}
-    for key, value in pairs:
-        if key in seen:
-            raise CheckpointError(f"'{key}' appears twice in one object (a tensor given twice?)")
-        seen[key] = value
-    return seen
-
-
-def _read_header(path: Path) -> tuple[int, bytes]:
-    """A safetensors file's size and its header's bytes (what follows the 8-byte length)."""
-    try:
-        size = path.stat().st_size
-        with path.open("rb") as handle:
-            prefix = handle.read(8)
-            if len(prefix) < 8:
-                raise CheckpointError(
-                    f"{path}: not a safetensors file: {size} bytes, fewer than the 8 that give the header's length"
-                )
-            header_size = int.from_bytes(prefix, "little")
-            if header_size > min(MAX_HEADER_BYTES, size - 8):
-                limit = "the file's" if header_size > size - 8 else "safetensors' limit of"
-                bound = size - 8 if header_size > size - 8 else MAX_HEADER_BYTES
-                raise CheckpointError(
-                    f"{path}: not a safetensors file: its first 8 bytes give a header of {header_size} "
-                    f"bytes, more than {limit} {bound} bytes"
-                )
-            text = handle.read(header_size)
-    except OSError as exc:
-        raise CheckpointError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    return size, text
-
-
-def _parse_header(path: Path, text: bytes) -> tuple[dict[str, dict[str, Any]], int]:
-    """A header's tensor entries, validated as the safetensors library validates them, and the
-    bytes their data takes."""
-    try:
-        header = json.loads(text.decode("utf-8"), object_pairs_hook=_unique_keys)
-    except CheckpointError as exc:
-        raise CheckpointError(f"{path}: header: {exc}") from None
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise CheckpointError(f"{path}: header ({len(text)} bytes) is not UTF-8 JSON: {exc}") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: header is a JSON {type(header).__name__}, not an object")
-    metadata = header.pop("__metadata__", {})
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise CheckpointError(f"{path}: header: __metadata__ must map names to strings, got {metadata!r}")
-    entries = {name: _entry_fields(path, name, info) for name, info in header.items()}
-    return entries, _layout(path, entries)
-
-
-_INT = {int}  # (a bool's type is bool)
-
-
-def _entry_fields(path: Path, name: str, info: object) -> dict[str, Any]:
-    """One header entry, its fields checked: dtype a format dtype, shape non-negative integers,
-    data_offsets [start, end] with end - start the bytes of that many elements."""
-    if (  # the common case, checked at once: exactly the three fields, each well formed
-        type(info) is dict
-        and len(info) == 3
-        and type(dtype := info.get("dtype")) is str
-        and dtype in FORMAT_BITS
-        and type(shape := info.get("shape")) is list
-        and (not shape or (set(map(type, shape)) == _INT and min(shape) >= 0))
-        and type(offsets := info.get("data_offsets")) is list
-        and len(offsets) == 2
-        and set(map(type, offsets)) == _INT
-        and 0 <= offsets[0] <= offsets[1]
-        and FORMAT_BITS[dtype] * math.prod(shape) == 8 * (offsets[1] - offsets[0])
-    ):
-        return info
-    where = f"{path}: header: tensor '{name}'"
-    if not isinstance(info, dict):
-        raise CheckpointError(f"{where}: entry is a JSON {type(info).__name__}, not an object")
-    missing = [key for key in ("dtype", "shape", "data_offsets") if key not in info]
-    if missing:
-        raise CheckpointError(f"{where}: entry lacks {', '.join(repr(k) for k in missing)}")
-    extra = sorted(set(info) - {"dtype", "shape", "data_offsets"})
-    if extra:
-        raise CheckpointError(f"{where}: entry has unknown field(s) {', '.join(repr(k) for k in extra)}")
-    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-    if not isinstance(dtype, str) or dtype not in FORMAT_BITS:
-        raise CheckpointError(f"{where}: dtype {dtype!r} is not a safetensors dtype ({', '.join(FORMAT_BITS)})")
-    if not isinstance(shape, list) or not all(_natural(d) for d in shape):
-        raise CheckpointError(f"{where}: shape {shape!r} is not a list of non-negative integers")
-    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_natural(o) for o in offsets):
-        raise CheckpointError(f"{where}: data_offsets {offsets!r} are not two non-negative integers [start, end]")
-    start, end = offsets
-    if end < start:
-        raise CheckpointError(f"{where}: data_offsets [{start}, {end}] end before they start")
-    bits = FORMAT_BITS[dtype] * math.prod(shape)
-    if bits % 8 or end - start != bits // 8:
-        need = f"{bits // 8} bytes" if bits % 8 == 0 else f"{bits} bits, not whole bytes"
-        raise CheckpointError(
-            f"{where}: data_offsets [{start}, {end}] hold {end - start} bytes, but {dtype} {shape} needs {need}"
-        )
-    return {"dtype": dtype, "shape": shape, "data_offsets": offsets}
-
-
-def _layout(path: Path, header: dict[str, dict[str, Any]]) -> int:
-    """The bytes the tensors take: they must tile [0, end) exactly, without overlaps (two
-    tensors sharing bytes) or gaps, as the safetensors library requires. Returns end."""
-    position, previous, gap = 0, None, None
-    for name, info in sorted(header.items(), key=lambda item: tuple(item[1]["data_offsets"])):
-        start, end = info["data_offsets"]
-        if start < position:
-            assert previous is not None
-            raise CheckpointError(
-                f"{path}: header: tensor '{name}' data_offsets [{start}, {end}] overlap tensor "
-                f"'{previous}' {header[previous]['data_offsets']}: they would share bytes"
-            )
-        if start > position and gap is None:
-            after = f"after tensor '{previous}' ends at {position}" if previous is not None else "from the start"
-            gap = (
-                f"{path}: header: tensor '{name}' data_offsets [{start}, {end}] leave a gap of "
-                f"{start - position} bytes {after}"
-            )
-        position, previous = end, name
-    if gap is not None:
-        raise CheckpointError(gap)
-    return position
 
 
 _SERIALS = itertools.count()
@@ -247,7 +77,7 @@ class _Described:
     those bytes and made again only when one of them changes."""
 
     files: dict[str, tuple[int, int]]  # file -> (data start, data size) from its header
-    entries: dict[str, _Entry]
+    entries: dict[str, Entry]
     scales: frozenset[str]
     fp8: bool
     block_size: tuple[int, int] | None
@@ -255,9 +85,9 @@ class _Described:
     mxfp4_declared: bool
     visible: tuple[str, ...]
     config: dict[str, Any]  # config.json ({} when there is none or it is not an object)
-    # (the module's prefix, the files' prefix) of each other naming the files use (`_renamed`)
+    # (the module's prefix, the files' prefix) of each other naming the files use (`renamed_entries`)
     naming: tuple[tuple[str, str], ...] = ()
-    # the stacked-experts tensors served one expert at a time (`_unstacked`), in the module's
+    # the stacked-experts tensors served one expert at a time (`unstacked_entries`), in the module's
     # naming, each with its count of experts
     unstacked: tuple[tuple[str, int], ...] = ()
     serial: int = field(default_factory=lambda: next(_SERIALS))  # never reused: a key for checks
@@ -266,108 +96,6 @@ class _Described:
 # descriptions by the bytes they were made from, newest last; at most DESCRIBED_KEPT of them, and
 # none whose bytes pass DESCRIBED_MAX_BYTES (a huge index or header is parsed on every open)
 _DESCRIBED: OrderedDict[tuple[object, ...], _Described] = OrderedDict()
-DESCRIBED_KEPT = 4
-DESCRIBED_MAX_BYTES = 32 * 2**20
-
-
-def named_as(name: str, naming: tuple[tuple[str, str], ...]) -> str:
-    """A module's HF name in another naming: (the module's prefix, the other's) pairs, the first
-    that applies; the name itself where none does."""
-    for ours, theirs in naming:
-        if name.startswith(ours):
-            return theirs + name[len(ours):]
-    return name
-
-
-def config_naming(
-    namings: tuple[tuple[str, str], ...], architecture: str, config: dict[str, Any]
-) -> tuple[tuple[str, str], ...]:
-    """The naming that goes with the config.json `config` of a module of `architecture` with
-    HF_NAMINGS `namings`, for writing a checkpoint that has no files to take it from (`mapgen
-    convert megatron-to-hf`): every other naming where `config` is that of a model around the
-    module's (Qwen3.5's published vision-language config: `text_config` nested, `architectures`
-    naming another class, its tensors the published names), else the module's own (())."""
-    architectures = config.get("architectures")
-    wrapped = (
-        isinstance(config.get("text_config"), dict)
-        and isinstance(architectures, list) and bool(architectures) and architecture not in architectures
-    )
-    return namings if wrapped else ()
-
-
-def _renamed(
-    folder: Path, entries: dict[str, _Entry], namings: tuple[tuple[str, str], ...]
-) -> tuple[dict[str, _Entry], tuple[tuple[str, str], ...]]:
-    """`entries` under the module's names, and the namings that took: for each (ours, theirs)
-    of the module's HF_NAMINGS, files with no tensor under `ours` and some under `theirs` name
-    those tensors the other way (a LLaVA saved by transformers 5: `vision_tower.` for the
-    published `vision_tower.vision_model.`)."""
-    applied = tuple(
-        (ours, theirs)
-        for ours, theirs in namings
-        if not any(n.startswith(ours) for n in entries) and any(n.startswith(theirs) for n in entries)
-    )
-    if not applied:
-        return entries, ()
-
-    def ours_of(name: str) -> str:
-        for ours, theirs in applied:
-            if name.startswith(theirs):
-                return ours + name[len(theirs):]
-        return name
-
-    renamed = {ours_of(n): e for n, e in entries.items()}
-    if len(renamed) != len(entries):
-        clash = sorted(n for n in entries if ours_of(n) != n and ours_of(n) in entries)
-        raise CheckpointError(f"{folder}: tensor '{clash[0]}' and '{ours_of(clash[0])}' name the same tensor in two namings")
-    return renamed, applied
-
-
-# transformers' in-memory layout of a layer's experts (Qwen2-MoE's lineage: Qwen3.5-MoE's published
-# decoder layers store it): P + gate_up_proj [E, 2I, H] (expert e's gate rows, then its up rows),
-# P + down_proj [E, H, I]; P ends in "experts.". One tensor per expert: P + "<e>.gate_proj.weight" ...
-# (`restack` writes the stacked pair back from the per-expert tensors)
-STACKED_GATE_UP, STACKED_DOWN = "gate_up_proj", "down_proj"
-PER_EXPERT_RE = re.compile(r"^(?P<prefix>.*\.experts\.)(?P<expert>\d+)\.(?P<which>gate|up|down)_proj\.weight$")
-
-
-def per_expert_names(names: Iterable[str]) -> bool:
-    """Whether a module's HF names hold experts one tensor each (`<P>.experts.<e>.gate_proj.weight`):
-    such a module reads a stacked pair one expert at a time (`HFCheckpoint(unstack=True)`)."""
-    return any(PER_EXPERT_RE.match(n) for n in names)
-
-
-def _unstacked(entries: dict[str, _Entry]) -> tuple[dict[str, _Entry], tuple[tuple[str, int], ...]]:
-    """`entries` with each stacked pair of a layer's experts (`STACKED_GATE_UP` [E, 2I, H] and
-    `STACKED_DOWN` [E, H, I] of one dtype, no per-expert tensor beside them) replaced by one
-    entry per expert and projection: expert e's gate rows, its up rows and its down matrix are
-    contiguous bytes of the stacked tensors, so each is a byte range of the file (no copy); and
-    the stacked tensors so served, each with its count of experts. A pair of other shapes (or
-    dtypes) stays as it is."""
-    per_expert = {m["prefix"] for n in entries if (m := PER_EXPERT_RE.match(n))}
-    out = dict(entries)
-    served: list[tuple[str, int]] = []
-    for name, gate_up in entries.items():
-        if not name.endswith(".experts." + STACKED_GATE_UP):
-            continue
-        prefix = name[: -len(STACKED_GATE_UP)]  # ends in "experts."
-        down = entries.get(prefix + STACKED_DOWN)
-        if down is None or prefix in per_expert or len(gate_up.shape) != 3 or gate_up.dtype != down.dtype:
-            continue
-        experts, rows, hidden = gate_up.shape
-        if rows % 2 or down.shape != (experts, hidden, rows // 2) or gate_up.dtype not in DTYPES:
-            continue
-        size = DTYPES[gate_up.dtype].itemsize
-        half = rows // 2 * hidden * size  # bytes of one expert's gate (or up) rows, and of its down matrix
-        for e in range(experts):
-            start = gate_up.start + e * 2 * half
-            out[f"{prefix}{e}.gate_proj.weight"] = _entry(gate_up.file, gate_up.dtype, (rows // 2, hidden), start, start + half)
-            out[f"{prefix}{e}.up_proj.weight"] = _entry(gate_up.file, gate_up.dtype, (rows // 2, hidden), start + half, start + 2 * half)
-            start = down.start + e * half
-            out[f"{prefix}{e}.down_proj.weight"] = _entry(down.file, down.dtype, (hidden, rows // 2), start, start + half)
-        del out[name], out[prefix + STACKED_DOWN]
-        served += [(name, experts), (prefix + STACKED_DOWN, experts)]
-    return out, tuple(served)
 
 
 def _describe(
@@ -380,10 +108,10 @@ def _describe(
     unstack: bool = False,
 ) -> _Described:
     files: dict[str, tuple[int, int]] = {}
-    entries: dict[str, _Entry] = {}
+    entries: dict[str, Entry] = {}
     found_in: dict[str, list[str]] = {}  # tensor -> every file whose header has it
     for file, text in headers.items():
-        tensors, data_size = _parse_header(folder / file, text)
+        tensors, data_size = parse_header(folder / file, text)
         data_start = 8 + len(text)
         files[file] = (data_start, data_size)
         for name, info in tensors.items():
@@ -391,7 +119,7 @@ def _describe(
             if weight_map and weight_map.get(name) != file:
                 continue
             start, end = info["data_offsets"]
-            entries[name] = _entry(file, info["dtype"], tuple(info["shape"]), data_start + start, data_start + end)
+            entries[name] = make_entry(file, info["dtype"], tuple(info["shape"]), data_start + start, data_start + end)
     problems = [
         f"tensor '{name}' is in {len(where)} files ({', '.join(where)})"
         + (f"; {INDEX} places it in {weight_map[name]}" if name in weight_map else "")
@@ -410,8 +138,8 @@ def _describe(
     ]
     if problems:
         raise CheckpointError(f"{folder}: inconsistent checkpoint: " + "; ".join(problems[:10]))
-    entries, naming = _renamed(folder, entries, namings)
-    entries, unstacked = _unstacked(entries) if unstack else (entries, ())
+    entries, naming = renamed_entries(folder, entries, namings)
+    entries, unstacked = unstacked_entries(entries) if unstack else (entries, ())
     config, quantization = _config(folder / CONFIG, config_text)
     configured = _configured_block(folder / CONFIG, quantization)
     scales = frozenset(n for n in entries if n.endswith(SCALE_SUFFIX))
@@ -460,7 +188,7 @@ class HFCheckpoint:
         the files use the other naming, every method takes and gives the module's names, and
         `file_name` turns one back into the files'. `unstack`: serve a layer's stacked experts
         (`experts.gate_up_proj` [E, 2I, H], `experts.down_proj` [E, H, I]) as one tensor per
-        expert (`experts.<e>.gate_proj.weight`, ...; `_unstacked`), for a module that maps them
+        expert (`experts.<e>.gate_proj.weight`, ...; `unstacked_entries`), for a module that maps them
         so (`per_expert_names`): Qwen3.5-MoE's published checkpoint stacks its decoder layers'
         experts but not its MTP layer's. `unstacked` names the stacked tensors so served (with
         their counts of experts)."""
@@ -468,8 +196,8 @@ class HFCheckpoint:
         index = self.folder / INDEX
         index_text: bytes | None = None
         if index.is_file():
-            index_text = _read(index)
-            weight_map = _weight_map(index, index_text)
+            index_text = read_bytes(index)
+            weight_map = index_weight_map(index, index_text)
         elif (self.folder / SINGLE).is_file():
             weight_map = {}
         else:
@@ -483,9 +211,9 @@ class HFCheckpoint:
                 raise CheckpointError(
                     f"{path}: missing, but {index} places {len(placed)} tensor(s) there ('{placed[0]}', ...)"
                 )
-            self._sizes[file], headers[file] = _read_header(path)
+            self._sizes[file], headers[file] = read_header(path)
         config = self.folder / CONFIG
-        config_text = _read(config) if config.is_file() else None
+        config_text = read_bytes(config) if config.is_file() else None
         key = (index_text, config_text, repr(block_size), namings, unstack, tuple(headers.items()))  # nothing names the folder
         described = _DESCRIBED.get(key)
         if described is None:
@@ -522,7 +250,7 @@ class HFCheckpoint:
         """Each file's size when it was opened."""
         return tuple(self._sizes.items())
 
-    def _view(self, entry: _Entry, name: str) -> torch.Tensor:
+    def _view(self, entry: Entry, name: str) -> torch.Tensor:
         """Tensor `name` viewing the mapped file (mapped on first use, copy-on-write)."""
         if entry.end > self._sizes[entry.file]:
             raise CheckpointError(
@@ -740,56 +468,6 @@ class HFCheckpoint:
             assert self.block_size is not None
             return dequantize(self.raw(name), self.raw(name + SCALE_SUFFIX), self.block_size)
         return self._view(entry, name)
-
-
-def _read(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise CheckpointError(f"{path}: cannot read: {exc.strerror or exc}") from None
-
-
-_WEIGHT_MAPS: OrderedDict[bytes, dict[str, str]] = OrderedDict()  # by the index's bytes: the last few
-
-
-def _weight_map(index: Path, data: bytes) -> dict[str, str]:
-    """A sharded checkpoint's index (`data`, its bytes): `weight_map` from tensor names to files
-    inside the folder. Read-only: the same bytes give the same dict."""
-    if (known := _WEIGHT_MAPS.get(data)) is not None:
-        return known
-    weight_map = _parse_weight_map(index, data)
-    if len(data) <= DESCRIBED_MAX_BYTES:
-        _WEIGHT_MAPS[data] = weight_map
-        while len(_WEIGHT_MAPS) > DESCRIBED_KEPT:
-            _WEIGHT_MAPS.popitem(last=False)
-    return weight_map
-
-
-def _parse_weight_map(index: Path, data: bytes) -> dict[str, str]:
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise CheckpointError(f"{index}: cannot read: {exc}") from None
-    try:
-        content = json.loads(text, object_pairs_hook=_unique_keys)
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{index}:{exc.lineno}:{exc.colno}: not JSON: {exc.msg}") from None
-    except CheckpointError as exc:
-        raise CheckpointError(f"{index}: {exc}") from None
-    weight_map = content.get("weight_map") if isinstance(content, dict) else None
-    if not isinstance(weight_map, dict):
-        raise CheckpointError(f"{index}: not a safetensors index: it needs a 'weight_map' object of tensor -> file")
-    if not weight_map:
-        raise CheckpointError(f"{index}: its weight_map is empty")
-    for name, file in weight_map.items():
-        if not isinstance(file, str):
-            raise CheckpointError(f"{index}: weight_map gives tensor '{name}' the file {file!r}, not a file name")
-        relative = PurePosixPath(file)
-        if relative.is_absolute() or ".." in relative.parts or not relative.name.endswith(".safetensors"):
-            raise CheckpointError(
-                f"{index}: weight_map places tensor '{name}' in {file!r}, not a .safetensors file inside the folder"
-            )
-    return weight_map
 
 
 def dequantize(weight: torch.Tensor, scale_inv: torch.Tensor, block_size: tuple[int, int]) -> torch.Tensor:

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
-from mapgen.runtime.checkpoint import PER_EXPERT_RE, STACKED_DOWN, STACKED_GATE_UP
+from mapgen.runtime.hf_names import PER_EXPERT_RE, STACKED_DOWN, STACKED_GATE_UP
 
 Stacking = tuple[tuple[str, int], ...]  # (stacked tensor's name, its count of experts): HFCheckpoint.unstacked
 

@@ -46,7 +46,9 @@ from mapgen.compiler.megatron_model import (
     build_model_chunks,
     initialize_parallel_state,
 )
-from mapgen.runtime.checkpoint import DTYPES, HFCheckpoint, per_expert_names
+from mapgen.runtime.checkpoint import HFCheckpoint
+from mapgen.runtime.hf_names import per_expert_names
+from mapgen.runtime.safetensors_files import DTYPES
 from mapgen.verify.arguments import size_problems
 
 INPUT_SHAPE = (2, 7)  # batch, sequence
@@ -195,7 +197,7 @@ VERIFY_FIELDS = ("LAYOUT", "MODEL", "DIMS")  # what verify needs beyond what eve
 def load_mapping_module(path: str | Path, name: str | None = None) -> ModuleType:
     """Import a generated module from its file; a file that is not one is a MapgenError saying
     why (not Python, fails to import, lacks what a mapping module has), not a traceback."""
-    from mapgen.runtime.drivers import module_problems
+    from mapgen.runtime.module_check import module_problems
     from mapgen.runtime.package import import_path
 
     file = Path(path)
@@ -268,7 +270,7 @@ def layout_problems(module: ModuleType, layout: ParallelLayout) -> list[str]:
             f"expert-TP {etp}: megatron-core builds experts with biases ({target}) at expert-TP 1 only; "
             "give --etp 1"
         )
-    from mapgen.runtime.drivers import vocab_params
+    from mapgen.runtime.placing import vocab_params
 
     vocab = vocab_params(module)  # padded to a multiple of TP: always divisible
     unsplit: dict[str, list[str]] = {}
@@ -349,7 +351,7 @@ def hf_problems(module: ModuleType, folder: str | Path) -> list[str]:
     """The HF checkpoint in `folder` against the module: config.json's architecture, the
     safetensors headers and index against the module's HF table (verify and convert share it)."""
     from mapgen.compiler.nested import text_architecture_of
-    from mapgen.runtime.drivers import checkpoint_problems, open_checkpoint
+    from mapgen.runtime.checkpoint_checks import checkpoint_problems, open_checkpoint
 
     found: list[str] = []
     config = Path(folder) / "config.json"
