@@ -22,9 +22,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mapgen.verify import testing  # noqa: E402
+from mapgen.verify import megatron_cpu, testing  # noqa: E402
 from mapgen.compiler.build import compile_target  # noqa: E402
-from mapgen.compiler.megatron_model import build_gpt_model, ensure_single_process_parallel_state  # noqa: E402
+from mapgen.compiler.gpt_model import build_gpt_model  # noqa: E402
+from mapgen.compiler.parallel_state import ensure_single_process_parallel_state  # noqa: E402
 from mapgen.runtime.drivers import export_hf_tensors, load_hf_checkpoint  # noqa: E402
 
 
@@ -57,7 +58,7 @@ def main() -> None:
         module_path.write_text(compile_target("mapping", ROOT / "specs/llama.yaml", hf_dir / "config.json", "local", "bench"))
         module = testing.import_module_from_path(module_path)
         ensure_single_process_parallel_state()
-        testing.prepare_cpu_megatron()
+        megatron_cpu.prepare_cpu_megatron()
         megatron = build_gpt_model(module.DIMS, params_dtype=torch.float32)
         params = list(megatron.parameters())
         nbytes = sum(p.numel() * p.element_size() for p in params)

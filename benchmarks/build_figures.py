@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mapgen.compiler.build import compile_entry, read_targets  # noqa: E402
+from mapgen.compiler.targets import compile_entry, read_targets  # noqa: E402
 
 IMPORT = "import time, sys; t = time.perf_counter(); import {module}; print(time.perf_counter() - t)"
 

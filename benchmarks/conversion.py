@@ -25,12 +25,14 @@ import torch.distributed as dist
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mapgen.verify import testing  # noqa: E402
+from mapgen.verify import megatron_cpu, testing  # noqa: E402
 from mapgen.compiler.build import compile_target  # noqa: E402
-from mapgen.compiler.megatron_model import ParallelLayout, build_model_chunks, initialize_parallel_state  # noqa: E402
+from mapgen.common.parallel import ParallelLayout  # noqa: E402
+from mapgen.compiler.parallel_state import initialize_parallel_state  # noqa: E402
+from mapgen.compiler.model_classes import build_model_chunks  # noqa: E402
 from mapgen.runtime import ParallelContext  # noqa: E402
 from mapgen.runtime.drivers import DEFAULT_BUCKET_BYTES, Converter  # noqa: E402
-from mapgen.verify.jobs import spawn  # noqa: E402
+from mapgen.verify.processes import spawn  # noqa: E402
 
 COUNTED = ("all_gather", "broadcast", "all_reduce", "all_gather_object", "broadcast_object_list",
            "all_gather_into_tensor", "scatter", "send", "recv", "barrier")
@@ -50,7 +52,7 @@ def measure(
     load_at_start = [round(x, 2) for x in os.getloadavg()]  # the machine's load (1, 5, 15 min)
     module = testing.import_module_from_path(Path(module_path), f"bench_{Path(module_path).parent.name}")
     initialize_parallel_state(layout)
-    testing.prepare_cpu_megatron()
+    megatron_cpu.prepare_cpu_megatron()
     chunks = build_model_chunks(module.DIMS, layout, params_dtype=torch.float32)
     ctx = ParallelContext.from_parallel_state()
     # import: a fresh Converter each time (what load_hf_checkpoint does); export: cold, with a

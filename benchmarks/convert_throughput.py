@@ -7,9 +7,9 @@ Stand-ins (random float32 weights, saved by transformers): a Llama (hidden H, FF
 2 KV heads, vocabulary 32H; 16 layers of hidden 512: 65M parameters, 260 MB) and a Qwen3-MoE
 (the same attention, 8 experts of FFN H/2, top 2; 78M parameters, 311 MB, 531 HF tensors). Each
 runs at TP1 in one process, then the Llama at TP2 and the MoE at EP2 in 2 gloo processes
-(`--layouts`), started by `mapgen.verify.jobs.spawn` as `mapgen convert` starts its ranks.
+(`--layouts`), started by `mapgen.verify.processes.spawn` as `mapgen convert` starts its ranks.
 
-- mapgen hf-to-megatron: `mapgen.convert.run_convert` (what `mapgen convert` runs in each rank);
+- mapgen hf-to-megatron: `mapgen.convert_rank.run_convert` (what `mapgen convert` runs in each rank);
   its time is the command's own import and write phases (building the megatron-core model is
   reported apart, as "build"). megatron-to-hf: its load and export phases.
 - baseline hf-to-megatron: `safetensors.torch.load_file` of the same HF files, then
@@ -54,9 +54,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from mapgen.compiler.build import compile_target  # noqa: E402
-from mapgen.compiler.megatron_model import ParallelLayout  # noqa: E402
-from mapgen.verify import testing  # noqa: E402
-from mapgen.verify.jobs import TaskFailed, spawn  # noqa: E402
+from mapgen.common.parallel import ParallelLayout  # noqa: E402
+from mapgen.verify import megatron_cpu, testing  # noqa: E402
+from mapgen.verify.processes import TaskFailed, spawn  # noqa: E402
 
 # stand-in: (family, spec, the 2-process layout)
 MODELS = {
@@ -163,7 +163,8 @@ def baseline_megatron_to_hf(folder: Path, checkpoint: Any, out: Path, rank: int,
 
 def measure(module_path: str, hf_dir: str, layout: ParallelLayout, work_dir: str, repeat: int) -> dict[str, Any]:
     """In every rank: mapgen convert both ways and the baselines, best of `repeat`."""
-    from mapgen.convert import ConvertJob, _cpu_dist_checkpointing, run_convert
+    from mapgen.convert_job import ConvertJob
+    from mapgen.convert_rank import _cpu_dist_checkpointing, run_convert
     from mapgen.megatron_checkpoint import read_megatron_checkpoint
 
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -203,7 +204,7 @@ def measure(module_path: str, hf_dir: str, layout: ParallelLayout, work_dir: str
         mapgen("hf-to-megatron", source, mcore)
         gc.collect()
         # the same CPU adjustments as mapgen convert's ranks (run_convert installed them too)
-        testing.prepare_cpu_megatron()
+        megatron_cpu.prepare_cpu_megatron()
         _cpu_dist_checkpointing()
         _fresh(rank, base_mcore, make=True)
         started = time.perf_counter()

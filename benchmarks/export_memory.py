@@ -105,10 +105,12 @@ def measure(module_path: str, layout: Any, label: str, mib: int) -> dict[str, An
     import torch
     import torch.distributed as dist
 
-    from mapgen.compiler.megatron_model import build_model_chunks, initialize_parallel_state
+    from mapgen.compiler.parallel_state import initialize_parallel_state
+    from mapgen.compiler.model_classes import build_model_chunks
     from mapgen.runtime import ParallelContext
     from mapgen.runtime.drivers import Converter
-    from mapgen.verify.testing import import_module_from_path, prepare_cpu_megatron
+    from mapgen.verify.megatron_cpu import prepare_cpu_megatron
+    from mapgen.verify.testing import import_module_from_path
 
     torch.set_num_threads(1)
     module = import_module_from_path(Path(module_path), "export_memory_standin")
@@ -162,8 +164,8 @@ def main() -> None:
     import transformers
 
     from mapgen.compiler.build import compile_target
-    from mapgen.compiler.megatron_model import ParallelLayout
-    from mapgen.verify.jobs import spawn
+    from mapgen.common.parallel import ParallelLayout
+    from mapgen.verify.processes import spawn
     from mapgen.verify.testing import import_module_from_path
 
     fields = json.loads((ROOT / "specs/configs/deepseek_v3.json").read_text())

@@ -67,9 +67,11 @@ def main() -> None:
     from safetensors.torch import load_file
 
     from mapgen.compiler.build import compile_target
-    from mapgen.compiler.megatron_model import build_gpt_model, ensure_single_process_parallel_state
+    from mapgen.compiler.gpt_model import build_gpt_model
+    from mapgen.compiler.parallel_state import ensure_single_process_parallel_state
     from mapgen.runtime.drivers import load_hf_checkpoint
-    from mapgen.verify.testing import import_module_from_path, prepare_cpu_megatron, save_random_model
+    from mapgen.verify.megatron_cpu import prepare_cpu_megatron
+    from mapgen.verify.testing import import_module_from_path, save_random_model
 
     fields = json.loads((ROOT / "specs/configs/deepseek_v3.json").read_text())
     tiny = {k: v for k, v in fields.items() if k not in ("quantization_config", "auto_map", "torch_dtype")}

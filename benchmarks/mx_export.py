@@ -46,12 +46,13 @@ def main() -> None:
 
     import mapgen
     from mapgen.compiler.build import compile_target
-    from mapgen.compiler.megatron_model import build_gpt_model, ensure_single_process_parallel_state
-    from mapgen.verify import testing
+    from mapgen.compiler.gpt_model import build_gpt_model
+    from mapgen.compiler.parallel_state import ensure_single_process_parallel_state
+    from mapgen.verify import megatron_cpu, testing
 
     mapgen.quiet()
     ensure_single_process_parallel_state()
-    testing.prepare_cpu_megatron()
+    megatron_cpu.prepare_cpu_megatron()
     config = json.loads((ROOT / "specs" / "configs" / "llama3_2_1b.json").read_text())
     config.update(num_hidden_layers=args.layers, vocab_size=args.vocab)
     with tempfile.TemporaryDirectory() as tmp:

@@ -58,11 +58,13 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from mapgen.compiler.megatron_model import ParallelLayout, build_model_chunks, initialize_parallel_state  # noqa: E402
+from mapgen.common.parallel import ParallelLayout  # noqa: E402
+from mapgen.compiler.parallel_state import initialize_parallel_state  # noqa: E402
+from mapgen.compiler.model_classes import build_model_chunks  # noqa: E402
 from mapgen.runtime import ParallelContext  # noqa: E402
 from mapgen.runtime.drivers import DEFAULT_BUCKET_BYTES, Converter  # noqa: E402
-from mapgen.verify import testing  # noqa: E402
-from mapgen.verify.jobs import spawn  # noqa: E402
+from mapgen.verify import megatron_cpu, testing  # noqa: E402
+from mapgen.verify.processes import spawn  # noqa: E402
 
 BRIDGE = ROOT / ".venv-bench062" / "bin" / "python"
 LAYOUTS = {"TP1": ParallelLayout(), "TP2": ParallelLayout(tp=2), "PP2": ParallelLayout(pp=2),
@@ -199,7 +201,7 @@ def measure(module_path: str, hf_dir: str, layout: ParallelLayout, repeat: int, 
     load = [round(x, 2) for x in os.getloadavg()]
     module = testing.import_module_from_path(Path(module_path), f"realwidth_{Path(module_path).parent.name}")
     initialize_parallel_state(layout)
-    testing.prepare_cpu_megatron()
+    megatron_cpu.prepare_cpu_megatron()
     chunks = build_model_chunks(module.DIMS, layout, params_dtype=torch.bfloat16)
     ctx = ParallelContext.from_parallel_state()
     params = [p for chunk in chunks for p in chunk.parameters()]

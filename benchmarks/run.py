@@ -43,9 +43,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from conversion import TIMED, best, first, make_model, make_moe_model, measure  # noqa: E402
 
-from mapgen.compiler.megatron_model import ParallelLayout  # noqa: E402
+from mapgen.common.parallel import ParallelLayout  # noqa: E402
 from mapgen.runtime.drivers import DEFAULT_BUCKET_BYTES  # noqa: E402
-from mapgen.verify.jobs import spawn  # noqa: E402
+from mapgen.verify.processes import spawn  # noqa: E402
 
 LAYOUTS = {"TP1": ParallelLayout(), "TP2": ParallelLayout(tp=2), "PP2": ParallelLayout(pp=2)}
 MOE_LAYOUTS = {"EP2": ParallelLayout(ep=2, dp=2)}
@@ -304,13 +304,14 @@ def growth_profile(layer_counts: list[int], calls: int = 400) -> list[str]:
 
     import torch  # noqa: PLC0415
 
-    from mapgen.compiler.megatron_model import build_model_chunks, ensure_single_process_parallel_state  # noqa: PLC0415
+    from mapgen.compiler.parallel_state import ensure_single_process_parallel_state  # noqa: PLC0415
+    from mapgen.compiler.model_classes import build_model_chunks  # noqa: PLC0415
     from mapgen.runtime.drivers import Converter  # noqa: PLC0415
-    from mapgen.verify import testing  # noqa: PLC0415
+    from mapgen.verify import megatron_cpu, testing  # noqa: PLC0415
 
     torch.set_num_threads(1)
     ensure_single_process_parallel_state()
-    testing.prepare_cpu_megatron()
+    megatron_cpu.prepare_cpu_megatron()
     found: dict[int, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as folder:
         for layers in layer_counts:

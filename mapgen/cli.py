@@ -197,7 +197,7 @@ def _report_package(console: Any, shown: str, files: dict[str, str], package: Wr
 
 
 def _build_all() -> None:
-    from mapgen.compiler.build import Skipped, compile_entries, read_targets
+    from mapgen.compiler.targets import Skipped, compile_entries, read_targets
 
     root = find_root(Path.cwd())
     entries = [e for e in read_targets(root) if e.checked_in]
@@ -233,7 +233,7 @@ def summary_of_package(folder: Path, files: dict[str, str], shown: str) -> list[
 def check_command() -> None:
     """Exit 1 when generated/ differs from what the specs and configs give: for each stale module,
     what changed grouped by rule (as `mapgen diff` says it), then the unified diff."""
-    from mapgen.compiler.build import Skipped, compile_entries, read_targets
+    from mapgen.compiler.targets import Skipped, compile_entries, read_targets
 
     try:
         root = find_root(Path.cwd())
@@ -333,7 +333,7 @@ def verify(generated: str, hf_dir: str, tp: int, pp: int, vpp: int, ep: int, etp
     model is built in the checkpoint's dtype; transformers runs in it too. Its phases are shown
     on stderr (a line each where stderr is not a terminal)."""
     from mapgen.common.console import Phases
-    from mapgen.verify.arguments import size_problems
+    from mapgen.common.parallel import ParallelLayout, size_problems
 
     dp = max(ep, 1) if dp is None else dp
     sizes: dict[str, int | None] = dict(tp=tp, pp=pp, vpp=vpp, ep=ep, dp=dp, etp=etp, first_stage_layers=first_stage_layers,
@@ -349,8 +349,7 @@ def verify(generated: str, hf_dir: str, tp: int, pp: int, vpp: int, ep: int, etp
         with scratch_folder("verify") as folder, phases:  # phases closed first
             temporary = Path(folder)
             phases("importing torch")
-            from mapgen.compiler.megatron_model import ParallelLayout
-            from mapgen.verify.jobs import Job
+            from mapgen.verify.verdict import Job
             from mapgen.verify.jobs import verify as run_verify
 
             layout = ParallelLayout(tp=tp, pp=pp, vpp=vpp, ep=ep, etp=etp, dp=dp, first_stage_layers=first_stage_layers,
@@ -389,7 +388,7 @@ def standin(
     what shapes the mapping: GQA or MQA, head_dim, tied embeddings, biases, rope scaling. The
     files are written into a hidden folder beside OUT_DIR and moved into it when complete; a
     missing OUT_DIR (and folders above it) is created."""
-    from mapgen.compiler.megatron_model import DTYPES
+    from mapgen.compiler.megatron_config import DTYPES
     from mapgen.verify.testing import standin_vocab_size
 
     vocab_size = standin_vocab_size(make_vocab_size_divisible_by)
@@ -420,18 +419,16 @@ def explain_command(generated: str, name: str, tp: int, pp: int, vpp: int, ep: i
     """Say how GENERATED maps NAME (a Megatron parameter or an HF tensor): the rule and its kind,
     the shapes, and under the layout which stage, EP rank and TP ranks hold which HF slices,
     and what export gathers. GENERATED: a file or a module name, as for verify."""
+    from mapgen.common.parallel import ParallelLayout
     from mapgen.explain import explain
-    from mapgen.runtime.shardmap import ShardLayout
-    from mapgen.verify.arguments import size_problems
-    from mapgen.verify.jobs import load_mapping_module
+    from mapgen.verify.inputs import load_mapping_module
 
-    layout = ShardLayout(tp=tp, pp=pp, vpp=vpp, ep=ep, etp=etp, dp=dp, first_stage_layers=first_stage_layers,
-                         last_stage_layers=last_stage_layers, make_vocab_size_divisible_by=make_vocab_size_divisible_by)
+    dp = max(ep, 1) if dp is None else dp
+    layout = ParallelLayout(tp=tp, pp=pp, vpp=vpp, ep=ep, etp=etp, dp=dp, first_stage_layers=first_stage_layers,
+                            last_stage_layers=last_stage_layers, make_vocab_size_divisible_by=make_vocab_size_divisible_by)
     try:
         module_file = find_module_file(generated)
-        sizes = dict(tp=tp, pp=pp, vpp=vpp, ep=ep, dp=layout.data_parallel, etp=etp, first_stage_layers=first_stage_layers,
-                     last_stage_layers=last_stage_layers, make_vocab_size_divisible_by=make_vocab_size_divisible_by)
-        if problems := size_problems(sizes):  # the limits verify and convert have, by flag
+        if problems := layout.size_problems(flags=True):  # the limits verify and convert have, by flag
             raise MapgenError(f"cannot explain {name} of {module_file}:\n  " + "\n  ".join(problems))
         lines = explain(load_mapping_module(module_file), name, layout, module_file)
     except MapgenError as exc:
@@ -464,7 +461,8 @@ def _run_convert(direction: str, generated: str, source: str, out_dir: str, layo
     """Both directions: what is wrong with the arguments is said before torch is imported (a
     missing input, an output that exists, is the input or lies inside it, a size that is not
     positive); then the module's local twin, the conversion, the verdict."""
-    from mapgen.verify.arguments import folder_problems, output_problems, size_problems, smallest_dp
+    from mapgen.common.parallel import ParallelLayout, size_problems, smallest_dp
+    from mapgen.verify.arguments import folder_problems, output_problems
 
     flags = dict(layout_flags)
     if flags["dp"] is None:
@@ -490,8 +488,7 @@ def _run_convert(direction: str, generated: str, source: str, out_dir: str, layo
                 f"{source}: no config.json beside the checkpoint (mapgen convert records one); give the "
                 "model's HF config.json with --hf-config"
             )
-        from mapgen.compiler.megatron_model import ParallelLayout
-        from mapgen.convert import ConvertJob
+        from mapgen.convert_job import ConvertJob
         from mapgen.convert import convert as run
 
         layout = ParallelLayout(**flags)

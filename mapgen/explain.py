@@ -14,7 +14,8 @@ from types import ModuleType
 
 from mapgen.common.errors import MapgenError
 from mapgen.common.layout import stacked_slice
-from mapgen.runtime.shardmap import HFPiece, ParamShards, RankShard, ShardLayout, ShardMap, shard_map
+from mapgen.common.parallel import ParallelLayout
+from mapgen.runtime.shardmap import HFPiece, ParamShards, RankShard, ShardMap, shard_map
 
 WIDTH = 100
 INDENT = " " * 8
@@ -174,7 +175,7 @@ def explain_param(shards: ParamShards, smap: ShardMap, module: ModuleType, modul
         role = rule.roles[index] if index < len(rule.roles) else "hf"
         lines.append(("HF:     " if index == 0 else INDENT) + f"{label} {shown}" + (f" ({role})" if role != "hf" else ""))
     expert_tp = f", expert-TP {layout.expert_tp}" if module.DIMS.num_moe_experts else ""
-    lines.append(f"layout: {layout} (dp {layout.data_parallel}{expert_tp}, world size {layout.world_size})")
+    lines.append(f"layout: {layout.label(dp=False)} (dp {layout.dp}{expert_tp}, world size {layout.world_size})")
     owner = shards.owner
     stage = f"pp rank {owner.pp_rank}" + (f", virtual stage {owner.vp_stage}" if layout.vpp > 1 else "")
     lines.append(f"stage:  {stage}, as {shards.local_name}" if shards.local_name != plan.megatron_name else f"stage:  {stage}")
@@ -250,7 +251,7 @@ def _close(name: str, candidates: list[str]) -> list[str]:
     return difflib.get_close_matches(name, candidates, n=5, cutoff=0.6)
 
 
-def explain(module: ModuleType, name: str, layout: ShardLayout, module_file: Path | None = None) -> list[str]:
+def explain(module: ModuleType, name: str, layout: ParallelLayout, module_file: Path | None = None) -> list[str]:
     """The lines `mapgen explain` prints for `name` (a Megatron parameter, a tied copy, an HF
     tensor, a stacked tensor `X` or its slice `X[i]`) of `module` under `layout`."""
     for needed in ("PARAMS", "RULES", "HF_TENSORS", "DIMS"):

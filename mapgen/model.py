@@ -44,7 +44,7 @@ def current_layout() -> Any:
     """The parallel layout megatron-core's `parallel_state` is initialised for (a ParallelLayout)."""
     from megatron.core import parallel_state as ps
 
-    from mapgen.compiler.megatron_model import ParallelLayout
+    from mapgen.common.parallel import ParallelLayout
 
     if not ps.model_parallel_is_initialized():
         raise MapgenError(
@@ -66,7 +66,7 @@ def current_layout() -> Any:
 def init_single_process() -> None:
     """A world of one process and megatron-core's parallel state for it (TP = PP = EP = 1), for a
     script run without a launcher."""
-    from mapgen.compiler.megatron_model import ensure_single_process_parallel_state
+    from mapgen.compiler.parallel_state import ensure_single_process_parallel_state
 
     ensure_single_process_parallel_state()
 
@@ -74,7 +74,7 @@ def init_single_process() -> None:
 def _dtype(value: torch.dtype | str | None) -> torch.dtype | None:
     if value is None or isinstance(value, torch.dtype):
         return value
-    from mapgen.compiler.megatron_model import DTYPES
+    from mapgen.compiler.megatron_config import DTYPES
 
     if value not in DTYPES:
         raise MapgenError(f"dtype must be a torch dtype or one of {', '.join(DTYPES)}, not {value!r}")
@@ -84,7 +84,7 @@ def _dtype(value: torch.dtype | str | None) -> torch.dtype | None:
 def _options(module: Any, spec: str, overrides: dict[str, Any]) -> Any:
     """The build options after checking `spec` against the module and each override against what
     the module decides."""
-    from mapgen.compiler.megatron_model import BuildOptions, architecture_fields, building, transformer_config
+    from mapgen.compiler.megatron_config import BuildOptions, architecture_fields, building, transformer_config
 
     if spec not in SPECS:
         raise MapgenError(f"spec must be one of {', '.join(SPECS)}, not {spec!r}")
@@ -124,7 +124,7 @@ def _options(module: Any, spec: str, overrides: dict[str, Any]) -> Any:
 def model_config(module: Any, *, spec: str = "local", dtype: torch.dtype | str | None = None, **overrides: Any) -> Any:
     """The TransformerConfig (MLATransformerConfig for multi-latent attention) of the module's
     model under the current parallel layout, with `overrides` (see the module doc)."""
-    from mapgen.compiler.megatron_model import building, transformer_config
+    from mapgen.compiler.megatron_config import building, transformer_config
 
     options = _options(module, spec, overrides)
     with building(options):
@@ -149,7 +149,8 @@ def build_model(
     """This rank's model chunks (one per virtual pipeline stage, in stage order) of the model
     `module` maps, on the CPU for `spec="local"` (move them with `.cuda()`, or build under
     `torch.device("cuda")`), in `dtype` (default: the module's `DIMS.params_dtype`)."""
-    from mapgen.compiler.megatron_model import building, build_model_chunks
+    from mapgen.compiler.megatron_config import building
+    from mapgen.compiler.model_classes import build_model_chunks
 
     if isinstance(make_vocab_size_divisible_by, bool) or not isinstance(make_vocab_size_divisible_by, int) or make_vocab_size_divisible_by < 1:
         raise MapgenError(f"make_vocab_size_divisible_by must be a positive integer, not {make_vocab_size_divisible_by!r}")
@@ -167,7 +168,7 @@ def prepare_cpu() -> None:
     CUDA (it asks `torch.cuda.current_device()`, moves tied embeddings with `.cuda()`, builds a
     sliding window's mask on CUDA, and seeds its CUDA RNG tracker). Patches torch and
     megatron-core for the whole process; not for a GPU run."""
-    from mapgen.verify.testing import prepare_cpu_megatron
+    from mapgen.verify.megatron_cpu import prepare_cpu_megatron
 
     prepare_cpu_megatron()
 
@@ -175,6 +176,6 @@ def prepare_cpu() -> None:
 def cpu_logits(chunk: Any, input_ids: torch.Tensor) -> torch.Tensor:
     """For checking on CPU: the logits [batch, seq, vocab] of a single-stage GPTModel or
     HybridModel chunk for `input_ids`, with a causal mask (after `prepare_cpu`)."""
-    from mapgen.verify.testing import megatron_logits
+    from mapgen.verify.forward import megatron_logits
 
     return megatron_logits(chunk, input_ids)

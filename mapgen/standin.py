@@ -42,7 +42,7 @@ def write_standin(config: Path, out: Path, seed: int, dtype: Any, vocab_size: in
     import shutil
 
     from mapgen.compiler.build import input_text, read_input
-    from mapgen.compiler.config import read_hf_config
+    from mapgen.compiler.hfconfig import read_hf_config
     from mapgen.verify.testing import save_standin, standin_problems
     from mapgen.compiler.write import make_folders
 

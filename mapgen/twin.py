@@ -53,7 +53,7 @@ def local_twin(
     twin is written into `folder` (temporary); `say` is told the phase, `note` a remark."""
     from mapgen.compiler.build import compile_target, recorded_ignored_fields
 
-    from mapgen.verify.jobs import config_problems, load_mapping_module
+    from mapgen.verify.inputs import config_problems, load_mapping_module
 
     say(f"importing {module_file}")
     module = load_mapping_module(module_file)

@@ -22,7 +22,7 @@ import torch
 from mapgen.common.errors import MapgenError
 from mapgen.common.files import module_label
 from mapgen.runtime.context import ParallelContext
-from mapgen.runtime.checkpoint import CheckpointError
+from mapgen.runtime.safetensors_files import CheckpointError
 from mapgen.runtime.hf_names import per_expert_names
 from mapgen.runtime.checkpoint_checks import hf_namings, open_checkpoint
 from mapgen.runtime.drivers import Converter

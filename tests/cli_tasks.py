@@ -8,5 +8,5 @@ from typing import Any
 
 
 def dying_conversion(job: Any) -> Any:
-    """Stands in for `mapgen.convert.run_convert`: the process exits at once, with code 3."""
+    """Stands in for `mapgen.convert_rank.run_convert`: the process exits at once, with code 3."""
     os._exit(3)

@@ -8,7 +8,7 @@ from typing import Any, Callable
 import pytest
 import torch
 
-from mapgen.verify import testing
+from mapgen.verify import megatron_cpu, testing
 from mapgen.compiler.build import compile_target
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -51,8 +51,8 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., t
 
 @pytest.fixture(scope="session")
 def cpu_megatron() -> None:
-    from mapgen.compiler.megatron_model import ensure_single_process_parallel_state
+    from mapgen.compiler.parallel_state import ensure_single_process_parallel_state
 
     ensure_single_process_parallel_state()
-    testing.prepare_cpu_megatron()
+    megatron_cpu.prepare_cpu_megatron()
     torch.set_num_threads(2)

@@ -11,11 +11,15 @@ import torch
 import torch.distributed as dist
 
 from mapgen.common.layout import weight_buffers
-from mapgen.compiler.megatron_model import ParallelLayout, build_model_chunks, initialize_parallel_state
+from mapgen.common.parallel import ParallelLayout
+from mapgen.compiler.parallel_state import initialize_parallel_state
+from mapgen.compiler.model_classes import build_model_chunks
 from mapgen.runtime import ParallelContext
 from mapgen.runtime.drivers import load_hf_checkpoint
-from mapgen.verify.jobs import same_bits
-from mapgen.verify.testing import import_module_from_path, megatron_logits, prepare_cpu_megatron
+from mapgen.verify.verdict import same_bits
+from mapgen.verify.forward import megatron_logits
+from mapgen.verify.megatron_cpu import prepare_cpu_megatron
+from mapgen.verify.testing import import_module_from_path
 
 INPUT_IDS = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(7))
 
@@ -91,7 +95,7 @@ def failing_write(job: Any) -> Any:
     checkpoint (the way megatron-core reports a failed write: on every rank)."""
     from megatron.core import dist_checkpointing
 
-    from mapgen.convert import run_convert
+    from mapgen.convert_rank import run_convert
 
     original = dist_checkpointing.save
 
@@ -116,7 +120,7 @@ def failing_on_one_rank(job: Any, step: str) -> Any:
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
 
-    from mapgen.convert import run_convert
+    from mapgen.convert_rank import run_convert
 
     original = getattr(dist_checkpointing, step)
 

@@ -1,4 +1,4 @@
-"""Functions the distributed tests run inside spawned gloo processes (see mapgen.verify.jobs.spawn)."""
+"""Functions the distributed tests run inside spawned gloo processes (see mapgen.verify.processes.spawn)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from mapgen.compiler.megatron_model import ParallelLayout, build_model_chunks, initialize_parallel_state
+from mapgen.common.parallel import ParallelLayout
+from mapgen.compiler.parallel_state import initialize_parallel_state
+from mapgen.compiler.model_classes import build_model_chunks
 from mapgen.runtime import ParallelContext
 from mapgen.runtime import drivers
 from mapgen.runtime import save as saving
-from mapgen.verify.testing import import_module_from_path, prepare_cpu_megatron
+from mapgen.verify.megatron_cpu import prepare_cpu_megatron
+from mapgen.verify.testing import import_module_from_path
 
 OBJECT_COLLECTIVES = ("all_gather_object", "broadcast_object_list", "gather_object", "scatter_object_list")
 TENSOR_COLLECTIVES = ("all_gather", "broadcast", "all_reduce", "scatter", "gather", "send", "recv", "all_to_all")
@@ -241,7 +244,7 @@ def package_rank_share(package_dir: str, hf_dir: str, layout: ParallelLayout) ->
     import hashlib
     import sys
 
-    from mapgen.verify.jobs import load_mapping_module
+    from mapgen.verify.inputs import load_mapping_module
 
     package = load_mapping_module(package_dir, "dist_package")
     initialize_parallel_state(layout)

@@ -7,11 +7,14 @@ from typing import Any
 
 import torch
 
-from mapgen.compiler.megatron_model import ParallelLayout, build_model_chunks, initialize_parallel_state
+from mapgen.common.parallel import ParallelLayout
+from mapgen.compiler.parallel_state import initialize_parallel_state
+from mapgen.compiler.model_classes import build_model_chunks
 from mapgen.runtime import ParallelContext
 from mapgen.runtime.checkpoint import HFCheckpoint
 from mapgen.runtime.drivers import Converter
-from mapgen.verify.testing import import_module_from_path, prepare_cpu_megatron
+from mapgen.verify.megatron_cpu import prepare_cpu_megatron
+from mapgen.verify.testing import import_module_from_path
 
 
 def mxfp4_against_twin(module_path: str, mxfp4_dir: str, twin_dir: str, layout: ParallelLayout) -> dict[str, Any]:

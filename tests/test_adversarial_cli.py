@@ -145,13 +145,13 @@ def test_explain_refuses_a_layout_beyond_the_limits(row: str, flags: list[str], 
 
 
 def test_the_shard_map_has_the_same_limits() -> None:
-    """The Python API (ShardLayout, which explain and the shard map take) refuses what the CLI
+    """The Python API (ParallelLayout, which explain and the shard map take) refuses what the CLI
     refuses, before numbering a rank."""
-    from mapgen.runtime.shardmap import ShardLayout
+    from mapgen.common.parallel import ParallelLayout
 
-    assert ShardLayout(dp=10**12).problems() == [f"dp {10**12} is above mapgen's limit of 131,072 ranks"]
-    assert ShardLayout(make_vocab_size_divisible_by=10**21).problems()[0].startswith("make_vocab_size_divisible_by")
-    assert ShardLayout(tp=8, dp=16384).problems() == []  # 131,072 ranks: at the limit, accepted
+    assert ParallelLayout(dp=10**12).problems() == [f"dp {10**12} is above mapgen's limit of 131,072 ranks"]
+    assert ParallelLayout(make_vocab_size_divisible_by=10**21).problems()[0].startswith("make_vocab_size_divisible_by")
+    assert ParallelLayout(tp=8, dp=16384).problems() == []  # 131,072 ranks: at the limit, accepted
 
 
 # --- mapgen convert: refused before processes start, or agreed on by the ranks -------------------
@@ -290,7 +290,7 @@ def test_a_checkpoint_exception_is_said_with_each_ranks_failure() -> None:
 
 
 def test_a_filesystem_too_small_for_the_checkpoint_is_said_before_writing(llama: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
-    from mapgen.convert import _space_problems
+    from mapgen.convert_rank import _space_problems
 
     module = testing.import_module_from_path(llama["module"], "adversarial_cli_llama")
     elements = sum(int(torch.Size(p.shape).numel()) for p in module.PARAMS)
@@ -356,8 +356,8 @@ def test_a_quant_method_that_contradicts_the_tensors_is_one_error(deepseek: dict
 def test_one_tensor_of_another_dtype_is_named_with_its_dtype() -> None:
     """The export of a float32 model cannot give a float16 tensor back: the verdict says so,
     rather than a bare `differ: NAME` that reads like a mapping bug."""
-    from mapgen.verify.jobs import _unlike
+    from mapgen.verify.verdict import cannot_equal
 
-    said = _unlike(torch.zeros(2, 2), torch.zeros(2, 2, dtype=torch.float16), "F16", "float32")
+    said = cannot_equal(torch.zeros(2, 2), torch.zeros(2, 2, dtype=torch.float16), "F16", "float32")
     assert "stored as F16" in said and "the model runs in float32" in said and "export gives float32" in said
-    assert _unlike(torch.zeros(2, 2), torch.ones(2, 2), "F32", "float32") == ""
+    assert cannot_equal(torch.zeros(2, 2), torch.ones(2, 2), "F32", "float32") == ""

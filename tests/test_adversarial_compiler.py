@@ -469,7 +469,7 @@ def test_hf_inventory_converts_each_kind_of_layer_once(family: str, monkeypatch:
     shapes), and the number of conversion calls does not grow with the layers."""
     import transformers.core_model_loading as loading
 
-    from mapgen.compiler.inventory import hf_inventory
+    from mapgen.compiler.hf_tensors import hf_inventory
 
     real = loading.revert_weight_conversion
     calls: list[int] = []

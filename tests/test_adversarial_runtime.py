@@ -33,9 +33,9 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
-from mapgen.verify import testing
+from mapgen.verify import megatron_cpu, testing
 from mapgen.compiler.build import compile_target
-from mapgen.compiler.megatron_model import ParallelLayout
+from mapgen.common.parallel import ParallelLayout
 
 import dist_tasks
 
@@ -271,10 +271,11 @@ CHECKPOINT_ROWS: list[tuple[str, str, Callable[[Path], None], tuple[str, ...]]] 
 @pytest.fixture(scope="module")
 def llama(good: dict[str, Any]) -> tuple[Any, list[Any]]:
     """The stand-in's module and a single-process megatron-core model for it."""
-    from mapgen.compiler.megatron_model import build_gpt_model, ensure_single_process_parallel_state
+    from mapgen.compiler.gpt_model import build_gpt_model
+    from mapgen.compiler.parallel_state import ensure_single_process_parallel_state
 
     ensure_single_process_parallel_state()
-    testing.prepare_cpu_megatron()
+    megatron_cpu.prepare_cpu_megatron()
     module = testing.import_module_from_path(good["module"], "adversarial_llama")
     model = build_gpt_model(module.DIMS, params_dtype=torch.float32)
     return module, [model]
@@ -631,14 +632,15 @@ KILLED_SAVE = """
 import os, sys, time
 from pathlib import Path
 import torch
-from mapgen.verify import testing
-from mapgen.compiler.megatron_model import build_gpt_model, ensure_single_process_parallel_state
+from mapgen.verify import megatron_cpu, testing
+from mapgen.compiler.gpt_model import build_gpt_model
+from mapgen.compiler.parallel_state import ensure_single_process_parallel_state
 from mapgen.runtime import drivers, save
 
 module_path, hf_dir, out = sys.argv[1:4]
 module = testing.import_module_from_path(Path(module_path), "killed_save")
 ensure_single_process_parallel_state()
-testing.prepare_cpu_megatron()
+megatron_cpu.prepare_cpu_megatron()
 model = build_gpt_model(module.DIMS, params_dtype=torch.float32)
 drivers.load_hf_checkpoint(module, [model], hf_dir)
 original, written = save.save_file, []
@@ -728,7 +730,9 @@ DIST_CHECKPOINT_ROWS: list[tuple[str, str, Callable[[Path], None], tuple[str, ..
 
 @pytest.fixture(scope="module")
 def distributed(good: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    from mapgen.verify.jobs import Job, run_job, spawn
+    from mapgen.verify.jobs import run_job
+    from mapgen.verify.processes import spawn
+    from mapgen.verify.verdict import Job
 
     root = tmp_path_factory.mktemp("distributed_bad")
     module, single = str(good["module"]), str(good["single"])
@@ -787,7 +791,7 @@ def distributed(good: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) 
 
 def _outcome(distributed: dict[str, Any], label: str) -> list[Any]:
     """Both ranks' results of one row; a task that raised shows its traceback here."""
-    from mapgen.verify.jobs import TaskFailed
+    from mapgen.verify.processes import TaskFailed
 
     results: list[Any] = distributed["by_label"][label]
     for result in results:

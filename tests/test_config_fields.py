@@ -12,12 +12,13 @@ from typing import Any
 import pytest
 import torch
 
-from mapgen.verify import testing
-from mapgen.compiler.build import read_targets
-from mapgen.compiler.config import read_hf_config, translate
+from mapgen.verify import forward, testing
+from mapgen.compiler.targets import read_targets
+from mapgen.compiler.config import translate
+from mapgen.compiler.hfconfig import read_hf_config
 from mapgen.common.dims import ModelDims
 from mapgen.common.errors import SpecError
-from mapgen.compiler.megatron_model import transformer_config
+from mapgen.compiler.megatron_config import transformer_config
 from mapgen.compiler.spec import parse_spec
 
 TARGETS = {entry.name: entry for entry in read_targets(testing.ROOT)}
@@ -203,7 +204,7 @@ def test_a_window_shorter_than_the_sequence_changes_transformers_logits(tmp_path
 
         config = transformers.AutoConfig.for_model("mixtral", **{k: v for k, v in fields.items() if k != "model_type"})
         model = testing.save_random_model(config, tmp_path / str(window))
-        logits.append(testing.hf_logits(model, ids))
+        logits.append(forward.hf_logits(model, ids))
     assert (logits[0] - logits[1]).abs().max() > 1e-3
 
 

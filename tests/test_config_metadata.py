@@ -16,7 +16,8 @@ import pytest
 
 from mapgen.common.errors import MapgenError, SpecError
 from mapgen.compiler.build import recorded_ignored_fields
-from mapgen.compiler.config import FieldPath, read_hf_config, translate
+from mapgen.compiler.config import FieldPath, translate
+from mapgen.compiler.hfconfig import read_hf_config
 from mapgen.compiler.spec import parse_spec
 from mapgen.verify import testing
 

@@ -30,11 +30,13 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from mapgen.compiler.build import compile_target
-from mapgen.compiler.megatron_model import ParallelLayout
-from mapgen.convert import ConvertJob, ConvertResult, run_convert
+from mapgen.common.parallel import ParallelLayout
+from mapgen.convert_job import ConvertJob, ConvertResult
+from mapgen.convert_rank import run_convert
 from mapgen.megatron_checkpoint import read_megatron_checkpoint
-from mapgen.verify import testing
-from mapgen.verify.jobs import TaskFailed, same_bits, spawn
+from mapgen.verify import forward, testing
+from mapgen.verify.processes import TaskFailed, spawn
+from mapgen.verify.verdict import same_bits
 
 import convert_tasks
 
@@ -205,7 +207,7 @@ def test_a_megatron_core_checkpoint_converts_to_hf_with_the_models_logits(outcom
     logits = _results(outcome, f"{label} write")[0]
     result = _converted(outcome, f"{label} to hf")
     model = transformers.AutoModelForCausalLM.from_pretrained(result.job.out, dtype=torch.float32).eval()
-    expected = testing.hf_logits(model, convert_tasks.INPUT_IDS)
+    expected = forward.hf_logits(model, convert_tasks.INPUT_IDS)
     assert logits.shape == expected.shape
     assert float((logits - expected).abs().max()) <= 1e-5
 
@@ -450,8 +452,8 @@ def test_tensors_no_rank_reads_and_optimizer_state_are_told_apart(tmp_path: Path
     """A checkpoint with a layer more than the model (per-layer keys, as megatron-core writes
     DeepSeek's): the extra layer's tensors are named; optimizer tensors of a training
     checkpoint are not the model's and are left alone."""
-    from mapgen.convert import _unused_tensors
     from mapgen.megatron_checkpoint import MegatronCheckpoint
+    from mapgen.sharded_state import unused_tensors
 
     f32 = torch.float32
     tensors = {
@@ -462,5 +464,5 @@ def test_tensors_no_rank_reads_and_optimizer_state_are_told_apart(tmp_path: Path
     }
     checkpoint = MegatronCheckpoint(tmp_path, tmp_path / "release", None, tensors, frozenset(), None, None)
     used = {"embedding.word_embeddings.weight", "decoder.layers.0.input_layernorm.weight"}
-    assert _unused_tensors(checkpoint, used) == ["decoder.layers.1.input_layernorm.weight"]
+    assert unused_tensors(checkpoint, used) == ["decoder.layers.1.input_layernorm.weight"]
     assert checkpoint.vocab_rows == 128 and checkpoint.dtype == f32

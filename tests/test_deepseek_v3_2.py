@@ -16,10 +16,13 @@ import pytest
 import torch
 
 from mapgen.common.errors import NeedsNewerMegatronCore
-from mapgen.compiler.build import Skipped, compile_entries, compile_target, read_targets
+from mapgen.compiler.build import compile_target
+from mapgen.compiler.targets import Skipped, compile_entries, read_targets
 from mapgen.compiler.dsa_model import dsa_supported
-from mapgen.compiler.megatron_model import ParallelLayout, build_model_chunks, single_process_parallel_state
-from mapgen.verify import testing
+from mapgen.common.parallel import ParallelLayout
+from mapgen.compiler.parallel_state import single_process_parallel_state
+from mapgen.compiler.model_classes import build_model_chunks
+from mapgen.verify import forward, testing
 
 SPEC = testing.ROOT / "specs" / "deepseek_v3_2.yaml"
 CONFIG = testing.ROOT / "specs" / "configs" / "deepseek_v3_2.json"
@@ -127,10 +130,10 @@ def test_the_standins_indexer_keeps_fewer_keys_than_verify_runs_positions(standi
     assert config["index_topk"] == 4 and config["layer_types"] == ["indexed_attention"] * 4
     model = transformers.AutoModelForCausalLM.from_pretrained(standin, dtype=torch.float32).eval()
     input_ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(0))
-    sparse = testing.hf_logits(model, input_ids)
+    sparse = forward.hf_logits(model, input_ids)
     for layer in model.model.layers:
         layer.self_attn.indexer.index_topk = 2048
-    dense = testing.hf_logits(model, input_ids)
+    dense = forward.hf_logits(model, input_ids)
     difference = (sparse - dense).abs().amax(dim=(0, 2))
     assert difference[:4].max() < 1e-6 and difference[4:].min() > 1e-2, difference
 
@@ -143,13 +146,13 @@ def test_megatron_cores_dsa_layer_is_transformers_and_a_misplaced_indexer_shows(
 
     from mapgen.runtime import ParallelContext
     from mapgen.runtime.drivers import Converter
-    from mapgen.verify.jobs import pipeline_logits
+    from mapgen.verify.forward import pipeline_logits
 
     path = standin.parent / "deepseek_v3_2_local.py"
     path.write_text(compile_target("deepseek_v3_2_local", SPEC, standin / "config.json", "local", "test"))
     module = testing.import_module_from_path(path)
     input_ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(1))
-    expected = testing.hf_logits(transformers.AutoModelForCausalLM.from_pretrained(standin, dtype=torch.float32).eval(), input_ids)
+    expected = forward.hf_logits(transformers.AutoModelForCausalLM.from_pretrained(standin, dtype=torch.float32).eval(), input_ids)
     with single_process_parallel_state():
         chunks = build_model_chunks(module.DIMS, ParallelLayout(), params_dtype=torch.float32)
         Converter(module, chunks, ParallelContext.single()).load(standin)
@@ -174,8 +177,10 @@ def test_hf_to_megatron_in_te_names_and_back_is_bit_exact(standin: Path, tmp_pat
     from safetensors.torch import load_file
     from torch.distributed.checkpoint import FileSystemReader
 
-    from mapgen.convert import ConvertJob, run_convert
-    from mapgen.verify.jobs import TaskFailed, same_bits, spawn
+    from mapgen.convert_job import ConvertJob
+    from mapgen.convert_rank import run_convert
+    from mapgen.verify.processes import TaskFailed, spawn
+    from mapgen.verify.verdict import same_bits
 
     module = tmp_path / "deepseek_v3_2_local.py"  # the CPU's layer spec; the checkpoint in te names
     module.write_text(compile_target("deepseek_v3_2_local", SPEC, standin / "config.json", "local", "test"))

@@ -13,13 +13,17 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mapgen.verify import testing
-from mapgen.compiler.build import compile_target, read_targets
+from mapgen.verify import forward, testing
+from mapgen.compiler.build import compile_target
+from mapgen.compiler.targets import read_targets
 from mapgen.common.errors import MapgenError
-from mapgen.compiler.megatron_model import ParallelLayout, hybrid_model_class
+from mapgen.common.parallel import ParallelLayout
+from mapgen.compiler.hybrid_model import hybrid_model_class
 from mapgen.compiler.dsa_model import dsa_supported
 from mapgen.runtime.vocab import padded_vocab_size
-from mapgen.verify.jobs import Job, run_job, spawn
+from mapgen.verify.jobs import run_job
+from mapgen.verify.processes import spawn
+from mapgen.verify.verdict import Job
 
 import dist_tasks
 
@@ -307,7 +311,7 @@ def test_saved_checkpoint_reloads_in_transformers_with_identical_logits(outcome:
     original = transformers.AutoModelForCausalLM.from_pretrained(original_dir, dtype=torch.float32).eval()
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(saved, dtype=torch.float32).eval()
     ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(3))
-    assert torch.equal(testing.hf_logits(original, ids), testing.hf_logits(reloaded, ids))
+    assert torch.equal(forward.hf_logits(original, ids), forward.hf_logits(reloaded, ids))
 
 
 def test_interrupted_save_leaves_nothing_behind(outcome: dict[str, Any]) -> None:

@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mapgen.verify import testing
+from mapgen.verify import forward, testing
 from mapgen.common.layout import weight_buffers
-from mapgen.compiler.megatron_model import build_gpt_model
+from mapgen.compiler.gpt_model import build_gpt_model
 from mapgen.runtime.drivers import export_hf_tensors, load_hf_checkpoint
 
 CASES = [
@@ -44,8 +44,8 @@ def test_import_matches_transformers_and_export_is_bit_exact(
     assert loaded == len(module.PARAMS) == len(weights)
 
     input_ids = torch.randint(0, hf_model.config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(1))
-    ours = testing.megatron_logits(model, input_ids)
-    theirs = testing.hf_logits(hf_model, input_ids)
+    ours = forward.megatron_logits(model, input_ids)
+    theirs = forward.hf_logits(hf_model, input_ids)
     assert ours.shape == theirs.shape
     assert (ours - theirs).abs().max().item() <= 1e-5
 
@@ -117,7 +117,7 @@ def test_other_kinds_through_generated_code(tiny_checkpoint: Any, compile_module
     input_ids = torch.randint(0, 128, (2, 11), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         norm.add_(1)
-        assert (testing.megatron_logits(model, input_ids) - testing.hf_logits(hf_model, input_ids)).abs().max() <= 1e-5
+        assert (forward.megatron_logits(model, input_ids) - forward.hf_logits(hf_model, input_ids)).abs().max() <= 1e-5
         norm.sub_(1)
     for name, tensor in export_hf_tensors(module, [model]):
         assert torch.equal(tensor, original[name]), name
@@ -178,7 +178,7 @@ def test_checkpoint_with_stacked_experts(family: str, tmp_path: Any, tiny_checkp
     model = build_gpt_model(module.DIMS, params_dtype=torch.float32).eval()
     load_hf_checkpoint(module, [model], str(tmp_path))
     input_ids = torch.randint(0, 128, (2, 11), generator=torch.Generator().manual_seed(1))
-    assert (testing.megatron_logits(model, input_ids) - testing.hf_logits(hf_model, input_ids)).abs().max() <= 1e-5
+    assert (forward.megatron_logits(model, input_ids) - forward.hf_logits(hf_model, input_ids)).abs().max() <= 1e-5
     exported = dict(export_hf_tensors(module, [model]))
     assert sorted(exported) == sorted(stacked)
     for name, tensor in exported.items():

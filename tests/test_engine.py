@@ -22,13 +22,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import dist_tasks
-from mapgen.compiler.build import compile_target, read_targets
-from mapgen.compiler.megatron_model import ParallelLayout, build_gpt_model
+from mapgen.compiler.build import compile_target
+from mapgen.compiler.targets import read_targets
+from mapgen.common.parallel import ParallelLayout
+from mapgen.compiler.gpt_model import build_gpt_model
 from mapgen.engine import EngineWeightsError, PieceReceiver, PieceReceiverError, engine_weights, vllm_shard_dim
 from mapgen.runtime.drivers import Converter, load_hf_checkpoint
 from mapgen.runtime.shardmap import HFPiece
 from mapgen.verify import testing
-from mapgen.verify.jobs import TaskFailed, spawn
+from mapgen.verify.processes import TaskFailed, spawn
 
 
 class StandInEngine:

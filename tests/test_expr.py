@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 
 from mapgen.common.limits import MAX_EXPR_LIST
-from mapgen.compiler.config import evaluate_in_context, read_hf_config, spec_reads, translate
+from mapgen.compiler.config import spec_reads, translate
+from mapgen.compiler.hfconfig import evaluate_in_context, read_hf_config
 from mapgen.compiler.expr import Expr, ExprSyntaxError, ExprValueError, MissingField
 from mapgen.compiler.spec import parse_spec
 

@@ -91,7 +91,7 @@ def test_fused_qkv_and_gate_up_are_read_block_by_block(tmp_path: Path, reads: li
 def test_a_converter_load_reads_every_large_run_from_the_files(
     tiny_checkpoint: Any, compile_module: Any, cpu_megatron: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from mapgen.compiler.megatron_model import build_gpt_model
+    from mapgen.compiler.gpt_model import build_gpt_model
     from mapgen.runtime.drivers import load_hf_checkpoint
 
     folder, _ = tiny_checkpoint("qwen3")
@@ -133,3 +133,27 @@ def test_a_closed_checkpoint_unregisters_its_files(tmp_path: Path) -> None:
     assert added not in fileread._MAPPED
     with pytest.raises(OSError):
         os.fstat(fd)
+
+
+def test_a_forked_child_reads_with_a_pool_of_its_own(tmp_path: Path, reads: list[int]) -> None:
+    """A process that read (so made its pool) and then forked: the child's reads still run (the
+    parent's threads are not in the child; a pool that counted them would never start a read)."""
+    import multiprocessing
+
+    expected = _saved(tmp_path, w=torch.randn(32, 32))
+    checkpoint = HFCheckpoint(tmp_path)
+    ops.whole_import(checkpoint.get("w"), out=torch.empty(32, 32))  # the parent's pool exists now
+    context = multiprocessing.get_context("fork")
+    assert reads  # the parent read through its pool
+    with context.Pool(1) as pool:
+        read, nbytes = pool.apply_async(_read_in_child, (str(tmp_path),)).get(timeout=60)
+    assert torch.equal(read, expected["w"]) and nbytes == 32 * 32 * 4
+
+
+def _read_in_child(folder: str) -> tuple[torch.Tensor, int]:
+    read = fileread._read
+    calls: list[int] = []
+    fileread._read = lambda mapped, target, offset: (calls.append(len(target)), read(mapped, target, offset))[1]
+    checkpoint = HFCheckpoint(folder)  # held: its files stay registered while they are read
+    out = ops.whole_import(checkpoint.get("w"), out=torch.empty(32, 32))
+    return out, sum(calls)

@@ -205,8 +205,8 @@ def test_fp8_deepseek_checkpoint_loads_dequantized_into_megatron(
     import transformers
     from safetensors.torch import load_file
 
-    from mapgen.verify import testing
-    from mapgen.compiler.megatron_model import build_gpt_model
+    from mapgen.verify import forward, testing
+    from mapgen.compiler.gpt_model import build_gpt_model
     from mapgen.runtime.drivers import export_hf_tensors, load_hf_checkpoint
 
     block = (16, 16)
@@ -242,6 +242,6 @@ def test_fp8_deepseek_checkpoint_loads_dequantized_into_megatron(
 
     reference = transformers.AutoModelForCausalLM.from_pretrained(dequantized, dtype=torch.float32).eval()
     ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(5))
-    assert (testing.megatron_logits(from_fp8, ids) - testing.hf_logits(reference, ids)).abs().max() <= 1e-5
+    assert (forward.megatron_logits(from_fp8, ids) - forward.hf_logits(reference, ids)).abs().max() <= 1e-5
     for name, tensor in export_hf_tensors(module, [from_fp8]):
         assert torch.equal(tensor, twin[name]), name

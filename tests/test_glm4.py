@@ -17,11 +17,13 @@ from safetensors.torch import load_file
 import mapgen
 from mapgen.common.errors import SpecError
 from mapgen.compiler.build import compile_target
-from mapgen.compiler.megatron_model import ParallelLayout, build_model_chunks, single_process_parallel_state
+from mapgen.common.parallel import ParallelLayout
+from mapgen.compiler.parallel_state import single_process_parallel_state
+from mapgen.compiler.model_classes import build_model_chunks
 from mapgen.runtime import ParallelContext
 from mapgen.runtime.drivers import Converter
-from mapgen.verify import testing
-from mapgen.verify.jobs import pipeline_logits
+from mapgen.verify import forward, megatron_cpu, testing
+from mapgen.verify.forward import pipeline_logits
 
 SPEC = testing.ROOT / "specs" / "glm4_moe.yaml"
 CONFIGS = {"glm4_5_air": "glm4_5_air.json", "glm4_5": "glm4_5.json"}
@@ -90,14 +92,14 @@ def _max_logit_diff(module: Any, folder: Path) -> float:
     from transformers import AutoModelForCausalLM
 
     with single_process_parallel_state():
-        testing.prepare_cpu_megatron()
+        megatron_cpu.prepare_cpu_megatron()
         chunks = build_model_chunks(module.DIMS, ParallelLayout(), params_dtype=torch.float32)
         Converter(module, chunks, ParallelContext.single()).load(folder)
         input_ids = torch.randint(0, module.DIMS.vocab_size, (2, 8), generator=torch.Generator().manual_seed(5))
         logits = pipeline_logits(chunks, input_ids, ParallelContext.single(), module.DIMS.hidden_size)
     assert logits is not None
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    expected = testing.hf_logits(model, input_ids)
+    expected = forward.hf_logits(model, input_ids)
     return float((logits[:, : input_ids.shape[1]] - expected).abs().max())
 
 

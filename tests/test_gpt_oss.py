@@ -16,15 +16,19 @@ from safetensors.torch import save_file
 
 from mapgen.common.errors import SpecError
 from mapgen.compiler.build import compile_target
-from mapgen.compiler.config import read_hf_config, translate
-from mapgen.compiler.megatron_model import ParallelLayout, transformer_config
+from mapgen.compiler.config import translate
+from mapgen.compiler.hfconfig import read_hf_config
+from mapgen.common.parallel import ParallelLayout
+from mapgen.compiler.megatron_config import transformer_config
 from mapgen.compiler.spec import parse_spec
 from mapgen.runtime import mxfp4, ops
 from mapgen.runtime.checkpoint import HFCheckpoint
 from mapgen.runtime.context import Group
-from mapgen.runtime.shardmap import ShardLayout, shard_map
-from mapgen.verify import testing
-from mapgen.verify.jobs import Job, layout_problems, run_job, spawn
+from mapgen.runtime.shardmap import shard_map
+from mapgen.verify import forward, testing
+from mapgen.verify.jobs import layout_problems, run_job
+from mapgen.verify.processes import spawn
+from mapgen.verify.verdict import Job
 from mapgen.verify.mxfp4_standin import write_mxfp4_twins
 
 import gpt_oss_tasks
@@ -232,9 +236,9 @@ def standin(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 @pytest.mark.parametrize(
-    "layout", [ShardLayout(tp=2, ep=2), ShardLayout(tp=2, ep=2, etp=1), ShardLayout(tp=2, pp=2, ep=2, etp=1)], ids=str
+    "layout", [ParallelLayout(tp=2, ep=2, dp=2), ParallelLayout(tp=2, ep=2, etp=1, dp=2), ParallelLayout(tp=2, pp=2, ep=2, etp=1, dp=2)], ids=str
 )
-def test_shard_map_covers_the_interleaved_experts(standin: tuple[Path, Path], layout: ShardLayout) -> None:
+def test_shard_map_covers_the_interleaved_experts(standin: tuple[Path, Path], layout: ParallelLayout) -> None:
     """The static shard map (export_local, explain) against the import functions: every HF
     element covered once per replica, each rank's shard made of exactly its pieces; at
     expert-TP 2 (which megatron-core does not build with expert biases, but the map is
@@ -311,10 +315,10 @@ def test_the_clamp_is_matched_where_it_bites(outcome: dict[str, Any], tmp_path: 
 
     clamped = transformers.AutoModelForCausalLM.from_pretrained(outcome["root"] / "clamped").eval()
     ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(7))
-    loose = testing.hf_logits(clamped, ids)
+    loose = forward.hf_logits(clamped, ids)
     for layer in clamped.model.layers:
         layer.mlp.experts.limit = 7.0
-    assert (testing.hf_logits(clamped, ids) - loose).abs().max() > 1e-3  # the limit changed the logits
+    assert (forward.hf_logits(clamped, ids) - loose).abs().max() > 1e-3  # the limit changed the logits
 
 
 def test_expert_tp_above_one_is_refused_before_any_process(outcome: dict[str, Any]) -> None:

@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from mapgen.common.dims import ModelDims
-from mapgen.compiler.kinds import MODULE_TYPES, resolve_auto
-from mapgen.compiler.inventory import MegatronParam, _skeleton_params, megatron_inventory
-from mapgen.compiler.megatron_model import build_gpt_model, ensure_single_process_parallel_state
+from mapgen.compiler.autosplit import MODULE_TYPES, resolve_auto
+from mapgen.compiler.inventory import MegatronParam, skeleton_params
+from mapgen.compiler.model_classes import megatron_inventory
+from mapgen.compiler.gpt_model import build_gpt_model
+from mapgen.compiler.parallel_state import ensure_single_process_parallel_state
 
 DIMS = ModelDims(
     num_layers=5, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4, num_query_groups=2,
@@ -66,7 +68,7 @@ def test_one_layer_expansion_equals_a_full_build(dims: ModelDims) -> None:
     ensure_single_process_parallel_state()
     with torch.device("meta"):
         full = build_gpt_model(dims)
-    expected = _skeleton_params(full, dims.params_dtype)
+    expected = skeleton_params(full, dims.params_dtype)
     ours = [replace(p, te_name="") for p in megatron_inventory(dims, "local")]
     # the same entries; weight buffers come after all parameters in a full build's listing
     assert sorted(ours, key=lambda p: p.name) == sorted(expected, key=lambda p: p.name)
@@ -157,14 +159,14 @@ HYBRID_MOE_DIMS = replace(
 def test_hybrid_inventory_equals_a_full_hybrid_model_build() -> None:
     """The HybridModel inventory (one layer of each kind, expanded) against megatron-core's
     HybridModel built whole: the same names, shapes and TP partitions."""
-    from mapgen.compiler.megatron_model import build_hybrid_model, hybrid_layer_pattern
+    from mapgen.compiler.hybrid_model import build_hybrid_model, hybrid_layer_pattern
 
     dims = HYBRID_MOE_DIMS
     assert hybrid_layer_pattern(dims) == "*-*E*E*E*E"
     ensure_single_process_parallel_state()
     with torch.device("meta"):
         full = build_hybrid_model(dims)
-    expected = {p.name: (p.shape, p.partition_dim, p.module_kind) for p in _skeleton_params(full, dims.params_dtype)}
+    expected = {p.name: (p.shape, p.partition_dim, p.module_kind) for p in skeleton_params(full, dims.params_dtype)}
     ours = {p.name: (p.shape, p.partition_dim, p.module_kind) for p in megatron_inventory(dims, "local", "hybrid")}
     assert ours == expected
 
@@ -193,7 +195,7 @@ def test_hybrid_inventory_with_gated_delta_net_layers() -> None:
     whole HybridModel build, the MTP layer's two hybrid layers under transformer_layer.layers;
     on 0.16's MambaModel, which has neither, the build is refused as needing a later release."""
     from mapgen.common.errors import NeedsNewerMegatronCore
-    from mapgen.compiler.megatron_model import build_hybrid_model, hybrid_layer_pattern, hybrid_model_has_gdn
+    from mapgen.compiler.hybrid_model import build_hybrid_model, hybrid_layer_pattern, hybrid_model_has_gdn
 
     mtp = replace(GDN_DIMS, mtp_num_layers=1)
     assert hybrid_layer_pattern(GDN_DIMS) == "G-GE*EG-*E" and hybrid_layer_pattern(mtp) == "G-GE*EG-*E/*E"
@@ -205,7 +207,7 @@ def test_hybrid_inventory_with_gated_delta_net_layers() -> None:
             continue
         with torch.device("meta"):
             full = build_hybrid_model(dims)
-        expected = {p.name: (p.shape, p.partition_dim, p.module_kind) for p in _skeleton_params(full, dims.params_dtype)}
+        expected = {p.name: (p.shape, p.partition_dim, p.module_kind) for p in skeleton_params(full, dims.params_dtype)}
         ours = {p.name: (p.shape, p.partition_dim, p.module_kind) for p in megatron_inventory(dims, "local", "hybrid")}
         assert ours == expected
     if hybrid_model_has_gdn():
@@ -219,7 +221,7 @@ def test_zero_centred_norms_do_not_leak_into_later_builds() -> None:
     """The local spec's norms are swapped for ZeroCenteredRMSNorm in the spec objects of one
     build: a model built after it in the same process (the distributed tests build many) keeps
     megatron-core's own norms."""
-    from mapgen.compiler.megatron_model import ZeroCenteredRMSNorm
+    from mapgen.compiler.cpu_layers import ZeroCenteredRMSNorm
 
     ensure_single_process_parallel_state()
     with torch.device("meta"):

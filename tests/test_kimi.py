@@ -17,12 +17,14 @@ import torch
 import mapgen
 from mapgen.common.errors import SpecError
 from mapgen.compiler.build import compile_package, compile_target
-from mapgen.compiler.megatron_model import ParallelLayout, build_model_chunks, single_process_parallel_state
+from mapgen.common.parallel import ParallelLayout
+from mapgen.compiler.parallel_state import single_process_parallel_state
+from mapgen.compiler.model_classes import build_model_chunks
 from mapgen.compiler.write import write_package
 from mapgen.runtime import ParallelContext
 from mapgen.runtime.drivers import Converter
-from mapgen.verify import testing
-from mapgen.verify.jobs import pipeline_logits
+from mapgen.verify import forward, megatron_cpu, testing
+from mapgen.verify.forward import pipeline_logits
 
 SPEC = testing.ROOT / "specs" / "deepseek_v3.yaml"
 KIMI = testing.ROOT / "specs" / "configs" / "kimi_k2.json"
@@ -116,7 +118,7 @@ def test_standins_keep_kimi_and_moonlights_single_expert_group() -> None:
 
 def _megatron_logits(module: Any, folder: Path, input_ids: torch.Tensor) -> torch.Tensor:
     with single_process_parallel_state():
-        testing.prepare_cpu_megatron()
+        megatron_cpu.prepare_cpu_megatron()
         chunks = build_model_chunks(module.DIMS, ParallelLayout(), params_dtype=torch.float32)
         Converter(module, chunks, ParallelContext.single()).load(folder)
         logits = pipeline_logits(chunks, input_ids, ParallelContext.single(), module.DIMS.hidden_size)
@@ -144,7 +146,7 @@ def test_moonlights_latent_norm_epsilon_is_megatron_cores_only_difference(tmp_pa
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     latent_norms = [layer.self_attn.kv_a_layernorm for layer in model.model.layers]
     assert {norm.variance_epsilon for norm in latent_norms} == {1e-6}
-    assert (ours - testing.hf_logits(model, input_ids)).abs().max() > 1e-5
+    assert (ours - forward.hf_logits(model, input_ids)).abs().max() > 1e-5
     for norm in latent_norms:
         norm.variance_epsilon = 1e-5
-    assert (ours - testing.hf_logits(model, input_ids)).abs().max() <= 1e-5
+    assert (ours - forward.hf_logits(model, input_ids)).abs().max() <= 1e-5

@@ -9,7 +9,8 @@ import json
 import pytest
 
 from mapgen.common.errors import SpecError
-from mapgen.compiler.config import read_hf_config, translate
+from mapgen.compiler.config import translate
+from mapgen.compiler.hfconfig import read_hf_config
 from mapgen.compiler.expand import expand
 from mapgen.compiler.inventory import HFTensor, MegatronParam
 from mapgen.compiler.ir import Mapping

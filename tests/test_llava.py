@@ -20,12 +20,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mapgen.common.dims import ModelDims
-from mapgen.compiler.build import compile_target, read_targets
-from mapgen.compiler.config import read_hf_config, translate
+from mapgen.compiler.build import compile_target
+from mapgen.compiler.targets import read_targets
+from mapgen.compiler.config import translate
+from mapgen.compiler.hfconfig import read_hf_config
 from mapgen.compiler.spec import parse_spec
 from mapgen.runtime import Group, ParallelContext
 from mapgen.verify import testing
-from mapgen.verify.llava import TOWER_PUBLISHED, load_reference, save_llava_standin, tiny_llava_config
+from mapgen.verify.llava import load_reference
+from mapgen.verify.llava_standin import TOWER_PUBLISHED, save_llava_standin, tiny_llava_config
 
 SPEC = testing.ROOT / "specs/llava.yaml"
 PUBLISHED = testing.ROOT / "specs/configs/llava_1_5_7b.json"
@@ -119,7 +122,7 @@ def test_inventory_equals_a_full_llava_model_build() -> None:
     """One vision and one language layer expanded = megatron-core's LLaVAModel built whole:
     names in order, shapes, TP partitions."""
     from mapgen.compiler.llava_model import build_llava_model, llava_inventory
-    from mapgen.compiler.megatron_model import single_process_parallel_state
+    from mapgen.compiler.parallel_state import single_process_parallel_state
 
     dims = _dims(testing.standin_config(json.loads(PUBLISHED.read_text())))
     assert (dims.num_layers, dims.vision_num_layers) == (2, 2)
@@ -204,8 +207,9 @@ def test_vision_qkv_import_is_megatron_row_formula(standin: dict[str, Any], leaf
 
 
 def test_pipeline_parallelism_is_refused_before_any_process(standin: dict[str, Any]) -> None:
-    from mapgen.compiler.megatron_model import ParallelLayout
-    from mapgen.verify.jobs import Job, preflight
+    from mapgen.common.parallel import ParallelLayout
+    from mapgen.verify.jobs import preflight
+    from mapgen.verify.verdict import Job
 
     found = preflight(Job(str(standin["path"]), str(standin["folder"]), ParallelLayout(pp=2)))
     assert found == [
@@ -225,8 +229,9 @@ def _swap_vision_q_and_k(source: str) -> str:
 def test_image_and_prompt_against_transformers_at_tp1_and_tp2(standin: dict[str, Any], tmp_path: Path) -> None:
     """One spawn of 2 processes: TP2, TP1 (two data-parallel replicas), and a module with a
     wrong vision mapping, which must fail."""
-    from mapgen.compiler.megatron_model import ParallelLayout
-    from mapgen.verify.jobs import Job, verify
+    from mapgen.common.parallel import ParallelLayout
+    from mapgen.verify.jobs import verify
+    from mapgen.verify.verdict import Job
 
     wrong = tmp_path / "llava_wrong_local.py"
     wrong.write_text(_swap_vision_q_and_k(standin["path"].read_text()))
@@ -307,7 +312,8 @@ def test_a_save_keeps_the_naming_it_loaded(standin: dict[str, Any], tmp_path: Pa
     """Loaded from transformers 5's naming, saved back (save_hf_checkpoint with the Converter's
     naming, and save_hf_pretrained given the folder it loaded): the same names and bytes."""
     import mapgen
-    from mapgen.compiler.megatron_model import ParallelLayout, build_model_chunks
+    from mapgen.common.parallel import ParallelLayout
+    from mapgen.compiler.model_classes import build_model_chunks
     from mapgen.runtime.drivers import Converter
     from mapgen.runtime.save import save_hf_checkpoint
 

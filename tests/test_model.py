@@ -13,8 +13,9 @@ import torch
 
 import mapgen
 from mapgen.common.errors import MapgenError, NeedsNewerMegatronCore
-from mapgen.compiler.build import compile_package, read_targets
-from mapgen.compiler.megatron_model import hybrid_model_has_gdn
+from mapgen.compiler.build import compile_package
+from mapgen.compiler.targets import read_targets
+from mapgen.compiler.hybrid_model import hybrid_model_has_gdn
 from mapgen.compiler.write import write_package
 from mapgen.runtime.drivers import Converter
 from mapgen.verify import testing

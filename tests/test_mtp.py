@@ -16,12 +16,14 @@ from safetensors.torch import load_file, save_file
 from mapgen.common.errors import SpecError
 from mapgen.compiler.build import compile_target
 from mapgen.compiler.expand import rules_name
-from mapgen.compiler.megatron_model import ParallelLayout, build_model_chunks, single_process_parallel_state
+from mapgen.common.parallel import ParallelLayout
+from mapgen.compiler.parallel_state import single_process_parallel_state
+from mapgen.compiler.model_classes import build_model_chunks
 from mapgen.runtime import ParallelContext
 from mapgen.runtime.collectives import RankError
 from mapgen.runtime.drivers import Converter
-from mapgen.verify import testing
-from mapgen.verify.jobs import pipeline_logits
+from mapgen.verify import forward, megatron_cpu, testing
+from mapgen.verify.forward import pipeline_logits
 
 CONFIG = testing.ROOT / "specs" / "configs" / "deepseek_v3.json"
 SPEC = testing.ROOT / "specs" / "deepseek_v3.yaml"
@@ -76,7 +78,7 @@ def test_spec_without_mtp_section_refuses_a_config_with_mtp_layers(standin: tupl
 def _forward(module: Any, folder: Path) -> tuple[torch.Tensor, list[tuple[str, torch.Tensor]], Any]:
     """Megatron's logits ([main; MTP] along the sequence) and its export, at TP1 PP1."""
     with single_process_parallel_state():
-        testing.prepare_cpu_megatron()
+        megatron_cpu.prepare_cpu_megatron()
         chunks = build_model_chunks(module.DIMS, ParallelLayout(), params_dtype=torch.float32)
         converter = Converter(module, chunks, ParallelContext.single())
         converter.load(folder)
@@ -94,10 +96,10 @@ def test_mtp_logits_match_the_transformers_reference_and_export_is_bit_exact(sta
     seq = input_ids.shape[1]
     assert logits.shape[1] == 2 * seq
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    (reference,) = testing.hf_mtp_logits(model, folder, module, input_ids)
+    (reference,) = forward.hf_mtp_logits(model, folder, module, input_ids)
     assert reference.shape == (2, seq - 1, module.DIMS.vocab_size)
     assert (logits[:, seq : 2 * seq - 1] - reference).abs().max() <= 1e-5
-    assert (logits[:, :seq] - testing.hf_logits(model, input_ids)).abs().max() <= 1e-5
+    assert (logits[:, :seq] - forward.hf_logits(model, input_ids)).abs().max() <= 1e-5
     original = load_file(folder / "model.safetensors")
     assert sorted(n for n, _ in exported) == sorted(original)
     for name, tensor in exported:
@@ -202,10 +204,10 @@ def test_qwen3_next_mtp_logits_match_the_reference_and_wrong_mappings_fail(
     logits, exported, input_ids = _forward(module, folder)
     seq = input_ids.shape[1]
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    (reference,) = testing.hf_mtp_logits(model, folder, module, input_ids)
+    (reference,) = forward.hf_mtp_logits(model, folder, module, input_ids)
     assert reference.shape == (2, seq - 1, module.DIMS.vocab_size)
     assert (logits[:, seq : 2 * seq - 1] - reference).abs().max() <= 1e-5
-    assert (logits[:, :seq] - testing.hf_logits(model, input_ids)).abs().max() <= 1e-5
+    assert (logits[:, :seq] - forward.hf_logits(model, input_ids)).abs().max() <= 1e-5
     original = load_file(folder / "model.safetensors")
     assert sorted(n for n, _ in exported) == sorted(original)
     for name, tensor in exported:

@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mapgen.compiler.megatron_model import build_gpt_model
+from mapgen.compiler.gpt_model import build_gpt_model
 from mapgen.runtime import mx
 from mapgen.runtime.drivers import Converter, load_hf_checkpoint
 from mapgen.runtime.save import save_hf_checkpoint

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mapgen.common.mamba import mamba_conv1d_sections, mamba_in_proj_sections
-from mapgen.compiler.mamba_model import TorchRMSNormGated, torch_chunk_scan, torch_rearrange
+from mapgen.compiler.mamba_torch import TorchRMSNormGated, torch_chunk_scan, torch_rearrange
 from mapgen.runtime.context import Group
 from mapgen.runtime.sections import sections_export, sections_import
 from mapgen.verify import testing

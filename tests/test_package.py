@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 import torch
 
-from mapgen.compiler.build import compile_package, compile_target, read_targets
+from mapgen.compiler.build import compile_package, compile_target
+from mapgen.compiler.targets import read_targets
 from mapgen.compiler.write import write_package
 from mapgen.runtime import package as packages
 from mapgen.runtime.drivers import Converter

@@ -17,15 +17,20 @@ from safetensors.torch import load_file
 from mapgen.common.errors import SpecError
 from mapgen.common.layout import weight_buffers
 from mapgen.compiler.build import compile_target
-from mapgen.compiler.config import read_hf_config, translate
-from mapgen.compiler.megatron_model import ParallelLayout, build_gpt_model, transformer_config
+from mapgen.compiler.config import translate
+from mapgen.compiler.hfconfig import read_hf_config
+from mapgen.common.parallel import ParallelLayout
+from mapgen.compiler.gpt_model import build_gpt_model
+from mapgen.compiler.megatron_config import transformer_config
 from mapgen.compiler.spec import parse_spec
 from mapgen.runtime.context import Group
 from mapgen.runtime.drivers import export_hf_tensors, load_hf_checkpoint
-from mapgen.runtime.shardmap import ShardLayout, shard_map
+from mapgen.runtime.shardmap import shard_map
 from mapgen.runtime.local import scatter, take
-from mapgen.verify import testing
-from mapgen.verify.jobs import Job, run_job, spawn
+from mapgen.verify import forward, testing
+from mapgen.verify.jobs import run_job
+from mapgen.verify.processes import spawn
+from mapgen.verify.verdict import Job
 
 import dist_tasks
 
@@ -92,10 +97,10 @@ def test_transformers_applies_the_window_to_every_layer(standins: dict[str, tupl
     weights give other logits (so the window3 checks below check the window, not only weights)."""
     _, model, _ = standins["window3"]
     ids = torch.randint(0, 128, (1, 7), generator=torch.Generator().manual_seed(0))
-    windowed = testing.hf_logits(model, ids)
+    windowed = forward.hf_logits(model, ids)
     model.config.sliding_window = None
     try:
-        full = testing.hf_logits(model, ids)
+        full = forward.hf_logits(model, ids)
     finally:
         model.config.sliding_window = 3
     assert (windowed - full).abs().max() > 1e-3
@@ -147,7 +152,7 @@ def test_module_reads_the_fused_tensors_whole_and_splits_them_per_rank(standins:
     assert 'rt.gated_mlp_import(ctx.tp,*rt.halves(load("model.layers.0.mlp.gate_up_proj.weight")),out=out)' in source
     assert '{"model.layers.0.mlp.gate_up_proj.weight":rt.fused_gated_mlp_export(parts)}' in source
     assert 'rt.concat_qkv_import(ctx.tp,load("model.layers.0.self_attn.qkv_proj.weight"),heads=4,groups=2,head_dim=16,out=out)' in source
-    smap = shard_map(module, ShardLayout(tp=2))
+    smap = shard_map(module, ParallelLayout(tp=2))
     intermediate = 96  # the stand-in's
     for rank in range(2):
         (fc1,) = smap.params["decoder.layers.0.mlp.linear_fc1.weight"].shards[rank].pieces
@@ -200,7 +205,7 @@ def test_import_matches_transformers_and_export_is_bit_exact(
     model.eval()
     assert load_hf_checkpoint(module, [model], str(folder)) == len(module.PARAMS) == len(list(model.parameters())) + len(weight_buffers(model))
     ids = torch.randint(0, 128, (2, 11), generator=torch.Generator().manual_seed(1))
-    diff = (testing.megatron_logits(model, ids) - testing.hf_logits(hf_model, ids)).abs().max().item()
+    diff = (forward.megatron_logits(model, ids) - forward.hf_logits(hf_model, ids)).abs().max().item()
     assert diff <= 1e-5, diff
     original = load_file(folder / "model.safetensors")
     exported = dict(export_hf_tensors(module, [model]))

@@ -15,14 +15,17 @@ import pytest
 import torch
 
 from mapgen import runtime as rt
-from mapgen.compiler.build import compile_target, read_targets
-from mapgen.compiler.megatron_model import ParallelLayout
+from mapgen.compiler.build import compile_target
+from mapgen.compiler.targets import read_targets
+from mapgen.common.parallel import ParallelLayout
 from mapgen.runtime.context import Group
 from mapgen.common.sections import gdn_in_proj_sections
 from mapgen.runtime.sections import sections_export, sections_import
-from mapgen.runtime.shardmap import ShardLayout, shard_map
+from mapgen.runtime.shardmap import shard_map
 from mapgen.verify import testing
-from mapgen.verify.jobs import Job, run_job, spawn
+from mapgen.verify.jobs import run_job
+from mapgen.verify.processes import spawn
+from mapgen.verify.verdict import Job
 
 from test_shardmap import coverage_problems, hf_values, shard_problems
 
@@ -123,7 +126,7 @@ def test_shard_map_reads_what_the_importers_read(tmp_path: Path) -> None:
     folder = _standin(tmp_path, "qwen3_5_35b_a3b")
     path = _module(folder, "qwen3_5_shardmap", testing.ROOT / TARGETS["qwen3_5_35b_a3b"].spec, layout="te")
     module = testing.import_module_from_path(path, "qwen3_5_shardmap")
-    layout = ShardLayout(tp=2, pp=2, ep=2)
+    layout = ParallelLayout(tp=2, pp=2, ep=2, dp=2)
     smap = shard_map(module, layout, ranks=False)
     in_proj = smap.params["decoder.layers.0.self_attention.in_proj.weight"]
     assert [len(piece.runs[0]) for piece in in_proj.shards[1].pieces] == [3, 1, 1, 1]
@@ -147,7 +150,8 @@ def test_text_config_dims(target: str, layers: int, linear: int, heads: tuple[in
     layer, and that each text config is the published config's text_config."""
     import transformers
 
-    from mapgen.compiler.config import read_hf_config, translate
+    from mapgen.compiler.config import translate
+    from mapgen.compiler.hfconfig import read_hf_config
     from mapgen.compiler.spec import parse_spec
 
     entry = TARGETS[target]
@@ -209,7 +213,8 @@ def test_a_wrong_convention_fails_the_forward_check(wrong: dict[str, Any], name:
 def test_the_published_config_gives_the_text_configs_dims(target: str) -> None:
     """The spec reads the published config.json (nested under text_config, the vision side
     beside it) as the text config transformers saves the text class with."""
-    from mapgen.compiler.config import read_hf_config, translate
+    from mapgen.compiler.config import translate
+    from mapgen.compiler.hfconfig import read_hf_config
     from mapgen.compiler.spec import parse_spec
 
     entry = TARGETS[target]
@@ -225,7 +230,8 @@ def test_a_nested_config_keeps_its_places_and_its_vision_fields_are_declared() -
     top-level field the spec does not declare is refused as any field is; a config of another
     vision-language class is not read as the text model's."""
     from mapgen.common.errors import SpecError
-    from mapgen.compiler.config import read_hf_config, translate
+    from mapgen.compiler.config import translate
+    from mapgen.compiler.hfconfig import read_hf_config
     from mapgen.compiler.spec import parse_spec
 
     entry = TARGETS["qwen3_5_0_8b"]
@@ -264,15 +270,17 @@ def published(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     MoE's decoder experts stacked, its MTP layer's one tensor each), the MoE as transformers
     saves the vision-language class (every expert one tensor), and the text model's stand-in
     as transformers saves the text class."""
-    from mapgen.verify.published import save_published_standin
+    from mapgen.verify.published import save_published_standin, text_model_fields
 
     root = tmp_path_factory.mktemp("qwen3_5_published")
     folders = {}
     for name in ("qwen3_5_0_8b", "qwen3_5_35b_a3b"):
         folders[name] = root / name
         testing.save_standin(json.loads((testing.ROOT / f"specs/configs/{name}.json").read_text()), folders[name])
-    folders["moe_saved"] = root / "moe_saved"
-    save_published_standin(json.loads((testing.ROOT / "specs/configs/qwen3_5_35b_a3b.json").read_text()), folders["moe_saved"], stacked=False)
+    folders["moe_saved"], folders["moe_text"] = root / "moe_saved", root / "moe_text"
+    moe = json.loads((testing.ROOT / "specs/configs/qwen3_5_35b_a3b.json").read_text())
+    testing.save_standin(text_model_fields(moe), folders["moe_text"])  # the text model's stand-in it is made from
+    save_published_standin(moe, folders["moe_text"], folders["moe_saved"], stacked=False)
     folders["text"] = _standin(root / "text", "qwen3_5_0_8b")
     return folders
 
@@ -391,7 +399,9 @@ def test_a_published_moe_checkpoint_is_saved_back_in_its_own_layout(published: d
     import mapgen
     from safetensors import safe_open
 
-    from mapgen.compiler.megatron_model import ParallelLayout, build_model_chunks, single_process_parallel_state
+    from mapgen.common.parallel import ParallelLayout
+    from mapgen.compiler.parallel_state import single_process_parallel_state
+    from mapgen.compiler.model_classes import build_model_chunks
     from mapgen.runtime import ParallelContext
     from mapgen.runtime.drivers import Converter
     from mapgen.runtime.save import save_hf_checkpoint
@@ -407,6 +417,14 @@ def test_a_published_moe_checkpoint_is_saved_back_in_its_own_layout(published: d
         stacked = dict(converter.stacked)
         assert stacked and all(n.startswith("model.layers.") for n in stacked), stacked  # the decoder layers only
         exported = dict(converter.export())
+        # export_bound counts the stacked pair export assembles: the largest layer's two tensors
+
+        def nbytes(suffix: str) -> int:
+            return sum(t.numel() * t.element_size() for n, t in exported.items() if n.endswith(suffix))
+
+        layers = {name.rsplit(".", 1)[0].removeprefix("model.") for name in stacked}
+        largest = max(nbytes(f"{layer}.gate_up_proj") + nbytes(f"{layer}.down_proj") for layer in layers)
+        assert converter.export_bound().stacking == largest > 0
         mapgen.save_hf_pretrained(module, chunks, tmp_path / "saved", folder, make_vocab_size_divisible_by=1)
         with pytest.raises(ValueError, match="stacked_experts with fp8"):
             save_hf_checkpoint(module, chunks, tmp_path / "fp8", json.loads((folder / "config.json").read_text()),

@@ -19,12 +19,16 @@ import torch
 from safetensors.torch import load_file
 
 from mapgen import runtime as rt
-from mapgen.compiler.build import compile_target, read_targets
+from mapgen.compiler.build import compile_target
+from mapgen.compiler.targets import read_targets
 from mapgen.common.errors import MapgenError
-from mapgen.compiler.megatron_model import ParallelLayout, hybrid_model_has_gdn
+from mapgen.common.parallel import ParallelLayout
+from mapgen.compiler.hybrid_model import hybrid_model_has_gdn
 from mapgen.runtime.context import Group
 from mapgen.verify import testing
-from mapgen.verify.jobs import Job, run_job, spawn
+from mapgen.verify.jobs import run_job
+from mapgen.verify.processes import spawn
+from mapgen.verify.verdict import Job
 
 TARGET = {entry.name: entry for entry in read_targets(testing.ROOT)}["qwen3_next_80b_a3b"]
 KEY_HEADS, VALUE_HEADS, KEY_DIM, VALUE_DIM, HIDDEN = 4, 8, 6, 10, 12
@@ -102,7 +106,8 @@ def test_published_config_dims() -> None:
     """What the spec reads from the published config.json: every fourth layer full attention
     (full_attention_interval, as transformers derives layer_types), the gated delta net sizes,
     the gated shared expert, the zero-centred norms and the partial rope."""
-    from mapgen.compiler.config import read_hf_config, translate
+    from mapgen.compiler.config import translate
+    from mapgen.compiler.hfconfig import read_hf_config
     from mapgen.compiler.spec import parse_spec
 
     spec = parse_spec(TARGET.spec, (testing.ROOT / TARGET.spec).read_text())

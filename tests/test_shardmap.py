@@ -19,6 +19,7 @@ import torch
 from mapgen import runtime as rt
 from mapgen.common.dims import ModelDims
 from mapgen.common.layout import QKVGeometry, stacked_slice
+from mapgen.common.parallel import ParallelLayout
 from mapgen.compiler.build import compile_target
 from mapgen.runtime.drivers import _import
 from mapgen.runtime.placing import vocab_params
@@ -28,9 +29,9 @@ from mapgen.runtime.shardmap import (
     HFPiece,
     ParamShards,
     RankShard,
-    ShardLayout,
     ShardMapError,
     global_ranks,
+    rank_context,
     shard_map,
     stage_layers,
 )
@@ -63,25 +64,25 @@ def build(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 
 CASES = {
-    "llama-gqa-tp2": (("llama", "specs/llama.yaml"), {}, ShardLayout(tp=2)),
+    "llama-gqa-tp2": (("llama", "specs/llama.yaml"), {}, ParallelLayout(tp=2)),
     "llama-tied-tp2-pp2-vpp2": (
-        ("llama", "specs/llama.yaml"), {"tie_word_embeddings": True, "num_hidden_layers": 4}, ShardLayout(tp=2, pp=2, vpp=2),
+        ("llama", "specs/llama.yaml"), {"tie_word_embeddings": True, "num_hidden_layers": 4}, ParallelLayout(tp=2, pp=2, vpp=2),
     ),
-    "qwen2-qkv-bias-tp2": (("qwen2", "specs/qwen2.yaml"), {}, ShardLayout(tp=2)),
+    "qwen2-qkv-bias-tp2": (("qwen2", "specs/qwen2.yaml"), {}, ParallelLayout(tp=2)),
     "kinds-local-tp2-uneven-pp": (
         ("llama", "tests/specs/llama_kinds.yaml", "local"), {"num_hidden_layers": 3},
-        ShardLayout(tp=2, pp=2, first_stage_layers=1),
+        ParallelLayout(tp=2, pp=2, first_stage_layers=1),
     ),
-    "qwen3-moe-tp2-pp2-ep2-etp1": (("qwen3_moe", "specs/qwen3_moe.yaml"), {}, ShardLayout(tp=2, pp=2, ep=2, etp=1)),
-    "qwen3-moe-stacked-tp2-ep2": (("qwen3_moe", "specs/qwen3_moe.yaml", "te", "stacked"), {}, ShardLayout(tp=2, ep=2)),
-    "llama-hybrid-tp2-pp2": (("llama", "specs/llama.yaml", "te", "per_expert", "hybrid"), {}, ShardLayout(tp=2, pp=2)),
-    "mixtral-local-ep4-etp2": (("mixtral", "specs/mixtral.yaml", "local"), {}, ShardLayout(tp=1, ep=4, etp=2, dp=8)),
+    "qwen3-moe-tp2-pp2-ep2-etp1": (("qwen3_moe", "specs/qwen3_moe.yaml"), {}, ParallelLayout(tp=2, pp=2, ep=2, etp=1, dp=2)),
+    "qwen3-moe-stacked-tp2-ep2": (("qwen3_moe", "specs/qwen3_moe.yaml", "te", "stacked"), {}, ParallelLayout(tp=2, ep=2, dp=2)),
+    "llama-hybrid-tp2-pp2": (("llama", "specs/llama.yaml", "te", "per_expert", "hybrid"), {}, ParallelLayout(tp=2, pp=2)),
+    "mixtral-local-ep4-etp2": (("mixtral", "specs/mixtral.yaml", "local"), {}, ParallelLayout(tp=1, ep=4, etp=2, dp=8)),
     # gated delta net (gdn_in_proj, gdn_conv1d), gated attention, zero-centred out_norm
-    "qwen3-next-tp2-pp2-ep2": (("qwen3_next", "specs/qwen3_next.yaml"), {}, ShardLayout(tp=2, pp=2, ep=2)),
+    "qwen3-next-tp2-pp2-ep2": (("qwen3_next", "specs/qwen3_next.yaml"), {}, ParallelLayout(tp=2, pp=2, ep=2, dp=2)),
 }
 
 
-def case_module(build: Any, case: str) -> tuple[ModuleType, ShardLayout]:
+def case_module(build: Any, case: str) -> tuple[ModuleType, ParallelLayout]:
     args, overrides, layout = CASES[case]
     return build(*args, **overrides), layout
 
@@ -113,13 +114,13 @@ def mask_of(pieces: tuple[HFPiece, ...], shapes: dict[str, tuple[int, ...]]) -> 
     return masks
 
 
-def context(layout: ShardLayout, shards: ParamShards, rank: int) -> rt.ParallelContext:
+def context(layout: ParallelLayout, shards: ParamShards, rank: int) -> rt.ParallelContext:
     if shards.group == "etp":
-        return layout.context(etp_rank=rank)
-    return layout.context(tp_rank=rank)
+        return rank_context(layout, etp_rank=rank)
+    return rank_context(layout, tp_rank=rank)
 
 
-def shard_problems(module: Any, layout: ShardLayout, shards: ParamShards, tensors: dict[str, torch.Tensor]) -> list[str]:
+def shard_problems(module: Any, layout: ParallelLayout, shards: ParamShards, tensors: dict[str, torch.Tensor]) -> list[str]:
     """Whether each rank's shard, as the module's import makes it (the drivers' own call, with
     the vocabulary padding), is made of exactly the elements at its HF coordinates: it depends
     on nothing outside them (imported again with everything else zeroed, it is the same), it
@@ -285,7 +286,7 @@ def test_tied_copy_on_the_last_stage(build: Any) -> None:
         Owner(0, 0), Owner(1, 0), Owner(0, 1), Owner(1, 1),
     ]
     assert smap.params["decoder.layers.2.mlp.linear_fc2.weight"].local_name == "decoder.layers.0.mlp.linear_fc2.weight"
-    single = shard_map(module, ShardLayout(tp=2))
+    single = shard_map(module, ParallelLayout(tp=2))
     assert single.params["embedding.word_embeddings.weight"].tied_copies == ()  # one tensor on one stage
 
 
@@ -298,13 +299,13 @@ def test_hybrid_layers_are_placed_as_two_per_decoder_layer(build: Any) -> None:
     assert (attention.owner, attention.local_name) == (Owner(1, 0), "decoder.layers.0.self_attention.linear_qkv.weight")
     assert smap.params["decoder.layers.1.mlp.linear_fc2.weight"].owner == Owner(0, 0)
     with pytest.raises(ShardMapError, match="virtual pipeline"):
-        shard_map(module, ShardLayout(pp=2, vpp=2))
+        shard_map(module, ParallelLayout(pp=2, vpp=2))
 
 
 def test_padded_vocabulary(build: Any) -> None:
     """Megatron-LM's padding: 128 rows padded to 192 at 48 x TP2; rank 1 holds 32 real rows."""
     module = build("llama", "specs/llama.yaml")
-    layout = ShardLayout(tp=2, make_vocab_size_divisible_by=48)
+    layout = ParallelLayout(tp=2, make_vocab_size_divisible_by=48)
     smap = shard_map(module, layout, ranks=False)
     embedding = smap.params["embedding.word_embeddings.weight"]
     assert [(s.block, s.pad_rows, s.shape) for s in embedding.shards] == [((0, 96), 0, (96, 64)), ((96, 192), 64, (96, 64))]
@@ -366,7 +367,7 @@ def _fake_module() -> Any:
 
 def test_kinds_without_a_shipped_spec() -> None:
     module = _fake_module()
-    layout = ShardLayout(tp=2)
+    layout = ParallelLayout(tp=2)
     smap = shard_map(module, layout, ranks=False)
     assert coverage_problems(module, smap) == []
     tensors = hf_values(module)
@@ -405,7 +406,7 @@ def _reference_stages(layers: int, pp: int, vpp: int, first: int | None, last: i
     return owners
 
 
-def _layouts() -> list[tuple[int, ShardLayout]]:
+def _layouts() -> list[tuple[int, ParallelLayout]]:
     found = []
     for layers, pp, vpp in itertools.product((4, 6, 8, 12, 16), (1, 2, 3, 4), (1, 2, 3)):
         for first, last in itertools.product((None, 1, 2, 4), (None, 1, 2, 3)):
@@ -417,7 +418,7 @@ def _layouts() -> list[tuple[int, ShardLayout]]:
                 continue
             if any(n is not None and n % vpp for n in (first, last)):
                 continue
-            found.append((layers, ShardLayout(pp=pp, vpp=vpp, first_stage_layers=first, last_stage_layers=last)))
+            found.append((layers, ParallelLayout(pp=pp, vpp=vpp, first_stage_layers=first, last_stage_layers=last)))
     return found
 
 
@@ -427,7 +428,7 @@ def test_stages_are_megatron_cores_over_many_layouts(monkeypatch: pytest.MonkeyP
     TransformerConfig; no parallel state is asked."""
     from megatron.core import parallel_state
 
-    from mapgen.compiler.megatron_model import ParallelLayout, transformer_config
+    from mapgen.compiler.megatron_config import transformer_config
 
     def refuse(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("parallel state asked")
@@ -441,13 +442,9 @@ def test_stages_are_megatron_cores_over_many_layouts(monkeypatch: pytest.MonkeyP
                      kv_channels=16, vocab_size=128, max_position_embeddings=256)
     compared = refused = 0
     for layers, layout in layouts:
-        full = transformer_config(
-            replace(dims, num_layers=layers), torch.float32,
-            ParallelLayout(pp=layout.pp, vpp=layout.vpp, first_stage_layers=layout.first_stage_layers,
-                           last_stage_layers=layout.last_stage_layers),
-        )
+        full = transformer_config(replace(dims, num_layers=layers), torch.float32, layout)
         try:
-            theirs = layer_owners(full, layout.context())
+            theirs = layer_owners(full, rank_context(layout))
         except ZeroDivisionError:  # vpp with first and last stage layers and no middle stage
             assert layout.pp == 2 and layout.vpp > 1 and None not in (layout.first_stage_layers, layout.last_stage_layers)
             with pytest.raises(ShardMapError, match="ZeroDivisionError"):
@@ -463,23 +460,23 @@ def test_stages_are_megatron_cores_over_many_layouts(monkeypatch: pytest.MonkeyP
 
 @pytest.mark.parametrize(
     ("layers", "layout"),
-    [(6, ShardLayout(pp=4)), (8, ShardLayout(pp=2, first_stage_layers=5, last_stage_layers=5)),
-     (8, ShardLayout(pp=2, vpp=3)), (9, ShardLayout(pp=3, first_stage_layers=2))],
+    [(6, ParallelLayout(pp=4)), (8, ParallelLayout(pp=2, first_stage_layers=5, last_stage_layers=5)),
+     (8, ParallelLayout(pp=2, vpp=3)), (9, ParallelLayout(pp=3, first_stage_layers=2))],
 )
-def test_layouts_megatron_core_cannot_place(layers: int, layout: ShardLayout) -> None:
+def test_layouts_megatron_core_cannot_place(layers: int, layout: ParallelLayout) -> None:
     with pytest.raises(ShardMapError, match="layers"):
         stage_layers(layers, layout)
 
 
 @pytest.mark.parametrize(
     "layout",
-    [ShardLayout(tp=2, pp=2), ShardLayout(tp=2, pp=2, ep=2), ShardLayout(tp=4, pp=3, ep=2, etp=1, dp=2),
-     ShardLayout(tp=2, pp=2, ep=4, etp=1, dp=4), ShardLayout(tp=1, ep=4, etp=2, dp=8)],
+    [ParallelLayout(tp=2, pp=2), ParallelLayout(tp=2, pp=2, ep=2, dp=2), ParallelLayout(tp=4, pp=3, ep=2, etp=1, dp=2),
+     ParallelLayout(tp=2, pp=2, ep=4, etp=1, dp=4), ParallelLayout(tp=1, ep=4, etp=2, dp=8)],
 )
-def test_global_ranks_follow_megatron_cores_order(layout: ShardLayout) -> None:
+def test_global_ranks_follow_megatron_cores_order(layout: ParallelLayout) -> None:
     """RankGenerator's numbering, order tp-cp-ep-dp-pp: the innermost size varies fastest."""
     ranks = global_ranks(layout)
-    tp, pp, dp = layout.tp, layout.pp, layout.data_parallel
+    tp, pp, dp = layout.tp, layout.pp, layout.dp
     etp, ep = layout.expert_tp, layout.ep
     edp = layout.world_size // (etp * ep * pp)
     assert sorted(ranks.dense) == list(range(layout.world_size))
@@ -492,14 +489,14 @@ def test_global_ranks_follow_megatron_cores_order(layout: ShardLayout) -> None:
 def test_layout_problems_are_errors(build: Any) -> None:
     module = build("qwen3_moe", "specs/qwen3_moe.yaml")
     with pytest.raises(ShardMapError, match="ep 3 does not divide the 4 experts"):
-        shard_map(module, ShardLayout(ep=3, dp=3))
+        shard_map(module, ParallelLayout(ep=3, dp=3))
     with pytest.raises(ShardMapError, match="TP 4 does not divide the 2 query groups"):
-        shard_map(module, ShardLayout(tp=4, dp=1))
+        shard_map(module, ParallelLayout(tp=4, dp=1))
     with pytest.raises(ShardMapError, match="raise dp"):
-        shard_map(module, ShardLayout(tp=1, ep=2, etp=2, dp=1))
+        shard_map(module, ParallelLayout(tp=1, ep=2, etp=2, dp=1))
     dense = build("llama", "specs/llama.yaml")
     with pytest.raises(ShardMapError, match="no experts"):
-        shard_map(dense, ShardLayout(ep=2))
+        shard_map(dense, ParallelLayout(ep=2, dp=2))
 
 
 def test_the_runtime_imports_neither_the_compiler_nor_verification() -> None:

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from mapgen.common.errors import MapgenError, SpecError
-from mapgen.compiler.build import choose_model, read_targets
+from mapgen.compiler.build import choose_model
+from mapgen.compiler.targets import read_targets
 from mapgen.compiler.spec import parse_spec
 from mapgen.verify import testing
 

@@ -12,15 +12,17 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from mapgen.verify import testing
+from mapgen.verify import forward, testing
 from mapgen.compiler.build import compile_target
 from mapgen.cli import main
-from mapgen.compiler.megatron_model import ParallelLayout, build_gpt_model, build_model_chunks
+from mapgen.common.parallel import ParallelLayout
+from mapgen.compiler.gpt_model import build_gpt_model
+from mapgen.compiler.model_classes import build_model_chunks
 from mapgen.runtime.checkpoint import HFCheckpoint
 from mapgen.runtime.collectives import RankError
 from mapgen.runtime.drivers import export_hf_tensors, load_hf_checkpoint
 from mapgen.runtime.vocab import padded_block, padded_rows_problem, padded_vocab_size
-from mapgen.verify.jobs import FLOAT32_TOLERANCE, checkpoint_dtype, logit_tolerance
+from mapgen.verify.verdict import FLOAT32_TOLERANCE, checkpoint_dtype, logit_tolerance
 
 
 def test_padded_vocab_size_is_megatron_lms_rounding() -> None:
@@ -74,9 +76,9 @@ def test_padded_vocabulary_round_trips(tied: bool, tiny_checkpoint: Any, compile
         assert torch.equal(param[:200], hf) and not param[200:].any()
 
     input_ids = torch.randint(0, 200, (2, 11), generator=torch.Generator().manual_seed(1))
-    ours = testing.megatron_logits(model, input_ids)
+    ours = forward.megatron_logits(model, input_ids)
     assert ours.shape[-1] == 256
-    assert (ours[..., :200] - testing.hf_logits(hf_model, input_ids)).abs().max().item() <= FLOAT32_TOLERANCE
+    assert (ours[..., :200] - forward.hf_logits(hf_model, input_ids)).abs().max().item() <= FLOAT32_TOLERANCE
     assert not ours[..., 200:].any()
 
     exported = dict(export_hf_tensors(module, [model], make_vocab_size_divisible_by=128))
@@ -115,8 +117,8 @@ def test_16_bit_checkpoint_round_trips(dtype: torch.dtype, tmp_path: Path, compi
     load_hf_checkpoint(module, [model], str(folder))
 
     input_ids = torch.randint(0, 128, (2, 11), generator=torch.Generator().manual_seed(1))
-    ours = testing.megatron_logits(model, input_ids)
-    theirs = testing.hf_logits(hf_model.eval(), input_ids)
+    ours = forward.megatron_logits(model, input_ids)
+    theirs = forward.hf_logits(hf_model.eval(), input_ids)
     assert ours.dtype == theirs.dtype == dtype
     assert (ours.float() - theirs.float()).abs().max().item() <= logit_tolerance(dtype, theirs.float())
 

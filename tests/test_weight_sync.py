@@ -19,9 +19,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import dist_tasks
-from mapgen.compiler.build import compile_package, compile_target, read_targets
+from mapgen.compiler.build import compile_package, compile_target
+from mapgen.compiler.targets import read_targets
 from mapgen.compiler.write import write_package
-from mapgen.compiler.megatron_model import ParallelLayout, build_gpt_model
+from mapgen.common.parallel import ParallelLayout
+from mapgen.compiler.gpt_model import build_gpt_model
 from mapgen.runtime.checkpoint import HFCheckpoint
 from mapgen.runtime.collectives import RankError
 from mapgen.runtime.drivers import Converter, export_hf_tensors, load_hf_checkpoint
@@ -29,7 +31,7 @@ from mapgen.runtime.save import save_hf_checkpoint
 from mapgen.runtime.formats import FP8, ExportFormatError, quantize_fp8
 from mapgen.runtime.local import scatter, take
 from mapgen.verify import testing
-from mapgen.verify.jobs import spawn
+from mapgen.verify.processes import spawn
 from test_fp8 import quantize, reference_dequantize
 
 BLOCK = (16, 16)  # whole and partial blocks on the tiny shapes
@@ -600,7 +602,7 @@ def test_a_rank_imports_only_the_parts_of_a_package_it_holds(spawned: dict[str, 
     collectives, the parts of its own stage's layers and its own experts only (and those outside
     the decoder); its pieces are the one-file module's, and a gathered export reads the rest and
     sees what every other rank sees."""
-    from mapgen.verify.jobs import load_mapping_module
+    from mapgen.verify.inputs import load_mapping_module
 
     package = load_mapping_module(spawned["package"], "weight_sync_package")
     parts = {p.module: p for p in package.PARTS}

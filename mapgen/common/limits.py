@@ -47,10 +47,11 @@ MAX_LAYERS = 4_096
 MAX_EXPERTS = 4_096
 MAX_EXPERT_LAYERS = 32_768  # experts x layers with experts
 
-# Parallel layouts (verify, explain, convert, the shard map): the world size tp x pp x dp and each
-# size in it (tp, pp, ep, expert-TP, dp). The largest training jobs run on about 100,000
-# accelerators; the shard map numbers every global rank with megatron-core's RankGenerator,
-# which takes about 15 s for 131,072 ranks and a minute for 10**6 (2-core machine).
+# Parallel layouts (verify, explain, convert, the shard map; mapgen.common.parallel checks them):
+# the world size tp x pp x dp and each size in it (tp, pp, ep, expert-TP, dp). The largest
+# training jobs run on about 100,000 accelerators; the shard map numbers every global rank with
+# megatron-core's RankGenerator, which takes about 15 s for 131,072 ranks and a minute for 10**6
+# (2-core machine).
 MAX_WORLD_SIZE = 1 << 17
 # Virtual pipeline stages per rank: each holds at least one layer.
 MAX_VIRTUAL_STAGES = MAX_LAYERS
@@ -61,33 +62,3 @@ MAX_SPAWNED = 64
 # convert allocates and writes (hidden 16,384 in float32: 1 GiB a rank at the limit).
 MAX_VOCAB_DIVISIBLE_BY = 1 << 14
 
-
-def layout_limit_problems(sizes: dict[str, object], flags: bool = True) -> list[str]:
-    """Each size of a parallel layout beyond the limits above, by name (`--tp` with `flags`, else
-    `tp`): `sizes` maps tp, pp, vpp, ep, etp, dp and make_vocab_size_divisible_by (any may be
-    missing or None) to values; values that are not positive integers are left to the callers'
-    own checks."""
-
-    def given(name: str) -> int | None:
-        value = sizes.get(name)
-        return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else None
-
-    def shown(name: str) -> str:
-        return f"--{name.replace('_', '-')}" if flags else name
-
-    found = []
-    for name, limit, what in (
-        *((name, MAX_WORLD_SIZE, "ranks") for name in ("tp", "pp", "ep", "etp", "dp")),
-        ("vpp", MAX_VIRTUAL_STAGES, "virtual pipeline stages"),
-        ("make_vocab_size_divisible_by", MAX_VOCAB_DIVISIBLE_BY, "(Megatron-LM's default: 128)"),
-    ):
-        value = given(name)
-        if value is not None and value > limit:
-            found.append(f"{shown(name)} {value} is above mapgen's limit of {limit:,}" + (f" {what}" if what else ""))
-    tp, pp, dp = given("tp"), given("pp"), given("dp")
-    if not found and tp and pp and dp and tp * pp * dp > MAX_WORLD_SIZE:
-        found.append(
-            f"{shown('tp')} {tp} x {shown('pp')} {pp} x {shown('dp')} {dp} = {tp * pp * dp:,} ranks is above "
-            f"mapgen's limit of {MAX_WORLD_SIZE:,} ranks"
-        )
-    return found

@@ -9,15 +9,15 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 
-from mapgen.compiler.config import HFConfig, evaluate_in_context, evaluate_reported
+from mapgen.compiler.hfconfig import HFConfig, evaluate_in_context, evaluate_reported
 from mapgen.common.dims import ModelDims
 from mapgen.common.errors import ErrorSink, Location
 from mapgen.compiler.inventory import HFTensor, MegatronParam
-from mapgen.compiler.ir import HFSource, Mapping
+from mapgen.compiler.ir import HFSource, Mapping, Rule
 from mapgen.common.layout import QKVGeometry
-from mapgen.compiler.kinds import MODULE_TYPES
+from mapgen.compiler.autosplit import MODULE_TYPES
 from mapgen.common.layout import slice_name, stacked_slice
-from mapgen.compiler.spec import Rule, Spec
+from mapgen.compiler.spec import Spec
 
 def _source(hf_by_name: dict[str, HFTensor], role: str, name: str) -> HFSource | None:
     """The HF tensor `name`, or for `X[i]` slice i of the stacked-experts tensor X; None if the

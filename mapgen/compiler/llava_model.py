@@ -35,10 +35,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from mapgen.common.dims import ModelDims
+from mapgen.common.parallel import ParallelLayout
+from mapgen.compiler.cpu_layers import cuda_device_on_cpu
+from mapgen.compiler.inventory import skeleton_params, to_te_layout
+from mapgen.compiler.megatron_config import DTYPES, transformer_config
+from mapgen.compiler.parallel_state import single_process_parallel_state
 
 if TYPE_CHECKING:
     from mapgen.compiler.inventory import HFTensor, MegatronParam
-    from mapgen.compiler.megatron_model import ParallelLayout
 
 # HF CLIP's vision tower as published (transformers 4.x): `vision_tower.vision_model.*`.
 # transformers 5 loads that through `PrefixChange(prefix_to_remove="vision_model")` of
@@ -77,8 +81,6 @@ def vision_config(dims: ModelDims, params_dtype: torch.dtype, layout: ParallelLa
     sizes, LayerNorm, biases everywhere, quick_gelu (megatron-core's own), no GLU."""
     from megatron.core.activations import quick_gelu
 
-    from mapgen.compiler.megatron_model import transformer_config
-
     assert dims.vision_num_layers is not None
     vision_dims = replace(
         dims,
@@ -105,8 +107,6 @@ def vision_config(dims: ModelDims, params_dtype: torch.dtype, layout: ParallelLa
 def projection_config(dims: ModelDims, params_dtype: torch.dtype, layout: ParallelLayout) -> Any:
     """The projector's TransformerConfig: an MLP from the vision width to the language width
     (fc1: vision -> language, gelu, fc2: language -> language), with biases."""
-    from mapgen.compiler.megatron_model import transformer_config
-
     projector_dims = replace(
         dims,
         num_layers=1,
@@ -190,7 +190,6 @@ def build_llava_model(
     from megatron.core.transformer.mlp import MLPSubmodules
 
     from mapgen.common.errors import MapgenError
-    from mapgen.compiler.megatron_model import DTYPES, ParallelLayout, _cuda_device_on_cpu, transformer_config
 
     if problems := llava_problems(dims):
         raise MapgenError("; ".join(problems))
@@ -202,7 +201,7 @@ def build_llava_model(
         )
     dtype = params_dtype or DTYPES[dims.params_dtype]
     language = transformer_config(dims, dtype, layout)
-    with warnings.catch_warnings(), _cuda_device_on_cpu(), _tensor_cuda_on_cpu(), _local_pre_norm():
+    with warnings.catch_warnings(), cuda_device_on_cpu(), _tensor_cuda_on_cpu(), _local_pre_norm():
         warnings.simplefilter("ignore")
         return LLaVAModel(
             language_transformer_config=language,
@@ -242,9 +241,6 @@ def llava_inventory(dims: ModelDims, layout: str) -> tuple[MegatronParam, ...]:
     index (`layer`, which places them); the vision tower and projector carry none: they live
     with the embedding, on the first stage. `te_name` is the te layout's name (the local norms
     fused into their TE linears, as `to_te_layout` does for GPTModel)."""
-    from mapgen.compiler.inventory import _skeleton_params, to_te_layout
-    from mapgen.compiler.megatron_model import single_process_parallel_state
-
     assert dims.vision_num_layers is not None
     skeleton_dims = replace(dims, num_layers=1, vision_num_layers=1)
     with single_process_parallel_state(), torch.device("meta"):
@@ -268,7 +264,7 @@ def llava_inventory(dims: ModelDims, layout: str) -> tuple[MegatronParam, ...]:
             )
         pending.clear()
 
-    for param in _skeleton_params(skeleton, dims.params_dtype):
+    for param in skeleton_params(skeleton, dims.params_dtype):
         tower = next((t for t in towers if t[0].match(param.name)), None)
         if tower is not current:
             flush()

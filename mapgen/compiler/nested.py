@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mapgen.compiler.config import HFConfig
+from mapgen.compiler.hfconfig import HFConfig
 
 TEXT_CONFIG = "text_config"
 # top-level fields that name the file's class, not the text model's

@@ -16,10 +16,9 @@ from dataclasses import dataclass
 import jinja2
 
 from mapgen.compiler.inventory import HFTensor
-from mapgen.compiler.ir import Mapping, Target
-from mapgen.compiler.megatron_model import hybrid_layer_pattern
+from mapgen.compiler.ir import Mapping, Rule, Target
+from mapgen.compiler.model_classes import MODELS
 from mapgen.compiler.packaged import TEMPLATE, template_text
-from mapgen.compiler.spec import Rule
 
 
 @dataclass(frozen=True)
@@ -80,9 +79,6 @@ def _rule_literal(rule: Rule, example: Mapping, rule_mappings: list[Mapping] | N
 
 
 _LINEAR_WEIGHT = re.compile(r"weight\d*")
-
-
-LANGUAGE_MODEL = {"llava": "language_model."}  # where a model class keeps its GPTModel's names
 
 
 def is_linear_weight(m: Mapping) -> bool:
@@ -246,7 +242,8 @@ def _environment() -> jinja2.Template:
 
 
 def _model_words(target: Target) -> str:
-    return "HybridModel " if target.model == "hybrid" else "LLaVAModel " if target.model == "llava" else ""
+    title = MODELS[target.model].title
+    return f"{title} " if title else ""
 
 
 def _shared(target: Target, rules: list[Rule], example: dict[Rule, Mapping], by_rule: dict[Rule, list[Mapping]]) -> dict[str, object]:
@@ -255,7 +252,7 @@ def _shared(target: Target, rules: list[Rule], example: dict[Rule, Mapping], by_
         target_name=repr(target.name),
         layout=repr(target.layout),
         model=repr(target.model),
-        hybrid_layer_pattern=repr(hybrid_layer_pattern(target.dims)) if target.model == "hybrid" else "",
+        hybrid_layer_pattern=repr(pattern) if (pattern := MODELS[target.model].layer_pattern(target.dims)) is not None else "",
         hf_architecture=repr(target.hf_architecture),
         spec_path=repr(target.spec.path),
         config_path=repr(target.config.path),
@@ -266,7 +263,7 @@ def _shared(target: Target, rules: list[Rule], example: dict[Rule, Mapping], by_
         hf_namings=[(repr(ours), repr(theirs)) for ours, theirs in target.hf_namings],
         tied=(
             [
-                tuple(repr(LANGUAGE_MODEL.get(target.model, "") + n) for n in ("output_layer.weight", "embedding.word_embeddings.weight"))
+                tuple(repr(MODELS[target.model].language_prefix + n) for n in ("output_layer.weight", "embedding.word_embeddings.weight"))
             ]
             if target.dims.share_embeddings_and_output_weights
             else []

@@ -30,9 +30,11 @@ from mapgen.common.dims import DIM_FIELDS, REQUIRED_DIMS
 from mapgen.common.errors import ErrorSink, Location
 from mapgen.common.layout import MODEL_CLASSES
 from mapgen.compiler.expr import Expr, ExprSyntaxError
-from mapgen.compiler.kinds import KINDS, Kind
-from mapgen.common.limits import MAX_DOUBLE_STARS, MAX_IGNORE_HF, MAX_PATTERN_CHARS, MAX_RULES
-from mapgen.compiler.pattern import Pattern, expand_braces
+from mapgen.compiler.ir import Rule
+from mapgen.common.limits import MAX_IGNORE_HF, MAX_RULES
+from mapgen.compiler.pattern import Pattern
+from mapgen.compiler.spec_rules import parse_rule
+from mapgen.compiler.spec_values import nonempty_string, parse_expr, plain, unknown_keys
 from mapgen.compiler.yamlsource import Node
 
 
@@ -47,33 +49,6 @@ MTP_TENSOR_KEYS = ("name", "shape", "copy_of")
 IGNORE_KEYS = ("prefix", "why")
 CONFIG_FIELD_KEYS = ("value", "why")
 ANY_VALUE = "any"  # a config_fields value: the field may hold anything
-RULE_KEYS = ("megatron", "hf", "kind", "id", "permute_dims", "when", "heads", "head_dim", "fused_hf", "interleaved")
-
-
-@dataclass(frozen=True)
-class Rule:
-    megatron: Pattern
-    hf: tuple[tuple[str, Pattern], ...]  # (role, pattern), in the kind's role order
-    kind: Kind
-    loc: Location
-    permute_dims: tuple[int, ...] | None = None
-    when: Expr | None = None
-    heads: Expr | None = None
-    head_dim: Expr | None = None
-    # the HF tensor where a checkpoint stacks the experts: `[*]` picks this expert's slice;
-    # for gated_mlp the slice is [gate; up]
-    fused_hf: Pattern | None = None
-    given_id: str | None = None  # the spec's `id:`
-    # gated_mlp read from one fused tensor whose gate and up rows alternate (gate rows 0, 2, ...)
-    interleaved: bool = False
-
-    @property
-    def id(self) -> str:
-        """The rule's stable identity, which generated code cites: its `id:` or its Megatron pattern."""
-        return self.given_id or str(self.megatron)
-
-    def __str__(self) -> str:
-        return self.id
 
 
 @dataclass(frozen=True)
@@ -204,12 +179,12 @@ def parse_spec(path: str, text: str) -> Spec:
         errors.raise_if_any()
     assert isinstance(root.value, dict)
     top = root.value
-    _unknown_keys(root, TOP_KEYS, "spec", errors)
+    unknown_keys(root, TOP_KEYS, "spec", errors)
     for key in ("family", "hf_architecture", "dims", "rules"):
         if key not in top:
             errors.add(root.loc, f"missing required key '{key}'")
-    family = _string(top.get("family"), "family", errors)
-    hf_architecture = _string(top.get("hf_architecture"), "hf_architecture", errors)
+    family = nonempty_string(top.get("family"), "family", errors)
+    hf_architecture = nonempty_string(top.get("hf_architecture"), "hf_architecture", errors)
     if hf_architecture and not hf_architecture.isidentifier():
         errors.add(top["hf_architecture"].loc, f"'hf_architecture' must be a transformers class name, got {hf_architecture[:80]!r}")
         hf_architecture = ""
@@ -225,7 +200,7 @@ def parse_spec(path: str, text: str) -> Spec:
         else:
             seen: dict[str, Rule] = {}
             for rule_node in rules_node.value:
-                rule = _parse_rule(rule_node, errors)
+                rule = parse_rule(rule_node, errors)
                 if rule is None:
                     continue
                 if rule.id in seen:
@@ -286,7 +261,7 @@ def _parse_hf_namings(node: Node | None, errors: ErrorSink) -> tuple[tuple[str, 
     for ours, other in node.value.items():
         theirs = other.value
         if not (isinstance(theirs, str) and ours.endswith(".") and theirs.endswith(".") and ours != theirs):
-            errors.add(other.loc, f"hf_namings: {ours!r} -> {_plain(other)!r}: both must be different name prefixes ending in '.'")
+            errors.add(other.loc, f"hf_namings: {ours!r} -> {plain(other)!r}: both must be different name prefixes ending in '.'")
             continue
         found.append((ours, theirs))
     prefixes = [ours for ours, _ in found]
@@ -316,20 +291,10 @@ def _parse_models(node: Node | None, errors: ErrorSink) -> StatedModels | None:
         errors.add(
             node.loc,
             f"'models' must be one or a list of distinct megatron-core model classes from {', '.join(MODEL_CLASSES)} "
-            f"(the first is built by default), got {repr(_plain(node))[:80]}",
+            f"(the first is built by default), got {repr(plain(node))[:80]}",
         )
         return None
     return StatedModels(tuple(str(n) for n in names), node.loc)
-
-
-def _plain(node: Any) -> Any:
-    """A node's value as plain Python, for a message."""
-    value = node.value if isinstance(node, Node) else node
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
 
 
 def _parse_mtp(node: Node | None, errors: ErrorSink) -> MTP | None:
@@ -345,11 +310,11 @@ def _parse_mtp(node: Node | None, errors: ErrorSink) -> MTP | None:
             + " and optionally " + ", ".join(MTP_OPTIONAL_KEYS),
         )
         return None
-    hf_layer = _parse_expr(node.value["hf_layer"], "mtp.hf_layer", errors)
-    why = _string(node.value["why"], "mtp.why", errors)
+    hf_layer = parse_expr(node.value["hf_layer"], "mtp.hf_layer", errors)
+    why = nonempty_string(node.value["why"], "mtp.why", errors)
     prefix: Pattern | None = None
     if "hf_decoder_prefix" in node.value:
-        text = _string(node.value["hf_decoder_prefix"], "mtp.hf_decoder_prefix", errors)
+        text = nonempty_string(node.value["hf_decoder_prefix"], "mtp.hf_decoder_prefix", errors)
         if text and (Pattern(text).wildcards != ("*",) or not text.endswith(".")):
             errors.add(
                 node.value["hf_decoder_prefix"].loc,
@@ -357,7 +322,7 @@ def _parse_mtp(node: Node | None, errors: ErrorSink) -> MTP | None:
             )
         elif text:
             prefix = Pattern(text)
-    like = _parse_expr(node.value["hf_decoder_like"], "mtp.hf_decoder_like", errors) if "hf_decoder_like" in node.value else None
+    like = parse_expr(node.value["hf_decoder_like"], "mtp.hf_decoder_like", errors) if "hf_decoder_like" in node.value else None
     tensors_node = node.value["hf_tensors"]
     tensors: list[MTPTensor] = []
     if not isinstance(tensors_node.value, list):
@@ -368,7 +333,7 @@ def _parse_mtp(node: Node | None, errors: ErrorSink) -> MTP | None:
         if not isinstance(fields, dict) or "name" not in fields or len(fields) != 2 or not set(fields) <= set(MTP_TENSOR_KEYS):
             errors.add(item.loc, "each 'mtp.hf_tensors' entry needs a name and either a shape or copy_of")
             continue
-        name = _string(fields["name"], "mtp.hf_tensors.name", errors)
+        name = nonempty_string(fields["name"], "mtp.hf_tensors.name", errors)
         if name and Pattern(name).wildcards not in (("*",), ()):
             errors.add(
                 fields["name"].loc,
@@ -378,13 +343,13 @@ def _parse_mtp(node: Node | None, errors: ErrorSink) -> MTP | None:
         shape: tuple[Expr, ...] | None = None
         copy_of: str | None = None
         if "copy_of" in fields:
-            copy_of = _string(fields["copy_of"], "mtp.hf_tensors.copy_of", errors)
+            copy_of = nonempty_string(fields["copy_of"], "mtp.hf_tensors.copy_of", errors)
         else:
             dims_node = fields["shape"]
             if not isinstance(dims_node.value, list) or not dims_node.value:
                 errors.add(dims_node.loc, "mtp.hf_tensors shape must be a list of expressions")
                 continue
-            parsed = [_parse_expr(d, "mtp.hf_tensors.shape", errors) for d in dims_node.value]
+            parsed = [parse_expr(d, "mtp.hf_tensors.shape", errors) for d in dims_node.value]
             if any(p is None for p in parsed):
                 continue
             shape = tuple(p for p in parsed if p is not None)
@@ -414,7 +379,7 @@ def _parse_config_fields(node: Node | None, errors: ErrorSink) -> tuple[ConfigFi
                 errors.add(item.loc, f"config_fields.{path} as a mapping needs exactly the keys value and why")
                 continue
             value_node = item.value["value"]
-            why = _string(item.value["why"], f"config_fields.{path}.why", errors)
+            why = nonempty_string(item.value["why"], f"config_fields.{path}.why", errors)
         if value_node.value == ANY_VALUE:
             found.append(ConfigField(path, None, why, where))
             continue
@@ -447,30 +412,11 @@ def _parse_ignore_hf(node: Node | None, errors: ErrorSink) -> tuple[IgnoreHF, ..
         if not isinstance(item.value, dict) or set(item.value) != set(IGNORE_KEYS):
             errors.add(item.loc, "each 'ignore_hf' entry needs exactly the keys prefix (an expression) and why")
             continue
-        prefix = _parse_expr(item.value["prefix"], "ignore_hf.prefix", errors)
-        why = _string(item.value["why"], "ignore_hf.why", errors)
+        prefix = parse_expr(item.value["prefix"], "ignore_hf.prefix", errors)
+        why = nonempty_string(item.value["why"], "ignore_hf.why", errors)
         if prefix is not None and why:
             found.append(IgnoreHF(prefix, why, item.loc))
     return tuple(found)
-
-
-def _unknown_keys(node: Node, allowed: tuple[str, ...], what: str, errors: ErrorSink) -> None:
-    assert isinstance(node.value, dict)
-    for key in node.value:
-        if key not in allowed:
-            errors.add(
-                node.key_loc(key),
-                f"unknown key '{key}' in {what}; expected one of {', '.join(allowed)}",
-            )
-
-
-def _string(node: Node | None, what: str, errors: ErrorSink) -> str:
-    if node is None:
-        return ""
-    if not isinstance(node.value, str) or not node.value:
-        errors.add(node.loc, f"'{what}' must be a non-empty string")
-        return ""
-    return node.value
 
 
 def _parse_dims(node: Node | None, errors: ErrorSink) -> tuple[DimExpr, ...]:
@@ -520,213 +466,3 @@ def _parse_module_types(node: Node | None, errors: ErrorSink) -> tuple[tuple[str
         else:
             found.append((name, str(value.value)))
     return tuple(sorted(found))
-
-
-def _parse_rule(node: Node, errors: ErrorSink) -> Rule | None:
-    if not isinstance(node.value, dict):
-        errors.add(node.loc, "a rule must be a mapping with keys megatron, hf, kind")
-        return None
-    _unknown_keys(node, RULE_KEYS, "rule", errors)
-    fields = node.value
-    ok = True
-    for key in ("megatron", "hf", "kind"):
-        if key not in fields:
-            errors.add(node.loc, f"rule is missing required key '{key}'")
-            ok = False
-    if not ok:
-        return None
-    kind_node = fields["kind"]
-    if not isinstance(kind_node.value, str) or kind_node.value not in KINDS:
-        errors.add(kind_node.loc, f"unknown kind {kind_node.value!r}; expected one of {', '.join(KINDS)}")
-        return None
-    kind = KINDS[kind_node.value]
-    megatron_node = fields["megatron"]
-    if not isinstance(megatron_node.value, str) or not megatron_node.value:
-        errors.add(megatron_node.loc, "'megatron' must be a parameter name pattern")
-        return None
-    if not _pattern_ok(megatron_node.value, megatron_node.loc, errors):
-        return None
-    megatron = Pattern(megatron_node.value)
-    hf = _parse_hf(fields["hf"], kind, megatron, errors)
-    permute_dims = _parse_permute_dims(fields.get("permute_dims"), kind, errors)
-    when = _parse_expr(fields.get("when"), "when", errors)
-    heads = _parse_expr(fields.get("heads"), "heads", errors)
-    head_dim = _parse_expr(fields.get("head_dim"), "head_dim", errors)
-    fused_hf = _parse_fused_hf(fields.get("fused_hf"), kind, megatron, errors)
-    given_id = _parse_id(fields.get("id"), errors)
-    interleaved = _parse_interleaved(fields.get("interleaved"), kind, errors)
-    for key in ("heads", "head_dim"):
-        if key in kind.extra_keys and key not in fields:
-            errors.add(node.loc, f"kind '{kind.name}' needs '{key}' (the encoder's)")
-        elif key in fields and key not in kind.extra_keys:
-            takers = [k.name for k in KINDS.values() if key in k.extra_keys]
-            errors.add(node.key_loc(key), f"'{key}' applies only to kind {' or '.join(repr(k) for k in takers)}")
-    if hf is None:
-        return None
-    return Rule(megatron, hf, kind, megatron_node.loc, permute_dims, when, heads, head_dim, fused_hf, given_id, interleaved)
-
-
-def _parse_interleaved(node: Node | None, kind: Kind, errors: ErrorSink) -> bool:
-    """`interleaved: true`: the kind's fused HF tensor alternates its parts row by row."""
-    if node is None:
-        return False
-    if not isinstance(node.value, bool):
-        errors.add(node.loc, f"'interleaved' must be true or false, got {node.value!r}")
-        return False
-    if node.value and not kind.interleavable:
-        takers = " or ".join(repr(k.name) for k in KINDS.values() if k.interleavable)
-        errors.add(node.loc, f"'interleaved' applies only to kind {takers}, not '{kind}'")
-        return False
-    return bool(node.value)
-
-
-def _parse_id(node: Node | None, errors: ErrorSink) -> str | None:
-    """A rule's `id:`: a printable name without quotes or backslashes (it goes into docstrings)."""
-    if node is None:
-        return None
-    value = node.value
-    if (
-        not isinstance(value, str)
-        or not value
-        or len(value) > MAX_PATTERN_CHARS
-        or not value.isprintable()
-        or any(c in value for c in "\"'")
-    ):
-        errors.add(node.loc, f"'id' must be a short printable name without quotes or backslashes, got {str(value)[:80]!r}")
-        return None
-    return value
-
-
-def _parse_fused_hf(node: Node | None, kind: Kind, megatron: Pattern, errors: ErrorSink) -> Pattern | None:
-    if node is None:
-        return None
-    text = node.value
-    if not isinstance(text, str) or not text.endswith("[*]"):
-        errors.add(node.loc, "fused_hf must be a name pattern ending in [*] (the expert's slice)")
-        return None
-    if not _pattern_ok(text, node.loc, errors):
-        return None
-    if not kind.stacked_roles:
-        errors.add(node.loc, f"fused_hf does not apply to kind '{kind.name}'")
-        return None
-    pattern = Pattern(text)
-    if len(pattern.wildcards) != len(megatron.wildcards):
-        errors.add(node.loc, f"fused_hf '{text}' has {len(pattern.wildcards)} wildcards, megatron '{megatron}' has {len(megatron.wildcards)}")
-        return None
-    return pattern
-
-
-def _parse_hf(
-    node: Node, kind: Kind, megatron: Pattern, errors: ErrorSink
-) -> tuple[tuple[str, Pattern], ...] | None:
-    roles = kind.roles
-    if isinstance(node.value, str) and node.value.endswith("[*]") and len(kind.stacked_roles) == 1:
-        # a family whose checkpoints always stack the experts names the stacked tensor's slice
-        roles = kind.stacked_roles
-    texts: list[tuple[str, str]] = []
-    if isinstance(node.value, dict):
-        roles = next((r for r in kind.role_sets if set(r) == set(node.value)), roles)
-        if set(node.value) != set(roles) or len(roles) == 1:
-            errors.add(
-                node.loc,
-                f"kind '{kind}' takes hf as " + (
-                    "one pattern" if len(roles) == 1 else f"a mapping with keys {', '.join(roles)}"
-                ),
-            )
-            return None
-        for role in roles:
-            value = node.value[role].value
-            if not isinstance(value, str):
-                errors.add(node.value[role].loc, f"hf.{role} must be a name pattern")
-                return None
-            texts.append((role, value))
-    elif isinstance(node.value, str):
-        if not _pattern_ok(node.value, node.loc, errors):
-            return None
-        try:
-            expanded = expand_braces(node.value)
-        except ValueError as exc:
-            errors.add(node.loc, str(exc))
-            return None
-        if expanded is None:
-            expanded = [node.value]
-        roles = next((r for r in kind.role_sets if len(r) == len(expanded)), roles)
-        if len(expanded) != len(roles):
-            errors.add(
-                node.loc,
-                f"kind '{kind}' takes "
-                + " or ".join(f"{len(r)} HF tensor(s) ({', '.join(r)})" for r in kind.role_sets)
-                + f", the pattern names {len(expanded)}",
-            )
-            return None
-        texts = list(zip(roles, expanded))
-    else:
-        errors.add(node.loc, "'hf' must be a name pattern or a mapping of role to pattern")
-        return None
-    if not all(_pattern_ok(text, node.loc, errors) for _, text in texts):
-        return None
-    patterns = tuple((role, Pattern(text)) for role, text in texts)
-    for role, pattern in patterns:
-        if pattern.wildcards != megatron.wildcards:
-            errors.add(
-                node.loc,
-                f"wildcard mismatch: megatron '{megatron}' has {_describe(megatron.wildcards)}, "
-                f"{'hf' if role == 'hf' else 'hf.' + role} '{pattern}' has "
-                f"{_describe(pattern.wildcards)}",
-            )
-            return None
-    return patterns
-
-
-def _pattern_ok(text: str, where: Location, errors: ErrorSink) -> bool:
-    """A name pattern within the limits: matching it against every name must stay cheap."""
-    if len(text) > MAX_PATTERN_CHARS:
-        errors.add(where, f"name pattern of {len(text):,} characters: at most {MAX_PATTERN_CHARS} are allowed")
-        return False
-    if text.count("**") > MAX_DOUBLE_STARS:
-        errors.add(where, f"name pattern '{text}' has {text.count('**')} '**' wildcards: at most {MAX_DOUBLE_STARS} are allowed")
-        return False
-    return True
-
-
-def _describe(wildcards: tuple[str, ...]) -> str:
-    return "no wildcard" if not wildcards else " ".join(wildcards)
-
-
-def _parse_permute_dims(node: Node | None, kind: Kind, errors: ErrorSink) -> tuple[int, ...] | None:
-    if node is None:
-        return None
-    if not kind.permutable:
-        takers = " or ".join(repr(k.name) for k in KINDS.values() if k.permutable)
-        errors.add(node.loc, f"'permute_dims' applies only to kind {takers}, not '{kind}'")
-        return None
-    values = node.value
-    dims = (
-        [item.value for item in values]
-        if isinstance(values, list)
-        else None
-    )
-    if (
-        dims is None
-        or not all(isinstance(d, int) and not isinstance(d, bool) for d in dims)
-        or sorted(dims) != list(range(len(dims)))  # type: ignore[type-var]
-    ):
-        errors.add(node.loc, "'permute_dims' must be a permutation of 0..n-1, e.g. [1, 0]")
-        return None
-    return tuple(int(d) for d in dims)  # type: ignore[arg-type]
-
-
-def _parse_expr(node: Node | None, what: str, errors: ErrorSink) -> Expr | None:
-    if node is None:
-        return None
-    source = node.value
-    if isinstance(source, bool) or isinstance(source, int):
-        source = str(source).lower() if isinstance(source, bool) else str(source)
-    if not isinstance(source, str):
-        errors.add(node.loc, f"'{what}' must be an expression")
-        return None
-    try:
-        return Expr.parse(source)
-    except ExprSyntaxError as exc:
-        errors.add(node.loc, f"{what}: {exc}")
-        return None

@@ -10,6 +10,7 @@ agreements before any weight moves and the tensor gathers and broadcasts themsel
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -39,7 +40,7 @@ from mapgen.runtime.module_check import ModuleArgumentError, check_module
 from mapgen.runtime.placement import Module, Placement
 from mapgen.runtime.placing import chunks_view, module_layout_problems, place
 from mapgen.runtime.plan import Loader
-from mapgen.runtime.restack import Stacking, restack
+from mapgen.runtime.restack import Stacking, restack, restack_bound
 from mapgen.runtime.sync import stream_export
 from mapgen.runtime.vocab import padded_block
 
@@ -263,9 +264,16 @@ class Converter:
         nvfp4: QuantArg = None,
     ) -> ExportBound:
         """The most memory `export` with these arguments holds beyond the model at any moment
-        (bytes, `.total`), from its static plan; no collective."""
+        (bytes, `.total`), from its static plan; no collective. After loading a checkpoint that
+        stores experts stacked (`stacked`), `.stacking` counts the stacked tensors of the largest
+        such layer, which export assembles before it yields them."""
         fmt = self._format(dtype, keep_float32, fp8, mxfp8=mxfp8, nvfp4=nvfp4)
-        return self._bucket_plan(bucket_bytes, all_stages, fmt)[1]
+        bound = self._bucket_plan(bucket_bytes, all_stages, fmt)[1]
+        if not self.stacked or fmt.fp8:  # a quantized export writes experts one tensor each
+            return bound
+        whole = self._whole_target()[0]
+        sizes = {t.name: math.prod(t.shape) * fmt.dtypes[t.name].itemsize for t in whole.HF_TENSORS if t.name in fmt.dtypes}
+        return replace(bound, stacking=bound.stacking + restack_bound(sizes, self.stacked))
 
     def export_format(
         self,

@@ -27,6 +27,7 @@ from mapgen.common.errors import MapgenError
 
 MIN_BYTES = 1 << 20  # below this a copy from the mapping is as fast as a system call
 CHUNK_BYTES = 16 << 20  # one read's share: enough to keep every thread busy on one big tensor
+AVAILABLE = hasattr(os, "preadv")  # not on every platform: torch copies there
 
 
 class FileReadError(MapgenError, OSError):
@@ -68,6 +69,17 @@ def read_threads() -> int:
     return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 
 
+def _forget_pool() -> None:
+    """In a forked child: the parent's threads are not there, so the pool is made anew."""
+    global _POOL
+    _POOL = None
+    _BATCHES.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
+
+
 def _pool() -> ThreadPoolExecutor:
     global _POOL
     with _LOCK:
@@ -78,7 +90,7 @@ def _pool() -> ThreadPoolExecutor:
 
 def _file_of(tensor: torch.Tensor) -> tuple[_Mapped, int] | None:
     """The registered file `tensor` views and the offset of its first byte, or None."""
-    if not _MAPPED:
+    if not _MAPPED or not AVAILABLE:
         return None
     storage = tensor.untyped_storage().data_ptr()
     mapped = _MAPPED.get(storage)
@@ -114,7 +126,7 @@ def fill(out: torch.Tensor, value: torch.Tensor) -> bool:
     if found is None:
         return False
     mapped, offset = found
-    target = memoryview(out.detach().view(-1).view(torch.uint8).numpy())
+    target = out.detach().view(-1).view(torch.uint8).numpy().data
     pool = _pool()
     reads = [
         pool.submit(_read, mapped, target[start : start + CHUNK_BYTES], offset + start)

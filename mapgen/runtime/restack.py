@@ -59,6 +59,16 @@ def restacked_sizes(sizes: dict[str, int], stacking: Stacking) -> dict[str, int]
     return out
 
 
+def restack_bound(sizes: dict[str, int], stacking: Stacking) -> int:
+    """The most bytes `restack` holds at once: the two stacked tensors of the largest stacked
+    layer (one layer's are built at a time), from the per-expert tensors' export `sizes`."""
+    restacked = restacked_sizes(sizes, stacking)
+    return max(
+        (restacked.get(prefix + STACKED_GATE_UP, 0) + restacked.get(prefix + STACKED_DOWN, 0) for prefix in stacked_prefixes(stacking)),
+        default=0,
+    )
+
+
 def restack(stream: Iterable[tuple[str, torch.Tensor]], stacking: Stacking) -> Iterator[tuple[str, torch.Tensor]]:
     """`stream` (an export's (HF name, tensor) pairs) with each stacked layer's expert tensors
     gathered into its `gate_up_proj` and `down_proj`, each yielded once its last expert has come

@@ -31,7 +31,7 @@ from typing import Any
 
 from mapgen.common.errors import MapgenError
 from mapgen.common.layout import stacked_slice
-from mapgen.common.limits import layout_limit_problems
+from mapgen.common.parallel import ParallelLayout
 from mapgen.runtime.context import Group, ParallelContext
 from mapgen.runtime.ownership import Owner, expert_owner, layer_owners, local_name, param_owner
 from mapgen.runtime.plan import ParamPlan, RulePlan
@@ -50,81 +50,15 @@ class ShardMapError(MapgenError):
     """The layout does not fit the module (what megatron-core would refuse), said up front."""
 
 
-@dataclass(frozen=True)
-class ShardLayout:
-    """Parallel sizes, as `mapgen verify` takes them. `etp` None: expert-TP = TP. `dp` (data-
-    parallel replicas; default EP, at least 1, as verify's) matters only for global rank numbers.
-    `make_vocab_size_divisible_by`: Megatron-LM's vocabulary padding (1: to a multiple of TP)."""
-
-    tp: int = 1
-    pp: int = 1
-    vpp: int = 1
-    ep: int = 1
-    etp: int | None = None
-    dp: int | None = None
-    first_stage_layers: int | None = None
-    last_stage_layers: int | None = None
-    make_vocab_size_divisible_by: int = 1
-
-    @property
-    def expert_tp(self) -> int:
-        return self.tp if self.etp is None else self.etp
-
-    @property
-    def data_parallel(self) -> int:
-        return max(self.ep, 1) if self.dp is None else self.dp
-
-    @property
-    def world_size(self) -> int:
-        return self.tp * self.pp * self.data_parallel
-
-    def context(self, tp_rank: int = 0, pp_rank: int = 0, ep_rank: int = 0, etp_rank: int = 0) -> ParallelContext:
-        """The ParallelContext of one rank of this layout (groups without handles)."""
-        return ParallelContext(
-            tp=Group(tp_rank, self.tp),
-            pp=Group(pp_rank, self.pp),
-            ep=Group(ep_rank, self.ep),
-            etp=Group(etp_rank, self.expert_tp),
-            vpp_size=self.vpp,
-        )
-
-    def __str__(self) -> str:
-        parts = [f"tp{self.tp}", f"pp{self.pp}"]
-        if self.vpp > 1:
-            parts.append(f"vpp{self.vpp}")
-        if self.first_stage_layers is not None or self.last_stage_layers is not None:
-            first = "-" if self.first_stage_layers is None else self.first_stage_layers
-            last = "-" if self.last_stage_layers is None else self.last_stage_layers
-            parts.append(f"layers{first}/{last}")
-        if self.ep > 1:
-            parts.append(f"ep{self.ep}")
-        if self.etp is not None:
-            parts.append(f"etp{self.etp}")
-        return "x".join(parts)
-
-    def problems(self) -> list[str]:
-        sizes = {"tp": self.tp, "pp": self.pp, "vpp": self.vpp, "ep": self.ep, "dp": self.data_parallel,
-                 "make_vocab_size_divisible_by": self.make_vocab_size_divisible_by}
-        optional = {"etp": self.etp, "first_stage_layers": self.first_stage_layers,
-                    "last_stage_layers": self.last_stage_layers}
-        found = [
-            f"{name} must be a positive integer, got {value!r}"
-            for name, value in [*sizes.items(), *optional.items()]
-            if (value is not None or name in sizes) and (isinstance(value, bool) or not isinstance(value, int) or value < 1)
-        ]
-        if found:
-            return found
-        if found := layout_limit_problems({**sizes, **optional}, flags=False):  # before anything costs time
-            return found
-        if self.vpp > 1 and self.pp < 2:
-            found.append(f"vpp {self.vpp} needs pp 2 or more (megatron-core's interleaved schedule)")
-        grid = self.ep * self.expert_tp
-        if (self.tp * self.data_parallel) % grid:
-            found.append(
-                f"each pipeline stage has tp x dp = {self.tp * self.data_parallel} ranks, which "
-                f"expert-TP x EP = {grid} does not divide (raise dp)"
-            )
-        return found
+def rank_context(layout: ParallelLayout, tp_rank: int = 0, pp_rank: int = 0, ep_rank: int = 0, etp_rank: int = 0) -> ParallelContext:
+    """The ParallelContext of one rank of `layout` (groups without handles)."""
+    return ParallelContext(
+        tp=Group(tp_rank, layout.tp),
+        pp=Group(pp_rank, layout.pp),
+        ep=Group(ep_rank, layout.ep),
+        etp=Group(etp_rank, layout.expert_tp),
+        vpp_size=layout.vpp,
+    )
 
 
 @dataclass(frozen=True)
@@ -247,7 +181,7 @@ class ParamShards:
 
 @dataclass(frozen=True)
 class ShardMap:
-    layout: ShardLayout
+    layout: ParallelLayout
     params: dict[str, ParamShards]
     layers: dict[int, tuple[Owner, int]]  # global layer -> (stage, index in that chunk)
     hf_shapes: dict[str, tuple[int, ...]]
@@ -272,7 +206,7 @@ def _megatron() -> tuple[Any, Any, Any]:
     return TransformerConfig, get_num_layers_to_build, get_transformer_layer_offset
 
 
-def pipeline_config(num_layers: int, layout: ShardLayout) -> Any:
+def pipeline_config(num_layers: int, layout: ParallelLayout) -> Any:
     """A megatron-core TransformerConfig carrying only what its layer-offset functions read (the
     layer count and the pipeline sizes); the model sizes in it are placeholders."""
     import torch
@@ -292,12 +226,12 @@ def pipeline_config(num_layers: int, layout: ShardLayout) -> Any:
         )
 
 
-def stage_layers(num_layers: int, layout: ShardLayout) -> dict[int, tuple[Owner, int]]:
+def stage_layers(num_layers: int, layout: ParallelLayout) -> dict[int, tuple[Owner, int]]:
     """Global layer -> (owning stage, index in its chunk), by megatron-core's functions
     (`ownership.layer_owners`); a layout they cannot place is a ShardMapError."""
     try:
         config = pipeline_config(num_layers, layout)
-        layers = layer_owners(config, layout.context())
+        layers = layer_owners(config, rank_context(layout))
     except Exception as exc:  # noqa: BLE001 - megatron-core's refusal (assertions, ValueErrors, ...)
         raise ShardMapError(
             f"megatron-core cannot place {num_layers} layers on layout {layout}: {type(exc).__name__}"
@@ -312,7 +246,7 @@ def stage_layers(num_layers: int, layout: ShardLayout) -> dict[int, tuple[Owner,
     return layers
 
 
-def _overlaps(config: Any, layout: ShardLayout, num_layers: int) -> bool:
+def _overlaps(config: Any, layout: ParallelLayout, num_layers: int) -> bool:
     """Whether the chunks' layer counts fail to add up to the model's: two chunks claiming a
     layer (layer_owners keeps the last claim), as megatron-core's offsets do for some layouts
     it does not refuse (first + last stage layers over the model's)."""
@@ -354,7 +288,7 @@ class GlobalRanks:
         return tuple(g for g, c in sorted(self.expert.items()) if c == (etp_rank, ep_rank, pp_rank))
 
 
-def global_ranks(layout: ShardLayout) -> GlobalRanks:
+def global_ranks(layout: ParallelLayout) -> GlobalRanks:
     """Coordinates of every global rank, as megatron-core's `initialize_model_parallel` makes its
     groups (RankGenerator, order tp-cp-ep-dp-pp, no context parallelism); a rank's index in a
     group is its place among the group's sorted ranks, as torch.distributed.new_group gives it."""
@@ -365,7 +299,7 @@ def global_ranks(layout: ShardLayout) -> GlobalRanks:
     if problems := layout.problems():
         raise ShardMapError(f"layout {layout}: " + "; ".join(problems))
     world = layout.world_size
-    dense = RankGenerator(tp=layout.tp, ep=1, dp=layout.data_parallel, pp=layout.pp, cp=1, order=RANK_ORDER)
+    dense = RankGenerator(tp=layout.tp, ep=1, dp=layout.dp, pp=layout.pp, cp=1, order=RANK_ORDER)
     expert_dp = world // (layout.expert_tp * layout.ep * layout.pp)
     expert = RankGenerator(tp=layout.expert_tp, ep=layout.ep, dp=expert_dp, pp=layout.pp, cp=1, order=RANK_ORDER)
 
@@ -522,7 +456,7 @@ def _split_name(plan: ParamPlan) -> str:
     return {None: "replicated", 0: "column"}.get(plan.split_dim, "row")
 
 
-def _check(module: ModuleType, layout: ShardLayout, vocab: set[str]) -> list[str]:
+def _check(module: ModuleType, layout: ParallelLayout, vocab: set[str]) -> list[str]:
     """What megatron-core would refuse about this layout for the module's parameters."""
     found: list[str] = []
     dims = module.DIMS
@@ -553,7 +487,7 @@ def num_layers(module: ModuleType) -> int:
     return int(module.DIMS.num_layers) * (2 if getattr(module, "MODEL", "gpt") == "hybrid" else 1)
 
 
-def shard_map(module: ModuleType, layout: ShardLayout, *, ranks: bool = True, names: list[str] | None = None) -> ShardMap:
+def shard_map(module: ModuleType, layout: ParallelLayout, *, ranks: bool = True, names: list[str] | None = None) -> ShardMap:
     """The shard map of `module` under `layout` (`names`: only those Megatron parameters).
     `ranks`: fill in every shard's global ranks (megatron-core's RankGenerator)."""
     if problems := layout.problems():
@@ -569,7 +503,7 @@ def shard_map(module: ModuleType, layout: ShardLayout, *, ranks: bool = True, na
     if problems := _check(module, layout, vocab):
         raise ShardMapError(f"layout {layout} does not fit {module.TARGET}: " + "; ".join(problems))
     layers = stage_layers(num_layers(module), layout)
-    ctx = layout.context()
+    ctx = rank_context(layout)
     experts = module.DIMS.num_moe_experts
     per_rank = experts // layout.ep if experts else 0
     numbering = global_ranks(layout) if ranks else None

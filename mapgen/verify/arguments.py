@@ -1,43 +1,13 @@
-"""What is wrong with `mapgen verify`'s and `mapgen convert`'s arguments that is known without
-torch: the parallel sizes given (positive, within mapgen's limits), the input folder, the output
-folder (it exists, lies under a file, is the input, contains it or lies inside it). The CLI says these before it imports torch
-and megatron-core (seconds of start-up); `verify.jobs` and `convert` check them again for callers
-of the Python API. Nothing here imports torch."""
+"""What is wrong with `mapgen verify`'s and `mapgen convert`'s folder arguments that is known
+without torch: the input folder, the output folder (it exists, lies under a file, is the input,
+contains it or lies inside it). The CLI says these before it imports torch and megatron-core
+(seconds of start-up), as it says what is wrong with the parallel sizes (`mapgen.common.parallel`);
+`convert` checks them again for callers of the Python API. Nothing here imports torch."""
 
 from __future__ import annotations
 
-import math
 import os
-from collections.abc import Mapping
 from pathlib import Path
-
-from mapgen.common.limits import layout_limit_problems
-
-SIZES = ("tp", "pp", "vpp", "ep", "dp")  # always given; the others may be None
-
-
-def size_problems(sizes: Mapping[str, object]) -> list[str]:
-    """Each size that is not a positive integer, or lies beyond mapgen's limits
-    (`mapgen.common.limits.layout_limit_problems`), by its flag: `sizes` maps tp, pp, vpp, ep, dp
-    (required) and etp, first_stage_layers, last_stage_layers, make_vocab_size_divisible_by
-    (None: not given) to values."""
-    found = []
-    for name, value in sizes.items():
-        if value is None and name not in SIZES:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            found.append(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
-    return found or layout_limit_problems(dict(sizes))
-
-
-def smallest_dp(tp: int, ep: int, etp: int | None) -> int:
-    """The fewest data-parallel replicas megatron-core accepts for the layout: each pipeline
-    stage's tp x dp ranks must hold the expert grid (expert-TP x EP)."""
-    sizes = (tp, ep, etp or tp)
-    if any(isinstance(size, bool) or not isinstance(size, int) or size < 1 for size in sizes):
-        return 1  # size_problems says what is wrong with the sizes
-    grid = ep * (etp or tp)
-    return grid // math.gcd(tp, grid)
 
 
 def folder_problems(folder: Path, what: str) -> list[str]:

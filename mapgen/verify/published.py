@@ -5,8 +5,8 @@ Qwen3.5 is published as the vision-language model (`Qwen3_5ForConditionalGenerat
 `text_config`, the tensors are `model.language_model.*`, `model.visual.*` (the vision tower and
 merger), `lm_head.weight` (untied models) and the multi-token-prediction layer's `mtp.*`, which
 transformers does not build. `save_published_standin` writes that layout as transformers writes
-it: the text model's stand-in (`testing.save_standin` of its text config, MTP layer included) is
-loaded into a tiny vision-language model of the class the config names (a one-block vision tower
+it: the text model's stand-in (`testing.save_standin` of its text config, MTP layer included,
+saved before) is loaded into a tiny vision-language model of the class the config names (a one-block vision tower
 of random weights), which transformers saves (`save_pretrained`: names and config.json are
 transformers' own); the MTP tensors are then added under their published names. The MoE
 models' decoder experts are then stacked as the published checkpoints store them (transformers
@@ -29,6 +29,26 @@ TINY_VISION = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, n
 _FILE_FIELDS = ("architectures", "model_type", "transformers_version", "text_config", "vision_config")
 LANGUAGE_MODEL = "model.language_model."  # the published prefix of the text model's model.*
 
+# vision-language configs whose text model a text spec reads (Qwen3.5): model_type -> (text
+# model_type, class). Their stand-in is in the published layout (`save_published_standin`), made
+# from the stand-in of the text model, as transformers saves the text class (flat fields,
+# tensors model.layers.*)
+TEXT_MODELS = {
+    "qwen3_5": ("qwen3_5_text", "Qwen3_5ForCausalLM"),
+    "qwen3_5_moe": ("qwen3_5_moe_text", "Qwen3_5MoeForCausalLM"),
+}
+
+
+def text_model_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    """A `TEXT_MODELS` config's text model config (its text_config, with the top-level
+    tie_word_embeddings); any other config as it is."""
+    text = fields.get("text_config")
+    if fields.get("model_type") not in TEXT_MODELS or not isinstance(text, dict):
+        return fields
+    model_type, architecture = TEXT_MODELS[fields["model_type"]]
+    tied = fields.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
+    return {**text, "architectures": [architecture], "model_type": model_type, "tie_word_embeddings": tied}
+
 
 def published_name(name: str) -> str:
     """A text model's tensor (as transformers saves the text class) in the published naming."""
@@ -37,29 +57,26 @@ def published_name(name: str) -> str:
 
 def save_published_standin(
     fields: dict[str, Any],
+    text_folder: Path,
     folder: Path,
     seed: int = 0,
     *,
     dtype: torch.dtype = torch.float32,
-    vocab_size: int = 128,
     stacked: bool = True,
 ) -> Any:
     """Save a random tiny stand-in of the published vision-language config `fields` into
-    `folder` in its published layout (see the module docstring); returns the model.
+    `folder` in its published layout (see the module docstring), made from the stand-in of its
+    text model (`text_model_fields`) saved in `text_folder`; returns the model.
     `stacked`: the decoder layers' experts stacked, as the published MoE checkpoints store them
     (`stack_decoder_experts`), the MTP layer's one tensor each; False: every expert one tensor
     each, as transformers saves the vision-language class."""
     import transformers
     from safetensors.torch import load_file, save_file
 
-    from mapgen.verify.testing import save_standin, text_model_fields
-
-    with tempfile.TemporaryDirectory() as scratch:
-        save_standin(text_model_fields(fields), Path(scratch), seed, dtype=dtype, vocab_size=vocab_size)
-        text_config = json.loads((Path(scratch) / "config.json").read_text())
-        text: dict[str, torch.Tensor] = {}
-        for file in sorted(Path(scratch).glob("*.safetensors")):
-            text.update(load_file(str(file)))
+    text_config = json.loads((text_folder / "config.json").read_text())
+    text: dict[str, torch.Tensor] = {}
+    for file in sorted(text_folder.glob("*.safetensors")):
+        text.update(load_file(str(file)))
     text_fields = {k: v for k, v in text_config.items() if k not in ("architectures", "transformers_version")}
     vision = dict(fields.get("vision_config") or {})
     vision.pop("model_type", None)  # the published file names the outer model_type here; transformers its own

@@ -1,19 +1,24 @@
-"""Tiny stand-ins of each family and the two forward passes compared against each other.
+"""Tiny random stand-ins of each family, saved as transformers saves them (and the source tree tests read).
 
-Used by the test suite and by `mapgen verify`: transformers builds a random model of the family
-from a config object (no download), and megatron-core runs the same weights on CPU.
+Used by the test suite, `mapgen standin` and `mapgen verify`: transformers builds a random model
+of the family from a config object (no download). The forward passes compared on them are in
+`mapgen.verify.forward`; LLaVA's stand-ins in `llava_standin`, the published vision-language
+layout in `published`.
 """
 
 from __future__ import annotations
 
-import re
 import tempfile
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import torch
-from torch.overrides import TorchFunctionMode
+
+from mapgen.verify.forward import DERIVED_PER_LAYER
+from mapgen.verify.llava_standin import save_llava_standin, standin_llava_config
+from mapgen.verify.nemotron_h import nemotron_standin_fields, write_published_pattern
+from mapgen.verify.published import TEXT_MODELS, save_published_standin, text_model_fields
 
 # The source tree and its specs, for the test suite only: no `mapgen` command reads
 # them (in a wheel install ROOT is site-packages; shipped specs: mapgen.compiler.packaged.specs_folder).
@@ -146,27 +151,6 @@ def save_random_model(config: Any, folder: Path, seed: int = 0, dtype: torch.dty
     return model
 
 
-# vision-language configs whose text model a text spec reads (Qwen3.5): model_type -> (text
-# model_type, class). Their stand-in is in the published layout (mapgen.verify.published), made
-# from the stand-in of the text model, as transformers saves the text class (flat fields,
-# tensors model.layers.*)
-TEXT_MODELS = {
-    "qwen3_5": ("qwen3_5_text", "Qwen3_5ForCausalLM"),
-    "qwen3_5_moe": ("qwen3_5_moe_text", "Qwen3_5MoeForCausalLM"),
-}
-
-
-def text_model_fields(fields: dict[str, Any]) -> dict[str, Any]:
-    """A `TEXT_MODELS` config's text model config (its text_config, with the top-level
-    tie_word_embeddings); any other config as it is."""
-    text = fields.get("text_config")
-    if fields.get("model_type") not in TEXT_MODELS or not isinstance(text, dict):
-        return fields
-    model_type, architecture = TEXT_MODELS[fields["model_type"]]
-    tied = fields.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
-    return {**text, "architectures": [architecture], "model_type": model_type, "tie_word_embeddings": tied}
-
-
 def standin_problems(fields: dict[str, Any]) -> list[str]:
     """What keeps `standin_config` from making a stand-in of a config: the fields it reads, each
     missing or of the wrong kind."""
@@ -201,8 +185,6 @@ def standin_config(fields: dict[str, Any], num_layers: int = 4, vocab_size: int 
         raise ValueError("; ".join(problems))
     fields = text_model_fields(fields)
     if fields.get("model_type") == "llava":
-        from mapgen.verify.llava import standin_llava_config
-
         return standin_llava_config(fields, vocab_size=vocab_size)
     dropped = ("quantization_config", "auto_map", "bos_token_id", "eos_token_id", "pad_token_id")
     tiny = {k: v for k, v in fields.items() if k not in dropped}
@@ -285,8 +267,6 @@ def standin_config(fields: dict[str, Any], num_layers: int = 4, vocab_size: int 
         if "sliding_attention" in layer_types and isinstance(fields.get("sliding_window"), int):
             tiny["sliding_window"] = 3
     if fields.get("model_type") == "nemotron_h":  # Mamba-2 layers (mapgen/verify/nemotron_h.py)
-        from mapgen.verify.nemotron_h import nemotron_standin_fields
-
         tiny = nemotron_standin_fields(tiny)
     return tiny
 
@@ -315,22 +295,18 @@ def save_standin(
     import transformers
 
     if config_fields.get("model_type") == "llava":
-        from mapgen.verify.llava import save_llava_standin
-
         tiny_llava = standin_config(config_fields, vocab_size=vocab_size)
         tiny_llava.pop("model_type", None)
         return save_llava_standin(folder, seed, config=transformers.LlavaConfig(**tiny_llava), dtype=dtype)
     if config_fields.get("model_type") in TEXT_MODELS and isinstance(config_fields.get("text_config"), dict):
-        from mapgen.verify.published import save_published_standin  # Qwen3.5's published layout
-
-        return save_published_standin(config_fields, folder, seed, dtype=dtype, vocab_size=vocab_size)
+        with tempfile.TemporaryDirectory() as scratch:  # the text model's stand-in, in Qwen3.5's published layout
+            save_standin(text_model_fields(config_fields), Path(scratch), seed, dtype=dtype, vocab_size=vocab_size)
+            return save_published_standin(config_fields, Path(scratch), folder, seed, dtype=dtype)
     tiny = standin_config(config_fields, vocab_size=vocab_size)
     model_type = tiny.pop("model_type")
     config = transformers.AutoConfig.for_model(model_type, **tiny)
     model = save_random_model(config, folder, seed, dtype)
     if model_type == "nemotron_h":  # the published config's pattern fields (mapgen/verify/nemotron_h.py)
-        from mapgen.verify.nemotron_h import write_published_pattern
-
         write_published_pattern(folder)
     spec = _family_spec(model_type)
     if spec is not None:  # the MTP layers the family's spec (its `mtp:`) reads from the config, if any
@@ -347,7 +323,7 @@ def standin_model_type(fields: dict[str, Any]) -> str:
     import transformers
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    from mapgen.compiler.inventory import own_config_class
+    from mapgen.compiler.hf_tensors import own_config_class
 
     model_type, architectures = fields["model_type"], fields.get("architectures")
     if model_type in CONFIG_MAPPING:
@@ -385,205 +361,6 @@ def import_module_from_path(path: Path, name: str | None = None) -> ModuleType:
     return import_path(path, name or f"mapgen_generated_{module_label(path)}")
 
 
-def prepare_cpu_megatron() -> None:
-    """What megatron-core needs to run forward passes on a machine without CUDA."""
-    import megatron.core.tensor_parallel.random as mrandom
-    import megatron.core.transformer.moe.moe_utils as moe_utils
-
-    # the MoE router's gating GEMM names TransformerEngine's kernel without importing it when
-    # TE is absent; None selects its torch path
-    if not hasattr(moe_utils, "te_general_gemm"):
-        moe_utils.te_general_gemm = None
-    torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment,return-value]
-    if not torch.cuda.is_available():
-        # tied embeddings under PP: megatron-core moves the shared weight with .cuda() before
-        # its all-reduce over the embedding group; on CPU it stays where it is
-        torch.Tensor.cuda = lambda self, *args, **kwargs: self  # type: ignore[method-assign]
-        _sliding_window_mask_on_cpu()
-    mrandom.model_parallel_cuda_manual_seed(
-        1234, inference_rng_tracker=True, force_reset_rng=True
-    )
-
-
-class _CudaFactoriesOnCpu(TorchFunctionMode):
-    """Tensors a function creates with device="cuda" are created on the CPU instead."""
-
-    def __torch_function__(
-        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
-    ) -> Any:
-        kwargs = dict(kwargs or {})
-        device = kwargs.get("device")
-        if device is not None and torch.device(device).type == "cuda":
-            kwargs["device"] = "cpu"
-        return func(*args, **kwargs)
-
-
-def _sliding_window_mask_on_cpu() -> None:
-    """megatron-core's local attention builds a sliding window's mask (its own function, used
-    as is) with device="cuda"; on a CPU machine it is built on the CPU."""
-    import megatron.core.fusions.fused_softmax as fused_softmax
-
-    original = fused_softmax.get_sliding_window_causal_mask
-    if getattr(original, "on_cpu", False):
-        return
-
-    def on_cpu(*args: Any, **kwargs: Any) -> Any:
-        with _CudaFactoriesOnCpu():
-            return original(*args, **kwargs)
-
-    on_cpu.on_cpu = True  # type: ignore[attr-defined]
-    fused_softmax.get_sliding_window_causal_mask = on_cpu
-
-
-def megatron_logits(model: Any, input_ids: torch.Tensor) -> torch.Tensor:
-    """Forward of a single-stage GPTModel; [batch, seq, vocab] (gathered over TP by megatron)."""
-    seq = input_ids.shape[1]
-    positions = torch.arange(seq).unsqueeze(0).expand_as(input_ids)
-    # megatron-core's default causal mask is made on CUDA; True marks a masked position
-    mask = torch.triu(torch.ones(seq, seq, dtype=torch.bool), diagonal=1)[None, None]
-    with torch.no_grad():
-        output: torch.Tensor = model(input_ids, positions, attention_mask=mask)
-    return output
-
-
-def hf_logits(model: Any, input_ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        logits: torch.Tensor = model(input_ids).logits
-    return logits
-
-
-# The published multi-token-prediction formula's tensors, by model_type, named as each family's
-# published checkpoint names them (independently of the spec's rules): for MTP layer d,
-# (embedding, enorm, hnorm, eh_proj, final norm, output head, where the checkpoint keeps the
-# layer's decoder-layer tensors). `{n}` is the checkpoint's layer number of MTP layer d.
-MTP_FORMULA_TENSORS: dict[str, dict[str, str]] = {
-    # DeepSeek-V3 report, section 2.2: MTP layer d is the checkpoint's decoder layer
-    # num_hidden_layers + d, with its own copies of the embedding and the head
-    "deepseek_v3": dict(
-        embedding="model.layers.{n}.embed_tokens.weight", enorm="model.layers.{n}.enorm.weight",
-        hnorm="model.layers.{n}.hnorm.weight", eh_proj="model.layers.{n}.eh_proj.weight",
-        norm="model.layers.{n}.shared_head.norm.weight", head="model.layers.{n}.shared_head.head.weight",
-        layer="model.layers.{n}.", number="num_hidden_layers + d",
-    ),
-    # GLM-4.5 and GLM-4.5-Air: DeepSeek-V3's layout and names (their published checkpoints ship
-    # the embedding and head copies under the MTP layer too; vLLM's and SGLang's Glm4MoeMTP)
-    "glm4_moe": dict(
-        embedding="model.layers.{n}.embed_tokens.weight", enorm="model.layers.{n}.enorm.weight",
-        hnorm="model.layers.{n}.hnorm.weight", eh_proj="model.layers.{n}.eh_proj.weight",
-        norm="model.layers.{n}.shared_head.norm.weight", head="model.layers.{n}.shared_head.head.weight",
-        layer="model.layers.{n}.", number="num_hidden_layers + d",
-    ),
-    # Qwen3-Next (the published checkpoint; vLLM's and SGLang's Qwen3NextMTP): one MTP layer,
-    # fc([pre_fc_norm_embedding(embed); pre_fc_norm_hidden(h)]), a full-attention decoder layer
-    # under mtp.layers.0, mtp.norm, the main embedding and lm_head
-    "qwen3_next": dict(
-        embedding="model.embed_tokens.weight", enorm="mtp.pre_fc_norm_embedding.weight",
-        hnorm="mtp.pre_fc_norm_hidden.weight", eh_proj="mtp.fc.weight", norm="mtp.norm.weight",
-        head="lm_head.weight", layer="mtp.layers.{d}.", number="num_hidden_layers + d",
-    ),
-}
-# Qwen3.5 (dense and MoE text models): Qwen3-Next's MTP layout and names (mtp_num_hidden_layers)
-MTP_FORMULA_TENSORS["qwen3_5_text"] = MTP_FORMULA_TENSORS["qwen3_5_moe_text"] = MTP_FORMULA_TENSORS["qwen3_next"]
-# DeepSeek-V3.2: DeepSeek-V3's layout and names (its MTP layer has a DSA indexer too)
-MTP_FORMULA_TENSORS["deepseek_v32"] = MTP_FORMULA_TENSORS["deepseek_v3"]
-# per-layer config lists transformers derives when they are absent, by model_type (DeepSeek-V3.2: all
-# DSA layers, dense then experts): dropped from a config of more layers, or extended by the last
-DERIVED_PER_LAYER = {"deepseek_v32": ("layer_types", "mlp_layer_types")}
-
-
-def hf_mtp_logits(model: Any, hf_dir: str | Path, module: Any, input_ids: torch.Tensor) -> list[torch.Tensor]:
-    """The logits of each multi-token-prediction layer of the checkpoint in `hf_dir`, computed
-    independently of megatron-core (and of the spec's rules) from transformers' own modules and
-    the published MTP formula (DeepSeek-V3 report, section 2.2, which Qwen3-Next's MTP layer
-    follows): for depth k (0-based) and position i, h'_i = eh_proj([enorm(embed(token_{i+k+1}));
-    hnorm(h_i)]), then the checkpoint's MTP decoder layer (transformers' own decoder layer class,
-    loaded by transformers from the checkpoint's tensors of that layer, as a decoder layer of a
-    model built with one more layer, of the attention kind), then the final norm, then the head;
-    h at depth 0 is the main model's last hidden state (after its final norm,
-    `model.model(...).last_hidden_state`), at depth k + 1 the normalized output of depth k. The
-    tensors' names are the published ones (`MTP_FORMULA_TENSORS`). Each is [batch, seq - k - 1,
-    vocab]: the positions that have a next token."""
-    import torch.nn.functional as F
-    from transformers.masking_utils import create_causal_mask
-
-    from mapgen.runtime.checkpoint import HFCheckpoint
-
-    count = module.DIMS.mtp_num_layers
-    if not count:
-        return []
-    names = MTP_FORMULA_TENSORS[model.config.model_type]
-    checkpoint = HFCheckpoint(hf_dir, namings=tuple(getattr(module, "HF_NAMINGS", {}).items()))  # names as above
-    dtype = next(model.parameters()).dtype
-    main_layers = model.config.num_hidden_layers
-    extended = _mtp_decoder_model(hf_dir, model.config, [names["layer"].format(d=d, n=main_layers + d) for d in range(count)], dtype)
-    norm_class = type(model.model.norm)
-    eps = model.config.rms_norm_eps
-
-    tied = bool(getattr(model.config, "tie_word_embeddings", False))
-
-    def tensor(key: str, depth: int) -> torch.Tensor:
-        if key == "head" and tied and names["head"] == "lm_head.weight":  # the head is the embedding (Qwen3.5-0.8B)
-            key = "embedding"
-        return checkpoint.get(names[key].format(d=depth, n=main_layers + depth)).to(dtype)
-
-    def norm(key: str, depth: int, x: torch.Tensor) -> torch.Tensor:
-        weight = tensor(key, depth)
-        module_ = norm_class(weight.shape[0], eps=eps).to(dtype)
-        with torch.no_grad():
-            module_.weight.copy_(weight)
-        result: torch.Tensor = module_(x)
-        return result
-
-    found: list[torch.Tensor] = []
-    with torch.no_grad():
-        hidden = model.model(input_ids).last_hidden_state
-        for depth in range(count):
-            length = input_ids.shape[1] - depth - 1
-            hidden = hidden[:, :length]
-            embedded = F.embedding(input_ids[:, depth + 1 : depth + 1 + length], tensor("embedding", depth))
-            joined = torch.cat((norm("enorm", depth, embedded), norm("hnorm", depth, hidden)), dim=-1)
-            x = F.linear(joined, tensor("eh_proj", depth))
-            positions = torch.arange(length).unsqueeze(0)
-            mask = create_causal_mask(
-                config=extended.config, inputs_embeds=x, attention_mask=None, cache=None, position_ids=positions,
-                # DeepSeek-V3.2's indexer reads the mask: a tensor always, as its model makes it
-                **({"allow_is_causal_skip": False} if model.config.model_type in DERIVED_PER_LAYER else {}),
-            )
-            x = extended.model.layers[main_layers + depth](
-                x, attention_mask=mask, position_ids=positions,
-                position_embeddings=extended.model.rotary_emb(x, positions),
-            )
-            hidden = norm("norm", depth, x)
-            found.append(F.linear(hidden, tensor("head", depth)))
-    return found
-
-
-def _mtp_decoder_model(hf_dir: str | Path, config: Any, prefixes: list[str], dtype: torch.dtype) -> Any:
-    """The checkpoint's model with one more decoder layer per MTP layer, each loaded by
-    transformers (its own weight conversion) from the checkpoint's tensors under that MTP
-    layer's prefix; an added layer is of the attention kind where the family has several."""
-    import copy
-
-    from transformers import AutoModelForCausalLM
-
-    main_layers = config.num_hidden_layers
-    # the model's own config, extended (a published Qwen3.5's config.json nests it: text_config)
-    config = copy.deepcopy(config)
-    config.num_hidden_layers = main_layers + len(prefixes)
-    if getattr(config, "layer_types", None) is not None:
-        config.layer_types = list(config.layer_types) + ["full_attention"] * len(prefixes)
-    for key in DERIVED_PER_LAYER.get(config.model_type, ()):  # the MTP layers of the last layer's kind
-        kinds = list(getattr(config, key))[:main_layers]
-        setattr(config, key, kinds + kinds[-1:] * len(prefixes))
-    mapping = {
-        "^" + re.escape(prefix): f"model.layers.{main_layers + depth}."
-        for depth, prefix in enumerate(prefixes)
-        if prefix != f"model.layers.{main_layers + depth}."
-    }
-    auto: Any = AutoModelForCausalLM
-    return auto.from_pretrained(hf_dir, config=config, dtype=dtype, key_mapping=mapping or None).eval()
-
-
 def add_mtp_tensors(folder: Path, spec_path: Path, seed: int = 0) -> list[str]:
     """Give the stand-in saved in `folder` the multi-token-prediction layers its config has by
     the spec (dims' mtp_num_layers, the spec's `mtp:`): each MTP layer's decoder layer as
@@ -597,9 +374,11 @@ def add_mtp_tensors(folder: Path, spec_path: Path, seed: int = 0) -> list[str]:
     import transformers
     from safetensors.torch import load_file, save_file
 
-    from mapgen.compiler.build import _with_mtp_tensors, mtp_layers
-    from mapgen.compiler.config import read_hf_config, translate
-    from mapgen.compiler.inventory import _HF_LAYER, HFTensor
+    from mapgen.compiler.mtp import with_mtp_tensors, mtp_layers
+    from mapgen.compiler.config import translate
+    from mapgen.compiler.hfconfig import read_hf_config
+    from mapgen.compiler.hf_tensors import HF_LAYER
+    from mapgen.compiler.inventory import HFTensor
     from mapgen.compiler.spec import parse_spec
 
     spec = parse_spec(str(spec_path), spec_path.read_text())
@@ -632,8 +411,8 @@ def add_mtp_tensors(folder: Path, spec_path: Path, seed: int = 0) -> list[str]:
             donor.update(load_file(str(file)))
     layer_tensors = {n: t for n, t in donor.items() if any(n.startswith(f"model.layers.{j}.") for j in numbers)}
     present = tuple(HFTensor(n, tuple(t.shape)) for n, t in {**tensors, **layer_tensors}.items())
-    full, copies, _ = _with_mtp_tensors(spec, config, dims, present, mtp)
-    base = next((m.group(1) for n in tensors if (m := _HF_LAYER.match(n)) is not None), "model.layers.")
+    full, copies, _ = with_mtp_tensors(spec, config, dims, present, mtp)
+    base = next((m.group(1) for n in tensors if (m := HF_LAYER.match(n)) is not None), "model.layers.")
     donor_layers = {}  # checkpoint name of an MTP layer's decoder-layer tensor -> the donor's tensor
     for index in range(mtp.count):
         source = f"{base}{mtp.like if mtp.like is not None else mtp.hf_layer + index}."
