@@ -62,6 +62,7 @@ from mapgen.common.parallel import ParallelLayout  # noqa: E402
 from mapgen.compiler.parallel_state import initialize_parallel_state  # noqa: E402
 from mapgen.compiler.model_classes import build_model_chunks  # noqa: E402
 from mapgen.runtime import ParallelContext  # noqa: E402
+from mapgen.runtime import fileread  # noqa: E402
 from mapgen.runtime.drivers import DEFAULT_BUCKET_BYTES, Converter  # noqa: E402
 from mapgen.verify import megatron_cpu, testing  # noqa: E402
 from mapgen.verify.processes import spawn  # noqa: E402
@@ -242,6 +243,24 @@ def measure(module_path: str, hf_dir: str, layout: ParallelLayout, repeat: int, 
             for p in params:
                 p.view(-1).copy_(source[0][: p.numel()])
 
+    # the page-cache read alone: as many bytes as this rank's parameters hold, read from the
+    # checkpoint's (page-cached) files straight into them by os.preadv on import's thread pool
+    files = [os.open(f, os.O_RDONLY) for f in sorted(Path(hf_dir).glob("*.safetensors"))]
+    sizes = [os.fstat(fd).st_size for fd in files]
+    runs: list[tuple[torch.Tensor, int, int]] = []  # (parameter, file, offset)
+    file_index, offset = 0, 0
+    for p in params:
+        nbytes = p.numel() * p.element_size()
+        if offset + nbytes > sizes[file_index]:
+            file_index, offset = (file_index + 1) % len(files), 0
+        runs.append((p.data, files[file_index], offset))
+        offset += nbytes
+
+    def read_all() -> None:
+        with fileread.reading():
+            for tensor, fd, start in runs:
+                fileread.read_into(tensor, fd, start)
+
     def export_all(converter: Converter) -> None:
         for _name, _tensor in converter.export(bucket_bytes=DEFAULT_BUCKET_BYTES):
             pass
@@ -275,6 +294,7 @@ def measure(module_path: str, hf_dir: str, layout: ParallelLayout, repeat: int, 
 
     calls = {
         "copy_s": copy_all,
+        "read_s": read_all,
         "import_s": lambda: Converter(module, chunks, ctx).load(hf_dir),
         "export_s": lambda: export_all(held),
         "export_cold_s": lambda: export_all(Converter(module, chunks, ctx)),
@@ -316,6 +336,8 @@ def measure(module_path: str, hf_dir: str, layout: ParallelLayout, repeat: int, 
     elif profile_to:  # the other ranks take part in the collectives
         for key in ("import_s", "export_s"):
             calls[key]()
+    for fd in files:
+        os.close(fd)
     return {"times": times, "peak_rss_mib": {k: round(v) for k, v in peaks.items()}, "model_rss_mib": round(model_rss),
             "file_rss_mib": {k: round(v) for k, v in file_mib.items()},
             "local_bytes": local_bytes, "exported_bytes": exported_bytes, "load_at_start": load,
@@ -463,6 +485,7 @@ def row_for(model: str, layers: int, name: str, nbytes: int, mine: dict[str, Any
                  "export": round(gb / m["export_s"], 2), "export_cold": round(gb / m["export_cold_s"], 2)},
         # the fraction of the bound each reaches: bound time / mapgen's time
         "import_vs_copy": round(m["copy_s"] / m["import_s"], 3),
+        "import_vs_read": round(m["read_s"] / m["import_s"], 3) if m.get("read_s") else None,
         "export_vs_copy": round(m["copy_s"] / m["export_s"], 3),
         "export_vs_collective": round(m["collective_s"] / m["export_s"], 3) if m["collective_s"] > 1e-4 else None,
         "bridge": bridge,

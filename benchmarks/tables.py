@@ -420,7 +420,7 @@ def _repeats(data: dict[str, Any]) -> str:
 
 
 def realwidth_table(data: dict[str, Any]) -> list[str]:
-    head = ["model (layers)", "layout", "GB bf16", "`copy_` GB/s", "import: mapgen s (GB/s, of copy)",
+    head = ["model (layers)", "layout", "GB bf16", "`copy_` GB/s", "page-cache read s", "import: mapgen s (GB/s, of copy, of read)",
             "Bridge 0.6.2 s (×)", "export: mapgen held / fresh s (of copy)", "collective alone s (of it)",
             "Bridge 0.6.2 s (× held / fresh)", "peak RSS GiB per rank, import: mapgen / Bridge",
             "export: mapgen / Bridge"]  # ranks of one tool separated by commas
@@ -431,7 +431,8 @@ def realwidth_table(data: dict[str, Any]) -> list[str]:
         mark = " †" if failed else ""
         collective = "-" if m["collective_s"] < 1e-4 else f"{_n(m['collective_s'])} ({_pct(r.get('export_vs_collective'))})"
         line = [f"{r['title']} ({r['layers']})", r["layout"], _n(r["checkpoint_gb"]), _n(r["gb_s"]["copy"]),
-                f"{_n(m['import_s'])} ({_n(r['gb_s']['import'])}, {_pct(r['import_vs_copy'])})",
+                _n(m.get("read_s")),
+                f"{_n(m['import_s'])} ({_n(r['gb_s']['import'])}, {_pct(r['import_vs_copy'])}, {_pct(r.get('import_vs_read'))})",
                 f"{_n(b.get('import_median_s'))} ({_x2(s.get('import'))}){mark}",
                 f"{_n(m['export_s'])} / {_n(m['export_cold_s'])} ({_pct(r['export_vs_copy'])})", collective,
                 f"{_n(b.get('export_median_s'))} ({_x2(s.get('export_held'))} / {_x2(s.get('export_cold'))}){mark}",
@@ -452,7 +453,9 @@ def realwidth_table(data: dict[str, Any]) -> list[str]:
     checked = [r for r in data["rows"] if (r["mapgen"].get("checked") or {}).get("mismatched") == 0]
     other = sorted({(r.get("bridge") or {}).get("exported_in_other_dtype") or 0 for r in data["rows"]} - {0})
     facts = [f"Median of {_repeats(data)}, slowest rank; GB/s = the checkpoint's bytes / the time; "
-             f"\"of copy\" = `copy_`'s time / the tool's (above 100%: faster than copying every byte once).",
+             f"\"of copy\" = `copy_`'s time / the tool's (above 100%: faster than copying every byte once); "
+             f"\"of read\" = the page-cache read's time / import's (the read: as many bytes as the rank's "
+             f"parameters hold, read from the checkpoint's files into them with `os.preadv` on import's threads).",
              f"mapgen's exports of {len(checked)} of {len(data['rows'])} cases and Bridge's "
              f"({sum(1 for r in data['rows'] if (r.get('bridge') or {}).get('mismatched') == 0)} cases) were compared "
              f"with the checkpoint byte for byte: no tensor differed."]
@@ -465,13 +468,13 @@ def realwidth_table(data: dict[str, Any]) -> list[str]:
 def realwidth_headline(data: dict[str, Any]) -> list[str]:
     """README's short real-width table: seconds and mapgen's speed-up over Bridge 0.6.2."""
     head = ["real widths, bf16", "layout", "import s: mapgen / Bridge 0.6.2 (×)", "of `copy_`",
-            "export s: mapgen / Bridge 0.6.2 (×)"]
+            "of the page-cache read", "export s: mapgen / Bridge 0.6.2 (×)"]
     body = []
     for r in data["rows"]:
         m, b, s = r["mapgen"]["median_s"], r.get("bridge") or {}, r.get("speedup") or {}
         body.append([f"{r['title']}, {r['layers']} layers, {_n(r['checkpoint_gb'])} GB", r["layout"],
                      f"{_n(m['import_s'])} / {_n(b.get('import_median_s'))} ({_x2(s.get('import'))})",
-                     _pct(r["import_vs_copy"]),
+                     _pct(r["import_vs_copy"]), _pct(r.get("import_vs_read")),
                      f"{_n(m['export_s'])} / {_n(b.get('export_median_s'))} ({_x2(s.get('export_held'))})"])
     date, machine, load = provenance(data)
     return table(head, body) + [f"(`benchmarks/realwidth.py`, median of {_repeats(data)}; date {date}; "

@@ -117,9 +117,9 @@ def test_realwidth_ratios_and_merging() -> None:
         return {"times_s": times, "median_s": {}, "peak_rss_mib": [{"import_s": 10, "export_s": 20}],
                 "load_at_start": [1.0, 1.0, 1.0], "checked": {"mismatched": 0}, "profile": None}
 
-    first = mine({"copy_s": [1.0, 1.0, 1.0], "import_s": [2.0, 9.0, 2.0], "export_s": [0.5, 0.5, 0.5],
+    first = mine({"copy_s": [1.0, 1.0, 1.0], "read_s": [3.0, 3.0, 3.0], "import_s": [2.0, 9.0, 2.0], "export_s": [0.5, 0.5, 0.5],
                   "export_cold_s": [1.0, 1.0, 1.0], "collective_s": [0.0, 0.0, 0.0]})
-    second = mine({"copy_s": [1.0, 1.0, 1.0], "import_s": [1.0, 1.0, 1.0], "export_s": [0.5, 0.5, 0.5],
+    second = mine({"copy_s": [1.0, 1.0, 1.0], "read_s": [1.5, 1.5, 1.5], "import_s": [1.0, 1.0, 1.0], "export_s": [0.5, 0.5, 0.5],
                    "export_cold_s": [1.0, 1.0, 1.0], "collective_s": [0.0, 0.0, 0.0]})
     second["peak_rss_mib"] = [{"import_s": 30, "export_s": 5}]
     merged = realwidth.merged_mapgen([first, second])
@@ -136,7 +136,8 @@ def test_realwidth_ratios_and_merging() -> None:
             "skipped": [{"title": "DeepSeek-V3 widths", "layers": 2, "layout": "EP2", "checkpoint_gb": 45.0,
                          "reason": "does not fit"}]}
     text = "\n".join(tables.realwidth_table(data))
-    assert "| 3 | 3 | 1.5 (2, 67%) | 4 (2.67) |" in text  # GB, copy GB/s, import (GB/s, of copy), Bridge (×)
+    assert row["import_vs_read"] == round(2.25 / 1.5, 3)  # the read's median over the import's
+    assert "| 3 | 3 | 2.25 | 1.5 (2, 67%, 150%) | 4 (2.67) |" in text  # GB, copy GB/s, read s, import (GB/s, of copy, of read), Bridge (×)
     assert "Not measured: DeepSeek-V3 widths (2 layers) EP2: does not fit." in text
     profiled = "\n".join(tables.realwidth_profile_table(data))  # 67% of copy, but no profile recorded
     assert profiled.startswith("Every case reaches 90%") is False and "no profile" in profiled

@@ -157,3 +157,18 @@ def _read_in_child(folder: str) -> tuple[torch.Tensor, int]:
     checkpoint = HFCheckpoint(folder)  # held: its files stay registered while they are read
     out = ops.whole_import(checkpoint.get("w"), out=torch.empty(32, 32))
     return out, sum(calls)
+
+
+def test_read_into_reads_a_files_bytes_at_an_offset(tmp_path: Path) -> None:
+    """The bare read benchmarks time (`read_into`): the bytes at the offset, every chunk."""
+    data = bytes(range(256)) * 64
+    (tmp_path / "f").write_bytes(data)
+    out = torch.empty(1000, dtype=torch.uint8)
+    fd = os.open(tmp_path / "f", os.O_RDONLY)
+    try:
+        fileread.read_into(out, fd, 300)
+        assert bytes(out.numpy()) == data[300:1300]
+        with pytest.raises(fileread.FileReadError, match="shrank"):
+            fileread.read_into(torch.empty(100, dtype=torch.uint8), fd, len(data) - 10, "f")
+    finally:
+        os.close(fd)
