@@ -125,29 +125,25 @@ def fill(out: torch.Tensor, value: torch.Tensor) -> bool:
     found = _file_of(value)
     if found is None:
         return False
-    mapped, offset = found
-    target = out.detach().view(-1).view(torch.uint8).numpy().data
-    pool = _pool()
-    reads = [
-        pool.submit(_read, mapped, target[start : start + CHUNK_BYTES], offset + start)
-        for start in range(0, nbytes, CHUNK_BYTES)
-    ]
-    if _BATCHES:
-        _BATCHES[-1].extend(reads)
-    else:
-        _wait(reads)
+    _start_reads(out, *found)
     return True
 
 
 def read_into(out: torch.Tensor, fd: int, offset: int, path: str = "") -> None:
     """Read `out`'s bytes (a contiguous CPU tensor) from the open file `fd` at `offset` on the
-    pool, as `fill` reads (waited for at the end of `reading()`, or here outside it): the
-    page-cache read alone, which benchmarks time."""
+    pool, as `fill` reads: the page-cache read alone, which benchmarks time."""
+    _start_reads(out, _Mapped(fd, offset + out.numel() * out.element_size(), path or f"fd {fd}"), offset)
+
+
+def _start_reads(out: torch.Tensor, mapped: _Mapped, offset: int) -> None:
+    """`out`'s bytes read from `mapped` at `offset`, in chunks on the pool: waited for at the end
+    of the open `reading()` block, or here outside one."""
     target = out.detach().view(-1).view(torch.uint8).numpy().data
-    mapped = _Mapped(fd, offset + len(target), path or f"fd {fd}")
     pool = _pool()
-    reads = [pool.submit(_read, mapped, target[start : start + CHUNK_BYTES], offset + start)
-             for start in range(0, len(target), CHUNK_BYTES)]
+    reads = [
+        pool.submit(_read, mapped, target[start : start + CHUNK_BYTES], offset + start)
+        for start in range(0, len(target), CHUNK_BYTES)
+    ]
     if _BATCHES:
         _BATCHES[-1].extend(reads)
     else:
