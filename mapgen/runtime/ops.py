@@ -9,10 +9,12 @@ the gathering, bucketed, so these are pure too.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from collections.abc import Sequence
 
-from mapgen.runtime import fileread, transforms
+from mapgen.runtime import fileread, hugepages, transforms
 from mapgen.runtime.context import Group
 
 
@@ -41,8 +43,27 @@ def column_import(group: Group, hf: torch.Tensor, out: torch.Tensor | None = Non
     return into(shard(group, hf, 0), out)
 
 
+def cat(parts: Sequence[torch.Tensor], dim: int) -> torch.Tensor:
+    """torch.cat of an export's parts, into a fresh export buffer (`hugepages.empty`); where the
+    parts already lie one after another in one buffer, joined along dim 0 (a gather's parts of
+    one tensor: `collectives.all_gather_coalesced`), the view that spans them, with no copy."""
+    first = parts[0]
+    shape = list(first.shape)
+    shape[dim] = sum(p.shape[dim] for p in parts)
+    if dim == 0 and all(p.is_contiguous() for p in parts):
+        storage, end = first.untyped_storage().data_ptr(), first.data_ptr()
+        for part in parts:
+            if part.untyped_storage().data_ptr() != storage or part.data_ptr() != end or part.dtype != first.dtype:
+                break
+            end += part.numel() * part.element_size()
+        else:
+            strides = [math.prod(shape[i + 1 :]) for i in range(len(shape))]
+            return first.as_strided(shape, strides, first.storage_offset())
+    return torch.cat(list(parts), dim=dim, out=hugepages.empty(math.prod(shape), first.dtype).view(shape))
+
+
 def column_export(parts: Sequence[torch.Tensor]) -> torch.Tensor:
-    return parts[0] if len(parts) == 1 else torch.cat(list(parts), dim=0)
+    return parts[0] if len(parts) == 1 else cat(parts, 0)
 
 
 def row_import(group: Group, hf: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -52,7 +73,7 @@ def row_import(group: Group, hf: torch.Tensor, out: torch.Tensor | None = None) 
 def row_export(parts: Sequence[torch.Tensor]) -> torch.Tensor:
     if len(parts) == 1 or parts[0].dim() == 1:
         return parts[0]
-    return torch.cat(list(parts), dim=1)
+    return cat(parts, 1)
 
 
 def _group_rows(group: Group, groups: int) -> tuple[int, int]:
@@ -143,7 +164,7 @@ def concat_qkv_export(
     parts: Sequence[torch.Tensor], *, heads: int, groups: int, head_dim: int
 ) -> torch.Tensor:
     q, k, v = qkv_export(parts, heads=heads, groups=groups, head_dim=head_dim)
-    return torch.cat([q, k, v], dim=0)
+    return cat([q, k, v], 0)
 
 
 def gated_mlp_import(
@@ -171,8 +192,8 @@ def gated_mlp_export(parts: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch
     if len(halves) == 1:  # views: halves along dim 0 of a contiguous tensor are contiguous
         return halves[0][0], halves[0][1]
     return (
-        torch.cat([gate for gate, _ in halves], dim=0),
-        torch.cat([up for _, up in halves], dim=0),
+        cat([gate for gate, _ in halves], 0),
+        cat([up for _, up in halves], 0),
     )
 
 
@@ -200,7 +221,7 @@ def fused_gated_mlp_export(parts: Sequence[torch.Tensor]) -> torch.Tensor:
     """One HF tensor [gate; up] from its (expert-)TP shards: a fused gate_up tensor (Phi-3's
     gate_up_proj), or one expert's slice of a stacked gate_up tensor."""
     gate, up = gated_mlp_export(parts)
-    return torch.cat([gate, up], dim=0)
+    return cat([gate, up], 0)
 
 
 def named(values: Sequence[torch.Tensor], *names: str) -> dict[str, torch.Tensor]:

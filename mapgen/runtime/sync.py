@@ -9,6 +9,7 @@ one rank is agreed on by every rank that walks it (`_agree_bucket`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -16,7 +17,7 @@ import torch
 
 from mapgen.common import gcpause
 from mapgen.common.layout import stacked_slice
-from mapgen.runtime import mx
+from mapgen.runtime import hugepages, mx
 from mapgen.runtime.buckets import BucketPlan, Out
 from mapgen.runtime.collectives import RankError, all_gather_coalesced, all_gather_slots, broadcast_flat
 from mapgen.runtime.context import Group, ParallelContext
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
 
 
 def _view(flat: torch.Tensor, start: int, out: Out) -> torch.Tensor:
-    part = flat.as_strided(out.shape, out.strides, start)  # the flat starts its storage
+    part = flat.as_strided(out.shape, out.strides, flat.storage_offset() + start)
     return part.view(FP8) if out.dtype == FP8 else part
 
 
@@ -43,7 +44,7 @@ def _make_bucket(module: Module, bucket: BucketPlan, placement: Placement, ctx: 
     """The bucket's outputs on this rank: produced (owning stage), else buffers to receive them
     in. An export function that raises does not stop the bucket's collectives here (the other
     ranks are in them): the failure is returned, for `_agree_bucket`."""
-    flats = [torch.empty(f.numel, dtype=f.dtype) for f in bucket.flats]
+    flats = [hugepages.empty(f.numel, f.dtype) for f in bucket.flats]
     where = bucket.where
     kept: dict[str, torch.Tensor] = {}
     failure: Exception | None = None
@@ -194,7 +195,8 @@ def stream_export(
                 if base not in stacking:
                     if not shapes:
                         shapes.update((t.name, tuple(t.shape)) for t in module.HF_TENSORS)
-                    stacking[base] = (torch.empty(shapes[base], dtype=tensor.dtype), set())
+                    whole = hugepages.empty(math.prod(shapes[base]), tensor.dtype).view(shapes[base])
+                    stacking[base] = (whole, set())
                 whole, done = stacking[base]
                 whole[slot].copy_(tensor)
                 done.add(slot)
