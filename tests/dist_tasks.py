@@ -13,7 +13,7 @@ from mapgen.common.parallel import ParallelLayout
 from mapgen.compiler.parallel_state import initialize_parallel_state
 from mapgen.compiler.model_classes import build_model_chunks
 from mapgen.runtime import ParallelContext
-from mapgen.runtime import drivers, hugepages
+from mapgen.runtime import drivers
 from mapgen.runtime import save as saving
 from mapgen.verify.megatron_cpu import prepare_cpu_megatron
 from mapgen.verify.testing import import_module_from_path
@@ -215,22 +215,12 @@ def export_local_pieces(module_path: str, hf_dir: str, layout: ParallelLayout) -
 
 def export_formats(module_path: str, hf_dir: str, layout: ParallelLayout, options: list[dict[str, Any]]) -> dict[str, Any]:
     """Load, then one streamed export per options (held Converter, small buckets): rank 0 returns
-    the tensors, every rank a digest of what it saw, and the collectives of each export. Every
-    export buffer, however small, is made as a large one is (`hugepages.empty`'s aligned and
-    advised path, which real widths take), for comparison with a single process's torch.empty."""
+    the tensors, every rank a digest of what it saw, and the collectives of each export."""
+    import hashlib
+
     module, chunks, ctx = _setup(module_path, layout)
     converter = drivers.Converter(module, chunks, ctx)
     converter.load(hf_dir)
-    threshold, hugepages.MIN_BYTES = hugepages.MIN_BYTES, 1
-    try:
-        return _export_formats(converter, ctx, options)
-    finally:
-        hugepages.MIN_BYTES = threshold
-
-
-def _export_formats(converter: Any, ctx: ParallelContext, options: list[dict[str, Any]]) -> dict[str, Any]:
-    import hashlib
-
     results: list[dict[str, Any]] = []
     for kwargs in options:
         def run() -> dict[str, torch.Tensor]:

@@ -128,3 +128,36 @@ def test_every_kind_round_trips_through_tp_shards(size: int) -> None:
 def test_bad_splits_raise() -> None:
     with pytest.raises(ValueError, match="query groups do not split over 4"):
         ops.qkv_import(Group(0, 4), torch.randn(8, 2), torch.randn(4, 2), torch.randn(4, 2), heads=4, groups=2, head_dim=2)
+
+
+# --- ops.cat: the export's concatenation of gathered parts ------------------------------------
+
+
+def test_gathered_parts_that_lie_in_one_buffer_are_joined_without_a_copy() -> None:
+    whole = torch.arange(4 * 6 * 5, dtype=torch.float32)
+    parts = [p.view(6, 5) for p in whole.chunk(4)]
+    joined = ops.cat(parts, 0)
+    assert torch.equal(joined, torch.cat(parts, 0)) and joined.shape == (24, 5)
+    assert joined.data_ptr() == whole.data_ptr() and joined.untyped_storage().data_ptr() == whole.untyped_storage().data_ptr()
+    offset = torch.arange(100, dtype=torch.float32)[10:70]  # parts starting inside their storage
+    parts = [p.view(2, 15) for p in offset.chunk(2)]
+    assert torch.equal(ops.column_export(parts), torch.cat(parts, 0)) and ops.column_export(parts).data_ptr() == offset.data_ptr()
+    rows = torch.arange(8, dtype=torch.float32).view(1, 8)  # a size-1 dim's stride is free: the view's is made anew
+    parts = [rows[:, :4].contiguous(), rows[:, 4:].contiguous()]
+    assert torch.equal(ops.cat(parts, 0), torch.cat(parts, 0))
+
+
+def test_parts_that_do_not_lie_together_are_copied() -> None:
+    whole = torch.arange(60, dtype=torch.float32)
+    out_of_order = [whole[30:].view(6, 5), whole[:30].view(6, 5)]
+    joined = ops.cat(out_of_order, 0)
+    assert torch.equal(joined, torch.cat(out_of_order, 0)) and joined.untyped_storage().data_ptr() != whole.untyped_storage().data_ptr()
+    gap = [whole[:20].view(4, 5), whole[25:45].view(4, 5)]
+    assert torch.equal(ops.cat(gap, 0), torch.cat(gap, 0))
+    apart = [torch.randn(6, 5), torch.randn(6, 5)]
+    assert torch.equal(ops.cat(apart, 0), torch.cat(apart, 0))
+    bf16 = [torch.randn(3, 4096).to(torch.bfloat16) for _ in range(2)]  # along dim 1
+    big = [torch.randn(1024, 2048) for _ in range(2)]
+    assert torch.equal(ops.row_export(bf16), torch.cat(bf16, 1))
+    assert torch.equal(ops.row_export(big), torch.cat(big, 1))
+    assert torch.equal(ops.cat(big, 0), torch.cat(big, 0))

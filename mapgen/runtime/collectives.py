@@ -14,7 +14,6 @@ import torch
 import torch.distributed as dist
 
 from mapgen.common.errors import MapgenError
-from mapgen.runtime import hugepages
 from mapgen.runtime.context import Group
 
 _MESSAGE_BYTES = 8192
@@ -48,16 +47,16 @@ def all_gather_coalesced(group: Group, tensors: list[torch.Tensor]) -> list[list
     """For each input tensor, every rank's version of it in rank order: one all_gather per call.
 
     All tensors must share a dtype; every rank passes tensors of the same shapes. The ranks'
-    parts lie one after another in one fresh buffer (`hugepages.empty`), so that a single tensor's
-    parts, rank by rank, are adjacent there: joined along dim 0 they need no copy (`ops`). A
-    single contiguous tensor is sent as it is, not packed first."""
+    parts lie one after another in one buffer, so that a single tensor's parts, rank by rank,
+    are adjacent there: joined along dim 0 they need no copy (`ops.cat`). A single contiguous
+    tensor is sent as it is, not packed first."""
     if group.size == 1 or not tensors:
         return [[t] for t in tensors]
     if len(tensors) == 1 and tensors[0].is_contiguous():
         flat = tensors[0].view(-1)
     else:
         flat = torch.cat([t.reshape(-1) for t in tensors])
-    whole = hugepages.empty(group.size * flat.numel(), flat.dtype)
+    whole = flat.new_empty(group.size * flat.numel())
     gathered = list(whole.chunk(group.size))
     released = _Released(group, [flat, whole])
     dist.all_gather(gathered, flat, group=group.handle)

@@ -14,7 +14,7 @@ import math
 import torch
 from collections.abc import Sequence
 
-from mapgen.runtime import fileread, hugepages, transforms
+from mapgen.runtime import fileread, transforms
 from mapgen.runtime.context import Group
 
 
@@ -44,9 +44,9 @@ def column_import(group: Group, hf: torch.Tensor, out: torch.Tensor | None = Non
 
 
 def cat(parts: Sequence[torch.Tensor], dim: int) -> torch.Tensor:
-    """torch.cat of an export's parts, into a fresh export buffer (`hugepages.empty`); where the
-    parts already lie one after another in one buffer, joined along dim 0 (a gather's parts of
-    one tensor: `collectives.all_gather_coalesced`), the view that spans them, with no copy."""
+    """torch.cat of an export's parts; where they already lie one after another in one buffer,
+    joined along dim 0 (a gather's parts of one tensor: `collectives.all_gather_coalesced`), the
+    view that spans them, with no copy."""
     first = parts[0]
     shape = list(first.shape)
     shape[dim] = sum(p.shape[dim] for p in parts)
@@ -59,7 +59,7 @@ def cat(parts: Sequence[torch.Tensor], dim: int) -> torch.Tensor:
         else:
             strides = [math.prod(shape[i + 1 :]) for i in range(len(shape))]
             return first.as_strided(shape, strides, first.storage_offset())
-    return torch.cat(list(parts), dim=dim, out=hugepages.empty(math.prod(shape), first.dtype).view(shape))
+    return torch.cat(list(parts), dim=dim)
 
 
 def column_export(parts: Sequence[torch.Tensor]) -> torch.Tensor:

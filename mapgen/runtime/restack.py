@@ -13,7 +13,6 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
-from mapgen.runtime import hugepages
 from mapgen.runtime.hf_names import PER_EXPERT_RE, STACKED_DOWN, STACKED_GATE_UP
 
 Stacking = tuple[tuple[str, int], ...]  # (stacked tensor's name, its count of experts): HFCheckpoint.unstacked
@@ -90,8 +89,7 @@ def restack(stream: Iterable[tuple[str, torch.Tensor]], stacking: Stacking) -> I
             target, shape = match["prefix"] + STACKED_GATE_UP, (experts, 2 * rows, cols)
             view = slice(0, rows) if which == "gate" else slice(rows, 2 * rows)
         if target not in building:
-            whole = hugepages.empty(experts * rows * cols * (1 if which == "down" else 2), tensor.dtype).view(shape)
-            building[target] = (whole, experts * (1 if which == "down" else 2))
+            building[target] = (torch.empty(shape, dtype=tensor.dtype), experts * (1 if which == "down" else 2))
         whole, left = building[target]
         whole[expert, view].copy_(tensor)
         del tensor

@@ -9,7 +9,6 @@ one rank is agreed on by every rank that walks it (`_agree_bucket`).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -17,8 +16,8 @@ import torch
 
 from mapgen.common import gcpause
 from mapgen.common.layout import stacked_slice
-from mapgen.runtime import hugepages, mx
-from mapgen.runtime.buckets import BucketPlan, Out
+from mapgen.runtime import mx
+from mapgen.runtime.buckets import BucketPlan, Flat, Out
 from mapgen.runtime.collectives import RankError, all_gather_coalesced, all_gather_slots, broadcast_flat
 from mapgen.runtime.context import Group, ParallelContext
 from mapgen.runtime.formats import FP8, ExportFormat, quantize_fp8
@@ -40,11 +39,26 @@ def _view(flat: torch.Tensor, start: int, out: Out) -> torch.Tensor:
 _Made = tuple[list[torch.Tensor], dict[str, tuple[int, int]], dict[str, torch.Tensor], Exception | None]
 
 
+def _travels_as_it_is(layout: Flat, out: Out, tensor: torch.Tensor) -> bool:
+    """Whether `tensor`, an output's value, can be its flat buffer itself rather than be copied
+    into it: the flat holds this output alone (often so at real widths, where a parameter fills a
+    bucket) and gathers nothing over EP in place, and the tensor has the output's dtype, shape and
+    contiguous layout. A PP broadcast then sends it (often the parameter itself) as it is."""
+    return (
+        len(layout.common) == 1
+        and layout.slot_numel == 0
+        and tensor.dtype == out.dtype
+        and tuple(tensor.shape) == tuple(out.shape)
+        and tensor.is_contiguous()
+        and tuple(tensor.stride()) == tuple(out.strides)
+    )
+
+
 def _make_bucket(module: Module, bucket: BucketPlan, placement: Placement, ctx: ParallelContext, fmt: ExportFormat) -> _Made:
     """The bucket's outputs on this rank: produced (owning stage), else buffers to receive them
     in. An export function that raises does not stop the bucket's collectives here (the other
     ranks are in them): the failure is returned, for `_agree_bucket`."""
-    flats = [hugepages.empty(f.numel, f.dtype) for f in bucket.flats]
+    flats = [torch.empty(f.numel, dtype=f.dtype) for f in bucket.flats]
     where = bucket.where
     kept: dict[str, torch.Tensor] = {}
     failure: Exception | None = None
@@ -134,7 +148,9 @@ def _produce(
                 del made
                 continue
             spot = where.get(label)
-            if spot is not None:  # it travels: into its place in a flat buffer
+            if spot is not None and _travels_as_it_is(bucket.flats[spot[0]], outs[label], tensor):
+                flats[spot[0]] = tensor.view(-1)  # the flat itself (its empty buffer was never touched)
+            elif spot is not None:  # it travels: into its place in a flat buffer
                 _view(flats[spot[0]], spot[1], outs[label]).copy_(tensor)
             else:
                 dtype = outs[label].dtype
@@ -195,8 +211,7 @@ def stream_export(
                 if base not in stacking:
                     if not shapes:
                         shapes.update((t.name, tuple(t.shape)) for t in module.HF_TENSORS)
-                    whole = hugepages.empty(math.prod(shapes[base]), tensor.dtype).view(shapes[base])
-                    stacking[base] = (whole, set())
+                    stacking[base] = (torch.empty(shapes[base], dtype=tensor.dtype), set())
                 whole, done = stacking[base]
                 whole[slot].copy_(tensor)
                 done.add(slot)
