@@ -462,6 +462,11 @@ def realwidth_table(data: dict[str, Any]) -> list[str]:
     if other:
         facts.append(f"Bridge exported {', '.join(map(str, other))} norm weights per case in float32 (megatron-core keeps "
                      f"them so), the checkpoint's bf16 values exactly.")
+    huge = [r["file_huge_pages_mib"] for r in data["rows"] if "file_huge_pages_mib" in r]
+    if huge:
+        facts.append(f"Before each case the checkpoint's files were dropped from the page cache and read through once "
+                     f"(`settle_page_cache`: the cache as a read from disk leaves it, for both tools); the kernel then "
+                     f"held {min(huge) / 1024:.1f} to {max(huge) / 1024:.1f} GiB of file pages in 2 MiB folios.")
     return out + [" ".join(facts), ""]
 
 
