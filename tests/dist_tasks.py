@@ -13,7 +13,7 @@ from mapgen.common.parallel import ParallelLayout
 from mapgen.compiler.parallel_state import initialize_parallel_state
 from mapgen.compiler.model_classes import build_model_chunks
 from mapgen.runtime import ParallelContext
-from mapgen.runtime import drivers
+from mapgen.runtime import drivers, sync
 from mapgen.runtime import save as saving
 from mapgen.verify.megatron_cpu import prepare_cpu_megatron
 from mapgen.verify.testing import import_module_from_path
@@ -222,9 +222,19 @@ def export_formats(module_path: str, hf_dir: str, layout: ParallelLayout, option
     converter = drivers.Converter(module, chunks, ctx)
     converter.load(hf_dir)
     results: list[dict[str, Any]] = []
+    as_is = [0]  # the tensors that travelled as their flat buffer themselves (sync._travels_as_it_is)
+    check = sync._travels_as_it_is
+
+    def counted(*args: Any) -> bool:
+        found = check(*args)
+        as_is[0] += found
+        return found
+
+    sync._travels_as_it_is = counted  # type: ignore[assignment]
     for kwargs in options:
         def run() -> dict[str, torch.Tensor]:
             return {name: tensor.clone() for name, tensor in converter.export(**kwargs)}
+        as_is[0] = 0
         tensors, counts = _counting(run)
         digest = hashlib.sha256()
         for name, tensor in tensors.items():
@@ -234,7 +244,8 @@ def export_formats(module_path: str, hf_dir: str, layout: ParallelLayout, option
         plans, _ = converter._bucket_plan(kwargs.get("bucket_bytes", drivers.DEFAULT_BUCKET_BYTES), True, fmt)
         ahead = sum(1 for plan in plans if plan.ahead and plan.ahead[ctx.pp.rank] >= 0)  # buckets made ahead here
         results.append({"tensors": tensors if dist.get_rank() == 0 else None, "digest": digest.hexdigest(),
-                        "counts": counts, "bound": bound, "ahead": ahead})
+                        "counts": counts, "bound": bound, "ahead": ahead, "as_is": as_is[0]})
+    sync._travels_as_it_is = check  # type: ignore[assignment]
     return {"results": results, "rank": dist.get_rank()}
 
 
@@ -360,9 +371,19 @@ def export_quantized(module_path: str, hf_dir: str, layout: ParallelLayout, opti
     converter = drivers.Converter(module, chunks, ctx)
     converter.load(hf_dir)
     results: list[dict[str, Any]] = []
+    as_is = [0]  # the tensors that travelled as their flat buffer themselves (sync._travels_as_it_is)
+    check = sync._travels_as_it_is
+
+    def counted(*args: Any) -> bool:
+        found = check(*args)
+        as_is[0] += found
+        return found
+
+    sync._travels_as_it_is = counted  # type: ignore[assignment]
     for kwargs in options:
         def run() -> dict[str, torch.Tensor]:
             return {name: tensor.clone() for name, tensor in converter.export(**kwargs)}
+        as_is[0] = 0
         tensors, counts = _counting(run)
         digest = hashlib.sha256()
         for name, tensor in tensors.items():

@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -410,7 +410,7 @@ def test_a_later_build_removes_the_temporary_files_killed_builds_left(tmp_path: 
     dead = int(gone.stdout)  # a process that has exited (its id not reused in the meantime, as a rule)
     for target in (tmp_path / "one", tmp_path / "pk"):
         target.mkdir()
-        left = [f".x.py.abc123_z.tmp", f".x.py.{host}-{dead}.k2j3.tmp"]
+        left = [".x.py.abc123_z.tmp", f".x.py.{host}-{dead}.k2j3.tmp"]
         kept = [f".x.py.{host}-{os.getppid()}.live.tmp", f".x.py.otherhost-{dead}.xyz.tmp", ".y.py.abc.tmp"]
         for name in left + kept:
             (target / name).write_text("half a module")

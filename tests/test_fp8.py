@@ -205,7 +205,7 @@ def test_fp8_deepseek_checkpoint_loads_dequantized_into_megatron(
     import transformers
     from safetensors.torch import load_file
 
-    from mapgen.verify import forward, testing
+    from mapgen.verify import forward
     from mapgen.compiler.gpt_model import build_gpt_model
     from mapgen.runtime.drivers import export_hf_tensors, load_hf_checkpoint
 

@@ -28,7 +28,7 @@ from mapgen.compiler.spec import parse_spec
 from mapgen.runtime import Group, ParallelContext
 from mapgen.verify import testing
 from mapgen.verify.llava import load_reference
-from mapgen.verify.llava_standin import TOWER_PUBLISHED, save_llava_standin, tiny_llava_config
+from mapgen.verify.llava_standin import TOWER_PUBLISHED, save_llava_standin
 
 SPEC = testing.ROOT / "specs/llava.yaml"
 PUBLISHED = testing.ROOT / "specs/configs/llava_1_5_7b.json"

@@ -26,7 +26,7 @@ from mapgen.common.parallel import ParallelLayout
 from mapgen.compiler.gpt_model import build_gpt_model
 from mapgen.runtime.checkpoint import HFCheckpoint
 from mapgen.runtime.collectives import RankError
-from mapgen.runtime.drivers import Converter, export_hf_tensors, load_hf_checkpoint
+from mapgen.runtime.drivers import Converter, load_hf_checkpoint
 from mapgen.runtime.save import save_hf_checkpoint
 from mapgen.runtime.formats import FP8, ExportFormatError, quantize_fp8
 from mapgen.runtime.local import scatter, take
@@ -453,6 +453,27 @@ def _assert_rebuilt(original: dict[str, torch.Tensor], pieces: list[dict[str, An
     assert all(bool((c == 1).all()) for c in once.values())
 
 
+def test_a_tensor_that_fills_its_flat_buffer_travels_as_it_is() -> None:
+    """At PP > 1 an output's value is its bucket's flat buffer itself (no copy) only where that
+    buffer holds it alone, gathers nothing over EP in place, and the value is contiguous in the
+    output's dtype and shape; anything else is copied into its place in the buffer."""
+    from mapgen.runtime.buckets import Flat, Out
+    from mapgen.runtime.sync import _travels_as_it_is
+
+    weight = Out("model.norm.weight", (4, 6), torch.bfloat16, None, True)
+    other = Out("lm_head.weight", (4, 6), torch.bfloat16, None, True)
+    alone = Flat(torch.bfloat16, ((weight, 0),), (), 24, 0)
+    value = torch.randn(4, 6).to(torch.bfloat16)
+    assert _travels_as_it_is(alone, weight, value)
+    assert not _travels_as_it_is(alone, weight, value.float())  # another dtype: converted by the copy
+    assert not _travels_as_it_is(alone, weight, value.t().contiguous().t())  # not contiguous
+    assert not _travels_as_it_is(alone, weight, value.reshape(6, 4))  # another shape
+    shared = Flat(torch.bfloat16, ((weight, 0), (other, 24)), (), 48, 0)
+    assert not _travels_as_it_is(shared, weight, value)
+    slotted = Flat(torch.bfloat16, ((weight, 0),), ((), ()), 24, 8)  # EP slots gathered in place after it
+    assert not _travels_as_it_is(slotted, weight, value)
+
+
 def test_scatter_and_take_are_inverse() -> None:
     from mapgen.runtime.shardmap import HFPiece
 
@@ -677,6 +698,8 @@ def test_streamed_exports_match_one_process(spawned: dict[str, Any], cpu_megatro
         assert bound.total >= bound.bucket > 0
         if options["bucket_bytes"] == 2**30:  # one bucket per stage: the second stage makes its own ahead
             assert [results[rank][k]["ahead"] for rank in range(4)] == [0, 0, 1, 1]
+        if options["bucket_bytes"] == 1:  # one tensor a bucket: those in their own dtype travel unpacked
+            assert all(results[rank][k]["as_is"] > 0 for rank in range(4)), [results[r][k]["as_is"] for r in range(4)]
 
 
 def test_quantized_streamed_exports_match_one_process(spawned: dict[str, Any], cpu_megatron: None) -> None:
