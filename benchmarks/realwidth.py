@@ -3,7 +3,7 @@ weights of published tensor widths (few layers), against `copy_` and against the
 
     .venv312/bin/python benchmarks/realwidth.py [--cases llama:TP1 llama:TP2 llama:PP2 qwen3_moe:EP2 deepseek_v3:EP2]
         [--layers 2] [--repeat 3] [--rounds 1] [--folder /tmp/mapgen-realwidth] [--max-gb 16] [--no-bridge]
-        [--profile DIR]
+        [--profile DIR] [--bucket-bytes N]
         [--json benchmarks/realwidth-current.json]
 
 Models (transformers config classes, published widths, few layers; random bf16 weights saved with
@@ -222,7 +222,8 @@ def _reset_peak() -> None:
         pass
 
 
-def measure(module_path: str, hf_dir: str, layout: ParallelLayout, repeat: int, profile_to: str | None) -> dict[str, Any]:
+def measure(module_path: str, hf_dir: str, layout: ParallelLayout, repeat: int, profile_to: str | None,
+            bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> dict[str, Any]:
     load = [round(x, 2) for x in os.getloadavg()]
     module = testing.import_module_from_path(Path(module_path), f"realwidth_{Path(module_path).parent.name}")
     initialize_parallel_state(layout)
@@ -250,7 +251,7 @@ def measure(module_path: str, hf_dir: str, layout: ParallelLayout, repeat: int, 
         setattr(dist, name, recorder(name))
     exported_bytes = 0
     try:
-        for _name, tensor in held.export():
+        for _name, tensor in held.export(bucket_bytes=bucket_bytes):
             exported_bytes += tensor.numel() * tensor.element_size()
     finally:
         for name, function in originals.items():
@@ -286,7 +287,7 @@ def measure(module_path: str, hf_dir: str, layout: ParallelLayout, repeat: int, 
                 fileread.read_into(tensor, fd, start)
 
     def export_all(converter: Converter) -> None:
-        for _name, _tensor in converter.export(bucket_bytes=DEFAULT_BUCKET_BYTES):
+        for _name, _tensor in converter.export(bucket_bytes=bucket_bytes):
             pass
 
     buffers: dict[Any, torch.Tensor] = {}  # one per (shape, dtype, place in the call): buckets of a size share them
@@ -432,8 +433,9 @@ def median_of_slowest(per_rank: list[dict[str, Any]], key: str) -> float:
     return statistics.median(max(r["times"][key][i] for r in per_rank) for i in range(runs))
 
 
-def ours(hf_dir: Path, module: Path, layout: ParallelLayout, repeat: int, profile: str | None) -> dict[str, Any]:
-    per_rank_d = spawn([(measure, (str(module), str(hf_dir), layout, repeat, profile))], layout.world_size,
+def ours(hf_dir: Path, module: Path, layout: ParallelLayout, repeat: int, profile: str | None,
+         bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> dict[str, Any]:
+    per_rank_d = spawn([(measure, (str(module), str(hf_dir), layout, repeat, profile, bucket_bytes))], layout.world_size,
                        timeout_s=3600, what="real-width benchmark")
     per_rank = [per_rank_d[r][0] for r in sorted(per_rank_d)]
     keys = per_rank[0]["times"]
@@ -541,13 +543,15 @@ def main() -> None:
     parser.add_argument("--folder", type=Path, default=Path("/tmp/mapgen-realwidth"))
     parser.add_argument("--max-gb", type=float, default=16.0, help="memory the largest case may take")
     parser.add_argument("--no-bridge", action="store_true")
+    parser.add_argument("--bucket-bytes", type=int, default=DEFAULT_BUCKET_BYTES,
+                        help="mapgen's export buckets (default: the runtime's default)")
     parser.add_argument("--profile", type=Path, help="write cProfile stats of rank 0's import/export here")
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "realwidth.json")
     args = parser.parse_args()
     MAX_GB = args.max_gb
     from tables import run_metadata  # noqa: PLC0415
 
-    meta = run_metadata() | {"torch": torch.__version__}
+    meta = run_metadata() | {"torch": torch.__version__, "bucket_bytes": args.bucket_bytes}
     if not args.no_bridge and not BRIDGE.exists():
         raise SystemExit("no .venv-bench062: run `bash benchmarks/bridge_setup.sh` first (make bench does)")
     args.folder.mkdir(parents=True, exist_ok=True)
@@ -578,7 +582,7 @@ def main() -> None:
         mines: list[dict[str, Any]] = []
         bridges: list[dict[str, Any]] = []
         for round_ in range(args.rounds):  # mapgen and Bridge interleaved: each round runs both, fresh processes
-            mines.append(ours(hf_dir, module, LAYOUTS[name], args.repeat, profile if round_ == 0 else None))
+            mines.append(ours(hf_dir, module, LAYOUTS[name], args.repeat, profile if round_ == 0 else None, args.bucket_bytes))
             print(f"{case}: mapgen {mines[-1]['median_s']}", file=sys.stderr, flush=True)
             if not args.no_bridge and model != "deepseek_v3":  # bridge_runner builds Llama and Qwen3-MoE only
                 bridges.append(theirs(hf_dir, LAYOUTS[name], args.repeat))
