@@ -13,7 +13,7 @@ from mapgen.common.parallel import ParallelLayout
 from mapgen.compiler.parallel_state import initialize_parallel_state
 from mapgen.compiler.model_classes import build_model_chunks
 from mapgen.runtime import ParallelContext
-from mapgen.runtime import drivers, sync
+from mapgen.runtime import collectives, drivers, sync
 from mapgen.runtime import save as saving
 from mapgen.verify.megatron_cpu import prepare_cpu_megatron
 from mapgen.verify.testing import import_module_from_path
@@ -231,6 +231,8 @@ def export_formats(module_path: str, hf_dir: str, layout: ParallelLayout, option
         return found
 
     sync._travels_as_it_is = counted  # type: ignore[assignment]
+    # gloo's gathers in pieces of 64 bytes a rank (4 MiB at real widths): many pieces a bucket here
+    piece_bytes, collectives._GLOO_PIECE_BYTES = collectives._GLOO_PIECE_BYTES, 64
     for kwargs in options:
         def run() -> dict[str, torch.Tensor]:
             return {name: tensor.clone() for name, tensor in converter.export(**kwargs)}
@@ -246,6 +248,7 @@ def export_formats(module_path: str, hf_dir: str, layout: ParallelLayout, option
         results.append({"tensors": tensors if dist.get_rank() == 0 else None, "digest": digest.hexdigest(),
                         "counts": counts, "bound": bound, "ahead": ahead, "as_is": as_is[0]})
     sync._travels_as_it_is = check  # type: ignore[assignment]
+    collectives._GLOO_PIECE_BYTES = piece_bytes
     return {"results": results, "rank": dist.get_rank()}
 
 
@@ -371,19 +374,9 @@ def export_quantized(module_path: str, hf_dir: str, layout: ParallelLayout, opti
     converter = drivers.Converter(module, chunks, ctx)
     converter.load(hf_dir)
     results: list[dict[str, Any]] = []
-    as_is = [0]  # the tensors that travelled as their flat buffer themselves (sync._travels_as_it_is)
-    check = sync._travels_as_it_is
-
-    def counted(*args: Any) -> bool:
-        found = check(*args)
-        as_is[0] += found
-        return found
-
-    sync._travels_as_it_is = counted  # type: ignore[assignment]
     for kwargs in options:
         def run() -> dict[str, torch.Tensor]:
             return {name: tensor.clone() for name, tensor in converter.export(**kwargs)}
-        as_is[0] = 0
         tensors, counts = _counting(run)
         digest = hashlib.sha256()
         for name, tensor in tensors.items():

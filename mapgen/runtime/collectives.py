@@ -43,6 +43,20 @@ class _Released:
             time.sleep(0)
 
 
+_GLOO_PIECE_BYTES = 4 << 20
+
+
+def _pieces(group: Group, numel: int, itemsize: int) -> list[tuple[int, int]]:
+    """(offset, length) in elements of the pieces one rank's part of a gather travels in: whole,
+    except over gloo, where a gather of each rank's 4 MiB at a time moves more per second than
+    one of tens of MiB (its copies stay in the cache: 1.2 GB a rank gathered in 1.13-1.27 s as
+    4.7 MB gathers, 1.56-1.86 s as 14 MB ones, two processes here)."""
+    if numel == 0 or dist.get_backend(group.handle) != "gloo":
+        return [(0, numel)]
+    step = max(1, _GLOO_PIECE_BYTES // itemsize)
+    return [(offset, min(step, numel - offset)) for offset in range(0, numel, step)]
+
+
 def all_gather_coalesced(group: Group, tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
     """For each input tensor, every rank's version of it in rank order: one all_gather per call.
 
@@ -59,7 +73,10 @@ def all_gather_coalesced(group: Group, tensors: list[torch.Tensor]) -> list[list
     whole = flat.new_empty(group.size * flat.numel())
     gathered = list(whole.chunk(group.size))
     released = _Released(group, [flat, whole])
-    dist.all_gather(gathered, flat, group=group.handle)
+    for offset, length in _pieces(group, flat.numel(), flat.element_size()):
+        pieces = [part.narrow(0, offset, length) for part in gathered]
+        dist.all_gather(pieces, flat.narrow(0, offset, length), group=group.handle)
+    del pieces
     released.wait()
     del flat, whole, released
     sizes = [t.numel() for t in tensors]
@@ -77,8 +94,9 @@ def all_gather_slots(group: Group, flat: torch.Tensor, start: int, slot: int) ->
     if group.size == 1 or slot == 0:
         return
     released = _Released(group, [flat])
-    slots = [flat.narrow(0, start + rank * slot, slot) for rank in range(group.size)]
-    dist.all_gather(slots, slots[group.rank], group=group.handle)
+    for offset, length in _pieces(group, slot, flat.element_size()):
+        slots = [flat.narrow(0, start + rank * slot + offset, length) for rank in range(group.size)]
+        dist.all_gather(slots, slots[group.rank], group=group.handle)
     del slots
     released.wait()
 
