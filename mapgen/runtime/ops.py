@@ -48,8 +48,6 @@ def cat(parts: Sequence[torch.Tensor], dim: int) -> torch.Tensor:
     joined along dim 0 (a gather's parts of one tensor: `collectives.all_gather_coalesced`), the
     view that spans them, with no copy."""
     first = parts[0]
-    shape = list(first.shape)
-    shape[dim] = sum(p.shape[dim] for p in parts)
     if dim == 0 and all(p.is_contiguous() for p in parts):
         storage, end = first.untyped_storage().data_ptr(), first.data_ptr()
         for part in parts:
@@ -57,6 +55,7 @@ def cat(parts: Sequence[torch.Tensor], dim: int) -> torch.Tensor:
                 break
             end += part.numel() * part.element_size()
         else:
+            shape = [sum(p.shape[0] for p in parts), *first.shape[1:]]
             strides = [math.prod(shape[i + 1 :]) for i in range(len(shape))]
             return first.as_strided(shape, strides, first.storage_offset())
     return torch.cat(list(parts), dim=dim)

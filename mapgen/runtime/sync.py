@@ -42,15 +42,15 @@ _Made = tuple[list[torch.Tensor], dict[str, tuple[int, int]], dict[str, torch.Te
 def _travels_as_it_is(layout: Flat, out: Out, tensor: torch.Tensor) -> bool:
     """Whether `tensor`, an output's value, can be its flat buffer itself rather than be copied
     into it: the flat holds this output alone (often so at real widths, where a parameter fills a
-    bucket) and gathers nothing over EP in place, and the tensor has the output's dtype, shape and
-    contiguous layout. A PP broadcast then sends it (often the parameter itself) as it is."""
+    bucket) and gathers nothing over EP in place, and the tensor has the output's dtype and shape
+    and is contiguous (the output's layout in the flat). A PP broadcast then sends it (often the
+    parameter itself) as it is."""
     return (
         len(layout.common) == 1
         and layout.slot_numel == 0
         and tensor.dtype == out.dtype
         and tuple(tensor.shape) == tuple(out.shape)
         and tensor.is_contiguous()
-        and tuple(tensor.stride()) == tuple(out.strides)
     )
 
 
